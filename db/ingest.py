@@ -1,0 +1,190 @@
+"""Recording received instances: study, series, instance and the series' job in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from db import jobs
+from db.models import Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
+
+
+@dataclass(frozen=True)
+class StudyAttributes:
+    study_instance_uid: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
+    study_id: str | None = None
+    study_description: str | None = None
+    referring_physician_name: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesAttributes:
+    series_instance_uid: str
+    modality: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+    body_part_examined: str | None = None
+    manufacturer: str | None = None
+    expected_instances: int | None = None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receiver knows about one stored instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    study: StudyAttributes
+    series: SeriesAttributes
+    instance_number: int | None = None
+    image_type: str | None = None
+    slice_thickness: float | None = None
+    number_of_frames: int | None = None
+    calling_ae_title: str | None = None
+    received_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    stored: bool  # False: the SOP Instance UID was already recorded
+    series_reopened: bool = False
+    series_created: bool = False
+
+
+INSTANCES = Instance.__table__
+SERIES = Series.__table__
+JOBS = Job.__table__
+
+# Built once: the per-instance path runs them hundreds of times a second.
+_FIND_INSTANCE = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
+_FIND_SERIES_AND_JOB = (
+    select(SERIES.c.id, JOBS.c.id, JOBS.c.state)
+    .select_from(SERIES.outerjoin(JOBS, JOBS.c.series_id == SERIES.c.id))
+    .where(SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
+)
+_INSERT_INSTANCE = insert(INSTANCES)
+_COUNT_INSTANCE = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("series_id"))
+    .values(
+        instance_count=SERIES.c.instance_count + 1,
+        last_received_at=bindparam("received_at"),
+        expected_instances=func.coalesce(bindparam("expected_instances"), SERIES.c.expected_instances),
+    )
+)
+
+
+def instance_exists(session: Session, sop_instance_uid: str) -> bool:
+    found = session.connection().execute(_FIND_INSTANCE, {"sop_instance_uid": sop_instance_uid})
+    return found.first() is not None
+
+
+def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:
+    """Record a stored instance; a duplicate SOP Instance UID is recorded once.
+
+    Creates the study, series and RECEIVING job on first sight, counts the
+    instance in its series, and re-opens a series that had already completed.
+    This runs once per received instance, so the common case (known series)
+    is a handful of Core statements rather than ORM object loads.
+    """
+    if instance_exists(session, record.sop_instance_uid):
+        return RecordOutcome(stored=False)
+    connection = session.connection()
+    known = connection.execute(
+        _FIND_SERIES_AND_JOB, {"series_instance_uid": record.series.series_instance_uid}
+    ).first()
+    if known is None:
+        series_id = _create_series(session, record)
+        created, reopened = True, False
+    else:
+        series_id, job_id, state = known
+        created = False
+        reopened = state is not None and JobState(state) is not JobState.RECEIVING
+        if reopened:
+            jobs.reopen(session, session.get_one(Job, job_id))
+    connection.execute(_INSERT_INSTANCE, {"series_id": series_id, **_instance_values(record)})
+    connection.execute(
+        _COUNT_INSTANCE,
+        {
+            "series_id": series_id,
+            "received_at": record.received_at,
+            "expected_instances": record.series.expected_instances,
+        },
+    )
+    return RecordOutcome(stored=True, series_created=created, series_reopened=reopened)
+
+
+def _instance_values(record: InstanceRecord) -> dict[str, object]:
+    return {
+        "sop_instance_uid": record.sop_instance_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax_uid": record.transfer_syntax_uid,
+        "instance_number": record.instance_number,
+        "image_type": record.image_type,
+        "slice_thickness": record.slice_thickness,
+        "number_of_frames": record.number_of_frames,
+        "path": record.path,
+        "size_bytes": record.size_bytes,
+        "calling_ae_title": record.calling_ae_title,
+        "received_at": record.received_at,
+    }
+
+
+def _create_series(session: Session, record: InstanceRecord) -> int:
+    """First instance of a series: create study (if new), series and its RECEIVING job."""
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)
+    ).first()
+    if study is None:
+        study = Study(**record.study.__dict__)
+        session.add(study)
+    series = Series(
+        **record.series.__dict__,
+        study=study,
+        calling_ae_title=record.calling_ae_title,
+        instance_count=0,
+        first_received_at=record.received_at,
+        last_received_at=record.received_at,
+    )
+    session.add(series)
+    jobs.open_job(session, series)
+    session.flush()
+    return series.id
+
+
+def record_rejection(
+    session: Session,
+    *,
+    status: int,
+    reason: str,
+    path: str | None,
+    sop_instance_uid: str | None,
+    sop_class_uid: str | None,
+    transfer_syntax_uid: str | None,
+    calling_ae_title: str | None,
+) -> None:
+    """Record an instance answered with a failure status (its bytes are in quarantine at ``path``)."""
+    session.add(
+        RejectedInstance(
+            sop_instance_uid=sop_instance_uid or None,
+            sop_class_uid=sop_class_uid or None,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae_title=calling_ae_title,
+            status=status,
+            reason=reason,
+            path=path,
+        )
+    )

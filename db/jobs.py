@@ -1,0 +1,129 @@
+"""State transitions of a series' job: the only place a job's state changes.
+
+Every change is checked against :data:`ALLOWED_TRANSITIONS`, stamped, and logged
+as a :class:`~db.models.JobEvent`, so the database tells the whole story of each
+series. Functions take an open session; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobEvent, JobState, Series, utcnow
+
+S = JobState
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.RECEIVING: frozenset({S.COMPLETE}),
+    S.COMPLETE: frozenset({S.QUEUED, S.IGNORED, S.RECEIVING}),
+    S.QUEUED: frozenset({S.PROCESSING, S.FAILED, S.RECEIVING}),
+    S.PROCESSING: frozenset({S.SENDING, S.DONE, S.FAILED, S.QUEUED, S.RECEIVING}),
+    S.SENDING: frozenset({S.DONE, S.FAILED, S.RECEIVING}),
+    S.DONE: frozenset({S.RECEIVING, S.COMPLETE}),
+    S.FAILED: frozenset({S.COMPLETE, S.QUEUED, S.SENDING, S.RECEIVING}),
+    S.IGNORED: frozenset({S.COMPLETE, S.RECEIVING}),
+}
+
+RETRYABLE_STATES = frozenset({S.FAILED, S.IGNORED, S.DONE})
+
+
+class InvalidTransition(RuntimeError):
+    """A state change that the job's current state does not allow."""
+
+
+def change_state(session: Session, job: Job, to_state: JobState, reason: str | None = None) -> None:
+    """Move ``job`` to ``to_state``, recording why.
+
+    Raises
+    ------
+    InvalidTransition
+        If the transition is not in :data:`ALLOWED_TRANSITIONS`.
+    """
+    from_state = job.state
+    if to_state not in ALLOWED_TRANSITIONS[from_state]:
+        raise InvalidTransition(f"job {job.id}: {from_state.value} -> {to_state.value} is not allowed")
+    now = utcnow()
+    job.state = to_state
+    job.reason = reason
+    job.state_changed_at = now
+    session.add(JobEvent(job=job, from_state=from_state, to_state=to_state, reason=reason, at=now))
+
+
+def open_job(session: Session, series: Series) -> Job:
+    """Create the RECEIVING job of a newly seen series."""
+    job = Job(series=series, state=S.RECEIVING, reason="first instance received")
+    session.add(job)
+    session.add(JobEvent(job=job, from_state=None, to_state=S.RECEIVING, reason=job.reason))
+    return job
+
+
+def reopen(session: Session, job: Job) -> bool:
+    """A new instance arrived: put the series back to RECEIVING unless it is there already.
+
+    Returns True when the job was re-opened (it had completed, or finished).
+    """
+    if job.state is S.RECEIVING:
+        return False
+    change_state(session, job, S.RECEIVING, f"late instance re-opened the series (was {job.state.value})")
+    return True
+
+
+def mark_complete(session: Session, job: Job, reason: str) -> None:
+    change_state(session, job, S.COMPLETE, reason)
+
+
+def queue(session: Session, job: Job, *, rule_name: str, model_name: str, destinations: Sequence[str]) -> None:
+    """Routing chose a model: hand the series to the inference workers."""
+    job.rule_name = rule_name
+    job.model_name = model_name
+    job.destinations = list(destinations)
+    change_state(session, job, S.QUEUED, f"rule {rule_name!r}: process with model {model_name!r}")
+
+
+def ignore(session: Session, job: Job, reason: str, *, rule_name: str | None = None) -> None:
+    job.rule_name = rule_name
+    change_state(session, job, S.IGNORED, reason)
+
+
+def fail(session: Session, job: Job, reason: str) -> None:
+    change_state(session, job, S.FAILED, reason)
+
+
+def retry(session: Session, job: Job) -> None:
+    """Operator's retry: route the series again from COMPLETE.
+
+    Raises
+    ------
+    InvalidTransition
+        If the job is still in progress.
+    """
+    if job.state not in RETRYABLE_STATES:
+        raise InvalidTransition(
+            f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
+        )
+    change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
+
+
+def jobs_in_state(session: Session, states: Iterable[JobState]) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.state.in_(list(states))).order_by(Job.id)))
+
+
+def quiet_receiving_jobs(session: Session, quiet: timedelta, now: datetime | None = None) -> list[Job]:
+    """RECEIVING jobs whose series got no instance for ``quiet``."""
+    cutoff = (now or utcnow()) - quiet
+    query = (
+        select(Job)
+        .join(Job.series)
+        .where(Job.state == S.RECEIVING, Series.last_received_at <= cutoff)
+        .order_by(Series.last_received_at)
+    )
+    return list(session.scalars(query))
+
+
+def job_for_series_uid(session: Session, series_instance_uid: str) -> Job | None:
+    query = select(Job).join(Job.series).where(Series.series_instance_uid == series_instance_uid)
+    return session.scalars(query).one_or_none()

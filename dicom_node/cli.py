@@ -1,0 +1,229 @@
+"""The `dicom-node` command line (typer)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from db import jobs
+from db.models import Job, JobState, RejectedInstance, Series
+from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
+from dicom_node.logs import configure_logging
+
+app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
+config_app = typer.Typer(help="Show or check the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML configuration (default: $DICOM_NODE_CONFIG or ./config.yaml)."),
+]
+
+
+def _settings(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        errors.print(f"[bold red]configuration error[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
+    from dicom_node.service import open_database
+
+    sessions = open_database(settings)
+    with sessions() as session:
+        if write:
+            with session.begin():
+                yield session
+        else:
+            yield session
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
+    from dicom_node.service import serve as run_service
+
+    settings = _settings(config)
+    configure_logging(settings.logging.level, settings.logging.format)
+    try:
+        run_service(settings)
+    except OSError as exc:
+        errors.print(f"[bold red]cannot start[/]: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="Most recent series to show.")] = 20,
+    state: Annotated[Optional[JobState], typer.Option(help="Only series in this state.")] = None,
+) -> None:
+    """A table of recent series and their states."""
+    settings = _settings(config)
+    with _session(settings) as session:
+        query = select(Job).options(selectinload(Job.series).selectinload(Series.study))
+        if state:
+            query = query.where(Job.state == state)
+        rows = list(session.scalars(query.order_by(Job.state_changed_at.desc()).limit(limit)))
+        counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        rejected = session.scalar(select(func.count()).select_from(RejectedInstance)) or 0
+    table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
+    for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason"):
+        table.add_column(column, overflow="fold")
+    for job in rows:
+        series = job.series
+        table.add_row(
+            series.series_instance_uid,
+            series.modality or "",
+            series.series_description or "",
+            str(series.instance_count),
+            job.state.value,
+            _ago(job.state_changed_at),
+            job.reason or "",
+        )
+    console.print(table)
+    summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
+    console.print(f"{summary}; refused instances: {rejected}", highlight=False)
+
+
+@app.command()
+def show(series_instance_uid: str, config: ConfigOption = None) -> None:
+    """One series: its job, its history of states and where its files are."""
+    settings = _settings(config)
+    with _session(settings) as session:
+        job = jobs.job_for_series_uid(session, series_instance_uid)
+        if job is None:
+            errors.print(f"no series {series_instance_uid} on this node")
+            raise typer.Exit(1)
+        series = job.series
+        console.print(f"series   {series.series_instance_uid}", highlight=False)
+        console.print(f"study    {series.study.study_instance_uid}", highlight=False)
+        console.print(f"modality {series.modality}  images {series.instance_count}  from {series.calling_ae_title}")
+        console.print(f"state    {job.state.value}  ({job.reason})", highlight=False)
+        if job.model_name:
+            console.print(f"model    {job.model_name} (rule {job.rule_name}) -> {', '.join(job.destinations or [])}")
+        table = Table("at", "from", "to", "reason")
+        for event in job.events:
+            table.add_row(
+                event.at.isoformat(timespec="seconds"),
+                event.from_state.value if event.from_state else "",
+                event.to_state.value,
+                event.reason or "",
+            )
+        console.print(table)
+        folder = settings.storage.directory / "instances" / series.study.study_instance_uid / series.series_instance_uid
+        console.print(f"files    {folder}", highlight=False)
+
+
+@app.command()
+def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
+    """Route a FAILED, IGNORED or DONE series again (it goes back to COMPLETE)."""
+    settings = _settings(config)
+    with _session(settings, write=True) as session:
+        job = jobs.job_for_series_uid(session, series_instance_uid)
+        if job is None:
+            errors.print(f"no series {series_instance_uid} on this node")
+            raise typer.Exit(1)
+        try:
+            jobs.retry(session, job)
+        except jobs.InvalidTransition as exc:
+            errors.print(f"cannot retry: {exc}")
+            raise typer.Exit(1) from None
+    console.print(f"series {series_instance_uid} is COMPLETE again; the running node routes it within seconds")
+
+
+@app.command()
+def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] = 20) -> None:
+    """Instances the node refused, why, and where their bytes are kept."""
+    settings = _settings(config)
+    with _session(settings) as session:
+        rows = list(
+            session.scalars(select(RejectedInstance).order_by(RejectedInstance.received_at.desc()).limit(limit))
+        )
+    table = Table("received", "calling AE", "status", "SOP instance UID", "reason", "kept at")
+    for row in rows:
+        table.add_row(
+            row.received_at.isoformat(timespec="seconds"),
+            row.calling_ae_title or "",
+            f"0x{row.status:04X}",
+            row.sop_instance_uid or "",
+            row.reason,
+            row.path or "",
+        )
+    console.print(table)
+
+
+@app.command()
+def echo(
+    destination: Annotated[Optional[str], typer.Argument(help="A destination name from the configuration.")] = None,
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Peer host, instead of a named destination.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
+    ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Peer AE title.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+) -> None:
+    """C-ECHO a destination (or --host/--port/--ae-title) to check it is reachable."""
+    from dicom_node.scu import verify
+
+    settings = _settings(config)
+    if destination:
+        peer = settings.destinations.get(destination)
+        if peer is None:
+            known = ", ".join(settings.destinations) or "none configured"
+            errors.print(f"unknown destination {destination!r} (known: {known})")
+            raise typer.Exit(2)
+        host, port, ae_title = peer.host, peer.port, peer.ae_title
+    if not (host and port and ae_title):
+        errors.print("give a destination name, or --host, --port and --ae-title")
+        raise typer.Exit(2)
+    result = verify(settings.network.ae_title, ae_title, host, port, timeout=timeout)
+    if result.ok:
+        console.print(f"C-ECHO {ae_title}@{host}:{port}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
+    else:
+        errors.print(f"C-ECHO {ae_title}@{host}:{port}: FAILED: {result.message}", highlight=False)
+        raise typer.Exit(1)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration (file, environment and defaults merged)."""
+    sys.stdout.write(dump_settings(_settings(config)))
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration; exit 2 with the problems if it is wrong."""
+    settings = _settings(config)
+    console.print(
+        f"configuration is valid: AE {settings.network.ae_title} on port {settings.network.port}, "
+        f"{len(settings.rules)} rule(s), {len(settings.destinations)} destination(s)",
+        highlight=False,
+    )
+
+
+def _ago(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    seconds = int((datetime.now(timezone.utc) - moment).total_seconds())
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,289 @@
+"""The node's configuration: one pydantic model tree, read from YAML and environment.
+
+Precedence, highest first: environment variables (``DICOM_NODE_`` prefix, ``__``
+between nested keys, e.g. ``DICOM_NODE_NETWORK__PORT=11112``), the YAML file,
+the defaults below. Lists and mappings in environment variables are JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "DICOM_NODE_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_PATH_ENV = "DICOM_NODE_CONFIG"
+
+AETitle = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$"),
+]
+"""A DICOM AE title: 1-16 printable ASCII characters, no backslash."""
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each key and its problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSettings(_Strict):
+    """Where the node listens and who may talk to it."""
+
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_ae_titles: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles accepted at association time; empty accepts every caller.",
+    )
+    maximum_pdu_size: int = Field(
+        0, ge=0, description="Largest PDU we accept, bytes; 0 = no limit (fastest for large images)."
+    )
+    maximum_associations: int = Field(16, ge=1, le=512)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+
+
+class StorageSettings(_Strict):
+    """Where received instances and results live on disk."""
+
+    directory: Path = Path("data")
+    fsync: bool = Field(
+        True, description="fsync every instance before answering success; turn off only on test rigs."
+    )
+
+
+class DatabaseSettings(_Strict):
+    url: str | None = Field(
+        None, description="SQLAlchemy URL; default is a SQLite file in the storage directory."
+    )
+
+
+class CompletionSettings(_Strict):
+    """When a series counts as complete."""
+
+    quiet_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "A series is complete this long after its last instance arrived. 30 s covers a PACS "
+            "that re-opens an association or pauses between batches, and still starts work within "
+            "a minute; a series whose ImagesInAcquisition count is reached completes at once."
+        ),
+    )
+    check_interval_seconds: float = Field(1.0, gt=0, le=60)
+
+
+class Destination(_Strict):
+    """A DICOM peer results are sent to (and C-MOVE may target)."""
+
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class Range(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+    def contains(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class RuleMatch(_Strict):
+    """Conditions on a series; every condition given must hold (absent ones are ignored)."""
+
+    modality: list[str] | None = None
+    series_description: str | None = Field(None, description="Python regex, searched (re.search).")
+    image_type: list[str] | None = Field(None, description="Values that must all be in ImageType.")
+    slice_thickness: Range | None = None
+    number_of_images: Range | None = None
+    calling_ae_title: list[str] | None = None
+    body_part_examined: list[str] | None = None
+
+    @field_validator("modality", "image_type", "calling_ae_title", "body_part_examined", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("series_description")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class Rule(_Strict):
+    """A routing rule: the first rule whose match holds decides what happens to a series."""
+
+    name: str
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    action: Literal["process", "ignore"]
+    model: str | None = Field(None, description="Model to run (name from `models`); required for process.")
+    destinations: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _process_needs_model(self) -> Rule:
+        if self.action == "process" and not self.model:
+            raise ValueError(f"rule {self.name!r}: action 'process' needs a model")
+        return self
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"baseline": {"kind": "threshold"}},
+        description="Named models (name -> settings with a 'kind').",
+    )
+    rules: list[Rule] = Field(default_factory=list)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        for index, rule in enumerate(self.rules):
+            for name in rule.destinations:
+                if name not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none configured"
+                    raise ValueError(
+                        f"rules[{index}] ({rule.name}): unknown destination {name!r} (known: {known})"
+                    )
+            if rule.model and rule.model not in self.models:
+                known = ", ".join(sorted(self.models)) or "none configured"
+                raise ValueError(f"rules[{index}] ({rule.name}): unknown model {rule.model!r} (known: {known})")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The configured database URL, or the SQLite file in the storage directory."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage.directory / 'dicom-node.db').resolve()}"
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Read and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        YAML file; default ``$DICOM_NODE_CONFIG``, else ``config.yaml`` in the
+        working directory if present, else built-in defaults and environment only.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, each naming the key.
+    """
+    path = _resolve_config_path(path)
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(path)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, path)) from None
+    if path is not None and not settings.storage.directory.is_absolute():
+        # Relative storage paths are relative to the config file, not to the cwd.
+        settings.storage.directory = (path.parent / settings.storage.directory).resolve()
+    return settings
+
+
+def _resolve_config_path(path: Path | str | None) -> Path | None:
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    from_env = os.environ.get(CONFIG_PATH_ENV)
+    if from_env:
+        return _resolve_config_path(from_env)
+    default = Path("config.yaml")
+    return default if default.is_file() else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    source = str(path) if path else "configuration"
+    lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        got = error.get("input")
+        detail = f" (got {got!r})" if error["type"] not in ("missing",) and not isinstance(got, dict) else ""
+        lines.append(f"  {key}: {message}{detail}  [YAML key {key} or env {env_name}]")
+    return "\n".join(lines)
+
+
+def dump_settings(settings: Settings) -> str:
+    """The effective configuration as YAML."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)

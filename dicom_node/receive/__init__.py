@@ -1,0 +1,1 @@
+"""Receiving: the Storage SCP, the header check and durable storage of each instance."""

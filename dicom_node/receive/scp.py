@@ -1,0 +1,281 @@
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class, compressed or not.
+
+A C-STORE is answered with success only after the instance is on disk (fsynced)
+and recorded in the database. Refused instances get a failure status, a log
+line with the reason, a row in ``rejected_instances`` and their bytes in the
+quarantine folder; nothing is half-stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.ingest import InstanceRecord, record_instance, record_rejection
+from db.session import transaction
+from dicom_node import status
+from dicom_node.config import NetworkSettings
+from dicom_node.logs import log_event
+from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid, read_header
+from dicom_node.receive.storage import InstanceStore, encode_file_meta
+
+LOG = logging.getLogger(__name__)
+
+ACCEPTED_TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+"""Transfer syntaxes accepted as sent: the node stores the bytes it received, never transcodes."""
+
+REACTOR_POLL_SECONDS = 0.0002
+"""pynetdicom's DUL reactor sleeps this long when idle (its default 1 ms adds a delay to every response)."""
+
+ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    store: InstanceStore
+    sessions: sessionmaker[Session]
+
+
+def build_ae(network: NetworkSettings) -> AE:
+    """An AE that accepts Verification and every storage SOP class with the transfer syntaxes above."""
+    ae = AE(ae_title=network.ae_title)
+    ae.maximum_pdu_size = network.maximum_pdu_size
+    ae.maximum_associations = network.maximum_associations
+    ae.network_timeout = network.network_timeout_seconds
+    ae.require_calling_aet = list(network.allowed_calling_ae_titles)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_storage_scp(network: NetworkSettings, context: StoreContext) -> AssociationServer:
+    """Start listening (non-blocking); returns the server to ``shutdown()`` later."""
+    ae = build_ae(network)
+    handlers = [
+        (evt.EVT_CONN_OPEN, _on_connection_open),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ABORTED, _on_aborted),
+        (evt.EVT_C_ECHO, _on_echo),
+        (evt.EVT_C_STORE, handle_store, [context]),
+    ]
+    server = ae.start_server((network.host, network.port), block=False, evt_handlers=handlers)
+    log_event(
+        LOG,
+        logging.INFO,
+        "scp.listening",
+        ae_title=network.ae_title,
+        host=network.host,
+        port=network.port,
+        allowed_calling_ae_titles=",".join(network.allowed_calling_ae_titles) or "*",
+    )
+    return server
+
+
+def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
+    """Store one instance durably, then answer; refuse with a reason what cannot be stored."""
+    request = event.request
+    transfer_syntax = event.context.transfer_syntax
+    encoded = request.DataSet.getvalue()
+    calling_ae = event.assoc.requestor.ae_title
+    sop_class = str(request.AffectedSOPClassUID or "")
+    sop_instance = str(request.AffectedSOPInstanceUID or "")
+    identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
+    file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
+    try:
+        header = check_header(read_header(encoded, transfer_syntax), sop_class, sop_instance)
+    except InvalidInstance as exc:
+        return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
+
+    path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
+    already_on_disk = path.exists()  # writes are atomic: an existing file is a whole, stored instance
+    if not already_on_disk:
+        try:
+            context.store.write(path, file_meta, encoded)
+        except OSError as exc:
+            log_event(
+                LOG, logging.ERROR, "instance.write_failed", sop_instance_uid=sop_instance, path=str(path), error=str(exc)
+            )
+            return _failure(status.OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror or exc}")
+
+    record = _record(header, transfer_syntax, str(path), path.stat().st_size, calling_ae)
+    try:
+        with transaction(context.sessions) as session:
+            outcome = record_instance(session, record)
+    except Exception as exc:  # noqa: BLE001 - the peer must hear of any failure, never success
+        LOG.exception("instance.record_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
+        return _failure(status.OUT_OF_RESOURCES, f"cannot record instance: {exc}")
+
+    if not outcome.stored:
+        if not already_on_disk:
+            # Same SOP Instance UID already recorded under another series: keep the first copy only.
+            path.unlink(missing_ok=True)
+        log_event(LOG, logging.INFO, "instance.duplicate", sop_instance_uid=sop_instance, calling_ae=calling_ae)
+        return status.SUCCESS
+    if outcome.series_created:
+        log_event(
+            LOG,
+            logging.INFO,
+            "series.receiving",
+            series_instance_uid=header.series.series_instance_uid,
+            modality=header.series.modality,
+            calling_ae=calling_ae,
+        )
+    if outcome.series_reopened:
+        log_event(LOG, logging.INFO, "series.reopened", series_instance_uid=header.series.series_instance_uid)
+    log_event(
+        LOG,
+        logging.DEBUG,
+        "instance.stored",
+        sop_instance_uid=sop_instance,
+        series_instance_uid=header.series.series_instance_uid,
+        transfer_syntax=transfer_syntax,
+        bytes=record.size_bytes,
+    )
+    return status.SUCCESS
+
+
+def _record(header: InstanceHeader, transfer_syntax: UID, path: str, size: int, calling_ae: str) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=str(transfer_syntax),
+        path=path,
+        size_bytes=size,
+        study=header.study,
+        series=header.series,
+        instance_number=header.instance_number,
+        image_type=header.image_type,
+        slice_thickness=header.slice_thickness,
+        number_of_frames=header.number_of_frames,
+        calling_ae_title=calling_ae,
+    )
+
+
+def _refuse(
+    context: StoreContext,
+    encoded: bytes,
+    file_meta: bytes,
+    status_code: int,
+    reason: str,
+    request: Any,
+    transfer_syntax: UID,
+    calling_ae: str,
+) -> Dataset:
+    """Answer a failure status, keep the bytes in quarantine and record why."""
+    sop_class = str(request.AffectedSOPClassUID or "")
+    sop_instance = str(request.AffectedSOPInstanceUID or "")
+    quarantined: str | None = None
+    try:
+        quarantined = str(context.store.quarantine(file_meta, encoded))
+    except OSError as exc:
+        log_event(LOG, logging.ERROR, "instance.quarantine_failed", error=str(exc))
+    try:
+        with transaction(context.sessions) as session:
+            record_rejection(
+                session,
+                status=status_code,
+                reason=reason,
+                path=quarantined,
+                sop_instance_uid=sop_instance,
+                sop_class_uid=sop_class,
+                transfer_syntax_uid=str(transfer_syntax),
+                calling_ae_title=calling_ae,
+            )
+    except Exception:  # noqa: BLE001 - the refusal itself must still go out
+        LOG.exception("instance.rejection_not_recorded")
+    log_event(
+        LOG,
+        logging.WARNING,
+        "instance.refused",
+        status=f"0x{status_code:04X}",
+        reason=reason,
+        sop_instance_uid=sop_instance or "(none)",
+        calling_ae=calling_ae,
+        quarantine=quarantined,
+    )
+    return _failure(status_code, reason)
+
+
+def _failure(status_code: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = status_code
+    response.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
+    return response
+
+
+def _on_connection_open(event: evt.Event) -> None:
+    # Small PDUs (the C-STORE response) must leave at once, not wait on Nagle's algorithm.
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    event.assoc.dul._run_loop_delay = REACTOR_POLL_SECONDS
+
+
+def _on_accepted(event: evt.Event) -> None:
+    requestor = event.assoc.requestor
+    log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address)
+
+
+def _on_rejected(event: evt.Event) -> None:
+    requestor = event.assoc.requestor
+    log_event(
+        LOG,
+        logging.WARNING,
+        "association.rejected",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        reason="calling AE title not allowed or no acceptable presentation context",
+    )
+
+
+def _on_aborted(event: evt.Event) -> None:
+    log_event(LOG, logging.WARNING, "association.aborted", calling_ae=event.assoc.requestor.ae_title)
+
+
+def _on_echo(event: evt.Event) -> int:
+    log_event(LOG, logging.INFO, "echo", calling_ae=event.assoc.requestor.ae_title)
+    return status.SUCCESS

@@ -1,0 +1,204 @@
+"""Durable storage of received instances: atomic, fsynced writes, a quarantine, and start-up repair.
+
+Layout under the storage directory::
+
+    instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    quarantine/<UTC time>-<n>.dcm      instances answered with a failure status
+    dicom-node.db                      the default SQLite database
+
+UIDs are checked against the UID grammar before they become path parts, so a
+data set cannot steer a write outside these folders.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import dcmread
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.ingest import InstanceRecord, record_instance
+from db.models import Instance, Series
+from db.session import transaction
+from dicom_node import __version__
+from dicom_node.logs import log_event
+from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid
+
+LOG = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1493.1")
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+PREAMBLE = b"\x00" * 128 + b"DICM"
+TEMP_SUFFIX = ".partial"
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group for a received data set."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buffer = BytesIO()
+    buffer.write(PREAMBLE)
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+class InstanceStore:
+    """Writes instance files so that a success status always means 'on disk'."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.instances_dir = root / "instances"
+        self.quarantine_dir = root / "quarantine"
+        self.fsync = fsync
+        self._counter = itertools.count()
+        self._quarantine_lock = threading.Lock()
+        for folder in (self.instances_dir, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        for uid in (study_uid, series_uid, sop_instance_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"not a valid UID for a path: {uid!r}")
+        return self.instances_dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    def write(self, path: Path, file_meta: bytes, encoded: bytes) -> int:
+        """Write file meta + data set to ``path`` atomically; returns the file size.
+
+        The bytes go to a temporary name in the same folder, are fsynced, renamed
+        into place, and the folder is fsynced, so the file is either whole or absent.
+        """
+        folder = path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(folder.parent)
+                _fsync_dir(folder.parent.parent)
+        temporary = folder / f".{path.name}{TEMP_SUFFIX}"
+        with open(temporary, "wb") as stream:
+            stream.write(file_meta)
+            stream.write(encoded)
+            if self.fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        if self.fsync:
+            _fsync_dir(folder)
+        return len(file_meta) + len(encoded)
+
+    def quarantine(self, file_meta: bytes, encoded: bytes) -> Path:
+        """Keep the bytes of a refused instance, under a unique name, for an operator to inspect.
+
+        With file meta the result is a DICOM file (``.dcm``); without (the request
+        lacked usable UIDs) it is the data set exactly as received (``.raw``).
+        """
+        suffix = ".dcm" if file_meta else ".raw"
+        with self._quarantine_lock:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            path = self.quarantine_dir / f"{stamp}-{next(self._counter)}{suffix}"
+        self.write(path, file_meta, encoded)
+        return path
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files left by a transfer that was cut off (they never got a success status)."""
+        removed = 0
+        for partial in self.instances_dir.rglob(f".*{TEMP_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def series_folders(self) -> Iterator[tuple[str, str, Path]]:
+        for study_dir in self.instances_dir.iterdir():
+            if study_dir.is_dir():
+                for series_dir in study_dir.iterdir():
+                    if series_dir.is_dir():
+                        yield study_dir.name, series_dir.name, series_dir
+
+
+@dataclass
+class RepairReport:
+    partial_files_removed: int = 0
+    instances_indexed: int = 0
+    unreadable_files: int = 0
+
+
+def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairReport:
+    """Bring disk and database into agreement after a crash.
+
+    Partial files are removed. An instance file on disk but not in the database
+    (the process died between the rename and the commit) is indexed, so nothing
+    that reached the disk is lost. Only series folders whose file count differs
+    from the database are read.
+    """
+    report = RepairReport(partial_files_removed=store.remove_partial_files())
+    with sessions() as session:
+        counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+    for _study_uid, series_uid, folder in store.series_folders():
+        files = sorted(folder.glob("*.dcm"))
+        if len(files) == counts.get(series_uid, 0):
+            continue
+        with sessions() as session:
+            known = set(
+                session.scalars(
+                    select(Instance.path).join(Instance.series).where(Series.series_instance_uid == series_uid)
+                )
+            )
+        for path in files:
+            if str(path) not in known:
+                if _index_file(path, sessions):
+                    report.instances_indexed += 1
+                else:
+                    report.unreadable_files += 1
+    return report
+
+
+def _index_file(path: Path, sessions: sessionmaker[Session]) -> bool:
+    try:
+        dataset = dcmread(path, stop_before_pixels=True)
+        header = check_header(dataset, dataset.file_meta.MediaStorageSOPClassUID, dataset.file_meta.MediaStorageSOPInstanceUID)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and kept
+        log_event(LOG, logging.ERROR, "repair.unreadable_file", path=str(path), error=str(exc))
+        return False
+    record = InstanceRecord(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        study=header.study,
+        series=header.series,
+        instance_number=header.instance_number,
+        image_type=header.image_type,
+        slice_thickness=header.slice_thickness,
+        number_of_frames=header.number_of_frames,
+        calling_ae_title=dataset.file_meta.get("SourceApplicationEntityTitle"),
+    )
+    with transaction(sessions) as session:
+        record_instance(session, record)
+    log_event(LOG, logging.WARNING, "repair.indexed_file", path=str(path), sop_instance_uid=header.sop_instance_uid)
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,134 @@
+"""Routing: decide what happens to a complete series, from the rules in config.yaml.
+
+Before any rule, a hard guard keeps the node from processing what it must never
+process, whatever the rules say: non-CT series, localizers, and the node's own
+outputs (so a PACS that forwards everything back to the node makes no loop).
+Then the first rule whose every condition holds decides; no match means IGNORED.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Series
+from dicom_node import MANUFACTURER
+from dicom_node.config import Rule
+
+CT_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+    }
+)
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What the rules see of a series (image-level values summarised over its instances)."""
+
+    modality: str | None
+    series_description: str | None
+    image_type: tuple[str, ...]
+    slice_thickness: float | None
+    number_of_images: int
+    calling_ae_title: str | None
+    body_part_examined: str | None
+    manufacturer: str | None
+    sop_class_uids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["process", "ignore"]
+    reason: str
+    rule_name: str | None = None
+    model: str | None = None
+    destinations: tuple[str, ...] = ()
+
+
+def series_facts(session: Session, series: Series) -> SeriesFacts:
+    """Summarise a series from its instances: the most common ImageType, the median thickness."""
+    rows = session.execute(
+        select(Instance.image_type, Instance.slice_thickness, Instance.sop_class_uid, Instance.number_of_frames).where(
+            Instance.series_id == series.id
+        )
+    ).all()
+    image_types = Counter(row.image_type for row in rows if row.image_type)
+    thicknesses = [row.slice_thickness for row in rows if row.slice_thickness is not None]
+    images = sum(row.number_of_frames or 1 for row in rows)
+    return SeriesFacts(
+        modality=series.modality,
+        series_description=series.series_description,
+        image_type=tuple(image_types.most_common(1)[0][0].split("\\")) if image_types else (),
+        slice_thickness=statistics.median(thicknesses) if thicknesses else None,
+        number_of_images=images,
+        calling_ae_title=series.calling_ae_title,
+        body_part_examined=series.body_part_examined,
+        manufacturer=series.manufacturer,
+        sop_class_uids=frozenset(row.sop_class_uid for row in rows),
+    )
+
+
+def never_process_reason(facts: SeriesFacts) -> str | None:
+    """Why this series must not be processed whatever the rules say, or None."""
+    if (facts.modality or "").upper() != "CT":
+        return f"modality {facts.modality or '(none)'} is not CT; only CT series are processed"
+    if facts.manufacturer == MANUFACTURER:
+        return "series was created by this node (its own output)"
+    non_image = facts.sop_class_uids - CT_IMAGE_SOP_CLASSES
+    if non_image:
+        return f"series holds non-CT-image SOP classes ({', '.join(sorted(non_image))})"
+    if "LOCALIZER" in (value.upper() for value in facts.image_type):
+        return "series is a localizer (ImageType LOCALIZER)"
+    return None
+
+
+def rule_matches(rule: Rule, facts: SeriesFacts) -> bool:
+    """True when every condition the rule sets holds for the series."""
+    match = rule.match
+    checks = [
+        match.modality is None or _in(facts.modality, match.modality),
+        match.series_description is None
+        or re.search(match.series_description, facts.series_description or "") is not None,
+        match.image_type is None or {v.upper() for v in match.image_type} <= {v.upper() for v in facts.image_type},
+        match.slice_thickness is None or match.slice_thickness.contains(facts.slice_thickness),
+        match.number_of_images is None or match.number_of_images.contains(facts.number_of_images),
+        match.calling_ae_title is None or _in(facts.calling_ae_title, match.calling_ae_title),
+        match.body_part_examined is None or _in(facts.body_part_examined, match.body_part_examined),
+    ]
+    return all(checks)
+
+
+def decide(rules: Sequence[Rule], facts: SeriesFacts) -> Decision:
+    """The guard, then the first matching rule; no match ignores the series."""
+    guard = never_process_reason(facts)
+    for rule in rules:
+        if not rule_matches(rule, facts):
+            continue
+        if rule.action == "ignore":
+            return Decision("ignore", f"rule {rule.name!r}: ignore", rule_name=rule.name)
+        if guard:
+            return Decision("ignore", f"not processed: {guard}", rule_name=rule.name)
+        return Decision(
+            "process",
+            f"rule {rule.name!r}",
+            rule_name=rule.name,
+            model=rule.model,
+            destinations=tuple(rule.destinations),
+        )
+    if guard:
+        return Decision("ignore", f"not processed: {guard}")
+    return Decision("ignore", "no routing rule matched")
+
+
+def _in(value: str | None, allowed: Sequence[str]) -> bool:
+    return value is not None and value.strip().upper() in {a.strip().upper() for a in allowed}

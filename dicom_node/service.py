@@ -1,0 +1,87 @@
+"""`dicom-node serve`: the receiving node (Storage SCP + series watcher) as one long-running process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from pynetdicom.transport import AssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_session_factory, migrate
+from dicom_node.config import Settings
+from dicom_node.logs import log_event
+from dicom_node.receive.scp import StoreContext, start_storage_scp
+from dicom_node.receive.storage import InstanceStore, repair
+from dicom_node.watcher import SeriesWatcher
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningNode:
+    server: AssociationServer
+    watcher: SeriesWatcher
+    sessions: sessionmaker[Session]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.watcher.stop()
+        log_event(LOG, logging.INFO, "node.stopped")
+
+
+def open_database(settings: Settings) -> sessionmaker[Session]:
+    """Migrate the schema to the newest revision and return a session factory."""
+    migrate(settings.database_url)
+    return make_session_factory(make_engine(settings.database_url))
+
+
+def start_node(settings: Settings) -> RunningNode:
+    """Repair storage after any crash, then start the SCP and the watcher."""
+    _warn_about_open_doors(settings)
+    sessions = open_database(settings)
+    store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
+    report = repair(store, sessions)
+    log_event(
+        LOG,
+        logging.INFO,
+        "node.storage_checked",
+        directory=str(settings.storage.directory),
+        partial_files_removed=report.partial_files_removed,
+        instances_indexed=report.instances_indexed,
+        unreadable_files=report.unreadable_files,
+    )
+    watcher = SeriesWatcher(settings, sessions)
+    watcher.start()
+    server = start_storage_scp(settings.network, StoreContext(store=store, sessions=sessions))
+    return RunningNode(server=server, watcher=watcher, sessions=sessions)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    node = start_node(settings)
+    stopping = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        log_event(LOG, logging.INFO, "node.stopping", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
+    stopping.wait()
+    node.stop()
+
+
+def _warn_about_open_doors(settings: Settings) -> None:
+    if not settings.network.allowed_calling_ae_titles:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "config.accepting_every_caller",
+            hint="set network.allowed_calling_ae_titles to the PACS AE titles that may send",
+        )
+    if not settings.rules:
+        log_event(LOG, logging.WARNING, "config.no_rules", hint="every series will be IGNORED; add rules")
