@@ -25,7 +25,8 @@ app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True,
 config_app = typer.Typer(help="Show or check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-console = Console()
+# Piped output (logs, scripts, tests) gets wide lines instead of rich's default 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 240)
 errors = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[

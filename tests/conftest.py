@@ -1,0 +1,215 @@
+"""Fixtures that start real processes: the node itself and DCMTK peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from db.session import make_engine, make_session_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures" / "totalsegmentator"
+DICOM_NODE = str(Path(sys.executable).with_name("dicom-node"))
+
+
+def require_tool(name: str) -> str:
+    """Path of a system tool; in CI a missing tool fails the test, elsewhere it skips it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (bash .ci/run installs it with apt-get)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """TotalSegmentator's example data, read in place from ../shared (never copied)."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_FIXTURES} (it lives beside the checkout)")
+    return SHARED_FIXTURES
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Node:
+    """A real `dicom-node serve` process with its own port, storage and database."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.ae_title = "DICOMNODE"
+        self.storage = workdir / "storage"
+        self.config_path = workdir / "config.yaml"
+        self.log_path = workdir / "node.log"
+        config = {
+            "network": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port},
+            "storage": {"directory": str(self.storage)},
+            "completion": {"quiet_seconds": 2, "check_interval_seconds": 0.2},
+            "logging": {"level": "INFO"},
+        }
+        for key, value in settings.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+        self._sessions: sessionmaker[Session] | None = None
+
+    def start(self) -> Node:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process' lifetime
+        self.process = subprocess.Popen(
+            [DICOM_NODE, "serve", "--config", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        wait_for(self._listening, timeout=60, what=f"node to listen on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a power cut of the process."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            url = f"sqlite:///{self.storage / 'dicom-node.db'}"
+            self._sessions = make_session_factory(make_engine(url))
+        return self._sessions
+
+    def job_state(self, series_instance_uid: str) -> JobState | None:
+        with self.sessions() as session:
+            job = job_for_series_uid(session, series_instance_uid)
+            return job.state if job else None
+
+    def job_reason(self, series_instance_uid: str) -> str | None:
+        with self.sessions() as session:
+            job = job_for_series_uid(session, series_instance_uid)
+            return job.reason if job else None
+
+    def wait_for_state(self, series_instance_uid: str, state: JobState, timeout: float = 30.0) -> None:
+        wait_for(
+            lambda: self.job_state(series_instance_uid) == state,
+            timeout=timeout,
+            what=f"series {series_instance_uid} to reach {state.value} (now {self.job_state(series_instance_uid)})",
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DICOM_NODE, *args, "--config", str(self.config_path)], capture_output=True, text=True, timeout=60
+        )
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Factory: ``start_node(rules=[...], completion={...})`` starts a node; all are stopped afterwards."""
+    started: list[Node] = []
+
+    def _start(**settings: Any) -> Node:
+        node = Node(tmp_path / f"node{len(started)}", settings)
+        started.append(node)
+        return node.start()
+
+    yield _start
+    for node in started:
+        node.stop()
+
+
+def storescu(
+    port: int,
+    paths: Sequence[Path],
+    *,
+    calling_ae: str = "PACS",
+    called_ae: str = "DICOMNODE",
+    extra: Sequence[str] = (),
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu (verbose, TCP_NODELAY as DCMTK recommends on loopback)."""
+    tool = require_tool("storescu")
+    command = [tool, "-v", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port)]
+    command += [str(p) for p in paths]
+    environment = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+CT_RULES = [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}]
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The encoded data set of a DICOM file: everything after its File Meta Information."""
+    from pynetdicom.dsutils import split_dataset
+
+    _meta, offset = split_dataset(path)
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        return stream.read()
+
+
+def succeeded_files(storescu_output: str) -> list[str]:
+    """Files storescu reported as sent with a Success response (from its -v log)."""
+    sent: list[str] = []
+    current: str | None = None
+    for line in storescu_output.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line.removeprefix("I: Sending file: ").strip()
+        elif "Received Store Response (Success)" in line and current:
+            sent.append(current)
+            current = None
+    return sent
