@@ -100,6 +100,7 @@ def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:
     This runs once per received instance, so the common case (known series)
     is a handful of Core statements rather than ORM object loads.
     """
+    session.flush()  # the Core statements below must see pending ORM changes
     if instance_exists(session, record.sop_instance_uid):
         return RecordOutcome(stored=False)
     connection = session.connection()

@@ -1,0 +1,87 @@
+"""The database: migrations match the models, and job states change only along allowed paths."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+
+from db import jobs
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.models import Base, Job, JobEvent, JobState
+from db.session import make_engine, make_session_factory, migrate, transaction
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    return make_session_factory(make_engine(url))
+
+
+def record(uid: str, series: str = "1.2.3.4", expected: int | None = None) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"/data/{uid}.dcm",
+        size_bytes=1,
+        study=StudyAttributes("1.2.3"),
+        series=SeriesAttributes(series, modality="CT", expected_instances=expected),
+    )
+
+
+def test_migrations_create_exactly_the_models_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate(url)
+    with make_engine(url).connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []
+
+
+def test_first_instance_opens_a_receiving_job_and_counts(sessions):
+    with transaction(sessions) as session:
+        first = record_instance(session, record("1.2.3.4.1", expected=2))
+        second = record_instance(session, record("1.2.3.4.2", expected=2))
+        duplicate = record_instance(session, record("1.2.3.4.2", expected=2))
+    assert (first.series_created, second.series_created, duplicate.stored) == (True, False, False)
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.RECEIVING
+        assert (job.series.instance_count, job.series.expected_instances) == (2, 2)
+
+
+def test_late_instance_reopens_finished_job(sessions):
+    with transaction(sessions) as session:
+        record_instance(session, record("1.2.3.4.1"))
+        job = session.scalars(select(Job)).one()
+        jobs.mark_complete(session, job, "quiet")
+        jobs.ignore(session, job, "no rule")
+        outcome = record_instance(session, record("1.2.3.4.2"))
+    assert outcome.series_reopened
+    with sessions() as session:
+        events = [(e.from_state, e.to_state) for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
+    assert events[-1] == (JobState.IGNORED, JobState.RECEIVING)
+
+
+def test_disallowed_transition_is_refused(sessions):
+    with transaction(sessions) as session:
+        record_instance(session, record("1.2.3.4.1"))
+        job = session.scalars(select(Job)).one()
+        with pytest.raises(jobs.InvalidTransition, match="RECEIVING -> DONE"):
+            jobs.change_state(session, job, JobState.DONE)
+        with pytest.raises(jobs.InvalidTransition, match="only"):
+            jobs.retry(session, job)
+
+
+def test_retry_routes_a_failed_series_again(sessions):
+    with transaction(sessions) as session:
+        record_instance(session, record("1.2.3.4.1"))
+        job = session.scalars(select(Job)).one()
+        jobs.mark_complete(session, job, "quiet")
+        jobs.queue(session, job, rule_name="ct", model_name="baseline", destinations=[])
+        jobs.fail(session, job, "model crashed")
+        jobs.retry(session, job)
+        assert job.state is JobState.COMPLETE
+        assert job.reason == "retry requested by operator (was FAILED)"
