@@ -1,0 +1,286 @@
+"""Assemble the stored instances of a series into one 3D CT volume in HU, with its geometry.
+
+Slices are ordered by their position along the slice normal (never by
+InstanceNumber). Localizers are dropped, several acquisitions at the same
+positions keep the largest one, and anything that cannot make one regular
+volume (mixed orientations, missing slices, gantry tilt, a single slice, no
+pixel data) raises :class:`VolumeError` with a reason an operator can act on.
+Gantry-tilted (sheared) stacks are refused rather than resampled: resampling
+silently moves anatomy, and scanners can reconstruct without tilt.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+SPACING_TOLERANCE = 0.1
+"""Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
+ORIENTATION_TOLERANCE = 1e-3
+TILT_TOLERANCE_DEGREES = 0.5
+
+
+class VolumeError(ValueError):
+    """The series cannot become one regular volume; the message says why."""
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of the volume and the instance (and frame) it came from."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None  # 1-based, for multi-frame instances
+
+
+@dataclass
+class Volume:
+    """A CT volume: ``hu[k, j, i]`` is slice k, row j, column i.
+
+    Geometry in DICOM patient coordinates (LPS, mm): ``origin`` is the centre of
+    voxel (0, 0, 0); ``spacing`` is (column step, row step, slice step), ITK
+    order; the columns of ``direction`` are the row, column and slice directions.
+    """
+
+    hu: np.ndarray
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    slices: list[SliceRef]
+    frame_of_reference_uid: str | None
+    study_instance_uid: str
+    series_instance_uid: str
+    notes: list[str] = field(default_factory=list)
+
+    def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
+        """Patient position (LPS mm) of voxel (i, j, k) = (column, row, slice)."""
+        return self.origin + self.direction @ (np.asarray(index, dtype=float) * self.spacing)
+
+    def to_sitk(self):  # noqa: ANN201 - SimpleITK is imported lazily
+        """The volume as a SimpleITK image (same geometry)."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(self.hu)
+        image.SetOrigin(tuple(float(v) for v in self.origin))
+        image.SetSpacing(tuple(float(v) for v in self.spacing))
+        image.SetDirection(tuple(float(v) for v in self.direction.flatten()))
+        return image
+
+
+@dataclass
+class _Frame:
+    ref: SliceRef
+    path: Path
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    shape: tuple[int, int]
+    acquisition: str
+    is_localizer: bool
+
+
+def load_series_volume(paths: Sequence[Path]) -> Volume:
+    """Read the instance files of one series into a :class:`Volume`.
+
+    Raises
+    ------
+    VolumeError
+        With the reason the series cannot be one regular volume.
+    """
+    if not paths:
+        raise VolumeError("series has no instances")
+    headers = [(Path(p), dcmread(p, stop_before_pixels=True)) for p in paths]
+    frames = [frame for path, header in headers for frame in _frames(path, header)]
+    notes: list[str] = []
+    frames = _drop_localizers(frames, notes)
+    frames = _keep_main_acquisition(frames, notes)
+    normal = _common_orientation(frames)
+    frames.sort(key=lambda f: float(np.dot(f.position, normal)))
+    step = _regular_step(frames, normal)
+    _refuse_tilt(frames, normal)
+    hu = _read_pixels(frames, {path: header for path, header in headers})
+    first = frames[0]
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    header = headers[0][1]
+    return Volume(
+        hu=hu,
+        origin=first.position.copy(),
+        spacing=np.array([first.pixel_spacing[1], first.pixel_spacing[0], step]),
+        direction=np.column_stack([row_dir, col_dir, normal]),
+        slices=[f.ref for f in frames],
+        frame_of_reference_uid=header.get("FrameOfReferenceUID"),
+        study_instance_uid=str(header.StudyInstanceUID),
+        series_instance_uid=str(header.SeriesInstanceUID),
+        notes=notes,
+    )
+
+
+def _frames(path: Path, header: Dataset) -> list[_Frame]:
+    image_type = [str(v).upper() for v in header.get("ImageType", [])]
+    localizer = "LOCALIZER" in image_type
+    if "PerFrameFunctionalGroupsSequence" in header:
+        return _enhanced_frames(path, header, localizer)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword not in header:
+            if localizer:
+                return [_placeholder(path, header)]
+            raise VolumeError(f"instance {header.get('SOPInstanceUID')} has no {keyword}")
+    return [
+        _Frame(
+            ref=SliceRef(str(header.SOPInstanceUID), str(header.SOPClassUID), None),
+            path=path,
+            position=np.array(header.ImagePositionPatient, dtype=float),
+            orientation=np.array(header.ImageOrientationPatient, dtype=float),
+            pixel_spacing=(float(header.PixelSpacing[0]), float(header.PixelSpacing[1])),
+            shape=(int(header.Rows), int(header.Columns)),
+            acquisition=str(header.get("AcquisitionNumber", "")),
+            is_localizer=localizer,
+        )
+    ]
+
+
+def _placeholder(path: Path, header: Dataset) -> _Frame:
+    return _Frame(
+        SliceRef(str(header.SOPInstanceUID), str(header.SOPClassUID), None),
+        path,
+        np.zeros(3),
+        np.zeros(6),
+        (0.0, 0.0),
+        (0, 0),
+        "",
+        True,
+    )
+
+
+def _enhanced_frames(path: Path, header: Dataset, localizer: bool) -> list[_Frame]:
+    shared = header.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    frames = []
+    for number, group in enumerate(header.PerFrameFunctionalGroupsSequence, start=1):
+
+        def attribute(sequence: str, keyword: str, group: Dataset = group):  # noqa: ANN202
+            for source in (group, shared):
+                if sequence in source and keyword in source[sequence][0]:
+                    return source[sequence][0][keyword].value
+            raise VolumeError(f"frame {number} of {header.SOPInstanceUID} has no {keyword}")
+
+        spacing = attribute("PixelMeasuresSequence", "PixelSpacing")
+        frames.append(
+            _Frame(
+                ref=SliceRef(str(header.SOPInstanceUID), str(header.SOPClassUID), number),
+                path=path,
+                position=np.array(attribute("PlanePositionSequence", "ImagePositionPatient"), dtype=float),
+                orientation=np.array(attribute("PlaneOrientationSequence", "ImageOrientationPatient"), dtype=float),
+                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                shape=(int(header.Rows), int(header.Columns)),
+                acquisition="",
+                is_localizer=localizer,
+            )
+        )
+    return frames
+
+
+def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
+    kept = [f for f in frames if not f.is_localizer]
+    if len(kept) < len(frames):
+        notes.append(f"dropped {len(frames) - len(kept)} localizer image(s)")
+    if not kept:
+        raise VolumeError("series holds only localizer images")
+    return kept
+
+
+def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
+    """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest."""
+    orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
+    if len(orientations) > 1:
+        counts = ", ".join(f"{n} images at {list(o)}" for o, n in orientations.most_common())
+        raise VolumeError(f"mixed orientations in one series ({counts})")
+    groups: dict[tuple, list[_Frame]] = defaultdict(list)
+    for frame in frames:
+        groups[(frame.acquisition, frame.shape, frame.pixel_spacing)].append(frame)
+    if len(groups) == 1:
+        return frames
+    main = max(groups.values(), key=len)
+    notes.append(f"{len(groups)} acquisitions in the series: kept the largest ({len(main)} of {len(frames)} images)")
+    return main
+
+
+def _common_orientation(frames: list[_Frame]) -> np.ndarray:
+    reference = frames[0].orientation
+    for frame in frames:
+        if np.max(np.abs(frame.orientation - reference)) > ORIENTATION_TOLERANCE:
+            raise VolumeError("mixed orientations: images of the series do not share ImageOrientationPatient")
+    row_dir, col_dir = reference[:3], reference[3:]
+    normal = np.cross(row_dir, col_dir)
+    length = np.linalg.norm(normal)
+    if length < 0.5:
+        raise VolumeError(f"ImageOrientationPatient {list(reference)} is degenerate")
+    return normal / length
+
+
+def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
+    if len(frames) < 2:
+        raise VolumeError("single slice: a volume needs at least two slices")
+    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
+    steps = np.diff(distances)
+    if np.any(steps < 1e-3):
+        duplicates = int(np.sum(steps < 1e-3))
+        raise VolumeError(f"{duplicates} slice position(s) occur twice in one acquisition")
+    step = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - step)))
+    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
+        missing = round(steps[worst] / step) - 1
+        kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
+        raise VolumeError(
+            f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
+            f"the series' usual step is {step:.2f} mm"
+        )
+    return step
+
+
+def _refuse_tilt(frames: list[_Frame], normal: np.ndarray) -> None:
+    """A step between slices that is not along the normal means a sheared (gantry-tilted) stack."""
+    offset = frames[-1].position - frames[0].position
+    along = float(np.dot(offset, normal))
+    sideways = float(np.linalg.norm(offset - along * normal))
+    angle = float(np.degrees(np.arctan2(sideways, abs(along))))
+    if angle > TILT_TOLERANCE_DEGREES:
+        raise VolumeError(
+            f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
+            "reconstruct the series without tilt on the scanner and send it again"
+        )
+
+
+def _read_pixels(frames: list[_Frame], headers: dict[Path, Dataset]) -> np.ndarray:
+    by_path: dict[Path, list[tuple[int, _Frame]]] = defaultdict(list)
+    for index, frame in enumerate(frames):
+        by_path[frame.path].append((index, frame))
+    rows, columns = frames[0].shape
+    volume = np.empty((len(frames), rows, columns), dtype=np.float32)
+    for path, members in by_path.items():
+        dataset = dcmread(path)
+        if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+            raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
+        try:
+            pixels = dataset.pixel_array
+        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes the reason
+            raise VolumeError(f"pixel data of {dataset.get('SOPInstanceUID')} cannot be decoded: {exc}") from None
+        for index, frame in members:
+            plane = pixels[frame.ref.frame_number - 1] if frame.ref.frame_number else pixels
+            slope, intercept = _rescale(dataset, frame.ref.frame_number)
+            volume[index] = plane * slope + intercept
+    return volume
+
+
+def _rescale(dataset: Dataset, frame_number: int | None) -> tuple[float, float]:
+    if frame_number and "PerFrameFunctionalGroupsSequence" in dataset:
+        for group in (dataset.PerFrameFunctionalGroupsSequence[frame_number - 1], *dataset.get("SharedFunctionalGroupsSequence", [])):
+            if "PixelValueTransformationSequence" in group:
+                item = group.PixelValueTransformationSequence[0]
+                return float(item.get("RescaleSlope", 1)), float(item.get("RescaleIntercept", 0))
+    return float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))

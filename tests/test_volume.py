@@ -1,0 +1,138 @@
+"""Series to volume: geometry against known phantoms and the real CT, and each defect's reason."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from inference.volume import VolumeError, load_series_volume
+
+SPEC = PhantomSpec(rows=96, columns=80, slices=24, pixel_spacing=(4.0, 4.5), slice_spacing=6.0, noise_sd=0.0)
+
+
+def liver_voxel(labels: np.ndarray) -> tuple[int, int, int]:
+    k, j, i = (int(v[len(v) // 2]) for v in np.nonzero(labels == PHANTOM_LABELS["liver"]))
+    return k, j, i
+
+
+def test_geometry_and_hu_match_the_phantom(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    shuffled = list(series.files)
+    random.Random(1).shuffle(shuffled)
+
+    volume = load_series_volume(shuffled)
+
+    assert volume.hu.shape == (24, 96, 80)
+    np.testing.assert_allclose(volume.origin, series.slice_positions[0])
+    np.testing.assert_allclose(volume.spacing, [4.5, 4.0, 6.0])
+    np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-9)
+    k, j, i = liver_voxel(series.labels)
+    assert volume.hu[k, j, i] == series.hu[k, j, i] == pytest.approx(PHANTOM_HU["liver"], abs=1)
+    expected_position = np.add(series.slice_positions[k], [i * 4.5, j * 4.0, 0])
+    np.testing.assert_allclose(volume.index_to_patient((i, j, k)), expected_position)
+    assert [s.sop_instance_uid for s in volume.slices] == series.sop_instance_uids
+
+
+def test_slices_are_ordered_by_position_not_instance_number(tmp_path):
+    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, "slice_direction_sign": -1}))
+    for number, path in enumerate(series.files):
+        dataset = pydicom.dcmread(path)
+        dataset.InstanceNumber = (number * 7) % len(series.files) + 1  # scrambled numbering
+        dataset.save_as(path)
+
+    volume = load_series_volume(series.files)
+
+    positions = [volume.index_to_patient((0, 0, k))[2] for k in range(volume.hu.shape[0])]
+    assert positions == sorted(positions)
+    np.testing.assert_allclose(volume.direction[:, 2], [0, 0, 1], atol=1e-9)
+    k, j, i = liver_voxel(series.labels[::-1])  # the phantom wrote them head to feet
+    assert volume.hu[k, j, i] == pytest.approx(PHANTOM_HU["liver"], abs=1)
+
+
+@pytest.mark.parametrize("compression", ["jpeg2000", "jpegls", "rle", "deflate"])
+def test_compressed_series_decode_to_the_same_volume(tmp_path, compression):
+    plain = load_series_volume(write_phantom_series(tmp_path / "plain", SPEC).files)
+    packed = load_series_volume(
+        write_phantom_series(tmp_path / compression, PhantomSpec(**{**SPEC.__dict__, "compression": compression})).files
+    )
+    np.testing.assert_array_equal(plain.hu, packed.hu)
+
+
+def test_enhanced_ct_multiframe_gives_the_same_volume(tmp_path):
+    plain = load_series_volume(write_phantom_series(tmp_path / "plain", SPEC).files)
+    enhanced = load_series_volume(
+        write_phantom_series(tmp_path / "enhanced", PhantomSpec(**{**SPEC.__dict__, "enhanced": True})).files
+    )
+    np.testing.assert_array_equal(plain.hu, enhanced.hu)
+    np.testing.assert_allclose(plain.origin, enhanced.origin)
+    assert [s.frame_number for s in enhanced.slices] == list(range(1, 25))
+
+
+def test_localizer_in_series_is_dropped_with_a_note(tmp_path):
+    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
+    volume = load_series_volume(series.files)
+    assert volume.hu.shape[0] == 24
+    assert volume.notes == ["dropped 1 localizer image(s)"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"gaps": (10, 11)}, "about 2 missing slice(s): slices 10 and 11 (by position) are 18.00 mm apart"),
+        ({"gantry_tilt_degrees": 15.0}, "gantry tilt of about 15.0 degrees"),
+        ({"slices": 1}, "single slice"),
+    ],
+)
+def test_defects_are_refused_with_a_reason(tmp_path, change, reason):
+    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, **change}))
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+    assert reason in str(error.value)
+
+
+def test_mixed_orientations_are_refused(tmp_path):
+    axial = write_phantom_series(tmp_path / "axial", SPEC)
+    coronal = write_phantom_series(
+        tmp_path / "coronal",
+        PhantomSpec(**{**SPEC.__dict__, "orientation": (1, 0, 0, 0, 0, -1), "slices": 6,
+                       "series_instance_uid": axial.series_instance_uid}),
+    )
+    with pytest.raises(VolumeError, match="mixed orientations in one series"):
+        load_series_volume(axial.files + coronal.files)
+
+
+def test_missing_pixel_data_is_refused(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    dataset = pydicom.dcmread(series.files[3])
+    del dataset.PixelData
+    dataset.save_as(series.files[3])
+    with pytest.raises(VolumeError, match="has no pixel data"):
+        load_series_volume(series.files)
+
+
+def test_real_compressed_ct_has_the_geometry_of_totalsegmentators_label_map(shared_fixtures):
+    import SimpleITK as sitk
+
+    volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
+    labels = sitk.ReadImage(str(shared_fixtures / "example_seg_dicom.nii.gz"))
+
+    assert volume.hu.shape[::-1] == labels.GetSize()
+    np.testing.assert_allclose(volume.spacing, labels.GetSpacing())
+    # Every voxel centre of the volume is a voxel centre of the label map.
+    for index in [(0, 0, 0), (511, 0, 0), (0, 511, 19), (300, 200, 10)]:
+        point = volume.index_to_patient(index)
+        continuous = labels.TransformPhysicalPointToContinuousIndex(tuple(point))
+        np.testing.assert_allclose(continuous, np.round(continuous), atol=1e-4)
+    # And the anatomy agrees: TotalSegmentator's structures sit on the right HU.
+    resampled = sitk.Resample(labels, volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    label_array = sitk.GetArrayFromImage(resampled)
+    assert len(np.unique(label_array)) > 10
+    vertebrae = np.isin(label_array, range(26, 51))  # vertebrae_S1 .. vertebrae_C1 in the total task
+    assert vertebrae.any() and np.median(volume.hu[vertebrae]) > 150
+    air_outside = label_array == 0
+    assert np.median(volume.hu[air_outside]) < np.median(volume.hu[vertebrae])
