@@ -24,6 +24,8 @@ app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True,
 )
 config_app = typer.Typer(help="Show or check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+weights_app = typer.Typer(help="TotalSegmentator model weights: list, download, import.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 # Piped output (logs, scripts, tests) gets wide lines instead of rich's default 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 240)
@@ -45,9 +47,17 @@ def _settings(path: Path | None) -> Settings:
 
 @contextmanager
 def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
-    from dicom_node.service import open_database
+    """A session on the node's existing database; operator commands never create or migrate one."""
+    from sqlalchemy.engine import make_url
 
-    sessions = open_database(settings)
+    from db.session import make_engine, make_session_factory
+
+    url = settings.database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        errors.print(f"no database at {parsed.database}: has `dicom-node serve` run with this configuration?")
+        raise typer.Exit(1)
+    sessions = make_session_factory(make_engine(url))
     with sessions() as session:
         if write:
             with session.begin():
@@ -68,6 +78,14 @@ def serve(config: ConfigOption = None) -> None:
     except OSError as exc:
         errors.print(f"[bold red]cannot start[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run one inference worker in the foreground (serve starts `inference.workers` of them itself)."""
+    from inference.worker import run_worker
+
+    run_worker(_settings(config))
 
 
 @app.command()
@@ -178,6 +196,9 @@ def echo(
     host: Annotated[Optional[str], typer.Option(help="Peer host, instead of a named destination.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
     ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Peer AE title.")] = None,
+    calling_ae_title: Annotated[
+        Optional[str], typer.Option("--calling-ae-title", help="Our AE title in the request (default network.ae_title).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
 ) -> None:
     """C-ECHO a destination (or --host/--port/--ae-title) to check it is reachable."""
@@ -194,12 +215,56 @@ def echo(
     if not (host and port and ae_title):
         errors.print("give a destination name, or --host, --port and --ae-title")
         raise typer.Exit(2)
-    result = verify(settings.network.ae_title, ae_title, host, port, timeout=timeout)
+    result = verify(calling_ae_title or settings.network.ae_title, ae_title, host, port, timeout=timeout)
     if result.ok:
         console.print(f"C-ECHO {ae_title}@{host}:{port}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
     else:
         errors.print(f"C-ECHO {ae_title}@{host}:{port}: FAILED: {result.message}", highlight=False)
         raise typer.Exit(1)
+
+
+@weights_app.command("list")
+def weights_list(config: ConfigOption = None) -> None:
+    """Which TotalSegmentator tasks have all their weights in the weights folder."""
+    from inference.weights import installed
+
+    settings = _settings(config)
+    console.print(f"weights folder: {settings.weights_directory}", highlight=False)
+    for task, present in installed(settings.weights_directory).items():
+        console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
+
+
+@weights_app.command("download")
+def weights_download(
+    config: ConfigOption = None,
+    task: Annotated[str, typer.Option(help="total (five 1.5 mm models) or total_fast (one 3 mm model).")] = "total",
+) -> None:
+    """Download a task's weights from TotalSegmentator's releases (needs network access)."""
+    from inference.weights import download
+
+    settings = _settings(config)
+    try:
+        folders = download(task, settings.weights_directory)
+    except Exception as exc:  # noqa: BLE001 - network, disk, or missing package: say which
+        errors.print(f"download failed: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for folder in folders:
+        console.print(f"installed {folder}", highlight=False)
+
+
+@weights_app.command("import")
+def weights_import(archive: Path, config: ConfigOption = None) -> None:
+    """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder."""
+    from inference.weights import import_zip
+
+    settings = _settings(config)
+    try:
+        added = import_zip(archive, settings.weights_directory)
+    except (OSError, ValueError) as exc:
+        errors.print(f"import failed: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for folder in added:
+        console.print(f"imported {folder}", highlight=False)
 
 
 @config_app.command("show")

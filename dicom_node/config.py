@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -52,6 +53,9 @@ class NetworkSettings(_Strict):
     allowed_calling_ae_titles: list[AETitle] = Field(
         default_factory=list,
         description="Calling AE titles accepted at association time; empty accepts every caller.",
+    )
+    require_called_ae_title: bool = Field(
+        True, description="Reject associations whose called AE title is not ours (catches misrouted senders)."
     )
     maximum_pdu_size: int = Field(
         0, ge=0, description="Largest PDU we accept, bytes; 0 = no limit (fastest for large images)."
@@ -157,6 +161,37 @@ class Rule(_Strict):
         return self
 
 
+class ThresholdModelSettings(_Strict):
+    """The classical baseline: body, lungs and bones from HU thresholds (no weights needed)."""
+
+    kind: Literal["threshold"]
+
+
+class TotalSegmentatorModelSettings(_Strict):
+    """A TotalSegmentator nnU-Net task run with nnU-Net's predictor on TotalSegmentator's weights layout."""
+
+    kind: Literal["totalsegmentator"]
+    task: Literal["total", "total_fast"] = "total"
+    weights_directory: Path | None = Field(
+        None,
+        description="Folder holding the Dataset... model folders; default $TOTALSEG_WEIGHTS_PATH, "
+        "else <storage>/weights.",
+    )
+    tile_step_size: float = Field(0.8, gt=0, le=1, description="Sliding-window step (TotalSegmentator: 0.8).")
+
+
+ModelSettings = Annotated[ThresholdModelSettings | TotalSegmentatorModelSettings, Field(discriminator="kind")]
+
+
+class InferenceSettings(_Strict):
+    """The inference workers: separate processes that claim QUEUED series."""
+
+    workers: int = Field(1, ge=0, le=16, description="Worker processes `serve` starts; 0 = run `dicom-node worker` yourself.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    cpu_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: all cores.")
+    poll_seconds: float = Field(1.0, gt=0, le=60)
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -177,10 +212,11 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
-    models: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"baseline": {"kind": "threshold"}},
+    models: dict[str, ModelSettings] = Field(
+        default_factory=lambda: {"baseline": ThresholdModelSettings(kind="threshold")},
         description="Named models (name -> settings with a 'kind').",
     )
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     rules: list[Rule] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -209,6 +245,17 @@ class Settings(BaseSettings):
                 known = ", ".join(sorted(self.models)) or "none configured"
                 raise ValueError(f"rules[{index}] ({rule.name}): unknown model {rule.model!r} (known: {known})")
         return self
+
+    @property
+    def weights_directory(self) -> Path:
+        """Where model weights live unless a model names its own folder."""
+        from_env = os.environ.get("TOTALSEG_WEIGHTS_PATH")
+        return Path(from_env) if from_env else self.storage.directory / "weights"
+
+    @property
+    def jobs_directory(self) -> Path:
+        """Per-job output folders (label maps, statistics, results)."""
+        return self.storage.directory / "jobs"
 
     @property
     def database_url(self) -> str:
@@ -240,6 +287,8 @@ def load_settings(path: Path | str | None = None) -> Settings:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, path)) from None
+    except SettingsError as exc:  # an environment value pydantic-settings cannot even parse
+        raise ConfigError(f"environment: {exc} (lists and mappings must be JSON)") from None
     if path is not None and not settings.storage.directory.is_absolute():
         # Relative storage paths are relative to the config file, not to the cwd.
         settings.storage.directory = (path.parent / settings.storage.directory).resolve()
@@ -272,7 +321,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
-    source = str(path) if path else "configuration"
+    source = f"{path} (and DICOM_NODE_* environment)" if path else "configuration (DICOM_NODE_* environment)"
     lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
     for error in exc.errors(include_url=False):
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"

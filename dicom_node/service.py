@@ -1,8 +1,9 @@
-"""`dicom-node serve`: the receiving node (Storage SCP + series watcher) as one long-running process."""
+"""`dicom-node serve`: the Storage SCP, the series watcher and the supervised inference worker processes."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
 from dataclasses import dataclass
@@ -16,19 +17,61 @@ from dicom_node.logs import log_event
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.watcher import SeriesWatcher
+from inference.worker import run_worker
 
 LOG = logging.getLogger(__name__)
+
+
+class WorkerSupervisor:
+    """Keeps ``inference.workers`` worker processes running; restarts one that dies."""
+
+    RESTART_DELAY_SECONDS = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._processes = [self._spawn(n) for n in range(self.settings.inference.workers)]
+        self._thread.start()
+
+    def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
+        process = self._context.Process(target=run_worker, args=(self.settings,), name=f"worker-{number}")
+        process.start()
+        log_event(LOG, logging.INFO, "worker.started", worker=number, pid=process.pid)
+        return process
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.RESTART_DELAY_SECONDS):
+            for number, process in enumerate(self._processes):
+                if not process.is_alive() and not self._stop.is_set():
+                    log_event(LOG, logging.ERROR, "worker.died", worker=number, exit_code=process.exitcode)
+                    self._processes[number] = self._spawn(number)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 @dataclass
 class RunningNode:
     server: AssociationServer
     watcher: SeriesWatcher
+    workers: WorkerSupervisor
     sessions: sessionmaker[Session]
 
     def stop(self) -> None:
         self.server.shutdown()
         self.watcher.stop()
+        self.workers.stop()
         log_event(LOG, logging.INFO, "node.stopped")
 
 
@@ -53,10 +96,13 @@ def start_node(settings: Settings) -> RunningNode:
         instances_indexed=report.instances_indexed,
         unreadable_files=report.unreadable_files,
     )
+    # Bind first: a port in use must stop start-up before any thread or process exists.
+    server = start_storage_scp(settings.network, StoreContext(store=store, sessions=sessions))
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
-    server = start_storage_scp(settings.network, StoreContext(store=store, sessions=sessions))
-    return RunningNode(server=server, watcher=watcher, sessions=sessions)
+    workers = WorkerSupervisor(settings)
+    workers.start()
+    return RunningNode(server=server, watcher=watcher, workers=workers, sessions=sessions)
 
 
 def serve(settings: Settings) -> None:

@@ -78,6 +78,7 @@ class Node:
             "network": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port},
             "storage": {"directory": str(self.storage)},
             "completion": {"quiet_seconds": 2, "check_interval_seconds": 0.2},
+            "inference": {"workers": 0, "poll_seconds": 0.2},
             "logging": {"level": "INFO"},
         }
         for key, value in settings.items():

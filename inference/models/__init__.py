@@ -1,0 +1,51 @@
+"""Segmentation models: a registry from config.yaml names to loaded, resident models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from inference.volume import Volume
+
+
+@dataclass
+class Segmentation:
+    """A label map on the volume's grid (``labels[k, j, i]``) and what its values mean."""
+
+    labels: np.ndarray
+    classes: dict[int, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SegmentationModel(Protocol):
+    """What the worker needs of a model; models are loaded once and reused for every job."""
+
+    algorithm_name: str
+    algorithm_version: str
+    is_baseline: bool
+    classes: dict[int, str]
+
+    def segment(self, volume: Volume) -> Segmentation: ...
+
+
+class ModelUnavailable(RuntimeError):
+    """A configured model cannot be loaded (e.g. weights missing); the message says how to fix it."""
+
+
+def load_model(settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None) -> SegmentationModel:  # noqa: ANN001
+    """Build the model a ``models:`` entry describes."""
+    if settings.kind == "threshold":
+        from inference.models.threshold import ThresholdModel
+
+        return ThresholdModel()
+    if settings.kind == "totalsegmentator":
+        from inference.models.totalsegmentator import TotalSegmentatorModel
+
+        folder = settings.weights_directory or weights_directory
+        return TotalSegmentatorModel(
+            settings.task, folder, device=device, cpu_threads=cpu_threads, tile_step_size=settings.tile_step_size
+        )
+    raise ModelUnavailable(f"unknown model kind {settings.kind!r}")

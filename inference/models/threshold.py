@@ -1,0 +1,100 @@
+"""The baseline model: body, lungs and bones from HU thresholds and connected components.
+
+It needs no weights, so a fresh node works end to end; it is labelled as a
+baseline wherever it appears (algorithm name, SR, logs) and is never used in
+place of a missing TotalSegmentator model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy import ndimage
+
+from dicom_node import __version__
+from inference.models import Segmentation
+from inference.volume import Volume
+
+BODY_HU = -500.0
+LUNG_HU = -400.0
+BONE_HU = 250.0
+CLASSES = {1: "body", 2: "lung_left", 3: "lung_right", 4: "skeleton"}
+
+
+class ThresholdModel:
+    """HU-threshold baseline (not a trained model)."""
+
+    algorithm_name = "dicom-node threshold baseline (not a trained model)"
+    algorithm_version = __version__
+    is_baseline = True
+    classes = CLASSES
+
+    def segment(self, volume: Volume) -> Segmentation:
+        started = time.perf_counter()
+        hu = volume.hu
+        body = _largest_component(hu > BODY_HU)
+        body = _fill_holes_per_slice(body)
+        air_inside = (hu < LUNG_HU) & body
+        lungs = _drop_small(_open(air_inside), minimum_ml=50, voxel_ml=_voxel_ml(volume))
+        bone = (hu > BONE_HU) & body
+        labels = np.zeros(hu.shape, dtype=np.uint8)
+        labels[body] = 1
+        labels[bone] = 4
+        left, right = _split_left_right(lungs, body, volume)
+        labels[left] = 2
+        labels[right] = 3
+        return Segmentation(labels, dict(CLASSES), {"predict": time.perf_counter() - started})
+
+
+def _voxel_ml(volume: Volume) -> float:
+    return float(np.prod(volume.spacing)) / 1000.0
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+
+
+def _open(mask: np.ndarray) -> np.ndarray:
+    return ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), dtype=bool))
+
+
+def _drop_small(mask: np.ndarray, minimum_ml: float, voxel_ml: float) -> np.ndarray:
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())
+    keep = np.flatnonzero(sizes * voxel_ml >= minimum_ml)
+    keep = keep[keep != 0]
+    return np.isin(components, keep)
+
+
+def _patient_x(volume: Volume, mask: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    k, j, i = np.nonzero(mask)
+    steps = np.vstack([i * volume.spacing[0], j * volume.spacing[1], k * volume.spacing[2]])
+    return volume.origin[0] + volume.direction[0] @ steps, (k, j, i)
+
+
+def _split_left_right(lungs: np.ndarray, body: np.ndarray, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Assign each lung component to the side of the body's midline its centre lies on (+x is patient left)."""
+    if not lungs.any():
+        return lungs, lungs
+    body_x, _ = _patient_x(volume, body)
+    midline = float(np.median(body_x))
+    components, count = ndimage.label(lungs)
+    lung_x, index = _patient_x(volume, lungs)
+    owner = components[index]
+    left = np.zeros_like(lungs)
+    for component in range(1, count + 1):
+        if float(np.mean(lung_x[owner == component])) > midline:
+            left |= components == component
+    return left, lungs & ~left

@@ -1,0 +1,212 @@
+"""The inference worker: a process of its own that claims QUEUED series and segments them.
+
+Models are loaded on first use and stay resident for every later job. Each
+stage's time is recorded on the job. A series that changes while it is being
+processed (a late instance re-opened it) keeps its new state and the stale
+result is discarded; a worker that dies mid-job has its job queued again by
+the next worker to start on the same host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.models import Instance, Job, JobState
+from db.session import transaction
+from dicom_node.config import Settings
+from dicom_node.logs import log_event
+from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
+from inference.volume import VolumeError, load_series_volume
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    series_instance_uid: str
+    model_name: str
+    instance_paths: list[Path]
+    destinations: list[str]
+
+
+class InferenceWorker:
+    """Claims one job at a time from the database and runs its model."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.models: dict[str, SegmentationModel] = {}
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set, polling the queue every ``inference.poll_seconds``."""
+        self.requeue_abandoned_jobs()
+        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity)
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self.settings.inference.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Process the oldest QUEUED job, if any; returns whether there was one."""
+        claim = self.claim()
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    def requeue_abandoned_jobs(self) -> int:
+        """Jobs left PROCESSING by a dead worker on this host go back to the queue."""
+        host = socket.gethostname()
+        requeued = 0
+        with transaction(self.sessions) as session:
+            for job in jobs.jobs_in_state(session, [JobState.PROCESSING]):
+                owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
+                if owner_host == host and not _pid_alive(owner_pid):
+                    jobs.change_state(session, job, JobState.QUEUED, f"worker {job.claimed_by} stopped mid-job; queued again")
+                    requeued += 1
+        return requeued
+
+    def claim(self) -> ClaimedJob | None:
+        with transaction(self.sessions) as session:
+            job = session.scalars(
+                select(Job)
+                .where(Job.state == JobState.QUEUED)
+                .order_by(Job.state_changed_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if job is None:
+                return None
+            jobs.change_state(session, job, JobState.PROCESSING, f"claimed by worker {self.identity}")
+            job.claimed_by = self.identity
+            job.attempts += 1
+            paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
+            return ClaimedJob(
+                job.id, job.series.series_instance_uid, job.model_name or "", paths, list(job.destinations or [])
+            )
+
+    def process(self, claim: ClaimedJob) -> None:
+        timings: dict[str, float] = {}
+        log_event(LOG, logging.INFO, "job.processing", job=claim.job_id, series_instance_uid=claim.series_instance_uid, model=claim.model_name)
+        try:
+            model = self._model(claim.model_name, timings)
+            started = time.perf_counter()
+            volume = load_series_volume(claim.instance_paths)
+            timings["load"] = time.perf_counter() - started
+            segmentation = model.segment(volume)
+            timings.update(segmentation.timings)
+            started = time.perf_counter()
+            output = self._write_outputs(claim, volume, segmentation, model)
+            timings["write"] = time.perf_counter() - started
+        except (VolumeError, ModelUnavailable) as exc:
+            self._finish(claim, JobState.FAILED, str(exc), timings)
+            return
+        except Exception as exc:  # noqa: BLE001 - a model crash fails this job, not the worker
+            LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id}})
+            self._finish(claim, JobState.FAILED, f"{type(exc).__name__}: {exc}", timings)
+            return
+        present = len({int(v) for v in segmentation.classes if (segmentation.labels == v).any()})
+        baseline = " (baseline, not a trained model)" if model.is_baseline else ""
+        reason = f"segmented{baseline}: {present} structures; results in {output}"
+        next_state = JobState.SENDING if claim.destinations else JobState.DONE
+        self._finish(claim, next_state, reason, timings, output)
+
+    def _model(self, name: str, timings: dict[str, float]) -> SegmentationModel:
+        if name not in self.models:
+            settings = self.settings.models.get(name)
+            if settings is None:
+                raise ModelUnavailable(f"model {name!r} is not configured (models: {', '.join(self.settings.models)})")
+            started = time.perf_counter()
+            self.models[name] = load_model(
+                settings,
+                self.settings.weights_directory,
+                device=self.settings.inference.device,
+                cpu_threads=self.settings.inference.cpu_threads,
+            )
+            timings["model_load"] = time.perf_counter() - started
+            log_event(LOG, logging.INFO, "model.loaded", model=name, seconds=round(timings["model_load"], 2))
+        return self.models[name]
+
+    def _write_outputs(self, claim: ClaimedJob, volume, segmentation: Segmentation, model: SegmentationModel) -> Path:  # noqa: ANN001
+        import SimpleITK as sitk
+
+        folder = self.settings.jobs_directory / str(claim.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        image = sitk.GetImageFromArray(segmentation.labels)
+        image.CopyInformation(volume.to_sitk())
+        sitk.WriteImage(image, str(folder / "labels.nii.gz"), useCompression=True)
+        (folder / "segmentation.json").write_text(
+            json.dumps(
+                {
+                    "series_instance_uid": claim.series_instance_uid,
+                    "model": claim.model_name,
+                    "algorithm_name": model.algorithm_name,
+                    "algorithm_version": model.algorithm_version,
+                    "baseline": model.is_baseline,
+                    "classes": {str(k): v for k, v in segmentation.classes.items()},
+                    "source_instances": [
+                        {"sop_instance_uid": s.sop_instance_uid, "frame_number": s.frame_number} for s in volume.slices
+                    ],
+                    "notes": volume.notes,
+                },
+                indent=2,
+            )
+        )
+        return folder
+
+    def _finish(
+        self, claim: ClaimedJob, state: JobState, reason: str, timings: dict[str, float], output: Path | None = None
+    ) -> None:
+        with transaction(self.sessions) as session:
+            job = session.get_one(Job, claim.job_id)
+            job.timings = {key: round(value, 3) for key, value in timings.items()}
+            if job.state is not JobState.PROCESSING or job.claimed_by != self.identity:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "job.result_discarded",
+                    job=claim.job_id,
+                    reason=f"series changed while processing (now {job.state.value})",
+                )
+                return
+            if output is not None:
+                job.result_path = str(output)
+            jobs.change_state(session, job, state, reason)
+        level = logging.ERROR if state is JobState.FAILED else logging.INFO
+        log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_worker(settings: Settings) -> None:
+    """Entry point of a worker process (`dicom-node worker`, or started by `serve`)."""
+    import signal
+
+    from dicom_node.logs import configure_logging
+    from dicom_node.service import open_database
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    InferenceWorker(settings, open_database(settings)).run(stop)

@@ -1,0 +1,156 @@
+"""The inference worker and the baseline model, on phantoms with known anatomy."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from sqlalchemy import select
+
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.jobs import job_for_series_uid
+from db.models import Job, JobState
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.config import Settings
+from inference.models.threshold import ThresholdModel
+from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from inference.volume import load_series_volume
+from inference.worker import InferenceWorker
+from tests.conftest import CT_RULES, storescu
+
+PHANTOM = PhantomSpec(rows=128, columns=128, slices=40, pixel_spacing=(3.0, 3.0), slice_spacing=4.0, noise_sd=5.0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_threshold_baseline_finds_body_lungs_on_the_right_sides_and_bone(tmp_path):
+    series = write_phantom_series(tmp_path, PHANTOM)
+    truth = series.labels
+
+    result = ThresholdModel().segment(load_series_volume(series.files))
+
+    assert dice(result.labels == 2, truth == PHANTOM_LABELS["lung_left"]) > 0.8
+    assert dice(result.labels == 3, truth == PHANTOM_LABELS["lung_right"]) > 0.8
+    assert dice(result.labels > 0, truth > 0) > 0.95
+    assert dice(result.labels == 4, truth == PHANTOM_LABELS["spine"]) > 0.7
+    assert ThresholdModel.is_baseline and "baseline" in ThresholdModel.algorithm_name
+
+
+@pytest.mark.integration
+def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", PHANTOM)
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, series.files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=120)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert {"model_load", "load", "predict", "write"} <= set(job.timings)
+        assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
+        folder = Path(job.result_path)
+    labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
+    assert labels.GetSize() == (128, 128, 40)
+    np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])
+    description = json.loads((folder / "segmentation.json").read_text())
+    assert description["baseline"] is True
+    assert description["classes"] == {"1": "body", "2": "lung_left", "3": "lung_right", "4": "skeleton"}
+    assert [s["sop_instance_uid"] for s in description["source_instances"]] == series.sop_instance_uids
+    assert "model.loaded model=baseline" in node.log()
+
+
+@pytest.mark.integration
+def test_series_with_missing_slices_fails_with_the_reason(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(**{**PHANTOM.__dict__, "gaps": (20,)}))
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    storescu(node.port, series.files)
+
+    node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=120)
+    assert "about 1 missing slice(s)" in node.job_reason(series.series_instance_uid)
+
+
+@pytest.fixture
+def worker_setup(tmp_path):
+    """A database holding one QUEUED phantom series and a worker for it (in this process)."""
+    settings = Settings(storage={"directory": tmp_path / "storage"}, inference={"workers": 0})
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    series = write_phantom_series(tmp_path / "ct", PHANTOM)
+    with transaction(sessions) as session:
+        for path, uid in zip(series.files, series.sop_instance_uids):
+            record_instance(session, _record(series, path, uid))
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.QUEUED
+        job.model_name = "baseline"
+        job.destinations = []
+    return settings, sessions, series
+
+
+def _record(series, path: Path, uid: str) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        study=StudyAttributes(series.study_instance_uid),
+        series=SeriesAttributes(series.series_instance_uid, modality="CT"),
+    )
+
+
+def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setup, tmp_path):
+    settings, sessions, series = worker_setup
+    worker = InferenceWorker(settings, sessions)
+    claim = worker.claim()
+    late = write_phantom_series(tmp_path / "late", PhantomSpec(**{**PHANTOM.__dict__, "slices": 2,
+                                "series_instance_uid": series.series_instance_uid}))
+    with transaction(sessions) as session:
+        record_instance(session, _record(series, late.files[0], late.sop_instance_uids[0]))
+
+    worker.process(claim)
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.RECEIVING
+        assert job.result_path is None
+
+
+def test_job_of_a_dead_worker_is_queued_again(worker_setup):
+    settings, sessions, series = worker_setup
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.PROCESSING
+        job.claimed_by = f"{socket.gethostname()}:999999999"
+
+    worker = InferenceWorker(settings, sessions)
+    assert worker.requeue_abandoned_jobs() == 1
+    assert worker.run_once()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.DONE
+        assert [e.to_state for e in job.events][-3:] == [JobState.QUEUED, JobState.PROCESSING, JobState.DONE]
+
+
+def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(worker_setup, tmp_path):
+    settings, sessions, series = worker_setup
+    settings.models["ts"] = Settings.model_validate(
+        {"models": {"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "none")}}}
+    ).models["ts"]
+    with transaction(sessions) as session:
+        session.scalars(select(Job)).one().model_name = "ts"
+
+    InferenceWorker(settings, sessions).run_once()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert "dicom-node weights download --task total_fast" in job.reason
+        assert "dicom-node weights import FILE.zip" in job.reason
