@@ -87,6 +87,7 @@ def build_ae(network: NetworkSettings) -> AE:
     ae.maximum_associations = network.maximum_associations
     ae.network_timeout = network.network_timeout_seconds
     ae.require_calling_aet = list(network.allowed_calling_ae_titles)
+    ae.require_called_aet = network.require_called_ae_title
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
