@@ -1,0 +1,46 @@
+# dicom-node: the receiving DICOM node (Storage SCP, series tracking, routing).
+#
+#   docker build -t dicom-node .
+#   docker run -d --name dicom-node -p 11112:11112 -v dicom-node-data:/data dicom-node
+#
+# Configuration: /etc/dicom-node/config.yaml (mount your own over it) and DICOM_NODE_* environment
+# variables, e.g. -e DICOM_NODE_NETWORK__ALLOWED_CALLING_AE_TITLES='["PACS","DICOMNODE"]'.
+FROM python:3.11-slim-bookworm
+
+# No apt packages: every dependency (pydicom, pynetdicom, python-gdcm, pylibjpeg-openjpeg, pyjpegls,
+# numpy, SQLAlchemy, ...) installs from a manylinux wheel. DCMTK is a test tool, not a runtime need.
+
+RUN groupadd --system --gid 10001 dicomnode \
+ && useradd --system --uid 10001 --gid dicomnode --no-create-home --home-dir /data \
+        --shell /usr/sbin/nologin dicomnode
+
+WORKDIR /usr/src/dicom-node
+COPY pyproject.toml README.md ./
+COPY dicom_node/ dicom_node/
+COPY db/ db/
+COPY inference/ inference/
+RUN pip install --no-cache-dir --disable-pip-version-check . \
+ && cd / && rm -rf /usr/src/dicom-node
+
+COPY config.yaml /etc/dicom-node/config.yaml
+
+# Created and chowned before VOLUME, so a new named volume starts out writable by the node's user.
+RUN mkdir -p /data && chown dicomnode:dicomnode /data
+
+# DICOM_NODE_CONFIG: `docker exec <container> dicom-node status` (and the healthcheck) read the same
+# configuration as the server. An absolute storage directory overrides the file's relative `data`.
+ENV DICOM_NODE_CONFIG=/etc/dicom-node/config.yaml \
+    DICOM_NODE_STORAGE__DIRECTORY=/data
+VOLUME /data
+WORKDIR /data
+USER dicomnode
+
+EXPOSE 11112
+
+# A real C-ECHO, with the node's own AE title as calling AE: if network.allowed_calling_ae_titles is
+# set, it must include that title (DICOMNODE). Assumes port 11112 and AE DICOMNODE in the container.
+HEALTHCHECK --interval=60s --timeout=15s --start-period=60s --retries=3 \
+    CMD ["dicom-node", "echo", "--host", "127.0.0.1", "--port", "11112", "--ae-title", "DICOMNODE", "--timeout", "10"]
+
+ENTRYPOINT ["dicom-node"]
+CMD ["serve", "--config", "/etc/dicom-node/config.yaml"]
