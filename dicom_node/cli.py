@@ -138,6 +138,11 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         console.print(f"state    {job.state.value}  ({job.reason})", highlight=False)
         if job.model_name:
             console.print(f"model    {job.model_name} (rule {job.rule_name}) -> {', '.join(job.destinations or [])}")
+        if job.timings:
+            stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items())
+            console.print(f"timings  {stages}", highlight=False)
+        if job.result_path:
+            console.print(f"results  {job.result_path}", highlight=False)
         table = Table("at", "from", "to", "reason")
         for event in job.events:
             table.add_row(
@@ -265,6 +270,29 @@ def weights_import(archive: Path, config: ConfigOption = None) -> None:
         raise typer.Exit(1) from None
     for folder in added:
         console.print(f"imported {folder}", highlight=False)
+
+
+@app.command()
+def phantom(
+    output: Annotated[Path, typer.Argument(help="Folder to write the series into.")],
+    slices: Annotated[int, typer.Option(help="Number of axial slices.")] = 100,
+    size: Annotated[int, typer.Option(help="Rows and columns.")] = 512,
+    compression: Annotated[
+        Optional[str], typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
+    ] = None,
+) -> None:
+    """Write a synthetic CT series (known anatomy) to test a node or a PACS route."""
+    from inference.phantom import PhantomSpec, write_phantom_series
+
+    spacing = 0.8 * 512 / size
+    try:
+        series = write_phantom_series(
+            output, PhantomSpec(rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression)
+        )
+    except (ValueError, RuntimeError) as exc:
+        errors.print(f"cannot write phantom: {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False)
 
 
 @config_app.command("show")

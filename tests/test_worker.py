@@ -63,6 +63,8 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     assert description["classes"] == {"1": "body", "2": "lung_left", "3": "lung_right", "4": "skeleton"}
     assert [s["sop_instance_uid"] for s in description["source_instances"]] == series.sop_instance_uids
     assert "model.loaded model=baseline" in node.log()
+    shown = node.cli("show", series.series_instance_uid).stdout
+    assert "timings  model_load" in shown and f"results  {folder}" in shown
 
 
 @pytest.mark.integration
