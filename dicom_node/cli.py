@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
-from db.models import Job, JobState, RejectedInstance, Series
+from db.models import Instance, Job, JobState, RejectedInstance, Series
 from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
 from dicom_node.logs import configure_logging
 
@@ -152,8 +152,9 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
                 event.reason or "",
             )
         console.print(table)
-        folder = settings.storage.directory / "instances" / series.study.study_instance_uid / series.series_instance_uid
-        console.print(f"files    {folder}", highlight=False)
+        first_file = session.scalars(select(Instance.path).where(Instance.series_id == series.id).limit(1)).first()
+        if first_file:
+            console.print(f"files    {Path(first_file).parent}", highlight=False)
 
 
 @app.command()
