@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -19,6 +20,15 @@ from dicom_node import status
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA_GROUP = 0x7FE0
+HEADER_KEYWORDS = (
+    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "Modality", "Manufacturer", "ReferringPhysicianName", "StudyDescription",
+    "SeriesDescription", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "SliceThickness",
+    "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "StudyID", "SeriesNumber",
+    "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames",
+)
+HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
+"""The only elements the receiver decodes: what the database records and routing reads."""
 
 
 class InvalidInstance(ValueError):
@@ -61,6 +71,7 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             transfer_syntax.is_implicit_VR,
             transfer_syntax.is_little_endian,
             stop_when=_at_pixel_data,
+            specific_tags=HEADER_TAGS,
         )
     except Exception as exc:  # pydicom raises many kinds on garbage
         raise InvalidInstance(f"data set cannot be decoded: {exc}", status.CANNOT_UNDERSTAND) from None

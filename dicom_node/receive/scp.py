@@ -126,18 +126,18 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
-    identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
-    file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
     try:
         header = check_header(read_header(encoded, transfer_syntax), sop_class, sop_instance)
     except InvalidInstance as exc:
+        identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
+        file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
 
     path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
     already_on_disk = path.exists()  # writes are atomic: an existing file is a whole, stored instance
     if not already_on_disk:
         try:
-            context.store.write(path, file_meta, encoded)
+            context.store.write(path, encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae), encoded)
         except OSError as exc:
             log_event(
                 LOG, logging.ERROR, "instance.write_failed", sop_instance_uid=sop_instance, path=str(path), error=str(exc)
