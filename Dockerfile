@@ -1,4 +1,4 @@
-# dicom-node: the receiving DICOM node (Storage SCP, series tracking, routing).
+# dicom-node: the CT auto-segmentation DICOM node (Storage SCP, series tracking, routing, inference workers).
 #
 #   docker build -t dicom-node .
 #   docker run -d --name dicom-node -p 11112:11112 -v dicom-node-data:/data dicom-node
@@ -19,7 +19,8 @@ COPY pyproject.toml README.md ./
 COPY dicom_node/ dicom_node/
 COPY db/ db/
 COPY inference/ inference/
-RUN pip install --no-cache-dir --disable-pip-version-check . \
+# The TotalSegmentator extra brings torch (a CUDA build from PyPI: the container can use a GPU).
+RUN pip install --no-cache-dir --disable-pip-version-check ".[totalsegmentator]" \
  && cd / && rm -rf /usr/src/dicom-node
 
 COPY config.yaml /etc/dicom-node/config.yaml

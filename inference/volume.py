@@ -26,6 +26,9 @@ ORIENTATION_TOLERANCE = 1e-3
 TILT_TOLERANCE_DEGREES = 0.5
 
 
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 class VolumeError(ValueError):
     """The series cannot become one regular volume; the message says why."""
 
@@ -61,6 +64,19 @@ class Volume:
     def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
         """Patient position (LPS mm) of voxel (i, j, k) = (column, row, slice)."""
         return self.origin + self.direction @ (np.asarray(index, dtype=float) * self.spacing)
+
+    def ras_affine(self) -> np.ndarray:
+        """4x4 affine from (i, j, k) = (column, row, slice) to RAS mm, NIfTI's convention."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction * self.spacing
+        affine[:3, 3] = self.origin
+        return LPS_TO_RAS @ affine
+
+    def to_nibabel(self, dtype: type = np.float64):  # noqa: ANN201 - nibabel is imported lazily
+        """The volume as a NIfTI image indexed [i, j, k] (as TotalSegmentator reads a CT)."""
+        import nibabel as nib
+
+        return nib.Nifti1Image(self.hu.transpose(2, 1, 0).astype(dtype), self.ras_affine())
 
     def to_sitk(self):  # noqa: ANN201 - SimpleITK is imported lazily
         """The volume as a SimpleITK image (same geometry)."""
@@ -118,6 +134,26 @@ def load_series_volume(paths: Sequence[Path]) -> Volume:
         study_instance_uid=str(header.StudyInstanceUID),
         series_instance_uid=str(header.SeriesInstanceUID),
         notes=notes,
+    )
+
+
+def volume_from_nifti(path: Path | str) -> Volume:
+    """Read a NIfTI CT (e.g. TotalSegmentator's examples) into a :class:`Volume`, without resampling."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    affine = LPS_TO_RAS @ image.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return Volume(
+        hu=np.asanyarray(image.dataobj).astype(np.float32).transpose(2, 1, 0),
+        origin=affine[:3, 3].copy(),
+        spacing=spacing,
+        direction=affine[:3, :3] / spacing,
+        slices=[],
+        frame_of_reference_uid=None,
+        study_instance_uid="",
+        series_instance_uid="",
+        notes=[f"read from {Path(path).name}"],
     )
 
 

@@ -1,0 +1,137 @@
+"""The node's TotalSegmentator pipeline against TotalSegmentator's own Python API, same weights.
+
+Real weights cannot be downloaded here, so ``scripts/build_test_weights.py`` builds a
+weights folder in TotalSegmentator's layout: nnU-Net's own planner on phantom data, a
+randomly initialised network of that architecture saved as an nnU-Net checkpoint. Such
+a network already gives label maps with 100+ classes on a real CT, enough to compare
+both pipelines voxel by voxel. TotalSegmentator runs in a separate process, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db.models import JobState
+from inference.phantom import PhantomSpec, write_phantom_series
+from inference.volume import load_series_volume, volume_from_nifti
+from inference.weights import TASK_DATASETS
+from tests.conftest import ROOT, storescu
+
+pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
+pytest.importorskip("totalsegmentator", reason="TotalSegmentator extra not installed")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A random-initialised total_fast weights folder in TotalSegmentator's layout (built once)."""
+    folder = tmp_path_factory.mktemp("weights")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(folder), "--task", "total_fast"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    return TotalSegmentatorModel("total_fast", weights, device="cpu")
+
+
+def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> np.ndarray:
+    """Label map from TotalSegmentator's Python API (fast task), offline, as [k, j, i]."""
+    home = workdir / "totalseg-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.json").write_text(
+        json.dumps({"totalseg_id": "offline-test", "send_usage_stats": False, "prediction_counter": 0,
+                    "statistics_disclaimer_shown": True})
+    )
+    output = workdir / "reference.nii.gz"
+    script = textwrap.dedent(
+        f"""
+        from totalsegmentator.python_api import totalsegmentator
+        totalsegmentator({str(ct)!r}, {str(output)!r}, fast=True, ml=True, device="cpu", quiet=True)
+        """
+    )
+    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=environment, timeout=900)
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)
+
+
+def mean_dice(ours: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    classes = [c for c in np.union1d(np.unique(ours), np.unique(reference)) if c != 0]
+    scores = []
+    for c in classes:
+        a, b = ours == c, reference == c
+        scores.append(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(scores)), len(classes)
+
+
+def test_weights_layout_matches_totalsegmentators_own_table():
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+
+    for datasets in TASK_DATASETS.values():
+        for dataset_id, folder, _trainer in datasets:
+            assert TASK_ID_WEIGHTS_CONFIGS[dataset_id]["foldername"] == folder
+
+
+def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(shared_fixtures, weights, model, tmp_path):
+    volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
+    ct = tmp_path / "ct.nii.gz"
+    import nibabel as nib
+
+    nib.save(volume.to_nibabel(np.int16), str(ct))  # TotalSegmentator reads NIfTI; HU are integers
+
+    ours = model.segment(volume).labels
+    reference = totalsegmentator_reference(ct, weights, tmp_path)
+
+    dice, present = mean_dice(ours, reference)
+    print(f"DICOM CT: {present} classes, mean Dice {dice:.4f}, {int((ours != reference).sum())} voxels differ")
+    assert present >= 5
+    assert dice >= 0.99
+
+
+def test_label_map_equals_totalsegmentator_on_the_3mm_nifti(shared_fixtures, weights, model, tmp_path):
+    ct = shared_fixtures / "example_ct_sm.nii.gz"
+
+    ours = model.segment(volume_from_nifti(ct)).labels
+    reference = totalsegmentator_reference(ct, weights, tmp_path)
+
+    dice, present = mean_dice(ours, reference)
+    print(f"example_ct_sm: {present} classes, mean Dice {dice:.4f}, {int((ours != reference).sum())} voxels differ")
+    assert present >= 5
+    assert dice >= 0.99
+
+
+def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_node, weights):
+    spec = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
+    series = write_phantom_series(tmp_path / "ct", spec)
+    node = start_node(
+        models={"ts-fast": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(weights)}},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts-fast"}],
+        inference={"workers": 1, "device": "cpu"},
+    )
+
+    assert storescu(node.port, series.files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=300)
+    reason = node.job_reason(series.series_instance_uid)
+    assert reason.startswith("segmented: ") and "baseline" not in reason
+    description = json.loads((Path(reason.rsplit("results in ", 1)[1]) / "segmentation.json").read_text())
+    assert description["algorithm_name"] == "TotalSegmentator total_fast"
+    assert len(description["classes"]) == 117
