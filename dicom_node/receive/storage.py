@@ -36,7 +36,7 @@ from dicom_node.receive.header import InvalidInstance, check_header, is_valid_ui
 
 LOG = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1493.1")
+IMPLEMENTATION_CLASS_UID = UID("2.25.164173183506782941066573606072145849055")
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
 TEMP_SUFFIX = ".partial"
