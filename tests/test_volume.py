@@ -136,3 +136,21 @@ def test_real_compressed_ct_has_the_geometry_of_totalsegmentators_label_map(shar
     assert vertebrae.any() and np.median(volume.hu[vertebrae]) > 150
     air_outside = label_array == 0
     assert np.median(volume.hu[air_outside]) < np.median(volume.hu[vertebrae])
+
+
+def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_path):
+    main = write_phantom_series(tmp_path / "main", SPEC)
+    repeat = write_phantom_series(
+        tmp_path / "repeat",
+        PhantomSpec(**{**SPEC.__dict__, "slices": 8, "series_instance_uid": main.series_instance_uid}),
+    )
+    for path in repeat.files:  # a short repeat acquisition over the same table positions
+        dataset = pydicom.dcmread(path)
+        dataset.AcquisitionNumber = 2
+        dataset.save_as(path)
+
+    volume = load_series_volume(main.files + repeat.files)
+
+    assert volume.hu.shape[0] == 24
+    assert [s.sop_instance_uid for s in volume.slices] == main.sop_instance_uids
+    assert volume.notes == ["2 acquisitions in the series: kept the largest (24 of 32 images)"]
