@@ -1,0 +1,1 @@
+"""Encoding results as DICOM objects: segmentations (SEG), measurement reports (SR), RTSTRUCT."""

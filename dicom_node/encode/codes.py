@@ -1,0 +1,81 @@
+"""SNOMED CT codes and display colours per structure, from TotalSegmentator's own mapping.
+
+TotalSegmentator ships ``resources/totalsegmentator_snomed_mapping.csv`` with the
+category, type, laterality modifier, anatomic region and colour of every structure.
+Its own SEG writer passes only category and type; we keep the modifiers, so left
+and right kidney differ in codes, not only in labels. The baseline model's classes
+(not in that file) are coded here.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from pydicom.sr.coding import Code
+
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT = Code("24028007", "SCT", "Right")
+
+
+@dataclass(frozen=True)
+class StructureCodes:
+    category: Code
+    type: Code
+    type_modifier: Code | None = None
+    anatomic_region: Code | None = None
+    anatomic_region_modifier: Code | None = None
+    rgb: tuple[int, int, int] = (255, 255, 0)
+
+
+BASELINE_CODES = {
+    "body": StructureCodes(ANATOMICAL_STRUCTURE, Code("38266002", "SCT", "Entire body"), rgb=(177, 122, 101)),
+    "lung_left": StructureCodes(ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), LEFT, rgb=(71, 232, 244)),
+    "lung_right": StructureCodes(ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), RIGHT, rgb=(49, 186, 196)),
+    "skeleton": StructureCodes(ANATOMICAL_STRUCTURE, Code("272673000", "SCT", "Bone"), rgb=(241, 214, 145)),
+}
+
+
+class UnknownStructure(KeyError):
+    """A structure name with no codes: the encoder refuses rather than invent codes."""
+
+
+def structure_codes(name: str) -> StructureCodes:
+    """Codes for a structure of the baseline or of a TotalSegmentator task."""
+    if name in BASELINE_CODES:
+        return BASELINE_CODES[name]
+    table = _totalsegmentator_table()
+    if name not in table:
+        raise UnknownStructure(f"no SNOMED codes for structure {name!r}")
+    return table[name]
+
+
+@lru_cache(maxsize=1)
+def _totalsegmentator_table() -> dict[str, StructureCodes]:
+    try:
+        source = resources.files("totalsegmentator") / "resources" / "totalsegmentator_snomed_mapping.csv"
+        text = source.read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        return {}
+    table = {}
+    for row in csv.DictReader(text.splitlines()):
+        table[row["Structure"]] = StructureCodes(
+            category=_code(row, "SegmentedPropertyCategoryCodeSequence"),
+            type=_code(row, "SegmentedPropertyTypeCodeSequence"),
+            type_modifier=_optional_code(row, "SegmentedPropertyTypeModifierCodeSequence"),
+            anatomic_region=_optional_code(row, "AnatomicRegionSequence"),
+            anatomic_region_modifier=_optional_code(row, "AnatomicRegionModifierSequence"),
+            rgb=tuple(int(v) for v in row["DicomRGBColor"].split(",")),  # type: ignore[arg-type]
+        )
+    return table
+
+
+def _code(row: dict[str, str], sequence: str) -> Code:
+    return Code(row[f"{sequence}.CodeValue"], row[f"{sequence}.CodingSchemeDesignator"], row[f"{sequence}.CodeMeaning"])
+
+
+def _optional_code(row: dict[str, str], sequence: str) -> Code | None:
+    return _code(row, sequence) if row.get(f"{sequence}.CodeValue") else None
