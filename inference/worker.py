@@ -25,6 +25,7 @@ from db import jobs
 from db.models import Instance, Job, JobState
 from db.session import transaction
 from dicom_node.config import Settings
+from dicom_node.encode.measurements import measure, write_measurements_json
 from dicom_node.logs import log_event
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.volume import VolumeError, load_series_volume
@@ -147,6 +148,7 @@ class InferenceWorker:
         image = sitk.GetImageFromArray(segmentation.labels)
         image.CopyInformation(volume.to_sitk())
         sitk.WriteImage(image, str(folder / "labels.nii.gz"), useCompression=True)
+        write_measurements_json(folder / "measurements.json", measure(volume, segmentation.labels, segmentation.classes))
         (folder / "segmentation.json").write_text(
             json.dumps(
                 {

@@ -58,6 +58,9 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     assert labels.GetSize() == (128, 128, 40)
     np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])
+    measurements = json.loads((folder / "measurements.json").read_text())
+    assert set(measurements) == {"body", "lung_left", "lung_right", "skeleton"}
+    assert measurements["lung_left"]["mean_hu"] < -700 and measurements["body"]["cut_by_scan_edge"] is True
     description = json.loads((folder / "segmentation.json").read_text())
     assert description["baseline"] is True
     assert description["classes"] == {"1": "body", "2": "lung_left", "3": "lung_right", "4": "skeleton"}

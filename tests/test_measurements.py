@@ -1,0 +1,48 @@
+"""Per-structure measurements against TotalSegmentator's own statistics and a phantom."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dicom_node.encode.measurements import measure
+from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from inference.volume import load_series_volume, volume_from_nifti
+
+
+def test_volumes_and_mean_hu_equal_totalsegmentators_statistics(shared_fixtures):
+    class_map = pytest.importorskip("totalsegmentator.map_to_binary").class_map
+    volume = volume_from_nifti(shared_fixtures / "example_ct_sm.nii.gz")
+    labels = np.asanyarray(nib.load(str(shared_fixtures / "example_seg_fast.nii.gz")).dataobj)
+    reference = json.loads((shared_fixtures / "example_seg_fast" / "statistics.json").read_text())
+
+    ours = {m.name: m for m in measure(volume, labels.astype(np.uint8).transpose(2, 1, 0), class_map["total"])}
+
+    compared = 0
+    for name, expected in reference.items():
+        if expected["volume"] == 0:
+            assert name not in ours
+            continue
+        assert ours[name].volume_ml * 1000 == pytest.approx(expected["volume"], abs=0.5)
+        assert ours[name].mean_hu == pytest.approx(expected["intensity"], abs=0.01)
+        compared += 1
+    assert compared >= 20
+
+
+def test_phantom_organs_measure_their_hu_and_cut_structures_are_flagged(tmp_path):
+    spec = PhantomSpec(rows=64, columns=64, slices=30, pixel_spacing=(6.0, 6.0), slice_spacing=5.0, noise_sd=10.0)
+    series = write_phantom_series(tmp_path, spec)
+    volume = load_series_volume(series.files)
+    classes = {value: name for name, value in PHANTOM_LABELS.items()}
+
+    results = {m.name: m for m in measure(volume, series.labels, classes)}
+
+    liver = results["liver"]
+    assert liver.mean_hu == pytest.approx(PHANTOM_HU["liver"], abs=2)
+    assert liver.sd_hu == pytest.approx(10, abs=2)
+    assert liver.volume_ml == pytest.approx(liver.voxels * 6 * 6 * 5 / 1000)
+    assert results["body"].cut_by_scan_edge  # the body runs through the whole scan
+    assert not liver.cut_by_scan_edge
