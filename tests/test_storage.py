@@ -61,3 +61,33 @@ def test_uids_that_are_not_uids_never_become_paths(tmp_path):
     store = InstanceStore(tmp_path)
     with pytest.raises(ValueError, match="not a valid UID"):
         store.path_for("1.2.3", "../../etc", "1.2.3.4")
+
+
+def test_repair_indexes_files_missing_from_the_database_and_drops_partials(tmp_path):
+    from sqlalchemy import select
+
+    from db.models import Instance, Job, JobState
+    from db.session import make_engine, make_session_factory, migrate
+    from dicom_node.receive.storage import repair
+    from inference.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import data_set_bytes
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    store = InstanceStore(tmp_path / "storage")
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=3))
+    for source, uid in zip(series.files, series.sop_instance_uids):  # on disk, as if the commit was cut off
+        meta = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", uid, "1.2.840.10008.1.2.1", "PACS")
+        store.write(store.path_for(series.study_instance_uid, series.series_instance_uid, uid), meta, data_set_bytes(source))
+    partial = store.instances_dir / series.study_instance_uid / series.series_instance_uid / ".x.dcm.partial"
+    partial.write_bytes(b"cut off")
+
+    report = repair(store, sessions)
+
+    assert (report.instances_indexed, report.partial_files_removed, report.unreadable_files) == (3, 1, 0)
+    assert not partial.exists()
+    with sessions() as session:
+        assert set(session.scalars(select(Instance.sop_instance_uid))) == set(series.sop_instance_uids)
+        assert session.scalars(select(Job)).one().state is JobState.RECEIVING
+    assert repair(store, sessions).instances_indexed == 0  # idempotent

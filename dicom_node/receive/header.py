@@ -15,7 +15,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from db.ingest import SeriesAttributes, StudyAttributes
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
 from dicom_node import status
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -49,6 +49,23 @@ class InstanceHeader:
     image_type: str | None
     slice_thickness: float | None
     number_of_frames: int | None
+
+    def record(self, transfer_syntax_uid: str, path: str, size_bytes: int, calling_ae_title: str | None) -> InstanceRecord:
+        """What the database records for this instance once it is stored at ``path``."""
+        return InstanceRecord(
+            sop_instance_uid=self.sop_instance_uid,
+            sop_class_uid=self.sop_class_uid,
+            transfer_syntax_uid=str(transfer_syntax_uid),
+            path=path,
+            size_bytes=size_bytes,
+            study=self.study,
+            series=self.series,
+            instance_number=self.instance_number,
+            image_type=self.image_type,
+            slice_thickness=self.slice_thickness,
+            number_of_frames=self.number_of_frames,
+            calling_ae_title=calling_ae_title,
+        )
 
 
 def is_valid_uid(value: Any) -> bool:

@@ -38,12 +38,12 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import InstanceRecord, record_instance, record_rejection
+from db.ingest import record_instance, record_rejection
 from db.session import transaction
 from dicom_node import status
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
-from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid, read_header
+from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
 from dicom_node.receive.storage import InstanceStore, encode_file_meta
 
 LOG = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
             )
             return _failure(status.OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror or exc}")
 
-    record = _record(header, transfer_syntax, str(path), path.stat().st_size, calling_ae)
+    record = header.record(transfer_syntax, str(path), path.stat().st_size, calling_ae)
     try:
         with transaction(context.sessions) as session:
             outcome = record_instance(session, record)
@@ -179,23 +179,6 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         bytes=record.size_bytes,
     )
     return status.SUCCESS
-
-
-def _record(header: InstanceHeader, transfer_syntax: UID, path: str, size: int, calling_ae: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        transfer_syntax_uid=str(transfer_syntax),
-        path=path,
-        size_bytes=size,
-        study=header.study,
-        series=header.series,
-        instance_number=header.instance_number,
-        image_type=header.image_type,
-        slice_thickness=header.slice_thickness,
-        number_of_frames=header.number_of_frames,
-        calling_ae_title=calling_ae,
-    )
 
 
 def _refuse(

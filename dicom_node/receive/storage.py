@@ -27,7 +27,7 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import InstanceRecord, record_instance
+from db.ingest import record_instance
 from db.models import Instance, Series
 from db.session import transaction
 from dicom_node import __version__
@@ -198,19 +198,9 @@ def _index_file(path: Path, sessions: sessionmaker[Session]) -> bool:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and kept
         log_event(LOG, logging.ERROR, "repair.unreadable_file", path=str(path), error=str(exc))
         return False
-    record = InstanceRecord(
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        study=header.study,
-        series=header.series,
-        instance_number=header.instance_number,
-        image_type=header.image_type,
-        slice_thickness=header.slice_thickness,
-        number_of_frames=header.number_of_frames,
-        calling_ae_title=dataset.file_meta.get("SourceApplicationEntityTitle"),
+    meta = dataset.file_meta
+    record = header.record(
+        meta.TransferSyntaxUID, str(path), path.stat().st_size, meta.get("SourceApplicationEntityTitle")
     )
     with transaction(sessions) as session:
         record_instance(session, record)
