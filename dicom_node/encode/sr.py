@@ -1,0 +1,102 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) on the segments of a SEG.
+
+Per structure: volume (ml), mean and standard deviation of attenuation (HU), each
+referencing its SEG segment. A structure cut by the edge of the scanned range
+carries a qualitative evaluation saying so (local coding scheme ``99DICOMNODE``,
+as DICOM allows for concepts the standard lacks), so its volume is never read as
+a whole-organ volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node import MANUFACTURER, __version__
+from dicom_node.encode.codes import structure_codes
+from dicom_node.encode.measurements import StructureMeasurement
+from dicom_node.encode.seg import Algorithm, EncodedSegmentation
+
+MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+ATTENUATION_COEFFICIENT = hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient")
+SCAN_COVERAGE = hd.sr.CodedConcept("SCANCOVERAGE", "99DICOMNODE", "Coverage of structure by scan")
+CUT_BY_SCAN_EDGE = hd.sr.CodedConcept("PARTIAL", "99DICOMNODE", "Structure cut by edge of scanned range")
+WITHIN_SCAN = hd.sr.CodedConcept("COMPLETE", "99DICOMNODE", "Structure within scanned range")
+
+
+def encode_measurement_report(
+    segmentation: EncodedSegmentation,
+    source_images: Sequence[Dataset],
+    measurements: Sequence[StructureMeasurement],
+    algorithm: Algorithm,
+    *,
+    series_number: int = 9702,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments."""
+    by_label = {m.label: m for m in measurements}
+    seg = segmentation.dataset
+    groups = []
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        label = segmentation.segment_classes.get(number)
+        if label is None or label not in by_label:
+            continue
+        groups.append(_structure_group(seg, item, number, by_label[label], algorithm))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=hd.UID(), name="dicom-node", manufacturer_name=MANUFACTURER, model_name=algorithm.name[:64]
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_person_context=None,
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device, observer_identifying_attributes=device
+            ),
+        ),
+        procedure_reported=codes.SCT.ComputedTomography,
+        imaging_measurements=groups,
+    )
+    baseline = " (baseline)" if algorithm.is_baseline else ""
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*source_images, seg],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        record_evidence=True,
+    )
+    sr.SeriesDescription = f"Measurements {algorithm.name}{baseline}"[:64]
+    sr.SoftwareVersions = __version__
+    return sr
+
+
+def _structure_group(
+    seg: Dataset, item: Dataset, number: int, measured: StructureMeasurement, algorithm: Algorithm
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    coded = structure_codes(measured.name)
+    site = hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
+    mean = dict(name=ATTENUATION_COEFFICIENT, unit=HOUNSFIELD_UNIT, algorithm_id=algorithm_id)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=measured.name[:64]),
+        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+        finding_type=coded.type,
+        finding_sites=[site],
+        measurements=[
+            hd.sr.Measurement(name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE,
+                              algorithm_id=algorithm_id),
+            hd.sr.Measurement(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean, **mean),
+            hd.sr.Measurement(value=round(measured.sd_hu, 2), derivation=codes.SCT.StandardDeviation, **mean),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=SCAN_COVERAGE, value=CUT_BY_SCAN_EDGE if measured.cut_by_scan_edge else WITHIN_SCAN
+            )
+        ],
+    )

@@ -1,0 +1,70 @@
+"""TID 1500 measurement report: validates, references the SEG's segments, carries the measured values."""
+
+from __future__ import annotations
+
+import subprocess
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.encode.measurements import measure
+from dicom_node.encode.seg import Algorithm, encode_segmentation
+from dicom_node.encode.sr import CUT_BY_SCAN_EDGE, encode_measurement_report
+from inference.models.threshold import ThresholdModel
+from inference.volume import load_series_volume
+from tests.conftest import require_tool
+
+
+@pytest.fixture(scope="module")
+def report(shared_fixtures, tmp_path_factory):
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    volume = load_series_volume(files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+    seg = encode_segmentation(sources, result.labels, result.classes, algorithm, segmentation_type="BINARY")
+    measurements = measure(volume, result.labels, result.classes)
+    sr = encode_measurement_report(seg, sources, measurements, algorithm)
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    sr.save_as(path)
+    return path, seg, measurements
+
+
+def test_sr_passes_dciodvfy(report):
+    path, _seg, _measurements = report
+    result = subprocess.run([require_tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).splitlines()
+    print("dciodvfy warnings:", *[l for l in lines if l.startswith("Warning")], sep="\n  ")
+    assert [l for l in lines if l.startswith("Error")] == []
+
+
+def test_sr_volumes_equal_the_label_map_and_reference_the_segments(report):
+    path, seg, measurements = report
+    sr = hd.sr.srread(path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    by_name = {m.name: m for m in measurements}
+
+    assert len(groups) == len(measurements) >= 2  # body and skeleton: these 20 slices are below the lungs
+    for group in groups:
+        measured = by_name[group.tracking_identifier]
+        volume = next(m for m in group.get_measurements() if m.name.value == "118565006")
+        assert volume.value == pytest.approx(measured.volume_ml, abs=1e-3)
+        assert volume.unit.value == "ml"
+        means = [m for m in group.get_measurements() if m.name.value == "112031"]
+        assert {round(float(m.value), 2) for m in means} == {round(measured.mean_hu, 2), round(measured.sd_hu, 2)}
+        referenced = group.referenced_segment
+        assert referenced.referenced_sop_instance_uid == seg.dataset.SOPInstanceUID
+        label = seg.segment_classes[referenced.referenced_segment_numbers[0]]
+        assert measured.label == label
+
+
+def test_cut_structures_are_marked(report):
+    path, _seg, measurements = report
+    assert any(m.cut_by_scan_edge for m in measurements)  # 20 slices: the body runs off both ends
+    dataset = pydicom.dcmread(path)
+    text = str(dataset)
+    assert CUT_BY_SCAN_EDGE.meaning in text
+    assert np.isclose(sum(m.volume_ml for m in measurements), sum(m.voxels for m in measurements) * 0.9765625**2 * 2 / 1000)
