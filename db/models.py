@@ -110,6 +110,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # "host:pid" of the worker
     result_path: Mapped[str | None] = mapped_column(Text)  # the job's output folder
+    result_files: Mapped[list[str] | None] = mapped_column(JSON)  # DICOM results to send, in order
+    deliveries: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # destination -> attempts, sent files, errors
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -100,6 +100,20 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    segmentation_type: Literal["BINARY", "LABELMAP"] = Field(
+        "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, far smaller."
+    )
+    send: list[Literal["seg", "sr"]] = Field(default_factory=lambda: ["seg", "sr"])
+
+
+class DispatchSettings(_Strict):
+    """Sending results: retries with exponential backoff, then FAILED with the reason."""
+
+    max_attempts: int = Field(5, ge=1, le=100)
+    first_retry_seconds: float = Field(10.0, gt=0, description="Wait before the 2nd attempt; doubles each time.")
+    max_retry_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, description="Association and DIMSE timeout.")
+    check_interval_seconds: float = Field(1.0, gt=0, le=60)
 
 
 class Range(_Strict):
@@ -217,6 +231,7 @@ class Settings(BaseSettings):
         description="Named models (name -> settings with a 'kind').",
     )
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     rules: list[Rule] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

@@ -60,6 +60,7 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     notes: list[str] = field(default_factory=list)
+    source_paths: list[Path] = field(default_factory=list)  # the instance files the slices came from
 
     def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
         """Patient position (LPS mm) of voxel (i, j, k) = (column, row, slice)."""
@@ -134,6 +135,7 @@ def load_series_volume(paths: Sequence[Path]) -> Volume:
         study_instance_uid=str(header.StudyInstanceUID),
         series_instance_uid=str(header.SeriesInstanceUID),
         notes=notes,
+        source_paths=list(dict.fromkeys(f.path for f in frames)),
     )
 
 

@@ -27,6 +27,7 @@ from db.session import transaction
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import measure, write_measurements_json
 from dicom_node.logs import log_event
+from dicom_node.encode.results import EncodingError, encode_results
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.volume import VolumeError, load_series_volume
 
@@ -40,6 +41,7 @@ class ClaimedJob:
     model_name: str
     instance_paths: list[Path]
     destinations: list[str]
+    attempt: int
 
 
 class InferenceWorker:
@@ -95,7 +97,12 @@ class InferenceWorker:
             job.attempts += 1
             paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
             return ClaimedJob(
-                job.id, job.series.series_instance_uid, job.model_name or "", paths, list(job.destinations or [])
+                job.id,
+                job.series.series_instance_uid,
+                job.model_name or "",
+                paths,
+                list(job.destinations or []),
+                job.attempts,
             )
 
     def process(self, claim: ClaimedJob) -> None:
@@ -111,7 +118,10 @@ class InferenceWorker:
             started = time.perf_counter()
             output = self._write_outputs(claim, volume, segmentation, model)
             timings["write"] = time.perf_counter() - started
-        except (VolumeError, ModelUnavailable) as exc:
+            started = time.perf_counter()
+            results = self._encode_results(claim, volume, segmentation, model, output)
+            timings["encode"] = time.perf_counter() - started
+        except (VolumeError, ModelUnavailable, EncodingError) as exc:
             self._finish(claim, JobState.FAILED, str(exc), timings)
             return
         except Exception as exc:  # noqa: BLE001 - a model crash fails this job, not the worker
@@ -122,7 +132,15 @@ class InferenceWorker:
         baseline = " (baseline, not a trained model)" if model.is_baseline else ""
         reason = f"segmented{baseline}: {present} structures; results in {output}"
         next_state = JobState.SENDING if claim.destinations else JobState.DONE
-        self._finish(claim, next_state, reason, timings, output)
+        self._finish(claim, next_state, reason, timings, output, results)
+
+    def _encode_results(self, claim: ClaimedJob, volume, segmentation: Segmentation, model, folder: Path) -> list[str]:  # noqa: ANN001
+        """SEG and SR files, one pair per SEG encoding the rule's destinations want (BINARY if none)."""
+        wanted = {self.settings.destinations[d].segmentation_type for d in claim.destinations if d in self.settings.destinations}
+        try:
+            return [str(p) for p in encode_results(volume, segmentation, model, folder, sorted(wanted) or ["BINARY"], claim.attempt)]
+        except (ValueError, KeyError) as exc:
+            raise EncodingError(f"results cannot be encoded: {exc}") from None
 
     def _model(self, name: str, timings: dict[str, float]) -> SegmentationModel:
         if name not in self.models:
@@ -169,7 +187,13 @@ class InferenceWorker:
         return folder
 
     def _finish(
-        self, claim: ClaimedJob, state: JobState, reason: str, timings: dict[str, float], output: Path | None = None
+        self,
+        claim: ClaimedJob,
+        state: JobState,
+        reason: str,
+        timings: dict[str, float],
+        output: Path | None = None,
+        results: list[str] | None = None,
     ) -> None:
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id)
@@ -185,6 +209,8 @@ class InferenceWorker:
                 return
             if output is not None:
                 job.result_path = str(output)
+                job.result_files = results or []
+                job.deliveries = {}
             jobs.change_state(session, job, state, reason)
         level = logging.ERROR if state is JobState.FAILED else logging.INFO
         log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from sqlalchemy import select
@@ -55,6 +56,10 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
         assert {"model_load", "load", "predict", "write"} <= set(job.timings)
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
+        assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm"]
+    seg = pydicom.dcmread(folder / "seg-binary.dcm")
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_instance_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["body", "lung_left", "lung_right", "skeleton"]
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     assert labels.GetSize() == (128, 128, 40)
     np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])

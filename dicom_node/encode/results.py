@@ -1,0 +1,74 @@
+"""Write a job's DICOM results: a SEG per wanted encoding and the SR on its segments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.encode.measurements import measure
+from dicom_node.encode.seg import Algorithm, encode_segmentation
+from dicom_node.encode.sr import encode_measurement_report
+from inference.models import Segmentation
+from inference.volume import Volume
+
+
+class EncodingError(RuntimeError):
+    """Results could not be encoded; the job fails with this reason."""
+
+
+def encode_results(
+    volume: Volume,
+    segmentation: Segmentation,
+    model,  # noqa: ANN001 - a SegmentationModel
+    folder: Path,
+    segmentation_types: Sequence[str],
+    attempt: int = 1,
+) -> list[Path]:
+    """SEG and SR files in ``folder`` for each type in ``segmentation_types``; returns their paths.
+
+    Every run makes new series (new UIDs); a re-run says so in its series description,
+    so a PACS shows the newer results beside, not mixed into, the earlier ones.
+    """
+    algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
+    sources, labels = _sources_and_frames(volume, segmentation.labels)
+    measurements = measure(volume, segmentation.labels, segmentation.classes)
+    rerun = f" (re-run {attempt})" if attempt > 1 else ""
+    baseline = " (baseline)" if model.is_baseline else ""
+    written = []
+    for kind in segmentation_types:
+        seg = encode_segmentation(
+            sources,
+            labels,
+            segmentation.classes,
+            algorithm,
+            segmentation_type=kind,
+            series_description=f"Segmentation {algorithm.name}{baseline}{rerun}",
+        )
+        seg_path = folder / f"seg-{kind.lower()}.dcm"
+        seg.dataset.save_as(seg_path)
+        sr = encode_measurement_report(seg, sources, measurements, algorithm)
+        sr.SeriesDescription = f"Measurements {algorithm.name}{baseline}{rerun}"[:64]
+        sr_path = folder / f"sr-{kind.lower()}.dcm"
+        sr.save_as(sr_path)
+        written += [seg_path, sr_path]
+    return written
+
+
+def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """Source headers in the order highdicom needs, and the label map's frames in that order."""
+    headers: dict[str, Dataset] = {}
+    for path in volume.source_paths:
+        header = dcmread(path, stop_before_pixels=True)
+        headers[str(header.SOPInstanceUID)] = header
+    if all(ref.frame_number is None for ref in volume.slices):
+        return [headers[ref.sop_instance_uid] for ref in volume.slices], labels
+    if len(headers) != 1:
+        raise EncodingError("a volume from several multi-frame instances cannot be encoded yet")
+    frames = np.zeros_like(labels)
+    for index, ref in enumerate(volume.slices):
+        frames[ref.frame_number - 1] = labels[index]
+    return list(headers.values()), frames
