@@ -93,8 +93,11 @@ def fail(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.FAILED, reason)
 
 
+SENDING_FAILURE_PREFIX = "sending failed"
+
+
 def retry(session: Session, job: Job) -> None:
-    """Operator's retry: route the series again from COMPLETE.
+    """Operator's retry: resend results that failed to send, else route the series again.
 
     Raises
     ------
@@ -105,6 +108,13 @@ def retry(session: Session, job: Job) -> None:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
         )
+    if job.state is S.FAILED and job.result_files and (job.reason or "").startswith(SENDING_FAILURE_PREFIX):
+        job.deliveries = {
+            name: {**record, "attempts": 0, "next_attempt_at": None}
+            for name, record in (job.deliveries or {}).items()
+        }
+        change_state(session, job, S.SENDING, "resend requested by operator")
+        return
     change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
 
 

@@ -159,7 +159,7 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
 
 @app.command()
 def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
-    """Route a FAILED, IGNORED or DONE series again (it goes back to COMPLETE)."""
+    """Resend results that failed to send (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
     settings = _settings(config)
     with _session(settings, write=True) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)
@@ -171,7 +171,7 @@ def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
         except jobs.InvalidTransition as exc:
             errors.print(f"cannot retry: {exc}")
             raise typer.Exit(1) from None
-    console.print(f"series {series_instance_uid} is COMPLETE again; the running node routes it within seconds")
+    console.print(f"series {series_instance_uid} is {job.state.value} again; the running node carries on within seconds")
 
 
 @app.command()

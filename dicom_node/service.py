@@ -1,4 +1,4 @@
-"""`dicom-node serve`: the Storage SCP, the series watcher and the supervised inference worker processes."""
+"""`dicom-node serve`: the Storage SCP, the series watcher, the inference worker processes and the dispatcher."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.config import Settings
+from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
@@ -66,12 +67,14 @@ class RunningNode:
     server: AssociationServer
     watcher: SeriesWatcher
     workers: WorkerSupervisor
+    dispatcher: Dispatcher
     sessions: sessionmaker[Session]
 
     def stop(self) -> None:
         self.server.shutdown()
         self.watcher.stop()
         self.workers.stop()
+        self.dispatcher.stop()
         log_event(LOG, logging.INFO, "node.stopped")
 
 
@@ -102,7 +105,9 @@ def start_node(settings: Settings) -> RunningNode:
     watcher.start()
     workers = WorkerSupervisor(settings)
     workers.start()
-    return RunningNode(server=server, watcher=watcher, workers=workers, sessions=sessions)
+    dispatcher = Dispatcher(settings, sessions)
+    dispatcher.start()
+    return RunningNode(server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions)
 
 
 def serve(settings: Settings) -> None:

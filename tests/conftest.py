@@ -86,6 +86,7 @@ class Node:
                 config[key] = {**config[key], **value}
             else:
                 config[key] = value
+        self.port = config["network"]["port"]
         self.config_path.write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen[bytes] | None = None
         self._sessions: sessionmaker[Session] | None = None
@@ -214,3 +215,89 @@ def succeeded_files(storescu_output: str) -> list[str]:
             sent.append(current)
             current = None
     return sent
+
+
+class Orthanc:
+    """A real Orthanc (Debian's package) as the PACS, on its own ports and folder."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, list[Any]]) -> None:
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.ae_title = "ORTHANC"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "test-pacs",
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "storage"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": modalities,
+            "Plugins": [],
+        }
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(__import__("json").dumps(config))
+        self.log_path = workdir / "orthanc.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        tool = require_tool("Orthanc")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen([tool, str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout=60, what="Orthanc's REST API")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post_json(self, path: str, payload: Any) -> Any:
+        import json
+
+        return self.request("POST", path, json.dumps(payload).encode())
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        return self.request("POST", "/instances", path.read_bytes(), "application/dicom")
+
+
+@pytest.fixture
+def start_orthanc(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    started: list[Orthanc] = []
+
+    def _start(modalities: dict[str, list[Any]] | None = None) -> Orthanc:
+        orthanc = Orthanc(tmp_path / f"orthanc{len(started)}", modalities or {})
+        started.append(orthanc)
+        return orthanc.start()
+
+    yield _start
+    for orthanc in started:
+        orthanc.stop()

@@ -85,7 +85,14 @@ def _structure_group(
     mean = dict(name=ATTENUATION_COEFFICIENT, unit=HOUNSFIELD_UNIT, algorithm_id=algorithm_id)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=measured.name[:64]),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(
+                seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+            ),
+        ),
         finding_type=coded.type,
         finding_sites=[site],
         measurements=[

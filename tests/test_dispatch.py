@@ -1,0 +1,111 @@
+"""Results back to the PACS: a real Orthanc end to end, and a destination that is down at first."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import free_port, require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+PHANTOM = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
+
+
+def rules_to(destination: str) -> list[dict]:
+    return [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
+             "destinations": [destination]}]
+
+
+def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node, start_orthanc):
+    node_port = free_port()
+    orthanc = start_orthanc({"node": ["DICOMNODE", "127.0.0.1", node_port]})
+    node = start_node(
+        network={"port": node_port},
+        destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        rules=rules_to("pacs"),
+        inference={"workers": 1},
+        completion={"quiet_seconds": 2},
+    )
+    assert node.port == node_port
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    study_id = {orthanc.upload(path)["ParentStudy"] for path in files}.pop()
+
+    orthanc.post_json("/modalities/node/store", {"Resources": [study_id], "Synchronous": True})
+
+    def modalities() -> set[str]:
+        return {s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{study_id}/series")}
+
+    wait_for(lambda: {"SEG", "SR"} <= modalities(), timeout=180, what="SEG and SR in Orthanc")
+    series = orthanc.get(f"/studies/{study_id}/series")
+    assert len(series) == 3  # the CT, the SEG and the SR, one study
+    seg_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")
+    assert "baseline" in seg_series["MainDicomTags"]["SeriesDescription"]
+
+
+def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_path, start_node):
+    peer_port = free_port()
+    received = tmp_path / "peer"
+    received.mkdir()
+    node = start_node(
+        destinations={"peer": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": peer_port}},
+        rules=rules_to("peer"),
+        inference={"workers": 1},
+        dispatch={"first_retry_seconds": 1, "max_retry_seconds": 2, "max_attempts": 100},
+    )
+    series = write_phantom_series(tmp_path / "ct", PHANTOM)
+    assert storescu(node.port, series.files).returncode == 0
+
+    def failed_attempts() -> int:
+        with node.sessions() as session:
+            job = job_for_series_uid(session, series.series_instance_uid)
+            record = (job.deliveries or {}).get("peer") if job else None
+            return record["attempts"] if record else 0
+
+    wait_for(lambda: failed_attempts() >= 2, timeout=120, what="two failed attempts while the peer is down")
+    peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
+    try:
+        node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
+    finally:
+        peer.terminate()
+        peer.wait()
+    arrived = sorted(received.iterdir())
+    assert len(arrived) == 2  # one SEG and one SR, each once
+    assert {pydicom.dcmread(p).Modality for p in arrived} == {"SEG", "SR"}
+    assert "dispatch.attempt_failed" in node.log()
+
+
+def test_exhausted_attempts_fail_and_retry_resends(tmp_path, start_node):
+    peer_port = free_port()
+    received = tmp_path / "peer"
+    received.mkdir()
+    node = start_node(
+        destinations={"peer": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": peer_port,
+                               "segmentation_type": "LABELMAP", "send": ["seg"]}},
+        rules=rules_to("peer"),
+        inference={"workers": 1},
+        dispatch={"first_retry_seconds": 0.2, "max_retry_seconds": 0.2, "max_attempts": 2},
+    )
+    series = write_phantom_series(tmp_path / "ct", PHANTOM)
+    storescu(node.port, series.files)
+
+    node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=120)
+    reason = node.job_reason(series.series_instance_uid)
+    assert reason.startswith("sending failed: peer: PEERSCP@127.0.0.1") and "(after 2 attempts)" in reason
+
+    # -pm: this 2022 DCMTK does not know the Label Map Segmentation SOP class yet
+    peer = subprocess.Popen([require_tool("storescp"), "-pm", "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
+    try:
+        retried = node.cli("retry", series.series_instance_uid)
+        assert retried.returncode == 0 and "SENDING" in retried.stdout
+        node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
+    finally:
+        peer.terminate()
+        peer.wait()
+    assert [pydicom.dcmread(p).SOPClassUID for p in sorted(received.iterdir())] == ["1.2.840.10008.5.1.4.1.1.66.7"]
