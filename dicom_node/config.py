@@ -103,7 +103,9 @@ class Destination(_Strict):
     segmentation_type: Literal["BINARY", "LABELMAP"] = Field(
         "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, far smaller."
     )
-    send: list[Literal["seg", "sr"]] = Field(default_factory=lambda: ["seg", "sr"])
+    send: list[Literal["seg", "sr", "rtstruct"]] = Field(
+        default_factory=lambda: ["seg", "sr"], description="Which results go there; planning systems: [rtstruct]."
+    )
 
 
 class DispatchSettings(_Strict):

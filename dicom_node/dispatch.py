@@ -161,7 +161,8 @@ class Dispatcher:
 
 def files_for(destination: Destination, files: list[str]) -> list[str]:
     """The result files this destination takes: its SEG encoding, and what its ``send`` list names."""
-    wanted = {f"{kind}-{destination.segmentation_type.lower()}.dcm" for kind in destination.send}
+    encoding = destination.segmentation_type.lower()
+    wanted = {"rtstruct.dcm" if kind == "rtstruct" else f"{kind}-{encoding}.dcm" for kind in destination.send}
     return [f for f in files if Path(f).name in wanted]
 
 

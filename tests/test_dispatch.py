@@ -28,7 +28,8 @@ def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node,
     orthanc = start_orthanc({"node": ["DICOMNODE", "127.0.0.1", node_port]})
     node = start_node(
         network={"port": node_port},
-        destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port,
+                               "send": ["seg", "sr", "rtstruct"]}},
         rules=rules_to("pacs"),
         inference={"workers": 1},
         completion={"quiet_seconds": 2},
@@ -42,9 +43,9 @@ def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node,
     def modalities() -> set[str]:
         return {s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{study_id}/series")}
 
-    wait_for(lambda: {"SEG", "SR"} <= modalities(), timeout=180, what="SEG and SR in Orthanc")
+    wait_for(lambda: {"SEG", "SR", "RTSTRUCT"} <= modalities(), timeout=180, what="SEG, SR and RTSTRUCT in Orthanc")
     series = orthanc.get(f"/studies/{study_id}/series")
-    assert len(series) == 3  # the CT, the SEG and the SR, one study
+    assert len(series) == 4  # the CT, the SEG, the SR and the RTSTRUCT, one study
     seg_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")
     assert "baseline" in seg_series["MainDicomTags"]["SeriesDescription"]
 

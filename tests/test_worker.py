@@ -56,7 +56,7 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
         assert {"model_load", "load", "predict", "write"} <= set(job.timings)
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
-        assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm"]
+        assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm", "rtstruct.dcm"]
     seg = pydicom.dcmread(folder / "seg-binary.dcm")
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_instance_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["body", "lung_left", "lung_right", "skeleton"]

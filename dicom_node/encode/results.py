@@ -10,6 +10,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.measurements import measure
+from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
@@ -28,7 +29,7 @@ def encode_results(
     segmentation_types: Sequence[str],
     attempt: int = 1,
 ) -> list[Path]:
-    """SEG and SR files in ``folder`` for each type in ``segmentation_types``; returns their paths.
+    """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and one RTSTRUCT.
 
     Every run makes new series (new UIDs); a re-run says so in its series description,
     so a PACS shows the newer results beside, not mixed into, the earlier ones.
@@ -55,6 +56,14 @@ def encode_results(
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
+    if all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
+        rtstruct = encode_rtstruct(
+            volume, sources, segmentation.labels, segmentation.classes, algorithm,
+            series_description=f"Structures {algorithm.name}{baseline}{rerun}",
+        )
+        rtstruct_path = folder / "rtstruct.dcm"
+        rtstruct.save_as(rtstruct_path, enforce_file_format=True)
+        written.append(rtstruct_path)
     return written
 
 

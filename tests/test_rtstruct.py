@@ -1,0 +1,66 @@
+"""RTSTRUCT from a label map: validates, one ROI per structure, contours where the structure is."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.encode.rtstruct import encode_rtstruct, slice_contours
+from dicom_node.encode.seg import Algorithm
+from inference.models.threshold import ThresholdModel
+from inference.phantom import PhantomSpec, write_phantom_series
+from inference.volume import load_series_volume
+from tests.conftest import require_tool
+
+ALGORITHM = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+
+
+@pytest.fixture(scope="module")
+def structure_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rt")
+    series = write_phantom_series(folder / "ct", PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0),
+                                                             slice_spacing=5.0))
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    dataset = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM)
+    path = folder / "rtstruct.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path, volume, result
+
+
+def test_rtstruct_passes_dciodvfy(structure_set):
+    path, _volume, _result = structure_set
+    result = subprocess.run([require_tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).splitlines()
+    print("dciodvfy warnings:", *[l for l in lines if l.startswith("Warning")], sep="\n  ")
+    assert [l for l in lines if l.startswith("Error")] == []
+
+
+def test_one_roi_per_structure_with_contours_on_its_slices(structure_set):
+    path, volume, result = structure_set
+    dataset = pydicom.dcmread(path)
+
+    assert [roi.ROIName for roi in dataset.StructureSetROISequence] == ["body", "lung_left", "lung_right", "skeleton"]
+    body = dataset.ROIContourSequence[0]
+    slices_with_body = {int(k) for k in np.flatnonzero((result.labels == 1).any(axis=(1, 2)))}
+    referenced = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in body.ContourSequence}
+    assert referenced == {volume.slices[k].sop_instance_uid for k in slices_with_body}
+    for contour in body.ContourSequence[:5]:
+        points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+        assert len(points) == contour.NumberOfContourPoints >= 3
+        assert np.ptp(points[:, 2]) == 0  # planar, on its slice
+    assert all(len(str(v)) <= 16 for c in body.ContourSequence for v in c.ContourData)
+
+
+def test_contour_encloses_the_mask_area():
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 5:25] = True  # 400 pixels
+    (contour,) = slice_contours(mask)
+    rows, cols = contour[:, 0], contour[:, 1]
+    area = 0.5 * abs(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1)))
+    assert area == pytest.approx(400, rel=0.05)
