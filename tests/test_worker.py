@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 import pytest
 import SimpleITK as sitk
 from sqlalchemy import select
@@ -57,6 +58,11 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
         assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm", "rtstruct.dcm"]
+    preview = Image.open(folder / "preview.png")
+    assert preview.format == "PNG" and preview.size == (5 * 256, 256)
+    lung_colour = (71, 232, 244)  # lung_left's display colour, blended over the grey CT
+    pixels = np.asarray(preview.convert("RGB")).reshape(-1, 3).astype(int)
+    assert (pixels[:, 2] - pixels[:, 0] > 60).any(), f"no lung-coloured ({lung_colour}) overlay in the preview"
     seg = pydicom.dcmread(folder / "seg-binary.dcm")
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_instance_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["body", "lung_left", "lung_right", "skeleton"]

@@ -10,6 +10,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.measurements import measure
+from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation
 from dicom_node.encode.sr import encode_measurement_report
@@ -64,6 +65,7 @@ def encode_results(
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)
         written.append(rtstruct_path)
+    write_preview(folder / "preview.png", volume, segmentation.labels, segmentation.classes)
     return written
 
 
