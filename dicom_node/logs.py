@@ -66,3 +66,4 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module at INFO

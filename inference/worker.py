@@ -136,9 +136,12 @@ class InferenceWorker:
 
     def _encode_results(self, claim: ClaimedJob, volume, segmentation: Segmentation, model, folder: Path) -> list[str]:  # noqa: ANN001
         """SEG and SR files, one pair per SEG encoding the rule's destinations want (BINARY if none)."""
-        wanted = {self.settings.destinations[d].segmentation_type for d in claim.destinations if d in self.settings.destinations}
+        destinations = [self.settings.destinations[d] for d in claim.destinations if d in self.settings.destinations]
+        wanted = sorted({d.segmentation_type for d in destinations}) or ["BINARY"]
+        rtstruct = any("rtstruct" in d.send for d in destinations)
         try:
-            return [str(p) for p in encode_results(volume, segmentation, model, folder, sorted(wanted) or ["BINARY"], claim.attempt)]
+            files = encode_results(volume, segmentation, model, folder, wanted, claim.attempt, rtstruct=rtstruct)
+            return [str(p) for p in files]
         except (ValueError, KeyError) as exc:
             raise EncodingError(f"results cannot be encoded: {exc}") from None
 

@@ -147,11 +147,14 @@ class Node:
             return job.reason if job else None
 
     def wait_for_state(self, series_instance_uid: str, state: JobState, timeout: float = 30.0) -> None:
-        wait_for(
-            lambda: self.job_state(series_instance_uid) == state,
-            timeout=timeout,
-            what=f"series {series_instance_uid} to reach {state.value} (now {self.job_state(series_instance_uid)})",
-        )
+        try:
+            wait_for(lambda: self.job_state(series_instance_uid) == state, timeout=timeout, what="state")
+        except AssertionError:
+            now = self.job_state(series_instance_uid)
+            raise AssertionError(
+                f"series {series_instance_uid} did not reach {state.value} in {timeout} s: it is "
+                f"{now.value if now else 'unknown'} ({self.job_reason(series_instance_uid)})"
+            ) from None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -57,7 +57,7 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
         assert {"model_load", "load", "predict", "write"} <= set(job.timings)
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
-        assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm", "rtstruct.dcm"]
+        assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm"]  # no RTSTRUCT asked
     preview = Image.open(folder / "preview.png")
     assert preview.format == "PNG" and preview.size == (5 * 256, 256)
     lung_colour = (71, 232, 244)  # lung_left's display colour, blended over the grey CT

@@ -29,8 +29,10 @@ def encode_results(
     folder: Path,
     segmentation_types: Sequence[str],
     attempt: int = 1,
+    *,
+    rtstruct: bool = False,
 ) -> list[Path]:
-    """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and one RTSTRUCT.
+    """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
     Every run makes new series (new UIDs); a re-run says so in its series description,
     so a PACS shows the newer results beside, not mixed into, the earlier ones.
@@ -57,7 +59,7 @@ def encode_results(
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
-    if all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
+    if rtstruct and all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
             series_description=f"Structures {algorithm.name}{baseline}{rerun}",

@@ -27,6 +27,7 @@ from inference.volume import Volume
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SIMPLIFY_TOLERANCE_PIXELS = 0.25
 MINIMUM_CONTOUR_POINTS = 3
+MINIMUM_CONTOUR_AREA_PIXELS = 1.0  # speckle below one pixel is not a structure a planner can use
 PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
@@ -159,6 +160,11 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     contours = []
     for contour in measure.find_contours(padded, 0.5):
         simplified = measure.approximate_polygon(contour, SIMPLIFY_TOLERANCE_PIXELS)[:-1] - 1.0
-        if len(simplified) >= MINIMUM_CONTOUR_POINTS:
+        if len(simplified) >= MINIMUM_CONTOUR_POINTS and _area(simplified) >= MINIMUM_CONTOUR_AREA_PIXELS:
             contours.append(simplified)
     return contours
+
+
+def _area(points: np.ndarray) -> float:
+    rows, columns = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(rows, np.roll(columns, 1)) - np.dot(columns, np.roll(rows, 1))))
