@@ -197,6 +197,15 @@ def storescu(
 CT_RULES = [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}]
 
 
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Errors and warnings of dicom3tools' validator for a file; the warnings are printed for the test log."""
+    result = subprocess.run([require_tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).splitlines()
+    warnings = [line for line in lines if line.startswith("Warning")]
+    print(f"dciodvfy {path.name}: {len(warnings)} warning(s)", *warnings, sep="\n  ")
+    return [line for line in lines if line.startswith("Error")], warnings
+
+
 def data_set_bytes(path: Path) -> bytes:
     """The encoded data set of a DICOM file: everything after its File Meta Information."""
     from pynetdicom.dsutils import split_dataset
