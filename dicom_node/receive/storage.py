@@ -32,7 +32,7 @@ from db.models import Instance, Series
 from db.session import transaction
 from dicom_node import __version__
 from dicom_node.logs import log_event
-from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid
+from dicom_node.receive.header import check_header, is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
