@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs
@@ -83,6 +83,7 @@ _COUNT_INSTANCE = (
         instance_count=SERIES.c.instance_count + 1,
         last_received_at=bindparam("received_at"),
         expected_instances=func.coalesce(bindparam("expected_instances"), SERIES.c.expected_instances),
+        purged_at=None,  # a purged series sent again is held (and answered by Q/R) again
     )
 )
 
@@ -189,3 +190,39 @@ def record_rejection(
             path=path,
         )
     )
+
+
+def record_results(session: Session, job_id: int, records: list[InstanceRecord]) -> None:
+    """Index the node's own result files (SEG, SR, RTSTRUCT) of job ``job_id`` for query/retrieve.
+
+    Result series get ``source_job_id`` and no job of their own. A re-run replaces
+    the job's earlier result rows: its files were written over in the job folder.
+    """
+    earlier = select(Series.id).where(Series.source_job_id == job_id)
+    session.execute(delete(Instance).where(Instance.series_id.in_(earlier)).execution_options(synchronize_session=False))
+    session.execute(delete(Series).where(Series.source_job_id == job_id).execution_options(synchronize_session=False))
+    series_by_uid: dict[str, Series] = {}
+    for record in records:
+        series = series_by_uid.get(record.series.series_instance_uid)
+        if series is None:
+            series = _result_series(session, job_id, record)
+            series_by_uid[record.series.series_instance_uid] = series
+        session.add(Instance(series=series, **_instance_values(record)))
+        series.instance_count += 1
+
+
+def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:
+    study = session.scalars(select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)).first()
+    if study is None:
+        study = Study(**record.study.__dict__)
+        session.add(study)
+    series = Series(
+        **record.series.__dict__,
+        study=study,
+        source_job_id=job_id,
+        instance_count=0,
+        first_received_at=record.received_at,
+        last_received_at=record.received_at,
+    )
+    session.add(series)
+    return series

@@ -102,8 +102,10 @@ def retry(session: Session, job: Job) -> None:
     Raises
     ------
     InvalidTransition
-        If the job is still in progress.
+        If the job is still in progress, or retention has purged the series' images.
     """
+    if job.series.purged_at is not None:
+        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
     if job.state not in RETRYABLE_STATES:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"

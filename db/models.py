@@ -67,6 +67,11 @@ class Series(Base):
     instance_count: Mapped[int] = mapped_column(default=0)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # Set on the node's own result series (SEG, SR, RTSTRUCT): the job that made them.
+    # A plain column, not a foreign key: jobs already point at series, and a cycle
+    # would complicate creating and dropping the tables.
+    source_job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    purged_at: Mapped[datetime | None]  # retention removed its instances; the row stays as history
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

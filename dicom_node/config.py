@@ -108,6 +108,15 @@ class Destination(_Strict):
     )
 
 
+class ResultSettings(_Strict):
+    """Results every processed series yields and the node keeps for query/retrieve, besides what destinations ask for."""
+
+    segmentation_types: list[Literal["BINARY", "LABELMAP"]] = Field(
+        default_factory=list, description="SEG encodings always made; none: BINARY when no destination asks for one."
+    )
+    rtstruct: bool = Field(False, description="Always make an RTSTRUCT (for planning systems that pull it).")
+
+
 class DispatchSettings(_Strict):
     """Sending results: retries with exponential backoff, then FAILED with the reason."""
 
@@ -116,6 +125,28 @@ class DispatchSettings(_Strict):
     max_retry_seconds: float = Field(600.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0, description="Association and DIMSE timeout.")
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
+
+
+class RetentionSettings(_Strict):
+    """Purging received images and results of finished series (DONE, FAILED, IGNORED) only.
+
+    Everything off by default: nothing is deleted until an age or a disk budget is set.
+    """
+
+    days: float | None = Field(
+        None, gt=0, description="Purge a finished series' images (and results) this many days after it finished."
+    )
+    results_days: float | None = Field(
+        None, gt=0, description="Keep results (job folder, SEG/SR/RTSTRUCT) this long instead; default: as `days`."
+    )
+    max_disk_gigabytes: float | None = Field(
+        None, gt=0, description="Budget for images plus results; over it, the oldest finished series go first."
+    )
+    check_interval_seconds: float = Field(600.0, gt=0, description="How often `serve` applies retention.")
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.days, self.results_days, self.max_disk_gigabytes))
 
 
 class Range(_Strict):
@@ -233,7 +264,9 @@ class Settings(BaseSettings):
         description="Named models (name -> settings with a 'kind').",
     )
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    results: ResultSettings = Field(default_factory=ResultSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     rules: list[Rule] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

@@ -17,6 +17,8 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
+from dicom_node.retention import RetentionTask
+from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.watcher import SeriesWatcher
 from inference.worker import run_worker
 
@@ -69,12 +71,14 @@ class RunningNode:
     workers: WorkerSupervisor
     dispatcher: Dispatcher
     sessions: sessionmaker[Session]
+    retention: RetentionTask
 
     def stop(self) -> None:
         self.server.shutdown()
         self.watcher.stop()
         self.workers.stop()
         self.dispatcher.stop()
+        self.retention.stop()
         log_event(LOG, logging.INFO, "node.stopped")
 
 
@@ -85,7 +89,7 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
 
 
 def start_node(settings: Settings) -> RunningNode:
-    """Repair storage after any crash, then start the SCP and the watcher."""
+    """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher."""
     _warn_about_open_doors(settings)
     sessions = open_database(settings)
     store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
@@ -100,14 +104,22 @@ def start_node(settings: Settings) -> RunningNode:
         unreadable_files=report.unreadable_files,
     )
     # Bind first: a port in use must stop start-up before any thread or process exists.
-    server = start_storage_scp(settings.network, StoreContext(store=store, sessions=sessions))
+    server = start_storage_scp(
+        settings.network,
+        StoreContext(store=store, sessions=sessions),
+        RetrieveContext(ae_title=settings.network.ae_title, destinations=settings.destinations, sessions=sessions),
+    )
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
     workers = WorkerSupervisor(settings)
     workers.start()
     dispatcher = Dispatcher(settings, sessions)
     dispatcher.start()
-    return RunningNode(server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions)
+    retention = RetentionTask(settings, sessions)
+    retention.start()
+    return RunningNode(
+        server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions, retention=retention
+    )
 
 
 def serve(settings: Settings) -> None:

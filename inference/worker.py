@@ -22,12 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
+from db.ingest import InstanceRecord, record_results
 from db.models import Instance, Job, JobState
 from db.session import transaction
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import measure, write_measurements_json
 from dicom_node.logs import log_event
 from dicom_node.encode.results import EncodingError, encode_results
+from dicom_node.receive.header import read_file_header
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.volume import VolumeError, load_series_volume
 
@@ -120,6 +122,7 @@ class InferenceWorker:
             timings["write"] = time.perf_counter() - started
             started = time.perf_counter()
             results = self._encode_results(claim, volume, segmentation, model, output)
+            indexed = [read_file_header(path) for path in results]
             timings["encode"] = time.perf_counter() - started
         except (VolumeError, ModelUnavailable, EncodingError) as exc:
             self._finish(claim, JobState.FAILED, str(exc), timings)
@@ -132,13 +135,14 @@ class InferenceWorker:
         baseline = " (baseline, not a trained model)" if model.is_baseline else ""
         reason = f"segmented{baseline}: {present} structures; results in {output}"
         next_state = JobState.SENDING if claim.destinations else JobState.DONE
-        self._finish(claim, next_state, reason, timings, output, results)
+        self._finish(claim, next_state, reason, timings, output, results, indexed)
 
     def _encode_results(self, claim: ClaimedJob, volume, segmentation: Segmentation, model, folder: Path) -> list[str]:  # noqa: ANN001
-        """SEG and SR files, one pair per SEG encoding the rule's destinations want (BINARY if none)."""
+        """SEG and SR files, one pair per SEG encoding wanted by the destinations or ``results`` (BINARY if none)."""
         destinations = [self.settings.destinations[d] for d in claim.destinations if d in self.settings.destinations]
-        wanted = sorted({d.segmentation_type for d in destinations}) or ["BINARY"]
-        rtstruct = any("rtstruct" in d.send for d in destinations)
+        always = self.settings.results
+        wanted = sorted({d.segmentation_type for d in destinations} | set(always.segmentation_types)) or ["BINARY"]
+        rtstruct = always.rtstruct or any("rtstruct" in d.send for d in destinations)
         try:
             files = encode_results(volume, segmentation, model, folder, wanted, claim.attempt, rtstruct=rtstruct)
             return [str(p) for p in files]
@@ -197,6 +201,7 @@ class InferenceWorker:
         timings: dict[str, float],
         output: Path | None = None,
         results: list[str] | None = None,
+        indexed: list[InstanceRecord] | None = None,
     ) -> None:
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id)
@@ -214,6 +219,7 @@ class InferenceWorker:
                 job.result_path = str(output)
                 job.result_files = results or []
                 job.deliveries = {}
+                record_results(session, job.id, indexed or [])  # Q/R answers from these rows
             jobs.change_state(session, job, state, reason)
         level = logging.ERROR if state is JobState.FAILED else logging.INFO
         log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})

@@ -292,6 +292,12 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
+    def request_bytes(self, path: str) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=120) as response:
+            return response.read()
+
     def post_json(self, path: str, payload: Any) -> Any:
         import json
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
 from db.jobs import job_for_series_uid
-from db.models import Job, JobState
+from db.models import Instance, Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from inference.models.threshold import ThresholdModel
@@ -170,3 +170,33 @@ def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(work
         assert job.state is JobState.FAILED
         assert "dicom-node weights download --task total_fast" in job.reason
         assert "dicom-node weights import FILE.zip" in job.reason
+
+
+def test_results_are_indexed_for_query_retrieve_and_a_rerun_replaces_them(worker_setup):
+    settings, sessions, series = worker_setup
+    settings.results.rtstruct = True
+    worker = InferenceWorker(settings, sessions)
+
+    def result_series() -> dict[str, tuple[str, str]]:
+        with sessions() as session:
+            rows = session.scalars(select(Series).where(Series.source_job_id.is_not(None))).all()
+            return {s.modality: (s.series_instance_uid, s.instances[0].path) for s in rows}
+
+    assert worker.run_once()
+    first = result_series()
+    assert set(first) == {"SEG", "SR", "RTSTRUCT"}
+    for uid, path in first.values():
+        assert pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID == uid
+
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.QUEUED
+    assert worker.run_once()
+    second = result_series()
+    assert set(second) == {"SEG", "SR", "RTSTRUCT"}
+    assert not {uid for uid, _ in first.values()} & {uid for uid, _ in second.values()}
+    with sessions() as session:
+        seg = pydicom.dcmread(second["SEG"][1], stop_before_pixels=True)
+        assert "(re-run 2)" in seg.SeriesDescription
+        assert session.scalars(select(Instance).where(Instance.series_id.in_(
+            select(Series.id).where(Series.source_job_id.is_not(None))))).all().__len__() == 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,7 @@ def encode_results(
     algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
     sources, labels = _sources_and_frames(volume, segmentation.labels)
     measurements = measure(volume, segmentation.labels, segmentation.classes)
-    rerun = f" (re-run {attempt})" if attempt > 1 else ""
-    baseline = " (baseline)" if model.is_baseline else ""
+    describe = _describer(algorithm, attempt)
     written = []
     for kind in segmentation_types:
         seg = encode_segmentation(
@@ -50,25 +49,36 @@ def encode_results(
             segmentation.classes,
             algorithm,
             segmentation_type=kind,
-            series_description=f"Segmentation {algorithm.name}{baseline}{rerun}",
+            series_description=describe("Segmentation"),
         )
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         seg.dataset.save_as(seg_path)
         sr = encode_measurement_report(seg, sources, measurements, algorithm)
-        sr.SeriesDescription = f"Measurements {algorithm.name}{baseline}{rerun}"[:64]
+        sr.SeriesDescription = describe("Measurements")
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
     if rtstruct and all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_description=f"Structures {algorithm.name}{baseline}{rerun}",
+            series_description=describe("Structures"),
         )
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)
         written.append(rtstruct_path)
     write_preview(folder / "preview.png", volume, segmentation.labels, segmentation.classes)
     return written
+
+
+def _describer(algorithm: Algorithm, attempt: int) -> Callable[[str], str]:
+    """Series descriptions that keep "(baseline)" and "(re-run N)" within 64 characters, shortening the name."""
+    suffix = " (baseline)" if algorithm.is_baseline and "baseline" not in algorithm.name else ""
+    suffix += f" (re-run {attempt})" if attempt > 1 else ""
+
+    def describe(what: str) -> str:
+        return f"{what} {algorithm.name}"[: 64 - len(suffix)] + suffix
+
+    return describe
 
 
 def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:

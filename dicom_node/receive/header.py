@@ -6,8 +6,10 @@ import re
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -199,3 +201,11 @@ def _decimal(dataset: Dataset, keyword: str) -> float | None:
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def read_file_header(path: str | Path) -> InstanceRecord:
+    """What the database records for a DICOM file the node wrote itself (its results)."""
+    dataset = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    header = check_header(dataset, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID))
+    size = Path(path).stat().st_size
+    return header.record(str(dataset.file_meta.TransferSyntaxUID), str(path), size, calling_ae_title=None)

@@ -1,4 +1,4 @@
-"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class, compressed or not.
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class, compressed or not (and, through dicom_node.retrieve, Q/R).
 
 A C-STORE is answered with success only after the instance is on disk (fsynced)
 and recorded in the database. Refused instances get a failure status, a log
@@ -45,6 +45,8 @@ from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
 from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
 from dicom_node.receive.storage import InstanceStore, encode_file_meta
+from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
+from dicom_node.retrieve.scp import handlers as retrieve_handlers
 
 LOG = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class StoreContext:
 
 
 def build_ae(network: NetworkSettings) -> AE:
-    """An AE that accepts Verification and every storage SOP class with the transfer syntaxes above."""
+    """An AE that accepts Verification, every storage SOP class with the transfer syntaxes above, and Query/Retrieve."""
     ae = AE(ae_title=network.ae_title)
     ae.maximum_pdu_size = network.maximum_pdu_size
     ae.maximum_associations = network.maximum_associations
@@ -91,11 +93,17 @@ def build_ae(network: NetworkSettings) -> AE:
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    add_query_retrieve_contexts(ae)
     return ae
 
 
-def start_storage_scp(network: NetworkSettings, context: StoreContext) -> AssociationServer:
-    """Start listening (non-blocking); returns the server to ``shutdown()`` later."""
+def start_storage_scp(
+    network: NetworkSettings, context: StoreContext, retrieve: RetrieveContext | None = None
+) -> AssociationServer:
+    """Start listening (non-blocking); returns the server to ``shutdown()`` later.
+
+    With ``retrieve``, the same AE also answers C-FIND, C-MOVE and C-GET.
+    """
     ae = build_ae(network)
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
@@ -105,6 +113,8 @@ def start_storage_scp(network: NetworkSettings, context: StoreContext) -> Associ
         (evt.EVT_C_ECHO, _on_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
     ]
+    if retrieve is not None:
+        handlers += retrieve_handlers(retrieve)
     server = ae.start_server((network.host, network.port), block=False, evt_handlers=handlers)
     log_event(
         LOG,

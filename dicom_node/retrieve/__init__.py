@@ -1,0 +1,1 @@
+"""Query/Retrieve SCP: planning systems and viewers find and pull what the node holds."""

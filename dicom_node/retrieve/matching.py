@@ -1,0 +1,266 @@
+"""C-FIND matching on the database: the node answers queries from its records, never by scanning files.
+
+Supported matching (PS3.4 C.2.2.2): universal (empty or ``*``), single value,
+wildcard (``*`` and ``?``), range on dates and times (``A-B``, ``-B``, ``A-``)
+and UID lists (``uid1\\uid2``). Only instances still held are visible: a series
+purged by retention has no instance rows and so no match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydicom.dataset import Dataset
+from sqlalchemy import ColumnElement, Select, and_, distinct, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from db.models import Instance, Series, Study
+
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+Kind = Literal["text", "uid", "date", "time", "number"]
+
+
+class QueryError(ValueError):
+    """The identifier cannot be answered (unknown level, retrieval without a unique key, ...)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    level: Level
+    column: InstrumentedAttribute[Any]
+    kind: Kind
+
+
+KEYS: dict[str, Key] = {
+    "PatientID": Key("PATIENT", Study.patient_id, "text"),
+    "PatientName": Key("PATIENT", Study.patient_name, "text"),
+    "PatientBirthDate": Key("PATIENT", Study.patient_birth_date, "date"),
+    "PatientSex": Key("PATIENT", Study.patient_sex, "text"),
+    "StudyInstanceUID": Key("STUDY", Study.study_instance_uid, "uid"),
+    "StudyDate": Key("STUDY", Study.study_date, "date"),
+    "StudyTime": Key("STUDY", Study.study_time, "time"),
+    "AccessionNumber": Key("STUDY", Study.accession_number, "text"),
+    "StudyID": Key("STUDY", Study.study_id, "text"),
+    "StudyDescription": Key("STUDY", Study.study_description, "text"),
+    "ReferringPhysicianName": Key("STUDY", Study.referring_physician_name, "text"),
+    "SeriesInstanceUID": Key("SERIES", Series.series_instance_uid, "uid"),
+    "Modality": Key("SERIES", Series.modality, "text"),
+    "SeriesNumber": Key("SERIES", Series.series_number, "number"),
+    "SeriesDescription": Key("SERIES", Series.series_description, "text"),
+    "BodyPartExamined": Key("SERIES", Series.body_part_examined, "text"),
+    "Manufacturer": Key("SERIES", Series.manufacturer, "text"),
+    "SOPInstanceUID": Key("IMAGE", Instance.sop_instance_uid, "uid"),
+    "SOPClassUID": Key("IMAGE", Instance.sop_class_uid, "uid"),
+    "InstanceNumber": Key("IMAGE", Instance.instance_number, "number"),
+    "NumberOfFrames": Key("IMAGE", Instance.number_of_frames, "number"),
+}
+"""Matching keys and the columns behind them."""
+
+UNIQUE_KEYS: dict[Level, str] = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+COUNTS = {
+    "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
+    "ModalitiesInStudy", "SOPClassesInStudy",
+}
+
+
+def query_level(identifier: Dataset) -> Level:
+    """The identifier's Query/Retrieve Level.
+
+    Raises
+    ------
+    QueryError
+        If it is missing or not one of PATIENT, STUDY, SERIES, IMAGE.
+    """
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS:
+        raise QueryError(f"QueryRetrieveLevel {level or '(missing)'!r} is not one of {', '.join(LEVELS)}")
+    return level  # type: ignore[return-value]
+
+
+def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
+    """SQL conditions for every non-universal key at or above ``level``, plus ModalitiesInStudy."""
+    depth = LEVELS.index(level)
+    found: list[ColumnElement[bool]] = []
+    for element in identifier:
+        keyword = element.keyword
+        value = _value(element.value)
+        if keyword == "ModalitiesInStudy" and value:
+            wanted = [v for v in value.split("\\") if v]
+            if wanted:
+                found.append(Study.id.in_(select(Series.study_id).where(Series.modality.in_(wanted))))
+            continue
+        key = KEYS.get(keyword)
+        if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
+            continue
+        found.append(_condition(key, value))
+    return found
+
+
+def _value(raw: Any) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in raw)
+    return str(raw).strip()
+
+
+def _condition(key: Key, value: str) -> ColumnElement[bool]:
+    column = key.column
+    if key.kind == "uid":
+        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        return column.in_(uids) if len(uids) > 1 else column == uids[0]
+    if key.kind in ("date", "time") and "-" in value:
+        start, _, end = value.partition("-")
+        bounds = [column >= start.strip()] if start.strip() else []
+        if end.strip():
+            # a time range's end covers its whole last unit: "-1200" includes 120059.99
+            bounds.append(column <= end.strip() + ("\uffff" if key.kind == "time" else ""))
+        return and_(column.is_not(None), *bounds)
+    if key.kind == "number":
+        try:
+            return column == int(value)
+        except ValueError:
+            raise QueryError(f"{column.key}: {value!r} is not a number") from None
+    if "*" in value or "?" in value:
+        escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+    return column == value
+
+
+def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
+    return (
+        select(Instance.id)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Series.purged_at.is_(None), *level_conditions)
+    )
+
+
+def matching_instances(session: Session, identifier: Dataset, *, for_retrieval: bool = False) -> list[Instance]:
+    """Instances the identifier selects, in study, series and instance order.
+
+    Raises
+    ------
+    QueryError
+        On a bad level, or (``for_retrieval``) when the level's unique key is missing.
+    """
+    level = query_level(identifier)
+    if for_retrieval and not _value(identifier.get(UNIQUE_KEYS[level], "")):
+        raise QueryError(f"a {level} retrieval needs {UNIQUE_KEYS[level]}")
+    ids = _joined(conditions(identifier, level))
+    return list(
+        session.scalars(
+            select(Instance)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Instance.id.in_(ids))
+            .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
+        )
+    )
+
+
+def find(session: Session, identifier: Dataset, retrieve_ae_title: str) -> Iterator[Dataset]:
+    """One response identifier per matching patient, study, series or instance.
+
+    Raises
+    ------
+    QueryError
+        If the identifier's level or a key's value cannot be understood.
+    """
+    level = query_level(identifier)
+    matched = _joined(conditions(identifier, level))
+    entity = {"PATIENT": Study.patient_id, "STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
+    rows = session.execute(
+        matched.with_only_columns(entity).distinct().order_by(None)
+    ).scalars().all()
+    requested = [element.keyword for element in identifier if element.keyword]
+    for key in _ordered(session, level, rows):
+        yield _response(session, level, key, requested, retrieve_ae_title)
+
+
+def _ordered(session: Session, level: Level, keys: Iterable[Any]) -> list[Any]:
+    keys = list(keys)
+    if level == "PATIENT":
+        return sorted(k for k in keys if k is not None) + [k for k in keys if k is None]
+    model = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}[level]
+    order = {
+        "STUDY": (Study.study_date, Study.study_time, Study.id),
+        "SERIES": (Series.study_id, Series.series_number, Series.id),
+        "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
+    }[level]
+    return list(session.scalars(select(model.id).where(model.id.in_(keys)).order_by(*order)))
+
+
+def _response(session: Session, level: Level, key: Any, requested: list[str], retrieve_ae_title: str) -> Dataset:
+    instance = series = study = None
+    if level == "IMAGE":
+        instance = session.get_one(Instance, key)
+        series = instance.series
+        study = series.study
+    elif level == "SERIES":
+        series = session.get_one(Series, key)
+        study = series.study
+    elif level == "STUDY":
+        study = session.get_one(Study, key)
+    else:
+        study = session.scalars(select(Study).where(Study.patient_id.is_(key) if key is None else Study.patient_id == key).order_by(Study.id.desc())).first()
+    sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
+    response = Dataset()
+    response.QueryRetrieveLevel = level
+    wanted = list(dict.fromkeys(requested + _unique_keys_down_to(level)))
+    for keyword in wanted:
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
+            continue
+        if keyword in COUNTS:
+            setattr(response, keyword, _count(session, keyword, level, key, study, series))
+            continue
+        spec = KEYS.get(keyword)
+        value = None
+        if spec is not None and LEVELS.index(spec.level) <= LEVELS.index(level):
+            source = sources[spec.level]
+            value = getattr(source, spec.column.key) if source is not None else None
+        setattr(response, keyword, value if value is not None else "")
+    response.RetrieveAETitle = retrieve_ae_title
+    if any(not str(element.value).isascii() for element in response):
+        response.SpecificCharacterSet = "ISO_IR 192"
+    return response
+
+
+def _unique_keys_down_to(level: Level) -> list[str]:
+    keys = [UNIQUE_KEYS[lvl] for lvl in LEVELS[1 : LEVELS.index(level) + 1]]
+    return (["PatientID"] if level == "PATIENT" else []) + keys
+
+
+def _count(session: Session, keyword: str, level: Level, key: Any, study: Study | None, series: Series | None) -> Any:
+    held = _joined([])
+    if keyword.startswith("NumberOfPatientRelated"):
+        scope = [Study.patient_id == key] if key is not None else [Study.patient_id.is_(None)]
+    elif keyword.startswith("NumberOfStudyRelated") or keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+        scope = [Study.id == study.id] if study is not None else []
+    else:
+        scope = [Series.id == series.id] if series is not None else []
+    if study is None and not keyword.startswith("NumberOfPatientRelated"):
+        return ""
+    if series is None and keyword == "NumberOfSeriesRelatedInstances":
+        return ""
+    what = {
+        "Studies": func.count(distinct(Study.id)),
+        "Series": func.count(distinct(Series.id)),
+        "Instances": func.count(distinct(Instance.id)),
+    }
+    if keyword == "ModalitiesInStudy":
+        values = session.execute(held.with_only_columns(Series.modality).distinct().where(*scope)).scalars()
+        return sorted(v for v in values if v)
+    if keyword == "SOPClassesInStudy":
+        values = session.execute(held.with_only_columns(Instance.sop_class_uid).distinct().where(*scope)).scalars()
+        return sorted(values)
+    counted = keyword.removeprefix("NumberOfPatientRelated").removeprefix("NumberOfStudyRelated").removeprefix("NumberOfSeriesRelated")
+    return int(session.execute(held.with_only_columns(what[counted]).where(*scope).order_by(None)).scalar_one())

@@ -1,0 +1,108 @@
+"""C-FIND matching on the database: keys, wildcards, ranges, UID lists, and what retrieval refuses."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import update
+
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_results
+from db.models import Series, utcnow
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.retrieve.matching import QueryError, find, matching_instances
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    studies = [
+        StudyAttributes("1.1", patient_id="P1", patient_name="Doe^Jane", study_date="20260110", study_time="083000",
+                        accession_number="ACC_1"),
+        StudyAttributes("1.2", patient_id="P1", patient_name="Doe^Jane", study_date="20260301", study_time="140000",
+                        accession_number="ACC%2"),
+        StudyAttributes("2.1", patient_id="P2", patient_name="Müller^Jörg", study_date="20251231"),
+    ]
+    with transaction(factory) as session:
+        for s, study in enumerate(studies):
+            for n in range(3):
+                record_instance(session, instance(f"{study.study_instance_uid}.9.{n}", f"{study.study_instance_uid}.9", study, n + 1))
+        record_results(session, 1, [instance("1.1.97.1", "1.1.97", studies[0], 1, sop_class=SEG, modality="SEG")])
+    return factory
+
+
+def instance(uid: str, series: str, study: StudyAttributes, number: int, *, sop_class: str = CT,
+             modality: str = "CT") -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=uid, sop_class_uid=sop_class, transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"/data/{uid}.dcm", size_bytes=10, study=study,
+        series=SeriesAttributes(series, modality=modality, series_number=1), instance_number=number,
+    )
+
+
+def query(level: str, **keys: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    return identifier
+
+
+def answers(sessions, identifier: Dataset, key: str) -> list[str]:  # noqa: ANN001
+    with sessions() as session:
+        return [str(r.get(key)) for r in find(session, identifier, "NODE")]
+
+
+def test_universal_single_value_and_uid_list(sessions) -> None:  # noqa: ANN001
+    assert answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID") == ["2.1", "1.1", "1.2"]
+    assert answers(sessions, query("STUDY", StudyInstanceUID="1.2"), "StudyInstanceUID") == ["1.2"]
+    assert answers(sessions, query("STUDY", StudyInstanceUID="1.1\\2.1"), "StudyInstanceUID") == ["2.1", "1.1"]
+    assert answers(sessions, query("SERIES", StudyInstanceUID="1.1", SeriesInstanceUID=""), "SeriesInstanceUID") == [
+        "1.1.9", "1.1.97"
+    ]
+
+
+def test_wildcards_escape_sql_patterns(sessions) -> None:  # noqa: ANN001
+    assert answers(sessions, query("STUDY", AccessionNumber="ACC_*"), "StudyInstanceUID") == ["1.1"]
+    assert answers(sessions, query("STUDY", AccessionNumber="ACC?2"), "StudyInstanceUID") == ["1.2"]
+    assert answers(sessions, query("STUDY", PatientName="Doe*", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
+
+
+def test_date_and_time_ranges(sessions) -> None:  # noqa: ANN001
+    assert answers(sessions, query("STUDY", StudyDate="20260101-"), "StudyInstanceUID") == ["1.1", "1.2"]
+    assert answers(sessions, query("STUDY", StudyDate="-20260110"), "StudyInstanceUID") == ["2.1", "1.1"]
+    assert answers(sessions, query("STUDY", StudyDate="20260101-20260201"), "StudyInstanceUID") == ["1.1"]
+    assert answers(sessions, query("STUDY", StudyTime="-0830"), "StudyInstanceUID") == ["1.1"]
+
+
+def test_counts_modalities_and_non_ascii_names(sessions) -> None:  # noqa: ANN001
+    with sessions() as session:
+        (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", ModalitiesInStudy="",
+                                       NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries=""), "NODE")
+        assert list(study.ModalitiesInStudy) == ["CT", "SEG"]
+        assert (study.NumberOfStudyRelatedSeries, study.NumberOfStudyRelatedInstances) == (2, 4)
+        assert study.RetrieveAETitle == "NODE"
+        (patient,) = find(session, query("PATIENT", PatientID="P2", PatientName="", NumberOfPatientRelatedStudies=""), "NODE")
+        assert str(patient.PatientName) == "Müller^Jörg" and patient.SpecificCharacterSet == "ISO_IR 192"
+        assert patient.NumberOfPatientRelatedStudies == 1
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == ["1.1"]
+
+
+def test_purged_series_are_not_answered(sessions) -> None:  # noqa: ANN001
+    with transaction(sessions) as session:
+        session.execute(update(Series).where(Series.series_instance_uid == "2.1.9").values(purged_at=utcnow()))
+    assert answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
+
+
+def test_retrieval_needs_the_level_unique_key_and_a_known_level(sessions) -> None:  # noqa: ANN001
+    with sessions() as session:
+        with pytest.raises(QueryError, match="needs SeriesInstanceUID"):
+            matching_instances(session, query("SERIES", StudyInstanceUID="1.1"), for_retrieval=True)
+        with pytest.raises(QueryError, match="QueryRetrieveLevel 'FRAME'"):
+            matching_instances(session, query("FRAME"), for_retrieval=True)
+        found = matching_instances(session, query("SERIES", SeriesInstanceUID="1.1.97"), for_retrieval=True)
+        assert [i.sop_instance_uid for i in found] == ["1.1.97.1"]

@@ -1,0 +1,211 @@
+"""Planning systems pull results: DCMTK findscu, movescu and getscu, and a real Orthanc, against the node's Q/R SCP."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from db.models import Instance, JobState, Series
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import Node, Orthanc, data_set_bytes, free_port, require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+PHANTOM = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
+PLANNER = "PLANNER"
+
+
+@dataclass
+class ProcessedStudy:
+    node: Node
+    study_uid: str
+    ct_series_uid: str
+    planner_port: int
+    orthanc: Orthanc  # configured, not started: the test that needs it starts it
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessedStudy]:
+    """A node that has received and segmented a phantom CT; PLANNER and Orthanc may pull and be moved to."""
+    workdir = tmp_path_factory.mktemp("retrieve")
+    planner_port, node_port = free_port(), free_port()
+    orthanc = Orthanc(workdir / "orthanc", {"node": ["DICOMNODE", "127.0.0.1", node_port]})
+    node = Node(
+        workdir / "node",
+        {
+            "network": {"port": node_port, "allowed_calling_ae_titles": ["PACS", PLANNER, orthanc.ae_title]},
+            "destinations": {
+                "planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": planner_port},
+                "orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port},
+            },
+            "rules": [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}],
+            "results": {"segmentation_types": ["BINARY"], "rtstruct": True},
+            "inference": {"workers": 1},
+        },
+    ).start()
+    try:
+        phantom = write_phantom_series(workdir / "ct", PHANTOM)
+        sent = storescu(node.port, phantom.files)
+        assert sent.returncode == 0, sent.stderr
+        node.wait_for_state(phantom.series_instance_uid, JobState.DONE, timeout=120)
+        yield ProcessedStudy(node, phantom.study_instance_uid, phantom.series_instance_uid, planner_port, orthanc)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def result_series(node: Node, modality: str) -> tuple[str, Path]:
+    """The UID and stored file of the node's result series of ``modality``."""
+    with node.sessions() as session:
+        series = session.scalars(
+            select(Series).where(Series.modality == modality, Series.source_job_id.is_not(None))
+        ).one()
+        path = session.scalars(select(Instance.path).where(Instance.series_id == series.id)).one()
+        return series.series_instance_uid, Path(path)
+
+
+def findscu(node: Node, out: Path, *keys: str, calling_ae: str = PLANNER, model: str = "-S") -> list[pydicom.Dataset]:
+    """C-FIND with DCMTK findscu; the responses it extracted (-X), in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [require_tool("findscu"), "-v", model, "-aet", calling_ae, "-aec", node.ae_title, "-X", "-od", str(out)]
+    command += [arg for key in keys for arg in ("-k", key)] + ["127.0.0.1", str(node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Received Final Find Response (Success)" in output, output
+    return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_find_at_study_series_and_image_level(processed: ProcessedStudy, tmp_path: Path) -> None:
+    node, study = processed.node, processed.study_uid
+    studies = findscu(
+        node, tmp_path / "study", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientID",
+        "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyDate",
+    )
+    assert len(studies) == 1
+    assert set(studies[0].ModalitiesInStudy) == {"CT", "SEG", "SR", "RTSTRUCT"}
+    assert int(studies[0].NumberOfStudyRelatedSeries) == 4
+    assert int(studies[0].NumberOfStudyRelatedInstances) == PHANTOM.slices + 3
+    assert studies[0].RetrieveAETitle == node.ae_title
+
+    seg_uid, _ = result_series(node, "SEG")
+    segs = findscu(
+        node, tmp_path / "series", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "Modality=SEG",
+        "SeriesInstanceUID", "SeriesDescription", "NumberOfSeriesRelatedInstances",
+    )
+    assert [s.SeriesInstanceUID for s in segs] == [seg_uid]
+    assert "baseline" in segs[0].SeriesDescription
+    assert int(segs[0].NumberOfSeriesRelatedInstances) == 1
+
+    images = findscu(
+        node, tmp_path / "image", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={processed.ct_series_uid}", "SOPInstanceUID", "InstanceNumber", "SOPClassUID",
+    )
+    assert len(images) == PHANTOM.slices
+    assert {i.SOPClassUID for i in images} == {pydicom.uid.CTImageStorage}
+
+
+def test_find_matching_wildcards_ranges_and_uid_lists(processed: ProcessedStudy, tmp_path: Path) -> None:
+    node, study = processed.node, processed.study_uid
+    ct = processed.ct_series_uid
+    seg_uid, _ = result_series(node, "SEG")
+    by_list = findscu(
+        node, tmp_path / "list", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={ct}\\{seg_uid}", "Modality",
+    )
+    assert sorted(s.Modality for s in by_list) == ["CT", "SEG"]
+    by_wildcard = findscu(node, tmp_path / "wild", "QueryRetrieveLevel=SERIES", "Modality=R?STRUC*", "SeriesInstanceUID")
+    assert len(by_wildcard) == 1
+    in_range = findscu(node, tmp_path / "range", "QueryRetrieveLevel=STUDY", "StudyDate=19000101-29991231", "StudyInstanceUID")
+    assert [s.StudyInstanceUID for s in in_range] == [study]
+    out_of_range = findscu(node, tmp_path / "none", "QueryRetrieveLevel=STUDY", "StudyDate=-19000101", "StudyInstanceUID")
+    assert out_of_range == []
+    patients = findscu(
+        node, tmp_path / "patient", "QueryRetrieveLevel=PATIENT", "PatientID", "NumberOfPatientRelatedStudies",
+        model="-P",
+    )
+    assert len(patients) == 1 and int(patients[0].NumberOfPatientRelatedStudies) == 1
+
+
+def test_move_sends_the_seg_byte_identical_to_a_known_destination(processed: ProcessedStudy, tmp_path: Path) -> None:
+    node = processed.node
+    seg_uid, stored = result_series(node, "SEG")
+    received = tmp_path / "planner"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "-aet", PLANNER, "-od", str(received), str(processed.planner_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        result = movescu(node, PLANNER, "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={processed.study_uid}",
+                         f"SeriesInstanceUID={seg_uid}")
+        assert "Received Final Move Response (Success)" in result, result
+        files = wait_for(lambda: list(received.iterdir()), timeout=10, what="the moved SEG")
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert len(files) == 1
+    assert data_set_bytes(files[0]) == data_set_bytes(stored)
+
+
+def movescu(node: Node, destination: str, *keys: str, calling_ae: str = PLANNER) -> str:
+    command = [require_tool("movescu"), "-v", "-S", "-aet", calling_ae, "-aec", node.ae_title, "-aem", destination]
+    command += [arg for key in keys for arg in ("-k", key)] + ["127.0.0.1", str(node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def test_get_returns_seg_and_rtstruct_byte_identical(processed: ProcessedStudy, tmp_path: Path) -> None:
+    node = processed.node
+    for modality in ("SEG", "RTSTRUCT"):
+        series_uid, stored = result_series(node, modality)
+        out = tmp_path / modality
+        out.mkdir()
+        command = [require_tool("getscu"), "-v", "-S", "+B", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out),
+                   "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={processed.study_uid}",
+                   "-k", f"SeriesInstanceUID={series_uid}", "127.0.0.1", str(node.port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        files = list(out.iterdir())
+        assert len(files) == 1, result.stdout + result.stderr
+        assert data_set_bytes(files[0]) == data_set_bytes(stored)
+
+
+def test_unknown_move_destination_is_refused(processed: ProcessedStudy) -> None:
+    seg_uid, _ = result_series(processed.node, "SEG")
+    result = movescu(processed.node, "NOBODY", "QueryRetrieveLevel=SERIES",
+                     f"StudyInstanceUID={processed.study_uid}", f"SeriesInstanceUID={seg_uid}")
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in result, result
+    assert "unknown move destination 'NOBODY'" in processed.node.log()
+
+
+def test_a_caller_not_on_the_allow_list_cannot_query(processed: ProcessedStudy, tmp_path: Path) -> None:
+    command = [require_tool("findscu"), "-S", "-aet", "INTRUDER", "-aec", processed.node.ae_title,
+               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "127.0.0.1", str(processed.node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stdout + result.stderr
+
+
+def test_orthanc_queries_the_node_and_retrieves_the_rtstruct(processed: ProcessedStudy) -> None:
+    node, orthanc = processed.node, processed.orthanc.start()
+    query = orthanc.post_json(
+        "/modalities/node/query",
+        {"Level": "Series", "Query": {"StudyInstanceUID": processed.study_uid, "Modality": "RTSTRUCT"}},
+    )
+    answers = orthanc.get(f"{query['Path']}/answers?expand")
+    assert len(answers) == 1
+    # Orthanc retrieves with a C-MOVE to itself: the node knows it as a destination.
+    orthanc.post_json(f"{query['Path']}/answers/0/retrieve", {"TargetAet": orthanc.ae_title, "Synchronous": True})
+    series_uid, stored = result_series(node, "RTSTRUCT")
+    found = orthanc.post_json("/tools/find", {"Level": "Instance", "Query": {"SeriesInstanceUID": series_uid}})
+    assert len(found) == 1
+    copy = node.workdir / "rtstruct-from-orthanc.dcm"
+    copy.write_bytes(orthanc.request_bytes(f"/instances/{found[0]}/file"))
+    assert data_set_bytes(copy) == data_set_bytes(stored)
