@@ -1,0 +1,416 @@
+"""Retention: purging received images and results of finished series, by age or disk budget.
+
+Only a series whose job is finished (DONE, FAILED, IGNORED) is ever purged, and
+its job's state is checked again inside the purge transaction. Purging a
+received series deletes its instance files and ``Instance`` rows and stamps
+``Series.purged_at``; purging its results deletes the job folder and the
+instances of its result series (SEG, SR, RTSTRUCT), stamped the same way. The
+``Series``, ``Job`` and ``job_events`` rows stay as history; studies stay.
+
+:func:`plan_retention` decides (and changes nothing), :func:`apply_plan` deletes,
+:class:`RetentionTask` runs both periodically in ``serve``; ``dicom-node purge``
+runs them once, or plans only with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Job, JobState, Series, utcnow
+from db.session import transaction
+from dicom_node.config import RetentionSettings, Settings
+from dicom_node.logs import log_event
+
+LOG = logging.getLogger(__name__)
+
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
+GIGABYTE = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What one received series and its job's results occupy on disk."""
+
+    job_id: int
+    series_instance_uid: str
+    state: JobState
+    changed_at: datetime  # the job's last state change: a finished series' age counts from here
+    image_bytes: int
+    has_images: bool
+    result_bytes: int
+    has_results: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class PurgeItem:
+    """One series to purge: its images, its results, or both, and why."""
+
+    job_id: int
+    series_instance_uid: str
+    state: JobState
+    changed_at: datetime
+    images: bool
+    results: bool
+    bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """What retention would purge now, oldest first, and what it could not."""
+
+    items: list[PurgeItem]
+    used_bytes: int  # images plus results on disk before purging
+    budget_bytes: int | None
+    unfinished_bytes: int  # held by series not finished: never purged
+    unfinished_series: int
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(item.bytes for item in self.items)
+
+    @property
+    def over_budget_bytes(self) -> int:
+        """How far over the disk budget the node stays after the plan (0: within it)."""
+        if self.budget_bytes is None:
+            return 0
+        return max(0, self.used_bytes - self.bytes_freed - self.budget_bytes)
+
+    def shortfall(self) -> str | None:
+        """Why the budget cannot be met, or None when it can."""
+        if not self.over_budget_bytes:
+            return None
+        return (
+            f"still {format_bytes(self.over_budget_bytes)} over the {format_bytes(self.budget_bytes or 0)} "
+            f"disk budget: {format_bytes(self.unfinished_bytes)} is held by {self.unfinished_series} "
+            "series not finished yet, which are never purged"
+        )
+
+
+@dataclass
+class PurgeOutcome:
+    purged: list[PurgeItem] = field(default_factory=list)
+    skipped: list[tuple[PurgeItem, str]] = field(default_factory=list)  # (item, why)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(item.bytes for item in self.purged)
+
+
+def format_bytes(size: float) -> str:
+    """``512 B``, ``3.4 MB``, ``61.2 GB`` (decimal units, like ``max_disk_gigabytes``)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def plan_retention(session: Session, retention: RetentionSettings, now: datetime | None = None) -> RetentionPlan:
+    """What to purge now under ``retention``; reads the database and the job folders, changes nothing.
+
+    First the age limits (``days``, ``results_days``), then, while the disk in use
+    stays over ``max_disk_gigabytes``, whatever is left of the oldest finished series.
+    """
+    now = now or utcnow()
+    holdings = sorted(_holdings(session), key=lambda h: h.changed_at)
+    finished = [h for h in holdings if h.finished]
+    drafts: dict[int, _Draft] = {}
+    for holding in finished:
+        _apply_age_limits(drafts, holding, retention, now)
+    used = sum(h.image_bytes + h.result_bytes for h in holdings)
+    budget = int(retention.max_disk_gigabytes * GIGABYTE) if retention.max_disk_gigabytes else None
+    if budget is not None:
+        _apply_budget(drafts, finished, used, budget)
+    unfinished = [h for h in holdings if not h.finished]
+    return RetentionPlan(
+        items=[drafts[h.job_id].item(h) for h in finished if h.job_id in drafts],
+        used_bytes=used,
+        budget_bytes=budget,
+        unfinished_bytes=sum(h.image_bytes + h.result_bytes for h in unfinished),
+        unfinished_series=len(unfinished),
+    )
+
+
+@dataclass
+class _Draft:
+    images: bool = False
+    results: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, holding: Holding, *, images: bool, results: bool, reason: str) -> int:
+        """Mark more of ``holding`` for purging; returns the bytes this adds."""
+        add_images = images and holding.has_images and not self.images
+        add_results = results and holding.has_results and not self.results
+        if not (add_images or add_results):
+            return 0
+        self.images, self.results = self.images or add_images, self.results or add_results
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return (holding.image_bytes if add_images else 0) + (holding.result_bytes if add_results else 0)
+
+    def item(self, holding: Holding) -> PurgeItem:
+        size = (holding.image_bytes if self.images else 0) + (holding.result_bytes if self.results else 0)
+        return PurgeItem(
+            job_id=holding.job_id,
+            series_instance_uid=holding.series_instance_uid,
+            state=holding.state,
+            changed_at=holding.changed_at,
+            images=self.images,
+            results=self.results,
+            bytes=size,
+            reason="; ".join(self.reasons),
+        )
+
+
+def _apply_age_limits(drafts: dict[int, _Draft], holding: Holding, retention: RetentionSettings, now: datetime) -> None:
+    age = now - holding.changed_at
+    images_days = retention.days
+    results_days = retention.results_days or retention.days
+    expired_images = images_days is not None and age > timedelta(days=images_days)
+    expired_results = results_days is not None and age > timedelta(days=results_days)
+    if not (expired_images or expired_results):
+        return
+    draft = drafts.setdefault(holding.job_id, _Draft())
+    if expired_images and expired_results and images_days == results_days:
+        draft.add(holding, images=True, results=True, reason=f"older than {images_days:g} days")
+        return
+    if expired_images:
+        draft.add(holding, images=True, results=False, reason=f"images older than {images_days:g} days")
+    if expired_results:
+        draft.add(holding, images=False, results=True, reason=f"results older than {results_days:g} days")
+    if not (draft.images or draft.results):
+        del drafts[holding.job_id]  # expired, but nothing of it is left on disk
+
+
+def _apply_budget(drafts: dict[int, _Draft], finished: list[Holding], used: int, budget: int) -> None:
+    """Oldest finished series first, until the disk in use is within ``budget``."""
+    remaining = used - sum(drafts[h.job_id].item(h).bytes for h in finished if h.job_id in drafts)
+    reason = f"disk budget {format_bytes(budget)} exceeded: {format_bytes(used)} used"
+    for holding in finished:
+        if remaining <= budget:
+            return
+        draft = drafts.setdefault(holding.job_id, _Draft())
+        remaining -= draft.add(holding, images=True, results=True, reason=reason)
+        if not (draft.images or draft.results):
+            del drafts[holding.job_id]
+
+
+def _holdings(session: Session) -> list[Holding]:
+    """Every received series with its job, the bytes of its instances, and of its job's results."""
+    images = {
+        series_id: (count, size or 0)
+        for series_id, count, size in session.execute(
+            select(Instance.series_id, func.count(), func.sum(Instance.size_bytes)).group_by(Instance.series_id)
+        )
+    }
+    result_jobs = set(
+        session.scalars(
+            select(Series.source_job_id).join(Instance, Instance.series_id == Series.id).where(
+                Series.source_job_id.is_not(None)
+            )
+        )
+    )
+    rows = session.execute(
+        select(Job.id, Job.series_id, Series.series_instance_uid, Job.state, Job.state_changed_at, Job.result_path)
+        .join(Series, Job.series_id == Series.id)
+    )
+    holdings = []
+    for job_id, series_id, uid, state, changed_at, result_path in rows:
+        count, image_bytes = images.get(series_id, (0, 0))
+        folder = Path(result_path) if result_path else None
+        holdings.append(
+            Holding(
+                job_id=job_id,
+                series_instance_uid=uid,
+                state=state,
+                changed_at=_aware(changed_at),
+                image_bytes=image_bytes,
+                has_images=count > 0,
+                result_bytes=_folder_bytes(folder) if folder else 0,
+                has_results=job_id in result_jobs or bool(folder and folder.exists()),
+            )
+        )
+    return holdings
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def apply_plan(
+    sessions: sessionmaker[Session], settings: Settings, plan: RetentionPlan, now: datetime | None = None
+) -> PurgeOutcome:
+    """Purge each planned series in its own transaction; a series that changed since planning is skipped."""
+    outcome = PurgeOutcome()
+    for item in plan.items:
+        why_not = purge_item(sessions, settings, item, now or utcnow())
+        if why_not is None:
+            outcome.purged.append(item)
+        else:
+            outcome.skipped.append((item, why_not))
+            log_event(LOG, logging.INFO, "retention.skipped", series_instance_uid=item.series_instance_uid, why=why_not)
+    return outcome
+
+
+def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeItem, now: datetime) -> str | None:
+    """Delete the files, then the rows, of one planned series; returns why it was skipped, or None.
+
+    The job is read again, locked, inside the transaction: a series re-opened or
+    re-run since planning is left alone. Files go first, so a crash leaves rows
+    pointing at missing files (purged again next time), never unreferenced files.
+    """
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
+        if job is None:
+            return "its job no longer exists"
+        if job.state not in FINISHED_STATES or _aware(job.state_changed_at) != item.changed_at:
+            return f"it changed since planning (now {job.state.value})"
+        root = settings.storage.directory
+        if item.images:
+            _purge_series(session, job.series, root, now)
+        if item.results:
+            _purge_results(session, job, root, now)
+    log_event(
+        LOG, logging.INFO, "series.purged", series_instance_uid=item.series_instance_uid, job=item.job_id,
+        images=item.images, results=item.results, bytes=item.bytes, reason=item.reason,
+    )
+    return None
+
+
+def _purge_series(session: Session, series: Series, root: Path, now: datetime) -> None:
+    """Delete a series' instance files and rows; the series row stays, stamped ``purged_at``."""
+    paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series.id))]
+    for path in paths:
+        if _inside(path, root):
+            path.unlink(missing_ok=True)
+        else:
+            log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path))
+    session.execute(delete(Instance).where(Instance.series_id == series.id))
+    series.purged_at = now
+    series.instance_count = 0  # a re-sent series counts from zero again
+    _remove_empty_folders({path.parent for path in paths}, root / "instances")
+
+
+def _purge_results(session: Session, job: Job, root: Path, now: datetime) -> None:
+    """Delete the job folder and the instances of the job's result series."""
+    query = select(Series).where(Series.source_job_id == job.id, Series.purged_at.is_(None))
+    for series in list(session.scalars(query)):
+        _purge_series(session, series, root, now)
+    if job.result_path:
+        folder = Path(job.result_path)
+        if not _inside(folder, root):
+            log_event(LOG, logging.WARNING, "retention.folder_outside_storage_kept", path=str(folder))
+        elif folder.exists():
+            shutil.rmtree(folder)  # an error rolls the transaction back; the next pass tries again
+    job.result_files = None  # gone: a retry must not try to send them
+
+
+def _inside(path: Path, root: Path) -> bool:
+    resolved = path.resolve()
+    return resolved != root.resolve() and resolved.is_relative_to(root.resolve())
+
+
+def _remove_empty_folders(folders: set[Path], top: Path) -> None:
+    """Remove each folder and its parents up to (not including) ``top`` while they are empty."""
+    top = top.resolve()
+    for folder in folders:
+        folder = folder.resolve()
+        while folder != top and folder.is_relative_to(top):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (another series, a file arriving) or already gone
+                break
+            folder = folder.parent
+
+
+def plan_rows(plan: RetentionPlan, outcome: PurgeOutcome | None = None, now: datetime | None = None) -> list[list[str]]:
+    """One row per planned series: UID, state, age, what is purged, size, reason (or why it was skipped)."""
+    now = now or utcnow()
+    skipped = {item.job_id: why for item, why in (outcome.skipped if outcome else [])}
+    rows = []
+    for item in plan.items:
+        parts = " + ".join(part for part, on in (("images", item.images), ("results", item.results)) if on)
+        age = f"{(now - item.changed_at).total_seconds() / 86400:.1f} days"
+        reason = f"SKIPPED: {skipped[item.job_id]}" if item.job_id in skipped else item.reason
+        rows.append([item.series_instance_uid, item.state.value, age, parts, format_bytes(item.bytes), reason])
+    return rows
+
+
+def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> list[str]:
+    """The totals under the table: freed (or, with no outcome, would free), in use, and any shortfall."""
+    freed, count = (outcome.bytes_freed, len(outcome.purged)) if outcome else (plan.bytes_freed, len(plan.items))
+    budget = f" of a {format_bytes(plan.budget_bytes)} budget" if plan.budget_bytes is not None else ""
+    verb = "freed" if outcome else "would free"
+    used = format_bytes(plan.used_bytes)
+    lines = [f"{verb} {format_bytes(freed)} from {count} series; in use before: {used}{budget}"]
+    shortfall = plan.shortfall()
+    return lines + [shortfall] if shortfall else lines
+
+
+class RetentionTask:
+    """Applies retention every ``retention.check_interval_seconds``; a thread of ``serve``."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+
+    def start(self) -> None:
+        retention = self.settings.retention
+        if not retention.enabled:
+            log_event(LOG, logging.INFO, "retention.off", hint="set retention.days or retention.max_disk_gigabytes")
+            return
+        log_event(
+            LOG, logging.INFO, "retention.on", days=retention.days, results_days=retention.results_days,
+            max_disk_gigabytes=retention.max_disk_gigabytes,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - keep running; the trace is logged
+                LOG.exception("retention.pass_failed")
+            self._stop.wait(self.settings.retention.check_interval_seconds)
+
+    def run_once(self, now: datetime | None = None) -> PurgeOutcome:
+        """Plan and purge once."""
+        with self.sessions() as session:
+            plan = plan_retention(session, self.settings.retention, now)
+        outcome = apply_plan(self.sessions, self.settings, plan, now)
+        if plan.items:
+            log_event(
+                LOG, logging.INFO, "retention.pass", purged=len(outcome.purged), skipped=len(outcome.skipped),
+                freed=format_bytes(outcome.bytes_freed),
+            )
+        if plan.shortfall():
+            log_event(LOG, logging.WARNING, "retention.over_budget", detail=plan.shortfall())
+        return outcome

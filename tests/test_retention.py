@@ -1,0 +1,298 @@
+"""Retention: finished series are purged by age or disk budget; unfinished ones never are."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.models import Instance, Job, JobEvent, JobState, Series, Study, utcnow
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
+from dicom_node.retention import RetentionTask, apply_plan, plan_retention
+from tests.conftest import DICOM_NODE, wait_for
+
+STUDY = "1.2.826.0.1.3680043.10.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+NOW = utcnow()
+UNFINISHED = [JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED, JobState.PROCESSING, JobState.SENDING]
+
+
+@dataclass
+class Stored:
+    """One received series as written by the helper: its files and its job."""
+
+    uid: str
+    job_id: int
+    images: list[Path]
+    results: Path | None
+
+
+@pytest.fixture
+def node(tmp_path) -> tuple[Settings, sessionmaker[Session]]:
+    settings = Settings(storage={"directory": tmp_path / "storage"})
+    migrate(settings.database_url)
+    return settings, make_session_factory(make_engine(settings.database_url))
+
+
+def add_series(
+    node: tuple[Settings, sessionmaker[Session]],
+    uid: str,
+    state: JobState,
+    days_ago: float,
+    *,
+    images: int = 2,
+    image_bytes: int = 1000,
+    results: bool = True,
+) -> Stored:
+    """A received series with real files, its job put in ``state`` ``days_ago``, and (optionally) results."""
+    settings, sessions = node
+    folder = settings.storage.directory / "instances" / STUDY / uid
+    folder.mkdir(parents=True)
+    files = []
+    with transaction(sessions) as session:
+        for n in range(1, images + 1):
+            path = folder / f"{uid}.{n}.dcm"
+            path.write_bytes(b"\0" * image_bytes)
+            files.append(path)
+            record_instance(session, _record(f"{uid}.{n}", uid, path))
+        job = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == uid)).one()
+        job.state = state
+        job.state_changed_at = NOW - timedelta(days=days_ago)
+        session.flush()
+        result_folder = _add_results(session, settings, job) if results else None
+        return Stored(uid, job.id, files, result_folder)
+
+
+def _record(sop_uid: str, series_uid: str, path: Path) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=CT,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        study=StudyAttributes(STUDY),
+        series=SeriesAttributes(series_uid, modality="CT"),
+    )
+
+
+def _add_results(session: Session, settings: Settings, job: Job) -> Path:
+    """The job folder a worker leaves, with a SEG indexed as a result series of the job."""
+    folder = settings.jobs_directory / str(job.id)
+    folder.mkdir(parents=True)
+    for name in ("labels.nii.gz", "measurements.json", "segmentation.json", "preview.png"):
+        (folder / name).write_bytes(b"\0" * 100)
+    seg = folder / "seg-binary.dcm"
+    seg.write_bytes(b"\0" * 500)
+    study = session.scalars(select(Study).where(Study.study_instance_uid == STUDY)).one()
+    result = Series(
+        series_instance_uid=f"{job.series.series_instance_uid}.9701", study=study, modality="SEG",
+        source_job_id=job.id, instance_count=1,
+    )
+    session.add(Instance(
+        series=result, sop_instance_uid=f"{job.series.series_instance_uid}.9701.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(seg), size_bytes=500,
+    ))
+    job.result_path = str(folder)
+    job.result_files = [str(seg)]
+    return folder
+
+
+def purge(node: tuple[Settings, sessionmaker[Session]], **retention: float) -> list[str]:
+    """Plan and apply retention; the UIDs of the series purged."""
+    settings, sessions = node
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(**retention), NOW)
+    return [item.series_instance_uid for item in apply_plan(sessions, settings, plan, NOW).purged]
+
+
+def instance_rows(sessions: sessionmaker[Session], series_uid: str) -> int:
+    with sessions() as session:
+        query = select(func.count()).select_from(Instance).join(Instance.series)
+        return session.scalar(query.where(Series.series_instance_uid == series_uid)) or 0
+
+
+def test_old_done_series_is_purged_with_its_results_and_keeps_its_history(node):
+    settings, sessions = node
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    recent = add_series(node, "1.2.3.2", JobState.DONE, days_ago=1)
+
+    assert purge(node, days=7) == [old.uid]
+
+    assert not any(path.exists() for path in old.images)
+    assert not (settings.storage.directory / "instances" / STUDY / old.uid).exists()
+    assert not old.results.exists()
+    assert all(path.exists() for path in recent.images) and recent.results.is_dir()
+    assert instance_rows(sessions, old.uid) == 0 and instance_rows(sessions, f"{old.uid}.9701") == 0
+    with sessions() as session:
+        job = session.get_one(Job, old.job_id)
+        result = session.scalars(select(Series).where(Series.source_job_id == old.job_id)).one()
+        assert job.state is JobState.DONE and job.series.purged_at is not None and result.purged_at is not None
+        assert job.series.instance_count == 0 and job.result_files is None
+        assert session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == old.job_id)) >= 1
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+
+
+@pytest.mark.parametrize("state", UNFINISHED)
+def test_unfinished_series_is_never_purged_however_old_or_over_budget(node, state):
+    busy = add_series(node, "1.2.3.1", state, days_ago=400)
+
+    assert purge(node, days=1, max_disk_gigabytes=1e-9) == []
+
+    assert all(path.exists() for path in busy.images) and busy.results.is_dir()
+    assert instance_rows(node[1], busy.uid) == 2
+
+
+def test_disk_budget_purges_the_oldest_finished_series_first(node):
+    busy = add_series(node, "1.2.3.1", JobState.QUEUED, days_ago=30, results=False)
+    oldest = add_series(node, "1.2.3.2", JobState.IGNORED, days_ago=20, results=False)
+    older = add_series(node, "1.2.3.3", JobState.FAILED, days_ago=10)
+    newest = add_series(node, "1.2.3.4", JobState.DONE, days_ago=1)
+    # 2000 B of images each, 900 B of results for the last two: 9800 B in all.
+
+    assert purge(node, max_disk_gigabytes=5000e-9) == [oldest.uid, older.uid]
+
+    assert all(path.exists() for path in busy.images + newest.images)
+    assert not any(path.exists() for path in oldest.images + older.images) and not older.results.exists()
+
+
+def test_plan_says_what_unfinished_series_keep_over_the_budget(node):
+    add_series(node, "1.2.3.1", JobState.PROCESSING, days_ago=30, image_bytes=5000)
+    add_series(node, "1.2.3.2", JobState.DONE, days_ago=20)
+    with node[1]() as session:
+        plan = plan_retention(session, RetentionSettings(max_disk_gigabytes=2000e-9), NOW)
+
+    assert [item.series_instance_uid for item in plan.items] == ["1.2.3.2"]
+    assert plan.items[0].reason == "disk budget 2.0 kB exceeded: 13.8 kB used"
+    assert plan.bytes_freed == 2900 and plan.over_budget_bytes == 13800 - 2900 - 2000
+    assert plan.shortfall() == (
+        "still 8.9 kB over the 2.0 kB disk budget: 10.9 kB is held by 1 series not finished yet, which are never purged"
+    )
+
+
+def test_results_can_be_kept_longer_than_images(node):
+    middle = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    with node[1]() as session:
+        plan = plan_retention(session, RetentionSettings(days=7, results_days=30), NOW)
+    assert [(i.series_instance_uid, i.images, i.results) for i in plan.items] == [
+        (old.uid, True, True), (middle.uid, True, False)
+    ]
+    assert plan.items[1].reason == "images older than 7 days"
+
+    purge(node, days=7, results_days=30)
+
+    assert not any(path.exists() for path in middle.images + old.images)
+    assert middle.results.is_dir() and not old.results.exists()
+    assert purge(node, days=7, results_days=30) == []  # nothing left to purge
+    assert purge(node, days=7, results_days=5) == [middle.uid]
+    assert not middle.results.exists()
+
+
+def test_series_reopened_after_planning_is_left_alone(node):
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    with transaction(sessions) as session:
+        jobs.reopen(session, session.get_one(Job, stored.job_id))
+
+    outcome = apply_plan(sessions, settings, plan, NOW)
+
+    assert outcome.purged == [] and "now RECEIVING" in outcome.skipped[0][1]
+    assert all(path.exists() for path in stored.images) and stored.results.is_dir()
+
+
+def test_retention_task_purges_in_the_background_and_stops(node):
+    settings, sessions = node
+    settings.retention = RetentionSettings(days=7, check_interval_seconds=0.1)
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    task = RetentionTask(settings, sessions)
+    task.start()
+    try:
+        wait_for(lambda: not stored.results.exists(), timeout=10, what="the retention pass")
+    finally:
+        task.stop()
+    assert not any(path.exists() for path in stored.images)
+
+
+def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"retention": {"days": 0}}))
+    with pytest.raises(ConfigError, match="retention.days: Input should be greater than 0"):
+        load_settings(path)
+    monkeypatch.setenv("DICOM_NODE_RETENTION__MAX_DISK_GIGABYTES", "250")
+    path.write_text(yaml.safe_dump({"retention": {"days": 7}}))
+    settings = load_settings(path)
+    assert (settings.retention.days, settings.retention.max_disk_gigabytes) == (7, 250)
+    assert not load_settings(tmp_path / "config.yaml").retention.results_days
+
+
+def cli(node: tuple[Settings, sessionmaker[Session]], tmp_path: Path, *args: str, **retention: float):
+    config = tmp_path / "config.yaml"
+    data = {"storage": {"directory": str(node[0].storage.directory)}, "retention": retention}
+    config.write_text(yaml.safe_dump(data))
+    return subprocess.run([DICOM_NODE, "purge", *args, "--config", str(config)], capture_output=True, text=True)
+
+
+def test_purge_dry_run_prints_the_plan_and_deletes_nothing(node, tmp_path):
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    add_series(node, "1.2.3.2", JobState.SENDING, days_ago=10)
+
+    result = cli(node, tmp_path, "--dry-run", days=7)
+
+    assert result.returncode == 0, result.stderr
+    assert "would purge (dry run: nothing deleted)" in result.stdout
+    assert old.uid in result.stdout and "1.2.3.2" not in result.stdout
+    assert "older than 7 days" in result.stdout and "images + results" in result.stdout
+    assert "would free 2.9 kB from 1 series" in result.stdout
+    assert all(path.exists() for path in old.images) and old.results.is_dir()
+    assert instance_rows(node[1], old.uid) == 2
+
+
+def test_purge_deletes_what_it_prints(node, tmp_path):
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+
+    result = cli(node, tmp_path, "--days", "7")  # no retention configured: the option alone
+
+    assert result.returncode == 0, result.stderr
+    assert "freed 2.9 kB from 1 series" in result.stdout and old.uid in result.stdout
+    assert not any(path.exists() for path in old.images) and not old.results.exists()
+    assert instance_rows(node[1], old.uid) == 0
+
+
+def test_purge_without_retention_configured_says_so(node, tmp_path):
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1000)
+
+    result = cli(node, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "retention is not configured" in result.stdout
+    assert all(path.exists() for path in old.images)
+
+
+def test_a_purged_series_sent_again_is_held_again_and_cannot_be_retried_while_purged(node):
+    settings, sessions = node
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    assert purge(node, days=7) == [old.uid]
+    with transaction(sessions) as session:
+        job = session.get_one(Job, old.job_id)
+        with pytest.raises(jobs.InvalidTransition, match="purged by retention"):
+            jobs.retry(session, job)
+
+    again = settings.storage.directory / "again.dcm"
+    again.write_bytes(b"\0" * 10)
+    with transaction(sessions) as session:
+        record_instance(session, _record(f"{old.uid}.1", old.uid, again))
+    with sessions() as session:
+        job = session.get_one(Job, old.job_id)
+        assert job.series.purged_at is None and job.state is JobState.RECEIVING
