@@ -296,6 +296,75 @@ def phantom(
     console.print(f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False)
 
 
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the phantom, the node's files and the results.")] = Path("dicom-node-demo"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 300.0,
+) -> None:
+    """Run the whole loop once: start a node, send it a CT phantom, pull the results back through Q/R."""
+    from dicom_node.demo import DemoFailed, run_demo
+
+    try:
+        result = run_demo(output, lambda line: console.print(f"[green]ok[/] {line}", highlight=False), timeout=timeout)
+    except DemoFailed as exc:
+        errors.print(f"[bold red]demo failed[/] at: {exc}\nnode log: {output.resolve() / 'node' / 'node.log'}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title="Structures (from the retrieved TID 1500 SR)")
+    for column in ("structure", "volume (ml)", "mean (HU)", "note"):
+        table.add_column(column, justify="left" if column in ("structure", "note") else "right")
+    for row in result.structures:
+        note = "cut by scan edge" if row.cut_by_scan_edge else ""
+        table.add_row(row.name, f"{row.volume_ml:.1f}", f"{row.mean_hu:.1f}", note)
+    console.print(table)
+    for what, path in result.files.items():
+        console.print(f"{what:<9} {path}", highlight=False)
+    console.print(f"node log  {result.node_log}", highlight=False)
+
+
+@app.command()
+def purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be purged; delete nothing.")] = False,
+    days: Annotated[Optional[float], typer.Option(help="Instead of retention.days.")] = None,
+    results_days: Annotated[Optional[float], typer.Option(help="Instead of retention.results_days.")] = None,
+    max_disk_gigabytes: Annotated[Optional[float], typer.Option(help="Instead of retention.max_disk_gigabytes.")] = None,
+) -> None:
+    """Purge images and results of finished series by the retention settings (--dry-run: only show what)."""
+    from pydantic import ValidationError
+
+    from db.session import make_session_factory
+    from dicom_node.config import RetentionSettings
+    from dicom_node.retention import apply_plan, plan_retention, plan_rows, plan_summary
+
+    settings = _settings(config)
+    overrides = {"days": days, "results_days": results_days, "max_disk_gigabytes": max_disk_gigabytes}
+    try:
+        retention = RetentionSettings.model_validate(
+            {**settings.retention.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        errors.print(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+    if not retention.enabled:
+        console.print("retention is not configured (retention.days, retention.results_days, "
+                      "retention.max_disk_gigabytes, or --days/--results-days/--max-disk-gigabytes): nothing to purge")
+        return
+    with _session(settings) as session:
+        plan = plan_retention(session, retention)
+        sessions = make_session_factory(session.get_bind())
+    outcome = None if dry_run else apply_plan(sessions, settings, plan)
+    if plan.items:
+        table = Table(title="would purge (dry run: nothing deleted)" if dry_run else "purged")
+        for column in ("series instance UID", "state", "age", "purges", "size", "reason"):
+            table.add_column(column, overflow="fold")
+        for row in plan_rows(plan, outcome):
+            table.add_row(*row)
+        console.print(table)
+    for line in plan_summary(plan, outcome):
+        console.print(line, highlight=False)
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration (file, environment and defaults merged)."""

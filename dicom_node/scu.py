@@ -1,12 +1,24 @@
-"""Outgoing DICOM: the node as a service user (C-ECHO now; C-STORE of results later)."""
+"""Outgoing DICOM as a service user: C-ECHO, and C-FIND / C-GET as a planning system would pull results.
+
+C-STORE of results lives in :mod:`dicom_node.dispatch`.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
 
 
 @dataclass(frozen=True)
@@ -38,3 +50,85 @@ def verify(calling_ae: str, called_ae: str, host: str, port: int, *, timeout: fl
         return EchoResult(True, "success", elapsed)
     code = response.get("Status") if response else None
     return EchoResult(False, f"status {code!r}" if code is not None else "no response", elapsed)
+
+
+def find(
+    calling_ae: str, called_ae: str, host: str, port: int, identifier: Dataset, *, timeout: float = 30.0
+) -> list[Dataset]:
+    """C-FIND (Study Root) a peer; the matches, or :class:`ScuError` with the reason."""
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, called_ae, host, port)
+    matches: list[Dataset] = []
+    try:
+        for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            code = int(status.Status) if status and "Status" in status else None
+            if code in (0xFF00, 0xFF01) and match is not None:
+                matches.append(match)
+            elif code != 0x0000:
+                raise ScuError(f"C-FIND answered {_shown(code, status)}")
+    finally:
+        assoc.release()
+    return matches
+
+
+def get(
+    calling_ae: str,
+    called_ae: str,
+    host: str,
+    port: int,
+    identifier: Dataset,
+    sop_classes: list[str],
+    folder: Path,
+    *,
+    timeout: float = 60.0,
+) -> list[Path]:
+    """C-GET (Study Root) into ``folder``: each instance as ``<SOPInstanceUID>.dcm``, exactly as sent."""
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in sorted(set(sop_classes)):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    roles = [build_role(sop_class, scp_role=True) for sop_class in sorted(set(sop_classes))]
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def _store(event: evt.Event) -> int:
+        path = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        path.write_bytes(event.encoded_dataset())
+        written.append(path)
+        return 0x0000
+
+    assoc = _associate(ae, called_ae, host, port, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _store)])
+    try:
+        for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            code = int(status.Status) if status and "Status" in status else None
+            if code not in (0xFF00, 0x0000):
+                raise ScuError(f"C-GET answered {_shown(code, status)}")
+    finally:
+        assoc.release()
+    return written
+
+
+class ScuError(RuntimeError):
+    """A request to a peer failed; the message says how."""
+
+
+def _ae(calling_ae: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    return ae
+
+
+def _associate(ae: AE, called_ae: str, host: str, port: int, **kwargs: Any) -> Association:
+    assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
+        raise ScuError(f"{called_ae}@{host}:{port}: {reason}")
+    return assoc
+
+
+def _shown(code: int | None, status: Dataset | None) -> str:
+    if code is None:
+        return "no response"
+    comment = f" ({status.ErrorComment})" if status is not None and "ErrorComment" in status else ""
+    return f"status 0x{code:04X}{comment}"
