@@ -1,4 +1,4 @@
-"""`dicom-node serve`: the Storage SCP, the series watcher, the inference worker processes and the dispatcher."""
+"""`dicom-node serve`: the SCP (store, query/retrieve), the series watcher, the inference worker processes, the dispatcher and retention."""
 
 from __future__ import annotations
 
