@@ -143,6 +143,10 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
             console.print(f"timings  {stages}", highlight=False)
         if job.result_path:
             console.print(f"results  {job.result_path}", highlight=False)
+        for result in session.scalars(select(Series).where(Series.source_job_id == job.id).order_by(Series.series_number)):
+            console.print(f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}", highlight=False)
+        if series.purged_at is not None:
+            console.print(f"purged   {series.purged_at.isoformat(timespec='seconds')} by retention", highlight=False)
         table = Table("at", "from", "to", "reason")
         for event in job.events:
             table.add_row(

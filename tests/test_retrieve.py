@@ -209,3 +209,10 @@ def test_orthanc_queries_the_node_and_retrieves_the_rtstruct(processed: Processe
     copy = node.workdir / "rtstruct-from-orthanc.dcm"
     copy.write_bytes(orthanc.request_bytes(f"/instances/{found[0]}/file"))
     assert data_set_bytes(copy) == data_set_bytes(stored)
+
+
+def test_show_lists_the_result_series_the_node_holds(processed: ProcessedStudy) -> None:
+    shown = processed.node.cli("show", processed.ct_series_uid).stdout
+    for modality in ("SEG", "SR", "RTSTRUCT"):
+        series_uid, _ = result_series(processed.node, modality)
+        assert f"{modality:<8} {series_uid}" in shown, shown
