@@ -10,20 +10,19 @@ the reason; ``dicom-node retry`` sends again.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
-from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.config import Destination, Settings
+from dicom_node.config import Destination
 from dicom_node.logs import log_event
+from dicom_node.periodic import PeriodicTask
 
 LOG = logging.getLogger(__name__)
 
@@ -68,29 +67,14 @@ def send_files(calling_ae: str, destination: Destination, files: list[str], time
     return SendOutcome(sent, None)
 
 
-class Dispatcher:
+class Dispatcher(PeriodicTask):
     """Sends SENDING jobs' results; runs as a thread of ``serve``."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+    name = "dispatch"
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep dispatching; the trace is logged
-                LOG.exception("dispatch.pass_failed")
-            self._stop.wait(self.settings.dispatch.check_interval_seconds)
+    @property
+    def interval_seconds(self) -> float:
+        return self.settings.dispatch.check_interval_seconds
 
     def run_once(self, now: datetime | None = None) -> None:
         """One pass over SENDING jobs: every destination that is due gets one attempt."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
+from dicom_node.periodic import PeriodicTask
 
 LOG = logging.getLogger(__name__)
 
@@ -368,14 +368,14 @@ def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> li
     return lines + [shortfall] if shortfall else lines
 
 
-class RetentionTask:
+class RetentionTask(PeriodicTask):
     """Applies retention every ``retention.check_interval_seconds``; a thread of ``serve``."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+    name = "retention"
+
+    @property
+    def interval_seconds(self) -> float:
+        return self.settings.retention.check_interval_seconds
 
     def start(self) -> None:
         retention = self.settings.retention
@@ -386,20 +386,7 @@ class RetentionTask:
             LOG, logging.INFO, "retention.on", days=retention.days, results_days=retention.results_days,
             max_disk_gigabytes=retention.max_disk_gigabytes,
         )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep running; the trace is logged
-                LOG.exception("retention.pass_failed")
-            self._stop.wait(self.settings.retention.check_interval_seconds)
+        super().start()
 
     def run_once(self, now: datetime | None = None) -> PurgeOutcome:
         """Plan and purge once."""

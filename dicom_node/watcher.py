@@ -8,47 +8,29 @@ and a COMPLETE series whose routing was cut off is routed again.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from db import jobs
 from db.models import Job, JobState, Series
 from db.session import transaction
-from dicom_node.config import Settings
 from dicom_node.logs import log_event
+from dicom_node.periodic import PeriodicTask
 from dicom_node.routing import decide, series_facts
 
 LOG = logging.getLogger(__name__)
 
 
-class SeriesWatcher:
+class SeriesWatcher(PeriodicTask):
     """Completion and routing, run every ``completion.check_interval_seconds``."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    name = "watcher"
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="series-watcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep watching; the error is logged with its trace
-                LOG.exception("watcher.pass_failed")
-            self._stop.wait(self.settings.completion.check_interval_seconds)
+    @property
+    def interval_seconds(self) -> float:
+        return self.settings.completion.check_interval_seconds
 
     def run_once(self) -> None:
         """One pass: complete what is ready, then route what is complete."""
