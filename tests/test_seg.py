@@ -1,16 +1,29 @@
-"""DICOM-SEG encoding: validates, decodes back to the same label map at the same positions, codes laterality."""
+"""DICOM-SEG encoding: validates, decodes back to the same label map at the same positions, codes laterality;
+the fast writer's bytes are pydicom's."""
 
 from __future__ import annotations
 
+import copy
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 
 from dicom_node.encode.codes import LEFT, RIGHT, structure_codes
-from dicom_node.encode.seg import Algorithm, encode_segmentation
+from dicom_node.encode.fast_write import save_preencoded
+from dicom_node.encode.seg import (
+    PER_FRAME_FUNCTIONAL_GROUPS,
+    Algorithm,
+    encode_segmentation,
+    label_values,
+    warm_up,
+    write_segmentation,
+)
 from inference.models.threshold import ThresholdModel
 from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
@@ -63,7 +76,7 @@ def test_seg_decodes_to_the_encoded_label_map_on_the_real_ct(shared_fixtures, tm
     encoded = encode_segmentation(sources_in_volume_order(files, volume), result.labels, result.classes, algorithm,
                                   segmentation_type=kind)
     path = tmp_path / "seg.dcm"
-    encoded.dataset.save_as(path)
+    write_segmentation(encoded.dataset, path)
 
     np.testing.assert_array_equal(decoded_label_map(path, volume, encoded.segment_classes), result.labels)
     written = pydicom.dcmread(path)
@@ -79,7 +92,7 @@ def test_binary_seg_passes_dciodvfy(phantom_with_kidneys, tmp_path):
     encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
                                   segmentation_type="BINARY")
     path = tmp_path / "seg.dcm"
-    encoded.dataset.save_as(path)
+    write_segmentation(encoded.dataset, path)
 
     errors, _warnings = dciodvfy(path)
 
@@ -114,3 +127,118 @@ def test_empty_label_map_is_refused(phantom_with_kidneys):
     series, volume, labels, classes = phantom_with_kidneys
     with pytest.raises(ValueError, match="no structure"):
         encode_segmentation(sources_in_volume_order(series.files, volume), np.zeros_like(labels), classes, TS_ALGORITHM)
+
+
+def pydicom_bytes(dataset: pydicom.Dataset) -> bytes:
+    """What ``save_as`` writes, from a copy: writing can parse or correct elements in place."""
+    buffer = BytesIO()
+    copy.deepcopy(dataset).save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("kind", "compress"), [("BINARY", False), ("LABELMAP", False), ("LABELMAP", True)])
+def test_write_segmentation_writes_pydicoms_bytes(phantom_with_kidneys, tmp_path, kind, compress):
+    series, volume, labels, classes = phantom_with_kidneys
+    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
+                                  segmentation_type=kind, compress=compress)
+    path = tmp_path / "seg.dcm"
+    expected = pydicom_bytes(encoded.dataset)
+
+    assert save_preencoded(encoded.dataset, path, PER_FRAME_FUNCTIONAL_GROUPS)  # the fast path, not the fallback
+
+    assert path.read_bytes() == expected
+    assert isinstance(encoded.dataset.PerFrameFunctionalGroupsSequence, pydicom.Sequence)  # the dataset is put back
+    assert encoded.dataset.original_encoding == (None, None)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed == compress
+
+
+def test_write_segmentation_falls_back_to_save_as_for_implicit_vr(phantom_with_kidneys):
+    series, volume, labels, classes = phantom_with_kidneys
+    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
+                                  segmentation_type="BINARY")
+    encoded.dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    expected, buffer = pydicom_bytes(encoded.dataset), BytesIO()
+
+    assert not save_preencoded(encoded.dataset, buffer, PER_FRAME_FUNCTIONAL_GROUPS)
+
+    assert buffer.getvalue() == expected
+
+
+def test_label_values_are_numpys_unique_values():
+    rng = np.random.default_rng(3)
+    for dtype in (np.uint8, np.uint16, np.int16):
+        labels = rng.choice(np.array([0, 2, 7, 200], dtype=dtype), size=(5, 6, 7))
+        np.testing.assert_array_equal(label_values(labels), np.unique(labels))
+
+
+def test_identity_relabelling_leaves_the_label_map_untouched(phantom_with_kidneys, tmp_path):
+    series, volume, labels, classes = phantom_with_kidneys
+    identity = np.zeros_like(labels)
+    for number, value in enumerate(np.unique(labels)[1:], start=1):
+        identity[labels == value] = number
+    before = identity.copy()
+
+    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), identity, classes, TS_ALGORITHM,
+                                  segmentation_type="BINARY")
+    path = tmp_path / "seg.dcm"
+    write_segmentation(encoded.dataset, path)
+
+    assert encoded.segment_classes == {number: number for number in range(1, 6)}
+    np.testing.assert_array_equal(identity, before)
+    np.testing.assert_array_equal(decoded_label_map(path, volume, encoded.segment_classes), identity)
+
+
+def test_warm_up_encodes_a_dummy_seg():
+    assert warm_up() > 0
+
+
+def small_file_dataset(items: list[pydicom.Dataset]) -> pydicom.Dataset:
+    dataset = pydicom.Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID = SegmentationStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID = hd.UID()
+    dataset.PixelRepresentation = 0
+    dataset.PerFrameFunctionalGroupsSequence = items
+    return dataset
+
+
+def read_item(item: pydicom.Dataset, syntax: str) -> pydicom.Dataset:
+    """``item`` written in a file of transfer syntax ``syntax`` and read back: its elements are raw."""
+    written = small_file_dataset([item])
+    written.file_meta.TransferSyntaxUID = syntax
+    return pydicom.dcmread(BytesIO(pydicom_bytes(written)), force=True).PerFrameFunctionalGroupsSequence[0]
+
+
+def test_save_preencoded_matches_pydicom_on_shared_undefined_length_charset_and_raw_items(tmp_path):
+    shared = pydicom.Dataset()
+    shared.PlanePositionSequence = [pydicom.Dataset()]
+    shared.PlanePositionSequence[0].ImagePositionPatient = [0.0, 1.5, -3.25]
+    delimited = pydicom.Dataset()
+    delimited.is_undefined_length_sequence_item = True
+    delimited.ContentLabel = "DELIMITED"
+    undefined = pydicom.Dataset()
+    undefined.DerivationImageSequence = [delimited]
+    undefined["DerivationImageSequence"].is_undefined_length = True
+    shared.add_new(0x00200000, "UL", 8)  # a retired group length, not written
+    utf8 = pydicom.Dataset()
+    utf8.SpecificCharacterSet = "ISO_IR 192"
+    utf8.ContentDescription = "Gefäße  "  # kept as is when raw, stripped when parsed
+    read_back = [read_item(utf8, syntax) for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]  # raw
+    dataset = small_file_dataset([shared, undefined, shared, utf8, *read_back])
+    path, expected = tmp_path / "small.dcm", pydicom_bytes(dataset)
+
+    assert save_preencoded(dataset, path, PER_FRAME_FUNCTIONAL_GROUPS)
+
+    assert path.read_bytes() == expected
+
+
+def test_save_preencoded_falls_back_on_an_ambiguous_vr_in_the_sequence():
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [1, 0, 16]  # US or SS, resolved by pydicom from an ancestor
+    dataset = small_file_dataset([item])
+    expected, buffer = pydicom_bytes(dataset), BytesIO()
+
+    assert not save_preencoded(dataset, buffer, PER_FRAME_FUNCTIONAL_GROUPS)
+
+    assert buffer.getvalue() == expected

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
-from dicom_node.encode.seg import Algorithm, encode_segmentation
+from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
 from inference.volume import Volume
@@ -52,7 +52,7 @@ def encode_results(
             series_description=describe("Segmentation"),
         )
         seg_path = folder / f"seg-{kind.lower()}.dcm"
-        seg.dataset.save_as(seg_path)
+        write_segmentation(seg.dataset, seg_path)
         sr = encode_measurement_report(seg, sources, measurements, algorithm)
         sr.SeriesDescription = describe("Measurements")
         sr_path = folder / f"sr-{kind.lower()}.dcm"
