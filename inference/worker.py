@@ -29,6 +29,7 @@ from dicom_node.config import Settings
 from dicom_node.encode.measurements import measure, write_measurements_json
 from dicom_node.logs import log_event
 from dicom_node.encode.results import EncodingError, encode_results
+from dicom_node.encode.seg import warm_up
 from dicom_node.receive.header import read_file_header
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.volume import VolumeError, load_series_volume
@@ -58,7 +59,8 @@ class InferenceWorker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set, polling the queue every ``inference.poll_seconds``."""
         self.requeue_abandoned_jobs()
-        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity)
+        warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
+        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
         while not stop.is_set():
             if not self.run_once():
                 stop.wait(self.settings.inference.poll_seconds)
