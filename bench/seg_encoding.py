@@ -4,10 +4,13 @@
 One synthetic full-body-like label map (``--slices`` x 512 x 512, ``--structures``
 distinct TotalSegmentator ``total`` classes) on a synthetic CT series is encoded by
 
-* ``node-binary``      ``encode_segmentation(..., segmentation_type="BINARY")`` + ``save_as``
-* ``node-labelmap``    ``encode_segmentation(..., segmentation_type="LABELMAP")`` + ``save_as``
-* ``node-labelmap-rle``  the same with ``compress=True`` (RLE Lossless)       [extra line]
+* ``node-binary``      ``encode_segmentation(..., segmentation_type="BINARY")`` + ``write_segmentation``
+* ``node-labelmap``    ``encode_segmentation(..., segmentation_type="LABELMAP")`` + ``write_segmentation``
+* ``node-binary-nowarmup`` / ``node-labelmap-nowarmup``  the same without the start-up ``warm_up()``
+* ``node-labelmap-rle``  LABELMAP with ``compress=True`` (RLE Lossless)       [extra line]
 * ``node-binary-j2k``    BINARY with ``compress=True`` (JPEG 2000 Lossless)   [extra line]
+* ``node-rtstruct``      ``encode_rtstruct`` + ``save_as`` (RT Structure Set, no goal) [extra line,
+  only with ``--writers``]
 * ``totalseg``         ``totalsegmentator.dicom_io.save_mask_as_dicomseg`` (BINARY, uncompressed)
 
 for ``--repeats`` rounds; every writer runs in a fresh Python subprocess, so the peak
@@ -16,10 +19,15 @@ the writers is rotated from round to round.
 
 What the timed step includes (``seconds``):
 
-* node writers: ``encode_segmentation`` (``np.unique``, relabelling, segment
-  descriptions, ``highdicom.seg.Segmentation``) and ``dataset.save_as(path)``.
+* node SEG writers: ``encode_segmentation`` (label values, relabelling, segment
+  descriptions, ``highdicom.seg.Segmentation``) and ``write_segmentation(dataset, path)``.
   Not included: reading the 300 source headers (``dcmread(stop_before_pixels=True)``)
-  and loading the label map (``np.load``), done before the clock starts.
+  and loading the label map (``np.load``), done before the clock starts; and
+  ``dicom_node.encode.seg.warm_up()``, which the child calls first, right after its
+  imports, as an inference worker does once at start-up before any job (highdicom's
+  one-off table loading). The ``-nowarmup`` writers skip it and pay that in the step.
+* ``node-rtstruct``: ``encode_rtstruct`` and ``save_as(path, enforce_file_format=True)``,
+  as ``dicom_node/encode/results.py`` does; reading the volume (with pixels) is excluded.
 * ``totalseg``: the whole ``save_mask_as_dicomseg`` call (SNOMED/colour tables, the
   per-class mask loop, reorientation, ``highdicom.seg.Segmentation``, ``save_as``).
   The function reads the source DICOM files itself (``pydicom.dcmread``, with pixels);
@@ -28,11 +36,12 @@ What the timed step includes (``seconds``):
   passed as TotalSegmentator passes it (uint8 array in the NIfTI's orientation, read
   with nibabel before the clock starts).
 
-Every output is decoded afterwards with ``highdicom.seg.segread`` in another
+Every SEG output is decoded afterwards with ``highdicom.seg.segread`` in another
 subprocess and compared voxel by voxel with the input label map
 (``get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)``, then
 segment number -> label value through ``segment_classes`` for the node's writers and
-through the segment labels (TotalSegmentator class names) for ``totalseg``).
+through the segment labels (TotalSegmentator class names) for ``totalseg``). The
+RTSTRUCT is only checked for one ROI per structure present.
 
 Usage::
 
@@ -41,6 +50,8 @@ Usage::
         --output bench/results/seg.json
     .venv/bin/python bench/seg_encoding.py --profile bench/results/seg-profile   # + cProfile, one run each
     .venv/bin/python bench/seg_encoding.py --writers node-binary,totalseg         # a subset
+    .venv/bin/python bench/seg_encoding.py --writers node-rtstruct,totalseg --repeats 1 \
+        --output bench/results/seg-rtstruct.json                                 # the RTSTRUCT line
 
 Before timing it waits (polling every 20 s, at most 10 min) until the 1-minute load
 average is below 1.5, and records the load at the start of every run.
@@ -69,10 +80,25 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the project is installed editable; this is only a fallback
     sys.path.insert(0, str(REPO))
 
-WRITERS = ("node-binary", "node-labelmap", "node-labelmap-rle", "node-binary-j2k", "totalseg")
-DEFAULT_WRITERS = WRITERS
+WRITERS = (
+    "node-binary",
+    "node-labelmap",
+    "node-binary-nowarmup",
+    "node-labelmap-nowarmup",
+    "node-labelmap-rle",
+    "node-binary-j2k",
+    "node-rtstruct",
+    "totalseg",
+)
+DEFAULT_WRITERS = tuple(w for w in WRITERS if w != "node-rtstruct")  # RTSTRUCT: about 1.5 min a run; ask for it
 REFERENCE = "totalseg"
-GOALS = {"node-binary": 2.0, "node-labelmap": 10.0}  # reference seconds / node seconds, at least
+GOALS = {  # reference seconds / node seconds, at least
+    "node-binary": 2.0,
+    "node-labelmap": 10.0,
+    "node-binary-nowarmup": 2.0,
+    "node-labelmap-nowarmup": 10.0,
+}
+COLD_ONLY = {"node-rtstruct"}  # no second (warm) run: it takes long and has no goal
 LOAD_THRESHOLD = 1.5
 LOAD_POLL_SECONDS = 20
 LOAD_MAX_WAIT_SECONDS = 600
@@ -280,23 +306,47 @@ def _vm_hwm_mib() -> float:
 def child_run(writer: str, workdir: Path, out_path: Path, profile: Path | None, warm: bool) -> dict[str, Any]:
     meta = json.loads((workdir / "meta.json").read_text())
     classes = {int(k): v for k, v in meta["classes"].items()}  # TotalSegmentator's class_map["total"]
-    if writer.startswith("node"):
+    warm_up_seconds = None
+    if writer == "node-rtstruct":
         import pydicom
 
-        from dicom_node.encode.seg import Algorithm, encode_segmentation
+        from dicom_node.encode.rtstruct import encode_rtstruct
+        from dicom_node.encode.seg import Algorithm
+        from inference.volume import load_series_volume
 
+        volume = load_series_volume([Path(f) for f in meta["files"]])
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in meta["files"]]
+        labels = np.load(workdir / "labels.npy")
+        algorithm = Algorithm("TotalSegmentator", "2.18.0", is_baseline=False)
+        timings: dict[str, float] = {}
+
+        def step() -> dict[str, int]:
+            t0 = time.perf_counter()
+            dataset = encode_rtstruct(volume, sources, labels, classes, algorithm)
+            t1 = time.perf_counter()
+            dataset.save_as(out_path, enforce_file_format=True)
+            timings.update(encode=t1 - t0, save=time.perf_counter() - t1)
+            return {}
+
+    elif writer.startswith("node"):
+        import pydicom
+
+        from dicom_node.encode.seg import Algorithm, encode_segmentation, warm_up, write_segmentation
+
+        if not writer.endswith("-nowarmup"):  # what an inference worker does once at start-up
+            warm_up_seconds = warm_up()
         sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in meta["files"]]
         labels = np.load(workdir / "labels.npy")
         algorithm = Algorithm("TotalSegmentator", "2.18.0", is_baseline=False)
         kind = "BINARY" if "binary" in writer else "LABELMAP"
         compress = writer.endswith(("-rle", "-j2k"))
-        timings: dict[str, float] = {}
+        timings = {}
 
         def step() -> dict[str, int]:
             t0 = time.perf_counter()
             encoded = encode_segmentation(sources, labels, classes, algorithm, segmentation_type=kind, compress=compress)
             t1 = time.perf_counter()
-            encoded.dataset.save_as(out_path)
+            write_segmentation(encoded.dataset, out_path)
             t2 = time.perf_counter()
             timings.update(encode=t1 - t0, save=t2 - t1)
             return encoded.segment_classes
@@ -354,7 +404,7 @@ def child_run(writer: str, workdir: Path, out_path: Path, profile: Path | None, 
         seconds = time.perf_counter() - start
     peak_rss, vm_hwm, file_bytes, cold_steps = _rss_mib(), _vm_hwm_mib(), out_path.stat().st_size, dict(timings)
     seconds_warm = None
-    if warm and profile is None:
+    if warm and profile is None and writer not in COLD_ONLY:
         # the same step again in the same process: what a long-lived worker pays from its
         # second job on (highdicom loads its DICOM standard tables on first use)
         import gc
@@ -370,6 +420,7 @@ def child_run(writer: str, workdir: Path, out_path: Path, profile: Path | None, 
         "seconds": seconds,
         "steps": cold_steps,
         "seconds_warm": seconds_warm,
+        "warm_up_seconds": warm_up_seconds,
         "steps_warm": timings if seconds_warm is not None else None,
         "peak_rss_mib": peak_rss,
         "vm_hwm_mib": vm_hwm,
@@ -386,6 +437,8 @@ def child_verify(writer: str, workdir: Path, out_path: Path, segment_classes: di
 
     meta = json.loads((workdir / "meta.json").read_text())
     labels = np.load(workdir / "labels.npy")
+    if writer == "node-rtstruct":
+        return _verify_rtstruct(out_path, meta)
     t0 = time.perf_counter()
     seg = hd.seg.segread(str(out_path))
     decoded = seg.get_pixels_by_source_instance(meta["source_uids"], combine_segments=True, relabel=False)
@@ -415,12 +468,37 @@ def child_verify(writer: str, workdir: Path, out_path: Path, segment_classes: di
     }
 
 
+def _verify_rtstruct(out_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """One ROI per structure present, each with contours (contours are not rasterised back)."""
+    import pydicom
+
+    t0 = time.perf_counter()
+    ds = pydicom.dcmread(out_path)
+    contours = [len(item.get("ContourSequence", [])) for item in ds.ROIContourSequence]
+    ok = len(ds.StructureSetROISequence) == meta["structures_present"] and all(contours)
+    return {
+        "writer": "node-rtstruct",
+        "sop_class": str(ds.SOPClassUID.name),
+        "segmentation_type": "-",
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID.name),
+        "frames": 0,
+        "segments": len(ds.StructureSetROISequence),
+        "contours": sum(contours),
+        "decoded_shape": [],
+        "mismatched_voxels": None,
+        "equal": ok,
+        "check": "ROI count and contours present only",
+        "decode_seconds": time.perf_counter() - t0,
+    }
+
+
 # --------------------------------------------------------------------------- py-spy summary
 
 # (bucket, test on the stack). First match wins; a stack is "a;b;c" outermost first, as
 # ``py-spy record -f raw`` writes it. Lines of the node's and TotalSegmentator's own
 # functions are told apart by their source text.
 PYSPY_RULES: list[tuple[str, Any]] = [
+    ("node: pre-encoding the per-frame groups (fast_write)", lambda st, src: "fast_write.py" in st and "dcmwrite" not in st),
     ("save_as: pydicom correct_ambiguous_vr (every nested item)", lambda st, src: "dcmwrite" in st and "correct_ambiguous_vr" in st),
     ("save_as: pydicom element/sequence encoding", lambda st, src: "dcmwrite" in st),
     ("highdicom: decode lookup tables (_build_luts) at end of constructor", lambda st, src: "_build_luts" in st),
@@ -432,7 +510,7 @@ PYSPY_RULES: list[tuple[str, Any]] = [
         k in st for k in ("_prepare_spatial_metadata", "get_plane_positions", "_get_derivation", "get_image_position", "_check_source"))),
     ("highdicom: DICOM standard tables (JSON on first use) / IOD checks", lambda st, src: "_standard_utils" in st or "json/decoder" in st),
     ("highdicom: frame loop, other (np.any per segment x plane, flatten, join)", lambda st, src: "_init_multiframe_image" in st),
-    ("node: np.unique(labels)", lambda st, src: "np.unique" in src.get("seg.py", "")),
+    ("node: label values (np.unique / per-slice bincount)", lambda st, src: "np.unique" in src.get("seg.py", "") or "bincount" in src.get("seg.py", "")),
     ("node: relabel lookup[labels]", lambda st, src: "lookup[labels]" in src.get("seg.py", "")),
     ("node: segment descriptions", lambda st, src: "segment_descriptions (dicom_node" in st or "SegmentDescription.__init__" in st),
     ("totalseg: per-class mask img_data == class (117 full passes)", lambda st, src: "== class_idx" in src.get("dicom_io.py", "")),
@@ -565,6 +643,9 @@ def summarise(runs: list[dict[str, Any]], writers: list[str]) -> dict[str, Any]:
             "rss_before_step_mib_median": statistics.median(r["rss_before_step_mib"] for r in rs),
             "file_bytes": statistics.median(r["file_bytes"] for r in rs),
         }
+        warm_up = [r["warm_up_seconds"] for r in rs if r.get("warm_up_seconds") is not None]
+        if warm_up:
+            summary[w]["warm_up_seconds_median"] = statistics.median(warm_up)
         warm = [r["seconds_warm"] for r in rs if r.get("seconds_warm") is not None]
         if warm:
             summary[w]["seconds_warm_median"] = statistics.median(warm)
@@ -584,9 +665,15 @@ def summarise(runs: list[dict[str, Any]], writers: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _verdict(v: dict[str, Any]) -> str:
+    if v.get("check"):  # RTSTRUCT
+        return f"{v['segments']} ROIs, {v['contours']} contours: {'ok' if v['equal'] else 'NOT ok'} ({v['check']})"
+    return "equal to input" if v["equal"] else f"MISMATCH {v['mismatched_voxels']}"
+
+
 def print_table(summary: dict[str, Any], verify: dict[str, Any]) -> None:
     head = (
-        f"{'writer':<18} {'cold s':>7} {'runs (s)':<20} {'warm s':>7} {'peak RSS':>9} {'(before)':>9} "
+        f"{'writer':<22} {'cold s':>7} {'runs (s)':<20} {'warm s':>7} {'warm-up':>7} {'peak RSS':>9} {'(before)':>9} "
         f"{'file MiB':>9} {'x cold':>7} {'x warm':>7} {'goal':>5} {'decodes=input':>14}"
     )
     print(head)
@@ -594,16 +681,20 @@ def print_table(summary: dict[str, Any], verify: dict[str, Any]) -> None:
     for w, s in summary.items():
         runs = ", ".join(f"{v:.2f}" for v in s["seconds"])
         warm = f"{s['seconds_warm_median']:.2f}" if "seconds_warm_median" in s else "-"
+        warm_up = f"{s['warm_up_seconds_median']:.2f}" if "warm_up_seconds_median" in s else "-"
         speed = f"{s['speedup_vs_totalseg']:.2f}" if "speedup_vs_totalseg" in s else "(ref)"
         speed_warm = f"{s['speedup_vs_totalseg_warm']:.2f}" if "speedup_vs_totalseg_warm" in s else ("(ref)" if w == REFERENCE else "-")
         goal = f">={s['goal']:g}" if "goal" in s else ""
         v = verify.get(w, {})
         ok = ("yes" if v.get("equal") else f"NO ({v.get('mismatched_voxels')})") if v else "n/a"
+        if v.get("check"):
+            ok = "ROIs ok" if v["equal"] else "ROIs NOT ok"
         print(
-            f"{w:<18} {s['seconds_median']:>7.2f} {runs:<20} {warm:>7} {s['peak_rss_mib_median']:>5.0f} MiB "
+            f"{w:<22} {s['seconds_median']:>7.2f} {runs:<20} {warm:>7} {warm_up:>7} {s['peak_rss_mib_median']:>5.0f} MiB "
             f"{s['rss_before_step_mib_median']:>5.0f} MiB {s['file_bytes'] / 2**20:>9.1f} {speed:>7} {speed_warm:>7} {goal:>5} {ok:>14}"
         )
     print("cold: first encode in a fresh process (median of the rounds); warm: the same step again in that process;")
+    print("warm-up: seg.warm_up() at the child's start-up, before and outside the timed step (none for -nowarmup);")
     print("peak RSS: ru_maxrss of the child after the cold step; (before): ru_maxrss just before it (inputs loaded);")
     print("x: TotalSegmentator's writer seconds / this writer's seconds.")
 
@@ -688,8 +779,10 @@ def main() -> None:
                 res["round"] = r
                 runs.append(res)
                 warm_s = f" (warm {res['seconds_warm']:.2f} s)" if res.get("seconds_warm") is not None else ""
+                if res.get("warm_up_seconds") is not None:
+                    warm_s += f" (start-up warm-up {res['warm_up_seconds']:.2f} s, not timed)"
                 print(
-                    f"round {r + 1} {w:<18} {res['seconds']:8.2f} s{warm_s}  peak RSS {res['peak_rss_mib']:7.0f} MiB  "
+                    f"round {r + 1} {w:<22} {res['seconds']:8.2f} s{warm_s}  peak RSS {res['peak_rss_mib']:7.0f} MiB  "
                     f"{res['file_bytes'] / 2**20:8.1f} MiB  load {res['load_1min_at_start']:.2f}",
                     flush=True,
                 )
@@ -704,9 +797,9 @@ def main() -> None:
             )
             verify[w] = v
             print(
-                f"verify {w:<18} {v['sop_class']}, {v['segmentation_type']}, {v['transfer_syntax']}, "
+                f"verify {w:<22} {v['sop_class']}, {v['segmentation_type']}, {v['transfer_syntax']}, "
                 f"{v['frames']} frames, {v['segments']} segments: "
-                f"{'equal to input' if v['equal'] else 'MISMATCH ' + str(v['mismatched_voxels'])} "
+                f"{_verdict(v)} "
                 f"(decode {v['decode_seconds']:.1f} s)",
                 flush=True,
             )
@@ -767,7 +860,9 @@ def main() -> None:
             "machine": _machine(),
             "versions": _versions(),
             "timed_step": {
-                "node-*": "encode_segmentation(...) + dataset.save_as(path); source headers and label map read before",
+                "node-* (SEG)": "encode_segmentation(...) + write_segmentation(dataset, path); source headers and label map "
+                "read before; warm_up() called once at child start-up before that (a worker's start-up), except -nowarmup",
+                "node-rtstruct": "encode_rtstruct(...) + save_as(path, enforce_file_format=True); volume and headers read before",
                 "totalseg": "save_mask_as_dicomseg(...) whole call; its dcmread of the source files served from a cache filled before",
             },
             "summary": summary,
