@@ -60,3 +60,27 @@ def test_contour_encloses_the_mask_area():
     rows, cols = contour[:, 0], contour[:, 1]
     area = 0.5 * abs(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1)))
     assert area == pytest.approx(400, rel=0.05)
+
+
+def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
+    from skimage import measure
+    from scipy import ndimage
+
+    from dicom_node.encode.rtstruct import SIMPLIFY_TOLERANCE_PIXELS, simplify_closed
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(ndimage.gaussian_filter(rng.random((120, 120)), 4) > 0.5, iterations=2)
+    traced = measure.find_contours(np.pad(mask.astype(np.uint8), 1), 0.5)
+    assert len(traced) >= 3
+    for contour, simplified in zip(traced, simplify_closed(traced, SIMPLIFY_TOLERANCE_PIXELS)):
+        assert len(simplified) < len(contour)
+        closed = np.vstack([simplified, simplified[:1]])
+        starts, ends = closed[:-1], closed[1:]
+        # every traced point lies within the tolerance of some edge of the simplified polygon
+        for point in contour:
+            chord = ends - starts
+            t = np.clip(((point - starts) * chord).sum(1) / np.maximum((chord ** 2).sum(1), 1e-12), 0, 1)
+            nearest = starts + t[:, None] * chord
+            assert np.hypot(*(nearest - point).T).min() <= SIMPLIFY_TOLERANCE_PIXELS + 1e-9
+        reference = measure.approximate_polygon(contour, SIMPLIFY_TOLERANCE_PIXELS)[:-1]
+        assert abs(len(simplified) - len(reference)) <= 0.1 * len(reference) + 2
