@@ -26,7 +26,7 @@ from db.ingest import InstanceRecord, record_results
 from db.models import Instance, Job, JobState
 from db.session import transaction
 from dicom_node.config import Settings
-from dicom_node.encode.measurements import measure, write_measurements_json
+from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.logs import log_event
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.seg import warm_up
@@ -120,10 +120,11 @@ class InferenceWorker:
             segmentation = model.segment(volume)
             timings.update(segmentation.timings)
             started = time.perf_counter()
-            output = self._write_outputs(claim, volume, segmentation, model)
+            measurements = measure(volume, segmentation.labels, segmentation.classes)  # for the JSON and the SR
+            output = self._write_outputs(claim, volume, segmentation, model, measurements)
             timings["write"] = time.perf_counter() - started
             started = time.perf_counter()
-            results = self._encode_results(claim, volume, segmentation, model, output)
+            results = self._encode_results(claim, volume, segmentation, measurements, model, output)
             indexed = [read_file_header(path) for path in results]
             timings["encode"] = time.perf_counter() - started
         except (VolumeError, ModelUnavailable, EncodingError) as exc:
@@ -133,20 +134,23 @@ class InferenceWorker:
             LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id}})
             self._finish(claim, JobState.FAILED, f"{type(exc).__name__}: {exc}", timings)
             return
-        present = len({int(v) for v in segmentation.classes if (segmentation.labels == v).any()})
         baseline = " (baseline, not a trained model)" if model.is_baseline else ""
-        reason = f"segmented{baseline}: {present} structures; results in {output}"
+        reason = f"segmented{baseline}: {len(measurements)} structures; results in {output}"
         next_state = JobState.SENDING if claim.destinations else JobState.DONE
         self._finish(claim, next_state, reason, timings, output, results, indexed)
 
-    def _encode_results(self, claim: ClaimedJob, volume, segmentation: Segmentation, model, folder: Path) -> list[str]:  # noqa: ANN001
+    def _encode_results(  # noqa: ANN001
+        self, claim: ClaimedJob, volume, segmentation: Segmentation, measurements: list[StructureMeasurement], model, folder: Path
+    ) -> list[str]:
         """SEG and SR files, one pair per SEG encoding wanted by the destinations or ``results`` (BINARY if none)."""
         destinations = [self.settings.destinations[d] for d in claim.destinations if d in self.settings.destinations]
         always = self.settings.results
         wanted = sorted({d.segmentation_type for d in destinations} | set(always.segmentation_types)) or ["BINARY"]
         rtstruct = always.rtstruct or any("rtstruct" in d.send for d in destinations)
         try:
-            files = encode_results(volume, segmentation, model, folder, wanted, claim.attempt, rtstruct=rtstruct)
+            files = encode_results(
+                volume, segmentation, measurements, model, folder, wanted, claim.attempt, rtstruct=rtstruct
+            )
             return [str(p) for p in files]
         except (ValueError, KeyError) as exc:
             raise EncodingError(f"results cannot be encoded: {exc}") from None
@@ -167,7 +171,14 @@ class InferenceWorker:
             log_event(LOG, logging.INFO, "model.loaded", model=name, seconds=round(timings["model_load"], 2))
         return self.models[name]
 
-    def _write_outputs(self, claim: ClaimedJob, volume, segmentation: Segmentation, model: SegmentationModel) -> Path:  # noqa: ANN001
+    def _write_outputs(  # noqa: ANN001
+        self,
+        claim: ClaimedJob,
+        volume,
+        segmentation: Segmentation,
+        model: SegmentationModel,
+        measurements: list[StructureMeasurement],
+    ) -> Path:
         import SimpleITK as sitk
 
         folder = self.settings.jobs_directory / str(claim.job_id)
@@ -175,7 +186,7 @@ class InferenceWorker:
         image = sitk.GetImageFromArray(segmentation.labels)
         image.CopyInformation(volume.to_sitk())
         sitk.WriteImage(image, str(folder / "labels.nii.gz"), useCompression=True)
-        write_measurements_json(folder / "measurements.json", measure(volume, segmentation.labels, segmentation.classes))
+        write_measurements_json(folder / "measurements.json", measurements)
         (folder / "segmentation.json").write_text(
             json.dumps(
                 {

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.encode.measurements import measure
+from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
@@ -25,6 +25,7 @@ class EncodingError(RuntimeError):
 def encode_results(
     volume: Volume,
     segmentation: Segmentation,
+    measurements: Sequence[StructureMeasurement],
     model,  # noqa: ANN001 - a SegmentationModel
     folder: Path,
     segmentation_types: Sequence[str],
@@ -34,12 +35,13 @@ def encode_results(
 ) -> list[Path]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
+    ``measurements`` (from :func:`~dicom_node.encode.measurements.measure`) are the SR's figures.
+
     Every run makes new series (new UIDs); a re-run says so in its series description,
     so a PACS shows the newer results beside, not mixed into, the earlier ones.
     """
     algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
     sources, labels = _sources_and_frames(volume, segmentation.labels)
-    measurements = measure(volume, segmentation.labels, segmentation.classes)
     describe = _describer(algorithm, attempt)
     written = []
     for kind in segmentation_types:
