@@ -147,15 +147,9 @@ def _instance_values(record: InstanceRecord) -> dict[str, object]:
 
 def _create_series(session: Session, record: InstanceRecord) -> int:
     """First instance of a series: create study (if new), series and its RECEIVING job."""
-    study = session.scalars(
-        select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)
-    ).first()
-    if study is None:
-        study = Study(**record.study.__dict__)
-        session.add(study)
     series = Series(
         **record.series.__dict__,
-        study=study,
+        study=_study_of(session, record),
         calling_ae_title=record.calling_ae_title,
         instance_count=0,
         first_received_at=record.received_at,
@@ -211,14 +205,19 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
         series.instance_count += 1
 
 
-def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:
+def _study_of(session: Session, record: InstanceRecord) -> Study:
+    """The record's study, created on first sight."""
     study = session.scalars(select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)).first()
     if study is None:
         study = Study(**record.study.__dict__)
         session.add(study)
+    return study
+
+
+def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:
     series = Series(
         **record.series.__dict__,
-        study=study,
+        study=_study_of(session, record),
         source_job_id=job_id,
         instance_count=0,
         first_received_at=record.received_at,
