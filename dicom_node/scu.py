@@ -30,17 +30,12 @@ class EchoResult:
 
 def verify(calling_ae: str, called_ae: str, host: str, port: int, *, timeout: float = 10.0) -> EchoResult:
     """C-ECHO a peer; never raises for network trouble, it reports it."""
-    ae = AE(ae_title=calling_ae)
+    ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
     started = time.perf_counter()
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
-        return EchoResult(False, reason, time.perf_counter() - started)
+        return EchoResult(False, _not_established(assoc), time.perf_counter() - started)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -122,9 +117,12 @@ def _ae(calling_ae: str, timeout: float) -> AE:
 def _associate(ae: AE, called_ae: str, host: str, port: int, **kwargs: Any) -> Association:
     assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
-        raise ScuError(f"{called_ae}@{host}:{port}: {reason}")
+        raise ScuError(f"{called_ae}@{host}:{port}: {_not_established(assoc)}")
     return assoc
+
+
+def _not_established(assoc: Association) -> str:
+    return "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
 
 
 def _shown(code: int | None, status: Dataset | None) -> str:
