@@ -92,6 +92,13 @@ def test_counts_modalities_and_non_ascii_names(sessions) -> None:  # noqa: ANN00
     assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == ["1.1"]
 
 
+def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None:  # noqa: ANN001
+    with sessions() as session:
+        (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", NumberOfPatientRelatedStudies="",
+                                       NumberOfPatientRelatedInstances=""), "NODE")
+    assert (study.NumberOfPatientRelatedStudies, study.NumberOfPatientRelatedInstances) == (2, 7)
+
+
 def test_purged_series_are_not_answered(sessions) -> None:  # noqa: ANN001
     with transaction(sessions) as session:
         session.execute(update(Series).where(Series.series_instance_uid == "2.1.9").values(purged_at=utcnow()))

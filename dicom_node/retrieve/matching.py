@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import ColumnElement, Select, and_, distinct, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -108,7 +109,7 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
 def _value(raw: Any) -> str:
     if raw is None:
         return ""
-    if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue":
+    if isinstance(raw, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in raw)
     return str(raw).strip()
 
@@ -220,7 +221,7 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
         if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
             continue
         if keyword in COUNTS:
-            setattr(response, keyword, _count(session, keyword, level, key, study, series))
+            setattr(response, keyword, _count(session, keyword, study, series))
             continue
         spec = KEYS.get(keyword)
         value = None
@@ -239,28 +240,21 @@ def _unique_keys_down_to(level: Level) -> list[str]:
     return (["PatientID"] if level == "PATIENT" else []) + keys
 
 
-def _count(session: Session, keyword: str, level: Level, key: Any, study: Study | None, series: Series | None) -> Any:
-    held = _joined([])
+def _count(session: Session, keyword: str, study: Study, series: Series | None) -> Any:
+    """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances held."""
     if keyword.startswith("NumberOfPatientRelated"):
-        scope = [Study.patient_id == key] if key is not None else [Study.patient_id.is_(None)]
-    elif keyword.startswith("NumberOfStudyRelated") or keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
-        scope = [Study.id == study.id] if study is not None else []
+        same_patient = study.patient_id
+        scope = Study.patient_id == same_patient if same_patient is not None else Study.patient_id.is_(None)
+    elif keyword.startswith("NumberOfSeriesRelated"):
+        if series is None:
+            return ""
+        scope = Series.id == series.id
     else:
-        scope = [Series.id == series.id] if series is not None else []
-    if study is None and not keyword.startswith("NumberOfPatientRelated"):
-        return ""
-    if series is None and keyword == "NumberOfSeriesRelatedInstances":
-        return ""
-    what = {
-        "Studies": func.count(distinct(Study.id)),
-        "Series": func.count(distinct(Series.id)),
-        "Instances": func.count(distinct(Instance.id)),
-    }
+        scope = Study.id == study.id
+    held = _joined([scope])
     if keyword == "ModalitiesInStudy":
-        values = session.execute(held.with_only_columns(Series.modality).distinct().where(*scope)).scalars()
-        return sorted(v for v in values if v)
+        return sorted(v for v in session.execute(held.with_only_columns(Series.modality).distinct()).scalars() if v)
     if keyword == "SOPClassesInStudy":
-        values = session.execute(held.with_only_columns(Instance.sop_class_uid).distinct().where(*scope)).scalars()
-        return sorted(values)
-    counted = keyword.removeprefix("NumberOfPatientRelated").removeprefix("NumberOfStudyRelated").removeprefix("NumberOfSeriesRelated")
-    return int(session.execute(held.with_only_columns(what[counted]).where(*scope).order_by(None)).scalar_one())
+        return sorted(session.execute(held.with_only_columns(Instance.sop_class_uid).distinct()).scalars())
+    counted = {"Studies": Study.id, "Series": Series.id, "Instances": Instance.id}[keyword.rpartition("Related")[2]]
+    return int(session.execute(held.with_only_columns(func.count(distinct(counted))).order_by(None)).scalar_one())
