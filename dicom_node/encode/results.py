@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,6 @@ def encode_results(
     """
     algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
     sources, labels = _sources_and_frames(volume, segmentation.labels)
-    describe = _describer(algorithm, attempt)
     written = []
     for kind in segmentation_types:
         seg = encode_segmentation(
@@ -51,36 +50,25 @@ def encode_results(
             segmentation.classes,
             algorithm,
             segmentation_type=kind,
-            series_description=describe("Segmentation"),
+            series_description=algorithm.series_description("Segmentation", attempt),
         )
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
         sr = encode_measurement_report(seg, sources, measurements, algorithm)
-        sr.SeriesDescription = describe("Measurements")
+        sr.SeriesDescription = algorithm.series_description("Measurements", attempt)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
     if rtstruct and all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_description=describe("Structures"),
+            series_description=algorithm.series_description("Structures", attempt),
         )
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)
         written.append(rtstruct_path)
     write_preview(folder / "preview.png", volume, segmentation.labels, segmentation.classes)
     return written
-
-
-def _describer(algorithm: Algorithm, attempt: int) -> Callable[[str], str]:
-    """Series descriptions that keep "(baseline)" and "(re-run N)" within 64 characters, shortening the name."""
-    suffix = " (baseline)" if algorithm.is_baseline and "baseline" not in algorithm.name else ""
-    suffix += f" (re-run {attempt})" if attempt > 1 else ""
-
-    def describe(what: str) -> str:
-        return f"{what} {algorithm.name}"[: 64 - len(suffix)] + suffix
-
-    return describe
 
 
 def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:

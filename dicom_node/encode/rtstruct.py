@@ -62,8 +62,7 @@ def encode_rtstruct(
     dataset.Modality = "RTSTRUCT"
     dataset.SeriesInstanceUID = generate_uid()
     dataset.SeriesNumber = series_number
-    baseline = " (baseline)" if algorithm.is_baseline else ""
-    dataset.SeriesDescription = (series_description or f"Structures {algorithm.name}{baseline}")[:64]
+    dataset.SeriesDescription = (series_description or algorithm.series_description("Structures"))[:64]
     dataset.OperatorsName = ""
     dataset.Manufacturer = MANUFACTURER
     dataset.ManufacturerModelName = "dicom-node"

@@ -48,6 +48,12 @@ class Algorithm:
     version: str
     is_baseline: bool
 
+    def series_description(self, what: str, attempt: int = 1) -> str:
+        """E.g. "Segmentation <name> (baseline) (re-run 2)"; the name is shortened, never the suffixes, to fit 64 characters."""
+        suffix = " (baseline)" if self.is_baseline and "baseline" not in self.name else ""
+        suffix += f" (re-run {attempt})" if attempt > 1 else ""
+        return f"{what} {self.name}"[: 64 - len(suffix)] + suffix
+
 
 @dataclass(frozen=True)
 class EncodedSegmentation:
@@ -123,8 +129,7 @@ def encode_segmentation(
     if not present:
         raise ValueError("the label map holds no structure: nothing to encode")
     segments = _segment_numbers(labels, present, int(values[-1]))
-    baseline = " (baseline)" if algorithm.is_baseline else ""
-    description = series_description or f"Segmentation {algorithm.name}{baseline}"
+    description = series_description or algorithm.series_description("Segmentation")
     dataset = hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=segments,

@@ -59,7 +59,6 @@ def encode_measurement_report(
         procedure_reported=codes.SCT.ComputedTomography,
         imaging_measurements=groups,
     )
-    baseline = " (baseline)" if algorithm.is_baseline else ""
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, seg],
         content=report,
@@ -71,7 +70,7 @@ def encode_measurement_report(
         is_complete=True,
         record_evidence=True,
     )
-    sr.SeriesDescription = f"Measurements {algorithm.name}{baseline}"[:64]
+    sr.SeriesDescription = algorithm.series_description("Measurements")
     sr.SoftwareVersions = __version__
     return sr
 
