@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -72,6 +72,9 @@ class Series(Base):
     # would complicate creating and dropping the tables.
     source_job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     purged_at: Mapped[datetime | None]  # retention removed its instances; the row stays as history
+    # Set on a result series (SEG, SR, RTSTRUCT) when a newer run of its job replaced it;
+    # it stays retrievable until retention removes it.
+    superseded_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -118,6 +121,14 @@ class Job(Base):
     result_files: Mapped[list[str] | None] = mapped_column(JSON)  # DICOM results to send, in order
     deliveries: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # destination -> attempts, sent files, errors
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # What the result does not cover or should be read with (partial series, dropped images, test
+    # weights): shown by `status`/`show` and written into the results' descriptions and SR.
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
+    stage: Mapped[str | None] = mapped_column(String(32))  # the stage a PROCESSING worker is in
+    worker_deaths: Mapped[int] = mapped_column(default=0)  # workers that died holding this job
+    # A transient failure (database busy, disk full, destination down) waits until this time;
+    # nothing claims or sends the job before it.
+    not_before: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -138,6 +149,26 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Delivery(Base):
+    """One result file accepted by one destination: written right after its C-STORE response.
+
+    After any crash only the files without a row are sent again, so at most the one
+    file in flight can reach a destination twice (with the same SOP Instance UID).
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[int]  # the peer's C-STORE response status (success or a storage warning)
+    delivered_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RejectedInstance(Base):
