@@ -235,13 +235,19 @@ def echo(
 
 @weights_app.command("list")
 def weights_list(config: ConfigOption = None) -> None:
-    """Which TotalSegmentator tasks have all their weights in the weights folder."""
+    """Which TotalSegmentator tasks have all their weights, in the weights folder and in each model's own folder."""
     from inference.weights import installed
 
     settings = _settings(config)
-    console.print(f"weights folder: {settings.weights_directory}", highlight=False)
-    for task, present in installed(settings.weights_directory).items():
-        console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
+    folders = {settings.weights_directory: "weights folder"}
+    for name, model in settings.models.items():
+        own = getattr(model, "weights_directory", None)
+        if own is not None:
+            folders.setdefault(own, f"model {name!r}")
+    for folder, label in folders.items():
+        console.print(f"{label}: {folder}", highlight=False)
+        for task, present in installed(folder).items():
+            console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
 
 
 @weights_app.command("download")
@@ -263,14 +269,25 @@ def weights_download(
 
 
 @weights_app.command("import")
-def weights_import(archive: Path, config: ConfigOption = None) -> None:
-    """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder."""
-    from inference.weights import import_zip
+def weights_import(
+    archive: Path,
+    config: ConfigOption = None,
+    sha256: Annotated[
+        Optional[str], typer.Option(help="The release's published SHA-256; a different file is refused.")
+    ] = None,
+) -> None:
+    """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder.
+
+    Every checkpoint is read as data only before anything is installed; a file that would
+    run code when loaded is refused. The installed files' SHA-256 are recorded and checked
+    each time a model loads.
+    """
+    from inference.weights import WeightsCorrupt, import_zip
 
     settings = _settings(config)
     try:
-        added = import_zip(archive, settings.weights_directory)
-    except (OSError, ValueError) as exc:
+        added = import_zip(archive, settings.weights_directory, sha256=sha256)
+    except (OSError, ValueError, WeightsCorrupt) as exc:
         errors.print(f"import failed: {exc}", highlight=False)
         raise typer.Exit(1) from None
     for folder in added:

@@ -22,7 +22,7 @@ import pytest
 from db.models import JobState
 from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
-from inference.weights import TASK_DATASETS
+from inference.weights import TASK_DATASETS, model_folders
 from tests.conftest import ROOT, storescu
 
 pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
@@ -88,6 +88,14 @@ def test_weights_layout_matches_totalsegmentators_own_table():
     for datasets in TASK_DATASETS.values():
         for dataset_id, folder, _trainer in datasets:
             assert TASK_ID_WEIGHTS_CONFIGS[dataset_id]["foldername"] == folder
+
+
+def test_model_names_its_exact_weights_and_knows_they_are_test_weights(model, weights):
+    from inference.weights import MANIFEST_NAME
+
+    assert model.algorithm_version == f"Dataset297 sha256:{model.weights.sha256[:16]}"
+    assert model.is_test_weights  # build_test_weights.py says so in dataset.json
+    assert (model_folders("total_fast", weights)[0].path / MANIFEST_NAME).is_file()
 
 
 def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(shared_fixtures, weights, model, tmp_path):
