@@ -19,6 +19,7 @@ from db import jobs
 from db.models import Instance, Job, JobState, RejectedInstance, Series
 from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
 from dicom_node.logs import configure_logging
+from dicom_node.privacy import keep_new_files_private, loose_permissions
 
 app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
 )
@@ -35,6 +36,12 @@ ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="YAML configuration (default: $DICOM_NODE_CONFIG or ./config.yaml)."),
 ]
+
+
+@app.callback()
+def _private_files() -> None:
+    """CT auto-segmentation DICOM node."""
+    keep_new_files_private()  # patient data at rest: 0600 files, 0700 folders, for every command
 
 
 def _settings(path: Path | None) -> Settings:
@@ -73,11 +80,26 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.format)
+    _warn_about_loose_permissions(settings.storage.directory)
     try:
         run_service(settings)
     except OSError as exc:
         errors.print(f"[bold red]cannot start[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def _warn_about_loose_permissions(storage: Path) -> None:
+    import logging
+
+    from dicom_node.logs import log_event
+
+    loose = loose_permissions(storage)
+    if loose:
+        log_event(
+            logging.getLogger("dicom_node.privacy"), logging.WARNING, "storage.readable_by_others",
+            folder=str(storage), examples=", ".join(str(p) for p in loose[:5]),
+            hint=f"patient data should be private to the node's user: chmod -R go-rwx {storage}",
+        )
 
 
 @app.command()

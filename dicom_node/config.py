@@ -142,6 +142,9 @@ class RetentionSettings(_Strict):
     max_disk_gigabytes: float | None = Field(
         None, gt=0, description="Budget for images plus results; over it, the oldest finished series go first."
     )
+    quarantine_days: float | None = Field(
+        None, gt=0, description="Delete refused instances (quarantine/ files and their rows) this many days after arrival."
+    )
     check_interval_seconds: float = Field(600.0, gt=0, description="How often `serve` applies retention.")
 
     @property
