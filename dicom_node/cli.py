@@ -222,6 +222,41 @@ def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] 
 
 
 @app.command()
+def audit(
+    config: ConfigOption = None,
+    hours: Annotated[Optional[float], typer.Option(help="Only the last N hours.")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="Only this peer AE title.")] = None,
+    action: Annotated[
+        Optional[list[str]], typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
+    ] = None,
+    study: Annotated[Optional[str], typer.Option(help="Only this StudyInstanceUID.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
+) -> None:
+    """The audit trail: who did what, from where, to which study, and the outcome (no patient data)."""
+    from datetime import timedelta
+
+    from dicom_node.audit import ACTIONS, recent
+
+    unknown = [a for a in action or [] if a not in ACTIONS]
+    if unknown:
+        errors.print(f"unknown action {', '.join(unknown)} (known: {', '.join(ACTIONS)})")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours else None
+    with _session(settings) as session:
+        rows = recent(
+            session, since=since, peer_ae_title=peer, actions=action or (), study_instance_uid=study, limit=limit
+        )
+    table = Table("at", "action", "peer AE", "address", "study", "outcome", "instances", "detail")
+    for row in rows:
+        table.add_row(
+            row.at.isoformat(timespec="seconds"), row.action, row.peer_ae_title or "", row.peer_address or "",
+            row.study_instance_uid or "", row.outcome, str(row.instances), row.detail or "",
+        )
+    console.print(table)
+
+
+@app.command()
 def echo(
     destination: Annotated[Optional[str], typer.Argument(help="A destination name from the configuration.")] = None,
     config: ConfigOption = None,
