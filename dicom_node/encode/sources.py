@@ -1,0 +1,87 @@
+"""Source headers for the results: read once, their text decoded, re-declared as UTF-8.
+
+A source series may declare any Specific Character Set (ISO 2022 code extensions for
+Japanese, Korean or Chinese names, a single-byte Latin set, or a value DICOM does not
+define). The results copy patient and study names from it, so their text is decoded
+here with pydicom's character set handling and the results are written in UTF-8
+(``ISO_IR 192``), which represents every name. An undefined value is read as Latin-1
+(pydicom's fallback) and text that does not decode keeps replacement characters; both
+are logged as warnings naming the instance, never the text itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+from dicom_node.logs import log_event
+
+LOG = logging.getLogger(__name__)
+
+RESULT_CHARACTER_SET = "ISO_IR 192"
+"""Specific Character Set of every result (UTF-8): it represents any name a source carries."""
+
+
+def read_source_header(path: Path) -> Dataset:
+    """The header of a source instance (no pixel data), its text decoded, declared ``ISO_IR 192``.
+
+    Parameters
+    ----------
+    path
+        The stored instance file.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        Every text value is a ``str`` (person names rebuilt from their decoded
+        components), so the results re-encode them in UTF-8 when written.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        header = dcmread(path, stop_before_pixels=True)
+        declared = _declared_character_sets(header)
+        header.decode()
+    uid = str(header.get("SOPInstanceUID", path.name))
+    undefined = [value for value in declared if value not in python_encoding]
+    if undefined:
+        log_event(
+            LOG, logging.WARNING, "source.character_set_undefined", sop_instance_uid=uid,
+            specific_character_set="\\".join(declared),
+            detail=f"Specific Character Set {', '.join(repr(v) for v in undefined)} is not one DICOM defines: "
+            "its text was read as Latin-1 (ISO_IR 100); the results are written in UTF-8 (ISO_IR 192)",
+        )
+    if any("decode" in str(w.message) for w in caught):
+        log_event(
+            LOG, logging.WARNING, "source.text_not_decodable", sop_instance_uid=uid,
+            specific_character_set="\\".join(declared),
+            detail="some text does not decode in the declared Specific Character Set: "
+            "the characters that do not were replaced in the results",
+        )
+    header.walk(_rebuild_person_name)
+    header.SpecificCharacterSet = RESULT_CHARACTER_SET
+    return header
+
+
+def _declared_character_sets(header: Dataset) -> list[str]:
+    value = header.get("SpecificCharacterSet")
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in values]
+
+
+def _rebuild_person_name(dataset: Dataset, element: DataElement) -> None:
+    """A person name from its decoded text only: written in the results' character set, not the source's bytes."""
+    if element.VR != "PN" or element.value is None:
+        return
+    if element.VM > 1:
+        element.value = [PersonName(str(name)) for name in element.value]
+    elif element.value != "":
+        element.value = PersonName(str(element.value))
