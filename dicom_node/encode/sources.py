@@ -24,6 +24,7 @@ from pydicom.valuerep import PersonName
 from dicom_node.logs import log_event
 
 LOG = logging.getLogger(__name__)
+PYDICOM_LOG = logging.getLogger("pydicom")
 
 RESULT_CHARACTER_SET = "ISO_IR 192"
 """Specific Character Set of every result (UTF-8): it represents any name a source carries."""
@@ -43,11 +44,16 @@ def read_source_header(path: Path) -> Dataset:
         Every text value is a ``str`` (person names rebuilt from their decoded
         components), so the results re-encode them in UTF-8 when written.
     """
+    held = _HeldRecords()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        header = dcmread(path, stop_before_pixels=True)
-        declared = _declared_character_sets(header)
-        header.decode()
+        PYDICOM_LOG.addFilter(held)  # pydicom logs its own decoding complaints too: this module's warnings replace them
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            declared = _declared_character_sets(header)
+            header.decode()
+        finally:
+            PYDICOM_LOG.removeFilter(held)
     uid = str(header.get("SOPInstanceUID", path.name))
     undefined = [value for value in declared if value not in python_encoding]
     if undefined:
@@ -57,7 +63,7 @@ def read_source_header(path: Path) -> Dataset:
             detail=f"Specific Character Set {', '.join(repr(v) for v in undefined)} is not one DICOM defines: "
             "its text was read as Latin-1 (ISO_IR 100); the results are written in UTF-8 (ISO_IR 192)",
         )
-    if any("decode" in str(w.message) for w in caught):
+    if any("decode" in message for message in [*(str(w.message) for w in caught), *held.messages]):
         log_event(
             LOG, logging.WARNING, "source.text_not_decodable", sop_instance_uid=uid,
             specific_character_set="\\".join(declared),
@@ -67,6 +73,18 @@ def read_source_header(path: Path) -> Dataset:
     header.walk(_rebuild_person_name)
     header.SpecificCharacterSet = RESULT_CHARACTER_SET
     return header
+
+
+class _HeldRecords(logging.Filter):
+    """Keeps pydicom's log records of one read back (their messages are kept here) instead of logging them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
 
 
 def _declared_character_sets(header: Dataset) -> list[str]:
