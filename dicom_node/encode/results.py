@@ -6,13 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
-from dicom_node.encode.sources import read_source_header
+from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
 from inference.volume import Volume
@@ -88,10 +89,12 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Datase
     """
     headers: dict[str, Dataset] = {}
     for path in volume.source_paths:
-        header = read_source_header(path)
+        header = dcmread(path, stop_before_pixels=True)
         headers[str(header.SOPInstanceUID)] = header
     if all(ref.frame_number is None for ref in volume.slices):
-        return [headers[ref.sop_instance_uid] for ref in volume.slices], labels
+        sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
+        text_in_utf8(sources[0])  # the results copy patient and study text from the first source
+        return sources, labels
     if len(headers) != 1:
         raise EncodingError(
             f"the slices come from {len(headers)} instances, at least one of them multi-frame: results can "
@@ -102,4 +105,4 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Datase
     frames = np.zeros((int(header.get("NumberOfFrames", 1)), *labels.shape[1:]), dtype=labels.dtype)
     for index, ref in enumerate(volume.slices):
         frames[ref.frame_number - 1] = labels[index]
-    return [header], frames
+    return [text_in_utf8(header)], frames

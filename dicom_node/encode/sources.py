@@ -31,30 +31,38 @@ RESULT_CHARACTER_SET = "ISO_IR 192"
 
 
 def read_source_header(path: Path) -> Dataset:
-    """The header of a source instance (no pixel data), its text decoded, declared ``ISO_IR 192``.
+    """The header of a source instance (no pixel data), its text decoded, declared ``ISO_IR 192``."""
+    return text_in_utf8(dcmread(path, stop_before_pixels=True))
+
+
+def text_in_utf8(header: Dataset) -> Dataset:
+    """``header`` itself, its text decoded with its Specific Character Set and re-declared ``ISO_IR 192``.
+
+    Only the source the results copy patient, study and equipment text from needs
+    this (the first one: highdicom and the RTSTRUCT read names from it); decoding
+    every element of every slice's header would cost tens of milliseconds a slice.
 
     Parameters
     ----------
-    path
-        The stored instance file.
+    header
+        A source header as read (text still in the source's encoding).
 
     Returns
     -------
     pydicom.dataset.Dataset
-        Every text value is a ``str`` (person names rebuilt from their decoded
-        components), so the results re-encode them in UTF-8 when written.
+        The same data set: every text value a ``str`` (person names rebuilt from
+        their decoded components), so a result re-encodes them in UTF-8.
     """
     held = _HeldRecords()
+    declared = _declared_character_sets(header)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         PYDICOM_LOG.addFilter(held)  # pydicom logs its own decoding complaints too: this module's warnings replace them
         try:
-            header = dcmread(path, stop_before_pixels=True)
-            declared = _declared_character_sets(header)
             header.decode()
         finally:
             PYDICOM_LOG.removeFilter(held)
-    uid = str(header.get("SOPInstanceUID", path.name))
+    uid = str(header.get("SOPInstanceUID", ""))
     undefined = [value for value in declared if value not in python_encoding]
     if undefined:
         log_event(
