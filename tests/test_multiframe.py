@@ -88,19 +88,40 @@ def test_multiframe_ct_goes_done_with_valid_results_that_reference_its_frames(tm
         np.testing.assert_allclose([float(v) for v in contour.ContourData[2::3]], z, atol=1e-3)
 
 
-def test_slices_from_several_multiframe_instances_are_refused_with_a_reason(tmp_path):
+def _two_multiframe_halves(folder: Path) -> tuple[str, list[Path]]:
+    """One series of two Enhanced CT instances, 10 frames each, as a scanner splitting a volume writes it."""
     halves = [
-        write_phantom_series(tmp_path / name, replace(MULTIFRAME, slices=10, origin=(0.0, 0.0, z)))
+        write_phantom_series(folder / name, replace(MULTIFRAME, slices=10, origin=(-190.0, -190.0, z)))
         for name, z in (("upper", 0.0), ("lower", -50.0))
     ]
     files = [f for half in halves for f in half.files]
-    for path in files:  # one series, as a scanner splitting a volume into two instances writes it
+    for index, path in enumerate(files):
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.FrameOfReferenceUID = halves[0].series_instance_uid, halves[0].frame_of_reference_uid
+        ds.StudyInstanceUID, ds.InstanceNumber = halves[0].study_instance_uid, index + 1
         ds.save_as(path)
+    return halves[0].series_instance_uid, files
+
+
+def test_slices_from_several_multiframe_instances_are_refused_with_a_reason(tmp_path):
+    _series_uid, files = _two_multiframe_halves(tmp_path)
     volume = load_series_volume(files)
 
     with pytest.raises(EncodingError) as refused:
         _sources_and_frames(volume, np.zeros(volume.hu.shape, dtype=np.uint8))
 
     assert str(refused.value).startswith("the slices come from 2 instances, at least one of them multi-frame")
+
+
+@pytest.mark.integration
+def test_series_of_several_multiframe_instances_fails_with_the_reason(tmp_path, start_node):
+    series_uid, files = _two_multiframe_halves(tmp_path / "ct")
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, files).returncode == 0
+
+    node.wait_for_state(series_uid, JobState.FAILED, timeout=180)
+    assert node.job_reason(series_uid) == (
+        "the slices come from 2 instances, at least one of them multi-frame: results can reference the frames of "
+        "one multi-frame instance only; send the series as one Enhanced CT instance or as single-frame CT images"
+    )
