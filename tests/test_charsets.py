@@ -101,3 +101,20 @@ def test_series_in_any_character_set_goes_done_with_utf8_results(tmp_path, start
         errors, _warnings = dciodvfy(path)
         assert errors == [], f"{path.name}: {errors}"
     assert ("source.character_set_undefined" in node.log()) == (character_set == "ISO_IR 999")
+
+
+@pytest.mark.parametrize(
+    "character_set, read_as",
+    [("ISO-IR 126", "ISO_IR 126"), ("ISO 2022-IR 87", "ISO 2022 IR 87"), ("ISO_IR 999", "Latin-1 (ISO_IR 100)")],
+)
+def test_undefined_value_warning_says_how_the_text_was_read(tmp_path, caplog, character_set, read_as):
+    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1))
+    ds = pydicom.dcmread(series.files[0])
+    ds.SpecificCharacterSet = character_set
+    ds.save_as(series.files[0])
+
+    with caplog.at_level(logging.WARNING):
+        read_source_header(series.files[0])
+
+    [record] = [r for r in caplog.records if r.getMessage() == "source.character_set_undefined"]
+    assert f"its text was read as {read_as};" in record.event_fields["detail"]

@@ -4,10 +4,10 @@ One ROI per structure, CLOSED_PLANAR contours per slice (traced at the half-voxe
 boundary with marching squares inside the structure's bounding box, simplified
 within a quarter of a pixel by Douglas-Peucker run on all of a slice's contours at
 once), every contour referencing its CT image (or, for a multi-frame source such as
-Enhanced CT, its image and frame number). Text is written in UTF-8 (``ISO_IR 192``). Decimal strings are written at fixed
-precision, already encoded, so none exceeds the 16 characters DS allows and
-pydicom does not parse millions of them back; every Type 1 and 2 attribute of the
-RT Structure Set IOD is present.
+Enhanced CT, its image and frame number). Text is written in UTF-8 (``ISO_IR 192``).
+Decimal strings are written at fixed precision, already encoded, so none exceeds the
+16 characters DS allows and pydicom does not parse millions of them back; every Type 1
+and 2 attribute of the RT Structure Set IOD is present.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from skimage import measure
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.seg import Algorithm
-from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
+from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
 from inference.volume import SliceRef, Volume
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

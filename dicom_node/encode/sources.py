@@ -4,14 +4,16 @@ A source series may declare any Specific Character Set (ISO 2022 code extensions
 Japanese, Korean or Chinese names, a single-byte Latin set, or a value DICOM does not
 define). The results copy patient and study names from it, so their text is decoded
 here with pydicom's character set handling and the results are written in UTF-8
-(``ISO_IR 192``), which represents every name. An undefined value is read as Latin-1
-(pydicom's fallback) and text that does not decode keeps replacement characters; both
+(``ISO_IR 192``), which represents every name. An undefined value is read as pydicom
+reads it (a misspelling such as ``ISO-IR 126`` as what it means, anything else as Latin-1) and text that does not decode keeps replacement characters; both
 are logged as warnings naming the instance, never the text itself.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -63,13 +65,12 @@ def text_in_utf8(header: Dataset) -> Dataset:
         finally:
             PYDICOM_LOG.removeFilter(held)
     uid = str(header.get("SOPInstanceUID", ""))
-    undefined = [value for value in declared if value not in python_encoding]
-    if undefined:
+    for value in (v for v in declared if v not in python_encoding):
         log_event(
             LOG, logging.WARNING, "source.character_set_undefined", sop_instance_uid=uid,
             specific_character_set="\\".join(declared),
-            detail=f"Specific Character Set {', '.join(repr(v) for v in undefined)} is not one DICOM defines: "
-            "its text was read as Latin-1 (ISO_IR 100); the results are written in UTF-8 (ISO_IR 192)",
+            detail=f"Specific Character Set '{value}' is not one DICOM defines: its text was read as "
+            f"{_read_as(value)}; the results are written in UTF-8 (ISO_IR 192)",
         )
     if any("decode" in message for message in [*(str(w.message) for w in caught), *held.messages]):
         log_event(
@@ -101,6 +102,19 @@ def _declared_character_sets(header: Dataset) -> list[str]:
         return []
     values = [value] if isinstance(value, str) else list(value)
     return [str(v).strip() for v in values]
+
+
+def _read_as(value: str) -> str:
+    """The character set pydicom reads an undefined Specific Character Set value as (its spelling fixes, else Latin-1)."""
+    if re.match("^ISO[^_]IR", value) and f"ISO_IR{value[6:]}" in python_encoding:
+        return f"ISO_IR{value[6:]}"
+    if re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", value) and f"ISO 2022 IR {value[12:]}" in python_encoding:
+        return f"ISO 2022 IR {value[12:]}"
+    try:
+        codecs.lookup(value)
+        return f"the encoding named '{value}'"
+    except LookupError:
+        return "Latin-1 (ISO_IR 100)"
 
 
 def _rebuild_person_name(dataset: Dataset, element: DataElement) -> None:
