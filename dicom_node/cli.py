@@ -359,16 +359,30 @@ def phantom(
     compression: Annotated[
         Optional[str], typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
     ] = None,
+    multiframe: Annotated[
+        Optional[str],
+        typer.Option(help="Write one multi-frame instance: 'enhanced' (Enhanced CT) or 'legacy' (Legacy Converted Enhanced CT)."),
+    ] = None,
+    patient_name: Annotated[str, typer.Option(help="PatientName, e.g. 'Yamada^Tarou=山田^太郎=やまだ^たろう'.")] = "Phantom^Synthetic",
+    character_set: Annotated[
+        str, typer.Option(help="SpecificCharacterSet, values separated by backslashes, e.g. '\\ISO 2022 IR 87'.")
+    ] = "ISO_IR 100",
 ) -> None:
     """Write a synthetic CT series (known anatomy) to test a node or a PACS route."""
     from inference.phantom import PhantomSpec, write_phantom_series
 
+    if multiframe not in (None, "enhanced", "legacy"):
+        errors.print(f"cannot write phantom: --multiframe is 'enhanced' or 'legacy', not {multiframe!r}")
+        raise typer.Exit(2)
     spacing = 0.8 * 512 / size
     try:
-        series = write_phantom_series(
-            output, PhantomSpec(rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression)
+        spec = PhantomSpec(
+            rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression,
+            enhanced=multiframe is not None, legacy_converted=multiframe == "legacy",
+            patient_name=patient_name, character_set=character_set,
         )
-    except (ValueError, RuntimeError) as exc:
+        series = write_phantom_series(output, spec)
+    except (ValueError, RuntimeError, LookupError) as exc:
         errors.print(f"cannot write phantom: {exc}")
         raise typer.Exit(2) from None
     console.print(f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False)

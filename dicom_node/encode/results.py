@@ -13,6 +13,7 @@ from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
+from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
 from inference.volume import Volume
@@ -59,7 +60,7 @@ def encode_results(
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
-    if rtstruct and all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
+    if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
             series_description=algorithm.series_description("Structures", attempt),
@@ -72,16 +73,36 @@ def encode_results(
 
 
 def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
-    """Source headers in the order highdicom needs, and the label map's frames in that order."""
+    """Source headers in the order highdicom needs, and the label map's frames in that order.
+
+    Single-frame sources: one header per slice, in slice order, with ``labels`` as is.
+    One multi-frame source (Enhanced or Legacy Converted Enhanced CT): its header, and
+    one label frame per source frame in source-frame order (frames the volume did not
+    use stay empty and are left out of the SEG).
+
+    Raises
+    ------
+    EncodingError
+        If the slices come from several multi-frame instances (highdicom references
+        the frames of one multi-frame source only), or from a mix of single- and
+        multi-frame instances.
+    """
     headers: dict[str, Dataset] = {}
     for path in volume.source_paths:
         header = dcmread(path, stop_before_pixels=True)
         headers[str(header.SOPInstanceUID)] = header
     if all(ref.frame_number is None for ref in volume.slices):
-        return [headers[ref.sop_instance_uid] for ref in volume.slices], labels
+        sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
+        text_in_utf8(sources[0])  # the results copy patient and study text from the first source
+        return sources, labels
     if len(headers) != 1:
-        raise EncodingError("a volume from several multi-frame instances cannot be encoded yet")
-    frames = np.zeros_like(labels)
+        raise EncodingError(
+            f"the slices come from {len(headers)} instances, at least one of them multi-frame: results can "
+            "reference the frames of one multi-frame instance only; send the series as one Enhanced CT "
+            "instance or as single-frame CT images"
+        )
+    (header,) = headers.values()
+    frames = np.zeros((int(header.get("NumberOfFrames", 1)), *labels.shape[1:]), dtype=labels.dtype)
     for index, ref in enumerate(volume.slices):
         frames[ref.frame_number - 1] = labels[index]
-    return list(headers.values()), frames
+    return [text_in_utf8(header)], frames

@@ -34,6 +34,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.fast_write import save_preencoded
+from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
 SegmentationType = Literal["BINARY", "LABELMAP"]
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # algorithm family (CID 7162)
@@ -115,15 +116,24 @@ def encode_segmentation(
 ) -> EncodedSegmentation:
     """Build the SEG for ``labels`` (``[slice, row, column]``, slices in ``source_images`` order).
 
+    ``source_images`` are single-frame images, one per slice, or exactly one multi-frame
+    image (Enhanced or Legacy Converted Enhanced CT) with one slice of ``labels`` per
+    frame, in frame order: each SEG frame then references its source frame
+    (DerivationImageSequence, ReferencedFrameNumber). The SEG's text is in UTF-8
+    (``ISO_IR 192``): the sources' names are copied as decoded text.
+
     Raises
     ------
     ValueError
         If the label map does not match the source images, or no structure is present.
     """
-    if len(source_images) != labels.shape[0] or any(
+    if source_frame_count(source_images) != labels.shape[0] or any(
         (int(ds.Rows), int(ds.Columns)) != labels.shape[1:] for ds in source_images
     ):
-        raise ValueError(f"label map {labels.shape} does not match the {len(source_images)} source images")
+        raise ValueError(
+            f"the label map's {labels.shape[0]} slices of {labels.shape[1]} x {labels.shape[2]} pixels do not match "
+            f"the {source_frame_count(source_images)} source image frames"
+        )
     values = label_values(labels)
     present = [int(v) for v in values if v != 0 and int(v) in classes]
     if not present:
@@ -147,9 +157,17 @@ def encode_segmentation(
         content_label="SEGMENTATION",
         transfer_syntax_uid=COMPRESSION[segmentation_type] if compress else ExplicitVRLittleEndian,
         omit_empty_frames=True,
+        specific_character_set=RESULT_CHARACTER_SET,
     )
     dataset.SeriesDescription = description[:64]
     return EncodedSegmentation(dataset, {number: label for number, label in enumerate(present, start=1)})
+
+
+def source_frame_count(source_images: Sequence[Dataset]) -> int:
+    """Frames of the sources: one per single-frame image, NumberOfFrames of one multi-frame image."""
+    if len(source_images) == 1 and "NumberOfFrames" in source_images[0]:
+        return int(source_images[0].NumberOfFrames)
+    return len(source_images)
 
 
 def label_values(labels: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.seg import Algorithm, EncodedSegmentation
+from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -69,6 +70,7 @@ def encode_measurement_report(
         manufacturer=MANUFACTURER,
         is_complete=True,
         record_evidence=True,
+        specific_character_set=RESULT_CHARACTER_SET,
     )
     sr.SeriesDescription = algorithm.series_description("Measurements")
     sr.SoftwareVersions = __version__
