@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from sqlalchemy import select
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db import jobs
 from db.jobs import job_for_series_uid
 from db.models import Instance, Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
@@ -172,31 +173,50 @@ def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(work
         assert "dicom-node weights import FILE.zip" in job.reason
 
 
-def test_results_are_indexed_for_query_retrieve_and_a_rerun_replaces_them(worker_setup):
+def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(worker_setup):
     settings, sessions, series = worker_setup
     settings.results.rtstruct = True
     worker = InferenceWorker(settings, sessions)
 
-    def result_series() -> dict[str, tuple[str, str]]:
+    def result_series(*, superseded: bool) -> dict[str, tuple[str, str]]:
         with sessions() as session:
             rows = session.scalars(select(Series).where(Series.source_job_id.is_not(None))).all()
-            return {s.modality: (s.series_instance_uid, s.instances[0].path) for s in rows}
+            return {
+                s.modality: (s.series_instance_uid, s.instances[0].path)
+                for s in rows
+                if (s.superseded_at is not None) == superseded
+            }
 
     assert worker.run_once()
-    first = result_series()
+    first = result_series(superseded=False)
     assert set(first) == {"SEG", "SR", "RTSTRUCT"}
     for uid, path in first.values():
         assert pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID == uid
 
     with transaction(sessions) as session:
+        jobs.retry(session, session.scalars(select(Job)).one())  # DONE -> COMPLETE
         job = session.scalars(select(Job)).one()
-        job.state = JobState.QUEUED
+        job.state = JobState.QUEUED  # as routing would
     assert worker.run_once()
-    second = result_series()
+
+    second = result_series(superseded=False)
     assert set(second) == {"SEG", "SR", "RTSTRUCT"}
+    assert result_series(superseded=True) == first  # the earlier rows stay, marked superseded
     assert not {uid for uid, _ in first.values()} & {uid for uid, _ in second.values()}
+    for _uid, path in first.values():
+        assert Path(path).exists()  # the earlier files stay retrievable
+    assert {Path(path).parent.name for _uid, path in second.values()} == {"run-2"}
+    seg = pydicom.dcmread(second["SEG"][1], stop_before_pixels=True)
+    sr = pydicom.dcmread(second["SR"][1])
+    assert seg.SeriesDescription == sr.SeriesDescription.replace("Measurements", "Segmentation")
+    assert seg.SeriesDescription.endswith("(re-run 2)")
+    earlier_sr = pydicom.dcmread(first["SR"][1], stop_before_pixels=True)
+    predecessor = sr.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == series.study_instance_uid
+    assert predecessor.ReferencedSeriesSequence[0].SeriesInstanceUID == earlier_sr.SeriesInstanceUID
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        earlier_sr.SOPInstanceUID
+    )
     with sessions() as session:
-        seg = pydicom.dcmread(second["SEG"][1], stop_before_pixels=True)
-        assert "(re-run 2)" in seg.SeriesDescription
-        assert session.scalars(select(Instance).where(Instance.series_id.in_(
-            select(Series.id).where(Series.source_job_id.is_not(None))))).all().__len__() == 3
+        job = session.scalars(select(Job)).one()
+        assert job.result_path == str(Path(second["SEG"][1]).parent)
