@@ -156,6 +156,25 @@ def test_job_of_a_dead_worker_is_queued_again(worker_setup):
         assert [e.to_state for e in job.events][-3:] == [JobState.QUEUED, JobState.PROCESSING, JobState.DONE]
 
 
+def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_setup):
+    settings, sessions, series = worker_setup
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.PROCESSING
+        job.claimed_by = f"{socket.gethostname()}:999999999"
+        job.stage = "segment"
+        job.worker_deaths = settings.inference.max_worker_deaths - 1
+
+    worker = InferenceWorker(settings, sessions)
+    assert worker.requeue_abandoned_jobs() == 0
+    assert not worker.run_once()  # nothing left to claim: the queue moves on
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == "worker died while processing (2 times): last seen in stage segment"
+
+
 def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(worker_setup, tmp_path):
     settings, sessions, series = worker_setup
     settings.models["ts"] = Settings.model_validate(

@@ -252,8 +252,9 @@ def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
     for keyword, value_of in INTEGER_ATTRIBUTES.items():
         value = value_of(header)
         if value is not None and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
+            written = getattr(dataset.get(keyword), "original_string", None) or value  # as in the file, not as parsed
             raise UnindexableFile(
-                f"{keyword} {value} is out of range (DICOM integers are -2147483648 to 2147483647)", dataset
+                f"{keyword} {written} is out of range (DICOM integers are -2147483648 to 2147483647)", dataset
             )
     return dataset, header
 
