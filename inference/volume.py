@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -193,19 +194,47 @@ def _frames(path: Path, header: Dataset) -> list[_Frame]:
             if localizer:
                 return [_placeholder(path, header)]
             raise VolumeError(f"instance {header.get('SOPInstanceUID')} has no {keyword}")
+    spacing = _numbers(header, "PixelSpacing", 2)
+    if min(spacing) <= 0:
+        raise VolumeError(f"{_header_name(header)} has PixelSpacing {_vector(spacing)}: spacing must be positive")
     return [
         _Frame(
             ref=SliceRef(str(header.SOPInstanceUID), str(header.SOPClassUID), None),
             path=path,
-            position=np.array(header.ImagePositionPatient, dtype=float),
-            orientation=np.array(header.ImageOrientationPatient, dtype=float),
-            pixel_spacing=(float(header.PixelSpacing[0]), float(header.PixelSpacing[1])),
+            position=_numbers(header, "ImagePositionPatient", 3),
+            orientation=_numbers(header, "ImageOrientationPatient", 6),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
             shape=(int(header.Rows), int(header.Columns)),
             acquisition=str(header.get("AcquisitionNumber", "")),
             is_localizer=localizer,
             instance_number=str(header.get("InstanceNumber", "")),
         )
     ]
+
+
+def _numbers(header: Dataset, keyword: str, count: int) -> np.ndarray:
+    """``count`` finite numbers from a decimal-string attribute, or a VolumeError naming the image and attribute."""
+    try:
+        value = header.get(keyword)
+        values = np.array([float(v) for v in (value if isinstance(value, (list, MultiValue)) else [value])], dtype=float)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{_header_name(header)} has {keyword} values that are not numbers") from None
+    if values.shape != (count,):
+        raise VolumeError(f"{_header_name(header)} has {len(values)} {keyword} values, not {count}")
+    if not np.isfinite(values).all():
+        raise VolumeError(f"{_header_name(header)} has {keyword} values that are not finite numbers")
+    return values
+
+
+def _vector(values: Sequence[float]) -> str:
+    """Numbers as an operator reads them: "[1, 0, 0, 0, 1, 0]" (no numpy reprs)."""
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _header_name(header: Dataset) -> str:
+    number = header.get("InstanceNumber")
+    shown = f" {number}" if number not in (None, "") else ""
+    return f"image{shown} (SOP Instance UID {header.get('SOPInstanceUID')})"
 
 
 def _placeholder(path: Path, header: Dataset) -> _Frame:
@@ -261,7 +290,7 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest."""
     orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
     if len(orientations) > 1:
-        counts = ", ".join(f"{n} images at {list(o)}" for o, n in orientations.most_common())
+        counts = ", ".join(f"{n} images at {_vector(o)}" for o, n in orientations.most_common())
         raise VolumeError(f"mixed orientations in one series ({counts})")
     groups: dict[tuple, list[_Frame]] = defaultdict(list)
     for frame in frames:
@@ -285,7 +314,7 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
     normal = np.cross(row_dir, col_dir)
     length = np.linalg.norm(normal)
     if length < 0.5:
-        raise VolumeError(f"ImageOrientationPatient {list(reference)} is degenerate")
+        raise VolumeError(f"ImageOrientationPatient {_vector(reference)} is degenerate")
     return normal / length
 
 

@@ -98,6 +98,31 @@ def test_defects_are_refused_with_a_reason(tmp_path, change, reason):
     assert reason in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("PixelSpacing", "abc\\0.8", "has PixelSpacing values that are not numbers"),
+        ("PixelSpacing", "0\\0.8", "has PixelSpacing [0, 0.8]: spacing must be positive"),
+        ("ImagePositionPatient", "0\\NaN\\3", "has ImagePositionPatient values that are not finite numbers"),
+        ("ImageOrientationPatient", "1\\0\\0\\0\\1", "has 5 ImageOrientationPatient values, not 6"),
+    ],
+)
+def test_unusable_geometry_values_are_refused_naming_image_and_attribute(tmp_path, keyword, value, reason):
+    series = write_phantom_series(tmp_path, SPEC)
+    dataset = pydicom.dcmread(series.files[2])
+    placeholder = "9" * (len(value) - 2) + "\\9"  # a valid DS of the same length, swapped for the value below
+    dataset[keyword] = pydicom.DataElement(dataset[keyword].tag, "DS", placeholder)
+    dataset.save_as(series.files[2])
+    raw = series.files[2].read_bytes()
+    assert raw.count(placeholder.encode()) == 1
+    series.files[2].write_bytes(raw.replace(placeholder.encode(), value.encode()))  # as a faulty modality writes it
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert str(error.value) == f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID}) {reason}"
+
+
 def test_mixed_orientations_are_refused(tmp_path):
     axial = write_phantom_series(tmp_path / "axial", SPEC)
     coronal = write_phantom_series(
