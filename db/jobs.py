@@ -192,3 +192,8 @@ def worker_died(session: Session, job: Job, max_deaths: int) -> bool:
         f"worker {job.claimed_by} died in stage {stage} ({job.worker_deaths} of {max_deaths} allowed); queued again",
     )
     return False
+
+
+def worker_stopped(session: Session, job: Job) -> None:
+    """The node stopped the worker holding ``job`` (shutdown): queue it again without counting a death."""
+    change_state(session, job, S.QUEUED, f"node stopped while worker {job.claimed_by} processed it; queued again")

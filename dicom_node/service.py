@@ -85,6 +85,7 @@ class WorkerSupervisor:
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
 
     def stop(self) -> None:
+        """Ask every worker to stop; one still busy after 30 s is killed and its job queued again (not a death)."""
         self._stop.set()
         for process in self._processes:
             process.terminate()
@@ -92,6 +93,15 @@ class WorkerSupervisor:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+                process.join(timeout=10)
+                self._requeue_jobs_of(process.pid)
+
+    def _requeue_jobs_of(self, pid: int | None) -> None:
+        if self.sessions is None or pid is None:
+            return
+        with transaction(self.sessions) as session:
+            for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+                jobs.worker_stopped(session, job)
 
 
 @dataclass
