@@ -7,6 +7,7 @@ series. Functions take an open session; the caller owns the transaction.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
@@ -157,9 +158,16 @@ def add_warnings(job: Job, warnings: Iterable[str]) -> list[str]:
     return merged
 
 
+PARTIAL_WARNING = re.compile(r"^(partial\b|processed \d+ of \d+ images)", re.IGNORECASE)
+
+
 def is_partial_warning(warning: str) -> bool:
-    """A warning that says the result covers less than the whole series (it starts with "partial")."""
-    return warning.lower().startswith("partial")
+    """A warning that says the result covers less than the whole series.
+
+    It starts with "partial" (e.g. "partial series: 38 of 200 expected images ...")
+    or "processed N of M images".
+    """
+    return PARTIAL_WARNING.match(warning) is not None
 
 
 def set_stage(session: Session, job_id: int, stage: str) -> None:
