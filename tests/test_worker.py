@@ -239,3 +239,31 @@ def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(work
     with sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.result_path == str(Path(second["SEG"][1]).parent)
+
+
+@pytest.mark.integration
+def test_corrupt_jpeg2000_image_fails_the_series_naming_it(shared_fixtures, tmp_path, start_node):
+    from pydicom.encaps import encapsulate, generate_frames
+
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    files = []
+    for source in sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")):
+        files.append(folder / source.name)
+        files[-1].write_bytes(source.read_bytes())
+    damaged = pydicom.dcmread(files[9])
+    codestream = next(generate_frames(damaged.PixelData, number_of_frames=1))
+    damaged.PixelData = encapsulate([codestream[: len(codestream) * 2 // 3]])  # the codestream is cut short
+    damaged.save_as(files[9])
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, files, extra=["-xv"]).returncode == 0
+
+    node.wait_for_state(damaged.SeriesInstanceUID, JobState.FAILED, timeout=180)
+    assert node.job_reason(damaged.SeriesInstanceUID) == (
+        f"image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) cannot be decoded: "
+        "its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+    )
+    with node.sessions() as session:
+        job = job_for_series_uid(session, damaged.SeriesInstanceUID)
+        assert job.result_path is None and job.stage == "load"  # failed before any inference
