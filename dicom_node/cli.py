@@ -153,6 +153,10 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         if job.timings:
             stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items())
             console.print(f"timings  {stages}", highlight=False)
+        if job.state is JobState.PROCESSING and job.stage:
+            console.print(f"stage    {job.stage}", highlight=False)
+        if job.worker_deaths:
+            console.print(f"workers  died {job.worker_deaths} time(s) on this series", highlight=False)
         for warning in job.warnings or []:
             console.print(f"warning  {warning}", highlight=False)
         if job.result_path:

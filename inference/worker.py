@@ -172,8 +172,9 @@ class InferenceWorker:
             reason = f"processing stopped on an unexpected error in stage {stage}; the node's log has the details for job {claim.job_id}"
             self._finish(claim, JobState.FAILED, reason, timings)
             return
+        job_folder = self.settings.jobs_directory / str(claim.job_id)  # every run's folder is in it: retention removes it whole
         self._finish(claim, JobState.SENDING if claim.destinations else JobState.DONE,
-                     _result_reason(model, measurements, output, warnings), timings, output, results, indexed, warnings)
+                     _result_reason(model, measurements, output, warnings), timings, job_folder, results, indexed, warnings)
 
     def _stage(self, claim: ClaimedJob, stage: str) -> str:
         """Record the stage this job is in (read by whoever finds this worker dead); returns it."""

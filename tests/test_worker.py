@@ -238,7 +238,8 @@ def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(work
     )
     with sessions() as session:
         job = session.scalars(select(Job)).one()
-        assert job.result_path == str(Path(second["SEG"][1]).parent)
+        assert job.result_path == str(settings.jobs_directory / str(job.id))  # all runs: retention removes it whole
+        assert job.reason.endswith(f"results in {Path(second['SEG'][1]).parent}")
 
 
 @pytest.mark.integration
