@@ -56,3 +56,4 @@ def test_poison_series_fails_after_the_crash_limit_and_the_next_series_is_done(t
     assert re.fullmatch(rf"worker \S+:{killed[0]} died in stage ({STAGES}) \(1 of 2 allowed\); queued again", requeued[0])
     node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
     assert "job.worker_died" in node.log()
+    assert "workers  died 2 time(s) on this series" in node.cli("show", poison.series_instance_uid).stdout
