@@ -126,7 +126,7 @@ def status(
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         rejected = session.scalar(select(func.count()).select_from(RejectedInstance)) or 0
     table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
-    for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason"):
+    for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
     for job in rows:
         series = job.series
@@ -138,10 +138,22 @@ def status(
             job.state.value,
             _ago(job.state_changed_at),
             job.reason or "",
+            _warnings_cell(job.warnings),
         )
     console.print(table)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     console.print(f"{summary}; refused instances: {rejected}", highlight=False)
+
+
+def _warnings_cell(warnings: list[str] | None) -> str:
+    """The status table's warnings column: how many, and PARTIAL when the result covers less than the series.
+
+    `dicom-node show` lists them.
+    """
+    if not warnings:
+        return ""
+    partial = " PARTIAL" if any(jobs.is_partial_warning(w) for w in warnings) else ""
+    return f"{len(warnings)}{partial}"
 
 
 @app.command()
@@ -163,10 +175,23 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         if job.timings:
             stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items())
             console.print(f"timings  {stages}", highlight=False)
+        if job.state is JobState.PROCESSING and job.stage:
+            console.print(f"stage    {job.stage}", highlight=False)
+        if job.worker_deaths:
+            console.print(f"workers  died {job.worker_deaths} time(s) on this series", highlight=False)
+        for warning in job.warnings or []:
+            console.print(f"warning  {warning}", highlight=False)
         if job.result_path:
             console.print(f"results  {job.result_path}", highlight=False)
-        for result in session.scalars(select(Series).where(Series.source_job_id == job.id).order_by(Series.series_number)):
-            console.print(f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}", highlight=False)
+        results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
+        for result in session.scalars(results):
+            superseded = (
+                f"  (superseded {result.superseded_at.isoformat(timespec='seconds')})" if result.superseded_at else ""
+            )
+            console.print(
+                f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}{superseded}",
+                highlight=False,
+            )
         if series.purged_at is not None:
             console.print(f"purged   {series.purged_at.isoformat(timespec='seconds')} by retention", highlight=False)
         table = Table("at", "from", "to", "reason")

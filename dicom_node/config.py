@@ -240,6 +240,14 @@ class InferenceSettings(_Strict):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: all cores.")
     poll_seconds: float = Field(1.0, gt=0, le=60)
+    partial_series: Literal["process", "fail"] = Field(
+        "process",
+        description="A series of which only part can be one volume (a second acquisition, another matrix size): "
+        "process it with a warning in every result, or fail it.",
+    )
+    max_worker_deaths: int = Field(
+        2, ge=1, le=100, description="A job whose worker died this many times is FAILED instead of queued again."
+    )
 
 
 class LoggingSettings(_Strict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +33,23 @@ def encode_results(
     attempt: int = 1,
     *,
     rtstruct: bool = False,
+    warnings: Sequence[str] = (),
+    partial: bool = False,
+    replaces: Mapping[str, Dataset] | None = None,
 ) -> list[Path]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
     ``measurements`` (from :func:`~dicom_node.encode.measurements.measure`) are the SR's figures.
 
-    Every run makes new series (new UIDs); a re-run says so in its series description,
-    so a PACS shows the newer results beside, not mixed into, the earlier ones.
+    Every run makes new series (new UIDs). A run after the first (``attempt`` > 1) says
+    "(re-run N)" in its series descriptions, and each SR names the SR it replaces
+    (``replaces``: file name -> the earlier run's SR: its study, series, SOP class and instance UIDs) in its Predecessor Documents
+    Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
+    ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
     """
     algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
     sources, labels = _sources_and_frames(volume, segmentation.labels)
+    replaces = replaces or {}
     written = []
     for kind in segmentation_types:
         seg = encode_segmentation(
@@ -51,19 +58,22 @@ def encode_results(
             segmentation.classes,
             algorithm,
             segmentation_type=kind,
-            series_description=algorithm.series_description("Segmentation", attempt),
+            series_description=algorithm.series_description("Segmentation", attempt, partial=partial),
         )
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
-        sr = encode_measurement_report(seg, sources, measurements, algorithm)
-        sr.SeriesDescription = algorithm.series_description("Measurements", attempt)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
+        earlier = [replaces[sr_path.name]] if sr_path.name in replaces else []
+        sr = encode_measurement_report(
+            seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier
+        )
+        sr.SeriesDescription = algorithm.series_description("Measurements", attempt, partial=partial)
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_description=algorithm.series_description("Structures", attempt),
+            series_description=algorithm.series_description("Structures", attempt, partial=partial),
         )
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)

@@ -49,11 +49,25 @@ class Algorithm:
     version: str
     is_baseline: bool
 
-    def series_description(self, what: str, attempt: int = 1) -> str:
-        """E.g. "Segmentation <name> (baseline) (re-run 2)"; the name is shortened, never the suffixes, to fit 64 characters."""
+    def series_description(self, what: str, attempt: int = 1, *, partial: bool = False) -> str:
+        """E.g. "Segmentation <name> (baseline) PARTIAL (re-run 2)", within 64 characters.
+
+        ``partial``: the result covers less than the whole series; ``attempt``: the run
+        of the job that made it (a run after the first replaces the earlier result).
+        The name is shortened, never the markers: first its trailing parenthesis
+        goes, then words from its end.
+        """
         suffix = " (baseline)" if self.is_baseline and "baseline" not in self.name else ""
+        suffix += " PARTIAL" if partial else ""
         suffix += f" (re-run {attempt})" if attempt > 1 else ""
-        return f"{what} {self.name}"[: 64 - len(suffix)] + suffix
+        room = 64 - len(suffix)
+        head = f"{what} {self.name}"
+        if len(head) > room and " (" in self.name:
+            head = f"{what} {self.name.split(' (')[0]}"
+        if len(head) > room:
+            words = head[: room + 1].rsplit(" ", 1)[0]
+            head = words if len(words) > len(what) else head[:room]
+        return head + suffix
 
 
 @dataclass(frozen=True)
