@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,6 +184,9 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
             console.print(f"warning  {warning}", highlight=False)
         if job.result_path:
             console.print(f"results  {job.result_path}", highlight=False)
+            made_by = _made_by(Path(job.result_path))
+            if made_by:
+                console.print(f"made by  {made_by}", highlight=False)
         results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
         for result in session.scalars(results):
             superseded = (
@@ -206,6 +210,23 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         first_file = session.scalars(select(Instance.path).where(Instance.series_id == series.id).limit(1)).first()
         if first_file:
             console.print(f"files    {Path(first_file).parent}", highlight=False)
+
+
+def _made_by(job_folder: Path) -> str | None:
+    """The algorithm and exact weights of the job's latest results (from its segmentation.json)."""
+    runs = sorted(job_folder.glob("run-*/segmentation.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    latest = runs[-1] if runs else job_folder / "segmentation.json"
+    try:
+        description = json.loads(latest.read_text())
+    except (OSError, ValueError):
+        return None
+    weights = description.get("weights") or {}
+    text = f"{description.get('algorithm_name')} {description.get('algorithm_version')}"
+    if weights.get("sha256"):
+        text += f" (weights {', '.join(weights.get('datasets', []))}, SHA-256 {weights['sha256']})"
+    if weights.get("test_weights"):
+        text += " TEST WEIGHTS, not a trained model"
+    return text
 
 
 @app.command()

@@ -39,6 +39,7 @@ from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.seg import warm_up
 from dicom_node.receive.header import read_file_header
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
+from inference.weights import WeightsIdentity
 from inference.volume import VolumeError, load_series_volume
 
 LOG = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class InferenceWorker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set, polling the queue every ``inference.poll_seconds``."""
         self.requeue_abandoned_jobs()
+        self.load_models()
         warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
         log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
         while not stop.is_set():
@@ -139,6 +141,8 @@ class InferenceWorker:
             warnings = list(context.warnings)
             stage = self._stage(claim, "model")
             model = self._model(claim.model_name, timings)
+            if model.is_test_weights and model.weights is not None:
+                warnings += [w for w in [test_weights_warning(model.weights)] if w not in warnings]
             stage = self._stage(claim, "load")
             started = time.perf_counter()
             allow_partial = self.settings.inference.partial_series == "process"
@@ -241,8 +245,27 @@ class InferenceWorker:
                 cpu_threads=self.settings.inference.cpu_threads,
             )
             timings["model_load"] = time.perf_counter() - started
-            log_event(LOG, logging.INFO, "model.loaded", model=name, seconds=round(timings["model_load"], 2))
+            model = self.models[name]
+            log_event(
+                LOG, logging.INFO, "model.loaded", model=name, algorithm=model.algorithm_name,
+                version=model.algorithm_version, weights_sha256=model.weights.sha256 if model.weights else None,
+                test_weights=model.is_test_weights, seconds=round(timings["model_load"], 2),
+            )
+            if model.is_test_weights:
+                log_event(LOG, logging.WARNING, "model.test_weights", model=name, note=TEST_WEIGHTS_NOTE)
         return self.models[name]
+
+    def load_models(self) -> None:
+        """Load every model a processing rule names, before the first job (so no study waits for it).
+
+        A model that cannot load is logged here; its jobs fail with the reason when they come.
+        """
+        names = dict.fromkeys(rule.model for rule in self.settings.rules if rule.action == "process" and rule.model)
+        for name in names:
+            try:
+                self._model(name, {})
+            except ModelUnavailable as exc:
+                log_event(LOG, logging.ERROR, "model.unavailable", model=name, reason=str(exc))
 
     def _write_outputs(  # noqa: ANN001
         self,
@@ -264,7 +287,7 @@ class InferenceWorker:
         image = sitk.GetImageFromArray(segmentation.labels)
         image.CopyInformation(volume.to_sitk())
         sitk.WriteImage(image, str(folder / "labels.nii.gz"), useCompression=True)
-        write_measurements_json(folder / "measurements.json", measurements)
+        write_measurements_json(folder / "measurements.json", measurements, algorithm_description(model))
         (folder / "segmentation.json").write_text(
             json.dumps(
                 {
@@ -273,6 +296,7 @@ class InferenceWorker:
                     "algorithm_name": model.algorithm_name,
                     "algorithm_version": model.algorithm_version,
                     "baseline": model.is_baseline,
+                    "weights": model.weights.as_dict() if model.weights else None,
                     "classes": {str(k): v for k, v in segmentation.classes.items()},
                     "source_instances": [
                         {"sop_instance_uid": s.sop_instance_uid, "frame_number": s.frame_number} for s in volume.slices
@@ -317,6 +341,25 @@ class InferenceWorker:
             jobs.change_state(session, job, state, reason)
         level = logging.ERROR if state is JobState.FAILED else logging.INFO
         log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+
+
+TEST_WEIGHTS_NOTE = "test weights (random, not a trained model): the structures are not anatomy; not for clinical use"
+
+
+def test_weights_warning(weights: WeightsIdentity) -> str:
+    """The warning every result made with synthetic or untrained weights carries."""
+    return f"made with {TEST_WEIGHTS_NOTE} ({weights.version})"
+
+
+def algorithm_description(model: SegmentationModel) -> dict[str, object]:
+    """What made a result: written beside the figures in measurements.json."""
+    return {
+        "name": model.algorithm_name,
+        "version": model.algorithm_version,
+        "baseline": model.is_baseline,
+        "test_weights": model.is_test_weights,
+        "weights": model.weights.as_dict() if model.weights else None,
+    }
 
 
 def _result_reason(model: SegmentationModel, measurements: list[StructureMeasurement], output: Path, warnings: list[str]) -> str:

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from db.models import JobState
@@ -139,7 +140,21 @@ def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_n
 
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=300)
     reason = node.job_reason(series.series_instance_uid)
-    assert reason.startswith("segmented: ") and "baseline" not in reason
-    description = json.loads((Path(reason.rsplit("results in ", 1)[1]) / "segmentation.json").read_text())
+    assert reason.startswith("segmented with 1 warning(s): made with test weights") and "baseline" not in reason
+    folder = Path(reason.rsplit("results in ", 1)[1])
+    description = json.loads((folder / "segmentation.json").read_text())
     assert description["algorithm_name"] == "TotalSegmentator total_fast"
     assert len(description["classes"]) == 117
+    identity = description["weights"]
+    assert identity["test_weights"] and identity["datasets"] == ["Dataset297_TotalSegmentator_total_3mm_1559subj"]
+    assert json.loads((folder / "measurements.json").read_text())["algorithm"]["weights"] == identity
+
+    # A radiologist sees it in every result: the SEG and SR name the exact weights and say "TEST WEIGHTS".
+    seg, sr = pydicom.dcmread(folder / "seg-binary.dcm"), pydicom.dcmread(folder / "sr-binary.dcm")
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == f"Dataset297 sha256:{identity['sha256'][:16]}"
+    assert "TEST WEIGHTS" in seg.SeriesDescription and "TEST WEIGHTS" in sr.SeriesDescription
+    assert len(seg.SeriesDescription) <= 64 and len(sr.SeriesDescription) <= 64
+    sr_text = str(sr)
+    assert "not a trained model" in sr_text and identity["sha256"][:16] in sr_text
+    assert f"SHA-256 {identity['sha256']}" in node.cli("show", series.series_instance_uid).stdout

@@ -55,7 +55,7 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=120)
     with node.sessions() as session:
         job = job_for_series_uid(session, series.series_instance_uid)
-        assert {"model_load", "load", "predict", "write"} <= set(job.timings)
+        assert {"load", "predict", "write"} <= set(job.timings) and "model_load" not in job.timings  # loaded at start
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
         assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm"]  # no RTSTRUCT asked
@@ -70,7 +70,9 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     assert labels.GetSize() == (128, 128, 40)
     np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])
-    measurements = json.loads((folder / "measurements.json").read_text())
+    written = json.loads((folder / "measurements.json").read_text())
+    assert written["algorithm"]["name"] == "dicom-node threshold baseline (not a trained model)"
+    measurements = written["structures"]
     assert set(measurements) == {"body", "lung_left", "lung_right", "skeleton"}
     assert measurements["lung_left"]["mean_hu"] < -700 and measurements["body"]["cut_by_scan_edge"] is True
     description = json.loads((folder / "segmentation.json").read_text())
@@ -79,7 +81,10 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     assert [s["sop_instance_uid"] for s in description["source_instances"]] == series.sop_instance_uids
     assert "model.loaded model=baseline" in node.log()
     shown = node.cli("show", series.series_instance_uid).stdout
-    assert "timings  model_load" in shown and f"results  {folder}" in shown
+    assert "timings  load" in shown and f"results  {folder}" in shown
+    assert "made by  dicom-node threshold baseline (not a trained model)" in shown
+    # the model was loaded when the worker started, before the series came
+    assert node.log().index("model.loaded model=baseline") < node.log().index("job.processing")
 
 
 @pytest.mark.integration

@@ -47,7 +47,9 @@ def encode_results(
     Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
     ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
     """
-    algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
+    algorithm = Algorithm(
+        model.algorithm_name, model.algorithm_version, model.is_baseline, getattr(model, "is_test_weights", False)
+    )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
     replaces = replaces or {}
     written = []

@@ -46,8 +46,9 @@ SMALL_UNSIGNED = (np.uint8, np.uint16)  # label dtypes counted with np.bincount
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    version: str
+    version: str  # for trained models the weights' identity: dataset ids and SHA-256
     is_baseline: bool
+    test_weights: bool = False  # synthetic/untrained weights: every description says so
 
     def series_description(self, what: str, attempt: int = 1, *, partial: bool = False) -> str:
         """E.g. "Segmentation <name> (baseline) PARTIAL (re-run 2)", within 64 characters.
@@ -58,6 +59,7 @@ class Algorithm:
         goes, then words from its end.
         """
         suffix = " (baseline)" if self.is_baseline and "baseline" not in self.name else ""
+        suffix += " TEST WEIGHTS" if self.test_weights else ""
         suffix += " PARTIAL" if partial else ""
         suffix += f" (re-run {attempt})" if attempt > 1 else ""
         room = 64 - len(suffix)
