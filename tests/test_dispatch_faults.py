@@ -229,8 +229,9 @@ def test_database_locked_after_a_send_does_not_resend(tmp_path, start_node, star
 
     peer.before_answer = lock_before_first_answer
     series_uid = send_phantom(node, tmp_path / "ct")
-    node.wait_for_state(series_uid, JobState.DONE, timeout=240)
+    wait_for(lambda: locks, timeout=240, what="the first file to reach the peer")  # no database reads: it is locked
     locks[0].join()
+    node.wait_for_state(series_uid, JobState.DONE, timeout=120)
 
     assert len(peer.received) == 2 and Counter(peer.received).most_common(1)[0][1] == 1, "each file sent once"
     assert {d.sop_instance_uid for d in delivery_records(node, series_uid)} == set(peer.received)
