@@ -134,10 +134,6 @@ class DispatchSettings(_Strict):
     )
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
 
-    def store_timeout(self, size_bytes: int) -> float:
-        """Seconds to wait for one C-STORE response: ``timeout_seconds`` + size in MB x ``seconds_per_megabyte``."""
-        return self.timeout_seconds + size_bytes / 1_000_000 * self.seconds_per_megabyte
-
 
 class RetentionSettings(_Strict):
     """Purging received images and results of finished series (DONE, FAILED, IGNORED) only.

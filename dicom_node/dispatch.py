@@ -30,11 +30,12 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.config import Destination, DispatchSettings
+from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 
@@ -195,8 +196,8 @@ class Dispatcher(PeriodicTask):
 
     name = "dispatch"
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings, sessions)
         self._busy: set[str] = set()  # destinations with a send in flight
         self._busy_lock = threading.Lock()
 
@@ -254,9 +255,9 @@ class Dispatcher(PeriodicTask):
         """One attempt to send ``name`` the job's files it lacks, then record the attempt."""
         now = datetime.now(timezone.utc)
         destination = self.settings.destinations.get(name)
-        pending, error = self._pending_files(job_id, name, destination)
+        pending, error = self._pending_files(job_id, name, destination, now)
         if pending is None:
-            return  # the job left SENDING meanwhile
+            return  # the job left SENDING, or another pass sent to this destination meanwhile
         if error is None and pending:
             assert destination is not None
             outcome = send_files(
@@ -271,14 +272,19 @@ class Dispatcher(PeriodicTask):
         self._finish_attempt(job_id, name, error, now)
 
     def _pending_files(
-        self, job_id: int, name: str, destination: Destination | None
+        self, job_id: int, name: str, destination: Destination | None, now: datetime
     ) -> tuple[list[ResultFile] | None, str | None]:
-        """The files ``name`` takes and has no delivery record of; or why none can be sent."""
+        """The files ``name`` takes and has no delivery record of; or why none can be sent.
+
+        None when there is nothing to attempt now: the job left SENDING, or the
+        destination is settled or not yet due (as seen in this fresh read).
+        """
         with self.sessions() as session:
             job = session.get_one(Job, job_id)
-            if job.state is not JobState.SENDING:
+            record = (job.deliveries or {}).get(name) or {}
+            if job.state is not JobState.SENDING or self._settled(record) or not _due(record, now):
                 return None, None
-            planned = ((job.deliveries or {}).get(name) or {}).get("files")
+            planned = record.get("files")
             result_files = list(job.result_files or [])
             delivered = jobs.delivered_sop_instance_uids(session, job_id, name)
         if destination is None:
