@@ -295,8 +295,11 @@ class Dispatcher(PeriodicTask):
         except (OSError, InvalidDicomError, AttributeError):
             return [], f"a result file of this job is missing or unreadable (in {Path(paths[0]).parent})"
         if planned is None:
-            plan = {r.sop_instance_uid: r.path for r in results}
-            self._write(lambda session: _plan(session, job_id, name, plan), waiting=f"planning job {job_id} for {name}")
+            # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
+            earlier = [r for r in results if r.path in set(record.get("sent") or [])]
+            self._write(lambda session: _plan(session, job_id, name, results, earlier),
+                        waiting=f"planning job {job_id} for {name}")
+            delivered |= {r.sop_instance_uid for r in earlier}
         return [r for r in results if r.sop_instance_uid not in delivered], None
 
     def _record_delivery(self, job_id: int, name: str, result: ResultFile, status: int) -> None:
@@ -404,10 +407,15 @@ def files_for(destination: Destination, files: list[str]) -> list[str]:
     return [f for f in files if Path(f).name in wanted]
 
 
-def _plan(session, job_id: int, name: str, plan: dict[str, str]) -> None:  # noqa: ANN001
+def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: list[ResultFile]) -> None:  # noqa: ANN001
+    """Record the files ``name`` takes, and (from an older record) those it accepted already."""
     job = session.get_one(Job, job_id)
-    if job.state is JobState.SENDING:
-        jobs.plan_delivery(session, job, name, plan)
+    if job.state is not JobState.SENDING:
+        return
+    jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results})
+    for r in earlier:
+        jobs.record_delivery(session, job_id, name, sop_instance_uid=r.sop_instance_uid,
+                             sop_class_uid=r.sop_class_uid, path=r.path, status=0x0000)
 
 
 def _due(record: dict, now: datetime) -> bool:  # noqa: ANN001
