@@ -160,11 +160,16 @@ def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality:
     if estimate > limit:
         rows, columns = images[0].shape
         raise Refused(
-            f"processing {len(images)} images of {rows} x {columns} pixels needs about "
-            f"{estimate / 1024**3:.1f} GB of memory, over the {settings.max_memory_gigabytes:g} GB "
-            "limit (admission.max_memory_gigabytes)"
+            f"processing {len(images)} images of {rows} x {columns} pixels needs about {_size(estimate)} "
+            f"of memory, over the {_size(limit)} limit (admission.max_memory_gigabytes)"
         )
     return AdmissionResult(refusal=None, warnings=warnings, images=len(images), estimated_bytes=estimate)
+
+
+def _size(count: float) -> str:
+    if count >= 1024**3:
+        return f"{count / 1024**3:.1f} GB"
+    return f"{count / 1024**2:.1f} MB"
 
 
 def _label(file: InstanceFile) -> str:

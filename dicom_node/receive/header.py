@@ -257,8 +257,8 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
         }
         for keyword, value in uids.items():
             if not is_valid_uid(value):
-                shown = "empty" if not value else f"{value!r} is not a valid UID"
-                raise InvalidInstance(f"{keyword} is {shown}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                shown = "is empty" if not value else f"{_shown(value)} is not a valid UID"
+                raise InvalidInstance(f"{keyword} {shown}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
         if uids["SOPInstanceUID"] != affected_sop_instance:
             raise InvalidInstance(
                 f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's "
