@@ -435,7 +435,9 @@ def _plane(label: str, sources: list[Dataset]) -> tuple[tuple[float, ...], tuple
         row[0] * column[1] - row[1] * column[0],
     )
     if math.sqrt(sum(c * c for c in cross)) < 0.5:
-        raise Refused(f"ImageOrientationPatient of {label} does not describe a plane (its two directions are degenerate)")
+        raise Refused(
+            f"ImageOrientationPatient of {label} does not describe a plane (its two directions are degenerate)"
+        )
     return found["ImagePositionPatient"], orientation, spacing
 
 

@@ -126,7 +126,7 @@ class SeriesWatcher(PeriodicTask):
             decision = decide(self.settings.rules, facts)
             files = _instance_files(session, job.series) if decision.action == "process" else []
             modality = job.series.modality
-        admission = admit(files, self.settings.admission, modality) if decision.action == "process" else None
+        admission = self._admit(job_id, files, modality) if decision.action == "process" else None
         pending = _Pending()
         with transaction(self.sessions) as session:
             job = session.get_one(Job, job_id)
@@ -145,6 +145,15 @@ class SeriesWatcher(PeriodicTask):
             pending.add(level, f"series.{state.value.lower()}", **fields)
         pending.log()
 
+    def _admit(self, job_id: int, files: list[InstanceFile], modality: str | None) -> AdmissionResult:
+        try:
+            return admit(files, self.settings.admission, modality)
+        except Exception:  # noqa: BLE001 - a header no check foresaw must not stall the watcher
+            LOG.exception("admission.error", extra={"event_fields": {"job_id": job_id}})
+            return AdmissionResult(
+                refusal=f"the series' headers could not be checked (an unexpected error, logged with job id {job_id})"
+            )
+
     def _apply(self, session: Session, job: Job, decision: Decision, admission: AdmissionResult | None) -> JobState:
         if decision.action != "process":
             jobs.ignore(session, job, decision.reason, rule_name=decision.rule_name)
@@ -155,7 +164,9 @@ class SeriesWatcher(PeriodicTask):
             return JobState.FAILED
         partial = [w for w in job.warnings or [] if w.startswith(PARTIAL_SERIES_PREFIX)]
         jobs.append_warnings(job, partial + admission.warnings, replacing=OWN_WARNING_PREFIXES)
-        jobs.queue(session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations)
+        jobs.queue(
+            session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
+        )
         return JobState.QUEUED
 
 

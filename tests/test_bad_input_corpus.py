@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from db.models import JobEvent, JobState, RejectedInstance, Series
 from inference.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import CT_RULES, Node, data_set_bytes, require_tool, storescu, wait_for
+from tests.conftest import CT_RULES, Node, require_tool, storescu, wait_for
 
 QUIET_SECONDS = 1.0
 EXPECTED_COUNT_TIMEOUT_SECONDS = 8.0
@@ -373,7 +373,9 @@ CASES: list[Case] = [
         "palette_color_ct_is_refused",
         each(setting("PhotometricInterpretation", "PALETTE COLOR")),
         JobState.FAILED,
-        not_admitted("PhotometricInterpretation of instance 1 is 'PALETTE COLOR'; CT images are MONOCHROME1 or MONOCHROME2"),
+        not_admitted(
+            "PhotometricInterpretation of instance 1 is 'PALETTE COLOR'; CT images are MONOCHROME1 or MONOCHROME2"
+        ),
     ),
     Case(
         "twelve_bits_allocated_is_refused",
@@ -738,15 +740,13 @@ def _settle(node: Node, outcome: Outcome) -> bool:
     """True once the series has left RECEIVING and COMPLETE (or never existed)."""
     if outcome.series_instance_uid is None:
         return True
-    state = node.job_state(outcome.series_instance_uid)
-    return state not in (JobState.RECEIVING, JobState.COMPLETE) or (
-        state is None and SUCCESS not in outcome.statuses
-    )
+    return node.job_state(outcome.series_instance_uid) not in (JobState.RECEIVING, JobState.COMPLETE)
 
 
 def _collect(node: Node, outcome: Outcome) -> None:
     with node.sessions() as session:
-        series = session.scalars(select(Series).where(Series.series_instance_uid == outcome.series_instance_uid)).first()
+        query = select(Series).where(Series.series_instance_uid == outcome.series_instance_uid)
+        series = session.scalars(query).first()
         if series is not None and series.job is not None:
             job = series.job
             outcome.state, outcome.reason, outcome.warnings = job.state, job.reason, list(job.warnings or [])
@@ -811,7 +811,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
         rest = storescu(strict.port, files[2:], extra=["-d", "--no-halt"])
         outcome.statuses += _statuses(rest.stdout + rest.stderr)
         for name, (node, outcome) in outcomes.items():
-            wait_for(lambda: _settle(node, outcome), timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60, what=f"{name} to settle")
+            wait_for(
+                lambda: _settle(node, outcome), timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60, what=f"{name} to settle"
+            )
         for node, outcome in outcomes.values():
             _collect(node, outcome)
         yield outcomes

@@ -312,7 +312,7 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         study=study,
         series=series,
         instance_number=_integer(dataset, "InstanceNumber"),
-        image_type="\\".join(str(v) for v in _as_list(image_type))[: TRUNCATED_LENGTHS["ImageType"]] if image_type else None,
+        image_type=_image_type(image_type),
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
     )
@@ -351,6 +351,13 @@ def _check_database_fit(dataset: Dataset) -> None:
 def _shown(text: str) -> str:
     text = "".join(c if c.isprintable() else "?" for c in text)
     return repr(text if len(text) <= 24 else text[:24] + "...")
+
+
+def _image_type(value: Any) -> str | None:
+    """ImageType as the database records it: values joined by backslashes, shortened to its column."""
+    if not value:
+        return None
+    return "\\".join(str(v) for v in _as_list(value))[: TRUNCATED_LENGTHS["ImageType"]]
 
 
 def _as_list(value: Any) -> list[Any]:
