@@ -187,7 +187,8 @@ def test_duplicate_instance_is_stored_once(tmp_path, start_node):
 
 def test_late_instance_reopens_a_completed_series(tmp_path, start_node):
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
-    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 1})
+    # One image short of ImagesInAcquisition: the expected-count timeout completes it early.
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 1})
     storescu(node.port, series.files[:-1])
     node.wait_for_state(series.series_instance_uid, JobState.QUEUED)
 
@@ -204,7 +205,7 @@ def test_late_instance_reopens_a_completed_series(tmp_path, start_node):
 def test_instance_survives_kill_during_transfer(tmp_path, start_node):
     spec = PhantomSpec(rows=256, columns=256, slices=120, pixel_spacing=(1.5, 1.5), slice_spacing=2.0)
     series = write_phantom_series(tmp_path / "ct", spec)
-    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 2})
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 2, "expected_count_timeout_seconds": 2})
 
     sender = subprocess.Popen(
         [require_tool("storescu"), "-v", "-aet", "PACS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, series.files)],
