@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -186,8 +187,18 @@ def _geometry(dataset: Dataset) -> str:
 
 
 def _unsigned_value(dataset: Dataset, keyword: str, default: int) -> int:
+    """A US value (Rows, BitsAllocated...), read from its two encoded bytes when still undecoded."""
+    element = dataset.get_item(keyword)
+    if element is None:
+        return default
+    value = element.value
+    if isinstance(element, RawDataElement) and isinstance(value, bytes):
+        if len(value) == 0:
+            return default
+        if len(value) != 2:
+            raise InvalidInstance(f"{keyword} is not a single 16-bit number", status.CANNOT_UNDERSTAND)
+        return int.from_bytes(value, "little" if element.is_little_endian else "big")
     try:
-        value = dataset.get(keyword)
         return int(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         raise InvalidInstance(f"{keyword} cannot be read as a number", status.CANNOT_UNDERSTAND) from None
@@ -339,6 +350,9 @@ def _check_database_fit(dataset: Dataset) -> None:
                 status.CANNOT_UNDERSTAND,
             )
     for keyword, limit in COLUMN_LENGTHS.items():
+        element = dataset.get_item(keyword)
+        if element is None or (isinstance(element, RawDataElement) and element.length <= limit):
+            continue  # a character takes at least one byte: a value this short fits undecoded
         text = _text(dataset, keyword)
         if text is not None and len(text) > limit:
             shown = "" if keyword in PRIVATE_KEYWORDS else f" ({_shown(text)})"
