@@ -109,7 +109,10 @@ class AdmissionSettings(_Strict):
         5000, ge=1, description="A series with more images (frames) than this is refused before its headers are read."
     )
     max_memory_gigabytes: float = Field(
-        16.0, gt=0, description="Refuse a series whose estimated processing memory (every stage) exceeds this."
+        32.0,
+        gt=0,
+        description="Refuse a series whose estimated processing memory (every stage) exceeds this; about half "
+        "the machine's memory. 32 GB admits 512 x 512 images up to about 5000 slices.",
     )
     missing_rescale: Literal["refuse", "assume_identity"] = Field(
         "refuse",
