@@ -7,7 +7,7 @@ series. Functions take an open session; the caller owns the transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -102,12 +102,12 @@ def refuse_admission(session: Session, job: Job, reason: str, *, rule_name: str 
     change_state(session, job, S.FAILED, f"{ADMISSION_REFUSED_PREFIX}: {reason}")
 
 
-def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Sequence[str] = ()) -> None:
-    """Add sentences to ``job.warnings`` (each once), first dropping earlier ones that start with ``replacing``.
+def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Callable[[str], bool] | None = None) -> None:
+    """Add sentences to ``job.warnings`` (each once), first dropping the earlier ones ``replacing`` selects.
 
     The list is shared by every stage; each stage only ever removes the warnings it wrote itself.
     """
-    kept = [w for w in (job.warnings or []) if not any(w.startswith(prefix) for prefix in replacing)]
+    kept = [w for w in (job.warnings or []) if replacing is None or not replacing(w)]
     job.warnings = kept + [w for w in warnings if w not in kept]
 
 

@@ -55,10 +55,18 @@ float32 copy and the model's float32 input (4 + 4), the label map and its resamp
 """
 
 PARTIAL_SERIES_PREFIX = "partial series:"
-MIXED_SERIES_PREFIX = "processed "
+LARGEST_GROUP_SUFFIX = "images: the largest group with the same matrix and pixel spacing"
 ASSUMED_RESCALE_PREFIX = "rescale attributes missing:"
-OWN_WARNING_PREFIXES = (PARTIAL_SERIES_PREFIX, MIXED_SERIES_PREFIX, ASSUMED_RESCALE_PREFIX)
-"""Warnings that completion and admission write; they are replaced when a series is admitted again."""
+
+
+def is_partial_series_warning(warning: str) -> bool:
+    """The warning completion writes when the expected-count timeout completed a series."""
+    return warning.startswith(PARTIAL_SERIES_PREFIX)
+
+
+def is_admission_warning(warning: str) -> bool:
+    """A warning admission wrote: replaced when the series is admitted again."""
+    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith(LARGEST_GROUP_SUFFIX)
 
 
 class Refused(Exception):
@@ -483,10 +491,7 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
             "refused (admission.mixed_series: refuse)"
         )
     largest = ordered[0][1]
-    warnings.append(
-        f"{MIXED_SERIES_PREFIX}{len(largest)} of {len(images)} images: the largest group with the same "
-        "matrix and pixel spacing"
-    )
+    warnings.append(f"processed {len(largest)} of {len(images)} {LARGEST_GROUP_SUFFIX}")
     return largest
 
 

@@ -23,11 +23,12 @@ from db import jobs
 from db.models import Instance, Job, JobState, Series
 from db.session import transaction
 from dicom_node.admission import (
-    OWN_WARNING_PREFIXES,
     PARTIAL_SERIES_PREFIX,
     AdmissionResult,
     InstanceFile,
     admit,
+    is_admission_warning,
+    is_partial_series_warning,
 )
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -108,7 +109,7 @@ class SeriesWatcher(PeriodicTask):
 
     def _complete(self, session: Session, job: Job, reason: str, pending: _Pending, warning: str | None = None) -> None:
         jobs.mark_complete(session, job, reason)
-        jobs.append_warnings(job, [warning] if warning else [], replacing=[PARTIAL_SERIES_PREFIX])
+        jobs.append_warnings(job, [warning] if warning else [], replacing=is_partial_series_warning)
         pending.add(
             logging.INFO,
             "series.complete",
@@ -162,8 +163,7 @@ class SeriesWatcher(PeriodicTask):
         if admission.refusal is not None:
             jobs.refuse_admission(session, job, admission.refusal, rule_name=decision.rule_name)
             return JobState.FAILED
-        partial = [w for w in job.warnings or [] if w.startswith(PARTIAL_SERIES_PREFIX)]
-        jobs.append_warnings(job, partial + admission.warnings, replacing=OWN_WARNING_PREFIXES)
+        jobs.append_warnings(job, admission.warnings, replacing=is_admission_warning)
         jobs.queue(
             session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
         )

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from db import jobs
 from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit
+from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit, is_partial_series_warning
 from dicom_node.config import AdmissionSettings
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
 from inference.phantom import PhantomSpec, write_phantom_series
@@ -174,13 +174,18 @@ def test_refused_admission_goes_from_complete_to_failed_with_an_event(tmp_path):
         series = Series(series_instance_uid="1.2.3", study=Study(study_instance_uid="1.2"))
         job = jobs.open_job(session, series)
         jobs.mark_complete(session, job, "quiet")
-        jobs.append_warnings(job, ["partial series: 2 of 4"])
+        jobs.append_warnings(job, ["partial series: 2 of 4", "processed 3 of 4 images: dropped a localizer"])
         jobs.append_warnings(job, ["other stage's warning", "partial series: 2 of 4"])
+        jobs.append_warnings(job, ["partial series: 3 of 4"], replacing=is_partial_series_warning)
         jobs.refuse_admission(session, job, "RescaleSlope of instance 2 is 0")
     with sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.FAILED
         assert job.reason == "not admitted: RescaleSlope of instance 2 is 0"
-        assert job.warnings == ["partial series: 2 of 4", "other stage's warning"]
+        assert job.warnings == [
+            "processed 3 of 4 images: dropped a localizer",
+            "other stage's warning",
+            "partial series: 3 of 4",
+        ]
         events = [e.to_state for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]
