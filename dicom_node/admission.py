@@ -12,6 +12,7 @@ Patient identifiers are never part of a reason: reasons are logged at INFO.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ HEADER_KEYWORDS = (
     *IDENTITY_KEYWORDS, "FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient",
     "PixelSpacing", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
     "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "NumberOfFrames",
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData", "AcquisitionNumber",
 )
 HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
 PIXEL_DATA_TAG = tag_for_keyword("PixelData")
@@ -45,6 +46,10 @@ DEFER_BYTES = 1024
 ALLOWED_BITS_ALLOCATED = frozenset({8, 16, 32})
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 ORIENTATION_DECIMALS = 3
+SPACING_TOLERANCE = 0.1
+"""A slice step more than 10 % off the median step is a gap (as the volume assembler counts it)."""
+DUPLICATE_POSITION_MM = 1e-3
+TILT_TOLERANCE_DEGREES = 0.5
 
 BYTES_PER_VOXEL_AFTER_SOURCE = 4 + 8 + 4 + 4 + 1 + 1
 """Memory per voxel of every processing stage after the stored pixels (bytes).
@@ -109,6 +114,7 @@ class _Frame:
     shape: tuple[int, int]
     bytes_per_pixel: int
     localizer: bool
+    acquisition: str = ""
 
 
 def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None = "CT") -> AdmissionResult:
@@ -163,6 +169,9 @@ def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality:
     images = _consistent_matrix(images, settings, warnings)
     if len(images) < 2:
         raise Refused("the series has a single image; a volume needs at least two slices")
+    if len({frame.acquisition for frame in images}) == 1:
+        # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
+        _check_slice_stack(images)
     estimate = _memory_estimate(images)
     limit = settings.max_memory_gigabytes * 1024**3
     if estimate > limit:
@@ -397,7 +406,8 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
     if not per_frame:
         if localizer:
             return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
-        return [_Frame(label, *_plane(label, [header]), shape, bytes_per_pixel, False)]
+        acquisition = _raw_text(header, "AcquisitionNumber") or ""
+        return [_Frame(label, *_plane(label, [header]), shape, bytes_per_pixel, False, acquisition)]
     if len(per_frame) != _frame_count(label, header):
         raise Refused(
             f"{label} has {len(per_frame)} per-frame functional groups for {_frame_count(label, header)} frames"
@@ -493,6 +503,47 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
     largest = ordered[0][1]
     warnings.append(f"processed {len(largest)} of {len(images)} {LARGEST_GROUP_SUFFIX}")
     return largest
+
+
+def _check_slice_stack(images: list[_Frame]) -> None:
+    """One acquisition's slices: no position twice, no gap, no shear (gantry tilt); same wording as the assembler."""
+    orientation = images[0].orientation
+    row, column = orientation[:3], orientation[3:]
+    normal = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
+    length = math.sqrt(sum(c * c for c in normal))
+    normal = tuple(c / length for c in normal)
+    ordered = sorted(images, key=lambda f: _dot(f.position, normal))
+    distances = [_dot(f.position, normal) for f in ordered]
+    steps = [b - a for a, b in zip(distances, distances[1:])]
+    duplicates = sum(1 for s in steps if s < DUPLICATE_POSITION_MM)
+    if duplicates:
+        raise Refused(f"{duplicates} slice position(s) occur twice in one acquisition")
+    step = statistics.median(steps)
+    worst = max(range(len(steps)), key=lambda i: abs(steps[i] - step))
+    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
+        missing = round(steps[worst] / step) - 1
+        kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
+        raise Refused(
+            f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
+            f"the series' usual step is {step:.2f} mm"
+        )
+    offset = tuple(b - a for a, b in zip(ordered[0].position, ordered[-1].position))
+    along = _dot(offset, normal)
+    sideways = math.sqrt(sum((o - along * n) ** 2 for o, n in zip(offset, normal)))
+    angle = math.degrees(math.atan2(sideways, abs(along)))
+    if angle > TILT_TOLERANCE_DEGREES:
+        raise Refused(
+            f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
+            "reconstruct the series without tilt on the scanner and send it again"
+        )
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
 
 
 def _memory_estimate(images: list[_Frame]) -> int:

@@ -101,6 +101,10 @@ def shared_group(sequence: str, keyword: str, vr: str, text: str) -> Callable[[D
     return change
 
 
+def same_position(datasets: list[Dataset]) -> None:
+    datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
+
+
 def truncated_pixels(ds: Dataset) -> None:
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
@@ -357,6 +361,31 @@ CASES: list[Case] = [
         spec={"enhanced": True},
     ),
     Case(
+        "missing_slice_is_refused",
+        spec={"slices": 6, "gaps": (2,)},
+        state=JobState.FAILED,
+        reason=not_admitted(
+            "about 1 missing slice(s): slices 2 and 3 (by position) are 3.00 mm apart, the series' usual step "
+            "is 1.50 mm"
+        ),
+    ),
+    Case(
+        "duplicate_slice_position_is_refused",
+        same_position,
+        JobState.FAILED,
+        not_admitted("1 slice position(s) occur twice in one acquisition"),
+    ),
+    Case(
+        "gantry_tilt_is_refused",
+        spec={"gantry_tilt_degrees": 10.0},
+        state=JobState.FAILED,
+        reason=not_admitted(
+            "gantry tilt of about 10.0 degrees (slices are sheared): not resampled; reconstruct the series "
+            "without tilt on the scanner and send it again"
+        ),
+    ),
+    Case("two_acquisitions_are_left_to_the_volume_assembler", nth(0, setting("AcquisitionNumber", 2))),
+    Case(
         "only_localizers_are_ignored",
         each(setting("ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"])),
         JobState.IGNORED,
@@ -497,8 +526,23 @@ CASES: list[Case] = [
     ),
     Case(
         "one_truncated_instance_leaves_a_partial_series",
-        nth(1, truncated_pixels),
+        nth(3, truncated_pixels),  # the last slice: the three others still make a regular stack
         JobState.QUEUED,
+        statuses=[SUCCESS, SUCCESS, SUCCESS, CANNOT_UNDERSTAND],
+        refusal="Pixel Data is truncated: 256 of 512 bytes (Rows 16 x Columns 16 x SamplesPerPixel 1 x "
+        "BitsAllocated 16 x 1 frame(s))",
+        warnings=[
+            "partial series: 3 of 4 expected images (ImagesInAcquisition) had arrived when the completion "
+            "timeout ran out"
+        ],
+    ),
+    Case(
+        "one_truncated_middle_instance_leaves_a_gap_that_is_refused",
+        nth(1, truncated_pixels),
+        JobState.FAILED,
+        not_admitted(
+            "non-uniform spacing: slices 1 and 2 (by position) are 3.00 mm apart, the series' usual step is 2.25 mm"
+        ),
         statuses=[SUCCESS, CANNOT_UNDERSTAND, SUCCESS, SUCCESS],
         refusal="Pixel Data is truncated: 256 of 512 bytes (Rows 16 x Columns 16 x SamplesPerPixel 1 x "
         "BitsAllocated 16 x 1 frame(s))",
