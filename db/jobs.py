@@ -8,7 +8,7 @@ series. Functions take an open session; the caller owns the transaction.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -21,7 +21,7 @@ S = JobState
 
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.RECEIVING: frozenset({S.COMPLETE}),
-    S.COMPLETE: frozenset({S.QUEUED, S.IGNORED, S.RECEIVING}),
+    S.COMPLETE: frozenset({S.QUEUED, S.IGNORED, S.FAILED, S.RECEIVING}),
     S.QUEUED: frozenset({S.PROCESSING, S.FAILED, S.RECEIVING}),
     S.PROCESSING: frozenset({S.SENDING, S.DONE, S.FAILED, S.QUEUED, S.RECEIVING}),
     S.SENDING: frozenset({S.DONE, S.FAILED, S.RECEIVING}),
@@ -95,6 +95,24 @@ def ignore(session: Session, job: Job, reason: str, *, rule_name: str | None = N
 
 def fail(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.FAILED, reason)
+
+
+ADMISSION_REFUSED_PREFIX = "not admitted"
+
+
+def refuse_admission(session: Session, job: Job, reason: str, *, rule_name: str | None = None) -> None:
+    """Admission refused a COMPLETE series from its headers: FAILED, never queued for inference."""
+    job.rule_name = rule_name
+    change_state(session, job, S.FAILED, f"{ADMISSION_REFUSED_PREFIX}: {reason}")
+
+
+def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Callable[[str], bool] | None = None) -> None:
+    """Add sentences to ``job.warnings`` (each once), first dropping the earlier ones ``replacing`` selects.
+
+    The list is shared by every stage; each stage only ever removes the warnings it wrote itself.
+    """
+    kept = [w for w in (job.warnings or []) if replacing is None or not replacing(w)]
+    job.warnings = kept + [w for w in warnings if w not in kept]
 
 
 SENDING_FAILURE_PREFIX = "sending failed"

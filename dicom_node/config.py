@@ -92,6 +92,38 @@ class CompletionSettings(_Strict):
         ),
     )
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
+    expected_count_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "While fewer images than the series' ImagesInAcquisition have arrived, the quiet period "
+            "does not complete it; this longer silence does, and the job gets a 'partial series' warning."
+        ),
+    )
+
+
+class AdmissionSettings(_Strict):
+    """Header checks between COMPLETE and QUEUED: what is refused before any inference time is spent."""
+
+    max_instances: int = Field(
+        5000, ge=1, description="A series with more images (frames) than this is refused before its headers are read."
+    )
+    max_memory_gigabytes: float = Field(
+        32.0,
+        gt=0,
+        description="Refuse a series whose estimated processing memory (every stage) exceeds this; about half "
+        "the machine's memory. 32 GB admits 512 x 512 images up to about 5000 slices.",
+    )
+    missing_rescale: Literal["refuse", "assume_identity"] = Field(
+        "refuse",
+        description="CT images without RescaleSlope/RescaleIntercept: refuse, or process as slope 1, intercept 0 "
+        "with a warning on the job.",
+    )
+    mixed_series: Literal["refuse", "largest"] = Field(
+        "refuse",
+        description="Images with different matrix size or pixel spacing in one series: refuse, or process the "
+        "largest group of alike images with a warning on the job.",
+    )
 
 
 class Destination(_Strict):
@@ -277,6 +309,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     models: dict[str, ModelSettings] = Field(
         default_factory=lambda: {"baseline": ThresholdModelSettings(kind="threshold")},

@@ -1,30 +1,58 @@
-"""The series watcher: closes quiet series (RECEIVING -> COMPLETE) and routes them (-> QUEUED / IGNORED).
+"""The series watcher: closes quiet series (RECEIVING -> COMPLETE), then routes and admits them.
 
-It works only from the database, so after a restart it simply carries on: a
-series that went quiet while the node was down completes on the first pass,
-and a COMPLETE series whose routing was cut off is routed again.
+Routing picks a rule; admission (:mod:`dicom_node.admission`) reads the series' headers
+and either queues it (QUEUED) or refuses it (FAILED) before any inference time is spent.
+It works only from the database, so after a restart it simply carries on: a series that
+went quiet while the node was down completes on the first pass, and a COMPLETE series
+whose routing was cut off is routed again. Events are logged only once their transaction
+has committed, so the log never tells of a change the database does not hold.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import jobs
-from db.models import Job, JobState, Series
+from db.models import Instance, Job, JobState, Series
 from db.session import transaction
+from dicom_node.admission import (
+    PARTIAL_SERIES_PREFIX,
+    AdmissionResult,
+    InstanceFile,
+    admit,
+    is_admission_warning,
+    is_partial_series_warning,
+)
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
-from dicom_node.routing import decide, series_facts
+from dicom_node.routing import Decision, decide, series_facts
 
 LOG = logging.getLogger(__name__)
 
 
+@dataclass
+class _Pending:
+    """Events of one transaction, logged after it commits."""
+
+    events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, level: int, event: str, **fields: Any) -> None:
+        self.events.append((level, event, fields))
+
+    def log(self) -> None:
+        for level, event, fields in self.events:
+            log_event(LOG, level, event, **fields)
+
+
 class SeriesWatcher(PeriodicTask):
-    """Completion and routing, run every ``completion.check_interval_seconds``."""
+    """Completion, routing and admission, run every ``completion.check_interval_seconds``."""
 
     name = "watcher"
 
@@ -33,29 +61,56 @@ class SeriesWatcher(PeriodicTask):
         return self.settings.completion.check_interval_seconds
 
     def run_once(self) -> None:
-        """One pass: complete what is ready, then route what is complete."""
+        """One pass: complete what is ready, then route and admit what is complete."""
         self.complete_ready_series()
         self.route_complete_series()
 
     def complete_ready_series(self) -> None:
-        quiet = timedelta(seconds=self.settings.completion.quiet_seconds)
+        """Complete series whose expected count is reached, or that stayed quiet long enough.
+
+        While ``ImagesInAcquisition`` says more images are due, the quiet period alone does not
+        complete a series; ``completion.expected_count_timeout_seconds`` of silence does, and the
+        job then carries a "partial series" warning.
+        """
+        completion = self.settings.completion
+        quiet = timedelta(seconds=completion.quiet_seconds)
+        expected_timeout = timedelta(seconds=completion.expected_count_timeout_seconds)
+        pending = _Pending()
         with transaction(self.sessions) as session:
+            timed_out = {job.id for job in jobs.quiet_receiving_jobs(session, expected_timeout)}
             for job in _expected_count_reached(session):
                 count = job.series.instance_count
-                self._complete(session, job, f"all {count} expected images received (ImagesInAcquisition)")
+                self._complete(session, job, f"all {count} expected images received (ImagesInAcquisition)", pending)
             for job in jobs.quiet_receiving_jobs(session, quiet):
-                count = job.series.instance_count
-                self._complete(session, job, f"no new instance for {quiet.total_seconds():g} s ({count} received)")
+                series = job.series
+                images = _images_received(session, series)
+                expected = series.expected_instances
+                if expected is None or images >= expected:
+                    reason = f"no new instance for {quiet.total_seconds():g} s ({series.instance_count} received)"
+                    self._complete(session, job, reason, pending)
+                elif job.id in timed_out:
+                    warning = (
+                        f"{PARTIAL_SERIES_PREFIX} {images} of {expected} expected images (ImagesInAcquisition) "
+                        "had arrived when the completion timeout ran out"
+                    )
+                    reason = (
+                        f"only {images} of {expected} expected images after "
+                        f"{expected_timeout.total_seconds():g} s without a new one (partial series)"
+                    )
+                    self._complete(session, job, reason, pending, warning=warning)
+        pending.log()
 
     def route_complete_series(self) -> None:
-        with transaction(self.sessions) as session:
-            for job in jobs.jobs_in_state(session, [JobState.COMPLETE]):
-                self._route(session, job)
+        """Route every COMPLETE series; admit (read headers) outside any write transaction."""
+        with self.sessions() as session:
+            job_ids = [job.id for job in jobs.jobs_in_state(session, [JobState.COMPLETE])]
+        for job_id in job_ids:
+            self._route(job_id)
 
-    def _complete(self, session: Session, job: Job, reason: str) -> None:
+    def _complete(self, session: Session, job: Job, reason: str, pending: _Pending, warning: str | None = None) -> None:
         jobs.mark_complete(session, job, reason)
-        log_event(
-            LOG,
+        jobs.append_warnings(job, [warning] if warning else [], replacing=is_partial_series_warning)
+        pending.add(
             logging.INFO,
             "series.complete",
             series_instance_uid=job.series.series_instance_uid,
@@ -63,27 +118,88 @@ class SeriesWatcher(PeriodicTask):
             reason=reason,
         )
 
-    def _route(self, session: Session, job: Job) -> None:
-        facts = series_facts(session, job.series)
-        decision = decide(self.settings.rules, facts)
-        if decision.action == "process":
-            assert decision.model is not None and decision.rule_name is not None
-            jobs.queue(
-                session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
+    def _route(self, job_id: int) -> None:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state is not JobState.COMPLETE:
+                return
+            facts = series_facts(session, job.series)
+            decision = decide(self.settings.rules, facts)
+            files = _instance_files(session, job.series) if decision.action == "process" else []
+            modality = job.series.modality
+        admission = self._admit(job_id, files, modality) if decision.action == "process" else None
+        pending = _Pending()
+        with transaction(self.sessions) as session:
+            job = session.get_one(Job, job_id)
+            if job.state is not JobState.COMPLETE:  # re-opened by a late instance meanwhile
+                return
+            state = self._apply(session, job, decision, admission)
+            fields: dict[str, Any] = {
+                "series_instance_uid": job.series.series_instance_uid,
+                "modality": facts.modality,
+                "images": facts.number_of_images,
+                "reason": job.reason,
+            }
+            if admission is not None and admission.warnings:
+                fields["warnings"] = len(admission.warnings)
+            level = logging.WARNING if state is JobState.FAILED else logging.INFO
+            pending.add(level, f"series.{state.value.lower()}", **fields)
+        pending.log()
+
+    def _admit(self, job_id: int, files: list[InstanceFile], modality: str | None) -> AdmissionResult:
+        try:
+            return admit(files, self.settings.admission, modality)
+        except Exception:  # noqa: BLE001 - a header no check foresaw must not stall the watcher
+            LOG.exception("admission.error", extra={"event_fields": {"job_id": job_id}})
+            return AdmissionResult(
+                refusal=f"the series' headers could not be checked (an unexpected error, logged with job id {job_id})"
             )
-            state = JobState.QUEUED
-        else:
+
+    def _apply(self, session: Session, job: Job, decision: Decision, admission: AdmissionResult | None) -> JobState:
+        if decision.action != "process":
             jobs.ignore(session, job, decision.reason, rule_name=decision.rule_name)
-            state = JobState.IGNORED
-        log_event(
-            LOG,
-            logging.INFO,
-            f"series.{state.value.lower()}",
-            series_instance_uid=job.series.series_instance_uid,
-            modality=facts.modality,
-            images=facts.number_of_images,
-            reason=job.reason,
+            return JobState.IGNORED
+        assert admission is not None and decision.model is not None and decision.rule_name is not None
+        if admission.refusal is not None:
+            jobs.refuse_admission(session, job, admission.refusal, rule_name=decision.rule_name)
+            return JobState.FAILED
+        jobs.append_warnings(job, admission.warnings, replacing=is_admission_warning)
+        jobs.queue(
+            session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
         )
+        return JobState.QUEUED
+
+
+def _instance_files(session: Session, series: Series) -> list[InstanceFile]:
+    rows = session.execute(
+        select(
+            Instance.path,
+            Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid,
+            Instance.instance_number,
+            Instance.number_of_frames,
+        )
+        .where(Instance.series_id == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+    ).all()
+    return [
+        InstanceFile(
+            path=Path(row.path),
+            sop_instance_uid=row.sop_instance_uid,
+            transfer_syntax_uid=row.transfer_syntax_uid,
+            instance_number=row.instance_number,
+            number_of_frames=row.number_of_frames,
+        )
+        for row in rows
+    ]
+
+
+def _images_received(session: Session, series: Series) -> int:
+    """Images (frames) received: ImagesInAcquisition counts frames of multi-frame instances too."""
+    total = session.scalar(
+        select(func.sum(func.coalesce(Instance.number_of_frames, 1))).where(Instance.series_id == series.id)
+    )
+    return int(total or 0)
 
 
 def _expected_count_reached(session: Session) -> list[Job]:

@@ -319,3 +319,39 @@ def start_orthanc(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
     yield _start
     for orthanc in started:
         orthanc.stop()
+
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+PIXELMED_OPTIONS = [
+    "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
+]
+
+
+def pixelmed(path: Path, *, sr: bool = False, heap: str = "2g", timeout: float = 900) -> tuple[list[str], list[str]]:
+    """Errors and warnings of PixelMed's validator (Debian's libpixelmed-java) for a file.
+
+    ``sr``: the SR validator (templates, context groups) instead of the IOD validator.
+    The warnings are printed for the test log.
+    """
+    java = require_tool("java")
+    if not PIXELMED_JAR.is_file():
+        message = f"PixelMed is not installed at {PIXELMED_JAR} (bash .ci/run installs libpixelmed-java)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    validator = "com.pixelmed.validate." + ("DicomSRValidator" if sr else "DicomInstanceValidator")
+    result = subprocess.run(
+        [java, f"-Xmx{heap}", *PIXELMED_OPTIONS, "-cp", str(PIXELMED_JAR), validator, str(path)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    if result.returncode != 0 or any("Exception" in line for line in lines):
+        raise AssertionError(f"PixelMed did not run to the end on {path.name}: {lines[-5:]}")
+    warnings = [line for line in lines if line.startswith("Warning")]
+    print(f"PixelMed {path.name}: {len(warnings)} warning(s)", *warnings[:50], sep="\n  ")
+    return [line for line in lines if line.startswith("Error")], warnings
+
+
+def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
+    """DCMTK's SR dump: exit 0 and no "E:" line when it can parse every content item."""
+    return subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,24 @@
-"""Routing decisions: the guard first, then the first matching rule."""
+"""Routing decisions (the guard first, then the first matching rule) and the watcher's completion and admission."""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from dataclasses import replace
+from datetime import timedelta
 
+import pydicom
 import pytest
+from sqlalchemy import select
 
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.models import Job, JobEvent, JobState, utcnow
+from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
-from dicom_node.config import Rule
+from dicom_node.config import Rule, Settings
 from dicom_node.routing import SeriesFacts, decide
+from dicom_node.watcher import SeriesWatcher
+from inference.phantom import PhantomSpec, write_phantom_series
 
 CT = SeriesFacts(
     modality="CT",
@@ -74,3 +84,95 @@ def test_guard_overrides_a_process_rule(change, reason):
     decision = decide([rule("everything")], replace(CT, **change))
     assert decision.action == "ignore"
     assert reason in decision.reason
+
+
+# --- the watcher's routing step: completion, admission, logging after commit (real SQLite, no node) ---
+
+CT_RULE = {"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}
+
+
+def watched(tmp_path, slices_sent: int, expected: int | None, **completion):
+    """A database holding ``slices_sent`` phantom instances of one series that went quiet an hour ago."""
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"}, rules=[CT_RULE], completion={"quiet_seconds": 30, **completion}
+    )
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=16, columns=16, slices=4))
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    with transaction(sessions) as session:
+        for number, path in enumerate(series.files[:slices_sent], start=1):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            record_instance(
+                session,
+                InstanceRecord(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    path=str(path),
+                    size_bytes=path.stat().st_size,
+                    study=StudyAttributes(series.study_instance_uid),
+                    series=SeriesAttributes(series.series_instance_uid, modality="CT", expected_instances=expected),
+                    instance_number=number,
+                    received_at=an_hour_ago,
+                ),
+            )
+    return SeriesWatcher(settings, sessions), sessions, series
+
+
+def job_of(sessions) -> tuple[Job, list[JobState]]:
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        return job, [event.to_state for event in session.scalars(select(JobEvent).order_by(JobEvent.id))]
+
+
+def test_quiet_period_leaves_a_series_short_of_its_expected_count_receiving(tmp_path):
+    watcher, sessions, _series = watched(tmp_path, 2, expected=4, expected_count_timeout_seconds=7200)
+    watcher.run_once()
+    job, _history = job_of(sessions)
+    assert job.state is JobState.RECEIVING
+
+
+def test_expected_count_timeout_completes_with_a_partial_warning(tmp_path):
+    watcher, sessions, _series = watched(tmp_path, 2, expected=4, expected_count_timeout_seconds=60)
+    watcher.run_once()
+    job, history = job_of(sessions)
+    assert history == [JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED]
+    assert job.warnings == [
+        "partial series: 2 of 4 expected images (ImagesInAcquisition) had arrived when the completion timeout ran out"
+    ]
+
+
+def test_series_refused_by_admission_is_failed_without_being_queued(tmp_path):
+    watcher, sessions, series = watched(tmp_path, 4, expected=None)
+    ds = pydicom.dcmread(series.files[2])
+    ds.RescaleSlope = "0"
+    ds.save_as(series.files[2])
+    watcher.run_once()
+    job, history = job_of(sessions)
+    assert history == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]
+    assert job.reason == "not admitted: RescaleSlope of instance 3 is 0: every pixel would have the same value"
+    assert job.rule_name == "ct"
+
+
+def test_watcher_logs_each_change_only_after_it_is_committed(tmp_path):
+    watcher, sessions, _series = watched(tmp_path, 4, expected=None)
+    database = str(watcher.settings.storage.directory / "dicom-node.db")
+    seen: dict[str, str] = {}
+
+    class CommittedState(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with sqlite3.connect(database) as connection:  # sees committed rows only
+                (state,) = connection.execute("SELECT state FROM jobs").fetchone()
+            seen[record.getMessage()] = state
+
+    logger, handler = logging.getLogger("dicom_node.watcher"), CommittedState()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        watcher.run_once()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == {"series.complete": "COMPLETE", "series.queued": "QUEUED"}

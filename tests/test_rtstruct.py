@@ -41,7 +41,7 @@ def test_one_roi_per_structure_with_contours_on_its_slices(structure_set):
     path, volume, result = structure_set
     dataset = pydicom.dcmread(path)
 
-    assert [roi.ROIName for roi in dataset.StructureSetROISequence] == ["body", "lung_left", "lung_right", "skeleton"]
+    assert [roi.ROIName for roi in dataset.StructureSetROISequence] == ["Body", "Left lung", "Right lung", "Skeleton"]
     body = dataset.ROIContourSequence[0]
     slices_with_body = {int(k) for k in np.flatnonzero((result.labels == 1).any(axis=(1, 2)))}
     referenced = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in body.ContourSequence}

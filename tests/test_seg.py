@@ -14,7 +14,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 
-from dicom_node.encode.codes import LEFT, RIGHT, structure_codes
+from dicom_node.encode.codes import LEFT, RIGHT, display_label, structure_codes
 from dicom_node.encode.fast_write import save_preencoded
 from dicom_node.encode.seg import (
     PER_FRAME_FUNCTIONAL_GROUPS,
@@ -105,12 +105,12 @@ def test_left_and_right_kidney_differ_in_codes_not_only_labels(phantom_with_kidn
     encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM)
 
     segments = {item.SegmentLabel: item for item in encoded.dataset.SegmentSequence if item.SegmentNumber}
-    left = segments["kidney_left"].SegmentedPropertyTypeCodeSequence[0]
-    right = segments["kidney_right"].SegmentedPropertyTypeCodeSequence[0]
+    left = segments["Left kidney"].SegmentedPropertyTypeCodeSequence[0]
+    right = segments["Right kidney"].SegmentedPropertyTypeCodeSequence[0]
     assert left.CodeValue == right.CodeValue == "64033007"  # Kidney
     assert left.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == LEFT.value
     assert right.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == RIGHT.value
-    liver = segments["liver"]
+    liver = segments["Liver"]
     assert "SegmentedPropertyTypeModifierCodeSequence" not in liver.SegmentedPropertyTypeCodeSequence[0]
     assert liver.SegmentAlgorithmName == "TotalSegmentator total_fast"
     assert liver.RecommendedDisplayCIELabValue
@@ -277,3 +277,31 @@ def test_label_map_that_does_not_match_the_source_frames_is_refused_with_counts(
         encode_segmentation([source], np.ones((5, 32, 32), dtype=np.uint8), {1: "body"}, TS_ALGORITHM)
 
     assert str(refused.value) == "the label map's 5 slices of 32 x 32 pixels do not match the 6 source image frames"
+
+
+def test_segment_labels_are_words_with_laterality_first_and_tracking_ids_keep_the_class_name(phantom_with_kidneys):
+    series, volume, labels, classes = phantom_with_kidneys
+
+    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM)
+
+    by_tracking = {item.TrackingID: item.SegmentLabel for item in encoded.dataset.SegmentSequence}
+    assert by_tracking["kidney_left"] == "Left kidney" and by_tracking["liver"] == "Liver"
+    assert display_label("adrenal_gland_right") == "Right adrenal gland"
+    assert display_label("rib_left_3") == "Left rib 3" and display_label("vertebrae_L1") == "Vertebrae L1"
+    assert display_label("lung_upper_lobe_left") == "Left lung upper lobe"
+
+
+def test_labelmap_seg_has_no_background_segment_and_still_decodes(phantom_with_kidneys):
+    series, volume, labels, classes = phantom_with_kidneys
+    sources = sources_in_volume_order(series.files, volume)
+
+    encoded = encode_segmentation(sources, labels, classes, TS_ALGORITHM, segmentation_type="LABELMAP")
+
+    numbers = [int(item.SegmentNumber) for item in encoded.dataset.SegmentSequence]
+    assert numbers == list(range(1, len(numbers) + 1))  # monotonically increasing from one
+    assert encoded.dataset.PixelPaddingValue == 0  # background
+    buffer = BytesIO()
+    write_segmentation(encoded.dataset, buffer)
+    decoded = hd.seg.segread(BytesIO(buffer.getvalue()))
+    assert decoded.segmentation_type.value == "LABELMAP"
+    assert sorted(decoded.segment_numbers) == numbers

@@ -39,6 +39,23 @@ BASELINE_CODES = {
 }
 
 
+SIDES = {"left": "Left", "right": "Right"}
+
+
+def display_label(name: str) -> str:
+    """A structure's class name as words a radiologist reads, laterality first.
+
+    ``adrenal_gland_right`` -> ``Right adrenal gland``, ``rib_left_3`` -> ``Left rib 3``,
+    ``vertebrae_L1`` -> ``Vertebrae L1``, ``lung_upper_lobe_left`` -> ``Left lung upper lobe``.
+    Words holding digits or capitals (L1, T12, IVC) keep their spelling.
+    """
+    words = name.replace("-", "_").split("_")
+    sides = [SIDES[w] for w in words if w in SIDES]
+    rest = [w for w in words if w not in SIDES and w]
+    text = " ".join(sides[:1] + [w if any(c.isdigit() or c.isupper() for c in w) else w.lower() for w in rest])
+    return (text[:1].upper() + text[1:])[:64] if text else name[:64]
+
+
 class UnknownStructure(KeyError):
     """A structure name with no codes: the encoder refuses rather than invent codes."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,30 @@ from inference.volume import Volume
 
 class EncodingError(RuntimeError):
     """Results could not be encoded; the job fails with this reason."""
+
+
+RESULT_SERIES_OFFSETS = {"seg-binary": 1, "sr-binary": 2, "rtstruct": 3, "seg-labelmap": 4, "sr-labelmap": 5}
+"""Each result object's series number within a run: 9701.. for the first run, 9801.. for the second, ..."""
+RESULT_TITLES = {
+    "seg-binary": "Segmentation",
+    "sr-binary": "Measurements",
+    "rtstruct": "Structures",
+    "seg-labelmap": "Label map",
+    "sr-labelmap": "Label map measurements",
+}
+"""The first words of each result's SeriesDescription: BINARY and LABELMAP copies read differently."""
+
+
+def result_series_number(name: str, run: int = 1) -> int:
+    """Distinct per object and per run, so a PACS lists each result series apart: 9700 + 100 x (run - 1) + offset."""
+    return 9700 + 100 * (max(run, 1) - 1) + RESULT_SERIES_OFFSETS[name]
+
+
+def stamp_series_date_time(dataset: Dataset) -> None:
+    """SeriesDate/SeriesTime: when the result was made (its content date and time, or now)."""
+    now = datetime.now()
+    dataset.SeriesDate = dataset.get("ContentDate") or now.strftime("%Y%m%d")
+    dataset.SeriesTime = dataset.get("ContentTime") or now.strftime("%H%M%S")
 
 
 def encode_results(
@@ -60,23 +85,29 @@ def encode_results(
             segmentation.classes,
             algorithm,
             segmentation_type=kind,
-            series_description=algorithm.series_description("Segmentation", attempt, partial=partial),
+            series_number=result_series_number(f"seg-{kind.lower()}", attempt),
+            series_description=algorithm.series_description(RESULT_TITLES[f"seg-{kind.lower()}"], attempt, partial=partial),
         )
+        stamp_series_date_time(seg.dataset)
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         earlier = [replaces[sr_path.name]] if sr_path.name in replaces else []
         sr = encode_measurement_report(
-            seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier
+            seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier,
+            series_number=result_series_number(f"sr-{kind.lower()}", attempt),
         )
-        sr.SeriesDescription = algorithm.series_description("Measurements", attempt, partial=partial)
+        sr.SeriesDescription = algorithm.series_description(RESULT_TITLES[f"sr-{kind.lower()}"], attempt, partial=partial)
+        stamp_series_date_time(sr)
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_description=algorithm.series_description("Structures", attempt, partial=partial),
+            series_number=result_series_number("rtstruct", attempt),
+            series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
         )
+        stamp_series_date_time(rtstruct)
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)
         written.append(rtstruct_path)

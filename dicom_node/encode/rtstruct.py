@@ -25,7 +25,7 @@ from scipy import ndimage
 from skimage import measure
 
 from dicom_node import MANUFACTURER, __version__
-from dicom_node.encode.codes import structure_codes
+from dicom_node.encode.codes import display_label, structure_codes
 from dicom_node.encode.seg import Algorithm
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
 from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
@@ -131,7 +131,7 @@ def _roi(number: int, name: str, frame_of_reference: str, algorithm: Algorithm) 
     roi = Dataset()
     roi.ROINumber = number
     roi.ReferencedFrameOfReferenceUID = frame_of_reference
-    roi.ROIName = name[:64]
+    roi.ROIName = display_label(name)
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
     roi.ROIGenerationDescription = f"{algorithm.name} {algorithm.version}"[:64]
     return roi

@@ -32,7 +32,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from dicom_node import MANUFACTURER, __version__
-from dicom_node.encode.codes import structure_codes
+from dicom_node.encode.codes import display_label, structure_codes
 from dicom_node.encode.fast_write import save_preencoded
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
@@ -91,7 +91,7 @@ def segment_descriptions(classes: dict[int, str], present: Sequence[int], algori
         coded = structure_codes(name)
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=name[:64],
+            segment_label=display_label(name),
             segmented_property_category=coded.category,
             segmented_property_type=coded.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -176,7 +176,23 @@ def encode_segmentation(
         specific_character_set=RESULT_CHARACTER_SET,
     )
     dataset.SeriesDescription = description[:64]
+    # Laterality (General Series, Type 2C) is needed when no Image Laterality says it: the segments
+    # cover structures of both sides ("B") unless the source image states its own laterality.
+    dataset.ImageLaterality = source_images[0].get("ImageLaterality") or "B"
+    if segmentation_type == "LABELMAP":
+        _drop_background_segment(dataset)
     return EncodedSegmentation(dataset, {number: label for number, label in enumerate(present, start=1)})
+
+
+def _drop_background_segment(dataset: Dataset) -> None:
+    """A label map's background is value 0, which Pixel Padding Value already says (Sup 243, final text).
+
+    highdicom inserts a "Background" segment numbered 0; readers that expect segment numbers
+    to count from one (3D Slicer via dcmqi before 1.5.5) shift every segment's metadata by one.
+    """
+    kept = [item for item in dataset.SegmentSequence if int(item.SegmentNumber) != 0]
+    if len(kept) != len(dataset.SegmentSequence):
+        dataset.SegmentSequence = DicomSequence(kept)
 
 
 def source_frame_count(source_images: Sequence[Dataset]) -> int:

@@ -27,6 +27,12 @@ ATTENUATION_COEFFICIENT = hd.sr.CodedConcept("112031", "DCM", "Attenuation Coeff
 SCAN_COVERAGE = hd.sr.CodedConcept("SCANCOVERAGE", "99DICOMNODE", "Coverage of structure by scan")
 CUT_BY_SCAN_EDGE = hd.sr.CodedConcept("PARTIAL", "99DICOMNODE", "Structure cut by edge of scanned range")
 WITHIN_SCAN = hd.sr.CodedConcept("COMPLETE", "99DICOMNODE", "Structure within scanned range")
+CT_PROCEDURE = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+"""Procedure reported: a member of CID 100 (Quantitative Diagnostic Imaging Procedures), as TID 1500 asks."""
+STANDARD_MEANINGS = {
+    ("121232", "DCM"): "Source series for segmentation",  # TID 1411's spelling (pydicom's codes capitalise it)
+}
+"""Code meanings as the templates spell them, where the code dictionaries differ."""
 
 
 def encode_measurement_report(
@@ -65,7 +71,7 @@ def encode_measurement_report(
                 observer_type=codes.DCM.Device, observer_identifying_attributes=device
             ),
         ),
-        procedure_reported=codes.SCT.ComputedTomography,
+        procedure_reported=CT_PROCEDURE,
         imaging_measurements=groups,
     )
     if notes:
@@ -85,7 +91,19 @@ def encode_measurement_report(
     )
     sr.SeriesDescription = algorithm.series_description("Measurements")
     sr.SoftwareVersions = __version__
+    use_standard_meanings(sr)
     return sr
+
+
+def use_standard_meanings(dataset: Dataset) -> None:
+    """Rewrite code meanings in the content tree to the templates' spelling (:data:`STANDARD_MEANINGS`)."""
+    for item in dataset.get("ContentSequence", []):
+        for keyword in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            for code in item.get(keyword, []):
+                meaning = STANDARD_MEANINGS.get((str(code.CodeValue), str(code.CodingSchemeDesignator)))
+                if meaning:
+                    code.CodeMeaning = meaning
+        use_standard_meanings(item)
 
 
 def note_item(notes: Sequence[str]) -> hd.sr.TextContentItem:

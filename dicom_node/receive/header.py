@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -27,10 +29,30 @@ HEADER_KEYWORDS = (
     "AccessionNumber", "Modality", "Manufacturer", "ReferringPhysicianName", "StudyDescription",
     "SeriesDescription", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "SliceThickness",
     "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "StudyID", "SeriesNumber",
-    "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames",
+    "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
+    "BitsAllocated",
 )
 HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
-"""The only elements the receiver decodes: what the database records and routing reads."""
+"""The only elements the receiver decodes: what the database records, routing reads, and the pixel data check needs."""
+
+PIXEL_DATA_TAG = (0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+INTEGER_RANGE = (-(2**31), 2**31 - 1)
+"""Integer columns are 32-bit (PostgreSQL ``integer``); IS values outside are refused (IS allows no more)."""
+INTEGER_KEYWORDS = ("SeriesNumber", "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames")
+COLUMN_LENGTHS = {
+    "PatientID": 64, "PatientName": 324, "PatientBirthDate": 8, "PatientSex": 16, "StudyDate": 8,
+    "StudyTime": 16, "AccessionNumber": 16, "StudyID": 16, "Modality": 16, "BodyPartExamined": 16,
+}
+"""Text the database must hold whole (``db/models.py`` String lengths): longer values are refused."""
+TRUNCATED_LENGTHS = {
+    "StudyDescription": 64, "SeriesDescription": 64, "Manufacturer": 64, "ReferringPhysicianName": 324,
+    "ImageType": 128,
+}
+"""Descriptive text recorded shortened in the database when longer (the stored file keeps it whole)."""
+PRIVATE_KEYWORDS = frozenset({"PatientID", "PatientName", "PatientBirthDate"})
+"""Values never repeated in a reason (reasons reach the log and the sender)."""
 
 
 class InvalidInstance(ValueError):
@@ -77,26 +99,154 @@ def is_valid_uid(value: Any) -> bool:
 def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
     """Decode the data set's elements up to (not including) the pixel data.
 
+    For an uncompressed transfer syntax, the Pixel Data element's declared length is read
+    from the encoded stream (its value is not) and must cover Rows x Columns x
+    SamplesPerPixel x BitsAllocated / 8 x NumberOfFrames.
+
     Raises
     ------
     InvalidInstance
-        (Cannot understand) when the bytes are not a decodable data set.
+        (Cannot understand) when the bytes are not a decodable data set, or its native
+        pixel data is shorter than its header says.
     """
+    if not encoded:
+        raise InvalidInstance("not a DICOM data set: it is empty (0 bytes)", status.CANNOT_UNDERSTAND)
+    if len(encoded) >= 132 and encoded[128:132] == b"DICM":
+        raise InvalidInstance(
+            "not a DICOM data set: it starts with a file preamble and meta header (a whole file was sent "
+            "as the data set)",
+            status.CANNOT_UNDERSTAND,
+        )
     try:
         if transfer_syntax.is_deflated:
             encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
+        stream = BytesIO(encoded)
         dataset = read_dataset(
-            BytesIO(encoded),
+            stream,
             transfer_syntax.is_implicit_VR,
             transfer_syntax.is_little_endian,
             stop_when=_at_pixel_data,
             specific_tags=HEADER_TAGS,
         )
-    except Exception as exc:  # pydicom raises many kinds on garbage
-        raise InvalidInstance(f"data set cannot be decoded: {exc}", status.CANNOT_UNDERSTAND) from None
+    except Exception:  # pydicom raises many kinds on garbage
+        raise InvalidInstance(
+            f"not a DICOM data set: its elements cannot be decoded as {transfer_syntax.name}",
+            status.CANNOT_UNDERSTAND,
+        ) from None
     if len(dataset) == 0:
-        raise InvalidInstance("data set is empty", status.CANNOT_UNDERSTAND)
+        raise InvalidInstance(
+            "not a DICOM data set: no preamble/meta, no recognisable element", status.CANNOT_UNDERSTAND
+        )
+    if not transfer_syntax.is_compressed:
+        _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax)
     return dataset
+
+
+def _check_native_pixel_data(dataset: Dataset, encoded: bytes, offset: int, transfer_syntax: UID) -> None:
+    """An image's uncompressed Pixel Data must be as long as Rows x Columns x ... says."""
+    if "Rows" not in dataset or "Columns" not in dataset:
+        return  # not an image (SR, RT Structure Set, ...)
+    expected = _expected_pixel_bytes(dataset)
+    located = _pixel_data_length(encoded, offset, transfer_syntax)
+    if located is None:
+        raise InvalidInstance(
+            f"image has no Pixel Data (its header declares {_geometry(dataset)})", status.CANNOT_UNDERSTAND
+        )
+    found, value_offset = located
+    if found == UNDEFINED_LENGTH:
+        raise InvalidInstance(
+            f"Pixel Data is encapsulated but the transfer syntax {transfer_syntax.name} is uncompressed",
+            status.CANNOT_UNDERSTAND,
+        )
+    available = len(encoded) - value_offset
+    if found < expected or available < found:
+        shown = min(found, max(available, 0))
+        raise InvalidInstance(
+            f"Pixel Data is truncated: {shown} of {expected} bytes ({_geometry(dataset)})",
+            status.CANNOT_UNDERSTAND,
+        )
+
+
+def _expected_pixel_bytes(dataset: Dataset) -> int:
+    bits = _unsigned_value(dataset, "BitsAllocated", 16)
+    pixels = (
+        _unsigned_value(dataset, "Rows", 0)
+        * _unsigned_value(dataset, "Columns", 0)
+        * _unsigned_value(dataset, "SamplesPerPixel", 1)
+        * _frames_value(dataset)
+    )
+    return (pixels * bits + 7) // 8
+
+
+def _geometry(dataset: Dataset) -> str:
+    return (
+        f"Rows {_unsigned_value(dataset, 'Rows', 0)} x Columns {_unsigned_value(dataset, 'Columns', 0)} x "
+        f"SamplesPerPixel {_unsigned_value(dataset, 'SamplesPerPixel', 1)} x BitsAllocated "
+        f"{_unsigned_value(dataset, 'BitsAllocated', 16)} x {_frames_value(dataset)} frame(s)"
+    )
+
+
+def _unsigned_value(dataset: Dataset, keyword: str, default: int) -> int:
+    """A US value (Rows, BitsAllocated...), read from its two encoded bytes when still undecoded."""
+    element = dataset.get_item(keyword)
+    if element is None:
+        return default
+    value = element.value
+    if isinstance(element, RawDataElement) and isinstance(value, bytes):
+        if len(value) == 0:
+            return default
+        if len(value) != 2:
+            raise InvalidInstance(f"{keyword} is not a single 16-bit number", status.CANNOT_UNDERSTAND)
+        return int.from_bytes(value, "little" if element.is_little_endian else "big")
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        raise InvalidInstance(f"{keyword} cannot be read as a number", status.CANNOT_UNDERSTAND) from None
+
+
+def _frames_value(dataset: Dataset) -> int:
+    raw = dataset.get_item("NumberOfFrames")
+    if raw is None:
+        return 1
+    text = raw.value.decode("latin-1") if isinstance(raw.value, bytes) else str(raw.value or "")
+    text = text.strip(" \x00")
+    if not text:
+        return 1
+    try:
+        frames = int(text)
+    except ValueError:
+        raise InvalidInstance(
+            f"NumberOfFrames is not a whole number ({_shown(text)})", status.CANNOT_UNDERSTAND
+        ) from None
+    if frames < 1:
+        raise InvalidInstance(f"NumberOfFrames is {frames}; an image has at least one frame", status.CANNOT_UNDERSTAND)
+    return frames
+
+
+def _pixel_data_length(encoded: bytes, offset: int, transfer_syntax: UID) -> tuple[int, int] | None:
+    """(declared length, value offset) of the Pixel Data element, searched from ``offset``; None when absent."""
+    endian = "<" if transfer_syntax.is_little_endian else ">"
+    while offset + 8 <= len(encoded):
+        group, element = struct.unpack_from(f"{endian}HH", encoded, offset)
+        if transfer_syntax.is_implicit_VR:
+            (length,) = struct.unpack_from(f"{endian}L", encoded, offset + 4)
+            header = 8
+        else:
+            vr = encoded[offset + 4 : offset + 6]
+            if vr in LONG_LENGTH_VRS:
+                if offset + 12 > len(encoded):
+                    return None
+                (length,) = struct.unpack_from(f"{endian}L", encoded, offset + 8)
+                header = 12
+            else:
+                (length,) = struct.unpack_from(f"{endian}H", encoded, offset + 6)
+                header = 8
+        if (group, element) == PIXEL_DATA_TAG:
+            return length, offset + header
+        if (group, element) > PIXEL_DATA_TAG or length == UNDEFINED_LENGTH:
+            return None
+        offset += header + length
+    return None
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -118,8 +268,8 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
         }
         for keyword, value in uids.items():
             if not is_valid_uid(value):
-                shown = "empty" if not value else f"{value!r} is not a valid UID"
-                raise InvalidInstance(f"{keyword} is {shown}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                shown = "is empty" if not value else f"{_shown(value)} is not a valid UID"
+                raise InvalidInstance(f"{keyword} {shown}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
         if uids["SOPInstanceUID"] != affected_sop_instance:
             raise InvalidInstance(
                 f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's "
@@ -135,11 +285,15 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
         return _gather(dataset, uids)
     except InvalidInstance:
         raise
-    except Exception as exc:  # a malformed value deep inside an element
-        raise InvalidInstance(f"data set cannot be read: {exc}", status.CANNOT_UNDERSTAND) from None
+    except Exception:  # a malformed value deep inside an element
+        raise InvalidInstance(
+            "data set cannot be read: one of its identifying attributes holds a value that cannot be decoded",
+            status.CANNOT_UNDERSTAND,
+        ) from None
 
 
 def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
+    _check_database_fit(dataset)
     study = StudyAttributes(
         study_instance_uid=uids["StudyInstanceUID"] or "",
         patient_id=_text(dataset, "PatientID"),
@@ -169,10 +323,55 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         study=study,
         series=series,
         instance_number=_integer(dataset, "InstanceNumber"),
-        image_type="\\".join(str(v) for v in _as_list(image_type)) if image_type else None,
+        image_type=_image_type(image_type),
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
     )
+
+
+def _check_database_fit(dataset: Dataset) -> None:
+    """Refuse values the database cannot hold: integers beyond 32 bits, over-long identifying text."""
+    for keyword in INTEGER_KEYWORDS:
+        element = dataset.get_item(keyword)
+        if element is None:
+            continue
+        raw = element.value
+        text = (raw.decode("latin-1") if isinstance(raw, bytes) else str(raw if raw is not None else "")).strip(" \x00")
+        try:
+            value = int(text) if text else None
+        except ValueError:
+            try:
+                value = int(float(text))  # IS written as a decimal, e.g. "12.0"
+            except (ValueError, OverflowError):
+                continue  # not a number at all: recorded as unknown
+        if value is not None and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
+            raise InvalidInstance(
+                f"{keyword} {_shown(text)} is out of range: integer strings hold at most 2147483647",
+                status.CANNOT_UNDERSTAND,
+            )
+    for keyword, limit in COLUMN_LENGTHS.items():
+        element = dataset.get_item(keyword)
+        if element is None or (isinstance(element, RawDataElement) and element.length <= limit):
+            continue  # a character takes at least one byte: a value this short fits undecoded
+        text = _text(dataset, keyword)
+        if text is not None and len(text) > limit:
+            shown = "" if keyword in PRIVATE_KEYWORDS else f" ({_shown(text)})"
+            raise InvalidInstance(
+                f"{keyword} is {len(text)} characters long{shown}; at most {limit} are accepted",
+                status.CANNOT_UNDERSTAND,
+            )
+
+
+def _shown(text: str) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(text if len(text) <= 24 else text[:24] + "...")
+
+
+def _image_type(value: Any) -> str | None:
+    """ImageType as the database records it: values joined by backslashes, shortened to its column."""
+    if not value:
+        return None
+    return "\\".join(str(v) for v in _as_list(value))[: TRUNCATED_LENGTHS["ImageType"]]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -184,6 +383,9 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     if value is None or value == "":
         return None
     text = str(value).strip().strip("\x00")
+    limit = TRUNCATED_LENGTHS.get(keyword)
+    if limit is not None:
+        text = text[:limit].rstrip()
     return text or None
 
 

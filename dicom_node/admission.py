@@ -1,0 +1,552 @@
+"""Admission: the header checks a complete series passes before it is queued for inference.
+
+Routing decides *whether* a series should be processed; admission decides whether it
+*can* be, from its instance headers alone (never the pixel data), so a series that
+would give a wrong result or fail half-way is refused before it costs inference time.
+A refusal is one sentence naming the attribute and the instance; an admission may
+carry warnings (sentences) that go into ``jobs.warnings``.
+
+Patient identifiers are never part of a reason: reasons are logged at INFO.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from dicom_node.config import AdmissionSettings
+
+IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
+"""Attributes every instance of a series must share (the result is labelled with them)."""
+
+HEADER_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Modality", "ImageType", "SpecificCharacterSet",
+    *IDENTITY_KEYWORDS, "FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "NumberOfFrames",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData", "AcquisitionNumber",
+)
+HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
+PIXEL_DATA_TAG = tag_for_keyword("PixelData")
+DEFER_BYTES = 1024
+"""Values longer than this (the pixel data) are not read, only their length."""
+
+ALLOWED_BITS_ALLOCATED = frozenset({8, 16, 32})
+MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+ORIENTATION_DECIMALS = 3
+SPACING_TOLERANCE = 0.1
+"""A slice step more than 10 % off the median step is a gap (as the volume assembler counts it)."""
+DUPLICATE_POSITION_MM = 1e-3
+TILT_TOLERANCE_DEGREES = 0.5
+
+BYTES_PER_VOXEL_AFTER_SOURCE = 4 + 8 + 4 + 4 + 1 + 1
+"""Memory per voxel of every processing stage after the stored pixels (bytes).
+
+float32 HU volume (4), the float64 copy the model input is built from (8), a resampled
+float32 copy and the model's float32 input (4 + 4), the label map and its resampled copy
+(uint8, 1 + 1). The stored pixels add BitsAllocated / 8.
+"""
+
+PARTIAL_SERIES_PREFIX = "partial series:"
+LARGEST_GROUP_SUFFIX = "images: the largest group with the same matrix and pixel spacing"
+ASSUMED_RESCALE_PREFIX = "rescale attributes missing:"
+
+
+def is_partial_series_warning(warning: str) -> bool:
+    """The warning completion writes when the expected-count timeout completed a series."""
+    return warning.startswith(PARTIAL_SERIES_PREFIX)
+
+
+def is_admission_warning(warning: str) -> bool:
+    """A warning admission wrote: replaced when the series is admitted again."""
+    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith(LARGEST_GROUP_SUFFIX)
+
+
+class Refused(Exception):
+    """The series cannot be processed; the message is the reason (one sentence)."""
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """A stored instance of the series, as the database knows it."""
+
+    path: Path
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class AdmissionResult:
+    """The decision: ``refusal`` is None when the series is admitted."""
+
+    refusal: str | None
+    warnings: list[str] = field(default_factory=list)
+    images: int = 0
+    estimated_bytes: int = 0
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+
+@dataclass
+class _Frame:
+    """The geometry and pixel module of one image (a single-frame instance or one frame)."""
+
+    label: str
+    position: tuple[float, ...]
+    orientation: tuple[float, ...]
+    spacing: tuple[float, ...]
+    shape: tuple[int, int]
+    bytes_per_pixel: int
+    localizer: bool
+    acquisition: str = ""
+
+
+def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None = "CT") -> AdmissionResult:
+    """Check a complete series from its headers; refuse it with a reason, or admit it with warnings.
+
+    Parameters
+    ----------
+    files
+        The stored instances of the series.
+    settings
+        ``admission`` settings: limits and what to do with mixed series and missing rescale.
+    modality
+        The series' Modality; rescale is required for CT only.
+
+    Returns
+    -------
+    AdmissionResult
+        ``refusal`` is a sentence naming the attribute and instance, or None; ``warnings``
+        are sentences for ``jobs.warnings``.
+    """
+    try:
+        return _admit(files, settings, modality)
+    except Refused as refusal:
+        return AdmissionResult(refusal=str(refusal))
+
+
+def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None) -> AdmissionResult:
+    if not files:
+        raise Refused("the series has no stored instances")
+    declared = sum(max(f.number_of_frames or 1, 1) for f in files)
+    if declared > settings.max_instances:
+        raise Refused(
+            f"the series has {declared} images; at most {settings.max_instances} are processed "
+            "(admission.max_instances)"
+        )
+    headers = [(_label(f), _read(f), f) for f in files]
+    warnings: list[str] = []
+    _check_identity(headers)
+    frames: list[_Frame] = []
+    for label, header, file in headers:
+        _check_pixel_module(label, header)
+        warning = _check_rescale(label, header, modality, settings)
+        if warning and warning not in warnings:
+            warnings.append(warning)
+        _check_pixel_data_length(label, header, file)
+        frames.extend(_frames(label, header))
+    images = [frame for frame in frames if not frame.localizer]
+    if not images:
+        raise Refused("the series holds only localizer images")
+    _check_frame_of_reference([(label, header) for label, header, _ in headers if not _is_localizer(header)])
+    _check_orientation(images)
+    images = _consistent_matrix(images, settings, warnings)
+    if len(images) < 2:
+        raise Refused("the series has a single image; a volume needs at least two slices")
+    if len({frame.acquisition for frame in images}) == 1:
+        # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
+        _check_slice_stack(images)
+    estimate = _memory_estimate(images)
+    limit = settings.max_memory_gigabytes * 1024**3
+    if estimate > limit:
+        rows, columns = images[0].shape
+        raise Refused(
+            f"processing {len(images)} images of {rows} x {columns} pixels needs about {_size(estimate)} "
+            f"of memory, over the {_size(limit)} limit (admission.max_memory_gigabytes)"
+        )
+    return AdmissionResult(refusal=None, warnings=warnings, images=len(images), estimated_bytes=estimate)
+
+
+def _size(count: float) -> str:
+    if count >= 1024**3:
+        return f"{count / 1024**3:.1f} GB"
+    return f"{count / 1024**2:.1f} MB"
+
+
+def _label(file: InstanceFile) -> str:
+    if file.instance_number is not None:
+        return f"instance {file.instance_number}"
+    return f"instance {file.sop_instance_uid}"
+
+
+def _read(file: InstanceFile) -> Dataset:
+    try:
+        return dcmread(file.path, defer_size=DEFER_BYTES, specific_tags=HEADER_TAGS)
+    except FileNotFoundError:
+        raise Refused(f"the file of {_label(file)} is missing from storage") from None
+    except Exception:  # noqa: BLE001 - any unreadable file refuses the series, named
+        raise Refused(f"the stored file of {_label(file)} cannot be read as DICOM") from None
+
+
+# ---------------------------------------------------------------------------
+# Reading values without trusting them
+# ---------------------------------------------------------------------------
+
+
+def _raw_text(dataset: Dataset, keyword: str) -> str | None:
+    """The element's value as text, undecoded; None when absent or empty."""
+    element = dataset.get_item(tag_for_keyword(keyword), keep_deferred=True)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(element, RawDataElement):
+        if value is None:
+            return None
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    elif isinstance(value, (list, MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = "" if value is None else str(value)
+    text = text.strip(" \x00")
+    return text or None
+
+
+def _numbers(label: str, dataset: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """A decimal-string attribute as ``count`` finite numbers; None when absent."""
+    text = _raw_text(dataset, keyword)
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split("\\")]
+    if len(parts) != count:
+        raise Refused(f"{keyword} of {label} has {len(parts)} value(s), not {count}")
+    values = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise Refused(f"{keyword} of {label} is not a number ({_shown(part)})") from None
+        if not math.isfinite(number):
+            raise Refused(f"{keyword} of {label} is not a finite number ({_shown(part)})")
+        values.append(number)
+    return tuple(values)
+
+
+def _shown(text: str) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(text[:20] + ("..." if len(text) > 20 else ""))
+
+
+def _unsigned(label: str, dataset: Dataset, keyword: str) -> int | None:
+    """A US attribute (Rows, BitsAllocated...), or None when absent."""
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed binary value
+        raise Refused(f"{keyword} of {label} cannot be read") from None
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, MultiValue)):
+        raise Refused(f"{keyword} of {label} has several values")
+    return int(value)
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - an undecodable value counts as its raw text
+        return _raw_text(dataset, keyword)
+    if value is None:
+        return None
+    text = str(value).strip(" \x00")
+    return text or None
+
+
+def _is_localizer(dataset: Dataset) -> bool:
+    image_type = _raw_text(dataset, "ImageType") or ""
+    return "LOCALIZER" in image_type.upper().split("\\")
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+
+def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
+    """Patient and study identity must be the same in every instance (values never named)."""
+    for keyword in IDENTITY_KEYWORDS:
+        values = Counter(_raw_text(header, keyword) for _, header, _ in headers)
+        if len(values) > 1:
+            common, _count = values.most_common(1)[0]
+            differing = sum(n for value, n in values.items() if value != common)
+            first = next(label for label, header, _ in headers if _raw_text(header, keyword) != common)
+            raise Refused(
+                f"{keyword} differs within the series: {differing} of {len(headers)} instances "
+                f"(first: {first}) carry another value than the rest; one series must hold one "
+                f"{'patient' if keyword.startswith('Patient') else 'study'}"
+            )
+
+
+def _check_pixel_module(label: str, header: Dataset) -> None:
+    samples = _unsigned(label, header, "SamplesPerPixel")
+    if samples is not None and samples != 1:
+        raise Refused(f"SamplesPerPixel of {label} is {samples}; CT images have 1 (grayscale)")
+    photometric = _text(header, "PhotometricInterpretation")
+    if photometric is not None and photometric.upper() not in MONOCHROME:
+        raise Refused(
+            f"PhotometricInterpretation of {label} is {_shown(photometric)}; CT images are MONOCHROME1 or MONOCHROME2"
+        )
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        value = _unsigned(label, header, keyword)
+        if value is None:
+            raise Refused(f"{label} has no {keyword}")
+        if value == 0:
+            raise Refused(f"{keyword} of {label} is 0")
+    allocated = _unsigned(label, header, "BitsAllocated") or 0
+    if allocated not in ALLOWED_BITS_ALLOCATED:
+        raise Refused(f"BitsAllocated of {label} is {allocated}; only 8, 16 or 32 are processed")
+    stored = _unsigned(label, header, "BitsStored")
+    if stored is None:
+        raise Refused(f"{label} has no BitsStored")
+    if not 1 <= stored <= allocated:
+        raise Refused(f"BitsStored of {label} is {stored}, not between 1 and BitsAllocated ({allocated})")
+    high_bit = _unsigned(label, header, "HighBit")
+    if high_bit is not None and high_bit != stored - 1:
+        raise Refused(f"HighBit of {label} is {high_bit}; with BitsStored {stored} it must be {stored - 1}")
+
+
+def _rescale_sources(header: Dataset) -> list[Dataset]:
+    """Where rescale lives: the top level, or the functional groups of an enhanced image."""
+    sources = [header]
+    for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in header.get(sequence) or []:
+            for item in group.get("PixelValueTransformationSequence") or []:
+                sources.append(item)
+    return sources
+
+
+def _check_rescale(label: str, header: Dataset, modality: str | None, settings: AdmissionSettings) -> str | None:
+    """RescaleSlope/Intercept parseable, finite, slope non-zero; missing ones per ``missing_rescale``."""
+    found = False
+    for source in _rescale_sources(header):
+        slope = _numbers(label, source, "RescaleSlope", 1)
+        intercept = _numbers(label, source, "RescaleIntercept", 1)
+        if slope is not None and slope[0] == 0:
+            raise Refused(f"RescaleSlope of {label} is 0: every pixel would have the same value")
+        found = found or (slope is not None and intercept is not None)
+    if found or (modality or "").upper() != "CT":
+        return None
+    if settings.missing_rescale == "refuse":
+        raise Refused(
+            f"{label} has no RescaleSlope/RescaleIntercept, so its pixel values cannot be read as HU "
+            "(admission.missing_rescale: refuse)"
+        )
+    return (
+        f"{ASSUMED_RESCALE_PREFIX} pixel values were read as HU with slope 1 and intercept 0 "
+        "(admission.missing_rescale: assume_identity)"
+    )
+
+
+def _check_pixel_data_length(label: str, header: Dataset, file: InstanceFile) -> None:
+    """Native (uncompressed) pixel data must be as long as the header says."""
+    element = header.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if element is None:
+        raise Refused(f"{label} has no Pixel Data")
+    if UID(file.transfer_syntax_uid).is_compressed:
+        return
+    length = element.length if isinstance(element, RawDataElement) else len(element.value or b"")
+    expected = _expected_pixel_bytes(label, header)
+    if length == 0xFFFFFFFF or length < expected:
+        shown = "undefined" if length == 0xFFFFFFFF else f"{length}"
+        raise Refused(f"Pixel Data of {label} is truncated: {shown} of {expected} bytes")
+
+
+def _expected_pixel_bytes(label: str, header: Dataset) -> int:
+    rows = _unsigned(label, header, "Rows") or 0
+    columns = _unsigned(label, header, "Columns") or 0
+    samples = _unsigned(label, header, "SamplesPerPixel") or 1
+    allocated = _unsigned(label, header, "BitsAllocated") or 0
+    frames = _frame_count(label, header)
+    return rows * columns * samples * frames * allocated // 8
+
+
+def _frame_count(label: str, header: Dataset) -> int:
+    text = _raw_text(header, "NumberOfFrames")
+    if text is None:
+        return 1
+    try:
+        frames = int(text)
+    except ValueError:
+        raise Refused(f"NumberOfFrames of {label} is not a whole number ({_shown(text)})") from None
+    if frames < 1:
+        raise Refused(f"NumberOfFrames of {label} is {frames}")
+    return frames
+
+
+def _frames(label: str, header: Dataset) -> list[_Frame]:
+    """One :class:`_Frame` per image, from the top level or the functional groups."""
+    shape = (_unsigned(label, header, "Rows") or 0, _unsigned(label, header, "Columns") or 0)
+    bytes_per_pixel = (_unsigned(label, header, "BitsAllocated") or 16) // 8
+    localizer = _is_localizer(header)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        if localizer:
+            return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
+        acquisition = _raw_text(header, "AcquisitionNumber") or ""
+        return [_Frame(label, *_plane(label, [header]), shape, bytes_per_pixel, False, acquisition)]
+    if len(per_frame) != _frame_count(label, header):
+        raise Refused(
+            f"{label} has {len(per_frame)} per-frame functional groups for {_frame_count(label, header)} frames"
+        )
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    frames = []
+    for number, group in enumerate(per_frame, start=1):
+        sources = [_item(group, shared, "PlanePositionSequence"), _item(group, shared, "PlaneOrientationSequence"),
+                   _item(group, shared, "PixelMeasuresSequence")]
+        frame_label = f"frame {number} of {label}"
+        frames.append(_Frame(frame_label, *_plane(frame_label, [s for s in sources if s is not None]),
+                             shape, bytes_per_pixel, localizer))
+    return frames
+
+
+def _item(group: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
+    for source in (group, shared):
+        items = source.get(sequence)
+        if items:
+            return items[0]
+    return None
+
+
+def _plane(label: str, sources: list[Dataset]) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing), checked."""
+    found: dict[str, tuple[float, ...]] = {}
+    for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+        for source in sources:
+            values = _numbers(label, source, keyword, count)
+            if values is not None:
+                found[keyword] = values
+                break
+        else:
+            raise Refused(f"{label} has no {keyword}")
+    spacing = found["PixelSpacing"]
+    if min(spacing) <= 0:
+        raise Refused(f"PixelSpacing of {label} is not positive ({spacing[0]:g} x {spacing[1]:g} mm)")
+    orientation = found["ImageOrientationPatient"]
+    row, column = orientation[:3], orientation[3:]
+    cross = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
+    if math.sqrt(sum(c * c for c in cross)) < 0.5:
+        raise Refused(
+            f"ImageOrientationPatient of {label} does not describe a plane (its two directions are degenerate)"
+        )
+    return found["ImagePositionPatient"], orientation, spacing
+
+
+def _check_frame_of_reference(headers: list[tuple[str, Dataset]]) -> None:
+    values = Counter(_raw_text(header, "FrameOfReferenceUID") for _, header in headers)
+    missing = values.pop(None, 0)
+    if missing:
+        first = next(label for label, header in headers if _raw_text(header, "FrameOfReferenceUID") is None)
+        raise Refused(f"{missing} of {len(headers)} images have no FrameOfReferenceUID (first: {first})")
+    if len(values) > 1:
+        raise Refused(
+            f"the series has {len(values)} different FrameOfReferenceUIDs; its images do not share one "
+            "coordinate system, so they cannot make one volume"
+        )
+
+
+def _check_orientation(images: list[_Frame]) -> None:
+    orientations = Counter(tuple(round(v, ORIENTATION_DECIMALS) for v in f.orientation) for f in images)
+    if len(orientations) > 1:
+        common = orientations.most_common(1)[0][0]
+        other = next(f for f in images if tuple(round(v, ORIENTATION_DECIMALS) for v in f.orientation) != common)
+        raise Refused(
+            f"the series has {len(orientations)} different ImageOrientationPatient values "
+            f"(first differing: {other.label}); one volume needs one orientation"
+        )
+
+
+def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnings: list[str]) -> list[_Frame]:
+    """Rows, Columns and PixelSpacing alike in every image; or, if allowed, the largest alike group."""
+    groups: dict[tuple[Any, ...], list[_Frame]] = defaultdict(list)
+    for frame in images:
+        groups[(frame.shape, tuple(round(v, 4) for v in frame.spacing))].append(frame)
+    if len(groups) == 1:
+        return images
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    described = "; ".join(
+        f"{len(members)} of {shape[0]} x {shape[1]} at {spacing[0]:g} x {spacing[1]:g} mm"
+        for (shape, spacing), members in ordered
+    )
+    if settings.mixed_series == "refuse":
+        raise Refused(
+            f"the series mixes matrix sizes or pixel spacings ({described}); "
+            "refused (admission.mixed_series: refuse)"
+        )
+    largest = ordered[0][1]
+    warnings.append(f"processed {len(largest)} of {len(images)} {LARGEST_GROUP_SUFFIX}")
+    return largest
+
+
+def _check_slice_stack(images: list[_Frame]) -> None:
+    """One acquisition's slices: no position twice, no gap, no shear (gantry tilt); same wording as the assembler."""
+    orientation = images[0].orientation
+    row, column = orientation[:3], orientation[3:]
+    normal = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
+    length = math.sqrt(sum(c * c for c in normal))
+    normal = tuple(c / length for c in normal)
+    ordered = sorted(images, key=lambda f: _dot(f.position, normal))
+    distances = [_dot(f.position, normal) for f in ordered]
+    steps = [b - a for a, b in zip(distances, distances[1:])]
+    duplicates = sum(1 for s in steps if s < DUPLICATE_POSITION_MM)
+    if duplicates:
+        raise Refused(f"{duplicates} slice position(s) occur twice in one acquisition")
+    step = statistics.median(steps)
+    worst = max(range(len(steps)), key=lambda i: abs(steps[i] - step))
+    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
+        missing = round(steps[worst] / step) - 1
+        kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
+        raise Refused(
+            f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
+            f"the series' usual step is {step:.2f} mm"
+        )
+    offset = tuple(b - a for a, b in zip(ordered[0].position, ordered[-1].position))
+    along = _dot(offset, normal)
+    sideways = math.sqrt(sum((o - along * n) ** 2 for o, n in zip(offset, normal)))
+    angle = math.degrees(math.atan2(sideways, abs(along)))
+    if angle > TILT_TOLERANCE_DEGREES:
+        raise Refused(
+            f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
+            "reconstruct the series without tilt on the scanner and send it again"
+        )
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _memory_estimate(images: list[_Frame]) -> int:
+    rows, columns = images[0].shape
+    voxels = len(images) * rows * columns
+    return voxels * (images[0].bytes_per_pixel + BYTES_PER_VOXEL_AFTER_SOURCE)

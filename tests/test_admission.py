@@ -1,0 +1,191 @@
+"""Admission from headers (unit level): phantom files mutated on disk, checked without a node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import select
+
+from db import jobs
+from db.models import Job, JobEvent, JobState, Series, Study
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit, is_partial_series_warning
+from dicom_node.config import AdmissionSettings
+from dicom_node.receive.header import InvalidInstance, check_header, read_header
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import data_set_bytes
+
+STRICT = AdmissionSettings()
+
+
+def series_files(folder: Path, **spec) -> list[InstanceFile]:
+    series = write_phantom_series(folder, PhantomSpec(**{"rows": 16, "columns": 16, "slices": 4, **spec}))
+    files = []
+    for number, path in enumerate(series.files, start=1):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        files.append(
+            InstanceFile(
+                path=path,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                instance_number=int(ds.InstanceNumber) if "InstanceNumber" in ds else number,
+                number_of_frames=int(ds.NumberOfFrames) if "NumberOfFrames" in ds else None,
+            )
+        )
+    return files
+
+
+def rewrite(file: InstanceFile, **raw: str) -> None:
+    """Put each keyword's text into the file undecoded, as a broken modality writes it."""
+    ds = pydicom.dcmread(file.path)
+    for keyword, text in raw.items():
+        tag = Tag(tag_for_keyword(keyword))
+        value = text.encode() + b" " * (len(text) % 2)
+        ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+    ds.save_as(file.path)
+
+
+def test_valid_series_is_admitted_with_its_memory_estimate(tmp_path):
+    result = admit(series_files(tmp_path), STRICT)
+    assert result.admitted and result.warnings == []
+    assert result.images == 4
+    assert result.estimated_bytes == 4 * 16 * 16 * (2 + BYTES_PER_VOXEL_AFTER_SOURCE)
+
+
+def test_enhanced_ct_frames_are_checked_from_functional_groups(tmp_path):
+    result = admit(series_files(tmp_path, enhanced=True), STRICT)
+    assert result.admitted and result.images == 4
+
+
+def test_decimal_string_text_names_attribute_instance_and_value(tmp_path):
+    files = series_files(tmp_path)
+    rewrite(files[1], PixelSpacing="abc\\abc")
+    assert admit(files, STRICT).refusal == "PixelSpacing of instance 2 is not a number ('abc')"
+
+
+def test_identity_refusal_never_shows_the_values(tmp_path):
+    files = series_files(tmp_path)
+    rewrite(files[0], PatientID="SECRET-ID-42")
+    refusal = admit(files, STRICT).refusal
+    assert refusal is not None and refusal.startswith("PatientID differs within the series: 1 of 4 instances")
+    assert "SECRET" not in refusal
+
+
+def test_missing_rescale_follows_the_setting(tmp_path):
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(file.path)
+    assert "no RescaleSlope/RescaleIntercept" in (admit(files, STRICT).refusal or "")
+    lenient = admit(files, AdmissionSettings(missing_rescale="assume_identity"))
+    assert lenient.admitted
+    assert lenient.warnings == [
+        "rescale attributes missing: pixel values were read as HU with slope 1 and intercept 0 "
+        "(admission.missing_rescale: assume_identity)"
+    ]
+
+
+def test_instance_cap_refuses_before_reading_any_file(tmp_path):
+    files = [InstanceFile(tmp_path / f"absent{i}.dcm", f"1.2.{i}", str(ExplicitVRLittleEndian), i) for i in range(5)]
+    result = admit(files, AdmissionSettings(max_instances=4))
+    assert result.refusal == "the series has 5 images; at most 4 are processed (admission.max_instances)"
+
+
+def test_memory_limit_is_checked_from_headers(tmp_path):
+    files = series_files(tmp_path)
+    result = admit(files, AdmissionSettings(max_memory_gigabytes=10 / 1024**3))  # 10 bytes
+    assert result.refusal == (
+        "processing 4 images of 16 x 16 pixels needs about 0.0 MB of memory, over the 0.0 MB limit "
+        "(admission.max_memory_gigabytes)"
+    )
+
+
+def test_missing_file_is_named(tmp_path):
+    files = series_files(tmp_path)
+    files[2].path.unlink()
+    assert admit(files, STRICT).refusal == "the file of instance 3 is missing from storage"
+
+
+def test_native_pixel_data_shorter_than_header_is_refused_at_store(tmp_path):
+    path = write_phantom_series(tmp_path, PhantomSpec(rows=16, columns=16, slices=2)).files[0]
+    encoded = data_set_bytes(path)
+    with pytest.raises(InvalidInstance) as refused:
+        read_header(encoded[:-100], ExplicitVRLittleEndian)
+    assert str(refused.value) == (
+        "Pixel Data is truncated: 412 of 512 bytes (Rows 16 x Columns 16 x SamplesPerPixel 1 x BitsAllocated 16 "
+        "x 1 frame(s))"
+    )
+    assert refused.value.status == 0xC000
+
+
+@pytest.mark.parametrize(
+    ("keyword", "text", "reason"),
+    [
+        ("SeriesNumber", "99999999999999999999", "SeriesNumber '99999999999999999999' is out of range"),
+        ("InstanceNumber", "2147483648", "InstanceNumber '2147483648' is out of range"),
+        ("AccessionNumber", "A" * 17, "AccessionNumber is 17 characters long"),
+        ("PatientID", "P" * 65, "PatientID is 65 characters long; at most 64 are accepted"),
+    ],
+)
+def test_values_the_database_cannot_hold_are_refused(tmp_path, keyword, text, reason):
+    path = write_phantom_series(tmp_path, PhantomSpec(rows=16, columns=16, slices=2)).files[0]
+    rewrite(InstanceFile(path, "", ""), **{keyword: text})
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    with pytest.raises(InvalidInstance) as refused:
+        check_header(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert str(refused.value).startswith(reason)
+    assert "P" * 65 not in str(refused.value)
+
+
+def test_over_long_description_is_recorded_shortened(tmp_path):
+    path = write_phantom_series(tmp_path, PhantomSpec(rows=16, columns=16, slices=2)).files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.SeriesDescription = "x" * 80
+    header = check_header(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert header.series.series_description == "x" * 64
+
+
+@pytest.mark.parametrize(
+    ("encoded", "reason"),
+    [
+        (b"", "not a DICOM data set: it is empty (0 bytes)"),
+        (bytes(300), "not a DICOM data set: no preamble/meta, no recognisable element"),
+        (bytes(128) + b"DICM" + bytes(40), "not a DICOM data set: it starts with a file preamble and meta header"),
+    ],
+)
+def test_junk_is_named_as_not_a_data_set(encoded, reason):
+    with pytest.raises(InvalidInstance) as refused:
+        read_header(encoded, ExplicitVRLittleEndian)
+    assert str(refused.value).startswith(reason)
+
+
+def test_refused_admission_goes_from_complete_to_failed_with_an_event(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    with transaction(sessions) as session:
+        series = Series(series_instance_uid="1.2.3", study=Study(study_instance_uid="1.2"))
+        job = jobs.open_job(session, series)
+        jobs.mark_complete(session, job, "quiet")
+        jobs.append_warnings(job, ["partial series: 2 of 4", "processed 3 of 4 images: dropped a localizer"])
+        jobs.append_warnings(job, ["other stage's warning", "partial series: 2 of 4"])
+        jobs.append_warnings(job, ["partial series: 3 of 4"], replacing=is_partial_series_warning)
+        jobs.refuse_admission(session, job, "RescaleSlope of instance 2 is 0")
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == "not admitted: RescaleSlope of instance 2 is 0"
+        assert job.warnings == [
+            "processed 3 of 4 images: dropped a localizer",
+            "other stage's warning",
+            "partial series: 3 of 4",
+        ]
+        events = [e.to_state for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
+        assert events == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]

@@ -1,0 +1,39 @@
+"""What a radiologist sees of a job's results in a PACS: series told apart by number and description."""
+
+from __future__ import annotations
+
+import pydicom
+
+from dicom_node.encode.measurements import measure
+from dicom_node.encode.results import encode_results
+from inference.models.threshold import ThresholdModel
+from inference.phantom import PhantomSpec, write_phantom_series
+from inference.volume import load_series_volume
+
+
+def _encode(tmp_path, run: int) -> list[pydicom.Dataset]:
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
+    volume = load_series_volume(series.files)
+    model = ThresholdModel()
+    segmentation = model.segment(volume)
+    folder = tmp_path / f"run-{run}"
+    folder.mkdir()
+    files = encode_results(
+        volume, segmentation, measure(volume, segmentation.labels, segmentation.classes), model, folder,
+        ["BINARY", "LABELMAP"], run, rtstruct=True,
+    )
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+
+
+def test_each_result_object_and_each_run_has_its_own_series_number_and_description(tmp_path):
+    first, second = _encode(tmp_path / "a", 1), _encode(tmp_path / "b", 2)
+
+    numbers = {(d.Modality, d.SOPClassUID, int(d.SeriesNumber)) for d in first + second}
+    assert len({n for *_, n in numbers}) == 10  # 5 objects x 2 runs, no number shared
+    assert sorted(int(d.SeriesNumber) for d in first) == [9701, 9702, 9703, 9704, 9705]
+    assert sorted(int(d.SeriesNumber) for d in second) == [9801, 9802, 9803, 9804, 9805]
+    descriptions = [d.SeriesDescription for d in first]
+    assert len(set(descriptions)) == 5 and all(len(text) <= 64 for text in descriptions)
+    assert any(text.startswith("Label map ") for text in descriptions)
+    assert all(d.SeriesDescription.endswith("(re-run 2)") for d in second)
+    assert all(len(d.SeriesDate) == 8 and d.SeriesTime for d in first + second)
