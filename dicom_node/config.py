@@ -395,6 +395,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"rules[{index}] ({rule.name}): unknown model {rule.model!r} (known: {known})")
         return self
 
+    @model_validator(mode="after")
+    def _tls_configured(self) -> Settings:
+        if self.network.tls is None:
+            wanting = [f"destinations.{n}" for n, d in self.destinations.items() if d.tls]
+            wanting += [f"peers.{n}" for n, p in self.peers.items() if p.tls]
+            if wanting:
+                raise ValueError(f"{', '.join(wanting)}: tls: true needs network.tls (certificate and private_key)")
+        return self
+
     @property
     def weights_directory(self) -> Path:
         """Where model weights live unless a model names its own folder."""

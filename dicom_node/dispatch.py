@@ -23,6 +23,7 @@ from db.session import transaction
 from dicom_node.config import Destination
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.security import client_tls
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def send_files(calling_ae: str, destination: Destination, files: list[str], time
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for pair in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for _, d in datasets}):
         ae.add_requested_context(pair[0], pair[1])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination))
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (destination down or unreachable)"
         return SendOutcome([], f"{destination.ae_title}@{destination.host}:{destination.port}: {reason}")

@@ -253,8 +253,25 @@ def server_tls(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def client_tls(destination: Destination | PeerSettings, tls: TlsSettings | None) -> tuple[ssl.SSLContext, str] | None:
+_node_tls: TlsSettings | None = None
+"""``network.tls`` of the running node (see :func:`apply`), for :func:`client_tls` callers that lack settings."""
+
+
+def apply(settings: Settings) -> PeerPolicy:
+    """At start: remember ``network.tls`` for outgoing associations and log who is admitted."""
+    global _node_tls
+    _node_tls = settings.network.tls
+    policy = PeerPolicy.from_settings(settings)
+    log_policy(settings, policy)
+    return policy
+
+
+def client_tls(
+    destination: Destination | PeerSettings, tls: TlsSettings | None = None
+) -> tuple[ssl.SSLContext, str] | None:
     """``tls_args`` for ``AE.associate`` to a destination or peer: None unless it has ``tls: true``.
+
+    ``tls`` defaults to the running node's ``network.tls`` (:func:`apply`).
 
     The peer's certificate must chain to ``network.tls.ca_certificates`` (or the
     system's CAs) and, with ``check_hostname``, name the configured host; our
@@ -267,6 +284,7 @@ def client_tls(destination: Destination | PeerSettings, tls: TlsSettings | None)
     """
     if not destination.tls:
         return None
+    tls = tls or _node_tls
     if tls is None:
         raise ValueError(f"{destination.ae_title} is set to tls: true, but network.tls is not configured")
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=_optional(tls.ca_certificates))

@@ -19,7 +19,7 @@ from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
-from dicom_node.security import PeerPolicy, log_policy
+from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
 from inference.worker import run_worker
 
@@ -140,6 +140,6 @@ def serve(settings: Settings) -> None:
 
 
 def _warn_about_open_doors(settings: Settings) -> None:
-    log_policy(settings, PeerPolicy.from_settings(settings))
+    security.apply(settings)
     if not settings.rules:
         log_event(LOG, logging.WARNING, "config.no_rules", hint="every series will be IGNORED; add rules")
