@@ -52,7 +52,8 @@ def read_stored(path: str | Path) -> Dataset:
     dataset.file_meta = file_meta
     for tag, vr, length, start, stop in top_level_elements(data, implicit=implicit, little_endian=little):
         dataset[tag] = RawDataElement(Tag(tag), vr, length, data[start:stop], start, implicit, little)
-    dataset.set_original_encoding(implicit, little)
+    # the same encoding and character set as read: pydicom then writes raw elements as they are
+    dataset.set_original_encoding(implicit, little, dataset._character_set)
     return dataset
 
 
