@@ -26,7 +26,7 @@ from sqlalchemy import select
 from db.models import Instance
 from dicom_node.retrieve.stored import read_stored
 from inference.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import require_tool, storescu, wait_for
+from tests.conftest import free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +165,7 @@ def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path
         output = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
                        "-k", f"StudyInstanceUID={value}")
         assert list(out.iterdir()) == [], output
-        assert "Received C-GET Response (Failed: UnableToProcess)" in output, output
+        assert "Received C-GET Response (Error: DataSetDoesNotMatchSOPClass)" in output  # 0xA900, output
     assert "has a wildcard; a retrieval needs literal unique keys" in node.log()
 
 
@@ -308,3 +308,13 @@ def test_a_deeply_nested_stored_data_set_goes_out_byte_for_byte_without_being_pa
     assert sent is not None and stored.endswith(sent)
     print(f"50,000 nested sequences: encoded in {time.perf_counter() - started:.2f} s, peak {peak / 2**20:.1f} MiB")
     assert peak < 10 * len(stored)  # a few copies of the file, not a parsed tree
+
+
+def test_a_wildcard_move_sends_nothing(start_node, tmp_path):
+    incoming = free_port()
+    planner = {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"], "host": "127.0.0.1", "port": incoming}
+    node = start_node(peers={"planner": planner})
+    output = dcmtk("movescu", node, "PLANNER", "-S", "--port", str(incoming), "-od", str(tmp_path), "-aem", "PLANNER",
+                   "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=*")
+    assert "Received Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # 0xA900
+    assert "StudyInstanceUID '*' has a wildcard" in node.log()

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    Verification,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -178,12 +179,17 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield None, None
         return
     paths = _paths_to_retrieve(event, context, calling_ae)
-    contexts = _storage_contexts(paths)
+    # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
+    contexts = _storage_contexts(paths) if paths else [build_context(Verification)]
     options: dict[str, Any] = {"contexts": contexts, "ae_title": destination.ae_title}
     tls_args = client_tls(destination, context.tls)
     if tls_args is not None:
         options["tls_args"] = tls_args
     yield destination.host, destination.port, options
+    if paths is None:  # pynetdicom has no way to refuse before the destination: refuse as the first result
+        yield 1
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        return
     yield from _count_or_refuse(paths, context, calling_ae, f"move to {target}")
     yield from _send(event, paths, calling_ae, f"move to {target}")
 
@@ -197,6 +203,10 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield not_authorized(event, "get", peer), None
         return
     paths = _paths_to_retrieve(event, context, calling_ae)
+    if paths is None:
+        yield 1
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        return
     yield from _count_or_refuse(paths, context, calling_ae, "get")
     yield from _send(event, paths, calling_ae, "get")
 
@@ -221,23 +231,15 @@ class Stored(NamedTuple):
     sop_instance_uid: str
 
 
-def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored]:
-    """Where each instance the identifier selects is stored, and how.
-
-    A bad identifier raises: pynetdicom answers the request with a failure
-    (0xC511 for C-MOVE, 0xC411 for C-GET), and the log says why.
-    """
+def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored] | None:
+    """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier."""
     try:
         with context.sessions() as session:
             found = matching_instances(session, event.identifier, for_retrieval=True)
             return [Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid) for i in found]
     except QueryError as exc:
         log_event(LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=str(exc))
-        raise RetrievalRefused from None
-
-
-class RetrievalRefused(Exception):
-    """A retrieval the identifier cannot select; pynetdicom answers it with a failure and no exception text."""
+        return None
 
 
 def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
