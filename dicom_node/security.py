@@ -438,9 +438,15 @@ class GuardedRequestHandler(RequestHandler):
             request.settimeout(limits.association_request_seconds)
             try:
                 request.do_handshake()
+            except ssl.SSLEOFError:  # a port check that connects and closes: nothing to refuse
+                log_event(LOG, logging.INFO, "connection.closed", address=address, reason="closed before TLS handshake")
+                self.server.shutdown_request(request)
+                return
             except (ssl.SSLError, OSError) as exc:
-                why = getattr(exc, "reason", None) or exc.__class__.__name__
-                reason = "no TLS handshake in time" if isinstance(exc, TimeoutError) else f"TLS handshake failed ({why})"
+                if isinstance(exc, TimeoutError):
+                    reason = "no TLS handshake in time"
+                else:
+                    reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or 'connection reset'})"
                 log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
                 self.server.shutdown_request(request)
                 return

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from db.models import JobState
 from inference.phantom import PhantomSpec, write_phantom_series
@@ -142,3 +146,56 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_dicom_tls(
     )
     assert len(segs) == 1
     assert "association.accepted calling_ae=ORTHANC" in node.log()
+
+
+def test_move_sub_operations_go_to_a_tls_peer_over_tls(tmp_path, start_node, certificates):
+    planner_port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PLANNER", "+tls", str(certificates.peer_key), str(certificates.peer),
+         "+cf", str(certificates.ca), "-od", str(received), str(planner_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    node = start_node(
+        network={"tls": node_tls(certificates)},
+        peers={
+            "pacs": {"ae_title": "PEER", "hosts": ["127.0.0.1"], "roles": ["store", "move"]},
+            "planner": {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"], "host": "127.0.0.1",
+                        "port": planner_port, "tls": True},
+        },
+    )
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    peer = (certificates.peer_key, certificates.peer)
+    try:
+        stored = dcmtk("storescu", node.port, tls=peer, ca=certificates.ca, files=tuple(series.files[:3]))
+        assert stored.count("Received Store Response (Success)") == 3, stored
+        moved = move_over_tls(node.port, certificates, series.study_instance_uid, series.series_instance_uid)
+        files = wait_for(lambda: len(list(received.iterdir())) == 3 and list(received.iterdir()), timeout=20,
+                         what="the moved instances at the TLS peer")
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert moved == 0x0000
+    assert len(files) == 3
+
+
+def move_over_tls(port: int, certificates: Certificates, study_uid: str, series_uid: str) -> int:
+    """C-MOVE a series to PLANNER as PEER over mutual TLS (DCMTK 3.6.7's movescu has no TLS); the final status."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certificates.ca))
+    context.load_cert_chain(str(certificates.peer), str(certificates.peer_key))
+    ae = AE(ae_title="PEER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", tls_args=(context, "127.0.0.1"))
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = study_uid
+    identifier.SeriesInstanceUID = series_uid
+    try:
+        statuses = [int(status.Status) for status, _ in assoc.send_c_move(
+            identifier, "PLANNER", StudyRootQueryRetrieveInformationModelMove) if "Status" in status]
+    finally:
+        assoc.release()
+    return statuses[-1]
