@@ -32,6 +32,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -249,7 +250,10 @@ def server_tls(tls: TlsSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=_optional(tls.ca_certificates))
     context.minimum_version = _version(tls.minimum_version)
     context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    if tls.require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:  # a certificate that is presented must still be valid
+        context.verify_mode = ssl.CERT_OPTIONAL if tls.ca_certificates else ssl.CERT_NONE
     return context
 
 
@@ -431,6 +435,12 @@ class GuardedRequestHandler(RequestHandler):
     server: GuardedServer
 
     def handle(self) -> None:
+        try:
+            self._open_association()
+        finally:
+            self.server.set_up(self.client_address[0])
+
+    def _open_association(self) -> None:
         limits = self.server.limits
         request = self.request
         address = self.client_address[0]
@@ -462,7 +472,8 @@ class GuardedServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
         self.limits = limits
-        self._accepting = threading.Lock()
+        self._lock = threading.Lock()
+        self._setting_up: Counter[str] = Counter()  # connections accepted whose association has not started yet
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -473,19 +484,30 @@ class GuardedServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection unless its address already holds ``maximum_associations_per_host``."""
         address = client_address[0]
-        held = sum(1 for a in self.ae.active_associations if a.is_acceptor and _address(a) == address)
-        if held >= self.limits.per_host:
-            log_event(
-                LOG,
-                logging.WARNING,
-                "connection.refused",
-                address=address,
-                reason=f"{held} connections already open from this address "
-                f"(network.maximum_associations_per_host is {self.limits.per_host})",
-            )
-            return False
-        return True
+        with self._lock:
+            held = self._setting_up[address]
+            held += sum(1 for a in self.ae.active_associations if a.is_acceptor and _address(a) == address)
+            if held < self.limits.per_host:
+                self._setting_up[address] += 1
+                return True
+        log_event(
+            LOG,
+            logging.WARNING,
+            "connection.refused",
+            address=address,
+            reason=f"{held} connections already open from this address "
+            f"(network.maximum_associations_per_host is {self.limits.per_host})",
+        )
+        return False
+
+    def set_up(self, address: str) -> None:
+        """The connection from ``address`` now runs as an association (or has ended): stop counting it here."""
+        with self._lock:
+            self._setting_up[address] -= 1
+            if self._setting_up[address] <= 0:
+                del self._setting_up[address]
 
 
 def _address(assoc: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -199,3 +200,28 @@ def move_over_tls(port: int, certificates: Certificates, study_uid: str, series_
     finally:
         assoc.release()
     return statuses[-1]
+
+
+def test_clients_that_never_finish_the_tls_handshake_block_no_one(start_node, certificates):
+    node = start_node(network={"tls": node_tls(certificates), "association_request_timeout_seconds": 2})
+    stalled = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and nothing more
+        genuine = dcmtk("echoscu", node.port, tls=(certificates.peer_key, certificates.peer), ca=certificates.ca)
+        assert "Received Echo Response (Success)" in genuine, genuine
+        wait_for(lambda: all(_closed(s) for s in stalled), timeout=30, what="the stalled handshakes to be closed")
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert 'connection.refused address=127.0.0.1 reason="no TLS handshake in time"' in node.log()
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
