@@ -227,7 +227,8 @@ def echo(
         errors.print("give a destination name, or --host, --port and --ae-title")
         raise typer.Exit(2)
     tls_args = client_tls(settings.destinations[destination], settings.network.tls) if destination else None
-    result = verify(calling_ae_title or settings.network.ae_title, ae_title, host, port, timeout=timeout, tls_args=tls_args)
+    calling = calling_ae_title or settings.network.ae_title
+    result = verify(calling, ae_title, host, port, timeout=timeout, tls_args=tls_args)
     if result.ok:
         console.print(f"C-ECHO {ae_title}@{host}:{port}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
     else:

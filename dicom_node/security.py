@@ -356,7 +356,9 @@ class GuardedDUL(DULServiceProvider):
         assert sock is not None and sock.socket is not None
         raw = sock.socket
         awaiting_request = self.state_machine.current_state == "Sta2"
-        seconds = min(limits.pdu_seconds, limits.association_request_seconds) if awaiting_request else limits.pdu_seconds
+        seconds = limits.pdu_seconds
+        if awaiting_request:
+            seconds = min(seconds, limits.association_request_seconds)
         deadline = time.monotonic() + seconds
         try:
             header = _read_exactly(raw, 6, deadline)

@@ -60,8 +60,6 @@ OUT_OF_RESOURCES = 0xA700  # C-FIND: refused, out of resources
 TOO_MANY_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: refused, out of resources - unable to perform sub-operations
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS_FIND = 0xC001
-UNABLE_TO_PROCESS_MOVE = 0xC511
-UNABLE_TO_PROCESS_GET = 0xC411
 SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
 MAXIMUM_CONTEXTS = 128
 MAXIMUM_SUB_OPERATIONS = 65535  # pynetdicom's ceiling for the count a C-MOVE/C-GET handler yields
@@ -175,7 +173,9 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     target = (event.move_destination or "").strip()
     destination = context.targets_by_ae.get(target)
     if destination is None:
-        log_event(LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=f"unknown move destination {target!r}")
+        log_event(
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=f"unknown move destination {target!r}"
+        )
         yield None, None
         return
     paths = _paths_to_retrieve(event, context, calling_ae)
