@@ -318,3 +318,15 @@ def test_a_wildcard_move_sends_nothing(start_node, tmp_path):
                    "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=*")
     assert "Received Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # 0xA900
     assert "StudyInstanceUID '*' has a wildcard" in node.log()
+
+
+def test_a_peer_host_that_is_no_address_or_network_is_a_configuration_error(tmp_path):
+    from dicom_node.config import ConfigError, load_settings
+
+    config = tmp_path / "config.yaml"
+    config.write_text("peers:\n  pacs: {ae_title: PACS, hosts: [pacs.example.org], roles: [store, fly]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    message = str(error.value)
+    assert "peers.pacs.hosts: 'pacs.example.org' is not an IP address or CIDR network" in message
+    assert "peers.pacs.roles.1" in message
