@@ -143,7 +143,8 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                     return
                 if count == limit:
                     log_event(
-                        LOG, logging.WARNING, "query.truncated", calling_ae=calling_ae, query_level=level,
+                        LOG, logging.WARNING, "query.truncated", calling_ae=calling_ae,
+                        address=event.assoc.requestor.address, query_level=level,
                         reason=f"more than {limit} matches (retrieve.max_find_matches)",
                     )
                     yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
@@ -151,7 +152,10 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 count += 1
                 yield PENDING, response
     except QueryError as exc:
-        log_event(LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, reason=str(exc))
+        log_event(
+            LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=str(exc),
+        )
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
     except Exception:  # noqa: BLE001 - the peer hears a fixed comment, the log the details
@@ -174,7 +178,8 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     destination = context.targets_by_ae.get(target)
     if destination is None:
         log_event(
-            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=f"unknown move destination {target!r}"
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=f"unknown move destination {target!r}",
         )
         yield None, None
         return
@@ -190,7 +195,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
-    yield from _count_or_refuse(paths, context, calling_ae, f"move to {target}")
+    yield from _count_or_refuse(paths, context, event, f"move to {target}")
     yield from _send(event, paths, calling_ae, f"move to {target}")
 
 
@@ -207,17 +212,18 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
-    yield from _count_or_refuse(paths, context, calling_ae, "get")
+    yield from _count_or_refuse(paths, context, event, "get")
     yield from _send(event, paths, calling_ae, "get")
 
 
-def _count_or_refuse(paths: list[Any], context: RetrieveContext, calling_ae: str, what: str) -> Iterator[Any]:
+def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Event, what: str) -> Iterator[Any]:
     """Yield the sub-operation count; over ``retrieve.max_instances_per_retrieval``, then a 0xA702 refusal."""
     yield min(len(paths), MAXIMUM_SUB_OPERATIONS)
+    calling_ae, address = event.assoc.requestor.ae_title, event.assoc.requestor.address
     limit = context.limits.max_instances_per_retrieval
     if len(paths) > limit:
         log_event(
-            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, operation=what,
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=address, operation=what,
             reason=f"{len(paths)} instances selected, more than {limit} (retrieve.max_instances_per_retrieval)",
         )
         yield _status(TOO_MANY_SUB_OPERATIONS, f"More than {limit} instances: retrieve less"), None
@@ -238,7 +244,10 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             found = matching_instances(session, event.identifier, for_retrieval=True)
             return [Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid) for i in found]
     except QueryError as exc:
-        log_event(LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=str(exc))
+        log_event(
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=str(exc),
+        )
         return None
 
 
