@@ -347,6 +347,7 @@ def echo(
 ) -> None:
     """C-ECHO a destination (or --host/--port/--ae-title) to check it is reachable."""
     from dicom_node.scu import verify
+    from dicom_node.security import client_tls
 
     settings = _settings(config)
     if destination:
@@ -359,7 +360,9 @@ def echo(
     if not (host and port and ae_title):
         errors.print("give a destination name, or --host, --port and --ae-title")
         raise typer.Exit(2)
-    result = verify(calling_ae_title or settings.network.ae_title, ae_title, host, port, timeout=timeout)
+    tls_args = client_tls(settings.destinations[destination], settings.network.tls) if destination else None
+    calling = calling_ae_title or settings.network.ae_title
+    result = verify(calling, ae_title, host, port, timeout=timeout, tls_args=tls_args)
     if result.ok:
         console.print(f"C-ECHO {ae_title}@{host}:{port}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
     else:

@@ -44,24 +44,118 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Role = Literal["store", "find", "move", "get", "echo"]
+"""What a peer may do: C-STORE to the node, C-FIND, C-MOVE, C-GET, C-ECHO."""
+ALL_ROLES: tuple[Role, ...] = ("store", "find", "move", "get", "echo")
+
+PDU_SIZE_CEILING = 16 * 1024 * 1024
+"""``maximum_pdu_size: 0`` (formerly "no limit") advertises and enforces this many bytes."""
+
+
+class TlsSettings(_Strict):
+    """DICOM TLS: the listening port speaks TLS only; the same files serve associations the node opens."""
+
+    certificate: Path = Field(description="The node's certificate (PEM), with any intermediate certificates.")
+    private_key: Path = Field(description="The certificate's private key (PEM, unencrypted; keep it 0600).")
+    ca_certificates: Path | None = Field(
+        None, description="CA bundle (PEM) that peers' certificates must chain to; default: the system's."
+    )
+    require_client_certificate: bool = Field(
+        False, description="Mutual TLS: callers must present a certificate signed by ca_certificates."
+    )
+    minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    check_hostname: bool = Field(
+        True, description="When calling a peer, its certificate must name the host (or IP) configured for it."
+    )
+
+
 class NetworkSettings(_Strict):
-    """Where the node listens and who may talk to it."""
+    """Where the node listens, and the limits every caller meets before and after association."""
 
     ae_title: AETitle = "DICOMNODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_ae_titles: list[AETitle] = Field(
         default_factory=list,
-        description="Calling AE titles accepted at association time; empty accepts every caller.",
+        description="Deprecated, use `peers`: these AE titles are admitted from any host with every role.",
     )
     require_called_ae_title: bool = Field(
         True, description="Reject associations whose called AE title is not ours (catches misrouted senders)."
     )
     maximum_pdu_size: int = Field(
-        0, ge=0, description="Largest PDU we accept, bytes; 0 = no limit (fastest for large images)."
+        4 * 1024 * 1024,
+        ge=0,
+        le=PDU_SIZE_CEILING,
+        description="Largest PDU we advertise and accept, bytes; a bigger one aborts the association. "
+        "0 means the ceiling, 16 MiB.",
+    )
+    maximum_association_request_bytes: int = Field(
+        256 * 1024, ge=4096, le=4 * 1024 * 1024, description="Largest A-ASSOCIATE-RQ accepted, bytes."
     )
     maximum_associations: int = Field(16, ge=1, le=512)
+    maximum_associations_per_host: int = Field(
+        8, ge=1, le=512, description="Open connections one source address may hold; more are closed at once."
+    )
+    association_request_timeout_seconds: float = Field(
+        10.0, gt=0, description="A new connection must complete its A-ASSOCIATE-RQ within this long."
+    )
+    pdu_read_timeout_seconds: float = Field(
+        30.0, gt=0, description="Once a PDU starts, all of it must arrive within this long."
+    )
     network_timeout_seconds: float = Field(60.0, gt=0)
+    tls: TlsSettings | None = Field(None, description="DICOM TLS; absent: plain TCP.")
+
+    @property
+    def receive_pdu_limit(self) -> int:
+        """The PDU size advertised and enforced, bytes."""
+        return self.maximum_pdu_size or PDU_SIZE_CEILING
+
+
+class PeerSettings(_Strict):
+    """A DICOM peer the node admits: its AE title, the hosts it calls from, and what it may do."""
+
+    ae_title: AETitle | None = Field(None, description="Calling AE title; absent: any AE title from these hosts.")
+    hosts: list[str] = Field(description="Addresses or CIDR networks the peer calls from, e.g. 10.1.2.3, 10.1.0.0/16.")
+    roles: list[Role] = Field(default_factory=lambda: ["store", "echo"])
+    tls: bool = Field(False, description="Associations the node opens to this peer (C-MOVE) use TLS.")
+    host: str | None = Field(None, description="Where the peer listens, for C-MOVE to it.")
+    port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("hosts")
+    @classmethod
+    def _networks(cls, hosts: list[str]) -> list[str]:
+        import ipaddress
+
+        if not hosts:
+            raise ValueError("give at least one address or network")
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or CIDR network (e.g. 10.1.0.0/16)") from None
+        return [h.strip() for h in hosts]
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _one_or_many_roles(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _address_whole(self) -> PeerSettings:
+        if (self.host is None) != (self.port is None):
+            raise ValueError("host and port go together (where the node reaches the peer)")
+        return self
+
+
+class RetrieveSettings(_Strict):
+    """Limits on Query/Retrieve answers."""
+
+    max_find_matches: int = Field(
+        1000, ge=1, description="A C-FIND stops after this many matches with status 0xA700 (out of resources)."
+    )
+    max_instances_per_retrieval: int = Field(
+        10000, ge=1, description="A C-MOVE or C-GET selecting more instances is refused with 0xA701 / 0xA702."
+    )
 
 
 class StorageSettings(_Strict):
@@ -138,6 +232,7 @@ class Destination(_Strict):
     send: list[Literal["seg", "sr", "rtstruct"]] = Field(
         default_factory=lambda: ["seg", "sr"], description="Which results go there; planning systems: [rtstruct]."
     )
+    tls: bool = Field(False, description="Send over DICOM TLS (network.tls gives the certificates).")
 
 
 class ResultSettings(_Strict):
@@ -311,6 +406,10 @@ class Settings(BaseSettings):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    peers: dict[str, PeerSettings] = Field(
+        default_factory=dict, description="Who may call the node; none: any AE title from loopback only."
+    )
+    retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     models: dict[str, ModelSettings] = Field(
         default_factory=lambda: {"baseline": ThresholdModelSettings(kind="threshold")},
         description="Named models (name -> settings with a 'kind').",
@@ -346,6 +445,15 @@ class Settings(BaseSettings):
             if rule.model and rule.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none configured"
                 raise ValueError(f"rules[{index}] ({rule.name}): unknown model {rule.model!r} (known: {known})")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_configured(self) -> Settings:
+        if self.network.tls is None:
+            wanting = [f"destinations.{n}" for n, d in self.destinations.items() if d.tls]
+            wanting += [f"peers.{n}" for n, p in self.peers.items() if p.tls]
+            if wanting:
+                raise ValueError(f"{', '.join(wanting)}: tls: true needs network.tls (certificate and private_key)")
         return self
 
     @property

@@ -111,8 +111,11 @@ def _prepare(output: Path) -> Path:
 def _write_config(folder: Path) -> Path:
     folder.mkdir(parents=True)
     config = {
-        "network": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": _free_port(),
-                    "allowed_calling_ae_titles": [PACS_AE, PLANNER_AE]},
+        "network": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": _free_port()},
+        "peers": {
+            "pacs": {"ae_title": PACS_AE, "hosts": ["127.0.0.1"], "roles": ["store", "echo"]},
+            "planner": {"ae_title": PLANNER_AE, "hosts": ["127.0.0.1"], "roles": ["find", "get", "echo"]},
+        },
         "storage": {"directory": str(folder / "storage")},
         "completion": {"quiet_seconds": 2, "check_interval_seconds": 0.5},
         "inference": {"workers": 1, "poll_seconds": 0.5},

@@ -38,6 +38,7 @@ from db.session import transaction
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.security import client_tls
 
 LOG = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, syntax in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in results}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
             return SendOutcome([], f"association rejected by {peer}")

@@ -1,10 +1,13 @@
 """Outgoing DICOM as a service user: C-ECHO, and C-FIND / C-GET as a planning system would pull results.
 
-C-STORE of results lives in :mod:`dicom_node.dispatch`.
+C-STORE of results lives in :mod:`dicom_node.dispatch`. Every call takes
+``tls_args`` (``(ssl_context, server_hostname)``, see
+:func:`dicom_node.security.client_tls`) for DICOM TLS.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +31,17 @@ class EchoResult:
     seconds: float
 
 
-def verify(calling_ae: str, called_ae: str, host: str, port: int, *, timeout: float = 10.0) -> EchoResult:
+TlsArgs = tuple[ssl.SSLContext, str] | None
+
+
+def verify(
+    calling_ae: str, called_ae: str, host: str, port: int, *, timeout: float = 10.0, tls_args: TlsArgs = None
+) -> EchoResult:
     """C-ECHO a peer; never raises for network trouble, it reports it."""
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         return EchoResult(False, _not_established(assoc), time.perf_counter() - started)
     try:
@@ -48,12 +56,19 @@ def verify(calling_ae: str, called_ae: str, host: str, port: int, *, timeout: fl
 
 
 def find(
-    calling_ae: str, called_ae: str, host: str, port: int, identifier: Dataset, *, timeout: float = 30.0
+    calling_ae: str,
+    called_ae: str,
+    host: str,
+    port: int,
+    identifier: Dataset,
+    *,
+    timeout: float = 30.0,
+    tls_args: TlsArgs = None,
 ) -> list[Dataset]:
     """C-FIND (Study Root) a peer; the matches, or :class:`ScuError` with the reason."""
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, called_ae, host, port)
+    assoc = _associate(ae, called_ae, host, port, tls_args=tls_args)
     matches: list[Dataset] = []
     try:
         for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
@@ -77,6 +92,7 @@ def get(
     folder: Path,
     *,
     timeout: float = 60.0,
+    tls_args: TlsArgs = None,
 ) -> list[Path]:
     """C-GET (Study Root) into ``folder``: each instance as ``<SOPInstanceUID>.dcm``, exactly as sent."""
     ae = _ae(calling_ae, timeout)
@@ -93,7 +109,9 @@ def get(
         written.append(path)
         return 0x0000
 
-    assoc = _associate(ae, called_ae, host, port, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _store)])
+    assoc = _associate(
+        ae, called_ae, host, port, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _store)], tls_args=tls_args
+    )
     try:
         for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             code = int(status.Status) if status and "Status" in status else None

@@ -22,6 +22,7 @@ from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
+from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
 from inference.worker import log_worker_death, run_worker
 
@@ -147,7 +148,7 @@ def start_node(settings: Settings) -> RunningNode:
     server = start_storage_scp(
         settings.network,
         StoreContext(store=store, sessions=sessions),
-        RetrieveContext(ae_title=settings.network.ae_title, destinations=settings.destinations, sessions=sessions),
+        RetrieveContext.from_settings(settings, sessions),
     )
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
@@ -179,12 +180,6 @@ def serve(settings: Settings) -> None:
 
 
 def _warn_about_open_doors(settings: Settings) -> None:
-    if not settings.network.allowed_calling_ae_titles:
-        log_event(
-            LOG,
-            logging.WARNING,
-            "config.accepting_every_caller",
-            hint="set network.allowed_calling_ae_titles to the PACS AE titles that may send",
-        )
+    security.apply(settings)
     if not settings.rules:
         log_event(LOG, logging.WARNING, "config.no_rules", hint="every series will be IGNORED; add rules")

@@ -232,7 +232,9 @@ def succeeded_files(storescu_output: str) -> list[str]:
 class Orthanc:
     """A real Orthanc (Debian's package) as the PACS, on its own ports and folder."""
 
-    def __init__(self, workdir: Path, modalities: dict[str, list[Any]]) -> None:
+    def __init__(
+        self, workdir: Path, modalities: dict[str, Any], extra_config: dict[str, Any] | None = None
+    ) -> None:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.ae_title = "ORTHANC"
@@ -250,6 +252,7 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomModalities": modalities,
             "Plugins": [],
+            **(extra_config or {}),
         }
         self.config_path = workdir / "orthanc.json"
         self.config_path.write_text(__import__("json").dumps(config))
@@ -311,8 +314,9 @@ class Orthanc:
 def start_orthanc(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
     started: list[Orthanc] = []
 
-    def _start(modalities: dict[str, list[Any]] | None = None) -> Orthanc:
-        orthanc = Orthanc(tmp_path / f"orthanc{len(started)}", modalities or {})
+    def _start(modalities: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None) -> Orthanc:
+        """Start an Orthanc; ``extra_config`` adds or overrides keys of its JSON configuration (e.g. DICOM TLS)."""
+        orthanc = Orthanc(tmp_path / f"orthanc{len(started)}", modalities or {}, extra_config)
         started.append(orthanc)
         return orthanc.start()
 
@@ -355,3 +359,50 @@ def pixelmed(path: Path, *, sr: bool = False, heap: str = "2g", timeout: float =
 def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
     """DCMTK's SR dump: exit 0 and no "E:" line when it can parse every content item."""
     return subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=120)
+class Certificates:
+    """A test PKI made with the openssl CLI: a CA, the node's and a peer's certificates, and a stranger's.
+
+    Every certificate names 127.0.0.1 and localhost (subjectAltName); the
+    stranger's is signed by a CA nobody trusts.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ca = self._authority("ca", "Test hospital CA")
+        self.node_key, self.node = self._leaf("node", "DICOMNODE", self.ca)
+        self.peer_key, self.peer = self._leaf("peer", "PEER", self.ca)
+        rogue = self._authority("rogue-ca", "Nobody's CA")
+        self.stranger_key, self.stranger = self._leaf("stranger", "STRANGER", rogue)
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run([require_tool("openssl"), *args], check=True, capture_output=True, cwd=self.folder)
+
+    def _authority(self, name: str, subject: str) -> Path:
+        self._openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+            "-days", "2", "-subj", f"/CN={subject}",
+        )
+        return self.folder / f"{name}.pem"
+
+    def _leaf(self, name: str, subject: str, authority: Path) -> tuple[Path, Path]:
+        extensions = self.folder / f"{name}.ext"
+        extensions.write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+        )
+        self._openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={subject}",
+        )
+        self._openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", authority.name, "-CAkey", authority.with_suffix(".key").name,
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", extensions.name,
+        )
+        (self.folder / f"{name}.key").chmod(0o600)
+        return self.folder / f"{name}.key", self.folder / f"{name}.pem"
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """One test PKI for the session (see :class:`Certificates`)."""
+    return Certificates(tmp_path_factory.mktemp("pki"))

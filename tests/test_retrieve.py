@@ -39,7 +39,12 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessedStu
     node = Node(
         workdir / "node",
         {
-            "network": {"port": node_port, "allowed_calling_ae_titles": ["PACS", PLANNER, orthanc.ae_title]},
+            "network": {"port": node_port},
+            "peers": {
+                "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
+                "planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "move", "get"]},
+                "orthanc": {"ae_title": orthanc.ae_title, "hosts": ["127.0.0.1"], "roles": ["find", "move"]},
+            },
             "destinations": {
                 "planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": planner_port},
                 "orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port},
@@ -185,7 +190,7 @@ def test_unknown_move_destination_is_refused(processed: ProcessedStudy) -> None:
     assert "unknown move destination 'NOBODY'" in processed.node.log()
 
 
-def test_a_caller_not_on_the_allow_list_cannot_query(processed: ProcessedStudy, tmp_path: Path) -> None:
+def test_a_caller_that_is_no_peer_cannot_query(processed: ProcessedStudy, tmp_path: Path) -> None:
     command = [require_tool("findscu"), "-S", "-aet", "INTRUDER", "-aec", processed.node.ae_title,
                "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "127.0.0.1", str(processed.node.port)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)

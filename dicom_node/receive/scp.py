@@ -48,6 +48,7 @@ from dicom_node.receive.header import InvalidInstance, check_header, is_valid_ui
 from dicom_node.receive.storage import InstanceStore, encode_file_meta
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
+from dicom_node.security import PeerPolicy, on_requested, require_role, start_guarded_server
 
 LOG = logging.getLogger(__name__)
 
@@ -111,10 +112,10 @@ class StoreContext:
 def build_ae(network: NetworkSettings) -> AE:
     """An AE that accepts Verification, every storage SOP class with the transfer syntaxes above, and Query/Retrieve."""
     ae = AE(ae_title=network.ae_title)
-    ae.maximum_pdu_size = network.maximum_pdu_size
+    ae.maximum_pdu_size = network.receive_pdu_limit
     ae.maximum_associations = network.maximum_associations
     ae.network_timeout = network.network_timeout_seconds
-    ae.require_calling_aet = list(network.allowed_calling_ae_titles)
+    ae.acse_timeout = network.association_request_timeout_seconds
     ae.require_called_aet = network.require_called_ae_title
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
@@ -124,24 +125,32 @@ def build_ae(network: NetworkSettings) -> AE:
 
 
 def start_storage_scp(
-    network: NetworkSettings, context: StoreContext, retrieve: RetrieveContext | None = None
+    network: NetworkSettings,
+    context: StoreContext,
+    retrieve: RetrieveContext | None = None,
+    peers: PeerPolicy | None = None,
 ) -> AssociationServer:
     """Start listening (non-blocking); returns the server to ``shutdown()`` later.
 
     With ``retrieve``, the same AE also answers C-FIND, C-MOVE and C-GET.
+    ``peers`` decides who may associate and what each may do (default: the
+    retrieve context's policy, else any AE title from loopback); the limits
+    of :mod:`dicom_node.security` apply to every connection.
     """
     ae = build_ae(network)
+    peers = peers or (retrieve.peers if retrieve is not None else None) or PeerPolicy.loopback_only()
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
+        (evt.EVT_REQUESTED, on_requested, [peers]),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),
-        (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_C_ECHO, require_role("echo", peers, _on_echo)),
+        (evt.EVT_C_STORE, require_role("store", peers, handle_store), [context]),
     ]
     if retrieve is not None:
         handlers += retrieve_handlers(retrieve)
-    server = ae.start_server((network.host, network.port), block=False, evt_handlers=handlers)
+    server = start_guarded_server(ae, (network.host, network.port), network, handlers)
     log_event(
         LOG,
         logging.INFO,
@@ -149,7 +158,8 @@ def start_storage_scp(
         ae_title=network.ae_title,
         host=network.host,
         port=network.port,
-        allowed_calling_ae_titles=",".join(network.allowed_calling_ae_titles) or "*",
+        tls="on" if network.tls else "off",
+        peers=peers.description,
     )
     return server
 
@@ -280,20 +290,31 @@ def _on_accepted(event: evt.Event) -> None:
     log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address)
 
 
+REJECTION_REASONS = {
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title is not ours",
+    (0x03, 0x02): "association limit reached (network.maximum_associations)",
+    (0x02, 0x02): "protocol version not supported",
+}
+
+
 def _on_rejected(event: evt.Event) -> None:
     requestor = event.assoc.requestor
+    answer = event.assoc.acceptor.primitive
+    key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
     log_event(
         LOG,
         logging.WARNING,
         "association.rejected",
         calling_ae=requestor.ae_title,
         address=requestor.address,
-        reason="calling AE title not allowed or no acceptable presentation context",
+        reason=REJECTION_REASONS.get(key, "no acceptable presentation context or other ACSE reason"),
     )
 
 
 def _on_aborted(event: evt.Event) -> None:
-    log_event(LOG, logging.WARNING, "association.aborted", calling_ae=event.assoc.requestor.ae_title)
+    requestor = event.assoc.requestor
+    log_event(LOG, logging.WARNING, "association.aborted", calling_ae=requestor.ae_title, address=requestor.address)
 
 
 def _on_echo(event: evt.Event) -> int:

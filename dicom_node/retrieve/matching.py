@@ -155,8 +155,8 @@ def matching_instances(session: Session, identifier: Dataset, *, for_retrieval: 
         On a bad level, or (``for_retrieval``) when the level's unique key is missing.
     """
     level = query_level(identifier)
-    if for_retrieval and not _value(identifier.get(UNIQUE_KEYS[level], "")):
-        raise QueryError(f"a {level} retrieval needs {UNIQUE_KEYS[level]}")
+    if for_retrieval:
+        check_retrieval_keys(identifier, level)
     ids = _joined(conditions(identifier, level))
     return list(
         session.scalars(
@@ -166,6 +166,49 @@ def matching_instances(session: Session, identifier: Dataset, *, for_retrieval: 
             .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
         )
     )
+
+
+def check_retrieval_keys(identifier: Dataset, level: Level) -> None:
+    """A C-MOVE/C-GET identifier selects by literal unique keys only.
+
+    The level's unique key must be present, and it and every unique key above
+    it that is given must be one or more literal values: an empty value, ``*``
+    or ``?`` never satisfies a unique key (PS3.4 C.2.2.1.1: unique keys in
+    retrievals use single value or UID list matching).
+
+    Raises
+    ------
+    QueryError
+        Naming the key and what is wrong with it.
+    """
+    if not _value(identifier.get(UNIQUE_KEYS[level], "")):
+        raise QueryError(f"a {level} retrieval needs {UNIQUE_KEYS[level]}")
+    for keyword in [UNIQUE_KEYS[lvl] for lvl in LEVELS[: LEVELS.index(level) + 1]]:
+        value = _value(identifier.get(keyword, ""))
+        if "*" in value or "?" in value:
+            raise QueryError(f"{keyword} {value!r} has a wildcard; a retrieval needs literal unique keys")
+        if keyword == UNIQUE_KEYS[level] and any(not part.strip() for part in value.split("\\")):
+            raise QueryError(f"{keyword} has an empty value in its list; a retrieval needs literal unique keys")
+
+
+NARROWING_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber")
+
+
+def is_narrow(identifier: Dataset, level: Level) -> bool:
+    """Whether a C-FIND looks up something the caller already knows, rather than browsing.
+
+    Narrow: below PATIENT level, with a Study, Series or SOP Instance UID or an
+    AccessionNumber given as literal values (no ``*`` or ``?``). Every other
+    query (PATIENT level, or keys that are all empty, wildcards, dates or
+    names) is *universal* and needs the ``find`` role.
+    """
+    if level == "PATIENT":
+        return False
+    for keyword in NARROWING_KEYS:
+        value = _value(identifier.get(keyword, ""))
+        if value and "*" not in value and "?" not in value:
+            return True
+    return False
 
 
 def find(session: Session, identifier: Dataset, retrieve_ae_title: str) -> Iterator[Dataset]:

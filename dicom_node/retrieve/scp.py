@@ -1,10 +1,18 @@
 """C-FIND, C-MOVE and C-GET handlers over what the node holds: received series and its own results.
 
-They run in the same AE as the Storage SCP, so the calling AE allow-list
-(``network.allowed_calling_ae_titles``) guards queries and retrievals as it
-guards stores. C-MOVE sends only to the destinations named in config.yaml; an
-unknown Move Destination is refused with 0xA801. Retrieved instances go out as
-they were stored: the file's data set bytes, in the file's transfer syntax.
+They run in the same AE as the Storage SCP, behind the same peer check
+(:mod:`dicom_node.security`): a peer needs the ``find``, ``move`` or ``get``
+role for each service. PATIENT-level and universal queries need ``find``
+itself; peers that only move or get may look up what they know (a unique key
+or accession number without wildcards). A C-FIND stops after
+``retrieve.max_find_matches`` with 0xA700; a C-MOVE or C-GET selecting more
+than ``retrieve.max_instances_per_retrieval`` instances is refused with 0xA702,
+and its unique key must be literal UIDs (no ``*``, ``?`` or empty value).
+C-MOVE sends only to destinations and peers with an address in config.yaml
+(over TLS where they say ``tls: true``); an unknown Move Destination is refused
+with 0xA801. Retrieved instances go out as they were stored: the file's data
+set bytes, in the file's transfer syntax. Peers hear short fixed comments; the
+log has the details.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
@@ -23,15 +30,18 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    Verification,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import Destination
+from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
-from dicom_node.retrieve.matching import QueryError, find, matching_instances, query_level
+from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
+from dicom_node.retrieve.stored import read_stored
+from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LOG = logging.getLogger(__name__)
 
@@ -46,9 +56,15 @@ QUERY_RETRIEVE_MODELS = (
 PENDING = 0xFF00
 SUCCESS = 0x0000
 CANCELLED = 0xFE00
+OUT_OF_RESOURCES = 0xA700  # C-FIND: refused, out of resources
+TOO_MANY_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: refused, out of resources - unable to perform sub-operations
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS_FIND = 0xC001
 SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
 MAXIMUM_CONTEXTS = 128
+MAXIMUM_SUB_OPERATIONS = 65535  # pynetdicom's ceiling for the count a C-MOVE/C-GET handler yields
+
+Target = Destination | PeerSettings
 
 
 @dataclass(frozen=True)
@@ -56,10 +72,29 @@ class RetrieveContext:
     ae_title: str
     destinations: dict[str, Destination]
     sessions: sessionmaker[Session]
-    destinations_by_ae: dict[str, Destination] = field(init=False)
+    peers: PeerPolicy = field(default_factory=PeerPolicy.loopback_only)
+    limits: RetrieveSettings = field(default_factory=RetrieveSettings)
+    move_peers: dict[str, PeerSettings] = field(default_factory=dict)
+    tls: TlsSettings | None = None
+    targets_by_ae: dict[str, Target] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "destinations_by_ae", {d.ae_title: d for d in self.destinations.values()})
+        targets: dict[str, Target] = {p.ae_title: p for p in self.move_peers.values() if p.ae_title and p.host}
+        targets.update({d.ae_title: d for d in self.destinations.values()})
+        object.__setattr__(self, "targets_by_ae", targets)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> RetrieveContext:
+        """Everything the handlers need from the configuration."""
+        return cls(
+            ae_title=settings.network.ae_title,
+            destinations=settings.destinations,
+            sessions=sessions,
+            peers=PeerPolicy.from_settings(settings),
+            limits=settings.retrieve,
+            move_peers=settings.peers,
+            tls=settings.network.tls,
+        )
 
 
 def add_query_retrieve_contexts(ae: AE) -> None:
@@ -82,49 +117,117 @@ def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
 
 
 def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """Yield a pending response per match, from the database."""
+    """Yield a pending response per match, from the database, up to ``retrieve.max_find_matches``."""
     identifier = event.identifier
     calling_ae = event.assoc.requestor.ae_title
+    peer = peer_of(event, context.peers)
+    if isinstance(peer, Refused) or not ({"find", "move", "get"} & peer.roles):
+        yield not_authorized(event, "find", peer), None
+        return
+    limit = context.limits.max_find_matches
     count = 0
     try:
+        level = query_level(identifier)
+        if not peer.may("find") and not is_narrow(identifier, level):
+            log_event(
+                LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+                reason=f"peer {peer.name} has no find role: only narrow queries below PATIENT level (a unique key "
+                "or AccessionNumber without wildcards)",
+            )
+            yield _status(0x0124, "Not authorized: query too broad"), None
+            return
         with context.sessions() as session:
-            level = query_level(identifier)
             for response in find(session, identifier, context.ae_title):
                 if event.is_cancelled:
                     yield CANCELLED, None
                     return
+                if count == limit:
+                    log_event(
+                        LOG, logging.WARNING, "query.truncated", calling_ae=calling_ae,
+                        address=event.assoc.requestor.address, query_level=level,
+                        reason=f"more than {limit} matches (retrieve.max_find_matches)",
+                    )
+                    yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
+                    return
                 count += 1
                 yield PENDING, response
     except QueryError as exc:
-        log_event(LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, reason=str(exc))
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        log_event(
+            LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=str(exc),
+        )
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        return
+    except Exception:  # noqa: BLE001 - the peer hears a fixed comment, the log the details
+        LOG.exception("query.failed", extra={"event_fields": {"calling_ae": calling_ae}})
+        yield _status(UNABLE_TO_PROCESS_FIND, "Unable to process the query"), None
         return
     log_event(LOG, logging.INFO, "query.answered", calling_ae=calling_ae, query_level=level, matches=count)
     yield SUCCESS, None
 
 
 def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
-    """Send the matching instances to a destination named in config.yaml."""
+    """Send the matching instances to a destination or peer with an address in config.yaml."""
     calling_ae = event.assoc.requestor.ae_title
+    peer = peer_of(event, context.peers)
+    if isinstance(peer, Refused) or not peer.may("move"):
+        not_authorized(event, "move", peer)
+        yield None, None  # pynetdicom answers 0xA801; the log says why
+        return
     target = (event.move_destination or "").strip()
-    destination = context.destinations_by_ae.get(target)
+    destination = context.targets_by_ae.get(target)
     if destination is None:
-        log_event(LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=f"unknown move destination {target!r}")
+        log_event(
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=f"unknown move destination {target!r}",
+        )
         yield None, None
         return
     paths = _paths_to_retrieve(event, context, calling_ae)
-    contexts = _storage_contexts(paths)
-    yield destination.host, destination.port, {"contexts": contexts, "ae_title": destination.ae_title}
-    yield len(paths)
+    # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
+    contexts = _storage_contexts(paths) if paths else [build_context(Verification)]
+    options: dict[str, Any] = {"contexts": contexts, "ae_title": destination.ae_title}
+    tls_args = client_tls(destination, context.tls)
+    if tls_args is not None:
+        options["tls_args"] = tls_args
+    yield destination.host, destination.port, options
+    if paths is None:  # pynetdicom has no way to refuse before the destination: refuse as the first result
+        yield 1
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        return
+    yield from _count_or_refuse(paths, context, event, f"move to {target}")
     yield from _send(event, paths, calling_ae, f"move to {target}")
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     """Send the matching instances back over the requestor's own association."""
     calling_ae = event.assoc.requestor.ae_title
+    peer = peer_of(event, context.peers)
+    if isinstance(peer, Refused) or not peer.may("get"):
+        yield 1
+        yield not_authorized(event, "get", peer), None
+        return
     paths = _paths_to_retrieve(event, context, calling_ae)
-    yield len(paths)
+    if paths is None:
+        yield 1
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        return
+    yield from _count_or_refuse(paths, context, event, "get")
     yield from _send(event, paths, calling_ae, "get")
+
+
+def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Event, what: str) -> Iterator[Any]:
+    """Yield the sub-operation count; over ``retrieve.max_instances_per_retrieval``, then a 0xA702 refusal."""
+    yield min(len(paths), MAXIMUM_SUB_OPERATIONS)
+    calling_ae, address = event.assoc.requestor.ae_title, event.assoc.requestor.address
+    limit = context.limits.max_instances_per_retrieval
+    if len(paths) > limit:
+        log_event(
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=address, operation=what,
+            reason=f"{len(paths)} instances selected, more than {limit} (retrieve.max_instances_per_retrieval)",
+        )
+        yield _status(TOO_MANY_SUB_OPERATIONS, f"More than {limit} instances: retrieve less"), None
+        paths.clear()
 
 
 class Stored(NamedTuple):
@@ -134,19 +237,18 @@ class Stored(NamedTuple):
     sop_instance_uid: str
 
 
-def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored]:
-    """Where each instance the identifier selects is stored, and how.
-
-    A bad identifier raises: pynetdicom answers the request with a failure
-    (0xC511 for C-MOVE, 0xC411 for C-GET), and the log says why.
-    """
+def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored] | None:
+    """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier."""
     try:
         with context.sessions() as session:
             found = matching_instances(session, event.identifier, for_retrieval=True)
             return [Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid) for i in found]
     except QueryError as exc:
-        log_event(LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, reason=str(exc))
-        raise
+        log_event(
+            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            reason=str(exc),
+        )
+        return None
 
 
 def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
@@ -166,8 +268,8 @@ def _send(event: evt.Event, paths: list[Stored], calling_ae: str, what: str) -> 
             yield CANCELLED, None
             return
         try:
-            dataset = dcmread(path)  # elements stay raw: they go out byte for byte
-        except OSError as exc:
+            dataset = read_stored(path)  # top-level elements kept raw: they go out byte for byte
+        except (OSError, ValueError) as exc:
             log_event(LOG, logging.ERROR, "retrieve.file_missing", path=path, error=str(exc))
             missing.append(sop_instance_uid)
             continue

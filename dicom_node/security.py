@@ -1,0 +1,536 @@
+"""Who may talk to the node and what each peer may do; DICOM TLS; limits that hold before anyone is known.
+
+Three layers, in the order a caller meets them:
+
+1. **Connection** (:class:`GuardedServer`): a source address may hold at most
+   ``network.maximum_associations_per_host`` open connections (more are closed
+   at once); with ``network.tls`` the TLS handshake runs in the connection's
+   own thread under ``association_request_timeout_seconds``.
+2. **PDU** (:class:`GuardedDUL`): every PDU must arrive whole within
+   ``pdu_read_timeout_seconds`` of its first byte, an A-ASSOCIATE-RQ may be at
+   most ``maximum_association_request_bytes`` and any other PDU at most the
+   PDU size we advertise; a PDU over its limit aborts the association before
+   its body is read.
+3. **Association** (:func:`on_requested`): the calling AE title must belong
+   to a peer configured for the caller's address; the presentation contexts a
+   peer may use follow its roles, and every DIMSE request is checked again
+   against them (:func:`require_role`).
+
+pynetdicom 3 has no hook for 1 and 2: :class:`GuardedServer` is passed to
+``AE.make_server`` (``server_class``), and its request handler gives each
+new association the :class:`GuardedDUL` reader before the association's
+threads start.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
+from dicom_node.logs import log_event
+
+LOG = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+ANY_HOST = ("0.0.0.0/0", "::/0")
+NOT_AUTHORIZED = 0x0124
+"""DIMSE status "Refused: Not Authorized" (PS3.7 Annex C)."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A configured caller: an AE title (or any, when ``ae_title`` is None) from some networks, with roles."""
+
+    name: str
+    ae_title: str | None
+    networks: tuple[Network, ...]
+    roles: frozenset[str]
+
+    def calls_from(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks if network.version == ip.version)
+
+    def may(self, role: str) -> bool:
+        return role in self.roles
+
+    @property
+    def hosts(self) -> str:
+        return ", ".join(str(n) for n in self.networks)
+
+
+class Refused(str):
+    """Why a caller is not admitted: a sentence for the log, naming the AE title and address."""
+
+
+class PeerPolicy:
+    """The peers of ``settings.peers`` (or the loopback default), and the deprecated AE title allow-list."""
+
+    def __init__(self, peers: Iterable[Peer], description: str) -> None:
+        self.peers = tuple(peers)
+        self.description = description
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PeerPolicy:
+        peers = [_peer(name, peer) for name, peer in settings.peers.items()]
+        legacy = settings.network.allowed_calling_ae_titles
+        for title in legacy:
+            peers.append(Peer(f"allowed_calling_ae_titles:{title}", title, _networks(ANY_HOST), frozenset(ALL_ROLES)))
+        if not peers:
+            return cls.loopback_only()
+        names = ", ".join(
+            f"{p.name} ({p.ae_title or 'any AE title'} from {p.hosts}: {','.join(sorted(p.roles))})" for p in peers
+        )
+        return cls(peers, f"admitting configured peers only: {names}")
+
+    @classmethod
+    def loopback_only(cls) -> PeerPolicy:
+        """The default: any AE title from this machine, every role."""
+        loopback = Peer("loopback", None, _networks(LOOPBACK), frozenset(ALL_ROLES))
+        return cls([loopback], "no peers configured: admitting any AE title from this machine (loopback) only, "
+                               "with every role; add peers to config.yaml to admit other hosts")
+
+    def identify(self, ae_title: str, address: str) -> Peer | Refused:
+        """The peer this call comes from, or why it is refused.
+
+        A peer named by AE title wins over one that admits any AE title: a
+        known AE title calling from a host its peer does not list is refused,
+        even where an any-title peer covers that host.
+        """
+        ae_title = ae_title.strip()
+        named = [p for p in self.peers if p.ae_title == ae_title]
+        for peer in named:
+            if peer.calls_from(address):
+                return peer
+        if named:
+            hosts = "; ".join(p.hosts for p in named)
+            return Refused(f"AE title {ae_title} is configured for {hosts}, but called from {address}")
+        for peer in self.peers:
+            if peer.ae_title is None and peer.calls_from(address):
+                return peer
+        return Refused(f"no peer is configured for AE title {ae_title} calling from {address}")
+
+
+def _peer(name: str, settings: PeerSettings) -> Peer:
+    return Peer(name, settings.ae_title, _networks(settings.hosts), frozenset(settings.roles))
+
+
+def _networks(hosts: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(h, strict=False) for h in hosts)
+
+
+def log_policy(settings: Settings, policy: PeerPolicy) -> None:
+    """The start-up lines: who is admitted, and a deprecation warning for the old allow-list."""
+    log_event(LOG, logging.INFO, "security.peers", policy=policy.description)
+    if settings.network.allowed_calling_ae_titles:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "config.deprecated",
+            key="network.allowed_calling_ae_titles",
+            hint="move these AE titles to peers (with hosts and roles); until then they are admitted from any host "
+            "with every role",
+        )
+    if settings.network.maximum_pdu_size == 0:
+        log_event(
+            LOG, logging.INFO, "config.pdu_size", hint="network.maximum_pdu_size 0 now means the 16 MiB ceiling"
+        )
+
+
+# ------------------------------------------------------------- association-time check
+
+
+SERVICE_ROLES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.2.1.1": "find",  # Patient Root Find
+    "1.2.840.10008.5.1.4.1.2.2.1": "find",  # Study Root Find
+    "1.2.840.10008.5.1.4.1.2.1.2": "move",
+    "1.2.840.10008.5.1.4.1.2.2.2": "move",
+    "1.2.840.10008.5.1.4.1.2.1.3": "get",
+    "1.2.840.10008.5.1.4.1.2.2.3": "get",
+    str(Verification): "echo",
+}
+
+
+def context_allowed(abstract_syntax: str, peer: Peer) -> bool:
+    """Whether ``peer`` may use a presentation context.
+
+    C-FIND contexts are open to peers that may find, move or get (the latter
+    two only for narrow queries, see :mod:`dicom_node.retrieve.scp`); storage
+    contexts to peers that store, or that get (C-GET answers come back as
+    C-STOREs on the requestor's storage contexts).
+    """
+    role = SERVICE_ROLES.get(str(abstract_syntax))
+    if role == "find":
+        return bool({"find", "move", "get"} & peer.roles)
+    if role is not None:
+        return peer.may(role)
+    return peer.may("store") or peer.may("get")
+
+
+def on_requested(event: evt.Event, policy: PeerPolicy) -> None:
+    """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles."""
+    assoc = event.assoc
+    ae_title = str(assoc.requestor.primitive.calling_ae_title).strip()
+    address = assoc.requestor.address
+    found = policy.identify(ae_title, address)
+    if isinstance(found, Refused):
+        log_event(LOG, logging.WARNING, "association.rejected", calling_ae=ae_title, address=address, reason=found)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+        assoc.kill()
+        return
+    assoc.acceptor.supported_contexts = [
+        cx for cx in assoc.acceptor.supported_contexts if context_allowed(str(cx.abstract_syntax), found)
+    ]
+
+
+def peer_of(event: evt.Event, policy: PeerPolicy) -> Peer | Refused:
+    requestor = event.assoc.requestor
+    return policy.identify(requestor.ae_title, requestor.address)
+
+
+def require_role(role: str, policy: PeerPolicy, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a C-STORE or C-ECHO handler: callers without ``role`` get 0x0124 (Refused: Not Authorized)."""
+
+    @functools.wraps(handler)
+    def guarded(event: evt.Event, *args: Any) -> Any:
+        peer = peer_of(event, policy)
+        if isinstance(peer, Refused) or not peer.may(role):
+            return not_authorized(event, role, peer)
+        return handler(event, *args)
+
+    return guarded
+
+
+def not_authorized(event: evt.Event, role: str, peer: Peer | Refused) -> Dataset:
+    """Log why, and answer 0x0124 with a short fixed comment."""
+    requestor = event.assoc.requestor
+    reason = peer if isinstance(peer, Refused) else f"peer {peer.name} has no {role} role"
+    log_event(
+        LOG, logging.WARNING, "request.refused", calling_ae=requestor.ae_title, address=requestor.address,
+        role=role, reason=reason,
+    )
+    status = Dataset()
+    status.Status = NOT_AUTHORIZED
+    status.ErrorComment = f"Not authorized: no {role} role"
+    return status
+
+
+# ------------------------------------------------------------------------------ TLS
+
+
+def server_tls(tls: TlsSettings) -> ssl.SSLContext:
+    """The SCP's TLS context: our certificate, TLS 1.2+, client certificates verified when required."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=_optional(tls.ca_certificates))
+    context.minimum_version = _version(tls.minimum_version)
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:  # a certificate that is presented must still be valid
+        context.verify_mode = ssl.CERT_OPTIONAL if tls.ca_certificates else ssl.CERT_NONE
+    return context
+
+
+_node_tls: TlsSettings | None = None
+"""``network.tls`` of the running node (see :func:`apply`), for :func:`client_tls` callers that lack settings."""
+
+
+def apply(settings: Settings) -> PeerPolicy:
+    """At start: remember ``network.tls`` for outgoing associations and log who is admitted."""
+    global _node_tls
+    _node_tls = settings.network.tls
+    policy = PeerPolicy.from_settings(settings)
+    log_policy(settings, policy)
+    return policy
+
+
+def client_tls(
+    destination: Destination | PeerSettings, tls: TlsSettings | None = None
+) -> tuple[ssl.SSLContext, str] | None:
+    """``tls_args`` for ``AE.associate`` to a destination or peer: None unless it has ``tls: true``.
+
+    ``tls`` defaults to the running node's ``network.tls`` (:func:`apply`).
+
+    The peer's certificate must chain to ``network.tls.ca_certificates`` (or the
+    system's CAs) and, with ``check_hostname``, name the configured host; our
+    certificate goes along for peers that require one.
+
+    Raises
+    ------
+    ValueError
+        If the peer wants TLS but ``network.tls`` is not configured.
+    """
+    if not destination.tls:
+        return None
+    tls = tls or _node_tls
+    if tls is None:
+        raise ValueError(f"{destination.ae_title} is set to tls: true, but network.tls is not configured")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=_optional(tls.ca_certificates))
+    context.minimum_version = _version(tls.minimum_version)
+    context.check_hostname = tls.check_hostname
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    return context, str(destination.host)
+
+
+def _version(name: str) -> ssl.TLSVersion:
+    return ssl.TLSVersion.TLSv1_3 if name == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+
+
+def _optional(path: Any) -> str | None:
+    return str(path) if path else None
+
+
+# --------------------------------------------------------------- bounded resources
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a caller may cost the node before and after association."""
+
+    association_request_bytes: int
+    pdu_bytes: int
+    association_request_seconds: float
+    pdu_seconds: float
+    per_host: int
+
+    @classmethod
+    def from_settings(cls, network: NetworkSettings) -> Limits:
+        return cls(
+            association_request_bytes=network.maximum_association_request_bytes,
+            pdu_bytes=network.receive_pdu_limit,
+            association_request_seconds=network.association_request_timeout_seconds,
+            pdu_seconds=network.pdu_read_timeout_seconds,
+            per_host=network.maximum_associations_per_host,
+        )
+
+    def for_pdu(self, pdu_type: int) -> int:
+        """Largest acceptable length field of a PDU of this type.
+
+        P-DATA-TF: our advertised maximum PDU length plus the 6-byte PDV item
+        header allowance peers commonly include; A-ASSOCIATE-RQ/AC: the request
+        limit; release, reject and abort PDUs have 4-byte bodies.
+        """
+        if pdu_type == 0x04:
+            return self.pdu_bytes + 6
+        if pdu_type in (0x01, 0x02):
+            return self.association_request_bytes
+        return 64
+
+
+class PduRefused(Exception):
+    """A PDU broke a limit; the message says which, for the log."""
+
+
+class GuardedDUL(DULServiceProvider):
+    """The DUL reader with a deadline per PDU and a size limit per PDU type, checked before the body is read."""
+
+    def _read_pdu_data(self) -> None:
+        limits: Limits = self.assoc._server.limits  # type: ignore[union-attr]
+        sock = self.socket
+        assert sock is not None and sock.socket is not None
+        raw = sock.socket
+        awaiting_request = self.state_machine.current_state == "Sta2"
+        seconds = limits.pdu_seconds
+        if awaiting_request:
+            seconds = min(seconds, limits.association_request_seconds)
+        deadline = time.monotonic() + seconds
+        try:
+            header = _read_exactly(raw, 6, deadline)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+                limit = limits.for_pdu(pdu_type)
+                if length > limit:
+                    raise PduRefused(f"PDU type 0x{pdu_type:02X} of {length} bytes is over the limit of {limit} bytes")
+                body = _read_exactly(raw, length, deadline)
+            else:
+                body = b""
+        except PduRefused as exc:
+            self._refuse(str(exc), reason=0x06)
+            return
+        except TimeoutError:
+            self._refuse(f"a PDU did not arrive whole within {seconds:g} s", reason=0x00)
+            return
+        except (OSError, ConnectionError, struct.error):
+            self.event_queue.put("Evt17")  # transport closed
+            return
+        finally:
+            if sock.socket is not None:
+                sock.socket.settimeout(limits.pdu_seconds)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            self._refuse(f"unknown PDU type 0x{pdu_type:02X}", reason=0x01)
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header + body))
+        except Exception:  # noqa: BLE001 - any undecodable PDU is the peer's error
+            self._refuse(f"undecodable PDU type 0x{pdu_type:02X}", reason=0x06)
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _refuse(self, why: str, *, reason: int) -> None:
+        """Log the refusal naming the peer, send an A-ABORT and close the connection."""
+        requestor = self.assoc.requestor
+        log_event(
+            LOG,
+            logging.WARNING,
+            "connection.aborted",
+            address=requestor.address,
+            calling_ae=(requestor.primitive.calling_ae_title if requestor.primitive else "(not yet known)"),
+            reason=why,
+        )
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = reason
+        assert self.socket is not None
+        try:
+            if self.socket.socket is not None:
+                self.socket.socket.sendall(abort.encode())
+        except OSError:
+            pass
+        self.socket.close()  # Evt17: the state machine ends the association
+
+
+def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """``count`` bytes, or TimeoutError at ``deadline``, or ConnectionError if the peer closes first."""
+    chunks = bytearray()
+    while len(chunks) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(count - len(chunks), 1 << 20))
+        if not chunk:
+            raise ConnectionError("closed by peer")
+        chunks += chunk
+    return bytes(chunks)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Per connection: TLS handshake in this thread under a deadline, then an association with a :class:`GuardedDUL`."""
+
+    server: GuardedServer
+
+    def handle(self) -> None:
+        try:
+            self._open_association()
+        finally:
+            self.server.set_up(self.client_address[0])
+
+    def _open_association(self) -> None:
+        limits = self.server.limits
+        request = self.request
+        address = self.client_address[0]
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(limits.association_request_seconds)
+            try:
+                request.do_handshake()
+            except ssl.SSLEOFError:  # a port check that connects and closes: nothing to refuse
+                log_event(LOG, logging.INFO, "connection.closed", address=address, reason="closed before TLS handshake")
+                self.server.shutdown_request(request)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                if isinstance(exc, TimeoutError):
+                    reason = "no TLS handshake in time"
+                else:
+                    reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or 'connection reset'})"
+                log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
+                self.server.shutdown_request(request)
+                return
+        request.settimeout(limits.pdu_seconds)  # no send or receive waits longer without progress
+        assoc = self._create_association()
+        assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with a per-address connection cap and a non-blocking TLS accept."""
+
+    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._setting_up: Counter[str] = Counter()  # connections accepted whose association has not started yet
+        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            # The handshake runs in the connection's thread: a silent client must not stall accept().
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection unless its address already holds ``maximum_associations_per_host``."""
+        address = client_address[0]
+        with self._lock:
+            held = self._setting_up[address]
+            held += sum(1 for a in self.ae.active_associations if a.is_acceptor and _address(a) == address)
+            if held < self.limits.per_host:
+                self._setting_up[address] += 1
+                return True
+        log_event(
+            LOG,
+            logging.WARNING,
+            "connection.refused",
+            address=address,
+            reason=f"{held} connections already open from this address "
+            f"(network.maximum_associations_per_host is {self.limits.per_host})",
+        )
+        return False
+
+    def set_up(self, address: str) -> None:
+        """The connection from ``address`` now runs as an association (or has ended): stop counting it here."""
+        with self._lock:
+            self._setting_up[address] -= 1
+            if self._setting_up[address] <= 0:
+                del self._setting_up[address]
+
+
+def _address(assoc: Any) -> str | None:
+    info = assoc.requestor.address_info
+    return info.address if info is not None else None
+
+
+def start_guarded_server(
+    ae: AE, address: tuple[str, int], network: NetworkSettings, evt_handlers: list[Any]
+) -> GuardedServer:
+    """``ae.start_server(block=False)`` with the guards above (and TLS when ``network.tls`` is set)."""
+    ssl_context = server_tls(network.tls) if network.tls else None
+    server = ae.make_server(
+        address,
+        ssl_context=ssl_context,
+        evt_handlers=evt_handlers,
+        server_class=GuardedServer,
+        limits=Limits.from_settings(network),
+    )
+    ae._servers.append(server)  # so ae.shutdown() stops it, as start_server does
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)
+    thread.start()
+    return server
+

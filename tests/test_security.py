@@ -1,0 +1,332 @@
+"""Who may get in, what they may do, and what a caller can cost the node before it is known.
+
+"Another host" is another loopback address (127.0.0.2, ...): Linux routes all
+of 127.0.0.0/8 to lo, and pynetdicom can bind a client to it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from sqlalchemy import select
+
+from db.models import Instance
+from dicom_node.retrieve.stored import read_stored
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import free_port, require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+SMALL_CT = PhantomSpec(rows=32, columns=32, slices=5, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
+PEERS = {
+    "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store", "echo"]},
+    "planner": {"ae_title": "PLANNER", "hosts": ["127.0.0.1/32"], "roles": ["get", "echo"]},
+    "reader": {"ae_title": "READER", "hosts": ["127.0.0.1"], "roles": ["find"]},
+}
+
+
+def associate(node, calling_ae: str, contexts, source: str = "127.0.0.1"):  # noqa: ANN001, ANN201
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    for context in contexts:
+        ae.add_requested_context(context)
+    return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the node has closed the connection (EOF or reset); the A-ABORT it may send first is skipped."""
+    sock.settimeout(0.2)
+    try:
+        while chunk := sock.recv(4096):
+            del chunk
+        return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_known_ae_title_calling_from_another_host_is_refused(start_node):
+    node = start_node(peers=PEERS)
+
+    spoofed = associate(node, "PACS", [Verification], source="127.0.0.2")
+    genuine = associate(node, "PACS", [Verification])
+
+    assert spoofed.is_rejected
+    assert genuine.is_established
+    genuine.release()
+    assert "association.rejected calling_ae=PACS address=127.0.0.2" in node.log()
+    assert "is configured for 127.0.0.1/32, but called from 127.0.0.2" in node.log()
+
+
+def test_the_default_admits_any_ae_title_from_loopback_only_and_says_so(start_node):
+    node = start_node()
+
+    assoc = associate(node, "ANYONE", [Verification], source="127.0.0.5")
+
+    assert assoc.is_established
+    assoc.release()
+    assert "admitting any AE title from this machine (loopback) only" in node.log()
+
+
+def test_the_old_allow_list_still_admits_with_a_deprecation_warning(start_node):
+    node = start_node(network={"allowed_calling_ae_titles": ["PACS"]})
+
+    allowed, other = associate(node, "PACS", [Verification]), associate(node, "OTHER", [Verification])
+
+    assert allowed.is_established and other.is_rejected
+    allowed.release()
+    assert "config.deprecated key=network.allowed_calling_ae_titles" in node.log()
+
+
+def test_each_service_needs_its_role(tmp_path, start_node):
+    node = start_node(peers=PEERS)
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+
+    # planner may get, so its storage contexts are accepted (C-GET answers arrive as C-STOREs), but not store
+    planner = associate(node, "PLANNER", [CTImageStorage, StudyRootQueryRetrieveInformationModelFind])
+    assert planner.is_established
+    refused = planner.send_c_store(pydicom.dcmread(series.files[0]))
+    planner.release()
+    # reader may only find: no storage and no verification context at all
+    reader = associate(node, "READER", [CTImageStorage, Verification, StudyRootQueryRetrieveInformationModelFind])
+    accepted = {str(c.abstract_syntax) for c in reader.accepted_contexts}
+    reader.release()
+
+    assert refused.Status == 0x0124 and refused.ErrorComment == "Not authorized: no store role"
+    assert accepted == {str(StudyRootQueryRetrieveInformationModelFind)}
+    assert "request.refused calling_ae=PLANNER address=127.0.0.1 role=store" in node.log()
+    with node.sessions() as session:
+        assert session.scalars(select(Instance)).first() is None
+
+
+@pytest.fixture
+def stored_series(tmp_path, start_node):  # noqa: ANN201
+    """A node holding one small CT series (sent by PACS), with caps low enough to reach."""
+    node = start_node(peers=PEERS, retrieve={"max_find_matches": 2, "max_instances_per_retrieval": 3})
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    sent = storescu(node.port, series.files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return node, series
+
+
+def dcmtk(tool: str, node, calling_ae: str, *arguments: str) -> str:  # noqa: ANN001
+    command = [require_tool(tool), "-v", "-aet", calling_ae, "-aec", node.ae_title, *arguments]
+    command += ["127.0.0.1", str(node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def test_universal_patient_query_needs_the_find_role(stored_series, tmp_path):
+    node, series = stored_series
+
+    browsing = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName",
+                     "-k", "StudyInstanceUID")
+    patients = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=*",
+                     "-k", "PatientName")
+    narrow = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=SERIES",
+                   "-k", f"StudyInstanceUID={series.study_instance_uid}", "-k", "SeriesInstanceUID")
+    by_reader = dcmtk("findscu", node, "READER", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID")
+
+    for refused in (browsing, patients):
+        assert "Received Final Find Response (Unknown Status: 0x124)" in refused, refused  # Refused: Not Authorized
+        assert "Find Response: 1 (Pending)" not in refused
+    assert "Find Response: 1 (Pending)" in narrow and "Received Final Find Response (Success)" in narrow, narrow
+    assert "Find Response: 1 (Pending)" in by_reader and "(Success)" in by_reader, by_reader
+    assert "has no find role: only narrow queries" in node.log()
+
+
+def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path):
+    node, series = stored_series
+    for value in ("*", "1.2.*", "", "?"):
+        out = tmp_path / f"get{len(value)}{value.count('*')}"
+        out.mkdir()
+        output = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                       "-k", f"StudyInstanceUID={value}")
+        assert list(out.iterdir()) == [], output
+        assert "Received C-GET Response (Error: DataSetDoesNotMatchSOPClass)" in output  # 0xA900, output
+    assert "has a wildcard; a retrieval needs literal unique keys" in node.log()
+
+
+def test_find_stops_at_the_match_cap_and_retrievals_over_the_instance_cap_are_refused(stored_series, tmp_path):
+    node, series = stored_series
+
+    found = dcmtk("findscu", node, "READER", "-S", "-k", "QueryRetrieveLevel=IMAGE",
+                  "-k", f"StudyInstanceUID={series.study_instance_uid}",
+                  "-k", f"SeriesInstanceUID={series.series_instance_uid}", "-k", "SOPInstanceUID")
+    out = tmp_path / "get"
+    out.mkdir()
+    got = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=SERIES",
+                "-k", f"StudyInstanceUID={series.study_instance_uid}",
+                "-k", f"SeriesInstanceUID={series.series_instance_uid}")
+
+    assert found.count("(Pending)") == 2, found
+    assert "Refused: OutOfResources" in found, found
+    assert "Refused: OutOfResourcesSubOperations" in got or "0xa702" in got.lower(), got
+    assert list(out.iterdir()) == []
+    assert "more than 2 matches (retrieve.max_find_matches)" in node.log()
+    assert "5 instances selected, more than 3 (retrieve.max_instances_per_retrieval)" in node.log()
+
+
+def slow_loris(source: str, port: int, count: int, first_bytes: bytes) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        if first_bytes:
+            sock.sendall(first_bytes)
+        sockets.append(sock)
+    return sockets
+
+
+def test_half_sent_and_silent_connections_are_closed_while_a_real_peer_still_associates(start_node):
+    node = start_node(
+        network={
+            "association_request_timeout_seconds": 2,
+            "pdu_read_timeout_seconds": 2,
+            "maximum_associations": 6,
+            "maximum_associations_per_host": 3,
+        }
+    )
+    header_only = struct.pack(">BBL", 0x01, 0, 1000) + b"\x00\x01"  # an A-ASSOCIATE-RQ that never finishes
+    half_sent = slow_loris("127.0.0.3", node.port, 16, header_only)
+    silent = slow_loris("127.0.0.4", node.port, 3, b"")
+    try:
+        # 13 of the 16 are over the per-address cap and closed at once; the held ones leave room for others
+        wait_for(lambda: sum(closed_by_peer(s) for s in half_sent) >= 13, timeout=10, what="over-cap sockets closed")
+        during = associate(node, "PACS", [Verification])
+        assert during.is_established
+        during.release()
+        # the rest are closed by the read timeout (2 s), not held for minutes
+        wait_for(lambda: all(closed_by_peer(s) for s in half_sent + silent), timeout=30, what="all closed")
+    finally:
+        for sock in half_sent + silent:
+            sock.close()
+    log = node.log()
+    assert "connection.refused address=127.0.0.3" in log and "maximum_associations_per_host is 3" in log
+    assert "connection.aborted address=127.0.0.3" in log and "did not arrive whole within 2 s" in log
+    after = associate(node, "PACS", [Verification])
+    assert after.is_established
+    after.release()
+
+
+def flood(sock: socket.socket, header: bytes, megabytes: int) -> int:
+    """Send ``header`` and then up to ``megabytes`` MiB of zeros; the bytes the node took before it closed."""
+    chunk = bytes(1 << 20)
+    sent = 0
+    try:
+        sock.sendall(header)
+        for _ in range(megabytes):
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    return sent
+
+
+def test_oversized_association_request_and_pdu_are_refused_with_bounded_memory(start_node):
+    node = start_node(network={"maximum_pdu_size": 65536, "maximum_association_request_bytes": 65536})
+    assert node.process is not None
+    before = rss_kib(node.process.pid)
+
+    request = socket.create_connection(("127.0.0.1", node.port))
+    request.settimeout(10)
+    flood(request, struct.pack(">BBL", 0x01, 0, 300 * 1024 * 1024), 200)
+    request.close()
+
+    assoc = associate(node, "PACS", [Verification])
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket
+    raw.settimeout(10)
+    flood(raw, struct.pack(">BBL", 0x04, 0, 300 * 1024 * 1024), 200)
+    wait_for(lambda: not assoc.is_established, timeout=20, what="the association to be aborted")
+
+    after = rss_kib(node.process.pid)
+    print(f"node RSS before {before} KiB, after {after} KiB")
+    assert after - before < 64 * 1024  # neither 300 MiB body was ever held
+    log = node.log()
+    assert "PDU type 0x01 of 314572800 bytes is over the limit of 65536 bytes" in log
+    assert "PDU type 0x04 of 314572800 bytes is over the limit of 65542 bytes" in log
+    assert associate(node, "PACS", [Verification]).is_established
+
+
+def deeply_nested_file(path: Path, depth: int) -> Path:
+    """A CT-class data set whose one sequence nests ``depth`` undefined-length sequences, written by hand."""
+    sop_instance = generate_uid()
+    body = bytearray()
+    body += b"\x08\x00\x16\x00UI" + struct.pack("<H", 26) + str(CTImageStorage).encode().ljust(26, b"\x00")
+    uid = sop_instance.encode()
+    uid += b"\x00" * (len(uid) % 2)
+    body += b"\x08\x00\x18\x00UI" + struct.pack("<H", len(uid)) + uid
+    opening = b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    closing = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    body += opening * depth + closing * depth
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as stream:
+        stream.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(stream, meta)  # type: ignore[arg-type]
+        stream.write(body)
+    return path
+
+
+def test_a_deeply_nested_stored_data_set_goes_out_byte_for_byte_without_being_parsed(tmp_path):
+    path = deeply_nested_file(tmp_path / "nested.dcm", 50_000)
+    stored = path.read_bytes()
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    dataset = read_stored(path)
+    sent = encode(dataset, False, True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    assert sent is not None and stored.endswith(sent)
+    print(f"50,000 nested sequences: encoded in {time.perf_counter() - started:.2f} s, peak {peak / 2**20:.1f} MiB")
+    assert peak < 10 * len(stored)  # a few copies of the file, not a parsed tree
+
+
+def test_a_wildcard_move_sends_nothing(start_node, tmp_path):
+    incoming = free_port()
+    planner = {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"], "host": "127.0.0.1", "port": incoming}
+    node = start_node(peers={"planner": planner})
+    output = dcmtk("movescu", node, "PLANNER", "-S", "--port", str(incoming), "-od", str(tmp_path), "-aem", "PLANNER",
+                   "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=*")
+    assert "Received Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # 0xA900
+    assert "StudyInstanceUID '*' has a wildcard" in node.log()
+
+
+def test_a_peer_host_that_is_no_address_or_network_is_a_configuration_error(tmp_path):
+    from dicom_node.config import ConfigError, load_settings
+
+    config = tmp_path / "config.yaml"
+    config.write_text("peers:\n  pacs: {ae_title: PACS, hosts: [pacs.example.org], roles: [store, fly]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    message = str(error.value)
+    assert "peers.pacs.hosts: 'pacs.example.org' is not an IP address or CIDR network" in message
+    assert "peers.pacs.roles.1" in message
