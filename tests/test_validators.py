@@ -62,9 +62,10 @@ def _check(results: dict[str, Path], heap: str = "2g") -> None:
     assert numbers == list(range(1, len(numbers) + 1))
     report = hd.sr.srread(results["sr-labelmap"])
     groups = report.content.get_volumetric_roi_measurement_groups()
-    referenced = {group.referenced_segment.segment_number for group in groups}
-    assert referenced <= set(numbers) and len(referenced) == len(groups)
-    assert all(str(g.referenced_segment.referenced_sop_instance_uid) == labelmap.SOPInstanceUID for g in groups)
+    references = [item.ReferencedSOPSequence[0] for g in groups for item in g.referenced_segment if item.ValueType == "IMAGE"]
+    referenced = {int(ref.ReferencedSegmentNumber) for ref in references}
+    assert referenced <= set(numbers) and len(referenced) == len(groups) == len(references)
+    assert all(ref.ReferencedSOPInstanceUID == labelmap.SOPInstanceUID for ref in references)
 
 
 @pytest.mark.integration
