@@ -111,8 +111,11 @@ def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Callable[[s
 
     The list is shared by every stage; each stage only ever removes the warnings it wrote itself.
     """
-    kept = [w for w in (job.warnings or []) if replacing is None or not replacing(w)]
-    job.warnings = kept + [w for w in warnings if w not in kept]
+    merged = [w for w in (job.warnings or []) if replacing is None or not replacing(w)]
+    for warning in warnings:
+        if warning and warning not in merged:
+            merged.append(warning)
+    job.warnings = merged or None
 
 
 SENDING_FAILURE_PREFIX = "sending failed"
@@ -272,16 +275,6 @@ def job_for_series_uid(session: Session, series_instance_uid: str) -> Job | None
 
 
 # --- Warnings, stages and worker deaths (the inference worker's side of a job) ---
-
-def add_warnings(job: Job, warnings: Iterable[str]) -> list[str]:
-    """Append ``warnings`` to the job's list, skipping any already there; returns the whole list."""
-    merged = list(job.warnings or [])
-    for warning in warnings:
-        if warning and warning not in merged:
-            merged.append(warning)
-    job.warnings = merged or None
-    return merged
-
 
 PARTIAL_WARNING = re.compile(r"^(partial\b|processed \d+ of \d+ images)", re.IGNORECASE)
 

@@ -336,7 +336,7 @@ class InferenceWorker:
                 job.result_path = str(output)
                 job.result_files = results or []
                 job.deliveries = {}
-                jobs.add_warnings(job, warnings or [])
+                jobs.append_warnings(job, warnings or [])
                 record_results(session, job.id, indexed or [])  # Q/R answers from these rows
             jobs.change_state(session, job, state, reason)
         level = logging.ERROR if state is JobState.FAILED else logging.INFO
