@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobState, Series, utcnow
@@ -91,6 +91,22 @@ def ignore(session: Session, job: Job, reason: str, *, rule_name: str | None = N
 
 def fail(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.FAILED, reason)
+
+
+def defer(session: Session, job: Job, until: datetime, reason: str) -> None:
+    """Put a job that hit a transient fault (a full disk) back in the queue, to be claimed from ``until``.
+
+    The job stays visible as QUEUED with ``reason`` (e.g. "waiting for disk space: ...");
+    workers skip it until ``not_before`` has passed, so it finishes without an operator.
+    """
+    job.not_before = until
+    change_state(session, job, S.QUEUED, reason)
+
+
+def claimable(now: datetime | None = None) -> ColumnElement[bool]:
+    """The condition a job must meet to be claimed by a worker: QUEUED and not deferred past ``now``."""
+    moment = now or utcnow()
+    return and_(Job.state == S.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= moment))
 
 
 SENDING_FAILURE_PREFIX = "sending failed"

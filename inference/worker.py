@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,18 +24,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import InstanceRecord, record_results
-from db.models import Instance, Job, JobState
-from db.session import transaction
+from db.models import Instance, Job, JobState, utcnow
+from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.logs import log_event
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.seg import warm_up
 from dicom_node.receive.header import read_file_header
+from dicom_node.receive.storage import is_disk_full
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.volume import VolumeError, load_series_volume
 
 LOG = logging.getLogger(__name__)
+
+LOCKED_CLAIM_LIMIT_SECONDS = 600.0
+"""A worker waits this long for a locked database when claiming, then polls again."""
+LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
+"""A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +93,24 @@ class InferenceWorker:
         return requeued
 
     def claim(self) -> ClaimedJob | None:
+        """Take the oldest claimable QUEUED job (not deferred to later), or None.
+
+        A database locked by another process is waited for (each wait logged);
+        if it stays locked past :data:`LOCKED_CLAIM_LIMIT_SECONDS` the worker
+        returns None and polls again rather than stopping.
+        """
+        try:
+            return retry_when_locked(
+                self._claim_once, waiting=f"worker {self.identity} claiming a job", limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS
+            )
+        except DatabaseBusy:
+            return None
+
+    def _claim_once(self) -> ClaimedJob | None:
         with transaction(self.sessions) as session:
             job = session.scalars(
                 select(Job)
-                .where(Job.state == JobState.QUEUED)
+                .where(jobs.claimable())
                 .order_by(Job.state_changed_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -98,6 +119,7 @@ class InferenceWorker:
                 return None
             jobs.change_state(session, job, JobState.PROCESSING, f"claimed by worker {self.identity}")
             job.claimed_by = self.identity
+            job.not_before = None
             job.attempts += 1
             paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
             return ClaimedJob(
@@ -131,6 +153,9 @@ class InferenceWorker:
             self._finish(claim, JobState.FAILED, str(exc), timings)
             return
         except Exception as exc:  # noqa: BLE001 - a model crash fails this job, not the worker
+            if is_disk_full(exc):
+                self._wait_for_disk(claim, exc, timings)
+                return
             LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id}})
             self._finish(claim, JobState.FAILED, f"{type(exc).__name__}: {exc}", timings)
             return
@@ -216,6 +241,39 @@ class InferenceWorker:
         results: list[str] | None = None,
         indexed: list[InstanceRecord] | None = None,
     ) -> None:
+        """Record the job's outcome. A locked database is waited for: a finished result is never thrown away."""
+        try:
+            recorded = retry_when_locked(
+                lambda: self._finish_once(claim, state, reason, timings, output, results, indexed),
+                waiting=f"worker {self.identity} recording the outcome of job {claim.job_id}",
+                limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            )
+        except DatabaseBusy:
+            log_event(
+                LOG,
+                logging.ERROR,
+                "job.outcome_not_recorded",
+                job=claim.job_id,
+                reason=f"the database stayed locked for {LOCKED_FINISH_LIMIT_SECONDS:.0f} s; the job stays PROCESSING "
+                "and is queued again when this worker restarts",
+            )
+            return
+        if not recorded:
+            return
+        level = logging.ERROR if state is JobState.FAILED else logging.INFO
+        log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+
+    def _finish_once(
+        self,
+        claim: ClaimedJob,
+        state: JobState,
+        reason: str,
+        timings: dict[str, float],
+        output: Path | None,
+        results: list[str] | None,
+        indexed: list[InstanceRecord] | None,
+    ) -> bool:
+        """One transaction recording the outcome; False if the series changed meanwhile (result discarded)."""
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id)
             job.timings = {key: round(value, 3) for key, value in timings.items()}
@@ -227,15 +285,36 @@ class InferenceWorker:
                     job=claim.job_id,
                     reason=f"series changed while processing (now {job.state.value})",
                 )
-                return
+                return False
             if output is not None:
                 job.result_path = str(output)
                 job.result_files = results or []
                 job.deliveries = {}
                 record_results(session, job.id, indexed or [])  # Q/R answers from these rows
             jobs.change_state(session, job, state, reason)
-        level = logging.ERROR if state is JobState.FAILED else logging.INFO
-        log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+        return True
+
+    def _wait_for_disk(self, claim: ClaimedJob, error: BaseException, timings: dict[str, float]) -> None:
+        """Processing found the disk full: queue the job again, to be tried after ``storage.disk_full_retry_seconds``."""
+        delay = self.settings.storage.disk_full_retry_seconds
+        until = utcnow() + timedelta(seconds=delay)
+        detail = getattr(error, "strerror", None) or "no space left on device"
+        reason = f"waiting for disk space: {detail.lower()} while writing the results; tried again from {until:%H:%M:%S} UTC"
+
+        def defer_once() -> None:
+            with transaction(self.sessions) as session:
+                job = session.get_one(Job, claim.job_id)
+                job.timings = {key: round(value, 3) for key, value in timings.items()}
+                if job.state is JobState.PROCESSING and job.claimed_by == self.identity:
+                    jobs.defer(session, job, until, reason)
+
+        try:
+            retry_when_locked(
+                defer_once, waiting=f"worker {self.identity} deferring job {claim.job_id}", limit_seconds=LOCKED_FINISH_LIMIT_SECONDS
+            )
+        except DatabaseBusy:
+            return
+        log_event(LOG, logging.WARNING, "job.waiting_for_disk", job=claim.job_id, reason=reason)
 
 
 def _pid_alive(pid: str) -> bool:
