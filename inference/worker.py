@@ -81,7 +81,14 @@ class InferenceWorker:
         return True
 
     def requeue_abandoned_jobs(self) -> int:
-        """Jobs left PROCESSING by a dead worker on this host go back to the queue."""
+        """Jobs left PROCESSING by a dead worker on this host go back to the queue (a locked database is waited for)."""
+        return retry_when_locked(
+            self._requeue_abandoned_jobs_once,
+            waiting=f"worker {self.identity} queuing again the jobs of stopped workers",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+        )
+
+    def _requeue_abandoned_jobs_once(self) -> int:
         host = socket.gethostname()
         requeued = 0
         with transaction(self.sessions) as session:

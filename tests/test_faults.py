@@ -27,6 +27,7 @@ from db.jobs import job_for_series_uid
 from db.models import Instance, JobEvent, JobState, Series
 from db.session import make_engine, make_session_factory
 from dicom_node import status
+from dicom_node.receive.scp import DATABASE_BUSY_COMMENT
 from inference.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, Node, data_set_bytes, require_tool, storescu, succeeded_files, wait_for
 
@@ -221,16 +222,21 @@ def test_database_locked_past_the_busy_timeout_kills_no_worker_and_loses_nothing
     second = write_phantom_series(tmp_path / "second", SMALL_CT)
     node = start_node(**PROCESSING_NODE, database={"busy_timeout_seconds": 1})
     workers = wait_for(lambda: worker_pids(node), what="worker processes started")
+    wait_for(lambda: "worker.ready" in node.log(), timeout=120, what="the worker to poll the queue")
 
     assert storescu(node.port, first.files).returncode == 0
     wait_for(lambda: job_state(node.sessions, first.series_instance_uid)[0] in (JobState.QUEUED, JobState.PROCESSING),
              interval=0.02, what="first series queued")
     holder = hold_database_lock(node.storage / "dicom-node.db", seconds=6)  # the worker claims or finishes meanwhile
-    during = storescu(node.port, second.files)  # C-STOREs wait 1 s, then 0xA700; some may pass after the lock
+    # Each C-STORE waits 1 s for the lock, then is answered 0xA700; those after the lock is gone succeed.
+    # (pynetdicom, not storescu: storescu stops its association at the first failure status.)
+    answers = send_with_pynetdicom(node.port, second.files)
     holder.wait(timeout=30)
 
-    acknowledged = acknowledged_uids(second, during.stdout + during.stderr)
-    failed = [f for f, uid in zip(second.files, second.sop_instance_uids) if uid not in acknowledged]
+    assert {answer for answer in answers if answer[0] != status.SUCCESS} <= {(status.OUT_OF_RESOURCES, DATABASE_BUSY_COMMENT)}
+    acknowledged = [uid for uid, (code, _) in zip(second.sop_instance_uids, answers) if code == status.SUCCESS]
+    failed = [path for path, (code, _) in zip(second.files, answers) if code != status.SUCCESS]
+    assert failed, "the lock must outlast the busy timeout of at least one C-STORE"
     assert_byte_identical(second, stored_instances(node.storage), acknowledged)  # nothing acknowledged is lost
     assert set(acknowledged) <= set(recorded_uids(node.sessions))
     log = node.log()
