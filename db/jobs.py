@@ -81,6 +81,7 @@ def queue(session: Session, job: Job, *, rule_name: str, model_name: str, destin
     job.rule_name = rule_name
     job.model_name = model_name
     job.destinations = list(destinations)
+    job.not_before = None  # routed afresh: an earlier wait for disk space no longer holds it back
     change_state(session, job, S.QUEUED, f"rule {rule_name!r}: process with model {model_name!r}")
 
 

@@ -262,7 +262,7 @@ class InferenceWorker:
                 "job.outcome_not_recorded",
                 job=claim.job_id,
                 reason=f"the database stayed locked for {LOCKED_FINISH_LIMIT_SECONDS:.0f} s; the job stays PROCESSING "
-                "and is queued again when this worker restarts",
+                "until the node restarts, then it is queued again",
             )
             return
         if not recorded:
@@ -306,7 +306,10 @@ class InferenceWorker:
         delay = self.settings.storage.disk_full_retry_seconds
         until = utcnow() + timedelta(seconds=delay)
         detail = getattr(error, "strerror", None) or "no space left on device"
-        reason = f"waiting for disk space: {detail.lower()} while writing the results; tried again from {until:%H:%M:%S} UTC"
+        reason = (
+            f"waiting for disk space: {detail.lower()} while writing the results in {self.settings.jobs_directory}; "
+            f"tried again from {until:%H:%M:%S} UTC"
+        )
 
         def defer_once() -> None:
             with transaction(self.sessions) as session:
