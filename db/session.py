@@ -87,6 +87,11 @@ def is_database_locked(error: BaseException) -> bool:
     return "locked" in message or "busy" in message
 
 
+def is_database_full(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's "database or disk is full" (clears once space is freed)."""
+    return isinstance(error, OperationalError) and "database or disk is full" in str(error.orig or error).lower()
+
+
 def retry_when_locked(
     action: Callable[[], T],
     *,
@@ -94,6 +99,7 @@ def retry_when_locked(
     limit_seconds: float,
     first_delay_seconds: float = 0.05,
     longest_delay_seconds: float = 5.0,
+    wait_for_disk_space: bool = False,
 ) -> T:
     """Run ``action`` (a whole transaction) again while the database is locked by another writer.
 
@@ -108,6 +114,9 @@ def retry_when_locked(
         What waits, for the log: "recording instance 1.2.3", "worker host:12 claiming a job".
     limit_seconds
         Give up once this long has passed since the first try.
+    wait_for_disk_space
+        Also wait while SQLite reports "database or disk is full" (workers, whose
+        outcome must not be lost; the receiver answers at once instead).
 
     Raises
     ------
@@ -122,17 +131,19 @@ def retry_when_locked(
         try:
             return action()
         except OperationalError as exc:
-            if not is_database_locked(exc):
+            if is_database_locked(exc):
+                cause = "the database is locked by another process"
+            elif wait_for_disk_space and is_database_full(exc):
+                cause = "the disk holding the database is full"
+            else:
                 raise
             waited = time.monotonic() - started
             if waited + delay > limit_seconds:
                 LOG.error(
                     "database.busy_gave_up",
-                    extra={"event_fields": {"waiting": waiting, "waited_seconds": round(waited, 1), "tries": tries}},
+                    extra={"event_fields": {"waiting": waiting, "waited_seconds": round(waited, 1), "tries": tries, "reason": cause}},
                 )
-                raise DatabaseBusy(
-                    f"the database was locked by another process for {waited:.0f} s while {waiting}"
-                ) from None
+                raise DatabaseBusy(f"{cause} for {waited:.0f} s while {waiting}") from None
             LOG.warning(
                 "database.busy",
                 extra={
@@ -140,7 +151,7 @@ def retry_when_locked(
                         "waiting": waiting,
                         "waited_seconds": round(waited, 1),
                         "next_try_in_seconds": round(delay, 2),
-                        "reason": "the database is locked by another process",
+                        "reason": cause,
                     }
                 },
             )

@@ -86,6 +86,7 @@ class InferenceWorker:
             self._requeue_abandoned_jobs_once,
             waiting=f"worker {self.identity} queuing again the jobs of stopped workers",
             limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
         )
 
     def _requeue_abandoned_jobs_once(self) -> int:
@@ -108,7 +109,10 @@ class InferenceWorker:
         """
         try:
             return retry_when_locked(
-                self._claim_once, waiting=f"worker {self.identity} claiming a job", limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS
+                self._claim_once,
+                waiting=f"worker {self.identity} claiming a job",
+                limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
+                wait_for_disk_space=True,
             )
         except DatabaseBusy:
             return None
@@ -254,15 +258,15 @@ class InferenceWorker:
                 lambda: self._finish_once(claim, state, reason, timings, output, results, indexed),
                 waiting=f"worker {self.identity} recording the outcome of job {claim.job_id}",
                 limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+                wait_for_disk_space=True,
             )
-        except DatabaseBusy:
+        except DatabaseBusy as exc:
             log_event(
                 LOG,
                 logging.ERROR,
                 "job.outcome_not_recorded",
                 job=claim.job_id,
-                reason=f"the database stayed locked for {LOCKED_FINISH_LIMIT_SECONDS:.0f} s; the job stays PROCESSING "
-                "until the node restarts, then it is queued again",
+                reason=f"{exc}; the job stays PROCESSING until the node restarts, then it is queued again",
             )
             return
         if not recorded:
@@ -320,7 +324,10 @@ class InferenceWorker:
 
         try:
             retry_when_locked(
-                defer_once, waiting=f"worker {self.identity} deferring job {claim.job_id}", limit_seconds=LOCKED_FINISH_LIMIT_SECONDS
+                defer_once,
+                waiting=f"worker {self.identity} deferring job {claim.job_id}",
+                limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+                wait_for_disk_space=True,
             )
         except DatabaseBusy:
             return

@@ -295,11 +295,15 @@ def send_with_pynetdicom(port: int, files: Sequence[Path]) -> list[tuple[int, st
     return answers
 
 
-def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_space_returns(tmp_path, start_node, small_disk):
+@pytest.mark.parametrize("database_on", ["another disk", "the full disk"])
+def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_space_returns(
+    tmp_path, small_disk, start_node, database_on  # the disk is unmounted after the node stopped
+):
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
     later = write_phantom_series(tmp_path / "later", SMALL_CT)
     storage = small_disk / "storage"
-    database = tmp_path / "node.db"  # outside the small disk: this test fills the instance store only
+    # The default layout keeps the database in the storage folder, so it fills up too.
+    database = tmp_path / "node.db" if database_on == "another disk" else storage / "dicom-node.db"
     settings = {
         "storage": {"directory": str(storage), "disk_full_retry_seconds": 1},
         "database": {"url": f"sqlite:///{database}"},
@@ -316,8 +320,12 @@ def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_sp
     node.config_path.write_text(node.config_path.read_text().replace("workers: 0", "workers: 1"))
     node.start()
     workers = wait_for(lambda: worker_pids(node), what="worker processes started")
-    wait_for(lambda: (job_state(sessions, series.series_instance_uid)[1] or "").startswith("waiting for disk space"),
-             timeout=120, interval=0.1, what="the job to wait for disk space")
+
+    def waiting_for_space() -> bool:
+        deferred = (job_state(sessions, series.series_instance_uid)[1] or "").startswith("waiting for disk space")
+        return deferred or "the disk holding the database is full" in node.log()
+
+    wait_for(waiting_for_space, timeout=120, interval=0.1, what="the job to wait for disk space")
     answers = send_with_pynetdicom(node.port, later.files[:3])
 
     assert answers == [(status.OUT_OF_RESOURCES, "out of disk space on the node")] * 3
