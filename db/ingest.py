@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs
@@ -196,12 +196,17 @@ def record_rejection(
 def record_results(session: Session, job_id: int, records: list[InstanceRecord]) -> None:
     """Index the node's own result files (SEG, SR, RTSTRUCT) of job ``job_id`` for query/retrieve.
 
-    Result series get ``source_job_id`` and no job of their own. A re-run replaces
-    the job's earlier result rows: its files were written over in the job folder.
+    Result series get ``source_job_id`` and no job of their own. A re-run supersedes
+    the job's earlier results: their series rows stay (retrievable, and listed by
+    `dicom-node show`) with ``superseded_at`` set; their files were written in an
+    earlier run's folder and are kept.
     """
-    earlier = select(Series.id).where(Series.source_job_id == job_id)
-    session.execute(delete(Instance).where(Instance.series_id.in_(earlier)).execution_options(synchronize_session=False))
-    session.execute(delete(Series).where(Series.source_job_id == job_id).execution_options(synchronize_session=False))
+    session.execute(
+        update(Series)
+        .where(Series.source_job_id == job_id, Series.superseded_at.is_(None))
+        .values(superseded_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
     series_by_uid: dict[str, Series] = {}
     for record in records:
         series = series_by_uid.get(record.series.series_instance_uid)

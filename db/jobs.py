@@ -7,10 +7,11 @@ series. Functions take an open session; the caller owns the transaction.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobState, Series, utcnow
@@ -68,6 +69,8 @@ def reopen(session: Session, job: Job) -> bool:
     """
     if job.state is S.RECEIVING:
         return False
+    job.warnings = None  # the series changed: the next run's caveats are its own
+    job.worker_deaths = 0
     change_state(session, job, S.RECEIVING, f"late instance re-opened the series (was {job.state.value})")
     return True
 
@@ -134,6 +137,8 @@ def retry(session: Session, job: Job) -> None:
         }
         change_state(session, job, S.SENDING, "resend requested by operator")
         return
+    job.warnings = None  # routed and processed again: the new run states its own caveats
+    job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
 
 
@@ -156,3 +161,64 @@ def quiet_receiving_jobs(session: Session, quiet: timedelta, now: datetime | Non
 def job_for_series_uid(session: Session, series_instance_uid: str) -> Job | None:
     query = select(Job).join(Job.series).where(Series.series_instance_uid == series_instance_uid)
     return session.scalars(query).one_or_none()
+
+
+# --- Warnings, stages and worker deaths (the inference worker's side of a job) ---
+
+def add_warnings(job: Job, warnings: Iterable[str]) -> list[str]:
+    """Append ``warnings`` to the job's list, skipping any already there; returns the whole list."""
+    merged = list(job.warnings or [])
+    for warning in warnings:
+        if warning and warning not in merged:
+            merged.append(warning)
+    job.warnings = merged or None
+    return merged
+
+
+PARTIAL_WARNING = re.compile(r"^(partial\b|processed \d+ of \d+ images)", re.IGNORECASE)
+
+
+def is_partial_warning(warning: str) -> bool:
+    """A warning that says the result covers less than the whole series.
+
+    It starts with "partial" (e.g. "partial series: 38 of 200 expected images ...")
+    or "processed N of M images".
+    """
+    return PARTIAL_WARNING.match(warning) is not None
+
+
+def set_stage(session: Session, job_id: int, stage: str) -> None:
+    """Record the stage a worker has reached on a job (one cheap UPDATE; read after a worker death)."""
+    session.execute(update(Job).where(Job.id == job_id).values(stage=stage))
+
+
+def jobs_of_worker(session: Session, worker: str) -> list[Job]:
+    """PROCESSING jobs claimed by ``worker`` ("host:pid")."""
+    query = select(Job).where(Job.state == S.PROCESSING, Job.claimed_by == worker).order_by(Job.id)
+    return list(session.scalars(query))
+
+
+def worker_died(session: Session, job: Job, max_deaths: int) -> bool:
+    """The worker holding ``job`` died: queue it again, or fail it once ``max_deaths`` workers died on it.
+
+    Returns True when the job was failed. Call it only for a PROCESSING job whose
+    ``claimed_by`` worker is known to be gone.
+    """
+    job.worker_deaths = (job.worker_deaths or 0) + 1
+    stage = job.stage or "start"
+    if job.worker_deaths >= max_deaths:
+        change_state(
+            session, job, S.FAILED,
+            f"worker died while processing ({job.worker_deaths} times): last seen in stage {stage}",
+        )
+        return True
+    change_state(
+        session, job, S.QUEUED,
+        f"worker {job.claimed_by} died in stage {stage} ({job.worker_deaths} of {max_deaths} allowed); queued again",
+    )
+    return False
+
+
+def worker_stopped(session: Session, job: Job) -> None:
+    """The node stopped the worker holding ``job`` (shutdown): queue it again without counting a death."""
+    change_state(session, job, S.QUEUED, f"node stopped while worker {job.claimed_by} processed it; queued again")

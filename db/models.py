@@ -171,6 +171,25 @@ class Delivery(Base):
     delivered_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class AuditEvent(Base):
+    """One audited action (IHE ATNA in spirit): who, from where, did what, to which study, with what outcome.
+
+    No patient data beyond UIDs: names, IDs and birth dates are never written here.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(16))  # association, store, find, move, get, send, echo
+    peer_ae_title: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # success, refused, failed, partial, released, aborted
+    instances: Mapped[int] = mapped_column(default=0)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
 class RejectedInstance(Base):
     """An instance we answered with a failure status; its bytes are kept in quarantine."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from db import jobs
 from db.models import Instance, Job, JobState, RejectedInstance, Series
 from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
 from dicom_node.logs import configure_logging
+from dicom_node.privacy import keep_new_files_private, loose_permissions
 
 app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
 )
@@ -35,6 +37,12 @@ ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="YAML configuration (default: $DICOM_NODE_CONFIG or ./config.yaml)."),
 ]
+
+
+@app.callback()
+def _private_files() -> None:
+    """CT auto-segmentation DICOM node."""
+    keep_new_files_private()  # patient data at rest: 0600 files, 0700 folders, for every command
 
 
 def _settings(path: Path | None) -> Settings:
@@ -73,11 +81,26 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.format)
+    _warn_about_loose_permissions(settings.storage.directory)
     try:
         run_service(settings)
     except OSError as exc:
         errors.print(f"[bold red]cannot start[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def _warn_about_loose_permissions(storage: Path) -> None:
+    import logging
+
+    from dicom_node.logs import log_event
+
+    loose = loose_permissions(storage)
+    if loose:
+        log_event(
+            logging.getLogger("dicom_node.privacy"), logging.WARNING, "storage.readable_by_others",
+            folder=str(storage), examples=", ".join(str(p) for p in loose[:5]),
+            hint=f"patient data should be private to the node's user: chmod -R go-rwx {storage}",
+        )
 
 
 @app.command()
@@ -104,7 +127,7 @@ def status(
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         rejected = session.scalar(select(func.count()).select_from(RejectedInstance)) or 0
     table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
-    for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason"):
+    for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
     for job in rows:
         series = job.series
@@ -116,10 +139,22 @@ def status(
             job.state.value,
             _ago(job.state_changed_at),
             job.reason or "",
+            _warnings_cell(job.warnings),
         )
     console.print(table)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     console.print(f"{summary}; refused instances: {rejected}", highlight=False)
+
+
+def _warnings_cell(warnings: list[str] | None) -> str:
+    """The status table's warnings column: how many, and PARTIAL when the result covers less than the series.
+
+    `dicom-node show` lists them.
+    """
+    if not warnings:
+        return ""
+    partial = " PARTIAL" if any(jobs.is_partial_warning(w) for w in warnings) else ""
+    return f"{len(warnings)}{partial}"
 
 
 @app.command()
@@ -141,10 +176,26 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         if job.timings:
             stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items())
             console.print(f"timings  {stages}", highlight=False)
+        if job.state is JobState.PROCESSING and job.stage:
+            console.print(f"stage    {job.stage}", highlight=False)
+        if job.worker_deaths:
+            console.print(f"workers  died {job.worker_deaths} time(s) on this series", highlight=False)
+        for warning in job.warnings or []:
+            console.print(f"warning  {warning}", highlight=False)
         if job.result_path:
             console.print(f"results  {job.result_path}", highlight=False)
-        for result in session.scalars(select(Series).where(Series.source_job_id == job.id).order_by(Series.series_number)):
-            console.print(f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}", highlight=False)
+            made_by = _made_by(Path(job.result_path))
+            if made_by:
+                console.print(f"made by  {made_by}", highlight=False)
+        results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
+        for result in session.scalars(results):
+            superseded = (
+                f"  (superseded {result.superseded_at.isoformat(timespec='seconds')})" if result.superseded_at else ""
+            )
+            console.print(
+                f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}{superseded}",
+                highlight=False,
+            )
         if series.purged_at is not None:
             console.print(f"purged   {series.purged_at.isoformat(timespec='seconds')} by retention", highlight=False)
         table = Table("at", "from", "to", "reason")
@@ -159,6 +210,23 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         first_file = session.scalars(select(Instance.path).where(Instance.series_id == series.id).limit(1)).first()
         if first_file:
             console.print(f"files    {Path(first_file).parent}", highlight=False)
+
+
+def _made_by(job_folder: Path) -> str | None:
+    """The algorithm and exact weights of the job's latest results (from its segmentation.json)."""
+    runs = sorted(job_folder.glob("run-*/segmentation.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    latest = runs[-1] if runs else job_folder / "segmentation.json"
+    try:
+        description = json.loads(latest.read_text())
+    except (OSError, ValueError):
+        return None
+    weights = description.get("weights") or {}
+    text = f"{description.get('algorithm_name')} {description.get('algorithm_version')}"
+    if weights.get("sha256"):
+        text += f" (weights {', '.join(weights.get('datasets', []))}, SHA-256 {weights['sha256']})"
+    if weights.get("test_weights"):
+        text += " TEST WEIGHTS, not a trained model"
+    return text
 
 
 @app.command()
@@ -200,6 +268,41 @@ def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] 
 
 
 @app.command()
+def audit(
+    config: ConfigOption = None,
+    hours: Annotated[Optional[float], typer.Option(help="Only the last N hours.")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="Only this peer AE title.")] = None,
+    action: Annotated[
+        Optional[list[str]], typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
+    ] = None,
+    study: Annotated[Optional[str], typer.Option(help="Only this StudyInstanceUID.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
+) -> None:
+    """The audit trail: who did what, from where, to which study, and the outcome (no patient data)."""
+    from datetime import timedelta
+
+    from dicom_node.audit import ACTIONS, recent
+
+    unknown = [a for a in action or [] if a not in ACTIONS]
+    if unknown:
+        errors.print(f"unknown action {', '.join(unknown)} (known: {', '.join(ACTIONS)})")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours else None
+    with _session(settings) as session:
+        rows = recent(
+            session, since=since, peer_ae_title=peer, actions=action or (), study_instance_uid=study, limit=limit
+        )
+    table = Table("at", "action", "peer AE", "address", "study", "outcome", "instances", "detail")
+    for row in rows:
+        table.add_row(
+            row.at.isoformat(timespec="seconds"), row.action, row.peer_ae_title or "", row.peer_address or "",
+            row.study_instance_uid or "", row.outcome, str(row.instances), row.detail or "",
+        )
+    console.print(table)
+
+
+@app.command()
 def echo(
     destination: Annotated[Optional[str], typer.Argument(help="A destination name from the configuration.")] = None,
     config: ConfigOption = None,
@@ -235,13 +338,19 @@ def echo(
 
 @weights_app.command("list")
 def weights_list(config: ConfigOption = None) -> None:
-    """Which TotalSegmentator tasks have all their weights in the weights folder."""
+    """Which TotalSegmentator tasks have all their weights, in the weights folder and in each model's own folder."""
     from inference.weights import installed
 
     settings = _settings(config)
-    console.print(f"weights folder: {settings.weights_directory}", highlight=False)
-    for task, present in installed(settings.weights_directory).items():
-        console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
+    folders = {settings.weights_directory: "weights folder"}
+    for name, model in settings.models.items():
+        own = getattr(model, "weights_directory", None)
+        if own is not None:
+            folders.setdefault(own, f"model {name!r}")
+    for folder, label in folders.items():
+        console.print(f"{label}: {folder}", highlight=False)
+        for task, present in installed(folder).items():
+            console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
 
 
 @weights_app.command("download")
@@ -263,14 +372,25 @@ def weights_download(
 
 
 @weights_app.command("import")
-def weights_import(archive: Path, config: ConfigOption = None) -> None:
-    """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder."""
-    from inference.weights import import_zip
+def weights_import(
+    archive: Path,
+    config: ConfigOption = None,
+    sha256: Annotated[
+        Optional[str], typer.Option(help="The release's published SHA-256; a different file is refused.")
+    ] = None,
+) -> None:
+    """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder.
+
+    Every checkpoint is read as data only before anything is installed; a file that would
+    run code when loaded is refused. The installed files' SHA-256 are recorded and checked
+    each time a model loads.
+    """
+    from inference.weights import WeightsCorrupt, import_zip
 
     settings = _settings(config)
     try:
-        added = import_zip(archive, settings.weights_directory)
-    except (OSError, ValueError) as exc:
+        added = import_zip(archive, settings.weights_directory, sha256=sha256)
+    except (OSError, ValueError, WeightsCorrupt) as exc:
         errors.print(f"import failed: {exc}", highlight=False)
         raise typer.Exit(1) from None
     for folder in added:
@@ -285,16 +405,30 @@ def phantom(
     compression: Annotated[
         Optional[str], typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
     ] = None,
+    multiframe: Annotated[
+        Optional[str],
+        typer.Option(help="Write one multi-frame instance: 'enhanced' (Enhanced CT) or 'legacy' (Legacy Converted Enhanced CT)."),
+    ] = None,
+    patient_name: Annotated[str, typer.Option(help="PatientName, e.g. 'Yamada^Tarou=山田^太郎=やまだ^たろう'.")] = "Phantom^Synthetic",
+    character_set: Annotated[
+        str, typer.Option(help="SpecificCharacterSet, values separated by backslashes, e.g. '\\ISO 2022 IR 87'.")
+    ] = "ISO_IR 100",
 ) -> None:
     """Write a synthetic CT series (known anatomy) to test a node or a PACS route."""
     from inference.phantom import PhantomSpec, write_phantom_series
 
+    if multiframe not in (None, "enhanced", "legacy"):
+        errors.print(f"cannot write phantom: --multiframe is 'enhanced' or 'legacy', not {multiframe!r}")
+        raise typer.Exit(2)
     spacing = 0.8 * 512 / size
     try:
-        series = write_phantom_series(
-            output, PhantomSpec(rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression)
+        spec = PhantomSpec(
+            rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression,
+            enhanced=multiframe is not None, legacy_converted=multiframe == "legacy",
+            patient_name=patient_name, character_set=character_set,
         )
-    except (ValueError, RuntimeError) as exc:
+        series = write_phantom_series(output, spec)
+    except (ValueError, RuntimeError, LookupError) as exc:
         errors.print(f"cannot write phantom: {exc}")
         raise typer.Exit(2) from None
     console.print(f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False)

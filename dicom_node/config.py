@@ -153,6 +153,9 @@ class RetentionSettings(_Strict):
     max_disk_gigabytes: float | None = Field(
         None, gt=0, description="Budget for images plus results; over it, the oldest finished series go first."
     )
+    quarantine_days: float | None = Field(
+        None, gt=0, description="Delete refused instances (quarantine/ files and their rows) this many days after arrival."
+    )
     check_interval_seconds: float = Field(600.0, gt=0, description="How often `serve` applies retention.")
 
     @property
@@ -248,6 +251,14 @@ class InferenceSettings(_Strict):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: all cores.")
     poll_seconds: float = Field(1.0, gt=0, le=60)
+    partial_series: Literal["process", "fail"] = Field(
+        "process",
+        description="A series of which only part can be one volume (a second acquisition, another matrix size): "
+        "process it with a warning in every result, or fail it.",
+    )
+    max_worker_deaths: int = Field(
+        2, ge=1, le=100, description="A job whose worker died this many times is FAILED instead of queued again."
+    )
 
 
 class LoggingSettings(_Strict):

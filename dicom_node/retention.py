@@ -5,7 +5,11 @@ its job's state is checked again inside the purge transaction. Purging a
 received series deletes its instance files and ``Instance`` rows and stamps
 ``Series.purged_at``; purging its results deletes the job folder and the
 instances of its result series (SEG, SR, RTSTRUCT), stamped the same way. The
-``Series``, ``Job`` and ``job_events`` rows stay as history; studies stay.
+``Series``, ``Job`` and ``job_events`` rows stay as history. Once every series of a
+study is purged, the study row keeps only its UID: the patient's name, ID, birth
+date and sex and the study's accession number, description and referring physician
+are erased (:data:`STUDY_PHI_COLUMNS`). Refused instances (``quarantine/`` and their
+``rejected_instances`` rows) are purged by their own age, ``retention.quarantine_days``.
 
 :func:`plan_retention` decides (and changes nothing), :func:`apply_plan` deletes,
 :class:`RetentionTask` runs both periodically in ``serve``; ``dicom-node purge``
@@ -24,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Job, JobState, Series, utcnow
+from db.models import Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
@@ -33,6 +37,11 @@ from dicom_node.periodic import PeriodicTask
 LOG = logging.getLogger(__name__)
 
 FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
+STUDY_PHI_COLUMNS = (
+    "patient_id", "patient_name", "patient_birth_date", "patient_sex",
+    "accession_number", "study_description", "referring_physician_name", "study_id",
+)
+"""Erased from a study row once retention has purged every series of the study."""
 GIGABYTE = 1_000_000_000
 
 
@@ -187,11 +196,11 @@ def _apply_age_limits(drafts: dict[int, _Draft], holding: Holding, retention: Re
     draft = drafts.setdefault(holding.job_id, _Draft())
     if expired_images and expired_results and images_days == results_days:
         draft.add(holding, images=True, results=True, reason=f"older than {images_days:g} days")
-        return
-    if expired_images:
-        draft.add(holding, images=True, results=False, reason=f"images older than {images_days:g} days")
-    if expired_results:
-        draft.add(holding, images=False, results=True, reason=f"results older than {results_days:g} days")
+    else:
+        if expired_images:
+            draft.add(holding, images=True, results=False, reason=f"images older than {images_days:g} days")
+        if expired_results:
+            draft.add(holding, images=False, results=True, reason=f"results older than {results_days:g} days")
     if not (draft.images or draft.results):
         del drafts[holding.job_id]  # expired, but nothing of it is left on disk
 
@@ -291,6 +300,7 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
             _purge_series(session, job.series, root, now)
         if item.results:
             _purge_results(session, job, root, now)
+        _erase_phi_of_emptied_study(session, job.series.study_id)
     log_event(
         LOG, logging.INFO, "series.purged", series_instance_uid=item.series_instance_uid, job=item.job_id,
         images=item.images, results=item.results, bytes=item.bytes, reason=item.reason,
@@ -324,6 +334,45 @@ def _purge_results(session: Session, job: Job, root: Path, now: datetime) -> Non
         elif folder.exists():
             shutil.rmtree(folder)  # an error rolls the transaction back; the next pass tries again
     job.result_files = None  # gone: a retry must not try to send them
+
+
+def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
+    """A study none of whose series holds an instance any more keeps only its UID."""
+    session.flush()
+    held = session.scalar(
+        select(func.count()).select_from(Instance).join(Series, Instance.series_id == Series.id).where(
+            Series.study_id == study_id
+        )
+    )
+    if held:
+        return
+    study = session.get_one(Study, study_id)
+    if any(getattr(study, column) is not None for column in STUDY_PHI_COLUMNS):
+        for column in STUDY_PHI_COLUMNS:
+            setattr(study, column, None)
+        log_event(LOG, logging.INFO, "study.identity_erased", study_instance_uid=study.study_instance_uid)
+
+
+def purge_quarantine(sessions: sessionmaker[Session], root: Path, days: float, now: datetime | None = None) -> int:
+    """Delete refused instances (files in ``quarantine/`` and their rows) older than ``days``; returns how many."""
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    removed = 0
+    with transaction(sessions) as session:
+        old = list(session.scalars(select(RejectedInstance).where(RejectedInstance.received_at < cutoff)))
+        for row in old:
+            if row.path and _inside(Path(row.path), root):
+                Path(row.path).unlink(missing_ok=True)
+            session.delete(row)
+            removed += 1
+    quarantine = root / "quarantine"
+    if quarantine.is_dir():  # files whose row never got written (the database was down at the time)
+        for path in quarantine.iterdir():
+            if path.is_file() and datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log_event(LOG, logging.INFO, "retention.quarantine_purged", removed=removed, older_than_days=days)
+    return removed
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -379,17 +428,24 @@ class RetentionTask(PeriodicTask):
 
     def start(self) -> None:
         retention = self.settings.retention
-        if not retention.enabled:
-            log_event(LOG, logging.INFO, "retention.off", hint="set retention.days or retention.max_disk_gigabytes")
+        if not retention.enabled and retention.quarantine_days is None:
+            log_event(
+                LOG, logging.INFO, "retention.off",
+                hint="nothing is deleted; set retention.days, max_disk_gigabytes or quarantine_days",
+            )
             return
         log_event(
             LOG, logging.INFO, "retention.on", days=retention.days, results_days=retention.results_days,
-            max_disk_gigabytes=retention.max_disk_gigabytes,
+            max_disk_gigabytes=retention.max_disk_gigabytes, quarantine_days=retention.quarantine_days,
         )
         super().start()
 
     def run_once(self, now: datetime | None = None) -> PurgeOutcome:
         """Plan and purge once."""
+        if self.settings.retention.quarantine_days is not None:
+            purge_quarantine(self.sessions, self.settings.storage.directory, self.settings.retention.quarantine_days, now)
+        if not self.settings.retention.enabled:
+            return PurgeOutcome()
         with self.sessions() as session:
             plan = plan_retention(session, self.settings.retention, now)
         outcome = apply_plan(self.sessions, self.settings, plan, now)

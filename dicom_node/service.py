@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import make_engine, make_session_factory, migrate
+from db import jobs
+from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
@@ -20,25 +23,34 @@ from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.watcher import SeriesWatcher
-from inference.worker import run_worker
+from inference.worker import log_worker_death, run_worker
 
 LOG = logging.getLogger(__name__)
 
 
 class WorkerSupervisor:
-    """Keeps ``inference.workers`` worker processes running; restarts one that dies."""
+    """Keeps ``inference.workers`` worker processes running; restarts one that dies.
 
-    RESTART_DELAY_SECONDS = 5.0
+    When a worker dies, the job it held (PROCESSING, claimed by its "host:pid") is
+    queued again at once, or FAILED once ``inference.max_worker_deaths`` workers
+    died on it (:func:`db.jobs.worker_died`), so one poison series cannot block the queue.
+    """
 
-    def __init__(self, settings: Settings) -> None:
+    CHECK_SECONDS = 0.5
+    RESTART_DELAY_SECONDS = 5.0  # at least this long between two starts of one worker slot
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
+        self.sessions = sessions
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._started_at: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
 
     def start(self) -> None:
         self._processes = [self._spawn(n) for n in range(self.settings.inference.workers)]
+        self._started_at = [time.monotonic()] * len(self._processes)
         self._thread.start()
 
     def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
@@ -48,13 +60,32 @@ class WorkerSupervisor:
         return process
 
     def _supervise(self) -> None:
-        while not self._stop.wait(self.RESTART_DELAY_SECONDS):
+        handled: set[int] = set()  # pids whose death was recorded
+        while not self._stop.wait(self.CHECK_SECONDS):
             for number, process in enumerate(self._processes):
-                if not process.is_alive() and not self._stop.is_set():
-                    log_event(LOG, logging.ERROR, "worker.died", worker=number, exit_code=process.exitcode)
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                if process.pid not in handled:
+                    handled.add(process.pid)
+                    log_event(LOG, logging.ERROR, "worker.died", worker=number, pid=process.pid, exit_code=process.exitcode)
+                    self._release_jobs_of(process.pid)
+                if time.monotonic() - self._started_at[number] >= self.RESTART_DELAY_SECONDS:
                     self._processes[number] = self._spawn(number)
+                    self._started_at[number] = time.monotonic()
+
+    def _release_jobs_of(self, pid: int | None) -> None:
+        """Queue again (or fail, at the crash limit) the job the dead worker ``pid`` held."""
+        if self.sessions is None or pid is None:
+            return  # the next worker to start finds the job (requeue_abandoned_jobs)
+        try:
+            with transaction(self.sessions) as session:
+                for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+                    log_worker_death(job, jobs.worker_died(session, job, self.settings.inference.max_worker_deaths))
+        except Exception:  # noqa: BLE001 - the restarted worker's own check takes over
+            LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
 
     def stop(self) -> None:
+        """Ask every worker to stop; one still busy after 30 s is killed and its job queued again (not a death)."""
         self._stop.set()
         for process in self._processes:
             process.terminate()
@@ -62,6 +93,15 @@ class WorkerSupervisor:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+                process.join(timeout=10)
+                self._requeue_jobs_of(process.pid)
+
+    def _requeue_jobs_of(self, pid: int | None) -> None:
+        if self.sessions is None or pid is None:
+            return
+        with transaction(self.sessions) as session:
+            for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+                jobs.worker_stopped(session, job)
 
 
 @dataclass
@@ -111,7 +151,7 @@ def start_node(settings: Settings) -> RunningNode:
     )
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
-    workers = WorkerSupervisor(settings)
+    workers = WorkerSupervisor(settings, sessions)
     workers.start()
     dispatcher = Dispatcher(settings, sessions)
     dispatcher.start()

@@ -37,6 +37,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
+    LegacyConvertedEnhancedCTImageStorage,
     MRImageStorage,
     RLELossless,
     generate_uid,
@@ -158,6 +159,14 @@ class PhantomSpec:
     enhanced
         Write one Enhanced CT multi-frame instance instead of single frames
         (CT only).
+    legacy_converted
+        With ``enhanced``: write the instance as Legacy Converted Enhanced CT
+        (what a PACS makes of a single-frame series), referencing the
+        single-frame images it stands for.
+    patient_id, patient_name, character_set
+        PatientID, PatientName and the SpecificCharacterSet written (values
+        separated by backslashes, e.g. ``\\ISO 2022 IR 87`` for Japanese
+        kanji; pydicom encodes the name with it).
     """
 
     rows: int = 512
@@ -177,8 +186,10 @@ class PhantomSpec:
     gantry_tilt_degrees: float = 0.0
     add_localizer: bool = False
     enhanced: bool = False
+    legacy_converted: bool = False
     patient_id: str = "PHANTOM-1"
     patient_name: str = "Phantom^Synthetic"
+    character_set: str = "ISO_IR 100"
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     series_description: str = "Synthetic CT phantom"
@@ -204,6 +215,8 @@ class PhantomSpec:
             raise ValueError("gaps would leave no slice to write")
         if self.enhanced and self.modality != "CT":
             raise ValueError("enhanced output is only supported for CT")
+        if self.legacy_converted and not self.enhanced:
+            raise ValueError("legacy_converted needs enhanced (it is a kind of multi-frame instance)")
         _orientation(self)  # validates the orientation vectors
 
     @property
@@ -569,7 +582,8 @@ def _base_dataset(ctx: _Context, sop_class: UID, instance: int) -> Dataset:
     ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ctx.transfer_syntax
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    character_sets = spec.character_set.split("\\")
+    ds.SpecificCharacterSet = character_sets if len(character_sets) > 1 else character_sets[0]
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = ctx.date, ctx.time
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ctx.date
@@ -725,10 +739,35 @@ def _enhanced_shared_groups(ctx: _Context) -> Dataset:
         CTAcquisitionDetailsSequence=[
             _item(
                 DataCollectionDiameter=500, GantryDetectorTilt=float(_q(spec.gantry_tilt_degrees)),
-                TableHeight=160, RotationDirection="CW",
+                TableHeight=160, RotationDirection="CW", SingleCollimationWidth=0.625, TotalCollimationWidth=40.0,
             )
         ],
-        CTXRayDetailsSequence=[_item(KVP=120, FocalSpots=[1.2], FilterType="BODY FILTER")],
+        CTXRayDetailsSequence=[
+            _item(KVP=120, FocalSpots=[1.2], FilterType="BODY FILTER", FilterMaterial=["ALUMINUM"])
+        ],
+        CTTableDynamicsSequence=[_item(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)],
+        CTGeometrySequence=[_item(DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0)],
+        CTReconstructionSequence=[
+            _item(
+                ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel=["STANDARD"],
+                ConvolutionKernelGroup="SOFT_TISSUE", ReconstructionDiameter=float(_q(spec.columns * spec.pixel_spacing[1])),
+                ReconstructionPixelSpacing=[float(v) for v in spec.pixel_spacing], ReconstructionAngle=360.0, ImageFilter="NONE",
+            )
+        ],
+        CTExposureSequence=[_item(ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0, ExposureModulationType="NONE")],
+        CTPositionSequence=[
+            _item(TablePosition=0.0, ReconstructionTargetCenterPatient=[0.0, 0.0, 0.0],
+                  DataCollectionCenterPatient=[0.0, 0.0, 0.0])
+        ],
+        FrameAnatomySequence=[
+            _item(
+                AnatomicRegionSequence=[
+                    _item(CodeValue="416775004", CodingSchemeDesignator="SCT", CodeMeaning="Chest, Abdomen and Pelvis")
+                ],
+                FrameLaterality="U",
+            )
+        ],
+        IrradiationEventIdentificationSequence=[_item(IrradiationEventUID=generate_uid(entropy_srcs=[ctx.series_uid, "irradiation"]))],
     )
 
 
@@ -765,27 +804,72 @@ def _set_dimensions(ds: Dataset) -> None:
 def _write_enhanced(
     ctx: _Context, out_dir: Path, positions: Sequence[Sequence[float]], values: np.ndarray
 ) -> tuple[Path, str]:
-    """One Enhanced CT Image Storage instance holding ``values`` as frames."""
-    ds = _base_dataset(ctx, EnhancedCTImageStorage, instance=1)
+    """One Enhanced CT (or Legacy Converted Enhanced CT) Image Storage instance holding ``values`` as frames."""
+    if ctx.spec.legacy_converted:
+        ds = _base_dataset(ctx, LegacyConvertedEnhancedCTImageStorage, instance=1)
+    else:
+        ds = _base_dataset(ctx, EnhancedCTImageStorage, instance=1)
+        ds.ContentQualification = "PRODUCT"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.PixelPresentation, ds.VolumetricProperties = "MONOCHROME", "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
     ds.AcquisitionNumber = 1
     ds.AcquisitionDateTime = ctx.date + ctx.time
     ds.AcquisitionDuration = 500.0 * len(positions) / 1000.0
-    ds.ContentQualification = "PRODUCT"
+    ds.AcquisitionContextSequence = DicomSequence()
     ds.BurnedInAnnotation = ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
-    ds.PixelPresentation, ds.VolumetricProperties = "MONOCHROME", "VOLUME"
-    ds.VolumeBasedCalculationTechnique = "NONE"
     ds.NumberOfFrames = len(positions)
     _set_dimensions(ds)
-    ds.SharedFunctionalGroupsSequence = [_enhanced_shared_groups(ctx)]
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(
-        [_enhanced_frame_group(ctx, i, p) for i, p in enumerate(positions)]
-    )
+    if ctx.spec.legacy_converted:
+        converted_from = [generate_uid() for _ in positions]
+        ds.SharedFunctionalGroupsSequence = [_legacy_shared_groups(ctx)]
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence(
+            [_legacy_frame_group(ctx, i, p, converted_from[i]) for i, p in enumerate(positions)]
+        )
+    else:
+        ds.SharedFunctionalGroupsSequence = [_enhanced_shared_groups(ctx)]
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence(
+            [_enhanced_frame_group(ctx, i, p) for i, p in enumerate(positions)]
+        )
     _set_pixel_module(ds, values.shape[1:], "CT")
-    path = out_dir / "CT_ENHANCED.dcm"
+    path = out_dir / ("CT_LEGACY_CONVERTED.dcm" if ctx.spec.legacy_converted else "CT_ENHANCED.dcm")
     return _save(ds, _stored(values, "CT"), path), ds.SOPInstanceUID
+
+
+def _legacy_shared_groups(ctx: _Context) -> Dataset:
+    """Shared groups of Legacy Converted Enhanced CT: geometry, rescale, window, and the CT attributes as converted."""
+    spec = ctx.spec
+    return _item(
+        PixelMeasuresSequence=[
+            _item(PixelSpacing=[_ds(v) for v in spec.pixel_spacing], SliceThickness=_ds(spec.thickness))
+        ],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=ctx.iop)],
+        PixelValueTransformationSequence=[
+            _item(RescaleIntercept=str(_CT_RESCALE_INTERCEPT), RescaleSlope="1", RescaleType="HU")
+        ],
+        FrameVOILUTSequence=[_item(WindowCenter="40", WindowWidth="400")],
+        CTImageFrameTypeSequence=[
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+            )
+        ],
+        UnassignedSharedConvertedAttributesSequence=[
+            _item(KVP="120", ConvolutionKernel="STANDARD", ReconstructionDiameter=_ds(spec.columns * spec.pixel_spacing[1]))
+        ],
+    )
+
+
+def _legacy_frame_group(ctx: _Context, frame: int, position: Sequence[float], converted_from: str) -> Dataset:
+    """Per-frame group of Legacy Converted Enhanced CT: position, content, and the single-frame image it came from."""
+    group = _enhanced_frame_group(ctx, frame, position)
+    group.ConversionSourceAttributesSequence = [
+        _item(ReferencedSOPClassUID=CTImageStorage, ReferencedSOPInstanceUID=converted_from)
+    ]
+    group.UnassignedPerFrameConvertedAttributesSequence = [_item(SliceLocation=_ds(float(np.dot(position, ctx.normal))))]
+    return group
 
 
 def _localizer_plane(ctx: _Context, first: Sequence[float]) -> _Plane:

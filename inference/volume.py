@@ -7,10 +7,19 @@ volume (mixed orientations, missing slices, gantry tilt, a single slice, no
 pixel data) raises :class:`VolumeError` with a reason an operator can act on.
 Gantry-tilted (sheared) stacks are refused rather than resampled: resampling
 silently moves anatomy, and scanners can reconstruct without tilt.
+
+Whatever the assembler leaves out or assumes is said in ``Volume.notes``, plain
+sentences that the worker turns into the job's warnings; ``excluded_images``
+counts the images of the series that the volume does not cover (other
+acquisitions), so a caller can refuse a partial series (``allow_partial``).
+Decoding fails loudly: an image whose pixel data does not decode, decodes to
+another size, makes the decoder warn, or holds non-finite values fails the
+series naming the image (InstanceNumber and SOP Instance UID).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -59,7 +69,8 @@ class Volume:
     frame_of_reference_uid: str | None
     study_instance_uid: str
     series_instance_uid: str
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was left out or assumed: sentences for the job's warnings
+    excluded_images: int = 0  # images of the series (not localizers) that the volume does not cover
     source_paths: list[Path] = field(default_factory=list)  # the instance files the slices came from
 
     def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
@@ -100,10 +111,19 @@ class _Frame:
     shape: tuple[int, int]
     acquisition: str
     is_localizer: bool
+    instance_number: str = ""
 
 
-def load_series_volume(paths: Sequence[Path]) -> Volume:
+def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> Volume:
     """Read the instance files of one series into a :class:`Volume`.
+
+    Parameters
+    ----------
+    paths
+        The instance files of one series, in any order.
+    allow_partial
+        Whether a volume may leave out images of the series (a second acquisition,
+        another matrix size); if not, such a series raises :class:`VolumeError`.
 
     Raises
     ------
@@ -116,12 +136,16 @@ def load_series_volume(paths: Sequence[Path]) -> Volume:
     frames = [frame for path, header in headers for frame in _frames(path, header)]
     notes: list[str] = []
     frames = _drop_localizers(frames, notes)
-    frames = _keep_main_acquisition(frames, notes)
+    kept = _keep_main_acquisition(frames, notes)
+    excluded = len(frames) - len(kept)
+    if excluded and not allow_partial:
+        raise VolumeError(f"{notes[-1]}; a partial series is not processed (inference.partial_series is 'fail')")
+    frames = kept
     normal = _common_orientation(frames)
     frames.sort(key=lambda f: float(np.dot(f.position, normal)))
     step = _regular_step(frames, normal)
     _refuse_tilt(frames, normal)
-    hu = _read_pixels(frames, {path: header for path, header in headers})
+    hu = _read_pixels(frames, notes)
     first = frames[0]
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     header = headers[0][1]
@@ -135,6 +159,7 @@ def load_series_volume(paths: Sequence[Path]) -> Volume:
         study_instance_uid=str(header.StudyInstanceUID),
         series_instance_uid=str(header.SeriesInstanceUID),
         notes=notes,
+        excluded_images=excluded,
         source_paths=list(dict.fromkeys(f.path for f in frames)),
     )
 
@@ -169,18 +194,47 @@ def _frames(path: Path, header: Dataset) -> list[_Frame]:
             if localizer:
                 return [_placeholder(path, header)]
             raise VolumeError(f"instance {header.get('SOPInstanceUID')} has no {keyword}")
+    spacing = _numbers(header, "PixelSpacing", 2)
+    if min(spacing) <= 0:
+        raise VolumeError(f"{_header_name(header)} has PixelSpacing {_vector(spacing)}: spacing must be positive")
     return [
         _Frame(
             ref=SliceRef(str(header.SOPInstanceUID), str(header.SOPClassUID), None),
             path=path,
-            position=np.array(header.ImagePositionPatient, dtype=float),
-            orientation=np.array(header.ImageOrientationPatient, dtype=float),
-            pixel_spacing=(float(header.PixelSpacing[0]), float(header.PixelSpacing[1])),
+            position=_numbers(header, "ImagePositionPatient", 3),
+            orientation=_numbers(header, "ImageOrientationPatient", 6),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
             shape=(int(header.Rows), int(header.Columns)),
             acquisition=str(header.get("AcquisitionNumber", "")),
             is_localizer=localizer,
+            instance_number=str(header.get("InstanceNumber", "")),
         )
     ]
+
+
+def _numbers(header: Dataset, keyword: str, count: int) -> np.ndarray:
+    """``count`` finite numbers from a decimal-string attribute, or a VolumeError naming the image and attribute."""
+    try:
+        value = header.get(keyword)
+        values = np.array([float(v) for v in (value if isinstance(value, (list, MultiValue)) else [value])], dtype=float)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{_header_name(header)} has {keyword} values that are not numbers") from None
+    if values.shape != (count,):
+        raise VolumeError(f"{_header_name(header)} has {len(values)} {keyword} values, not {count}")
+    if not np.isfinite(values).all():
+        raise VolumeError(f"{_header_name(header)} has {keyword} values that are not finite numbers")
+    return values
+
+
+def _vector(values: Sequence[float]) -> str:
+    """Numbers as an operator reads them: "[1, 0, 0, 0, 1, 0]" (no numpy reprs)."""
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _header_name(header: Dataset) -> str:
+    number = header.get("InstanceNumber")
+    shown = f" {number}" if number not in (None, "") else ""
+    return f"image{shown} (SOP Instance UID {header.get('SOPInstanceUID')})"
 
 
 def _placeholder(path: Path, header: Dataset) -> _Frame:
@@ -226,7 +280,7 @@ def _enhanced_frames(path: Path, header: Dataset, localizer: bool) -> list[_Fram
 def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     kept = [f for f in frames if not f.is_localizer]
     if len(kept) < len(frames):
-        notes.append(f"dropped {len(frames) - len(kept)} localizer image(s)")
+        notes.append(f"{len(frames) - len(kept)} localizer image(s) left out of the volume")
     if not kept:
         raise VolumeError("series holds only localizer images")
     return kept
@@ -236,7 +290,7 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest."""
     orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
     if len(orientations) > 1:
-        counts = ", ".join(f"{n} images at {list(o)}" for o, n in orientations.most_common())
+        counts = ", ".join(f"{n} images at {_vector(o)}" for o, n in orientations.most_common())
         raise VolumeError(f"mixed orientations in one series ({counts})")
     groups: dict[tuple, list[_Frame]] = defaultdict(list)
     for frame in frames:
@@ -244,7 +298,10 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     if len(groups) == 1:
         return frames
     main = max(groups.values(), key=len)
-    notes.append(f"{len(groups)} acquisitions in the series: kept the largest ({len(main)} of {len(frames)} images)")
+    notes.append(
+        f"partial series: {len(groups)} acquisitions or matrix sizes in one series; "
+        f"processed the largest, {len(main)} of {len(frames)} images"
+    )
     return main
 
 
@@ -257,7 +314,7 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
     normal = np.cross(row_dir, col_dir)
     length = np.linalg.norm(normal)
     if length < 0.5:
-        raise VolumeError(f"ImageOrientationPatient {list(reference)} is degenerate")
+        raise VolumeError(f"ImageOrientationPatient {_vector(reference)} is degenerate")
     return normal / length
 
 
@@ -294,25 +351,65 @@ def _refuse_tilt(frames: list[_Frame], normal: np.ndarray) -> None:
         )
 
 
-def _read_pixels(frames: list[_Frame], headers: dict[Path, Dataset]) -> np.ndarray:
+def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
     by_path: dict[Path, list[tuple[int, _Frame]]] = defaultdict(list)
     for index, frame in enumerate(frames):
         by_path[frame.path].append((index, frame))
     rows, columns = frames[0].shape
     volume = np.empty((len(frames), rows, columns), dtype=np.float32)
+    assumed_rescale = 0
     for path, members in by_path.items():
-        dataset = dcmread(path)
-        if "PixelData" not in dataset and "FloatPixelData" not in dataset:
-            raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
-        try:
-            pixels = dataset.pixel_array
-        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes the reason
-            raise VolumeError(f"pixel data of {dataset.get('SOPInstanceUID')} cannot be decoded: {exc}") from None
+        dataset, pixels = _decode(path, members[0][1])
+        assumed_rescale += "RescaleSlope" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset
         for index, frame in members:
-            plane = pixels[frame.ref.frame_number - 1] if frame.ref.frame_number else pixels
+            plane = pixels[frame.ref.frame_number - 1] if frame.ref.frame_number and pixels.ndim == 3 else pixels
+            if plane.shape != (rows, columns):
+                raise VolumeError(
+                    f"{_image_name(frame)} decodes to {plane.shape[1]} x {plane.shape[0]} pixels, "
+                    f"its header says {columns} x {rows}"
+                )
             slope, intercept = _rescale(dataset, frame.ref.frame_number)
             volume[index] = plane * slope + intercept
+            if not np.isfinite(volume[index]).all():
+                raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
+    if assumed_rescale:
+        notes.append(f"RescaleSlope and RescaleIntercept missing on {assumed_rescale} image(s): assumed 1 and 0 (HU as stored)")
     return volume
+
+
+def _image_name(frame: _Frame) -> str:
+    """'image 12 (SOP Instance UID 1.2.3)', with the frame number for a multi-frame instance."""
+    number = f" {frame.instance_number}" if frame.instance_number else ""
+    part = f"frame {frame.ref.frame_number} of " if frame.ref.frame_number else ""
+    return f"{part}image{number} (SOP Instance UID {frame.ref.sop_instance_uid})"
+
+
+def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
+    """Read one instance and decode its pixel data; any decoder warning or error fails the series."""
+    with warnings.catch_warnings(record=True) as reading:
+        warnings.simplefilter("always")
+        try:
+            dataset = dcmread(path)
+        except Exception:  # noqa: BLE001 - a file changed on disk since its header was read
+            raise VolumeError(f"{_image_name(frame)} cannot be read again from {path}") from None
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+        if reading:
+            raise VolumeError(f"{_image_name(frame)} has incomplete pixel data (the file ends inside it)")
+        raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    encoding = getattr(syntax, "name", "") or "pixel"
+    with warnings.catch_warnings(record=True) as decoding:
+        warnings.simplefilter("always")
+        try:
+            pixels = dataset.pixel_array
+        except Exception:  # noqa: BLE001 - any decoder failure becomes the reason
+            raise VolumeError(
+                f"{_image_name(frame)} cannot be decoded: its {encoding} data is damaged or incomplete"
+            ) from None
+    if decoding:
+        first = str(decoding[0].message).splitlines()[0][:200]
+        raise VolumeError(f"{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned \"{first}\"")
+    return dataset, pixels
 
 
 def _rescale(dataset: Dataset, frame_number: int | None) -> tuple[float, float]:

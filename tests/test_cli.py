@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pydicom
+import pytest
+
+torch = pytest.importorskip("torch", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
 
 from inference.weights import TASK_DATASETS
 from tests.conftest import DICOM_NODE
@@ -41,9 +45,12 @@ def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monke
     config = make_config(tmp_path)
     _id, dataset, trainer = TASK_DATASETS["total_fast"][0]
     archive = tmp_path / f"{dataset}.zip"
+    checkpoint = io.BytesIO()
+    torch.save({"network_weights": {}, "trainer_name": "nnUNetTrainer", "init_args": {}}, checkpoint)
     with zipfile.ZipFile(archive, "w") as bundle:
-        for name in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth"):
+        for name in ("plans.json", "dataset.json"):
             bundle.writestr(f"{dataset}/{trainer}/{name}", "{}")
+        bundle.writestr(f"{dataset}/{trainer}/fold_0/checkpoint_final.pth", checkpoint.getvalue())
 
     before = run("weights", "list", config=config)
     imported = run("weights", "import", str(archive), config=config)
@@ -52,6 +59,7 @@ def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monke
     assert "total_fast  missing" in before.stdout
     assert imported.returncode == 0, imported.stderr
     assert (tmp_path / "storage" / "weights" / dataset / trainer / "fold_0" / "checkpoint_final.pth").is_file()
+    assert (tmp_path / "storage" / "weights" / dataset / trainer / "dicom-node-weights.json").is_file()
     assert "total_fast  installed" in after.stdout and "total       missing" in after.stdout
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
+    LegacyConvertedEnhancedCTImageStorage,
     MRImageStorage,
     RLELossless,
 )
@@ -29,6 +31,7 @@ from inference.phantom import (
     phantom_volume,
     write_phantom_series,
 )
+from tests.conftest import DICOM_NODE, dciodvfy
 
 SMALL = PhantomSpec(rows=64, columns=64, slices=20, pixel_spacing=(6.4, 6.4), slice_spacing=5.0)
 LIVER_CENTRE = np.array([-60.0, -10.0, -20.0])  # LPS mm, from the phantom's anatomy
@@ -284,9 +287,62 @@ def test_short_stack_shows_part_of_the_anatomy() -> None:
         {"slice_direction_sign": 0},
         {"gaps": (20,)},
         {"enhanced": True, "modality": "MR"},
+        {"legacy_converted": True},
         {"orientation": (1, 0, 0, 1, 0, 0)},
     ],
 )
 def test_invalid_spec_is_rejected(changes: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_phantom_series(tmp_path, _spec(**changes))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["enhanced-ct", "legacy-converted-enhanced-ct"])
+def test_multiframe_phantom_passes_dciodvfy(tmp_path: Path, legacy: bool) -> None:
+    series = write_phantom_series(tmp_path, _spec(slices=6, enhanced=True, legacy_converted=legacy))
+    errors, _warnings = dciodvfy(series.files[0])
+    assert errors == []
+
+
+def test_legacy_converted_writes_one_multiframe_file_referencing_single_frame_images(tmp_path: Path) -> None:
+    series = write_phantom_series(tmp_path, _spec(enhanced=True, legacy_converted=True))
+    [path] = series.files
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == LegacyConvertedEnhancedCTImageStorage and ds.NumberOfFrames == 20
+    frames = ds.PerFrameFunctionalGroupsSequence
+    assert [tuple(_floats(f.PlanePositionSequence[0].ImagePositionPatient)) for f in frames] == series.slice_positions
+    converted_from = {f.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID for f in frames}
+    assert len(converted_from) == 20
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    hu = ds.pixel_array * float(transform.RescaleSlope) + float(transform.RescaleIntercept)
+    np.testing.assert_array_equal(hu, series.hu)
+
+
+def test_character_set_option_encodes_the_patient_name_with_it(tmp_path: Path) -> None:
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    series = write_phantom_series(tmp_path, _spec(slices=1, character_set="\\ISO 2022 IR 87", patient_name=name))
+    raw = pydicom.dcmread(series.files[0])
+    assert list(raw.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+    assert b"\x1b$B" in raw["PatientName"].value.original_string  # ISO 2022 escape to JIS X 0208
+    assert str(raw.PatientName) == name
+
+
+def test_phantom_command_writes_legacy_converted_ct_in_a_japanese_character_set(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [DICOM_NODE, "phantom", str(tmp_path / "ct"), "--slices", "4", "--size", "32", "--multiframe", "legacy",
+         "--patient-name", "Yamada^Tarou=山田^太郎=やまだ^たろう", "--character-set", "\\ISO 2022 IR 87"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    [path] = (tmp_path / "ct").glob("*.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == LegacyConvertedEnhancedCTImageStorage and ds.NumberOfFrames == 4
+    assert str(ds.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+def test_phantom_command_refuses_an_unknown_multiframe_kind(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [DICOM_NODE, "phantom", str(tmp_path / "ct"), "--slices", "4", "--size", "32", "--multiframe", "tiled"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "--multiframe is 'enhanced' or 'legacy', not 'tiled'" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,11 +14,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Instance, Job, JobEvent, JobState, Series, Study, utcnow
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
+from db.models import Instance, Job, JobEvent, JobState, RejectedInstance, Series, Study, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
-from dicom_node.retention import RetentionTask, apply_plan, plan_retention
+from dicom_node.retention import STUDY_PHI_COLUMNS, RetentionTask, apply_plan, plan_retention, purge_quarantine
 from tests.conftest import DICOM_NODE, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -296,3 +297,53 @@ def test_a_purged_series_sent_again_is_held_again_and_cannot_be_retried_while_pu
     with sessions() as session:
         job = session.get_one(Job, old.job_id)
         assert job.series.purged_at is None and job.state is JobState.RECEIVING
+
+
+def _study(sessions: sessionmaker[Session]) -> Study:
+    with sessions() as session:
+        return session.scalars(select(Study).where(Study.study_instance_uid == STUDY)).one()
+
+
+def test_a_study_keeps_no_patient_identity_once_all_its_series_are_purged(node):
+    settings, sessions = node
+    add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    add_series(node, "1.2.3.2", JobState.DONE, days_ago=1)
+    with transaction(sessions) as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == STUDY)).one()
+        study.patient_name, study.patient_id, study.patient_birth_date = "Doe^Jane", "PID-7", "19700101"
+        study.accession_number, study.referring_physician_name = "ACC1", "Who^Doctor"
+
+    assert purge(node, days=7) == ["1.2.3.1"]
+    assert _study(sessions).patient_name == "Doe^Jane"  # one series still held
+
+    assert purge(node, days=0.5) == ["1.2.3.2"]
+    study = _study(sessions)
+    assert study.study_instance_uid == STUDY
+    assert all(getattr(study, column) is None for column in STUDY_PHI_COLUMNS)
+
+
+def test_refused_instances_are_purged_by_their_own_age(node):
+    settings, sessions = node
+    quarantine = settings.storage.directory / "quarantine"
+    quarantine.mkdir(parents=True, exist_ok=True)
+    old_file, new_file, orphan = quarantine / "old.dcm", quarantine / "new.dcm", quarantine / "orphan.raw"
+    for path in (old_file, new_file, orphan):
+        path.write_bytes(b"junk")
+    os.utime(orphan, (NOW.timestamp() - 40 * 86400,) * 2)
+    with transaction(sessions) as session:
+        for path, days in ((old_file, 40), (new_file, 1)):
+            record_rejection(
+                session, status=0xC000, reason="not a DICOM data set", path=str(path), sop_instance_uid=None,
+                sop_class_uid=None, transfer_syntax_uid=None, calling_ae_title="PACS",
+            )
+            session.flush()
+            session.scalars(select(RejectedInstance).where(RejectedInstance.path == str(path))).one().received_at = (
+                NOW - timedelta(days=days)
+            )
+
+    removed = purge_quarantine(sessions, settings.storage.directory, days=30, now=NOW)
+
+    assert removed == 2
+    assert not old_file.exists() and not orphan.exists() and new_file.exists()
+    with sessions() as session:
+        assert [row.path for row in session.scalars(select(RejectedInstance))] == [str(new_file)]

@@ -84,3 +84,31 @@ def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
             assert np.hypot(*(nearest - point).T).min() <= SIMPLIFY_TOLERANCE_PIXELS + 1e-9
         reference = measure.approximate_polygon(contour, SIMPLIFY_TOLERANCE_PIXELS)[:-1]
         assert abs(len(simplified) - len(reference)) <= 0.1 * len(reference) + 2
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["enhanced-ct", "legacy-converted-enhanced-ct"])
+def test_rtstruct_of_a_multiframe_source_references_frames_and_passes_dciodvfy(tmp_path, legacy):
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(
+        rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=10.0, enhanced=True,
+        legacy_converted=legacy, slice_direction_sign=-1,
+    ))
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+
+    dataset = encode_rtstruct(volume, [source], result.labels, result.classes, ALGORITHM)
+    path = tmp_path / "rtstruct.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+
+    assert dciodvfy(path)[0] == []
+    frame_z = {
+        number: float(group.PlanePositionSequence[0].ImagePositionPatient[2])
+        for number, group in enumerate(source.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    contours = [c for roi in dataset.ROIContourSequence for c in roi.ContourSequence]
+    assert contours
+    for contour in contours:
+        [image] = contour.ContourImageSequence
+        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        z = {round(float(v), 3) for v in contour.ContourData[2::3]}
+        assert z == {round(frame_z[int(image.ReferencedFrameNumber)], 3)}

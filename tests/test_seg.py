@@ -242,3 +242,38 @@ def test_save_preencoded_falls_back_on_an_ambiguous_vr_in_the_sequence():
     assert not save_preencoded(dataset, buffer, PER_FRAME_FUNCTIONAL_GROUPS)
 
     assert buffer.getvalue() == expected
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["enhanced-ct", "legacy-converted-enhanced-ct"])
+def test_seg_of_a_multiframe_source_references_each_source_frame(tmp_path, legacy):
+    spec = PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=10.0,
+                       enhanced=True, legacy_converted=legacy, slice_direction_sign=-1)
+    series = write_phantom_series(tmp_path / "ct", spec)
+    source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    labels = (series.labels > 0).astype(np.uint8)  # per frame, in the file's frame order
+    labels[:3] = 0  # three empty frames: left out of the SEG, not misnumbered
+
+    seg = encode_segmentation([source], labels, {1: "body"}, TS_ALGORITHM, segmentation_type="BINARY").dataset
+    path = tmp_path / "seg.dcm"
+    write_segmentation(seg, path)
+
+    assert dciodvfy(path)[0] == []
+    referenced = [
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+    ]
+    assert referenced == list(range(4, 13))
+    decoded = hd.seg.segread(path).get_pixels_by_source_frame(
+        source.SOPInstanceUID, source_frame_numbers=list(range(1, 13)), combine_segments=True
+    )
+    np.testing.assert_array_equal(decoded, labels)
+
+
+def test_label_map_that_does_not_match_the_source_frames_is_refused_with_counts(tmp_path):
+    spec = PhantomSpec(rows=32, columns=32, slices=6, pixel_spacing=(8.0, 8.0), slice_spacing=10.0, enhanced=True)
+    source = pydicom.dcmread(write_phantom_series(tmp_path, spec).files[0], stop_before_pixels=True)
+
+    with pytest.raises(ValueError) as refused:
+        encode_segmentation([source], np.ones((5, 32, 32), dtype=np.uint8), {1: "body"}, TS_ALGORITHM)
+
+    assert str(refused.value) == "the label map's 5 slices of 32 x 32 pixels do not match the 6 source image frames"

@@ -17,12 +17,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from db.models import JobState
 from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
-from inference.weights import TASK_DATASETS
+from inference.weights import TASK_DATASETS, model_folders
 from tests.conftest import ROOT, storescu
 
 pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
@@ -90,6 +91,14 @@ def test_weights_layout_matches_totalsegmentators_own_table():
             assert TASK_ID_WEIGHTS_CONFIGS[dataset_id]["foldername"] == folder
 
 
+def test_model_names_its_exact_weights_and_knows_they_are_test_weights(model, weights):
+    from inference.weights import MANIFEST_NAME
+
+    assert model.algorithm_version == f"Dataset297 sha256:{model.weights.sha256[:16]}"
+    assert model.is_test_weights  # build_test_weights.py says so in dataset.json
+    assert (model_folders("total_fast", weights)[0].path / MANIFEST_NAME).is_file()
+
+
 def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(shared_fixtures, weights, model, tmp_path):
     volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
     ct = tmp_path / "ct.nii.gz"
@@ -131,7 +140,21 @@ def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_n
 
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=300)
     reason = node.job_reason(series.series_instance_uid)
-    assert reason.startswith("segmented: ") and "baseline" not in reason
-    description = json.loads((Path(reason.rsplit("results in ", 1)[1]) / "segmentation.json").read_text())
+    assert reason.startswith("segmented with 1 warning(s): made with test weights") and "baseline" not in reason
+    folder = Path(reason.rsplit("results in ", 1)[1])
+    description = json.loads((folder / "segmentation.json").read_text())
     assert description["algorithm_name"] == "TotalSegmentator total_fast"
     assert len(description["classes"]) == 117
+    identity = description["weights"]
+    assert identity["test_weights"] and identity["datasets"] == ["Dataset297_TotalSegmentator_total_3mm_1559subj"]
+    assert json.loads((folder / "measurements.json").read_text())["algorithm"]["weights"] == identity
+
+    # A radiologist sees it in every result: the SEG and SR name the exact weights and say "TEST WEIGHTS".
+    seg, sr = pydicom.dcmread(folder / "seg-binary.dcm"), pydicom.dcmread(folder / "sr-binary.dcm")
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == f"Dataset297 sha256:{identity['sha256'][:16]}"
+    assert "TEST WEIGHTS" in seg.SeriesDescription and "TEST WEIGHTS" in sr.SeriesDescription
+    assert len(seg.SeriesDescription) <= 64 and len(sr.SeriesDescription) <= 64
+    sr_text = str(sr)
+    assert "not a trained model" in sr_text and identity["sha256"][:16] in sr_text
+    assert f"SHA-256 {identity['sha256']}" in node.cli("show", series.series_instance_uid).stdout

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 
 from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import VolumeError, load_series_volume
@@ -74,9 +77,10 @@ def test_enhanced_ct_multiframe_gives_the_same_volume(tmp_path):
 
 def test_localizer_in_series_is_dropped_with_a_note(tmp_path):
     series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
-    volume = load_series_volume(series.files)
+    volume = load_series_volume(series.files, allow_partial=False)  # a dropped localizer is not a partial volume
     assert volume.hu.shape[0] == 24
-    assert volume.notes == ["dropped 1 localizer image(s)"]
+    assert volume.notes == ["1 localizer image(s) left out of the volume"]
+    assert volume.excluded_images == 0
 
 
 @pytest.mark.parametrize(
@@ -92,6 +96,31 @@ def test_defects_are_refused_with_a_reason(tmp_path, change, reason):
     with pytest.raises(VolumeError) as error:
         load_series_volume(series.files)
     assert reason in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("PixelSpacing", "abc\\0.8", "has PixelSpacing values that are not numbers"),
+        ("PixelSpacing", "0\\0.8", "has PixelSpacing [0, 0.8]: spacing must be positive"),
+        ("ImagePositionPatient", "0\\NaN\\3", "has ImagePositionPatient values that are not finite numbers"),
+        ("ImageOrientationPatient", "1\\0\\0\\0\\1", "has 5 ImageOrientationPatient values, not 6"),
+    ],
+)
+def test_unusable_geometry_values_are_refused_naming_image_and_attribute(tmp_path, keyword, value, reason):
+    series = write_phantom_series(tmp_path, SPEC)
+    dataset = pydicom.dcmread(series.files[2])
+    placeholder = "9" * (len(value) - 2) + "\\9"  # a valid DS of the same length, swapped for the value below
+    dataset[keyword] = pydicom.DataElement(dataset[keyword].tag, "DS", placeholder)
+    dataset.save_as(series.files[2])
+    raw = series.files[2].read_bytes()
+    assert raw.count(placeholder.encode()) == 1
+    series.files[2].write_bytes(raw.replace(placeholder.encode(), value.encode()))  # as a faulty modality writes it
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert str(error.value) == f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID}) {reason}"
 
 
 def test_mixed_orientations_are_refused(tmp_path):
@@ -137,7 +166,7 @@ def test_real_compressed_ct_has_the_geometry_of_totalsegmentators_label_map(shar
     assert np.median(volume.hu[air_outside]) < np.median(volume.hu[vertebrae])
 
 
-def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_path):
+def _series_with_a_repeat_acquisition(tmp_path):
     main = write_phantom_series(tmp_path / "main", SPEC)
     repeat = write_phantom_series(
         tmp_path / "repeat",
@@ -147,9 +176,120 @@ def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_
         dataset = pydicom.dcmread(path)
         dataset.AcquisitionNumber = 2
         dataset.save_as(path)
+    return main, repeat
+
+
+def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_path):
+    main, repeat = _series_with_a_repeat_acquisition(tmp_path)
 
     volume = load_series_volume(main.files + repeat.files)
 
     assert volume.hu.shape[0] == 24
     assert [s.sop_instance_uid for s in volume.slices] == main.sop_instance_uids
-    assert volume.notes == ["2 acquisitions in the series: kept the largest (24 of 32 images)"]
+    assert volume.notes == [
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images"
+    ]
+    assert volume.excluded_images == 8
+
+
+def test_partial_series_is_refused_when_partial_volumes_are_not_allowed(tmp_path):
+    main, repeat = _series_with_a_repeat_acquisition(tmp_path)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(main.files + repeat.files, allow_partial=False)
+
+    assert str(error.value) == (
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images; "
+        "a partial series is not processed (inference.partial_series is 'fail')"
+    )
+
+
+def test_missing_rescale_is_assumed_with_a_note(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files[:3]:
+        dataset = pydicom.dcmread(path)
+        del dataset.RescaleSlope, dataset.RescaleIntercept
+        dataset.save_as(path)
+
+    volume = load_series_volume(series.files)
+
+    assert volume.notes == ["RescaleSlope and RescaleIntercept missing on 3 image(s): assumed 1 and 0 (HU as stored)"]
+
+
+def _real_ct_copy(shared_fixtures: Path, folder: Path) -> list[Path]:
+    folder.mkdir()
+    files = []
+    for source in sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")):
+        files.append(folder / source.name)
+        shutil.copyfile(source, files[-1])
+    return files
+
+
+def _replace_codestream(path: Path, change) -> pydicom.Dataset:  # noqa: ANN001
+    """Rewrite the one JPEG 2000 fragment of ``path`` as ``change(codestream)``; returns the data set."""
+    dataset = pydicom.dcmread(path)
+    codestream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    dataset.PixelData = encapsulate([change(codestream)])
+    dataset.save_as(path)
+    return dataset
+
+
+def test_truncated_jpeg2000_codestream_fails_the_series_naming_the_image(shared_fixtures, tmp_path):
+    files = _real_ct_copy(shared_fixtures, tmp_path / "ct")
+    damaged = _replace_codestream(files[5], lambda stream: stream[: len(stream) // 2])
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(files)
+
+    assert str(error.value) == (
+        f"image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) cannot be decoded: "
+        "its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+    )
+
+
+def test_jpeg2000_codestream_of_another_size_fails_the_series_naming_the_image(shared_fixtures, tmp_path):
+    files = _real_ct_copy(shared_fixtures, tmp_path / "ct")
+
+    def halve_the_width(stream: bytes) -> bytes:  # SIZ marker: Xsiz is the 4 bytes after Lsiz and Rsiz
+        siz = stream.index(b"\xff\x51")
+        width = int.from_bytes(stream[siz + 6 : siz + 10], "big")
+        return stream[: siz + 6] + (width // 2).to_bytes(4, "big") + stream[siz + 10 :]
+
+    damaged = _replace_codestream(files[7], halve_the_width)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(files)
+
+    assert str(error.value) == (
+        f"image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) cannot be decoded: "
+        "its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+    )
+
+
+def test_pixel_data_cut_short_in_the_file_fails_the_series_naming_the_image(shared_fixtures, tmp_path):
+    files = _real_ct_copy(shared_fixtures, tmp_path / "ct")
+    victim = pydicom.dcmread(files[2], stop_before_pixels=True)
+    files[2].write_bytes(files[2].read_bytes()[:-40000])
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(files)
+
+    assert str(error.value) == (
+        f"image {victim.InstanceNumber} (SOP Instance UID {victim.SOPInstanceUID}) has incomplete pixel data "
+        "(the file ends inside it)"
+    )
+
+
+def test_non_finite_values_fail_the_series_naming_the_image(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    dataset = pydicom.dcmread(series.files[4])
+    dataset.RescaleSlope = "1e400"  # overflows to infinity
+    dataset.save_as(series.files[4])
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert str(error.value) == (
+        f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID}) has pixel values that are "
+        "not finite numbers after rescaling"
+    )

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from sqlalchemy import select
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db import jobs
 from db.jobs import job_for_series_uid
 from db.models import Instance, Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
@@ -54,7 +55,7 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=120)
     with node.sessions() as session:
         job = job_for_series_uid(session, series.series_instance_uid)
-        assert {"model_load", "load", "predict", "write"} <= set(job.timings)
+        assert {"load", "predict", "write"} <= set(job.timings) and "model_load" not in job.timings  # loaded at start
         assert job.reason.startswith("segmented (baseline, not a trained model): 4 structures")
         folder = Path(job.result_path)
         assert [Path(f).name for f in job.result_files] == ["seg-binary.dcm", "sr-binary.dcm"]  # no RTSTRUCT asked
@@ -69,7 +70,9 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     assert labels.GetSize() == (128, 128, 40)
     np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])
-    measurements = json.loads((folder / "measurements.json").read_text())
+    written = json.loads((folder / "measurements.json").read_text())
+    assert written["algorithm"]["name"] == "dicom-node threshold baseline (not a trained model)"
+    measurements = written["structures"]
     assert set(measurements) == {"body", "lung_left", "lung_right", "skeleton"}
     assert measurements["lung_left"]["mean_hu"] < -700 and measurements["body"]["cut_by_scan_edge"] is True
     description = json.loads((folder / "segmentation.json").read_text())
@@ -78,7 +81,10 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     assert [s["sop_instance_uid"] for s in description["source_instances"]] == series.sop_instance_uids
     assert "model.loaded model=baseline" in node.log()
     shown = node.cli("show", series.series_instance_uid).stdout
-    assert "timings  model_load" in shown and f"results  {folder}" in shown
+    assert "timings  load" in shown and f"results  {folder}" in shown
+    assert "made by  dicom-node threshold baseline (not a trained model)" in shown
+    # the model was loaded when the worker started, before the series came
+    assert node.log().index("model.loaded model=baseline") < node.log().index("job.processing")
 
 
 @pytest.mark.integration
@@ -155,6 +161,25 @@ def test_job_of_a_dead_worker_is_queued_again(worker_setup):
         assert [e.to_state for e in job.events][-3:] == [JobState.QUEUED, JobState.PROCESSING, JobState.DONE]
 
 
+def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_setup):
+    settings, sessions, series = worker_setup
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.PROCESSING
+        job.claimed_by = f"{socket.gethostname()}:999999999"
+        job.stage = "segment"
+        job.worker_deaths = settings.inference.max_worker_deaths - 1
+
+    worker = InferenceWorker(settings, sessions)
+    assert worker.requeue_abandoned_jobs() == 0
+    assert not worker.run_once()  # nothing left to claim: the queue moves on
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == "worker died while processing (2 times): last seen in stage segment"
+
+
 def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(worker_setup, tmp_path):
     settings, sessions, series = worker_setup
     settings.models["ts"] = Settings.model_validate(
@@ -172,31 +197,79 @@ def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(work
         assert "dicom-node weights import FILE.zip" in job.reason
 
 
-def test_results_are_indexed_for_query_retrieve_and_a_rerun_replaces_them(worker_setup):
+def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(worker_setup):
     settings, sessions, series = worker_setup
     settings.results.rtstruct = True
     worker = InferenceWorker(settings, sessions)
 
-    def result_series() -> dict[str, tuple[str, str]]:
+    def result_series(*, superseded: bool) -> dict[str, tuple[str, str]]:
         with sessions() as session:
             rows = session.scalars(select(Series).where(Series.source_job_id.is_not(None))).all()
-            return {s.modality: (s.series_instance_uid, s.instances[0].path) for s in rows}
+            return {
+                s.modality: (s.series_instance_uid, s.instances[0].path)
+                for s in rows
+                if (s.superseded_at is not None) == superseded
+            }
 
     assert worker.run_once()
-    first = result_series()
+    first = result_series(superseded=False)
     assert set(first) == {"SEG", "SR", "RTSTRUCT"}
     for uid, path in first.values():
         assert pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID == uid
 
     with transaction(sessions) as session:
+        jobs.retry(session, session.scalars(select(Job)).one())  # DONE -> COMPLETE
         job = session.scalars(select(Job)).one()
-        job.state = JobState.QUEUED
+        job.state = JobState.QUEUED  # as routing would
     assert worker.run_once()
-    second = result_series()
+
+    second = result_series(superseded=False)
     assert set(second) == {"SEG", "SR", "RTSTRUCT"}
+    assert result_series(superseded=True) == first  # the earlier rows stay, marked superseded
     assert not {uid for uid, _ in first.values()} & {uid for uid, _ in second.values()}
+    for _uid, path in first.values():
+        assert Path(path).exists()  # the earlier files stay retrievable
+    assert {Path(path).parent.name for _uid, path in second.values()} == {"run-2"}
+    seg = pydicom.dcmread(second["SEG"][1], stop_before_pixels=True)
+    sr = pydicom.dcmread(second["SR"][1])
+    assert seg.SeriesDescription == sr.SeriesDescription.replace("Measurements", "Segmentation")
+    assert seg.SeriesDescription.endswith("(re-run 2)")
+    earlier_sr = pydicom.dcmread(first["SR"][1], stop_before_pixels=True)
+    predecessor = sr.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == series.study_instance_uid
+    assert predecessor.ReferencedSeriesSequence[0].SeriesInstanceUID == earlier_sr.SeriesInstanceUID
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        earlier_sr.SOPInstanceUID
+    )
     with sessions() as session:
-        seg = pydicom.dcmread(second["SEG"][1], stop_before_pixels=True)
-        assert "(re-run 2)" in seg.SeriesDescription
-        assert session.scalars(select(Instance).where(Instance.series_id.in_(
-            select(Series.id).where(Series.source_job_id.is_not(None))))).all().__len__() == 3
+        job = session.scalars(select(Job)).one()
+        assert job.result_path == str(settings.jobs_directory / str(job.id))  # all runs: retention removes it whole
+        assert job.reason.endswith(f"results in {Path(second['SEG'][1]).parent}")
+
+
+@pytest.mark.integration
+def test_corrupt_jpeg2000_image_fails_the_series_naming_it(shared_fixtures, tmp_path, start_node):
+    from pydicom.encaps import encapsulate, generate_frames
+
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    files = []
+    for source in sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")):
+        files.append(folder / source.name)
+        files[-1].write_bytes(source.read_bytes())
+    damaged = pydicom.dcmread(files[9])
+    codestream = next(generate_frames(damaged.PixelData, number_of_frames=1))
+    damaged.PixelData = encapsulate([codestream[: len(codestream) * 2 // 3]])  # the codestream is cut short
+    damaged.save_as(files[9])
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, files, extra=["-xv"]).returncode == 0
+
+    node.wait_for_state(damaged.SeriesInstanceUID, JobState.FAILED, timeout=180)
+    assert node.job_reason(damaged.SeriesInstanceUID) == (
+        f"image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) cannot be decoded: "
+        "its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+    )
+    with node.sessions() as session:
+        job = job_for_series_uid(session, damaged.SeriesInstanceUID)
+        assert job.result_path is None and job.stage == "load"  # failed before any inference

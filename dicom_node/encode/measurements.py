@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,12 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
     return results
 
 
-def write_measurements_json(path: Path, measurements: list[StructureMeasurement]) -> None:
-    """The figures of the SR as JSON, keyed by structure name."""
-    payload = {m.name: {k: v for k, v in asdict(m).items() if k != "name"} for m in measurements}
-    path.write_text(json.dumps(payload, indent=2))
+def write_measurements_json(
+    path: Path, measurements: list[StructureMeasurement], algorithm: dict[str, Any] | None = None
+) -> None:
+    """The figures of the SR as JSON: ``{"algorithm": {...}, "structures": {name: {...}}}``.
+
+    ``algorithm`` names what made them (model, version, weights identity).
+    """
+    structures = {m.name: {k: v for k, v in asdict(m).items() if k != "name"} for m in measurements}
+    path.write_text(json.dumps({"algorithm": algorithm or {}, "structures": structures}, indent=2))

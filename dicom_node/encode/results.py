@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
+from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
 from inference.volume import Volume
@@ -32,16 +33,25 @@ def encode_results(
     attempt: int = 1,
     *,
     rtstruct: bool = False,
+    warnings: Sequence[str] = (),
+    partial: bool = False,
+    replaces: Mapping[str, Dataset] | None = None,
 ) -> list[Path]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
     ``measurements`` (from :func:`~dicom_node.encode.measurements.measure`) are the SR's figures.
 
-    Every run makes new series (new UIDs); a re-run says so in its series description,
-    so a PACS shows the newer results beside, not mixed into, the earlier ones.
+    Every run makes new series (new UIDs). A run after the first (``attempt`` > 1) says
+    "(re-run N)" in its series descriptions, and each SR names the SR it replaces
+    (``replaces``: file name -> the earlier run's SR: its study, series, SOP class and instance UIDs) in its Predecessor Documents
+    Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
+    ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
     """
-    algorithm = Algorithm(model.algorithm_name, model.algorithm_version, model.is_baseline)
+    algorithm = Algorithm(
+        model.algorithm_name, model.algorithm_version, model.is_baseline, getattr(model, "is_test_weights", False)
+    )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
+    replaces = replaces or {}
     written = []
     for kind in segmentation_types:
         seg = encode_segmentation(
@@ -50,19 +60,22 @@ def encode_results(
             segmentation.classes,
             algorithm,
             segmentation_type=kind,
-            series_description=algorithm.series_description("Segmentation", attempt),
+            series_description=algorithm.series_description("Segmentation", attempt, partial=partial),
         )
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
-        sr = encode_measurement_report(seg, sources, measurements, algorithm)
-        sr.SeriesDescription = algorithm.series_description("Measurements", attempt)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
+        earlier = [replaces[sr_path.name]] if sr_path.name in replaces else []
+        sr = encode_measurement_report(
+            seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier
+        )
+        sr.SeriesDescription = algorithm.series_description("Measurements", attempt, partial=partial)
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
-    if rtstruct and all(ref.frame_number is None for ref in volume.slices):  # contours reference single-frame images
+    if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         rtstruct = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_description=algorithm.series_description("Structures", attempt),
+            series_description=algorithm.series_description("Structures", attempt, partial=partial),
         )
         rtstruct_path = folder / "rtstruct.dcm"
         rtstruct.save_as(rtstruct_path, enforce_file_format=True)
@@ -72,16 +85,36 @@ def encode_results(
 
 
 def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
-    """Source headers in the order highdicom needs, and the label map's frames in that order."""
+    """Source headers in the order highdicom needs, and the label map's frames in that order.
+
+    Single-frame sources: one header per slice, in slice order, with ``labels`` as is.
+    One multi-frame source (Enhanced or Legacy Converted Enhanced CT): its header, and
+    one label frame per source frame in source-frame order (frames the volume did not
+    use stay empty and are left out of the SEG).
+
+    Raises
+    ------
+    EncodingError
+        If the slices come from several multi-frame instances (highdicom references
+        the frames of one multi-frame source only), or from a mix of single- and
+        multi-frame instances.
+    """
     headers: dict[str, Dataset] = {}
     for path in volume.source_paths:
         header = dcmread(path, stop_before_pixels=True)
         headers[str(header.SOPInstanceUID)] = header
     if all(ref.frame_number is None for ref in volume.slices):
-        return [headers[ref.sop_instance_uid] for ref in volume.slices], labels
+        sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
+        text_in_utf8(sources[0])  # the results copy patient and study text from the first source
+        return sources, labels
     if len(headers) != 1:
-        raise EncodingError("a volume from several multi-frame instances cannot be encoded yet")
-    frames = np.zeros_like(labels)
+        raise EncodingError(
+            f"the slices come from {len(headers)} instances, at least one of them multi-frame: results can "
+            "reference the frames of one multi-frame instance only; send the series as one Enhanced CT "
+            "instance or as single-frame CT images"
+        )
+    (header,) = headers.values()
+    frames = np.zeros((int(header.get("NumberOfFrames", 1)), *labels.shape[1:]), dtype=labels.dtype)
     for index, ref in enumerate(volume.slices):
         frames[ref.frame_number - 1] = labels[index]
-    return list(headers.values()), frames
+    return [text_in_utf8(header)], frames

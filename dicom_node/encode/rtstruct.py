@@ -3,10 +3,11 @@
 One ROI per structure, CLOSED_PLANAR contours per slice (traced at the half-voxel
 boundary with marching squares inside the structure's bounding box, simplified
 within a quarter of a pixel by Douglas-Peucker run on all of a slice's contours at
-once), every contour referencing its CT image. Decimal strings are written at fixed
-precision, already encoded, so none exceeds the 16 characters DS allows and
-pydicom does not parse millions of them back; every Type 1 and 2 attribute of the
-RT Structure Set IOD is present.
+once), every contour referencing its CT image (or, for a multi-frame source such as
+Enhanced CT, its image and frame number). Text is written in UTF-8 (``ISO_IR 192``).
+Decimal strings are written at fixed precision, already encoded, so none exceeds the
+16 characters DS allows and pydicom does not parse millions of them back; every Type 1
+and 2 attribute of the RT Structure Set IOD is present.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from skimage import measure
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.seg import Algorithm
+from dicom_node.encode.sources import RESULT_CHARACTER_SET
 from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
-from inference.volume import Volume
+from inference.volume import SliceRef, Volume
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CONTOUR_DATA = Tag(0x3006, 0x0050)
@@ -50,13 +52,17 @@ def encode_rtstruct(
     series_number: int = 9703,
     series_description: str | None = None,
 ) -> Dataset:
-    """An RT Structure Set for ``labels`` (``[slice, row, column]``, slices as ``volume.slices``)."""
+    """An RT Structure Set for ``labels`` (``[slice, row, column]``, slices as ``volume.slices``).
+
+    ``source_images`` give the patient, study and frame of reference (their first item);
+    the contours reference the images and frames ``volume.slices`` name.
+    """
     first = source_images[0]
     now = datetime.now()
     dataset = _file_dataset()
     for keyword in PATIENT_STUDY_KEYWORDS:
         setattr(dataset, keyword, first.get(keyword, ""))
-    dataset.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    dataset.SpecificCharacterSet = RESULT_CHARACTER_SET
     dataset.FrameOfReferenceUID = first.FrameOfReferenceUID
     dataset.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     dataset.Modality = "RTSTRUCT"
@@ -72,7 +78,7 @@ def encode_rtstruct(
     dataset.InstanceCreationTime = dataset.StructureSetTime = now.strftime("%H%M%S")
     dataset.StructureSetLabel = "AUTOSEG"
     dataset.StructureSetName = algorithm.name[:64]
-    dataset.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_of_reference(first, source_images)])
+    dataset.ReferencedFrameOfReferenceSequence = DicomSequence([_frame_of_reference(first, volume.slices)])
     boxes = ndimage.find_objects(labels)  # one pass: each label's bounding box, or None when absent
     present = [label for label in sorted(classes) if 0 < label <= len(boxes) and boxes[label - 1] is not None]
     frame_of_reference = str(first.FrameOfReferenceUID)
@@ -84,7 +90,7 @@ def encode_rtstruct(
         dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         box = boxes[label - 1]
         dataset.ROIContourSequence.append(
-            _roi_contours(number, name, labels[box] == label, box, volume, source_images)
+            _roi_contours(number, name, labels[box] == label, box, volume)
         )
         dataset.RTROIObservationsSequence.append(_observation(number))
     for roi in dataset.ROIContourSequence:
@@ -107,16 +113,10 @@ def _file_dataset() -> Dataset:
     return dataset
 
 
-def _frame_of_reference(first: Dataset, source_images: Sequence[Dataset]) -> Dataset:
-    images = DicomSequence()
-    for image in source_images:
-        item = Dataset()
-        item.ReferencedSOPClassUID = image.SOPClassUID
-        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
-        images.append(item)
+def _frame_of_reference(first: Dataset, slices: Sequence[SliceRef]) -> Dataset:
     series = Dataset()
     series.SeriesInstanceUID = first.SeriesInstanceUID
-    series.ContourImageSequence = images
+    series.ContourImageSequence = DicomSequence([_image_reference(ref) for ref in slices])
     study = Dataset()
     study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired), as RT requires
     study.ReferencedSOPInstanceUID = first.StudyInstanceUID
@@ -147,7 +147,7 @@ def _observation(number: int) -> Dataset:
 
 
 def _roi_contours(
-    number: int, name: str, mask: np.ndarray, box: tuple[slice, ...], volume: Volume, source_images: Sequence[Dataset]
+    number: int, name: str, mask: np.ndarray, box: tuple[slice, ...], volume: Volume
 ) -> Dataset:
     """Contours of ``mask``, the structure within its bounding ``box`` of the label map."""
     item = Dataset()
@@ -161,17 +161,24 @@ def _roi_contours(
         rows_columns = points + offset
         indices = np.column_stack([rows_columns[:, 1], rows_columns[:, 0], np.full(len(points), k)])
         patient = volume.origin + (indices * volume.spacing) @ volume.direction.T
-        item.ContourSequence.append(_contour(patient, source_images[k]))
+        item.ContourSequence.append(_contour(patient, volume.slices[k]))
     return item
 
 
-def _contour(patient: np.ndarray, image: Dataset) -> Dataset:
-    """One CLOSED_PLANAR contour item (points in patient mm) on ``image``."""
+def _image_reference(ref: SliceRef) -> Dataset:
+    """A Contour Image Sequence item: the image, and its frame number for a multi-frame image."""
     reference = Dataset()
-    reference.ReferencedSOPClassUID = image.SOPClassUID
-    reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    reference.ReferencedSOPClassUID = ref.sop_class_uid
+    reference.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    if ref.frame_number is not None:
+        reference.ReferencedFrameNumber = ref.frame_number
+    return reference
+
+
+def _contour(patient: np.ndarray, image: SliceRef) -> Dataset:
+    """One CLOSED_PLANAR contour item (points in patient mm) on ``image`` (a slice of the volume)."""
     contour = Dataset()
-    contour.ContourImageSequence = DicomSequence([reference])
+    contour.ContourImageSequence = DicomSequence([_image_reference(image)])
     contour.ContourGeometricType = "CLOSED_PLANAR"
     contour.NumberOfContourPoints = len(patient)
     contour[CONTOUR_DATA] = _decimal_strings(CONTOUR_DATA, patient.ravel())

@@ -34,6 +34,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.fast_write import save_preencoded
+from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
 SegmentationType = Literal["BINARY", "LABELMAP"]
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # algorithm family (CID 7162)
@@ -45,14 +46,30 @@ SMALL_UNSIGNED = (np.uint8, np.uint16)  # label dtypes counted with np.bincount
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    version: str
+    version: str  # for trained models the weights' identity: dataset ids and SHA-256
     is_baseline: bool
+    test_weights: bool = False  # synthetic/untrained weights: every description says so
 
-    def series_description(self, what: str, attempt: int = 1) -> str:
-        """E.g. "Segmentation <name> (baseline) (re-run 2)"; the name is shortened, never the suffixes, to fit 64 characters."""
+    def series_description(self, what: str, attempt: int = 1, *, partial: bool = False) -> str:
+        """E.g. "Segmentation <name> (baseline) PARTIAL (re-run 2)", within 64 characters.
+
+        ``partial``: the result covers less than the whole series; ``attempt``: the run
+        of the job that made it (a run after the first replaces the earlier result).
+        The name is shortened, never the markers: first its trailing parenthesis
+        goes, then words from its end.
+        """
         suffix = " (baseline)" if self.is_baseline and "baseline" not in self.name else ""
+        suffix += " TEST WEIGHTS" if self.test_weights else ""
+        suffix += " PARTIAL" if partial else ""
         suffix += f" (re-run {attempt})" if attempt > 1 else ""
-        return f"{what} {self.name}"[: 64 - len(suffix)] + suffix
+        room = 64 - len(suffix)
+        head = f"{what} {self.name}"
+        if len(head) > room and " (" in self.name:
+            head = f"{what} {self.name.split(' (')[0]}"
+        if len(head) > room:
+            words = head[: room + 1].rsplit(" ", 1)[0]
+            head = words if len(words) > len(what) else head[:room]
+        return head + suffix
 
 
 @dataclass(frozen=True)
@@ -115,15 +132,24 @@ def encode_segmentation(
 ) -> EncodedSegmentation:
     """Build the SEG for ``labels`` (``[slice, row, column]``, slices in ``source_images`` order).
 
+    ``source_images`` are single-frame images, one per slice, or exactly one multi-frame
+    image (Enhanced or Legacy Converted Enhanced CT) with one slice of ``labels`` per
+    frame, in frame order: each SEG frame then references its source frame
+    (DerivationImageSequence, ReferencedFrameNumber). The SEG's text is in UTF-8
+    (``ISO_IR 192``): the sources' names are copied as decoded text.
+
     Raises
     ------
     ValueError
         If the label map does not match the source images, or no structure is present.
     """
-    if len(source_images) != labels.shape[0] or any(
+    if source_frame_count(source_images) != labels.shape[0] or any(
         (int(ds.Rows), int(ds.Columns)) != labels.shape[1:] for ds in source_images
     ):
-        raise ValueError(f"label map {labels.shape} does not match the {len(source_images)} source images")
+        raise ValueError(
+            f"the label map's {labels.shape[0]} slices of {labels.shape[1]} x {labels.shape[2]} pixels do not match "
+            f"the {source_frame_count(source_images)} source image frames"
+        )
     values = label_values(labels)
     present = [int(v) for v in values if v != 0 and int(v) in classes]
     if not present:
@@ -147,9 +173,17 @@ def encode_segmentation(
         content_label="SEGMENTATION",
         transfer_syntax_uid=COMPRESSION[segmentation_type] if compress else ExplicitVRLittleEndian,
         omit_empty_frames=True,
+        specific_character_set=RESULT_CHARACTER_SET,
     )
     dataset.SeriesDescription = description[:64]
     return EncodedSegmentation(dataset, {number: label for number, label in enumerate(present, start=1)})
+
+
+def source_frame_count(source_images: Sequence[Dataset]) -> int:
+    """Frames of the sources: one per single-frame image, NumberOfFrames of one multi-frame image."""
+    if len(source_images) == 1 and "NumberOfFrames" in source_images[0]:
+        return int(source_images[0].NumberOfFrames)
+    return len(source_images)
 
 
 def label_values(labels: np.ndarray) -> np.ndarray:

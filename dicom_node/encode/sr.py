@@ -19,6 +19,7 @@ from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.seg import Algorithm, EncodedSegmentation
+from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -35,8 +36,16 @@ def encode_measurement_report(
     algorithm: Algorithm,
     *,
     series_number: int = 9702,
+    notes: Sequence[str] = (),
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments."""
+    """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments.
+
+    ``notes`` (the job's warnings) become one TEXT content item "Comment" under the
+    report's root, so a reader of the SR sees what the result does not cover.
+    ``previous_versions`` (headers of the SRs this one replaces) go into the
+    Predecessor Documents Sequence (0040,A360).
+    """
     by_label = {m.label: m for m in measurements}
     seg = segmentation.dataset
     groups = []
@@ -59,6 +68,8 @@ def encode_measurement_report(
         procedure_reported=codes.SCT.ComputedTomography,
         imaging_measurements=groups,
     )
+    if notes:
+        report[0].ContentSequence.append(note_item(notes))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, seg],
         content=report,
@@ -69,10 +80,20 @@ def encode_measurement_report(
         manufacturer=MANUFACTURER,
         is_complete=True,
         record_evidence=True,
+        specific_character_set=RESULT_CHARACTER_SET,
+        previous_versions=list(previous_versions) or None,
     )
     sr.SeriesDescription = algorithm.series_description("Measurements")
     sr.SoftwareVersions = __version__
     return sr
+
+
+def note_item(notes: Sequence[str]) -> hd.sr.TextContentItem:
+    """A TEXT content item (121106, DCM, "Comment") holding the result's caveats, numbered."""
+    text = "Read with care: " + " ".join(f"({n}) {note}" for n, note in enumerate(notes, start=1))
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=text[:65534], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
 
 
 def _structure_group(

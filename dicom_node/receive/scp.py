@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -53,11 +54,13 @@ from dicom_node.retrieve.scp import handlers as retrieve_handlers
 
 LOG = logging.getLogger(__name__)
 
-ACCEPTED_TRANSFER_SYNTAXES: list[UID] = [
+NATIVE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+)
+COMPRESSED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEGLosslessSV1,
     JPEGLossless,
     JPEGLSLossless,
@@ -70,8 +73,31 @@ ACCEPTED_TRANSFER_SYNTAXES: list[UID] = [
     RLELossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-]
-"""Transfer syntaxes accepted as sent: the node stores the bytes it received, never transcodes."""
+)
+EIGHT_BIT_ONLY_DECODERS: dict[UID, frozenset[str]] = {JPEGExtended12Bit: frozenset({"gdcm", "pillow"})}
+"""pydicom decoder plugins that refuse 12-bit samples of a syntax (pydicom 3: "does not support 'JPEG Extended' for
+samples with 12-bit precision"); CT in JPEG Extended is 12-bit, so they do not count as a decoder for it."""
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """The uncompressed syntaxes and Deflate, then each compressed syntax an installed decoder can read for CT.
+
+    A compressed syntax counts when one of pydicom's decoder plugins for it is
+    installed (``pydicom.pixels.get_decoder(uid).available_plugins``) and decodes
+    12- to 16-bit samples. Any other syntax is not negotiated, so a sender falls
+    back to an uncompressed one instead of storing images that no stage can read.
+    """
+    decodable = list(NATIVE_TRANSFER_SYNTAXES)
+    for syntax in COMPRESSED_TRANSFER_SYNTAXES:
+        decoder = get_decoder(syntax)
+        plugins = set(decoder.available_plugins) - EIGHT_BIT_ONLY_DECODERS.get(syntax, frozenset())
+        if decoder.is_available and plugins:
+            decodable.append(syntax)
+    return decodable
+
+
+ACCEPTED_TRANSFER_SYNTAXES: list[UID] = decodable_transfer_syntaxes()
+"""Transfer syntaxes accepted as sent: the node stores the bytes it received, never transcodes; only those it can decode."""
 
 REACTOR_POLL_SECONDS = 0.0002
 """pynetdicom's DUL reactor sleeps this long when idle (its default 1 ms adds a delay to every response)."""

@@ -26,17 +26,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 from pydicom.uid import UID
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import InstanceRecord, RecordOutcome, record_instance, recorded_path
+from db.ingest import InstanceRecord, RecordOutcome, record_instance, record_rejection, recorded_path
 from db.models import Instance, Series
 from db.session import transaction
-from dicom_node import __version__
+from dicom_node import __version__, status
 from dicom_node.logs import log_event
-from dicom_node.receive.header import check_header, is_valid_uid
+from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
@@ -250,7 +252,26 @@ def commit_instance(
 class RepairReport:
     partial_files_removed: int = 0
     instances_indexed: int = 0
-    unreadable_files: int = 0
+    unreadable_files: int = 0  # files that could not be indexed: moved to quarantine, with a rejected_instances row
+
+
+INTEGER_RANGE = (-(2**31), 2**31 - 1)
+"""DICOM IS values (and the database's integer columns) are 32-bit signed."""
+INTEGER_ATTRIBUTES = {
+    "SeriesNumber": lambda h: h.series.series_number,
+    "ImagesInAcquisition": lambda h: h.series.expected_instances,
+    "InstanceNumber": lambda h: h.instance_number,
+    "NumberOfFrames": lambda h: h.number_of_frames,
+}
+
+
+class UnindexableFile(Exception):
+    """A stored file that cannot be recorded; ``reason`` says why, for the operator."""
+
+    def __init__(self, reason: str, dataset: object | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.dataset = dataset
 
 
 def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairReport:
@@ -258,8 +279,10 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
 
     Partial files are removed. An instance file on disk but not in the database
     (the process died between the rename and the commit) is indexed, so nothing
-    that reached the disk is lost. Only series folders whose file count differs
-    from the database are read.
+    that reached the disk is lost. A file that cannot be indexed (unreadable, or
+    with values the database cannot hold) is moved to quarantine with a
+    ``rejected_instances`` row and a log line, so start-up never fails on data.
+    Only series folders whose file count differs from the database are read.
     """
     report = RepairReport(partial_files_removed=store.remove_partial_files())
     with sessions() as session:
@@ -276,28 +299,96 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
             )
         for path in files:
             if str(path) not in known:
-                if _index_file(path, sessions):
+                if _index_file(path, store, sessions):
                     report.instances_indexed += 1
                 else:
                     report.unreadable_files += 1
     return report
 
 
-def _index_file(path: Path, sessions: sessionmaker[Session]) -> bool:
+def _index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
+    """Record one stored file found at start-up; a file that cannot be recorded goes to quarantine."""
     try:
-        dataset = dcmread(path, stop_before_pixels=True)
-        header = check_header(dataset, dataset.file_meta.MediaStorageSOPClassUID, dataset.file_meta.MediaStorageSOPInstanceUID)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and kept
-        log_event(LOG, logging.ERROR, "repair.unreadable_file", path=str(path), error=str(exc))
+        dataset, header = _read_stored_header(path)
+        meta = dataset.file_meta
+        record = header.record(
+            meta.TransferSyntaxUID, str(path), path.stat().st_size, meta.get("SourceApplicationEntityTitle")
+        )
+        try:
+            with transaction(sessions) as session:
+                record_instance(session, record)
+        except OperationalError:
+            raise  # the database itself is unavailable (locked, gone): not this file's fault
+        except Exception as exc:  # noqa: BLE001 - a value the database refuses must not stop start-up
+            LOG.error("repair.database_refused_file", exc_info=True, extra={"event_fields": {"path": str(path)}})
+            raise UnindexableFile("the database refused its values (see the log at start-up)", dataset) from exc
+    except UnindexableFile as refused:
+        _quarantine_stored_file(path, refused, store, sessions)
         return False
-    meta = dataset.file_meta
-    record = header.record(
-        meta.TransferSyntaxUID, str(path), path.stat().st_size, meta.get("SourceApplicationEntityTitle")
-    )
-    with transaction(sessions) as session:
-        record_instance(session, record)
     log_event(LOG, logging.WARNING, "repair.indexed_file", path=str(path), sop_instance_uid=header.sop_instance_uid)
     return True
+
+
+def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
+    try:
+        dataset = dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is reported and kept in quarantine
+        raise UnindexableFile("not a readable DICOM file") from None
+    try:
+        meta = dataset.file_meta
+        header = check_header(dataset, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID)
+    except InvalidInstance as exc:
+        raise UnindexableFile(str(exc), dataset) from None
+    except Exception:  # noqa: BLE001 - e.g. no file meta information
+        raise UnindexableFile("its file meta information is missing or unreadable", dataset) from None
+    for keyword, value_of in INTEGER_ATTRIBUTES.items():
+        value = value_of(header)
+        if value is not None and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
+            written = getattr(dataset.get(keyword), "original_string", None) or value  # as in the file, not as parsed
+            raise UnindexableFile(
+                f"{keyword} {written} is out of range (DICOM integers are -2147483648 to 2147483647)", dataset
+            )
+    return dataset, header
+
+
+def _quarantine_stored_file(
+    path: Path, refused: UnindexableFile, store: InstanceStore, sessions: sessionmaker[Session]
+) -> None:
+    """Move a file that cannot be indexed to quarantine, record why, and log it."""
+    with store._quarantine_lock:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = store.quarantine_dir / f"{stamp}-{next(store._counter)}.dcm"
+    os.replace(path, target)
+    dataset = refused.dataset
+    meta = getattr(dataset, "file_meta", None)
+    reason = f"found in storage at start-up and not indexed: {refused.reason}"
+    with transaction(sessions) as session:
+        record_rejection(
+            session,
+            status=status.PROCESSING_FAILURE,
+            reason=reason,
+            path=str(target),
+            sop_instance_uid=_uid_or_none(meta, "MediaStorageSOPInstanceUID"),
+            sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID"),
+            transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
+            calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
+        )
+    log_event(LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason)
+
+
+def _uid_or_none(meta: object, keyword: str) -> str | None:
+    value = _text_or_none(meta, keyword)
+    return value if is_valid_uid(value) else None
+
+
+def _text_or_none(meta: object, keyword: str) -> str | None:
+    try:
+        value = meta.get(keyword) if meta is not None else None  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a malformed meta element is no reason to fail
+        return None
+    if value is None:
+        return None
+    return str(value).strip()[:64] or None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from inference.volume import Volume
+from inference.weights import WeightsIdentity
 
 
 @dataclass
@@ -24,8 +25,10 @@ class SegmentationModel(Protocol):
     """What the worker needs of a model; models are loaded once and reused for every job."""
 
     algorithm_name: str
-    algorithm_version: str
+    algorithm_version: str  # for trained models: the weights' identity (dataset ids and SHA-256)
     is_baseline: bool
+    is_test_weights: bool  # the weights describe themselves as synthetic/untrained: never clinical
+    weights: WeightsIdentity | None  # None for models without weights (the baseline)
     classes: dict[int, str]
 
     def segment(self, volume: Volume) -> Segmentation: ...

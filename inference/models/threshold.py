@@ -28,6 +28,8 @@ class ThresholdModel:
     algorithm_name = "dicom-node threshold baseline (not a trained model)"
     algorithm_version = __version__
     is_baseline = True
+    is_test_weights = False
+    weights = None
     classes = CLASSES
 
     def segment(self, volume: Volume) -> Segmentation:

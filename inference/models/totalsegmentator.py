@@ -17,16 +17,22 @@ voxel-identical to TotalSegmentator's (tests/test_totalsegmentator_parity.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from inference.models import ModelUnavailable, Segmentation
+from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
-from inference.weights import WeightsMissing, model_folders
+from inference.weights import WeightsCorrupt, WeightsMissing, identify, model_folders
 
+LOG = logging.getLogger(__name__)
 TASK_SPACING_MM = {"total": 1.5, "total_fast": 3.0}
 
 
@@ -46,12 +52,14 @@ class TotalSegmentatorModel:
     ) -> None:
         try:
             folders = model_folders(task, weights_directory)
-        except WeightsMissing as exc:
+            self.weights = identify(task, folders)
+        except (WeightsMissing, WeightsCorrupt) as exc:
             raise ModelUnavailable(str(exc)) from None
         try:
-            import torch
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-            from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+            with _quiet():  # nnU-Net prints path notices at import; they are not ours to show
+                import torch
+                from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+                from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
         except ImportError as exc:
             raise ModelUnavailable(
                 f"the totalsegmentator model needs torch, nnunetv2 and totalsegmentator installed: {exc}"
@@ -62,22 +70,31 @@ class TotalSegmentatorModel:
         torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.classes: dict[int, str] = dict(class_map["total"])
         self.algorithm_name = f"TotalSegmentator {task}"
-        self.algorithm_version = _package_version("totalsegmentator")
+        # The weights, not the Python package, decide what a result says: name them exactly.
+        self.algorithm_version = self.weights.version
+        self.software_versions = {
+            "totalsegmentator": _package_version("totalsegmentator"),
+            "nnunetv2": _package_version("nnunetv2"),
+            "torch": _package_version("torch"),
+        }
+        self.is_test_weights = self.weights.test_weights
         self.predictors = []
         for folder in folders:
-            predictor = nnUNetPredictor(
-                tile_step_size=tile_step_size,
-                use_gaussian=True,
-                use_mirroring=False,
-                perform_everything_on_device=True,
-                device=self.device,
-                verbose=False,
-                verbose_preprocessing=False,
-                allow_tqdm=False,
-            )
-            predictor.initialize_from_trained_model_folder(
-                str(folder.path), use_folds=[0], checkpoint_name="checkpoint_final.pth"
-            )
+            with _quiet():  # "perform_everything_on_device ... only supported for cuda" on CPU
+                predictor = nnUNetPredictor(
+                    tile_step_size=tile_step_size,
+                    use_gaussian=True,
+                    use_mirroring=False,
+                    perform_everything_on_device=True,
+                    device=self.device,
+                    verbose=False,
+                    verbose_preprocessing=False,
+                    allow_tqdm=False,
+                )
+            try:
+                initialize_predictor(predictor, folder.path)
+            except UnsafeWeights as exc:
+                raise ModelUnavailable(str(exc)) from None
             lookup = None
             if task == "total":
                 part = map_taskid_to_partname_ct[folder.dataset_id]
@@ -121,6 +138,17 @@ class TotalSegmentatorModel:
         labels = np.asanyarray(original.dataobj).astype(np.uint8).transpose(2, 1, 0)
         timings["postprocess"] = time.perf_counter() - started
         return Segmentation(np.ascontiguousarray(labels), dict(self.classes), timings)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep a library's prints off the node's output; they go to the DEBUG log instead."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        yield
+    for line in captured.getvalue().splitlines():
+        if line.strip():
+            LOG.debug("library output: %s", line.strip())
 
 
 def _choose_device(torch, device: str):  # noqa: ANN001, ANN202

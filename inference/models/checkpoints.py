@@ -1,0 +1,139 @@
+"""Loading nnU-Net model folders without running code from them.
+
+nnU-Net's own ``initialize_from_trained_model_folder`` unpickles the checkpoint with
+``torch.load(weights_only=False)``: a crafted ``checkpoint_final.pth`` would run its
+code inside the worker. Here the checkpoint is read with ``weights_only=True`` and an
+explicit allow-list of the few non-tensor types real nnU-Net checkpoints hold (numpy
+scalars in the training log), and the network classes that ``plans.json`` names are
+checked to come from the network packages before nnU-Net imports them. Anything else
+is refused with :class:`UnsafeWeights`; the predictor is then set up with nnU-Net's
+``manual_initialization`` exactly as its own loader would.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+ALLOWED_CLASS_PREFIXES = ("torch.nn.", "dynamic_network_architectures.")
+"""Where the classes a plans.json names (network, convolution, norm, nonlinearity) may come from."""
+
+
+class UnsafeWeights(RuntimeError):
+    """A weights folder holds something other than weights and plans; it is not loaded."""
+
+
+def _allowed_globals() -> list[Any]:
+    import numpy as np
+
+    allowed: list[Any] = [np.dtype]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = __import__(module_name, fromlist=["scalar"])
+            allowed.append(module.scalar)
+            break
+        except (ImportError, AttributeError):
+            continue
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType") if hasattr(dtypes, name)]
+    return allowed
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read an nnU-Net checkpoint as data only.
+
+    Raises
+    ------
+    UnsafeWeights
+        If the file needs any Python object outside the allow-list to load (it could run code),
+        or is not a checkpoint at all.
+    """
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = _blocked_name(str(exc))
+        raise UnsafeWeights(
+            f"{path} holds Python objects other than weights{f' ({blocked})' if blocked else ''}; loading it "
+            "could run code, so it was refused. Use the published TotalSegmentator weights."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UnsafeWeights(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    if not isinstance(checkpoint, dict) or not {"network_weights", "trainer_name", "init_args"} <= set(checkpoint):
+        raise UnsafeWeights(f"{path} is not an nnU-Net checkpoint (network_weights, trainer_name or init_args missing)")
+    return checkpoint
+
+
+def check_network_classes(configuration_manager: Any, path: Path) -> None:
+    """Refuse plans whose network description names classes outside the network packages.
+
+    nnU-Net imports these names and calls them while building the network, so a plans.json
+    naming any other callable could run it.
+    """
+    kwargs = configuration_manager.network_arch_init_kwargs or {}
+    names = [configuration_manager.network_arch_class_name]
+    names += [kwargs.get(key) for key in configuration_manager.network_arch_init_kwargs_req_import or ()]
+    for name in names:
+        if name is not None and not str(name).startswith(ALLOWED_CLASS_PREFIXES):
+            raise UnsafeWeights(
+                f"{path} names the class {str(name)!r}, which is not a network building block "
+                f"(allowed: {', '.join(ALLOWED_CLASS_PREFIXES)}); the model was not loaded"
+            )
+
+
+def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> None:
+    """Set up an ``nnUNetPredictor`` from a trainer folder (fold 0), as nnU-Net would, without unpickling code."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text())
+    checkpoint = load_checkpoint(folder / "fold_0" / checkpoint_name)
+    configuration_name = checkpoint["init_args"]["configuration"]
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration_name)
+    check_network_classes(configuration_manager, folder / "plans.json")
+    trainer_name = str(checkpoint["trainer_name"])
+    trainer_class = recursive_find_python_class(
+        str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"), trainer_name, "nnunetv2.training.nnUNetTrainer"
+    )
+    if trainer_class is None:
+        raise UnsafeWeights(f"{folder}: the checkpoint's trainer {trainer_name!r} is not one nnU-Net provides")
+    network = trainer_class.build_network_architecture(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        enable_deep_supervision=False,
+    )
+    parameters = [checkpoint["network_weights"]]
+    network.load_state_dict(parameters[0])
+    predictor.manual_initialization(
+        network,
+        plans_manager,
+        configuration_manager,
+        parameters,
+        dataset_json,
+        trainer_name,
+        checkpoint.get("inference_allowed_mirroring_axes"),
+    )
+
+
+def _blocked_name(message: str) -> str | None:
+    for line in message.splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ").strip()
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "unreadable"

@@ -1,0 +1,120 @@
+"""Any Specific Character Set in the source: results carry the names in UTF-8 (ISO_IR 192) and never fail for it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from dicom_node.encode.sources import RESULT_CHARACTER_SET, read_source_header
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import CT_RULES, dciodvfy, storescu
+
+SMALL = PhantomSpec(rows=64, columns=64, slices=20, pixel_spacing=(6.0, 6.0), slice_spacing=8.0, noise_sd=5.0)
+KANJI = "Yamada^Tarou=山田^太郎=やまだ^たろう"  # PS3.5 H.3.1
+KATAKANA = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"  # PS3.5 H.3.2
+CASES = {
+    "japanese-kanji": ("\\ISO 2022 IR 87", KANJI),
+    "japanese-katakana-and-kanji": ("ISO 2022 IR 13\\ISO 2022 IR 87", KATAKANA),
+    "korean": ("\\ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동"),
+    "chinese-gb18030": ("GB18030", "Wang^XiaoDong=王^小东"),
+    "greek": ("ISO_IR 126", "Διονυσιος"),
+    "undefined-value": ("ISO_IR 999", "Muller^Jurgen"),
+}
+
+
+@pytest.mark.parametrize("character_set, name", CASES.values(), ids=CASES.keys())
+def test_source_text_is_decoded_and_redeclared_as_utf8(tmp_path, character_set, name):
+    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set=character_set,
+                                                        patient_name=name))
+
+    header = read_source_header(series.files[0])
+    written = tmp_path / "copy.dcm"
+    header.save_as(written)
+
+    assert header.SpecificCharacterSet == RESULT_CHARACTER_SET
+    reread = pydicom.dcmread(written)
+    assert reread.SpecificCharacterSet == RESULT_CHARACTER_SET
+    assert str(reread.PatientName) == name
+
+
+def test_undefined_character_set_is_read_as_latin1_with_a_warning_naming_the_instance(tmp_path, caplog):
+    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set="ISO_IR 999"))
+    path = series.files[0]
+    ds = pydicom.dcmread(path)
+    ds["PatientName"].value = "Müller^Jürgen".encode("latin-1")  # what a sender with a wrong label writes
+    ds.save_as(path)
+
+    with caplog.at_level(logging.WARNING):
+        header = read_source_header(path)
+
+    assert str(header.PatientName) == "Müller^Jürgen"
+    [record] = [r for r in caplog.records if r.getMessage() == "source.character_set_undefined"]
+    fields = record.event_fields
+    assert fields["sop_instance_uid"] == series.sop_instance_uids[0]
+    assert fields["detail"] == (
+        "Specific Character Set 'ISO_IR 999' is not one DICOM defines: its text was read as Latin-1 (ISO_IR 100); "
+        "the results are written in UTF-8 (ISO_IR 192)"
+    )
+    assert "Müller" not in str(fields)  # never the patient's name in the log
+
+
+def test_text_that_does_not_decode_is_replaced_with_a_warning(tmp_path, caplog):
+    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set="ISO_IR 192"))
+    path = series.files[0]
+    ds = pydicom.dcmread(path)
+    ds["PatientName"].value = b"M\xfcller^J\xfcrgen"  # Latin-1 bytes in a UTF-8 data set
+    ds.save_as(path)
+
+    with caplog.at_level(logging.WARNING):
+        header = read_source_header(path)
+
+    assert str(header.PatientName).startswith("M") and "ller^J" in str(header.PatientName)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == ["source.text_not_decodable"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "character_set, name",
+    [CASES["japanese-kanji"], CASES["japanese-katakana-and-kanji"], CASES["undefined-value"]],
+    ids=["japanese-kanji", "japanese-katakana-and-kanji", "undefined-value"],
+)
+def test_series_in_any_character_set_goes_done_with_utf8_results(tmp_path, start_node, character_set, name):
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(**{**SMALL.__dict__, "character_set": character_set,
+                                                                  "patient_name": name}))
+    node = start_node(rules=CT_RULES, inference={"workers": 1}, results={"rtstruct": True})
+
+    assert storescu(node.port, series.files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+    with node.sessions() as session:
+        files = [Path(f) for f in job_for_series_uid(session, series.series_instance_uid).result_files]
+    assert sorted(f.name for f in files) == ["rtstruct.dcm", "seg-binary.dcm", "sr-binary.dcm"]
+    for path in files:
+        result = pydicom.dcmread(path)
+        assert result.SpecificCharacterSet == RESULT_CHARACTER_SET
+        assert str(result.PatientName) == name
+        errors, _warnings = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+    assert ("source.character_set_undefined" in node.log()) == (character_set == "ISO_IR 999")
+
+
+@pytest.mark.parametrize(
+    "character_set, read_as",
+    [("ISO-IR 126", "ISO_IR 126"), ("ISO 2022-IR 87", "ISO 2022 IR 87"), ("ISO_IR 999", "Latin-1 (ISO_IR 100)")],
+)
+def test_undefined_value_warning_says_how_the_text_was_read(tmp_path, caplog, character_set, read_as):
+    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1))
+    ds = pydicom.dcmread(series.files[0])
+    ds.SpecificCharacterSet = character_set
+    ds.save_as(series.files[0])
+
+    with caplog.at_level(logging.WARNING):
+        read_source_header(series.files[0])
+
+    [record] = [r for r in caplog.records if r.getMessage() == "source.character_set_undefined"]
+    assert f"its text was read as {read_as};" in record.event_fields["detail"]

@@ -1,0 +1,133 @@
+"""Honest results: what a result leaves out is visible where a radiologist looks, and a re-run supersedes.
+
+Every test runs a real node (`dicom-node serve` with one inference worker) and sends
+with DCMTK storescu; the results are read back from the node's job folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.jobs import job_for_series_uid
+from db.models import Instance, JobState, Series
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import CT_RULES, dciodvfy, storescu
+
+pytestmark = pytest.mark.integration
+
+SPEC = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(4.0, 4.0), slice_spacing=5.0, noise_sd=5.0)
+LOCALIZER_WARNING = "1 localizer image(s) left out of the volume"
+PARTIAL_WARNING = "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 30 of 38 images"
+
+
+def mixed_series(folder: Path) -> tuple[object, list[Path]]:
+    """30 axial images, a localizer, and a short repeat acquisition (8 images), all in one series."""
+    main = write_phantom_series(folder / "main", PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
+    repeat = write_phantom_series(
+        folder / "repeat",
+        PhantomSpec(**{**SPEC.__dict__, "slices": 8, "seed": 7, "series_instance_uid": main.series_instance_uid,
+                       "study_instance_uid": main.study_instance_uid}),
+    )
+    files = sorted((folder / "main").glob("*.dcm")) + list(repeat.files)
+    for path in files:  # completion by the quiet period only: no image count to reach early
+        dataset = pydicom.dcmread(path)
+        dataset.pop("ImagesInAcquisition", None)
+        if path in repeat.files:
+            dataset.AcquisitionNumber = 3
+        dataset.save_as(path)
+    return main, files
+
+
+def sr_comment(sr: pydicom.Dataset) -> str | None:
+    """The text of the SR's root-level TEXT item (121106, DCM, "Comment"), if any."""
+    for item in sr.ContentSequence:
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106":
+            return str(item.TextValue)
+    return None
+
+
+def result_files(node, series_instance_uid: str) -> dict[str, Path]:  # noqa: ANN001
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_instance_uid)
+        return {Path(f).name: Path(f) for f in job.result_files}
+
+
+def test_partial_series_is_done_with_its_warnings_in_descriptions_sr_status_and_show(tmp_path, start_node):
+    series, files = mixed_series(tmp_path / "ct")
+    node = start_node(rules=CT_RULES, inference={"workers": 1, "partial_series": "process"})
+
+    assert storescu(node.port, files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job.warnings == [LOCALIZER_WARNING, PARTIAL_WARNING]
+        assert job.reason.startswith(
+            f"segmented with 2 warning(s) (baseline, not a trained model): {LOCALIZER_WARNING}; {PARTIAL_WARNING}; "
+        )
+    results = result_files(node, series.series_instance_uid)
+    seg = pydicom.dcmread(results["seg-binary.dcm"], stop_before_pixels=True)
+    sr = pydicom.dcmread(results["sr-binary.dcm"])
+    assert seg.SeriesDescription == "Segmentation dicom-node threshold baseline PARTIAL"
+    assert sr.SeriesDescription == "Measurements dicom-node threshold baseline PARTIAL"
+    assert sr_comment(sr) == f"Read with care: (1) {LOCALIZER_WARNING} (2) {PARTIAL_WARNING}"
+    errors, _warnings = dciodvfy(results["sr-binary.dcm"])
+    assert errors == []
+
+    status = node.cli("status").stdout
+    assert "warnings" in status and "2 PARTIAL" in status
+    shown = node.cli("show", series.series_instance_uid).stdout
+    assert f"warning  {LOCALIZER_WARNING}\nwarning  {PARTIAL_WARNING}\n" in shown
+
+
+def test_partial_series_fails_with_the_reason_when_partial_series_is_fail(tmp_path, start_node):
+    series, files = mixed_series(tmp_path / "ct")
+    node = start_node(rules=CT_RULES, inference={"workers": 1, "partial_series": "fail"})
+
+    assert storescu(node.port, files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=180)
+    assert node.job_reason(series.series_instance_uid) == (
+        f"{PARTIAL_WARNING}; a partial series is not processed (inference.partial_series is 'fail')"
+    )
+    with node.sessions() as session:
+        assert session.query(Series).filter(Series.source_job_id.is_not(None)).count() == 0
+
+
+def test_series_reopened_after_done_gets_a_result_that_supersedes_the_first(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, series.files[:20]).returncode == 0
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+    first = result_files(node, series.series_instance_uid)
+    first_sr = pydicom.dcmread(first["sr-binary.dcm"], stop_before_pixels=True)
+
+    assert storescu(node.port, series.files[20:]).returncode == 0  # late images re-open the series
+    node.wait_for_state(series.series_instance_uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+
+    second = result_files(node, series.series_instance_uid)
+    assert second["seg-binary.dcm"].parent.name == "run-2"
+    seg = pydicom.dcmread(second["seg-binary.dcm"], stop_before_pixels=True)
+    sr = pydicom.dcmread(second["sr-binary.dcm"])
+    assert seg.NumberOfFrames > 0 and len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 30
+    assert seg.SeriesDescription == "Segmentation dicom-node threshold baseline (re-run 2)"
+    assert sr.SeriesDescription.endswith("(re-run 2)")
+    predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    errors, _warnings = dciodvfy(second["sr-binary.dcm"])
+    assert errors == []
+    with node.sessions() as session:
+        rows = session.query(Series).filter(Series.source_job_id.is_not(None)).order_by(Series.id).all()
+        assert [(r.modality, r.superseded_at is not None) for r in rows] == [
+            ("SEG", True), ("SR", True), ("SEG", False), ("SR", False)
+        ]
+        kept = session.query(Instance.path).filter(Instance.series_id == rows[1].id).scalar()
+        assert kept == str(first["sr-binary.dcm"]) and Path(kept).exists()
+    shown = node.cli("show", series.series_instance_uid).stdout
+    assert shown.count("(superseded ") == 2

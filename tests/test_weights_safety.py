@@ -1,0 +1,157 @@
+"""Weights that cannot run code, and weights whose identity is checked: import, hash, load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from inference.weights import MANIFEST_NAME, TASK_DATASETS, WeightsCorrupt, identify, import_zip, model_folders
+from tests.conftest import DICOM_NODE
+
+torch = pytest.importorskip("torch", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
+
+from inference.models.checkpoints import UnsafeWeights, check_network_classes, load_checkpoint  # noqa: E402
+
+_ID, DATASET, TRAINER = TASK_DATASETS["total_fast"][0]
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _checkpoint_bytes(payload: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _data_checkpoint() -> bytes:
+    return _checkpoint_bytes({"network_weights": {"w": torch.zeros(2)}, "trainer_name": "nnUNetTrainer", "init_args": {}})
+
+
+def _weights_zip(path: Path, checkpoint: bytes, description: str = "TotalSegmentator") -> Path:
+    with zipfile.ZipFile(path, "w") as bundle:
+        bundle.writestr(f"{DATASET}/{TRAINER}/plans.json", "{}")
+        bundle.writestr(f"{DATASET}/{TRAINER}/dataset.json", json.dumps({"name": DATASET, "description": description}))
+        bundle.writestr(f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth", checkpoint)
+    return path
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    checkpoint.write_bytes(_checkpoint_bytes({"network_weights": {}, "trainer_name": "x", "init_args": _RunsCode(marker)}))
+
+    with pytest.raises(UnsafeWeights, match="holds Python objects other than weights"):
+        load_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
+def test_weights_import_refuses_a_malicious_checkpoint_and_installs_nothing(tmp_path):
+    marker = tmp_path / "code-ran"
+    archive = _weights_zip(tmp_path / "evil.zip", _checkpoint_bytes({"network_weights": _RunsCode(marker)}))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+
+    result = subprocess.run(
+        [DICOM_NODE, "weights", "import", str(archive), "--config", str(config)], capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 1
+    assert "loading it could run code, so it was refused" in result.stderr
+    assert "Nothing was installed" in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "storage" / "weights" / DATASET).exists()
+
+
+def test_weights_import_checks_the_published_sha256(tmp_path):
+    archive = _weights_zip(tmp_path / f"{DATASET}.zip", _data_checkpoint())
+    published = hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    with pytest.raises(WeightsCorrupt, match="not the expected"):
+        import_zip(archive, tmp_path / "weights", sha256="0" * 64)
+    assert not (tmp_path / "weights" / DATASET).exists()
+
+    added = import_zip(archive, tmp_path / "weights", sha256=published.upper())
+    assert added == [tmp_path / "weights" / DATASET]
+    assert (tmp_path / "weights" / DATASET / TRAINER / MANIFEST_NAME).is_file()
+
+
+def test_weights_import_refuses_an_archive_that_unpacks_past_the_cap(tmp_path):
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr(f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth", b"\0" * (4 * 1024 * 1024))
+    assert archive.stat().st_size < 64 * 1024  # a small file that inflates 100-fold
+
+    with pytest.raises(ValueError, match="unpacks to .* GB, more than"):
+        import_zip(archive, tmp_path / "weights", max_gigabytes=0.001)
+    assert not (tmp_path / "weights" / DATASET).exists()
+
+
+def test_identity_names_the_files_and_catches_a_changed_checkpoint(tmp_path):
+    import_zip(_weights_zip(tmp_path / "w.zip", _data_checkpoint(), "SYNTHETIC TEST WEIGHTS: Not a trained model."), tmp_path)
+    folders = model_folders("total_fast", tmp_path)
+
+    identity = identify("total_fast", folders)
+    assert identity.version == f"Dataset297 sha256:{identity.sha256[:16]}"
+    assert len(identity.version) <= 64 and identity.test_weights
+    assert identify("total_fast", folders) == identity  # stable
+
+    checkpoint = folders[0].path / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    with pytest.raises(WeightsCorrupt, match=r"changed since they were installed \(fold_0/checkpoint_final.pth"):
+        identify("total_fast", folders)
+
+
+def test_weights_placed_by_hand_get_a_manifest_on_first_use(tmp_path):
+    folder = tmp_path / DATASET / TRAINER
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text("{}")
+    (folder / "dataset.json").write_text(json.dumps({"name": DATASET, "description": "trained on 1559 subjects"}))
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(_data_checkpoint())
+
+    identity = identify("total_fast", model_folders("total_fast", tmp_path))
+
+    assert (folder / MANIFEST_NAME).is_file() and not identity.test_weights
+
+
+def test_plans_may_only_name_network_building_blocks(tmp_path):
+    good = SimpleNamespace(
+        network_arch_class_name="dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        network_arch_init_kwargs={"conv_op": "torch.nn.modules.conv.Conv3d", "dropout_op": None},
+        network_arch_init_kwargs_req_import=["conv_op", "dropout_op"],
+    )
+    check_network_classes(good, tmp_path / "plans.json")
+
+    bad = SimpleNamespace(**{**vars(good), "network_arch_init_kwargs": {"conv_op": "os.system", "dropout_op": None}})
+    with pytest.raises(UnsafeWeights, match="names the class 'os.system', which is not a network building block"):
+        check_network_classes(bad, tmp_path / "plans.json")
+
+
+def test_weights_import_command_refuses_a_file_that_is_not_the_published_release(tmp_path):
+    archive = _weights_zip(tmp_path / f"{DATASET}.zip", _data_checkpoint())
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+
+    result = subprocess.run(
+        [DICOM_NODE, "weights", "import", str(archive), "--sha256", "ab" * 32, "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 1
+    assert f"not the expected {'ab' * 32}" in result.stderr and "nothing was installed" in result.stderr
+    assert not (tmp_path / "storage" / "weights" / DATASET).exists()

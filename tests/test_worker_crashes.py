@@ -1,0 +1,59 @@
+"""A worker that dies on a series (killed, out of memory) cannot block the inference queue for ever."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import CT_RULES, storescu
+
+pytestmark = pytest.mark.integration
+
+POISON = PhantomSpec(rows=256, columns=256, slices=80, pixel_spacing=(1.5, 1.5), slice_spacing=3.0, noise_sd=5.0)
+HEALTHY = PhantomSpec(rows=96, columns=96, slices=20, pixel_spacing=(4.0, 4.0), slice_spacing=5.0, seed=3)
+STAGES = "claimed|model|load|segment|measure|write|encode"
+
+
+def test_poison_series_fails_after_the_crash_limit_and_the_next_series_is_done(tmp_path, start_node):
+    poison = write_phantom_series(tmp_path / "poison", POISON)
+    healthy = write_phantom_series(tmp_path / "healthy", HEALTHY)
+    node = start_node(rules=CT_RULES, inference={"workers": 1, "max_worker_deaths": 2})
+    assert storescu(node.port, poison.files).returncode == 0
+
+    killed: list[int] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with node.sessions() as session:
+            job = job_for_series_uid(session, poison.series_instance_uid)
+            state, claimed_by = (job.state, job.claimed_by) if job else (None, None)
+        if state is JobState.FAILED:
+            break
+        if state is JobState.PROCESSING and claimed_by:
+            pid = int(claimed_by.rpartition(":")[2])
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)  # the worker dies holding the poison series
+                killed.append(pid)
+                if len(killed) == 1:
+                    assert storescu(node.port, healthy.files).returncode == 0
+        time.sleep(0.02)
+
+    assert len(killed) == 2
+    reason = node.job_reason(poison.series_instance_uid)
+    assert re.fullmatch(rf"worker died while processing \(2 times\): last seen in stage ({STAGES})", reason), reason
+    with node.sessions() as session:
+        job = job_for_series_uid(session, poison.series_instance_uid)
+        events = [(e.to_state, e.reason) for e in job.events]
+        assert job.worker_deaths == 2
+    requeued = [r for s, r in events if s is JobState.QUEUED and r.startswith("worker ")]
+    assert len(requeued) == 1
+    assert re.fullmatch(rf"worker \S+:{killed[0]} died in stage ({STAGES}) \(1 of 2 allowed\); queued again", requeued[0])
+    node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
+    assert "job.worker_died" in node.log()
+    assert "workers  died 2 time(s) on this series" in node.cli("show", poison.series_instance_uid).stdout
