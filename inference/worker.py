@@ -220,9 +220,21 @@ class InferenceWorker:
                      _result_reason(model, measurements, output, warnings), timings, job_folder, results, indexed, warnings)
 
     def _stage(self, claim: ClaimedJob, stage: str) -> str:
-        """Record the stage this job is in (read by whoever finds this worker dead); returns it."""
-        with transaction(self.sessions) as session:
-            jobs.set_stage(session, claim.job_id, stage)
+        """Record the stage this job is in (read by whoever finds this worker dead); returns it.
+
+        A locked database is waited for, so a lock never costs the work done so far.
+        """
+
+        def record() -> None:
+            with transaction(self.sessions) as session:
+                jobs.set_stage(session, claim.job_id, stage)
+
+        retry_when_locked(
+            record,
+            waiting=f"worker {self.identity} recording stage {stage} of job {claim.job_id}",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+        )
         return stage
 
     def _run_context(self, claim: ClaimedJob) -> RunContext:
