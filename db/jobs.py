@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobEvent, JobState, Series, utcnow
+from db.models import Delivery, Job, JobEvent, JobState, Series, utcnow
 
 S = JobState
 
@@ -117,7 +118,11 @@ SENDING_FAILURE_PREFIX = "sending failed"
 
 
 def retry(session: Session, job: Job) -> None:
-    """Operator's retry: resend results that failed to send, else route the series again.
+    """Operator's retry: resend what a destination lacks, else route the series again.
+
+    A job that failed while sending, whose results still exist and of which some
+    destination lacks some file (no row in ``deliveries``), goes back to SENDING;
+    the dispatcher then sends only the missing files.
 
     Raises
     ------
@@ -130,16 +135,118 @@ def retry(session: Session, job: Job) -> None:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
         )
-    if job.state is S.FAILED and job.result_files and (job.reason or "").startswith(SENDING_FAILURE_PREFIX):
+    if job.state is S.FAILED and job.result_files and _failed_while_sending(job) and lacks_deliveries(session, job):
         job.deliveries = {
             name: {**record, "attempts": 0, "next_attempt_at": None}
             for name, record in (job.deliveries or {}).items()
         }
-        change_state(session, job, S.SENDING, "resend requested by operator")
+        change_state(session, job, S.SENDING, "resend of the missing files requested by operator")
         return
     job.warnings = None  # routed and processed again: the new run states its own caveats
     job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
+
+
+def _failed_while_sending(job: Job) -> bool:
+    last = job.events[-1] if job.events else None
+    return last is not None and last.to_state is S.FAILED and last.from_state is S.SENDING
+
+
+# --- per-file delivery records -------------------------------------------------------------------
+
+
+@dataclass
+class DestinationProgress:
+    """What one destination of a job has received, from the ``deliveries`` rows."""
+
+    destination: str
+    planned: dict[str, str] | None  # SOP Instance UID -> result file; None before the first attempt
+    delivered: dict[str, Delivery] = field(default_factory=dict)  # SOP Instance UID -> its record
+    attempts: int = 0
+    last_error: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        return None if self.planned is None else len(self.planned)
+
+    @property
+    def missing(self) -> dict[str, str]:
+        """SOP Instance UID -> file, for planned files without a delivery record."""
+        return {uid: path for uid, path in (self.planned or {}).items() if uid not in self.delivered}
+
+    @property
+    def complete(self) -> bool:
+        return self.planned is not None and not self.missing
+
+    def summary(self) -> str:
+        """``pacs 2/2`` (``planner ?/?`` before its first attempt)."""
+        if self.planned is None:
+            return f"{self.destination} ?/?"
+        return f"{self.destination} {len(self.planned) - len(self.missing)}/{len(self.planned)}"
+
+
+def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str]) -> None:
+    """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any."""
+    deliveries = dict(job.deliveries or {})
+    record = dict(deliveries.get(destination) or {"attempts": 0})
+    record["files"] = dict(files)
+    deliveries[destination] = record
+    job.deliveries = deliveries
+
+
+def record_delivery(
+    session: Session, job_id: int, destination: str, *, sop_instance_uid: str, sop_class_uid: str, path: str, status: int
+) -> None:
+    """Record that ``destination`` accepted one file: called right after its C-STORE response.
+
+    Idempotent: a row that exists already (the same file accepted again) is left as it is.
+    """
+    exists = session.scalar(
+        select(Delivery.id).where(
+            Delivery.job_id == job_id, Delivery.destination == destination, Delivery.sop_instance_uid == sop_instance_uid
+        )
+    )
+    if exists is None:
+        session.add(
+            Delivery(
+                job_id=job_id,
+                destination=destination,
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                path=path,
+                status=status,
+            )
+        )
+
+
+def delivered_sop_instance_uids(session: Session, job_id: int, destination: str) -> set[str]:
+    """SOP Instance UIDs that ``destination`` has accepted for this job."""
+    query = select(Delivery.sop_instance_uid).where(Delivery.job_id == job_id, Delivery.destination == destination)
+    return set(session.scalars(query))
+
+
+def delivery_progress(session: Session, job: Job) -> list[DestinationProgress]:
+    """Per destination of the job: the files it takes, those it has accepted, attempts and last error."""
+    rows = session.scalars(select(Delivery).where(Delivery.job_id == job.id))
+    by_destination: dict[str, dict[str, Delivery]] = {}
+    for row in rows:
+        by_destination.setdefault(row.destination, {})[row.sop_instance_uid] = row
+    progress = []
+    for name in job.destinations or []:
+        record = (job.deliveries or {}).get(name) or {}
+        planned = record.get("files")
+        delivered = by_destination.get(name, {})
+        if planned is not None:
+            delivered = {uid: row for uid, row in delivered.items() if uid in planned}
+        progress.append(
+            DestinationProgress(name, planned, delivered, int(record.get("attempts", 0)), record.get("last_error"))
+        )
+    return progress
+
+
+def lacks_deliveries(session: Session, job: Job) -> bool:
+    """Whether some destination of the job lacks some result file (or was never sent to)."""
+    return any(not p.complete for p in delivery_progress(session, job))
 
 
 def jobs_in_state(session: Session, states: Iterable[JobState]) -> list[Job]:

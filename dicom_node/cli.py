@@ -126,9 +126,11 @@ def status(
         rows = list(session.scalars(query.order_by(Job.state_changed_at.desc()).limit(limit)))
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         rejected = session.scalar(select(func.count()).select_from(RejectedInstance)) or 0
+        delivered = {job.id: _delivery_summary(session, job) for job in rows}
     table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
     for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
+    table.add_column("delivered (files per destination)", overflow="fold")
     for job in rows:
         series = job.series
         table.add_row(
@@ -140,6 +142,7 @@ def status(
             _ago(job.state_changed_at),
             job.reason or "",
             _warnings_cell(job.warnings),
+            delivered[job.id],
         )
     console.print(table)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
@@ -196,6 +199,7 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
                 f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}{superseded}",
                 highlight=False,
             )
+        _print_deliveries(session, job)
         if series.purged_at is not None:
             console.print(f"purged   {series.purged_at.isoformat(timespec='seconds')} by retention", highlight=False)
         table = Table("at", "from", "to", "reason")
@@ -229,9 +233,36 @@ def _made_by(job_folder: Path) -> str | None:
     return text
 
 
+def _delivery_summary(session: Session, job: Job) -> str:
+    """``pacs 2/2, planner 0/1``: files each destination has accepted, once sending has begun."""
+    if not job.deliveries:
+        return ""
+    return ", ".join(p.summary() for p in jobs.delivery_progress(session, job))
+
+
+def _print_deliveries(session: Session, job: Job) -> None:
+    """Per destination: files accepted, attempts, and per file when it was delivered or the last error."""
+    if not job.deliveries:
+        return
+    for progress in jobs.delivery_progress(session, job):
+        record = (job.deliveries or {}).get(progress.destination) or {}
+        attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
+        retry_at = f"; next try {record['next_attempt_at'][:19]}" if record.get("next_attempt_at") else ""
+        console.print(f"sent to  {progress.summary()} files ({attempts}{retry_at})", highlight=False)
+        if progress.planned is None:
+            console.print(f"  nothing sent yet: {progress.last_error or 'waiting for its first attempt'}", highlight=False)
+        for uid, path in (progress.planned or {}).items():
+            delivery = progress.delivered.get(uid)
+            if delivery is not None:
+                line = f"delivered {delivery.delivered_at.isoformat(timespec='seconds')}"
+            else:
+                line = f"not delivered: {progress.last_error}" if progress.last_error else "not delivered yet"
+            console.print(f"  {Path(path).name:<18} {uid}  {line}", highlight=False)
+
+
 @app.command()
 def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
-    """Resend results that failed to send (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
+    """Resend only the files a destination lacks (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
     settings = _settings(config)
     with _session(settings, write=True) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)

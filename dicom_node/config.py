@@ -134,7 +134,15 @@ class DispatchSettings(_Strict):
     max_attempts: int = Field(5, ge=1, le=100)
     first_retry_seconds: float = Field(10.0, gt=0, description="Wait before the 2nd attempt; doubles each time.")
     max_retry_seconds: float = Field(600.0, gt=0)
-    timeout_seconds: float = Field(30.0, gt=0, description="Association and DIMSE timeout.")
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="Association timeout, and the DIMSE timeout of an empty object."
+    )
+    seconds_per_megabyte: float = Field(
+        1.0, ge=0, description="Added to a C-STORE's DIMSE timeout per MB of the object sent (0: fixed timeout)."
+    )
+    parallel_sends: int = Field(
+        4, ge=1, le=64, description="Destinations sent to at once; each destination gets one association at a time."
+    )
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
 
 

@@ -1,32 +1,83 @@
 """The dispatcher: sends a SENDING job's results to each destination, with retries and backoff.
 
-Per destination the job records the files already accepted, the attempts made,
-the last error and when to try next (``jobs.deliveries``), so a restart or a
-retry never sends an accepted file twice. Every destination done: DONE.
-A destination that still fails after ``dispatch.max_attempts``: FAILED, with
-the reason; ``dicom-node retry`` sends again.
+The per-file truth is the ``deliveries`` table: each file a destination accepts is
+recorded right after its C-STORE response, in a transaction of its own, so after a
+crash or a restart only files without a record are sent again (at most the one
+file that was in flight, with the same SOP Instance UID). ``jobs.deliveries``
+keeps, per destination, the files it takes, the attempts, the last error and when
+to try next.
+
+Destinations are sent to in parallel (``dispatch.parallel_sends`` at once, one
+association per destination at a time), so a stalled destination holds up only
+itself. Every destination has every file: DONE. Each destination has every file or
+has used ``dispatch.max_attempts``: FAILED, the reason saying which destination
+lacks what; ``dicom-node retry`` sends only the missing files.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.config import Destination
+from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 
 LOG = logging.getLogger(__name__)
 
 ACCEPTED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
+RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """The header facts of one result file that sending needs."""
+
+    path: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size_bytes: int
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+def read_result_file(path: str) -> ResultFile:
+    """The UIDs and size of a DICOM file, read from its header only.
+
+    Raises
+    ------
+    OSError, InvalidDicomError
+        If the file is missing or not DICOM.
+    """
+    dataset = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    return ResultFile(
+        path=str(path),
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        size_bytes=Path(path).stat().st_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -35,112 +86,318 @@ class SendOutcome:
     error: str | None  # why the attempt stopped short, or None when all went
 
 
-def send_files(calling_ae: str, destination: Destination, files: list[str], timeout: float) -> SendOutcome:
-    """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent."""
-    datasets = [(path, dcmread(path)) for path in files]
+def describe_status(status: int) -> str:
+    """``0xA700 (Refused: Out of Resources)``: a C-STORE status with its meaning."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (None, "unknown status"))[1]
+    return f"0x{status:04X} ({meaning})"
+
+
+def send_files(
+    calling_ae: str,
+    destination: Destination,
+    files: list[str] | list[ResultFile],
+    timeout: float,
+    *,
+    seconds_per_megabyte: float = 0.0,
+    on_accepted: Callable[[ResultFile, int], None] | None = None,
+) -> SendOutcome:
+    """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent.
+
+    Parameters
+    ----------
+    timeout
+        Association timeout; each C-STORE waits ``timeout`` + its size in MB x
+        ``seconds_per_megabyte`` for its response.
+    on_accepted
+        Called with each file the peer accepts and its status, right after the
+        response and before the next file is sent (the delivery record).
+    """
+    results = [f if isinstance(f, ResultFile) else read_result_file(f) for f in files]
+    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    for pair in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for _, d in datasets}):
-        ae.add_requested_context(pair[0], pair[1])
+    for sop_class, syntax in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in results}):
+        ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (destination down or unreachable)"
-        return SendOutcome([], f"{destination.ae_title}@{destination.host}:{destination.port}: {reason}")
+        if assoc.is_rejected:
+            return SendOutcome([], f"association rejected by {peer}")
+        return SendOutcome([], f"{peer} is unreachable (no association: destination down, or not answering)")
     sent: list[str] = []
+    refusals: list[str] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
-        for path, dataset in datasets:
-            pair = (str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID))
-            if pair not in accepted:
-                return SendOutcome(
-                    sent, f"{destination.ae_title} does not accept SOP class {pair[0]} in transfer syntax {pair[1]}"
+        for result in results:
+            if (result.sop_class_uid, result.transfer_syntax_uid) not in accepted:
+                refusals.append(
+                    f"{destination.ae_title} does not accept SOP class {result.sop_class_uid} "
+                    f"in transfer syntax {result.transfer_syntax_uid} ({result.name})"
                 )
-            response = assoc.send_c_store(dataset)
+                continue
+            wait = timeout + result.size_bytes / 1_000_000 * seconds_per_megabyte
+            assoc.dimse_timeout = assoc.network_timeout = wait
+            started = time.monotonic()
+            response = assoc.send_c_store(result.path)
             status = int(response.Status) if response and "Status" in response else None
+            if status is None:
+                return SendOutcome(sent, _no_response(destination, result, wait, time.monotonic() - started))
             if status not in ACCEPTED_STATUSES:
-                shown = f"0x{status:04X}" if status is not None else "no response"
-                return SendOutcome(sent, f"{destination.ae_title} refused {Path(path).name}: status {shown}")
-            sent.append(path)
+                refusals.append(f"{destination.ae_title} refused {result.name} with status {describe_status(status)}")
+                continue
+            if on_accepted is not None:
+                on_accepted(result, status)
+            sent.append(result.path)
     finally:
         if assoc.is_established:
             assoc.release()
-    return SendOutcome(sent, None)
+    return SendOutcome(sent, "; ".join(refusals) or None)
+
+
+def _no_response(destination: Destination, result: ResultFile, wait: float, waited: float) -> str:
+    size = f"{result.size_bytes / 1_000_000:.1f} MB"
+    if waited < wait - 1:
+        return f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"
+    return f"no response within {wait:.0f} s from {destination.ae_title} to {result.name} ({size})"
+
+
+def retry_when_locked(
+    action: Callable[[], T],
+    *,
+    waiting: str,
+    limit_seconds: float,
+    first_delay_seconds: float = 0.05,
+    longest_delay_seconds: float = 5.0,
+) -> T:
+    """Run ``action`` (one whole transaction) again while the database is locked by another writer.
+
+    Each try already waits SQLite's busy timeout; between tries the delay doubles.
+    Raises the last OperationalError after ``limit_seconds``, or at once for any other error.
+    """
+    started = time.monotonic()
+    delay = first_delay_seconds
+    while True:
+        try:
+            return action()
+        except OperationalError as exc:
+            message = str(exc.orig if exc.orig is not None else exc).lower()
+            waited = time.monotonic() - started
+            if ("locked" not in message and "busy" not in message) or waited + delay > limit_seconds:
+                raise
+            log_event(
+                LOG, logging.WARNING, "database.busy", waiting=waiting, waited_seconds=round(waited, 1),
+                reason="the database is locked by another process; trying again",
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, longest_delay_seconds)
 
 
 class Dispatcher(PeriodicTask):
-    """Sends SENDING jobs' results; runs as a thread of ``serve``."""
+    """Sends SENDING jobs' results; runs as a thread of ``serve``, each send in a thread of its own."""
 
     name = "dispatch"
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings, sessions)
+        self._busy: set[str] = set()  # destinations with a send in flight
+        self._busy_lock = threading.Lock()
 
     @property
     def interval_seconds(self) -> float:
         return self.settings.dispatch.check_interval_seconds
 
-    def run_once(self, now: datetime | None = None) -> None:
-        """One pass over SENDING jobs: every destination that is due gets one attempt."""
-        with self.sessions() as session:
-            job_ids = [job.id for job in jobs.jobs_in_state(session, [JobState.SENDING])]
-        for job_id in job_ids:
-            self._dispatch(job_id, now or datetime.now(timezone.utc))
+    @property
+    def _dispatch(self) -> DispatchSettings:
+        return self.settings.dispatch
 
-    def _dispatch(self, job_id: int, now: datetime) -> None:
+    def run_once(self, now: datetime | None = None) -> None:
+        """One pass over SENDING jobs: each idle destination gets the oldest job that is due for it."""
+        now = now or datetime.now(timezone.utc)
+        with self.sessions() as session:
+            snapshot = [
+                (job.id, list(job.destinations or []), dict(job.deliveries or {}))
+                for job in jobs.jobs_in_state(session, [JobState.SENDING])
+            ]
+        for job_id, destinations, deliveries in snapshot:
+            open_destinations = [name for name in destinations if not self._settled(deliveries.get(name))]
+            if not open_destinations:
+                self._settle(job_id)  # every destination finished: DONE or FAILED (e.g. after a crash)
+                continue
+            for name in open_destinations:
+                if _due(deliveries.get(name) or {}, now) and self._reserve(name):
+                    thread = threading.Thread(
+                        target=self._send_guarded, args=(job_id, name), name=f"dispatch-{name}", daemon=True
+                    )
+                    thread.start()
+
+    def _settled(self, record: dict | None) -> bool:  # noqa: ANN001
+        """A destination that has every file, or has used all its attempts."""
+        record = record or {}
+        return bool(record.get("delivered_at")) or record.get("attempts", 0) >= self._dispatch.max_attempts
+
+    def _reserve(self, destination: str) -> bool:
+        """Claim ``destination`` for one send, unless it is busy or the pool is full."""
+        with self._busy_lock:
+            if destination in self._busy or len(self._busy) >= self._dispatch.parallel_sends:
+                return False
+            self._busy.add(destination)
+            return True
+
+    def _send_guarded(self, job_id: int, destination: str) -> None:
+        try:
+            self._attempt(job_id, destination)
+        except Exception:  # noqa: BLE001 - one failed send must not stop the dispatcher; the trace is logged
+            LOG.exception("dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}})
+        finally:
+            with self._busy_lock:
+                self._busy.discard(destination)
+
+    def _attempt(self, job_id: int, name: str) -> None:
+        """One attempt to send ``name`` the job's files it lacks, then record the attempt."""
+        now = datetime.now(timezone.utc)
+        destination = self.settings.destinations.get(name)
+        pending, error = self._pending_files(job_id, name, destination, now)
+        if pending is None:
+            return  # the job left SENDING, or another pass sent to this destination meanwhile
+        if error is None and pending:
+            assert destination is not None
+            outcome = send_files(
+                self.settings.network.ae_title,
+                destination,
+                pending,
+                self._dispatch.timeout_seconds,
+                seconds_per_megabyte=self._dispatch.seconds_per_megabyte,
+                on_accepted=lambda result, status: self._record_delivery(job_id, name, result, status),
+            )
+            error = outcome.error
+        self._finish_attempt(job_id, name, error, now)
+
+    def _pending_files(
+        self, job_id: int, name: str, destination: Destination | None, now: datetime
+    ) -> tuple[list[ResultFile] | None, str | None]:
+        """The files ``name`` takes and has no delivery record of; or why none can be sent.
+
+        None when there is nothing to attempt now: the job left SENDING, or the
+        destination is settled or not yet due (as seen in this fresh read).
+        """
         with self.sessions() as session:
             job = session.get_one(Job, job_id)
-            files = list(job.result_files or [])
-            deliveries = dict(job.deliveries or {})
-            destinations = list(job.destinations or [])
-        for name in destinations:
-            record = dict(deliveries.get(name) or {"attempts": 0, "sent": []})
-            if record.get("delivered_at") or not _due(record, now):
-                continue
-            destination = self.settings.destinations.get(name)
-            pending = [f for f in files_for(destination, files) if f not in record["sent"]] if destination else []
-            if destination is None:
-                outcome = SendOutcome([], f"destination {name!r} is no longer configured")
-            else:
-                outcome = send_files(
-                    self.settings.network.ae_title, destination, pending, self.settings.dispatch.timeout_seconds
-                )
-            record["attempts"] += 1
-            record["sent"] = record["sent"] + outcome.sent
-            if outcome.error is None:
-                record["delivered_at"] = now.isoformat()
-                record.pop("last_error", None)
-                log_event(LOG, logging.INFO, "dispatch.delivered", job=job_id, destination=name, files=len(outcome.sent))
-            else:
-                record["last_error"] = outcome.error
-                record["next_attempt_at"] = (now + self._backoff(record["attempts"])).isoformat()
-                log_event(
-                    LOG, logging.WARNING, "dispatch.attempt_failed", job=job_id, destination=name,
-                    attempt=record["attempts"], error=outcome.error,
-                )
-            deliveries[name] = record
-        self._record(job_id, deliveries, destinations, len(files))
+            record = (job.deliveries or {}).get(name) or {}
+            if job.state is not JobState.SENDING or self._settled(record) or not _due(record, now):
+                return None, None
+            planned = record.get("files")
+            result_files = list(job.result_files or [])
+            delivered = jobs.delivered_sop_instance_uids(session, job_id, name)
+        if destination is None:
+            return [], f"destination {name!r} is no longer configured"
+        paths = list(planned.values()) if planned is not None else files_for(destination, result_files)
+        try:
+            results = [read_result_file(path) for path in paths]
+        except (OSError, InvalidDicomError, AttributeError):
+            return [], f"a result file of this job is missing or unreadable (in {Path(paths[0]).parent})"
+        if planned is None:
+            # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
+            earlier = [r for r in results if r.path in set(record.get("sent") or [])]
+            self._write(lambda session: _plan(session, job_id, name, results, earlier),
+                        waiting=f"planning job {job_id} for {name}")
+            delivered |= {r.sop_instance_uid for r in earlier}
+        return [r for r in results if r.sop_instance_uid not in delivered], None
 
-    def _backoff(self, attempts: int) -> timedelta:
-        settings = self.settings.dispatch
-        return timedelta(seconds=min(settings.first_retry_seconds * 2 ** (attempts - 1), settings.max_retry_seconds))
+    def _record_delivery(self, job_id: int, name: str, result: ResultFile, status: int) -> None:
+        """Right after a C-STORE response: the file's delivery record, in its own transaction."""
+        self._write(
+            lambda session: jobs.record_delivery(
+                session, job_id, name, sop_instance_uid=result.sop_instance_uid, sop_class_uid=result.sop_class_uid,
+                path=result.path, status=status,
+            ),
+            waiting=f"recording {result.name} of job {job_id} as delivered to {name}",
+        )
+        log_event(LOG, logging.DEBUG, "dispatch.file_delivered", job=job_id, destination=name, file=result.name,
+                  sop_instance_uid=result.sop_instance_uid)
 
-    def _record(self, job_id: int, deliveries: dict, destinations: list[str], file_count: int) -> None:  # noqa: ANN001
-        with transaction(self.sessions) as session:
+    def _write(self, change: Callable, *, waiting: str) -> None:  # noqa: ANN401
+        def run() -> None:
+            with transaction(self.sessions) as session:
+                change(session)
+
+        retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS)
+
+    def _finish_attempt(self, job_id: int, name: str, error: str | None, now: datetime) -> None:
+        """Count the attempt, note its error and next try, and finish the job if every destination is settled."""
+        logged: list[tuple[int, str, dict]] = []
+
+        def change(session) -> None:  # noqa: ANN001
+            logged.clear()
             job = session.get_one(Job, job_id)
             if job.state is not JobState.SENDING:
                 return  # re-opened meanwhile: its new run will send again
+            deliveries = dict(job.deliveries or {})
+            record = dict(deliveries.get(name) or {})
+            record["attempts"] = record.get("attempts", 0) + 1
+            progress = next(p for p in jobs.delivery_progress(session, job) if p.destination == name)
+            if error is None and progress.complete:
+                record["delivered_at"] = now.isoformat()
+                record.pop("last_error", None)
+                record.pop("next_attempt_at", None)
+                logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))
+            else:
+                record["last_error"] = error or "not every file was accepted"
+                record["next_attempt_at"] = (now + self._backoff(record["attempts"])).isoformat()
+                logged.append((logging.WARNING, "dispatch.attempt_failed",
+                               {"attempt": record["attempts"], "error": record["last_error"]}))
+            deliveries[name] = record
             job.deliveries = deliveries
-            if all(deliveries.get(d, {}).get("delivered_at") for d in destinations):
-                jobs.change_state(session, job, JobState.DONE, f"sent {file_count} file(s) to {', '.join(destinations)}")
-                log_event(LOG, logging.INFO, "job.done", job=job_id)
-                return
-            exhausted = [
-                f"{d}: {deliveries[d].get('last_error')} (after {deliveries[d]['attempts']} attempts)"
-                for d in destinations
-                if d in deliveries
-                and not deliveries[d].get("delivered_at")
-                and deliveries[d]["attempts"] >= self.settings.dispatch.max_attempts
-            ]
-            if exhausted:
-                jobs.fail(session, job, f"{jobs.SENDING_FAILURE_PREFIX}: " + "; ".join(exhausted))
-                log_event(LOG, logging.ERROR, "job.failed", job=job_id, reason=job.reason)
+            logged.extend(self._settle_in(session, job))
+
+        self._write(change, waiting=f"recording job {job_id}'s attempt for {name}")
+        for level, event, fields in logged:
+            if event.startswith("dispatch."):
+                fields = {"destination": name, **fields}
+            log_event(LOG, level, event, job=job_id, **fields)
+
+    def _settle(self, job_id: int) -> None:
+        logged: list[tuple[int, str, dict]] = []
+
+        def change(session) -> None:  # noqa: ANN001
+            logged.clear()
+            job = session.get_one(Job, job_id)
+            if job.state is JobState.SENDING:
+                logged.extend(self._settle_in(session, job))
+
+        self._write(change, waiting=f"finishing job {job_id}")
+        for level, event, fields in logged:
+            log_event(LOG, level, event, job=job_id, **fields)
+
+    def _settle_in(self, session, job: Job) -> list[tuple[int, str, dict]]:  # noqa: ANN001
+        """DONE when every destination has every file; FAILED when the rest used all their attempts."""
+        progress = jobs.delivery_progress(session, job)
+        if all(p.complete for p in progress):
+            files = sum(p.total or 0 for p in progress)
+            jobs.change_state(session, job, JobState.DONE,
+                              f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
+            return [(logging.INFO, "job.done", {"reason": job.reason})]
+        if all(p.complete or p.attempts >= self._dispatch.max_attempts for p in progress):
+            jobs.fail(session, job, sending_failure(progress))
+            return [(logging.ERROR, "job.failed", {"reason": job.reason})]
+        return []
+
+    def _backoff(self, attempts: int) -> timedelta:
+        settings = self._dispatch
+        return timedelta(seconds=min(settings.first_retry_seconds * 2 ** (attempts - 1), settings.max_retry_seconds))
+
+
+def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
+    """``sending failed: pacs received 2 of 2 files; planner received 0 of 1: <last error> (after 5 attempts)``."""
+    parts = []
+    for p in progress:
+        if p.total is None:
+            received = f"{p.destination} received nothing"
+        else:
+            received = f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
+        if not p.complete:
+            attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"
+            received += f": {p.last_error or 'not sent'} (after {attempts})"
+        parts.append(received)
+    return f"{jobs.SENDING_FAILURE_PREFIX}: " + "; ".join(parts)
 
 
 def files_for(destination: Destination, files: list[str]) -> list[str]:
@@ -148,6 +405,17 @@ def files_for(destination: Destination, files: list[str]) -> list[str]:
     encoding = destination.segmentation_type.lower()
     wanted = {"rtstruct.dcm" if kind == "rtstruct" else f"{kind}-{encoding}.dcm" for kind in destination.send}
     return [f for f in files if Path(f).name in wanted]
+
+
+def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: list[ResultFile]) -> None:  # noqa: ANN001
+    """Record the files ``name`` takes, and (from an older record) those it accepted already."""
+    job = session.get_one(Job, job_id)
+    if job.state is not JobState.SENDING:
+        return
+    jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results})
+    for r in earlier:
+        jobs.record_delivery(session, job_id, name, sop_instance_uid=r.sop_instance_uid,
+                             sop_class_uid=r.sop_class_uid, path=r.path, status=0x0000)
 
 
 def _due(record: dict, now: datetime) -> bool:  # noqa: ANN001

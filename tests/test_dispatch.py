@@ -81,7 +81,7 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
     assert "dispatch.attempt_failed" in node.log()
 
 
-def test_exhausted_attempts_fail_and_retry_resends(tmp_path, start_node):
+def test_exhausted_attempts_fail_and_retry_resends_the_missing_file(tmp_path, start_node):
     peer_port = free_port()
     received = tmp_path / "peer"
     received.mkdir()
@@ -97,7 +97,8 @@ def test_exhausted_attempts_fail_and_retry_resends(tmp_path, start_node):
 
     node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=120)
     reason = node.job_reason(series.series_instance_uid)
-    assert reason.startswith("sending failed: peer: PEERSCP@127.0.0.1") and "(after 2 attempts)" in reason
+    assert reason.startswith("sending failed: peer received 0 of 1 file: PEERSCP@127.0.0.1:")
+    assert reason.endswith("is unreachable (no association: destination down, or not answering) (after 2 attempts)")
 
     # -pm: this 2022 DCMTK does not know the Label Map Segmentation SOP class yet
     peer = subprocess.Popen([require_tool("storescp"), "-pm", "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
@@ -109,3 +110,76 @@ def test_exhausted_attempts_fail_and_retry_resends(tmp_path, start_node):
         peer.terminate()
         peer.wait()
     assert [pydicom.dcmread(p).SOPClassUID for p in sorted(received.iterdir())] == ["1.2.840.10008.5.1.4.1.1.66.7"]
+
+
+# --- delivery records, the failure reason and retry, on the database alone ------------------------
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    from db.session import make_engine, make_session_factory, migrate
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    migrate(url)
+    return make_session_factory(make_engine(url))
+
+
+def sending_job(session, files: dict[str, dict[str, str]]):  # noqa: ANN001
+    """A SENDING job whose destinations take ``files`` (destination -> SOP Instance UID -> path)."""
+    from db import jobs
+    from db.models import Series, Study
+
+    series = Series(series_instance_uid="1.2.3", study=Study(study_instance_uid="1.2"), modality="CT")
+    job = jobs.open_job(session, series)
+    jobs.mark_complete(session, job, "quiet")
+    jobs.queue(session, job, rule_name="ct", model_name="baseline", destinations=list(files))
+    jobs.change_state(session, job, JobState.PROCESSING, "claimed")
+    job.result_files = sorted({path for planned in files.values() for path in planned.values()})
+    jobs.change_state(session, job, JobState.SENDING, "segmented")
+    for name, planned in files.items():
+        jobs.plan_delivery(session, job, name, planned)
+    session.flush()  # the job gets its id
+    return job
+
+
+def deliver(session, job, name: str, uid: str) -> None:  # noqa: ANN001
+    from db import jobs
+
+    jobs.record_delivery(session, job.id, name, sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                         path=f"/results/{uid}.dcm", status=0)
+
+
+def test_failure_reason_says_which_destination_lacks_which_files_and_retry_sends_only_those(sessions):
+    from db import jobs
+    from db.session import transaction
+    from dicom_node.dispatch import sending_failure
+
+    with transaction(sessions) as session:
+        job = sending_job(session, {"pacs": {"1": "/r/seg.dcm", "2": "/r/sr.dcm"}, "planner": {"3": "/r/rtstruct.dcm"}})
+        deliver(session, job, "pacs", "1")
+        deliver(session, job, "pacs", "2")
+        deliver(session, job, "pacs", "2")  # recorded once, however often it is recorded
+        job.deliveries = {**job.deliveries, "planner": {**job.deliveries["planner"], "attempts": 5,
+                                                         "last_error": "no response within 60 s from PLANNER"}}
+        progress = jobs.delivery_progress(session, job)
+        assert [p.summary() for p in progress] == ["pacs 2/2", "planner 0/1"]
+        assert [p.missing for p in progress] == [{}, {"3": "/r/rtstruct.dcm"}]
+        jobs.fail(session, job, sending_failure(progress))
+        assert job.reason == ("sending failed: pacs received 2 of 2 files; planner received 0 of 1 file: "
+                              "no response within 60 s from PLANNER (after 5 attempts)")
+        jobs.retry(session, job)
+        assert job.state is JobState.SENDING and job.deliveries["planner"]["attempts"] == 0
+        assert jobs.delivered_sop_instance_uids(session, job.id, "pacs") == {"1", "2"}
+
+
+def test_retry_routes_again_when_every_destination_has_its_files(sessions):
+    from db import jobs
+    from db.session import transaction
+
+    with transaction(sessions) as session:
+        job = sending_job(session, {"pacs": {"1": "/r/seg.dcm"}})
+        deliver(session, job, "pacs", "1")
+        jobs.fail(session, job, "sending failed: the operator stopped it")
+        assert not jobs.lacks_deliveries(session, job)
+        jobs.retry(session, job)
+        assert job.state is JobState.COMPLETE

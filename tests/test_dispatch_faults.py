@@ -1,0 +1,338 @@
+"""Sending under faults: the node killed while sending, a locked database, slow, stalled and absent peers.
+
+The destinations are real pynetdicom Storage SCPs in the test process, on their own
+ports (real networking), that the test can slow down, stall or count: every C-STORE
+request that reaches one is counted when it arrives (``received``) and when the peer
+answers success (``acknowledged``).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from sqlalchemy import select
+
+from db.jobs import delivered_sop_instance_uids, job_for_series_uid
+from db.models import Delivery, JobState
+from dicom_node.config import DatabaseSettings
+from inference.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import Node, free_port, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+PHANTOM = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
+LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+class Peer:
+    """A Storage SCP the test controls: answers after ``delay`` s, or never while ``stalled``."""
+
+    def __init__(self, ae_title: str = "PEERSCP", *, delay: float = 0.0, delay_from_bytes: int = 0) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.delay = delay  # seconds before answering an object of at least delay_from_bytes
+        self.delay_from_bytes = delay_from_bytes
+        self.stalled = False  # accept the association, never answer a C-STORE
+        self.before_answer: Callable[[str], None] | None = None
+        self.received: list[str] = []  # SOP Instance UIDs as each request arrived
+        self.acknowledged: list[str] = []  # SOP Instance UIDs answered with success
+        self.waiting = 0  # requests held without an answer right now
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self) -> Peer:
+        ae = AE(ae_title=self.ae_title)
+        ae.network_timeout = None
+        ae.maximum_pdu_size = 0
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(LABEL_MAP_SEGMENTATION)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def release(self) -> None:
+        """Stop stalling: held requests and new ones are answered."""
+        self.stalled = False
+        self._release.set()
+
+    def _on_store(self, event) -> int:  # noqa: ANN001
+        uid = str(event.dataset.SOPInstanceUID)
+        size = len(event.request.DataSet.getvalue())
+        with self._lock:
+            self.received.append(uid)
+        if self.stalled:
+            with self._lock:
+                self.waiting += 1
+            self._release.wait()
+            with self._lock:
+                self.waiting -= 1
+            return 0xA700  # the node gave up on this request long ago; it never sees this answer
+        if size >= self.delay_from_bytes and self.delay:
+            time.sleep(self.delay)
+        if self.before_answer is not None:
+            self.before_answer(uid)
+        with self._lock:
+            self.acknowledged.append(uid)
+        return 0x0000
+
+
+@pytest.fixture
+def start_peer():
+    started: list[Peer] = []
+
+    def _start(*args, **kwargs) -> Peer:  # noqa: ANN002, ANN003
+        peer = Peer(*args, **kwargs)
+        started.append(peer)
+        return peer.start()
+
+    yield _start
+    for peer in started:
+        peer.stop()
+
+
+def destination(peer: Peer, **extra) -> dict:  # noqa: ANN003
+    return {"ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.port, **extra}
+
+
+def process_rule(*destinations: str) -> list[dict]:
+    return [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
+             "destinations": list(destinations)}]
+
+
+def send_phantom(node: Node, folder: Path) -> str:
+    series = write_phantom_series(folder, PHANTOM)
+    assert storescu(node.port, series.files).returncode == 0
+    return series.series_instance_uid
+
+
+def delivery_records(node: Node, series_uid: str) -> list[Delivery]:
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_uid)
+        return list(session.scalars(select(Delivery).where(Delivery.job_id == job.id))) if job else []
+
+
+def planned_files(node: Node, series_uid: str, name: str) -> dict[str, str]:
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_uid)
+        return dict(((job.deliveries or {}).get(name) or {}).get("files") or {})
+
+
+def dispatch_log(node: Node) -> str:
+    """The node's own dispatch lines (pynetdicom's lines, such as TCP's "Connection refused", left out)."""
+    return "\n".join(line for line in node.log().splitlines() if " dispatch." in line or " job." in line)
+
+
+def attempts(node: Node, series_uid: str, name: str) -> int:
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_uid)
+        return int(((job.deliveries or {}).get(name) or {}).get("attempts", 0)) if job else 0
+
+
+# --- SIGKILL while sending -----------------------------------------------------------------------
+
+
+def kill_while_sending(tmp_path: Path, start_node, start_peer, *, seed: int, rounds: int) -> dict[str, int]:  # noqa: ANN001
+    """Each round: a new series, SIGKILL at a seeded random moment of SENDING, restart, wait for DONE.
+
+    Returns the counts; asserts after every round that each file reached the peer, that no
+    file the node had recorded as delivered was sent again, and that at most the one file
+    in flight at the kill reached the peer twice.
+    """
+    rng = random.Random(seed)
+    peer = start_peer(delay=0.8)  # slow to acknowledge: the kill lands in the middle of SENDING
+    node = start_node(
+        destinations={"peer": destination(peer, send=["seg", "sr", "rtstruct"])},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        dispatch={"first_retry_seconds": 0.5, "max_retry_seconds": 1, "check_interval_seconds": 0.2},
+    )
+    counts = Counter()
+    for round_number in range(rounds):
+        series_uid = send_phantom(node, tmp_path / f"ct{round_number}")
+        node.wait_for_state(series_uid, JobState.SENDING, timeout=180)
+        time.sleep(rng.uniform(0.0, 3.0))  # three files at 0.8 s each, plus the association
+        node.kill()
+        recorded_at_kill = {d.sop_instance_uid for d in delivery_records(node, series_uid)}
+        received_at_kill = Counter(peer.received)
+        node.start()
+        node.wait_for_state(series_uid, JobState.DONE, timeout=120)
+
+        planned = set(planned_files(node, series_uid, "peer"))
+        assert len(planned) == 3
+        received = Counter(uid for uid in peer.received if uid in planned)
+        assert set(received) == planned, "every file reached the destination"
+        assert {d.sop_instance_uid for d in delivery_records(node, series_uid)} == planned
+        for uid in recorded_at_kill:
+            assert received[uid] == 1, "a file recorded as delivered before the kill was sent again"
+        twice = [uid for uid, n in received.items() if n > 1]
+        assert len(twice) <= 1 and all(received[uid] == 2 for uid in twice), "only the file in flight may go twice"
+        assert all(received_at_kill[uid] >= 1 for uid in twice), "a second copy only of a file the peer had got"
+        counts["kills"] += 1
+        counts["files"] += len(planned)
+        counts["recorded_before_kill"] += len(recorded_at_kill)
+        counts["in_flight_sent_again"] += len(twice)
+        counts["recorded_sent_again"] += sum(received[uid] - 1 for uid in recorded_at_kill)
+        counts["jobs_stuck"] += node.job_state(series_uid) is not JobState.DONE
+    print("kill-while-sending:", dict(counts))
+    return counts
+
+
+def test_kill_while_sending_resends_only_the_file_in_flight(tmp_path, start_node, start_peer):
+    counts = kill_while_sending(tmp_path, start_node, start_peer, seed=11, rounds=3)
+    assert counts["kills"] == 3 and counts["recorded_sent_again"] == 0 and counts["jobs_stuck"] == 0
+
+
+@pytest.mark.faults_long
+def test_many_kills_while_sending_resend_only_the_file_in_flight(tmp_path, start_node, start_peer):
+    counts = kill_while_sending(tmp_path, start_node, start_peer, seed=2026, rounds=20)
+    assert counts["kills"] == 20 and counts["recorded_sent_again"] == 0 and counts["jobs_stuck"] == 0
+
+
+# --- a locked database right after a successful send ---------------------------------------------
+
+
+def test_database_locked_after_a_send_does_not_resend(tmp_path, start_node, start_peer):
+    busy_timeout = 30.0  # the node's SQLite busy timeout, unless the configuration can shorten it
+    settings = {}
+    if "busy_timeout_seconds" in DatabaseSettings.model_fields:
+        busy_timeout = 2.0
+        settings["database"] = {"busy_timeout_seconds": busy_timeout}
+    peer = start_peer()
+    node = start_node(
+        destinations={"peer": destination(peer)},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        **settings,
+    )
+    database = node.storage / "dicom-node.db"
+    locks: list[threading.Timer] = []
+
+    def lock_before_first_answer(_uid: str) -> None:
+        if locks:
+            return
+        holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")  # the node's record of this file must wait for it
+        release = threading.Timer(busy_timeout + 5, lambda: (holder.rollback(), holder.close()))
+        locks.append(release)
+        release.start()
+
+    peer.before_answer = lock_before_first_answer
+    series_uid = send_phantom(node, tmp_path / "ct")
+    wait_for(lambda: locks, timeout=240, what="the first file to reach the peer")  # no database reads: it is locked
+    locks[0].join()
+    node.wait_for_state(series_uid, JobState.DONE, timeout=120)
+
+    assert len(peer.received) == 2 and Counter(peer.received).most_common(1)[0][1] == 1, "each file sent once"
+    assert {d.sop_instance_uid for d in delivery_records(node, series_uid)} == set(peer.received)
+    assert "database.busy" in node.log()
+
+
+# --- down, then slow, then up --------------------------------------------------------------------
+
+
+def test_destination_down_then_slow_then_up_gets_each_file_once(tmp_path, start_node, start_peer):
+    peer = Peer(delay=3.0)  # not started yet: the destination is down
+    node = start_node(
+        destinations={"peer": destination(peer)},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        dispatch={"first_retry_seconds": 0.5, "max_retry_seconds": 1, "max_attempts": 100,
+                  "timeout_seconds": 6, "seconds_per_megabyte": 0},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+    wait_for(lambda: attempts(node, series_uid, "peer") >= 2, timeout=180, what="two attempts while the peer is down")
+    peer.start()  # up, but slow: 3 s per answer, within the 6 s timeout
+    try:
+        wait_for(lambda: len(peer.acknowledged) >= 1, timeout=60, what="a first slow answer")
+        peer.delay = 0.0  # fully up
+        node.wait_for_state(series_uid, JobState.DONE, timeout=60)
+    finally:
+        peer.stop()
+    assert len(peer.received) == 2 and set(Counter(peer.received).values()) == {1}, "each file delivered once"
+    assert "is unreachable (no association" in dispatch_log(node)
+    assert "refused" not in dispatch_log(node)
+
+
+# --- a large object acknowledged only after the default timeout ----------------------------------
+
+
+@pytest.mark.parametrize("seconds_per_megabyte", [200.0, 0.0], ids=["timeout-scaled-by-size", "fixed-timeout"])
+def test_slowly_acknowledged_large_object(tmp_path, start_node, start_peer, seconds_per_megabyte):
+    """The SEG (the large object here) is answered after 5 s; the fixed timeout is 2 s."""
+    peer = start_peer(delay=5.0, delay_from_bytes=20_000)
+    node = start_node(
+        destinations={"peer": destination(peer)},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        dispatch={"timeout_seconds": 2, "seconds_per_megabyte": seconds_per_megabyte, "max_attempts": 1},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+    if seconds_per_megabyte:
+        node.wait_for_state(series_uid, JobState.DONE, timeout=240)
+        assert len(peer.acknowledged) == 2 and set(Counter(peer.received).values()) == {1}, "delivered once"
+        return
+    node.wait_for_state(series_uid, JobState.FAILED, timeout=240)
+    reason = node.job_reason(series_uid)
+    assert reason.startswith("sending failed: peer received 0 of 2 files: no response within 2 s from PEERSCP to ")
+    assert reason.endswith("(after 1 attempt)")
+    log = dispatch_log(node)
+    assert "no response within 2 s from PEERSCP to seg-binary.dcm" in log
+    assert "refused" not in log and "refused" not in reason
+
+
+# --- two destinations, one never answering -------------------------------------------------------
+
+
+def test_stalled_destination_does_not_hold_up_the_other(tmp_path, start_node, start_peer):
+    pacs = start_peer("PACS")
+    planner = start_peer("PLANNER")
+    planner.stalled = True  # accepts the association, never answers a C-STORE
+    node = start_node(
+        destinations={"pacs": destination(pacs), "planner": destination(planner)},
+        rules=process_rule("planner", "pacs"),
+        inference={"workers": 1},
+        dispatch={"timeout_seconds": 20, "seconds_per_megabyte": 0, "max_attempts": 1},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+
+    wait_for(lambda: len(pacs.acknowledged) == 2, timeout=240, what="the PACS to get its two files")
+    assert planner.waiting == 1, "the planner still holds its first request: the PACS did not wait for it"
+    node.wait_for_state(series_uid, JobState.FAILED, timeout=60)
+
+    reason = node.job_reason(series_uid)
+    assert reason.startswith(
+        "sending failed: planner received 0 of 2 files: no response within 20 s from PLANNER to "
+    ), reason
+    assert reason.endswith("(after 1 attempt); pacs received 2 of 2 files"), reason
+    status = node.cli("status")
+    assert "planner 0/2, pacs 2/2" in status.stdout, status.stdout
+    shown = node.cli("show", series_uid).stdout
+    assert "sent to  planner 0/2 files (1 attempt" in shown and "sent to  pacs 2/2 files (1 attempt)" in shown
+    assert shown.count("not delivered: no response within 20 s from PLANNER") == 2, shown
+    assert shown.count("  delivered 20") == 2, shown
+
+    planner.release()  # the planner answers from now on; retry sends it only what it lacks
+    retried = node.cli("retry", series_uid)
+    assert retried.returncode == 0 and "SENDING" in retried.stdout
+    node.wait_for_state(series_uid, JobState.DONE, timeout=60)
+    assert len(pacs.received) == 2, "the PACS got nothing again"
+    assert sorted(planner.acknowledged) == sorted(pacs.acknowledged)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_uid)
+        assert delivered_sop_instance_uids(session, job.id, "planner") == set(pacs.acknowledged)
