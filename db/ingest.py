@@ -70,6 +70,7 @@ JOBS = Job.__table__
 
 # Built once: the per-instance path runs them hundreds of times a second.
 _FIND_INSTANCE = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
+_FIND_INSTANCE_PATH = select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
 _FIND_SERIES_AND_JOB = (
     select(SERIES.c.id, JOBS.c.id, JOBS.c.state)
     .select_from(SERIES.outerjoin(JOBS, JOBS.c.series_id == SERIES.c.id))
@@ -91,6 +92,12 @@ _COUNT_INSTANCE = (
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
     found = session.connection().execute(_FIND_INSTANCE, {"sop_instance_uid": sop_instance_uid})
     return found.first() is not None
+
+
+def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
+    """Where the instance with this SOP Instance UID is stored, if it is recorded at all."""
+    found = session.connection().execute(_FIND_INSTANCE_PATH, {"sop_instance_uid": sop_instance_uid})
+    return found.scalar()
 
 
 def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:

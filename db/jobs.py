@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Delivery, Job, JobEvent, JobState, Series, utcnow
@@ -85,6 +85,7 @@ def queue(session: Session, job: Job, *, rule_name: str, model_name: str, destin
     job.rule_name = rule_name
     job.model_name = model_name
     job.destinations = list(destinations)
+    job.not_before = None  # routed afresh: an earlier wait for disk space no longer holds it back
     change_state(session, job, S.QUEUED, f"rule {rule_name!r}: process with model {model_name!r}")
 
 
@@ -116,6 +117,22 @@ def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Callable[[s
         if warning and warning not in merged:
             merged.append(warning)
     job.warnings = merged or None
+
+
+def defer(session: Session, job: Job, until: datetime, reason: str) -> None:
+    """Put a job that hit a transient fault (a full disk) back in the queue, to be claimed from ``until``.
+
+    The job stays visible as QUEUED with ``reason`` (e.g. "waiting for disk space: ...");
+    workers skip it until ``not_before`` has passed, so it finishes without an operator.
+    """
+    job.not_before = until
+    change_state(session, job, S.QUEUED, reason)
+
+
+def claimable(now: datetime | None = None) -> ColumnElement[bool]:
+    """The condition a job must meet to be claimed by a worker: QUEUED and not deferred past ``now``."""
+    moment = now or utcnow()
+    return and_(Job.state == S.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= moment))
 
 
 SENDING_FAILURE_PREFIX = "sending failed"

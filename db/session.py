@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+LOG = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
+DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
+"""How long one SQLite statement waits for another process' write lock (``database.busy_timeout_seconds``)."""
 
-def make_engine(url: str) -> Engine:
+T = TypeVar("T")
+
+
+class DatabaseBusy(Exception):
+    """The database stayed locked by another writer for longer than the caller could wait."""
+
+
+def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and write-locking transactions.
 
     SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives the
@@ -26,7 +41,8 @@ def make_engine(url: str) -> Engine:
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     _create_sqlite_folder(url)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False})
+    busy_timeout_ms = max(1, round(busy_timeout_seconds * 1000))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -35,7 +51,7 @@ def make_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -61,6 +77,86 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+def is_database_locked(error: BaseException) -> bool:
+    """Whether ``error`` is a transient lock ("database is locked" / busy), not a real fault."""
+    if not isinstance(error, OperationalError):
+        return False
+    message = str(error.orig if error.orig is not None else error).lower()
+    return "locked" in message or "busy" in message
+
+
+def is_database_full(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's "database or disk is full" (clears once space is freed)."""
+    return isinstance(error, OperationalError) and "database or disk is full" in str(error.orig or error).lower()
+
+
+def retry_when_locked(
+    action: Callable[[], T],
+    *,
+    waiting: str,
+    limit_seconds: float,
+    first_delay_seconds: float = 0.05,
+    longest_delay_seconds: float = 5.0,
+    wait_for_disk_space: bool = False,
+) -> T:
+    """Run ``action`` (a whole transaction) again while the database is locked by another writer.
+
+    Each run already waits SQLite's busy timeout; between runs the delay doubles
+    up to ``longest_delay_seconds``. Every wait is logged at WARNING, naming what waits.
+
+    Parameters
+    ----------
+    action
+        Opens, does and commits one transaction; it must be safe to run again after a rollback.
+    waiting
+        What waits, for the log: "recording instance 1.2.3", "worker host:12 claiming a job".
+    limit_seconds
+        Give up once this long has passed since the first try.
+    wait_for_disk_space
+        Also wait while SQLite reports "database or disk is full" (workers, whose
+        outcome must not be lost; the receiver answers at once instead).
+
+    Raises
+    ------
+    DatabaseBusy
+        If the database is still locked after ``limit_seconds``.
+    """
+    started = time.monotonic()
+    delay = first_delay_seconds
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return action()
+        except OperationalError as exc:
+            if is_database_locked(exc):
+                cause = "the database is locked by another process"
+            elif wait_for_disk_space and is_database_full(exc):
+                cause = "the disk holding the database is full"
+            else:
+                raise
+            waited = time.monotonic() - started
+            if waited + delay > limit_seconds:
+                LOG.error(
+                    "database.busy_gave_up",
+                    extra={"event_fields": {"waiting": waiting, "waited_seconds": round(waited, 1), "tries": tries, "reason": cause}},
+                )
+                raise DatabaseBusy(f"{cause} for {waited:.0f} s while {waiting}") from None
+            LOG.warning(
+                "database.busy",
+                extra={
+                    "event_fields": {
+                        "waiting": waiting,
+                        "waited_seconds": round(waited, 1),
+                        "next_try_in_seconds": round(delay, 2),
+                        "reason": cause,
+                    }
+                },
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, longest_delay_seconds)
 
 
 def alembic_config(url: str) -> Config:

@@ -165,11 +165,22 @@ class StorageSettings(_Strict):
     fsync: bool = Field(
         True, description="fsync every instance before answering success; turn off only on test rigs."
     )
+    disk_full_retry_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A job whose processing found the disk full is queued again and tried after this many seconds.",
+    )
 
 
 class DatabaseSettings(_Strict):
     url: str | None = Field(
         None, description="SQLAlchemy URL; default is a SQLite file in the storage directory."
+    )
+    busy_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a write waits for another process' lock on the SQLite file before it retries "
+        "(the worker) or answers the C-STORE with 0xA700 (the receiver).",
     )
 
 

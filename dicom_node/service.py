@@ -126,7 +126,7 @@ class RunningNode:
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """Migrate the schema to the newest revision and return a session factory."""
     migrate(settings.database_url)
-    return make_session_factory(make_engine(settings.database_url))
+    return make_session_factory(make_engine(settings.database_url, settings.database.busy_timeout_seconds))
 
 
 def start_node(settings: Settings) -> RunningNode:
@@ -147,7 +147,7 @@ def start_node(settings: Settings) -> RunningNode:
     # Bind first: a port in use must stop start-up before any thread or process exists.
     server = start_storage_scp(
         settings.network,
-        StoreContext(store=store, sessions=sessions),
+        StoreContext(store=store, sessions=sessions, record_timeout_seconds=settings.database.busy_timeout_seconds),
         RetrieveContext.from_settings(settings, sessions),
     )
     watcher = SeriesWatcher(settings, sessions)

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -30,19 +31,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import InstanceRecord, record_results
-from db.models import Instance, Job, JobState, Series
-from db.session import transaction
+from db.models import Instance, Job, JobState, Series, utcnow
+from db.session import DatabaseBusy, is_database_locked, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.logs import log_event
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.seg import warm_up
 from dicom_node.receive.header import read_file_header
+from dicom_node.receive.storage import is_disk_full
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
 from inference.weights import WeightsIdentity
 from inference.volume import VolumeError, load_series_volume
 
 LOG = logging.getLogger(__name__)
+
+LOCKED_CLAIM_LIMIT_SECONDS = 600.0
+"""A worker waits this long for a locked database when claiming, then polls again."""
+LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
+"""A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,16 @@ class InferenceWorker:
     def requeue_abandoned_jobs(self) -> int:
         """Jobs left PROCESSING by a dead worker on this host go back to the queue (or fail at the crash limit).
 
-        Returns how many were queued again.
+        A locked database is waited for. Returns how many were queued again.
         """
+        return retry_when_locked(
+            self._requeue_abandoned_jobs_once,
+            waiting=f"worker {self.identity} queuing again the jobs of stopped workers",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+        )
+
+    def _requeue_abandoned_jobs_once(self) -> int:
         host = socket.gethostname()
         requeued = 0
         with transaction(self.sessions) as session:
@@ -108,10 +123,27 @@ class InferenceWorker:
         return requeued
 
     def claim(self) -> ClaimedJob | None:
+        """Take the oldest claimable QUEUED job (not deferred to later), or None.
+
+        A database locked by another process is waited for (each wait logged);
+        if it stays locked past :data:`LOCKED_CLAIM_LIMIT_SECONDS` the worker
+        returns None and polls again rather than stopping.
+        """
+        try:
+            return retry_when_locked(
+                self._claim_once,
+                waiting=f"worker {self.identity} claiming a job",
+                limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy:
+            return None
+
+    def _claim_once(self) -> ClaimedJob | None:
         with transaction(self.sessions) as session:
             job = session.scalars(
                 select(Job)
-                .where(Job.state == JobState.QUEUED)
+                .where(jobs.claimable())
                 .order_by(Job.state_changed_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -121,6 +153,7 @@ class InferenceWorker:
             jobs.change_state(session, job, JobState.PROCESSING, f"claimed by worker {self.identity}")
             job.claimed_by = self.identity
             job.stage = "claimed"
+            job.not_before = None
             job.attempts += 1
             paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
             return ClaimedJob(
@@ -171,7 +204,13 @@ class InferenceWorker:
             reason = f"not enough memory to process this series (stage {stage}); see the node's log for job {claim.job_id}"
             self._finish(claim, JobState.FAILED, reason, timings)
             return
-        except Exception:  # noqa: BLE001 - a model crash fails this job, not the worker
+        except Exception as exc:  # noqa: BLE001 - a model crash fails this job, not the worker
+            if is_disk_full(exc):  # transient faults queue the job again, never fail it
+                self._wait_for_disk(claim, exc, timings)
+                return
+            if is_database_locked(exc):
+                self._wait_for_database(claim, timings)
+                return
             LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id, "stage": stage}})
             reason = f"processing stopped on an unexpected error in stage {stage}; the node's log has the details for job {claim.job_id}"
             self._finish(claim, JobState.FAILED, reason, timings)
@@ -181,9 +220,21 @@ class InferenceWorker:
                      _result_reason(model, measurements, output, warnings), timings, job_folder, results, indexed, warnings)
 
     def _stage(self, claim: ClaimedJob, stage: str) -> str:
-        """Record the stage this job is in (read by whoever finds this worker dead); returns it."""
-        with transaction(self.sessions) as session:
-            jobs.set_stage(session, claim.job_id, stage)
+        """Record the stage this job is in (read by whoever finds this worker dead); returns it.
+
+        A locked database is waited for, so a lock never costs the work done so far.
+        """
+
+        def record() -> None:
+            with transaction(self.sessions) as session:
+                jobs.set_stage(session, claim.job_id, stage)
+
+        retry_when_locked(
+            record,
+            waiting=f"worker {self.identity} recording stage {stage} of job {claim.job_id}",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+        )
         return stage
 
     def _run_context(self, claim: ClaimedJob) -> RunContext:
@@ -320,6 +371,40 @@ class InferenceWorker:
         indexed: list[InstanceRecord] | None = None,
         warnings: list[str] | None = None,
     ) -> None:
+        """Record the job's outcome. A locked database is waited for: a finished result is never thrown away."""
+        try:
+            recorded = retry_when_locked(
+                lambda: self._finish_once(claim, state, reason, timings, output, results, indexed, warnings),
+                waiting=f"worker {self.identity} recording the outcome of job {claim.job_id}",
+                limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy as exc:
+            log_event(
+                LOG,
+                logging.ERROR,
+                "job.outcome_not_recorded",
+                job=claim.job_id,
+                reason=f"{exc}; the job stays PROCESSING until the node restarts, then it is queued again",
+            )
+            return
+        if not recorded:
+            return
+        level = logging.ERROR if state is JobState.FAILED else logging.INFO
+        log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+
+    def _finish_once(
+        self,
+        claim: ClaimedJob,
+        state: JobState,
+        reason: str,
+        timings: dict[str, float],
+        output: Path | None,
+        results: list[str] | None,
+        indexed: list[InstanceRecord] | None,
+        warnings: list[str] | None,
+    ) -> bool:
+        """One transaction recording the outcome; False if the series changed meanwhile (result discarded)."""
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id)
             job.timings = {key: round(value, 3) for key, value in timings.items()}
@@ -331,7 +416,7 @@ class InferenceWorker:
                     job=claim.job_id,
                     reason=f"series changed while processing (now {job.state.value})",
                 )
-                return
+                return False
             if output is not None:
                 job.result_path = str(output)
                 job.result_files = results or []
@@ -339,8 +424,44 @@ class InferenceWorker:
                 jobs.append_warnings(job, warnings or [])
                 record_results(session, job.id, indexed or [])  # Q/R answers from these rows
             jobs.change_state(session, job, state, reason)
-        level = logging.ERROR if state is JobState.FAILED else logging.INFO
-        log_event(LOG, level, f"job.{state.value.lower()}", job=claim.job_id, reason=reason, **{f"seconds_{k}": round(v, 2) for k, v in timings.items()})
+        return True
+
+    def _wait_for_disk(self, claim: ClaimedJob, error: BaseException, timings: dict[str, float]) -> None:
+        """Processing found the disk full: queue the job again, to be tried after ``storage.disk_full_retry_seconds``."""
+        until = utcnow() + timedelta(seconds=self.settings.storage.disk_full_retry_seconds)
+        detail = getattr(error, "strerror", None) or "no space left on device"
+        reason = (
+            f"waiting for disk space: {detail.lower()} while writing the results in {self.settings.jobs_directory}; "
+            f"tried again from {until:%H:%M:%S} UTC"
+        )
+        self._defer(claim, until, reason, timings)
+        log_event(LOG, logging.WARNING, "job.waiting_for_disk", job=claim.job_id, reason=reason)
+
+    def _wait_for_database(self, claim: ClaimedJob, timings: dict[str, float]) -> None:
+        """Processing found the database locked past its busy timeout: queue the job again at once."""
+        reason = "waiting for the database: another process held it locked while the series was processed; queued again"
+        self._defer(claim, utcnow(), reason, timings)
+        log_event(LOG, logging.WARNING, "job.waiting_for_database", job=claim.job_id, reason=reason)
+
+    def _defer(self, claim: ClaimedJob, until: datetime, reason: str, timings: dict[str, float]) -> None:
+        """Put a job that met a transient fault back to QUEUED (``jobs.defer``), waiting out a locked or full database."""
+
+        def defer_once() -> None:
+            with transaction(self.sessions) as session:
+                job = session.get_one(Job, claim.job_id)
+                job.timings = {key: round(value, 3) for key, value in timings.items()}
+                if job.state is JobState.PROCESSING and job.claimed_by == self.identity:
+                    jobs.defer(session, job, until, reason)
+
+        try:
+            retry_when_locked(
+                defer_once,
+                waiting=f"worker {self.identity} queuing job {claim.job_id} again",
+                limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy:
+            pass  # logged by retry_when_locked; the job stays PROCESSING until the node restarts
 
 
 TEST_WEIGHTS_NOTE = "test weights (random, not a trained model): the structures are not anatomy; not for clinical use"

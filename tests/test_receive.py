@@ -228,7 +228,7 @@ def test_instance_survives_kill_during_transfer(tmp_path, start_node):
         sop_uid = series.sop_instance_uids[series.files.index(Path(path))]
         assert sop_uid in stored_uids and sop_uid in recorded_uids
     assert stored_uids == recorded_uids
-    assert not list((node.storage / "instances").rglob(".*.partial"))
+    assert not list((node.storage / "incoming").iterdir())  # no temporary file survives the restart
     node.wait_for_state(series.series_instance_uid, JobState.QUEUED)
 
     # The PACS resends what failed; the series re-opens, gets every instance once, and completes.

@@ -3,7 +3,10 @@
 A C-STORE is answered with success only after the instance is on disk (fsynced)
 and recorded in the database. Refused instances get a failure status, a log
 line with the reason, a row in ``rejected_instances`` and their bytes in the
-quarantine folder; nothing is half-stored.
+quarantine folder; nothing is half-stored. An instance that cannot be written
+(a full disk) or recorded (the database locked for longer than
+``database.busy_timeout_seconds``) is answered 0xA700 and leaves no file behind,
+so the sender keeps it and sends it again.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import record_instance, record_rejection
-from db.session import transaction
+from db.ingest import record_rejection
+from db.session import DEFAULT_BUSY_TIMEOUT_SECONDS, DatabaseBusy, retry_when_locked, transaction
 from dicom_node import status
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
 from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
-from dicom_node.receive.storage import InstanceStore, encode_file_meta
+from dicom_node.receive.storage import InstanceStore, commit_instance, encode_file_meta, is_disk_full
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
 from dicom_node.security import PeerPolicy, on_requested, require_role, start_guarded_server
@@ -102,11 +105,16 @@ REACTOR_POLL_SECONDS = 0.0002
 
 ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
 
+DISK_FULL_COMMENT = "out of disk space on the node"
+DATABASE_BUSY_COMMENT = "node database busy; please send again"
+
 
 @dataclass(frozen=True)
 class StoreContext:
     store: InstanceStore
     sessions: sessionmaker[Session]
+    record_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS
+    """Longest wait for the database's write lock before the C-STORE is answered 0xA700."""
 
 
 def build_ae(network: NetworkSettings) -> AE:
@@ -180,29 +188,43 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
 
     path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
-    already_on_disk = path.exists()  # writes are atomic: an existing file is a whole, stored instance
-    if not already_on_disk:
-        try:
-            context.store.write(path, encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae), encoded)
-        except OSError as exc:
-            log_event(
-                LOG, logging.ERROR, "instance.write_failed", sop_instance_uid=sop_instance, path=str(path), error=str(exc)
-            )
-            return _failure(status.OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror or exc}")
-
-    record = header.record(transfer_syntax, str(path), path.stat().st_size, calling_ae)
+    file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae)
     try:
-        with transaction(context.sessions) as session:
-            outcome = record_instance(session, record)
+        temporary = context.store.write_temporary(file_meta, encoded)
+    except OSError as exc:
+        return _write_failed(exc, sop_instance, calling_ae)
+    record = header.record(transfer_syntax, str(path), len(file_meta) + len(encoded), calling_ae)
+    try:
+        stored = retry_when_locked(
+            lambda: commit_instance(context.store, context.sessions, temporary, record),
+            waiting=f"recording instance {sop_instance} from {calling_ae}",
+            limit_seconds=context.record_timeout_seconds,
+        )
+        context.store.sync_folder(stored.path.parent)
+    except DatabaseBusy:
+        log_event(LOG, logging.ERROR, "instance.not_recorded", sop_instance_uid=sop_instance, calling_ae=calling_ae,
+                  reason=f"the database stayed locked for {context.record_timeout_seconds:g} s; answered 0xA700")
+        return _failure(status.OUT_OF_RESOURCES, DATABASE_BUSY_COMMENT)
+    except OSError as exc:
+        return _write_failed(exc, sop_instance, calling_ae)
     except Exception as exc:  # noqa: BLE001 - the peer must hear of any failure, never success
+        if is_disk_full(exc):
+            return _write_failed(exc, sop_instance, calling_ae)
         LOG.exception("instance.record_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
-        return _failure(status.OUT_OF_RESOURCES, f"cannot record instance: {exc}")
+        return _failure(status.OUT_OF_RESOURCES, "node cannot record the instance; see its log")
+    finally:
+        temporary.unlink(missing_ok=True)  # a no-op once renamed into place
 
+    outcome = stored.recorded
     if not outcome.stored:
-        if not already_on_disk:
-            # Same SOP Instance UID already recorded under another series: keep the first copy only.
-            path.unlink(missing_ok=True)
-        log_event(LOG, logging.INFO, "instance.duplicate", sop_instance_uid=sop_instance, calling_ae=calling_ae)
+        log_event(
+            LOG,
+            logging.WARNING if stored.replaced_missing_file else logging.INFO,
+            "instance.duplicate",
+            sop_instance_uid=sop_instance,
+            calling_ae=calling_ae,
+            note="the recorded file was missing; this copy took its place" if stored.replaced_missing_file else "already stored; kept once",
+        )
         return status.SUCCESS
     if outcome.series_created:
         log_event(
@@ -225,6 +247,21 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         bytes=record.size_bytes,
     )
     return status.SUCCESS
+
+
+def _write_failed(error: Exception, sop_instance: str, calling_ae: str) -> Dataset:
+    """Answer 0xA700 for an instance that could not be written; no temporary file is left."""
+    full = is_disk_full(error)
+    comment = DISK_FULL_COMMENT if full else f"node cannot write the instance: {getattr(error, 'strerror', None) or 'I/O error'}"
+    log_event(
+        LOG,
+        logging.ERROR,
+        "instance.write_failed",
+        sop_instance_uid=sop_instance,
+        calling_ae=calling_ae,
+        reason=f"{comment}; answered 0xA700, the sender keeps the instance",
+    )
+    return _failure(status.OUT_OF_RESOURCES, comment)
 
 
 def _refuse(

@@ -3,19 +3,23 @@
 Layout under the storage directory::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    incoming/<pid>-<thread>-<n>.partial  writes in progress (one unique name per write)
     quarantine/<UTC time>-<n>.dcm      instances answered with a failure status
     dicom-node.db                      the default SQLite database
 
 UIDs are checked against the UID grammar before they become path parts, so a
-data set cannot steer a write outside these folders.
+data set cannot steer a write outside these folders. Temporary files live in
+``incoming/`` only, on the same file system as ``instances/`` (the rename into
+place is atomic), so start-up finds them with one directory listing.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
-import struct
 import logging
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import record_instance, record_rejection
+from db.ingest import InstanceRecord, RecordOutcome, record_instance, record_rejection, recorded_path
 from db.models import Instance, Series
 from db.session import transaction
 from dicom_node import __version__, status
@@ -84,17 +88,31 @@ def _text(value: str) -> bytes:
     return encoded + b" " if len(encoded) % 2 else encoded
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) means the disk or quota is full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        message = str(seen).lower()
+        if "no space left on device" in message or "database or disk is full" in message:  # ITK, SQLite
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class InstanceStore:
     """Writes instance files so that a success status always means 'on disk'."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.instances_dir = root / "instances"
+        self.incoming_dir = root / "incoming"
         self.quarantine_dir = root / "quarantine"
         self.fsync = fsync
         self._counter = itertools.count()
         self._quarantine_lock = threading.Lock()
-        for folder in (self.instances_dir, self.quarantine_dir):
+        for folder in (self.instances_dir, self.incoming_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -106,8 +124,42 @@ class InstanceStore:
     def write(self, path: Path, file_meta: bytes, encoded: bytes) -> int:
         """Write file meta + data set to ``path`` atomically; returns the file size.
 
-        The bytes go to a temporary name in the same folder, are fsynced, renamed
-        into place, and the folder is fsynced, so the file is either whole or absent.
+        The bytes go to a unique temporary file in ``incoming/``, are fsynced,
+        renamed into place, and the folder is fsynced, so the file is either
+        whole or absent. On any error the temporary file is removed.
+        """
+        temporary = self.write_temporary(file_meta, encoded)
+        try:
+            self.install(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        self.sync_folder(path.parent)
+        return len(file_meta) + len(encoded)
+
+    def write_temporary(self, file_meta: bytes, encoded: bytes) -> Path:
+        """Write and fsync the bytes under a name no other write uses; returns that path.
+
+        The caller renames it into place (:meth:`install`) or unlinks it. Nothing
+        is left behind if writing fails (a full disk, for one).
+        """
+        temporary = self.incoming_dir / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}{TEMP_SUFFIX}"
+        try:
+            with open(temporary, "xb") as stream:
+                stream.write(file_meta)
+                stream.write(encoded)
+                if self.fsync:
+                    stream.flush()
+                    os.fsync(stream.fileno())
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return temporary
+
+    def install(self, temporary: Path, path: Path) -> None:
+        """Rename a temporary file to ``path`` (atomic: same file system), creating its folders.
+
+        The folder itself is fsynced by :meth:`sync_folder`, which callers run after
+        their database commit, before they answer success.
         """
         folder = path.parent
         if not folder.is_dir():
@@ -115,17 +167,12 @@ class InstanceStore:
             if self.fsync:
                 _fsync_dir(folder.parent)
                 _fsync_dir(folder.parent.parent)
-        temporary = folder / f".{path.name}{TEMP_SUFFIX}"
-        with open(temporary, "wb") as stream:
-            stream.write(file_meta)
-            stream.write(encoded)
-            if self.fsync:
-                stream.flush()
-                os.fsync(stream.fileno())
         os.replace(temporary, path)
+
+    def sync_folder(self, folder: Path) -> None:
+        """Make renames into ``folder`` durable (a no-op with ``storage.fsync: false``)."""
         if self.fsync:
             _fsync_dir(folder)
-        return len(file_meta) + len(encoded)
 
     def quarantine(self, file_meta: bytes, encoded: bytes) -> Path:
         """Keep the bytes of a refused instance, under a unique name, for an operator to inspect.
@@ -141,11 +188,17 @@ class InstanceStore:
         return path
 
     def remove_partial_files(self) -> int:
-        """Delete temporary files left by a transfer that was cut off (they never got a success status)."""
+        """Delete temporary files left by writes that were cut off (they never got a success status).
+
+        One listing of ``incoming/``, however large the store. Call it only while
+        no write is in progress (at start-up).
+        """
         removed = 0
-        for partial in self.instances_dir.rglob(f".*{TEMP_SUFFIX}"):
-            partial.unlink(missing_ok=True)
-            removed += 1
+        with os.scandir(self.incoming_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(TEMP_SUFFIX):
+                    os.unlink(entry.path)
+                    removed += 1
         return removed
 
     def series_folders(self) -> Iterator[tuple[str, str, Path]]:
@@ -154,6 +207,45 @@ class InstanceStore:
                 for series_dir in study_dir.iterdir():
                     if series_dir.is_dir():
                         yield study_dir.name, series_dir.name, series_dir
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What :func:`commit_instance` did with one received instance."""
+
+    recorded: RecordOutcome
+    path: Path  # where the instance now is
+    replaced_missing_file: bool = False  # a duplicate whose recorded file had gone: this copy took its place
+
+
+def commit_instance(
+    store: InstanceStore, sessions: sessionmaker[Session], temporary: Path, record: InstanceRecord
+) -> StoreOutcome:
+    """Rename a received instance's temporary file into place and record it, in one transaction.
+
+    This is the one place where an instance file and its database row are made
+    consistent. The database's write lock (``BEGIN IMMEDIATE`` on SQLite) is held
+    throughout, so concurrent associations sending the same SOP Instance UID
+    take turns: the first renames its file into place and inserts the row; a
+    later one finds the row and removes only its own temporary file, unless the
+    recorded file is missing from disk, in which case its copy takes that place.
+    A file renamed into place whose commit then fails is indexed at the next
+    start (:func:`repair`). Safe to run again after a rollback; the caller
+    syncs the folder (:meth:`InstanceStore.sync_folder`) before answering.
+    """
+    with transaction(sessions) as session:
+        existing = recorded_path(session, record.sop_instance_uid)
+        if existing is None:
+            target = Path(record.path)
+            if temporary.exists():  # else an earlier try renamed it, then its commit failed
+                store.install(temporary, target)
+            return StoreOutcome(record_instance(session, record), target)
+        target = Path(existing)
+        if target.exists():
+            temporary.unlink(missing_ok=True)
+            return StoreOutcome(RecordOutcome(stored=False), target)
+        store.install(temporary, target)
+        return StoreOutcome(RecordOutcome(stored=False), target, replaced_missing_file=True)
 
 
 @dataclass
