@@ -23,18 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TypeVar
+
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState
-from db.session import transaction
+from db.session import retry_when_locked, transaction
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -45,7 +44,6 @@ LOG = logging.getLogger(__name__)
 ACCEPTED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -161,37 +159,6 @@ def _no_response(destination: Destination, result: ResultFile, wait: float, wait
     if waited < wait - 1:
         return f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"
     return f"no response within {wait:.0f} s from {destination.ae_title} to {result.name} ({size})"
-
-
-def retry_when_locked(
-    action: Callable[[], T],
-    *,
-    waiting: str,
-    limit_seconds: float,
-    first_delay_seconds: float = 0.05,
-    longest_delay_seconds: float = 5.0,
-) -> T:
-    """Run ``action`` (one whole transaction) again while the database is locked by another writer.
-
-    Each try already waits SQLite's busy timeout; between tries the delay doubles.
-    Raises the last OperationalError after ``limit_seconds``, or at once for any other error.
-    """
-    started = time.monotonic()
-    delay = first_delay_seconds
-    while True:
-        try:
-            return action()
-        except OperationalError as exc:
-            message = str(exc.orig if exc.orig is not None else exc).lower()
-            waited = time.monotonic() - started
-            if ("locked" not in message and "busy" not in message) or waited + delay > limit_seconds:
-                raise
-            log_event(
-                LOG, logging.WARNING, "database.busy", waiting=waiting, waited_seconds=round(waited, 1),
-                reason="the database is locked by another process; trying again",
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, longest_delay_seconds)
 
 
 class Dispatcher(PeriodicTask):

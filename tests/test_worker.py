@@ -16,7 +16,7 @@ from sqlalchemy import select
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
 from db import jobs
 from db.jobs import job_for_series_uid
-from db.models import Instance, Job, JobState, Series
+from db.models import Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from inference.models.threshold import ThresholdModel
