@@ -140,3 +140,65 @@ def recent(
     if study_instance_uid:
         query = query.where(AuditEvent.study_instance_uid == study_instance_uid)
     return list(session.scalars(query))
+
+
+def status_outcome(code: int | None) -> Outcome:
+    """What a DIMSE status says happened, for the audit trail.
+
+    success (0x0000); partial (a warning, 0xBxxx); failed on the node's side (out of
+    resources 0xA7xx, cancelled 0xFE00, unable to process 0xC001-0xCFFF, no status);
+    refused for everything else (not authorized, unknown destination, identifier or
+    data set that does not match, cannot understand 0xC000).
+    """
+    if code is None:
+        return "failed"
+    if code == 0x0000:
+        return "success"
+    if code & 0xF000 == 0xB000:
+        return "partial"
+    if code & 0xFF00 == 0xA700 or code == 0xFE00 or 0xC001 <= code <= 0xCFFF:
+        return "failed"
+    return "refused"
+
+
+def _code(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    return int(value.Status) if value is not None and "Status" in value else None
+
+
+def _literal_uid(identifier: Any, keyword: str) -> str | None:
+    value = str(identifier.get(keyword, "") or "") if identifier is not None else ""
+    return value if value and not any(c in value for c in "*?\\") else None
+
+
+def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessions: sessionmaker[Session]) -> Any:
+    """Wrap a C-FIND, C-MOVE or C-GET generator handler: one audit record when its request is answered."""
+    import functools
+
+    @functools.wraps(handler)
+    def wrapped(event: Any, *args: Any) -> Any:
+        identifier = getattr(event, "identifier", None)
+        matches, last, refused_destination = 0, None, False
+        try:
+            for value in handler(event, *args):
+                if isinstance(value, tuple) and len(value) == 2:
+                    first, dataset = value
+                    if first is None and dataset is None:  # C-MOVE to an unknown or forbidden destination
+                        refused_destination = True
+                    elif first is not None:
+                        last = _code(first)
+                        matches += last == 0xFF00 and dataset is not None
+                yield value
+        finally:
+            level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
+            detail = f"{level} level, {matches} {'matches' if action == 'find' else 'instances'}"
+            if action == "move":
+                detail += f", to {str(getattr(event, 'move_destination', '') or '').strip()}"
+            record(
+                sessions, action, Peer.of(event.assoc), "refused" if refused_destination else status_outcome(last),
+                study_instance_uid=_literal_uid(identifier, "StudyInstanceUID"), instances=matches,
+                detail=detail,
+            )
+
+    return wrapped

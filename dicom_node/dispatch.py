@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.models import Job, JobState
+from db.models import Job, JobState, Series, Study
 from db.session import retry_when_locked, transaction
+from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -239,7 +240,22 @@ class Dispatcher(PeriodicTask):
                 on_accepted=lambda result, status: self._record_delivery(job_id, name, result, status),
             )
             error = outcome.error
+            self._audit(job_id, destination, len(outcome.sent), len(pending), error)
         self._finish_attempt(job_id, name, error, now)
+
+    def _audit(self, job_id: int, destination: Destination, sent: int, pending: int, error: str | None) -> None:
+        """One audit record per attempt: the destination, the study, how many files it accepted."""
+        with self.sessions() as session:
+            study = session.scalar(
+                select(Study.study_instance_uid).join(Series, Series.study_id == Study.id).join(Job, Job.series_id == Series.id)
+                .where(Job.id == job_id)
+            )
+        outcome = "success" if error is None else ("partial" if sent else "failed")
+        audit.record(
+            self.sessions, "send", audit.Peer(destination.ae_title, f"{destination.host}:{destination.port}"), outcome,
+            study_instance_uid=study, instances=sent, detail=f"job {job_id}: {sent} of {pending} file(s) accepted"
+            + (f"; {error}" if error else ""),
+        )
 
     def _pending_files(
         self, job_id: int, name: str, destination: Destination | None, now: datetime

@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.audit import Peer, StoreTally, association_ended, record, recent
-from tests.conftest import DICOM_NODE
+from tests.conftest import DICOM_NODE, wait_for
 
 
 def _sessions(tmp_path):
@@ -66,3 +67,44 @@ def test_audit_command_filters_by_peer_action_and_study(tmp_path):
     assert "unknown action" in subprocess.run(
         [DICOM_NODE, "audit", "--action", "delete", "--config", str(config)], capture_output=True, text=True
     ).stderr
+
+
+@pytest.mark.integration
+def test_a_real_node_audits_associations_stores_queries_echoes_and_sends(tmp_path, start_node):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+    from pydicom.dataset import Dataset
+
+    from db.models import JobState
+    from inference.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import CT_RULES, storescu
+
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
+    node = start_node(rules=CT_RULES)
+    assert storescu(node.port, series.files, calling_ae="PACS").returncode == 0
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED)
+
+    ae = AE(ae_title="PLANNER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", series.study_instance_uid
+    assert [status.Status for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)][-1] == 0
+    assoc.release()
+
+    def rows():
+        with node.sessions() as session:
+            return [(r.action, r.peer_ae_title, r.study_instance_uid, r.outcome, r.instances) for r in recent(session)]
+
+    wait_for(lambda: ("association", "PLANNER", None, "released", 0) in rows(), what="the PLANNER association record")
+    found = rows()
+    assert ("store", "PACS", series.study_instance_uid, "success", 12) in found
+    assert ("association", "PACS", None, "released", 0) in found
+    assert ("echo", "PLANNER", None, "success", 0) in found
+    assert ("find", "PLANNER", series.study_instance_uid, "success", 1) in found
+    listed = node.cli("audit", "--action", "store").stdout
+    assert "PACS" in listed and series.study_instance_uid in listed
+    assert "Phantom" not in node.cli("audit").stdout  # no patient data (PatientName Phantom^Synthetic) in the trail

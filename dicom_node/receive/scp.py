@@ -46,6 +46,7 @@ from db.ingest import record_rejection
 from db.session import DEFAULT_BUSY_TIMEOUT_SECONDS, DatabaseBusy, retry_when_locked, transaction
 from dicom_node import status
 from dicom_node.config import NetworkSettings
+from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.logs import log_event
 from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
 from dicom_node.receive.storage import InstanceStore, commit_instance, encode_file_meta, is_disk_full
@@ -153,7 +154,10 @@ def start_storage_scp(
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),
-        (evt.EVT_C_ECHO, require_role("echo", peers, _on_echo)),
+        (evt.EVT_RELEASED, _audit_association_end, [context.sessions, "released"]),
+        (evt.EVT_ABORTED, _audit_association_end, [context.sessions, "aborted"]),
+        (evt.EVT_REJECTED, _audit_rejection, [context.sessions]),
+        (evt.EVT_C_ECHO, require_role("echo", peers, _on_echo), [context.sessions]),
         (evt.EVT_C_STORE, require_role("store", peers, handle_store), [context]),
     ]
     if retrieve is not None:
@@ -173,7 +177,25 @@ def start_storage_scp(
 
 
 def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
-    """Store one instance durably, then answer; refuse with a reason what cannot be stored."""
+    """Store one instance durably, then answer; refuse with a reason what cannot be stored.
+
+    The outcome is tallied per association and study for the audit trail (written when
+    the association ends, :func:`dicom_node.audit.association_ended`).
+    """
+    attempt = _StoreAttempt()
+    answer = _store(event, context, attempt)
+    code = answer if isinstance(answer, int) else int(answer.Status)
+    outcome = status_outcome(code)
+    StoreTally.of(event.assoc).add(attempt.study_instance_uid, "success" if outcome == "partial" else outcome)
+    return answer
+
+
+@dataclass
+class _StoreAttempt:
+    study_instance_uid: str | None = None  # known once the header is read
+
+
+def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> int | Dataset:
     request = event.request
     transfer_syntax = event.context.transfer_syntax
     encoded = request.DataSet.getvalue()
@@ -187,6 +209,7 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
         file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
 
+    attempt.study_instance_uid = header.study.study_instance_uid
     path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
     file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae)
     try:
@@ -316,6 +339,14 @@ def _failure(status_code: int, comment: str) -> Dataset:
     return response
 
 
+def _audit_association_end(event: evt.Event, sessions: sessionmaker[Session], outcome: str) -> None:
+    association_ended(sessions, event.assoc, outcome)  # type: ignore[arg-type]
+
+
+def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+    record(sessions, "association", Peer.of(event.assoc), "rejected")
+
+
 def _on_connection_open(event: evt.Event) -> None:
     # Small PDUs (the C-STORE response) must leave at once, not wait on Nagle's algorithm.
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -354,6 +385,7 @@ def _on_aborted(event: evt.Event) -> None:
     log_event(LOG, logging.WARNING, "association.aborted", calling_ae=requestor.ae_title, address=requestor.address)
 
 
-def _on_echo(event: evt.Event) -> int:
+def _on_echo(event: evt.Event, sessions: sessionmaker[Session]) -> int:
     log_event(LOG, logging.INFO, "echo", calling_ae=event.assoc.requestor.ae_title)
+    record(sessions, "echo", Peer.of(event.assoc), "success")
     return status.SUCCESS

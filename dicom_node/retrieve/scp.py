@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
@@ -109,10 +110,11 @@ def add_query_retrieve_contexts(ae: AE) -> None:
 
 
 def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
+    """The C-FIND, C-MOVE and C-GET handlers, each leaving one audit record per request."""
     return [
-        (evt.EVT_C_FIND, handle_find, [context]),
-        (evt.EVT_C_MOVE, handle_move, [context]),
-        (evt.EVT_C_GET, handle_get, [context]),
+        (evt.EVT_C_FIND, audited_retrieve("find", handle_find, context.sessions), [context]),
+        (evt.EVT_C_MOVE, audited_retrieve("move", handle_move, context.sessions), [context]),
+        (evt.EVT_C_GET, audited_retrieve("get", handle_get, context.sessions), [context]),
     ]
 
 
