@@ -117,9 +117,10 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             "as the data set)",
             status.CANNOT_UNDERSTAND,
         )
+    total_length = len(encoded)
+    if transfer_syntax.is_deflated:
+        encoded, total_length = _inflate_bounded(encoded)
     try:
-        if transfer_syntax.is_deflated:
-            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
         stream = BytesIO(encoded)
         dataset = read_dataset(
             stream,
@@ -128,6 +129,11 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             stop_when=_at_pixel_data,
             specific_tags=HEADER_TAGS,
         )
+    except RecursionError:
+        raise InvalidInstance(
+            "data set nests sequences too deeply to be read (hundreds of levels; real images use a few)",
+            status.CANNOT_UNDERSTAND,
+        ) from None
     except Exception:  # pydicom raises many kinds on garbage
         raise InvalidInstance(
             f"not a DICOM data set: its elements cannot be decoded as {transfer_syntax.name}",
@@ -138,12 +144,52 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             "not a DICOM data set: no preamble/meta, no recognisable element", status.CANNOT_UNDERSTAND
         )
     if not transfer_syntax.is_compressed:
-        _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax)
+        _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax, total_length)
     return dataset
 
 
-def _check_native_pixel_data(dataset: Dataset, encoded: bytes, offset: int, transfer_syntax: UID) -> None:
-    """An image's uncompressed Pixel Data must be as long as Rows x Columns x ... says."""
+MAX_INFLATED_BYTES = 2 * 1024**3
+"""Largest size a Deflate-compressed data set may inflate to (a 1,000-frame 512 x 512 CT is 0.5 GB)."""
+INFLATED_HEAD_BYTES = 16 * 1024**2
+"""The part of an inflated data set kept to read its header; the rest is only counted, never held."""
+
+
+def _inflate_bounded(encoded: bytes, limit: int = MAX_INFLATED_BYTES) -> tuple[bytes, int]:
+    """Inflate a Deflated Explicit VR data set: its first bytes (the header) and its whole length.
+
+    The rest is inflated in chunks and only counted, so memory stays bounded whatever the
+    data set declares; past ``limit`` bytes it is refused (a decompression bomb).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(encoded, INFLATED_HEAD_BYTES)
+        total = len(head)
+        pending = inflater.unconsumed_tail
+        while pending:
+            total += len(inflater.decompress(pending, INFLATED_HEAD_BYTES))
+            pending = inflater.unconsumed_tail
+            if total > limit:
+                raise InvalidInstance(
+                    f"Deflate-compressed data set inflates to more than {limit // 1024**2} MB "
+                    f"({len(encoded)} bytes sent): refused as a decompression bomb",
+                    status.CANNOT_UNDERSTAND,
+                )
+        total += len(inflater.flush())
+    except zlib.error:
+        raise InvalidInstance(
+            "not a DICOM data set: its Deflate compression is damaged", status.CANNOT_UNDERSTAND
+        ) from None
+    return head, total
+
+
+def _check_native_pixel_data(
+    dataset: Dataset, encoded: bytes, offset: int, transfer_syntax: UID, total_length: int | None = None
+) -> None:
+    """An image's uncompressed Pixel Data must be as long as Rows x Columns x ... says.
+
+    ``total_length``: the whole data set's length when ``encoded`` holds only its beginning
+    (an inflated Deflate data set); ``encoded`` must reach past the Pixel Data element header.
+    """
     if "Rows" not in dataset or "Columns" not in dataset:
         return  # not an image (SR, RT Structure Set, ...)
     expected = _expected_pixel_bytes(dataset)
@@ -158,7 +204,7 @@ def _check_native_pixel_data(dataset: Dataset, encoded: bytes, offset: int, tran
             f"Pixel Data is encapsulated but the transfer syntax {transfer_syntax.name} is uncompressed",
             status.CANNOT_UNDERSTAND,
         )
-    available = len(encoded) - value_offset
+    available = (total_length if total_length is not None else len(encoded)) - value_offset
     if found < expected or available < found:
         shown = min(found, max(available, 0))
         raise InvalidInstance(

@@ -1,0 +1,107 @@
+"""Data sets built to exhaust the receiver: refused at C-STORE before they cost memory."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from db.models import RejectedInstance
+from dicom_node import status
+from dicom_node.receive.storage import encode_file_meta
+from tests.conftest import Node
+
+pytestmark = pytest.mark.integration
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"SQ", b"UN"):
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    encoded = value.encode()
+    return encoded + b"\0" if len(encoded) % 2 else encoded
+
+
+def _header(sop_instance: str) -> bytes:
+    return _element(0x0008, 0x0016, b"UI", _uid(CT_IMAGE)) + _element(0x0008, 0x0018, b"UI", _uid(sop_instance))
+
+
+def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chunks) -> int:  # noqa: ANN001
+    """C-STORE a data set written chunk by chunk (never held whole), as its raw bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sop_instance}.dcm"
+    with open(path, "wb") as stream:
+        stream.write(encode_file_meta(CT_IMAGE, sop_instance, syntax, "PACS"))
+        for chunk in payload_chunks:
+            stream.write(chunk)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CT_IMAGE, [syntax])
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        response = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(response.Status)
+
+
+def _deflate_bomb(sop_instance: str, inflated_bytes: int):  # noqa: ANN202
+    """A 2 MB Deflate stream that inflates to ``inflated_bytes``: header, then one huge OB element of zeros."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    yield compressor.compress(_header(sop_instance) + struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, inflated_bytes))
+    zeros = bytes(64 * 1024 * 1024)
+    for _ in range(inflated_bytes // len(zeros)):
+        yield compressor.compress(zeros)
+    yield compressor.flush()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _reason(node: Node, sop_instance: str) -> str:
+    with node.sessions() as session:
+        return session.scalars(select(RejectedInstance.reason).where(RejectedInstance.sop_instance_uid == sop_instance)).one()
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path, start_node):
+    node = start_node()
+    before = _peak_rss_mb(node.process.pid)
+    uid = generate_uid()
+
+    answered = _send(node, tmp_path / "bomb", uid, DeflatedExplicitVRLittleEndian, _deflate_bomb(uid, 2200 * 1024 * 1024))
+
+    assert answered == status.CANNOT_UNDERSTAND
+    assert "inflates to more than 2048 MB" in _reason(node, uid) and "decompression bomb" in _reason(node, uid)
+    peak = _peak_rss_mb(node.process.pid)
+    print(f"node peak RSS {before:.0f} MB before, {peak:.0f} MB after a 2.2 GB deflate bomb")
+    assert peak - before < 200  # inflated in 16 MB chunks and counted, never held
+
+
+def test_deeply_nested_sequences_are_refused_at_c_store(tmp_path, start_node):
+    node = start_node()
+    uid = generate_uid()
+    depth = 50_000
+    opening = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+    answered = _send(node, tmp_path / "nested", uid, ExplicitVRLittleEndian, [_header(uid), opening * depth, closing * depth])
+
+    assert answered == status.CANNOT_UNDERSTAND
+    assert _reason(node, uid).startswith("data set nests sequences too deeply to be read")
+    assert node.cli("status").returncode == 0 and node.process.poll() is None  # the node keeps serving
