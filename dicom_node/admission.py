@@ -167,6 +167,12 @@ def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality:
     _check_frame_of_reference([(label, header) for label, header, _ in headers if not _is_localizer(header)])
     _check_orientation(images)
     images = _consistent_matrix(images, settings, warnings)
+    rows, columns = images[0].shape
+    if max(rows, columns) > settings.max_matrix:
+        raise Refused(
+            f"images of {rows} x {columns} pixels are larger than a CT reconstruction matrix can be "
+            f"({settings.max_matrix} x {settings.max_matrix}, admission.max_matrix)"
+        )
     if len(images) < 2:
         raise Refused("the series has a single image; a volume needs at least two slices")
     if len({frame.acquisition for frame in images}) == 1:

@@ -219,6 +219,9 @@ class AdmissionSettings(_Strict):
         description="Refuse a series whose estimated processing memory (every stage) exceeds this; about half "
         "the machine's memory. 32 GB admits 512 x 512 images up to about 5000 slices.",
     )
+    max_matrix: int = Field(
+        2048, ge=64, le=65535, description="Largest Rows or Columns admitted (CT is reconstructed at 512 to 2048)."
+    )
     missing_rescale: Literal["refuse", "assume_identity"] = Field(
         "refuse",
         description="CT images without RescaleSlope/RescaleIntercept: refuse, or process as slope 1, intercept 0 "

@@ -105,3 +105,34 @@ def test_deeply_nested_sequences_are_refused_at_c_store(tmp_path, start_node):
     assert answered == status.CANNOT_UNDERSTAND
     assert _reason(node, uid).startswith("data set nests sequences too deeply to be read")
     assert node.cli("status").returncode == 0 and node.process.poll() is None  # the node keeps serving
+
+
+def test_tiny_jpeg2000_images_declaring_8192_by_8192_are_refused_before_any_allocation(tmp_path, start_node):
+    import numpy as np
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from db.models import JobEvent, JobState
+    from inference.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import CT_RULES, storescu
+
+    series = write_phantom_series(tmp_path / "src", PhantomSpec(rows=64, columns=64, slices=3))
+    for path in series.files:  # each a few hundred bytes, declaring 8192 x 8192 pixels
+        dataset = pydicom.dcmread(path)
+        dataset.Rows = dataset.Columns = 8192
+        dataset.PixelData = np.zeros((8192, 8192), dtype=np.int16).tobytes()
+        dataset.compress(JPEG2000Lossless)
+        dataset.save_as(path)
+        assert path.stat().st_size < 4096
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+
+    assert storescu(node.port, series.files, extra=["-xv"]).returncode == 0  # stored as sent
+
+    node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=60)
+    assert node.job_reason(series.series_instance_uid) == (
+        "not admitted: images of 8192 x 8192 pixels are larger than a CT reconstruction matrix can be "
+        "(2048 x 2048, admission.max_matrix)"
+    )
+    with node.sessions() as session:  # refused from the headers: no worker ever held it
+        states = [e.to_state for e in session.query(JobEvent).order_by(JobEvent.id)]
+    assert JobState.PROCESSING not in states
