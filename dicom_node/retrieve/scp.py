@@ -18,10 +18,11 @@ log has the details.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
@@ -34,14 +35,20 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Series
 
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
+
+LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
+UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), "1.2.840.10008.1.2.2"}
 from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LOG = logging.getLogger(__name__)
@@ -188,7 +195,13 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     paths = _paths_to_retrieve(event, context, calling_ae)
     # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
     contexts = _storage_contexts(paths) if paths else [build_context(Verification)]
-    options: dict[str, Any] = {"contexts": contexts, "ae_title": destination.ae_title}
+    sub_association: dict[str, Any] = {}
+    options: dict[str, Any] = {
+        "contexts": contexts,
+        "ae_title": destination.ae_title,
+        # the sub-association's accepted contexts decide the form each instance is sent in
+        "evt_handlers": [(evt.EVT_ACCEPTED, lambda e: sub_association.update(assoc=e.assoc))],
+    }
     tls_args = client_tls(destination, context.tls)
     if tls_args is not None:
         options["tls_args"] = tls_args
@@ -198,7 +211,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
     yield from _count_or_refuse(paths, context, event, f"move to {target}")
-    yield from _send(event, paths, calling_ae, f"move to {target}")
+    yield from _send(event, paths, calling_ae, f"move to {target}", lambda: accepted_pairs(sub_association.get("assoc")))
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
@@ -215,7 +228,7 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
     yield from _count_or_refuse(paths, context, event, "get")
-    yield from _send(event, paths, calling_ae, "get")
+    yield from _send(event, paths, calling_ae, "get", lambda: accepted_pairs(event.assoc))
 
 
 def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Event, what: str) -> Iterator[Any]:
@@ -237,6 +250,7 @@ class Stored(NamedTuple):
     sop_class_uid: str
     transfer_syntax_uid: str
     sop_instance_uid: str
+    alternative: Stored | None = None  # the same result in a form more peers read (BINARY beside LABELMAP)
 
 
 def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored] | None:
@@ -244,7 +258,10 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
     try:
         with context.sessions() as session:
             found = matching_instances(session, event.identifier, for_retrieval=True)
-            return [Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid) for i in found]
+            return [
+                Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid, _binary_twin(session, i))
+                for i in found
+            ]
     except QueryError as exc:
         log_event(
             LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
@@ -253,35 +270,105 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
         return None
 
 
+def _binary_twin(session: Session, instance: Instance) -> Stored | None:
+    """For a LABELMAP SEG: the BINARY SEG the same run of the same job made, if there is one."""
+    if instance.sop_class_uid != LABEL_MAP_SEGMENTATION:
+        return None
+    series = instance.series
+    if series.source_job_id is None:
+        return None
+    twin = session.scalars(
+        select(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .where(
+            Series.source_job_id == series.source_job_id,
+            Instance.sop_class_uid == SegmentationStorage,
+            Series.superseded_at.is_(None) if series.superseded_at is None else Series.superseded_at == series.superseded_at,
+        )
+        .limit(1)
+    ).first()
+    return Stored(twin.path, twin.sop_class_uid, twin.transfer_syntax_uid, twin.sop_instance_uid) if twin else None
+
+
 def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
-    """Only the SOP classes and transfer syntaxes that will be sent."""
-    pairs = sorted({(p.sop_class_uid, p.transfer_syntax_uid) for p in paths})
+    """The SOP classes and transfer syntaxes that may be sent: as stored, and the forms offered instead.
+
+    A compressed instance may go out decompressed (Explicit VR Little Endian) and a
+    LABELMAP SEG as its BINARY twin, for a destination that accepts only those.
+    """
+    pairs = set()
+    for stored in paths:
+        pairs.add((stored.sop_class_uid, stored.transfer_syntax_uid))
+        if stored.transfer_syntax_uid not in UNCOMPRESSED:
+            pairs.add((stored.sop_class_uid, ExplicitVRLittleEndian))
+        if stored.alternative is not None:
+            pairs.add((stored.alternative.sop_class_uid, stored.alternative.transfer_syntax_uid))
     if len(pairs) > MAXIMUM_CONTEXTS:
         raise QueryError(f"the selection needs {len(pairs)} presentation contexts; at most {MAXIMUM_CONTEXTS} fit")
-    return [build_context(sop_class, syntax) for sop_class, syntax in pairs]
+    return [build_context(sop_class, syntax) for sop_class, syntax in sorted(pairs)]
 
 
-def _send(event: evt.Event, paths: list[Stored], calling_ae: str, what: str) -> Iterator[Any]:
-    """Yield each stored data set; files gone from disk end the retrieval with a warning naming them."""
-    missing: list[str] = []
+def accepted_pairs(assoc: Any) -> set[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs an association accepted, for sending data sets over it."""
+    if assoc is None:
+        return set()
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+
+
+def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Dataset, str] | None:
+    """The data set to send so that the peer can read it, and how it was chosen; None when nothing fits.
+
+    As stored, byte for byte, when the peer accepts that SOP class and transfer syntax; else
+    decompressed to Explicit VR Little Endian by pydicom's decoders; else (a LABELMAP SEG)
+    the BINARY SEG of the same result.
+    """
+    if (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted:
+        return read_stored(stored.path), "as stored"
+    if stored.transfer_syntax_uid not in UNCOMPRESSED and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
+        dataset = dcmread(stored.path)
+        dataset.decompress(generate_instance_uid=False)  # lossless: the same instance, in Explicit VR Little Endian
+        return dataset, "decompressed to Explicit VR Little Endian"
+    twin = stored.alternative
+    if twin is not None and (twin.sop_class_uid, twin.transfer_syntax_uid) in accepted:
+        return read_stored(twin.path), "as its BINARY SEG"
+    return None
+
+
+def _send(
+    event: evt.Event, paths: list[Stored], calling_ae: str, what: str, accepted: Callable[[], set[tuple[str, str]]]
+) -> Iterator[Any]:
+    """Yield each stored data set in a form the peer reads; what cannot be sent ends the retrieval with a warning naming it."""
+    failed: list[str] = []
     sent = 0
-    for path, _, _, sop_instance_uid in paths:
+    for stored in paths:
         if event.is_cancelled:
             yield CANCELLED, None
             return
         try:
-            dataset = read_stored(path)  # top-level elements kept raw: they go out byte for byte
-        except (OSError, ValueError) as exc:
-            log_event(LOG, logging.ERROR, "retrieve.file_missing", path=path, error=str(exc))
-            missing.append(sop_instance_uid)
+            chosen = readable_form(stored, accepted())
+        except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+            log_event(LOG, logging.ERROR, "retrieve.file_unreadable", path=stored.path, error=str(exc))
+            failed.append(stored.sop_instance_uid)
             continue
+        if chosen is None:
+            log_event(
+                LOG, logging.WARNING, "retrieve.not_accepted", calling_ae=calling_ae, operation=what,
+                sop_instance_uid=stored.sop_instance_uid,
+                reason=f"the peer accepts neither SOP class {stored.sop_class_uid} in {stored.transfer_syntax_uid} "
+                "nor a form the node can convert it to",
+            )
+            failed.append(stored.sop_instance_uid)
+            continue
+        dataset, how = chosen
+        if how != "as stored":
+            log_event(LOG, logging.INFO, "retrieve.converted", sop_instance_uid=stored.sop_instance_uid, sent=how)
         sent += 1
         yield PENDING, dataset
-    log_event(LOG, logging.INFO, "retrieve.sent", calling_ae=calling_ae, operation=what, instances=sent, missing=len(missing))
-    if missing:
-        failed = Dataset()
-        failed.FailedSOPInstanceUIDList = missing
-        yield SUB_OPERATIONS_FAILED, failed  # the missing ones are still "remaining": pynetdicom counts them failed
+    log_event(LOG, logging.INFO, "retrieve.sent", calling_ae=calling_ae, operation=what, instances=sent, failed=len(failed))
+    if failed:
+        report = Dataset()
+        report.FailedSOPInstanceUIDList = failed
+        yield SUB_OPERATIONS_FAILED, report  # the ones not sent are still "remaining": pynetdicom counts them failed
 
 
 def _status(code: int, comment: str) -> Dataset:
