@@ -241,7 +241,7 @@ class Destination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     segmentation_type: Literal["BINARY", "LABELMAP"] = Field(
-        "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, far smaller."
+        "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, smaller for many structures."
     )
     send: list[Literal["seg", "sr", "rtstruct"]] = Field(
         default_factory=lambda: ["seg", "sr"], description="Which results go there; planning systems: [rtstruct]."

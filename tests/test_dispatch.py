@@ -49,6 +49,34 @@ def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node,
     assert "baseline" in seg_series["MainDicomTags"]["SeriesDescription"]
 
 
+def test_binary_and_labelmap_to_two_destinations_are_series_a_radiologist_tells_apart(
+    shared_fixtures, start_node, start_orthanc
+):
+    node_port = free_port()
+    # Orthanc 1.10 does not list Label Map Segmentation Storage: it takes it as an unknown SOP class
+    orthanc = start_orthanc({"node": ["DICOMNODE", "127.0.0.1", node_port]}, {"UnknownSopClassAccepted": True})
+    peer = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    node = start_node(
+        network={"port": node_port},
+        destinations={"viewer": {**peer, "segmentation_type": "BINARY"}, "archive": {**peer, "segmentation_type": "LABELMAP"}},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
+                "destinations": ["viewer", "archive"]}],
+        inference={"workers": 1},
+    )
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    study_id = {orthanc.upload(path)["ParentStudy"] for path in files}.pop()
+
+    orthanc.post_json("/modalities/node/store", {"Resources": [study_id], "Synchronous": True})
+
+    wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/series")) == 5, timeout=180, what="CT plus 2 SEGs and 2 SRs")
+    results = [s["MainDicomTags"] for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] != "CT"]
+    numbers = sorted(int(tags["SeriesNumber"]) for tags in results)
+    descriptions = {tags["SeriesDescription"] for tags in results}
+    assert numbers == [9701, 9702, 9704, 9705]  # BINARY SEG and SR, LABELMAP SEG and SR
+    assert len(descriptions) == 4 and any(d.startswith("Label map ") for d in descriptions)
+    assert all(tags.get("SeriesDate") for tags in results)
+
+
 def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_path, start_node):
     peer_port = free_port()
     received = tmp_path / "peer"
