@@ -256,6 +256,12 @@ class ResultSettings(_Strict):
         default_factory=list, description="SEG encodings always made; none: BINARY when no destination asks for one."
     )
     rtstruct: bool = Field(False, description="Always make an RTSTRUCT (for planning systems that pull it).")
+    rtstruct_max_points_per_structure: int = Field(
+        100_000, ge=100, description="Contour points one RTSTRUCT structure may hold before it is simplified further."
+    )
+    rtstruct_max_megabytes: float = Field(
+        40.0, gt=0, description="Size an RTSTRUCT aims to stay under; shared evenly between its structures."
+    )
 
 
 class DispatchSettings(_Strict):

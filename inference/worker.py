@@ -36,6 +36,7 @@ from db.session import DatabaseBusy, is_database_locked, retry_when_locked, tran
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.logs import log_event
+from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.seg import warm_up
 from dicom_node.receive.header import read_file_header
@@ -277,6 +278,7 @@ class InferenceWorker:
             files = encode_results(
                 volume, segmentation, measurements, model, folder, wanted, context.run, rtstruct=rtstruct,
                 warnings=warnings, partial=any(jobs.is_partial_warning(w) for w in warnings), replaces=context.replaces,
+                rtstruct_budget=ContourBudget(always.rtstruct_max_points_per_structure, always.rtstruct_max_megabytes),
             )
             return [str(p) for p in files]
         except (ValueError, KeyError) as exc:

@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.encode.rtstruct import encode_rtstruct, slice_contours
+from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct, slice_contours
 from dicom_node.encode.seg import Algorithm
 from inference.models.threshold import ThresholdModel
 from inference.phantom import PhantomSpec, write_phantom_series
@@ -112,3 +112,37 @@ def test_rtstruct_of_a_multiframe_source_references_frames_and_passes_dciodvfy(t
         assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
         z = {round(float(v), 3) for v in contour.ContourData[2::3]}
         assert z == {round(frame_z[int(image.ReferencedFrameNumber)], 3)}
+
+
+def test_a_structure_over_the_point_budget_is_simplified_further_never_dropped(tmp_path):
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=128, columns=128, slices=16))
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+
+    def points(dataset: pydicom.Dataset) -> dict[int, int]:
+        return {roi.ReferencedROINumber: sum(int(c.NumberOfContourPoints) for c in roi.ContourSequence)
+                for roi in dataset.ROIContourSequence}
+
+    notes: list[str] = []
+    generous = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM, notes=notes)
+    assert notes == []
+    tight = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM,
+                            budget=ContourBudget(points_per_structure=400), notes=notes)
+
+    assert len(tight.StructureSetROISequence) == len(generous.StructureSetROISequence)  # nothing dropped
+    before, after = points(generous), points(tight)
+    simplified = [number for number in before if before[number] > 400]
+    assert simplified and all(after[n] < before[n] for n in simplified)
+    assert all(roi.ContourSequence for roi in tight.ROIContourSequence)
+    assert any(note.startswith("RTSTRUCT: Body simplified to within") for note in notes)
+    path = tmp_path / "rtstruct.dcm"
+    tight.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path)[0] == []
+
+
+def test_the_object_budget_is_shared_between_structures():
+    budget = ContourBudget(points_per_structure=100_000, megabytes=27.0)
+    assert budget.per_structure(1) == 100_000
+    assert budget.per_structure(117) == 1_000_000 // 117

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
-from dicom_node.encode.rtstruct import encode_rtstruct
+from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
 from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
@@ -58,8 +58,9 @@ def encode_results(
     attempt: int = 1,
     *,
     rtstruct: bool = False,
-    warnings: Sequence[str] = (),
+    warnings: list[str] | None = None,
     partial: bool = False,
+    rtstruct_budget: ContourBudget | None = None,
     replaces: Mapping[str, Dataset] | None = None,
 ) -> list[Path]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
@@ -71,13 +72,26 @@ def encode_results(
     (``replaces``: file name -> the earlier run's SR: its study, series, SOP class and instance UIDs) in its Predecessor Documents
     Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
     ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
+    The RTSTRUCT is made first, within ``rtstruct_budget``: a structure it had to simplify
+    further adds a sentence to ``warnings`` (the list is extended in place), so the SR says so.
     """
+    warnings = warnings if warnings is not None else []
     algorithm = Algorithm(
         model.algorithm_name, model.algorithm_version, model.is_baseline, getattr(model, "is_test_weights", False)
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
     replaces = replaces or {}
     written = []
+    if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
+        rtstruct = encode_rtstruct(
+            volume, sources, segmentation.labels, segmentation.classes, algorithm,
+            series_number=result_series_number("rtstruct", attempt),
+            series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
+            budget=rtstruct_budget, notes=warnings,
+        )
+        stamp_series_date_time(rtstruct)
+        rtstruct_path = folder / "rtstruct.dcm"
+        rtstruct.save_as(rtstruct_path, enforce_file_format=True)
     for kind in segmentation_types:
         seg = encode_segmentation(
             sources,
@@ -101,16 +115,8 @@ def encode_results(
         stamp_series_date_time(sr)
         sr.save_as(sr_path)
         written += [seg_path, sr_path]
-    if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
-        rtstruct = encode_rtstruct(
-            volume, sources, segmentation.labels, segmentation.classes, algorithm,
-            series_number=result_series_number("rtstruct", attempt),
-            series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
-        )
-        stamp_series_date_time(rtstruct)
-        rtstruct_path = folder / "rtstruct.dcm"
-        rtstruct.save_as(rtstruct_path, enforce_file_format=True)
-        written.append(rtstruct_path)
+    if rtstruct:
+        written.append(folder / "rtstruct.dcm")  # sent after the SEG and SR
     write_preview(folder / "preview.png", volume, segmentation.labels, segmentation.classes)
     return written
 

@@ -12,7 +12,9 @@ and 2 attribute of the RT Structure Set IOD is present.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -34,8 +36,31 @@ from inference.volume import SliceRef, Volume
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 SIMPLIFY_TOLERANCE_PIXELS = 0.25
+MAXIMUM_TOLERANCE_PIXELS = 4.0  # a structure over budget is simplified up to this, never dropped
+BYTES_PER_POINT = 27  # three decimal strings ("-123.456") and their separators
 MINIMUM_CONTOUR_POINTS = 3
 MINIMUM_CONTOUR_AREA_PIXELS = 1.0  # speckle below one pixel is not a structure a planner can use
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ContourBudget:
+    """How many contour points an RTSTRUCT may hold, per structure and in all.
+
+    A structure over its budget is simplified with a larger tolerance (doubling from a
+    quarter pixel up to :data:`MAXIMUM_TOLERANCE_PIXELS`), never dropped. Each
+    structure's budget is the smaller of ``points_per_structure`` and its even share
+    of ``megabytes`` (at :data:`BYTES_PER_POINT` bytes a point).
+    """
+
+    points_per_structure: int = 100_000
+    megabytes: float = 40.0
+
+    def per_structure(self, structures: int) -> int:
+        share = int(self.megabytes * 1_000_000 / BYTES_PER_POINT / max(structures, 1))
+        return max(min(self.points_per_structure, share), 1)
+
+
 PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
@@ -51,12 +76,16 @@ def encode_rtstruct(
     *,
     series_number: int = 9703,
     series_description: str | None = None,
+    budget: ContourBudget | None = None,
+    notes: list[str] | None = None,
 ) -> Dataset:
     """An RT Structure Set for ``labels`` (``[slice, row, column]``, slices as ``volume.slices``).
 
     ``source_images`` give the patient, study and frame of reference (their first item);
-    the contours reference the images and frames ``volume.slices`` name.
+    the contours reference the images and frames ``volume.slices`` name. Structures over
+    ``budget`` are simplified further; each such structure adds a sentence to ``notes``.
     """
+    budget = budget or ContourBudget()
     first = source_images[0]
     now = datetime.now()
     dataset = _file_dataset()
@@ -85,14 +114,33 @@ def encode_rtstruct(
     dataset.StructureSetROISequence = DicomSequence()
     dataset.ROIContourSequence = DicomSequence()
     dataset.RTROIObservationsSequence = DicomSequence()
+    allowed = budget.per_structure(len(present))
+    total_contours = total_points = 0
     for number, label in enumerate(present, start=1):
         name = classes[label]
         dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         box = boxes[label - 1]
-        dataset.ROIContourSequence.append(
-            _roi_contours(number, name, labels[box] == label, box, volume)
-        )
+        item, tolerance, points = _roi_contours(number, name, labels[box] == label, box, volume, allowed)
+        dataset.ROIContourSequence.append(item)
         dataset.RTROIObservationsSequence.append(_observation(number))
+        total_contours += len(item.ContourSequence)
+        total_points += points
+        if tolerance > SIMPLIFY_TOLERANCE_PIXELS:
+            LOG.info(
+                "rtstruct.simplified", extra={"event_fields": {
+                    "structure": name, "tolerance_pixels": tolerance, "points": points, "budget": allowed}},
+            )
+            if notes is not None:
+                over = f"; still over its budget of {allowed} points (fragmented)" if points > allowed else ""
+                notes.append(
+                    f"RTSTRUCT: {display_label(name)} simplified to within {tolerance:g} pixel(s) "
+                    f"({points} points) to fit the size budget{over}"
+                )
+    LOG.info(
+        "rtstruct.encoded", extra={"event_fields": {
+            "structures": len(present), "contours": total_contours, "points": total_points,
+            "approximate_megabytes": round(total_points * BYTES_PER_POINT / 1e6, 1)}},
+    )
     for roi in dataset.ROIContourSequence:
         for contour in roi.ContourSequence:
             # Already in the file's encoding: pydicom then writes the raw ContourData as is, unparsed.
@@ -147,22 +195,33 @@ def _observation(number: int) -> Dataset:
 
 
 def _roi_contours(
-    number: int, name: str, mask: np.ndarray, box: tuple[slice, ...], volume: Volume
-) -> Dataset:
-    """Contours of ``mask``, the structure within its bounding ``box`` of the label map."""
+    number: int, name: str, mask: np.ndarray, box: tuple[slice, ...], volume: Volume, budget: int
+) -> tuple[Dataset, float, int]:
+    """Contours of ``mask``, the structure within its bounding ``box`` of the label map.
+
+    Returns the ROI Contour item, the simplification tolerance used (pixels) and the
+    number of points: the tolerance doubles from a quarter pixel while the points
+    exceed ``budget``, up to :data:`MAXIMUM_TOLERANCE_PIXELS`.
+    """
     item = Dataset()
     item.ReferencedROINumber = number
     item.ROIDisplayColor = list(structure_codes(name).rgb)
     item.ContourSequence = DicomSequence()
     offset = np.array([box[1].start, box[2].start], dtype=float)
     slices = [int(index) for index in np.flatnonzero(mask.any(axis=(1, 2)))]
-    for index, points in zip(*_contours_of_slices([mask[index] for index in slices], slices)):
+    owners, traced = _trace([mask[index] for index in slices], slices)
+    tolerance = SIMPLIFY_TOLERANCE_PIXELS
+    kept_owners, kept = _simplify(owners, traced, tolerance)
+    while sum(len(c) for c in kept) > budget and tolerance < MAXIMUM_TOLERANCE_PIXELS:
+        tolerance *= 2
+        kept_owners, kept = _simplify(owners, traced, tolerance)
+    for index, points in zip(kept_owners, kept):
         k = box[0].start + index
         rows_columns = points + offset
         indices = np.column_stack([rows_columns[:, 1], rows_columns[:, 0], np.full(len(points), k)])
         patient = volume.origin + (indices * volume.spacing) @ volume.direction.T
         item.ContourSequence.append(_contour(patient, volume.slices[k]))
-    return item
+    return item, tolerance, sum(len(c) for c in kept)
 
 
 def _image_reference(ref: SliceRef) -> Dataset:
@@ -200,6 +259,11 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
 
 def _contours_of_slices(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np.ndarray]]:
     """Traced and simplified contours of several 2D masks (simplified together: far fewer array rounds)."""
+    return _simplify(*_trace(masks, keys), SIMPLIFY_TOLERANCE_PIXELS)
+
+
+def _trace(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Closed contours of each 2D mask at the half-pixel boundary, with the key of the mask each came from."""
     owners: list[int] = []
     traced: list[np.ndarray] = []
     for key, mask in zip(keys, masks):
@@ -207,8 +271,13 @@ def _contours_of_slices(masks: list[np.ndarray], keys: list[int]) -> tuple[list[
             if len(contour) > MINIMUM_CONTOUR_POINTS:
                 owners.append(key)
                 traced.append(contour - 1.0)
+    return owners, traced
+
+
+def _simplify(owners: list[int], traced: list[np.ndarray], tolerance: float) -> tuple[list[int], list[np.ndarray]]:
+    """Douglas-Peucker within ``tolerance`` pixels; speckle below one pixel is left out."""
     kept_owners, kept = [], []
-    for owner, simplified in zip(owners, simplify_closed(traced, SIMPLIFY_TOLERANCE_PIXELS)):
+    for owner, simplified in zip(owners, simplify_closed(traced, tolerance)):
         if len(simplified) >= MINIMUM_CONTOUR_POINTS and _area(simplified) >= MINIMUM_CONTOUR_AREA_PIXELS:
             kept_owners.append(owner)
             kept.append(simplified)
