@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing
 import signal
 import socket
@@ -55,7 +56,7 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
-        process = self._context.Process(target=run_worker, args=(self.settings,), name=f"worker-{number}")
+        process = self._context.Process(target=run_worker, args=(self.settings, os.getpid()), name=f"worker-{number}")
         process.start()
         log_event(LOG, logging.INFO, "worker.started", worker=number, pid=process.pid)
         return process

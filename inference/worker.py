@@ -511,8 +511,8 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def run_worker(settings: Settings) -> None:
-    """Entry point of a worker process (`dicom-node worker`, or started by `serve`)."""
+def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process (`dicom-node worker`, or started by `serve`, which passes its pid)."""
     import signal
 
     from dicom_node.logs import configure_logging
@@ -522,4 +522,21 @@ def run_worker(settings: Settings) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    threading.Thread(target=_stop_when_orphaned, args=(stop, parent), name="parent-watch", daemon=True).start()
     InferenceWorker(settings, open_database(settings)).run(stop)
+
+
+def _stop_when_orphaned(stop: threading.Event, parent: int, interval_seconds: float = 1.0) -> None:
+    """Stop the worker when the process that started it is gone (``serve`` killed, or its shell closed).
+
+    A worker outliving a killed ``serve`` would hold its models' memory and keep claiming
+    jobs beside the workers of the next ``serve``. The job it is running finishes first.
+    """
+    while True:
+        if os.getppid() != parent:
+            log_event(LOG, logging.WARNING, "worker.orphaned", worker=f"{socket.gethostname()}:{os.getpid()}",
+                      reason=f"the process that started it ({parent}) is gone; stopping after the current job")
+            stop.set()
+        if stop.wait(interval_seconds):
+            return

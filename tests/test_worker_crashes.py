@@ -57,3 +57,40 @@ def test_poison_series_fails_after_the_crash_limit_and_the_next_series_is_done(t
     node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
     assert "job.worker_died" in node.log()
     assert "workers  died 2 time(s) on this series" in node.cli("show", poison.series_instance_uid).stdout
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.integration
+def test_workers_stop_when_serve_is_killed(tmp_path, start_node):
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+    deadline = time.monotonic() + 60
+    while not (workers := [p for p in _children(node.process.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]):
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.2)
+
+    node.kill()  # SIGKILL: serve cannot stop its workers itself
+
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"worker(s) {workers} outlived the killed serve"
+        time.sleep(0.2)
