@@ -36,7 +36,7 @@ def _header(sop_instance: str) -> bytes:
     return _element(0x0008, 0x0016, b"UI", _uid(CT_IMAGE)) + _element(0x0008, 0x0018, b"UI", _uid(sop_instance))
 
 
-def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chunks) -> int:  # noqa: ANN001
+def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chunks) -> tuple[int, str]:  # noqa: ANN001
     """C-STORE a data set written chunk by chunk (never held whole), as its raw bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sop_instance}.dcm"
@@ -54,7 +54,7 @@ def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chun
         assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
-    return int(response.Status)
+    return int(response.Status), str(response.get("ErrorComment", ""))
 
 
 def _deflate_bomb(sop_instance: str, inflated_bytes: int):  # noqa: ANN202
@@ -86,7 +86,7 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path, star
 
     answered = _send(node, tmp_path / "bomb", uid, DeflatedExplicitVRLittleEndian, _deflate_bomb(uid, 2200 * 1024 * 1024))
 
-    assert answered == status.CANNOT_UNDERSTAND
+    assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
     assert "inflates to more than 2048 MB" in _reason(node, uid) and "decompression bomb" in _reason(node, uid)
     peak = _peak_rss_mb(node.process.pid)
     print(f"node peak RSS {before:.0f} MB before, {peak:.0f} MB after a 2.2 GB deflate bomb")
@@ -102,7 +102,7 @@ def test_deeply_nested_sequences_are_refused_at_c_store(tmp_path, start_node):
 
     answered = _send(node, tmp_path / "nested", uid, ExplicitVRLittleEndian, [_header(uid), opening * depth, closing * depth])
 
-    assert answered == status.CANNOT_UNDERSTAND
+    assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
     assert _reason(node, uid).startswith("data set nests sequences too deeply to be read")
     assert node.cli("status").returncode == 0 and node.process.poll() is None  # the node keeps serving
 

@@ -329,7 +329,15 @@ def _refuse(
         calling_ae=calling_ae,
         quarantine=quarantined,
     )
-    return _failure(status_code, reason)
+    return _failure(status_code, REFUSAL_COMMENTS.get(status_code, "Refused: the reason is in the node's log"))
+
+
+REFUSAL_COMMENTS = {
+    status.CANNOT_UNDERSTAND: "Cannot understand: the reason is in the node's log",
+    status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP class: reason in node's log",
+}
+"""What a peer hears of a refusal: the status' meaning, fixed; the reason (which may quote the data) stays in
+the log, in ``rejected_instances`` and in ``dicom-node rejected``."""
 
 
 def _failure(status_code: int, comment: str) -> Dataset:
