@@ -32,11 +32,13 @@ def mixed_series(folder: Path) -> tuple[object, list[Path]]:
                        "study_instance_uid": main.study_instance_uid}),
     )
     files = sorted((folder / "main").glob("*.dcm")) + list(repeat.files)
+    frame_of_reference = pydicom.dcmread(main.files[0], stop_before_pixels=True).FrameOfReferenceUID
     for path in files:  # completion by the quiet period only: no image count to reach early
         dataset = pydicom.dcmread(path)
         dataset.pop("ImagesInAcquisition", None)
-        if path in repeat.files:
+        if path in repeat.files:  # a repeat scan in the same coordinate system, as a scanner writes it
             dataset.AcquisitionNumber = 3
+            dataset.FrameOfReferenceUID = frame_of_reference
         dataset.save_as(path)
     return main, files
 
@@ -99,7 +101,8 @@ def test_partial_series_fails_with_the_reason_when_partial_series_is_fail(tmp_pa
 
 def test_series_reopened_after_done_gets_a_result_that_supersedes_the_first(tmp_path, start_node):
     series = write_phantom_series(tmp_path / "ct", SPEC)
-    node = start_node(rules=CT_RULES, inference={"workers": 1})
+    # 20 of the 30 images ImagesInAcquisition announces: complete (partial) once the short expected-count timeout ends
+    node = start_node(rules=CT_RULES, inference={"workers": 1}, completion={"expected_count_timeout_seconds": 3})
 
     assert storescu(node.port, series.files[:20]).returncode == 0
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
