@@ -124,7 +124,8 @@ def assert_no_temporary_files(storage: Path) -> None:
 @pytest.mark.parametrize("senders", [2, 3, 10])
 def test_concurrent_senders_of_one_series_store_each_instance_once_and_process_it_once(tmp_path, start_node, senders):
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
-    node = start_node(**PROCESSING_NODE)
+    # ten senders on one host (loopback) exceed the default per-address cap of 8: raise it, as for a PACS cluster
+    node = start_node(**PROCESSING_NODE, network={"maximum_associations_per_host": 16})
 
     processes = [send_in_background(node.port, series.files) for _ in range(senders)]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
