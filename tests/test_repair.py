@@ -54,8 +54,8 @@ def test_node_starts_with_an_out_of_range_value_on_disk_and_quarantines_the_file
         indexed = [path for (path,) in session.query(Instance.path)]
     refused = rows[overflowing.SOPInstanceUID]
     assert refused.reason == (
-        "found in storage at start-up and not indexed: SeriesNumber 99999999999999999999 is out of range "
-        "(DICOM integers are -2147483648 to 2147483647)"
+        "found in storage at start-up and not indexed: SeriesNumber '99999999999999999999' is out of range: "
+        "integer strings hold at most 2147483647"
     )
     assert Path(refused.path).parent == node.storage / "quarantine" and Path(refused.path).exists()
     assert pydicom.dcmread(refused.path).SOPInstanceUID == overflowing.SOPInstanceUID
