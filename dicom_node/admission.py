@@ -12,7 +12,6 @@ Patient identifiers are never part of a reason: reasons are logged at INFO.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicom_node.config import AdmissionSettings
+from inference.volume import VolumeError, check_slice_stack
 
 IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
 """Attributes every instance of a series must share (the result is labelled with them)."""
@@ -46,10 +46,6 @@ DEFER_BYTES = 1024
 ALLOWED_BITS_ALLOCATED = frozenset({8, 16, 32})
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 ORIENTATION_DECIMALS = 3
-SPACING_TOLERANCE = 0.1
-"""A slice step more than 10 % off the median step is a gap (as the volume assembler counts it)."""
-DUPLICATE_POSITION_MM = 1e-3
-TILT_TOLERANCE_DEGREES = 0.5
 
 BYTES_PER_VOXEL_AFTER_SOURCE = 4 + 8 + 4 + 4 + 1 + 1
 """Memory per voxel of every processing stage after the stored pixels (bytes).
@@ -523,29 +519,10 @@ def _check_slice_stack(images: list[_Frame]) -> None:
     length = math.sqrt(sum(c * c for c in normal))
     normal = tuple(c / length for c in normal)
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
-    distances = [_dot(f.position, normal) for f in ordered]
-    steps = [b - a for a, b in zip(distances, distances[1:])]
-    duplicates = sum(1 for s in steps if s < DUPLICATE_POSITION_MM)
-    if duplicates:
-        raise Refused(f"{duplicates} slice position(s) occur twice in one acquisition")
-    step = statistics.median(steps)
-    worst = max(range(len(steps)), key=lambda i: abs(steps[i] - step))
-    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
-        missing = round(steps[worst] / step) - 1
-        kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
-        raise Refused(
-            f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
-            f"the series' usual step is {step:.2f} mm"
-        )
-    offset = tuple(b - a for a, b in zip(ordered[0].position, ordered[-1].position))
-    along = _dot(offset, normal)
-    sideways = math.sqrt(sum((o - along * n) ** 2 for o, n in zip(offset, normal)))
-    angle = math.degrees(math.atan2(sideways, abs(along)))
-    if angle > TILT_TOLERANCE_DEGREES:
-        raise Refused(
-            f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
-            "reconstruct the series without tilt on the scanner and send it again"
-        )
+    try:
+        check_slice_stack([f.position for f in ordered], normal)
+    except VolumeError as exc:
+        raise Refused(str(exc)) from None
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:

@@ -144,7 +144,6 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     normal = _common_orientation(frames)
     frames.sort(key=lambda f: float(np.dot(f.position, normal)))
     step = _regular_step(frames, normal)
-    _refuse_tilt(frames, normal)
     hu = _read_pixels(frames, notes)
     first = frames[0]
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
@@ -321,7 +320,19 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
 def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
     if len(frames) < 2:
         raise VolumeError("single slice: a volume needs at least two slices")
-    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
+    return check_slice_stack([f.position for f in frames], normal)
+
+
+def check_slice_stack(positions: Sequence[Sequence[float]], normal: Sequence[float]) -> float:
+    """The slice step (mm) of positions sorted along ``normal``: one regular, unsheared stack, or VolumeError.
+
+    Refuses a position that occurs twice, a gap or uneven spacing (a step more than
+    :data:`SPACING_TOLERANCE` off the median) and a sheared (gantry-tilted) stack. The
+    admission stage runs it on headers, so a series is refused before it is queued.
+    """
+    points = np.asarray(positions, dtype=float)
+    direction = np.asarray(normal, dtype=float)
+    distances = points @ direction
     steps = np.diff(distances)
     if np.any(steps < 1e-3):
         duplicates = int(np.sum(steps < 1e-3))
@@ -335,20 +346,16 @@ def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
             f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
             f"the series' usual step is {step:.2f} mm"
         )
-    return step
-
-
-def _refuse_tilt(frames: list[_Frame], normal: np.ndarray) -> None:
-    """A step between slices that is not along the normal means a sheared (gantry-tilted) stack."""
-    offset = frames[-1].position - frames[0].position
-    along = float(np.dot(offset, normal))
-    sideways = float(np.linalg.norm(offset - along * normal))
+    offset = points[-1] - points[0]
+    along = float(np.dot(offset, direction))
+    sideways = float(np.linalg.norm(offset - along * direction))
     angle = float(np.degrees(np.arctan2(sideways, abs(along))))
     if angle > TILT_TOLERANCE_DEGREES:
         raise VolumeError(
             f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
             "reconstruct the series without tilt on the scanner and send it again"
         )
+    return step
 
 
 def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
