@@ -255,16 +255,6 @@ class RepairReport:
     unreadable_files: int = 0  # files that could not be indexed: moved to quarantine, with a rejected_instances row
 
 
-INTEGER_RANGE = (-(2**31), 2**31 - 1)
-"""DICOM IS values (and the database's integer columns) are 32-bit signed."""
-INTEGER_ATTRIBUTES = {
-    "SeriesNumber": lambda h: h.series.series_number,
-    "ImagesInAcquisition": lambda h: h.series.expected_instances,
-    "InstanceNumber": lambda h: h.instance_number,
-    "NumberOfFrames": lambda h: h.number_of_frames,
-}
-
-
 class UnindexableFile(Exception):
     """A stored file that cannot be recorded; ``reason`` says why, for the operator."""
 
@@ -341,13 +331,6 @@ def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
         raise UnindexableFile(str(exc), dataset) from None
     except Exception:  # noqa: BLE001 - e.g. no file meta information
         raise UnindexableFile("its file meta information is missing or unreadable", dataset) from None
-    for keyword, value_of in INTEGER_ATTRIBUTES.items():
-        value = value_of(header)
-        if value is not None and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
-            written = getattr(dataset.get(keyword), "original_string", None) or value  # as in the file, not as parsed
-            raise UnindexableFile(
-                f"{keyword} {written} is out of range (DICOM integers are -2147483648 to 2147483647)", dataset
-            )
     return dataset, header
 
 
