@@ -180,12 +180,15 @@ class InstanceStore:
         With file meta the result is a DICOM file (``.dcm``); without (the request
         lacked usable UIDs) it is the data set exactly as received (``.raw``).
         """
-        suffix = ".dcm" if file_meta else ".raw"
-        with self._quarantine_lock:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-            path = self.quarantine_dir / f"{stamp}-{next(self._counter)}{suffix}"
+        path = self.quarantine_path(".dcm" if file_meta else ".raw")
         self.write(path, file_meta, encoded)
         return path
+
+    def quarantine_path(self, suffix: str) -> Path:
+        """A new, unique name in ``quarantine/``: the UTC time and a counter."""
+        with self._quarantine_lock:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            return self.quarantine_dir / f"{stamp}-{next(self._counter)}{suffix}"
 
     def remove_partial_files(self) -> int:
         """Delete temporary files left by writes that were cut off (they never got a success status).
@@ -338,9 +341,7 @@ def _quarantine_stored_file(
     path: Path, refused: UnindexableFile, store: InstanceStore, sessions: sessionmaker[Session]
 ) -> None:
     """Move a file that cannot be indexed to quarantine, record why, and log it."""
-    with store._quarantine_lock:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = store.quarantine_dir / f"{stamp}-{next(store._counter)}.dcm"
+    target = store.quarantine_path(".dcm")
     os.replace(path, target)
     dataset = refused.dataset
     meta = getattr(dataset, "file_meta", None)
