@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,7 +48,6 @@ from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_i
 from dicom_node.retrieve.stored import read_stored
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
-UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), "1.2.840.10008.1.2.2"}
 from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LOG = logging.getLogger(__name__)
@@ -299,7 +298,7 @@ def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
     pairs = set()
     for stored in paths:
         pairs.add((stored.sop_class_uid, stored.transfer_syntax_uid))
-        if stored.transfer_syntax_uid not in UNCOMPRESSED:
+        if UID(stored.transfer_syntax_uid).is_compressed:
             pairs.add((stored.sop_class_uid, ExplicitVRLittleEndian))
         if stored.alternative is not None:
             pairs.add((stored.alternative.sop_class_uid, stored.alternative.transfer_syntax_uid))
@@ -324,7 +323,7 @@ def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Datas
     """
     if (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted:
         return read_stored(stored.path), "as stored"
-    if stored.transfer_syntax_uid not in UNCOMPRESSED and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
+    if UID(stored.transfer_syntax_uid).is_compressed and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
         dataset = dcmread(stored.path)
         dataset.decompress(generate_instance_uid=False)  # lossless: the same instance, in Explicit VR Little Endian
         return dataset, "decompressed to Explicit VR Little Endian"
