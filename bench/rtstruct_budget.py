@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from seg_encoding import build_label_map  # noqa: E402
+
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct  # noqa: E402
 from dicom_node.encode.seg import Algorithm  # noqa: E402
 from inference.phantom import PhantomSpec, write_phantom_series  # noqa: E402
 from inference.volume import load_series_volume  # noqa: E402
-from seg_encoding import build_label_map  # noqa: E402
 
 
 def speckle(labels: np.ndarray, fraction: float, seed: int = 3) -> np.ndarray:

@@ -354,7 +354,6 @@ def child_run(writer: str, workdir: Path, out_path: Path, profile: Path | None, 
     elif writer == "totalseg":
         import nibabel as nib
         import pydicom
-
         from totalsegmentator import dicom_io
 
         ct_dir = Path(meta["files"][0]).parent

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -526,7 +526,7 @@ def _check_slice_stack(images: list[_Frame]) -> None:
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 def _memory_estimate(images: list[_Frame]) -> int:

@@ -69,7 +69,7 @@ def record(
                     detail=detail,
                 )
             )
-    except Exception:  # noqa: BLE001 - the audited operation must not fail because of its record
+    except Exception:  # the audited operation must not fail because of its record
         LOG.exception(
             "audit.not_recorded",
             extra={"event_fields": {"action": action, "peer_ae": peer.ae_title, "outcome": outcome}},

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -34,7 +34,7 @@ console = Console(width=None if sys.stdout.isatty() else 240)
 errors = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML configuration (default: $DICOM_NODE_CONFIG or ./config.yaml)."),
 ]
 
@@ -115,7 +115,7 @@ def worker(config: ConfigOption = None) -> None:
 def status(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="Most recent series to show.")] = 20,
-    state: Annotated[Optional[JobState], typer.Option(help="Only series in this state.")] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only series in this state.")] = None,
 ) -> None:
     """A table of recent series and their states."""
     settings = _settings(config)
@@ -301,12 +301,12 @@ def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] 
 @app.command()
 def audit(
     config: ConfigOption = None,
-    hours: Annotated[Optional[float], typer.Option(help="Only the last N hours.")] = None,
-    peer: Annotated[Optional[str], typer.Option(help="Only this peer AE title.")] = None,
+    hours: Annotated[float | None, typer.Option(help="Only the last N hours.")] = None,
+    peer: Annotated[str | None, typer.Option(help="Only this peer AE title.")] = None,
     action: Annotated[
-        Optional[list[str]], typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
+        list[str] | None, typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
     ] = None,
-    study: Annotated[Optional[str], typer.Option(help="Only this StudyInstanceUID.")] = None,
+    study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
 ) -> None:
     """The audit trail: who did what, from where, to which study, and the outcome (no patient data)."""
@@ -335,13 +335,13 @@ def audit(
 
 @app.command()
 def echo(
-    destination: Annotated[Optional[str], typer.Argument(help="A destination name from the configuration.")] = None,
+    destination: Annotated[str | None, typer.Argument(help="A destination name from the configuration.")] = None,
     config: ConfigOption = None,
-    host: Annotated[Optional[str], typer.Option(help="Peer host, instead of a named destination.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
-    ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Peer AE title.")] = None,
+    host: Annotated[str | None, typer.Option(help="Peer host, instead of a named destination.")] = None,
+    port: Annotated[int | None, typer.Option(help="Peer port.")] = None,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", help="Peer AE title.")] = None,
     calling_ae_title: Annotated[
-        Optional[str], typer.Option("--calling-ae-title", help="Our AE title in the request (default network.ae_title).")
+        str | None, typer.Option("--calling-ae-title", help="Our AE title in the request (default network.ae_title).")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
 ) -> None:
@@ -410,7 +410,7 @@ def weights_import(
     archive: Path,
     config: ConfigOption = None,
     sha256: Annotated[
-        Optional[str], typer.Option(help="The release's published SHA-256; a different file is refused.")
+        str | None, typer.Option(help="The release's published SHA-256; a different file is refused.")
     ] = None,
 ) -> None:
     """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder.
@@ -437,10 +437,10 @@ def phantom(
     slices: Annotated[int, typer.Option(help="Number of axial slices.")] = 100,
     size: Annotated[int, typer.Option(help="Rows and columns.")] = 512,
     compression: Annotated[
-        Optional[str], typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
+        str | None, typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
     ] = None,
     multiframe: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Write one multi-frame instance: 'enhanced' (Enhanced CT) or 'legacy' (Legacy Converted Enhanced CT)."),
     ] = None,
     patient_name: Annotated[str, typer.Option(help="PatientName, e.g. 'Yamada^Tarou=山田^太郎=やまだ^たろう'.")] = "Phantom^Synthetic",
@@ -497,9 +497,9 @@ def demo(
 def purge(
     config: ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be purged; delete nothing.")] = False,
-    days: Annotated[Optional[float], typer.Option(help="Instead of retention.days.")] = None,
-    results_days: Annotated[Optional[float], typer.Option(help="Instead of retention.results_days.")] = None,
-    max_disk_gigabytes: Annotated[Optional[float], typer.Option(help="Instead of retention.max_disk_gigabytes.")] = None,
+    days: Annotated[float | None, typer.Option(help="Instead of retention.days.")] = None,
+    results_days: Annotated[float | None, typer.Option(help="Instead of retention.results_days.")] = None,
+    max_disk_gigabytes: Annotated[float | None, typer.Option(help="Instead of retention.max_disk_gigabytes.")] = None,
 ) -> None:
     """Purge images and results of finished series by the retention settings (--dry-run: only show what)."""
     from pydantic import ValidationError

@@ -88,7 +88,7 @@ def _step(report: Callable[[str], None], what: str) -> Iterator[None]:
         yield
     except DemoFailed as exc:
         raise DemoFailed(f"{what}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any failure of a step is reported with the step's name
+    except Exception as exc:  # any failure of a step is reported with the step's name
         raise DemoFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
     report(f"{what} ({time.perf_counter() - started:.1f} s)")
 

@@ -200,7 +200,7 @@ class Dispatcher(PeriodicTask):
                     )
                     thread.start()
 
-    def _settled(self, record: dict | None) -> bool:  # noqa: ANN001
+    def _settled(self, record: dict | None) -> bool:
         """A destination that has every file, or has used all its attempts."""
         record = record or {}
         return bool(record.get("delivered_at")) or record.get("attempts", 0) >= self._dispatch.max_attempts
@@ -216,7 +216,7 @@ class Dispatcher(PeriodicTask):
     def _send_guarded(self, job_id: int, destination: str) -> None:
         try:
             self._attempt(job_id, destination)
-        except Exception:  # noqa: BLE001 - one failed send must not stop the dispatcher; the trace is logged
+        except Exception:  # one failed send must not stop the dispatcher; the trace is logged
             LOG.exception("dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}})
         finally:
             with self._busy_lock:
@@ -300,7 +300,7 @@ class Dispatcher(PeriodicTask):
         log_event(LOG, logging.DEBUG, "dispatch.file_delivered", job=job_id, destination=name, file=result.name,
                   sop_instance_uid=result.sop_instance_uid)
 
-    def _write(self, change: Callable, *, waiting: str) -> None:  # noqa: ANN401
+    def _write(self, change: Callable, *, waiting: str) -> None:
         def run() -> None:
             with transaction(self.sessions) as session:
                 change(session)
@@ -311,7 +311,7 @@ class Dispatcher(PeriodicTask):
         """Count the attempt, note its error and next try, and finish the job if every destination is settled."""
         logged: list[tuple[int, str, dict]] = []
 
-        def change(session) -> None:  # noqa: ANN001
+        def change(session) -> None:
             logged.clear()
             job = session.get_one(Job, job_id)
             if job.state is not JobState.SENDING:
@@ -343,7 +343,7 @@ class Dispatcher(PeriodicTask):
     def _settle(self, job_id: int) -> None:
         logged: list[tuple[int, str, dict]] = []
 
-        def change(session) -> None:  # noqa: ANN001
+        def change(session) -> None:
             logged.clear()
             job = session.get_one(Job, job_id)
             if job.state is JobState.SENDING:
@@ -353,7 +353,7 @@ class Dispatcher(PeriodicTask):
         for level, event, fields in logged:
             log_event(LOG, level, event, job=job_id, **fields)
 
-    def _settle_in(self, session, job: Job) -> list[tuple[int, str, dict]]:  # noqa: ANN001
+    def _settle_in(self, session, job: Job) -> list[tuple[int, str, dict]]:
         """DONE when every destination has every file; FAILED when the rest used all their attempts."""
         progress = jobs.delivery_progress(session, job)
         if all(p.complete for p in progress):
@@ -393,7 +393,7 @@ def files_for(destination: Destination, files: list[str]) -> list[str]:
     return [f for f in files if Path(f).name in wanted]
 
 
-def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: list[ResultFile]) -> None:  # noqa: ANN001
+def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: list[ResultFile]) -> None:
     """Record the files ``name`` takes, and (from an older record) those it accepted already."""
     job = session.get_one(Job, job_id)
     if job.state is not JobState.SENDING:
@@ -404,6 +404,6 @@ def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: l
                              sop_class_uid=r.sop_class_uid, path=r.path, status=0x0000)
 
 
-def _due(record: dict, now: datetime) -> bool:  # noqa: ANN001
+def _due(record: dict, now: datetime) -> bool:
     next_attempt = record.get("next_attempt_at")
     return next_attempt is None or datetime.fromisoformat(next_attempt) <= now

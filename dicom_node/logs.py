@@ -12,6 +12,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     """Log one event with its fields as structured data."""
     if logger.isEnabledFor(level):

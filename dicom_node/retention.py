@@ -414,7 +414,7 @@ def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> li
     used = format_bytes(plan.used_bytes)
     lines = [f"{verb} {format_bytes(freed)} from {count} series; in use before: {used}{budget}"]
     shortfall = plan.shortfall()
-    return lines + [shortfall] if shortfall else lines
+    return [*lines, shortfall] if shortfall else lines
 
 
 class RetentionTask(PeriodicTask):

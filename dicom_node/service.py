@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node import security
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
@@ -23,7 +24,6 @@ from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
-from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
 from inference.worker import log_worker_death, run_worker
 
@@ -83,7 +83,7 @@ class WorkerSupervisor:
             with transaction(self.sessions) as session:
                 for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
                     log_worker_death(job, jobs.worker_died(session, job, self.settings.inference.max_worker_deaths))
-        except Exception:  # noqa: BLE001 - the restarted worker's own check takes over
+        except Exception:  # the restarted worker's own check takes over
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
 
     def stop(self) -> None:

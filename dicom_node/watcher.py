@@ -149,7 +149,7 @@ class SeriesWatcher(PeriodicTask):
     def _admit(self, job_id: int, files: list[InstanceFile], modality: str | None) -> AdmissionResult:
         try:
             return admit(files, self.settings.admission, modality)
-        except Exception:  # noqa: BLE001 - a header no check foresaw must not stall the watcher
+        except Exception:  # a header no check foresaw must not stall the watcher
             LOG.exception("admission.error", extra={"event_fields": {"job_id": job_id}})
             return AdmissionResult(
                 refusal=f"the series' headers could not be checked (an unexpected error, logged with job id {job_id})"

@@ -84,13 +84,13 @@ class Volume:
         affine[:3, 3] = self.origin
         return LPS_TO_RAS @ affine
 
-    def to_nibabel(self, dtype: type = np.float64):  # noqa: ANN201 - nibabel is imported lazily
+    def to_nibabel(self, dtype: type = np.float64):  # nibabel is imported lazily
         """The volume as a NIfTI image indexed [i, j, k] (as TotalSegmentator reads a CT)."""
         import nibabel as nib
 
         return nib.Nifti1Image(self.hu.transpose(2, 1, 0).astype(dtype), self.ras_affine())
 
-    def to_sitk(self):  # noqa: ANN201 - SimpleITK is imported lazily
+    def to_sitk(self):  # SimpleITK is imported lazily
         """The volume as a SimpleITK image (same geometry)."""
         import SimpleITK as sitk
 
@@ -254,7 +254,7 @@ def _enhanced_frames(path: Path, header: Dataset, localizer: bool) -> list[_Fram
     frames = []
     for number, group in enumerate(header.PerFrameFunctionalGroupsSequence, start=1):
 
-        def attribute(sequence: str, keyword: str, group: Dataset = group):  # noqa: ANN202
+        def attribute(sequence: str, keyword: str, group: Dataset = group, number: int = number):
             for source in (group, shared):
                 if sequence in source and keyword in source[sequence][0]:
                     return source[sequence][0][keyword].value

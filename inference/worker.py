@@ -15,6 +15,7 @@ writes into ``jobs/<job id>/run-<N>/`` and supersedes the earlier run's results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,15 +36,15 @@ from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import DatabaseBusy, is_database_locked, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
-from dicom_node.logs import log_event
-from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.results import EncodingError, encode_results
+from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.seg import warm_up
+from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import is_disk_full
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
-from inference.weights import WeightsIdentity
 from inference.volume import VolumeError, load_series_volume
+from inference.weights import WeightsIdentity
 
 LOG = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class InferenceWorker:
             reason = f"not enough memory to process this series (stage {stage}); see the node's log for job {claim.job_id}"
             self._finish(claim, JobState.FAILED, reason, timings)
             return
-        except Exception as exc:  # noqa: BLE001 - a model crash fails this job, not the worker
+        except Exception as exc:  # a model crash fails this job, not the worker
             if is_disk_full(exc):  # transient faults queue the job again, never fail it
                 self._wait_for_disk(claim, exc, timings)
                 return
@@ -258,7 +259,7 @@ class InferenceWorker:
                     context.replaces[Path(instance.path).name] = earlier
         return context
 
-    def _encode_results(  # noqa: ANN001, PLR0913
+    def _encode_results(
         self,
         claim: ClaimedJob,
         volume,
@@ -320,7 +321,7 @@ class InferenceWorker:
             except ModelUnavailable as exc:
                 log_event(LOG, logging.ERROR, "model.unavailable", model=name, reason=str(exc))
 
-    def _write_outputs(  # noqa: ANN001
+    def _write_outputs(
         self,
         claim: ClaimedJob,
         run: int,
@@ -455,15 +456,13 @@ class InferenceWorker:
                 if job.state is JobState.PROCESSING and job.claimed_by == self.identity:
                     jobs.defer(session, job, until, reason)
 
-        try:
+        with contextlib.suppress(DatabaseBusy):  # logged by retry_when_locked; the job stays PROCESSING till restart
             retry_when_locked(
                 defer_once,
                 waiting=f"worker {self.identity} queuing job {claim.job_id} again",
                 limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
                 wait_for_disk_space=True,
             )
-        except DatabaseBusy:
-            pass  # logged by retry_when_locked; the job stays PROCESSING until the node restarts
 
 
 TEST_WEIGHTS_NOTE = "test weights (random, not a trained model): the structures are not anatomy; not for clinical use"

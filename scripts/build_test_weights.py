@@ -122,7 +122,7 @@ def model_specs(task: str) -> list[dict]:
             "spacing": spacing,
             "classes": dict(sorted(cm.items())),
         }
-        for i, cm in zip(ids, class_maps)
+        for i, cm in zip(ids, class_maps, strict=True)
     ]
 
 
@@ -163,7 +163,7 @@ def write_raw_datasets(raw_root: Path, specs: list[dict]) -> None:
             json.dump(dataset_json_for(spec, len(PHANTOM_CASES_MM)), f, indent=4)
 
     for case_idx, (fov_mm, noise_seed) in enumerate(PHANTOM_CASES_MM):
-        shape = tuple(int(round(e / spacing)) for e in fov_mm)
+        shape = tuple(round(e / spacing) for e in fov_mm)
         hu, phantom_labels = phantom_volume(shape=shape, spacing=(spacing,) * 3, seed=noise_seed)
         origin = tuple(-(n - 1) / 2.0 * spacing for n in shape[::-1])  # grid centred on the isocentre, LPS
         image = sitk.GetImageFromArray(hu)  # (slice, row, col) -> x = col (patient left), LPS identity direction
@@ -197,13 +197,15 @@ def count_parameters(network) -> int:
 
 def plan_and_build(specs: list[dict], out_root: Path, seed: int, num_processes: int) -> list[dict]:
     """Runs with nnUNet_raw / nnUNet_preprocessed / nnUNet_results already set (nnunetv2 reads them on import)."""
-    import torch
     import nnunetv2
+    import torch
     from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      plan_experiment_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+    )
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -225,8 +227,8 @@ def plan_and_build(specs: list[dict], out_root: Path, seed: int, num_processes: 
         with contextlib.redirect_stdout(quiet):
             plan_experiment_dataset(spec["dataset_id"], ExperimentPlanner)
         plans = load_json(str(pre_dir / f"{PLANS_NAME}.json"))
-        raw_dataset_json = load_json(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"))
-        shutil.copy(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"), pre_dir / "dataset.json")
+        raw_dataset_json = load_json(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"))  # noqa: SIM112 - nnU-Net's own spelling
+        shutil.copy(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"), pre_dir / "dataset.json")  # noqa: SIM112
 
         trainer_class = recursive_find_python_class(join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
                                                     spec["trainer"], "nnunetv2.training.nnUNetTrainer")

@@ -92,7 +92,7 @@ class Node:
         self._sessions: sessionmaker[Session] | None = None
 
     def start(self) -> Node:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process' lifetime
+        self._log = open(self.log_path, "ab")  # kept open for the process' lifetime
         self.process = subprocess.Popen(
             [DICOM_NODE, "serve", "--config", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -261,7 +261,7 @@ class Orthanc:
 
     def start(self) -> Orthanc:
         tool = require_tool("Orthanc")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen([tool, str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self._answers, timeout=60, what="Orthanc's REST API")
         return self

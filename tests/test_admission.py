@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from db.session import make_engine, make_session_factory, migrate
-from dicom_node.audit import Peer, StoreTally, association_ended, record, recent
+from dicom_node.audit import Peer, StoreTally, association_ended, recent, record
 from tests.conftest import DICOM_NODE, wait_for
 
 
@@ -71,9 +71,9 @@ def test_audit_command_filters_by_peer_action_and_study(tmp_path):
 
 @pytest.mark.integration
 def test_a_real_node_audits_associations_stores_queries_echoes_and_sends(tmp_path, start_node):
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
     from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
     from db.models import JobState
     from inference.phantom import PhantomSpec, write_phantom_series

@@ -22,9 +22,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.datadict import tag_for_keyword
-from pydicom.tag import Tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import select
@@ -848,7 +848,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
             uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             timing[name] = (files, Outcome(_statuses(first.stdout + first.stderr), uid, []))
         time.sleep(3 * QUIET_SECONDS + 1)
-        for name, (files, outcome) in timing.items():
+        for name, (_files, outcome) in timing.items():
             outcome.state_after_pause = strict.job_state(outcome.series_instance_uid)
             outcomes[name] = (strict, outcome)
         files, outcome = timing["pause_longer_than_quiet_period_then_rest"]
@@ -856,7 +856,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
         outcome.statuses += _statuses(rest.stdout + rest.stderr)
         for name, (node, outcome) in outcomes.items():
             wait_for(
-                lambda: _settle(node, outcome), timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60, what=f"{name} to settle"
+                lambda node=node, outcome=outcome: _settle(node, outcome), timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60, what=f"{name} to settle"
             )
         for node, outcome in outcomes.values():
             _collect(node, outcome)

@@ -36,7 +36,7 @@ def _header(sop_instance: str) -> bytes:
     return _element(0x0008, 0x0016, b"UI", _uid(CT_IMAGE)) + _element(0x0008, 0x0018, b"UI", _uid(sop_instance))
 
 
-def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chunks) -> tuple[int, str]:  # noqa: ANN001
+def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chunks) -> tuple[int, str]:
     """C-STORE a data set written chunk by chunk (never held whole), as its raw bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sop_instance}.dcm"
@@ -57,7 +57,7 @@ def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chun
     return int(response.Status), str(response.get("ErrorComment", ""))
 
 
-def _deflate_bomb(sop_instance: str, inflated_bytes: int):  # noqa: ANN202
+def _deflate_bomb(sop_instance: str, inflated_bytes: int):
     """A 2 MB Deflate stream that inflates to ``inflated_bytes``: header, then one huge OB element of zeros."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     yield compressor.compress(_header(sop_instance) + struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, inflated_bytes))

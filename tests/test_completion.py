@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 SPEC = PhantomSpec(rows=48, columns=48, slices=200, pixel_spacing=(8.0, 8.0), slice_spacing=2.0)
 
 
-def _done_count(node, series_uid: str) -> int:  # noqa: ANN001
+def _done_count(node, series_uid: str) -> int:
     with node.sessions() as session:
         job = job_for_series_uid(session, series_uid)
         return session.query(JobEvent).filter(JobEvent.job_id == job.id, JobEvent.to_state == JobState.DONE).count()

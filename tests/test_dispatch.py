@@ -56,7 +56,7 @@ def test_binary_and_labelmap_to_two_destinations_are_series_a_radiologist_tells_
     # Orthanc 1.10 does not list Label Map Segmentation Storage: it takes it as an unknown SOP class
     orthanc = start_orthanc({"node": ["DICOMNODE", "127.0.0.1", node_port]}, {"UnknownSopClassAccepted": True})
     peer = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
-    node = start_node(
+    start_node(
         network={"port": node_port},
         destinations={"viewer": {**peer, "segmentation_type": "BINARY"}, "archive": {**peer, "segmentation_type": "LABELMAP"}},
         rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
@@ -152,7 +152,7 @@ def sessions(tmp_path):
     return make_session_factory(make_engine(url))
 
 
-def sending_job(session, files: dict[str, dict[str, str]]):  # noqa: ANN001
+def sending_job(session, files: dict[str, dict[str, str]]):
     """A SENDING job whose destinations take ``files`` (destination -> SOP Instance UID -> path)."""
     from db import jobs
     from db.models import Series, Study
@@ -170,7 +170,7 @@ def sending_job(session, files: dict[str, dict[str, str]]):  # noqa: ANN001
     return job
 
 
-def deliver(session, job, name: str, uid: str) -> None:  # noqa: ANN001
+def deliver(session, job, name: str, uid: str) -> None:
     from db import jobs
 
     jobs.record_delivery(session, job.id, name, sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",

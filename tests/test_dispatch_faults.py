@@ -71,7 +71,7 @@ class Peer:
         self.stalled = False
         self._release.set()
 
-    def _on_store(self, event) -> int:  # noqa: ANN001
+    def _on_store(self, event) -> int:
         uid = str(event.dataset.SOPInstanceUID)
         size = len(event.request.DataSet.getvalue())
         with self._lock:
@@ -96,7 +96,7 @@ class Peer:
 def start_peer():
     started: list[Peer] = []
 
-    def _start(*args, **kwargs) -> Peer:  # noqa: ANN002, ANN003
+    def _start(*args, **kwargs) -> Peer:
         peer = Peer(*args, **kwargs)
         started.append(peer)
         return peer.start()
@@ -106,7 +106,7 @@ def start_peer():
         peer.stop()
 
 
-def destination(peer: Peer, **extra) -> dict:  # noqa: ANN003
+def destination(peer: Peer, **extra) -> dict:
     return {"ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.port, **extra}
 
 
@@ -147,7 +147,7 @@ def attempts(node: Node, series_uid: str, name: str) -> int:
 # --- SIGKILL while sending -----------------------------------------------------------------------
 
 
-def kill_while_sending(tmp_path: Path, start_node, start_peer, *, seed: int, rounds: int) -> dict[str, int]:  # noqa: ANN001
+def kill_while_sending(tmp_path: Path, start_node, start_peer, *, seed: int, rounds: int) -> dict[str, int]:
     """Each round: a new series, SIGKILL at a seeded random moment of SENDING, restart, wait for DONE.
 
     Returns the counts; asserts after every round that each file reached the peer, that no

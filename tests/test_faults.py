@@ -90,14 +90,14 @@ def wait_for_state(sessions: sessionmaker[Session], series_uid: str, state: JobS
 
 
 def assert_byte_identical(series: PhantomSeries, stored: dict[str, Path], uids: Sequence[str]) -> None:
-    sources = dict(zip(series.sop_instance_uids, series.files))
+    sources = dict(zip(series.sop_instance_uids, series.files, strict=True))
     for uid in uids:
         assert uid in stored, f"acknowledged instance {uid} is not on disk"
         assert data_set_bytes(stored[uid]) == data_set_bytes(sources[uid]), f"instance {uid} differs from what was sent"
 
 
 def acknowledged_uids(series: PhantomSeries, storescu_output: str) -> list[str]:
-    by_file = {str(path): uid for path, uid in zip(series.files, series.sop_instance_uids)}
+    by_file = {str(path): uid for path, uid in zip(series.files, series.sop_instance_uids, strict=True)}
     return [by_file[name] for name in succeeded_files(storescu_output)]
 
 
@@ -235,8 +235,8 @@ def test_database_locked_past_the_busy_timeout_kills_no_worker_and_loses_nothing
     holder.wait(timeout=30)
 
     assert {answer for answer in answers if answer[0] != status.SUCCESS} <= {(status.OUT_OF_RESOURCES, DATABASE_BUSY_COMMENT)}
-    acknowledged = [uid for uid, (code, _) in zip(second.sop_instance_uids, answers) if code == status.SUCCESS]
-    failed = [path for path, (code, _) in zip(second.files, answers) if code != status.SUCCESS]
+    acknowledged = [uid for uid, (code, _) in zip(second.sop_instance_uids, answers, strict=True) if code == status.SUCCESS]
+    failed = [path for path, (code, _) in zip(second.files, answers, strict=True) if code != status.SUCCESS]
     assert failed, "the lock must outlast the busy timeout of at least one C-STORE"
     assert_byte_identical(second, stored_instances(node.storage), acknowledged)  # nothing acknowledged is lost
     assert set(acknowledged) <= set(recorded_uids(node.sessions))

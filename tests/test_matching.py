@@ -28,7 +28,7 @@ def sessions(tmp_path):
         StudyAttributes("2.1", patient_id="P2", patient_name="Müller^Jörg", study_date="20251231"),
     ]
     with transaction(factory) as session:
-        for s, study in enumerate(studies):
+        for study in studies:
             for n in range(3):
                 record_instance(session, instance(f"{study.study_instance_uid}.9.{n}", f"{study.study_instance_uid}.9", study, n + 1))
         record_results(session, 1, [instance("1.1.97.1", "1.1.97", studies[0], 1, sop_class=SEG, modality="SEG")])
@@ -52,12 +52,12 @@ def query(level: str, **keys: str) -> Dataset:
     return identifier
 
 
-def answers(sessions, identifier: Dataset, key: str) -> list[str]:  # noqa: ANN001
+def answers(sessions, identifier: Dataset, key: str) -> list[str]:
     with sessions() as session:
         return [str(r.get(key)) for r in find(session, identifier, "NODE")]
 
 
-def test_universal_single_value_and_uid_list(sessions) -> None:  # noqa: ANN001
+def test_universal_single_value_and_uid_list(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID") == ["2.1", "1.1", "1.2"]
     assert answers(sessions, query("STUDY", StudyInstanceUID="1.2"), "StudyInstanceUID") == ["1.2"]
     assert answers(sessions, query("STUDY", StudyInstanceUID="1.1\\2.1"), "StudyInstanceUID") == ["2.1", "1.1"]
@@ -66,20 +66,20 @@ def test_universal_single_value_and_uid_list(sessions) -> None:  # noqa: ANN001
     ]
 
 
-def test_wildcards_escape_sql_patterns(sessions) -> None:  # noqa: ANN001
+def test_wildcards_escape_sql_patterns(sessions) -> None:
     assert answers(sessions, query("STUDY", AccessionNumber="ACC_*"), "StudyInstanceUID") == ["1.1"]
     assert answers(sessions, query("STUDY", AccessionNumber="ACC?2"), "StudyInstanceUID") == ["1.2"]
     assert answers(sessions, query("STUDY", PatientName="Doe*", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
 
 
-def test_date_and_time_ranges(sessions) -> None:  # noqa: ANN001
+def test_date_and_time_ranges(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyDate="20260101-"), "StudyInstanceUID") == ["1.1", "1.2"]
     assert answers(sessions, query("STUDY", StudyDate="-20260110"), "StudyInstanceUID") == ["2.1", "1.1"]
     assert answers(sessions, query("STUDY", StudyDate="20260101-20260201"), "StudyInstanceUID") == ["1.1"]
     assert answers(sessions, query("STUDY", StudyTime="-0830"), "StudyInstanceUID") == ["1.1"]
 
 
-def test_counts_modalities_and_non_ascii_names(sessions) -> None:  # noqa: ANN001
+def test_counts_modalities_and_non_ascii_names(sessions) -> None:
     with sessions() as session:
         (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", ModalitiesInStudy="",
                                        NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries=""), "NODE")
@@ -92,20 +92,20 @@ def test_counts_modalities_and_non_ascii_names(sessions) -> None:  # noqa: ANN00
     assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == ["1.1"]
 
 
-def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None:  # noqa: ANN001
+def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None:
     with sessions() as session:
         (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", NumberOfPatientRelatedStudies="",
                                        NumberOfPatientRelatedInstances=""), "NODE")
     assert (study.NumberOfPatientRelatedStudies, study.NumberOfPatientRelatedInstances) == (2, 7)
 
 
-def test_purged_series_are_not_answered(sessions) -> None:  # noqa: ANN001
+def test_purged_series_are_not_answered(sessions) -> None:
     with transaction(sessions) as session:
         session.execute(update(Series).where(Series.series_instance_uid == "2.1.9").values(purged_at=utcnow()))
     assert answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
 
 
-def test_retrieval_needs_the_level_unique_key_and_a_known_level(sessions) -> None:  # noqa: ANN001
+def test_retrieval_needs_the_level_unique_key_and_a_known_level(sessions) -> None:
     with sessions() as session:
         with pytest.raises(QueryError, match="needs SeriesInstanceUID"):
             matching_instances(session, query("SERIES", StudyInstanceUID="1.1"), for_retrieval=True)

@@ -51,7 +51,7 @@ def sr_comment(sr: pydicom.Dataset) -> str | None:
     return None
 
 
-def result_files(node, series_instance_uid: str) -> dict[str, Path]:  # noqa: ANN001
+def result_files(node, series_instance_uid: str) -> dict[str, Path]:
     with node.sessions() as session:
         job = job_for_series_uid(session, series_instance_uid)
         return {Path(f).name: Path(f) for f in job.result_files}

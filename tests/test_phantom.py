@@ -91,7 +91,7 @@ def test_small_series_writes_one_valid_ct_file_per_slice(small: PhantomSeries) -
 
 
 def test_every_pixel_read_back_equals_returned_hu(small: PhantomSeries) -> None:
-    for k, path in zip(small.slice_indices, small.files):
+    for k, path in zip(small.slice_indices, small.files, strict=True):
         np.testing.assert_array_equal(_hu(pydicom.dcmread(path)), small.hu[k])
     assert small.hu.dtype == np.int16 and small.labels.dtype == np.uint8
     assert small.hu.shape == small.labels.shape == (SMALL.slices, SMALL.rows, SMALL.columns)
@@ -259,7 +259,7 @@ def test_clinical_stack_contains_every_structure_in_place() -> None:
             assert abs(hu[labels == value].mean() - PHANTOM_HU[name]) < 3, name
     for name in ("lung_left", "lung_right", "liver", "spleen", "kidney_left", "kidney_right"):
         present = np.flatnonzero((labels == PHANTOM_LABELS[name]).any(axis=(1, 2)))
-        assert 0 < present.min() and present.max() < 99, f"{name} not within the stack"
+        assert present.min() > 0 and present.max() < 99, f"{name} not within the stack"
 
     def centroid(name: str) -> np.ndarray:
         return np.argwhere(labels == PHANTOM_LABELS[name]).mean(axis=0)  # (slice, row, column)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pydicom.uid import JPEG2000Lossless, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
@@ -63,7 +63,7 @@ def test_synthetic_series_lands_byte_identical_and_is_queued(tmp_path, start_nod
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(succeeded_files(result.stderr + result.stdout)) == len(series.files)
-    for source, sop_uid in zip(series.files, series.sop_instance_uids):
+    for source, sop_uid in zip(series.files, series.sop_instance_uids, strict=True):
         stored = stored_path(node, series.study_instance_uid, series.series_instance_uid, sop_uid)
         assert data_set_bytes(stored) == data_set_bytes(source)
     assert instance_count(node, series.series_instance_uid) == len(series.files)

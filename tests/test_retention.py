@@ -229,7 +229,7 @@ def test_retention_task_purges_in_the_background_and_stops(node):
 def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"retention": {"days": 0}}))
-    with pytest.raises(ConfigError, match="retention.days: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"retention\.days: Input should be greater than 0"):
         load_settings(path)
     monkeypatch.setenv("DICOM_NODE_RETENTION__MAX_DISK_GIGABYTES", "250")
     path.write_text(yaml.safe_dump({"retention": {"days": 7}}))
@@ -305,7 +305,7 @@ def _study(sessions: sessionmaker[Session]) -> Study:
 
 
 def test_a_study_keeps_no_patient_identity_once_all_its_series_are_purged(node):
-    settings, sessions = node
+    _settings, sessions = node
     add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
     add_series(node, "1.2.3.2", JobState.DONE, days_ago=1)
     with transaction(sessions) as session:

@@ -22,7 +22,7 @@ PLANNER = "PLANNER"
 
 
 @pytest.fixture(scope="module")
-def node_with_j2k_ct_and_labelmap(tmp_path_factory, shared_fixtures):  # noqa: ANN001, ANN201
+def node_with_j2k_ct_and_labelmap(tmp_path_factory, shared_fixtures):
     workdir = tmp_path_factory.mktemp("readable")
     planner_port = free_port()
     node = Node(

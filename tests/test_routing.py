@@ -156,7 +156,7 @@ def test_series_refused_by_admission_is_failed_without_being_queued(tmp_path):
 
 
 def test_watcher_logs_each_change_only_after_it_is_committed(tmp_path):
-    watcher, sessions, _series = watched(tmp_path, 4, expected=None)
+    watcher, _sessions, _series = watched(tmp_path, 4, expected=None)
     database = str(watcher.settings.storage.directory / "dicom-node.db")
     seen: dict[str, str] = {}
 

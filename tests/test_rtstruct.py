@@ -63,8 +63,8 @@ def test_contour_encloses_the_mask_area():
 
 
 def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
-    from skimage import measure
     from scipy import ndimage
+    from skimage import measure
 
     from dicom_node.encode.rtstruct import SIMPLIFY_TOLERANCE_PIXELS, simplify_closed
 
@@ -72,7 +72,7 @@ def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
     mask = ndimage.binary_opening(ndimage.gaussian_filter(rng.random((120, 120)), 4) > 0.5, iterations=2)
     traced = measure.find_contours(np.pad(mask.astype(np.uint8), 1), 0.5)
     assert len(traced) >= 3
-    for contour, simplified in zip(traced, simplify_closed(traced, SIMPLIFY_TOLERANCE_PIXELS)):
+    for contour, simplified in zip(traced, simplify_closed(traced, SIMPLIFY_TOLERANCE_PIXELS), strict=True):
         assert len(simplified) < len(contour)
         closed = np.vstack([simplified, simplified[:1]])
         starts, ends = closed[:-1], closed[1:]

@@ -38,7 +38,7 @@ PEERS = {
 }
 
 
-def associate(node, calling_ae: str, contexts, source: str = "127.0.0.1"):  # noqa: ANN001, ANN201
+def associate(node, calling_ae: str, contexts, source: str = "127.0.0.1"):
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     for context in contexts:
@@ -122,7 +122,7 @@ def test_each_service_needs_its_role(tmp_path, start_node):
 
 
 @pytest.fixture
-def stored_series(tmp_path, start_node):  # noqa: ANN201
+def stored_series(tmp_path, start_node):
     """A node holding one small CT series (sent by PACS), with caps low enough to reach."""
     node = start_node(peers=PEERS, retrieve={"max_find_matches": 2, "max_instances_per_retrieval": 3})
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
@@ -131,7 +131,7 @@ def stored_series(tmp_path, start_node):  # noqa: ANN201
     return node, series
 
 
-def dcmtk(tool: str, node, calling_ae: str, *arguments: str) -> str:  # noqa: ANN001
+def dcmtk(tool: str, node, calling_ae: str, *arguments: str) -> str:
     command = [require_tool(tool), "-v", "-aet", calling_ae, "-aec", node.ae_title, *arguments]
     command += ["127.0.0.1", str(node.port)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -158,7 +158,7 @@ def test_universal_patient_query_needs_the_find_role(stored_series, tmp_path):
 
 
 def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path):
-    node, series = stored_series
+    node, _series = stored_series
     for value in ("*", "1.2.*", "", "?"):
         out = tmp_path / f"get{len(value)}{value.count('*')}"
         out.mkdir()

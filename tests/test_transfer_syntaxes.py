@@ -10,15 +10,15 @@ import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -114,7 +114,7 @@ def test_negotiated_list_holds_a_compressed_syntax_exactly_when_its_ct_image_dec
             continue
         path, _pixels = _encoded(syntax, tmp_path / str(index))
         try:
-            pydicom.dcmread(path).pixel_array
+            _ = pydicom.dcmread(path).pixel_array
             decodes = True
         except (RuntimeError, NotImplementedError, ValueError):
             decodes = False

@@ -31,7 +31,7 @@ from tests.conftest import ROOT, dciodvfy, dsrdump, pixelmed
 LABELMAP_SEGMENT_REFERENCE = "ReferencedSegmentNumber(0062,000b)> - Shall not be present for Referenced SOP Class that is not segmentation"
 
 
-def _results(volume, model, folder: Path) -> dict[str, Path]:  # noqa: ANN001
+def _results(volume, model, folder: Path) -> dict[str, Path]:
     segmentation = model.segment(volume)
     folder.mkdir(parents=True, exist_ok=True)
     files = encode_results(

@@ -225,7 +225,7 @@ def _real_ct_copy(shared_fixtures: Path, folder: Path) -> list[Path]:
     return files
 
 
-def _replace_codestream(path: Path, change) -> pydicom.Dataset:  # noqa: ANN001
+def _replace_codestream(path: Path, change) -> pydicom.Dataset:
     """Rewrite the one JPEG 2000 fragment of ``path`` as ``change(codestream)``; returns the data set."""
     dataset = pydicom.dcmread(path)
     codestream = next(generate_frames(dataset.PixelData, number_of_frames=1))

@@ -29,7 +29,7 @@ class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 
@@ -97,7 +97,7 @@ def test_weights_import_refuses_an_archive_that_unpacks_past_the_cap(tmp_path):
         bundle.writestr(f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth", b"\0" * (4 * 1024 * 1024))
     assert archive.stat().st_size < 64 * 1024  # a small file that inflates 100-fold
 
-    with pytest.raises(ValueError, match="unpacks to .* GB, more than"):
+    with pytest.raises(ValueError, match=r"unpacks to .* GB, more than"):
         import_zip(archive, tmp_path / "weights", max_gigabytes=0.001)
     assert not (tmp_path / "weights" / DATASET).exists()
 
@@ -138,7 +138,7 @@ def test_plans_may_only_name_network_building_blocks(tmp_path):
     check_network_classes(good, tmp_path / "plans.json")
 
     bad = SimpleNamespace(**{**vars(good), "network_arch_init_kwargs": {"conv_op": "os.system", "dropout_op": None}})
-    with pytest.raises(UnsafeWeights, match="names the class 'os.system', which is not a network building block"):
+    with pytest.raises(UnsafeWeights, match=r"names the class 'os\.system', which is not a network building block"):
         check_network_classes(bad, tmp_path / "plans.json")
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 from sqlalchemy import select
 
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
 from db import jobs
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
 from db.jobs import job_for_series_uid
 from db.models import Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
@@ -106,7 +106,7 @@ def worker_setup(tmp_path):
     sessions = make_session_factory(make_engine(settings.database_url))
     series = write_phantom_series(tmp_path / "ct", PHANTOM)
     with transaction(sessions) as session:
-        for path, uid in zip(series.files, series.sop_instance_uids):
+        for path, uid in zip(series.files, series.sop_instance_uids, strict=True):
             record_instance(session, _record(series, path, uid))
         job = session.scalars(select(Job)).one()
         job.state = JobState.QUEUED
@@ -145,7 +145,7 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
 
 
 def test_job_of_a_dead_worker_is_queued_again(worker_setup):
-    settings, sessions, series = worker_setup
+    settings, sessions, _series = worker_setup
     with transaction(sessions) as session:
         job = session.scalars(select(Job)).one()
         job.state = JobState.PROCESSING
@@ -162,7 +162,7 @@ def test_job_of_a_dead_worker_is_queued_again(worker_setup):
 
 
 def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_setup):
-    settings, sessions, series = worker_setup
+    settings, sessions, _series = worker_setup
     with transaction(sessions) as session:
         job = session.scalars(select(Job)).one()
         job.state = JobState.PROCESSING
@@ -181,7 +181,7 @@ def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_s
 
 
 def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(worker_setup, tmp_path):
-    settings, sessions, series = worker_setup
+    settings, sessions, _series = worker_setup
     settings.models["ts"] = Settings.model_validate(
         {"models": {"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "none")}}}
     ).models["ts"]

@@ -52,7 +52,7 @@ def encode_results(
     volume: Volume,
     segmentation: Segmentation,
     measurements: Sequence[StructureMeasurement],
-    model,  # noqa: ANN001 - a SegmentationModel
+    model,  # a SegmentationModel
     folder: Path,
     segmentation_types: Sequence[str],
     attempt: int = 1,

@@ -215,7 +215,7 @@ def _roi_contours(
     while sum(len(c) for c in kept) > budget and tolerance < MAXIMUM_TOLERANCE_PIXELS:
         tolerance *= 2
         kept_owners, kept = _simplify(owners, traced, tolerance)
-    for index, points in zip(kept_owners, kept):
+    for index, points in zip(kept_owners, kept, strict=True):
         k = box[0].start + index
         rows_columns = points + offset
         indices = np.column_stack([rows_columns[:, 1], rows_columns[:, 0], np.full(len(points), k)])
@@ -266,7 +266,7 @@ def _trace(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np
     """Closed contours of each 2D mask at the half-pixel boundary, with the key of the mask each came from."""
     owners: list[int] = []
     traced: list[np.ndarray] = []
-    for key, mask in zip(keys, masks):
+    for key, mask in zip(keys, masks, strict=True):
         for contour in measure.find_contours(np.pad(mask.astype(np.uint8), 1), 0.5):
             if len(contour) > MINIMUM_CONTOUR_POINTS:
                 owners.append(key)
@@ -277,7 +277,7 @@ def _trace(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np
 def _simplify(owners: list[int], traced: list[np.ndarray], tolerance: float) -> tuple[list[int], list[np.ndarray]]:
     """Douglas-Peucker within ``tolerance`` pixels; speckle below one pixel is left out."""
     kept_owners, kept = [], []
-    for owner, simplified in zip(owners, simplify_closed(traced, tolerance)):
+    for owner, simplified in zip(owners, simplify_closed(traced, tolerance), strict=True):
         if len(simplified) >= MINIMUM_CONTOUR_POINTS and _area(simplified) >= MINIMUM_CONTOUR_AREA_PIXELS:
             kept_owners.append(owner)
             kept.append(simplified)
@@ -299,7 +299,7 @@ def simplify_closed(contours: list[np.ndarray], tolerance: float) -> list[np.nda
     keep = np.zeros(len(points), dtype=bool)
     keep[starts] = keep[ends] = True
     farthest = np.array(
-        [s + int(np.argmax(np.hypot(*(c - c[0]).T))) for s, c in zip(starts, contours)]
+        [s + int(np.argmax(np.hypot(*(c - c[0]).T))) for s, c in zip(starts, contours, strict=True)]
     )  # a closed contour's chord has no length: split it at the point farthest from its start first
     keep[farthest] = True
     first = np.concatenate([starts, farthest])
@@ -312,7 +312,7 @@ def simplify_closed(contours: list[np.ndarray], tolerance: float) -> list[np.nda
         split, at = _farthest_interior(points, first, last, tolerance)
         keep[at[split]] = True
         first, last = np.concatenate([first[split], at[split]]), np.concatenate([at[split], last[split]])
-    return [points[s:e][keep[s:e]] for s, e in zip(starts, ends)]
+    return [points[s:e][keep[s:e]] for s, e in zip(starts, ends, strict=True)]
 
 
 def _farthest_interior(

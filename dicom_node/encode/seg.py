@@ -181,7 +181,7 @@ def encode_segmentation(
     dataset.ImageLaterality = source_images[0].get("ImageLaterality") or "B"
     if segmentation_type == "LABELMAP":
         _drop_background_segment(dataset)
-    return EncodedSegmentation(dataset, {number: label for number, label in enumerate(present, start=1)})
+    return EncodedSegmentation(dataset, dict(enumerate(present, start=1)))
 
 
 def _drop_background_segment(dataset: Dataset) -> None:

@@ -10,6 +10,7 @@ a whole-organ volume.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -120,7 +121,7 @@ def _structure_group(
     coded = structure_codes(measured.name)
     site = hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
-    mean = dict(name=ATTENUATION_COEFFICIENT, unit=HOUNSFIELD_UNIT, algorithm_id=algorithm_id)
+    mean = partial(hd.sr.Measurement, name=ATTENUATION_COEFFICIENT, unit=HOUNSFIELD_UNIT, algorithm_id=algorithm_id)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=measured.name[:64]),
         referenced_segment=hd.sr.ReferencedSegment(
@@ -136,8 +137,8 @@ def _structure_group(
         measurements=[
             hd.sr.Measurement(name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE,
                               algorithm_id=algorithm_id),
-            hd.sr.Measurement(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean, **mean),
-            hd.sr.Measurement(value=round(measured.sd_hu, 2), derivation=codes.SCT.StandardDeviation, **mean),
+            mean(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean),
+            mean(value=round(measured.sd_hu, 2), derivation=codes.SCT.StandardDeviation),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -134,7 +134,7 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             "data set nests sequences too deeply to be read (hundreds of levels; real images use a few)",
             status.CANNOT_UNDERSTAND,
         ) from None
-    except Exception:  # pydicom raises many kinds on garbage
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds on garbage
         raise InvalidInstance(
             f"not a DICOM data set: its elements cannot be decoded as {transfer_syntax.name}",
             status.CANNOT_UNDERSTAND,
@@ -331,7 +331,7 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
         return _gather(dataset, uids)
     except InvalidInstance:
         raise
-    except Exception:  # a malformed value deep inside an element
+    except Exception:  # noqa: BLE001 - a malformed value deep inside an element
         raise InvalidInstance(
             "data set cannot be read: one of its identifying attributes holds a value that cannot be decoded",
             status.CANNOT_UNDERSTAND,

@@ -19,15 +19,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -45,8 +45,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import record_rejection
 from db.session import DEFAULT_BUSY_TIMEOUT_SECONDS, DatabaseBusy, retry_when_locked, transaction
 from dicom_node import status
-from dicom_node.config import NetworkSettings
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
+from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
 from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
 from dicom_node.receive.storage import InstanceStore, commit_instance, encode_file_meta, is_disk_full
@@ -230,7 +230,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         return _failure(status.OUT_OF_RESOURCES, DATABASE_BUSY_COMMENT)
     except OSError as exc:
         return _write_failed(exc, sop_instance, calling_ae)
-    except Exception as exc:  # noqa: BLE001 - the peer must hear of any failure, never success
+    except Exception as exc:  # the peer must hear of any failure, never success
         if is_disk_full(exc):
             return _write_failed(exc, sop_instance, calling_ae)
         LOG.exception("instance.record_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
@@ -317,7 +317,7 @@ def _refuse(
                 transfer_syntax_uid=str(transfer_syntax),
                 calling_ae_title=calling_ae,
             )
-    except Exception:  # noqa: BLE001 - the refusal itself must still go out
+    except Exception:  # the refusal itself must still go out
         LOG.exception("instance.rejection_not_recorded")
     log_event(
         LOG,

@@ -312,8 +312,8 @@ def _index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session
                 record_instance(session, record)
         except OperationalError:
             raise  # the database itself is unavailable (locked, gone): not this file's fault
-        except Exception as exc:  # noqa: BLE001 - a value the database refuses must not stop start-up
-            LOG.error("repair.database_refused_file", exc_info=True, extra={"event_fields": {"path": str(path)}})
+        except Exception as exc:  # a value the database refuses must not stop start-up
+            LOG.exception("repair.database_refused_file", extra={"event_fields": {"path": str(path)}})
             raise UnindexableFile("the database refused its values (see the log at start-up)", dataset) from exc
     except UnindexableFile as refused:
         _quarantine_stored_file(path, refused, store, sessions)

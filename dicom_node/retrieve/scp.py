@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -31,24 +32,22 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
-    Verification,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series
-
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
+from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
-from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LOG = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
         )
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
-    except Exception:  # noqa: BLE001 - the peer hears a fixed comment, the log the details
+    except Exception:  # the peer hears a fixed comment, the log the details
         LOG.exception("query.failed", extra={"event_fields": {"calling_ae": calling_ae}})
         yield _status(UNABLE_TO_PROCESS_FIND, "Unable to process the query"), None
         return

@@ -151,7 +151,7 @@ def _quiet() -> Iterator[None]:
             LOG.debug("library output: %s", line.strip())
 
 
-def _choose_device(torch, device: str):  # noqa: ANN001, ANN202
+def _choose_device(torch, device: str):
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ModelUnavailable("inference.device is cuda but no CUDA device is available")
