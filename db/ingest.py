@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs
-from db.models import Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
+from db.models import Base, Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ class RecordOutcome:
     series_created: bool = False
 
 
-INSTANCES = Instance.__table__
-SERIES = Series.__table__
-JOBS = Job.__table__
+INSTANCES = Base.metadata.tables[Instance.__tablename__]
+SERIES = Base.metadata.tables[Series.__tablename__]
+JOBS = Base.metadata.tables[Job.__tablename__]
 
 # Built once: the per-instance path runs them hundreds of times a second.
 _FIND_INSTANCE = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))

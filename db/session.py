@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +45,7 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
     busy_timeout_ms = max(1, round(busy_timeout_seconds * 1000))
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -55,7 +55,7 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(connection) -> None:
         # Take the write lock up front: two writers never deadlock on a lock upgrade.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -68,7 +68,7 @@ def _create_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+def make_session_factory(engine: Engine | Connection) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from dicom_node.config import AdmissionSettings
@@ -38,8 +38,8 @@ HEADER_KEYWORDS = (
     "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "NumberOfFrames",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData", "AcquisitionNumber",
 )
-HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
-PIXEL_DATA_TAG = tag_for_keyword("PixelData")
+HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
+PIXEL_DATA_TAG = Tag("PixelData")
 DEFER_BYTES = 1024
 """Values longer than this (the pixel data) are not read, only their length."""
 
@@ -213,7 +213,7 @@ def _read(file: InstanceFile) -> Dataset:
 
 def _raw_text(dataset: Dataset, keyword: str) -> str | None:
     """The element's value as text, undecoded; None when absent or empty."""
-    element = dataset.get_item(tag_for_keyword(keyword), keep_deferred=True)
+    element = dataset.get_item(Tag(keyword), keep_deferred=True)
     if element is None:
         return None
     value = element.value
@@ -517,7 +517,7 @@ def _check_slice_stack(images: list[_Frame]) -> None:
         row[0] * column[1] - row[1] * column[0],
     )
     length = math.sqrt(sum(c * c for c in normal))
-    normal = tuple(c / length for c in normal)
+    normal = (normal[0] / length, normal[1] / length, normal[2] / length)
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
     try:
         check_slice_stack([f.position for f in ordered], normal)

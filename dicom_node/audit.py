@@ -29,6 +29,7 @@ LOG = logging.getLogger(__name__)
 
 Action = Literal["association", "store", "find", "move", "get", "send", "echo"]
 Outcome = Literal["success", "refused", "failed", "partial", "released", "aborted", "rejected"]
+StatusOutcome = Literal["success", "refused", "failed", "partial"]
 ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo")
 
 
@@ -142,7 +143,7 @@ def recent(
     return list(session.scalars(query))
 
 
-def status_outcome(code: int | None) -> Outcome:
+def status_outcome(code: int | None) -> StatusOutcome:
     """What a DIMSE status says happened, for the audit trail.
 
     success (0x0000); partial (a warning, 0xBxxx); failed on the node's side (out of

@@ -116,7 +116,7 @@ class PeerSettings(_Strict):
 
     ae_title: AETitle | None = Field(None, description="Calling AE title; absent: any AE title from these hosts.")
     hosts: list[str] = Field(description="Addresses or CIDR networks the peer calls from, e.g. 10.1.2.3, 10.1.0.0/16.")
-    roles: list[Role] = Field(default_factory=lambda: ["store", "echo"])
+    roles: list[Role] = Field(default_factory=lambda: list[Role](["store", "echo"]))
     tls: bool = Field(False, description="Associations the node opens to this peer (C-MOVE) use TLS.")
     host: str | None = Field(None, description="Where the peer listens, for C-MOVE to it.")
     port: int | None = Field(None, ge=1, le=65535)
@@ -244,7 +244,8 @@ class Destination(_Strict):
         "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, smaller for many structures."
     )
     send: list[Literal["seg", "sr", "rtstruct"]] = Field(
-        default_factory=lambda: ["seg", "sr"], description="Which results go there; planning systems: [rtstruct]."
+        default_factory=lambda: list[Literal["seg", "sr", "rtstruct"]](["seg", "sr"]),
+        description="Which results go there; planning systems: [rtstruct].",
     )
     tls: bool = Field(False, description="Send over DICOM TLS (network.tls gives the certificates).")
 
@@ -431,7 +432,7 @@ class Settings(BaseSettings):
     )
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     models: dict[str, ModelSettings] = Field(
-        default_factory=lambda: {"baseline": ThresholdModelSettings(kind="threshold")},
+        default_factory=lambda: dict[str, ModelSettings](baseline=ThresholdModelSettings(kind="threshold")),
         description="Named models (name -> settings with a 'kind').",
     )
     inference: InferenceSettings = Field(default_factory=InferenceSettings)

@@ -250,7 +250,7 @@ class Dispatcher(PeriodicTask):
                 select(Study.study_instance_uid).join(Series, Series.study_id == Study.id).join(Job, Job.series_id == Series.id)
                 .where(Job.id == job_id)
             )
-        outcome = "success" if error is None else ("partial" if sent else "failed")
+        outcome: audit.Outcome = "success" if error is None else ("partial" if sent else "failed")
         audit.record(
             self.sessions, "send", audit.Peer(destination.ae_title, f"{destination.host}:{destination.port}"), outcome,
             study_instance_uid=study, instances=sent, detail=f"job {job_id}: {sent} of {pending} file(s) accepted"

@@ -11,13 +11,14 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     Verification,
@@ -104,7 +105,7 @@ def get(
     written: list[Path] = []
 
     def _store(event: evt.Event) -> int:
-        path = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        path = folder / f"{cast(C_STORE, event.request).AffectedSOPInstanceUID}.dcm"  # a C-STORE handler's request
         path.write_bytes(event.encoded_dataset())
         written.append(path)
         return 0x0000

@@ -35,13 +35,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
@@ -197,7 +197,9 @@ def context_allowed(abstract_syntax: str, peer: Peer) -> bool:
 def on_requested(event: evt.Event, policy: PeerPolicy) -> None:
     """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles."""
     assoc = event.assoc
-    ae_title = str(assoc.requestor.primitive.calling_ae_title).strip()
+    request = assoc.requestor.primitive
+    assert request is not None  # EVT_REQUESTED is the A-ASSOCIATE request arriving
+    ae_title = str(request.calling_ae_title).strip()
     address = assoc.requestor.address
     found = policy.identify(ae_title, address)
     if isinstance(found, Refused):
@@ -476,7 +478,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self._lock = threading.Lock()
         self._setting_up: Counter[str] = Counter()  # connections accepted whose association has not started yet
-        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        kwargs["request_handler"] = GuardedRequestHandler
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -522,13 +525,14 @@ def start_guarded_server(
 ) -> GuardedServer:
     """``ae.start_server(block=False)`` with the guards above (and TLS when ``network.tls`` is set)."""
     ssl_context = server_tls(network.tls) if network.tls else None
-    server = ae.make_server(
+    # make_server builds server_class, though its annotation names only the base class
+    server = cast(GuardedServer, ae.make_server(
         address,
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         server_class=GuardedServer,
         limits=Limits.from_settings(network),
-    )
+    ))
     ae._servers.append(server)  # so ae.shutdown() stops it, as start_server does
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)
     thread.start()

@@ -62,7 +62,7 @@ class WorkerSupervisor:
         return process
 
     def _supervise(self) -> None:
-        handled: set[int] = set()  # pids whose death was recorded
+        handled: set[int | None] = set()  # pids whose death was recorded
         while not self._stop.wait(self.CHECK_SECONDS):
             for number, process in enumerate(self._processes):
                 if process.is_alive() or self._stop.is_set():

@@ -475,15 +475,14 @@ def _slice_positions(
         origin = -half
     else:
         origin = np.asarray(spec.origin, dtype=float)
-    return [tuple(_q(x) for x in origin + k * step) for k in range(spec.slices)]
+    return [(_q(x), _q(y), _q(z)) for x, y, z in (origin + k * step for k in range(spec.slices))]
 
 
 def _plane(
     position: Sequence[float], row: np.ndarray, col: np.ndarray, spec: PhantomSpec
 ) -> _Plane:
     """Sampling grid of one image with the spec's matrix and pixel spacing."""
-    position = np.asarray(position, dtype=float)
-    return _Plane(position, row, col, tuple(spec.pixel_spacing), (spec.rows, spec.columns))
+    return _Plane(np.asarray(position, dtype=float), row, col, spec.pixel_spacing, (spec.rows, spec.columns))
 
 
 def phantom_volume(
@@ -661,7 +660,7 @@ def _set_acquisition(ds: Dataset, spec: PhantomSpec) -> None:
     (_set_ct_acquisition if spec.modality == "CT" else _set_mr_acquisition)(ds, spec)
 
 
-def _set_image_plane(ds: Dataset, ctx: _Context, position: Sequence[float], iop: list[str]) -> None:
+def _set_image_plane(ds: Dataset, ctx: _Context, position: Sequence[float] | np.ndarray, iop: list[str]) -> None:
     spec = ctx.spec
     ds.PixelSpacing = [_ds(v) for v in spec.pixel_spacing]
     ds.ImageOrientationPatient = iop

@@ -168,6 +168,8 @@ def volume_from_nifti(path: Path | str) -> Volume:
     import nibabel as nib
 
     image = nib.load(str(path))
+    if not isinstance(image, nib.spatialimages.SpatialImage):
+        raise VolumeError(f"{Path(path).name} is not a NIfTI image")
     affine = LPS_TO_RAS @ image.affine
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return Volume(
@@ -225,7 +227,7 @@ def _numbers(header: Dataset, keyword: str, count: int) -> np.ndarray:
     return values
 
 
-def _vector(values: Sequence[float]) -> str:
+def _vector(values: Sequence[float] | np.ndarray) -> str:
     """Numbers as an operator reads them: "[1, 0, 0, 0, 1, 0]" (no numpy reprs)."""
     return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
 
@@ -323,7 +325,7 @@ def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
     return check_slice_stack([f.position for f in frames], normal)
 
 
-def check_slice_stack(positions: Sequence[Sequence[float]], normal: Sequence[float]) -> float:
+def check_slice_stack(positions: Sequence[Sequence[float] | np.ndarray], normal: Sequence[float] | np.ndarray) -> float:
     """The slice step (mm) of positions sorted along ``normal``: one regular, unsheared stack, or VolumeError.
 
     Refuses a position that occurs twice, a gap or uneven spacing (a step more than

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
-from dicom_node.encode.seg import Algorithm, encode_segmentation, write_segmentation
+from dicom_node.encode.seg import Algorithm, SegmentationType, encode_segmentation, write_segmentation
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation
@@ -54,7 +54,7 @@ def encode_results(
     measurements: Sequence[StructureMeasurement],
     model,  # a SegmentationModel
     folder: Path,
-    segmentation_types: Sequence[str],
+    segmentation_types: Sequence[SegmentationType],
     attempt: int = 1,
     *,
     rtstruct: bool = False,
@@ -83,15 +83,15 @@ def encode_results(
     replaces = replaces or {}
     written = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
-        rtstruct = encode_rtstruct(
+        structure_set = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
             series_number=result_series_number("rtstruct", attempt),
             series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
             budget=rtstruct_budget, notes=warnings,
         )
-        stamp_series_date_time(rtstruct)
+        stamp_series_date_time(structure_set)
         rtstruct_path = folder / "rtstruct.dcm"
-        rtstruct.save_as(rtstruct_path, enforce_file_format=True)
+        structure_set.save_as(rtstruct_path, enforce_file_format=True)
     for kind in segmentation_types:
         seg = encode_segmentation(
             sources,
@@ -138,7 +138,7 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Datase
     """
     headers: dict[str, Dataset] = {}
     for path in volume.source_paths:
-        header = dcmread(path, stop_before_pixels=True)
+        header: Dataset = dcmread(path, stop_before_pixels=True)
         headers[str(header.SOPInstanceUID)] = header
     if all(ref.frame_number is None for ref in volume.slices):
         sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
@@ -153,5 +153,6 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Datase
     (header,) = headers.values()
     frames = np.zeros((int(header.get("NumberOfFrames", 1)), *labels.shape[1:]), dtype=labels.dtype)
     for index, ref in enumerate(volume.slices):
+        assert ref.frame_number is not None  # every slice of a multi-frame source names its frame
         frames[ref.frame_number - 1] = labels[index]
     return [text_in_utf8(header)], frames

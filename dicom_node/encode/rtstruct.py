@@ -21,8 +21,8 @@ import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from skimage import measure
 
@@ -33,7 +33,7 @@ from dicom_node.encode.sources import RESULT_CHARACTER_SET
 from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
 from inference.volume import SliceRef, Volume
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 SIMPLIFY_TOLERANCE_PIXELS = 0.25
 MAXIMUM_TOLERANCE_PIXELS = 4.0  # a structure over budget is simplified up to this, never dropped
@@ -244,7 +244,7 @@ def _contour(patient: np.ndarray, image: SliceRef) -> Dataset:
     return contour
 
 
-def _decimal_strings(tag: Tag, values: np.ndarray) -> RawDataElement:
+def _decimal_strings(tag: BaseTag, values: np.ndarray) -> RawDataElement:
     """A DS element already encoded (explicit VR little endian), at 3 decimals: at most 16 characters each."""
     text = "\\".join(f"{value:.3f}" for value in values.tolist()).encode("ascii")
     if len(text) % 2:

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
@@ -32,7 +31,7 @@ HEADER_KEYWORDS = (
     "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
     "BitsAllocated",
 )
-HEADER_TAGS = [tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
+HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 """The only elements the receiver decodes: what the database records, routing reads, and the pixel data check needs."""
 
 PIXEL_DATA_TAG = (0x7FE0, 0x0010)
@@ -399,11 +398,11 @@ def _check_database_fit(dataset: Dataset) -> None:
         element = dataset.get_item(keyword)
         if element is None or (isinstance(element, RawDataElement) and element.length <= limit):
             continue  # a character takes at least one byte: a value this short fits undecoded
-        text = _text(dataset, keyword)
-        if text is not None and len(text) > limit:
-            shown = "" if keyword in PRIVATE_KEYWORDS else f" ({_shown(text)})"
+        decoded = _text(dataset, keyword)
+        if decoded is not None and len(decoded) > limit:
+            shown = "" if keyword in PRIVATE_KEYWORDS else f" ({_shown(decoded)})"
             raise InvalidInstance(
-                f"{keyword} is {len(text)} characters long{shown}; at most {limit} are accepted",
+                f"{keyword} is {len(decoded)} characters long{shown}; at most {limit} are accepted",
                 status.CANNOT_UNDERSTAND,
             )
 

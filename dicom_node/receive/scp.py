@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -38,7 +38,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -128,7 +129,8 @@ def build_ae(network: NetworkSettings) -> AE:
     ae.require_called_aet = network.require_called_ae_title
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:  # always set in pynetdicom's list
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     add_query_retrieve_contexts(ae)
     return ae
 
@@ -196,9 +198,9 @@ class _StoreAttempt:
 
 
 def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> int | Dataset:
-    request = event.request
+    request = cast(C_STORE, event.request)  # a C-STORE handler's request (pynetdicom types it as any DIMSE request)
     transfer_syntax = event.context.transfer_syntax
-    encoded = request.DataSet.getvalue()
+    encoded = event.encoded_dataset(include_meta=False)
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
@@ -357,7 +359,9 @@ def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:
 
 def _on_connection_open(event: evt.Event) -> None:
     # Small PDUs (the C-STORE response) must leave at once, not wait on Nagle's algorithm.
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     event.assoc.dul._run_loop_delay = REACTOR_POLL_SECONDS
 
 
@@ -366,7 +370,7 @@ def _on_accepted(event: evt.Event) -> None:
     log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address)
 
 
-REJECTION_REASONS = {
+REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
     (0x01, 0x03): "calling AE title not recognised",
     (0x01, 0x07): "called AE title is not ours",
     (0x03, 0x02): "association limit reached (network.maximum_associations)",

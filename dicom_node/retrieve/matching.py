@@ -84,7 +84,7 @@ def query_level(identifier: Dataset) -> Level:
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel {level or '(missing)'!r} is not one of {', '.join(LEVELS)}")
-    return level  # type: ignore[return-value]
+    return level
 
 
 def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
@@ -234,13 +234,13 @@ def _ordered(session: Session, level: Level, keys: Iterable[Any]) -> list[Any]:
     keys = list(keys)
     if level == "PATIENT":
         return sorted(k for k in keys if k is not None) + [k for k in keys if k is None]
-    model = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}[level]
+    key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
     order = {
         "STUDY": (Study.study_date, Study.study_time, Study.id),
         "SERIES": (Series.study_id, Series.series_number, Series.id),
         "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
     }[level]
-    return list(session.scalars(select(model.id).where(model.id.in_(keys)).order_by(*order)))
+    return list(session.scalars(select(key_column).where(key_column.in_(keys)).order_by(*order)))
 
 
 def _response(session: Session, level: Level, key: Any, requested: list[str], retrieve_ae_title: str) -> Dataset:
@@ -255,7 +255,7 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
     elif level == "STUDY":
         study = session.get_one(Study, key)
     else:
-        study = session.scalars(select(Study).where(Study.patient_id.is_(key) if key is None else Study.patient_id == key).order_by(Study.id.desc())).first()
+        study = session.scalars(select(Study).where(Study.patient_id.is_(key) if key is None else Study.patient_id == key).order_by(Study.id.desc()).limit(1)).one()
     sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
     response = Dataset()
     response.QueryRetrieveLevel = level

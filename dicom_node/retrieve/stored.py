@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pynetdicom.dsutils import split_dataset
 
@@ -49,7 +49,7 @@ def read_stored(path: str | Path) -> Dataset:
         stream.seek(offset)
         data = stream.read()
     dataset = Dataset()
-    dataset.file_meta = file_meta
+    dataset.file_meta = FileMetaDataset(file_meta)
     for tag, vr, length, start, stop in top_level_elements(data, implicit=implicit, little_endian=little):
         dataset[tag] = RawDataElement(Tag(tag), vr, length, data[start:stop], start, implicit, little)
     # the same encoding and character set as read: pydicom then writes raw elements as they are

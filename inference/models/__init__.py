@@ -28,8 +28,11 @@ class SegmentationModel(Protocol):
     algorithm_version: str  # for trained models: the weights' identity (dataset ids and SHA-256)
     is_baseline: bool
     is_test_weights: bool  # the weights describe themselves as synthetic/untrained: never clinical
-    weights: WeightsIdentity | None  # None for models without weights (the baseline)
     classes: dict[int, str]
+
+    @property
+    def weights(self) -> WeightsIdentity | None:
+        """The weights' identity; None for models without weights (the baseline)."""
 
     def segment(self, volume: Volume) -> Segmentation: ...
 
