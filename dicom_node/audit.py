@@ -88,7 +88,7 @@ class StoreTally:
     ATTRIBUTE = "_dicom_node_store_tally"
 
     def __init__(self) -> None:
-        self._counts: Counter[tuple[str | None, str]] = Counter()
+        self._counts: Counter[tuple[str | None, Literal["success", "refused", "failed"]]] = Counter()
         self._lock = threading.Lock()
 
     @classmethod
@@ -109,7 +109,7 @@ class StoreTally:
         with self._lock:
             counts, self._counts = self._counts, Counter()
         for (study, outcome), count in sorted(counts.items(), key=lambda item: (item[0][0] or "", item[0][1])):
-            record(sessions, "store", peer, outcome, study_instance_uid=study, instances=count)  # type: ignore[arg-type]
+            record(sessions, "store", peer, outcome, study_instance_uid=study, instances=count)
 
 
 def association_ended(sessions: sessionmaker[Session], assoc: Any, outcome: Literal["released", "aborted"]) -> None:

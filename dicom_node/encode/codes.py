@@ -79,13 +79,14 @@ def _totalsegmentator_table() -> dict[str, StructureCodes]:
         return {}
     table = {}
     for row in csv.DictReader(text.splitlines()):
+        red, green, blue = (int(v) for v in row["DicomRGBColor"].split(","))
         table[row["Structure"]] = StructureCodes(
             category=_code(row, "SegmentedPropertyCategoryCodeSequence"),
             type=_code(row, "SegmentedPropertyTypeCodeSequence"),
             type_modifier=_optional_code(row, "SegmentedPropertyTypeModifierCodeSequence"),
             anatomic_region=_optional_code(row, "AnatomicRegionSequence"),
             anatomic_region_modifier=_optional_code(row, "AnatomicRegionModifierSequence"),
-            rgb=tuple(int(v) for v in row["DicomRGBColor"].split(",")),  # type: ignore[arg-type]
+            rgb=(red, green, blue),
         )
     return table
 

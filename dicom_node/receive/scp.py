@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -349,8 +349,8 @@ def _failure(status_code: int, comment: str) -> Dataset:
     return response
 
 
-def _audit_association_end(event: evt.Event, sessions: sessionmaker[Session], outcome: str) -> None:
-    association_ended(sessions, event.assoc, outcome)  # type: ignore[arg-type]
+def _audit_association_end(event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]) -> None:
+    association_ended(sessions, event.assoc, outcome)
 
 
 def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:

@@ -360,14 +360,14 @@ def _quarantine_stored_file(
     log_event(LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason)
 
 
-def _uid_or_none(meta: object, keyword: str) -> str | None:
+def _uid_or_none(meta: Dataset | None, keyword: str) -> str | None:
     value = _text_or_none(meta, keyword)
     return value if is_valid_uid(value) else None
 
 
-def _text_or_none(meta: object, keyword: str) -> str | None:
+def _text_or_none(meta: Dataset | None, keyword: str) -> str | None:
     try:
-        value = meta.get(keyword) if meta is not None else None  # type: ignore[attr-defined]
+        value = meta.get(keyword) if meta is not None else None
     except Exception:  # noqa: BLE001 - a malformed meta element is no reason to fail
         return None
     if value is None:
