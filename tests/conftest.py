@@ -38,6 +38,17 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_extra(module: str, extra: str = "totalsegmentator") -> Any:
+    """Import ``module`` of an optional extra, or skip with a reason that names the extra.
+
+    Called at module level it skips the whole file; in a test or fixture, that test. E.g.
+    ``torch = require_extra("torch")``; ``require_extra("playwright", "console")``.
+    """
+    __tracebackhide__ = True  # the skip is reported at the caller's line
+    reason = f"{module} is not installed: it comes with the {extra} extra (pip install -e '.[{extra}]')"
+    return pytest.importorskip(module, reason=reason)
+
+
 @pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
     """TotalSegmentator's example data, read in place from ../shared (never copied)."""

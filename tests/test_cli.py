@@ -8,10 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from inference.weights import TASK_DATASETS
-from tests.conftest import DICOM_NODE
+from tests.conftest import DICOM_NODE, require_extra
 
 
 def run(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
@@ -39,7 +38,7 @@ def test_phantom_command_writes_a_readable_ct_series(tmp_path):
 
 
 def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
+    torch = require_extra("torch")
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
     config = make_config(tmp_path)
     _id, dataset, trainer = TASK_DATASETS["total_fast"][0]

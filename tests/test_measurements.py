@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from dicom_node.encode.measurements import measure
 from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
+from tests.conftest import require_extra
 
 
 def test_volumes_and_mean_hu_equal_totalsegmentators_statistics(shared_fixtures):
-    class_map = pytest.importorskip("totalsegmentator.map_to_binary").class_map
+    nib = require_extra("nibabel")
+    class_map = require_extra("totalsegmentator.map_to_binary").class_map
     volume = volume_from_nifti(shared_fixtures / "example_ct_sm.nii.gz")
     labels = np.asanyarray(nib.load(str(shared_fixtures / "example_seg_fast.nii.gz")).dataobj)
     reference = json.loads((shared_fixtures / "example_seg_fast" / "statistics.json").read_text())

@@ -27,7 +27,7 @@ from dicom_node.encode.seg import (
 from inference.models.threshold import ThresholdModel
 from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
-from tests.conftest import dciodvfy
+from tests.conftest import dciodvfy, require_extra
 
 SPEC = PhantomSpec(rows=96, columns=96, slices=20, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
 TS_ALGORITHM = Algorithm("TotalSegmentator total_fast", "2.18.0", is_baseline=False)
@@ -55,7 +55,7 @@ def decoded_label_map(path: Path, volume, segment_classes: dict[int, int]) -> np
 @pytest.fixture
 def phantom_with_kidneys(tmp_path):
     """A phantom CT and a label map in TotalSegmentator numbering (kidneys, liver, spleen, aorta)."""
-    from totalsegmentator.map_to_binary import class_map
+    class_map = require_extra("totalsegmentator.map_to_binary").class_map
 
     series = write_phantom_series(tmp_path / "ct", SPEC)
     volume = load_series_volume(series.files)
@@ -117,7 +117,7 @@ def test_left_and_right_kidney_differ_in_codes_not_only_labels(phantom_with_kidn
 
 
 def test_every_totalsegmentator_class_has_codes():
-    from totalsegmentator.map_to_binary import class_map
+    class_map = require_extra("totalsegmentator.map_to_binary").class_map
 
     for name in class_map["total"].values():
         assert structure_codes(name).type.value

@@ -24,10 +24,10 @@ from db.models import JobState
 from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from inference.weights import TASK_DATASETS, model_folders
-from tests.conftest import ROOT, storescu
+from tests.conftest import ROOT, require_extra, storescu
 
-pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
-pytest.importorskip("totalsegmentator", reason="TotalSegmentator extra not installed")
+require_extra("nnunetv2")
+require_extra("totalsegmentator")
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from dicom_node.encode.results import encode_results
 from inference.models.threshold import ThresholdModel
 from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
-from tests.conftest import ROOT, dciodvfy, dsrdump, pixelmed
+from tests.conftest import ROOT, dciodvfy, dsrdump, pixelmed, require_extra
 
 LABELMAP_SEGMENT_REFERENCE = "ReferencedSegmentNumber(0062,000b)> - Shall not be present for Referenced SOP Class that is not segmentation"
 
@@ -76,7 +76,7 @@ def test_baseline_results_pass_dciodvfy_pixelmed_and_dsrdump(tmp_path):
 
 @pytest.mark.validators_long
 def test_totalsegmentator_results_with_over_100_structures_pass_the_validators(shared_fixtures, tmp_path):
-    pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed")
+    require_extra("nnunetv2")
     from inference.models.totalsegmentator import TotalSegmentatorModel
 
     weights = tmp_path / "weights"

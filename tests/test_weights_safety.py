@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from inference.weights import MANIFEST_NAME, TASK_DATASETS, WeightsCorrupt, identify, import_zip, model_folders
-from tests.conftest import DICOM_NODE
+from tests.conftest import DICOM_NODE, require_extra
 
-torch = pytest.importorskip("torch", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
+torch = require_extra("torch")
 
 from inference.models.checkpoints import UnsafeWeights, check_network_classes, load_checkpoint  # noqa: E402
 
