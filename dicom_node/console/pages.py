@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -152,6 +152,7 @@ def _worklist_values(request: Request, user: User) -> dict[str, Any]:
         "page_link": lambda page: "/?" + urlencode({**query, "page": page}),
         "rows_link": "/worklist/rows?" + urlencode({**query, "page": wanted.page}),
         "refresh_ms": int(context.settings.console.refresh_seconds * 1000),
+        "now": datetime.now(timezone.utc).strftime("%H:%M:%S"),
     }
 
 
@@ -163,7 +164,7 @@ def worklist(request: Request, user: Annotated[User, Depends(viewer)]) -> Respon
 @router.get("/worklist/rows")
 def worklist_rows(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     """The worklist's table body alone: what the page fetches to refresh itself."""
-    return _page(request, "worklist_rows.html", user, **_worklist_values(request, user))
+    return _page(request, "worklist_table.html", user, **_worklist_values(request, user))
 
 
 @router.get("/series/{uid}")

@@ -1,22 +1,24 @@
-// Refresh the worklist's rows in place (no page reload) while the page is open.
+// Refresh the worklist (counts, rows, paging) in place, without reloading the page, while it is open.
 (function () {
-  var body = document.getElementById("worklist-rows");
-  if (!body) { return; }
-  var interval = parseInt(body.getAttribute("data-interval"), 10) || 3000;
-  var stamp = document.getElementById("refreshed");
+  var list = document.getElementById("worklist");
+  if (!list) { return; }
+  var interval = parseInt(list.getAttribute("data-interval"), 10) || 3000;
+  var problem = document.getElementById("refresh-problem");
+  function show(message) {
+    problem.textContent = message;
+    problem.hidden = !message;
+  }
   function refresh() {
-    fetch(body.getAttribute("data-source"), {credentials: "same-origin", headers: {"Accept": "text/html"}})
+    fetch(list.getAttribute("data-source"), {credentials: "same-origin", redirect: "manual"})
       .then(function (response) {
-        if (response.redirected || !response.ok) { throw new Error("status " + response.status); }
+        if (!response.ok) {
+          throw new Error(response.status === 401 || response.type === "opaqueredirect"
+            ? "the session has ended: log in again" : "the node answered " + response.status);
+        }
         return response.text();
       })
-      .then(function (html) {
-        body.innerHTML = html;
-        if (stamp) { stamp.textContent = "updated " + new Date().toLocaleTimeString(); }
-      })
-      .catch(function (error) {
-        if (stamp) { stamp.textContent = "refresh failed (" + error.message + "); log in again if the session ended"; }
-      });
+      .then(function (html) { list.innerHTML = html; show(""); })
+      .catch(function (error) { show("The worklist is not refreshing: " + error.message + "."); });
   }
   window.setInterval(refresh, interval);
 })();
