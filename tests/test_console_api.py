@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -289,3 +293,17 @@ def test_repeated_failed_logins_from_one_address_must_wait(processed):
             select(AuditEvent.detail).where(AuditEvent.action == "console", AuditEvent.outcome == "refused")
         ).all()
     assert "user olga: login failed: wrong user name or password" in outcomes
+
+
+def test_container_health_check_passes_on_a_ready_node(processed):
+    running, _uid = processed
+    health = subprocess.run(
+        [sys.executable, "-m", "dicom_node.console.health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "DICOM_NODE_CONFIG": str(running.node.config_path)},
+    )
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert json.loads(health.stdout) == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}

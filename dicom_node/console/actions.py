@@ -38,7 +38,7 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
         raise ActionRefused(f"cannot {verb}: {exc}") from None
     except ActionRefused as exc:
         context.audit(request, user.name, "refused", f"{verb} of series {uid} refused: {exc.message}", study)
-        raise
+        raise ActionRefused(f"cannot {verb}: {exc.message}", exc.status) from None
     context.audit(request, user.name, "success", f"{verb} of series {uid}: now {state}", study)
     return state
 

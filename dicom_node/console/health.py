@@ -27,9 +27,9 @@ def console_ready(settings: Settings) -> tuple[bool, str]:
     console = settings.console
     scheme = "https" if console.https else "http"
     url = f"{scheme}://{_local(console.host)}:{console.port}/readyz"
-    context = ssl._create_unverified_context() if console.https else None  # noqa: S323 - loopback probe
+    context = ssl._create_unverified_context() if console.https else None
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS, context=context) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS, context=context) as response:
             return True, response.read().decode()
     except urllib.error.HTTPError as exc:
         return False, exc.read().decode(errors="replace")
