@@ -306,7 +306,7 @@ def audit(
     hours: Annotated[Optional[float], typer.Option(help="Only the last N hours.")] = None,
     peer: Annotated[Optional[str], typer.Option(help="Only this peer AE title.")] = None,
     action: Annotated[
-        Optional[list[str]], typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
+        Optional[list[str]], typer.Option(help="association, store, find, move, get, send, echo or console (repeatable).")
     ] = None,
     study: Annotated[Optional[str], typer.Option(help="Only this StudyInstanceUID.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,

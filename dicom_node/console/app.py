@@ -101,9 +101,9 @@ def identify(request: Request) -> User | None:
         role = request.headers.get(settings.proxy_role_header, "").strip().lower()
         return context.auth.proxy_user(name, "operator" if role == "operator" else "viewer")
     user = context.auth.read(request.cookies.get(SESSION_COOKIE))
-    if user is not None and user.name not in settings.users:
-        return None  # removed from the configuration since logging in
-    return user
+    if user is None or user.name not in settings.users:
+        return None  # no session, or the user was removed from the configuration since logging in
+    return User(user.name, settings.users[user.name].role, user.session_id)  # the role configured now
 
 
 def viewer(request: Request) -> User:

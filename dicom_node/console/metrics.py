@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from db.models import AuditEvent, Instance, Job, JobEvent, JobState, RejectedInstance
+from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
 from dicom_node.config import Settings
-from dicom_node.console.queries import INFER_EXCLUDED_TIMINGS
+from dicom_node.console.queries import stage_seconds
 
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
@@ -177,25 +177,8 @@ class DatabaseCollector(Collector):
 
     @staticmethod
     def _stages_of(job: Job, stages: dict[str, list[float]], end_to_end: list[float]) -> None:
-        series = job.series
-        last_image = _to_utc(series.last_received_at)
-        stages["receive"].append(max((last_image - _to_utc(series.first_received_at)).total_seconds(), 0.0))
-        timings = job.timings or {}
-        infer = [float(v) for k, v in timings.items() if k not in INFER_EXCLUDED_TIMINGS]
-        if infer:
-            stages["infer"].append(sum(infer))
-        if "encode" in timings or "write" in timings:
-            stages["encode"].append(float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0)))
-        events: Sequence[JobEvent] = job.events
-        completed = next((e for e in reversed(events) if e.to_state is JobState.COMPLETE), None)
-        if completed is not None and _to_utc(completed.at) >= last_image:
-            stages["complete"].append((_to_utc(completed.at) - last_image).total_seconds())
-        if job.state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
-            done = _to_utc(events[-1].at)
-            sending = next((e for e in reversed(events) if e.to_state is JobState.SENDING), None)
-            if sending is not None:
-                stages["dispatch"].append(max((done - _to_utc(sending.at)).total_seconds(), 0.0))
-            end_to_end.append(max((done - last_image).total_seconds(), 0.0))
+        for stage, seconds in stage_seconds(job).items():
+            (end_to_end if stage == "end_to_end" else stages[stage]).append(seconds)
 
     def _dispatch(self, session: Session) -> Iterator[Metric]:
         names = {f"{d.host}:{d.port}": name for name, d in self.settings.destinations.items()}

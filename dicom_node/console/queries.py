@@ -55,20 +55,36 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="seconds")
 
 
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def stage_seconds(job: Job) -> dict[str, float]:
-    """Seconds per stage: receive (first to last image), infer (model work), encode (write + encode), dispatch."""
-    timings = job.timings or {}
-    stages: dict[str, float] = {}
-    series = job.series
-    if series.first_received_at and series.last_received_at:
-        stages["receive"] = max((series.last_received_at - series.first_received_at).total_seconds(), 0.0)
-    infer = sum(float(v) for k, v in timings.items() if k not in INFER_EXCLUDED_TIMINGS)
+    """Seconds per stage of the job's latest run, for those it has been through.
+
+    receive: first to last image; complete: last image to COMPLETE; infer: the model's work
+    (``jobs.timings`` except write, encode and model_load); encode: writing the label map and
+    SEG/SR/RTSTRUCT; dispatch: SENDING to DONE. Also ``end_to_end``: last image to DONE after
+    SENDING (results accepted by every destination).
+    """
+    series, timings, events = job.series, job.timings or {}, job.events
+    last_image = _utc(series.last_received_at)
+    stages = {"receive": max((last_image - _utc(series.first_received_at)).total_seconds(), 0.0)}
+    completed = next((e for e in reversed(events) if e.to_state is JobState.COMPLETE), None)
+    if completed is not None and _utc(completed.at) >= last_image:
+        stages["complete"] = (_utc(completed.at) - last_image).total_seconds()
+    infer = [float(v) for k, v in timings.items() if k not in INFER_EXCLUDED_TIMINGS]
     if infer:
-        stages["infer"] = infer
-    encode = float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0))
-    if encode:
-        stages["encode"] = encode
-    return {k: round(v, 2) for k, v in stages.items()}
+        stages["infer"] = sum(infer)
+    if "write" in timings or "encode" in timings:
+        stages["encode"] = float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0))
+    if job.state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
+        done = _utc(events[-1].at)
+        sending = next((e for e in reversed(events) if e.to_state is JobState.SENDING), None)
+        if sending is not None:
+            stages["dispatch"] = max((done - _utc(sending.at)).total_seconds(), 0.0)
+        stages["end_to_end"] = max((done - last_image).total_seconds(), 0.0)
+    return stages
 
 
 def _patient(study: Study) -> dict[str, Any]:
@@ -101,7 +117,7 @@ def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) ->
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = max(wanted.page, 1)
     rows = session.scalars(
-        query.options(selectinload(Job.series).selectinload(Series.study))
+        query.options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.events))
         .order_by(Job.state_changed_at.desc(), Job.id.desc())
         .offset((page - 1) * wanted.per_page)
         .limit(wanted.per_page)
@@ -136,7 +152,7 @@ def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, 
         "images_expected": series.expected_instances,
         "first_received_at": _iso(series.first_received_at),
         "state_changed_at": _iso(job.state_changed_at),
-        "stage_seconds": stage_seconds(job),
+        "stage_seconds": {k: round(v, 2) for k, v in stage_seconds(job).items()},
         "delivery": [p.summary() for p in jobs.delivery_progress(session, job)] if job.deliveries else [],
         "warnings": list(job.warnings or []),
     }
