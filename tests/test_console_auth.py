@@ -33,6 +33,7 @@ def _user_add(*args: str, password: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_user_add_prints_an_argon2_entry_the_configuration_accepts_and_never_the_password(tmp_path):
     result = _user_add("olga", "--role", "operator", password="correct horse battery")
     assert result.returncode == 0, result.stderr
@@ -47,6 +48,7 @@ def test_user_add_prints_an_argon2_entry_the_configuration_accepts_and_never_the
     assert load_settings(config).console.users["olga"].role == "operator"
 
 
+@pytest.mark.integration
 def test_user_add_refuses_a_short_password_and_an_unknown_role():
     short = _user_add("olga", password="short")
     assert short.returncode == 2 and "too short: use at least 8 characters" in short.stderr
@@ -114,6 +116,7 @@ def _wait_until_up(url: str, **client: Any) -> None:
     wait_for(up, timeout=20, what="the console to answer")
 
 
+@pytest.mark.integration
 def test_proxy_header_logs_in_the_named_user_only_from_a_trusted_proxy(console_server):
     url, _settings = console_server(auth="proxy_header")
     _wait_until_up(url)
@@ -135,6 +138,7 @@ def test_proxy_header_logs_in_the_named_user_only_from_a_trusted_proxy(console_s
     assert forged.status_code == 401
 
 
+@pytest.mark.integration
 def test_readyz_names_the_failing_check_and_the_health_command_exits_1(console_server, tmp_path):
     url, settings = console_server()
     _wait_until_up(url)
@@ -154,6 +158,7 @@ def test_readyz_names_the_failing_check_and_the_health_command_exits_1(console_s
     assert health.returncode == 1 and '"scp": false' in health.stdout
 
 
+@pytest.mark.integration
 def test_https_console_sets_secure_cookies_and_refuses_plain_http(console_server, certificates):
     from argon2 import PasswordHasher
 
@@ -171,3 +176,39 @@ def test_https_console_sets_secure_cookies_and_refuses_plain_http(console_server
     assert client.get("/api/me").json()["user"] == "olga"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{settings.console.port}/healthz", timeout=5)
+
+
+def test_configuration_shown_hides_hashes_keys_tokens_and_the_database_password(tmp_path):
+    from dicom_node.console.queries import visible_config
+
+    settings = Settings(
+        storage={"directory": str(tmp_path)},
+        database={"url": "postgresql+psycopg://dicomnode:db-secret@db.example.org/dicomnode"},
+        console={
+            "users": {"olga": {"password_hash": "$argon2id$v=19$m=65536,t=3,p=4$abc$def", "role": "operator"}},
+            "session_secret": "cookie-secret",
+            "metrics_token": "scrape-secret",
+            "tls_certificate": "/etc/console.pem",
+            "tls_private_key": "/etc/console.key",
+        },
+    )
+    shown = yaml.safe_dump(visible_config(settings))
+    for secret in ("db-secret", "$argon2id", "cookie-secret", "scrape-secret", "/etc/console.key"):
+        assert secret not in shown, secret
+    assert "postgresql+psycopg://dicomnode:***@db.example.org/dicomnode" in shown
+    assert "/etc/console.pem" in shown and "role: operator" in shown
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("Pixel Data is truncated: 256 of 512 bytes (Rows 16 x Columns 16 ...)", "Pixel Data is truncated"),
+        ("SeriesInstanceUID '1.2.abc' is not a valid UID", "SeriesInstanceUID"),
+        ("not a DICOM data set: it is empty (0 bytes)", "not a DICOM data set"),
+        ("AccessionNumber is 20 characters long ('AAAA'); at most 16 are accepted", "AccessionNumber is"),
+    ],
+)
+def test_refusal_reasons_become_short_metric_labels_without_the_data(reason, kind):
+    from dicom_node.console.metrics import refusal_kind
+
+    assert refusal_kind(reason) == kind

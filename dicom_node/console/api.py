@@ -160,7 +160,7 @@ def metrics_summary(request: Request, _user: Annotated[User, Depends(viewer)]) -
     context = console_of(request)
     with context.sessions() as session:
         counts = queries.state_counts(session)
-        refused = len(queries.rejected(session, 1000))
+        refused = queries.rejected_count(session)
     return {
         "jobs": counts,
         "queue_depth": counts["QUEUED"],

@@ -253,6 +253,10 @@ def rejected(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     ]
 
 
+def rejected_count(session: Session) -> int:
+    return int(session.scalar(select(func.count(RejectedInstance.id))) or 0)
+
+
 ECHO_DETAIL_PREFIX = "outgoing C-ECHO"
 
 
