@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,13 +35,22 @@ class ConsoleNode:
         """An HTTP client; logged in as ``user`` (its session cookie kept) when given."""
         client = httpx.Client(base_url=self.url, timeout=30, follow_redirects=False)
         if user is not None:
-            response = client.post("/login", data={"username": user, "password": PASSWORDS[user], "next": "/"})
+            response = log_in(client, user, PASSWORDS[user])
             assert response.status_code == 303, response.text
         return client
 
     @staticmethod
     def csrf(client: httpx.Client) -> str:
         return str(client.get("/api/me").json()["csrf_token"])
+
+
+def log_in(client: httpx.Client, user: str, password: str, next_path: str = "/") -> httpx.Response:
+    """Load the login form (its token and cookie), then send it as a browser would."""
+    form = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None, form.text
+    data = {"username": user, "password": password, "next": next_path, "csrf_token": token.group(1)}
+    return client.post("/login", data=data)
 
 
 def console_settings(port: int, **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from db.jobs import job_for_series_uid
 from db.models import AuditEvent, JobState
-from tests.console_helpers import METRICS_TOKEN, ConsoleNode, console_node, send_phantom
+from tests.console_helpers import METRICS_TOKEN, ConsoleNode, console_node, log_in, send_phantom
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_nothing_else_works_without_login(processed):
 def test_session_cookie_is_httponly_strict_signed_and_a_forged_one_is_refused(processed):
     running, _uid = processed
     client = running.client()
-    response = client.post("/login", data={"username": "vera", "password": "viewer-password", "next": "/"})
+    response = log_in(client, "vera", "viewer-password")
     cookie = response.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=28800" in cookie
     assert "Secure" not in cookie  # plain HTTP on loopback; HTTPS adds Secure
@@ -97,11 +97,19 @@ def test_session_cookie_is_httponly_strict_signed_and_a_forged_one_is_refused(pr
     assert client.get("/api/me").json()["role"] == "viewer"
 
 
+def test_a_login_not_sent_from_the_consoles_own_form_is_refused(processed):
+    running, _uid = processed
+    client = running.client()
+    bare = client.post("/login", data={"username": "vera", "password": "viewer-password"})
+    assert bare.status_code == 403 and "The login form expired or came from another page" in bare.text
+    client.get("/login")  # a login cookie of its own, but a token made up
+    forged = client.post("/login", data={"username": "vera", "password": "viewer-password", "csrf_token": "0" * 64})
+    assert forged.status_code == 403 and "dicom_node_session" not in client.cookies
+
+
 def test_login_follows_only_paths_on_this_console(processed):
     running, _uid = processed
-    response = running.client().post(
-        "/login", data={"username": "vera", "password": "viewer-password", "next": "//evil.example/"}
-    )
+    response = log_in(running.client(), "vera", "viewer-password", next_path="//evil.example/")
     assert response.status_code == 303 and response.headers["location"] == "/"
 
 
@@ -285,8 +293,8 @@ def test_repeated_failed_logins_from_one_address_must_wait(processed):
     running, _uid = processed
     client = running.client()
     for _ in range(3):
-        assert client.post("/login", data={"username": "olga", "password": "guess"}).status_code == 401
-    throttled = client.post("/login", data={"username": "olga", "password": "operator-password"})
+        assert log_in(client, "olga", "guess").status_code == 401
+    throttled = log_in(client, "olga", "operator-password")
     assert throttled.status_code == 429 and "Too many failed logins from this address" in throttled.text
     with running.node.sessions() as session:
         outcomes = session.scalars(

@@ -20,6 +20,7 @@ from dicom_node.console.auth import check_password
 from dicom_node.console.metrics import Liveness
 from dicom_node.service import open_database
 from tests.conftest import DICOM_NODE, ROOT, free_port, wait_for
+from tests.console_helpers import log_in
 
 
 def _user_add(*args: str, password: str) -> subprocess.CompletedProcess[str]:
@@ -169,7 +170,7 @@ def test_https_console_sets_secure_cookies_and_refuses_plain_http(console_server
     trusting = ssl.create_default_context(cafile=str(certificates.ca))
     _wait_until_up(url, verify=trusting)
     client = httpx.Client(base_url=url, verify=trusting, timeout=10)
-    response = client.post("/login", data={"username": "olga", "password": "operator-password"})
+    response = log_in(client, "olga", "operator-password")
     assert response.status_code == 303
     assert "Secure" in response.headers["set-cookie"] and "HttpOnly" in response.headers["set-cookie"]
     assert response.headers["strict-transport-security"] == "max-age=31536000"

@@ -27,6 +27,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from dicom_node.config import ConsoleRole, ConsoleSettings
 
 SESSION_COOKIE = "dicom_node_session"
+LOGIN_COOKIE = "dicom_node_login"
+LOGIN_FORM_SECONDS = 600
+"""A login form must be sent within this long of being shown."""
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 ROLE_RANK: dict[str, int] = {"viewer": 1, "operator": 2}
@@ -96,6 +99,13 @@ class Sessions:
     def proxy_user(self, name: str, role: ConsoleRole) -> User:
         """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""
         return User(name, role, self._sign(f"proxy:{name}".encode())[:24])
+
+    def login_token(self, nonce: str) -> str:
+        """The login form's token: binds the form to the browser that loaded it (its login cookie)."""
+        return self._sign(f"login:{nonce}".encode())
+
+    def login_token_valid(self, nonce: str | None, token: str | None) -> bool:
+        return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_token(str(nonce)))
 
     def csrf_token(self, user: User) -> str:
         return self._sign(f"csrf:{user.session_id}".encode())

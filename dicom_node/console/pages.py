@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from dicom_node.console.app import (
     posting_viewer,
     viewer,
 )
-from dicom_node.console.auth import SESSION_COOKIE, User, local_login
+from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
 
 router = APIRouter(include_in_schema=False)
 
@@ -47,12 +48,39 @@ def _safe_next(target: str | None) -> str:
     return "/"
 
 
+def _login_page(request: Request, next_path: str, status_code: int = 200, error: str | None = None) -> Response:
+    """The login form, with a fresh login token bound to a short-lived cookie (CSRF protection of the login)."""
+    context = console_of(request)
+    proxy = context.settings.console.auth == "proxy_header"
+    nonce = secrets.token_urlsafe(18)
+    response = _page(
+        request,
+        "login.html",
+        None,
+        status_code=status_code,
+        next=next_path,
+        proxy=proxy,
+        error=error,
+        login_token=context.auth.login_token(nonce),
+        title="Log in",
+    )
+    response.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        max_age=LOGIN_FORM_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=context.settings.console.https,
+        path="/login",
+    )
+    return response
+
+
 @router.get("/login")
 def login_form(request: Request, next: str = "/") -> Response:
     if identify(request) is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
-    proxy = console_of(request).settings.console.auth == "proxy_header"
-    return _page(request, "login.html", None, next=_safe_next(next), proxy=proxy, error=None, title="Log in")
+    return _login_page(request, _safe_next(next))
 
 
 @router.post("/login")
@@ -61,51 +89,39 @@ def login(
     username: Annotated[str, Form()] = "",
     password: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     context = console_of(request)
     address = client_address(request) or "unknown"
+    target = _safe_next(next)
+    if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
+        error = "The login form expired or came from another page; log in again."
+        return _login_page(request, target, status_code=403, error=error)
     wait = context.throttle.wait_seconds(address)
     if wait:
         context.audit(request, username, "refused", f"login refused: too many failed logins from {address}")
-        return _page(
-            request,
-            "login.html",
-            None,
-            status_code=429,
-            next=_safe_next(next),
-            proxy=False,
-            error=f"Too many failed logins from this address; try again in {wait} s.",
-            title="Log in",
-        )
-    role = (
-        local_login(context.settings.console, username, password) if context.settings.console.auth == "local" else None
-    )
+        error = f"Too many failed logins from this address; try again in {wait} s."
+        return _login_page(request, target, status_code=429, error=error)
+    console = context.settings.console
+    role = local_login(console, username, password) if console.auth == "local" else None
     if role is None:
         context.throttle.failed(address)
         context.audit(request, username or None, "refused", "login failed: wrong user name or password")
-        return _page(
-            request,
-            "login.html",
-            None,
-            status_code=401,
-            next=_safe_next(next),
-            proxy=False,
-            error="Wrong user name or password.",
-            title="Log in",
-        )
+        return _login_page(request, target, status_code=401, error="Wrong user name or password.")
     context.throttle.succeeded(address)
     _user, cookie = context.auth.issue(username, role)
     context.audit(request, username, "success", f"logged in ({role})")
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
         max_age=int(context.auth.lifetime_seconds),
         httponly=True,
         samesite="strict",
-        secure=context.settings.console.https,
+        secure=console.https,
         path="/",
     )
+    response.delete_cookie(LOGIN_COOKIE, path="/login")
     return response
 
 
