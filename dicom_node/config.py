@@ -409,6 +409,10 @@ ConsoleRole = Literal["viewer", "operator"]
 """Console roles: a viewer reads every page; an operator may also retry, re-route and cancel."""
 
 
+def _operators_only() -> list[ConsoleRole]:
+    return ["operator"]
+
+
 class ConsoleUser(_Strict):
     """A console login: an argon2 hash made by `dicom-node user add` (never the password itself)."""
 
@@ -451,10 +455,10 @@ class ConsoleSettings(_Strict):
         5, ge=1, le=1000, description="Failed logins one address may make per minute before it must wait."
     )
     show_patient_details_to: list[ConsoleRole] = Field(
-        default_factory=lambda: ["operator"], description="Roles that see patient name, ID, birth date and accession."
+        default_factory=_operators_only, description="Roles that see patient name, ID, birth date and accession."
     )
     downloads_allowed_to: list[ConsoleRole] = Field(
-        default_factory=lambda: ["operator"], description="Roles that may download result files (each is audited)."
+        default_factory=_operators_only, description="Roles that may download result files (each is audited)."
     )
     metrics_token: str | None = Field(
         None, description="Bearer token for /metrics; unset: /metrics needs a logged-in user (or metrics_port)."
