@@ -26,6 +26,7 @@ from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
+
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
 from inference.worker import log_worker_death, run_worker
@@ -184,8 +185,9 @@ def _start_console(
     def workers_alive() -> int | None:
         return sum(p.is_alive() for p in workers._processes) if settings.inference.workers else None
 
+    listening = scp_listener(settings.network.host, settings.network.port)
     try:
-        return start_console(settings, sessions, Liveness(workers_alive, scp_listener(settings.network.host, settings.network.port)))
+        return start_console(settings, sessions, Liveness(workers_alive, listening))
     except OSError:
         server.shutdown()
         raise

@@ -213,3 +213,25 @@ def test_refusal_reasons_become_short_metric_labels_without_the_data(reason, kin
     from dicom_node.console.metrics import refusal_kind
 
     assert refusal_kind(reason) == kind
+
+
+@pytest.mark.integration
+def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
+    import socket
+
+    from tests.conftest import Node
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        node = Node(tmp_path / "node", {"console": {"enabled": True, "port": port}})
+        result = subprocess.run(
+            [DICOM_NODE, "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot start: the console cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
