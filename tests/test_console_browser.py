@@ -107,6 +107,8 @@ def test_operator_watches_a_series_arrive_and_finish_then_retries_it_viewer_and_
         token = viewer.get_attribute("input[name=csrf_token]", "value")
         assert _post_status(viewer, f"/series/{uid}/retry", token) == 403
         assert "lung_left" in viewer.inner_text("#structures")
+        assert "PHANTOM-1" not in viewer.content(), "patient details are for operators (show_patient_details_to)"
+        assert "PHANTOM-1" in page.content()
 
         stranger = browser.new_context().new_page()
         stranger.goto(f"{running.url}/series/{uid}")
