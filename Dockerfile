@@ -36,12 +36,15 @@ VOLUME /data
 WORKDIR /data
 USER dicomnode
 
-EXPOSE 11112
+# 11112: DICOM. 8080: the operations console (console.enabled; bind it with
+# DICOM_NODE_CONSOLE__HOST=0.0.0.0 and publish it behind HTTPS or a reverse proxy).
+EXPOSE 11112 8080
 
-# A real C-ECHO, with the node's own AE title as calling AE: if network.allowed_calling_ae_titles is
-# set, it must include that title (DICOMNODE). Assumes port 11112 and AE DICOMNODE in the container.
+# The console's /readyz (database reachable, DICOM port listening, a worker alive) when the console is
+# on; otherwise a real C-ECHO to the node's own port with its own AE title as calling AE (if
+# network.allowed_calling_ae_titles is set, it must include that title). See dicom_node/console/health.py.
 HEALTHCHECK --interval=60s --timeout=15s --start-period=60s --retries=3 \
-    CMD ["dicom-node", "echo", "--host", "127.0.0.1", "--port", "11112", "--ae-title", "DICOMNODE", "--timeout", "10"]
+    CMD ["python", "-m", "dicom_node.console.health"]
 
 ENTRYPOINT ["dicom-node"]
 CMD ["serve", "--config", "/etc/dicom-node/config.yaml"]

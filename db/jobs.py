@@ -173,6 +173,51 @@ def _failed_while_sending(job: Job) -> bool:
     return last is not None and last.to_state is S.FAILED and last.from_state is S.SENDING
 
 
+CANCELLABLE_STATES = frozenset({S.COMPLETE, S.QUEUED, S.PROCESSING, S.SENDING})
+
+
+def cancel(session: Session, job: Job, *, by: str) -> None:
+    """Operator's cancel: stop a series that is waiting, processing or sending; it becomes FAILED.
+
+    A worker or dispatcher still busy with it finds the job no longer theirs and drops its
+    work. ``retry`` starts it again.
+
+    Raises
+    ------
+    InvalidTransition
+        If the series is still receiving or already finished.
+    """
+    if job.state not in CANCELLABLE_STATES:
+        allowed = ", ".join(s.value for s in sorted(CANCELLABLE_STATES))
+        raise InvalidTransition(f"series is {job.state.value}; only {allowed} series can be cancelled")
+    change_state(session, job, S.FAILED, f"cancelled by {by} (was {job.state.value})")
+
+
+def reroute(
+    session: Session, job: Job, *, rule_name: str, model_name: str, destinations: Sequence[str], by: str
+) -> None:
+    """Operator's re-route: process a finished series again with another rule or model (COMPLETE, then QUEUED).
+
+    Raises
+    ------
+    InvalidTransition
+        If the series is in progress, its images were purged, or admission refused it
+        (fix the data and retry instead: re-routing does not repeat the header checks).
+    """
+    if job.series.purged_at is not None:
+        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
+    if job.state not in RETRYABLE_STATES:
+        raise InvalidTransition(
+            f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be re-routed"
+        )
+    if job.state is S.FAILED and (job.reason or "").startswith(ADMISSION_REFUSED_PREFIX):
+        raise InvalidTransition("admission refused this series; fix the data or settings and retry it instead")
+    job.warnings = None
+    job.worker_deaths = 0
+    change_state(session, job, S.COMPLETE, f"re-route to rule {rule_name!r}, model {model_name!r} requested by {by}")
+    queue(session, job, rule_name=rule_name, model_name=model_name, destinations=destinations)
+
+
 # --- per-file delivery records -------------------------------------------------------------------
 
 

@@ -27,10 +27,10 @@ from dicom_node.logs import log_event
 
 LOG = logging.getLogger(__name__)
 
-Action = Literal["association", "store", "find", "move", "get", "send", "echo"]
+Action = Literal["association", "store", "find", "move", "get", "send", "echo", "console"]
 Outcome = Literal["success", "refused", "failed", "partial", "released", "aborted", "rejected"]
 StatusOutcome = Literal["success", "refused", "failed", "partial"]
-ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo")
+ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo", "console")
 
 
 @dataclass(frozen=True)

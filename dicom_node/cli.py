@@ -28,6 +28,8 @@ config_app = typer.Typer(help="Show or check the configuration.", no_args_is_hel
 app.add_typer(config_app, name="config")
 weights_app = typer.Typer(help="TotalSegmentator model weights: list, download, import.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+user_app = typer.Typer(help="Operations console users.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 
 # Piped output (logs, scripts, tests) gets wide lines instead of rich's default 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 240)
@@ -304,7 +306,7 @@ def audit(
     hours: Annotated[float | None, typer.Option(help="Only the last N hours.")] = None,
     peer: Annotated[str | None, typer.Option(help="Only this peer AE title.")] = None,
     action: Annotated[
-        list[str] | None, typer.Option(help="association, store, find, move, get, send or echo (repeatable).")
+        list[str] | None, typer.Option(help="association, store, find, move, get, send, echo or console (repeatable).")
     ] = None,
     study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
@@ -535,6 +537,34 @@ def purge(
         console.print(table)
     for line in plan_summary(plan, outcome):
         console.print(line, highlight=False)
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[str, typer.Option(help="viewer (reads every page) or operator (may also retry, re-route, cancel).")]
+    = "viewer",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
+    = False,
+) -> None:
+    """Hash a password (argon2id) and print the console.users entry to paste into config.yaml."""
+    import yaml
+
+    from dicom_node.console.auth import hash_password
+
+    if role not in ("viewer", "operator"):
+        errors.print(f"unknown role {role!r}: use viewer or operator")
+        raise typer.Exit(2)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        errors.print("the password is too short: use at least 8 characters")
+        raise typer.Exit(2)
+    entry = {"console": {"users": {name: {"password_hash": hash_password(password), "role": role}}}}
+    console.print("# add under console.users in config.yaml, then restart `dicom-node serve`:", highlight=False)
+    console.print(yaml.safe_dump(entry, sort_keys=False).rstrip(), highlight=False, soft_wrap=True)
 
 
 @config_app.command("show")

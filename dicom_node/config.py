@@ -406,6 +406,99 @@ class InferenceSettings(_Strict):
     )
 
 
+ConsoleRole = Literal["viewer", "operator"]
+"""Console roles: a viewer reads every page; an operator may also retry, re-route and cancel."""
+
+
+def _operators_only() -> list[ConsoleRole]:
+    return ["operator"]
+
+
+class ConsoleUser(_Strict):
+    """A console login: an argon2 hash made by `dicom-node user add` (never the password itself)."""
+
+    password_hash: str = Field(description="argon2id hash from `dicom-node user add NAME --role ROLE`.")
+    role: ConsoleRole = "viewer"
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, value: str) -> str:
+        if not value.startswith("$argon2"):
+            raise ValueError("not an argon2 hash: make one with `dicom-node user add NAME --role viewer|operator`")
+        return value
+
+
+class ConsoleSettings(_Strict):
+    """The operations console: web pages, a JSON API and Prometheus metrics, served by `serve`."""
+
+    enabled: bool = Field(False, description="Serve the console from `serve`.")
+    host: str = Field("127.0.0.1", description="Address the console listens on; loopback by default.")
+    port: int = Field(8080, ge=1, le=65535)
+    tls_certificate: Path | None = Field(None, description="HTTPS certificate (PEM); with tls_private_key.")
+    tls_private_key: Path | None = Field(None, description="The certificate's private key (PEM).")
+    auth: Literal["local", "proxy_header"] = Field(
+        "local", description="local: users below log in with a password; proxy_header: a reverse proxy names the user."
+    )
+    users: dict[str, ConsoleUser] = Field(default_factory=dict, description="Local users (auth: local).")
+    proxy_user_header: str = Field("X-Forwarded-User", description="Header naming the user (auth: proxy_header).")
+    proxy_role_header: str = Field(
+        "X-Forwarded-Role", description="Header giving the role, viewer or operator; absent or other: viewer."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Addresses or networks the proxy connects from; headers from anyone else are refused.",
+    )
+    session_hours: float = Field(8.0, gt=0, le=24 * 7, description="A login lasts this long.")
+    session_secret: str | None = Field(
+        None, description="Key that signs session cookies; default: a random key kept in <storage>/console-secret."
+    )
+    login_attempts_per_minute: int = Field(
+        5, ge=1, le=1000, description="Failed logins one address may make per minute before it must wait."
+    )
+    show_patient_details_to: list[ConsoleRole] = Field(
+        default_factory=_operators_only, description="Roles that see patient name, ID, birth date and accession."
+    )
+    downloads_allowed_to: list[ConsoleRole] = Field(
+        default_factory=_operators_only, description="Roles that may download result files (each is audited)."
+    )
+    metrics_token: str | None = Field(
+        None, description="Bearer token for /metrics; unset: /metrics needs a logged-in user (or metrics_port)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the separate metrics listener.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A separate listener for /metrics, /healthz and /readyz without login."
+    )
+    metrics_window_jobs: int = Field(
+        10000, ge=1, description="Stage-duration and latency histograms cover this many most recent jobs."
+    )
+    echo_interval_seconds: float = Field(
+        300.0, ge=0, description="C-ECHO every destination this often for the destinations page; 0: never."
+    )
+    refresh_seconds: float = Field(3.0, gt=0, le=600, description="How often the worklist refreshes itself.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, hosts: list[str]) -> list[str]:
+        import ipaddress
+
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or CIDR network") from None
+        return [h.strip() for h in hosts]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ConsoleSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together (HTTPS)")
+        return self
+
+    @property
+    def https(self) -> bool:
+        return self.tls_certificate is not None
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -441,6 +534,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     rules: list[Rule] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +26,9 @@ from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.watcher import SeriesWatcher
+
+if TYPE_CHECKING:
+    from dicom_node.console.app import ConsoleServer
 from inference.worker import log_worker_death, run_worker
 
 LOG = logging.getLogger(__name__)
@@ -114,8 +118,11 @@ class RunningNode:
     dispatcher: Dispatcher
     sessions: sessionmaker[Session]
     retention: RetentionTask
+    console: ConsoleServer | None = None
 
     def stop(self) -> None:
+        if self.console is not None:
+            self.console.stop()
         self.server.shutdown()
         self.watcher.stop()
         self.workers.stop()
@@ -151,17 +158,39 @@ def start_node(settings: Settings) -> RunningNode:
         StoreContext(store=store, sessions=sessions, record_timeout_seconds=settings.database.busy_timeout_seconds),
         RetrieveContext.from_settings(settings, sessions),
     )
+    workers = WorkerSupervisor(settings, sessions)
+    console = _start_console(settings, sessions, server, workers)
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
-    workers = WorkerSupervisor(settings, sessions)
     workers.start()
     dispatcher = Dispatcher(settings, sessions)
     dispatcher.start()
     retention = RetentionTask(settings, sessions)
     retention.start()
     return RunningNode(
-        server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions, retention=retention
+        server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions, retention=retention,
+        console=console,
     )
+
+
+def _start_console(
+    settings: Settings, sessions: sessionmaker[Session], server: AssociationServer, workers: WorkerSupervisor
+) -> ConsoleServer | None:
+    """The operations console (``console.enabled``); a port in use stops start-up like the SCP's would."""
+    if not settings.console.enabled:
+        return None
+    from dicom_node.console.app import start_console
+    from dicom_node.console.metrics import Liveness, scp_listener
+
+    def workers_alive() -> int | None:
+        return sum(p.is_alive() for p in workers._processes) if settings.inference.workers else None
+
+    listening = scp_listener(settings.network.host, settings.network.port)
+    try:
+        return start_console(settings, sessions, Liveness(workers_alive, listening))
+    except OSError:
+        server.shutdown()
+        raise
 
 
 def serve(settings: Settings) -> None:

@@ -1,0 +1,79 @@
+"""Operator actions on a series (retry, re-route, cancel): one transaction each, a JobEvent and an audit record."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from db import jobs
+from db.jobs import InvalidTransition
+from db.models import Job
+from db.session import transaction
+from dicom_node.console.app import ConsoleContext
+from dicom_node.console.auth import User
+
+
+class ActionRefused(Exception):
+    """The action is not possible for this series now; the message says why."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: str, change: object) -> str:
+    """Apply ``change(session, job)`` to the series' job; audit the outcome; return the job's new state."""
+    study = None
+    try:
+        with transaction(context.sessions) as session:
+            job = jobs.job_for_series_uid(session, uid)
+            if job is None:
+                raise ActionRefused(f"no series {uid} on this node", status=404)
+            study = job.series.study.study_instance_uid
+            change(session, job)  # type: ignore[operator]
+            state = job.state.value
+    except InvalidTransition as exc:
+        context.audit(request, user.name, "refused", f"{verb} of series {uid} refused: {exc}", study)
+        raise ActionRefused(f"cannot {verb}: {exc}") from None
+    except ActionRefused as exc:
+        context.audit(request, user.name, "refused", f"{verb} of series {uid} refused: {exc.message}", study)
+        raise ActionRefused(f"cannot {verb}: {exc.message}", exc.status) from None
+    context.audit(request, user.name, "success", f"{verb} of series {uid}: now {state}", study)
+    return state
+
+
+def retry(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
+    """Resend what a destination lacks, or route the series again (``db.jobs.retry``)."""
+
+    return _run(context, request, user, uid, "retry", jobs.retry)
+
+
+def cancel(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
+    """Stop a waiting, processing or sending series (``db.jobs.cancel``): FAILED, naming the user."""
+    return _run(context, request, user, uid, "cancel", lambda session, job: jobs.cancel(session, job, by=user.name))
+
+
+def reroute(
+    context: ConsoleContext, request: Request, user: User, uid: str, rule: str | None, model: str | None
+) -> str:
+    """Process the series again with another rule (its model and destinations) and/or another model."""
+    settings = context.settings
+    chosen = next((r for r in settings.rules if r.name == rule), None) if rule else None
+    if rule and (chosen is None or chosen.action != "process"):
+        known = ", ".join(r.name for r in settings.rules if r.action == "process") or "none"
+        raise ActionRefused(f"cannot re-route: {rule!r} is not a processing rule (known: {known})", status=422)
+    if model and model not in settings.models:
+        raise ActionRefused(
+            f"cannot re-route: unknown model {model!r} (known: {', '.join(settings.models)})", status=422
+        )
+    if not rule and not model:
+        raise ActionRefused("cannot re-route: choose a rule or a model", status=422)
+
+    def change(session: Session, job: Job) -> None:
+        rule_name = chosen.name if chosen else (job.rule_name or "operator")
+        model_name = model or (chosen.model if chosen else None) or ""
+        destinations = list(chosen.destinations) if chosen else list(job.destinations or [])
+        jobs.reroute(session, job, rule_name=rule_name, model_name=model_name, destinations=destinations, by=user.name)
+
+    return _run(context, request, user, uid, "re-route", change)

@@ -1,0 +1,352 @@
+"""The console's ASGI application (FastAPI, Jinja2 templates) and the Uvicorn server ``serve`` runs it in."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.config import Settings
+from dicom_node.console.auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    LoginThrottle,
+    Sessions,
+    User,
+    from_trusted_proxy,
+    session_secret,
+)
+from dicom_node.console.metrics import DatabaseCollector, Liveness, readiness
+from dicom_node.console.probe import DestinationProbe
+from dicom_node.logs import log_event
+
+LOG = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+
+
+@dataclass
+class ConsoleContext:
+    """What every request handler needs: settings, database, sessions, throttle, metrics."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    auth: Sessions
+    throttle: LoginThrottle
+    liveness: Liveness
+    registry: CollectorRegistry
+    templates: Jinja2Templates
+
+    def may_see_patient(self, user: User) -> bool:
+        return user.role in self.settings.console.show_patient_details_to
+
+    def may_download(self, user: User) -> bool:
+        return user.role in self.settings.console.downloads_allowed_to
+
+    def audit(self, request: Request, user: str | None, outcome: str, detail: str, study: str | None = None) -> None:
+        """One ``console`` audit record naming the user and the address they came from."""
+        who = f"user {user}: " if user else ""
+        audit.record(
+            self.sessions,
+            "console",
+            audit.Peer(None, client_address(request)),
+            outcome,  # type: ignore[arg-type]
+            study_instance_uid=study,
+            detail=f"{who}{detail}",
+        )
+
+
+class NotLoggedIn(Exception):
+    """The request carries no valid session (or no trusted proxy header)."""
+
+
+class Forbidden(Exception):
+    """The user is logged in, but their role (or a missing CSRF token) does not allow this."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def console_of(request: Request) -> ConsoleContext:
+    context: ConsoleContext = request.app.state.console
+    return context
+
+
+def identify(request: Request) -> User | None:
+    """The user of a request: from the session cookie, or in proxy mode from a trusted proxy's header."""
+    context = console_of(request)
+    settings = context.settings.console
+    if settings.auth == "proxy_header":
+        name = request.headers.get(settings.proxy_user_header, "").strip()
+        if not name or not from_trusted_proxy(settings, client_address(request)):
+            return None
+        role = request.headers.get(settings.proxy_role_header, "").strip().lower()
+        return context.auth.proxy_user(name, "operator" if role == "operator" else "viewer")
+    user = context.auth.read(request.cookies.get(SESSION_COOKIE))
+    if user is None or user.name not in settings.users:
+        return None  # no session, or the user was removed from the configuration since logging in
+    return User(user.name, settings.users[user.name].role, user.session_id)  # the role configured now
+
+
+def viewer(request: Request) -> User:
+    """Dependency: any logged-in user."""
+    user = identify(request)
+    if user is None:
+        raise NotLoggedIn()
+    return user
+
+
+def operator(user: Annotated[User, Depends(viewer)]) -> User:
+    """Dependency: a logged-in operator."""
+    if not user.has_role("operator"):
+        raise Forbidden(f"{user.name} is a {user.role}; this needs the operator role")
+    return user
+
+
+async def _check_csrf(request: Request, user: User) -> None:
+    token = request.headers.get(CSRF_HEADER)
+    if token is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        token = str((await request.form()).get(CSRF_FIELD) or "") or None
+    if not console_of(request).auth.csrf_valid(user, token):
+        raise Forbidden(f"missing or wrong CSRF token: send the page's {CSRF_FIELD} field or the {CSRF_HEADER} header")
+
+
+async def posting_viewer(request: Request, user: Annotated[User, Depends(viewer)]) -> User:
+    """Dependency for a POST any user may make: logged in, with the session's CSRF token."""
+    await _check_csrf(request, user)
+    return user
+
+
+async def posting_operator(request: Request, user: Annotated[User, Depends(operator)]) -> User:
+    """Dependency for an operator's action: logged in, operator, with the session's CSRF token."""
+    await _check_csrf(request, user)
+    return user
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path == "/metrics"
+
+
+def _not_logged_in(request: Request, _exc: Exception) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"detail": "log in first"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    if request.method != "GET":
+        return Response("log in first", status_code=401, media_type="text/plain")
+    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+
+
+def _forbidden(request: Request, exc: Exception) -> Response:
+    message = exc.message if isinstance(exc, Forbidden) else "forbidden"
+    if _wants_json(request):
+        return JSONResponse({"detail": message}, status_code=403)
+    context = console_of(request)
+    return context.templates.TemplateResponse(
+        request,
+        "error.html",
+        {"user": identify(request), "csrf": "", "message": message, "title": "Not allowed"},
+        status_code=403,
+    )
+
+
+def _security_headers(response: Response, https: bool) -> None:
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+    )
+    if https:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
+def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
+    console = settings.console
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(settings, sessions, liveness))
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    return ConsoleContext(
+        settings=settings,
+        sessions=sessions,
+        auth=Sessions(session_secret(console, settings.storage.directory), console.session_hours * 3600),
+        throttle=LoginThrottle(console.login_attempts_per_minute),
+        liveness=liveness,
+        registry=registry,
+        templates=templates,
+    )
+
+
+def metrics_response(context: ConsoleContext) -> Response:
+    return Response(generate_latest(context.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _health_routes(app: FastAPI) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        """Alive: the console answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz(request: Request) -> Response:
+        """Ready: database reachable, SCP listening, a worker alive (where this process runs them)."""
+        context = console_of(request)
+        checks = readiness(context.sessions, context.liveness)
+        ready = all(value is not False for value in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def create_app(context: ConsoleContext) -> FastAPI:
+    """The console: pages, /api, /metrics, /healthz and /readyz."""
+    from dicom_node.console import api, pages
+
+    app = FastAPI(title="dicom-node console API", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.console = context
+    app.add_exception_handler(NotLoggedIn, _not_logged_in)
+    app.add_exception_handler(Forbidden, _forbidden)
+    https = context.settings.console.https
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        _security_headers(response, https)
+        return response
+
+    _health_routes(app)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """Prometheus text format; a bearer token (console.metrics_token) or a logged-in user."""
+        token = context.settings.console.metrics_token
+        given = request.headers.get("authorization", "")
+        if token:
+            import hmac
+
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise NotLoggedIn()
+        else:
+            viewer(request)
+        return metrics_response(context)
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    return app
+
+
+def create_metrics_app(context: ConsoleContext) -> FastAPI:
+    """The separate listener (console.metrics_port): /metrics, /healthz and /readyz without login."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.console = context
+    _health_routes(app)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return metrics_response(context)
+
+    return app
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"the {what} cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ConsoleServer:
+    """Uvicorn serving the console (and the metrics listener) in threads of ``serve``; sockets bound up front."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> None:
+        console = settings.console
+        self.context = build_context(settings, sessions, liveness)
+        self._servers: list[tuple[uvicorn.Server, socket.socket]] = []
+        ssl = (
+            {"ssl_certfile": str(console.tls_certificate), "ssl_keyfile": str(console.tls_private_key)}
+            if console.https
+            else {}
+        )
+        listeners: list[tuple[FastAPI, str, int, dict[str, str], str]] = [
+            (create_app(self.context), console.host, console.port, ssl, "console")
+        ]
+        if console.metrics_port is not None:
+            listeners.append(
+                (create_metrics_app(self.context), console.metrics_host, console.metrics_port, {}, "metrics listener")
+            )
+        for app, host, port, tls, what in listeners:
+            sock = _bind(host, port, what)
+            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", **tls)  # type: ignore[arg-type]
+            self._servers.append((uvicorn.Server(config), sock))
+        self._threads: list[threading.Thread] = []
+        self._probe = (
+            DestinationProbe(settings, sessions) if console.echo_interval_seconds and settings.destinations else None
+        )
+
+    def start(self) -> None:
+        for server, sock in self._servers:
+            thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="console", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self._probe is not None:
+            self._probe.start()
+        console = self.context.settings.console
+        scheme = "https" if console.https else "http"
+        log_event(
+            LOG,
+            logging.INFO,
+            "console.ready",
+            url=f"{scheme}://{console.host}:{console.port}/",
+            auth=console.auth,
+            users=len(console.users),
+        )
+        if console.auth == "local" and not console.users:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "console.no_users",
+                hint="nobody can log in: add a user with `dicom-node user add NAME --role operator`",
+            )
+
+    def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.stop()
+        for server, _sock in self._servers:
+            server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for _server, sock in self._servers:
+            sock.close()
+
+
+def start_console(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleServer | None:
+    """Start the console when ``console.enabled``; None otherwise."""
+    if not settings.console.enabled:
+        return None
+    server = ConsoleServer(settings, sessions, liveness)
+    server.start()
+    return server

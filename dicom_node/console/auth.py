@@ -1,0 +1,182 @@
+"""Who is asking: local users with argon2 passwords or a reverse proxy's header; signed sessions; CSRF; roles.
+
+A session is a signed cookie (HMAC-SHA256 over its JSON: user, role, a random session id and
+its expiry), so any number of console processes can check it without shared state. The CSRF
+token of a session is an HMAC of its session id: every POST carries it, in the form field
+``csrf_token`` or the header ``X-CSRF-Token``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from dicom_node.config import ConsoleRole, ConsoleSettings
+
+SESSION_COOKIE = "dicom_node_session"
+LOGIN_COOKIE = "dicom_node_login"
+LOGIN_FORM_SECONDS = 600
+"""A login form must be sent within this long of being shown."""
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+ROLE_RANK: dict[str, int] = {"viewer": 1, "operator": 2}
+
+_hasher = PasswordHasher()
+_DUMMY_HASH = _hasher.hash("not a password anyone has")
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of ``password`` for ``console.users.NAME.password_hash``."""
+    return _hasher.hash(password)
+
+
+def check_password(password_hash: str, password: str) -> bool:
+    """Whether ``password`` matches ``password_hash``; never raises for a wrong or malformed hash."""
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@dataclass(frozen=True)
+class User:
+    """A logged-in console user."""
+
+    name: str
+    role: ConsoleRole
+    session_id: str
+
+    def has_role(self, role: str) -> bool:
+        """Operators may do everything viewers may."""
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+class Sessions:
+    """Signs and checks session cookies and CSRF tokens with one secret key."""
+
+    def __init__(self, secret: bytes, lifetime_seconds: float) -> None:
+        self._secret = secret
+        self.lifetime_seconds = lifetime_seconds
+
+    def _sign(self, payload: bytes) -> str:
+        return hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
+
+    def issue(self, name: str, role: ConsoleRole) -> tuple[User, str]:
+        """A new session for ``name``: the user and the cookie value."""
+        user = User(name, role, secrets.token_urlsafe(18))
+        body = json.dumps({"u": name, "r": role, "s": user.session_id, "e": time.time() + self.lifetime_seconds})
+        payload = base64.urlsafe_b64encode(body.encode()).decode()
+        return user, f"{payload}.{self._sign(payload.encode())}"
+
+    def read(self, cookie: str | None) -> User | None:
+        """The user of a cookie, or None when it is missing, forged or expired."""
+        if not cookie or "." not in cookie:
+            return None
+        payload, signature = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self._sign(payload.encode())):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or float(data.get("e", 0)) < time.time() or data.get("r") not in ROLE_RANK:
+            return None
+        return User(str(data["u"]), data["r"], str(data["s"]))
+
+    def proxy_user(self, name: str, role: ConsoleRole) -> User:
+        """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""
+        return User(name, role, self._sign(f"proxy:{name}".encode())[:24])
+
+    def login_token(self, nonce: str) -> str:
+        """The login form's token: binds the form to the browser that loaded it (its login cookie)."""
+        return self._sign(f"login:{nonce}".encode())
+
+    def login_token_valid(self, nonce: str | None, token: str | None) -> bool:
+        return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_token(str(nonce)))
+
+    def csrf_token(self, user: User) -> str:
+        return self._sign(f"csrf:{user.session_id}".encode())
+
+    def csrf_valid(self, user: User, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(user))
+
+
+def session_secret(settings: ConsoleSettings, storage: Path) -> bytes:
+    """``console.session_secret``, else a random key kept in ``<storage>/console-secret`` (made once, 0600)."""
+    if settings.session_secret:
+        return settings.session_secret.encode()
+    path = storage / "console-secret"
+    storage.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    key = secrets.token_hex(32).encode()
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(key)
+    return key
+
+
+def local_login(settings: ConsoleSettings, name: str, password: str) -> ConsoleRole | None:
+    """The role of a local user whose password matches; None otherwise (same work for unknown names)."""
+    user = settings.users.get(name)
+    if user is None:
+        check_password(_DUMMY_HASH, password)
+        return None
+    return user.role if check_password(user.password_hash, password) else None
+
+
+def from_trusted_proxy(settings: ConsoleSettings, address: str | None) -> bool:
+    """Whether a request came from an address in ``console.trusted_proxies``."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in settings.trusted_proxies)
+
+
+class LoginThrottle:
+    """Failed logins per address: after ``limit`` in a minute, that address must wait."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, address: str) -> int:
+        """Seconds ``address`` must wait before its next attempt (0: it may try now)."""
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.get(address)
+            if not failures:
+                return 0
+            while failures and now - failures[0] > self.WINDOW_SECONDS:
+                failures.popleft()
+            if len(failures) < self.limit:
+                return 0
+            return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            self._failures.setdefault(address, deque()).append(time.monotonic())
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)

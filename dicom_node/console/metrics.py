@@ -1,0 +1,261 @@
+"""Prometheus metrics computed from the database at scrape time, and the health checks.
+
+Receivers in several processes and workers on other hosts all write to the one database, so
+counting there (not in this process' memory) sees everything. Each scrape runs a handful of
+aggregate queries; the histograms are built from the most recent ``console.metrics_window_jobs``
+jobs. README "Operations console" documents every metric.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import distinct, func, select, text
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
+from dicom_node.config import Settings
+from dicom_node.console.queries import stage_seconds
+
+DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
+
+
+def refusal_kind(reason: str) -> str:
+    """A short, bounded label for a refusal reason: its words before the first quote, colon, digit or bracket."""
+    head = re.split(r"[:'\"(\d]", reason, maxsplit=1)[0].strip().rstrip(",;.")
+    return (head or "other")[:60]
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Callables the metrics and /readyz ask about this process: workers alive (None: run elsewhere), SCP listening."""
+
+    workers_alive: Callable[[], int | None]
+    scp_listening: Callable[[], bool]
+
+
+def scp_listener(host: str, port: int) -> Callable[[], bool]:
+    """Whether something accepts TCP connections on the SCP's port (a wildcard host is tried on loopback)."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+    def check() -> bool:
+        try:
+            with socket.create_connection((target, port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    return check
+
+
+def _to_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _histogram(name: str, documentation: str, label: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for key, values in sorted(samples.items()):
+        buckets = [(str(bound), float(sum(1 for v in values if v <= bound))) for bound in DURATION_BUCKETS]
+        buckets.append(("+Inf", float(len(values))))
+        family.add_metric([key], buckets, sum_value=float(sum(values)))
+    return family
+
+
+class DatabaseCollector(Collector):
+    """Every metric of the node, read from the database (and the storage folder) when Prometheus scrapes."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.liveness = liveness
+
+    def collect(self) -> Iterable[Metric]:
+        with self.sessions() as session:
+            yield from self._receiving(session)
+            yield from self._jobs(session)
+            yield from self._durations(session)
+            yield from self._dispatch(session)
+            yield from self._workers(session)
+            yield from self._storage(session)
+
+    def _receiving(self, session: Session) -> Iterator[Metric]:
+        received = CounterMetricFamily(
+            "dicom_node_instances_received",
+            "Instances stored from C-STORE (audit trail, written when each association ends).",
+        )
+        received.add_metric(
+            [],
+            float(
+                session.scalar(
+                    select(func.coalesce(func.sum(AuditEvent.instances), 0)).where(
+                        AuditEvent.action == "store", AuditEvent.outcome == "success"
+                    )
+                )
+                or 0
+            ),
+        )
+        yield received
+        stored = GaugeMetricFamily(
+            "dicom_node_instances_stored", "Received instances recorded now (retention removes purged ones)."
+        )
+        stored.add_metric([], float(session.scalar(select(func.count(Instance.id))) or 0))
+        yield stored
+        refused = CounterMetricFamily(
+            "dicom_node_instances_refused",
+            "Instances refused at C-STORE, by DIMSE status and kind of reason.",
+            labels=["status", "reason"],
+        )
+        tally: dict[tuple[str, str], int] = {}
+        for status, reason, count in session.execute(
+            select(RejectedInstance.status, RejectedInstance.reason, func.count()).group_by(
+                RejectedInstance.status, RejectedInstance.reason
+            )
+        ):
+            key = (f"0x{status:04X}", refusal_kind(reason))
+            tally[key] = tally.get(key, 0) + int(count)
+        for (code, kind), total in sorted(tally.items()):
+            refused.add_metric([code, kind], float(total))
+        yield refused
+        associations = CounterMetricFamily(
+            "dicom_node_associations",
+            "Associations that ended, by outcome (released, aborted, rejected).",
+            labels=["outcome"],
+        )
+        for outcome, count in session.execute(
+            select(AuditEvent.outcome, func.count())
+            .where(AuditEvent.action == "association")
+            .group_by(AuditEvent.outcome)
+        ):
+            associations.add_metric([outcome], float(count))
+        yield associations
+
+    def _jobs(self, session: Session) -> Iterator[Metric]:
+        counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        by_state = GaugeMetricFamily("dicom_node_jobs", "Series (jobs) in each state now.", labels=["state"])
+        for state in JobState:
+            by_state.add_metric([state.value], float(counts.get(state, 0)))
+        yield by_state
+        depth = GaugeMetricFamily("dicom_node_queue_depth", "Series QUEUED and waiting for an inference worker.")
+        depth.add_metric([], float(counts.get(JobState.QUEUED, 0)))
+        yield depth
+
+    def _durations(self, session: Session) -> Iterator[Metric]:
+        window = self.settings.console.metrics_window_jobs
+        recent = session.scalars(
+            select(Job)
+            .options(selectinload(Job.series), selectinload(Job.events))
+            .order_by(Job.state_changed_at.desc())
+            .limit(window)
+        ).all()
+        stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        end_to_end: list[float] = []
+        for job in recent:
+            self._stages_of(job, stages, end_to_end)
+        yield _histogram(
+            "dicom_node_stage_duration_seconds",
+            f"Seconds per pipeline stage over the {window} most recent jobs (receive: first to last image; complete: "
+            "last image to COMPLETE; infer: model work; encode: writing SEG/SR/RTSTRUCT; dispatch: SENDING to DONE).",
+            "stage",
+            stages,
+        )
+        latency = _histogram(
+            "dicom_node_end_to_end_seconds",
+            f"Seconds from a series' last image to the last of its results accepted by its destinations "
+            f"(DONE after SENDING), over the {window} most recent jobs.",
+            "path",
+            {"delivered": end_to_end},
+        )
+        yield latency
+
+    @staticmethod
+    def _stages_of(job: Job, stages: dict[str, list[float]], end_to_end: list[float]) -> None:
+        for stage, seconds in stage_seconds(job).items():
+            (end_to_end if stage == "end_to_end" else stages[stage]).append(seconds)
+
+    def _dispatch(self, session: Session) -> Iterator[Metric]:
+        names = {f"{d.host}:{d.port}": name for name, d in self.settings.destinations.items()}
+        attempts = CounterMetricFamily(
+            "dicom_node_dispatch_attempts",
+            "Sending attempts per destination, by outcome (success, partial, failed).",
+            labels=["destination", "outcome"],
+        )
+        for address, ae_title, outcome, count in session.execute(
+            select(AuditEvent.peer_address, AuditEvent.peer_ae_title, AuditEvent.outcome, func.count())
+            .where(AuditEvent.action == "send")
+            .group_by(AuditEvent.peer_address, AuditEvent.peer_ae_title, AuditEvent.outcome)
+        ):
+            attempts.add_metric([names.get(address or "", ae_title or address or "unknown"), outcome], float(count))
+        yield attempts
+        files = CounterMetricFamily(
+            "dicom_node_dispatch_files_accepted",
+            "Result files accepted per destination (audit trail).",
+            labels=["destination"],
+        )
+        for address, ae_title, count in session.execute(
+            select(AuditEvent.peer_address, AuditEvent.peer_ae_title, func.coalesce(func.sum(AuditEvent.instances), 0))
+            .where(AuditEvent.action == "send")
+            .group_by(AuditEvent.peer_address, AuditEvent.peer_ae_title)
+        ):
+            files.add_metric([names.get(address or "", ae_title or address or "unknown")], float(count))
+        yield files
+
+    def _workers(self, session: Session) -> Iterator[Metric]:
+        alive = self.liveness.workers_alive()
+        up = GaugeMetricFamily(
+            "dicom_node_workers_up",
+            "Inference worker processes alive in this serve process (absent: workers run elsewhere).",
+        )
+        if alive is not None:
+            up.add_metric([], float(alive))
+        yield up
+        busy = GaugeMetricFamily("dicom_node_workers_busy", "Distinct workers (any host) holding a PROCESSING job now.")
+        busy.add_metric(
+            [],
+            float(
+                session.scalar(select(func.count(distinct(Job.claimed_by))).where(Job.state == JobState.PROCESSING))
+                or 0
+            ),
+        )
+        yield busy
+        listening = GaugeMetricFamily("dicom_node_scp_listening", "1 when the DICOM port accepts connections.")
+        listening.add_metric([], 1.0 if self.liveness.scp_listening() else 0.0)
+        yield listening
+
+    def _storage(self, session: Session) -> Iterator[Metric]:
+        instances = GaugeMetricFamily(
+            "dicom_node_storage_instances_bytes", "Bytes of received instances recorded in the database."
+        )
+        instances.add_metric([], float(session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0))
+        yield instances
+        disk = GaugeMetricFamily(
+            "dicom_node_storage_filesystem_bytes",
+            "The storage folder's file system: total, used and free bytes.",
+            labels=["kind"],
+        )
+        try:
+            usage = shutil.disk_usage(self.settings.storage.directory)
+        except OSError:
+            return
+        for kind in ("total", "used", "free"):
+            disk.add_metric([kind], float(getattr(usage, kind)))
+        yield disk
+
+
+def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, bool | None]:
+    """What /readyz checks: database reachable, SCP listening, a worker alive (None: workers run elsewhere)."""
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+        database = True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        database = False
+    alive = liveness.workers_alive()
+    return {"database": database, "scp": liveness.scp_listening(), "worker": None if alive is None else alive > 0}

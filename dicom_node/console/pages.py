@@ -1,0 +1,315 @@
+"""The console's server-rendered pages: login, worklist, series, rejected, destinations, configuration, audit."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import yaml
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+
+from db import jobs
+from db.models import JobState
+from dicom_node.console import actions, queries
+from dicom_node.console.app import (
+    Forbidden,
+    client_address,
+    console_of,
+    identify,
+    posting_operator,
+    posting_viewer,
+    viewer,
+)
+from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(request: Request, template: str, user: User | None, status_code: int = 200, **values: Any) -> Response:
+    context = console_of(request)
+    base = {
+        "user": user,
+        "csrf": context.auth.csrf_token(user) if user else "",
+        "ae_title": context.settings.network.ae_title,
+        "sees_patient": bool(user and context.may_see_patient(user)),
+        "may_download": bool(user and context.may_download(user)),
+    }
+    return context.templates.TemplateResponse(request, template, {**base, **values}, status_code=status_code)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this console (never another site) is followed after login."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+def _login_page(request: Request, next_path: str, status_code: int = 200, error: str | None = None) -> Response:
+    """The login form, with a fresh login token bound to a short-lived cookie (CSRF protection of the login)."""
+    context = console_of(request)
+    proxy = context.settings.console.auth == "proxy_header"
+    nonce = secrets.token_urlsafe(18)
+    response = _page(
+        request,
+        "login.html",
+        None,
+        status_code=status_code,
+        next=next_path,
+        proxy=proxy,
+        error=error,
+        login_token=context.auth.login_token(nonce),
+        title="Log in",
+    )
+    response.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        max_age=LOGIN_FORM_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=context.settings.console.https,
+        path="/login",
+    )
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    if identify(request) is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _login_page(request, _safe_next(next))
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    context = console_of(request)
+    address = client_address(request) or "unknown"
+    target = _safe_next(next)
+    if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
+        error = "The login form expired or came from another page; log in again."
+        return _login_page(request, target, status_code=403, error=error)
+    wait = context.throttle.wait_seconds(address)
+    if wait:
+        context.audit(request, username, "refused", f"login refused: too many failed logins from {address}")
+        error = f"Too many failed logins from this address; try again in {wait} s."
+        return _login_page(request, target, status_code=429, error=error)
+    console = context.settings.console
+    role = local_login(console, username, password) if console.auth == "local" else None
+    if role is None:
+        context.throttle.failed(address)
+        context.audit(request, username or None, "refused", "login failed: wrong user name or password")
+        return _login_page(request, target, status_code=401, error="Wrong user name or password.")
+    context.throttle.succeeded(address)
+    _user, cookie = context.auth.issue(username, role)
+    context.audit(request, username, "success", f"logged in ({role})")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(context.auth.lifetime_seconds),
+        httponly=True,
+        samesite="strict",
+        secure=console.https,
+        path="/",
+    )
+    response.delete_cookie(LOGIN_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, user: Annotated[User, Depends(posting_viewer)]) -> Response:
+    console_of(request).audit(request, user.name, "success", "logged out")
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _filters(request: Request) -> queries.WorklistFilter:
+    params = request.query_params
+    state = params.get("state") or None
+    if state not in {s.value for s in JobState}:
+        state = None
+    try:
+        day = date.fromisoformat(params["day"]) if params.get("day") else None
+    except ValueError:
+        day = None
+    try:
+        page = max(int(params.get("page", "1")), 1)
+    except ValueError:
+        page = 1
+    return queries.WorklistFilter(
+        state, day, params.get("rule") or None, params.get("destination") or None, params.get("search") or None, page
+    )
+
+
+def _worklist_values(request: Request, user: User) -> dict[str, Any]:
+    context = console_of(request)
+    wanted = _filters(request)
+    with context.sessions() as session:
+        listing = queries.worklist(session, wanted, with_patient=context.may_see_patient(user))
+        counts = queries.state_counts(session)
+    query = {k: v for k, v in request.query_params.items() if k != "page" and v}
+    return {
+        "listing": listing,
+        "counts": counts,
+        "filters": wanted,
+        "states": [s.value for s in JobState],
+        "rules": [r.name for r in context.settings.rules],
+        "destinations": list(context.settings.destinations),
+        "page_link": lambda page: "/?" + urlencode({**query, "page": page}),
+        "rows_link": "/worklist/rows?" + urlencode({**query, "page": wanted.page}),
+        "refresh_ms": int(context.settings.console.refresh_seconds * 1000),
+        "now": datetime.now(timezone.utc).strftime("%H:%M:%S"),
+    }
+
+
+@router.get("/")
+def worklist(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    return _page(request, "worklist.html", user, title="Worklist", **_worklist_values(request, user))
+
+
+@router.get("/worklist/rows")
+def worklist_rows(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    """The worklist's table body alone: what the page fetches to refresh itself."""
+    return _page(request, "worklist_table.html", user, **_worklist_values(request, user))
+
+
+@router.get("/series/{uid}")
+def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    context = console_of(request)
+    with context.sessions() as session:
+        job = jobs.job_for_series_uid(session, uid)
+        if job is None:
+            return _page(
+                request,
+                "error.html",
+                user,
+                status_code=404,
+                title="Not found",
+                message=f"No series {uid} on this node.",
+            )
+        detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
+    flash = request.query_params.get("done") or None
+    problem = request.query_params.get("error") or None
+    return _page(
+        request,
+        "series.html",
+        user,
+        title="Series",
+        job=detail,
+        flash=flash,
+        problem=problem,
+        rules=[r.name for r in context.settings.rules if r.action == "process"],
+        models=list(context.settings.models),
+    )
+
+
+def _after_action(uid: str, run: Any) -> Response:
+    try:
+        state = run()
+    except actions.ActionRefused as exc:
+        return RedirectResponse(f"/series/{uid}?" + urlencode({"error": exc.message}), status_code=303)
+    return RedirectResponse(
+        f"/series/{uid}?" + urlencode({"done": f"done: the series is now {state}"}), status_code=303
+    )
+
+
+@router.post("/series/{uid}/retry")
+def retry(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
+    return _after_action(uid, lambda: actions.retry(console_of(request), request, user, uid))
+
+
+@router.post("/series/{uid}/cancel")
+def cancel(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
+    return _after_action(uid, lambda: actions.cancel(console_of(request), request, user, uid))
+
+
+@router.post("/series/{uid}/reroute")
+def reroute(
+    uid: str,
+    request: Request,
+    user: Annotated[User, Depends(posting_operator)],
+    rule: Annotated[str, Form()] = "",
+    model: Annotated[str, Form()] = "",
+) -> Response:
+    context = console_of(request)
+    return _after_action(uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None))
+
+
+@router.get("/series/{uid}/preview.png")
+def preview(uid: str, request: Request, _user: Annotated[User, Depends(viewer)]) -> Response:
+    with console_of(request).sessions() as session:
+        job = jobs.job_for_series_uid(session, uid)
+        path = queries.preview_path(job) if job else None
+    if path is None:
+        return Response("no preview for this series", status_code=404, media_type="text/plain")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/series/{uid}/files/{name}")
+def download(uid: str, name: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    """A result file of the series (roles in console.downloads_allowed_to); every download is audited."""
+    context = console_of(request)
+    if not context.may_download(user):
+        context.audit(request, user.name, "refused", f"download of {name} of series {uid} refused: role {user.role}")
+        raise Forbidden(
+            f"{user.name} is a {user.role}; downloads are for {', '.join(context.settings.console.downloads_allowed_to)}"
+        )
+    with context.sessions() as session:
+        job = jobs.job_for_series_uid(session, uid)
+        files = queries.result_files(job) if job else {}
+        study = job.series.study.study_instance_uid if job else None
+    path = files.get(name)
+    if path is None or not Path(path).is_file():
+        return Response("no such result file", status_code=404, media_type="text/plain")
+    context.audit(request, user.name, "success", f"downloaded {name} of series {uid}", study)
+    media = "application/dicom" if name.endswith(".dcm") else "application/json"
+    return FileResponse(path, media_type=media, filename=name, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/rejected")
+def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    with console_of(request).sessions() as session:
+        rows = queries.rejected(session, 200)
+    return _page(request, "rejected.html", user, title="Rejected instances", rows=rows)
+
+
+@router.get("/destinations")
+def destinations(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    context = console_of(request)
+    with context.sessions() as session:
+        rows = queries.destinations(session, context.settings)
+    return _page(request, "destinations.html", user, title="Destinations", rows=rows)
+
+
+@router.post("/destinations/{name}/echo")
+def echo(name: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
+    from dicom_node.console.probe import echo_destination
+
+    context = console_of(request)
+    if name in context.settings.destinations:
+        echo_destination(context.settings, context.sessions, name, user.name)
+    return RedirectResponse("/destinations", status_code=303)
+
+
+@router.get("/config")
+def configuration(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    shown = yaml.safe_dump(queries.visible_config(console_of(request).settings), sort_keys=False)
+    return _page(request, "config.html", user, title="Configuration", config_text=shown)
+
+
+@router.get("/audit")
+def audit_trail(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    action = request.query_params.get("action") or None
+    with console_of(request).sessions() as session:
+        rows = queries.audit_trail(session, 300, action)
+    return _page(request, "audit.html", user, title="Audit trail", rows=rows, action=action)

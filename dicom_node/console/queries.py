@@ -1,0 +1,355 @@
+"""What the pages and the API show, read from the database (and the job folders) in one place.
+
+Every function returns plain dicts and lists (JSON-ready), so a page and its API twin show the
+same thing. Patient details are included only when the caller says the user may see them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import String, cast, func, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from db import jobs
+from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study
+from dicom_node.config import Settings
+
+STATE_COLOURS: dict[str, str] = {
+    "RECEIVING": "blue",
+    "COMPLETE": "blue",
+    "QUEUED": "grey",
+    "PROCESSING": "amber",
+    "SENDING": "amber",
+    "DONE": "green",
+    "FAILED": "red",
+    "IGNORED": "grey",
+}
+
+INFER_EXCLUDED_TIMINGS = frozenset({"write", "encode", "model_load"})
+"""jobs.timings keys that are not the model's work: the rest (load, predict, resample, ...) make up "infer"."""
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """The worklist's filters; empty fields filter nothing."""
+
+    state: str | None = None
+    day: date | None = None  # the day the series' first image arrived (UTC)
+    rule: str | None = None
+    destination: str | None = None
+    search: str | None = None  # accession number, series or study instance UID (exact)
+    page: int = 1
+    per_page: int = 25
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def stage_seconds(job: Job) -> dict[str, float]:
+    """Seconds per stage of the job's latest run, for those it has been through.
+
+    receive: first to last image; complete: last image to COMPLETE; infer: the model's work
+    (``jobs.timings`` except write, encode and model_load); encode: writing the label map and
+    SEG/SR/RTSTRUCT; dispatch: SENDING to DONE. Also ``end_to_end``: last image to DONE after
+    SENDING (results accepted by every destination).
+    """
+    series, timings, events = job.series, job.timings or {}, job.events
+    last_image = _utc(series.last_received_at)
+    stages = {"receive": max((last_image - _utc(series.first_received_at)).total_seconds(), 0.0)}
+    completed = next((e for e in reversed(events) if e.to_state is JobState.COMPLETE), None)
+    if completed is not None and _utc(completed.at) >= last_image:
+        stages["complete"] = (_utc(completed.at) - last_image).total_seconds()
+    infer = [float(v) for k, v in timings.items() if k not in INFER_EXCLUDED_TIMINGS]
+    if infer:
+        stages["infer"] = sum(infer)
+    if "write" in timings or "encode" in timings:
+        stages["encode"] = float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0))
+    if job.state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
+        done = _utc(events[-1].at)
+        sending = next((e for e in reversed(events) if e.to_state is JobState.SENDING), None)
+        if sending is not None:
+            stages["dispatch"] = max((done - _utc(sending.at)).total_seconds(), 0.0)
+        stages["end_to_end"] = max((done - last_image).total_seconds(), 0.0)
+    return stages
+
+
+def _patient(study: Study) -> dict[str, Any]:
+    return {
+        "patient_name": study.patient_name,
+        "patient_id": study.patient_id,
+        "patient_birth_date": study.patient_birth_date,
+        "accession_number": study.accession_number,
+        "study_description": study.study_description,
+    }
+
+
+def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) -> dict[str, Any]:
+    """One page of recent series (newest change first) and how many match in all."""
+    query = select(Job).join(Job.series).join(Series.study)
+    if wanted.state:
+        query = query.where(Job.state == JobState(wanted.state))
+    if wanted.day:
+        start = datetime(wanted.day.year, wanted.day.month, wanted.day.day, tzinfo=timezone.utc)
+        query = query.where(Series.first_received_at >= start, Series.first_received_at < start + timedelta(days=1))
+    if wanted.rule:
+        query = query.where(Job.rule_name == wanted.rule)
+    if wanted.destination:
+        query = query.where(cast(Job.destinations, String).like(f'%"{wanted.destination}"%'))
+    if wanted.search:
+        text = wanted.search.strip()
+        query = query.where(
+            or_(Series.series_instance_uid == text, Study.study_instance_uid == text, Study.accession_number == text)
+        )
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = max(wanted.page, 1)
+    rows = session.scalars(
+        query.options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.events))
+        .order_by(Job.state_changed_at.desc(), Job.id.desc())
+        .offset((page - 1) * wanted.per_page)
+        .limit(wanted.per_page)
+    ).all()
+    return {
+        "total": total,
+        "page": page,
+        "per_page": wanted.per_page,
+        "pages": max(1, -(-total // wanted.per_page)),
+        "jobs": [job_summary(session, job, with_patient=with_patient) for job in rows],
+    }
+
+
+def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, Any]:
+    """One worklist row."""
+    series = job.series
+    summary: dict[str, Any] = {
+        "job_id": job.id,
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study.study_instance_uid,
+        "modality": series.modality,
+        "series_description": series.series_description,
+        "calling_ae_title": series.calling_ae_title,
+        "state": job.state.value,
+        "state_colour": STATE_COLOURS[job.state.value],
+        "stage": job.stage if job.state is JobState.PROCESSING else None,
+        "reason": job.reason,
+        "rule": job.rule_name,
+        "model": job.model_name,
+        "destinations": list(job.destinations or []),
+        "images_received": series.instance_count,
+        "images_expected": series.expected_instances,
+        "first_received_at": _iso(series.first_received_at),
+        "state_changed_at": _iso(job.state_changed_at),
+        "stage_seconds": {k: round(v, 2) for k, v in stage_seconds(job).items()},
+        "delivery": [p.summary() for p in jobs.delivery_progress(session, job)] if job.deliveries else [],
+        "warnings": list(job.warnings or []),
+    }
+    if with_patient:
+        summary["patient"] = _patient(series.study)
+    return summary
+
+
+def job_detail(session: Session, job: Job, *, with_patient: bool) -> dict[str, Any]:
+    """The series page: summary, timeline, structures, result files, delivery record."""
+    detail = job_summary(session, job, with_patient=with_patient)
+    detail["events"] = [
+        {
+            "at": _iso(event.at),
+            "from_state": event.from_state.value if event.from_state else None,
+            "to_state": event.to_state.value,
+            "reason": event.reason,
+        }
+        for event in job.events
+    ]
+    detail["timings"] = dict(job.timings or {})
+    detail["structures"] = structures(job)
+    detail["files"] = [{"name": path.name, "size_bytes": _size(path)} for path in result_files(job).values()]
+    detail["has_preview"] = preview_path(job) is not None
+    detail["deliveries"] = [
+        {
+            "destination": p.destination,
+            "files_total": p.total,
+            "files_delivered": len(p.delivered),
+            "attempts": p.attempts,
+            "last_error": p.last_error,
+            "delivered_at": ((job.deliveries or {}).get(p.destination) or {}).get("delivered_at"),
+            "next_attempt_at": ((job.deliveries or {}).get(p.destination) or {}).get("next_attempt_at"),
+        }
+        for p in jobs.delivery_progress(session, job)
+    ]
+    detail["purged_at"] = _iso(job.series.purged_at)
+    return detail
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def structures(job: Job) -> list[dict[str, Any]]:
+    """The job's measurements.json (latest run): name, volume ml, mean and SD HU, cut by the scan's edge."""
+    if not job.result_path:
+        return []
+    try:
+        written = json.loads((Path(job.result_path) / "measurements.json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for name, figures in (written.get("structures") or {}).items():
+        rows.append(
+            {
+                "name": name,
+                "volume_ml": round(float(figures.get("volume_ml", 0.0)), 2),
+                "mean_hu": round(float(figures.get("mean_hu", 0.0)), 1),
+                "sd_hu": round(float(figures.get("sd_hu", 0.0)), 1),
+                "cut_by_scan_edge": bool(figures.get("cut_by_scan_edge")),
+            }
+        )
+    return rows
+
+
+def result_files(job: Job) -> dict[str, Path]:
+    """File name -> path of what the console offers for download: the DICOM results and measurements.json."""
+    files = {Path(p).name: Path(p) for p in job.result_files or []}
+    if job.result_path:
+        measurements = Path(job.result_path) / "measurements.json"
+        if measurements.is_file():
+            files[measurements.name] = measurements
+    return files
+
+
+def preview_path(job: Job) -> Path | None:
+    if not job.result_path:
+        return None
+    path = Path(job.result_path) / "preview.png"
+    return path if path.is_file() else None
+
+
+def rejected(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    rows = session.scalars(select(RejectedInstance).order_by(RejectedInstance.received_at.desc()).limit(limit))
+    return [
+        {
+            "received_at": _iso(row.received_at),
+            "calling_ae_title": row.calling_ae_title,
+            "status": f"0x{row.status:04X}",
+            "sop_instance_uid": row.sop_instance_uid,
+            "reason": row.reason,
+        }
+        for row in rows
+    ]
+
+
+def rejected_count(session: Session) -> int:
+    return int(session.scalar(select(func.count(RejectedInstance.id))) or 0)
+
+
+ECHO_DETAIL_PREFIX = "outgoing C-ECHO"
+
+
+def destinations(session: Session, settings: Settings) -> list[dict[str, Any]]:
+    """Per configured destination: last C-ECHO, last successful send, last error (from the audit trail)."""
+    result = []
+    for name, destination in settings.destinations.items():
+        address = f"{destination.host}:{destination.port}"
+        mine = select(AuditEvent).where(AuditEvent.peer_address == address).order_by(AuditEvent.at.desc()).limit(1)
+        echo = session.scalars(
+            mine.where(AuditEvent.action == "echo", AuditEvent.detail.like(f"{ECHO_DETAIL_PREFIX}%"))
+        )
+        sent = session.scalars(mine.where(AuditEvent.action == "send", AuditEvent.outcome == "success"))
+        error = session.scalars(mine.where(AuditEvent.action.in_(["send", "echo"]), AuditEvent.outcome != "success"))
+        last_echo, last_success, last_error = echo.first(), sent.first(), error.first()
+        result.append(
+            {
+                "name": name,
+                "ae_title": destination.ae_title,
+                "host": destination.host,
+                "port": destination.port,
+                "tls": destination.tls,
+                "send": list(destination.send),
+                "last_echo": _audit_brief(last_echo),
+                "last_success": _audit_brief(last_success),
+                "last_error": _audit_brief(last_error),
+                "reachable": None if last_echo is None else last_echo.outcome == "success",
+            }
+        )
+    return result
+
+
+def _audit_brief(row: AuditEvent | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"at": _iso(row.at), "outcome": row.outcome, "detail": row.detail}
+
+
+def audit_trail(session: Session, limit: int = 200, action: str | None = None) -> list[dict[str, Any]]:
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if action:
+        query = query.where(AuditEvent.action == action)
+    return [
+        {
+            "at": _iso(row.at),
+            "action": row.action,
+            "peer_ae_title": row.peer_ae_title,
+            "peer_address": row.peer_address,
+            "study_instance_uid": row.study_instance_uid,
+            "outcome": row.outcome,
+            "instances": row.instances,
+            "detail": row.detail,
+        }
+        for row in session.scalars(query)
+    ]
+
+
+def state_counts(session: Session) -> dict[str, int]:
+    counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    return {state.value: int(counts.get(state, 0)) for state in JobState}
+
+
+SECRET_KEYS = (
+    "password_hash",
+    "session_secret",
+    "metrics_token",
+    "private_key",
+    "tls_private_key",
+    "password",
+    "token",
+)
+HIDDEN = "(hidden)"
+
+
+def visible_config(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with every secret (hashes, keys, tokens, database password) hidden."""
+    from sqlalchemy.engine import make_url
+
+    data = settings.model_dump(mode="json")
+    _hide(data)
+    url = (data.get("database") or {}).get("url")
+    if url:
+        data["database"]["url"] = make_url(url).render_as_string(hide_password=True)
+    return data
+
+
+def _hide(value: Any) -> None:
+    if isinstance(value, dict):
+        for key in list(value):
+            if any(key == secret or key.endswith(f"_{secret}") for secret in SECRET_KEYS) and value[key] is not None:
+                value[key] = HIDDEN
+            else:
+                _hide(value[key])
+    elif isinstance(value, list):
+        for item in value:
+            _hide(item)

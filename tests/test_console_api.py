@@ -1,0 +1,317 @@
+"""The console's JSON API, login, roles and CSRF against a real node that processed a phantom series."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from db.jobs import job_for_series_uid
+from db.models import AuditEvent, JobState
+from tests.console_helpers import METRICS_TOKEN, ConsoleNode, console_node, log_in, send_phantom
+
+pytestmark = pytest.mark.integration
+
+GET_ENDPOINTS = [
+    "/api/me",
+    "/api/jobs",
+    "/api/jobs/{uid}",
+    "/api/rejected",
+    "/api/destinations",
+    "/api/audit",
+    "/api/config",
+    "/api/metrics/summary",
+    "/api/openapi.json",
+]
+PAGES = [
+    "/",
+    "/worklist/rows",
+    "/series/{uid}",
+    "/series/{uid}/preview.png",
+    "/series/{uid}/files/seg-binary.dcm",
+    "/rejected",
+    "/destinations",
+    "/config",
+    "/audit",
+]
+OPERATOR_POSTS = [
+    "/api/jobs/{uid}/retry",
+    "/api/jobs/{uid}/cancel",
+    "/api/jobs/{uid}/reroute",
+    "/api/destinations/pacs/echo",
+]
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ConsoleNode, str]]:
+    """A node whose console is on, after one phantom series went RECEIVING -> DONE (sent to its PACS)."""
+    workdir = tmp_path_factory.mktemp("console-api")
+    with console_node(workdir, login_attempts_per_minute=3) as running:
+        series = send_phantom(running.node, workdir / "ct")
+        running.node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+        yield running, series.series_instance_uid
+
+
+def test_healthz_answers_without_login_and_readyz_checks_database_scp_and_worker(processed):
+    running, _uid = processed
+    anonymous = running.client()
+    assert anonymous.get("/healthz").json() == {"status": "ok"}
+    ready = anonymous.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}
+
+
+def test_nothing_else_works_without_login(processed):
+    running, uid = processed
+    anonymous = running.client()
+    for path in GET_ENDPOINTS:
+        response = anonymous.get(path.format(uid=uid))
+        assert response.status_code == 401, path
+        assert response.json() == {"detail": "log in first"}
+    for path in PAGES:
+        response = anonymous.get(path.format(uid=uid))
+        assert response.status_code == 303 and response.headers["location"].startswith("/login?next="), path
+    for path in [*OPERATOR_POSTS, "/series/{uid}/retry", "/logout"]:
+        assert anonymous.post(path.format(uid=uid), json={}).status_code == 401, path
+    assert anonymous.get("/metrics").status_code == 401
+
+
+def test_session_cookie_is_httponly_strict_signed_and_a_forged_one_is_refused(processed):
+    running, _uid = processed
+    client = running.client()
+    response = log_in(client, "vera", "viewer-password")
+    cookie = response.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=28800" in cookie
+    assert "Secure" not in cookie  # plain HTTP on loopback; HTTPS adds Secure
+    assert "viewer-password" not in cookie
+    value = client.cookies["dicom_node_session"]
+    payload, signature = value.rsplit(".", 1)
+    forged = httpx.Client(base_url=running.url, cookies={"dicom_node_session": f"{payload}.{'0' * len(signature)}"})
+    assert forged.get("/api/me").status_code == 401
+    assert client.get("/api/me").json()["role"] == "viewer"
+
+
+def test_a_login_not_sent_from_the_consoles_own_form_is_refused(processed):
+    running, _uid = processed
+    client = running.client()
+    bare = client.post("/login", data={"username": "vera", "password": "viewer-password"})
+    assert bare.status_code == 403 and "The login form expired or came from another page" in bare.text
+    client.get("/login")  # a login cookie of its own, but a token made up
+    forged = client.post("/login", data={"username": "vera", "password": "viewer-password", "csrf_token": "0" * 64})
+    assert forged.status_code == 403 and "dicom_node_session" not in client.cookies
+
+
+def test_login_follows_only_paths_on_this_console(processed):
+    running, _uid = processed
+    response = log_in(running.client(), "vera", "viewer-password", next_path="//evil.example/")
+    assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def test_viewer_lists_jobs_without_patient_details_and_operator_sees_them(processed):
+    running, uid = processed
+    listed = running.client("vera").get("/api/jobs").json()
+    assert listed["total"] >= 1
+    job = next(j for j in listed["jobs"] if j["series_instance_uid"] == uid)
+    assert job["state"] == "DONE" and job["model"] == "baseline" and job["images_received"] == 24
+    assert job["delivery"] == ["pacs 2/2"]
+    assert job["stage_seconds"]["infer"] > 0 and job["stage_seconds"]["encode"] > 0
+    assert "patient" not in job
+    operator_view = running.client("olga").get("/api/jobs", params={"search": uid}).json()
+    assert operator_view["total"] == 1 and "patient_id" in operator_view["jobs"][0]["patient"]
+
+
+def test_job_filters_and_paging(processed):
+    running, _uid = processed
+    client = running.client("vera")
+    assert client.get("/api/jobs", params={"state": "FAILED"}).json()["total"] == 0
+    assert client.get("/api/jobs", params={"rule": "ct", "destination": "pacs"}).json()["total"] >= 1
+    assert client.get("/api/jobs", params={"search": "1.2.3.4.5"}).json()["total"] == 0
+    assert client.get("/api/jobs", params={"state": "NOT-A-STATE"}).status_code == 422
+    page = client.get("/api/jobs", params={"per_page": 1, "page": 1}).json()
+    assert len(page["jobs"]) == 1 and page["pages"] == page["total"]
+
+
+def test_one_job_has_timeline_structures_files_and_delivery(processed):
+    running, uid = processed
+    detail = running.client("vera").get(f"/api/jobs/{uid}").json()
+    assert [e["to_state"] for e in detail["events"]][:6] == [
+        "RECEIVING",
+        "COMPLETE",
+        "QUEUED",
+        "PROCESSING",
+        "SENDING",
+        "DONE",
+    ]
+    names = {s["name"] for s in detail["structures"]}
+    assert {"body", "lung_left", "lung_right"} <= names
+    lung = next(s for s in detail["structures"] if s["name"] == "lung_left")
+    assert lung["volume_ml"] > 0 and lung["mean_hu"] < -700
+    assert {"seg-binary.dcm", "sr-binary.dcm", "measurements.json"} <= {f["name"] for f in detail["files"]}
+    assert detail["has_preview"] is True
+    assert detail["deliveries"] == [
+        {
+            "destination": "pacs",
+            "files_total": 2,
+            "files_delivered": 2,
+            "attempts": 1,
+            "last_error": None,
+            "delivered_at": detail["deliveries"][0]["delivered_at"],
+            "next_attempt_at": None,
+        }
+    ]
+    assert running.client("vera").get("/api/jobs/1.2.3.999").status_code == 404
+
+
+def test_viewer_is_refused_every_operator_action_and_downloads(processed):
+    running, uid = processed
+    viewer = running.client("vera")
+    token = running.csrf(viewer)
+    for path in OPERATOR_POSTS:
+        response = viewer.post(path.format(uid=uid), json={"rule": "ct"}, headers={"X-CSRF-Token": token})
+        assert response.status_code == 403, path
+        assert response.json()["detail"] == "vera is a viewer; this needs the operator role"
+    assert viewer.get(f"/series/{uid}/files/seg-binary.dcm").status_code == 403
+    assert running.node.job_state(uid) is JobState.DONE
+
+
+def test_operator_actions_need_the_sessions_csrf_token(processed):
+    running, uid = processed
+    operator = running.client("olga")
+    missing = operator.post(f"/api/jobs/{uid}/retry")
+    assert missing.status_code == 403 and "CSRF" in missing.json()["detail"]
+    wrong = operator.post(f"/api/jobs/{uid}/retry", headers={"X-CSRF-Token": "0" * 64})
+    assert wrong.status_code == 403
+    other_session = running.csrf(running.client("olga"))  # a token of another session of the same user
+    assert operator.post(f"/api/jobs/{uid}/retry", headers={"X-CSRF-Token": other_session}).status_code == 403
+    form = operator.post(f"/series/{uid}/cancel", data={"csrf_token": "forged"})
+    assert form.status_code == 403
+    assert running.node.job_state(uid) is JobState.DONE
+
+
+def test_operator_downloads_a_result_and_the_download_is_audited(processed):
+    running, uid = processed
+    response = running.client("olga").get(f"/series/{uid}/files/seg-binary.dcm")
+    assert response.status_code == 200 and response.content[128:132] == b"DICM"
+    assert running.client("olga").get(f"/series/{uid}/files/..%2Fdicom-node.db").status_code == 404
+    with running.node.sessions() as session:
+        details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "console")).all()
+    assert f"user olga: downloaded seg-binary.dcm of series {uid}" in details
+    assert f"user vera: download of seg-binary.dcm of series {uid} refused: role viewer" in details
+
+
+def test_cancel_of_a_finished_series_is_refused_with_the_reason(processed):
+    running, uid = processed
+    operator = running.client("olga")
+    response = operator.post(f"/api/jobs/{uid}/cancel", headers={"X-CSRF-Token": running.csrf(operator)})
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        "cannot cancel: series is DONE; only COMPLETE, PROCESSING, QUEUED, SENDING series can be cancelled"
+    )
+
+
+def test_reroute_to_an_unknown_rule_is_refused_naming_the_rules(processed):
+    running, uid = processed
+    operator = running.client("olga")
+    response = operator.post(
+        f"/api/jobs/{uid}/reroute", json={"rule": "nope"}, headers={"X-CSRF-Token": running.csrf(operator)}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"] == "cannot re-route: 'nope' is not a processing rule (known: ct, ct-local)"
+
+
+def test_operator_reroutes_then_retries_and_both_are_recorded_with_the_user(processed):
+    running, uid = processed
+    operator = running.client("olga")
+    token = running.csrf(operator)
+    rerouted = operator.post(f"/api/jobs/{uid}/reroute", json={"rule": "ct-local"}, headers={"X-CSRF-Token": token})
+    assert rerouted.status_code == 200 and rerouted.json() == {"state": "QUEUED"}
+    running.node.wait_for_state(uid, JobState.DONE, timeout=180)
+    retried = operator.post(f"/api/jobs/{uid}/retry", headers={"X-CSRF-Token": token})
+    assert retried.status_code == 200 and retried.json() == {"state": "COMPLETE"}
+    running.node.wait_for_state(uid, JobState.DONE, timeout=180)
+    with running.node.sessions() as session:
+        job = job_for_series_uid(session, uid)
+        reasons = [e.reason for e in job.events]
+        assert job.rule_name == "ct" and job.destinations == ["pacs"]  # retry routed it by the rules again
+        details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "console")).all()
+    assert "re-route to rule 'ct-local', model 'baseline' requested by olga" in reasons
+    assert "retry requested by operator (was DONE)" in reasons
+    assert f"user olga: re-route of series {uid}: now QUEUED" in details
+    assert f"user olga: retry of series {uid}: now COMPLETE" in details
+
+
+def test_destinations_echo_rejected_audit_config_summary_and_openapi(processed):
+    running, _uid = processed
+    operator = running.client("olga")
+    echoed = operator.post("/api/destinations/pacs/echo", headers={"X-CSRF-Token": running.csrf(operator)})
+    assert echoed.json() == {"destination": "pacs", "reachable": True}
+    assert (
+        operator.post("/api/destinations/nowhere/echo", headers={"X-CSRF-Token": running.csrf(operator)}).status_code
+        == 404
+    )
+    viewer = running.client("vera")
+    pacs = viewer.get("/api/destinations").json()[0]
+    assert pacs["name"] == "pacs" and pacs["reachable"] is True
+    assert pacs["last_echo"]["detail"].startswith("outgoing C-ECHO to destination pacs, requested by olga: success")
+    assert pacs["last_success"]["detail"].startswith("job ") and pacs["last_error"] is None
+    assert viewer.get("/api/rejected").json() == []
+    actions = {row["action"] for row in viewer.get("/api/audit").json()}
+    assert {"association", "store", "send", "echo", "console"} <= actions
+    config = viewer.get("/api/config").json()
+    assert config["console"]["users"]["olga"]["password_hash"] == "(hidden)"
+    assert config["console"]["metrics_token"] == "(hidden)" and METRICS_TOKEN not in viewer.get("/config").text
+    assert "$argon2" not in viewer.get("/config").text
+    summary = viewer.get("/api/metrics/summary").json()
+    assert summary["jobs"]["DONE"] >= 1 and summary["queue_depth"] == 0
+    schema = viewer.get("/api/openapi.json").json()
+    assert "/api/jobs/{series_instance_uid}/retry" in schema["paths"] and "/api/jobs" in schema["paths"]
+
+
+def test_metrics_need_the_bearer_token(processed):
+    running, _uid = processed
+    anonymous = running.client()
+    assert anonymous.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    scraped = anonymous.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert scraped.status_code == 200 and "dicom_node_jobs" in scraped.text
+
+
+def test_logout_needs_csrf_and_ends_the_session_in_the_browser(processed):
+    running, _uid = processed
+    viewer = running.client("vera")
+    assert viewer.post("/logout").status_code == 403
+    response = viewer.post("/logout", data={"csrf_token": running.csrf(viewer)})
+    assert response.status_code == 303 and 'dicom_node_session=""' in response.headers["set-cookie"]
+
+
+def test_repeated_failed_logins_from_one_address_must_wait(processed):
+    running, _uid = processed
+    client = running.client()
+    for _ in range(3):
+        assert log_in(client, "olga", "guess").status_code == 401
+    throttled = log_in(client, "olga", "operator-password")
+    assert throttled.status_code == 429 and "Too many failed logins from this address" in throttled.text
+    with running.node.sessions() as session:
+        outcomes = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "console", AuditEvent.outcome == "refused")
+        ).all()
+    assert "user olga: login failed: wrong user name or password" in outcomes
+
+
+def test_container_health_check_passes_on_a_ready_node(processed):
+    running, _uid = processed
+    health = subprocess.run(
+        [sys.executable, "-m", "dicom_node.console.health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "DICOM_NODE_CONFIG": str(running.node.config_path)},
+    )
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert json.loads(health.stdout) == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}

@@ -1,0 +1,237 @@
+"""Console logins beyond passwords: `dicom-node user add`, the reverse-proxy header mode, HTTPS, readiness."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.console.app import ConsoleServer
+from dicom_node.console.auth import check_password
+from dicom_node.console.metrics import Liveness
+from dicom_node.service import open_database
+from tests.conftest import DICOM_NODE, ROOT, free_port, wait_for
+from tests.console_helpers import log_in
+
+
+def _user_add(*args: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DICOM_NODE, "user", "add", *args, "--password-stdin"],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.integration
+def test_user_add_prints_an_argon2_entry_the_configuration_accepts_and_never_the_password(tmp_path):
+    result = _user_add("olga", "--role", "operator", password="correct horse battery")
+    assert result.returncode == 0, result.stderr
+    assert "correct horse battery" not in result.stdout
+    entry = yaml.safe_load(result.stdout)
+    user = entry["console"]["users"]["olga"]
+    assert user["role"] == "operator" and user["password_hash"].startswith("$argon2id$")
+    assert check_password(user["password_hash"], "correct horse battery")
+    assert not check_password(user["password_hash"], "correct horse")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(entry))
+    assert load_settings(config).console.users["olga"].role == "operator"
+
+
+@pytest.mark.integration
+def test_user_add_refuses_a_short_password_and_an_unknown_role():
+    short = _user_add("olga", password="short")
+    assert short.returncode == 2 and "too short: use at least 8 characters" in short.stderr
+    role = _user_add("olga", "--role", "admin", password="long enough password")
+    assert role.returncode == 2 and "unknown role 'admin': use viewer or operator" in role.stderr
+
+
+@pytest.mark.parametrize(
+    ("console", "expected"),
+    [
+        (
+            {"users": {"olga": {"password_hash": "plaintext", "role": "operator"}}},
+            "console.users.olga.password_hash: not an argon2 hash: make one with `dicom-node user add",
+        ),
+        ({"tls_certificate": "/etc/cert.pem"}, "console: tls_certificate and tls_private_key go together (HTTPS)"),
+        ({"trusted_proxies": ["proxy.example.org"]}, "'proxy.example.org' is not an IP address or CIDR network"),
+    ],
+)
+def test_console_settings_name_what_is_wrong(tmp_path, console, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"console": console}))
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    assert expected in str(error.value)
+
+
+def test_shipped_config_documents_every_console_key():
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())["console"]
+    assert set(shipped) == set(Settings.model_fields["console"].annotation.model_fields)  # type: ignore[union-attr]
+    readme = (ROOT / "README.md").read_text()
+    for key in shipped:
+        assert f"| `{key}`" in readme or f", `{key}` |" in readme, key
+
+
+@pytest.fixture
+def console_server(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings]]]:
+    """Start the console alone (real Uvicorn, a migrated database, no DICOM port): returns its URL."""
+    servers: list[ConsoleServer] = []
+
+    def start(**console: Any) -> tuple[str, Settings]:
+        port = free_port()
+        settings = Settings(
+            storage={"directory": str(tmp_path / f"storage{len(servers)}")},
+            network={"port": free_port()},
+            console={"enabled": True, "port": port, "echo_interval_seconds": 0, **console},
+        )
+        server = ConsoleServer(settings, open_database(settings), Liveness(lambda: None, lambda: False))
+        server.start()
+        servers.append(server)
+        scheme = "https" if settings.console.https else "http"
+        return f"{scheme}://127.0.0.1:{port}", settings
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _wait_until_up(url: str, **client: Any) -> None:
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1, **client).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=20, what="the console to answer")
+
+
+@pytest.mark.integration
+def test_proxy_header_logs_in_the_named_user_only_from_a_trusted_proxy(console_server):
+    url, _settings = console_server(auth="proxy_header")
+    _wait_until_up(url)
+    operator = httpx.Client(base_url=url, headers={"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"})
+    me = operator.get("/api/me").json()
+    assert me["user"] == "olga" and me["role"] == "operator" and me["sees_patient_details"] is True
+    viewer = httpx.get(f"{url}/api/me", headers={"X-Forwarded-User": "vera", "X-Forwarded-Role": "radiologist"})
+    assert viewer.json()["role"] == "viewer"
+    assert httpx.get(f"{url}/api/me").status_code == 401
+    assert operator.post("/api/jobs/1.2.3/retry").status_code == 403  # the CSRF token is still needed
+    passed = operator.post("/api/jobs/1.2.3/retry", headers={"X-CSRF-Token": me["csrf_token"]})
+    assert passed.status_code == 404 and passed.json()["detail"] == "cannot retry: no series 1.2.3 on this node"
+    login = httpx.get(f"{url}/login")
+    assert "single sign-on" in login.text and "password" not in login.text.lower()
+
+    elsewhere, _ = console_server(auth="proxy_header", trusted_proxies=["10.9.9.9/32"])
+    _wait_until_up(elsewhere)
+    forged = httpx.get(f"{elsewhere}/api/me", headers={"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"})
+    assert forged.status_code == 401
+
+
+@pytest.mark.integration
+def test_readyz_names_the_failing_check_and_the_health_command_exits_1(console_server, tmp_path):
+    url, settings = console_server()
+    _wait_until_up(url)
+    ready = httpx.get(f"{url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "checks": {"database": True, "scp": False, "worker": None}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"console": {"enabled": True, "port": settings.console.port}}))
+    health = subprocess.run(
+        [sys.executable, "-m", "dicom_node.console.health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "DICOM_NODE_CONFIG": str(config)},
+    )
+    assert health.returncode == 1 and '"scp": false' in health.stdout
+
+
+@pytest.mark.integration
+def test_https_console_sets_secure_cookies_and_refuses_plain_http(console_server, certificates):
+    from argon2 import PasswordHasher
+
+    users = {"olga": {"password_hash": PasswordHasher().hash("operator-password"), "role": "operator"}}
+    url, settings = console_server(
+        tls_certificate=str(certificates.node), tls_private_key=str(certificates.node_key), users=users
+    )
+    trusting = ssl.create_default_context(cafile=str(certificates.ca))
+    _wait_until_up(url, verify=trusting)
+    client = httpx.Client(base_url=url, verify=trusting, timeout=10)
+    response = log_in(client, "olga", "operator-password")
+    assert response.status_code == 303
+    assert "Secure" in response.headers["set-cookie"] and "HttpOnly" in response.headers["set-cookie"]
+    assert response.headers["strict-transport-security"] == "max-age=31536000"
+    assert client.get("/api/me").json()["user"] == "olga"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{settings.console.port}/healthz", timeout=5)
+
+
+def test_configuration_shown_hides_hashes_keys_tokens_and_the_database_password(tmp_path):
+    from dicom_node.console.queries import visible_config
+
+    settings = Settings(
+        storage={"directory": str(tmp_path)},
+        database={"url": "postgresql+psycopg://dicomnode:db-secret@db.example.org/dicomnode"},
+        console={
+            "users": {"olga": {"password_hash": "$argon2id$v=19$m=65536,t=3,p=4$abc$def", "role": "operator"}},
+            "session_secret": "cookie-secret",
+            "metrics_token": "scrape-secret",
+            "tls_certificate": "/etc/console.pem",
+            "tls_private_key": "/etc/console.key",
+        },
+    )
+    shown = yaml.safe_dump(visible_config(settings))
+    for secret in ("db-secret", "$argon2id", "cookie-secret", "scrape-secret", "/etc/console.key"):
+        assert secret not in shown, secret
+    assert "postgresql+psycopg://dicomnode:***@db.example.org/dicomnode" in shown
+    assert "/etc/console.pem" in shown and "role: operator" in shown
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("Pixel Data is truncated: 256 of 512 bytes (Rows 16 x Columns 16 ...)", "Pixel Data is truncated"),
+        ("SeriesInstanceUID '1.2.abc' is not a valid UID", "SeriesInstanceUID"),
+        ("not a DICOM data set: it is empty (0 bytes)", "not a DICOM data set"),
+        ("AccessionNumber is 20 characters long ('AAAA'); at most 16 are accepted", "AccessionNumber is"),
+    ],
+)
+def test_refusal_reasons_become_short_metric_labels_without_the_data(reason, kind):
+    from dicom_node.console.metrics import refusal_kind
+
+    assert refusal_kind(reason) == kind
+
+
+@pytest.mark.integration
+def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
+    import socket
+
+    from tests.conftest import Node
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        node = Node(tmp_path / "node", {"console": {"enabled": True, "port": port}})
+        result = subprocess.run(
+            [DICOM_NODE, "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot start: the console cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
