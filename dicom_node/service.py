@@ -6,7 +6,6 @@ import logging
 import os
 import multiprocessing
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.session import make_engine, make_session_factory, migrate, transaction
+from db import session as db_session
+from db.session import transaction
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
@@ -25,7 +25,7 @@ from dicom_node.retention import RetentionTask
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
-from inference.worker import log_worker_death, run_worker
+from dicom_node.worker import log_worker_death, run_worker, worker_id
 
 LOG = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class WorkerSupervisor:
             return  # the next worker to start finds the job (requeue_abandoned_jobs)
         try:
             with transaction(self.sessions) as session:
-                for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+                for job in jobs.jobs_of_worker(session, worker_id(pid=pid)):
                     log_worker_death(job, jobs.worker_died(session, job, self.settings.inference.max_worker_deaths))
         except Exception:  # noqa: BLE001 - the restarted worker's own check takes over
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
@@ -102,7 +102,7 @@ class WorkerSupervisor:
         if self.sessions is None or pid is None:
             return
         with transaction(self.sessions) as session:
-            for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+            for job in jobs.jobs_of_worker(session, worker_id(pid=pid)):
                 jobs.worker_stopped(session, job)
 
 
@@ -126,8 +126,7 @@ class RunningNode:
 
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """Migrate the schema to the newest revision and return a session factory."""
-    migrate(settings.database_url)
-    return make_session_factory(make_engine(settings.database_url, settings.database.busy_timeout_seconds))
+    return db_session.open_database(settings.database_url, settings.database.busy_timeout_seconds)
 
 
 def start_node(settings: Settings) -> RunningNode:

@@ -25,7 +25,7 @@ from dicom_node.encode.seg import (
     write_segmentation,
 )
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
 from tests.conftest import dciodvfy
 
