@@ -57,6 +57,7 @@ class ClaimedJob:
     run: int = 1  # 1 for the job's first results; N for the N-th
     warnings: list[str] = field(default_factory=list)  # the job's warnings so far (admission's)
     replaces: dict[str, Dataset] = field(default_factory=dict)  # SEG encoding -> the earlier run's SR it replaces
+    claim_seconds: float = 0.0  # how long the claim took (kept with the job's timings as "claim")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import logging
 import os
 import socket
 import threading
+import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -153,8 +155,9 @@ class InferenceWorker:
         if it stays locked past :data:`LOCKED_CLAIM_LIMIT_SECONDS` the worker
         returns None and polls again rather than stopping.
         """
+        started = time.perf_counter()
         try:
-            return retry_when_locked(
+            claim = retry_when_locked(
                 self._claim_once,
                 waiting=f"worker {self.identity} claiming a job",
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
@@ -162,6 +165,7 @@ class InferenceWorker:
             )
         except DatabaseBusy:
             return None
+        return None if claim is None else replace(claim, claim_seconds=time.perf_counter() - started)
 
     def _claim_once(self) -> ClaimedJob | None:
         lease = timedelta(seconds=self.settings.inference.lease_seconds)
@@ -268,7 +272,8 @@ class InferenceWorker:
         """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id, with_for_update=True)
-            job.timings = {key: round(value, 3) for key, value in result.timings.items()}
+            timings = {"claim": claim.claim_seconds, **result.timings}
+            job.timings = {key: round(value, 3) for key, value in timings.items()}
             if not jobs.holds(job, self.identity):
                 why = (
                     "series changed while processing"

@@ -7,6 +7,8 @@ measures the workers, not the receiver.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -294,3 +296,59 @@ def _stop_mid_job(sessions: sessionmaker[Session], worker: subprocess.Popen[byte
             worker.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError(f"worker {identity} never held a job")
+
+
+# --- docker-compose.yml: checked by Docker where it exists, and against the CLI and the Dockerfile everywhere ---
+
+COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+
+def test_compose_file_is_valid_for_docker_compose(tmp_path):
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose is not installed here; the compose file is checked against the CLI below")
+    result = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "POSTGRES_PASSWORD": "test"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_run_commands_the_cli_has_with_settings_the_node_accepts(monkeypatch):
+    import typer.main
+
+    from dicom_node.cli import app
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    services = compose["services"]
+    assert {"postgres", "node", "worker"} <= set(services)
+    cli = typer.main.get_command(app)
+    dockerfile = (COMPOSE_FILE.parent / "Dockerfile").read_text()
+    storage = dockerfile.split("DICOM_NODE_STORAGE__DIRECTORY=", 1)[1].split()[0]
+    for name in ("node", "worker"):
+        service = services[name]
+        command, *options = service["command"]
+        assert command in cli.commands, f"{name}: dicom-node has no command {command!r}"  # type: ignore[attr-defined]
+        known = {option for param in cli.commands[command].params for option in param.opts}  # type: ignore[attr-defined]
+        assert {option for option in options if option.startswith("--")} <= known
+        assert service["build"] == "." and f"storage:{storage}" in service["volumes"]  # the image's storage folder
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        for variable, value in service["environment"].items():
+            monkeypatch.setenv(variable, str(value))
+        settings = Settings()
+        assert settings.database_url.startswith("postgresql+psycopg://")
+        assert settings.database_url.endswith("@postgres:5432/dicomnode")
+        for variable in service["environment"]:
+            monkeypatch.delenv(variable)
+    assert (
+        Settings.model_validate(
+            {"inference": {"workers": services["node"]["environment"]["DICOM_NODE_INFERENCE__WORKERS"]}}
+        ).inference.workers
+        == 0
+    )  # the node leaves inference to the workers
+    gpus = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["worker"]["environment"]["DICOM_NODE_INFERENCE__DEVICE"] == "cuda"
+    assert "postgresql" in dockerfile.split("pip install", 1)[1].split("\n")[0]  # the image has the driver
