@@ -70,6 +70,7 @@ class InferenceWorker:
         self.identity = identity or worker_id()
         self.models = ModelCache(settings)
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
+        self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
 
     @property
     def host(self) -> str:
@@ -88,9 +89,13 @@ class InferenceWorker:
     def run_once(self) -> bool:
         """Queue again the jobs whose lease ran out, then process the oldest QUEUED job, if any.
 
-        Returns whether there was a job to process.
+        Leases are checked every ``inference.lease_renew_seconds`` at most (each check is a
+        write transaction, which on SQLite takes the database's write lock). Returns whether
+        there was a job to process.
         """
-        self.requeue_expired_leases()
+        if time.monotonic() >= self._next_lease_check:
+            self._next_lease_check = time.monotonic() + self.settings.inference.lease_renew_seconds
+            self.requeue_expired_leases()
         claim = self.claim()
         if claim is None:
             return False
