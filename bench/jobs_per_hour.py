@@ -104,13 +104,13 @@ def run(url: str, folder: Path, workers: int, series: int, spec: PhantomSpec) ->
         claims = list(session.scalars(select(JobEvent.at).where(JobEvent.to_state == JobState.PROCESSING)))
         finishes = list(session.scalars(select(JobEvent.at).where(JobEvent.to_state == JobState.DONE)))
         jobs = list(session.scalars(select(Job)))
+        per_job = []
+        for job in jobs:
+            claimed = next(e.at for e in job.events if e.to_state is JobState.PROCESSING)
+            finished = next(e.at for e in job.events if e.to_state is JobState.DONE)
+            per_job.append((finished - claimed).total_seconds())
     span = (max(finishes) - min(claims)).total_seconds()
     claim_seconds = sorted(float((job.timings or {}).get("claim", 0.0)) for job in jobs)
-    per_job = []
-    for job in jobs:
-        claimed = next(e.at for e in job.events if e.to_state is JobState.PROCESSING)
-        finished = next(e.at for e in job.events if e.to_state is JobState.DONE)
-        per_job.append((finished - claimed).total_seconds())
     hosts = {job.claimed_by.rpartition(":")[0] for job in jobs if job.claimed_by}
     return {
         "workers": workers,
