@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,8 +99,15 @@ def run(url: str, folder: Path, workers: int, series: int, spec: PhantomSpec) ->
     finally:
         for process in processes:
             process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+        for number, process in enumerate(processes):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGUSR1)  # the worker prints every thread's stack
+                time.sleep(2)
+                process.kill()
+                print(f"worker {number} did not stop within 60 s of SIGTERM; its log ends:", file=sys.stderr)
+                print((folder / f"worker-{number}.log").read_text()[-6000:], file=sys.stderr)
     with sessions() as session:
         claims = list(session.scalars(select(JobEvent.at).where(JobEvent.to_state == JobState.PROCESSING)))
         finishes = list(session.scalars(select(JobEvent.at).where(JobEvent.to_state == JobState.DONE)))
@@ -121,6 +129,9 @@ def run(url: str, folder: Path, workers: int, series: int, spec: PhantomSpec) ->
         "claim_ms_p95": round(claim_seconds[max(0, round(0.95 * len(claim_seconds)) - 1)] * 1000, 1),
         "job_seconds_median": round(statistics.median(per_job), 2),
         "hosts_used": len(hosts),
+        "stalled_exits": sum(
+            (folder / f"worker-{n}.log").read_text().count("worker.exit_stalled") for n in range(workers)
+        ),
     }
 
 

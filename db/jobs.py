@@ -102,6 +102,11 @@ def fail(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.FAILED, reason)
 
 
+def finish_sending(session: Session, job: Job, reason: str) -> None:
+    """Every destination has every result file: SENDING -> DONE."""
+    change_state(session, job, S.DONE, reason)
+
+
 ADMISSION_REFUSED_PREFIX = "not admitted"
 
 

@@ -359,8 +359,7 @@ class Dispatcher(PeriodicTask):
         progress = jobs.delivery_progress(session, job)
         if all(p.complete for p in progress):
             files = sum(p.total or 0 for p in progress)
-            jobs.change_state(session, job, JobState.DONE,
-                              f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
+            jobs.finish_sending(session, job, f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
             return [(logging.INFO, "job.done", {"reason": job.reason})]
         if all(p.complete or p.attempts >= self._dispatch.max_attempts for p in progress):
             jobs.fail(session, job, sending_failure(progress))

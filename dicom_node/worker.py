@@ -418,6 +418,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None, name: str | No
 
     ``name`` is the host part of the worker's id (default ``$DICOM_NODE_WORKER_NAME``, else the host name).
     """
+    import faulthandler
     import signal
 
     from db.session import open_database
@@ -427,6 +428,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None, name: str | No
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
     parent = parent_pid if parent_pid is not None else os.getppid()
     threading.Thread(target=_stop_when_orphaned, args=(stop, parent), name="parent-watch", daemon=True).start()
     worker = InferenceWorker(
@@ -440,15 +442,31 @@ def run_worker(settings: Settings, parent_pid: int | None = None, name: str | No
     done.set()
 
 
+EXIT_STALL_SECONDS = 10.0
+"""After its loop ended, a worker that has not exited within this long exits at once (logged)."""
+
+
 def _hand_back_after_grace(worker: InferenceWorker, stop: threading.Event, done: threading.Event) -> None:
-    """Once asked to stop, give the running job ``inference.shutdown_grace_seconds``; then hand it back and exit."""
+    """Once asked to stop, give the running job ``inference.shutdown_grace_seconds``; then hand it back and exit.
+
+    Also a backstop for the exit itself: a process still alive :data:`EXIT_STALL_SECONDS`
+    after its loop ended (a library thread holding up the interpreter's exit) exits at once.
+    """
     stop.wait()
     if done.wait(worker.settings.inference.shutdown_grace_seconds):
-        return
-    try:
-        worker.hand_back()
-    except Exception:  # noqa: BLE001 - the lease then expires and another worker takes the job
-        LOG.exception("job.hand_back_failed", extra={"event_fields": {"worker": worker.identity}})
+        time.sleep(EXIT_STALL_SECONDS)  # a daemon thread: normally the process has exited before this returns
+        log_event(
+            LOG,
+            logging.WARNING,
+            "worker.exit_stalled",
+            worker=worker.identity,
+            reason=f"the worker had not exited {EXIT_STALL_SECONDS:.0f} s after it stopped; exiting now",
+        )
+    else:
+        try:
+            worker.hand_back()
+        except Exception:  # noqa: BLE001 - the lease then expires and another worker takes the job
+            LOG.exception("job.hand_back_failed", extra={"event_fields": {"worker": worker.identity}})
     logging.shutdown()
     os._exit(0)
 
