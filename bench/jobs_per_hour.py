@@ -59,7 +59,8 @@ def fresh_database(server_url: str, name: str) -> str:
 def run(url: str, folder: Path, workers: int, series: int, spec: PhantomSpec) -> dict[str, object]:
     """One measurement: ``series`` QUEUED jobs, ``workers`` worker processes, until all are DONE."""
     migrate(url)
-    sessions = make_session_factory(make_engine(url))
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     seed_queued_series(sessions, folder / "storage" / "instances", series, spec)
     config = folder / "worker.yaml"
     config.write_text(
@@ -117,6 +118,7 @@ def run(url: str, folder: Path, workers: int, series: int, spec: PhantomSpec) ->
             claimed = next(e.at for e in job.events if e.to_state is JobState.PROCESSING)
             finished = next(e.at for e in job.events if e.to_state is JobState.DONE)
             per_job.append((finished - claimed).total_seconds())
+    engine.dispose()
     span = (max(finishes) - min(claims)).total_seconds()
     claim_seconds = sorted(float((job.timings or {}).get("claim", 0.0)) for job in jobs)
     hosts = {job.claimed_by.rpartition(":")[0] for job in jobs if job.claimed_by}
@@ -153,9 +155,9 @@ def main() -> None:
     server_url = options.database_url or server.url()  # type: ignore[union-attr]
     results = []
     try:
-        for workers in options.workers:
+        for number, workers in enumerate(options.workers):
             with tempfile.TemporaryDirectory(prefix="jobs-per-hour-") as folder:
-                url = fresh_database(server_url, f"bench_jobs_{workers}")
+                url = fresh_database(server_url, f"bench_jobs_{number}_{workers}")
                 result = run(url, Path(folder), workers, options.series, spec)
             results.append(result)
             print(json.dumps(result), flush=True)
