@@ -277,7 +277,7 @@ class InferenceWorker:
         """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id, with_for_update=True)
-            timings = {"claim": claim.claim_seconds, **result.timings}
+            timings = {**result.timings, "claim": claim.claim_seconds}
             job.timings = {key: round(value, 3) for key, value in timings.items()}
             if not jobs.holds(job, self.identity):
                 why = (
