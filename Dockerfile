@@ -19,8 +19,9 @@ COPY pyproject.toml README.md ./
 COPY dicom_node/ dicom_node/
 COPY db/ db/
 COPY inference/ inference/
-# The TotalSegmentator extra brings torch (a CUDA build from PyPI: the container can use a GPU).
-RUN pip install --no-cache-dir --disable-pip-version-check ".[totalsegmentator]" \
+# The TotalSegmentator extra brings torch (a CUDA build from PyPI: the container can use a GPU);
+# the postgresql extra the driver for a shared PostgreSQL (docker-compose.yml: workers on GPU hosts).
+RUN pip install --no-cache-dir --disable-pip-version-check ".[totalsegmentator,postgresql]" \
  && cd / && rm -rf /usr/src/dicom-node
 
 COPY config.yaml /etc/dicom-node/config.yaml

@@ -3,7 +3,7 @@
 
 Both run the same weights (built by ``scripts/build_test_weights.py``: TotalSegmentator's
 layout, the 3 mm network nnU-Net plans, random initialisation) on the same synthetic CT
-(``inference.phantom``, 512x512x``--slices``, 0.8x0.8x1.5 mm):
+(``dicom_node.phantom``, 512x512x``--slices``, 0.8x0.8x1.5 mm):
 
 * **reference**: ``TotalSegmentator -i ct.nii.gz -o out.nii.gz --fast --ml -d cpu`` (the
   venv's entry point) run offline (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``) under
@@ -446,7 +446,7 @@ def write_inputs(work: Path, slices: int) -> tuple[Path, Path, dict[str, Any]]:
     import nibabel as nib
     import numpy as np
 
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
     from inference.volume import load_series_volume
 
     spec = PhantomSpec(rows=512, columns=512, slices=slices, pixel_spacing=(0.8, 0.8), slice_spacing=1.5)

@@ -619,7 +619,7 @@ def node_config_has_inference() -> bool:
 
 def generate_series(folder: Path, slices: int) -> float:
     sys.path.insert(0, str(REPO))
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
 
     start = time.perf_counter()
     write_phantom_series(folder, PhantomSpec(rows=512, columns=512, slices=slices))

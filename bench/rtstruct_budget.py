@@ -33,7 +33,7 @@ from seg_encoding import build_label_map  # noqa: E402
 
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct  # noqa: E402
 from dicom_node.encode.seg import Algorithm  # noqa: E402
-from inference.phantom import PhantomSpec, write_phantom_series  # noqa: E402
+from dicom_node.phantom import PhantomSpec, write_phantom_series  # noqa: E402
 from inference.volume import load_series_volume  # noqa: E402
 
 

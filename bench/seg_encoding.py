@@ -137,7 +137,7 @@ def build_label_map(phantom: Any, structures: int, seed: int = 7) -> np.ndarray:
     """
     from scipy.spatial import cKDTree
 
-    from inference.phantom import PHANTOM_LABELS as P
+    from dicom_node.phantom import PHANTOM_LABELS as P
 
     classes = _total_classes()
     name = _by_name(classes)
@@ -229,7 +229,7 @@ def prepare(workdir: Path, n_slices: int, structures: int) -> dict[str, Any]:
     """Write the CT series, the label map (.npy, and .nii.gz as TotalSegmentator holds it)."""
     import nibabel as nib
 
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
     from inference.volume import load_series_volume
 
     ct_dir = workdir / "ct"

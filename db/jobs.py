@@ -11,11 +11,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Delivery, Job, JobEvent, JobState, Series, utcnow
+from db.results import DeliveryRecord, ResultFile
 
 S = JobState
 
@@ -49,6 +51,8 @@ def change_state(session: Session, job: Job, to_state: JobState, reason: str | N
     if to_state not in ALLOWED_TRANSITIONS[from_state]:
         raise InvalidTransition(f"job {job.id}: {from_state.value} -> {to_state.value} is not allowed")
     now = utcnow()
+    if to_state is not S.PROCESSING:
+        job.lease_expires_at = None  # a lease covers PROCESSING only
     job.state = to_state
     job.reason = reason
     job.state_changed_at = now
@@ -96,6 +100,11 @@ def ignore(session: Session, job: Job, reason: str, *, rule_name: str | None = N
 
 def fail(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.FAILED, reason)
+
+
+def finish_sending(session: Session, job: Job, reason: str) -> None:
+    """Every destination has every result file: SENDING -> DONE."""
+    change_state(session, job, S.DONE, reason)
 
 
 ADMISSION_REFUSED_PREFIX = "not admitted"
@@ -158,7 +167,7 @@ def retry(session: Session, job: Job) -> None:
         )
     if job.state is S.FAILED and job.result_files and _failed_while_sending(job) and lacks_deliveries(session, job):
         job.deliveries = {
-            name: {**record, "attempts": 0, "next_attempt_at": None}
+            name: record.model_copy(update={"attempts": 0, "next_attempt_at": None})
             for name, record in (job.deliveries or {}).items()
         }
         change_state(session, job, S.SENDING, "resend of the missing files requested by operator")
@@ -169,6 +178,7 @@ def retry(session: Session, job: Job) -> None:
 
 
 def _failed_while_sending(job: Job) -> bool:
+    """Whether the job's last transition (its recorded stage, not the wording of its reason) was SENDING -> FAILED."""
     last = job.events[-1] if job.events else None
     return last is not None and last.to_state is S.FAILED and last.from_state is S.SENDING
 
@@ -230,6 +240,7 @@ class DestinationProgress:
     delivered: dict[str, Delivery] = field(default_factory=dict)  # SOP Instance UID -> its record
     attempts: int = 0
     last_error: str | None = None
+    next_attempt_at: datetime | None = None
 
     @property
     def total(self) -> int | None:
@@ -251,13 +262,36 @@ class DestinationProgress:
         return f"{self.destination} {len(self.planned) - len(self.missing)}/{len(self.planned)}"
 
 
+def delivery_record(job: Job, destination: str) -> DeliveryRecord:
+    """``destination``'s side of the job (an empty record before its first attempt)."""
+    return (job.deliveries or {}).get(destination) or DeliveryRecord()
+
+
+def update_delivery_record(job: Job, destination: str, record: DeliveryRecord) -> None:
+    """Store ``destination``'s record (the column is written whole, so the change is saved)."""
+    job.deliveries = {**(job.deliveries or {}), destination: record}
+
+
 def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str]) -> None:
     """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any."""
-    deliveries = dict(job.deliveries or {})
-    record = dict(deliveries.get(destination) or {"attempts": 0})
-    record["files"] = dict(files)
-    deliveries[destination] = record
-    job.deliveries = deliveries
+    update_delivery_record(job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files)}))
+
+
+def record_attempt(
+    session: Session, job: Job, destination: str, *, now: datetime, complete: bool, error: str | None,
+    next_attempt_at: datetime | None,
+) -> DeliveryRecord:
+    """Count one sending attempt to ``destination``: delivered (every file accepted), or its error and next try."""
+    record = delivery_record(job, destination)
+    attempts = record.attempts + 1
+    if complete:
+        updated = record.model_copy(update={"attempts": attempts, "delivered_at": now, "last_error": None,
+                                            "next_attempt_at": None})
+    else:
+        updated = record.model_copy(update={"attempts": attempts, "last_error": error or "not every file was accepted",
+                                            "next_attempt_at": next_attempt_at})
+    update_delivery_record(job, destination, updated)
+    return updated
 
 
 def record_delivery(
@@ -299,13 +333,13 @@ def delivery_progress(session: Session, job: Job) -> list[DestinationProgress]:
         by_destination.setdefault(row.destination, {})[row.sop_instance_uid] = row
     progress = []
     for name in job.destinations or []:
-        record = (job.deliveries or {}).get(name) or {}
-        planned = record.get("files")
+        record = delivery_record(job, name)
+        planned = record.files
         delivered = by_destination.get(name, {})
         if planned is not None:
             delivered = {uid: row for uid, row in delivered.items() if uid in planned}
         progress.append(
-            DestinationProgress(name, planned, delivered, int(record.get("attempts", 0)), record.get("last_error"))
+            DestinationProgress(name, planned, delivered, record.attempts, record.last_error, record.next_attempt_at)
         )
     return progress
 
@@ -355,33 +389,140 @@ def set_stage(session: Session, job_id: int, stage: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(stage=stage))
 
 
+def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | None = None) -> Job | None:
+    """Claim the oldest claimable QUEUED job for ``worker``, with a lease until now + ``lease``; None if none.
+
+    Two workers never get one job: on PostgreSQL the candidate row is locked with
+    ``FOR UPDATE SKIP LOCKED`` (a concurrent claim skips to the next job); on every database
+    the claim itself is a conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count
+    must be 1, so a job claimed meanwhile is left alone.
+    """
+    moment = now or utcnow()
+    candidate = session.scalars(
+        select(Job).where(claimable(moment)).order_by(Job.state_changed_at, Job.id).limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if candidate is None or not claim(session, candidate, worker, lease, moment):
+        return None  # nothing queued, or another worker's claim came first
+    return candidate
+
+
+def claim(session: Session, job: Job, worker: str, lease: timedelta, now: datetime | None = None) -> bool:
+    """QUEUED -> PROCESSING for ``worker``, with a lease until now + ``lease``; False if ``job`` was claimed meanwhile.
+
+    One conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count must be 1.
+    """
+    moment = now or utcnow()
+    reason = f"claimed by worker {worker}"
+    claimed = cast("CursorResult[Any]", session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == S.QUEUED)
+        .values(
+            state=S.PROCESSING, reason=reason, state_changed_at=moment, claimed_by=worker, stage="claimed",
+            not_before=None, attempts=Job.attempts + 1, lease_expires_at=moment + lease,
+        )
+        .execution_options(synchronize_session=False)
+    ))
+    if claimed.rowcount != 1:
+        return False
+    session.add(JobEvent(job_id=job.id, from_state=S.QUEUED, to_state=S.PROCESSING, reason=reason, at=moment))
+    session.flush()
+    session.refresh(job)
+    return True
+
+
+def renew_lease(session: Session, job_id: int, worker: str, until: datetime) -> bool:
+    """Extend ``worker``'s lease on a job it is processing; False when the job is no longer its own.
+
+    (Re-opened by a late instance, or queued again after the lease ran out: the worker's
+    result will be discarded.)
+    """
+    renewed = cast("CursorResult[Any]", session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
+        .values(lease_expires_at=until)
+        .execution_options(synchronize_session=False)
+    ))
+    return renewed.rowcount == 1
+
+
+def holds(job: Job, worker: str) -> bool:
+    """Whether ``worker`` still holds ``job`` (PROCESSING, claimed by it)."""
+    return job.state is S.PROCESSING and job.claimed_by == worker
+
+
+def finish_processing(
+    session: Session, job: Job, state: JobState, reason: str, *, result_path: str | None = None,
+    result_files: Sequence[ResultFile] | None = None, warnings: Sequence[str] = (),
+) -> None:
+    """The worker is done with ``job``: SENDING (results for destinations), DONE or FAILED; the lease ends.
+
+    With ``result_path`` the run's results replace the job's earlier ones, and every
+    destination starts afresh (no delivery record).
+    """
+    if result_path is not None:
+        job.result_path = result_path
+        job.result_files = list(result_files or [])
+        job.deliveries = {}
+        append_warnings(job, warnings)
+    change_state(session, job, state, reason)
+
+
+def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
+    """PROCESSING jobs whose worker's lease ran out: the worker died, hangs, or lost its host.
+
+    On PostgreSQL the rows are locked (``SKIP LOCKED``), so two workers sweeping at once
+    never both queue one job again.
+    """
+    moment = now or utcnow()
+    query = (
+        select(Job)
+        .where(Job.state == S.PROCESSING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < moment)
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query))
+
+
 def jobs_of_worker(session: Session, worker: str) -> list[Job]:
     """PROCESSING jobs claimed by ``worker`` ("host:pid")."""
     query = select(Job).where(Job.state == S.PROCESSING, Job.claimed_by == worker).order_by(Job.id)
     return list(session.scalars(query))
 
 
-def worker_died(session: Session, job: Job, max_deaths: int) -> bool:
+def worker_died(session: Session, job: Job, max_deaths: int, *, detail: str = "") -> bool:
     """The worker holding ``job`` died: queue it again, or fail it once ``max_deaths`` workers died on it.
 
     Returns True when the job was failed. Call it only for a PROCESSING job whose
-    ``claimed_by`` worker is known to be gone.
+    ``claimed_by`` worker is known to be gone (or whose lease ran out); ``detail`` is added to the reason.
     """
     job.worker_deaths = (job.worker_deaths or 0) + 1
     stage = job.stage or "start"
     if job.worker_deaths >= max_deaths:
         change_state(
             session, job, S.FAILED,
-            f"worker died while processing ({job.worker_deaths} times): last seen in stage {stage}",
+            f"worker died while processing ({job.worker_deaths} times): last seen in stage {stage}{detail}",
         )
         return True
     change_state(
         session, job, S.QUEUED,
-        f"worker {job.claimed_by} died in stage {stage} ({job.worker_deaths} of {max_deaths} allowed); queued again",
+        f"worker {job.claimed_by} died in stage {stage} ({job.worker_deaths} of {max_deaths} allowed){detail}; "
+        "queued again",
     )
     return False
 
 
 def worker_stopped(session: Session, job: Job) -> None:
-    """The node stopped the worker holding ``job`` (shutdown): queue it again without counting a death."""
-    change_state(session, job, S.QUEUED, f"node stopped while worker {job.claimed_by} processed it; queued again")
+    """The worker holding ``job`` was stopped (shutdown): queue it again without counting a death."""
+    change_state(session, job, S.QUEUED, f"worker {job.claimed_by} was stopped while it processed the series (not a crash); queued again")
+
+
+def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:
+    """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed."""
+    late = ((now or utcnow()) - _aware(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
+    return worker_died(session, job, max_deaths, detail=f", its lease having run out {late:.0f} s ago")
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.results import DeliveriesType, DeliveryRecord, ResultFile, ResultFilesType
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -116,10 +118,13 @@ class Job(Base):
     model_name: Mapped[str | None] = mapped_column(String(128))
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(default=0)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))  # "host:pid" of the worker
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # the worker's id, "host:pid" (the lease's owner)
+    # Until when the claiming worker's lease holds; it renews it while it works. Past it, any
+    # worker on any host queues the job again (a worker death). None when no worker holds the job.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     result_path: Mapped[str | None] = mapped_column(Text)  # the job's output folder
-    result_files: Mapped[list[str] | None] = mapped_column(JSON)  # DICOM results to send, in order
-    deliveries: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # destination -> attempts, sent files, errors
+    result_files: Mapped[list[ResultFile] | None] = mapped_column(ResultFilesType)  # DICOM results to send, in order
+    deliveries: Mapped[dict[str, DeliveryRecord] | None] = mapped_column(DeliveriesType)  # destination -> plan, attempts
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # What the result does not cover or should be read with (partial series, dropped images, test
     # weights): shown by `status`/`show` and written into the results' descriptions and SR.

@@ -11,10 +11,11 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 LOG = logging.getLogger(__name__)
 
@@ -166,7 +167,33 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+MIGRATION_LOCK_KEY = 7_316_001
+"""PostgreSQL advisory lock held while migrating: workers starting at once on several hosts migrate one at a time."""
+
+
 def migrate(url: str) -> None:
-    """Bring the database schema to the newest revision (creating it if needed)."""
+    """Bring the database schema to the newest revision (creating it if needed).
+
+    On PostgreSQL the upgrade runs under an advisory lock, so processes starting at
+    the same moment (the node and workers on other hosts) never migrate concurrently.
+    """
     _create_sqlite_folder(url)
-    command.upgrade(alembic_config(url), "head")
+    if make_url(url).get_backend_name() != "postgresql":
+        command.upgrade(alembic_config(url), "head")
+        return
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                command.upgrade(alembic_config(url), "head")
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def open_database(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS) -> sessionmaker[Session]:
+    """Migrate the schema to the newest revision and return a session factory."""
+    migrate(url)
+    return make_session_factory(make_engine(url, busy_timeout_seconds))

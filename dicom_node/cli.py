@@ -106,11 +106,20 @@ def _warn_about_loose_permissions(storage: Path) -> None:
 
 
 @app.command()
-def worker(config: ConfigOption = None) -> None:
-    """Run one inference worker in the foreground (serve starts `inference.workers` of them itself)."""
-    from inference.worker import run_worker
+def worker(
+    config: ConfigOption = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Host part of the worker's id in its lease (default: $DICOM_NODE_WORKER_NAME, else the host name)."),
+    ] = None,
+) -> None:
+    """Run one inference worker in the foreground (serve starts `inference.workers` of them itself).
 
-    run_worker(_settings(config))
+    On another host, point it at the node's PostgreSQL and shared storage folder (README: "Workers on other hosts").
+    """
+    from dicom_node.worker import run_worker
+
+    run_worker(_settings(config), name=name)
 
 
 @app.command()
@@ -247,9 +256,8 @@ def _print_deliveries(session: Session, job: Job) -> None:
     if not job.deliveries:
         return
     for progress in jobs.delivery_progress(session, job):
-        record = (job.deliveries or {}).get(progress.destination) or {}
         attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
-        retry_at = f"; next try {record['next_attempt_at'][:19]}" if record.get("next_attempt_at") else ""
+        retry_at = f"; next try {progress.next_attempt_at.isoformat()[:19]}" if progress.next_attempt_at else ""
         console.print(f"sent to  {progress.summary()} files ({attempts}{retry_at})", highlight=False)
         if progress.planned is None:
             console.print(f"  nothing sent yet: {progress.last_error or 'waiting for its first attempt'}", highlight=False)
@@ -451,7 +459,7 @@ def phantom(
     ] = "ISO_IR 100",
 ) -> None:
     """Write a synthetic CT series (known anatomy) to test a node or a PACS route."""
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
 
     if multiframe not in (None, "enhanced", "legacy"):
         errors.print(f"cannot write phantom: --multiframe is 'enhanced' or 'legacy', not {multiframe!r}")

@@ -404,6 +404,27 @@ class InferenceSettings(_Strict):
     max_worker_deaths: int = Field(
         2, ge=1, le=100, description="A job whose worker died this many times is FAILED instead of queued again."
     )
+    lease_seconds: float = Field(
+        60.0, ge=1, le=3600,
+        description="A claimed job's lease: a worker (on any host) that has not renewed it for this long is taken "
+        "for dead and its job is queued again (counted against max_worker_deaths).",
+    )
+    lease_renew_seconds: float = Field(
+        15.0, gt=0, le=1200, description="How often a working worker renews its lease; well under lease_seconds."
+    )
+    shutdown_grace_seconds: float = Field(
+        25.0, ge=0, le=3600,
+        description="On SIGTERM a worker finishes its job for this long, then hands it back (queued again, not a death).",
+    )
+
+    @model_validator(mode="after")
+    def _renew_well_within_the_lease(self) -> InferenceSettings:
+        if self.lease_renew_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"inference.lease_renew_seconds ({self.lease_renew_seconds:g}) must be at most half of "
+                f"inference.lease_seconds ({self.lease_seconds:g}), so one late renewal does not lose the job"
+            )
+        return self
 
 
 ConsoleRole = Literal["viewer", "operator"]

@@ -162,7 +162,7 @@ def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log_path:
 
 
 def _write_phantom(folder: Path) -> Any:
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
 
     return write_phantom_series(
         folder, PhantomSpec(rows=160, columns=160, slices=60, pixel_spacing=(2.8, 2.8), slice_spacing=5.0)

@@ -4,8 +4,9 @@ The per-file truth is the ``deliveries`` table: each file a destination accepts 
 recorded right after its C-STORE response, in a transaction of its own, so after a
 crash or a restart only files without a record are sent again (at most the one
 file that was in flight, with the same SOP Instance UID). ``jobs.deliveries``
-keeps, per destination, the files it takes, the attempts, the last error and when
-to try next.
+keeps, per destination, a :class:`~db.results.DeliveryRecord`: the files it takes, the
+attempts, the last error and when to try next. Which of a job's result files a
+destination takes is :func:`db.results.files_for` (the job's typed result description).
 
 Destinations are sent to in parallel (``dispatch.parallel_sends`` at once, one
 association per destination at a time), so a stalled destination holds up only
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState, Series, Study
+from db.results import DeliveryRecord, files_for
 from db.session import retry_when_locked, transaction
 from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
@@ -48,7 +50,7 @@ RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits 
 
 
 @dataclass(frozen=True)
-class ResultFile:
+class SendableFile:
     """The header facts of one result file that sending needs."""
 
     path: str
@@ -62,7 +64,7 @@ class ResultFile:
         return Path(self.path).name
 
 
-def read_result_file(path: str) -> ResultFile:
+def read_result_file(path: str) -> SendableFile:
     """The UIDs and size of a DICOM file, read from its header only.
 
     Raises
@@ -71,7 +73,7 @@ def read_result_file(path: str) -> ResultFile:
         If the file is missing or not DICOM.
     """
     dataset = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-    return ResultFile(
+    return SendableFile(
         path=str(path),
         sop_instance_uid=str(dataset.SOPInstanceUID),
         sop_class_uid=str(dataset.SOPClassUID),
@@ -95,11 +97,11 @@ def describe_status(status: int) -> str:
 def send_files(
     calling_ae: str,
     destination: Destination,
-    files: list[str] | list[ResultFile],
+    files: list[str] | list[SendableFile],
     timeout: float,
     *,
     seconds_per_megabyte: float = 0.0,
-    on_accepted: Callable[[ResultFile, int], None] | None = None,
+    on_accepted: Callable[[SendableFile, int], None] | None = None,
 ) -> SendOutcome:
     """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent.
 
@@ -112,7 +114,7 @@ def send_files(
         Called with each file the peer accepts and its status, right after the
         response and before the next file is sent (the delivery record).
     """
-    results = [f if isinstance(f, ResultFile) else read_result_file(f) for f in files]
+    results = [f if isinstance(f, SendableFile) else read_result_file(f) for f in files]
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
@@ -155,7 +157,7 @@ def send_files(
     return SendOutcome(sent, "; ".join(refusals) or None)
 
 
-def _no_response(destination: Destination, result: ResultFile, wait: float, waited: float) -> str:
+def _no_response(destination: Destination, result: SendableFile, wait: float, waited: float) -> str:
     size = f"{result.size_bytes / 1_000_000:.1f} MB"
     if waited < wait - 1:
         return f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"
@@ -194,16 +196,16 @@ class Dispatcher(PeriodicTask):
                 self._settle(job_id)  # every destination finished: DONE or FAILED (e.g. after a crash)
                 continue
             for name in open_destinations:
-                if _due(deliveries.get(name) or {}, now) and self._reserve(name):
+                if (deliveries.get(name) or DeliveryRecord()).due(now) and self._reserve(name):
                     thread = threading.Thread(
                         target=self._send_guarded, args=(job_id, name), name=f"dispatch-{name}", daemon=True
                     )
                     thread.start()
 
-    def _settled(self, record: dict | None) -> bool:
+    def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, or has used all its attempts."""
-        record = record or {}
-        return bool(record.get("delivered_at")) or record.get("attempts", 0) >= self._dispatch.max_attempts
+        record = record or DeliveryRecord()
+        return record.delivered_at is not None or record.attempts >= self._dispatch.max_attempts
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
@@ -259,7 +261,7 @@ class Dispatcher(PeriodicTask):
 
     def _pending_files(
         self, job_id: int, name: str, destination: Destination | None, now: datetime
-    ) -> tuple[list[ResultFile] | None, str | None]:
+    ) -> tuple[list[SendableFile] | None, str | None]:
         """The files ``name`` takes and has no delivery record of; or why none can be sent.
 
         None when there is nothing to attempt now: the job left SENDING, or the
@@ -267,28 +269,31 @@ class Dispatcher(PeriodicTask):
         """
         with self.sessions() as session:
             job = session.get_one(Job, job_id)
-            record = (job.deliveries or {}).get(name) or {}
-            if job.state is not JobState.SENDING or self._settled(record) or not _due(record, now):
+            record = jobs.delivery_record(job, name)
+            if job.state is not JobState.SENDING or self._settled(record) or not record.due(now):
                 return None, None
-            planned = record.get("files")
+            planned = record.files
             result_files = list(job.result_files or [])
             delivered = jobs.delivered_sop_instance_uids(session, job_id, name)
         if destination is None:
             return [], f"destination {name!r} is no longer configured"
-        paths = list(planned.values()) if planned is not None else files_for(destination, result_files)
+        if planned is not None:
+            paths = list(planned.values())
+        else:
+            paths = [f.path for f in files_for(result_files, destination.send, destination.segmentation_type)]
         try:
             results = [read_result_file(path) for path in paths]
         except (OSError, InvalidDicomError, AttributeError):
             return [], f"a result file of this job is missing or unreadable (in {Path(paths[0]).parent})"
         if planned is None:
             # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
-            earlier = [r for r in results if r.path in set(record.get("sent") or [])]
+            earlier = [r for r in results if r.path in set(record.sent)]
             self._write(lambda session: _plan(session, job_id, name, results, earlier),
                         waiting=f"planning job {job_id} for {name}")
             delivered |= {r.sop_instance_uid for r in earlier}
         return [r for r in results if r.sop_instance_uid not in delivered], None
 
-    def _record_delivery(self, job_id: int, name: str, result: ResultFile, status: int) -> None:
+    def _record_delivery(self, job_id: int, name: str, result: SendableFile, status: int) -> None:
         """Right after a C-STORE response: the file's delivery record, in its own transaction."""
         self._write(
             lambda session: jobs.record_delivery(
@@ -316,22 +321,18 @@ class Dispatcher(PeriodicTask):
             job = session.get_one(Job, job_id)
             if job.state is not JobState.SENDING:
                 return  # re-opened meanwhile: its new run will send again
-            deliveries = dict(job.deliveries or {})
-            record = dict(deliveries.get(name) or {})
-            record["attempts"] = record.get("attempts", 0) + 1
             progress = next(p for p in jobs.delivery_progress(session, job) if p.destination == name)
-            if error is None and progress.complete:
-                record["delivered_at"] = now.isoformat()
-                record.pop("last_error", None)
-                record.pop("next_attempt_at", None)
+            complete = error is None and progress.complete
+            attempts = jobs.delivery_record(job, name).attempts + 1
+            record = jobs.record_attempt(
+                session, job, name, now=now, complete=complete, error=error,
+                next_attempt_at=None if complete else now + self._backoff(attempts),
+            )
+            if complete:
                 logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))
             else:
-                record["last_error"] = error or "not every file was accepted"
-                record["next_attempt_at"] = (now + self._backoff(record["attempts"])).isoformat()
                 logged.append((logging.WARNING, "dispatch.attempt_failed",
-                               {"attempt": record["attempts"], "error": record["last_error"]}))
-            deliveries[name] = record
-            job.deliveries = deliveries
+                               {"attempt": record.attempts, "error": record.last_error}))
             logged.extend(self._settle_in(session, job))
 
         self._write(change, waiting=f"recording job {job_id}'s attempt for {name}")
@@ -358,8 +359,7 @@ class Dispatcher(PeriodicTask):
         progress = jobs.delivery_progress(session, job)
         if all(p.complete for p in progress):
             files = sum(p.total or 0 for p in progress)
-            jobs.change_state(session, job, JobState.DONE,
-                              f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
+            jobs.finish_sending(session, job, f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
             return [(logging.INFO, "job.done", {"reason": job.reason})]
         if all(p.complete or p.attempts >= self._dispatch.max_attempts for p in progress):
             jobs.fail(session, job, sending_failure(progress))
@@ -386,14 +386,7 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
     return f"{jobs.SENDING_FAILURE_PREFIX}: " + "; ".join(parts)
 
 
-def files_for(destination: Destination, files: list[str]) -> list[str]:
-    """The result files this destination takes: its SEG encoding, and what its ``send`` list names."""
-    encoding = destination.segmentation_type.lower()
-    wanted = {"rtstruct.dcm" if kind == "rtstruct" else f"{kind}-{encoding}.dcm" for kind in destination.send}
-    return [f for f in files if Path(f).name in wanted]
-
-
-def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: list[ResultFile]) -> None:
+def _plan(session, job_id: int, name: str, results: list[SendableFile], earlier: list[SendableFile]) -> None:
     """Record the files ``name`` takes, and (from an older record) those it accepted already."""
     job = session.get_one(Job, job_id)
     if job.state is not JobState.SENDING:
@@ -402,8 +395,3 @@ def _plan(session, job_id: int, name: str, results: list[ResultFile], earlier: l
     for r in earlier:
         jobs.record_delivery(session, job_id, name, sop_instance_uid=r.sop_instance_uid,
                              sop_class_uid=r.sop_class_uid, path=r.path, status=0x0000)
-
-
-def _due(record: dict, now: datetime) -> bool:
-    next_attempt = record.get("next_attempt_at")
-    return next_attempt is None or datetime.fromisoformat(next_attempt) <= now

@@ -6,7 +6,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.session import make_engine, make_session_factory, migrate, transaction
+from db import session as db_session
+from db.session import transaction
 from dicom_node import security
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
@@ -29,7 +29,7 @@ from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
-from inference.worker import log_worker_death, run_worker
+from dicom_node.worker import log_worker_death, run_worker, worker_id
 
 LOG = logging.getLogger(__name__)
 
@@ -85,10 +85,14 @@ class WorkerSupervisor:
             return  # the next worker to start finds the job (requeue_abandoned_jobs)
         try:
             with transaction(self.sessions) as session:
-                for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+                for job in jobs.jobs_of_worker(session, worker_id(pid=pid)):
                     log_worker_death(job, jobs.worker_died(session, job, self.settings.inference.max_worker_deaths))
         except Exception:  # the restarted worker's own check takes over
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
+
+    def alive_count(self) -> int:
+        """How many of the local worker processes are running now."""
+        return sum(p.is_alive() for p in self._processes)
 
     def stop(self) -> None:
         """Ask every worker to stop; one still busy after 30 s is killed and its job queued again (not a death)."""
@@ -106,7 +110,7 @@ class WorkerSupervisor:
         if self.sessions is None or pid is None:
             return
         with transaction(self.sessions) as session:
-            for job in jobs.jobs_of_worker(session, f"{socket.gethostname()}:{pid}"):
+            for job in jobs.jobs_of_worker(session, worker_id(pid=pid)):
                 jobs.worker_stopped(session, job)
 
 
@@ -133,8 +137,7 @@ class RunningNode:
 
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """Migrate the schema to the newest revision and return a session factory."""
-    migrate(settings.database_url)
-    return make_session_factory(make_engine(settings.database_url, settings.database.busy_timeout_seconds))
+    return db_session.open_database(settings.database_url, settings.database.busy_timeout_seconds)
 
 
 def start_node(settings: Settings) -> RunningNode:
@@ -183,7 +186,7 @@ def _start_console(
     from dicom_node.console.metrics import Liveness, scp_listener
 
     def workers_alive() -> int | None:
-        return sum(p.is_alive() for p in workers._processes) if settings.inference.workers else None
+        return workers.alive_count() if settings.inference.workers else None
 
     listening = scp_listener(settings.network.host, settings.network.port)
     try:

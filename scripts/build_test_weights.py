@@ -16,7 +16,7 @@ the installed ``totalsegmentator`` package, so they match what it looks for.
 
 How:
 
-1. render a small synthetic torso phantom (``inference.phantom``) at the
+1. render a small synthetic torso phantom (``dicom_node.phantom``) at the
    task's resolution and write it as an nnU-Net raw dataset (imagesTr /
    labelsTr, ``.nii.gz``); its dataset.json lists every class of the model
    (118 labels incl. background for ``total_fast``) although the phantom
@@ -152,7 +152,7 @@ def write_raw_datasets(raw_root: Path, specs: list[dict]) -> None:
     import SimpleITK as sitk
 
     sys.path.insert(0, str(PROJECT_ROOT))
-    from inference.phantom import PHANTOM_LABELS, phantom_volume
+    from dicom_node.phantom import PHANTOM_LABELS, phantom_volume
 
     spacing = specs[0]["spacing"]
     for spec in specs:

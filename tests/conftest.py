@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +417,156 @@ class Certificates:
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     """One test PKI for the session (see :class:`Certificates`)."""
     return Certificates(tmp_path_factory.mktemp("pki"))
+
+
+# --- Jobs put in a state through the named transitions of db/jobs.py (the audit trail stays whole) ---
+
+TEST_WORKER = "test-host:1"
+
+
+def drive_job_to(session: Session, job: Any, state: JobState, *, reason: str = "put there by the test") -> None:
+    """Move a RECEIVING ``job`` to ``state`` along the path the node takes, one named transition at a time."""
+    from datetime import timedelta
+
+    from db import jobs
+
+    if state is JobState.RECEIVING:
+        return
+    jobs.mark_complete(session, job, "quiet period over (test)")
+    if state is JobState.COMPLETE:
+        return
+    if state in (JobState.FAILED, JobState.IGNORED):
+        (jobs.fail if state is JobState.FAILED else jobs.ignore)(session, job, reason)
+        return
+    jobs.queue(session, job, rule_name="test", model_name=job.model_name or "baseline",
+               destinations=list(job.destinations or []))
+    if state is JobState.QUEUED:
+        return
+    assert jobs.claim(session, job, TEST_WORKER, timedelta(minutes=5))
+    if state is JobState.PROCESSING:
+        return
+    jobs.finish_processing(session, job, state, reason)
+
+
+# --- A throwaway PostgreSQL server (Debian's binaries), and tests parametrized over SQLite and PostgreSQL ---
+
+POSTGRESQL_BINARIES = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+
+
+class PostgreSQL:
+    """A PostgreSQL server in a temporary folder on a free port, trusted from 127.0.0.1, stopped at the end.
+
+    initdb refuses to run as root: as root (CI machines) the server runs as the ``postgres``
+    user that Debian's package creates, in a folder that user owns.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        if not POSTGRESQL_BINARIES:
+            pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql)")
+        self.bin = POSTGRESQL_BINARIES[0].parent
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+        self.data = self.folder / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+            os.chown(self.folder, account.pw_uid, account.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.databases = 0
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    def start(self) -> PostgreSQL:
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.folder} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
+                  "-w", "-t", "60", "start")
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server; its SQLAlchemy URL."""
+        from sqlalchemy import create_engine, text
+
+        self.databases += 1
+        name = f"test_{os.getpid()}_{self.databases}"
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url(name)
+
+    def stop(self) -> None:
+        with suppress(subprocess.SubprocessError, OSError):
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[PostgreSQL]:
+    """One PostgreSQL server for the whole run (each test takes a fresh database on it)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("the PostgreSQL driver is not installed (pip install -e '.[postgresql]')")
+    server = PostgreSQL().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server: PostgreSQL) -> str:
+    """A fresh, empty PostgreSQL database."""
+    return postgresql_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database: the test runs once on a SQLite file and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgresql_url")
+
+
+def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int, spec: Any) -> list[str]:
+    """``count`` phantom series written under ``folder``, recorded as received and QUEUED for the baseline model.
+
+    As if the node had received and routed them (through the named transitions); returns their Series Instance UIDs.
+    Every series is its own study, with its own UIDs and noise.
+    """
+    from dataclasses import replace
+
+    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+    from db.session import transaction
+    from dicom_node.phantom import write_phantom_series
+
+    uids = []
+    for number in range(count):
+        series = write_phantom_series(folder / f"series-{number}", replace(spec, seed=number))
+        with transaction(sessions) as session:
+            for path, uid in zip(series.files, series.sop_instance_uids, strict=False):
+                record_instance(session, InstanceRecord(
+                    sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=path.stat().st_size,
+                    study=StudyAttributes(series.study_instance_uid),
+                    series=SeriesAttributes(series.series_instance_uid, modality="CT"),
+                ))
+            queued = job_for_series_uid(session, series.series_instance_uid)
+            queued.destinations = []
+            drive_job_to(session, queued, JobState.QUEUED)
+        uids.append(series.series_instance_uid)
+    return uids

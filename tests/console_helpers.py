@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from dicom_node.console.auth import hash_password
-from inference.phantom import PhantomSeries, PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from tests.conftest import Node, free_port, require_tool, storescu, wait_for
 
 PASSWORDS = {"olga": "operator-password", "vera": "viewer-password"}

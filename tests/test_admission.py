@@ -17,8 +17,8 @@ from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit, is_partial_series_warning
 from dicom_node.config import AdmissionSettings
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
-from inference.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import data_set_bytes
 
 STRICT = AdmissionSettings()

@@ -76,7 +76,7 @@ def test_a_real_node_audits_associations_stores_queries_echoes_and_sends(tmp_pat
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
     from db.models import JobState
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
     from tests.conftest import CT_RULES, storescu
 
     series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))

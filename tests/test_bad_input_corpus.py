@@ -30,7 +30,7 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from db.models import JobEvent, JobState, RejectedInstance, Series
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, Node, require_tool, storescu, wait_for
 
 QUIET_SECONDS = 1.0

@@ -113,7 +113,7 @@ def test_tiny_jpeg2000_images_declaring_8192_by_8192_are_refused_before_any_allo
     from pydicom.uid import JPEG2000Lossless
 
     from db.models import JobEvent, JobState
-    from inference.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
     from tests.conftest import CT_RULES, storescu
 
     series = write_phantom_series(tmp_path / "src", PhantomSpec(rows=64, columns=64, slices=3))

@@ -11,7 +11,7 @@ import pytest
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.encode.sources import RESULT_CHARACTER_SET, read_source_header
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, dciodvfy, storescu
 
 SMALL = PhantomSpec(rows=64, columns=64, slices=20, pixel_spacing=(6.0, 6.0), slice_spacing=8.0, noise_sd=5.0)

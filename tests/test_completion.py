@@ -9,7 +9,7 @@ import pytest
 
 from db.jobs import job_for_series_uid
 from db.models import JobEvent, JobState, Series
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, storescu
 from tests.test_partial_results import result_files
 

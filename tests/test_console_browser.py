@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from db.models import JobState
-from inference.phantom import write_phantom_series
+from dicom_node.phantom import write_phantom_series
 from tests.conftest import storescu
 from tests.console_helpers import PASSWORDS, SMALL_PHANTOM, ConsoleNode, console_node
 

@@ -14,8 +14,8 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+def sessions(database_url):
+    url = database_url
     migrate(url)
     return make_session_factory(make_engine(url))
 
@@ -32,8 +32,8 @@ def record(uid: str, series: str = "1.2.3.4", expected: int | None = None) -> In
     )
 
 
-def test_migrations_create_exactly_the_models_schema(tmp_path):
-    url = f"sqlite:///{tmp_path / 'schema.db'}"
+def test_migrations_create_exactly_the_models_schema(database_url):
+    url = database_url
     migrate(url)
     with make_engine(url).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+from datetime import timedelta
 
 import pydicom
 import pytest
 
+from db import jobs
 from db.jobs import job_for_series_uid
 from db.models import JobState
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -93,8 +95,7 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
     def failed_attempts() -> int:
         with node.sessions() as session:
             job = job_for_series_uid(session, series.series_instance_uid)
-            record = (job.deliveries or {}).get("peer") if job else None
-            return record["attempts"] if record else 0
+            return jobs.delivery_record(job, "peer").attempts if job else 0
 
     wait_for(lambda: failed_attempts() >= 2, timeout=120, what="two failed attempts while the peer is down")
     peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
@@ -161,12 +162,12 @@ def sending_job(session, files: dict[str, dict[str, str]]):
     job = jobs.open_job(session, series)
     jobs.mark_complete(session, job, "quiet")
     jobs.queue(session, job, rule_name="ct", model_name="baseline", destinations=list(files))
-    jobs.change_state(session, job, JobState.PROCESSING, "claimed")
-    job.result_files = sorted({path for planned in files.values() for path in planned.values()})
-    jobs.change_state(session, job, JobState.SENDING, "segmented")
+    session.flush()  # the job gets its id
+    assert jobs.claim(session, job, "test-host:1", timedelta(minutes=5))
+    paths = sorted({path for planned in files.values() for path in planned.values()})
+    jobs.finish_processing(session, job, JobState.SENDING, "segmented", result_path="/r", result_files=paths)
     for name, planned in files.items():
         jobs.plan_delivery(session, job, name, planned)
-    session.flush()  # the job gets its id
     return job
 
 
@@ -187,8 +188,8 @@ def test_failure_reason_says_which_destination_lacks_which_files_and_retry_sends
         deliver(session, job, "pacs", "1")
         deliver(session, job, "pacs", "2")
         deliver(session, job, "pacs", "2")  # recorded once, however often it is recorded
-        job.deliveries = {**job.deliveries, "planner": {**job.deliveries["planner"], "attempts": 5,
-                                                         "last_error": "no response within 60 s from PLANNER"}}
+        jobs.update_delivery_record(job, "planner", jobs.delivery_record(job, "planner").model_copy(
+            update={"attempts": 5, "last_error": "no response within 60 s from PLANNER"}))
         progress = jobs.delivery_progress(session, job)
         assert [p.summary() for p in progress] == ["pacs 2/2", "planner 0/1"]
         assert [p.missing for p in progress] == [{}, {"3": "/r/rtstruct.dcm"}]
@@ -196,7 +197,7 @@ def test_failure_reason_says_which_destination_lacks_which_files_and_retry_sends
         assert job.reason == ("sending failed: pacs received 2 of 2 files; planner received 0 of 1 file: "
                               "no response within 60 s from PLANNER (after 5 attempts)")
         jobs.retry(session, job)
-        assert job.state is JobState.SENDING and job.deliveries["planner"]["attempts"] == 0
+        assert job.state is JobState.SENDING and jobs.delivery_record(job, "planner").attempts == 0
         assert jobs.delivered_sop_instance_uids(session, job.id, "pacs") == {"1", "2"}
 
 

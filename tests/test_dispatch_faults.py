@@ -20,10 +20,11 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
+from db import jobs
 from db.jobs import delivered_sop_instance_uids, job_for_series_uid
 from db.models import Delivery, JobState
 from dicom_node.config import DatabaseSettings
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import Node, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -130,7 +131,7 @@ def delivery_records(node: Node, series_uid: str) -> list[Delivery]:
 def planned_files(node: Node, series_uid: str, name: str) -> dict[str, str]:
     with node.sessions() as session:
         job = job_for_series_uid(session, series_uid)
-        return dict(((job.deliveries or {}).get(name) or {}).get("files") or {})
+        return dict(jobs.delivery_record(job, name).files or {}) if job else {}
 
 
 def dispatch_log(node: Node) -> str:
@@ -141,7 +142,7 @@ def dispatch_log(node: Node) -> str:
 def attempts(node: Node, series_uid: str, name: str) -> int:
     with node.sessions() as session:
         job = job_for_series_uid(session, series_uid)
-        return int(((job.deliveries or {}).get(name) or {}).get("attempts", 0)) if job else 0
+        return jobs.delivery_record(job, name).attempts if job else 0
 
 
 # --- SIGKILL while sending -----------------------------------------------------------------------

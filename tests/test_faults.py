@@ -27,8 +27,8 @@ from db.jobs import job_for_series_uid
 from db.models import Instance, JobEvent, JobState, Series
 from db.session import make_engine, make_session_factory
 from dicom_node import status
+from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from dicom_node.receive.scp import DATABASE_BUSY_COMMENT
-from inference.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, Node, data_set_bytes, require_tool, storescu, succeeded_files, wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+def sessions(database_url):
+    url = database_url
     migrate(url)
     factory = make_session_factory(make_engine(url))
     studies = [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicom_node.encode.measurements import measure
-from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from tests.conftest import require_extra
 

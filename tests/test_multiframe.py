@@ -13,8 +13,8 @@ import pytest
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.encode.results import EncodingError, _sources_and_frames
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
 from tests.conftest import CT_RULES, dciodvfy, storescu, succeeded_files
 

@@ -13,7 +13,7 @@ import pytest
 
 from db.jobs import job_for_series_uid
 from db.models import Instance, JobState, Series
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, dciodvfy, storescu
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Tests for the synthetic CT phantom writer (inference.phantom)."""
+"""Tests for the synthetic CT phantom writer (dicom_node.phantom)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from inference import phantom
-from inference.phantom import (
+from dicom_node import phantom
+from dicom_node.phantom import (
     PHANTOM_HU,
     PHANTOM_LABELS,
     PhantomSeries,

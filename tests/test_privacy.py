@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from db.models import JobState
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, storescu
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from db.models import Instance, JobEvent, JobState, RejectedInstance, Series
 from dicom_node import status
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, data_set_bytes, require_tool, storescu, succeeded_files, wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from db.models import Instance, RejectedInstance
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from db.models import Instance, Job, JobEvent, JobState, RejectedInstance, Serie
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
 from dicom_node.retention import STUDY_PHI_COLUMNS, RetentionTask, apply_plan, plan_retention, purge_quarantine
-from tests.conftest import DICOM_NODE, wait_for
+from tests.conftest import DICOM_NODE, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -38,8 +38,9 @@ class Stored:
 
 
 @pytest.fixture
-def node(tmp_path) -> tuple[Settings, sessionmaker[Session]]:
-    settings = Settings(storage={"directory": tmp_path / "storage"})
+def node(tmp_path, database_url) -> tuple[Settings, sessionmaker[Session]]:
+    """Settings and sessions of a node's database: each test runs on SQLite and on PostgreSQL."""
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": database_url})
     migrate(settings.database_url)
     return settings, make_session_factory(make_engine(settings.database_url))
 
@@ -66,7 +67,7 @@ def add_series(
             files.append(path)
             record_instance(session, _record(f"{uid}.{n}", uid, path))
         job = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == uid)).one()
-        job.state = state
+        drive_job_to(session, job, state)
         job.state_changed_at = NOW - timedelta(days=days_ago)
         session.flush()
         result_folder = _add_results(session, settings, job) if results else None
@@ -240,7 +241,8 @@ def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path
 
 def cli(node: tuple[Settings, sessionmaker[Session]], tmp_path: Path, *args: str, **retention: float):
     config = tmp_path / "config.yaml"
-    data = {"storage": {"directory": str(node[0].storage.directory)}, "retention": retention}
+    data = {"storage": {"directory": str(node[0].storage.directory)}, "database": {"url": node[0].database_url},
+            "retention": retention}
     config.write_text(yaml.safe_dump(data))
     return subprocess.run([DICOM_NODE, "purge", *args, "--config", str(config)], capture_output=True, text=True)
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Instance, JobState, Series
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import Node, Orthanc, data_set_bytes, free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

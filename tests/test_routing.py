@@ -16,9 +16,9 @@ from db.models import Job, JobEvent, JobState, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
 from dicom_node.config import Rule, Settings
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.routing import SeriesFacts, decide
 from dicom_node.watcher import SeriesWatcher
-from inference.phantom import PhantomSpec, write_phantom_series
 
 CT = SeriesFacts(
     modality="CT",

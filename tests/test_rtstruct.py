@@ -8,8 +8,8 @@ import pytest
 
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct, slice_contours
 from dicom_node.encode.seg import Algorithm
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
 from tests.conftest import dciodvfy
 

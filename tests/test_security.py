@@ -24,8 +24,8 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from sqlalchemy import select
 
 from db.models import Instance
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.retrieve.stored import read_stored
-from inference.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

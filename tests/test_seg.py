@@ -24,8 +24,8 @@ from dicom_node.encode.seg import (
     warm_up,
     write_segmentation,
 )
+from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
 from tests.conftest import dciodvfy, require_extra
 

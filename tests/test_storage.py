@@ -131,8 +131,8 @@ def test_repair_indexes_files_missing_from_the_database_and_drops_partials(tmp_p
 
     from db.models import Instance, Job, JobState
     from db.session import make_engine, make_session_factory, migrate
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
     from dicom_node.receive.storage import repair
-    from inference.phantom import PhantomSpec, write_phantom_series
     from tests.conftest import data_set_bytes
 
     url = f"sqlite:///{tmp_path / 'state.db'}"

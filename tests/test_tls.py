@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from db.models import JobState
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, DICOM_NODE, Certificates, free_port, require_tool, wait_for
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 from db.models import JobState
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from inference.weights import TASK_DATASETS, model_folders
 from tests.conftest import ROOT, require_extra, storescu

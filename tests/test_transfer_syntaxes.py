@@ -31,8 +31,8 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from db.models import Instance, JobState
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.scp import ACCEPTED_TRANSFER_SYNTAXES, COMPRESSED_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES
-from inference.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, require_tool, storescu, succeeded_files
 
 SLICE = PhantomSpec(rows=64, columns=64, slices=1, pixel_spacing=(6.0, 6.0))

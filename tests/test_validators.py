@@ -23,8 +23,8 @@ import pytest
 
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.results import encode_results
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
 from tests.conftest import ROOT, dciodvfy, dsrdump, pixelmed, require_extra
 

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
-from inference.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import VolumeError, load_series_volume
 
 SPEC = PhantomSpec(rows=96, columns=80, slices=24, pixel_spacing=(4.0, 4.5), slice_spacing=6.0, noise_sd=0.0)

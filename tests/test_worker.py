@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ from db.jobs import job_for_series_uid
 from db.models import Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
+from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from dicom_node.worker import InferenceWorker
 from inference.models.threshold import ThresholdModel
-from inference.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume
-from inference.worker import InferenceWorker
-from tests.conftest import CT_RULES, storescu
+from tests.conftest import CT_RULES, drive_job_to, storescu
 
 PHANTOM = PhantomSpec(rows=128, columns=128, slices=40, pixel_spacing=(3.0, 3.0), slice_spacing=4.0, noise_sd=5.0)
 
@@ -109,9 +110,8 @@ def worker_setup(tmp_path):
         for path, uid in zip(series.files, series.sop_instance_uids, strict=True):
             record_instance(session, _record(series, path, uid))
         job = session.scalars(select(Job)).one()
-        job.state = JobState.QUEUED
-        job.model_name = "baseline"
         job.destinations = []
+        drive_job_to(session, job, JobState.QUEUED)
     return settings, sessions, series
 
 
@@ -148,8 +148,7 @@ def test_job_of_a_dead_worker_is_queued_again(worker_setup):
     settings, sessions, _series = worker_setup
     with transaction(sessions) as session:
         job = session.scalars(select(Job)).one()
-        job.state = JobState.PROCESSING
-        job.claimed_by = f"{socket.gethostname()}:999999999"
+        assert jobs.claim(session, job, f"{socket.gethostname()}:999999999", timedelta(minutes=5))
 
     worker = InferenceWorker(settings, sessions)
     assert worker.requeue_abandoned_jobs() == 1
@@ -165,8 +164,7 @@ def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_s
     settings, sessions, _series = worker_setup
     with transaction(sessions) as session:
         job = session.scalars(select(Job)).one()
-        job.state = JobState.PROCESSING
-        job.claimed_by = f"{socket.gethostname()}:999999999"
+        assert jobs.claim(session, job, f"{socket.gethostname()}:999999999", timedelta(minutes=5))
         job.stage = "segment"
         job.worker_deaths = settings.inference.max_worker_deaths - 1
 
@@ -220,7 +218,7 @@ def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(work
     with transaction(sessions) as session:
         jobs.retry(session, session.scalars(select(Job)).one())  # DONE -> COMPLETE
         job = session.scalars(select(Job)).one()
-        job.state = JobState.QUEUED  # as routing would
+        jobs.queue(session, job, rule_name="ct", model_name="baseline", destinations=[])  # as routing would
     assert worker.run_once()
 
     second = result_series(superseded=False)

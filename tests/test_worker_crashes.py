@@ -11,7 +11,7 @@ import pytest
 
 from db.jobs import job_for_series_uid
 from db.models import JobState
-from inference.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, storescu
 
 pytestmark = pytest.mark.integration

@@ -184,8 +184,8 @@ def job_detail(session: Session, job: Job, *, with_patient: bool) -> dict[str, A
             "files_delivered": len(p.delivered),
             "attempts": p.attempts,
             "last_error": p.last_error,
-            "delivered_at": ((job.deliveries or {}).get(p.destination) or {}).get("delivered_at"),
-            "next_attempt_at": ((job.deliveries or {}).get(p.destination) or {}).get("next_attempt_at"),
+            "delivered_at": _iso(jobs.delivery_record(job, p.destination).delivered_at),
+            "next_attempt_at": _iso(jobs.delivery_record(job, p.destination).next_attempt_at),
         }
         for p in jobs.delivery_progress(session, job)
     ]

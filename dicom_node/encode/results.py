@@ -10,6 +10,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from db.results import ResultFile, ResultKind
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
@@ -62,14 +63,16 @@ def encode_results(
     partial: bool = False,
     rtstruct_budget: ContourBudget | None = None,
     replaces: Mapping[str, Dataset] | None = None,
-) -> list[Path]:
+) -> list[ResultFile]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
     ``measurements`` (from :func:`~dicom_node.encode.measurements.measure`) are the SR's figures.
 
+    Returns the files written, each with its kind and encoding (the order they are sent in).
+
     Every run makes new series (new UIDs). A run after the first (``attempt`` > 1) says
     "(re-run N)" in its series descriptions, and each SR names the SR it replaces
-    (``replaces``: file name -> the earlier run's SR: its study, series, SOP class and instance UIDs) in its Predecessor Documents
+    (``replaces``: SEG encoding -> the earlier run's SR on it: its study, series, SOP class and instance UIDs) in its Predecessor Documents
     Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
     ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
     The RTSTRUCT is made first, within ``rtstruct_budget``: a structure it had to simplify
@@ -81,7 +84,7 @@ def encode_results(
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
     replaces = replaces or {}
-    written = []
+    written: list[ResultFile] = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         structure_set = encode_rtstruct(
             volume, sources, segmentation.labels, segmentation.classes, algorithm,
@@ -106,7 +109,7 @@ def encode_results(
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
-        earlier = [replaces[sr_path.name]] if sr_path.name in replaces else []
+        earlier = [replaces[kind]] if kind in replaces else []
         sr = encode_measurement_report(
             seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier,
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
@@ -114,9 +117,9 @@ def encode_results(
         sr.SeriesDescription = algorithm.series_description(RESULT_TITLES[f"sr-{kind.lower()}"], attempt, partial=partial)
         stamp_series_date_time(sr)
         sr.save_as(sr_path)
-        written += [seg_path, sr_path]
+        written += [ResultFile(ResultKind.SEG, str(seg_path), kind), ResultFile(ResultKind.SR, str(sr_path), kind)]
     if rtstruct:
-        written.append(folder / "rtstruct.dcm")  # sent after the SEG and SR
+        written.append(ResultFile(ResultKind.RTSTRUCT, str(folder / "rtstruct.dcm")))  # sent after the SEG and SR
     write_preview(folder / "preview.png", volume, segmentation.labels, segmentation.classes)
     return written
 

@@ -8,17 +8,27 @@ place of a missing TotalSegmentator model.
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from scipy import ndimage
 
-from dicom_node import __version__
 from inference.models import Segmentation
 from inference.volume import Volume
 
 BODY_HU = -500.0
 LUNG_HU = -400.0
 BONE_HU = 250.0
+
+
+def _package_version() -> str:
+    """The installed dicom-node's version (this package imports nothing from the node itself)."""
+    try:
+        return version("dicom-node")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 CLASSES = {1: "body", 2: "lung_left", 3: "lung_right", 4: "skeleton"}
 
 
@@ -26,7 +36,7 @@ class ThresholdModel:
     """HU-threshold baseline (not a trained model)."""
 
     algorithm_name = "dicom-node threshold baseline (not a trained model)"
-    algorithm_version = __version__
+    algorithm_version = _package_version()
     is_baseline = True
     is_test_weights = False
     weights = None

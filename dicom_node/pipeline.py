@@ -1,0 +1,333 @@
+"""One job's pipeline: load → segment → measure → encode → describe the results.
+
+:func:`run_pipeline` takes a claimed job (:class:`ClaimedJob`, read from the database by
+the worker) and returns what became of it (:class:`Processed`, :class:`Failed` or
+:class:`Deferred`); it writes files only in the job's folder and touches the database
+only through the ``on_stage`` callback. The claim, the lease and recording the outcome
+are the worker's (:mod:`dicom_node.worker`).
+
+What a result does not cover (images left out, values assumed) becomes the job's
+``warnings``, the SR's comment, and "PARTIAL" in the result descriptions. A re-run
+writes into ``jobs/<job id>/run-<N>/`` and supersedes the earlier run's results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from db import jobs
+from db.ingest import InstanceRecord
+from db.models import JobState, utcnow
+from db.results import ResultFile
+from db.session import is_database_locked
+from dicom_node.config import Settings
+from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
+from dicom_node.encode.results import EncodingError, encode_results
+from dicom_node.encode.rtstruct import ContourBudget
+from dicom_node.logs import log_event
+from dicom_node.receive.header import read_file_header
+from dicom_node.receive.storage import is_disk_full
+from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
+from inference.volume import Volume, VolumeError, load_series_volume
+from inference.weights import WeightsIdentity
+
+LOG = logging.getLogger(__name__)
+
+TEST_WEIGHTS_NOTE = "test weights (random, not a trained model): the structures are not anatomy; not for clinical use"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What the pipeline needs of a claimed job, read in the claim's transaction."""
+
+    job_id: int
+    series_instance_uid: str
+    model_name: str
+    instance_paths: list[Path]
+    destinations: list[str]
+    attempt: int
+    run: int = 1  # 1 for the job's first results; N for the N-th
+    warnings: list[str] = field(default_factory=list)  # the job's warnings so far (admission's)
+    replaces: dict[str, Dataset] = field(default_factory=dict)  # SEG encoding -> the earlier run's SR it replaces
+    claim_seconds: float = 0.0  # how long the claim took (kept with the job's timings as "claim")
+
+
+@dataclass(frozen=True)
+class Processed:
+    """Results made: SENDING (destinations wait for them) or DONE."""
+
+    state: JobState
+    reason: str
+    job_folder: Path  # every run's folder is in it: retention removes it whole
+    files: list[ResultFile]
+    indexed: list[InstanceRecord]  # the files' headers, for query/retrieve
+    warnings: list[str]
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The series cannot be processed; ``reason`` says why, for the operator."""
+
+    reason: str
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A transient fault (full disk, locked database): queue the job again, to be claimed from ``until``."""
+
+    until: datetime
+    reason: str
+    event: str  # the log event: job.waiting_for_disk, job.waiting_for_database
+    timings: dict[str, float]
+
+
+PipelineResult = Processed | Failed | Deferred
+
+
+class ModelCache:
+    """The models a worker keeps resident between jobs, loaded on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, SegmentationModel] = {}
+
+    def get(self, name: str, timings: dict[str, float]) -> SegmentationModel:
+        """The model ``name`` (loading it records ``model_load`` in ``timings``).
+
+        Raises
+        ------
+        ModelUnavailable
+            If no such model is configured, or it cannot be loaded.
+        """
+        if name not in self.models:
+            settings = self.settings.models.get(name)
+            if settings is None:
+                raise ModelUnavailable(f"model {name!r} is not configured (models: {', '.join(self.settings.models)})")
+            started = time.perf_counter()
+            self.models[name] = load_model(
+                settings,
+                self.settings.weights_directory,
+                device=self.settings.inference.device,
+                cpu_threads=self.settings.inference.cpu_threads,
+            )
+            timings["model_load"] = time.perf_counter() - started
+            model = self.models[name]
+            log_event(
+                LOG,
+                logging.INFO,
+                "model.loaded",
+                model=name,
+                algorithm=model.algorithm_name,
+                version=model.algorithm_version,
+                weights_sha256=model.weights.sha256 if model.weights else None,
+                test_weights=model.is_test_weights,
+                seconds=round(timings["model_load"], 2),
+            )
+            if model.is_test_weights:
+                log_event(LOG, logging.WARNING, "model.test_weights", model=name, note=TEST_WEIGHTS_NOTE)
+        return self.models[name]
+
+    def load_all(self) -> None:
+        """Load every model a processing rule names, before the first job (so no study waits for it).
+
+        A model that cannot load is logged here; its jobs fail with the reason when they come.
+        """
+        names = dict.fromkeys(rule.model for rule in self.settings.rules if rule.action == "process" and rule.model)
+        for name in names:
+            try:
+                self.get(name, {})
+            except ModelUnavailable as exc:
+                log_event(LOG, logging.ERROR, "model.unavailable", model=name, reason=str(exc))
+
+
+def run_pipeline(
+    claim: ClaimedJob, settings: Settings, models: ModelCache, on_stage: Callable[[str], None]
+) -> PipelineResult:
+    """Segment a claimed job's series and write its results; never raises for a bad series.
+
+    ``on_stage`` is called with each stage's name as it starts (the worker records it on
+    the job, for whoever finds the worker dead).
+    """
+    timings: dict[str, float] = {}
+    stage = "start"
+
+    def enter(name: str) -> str:
+        on_stage(name)
+        return name
+
+    try:
+        warnings = list(claim.warnings)
+        stage = enter("model")
+        model = models.get(claim.model_name, timings)
+        if model.is_test_weights and model.weights is not None:
+            warnings += [w for w in [test_weights_warning(model.weights)] if w not in warnings]
+        stage = enter("load")
+        started = time.perf_counter()
+        allow_partial = settings.inference.partial_series == "process"
+        volume = load_series_volume(claim.instance_paths, allow_partial=allow_partial)
+        timings["load"] = time.perf_counter() - started
+        warnings += [note for note in volume.notes if note not in warnings]
+        stage = enter("segment")
+        segmentation = model.segment(volume)
+        timings.update(segmentation.timings)
+        stage = enter("measure")
+        started = time.perf_counter()
+        measurements = measure(volume, segmentation.labels, segmentation.classes)  # for the JSON and the SR
+        stage = enter("write")
+        folder = write_outputs(settings, claim, volume, segmentation, model, measurements, warnings)
+        timings["write"] = time.perf_counter() - started
+        stage = enter("encode")
+        started = time.perf_counter()
+        files = _encode(settings, claim, volume, segmentation, measurements, model, folder, warnings)
+        indexed = [read_file_header(file.path) for file in files]
+        timings["encode"] = time.perf_counter() - started
+    except (VolumeError, ModelUnavailable, EncodingError) as exc:
+        return Failed(str(exc), timings)
+    except MemoryError:
+        LOG.exception("job.out_of_memory", extra={"event_fields": {"job": claim.job_id, "stage": stage}})
+        reason = f"not enough memory to process this series (stage {stage}); see the node's log for job {claim.job_id}"
+        return Failed(reason, timings)
+    except Exception as exc:
+        if is_disk_full(exc):  # transient faults queue the job again, never fail it
+            return _waiting_for_disk(settings, exc, timings)
+        if is_database_locked(exc):
+            reason = (
+                "waiting for the database: another process held it locked while the series was processed; queued again"
+            )
+            return Deferred(utcnow(), reason, "job.waiting_for_database", timings)
+        LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id, "stage": stage}})
+        reason = f"processing stopped on an unexpected error in stage {stage}; the node's log has the details for job {claim.job_id}"
+        return Failed(reason, timings)
+    return Processed(
+        state=JobState.SENDING if claim.destinations else JobState.DONE,
+        reason=_result_reason(model, measurements, folder, warnings),
+        job_folder=settings.jobs_directory / str(claim.job_id),
+        files=files,
+        indexed=indexed,
+        warnings=warnings,
+        timings=timings,
+    )
+
+
+def _waiting_for_disk(settings: Settings, error: BaseException, timings: dict[str, float]) -> Deferred:
+    """Processing found the disk full: queue the job again, to be tried after ``storage.disk_full_retry_seconds``."""
+    until = utcnow() + timedelta(seconds=settings.storage.disk_full_retry_seconds)
+    detail = getattr(error, "strerror", None) or "no space left on device"
+    reason = (
+        f"waiting for disk space: {detail.lower()} while writing the results in {settings.jobs_directory}; "
+        f"tried again from {until:%H:%M:%S} UTC"
+    )
+    return Deferred(until, reason, "job.waiting_for_disk", timings)
+
+
+def _encode(
+    settings: Settings,
+    claim: ClaimedJob,
+    volume: Volume,
+    segmentation: Segmentation,
+    measurements: list[StructureMeasurement],
+    model: SegmentationModel,
+    folder: Path,
+    warnings: list[str],
+) -> list[ResultFile]:
+    """SEG and SR files, one pair per SEG encoding wanted by the destinations or ``results`` (BINARY if none)."""
+    destinations = [settings.destinations[d] for d in claim.destinations if d in settings.destinations]
+    always = settings.results
+    wanted = sorted({d.segmentation_type for d in destinations} | set(always.segmentation_types)) or ["BINARY"]
+    rtstruct = always.rtstruct or any("rtstruct" in d.send for d in destinations)
+    try:
+        return encode_results(
+            volume,
+            segmentation,
+            measurements,
+            model,
+            folder,
+            wanted,
+            claim.run,
+            rtstruct=rtstruct,
+            warnings=warnings,
+            partial=any(jobs.is_partial_warning(w) for w in warnings),
+            replaces=claim.replaces,
+            rtstruct_budget=ContourBudget(always.rtstruct_max_points_per_structure, always.rtstruct_max_megabytes),
+        )
+    except (ValueError, KeyError) as exc:
+        LOG.exception("job.encoding_failed", extra={"event_fields": {"job": claim.job_id}})
+        raise EncodingError(f"results cannot be encoded: {exc}") from None
+
+
+def write_outputs(
+    settings: Settings,
+    claim: ClaimedJob,
+    volume: Volume,
+    segmentation: Segmentation,
+    model: SegmentationModel,
+    measurements: list[StructureMeasurement],
+    warnings: list[str],
+) -> Path:
+    """The run's folder: ``jobs/<job id>/`` for the first results, ``jobs/<job id>/run-<N>/`` after."""
+    import SimpleITK as sitk
+
+    folder = settings.jobs_directory / str(claim.job_id)
+    if claim.run > 1:
+        folder = folder / f"run-{claim.run}"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(segmentation.labels)
+    image.CopyInformation(volume.to_sitk())
+    sitk.WriteImage(image, str(folder / "labels.nii.gz"), useCompression=True)
+    write_measurements_json(folder / "measurements.json", measurements, algorithm_description(model))
+    (folder / "segmentation.json").write_text(
+        json.dumps(
+            {
+                "series_instance_uid": claim.series_instance_uid,
+                "model": claim.model_name,
+                "algorithm_name": model.algorithm_name,
+                "algorithm_version": model.algorithm_version,
+                "baseline": model.is_baseline,
+                "weights": model.weights.as_dict() if model.weights else None,
+                "classes": {str(k): v for k, v in segmentation.classes.items()},
+                "source_instances": [
+                    {"sop_instance_uid": s.sop_instance_uid, "frame_number": s.frame_number} for s in volume.slices
+                ],
+                "run": claim.run,
+                "warnings": warnings,
+            },
+            indent=2,
+        )
+    )
+    return folder
+
+
+def test_weights_warning(weights: WeightsIdentity) -> str:
+    """The warning every result made with synthetic or untrained weights carries."""
+    return f"made with {TEST_WEIGHTS_NOTE} ({weights.version})"
+
+
+def algorithm_description(model: SegmentationModel) -> dict[str, object]:
+    """What made a result: written beside the figures in measurements.json."""
+    return {
+        "name": model.algorithm_name,
+        "version": model.algorithm_version,
+        "baseline": model.is_baseline,
+        "test_weights": model.is_test_weights,
+        "weights": model.weights.as_dict() if model.weights else None,
+    }
+
+
+def _result_reason(
+    model: SegmentationModel, measurements: list[StructureMeasurement], output: Path, warnings: list[str]
+) -> str:
+    """E.g. "segmented with 2 warning(s) (baseline, not a trained model): w1; w2; 4 structures; results in ..."."""
+    baseline = " (baseline, not a trained model)" if model.is_baseline else ""
+    caveats = f" with {len(warnings)} warning(s)" if warnings else ""
+    listed = "".join(f"{warning}; " for warning in warnings)
+    return f"segmented{caveats}{baseline}: {listed}{len(measurements)} structures; results in {output}"

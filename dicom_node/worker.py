@@ -1,0 +1,491 @@
+"""The inference worker: a process that claims QUEUED jobs, holds a lease on each, and records the outcome.
+
+Each job runs through :func:`dicom_node.pipeline.run_pipeline`; around it the worker
+claims the job (:func:`db.jobs.claim_next`), renews its lease from a heartbeat thread
+every ``inference.lease_renew_seconds`` and records the outcome in one transaction.
+Models are loaded on first use and stay resident for every later job.
+
+A worker that dies mid-job is found two ways: on its own host at once (the supervisor in
+``serve`` sees its process end; a worker starting on the same host sees its pid gone),
+and from any host once its lease has run out (``inference.lease_seconds``): every worker
+queues such jobs again before it claims. Either counts a death against
+``inference.max_worker_deaths``; at the limit the job is FAILED. A series that changes
+while it is processed (a late instance re-opened it), or a job whose lease was lost,
+keeps its new state and the stale result is discarded.
+
+On SIGTERM the worker finishes its job for up to ``inference.shutdown_grace_seconds``,
+then hands it back (queued again, not counted as a death) and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.ingest import record_results
+from db.models import Instance, Job, Series, utcnow
+from db.session import DatabaseBusy, retry_when_locked, transaction
+from dicom_node.config import Settings
+from dicom_node.encode.seg import warm_up
+from dicom_node.logs import log_event
+from dicom_node.pipeline import ClaimedJob, Deferred, Failed, ModelCache, PipelineResult, Processed, run_pipeline
+
+LOG = logging.getLogger(__name__)
+
+LOCKED_CLAIM_LIMIT_SECONDS = 600.0
+"""A worker waits this long for a locked database when claiming, then polls again."""
+LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
+"""A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
+WORKER_NAME_VARIABLE = "DICOM_NODE_WORKER_NAME"
+"""Environment variable naming the worker's host in its id (default: the host name)."""
+
+
+def worker_host(name: str | None = None) -> str:
+    """The host part of a worker's id: ``name``, else ``$DICOM_NODE_WORKER_NAME``, else the host name."""
+    return name or os.environ.get(WORKER_NAME_VARIABLE) or socket.gethostname()
+
+
+def worker_id(name: str | None = None, pid: int | None = None) -> str:
+    """The id a worker claims jobs under: ``<host>:<pid>`` (the host part can be given, e.g. per container)."""
+    return f"{worker_host(name)}:{pid if pid is not None else os.getpid()}"
+
+
+class InferenceWorker:
+    """Claims one job at a time from the database, runs its pipeline under a lease, records the outcome."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], identity: str | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.identity = identity or worker_id()
+        self.models = ModelCache(settings)
+        self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
+        self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
+
+    @property
+    def host(self) -> str:
+        return self.identity.rpartition(":")[0]
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set, polling the queue every ``inference.poll_seconds``."""
+        self.requeue_abandoned_jobs()
+        self.models.load_all()
+        warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
+        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self.settings.inference.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Queue again the jobs whose lease ran out, then process the oldest QUEUED job, if any.
+
+        Leases are checked every ``inference.lease_renew_seconds`` at most (each check is a
+        write transaction, which on SQLite takes the database's write lock). Returns whether
+        there was a job to process.
+        """
+        if time.monotonic() >= self._next_lease_check:
+            self._next_lease_check = time.monotonic() + self.settings.inference.lease_renew_seconds
+            self.requeue_expired_leases()
+        claim = self.claim()
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    # --- dead workers -------------------------------------------------------------------------
+
+    def requeue_abandoned_jobs(self) -> int:
+        """Jobs left PROCESSING by a dead worker on this host, or by any worker whose lease ran out.
+
+        They go back to the queue (or fail at the crash limit). A locked database is
+        waited for. Returns how many were queued again.
+        """
+        local = retry_when_locked(
+            self._requeue_dead_local_workers_once,
+            waiting=f"worker {self.identity} queuing again the jobs of stopped workers",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+        )
+        return local + self.requeue_expired_leases()
+
+    def _requeue_dead_local_workers_once(self) -> int:
+        requeued = 0
+        with transaction(self.sessions) as session:
+            for job in jobs.jobs_in_state(session, [jobs.S.PROCESSING]):
+                owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
+                if owner_host == self.host and not _pid_alive(owner_pid):
+                    failed = jobs.worker_died(session, job, self.settings.inference.max_worker_deaths)
+                    log_worker_death(job, failed)
+                    requeued += not failed
+        return requeued
+
+    def requeue_expired_leases(self) -> int:
+        """Jobs whose worker (on any host) stopped renewing its lease: queued again, or failed at the crash limit."""
+
+        def sweep() -> int:
+            requeued = 0
+            with transaction(self.sessions) as session:
+                for job in jobs.expired_leases(session):
+                    failed = jobs.lease_expired(session, job, self.settings.inference.max_worker_deaths)
+                    log_worker_death(job, failed)
+                    requeued += not failed
+            return requeued
+
+        try:
+            return retry_when_locked(
+                sweep,
+                waiting=f"worker {self.identity} queuing again jobs whose lease ran out",
+                limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy:
+            return 0
+
+    # --- claim --------------------------------------------------------------------------------
+
+    def claim(self) -> ClaimedJob | None:
+        """Take the oldest claimable QUEUED job (not deferred to later), or None.
+
+        A database locked by another process is waited for (each wait logged);
+        if it stays locked past :data:`LOCKED_CLAIM_LIMIT_SECONDS` the worker
+        returns None and polls again rather than stopping.
+        """
+        started = time.perf_counter()
+        try:
+            claim = retry_when_locked(
+                self._claim_once,
+                waiting=f"worker {self.identity} claiming a job",
+                limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy:
+            return None
+        return None if claim is None else replace(claim, claim_seconds=time.perf_counter() - started)
+
+    def _claim_once(self) -> ClaimedJob | None:
+        lease = timedelta(seconds=self.settings.inference.lease_seconds)
+        with transaction(self.sessions) as session:
+            job = jobs.claim_next(session, self.identity, lease)
+            if job is None:
+                return None
+            paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
+            run, replaces = _run_and_replaced_reports(session, job)
+            return ClaimedJob(
+                job.id,
+                job.series.series_instance_uid,
+                job.model_name or "",
+                paths,
+                list(job.destinations or []),
+                job.attempts,
+                run=run,
+                warnings=list(job.warnings or []),
+                replaces=replaces,
+            )
+
+    # --- one job ------------------------------------------------------------------------------
+
+    def process(self, claim: ClaimedJob) -> None:
+        """Run the job's pipeline under a renewed lease, then record its outcome."""
+        log_event(
+            LOG,
+            logging.INFO,
+            "job.processing",
+            job=claim.job_id,
+            worker=self.identity,
+            series_instance_uid=claim.series_instance_uid,
+            model=claim.model_name,
+        )
+        self.current = claim
+        heartbeat = LeaseHeartbeat(self, claim.job_id)
+        heartbeat.start()
+        try:
+            result = run_pipeline(claim, self.settings, self.models, lambda stage: self._record_stage(claim, stage))
+        finally:
+            heartbeat.stop()
+        self._finish(claim, result)
+        self.current = None
+
+    def renew_lease(self, job_id: int) -> bool:
+        """Extend this worker's lease on ``job_id``; False when the job is no longer its own."""
+        until = utcnow() + timedelta(seconds=self.settings.inference.lease_seconds)
+        with transaction(self.sessions) as session:
+            return jobs.renew_lease(session, job_id, self.identity, until)
+
+    def _record_stage(self, claim: ClaimedJob, stage: str) -> None:
+        """Record the stage this job is in (read by whoever finds this worker dead).
+
+        A locked database is waited for, so a lock never costs the work done so far.
+        """
+
+        def record() -> None:
+            with transaction(self.sessions) as session:
+                jobs.set_stage(session, claim.job_id, stage)
+
+        retry_when_locked(
+            record,
+            waiting=f"worker {self.identity} recording stage {stage} of job {claim.job_id}",
+            limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+        )
+
+    def _finish(self, claim: ClaimedJob, result: PipelineResult) -> None:
+        """Record the job's outcome. A locked database is waited for: a finished result is never thrown away."""
+        try:
+            recorded = retry_when_locked(
+                lambda: self._finish_once(claim, result),
+                waiting=f"worker {self.identity} recording the outcome of job {claim.job_id}",
+                limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
+                wait_for_disk_space=True,
+            )
+        except DatabaseBusy as exc:
+            log_event(
+                LOG,
+                logging.ERROR,
+                "job.outcome_not_recorded",
+                job=claim.job_id,
+                reason=f"{exc}; the job is queued again once this worker's lease on it runs out",
+            )
+            return
+        if not recorded:
+            return
+        timings = {f"seconds_{k}": round(v, 2) for k, v in result.timings.items()}
+        if isinstance(result, Deferred):
+            log_event(LOG, logging.WARNING, result.event, job=claim.job_id, reason=result.reason)
+        elif isinstance(result, Failed):
+            log_event(LOG, logging.ERROR, "job.failed", job=claim.job_id, reason=result.reason, **timings)
+        else:
+            log_event(
+                LOG,
+                logging.INFO,
+                f"job.{result.state.value.lower()}",
+                job=claim.job_id,
+                reason=result.reason,
+                **timings,
+            )
+
+    def _finish_once(self, claim: ClaimedJob, result: PipelineResult) -> bool:
+        """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
+        with transaction(self.sessions) as session:
+            job = session.get_one(Job, claim.job_id, with_for_update=True)
+            timings = {**result.timings, "claim": claim.claim_seconds}
+            job.timings = {key: round(value, 3) for key, value in timings.items()}
+            if not jobs.holds(job, self.identity):
+                why = (
+                    "series changed while processing"
+                    if job.claimed_by == self.identity
+                    else "lease lost to another worker"
+                )
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "job.result_discarded",
+                    job=claim.job_id,
+                    reason=f"{why} (now {job.state.value})",
+                )
+                return False
+            if isinstance(result, Processed):
+                record_results(session, job.id, result.indexed)  # Q/R answers from these rows
+                jobs.finish_processing(
+                    session,
+                    job,
+                    result.state,
+                    result.reason,
+                    result_path=str(result.job_folder),
+                    result_files=result.files,
+                    warnings=result.warnings,
+                )
+            elif isinstance(result, Failed):
+                jobs.finish_processing(session, job, jobs.S.FAILED, result.reason)
+            else:
+                jobs.defer(session, job, result.until, result.reason)
+        return True
+
+    def hand_back(self) -> bool:
+        """Shutdown: queue the job being processed again, without counting a death; whether there was one."""
+        claim = self.current
+        if claim is None:
+            return False
+        with transaction(self.sessions) as session:
+            job = session.get_one(Job, claim.job_id, with_for_update=True)
+            if not jobs.holds(job, self.identity):
+                return False
+            jobs.worker_stopped(session, job)
+        log_event(
+            LOG,
+            logging.WARNING,
+            "job.handed_back",
+            job=claim.job_id,
+            worker=self.identity,
+            reason="the worker was stopped before the job finished; queued again",
+        )
+        return True
+
+
+class LeaseHeartbeat:
+    """A thread renewing the worker's lease on one job every ``inference.lease_renew_seconds`` until stopped."""
+
+    def __init__(self, worker: InferenceWorker, job_id: int) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        interval = self.worker.settings.inference.lease_renew_seconds
+        while not self._stopped.wait(interval):
+            try:
+                if not self.worker.renew_lease(self.job_id):
+                    log_event(
+                        LOG,
+                        logging.WARNING,
+                        "job.lease_lost",
+                        job=self.job_id,
+                        worker=self.worker.identity,
+                        reason="the job is no longer this worker's (re-opened, or its lease ran out); "
+                        "its result will be discarded",
+                    )
+                    return
+            except Exception:
+                LOG.exception("job.lease_not_renewed", extra={"event_fields": {"job": self.job_id}})
+
+
+def _run_and_replaced_reports(session: Session, job: Job) -> tuple[int, dict[str, Dataset]]:
+    """Which run this is, and the current SRs (per SEG encoding) that its SRs will supersede."""
+    results = list(session.scalars(select(Series).where(Series.source_job_id == job.id)))
+    current = [series for series in results if series.superseded_at is None]
+    superseded_runs = len({series.superseded_at for series in results if series.superseded_at is not None})
+    described = {file.path: file for file in job.result_files or []}
+    replaces: dict[str, Dataset] = {}
+    for series in current:
+        if series.modality != "SR":
+            continue
+        for instance in series.instances:
+            file = described.get(instance.path)
+            if file is None or file.encoding is None:
+                continue
+            earlier = Dataset()
+            earlier.SOPClassUID = instance.sop_class_uid
+            earlier.SOPInstanceUID = instance.sop_instance_uid
+            earlier.StudyInstanceUID = series.study.study_instance_uid
+            earlier.SeriesInstanceUID = series.series_instance_uid
+            replaces[file.encoding] = earlier
+    return superseded_runs + bool(current) + 1, replaces
+
+
+def log_worker_death(job: Job, failed: bool) -> None:
+    """One log line per job whose worker died: ERROR when the crash limit failed it."""
+    log_event(
+        LOG,
+        logging.ERROR if failed else logging.WARNING,
+        "job.worker_died",
+        job=job.id,
+        worker=job.claimed_by,
+        stage=job.stage,
+        deaths=job.worker_deaths,
+        reason=job.reason,
+    )
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_worker(settings: Settings, parent_pid: int | None = None, name: str | None = None) -> None:
+    """Entry point of a worker process (`dicom-node worker`, or started by `serve`, which passes its pid).
+
+    ``name`` is the host part of the worker's id (default ``$DICOM_NODE_WORKER_NAME``, else the host name).
+    """
+    import faulthandler
+    import signal
+
+    from db.session import open_database
+    from dicom_node.logs import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    threading.Thread(target=_stop_when_orphaned, args=(stop, parent), name="parent-watch", daemon=True).start()
+    worker = InferenceWorker(
+        settings, open_database(settings.database_url, settings.database.busy_timeout_seconds), worker_id(name)
+    )
+    done = threading.Event()
+    threading.Thread(
+        target=_hand_back_after_grace, args=(worker, stop, done), name="shutdown-grace", daemon=True
+    ).start()
+    worker.run(stop)
+    done.set()
+
+
+EXIT_STALL_SECONDS = 10.0
+"""After its loop ended, a worker that has not exited within this long exits at once (logged)."""
+
+
+def _hand_back_after_grace(worker: InferenceWorker, stop: threading.Event, done: threading.Event) -> None:
+    """Once asked to stop, give the running job ``inference.shutdown_grace_seconds``; then hand it back and exit.
+
+    Also a backstop for the exit itself: a process still alive :data:`EXIT_STALL_SECONDS`
+    after its loop ended (a library thread holding up the interpreter's exit) exits at once.
+    """
+    stop.wait()
+    if done.wait(worker.settings.inference.shutdown_grace_seconds):
+        time.sleep(EXIT_STALL_SECONDS)  # a daemon thread: normally the process has exited before this returns
+        log_event(
+            LOG,
+            logging.WARNING,
+            "worker.exit_stalled",
+            worker=worker.identity,
+            reason=f"the worker had not exited {EXIT_STALL_SECONDS:.0f} s after it stopped; exiting now",
+        )
+    else:
+        try:
+            worker.hand_back()
+        except Exception:
+            LOG.exception("job.hand_back_failed", extra={"event_fields": {"worker": worker.identity}})
+    logging.shutdown()
+    os._exit(0)
+
+
+def _stop_when_orphaned(stop: threading.Event, parent: int, interval_seconds: float = 1.0) -> None:
+    """Stop the worker when the process that started it is gone (``serve`` killed, or its shell closed).
+
+    A worker outliving a killed ``serve`` would hold its models' memory and keep claiming
+    jobs beside the workers of the next ``serve``. The job it is running finishes first.
+    """
+    while True:
+        if os.getppid() != parent:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "worker.orphaned",
+                worker=worker_id(),
+                reason=f"the process that started it ({parent}) is gone; stopping after the current job",
+            )
+            stop.set()
+        if stop.wait(interval_seconds):
+            return

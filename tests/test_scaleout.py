@@ -1,0 +1,351 @@
+"""Workers on several hosts sharing one PostgreSQL database and one storage folder.
+
+Each worker is a real `dicom-node worker` process with its own host name in its lease
+(``--name``); the jobs are phantom series recorded as received and routed, so the test
+measures the workers, not the receiver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.models import Job, JobEvent, JobState, Series
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.config import Settings
+from dicom_node.phantom import PhantomSpec
+from dicom_node.worker import InferenceWorker
+from tests.conftest import CT_RULES, DICOM_NODE, seed_queued_series, wait_for
+
+SMALL = PhantomSpec(rows=64, columns=64, slices=16, pixel_spacing=(6.0, 6.0), slice_spacing=10.0, noise_sd=5.0)
+HOSTS = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
+
+
+def worker_config(folder: Path, url: str, **inference: float) -> Path:
+    """The config every worker host reads: the shared storage folder and the PostgreSQL URL."""
+    config = folder / "worker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"directory": str(folder / "storage")},
+                "database": {"url": url},
+                "rules": CT_RULES,
+                "inference": {"poll_seconds": 0.2, **inference},
+                "logging": {"level": "INFO"},
+            }
+        )
+    )
+    return config
+
+
+def start_worker(config: Path, host: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [DICOM_NODE, "worker", "--config", str(config), "--name", host], stdout=output, stderr=subprocess.STDOUT
+        )
+
+
+def states(sessions: sessionmaker[Session]) -> Counter[JobState]:
+    with sessions() as session:
+        return Counter(session.scalars(select(Job.state)))
+
+
+def transitions_to(sessions: sessionmaker[Session], state: JobState) -> Counter[int]:
+    """Per job id: how many times it entered ``state``."""
+    with sessions() as session:
+        return Counter(session.scalars(select(JobEvent.job_id).where(JobEvent.to_state == state)))
+
+
+@pytest.mark.integration
+def test_four_workers_on_four_hosts_process_every_job_once_and_finish_the_job_of_a_killed_one(tmp_path, postgresql_url):
+    migrate(postgresql_url)
+    sessions = make_session_factory(make_engine(postgresql_url))
+    uids = seed_queued_series(sessions, tmp_path / "storage" / "instances", 40, SMALL)
+    config = worker_config(tmp_path, postgresql_url, lease_seconds=4, lease_renew_seconds=1)
+    workers = {host: start_worker(config, host, tmp_path / f"{host}.log") for host in HOSTS}
+    victim = workers["gpu-d"]
+    try:
+        killed_job = _kill_mid_job(sessions, victim, f"gpu-d:{victim.pid}")
+
+        wait_for(
+            lambda: states(sessions)[JobState.DONE] == 40,
+            timeout=240,
+            interval=0.5,
+            what=f"all 40 jobs DONE (now {dict(states(sessions))})",
+        )
+    finally:
+        for process in workers.values():
+            process.terminate()
+        for process in workers.values():
+            process.wait(timeout=60)
+
+    assert set(transitions_to(sessions, JobState.DONE).values()) == {1}  # each job finished exactly once
+    assert len(transitions_to(sessions, JobState.DONE)) == 40 == len(uids)
+    with sessions() as session:
+        done = session.scalars(select(Job)).all()
+        claimed_by = {job.claimed_by.rpartition(":")[0] for job in done}
+        assert claimed_by <= set(HOSTS) and len(claimed_by - {"gpu-d"}) >= 2  # spread over the hosts
+        results = Counter(
+            session.scalars(
+                select(Series.source_job_id).where(Series.source_job_id.is_not(None), Series.superseded_at.is_(None))
+            )
+        )
+        assert set(results.values()) == {2} and len(results) == 40  # one SEG and one SR series per job
+        job = session.get_one(Job, killed_job)
+        assert job.worker_deaths == 1 and not job.claimed_by.startswith("gpu-d:")
+        requeued = [e for e in job.events if e.from_state is JobState.PROCESSING and e.to_state is JobState.QUEUED]
+        assert len(requeued) == 1
+        assert requeued[0].reason.startswith(f"worker gpu-d:{victim.pid} died in stage")
+        assert "its lease having run out" in requeued[0].reason
+        others = list(session.scalars(
+                select(JobEvent).where(JobEvent.job_id != killed_job, JobEvent.to_state == JobState.QUEUED)
+            ))
+        assert all(e.from_state is JobState.COMPLETE for e in others)  # no other job was taken from its worker
+    assert victim.returncode == -signal.SIGKILL
+
+
+def _kill_mid_job(sessions: sessionmaker[Session], victim: subprocess.Popen[bytes], worker: str) -> int:
+    """SIGKILL ``victim`` while it holds a job (stopped first, so the job cannot finish in between); the job's id."""
+    held = _stop_mid_job(sessions, victim, worker)
+    victim.kill()
+    victim.wait(timeout=30)
+    return held
+
+
+def test_two_workers_claiming_at_the_same_moment_never_get_the_same_job(tmp_path, database_url):
+    """50 rounds: two workers (separate connections) claim at a barrier; one job each round, or two."""
+    migrate(database_url)
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": database_url})
+    seeding = make_session_factory(make_engine(database_url))
+    uids = seed_queued_series(seeding, tmp_path / "series", 1, SMALL)
+    workers = [
+        InferenceWorker(settings, make_session_factory(make_engine(database_url)), f"host-{n}:1") for n in range(2)
+    ]
+    for round_number in range(50):
+        queued = 1 + round_number % 2  # odd rounds: one job for two workers; even rounds: two jobs
+        with transaction(seeding) as session:
+            for job in jobs.jobs_in_state(session, [JobState.PROCESSING]):
+                jobs.worker_stopped(session, job)  # back to the queue for the next round
+            waiting = jobs.jobs_in_state(session, [JobState.QUEUED])
+        if len(waiting) < queued:
+            uids += seed_queued_series(seeding, tmp_path / f"series-{round_number}", 1, SMALL)
+        with transaction(seeding) as session:
+            for extra in jobs.jobs_in_state(session, [JobState.QUEUED])[queued:]:
+                jobs.fail(session, extra, "set aside for this round")
+        barrier = threading.Barrier(2)
+        claimed: list[int | None] = [None, None]
+        threads = [threading.Thread(target=_claim_at, args=(workers[n], barrier, claimed, n)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        got = [job_id for job_id in claimed if job_id is not None]
+        assert len(got) == len(set(got)) == queued, f"round {round_number}: claims {claimed} of {queued} job(s)"
+        with seeding() as session:
+            rows = session.execute(select(Job.id, Job.claimed_by).where(Job.state == JobState.PROCESSING))
+            holders = dict(rows)
+        assert {holders[job_id] for job_id in got} == {workers[n].identity for n, c in enumerate(claimed) if c}
+        with transaction(seeding) as session:  # set-aside jobs back in the queue
+            for job in jobs.jobs_in_state(session, [JobState.FAILED]):
+                jobs.retry(session, job)
+                jobs.queue(session, job, rule_name="test", model_name="baseline", destinations=[])
+    with seeding() as session:
+        claims = session.scalar(
+            select(func.count()).select_from(JobEvent).where(JobEvent.to_state == JobState.PROCESSING)
+        )
+    assert claims == sum(1 + n % 2 for n in range(50))  # one event per claim, none for a lost race
+
+
+def _claim_at(worker: InferenceWorker, barrier: threading.Barrier, claimed: list[int | None], index: int) -> None:
+    """Claim once all workers reached ``barrier``; the job id (or None) goes to ``claimed[index]``."""
+    barrier.wait()
+    claim = worker.claim()
+    claimed[index] = claim.job_id if claim else None
+
+
+def test_job_whose_lease_ran_out_is_queued_again_by_a_worker_on_another_host(tmp_path, database_url):
+    migrate(database_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        database={"url": database_url},
+        inference={"lease_seconds": 2, "lease_renew_seconds": 1},
+    )
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    gone = InferenceWorker(settings, sessions, "host-that-lost-power:4242")
+    assert gone.claim() is not None
+    other = InferenceWorker(settings, sessions, "other-host:1")
+
+    assert other.requeue_expired_leases() == 0  # the lease still holds
+    wait_for(lambda: other.requeue_expired_leases() == 1, timeout=30, interval=0.5, what="the lease to run out")
+    assert other.run_once()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.DONE and job.claimed_by == "other-host:1" and job.worker_deaths == 1
+        assert job.lease_expires_at is None
+        reasons = [e.reason for e in job.events if e.to_state is JobState.QUEUED]
+        assert reasons[-1].startswith(
+            "worker host-that-lost-power:4242 died in stage claimed (1 of 2 allowed), its lease having run out"
+        )
+    assert not gone.renew_lease(job.id)  # the first worker learns the job is no longer its own
+
+
+def test_working_worker_renews_its_lease_so_no_other_worker_takes_the_job(tmp_path, database_url):
+    migrate(database_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        database={"url": database_url},
+        inference={"lease_seconds": 2, "lease_renew_seconds": 0.5},
+    )
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    worker = InferenceWorker(settings, sessions, "busy-host:1")
+    claim = worker.claim()
+    assert claim is not None
+    other = InferenceWorker(settings, sessions, "other-host:1")
+    from dicom_node.worker import LeaseHeartbeat
+
+    heartbeat = LeaseHeartbeat(worker, claim.job_id)
+    heartbeat.start()
+    try:
+        for _ in range(8):  # 4 s: twice the lease
+            time.sleep(0.5)
+            assert other.requeue_expired_leases() == 0
+    finally:
+        heartbeat.stop()
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.PROCESSING and job.claimed_by == "busy-host:1" and job.worker_deaths == 0
+
+
+def test_stopped_worker_hands_its_job_back_without_counting_a_death(tmp_path, database_url):
+    migrate(database_url)
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": database_url})
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    worker = InferenceWorker(settings, sessions, "stopping-host:1")
+    worker.current = worker.claim()
+
+    assert worker.hand_back()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.QUEUED and job.worker_deaths == 0 and job.lease_expires_at is None
+        assert (
+            job.reason == "worker stopping-host:1 was stopped while it processed the series (not a crash); queued again"
+        )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("grace", "outcome"), [(60, JobState.DONE), (0, JobState.QUEUED)])
+def test_worker_command_on_sigterm_finishes_its_job_within_the_grace_or_hands_it_back(
+    tmp_path, postgresql_url, grace, outcome
+):
+    migrate(postgresql_url)
+    sessions = make_session_factory(make_engine(postgresql_url))
+    seed_queued_series(sessions, tmp_path / "storage" / "instances", 1, SMALL)
+    config = worker_config(tmp_path, postgresql_url, shutdown_grace_seconds=grace)
+    worker = start_worker(config, "remote-host", tmp_path / "worker.log")
+    try:
+        _stop_mid_job(sessions, worker, f"remote-host:{worker.pid}")
+        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGCONT)
+        assert worker.wait(timeout=90) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is outcome and job.worker_deaths == 0
+        if outcome is JobState.DONE:
+            assert job.claimed_by == f"remote-host:{worker.pid}" and Path(job.result_path).is_dir()
+        else:
+            assert job.reason == (
+                f"worker remote-host:{worker.pid} was stopped while it processed the series (not a crash); queued again"
+            )
+
+
+def _stop_mid_job(sessions: sessionmaker[Session], worker: subprocess.Popen[bytes], identity: str) -> int:
+    """SIGSTOP ``worker`` at a moment it holds a job (checked while it is stopped); the job's id."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            held = session.scalar(select(Job.id).where(Job.state == JobState.PROCESSING, Job.claimed_by == identity))
+        if held is not None:
+            worker.send_signal(signal.SIGSTOP)
+            with sessions() as session:
+                job = session.get_one(Job, held)
+                if job.state is JobState.PROCESSING and job.claimed_by == identity:
+                    return held
+            worker.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"worker {identity} never held a job")
+
+
+# --- docker-compose.yml: checked by Docker where it exists, and against the CLI and the Dockerfile everywhere ---
+
+COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+
+def test_compose_file_is_valid_for_docker_compose(tmp_path):
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode != 0
+    ):
+        pytest.skip("docker compose is not installed here; the compose file is checked against the CLI below")
+    result = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "POSTGRES_PASSWORD": "test"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_run_commands_the_cli_has_with_settings_the_node_accepts(monkeypatch):
+    import typer.main
+
+    from dicom_node.cli import app
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    services = compose["services"]
+    assert {"postgres", "node", "worker"} <= set(services)
+    cli = typer.main.get_command(app)
+    dockerfile = (COMPOSE_FILE.parent / "Dockerfile").read_text()
+    storage = dockerfile.split("DICOM_NODE_STORAGE__DIRECTORY=", 1)[1].split()[0]
+    for name in ("node", "worker"):
+        service = services[name]
+        command, *options = service["command"]
+        assert command in cli.commands, f"{name}: dicom-node has no command {command!r}"  # type: ignore[attr-defined]
+        known = {option for param in cli.commands[command].params for option in param.opts}  # type: ignore[attr-defined]
+        assert {option for option in options if option.startswith("--")} <= known
+        assert service["build"] == "." and f"storage:{storage}" in service["volumes"]  # the image's storage folder
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        for variable, value in service["environment"].items():
+            monkeypatch.setenv(variable, str(value))
+        settings = Settings()
+        assert settings.database_url.startswith("postgresql+psycopg://")
+        assert settings.database_url.endswith("@postgres:5432/dicomnode")
+        for variable in service["environment"]:
+            monkeypatch.delenv(variable)
+    node_workers = services["node"]["environment"]["DICOM_NODE_INFERENCE__WORKERS"]
+    assert Settings.model_validate({"inference": {"workers": node_workers}}).inference.workers == 0  # GPU hosts infer
+    gpus = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["worker"]["environment"]["DICOM_NODE_INFERENCE__DEVICE"] == "cuda"
+    assert "postgresql" in dockerfile.split("pip install", 1)[1].split("\n")[0]  # the image has the driver
