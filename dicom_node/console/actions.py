@@ -30,6 +30,9 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
             job = jobs.job_for_series_uid(session, uid)
             if job is None:
                 raise ActionRefused(f"no series {uid} on this node", status=404)
+            # Lock the row and read it again: of two actions sent at once, the second sees the first's outcome
+            # (PostgreSQL: SELECT ... FOR UPDATE; SQLite's BEGIN IMMEDIATE already serialises writers).
+            session.refresh(job, with_for_update=True)
             study = job.series.study.study_instance_uid
             change(session, job)  # type: ignore[operator]
             state = job.state.value
