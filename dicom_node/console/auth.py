@@ -70,6 +70,8 @@ class Sessions:
     def __init__(self, secret: bytes, lifetime_seconds: float) -> None:
         self._secret = secret
         self.lifetime_seconds = lifetime_seconds
+        self._ended: dict[str, float] = {}  # session id -> when its cookie would have expired anyway
+        self._ended_lock = threading.Lock()
 
     def _sign(self, payload: bytes) -> str:
         return hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
@@ -92,9 +94,27 @@ class Sessions:
             data = json.loads(base64.urlsafe_b64decode(payload.encode()))
         except ValueError:
             return None
-        if not isinstance(data, dict) or float(data.get("e", 0)) < time.time() or data.get("r") not in ROLE_RANK:
+        if not isinstance(data, dict) or data.get("r") not in ROLE_RANK:
+            return None
+        try:
+            expires = float(data.get("e", 0))
+        except (TypeError, ValueError):
+            return None
+        if expires < time.time() or self.ended(str(data.get("s"))):
             return None
         return User(str(data["u"]), data["r"], str(data["s"]))
+
+    def end(self, user: User) -> None:
+        """Log ``user``'s session out on the server: its cookie is refused from now on, even if kept."""
+        now = time.time()
+        with self._ended_lock:
+            for session_id in [s for s, until in self._ended.items() if until < now]:
+                del self._ended[session_id]  # expired cookies are refused anyway
+            self._ended[user.session_id] = now + self.lifetime_seconds
+
+    def ended(self, session_id: str) -> bool:
+        with self._ended_lock:
+            return session_id in self._ended
 
     def proxy_user(self, name: str, role: ConsoleRole) -> User:
         """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""

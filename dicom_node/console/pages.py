@@ -17,6 +17,7 @@ from db.models import JobState
 from dicom_node.console import actions, queries
 from dicom_node.console.app import (
     Forbidden,
+    check_origin,
     client_address,
     console_of,
     identify,
@@ -42,8 +43,17 @@ def _page(request: Request, template: str, user: User | None, status_code: int =
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this console (never another site) is followed after login."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """Only a path on this console (never another site) is followed after login.
+
+    Browsers drop tabs and line breaks from a Location and read a backslash as a slash, so
+    ``/<tab>/evil.example`` would leave the console: any control character, space or backslash is refused.
+    """
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and not any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" for c in target)
+    ):
         return target
     return "/"
 
@@ -94,6 +104,7 @@ def login(
     context = console_of(request)
     address = client_address(request) or "unknown"
     target = _safe_next(next)
+    check_origin(request)
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
         error = "The login form expired or came from another page; log in again."
         return _login_page(request, target, status_code=403, error=error)
@@ -127,7 +138,9 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request, user: Annotated[User, Depends(posting_viewer)]) -> Response:
-    console_of(request).audit(request, user.name, "success", "logged out")
+    context = console_of(request)
+    context.auth.end(user)
+    context.audit(request, user.name, "success", "logged out")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -143,11 +156,12 @@ def _filters(request: Request) -> queries.WorklistFilter:
     except ValueError:
         day = None
     try:
-        page = max(int(params.get("page", "1")), 1)
+        page = min(max(int(params.get("page", "1")), 1), queries.MAX_PAGE)
     except ValueError:
         page = 1
+    search = (params.get("search") or "")[: queries.MAX_SEARCH_CHARACTERS] or None
     return queries.WorklistFilter(
-        state, day, params.get("rule") or None, params.get("destination") or None, params.get("search") or None, page
+        state, day, params.get("rule") or None, params.get("destination") or None, search, page
     )
 
 
@@ -278,8 +292,9 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
 
 @router.get("/rejected")
 def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
-    with console_of(request).sessions() as session:
-        rows = queries.rejected(session, 200)
+    context = console_of(request)
+    with context.sessions() as session:
+        rows = queries.rejected(session, 200, with_patient=context.may_see_patient(user))
     return _page(request, "rejected.html", user, title="Rejected instances", rows=rows)
 
 
