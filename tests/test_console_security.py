@@ -293,6 +293,49 @@ def test_a_post_from_another_site_is_refused_even_with_the_token(console):
     assert same.status_code == 303
 
 
+def test_logout_holds_after_serve_restarts(tmp_path):
+    first = _start(tmp_path)
+    try:
+        client = first.client("olga")
+        cookie = client.cookies[SESSION_COOKIE]
+        assert client.post("/logout", data={"csrf_token": first.csrf(client)}).status_code == 303
+    finally:
+        first.server.stop()
+    again = _start(tmp_path)
+    try:
+        assert httpx.get(f"{again.url}/api/me", cookies={SESSION_COOKIE: cookie}).status_code == 401
+        assert again.client("olga").get("/api/me").status_code == 200
+    finally:
+        again.server.stop()
+
+
+def test_an_unknown_user_costs_one_password_check_like_a_wrong_password(monkeypatch):
+    from dicom_node.console import auth
+
+    checks: list[str] = []
+    real_check = auth.check_password
+
+    def counted(password_hash: str, password: str) -> bool:
+        checks.append(password_hash)
+        return real_check(password_hash, password)
+
+    monkeypatch.setattr(auth, "check_password", counted)
+    settings = Settings(console=console_settings(free_port()))
+    assert auth.local_login(settings.console, "nobody", "guess") is None
+    assert auth.local_login(settings.console, "olga", "guess") is None
+    assert (
+        len(checks) == 2 and checks[0] == auth._DUMMY_HASH and checks[1] == settings.console.users["olga"].password_hash
+    )
+
+
+def test_origin_behind_a_trusted_proxy_is_its_forwarded_host(console):
+    operator = console.client("olga")
+    token = console.csrf(operator)
+    proxied = {"Origin": "https://console.hospital.example", "X-Forwarded-Host": "console.hospital.example"}
+    response = operator.post(f"/series/{HOSTILE}/reroute", data={"csrf_token": token, "rule": "nope"}, headers=proxied)
+    assert response.status_code == 303, "127.0.0.1 is a trusted proxy here: its X-Forwarded-Host names the site"
+
+
 def test_each_login_gets_a_new_session_and_logout_ends_it_on_the_server(console):
     first, second = console.client("vera"), console.client("vera")
     cookie = first.cookies[SESSION_COOKIE]
@@ -357,10 +400,16 @@ def test_hostile_text_from_senders_is_shown_as_text_never_as_markup(console):
         markup = _markup(response.text)
         assert set(markup.scripts) <= {"/static/console.js"}, page
         assert markup.handlers == [] and all(src and src.startswith("/series/") for src in markup.images), page
+        assert (
+            response.headers["cache-control"] == "no-store"
+            and "form-action 'self'" in response.headers["content-security-policy"]
+        )
         if page != "/audit":  # the audit trail holds no sender text here; it is checked for markup all the same
             assert "&lt;script&gt;" in response.text or "&#34;&gt;&lt;img" in response.text, page
         policy = response.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    spoofed = operator.get(f"/series/{HOSTILE}", params={"error": "Call 555-0100 to unlock", "sig": "0" * 64})
+    assert "555-0100" not in spoofed.text, "a link cannot put its own text on the console's page"
     series = operator.get(f"/series/{HOSTILE}").text
     assert TEMPLATE in series and "Doe^Jane&lt;script&gt;" in series  # template syntax in data is not evaluated
     assert operator.get(f"/api/jobs/{HOSTILE}").headers["content-type"] == "application/json"

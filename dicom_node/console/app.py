@@ -129,13 +129,18 @@ def same_origin(request: Request) -> bool:
 
     Browsers send Origin with every cross-site POST, so a form on another site is refused here even
     before the CSRF token is checked. Clients that send neither (curl, scripts) still need the token.
+    This host is the request's Host, or the X-Forwarded-Host a trusted proxy sets.
     """
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source:
         return True
     if source == "null":
         return False
-    return urlsplit(source).netloc.lower() == request.headers.get("host", "").lower()
+    hosts = {request.headers.get("host", "").lower()}
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded and from_trusted_proxy(console_of(request).settings.console, client_address(request)):
+        hosts.add(forwarded.split(",")[0].strip().lower())
+    return urlsplit(source).netloc.lower() in hosts
 
 
 def check_origin(request: Request) -> None:
@@ -191,13 +196,16 @@ def _forbidden(request: Request, exc: Exception) -> Response:
     )
 
 
-def _security_headers(response: Response, https: bool) -> None:
+def _security_headers(response: Response, https: bool, path: str) -> None:
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Content-Security-Policy"] = (
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
+        "form-action 'self'; base-uri 'none'; object-src 'none'"
     )
+    if not path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"  # pages and answers may name patients: not kept by browsers
     if https:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
 
@@ -256,7 +264,11 @@ def build_context(settings: Settings, sessions: sessionmaker[Session], liveness:
     return ConsoleContext(
         settings=settings,
         sessions=sessions,
-        auth=Sessions(session_secret(console, settings.storage.directory), console.session_hours * 3600),
+        auth=Sessions(
+            session_secret(console, settings.storage.directory),
+            console.session_hours * 3600,
+            settings.storage.directory / "console-ended-sessions.json",
+        ),
         throttle=LoginThrottle(console.login_attempts_per_minute),
         liveness=liveness,
         registry=registry,
@@ -296,7 +308,7 @@ def create_app(context: ConsoleContext) -> FastAPI:
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
         response: Response = await call_next(request)
-        _security_headers(response, https)
+        _security_headers(response, https, request.url.path)
         return response
 
     app.add_middleware(BodyLimit)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import threading
@@ -25,7 +26,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from dicom_node.config import ConsoleRole, ConsoleSettings
+from dicom_node.logs import log_event
 
+LOG = logging.getLogger(__name__)
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"
 LOGIN_FORM_SECONDS = 600
@@ -67,10 +70,11 @@ class User:
 class Sessions:
     """Signs and checks session cookies and CSRF tokens with one secret key."""
 
-    def __init__(self, secret: bytes, lifetime_seconds: float) -> None:
+    def __init__(self, secret: bytes, lifetime_seconds: float, ended_file: Path | None = None) -> None:
         self._secret = secret
         self.lifetime_seconds = lifetime_seconds
-        self._ended: dict[str, float] = {}  # session id -> when its cookie would have expired anyway
+        self._ended_file = ended_file  # logged-out sessions, kept across restarts of serve
+        self._ended: dict[str, float] = _read_ended(ended_file)  # session id -> when its cookie expires anyway
         self._ended_lock = threading.Lock()
 
     def _sign(self, payload: bytes) -> str:
@@ -111,6 +115,11 @@ class Sessions:
             for session_id in [s for s, until in self._ended.items() if until < now]:
                 del self._ended[session_id]  # expired cookies are refused anyway
             self._ended[user.session_id] = now + self.lifetime_seconds
+            if self._ended_file is not None:
+                try:
+                    _write_ended(self._ended_file, self._ended)
+                except OSError as exc:  # the logout still holds until serve restarts
+                    log_event(LOG, logging.WARNING, "console.logout_not_kept", reason=f"{exc}; kept until restart")
 
     def ended(self, session_id: str) -> bool:
         with self._ended_lock:
@@ -127,11 +136,40 @@ class Sessions:
     def login_token_valid(self, nonce: str | None, token: str | None) -> bool:
         return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_token(str(nonce)))
 
+    def notice_signature(self, text: str) -> str:
+        """Signs an outcome message put in a redirect's address, so a crafted link cannot show its own text."""
+        return self._sign(f"notice:{text}".encode())
+
+    def notice_valid(self, text: str, signature: str | None) -> bool:
+        return bool(signature) and hmac.compare_digest(str(signature), self.notice_signature(text))
+
     def csrf_token(self, user: User) -> str:
         return self._sign(f"csrf:{user.session_id}".encode())
 
     def csrf_valid(self, user: User, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token), self.csrf_token(user))
+
+
+def _read_ended(path: Path | None) -> dict[str, float]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    now = time.time()
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and v > now}
+
+
+def _write_ended(path: Path, ended: dict[str, float]) -> None:
+    """Replace the file of logged-out sessions in one step (0600: it names session ids)."""
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(ended, file)
+    os.replace(partial, path)
 
 
 def session_secret(settings: ConsoleSettings, storage: Path) -> bytes:

@@ -28,6 +28,7 @@ from dicom_node.console.app import (
 from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
 
 router = APIRouter(include_in_schema=False)
+MAX_USER_NAME_CHARACTERS = 64
 
 
 def _page(request: Request, template: str, user: User | None, status_code: int = 200, **values: Any) -> Response:
@@ -103,6 +104,7 @@ def login(
 ) -> Response:
     context = console_of(request)
     address = client_address(request) or "unknown"
+    username = username[:MAX_USER_NAME_CHARACTERS]  # what the audit trail records of a failed attempt
     target = _safe_next(next)
     check_origin(request)
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
@@ -212,8 +214,8 @@ def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -
                 message=f"No series {uid} on this node.",
             )
         detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
-    flash = request.query_params.get("done") or None
-    problem = request.query_params.get("error") or None
+    flash = _notice(request, uid, "done")
+    problem = _notice(request, uid, "error")
     return _page(
         request,
         "series.html",
@@ -227,24 +229,36 @@ def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -
     )
 
 
-def _after_action(uid: str, run: Any) -> Response:
+def _notice(request: Request, uid: str, kind: str) -> str | None:
+    """The outcome an action put in the address; shown only when this console signed it (no text from links)."""
+    text = request.query_params.get(kind)
+    signature = request.query_params.get("sig")
+    if not text or not console_of(request).auth.notice_valid(f"{kind}:{uid}:{text}", signature):
+        return None
+    return text
+
+
+def _back_to_series(request: Request, uid: str, kind: str, text: str) -> Response:
+    signature = console_of(request).auth.notice_signature(f"{kind}:{uid}:{text}")
+    return RedirectResponse(f"/series/{uid}?" + urlencode({kind: text, "sig": signature}), status_code=303)
+
+
+def _after_action(request: Request, uid: str, run: Any) -> Response:
     try:
         state = run()
     except actions.ActionRefused as exc:
-        return RedirectResponse(f"/series/{uid}?" + urlencode({"error": exc.message}), status_code=303)
-    return RedirectResponse(
-        f"/series/{uid}?" + urlencode({"done": f"done: the series is now {state}"}), status_code=303
-    )
+        return _back_to_series(request, uid, "error", exc.message)
+    return _back_to_series(request, uid, "done", f"done: the series is now {state}")
 
 
 @router.post("/series/{uid}/retry")
 def retry(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
-    return _after_action(uid, lambda: actions.retry(console_of(request), request, user, uid))
+    return _after_action(request, uid, lambda: actions.retry(console_of(request), request, user, uid))
 
 
 @router.post("/series/{uid}/cancel")
 def cancel(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
-    return _after_action(uid, lambda: actions.cancel(console_of(request), request, user, uid))
+    return _after_action(request, uid, lambda: actions.cancel(console_of(request), request, user, uid))
 
 
 @router.post("/series/{uid}/reroute")
@@ -256,7 +270,9 @@ def reroute(
     model: Annotated[str, Form()] = "",
 ) -> Response:
     context = console_of(request)
-    return _after_action(uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None))
+    return _after_action(
+        request, uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None)
+    )
 
 
 @router.get("/series/{uid}/preview.png")
