@@ -627,5 +627,6 @@ def test_hostile_headers_sent_over_dicom_reach_no_page_as_markup_and_no_info_log
             shown = viewer.get(page).text
             assert "Evil" not in shown and "PID" not in shown and "{{7*7}}" not in shown, page
         log = running.node.log()
+    assert "$argon2" not in log, "password hashes never reach the log"
     info_lines = [line for line in log.splitlines() if "ERROR" not in line]
     assert not [line for line in info_lines if "Evil" in line or "PID&" in line or 'PID"' in line]
