@@ -35,7 +35,7 @@ from dicom_node.console.app import MAX_BODY_BYTES, ConsoleServer, create_app
 from dicom_node.console.auth import SESSION_COOKIE, Sessions
 from dicom_node.console.metrics import MAX_REFUSAL_KINDS, Liveness
 from dicom_node.service import open_database
-from inference.phantom import write_phantom_series
+from inference.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import free_port, storescu, wait_for
 from tests.console_helpers import (
     METRICS_TOKEN,
@@ -630,3 +630,27 @@ def test_hostile_headers_sent_over_dicom_reach_no_page_as_markup_and_no_info_log
     assert "$argon2" not in log, "password hashes never reach the log"
     info_lines = [line for line in log.splitlines() if "ERROR" not in line]
     assert not [line for line in info_lines if "Evil" in line or "PID&" in line or 'PID"' in line]
+
+
+LARGER_PHANTOM = PhantomSpec(
+    rows=256, columns=256, slices=80, pixel_spacing=(1.5, 1.5), slice_spacing=3.0, noise_sd=5.0
+)
+
+
+def test_a_series_cancelled_while_processing_never_reaches_the_pacs(tmp_path):
+    """The worker finishes its run, finds the series cancelled, and drops the results; nothing is sent."""
+    series = write_phantom_series(tmp_path / "ct", LARGER_PHANTOM)
+    with console_node(tmp_path / "run") as running:
+        assert storescu(running.node.port, series.files).returncode == 0
+        running.node.wait_for_state(series.series_instance_uid, JobState.PROCESSING, timeout=120)
+        operator = running.client("olga")
+        cancelled = operator.post(
+            f"/api/jobs/{series.series_instance_uid}/cancel", headers={"X-CSRF-Token": running.csrf(operator)}
+        )
+        assert cancelled.status_code == 200 and cancelled.json() == {"state": "FAILED"}
+        wait_for(lambda: "job.result_discarded" in running.node.log(), timeout=180, what="the worker to finish its run")
+        with running.node.sessions() as session:
+            job = jobs.job_for_series_uid(session, series.series_instance_uid)
+            assert job is not None and job.state is JobState.FAILED
+            assert job.reason == "cancelled by olga (was PROCESSING)" and not job.result_files and not job.deliveries
+        assert list(running.received.iterdir()) == [], "no result of a cancelled series reaches the PACS"
