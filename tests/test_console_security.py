@@ -654,3 +654,21 @@ def test_a_series_cancelled_while_processing_never_reaches_the_pacs(tmp_path):
             assert job is not None and job.state is JobState.FAILED
             assert job.reason == "cancelled by olga (was PROCESSING)" and not job.result_files and not job.deliveries
         assert list(running.received.iterdir()) == [], "no result of a cancelled series reaches the PACS"
+
+
+def test_login_throttle_counts_an_ipv6_client_by_its_network_and_forgets_old_addresses(monkeypatch):
+    from dicom_node.console import auth
+
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    throttle = auth.LoginThrottle(limit=3)
+    for host in ("2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2:ffff::1"):
+        throttle.failed(host)
+    assert throttle.wait_seconds("2001:db8:1:2::c") > 0, "one /64 is one client"
+    assert throttle.wait_seconds("2001:db8:1:3::a") == 0 and throttle.wait_seconds("192.0.2.1") == 0
+    assert throttle.key("::ffff:192.0.2.1") == "192.0.2.1"
+    for index in range(auth.LoginThrottle.PRUNE_ABOVE + 5):
+        throttle.failed(f"10.0.{index // 256}.{index % 256}")
+    clock[0] += 120
+    throttle.failed("198.51.100.1")
+    assert len(throttle._failures) == 1, "addresses whose failures are older than the window are forgotten"

@@ -209,20 +209,37 @@ def from_trusted_proxy(settings: ConsoleSettings, address: str | None) -> bool:
 
 
 class LoginThrottle:
-    """Failed logins per address: after ``limit`` in a minute, that address must wait."""
+    """Failed logins per address: after ``limit`` in a minute, that address must wait.
+
+    An IPv6 client counts by its /64 network (one host can use a whole /64), and addresses whose
+    failures are older than the window are forgotten, so rotating addresses neither escapes the
+    limit within a network nor grows this table without bound.
+    """
 
     WINDOW_SECONDS = 60.0
+    PRUNE_ABOVE = 1000
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def key(address: str) -> str:
+        """What failures are counted by: the IPv4 address, or the IPv6 address' /64 network."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
     def wait_seconds(self, address: str) -> int:
         """Seconds ``address`` must wait before its next attempt (0: it may try now)."""
         now = time.monotonic()
         with self._lock:
-            failures = self._failures.get(address)
+            failures = self._failures.get(self.key(address))
             if not failures:
                 return 0
             while failures and now - failures[0] > self.WINDOW_SECONDS:
@@ -232,9 +249,13 @@ class LoginThrottle:
             return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
 
     def failed(self, address: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._failures.setdefault(address, deque()).append(time.monotonic())
+            if len(self._failures) > self.PRUNE_ABOVE:
+                for stale in [k for k, v in self._failures.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
+                    del self._failures[stale]
+            self._failures.setdefault(self.key(address), deque()).append(now)
 
     def succeeded(self, address: str) -> None:
         with self._lock:
-            self._failures.pop(address, None)
+            self._failures.pop(self.key(address), None)
