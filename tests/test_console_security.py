@@ -576,8 +576,13 @@ def test_reroute_to_a_model_or_rule_that_does_not_exist_is_refused_with_a_senten
     )
     assert model.status_code == 422
     assert model.json()["detail"] == "cannot re-route: unknown model 'nnunet-9000' (known: baseline)"
-    page = operator.post(f"/series/{HOSTILE}/reroute", data={"csrf_token": token, "rule": "nope"})
+    page = operator.post(f"/series/{HOSTILE}/reroute", data={"csrf_token": token, "rule": "nope" * 5000})
     assert page.status_code == 303 and "not+a+processing+rule" in page.headers["location"]
+    assert len(page.headers["location"]) < 1000, "the name sent is cut in the message"
+    audit = operator.get("/api/audit", params={"action": "console"}).json()
+    assert any(
+        "re-route of series" in row["detail"] and "unknown model 'nnunet-9000'" in row["detail"] for row in audit
+    )
 
 
 def test_login_throttle_cannot_be_bypassed_with_x_forwarded_for(tmp_path):
