@@ -104,7 +104,7 @@ def login(
 ) -> Response:
     context = console_of(request)
     address = client_address(request) or "unknown"
-    username = username[:MAX_USER_NAME_CHARACTERS]  # what the audit trail records of a failed attempt
+    claimed = username[:MAX_USER_NAME_CHARACTERS]  # what the audit trail records of a refused attempt
     target = _safe_next(next)
     check_origin(request)
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
@@ -112,14 +112,14 @@ def login(
         return _login_page(request, target, status_code=403, error=error)
     wait = context.throttle.wait_seconds(address)
     if wait:
-        context.audit(request, username, "refused", f"login refused: too many failed logins from {address}")
+        context.audit(request, claimed, "refused", f"login refused: too many failed logins from {address}")
         error = f"Too many failed logins from this address; try again in {wait} s."
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
     if role is None:
         context.throttle.failed(address)
-        context.audit(request, username or None, "refused", "login failed: wrong user name or password")
+        context.audit(request, claimed or None, "refused", "login failed: wrong user name or password")
         return _login_page(request, target, status_code=401, error="Wrong user name or password.")
     context.throttle.succeeded(address)
     _user, cookie = context.auth.issue(username, role)
