@@ -189,18 +189,41 @@ CANCELLABLE_STATES = frozenset({S.COMPLETE, S.QUEUED, S.PROCESSING, S.SENDING})
 def cancel(session: Session, job: Job, *, by: str) -> None:
     """Operator's cancel: stop a series that is waiting, processing or sending; it becomes FAILED.
 
-    A worker or dispatcher still busy with it finds the job no longer theirs and drops its
-    work. ``retry`` starts it again.
+    A worker still busy with it finds the job no longer theirs and drops its results. A SENDING
+    series is cancelled only while every destination lacking files waits for its next try: a
+    C-STORE association in progress cannot be recalled. ``retry`` starts it again.
 
     Raises
     ------
     InvalidTransition
-        If the series is still receiving or already finished.
+        If the series is still receiving or already finished, or its results are being sent now.
     """
     if job.state not in CANCELLABLE_STATES:
         allowed = ", ".join(s.value for s in sorted(CANCELLABLE_STATES))
         raise InvalidTransition(f"series is {job.state.value}; only {allowed} series can be cancelled")
+    sending = _sending_now(job) if job.state is S.SENDING else []
+    if sending:
+        raise InvalidTransition(
+            f"the results are being sent to {', '.join(sending)} now and files already on their way cannot be "
+            "recalled; cancel once this attempt has ended (while a destination waits for its next try)"
+        )
     change_state(session, job, S.FAILED, f"cancelled by {by} (was {job.state.value})")
+
+
+def _sending_now(job: Job) -> list[str]:
+    """Destinations of a SENDING job that may be receiving its files now: not delivered, not waiting for a retry."""
+    now = utcnow()
+    busy = []
+    for name in job.destinations or []:
+        record = (job.deliveries or {}).get(name) or {}
+        if record.get("delivered_at"):
+            continue
+        next_attempt = record.get("next_attempt_at")
+        due = datetime.fromisoformat(next_attempt) if next_attempt else None
+        waiting = due is not None and (due if due.tzinfo else due.replace(tzinfo=now.tzinfo)) > now
+        if not waiting:
+            busy.append(name)
+    return busy
 
 
 def reroute(

@@ -30,6 +30,9 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
             job = jobs.job_for_series_uid(session, uid)
             if job is None:
                 raise ActionRefused(f"no series {uid} on this node", status=404)
+            # Lock the row and read it again: of two actions sent at once, the second sees the first's outcome
+            # (PostgreSQL: SELECT ... FOR UPDATE; SQLite's BEGIN IMMEDIATE already serialises writers).
+            session.refresh(job, with_for_update=True)
             study = job.series.study.study_instance_uid
             change(session, job)  # type: ignore[operator]
             state = job.state.value
@@ -41,6 +44,11 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
         raise ActionRefused(f"cannot {verb}: {exc.message}", exc.status) from None
     context.audit(request, user.name, "success", f"{verb} of series {uid}: now {state}", study)
     return state
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """A name the user sent, quoted and cut, for messages and the audit trail."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def retry(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
@@ -60,15 +68,17 @@ def reroute(
     """Process the series again with another rule (its model and destinations) and/or another model."""
     settings = context.settings
     chosen = next((r for r in settings.rules if r.name == rule), None) if rule else None
+    refusal = None
     if rule and (chosen is None or chosen.action != "process"):
         known = ", ".join(r.name for r in settings.rules if r.action == "process") or "none"
-        raise ActionRefused(f"cannot re-route: {rule!r} is not a processing rule (known: {known})", status=422)
-    if model and model not in settings.models:
-        raise ActionRefused(
-            f"cannot re-route: unknown model {model!r} (known: {', '.join(settings.models)})", status=422
-        )
-    if not rule and not model:
-        raise ActionRefused("cannot re-route: choose a rule or a model", status=422)
+        refusal = f"{_shown(rule)} is not a processing rule (known: {known})"
+    elif model and model not in settings.models:
+        refusal = f"unknown model {_shown(model)} (known: {', '.join(settings.models)})"
+    elif not rule and not model:
+        refusal = "choose a rule or a model"
+    if refusal is not None:
+        context.audit(request, user.name, "refused", f"re-route of series {_shown(uid)} refused: {refusal}")
+        raise ActionRefused(f"cannot re-route: {refusal}", status=422)
 
     def change(session: Session, job: Job) -> None:
         rule_name = chosen.name if chosen else (job.rule_name or "operator")

@@ -55,8 +55,14 @@ def list_jobs(
     day: Annotated[date | None, Query(description="Day the series' first image arrived (UTC), YYYY-MM-DD.")] = None,
     rule: str | None = None,
     destination: str | None = None,
-    search: Annotated[str | None, Query(description="Accession number, series or study instance UID.")] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    search: Annotated[
+        str | None,
+        Query(
+            max_length=queries.MAX_SEARCH_CHARACTERS,
+            description="Series or study instance UID; accession number for roles that see patient details.",
+        ),
+    ] = None,
+    page: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=500)] = 25,
 ) -> dict[str, Any]:
     """Recent series with state, model, images, stage times, delivery and warnings; filtered and paged."""
@@ -110,11 +116,12 @@ def reroute_job(
 
 @router.get("/rejected")
 def rejected(
-    request: Request, _user: Annotated[User, Depends(viewer)], limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, user: Annotated[User, Depends(viewer)], limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
-    """Instances refused at C-STORE, newest first, with their reasons."""
-    with console_of(request).sessions() as session:
-        return queries.rejected(session, limit)
+    """Instances refused at C-STORE, newest first, with their reasons (patient values hidden from viewers)."""
+    context = console_of(request)
+    with context.sessions() as session:
+        return queries.rejected(session, limit, with_patient=context.may_see_patient(user))
 
 
 @router.get("/destinations")

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -36,6 +37,8 @@ from dicom_node.logs import log_event
 
 LOG = logging.getLogger(__name__)
 HERE = Path(__file__).parent
+MAX_BODY_BYTES = 64 * 1024
+"""The largest request body the console reads: its forms and JSON bodies are a few hundred bytes."""
 
 
 @dataclass
@@ -121,7 +124,32 @@ def operator(user: Annotated[User, Depends(viewer)]) -> User:
     return user
 
 
+def same_origin(request: Request) -> bool:
+    """Whether a POST came from a page of this console: its Origin (else Referer) names this host, when sent.
+
+    Browsers send Origin with every cross-site POST, so a form on another site is refused here even
+    before the CSRF token is checked. Clients that send neither (curl, scripts) still need the token.
+    This host is the request's Host, or the X-Forwarded-Host a trusted proxy sets.
+    """
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source:
+        return True
+    if source == "null":
+        return False
+    hosts = {request.headers.get("host", "").lower()}
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded and from_trusted_proxy(console_of(request).settings.console, client_address(request)):
+        hosts.add(forwarded.split(",")[0].strip().lower())
+    return urlsplit(source).netloc.lower() in hosts
+
+
+def check_origin(request: Request) -> None:
+    if not same_origin(request):
+        raise Forbidden("this request came from another site (its Origin or Referer is not this console)")
+
+
 async def _check_csrf(request: Request, user: User) -> None:
+    check_origin(request)
     token = request.headers.get(CSRF_HEADER)
     if token is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -152,7 +180,7 @@ def _not_logged_in(request: Request, _exc: Exception) -> Response:
         return JSONResponse({"detail": "log in first"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
     if request.method != "GET":
         return Response("log in first", status_code=401, media_type="text/plain")
-    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+    return RedirectResponse("/login?" + urlencode({"next": request.url.path}), status_code=303)
 
 
 def _forbidden(request: Request, exc: Exception) -> Response:
@@ -168,15 +196,64 @@ def _forbidden(request: Request, exc: Exception) -> Response:
     )
 
 
-def _security_headers(response: Response, https: bool) -> None:
+def _security_headers(response: Response, https: bool, path: str) -> None:
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Content-Security-Policy"] = (
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
+        "form-action 'self'; base-uri 'none'; object-src 'none'"
     )
+    if not path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"  # pages and answers may name patients: not kept by browsers
     if https:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes (413), whether declared or streamed.
+
+    The body is read here first (it is small by then) and handed on whole, so an oversized chunked
+    body is refused before any handler or form parser sees it.
+    """
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        delivered = False
+
+        async def replay() -> Any:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
+        message = f"the request body is larger than the console accepts ({self.limit // 1024} KiB)"
+        await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
 
 
 def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
@@ -187,7 +264,11 @@ def build_context(settings: Settings, sessions: sessionmaker[Session], liveness:
     return ConsoleContext(
         settings=settings,
         sessions=sessions,
-        auth=Sessions(session_secret(console, settings.storage.directory), console.session_hours * 3600),
+        auth=Sessions(
+            session_secret(console, settings.storage.directory),
+            console.session_hours * 3600,
+            settings.storage.directory / "console-ended-sessions.json",
+        ),
         throttle=LoginThrottle(console.login_attempts_per_minute),
         liveness=liveness,
         registry=registry,
@@ -227,9 +308,10 @@ def create_app(context: ConsoleContext) -> FastAPI:
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
         response: Response = await call_next(request)
-        _security_headers(response, https)
+        _security_headers(response, https, request.url.path)
         return response
 
+    app.add_middleware(BodyLimit)
     _health_routes(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -300,7 +382,16 @@ class ConsoleServer:
             )
         for app, host, port, tls, what in listeners:
             sock = _bind(host, port, what)
-            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", **tls)  # type: ignore[arg-type]
+            # proxy_headers off: X-Forwarded-For must not replace the peer's address (login throttle, proxy mode).
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                proxy_headers=False,
+                server_header=False,
+                **tls,  # type: ignore[arg-type]
+            )
             self._servers.append((uvicorn.Server(config), sock))
         self._threads: list[threading.Thread] = []
         self._probe = (

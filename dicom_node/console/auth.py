@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import threading
@@ -25,7 +26,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from dicom_node.config import ConsoleRole, ConsoleSettings
+from dicom_node.logs import log_event
 
+LOG = logging.getLogger(__name__)
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"
 LOGIN_FORM_SECONDS = 600
@@ -67,9 +70,12 @@ class User:
 class Sessions:
     """Signs and checks session cookies and CSRF tokens with one secret key."""
 
-    def __init__(self, secret: bytes, lifetime_seconds: float) -> None:
+    def __init__(self, secret: bytes, lifetime_seconds: float, ended_file: Path | None = None) -> None:
         self._secret = secret
         self.lifetime_seconds = lifetime_seconds
+        self._ended_file = ended_file  # logged-out sessions, kept across restarts of serve
+        self._ended: dict[str, float] = _read_ended(ended_file)  # session id -> when its cookie expires anyway
+        self._ended_lock = threading.Lock()
 
     def _sign(self, payload: bytes) -> str:
         return hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
@@ -92,9 +98,32 @@ class Sessions:
             data = json.loads(base64.urlsafe_b64decode(payload.encode()))
         except ValueError:
             return None
-        if not isinstance(data, dict) or float(data.get("e", 0)) < time.time() or data.get("r") not in ROLE_RANK:
+        if not isinstance(data, dict) or data.get("r") not in ROLE_RANK:
+            return None
+        try:
+            expires = float(data.get("e", 0))
+        except (TypeError, ValueError):
+            return None
+        if expires < time.time() or self.ended(str(data.get("s"))):
             return None
         return User(str(data["u"]), data["r"], str(data["s"]))
+
+    def end(self, user: User) -> None:
+        """Log ``user``'s session out on the server: its cookie is refused from now on, even if kept."""
+        now = time.time()
+        with self._ended_lock:
+            for session_id in [s for s, until in self._ended.items() if until < now]:
+                del self._ended[session_id]  # expired cookies are refused anyway
+            self._ended[user.session_id] = now + self.lifetime_seconds
+            if self._ended_file is not None:
+                try:
+                    _write_ended(self._ended_file, self._ended)
+                except OSError as exc:  # the logout still holds until serve restarts
+                    log_event(LOG, logging.WARNING, "console.logout_not_kept", reason=f"{exc}; kept until restart")
+
+    def ended(self, session_id: str) -> bool:
+        with self._ended_lock:
+            return session_id in self._ended
 
     def proxy_user(self, name: str, role: ConsoleRole) -> User:
         """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""
@@ -107,11 +136,40 @@ class Sessions:
     def login_token_valid(self, nonce: str | None, token: str | None) -> bool:
         return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_token(str(nonce)))
 
+    def notice_signature(self, text: str) -> str:
+        """Signs an outcome message put in a redirect's address, so a crafted link cannot show its own text."""
+        return self._sign(f"notice:{text}".encode())
+
+    def notice_valid(self, text: str, signature: str | None) -> bool:
+        return bool(signature) and hmac.compare_digest(str(signature), self.notice_signature(text))
+
     def csrf_token(self, user: User) -> str:
         return self._sign(f"csrf:{user.session_id}".encode())
 
     def csrf_valid(self, user: User, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token), self.csrf_token(user))
+
+
+def _read_ended(path: Path | None) -> dict[str, float]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    now = time.time()
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and v > now}
+
+
+def _write_ended(path: Path, ended: dict[str, float]) -> None:
+    """Replace the file of logged-out sessions in one step (0600: it names session ids)."""
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(ended, file)
+    os.replace(partial, path)
 
 
 def session_secret(settings: ConsoleSettings, storage: Path) -> bytes:
@@ -151,20 +209,37 @@ def from_trusted_proxy(settings: ConsoleSettings, address: str | None) -> bool:
 
 
 class LoginThrottle:
-    """Failed logins per address: after ``limit`` in a minute, that address must wait."""
+    """Failed logins per address: after ``limit`` in a minute, that address must wait.
+
+    An IPv6 client counts by its /64 network (one host can use a whole /64), and addresses whose
+    failures are older than the window are forgotten, so rotating addresses neither escapes the
+    limit within a network nor grows this table without bound.
+    """
 
     WINDOW_SECONDS = 60.0
+    PRUNE_ABOVE = 1000
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def key(address: str) -> str:
+        """What failures are counted by: the IPv4 address, or the IPv6 address' /64 network."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
     def wait_seconds(self, address: str) -> int:
         """Seconds ``address`` must wait before its next attempt (0: it may try now)."""
         now = time.monotonic()
         with self._lock:
-            failures = self._failures.get(address)
+            failures = self._failures.get(self.key(address))
             if not failures:
                 return 0
             while failures and now - failures[0] > self.WINDOW_SECONDS:
@@ -174,9 +249,13 @@ class LoginThrottle:
             return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
 
     def failed(self, address: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._failures.setdefault(address, deque()).append(time.monotonic())
+            if len(self._failures) > self.PRUNE_ABOVE:
+                for stale in [k for k, v in self._failures.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
+                    del self._failures[stale]
+            self._failures.setdefault(self.key(address), deque()).append(now)
 
     def succeeded(self, address: str) -> None:
         with self._lock:
-            self._failures.pop(address, None)
+            self._failures.pop(self.key(address), None)

@@ -8,7 +8,6 @@ jobs. README "Operations console" documents every metric.
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -22,16 +21,33 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
 from dicom_node.config import Settings
-from dicom_node.console.queries import stage_seconds
+from dicom_node.console.queries import refusal_kind, stage_seconds
 
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
 
 
-def refusal_kind(reason: str) -> str:
-    """A short, bounded label for a refusal reason: its words before the first quote, colon, digit or bracket."""
-    head = re.split(r"[:'\"(\d]", reason, maxsplit=1)[0].strip().rstrip(",;.")
-    return (head or "other")[:60]
+MAX_REFUSAL_KINDS = 20
+"""At most this many reason labels on dicom_node_instances_refused; the rarer kinds are counted as "other"."""
+
+
+def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[str, str], int]:
+    """(status, kind) -> count, with no more than :data:`MAX_REFUSAL_KINDS` kinds (the most frequent)."""
+    tally: dict[tuple[str, str], int] = {}
+    per_kind: dict[str, int] = {}
+    for status, reason, count in rows:
+        kind = refusal_kind(reason)
+        key = (f"0x{status:04X}", kind)
+        tally[key] = tally.get(key, 0) + int(count)
+        per_kind[kind] = per_kind.get(kind, 0) + int(count)
+    if len(per_kind) <= MAX_REFUSAL_KINDS:
+        return tally
+    kept = set(sorted(per_kind, key=lambda kind: (-per_kind[kind], kind))[: MAX_REFUSAL_KINDS - 1])
+    bounded: dict[tuple[str, str], int] = {}
+    for (code, kind), count in tally.items():
+        merged = (code, kind if kind in kept else "other")
+        bounded[merged] = bounded.get(merged, 0) + count
+    return bounded
 
 
 @dataclass(frozen=True)
@@ -113,14 +129,13 @@ class DatabaseCollector(Collector):
             "Instances refused at C-STORE, by DIMSE status and kind of reason.",
             labels=["status", "reason"],
         )
-        tally: dict[tuple[str, str], int] = {}
-        for status, reason, count in session.execute(
-            select(RejectedInstance.status, RejectedInstance.reason, func.count()).group_by(
-                RejectedInstance.status, RejectedInstance.reason
+        tally = bounded_refusal_tally(
+            session.execute(
+                select(RejectedInstance.status, RejectedInstance.reason, func.count()).group_by(
+                    RejectedInstance.status, RejectedInstance.reason
+                )
             )
-        ):
-            key = (f"0x{status:04X}", refusal_kind(reason))
-            tally[key] = tally.get(key, 0) + int(count)
+        )
         for (code, kind), total in sorted(tally.items()):
             refused.add_metric([code, kind], float(total))
         yield refused

@@ -17,6 +17,7 @@ from db.models import JobState
 from dicom_node.console import actions, queries
 from dicom_node.console.app import (
     Forbidden,
+    check_origin,
     client_address,
     console_of,
     identify,
@@ -27,6 +28,7 @@ from dicom_node.console.app import (
 from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
 
 router = APIRouter(include_in_schema=False)
+MAX_USER_NAME_CHARACTERS = 64
 
 
 def _page(request: Request, template: str, user: User | None, status_code: int = 200, **values: Any) -> Response:
@@ -42,8 +44,17 @@ def _page(request: Request, template: str, user: User | None, status_code: int =
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this console (never another site) is followed after login."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """Only a path on this console (never another site) is followed after login.
+
+    Browsers drop tabs and line breaks from a Location and read a backslash as a slash, so
+    ``/<tab>/evil.example`` would leave the console: any control character, space or backslash is refused.
+    """
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and not any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" for c in target)
+    ):
         return target
     return "/"
 
@@ -93,20 +104,22 @@ def login(
 ) -> Response:
     context = console_of(request)
     address = client_address(request) or "unknown"
+    claimed = username[:MAX_USER_NAME_CHARACTERS]  # what the audit trail records of a refused attempt
     target = _safe_next(next)
+    check_origin(request)
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
         error = "The login form expired or came from another page; log in again."
         return _login_page(request, target, status_code=403, error=error)
     wait = context.throttle.wait_seconds(address)
     if wait:
-        context.audit(request, username, "refused", f"login refused: too many failed logins from {address}")
+        context.audit(request, claimed, "refused", f"login refused: too many failed logins from {address}")
         error = f"Too many failed logins from this address; try again in {wait} s."
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
     if role is None:
         context.throttle.failed(address)
-        context.audit(request, username or None, "refused", "login failed: wrong user name or password")
+        context.audit(request, claimed or None, "refused", "login failed: wrong user name or password")
         return _login_page(request, target, status_code=401, error="Wrong user name or password.")
     context.throttle.succeeded(address)
     _user, cookie = context.auth.issue(username, role)
@@ -127,7 +140,9 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request, user: Annotated[User, Depends(posting_viewer)]) -> Response:
-    console_of(request).audit(request, user.name, "success", "logged out")
+    context = console_of(request)
+    context.auth.end(user)
+    context.audit(request, user.name, "success", "logged out")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -143,11 +158,12 @@ def _filters(request: Request) -> queries.WorklistFilter:
     except ValueError:
         day = None
     try:
-        page = max(int(params.get("page", "1")), 1)
+        page = min(max(int(params.get("page", "1")), 1), queries.MAX_PAGE)
     except ValueError:
         page = 1
+    search = (params.get("search") or "")[: queries.MAX_SEARCH_CHARACTERS] or None
     return queries.WorklistFilter(
-        state, day, params.get("rule") or None, params.get("destination") or None, params.get("search") or None, page
+        state, day, params.get("rule") or None, params.get("destination") or None, search, page
     )
 
 
@@ -198,8 +214,8 @@ def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -
                 message=f"No series {uid} on this node.",
             )
         detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
-    flash = request.query_params.get("done") or None
-    problem = request.query_params.get("error") or None
+    flash = _notice(request, uid, "done")
+    problem = _notice(request, uid, "error")
     return _page(
         request,
         "series.html",
@@ -213,24 +229,36 @@ def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -
     )
 
 
-def _after_action(uid: str, run: Any) -> Response:
+def _notice(request: Request, uid: str, kind: str) -> str | None:
+    """The outcome an action put in the address; shown only when this console signed it (no text from links)."""
+    text = request.query_params.get(kind)
+    signature = request.query_params.get("sig")
+    if not text or not console_of(request).auth.notice_valid(f"{kind}:{uid}:{text}", signature):
+        return None
+    return text
+
+
+def _back_to_series(request: Request, uid: str, kind: str, text: str) -> Response:
+    signature = console_of(request).auth.notice_signature(f"{kind}:{uid}:{text}")
+    return RedirectResponse(f"/series/{uid}?" + urlencode({kind: text, "sig": signature}), status_code=303)
+
+
+def _after_action(request: Request, uid: str, run: Any) -> Response:
     try:
         state = run()
     except actions.ActionRefused as exc:
-        return RedirectResponse(f"/series/{uid}?" + urlencode({"error": exc.message}), status_code=303)
-    return RedirectResponse(
-        f"/series/{uid}?" + urlencode({"done": f"done: the series is now {state}"}), status_code=303
-    )
+        return _back_to_series(request, uid, "error", exc.message)
+    return _back_to_series(request, uid, "done", f"done: the series is now {state}")
 
 
 @router.post("/series/{uid}/retry")
 def retry(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
-    return _after_action(uid, lambda: actions.retry(console_of(request), request, user, uid))
+    return _after_action(request, uid, lambda: actions.retry(console_of(request), request, user, uid))
 
 
 @router.post("/series/{uid}/cancel")
 def cancel(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
-    return _after_action(uid, lambda: actions.cancel(console_of(request), request, user, uid))
+    return _after_action(request, uid, lambda: actions.cancel(console_of(request), request, user, uid))
 
 
 @router.post("/series/{uid}/reroute")
@@ -242,7 +270,9 @@ def reroute(
     model: Annotated[str, Form()] = "",
 ) -> Response:
     context = console_of(request)
-    return _after_action(uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None))
+    return _after_action(
+        request, uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None)
+    )
 
 
 @router.get("/series/{uid}/preview.png")
@@ -278,8 +308,9 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
 
 @router.get("/rejected")
 def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
-    with console_of(request).sessions() as session:
-        rows = queries.rejected(session, 200)
+    context = console_of(request)
+    with context.sessions() as session:
+        rows = queries.rejected(session, 200, with_patient=context.may_see_patient(user))
     return _page(request, "rejected.html", user, title="Rejected instances", rows=rows)
 
 

@@ -7,6 +7,7 @@ same thing. Patient details are included only when the caller says the user may 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -32,6 +33,17 @@ STATE_COLOURS: dict[str, str] = {
 
 INFER_EXCLUDED_TIMINGS = frozenset({"write", "encode", "model_load"})
 """jobs.timings keys that are not the model's work: the rest (load, predict, resample, ...) make up "infer"."""
+
+
+MAX_SEARCH_CHARACTERS = 128
+"""A search names one accession number or UID (at most 64 characters); longer text is cut here."""
+MAX_PAGE = 100_000
+"""Pages beyond this are not offered (the database's integers stay in range)."""
+
+
+def _like_literal(text: str) -> str:
+    """``text`` for a LIKE pattern with ``\\`` as escape: its ``%`` and ``_`` match only themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @dataclass(frozen=True)
@@ -108,14 +120,16 @@ def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) ->
     if wanted.rule:
         query = query.where(Job.rule_name == wanted.rule)
     if wanted.destination:
-        query = query.where(cast(Job.destinations, String).like(f'%"{wanted.destination}"%'))
+        pattern = f'%"{_like_literal(wanted.destination)}"%'
+        query = query.where(cast(Job.destinations, String).like(pattern, escape="\\"))
     if wanted.search:
-        text = wanted.search.strip()
-        query = query.where(
-            or_(Series.series_instance_uid == text, Study.study_instance_uid == text, Study.accession_number == text)
-        )
+        text = wanted.search.strip()[:MAX_SEARCH_CHARACTERS]
+        matches = [Series.series_instance_uid == text, Study.study_instance_uid == text]
+        if with_patient:  # the accession number is a patient detail: only who may see it may search by it
+            matches.append(Study.accession_number == text)
+        query = query.where(or_(*matches))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = max(wanted.page, 1)
+    page = min(max(wanted.page, 1), MAX_PAGE)
     rows = session.scalars(
         query.options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.events))
         .order_by(Job.state_changed_at.desc(), Job.id.desc())
@@ -223,23 +237,58 @@ def structures(job: Job) -> list[dict[str, Any]]:
 
 
 def result_files(job: Job) -> dict[str, Path]:
-    """File name -> path of what the console offers for download: the DICOM results and measurements.json."""
+    """File name -> path of what the console offers for download: the DICOM results and measurements.json.
+
+    Only files recorded for this job and lying, as plain files (no symbolic links), inside its own
+    result folder are offered: nothing else on the disk can be reached through a download.
+    """
     files = {Path(p).name: Path(p) for p in job.result_files or []}
     if job.result_path:
-        measurements = Path(job.result_path) / "measurements.json"
-        if measurements.is_file():
-            files[measurements.name] = measurements
-    return files
+        files["measurements.json"] = Path(job.result_path) / "measurements.json"
+    return {name: path for name, path in files.items() if _inside_results(job, path)}
+
+
+def _inside_results(job: Job, path: Path) -> bool:
+    if not job.result_path or path.is_symlink() or not path.is_file():
+        return False
+    folder = Path(job.result_path).resolve()
+    return path.resolve().parent == folder
 
 
 def preview_path(job: Job) -> Path | None:
     if not job.result_path:
         return None
     path = Path(job.result_path) / "preview.png"
-    return path if path.is_file() else None
+    return path if _inside_results(job, path) else None
 
 
-def rejected(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+PATIENT_KEYWORDS = ("Patient", "AccessionNumber", "StudyDescription")
+"""A refusal reason naming one of these may quote a patient detail: viewers see only its first words."""
+_LABEL_WORD = re.compile(r"[A-Za-z][A-Za-z-]*")
+
+
+def refusal_kind(reason: str) -> str:
+    """A reason's first plain words: at most five, before the first quote, colon, digit or bracket.
+
+    Words with other characters (``Doe^Jane``, UIDs, paths) end it, so values taken from the data
+    do not appear: the metrics' reason label, and what a viewer sees of a reason naming the patient.
+    """
+    head = re.split(r"[:'\"(\d]", reason, maxsplit=1)[0].strip().rstrip(",;.")
+    words = []
+    for word in head.split()[:5]:
+        if not _LABEL_WORD.fullmatch(word.rstrip(",;.")):
+            break
+        words.append(word.rstrip(",;."))
+    return " ".join(words) or "other"
+
+
+def _reason_for(reason: str, with_patient: bool) -> str:
+    if with_patient or not any(keyword in reason for keyword in PATIENT_KEYWORDS):
+        return reason
+    return f"{refusal_kind(reason)} … (the rest is shown to roles that see patient details)"
+
+
+def rejected(session: Session, limit: int = 100, *, with_patient: bool = True) -> list[dict[str, Any]]:
     rows = session.scalars(select(RejectedInstance).order_by(RejectedInstance.received_at.desc()).limit(limit))
     return [
         {
@@ -247,7 +296,7 @@ def rejected(session: Session, limit: int = 100) -> list[dict[str, Any]]:
             "calling_ae_title": row.calling_ae_title,
             "status": f"0x{row.status:04X}",
             "sop_instance_uid": row.sop_instance_uid,
-            "reason": row.reason,
+            "reason": _reason_for(row.reason, with_patient),
         }
         for row in rows
     ]
