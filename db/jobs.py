@@ -215,11 +215,10 @@ def _sending_now(job: Job) -> list[str]:
     now = utcnow()
     busy = []
     for name in job.destinations or []:
-        record = (job.deliveries or {}).get(name) or {}
-        if record.get("delivered_at"):
+        record = delivery_record(job, name)
+        if record.delivered_at is not None:
             continue
-        next_attempt = record.get("next_attempt_at")
-        due = datetime.fromisoformat(next_attempt) if next_attempt else None
+        due = record.next_attempt_at
         waiting = due is not None and (due if due.tzinfo else due.replace(tzinfo=now.tzinfo)) > now
         if not waiting:
             busy.append(name)

@@ -29,13 +29,14 @@ from starlette.routing import Mount, Route
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
 from db.models import AuditEvent, Job, JobEvent, JobState, utcnow
+from db.results import ResultFile, ResultKind
 from db.session import transaction
 from dicom_node.config import Settings
 from dicom_node.console.app import MAX_BODY_BYTES, ConsoleServer, create_app
 from dicom_node.console.auth import SESSION_COOKIE, Sessions
 from dicom_node.console.metrics import MAX_REFUSAL_KINDS, Liveness
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.service import open_database
-from inference.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import free_port, storescu, wait_for
 from tests.console_helpers import (
     METRICS_TOKEN,
@@ -148,7 +149,7 @@ def _series(session: Session, uid: str, *, patient: bool = False) -> Job:
     return job
 
 
-def _results(folder: Path, outside: Path) -> list[str]:
+def _results(folder: Path, outside: Path) -> list[ResultFile]:
     """A job folder: a real result, a symbolic link to a file outside it, and measurements with hostile names."""
     folder.mkdir(parents=True)
     (folder / "seg-binary.dcm").write_bytes(b"DICM result")
@@ -157,7 +158,11 @@ def _results(folder: Path, outside: Path) -> list[str]:
     (folder / "measurements.json").write_text(
         '{"structures": {"' + SCRIPT.replace("'", "") + '": {"volume_ml": 1.0, "mean_hu": 40.0, "sd_hu": 1.0}}}'
     )
-    return [str(folder / "seg-binary.dcm"), str(folder / "evil.dcm"), str(outside)]
+    return [
+        ResultFile(ResultKind.SEG, str(folder / "seg-binary.dcm"), "BINARY"),
+        ResultFile(ResultKind.SEG, str(folder / "evil.dcm"), "BINARY"),
+        ResultFile(ResultKind.SEG, str(outside), "BINARY"),
+    ]
 
 
 def _populate(console: Console, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from db import jobs
 from db.jobs import InvalidTransition
 from db.models import Job
 from db.session import transaction
-from dicom_node.console.app import ConsoleContext
+from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from db import jobs
 from db.models import JobState
 from dicom_node.console import actions, queries
-from dicom_node.console.app import console_of, operator, posting_operator, viewer
+from dicom_node.console.access import console_of, operator, posting_operator, viewer
 from dicom_node.console.auth import User
 from dicom_node.console.metrics import readiness
 

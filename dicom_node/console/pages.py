@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from db import jobs
 from db.models import JobState
 from dicom_node.console import actions, queries
-from dicom_node.console.app import (
+from dicom_node.console.access import (
     Forbidden,
     check_origin,
     client_address,

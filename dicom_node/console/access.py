@@ -1,0 +1,158 @@
+"""Who is asking, and may they: the console's request context, logins, roles, CSRF and origin checks.
+
+Pages, the JSON API and operator actions depend on these; the application (``app.py``) wires them up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.config import Settings
+from dicom_node.console.auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    LoginThrottle,
+    Sessions,
+    User,
+    from_trusted_proxy,
+)
+from dicom_node.console.metrics import Liveness
+
+
+@dataclass
+class ConsoleContext:
+    """What every request handler needs: settings, database, sessions, throttle, metrics."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    auth: Sessions
+    throttle: LoginThrottle
+    liveness: Liveness
+    registry: CollectorRegistry
+    templates: Jinja2Templates
+
+    def may_see_patient(self, user: User) -> bool:
+        return user.role in self.settings.console.show_patient_details_to
+
+    def may_download(self, user: User) -> bool:
+        return user.role in self.settings.console.downloads_allowed_to
+
+    def audit(self, request: Request, user: str | None, outcome: str, detail: str, study: str | None = None) -> None:
+        """One ``console`` audit record naming the user and the address they came from."""
+        who = f"user {user}: " if user else ""
+        audit.record(
+            self.sessions,
+            "console",
+            audit.Peer(None, client_address(request)),
+            outcome,  # type: ignore[arg-type]
+            study_instance_uid=study,
+            detail=f"{who}{detail}",
+        )
+
+
+class NotLoggedIn(Exception):
+    """The request carries no valid session (or no trusted proxy header)."""
+
+
+class Forbidden(Exception):
+    """The user is logged in, but their role (or a missing CSRF token) does not allow this."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def console_of(request: Request) -> ConsoleContext:
+    context: ConsoleContext = request.app.state.console
+    return context
+
+
+def identify(request: Request) -> User | None:
+    """The user of a request: from the session cookie, or in proxy mode from a trusted proxy's header."""
+    context = console_of(request)
+    settings = context.settings.console
+    if settings.auth == "proxy_header":
+        name = request.headers.get(settings.proxy_user_header, "").strip()
+        if not name or not from_trusted_proxy(settings, client_address(request)):
+            return None
+        role = request.headers.get(settings.proxy_role_header, "").strip().lower()
+        return context.auth.proxy_user(name, "operator" if role == "operator" else "viewer")
+    user = context.auth.read(request.cookies.get(SESSION_COOKIE))
+    if user is None or user.name not in settings.users:
+        return None  # no session, or the user was removed from the configuration since logging in
+    return User(user.name, settings.users[user.name].role, user.session_id)  # the role configured now
+
+
+def viewer(request: Request) -> User:
+    """Dependency: any logged-in user."""
+    user = identify(request)
+    if user is None:
+        raise NotLoggedIn()
+    return user
+
+
+def operator(user: Annotated[User, Depends(viewer)]) -> User:
+    """Dependency: a logged-in operator."""
+    if not user.has_role("operator"):
+        raise Forbidden(f"{user.name} is a {user.role}; this needs the operator role")
+    return user
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a POST came from a page of this console: its Origin (else Referer) names this host, when sent.
+
+    Browsers send Origin with every cross-site POST, so a form on another site is refused here even
+    before the CSRF token is checked. Clients that send neither (curl, scripts) still need the token.
+    This host is the request's Host, or the X-Forwarded-Host a trusted proxy sets.
+    """
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source:
+        return True
+    if source == "null":
+        return False
+    hosts = {request.headers.get("host", "").lower()}
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded and from_trusted_proxy(console_of(request).settings.console, client_address(request)):
+        hosts.add(forwarded.split(",")[0].strip().lower())
+    return urlsplit(source).netloc.lower() in hosts
+
+
+def check_origin(request: Request) -> None:
+    if not same_origin(request):
+        raise Forbidden("this request came from another site (its Origin or Referer is not this console)")
+
+
+async def _check_csrf(request: Request, user: User) -> None:
+    check_origin(request)
+    token = request.headers.get(CSRF_HEADER)
+    if token is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        token = str((await request.form()).get(CSRF_FIELD) or "") or None
+    if not console_of(request).auth.csrf_valid(user, token):
+        raise Forbidden(f"missing or wrong CSRF token: send the page's {CSRF_FIELD} field or the {CSRF_HEADER} header")
+
+
+async def posting_viewer(request: Request, user: Annotated[User, Depends(viewer)]) -> User:
+    """Dependency for a POST any user may make: logged in, with the session's CSRF token."""
+    await _check_csrf(request, user)
+    return user
+
+
+async def posting_operator(request: Request, user: Annotated[User, Depends(operator)]) -> User:
+    """Dependency for an operator's action: logged in, operator, with the session's CSRF token."""
+    await _check_csrf(request, user)
+    return user
