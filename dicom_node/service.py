@@ -11,7 +11,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -19,10 +18,9 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
-from dicom_node.receive.scp import StoreContext, start_storage_scp
+from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
-from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node import security
 from dicom_node.watcher import SeriesWatcher
 from inference.worker import log_worker_death, run_worker
@@ -108,7 +106,7 @@ class WorkerSupervisor:
 
 @dataclass
 class RunningNode:
-    server: AssociationServer
+    server: Receiving
     watcher: SeriesWatcher
     workers: WorkerSupervisor
     dispatcher: Dispatcher
@@ -146,11 +144,7 @@ def start_node(settings: Settings) -> RunningNode:
         unreadable_files=report.unreadable_files,
     )
     # Bind first: a port in use must stop start-up before any thread or process exists.
-    server = start_storage_scp(
-        settings.network,
-        StoreContext(store=store, sessions=sessions, record_timeout_seconds=settings.database.busy_timeout_seconds),
-        RetrieveContext.from_settings(settings, sessions),
-    )
+    server = start_receiving(settings, store, sessions)
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
     workers = WorkerSupervisor(settings, sessions)
