@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import re
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,8 +148,11 @@ def test_ten_concurrent_senders_across_receivers_store_everything_once(tmp_path,
 
 
 def test_the_per_host_cap_counts_the_connections_of_every_receiving_process(tmp_path, start_node):
-    node = start_node(**TWO_RECEIVERS, network={"maximum_associations_per_host": 4})
+    node = start_node(
+        **TWO_RECEIVERS, network={"maximum_associations_per_host": 4, "association_request_timeout_seconds": 1}
+    )
     wait_for(lambda: "node.ready" in node.log(), what="both receivers listening")
+    time.sleep(2)  # the start-up port probe (connect, close) holds its place until its request times out
     ae = AE(ae_title="PACS")
     ae.add_requested_context(Verification)
     held = []
@@ -167,9 +171,10 @@ def test_the_per_host_cap_counts_the_connections_of_every_receiving_process(tmp_
 
     def associates() -> bool:  # places are given back as the released associations end
         again = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
-        if again.is_established:
+        established = again.is_established
+        if established:
             again.release()
-        return again.is_established
+        return established
 
     wait_for(associates, timeout=30, interval=0.5, what="a new association after the four were released")
 
