@@ -21,6 +21,15 @@ with the node's own ``build_ae`` and connection settings whose C-STORE handler
 answers success at once without storing anything: the most the node could reach
 with pynetdicom on this machine, whatever its storage path does.
 
+With ``--concurrent N`` (default 10) each round then also times N senders at once: N
+``storescu`` processes, each with its own association and its own series of
+``--concurrent-slices`` slices, against storescp (plain, which serves one association
+at a time, and ``--fork``, one process per association), the node (``receive.processes``
+as configured, ``--node-processes`` to set it) and the bare pynetdicom SCP. The figure is
+the wall time from starting the first sender until the last one exits. Every node start
+waits for its ``node.ready`` log line, so receiving processes that are still starting are
+not timed.
+
 The node is configured with ``inference: {workers: 0}`` (when the configuration
 has that section) so no inference worker process starts up during the timed
 send; ``--node-workers N`` changes that.

@@ -597,7 +597,8 @@ class GuardedServer(ThreadedAssociationServer):
         if self._listening is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._listening
         self.socket.settimeout(0)  # every process wakes for a connection; those that lose the accept() go back
         self.server_address = self.socket.getsockname()
@@ -609,7 +610,7 @@ class GuardedServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         if self._listening is None:
             super().server_close()
-        else:
+        elif self.socket is not None:
             self.socket.close()  # close this process' descriptor only; shutdown() would stop the others too
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:

@@ -117,8 +117,11 @@ def test_receiver_sigkilled_while_its_recorder_lags_loses_nothing_and_serve_inde
 
     wait_for(lambda: len(recorded_uids(node.sessions)) == 8, timeout=90, what="serve to index the journals")
     assert node.process is not None and node.process.pid == serve_pid and node.process.poll() is None
-    wait_for(lambda: set(receiver_pids(node.log()).values()).isdisjoint(pids.values()), timeout=90,
-             what="both receivers started again")
+    wait_for(
+        lambda: set(receiver_pids(node.log()).values()).isdisjoint(pids.values()),
+        timeout=90,
+        what="both receivers started again",
+    )
     assert sorted(recorded_uids(node.sessions)) == sorted(series.sop_instance_uids[:8])
     assert_byte_identical(series, stored_instances(node.storage), series.sop_instance_uids[:8])
     assert journal_entries(node.storage) == 0
@@ -136,7 +139,7 @@ def test_ten_concurrent_senders_across_receivers_store_everything_once(tmp_path,
     senders = [send_in_background(node.port, s.files) for s in series]
     outputs = [sender.communicate(timeout=300)[0] for sender in senders]
 
-    for one, output in zip(series, outputs):
+    for one, output in zip(series, outputs, strict=True):
         assert sorted(acknowledged_uids(one, output)) == sorted(one.sop_instance_uids), output[-2000:]
     every_uid = [uid for one in series for uid in one.sop_instance_uids]
     assert sorted(recorded_uids(node.sessions)) == sorted(every_uid)

@@ -125,8 +125,10 @@ def _wait_for_earlier_receivers(store: InstanceStore) -> None:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"a receiving process of an earlier run (pid {path.stem}) still runs; "
-                                           "stop it, then start the node again") from None
+                        raise RuntimeError(
+                            f"a receiving process of an earlier run (pid {path.stem}) still runs; "
+                            "stop it, then start the node again"
+                        ) from None
                     time.sleep(0.1)
         path.unlink(missing_ok=True)
 
@@ -182,8 +184,16 @@ class ReceiverPool:
             self.shutdown()
             raise
         network = self.settings.network
-        log_event(LOG, logging.INFO, "scp.listening", ae_title=network.ae_title, host=network.host, port=network.port,
-                  tls="on" if network.tls else "off", processes=self.count)
+        log_event(
+            LOG,
+            logging.INFO,
+            "scp.listening",
+            ae_title=network.ae_title,
+            host=network.host,
+            port=network.port,
+            tls="on" if network.tls else "off",
+            processes=self.count,
+        )
         self._thread.start()
 
     def _spawn(self, number: int) -> tuple[multiprocessing.process.BaseProcess, Any]:
@@ -203,8 +213,9 @@ class ReceiverPool:
         while not ready.value:
             if not process.is_alive() or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"receiving process {number} did not start (exit status {process.exitcode}); "
-                                   "see the lines above")
+                raise RuntimeError(
+                    f"receiving process {number} did not start (exit status {process.exitcode}); see the lines above"
+                )
             time.sleep(0.05)
         log_event(LOG, logging.INFO, "receiver.started", receiver=number, pid=process.pid)
         return process
@@ -216,15 +227,22 @@ class ReceiverPool:
             for number, process in enumerate(self._processes):
                 if process.is_alive() or self._stop.is_set():
                     continue
-                log_event(LOG, logging.ERROR, "receiver.died", receiver=number, pid=process.pid,
-                          exit_code=process.exitcode, note="indexing what it acknowledged, then starting it again")
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    "receiver.died",
+                    receiver=number,
+                    pid=process.pid,
+                    exit_code=process.exitcode,
+                    note="indexing what it acknowledged, then starting it again",
+                )
                 self._clean_up_after(process.pid)
                 time.sleep(self.RESTART_DELAY_SECONDS)
                 if self._stop.is_set():
                     return
                 try:
                     self._processes[number] = self._wait_ready(number, *self._spawn(number))
-                except Exception:  # noqa: BLE001 - tried again at the next check
+                except Exception:  # tried again at the next check
                     LOG.exception("receiver.restart_failed", extra={"event_fields": {"receiver": number}})
 
     def _clean_up_after(self, pid: int | None) -> None:
@@ -236,9 +254,14 @@ class ReceiverPool:
             self._unrecovered.discard(pid)
         except Exception as exc:  # noqa: BLE001 - tried again at every check; start-up repair at the latest
             if pid not in self._unrecovered:
-                log_event(LOG, logging.WARNING, "receiver.recovery_waiting", pid=pid,
-                          reason=f"its acknowledged instances cannot be indexed yet ({_first_line(exc)}); "
-                          "trying again every half second")
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "receiver.recovery_waiting",
+                    pid=pid,
+                    reason=f"its acknowledged instances cannot be indexed yet ({_first_line(exc)}); "
+                    "trying again every half second",
+                )
             self._unrecovered.add(pid)
         for partial in self.store.incoming_dir.glob(f"{pid}-*{TEMP_SUFFIX}"):
             partial.unlink(missing_ok=True)
@@ -312,8 +335,13 @@ def _stop_when_orphaned(stop: threading.Event, parent: int, interval_seconds: fl
     """Stop receiving when ``serve`` is gone (killed): a receiver must not outlive it and hold the port."""
     while not stop.wait(interval_seconds):
         if os.getppid() != parent:
-            log_event(LOG, logging.WARNING, "receiver.orphaned", pid=os.getpid(),
-                      reason=f"the serve process that started it ({parent}) is gone; stopping")
+            log_event(
+                LOG,
+                logging.WARNING,
+                "receiver.orphaned",
+                pid=os.getpid(),
+                reason=f"the serve process that started it ({parent}) is gone; stopping",
+            )
             stop.set()
 
 

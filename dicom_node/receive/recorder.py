@@ -170,8 +170,13 @@ class InstanceRecorder:
         self._queue.put(_STOP)
         self._thread.join(timeout + 5)
         if self._unrecorded:
-            log_event(LOG, logging.WARNING, "recorder.stopped_with_unrecorded", instances=self._unrecorded,
-                      hint="their files are stored; the next start indexes them")
+            log_event(
+                LOG,
+                logging.WARNING,
+                "recorder.stopped_with_unrecorded",
+                instances=self._unrecorded,
+                hint="their files are stored; the next start indexes them",
+            )
 
     def _run(self) -> None:
         while True:
@@ -208,16 +213,25 @@ class InstanceRecorder:
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, LONGEST_RETRY_DELAY_SECONDS)
-            except Exception:  # noqa: BLE001 - one instance's values the database refuses
+            except Exception:  # one instance's values the database refuses
                 if len(batch) > 1:
                     return all(self._record([pending]) for pending in batch)
+                LOG.exception(
+                    "recorder.database_refused_instance",
+                    extra={"event_fields": {"sop_instance_uid": batch[0].record.sop_instance_uid}},
+                )
                 self._refuse_file(batch[0])
                 outcomes = []
                 break
         if self._waiting_since is not None:
             waited = time.monotonic() - self._waiting_since
-            log_event(LOG, logging.INFO, "recorder.resumed", waited_seconds=round(waited, 1),
-                      note="the database accepts writes again; waiting instances are being recorded")
+            log_event(
+                LOG,
+                logging.INFO,
+                "recorder.resumed",
+                waited_seconds=round(waited, 1),
+                note="the database accepts writes again; waiting instances are being recorded",
+            )
             self._waiting_since = None
         for pending, outcome in outcomes:
             _log_outcome(pending.record, outcome)
@@ -250,15 +264,16 @@ class InstanceRecorder:
     def _refuse_file(self, pending: _Pending) -> None:
         """The database refuses this instance's values: its file goes to quarantine, with a rejection row."""
         path = Path(pending.record.path)
-        LOG.error("recorder.database_refused_instance", exc_info=True,
-                  extra={"event_fields": {"sop_instance_uid": pending.record.sop_instance_uid}})
         if path.exists():
             try:
                 quarantine_stored_file(
-                    path, UnindexableFile("the database refused its values (see the log)"), self.store, self.sessions,
+                    path,
+                    UnindexableFile("the database refused its values (see the log)"),
+                    self.store,
+                    self.sessions,
                     when="received",
                 )
-            except Exception:  # noqa: BLE001 - start-up repair sees the file again
+            except Exception:  # start-up repair sees the file again
                 LOG.exception("recorder.quarantine_failed")
 
 
@@ -266,17 +281,35 @@ def _log_outcome(record: InstanceRecord, stored: StoreOutcome) -> None:
     outcome = stored.recorded
     if not outcome.stored:
         if stored.replaced_missing_file or stored.path != Path(record.path):
-            log_event(LOG, logging.WARNING if stored.replaced_missing_file else logging.INFO, "instance.duplicate",
-                      sop_instance_uid=record.sop_instance_uid, calling_ae=record.calling_ae_title,
-                      note="the recorded file was missing; this copy took its place" if stored.replaced_missing_file
-                      else "already stored under other study or series UIDs; kept once")
+            log_event(
+                LOG,
+                logging.WARNING if stored.replaced_missing_file else logging.INFO,
+                "instance.duplicate",
+                sop_instance_uid=record.sop_instance_uid,
+                calling_ae=record.calling_ae_title,
+                note="the recorded file was missing; this copy took its place"
+                if stored.replaced_missing_file
+                else "already stored under other study or series UIDs; kept once",
+            )
         else:
-            log_event(LOG, logging.INFO, "instance.duplicate", sop_instance_uid=record.sop_instance_uid,
-                      calling_ae=record.calling_ae_title, note="already stored; kept once")
+            log_event(
+                LOG,
+                logging.INFO,
+                "instance.duplicate",
+                sop_instance_uid=record.sop_instance_uid,
+                calling_ae=record.calling_ae_title,
+                note="already stored; kept once",
+            )
         return
     if outcome.series_created:
-        log_event(LOG, logging.INFO, "series.receiving", series_instance_uid=record.series.series_instance_uid,
-                  modality=record.series.modality, calling_ae=record.calling_ae_title)
+        log_event(
+            LOG,
+            logging.INFO,
+            "series.receiving",
+            series_instance_uid=record.series.series_instance_uid,
+            modality=record.series.modality,
+            calling_ae=record.calling_ae_title,
+        )
     if outcome.series_reopened:
         log_event(LOG, logging.INFO, "series.reopened", series_instance_uid=record.series.series_instance_uid)
 
@@ -300,8 +333,14 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
                 indexed += 1
         segment.unlink(missing_ok=True)
     if indexed:
-        log_event(LOG, logging.WARNING, "recorder.recovered", process=pid if pid is not None else "all",
-                  instances_indexed=indexed, note="files acknowledged by a receiver that stopped before recording them")
+        log_event(
+            LOG,
+            logging.WARNING,
+            "recorder.recovered",
+            process=pid if pid is not None else "all",
+            instances_indexed=indexed,
+            note="files acknowledged by a receiver that stopped before recording them",
+        )
     return indexed
 
 
