@@ -265,6 +265,7 @@ class ReceiverPool:
             self._unrecovered.add(pid)
         for partial in self.store.incoming_dir.glob(f"{pid}-*{TEMP_SUFFIX}"):
             partial.unlink(missing_ok=True)
+        (journal_folder(self.store) / f"{pid}{ALIVE_SUFFIX}").unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         """Stop every receiving process (each records what it acknowledged first), then close the socket."""
