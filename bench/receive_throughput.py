@@ -21,6 +21,15 @@ with the node's own ``build_ae`` and connection settings whose C-STORE handler
 answers success at once without storing anything: the most the node could reach
 with pynetdicom on this machine, whatever its storage path does.
 
+With ``--concurrent N`` (default 10) each round then also times N senders at once: N
+``storescu`` processes, each with its own association and its own series of
+``--concurrent-slices`` slices, against storescp (plain, which serves one association
+at a time, and ``--fork``, one process per association), the node (``receive.processes``
+as configured, ``--node-processes`` to set it) and the bare pynetdicom SCP. The figure is
+the wall time from starting the first sender until the last one exits. Every node start
+waits for its ``node.ready`` log line, so receiving processes that are still starting are
+not timed.
+
 The node is configured with ``inference: {workers: 0}`` (when the configuration
 has that section) so no inference worker process starts up during the timed
 send; ``--node-workers N`` changes that.
@@ -138,6 +147,23 @@ def send_series(series_dir: Path, called_ae: str, port: int, log: Path) -> float
     return elapsed
 
 
+def send_concurrently(series_dirs: list[Path], called_ae: str, port: int, log: Path) -> float:
+    """One ``storescu +sd`` process (own association) per folder, all at once; wall time until the last exits."""
+    command = [DCMTK_STORESCU, "+sd", "-aet", CALLING_AE, "-aec", called_ae, HOST, str(port)]
+    with open(log, "ab") as out:
+        start = time.perf_counter()
+        senders = [
+            subprocess.Popen([*command, str(folder)], env=nodelay_env(), stdout=out, stderr=subprocess.STDOUT)
+            for folder in series_dirs
+        ]
+        codes = [sender.wait(timeout=SEND_TIMEOUT_SECONDS) for sender in senders]
+        elapsed = time.perf_counter() - start
+    if any(codes):
+        tail = log.read_text(errors="replace")[-2000:]
+        raise BenchError(f"a storescu to {called_ae} exited with status {max(codes)}; log {log}:\n{tail}")
+    return elapsed
+
+
 def count_files(folder: Path, pattern: str = "*") -> int:
     return sum(1 for p in folder.rglob(pattern) if p.is_file())
 
@@ -207,28 +233,34 @@ def summarise(seconds: list[float], images: int) -> dict[str, Any]:
 class Reference:
     """DCMTK storescp, started once; its output folder is emptied before each send."""
 
-    def __init__(self, work: Path, port: int) -> None:
+    def __init__(self, work: Path, port: int, *, fork: bool = False) -> None:
         self.port = port
-        self.out_dir = work / "storescp-out"
+        self.fork = fork  # --fork: one child process per association (storescp's own way to use several cores)
+        self.out_dir = work / ("storescp-fork-out" if fork else "storescp-out")
         self.out_dir.mkdir()
-        self.log = work / "storescp.log"
+        self.log = work / ("storescp-fork.log" if fork else "storescp.log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [DCMTK_STORESCP, "-aet", REFERENCE_AE, "-od", str(self.out_dir), str(self.port)]
+        command = [DCMTK_STORESCP, *(["--fork"] if self.fork else []), "-aet", REFERENCE_AE, "-od", str(self.out_dir),
+                   str(self.port)]
         self.process = subprocess.Popen(
             command, env=nodelay_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT
         )
         wait_for_port(self.port, self.process, "storescp")
 
-    def run(self, series_dir: Path, expected: int, send_log: Path) -> float:
+    def run(self, series_dir: Path | list[Path], expected: int, send_log: Path) -> float:
         assert self.process is not None
         for child in self.out_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-        seconds = send_series(series_dir, REFERENCE_AE, self.port, send_log)
+        if isinstance(series_dir, list):
+            seconds = send_concurrently(series_dir, REFERENCE_AE, self.port, send_log)
+            time.sleep(0.5)  # --fork children may still be closing their last file
+        else:
+            seconds = send_series(series_dir, REFERENCE_AE, self.port, send_log)
         received = count_files(self.out_dir)
         if received != expected:
             raise BenchError(f"storescp stored {received} files, expected {expected} (folder {self.out_dir})")
@@ -242,7 +274,7 @@ class Reference:
 class Node:
     """``dicom-node serve`` on a fresh storage directory for every run."""
 
-    def __init__(self, work: Path, port: int, *, fsync: bool, workers: int | None) -> None:
+    def __init__(self, work: Path, port: int, *, fsync: bool, workers: int | None, processes: int | None = None) -> None:
         self.port = port
         self.work = work
         self.data_dir = work / "node-data"
@@ -251,12 +283,13 @@ class Node:
         self.fsync = fsync
         storage = f"{{directory: {self.data_dir}}}" if fsync else f"{{directory: {self.data_dir}, fsync: false}}"
         self.config.write_text(
-            f"network: {{ae_title: {NODE_AE}, host: {HOST}, port: {port}}}\n"
+            f"network: {{ae_title: {NODE_AE}, host: {HOST}, port: {port}, maximum_associations_per_host: 32}}\n"
             f"storage: {storage}\n"
             "completion: {quiet_seconds: 600}\n"
             "rules: []\n"
-            "logging: {level: WARNING}\n"
-            + (f"inference: {{workers: {workers}}}\n" if workers is not None else ""),
+            "logging: {level: INFO}\n"  # INFO: node.ready says when every receiving process listens
+            + (f"inference: {{workers: {workers}}}\n" if workers is not None else "")
+            + (f"receive: {{processes: {processes}}}\n" if processes is not None else ""),
             encoding="utf-8",
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -265,6 +298,7 @@ class Node:
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+        starts = self.ready_lines()
         self.process = subprocess.Popen(
             command or [DICOM_NODE, "serve", "--config", str(self.config)],
             cwd=self.work,
@@ -273,6 +307,21 @@ class Node:
             stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port, self.process, "dicom-node serve")
+        self.wait_until_ready(starts)
+
+    def ready_lines(self) -> int:
+        return self.log.read_text(errors="replace").count("node.ready") if self.log.exists() else 0
+
+    def wait_until_ready(self, earlier: int, timeout: float = 120.0) -> None:
+        """Until this start's ``node.ready`` line: the port may accept before every receiving process listens."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while self.ready_lines() <= earlier:
+            if self.process.poll() is not None:
+                raise BenchError(f"dicom-node serve exited with status {self.process.returncode}; log {self.log}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"dicom-node serve was not ready within {timeout:.0f} s; log {self.log}")
+            time.sleep(0.05)
 
     def check_stored(self, expected: int) -> None:
         stored = count_files(self.data_dir / "instances", "*.dcm")
@@ -293,6 +342,18 @@ class Node:
                 self.check_stored(expected)
                 result["peak_rss_kib_after_duplicate"] = peak_rss_kib(self.process.pid)
             return result
+        finally:
+            stop(self.process)
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def run_concurrently(self, series_dirs: list[Path], expected: int, send_log: Path) -> dict[str, Any]:
+        """A fresh node; every folder sent at once, each on its own association."""
+        self.start()
+        assert self.process is not None
+        try:
+            seconds = send_concurrently(series_dirs, NODE_AE, self.port, send_log)
+            self.check_stored(expected)
+            return {"seconds": seconds, "peak_rss_kib": peak_rss_kib(self.process.pid)}
         finally:
             stop(self.process)
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -358,8 +419,11 @@ class Floor:
         )
         wait_for_port(self.port, self.process, "bare pynetdicom SCP")
 
-    def run(self, series_dir: Path, send_log: Path) -> float:
-        seconds = send_series(series_dir, NODE_AE, self.port, send_log)
+    def run(self, series_dir: Path | list[Path], send_log: Path) -> float:
+        if isinstance(series_dir, list):
+            seconds = send_concurrently(series_dir, NODE_AE, self.port, send_log)
+        else:
+            seconds = send_series(series_dir, NODE_AE, self.port, send_log)
         if self.process is not None and self.process.poll() is not None:
             raise BenchError(f"the bare pynetdicom SCP exited during the run; log {self.log}")
         return seconds
@@ -384,6 +448,7 @@ def serve_floor(port: int) -> int:
         return 0x0000
 
     ae = scp.build_ae(NetworkSettings(ae_title=NODE_AE, host=HOST, port=port))
+    ae.maximum_associations = 64
     handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
     on_open = getattr(scp, "_on_connection_open", None)  # TCP_NODELAY and the reactor poll delay
     if on_open is not None:
@@ -676,6 +741,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="after the timed rounds, one more node send with handle_store's stages wrapped in timers",
     )
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=10,
+        help="senders in the concurrent case: one storescu process and association each, each its own series "
+        "(default 10; 0 skips the case)",
+    )
+    parser.add_argument(
+        "--concurrent-slices",
+        type=int,
+        default=60,
+        help="slices of each sender's series in the concurrent case (default 60)",
+    )
+    parser.add_argument(
+        "--node-processes",
+        type=int,
+        default=None,
+        help="receive.processes for the node under test (default: the node's default, one per core)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (series, logs)")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-node-timed", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -704,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_port = free_port({reference_port, node_port})
     workers = args.node_workers if node_config_has_inference() else None
     reference = Reference(work, reference_port)
-    node = Node(work, node_port, fsync=args.fsync, workers=workers)
+    node = Node(work, node_port, fsync=args.fsync, workers=workers, processes=args.node_processes)
     floor = Floor(work, floor_port)
     try:
         print(f"generating {args.slices} slices of 512x512 CT into {series_dir} ...", flush=True)
@@ -734,6 +818,11 @@ def main(argv: list[str] | None = None) -> int:
                 floor_seconds.append(floor.run(series_dir, work / "storescu-floor.log"))
                 print(f" | bare pynetdicom {floor_seconds[-1]:6.3f} s", end="", flush=True)
             print(flush=True)
+
+        concurrent = None
+        if args.concurrent > 0:
+            concurrent = run_concurrent_case(args, work, reference, floor if args.floor else None, node,
+                                             {reference_port, node_port, floor_port})
         reference.stop()
         floor.stop()
 
@@ -782,6 +871,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "goal_ratio": 0.5,
             "goal_met": ratio >= 0.5,
+            "ratio_node_over_floor_images_per_second": (
+                round(node_summary["images_per_second"] / floor_summary["images_per_second"], 3) if floor_summary else None
+            ),
+            "goal_node_over_floor": 0.8,
+            "concurrent": concurrent,
             "profile": profile,
             "stage_timing": stage_timing,
             "machine": machine_info(),
@@ -819,6 +913,57 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work folder: {work}", file=sys.stderr)
 
 
+def run_concurrent_case(
+    args: argparse.Namespace, work: Path, reference: Reference, floor: Floor | None, node: Node, ports: set[int]
+) -> dict[str, Any]:
+    """``--concurrent`` senders at once, each its own series and association: storescp (plain and --fork), node,
+    bare pynetdicom; alternating, ``--repeats`` rounds. Returns the summaries and ratios."""
+    senders, slices = args.concurrent, args.concurrent_slices
+    total = senders * slices
+    print(f"generating {senders} series of {slices} slices for the concurrent case ...", flush=True)
+    dirs = []
+    for number in range(senders):
+        folder = work / "concurrent" / f"sender{number}"
+        generate_series(folder, slices)
+        dirs.append(folder)
+    forked = Reference(work, free_port(ports), fork=True)
+    forked.start()
+    seconds: dict[str, list[float]] = {"storescp": [], "storescp_fork": [], "node": [], "floor": []}
+    peaks: list[int] = []
+    try:
+        for round_number in range(1, args.repeats + 1):
+            seconds["storescp"].append(reference.run(dirs, total, work / "storescu-ref-concurrent.log"))
+            seconds["storescp_fork"].append(forked.run(dirs, total, work / "storescu-fork-concurrent.log"))
+            run = node.run_concurrently(dirs, total, work / "storescu-node-concurrent.log")
+            seconds["node"].append(run["seconds"])
+            if run.get("peak_rss_kib"):
+                peaks.append(run["peak_rss_kib"])
+            line = (f"concurrent round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | storescp --fork "
+                    f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s")
+            if floor is not None:
+                seconds["floor"].append(floor.run(dirs, work / "storescu-floor-concurrent.log"))
+                line += f" | bare pynetdicom {seconds['floor'][-1]:6.3f} s"
+            print(line, flush=True)
+    finally:
+        forked.stop()
+    summaries = {name: summarise(runs, total) for name, runs in seconds.items() if runs}
+    node_rate = summaries["node"]["images_per_second"]
+    return {
+        "senders": senders,
+        "slices_per_sender": slices,
+        "images": total,
+        "node_processes": args.node_processes,
+        **summaries,
+        "node_serve_peak_rss_mib": round(max(peaks) / 1024, 1) if peaks else None,
+        "ratio_node_over_storescp": round(node_rate / summaries["storescp"]["images_per_second"], 3),
+        "ratio_node_over_storescp_fork": round(node_rate / summaries["storescp_fork"]["images_per_second"], 3),
+        "ratio_node_over_floor": (
+            round(node_rate / summaries["floor"]["images_per_second"], 3) if "floor" in summaries else None
+        ),
+        "goal_ratio_node_over_storescp": 0.5,
+    }
+
+
 def print_table(results: dict[str, Any]) -> None:
     ref = results["reference_storescp"]
     node = results["node"]
@@ -853,6 +998,28 @@ def print_table(results: dict[str, Any]) -> None:
         floor_ratio = results["ratio_floor_over_storescp_images_per_second"]
         print(f"** the node's AE settings, handler answers success at once: the pynetdicom ceiling "
               f"({floor_ratio:.2f} of storescp)")
+        print(f"node / bare pynetdicom (images per second): {results['ratio_node_over_floor_images_per_second']:.2f} "
+              "(goal >= 0.80)")
+    concurrent = results.get("concurrent")
+    if concurrent:
+        print()
+        print(f"{concurrent['senders']} senders at once, {concurrent['slices_per_sender']} slices each "
+              f"({concurrent['images']} images), one storescu process and association per sender")
+        print(header)
+        print("-" * len(header))
+        rows = [("DCMTK storescp", "storescp"), ("DCMTK storescp --fork", "storescp_fork"),
+                ("dicom-node", "node"), ("bare pynetdicom SCP, stores nothing", "floor")]
+        concurrent_mib = concurrent["images"] * mib / results["slices"]
+        for name, key in rows:
+            if key not in concurrent:
+                continue
+            summary = concurrent[key]
+            runs = " ".join(f"{s:.2f}" for s in summary["seconds"])
+            print(f"{name:<38} {runs:<28} {summary['median_seconds']:>9.3f} {summary['images_per_second']:>8.1f}"
+                  f" {concurrent_mib / summary['median_seconds']:>7.1f}")
+        print(f"node / storescp: {concurrent['ratio_node_over_storescp']:.2f}, node / storescp --fork: "
+              f"{concurrent['ratio_node_over_storescp_fork']:.2f} (goal >= 0.50), node / bare pynetdicom: "
+              f"{concurrent['ratio_node_over_floor']}")
 
 
 if __name__ == "__main__":

@@ -100,13 +100,18 @@ def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
     return found.scalar()
 
 
-def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:
+def record_instance(session: Session, record: InstanceRecord, *, counted_at: datetime | None = None) -> RecordOutcome:
     """Record a stored instance; a duplicate SOP Instance UID is recorded once.
 
     Creates the study, series and RECEIVING job on first sight, counts the
     instance in its series, and re-opens a series that had already completed.
     This runs once per received instance, so the common case (known series)
     is a handful of Core statements rather than ORM object loads.
+
+    ``counted_at`` (default: the instance's ``received_at``) becomes the series'
+    ``last_received_at``. The receiver records off the acknowledgement path and
+    passes the time of recording, so a series' quiet period (completion) starts
+    only once its last acknowledged instance is recorded, however late that is.
     """
     session.flush()  # the Core statements below must see pending ORM changes
     if instance_exists(session, record.sop_instance_uid):
@@ -116,7 +121,7 @@ def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:
         _FIND_SERIES_AND_JOB, {"series_instance_uid": record.series.series_instance_uid}
     ).first()
     if known is None:
-        series_id = _create_series(session, record)
+        series_id = _create_series(session, record, counted_at)
         created, reopened = True, False
     else:
         series_id, job_id, state = known
@@ -129,7 +134,7 @@ def record_instance(session: Session, record: InstanceRecord) -> RecordOutcome:
         _COUNT_INSTANCE,
         {
             "series_id": series_id,
-            "received_at": record.received_at,
+            "received_at": counted_at or record.received_at,
             "expected_instances": record.series.expected_instances,
         },
     )
@@ -152,7 +157,7 @@ def _instance_values(record: InstanceRecord) -> dict[str, object]:
     }
 
 
-def _create_series(session: Session, record: InstanceRecord) -> int:
+def _create_series(session: Session, record: InstanceRecord, counted_at: datetime | None = None) -> int:
     """First instance of a series: create study (if new), series and its RECEIVING job."""
     series = Series(
         **record.series.__dict__,
@@ -160,7 +165,7 @@ def _create_series(session: Session, record: InstanceRecord) -> int:
         calling_ae_title=record.calling_ae_title,
         instance_count=0,
         first_received_at=record.received_at,
-        last_received_at=record.received_at,
+        last_received_at=counted_at or record.received_at,
     )
     session.add(series)
     jobs.open_job(session, series)

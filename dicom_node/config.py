@@ -172,6 +172,18 @@ class StorageSettings(_Strict):
     )
 
 
+class ReceiveSettings(_Strict):
+    """How the node receives: processes that accept associations (C-ECHO, C-STORE, Q/R)."""
+
+    processes: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Receiving processes sharing the port, each using its own CPU core; 0: one per core "
+        "(at most 4); 1: receive in serve's own process.",
+    )
+
+
 class DatabaseSettings(_Strict):
     url: str | None = Field(
         None, description="SQLAlchemy URL; default is a SQLite file in the storage directory."
@@ -537,6 +549,7 @@ class Settings(BaseSettings):
 
     network: NetworkSettings = Field(default_factory=NetworkSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    receive: ReceiveSettings = Field(default_factory=ReceiveSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)

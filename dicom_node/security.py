@@ -24,15 +24,17 @@ threads start.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import ipaddress
 import logging
+import multiprocessing
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -194,8 +196,12 @@ def context_allowed(abstract_syntax: str, peer: Peer) -> bool:
     return peer.may("store") or peer.may("get")
 
 
-def on_requested(event: evt.Event, policy: PeerPolicy) -> None:
-    """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles."""
+def on_requested(event: evt.Event, policy: PeerPolicy, caps: AssociationCaps | None = None) -> None:
+    """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles.
+
+    With ``caps`` (several receiving processes), ``network.maximum_associations`` counts
+    the connections of every process; pynetdicom's own check sees only this one's.
+    """
     assoc = event.assoc
     request = assoc.requestor.primitive
     assert request is not None  # EVT_REQUESTED is the A-ASSOCIATE request arriving
@@ -205,6 +211,13 @@ def on_requested(event: evt.Event, policy: PeerPolicy) -> None:
     if isinstance(found, Refused):
         log_event(LOG, logging.WARNING, "association.rejected", calling_ae=ae_title, address=address, reason=found)
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+        assoc.kill()
+        return
+    if caps is not None and caps.total() > assoc.ae.maximum_associations:
+        log_event(LOG, logging.WARNING, "association.rejected", calling_ae=ae_title, address=address,
+                  reason=f"association limit reached (network.maximum_associations is "
+                  f"{assoc.ae.maximum_associations}, counted over every receiving process)")
+        assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
         assoc.kill()
         return
     assoc.acceptor.supported_contexts = [
@@ -392,6 +405,9 @@ class GuardedDUL(DULServiceProvider):
         except Exception:  # noqa: BLE001 - any undecodable PDU is the peer's error
             self._refuse(f"undecodable PDU type 0x{pdu_type:02X}", reason=0x06)
             return
+        before_release = self.assoc._server.before_release  # type: ignore[union-attr]
+        if pdu_type == 0x05 and before_release is not None:
+            before_release()  # e.g. let the recorder catch up: the sender sees the release once it is recorded
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -434,17 +450,23 @@ def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """Per connection: TLS handshake in this thread under a deadline, then an association with a :class:`GuardedDUL`."""
+    """Per connection: TLS handshake in this thread under a deadline, then an association with a :class:`GuardedDUL`.
+
+    The connection holds its place in :class:`AssociationCaps` (taken in
+    :meth:`GuardedServer.verify_request`) until its association's thread ends.
+    """
 
     server: GuardedServer
 
     def handle(self) -> None:
+        started = False
         try:
-            self._open_association()
+            started = self._open_association()
         finally:
-            self.server.set_up(self.client_address[0])
+            if not started:
+                self.server.caps.release(self.client_address[0])
 
-    def _open_association(self) -> None:
+    def _open_association(self) -> bool:
         limits = self.server.limits
         request = self.request
         address = self.client_address[0]
@@ -455,7 +477,7 @@ class GuardedRequestHandler(RequestHandler):
             except ssl.SSLEOFError:  # a port check that connects and closes: nothing to refuse
                 log_event(LOG, logging.INFO, "connection.closed", address=address, reason="closed before TLS handshake")
                 self.server.shutdown_request(request)
-                return
+                return False
             except (ssl.SSLError, OSError) as exc:
                 if isinstance(exc, TimeoutError):
                     reason = "no TLS handshake in time"
@@ -463,26 +485,141 @@ class GuardedRequestHandler(RequestHandler):
                     reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or 'connection reset'})"
                 log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
                 self.server.shutdown_request(request)
-                return
+                return False
         request.settimeout(limits.pdu_seconds)  # no send or receive waits longer without progress
         assoc = self._create_association()
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
+        caps = self.server.caps
+        run = assoc.run
+
+        def run_then_release() -> None:
+            try:
+                run()
+            finally:
+                caps.release(address)
+
+        assoc.run = run_then_release  # type: ignore[method-assign]
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+        return True
+
+
+class AssociationCaps:
+    """Open connections per source address and in all, shared by every receiving process.
+
+    ``serve`` creates one before it starts the receiving processes and hands it
+    to each (a lock and two shared-memory arrays from ``multiprocessing``), so
+    ``network.maximum_associations_per_host`` and ``network.maximum_associations``
+    hold for the node as a whole. A connection holds one place from accept until
+    its association ends. The table has ``slots`` addresses; when it is full,
+    a connection from a new address is refused like one over the per-host cap.
+    """
+
+    KEY_BYTES = 16
+
+    def __init__(self, slots: int, context: Any = None) -> None:
+        context = context or multiprocessing.get_context("spawn")
+        self.slots = slots
+        self._lock = context.Lock()
+        self._keys = context.RawArray(ctypes.c_char, slots * self.KEY_BYTES)
+        self._counts = context.RawArray(ctypes.c_int, slots)
+
+    @classmethod
+    def for_network(cls, network: NetworkSettings) -> AssociationCaps:
+        return cls(2 * network.maximum_associations + 16)
+
+    def _key(self, address: str) -> bytes:
+        try:
+            return ipaddress.ip_address(address.split("%")[0]).packed.ljust(self.KEY_BYTES, b"\0")
+        except ValueError:
+            return hashlib.blake2b(address.encode(), digest_size=self.KEY_BYTES).digest()
+
+    def hold(self, address: str, per_host: int) -> int | None:
+        """Take a place for a connection from ``address``; None if it already holds ``per_host`` (the count)."""
+        key = self._key(address)
+        width = self.KEY_BYTES
+        with self._lock:
+            free = None
+            for slot in range(self.slots):
+                count = self._counts[slot]
+                if count and self._keys[slot * width : (slot + 1) * width] == key:
+                    if count >= per_host:
+                        return count
+                    self._counts[slot] = count + 1
+                    return None
+                if not count and free is None:
+                    free = slot
+            if free is None:
+                return 0
+            self._keys[free * width : (free + 1) * width] = key
+            self._counts[free] = 1
+            return None
+
+    def release(self, address: str) -> None:
+        key = self._key(address)
+        width = self.KEY_BYTES
+        with self._lock:
+            for slot in range(self.slots):
+                if self._counts[slot] and self._keys[slot * width : (slot + 1) * width] == key:
+                    self._counts[slot] -= 1
+                    return
+
+    def held(self, address: str) -> int:
+        key = self._key(address)
+        width = self.KEY_BYTES
+        with self._lock:
+            for slot in range(self.slots):
+                if self._counts[slot] and self._keys[slot * width : (slot + 1) * width] == key:
+                    return int(self._counts[slot])
+        return 0
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts)
 
 
 class GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with a per-address connection cap and a non-blocking TLS accept."""
+    """pynetdicom's threaded server, with a per-address connection cap and a non-blocking TLS accept.
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    With ``listening``, the server accepts on that already bound and listening socket
+    (shared by several receiving processes) instead of binding its own.
+    """
+
+    def __init__(
+        self, *args: Any, limits: Limits, caps: AssociationCaps, listening: socket.socket | None = None, **kwargs: Any
+    ) -> None:
         self.limits = limits
-        self._lock = threading.Lock()
-        self._setting_up: Counter[str] = Counter()  # connections accepted whose association has not started yet
+        self.caps = caps
+        self._listening = listening
+        self.before_release: Callable[[], object] | None = None
+        """Run in the connection's reader when an A-RELEASE-RQ arrives, before it is answered."""
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        if self._listening is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self._listening
+        self.socket.settimeout(0)  # every process wakes for a connection; those that lose the accept() go back
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listening is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._listening is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()  # close this process' descriptor only; shutdown() would stop the others too
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
+        if self._listening is not None:
+            client.setblocking(True)  # accepted sockets inherit the listening socket's non-blocking mode
         if self.ssl_context:
             # The handshake runs in the connection's thread: a silent client must not stall accept().
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
@@ -491,28 +628,20 @@ class GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection unless its address already holds ``maximum_associations_per_host``."""
         address = client_address[0]
-        with self._lock:
-            held = self._setting_up[address]
-            held += sum(1 for a in self.ae.active_associations if a.is_acceptor and _address(a) == address)
-            if held < self.limits.per_host:
-                self._setting_up[address] += 1
-                return True
+        held = self.caps.hold(address, self.limits.per_host)
+        if held is None:
+            return True
         log_event(
             LOG,
             logging.WARNING,
             "connection.refused",
             address=address,
             reason=f"{held} connections already open from this address "
-            f"(network.maximum_associations_per_host is {self.limits.per_host})",
+            f"(network.maximum_associations_per_host is {self.limits.per_host})"
+            if held
+            else "the node holds as many connections as it can track; try again shortly",
         )
         return False
-
-    def set_up(self, address: str) -> None:
-        """The connection from ``address`` now runs as an association (or has ended): stop counting it here."""
-        with self._lock:
-            self._setting_up[address] -= 1
-            if self._setting_up[address] <= 0:
-                del self._setting_up[address]
 
 
 def _address(assoc: Any) -> str | None:
@@ -521,9 +650,18 @@ def _address(assoc: Any) -> str | None:
 
 
 def start_guarded_server(
-    ae: AE, address: tuple[str, int], network: NetworkSettings, evt_handlers: list[Any]
+    ae: AE,
+    address: tuple[str, int],
+    network: NetworkSettings,
+    evt_handlers: list[Any],
+    caps: AssociationCaps | None = None,
+    listening: socket.socket | None = None,
 ) -> GuardedServer:
-    """``ae.start_server(block=False)`` with the guards above (and TLS when ``network.tls`` is set)."""
+    """``ae.start_server(block=False)`` with the guards above (and TLS when ``network.tls`` is set).
+
+    ``caps`` (default: this process' own) counts connections per address; ``listening``
+    is a bound, listening socket to accept on instead of binding ``address``.
+    """
     ssl_context = server_tls(network.tls) if network.tls else None
     # make_server builds server_class, though its annotation names only the base class
     server = cast(GuardedServer, ae.make_server(
@@ -532,6 +670,8 @@ def start_guarded_server(
         evt_handlers=evt_handlers,
         server_class=GuardedServer,
         limits=Limits.from_settings(network),
+        caps=caps or AssociationCaps.for_network(network),
+        listening=listening,
     ))
     ae._servers.append(server)  # so ae.shutdown() stops it, as start_server does
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)

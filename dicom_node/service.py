@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -21,10 +20,9 @@ from dicom_node import security
 from dicom_node.config import Settings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
-from dicom_node.receive.scp import StoreContext, start_storage_scp
+from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask
-from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
@@ -116,7 +114,7 @@ class WorkerSupervisor:
 
 @dataclass
 class RunningNode:
-    server: AssociationServer
+    server: Receiving
     watcher: SeriesWatcher
     workers: WorkerSupervisor
     dispatcher: Dispatcher
@@ -156,11 +154,7 @@ def start_node(settings: Settings) -> RunningNode:
         unreadable_files=report.unreadable_files,
     )
     # Bind first: a port in use must stop start-up before any thread or process exists.
-    server = start_storage_scp(
-        settings.network,
-        StoreContext(store=store, sessions=sessions, record_timeout_seconds=settings.database.busy_timeout_seconds),
-        RetrieveContext.from_settings(settings, sessions),
-    )
+    server = start_receiving(settings, store, sessions)
     workers = WorkerSupervisor(settings, sessions)
     console = _start_console(settings, sessions, server, workers)
     watcher = SeriesWatcher(settings, sessions)
@@ -177,7 +171,7 @@ def start_node(settings: Settings) -> RunningNode:
 
 
 def _start_console(
-    settings: Settings, sessions: sessionmaker[Session], server: AssociationServer, workers: WorkerSupervisor
+    settings: Settings, sessions: sessionmaker[Session], server: Receiving, workers: WorkerSupervisor
 ) -> ConsoleServer | None:
     """The operations console (``console.enabled``); a port in use stops start-up like the SCP's would."""
     if not settings.console.enabled:

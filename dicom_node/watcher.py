@@ -32,6 +32,7 @@ from dicom_node.admission import (
 )
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.routing import Decision, decide, series_facts
 
 LOG = logging.getLogger(__name__)
@@ -81,8 +82,11 @@ class SeriesWatcher(PeriodicTask):
             for job in _expected_count_reached(session):
                 count = job.series.instance_count
                 self._complete(session, job, f"all {count} expected images received (ImagesInAcquisition)", pending)
+            waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
             for job in jobs.quiet_receiving_jobs(session, quiet):
                 series = job.series
+                if series.series_instance_uid in waiting:
+                    continue  # acknowledged instances of it are not recorded yet: not quiet
                 images = _images_received(session, series)
                 expected = series.expected_instances
                 if expected is None or images >= expected:

@@ -91,6 +91,9 @@ class Node:
             "completion": {"quiet_seconds": 2, "check_interval_seconds": 0.2},
             "inference": {"workers": 0, "poll_seconds": 0.2},
             "logging": {"level": "INFO"},
+            # One receiving process (serve's own): each extra one costs seconds of imports at every start.
+            # tests/test_receive_concurrency.py runs two.
+            "receive": {"processes": 1},
         }
         for key, value in settings.items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -1,19 +1,27 @@
 """The Storage SCP: C-ECHO and C-STORE for every storage SOP class, compressed or not (and, through dicom_node.retrieve, Q/R).
 
-A C-STORE is answered with success only after the instance is on disk (fsynced)
-and recorded in the database. Refused instances get a failure status, a log
-line with the reason, a row in ``rejected_instances`` and their bytes in the
-quarantine folder; nothing is half-stored. An instance that cannot be written
-(a full disk) or recorded (the database locked for longer than
-``database.busy_timeout_seconds``) is answered 0xA700 and leaves no file behind,
-so the sender keeps it and sends it again.
+A C-STORE is answered with success only after the instance is on disk: written,
+fsynced, renamed into place, its folder fsynced, and its path in this process'
+journal. The database record follows off the acknowledgement path, in batches
+(:mod:`dicom_node.receive.recorder`); a receiver that dies before recording
+leaves its journal for ``serve`` or start-up repair to index. Refused instances
+get a failure status, a log line with the reason, a row in ``rejected_instances``
+and their bytes in the quarantine folder; nothing is half-stored. An instance
+that cannot be written (a full disk) is answered 0xA700 and leaves no file
+behind, so the sender keeps it and sends it again. While the database cannot be
+written, C-STOREs are still answered success and the recorder catches up later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from pydicom.dataset import Dataset
@@ -44,16 +52,17 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.ingest import record_rejection
-from db.session import DEFAULT_BUSY_TIMEOUT_SECONDS, DatabaseBusy, retry_when_locked, transaction
+from db.session import transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
 from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
-from dicom_node.receive.storage import InstanceStore, commit_instance, encode_file_meta, is_disk_full
+from dicom_node.receive.recorder import InstanceRecorder
+from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_full
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
-from dicom_node.security import PeerPolicy, on_requested, require_role, start_guarded_server
+from dicom_node.security import AssociationCaps, PeerPolicy, on_requested, require_role, start_guarded_server
 
 LOG = logging.getLogger(__name__)
 
@@ -107,16 +116,19 @@ REACTOR_POLL_SECONDS = 0.0002
 
 ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
 
+RELEASE_WAIT_SECONDS = 10.0
+"""An A-RELEASE-RQ is answered once the instances acknowledged so far are recorded, or after this long (the
+database refuses writes): a sender that has released its association finds its series in the database."""
+
 DISK_FULL_COMMENT = "out of disk space on the node"
-DATABASE_BUSY_COMMENT = "node database busy; please send again"
 
 
 @dataclass(frozen=True)
 class StoreContext:
     store: InstanceStore
     sessions: sessionmaker[Session]
-    record_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS
-    """Longest wait for the database's write lock before the C-STORE is answered 0xA700."""
+    recorder: InstanceRecorder
+    """Records acknowledged instances in the database, off the acknowledgement path (started by the caller)."""
 
 
 def build_ae(network: NetworkSettings) -> AE:
@@ -140,19 +152,25 @@ def start_storage_scp(
     context: StoreContext,
     retrieve: RetrieveContext | None = None,
     peers: PeerPolicy | None = None,
+    *,
+    caps: AssociationCaps | None = None,
+    listening: socket.socket | None = None,
 ) -> AssociationServer:
     """Start listening (non-blocking); returns the server to ``shutdown()`` later.
 
     With ``retrieve``, the same AE also answers C-FIND, C-MOVE and C-GET.
     ``peers`` decides who may associate and what each may do (default: the
     retrieve context's policy, else any AE title from loopback); the limits
-    of :mod:`dicom_node.security` apply to every connection.
+    of :mod:`dicom_node.security` apply to every connection. Several receiving
+    processes pass the listening socket they share and the association caps
+    they count together (:mod:`dicom_node.receive.processes`).
     """
     ae = build_ae(network)
     peers = peers or (retrieve.peers if retrieve is not None else None) or PeerPolicy.loopback_only()
+    shared_caps = caps if listening is not None else None  # one process: pynetdicom counts the associations
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
-        (evt.EVT_REQUESTED, on_requested, [peers]),
+        (evt.EVT_REQUESTED, on_requested, [peers, shared_caps]),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),
@@ -164,10 +182,11 @@ def start_storage_scp(
     ]
     if retrieve is not None:
         handlers += retrieve_handlers(retrieve)
-    server = start_guarded_server(ae, (network.host, network.port), network, handlers)
+    server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening)
+    server.before_release = functools.partial(context.recorder.wait_until_recorded, RELEASE_WAIT_SECONDS)
     log_event(
         LOG,
-        logging.INFO,
+        logging.DEBUG if listening is not None else logging.INFO,  # the pool logs its own line
         "scp.listening",
         ae_title=network.ae_title,
         host=network.host,
@@ -204,64 +223,35 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
+    identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
+    file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
+    # The write and its fsync need no header: they run beside the header checks (both release the GIL).
+    writing = _WRITERS.submit(context.store.write_temporary, file_meta, encoded) if identified else None
     try:
         header = check_header(read_header(encoded, transfer_syntax), sop_class, sop_instance)
     except InvalidInstance as exc:
-        identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
-        file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
+        _discard(writing)
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
+    assert writing is not None  # check_header refuses requests without valid UIDs
 
     attempt.study_instance_uid = header.study.study_instance_uid
     path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
-    file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae)
-    try:
-        temporary = context.store.write_temporary(file_meta, encoded)
-    except OSError as exc:
-        return _write_failed(exc, sop_instance, calling_ae)
     record = header.record(transfer_syntax, str(path), len(file_meta) + len(encoded), calling_ae)
+    recorder = context.recorder
     try:
-        stored = retry_when_locked(
-            lambda: commit_instance(context.store, context.sessions, temporary, record),
-            waiting=f"recording instance {sop_instance} from {calling_ae}",
-            limit_seconds=context.record_timeout_seconds,
-        )
-        context.store.sync_folder(stored.path.parent)
-    except DatabaseBusy:
-        log_event(LOG, logging.ERROR, "instance.not_recorded", sop_instance_uid=sop_instance, calling_ae=calling_ae,
-                  reason=f"the database stayed locked for {context.record_timeout_seconds:g} s; answered 0xA700")
-        return _failure(status.OUT_OF_RESOURCES, DATABASE_BUSY_COMMENT)
+        segment = recorder.journal.append(str(path))
     except OSError as exc:
+        _discard(writing)
         return _write_failed(exc, sop_instance, calling_ae)
-    except Exception as exc:  # the peer must hear of any failure, never success
-        if is_disk_full(exc):
+    try:
+        _place(context.store, path, writing)
+    except Exception as exc:
+        recorder.journal.done([segment])
+        if isinstance(exc, OSError) or is_disk_full(exc):
             return _write_failed(exc, sop_instance, calling_ae)
-        LOG.exception("instance.record_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
-        return _failure(status.OUT_OF_RESOURCES, "node cannot record the instance; see its log")
-    finally:
-        temporary.unlink(missing_ok=True)  # a no-op once renamed into place
-
-    outcome = stored.recorded
-    if not outcome.stored:
-        log_event(
-            LOG,
-            logging.WARNING if stored.replaced_missing_file else logging.INFO,
-            "instance.duplicate",
-            sop_instance_uid=sop_instance,
-            calling_ae=calling_ae,
-            note="the recorded file was missing; this copy took its place" if stored.replaced_missing_file else "already stored; kept once",
-        )
-        return status.SUCCESS
-    if outcome.series_created:
-        log_event(
-            LOG,
-            logging.INFO,
-            "series.receiving",
-            series_instance_uid=header.series.series_instance_uid,
-            modality=header.series.modality,
-            calling_ae=calling_ae,
-        )
-    if outcome.series_reopened:
-        log_event(LOG, logging.INFO, "series.reopened", series_instance_uid=header.series.series_instance_uid)
+        LOG.exception("instance.write_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
+        return _failure(status.OUT_OF_RESOURCES, "node cannot write the instance; see its log")
+    recorder.submit(record, segment)
     log_event(
         LOG,
         logging.DEBUG,
@@ -272,6 +262,33 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         bytes=record.size_bytes,
     )
     return status.SUCCESS
+
+
+_WRITERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="instance-writer")
+"""Writes and fsyncs received instances' temporary files while the association thread checks their headers."""
+
+
+def _place(store: InstanceStore, path: Path, writing: Future[Path]) -> None:
+    """Make the instance durable at ``path``: its fsynced temporary file renamed into place, the folder fsynced.
+
+    A file already at ``path`` (the same SOP Instance UID sent again under the same study
+    and series) is whole (renames are atomic) and is kept: only its folder is synced.
+    """
+    temporary = writing.result()  # raises what the write raised (a full disk); it left no file then
+    try:
+        if not path.exists():
+            store.install(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a no-op once renamed into place
+    store.sync_folder(path.parent)
+
+
+def _discard(writing: Future[Path] | None) -> None:
+    """Remove the temporary file of an instance that will not be stored."""
+    if writing is None or writing.cancel():
+        return
+    with contextlib.suppress(OSError):  # the write failed and left nothing
+        writing.result().unlink(missing_ok=True)
 
 
 def _write_failed(error: Exception, sop_instance: str, calling_ae: str) -> Dataset:
@@ -367,7 +384,8 @@ def _on_connection_open(event: evt.Event) -> None:
 
 def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
-    log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address)
+    log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address,
+              receiver=os.getpid())
 
 
 REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {

@@ -251,6 +251,31 @@ def commit_instance(
         return StoreOutcome(RecordOutcome(stored=False), target, replaced_missing_file=True)
 
 
+def record_stored_instance(
+    session: Session, store: InstanceStore, record: InstanceRecord, counted_at: datetime | None = None
+) -> StoreOutcome:
+    """Record an instance whose file is already in place at ``record.path`` (the recorder's half of a C-STORE).
+
+    A SOP Instance UID recorded before keeps its first file: a copy stored under
+    other study or series UIDs (so at another path) is removed, unless the
+    recorded file is missing, in which case the copy takes its place. Safe to
+    run again after a rollback. ``counted_at`` becomes the series'
+    ``last_received_at`` (see :func:`db.ingest.record_instance`).
+    """
+    existing = recorded_path(session, record.sop_instance_uid)
+    if existing is None:
+        return StoreOutcome(record_instance(session, record, counted_at=counted_at), Path(record.path))
+    target, copy = Path(existing), Path(record.path)
+    if target == copy or not copy.exists():
+        return StoreOutcome(RecordOutcome(stored=False), target)
+    if target.exists():
+        copy.unlink(missing_ok=True)
+        return StoreOutcome(RecordOutcome(stored=False), target)
+    store.install(copy, target)
+    store.sync_folder(target.parent)
+    return StoreOutcome(RecordOutcome(stored=False), target, replaced_missing_file=True)
+
+
 @dataclass
 class RepairReport:
     partial_files_removed: int = 0
@@ -292,15 +317,15 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
             )
         for path in files:
             if str(path) not in known:
-                if _index_file(path, store, sessions):
+                if index_file(path, store, sessions):
                     report.instances_indexed += 1
                 else:
                     report.unreadable_files += 1
     return report
 
 
-def _index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
-    """Record one stored file found at start-up; a file that cannot be recorded goes to quarantine."""
+def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
+    """Record one stored file that the database lacks; a file that cannot be recorded goes to quarantine."""
     try:
         dataset, header = _read_stored_header(path)
         meta = dataset.file_meta
@@ -316,7 +341,7 @@ def _index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session
             LOG.exception("repair.database_refused_file", extra={"event_fields": {"path": str(path)}})
             raise UnindexableFile("the database refused its values (see the log at start-up)", dataset) from exc
     except UnindexableFile as refused:
-        _quarantine_stored_file(path, refused, store, sessions)
+        quarantine_stored_file(path, refused, store, sessions)
         return False
     log_event(LOG, logging.WARNING, "repair.indexed_file", path=str(path), sop_instance_uid=header.sop_instance_uid)
     return True
@@ -337,15 +362,26 @@ def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
     return dataset, header
 
 
-def _quarantine_stored_file(
-    path: Path, refused: UnindexableFile, store: InstanceStore, sessions: sessionmaker[Session]
+def quarantine_stored_file(
+    path: Path,
+    refused: UnindexableFile,
+    store: InstanceStore,
+    sessions: sessionmaker[Session],
+    *,
+    when: str = "start-up",
 ) -> None:
-    """Move a file that cannot be indexed to quarantine, record why, and log it."""
+    """Move a file that cannot be indexed to quarantine, record why, and log it.
+
+    ``when``: "start-up" (found by repair) or "received" (the recorder could not record it).
+    """
     target = store.quarantine_path(".dcm")
     os.replace(path, target)
     dataset = refused.dataset
     meta = getattr(dataset, "file_meta", None)
-    reason = f"found in storage at start-up and not indexed: {refused.reason}"
+    if when == "start-up":
+        reason = f"found in storage at start-up and not indexed: {refused.reason}"
+    else:
+        reason = f"stored and acknowledged, then not recorded: {refused.reason}"
     with transaction(sessions) as session:
         record_rejection(
             session,

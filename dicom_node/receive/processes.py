@@ -1,0 +1,351 @@
+"""Receiving in one process or several: the SCP (C-ECHO, C-STORE, Q/R), its instance recorder, their supervision.
+
+With ``receive.processes`` 1, the SCP runs in ``serve``'s own process, as it
+always did. With more, ``serve`` binds the port itself and starts that many
+receiving processes, each accepting on the same listening socket (the kernel
+hands each connection to one of them), each with the same AE, peers, TLS and
+PDU limits, and its own recorder. The per-host and global association caps
+are counted in one :class:`~dicom_node.security.AssociationCaps`, which
+``serve`` creates before starting them.
+
+A receiving process that dies is started again; the instances it acknowledged
+and had not yet recorded are indexed from its journal first
+(:func:`~dicom_node.receive.recorder.recover_journals`), without restarting
+``serve``. A receiving process whose ``serve`` is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pynetdicom.transport import AssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Settings
+from dicom_node.logs import log_event
+from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
+from dicom_node.receive.scp import StoreContext, start_storage_scp
+from dicom_node.receive.storage import TEMP_SUFFIX, InstanceStore
+from dicom_node.retrieve.scp import RetrieveContext
+from dicom_node.security import AssociationCaps
+
+LOG = logging.getLogger(__name__)
+
+MOST_AUTOMATIC_PROCESSES = 4
+READY_TIMEOUT_SECONDS = 120.0
+
+
+class Receiving(Protocol):
+    def shutdown(self) -> None: ...
+
+
+def receiving_processes(settings: Settings) -> int:
+    """``receive.processes``, with 0 meaning one per CPU core (at most :data:`MOST_AUTOMATIC_PROCESSES`)."""
+    wanted = settings.receive.processes
+    if wanted == 0:
+        wanted = min(len(os.sched_getaffinity(0)), MOST_AUTOMATIC_PROCESSES)
+    return max(wanted, 1)
+
+
+def start_receiving(settings: Settings, store: InstanceStore, sessions: sessionmaker[Session]) -> Receiving:
+    """Start the SCP and its recorder here, or in ``receive.processes`` supervised processes.
+
+    Raises OSError if the port cannot be bound (before any process starts).
+    """
+    _wait_for_earlier_receivers(store)
+    store.remove_partial_files()  # again: an earlier receiver may have written after start-up repair looked
+    recover_journals(store, sessions)  # left by receivers that ended before recording
+    processes = receiving_processes(settings)
+    if processes == 1:
+        return InProcessReceiver.start(settings, store, sessions)
+    pool = ReceiverPool(settings, store, sessions, processes)
+    pool.start()
+    return pool
+
+
+@dataclass
+class InProcessReceiver:
+    """The SCP in ``serve``'s own process."""
+
+    server: AssociationServer
+    recorder: InstanceRecorder
+
+    @classmethod
+    def start(cls, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session]) -> InProcessReceiver:
+        recorder = InstanceRecorder(store, sessions)
+        recorder.start()
+        server = start_storage_scp(
+            settings.network,
+            StoreContext(store=store, sessions=sessions, recorder=recorder),
+            RetrieveContext.from_settings(settings, sessions),
+        )
+        return cls(server, recorder)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        self.recorder.stop()
+
+
+ALIVE_SUFFIX = ".alive"
+EARLIER_RECEIVER_WAIT_SECONDS = 60.0
+
+
+def _hold_alive_lock(store: InstanceStore) -> Any:
+    """Hold ``journal/<pid>.alive`` locked for this process' whole life (the kernel lets go once every thread ended)."""
+    path = journal_folder(store) / f"{os.getpid()}{ALIVE_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "w")  # noqa: SIM115 - open until the process ends
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _wait_for_earlier_receivers(store: InstanceStore) -> None:
+    """Wait until the receiving processes of an earlier ``serve`` have ended completely.
+
+    A ``serve`` that was killed takes its receivers with it, but a receiver thread inside a
+    slow write or fsync finishes that system call first; its files must not appear after
+    start-up has cleaned up. Each receiver holds ``journal/<pid>.alive`` locked until then.
+    """
+    deadline = time.monotonic() + EARLIER_RECEIVER_WAIT_SECONDS
+    for path in journal_folder(store).glob(f"*{ALIVE_SUFFIX}"):
+        with open(path, "a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"a receiving process of an earlier run (pid {path.stem}) still runs; "
+                            "stop it, then start the node again"
+                        ) from None
+                    time.sleep(0.1)
+        path.unlink(missing_ok=True)
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The node's listening socket, bound before any receiving process starts (a port in use stops start-up)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+        listening.listen(128)
+    except OSError:
+        listening.close()
+        raise
+    return listening
+
+
+class ReceiverPool:
+    """``receive.processes`` receiving processes on one listening socket, restarted when one dies."""
+
+    CHECK_SECONDS = 0.5
+    RESTART_DELAY_SECONDS = 1.0
+
+    def __init__(
+        self, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session], processes: int
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.count = processes
+        self._context = multiprocessing.get_context("spawn")
+        self.caps = AssociationCaps.for_network(settings.network)
+        self.listening = bind_listening_socket(settings.network.host, settings.network.port)
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    def start(self) -> None:
+        """Start every receiving process (in parallel: each takes seconds to import) and wait until each listens."""
+        starting: list[tuple[multiprocessing.process.BaseProcess, Any]] = []
+        try:
+            for number in range(self.count):
+                starting.append(self._spawn(number))
+            self._processes = [self._wait_ready(number, *pair) for number, pair in enumerate(starting)]
+        except BaseException:
+            self._processes = [process for process, _ in starting]
+            self.shutdown()
+            raise
+        network = self.settings.network
+        log_event(
+            LOG,
+            logging.INFO,
+            "scp.listening",
+            ae_title=network.ae_title,
+            host=network.host,
+            port=network.port,
+            tls="on" if network.tls else "off",
+            processes=self.count,
+        )
+        self._thread.start()
+
+    def _spawn(self, number: int) -> tuple[multiprocessing.process.BaseProcess, Any]:
+        ready = self._context.RawValue("b", 0)  # no lock: a Condition-based Event can hang a setter whose waiter died
+        process = self._context.Process(
+            target=run_receiver,
+            args=(self.settings, self.listening, self.caps, os.getpid(), ready),
+            name=f"receiver-{number}",
+        )
+        process.start()
+        return process, ready
+
+    def _wait_ready(
+        self, number: int, process: multiprocessing.process.BaseProcess, ready: Any
+    ) -> multiprocessing.process.BaseProcess:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not ready.value:
+            if not process.is_alive() or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(
+                    f"receiving process {number} did not start (exit status {process.exitcode}); see the lines above"
+                )
+            time.sleep(0.05)
+        log_event(LOG, logging.INFO, "receiver.started", receiver=number, pid=process.pid)
+        return process
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.CHECK_SECONDS):
+            for pid in sorted(self._unrecovered):
+                self._clean_up_after(pid)
+            for number, process in enumerate(self._processes):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    "receiver.died",
+                    receiver=number,
+                    pid=process.pid,
+                    exit_code=process.exitcode,
+                    note="indexing what it acknowledged, then starting it again",
+                )
+                self._clean_up_after(process.pid)
+                time.sleep(self.RESTART_DELAY_SECONDS)
+                if self._stop.is_set():
+                    return
+                try:
+                    self._processes[number] = self._wait_ready(number, *self._spawn(number))
+                except Exception:  # tried again at the next check
+                    LOG.exception("receiver.restart_failed", extra={"event_fields": {"receiver": number}})
+
+    def _clean_up_after(self, pid: int | None) -> None:
+        """Index the files a gone receiving process acknowledged but did not record; drop its partial files."""
+        if pid is None:
+            return
+        try:
+            recover_journals(self.store, self.sessions, pid)
+            self._unrecovered.discard(pid)
+        except Exception as exc:  # noqa: BLE001 - tried again at every check; start-up repair at the latest
+            if pid not in self._unrecovered:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "receiver.recovery_waiting",
+                    pid=pid,
+                    reason=f"its acknowledged instances cannot be indexed yet ({_first_line(exc)}); "
+                    "trying again every half second",
+                )
+            self._unrecovered.add(pid)
+        for partial in self.store.incoming_dir.glob(f"{pid}-*{TEMP_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+        (journal_folder(self.store) / f"{pid}{ALIVE_SUFFIX}").unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        """Stop every receiving process (each records what it acknowledged first), then close the socket."""
+        self._stop.set()
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self._processes:
+            process.join(timeout=45)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+            self._clean_up_after(process.pid)
+        self.listening.close()
+
+
+def run_receiver(
+    settings: Settings, listening: socket.socket, caps: AssociationCaps, parent_pid: int, ready: Any
+) -> None:
+    """Entry point of a receiving process: the SCP on the shared socket, and a recorder, until SIGTERM."""
+    from db.session import make_engine, make_session_factory
+    from dicom_node.logs import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    _die_with_parent(parent_pid)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches serve, which stops us in order
+    threading.Thread(target=_stop_when_orphaned, args=(stop, parent_pid), name="parent-watch", daemon=True).start()
+    sessions = make_session_factory(make_engine(settings.database_url, settings.database.busy_timeout_seconds))
+    store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
+    alive = _hold_alive_lock(store)
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    server = start_storage_scp(
+        settings.network,
+        StoreContext(store=store, sessions=sessions, recorder=recorder),
+        RetrieveContext.from_settings(settings, sessions),
+        caps=caps,
+        listening=listening,
+    )
+    ready.value = 1
+    stop.wait()
+    server.shutdown()
+    recorder.stop()
+    Path(alive.name).unlink(missing_ok=True)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, be killed (SIGKILL) the moment ``serve`` dies, as if the node were one process.
+
+    A receiver that kept answering after ``serve`` was killed would acknowledge instances
+    while nothing completes or indexes them, and hold the port against the next ``serve``.
+    Elsewhere :func:`_stop_when_orphaned` stops it within a second.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # serve died before the request took effect
+        os._exit(1)
+
+
+def _stop_when_orphaned(stop: threading.Event, parent: int, interval_seconds: float = 1.0) -> None:
+    """Stop receiving when ``serve`` is gone (killed): a receiver must not outlive it and hold the port."""
+    while not stop.wait(interval_seconds):
+        if os.getppid() != parent:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "receiver.orphaned",
+                pid=os.getpid(),
+                reason=f"the serve process that started it ({parent}) is gone; stopping",
+            )
+            stop.set()
+
+
+def _first_line(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    return (str(original).strip().splitlines() or ["unknown error"])[0]

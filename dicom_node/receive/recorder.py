@@ -1,0 +1,374 @@
+"""Recording received instances in the database off the acknowledgement path.
+
+A C-STORE is answered success once its file is durable (fsynced, renamed into
+place, folder fsynced) and its path is in this process' journal; a recorder
+thread then records the instances in batches, one transaction per batch. The
+journal is what makes "acknowledged" survive the recorder: a receiver process
+that dies before recording leaves its journal behind, and whoever finds it
+(``serve``'s supervisor at once, or start-up repair) indexes the files it names.
+
+Layout under the storage directory::
+
+    journal/<pid>-<n>.journal   paths of instances acknowledged by process <pid>, not yet all recorded
+
+A segment holds at most :data:`SEGMENT_ENTRIES` paths and is deleted once each
+of them is recorded, so recovery reads only what was in flight.
+
+While the database cannot be written (locked past the busy timeout, its disk
+full, its server gone), acknowledgements continue (the files are durable), the
+recorder retries with a growing delay, and the log says so once, and once more
+when recording resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.ingest import InstanceRecord
+from db.models import Instance, utcnow
+from db.session import transaction
+from dicom_node.logs import log_event
+from dicom_node.receive.storage import (
+    InstanceStore,
+    StoreOutcome,
+    UnindexableFile,
+    index_file,
+    quarantine_stored_file,
+    record_stored_instance,
+)
+
+LOG = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = ".journal"
+SEGMENT_ENTRIES = 1000
+BATCH_INSTANCES = 500
+"""Most instances recorded in one transaction."""
+BATCH_GATHER_SECONDS = 0.02
+"""After the first instance of a batch, wait this long for more: fewer, larger transactions take less CPU
+(and GIL) away from the associations of this process."""
+LONGEST_RETRY_DELAY_SECONDS = 5.0
+
+
+def journal_folder(store: InstanceStore) -> Path:
+    return store.root / "journal"
+
+
+class Journal:
+    """This process' list of acknowledged instance paths that are not recorded yet, in segment files.
+
+    Appends are plain ``write`` calls on an ``O_APPEND`` file, without fsync: a process
+    that dies leaves them in the kernel's page cache for :func:`recover_journals`; a
+    machine that loses power has start-up repair, which indexes every unrecorded file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._descriptor: int | None = None
+        self._segment = -1
+        self._entries_in_segment = 0
+        self._outstanding: dict[int, int] = {}  # segment -> paths not yet recorded
+
+    def _path(self, segment: int) -> Path:
+        return self.folder / f"{os.getpid()}-{segment}{JOURNAL_SUFFIX}"
+
+    def append(self, path: str) -> int:
+        """Note ``path`` as acknowledged-to-be; returns the entry's segment for :meth:`done`."""
+        line = (path + "\n").encode("utf-8")
+        with self._lock:
+            if self._descriptor is None or self._entries_in_segment >= SEGMENT_ENTRIES:
+                self._open_next_segment()
+            assert self._descriptor is not None
+            os.write(self._descriptor, line)
+            self._entries_in_segment += 1
+            self._outstanding[self._segment] = self._outstanding.get(self._segment, 0) + 1
+            return self._segment
+
+    def _open_next_segment(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        self._segment += 1
+        self._entries_in_segment = 0
+        self._descriptor = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def done(self, segments: Iterable[int]) -> None:
+        """The entries (one per item of ``segments``) are recorded; delete segments left with none."""
+        with self._lock:
+            for segment in segments:
+                self._outstanding[segment] -= 1
+            for segment in [s for s, n in self._outstanding.items() if n <= 0]:
+                del self._outstanding[segment]
+                if segment == self._segment and self._descriptor is not None:
+                    os.close(self._descriptor)
+                    self._descriptor = None
+                self._path(segment).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    record: InstanceRecord
+    segment: int
+
+
+_STOP = object()
+
+
+class InstanceRecorder:
+    """A thread that records acknowledged instances in batches; see the module docstring."""
+
+    def __init__(self, store: InstanceStore, sessions: sessionmaker[Session]) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.journal = Journal(journal_folder(store))
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._unrecorded = 0
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
+        self._give_up_at = float("inf")
+        self._waiting_since: float | None = None  # the database could not be written since then
+        self._thread = threading.Thread(target=self._run, name="instance-recorder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, record: InstanceRecord, segment: int) -> None:
+        """Record ``record`` (its path already in the journal, at ``segment``) as soon as the database allows."""
+        with self._idle:
+            self._unrecorded += 1
+        self._queue.put(_Pending(record, segment))
+
+    @property
+    def unrecorded(self) -> int:
+        """Instances acknowledged and not yet recorded."""
+        return self._unrecorded
+
+    def wait_until_recorded(self, timeout: float | None = None) -> bool:
+        """Block until every submitted instance is recorded; False if ``timeout`` ran out first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unrecorded == 0, timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Record what is queued (for up to ``timeout`` s while the database refuses), then end the thread.
+
+        Whatever is still unrecorded stays in the journal, for start-up repair.
+        """
+        self._give_up_at = time.monotonic() + timeout
+        self._stopping.set()
+        self._queue.put(_STOP)
+        self._thread.join(timeout + 5)
+        if self._unrecorded:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "recorder.stopped_with_unrecorded",
+                instances=self._unrecorded,
+                hint="their files are stored; the next start indexes them",
+            )
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch: list[_Pending] = [first]  # type: ignore[list-item]
+            stop_after = False
+            gather_until = time.monotonic() + BATCH_GATHER_SECONDS
+            while len(batch) < BATCH_INSTANCES:
+                try:
+                    item = self._queue.get(timeout=max(gather_until - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop_after = True
+                    break
+                batch.append(item)  # type: ignore[arg-type]
+            if not self._record(batch):
+                return  # stopping while the database refuses: the journal keeps the rest
+            if stop_after:
+                return
+
+    def _record(self, batch: list[_Pending]) -> bool:
+        """Record ``batch`` in one transaction, retrying while the database refuses; False if given up."""
+        delay = 0.05
+        while True:
+            try:
+                outcomes = self._commit(batch)
+                break
+            except OperationalError as exc:
+                self._note_waiting(exc, len(batch))
+                if self._stopping.is_set() and time.monotonic() >= self._give_up_at:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, LONGEST_RETRY_DELAY_SECONDS)
+            except Exception:  # one instance's values the database refuses
+                if len(batch) > 1:
+                    return all(self._record([pending]) for pending in batch)
+                LOG.exception(
+                    "recorder.database_refused_instance",
+                    extra={"event_fields": {"sop_instance_uid": batch[0].record.sop_instance_uid}},
+                )
+                self._refuse_file(batch[0])
+                outcomes = []
+                break
+        if self._waiting_since is not None:
+            waited = time.monotonic() - self._waiting_since
+            log_event(
+                LOG,
+                logging.INFO,
+                "recorder.resumed",
+                waited_seconds=round(waited, 1),
+                note="the database accepts writes again; waiting instances are being recorded",
+            )
+            self._waiting_since = None
+        for pending, outcome in outcomes:
+            _log_outcome(pending.record, outcome)
+        self.journal.done(pending.segment for pending in batch)
+        with self._idle:
+            self._unrecorded -= len(batch)
+            self._idle.notify_all()
+        return True
+
+    def _commit(self, batch: list[_Pending]) -> list[tuple[_Pending, StoreOutcome]]:
+        counted_at = utcnow()  # the series' last_received_at: its quiet period starts once this is recorded
+        with transaction(self.sessions) as session:
+            return [(p, record_stored_instance(session, self.store, p.record, counted_at)) for p in batch]
+
+    def _note_waiting(self, error: OperationalError, batch_size: int) -> None:
+        if self._waiting_since is not None:
+            return
+        self._waiting_since = time.monotonic()
+        message = str(error.orig if error.orig is not None else error).strip().splitlines()[0]
+        log_event(
+            LOG,
+            logging.WARNING,
+            "recorder.waiting",
+            reason=f"the database cannot be written ({message})",
+            instances=max(batch_size, self._unrecorded),
+            note="acknowledged instances are stored on disk and are recorded once the database accepts "
+            "writes; C-STOREs are still answered",
+        )
+
+    def _refuse_file(self, pending: _Pending) -> None:
+        """The database refuses this instance's values: its file goes to quarantine, with a rejection row."""
+        path = Path(pending.record.path)
+        if path.exists():
+            try:
+                quarantine_stored_file(
+                    path,
+                    UnindexableFile("the database refused its values (see the log)"),
+                    self.store,
+                    self.sessions,
+                    when="received",
+                )
+            except Exception:  # start-up repair sees the file again
+                LOG.exception("recorder.quarantine_failed")
+
+
+def _log_outcome(record: InstanceRecord, stored: StoreOutcome) -> None:
+    outcome = stored.recorded
+    if not outcome.stored:
+        if stored.replaced_missing_file or stored.path != Path(record.path):
+            log_event(
+                LOG,
+                logging.WARNING if stored.replaced_missing_file else logging.INFO,
+                "instance.duplicate",
+                sop_instance_uid=record.sop_instance_uid,
+                calling_ae=record.calling_ae_title,
+                note="the recorded file was missing; this copy took its place"
+                if stored.replaced_missing_file
+                else "already stored under other study or series UIDs; kept once",
+            )
+        else:
+            log_event(
+                LOG,
+                logging.INFO,
+                "instance.duplicate",
+                sop_instance_uid=record.sop_instance_uid,
+                calling_ae=record.calling_ae_title,
+                note="already stored; kept once",
+            )
+        return
+    if outcome.series_created:
+        log_event(
+            LOG,
+            logging.INFO,
+            "series.receiving",
+            series_instance_uid=record.series.series_instance_uid,
+            modality=record.series.modality,
+            calling_ae=record.calling_ae_title,
+        )
+    if outcome.series_reopened:
+        log_event(LOG, logging.INFO, "series.reopened", series_instance_uid=record.series.series_instance_uid)
+
+
+def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid: int | None = None) -> int:
+    """Index the files named in the journals of a receiver process that is gone (``pid``), or of all.
+
+    Call it only for processes that no longer run (their recorder is gone too):
+    ``serve``'s supervisor for a receiver that died, start-up for every journal.
+    Returns how many files were indexed; the journals are deleted.
+    """
+    folder = journal_folder(store)
+    if not folder.is_dir():
+        return 0
+    pattern = f"{pid}-*{JOURNAL_SUFFIX}" if pid is not None else f"*{JOURNAL_SUFFIX}"
+    indexed = 0
+    for segment in sorted(folder.glob(pattern)):
+        paths = [line for line in segment.read_text(encoding="utf-8", errors="replace").splitlines() if line]
+        for path in dict.fromkeys(paths):
+            if _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions):
+                indexed += 1
+        segment.unlink(missing_ok=True)
+    if indexed:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "recorder.recovered",
+            process=pid if pid is not None else "all",
+            instances_indexed=indexed,
+            note="files acknowledged by a receiver that stopped before recording them",
+        )
+    return indexed
+
+
+def series_waiting_to_be_recorded(storage_directory: Path) -> set[str]:
+    """Series UIDs with an instance acknowledged by some receiving process and not yet recorded.
+
+    Read from the journals (an instance stays in its journal until its transaction has
+    committed), so completion can leave these series alone: their ``last_received_at``
+    does not yet show their newest instances.
+    """
+    folder = storage_directory / "journal"
+    waiting: set[str] = set()
+    try:
+        segments = list(folder.glob(f"*{JOURNAL_SUFFIX}"))
+    except OSError:
+        return waiting
+    for segment in segments:
+        try:
+            text = segment.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # deleted meanwhile: all of it recorded
+        waiting.update(Path(line).parent.name for line in text.splitlines() if line)
+    return waiting
+
+
+def _needs_indexing(sessions: sessionmaker[Session], path: Path) -> bool:
+    if not path.is_file():
+        return False  # never renamed into place: it was not acknowledged
+    with sessions() as session:
+        found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == path.stem)).first()
+    return found is None

@@ -1,0 +1,202 @@
+"""Receiving off the acknowledgement path and in several processes: nothing acknowledged is lost, caps hold.
+
+The instance recorder writes the database after the C-STORE is answered; these tests hold the
+database locked or kill receiving processes while it lags, and check that every acknowledged
+instance ends up stored and recorded once, that no series completes before its instances are
+recorded, and that the association caps count the connections of every receiving process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from db.jobs import job_for_series_uid
+from db.models import JobEvent, JobState
+from dicom_node import status
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.security import AssociationCaps
+from tests.conftest import CT_RULES, storescu, wait_for
+from tests.test_faults import (
+    acknowledged_uids,
+    assert_byte_identical,
+    assert_no_temporary_files,
+    hold_database_lock,
+    recorded_uids,
+    send_in_background,
+    stored_instances,
+)
+
+pytestmark = pytest.mark.integration
+
+SMALL_CT = PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
+LARGER_CT = PhantomSpec(rows=256, columns=256, slices=60, pixel_spacing=(1.5, 1.5), slice_spacing=2.0)
+TWO_RECEIVERS = {"receive": {"processes": 2}}
+
+
+def store_on_one_association(port: int, files: Sequence[Path]) -> tuple[list[int], AE]:
+    """C-STORE each file on one association, not released yet; returns the statuses and the open association."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    answers = [int(assoc.send_c_store(path).Status) for path in files]
+    return answers, assoc
+
+
+def receiver_pids(log: str) -> dict[int, int]:
+    """Receiving process number -> its latest pid, from the ``receiver.started`` lines."""
+    return {int(number): int(pid) for number, pid in re.findall(r"receiver\.started receiver=(\d+) pid=(\d+)", log)}
+
+
+def journal_entries(storage: Path) -> int:
+    folder = storage / "journal"
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.journal")) if folder.is_dir() else 0
+
+
+def test_instances_acknowledged_while_the_database_is_locked_are_recorded_later_and_the_series_waits(
+    tmp_path, start_node
+):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)  # ImagesInAcquisition says 12
+    node = start_node(
+        rules=CT_RULES,
+        database={"busy_timeout_seconds": 1},
+        completion={"quiet_seconds": 2, "expected_count_timeout_seconds": 2, "check_interval_seconds": 0.2},
+    )
+    assert storescu(node.port, series.files[:2]).returncode == 0  # the series exists, its clock is running
+    assert sorted(recorded_uids(node.sessions)) == sorted(series.sop_instance_uids[:2])
+
+    holder = hold_database_lock(node.storage / "dicom-node.db", seconds=8)
+    answers, assoc = store_on_one_association(node.port, series.files[2:5])
+    acknowledged_while_locked = holder.poll() is None
+    assoc.release()  # answered once the recorder caught up (after the lock) or after 10 s
+    holder.wait(timeout=30)
+
+    assert answers == [status.SUCCESS] * 3
+    assert acknowledged_while_locked, "the C-STOREs must have been answered while the database was locked"
+    wait_for(lambda: len(recorded_uids(node.sessions)) == 5, timeout=60, what="the recorder to catch up")
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None
+        reasons = [e.reason for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job.id))]
+    # Completed once, with all five: never on the first two while three waited to be recorded.
+    assert not any("re-opened" in (reason or "") for reason in reasons), reasons
+    assert any("only 5 of 12 expected images" in (reason or "") for reason in reasons), reasons
+    assert_byte_identical(series, stored_instances(node.storage), series.sop_instance_uids[:5])
+    log = node.log()
+    assert log.count("recorder.waiting") == 1 and "recorder.resumed" in log
+    assert journal_entries(node.storage) == 0
+
+
+def test_receiver_sigkilled_while_its_recorder_lags_loses_nothing_and_serve_indexes_its_files(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    node = start_node(**TWO_RECEIVERS, database={"busy_timeout_seconds": 1}, completion={"quiet_seconds": 600})
+    serve_pid = node.process.pid if node.process else None
+    pids = wait_for(lambda: len(receiver_pids(node.log())) == 2 and receiver_pids(node.log()), what="two receivers")
+
+    holder = hold_database_lock(node.storage / "dicom-node.db", seconds=6)
+    answers, assoc = store_on_one_association(node.port, series.files[:8])  # acknowledged, not recorded
+    assert answers == [status.SUCCESS] * 8
+    assert journal_entries(node.storage) == 8
+    for pid in pids.values():  # whichever served the association: kill both, no clean-up of any kind
+        os.kill(pid, signal.SIGKILL)
+    assoc.abort()
+    holder.wait(timeout=30)
+
+    wait_for(lambda: len(recorded_uids(node.sessions)) == 8, timeout=90, what="serve to index the journals")
+    assert node.process is not None and node.process.pid == serve_pid and node.process.poll() is None
+    wait_for(
+        lambda: set(receiver_pids(node.log()).values()).isdisjoint(pids.values()),
+        timeout=90,
+        what="both receivers started again",
+    )
+    assert sorted(recorded_uids(node.sessions)) == sorted(series.sop_instance_uids[:8])
+    assert_byte_identical(series, stored_instances(node.storage), series.sop_instance_uids[:8])
+    assert journal_entries(node.storage) == 0
+    log = node.log()
+    assert log.count("receiver.died") == 2 and "recorder.recovered" in log
+
+    assert storescu(node.port, series.files).returncode == 0  # the rest, and the first eight again
+    assert sorted(recorded_uids(node.sessions)) == sorted(series.sop_instance_uids)
+    assert_no_temporary_files(node.storage)
+
+
+def test_ten_concurrent_senders_across_receivers_store_everything_once(tmp_path, start_node):
+    series = [write_phantom_series(tmp_path / f"ct{n}", SMALL_CT) for n in range(10)]
+    node = start_node(**TWO_RECEIVERS, network={"maximum_associations_per_host": 16}, completion={"quiet_seconds": 600})
+    senders = [send_in_background(node.port, s.files) for s in series]
+    outputs = [sender.communicate(timeout=300)[0] for sender in senders]
+
+    for one, output in zip(series, outputs, strict=True):
+        assert sorted(acknowledged_uids(one, output)) == sorted(one.sop_instance_uids), output[-2000:]
+    every_uid = [uid for one in series for uid in one.sop_instance_uids]
+    assert sorted(recorded_uids(node.sessions)) == sorted(every_uid)
+    for one in series:
+        assert_byte_identical(one, stored_instances(node.storage), one.sop_instance_uids)
+    served_by = set(re.findall(r"association\.accepted calling_ae=PACS address=\S+ receiver=(\d+)", node.log()))
+    print(f"associations served by receiving processes {sorted(served_by)}")
+    assert served_by <= set(map(str, receiver_pids(node.log()).values()))
+
+
+def test_the_per_host_cap_counts_the_connections_of_every_receiving_process(tmp_path, start_node):
+    node = start_node(
+        **TWO_RECEIVERS, network={"maximum_associations_per_host": 4, "association_request_timeout_seconds": 1}
+    )
+    wait_for(lambda: "node.ready" in node.log(), what="both receivers listening")
+    time.sleep(2)  # the start-up port probe (connect, close) holds its place until its request times out
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = []
+    for _ in range(10):
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        if assoc.is_established:
+            held.append(assoc)
+    refused_lines = node.log().count("network.maximum_associations_per_host is 4")
+    served_by = set(re.findall(r"association\.accepted calling_ae=PACS address=\S+ receiver=(\d+)", node.log()))
+    for assoc in held:
+        assoc.release()
+
+    assert len(held) == 4
+    assert refused_lines == 6
+    print(f"the four held associations were served by receiving processes {sorted(served_by)}")
+
+    def associates() -> bool:  # places are given back as the released associations end
+        again = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        established = again.is_established
+        if established:
+            again.release()
+        return established
+
+    wait_for(associates, timeout=30, interval=0.5, what="a new association after the four were released")
+
+
+def _hold_places(caps: AssociationCaps, count: int) -> None:
+    for _ in range(count):
+        assert caps.hold("10.0.0.7", per_host=3) is None
+
+
+def test_association_caps_are_shared_between_processes():
+    caps = AssociationCaps(slots=8)
+    other = multiprocessing.get_context("spawn").Process(target=_hold_places, args=(caps, 2))
+    other.start()
+    other.join(timeout=60)
+    assert other.exitcode == 0
+
+    assert caps.held("10.0.0.7") == 2  # taken by the other process
+    assert caps.hold("10.0.0.7", per_host=3) is None
+    assert caps.hold("10.0.0.7", per_host=3) == 3  # the fourth is refused, counting both processes
+    assert caps.hold("::1", per_host=3) is None and caps.total() == 4
+    caps.release("10.0.0.7")
+    assert caps.held("10.0.0.7") == 2 and caps.total() == 3
