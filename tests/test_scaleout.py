@@ -155,7 +155,7 @@ def test_two_workers_claiming_at_the_same_moment_never_get_the_same_job(tmp_path
         assert len(got) == len(set(got)) == queued, f"round {round_number}: claims {claimed} of {queued} job(s)"
         with seeding() as session:
             rows = session.execute(select(Job.id, Job.claimed_by).where(Job.state == JobState.PROCESSING))
-            holders = dict(rows)
+            holders = dict(rows.all())
         assert {holders[job_id] for job_id in got} == {workers[n].identity for n, c in enumerate(claimed) if c}
         with transaction(seeding) as session:  # set-aside jobs back in the queue
             for job in jobs.jobs_in_state(session, [JobState.FAILED]):
