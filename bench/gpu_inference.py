@@ -142,7 +142,7 @@ def run_totalsegmentator(task: str, weights: Path, ct: Path, work: Path) -> tupl
         timeout=900,
     )
     figures = {"process_s": time.perf_counter() - started, **json.loads(done.stdout.strip().splitlines()[-1])}
-    labels = np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)
+    labels = np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)  # type: ignore[attr-defined]
     return figures, labels
 
 

@@ -403,7 +403,7 @@ class InferenceSettings(_Strict):
 
     workers: int = Field(1, ge=0, le=16, description="Worker processes `serve` starts; 0 = run `dicom-node worker` yourself.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    cpu_threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: all cores.")
+    cpu_threads: int | None = Field(None, ge=1, description="Torch and OpenVINO CPU threads; default: all cores.")
     poll_seconds: float = Field(1.0, gt=0, le=60)
     partial_series: Literal["process", "fail"] = Field(
         "process",

@@ -148,8 +148,8 @@ def convert(network: Any, input_shape: tuple[int, ...]) -> Any:
             exported = io.BytesIO()
             torch.onnx.export(
                 network,
-                example,
-                exported,
+                (example,),
+                exported,  # type: ignore[arg-type]  # the TorchScript exporter writes to a file object too
                 opset_version=17,
                 dynamo=False,
                 input_names=["input"],

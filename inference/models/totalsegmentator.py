@@ -168,7 +168,9 @@ class TotalSegmentatorModel:
         return Segmentation(np.ascontiguousarray(labels), dict(self.classes), timings)
 
 
-def _use_openvino(predictor: Any, folder: ModelFolder, precision: str, cpu_threads: int | None, spacing_mm: float) -> str:
+def _use_openvino(
+    predictor: Any, folder: ModelFolder, precision: str, cpu_threads: int | None, spacing_mm: float
+) -> str:
     """Put an OpenVINO-compiled copy of the predictor's network in its place; returns the precision used."""
     try:
         from inference.models import openvino_backend as backend
@@ -192,9 +194,17 @@ def _use_openvino(predictor: Any, folder: ModelFolder, precision: str, cpu_threa
             f"the Dataset{folder.dataset_id} network could not be prepared for OpenVINO ({_first_line(exc)}); "
             "set backend: torch for this model"
         ) from None
-    predictor.network = backend.OpenVINONetwork(compiled, chosen)
+    used = backend.effective_precision(compiled)
+    if used != chosen:
+        LOG.info(
+            "OpenVINO computes the Dataset%d network in %s on this CPU (%s was asked for).",
+            folder.dataset_id,
+            used,
+            chosen,
+        )
+    predictor.network = backend.OpenVINONetwork(compiled, used)
     predictor.list_of_parameters = [{}]  # the weights are in the compiled model now
-    return chosen
+    return used
 
 
 def _bf16_agreement(predictor: Any, fp32: Any, bf16: Any, patch_size: tuple[int, ...], spacing_mm: float) -> float:
