@@ -883,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not node["driver"]["warm_equals_cold"]:
                     raise BenchError(f"round {i}: the {configuration} warm label map differs from the cold one")
             rounds.append(entry)
+            args.output.parent.mkdir(parents=True, exist_ok=True)  # each round kept, should a later one be cut short
+            args.output.write_text(json.dumps({**result, "rounds": rounds, "incomplete": True}, indent=2))
         if args.total:
             result["total_task"] = run_total(work, files_list, args, configurations[-1])
         result["rounds"] = rounds
