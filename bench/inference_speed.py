@@ -14,7 +14,14 @@ layout, the 3 mm network nnU-Net plans, random initialisation) on the same synth
   (cold: what a worker's first job pays), then reads and segments again in the same
   process (warm: models resident, what every later job pays).
 
-Rounds alternate reference, node, reference, node, ... (``--repeats`` rounds). Every node
+**Backends** (``--backends``, default ``torch-fp32,openvino-fp32,openvino-auto``): each node
+configuration runs in every round, after the reference. OpenVINO models are converted (and
+cached in ``<weights>/.openvino``) once before the first round; that one-off time is reported
+separately (``conversion``). ``openvino-auto`` is resolved first: where it picks the same
+precision as another configuration of the run (FP32 on a CPU without native BF16), its figures
+are that configuration's and the report says so, instead of running the same thing twice.
+
+Rounds alternate reference, node(s), reference, node(s), ... (``--repeats`` rounds). Every node
 label map is compared with the same round's reference output (voxels that differ, mean
 Dice over the classes present in either). Peak memory is reported three ways: GNU time's
 "Maximum resident set size" (the largest single process of the tree, see getrusage(2)),
@@ -27,6 +34,7 @@ Usage::
     .venv/bin/python bench/inference_speed.py --weights bench/results/weights  # build once, then reuse
     .venv/bin/python bench/inference_speed.py --slices 300 --repeats 3 --output bench/results/inference.json
     .venv/bin/python bench/inference_speed.py --api     # also TotalSegmentator's Python API, fresh process
+    .venv/bin/python bench/inference_speed.py --backends openvino-fp32 --total --repeats 0   # only the total task, node
 
 Exit status is non-zero (with a message) if a run fails or a label map differs from the
 reference by more than ``--max-differing-voxels`` voxels.
@@ -57,6 +65,7 @@ GNU_TIME = "/usr/bin/time"
 TASK = "total_fast"
 RUN_TIMEOUT_SECONDS = 1800
 GOAL_RATIO = 0.5  # the node should take at most half the reference's time on CPU (fast task)
+DEFAULT_CONFIGURATIONS = ("torch-fp32", "openvino-fp32", "openvino-auto")
 
 
 class BenchError(RuntimeError):
@@ -280,21 +289,34 @@ def run_api(work: Path, ct: Path, weights: Path, tag: str, interval: float) -> t
 # --------------------------------------------------------------------------- node
 
 
-def run_node(work: Path, files_list: Path, weights: Path, tag: str, interval: float, threads: int | None) -> tuple[dict[str, Any], Path]:
-    run_dir = work / f"node-{tag}"
+def run_node(
+    work: Path,
+    files_list: Path,
+    weights: Path,
+    tag: str,
+    interval: float,
+    threads: int | None,
+    configuration: str = "torch-fp32",
+    task: str = TASK,
+    extra: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], Path]:
+    run_dir = work / f"node-{configuration}-{task}-{tag}"
     run_dir.mkdir()
     labels = run_dir / "labels.npy"
     report = run_dir / "driver.json"
+    backend, precision = configuration.split("-", 1)
     command = [sys.executable, str(Path(__file__).resolve()), "--node-driver",
                "--driver-files", str(files_list), "--weights", str(weights),
-               "--driver-labels", str(labels), "--driver-report", str(report)]
+               "--driver-labels", str(labels), "--driver-report", str(report),
+               "--driver-backend", backend, "--driver-precision", precision, "--driver-task", task, *extra]
     if threads:
         command += ["--cpu-threads", str(threads)]
     result = run_measured(command, dict(os.environ), run_dir / "log.txt", run_dir / "time.txt", interval)
     driver = json.loads(report.read_text())
     result["driver"] = driver
-    result["cold_s"] = round(driver["cold_done_wall"] - result["spawned_wall"], 3)
-    result["python_start_s"] = round(driver["driver_start_wall"] - result["spawned_wall"], 3)
+    if "cold_done_wall" in driver:  # not for a preparation-only run
+        result["cold_s"] = round(driver["cold_done_wall"] - result["spawned_wall"], 3)
+        result["python_start_s"] = round(driver["driver_start_wall"] - result["spawned_wall"], 3)
     return result, labels
 
 
@@ -312,8 +334,19 @@ def node_driver(args: argparse.Namespace) -> None:
     from inference.volume import load_series_volume
 
     imported = time.perf_counter()
-    model = TotalSegmentatorModel(TASK, Path(args.weights), device="cpu", cpu_threads=args.cpu_threads)
+    model = TotalSegmentatorModel(
+        args.driver_task,
+        Path(args.weights),
+        device="cpu",
+        cpu_threads=args.cpu_threads,
+        backend=args.driver_backend,
+        precision=args.driver_precision,
+    )
     loaded = time.perf_counter()
+    if args.driver_prepare_only:  # only convert (and cache) the OpenVINO model: the one-off cost
+        Path(args.driver_report).write_text(json.dumps({"model_load_s": round(loaded - imported, 3),
+                                                        "precision": model.precision}))
+        return
 
     # Stage timers inside nnU-Net's predictor (instance attributes; a few perf_counter calls per tile).
     inner: dict[str, float] = {}
@@ -359,6 +392,18 @@ def node_driver(args: argparse.Namespace) -> None:
         stages.update({"segment": t2 - t1, "job": t2 - t0})
         return segmentation, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stages.items()}
 
+    if args.driver_no_warm:  # the long total task: one job only
+        cold, cold_stages = job()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        np.save(args.driver_labels, cold.labels)
+        Path(args.driver_report).write_text(json.dumps({
+            "driver_start_wall": start_wall, "cold_done_wall": time.time(), "import_s": round(imported - started, 3),
+            "model_load_s": round(loaded - imported, 3), "cold": cold_stages, "backend": model.backend,
+            "precision": model.precision, "cold_cpu_user_s": round(usage.ru_utime, 1),
+            "cold_cpu_system_s": round(usage.ru_stime, 1), "cold_ru_maxrss_mib": round(usage.ru_maxrss / 1024, 1),
+            "labels_shape": list(cold.labels.shape),
+        }, indent=2))
+        return
     cold, cold_stages = job()
     cold_done_wall = time.time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -387,6 +432,8 @@ def node_driver(args: argparse.Namespace) -> None:
         "warm_cpu_system_s": round(warm_cpu[1], 1),
         "cold_ru_maxrss_mib": round(cold_maxrss_kib / 1024, 1),
         "warm_ru_maxrss_mib": round(warm_maxrss_kib / 1024, 1),
+        "backend": model.backend,
+        "precision": model.precision,
         "torch_version": torch.__version__,
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
@@ -424,21 +471,21 @@ def compare(node_labels: Path, reference_nifti: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- set-up
 
 
-def ensure_weights(folder: Path) -> dict[str, Any]:
+def ensure_weights(folder: Path, task: str = TASK) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     from inference.weights import WeightsMissing, model_folders
 
     try:
-        model_folders(TASK, folder)
+        model_folders(task, folder)
         return {"weights": str(folder), "built": False}
     except WeightsMissing:
         pass
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"building random-initialised {TASK} weights in {folder} (about 45 s)")
+    log(f"building random-initialised {task} weights in {folder} (about 45 s per model)")
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_test_weights.py"), str(folder), "--task", TASK],
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_test_weights.py"), str(folder), "--task", task],
                    check=True, capture_output=True, timeout=1200)
-    model_folders(TASK, folder)
+    model_folders(task, folder)
     return {"weights": str(folder), "built": True, "build_s": round(time.perf_counter() - started, 1)}
 
 
@@ -477,7 +524,7 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "nnunetv2", "TotalSegmentator", "numpy", "nibabel", "SimpleITK", "pydicom"):
+    for name in ("torch", "nnunetv2", "TotalSegmentator", "openvino", "numpy", "nibabel", "SimpleITK", "pydicom"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -497,6 +544,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu,
         "cpu_avx512": any(f.startswith("avx512") for f in flags),
         "cpu_avx2": "avx2" in flags,
+        "cpu_native_bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
         "memory_gib": round(memory / 2**20, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
@@ -643,13 +691,119 @@ def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         print(f"TotalSegmentator Python API (fresh process) median: {summary['api_median_s']:.1f} s")
 
 
+# --------------------------------------------------------------------------- backends
+
+
+def resolve_configurations(requested: str) -> tuple[list[str], dict[str, str]]:
+    """The node configurations to run, and those not run because they resolve to another one here.
+
+    ``openvino-auto`` is FP32 on a CPU without native BF16 (and BF16 where BF16 is native; the
+    calibration at load then decides, so it is run as its own configuration there).
+    """
+    sys.path.insert(0, str(REPO))
+    from inference.models.openvino_backend import cpu_has_native_bf16
+
+    wanted = [c.strip() for c in requested.split(",") if c.strip()]
+    for configuration in wanted:
+        if configuration not in ("torch-fp32", "openvino-fp32", "openvino-bf16", "openvino-auto"):
+            raise SystemExit(f"unknown node configuration {configuration!r} in --backends")
+    aliases: dict[str, str] = {}
+    if "openvino-auto" in wanted and not cpu_has_native_bf16() and "openvino-fp32" in wanted:
+        aliases["openvino-auto"] = "openvino-fp32"
+    return [c for c in wanted if c not in aliases], aliases
+
+
+def prepare(work: Path, files_list: Path, weights: Path, configurations: list[str], args: argparse.Namespace,
+            task: str = TASK) -> dict[str, Any]:
+    """Convert (or find cached) each OpenVINO model once, timed: the one-off cost before the first job."""
+    done: dict[str, Any] = {}
+    for configuration in configurations:
+        if not configuration.startswith("openvino"):
+            continue
+        log(f"preparing {configuration} for {task} (converts to OpenVINO unless cached; load {loadavg()})")
+        result, _labels = run_node(work, files_list, weights, f"prepare-{task}", args.sample_interval,
+                                   args.cpu_threads, configuration, task, ("--driver-prepare-only",))
+        done[configuration] = {"wall_s": result["wall_s"], "model_load_s": result["driver"]["model_load_s"],
+                               "precision": result["driver"]["precision"], "time_max_rss_mib": result["time_max_rss_mib"]}
+        log(f"{configuration}: ready in {result['wall_s']:.0f} s, computes in {result['driver']['precision']}")
+        break  # one conversion serves every OpenVINO precision
+    return done
+
+
+def run_total(work: Path, files_list: Path, args: argparse.Namespace, configuration: str) -> dict[str, Any]:
+    """The total task (five 1.5 mm models), node only, one job in a fresh process (no warm run)."""
+    folder = (args.total_weights or args.weights or work / "weights").resolve()
+    built = ensure_weights(folder, "total")
+    conversion = prepare(work, files_list, folder, [configuration], args, "total")
+    log(f"total task: node {configuration} (load {loadavg()})")
+    node, labels = run_node(work, files_list, folder, "total", args.sample_interval, args.cpu_threads, configuration,
+                            "total", ("--driver-no-warm",))
+    labels.unlink()
+    log(f"total task: node {configuration} {node['cold_s']:.1f} s")
+    return {"configuration": configuration, "weights": built, "conversion": conversion, "node": node}
+
+
+def for_configuration(rounds: list[dict[str, Any]], configuration: str) -> list[dict[str, Any]]:
+    """One configuration's rounds in the shape :func:`summarise` reads (also reads results of one node only)."""
+    if "nodes" not in rounds[0]:
+        return rounds
+    return [{"reference": r["reference"], "node": r["nodes"][configuration],
+             "comparison": r["comparisons"][configuration], **({"api": r["api"]} if "api" in r else {})} for r in rounds]
+
+
+def report(result: dict[str, Any]) -> None:
+    rounds = result.get("rounds", [])
+    configurations = result.get("configurations", ["torch-fp32"])
+    summaries = {}
+    for configuration in configurations if rounds else []:
+        print(f"\n## node {configuration}\n")
+        summaries[configuration] = summarise(for_configuration(rounds, configuration))
+        print_table(for_configuration(rounds, configuration), summaries[configuration])
+    if summaries:
+        print("\n## all configurations (medians; ratios against the reference of the same rounds)\n")
+        print("| node | cold s | warm segment s | forward passes (warm) s | cold / ref | warm segment / ref | "
+              "cold CPU / ref CPU | peak max RSS MiB | labels |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for configuration, summary in summaries.items():
+            forward = summary["node_warm_stage_median_s"].get("predict.network_forward", "-")
+            comparisons = [r["comparisons"][configuration] for r in rounds] if "nodes" in rounds[0] else \
+                [r["comparison"] for r in rounds]
+            labels = "identical" if all(c["identical"] for c in comparisons) else \
+                f"max {max(c['differing_voxels'] for c in comparisons)} differ, min mean Dice " \
+                f"{min(c['mean_dice'] for c in comparisons)}"
+            print(f"| {configuration} | {summary['node_cold_median_s']:.1f} | {summary['node_warm_segment_median_s']:.1f} | "
+                  f"{forward} | {summary['ratio_node_cold_over_reference']:.3f} | "
+                  f"{summary['ratio_node_warm_segment_over_reference']:.3f} | "
+                  f"{summary['ratio_cpu_node_cold_over_reference']} | {summary['node_peak_time_max_rss_mib']:.0f} | {labels} |")
+        print(f"| reference (TotalSegmentator CLI) | {next(iter(summaries.values()))['reference_median_s']:.1f} | | | | | | "
+              f"{next(iter(summaries.values()))['reference_peak_time_max_rss_mib']:.0f} (tree anon "
+              f"{next(iter(summaries.values()))['reference_peak_tree_anon_mib']:.0f}) | |")
+    for alias, target in result.get("aliases", {}).items():
+        print(f"{alias}: not run separately; on this CPU (no native BF16) it is {target}, so its figures are {target}'s.")
+    for configuration, conversion in result.get("conversion", {}).items():
+        print(f"one-off OpenVINO conversion ({configuration}, cached afterwards): {conversion['wall_s']:.0f} s "
+              f"in a fresh process, computing in {conversion['precision']}")
+    total = result.get("total_task")
+    if total:
+        node = total["node"]
+        print(f"total task (five 1.5 mm models), node {total['configuration']}, one job: {node['cold_s']:.1f} s "
+              f"(model load {node['driver']['model_load_s']:.1f} s, stages {node['driver']['cold']}), "
+              f"max RSS {node['time_max_rss_mib']:.0f} MiB; conversion {total['conversion']}")
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (reference, node)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (reference, node configurations)")
+    parser.add_argument("--backends", default=",".join(DEFAULT_CONFIGURATIONS),
+                        help="node configurations, comma-separated: torch-fp32, openvino-fp32, openvino-bf16, openvino-auto")
+    parser.add_argument("--total", action="store_true",
+                        help="also time the node on the total task (five 1.5 mm models, built if absent), once, with "
+                             "the last of --backends; TotalSegmentator's CLI is not run for it (about 30 min per run)")
+    parser.add_argument("--total-weights", type=Path, help="weights folder for --total (default: --weights)")
     parser.add_argument("--weights", type=Path, help="weights folder; built there if absent (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "inference.json")
     parser.add_argument("--api", action="store_true", help="also time TotalSegmentator's Python API in a fresh process")
@@ -663,6 +817,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--driver-files", help=argparse.SUPPRESS)
     parser.add_argument("--driver-labels", help=argparse.SUPPRESS)
     parser.add_argument("--driver-report", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-backend", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-task", default=TASK, help=argparse.SUPPRESS)
+    parser.add_argument("--driver-prepare-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-no-warm", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -672,8 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         node_driver(args)
         return 0
     if args.report:
-        earlier = json.loads(args.report.read_text())
-        print_table(earlier["rounds"], summarise(earlier["rounds"]))
+        report(json.loads(args.report.read_text()))
         return 0
     if not Path(GNU_TIME).exists():
         raise SystemExit(f"{GNU_TIME} (GNU time) is needed for the peak RSS figures")
@@ -686,43 +844,57 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_state(),
         "task": TASK,
         "arguments": {"slices": args.slices, "repeats": args.repeats, "cpu_threads": args.cpu_threads,
-                      "sample_interval_s": args.sample_interval, "api": args.api},
+                      "sample_interval_s": args.sample_interval, "api": args.api, "backends": args.backends,
+                      "total": args.total},
     }
     try:
         result["weights"] = ensure_weights((args.weights or work / "weights").resolve())
         weights = Path(result["weights"]["weights"])
         log(f"writing the {args.slices}-slice phantom (DICOM and NIfTI) in {work}")
         ct, files_list, result["input"] = write_inputs(work, args.slices)
+        configurations, aliases = resolve_configurations(args.backends)
+        result["configurations"] = configurations
+        result["aliases"] = aliases
+        result["conversion"] = prepare(work, files_list, weights, configurations, args)
         rounds = []
         for i in range(1, args.repeats + 1):
             log(f"round {i}: reference (load {loadavg()})")
             ref, ref_out = run_reference(work, ct, weights, str(i), args.sample_interval)
-            log(f"round {i}: reference {ref['wall_s']:.1f} s; node (load {loadavg()})")
-            node, labels = run_node(work, files_list, weights, str(i), args.sample_interval, args.cpu_threads)
-            log(f"round {i}: node cold {node['cold_s']:.1f} s, warm segment {node['driver']['warm']['segment']:.1f} s")
-            entry: dict[str, Any] = {"reference": ref, "node": node, "comparison": compare(labels, ref_out)}
-            if i > 1:
-                entry["node_equals_round_1_reference"] = compare(labels, work / "reference-1" / "out.nii.gz")["identical"]
-            if args.api:
-                log(f"round {i}: TotalSegmentator Python API (load {loadavg()})")
-                api, api_out = run_api(work, ct, weights, str(i), args.sample_interval)
-                api["comparison"] = compare(labels, api_out)
-                entry["api"] = api
-            labels.unlink()
+            log(f"round {i}: reference {ref['wall_s']:.1f} s")
+            entry: dict[str, Any] = {"reference": ref, "nodes": {}, "comparisons": {}}
+            for configuration in configurations:
+                log(f"round {i}: node {configuration} (load {loadavg()})")
+                node, labels = run_node(work, files_list, weights, str(i), args.sample_interval, args.cpu_threads,
+                                        configuration)
+                log(f"round {i}: node {configuration} cold {node['cold_s']:.1f} s, "
+                    f"warm segment {node['driver']['warm']['segment']:.1f} s")
+                cmp = compare(labels, ref_out)
+                entry["nodes"][configuration] = node
+                entry["comparisons"][configuration] = cmp
+                log(f"round {i}: {configuration} labels vs reference: {cmp}")
+                if args.api and configuration == configurations[0]:
+                    log(f"round {i}: TotalSegmentator Python API (load {loadavg()})")
+                    api, api_out = run_api(work, ct, weights, str(i), args.sample_interval)
+                    api["comparison"] = compare(labels, api_out)
+                    entry["api"] = api
+                labels.unlink()
+                if not cmp.get("identical") and cmp.get("differing_voxels", 10**12) > args.max_differing_voxels:
+                    raise BenchError(f"round {i}: the {configuration} label map differs from TotalSegmentator's: {cmp}")
+                if not node["driver"]["warm_equals_cold"]:
+                    raise BenchError(f"round {i}: the {configuration} warm label map differs from the cold one")
             rounds.append(entry)
-            cmp = entry["comparison"]
-            log(f"round {i}: labels vs reference: {cmp}")
-            if not cmp.get("identical") and cmp.get("differing_voxels", 10**12) > args.max_differing_voxels:
-                raise BenchError(f"round {i}: the node's label map differs from TotalSegmentator's: {cmp}")
-            if not node["driver"]["warm_equals_cold"]:
-                raise BenchError(f"round {i}: the warm label map differs from the cold one")
+            args.output.parent.mkdir(parents=True, exist_ok=True)  # each round kept, should a later one be cut short
+            args.output.write_text(json.dumps({**result, "rounds": rounds, "incomplete": True}, indent=2))
+        if args.total:
+            result["total_task"] = run_total(work, files_list, args, configurations[-1])
         result["rounds"] = rounds
-        result["summary"] = summarise(rounds)
+        if rounds:
+            result["summary"] = {c: summarise(for_configuration(rounds, c)) for c in configurations}
         result["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result["bench_wall_s"] = round(time.perf_counter() - began, 1)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))
-        print_table(rounds, result["summary"])
+        report(result)
         print(f"\nwrote {args.output} ({result['bench_wall_s']:.0f} s in all)")
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -46,6 +46,8 @@ TASK_DATASETS: dict[str, list[tuple[int, str, str]]] = {
 REQUIRED_FILES = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
 MANIFEST_NAME = "dicom-node-weights.json"
 """Written beside plans.json at install: the SHA-256 of each required file."""
+CONVERTED_MODELS_FOLDER = ".openvino"
+"""Beside the Dataset folders: networks converted for a faster runtime, named by weights hash and runtime version."""
 MAX_IMPORT_GIGABYTES = 20.0
 """Largest total unpacked size ``weights import`` accepts (the five ``total`` models are about 1.2 GB)."""
 TEST_WEIGHTS_MARKERS = ("synthetic test weights", "not a trained model", "randomly initialised", "untrained")
@@ -224,6 +226,20 @@ def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
             "SHA-256): the model was not loaded; import or download the weights again"
         )
     return hashes, True
+
+
+def installed_hashes(folder: Path) -> dict[str, str]:
+    """The file hashes a trainer folder's manifest records (verified by :func:`identify` when a model loads)."""
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        return dict(json.loads(manifest_path.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return verify_folder(folder)[0]
+
+
+def converted_model_directory(folder: Path) -> Path:
+    """Where converted (e.g. OpenVINO) copies of a trainer folder's network are cached: ``<weights>/.openvino``."""
+    return folder.parent.parent / CONVERTED_MODELS_FOLDER
 
 
 @dataclass(frozen=True)

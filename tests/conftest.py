@@ -57,6 +57,23 @@ def shared_fixtures() -> Path:
     return SHARED_FIXTURES
 
 
+@pytest.fixture(scope="session")
+def total_fast_test_weights(tmp_path_factory) -> Path:
+    """Random-initialised total_fast weights (scripts/build_test_weights.py), built once per test session.
+
+    Shared by the TotalSegmentator and OpenVINO parity tests, so the OpenVINO conversion cached in
+    ``<weights>/.openvino`` (minutes on 2 cores) is made once per session too.
+    """
+    folder = tmp_path_factory.mktemp("total-fast-weights")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(folder), "--task", "total_fast"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return folder
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))

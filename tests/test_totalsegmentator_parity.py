@@ -24,7 +24,7 @@ from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from inference.weights import TASK_DATASETS, model_folders
-from tests.conftest import ROOT, require_extra, storescu
+from tests.conftest import require_extra, storescu
 
 require_extra("nnunetv2")
 require_extra("totalsegmentator")
@@ -33,16 +33,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A random-initialised total_fast weights folder in TotalSegmentator's layout (built once)."""
-    folder = tmp_path_factory.mktemp("weights")
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(folder), "--task", "total_fast"],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return folder
+def weights(total_fast_test_weights) -> Path:
+    """A random-initialised total_fast weights folder in TotalSegmentator's layout (built once per session)."""
+    return total_fast_test_weights
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,12 @@ def load_model(settings, weights_directory: Path, device: str = "auto", cpu_thre
 
         folder = settings.weights_directory or weights_directory
         return TotalSegmentatorModel(
-            settings.task, folder, device=device, cpu_threads=cpu_threads, tile_step_size=settings.tile_step_size
+            settings.task,
+            folder,
+            device=device,
+            cpu_threads=cpu_threads,
+            tile_step_size=settings.tile_step_size,
+            backend=settings.backend,
+            precision=settings.precision,
         )
     raise ModelUnavailable(f"unknown model kind {settings.kind!r}")

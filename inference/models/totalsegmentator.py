@@ -13,6 +13,13 @@ done on arrays instead of temporary NIfTI files and worker processes:
 
 Using TotalSegmentator's resampling and orientation functions keeps the label map
 voxel-identical to TotalSegmentator's (tests/test_totalsegmentator_parity.py).
+
+Backends for the network forward passes (``backend``): ``torch`` (nnU-Net's own), or
+``openvino`` on the CPU (``inference.models.openvino_backend``: the network converted once and
+cached next to the weights, compiled at ``precision`` fp32, bf16 or auto). Everything around the
+forward passes stays nnU-Net's and TotalSegmentator's (tests/test_openvino_parity.py). On CUDA
+the network always runs in PyTorch, everything on the device (nnU-Net's autocast), with
+TotalSegmentator's GPU resampling where cupy and cuCIM are installed (as TotalSegmentator does).
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from inference.models import ModelUnavailable, Segmentation
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
-from inference.weights import WeightsCorrupt, WeightsMissing, identify, model_folders
+from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, identify, model_folders
 
 LOG = logging.getLogger(__name__)
 TASK_SPACING_MM = {"total": 1.5, "total_fast": 3.0}
@@ -49,6 +57,8 @@ class TotalSegmentatorModel:
         device: str = "auto",
         cpu_threads: int | None = None,
         tile_step_size: float = 0.8,
+        backend: str = "torch",
+        precision: str = "auto",
     ) -> None:
         try:
             folders = model_folders(task, weights_directory)
@@ -77,6 +87,14 @@ class TotalSegmentatorModel:
             "nnunetv2": _package_version("nnunetv2"),
             "torch": _package_version("torch"),
         }
+        if backend == "openvino" and self.device.type != "cpu":
+            LOG.info("backend openvino runs on the CPU only; on %s the network runs in PyTorch.", self.device.type)
+            backend = "torch"
+        self.backend = backend
+        # What the forward passes compute in: PyTorch on the CPU in FP32; on CUDA nnU-Net's autocast (FP16 where safe).
+        self.precision = "fp32" if self.device.type == "cpu" else "autocast-fp16"
+        if backend == "openvino":
+            self.software_versions["openvino"] = _package_version("openvino")
         self.is_test_weights = self.weights.test_weights
         self.predictors = []
         for folder in folders:
@@ -95,6 +113,8 @@ class TotalSegmentatorModel:
                 initialize_predictor(predictor, folder.path)
             except UnsafeWeights as exc:
                 raise ModelUnavailable(str(exc)) from None
+            if backend == "openvino":
+                self.precision = _use_openvino(predictor, folder, precision, cpu_threads, self.spacing_mm)
             lookup = None
             if task == "total":
                 part = map_taskid_to_partname_ct[folder.dataset_id]
@@ -110,7 +130,8 @@ class TotalSegmentatorModel:
         image = volume.to_nibabel()
         canonical = as_closest_canonical(image)
         spacing = [self.spacing_mm] * 3
-        resampled = change_spacing(canonical, spacing, order=1, dtype=np.int32, nr_cpus=1)
+        use_gpu = self.device.type == "cuda"  # TotalSegmentator's own choice: cuCIM resampling when installed
+        resampled = change_spacing(canonical, spacing, order=1, dtype=np.int32, nr_cpus=1, use_gpu=use_gpu)
         network_input = np.asanyarray(resampled.dataobj).transpose(2, 1, 0)[None].astype(np.float32)
         properties = {"spacing": [float(z) for z in resampled.header.get_zooms()[:3]][::-1]}
         timings["resample"] = time.perf_counter() - started
@@ -132,12 +153,101 @@ class TotalSegmentatorModel:
 
         prediction = nib.Nifti1Image(combined.transpose(2, 1, 0), resampled.affine)
         back = change_spacing(
-            prediction, spacing, canonical.shape, order=0, dtype=np.uint8, nr_cpus=1, force_affine=canonical.affine
+            prediction,
+            spacing,
+            canonical.shape,
+            order=0,
+            dtype=np.uint8,
+            nr_cpus=1,
+            force_affine=canonical.affine,
+            use_gpu=use_gpu,
         )
         original = undo_canonical(back, image)
         labels = np.asanyarray(original.dataobj).astype(np.uint8).transpose(2, 1, 0)
         timings["postprocess"] = time.perf_counter() - started
         return Segmentation(np.ascontiguousarray(labels), dict(self.classes), timings)
+
+
+def _use_openvino(
+    predictor: Any, folder: ModelFolder, precision: str, cpu_threads: int | None, spacing_mm: float
+) -> str:
+    """Put an OpenVINO-compiled copy of the predictor's network in its place; returns the precision used."""
+    try:
+        from inference.models import openvino_backend as backend
+    except ImportError as exc:
+        raise ModelUnavailable(f"backend openvino needs the openvino package installed: {exc}") from None
+    patch_size = tuple(int(n) for n in predictor.configuration_manager.patch_size)
+    outputs = int(predictor.label_manager.num_segmentation_heads)
+    threads = cpu_threads or os.cpu_count() or 1
+    try:
+        model, _cached = backend.load_or_convert(predictor.network, folder, patch_size, outputs)
+        fp32 = backend.compile_model(model, "fp32", threads)
+
+        def calibrate() -> float:
+            bf16 = backend.compile_model(model, "bf16", threads)
+            return _bf16_agreement(predictor, fp32, bf16, patch_size, spacing_mm)
+
+        chosen = backend.choose_precision(precision, calibrate)  # type: ignore[arg-type]
+        compiled = fp32 if chosen == "fp32" else backend.compile_model(model, "bf16", threads)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelUnavailable(
+            f"the Dataset{folder.dataset_id} network could not be prepared for OpenVINO ({_first_line(exc)}); "
+            "set backend: torch for this model"
+        ) from None
+    used = backend.effective_precision(compiled)
+    if used != chosen:
+        LOG.info(
+            "OpenVINO computes the Dataset%d network in %s on this CPU (%s was asked for).",
+            folder.dataset_id,
+            used,
+            chosen,
+        )
+    predictor.network = backend.OpenVINONetwork(compiled, used)
+    predictor.list_of_parameters = [{}]  # the weights are in the compiled model now
+    return used
+
+
+def _bf16_agreement(predictor: Any, fp32: Any, bf16: Any, patch_size: tuple[int, ...], spacing_mm: float) -> float:
+    """Mean Dice of BF16 against FP32 label maps on a phantom CT one patch in size, at the model spacing."""
+    from inference.models.openvino_backend import OpenVINONetwork
+
+    image = calibration_volume(patch_size)[None]
+    properties = {"spacing": [spacing_mm] * 3}
+    maps = []
+    for compiled in (fp32, bf16):
+        predictor.network = OpenVINONetwork(compiled, "calibration")
+        maps.append(np.asarray(predictor.predict_single_npy_array(image, properties, None, None, False)))
+    return mean_dice(maps[1], maps[0])
+
+
+def calibration_volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A body-like CT in HU, ``shape`` voxels: air, a soft-tissue ellipse, two lungs, a spine, mild noise.
+
+    Enough structure for two precisions of one network to be compared; not anatomy.
+    """
+    z, y, x = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in shape[-3:]), indexing="ij")
+    hu = np.full(z.shape, -1000.0, dtype=np.float32)
+    hu[(x / 0.9) ** 2 + (y / 0.7) ** 2 < 1.0] = 40.0
+    for side in (-0.4, 0.4):
+        hu[((x - side) / 0.3) ** 2 + (y / 0.45) ** 2 < 1.0] = -850.0
+    hu[(x / 0.12) ** 2 + ((y - 0.45) / 0.12) ** 2 < 1.0] = 700.0
+    hu += np.random.default_rng(seed).normal(0.0, 10.0, hu.shape).astype(np.float32)
+    return hu
+
+
+def mean_dice(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Mean Dice over the labels (other than 0) present in either map; 1.0 when neither has any."""
+    labels = np.union1d(np.unique(ours), np.unique(reference))
+    scores = []
+    for label in labels[labels != 0]:
+        a, b = ours == label, reference == label
+        scores.append(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no details"
 
 
 @contextlib.contextmanager

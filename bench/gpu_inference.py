@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""GPU inference: the node's TotalSegmentator pipeline against TotalSegmentator itself, on one CUDA device.
+
+On a machine with CUDA, in about 5 minutes:
+
+1. builds random-initialised weights (``scripts/build_test_weights.py``) for ``total_fast`` (one
+   3 mm model) and ``total`` (five 1.5 mm models) in TotalSegmentator's layout;
+2. writes a 512x512x300 phantom CT (0.8x0.8x1.5 mm) as DICOM, and as the NIfTI TotalSegmentator reads;
+3. per task: the node's pipeline in this process (``TotalSegmentatorModel(task, device="cuda")``:
+   nnU-Net's predictor with everything on the device and its mixed precision, TotalSegmentator's
+   GPU resampling where cupy and cuCIM are installed, the models loaded once and resident), a
+   first job, then two more back to back, the third's DICOM decoding overlapping the second's
+   inference (``inference.models.prefetch.VolumePrefetcher``); then TotalSegmentator's Python API
+   (``device="gpu"``) in a fresh process, offline;
+4. prints wall times, peak GPU memory (``torch.cuda.max_memory_allocated``; TotalSegmentator's is
+   measured inside its process) and the Dice of every class between the two label maps.
+
+Without CUDA it exits with status 2 and one sentence. Usage::
+
+    .venv/bin/python bench/gpu_inference.py [--weights DIR] [--tasks total_fast,total] [--output FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TS_SCRIPT = """
+import json, sys, time, torch
+from totalsegmentator.python_api import totalsegmentator
+started = time.perf_counter()
+totalsegmentator(sys.argv[1], sys.argv[2], fast=sys.argv[3] == "total_fast", ml=True, device="gpu", quiet=True)
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def build_weights(folder: Path, task: str) -> float:
+    from inference.weights import WeightsMissing, model_folders
+
+    try:
+        model_folders(task, folder)
+        return 0.0
+    except WeightsMissing:
+        pass
+    started = time.perf_counter()
+    command = [sys.executable, str(REPO / "scripts" / "build_test_weights.py"), str(folder), "--task", task]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    return time.perf_counter() - started
+
+
+def write_phantom(work: Path) -> tuple[list[Path], Path]:
+    import nibabel as nib
+    import numpy as np
+
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from inference.volume import load_series_volume
+
+    spec = PhantomSpec(rows=512, columns=512, slices=300, pixel_spacing=(0.8, 0.8), slice_spacing=1.5)
+    files = list(write_phantom_series(work / "dicom", spec).files)
+    nib.save(load_series_volume(files).to_nibabel(np.int16), str(work / "ct.nii.gz"))
+    return files, work / "ct.nii.gz"
+
+
+def run_node(task: str, weights: Path, files: list[Path]) -> tuple[dict[str, Any], Any]:
+    import torch
+
+    from inference.models.prefetch import VolumePrefetcher
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    model = TotalSegmentatorModel(task, weights, device="cuda")
+    figures: dict[str, Any] = {"model_load_s": time.perf_counter() - started, "precision": model.precision}
+    # Job 1 pays the one-off costs (CUDA kernels, cuDNN autotuning). Jobs 2 and 3 run back to back as a worker
+    # with the prefetcher would: job 3's series is decoded in the background while job 2's inference runs
+    # (job 3 lists the same files in another order, so nothing is reused from job 2).
+    jobs = (("first", files, None), ("second", files, files[::-1]), ("third", files[::-1], None))
+    prefetcher = VolumePrefetcher()
+    labels = None
+    try:
+        for job, series, following in jobs:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            volume = prefetcher.take(series)
+            decoded = time.perf_counter()
+            if following is not None:
+                prefetcher.prefetch(following)
+            segmentation = model.segment(volume)
+            torch.cuda.synchronize()
+            figures[f"{job}_job_s"] = time.perf_counter() - started
+            figures[f"{job}_decode_s"] = decoded - started
+            figures[f"{job}_stages"] = {k: round(v, 2) for k, v in segmentation.timings.items()}
+            labels = segmentation.labels
+    finally:
+        prefetcher.close()
+    figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    del model
+    torch.cuda.empty_cache()
+    return figures, labels
+
+
+def run_totalsegmentator(task: str, weights: Path, ct: Path, work: Path) -> tuple[dict[str, Any], Any]:
+    import nibabel as nib
+    import numpy as np
+
+    home = work / "totalseg-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.json").write_text(
+        json.dumps(
+            {
+                "totalseg_id": "gpu-bench",
+                "send_usage_stats": False,
+                "prediction_counter": 0,
+                "statistics_disclaimer_shown": True,
+            }
+        )
+    )
+    output = work / f"totalsegmentator-{task}.nii.gz"
+    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", TS_SCRIPT, str(ct), str(output), task],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
+    )
+    figures = {"process_s": time.perf_counter() - started, **json.loads(done.stdout.strip().splitlines()[-1])}
+    labels = np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)  # type: ignore[attr-defined]
+    return figures, labels
+
+
+def dice_per_class(ours: Any, reference: Any, classes: dict[int, str]) -> dict[str, float]:
+    import numpy as np
+
+    pairs = np.bincount((ours.astype(np.uint16) * 256 + reference).ravel(), minlength=65536).reshape(256, 256)
+    in_ours, in_reference, both = pairs.sum(axis=1), pairs.sum(axis=0), np.diag(pairs)
+    return {
+        classes.get(c, str(c)): round(float(2 * both[c] / (in_ours[c] + in_reference[c])), 4)
+        for c in range(1, 256)
+        if in_ours[c] or in_reference[c]
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, help="weights folder (built there if absent; default: a temp folder)")
+    parser.add_argument("--tasks", default="total_fast,total")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "gpu_inference.json")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("This benchmark needs PyTorch with CUDA, and torch is not installed here.", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("This benchmark needs a CUDA GPU, and PyTorch sees none on this machine.", file=sys.stderr)
+        return 2
+    from totalsegmentator.map_to_binary import class_map
+
+    classes = dict(class_map["total"])
+    began = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    weights = (args.weights or work / "weights").resolve()
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tasks": {}}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:
+        log(f"building {task} weights")
+        result.setdefault("weights_build_s", {})[task] = round(build_weights(weights, task), 1)
+    log("writing the 512x512x300 phantom")
+    files, ct = write_phantom(work)
+    for task in tasks:
+        log(f"{task}: node")
+        node, ours = run_node(task, weights, files)
+        log(f"{task}: TotalSegmentator")
+        reference, theirs = run_totalsegmentator(task, weights, ct, work)
+        dice = dice_per_class(ours, theirs, classes)
+        result["tasks"][task] = {
+            "node": node,
+            "totalsegmentator": reference,
+            "differing_voxels": int((ours != theirs).sum()),
+            "voxels": int(ours.size),
+            "mean_dice": round(sum(dice.values()) / len(dice), 4) if dice else None,
+            "dice_per_class": dice,
+        }
+    result["bench_wall_s"] = round(time.perf_counter() - began, 1)
+    for task, figures in result["tasks"].items():
+        node, reference = figures["node"], figures["totalsegmentator"]
+        print(f"\n## {task} on {result['gpu']}")
+        print(
+            f"node: model load {node['model_load_s']:.1f} s; job 1 {node['first_job_s']:.1f} s "
+            f"(decode {node['first_decode_s']:.1f} s, {node['first_stages']}); job 2 {node['second_job_s']:.1f} s "
+            f"(decode {node['second_decode_s']:.1f} s); job 3, decoded during job 2's inference, "
+            f"{node['third_job_s']:.1f} s (waited {node['third_decode_s']:.2f} s for its volume); "
+            f"peak GPU memory {node['peak_gpu_mib']:.0f} MiB; precision {node['precision']}"
+        )
+        print(
+            f"TotalSegmentator (Python API, fresh process): {reference['seconds']:.1f} s in the call, "
+            f"{reference['process_s']:.1f} s with start-up; peak GPU memory {reference['peak_gpu_mib']:.0f} MiB"
+        )
+        print(f"ratio node second job / TotalSegmentator call: {node['second_job_s'] / reference['seconds']:.2f}")
+        print(
+            f"labels: {figures['differing_voxels']} of {figures['voxels']} voxels differ, mean Dice {figures['mean_dice']}"
+        )
+        print("Dice per class: " + ", ".join(f"{name} {value}" for name, value in figures["dice_per_class"].items()))
+    print(f"\nin all {result['bench_wall_s']:.0f} s")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

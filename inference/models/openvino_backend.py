@@ -1,0 +1,291 @@
+"""Run nnU-Net's network forward passes with OpenVINO on the CPU, inside nnU-Net's own predictor.
+
+Only the network call changes: :class:`OpenVINONetwork` stands in for ``predictor.network``,
+so nnU-Net's preprocessing, sliding window, Gaussian weighting, logit accumulation and
+argmax (and TotalSegmentator's resampling and orientation handling around them) run as
+they do with PyTorch. Each tile is one call of the compiled model, with the input shape
+fixed to the model's patch size (nnU-Net pads every volume to at least one patch, so all
+tiles have that shape).
+
+Converting a network takes minutes, so the converted model is cached next to the weights::
+
+    <weights>/.openvino/Dataset297-<sha256 of the model folder, 16 digits>-ov<version>.xml/.bin/.json
+
+The name holds the weights' SHA-256 (from the manifest ``inference.weights`` verified at load)
+and the OpenVINO version, so new weights or a new runtime convert again. The ``.json`` beside
+it records the SHA-256 of the ``.xml`` and ``.bin``; a cache whose files do not match it, or
+that does not read back with the expected input and output shapes, is converted again rather
+than trusted. The model is saved in FP32; the precision (FP32 or BF16) is chosen when it is
+compiled, so one conversion serves both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from inference.weights import ModelFolder, converted_model_directory, file_sha256, installed_hashes
+
+LOG = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "auto"]
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of CPUs that compute BF16 natively (Cooper Lake, Sapphire Rapids and later, Zen 4)."""
+BF16_PARITY_DICE = 0.99
+"""Mean Dice against FP32 a BF16 model must reach on the calibration volume before ``auto`` uses it."""
+
+
+class OpenVINOUnavailable(RuntimeError):
+    """The OpenVINO backend cannot run here (package missing, conversion failed); the message says why."""
+
+
+def runtime_version() -> str:
+    """OpenVINO's version, short (e.g. ``2026.4.1``), as used in cache names."""
+    import openvino
+
+    return openvino.__version__.split("-", 1)[0]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes BF16 natively (OpenVINO says so, or the kernel lists the flags)."""
+    try:
+        import openvino
+
+        if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            return True
+    except Exception as exc:  # noqa: BLE001 - an unknown property only means "ask the kernel instead"
+        LOG.debug("OpenVINO did not list the CPU's capabilities (%s); reading /proc/cpuinfo.", exc)
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+@dataclass(frozen=True)
+class ConvertedModelFiles:
+    """The three files of one cached conversion."""
+
+    xml: Path
+    bin: Path
+    record: Path
+
+    @classmethod
+    def for_folder(cls, folder: ModelFolder) -> ConvertedModelFiles:
+        hashes = installed_hashes(folder.path)
+        digest = _folder_digest(hashes)
+        directory = converted_model_directory(folder.path)
+        stem = f"Dataset{folder.dataset_id}-{digest[:16]}-ov{runtime_version()}"
+        return cls(directory / f"{stem}.xml", directory / f"{stem}.bin", directory / f"{stem}.json")
+
+
+def _folder_digest(hashes: dict[str, str]) -> str:
+    import hashlib
+
+    combined = hashlib.sha256()
+    for name in sorted(hashes):
+        combined.update(f"{name}:{hashes[name]}\n".encode())
+    return combined.hexdigest()
+
+
+def load_or_convert(network: Any, folder: ModelFolder, patch_size: tuple[int, ...], outputs: int) -> tuple[Any, bool]:
+    """The OpenVINO model of ``network``, read from the cache or converted (and cached) now.
+
+    Returns the model and whether it came from the cache. A cache that is missing, damaged,
+    for other weights or another runtime is converted again; if the cache folder cannot be
+    written, the model is converted in memory for this process only (with a warning).
+    """
+    import openvino
+
+    files = ConvertedModelFiles.for_folder(folder)
+    input_shape = (1, 1, *patch_size)
+    cached = _read_cache(files, input_shape, outputs)
+    if cached is not None:
+        return cached, True
+    started = time.perf_counter()
+    model = convert(network, input_shape)
+    LOG.info(
+        "Converted the Dataset%d network to OpenVINO in %.0f s (done once per weights and OpenVINO version).",
+        folder.dataset_id,
+        time.perf_counter() - started,
+    )
+    try:
+        _write_cache(openvino, model, files, input_shape, outputs)
+    except OSError as exc:
+        LOG.warning(
+            "The converted Dataset%d model could not be saved in %s (%s); it will be converted again next start.",
+            folder.dataset_id,
+            files.xml.parent,
+            exc.strerror or exc,
+        )
+    return model, False
+
+
+def convert(network: Any, input_shape: tuple[int, ...]) -> Any:
+    """Convert a PyTorch network to an OpenVINO model with a fixed input shape (minutes on 2 cores).
+
+    The network goes through ONNX in memory first (TorchScript export, then OpenVINO's ONNX
+    reader): 1 minute here against 2.7 for ``openvino.convert_model`` on the module directly,
+    with the same results. Where the ONNX export fails, the direct conversion is used.
+    """
+    import openvino
+    import torch
+
+    network = network.to("cpu").eval()
+    example = torch.zeros(input_shape, dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript and the legacy ONNX exporter announce their deprecation
+        try:
+            exported = io.BytesIO()
+            torch.onnx.export(
+                network,
+                (example,),
+                exported,  # type: ignore[arg-type]  # the TorchScript exporter writes to a file object too
+                opset_version=17,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+            )
+            return openvino.convert_model(io.BytesIO(exported.getvalue()))
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: the direct conversion still works
+            LOG.info("The ONNX export of the network failed (%s); converting it directly, which takes longer.", exc)
+        return openvino.convert_model(network, example_input=example, input=[input_shape])
+
+
+def _read_cache(files: ConvertedModelFiles, input_shape: tuple[int, ...], outputs: int) -> Any | None:
+    import openvino
+
+    if not (files.xml.is_file() and files.bin.is_file() and files.record.is_file()):
+        return None
+    try:
+        record = json.loads(files.record.read_text())
+        if record.get("xml_sha256") != file_sha256(files.xml) or record.get("bin_sha256") != file_sha256(files.bin):
+            LOG.warning("The cached OpenVINO model %s does not match its record; converting it again.", files.xml.name)
+            return None
+        model = openvino.Core().read_model(str(files.xml))
+        if tuple(model.input(0).get_shape()) != input_shape or int(model.output(0).get_shape()[1]) != outputs:
+            LOG.warning(
+                "The cached OpenVINO model %s has other shapes than the weights; converting it again.", files.xml.name
+            )
+            return None
+        return model
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        LOG.warning("The cached OpenVINO model %s is unreadable (%s); converting it again.", files.xml.name, exc)
+        return None
+
+
+def _write_cache(
+    openvino: Any, model: Any, files: ConvertedModelFiles, input_shape: tuple[int, ...], outputs: int
+) -> None:
+    """Save under temporary names, then rename: a reader never sees half a model (the record goes last)."""
+    files.xml.parent.mkdir(parents=True, exist_ok=True)
+    temporary = f"{files.xml.stem}.tmp-{os.getpid()}"
+    xml_tmp = files.xml.with_name(f"{temporary}.xml")
+    bin_tmp = files.xml.with_name(f"{temporary}.bin")
+    try:
+        openvino.save_model(model, str(xml_tmp), compress_to_fp16=False)
+        record = {
+            "xml_sha256": file_sha256(xml_tmp),
+            "bin_sha256": file_sha256(bin_tmp),
+            "input_shape": list(input_shape),
+            "outputs": outputs,
+            "openvino": runtime_version(),
+        }
+        files.record.unlink(missing_ok=True)
+        os.replace(bin_tmp, files.bin)
+        os.replace(xml_tmp, files.xml)
+        record_tmp = files.xml.with_name(f"{temporary}.json")
+        record_tmp.write_text(json.dumps(record, indent=2))
+        os.replace(record_tmp, files.record)
+    finally:
+        xml_tmp.unlink(missing_ok=True)
+        bin_tmp.unlink(missing_ok=True)
+
+
+def compile_model(model: Any, precision: Literal["fp32", "bf16"], threads: int | None) -> Any:
+    """Compile for the CPU: latency hint (one tile at a time uses every core), the given precision and threads."""
+    import openvino
+
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return openvino.Core().compile_model(model, "CPU", config)
+
+
+def _torch_module_base() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
+class OpenVINONetwork(_torch_module_base()):  # type: ignore[misc]
+    """A stand-in for an nnU-Net network whose forward pass runs a compiled OpenVINO model.
+
+    nnU-Net's predictor calls ``network(tile)`` for each sliding-window tile, and
+    ``load_state_dict``/``to``/``eval`` around that; the weights live in the compiled
+    model, so loading a state dict does nothing here.
+    """
+
+    def __init__(self, compiled: Any, precision: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.precision = precision
+        self.request = compiled.create_infer_request()
+
+    def forward(self, tile: Any) -> Any:
+        import torch
+
+        array = np.ascontiguousarray(tile.detach().to("cpu", torch.float32).numpy())
+        self.request.infer({0: array})
+        # nnU-Net scales the result in place and adds it up before the next tile: one copy out of OpenVINO's buffer.
+        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        return _IncompatibleKeys([], [])
+
+
+def effective_precision(compiled: Any) -> Literal["fp32", "bf16"]:
+    """The precision OpenVINO actually computes in (it runs a BF16 request in FP32 on CPUs without BF16)."""
+    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    return "bf16" if "bf16" in hint else "fp32"
+
+
+def choose_precision(requested: Precision, calibrate: Any = None) -> Literal["fp32", "bf16"]:
+    """The precision to compile with.
+
+    ``auto`` is BF16 only where the CPU computes BF16 natively *and* ``calibrate()`` (the
+    caller's parity check of BF16 against FP32 on these weights) returns a mean Dice of at
+    least :data:`BF16_PARITY_DICE`; everywhere else FP32. An explicit ``bf16`` on a CPU
+    without native BF16 is passed on with a warning (OpenVINO 2026 then computes in FP32).
+    """
+    native = cpu_has_native_bf16()
+    if requested == "fp32":
+        return "fp32"
+    if requested == "bf16":
+        if not native:
+            LOG.warning(
+                "precision bf16 was asked for, but this CPU has no native BF16; OpenVINO may run the model in FP32."
+            )
+        return "bf16"
+    if not native or calibrate is None:
+        return "fp32"
+    dice = float(calibrate())
+    if dice >= BF16_PARITY_DICE:
+        LOG.info("BF16 reaches mean Dice %.4f against FP32 on the calibration volume: using BF16.", dice)
+        return "bf16"
+    LOG.info("BF16 reaches only mean Dice %.4f against FP32 on the calibration volume: using FP32.", dice)
+    return "fp32"
