@@ -60,7 +60,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-TOTALSEGMENTATOR = str(VENV_BIN / "TotalSegmentator") if (VENV_BIN / "TotalSegmentator").exists() else "TotalSegmentator"
+TOTALSEGMENTATOR = (
+    str(VENV_BIN / "TotalSegmentator") if (VENV_BIN / "TotalSegmentator").exists() else "TotalSegmentator"
+)
 GNU_TIME = "/usr/bin/time"
 TASK = "total_fast"
 RUN_TIMEOUT_SECONDS = 1800
@@ -190,7 +192,9 @@ def parse_gnu_time(path: Path) -> dict[str, Any]:
     }
 
 
-def run_measured(command: list[str], env: dict[str, str], log_path: Path, time_path: Path, interval: float) -> dict[str, Any]:
+def run_measured(
+    command: list[str], env: dict[str, str], log_path: Path, time_path: Path, interval: float
+) -> dict[str, Any]:
     """Run ``command`` under GNU time with the tree sampler; wall seconds from spawn to exit."""
     full = [GNU_TIME, "-v", "-o", str(time_path), *command]
     load = loadavg()
@@ -225,8 +229,14 @@ def run_measured(command: list[str], env: dict[str, str], log_path: Path, time_p
 def totalseg_env(weights: Path, home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.json").write_text(
-        json.dumps({"totalseg_id": "bench", "send_usage_stats": False, "prediction_counter": 0,
-                    "statistics_disclaimer_shown": True})
+        json.dumps(
+            {
+                "totalseg_id": "bench",
+                "send_usage_stats": False,
+                "prediction_counter": 0,
+                "statistics_disclaimer_shown": True,
+            }
+        )
     )
     return {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights), "TOTALSEG_HOME_DIR": str(home)}
 
@@ -248,7 +258,8 @@ def reference_stages(log_text: str) -> dict[str, float]:
     if bars:
         last = bars[-1]
         stages["predict.sliding_window_tqdm"] = float(
-            int(last.group(3) or 0) * 3600 + int(last.group(4)) * 60 + int(last.group(5)))
+            int(last.group(3) or 0) * 3600 + int(last.group(4)) * 60 + int(last.group(5))
+        )
         stages["tiles"] = int(last.group(2))
     return stages
 
@@ -280,8 +291,13 @@ def run_api(work: Path, ct: Path, weights: Path, tag: str, interval: float) -> t
     run_dir.mkdir()
     output = run_dir / "out.nii.gz"
     env = totalseg_env(weights, work / "totalseg-home")
-    result = run_measured([sys.executable, "-c", API_SCRIPT, str(ct), str(output)], env, run_dir / "log.txt",
-                          run_dir / "time.txt", interval)
+    result = run_measured(
+        [sys.executable, "-c", API_SCRIPT, str(ct), str(output)],
+        env,
+        run_dir / "log.txt",
+        run_dir / "time.txt",
+        interval,
+    )
     result["stages"] = reference_stages((run_dir / "log.txt").read_text(errors="replace"))
     return result, output
 
@@ -305,10 +321,26 @@ def run_node(
     labels = run_dir / "labels.npy"
     report = run_dir / "driver.json"
     backend, precision = configuration.split("-", 1)
-    command = [sys.executable, str(Path(__file__).resolve()), "--node-driver",
-               "--driver-files", str(files_list), "--weights", str(weights),
-               "--driver-labels", str(labels), "--driver-report", str(report),
-               "--driver-backend", backend, "--driver-precision", precision, "--driver-task", task, *extra]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--node-driver",
+        "--driver-files",
+        str(files_list),
+        "--weights",
+        str(weights),
+        "--driver-labels",
+        str(labels),
+        "--driver-report",
+        str(report),
+        "--driver-backend",
+        backend,
+        "--driver-precision",
+        precision,
+        "--driver-task",
+        task,
+        *extra,
+    ]
     if threads:
         command += ["--cpu-threads", str(threads)]
     result = run_measured(command, dict(os.environ), run_dir / "log.txt", run_dir / "time.txt", interval)
@@ -344,8 +376,9 @@ def node_driver(args: argparse.Namespace) -> None:
     )
     loaded = time.perf_counter()
     if args.driver_prepare_only:  # only convert (and cache) the OpenVINO model: the one-off cost
-        Path(args.driver_report).write_text(json.dumps({"model_load_s": round(loaded - imported, 3),
-                                                        "precision": model.precision}))
+        Path(args.driver_report).write_text(
+            json.dumps({"model_load_s": round(loaded - imported, 3), "precision": model.precision})
+        )
         return
 
     # Stage timers inside nnU-Net's predictor (instance attributes; a few perf_counter calls per tile).
@@ -382,7 +415,9 @@ def node_driver(args: argparse.Namespace) -> None:
         stages: dict[str, Any] = {"dicom_read": t1 - t0, **segmentation.timings}
         if "nnunet" in inner and len(model.predictors) == 1:
             stages["predict.nnunet_preprocess"] = (
-                inner["nnunet"] - inner["sliding_window"] - (inner["nnunet_last_end"] - inner["sliding_window_last_end"])
+                inner["nnunet"]
+                - inner["sliding_window"]
+                - (inner["nnunet_last_end"] - inner["sliding_window_last_end"])
             )
             stages["predict.network_forward"] = inner["forward"]
             stages["predict.sliding_window_other"] = inner["sliding_window"] - inner["forward"]
@@ -396,13 +431,24 @@ def node_driver(args: argparse.Namespace) -> None:
         cold, cold_stages = job()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         np.save(args.driver_labels, cold.labels)
-        Path(args.driver_report).write_text(json.dumps({
-            "driver_start_wall": start_wall, "cold_done_wall": time.time(), "import_s": round(imported - started, 3),
-            "model_load_s": round(loaded - imported, 3), "cold": cold_stages, "backend": model.backend,
-            "precision": model.precision, "cold_cpu_user_s": round(usage.ru_utime, 1),
-            "cold_cpu_system_s": round(usage.ru_stime, 1), "cold_ru_maxrss_mib": round(usage.ru_maxrss / 1024, 1),
-            "labels_shape": list(cold.labels.shape),
-        }, indent=2))
+        Path(args.driver_report).write_text(
+            json.dumps(
+                {
+                    "driver_start_wall": start_wall,
+                    "cold_done_wall": time.time(),
+                    "import_s": round(imported - started, 3),
+                    "model_load_s": round(loaded - imported, 3),
+                    "cold": cold_stages,
+                    "backend": model.backend,
+                    "precision": model.precision,
+                    "cold_cpu_user_s": round(usage.ru_utime, 1),
+                    "cold_cpu_system_s": round(usage.ru_stime, 1),
+                    "cold_ru_maxrss_mib": round(usage.ru_maxrss / 1024, 1),
+                    "labels_shape": list(cold.labels.shape),
+                },
+                indent=2,
+            )
+        )
         return
     cold, cold_stages = job()
     cold_done_wall = time.time()
@@ -483,8 +529,12 @@ def ensure_weights(folder: Path, task: str = TASK) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     log(f"building random-initialised {task} weights in {folder} (about 45 s per model)")
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_test_weights.py"), str(folder), "--task", task],
-                   check=True, capture_output=True, timeout=1200)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_test_weights.py"), str(folder), "--task", task],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
     model_folders(task, folder)
     return {"weights": str(folder), "built": True, "build_s": round(time.perf_counter() - started, 1)}
 
@@ -509,7 +559,11 @@ def write_inputs(work: Path, slices: int) -> tuple[Path, Path, dict[str, Any]]:
     ct = work / "ct.nii.gz"
     nib.save(volume.to_nibabel(np.int16), str(ct))
     info = {
-        "rows": 512, "columns": 512, "slices": slices, "pixel_spacing_mm": [0.8, 0.8], "slice_spacing_mm": 1.5,
+        "rows": 512,
+        "columns": 512,
+        "slices": slices,
+        "pixel_spacing_mm": [0.8, 0.8],
+        "slice_spacing_mm": 1.5,
         "dicom_files": len(files),
         "dicom_mib": round(sum(os.path.getsize(p) for p in files) / 2**20, 1),
         "nifti_mib": round(ct.stat().st_size / 2**20, 1),
@@ -533,12 +587,30 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    memory = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
+    memory = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": cpu,
@@ -549,8 +621,9 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "gpu": "none (CPU only)",
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                       if k in os.environ},
+        "thread_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ
+        },
         "packages": package_versions(),
     }
 
@@ -592,11 +665,19 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "node_cold_cpu_median_s": median(node_cold_cpu) if node_cold_cpu else None,
         "node_warm_cpu_s": node_warm_cpu,
         "node_warm_cpu_median_s": median(node_warm_cpu) if node_warm_cpu else None,
-        "ratio_cpu_node_cold_over_reference": round(median(node_cold_cpu) / median(ref_cpu), 3) if node_cold_cpu else None,
-        "reference_system_share": round(statistics.median(
-            [r["reference"]["system_s"] / (r["reference"]["user_s"] + r["reference"]["system_s"]) for r in rounds]), 3),
-        "node_system_share": round(statistics.median(
-            [r["node"]["system_s"] / (r["node"]["user_s"] + r["node"]["system_s"]) for r in rounds]), 3),
+        "ratio_cpu_node_cold_over_reference": round(median(node_cold_cpu) / median(ref_cpu), 3)
+        if node_cold_cpu
+        else None,
+        "reference_system_share": round(
+            statistics.median(
+                [r["reference"]["system_s"] / (r["reference"]["user_s"] + r["reference"]["system_s"]) for r in rounds]
+            ),
+            3,
+        ),
+        "node_system_share": round(
+            statistics.median([r["node"]["system_s"] / (r["node"]["user_s"] + r["node"]["system_s"]) for r in rounds]),
+            3,
+        ),
         "reference_wall_s": ref,
         "reference_median_s": median(ref),
         "node_cold_s": cold,
@@ -621,9 +702,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     summary["node_stage_median_s"]["python_start_s"] = median([r["node"]["python_start_s"] for r in rounds])
     for phase in ("cold", "warm"):
         keys = [k for k, v in rounds[0]["node"]["driver"][phase].items() if isinstance(v, float)]
-        summary[f"node_{phase}_stage_median_s"] = {k: median([r["node"]["driver"][phase][k] for r in rounds]) for k in keys}
+        summary[f"node_{phase}_stage_median_s"] = {
+            k: median([r["node"]["driver"][phase][k] for r in rounds]) for k in keys
+        }
     ref_keys = set.intersection(*(set(r["reference"]["stages"]) for r in rounds))
-    summary["reference_stage_median_s"] = {k: median([r["reference"]["stages"][k] for r in rounds]) for k in sorted(ref_keys)}
+    summary["reference_stage_median_s"] = {
+        k: median([r["reference"]["stages"][k] for r in rounds]) for k in sorted(ref_keys)
+    }
     if all("api" in r for r in rounds):
         api = [r["api"]["wall_s"] for r in rounds]
         summary["api_wall_s"] = api
@@ -636,28 +721,64 @@ def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         return "| " + " | ".join(str(c) for c in cells) + " |"
 
     lines = [
-        row("round", "load avg before (ref / node)", "reference s", "ref CPU s user+sys", "ref CPU %",
-            "ref max RSS / tree anon MiB", "node cold s", "node cold CPU s user+sys", "node warm segment s", "node CPU %",
-            "node max RSS / tree anon MiB", "labels vs ref"),
+        row(
+            "round",
+            "load avg before (ref / node)",
+            "reference s",
+            "ref CPU s user+sys",
+            "ref CPU %",
+            "ref max RSS / tree anon MiB",
+            "node cold s",
+            "node cold CPU s user+sys",
+            "node warm segment s",
+            "node CPU %",
+            "node max RSS / tree anon MiB",
+            "labels vs ref",
+        ),
         row(*["---"] * 12),
     ]
     for i, r in enumerate(rounds, 1):
         ref, node = r["reference"], r["node"]
         driver = node["driver"]
         cmp = r["comparison"]
-        verdict = "identical" if cmp["identical"] else f"{cmp.get('differing_voxels')} differ, Dice {cmp.get('mean_dice')}"
-        node_cpu = (f"{driver['cold_cpu_user_s']:.0f}+{driver['cold_cpu_system_s']:.0f}"
-                    if "cold_cpu_user_s" in driver else "-")
-        lines.append(row(
-            i, f"{ref['loadavg_before'][0]:.2f} / {node['loadavg_before'][0]:.2f}", f"{ref['wall_s']:.1f}",
-            f"{ref['user_s']:.0f}+{ref['system_s']:.0f}", f"{ref['cpu_percent']:.0f}",
-            f"{ref['time_max_rss_mib']:.0f} / {ref['tree_peak_anon_sum_mib']:.0f}", f"{node['cold_s']:.1f}", node_cpu,
-            f"{driver['warm']['segment']:.1f}", f"{node['cpu_percent']:.0f}",
-            f"{node['time_max_rss_mib']:.0f} / {node['tree_peak_anon_sum_mib']:.0f}", verdict,
-        ))
-    lines.append(row("**median**", "", f"**{summary['reference_median_s']:.1f}**", summary["reference_cpu_median_s"], "", "",
-                     f"**{summary['node_cold_median_s']:.1f}**", summary.get("node_cold_cpu_median_s") or "-",
-                     f"**{summary['node_warm_segment_median_s']:.1f}**", "", "", ""))
+        verdict = (
+            "identical" if cmp["identical"] else f"{cmp.get('differing_voxels')} differ, Dice {cmp.get('mean_dice')}"
+        )
+        node_cpu = (
+            f"{driver['cold_cpu_user_s']:.0f}+{driver['cold_cpu_system_s']:.0f}" if "cold_cpu_user_s" in driver else "-"
+        )
+        lines.append(
+            row(
+                i,
+                f"{ref['loadavg_before'][0]:.2f} / {node['loadavg_before'][0]:.2f}",
+                f"{ref['wall_s']:.1f}",
+                f"{ref['user_s']:.0f}+{ref['system_s']:.0f}",
+                f"{ref['cpu_percent']:.0f}",
+                f"{ref['time_max_rss_mib']:.0f} / {ref['tree_peak_anon_sum_mib']:.0f}",
+                f"{node['cold_s']:.1f}",
+                node_cpu,
+                f"{driver['warm']['segment']:.1f}",
+                f"{node['cpu_percent']:.0f}",
+                f"{node['time_max_rss_mib']:.0f} / {node['tree_peak_anon_sum_mib']:.0f}",
+                verdict,
+            )
+        )
+    lines.append(
+        row(
+            "**median**",
+            "",
+            f"**{summary['reference_median_s']:.1f}**",
+            summary["reference_cpu_median_s"],
+            "",
+            "",
+            f"**{summary['node_cold_median_s']:.1f}**",
+            summary.get("node_cold_cpu_median_s") or "-",
+            f"**{summary['node_warm_segment_median_s']:.1f}**",
+            "",
+            "",
+            "",
+        )
+    )
     print("\n".join(lines))
     print()
     cold = summary["node_cold_stage_median_s"]
@@ -680,13 +801,17 @@ def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     for key, value in summary["reference_stage_median_s"].items():
         print(row(key, value))
     print()
-    print(f"ratio node cold / reference: {summary['ratio_node_cold_over_reference']:.3f}   "
-          f"node warm segment / reference: {summary['ratio_node_warm_segment_over_reference']:.3f}   "
-          f"node warm job / reference: {summary['ratio_node_warm_job_over_reference']:.3f}   (goal <= {GOAL_RATIO})")
+    print(
+        f"ratio node cold / reference: {summary['ratio_node_cold_over_reference']:.3f}   "
+        f"node warm segment / reference: {summary['ratio_node_warm_segment_over_reference']:.3f}   "
+        f"node warm job / reference: {summary['ratio_node_warm_job_over_reference']:.3f}   (goal <= {GOAL_RATIO})"
+    )
     if summary.get("ratio_cpu_node_cold_over_reference") is not None:
-        print(f"CPU seconds (user+sys), less sensitive to other load on the machine: reference {summary['reference_cpu_median_s']}, "
-              f"node cold {summary['node_cold_cpu_median_s']}, node warm {summary['node_warm_cpu_median_s']}; "
-              f"ratio node cold / reference {summary['ratio_cpu_node_cold_over_reference']:.3f}")
+        print(
+            f"CPU seconds (user+sys), less sensitive to other load on the machine: reference {summary['reference_cpu_median_s']}, "
+            f"node cold {summary['node_cold_cpu_median_s']}, node warm {summary['node_warm_cpu_median_s']}; "
+            f"ratio node cold / reference {summary['ratio_cpu_node_cold_over_reference']:.3f}"
+        )
     if "api_median_s" in summary:
         print(f"TotalSegmentator Python API (fresh process) median: {summary['api_median_s']:.1f} s")
 
@@ -713,18 +838,32 @@ def resolve_configurations(requested: str) -> tuple[list[str], dict[str, str]]:
     return [c for c in wanted if c not in aliases], aliases
 
 
-def prepare(work: Path, files_list: Path, weights: Path, configurations: list[str], args: argparse.Namespace,
-            task: str = TASK) -> dict[str, Any]:
+def prepare(
+    work: Path, files_list: Path, weights: Path, configurations: list[str], args: argparse.Namespace, task: str = TASK
+) -> dict[str, Any]:
     """Convert (or find cached) each OpenVINO model once, timed: the one-off cost before the first job."""
     done: dict[str, Any] = {}
     for configuration in configurations:
         if not configuration.startswith("openvino"):
             continue
         log(f"preparing {configuration} for {task} (converts to OpenVINO unless cached; load {loadavg()})")
-        result, _labels = run_node(work, files_list, weights, f"prepare-{task}", args.sample_interval,
-                                   args.cpu_threads, configuration, task, ("--driver-prepare-only",))
-        done[configuration] = {"wall_s": result["wall_s"], "model_load_s": result["driver"]["model_load_s"],
-                               "precision": result["driver"]["precision"], "time_max_rss_mib": result["time_max_rss_mib"]}
+        result, _labels = run_node(
+            work,
+            files_list,
+            weights,
+            f"prepare-{task}",
+            args.sample_interval,
+            args.cpu_threads,
+            configuration,
+            task,
+            ("--driver-prepare-only",),
+        )
+        done[configuration] = {
+            "wall_s": result["wall_s"],
+            "model_load_s": result["driver"]["model_load_s"],
+            "precision": result["driver"]["precision"],
+            "time_max_rss_mib": result["time_max_rss_mib"],
+        }
         log(f"{configuration}: ready in {result['wall_s']:.0f} s, computes in {result['driver']['precision']}")
         break  # one conversion serves every OpenVINO precision
     return done
@@ -736,8 +875,17 @@ def run_total(work: Path, files_list: Path, args: argparse.Namespace, configurat
     built = ensure_weights(folder, "total")
     conversion = prepare(work, files_list, folder, [configuration], args, "total")
     log(f"total task: node {configuration} (load {loadavg()})")
-    node, labels = run_node(work, files_list, folder, "total", args.sample_interval, args.cpu_threads, configuration,
-                            "total", ("--driver-no-warm",))
+    node, labels = run_node(
+        work,
+        files_list,
+        folder,
+        "total",
+        args.sample_interval,
+        args.cpu_threads,
+        configuration,
+        "total",
+        ("--driver-no-warm",),
+    )
     labels.unlink()
     log(f"total task: node {configuration} {node['cold_s']:.1f} s")
     return {"configuration": configuration, "weights": built, "conversion": conversion, "node": node}
@@ -747,8 +895,15 @@ def for_configuration(rounds: list[dict[str, Any]], configuration: str) -> list[
     """One configuration's rounds in the shape :func:`summarise` reads (also reads results of one node only)."""
     if "nodes" not in rounds[0]:
         return rounds
-    return [{"reference": r["reference"], "node": r["nodes"][configuration],
-             "comparison": r["comparisons"][configuration], **({"api": r["api"]} if "api" in r else {})} for r in rounds]
+    return [
+        {
+            "reference": r["reference"],
+            "node": r["nodes"][configuration],
+            "comparison": r["comparisons"][configuration],
+            **({"api": r["api"]} if "api" in r else {}),
+        }
+        for r in rounds
+    ]
 
 
 def report(result: dict[str, Any]) -> None:
@@ -761,34 +916,52 @@ def report(result: dict[str, Any]) -> None:
         print_table(for_configuration(rounds, configuration), summaries[configuration])
     if summaries:
         print("\n## all configurations (medians; ratios against the reference of the same rounds)\n")
-        print("| node | cold s | warm segment s | forward passes (warm) s | cold / ref | warm segment / ref | "
-              "cold CPU / ref CPU | peak max RSS MiB | labels |")
+        print(
+            "| node | cold s | warm segment s | forward passes (warm) s | cold / ref | warm segment / ref | "
+            "cold CPU / ref CPU | peak max RSS MiB | labels |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for configuration, summary in summaries.items():
             forward = summary["node_warm_stage_median_s"].get("predict.network_forward", "-")
-            comparisons = [r["comparisons"][configuration] for r in rounds] if "nodes" in rounds[0] else \
-                [r["comparison"] for r in rounds]
-            labels = "identical" if all(c["identical"] for c in comparisons) else \
-                f"max {max(c['differing_voxels'] for c in comparisons)} differ, min mean Dice " \
+            comparisons = (
+                [r["comparisons"][configuration] for r in rounds]
+                if "nodes" in rounds[0]
+                else [r["comparison"] for r in rounds]
+            )
+            labels = (
+                "identical"
+                if all(c["identical"] for c in comparisons)
+                else f"max {max(c['differing_voxels'] for c in comparisons)} differ, min mean Dice "
                 f"{min(c['mean_dice'] for c in comparisons)}"
-            print(f"| {configuration} | {summary['node_cold_median_s']:.1f} | {summary['node_warm_segment_median_s']:.1f} | "
-                  f"{forward} | {summary['ratio_node_cold_over_reference']:.3f} | "
-                  f"{summary['ratio_node_warm_segment_over_reference']:.3f} | "
-                  f"{summary['ratio_cpu_node_cold_over_reference']} | {summary['node_peak_time_max_rss_mib']:.0f} | {labels} |")
-        print(f"| reference (TotalSegmentator CLI) | {next(iter(summaries.values()))['reference_median_s']:.1f} | | | | | | "
-              f"{next(iter(summaries.values()))['reference_peak_time_max_rss_mib']:.0f} (tree anon "
-              f"{next(iter(summaries.values()))['reference_peak_tree_anon_mib']:.0f}) | |")
+            )
+            print(
+                f"| {configuration} | {summary['node_cold_median_s']:.1f} | {summary['node_warm_segment_median_s']:.1f} | "
+                f"{forward} | {summary['ratio_node_cold_over_reference']:.3f} | "
+                f"{summary['ratio_node_warm_segment_over_reference']:.3f} | "
+                f"{summary['ratio_cpu_node_cold_over_reference']} | {summary['node_peak_time_max_rss_mib']:.0f} | {labels} |"
+            )
+        print(
+            f"| reference (TotalSegmentator CLI) | {next(iter(summaries.values()))['reference_median_s']:.1f} | | | | | | "
+            f"{next(iter(summaries.values()))['reference_peak_time_max_rss_mib']:.0f} (tree anon "
+            f"{next(iter(summaries.values()))['reference_peak_tree_anon_mib']:.0f}) | |"
+        )
     for alias, target in result.get("aliases", {}).items():
-        print(f"{alias}: not run separately; on this CPU (no native BF16) it is {target}, so its figures are {target}'s.")
+        print(
+            f"{alias}: not run separately; on this CPU (no native BF16) it is {target}, so its figures are {target}'s."
+        )
     for configuration, conversion in result.get("conversion", {}).items():
-        print(f"one-off OpenVINO conversion ({configuration}, cached afterwards): {conversion['wall_s']:.0f} s "
-              f"in a fresh process, computing in {conversion['precision']}")
+        print(
+            f"one-off OpenVINO conversion ({configuration}, cached afterwards): {conversion['wall_s']:.0f} s "
+            f"in a fresh process, computing in {conversion['precision']}"
+        )
     total = result.get("total_task")
     if total:
         node = total["node"]
-        print(f"total task (five 1.5 mm models), node {total['configuration']}, one job: {node['cold_s']:.1f} s "
-              f"(model load {node['driver']['model_load_s']:.1f} s, stages {node['driver']['cold']}), "
-              f"max RSS {node['time_max_rss_mib']:.0f} MiB; conversion {total['conversion']}")
+        print(
+            f"total task (five 1.5 mm models), node {total['configuration']}, one job: {node['cold_s']:.1f} s "
+            f"(model load {node['driver']['model_load_s']:.1f} s, stages {node['driver']['cold']}), "
+            f"max RSS {node['time_max_rss_mib']:.0f} MiB; conversion {total['conversion']}"
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -798,11 +971,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (reference, node configurations)")
-    parser.add_argument("--backends", default=",".join(DEFAULT_CONFIGURATIONS),
-                        help="node configurations, comma-separated: torch-fp32, openvino-fp32, openvino-bf16, openvino-auto")
-    parser.add_argument("--total", action="store_true",
-                        help="also time the node on the total task (five 1.5 mm models, built if absent), once, with "
-                             "the last of --backends; TotalSegmentator's CLI is not run for it (about 30 min per run)")
+    parser.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_CONFIGURATIONS),
+        help="node configurations, comma-separated: torch-fp32, openvino-fp32, openvino-bf16, openvino-auto",
+    )
+    parser.add_argument(
+        "--total",
+        action="store_true",
+        help="also time the node on the total task (five 1.5 mm models, built if absent), once, with "
+        "the last of --backends; TotalSegmentator's CLI is not run for it (about 30 min per run)",
+    )
     parser.add_argument("--total-weights", type=Path, help="weights folder for --total (default: --weights)")
     parser.add_argument("--weights", type=Path, help="weights folder; built there if absent (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "inference.json")
@@ -843,9 +1022,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "git": git_state(),
         "task": TASK,
-        "arguments": {"slices": args.slices, "repeats": args.repeats, "cpu_threads": args.cpu_threads,
-                      "sample_interval_s": args.sample_interval, "api": args.api, "backends": args.backends,
-                      "total": args.total},
+        "arguments": {
+            "slices": args.slices,
+            "repeats": args.repeats,
+            "cpu_threads": args.cpu_threads,
+            "sample_interval_s": args.sample_interval,
+            "api": args.api,
+            "backends": args.backends,
+            "total": args.total,
+        },
     }
     try:
         result["weights"] = ensure_weights((args.weights or work / "weights").resolve())
@@ -864,10 +1049,13 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {"reference": ref, "nodes": {}, "comparisons": {}}
             for configuration in configurations:
                 log(f"round {i}: node {configuration} (load {loadavg()})")
-                node, labels = run_node(work, files_list, weights, str(i), args.sample_interval, args.cpu_threads,
-                                        configuration)
-                log(f"round {i}: node {configuration} cold {node['cold_s']:.1f} s, "
-                    f"warm segment {node['driver']['warm']['segment']:.1f} s")
+                node, labels = run_node(
+                    work, files_list, weights, str(i), args.sample_interval, args.cpu_threads, configuration
+                )
+                log(
+                    f"round {i}: node {configuration} cold {node['cold_s']:.1f} s, "
+                    f"warm segment {node['driver']['warm']['segment']:.1f} s"
+                )
                 cmp = compare(labels, ref_out)
                 entry["nodes"][configuration] = node
                 entry["comparisons"][configuration] = cmp

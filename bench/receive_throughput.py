@@ -105,7 +105,9 @@ def free_port(exclude: set[int] = frozenset()) -> int:  # type: ignore[assignmen
     raise BenchError(f"no free port in {PORT_RANGE}")
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = START_TIMEOUT_SECONDS
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -242,8 +244,15 @@ class Reference:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [DCMTK_STORESCP, *(["--fork"] if self.fork else []), "-aet", REFERENCE_AE, "-od", str(self.out_dir),
-                   str(self.port)]
+        command = [
+            DCMTK_STORESCP,
+            *(["--fork"] if self.fork else []),
+            "-aet",
+            REFERENCE_AE,
+            "-od",
+            str(self.out_dir),
+            str(self.port),
+        ]
         self.process = subprocess.Popen(
             command, env=nodelay_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT
         )
@@ -274,7 +283,9 @@ class Reference:
 class Node:
     """``dicom-node serve`` on a fresh storage directory for every run."""
 
-    def __init__(self, work: Path, port: int, *, fsync: bool, workers: int | None, processes: int | None = None) -> None:
+    def __init__(
+        self, work: Path, port: int, *, fsync: bool, workers: int | None, processes: int | None = None
+    ) -> None:
         self.port = port
         self.work = work
         self.data_dir = work / "node-data"
@@ -381,8 +392,21 @@ class Node:
         assert self.process is not None
         out.parent.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen(
-            [PY_SPY, "record", "--nonblocking", "--idle", "--threads", "-r", str(rate), "-f", "raw", "-o", str(out),
-             "--pid", str(self.process.pid)],
+            [
+                PY_SPY,
+                "record",
+                "--nonblocking",
+                "--idle",
+                "--threads",
+                "-r",
+                str(rate),
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--pid",
+                str(self.process.pid),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.work / "py-spy.log", "ab"),
         )
@@ -399,7 +423,6 @@ class Node:
             stop(self.process)
             shutil.rmtree(self.data_dir, ignore_errors=True)
         return {"seconds_while_profiled": round(seconds, 4), "raw_output": str(out), "rate_hz": rate}
-
 
 
 class Floor:
@@ -536,16 +559,42 @@ def serve_node_timed(config: str, out: str) -> int:
 # Profile buckets, checked from the innermost frame outwards; the first that matches wins.
 # Each: (bucket, function names, file fragment). "fsync"/"sleep" are told apart by the source line.
 PROFILE_RULES: list[tuple[str, set[str] | None, str]] = [
-    ("storage: write/rename/mkdir", {"InstanceStore.write", "_fsync_dir", "InstanceStore.path_for"}, "dicom_node/receive/storage.py"),
+    (
+        "storage: write/rename/mkdir",
+        {"InstanceStore.write", "_fsync_dir", "InstanceStore.path_for"},
+        "dicom_node/receive/storage.py",
+    ),
     ("storage: file meta encoding (encode_file_meta)", {"encode_file_meta"}, "dicom_node/receive/storage.py"),
     ("header: read_header (pydicom parse)", {"read_header"}, "dicom_node/receive/header.py"),
     ("header: check_header (attribute access)", {"check_header"}, "dicom_node/receive/header.py"),
-    ("database: record_instance + transaction (SQLAlchemy/SQLite)", {"record_instance", "transaction", "_create_series"}, ""),
+    (
+        "database: record_instance + transaction (SQLAlchemy/SQLite)",
+        {"record_instance", "transaction", "_create_series"},
+        "",
+    ),
     ("handle_store: other (exists/stat/logging)", {"handle_store"}, "dicom_node/receive/scp.py"),
-    ("pynetdicom: DUL PDU receive/decode", {"DULServiceProvider._is_transport_event", "DULServiceProvider._read_pdu_data",
-     "DULServiceProvider._decode_pdu", "StateMachine.do_action", "AssociationSocket.ready", "AssociationSocket.recv"}, "pynetdicom/"),
-    ("pynetdicom: DIMSE decode, C-STORE dispatch, response send", {"Association._serve_request", "DIMSEServiceProvider.send_msg",
-     "DIMSEServiceProvider.receive_primitive", "DULServiceProvider._process_recv_primitive"}, "pynetdicom/"),
+    (
+        "pynetdicom: DUL PDU receive/decode",
+        {
+            "DULServiceProvider._is_transport_event",
+            "DULServiceProvider._read_pdu_data",
+            "DULServiceProvider._decode_pdu",
+            "StateMachine.do_action",
+            "AssociationSocket.ready",
+            "AssociationSocket.recv",
+        },
+        "pynetdicom/",
+    ),
+    (
+        "pynetdicom: DIMSE decode, C-STORE dispatch, response send",
+        {
+            "Association._serve_request",
+            "DIMSEServiceProvider.send_msg",
+            "DIMSEServiceProvider.receive_primitive",
+            "DULServiceProvider._process_recv_primitive",
+        },
+        "pynetdicom/",
+    ),
     # Stacks py-spy could not unwind to the top (--nonblocking): attribute by library.
     ("database: record_instance + transaction (SQLAlchemy/SQLite)", None, "sqlalchemy/"),
     ("database: record_instance + transaction (SQLAlchemy/SQLite)", None, "db/session.py"),
@@ -821,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
 
         concurrent = None
         if args.concurrent > 0:
-            concurrent = run_concurrent_case(args, work, reference, floor if args.floor else None, node,
-                                             {reference_port, node_port, floor_port})
+            concurrent = run_concurrent_case(
+                args, work, reference, floor if args.floor else None, node, {reference_port, node_port, floor_port}
+            )
         reference.stop()
         floor.stop()
 
@@ -872,7 +922,9 @@ def main(argv: list[str] | None = None) -> int:
             "goal_ratio": 0.5,
             "goal_met": ratio >= 0.5,
             "ratio_node_over_floor_images_per_second": (
-                round(node_summary["images_per_second"] / floor_summary["images_per_second"], 3) if floor_summary else None
+                round(node_summary["images_per_second"] / floor_summary["images_per_second"], 3)
+                if floor_summary
+                else None
             ),
             "goal_node_over_floor": 0.8,
             "concurrent": concurrent,
@@ -938,8 +990,10 @@ def run_concurrent_case(
             seconds["node"].append(run["seconds"])
             if run.get("peak_rss_kib"):
                 peaks.append(run["peak_rss_kib"])
-            line = (f"concurrent round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | storescp --fork "
-                    f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s")
+            line = (
+                f"concurrent round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | storescp --fork "
+                f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s"
+            )
             if floor is not None:
                 seconds["floor"].append(floor.run(dirs, work / "storescu-floor-concurrent.log"))
                 line += f" | bare pynetdicom {seconds['floor'][-1]:6.3f} s"
@@ -996,30 +1050,44 @@ def print_table(results: dict[str, Any]) -> None:
         print("* same series sent again to the running node: every instance is already stored (duplicate path)")
     if results.get("bare_pynetdicom_floor"):
         floor_ratio = results["ratio_floor_over_storescp_images_per_second"]
-        print(f"** the node's AE settings, handler answers success at once: the pynetdicom ceiling "
-              f"({floor_ratio:.2f} of storescp)")
-        print(f"node / bare pynetdicom (images per second): {results['ratio_node_over_floor_images_per_second']:.2f} "
-              "(goal >= 0.80)")
+        print(
+            f"** the node's AE settings, handler answers success at once: the pynetdicom ceiling "
+            f"({floor_ratio:.2f} of storescp)"
+        )
+        print(
+            f"node / bare pynetdicom (images per second): {results['ratio_node_over_floor_images_per_second']:.2f} "
+            "(goal >= 0.80)"
+        )
     concurrent = results.get("concurrent")
     if concurrent:
         print()
-        print(f"{concurrent['senders']} senders at once, {concurrent['slices_per_sender']} slices each "
-              f"({concurrent['images']} images), one storescu process and association per sender")
+        print(
+            f"{concurrent['senders']} senders at once, {concurrent['slices_per_sender']} slices each "
+            f"({concurrent['images']} images), one storescu process and association per sender"
+        )
         print(header)
         print("-" * len(header))
-        rows = [("DCMTK storescp", "storescp"), ("DCMTK storescp --fork", "storescp_fork"),
-                ("dicom-node", "node"), ("bare pynetdicom SCP, stores nothing", "floor")]
+        rows = [
+            ("DCMTK storescp", "storescp"),
+            ("DCMTK storescp --fork", "storescp_fork"),
+            ("dicom-node", "node"),
+            ("bare pynetdicom SCP, stores nothing", "floor"),
+        ]
         concurrent_mib = concurrent["images"] * mib / results["slices"]
         for name, key in rows:
             if key not in concurrent:
                 continue
             summary = concurrent[key]
             runs = " ".join(f"{s:.2f}" for s in summary["seconds"])
-            print(f"{name:<38} {runs:<28} {summary['median_seconds']:>9.3f} {summary['images_per_second']:>8.1f}"
-                  f" {concurrent_mib / summary['median_seconds']:>7.1f}")
-        print(f"node / storescp: {concurrent['ratio_node_over_storescp']:.2f}, node / storescp --fork: "
-              f"{concurrent['ratio_node_over_storescp_fork']:.2f} (goal >= 0.50), node / bare pynetdicom: "
-              f"{concurrent['ratio_node_over_floor']}")
+            print(
+                f"{name:<38} {runs:<28} {summary['median_seconds']:>9.3f} {summary['images_per_second']:>8.1f}"
+                f" {concurrent_mib / summary['median_seconds']:>7.1f}"
+            )
+        print(
+            f"node / storescp: {concurrent['ratio_node_over_storescp']:.2f}, node / storescp --fork: "
+            f"{concurrent['ratio_node_over_storescp_fork']:.2f} (goal >= 0.50), node / bare pynetdicom: "
+            f"{concurrent['ratio_node_over_floor']}"
+        )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         phantom = write_phantom_series(
-            Path(folder) / "ct", PhantomSpec(rows=512, columns=512, slices=args.slices, pixel_spacing=(0.8, 0.8),
-                                             slice_spacing=1.5)
+            Path(folder) / "ct",
+            PhantomSpec(rows=512, columns=512, slices=args.slices, pixel_spacing=(0.8, 0.8), slice_spacing=1.5),
         )
         volume = load_series_volume(phantom.files)
         labels = speckle(build_label_map(phantom, 117), args.speckle)
@@ -70,7 +70,9 @@ def main() -> None:
         sources = [headers[s.sop_instance_uid] for s in volume.slices]
         algorithm = Algorithm("bench", "0", is_baseline=False)
         classes = dict(class_map["total"])
-        print(f"512 x 512 x {args.slices}, {len(np.unique(labels)) - 1} structures, speckle {args.speckle:.0%} of body voxels")
+        print(
+            f"512 x 512 x {args.slices}, {len(np.unique(labels)) - 1} structures, speckle {args.speckle:.0%} of body voxels"
+        )
         print("| variant | encode + write | file | structures | contours | points | structures simplified |")
         print("|---|---|---|---|---|---|---|")
         for name, budget in (("no budget", ContourBudget(10**9, 10**6)), ("default budget", ContourBudget())):
@@ -81,9 +83,13 @@ def main() -> None:
             dataset.save_as(path, enforce_file_format=True)
             seconds = time.perf_counter() - started
             contours = sum(len(roi.ContourSequence) for roi in dataset.ROIContourSequence)
-            points = sum(int(c.NumberOfContourPoints) for roi in dataset.ROIContourSequence for c in roi.ContourSequence)
-            print(f"| {name} | {seconds:.1f} s | {path.stat().st_size / 1e6:.1f} MB | {len(dataset.StructureSetROISequence)} "
-                  f"| {contours} | {points} | {len(notes)} |")
+            points = sum(
+                int(c.NumberOfContourPoints) for roi in dataset.ROIContourSequence for c in roi.ContourSequence
+            )
+            print(
+                f"| {name} | {seconds:.1f} s | {path.stat().st_size / 1e6:.1f} MB | {len(dataset.StructureSetROISequence)} "
+                f"| {contours} | {points} | {len(notes)} |"
+            )
 
 
 if __name__ == "__main__":

@@ -344,7 +344,9 @@ def child_run(writer: str, workdir: Path, out_path: Path, profile: Path | None, 
 
         def step() -> dict[str, int]:
             t0 = time.perf_counter()
-            encoded = encode_segmentation(sources, labels, classes, algorithm, segmentation_type=kind, compress=compress)
+            encoded = encode_segmentation(
+                sources, labels, classes, algorithm, segmentation_type=kind, compress=compress
+            )
             t1 = time.perf_counter()
             write_segmentation(encoded.dataset, out_path)
             t2 = time.perf_counter()
@@ -497,24 +499,68 @@ def _verify_rtstruct(out_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
 # ``py-spy record -f raw`` writes it. Lines of the node's and TotalSegmentator's own
 # functions are told apart by their source text.
 PYSPY_RULES: list[tuple[str, Any]] = [
-    ("node: pre-encoding the per-frame groups (fast_write)", lambda st, src: "fast_write.py" in st and "dcmwrite" not in st),
-    ("save_as: pydicom correct_ambiguous_vr (every nested item)", lambda st, src: "dcmwrite" in st and "correct_ambiguous_vr" in st),
+    (
+        "node: pre-encoding the per-frame groups (fast_write)",
+        lambda st, src: "fast_write.py" in st and "dcmwrite" not in st,
+    ),
+    (
+        "save_as: pydicom correct_ambiguous_vr (every nested item)",
+        lambda st, src: "dcmwrite" in st and "correct_ambiguous_vr" in st,
+    ),
     ("save_as: pydicom element/sequence encoding", lambda st, src: "dcmwrite" in st),
     ("highdicom: decode lookup tables (_build_luts) at end of constructor", lambda st, src: "_build_luts" in st),
     ("highdicom: frame compression (encode_frame)", lambda st, src: "encode_frame" in st),
-    ("highdicom: bit packing (pack_bits) / frame bytes", lambda st, src: "pack_bits" in st or "_encode_pixels_native" in st),
-    ("highdicom: per-frame functional group items (_get_pffg_item)", lambda st, src: "_get_pffg_item" in st or "_add_segment_identification" in st),
+    (
+        "highdicom: bit packing (pack_bits) / frame bytes",
+        lambda st, src: "pack_bits" in st or "_encode_pixels_native" in st,
+    ),
+    (
+        "highdicom: per-frame functional group items (_get_pffg_item)",
+        lambda st, src: "_get_pffg_item" in st or "_add_segment_identification" in st,
+    ),
     ("highdicom: per-segment mask of each plane (plane == n)", lambda st, src: "_get_segment_pixel_array" in st),
-    ("highdicom: source images, plane positions, derivation items", lambda st, src: any(
-        k in st for k in ("_prepare_spatial_metadata", "get_plane_positions", "_get_derivation", "get_image_position", "_check_source"))),
-    ("highdicom: DICOM standard tables (JSON on first use) / IOD checks", lambda st, src: "_standard_utils" in st or "json/decoder" in st),
-    ("highdicom: frame loop, other (np.any per segment x plane, flatten, join)", lambda st, src: "_init_multiframe_image" in st),
-    ("node: label values (np.unique / per-slice bincount)", lambda st, src: "np.unique" in src.get("seg.py", "") or "bincount" in src.get("seg.py", "")),
+    (
+        "highdicom: source images, plane positions, derivation items",
+        lambda st, src: any(
+            k in st
+            for k in (
+                "_prepare_spatial_metadata",
+                "get_plane_positions",
+                "_get_derivation",
+                "get_image_position",
+                "_check_source",
+            )
+        ),
+    ),
+    (
+        "highdicom: DICOM standard tables (JSON on first use) / IOD checks",
+        lambda st, src: "_standard_utils" in st or "json/decoder" in st,
+    ),
+    (
+        "highdicom: frame loop, other (np.any per segment x plane, flatten, join)",
+        lambda st, src: "_init_multiframe_image" in st,
+    ),
+    (
+        "node: label values (np.unique / per-slice bincount)",
+        lambda st, src: "np.unique" in src.get("seg.py", "") or "bincount" in src.get("seg.py", ""),
+    ),
     ("node: relabel lookup[labels]", lambda st, src: "lookup[labels]" in src.get("seg.py", "")),
-    ("node: segment descriptions", lambda st, src: "segment_descriptions (dicom_node" in st or "SegmentDescription.__init__" in st),
-    ("totalseg: per-class mask img_data == class (117 full passes)", lambda st, src: "== class_idx" in src.get("dicom_io.py", "")),
-    ("totalseg: per-class mask .sum() (117 full passes)", lambda st, src: "binary_mask.sum()" in src.get("dicom_io.py", "")),
-    ("totalseg: np.unique / remap", lambda st, src: "unique" in src.get("dicom_io.py", "") or "remapped_image" in src.get("dicom_io.py", "")),
+    (
+        "node: segment descriptions",
+        lambda st, src: "segment_descriptions (dicom_node" in st or "SegmentDescription.__init__" in st,
+    ),
+    (
+        "totalseg: per-class mask img_data == class (117 full passes)",
+        lambda st, src: "== class_idx" in src.get("dicom_io.py", ""),
+    ),
+    (
+        "totalseg: per-class mask .sum() (117 full passes)",
+        lambda st, src: "binary_mask.sum()" in src.get("dicom_io.py", ""),
+    ),
+    (
+        "totalseg: np.unique / remap",
+        lambda st, src: "unique" in src.get("dicom_io.py", "") or "remapped_image" in src.get("dicom_io.py", ""),
+    ),
     ("highdicom: other constructor work", lambda st, src: "Segmentation.__init__" in st),
     ("totalseg: other (imports, tables, reorientation)", lambda st, src: "save_mask_as_dicomseg" in st),
     ("other", lambda st, src: True),
@@ -593,7 +639,16 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
     out = {"python": platform.python_version()}
-    for pkg in ("highdicom", "pydicom", "numpy", "nibabel", "TotalSegmentator", "pylibjpeg-openjpeg", "pylibjpeg", "scipy"):
+    for pkg in (
+        "highdicom",
+        "pydicom",
+        "numpy",
+        "nibabel",
+        "TotalSegmentator",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg",
+        "scipy",
+    ):
         try:
             out[pkg] = version(pkg)
         except Exception:  # noqa: BLE001 - optional packages
@@ -618,9 +673,14 @@ def _machine() -> dict[str, Any]:
         pass
     git = {}
     try:
-        git["head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        git["head"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "dicom_node/encode", "inference"], cwd=REPO, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "dicom_node/encode", "inference"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         ).stdout
         git["uncommitted_in_encode_or_inference"] = dirty.splitlines()
     except OSError:
@@ -682,7 +742,11 @@ def print_table(summary: dict[str, Any], verify: dict[str, Any]) -> None:
         warm = f"{s['seconds_warm_median']:.2f}" if "seconds_warm_median" in s else "-"
         warm_up = f"{s['warm_up_seconds_median']:.2f}" if "warm_up_seconds_median" in s else "-"
         speed = f"{s['speedup_vs_totalseg']:.2f}" if "speedup_vs_totalseg" in s else "(ref)"
-        speed_warm = f"{s['speedup_vs_totalseg_warm']:.2f}" if "speedup_vs_totalseg_warm" in s else ("(ref)" if w == REFERENCE else "-")
+        speed_warm = (
+            f"{s['speedup_vs_totalseg_warm']:.2f}"
+            if "speedup_vs_totalseg_warm" in s
+            else ("(ref)" if w == REFERENCE else "-")
+        )
         goal = f">={s['goal']:g}" if "goal" in s else ""
         v = verify.get(w, {})
         ok = ("yes" if v.get("equal") else f"NO ({v.get('mismatched_voxels')})") if v else "n/a"
@@ -701,18 +765,33 @@ def print_table(summary: dict[str, Any], verify: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300, help="CT slices (512 x 512, 0.8 mm, 1.5 mm apart)")
-    parser.add_argument("--structures", type=int, default=117, help="distinct TotalSegmentator 'total' classes (38-117)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; every writer once per round, fresh process each")
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "seg.json", help="JSON report")
-    parser.add_argument("--writers", default=",".join(DEFAULT_WRITERS), help=f"comma-separated subset of {','.join(WRITERS)}")
-    parser.add_argument("--profile", type=Path, default=None, help="also run each writer once under cProfile; PREFIX-<writer>.txt/.prof")
     parser.add_argument(
-        "--pyspy", type=Path, default=None, help="also run each writer once under py-spy (raw, 200 Hz); PREFIX-<writer>.raw/.txt"
+        "--structures", type=int, default=117, help="distinct TotalSegmentator 'total' classes (38-117)"
     )
-    parser.add_argument("--summarise-pyspy", type=Path, nargs="+", help="print the bucket summary of py-spy raw files and exit")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds; every writer once per round, fresh process each"
+    )
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "seg.json", help="JSON report")
+    parser.add_argument(
+        "--writers", default=",".join(DEFAULT_WRITERS), help=f"comma-separated subset of {','.join(WRITERS)}"
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="also run each writer once under cProfile; PREFIX-<writer>.txt/.prof"
+    )
+    parser.add_argument(
+        "--pyspy",
+        type=Path,
+        default=None,
+        help="also run each writer once under py-spy (raw, 200 Hz); PREFIX-<writer>.raw/.txt",
+    )
+    parser.add_argument(
+        "--summarise-pyspy", type=Path, nargs="+", help="print the bucket summary of py-spy raw files and exit"
+    )
     parser.add_argument("--no-warm", action="store_true", help="skip the second (warm) run of each writer in its child")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep inputs/outputs here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep inputs/outputs here (default: a temporary folder, removed)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-in", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--verify", help=argparse.SUPPRESS)
@@ -757,7 +836,9 @@ def main() -> None:
         else:
             shutil.rmtree(inp, ignore_errors=True)
             # in a child, so this process stays small (children inherit its ru_maxrss)
-            meta = _run_child(["--prepare-in", str(inp), "--slices", str(args.slices), "--structures", str(args.structures)])
+            meta = _run_child(
+                ["--prepare-in", str(inp), "--slices", str(args.slices), "--structures", str(args.structures)]
+            )
         print(
             f"label map {meta['shape']}: {meta['structures_present']} structures, "
             f"{100 * meta['labelled_fraction']:.1f} % of voxels labelled, {meta['binary_frames']} BINARY frames, "
@@ -773,7 +854,8 @@ def main() -> None:
                 out_path = workdir / "out" / f"{w}-{r}.dcm"
                 out_path.parent.mkdir(exist_ok=True)
                 res = _run_child(
-                    ["--child", w, "--workdir", str(inp), "--out", str(out_path)] + (["--no-warm"] if args.no_warm else [])
+                    ["--child", w, "--workdir", str(inp), "--out", str(out_path)]
+                    + (["--no-warm"] if args.no_warm else [])
                 )
                 res["round"] = r
                 runs.append(res)
@@ -808,7 +890,16 @@ def main() -> None:
             for w in writers:
                 prefix = Path(f"{args.profile}-{w}")
                 res = _run_child(
-                    ["--child", w, "--workdir", str(inp), "--out", str(workdir / "out" / f"{w}-prof.dcm"), "--profile-to", str(prefix)]
+                    [
+                        "--child",
+                        w,
+                        "--workdir",
+                        str(inp),
+                        "--out",
+                        str(workdir / "out" / f"{w}-prof.dcm"),
+                        "--profile-to",
+                        str(prefix),
+                    ]
                 )
                 (workdir / "out" / f"{w}-prof.dcm").unlink()
                 profiles[w] = {"seconds_under_cprofile": res["seconds"], "report": str(prefix) + ".txt"}
@@ -819,9 +910,27 @@ def main() -> None:
             for w in writers:
                 raw = Path(f"{args.pyspy}-{w}.raw")
                 out_path = workdir / "out" / f"{w}-pyspy.dcm"
-                cmd = [str(py_spy), "record", "--nonblocking", "-r", "200", "-f", "raw", "-o", str(raw), "--",
-                       sys.executable, str(Path(__file__).resolve()), "--child", w, "--workdir", str(inp),
-                       "--out", str(out_path), "--no-warm"]
+                cmd = [
+                    str(py_spy),
+                    "record",
+                    "--nonblocking",
+                    "-r",
+                    "200",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                    "--",
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    w,
+                    "--workdir",
+                    str(inp),
+                    "--out",
+                    str(out_path),
+                    "--no-warm",
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_SECONDS, cwd=REPO)
                 out_path.unlink(missing_ok=True)
                 result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -853,7 +962,12 @@ def main() -> None:
             "benchmark": "seg_encoding",
             "started_utc": started.isoformat(timespec="seconds"),
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "arguments": {"slices": args.slices, "structures": args.structures, "repeats": args.repeats, "writers": writers},
+            "arguments": {
+                "slices": args.slices,
+                "structures": args.structures,
+                "repeats": args.repeats,
+                "writers": writers,
+            },
             "input": meta_out,
             "load": load_info,
             "machine": _machine(),

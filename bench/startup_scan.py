@@ -59,7 +59,9 @@ def main(root: Path) -> None:
         print(f"{name}: median {median:.3f} ms (min {fastest:.3f}, max {slowest:.3f}) over 5 runs")
     started = time.perf_counter()
     listed = sum(len(list(folder.glob("*.dcm"))) for _study, _series, folder in store.series_folders())
-    print(f"for comparison, repair()'s listing of every series folder ({listed} files): {(time.perf_counter() - started) * 1e3:.1f} ms")
+    print(
+        f"for comparison, repair()'s listing of every series folder ({listed} files): {(time.perf_counter() - started) * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

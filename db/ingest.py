@@ -117,9 +117,7 @@ def record_instance(session: Session, record: InstanceRecord, *, counted_at: dat
     if instance_exists(session, record.sop_instance_uid):
         return RecordOutcome(stored=False)
     connection = session.connection()
-    known = connection.execute(
-        _FIND_SERIES_AND_JOB, {"series_instance_uid": record.series.series_instance_uid}
-    ).first()
+    known = connection.execute(_FIND_SERIES_AND_JOB, {"series_instance_uid": record.series.series_instance_uid}).first()
     if known is None:
         series_id = _create_series(session, record, counted_at)
         created, reopened = True, False

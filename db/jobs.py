@@ -296,28 +296,49 @@ def update_delivery_record(job: Job, destination: str, record: DeliveryRecord) -
 
 def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str]) -> None:
     """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any."""
-    update_delivery_record(job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files)}))
+    update_delivery_record(
+        job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files)})
+    )
 
 
 def record_attempt(
-    session: Session, job: Job, destination: str, *, now: datetime, complete: bool, error: str | None,
+    session: Session,
+    job: Job,
+    destination: str,
+    *,
+    now: datetime,
+    complete: bool,
+    error: str | None,
     next_attempt_at: datetime | None,
 ) -> DeliveryRecord:
     """Count one sending attempt to ``destination``: delivered (every file accepted), or its error and next try."""
     record = delivery_record(job, destination)
     attempts = record.attempts + 1
     if complete:
-        updated = record.model_copy(update={"attempts": attempts, "delivered_at": now, "last_error": None,
-                                            "next_attempt_at": None})
+        updated = record.model_copy(
+            update={"attempts": attempts, "delivered_at": now, "last_error": None, "next_attempt_at": None}
+        )
     else:
-        updated = record.model_copy(update={"attempts": attempts, "last_error": error or "not every file was accepted",
-                                            "next_attempt_at": next_attempt_at})
+        updated = record.model_copy(
+            update={
+                "attempts": attempts,
+                "last_error": error or "not every file was accepted",
+                "next_attempt_at": next_attempt_at,
+            }
+        )
     update_delivery_record(job, destination, updated)
     return updated
 
 
 def record_delivery(
-    session: Session, job_id: int, destination: str, *, sop_instance_uid: str, sop_class_uid: str, path: str, status: int
+    session: Session,
+    job_id: int,
+    destination: str,
+    *,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    path: str,
+    status: int,
 ) -> None:
     """Record that ``destination`` accepted one file: called right after its C-STORE response.
 
@@ -325,7 +346,9 @@ def record_delivery(
     """
     exists = session.scalar(
         select(Delivery.id).where(
-            Delivery.job_id == job_id, Delivery.destination == destination, Delivery.sop_instance_uid == sop_instance_uid
+            Delivery.job_id == job_id,
+            Delivery.destination == destination,
+            Delivery.sop_instance_uid == sop_instance_uid,
         )
     )
     if exists is None:
@@ -421,7 +444,10 @@ def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | 
     """
     moment = now or utcnow()
     candidate = session.scalars(
-        select(Job).where(claimable(moment)).order_by(Job.state_changed_at, Job.id).limit(1)
+        select(Job)
+        .where(claimable(moment))
+        .order_by(Job.state_changed_at, Job.id)
+        .limit(1)
         .with_for_update(skip_locked=True)
     ).first()
     if candidate is None or not claim(session, candidate, worker, lease, moment):
@@ -436,15 +462,24 @@ def claim(session: Session, job: Job, worker: str, lease: timedelta, now: dateti
     """
     moment = now or utcnow()
     reason = f"claimed by worker {worker}"
-    claimed = cast("CursorResult[Any]", session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.state == S.QUEUED)
-        .values(
-            state=S.PROCESSING, reason=reason, state_changed_at=moment, claimed_by=worker, stage="claimed",
-            not_before=None, attempts=Job.attempts + 1, lease_expires_at=moment + lease,
-        )
-        .execution_options(synchronize_session=False)
-    ))
+    claimed = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == S.QUEUED)
+            .values(
+                state=S.PROCESSING,
+                reason=reason,
+                state_changed_at=moment,
+                claimed_by=worker,
+                stage="claimed",
+                not_before=None,
+                attempts=Job.attempts + 1,
+                lease_expires_at=moment + lease,
+            )
+            .execution_options(synchronize_session=False)
+        ),
+    )
     if claimed.rowcount != 1:
         return False
     session.add(JobEvent(job_id=job.id, from_state=S.QUEUED, to_state=S.PROCESSING, reason=reason, at=moment))
@@ -459,12 +494,15 @@ def renew_lease(session: Session, job_id: int, worker: str, until: datetime) -> 
     (Re-opened by a late instance, or queued again after the lease ran out: the worker's
     result will be discarded.)
     """
-    renewed = cast("CursorResult[Any]", session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
-        .values(lease_expires_at=until)
-        .execution_options(synchronize_session=False)
-    ))
+    renewed = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
+            .values(lease_expires_at=until)
+            .execution_options(synchronize_session=False)
+        ),
+    )
     return renewed.rowcount == 1
 
 
@@ -474,8 +512,14 @@ def holds(job: Job, worker: str) -> bool:
 
 
 def finish_processing(
-    session: Session, job: Job, state: JobState, reason: str, *, result_path: str | None = None,
-    result_files: Sequence[ResultFile] | None = None, warnings: Sequence[str] = (),
+    session: Session,
+    job: Job,
+    state: JobState,
+    reason: str,
+    *,
+    result_path: str | None = None,
+    result_files: Sequence[ResultFile] | None = None,
+    warnings: Sequence[str] = (),
 ) -> None:
     """The worker is done with ``job``: SENDING (results for destinations), DONE or FAILED; the lease ends.
 
@@ -522,12 +566,16 @@ def worker_died(session: Session, job: Job, max_deaths: int, *, detail: str = ""
     stage = job.stage or "start"
     if job.worker_deaths >= max_deaths:
         change_state(
-            session, job, S.FAILED,
+            session,
+            job,
+            S.FAILED,
             f"worker died while processing ({job.worker_deaths} times): last seen in stage {stage}{detail}",
         )
         return True
     change_state(
-        session, job, S.QUEUED,
+        session,
+        job,
+        S.QUEUED,
         f"worker {job.claimed_by} died in stage {stage} ({job.worker_deaths} of {max_deaths} allowed){detail}; "
         "queued again",
     )
@@ -536,7 +584,12 @@ def worker_died(session: Session, job: Job, max_deaths: int, *, detail: str = ""
 
 def worker_stopped(session: Session, job: Job) -> None:
     """The worker holding ``job`` was stopped (shutdown): queue it again without counting a death."""
-    change_state(session, job, S.QUEUED, f"worker {job.claimed_by} was stopped while it processed the series (not a crash); queued again")
+    change_state(
+        session,
+        job,
+        S.QUEUED,
+        f"worker {job.claimed_by} was stopped while it processed the series (not a crash); queued again",
+    )
 
 
 def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:

@@ -124,7 +124,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     result_path: Mapped[str | None] = mapped_column(Text)  # the job's output folder
     result_files: Mapped[list[ResultFile] | None] = mapped_column(ResultFilesType)  # DICOM results to send, in order
-    deliveries: Mapped[dict[str, DeliveryRecord] | None] = mapped_column(DeliveriesType)  # destination -> plan, attempts
+    deliveries: Mapped[dict[str, DeliveryRecord] | None] = mapped_column(
+        DeliveriesType
+    )  # destination -> plan, attempts
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # What the result does not cover or should be read with (partial series, dropped images, test
     # weights): shown by `status`/`show` and written into the results' descriptions and SR.

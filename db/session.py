@@ -142,7 +142,14 @@ def retry_when_locked(
             if waited + delay > limit_seconds:
                 LOG.error(
                     "database.busy_gave_up",
-                    extra={"event_fields": {"waiting": waiting, "waited_seconds": round(waited, 1), "tries": tries, "reason": cause}},
+                    extra={
+                        "event_fields": {
+                            "waiting": waiting,
+                            "waited_seconds": round(waited, 1),
+                            "tries": tries,
+                            "reason": cause,
+                        }
+                    },
                 )
                 raise DatabaseBusy(f"{cause} for {waited:.0f} s while {waiting}") from None
             LOG.warning(

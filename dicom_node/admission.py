@@ -32,11 +32,32 @@ IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInsta
 """Attributes every instance of a series must share (the result is labelled with them)."""
 
 HEADER_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Modality", "ImageType", "SpecificCharacterSet",
-    *IDENTITY_KEYWORDS, "FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient",
-    "PixelSpacing", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "NumberOfFrames",
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData", "AcquisitionNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Modality",
+    "ImageType",
+    "SpecificCharacterSet",
+    *IDENTITY_KEYWORDS,
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "PixelData",
+    "AcquisitionNumber",
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 PIXEL_DATA_TAG = Tag("PixelData")
@@ -417,11 +438,21 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
     shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     frames = []
     for number, group in enumerate(per_frame, start=1):
-        sources = [_item(group, shared, "PlanePositionSequence"), _item(group, shared, "PlaneOrientationSequence"),
-                   _item(group, shared, "PixelMeasuresSequence")]
+        sources = [
+            _item(group, shared, "PlanePositionSequence"),
+            _item(group, shared, "PlaneOrientationSequence"),
+            _item(group, shared, "PixelMeasuresSequence"),
+        ]
         frame_label = f"frame {number} of {label}"
-        frames.append(_Frame(frame_label, *_plane(frame_label, [s for s in sources if s is not None]),
-                             shape, bytes_per_pixel, localizer))
+        frames.append(
+            _Frame(
+                frame_label,
+                *_plane(frame_label, [s for s in sources if s is not None]),
+                shape,
+                bytes_per_pixel,
+                localizer,
+            )
+        )
     return frames
 
 
@@ -499,8 +530,7 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
     )
     if settings.mixed_series == "refuse":
         raise Refused(
-            f"the series mixes matrix sizes or pixel spacings ({described}); "
-            "refused (admission.mixed_series: refuse)"
+            f"the series mixes matrix sizes or pixel spacings ({described}); refused (admission.mixed_series: refuse)"
         )
     largest = ordered[0][1]
     warnings.append(f"processed {len(largest)} of {len(images)} {LARGEST_GROUP_SUFFIX}")

@@ -77,8 +77,16 @@ def record(
         )
         return
     log_event(
-        LOG, logging.INFO, "audit", action=action, peer_ae=peer.ae_title, peer_address=peer.address,
-        study_instance_uid=study_instance_uid, outcome=outcome, instances=instances, detail=detail,
+        LOG,
+        logging.INFO,
+        "audit",
+        action=action,
+        peer_ae=peer.ae_title,
+        peer_address=peer.address,
+        study_instance_uid=study_instance_uid,
+        outcome=outcome,
+        instances=instances,
+        detail=detail,
     )
 
 
@@ -197,8 +205,12 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
             if action == "move":
                 detail += f", to {str(getattr(event, 'move_destination', '') or '').strip()}"
             record(
-                sessions, action, Peer.of(event.assoc), "refused" if refused_destination else status_outcome(last),
-                study_instance_uid=_literal_uid(identifier, "StudyInstanceUID"), instances=matches,
+                sessions,
+                action,
+                Peer.of(event.assoc),
+                "refused" if refused_destination else status_outcome(last),
+                study_instance_uid=_literal_uid(identifier, "StudyInstanceUID"),
+                instances=matches,
                 detail=detail,
             )
 

@@ -22,7 +22,8 @@ from dicom_node.config import ConfigError, Settings, dump_settings, load_setting
 from dicom_node.logs import configure_logging
 from dicom_node.privacy import keep_new_files_private, loose_permissions
 
-app = typer.Typer(help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+app = typer.Typer(
+    help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
 )
 config_app = typer.Typer(help="Show or check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -99,8 +100,11 @@ def _warn_about_loose_permissions(storage: Path) -> None:
     loose = loose_permissions(storage)
     if loose:
         log_event(
-            logging.getLogger("dicom_node.privacy"), logging.WARNING, "storage.readable_by_others",
-            folder=str(storage), examples=", ".join(str(p) for p in loose[:5]),
+            logging.getLogger("dicom_node.privacy"),
+            logging.WARNING,
+            "storage.readable_by_others",
+            folder=str(storage),
+            examples=", ".join(str(p) for p in loose[:5]),
             hint=f"patient data should be private to the node's user: chmod -R go-rwx {storage}",
         )
 
@@ -110,7 +114,9 @@ def worker(
     config: ConfigOption = None,
     name: Annotated[
         str | None,
-        typer.Option(help="Host part of the worker's id in its lease (default: $DICOM_NODE_WORKER_NAME, else the host name)."),
+        typer.Option(
+            help="Host part of the worker's id in its lease (default: $DICOM_NODE_WORKER_NAME, else the host name)."
+        ),
     ] = None,
 ) -> None:
     """Run one inference worker in the foreground (serve starts `inference.workers` of them itself).
@@ -260,7 +266,9 @@ def _print_deliveries(session: Session, job: Job) -> None:
         retry_at = f"; next try {progress.next_attempt_at.isoformat()[:19]}" if progress.next_attempt_at else ""
         console.print(f"sent to  {progress.summary()} files ({attempts}{retry_at})", highlight=False)
         if progress.planned is None:
-            console.print(f"  nothing sent yet: {progress.last_error or 'waiting for its first attempt'}", highlight=False)
+            console.print(
+                f"  nothing sent yet: {progress.last_error or 'waiting for its first attempt'}", highlight=False
+            )
         for uid, path in (progress.planned or {}).items():
             delivery = progress.delivered.get(uid)
             if delivery is not None:
@@ -284,7 +292,9 @@ def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
         except jobs.InvalidTransition as exc:
             errors.print(f"cannot retry: {exc}")
             raise typer.Exit(1) from None
-    console.print(f"series {series_instance_uid} is {job.state.value} again; the running node carries on within seconds")
+    console.print(
+        f"series {series_instance_uid} is {job.state.value} again; the running node carries on within seconds"
+    )
 
 
 @app.command()
@@ -337,8 +347,14 @@ def audit(
     table = Table("at", "action", "peer AE", "address", "study", "outcome", "instances", "detail")
     for row in rows:
         table.add_row(
-            row.at.isoformat(timespec="seconds"), row.action, row.peer_ae_title or "", row.peer_address or "",
-            row.study_instance_uid or "", row.outcome, str(row.instances), row.detail or "",
+            row.at.isoformat(timespec="seconds"),
+            row.action,
+            row.peer_ae_title or "",
+            row.peer_address or "",
+            row.study_instance_uid or "",
+            row.outcome,
+            str(row.instances),
+            row.detail or "",
         )
     console.print(table)
 
@@ -446,14 +462,16 @@ def phantom(
     output: Annotated[Path, typer.Argument(help="Folder to write the series into.")],
     slices: Annotated[int, typer.Option(help="Number of axial slices.")] = 100,
     size: Annotated[int, typer.Option(help="Rows and columns.")] = 512,
-    compression: Annotated[
-        str | None, typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")
-    ] = None,
+    compression: Annotated[str | None, typer.Option(help="None, implicit, deflate, rle, jpeg2000 or jpegls.")] = None,
     multiframe: Annotated[
         str | None,
-        typer.Option(help="Write one multi-frame instance: 'enhanced' (Enhanced CT) or 'legacy' (Legacy Converted Enhanced CT)."),
+        typer.Option(
+            help="Write one multi-frame instance: 'enhanced' (Enhanced CT) or 'legacy' (Legacy Converted Enhanced CT)."
+        ),
     ] = None,
-    patient_name: Annotated[str, typer.Option(help="PatientName, e.g. 'Yamada^Tarou=山田^太郎=やまだ^たろう'.")] = "Phantom^Synthetic",
+    patient_name: Annotated[
+        str, typer.Option(help="PatientName, e.g. 'Yamada^Tarou=山田^太郎=やまだ^たろう'.")
+    ] = "Phantom^Synthetic",
     character_set: Annotated[
         str, typer.Option(help="SpecificCharacterSet, values separated by backslashes, e.g. '\\ISO 2022 IR 87'.")
     ] = "ISO_IR 100",
@@ -467,20 +485,30 @@ def phantom(
     spacing = 0.8 * 512 / size
     try:
         spec = PhantomSpec(
-            rows=size, columns=size, slices=slices, pixel_spacing=(spacing, spacing), compression=compression,
-            enhanced=multiframe is not None, legacy_converted=multiframe == "legacy",
-            patient_name=patient_name, character_set=character_set,
+            rows=size,
+            columns=size,
+            slices=slices,
+            pixel_spacing=(spacing, spacing),
+            compression=compression,
+            enhanced=multiframe is not None,
+            legacy_converted=multiframe == "legacy",
+            patient_name=patient_name,
+            character_set=character_set,
         )
         series = write_phantom_series(output, spec)
     except (ValueError, RuntimeError, LookupError) as exc:
         errors.print(f"cannot write phantom: {exc}")
         raise typer.Exit(2) from None
-    console.print(f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False)
+    console.print(
+        f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False
+    )
 
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the phantom, the node's files and the results.")] = Path("dicom-node-demo"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the phantom, the node's files and the results.")
+    ] = Path("dicom-node-demo"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 300.0,
 ) -> None:
     """Run the whole loop once: start a node, send it a CT phantom, pull the results back through Q/R."""
@@ -489,7 +517,9 @@ def demo(
     try:
         result = run_demo(output, lambda line: console.print(f"[green]ok[/] {line}", highlight=False), timeout=timeout)
     except DemoFailed as exc:
-        errors.print(f"[bold red]demo failed[/] at: {exc}\nnode log: {output.resolve() / 'node' / 'node.log'}", highlight=False)
+        errors.print(
+            f"[bold red]demo failed[/] at: {exc}\nnode log: {output.resolve() / 'node' / 'node.log'}", highlight=False
+        )
         raise typer.Exit(1) from None
     table = Table(title="Structures (from the retrieved TID 1500 SR)")
     for column in ("structure", "volume (ml)", "mean (HU)", "note"):
@@ -529,8 +559,10 @@ def purge(
         errors.print(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", highlight=False)
         raise typer.Exit(2) from None
     if not retention.enabled:
-        console.print("retention is not configured (retention.days, retention.results_days, "
-                      "retention.max_disk_gigabytes, or --days/--results-days/--max-disk-gigabytes): nothing to purge")
+        console.print(
+            "retention is not configured (retention.days, retention.results_days, "
+            "retention.max_disk_gigabytes, or --days/--results-days/--max-disk-gigabytes): nothing to purge"
+        )
         return
     with _session(settings) as session:
         plan = plan_retention(session, retention)
@@ -550,10 +582,12 @@ def purge(
 @user_app.command("add")
 def user_add(
     name: Annotated[str, typer.Argument(help="Login name.")],
-    role: Annotated[str, typer.Option(help="viewer (reads every page) or operator (may also retry, re-route, cancel).")]
-    = "viewer",
-    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
-    = False,
+    role: Annotated[
+        str, typer.Option(help="viewer (reads every page) or operator (may also retry, re-route, cancel).")
+    ] = "viewer",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
 ) -> None:
     """Hash a password (argon2id) and print the console.users entry to paste into config.yaml."""
     import yaml

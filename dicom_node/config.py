@@ -162,9 +162,7 @@ class StorageSettings(_Strict):
     """Where received instances and results live on disk."""
 
     directory: Path = Path("data")
-    fsync: bool = Field(
-        True, description="fsync every instance before answering success; turn off only on test rigs."
-    )
+    fsync: bool = Field(True, description="fsync every instance before answering success; turn off only on test rigs.")
     disk_full_retry_seconds: float = Field(
         60.0,
         gt=0,
@@ -185,9 +183,7 @@ class ReceiveSettings(_Strict):
 
 
 class DatabaseSettings(_Strict):
-    url: str | None = Field(
-        None, description="SQLAlchemy URL; default is a SQLite file in the storage directory."
-    )
+    url: str | None = Field(None, description="SQLAlchemy URL; default is a SQLite file in the storage directory.")
     busy_timeout_seconds: float = Field(
         30.0,
         gt=0,
@@ -253,7 +249,8 @@ class Destination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     segmentation_type: Literal["BINARY", "LABELMAP"] = Field(
-        "BINARY", description="BINARY: widest viewer support; LABELMAP: one frame per slice, smaller for many structures."
+        "BINARY",
+        description="BINARY: widest viewer support; LABELMAP: one frame per slice, smaller for many structures.",
     )
     send: list[Literal["seg", "sr", "rtstruct"]] = Field(
         default_factory=lambda: list[Literal["seg", "sr", "rtstruct"]](["seg", "sr"]),
@@ -311,7 +308,9 @@ class RetentionSettings(_Strict):
         None, gt=0, description="Budget for images plus results; over it, the oldest finished series go first."
     )
     quarantine_days: float | None = Field(
-        None, gt=0, description="Delete refused instances (quarantine/ files and their rows) this many days after arrival."
+        None,
+        gt=0,
+        description="Delete refused instances (quarantine/ files and their rows) this many days after arrival.",
     )
     check_interval_seconds: float = Field(600.0, gt=0, description="How often `serve` applies retention.")
 
@@ -415,7 +414,9 @@ ModelSettings = Annotated[ThresholdModelSettings | TotalSegmentatorModelSettings
 class InferenceSettings(_Strict):
     """The inference workers: separate processes that claim QUEUED series."""
 
-    workers: int = Field(1, ge=0, le=16, description="Worker processes `serve` starts; 0 = run `dicom-node worker` yourself.")
+    workers: int = Field(
+        1, ge=0, le=16, description="Worker processes `serve` starts; 0 = run `dicom-node worker` yourself."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch and OpenVINO CPU threads; default: all cores.")
     poll_seconds: float = Field(1.0, gt=0, le=60)
@@ -428,7 +429,9 @@ class InferenceSettings(_Strict):
         2, ge=1, le=100, description="A job whose worker died this many times is FAILED instead of queued again."
     )
     lease_seconds: float = Field(
-        60.0, ge=1, le=3600,
+        60.0,
+        ge=1,
+        le=3600,
         description="A claimed job's lease: a worker (on any host) that has not renewed it for this long is taken "
         "for dead and its job is queued again (counted against max_worker_deaths).",
     )
@@ -436,7 +439,9 @@ class InferenceSettings(_Strict):
         15.0, gt=0, le=1200, description="How often a working worker renews its lease; well under lease_seconds."
     )
     shutdown_grace_seconds: float = Field(
-        25.0, ge=0, le=3600,
+        25.0,
+        ge=0,
+        le=3600,
         description="On SIGTERM a worker finishes its job for this long, then hands it back (queued again, not a death).",
     )
 
@@ -599,9 +604,7 @@ class Settings(BaseSettings):
             for name in rule.destinations:
                 if name not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none configured"
-                    raise ValueError(
-                        f"rules[{index}] ({rule.name}): unknown destination {name!r} (known: {known})"
-                    )
+                    raise ValueError(f"rules[{index}] ({rule.name}): unknown destination {name!r} (known: {known})")
             if rule.model and rule.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none configured"
                 raise ValueError(f"rules[{index}] ({rule.name}): unknown model {rule.model!r} (known: {known})")

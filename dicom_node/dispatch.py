@@ -48,7 +48,6 @@ ACCEPTED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
 
-
 @dataclass(frozen=True)
 class SendableFile:
     """The header facts of one result file that sending needs."""
@@ -160,7 +159,9 @@ def send_files(
 def _no_response(destination: Destination, result: SendableFile, wait: float, waited: float) -> str:
     size = f"{result.size_bytes / 1_000_000:.1f} MB"
     if waited < wait - 1:
-        return f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"
+        return (
+            f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"
+        )
     return f"no response within {wait:.0f} s from {destination.ae_title} to {result.name} ({size})"
 
 
@@ -249,14 +250,20 @@ class Dispatcher(PeriodicTask):
         """One audit record per attempt: the destination, the study, how many files it accepted."""
         with self.sessions() as session:
             study = session.scalar(
-                select(Study.study_instance_uid).join(Series, Series.study_id == Study.id).join(Job, Job.series_id == Series.id)
+                select(Study.study_instance_uid)
+                .join(Series, Series.study_id == Study.id)
+                .join(Job, Job.series_id == Series.id)
                 .where(Job.id == job_id)
             )
         outcome: audit.Outcome = "success" if error is None else ("partial" if sent else "failed")
         audit.record(
-            self.sessions, "send", audit.Peer(destination.ae_title, f"{destination.host}:{destination.port}"), outcome,
-            study_instance_uid=study, instances=sent, detail=f"job {job_id}: {sent} of {pending} file(s) accepted"
-            + (f"; {error}" if error else ""),
+            self.sessions,
+            "send",
+            audit.Peer(destination.ae_title, f"{destination.host}:{destination.port}"),
+            outcome,
+            study_instance_uid=study,
+            instances=sent,
+            detail=f"job {job_id}: {sent} of {pending} file(s) accepted" + (f"; {error}" if error else ""),
         )
 
     def _pending_files(
@@ -288,8 +295,10 @@ class Dispatcher(PeriodicTask):
         if planned is None:
             # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
             earlier = [r for r in results if r.path in set(record.sent)]
-            self._write(lambda session: _plan(session, job_id, name, results, earlier),
-                        waiting=f"planning job {job_id} for {name}")
+            self._write(
+                lambda session: _plan(session, job_id, name, results, earlier),
+                waiting=f"planning job {job_id} for {name}",
+            )
             delivered |= {r.sop_instance_uid for r in earlier}
         return [r for r in results if r.sop_instance_uid not in delivered], None
 
@@ -297,13 +306,25 @@ class Dispatcher(PeriodicTask):
         """Right after a C-STORE response: the file's delivery record, in its own transaction."""
         self._write(
             lambda session: jobs.record_delivery(
-                session, job_id, name, sop_instance_uid=result.sop_instance_uid, sop_class_uid=result.sop_class_uid,
-                path=result.path, status=status,
+                session,
+                job_id,
+                name,
+                sop_instance_uid=result.sop_instance_uid,
+                sop_class_uid=result.sop_class_uid,
+                path=result.path,
+                status=status,
             ),
             waiting=f"recording {result.name} of job {job_id} as delivered to {name}",
         )
-        log_event(LOG, logging.DEBUG, "dispatch.file_delivered", job=job_id, destination=name, file=result.name,
-                  sop_instance_uid=result.sop_instance_uid)
+        log_event(
+            LOG,
+            logging.DEBUG,
+            "dispatch.file_delivered",
+            job=job_id,
+            destination=name,
+            file=result.name,
+            sop_instance_uid=result.sop_instance_uid,
+        )
 
     def _write(self, change: Callable, *, waiting: str) -> None:
         def run() -> None:
@@ -325,14 +346,24 @@ class Dispatcher(PeriodicTask):
             complete = error is None and progress.complete
             attempts = jobs.delivery_record(job, name).attempts + 1
             record = jobs.record_attempt(
-                session, job, name, now=now, complete=complete, error=error,
+                session,
+                job,
+                name,
+                now=now,
+                complete=complete,
+                error=error,
                 next_attempt_at=None if complete else now + self._backoff(attempts),
             )
             if complete:
                 logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))
             else:
-                logged.append((logging.WARNING, "dispatch.attempt_failed",
-                               {"attempt": record.attempts, "error": record.last_error}))
+                logged.append(
+                    (
+                        logging.WARNING,
+                        "dispatch.attempt_failed",
+                        {"attempt": record.attempts, "error": record.last_error},
+                    )
+                )
             logged.extend(self._settle_in(session, job))
 
         self._write(change, waiting=f"recording job {job_id}'s attempt for {name}")
@@ -378,7 +409,9 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
         if p.total is None:
             received = f"{p.destination} received nothing"
         else:
-            received = f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
+            received = (
+                f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
+            )
         if not p.complete:
             attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"
             received += f": {p.last_error or 'not sent'} (after {attempts})"
@@ -393,5 +426,12 @@ def _plan(session, job_id: int, name: str, results: list[SendableFile], earlier:
         return
     jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results})
     for r in earlier:
-        jobs.record_delivery(session, job_id, name, sop_instance_uid=r.sop_instance_uid,
-                             sop_class_uid=r.sop_class_uid, path=r.path, status=0x0000)
+        jobs.record_delivery(
+            session,
+            job_id,
+            name,
+            sop_instance_uid=r.sop_instance_uid,
+            sop_class_uid=r.sop_class_uid,
+            path=r.path,
+            status=0x0000,
+        )

@@ -363,11 +363,7 @@ def _blob_reaches(blob: _Blob, plane: _Plane) -> bool:
 
 def _blob_mask(blob: _Blob, plane: _Plane) -> np.ndarray:
     """Boolean mask (broadcastable to the image) of pixels inside the blob."""
-    terms = [
-        np.square(plane.axis(a, blob.centre[a], blob.radii[a]))
-        for a in range(3)
-        if math.isfinite(blob.radii[a])
-    ]
+    terms = [np.square(plane.axis(a, blob.centre[a], blob.radii[a])) for a in range(3) if math.isfinite(blob.radii[a])]
     terms.sort(key=np.size)  # add the small (1-D) terms first
     mask = reduce(np.add, terms) <= 1.0
     lo, hi = blob.z_limits
@@ -478,9 +474,7 @@ def _slice_positions(
     return [(_q(x), _q(y), _q(z)) for x, y, z in (origin + k * step for k in range(spec.slices))]
 
 
-def _plane(
-    position: Sequence[float], row: np.ndarray, col: np.ndarray, spec: PhantomSpec
-) -> _Plane:
+def _plane(position: Sequence[float], row: np.ndarray, col: np.ndarray, spec: PhantomSpec) -> _Plane:
     """Sampling grid of one image with the spec's matrix and pixel spacing."""
     return _Plane(np.asarray(position, dtype=float), row, col, spec.pixel_spacing, (spec.rows, spec.columns))
 
@@ -513,8 +507,11 @@ def phantom_volume(
         spec with the same size, spacing, seed and noise.
     """
     spec = PhantomSpec(
-        rows=shape[1], columns=shape[2], slices=shape[0],
-        pixel_spacing=(spacing[1], spacing[2]), slice_spacing=spacing[0],
+        rows=shape[1],
+        columns=shape[2],
+        slices=shape[0],
+        pixel_spacing=(spacing[1], spacing[2]),
+        slice_spacing=spacing[0],
     )
     row, col, normal = _orientation(spec)
     planes = [_plane(p, row, col, spec) for p in _slice_positions(spec, row, col, normal)]
@@ -728,35 +725,46 @@ def _enhanced_shared_groups(ctx: _Context) -> Dataset:
         FrameVOILUTSequence=[_item(WindowCenter="40", WindowWidth="400")],
         CTImageFrameTypeSequence=[
             _item(
-                FrameType=frame_type, PixelPresentation="MONOCHROME",
-                VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+                FrameType=frame_type,
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
             )
         ],
-        CTAcquisitionTypeSequence=[
-            _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")
-        ],
+        CTAcquisitionTypeSequence=[_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")],
         CTAcquisitionDetailsSequence=[
             _item(
-                DataCollectionDiameter=500, GantryDetectorTilt=float(_q(spec.gantry_tilt_degrees)),
-                TableHeight=160, RotationDirection="CW", SingleCollimationWidth=0.625, TotalCollimationWidth=40.0,
+                DataCollectionDiameter=500,
+                GantryDetectorTilt=float(_q(spec.gantry_tilt_degrees)),
+                TableHeight=160,
+                RotationDirection="CW",
+                SingleCollimationWidth=0.625,
+                TotalCollimationWidth=40.0,
             )
         ],
-        CTXRayDetailsSequence=[
-            _item(KVP=120, FocalSpots=[1.2], FilterType="BODY FILTER", FilterMaterial=["ALUMINUM"])
-        ],
+        CTXRayDetailsSequence=[_item(KVP=120, FocalSpots=[1.2], FilterType="BODY FILTER", FilterMaterial=["ALUMINUM"])],
         CTTableDynamicsSequence=[_item(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)],
         CTGeometrySequence=[_item(DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0)],
         CTReconstructionSequence=[
             _item(
-                ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel=["STANDARD"],
-                ConvolutionKernelGroup="SOFT_TISSUE", ReconstructionDiameter=float(_q(spec.columns * spec.pixel_spacing[1])),
-                ReconstructionPixelSpacing=[float(v) for v in spec.pixel_spacing], ReconstructionAngle=360.0, ImageFilter="NONE",
+                ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                ConvolutionKernel=["STANDARD"],
+                ConvolutionKernelGroup="SOFT_TISSUE",
+                ReconstructionDiameter=float(_q(spec.columns * spec.pixel_spacing[1])),
+                ReconstructionPixelSpacing=[float(v) for v in spec.pixel_spacing],
+                ReconstructionAngle=360.0,
+                ImageFilter="NONE",
             )
         ],
-        CTExposureSequence=[_item(ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0, ExposureModulationType="NONE")],
+        CTExposureSequence=[
+            _item(ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0, ExposureModulationType="NONE")
+        ],
         CTPositionSequence=[
-            _item(TablePosition=0.0, ReconstructionTargetCenterPatient=[0.0, 0.0, 0.0],
-                  DataCollectionCenterPatient=[0.0, 0.0, 0.0])
+            _item(
+                TablePosition=0.0,
+                ReconstructionTargetCenterPatient=[0.0, 0.0, 0.0],
+                DataCollectionCenterPatient=[0.0, 0.0, 0.0],
+            )
         ],
         FrameAnatomySequence=[
             _item(
@@ -766,7 +774,9 @@ def _enhanced_shared_groups(ctx: _Context) -> Dataset:
                 FrameLaterality="U",
             )
         ],
-        IrradiationEventIdentificationSequence=[_item(IrradiationEventUID=generate_uid(entropy_srcs=[ctx.series_uid, "irradiation"]))],
+        IrradiationEventIdentificationSequence=[
+            _item(IrradiationEventUID=generate_uid(entropy_srcs=[ctx.series_uid, "irradiation"]))
+        ],
     )
 
 
@@ -851,12 +861,18 @@ def _legacy_shared_groups(ctx: _Context) -> Dataset:
         FrameVOILUTSequence=[_item(WindowCenter="40", WindowWidth="400")],
         CTImageFrameTypeSequence=[
             _item(
-                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
-                VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
             )
         ],
         UnassignedSharedConvertedAttributesSequence=[
-            _item(KVP="120", ConvolutionKernel="STANDARD", ReconstructionDiameter=_ds(spec.columns * spec.pixel_spacing[1]))
+            _item(
+                KVP="120",
+                ConvolutionKernel="STANDARD",
+                ReconstructionDiameter=_ds(spec.columns * spec.pixel_spacing[1]),
+            )
         ],
     )
 
@@ -867,7 +883,9 @@ def _legacy_frame_group(ctx: _Context, frame: int, position: Sequence[float], co
     group.ConversionSourceAttributesSequence = [
         _item(ReferencedSOPClassUID=CTImageStorage, ReferencedSOPInstanceUID=converted_from)
     ]
-    group.UnassignedPerFrameConvertedAttributesSequence = [_item(SliceLocation=_ds(float(np.dot(position, ctx.normal))))]
+    group.UnassignedPerFrameConvertedAttributesSequence = [
+        _item(SliceLocation=_ds(float(np.dot(position, ctx.normal))))
+    ]
     return group
 
 

@@ -38,8 +38,14 @@ LOG = logging.getLogger(__name__)
 
 FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
 STUDY_PHI_COLUMNS = (
-    "patient_id", "patient_name", "patient_birth_date", "patient_sex",
-    "accession_number", "study_description", "referring_physician_name", "study_id",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_description",
+    "referring_physician_name",
+    "study_id",
 )
 """Erased from a study row once retention has purged every series of the study."""
 GIGABYTE = 1_000_000_000
@@ -228,14 +234,15 @@ def _holdings(session: Session) -> list[Holding]:
     }
     result_jobs = set(
         session.scalars(
-            select(Series.source_job_id).join(Instance, Instance.series_id == Series.id).where(
-                Series.source_job_id.is_not(None)
-            )
+            select(Series.source_job_id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.source_job_id.is_not(None))
         )
     )
     rows = session.execute(
-        select(Job.id, Job.series_id, Series.series_instance_uid, Job.state, Job.state_changed_at, Job.result_path)
-        .join(Series, Job.series_id == Series.id)
+        select(
+            Job.id, Job.series_id, Series.series_instance_uid, Job.state, Job.state_changed_at, Job.result_path
+        ).join(Series, Job.series_id == Series.id)
     )
     holdings = []
     for job_id, series_id, uid, state, changed_at, result_path in rows:
@@ -302,8 +309,15 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
             _purge_results(session, job, root, now)
         _erase_phi_of_emptied_study(session, job.series.study_id)
     log_event(
-        LOG, logging.INFO, "series.purged", series_instance_uid=item.series_instance_uid, job=item.job_id,
-        images=item.images, results=item.results, bytes=item.bytes, reason=item.reason,
+        LOG,
+        logging.INFO,
+        "series.purged",
+        series_instance_uid=item.series_instance_uid,
+        job=item.job_id,
+        images=item.images,
+        results=item.results,
+        bytes=item.bytes,
+        reason=item.reason,
     )
     return None
 
@@ -340,9 +354,10 @@ def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
     """A study none of whose series holds an instance any more keeps only its UID."""
     session.flush()
     held = session.scalar(
-        select(func.count()).select_from(Instance).join(Series, Instance.series_id == Series.id).where(
-            Series.study_id == study_id
-        )
+        select(func.count())
+        .select_from(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
     )
     if held:
         return
@@ -430,20 +445,29 @@ class RetentionTask(PeriodicTask):
         retention = self.settings.retention
         if not retention.enabled and retention.quarantine_days is None:
             log_event(
-                LOG, logging.INFO, "retention.off",
+                LOG,
+                logging.INFO,
+                "retention.off",
                 hint="nothing is deleted; set retention.days, max_disk_gigabytes or quarantine_days",
             )
             return
         log_event(
-            LOG, logging.INFO, "retention.on", days=retention.days, results_days=retention.results_days,
-            max_disk_gigabytes=retention.max_disk_gigabytes, quarantine_days=retention.quarantine_days,
+            LOG,
+            logging.INFO,
+            "retention.on",
+            days=retention.days,
+            results_days=retention.results_days,
+            max_disk_gigabytes=retention.max_disk_gigabytes,
+            quarantine_days=retention.quarantine_days,
         )
         super().start()
 
     def run_once(self, now: datetime | None = None) -> PurgeOutcome:
         """Plan and purge once."""
         if self.settings.retention.quarantine_days is not None:
-            purge_quarantine(self.sessions, self.settings.storage.directory, self.settings.retention.quarantine_days, now)
+            purge_quarantine(
+                self.sessions, self.settings.storage.directory, self.settings.retention.quarantine_days, now
+            )
         if not self.settings.retention.enabled:
             return PurgeOutcome()
         with self.sessions() as session:
@@ -451,7 +475,11 @@ class RetentionTask(PeriodicTask):
         outcome = apply_plan(self.sessions, self.settings, plan, now)
         if plan.items:
             log_event(
-                LOG, logging.INFO, "retention.pass", purged=len(outcome.purged), skipped=len(outcome.skipped),
+                LOG,
+                logging.INFO,
+                "retention.pass",
+                purged=len(outcome.purged),
+                skipped=len(outcome.skipped),
                 freed=format_bytes(outcome.bytes_freed),
             )
         if plan.shortfall():

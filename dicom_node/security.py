@@ -116,8 +116,11 @@ class PeerPolicy:
     def loopback_only(cls) -> PeerPolicy:
         """The default: any AE title from this machine, every role."""
         loopback = Peer("loopback", None, _networks(LOOPBACK), frozenset(ALL_ROLES))
-        return cls([loopback], "no peers configured: admitting any AE title from this machine (loopback) only, "
-                               "with every role; add peers to config.yaml to admit other hosts")
+        return cls(
+            [loopback],
+            "no peers configured: admitting any AE title from this machine (loopback) only, "
+            "with every role; add peers to config.yaml to admit other hosts",
+        )
 
     def identify(self, ae_title: str, address: str) -> Peer | Refused:
         """The peer this call comes from, or why it is refused.
@@ -161,9 +164,7 @@ def log_policy(settings: Settings, policy: PeerPolicy) -> None:
             "with every role",
         )
     if settings.network.maximum_pdu_size == 0:
-        log_event(
-            LOG, logging.INFO, "config.pdu_size", hint="network.maximum_pdu_size 0 now means the 16 MiB ceiling"
-        )
+        log_event(LOG, logging.INFO, "config.pdu_size", hint="network.maximum_pdu_size 0 now means the 16 MiB ceiling")
 
 
 # ------------------------------------------------------------- association-time check
@@ -214,9 +215,15 @@ def on_requested(event: evt.Event, policy: PeerPolicy, caps: AssociationCaps | N
         assoc.kill()
         return
     if caps is not None and caps.total() > assoc.ae.maximum_associations:
-        log_event(LOG, logging.WARNING, "association.rejected", calling_ae=ae_title, address=address,
-                  reason=f"association limit reached (network.maximum_associations is "
-                  f"{assoc.ae.maximum_associations}, counted over every receiving process)")
+        log_event(
+            LOG,
+            logging.WARNING,
+            "association.rejected",
+            calling_ae=ae_title,
+            address=address,
+            reason=f"association limit reached (network.maximum_associations is "
+            f"{assoc.ae.maximum_associations}, counted over every receiving process)",
+        )
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
         assoc.kill()
         return
@@ -248,8 +255,13 @@ def not_authorized(event: evt.Event, role: str, peer: Peer | Refused) -> Dataset
     requestor = event.assoc.requestor
     reason = peer if isinstance(peer, Refused) else f"peer {peer.name} has no {role} role"
     log_event(
-        LOG, logging.WARNING, "request.refused", calling_ae=requestor.ae_title, address=requestor.address,
-        role=role, reason=reason,
+        LOG,
+        logging.WARNING,
+        "request.refused",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        role=role,
+        reason=reason,
     )
     status = Dataset()
     status.Status = NOT_AUTHORIZED
@@ -664,17 +676,19 @@ def start_guarded_server(
     """
     ssl_context = server_tls(network.tls) if network.tls else None
     # make_server builds server_class, though its annotation names only the base class
-    server = cast(GuardedServer, ae.make_server(
-        address,
-        ssl_context=ssl_context,
-        evt_handlers=evt_handlers,
-        server_class=GuardedServer,
-        limits=Limits.from_settings(network),
-        caps=caps or AssociationCaps.for_network(network),
-        listening=listening,
-    ))
+    server = cast(
+        GuardedServer,
+        ae.make_server(
+            address,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
+            server_class=GuardedServer,
+            limits=Limits.from_settings(network),
+            caps=caps or AssociationCaps.for_network(network),
+            listening=listening,
+        ),
+    )
     ae._servers.append(server)  # so ae.shutdown() stops it, as start_server does
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)
     thread.start()
     return server
-

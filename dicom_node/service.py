@@ -71,7 +71,9 @@ class WorkerSupervisor:
                     continue
                 if process.pid not in handled:
                     handled.add(process.pid)
-                    log_event(LOG, logging.ERROR, "worker.died", worker=number, pid=process.pid, exit_code=process.exitcode)
+                    log_event(
+                        LOG, logging.ERROR, "worker.died", worker=number, pid=process.pid, exit_code=process.exitcode
+                    )
                     self._release_jobs_of(process.pid)
                 if time.monotonic() - self._started_at[number] >= self.RESTART_DELAY_SECONDS:
                     self._processes[number] = self._spawn(number)
@@ -165,7 +167,12 @@ def start_node(settings: Settings) -> RunningNode:
     retention = RetentionTask(settings, sessions)
     retention.start()
     return RunningNode(
-        server=server, watcher=watcher, workers=workers, dispatcher=dispatcher, sessions=sessions, retention=retention,
+        server=server,
+        watcher=watcher,
+        workers=workers,
+        dispatcher=dispatcher,
+        sessions=sessions,
+        retention=retention,
         console=console,
     )
 

@@ -217,7 +217,9 @@ def _numbers(header: Dataset, keyword: str, count: int) -> np.ndarray:
     """``count`` finite numbers from a decimal-string attribute, or a VolumeError naming the image and attribute."""
     try:
         value = header.get(keyword)
-        values = np.array([float(v) for v in (value if isinstance(value, (list, MultiValue)) else [value])], dtype=float)
+        values = np.array(
+            [float(v) for v in (value if isinstance(value, (list, MultiValue)) else [value])], dtype=float
+        )
     except (TypeError, ValueError):
         raise VolumeError(f"{_header_name(header)} has {keyword} values that are not numbers") from None
     if values.shape != (count,):
@@ -382,7 +384,9 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
     if assumed_rescale:
-        notes.append(f"RescaleSlope and RescaleIntercept missing on {assumed_rescale} image(s): assumed 1 and 0 (HU as stored)")
+        notes.append(
+            f"RescaleSlope and RescaleIntercept missing on {assumed_rescale} image(s): assumed 1 and 0 (HU as stored)"
+        )
     return volume
 
 
@@ -417,13 +421,16 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
             ) from None
     if decoding:
         first = str(decoding[0].message).splitlines()[0][:200]
-        raise VolumeError(f"{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned \"{first}\"")
+        raise VolumeError(f'{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned "{first}"')
     return dataset, pixels
 
 
 def _rescale(dataset: Dataset, frame_number: int | None) -> tuple[float, float]:
     if frame_number and "PerFrameFunctionalGroupsSequence" in dataset:
-        for group in (dataset.PerFrameFunctionalGroupsSequence[frame_number - 1], *dataset.get("SharedFunctionalGroupsSequence", [])):
+        for group in (
+            dataset.PerFrameFunctionalGroupsSequence[frame_number - 1],
+            *dataset.get("SharedFunctionalGroupsSequence", []),
+        ):
             if "PixelValueTransformationSequence" in group:
                 item = group.PixelValueTransformationSequence[0]
                 return float(item.get("RescaleSlope", 1)), float(item.get("RescaleIntercept", 0))

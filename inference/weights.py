@@ -138,9 +138,13 @@ def import_zip(
                 "release can be; nothing was installed"
             )
         checkpoints = [n for n in names if n.endswith("fold_0/checkpoint_final.pth")]
-        datasets = sorted({PurePosixPath(n).parts[0] for n in checkpoints if PurePosixPath(n).parts[0].startswith("Dataset")})
+        datasets = sorted(
+            {PurePosixPath(n).parts[0] for n in checkpoints if PurePosixPath(n).parts[0].startswith("Dataset")}
+        )
         if not datasets:
-            raise ValueError(f"{archive}: not a TotalSegmentator weights zip (no Dataset*/…/fold_0/checkpoint_final.pth)")
+            raise ValueError(
+                f"{archive}: not a TotalSegmentator weights zip (no Dataset*/…/fold_0/checkpoint_final.pth)"
+            )
         weights_directory.mkdir(parents=True, exist_ok=True)
         staging = weights_directory / f".import-{archive.stem}"
         shutil.rmtree(staging, ignore_errors=True)

@@ -95,8 +95,13 @@ PHANTOM_TO_TOTALSEG = {
 def fingerprint_spec(spacing: float) -> dict:
     from totalsegmentator.map_to_binary import class_map
 
-    return {"dataset_id": FINGERPRINT_DATASET_ID, "dataset_name": FINGERPRINT_DATASET_NAME, "trainer": None,
-            "spacing": spacing, "classes": dict(sorted(class_map["total"].items()))}
+    return {
+        "dataset_id": FINGERPRINT_DATASET_ID,
+        "dataset_name": FINGERPRINT_DATASET_NAME,
+        "trainer": None,
+        "spacing": spacing,
+        "classes": dict(sorted(class_map["total"].items())),
+    }
 
 
 def model_specs(task: str) -> list[dict]:
@@ -138,7 +143,7 @@ def dataset_json_for(spec: dict, num_training: int) -> dict:
         "file_ending": ".nii.gz",
         "name": spec["dataset_name"],
         "description": "SYNTHETIC TEST WEIGHTS: randomly initialised network, planned on a phantom "
-                       "by scripts/build_test_weights.py. Not a trained model.",
+        "by scripts/build_test_weights.py. Not a trained model.",
     }
 
 
@@ -215,9 +220,14 @@ def plan_and_build(specs: list[dict], out_root: Path, seed: int, num_processes: 
     # The fingerprint (spacings, shapes, CT intensity statistics of the foreground) is extracted once, on the
     # phantom labelled with all its structures, and shared by every model of the task (they see the same images).
     with contextlib.redirect_stdout(quiet):
-        extract_fingerprint_dataset(FINGERPRINT_DATASET_ID, DatasetFingerprintExtractor,
-                                    num_processes=num_processes, check_dataset_integrity=True, clean=True,
-                                    verbose=False)
+        extract_fingerprint_dataset(
+            FINGERPRINT_DATASET_ID,
+            DatasetFingerprintExtractor,
+            num_processes=num_processes,
+            check_dataset_integrity=True,
+            clean=True,
+            verbose=False,
+        )
     fingerprint_file = Path(nnUNet_preprocessed) / FINGERPRINT_DATASET_NAME / "dataset_fingerprint.json"
 
     for spec in specs:
@@ -230,13 +240,19 @@ def plan_and_build(specs: list[dict], out_root: Path, seed: int, num_processes: 
         raw_dataset_json = load_json(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"))  # noqa: SIM112 - nnU-Net's own spelling
         shutil.copy(join(os.environ["nnUNet_raw"], spec["dataset_name"], "dataset.json"), pre_dir / "dataset.json")  # noqa: SIM112
 
-        trainer_class = recursive_find_python_class(join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
-                                                    spec["trainer"], "nnunetv2.training.nnUNetTrainer")
+        trainer_class = recursive_find_python_class(
+            join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), spec["trainer"], "nnunetv2.training.nnUNetTrainer"
+        )
         if trainer_class is None:
             raise RuntimeError(f"trainer {spec['trainer']} not found in the installed nnunetv2")
         with contextlib.redirect_stdout(quiet):
-            trainer = trainer_class(plans=plans, configuration=CONFIGURATION, fold=FOLD,
-                                    dataset_json=raw_dataset_json, device=torch.device("cpu"))
+            trainer = trainer_class(
+                plans=plans,
+                configuration=CONFIGURATION,
+                fold=FOLD,
+                dataset_json=raw_dataset_json,
+                device=torch.device("cpu"),
+            )
         cm, pm = trainer.configuration_manager, trainer.plans_manager
 
         # What nnUNetTrainer.initialize() does to make the network (it also builds the loss and the data loaders,
@@ -267,22 +283,24 @@ def plan_and_build(specs: list[dict], out_root: Path, seed: int, num_processes: 
             trainer.save_checkpoint(str(model_dir / f"fold_{FOLD}" / "checkpoint_final.pth"))
 
         kw = cm.network_arch_init_kwargs
-        summaries.append({
-            "dataset": spec["dataset_name"],
-            "trainer": spec["trainer"],
-            "network": cm.network_arch_class_name,
-            "n_stages": kw["n_stages"],
-            "features_per_stage": list(kw["features_per_stage"]),
-            "strides": [list(s) for s in kw["strides"]],
-            "patch_size": list(cm.patch_size),
-            "spacing": list(cm.spacing),
-            "batch_size": cm.batch_size,
-            "normalization": list(cm.normalization_schemes),
-            "intensity_properties": pm.foreground_intensity_properties_per_channel["0"],
-            "num_outputs": trainer.label_manager.num_segmentation_heads,
-            "parameters": count_parameters(trainer.network),
-            "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
-        })
+        summaries.append(
+            {
+                "dataset": spec["dataset_name"],
+                "trainer": spec["trainer"],
+                "network": cm.network_arch_class_name,
+                "n_stages": kw["n_stages"],
+                "features_per_stage": list(kw["features_per_stage"]),
+                "strides": [list(s) for s in kw["strides"]],
+                "patch_size": list(cm.patch_size),
+                "spacing": list(cm.spacing),
+                "batch_size": cm.batch_size,
+                "normalization": list(cm.normalization_schemes),
+                "intensity_properties": pm.foreground_intensity_properties_per_channel["0"],
+                "num_outputs": trainer.label_manager.num_segmentation_heads,
+                "parameters": count_parameters(trainer.network),
+                "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+            }
+        )
     return summaries
 
 
@@ -290,20 +308,29 @@ def _print_summary(summaries: list[dict], out_root: Path, seconds: float) -> Non
     for s in summaries:
         ip = s["intensity_properties"]
         print(f"{s['dataset']}/{s['trainer']}__{PLANS_NAME}__{CONFIGURATION}")
-        print(f"  network      {s['network'].rsplit('.', 1)[-1]}, {s['n_stages']} stages, "
-              f"features {'-'.join(map(str, s['features_per_stage']))}")
+        print(
+            f"  network      {s['network'].rsplit('.', 1)[-1]}, {s['n_stages']} stages, "
+            f"features {'-'.join(map(str, s['features_per_stage']))}"
+        )
         print(f"  strides      {s['strides']}")
         print(f"  patch size   {s['patch_size']} at spacing {s['spacing']} mm, batch size {s['batch_size']}")
-        print(f"  outputs      {s['num_outputs']}, parameters {s['parameters']:,} "
-              f"({s['parameters'] / 1e6:.1f} M)")
-        print(f"  normalise    {s['normalization']} mean {ip['mean']:.1f} std {ip['std']:.1f} "
-              f"clip [{ip['percentile_00_5']:.1f}, {ip['percentile_99_5']:.1f}]")
+        print(f"  outputs      {s['num_outputs']}, parameters {s['parameters']:,} ({s['parameters'] / 1e6:.1f} M)")
+        print(
+            f"  normalise    {s['normalization']} mean {ip['mean']:.1f} std {ip['std']:.1f} "
+            f"clip [{ip['percentile_00_5']:.1f}, {ip['percentile_99_5']:.1f}]"
+        )
         print(f"  mirroring    {s['inference_allowed_mirroring_axes']}")
     print(f"written to {out_root} in {seconds:.1f} s")
 
 
-def build(output_dir: Path, task: str = "total_fast", seed: int = 0, num_processes: int | None = None,
-          verbose: bool = True, in_process: bool = False) -> list[dict]:
+def build(
+    output_dir: Path,
+    task: str = "total_fast",
+    seed: int = 0,
+    num_processes: int | None = None,
+    verbose: bool = True,
+    in_process: bool = False,
+) -> list[dict]:
     """Builds the weights folder(s) of ``task`` under ``output_dir``; returns one summary dict per model.
 
     Existing model folders of the task under ``output_dir`` are replaced; nothing else there is touched.
@@ -327,8 +354,18 @@ def build(output_dir: Path, task: str = "total_fast", seed: int = 0, num_process
 
         env = dict(os.environ, **{k: str(v) for k, v in env_dirs.items()}, nnUNet_def_n_proc=str(num_processes))
         if not in_process or "nnunetv2" in sys.modules:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_plan-and-build", str(staging),
-                   "--task", task, "--seed", str(seed), "--num-processes", str(num_processes)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--_plan-and-build",
+                str(staging),
+                "--task",
+                task,
+                "--seed",
+                str(seed),
+                "--num-processes",
+                str(num_processes),
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"planning failed:\n{proc.stdout}\n{proc.stderr}")

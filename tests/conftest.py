@@ -80,7 +80,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -263,9 +265,7 @@ def succeeded_files(storescu_output: str) -> list[str]:
 class Orthanc:
     """A real Orthanc (Debian's package) as the PACS, on its own ports and folder."""
 
-    def __init__(
-        self, workdir: Path, modalities: dict[str, Any], extra_config: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, workdir: Path, modalities: dict[str, Any], extra_config: dict[str, Any] | None = None) -> None:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.ae_title = "ORTHANC"
@@ -358,7 +358,9 @@ def start_orthanc(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
 
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
 PIXELMED_OPTIONS = [
-    "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
 ]
 
 
@@ -377,7 +379,9 @@ def pixelmed(path: Path, *, sr: bool = False, heap: str = "2g", timeout: float =
     validator = "com.pixelmed.validate." + ("DicomSRValidator" if sr else "DicomInstanceValidator")
     result = subprocess.run(
         [java, f"-Xmx{heap}", *PIXELMED_OPTIONS, "-cp", str(PIXELMED_JAR), validator, str(path)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     lines = (result.stdout + result.stderr).splitlines()
     if result.returncode != 0 or any("Exception" in line for line in lines):
@@ -390,6 +394,8 @@ def pixelmed(path: Path, *, sr: bool = False, heap: str = "2g", timeout: float =
 def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
     """DCMTK's SR dump: exit 0 and no "E:" line when it can parse every content item."""
     return subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=120)
+
+
 class Certificates:
     """A test PKI made with the openssl CLI: a CA, the node's and a peer's certificates, and a stranger's.
 
@@ -411,23 +417,53 @@ class Certificates:
 
     def _authority(self, name: str, subject: str) -> Path:
         self._openssl(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-            "-days", "2", "-subj", f"/CN={subject}",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={subject}",
         )
         return self.folder / f"{name}.pem"
 
     def _leaf(self, name: str, subject: str, authority: Path) -> tuple[Path, Path]:
         extensions = self.folder / f"{name}.ext"
-        extensions.write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+        extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+        self._openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={subject}",
         )
         self._openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={subject}",
-        )
-        self._openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", authority.name, "-CAkey", authority.with_suffix(".key").name,
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", extensions.name,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            authority.name,
+            "-CAkey",
+            authority.with_suffix(".key").name,
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            extensions.name,
         )
         (self.folder / f"{name}.key").chmod(0o600)
         return self.folder / f"{name}.key", self.folder / f"{name}.pem"
@@ -458,8 +494,13 @@ def drive_job_to(session: Session, job: Any, state: JobState, *, reason: str = "
     if state in (JobState.FAILED, JobState.IGNORED):
         (jobs.fail if state is JobState.FAILED else jobs.ignore)(session, job, reason)
         return
-    jobs.queue(session, job, rule_name="test", model_name=job.model_name or "baseline",
-               destinations=list(job.destinations or []))
+    jobs.queue(
+        session,
+        job,
+        rule_name="test",
+        model_name=job.model_name or "baseline",
+        destinations=list(job.destinations or []),
+    )
     if state is JobState.QUEUED:
         return
     assert jobs.claim(session, job, TEST_WORKER, timedelta(minutes=5))
@@ -505,12 +546,26 @@ class PostgreSQL:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, text=True, timeout=120)
 
     def start(self) -> PostgreSQL:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.folder} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
-                  "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.folder} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.folder / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def url(self, database: str = "postgres") -> str:
@@ -579,12 +634,18 @@ def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int
         series = write_phantom_series(folder / f"series-{number}", replace(spec, seed=number))
         with transaction(sessions) as session:
             for path, uid in zip(series.files, series.sop_instance_uids, strict=False):
-                record_instance(session, InstanceRecord(
-                    sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=path.stat().st_size,
-                    study=StudyAttributes(series.study_instance_uid),
-                    series=SeriesAttributes(series.series_instance_uid, modality="CT"),
-                ))
+                record_instance(
+                    session,
+                    InstanceRecord(
+                        sop_instance_uid=uid,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=str(path),
+                        size_bytes=path.stat().st_size,
+                        study=StudyAttributes(series.study_instance_uid),
+                        series=SeriesAttributes(series.series_instance_uid, modality="CT"),
+                    ),
+                )
             queued = job_for_series_uid(session, series.series_instance_uid)
             queued.destinations = []
             drive_job_to(session, queued, JobState.QUEUED)

@@ -35,8 +35,10 @@ def test_stores_are_summed_per_association_and_study_and_written_when_it_ends(tm
     association_ended(sessions, assoc, "released")
 
     with sessions() as session:
-        rows = [(r.action, r.study_instance_uid, r.outcome, r.instances, r.peer_ae_title, r.peer_address)
-                for r in reversed(recent(session))]
+        rows = [
+            (r.action, r.study_instance_uid, r.outcome, r.instances, r.peer_ae_title, r.peer_address)
+            for r in reversed(recent(session))
+        ]
     assert rows == [
         ("store", "1.2.3", "refused", 1, "PACS", "10.1.2.3:40000"),
         ("store", "1.2.3", "success", 3, "PACS", "10.1.2.3:40000"),
@@ -64,9 +66,12 @@ def test_audit_command_filters_by_peer_action_and_study(tmp_path):
     assert "find" in planner and "get" in planner and "PACS" not in planner
     stores = audit("--action", "store", "--study", "1.2.9")
     assert "30" in stores and "PLANNER" not in stores
-    assert "unknown action" in subprocess.run(
-        [DICOM_NODE, "audit", "--action", "delete", "--config", str(config)], capture_output=True, text=True
-    ).stderr
+    assert (
+        "unknown action"
+        in subprocess.run(
+            [DICOM_NODE, "audit", "--action", "delete", "--config", str(config)], capture_output=True, text=True
+        ).stderr
+    )
 
 
 @pytest.mark.integration
@@ -92,7 +97,9 @@ def test_a_real_node_audits_associations_stores_queries_echoes_and_sends(tmp_pat
     assert assoc.send_c_echo().Status == 0
     query = Dataset()
     query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", series.study_instance_uid
-    assert [status.Status for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)][-1] == 0
+    assert [status.Status for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)][
+        -1
+    ] == 0
     assoc.release()
 
     def rows():

@@ -856,7 +856,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
         outcome.statuses += _statuses(rest.stdout + rest.stderr)
         for name, (node, outcome) in outcomes.items():
             wait_for(
-                lambda node=node, outcome=outcome: _settle(node, outcome), timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60, what=f"{name} to settle"
+                lambda node=node, outcome=outcome: _settle(node, outcome),
+                timeout=EXPECTED_COUNT_TIMEOUT_SECONDS + 60,
+                what=f"{name} to settle",
             )
         for node, outcome in outcomes.values():
             _collect(node, outcome)
@@ -912,8 +914,7 @@ def test_expected_count_timeout_completes_a_partial_series_with_a_warning(corpus
     assert outcome.state_after_pause is JobState.RECEIVING
     assert outcome.state is JobState.QUEUED
     assert outcome.warnings == [
-        "partial series: 2 of 4 expected images (ImagesInAcquisition) had arrived when the completion "
-        "timeout ran out"
+        "partial series: 2 of 4 expected images (ImagesInAcquisition) had arrived when the completion timeout ran out"
     ]
     with node.sessions() as session:
         series = session.scalars(select(Series).where(Series.series_instance_uid == outcome.series_instance_uid)).one()

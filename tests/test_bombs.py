@@ -76,7 +76,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _reason(node: Node, sop_instance: str) -> str:
     with node.sessions() as session:
-        return session.scalars(select(RejectedInstance.reason).where(RejectedInstance.sop_instance_uid == sop_instance)).one()
+        return session.scalars(
+            select(RejectedInstance.reason).where(RejectedInstance.sop_instance_uid == sop_instance)
+        ).one()
 
 
 def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path, start_node):
@@ -84,7 +86,9 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path, star
     before = _peak_rss_mb(node.process.pid)
     uid = generate_uid()
 
-    answered = _send(node, tmp_path / "bomb", uid, DeflatedExplicitVRLittleEndian, _deflate_bomb(uid, 2200 * 1024 * 1024))
+    answered = _send(
+        node, tmp_path / "bomb", uid, DeflatedExplicitVRLittleEndian, _deflate_bomb(uid, 2200 * 1024 * 1024)
+    )
 
     assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
     assert "inflates to more than 2048 MB" in _reason(node, uid) and "decompression bomb" in _reason(node, uid)
@@ -97,10 +101,14 @@ def test_deeply_nested_sequences_are_refused_at_c_store(tmp_path, start_node):
     node = start_node()
     uid = generate_uid()
     depth = 50_000
-    opening = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    opening = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
     closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 
-    answered = _send(node, tmp_path / "nested", uid, ExplicitVRLittleEndian, [_header(uid), opening * depth, closing * depth])
+    answered = _send(
+        node, tmp_path / "nested", uid, ExplicitVRLittleEndian, [_header(uid), opening * depth, closing * depth]
+    )
 
     assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
     assert _reason(node, uid).startswith("data set nests sequences too deeply to be read")

@@ -29,8 +29,9 @@ CASES = {
 
 @pytest.mark.parametrize("character_set, name", CASES.values(), ids=CASES.keys())
 def test_source_text_is_decoded_and_redeclared_as_utf8(tmp_path, character_set, name):
-    series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set=character_set,
-                                                        patient_name=name))
+    series = write_phantom_series(
+        tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set=character_set, patient_name=name)
+    )
 
     header = read_source_header(series.files[0])
     written = tmp_path / "copy.dcm"
@@ -84,8 +85,9 @@ def test_text_that_does_not_decode_is_replaced_with_a_warning(tmp_path, caplog):
     ids=["japanese-kanji", "japanese-katakana-and-kanji", "undefined-value"],
 )
 def test_series_in_any_character_set_goes_done_with_utf8_results(tmp_path, start_node, character_set, name):
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(**{**SMALL.__dict__, "character_set": character_set,
-                                                                  "patient_name": name}))
+    series = write_phantom_series(
+        tmp_path / "ct", PhantomSpec(**{**SMALL.__dict__, "character_set": character_set, "patient_name": name})
+    )
     node = start_node(rules=CT_RULES, inference={"workers": 1}, results={"rtstruct": True})
 
     assert storescu(node.port, series.files).returncode == 0

@@ -26,8 +26,9 @@ def _done_count(node, series_uid: str) -> int:
 
 def test_a_pause_longer_than_the_quiet_period_gives_one_result_covering_all_200_images(tmp_path, start_node):
     series = write_phantom_series(tmp_path / "ct", SPEC)  # ImagesInAcquisition 200
-    node = start_node(rules=CT_RULES, inference={"workers": 1},
-                      completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 120})
+    node = start_node(
+        rules=CT_RULES, inference={"workers": 1}, completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 120}
+    )
 
     assert storescu(node.port, series.files[:150]).returncode == 0
     time.sleep(4)  # four quiet periods: 150 of the 200 announced images are in
@@ -45,8 +46,9 @@ def test_a_pause_longer_than_the_quiet_period_gives_one_result_covering_all_200_
 
 def test_a_forced_early_timeout_gives_a_partial_result_then_a_full_one_that_supersedes_it(tmp_path, start_node):
     series = write_phantom_series(tmp_path / "ct", SPEC)
-    node = start_node(rules=CT_RULES, inference={"workers": 1},
-                      completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 3})
+    node = start_node(
+        rules=CT_RULES, inference={"workers": 1}, completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 3}
+    )
 
     assert storescu(node.port, series.files[:150]).returncode == 0
     node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)

@@ -54,7 +54,10 @@ def test_relative_storage_directory_is_relative_to_config_file(tmp_path):
             "unknown destination 'nowhere'",
         ),
         ({"rules": [{"name": "x", "action": "ignore", "match": {"series_description": "("}}]}, "not a valid regular"),
-        ({"rules": [{"name": "x", "action": "ignore", "match": {"slice_thickness": {"min": 5, "max": 1}}}]}, "min (5.0) is greater than max"),
+        (
+            {"rules": [{"name": "x", "action": "ignore", "match": {"slice_thickness": {"min": 5, "max": 1}}}]},
+            "min (5.0) is greater than max",
+        ),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path, data, expected):

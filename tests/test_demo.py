@@ -20,7 +20,10 @@ def test_demo_runs_the_whole_loop_and_prints_the_structures(tmp_path):
     print(printed)
     assert result.returncode == 0, printed
 
-    rows = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(r"│ (\w+)\s*│\s*([\d.]+) │\s*(-?[\d.]+) │", printed)}
+    rows = {
+        m.group(1): (float(m.group(2)), float(m.group(3)))
+        for m in re.finditer(r"│ (\w+)\s*│\s*([\d.]+) │\s*(-?[\d.]+) │", printed)
+    }
     assert set(rows) == {"body", "lung_left", "lung_right", "skeleton"}
     assert all(volume > 0 for volume, _ in rows.values())
     assert rows["lung_left"][1] < -700 and rows["lung_right"][1] < -700  # air-filled lungs

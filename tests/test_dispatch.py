@@ -20,8 +20,15 @@ PHANTOM = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), 
 
 
 def rules_to(destination: str) -> list[dict]:
-    return [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
-             "destinations": [destination]}]
+    return [
+        {
+            "name": "ct",
+            "match": {"modality": "CT"},
+            "action": "process",
+            "model": "baseline",
+            "destinations": [destination],
+        }
+    ]
 
 
 def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node, start_orthanc):
@@ -29,8 +36,14 @@ def test_results_reach_orthanc_under_the_same_study(shared_fixtures, start_node,
     orthanc = start_orthanc({"node": ["DICOMNODE", "127.0.0.1", node_port]})
     node = start_node(
         network={"port": node_port},
-        destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port,
-                               "send": ["seg", "sr", "rtstruct"]}},
+        destinations={
+            "pacs": {
+                "ae_title": orthanc.ae_title,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "send": ["seg", "sr", "rtstruct"],
+            }
+        },
         rules=rules_to("pacs"),
         inference={"workers": 1},
         completion={"quiet_seconds": 2},
@@ -60,9 +73,19 @@ def test_binary_and_labelmap_to_two_destinations_are_series_a_radiologist_tells_
     peer = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
     start_node(
         network={"port": node_port},
-        destinations={"viewer": {**peer, "segmentation_type": "BINARY"}, "archive": {**peer, "segmentation_type": "LABELMAP"}},
-        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
-                "destinations": ["viewer", "archive"]}],
+        destinations={
+            "viewer": {**peer, "segmentation_type": "BINARY"},
+            "archive": {**peer, "segmentation_type": "LABELMAP"},
+        },
+        rules=[
+            {
+                "name": "ct",
+                "match": {"modality": "CT"},
+                "action": "process",
+                "model": "baseline",
+                "destinations": ["viewer", "archive"],
+            }
+        ],
         inference={"workers": 1},
     )
     files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
@@ -71,7 +94,9 @@ def test_binary_and_labelmap_to_two_destinations_are_series_a_radiologist_tells_
     orthanc.post_json("/modalities/node/store", {"Resources": [study_id], "Synchronous": True})
 
     wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/series")) == 5, timeout=180, what="CT plus 2 SEGs and 2 SRs")
-    results = [s["MainDicomTags"] for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] != "CT"]
+    results = [
+        s["MainDicomTags"] for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] != "CT"
+    ]
     numbers = sorted(int(tags["SeriesNumber"]) for tags in results)
     descriptions = {tags["SeriesDescription"] for tags in results}
     assert numbers == [9701, 9702, 9704, 9705]  # BINARY SEG and SR, LABELMAP SEG and SR
@@ -115,8 +140,15 @@ def test_exhausted_attempts_fail_and_retry_resends_the_missing_file(tmp_path, st
     received = tmp_path / "peer"
     received.mkdir()
     node = start_node(
-        destinations={"peer": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": peer_port,
-                               "segmentation_type": "LABELMAP", "send": ["seg"]}},
+        destinations={
+            "peer": {
+                "ae_title": "PEERSCP",
+                "host": "127.0.0.1",
+                "port": peer_port,
+                "segmentation_type": "LABELMAP",
+                "send": ["seg"],
+            }
+        },
         rules=rules_to("peer"),
         inference={"workers": 1},
         dispatch={"first_retry_seconds": 0.2, "max_retry_seconds": 0.2, "max_attempts": 2},
@@ -174,8 +206,15 @@ def sending_job(session, files: dict[str, dict[str, str]]):
 def deliver(session, job, name: str, uid: str) -> None:
     from db import jobs
 
-    jobs.record_delivery(session, job.id, name, sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-                         path=f"/results/{uid}.dcm", status=0)
+    jobs.record_delivery(
+        session,
+        job.id,
+        name,
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+        path=f"/results/{uid}.dcm",
+        status=0,
+    )
 
 
 def test_failure_reason_says_which_destination_lacks_which_files_and_retry_sends_only_those(sessions):
@@ -188,14 +227,21 @@ def test_failure_reason_says_which_destination_lacks_which_files_and_retry_sends
         deliver(session, job, "pacs", "1")
         deliver(session, job, "pacs", "2")
         deliver(session, job, "pacs", "2")  # recorded once, however often it is recorded
-        jobs.update_delivery_record(job, "planner", jobs.delivery_record(job, "planner").model_copy(
-            update={"attempts": 5, "last_error": "no response within 60 s from PLANNER"}))
+        jobs.update_delivery_record(
+            job,
+            "planner",
+            jobs.delivery_record(job, "planner").model_copy(
+                update={"attempts": 5, "last_error": "no response within 60 s from PLANNER"}
+            ),
+        )
         progress = jobs.delivery_progress(session, job)
         assert [p.summary() for p in progress] == ["pacs 2/2", "planner 0/1"]
         assert [p.missing for p in progress] == [{}, {"3": "/r/rtstruct.dcm"}]
         jobs.fail(session, job, sending_failure(progress))
-        assert job.reason == ("sending failed: pacs received 2 of 2 files; planner received 0 of 1 file: "
-                              "no response within 60 s from PLANNER (after 5 attempts)")
+        assert job.reason == (
+            "sending failed: pacs received 2 of 2 files; planner received 0 of 1 file: "
+            "no response within 60 s from PLANNER (after 5 attempts)"
+        )
         jobs.retry(session, job)
         assert job.state is JobState.SENDING and jobs.delivery_record(job, "planner").attempts == 0
         assert jobs.delivered_sop_instance_uids(session, job.id, "pacs") == {"1", "2"}

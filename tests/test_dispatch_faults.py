@@ -112,8 +112,15 @@ def destination(peer: Peer, **extra) -> dict:
 
 
 def process_rule(*destinations: str) -> list[dict]:
-    return [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline",
-             "destinations": list(destinations)}]
+    return [
+        {
+            "name": "ct",
+            "match": {"modality": "CT"},
+            "action": "process",
+            "model": "baseline",
+            "destinations": list(destinations),
+        }
+    ]
 
 
 def send_phantom(node: Node, folder: Path) -> str:
@@ -253,8 +260,13 @@ def test_destination_down_then_slow_then_up_gets_each_file_once(tmp_path, start_
         destinations={"peer": destination(peer)},
         rules=process_rule("peer"),
         inference={"workers": 1},
-        dispatch={"first_retry_seconds": 0.5, "max_retry_seconds": 1, "max_attempts": 100,
-                  "timeout_seconds": 6, "seconds_per_megabyte": 0},
+        dispatch={
+            "first_retry_seconds": 0.5,
+            "max_retry_seconds": 1,
+            "max_attempts": 100,
+            "timeout_seconds": 6,
+            "seconds_per_megabyte": 0,
+        },
     )
     series_uid = send_phantom(node, tmp_path / "ct")
     wait_for(lambda: attempts(node, series_uid, "peer") >= 2, timeout=180, what="two attempts while the peer is down")

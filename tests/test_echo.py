@@ -41,8 +41,20 @@ def test_echo_command_reaches_a_real_peer_and_reports_a_dead_one(tmp_path):
         peer.terminate()
         peer.wait()
     dead = subprocess.run(
-        [DICOM_NODE, "echo", "--host", "127.0.0.1", "--port", str(port), "--ae-title", "PEERSCP", "--timeout", "3",
-         "--config", str(config)],
+        [
+            DICOM_NODE,
+            "echo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ae-title",
+            "PEERSCP",
+            "--timeout",
+            "3",
+            "--config",
+            str(config),
+        ],
         capture_output=True,
         text=True,
     )

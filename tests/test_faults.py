@@ -34,7 +34,11 @@ pytestmark = pytest.mark.integration
 
 SMALL_CT = PhantomSpec(rows=64, columns=64, slices=16, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
 LARGER_CT = PhantomSpec(rows=256, columns=256, slices=60, pixel_spacing=(1.5, 1.5), slice_spacing=2.0)
-PROCESSING_NODE = {"rules": CT_RULES, "inference": {"workers": 1, "poll_seconds": 0.2}, "completion": {"quiet_seconds": 3}}
+PROCESSING_NODE = {
+    "rules": CT_RULES,
+    "inference": {"workers": 1, "poll_seconds": 0.2},
+    "completion": {"quiet_seconds": 3},
+}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -60,7 +64,11 @@ def stored_instances(storage: Path) -> dict[str, Path]:
 def recorded_uids(sessions: sessionmaker[Session]) -> list[str]:
     """Every recorded SOP Instance UID (a list: a duplicate row would show twice)."""
     with sessions() as session:
-        return list(session.scalars(select(Instance.sop_instance_uid).join(Instance.series).where(Series.source_job_id.is_(None))))
+        return list(
+            session.scalars(
+                select(Instance.sop_instance_uid).join(Instance.series).where(Series.source_job_id.is_(None))
+            )
+        )
 
 
 def times_reached(sessions: sessionmaker[Session], series_uid: str, state: JobState) -> int:
@@ -69,9 +77,12 @@ def times_reached(sessions: sessionmaker[Session], series_uid: str, state: JobSt
         job = job_for_series_uid(session, series_uid)
         if job is None:
             return 0
-        return session.scalar(
-            select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id, JobEvent.to_state == state)
-        ) or 0
+        return (
+            session.scalar(
+                select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id, JobEvent.to_state == state)
+            )
+            or 0
+        )
 
 
 def job_state(sessions: sessionmaker[Session], series_uid: str) -> tuple[JobState | None, str | None]:
@@ -212,7 +223,9 @@ connection.execute("COMMIT")
 
 def hold_database_lock(database: Path, seconds: float) -> subprocess.Popen[str]:
     """Another process holding the SQLite file with BEGIN EXCLUSIVE for ``seconds``."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(database), str(seconds)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(database), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -225,17 +238,24 @@ def test_database_locked_past_the_busy_timeout_kills_no_worker_and_loses_nothing
     wait_for(lambda: "worker.ready" in node.log(), timeout=120, what="the worker to poll the queue")
 
     assert storescu(node.port, first.files).returncode == 0
-    wait_for(lambda: job_state(node.sessions, first.series_instance_uid)[0] in (JobState.QUEUED, JobState.PROCESSING),
-             interval=0.02, what="first series queued")
+    wait_for(
+        lambda: job_state(node.sessions, first.series_instance_uid)[0] in (JobState.QUEUED, JobState.PROCESSING),
+        interval=0.02,
+        what="first series queued",
+    )
     holder = hold_database_lock(node.storage / "dicom-node.db", seconds=6)  # the worker claims or finishes meanwhile
     # Each C-STORE is answered success once its file is durable; the recorder waits for the lock and catches up.
     answers = send_with_pynetdicom(node.port, second.files)
     holder.wait(timeout=30)
 
     assert answers == [(status.SUCCESS, "")] * len(second.files)
-    assert_byte_identical(second, stored_instances(node.storage), second.sop_instance_uids)  # nothing acknowledged is lost
+    assert_byte_identical(
+        second, stored_instances(node.storage), second.sop_instance_uids
+    )  # nothing acknowledged is lost
     log = node.log()
-    assert re.search(r'database\.busy waiting="worker ', log), "the lock must have met the worker (claim, stage, finish)"
+    assert re.search(r'database\.busy waiting="worker ', log), (
+        "the lock must have met the worker (claim, stage, finish)"
+    )
     assert log.count("recorder.waiting") == 1, "the recorder must say once that it waits for the database"
     wait_for_state(node.sessions, first.series_instance_uid, JobState.DONE)
     wait_for_state(node.sessions, second.series_instance_uid, JobState.DONE)
@@ -255,7 +275,9 @@ def small_disk(tmp_path: Path):
     """A 24 MiB tmpfs; skipped where this user may not mount file systems."""
     mountpoint = tmp_path / "disk"
     mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
     yield mountpoint
@@ -290,7 +312,10 @@ def send_with_pynetdicom(port: int, files: Sequence[Path]) -> list[tuple[int, st
 
 @pytest.mark.parametrize("database_on", ["another disk", "the full disk"])
 def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_space_returns(
-    tmp_path, small_disk, start_node, database_on  # the disk is unmounted after the node stopped
+    tmp_path,
+    small_disk,
+    start_node,
+    database_on,  # the disk is unmounted after the node stopped
 ):
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
     later = write_phantom_series(tmp_path / "later", SMALL_CT)

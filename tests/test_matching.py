@@ -21,26 +21,47 @@ def sessions(database_url):
     migrate(url)
     factory = make_session_factory(make_engine(url))
     studies = [
-        StudyAttributes("1.1", patient_id="P1", patient_name="Doe^Jane", study_date="20260110", study_time="083000",
-                        accession_number="ACC_1"),
-        StudyAttributes("1.2", patient_id="P1", patient_name="Doe^Jane", study_date="20260301", study_time="140000",
-                        accession_number="ACC%2"),
+        StudyAttributes(
+            "1.1",
+            patient_id="P1",
+            patient_name="Doe^Jane",
+            study_date="20260110",
+            study_time="083000",
+            accession_number="ACC_1",
+        ),
+        StudyAttributes(
+            "1.2",
+            patient_id="P1",
+            patient_name="Doe^Jane",
+            study_date="20260301",
+            study_time="140000",
+            accession_number="ACC%2",
+        ),
         StudyAttributes("2.1", patient_id="P2", patient_name="Müller^Jörg", study_date="20251231"),
     ]
     with transaction(factory) as session:
         for study in studies:
             for n in range(3):
-                record_instance(session, instance(f"{study.study_instance_uid}.9.{n}", f"{study.study_instance_uid}.9", study, n + 1))
+                record_instance(
+                    session,
+                    instance(f"{study.study_instance_uid}.9.{n}", f"{study.study_instance_uid}.9", study, n + 1),
+                )
         record_results(session, 1, [instance("1.1.97.1", "1.1.97", studies[0], 1, sop_class=SEG, modality="SEG")])
     return factory
 
 
-def instance(uid: str, series: str, study: StudyAttributes, number: int, *, sop_class: str = CT,
-             modality: str = "CT") -> InstanceRecord:
+def instance(
+    uid: str, series: str, study: StudyAttributes, number: int, *, sop_class: str = CT, modality: str = "CT"
+) -> InstanceRecord:
     return InstanceRecord(
-        sop_instance_uid=uid, sop_class_uid=sop_class, transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/data/{uid}.dcm", size_bytes=10, study=study,
-        series=SeriesAttributes(series, modality=modality, series_number=1), instance_number=number,
+        sop_instance_uid=uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"/data/{uid}.dcm",
+        size_bytes=10,
+        study=study,
+        series=SeriesAttributes(series, modality=modality, series_number=1),
+        instance_number=number,
     )
 
 
@@ -62,14 +83,18 @@ def test_universal_single_value_and_uid_list(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyInstanceUID="1.2"), "StudyInstanceUID") == ["1.2"]
     assert answers(sessions, query("STUDY", StudyInstanceUID="1.1\\2.1"), "StudyInstanceUID") == ["2.1", "1.1"]
     assert answers(sessions, query("SERIES", StudyInstanceUID="1.1", SeriesInstanceUID=""), "SeriesInstanceUID") == [
-        "1.1.9", "1.1.97"
+        "1.1.9",
+        "1.1.97",
     ]
 
 
 def test_wildcards_escape_sql_patterns(sessions) -> None:
     assert answers(sessions, query("STUDY", AccessionNumber="ACC_*"), "StudyInstanceUID") == ["1.1"]
     assert answers(sessions, query("STUDY", AccessionNumber="ACC?2"), "StudyInstanceUID") == ["1.2"]
-    assert answers(sessions, query("STUDY", PatientName="Doe*", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
+    assert answers(sessions, query("STUDY", PatientName="Doe*", StudyInstanceUID=""), "StudyInstanceUID") == [
+        "1.1",
+        "1.2",
+    ]
 
 
 def test_date_and_time_ranges(sessions) -> None:
@@ -81,12 +106,23 @@ def test_date_and_time_ranges(sessions) -> None:
 
 def test_counts_modalities_and_non_ascii_names(sessions) -> None:
     with sessions() as session:
-        (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", ModalitiesInStudy="",
-                                       NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries=""), "NODE")
+        (study,) = find(
+            session,
+            query(
+                "STUDY",
+                StudyInstanceUID="1.1",
+                ModalitiesInStudy="",
+                NumberOfStudyRelatedInstances="",
+                NumberOfStudyRelatedSeries="",
+            ),
+            "NODE",
+        )
         assert list(study.ModalitiesInStudy) == ["CT", "SEG"]
         assert (study.NumberOfStudyRelatedSeries, study.NumberOfStudyRelatedInstances) == (2, 4)
         assert study.RetrieveAETitle == "NODE"
-        (patient,) = find(session, query("PATIENT", PatientID="P2", PatientName="", NumberOfPatientRelatedStudies=""), "NODE")
+        (patient,) = find(
+            session, query("PATIENT", PatientID="P2", PatientName="", NumberOfPatientRelatedStudies=""), "NODE"
+        )
         assert str(patient.PatientName) == "Müller^Jörg" and patient.SpecificCharacterSet == "ISO_IR 192"
         assert patient.NumberOfPatientRelatedStudies == 1
     assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == ["1.1"]
@@ -94,8 +130,13 @@ def test_counts_modalities_and_non_ascii_names(sessions) -> None:
 
 def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None:
     with sessions() as session:
-        (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", NumberOfPatientRelatedStudies="",
-                                       NumberOfPatientRelatedInstances=""), "NODE")
+        (study,) = find(
+            session,
+            query(
+                "STUDY", StudyInstanceUID="1.1", NumberOfPatientRelatedStudies="", NumberOfPatientRelatedInstances=""
+            ),
+            "NODE",
+        )
     assert (study.NumberOfPatientRelatedStudies, study.NumberOfPatientRelatedInstances) == (2, 7)
 
 

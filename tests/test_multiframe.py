@@ -19,14 +19,23 @@ from inference.volume import load_series_volume
 from tests.conftest import CT_RULES, dciodvfy, storescu, succeeded_files
 
 MULTIFRAME = PhantomSpec(
-    rows=96, columns=96, slices=30, pixel_spacing=(4.0, 4.0), slice_spacing=5.0, noise_sd=5.0,
-    enhanced=True, slice_direction_sign=-1,  # frames head to feet: frame order is the reverse of slice order
+    rows=96,
+    columns=96,
+    slices=30,
+    pixel_spacing=(4.0, 4.0),
+    slice_spacing=5.0,
+    noise_sd=5.0,
+    enhanced=True,
+    slice_direction_sign=-1,  # frames head to feet: frame order is the reverse of slice order
 )
 KINDS = {"enhanced-ct": False, "legacy-converted-enhanced-ct": True}
 
 
 def _frame_position(source: pydicom.Dataset, number: int) -> list[float]:
-    return [float(v) for v in source.PerFrameFunctionalGroupsSequence[number - 1].PlanePositionSequence[0].ImagePositionPatient]
+    return [
+        float(v)
+        for v in source.PerFrameFunctionalGroupsSequence[number - 1].PlanePositionSequence[0].ImagePositionPatient
+    ]
 
 
 @pytest.mark.integration
@@ -75,8 +84,10 @@ def test_multiframe_ct_goes_done_with_valid_results_that_reference_its_frames(tm
 
     rtstruct = pydicom.dcmread(files["rtstruct.dcm"])
     contour_images = (
-        rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-        .RTReferencedSeriesSequence[0].ContourImageSequence
+        rtstruct.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .ContourImageSequence
     )
     assert sorted(int(i.ReferencedFrameNumber) for i in contour_images) == list(range(1, MULTIFRAME.slices + 1))
     assert {i.ReferencedSOPInstanceUID for i in contour_images} == {source.SOPInstanceUID}

@@ -28,8 +28,15 @@ def mixed_series(folder: Path) -> tuple[object, list[Path]]:
     main = write_phantom_series(folder / "main", PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
     repeat = write_phantom_series(
         folder / "repeat",
-        PhantomSpec(**{**SPEC.__dict__, "slices": 8, "seed": 7, "series_instance_uid": main.series_instance_uid,
-                       "study_instance_uid": main.study_instance_uid}),
+        PhantomSpec(
+            **{
+                **SPEC.__dict__,
+                "slices": 8,
+                "seed": 7,
+                "series_instance_uid": main.series_instance_uid,
+                "study_instance_uid": main.study_instance_uid,
+            }
+        ),
     )
     files = sorted((folder / "main").glob("*.dcm")) + list(repeat.files)
     frame_of_reference = pydicom.dcmread(main.files[0], stop_before_pixels=True).FrameOfReferenceUID
@@ -128,7 +135,10 @@ def test_series_reopened_after_done_gets_a_result_that_supersedes_the_first(tmp_
     with node.sessions() as session:
         rows = session.query(Series).filter(Series.source_job_id.is_not(None)).order_by(Series.id).all()
         assert [(r.modality, r.superseded_at is not None) for r in rows] == [
-            ("SEG", True), ("SR", True), ("SEG", False), ("SR", False)
+            ("SEG", True),
+            ("SR", True),
+            ("SEG", False),
+            ("SR", False),
         ]
         kept = session.query(Instance.path).filter(Instance.series_id == rows[1].id).scalar()
         assert kept == str(first["sr-binary.dcm"]) and Path(kept).exists()

@@ -98,9 +98,7 @@ def test_every_pixel_read_back_equals_returned_hu(small: PhantomSeries) -> None:
 
 
 @pytest.mark.parametrize("sign", [1, -1])
-def test_slice_positions_advance_by_slice_spacing_along_normal(
-    sign: int, tmp_path: Path
-) -> None:
+def test_slice_positions_advance_by_slice_spacing_along_normal(sign: int, tmp_path: Path) -> None:
     series = write_phantom_series(tmp_path, _spec(slice_direction_sign=sign))
     datasets = [pydicom.dcmread(f) for f in series.files]
     positions = np.array([_floats(ds.ImagePositionPatient) for ds in datasets])
@@ -148,9 +146,7 @@ def test_compression_round_trips_losslessly(
     np.testing.assert_array_equal(np.stack([ds.pixel_array for ds in datasets]), small_pixels)
 
 
-def test_missing_encoder_raises_runtime_error_naming_package(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_encoder_raises_runtime_error_naming_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     missing = SimpleNamespace(is_available=False, missing_dependencies=["pylibjpeg-openjpeg"])
     monkeypatch.setattr(phantom, "get_encoder", lambda uid: missing)
     with pytest.raises(RuntimeError, match="pylibjpeg-openjpeg"):
@@ -221,9 +217,7 @@ def test_enhanced_writes_one_multiframe_file_with_per_frame_positions(tmp_path: 
     assert ds.NumberOfFrames == 20
     shared = ds.SharedFunctionalGroupsSequence[0]
     np.testing.assert_allclose(_floats(shared.PixelMeasuresSequence[0].PixelSpacing), [6.4, 6.4])
-    np.testing.assert_allclose(
-        _floats(shared.PlaneOrientationSequence[0].ImageOrientationPatient), [1, 0, 0, 0, 1, 0]
-    )
+    np.testing.assert_allclose(_floats(shared.PlaneOrientationSequence[0].ImageOrientationPatient), [1, 0, 0, 0, 1, 0])
     frames = ds.PerFrameFunctionalGroupsSequence
     positions = [tuple(_floats(f.PlanePositionSequence[0].ImagePositionPatient)) for f in frames]
     assert positions == series.slice_positions
@@ -244,9 +238,7 @@ def test_same_seed_gives_identical_pixels(small_pixels: np.ndarray, tmp_path: Pa
 
 
 def test_phantom_volume_equals_default_geometry_series(small: PhantomSeries) -> None:
-    hu, labels = phantom_volume(
-        (20, 64, 64), (5.0, 6.4, 6.4), seed=SMALL.seed, noise_sd=SMALL.noise_sd
-    )
+    hu, labels = phantom_volume((20, 64, 64), (5.0, 6.4, 6.4), seed=SMALL.seed, noise_sd=SMALL.noise_sd)
     np.testing.assert_array_equal(hu, small.hu)
     np.testing.assert_array_equal(labels, small.labels)
 
@@ -274,9 +266,7 @@ def test_clinical_stack_contains_every_structure_in_place() -> None:
 
 def test_short_stack_shows_part_of_the_anatomy() -> None:
     _, labels = phantom_volume((4, 64, 64), (2.0, 6.4, 6.4))
-    assert {PHANTOM_LABELS["body"], PHANTOM_LABELS["liver"], PHANTOM_LABELS["spine"]} <= set(
-        np.unique(labels)
-    )
+    assert {PHANTOM_LABELS["body"], PHANTOM_LABELS["liver"], PHANTOM_LABELS["spine"]} <= set(np.unique(labels))
 
 
 @pytest.mark.parametrize(
@@ -328,9 +318,23 @@ def test_character_set_option_encodes_the_patient_name_with_it(tmp_path: Path) -
 
 def test_phantom_command_writes_legacy_converted_ct_in_a_japanese_character_set(tmp_path: Path) -> None:
     result = subprocess.run(
-        [DICOM_NODE, "phantom", str(tmp_path / "ct"), "--slices", "4", "--size", "32", "--multiframe", "legacy",
-         "--patient-name", "Yamada^Tarou=山田^太郎=やまだ^たろう", "--character-set", "\\ISO 2022 IR 87"],
-        capture_output=True, text=True,
+        [
+            DICOM_NODE,
+            "phantom",
+            str(tmp_path / "ct"),
+            "--slices",
+            "4",
+            "--size",
+            "32",
+            "--multiframe",
+            "legacy",
+            "--patient-name",
+            "Yamada^Tarou=山田^太郎=やまだ^たろう",
+            "--character-set",
+            "\\ISO 2022 IR 87",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     [path] = (tmp_path / "ct").glob("*.dcm")
@@ -342,7 +346,8 @@ def test_phantom_command_writes_legacy_converted_ct_in_a_japanese_character_set(
 def test_phantom_command_refuses_an_unknown_multiframe_kind(tmp_path: Path) -> None:
     result = subprocess.run(
         [DICOM_NODE, "phantom", str(tmp_path / "ct"), "--slices", "4", "--size", "32", "--multiframe", "tiled"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "--multiframe is 'enhanced' or 'legacy', not 'tiled'" in result.stderr

@@ -88,7 +88,9 @@ def test_series_completes_after_quiet_period_without_expected_count(tmp_path, st
 
 def test_real_compressed_ct_is_stored_as_sent_and_ignored_without_matching_rule(shared_fixtures, start_node):
     files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
-    node = start_node(rules=[{"name": "mr-only", "match": {"modality": "MR"}, "action": "process", "model": "baseline"}])
+    node = start_node(
+        rules=[{"name": "mr-only", "match": {"modality": "MR"}, "action": "process", "model": "baseline"}]
+    )
 
     result = storescu(node.port, files, extra=["-xv"])  # propose JPEG 2000 lossless: sent as stored
 
@@ -208,7 +210,17 @@ def test_instance_survives_kill_during_transfer(tmp_path, start_node):
     node = start_node(rules=CT_RULES, completion={"quiet_seconds": 2, "expected_count_timeout_seconds": 2})
 
     sender = subprocess.Popen(
-        [require_tool("storescu"), "-v", "-aet", "PACS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, series.files)],
+        [
+            require_tool("storescu"),
+            "-v",
+            "-aet",
+            "PACS",
+            "-aec",
+            "DICOMNODE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, series.files),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -19,8 +19,14 @@ def _encode(tmp_path, run: int) -> list[pydicom.Dataset]:
     folder = tmp_path / f"run-{run}"
     folder.mkdir()
     files = encode_results(
-        volume, segmentation, measure(volume, segmentation.labels, segmentation.classes), model, folder,
-        ["BINARY", "LABELMAP"], run, rtstruct=True,
+        volume,
+        segmentation,
+        measure(volume, segmentation.labels, segmentation.classes),
+        model,
+        folder,
+        ["BINARY", "LABELMAP"],
+        run,
+        rtstruct=True,
     )
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
 

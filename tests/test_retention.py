@@ -96,14 +96,22 @@ def _add_results(session: Session, settings: Settings, job: Job) -> Path:
     seg.write_bytes(b"\0" * 500)
     study = session.scalars(select(Study).where(Study.study_instance_uid == STUDY)).one()
     result = Series(
-        series_instance_uid=f"{job.series.series_instance_uid}.9701", study=study, modality="SEG",
-        source_job_id=job.id, instance_count=1,
+        series_instance_uid=f"{job.series.series_instance_uid}.9701",
+        study=study,
+        modality="SEG",
+        source_job_id=job.id,
+        instance_count=1,
     )
-    session.add(Instance(
-        series=result, sop_instance_uid=f"{job.series.series_instance_uid}.9701.1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=str(seg), size_bytes=500,
-    ))
+    session.add(
+        Instance(
+            series=result,
+            sop_instance_uid=f"{job.series.series_instance_uid}.9701.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=str(seg),
+            size_bytes=500,
+        )
+    )
     job.result_path = str(folder)
     job.result_files = [str(seg)]
     return folder
@@ -187,7 +195,8 @@ def test_results_can_be_kept_longer_than_images(node):
     with node[1]() as session:
         plan = plan_retention(session, RetentionSettings(days=7, results_days=30), NOW)
     assert [(i.series_instance_uid, i.images, i.results) for i in plan.items] == [
-        (old.uid, True, True), (middle.uid, True, False)
+        (old.uid, True, True),
+        (middle.uid, True, False),
     ]
     assert plan.items[1].reason == "images older than 7 days"
 
@@ -241,8 +250,11 @@ def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path
 
 def cli(node: tuple[Settings, sessionmaker[Session]], tmp_path: Path, *args: str, **retention: float):
     config = tmp_path / "config.yaml"
-    data = {"storage": {"directory": str(node[0].storage.directory)}, "database": {"url": node[0].database_url},
-            "retention": retention}
+    data = {
+        "storage": {"directory": str(node[0].storage.directory)},
+        "database": {"url": node[0].database_url},
+        "retention": retention,
+    }
     config.write_text(yaml.safe_dump(data))
     return subprocess.run([DICOM_NODE, "purge", *args, "--config", str(config)], capture_output=True, text=True)
 
@@ -335,8 +347,14 @@ def test_refused_instances_are_purged_by_their_own_age(node):
     with transaction(sessions) as session:
         for path, days in ((old_file, 40), (new_file, 1)):
             record_rejection(
-                session, status=0xC000, reason="not a DICOM data set", path=str(path), sop_instance_uid=None,
-                sop_class_uid=None, transfer_syntax_uid=None, calling_ae_title="PACS",
+                session,
+                status=0xC000,
+                reason="not a DICOM data set",
+                path=str(path),
+                sop_instance_uid=None,
+                sop_class_uid=None,
+                transfer_syntax_uid=None,
+                calling_ae_title="PACS",
             )
             session.flush()
             session.scalars(select(RejectedInstance).where(RejectedInstance.path == str(path))).one().received_at = (

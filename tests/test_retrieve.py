@@ -90,8 +90,15 @@ def findscu(node: Node, out: Path, *keys: str, calling_ae: str = PLANNER, model:
 def test_find_at_study_series_and_image_level(processed: ProcessedStudy, tmp_path: Path) -> None:
     node, study = processed.node, processed.study_uid
     studies = findscu(
-        node, tmp_path / "study", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientID",
-        "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyDate",
+        node,
+        tmp_path / "study",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={study}",
+        "PatientID",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "StudyDate",
     )
     assert len(studies) == 1
     assert set(studies[0].ModalitiesInStudy) == {"CT", "SEG", "SR", "RTSTRUCT"}
@@ -101,16 +108,28 @@ def test_find_at_study_series_and_image_level(processed: ProcessedStudy, tmp_pat
 
     seg_uid, _ = result_series(node, "SEG")
     segs = findscu(
-        node, tmp_path / "series", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "Modality=SEG",
-        "SeriesInstanceUID", "SeriesDescription", "NumberOfSeriesRelatedInstances",
+        node,
+        tmp_path / "series",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study}",
+        "Modality=SEG",
+        "SeriesInstanceUID",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
     )
     assert [s.SeriesInstanceUID for s in segs] == [seg_uid]
     assert "baseline" in segs[0].SeriesDescription
     assert int(segs[0].NumberOfSeriesRelatedInstances) == 1
 
     images = findscu(
-        node, tmp_path / "image", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
-        f"SeriesInstanceUID={processed.ct_series_uid}", "SOPInstanceUID", "InstanceNumber", "SOPClassUID",
+        node,
+        tmp_path / "image",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={processed.ct_series_uid}",
+        "SOPInstanceUID",
+        "InstanceNumber",
+        "SOPClassUID",
     )
     assert len(images) == PHANTOM.slices
     assert {i.SOPClassUID for i in images} == {pydicom.uid.CTImageStorage}
@@ -121,18 +140,32 @@ def test_find_matching_wildcards_ranges_and_uid_lists(processed: ProcessedStudy,
     ct = processed.ct_series_uid
     seg_uid, _ = result_series(node, "SEG")
     by_list = findscu(
-        node, tmp_path / "list", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
-        f"SeriesInstanceUID={ct}\\{seg_uid}", "Modality",
+        node,
+        tmp_path / "list",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={ct}\\{seg_uid}",
+        "Modality",
     )
     assert sorted(s.Modality for s in by_list) == ["CT", "SEG"]
-    by_wildcard = findscu(node, tmp_path / "wild", "QueryRetrieveLevel=SERIES", "Modality=R?STRUC*", "SeriesInstanceUID")
+    by_wildcard = findscu(
+        node, tmp_path / "wild", "QueryRetrieveLevel=SERIES", "Modality=R?STRUC*", "SeriesInstanceUID"
+    )
     assert len(by_wildcard) == 1
-    in_range = findscu(node, tmp_path / "range", "QueryRetrieveLevel=STUDY", "StudyDate=19000101-29991231", "StudyInstanceUID")
+    in_range = findscu(
+        node, tmp_path / "range", "QueryRetrieveLevel=STUDY", "StudyDate=19000101-29991231", "StudyInstanceUID"
+    )
     assert [s.StudyInstanceUID for s in in_range] == [study]
-    out_of_range = findscu(node, tmp_path / "none", "QueryRetrieveLevel=STUDY", "StudyDate=-19000101", "StudyInstanceUID")
+    out_of_range = findscu(
+        node, tmp_path / "none", "QueryRetrieveLevel=STUDY", "StudyDate=-19000101", "StudyInstanceUID"
+    )
     assert out_of_range == []
     patients = findscu(
-        node, tmp_path / "patient", "QueryRetrieveLevel=PATIENT", "PatientID", "NumberOfPatientRelatedStudies",
+        node,
+        tmp_path / "patient",
+        "QueryRetrieveLevel=PATIENT",
+        "PatientID",
+        "NumberOfPatientRelatedStudies",
         model="-P",
     )
     assert len(patients) == 1 and int(patients[0].NumberOfPatientRelatedStudies) == 1
@@ -145,11 +178,17 @@ def test_move_sends_the_seg_byte_identical_to_a_known_destination(processed: Pro
     received.mkdir()
     scp = subprocess.Popen(
         [require_tool("storescp"), "-aet", PLANNER, "-od", str(received), str(processed.planner_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
-        result = movescu(node, PLANNER, "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={processed.study_uid}",
-                         f"SeriesInstanceUID={seg_uid}")
+        result = movescu(
+            node,
+            PLANNER,
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={processed.study_uid}",
+            f"SeriesInstanceUID={seg_uid}",
+        )
         assert "Received Final Move Response (Success)" in result, result
         files = wait_for(lambda: list(received.iterdir()), timeout=10, what="the moved SEG")
     finally:
@@ -172,9 +211,26 @@ def test_get_returns_seg_and_rtstruct_byte_identical(processed: ProcessedStudy, 
         series_uid, stored = result_series(node, modality)
         out = tmp_path / modality
         out.mkdir()
-        command = [require_tool("getscu"), "-v", "-S", "+B", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out),
-                   "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={processed.study_uid}",
-                   "-k", f"SeriesInstanceUID={series_uid}", "127.0.0.1", str(node.port)]
+        command = [
+            require_tool("getscu"),
+            "-v",
+            "-S",
+            "+B",
+            "-aet",
+            PLANNER,
+            "-aec",
+            node.ae_title,
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={processed.study_uid}",
+            "-k",
+            f"SeriesInstanceUID={series_uid}",
+            "127.0.0.1",
+            str(node.port),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         files = list(out.iterdir())
@@ -184,15 +240,32 @@ def test_get_returns_seg_and_rtstruct_byte_identical(processed: ProcessedStudy, 
 
 def test_unknown_move_destination_is_refused(processed: ProcessedStudy) -> None:
     seg_uid, _ = result_series(processed.node, "SEG")
-    result = movescu(processed.node, "NOBODY", "QueryRetrieveLevel=SERIES",
-                     f"StudyInstanceUID={processed.study_uid}", f"SeriesInstanceUID={seg_uid}")
+    result = movescu(
+        processed.node,
+        "NOBODY",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={processed.study_uid}",
+        f"SeriesInstanceUID={seg_uid}",
+    )
     assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in result, result
     assert "unknown move destination 'NOBODY'" in processed.node.log()
 
 
 def test_a_caller_that_is_no_peer_cannot_query(processed: ProcessedStudy, tmp_path: Path) -> None:
-    command = [require_tool("findscu"), "-S", "-aet", "INTRUDER", "-aec", processed.node.ae_title,
-               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "127.0.0.1", str(processed.node.port)]
+    command = [
+        require_tool("findscu"),
+        "-S",
+        "-aet",
+        "INTRUDER",
+        "-aec",
+        processed.node.ae_title,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        str(processed.node.port),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "Association Rejected" in result.stdout + result.stderr

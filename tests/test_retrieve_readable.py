@@ -52,9 +52,25 @@ def _series_of(node: Node, sop_class: str) -> tuple[str, str]:
 
 def _getscu(node: Node, out: Path, study: str, series: str) -> list[pydicom.Dataset]:
     out.mkdir()
-    command = [require_tool("getscu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out),
-               "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}", "-k", f"SeriesInstanceUID={series}",
-               "127.0.0.1", str(node.port)]
+    command = [
+        require_tool("getscu"),
+        "-v",
+        "-S",
+        "-aet",
+        PLANNER,
+        "-aec",
+        node.ae_title,
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={study}",
+        "-k",
+        f"SeriesInstanceUID={series}",
+        "127.0.0.1",
+        str(node.port),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return [pydicom.dcmread(path) for path in sorted(out.iterdir())]
@@ -88,16 +104,37 @@ def test_movescu_to_a_storescp_gets_the_ct_and_the_seg_in_forms_it_accepts(node_
     node, files, planner_port = node_with_j2k_ct_and_labelmap
     received = tmp_path / "planner"
     received.mkdir()
-    scp = subprocess.Popen([require_tool("storescp"), "-aet", PLANNER, "-od", str(received), str(planner_port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "-aet", PLANNER, "-od", str(received), str(planner_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for sop_class in ("1.2.840.10008.5.1.4.1.1.2", LABEL_MAP_SEGMENTATION):
             study, series = _series_of(node, sop_class)
-            command = [require_tool("movescu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-aem", PLANNER,
-                       "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
-                       "-k", f"SeriesInstanceUID={series}", "127.0.0.1", str(node.port)]
+            command = [
+                require_tool("movescu"),
+                "-v",
+                "-S",
+                "-aet",
+                PLANNER,
+                "-aec",
+                node.ae_title,
+                "-aem",
+                PLANNER,
+                "-k",
+                "QueryRetrieveLevel=SERIES",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "-k",
+                f"SeriesInstanceUID={series}",
+                "127.0.0.1",
+                str(node.port),
+            ]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            assert "Received Final Move Response (Success)" in result.stdout + result.stderr, result.stdout + result.stderr
+            assert "Received Final Move Response (Success)" in result.stdout + result.stderr, (
+                result.stdout + result.stderr
+            )
         arrived = wait_for(lambda: len(list(received.iterdir())) == len(files) + 1, timeout=30, what="moved files")
         assert arrived
     finally:

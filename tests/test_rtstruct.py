@@ -19,8 +19,9 @@ ALGORITHM = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_ve
 @pytest.fixture(scope="module")
 def structure_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rt")
-    series = write_phantom_series(folder / "ct", PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0),
-                                                             slice_spacing=5.0))
+    series = write_phantom_series(
+        folder / "ct", PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
     volume = load_series_volume(series.files)
     result = ThresholdModel().segment(volume)
     headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
@@ -79,7 +80,7 @@ def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
         # every traced point lies within the tolerance of some edge of the simplified polygon
         for point in contour:
             chord = ends - starts
-            t = np.clip(((point - starts) * chord).sum(1) / np.maximum((chord ** 2).sum(1), 1e-12), 0, 1)
+            t = np.clip(((point - starts) * chord).sum(1) / np.maximum((chord**2).sum(1), 1e-12), 0, 1)
             nearest = starts + t[:, None] * chord
             assert np.hypot(*(nearest - point).T).min() <= SIMPLIFY_TOLERANCE_PIXELS + 1e-9
         reference = measure.approximate_polygon(contour, SIMPLIFY_TOLERANCE_PIXELS)[:-1]
@@ -88,10 +89,19 @@ def test_simplified_contours_stay_within_tolerance_of_the_traced_boundary():
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["enhanced-ct", "legacy-converted-enhanced-ct"])
 def test_rtstruct_of_a_multiframe_source_references_frames_and_passes_dciodvfy(tmp_path, legacy):
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(
-        rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=10.0, enhanced=True,
-        legacy_converted=legacy, slice_direction_sign=-1,
-    ))
+    series = write_phantom_series(
+        tmp_path / "ct",
+        PhantomSpec(
+            rows=64,
+            columns=64,
+            slices=12,
+            pixel_spacing=(5.0, 5.0),
+            slice_spacing=10.0,
+            enhanced=True,
+            legacy_converted=legacy,
+            slice_direction_sign=-1,
+        ),
+    )
     volume = load_series_volume(series.files)
     result = ThresholdModel().segment(volume)
     source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
@@ -122,14 +132,23 @@ def test_a_structure_over_the_point_budget_is_simplified_further_never_dropped(t
     sources = [headers[s.sop_instance_uid] for s in volume.slices]
 
     def points(dataset: pydicom.Dataset) -> dict[int, int]:
-        return {roi.ReferencedROINumber: sum(int(c.NumberOfContourPoints) for c in roi.ContourSequence)
-                for roi in dataset.ROIContourSequence}
+        return {
+            roi.ReferencedROINumber: sum(int(c.NumberOfContourPoints) for c in roi.ContourSequence)
+            for roi in dataset.ROIContourSequence
+        }
 
     notes: list[str] = []
     generous = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM, notes=notes)
     assert notes == []
-    tight = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM,
-                            budget=ContourBudget(points_per_structure=400), notes=notes)
+    tight = encode_rtstruct(
+        volume,
+        sources,
+        result.labels,
+        result.classes,
+        ALGORITHM,
+        budget=ContourBudget(points_per_structure=400),
+        notes=notes,
+    )
 
     assert len(tight.StructureSetROISequence) == len(generous.StructureSetROISequence)  # nothing dropped
     before, after = points(generous), points(tight)

@@ -109,9 +109,9 @@ def test_four_workers_on_four_hosts_process_every_job_once_and_finish_the_job_of
         assert len(requeued) == 1
         assert requeued[0].reason.startswith(f"worker gpu-d:{victim.pid} died in stage")
         assert "its lease having run out" in requeued[0].reason
-        others = list(session.scalars(
-                select(JobEvent).where(JobEvent.job_id != killed_job, JobEvent.to_state == JobState.QUEUED)
-            ))
+        others = list(
+            session.scalars(select(JobEvent).where(JobEvent.job_id != killed_job, JobEvent.to_state == JobState.QUEUED))
+        )
         assert all(e.from_state is JobState.COMPLETE for e in others)  # no other job was taken from its worker
     assert victim.returncode == -signal.SIGKILL
 

@@ -141,12 +141,33 @@ def dcmtk(tool: str, node, calling_ae: str, *arguments: str) -> str:
 def test_universal_patient_query_needs_the_find_role(stored_series, tmp_path):
     node, series = stored_series
 
-    browsing = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName",
-                     "-k", "StudyInstanceUID")
-    patients = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=*",
-                     "-k", "PatientName")
-    narrow = dcmtk("findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=SERIES",
-                   "-k", f"StudyInstanceUID={series.study_instance_uid}", "-k", "SeriesInstanceUID")
+    browsing = dcmtk(
+        "findscu",
+        node,
+        "PLANNER",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientName",
+        "-k",
+        "StudyInstanceUID",
+    )
+    patients = dcmtk(
+        "findscu", node, "PLANNER", "-S", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=*", "-k", "PatientName"
+    )
+    narrow = dcmtk(
+        "findscu",
+        node,
+        "PLANNER",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={series.study_instance_uid}",
+        "-k",
+        "SeriesInstanceUID",
+    )
     by_reader = dcmtk("findscu", node, "READER", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID")
 
     for refused in (browsing, patients):
@@ -162,8 +183,18 @@ def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path
     for value in ("*", "1.2.*", "", "?"):
         out = tmp_path / f"get{len(value)}{value.count('*')}"
         out.mkdir()
-        output = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                       "-k", f"StudyInstanceUID={value}")
+        output = dcmtk(
+            "getscu",
+            node,
+            "PLANNER",
+            "-S",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={value}",
+        )
         assert list(out.iterdir()) == [], output
         assert "Received C-GET Response (Error: DataSetDoesNotMatchSOPClass)" in output  # 0xA900, output
     assert "has a wildcard; a retrieval needs literal unique keys" in node.log()
@@ -172,14 +203,36 @@ def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path
 def test_find_stops_at_the_match_cap_and_retrievals_over_the_instance_cap_are_refused(stored_series, tmp_path):
     node, series = stored_series
 
-    found = dcmtk("findscu", node, "READER", "-S", "-k", "QueryRetrieveLevel=IMAGE",
-                  "-k", f"StudyInstanceUID={series.study_instance_uid}",
-                  "-k", f"SeriesInstanceUID={series.series_instance_uid}", "-k", "SOPInstanceUID")
+    found = dcmtk(
+        "findscu",
+        node,
+        "READER",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={series.study_instance_uid}",
+        "-k",
+        f"SeriesInstanceUID={series.series_instance_uid}",
+        "-k",
+        "SOPInstanceUID",
+    )
     out = tmp_path / "get"
     out.mkdir()
-    got = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=SERIES",
-                "-k", f"StudyInstanceUID={series.study_instance_uid}",
-                "-k", f"SeriesInstanceUID={series.series_instance_uid}")
+    got = dcmtk(
+        "getscu",
+        node,
+        "PLANNER",
+        "-S",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={series.study_instance_uid}",
+        "-k",
+        f"SeriesInstanceUID={series.series_instance_uid}",
+    )
 
     assert found.count("(Pending)") == 2, found
     assert "Refused: OutOfResources" in found, found
@@ -314,8 +367,22 @@ def test_a_wildcard_move_sends_nothing(start_node, tmp_path):
     incoming = free_port()
     planner = {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"], "host": "127.0.0.1", "port": incoming}
     node = start_node(peers={"planner": planner})
-    output = dcmtk("movescu", node, "PLANNER", "-S", "--port", str(incoming), "-od", str(tmp_path), "-aem", "PLANNER",
-                   "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=*")
+    output = dcmtk(
+        "movescu",
+        node,
+        "PLANNER",
+        "-S",
+        "--port",
+        str(incoming),
+        "-od",
+        str(tmp_path),
+        "-aem",
+        "PLANNER",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=*",
+    )
     assert "Received Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # 0xA900
     assert "StudyInstanceUID '*' has a wildcard" in node.log()
 

@@ -73,8 +73,9 @@ def test_seg_decodes_to_the_encoded_label_map_on_the_real_ct(shared_fixtures, tm
     result = ThresholdModel().segment(volume)
     algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
 
-    encoded = encode_segmentation(sources_in_volume_order(files, volume), result.labels, result.classes, algorithm,
-                                  segmentation_type=kind)
+    encoded = encode_segmentation(
+        sources_in_volume_order(files, volume), result.labels, result.classes, algorithm, segmentation_type=kind
+    )
     path = tmp_path / "seg.dcm"
     write_segmentation(encoded.dataset, path)
 
@@ -89,8 +90,9 @@ def test_seg_decodes_to_the_encoded_label_map_on_the_real_ct(shared_fixtures, tm
 
 def test_binary_seg_passes_dciodvfy(phantom_with_kidneys, tmp_path):
     series, volume, labels, classes = phantom_with_kidneys
-    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
-                                  segmentation_type="BINARY")
+    encoded = encode_segmentation(
+        sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM, segmentation_type="BINARY"
+    )
     path = tmp_path / "seg.dcm"
     write_segmentation(encoded.dataset, path)
 
@@ -139,8 +141,14 @@ def pydicom_bytes(dataset: pydicom.Dataset) -> bytes:
 @pytest.mark.parametrize(("kind", "compress"), [("BINARY", False), ("LABELMAP", False), ("LABELMAP", True)])
 def test_write_segmentation_writes_pydicoms_bytes(phantom_with_kidneys, tmp_path, kind, compress):
     series, volume, labels, classes = phantom_with_kidneys
-    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
-                                  segmentation_type=kind, compress=compress)
+    encoded = encode_segmentation(
+        sources_in_volume_order(series.files, volume),
+        labels,
+        classes,
+        TS_ALGORITHM,
+        segmentation_type=kind,
+        compress=compress,
+    )
     path = tmp_path / "seg.dcm"
     expected = pydicom_bytes(encoded.dataset)
 
@@ -154,8 +162,9 @@ def test_write_segmentation_writes_pydicoms_bytes(phantom_with_kidneys, tmp_path
 
 def test_write_segmentation_falls_back_to_save_as_for_implicit_vr(phantom_with_kidneys):
     series, volume, labels, classes = phantom_with_kidneys
-    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM,
-                                  segmentation_type="BINARY")
+    encoded = encode_segmentation(
+        sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM, segmentation_type="BINARY"
+    )
     encoded.dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     expected, buffer = pydicom_bytes(encoded.dataset), BytesIO()
 
@@ -178,8 +187,9 @@ def test_identity_relabelling_leaves_the_label_map_untouched(phantom_with_kidney
         identity[labels == value] = number
     before = identity.copy()
 
-    encoded = encode_segmentation(sources_in_volume_order(series.files, volume), identity, classes, TS_ALGORITHM,
-                                  segmentation_type="BINARY")
+    encoded = encode_segmentation(
+        sources_in_volume_order(series.files, volume), identity, classes, TS_ALGORITHM, segmentation_type="BINARY"
+    )
     path = tmp_path / "seg.dcm"
     write_segmentation(encoded.dataset, path)
 
@@ -246,8 +256,16 @@ def test_save_preencoded_falls_back_on_an_ambiguous_vr_in_the_sequence():
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["enhanced-ct", "legacy-converted-enhanced-ct"])
 def test_seg_of_a_multiframe_source_references_each_source_frame(tmp_path, legacy):
-    spec = PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=10.0,
-                       enhanced=True, legacy_converted=legacy, slice_direction_sign=-1)
+    spec = PhantomSpec(
+        rows=64,
+        columns=64,
+        slices=12,
+        pixel_spacing=(5.0, 5.0),
+        slice_spacing=10.0,
+        enhanced=True,
+        legacy_converted=legacy,
+        slice_direction_sign=-1,
+    )
     series = write_phantom_series(tmp_path / "ct", spec)
     source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     labels = (series.labels > 0).astype(np.uint8)  # per frame, in the file's frame order

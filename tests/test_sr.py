@@ -63,4 +63,6 @@ def test_cut_structures_are_marked(report):
     dataset = pydicom.dcmread(path)
     text = str(dataset)
     assert CUT_BY_SCAN_EDGE.meaning in text
-    assert np.isclose(sum(m.volume_ml for m in measurements), sum(m.voxels for m in measurements) * 0.9765625**2 * 2 / 1000)
+    assert np.isclose(
+        sum(m.volume_ml for m in measurements), sum(m.voxels for m in measurements) * 0.9765625**2 * 2 / 1000
+    )

@@ -140,9 +140,13 @@ def test_repair_indexes_files_missing_from_the_database_and_drops_partials(tmp_p
     sessions = make_session_factory(make_engine(url))
     store = InstanceStore(tmp_path / "storage")
     series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=3))
-    for source, uid in zip(series.files, series.sop_instance_uids, strict=True):  # on disk, as if the commit was cut off
+    for source, uid in zip(
+        series.files, series.sop_instance_uids, strict=True
+    ):  # on disk, as if the commit was cut off
         meta = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", uid, "1.2.840.10008.1.2.1", "PACS")
-        store.write(store.path_for(series.study_instance_uid, series.series_instance_uid, uid), meta, data_set_bytes(source))
+        store.write(
+            store.path_for(series.study_instance_uid, series.series_instance_uid, uid), meta, data_set_bytes(source)
+        )
     partial = store.incoming_dir / "123-456-7.partial"
     partial.write_bytes(b"cut off")
 

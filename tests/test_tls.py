@@ -52,9 +52,19 @@ def test_dcmtk_echoes_stores_and_finds_over_mutual_tls(tmp_path, start_node, cer
 
     echoed = dcmtk("echoscu", node.port, tls=peer, ca=certificates.ca)
     stored = dcmtk("storescu", node.port, tls=peer, ca=certificates.ca, files=tuple(series.files))
-    found = dcmtk("findscu", node.port, "-S", "-k", "QueryRetrieveLevel=SERIES", "-k",
-                  f"StudyInstanceUID={series.study_instance_uid}", "-k", "SeriesInstanceUID",
-                  tls=peer, ca=certificates.ca)
+    found = dcmtk(
+        "findscu",
+        node.port,
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={series.study_instance_uid}",
+        "-k",
+        "SeriesInstanceUID",
+        tls=peer,
+        ca=certificates.ca,
+    )
 
     assert "Received Echo Response (Success)" in echoed, echoed
     assert stored.count("Received Store Response (Success)") == len(series.files), stored
@@ -74,15 +84,27 @@ def test_plain_tcp_and_an_untrusted_certificate_are_refused_on_the_tls_port(star
         assert "Received Echo Response (Success)" not in refused and "(exit 0)" not in refused, refused
     assert "Received Echo Response (Success)" in genuine, genuine
     log = node.log()
-    assert log.count("connection.refused address=127.0.0.1 reason=\"TLS handshake failed") >= 3, log
+    assert log.count('connection.refused address=127.0.0.1 reason="TLS handshake failed') >= 3, log
 
 
 def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, certificates):
     port = free_port()
     scp = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "TLSPEER", "+tls", str(certificates.peer_key), str(certificates.peer),
-         "+cf", str(certificates.ca), "-od", str(tmp_path), str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            require_tool("storescp"),
+            "-aet",
+            "TLSPEER",
+            "+tls",
+            str(certificates.peer_key),
+            str(certificates.peer),
+            "+cf",
+            str(certificates.ca),
+            "-od",
+            str(tmp_path),
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     config = tmp_path / "config.yaml"
 
@@ -95,8 +117,11 @@ def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, c
         return subprocess.run([DICOM_NODE, "echo", "peer", "--config", str(config)], capture_output=True, text=True)
 
     try:
-        ok = wait_for(lambda: (r := echo(certificates.node_key, certificates.node)).returncode == 0 and r,
-                      timeout=20, what="storescp to answer over TLS")
+        ok = wait_for(
+            lambda: (r := echo(certificates.node_key, certificates.node)).returncode == 0 and r,
+            timeout=20,
+            what="storescp to answer over TLS",
+        )
         untrusted = echo(certificates.stranger_key, certificates.stranger)
     finally:
         scp.terminate()
@@ -129,8 +154,9 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_dicom_tls(
     )
     node = start_node(
         network={"port": node_port, "tls": node_tls(certificates)},
-        destinations={"orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port,
-                                  "tls": True}},
+        destinations={
+            "orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port, "tls": True}
+        },
         rules=[{**CT_RULES[0], "destinations": ["orthanc"]}],
         inference={"workers": 1},
         dispatch={"first_retry_seconds": 1},
@@ -143,7 +169,8 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_dicom_tls(
 
     segs = wait_for(
         lambda: orthanc.post_json("/tools/find", {"Level": "Series", "Query": {"Modality": "SEG"}}),
-        timeout=30, what="the SEG in Orthanc",
+        timeout=30,
+        what="the SEG in Orthanc",
     )
     assert len(segs) == 1
     assert "association.accepted calling_ae=ORTHANC" in node.log()
@@ -154,16 +181,34 @@ def test_move_sub_operations_go_to_a_tls_peer_over_tls(tmp_path, start_node, cer
     received = tmp_path / "received"
     received.mkdir()
     scp = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "PLANNER", "+tls", str(certificates.peer_key), str(certificates.peer),
-         "+cf", str(certificates.ca), "-od", str(received), str(planner_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            require_tool("storescp"),
+            "-aet",
+            "PLANNER",
+            "+tls",
+            str(certificates.peer_key),
+            str(certificates.peer),
+            "+cf",
+            str(certificates.ca),
+            "-od",
+            str(received),
+            str(planner_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     node = start_node(
         network={"tls": node_tls(certificates)},
         peers={
             "pacs": {"ae_title": "PEER", "hosts": ["127.0.0.1"], "roles": ["store", "move"]},
-            "planner": {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"], "host": "127.0.0.1",
-                        "port": planner_port, "tls": True},
+            "planner": {
+                "ae_title": "PLANNER",
+                "hosts": ["127.0.0.1"],
+                "roles": ["move"],
+                "host": "127.0.0.1",
+                "port": planner_port,
+                "tls": True,
+            },
         },
     )
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
@@ -172,8 +217,11 @@ def test_move_sub_operations_go_to_a_tls_peer_over_tls(tmp_path, start_node, cer
         stored = dcmtk("storescu", node.port, tls=peer, ca=certificates.ca, files=tuple(series.files[:3]))
         assert stored.count("Received Store Response (Success)") == 3, stored
         moved = move_over_tls(node.port, certificates, series.study_instance_uid, series.series_instance_uid)
-        files = wait_for(lambda: len(list(received.iterdir())) == 3 and list(received.iterdir()), timeout=20,
-                         what="the moved instances at the TLS peer")
+        files = wait_for(
+            lambda: len(list(received.iterdir())) == 3 and list(received.iterdir()),
+            timeout=20,
+            what="the moved instances at the TLS peer",
+        )
     finally:
         scp.terminate()
         scp.wait(timeout=10)
@@ -195,8 +243,11 @@ def move_over_tls(port: int, certificates: Certificates, study_uid: str, series_
     identifier.StudyInstanceUID = study_uid
     identifier.SeriesInstanceUID = series_uid
     try:
-        statuses = [int(status.Status) for status, _ in assoc.send_c_move(
-            identifier, "PLANNER", StudyRootQueryRetrieveInformationModelMove) if "Status" in status]
+        statuses = [
+            int(status.Status)
+            for status, _ in assoc.send_c_move(identifier, "PLANNER", StudyRootQueryRetrieveInformationModelMove)
+            if "Status" in status
+        ]
     finally:
         assoc.release()
     return statuses[-1]

@@ -50,8 +50,14 @@ def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> np.nda
     home = workdir / "totalseg-home"
     home.mkdir(exist_ok=True)
     (home / "config.json").write_text(
-        json.dumps({"totalseg_id": "offline-test", "send_usage_stats": False, "prediction_counter": 0,
-                    "statistics_disclaimer_shown": True})
+        json.dumps(
+            {
+                "totalseg_id": "offline-test",
+                "send_usage_stats": False,
+                "prediction_counter": 0,
+                "statistics_disclaimer_shown": True,
+            }
+        )
     )
     output = workdir / "reference.nii.gz"
     script = textwrap.dedent(

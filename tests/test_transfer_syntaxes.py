@@ -36,8 +36,12 @@ from dicom_node.receive.scp import ACCEPTED_TRANSFER_SYNTAXES, COMPRESSED_TRANSF
 from tests.conftest import CT_RULES, require_tool, storescu, succeeded_files
 
 SLICE = PhantomSpec(rows=64, columns=64, slices=1, pixel_spacing=(6.0, 6.0))
-DCMCONV = {ExplicitVRLittleEndian: "+te", ImplicitVRLittleEndian: "+ti", DeflatedExplicitVRLittleEndian: "+td",
-           ExplicitVRBigEndian: "+tb"}
+DCMCONV = {
+    ExplicitVRLittleEndian: "+te",
+    ImplicitVRLittleEndian: "+ti",
+    DeflatedExplicitVRLittleEndian: "+td",
+    ExplicitVRBigEndian: "+tb",
+}
 DCMCJPEG = {JPEGLosslessSV1: "+e1", JPEGLossless: "+el", JPEGBaseline8Bit: "+eb", JPEGExtended12Bit: "+ee"}
 PYDICOM_ENCODER = {
     RLELossless: {},

@@ -28,15 +28,23 @@ from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
 from tests.conftest import ROOT, dciodvfy, dsrdump, pixelmed, require_extra
 
-LABELMAP_SEGMENT_REFERENCE = "ReferencedSegmentNumber(0062,000b)> - Shall not be present for Referenced SOP Class that is not segmentation"
+LABELMAP_SEGMENT_REFERENCE = (
+    "ReferencedSegmentNumber(0062,000b)> - Shall not be present for Referenced SOP Class that is not segmentation"
+)
 
 
 def _results(volume, model, folder: Path) -> dict[str, Path]:
     segmentation = model.segment(volume)
     folder.mkdir(parents=True, exist_ok=True)
     files = encode_results(
-        volume, segmentation, measure(volume, segmentation.labels, segmentation.classes), model, folder,
-        ["BINARY", "LABELMAP"], rtstruct=True, warnings=["2 localizer image(s) left out of the volume"],
+        volume,
+        segmentation,
+        measure(volume, segmentation.labels, segmentation.classes),
+        model,
+        folder,
+        ["BINARY", "LABELMAP"],
+        rtstruct=True,
+        warnings=["2 localizer image(s) left out of the volume"],
     )
     return {path.stem: path for path in files}
 
@@ -62,7 +70,9 @@ def _check(results: dict[str, Path], heap: str = "2g") -> None:
     assert numbers == list(range(1, len(numbers) + 1))
     report = hd.sr.srread(results["sr-labelmap"])
     groups = report.content.get_volumetric_roi_measurement_groups()
-    references = [item.ReferencedSOPSequence[0] for g in groups for item in g.referenced_segment if item.ValueType == "IMAGE"]
+    references = [
+        item.ReferencedSOPSequence[0] for g in groups for item in g.referenced_segment if item.ValueType == "IMAGE"
+    ]
     referenced = {int(ref.ReferencedSegmentNumber) for ref in references}
     assert referenced <= set(numbers) and len(referenced) == len(groups) == len(references)
     assert all(ref.ReferencedSOPInstanceUID == labelmap.SOPInstanceUID for ref in references)
@@ -82,7 +92,9 @@ def test_totalsegmentator_results_with_over_100_structures_pass_the_validators(s
     weights = tmp_path / "weights"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(weights), "--task", "total_fast"],
-        check=True, capture_output=True, timeout=900,
+        check=True,
+        capture_output=True,
+        timeout=900,
     )
     volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
     results = _results(volume, TotalSegmentatorModel("total_fast", weights, device="cpu"), tmp_path / "out")

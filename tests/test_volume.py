@@ -127,8 +127,14 @@ def test_mixed_orientations_are_refused(tmp_path):
     axial = write_phantom_series(tmp_path / "axial", SPEC)
     coronal = write_phantom_series(
         tmp_path / "coronal",
-        PhantomSpec(**{**SPEC.__dict__, "orientation": (1, 0, 0, 0, 0, -1), "slices": 6,
-                       "series_instance_uid": axial.series_instance_uid}),
+        PhantomSpec(
+            **{
+                **SPEC.__dict__,
+                "orientation": (1, 0, 0, 0, 0, -1),
+                "slices": 6,
+                "series_instance_uid": axial.series_instance_uid,
+            }
+        ),
     )
     with pytest.raises(VolumeError, match="mixed orientations in one series"):
         load_series_volume(axial.files + coronal.files)

@@ -40,7 +40,9 @@ def _checkpoint_bytes(payload: object) -> bytes:
 
 
 def _data_checkpoint() -> bytes:
-    return _checkpoint_bytes({"network_weights": {"w": torch.zeros(2)}, "trainer_name": "nnUNetTrainer", "init_args": {}})
+    return _checkpoint_bytes(
+        {"network_weights": {"w": torch.zeros(2)}, "trainer_name": "nnUNetTrainer", "init_args": {}}
+    )
 
 
 def _weights_zip(path: Path, checkpoint: bytes, description: str = "TotalSegmentator") -> Path:
@@ -54,7 +56,9 @@ def _weights_zip(path: Path, checkpoint: bytes, description: str = "TotalSegment
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "code-ran"
     checkpoint = tmp_path / "checkpoint_final.pth"
-    checkpoint.write_bytes(_checkpoint_bytes({"network_weights": {}, "trainer_name": "x", "init_args": _RunsCode(marker)}))
+    checkpoint.write_bytes(
+        _checkpoint_bytes({"network_weights": {}, "trainer_name": "x", "init_args": _RunsCode(marker)})
+    )
 
     with pytest.raises(UnsafeWeights, match="holds Python objects other than weights"):
         load_checkpoint(checkpoint)
@@ -68,7 +72,10 @@ def test_weights_import_refuses_a_malicious_checkpoint_and_installs_nothing(tmp_
     config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
 
     result = subprocess.run(
-        [DICOM_NODE, "weights", "import", str(archive), "--config", str(config)], capture_output=True, text=True, timeout=120
+        [DICOM_NODE, "weights", "import", str(archive), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode == 1
@@ -103,7 +110,9 @@ def test_weights_import_refuses_an_archive_that_unpacks_past_the_cap(tmp_path):
 
 
 def test_identity_names_the_files_and_catches_a_changed_checkpoint(tmp_path):
-    import_zip(_weights_zip(tmp_path / "w.zip", _data_checkpoint(), "SYNTHETIC TEST WEIGHTS: Not a trained model."), tmp_path)
+    import_zip(
+        _weights_zip(tmp_path / "w.zip", _data_checkpoint(), "SYNTHETIC TEST WEIGHTS: Not a trained model."), tmp_path
+    )
     folders = model_folders("total_fast", tmp_path)
 
     identity = identify("total_fast", folders)
@@ -149,7 +158,9 @@ def test_weights_import_command_refuses_a_file_that_is_not_the_published_release
 
     result = subprocess.run(
         [DICOM_NODE, "weights", "import", str(archive), "--sha256", "ab" * 32, "--config", str(config)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode == 1

@@ -131,8 +131,10 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
     settings, sessions, series = worker_setup
     worker = InferenceWorker(settings, sessions)
     claim = worker.claim()
-    late = write_phantom_series(tmp_path / "late", PhantomSpec(**{**PHANTOM.__dict__, "slices": 2,
-                                "series_instance_uid": series.series_instance_uid}))
+    late = write_phantom_series(
+        tmp_path / "late",
+        PhantomSpec(**{**PHANTOM.__dict__, "slices": 2, "series_instance_uid": series.series_instance_uid}),
+    )
     with transaction(sessions) as session:
         record_instance(session, _record(series, late.files[0], late.sop_instance_uids[0]))
 
@@ -181,7 +183,11 @@ def test_job_whose_workers_died_at_the_limit_is_failed_naming_the_stage(worker_s
 def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(worker_setup, tmp_path):
     settings, sessions, _series = worker_setup
     settings.models["ts"] = Settings.model_validate(
-        {"models": {"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "none")}}}
+        {
+            "models": {
+                "ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "none")}
+            }
+        }
     ).models["ts"]
     with transaction(sessions) as session:
         session.scalars(select(Job)).one().model_name = "ts"

@@ -53,7 +53,9 @@ def test_poison_series_fails_after_the_crash_limit_and_the_next_series_is_done(t
         assert job.worker_deaths == 2
     requeued = [r for s, r in events if s is JobState.QUEUED and r.startswith("worker ")]
     assert len(requeued) == 1
-    assert re.fullmatch(rf"worker \S+:{killed[0]} died in stage ({STAGES}) \(1 of 2 allowed\); queued again", requeued[0])
+    assert re.fullmatch(
+        rf"worker \S+:{killed[0]} died in stage ({STAGES}) \(1 of 2 allowed\); queued again", requeued[0]
+    )
     node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
     assert "job.worker_died" in node.log()
     assert "workers  died 2 time(s) on this series" in node.cli("show", poison.series_instance_uid).stdout
@@ -84,7 +86,9 @@ def _alive(pid: int) -> bool:
 def test_workers_stop_when_serve_is_killed(tmp_path, start_node):
     node = start_node(rules=CT_RULES, inference={"workers": 1})
     deadline = time.monotonic() + 60
-    while not (workers := [p for p in _children(node.process.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]):
+    while not (
+        workers := [p for p in _children(node.process.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+    ):
         assert time.monotonic() < deadline, "no worker process started"
         time.sleep(0.2)
 

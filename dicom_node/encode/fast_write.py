@@ -56,7 +56,9 @@ def save_preencoded(dataset: Dataset, path: str | os.PathLike[str] | BinaryIO, t
     if not _is_original(dataset):  # otherwise dcmwrite leaves the top level as it is
         _prepare_top_level(dataset, skip=tag)
     try:
-        dataset._dict[tag] = RawDataElement(tag, "SQ", len(value), value, 0, is_implicit_VR=False, is_little_endian=True)
+        dataset._dict[tag] = RawDataElement(
+            tag, "SQ", len(value), value, 0, is_implicit_VR=False, is_little_endian=True
+        )
         dataset.set_original_encoding(False, True, dataset._character_set)  # dcmwrite keeps raw elements raw
         dataset.save_as(path)
     finally:

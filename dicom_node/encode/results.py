@@ -87,10 +87,15 @@ def encode_results(
     written: list[ResultFile] = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         structure_set = encode_rtstruct(
-            volume, sources, segmentation.labels, segmentation.classes, algorithm,
+            volume,
+            sources,
+            segmentation.labels,
+            segmentation.classes,
+            algorithm,
             series_number=result_series_number("rtstruct", attempt),
             series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
-            budget=rtstruct_budget, notes=warnings,
+            budget=rtstruct_budget,
+            notes=warnings,
         )
         stamp_series_date_time(structure_set)
         rtstruct_path = folder / "rtstruct.dcm"
@@ -103,7 +108,9 @@ def encode_results(
             algorithm,
             segmentation_type=kind,
             series_number=result_series_number(f"seg-{kind.lower()}", attempt),
-            series_description=algorithm.series_description(RESULT_TITLES[f"seg-{kind.lower()}"], attempt, partial=partial),
+            series_description=algorithm.series_description(
+                RESULT_TITLES[f"seg-{kind.lower()}"], attempt, partial=partial
+            ),
         )
         stamp_series_date_time(seg.dataset)
         seg_path = folder / f"seg-{kind.lower()}.dcm"
@@ -111,10 +118,17 @@ def encode_results(
         sr_path = folder / f"sr-{kind.lower()}.dcm"
         earlier = [replaces[kind]] if kind in replaces else []
         sr = encode_measurement_report(
-            seg, sources, measurements, algorithm, notes=warnings, previous_versions=earlier,
+            seg,
+            sources,
+            measurements,
+            algorithm,
+            notes=warnings,
+            previous_versions=earlier,
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
         )
-        sr.SeriesDescription = algorithm.series_description(RESULT_TITLES[f"sr-{kind.lower()}"], attempt, partial=partial)
+        sr.SeriesDescription = algorithm.series_description(
+            RESULT_TITLES[f"sr-{kind.lower()}"], attempt, partial=partial
+        )
         stamp_series_date_time(sr)
         sr.save_as(sr_path)
         written += [ResultFile(ResultKind.SEG, str(seg_path), kind), ResultFile(ResultKind.SR, str(sr_path), kind)]

@@ -62,8 +62,17 @@ class ContourBudget:
 
 
 PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
 )
 
 
@@ -127,8 +136,15 @@ def encode_rtstruct(
         total_points += points
         if tolerance > SIMPLIFY_TOLERANCE_PIXELS:
             LOG.info(
-                "rtstruct.simplified", extra={"event_fields": {
-                    "structure": name, "tolerance_pixels": tolerance, "points": points, "budget": allowed}},
+                "rtstruct.simplified",
+                extra={
+                    "event_fields": {
+                        "structure": name,
+                        "tolerance_pixels": tolerance,
+                        "points": points,
+                        "budget": allowed,
+                    }
+                },
             )
             if notes is not None:
                 over = f"; still over its budget of {allowed} points (fragmented)" if points > allowed else ""
@@ -137,9 +153,15 @@ def encode_rtstruct(
                     f"({points} points) to fit the size budget{over}"
                 )
     LOG.info(
-        "rtstruct.encoded", extra={"event_fields": {
-            "structures": len(present), "contours": total_contours, "points": total_points,
-            "approximate_megabytes": round(total_points * BYTES_PER_POINT / 1e6, 1)}},
+        "rtstruct.encoded",
+        extra={
+            "event_fields": {
+                "structures": len(present),
+                "contours": total_contours,
+                "points": total_points,
+                "approximate_megabytes": round(total_points * BYTES_PER_POINT / 1e6, 1),
+            }
+        },
     )
     for roi in dataset.ROIContourSequence:
         for contour in roi.ContourSequence:

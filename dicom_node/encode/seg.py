@@ -78,7 +78,9 @@ class EncodedSegmentation:
     segment_classes: dict[int, int]  # segment number -> label value in the label map
 
 
-def segment_descriptions(classes: dict[int, str], present: Sequence[int], algorithm: Algorithm) -> list[hd.seg.SegmentDescription]:
+def segment_descriptions(
+    classes: dict[int, str], present: Sequence[int], algorithm: Algorithm
+) -> list[hd.seg.SegmentDescription]:
     """One description per present label value, numbered 1..N in label order."""
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name[:64],
@@ -103,7 +105,11 @@ def segment_descriptions(classes: dict[int, str], present: Sequence[int], algori
         )
         if coded.type_modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = DicomSequence(
-                [hd.sr.CodedConcept(coded.type_modifier.value, coded.type_modifier.scheme_designator, coded.type_modifier.meaning)]
+                [
+                    hd.sr.CodedConcept(
+                        coded.type_modifier.value, coded.type_modifier.scheme_designator, coded.type_modifier.meaning
+                    )
+                ]
             )
         if coded.anatomic_region is not None and coded.anatomic_region_modifier is not None:
             description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = DicomSequence(

@@ -67,14 +67,20 @@ def text_in_utf8(header: Dataset) -> Dataset:
     uid = str(header.get("SOPInstanceUID", ""))
     for value in (v for v in declared if v not in python_encoding):
         log_event(
-            LOG, logging.WARNING, "source.character_set_undefined", sop_instance_uid=uid,
+            LOG,
+            logging.WARNING,
+            "source.character_set_undefined",
+            sop_instance_uid=uid,
             specific_character_set="\\".join(declared),
             detail=f"Specific Character Set '{value}' is not one DICOM defines: its text was read as "
             f"{_read_as(value)}; the results are written in UTF-8 (ISO_IR 192)",
         )
     if any("decode" in message for message in [*(str(w.message) for w in caught), *held.messages]):
         log_event(
-            LOG, logging.WARNING, "source.text_not_decodable", sop_instance_uid=uid,
+            LOG,
+            logging.WARNING,
+            "source.text_not_decodable",
+            sop_instance_uid=uid,
             specific_character_set="\\".join(declared),
             detail="some text does not decode in the declared Specific Character Set: "
             "the characters that do not were replaced in the results",

@@ -128,15 +128,14 @@ def _structure_group(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
             segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(
-                seg.ReferencedSeriesSequence[0].SeriesInstanceUID
-            ),
+            source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
         ),
         finding_type=coded.type,
         finding_sites=[site],
         measurements=[
-            hd.sr.Measurement(name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE,
-                              algorithm_id=algorithm_id),
+            hd.sr.Measurement(
+                name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE, algorithm_id=algorithm_id
+            ),
             mean(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean),
             mean(value=round(measured.sd_hu, 2), derivation=codes.SCT.StandardDeviation),
         ],

@@ -24,11 +24,34 @@ from dicom_node import status
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA_GROUP = 0x7FE0
 HEADER_KEYWORDS = (
-    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "Modality", "Manufacturer", "ReferringPhysicianName", "StudyDescription",
-    "SeriesDescription", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "SliceThickness",
-    "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "StudyID", "SeriesNumber",
-    "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
+    "SpecificCharacterSet",
+    "ImageType",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "Manufacturer",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "SliceThickness",
+    "BodyPartExamined",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "ImagesInAcquisition",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
     "BitsAllocated",
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
@@ -41,12 +64,23 @@ INTEGER_RANGE = (-(2**31), 2**31 - 1)
 """Integer columns are 32-bit (PostgreSQL ``integer``); IS values outside are refused (IS allows no more)."""
 INTEGER_KEYWORDS = ("SeriesNumber", "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames")
 COLUMN_LENGTHS = {
-    "PatientID": 64, "PatientName": 324, "PatientBirthDate": 8, "PatientSex": 16, "StudyDate": 8,
-    "StudyTime": 16, "AccessionNumber": 16, "StudyID": 16, "Modality": 16, "BodyPartExamined": 16,
+    "PatientID": 64,
+    "PatientName": 324,
+    "PatientBirthDate": 8,
+    "PatientSex": 16,
+    "StudyDate": 8,
+    "StudyTime": 16,
+    "AccessionNumber": 16,
+    "StudyID": 16,
+    "Modality": 16,
+    "BodyPartExamined": 16,
 }
 """Text the database must hold whole (``db/models.py`` String lengths): longer values are refused."""
 TRUNCATED_LENGTHS = {
-    "StudyDescription": 64, "SeriesDescription": 64, "Manufacturer": 64, "ReferringPhysicianName": 324,
+    "StudyDescription": 64,
+    "SeriesDescription": 64,
+    "Manufacturer": 64,
+    "ReferringPhysicianName": 324,
     "ImageType": 128,
 }
 """Descriptive text recorded shortened in the database when longer (the stored file keeps it whole)."""
@@ -73,7 +107,9 @@ class InstanceHeader:
     slice_thickness: float | None
     number_of_frames: int | None
 
-    def record(self, transfer_syntax_uid: str, path: str, size_bytes: int, calling_ae_title: str | None) -> InstanceRecord:
+    def record(
+        self, transfer_syntax_uid: str, path: str, size_bytes: int, calling_ae_title: str | None
+    ) -> InstanceRecord:
         """What the database records for this instance once it is stored at ``path``."""
         return InstanceRecord(
             sop_instance_uid=self.sop_instance_uid,

@@ -294,7 +294,11 @@ def _discard(writing: Future[Path] | None) -> None:
 def _write_failed(error: Exception, sop_instance: str, calling_ae: str) -> Dataset:
     """Answer 0xA700 for an instance that could not be written; no temporary file is left."""
     full = is_disk_full(error)
-    comment = DISK_FULL_COMMENT if full else f"node cannot write the instance: {getattr(error, 'strerror', None) or 'I/O error'}"
+    comment = (
+        DISK_FULL_COMMENT
+        if full
+        else f"node cannot write the instance: {getattr(error, 'strerror', None) or 'I/O error'}"
+    )
     log_event(
         LOG,
         logging.ERROR,
@@ -366,7 +370,9 @@ def _failure(status_code: int, comment: str) -> Dataset:
     return response
 
 
-def _audit_association_end(event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]) -> None:
+def _audit_association_end(
+    event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]
+) -> None:
     association_ended(sessions, event.assoc, outcome)
 
 
@@ -384,8 +390,14 @@ def _on_connection_open(event: evt.Event) -> None:
 
 def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
-    log_event(LOG, logging.INFO, "association.accepted", calling_ae=requestor.ae_title, address=requestor.address,
-              receiver=os.getpid())
+    log_event(
+        LOG,
+        logging.INFO,
+        "association.accepted",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        receiver=os.getpid(),
+    )
 
 
 REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {

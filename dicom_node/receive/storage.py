@@ -48,7 +48,9 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 TEMP_SUFFIX = ".partial"
 
 
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None) -> bytes:
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None
+) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1) for a received data set.
 
     Encoded directly rather than through ``pydicom.filewriter.write_file_meta_info``:
@@ -393,7 +395,9 @@ def quarantine_stored_file(
             transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
             calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
         )
-    log_event(LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason)
+    log_event(
+        LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason
+    )
 
 
 def _uid_or_none(meta: Dataset | None, keyword: str) -> str | None:

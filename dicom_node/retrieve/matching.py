@@ -67,9 +67,14 @@ UNIQUE_KEYS: dict[Level, str] = {
     "IMAGE": "SOPInstanceUID",
 }
 COUNTS = {
-    "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
-    "ModalitiesInStudy", "SOPClassesInStudy",
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "ModalitiesInStudy",
+    "SOPClassesInStudy",
 }
 
 
@@ -222,9 +227,7 @@ def find(session: Session, identifier: Dataset, retrieve_ae_title: str) -> Itera
     level = query_level(identifier)
     matched = _joined(conditions(identifier, level))
     entity = {"PATIENT": Study.patient_id, "STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
-    rows = session.execute(
-        matched.with_only_columns(entity).distinct().order_by(None)
-    ).scalars().all()
+    rows = session.execute(matched.with_only_columns(entity).distinct().order_by(None)).scalars().all()
     requested = [element.keyword for element in identifier if element.keyword]
     for key in _ordered(session, level, rows):
         yield _response(session, level, key, requested, retrieve_ae_title)
@@ -255,7 +258,12 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
     elif level == "STUDY":
         study = session.get_one(Study, key)
     else:
-        study = session.scalars(select(Study).where(Study.patient_id.is_(key) if key is None else Study.patient_id == key).order_by(Study.id.desc()).limit(1)).one()
+        study = session.scalars(
+            select(Study)
+            .where(Study.patient_id.is_(key) if key is None else Study.patient_id == key)
+            .order_by(Study.id.desc())
+            .limit(1)
+        ).one()
     sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
     response = Dataset()
     response.QueryRetrieveLevel = level

@@ -137,7 +137,11 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
         level = query_level(identifier)
         if not peer.may("find") and not is_narrow(identifier, level):
             log_event(
-                LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+                LOG,
+                logging.WARNING,
+                "query.refused",
+                calling_ae=calling_ae,
+                address=event.assoc.requestor.address,
                 reason=f"peer {peer.name} has no find role: only narrow queries below PATIENT level (a unique key "
                 "or AccessionNumber without wildcards)",
             )
@@ -150,8 +154,12 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                     return
                 if count == limit:
                     log_event(
-                        LOG, logging.WARNING, "query.truncated", calling_ae=calling_ae,
-                        address=event.assoc.requestor.address, query_level=level,
+                        LOG,
+                        logging.WARNING,
+                        "query.truncated",
+                        calling_ae=calling_ae,
+                        address=event.assoc.requestor.address,
+                        query_level=level,
                         reason=f"more than {limit} matches (retrieve.max_find_matches)",
                     )
                     yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
@@ -160,7 +168,11 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 yield PENDING, response
     except QueryError as exc:
         log_event(
-            LOG, logging.WARNING, "query.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            LOG,
+            logging.WARNING,
+            "query.refused",
+            calling_ae=calling_ae,
+            address=event.assoc.requestor.address,
             reason=str(exc),
         )
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
@@ -185,7 +197,11 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     destination = context.targets_by_ae.get(target)
     if destination is None:
         log_event(
-            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            LOG,
+            logging.WARNING,
+            "retrieve.refused",
+            calling_ae=calling_ae,
+            address=event.assoc.requestor.address,
             reason=f"unknown move destination {target!r}",
         )
         yield None, None
@@ -209,7 +225,9 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
     yield from _count_or_refuse(paths, context, event, f"move to {target}")
-    yield from _send(event, paths, calling_ae, f"move to {target}", lambda: accepted_pairs(sub_association.get("assoc")))
+    yield from _send(
+        event, paths, calling_ae, f"move to {target}", lambda: accepted_pairs(sub_association.get("assoc"))
+    )
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
@@ -236,7 +254,12 @@ def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Even
     limit = context.limits.max_instances_per_retrieval
     if len(paths) > limit:
         log_event(
-            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=address, operation=what,
+            LOG,
+            logging.WARNING,
+            "retrieve.refused",
+            calling_ae=calling_ae,
+            address=address,
+            operation=what,
             reason=f"{len(paths)} instances selected, more than {limit} (retrieve.max_instances_per_retrieval)",
         )
         yield _status(TOO_MANY_SUB_OPERATIONS, f"More than {limit} instances: retrieve less"), None
@@ -262,7 +285,11 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             ]
     except QueryError as exc:
         log_event(
-            LOG, logging.WARNING, "retrieve.refused", calling_ae=calling_ae, address=event.assoc.requestor.address,
+            LOG,
+            logging.WARNING,
+            "retrieve.refused",
+            calling_ae=calling_ae,
+            address=event.assoc.requestor.address,
             reason=str(exc),
         )
         return None
@@ -281,7 +308,9 @@ def _binary_twin(session: Session, instance: Instance) -> Stored | None:
         .where(
             Series.source_job_id == series.source_job_id,
             Instance.sop_class_uid == SegmentationStorage,
-            Series.superseded_at.is_(None) if series.superseded_at is None else Series.superseded_at == series.superseded_at,
+            Series.superseded_at.is_(None)
+            if series.superseded_at is None
+            else Series.superseded_at == series.superseded_at,
         )
         .limit(1)
     ).first()
@@ -350,7 +379,11 @@ def _send(
             continue
         if chosen is None:
             log_event(
-                LOG, logging.WARNING, "retrieve.not_accepted", calling_ae=calling_ae, operation=what,
+                LOG,
+                logging.WARNING,
+                "retrieve.not_accepted",
+                calling_ae=calling_ae,
+                operation=what,
                 sop_instance_uid=stored.sop_instance_uid,
                 reason=f"the peer accepts neither SOP class {stored.sop_class_uid} in {stored.transfer_syntax_uid} "
                 "nor a form the node can convert it to",
@@ -362,7 +395,9 @@ def _send(
             log_event(LOG, logging.INFO, "retrieve.converted", sop_instance_uid=stored.sop_instance_uid, sent=how)
         sent += 1
         yield PENDING, dataset
-    log_event(LOG, logging.INFO, "retrieve.sent", calling_ae=calling_ae, operation=what, instances=sent, failed=len(failed))
+    log_event(
+        LOG, logging.INFO, "retrieve.sent", calling_ae=calling_ae, operation=what, instances=sent, failed=len(failed)
+    )
     if failed:
         report = Dataset()
         report.FailedSOPInstanceUIDList = failed

@@ -41,7 +41,9 @@ class ModelUnavailable(RuntimeError):
     """A configured model cannot be loaded (e.g. weights missing); the message says how to fix it."""
 
 
-def load_model(settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None) -> SegmentationModel:
+def load_model(
+    settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None
+) -> SegmentationModel:
     """Build the model a ``models:`` entry describes."""
     if settings.kind == "threshold":
         from inference.models.threshold import ThresholdModel

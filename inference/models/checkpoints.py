@@ -38,7 +38,11 @@ def _allowed_globals() -> list[Any]:
             continue
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType") if hasattr(dtypes, name)]
+        allowed += [
+            getattr(dtypes, name)
+            for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")
+            if hasattr(dtypes, name)
+        ]
     return allowed
 
 
