@@ -46,7 +46,7 @@ def _results(volume, model, folder: Path) -> dict[str, Path]:
         rtstruct=True,
         warnings=["2 localizer image(s) left out of the volume"],
     )
-    return {path.stem: path for path in files}
+    return {Path(result).stem: Path(result) for result in files}
 
 
 def _check(results: dict[str, Path], heap: str = "2g") -> None:
