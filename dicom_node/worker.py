@@ -57,8 +57,8 @@ def prefetch_enabled(settings: Settings) -> bool:
     choice = settings.inference.prefetch_next_series
     if choice != "auto":
         return choice == "on"
-    if settings.inference.device == "cpu":
-        return False
+    if settings.inference.device == "cpu" or all(m.kind != "totalsegmentator" for m in settings.models.values()):
+        return False  # only TotalSegmentator models run on a GPU (and only they need torch imported here)
     try:
         import torch
     except ImportError:
