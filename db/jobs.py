@@ -434,6 +434,13 @@ def set_stage(session: Session, job_id: int, stage: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(stage=stage))
 
 
+def next_claimable_series_id(session: Session, now: datetime | None = None) -> int | None:
+    """The series of the job :func:`claim_next` would take now, without claiming or locking it (a peek)."""
+    return session.scalar(
+        select(Job.series_id).where(claimable(now or utcnow())).order_by(Job.state_changed_at, Job.id).limit(1)
+    )
+
+
 def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | None = None) -> Job | None:
     """Claim the oldest claimable QUEUED job for ``worker``, with a lease until now + ``lease``; None if none.
 

@@ -420,6 +420,11 @@ class InferenceSettings(_Strict):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch and OpenVINO CPU threads; default: all cores.")
     poll_seconds: float = Field(1.0, gt=0, le=60)
+    prefetch_next_series: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Decode the next queued series while the current one is segmented. auto: on when the models "
+        "run on a CUDA GPU (the CPU is then mostly idle); on a CPU both would share the same cores.",
+    )
     partial_series: Literal["process", "fail"] = Field(
         "process",
         description="A series of which only part can be one volume (a second acquisition, another matrix size): "

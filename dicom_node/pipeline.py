@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,7 @@ from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import is_disk_full
 from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
+from inference.models.prefetch import VolumePrefetcher
 from inference.volume import Volume, VolumeError, load_series_volume
 from inference.weights import WeightsIdentity
 
@@ -150,13 +151,34 @@ class ModelCache:
                 log_event(LOG, logging.ERROR, "model.unavailable", model=name, reason=str(exc))
 
 
+def _prefetch_next(
+    prefetcher: VolumePrefetcher, next_series: Callable[[], Sequence[Path]], allow_partial: bool, job_id: int
+) -> None:
+    """Start decoding the next queued series; a failure here only costs the head start, never the job."""
+    try:
+        paths = next_series()
+        if paths:
+            prefetcher.prefetch(paths, allow_partial=allow_partial)
+    except Exception:  # noqa: BLE001 - the next job decodes its series itself, and reports any problem then
+        LOG.warning(
+            "Could not look ahead at the next queued series during job %d; it will be decoded when claimed.", job_id
+        )
+
+
 def run_pipeline(
-    claim: ClaimedJob, settings: Settings, models: ModelCache, on_stage: Callable[[str], None]
+    claim: ClaimedJob,
+    settings: Settings,
+    models: ModelCache,
+    on_stage: Callable[[str], None],
+    prefetcher: VolumePrefetcher | None = None,
+    next_series: Callable[[], Sequence[Path]] | None = None,
 ) -> PipelineResult:
     """Segment a claimed job's series and write its results; never raises for a bad series.
 
     ``on_stage`` is called with each stage's name as it starts (the worker records it on
-    the job, for whoever finds the worker dead).
+    the job, for whoever finds the worker dead). With a ``prefetcher``, the volume is taken
+    from it (decoded again unless its files are unchanged), and the files ``next_series``
+    names are handed to it just before segmentation, to be decoded in the background.
     """
     timings: dict[str, float] = {}
     stage = "start"
@@ -174,9 +196,14 @@ def run_pipeline(
         stage = enter("load")
         started = time.perf_counter()
         allow_partial = settings.inference.partial_series == "process"
-        volume = load_series_volume(claim.instance_paths, allow_partial=allow_partial)
+        if prefetcher is None:
+            volume = load_series_volume(claim.instance_paths, allow_partial=allow_partial)
+        else:
+            volume = prefetcher.take(claim.instance_paths, allow_partial=allow_partial)
         timings["load"] = time.perf_counter() - started
         warnings += [note for note in volume.notes if note not in warnings]
+        if prefetcher is not None and next_series is not None:
+            _prefetch_next(prefetcher, next_series, allow_partial, claim.job_id)
         stage = enter("segment")
         segmentation = model.segment(volume)
         timings.update(segmentation.timings)

@@ -40,6 +40,7 @@ from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
 from dicom_node.logs import log_event
 from dicom_node.pipeline import ClaimedJob, Deferred, Failed, ModelCache, PipelineResult, Processed, run_pipeline
+from inference.models.prefetch import VolumePrefetcher
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +50,20 @@ LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
 """A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
 WORKER_NAME_VARIABLE = "DICOM_NODE_WORKER_NAME"
 """Environment variable naming the worker's host in its id (default: the host name)."""
+
+
+def prefetch_enabled(settings: Settings) -> bool:
+    """Whether to decode the next series during inference (``inference.prefetch_next_series``)."""
+    choice = settings.inference.prefetch_next_series
+    if choice != "auto":
+        return choice == "on"
+    if settings.inference.device == "cpu" or all(m.kind != "totalsegmentator" for m in settings.models.values()):
+        return False  # only TotalSegmentator models run on a GPU (and only they need torch imported here)
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def worker_host(name: str | None = None) -> str:
@@ -70,6 +85,7 @@ class InferenceWorker:
         self.identity = identity or worker_id()
         self.models = ModelCache(settings)
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
+        self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
         self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
 
     @property
@@ -82,9 +98,13 @@ class InferenceWorker:
         self.models.load_all()
         warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
         log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
-        while not stop.is_set():
-            if not self.run_once():
-                stop.wait(self.settings.inference.poll_seconds)
+        try:
+            while not stop.is_set():
+                if not self.run_once():
+                    stop.wait(self.settings.inference.poll_seconds)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
 
     def run_once(self) -> bool:
         """Queue again the jobs whose lease ran out, then process the oldest QUEUED job, if any.
@@ -209,11 +229,26 @@ class InferenceWorker:
         heartbeat = LeaseHeartbeat(self, claim.job_id)
         heartbeat.start()
         try:
-            result = run_pipeline(claim, self.settings, self.models, lambda stage: self._record_stage(claim, stage))
+            result = run_pipeline(
+                claim,
+                self.settings,
+                self.models,
+                lambda stage: self._record_stage(claim, stage),
+                prefetcher=self.prefetcher,
+                next_series=self.next_series_paths,
+            )
         finally:
             heartbeat.stop()
         self._finish(claim, result)
         self.current = None
+
+    def next_series_paths(self) -> list[Path]:
+        """The instance files of the job this worker (or another) would claim next: a read-only peek."""
+        with self.sessions() as session:
+            series_id = jobs.next_claimable_series_id(session)
+            if series_id is None:
+                return []
+            return [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series_id))]
 
     def renew_lease(self, job_id: int) -> bool:
         """Extend this worker's lease on ``job_id``; False when the job is no longer its own."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from db.models import Job, JobState, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
-from dicom_node.worker import InferenceWorker
+from dicom_node.worker import InferenceWorker, prefetch_enabled
+from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
 from tests.conftest import CT_RULES, drive_job_to, storescu
@@ -277,3 +280,44 @@ def test_corrupt_jpeg2000_image_fails_the_series_naming_it(shared_fixtures, tmp_
     with node.sessions() as session:
         job = job_for_series_uid(session, damaged.SeriesInstanceUID)
         assert job.result_path is None and job.stage == "load"  # failed before any inference
+
+
+def test_worker_decodes_the_next_queued_series_while_segmenting_and_uses_that_volume(worker_setup, tmp_path):
+    settings, sessions, _series = worker_setup
+    second = write_phantom_series(tmp_path / "ct2", replace(PHANTOM, seed=7))
+    with transaction(sessions) as session:
+        for path, uid in zip(second.files, second.sop_instance_uids, strict=True):
+            record_instance(session, _record(second, path, uid))
+        job = session.scalars(
+            select(Job).join(Series).where(Series.series_instance_uid == second.series_instance_uid)
+        ).one()
+        job.destinations = []
+        drive_job_to(session, job, JobState.QUEUED)
+    decoded_in: list[tuple[str, str]] = []
+
+    def counting_loader(paths, **kwargs):
+        decoded_in.append((threading.current_thread().name, str(Path(paths[0]).parent)))
+        return load_series_volume(paths, **kwargs)
+
+    on = settings.model_copy(update={"inference": settings.inference.model_copy(update={"prefetch_next_series": "on"})})
+    worker = InferenceWorker(on, sessions)
+    assert worker.prefetcher is not None
+    worker.prefetcher = VolumePrefetcher(loader=counting_loader)
+    try:
+        assert worker.run_once() and worker.run_once()
+    finally:
+        worker.prefetcher.close()
+
+    with sessions() as session:
+        assert [j.state for j in session.scalars(select(Job).order_by(Job.id))] == [JobState.DONE, JobState.DONE]
+    # The first series is decoded when claimed; the second in the background during the first
+    # job's segmentation, and taken from there (no third decode).
+    assert len(decoded_in) == 2
+    assert not decoded_in[0][0].startswith("dicom-prefetch")
+    assert decoded_in[1] == (decoded_in[1][0], str(tmp_path / "ct2")) and decoded_in[1][0].startswith("dicom-prefetch")
+
+
+def test_prefetch_is_off_on_a_cpu_unless_asked_for():
+    assert prefetch_enabled(Settings(inference={"device": "cpu"})) is False
+    assert prefetch_enabled(Settings(inference={"device": "cpu", "prefetch_next_series": "on"})) is True
+    assert prefetch_enabled(Settings(inference={"prefetch_next_series": "off"})) is False
