@@ -16,7 +16,8 @@ voxel-identical to TotalSegmentator's (tests/test_totalsegmentator_parity.py).
 
 Backends for the network forward passes (``backend``): ``torch`` (nnU-Net's own), or
 ``openvino`` on the CPU (``inference.models.openvino_backend``: the network converted once and
-cached next to the weights, compiled at ``precision`` fp32, bf16 or auto). Everything around the
+cached next to the weights, compiled at ``precision`` fp32, bf16 or auto); ``auto`` (the
+configuration's default) is OpenVINO on the CPU where it is installed, PyTorch elsewhere. Everything around the
 forward passes stays nnU-Net's and TotalSegmentator's (tests/test_openvino_parity.py). On CUDA
 the network always runs in PyTorch, everything on the device (nnU-Net's autocast), with
 TotalSegmentator's GPU resampling where cupy and cuCIM are installed (as TotalSegmentator does).
@@ -25,6 +26,7 @@ TotalSegmentator's GPU resampling where cupy and cuCIM are installed (as TotalSe
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -87,9 +89,7 @@ class TotalSegmentatorModel:
             "nnunetv2": _package_version("nnunetv2"),
             "torch": _package_version("torch"),
         }
-        if backend == "openvino" and self.device.type != "cpu":
-            LOG.info("backend openvino runs on the CPU only; on %s the network runs in PyTorch.", self.device.type)
-            backend = "torch"
+        backend = _resolve_backend(backend, self.device.type)
         self.backend = backend
         # What the forward passes compute in: PyTorch on the CPU in FP32; on CUDA nnU-Net's autocast (FP16 where safe).
         self.precision = "fp32" if self.device.type == "cpu" else "autocast-fp16"
@@ -205,6 +205,23 @@ def _use_openvino(
     predictor.network = backend.OpenVINONetwork(compiled, used)
     predictor.list_of_parameters = [{}]  # the weights are in the compiled model now
     return used
+
+
+def _resolve_backend(requested: str, device_type: str) -> str:
+    """The backend that runs the network: ``auto`` is OpenVINO on the CPU where it is installed, else PyTorch.
+
+    On a GPU the network always runs in PyTorch (an explicit ``openvino`` is overridden, with a log line).
+    """
+    if device_type != "cpu":
+        if requested == "openvino":
+            LOG.info("backend openvino runs on the CPU only; on %s the network runs in PyTorch.", device_type)
+        return "torch"
+    if requested != "auto":
+        return requested
+    if importlib.util.find_spec("openvino") is None:
+        LOG.info("backend auto: OpenVINO is not installed, so the network runs in PyTorch on the CPU.")
+        return "torch"
+    return "openvino"
 
 
 def _bf16_agreement(predictor: Any, fp32: Any, bf16: Any, patch_size: tuple[int, ...], spacing_mm: float) -> float:
