@@ -275,3 +275,22 @@ def test_instance_norms_are_rewritten_so_openvino_matches_pytorch_on_a_whole_pat
     print(f"largest logit difference from PyTorch: OpenVINO's MVN {kernel_error:.2e}, rewritten {rewrite_error:.2e}")
     assert rewrite_error < 1e-4, f"rewritten instance norm differs from PyTorch by {rewrite_error:.2e}"
 
+
+
+def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp_path):
+    import torch
+
+    from inference.models.openvino_backend import OpenVINONetwork, compile_model, load_or_convert
+
+    network = _TinyNetwork()
+    patch = (16, 16, 16)
+    model, _cached = load_or_convert(network, _tiny_folder(tmp_path, b"tiny weights"), patch, 3)
+    streamed = OpenVINONetwork(compile_model(model, "fp32", 2, streams=2), "fp32")
+    single = OpenVINONetwork(compile_model(model, "fp32", 2), "fp32")
+    tiles = [np.random.default_rng(seed).standard_normal((1, 1, *patch)).astype(np.float32) for seed in range(5)]
+
+    assert streamed.streams == 2 and single.streams == 1
+    results = list(streamed.predict_tiles(iter(tiles)))
+    assert len(results) == len(tiles)
+    for tile, result in zip(tiles, results, strict=True):
+        np.testing.assert_allclose(result.numpy(), single(torch.from_numpy(tile)).numpy(), atol=1e-5)

@@ -26,12 +26,15 @@ logits by up to 0.2, against 1e-4 between two PyTorch runs that sum in another o
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import time
 import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -267,14 +270,24 @@ def _write_cache(
         bin_tmp.unlink(missing_ok=True)
 
 
-def compile_model(model: Any, precision: Literal["fp32", "bf16"], threads: int | None) -> Any:
-    """Compile for the CPU: latency hint (one tile at a time uses every core), the given precision and threads."""
+TILES_IN_FLIGHT = 2
+"""Sliding-window tiles computed at once, each in its own OpenVINO stream: on 2 cores, two single-threaded
+streams did four 112 x 128 x 112 tiles in 0.7-0.75 of the time one two-threaded tile at a time took."""
+
+
+def compile_model(model: Any, precision: Literal["fp32", "bf16"], threads: int | None, streams: int = 1) -> Any:
+    """Compile for the CPU at the given precision with ``threads`` in all.
+
+    One stream (the latency hint) runs a tile on every core; with ``streams`` above one
+    (the throughput hint) that many tiles run side by side, sharing the threads.
+    """
     import openvino
 
-    config: dict[str, Any] = {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-    }
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if streams > 1:
+        config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)})
+    else:
+        config["PERFORMANCE_HINT"] = "LATENCY"
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     return openvino.Core().compile_model(model, "CPU", config)
@@ -298,20 +311,84 @@ class OpenVINONetwork(_torch_module_base()):  # type: ignore[misc]
         super().__init__()
         self.compiled = compiled
         self.precision = precision
-        self.request = compiled.create_infer_request()
+        self.streams = max(1, int(compiled.get_property("NUM_STREAMS")))
+        self.requests = [compiled.create_infer_request() for _ in range(self.streams)]
 
     def forward(self, tile: Any) -> Any:
         import torch
 
         array = np.ascontiguousarray(tile.detach().to("cpu", torch.float32).numpy())
-        self.request.infer({0: array})
+        request = self.requests[0]
+        request.infer({0: array})
         # nnU-Net scales the result in place and adds it up before the next tile: one copy out of OpenVINO's buffer.
-        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+    def predict_tiles(self, tiles: Iterable[np.ndarray]) -> Iterator[Any]:
+        """The logits of each tile, in the tiles' order, with up to one tile per stream computed at once."""
+        import torch
+
+        in_flight: deque[tuple[Any, np.ndarray]] = deque()
+        for index, tile in enumerate(tiles):
+            if len(in_flight) == self.streams:
+                yield self._collect(in_flight.popleft()[0], torch)
+            request = self.requests[index % self.streams]  # the oldest request, just collected
+            array = np.ascontiguousarray(tile, dtype=np.float32)
+            request.start_async({0: array})
+            in_flight.append((request, array))  # the input stays referenced until its request is done
+        while in_flight:
+            yield self._collect(in_flight.popleft()[0], torch)
+
+    @staticmethod
+    def _collect(request: Any, torch: Any) -> Any:
+        request.wait()
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         from torch.nn.modules.module import _IncompatibleKeys
 
         return _IncompatibleKeys([], [])
+
+
+def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device: bool = True) -> Any:
+    """nnU-Net's ``_internal_predict_sliding_window_return_logits``, with the tiles run through OpenVINO streams.
+
+    The arithmetic is nnU-Net's own (2.6), step for step: each tile's logits are scaled by
+    the Gaussian and added, in the tiles' order, to FP16 sums, which are divided by the
+    summed weights at the end; only the forward passes overlap (:meth:`OpenVINONetwork.predict_tiles`).
+    Mirroring is not supported here (TotalSegmentator runs without it); a predictor that
+    mirrors keeps nnU-Net's own loop.
+    """
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    network = predictor.network
+    patch_size = tuple(predictor.configuration_manager.patch_size)
+    with torch.inference_mode():
+        data = data.to("cpu")
+        logits = torch.zeros((predictor.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half)
+        weights = torch.zeros(data.shape[1:], dtype=torch.half)
+        gaussian: Any = 1
+        if predictor.use_gaussian:
+            gaussian = compute_gaussian(patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=data.device)
+        tiles = (data[region][None].numpy() for region in slicers)
+        for region, prediction in zip(slicers, network.predict_tiles(tiles), strict=True):
+            prediction = prediction[0]
+            if predictor.use_gaussian:
+                prediction *= gaussian
+            logits[region] += prediction
+            weights[region[1:]] += gaussian
+        torch.div(logits, weights, out=logits)
+        if torch.any(torch.isinf(logits)):
+            raise RuntimeError("the summed tile logits overflowed FP16 (nnU-Net's accumulation); use backend torch")
+    return logits
+
+
+def use_streams(predictor: Any) -> bool:
+    """Let ``predictor`` run its sliding window through its OpenVINO network's streams; False if it mirrors."""
+    if predictor.use_mirroring:
+        return False
+    predictor._internal_predict_sliding_window_return_logits = functools.partial(sliding_window_logits, predictor)
+    return True
 
 
 def effective_precision(compiled: Any) -> Literal["fp32", "bf16"]:

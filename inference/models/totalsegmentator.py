@@ -181,14 +181,15 @@ def _use_openvino(
     threads = cpu_threads or os.cpu_count() or 1
     try:
         model, _cached = backend.load_or_convert(predictor.network, folder, patch_size, outputs)
-        fp32 = backend.compile_model(model, "fp32", threads)
+        streams = min(backend.TILES_IN_FLIGHT, threads)
+        fp32 = backend.compile_model(model, "fp32", threads, streams)
 
         def calibrate() -> float:
-            bf16 = backend.compile_model(model, "bf16", threads)
+            bf16 = backend.compile_model(model, "bf16", threads, streams)
             return _bf16_agreement(predictor, fp32, bf16, patch_size, spacing_mm)
 
         chosen = backend.choose_precision(precision, calibrate)  # type: ignore[arg-type]
-        compiled = fp32 if chosen == "fp32" else backend.compile_model(model, "bf16", threads)
+        compiled = fp32 if chosen == "fp32" else backend.compile_model(model, "bf16", threads, streams)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ModelUnavailable(
             f"the Dataset{folder.dataset_id} network could not be prepared for OpenVINO ({_first_line(exc)}); "
@@ -204,6 +205,7 @@ def _use_openvino(
         )
     predictor.network = backend.OpenVINONetwork(compiled, used)
     predictor.list_of_parameters = [{}]  # the weights are in the compiled model now
+    backend.use_streams(predictor)
     return used
 
 
