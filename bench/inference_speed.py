@@ -400,7 +400,12 @@ def node_driver(args: argparse.Namespace) -> None:
         setattr(predictor, name, timed)
 
     for predictor, _lookup in model.predictors:
-        wrap(predictor, "_internal_maybe_mirror_and_predict", "forward")
+        if hasattr(predictor.network, "predict_tiles"):
+            # OpenVINO streams: the tiles' forward passes overlap nnU-Net's accumulation, so "forward" is the
+            # time spent waiting for each tile's logits (the part of the forward passes nothing else hides).
+            wrap(predictor.network, "_collect", "forward")
+        else:
+            wrap(predictor, "_internal_maybe_mirror_and_predict", "forward")
         wrap(predictor, "predict_logits_from_preprocessed_data", "sliding_window")
         wrap(predictor, "predict_single_npy_array", "nnunet")
 

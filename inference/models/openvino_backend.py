@@ -1,11 +1,12 @@
 """Run nnU-Net's network forward passes with OpenVINO on the CPU, inside nnU-Net's own predictor.
 
 Only the network call changes: :class:`OpenVINONetwork` stands in for ``predictor.network``,
-so nnU-Net's preprocessing, sliding window, Gaussian weighting, logit accumulation and
-argmax (and TotalSegmentator's resampling and orientation handling around them) run as
-they do with PyTorch. Each tile is one call of the compiled model, with the input shape
-fixed to the model's patch size (nnU-Net pads every volume to at least one patch, so all
-tiles have that shape).
+so nnU-Net's preprocessing, Gaussian weighting, logit accumulation and argmax (and
+TotalSegmentator's resampling and orientation handling around them) run as they do with
+PyTorch. Each tile is one call of the compiled model, with the input shape fixed to the
+model's patch size (nnU-Net pads every volume to at least one patch, so all tiles have that
+shape); :func:`sliding_window_logits` runs nnU-Net's sliding-window loop with
+:data:`TILES_IN_FLIGHT` tiles computed at once, in OpenVINO streams, added up in nnU-Net's order.
 
 Converting a network takes minutes, so the converted model is cached next to the weights::
 
