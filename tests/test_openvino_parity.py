@@ -290,7 +290,7 @@ def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp
     tiles = [np.random.default_rng(seed).standard_normal((1, 1, *patch)).astype(np.float32) for seed in range(5)]
 
     assert streamed.streams == 2 and single.streams == 1
-    results = list(streamed.predict_tiles(iter(tiles)))
+    results = [result.numpy().copy() for result in streamed.predict_tiles(iter(tiles))]  # each valid until the next
     assert len(results) == len(tiles)
     for tile, result in zip(tiles, results, strict=True):
-        np.testing.assert_allclose(result.numpy(), single(torch.from_numpy(tile)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(result, single(torch.from_numpy(tile)).numpy(), atol=1e-5)
