@@ -878,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_seconds: list[float] = []
         floor_seconds: list[float] = []
         node_runs: list[dict[str, Any]] = []
+        floor_cpu_ms: list[float] = []
         for round_number in range(1, args.repeats + 1):
             seconds = reference.run(series_dir, args.slices, work / "storescu-ref.log")
             ref_seconds.append(seconds)
@@ -888,8 +889,17 @@ def main(argv: list[str] | None = None) -> int:
             if "duplicate_seconds" in run:
                 print(f" | duplicate resend {run['duplicate_seconds']:6.3f} s", end="", flush=True)
             if args.floor:
+                assert floor.process is not None
+                cpu_before = cpu_seconds_of_tree(floor.process.pid)
                 floor_seconds.append(floor.run(series_dir, work / "storescu-floor.log"))
-                print(f" | bare pynetdicom {floor_seconds[-1]:6.3f} s", end="", flush=True)
+                floor_cpu_ms.append(
+                    round(1000 * (cpu_seconds_of_tree(floor.process.pid) - cpu_before) / args.slices, 3)
+                )
+                print(
+                    f" | bare pynetdicom {floor_seconds[-1]:6.3f} s ({floor_cpu_ms[-1]:.2f} CPU ms/image)",
+                    end="",
+                    flush=True,
+                )
             print(flush=True)
 
         concurrent = None
@@ -923,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.duplicate_resend:
             duplicate_summary = summarise([r["duplicate_seconds"] for r in node_runs], args.slices)
         floor_summary = summarise(floor_seconds, args.slices) if floor_seconds else None
+        if floor_summary is not None:
+            floor_summary["cpu_ms_per_image_per_run"] = floor_cpu_ms
         ratio = node_summary["images_per_second"] / reference_summary["images_per_second"]
         results: dict[str, Any] = {
             "benchmark": "receive_throughput",

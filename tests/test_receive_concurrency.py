@@ -200,3 +200,41 @@ def test_association_caps_are_shared_between_processes():
     assert caps.hold("::1", per_host=3) is None and caps.total() == 4
     caps.release("10.0.0.7")
     assert caps.held("10.0.0.7") == 2 and caps.total() == 3
+
+
+def test_reactors_poll_less_often_the_more_associations_a_receiving_process_holds():
+    from pynetdicom import evt
+
+    from dicom_node.config import NetworkSettings
+    from dicom_node.receive import scp
+
+    network = NetworkSettings(ae_title="DICOMNODE", host="127.0.0.1", port=11112)  # build_ae does not bind it
+    server_ae = scp.build_ae(network)
+    handlers = [(evt.EVT_CONN_OPEN, scp._on_connection_open), (evt.EVT_CONN_CLOSE, scp._on_connection_close)]
+    server = server_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    port = server.server_address[1]
+
+    def accepted_delays() -> set[float]:
+        return {a.dul._run_loop_delay for a in server.active_associations}
+
+    sender = AE(ae_title="PACS")
+    sender.add_requested_context(Verification)
+    try:
+        first = sender.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        assert first.is_established
+        wait_for(lambda: accepted_delays() == {scp.REACTOR_POLL_SECONDS}, timeout=10)
+
+        more = [sender.associate("127.0.0.1", port, ae_title="DICOMNODE") for _ in range(3)]
+        assert all(a.is_established for a in more)
+        wait_for(lambda: accepted_delays() == {4 * scp.REACTOR_POLL_SECONDS}, timeout=10)
+
+        crowd = [sender.associate("127.0.0.1", port, ae_title="DICOMNODE") for _ in range(6)]
+        wait_for(lambda: accepted_delays() == {scp.SLOWEST_REACTOR_POLL_SECONDS}, timeout=10)
+
+        for association in more + crowd:
+            association.release()
+        wait_for(lambda: accepted_delays() == {scp.REACTOR_POLL_SECONDS}, timeout=10)
+        assert first.send_c_echo().Status == status.SUCCESS  # the one left still answers
+        first.release()
+    finally:
+        server.shutdown()
