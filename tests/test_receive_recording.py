@@ -51,7 +51,7 @@ def test_a_batch_records_each_series_once_and_counts_every_new_instance(tmp_path
     assert [o.recorded.series_created for o in outcomes] == [True, False, False, True, False]
     assert [o.path for o in outcomes] == [Path(r.path) for r in batch]
     with sessions() as session:
-        counts = {uid: n for uid, n in session.execute(select(Series.series_instance_uid, Series.instance_count))}
+        counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
         expected = session.scalar(select(Series.expected_instances).where(Series.series_instance_uid == "1.2.3.1"))
         states = set(session.scalars(select(Job.state)))
         recorded = set(session.scalars(select(Instance.sop_instance_uid)))
