@@ -112,11 +112,7 @@ ACCEPTED_TRANSFER_SYNTAXES: list[UID] = decodable_transfer_syntaxes()
 """Transfer syntaxes accepted as sent: the node stores the bytes it received, never transcodes; only those it can decode."""
 
 REACTOR_POLL_SECONDS = 0.0002
-"""pynetdicom's DUL reactor sleeps this long when idle (its default 1 ms adds a delay to every response)..."""
-SLOWEST_REACTOR_POLL_SECONDS = 0.001
-"""...times the associations open in this process, up to this (pynetdicom's default): every reactor wakes its
-thread and takes the GIL each time, and ten associations polling every 0.2 ms took more CPU than they left for
-the C-STOREs (ten senders: 6.3 s with 0.2 ms, 3.6 s with 1 ms, 2026-11-29)."""
+"""pynetdicom's DUL reactor sleeps this long when idle (its default 1 ms adds a delay to every response)."""
 
 ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
 
@@ -174,7 +170,6 @@ def start_storage_scp(
     shared_caps = caps if listening is not None else None  # one process: pynetdicom counts the associations
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
-        (evt.EVT_CONN_CLOSE, _on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [peers, shared_caps]),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
@@ -390,21 +385,7 @@ def _on_connection_open(event: evt.Event) -> None:
     transport = event.assoc.dul.socket
     if transport is not None and transport.socket is not None:
         transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _pace_reactors(event.assoc.ae, opening=event.assoc)
-
-
-def _on_connection_close(event: evt.Event) -> None:
-    _pace_reactors(event.assoc.ae, closing=event.assoc)
-
-
-def _pace_reactors(ae: AE, *, opening: Any = None, closing: Any = None) -> None:
-    """Set how often each open association's reactor polls its socket: the more associations, the less often."""
-    associations = [a for a in ae.active_associations if a is not closing]
-    if opening is not None and opening not in associations:
-        associations.append(opening)
-    delay = min(REACTOR_POLL_SECONDS * max(len(associations), 1), SLOWEST_REACTOR_POLL_SECONDS)
-    for association in associations:
-        association.dul._run_loop_delay = delay
+    event.assoc.dul._run_loop_delay = REACTOR_POLL_SECONDS
 
 
 def _on_accepted(event: evt.Event) -> None:
