@@ -71,7 +71,8 @@ VENV_BIN = Path(sys.executable).parent
 DCMTK_STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin") or "storescu"
 DCMTK_STORESCP = shutil.which("storescp", path="/usr/bin:/usr/local/bin") or "storescp"
 DICOM_NODE = str(VENV_BIN / "dicom-node") if (VENV_BIN / "dicom-node").exists() else "dicom-node"
-PY_SPY = str(VENV_BIN / "py-spy") if (VENV_BIN / "py-spy").exists() else "py-spy"
+PY_SPY = os.environ.get("PY_SPY") or (str(VENV_BIN / "py-spy") if (VENV_BIN / "py-spy").exists() else "py-spy")
+"""py-spy for --profile: $PY_SPY, else the venv's, else the one on PATH."""
 
 HOST = "127.0.0.1"
 PORT_RANGE = (20000, 30000)
@@ -168,6 +169,23 @@ def send_concurrently(series_dirs: list[Path], called_ae: str, port: int, log: P
 
 def count_files(folder: Path, pattern: str = "*") -> int:
     return sum(1 for p in folder.rglob(pattern) if p.is_file())
+
+
+def cpu_seconds_of_tree(pid: int) -> float:
+    """User + system CPU seconds used so far by a live process and its live descendants (every thread)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+    return total
 
 
 def peak_rss_kib(pid: int) -> int | None:
@@ -345,9 +363,15 @@ class Node:
         self.start()
         assert self.process is not None
         try:
+            cpu_before = cpu_seconds_of_tree(self.process.pid)
             seconds = send_series(series_dir, NODE_AE, self.port, send_log)
+            cpu = cpu_seconds_of_tree(self.process.pid) - cpu_before
             self.check_stored(expected)
-            result: dict[str, Any] = {"seconds": seconds, "peak_rss_kib": peak_rss_kib(self.process.pid)}
+            result: dict[str, Any] = {
+                "seconds": seconds,
+                "peak_rss_kib": peak_rss_kib(self.process.pid),
+                "cpu_ms_per_image": round(1000 * cpu / expected, 3),
+            }
             if duplicate:
                 result["duplicate_seconds"] = send_series(series_dir, NODE_AE, self.port, send_log)
                 self.check_stored(expected)
@@ -396,7 +420,7 @@ class Node:
                 PY_SPY,
                 "record",
                 "--nonblocking",
-                "--idle",
+                *([] if os.environ.get("PROFILE_ON_CPU_ONLY") else ["--idle"]),
                 "--threads",
                 "-r",
                 str(rate),
@@ -854,18 +878,28 @@ def main(argv: list[str] | None = None) -> int:
         ref_seconds: list[float] = []
         floor_seconds: list[float] = []
         node_runs: list[dict[str, Any]] = []
+        floor_cpu_ms: list[float] = []
         for round_number in range(1, args.repeats + 1):
             seconds = reference.run(series_dir, args.slices, work / "storescu-ref.log")
             ref_seconds.append(seconds)
             print(f"round {round_number}: storescp {seconds:6.3f} s", end="", flush=True)
             run = node.run(series_dir, args.slices, work / "storescu-node.log", duplicate=args.duplicate_resend)
             node_runs.append(run)
-            print(f" | node {run['seconds']:6.3f} s", end="", flush=True)
+            print(f" | node {run['seconds']:6.3f} s ({run['cpu_ms_per_image']:.2f} CPU ms/image)", end="", flush=True)
             if "duplicate_seconds" in run:
                 print(f" | duplicate resend {run['duplicate_seconds']:6.3f} s", end="", flush=True)
             if args.floor:
+                assert floor.process is not None
+                cpu_before = cpu_seconds_of_tree(floor.process.pid)
                 floor_seconds.append(floor.run(series_dir, work / "storescu-floor.log"))
-                print(f" | bare pynetdicom {floor_seconds[-1]:6.3f} s", end="", flush=True)
+                floor_cpu_ms.append(
+                    round(1000 * (cpu_seconds_of_tree(floor.process.pid) - cpu_before) / args.slices, 3)
+                )
+                print(
+                    f" | bare pynetdicom {floor_seconds[-1]:6.3f} s ({floor_cpu_ms[-1]:.2f} CPU ms/image)",
+                    end="",
+                    flush=True,
+                )
             print(flush=True)
 
         concurrent = None
@@ -894,10 +928,13 @@ def main(argv: list[str] | None = None) -> int:
         peaks = [r["peak_rss_kib"] for r in node_runs if r.get("peak_rss_kib")]
         node_summary["peak_rss_mib"] = round(max(peaks) / 1024, 1) if peaks else None
         node_summary["peak_rss_mib_per_run"] = [round(p / 1024, 1) for p in peaks]
+        node_summary["cpu_ms_per_image_per_run"] = [r["cpu_ms_per_image"] for r in node_runs]
         duplicate_summary = None
         if args.duplicate_resend:
             duplicate_summary = summarise([r["duplicate_seconds"] for r in node_runs], args.slices)
         floor_summary = summarise(floor_seconds, args.slices) if floor_seconds else None
+        if floor_summary is not None:
+            floor_summary["cpu_ms_per_image_per_run"] = floor_cpu_ms
         ratio = node_summary["images_per_second"] / reference_summary["images_per_second"]
         results: dict[str, Any] = {
             "benchmark": "receive_throughput",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -77,11 +78,16 @@ _FIND_SERIES_AND_JOB = (
     .where(SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
 )
 _INSERT_INSTANCE = insert(INSTANCES)
-_COUNT_INSTANCE = (
+_FIND_INSTANCE_PATHS = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.path).where(
+    INSTANCES.c.sop_instance_uid.in_(bindparam("sop_instance_uids", expanding=True))
+)
+LOOKUP_CHUNK = 500
+"""SOP Instance UIDs looked up in one query (well below SQLite's and PostgreSQL's limits on parameters)."""
+_COUNT_INSTANCES = (
     update(SERIES)
     .where(SERIES.c.id == bindparam("series_id"))
     .values(
-        instance_count=SERIES.c.instance_count + 1,
+        instance_count=SERIES.c.instance_count + bindparam("added"),
         last_received_at=bindparam("received_at"),
         expected_instances=func.coalesce(bindparam("expected_instances"), SERIES.c.expected_instances),
         purged_at=None,  # a purged series sent again is held (and answered by Q/R) again
@@ -100,13 +106,22 @@ def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
     return found.scalar()
 
 
+def recorded_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:
+    """Where each of these SOP Instance UIDs is stored, for those that are recorded (one query per 500)."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    connection = session.connection()
+    found: dict[str, str] = {}
+    for start in range(0, len(uids), LOOKUP_CHUNK):
+        rows = connection.execute(_FIND_INSTANCE_PATHS, {"sop_instance_uids": uids[start : start + LOOKUP_CHUNK]})
+        found.update((uid, path) for uid, path in rows)
+    return found
+
+
 def record_instance(session: Session, record: InstanceRecord, *, counted_at: datetime | None = None) -> RecordOutcome:
     """Record a stored instance; a duplicate SOP Instance UID is recorded once.
 
     Creates the study, series and RECEIVING job on first sight, counts the
     instance in its series, and re-opens a series that had already completed.
-    This runs once per received instance, so the common case (known series)
-    is a handful of Core statements rather than ORM object loads.
 
     ``counted_at`` (default: the instance's ``received_at``) becomes the series'
     ``last_received_at``. The receiver records off the acknowledgement path and
@@ -116,27 +131,51 @@ def record_instance(session: Session, record: InstanceRecord, *, counted_at: dat
     session.flush()  # the Core statements below must see pending ORM changes
     if instance_exists(session, record.sop_instance_uid):
         return RecordOutcome(stored=False)
+    return record_new_instances(session, [record], counted_at=counted_at)[0]
+
+
+def record_new_instances(
+    session: Session, records: Sequence[InstanceRecord], *, counted_at: datetime | None = None
+) -> list[RecordOutcome]:
+    """Record instances whose SOP Instance UIDs are neither recorded nor repeated among ``records``.
+
+    What :func:`record_instance` does for one, in a few statements per series rather
+    than per instance (the receiver records its instances in batches): one lookup of
+    the series and its job, one multi-row insert, one update of the series' count.
+    Returns an outcome per record, in order; ``series_created`` and ``series_reopened``
+    are set on the first instance of such a series.
+    """
+    session.flush()  # the Core statements below must see pending ORM changes
     connection = session.connection()
-    known = connection.execute(_FIND_SERIES_AND_JOB, {"series_instance_uid": record.series.series_instance_uid}).first()
-    if known is None:
-        series_id = _create_series(session, record, counted_at)
-        created, reopened = True, False
-    else:
-        series_id, job_id, state = known
-        created = False
-        reopened = state is not None and JobState(state) is not JobState.RECEIVING
-        if reopened:
-            jobs.reopen(session, session.get_one(Job, job_id))
-    connection.execute(_INSERT_INSTANCE, {"series_id": series_id, **_instance_values(record)})
-    connection.execute(
-        _COUNT_INSTANCE,
-        {
-            "series_id": series_id,
-            "received_at": counted_at or record.received_at,
-            "expected_instances": record.series.expected_instances,
-        },
-    )
-    return RecordOutcome(stored=True, series_created=created, series_reopened=reopened)
+    by_series: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_series.setdefault(record.series.series_instance_uid, []).append(index)
+    outcomes = [RecordOutcome(stored=True)] * len(records)
+    for series_uid, indices in by_series.items():
+        first, last = records[indices[0]], records[indices[-1]]
+        known = connection.execute(_FIND_SERIES_AND_JOB, {"series_instance_uid": series_uid}).first()
+        if known is None:
+            series_id = _create_series(session, first, counted_at)
+            outcomes[indices[0]] = RecordOutcome(stored=True, series_created=True)
+        else:
+            series_id, job_id, state = known
+            if state is not None and JobState(state) is not JobState.RECEIVING:
+                jobs.reopen(session, session.get_one(Job, job_id))
+                outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
+        connection.execute(
+            _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
+        )
+        expected = [records[i].series.expected_instances for i in indices]
+        connection.execute(
+            _COUNT_INSTANCES,
+            {
+                "series_id": series_id,
+                "added": len(indices),
+                "received_at": counted_at or last.received_at,
+                "expected_instances": next((n for n in reversed(expected) if n is not None), None),
+            },
+        )
+    return outcomes
 
 
 def _instance_values(record: InstanceRecord) -> dict[str, object]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -459,8 +460,34 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, MultiValue) else [value]
 
 
+PLAIN_VALUE_PATTERNS: dict[str, re.Pattern[bytes]] = {
+    **dict.fromkeys(("AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM"), re.compile(rb"[\x20-\x5b\x5d-\x7e]*")),
+    "UI": re.compile(rb"[0-9.]*\x00?"),
+    "IS": re.compile(rb" *[+-]?[0-9]+ *"),
+    "DS": re.compile(rb" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *"),
+}
+"""Encoded values read without pydicom's conversion: single printable ASCII values (no backslash, so one
+value) of these VRs, and plain numbers. ASCII reads the same under every character set DICOM allows, so the
+text is what pydicom would decode; anything else goes through pydicom. Decoding the header's 24 values this way
+took 0.1 ms per instance instead of 1.1 ms (2026-11-29)."""
+KEYWORD_VRS = {keyword: dictionary_VR(keyword) for keyword in HEADER_KEYWORDS}
+"""The VR of each header element, for data sets in Implicit VR (their elements carry none)."""
+
+
+def _value(dataset: Dataset, keyword: str) -> Any:
+    """The element's value: its text when still encoded and plain (see PLAIN_VALUE_PATTERNS), else pydicom's."""
+    element = dataset.get_item(keyword)
+    if element is None:
+        return None
+    if isinstance(element, RawDataElement) and isinstance(element.value, bytes):
+        pattern = PLAIN_VALUE_PATTERNS.get(element.VR or KEYWORD_VRS.get(keyword, ""))
+        if pattern is not None and pattern.fullmatch(element.value) is not None:
+            return element.value.decode("ascii")
+    return dataset.get(keyword)
+
+
 def _text(dataset: Dataset, keyword: str) -> str | None:
-    value = dataset.get(keyword)
+    value = _value(dataset, keyword)
     if value is None or value == "":
         return None
     text = str(value).strip().strip("\x00")
@@ -472,7 +499,7 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
 
 def _integer(dataset: Dataset, keyword: str) -> int | None:
     try:
-        value = dataset.get(keyword)
+        value = _value(dataset, keyword)
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
@@ -480,7 +507,7 @@ def _integer(dataset: Dataset, keyword: str) -> int | None:
 
 def _decimal(dataset: Dataset, keyword: str) -> float | None:
     try:
-        value = dataset.get(keyword)
+        value = _value(dataset, keyword)
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None

@@ -45,7 +45,7 @@ from dicom_node.receive.storage import (
     UnindexableFile,
     index_file,
     quarantine_stored_file,
-    record_stored_instance,
+    record_stored_instances,
 )
 
 LOG = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ JOURNAL_SUFFIX = ".journal"
 SEGMENT_ENTRIES = 1000
 BATCH_INSTANCES = 500
 """Most instances recorded in one transaction."""
-BATCH_GATHER_SECONDS = 0.02
+BATCH_GATHER_SECONDS = 0.1
 """After the first instance of a batch, wait this long for more: fewer, larger transactions take less CPU
-(and GIL) away from the associations of this process."""
+(and GIL) away from the associations of this process. Recording 10 instances in one batch took 0.26 ms of
+CPU each, one at a time 0.6-0.8 ms (SQLite, 2026-11-29); one association brings about 10 in 0.1 s."""
 LONGEST_RETRY_DELAY_SECONDS = 5.0
 
 
@@ -244,7 +245,8 @@ class InstanceRecorder:
     def _commit(self, batch: list[_Pending]) -> list[tuple[_Pending, StoreOutcome]]:
         counted_at = utcnow()  # the series' last_received_at: its quiet period starts once this is recorded
         with transaction(self.sessions) as session:
-            return [(p, record_stored_instance(session, self.store, p.record, counted_at)) for p in batch]
+            outcomes = record_stored_instances(session, self.store, [p.record for p in batch], counted_at)
+        return list(zip(batch, outcomes, strict=True))
 
     def _note_waiting(self, error: OperationalError, batch_size: int) -> None:
         if self._waiting_since is not None:

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +33,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import InstanceRecord, RecordOutcome, record_instance, record_rejection, recorded_path
+from db.ingest import (
+    InstanceRecord,
+    RecordOutcome,
+    record_instance,
+    record_new_instances,
+    record_rejection,
+    recorded_path,
+    recorded_paths,
+)
 from db.models import Instance, Series
 from db.session import transaction
 from dicom_node import __version__, status
@@ -256,18 +264,40 @@ def commit_instance(
 def record_stored_instance(
     session: Session, store: InstanceStore, record: InstanceRecord, counted_at: datetime | None = None
 ) -> StoreOutcome:
-    """Record an instance whose file is already in place at ``record.path`` (the recorder's half of a C-STORE).
+    """Record one instance whose file is already in place at ``record.path``; see :func:`record_stored_instances`."""
+    return record_stored_instances(session, store, [record], counted_at)[0]
 
-    A SOP Instance UID recorded before keeps its first file: a copy stored under
-    other study or series UIDs (so at another path) is removed, unless the
-    recorded file is missing, in which case the copy takes its place. Safe to
-    run again after a rollback. ``counted_at`` becomes the series'
+
+def record_stored_instances(
+    session: Session, store: InstanceStore, records: Sequence[InstanceRecord], counted_at: datetime | None = None
+) -> list[StoreOutcome]:
+    """Record instances whose files are already in place (the recorder's half of C-STOREs), in order.
+
+    A SOP Instance UID recorded before, or earlier in ``records``, keeps its first
+    file: a copy stored under other study or series UIDs (so at another path) is
+    removed, unless the first file is missing, in which case the copy takes its
+    place. Safe to run again after a rollback. ``counted_at`` becomes the series'
     ``last_received_at`` (see :func:`db.ingest.record_instance`).
     """
-    existing = recorded_path(session, record.sop_instance_uid)
-    if existing is None:
-        return StoreOutcome(record_instance(session, record, counted_at=counted_at), Path(record.path))
-    target, copy = Path(existing), Path(record.path)
+    first_paths = recorded_paths(session, (record.sop_instance_uid for record in records))
+    outcomes: list[StoreOutcome | None] = [None] * len(records)
+    new: list[int] = []
+    for index, record in enumerate(records):
+        existing = first_paths.get(record.sop_instance_uid)
+        if existing is None:
+            first_paths[record.sop_instance_uid] = record.path  # a later copy in this batch is a duplicate
+            new.append(index)
+        else:
+            outcomes[index] = _keep_first_copy(store, record, Path(existing))
+    recorded = record_new_instances(session, [records[index] for index in new], counted_at=counted_at)
+    for index, outcome in zip(new, recorded, strict=True):
+        outcomes[index] = StoreOutcome(outcome, Path(records[index].path))
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _keep_first_copy(store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
+    """A duplicate of the instance recorded at ``target``: remove its copy, unless the first file is gone."""
+    copy = Path(record.path)
     if target == copy or not copy.exists():
         return StoreOutcome(RecordOutcome(stored=False), target)
     if target.exists():

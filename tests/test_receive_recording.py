@@ -1,0 +1,99 @@
+"""The recorder's batches: several instances, series and duplicates recorded in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from sqlalchemy import select
+
+from db import jobs
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.models import Instance, Job, JobState, Series
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.receive.storage import InstanceStore, record_stored_instances
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
+
+
+def _setup(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    return InstanceStore(tmp_path / "storage"), make_session_factory(make_engine(url))
+
+
+def _stored(store: InstanceStore, series_uid: str, sop_uid: str, expected: int | None = None) -> InstanceRecord:
+    """An instance file in place at its path, and what the receiver would record for it."""
+    path = store.path_for("1.2.3", series_uid, sop_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(f"{series_uid}/{sop_uid}".encode())
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=CT_IMAGE,
+        transfer_syntax_uid=EXPLICIT_LITTLE,
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        study=StudyAttributes("1.2.3"),
+        series=SeriesAttributes(series_uid, modality="CT", expected_instances=expected),
+    )
+
+
+def test_a_batch_records_each_series_once_and_counts_every_new_instance(tmp_path):
+    store, sessions = _setup(tmp_path)
+    batch = [_stored(store, "1.2.3.1", f"1.2.3.1.{n}", expected=3) for n in range(1, 4)]
+    batch += [_stored(store, "1.2.3.2", f"1.2.3.2.{n}") for n in range(1, 3)]
+
+    with transaction(sessions) as session:
+        outcomes = record_stored_instances(session, store, batch)
+
+    assert [o.recorded.stored for o in outcomes] == [True] * 5
+    assert [o.recorded.series_created for o in outcomes] == [True, False, False, True, False]
+    assert [o.path for o in outcomes] == [Path(r.path) for r in batch]
+    with sessions() as session:
+        counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+        expected = session.scalar(select(Series.expected_instances).where(Series.series_instance_uid == "1.2.3.1"))
+        states = set(session.scalars(select(Job.state)))
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert counts == {"1.2.3.1": 3, "1.2.3.2": 2}
+    assert expected == 3
+    assert states == {JobState.RECEIVING}
+    assert recorded == {r.sop_instance_uid for r in batch}
+
+
+def test_a_copy_sent_twice_in_one_batch_under_other_series_uids_is_kept_once(tmp_path):
+    store, sessions = _setup(tmp_path)
+    first = _stored(store, "1.2.3.1", "1.2.3.9")
+    same_path_again = replace(first)
+    elsewhere = _stored(store, "1.2.3.2", "1.2.3.9")  # same SOP Instance UID, other series
+
+    with transaction(sessions) as session:
+        outcomes = record_stored_instances(session, store, [first, same_path_again, elsewhere])
+
+    assert [o.recorded.stored for o in outcomes] == [True, False, False]
+    assert {o.path for o in outcomes} == {Path(first.path)}
+    assert Path(first.path).exists()
+    assert not Path(elsewhere.path).exists()
+    with sessions() as session:
+        assert session.scalar(select(Series.instance_count).where(Series.series_instance_uid == "1.2.3.1")) == 1
+        assert session.scalar(select(Series.id).where(Series.series_instance_uid == "1.2.3.2")) is None
+
+
+def test_a_batch_reopens_a_completed_series_once_and_skips_what_is_recorded(tmp_path):
+    store, sessions = _setup(tmp_path)
+    earlier = _stored(store, "1.2.3.1", "1.2.3.1.1")
+    with transaction(sessions) as session:
+        record_instance(session, earlier)
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        jobs.mark_complete(session, job, "quiet period over")
+
+    late = [earlier] + [_stored(store, "1.2.3.1", f"1.2.3.1.{n}") for n in (2, 3)]
+    with transaction(sessions) as session:
+        outcomes = record_stored_instances(session, store, late)
+
+    assert [o.recorded.stored for o in outcomes] == [False, True, True]
+    assert [o.recorded.series_reopened for o in outcomes] == [False, True, False]
+    with sessions() as session:
+        assert session.scalar(select(Series.instance_count)) == 3
+        assert session.scalars(select(Job.state)).one() == JobState.RECEIVING
