@@ -276,7 +276,6 @@ def test_instance_norms_are_rewritten_so_openvino_matches_pytorch_on_a_whole_pat
     assert rewrite_error < 1e-4, f"rewritten instance norm differs from PyTorch by {rewrite_error:.2e}"
 
 
-
 def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp_path):
     import torch
 
