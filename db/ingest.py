@@ -71,7 +71,6 @@ JOBS = Base.metadata.tables[Job.__tablename__]
 
 # Built once: the per-instance path runs them hundreds of times a second.
 _FIND_INSTANCE = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
-_FIND_INSTANCE_PATH = select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
 _FIND_SERIES_AND_JOB = (
     select(SERIES.c.id, JOBS.c.id, JOBS.c.state)
     .select_from(SERIES.outerjoin(JOBS, JOBS.c.series_id == SERIES.c.id))
@@ -102,8 +101,7 @@ def instance_exists(session: Session, sop_instance_uid: str) -> bool:
 
 def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
     """Where the instance with this SOP Instance UID is stored, if it is recorded at all."""
-    found = session.connection().execute(_FIND_INSTANCE_PATH, {"sop_instance_uid": sop_instance_uid})
-    return found.scalar()
+    return recorded_paths(session, [sop_instance_uid]).get(sop_instance_uid)
 
 
 def recorded_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:
