@@ -293,3 +293,23 @@ def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp
     assert len(results) == len(tiles)
     for tile, result in zip(tiles, results, strict=True):
         np.testing.assert_allclose(result, single(torch.from_numpy(tile)).numpy(), atol=1e-5)
+
+
+def test_backend_auto_is_openvino_on_the_cpu_where_installed_and_torch_elsewhere(monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    from inference.models.totalsegmentator import _resolve_backend
+
+    assert _resolve_backend("auto", "cpu") == "openvino"  # installed here (this module skips otherwise)
+    assert _resolve_backend("torch", "cpu") == "torch"
+    assert _resolve_backend("auto", "cuda") == "torch"
+    with caplog.at_level(logging.INFO, logger="inference.models.totalsegmentator"):
+        assert _resolve_backend("openvino", "cuda") == "torch"
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real_find_spec(name, *a)
+        )
+        assert _resolve_backend("auto", "cpu") == "torch"
+    assert "runs on the CPU only; on cuda the network runs in PyTorch" in caplog.text
+    assert "OpenVINO is not installed, so the network runs in PyTorch on the CPU" in caplog.text

@@ -384,7 +384,10 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
             weights[region[1:]] += gaussian
         torch.div(logits, weights, out=logits)
         if torch.any(torch.isinf(logits)):
-            raise RuntimeError("the summed tile logits overflowed FP16 (nnU-Net's accumulation); use backend torch")
+            raise RuntimeError(
+                "the weighted sum of the tiles' logits overflowed half precision, as it would in nnU-Net's own "
+                "loop; these weights cannot segment this series"
+            )
     return logits
 
 
