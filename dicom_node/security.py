@@ -41,13 +41,13 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
+from dicom_node.reactors import EventDrivenDUL, make_event_driven
 
 LOG = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class PduRefused(Exception):
     """A PDU broke a limit; the message says which, for the log."""
 
 
-class GuardedDUL(DULServiceProvider):
+class GuardedDUL(EventDrivenDUL):
     """The DUL reader with a deadline per PDU and a size limit per PDU type, checked before the body is read."""
 
     def _read_pdu_data(self) -> None:
@@ -501,6 +501,7 @@ class GuardedRequestHandler(RequestHandler):
         request.settimeout(limits.pdu_seconds)  # no send or receive waits longer without progress
         assoc = self._create_association()
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
+        make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
         caps = self.server.caps
         run = assoc.run
 

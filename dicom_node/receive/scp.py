@@ -111,9 +111,6 @@ def decodable_transfer_syntaxes() -> list[UID]:
 ACCEPTED_TRANSFER_SYNTAXES: list[UID] = decodable_transfer_syntaxes()
 """Transfer syntaxes accepted as sent: the node stores the bytes it received, never transcodes; only those it can decode."""
 
-REACTOR_POLL_SECONDS = 0.0002
-"""pynetdicom's DUL reactor sleeps this long when idle (its default 1 ms adds a delay to every response)."""
-
 ERROR_COMMENT_LENGTH = 64  # ErrorComment is LO
 
 RELEASE_WAIT_SECONDS = 10.0
@@ -382,10 +379,10 @@ def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:
 
 def _on_connection_open(event: evt.Event) -> None:
     # Small PDUs (the C-STORE response) must leave at once, not wait on Nagle's algorithm.
+    # (The association's threads need no polling delay: they sleep until there is work, dicom_node.reactors.)
     transport = event.assoc.dul.socket
     if transport is not None and transport.socket is not None:
         transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    event.assoc.dul._run_loop_delay = REACTOR_POLL_SECONDS
 
 
 def _on_accepted(event: evt.Event) -> None:
