@@ -276,7 +276,7 @@ def test_instance_norms_are_rewritten_so_openvino_matches_pytorch_on_a_whole_pat
     assert rewrite_error < 1e-4, f"rewritten instance norm differs from PyTorch by {rewrite_error:.2e}"
 
 
-def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp_path):
+def test_tiles_run_in_two_streams_come_back_in_order_equal_one_at_a_time_and_after_a_release(tmp_path):
     import torch
 
     from inference.models.openvino_backend import OpenVINONetwork, compile_model, load_or_convert
@@ -293,6 +293,11 @@ def test_tiles_run_in_two_streams_come_back_in_order_and_equal_one_at_a_time(tmp
     assert len(results) == len(tiles)
     for tile, result in zip(tiles, results, strict=True):
         np.testing.assert_allclose(result, single(torch.from_numpy(tile)).numpy(), atol=1e-5)
+
+    streamed.release_memory()  # between part models and jobs: the next tiles allocate it again
+    again = [result.numpy().copy() for result in streamed.predict_tiles(iter(tiles))]
+    for first, second in zip(results, again, strict=True):
+        np.testing.assert_array_equal(first, second)
 
 
 def test_backend_auto_is_openvino_on_the_cpu_where_installed_and_torch_elsewhere(monkeypatch, caplog):

@@ -343,6 +343,17 @@ class OpenVINONetwork(_torch_module_base()):  # type: ignore[misc]
         while in_flight:
             yield self._collect(in_flight.popleft()[0], torch)
 
+    def release_memory(self) -> None:
+        """Free the compiled model's working memory (activations, output buffers) until its next tile.
+
+        A resident model otherwise keeps it between jobs: for ``total``, five part models with
+        two streams each held it all at once (18.7 GiB peak on a 512x512x300 CT). No request
+        may be running; every result handed out before is invalid afterwards.
+        """
+        for request in self.requests:
+            request.wait()
+        self.compiled.release_memory()
+
     @staticmethod
     def _collect(request: Any, torch: Any) -> Any:
         request.wait()
@@ -376,12 +387,15 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
         if predictor.use_gaussian:
             gaussian = compute_gaussian(patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=data.device)
         tiles = (data[region][None].numpy() for region in slicers)
-        for region, prediction in zip(slicers, network.predict_tiles(tiles), strict=True):
-            prediction = prediction[0]
-            if predictor.use_gaussian:
-                prediction *= gaussian
-            logits[region] += prediction
-            weights[region[1:]] += gaussian
+        try:
+            for region, prediction in zip(slicers, network.predict_tiles(tiles), strict=True):
+                prediction = prediction[0]
+                if predictor.use_gaussian:
+                    prediction *= gaussian
+                logits[region] += prediction
+                weights[region[1:]] += gaussian
+        finally:
+            network.release_memory()
         torch.div(logits, weights, out=logits)
         if torch.any(torch.isinf(logits)):
             raise RuntimeError(
