@@ -453,7 +453,8 @@ def _text_or_none(meta: Dataset | None, keyword: str) -> str | None:
 
 def _write_all(descriptor: int, *parts: bytes) -> None:
     """Write every byte of ``parts`` in order, in as few system calls as the kernel allows (usually one)."""
-    pending = [view for view in map(memoryview, parts) if view.nbytes]
+    pending: list[memoryview] = [memoryview(part) for part in parts]
+    pending = [view for view in pending if view.nbytes]
     while pending:
         written = os.writev(descriptor, pending)
         while pending and written >= pending[0].nbytes:
