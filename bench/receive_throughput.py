@@ -461,6 +461,9 @@ class Floor:
     def __init__(self, work: Path, port: int, *, reactors: bool = False) -> None:
         self.port = port
         self.reactors = reactors
+        self.key = "reactor_floor" if reactors else "floor"
+        """Its name in the results and in the send logs' file names."""
+        self.name = "bare, node's reactors" if reactors else "bare pynetdicom"
         self.log = work / ("floor-reactors.log" if reactors else "floor.log")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -482,6 +485,13 @@ class Floor:
         if self.process is not None and self.process.poll() is not None:
             raise BenchError(f"the bare pynetdicom SCP exited during the run; log {self.log}")
         return seconds
+
+    def timed_run(self, series_dir: Path, send_log: Path, images: int) -> tuple[float, float]:
+        """One send: its wall seconds and this SCP's CPU milliseconds per image."""
+        assert self.process is not None
+        cpu_before = cpu_seconds_of_tree(self.process.pid)
+        seconds = self.run(series_dir, send_log)
+        return seconds, round(1000 * (cpu_seconds_of_tree(self.process.pid) - cpu_before) / images, 3)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -924,11 +934,9 @@ def main(argv: list[str] | None = None) -> int:
             floor.start()
             reactor_floor.start()
         ref_seconds: list[float] = []
-        floor_seconds: list[float] = []
         node_runs: list[dict[str, Any]] = []
-        floor_cpu_ms: list[float] = []
-        reactor_floor_seconds: list[float] = []
-        reactor_floor_cpu_ms: list[float] = []
+        floors = [floor, reactor_floor] if args.floor else []
+        floor_runs: dict[str, list[tuple[float, float]]] = {each.key: [] for each in floors}  # (seconds, CPU ms)
         for round_number in range(1, args.repeats + 1):
             seconds = reference.run(series_dir, args.slices, work / "storescu-ref.log")
             ref_seconds.append(seconds)
@@ -938,35 +946,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f" | node {run['seconds']:6.3f} s ({run['cpu_ms_per_image']:.2f} CPU ms/image)", end="", flush=True)
             if "duplicate_seconds" in run:
                 print(f" | duplicate resend {run['duplicate_seconds']:6.3f} s", end="", flush=True)
-            if args.floor:
-                assert floor.process is not None
-                cpu_before = cpu_seconds_of_tree(floor.process.pid)
-                floor_seconds.append(floor.run(series_dir, work / "storescu-floor.log"))
-                floor_cpu_ms.append(
-                    round(1000 * (cpu_seconds_of_tree(floor.process.pid) - cpu_before) / args.slices, 3)
-                )
-                print(
-                    f" | bare pynetdicom {floor_seconds[-1]:6.3f} s ({floor_cpu_ms[-1]:.2f} CPU ms/image)",
-                    end="",
-                    flush=True,
-                )
-                assert reactor_floor.process is not None
-                cpu_before = cpu_seconds_of_tree(reactor_floor.process.pid)
-                reactor_floor_seconds.append(reactor_floor.run(series_dir, work / "storescu-floor-reactors.log"))
-                reactor_floor_cpu_ms.append(
-                    round(1000 * (cpu_seconds_of_tree(reactor_floor.process.pid) - cpu_before) / args.slices, 3)
-                )
-                print(
-                    f" | bare, node's reactors {reactor_floor_seconds[-1]:6.3f} s "
-                    f"({reactor_floor_cpu_ms[-1]:.2f} CPU ms/image)",
-                    end="",
-                    flush=True,
-                )
+            for each in floors:
+                seconds, cpu_ms = each.timed_run(series_dir, work / f"storescu-{each.key}.log", args.slices)
+                floor_runs[each.key].append((seconds, cpu_ms))
+                print(f" | {each.name} {seconds:6.3f} s ({cpu_ms:.2f} CPU ms/image)", end="", flush=True)
             print(flush=True)
 
         concurrent = None
         if args.concurrent > 0:
-            floors = [floor, reactor_floor] if args.floor else []
             ports = {reference_port, node_port, floor_port, reactor_floor_port}
             concurrent = run_concurrent_case(args, work, reference, floors, node, ports)
         reference.stop()
@@ -995,12 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         duplicate_summary = None
         if args.duplicate_resend:
             duplicate_summary = summarise([r["duplicate_seconds"] for r in node_runs], args.slices)
-        floor_summary = summarise(floor_seconds, args.slices) if floor_seconds else None
-        if floor_summary is not None:
-            floor_summary["cpu_ms_per_image_per_run"] = floor_cpu_ms
-        reactor_floor_summary = summarise(reactor_floor_seconds, args.slices) if reactor_floor_seconds else None
-        if reactor_floor_summary is not None:
-            reactor_floor_summary["cpu_ms_per_image_per_run"] = reactor_floor_cpu_ms
+        floor_summaries: dict[str, dict[str, Any] | None] = {"floor": None, "reactor_floor": None}
+        for key, runs in floor_runs.items():
+            summary = summarise([seconds for seconds, _ in runs], args.slices)
+            summary["cpu_ms_per_image_per_run"] = [cpu_ms for _, cpu_ms in runs]
+            floor_summaries[key] = summary
+        floor_summary, reactor_floor_summary = floor_summaries["floor"], floor_summaries["reactor_floor"]
         ratio = node_summary["images_per_second"] / reference_summary["images_per_second"]
         results: dict[str, Any] = {
             "benchmark": "receive_throughput",
@@ -1111,11 +1098,8 @@ def run_concurrent_case(
                 f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s"
             )
             for floor in floors:
-                key, name = (
-                    ("reactor_floor", "bare, node's reactors") if floor.reactors else ("floor", "bare pynetdicom")
-                )
-                seconds[key].append(floor.run(dirs, work / f"storescu-{key}-concurrent.log"))
-                line += f" | {name} {seconds[key][-1]:6.3f} s"
+                seconds[floor.key].append(floor.run(dirs, work / f"storescu-{floor.key}-concurrent.log"))
+                line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
             print(line, flush=True)
     finally:
         forked.stop()
