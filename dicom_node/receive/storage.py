@@ -453,8 +453,7 @@ def _text_or_none(meta: Dataset | None, keyword: str) -> str | None:
 
 def _write_all(descriptor: int, *parts: bytes) -> None:
     """Write every byte of ``parts`` in order, in as few system calls as the kernel allows (usually one)."""
-    pending: list[memoryview] = [memoryview(part) for part in parts]
-    pending = [view for view in pending if view.nbytes]
+    pending = [memoryview(part) for part in parts if len(part)]  # len(None) raises, as a write of it would
     while pending:
         written = os.writev(descriptor, pending)
         while pending and written >= pending[0].nbytes:
