@@ -388,15 +388,15 @@ class GuardedDUL(EventDrivenDUL):
             seconds = min(seconds, limits.association_request_seconds)
         deadline = time.monotonic() + seconds
         try:
-            header = _read_exactly(raw, 6, deadline)
+            header = _read_exactly(raw, bytearray(6), deadline)
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
                 limit = limits.for_pdu(pdu_type)
                 if length > limit:
                     raise PduRefused(f"PDU type 0x{pdu_type:02X} of {length} bytes is over the limit of {limit} bytes")
-                body = _read_exactly(raw, length, deadline)
-            else:
-                body = b""
+                whole = bytearray(6 + length)  # the body is received straight into place: no copies
+                whole[:6] = header
+                _read_exactly(raw, memoryview(whole)[6:], deadline)
         except PduRefused as exc:
             self._refuse(str(exc), reason=0x06)
             return
@@ -413,7 +413,7 @@ class GuardedDUL(EventDrivenDUL):
             self._refuse(f"unknown PDU type 0x{pdu_type:02X}", reason=0x01)
             return
         try:
-            pdu, event = self._decode_pdu(bytearray(header + body))
+            pdu, event = self._decode_pdu(whole)
         except Exception:  # noqa: BLE001 - any undecodable PDU is the peer's error
             self._refuse(f"undecodable PDU type 0x{pdu_type:02X}", reason=0x06)
             return
@@ -446,19 +446,21 @@ class GuardedDUL(EventDrivenDUL):
         self.socket.close()  # Evt17: the state machine ends the association
 
 
-def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
-    """``count`` bytes, or TimeoutError at ``deadline``, or ConnectionError if the peer closes first."""
-    chunks = bytearray()
-    while len(chunks) < count:
+def _read_exactly(sock: socket.socket, into: bytearray | memoryview, deadline: float) -> bytearray | memoryview:
+    """Fill ``into`` from ``sock`` and return it; TimeoutError at ``deadline``, ConnectionError if the peer closes first."""
+    view = memoryview(into)
+    count = len(view)
+    received = 0
+    while received < count:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
         sock.settimeout(remaining)
-        chunk = sock.recv(min(count - len(chunks), 1 << 20))
-        if not chunk:
+        got = sock.recv_into(view[received:], count - received)
+        if not got:
             raise ConnectionError("closed by peer")
-        chunks += chunk
-    return bytes(chunks)
+        received += got
+    return into
 
 
 class GuardedRequestHandler(RequestHandler):
