@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import socket
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -57,7 +57,7 @@ from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
-from dicom_node.receive.header import InvalidInstance, check_header, is_valid_uid, read_header
+from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid, read_header
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_full
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
@@ -222,14 +222,19 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
     file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
-    # The write and its fsync need no header: they run beside the header checks (both release the GIL).
-    writing = _WRITERS.submit(context.store.write_temporary, file_meta, encoded) if identified else None
+    # The header is checked in a helper thread while this one writes: the write waits in one system call
+    # without the interpreter lock, which the check needs. (Writing in the helper instead, the check kept the
+    # lock and the write began only after it: 1 ms more per 512x512 image, measured 2026-11-30.)
+    checking = _HEADER_CHECKERS.submit(_checked_header, encoded, transfer_syntax, sop_class, sop_instance)
+    temporary, write_error = _write_temporary(context.store, file_meta, encoded) if identified else (None, None)
     try:
-        header = check_header(read_header(encoded, transfer_syntax), sop_class, sop_instance)
+        header = checking.result()
     except InvalidInstance as exc:
-        _discard(writing)
+        _discard(temporary)
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
-    assert writing is not None  # check_header refuses requests without valid UIDs
+    if write_error is not None:
+        return _write_failed(write_error, sop_instance, calling_ae)
+    assert temporary is not None  # check_header refuses requests without valid UIDs
 
     attempt.study_instance_uid = header.study.study_instance_uid
     path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
@@ -238,10 +243,10 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     try:
         segment = recorder.journal.append(str(path))
     except OSError as exc:
-        _discard(writing)
+        _discard(temporary)
         return _write_failed(exc, sop_instance, calling_ae)
     try:
-        _place(context.store, path, writing)
+        _place(context.store, path, temporary)
     except Exception as exc:
         recorder.journal.done([segment])
         if isinstance(exc, OSError) or is_disk_full(exc):
@@ -261,17 +266,29 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     return status.SUCCESS
 
 
-_WRITERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="instance-writer")
-"""Writes and fsyncs received instances' temporary files while the association thread checks their headers."""
+_HEADER_CHECKERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="header-check")
+"""Check received instances' headers while their association threads write the files."""
 
 
-def _place(store: InstanceStore, path: Path, writing: Future[Path]) -> None:
-    """Make the instance durable at ``path``: its fsynced temporary file renamed into place, the folder fsynced.
+def _checked_header(encoded: bytes, transfer_syntax: UID, sop_class: str, sop_instance: str) -> InstanceHeader:
+    """The instance's header, read and checked; raises InvalidInstance with the reason to answer."""
+    return check_header(read_header(encoded, transfer_syntax), sop_class, sop_instance)
+
+
+def _write_temporary(store: InstanceStore, file_meta: bytes, encoded: bytes) -> tuple[Path | None, OSError | None]:
+    """The instance written durably to a temporary file, or what kept it from being written (no file is left then)."""
+    try:
+        return store.write_temporary(file_meta, encoded), None
+    except OSError as exc:  # a full disk, for one: answered once the header is known to be fine
+        return None, exc
+
+
+def _place(store: InstanceStore, path: Path, temporary: Path) -> None:
+    """Make the instance durable at ``path``: its synced temporary file renamed into place, the folder fsynced.
 
     A file already at ``path`` (the same SOP Instance UID sent again under the same study
     and series) is whole (renames are atomic) and is kept: only its folder is synced.
     """
-    temporary = writing.result()  # raises what the write raised (a full disk); it left no file then
     try:
         if not path.exists():
             store.install(temporary, path)
@@ -280,12 +297,11 @@ def _place(store: InstanceStore, path: Path, writing: Future[Path]) -> None:
     store.sync_folder(path.parent)
 
 
-def _discard(writing: Future[Path] | None) -> None:
+def _discard(temporary: Path | None) -> None:
     """Remove the temporary file of an instance that will not be stored."""
-    if writing is None or writing.cancel():
-        return
-    with contextlib.suppress(OSError):  # the write failed and left nothing
-        writing.result().unlink(missing_ok=True)
+    if temporary is not None:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def _write_failed(error: Exception, sop_instance: str, calling_ae: str) -> Dataset:
