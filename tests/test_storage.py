@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from io import BytesIO
 
 import pytest
@@ -58,6 +59,7 @@ def test_written_file_reads_back_and_leaves_no_partial(tmp_path):
     dataset = dcmread(path)
     assert dataset.Modality == "CT" and dataset.file_meta.SourceApplicationEntityTitle == "PACS"
     assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+    store.close()  # removes the spare files made ahead of writes
     assert list(store.incoming_dir.iterdir()) == []
 
 
@@ -72,9 +74,52 @@ def test_instance_files_are_written_synchronously_unless_fsync_is_off(tmp_path, 
         return real_writev(descriptor, buffers)
 
     monkeypatch.setattr(storage.os, "writev", writev)
-    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"meta", b"data")
+    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"meta", b"data")  # no spare ready yet
+    wait_for_spares(store)
+    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.6"), b"meta", b"data")  # into a spare
+    store.close()
 
-    assert modes == [fsync]  # one system call, returning once the bytes are on disk
+    assert modes == [fsync, fsync]  # one system call each, returning once the bytes are on disk
+
+
+def wait_for_spares(store: InstanceStore, count: int = storage.SPARE_FILES) -> list[str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spares = sorted(p.name for p in store.incoming_dir.glob(f"*{storage.SPARE_SUFFIX}"))
+        if len(spares) == count:
+            return spares
+        time.sleep(0.01)
+    raise AssertionError(f"expected {count} spare files, found {spares}")
+
+
+def test_writes_take_spare_files_made_ahead_and_close_removes_the_rest(tmp_path):
+    store = InstanceStore(tmp_path)
+    first = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    store.write(first, b"meta", b"first")  # starts the thread that makes spares
+    spares = wait_for_spares(store)
+
+    temporary = store.write_temporary(b"meta", b"second")
+
+    assert temporary.name in spares and temporary.read_bytes() == b"metasecond"
+    second = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.6")
+    store.install(temporary, second)
+    assert second.read_bytes() == b"metasecond" and first.read_bytes() == b"metafirst"
+    wait_for_spares(store)  # the one taken is replaced
+    store.close()
+    assert list(store.incoming_dir.iterdir()) == []
+
+
+def test_spares_deleted_by_start_up_clean_up_are_never_handed_out(tmp_path):
+    store = InstanceStore(tmp_path)
+    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"meta", b"first")
+    wait_for_spares(store)
+
+    assert store.remove_partial_files() == 0  # spares are deleted, and not counted as cut-off writes
+
+    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.6")
+    store.write(path, b"meta", b"second")  # its temporary file must still exist to be renamed
+    assert path.read_bytes() == b"metasecond"
+    store.close()
 
 
 def test_short_writes_are_continued_until_every_byte_is_written(tmp_path, monkeypatch):
@@ -98,6 +143,7 @@ def test_failed_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(TypeError):
         store.write(path, b"meta", None)  # type: ignore[arg-type]  # fails after the file was opened
 
+    store.close()  # removes the spare files made ahead of writes
     assert list(store.incoming_dir.iterdir()) == [] and not path.exists()
 
 
@@ -137,6 +183,7 @@ def test_duplicate_removes_only_its_own_temporary_file(tmp_path):
 
     assert first.recorded.stored and not second.recorded.stored and not second.replaced_missing_file
     assert path.read_bytes() == b"first copy"
+    store.close()  # removes the spare files made ahead of writes
     assert list(store.incoming_dir.iterdir()) == [in_flight]
 
 
@@ -150,6 +197,7 @@ def test_duplicate_takes_the_place_of_a_recorded_file_that_is_missing(tmp_path):
     again = commit_instance(store, sessions, store.write_temporary(b"sent ", b"again"), record)
 
     assert again.replaced_missing_file and path.read_bytes() == b"sent again"
+    store.close()  # removes the spare files made ahead of writes
     assert list(store.incoming_dir.iterdir()) == []
 
 

@@ -35,7 +35,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import log_event
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
-from dicom_node.receive.storage import TEMP_SUFFIX, InstanceStore
+from dicom_node.receive.storage import SPARE_SUFFIX, TEMP_SUFFIX, InstanceStore
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.security import AssociationCaps
 
@@ -68,6 +68,7 @@ def start_receiving(settings: Settings, store: InstanceStore, sessions: sessionm
     processes = receiving_processes(settings)
     if processes == 1:
         return InProcessReceiver.start(settings, store, sessions)
+    store.close()  # serve's own process stores no instances beside its receivers: it keeps no spare files
     pool = ReceiverPool(settings, store, sessions, processes)
     pool.start()
     return pool
@@ -79,6 +80,7 @@ class InProcessReceiver:
 
     server: AssociationServer
     recorder: InstanceRecorder
+    store: InstanceStore
 
     @classmethod
     def start(cls, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session]) -> InProcessReceiver:
@@ -89,11 +91,12 @@ class InProcessReceiver:
             StoreContext(store=store, sessions=sessions, recorder=recorder),
             RetrieveContext.from_settings(settings, sessions),
         )
-        return cls(server, recorder)
+        return cls(server, recorder, store)
 
     def shutdown(self) -> None:
         self.server.shutdown()
         self.recorder.stop()
+        self.store.close()
 
 
 ALIVE_SUFFIX = ".alive"
@@ -263,8 +266,9 @@ class ReceiverPool:
                     "trying again every half second",
                 )
             self._unrecovered.add(pid)
-        for partial in self.store.incoming_dir.glob(f"{pid}-*{TEMP_SUFFIX}"):
-            partial.unlink(missing_ok=True)
+        for partial in self.store.incoming_dir.glob(f"{pid}-*"):
+            if partial.name.endswith((TEMP_SUFFIX, SPARE_SUFFIX)):
+                partial.unlink(missing_ok=True)
         (journal_folder(self.store) / f"{pid}{ALIVE_SUFFIX}").unlink(missing_ok=True)
 
     def shutdown(self) -> None:
@@ -311,6 +315,7 @@ def run_receiver(
     stop.wait()
     server.shutdown()
     recorder.stop()
+    store.close()
     Path(alive.name).unlink(missing_ok=True)
 
 

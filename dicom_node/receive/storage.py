@@ -3,7 +3,8 @@
 Layout under the storage directory::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    incoming/<pid>-<thread>-<n>.partial  writes in progress (one unique name per write)
+    incoming/<pid>-<n>.spare           empty files created ahead of writes; a write fills one, then renames it
+    incoming/<pid>-<thread>-<n>.partial  writes that found no spare ready (one unique name per write)
     quarantine/<UTC time>-<n>.dcm      instances answered with a failure status
     dicom-node.db                      the default SQLite database
 
@@ -54,6 +55,12 @@ IMPLEMENTATION_CLASS_UID = UID("2.25.164173183506782941066573606072145849055")
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
 TEMP_SUFFIX = ".partial"
+SPARE_SUFFIX = ".spare"
+SPARE_FILES = 4
+"""Empty temporary files each process keeps created ahead of its writes. Creating a file took 0.6-1.5 ms on
+this project's ext4 disk, as long as writing 512 KiB durably (2026-11-30); with a spare ready, that time
+is spent beside the acknowledgement path instead of on it."""
+_SPARE_NAMES = itertools.count()  # one sequence per process: two stores on one folder never pick the same name
 
 
 def encode_file_meta(
@@ -111,6 +118,78 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+class SpareFiles:
+    """Empty temporary files in ``incoming/``, created by a helper thread ahead of the writes that take them.
+
+    The thread starts with the first :meth:`take` and keeps :data:`SPARE_FILES` ready.
+    A spare whose file may have been deleted meanwhile (:meth:`forget`) is never handed out.
+    """
+
+    def __init__(self, folder: Path, flags: int, keep: int = SPARE_FILES) -> None:
+        self._folder = folder
+        self._flags = flags
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._ready: list[tuple[int, Path]] = []
+        self._generation = 0  # raised by forget(): spares created before it may have lost their files
+        self._wanted = threading.Event()
+        self._filler: threading.Thread | None = None
+        self._closed = False
+
+    def take(self) -> tuple[int, Path] | None:
+        """An open spare and its path, or None when none is ready (the caller creates its own file)."""
+        with self._lock:
+            spare = self._ready.pop() if self._ready else None
+            if self._filler is None and not self._closed:
+                self._filler = threading.Thread(target=self._fill, name="spare-files", daemon=True)
+                self._filler.start()
+        self._wanted.set()
+        return spare
+
+    def forget(self) -> None:
+        """Close the ready spares without deleting their files (the caller is about to delete them)."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._generation += 1
+        for descriptor, _ in ready:
+            os.close(descriptor)
+
+    def close(self) -> None:
+        """Delete the ready spares and stop making more."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        self._wanted.set()
+        for descriptor, path in ready:
+            os.close(descriptor)
+            path.unlink(missing_ok=True)
+        if self._filler is not None and self._filler is not threading.current_thread():
+            self._filler.join(timeout=5)
+
+    def _fill(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if len(self._ready) >= self._keep:
+                        break
+                    generation = self._generation
+                path = self._folder / f"{os.getpid()}-{next(_SPARE_NAMES)}{SPARE_SUFFIX}"
+                try:
+                    descriptor = os.open(path, self._flags, 0o666)  # less the umask, as open() did
+                except OSError:
+                    break  # a full disk, for one: each write then creates its own file and reports the error
+                with self._lock:
+                    if generation == self._generation and not self._closed:
+                        self._ready.append((descriptor, path))
+                        continue
+                os.close(descriptor)
+                path.unlink(missing_ok=True)
+
+
 class InstanceStore:
     """Writes instance files so that a success status always means 'on disk'."""
 
@@ -124,6 +203,11 @@ class InstanceStore:
         self._quarantine_lock = threading.Lock()
         for folder in (self.instances_dir, self.incoming_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._spares = SpareFiles(self.incoming_dir, self._temporary_flags)
+
+    @property
+    def _temporary_flags(self) -> int:
+        return os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DSYNC if self.fsync else 0)
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_instance_uid):
@@ -158,10 +242,14 @@ class InstanceStore:
         interpreter lock from the thread checking the header meanwhile: 1.9 ms per
         512x512 image instead of 0.9, measured 2026-11-30.)
         """
-        temporary = self.incoming_dir / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}{TEMP_SUFFIX}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DSYNC if self.fsync else 0)
+        spare = self._spares.take()  # an empty file made ahead of need, if one is ready
+        if spare is None:
+            temporary = self.incoming_dir / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}{TEMP_SUFFIX}"
+        else:
+            descriptor, temporary = spare
         try:
-            descriptor = os.open(temporary, flags, 0o666)  # less the umask, as open() did
+            if spare is None:
+                descriptor = os.open(temporary, self._temporary_flags, 0o666)  # less the umask, as open() did
             try:
                 _write_all(descriptor, file_meta, encoded)
             finally:
@@ -170,6 +258,10 @@ class InstanceStore:
             temporary.unlink(missing_ok=True)
             raise
         return temporary
+
+    def close(self) -> None:
+        """Remove this store's spare files (:data:`SPARE_FILES`); call it when the process stops writing."""
+        self._spares.close()
 
     def install(self, temporary: Path, path: Path) -> None:
         """Rename a temporary file to ``path`` (atomic: same file system), creating its folders.
@@ -207,17 +299,18 @@ class InstanceStore:
             return self.quarantine_dir / f"{stamp}-{next(self._counter)}{suffix}"
 
     def remove_partial_files(self) -> int:
-        """Delete temporary files left by writes that were cut off (they never got a success status).
+        """Delete temporary files left by writes that were cut off (they never got a success status), and spares.
 
         One listing of ``incoming/``, however large the store. Call it only while
         no write is in progress (at start-up).
         """
+        self._spares.forget()  # their files are deleted below
         removed = 0
         with os.scandir(self.incoming_dir) as entries:
             for entry in entries:
-                if entry.name.endswith(TEMP_SUFFIX):
+                if entry.name.endswith((TEMP_SUFFIX, SPARE_SUFFIX)):
                     os.unlink(entry.path)
-                    removed += 1
+                    removed += entry.name.endswith(TEMP_SUFFIX)
         return removed
 
     def series_folders(self) -> Iterator[tuple[str, str, Path]]:
