@@ -177,8 +177,8 @@ class ReceiveSettings(_Strict):
         0,
         ge=0,
         le=32,
-        description="Receiving processes sharing the port, each using its own CPU core; 0: one per core "
-        "(at most 4); 1: receive in serve's own process.",
+        description="Receiving processes sharing the port; 0: two per CPU core (at most 8); "
+        "1: receive in serve's own process.",
     )
 
 

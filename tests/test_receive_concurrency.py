@@ -200,3 +200,13 @@ def test_association_caps_are_shared_between_processes():
     assert caps.hold("::1", per_host=3) is None and caps.total() == 4
     caps.release("10.0.0.7")
     assert caps.held("10.0.0.7") == 2 and caps.total() == 3
+
+
+@pytest.mark.parametrize(("cores", "configured", "expected"), [(2, 0, 4), (1, 0, 2), (16, 0, 8), (2, 1, 1), (2, 3, 3)])
+def test_receiving_processes_default_to_two_per_core_at_most_eight(monkeypatch, cores, configured, expected):
+    from dicom_node.config import Settings
+    from dicom_node.receive import processes
+
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    settings = Settings.model_validate({"receive": {"processes": configured}})
+    assert processes.receiving_processes(settings) == expected
