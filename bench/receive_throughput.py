@@ -883,7 +883,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--node-processes",
         type=int,
         default=None,
-        help="receive.processes for the node under test (default: the node's default, one per core)",
+        help="receive.processes for the node under test (default: the node's default, two per core)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (series, logs)")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
