@@ -232,6 +232,9 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     except InvalidInstance as exc:
         _discard(temporary)
         return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
+    except BaseException:
+        _discard(temporary)
+        raise
     if write_error is not None:
         return _write_failed(write_error, sop_instance, calling_ae)
     assert temporary is not None  # check_header refuses requests without valid UIDs
