@@ -124,17 +124,18 @@ def pid_alive(pid: int) -> bool:
 
 
 def assert_no_temporary_files(storage: Path) -> None:
-    """No written temporary file is left; a running receiver's empty spare files may be there."""
-    leftovers = [p for p in (storage / "incoming").iterdir() if not _empty_spare(p)]
+    """No written temporary file is left, nor a spare of a process that is gone; running receivers keep spares."""
+    leftovers = [p for p in (storage / "incoming").iterdir() if not _live_empty_spare(p)]
     leftovers += list((storage / "instances").rglob("*.partial"))
     assert leftovers == [], f"temporary files left behind: {leftovers[:5]}"
 
 
-def _empty_spare(path: Path) -> bool:
+def _live_empty_spare(path: Path) -> bool:
     try:
-        return path.suffix == ".spare" and path.stat().st_size == 0
+        empty = path.suffix == ".spare" and path.stat().st_size == 0
     except FileNotFoundError:
         return True  # taken and renamed into place meanwhile
+    return empty and pid_alive(int(path.name.split("-", 1)[0]))
 
 
 # --- concurrent senders of one series ------------------------------------------------------------

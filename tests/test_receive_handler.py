@@ -1,0 +1,108 @@
+"""The node's C-STORE handler in this process (its server, store and recorder); pynetdicom sends over loopback TCP.
+
+In-process, so a stage of the handler can be made to fail and its clean-up checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance
+from db.session import make_engine, make_session_factory, migrate
+from dicom_node import status
+from dicom_node.config import NetworkSettings
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.receive import scp
+from dicom_node.receive.recorder import InstanceRecorder
+from dicom_node.receive.storage import SPARE_SUFFIX, InstanceStore
+from tests.conftest import free_port
+
+SMALL_CT = PhantomSpec(rows=64, columns=64, slices=4, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
+
+
+@dataclass
+class RunningScp:
+    network: NetworkSettings
+    store: InstanceStore
+    sessions: sessionmaker[Session]
+    recorder: InstanceRecorder
+
+    def send(self, files: list[Path]) -> list[tuple[int, str]]:
+        """Each file's (status, error comment), over one association."""
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(self.network.host, self.network.port, ae_title=self.network.ae_title)
+        assert assoc.is_established
+        try:
+            answers = []
+            for path in files:
+                response = assoc.send_c_store(dcmread(path))
+                answers.append((int(response.Status), str(response.get("ErrorComment", ""))))
+            return answers
+        finally:
+            assoc.release()
+
+    def written_temporary_files(self) -> list[Path]:
+        """Files in ``incoming/`` other than empty spares."""
+        return [
+            path
+            for path in self.store.incoming_dir.iterdir()
+            if not (path.name.endswith(SPARE_SUFFIX) and path.stat().st_size == 0)
+        ]
+
+
+@pytest.fixture
+def running_scp(tmp_path: Path) -> Iterator[RunningScp]:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    store = InstanceStore(tmp_path / "storage")
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+    server = scp.start_storage_scp(network, scp.StoreContext(store=store, sessions=sessions, recorder=recorder))
+    try:
+        yield RunningScp(network, store, sessions, recorder)
+    finally:
+        server.shutdown()
+        recorder.stop()
+        store.close()
+
+
+def test_instances_are_stored_whole_and_recorded_through_spare_files(running_scp, tmp_path):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+
+    answers = running_scp.send(series.files)
+
+    assert answers == [(status.SUCCESS, "")] * len(series.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        recorded = {row.sop_instance_uid: row.path for row in session.scalars(select(Instance))}
+    assert sorted(recorded) == sorted(series.sop_instance_uids)
+    for sent, uid in zip(series.files, series.sop_instance_uids, strict=True):
+        assert dcmread(recorded[uid]).PixelData == dcmread(sent).PixelData
+    assert running_scp.written_temporary_files() == []
+
+
+def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(running_scp, tmp_path, monkeypatch):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+
+    def broken_check(*_args: object) -> None:
+        raise RuntimeError("a defect in the header check")
+
+    monkeypatch.setattr(scp, "check_header", broken_check)
+    answers = running_scp.send(series.files[:2])
+
+    assert all(code != status.SUCCESS for code, _ in answers)  # pynetdicom answers a failure for the handler
+    assert running_scp.written_temporary_files() == []
+    assert not list(running_scp.store.instances_dir.rglob("*.dcm"))
