@@ -35,7 +35,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import log_event
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
-from dicom_node.receive.storage import SPARE_SUFFIX, TEMP_SUFFIX, InstanceStore
+from dicom_node.receive.storage import TEMPORARY_SUFFIXES, InstanceStore
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.security import AssociationCaps
 
@@ -271,7 +271,7 @@ class ReceiverPool:
                 )
             self._unrecovered.add(pid)
         for partial in self.store.incoming_dir.glob(f"{pid}-*"):
-            if partial.name.endswith((TEMP_SUFFIX, SPARE_SUFFIX)):
+            if partial.name.endswith(TEMPORARY_SUFFIXES):
                 partial.unlink(missing_ok=True)
         (journal_folder(self.store) / f"{pid}{ALIVE_SUFFIX}").unlink(missing_ok=True)
 
