@@ -24,8 +24,9 @@ from dicom_node.config import NetworkSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive import scp
 from dicom_node.receive.recorder import InstanceRecorder
-from dicom_node.receive.storage import SPARE_SUFFIX, InstanceStore
+from dicom_node.receive.storage import InstanceStore
 from tests.conftest import free_port
+from tests.test_faults import assert_no_temporary_files
 
 SMALL_CT = PhantomSpec(rows=64, columns=64, slices=4, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
 
@@ -51,14 +52,6 @@ class RunningScp:
             return answers
         finally:
             assoc.release()
-
-    def written_temporary_files(self) -> list[Path]:
-        """Files in ``incoming/`` other than empty spares."""
-        return [
-            path
-            for path in self.store.incoming_dir.iterdir()
-            if not (path.name.endswith(SPARE_SUFFIX) and path.stat().st_size == 0)
-        ]
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ def test_instances_are_stored_whole_and_recorded_through_spare_files(running_scp
     assert sorted(recorded) == sorted(series.sop_instance_uids)
     for sent, uid in zip(series.files, series.sop_instance_uids, strict=True):
         assert dcmread(recorded[uid]).PixelData == dcmread(sent).PixelData
-    assert running_scp.written_temporary_files() == []
+    assert_no_temporary_files(running_scp.store.root)
 
 
 def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(running_scp, tmp_path, monkeypatch):
@@ -104,5 +97,5 @@ def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(runnin
     answers = running_scp.send(series.files[:2])
 
     assert all(code != status.SUCCESS for code, _ in answers)  # pynetdicom answers a failure for the handler
-    assert running_scp.written_temporary_files() == []
+    assert_no_temporary_files(running_scp.store.root)
     assert not list(running_scp.store.instances_dir.rglob("*.dcm"))
