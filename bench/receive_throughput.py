@@ -23,8 +23,8 @@ node's own ``build_ae``:
 * plain pynetdicom (``ae.start_server``, its polling reactors with a 0.2 ms DUL
   poll): pynetdicom's ceiling on this machine, the issue's reference;
 * the node's own server (``start_guarded_server``: guarded PDU reader, reactors
-  that sleep until there is work): the most the node could reach whatever its
-  storage path does.
+  that sleep until there is work, C-STORE responses encoded directly): the most
+  the node could reach whatever its storage path does.
 
 With ``--concurrent N`` (default 10) each round then also times N senders at once: N
 ``storescu`` processes, each with its own association and its own series of
@@ -507,7 +507,8 @@ def serve_floor(port: int, reactors: bool = False) -> int:
     """The --floor receivers: answer every C-STORE with success and keep nothing.
 
     Plain pynetdicom (``ae.start_server``, polling reactors), or with ``reactors`` the node's
-    own server (``start_guarded_server``: guarded PDU reader, reactors that sleep until there is work).
+    own server (``start_guarded_server``: guarded PDU reader, reactors that sleep until there is work,
+    C-STORE responses encoded directly).
     """
     import threading
 
@@ -1170,8 +1171,8 @@ def print_table(results: dict[str, Any]) -> None:
         )
     if results.get("bare_node_reactors_floor"):
         print(
-            "*** the node's own server (guarded PDU reader, reactors that sleep until there is work), handler "
-            f"answers success at once; node / it: {results['ratio_node_over_reactors_floor_images_per_second']:.2f}"
+            "*** the node's own server (guarded PDU reader, reactors that sleep until there is work, direct C-STORE "
+            f"responses), handler answers success at once; node / it: {results['ratio_node_over_reactors_floor_images_per_second']:.2f}"
         )
     concurrent = results.get("concurrent")
     if concurrent:

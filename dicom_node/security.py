@@ -48,6 +48,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
 from dicom_node.logs import log_event
 from dicom_node.reactors import EventDrivenDUL, make_event_driven
+from dicom_node.store_response import send_store_responses_directly
 
 LOG = logging.getLogger(__name__)
 
@@ -504,6 +505,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc = self._create_association()
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
         make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
+        send_store_responses_directly(assoc.dimse)  # plain C-STORE responses without pydicom
         caps = self.server.caps
         run = assoc.run
 
