@@ -64,7 +64,11 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only.
+    # pynetdicom logs every PDU at INFO/DEBUG; keep its warnings and errors only. Its handlers that write those
+    # lines run on every PDU whether or not the lines are kept, so they are bound only when they are kept.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    from pynetdicom import _config as pynetdicom_config  # here: not every process that logs talks DICOM
+
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if level == "DEBUG" else "none"
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module at INFO
