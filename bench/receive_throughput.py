@@ -557,7 +557,7 @@ def serve_node_timed(config: str, out: str) -> int:
     import threading
 
     sys.path.insert(0, str(REPO))
-    from dicom_node.receive import scp, storage
+    from dicom_node.receive import recorder, scp, storage
 
     totals: dict[str, list[float]] = {}
     lock = threading.Lock()
@@ -578,13 +578,14 @@ def serve_node_timed(config: str, out: str) -> int:
     for name in ("handle_store", "encode_file_meta", "read_header", "check_header", "_place"):
         if hasattr(scp, name):
             setattr(scp, name, timed(f"scp.{name}", getattr(scp, name)))
-    for method in ("write_temporary", "install", "sync_folder", "path_for"):
-        if hasattr(storage.InstanceStore, method):
-            setattr(
-                storage.InstanceStore,
-                method,
-                timed(f"InstanceStore.{method}", getattr(storage.InstanceStore, method)),
-            )
+    for owner, methods in (
+        (storage.InstanceStore, ("write_temporary", "install", "sync_folder", "path_for")),
+        (recorder.Journal, ("append",)),
+        (recorder.InstanceRecorder, ("submit",)),
+    ):
+        for method in methods:
+            if hasattr(owner, method):
+                setattr(owner, method, timed(f"{owner.__name__}.{method}", getattr(owner, method)))
     if hasattr(storage, "os"):
         storage.os.fsync = timed("os.fsync (file and folder)", os.fsync)
     if hasattr(scp, "transaction"):
