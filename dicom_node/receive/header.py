@@ -57,6 +57,9 @@ HEADER_KEYWORDS = (
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 """The only elements the receiver decodes: what the database records, routing reads, and the pixel data check needs."""
+HEADER_TAG_OF = dict(zip(HEADER_KEYWORDS, HEADER_TAGS, strict=True))
+"""Each header keyword's tag, looked up once: pydicom converts a keyword to its tag on every lookup (4.5 us against
+0.8 us by tag, about 50 lookups per instance; 2026-11-30)."""
 
 PIXEL_DATA_TAG = (0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -270,7 +273,7 @@ def _geometry(dataset: Dataset) -> str:
 
 def _unsigned_value(dataset: Dataset, keyword: str, default: int) -> int:
     """A US value (Rows, BitsAllocated...), read from its two encoded bytes when still undecoded."""
-    element = dataset.get_item(keyword)
+    element = _item(dataset, keyword)
     if element is None:
         return default
     value = element.value
@@ -287,7 +290,7 @@ def _unsigned_value(dataset: Dataset, keyword: str, default: int) -> int:
 
 
 def _frames_value(dataset: Dataset) -> int:
-    raw = dataset.get_item("NumberOfFrames")
+    raw = _item(dataset, "NumberOfFrames")
     if raw is None:
         return 1
     text = raw.value.decode("latin-1") if isinstance(raw.value, bytes) else str(raw.value or "")
@@ -414,7 +417,7 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
 def _check_database_fit(dataset: Dataset) -> None:
     """Refuse values the database cannot hold: integers beyond 32 bits, over-long identifying text."""
     for keyword in INTEGER_KEYWORDS:
-        element = dataset.get_item(keyword)
+        element = _item(dataset, keyword)
         if element is None:
             continue
         raw = element.value
@@ -432,7 +435,7 @@ def _check_database_fit(dataset: Dataset) -> None:
                 status.CANNOT_UNDERSTAND,
             )
     for keyword, limit in COLUMN_LENGTHS.items():
-        element = dataset.get_item(keyword)
+        element = _item(dataset, keyword)
         if element is None or (isinstance(element, RawDataElement) and element.length <= limit):
             continue  # a character takes at least one byte: a value this short fits undecoded
         decoded = _text(dataset, keyword)
@@ -474,9 +477,14 @@ KEYWORD_VRS = {keyword: dictionary_VR(keyword) for keyword in HEADER_KEYWORDS}
 """The VR of each header element, for data sets in Implicit VR (their elements carry none)."""
 
 
+def _item(dataset: Dataset, keyword: str) -> Any:
+    """A header element as read (raw or decoded), or None; ``keyword`` is one of HEADER_KEYWORDS."""
+    return dataset.get_item(HEADER_TAG_OF[keyword])
+
+
 def _value(dataset: Dataset, keyword: str) -> Any:
     """The element's value: its text when still encoded and plain (see PLAIN_VALUE_PATTERNS), else pydicom's."""
-    element = dataset.get_item(keyword)
+    element = _item(dataset, keyword)
     if element is None:
         return None
     if isinstance(element, RawDataElement) and isinstance(element.value, bytes):
