@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -25,6 +28,16 @@ from dicom_node.store_response import DirectStoreResponses, encode_store_respons
 from tests.conftest import free_port
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
+PYNETDICOM_SEND_MSG = "a839cf2fb46976d9"
+"""A hash of pynetdicom 3.0.4's ``DIMSEServiceProvider.send_msg``, whose work the direct path does for plain responses."""
+
+
+def test_pynetdicom_sends_messages_the_way_the_direct_path_was_written_against():
+    digest = hashlib.sha256(inspect.getsource(DIMSEServiceProvider.send_msg).encode()).hexdigest()[:16]
+    assert digest == PYNETDICOM_SEND_MSG, (
+        "pynetdicom changed DIMSEServiceProvider.send_msg: compare it with DirectStoreResponses.send_msg in "
+        "dicom_node/store_response.py (events, fragmenting), bring that in line, then update PYNETDICOM_SEND_MSG"
+    )
 
 
 def _response(**values: Any) -> C_STORE:
