@@ -14,9 +14,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node import store_response
@@ -106,13 +108,22 @@ class StoreServer:
     network: NetworkSettings
     answers: list[Any] = field(default_factory=list)
     associations: list[Any] = field(default_factory=list)  # the accepted associations, one entry per C-STORE
+    received_pdus: list[Any] = field(default_factory=list)  # the P-DATA-TF PDUs the requestor received
+
+    def _keep_data_pdu(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            self.received_pdus.append(event.pdu)
 
     def on_store(self, event: evt.Event) -> Any:
         self.associations.append(event.assoc)
         return self.answers.pop(0)
 
-    def send(self, files: list[Path]) -> list[Dataset]:
-        """Each file's C-STORE response command set as the requestor decoded it, over one association."""
+    def send(self, files: list[Path], maximum_pdu_size: int | None = None) -> list[Dataset]:
+        """Each file's C-STORE response command set as the requestor decoded it, over one association.
+
+        ``maximum_pdu_size``: the largest PDU the requestor accepts (pynetdicom's default when None);
+        the P-DATA PDUs it receives are kept in :attr:`received_pdus`.
+        """
         received: list[Dataset] = []
         ae = AE(ae_title="PACS")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -120,7 +131,11 @@ class StoreServer:
             self.network.host,
             self.network.port,
             ae_title=self.network.ae_title,
-            evt_handlers=[(evt.EVT_DIMSE_RECV, lambda event: received.append(event.message.command_set))],
+            max_pdu=DEFAULT_MAX_LENGTH if maximum_pdu_size is None else maximum_pdu_size,
+            evt_handlers=[
+                (evt.EVT_DIMSE_RECV, lambda event: received.append(event.message.command_set)),
+                (evt.EVT_PDU_RECV, self._keep_data_pdu),
+            ],
         )
         assert assoc.is_established
         try:
@@ -160,7 +175,23 @@ def encoded(monkeypatch) -> list[bytes | None]:
     return results
 
 
-def test_peers_receive_the_directly_encoded_responses(start_server, encoded, tmp_path):
+@pytest.fixture
+def sent_by_pynetdicom(monkeypatch) -> list[str]:
+    """The responses left to pynetdicom's own encoding, by primitive class name (the requests the test's
+    requestor sends, in this same process, are not counted)."""
+    names: list[str] = []
+    original = DIMSEServiceProvider.send_msg
+
+    def counting(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+        if primitive.MessageIDBeingRespondedTo is not None:
+            names.append(type(primitive).__name__)
+        original(self, primitive, context_id)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", counting)
+    return names
+
+
+def test_peers_receive_the_directly_encoded_responses(start_server, encoded, sent_by_pynetdicom, tmp_path):
     server = start_server()
     refusal = Dataset()
     refusal.Status = 0xA700
@@ -176,11 +207,48 @@ def test_peers_receive_the_directly_encoded_responses(start_server, encoded, tmp
     assert [r.AffectedSOPClassUID for r in responses] == [CT] * 3
     assert [r.MessageIDBeingRespondedTo for r in responses] == [1, 2, 3]
     assert [r.CommandField for r in responses] == [0x8001] * 3
-    assert len(encoded) == 3 and all(encoded)  # each went the direct way
+    assert len(encoded) == 3 and all(encoded)
+    assert sent_by_pynetdicom == []  # each response went the direct way
     assert all(isinstance(association.dimse, DirectStoreResponses) for association in server.associations)
 
 
-def test_a_listener_on_sent_messages_still_gets_pynetdicom_s_messages(start_server, encoded, tmp_path):
+def _store_response_length(path: Path) -> int:
+    """How long the node's success response to a C-STORE of ``path`` (message ID 1) encodes."""
+    dataset = dcmread(path)
+    primitive = _response(message_id=1, sop_class=dataset.SOPClassUID, sop_instance=dataset.SOPInstanceUID)
+    response = encode_store_response(primitive)
+    assert response is not None
+    return len(response)
+
+
+def test_a_response_too_long_for_the_peer_s_pdus_is_left_to_pynetdicom(start_server, sent_by_pynetdicom, tmp_path):
+    server = start_server()
+    server.answers.extend([0x0000, 0x0000])
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=1))
+    length = _store_response_length(series.files[0])
+
+    fits = server.send(series.files, maximum_pdu_size=length + 6)  # the PDV item's header takes 6 bytes
+    pdus_when_it_fits = list(server.received_pdus)
+    server.received_pdus.clear()
+    too_long = server.send(series.files, maximum_pdu_size=length + 5)
+
+    assert [int(r.Status) for r in fits + too_long] == [0x0000, 0x0000]
+    assert sent_by_pynetdicom == ["C_STORE"]  # only the second response
+    assert [len(pdu.presentation_data_value_items) for pdu in pdus_when_it_fits] == [1]
+    assert [_pdv_list_length(pdu) for pdu in pdus_when_it_fits] == [length + 6]  # exactly the maximum
+    fragments = [item for pdu in server.received_pdus for item in pdu.presentation_data_value_items]
+    assert len(fragments) == 2  # pynetdicom split the command set in two
+    assert all(_pdv_list_length(pdu) <= length + 5 for pdu in server.received_pdus)
+
+
+def _pdv_list_length(pdu: P_DATA_TF) -> int:
+    """What the Maximum Length item limits (PS3.8 D.1): each PDV item's 4-byte length, context ID and value."""
+    return sum(4 + 1 + len(item.presentation_data_value) for item in pdu.presentation_data_value_items)
+
+
+def test_a_listener_on_sent_messages_still_gets_pynetdicom_s_messages(
+    start_server, encoded, sent_by_pynetdicom, tmp_path
+):
     sent: list[Any] = []
     server = start_server((evt.EVT_DIMSE_SENT, lambda event: sent.append(event.message)))
     server.answers.append(0x0000)
@@ -191,3 +259,4 @@ def test_a_listener_on_sent_messages_still_gets_pynetdicom_s_messages(start_serv
     assert int(response.Status) == 0x0000
     assert [type(message).__name__ for message in sent] == ["C_STORE_RSP"]
     assert sent[0].command_set.Status == 0x0000
+    assert sent_by_pynetdicom == ["C_STORE"]

@@ -478,8 +478,9 @@ KEYWORD_VRS = {keyword: dictionary_VR(keyword) for keyword in HEADER_KEYWORDS}
 
 
 def _item(dataset: Dataset, keyword: str) -> Any:
-    """A header element as read (raw or decoded), or None; ``keyword`` is one of HEADER_KEYWORDS."""
-    return dataset.get_item(HEADER_TAG_OF[keyword])
+    """An element as read (raw or decoded), or None; fastest for HEADER_KEYWORDS, the only ones read on receipt."""
+    tag = HEADER_TAG_OF.get(keyword)
+    return dataset.get_item(tag if tag is not None else keyword)
 
 
 def _value(dataset: Dataset, keyword: str) -> Any:
