@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import threading
 import time
+from collections.abc import Callable
 from io import BytesIO
 
 import pytest
@@ -120,6 +123,44 @@ def test_spares_deleted_by_start_up_clean_up_are_never_handed_out(tmp_path):
     store.write(path, b"meta", b"second")  # its temporary file must still exist to be renamed
     assert path.read_bytes() == b"metasecond"
     store.close()
+
+
+def test_writes_go_on_while_spare_files_cannot_be_made_and_spares_return_after(tmp_path, monkeypatch):
+    real_open = os.open
+    disk_full = threading.Event()
+    disk_full.set()
+    refused: list[str] = []
+
+    def open_but_no_spares(path: object, flags: int, mode: int = 0o777, **kwargs: object) -> int:
+        if str(path).endswith(storage.SPARE_SUFFIX) and disk_full.is_set():
+            refused.append(str(path))
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, mode, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_but_no_spares)
+    store = InstanceStore(tmp_path)
+    paths = [store.path_for("1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(5)]
+
+    for n, path in enumerate(paths):
+        store.write(path, b"meta", f"instance {n}".encode())  # each into a file of its own
+        if n == 0:
+            _wait_until(lambda: refused)  # the spare-file thread tried, and gave up until the next write
+
+    assert [path.read_bytes() for path in paths] == [f"metainstance {n}".encode() for n in range(5)]
+    assert list(store.incoming_dir.iterdir()) == []  # no spare, no partial file left behind
+    disk_full.clear()
+    store.write(store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.9"), b"meta", b"later")
+    wait_for_spares(store)  # made again once the disk takes files
+    store.close()
+    assert list(store.incoming_dir.iterdir()) == []
+
+
+def _wait_until(condition: Callable[[], object], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
 
 
 def test_short_writes_are_continued_until_every_byte_is_written(tmp_path, monkeypatch):
