@@ -7,7 +7,6 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
 from io import BytesIO
 
 import pytest
@@ -23,6 +22,7 @@ from dicom_node.receive.storage import (
     InstanceStore,
     encode_file_meta,
 )
+from tests.conftest import wait_for
 
 
 def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source_ae: str | None) -> bytes:
@@ -144,7 +144,7 @@ def test_writes_go_on_while_spare_files_cannot_be_made_and_spares_return_after(t
     for n, path in enumerate(paths):
         store.write(path, b"meta", f"instance {n}".encode())  # each into a file of its own
         if n == 0:
-            _wait_until(lambda: refused)  # the spare-file thread tried, and gave up until the next write
+            wait_for(lambda: refused, timeout=10, interval=0.01, what="a refused spare file")  # then it waits
 
     assert [path.read_bytes() for path in paths] == [f"metainstance {n}".encode() for n in range(5)]
     assert list(store.incoming_dir.iterdir()) == []  # no spare, no partial file left behind
@@ -153,14 +153,6 @@ def test_writes_go_on_while_spare_files_cannot_be_made_and_spares_return_after(t
     wait_for_spares(store)  # made again once the disk takes files
     store.close()
     assert list(store.incoming_dir.iterdir()) == []
-
-
-def _wait_until(condition: Callable[[], object], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_short_writes_are_continued_until_every_byte_is_written(tmp_path, monkeypatch):
