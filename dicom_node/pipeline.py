@@ -35,7 +35,7 @@ from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import is_disk_full
-from inference.models import ModelUnavailable, Segmentation, SegmentationModel, load_model
+from inference.models import ModelUnavailable, Segmentation, SegmentationFailed, SegmentationModel, load_model
 from inference.models.prefetch import VolumePrefetcher
 from inference.volume import Volume, VolumeError, load_series_volume
 from inference.weights import WeightsIdentity
@@ -218,7 +218,7 @@ def run_pipeline(
         files = _encode(settings, claim, volume, segmentation, measurements, model, folder, warnings)
         indexed = [read_file_header(file.path) for file in files]
         timings["encode"] = time.perf_counter() - started
-    except (VolumeError, ModelUnavailable, EncodingError) as exc:
+    except (VolumeError, ModelUnavailable, SegmentationFailed, EncodingError) as exc:
         return Failed(str(exc), timings)
     except MemoryError:
         LOG.exception("job.out_of_memory", extra={"event_fields": {"job": claim.job_id, "stage": stage}})

@@ -318,3 +318,36 @@ def test_backend_auto_is_openvino_on_the_cpu_where_installed_and_torch_elsewhere
         assert _resolve_backend("auto", "cpu") == "torch"
     assert "runs on the CPU only; on cuda the network runs in PyTorch" in caplog.text
     assert "OpenVINO is not installed, so the network runs in PyTorch on the CPU" in caplog.text
+
+
+def test_logits_that_overflow_half_precision_fail_the_series_with_a_reason_and_release_the_memory(tmp_path):
+    """nnU-Net sums the tiles' weighted logits in FP16; where that overflows, no label map is returned."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
+    from inference.models.openvino_backend import OpenVINONetwork, compile_model, load_or_convert, sliding_window_logits
+
+    network = _TinyNetwork()
+    with torch.no_grad():
+        network[-1].bias.fill_(1e5)  # times the Gaussian's peak of 10: past FP16's largest value, 65,504
+    patch = (8, 8, 8)
+    model, _cached = load_or_convert(network, _tiny_folder(tmp_path, b"overflowing weights"), patch, 3)
+    ov_network = OpenVINONetwork(compile_model(model, "fp32", 2, streams=2), "fp32")
+    released = []
+    release_memory = ov_network.release_memory
+    ov_network.release_memory = lambda: released.append(True) or release_memory()  # type: ignore[method-assign]
+    predictor = SimpleNamespace(
+        network=ov_network,
+        configuration_manager=SimpleNamespace(patch_size=patch),
+        label_manager=SimpleNamespace(num_segmentation_heads=3),
+        use_gaussian=True,
+    )
+    data = torch.zeros((1, 12, 8, 8))
+    slicers = [(slice(None), slice(start, start + 8), slice(0, 8), slice(0, 8)) for start in (0, 4)]
+
+    with pytest.raises(SegmentationFailed) as failure:
+        sliding_window_logits(predictor, data, slicers)
+    assert str(failure.value) == HALF_PRECISION_OVERFLOW
+    assert released == [True]

@@ -157,3 +157,23 @@ def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_n
     sr_bytes = (folder / "sr-binary.dcm").read_bytes()  # the comment item and the algorithm version, as written
     assert b"not a trained model" in sr_bytes and identity["sha256"][:16].encode() in sr_bytes
     assert f"SHA-256 {identity['sha256']}" in node.cli("show", series.series_instance_uid).stdout
+
+
+def test_logits_that_overflow_half_precision_in_nnunets_loop_fail_the_series_with_a_reason(weights, tmp_path):
+    """The PyTorch backend runs nnU-Net's own sliding window, whose overflow error becomes the node's reason."""
+    import torch
+
+    from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    model = TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    predictor, _lookup = model.predictors[0]
+    head = [name for name, layer in predictor.network.named_modules() if isinstance(layer, torch.nn.Conv3d)][-1]
+    for parameters in predictor.list_of_parameters:  # nnU-Net loads these into the network before predicting
+        parameters[f"{head}.bias"].fill_(1e5)  # times the Gaussian's peak of 10: past FP16's largest, 65,504
+    spec = PhantomSpec(rows=64, columns=64, slices=20, pixel_spacing=(3.0, 3.0), slice_spacing=3.0)
+
+    with pytest.raises(SegmentationFailed) as failure:
+        model.segment(load_series_volume(write_phantom_series(tmp_path / "ct", spec).files))
+    assert str(failure.value) == HALF_PRECISION_OVERFLOW
+    assert "Encountered inf" in str(failure.value.__cause__)  # nnU-Net's own error, kept for the log

@@ -24,6 +24,7 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from dicom_node.worker import InferenceWorker, prefetch_enabled
+from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
@@ -202,6 +203,21 @@ def test_missing_totalsegmentator_weights_fail_the_job_naming_both_commands(work
         assert job.state is JobState.FAILED
         assert "dicom-node weights download --task total_fast" in job.reason
         assert "dicom-node weights import FILE.zip" in job.reason
+
+
+def test_a_series_the_model_cannot_segment_fails_with_the_models_reason(worker_setup, monkeypatch):
+    settings, sessions, _series = worker_setup
+
+    def overflowing(_model: ThresholdModel, _volume: object) -> None:
+        raise SegmentationFailed(HALF_PRECISION_OVERFLOW)
+
+    monkeypatch.setattr(ThresholdModel, "segment", overflowing)
+    InferenceWorker(settings, sessions).run_once()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == HALF_PRECISION_OVERFLOW  # not "an unexpected error in stage segment"
 
 
 def test_results_are_indexed_for_query_retrieve_and_a_rerun_supersedes_them(worker_setup):

@@ -41,6 +41,17 @@ class ModelUnavailable(RuntimeError):
     """A configured model cannot be loaded (e.g. weights missing); the message says how to fix it."""
 
 
+class SegmentationFailed(RuntimeError):
+    """The model ran but gave no label map to trust for this series; the message says why, for the job's reason."""
+
+
+HALF_PRECISION_OVERFLOW = (
+    "the model's summed outputs for this series overflowed half precision (the sliding window adds the tiles' "
+    "weighted logits in 16-bit floats, as nnU-Net does), so there is no label map to trust; these weights "
+    "cannot segment this series"
+)
+
+
 def load_model(
     settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None
 ) -> SegmentationModel:

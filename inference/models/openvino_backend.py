@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.weights import ModelFolder, converted_model_directory, file_sha256, installed_hashes
 
 LOG = logging.getLogger(__name__)
@@ -398,10 +399,7 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
             network.release_memory()
         torch.div(logits, weights, out=logits)
         if torch.any(torch.isinf(logits)):
-            raise RuntimeError(
-                "the weighted sum of the tiles' logits overflowed half precision, as it would in nnU-Net's own "
-                "loop; these weights cannot segment this series"
-            )
+            raise SegmentationFailed(HALF_PRECISION_OVERFLOW)  # where nnU-Net's own loop raises its RuntimeError
     return logits
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import ModelUnavailable, Segmentation
+from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
 from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, identify, model_folders
@@ -139,8 +139,7 @@ class TotalSegmentatorModel:
         started = time.perf_counter()
         combined = np.zeros(network_input.shape[1:], dtype=np.uint8)
         for predictor, lookup in self.predictors:
-            part = np.asarray(predictor.predict_single_npy_array(network_input, properties, None, None, False))
-            part = part.astype(np.uint8)
+            part = predict_label_map(predictor, network_input, properties).astype(np.uint8)
             if lookup is None:
                 combined = part
             else:
@@ -166,6 +165,20 @@ class TotalSegmentatorModel:
         labels = np.asanyarray(original.dataobj).astype(np.uint8).transpose(2, 1, 0)
         timings["postprocess"] = time.perf_counter() - started
         return Segmentation(np.ascontiguousarray(labels), dict(self.classes), timings)
+
+
+NNUNET_OVERFLOW_MESSAGE = "Encountered inf in predicted array"
+"""How nnU-Net 2.6's sliding window begins its error when the FP16 sum of the tiles' logits overflows."""
+
+
+def predict_label_map(predictor: Any, image: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+    """One nnU-Net model's label map of ``image`` (no mirroring); an overflow of its logits is SegmentationFailed."""
+    try:
+        return np.asarray(predictor.predict_single_npy_array(image, properties, None, None, False))
+    except RuntimeError as exc:
+        if str(exc).startswith(NNUNET_OVERFLOW_MESSAGE):
+            raise SegmentationFailed(HALF_PRECISION_OVERFLOW) from exc
+        raise
 
 
 def _use_openvino(
