@@ -99,3 +99,71 @@ def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(runnin
     assert all(code != status.SUCCESS for code, _ in answers)  # pynetdicom answers a failure for the handler
     assert_no_temporary_files(running_scp.store.root)
     assert not list(running_scp.store.instances_dir.rglob("*.dcm"))
+
+
+def _count_whole_writes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    writes: list[object] = []
+    write_temporary = InstanceStore.write_temporary
+
+    def counted(self: InstanceStore, *args: Any) -> Path:
+        writes.append(args)
+        return write_temporary(self, *args)
+
+    monkeypatch.setattr(InstanceStore, "write_temporary", counted)
+    return writes
+
+
+def test_a_resent_series_is_written_again_only_until_the_first_duplicate_is_recognised(
+    running_scp, tmp_path, monkeypatch
+):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    writes = _count_whole_writes(monkeypatch)
+
+    answers = running_scp.send(series.files)  # the same series again, over one association
+
+    assert answers == [(status.SUCCESS, "")] * len(series.files)
+    assert len(writes) == 1  # only the first resent instance, before it was known to be here
+    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        recorded = [row.sop_instance_uid for row in session.scalars(select(Instance))]
+    assert sorted(recorded) == sorted(series.sop_instance_uids)  # each once
+    assert_no_temporary_files(running_scp.store.root)
+
+
+def test_new_instances_after_resent_ones_on_one_association_are_stored(running_scp, tmp_path, monkeypatch):
+    first = write_phantom_series(tmp_path / "first", SMALL_CT)
+    second = write_phantom_series(tmp_path / "second", SMALL_CT)
+    assert running_scp.send(first.files[:2]) == [(status.SUCCESS, "")] * 2
+    writes = _count_whole_writes(monkeypatch)
+
+    answers = running_scp.send(first.files[:2] + second.files[:2])  # two resent, then two new
+
+    assert answers == [(status.SUCCESS, "")] * 4
+    assert len(writes) == 3  # the first resent instance, and each new one
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        recorded = {row.sop_instance_uid: Path(row.path) for row in session.scalars(select(Instance))}
+    assert sorted(recorded) == sorted(first.sop_instance_uids[:2] + second.sop_instance_uids[:2])
+    for sent, uid in zip(second.files[:2], second.sop_instance_uids[:2], strict=True):
+        assert dcmread(recorded[uid]) == dcmread(sent)
+    assert_no_temporary_files(running_scp.store.root)
+
+
+def test_a_refused_header_in_a_resend_is_refused_and_quarantined_as_any_other(running_scp, tmp_path):
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files[:1]) == [(status.SUCCESS, "")]
+    broken = dcmread(series.files[1])
+    broken.SeriesInstanceUID = "1.2.3.x"
+    broken_path = tmp_path / "broken.dcm"
+    broken.save_as(broken_path)
+
+    answers = running_scp.send([series.files[0], broken_path])  # a resend puts the association in resend mode
+
+    assert answers[0] == (status.SUCCESS, "")
+    assert answers[1][0] == status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert len(list(running_scp.store.quarantine_dir.iterdir())) == 1  # kept for an operator, as on any refusal
+    assert_no_temporary_files(running_scp.store.root)
