@@ -42,6 +42,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -595,6 +596,21 @@ class AssociationCaps:
             return sum(self._counts)
 
 
+class SharedContexts(list[PresentationContext]):
+    """The server's supported presentation contexts, shared by every association instead of copied.
+
+    pynetdicom deep-copies the server's contexts for each association it accepts
+    (``RequestHandler._create_association``): for the node's 177 contexts that took
+    25-40 ms of CPU per association, held under the interpreter lock that every other
+    association's thread needs. Negotiation only reads them (``negotiate_as_acceptor``
+    builds new contexts for its answer) and the node only ever replaces an
+    association's list (:func:`on_requested`), so a copy of the list is enough.
+    """
+
+    def __deepcopy__(self, memo: dict[int, object]) -> list[PresentationContext]:
+        return list(self)
+
+
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with a per-address connection cap and a non-blocking TLS accept.
 
@@ -612,6 +628,7 @@ class GuardedServer(ThreadedAssociationServer):
         """Run in the connection's reader when an A-RELEASE-RQ arrives, before it is answered."""
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(self.contexts)
 
     def server_bind(self) -> None:
         if self._listening is None:
