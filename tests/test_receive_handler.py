@@ -23,6 +23,7 @@ from db.session import make_engine, make_session_factory, migrate
 from dicom_node import status
 from dicom_node.config import NetworkSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.receive import recorder as recorder_module
 from dicom_node.receive import scp
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore
@@ -86,6 +87,22 @@ def test_instances_are_stored_whole_and_recorded_through_spare_files(running_scp
     for sent, uid in zip(series.files, series.sop_instance_uids, strict=True):
         assert dcmread(recorded[uid]).PixelData == dcmread(sent).PixelData
     assert_no_temporary_files(running_scp.store.root)
+
+
+def test_a_release_is_answered_once_its_instances_are_recorded_without_waiting_for_the_batch(
+    running_scp, tmp_path, monkeypatch
+):
+    # A batch gathers for longer than a release waits (scp.RELEASE_WAIT_SECONDS): only a release that ends
+    # the gathering finds its instances recorded when it is answered.
+    monkeypatch.setattr(recorder_module, "BATCH_GATHER_SECONDS", 600.0)
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+
+    for files in (series.files[:2], series.files[2:]):  # a second association: the recorder still gathers
+        assert running_scp.send(files) == [(status.SUCCESS, "")] * len(files)  # released on return
+        with running_scp.sessions() as session:
+            recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+        assert recorded >= {str(dcmread(path).SOPInstanceUID) for path in files}
+        assert running_scp.recorder.unrecorded == 0
 
 
 def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(running_scp, tmp_path, monkeypatch):
