@@ -35,6 +35,12 @@ the wall time from starting the first sender until the last one exits. Every nod
 waits for its ``node.ready`` log line, so receiving processes that are still starting are
 not timed.
 
+With ``--one-by-one N`` each round also sends the series' first N slices one association
+per image: one ``storescu`` process per file, one after another (as senders that open an
+association per instance do), to storescp, a fresh node and the bare SCPs. The figure is
+the wall time from the first storescu start until the last one exits; it includes N
+storescu starts, the same for every receiver.
+
 The node is configured with ``inference: {workers: 0}`` (when the configuration
 has that section) so no inference worker process starts up during the timed
 send; ``--node-workers N`` changes that.
@@ -66,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -170,6 +177,33 @@ def send_concurrently(series_dirs: list[Path], called_ae: str, port: int, log: P
         tail = log.read_text(errors="replace")[-2000:]
         raise BenchError(f"a storescu to {called_ae} exited with status {max(codes)}; log {log}:\n{tail}")
     return elapsed
+
+
+@dataclass(frozen=True)
+class OneByOne:
+    """Files sent by one ``storescu`` process each, so one association per image, one after another."""
+
+    files: list[Path]
+
+
+def send_one_by_one(target: OneByOne, called_ae: str, port: int, log: Path) -> float:
+    """Wall time from the first ``storescu`` start until the last one exits."""
+    start = time.perf_counter()
+    for file in target.files:
+        send_series(file, called_ae, port, log)
+    return time.perf_counter() - start
+
+
+SendTarget = Path | list[Path] | OneByOne
+"""A series folder (one storescu), folders sent at once (one storescu each), or files one association each."""
+
+
+def send(target: SendTarget, called_ae: str, port: int, log: Path) -> float:
+    if isinstance(target, OneByOne):
+        return send_one_by_one(target, called_ae, port, log)
+    if isinstance(target, list):
+        return send_concurrently(target, called_ae, port, log)
+    return send_series(target, called_ae, port, log)
 
 
 def count_files(folder: Path, pattern: str = "*") -> int:
@@ -281,18 +315,16 @@ class Reference:
         )
         wait_for_port(self.port, self.process, "storescp")
 
-    def run(self, series_dir: Path | list[Path], expected: int, send_log: Path) -> float:
+    def run(self, series_dir: SendTarget, expected: int, send_log: Path) -> float:
         assert self.process is not None
         for child in self.out_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-        if isinstance(series_dir, list):
-            seconds = send_concurrently(series_dir, REFERENCE_AE, self.port, send_log)
+        seconds = send(series_dir, REFERENCE_AE, self.port, send_log)
+        if not isinstance(series_dir, Path):
             time.sleep(0.5)  # --fork children may still be closing their last file
-        else:
-            seconds = send_series(series_dir, REFERENCE_AE, self.port, send_log)
         received = count_files(self.out_dir)
         if received != expected:
             raise BenchError(f"storescp stored {received} files, expected {expected} (folder {self.out_dir})")
@@ -386,12 +418,12 @@ class Node:
             stop(self.process)
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def run_concurrently(self, series_dirs: list[Path], expected: int, send_log: Path) -> dict[str, Any]:
-        """A fresh node; every folder sent at once, each on its own association."""
+    def run_concurrently(self, series_dirs: list[Path] | OneByOne, expected: int, send_log: Path) -> dict[str, Any]:
+        """A fresh node; every folder sent at once, each on its own association (or files one association each)."""
         self.start()
         assert self.process is not None
         try:
-            seconds = send_concurrently(series_dirs, NODE_AE, self.port, send_log)
+            seconds = send(series_dirs, NODE_AE, self.port, send_log)
             self.check_stored(expected)
             return {"seconds": seconds, "peak_rss_kib": peak_rss_kib(self.process.pid)}
         finally:
@@ -477,11 +509,8 @@ class Floor:
         )
         wait_for_port(self.port, self.process, "bare pynetdicom SCP")
 
-    def run(self, series_dir: Path | list[Path], send_log: Path) -> float:
-        if isinstance(series_dir, list):
-            seconds = send_concurrently(series_dir, NODE_AE, self.port, send_log)
-        else:
-            seconds = send_series(series_dir, NODE_AE, self.port, send_log)
+    def run(self, series_dir: SendTarget, send_log: Path) -> float:
+        seconds = send(series_dir, NODE_AE, self.port, send_log)
         if self.process is not None and self.process.poll() is not None:
             raise BenchError(f"the bare pynetdicom SCP exited during the run; log {self.log}")
         return seconds
@@ -882,6 +911,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="slices of each sender's series in the concurrent case (default 60)",
     )
     parser.add_argument(
+        "--one-by-one",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the first N slices sent one association each (one storescu process per image, one after "
+        "another), as senders that open an association per image do (default 0: skip the case)",
+    )
+    parser.add_argument(
         "--node-processes",
         type=int,
         default=None,
@@ -894,6 +931,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.slices < 1 or args.repeats < 1:
         parser.error("--slices and --repeats must be at least 1")
+    if not 0 <= args.one_by_one <= args.slices:
+        parser.error("--one-by-one must be between 0 and --slices")
     if args.output is None:
         name = "receive.json" if args.fsync else "receive-nofsync.json"
         args.output = REPO / "bench" / "results" / name
@@ -958,6 +997,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrent > 0:
             ports = {reference_port, node_port, floor_port, reactor_floor_port}
             concurrent = run_concurrent_case(args, work, reference, floors, node, ports)
+        one_by_one = None
+        if args.one_by_one > 0:
+            one_by_one = run_one_by_one_case(
+                args, OneByOne(series_files[: args.one_by_one]), work, reference, floors, node
+            )
         reference.stop()
         floor.stop()
         reactor_floor.stop()
@@ -1026,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
                 else None
             ),
             "concurrent": concurrent,
+            "one_by_one": one_by_one,
             "profile": profile,
             "stage_timing": stage_timing,
             "machine": machine_info(),
@@ -1128,6 +1173,36 @@ def run_concurrent_case(
     }
 
 
+def run_one_by_one_case(
+    args: argparse.Namespace, target: OneByOne, work: Path, reference: Reference, floors: list[Floor], node: Node
+) -> dict[str, Any]:
+    """``--one-by-one`` images, one storescu process and association each: storescp, a fresh node, the bare SCPs;
+    alternating, ``--repeats`` rounds. Returns the summaries and ratios."""
+    images = len(target.files)
+    seconds: dict[str, list[float]] = {"storescp": [], "node": [], "floor": [], "reactor_floor": []}
+    for round_number in range(1, args.repeats + 1):
+        seconds["storescp"].append(reference.run(target, images, work / "storescu-ref-one-by-one.log"))
+        seconds["node"].append(node.run_concurrently(target, images, work / "storescu-node-one-by-one.log")["seconds"])
+        line = (
+            f"one by one, round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | node "
+            f"{seconds['node'][-1]:6.3f} s"
+        )
+        for floor in floors:
+            seconds[floor.key].append(floor.run(target, work / f"storescu-{floor.key}-one-by-one.log"))
+            line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
+        print(line, flush=True)
+    summaries = {name: summarise(runs, images) for name, runs in seconds.items() if runs}
+    node_rate = summaries["node"]["images_per_second"]
+    return {
+        "images": images,
+        **summaries,
+        "ratio_node_over_storescp": round(node_rate / summaries["storescp"]["images_per_second"], 3),
+        "ratio_node_over_floor": (
+            round(node_rate / summaries["floor"]["images_per_second"], 3) if "floor" in summaries else None
+        ),
+    }
+
+
 def print_table(results: dict[str, Any]) -> None:
     ref = results["reference_storescp"]
     node = results["node"]
@@ -1206,6 +1281,31 @@ def print_table(results: dict[str, Any]) -> None:
             f"{concurrent['ratio_node_over_storescp_fork']:.2f} (goal >= 0.50), node / bare pynetdicom: "
             f"{concurrent['ratio_node_over_floor']}, node / bare with node's reactors: "
             f"{concurrent['ratio_node_over_reactor_floor']}"
+        )
+    one_by_one = results.get("one_by_one")
+    if one_by_one:
+        print()
+        print(f"{one_by_one['images']} images one association each (one storescu process per image, in turn)")
+        print(f"{'receiver':<38} {'runs (s)':<28} {'median s':>9} {'img/s':>8} {'ms/assoc':>9}")
+        print("-" * len(header))
+        for name, key in [
+            ("DCMTK storescp", "storescp"),
+            ("dicom-node", "node"),
+            ("bare pynetdicom SCP, stores nothing", "floor"),
+            ("bare SCP, node's reactors", "reactor_floor"),
+        ]:
+            if key not in one_by_one:
+                continue
+            summary = one_by_one[key]
+            runs = " ".join(f"{s:.2f}" for s in summary["seconds"])
+            per_association = 1000 * summary["median_seconds"] / one_by_one["images"]
+            print(
+                f"{name:<38} {runs:<28} {summary['median_seconds']:>9.3f} {summary['images_per_second']:>8.1f}"
+                f" {per_association:>9.1f}"
+            )
+        print(
+            f"node / storescp: {one_by_one['ratio_node_over_storescp']:.2f}, node / bare pynetdicom: "
+            f"{one_by_one['ratio_node_over_floor']}"
         )
 
 
