@@ -40,12 +40,17 @@ class RunningScp:
     sessions: sessionmaker[Session]
     recorder: InstanceRecorder
 
-    def send(self, files: list[Path]) -> list[tuple[int, str]]:
-        """Each file's (status, error comment), over one association."""
+    def associate(self) -> Any:
+        """An established association from PACS that may store CT."""
         ae = AE(ae_title="PACS")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate(self.network.host, self.network.port, ae_title=self.network.ae_title)
         assert assoc.is_established
+        return assoc
+
+    def send(self, files: list[Path]) -> list[tuple[int, str]]:
+        """Each file's (status, error comment), over one association."""
+        assoc = self.associate()
         try:
             answers = []
             for path in files:
@@ -103,6 +108,41 @@ def test_a_release_is_answered_once_its_instances_are_recorded_without_waiting_f
             recorded = set(session.scalars(select(Instance.sop_instance_uid)))
         assert recorded >= {str(dcmread(path).SOPInstanceUID) for path in files}
         assert running_scp.recorder.unrecorded == 0
+
+
+def test_waiting_for_the_recorder_does_not_wait_for_instances_that_arrive_meanwhile(running_scp, tmp_path, monkeypatch):
+    # A release waits until its association's instances are recorded, not until another association of the
+    # same process stops sending. Here the other instance arrives while the first batch is being recorded, and
+    # then sits in a gathering that outlasts the wait.
+    monkeypatch.setattr(recorder_module, "BATCH_GATHER_SECONDS", 600.0)
+    first = write_phantom_series(tmp_path / "first", SMALL_CT)
+    other = write_phantom_series(tmp_path / "other", SMALL_CT)
+    recorder = running_scp.recorder
+    commit = recorder._commit
+    late: list[Any] = []
+
+    def commit_while_another_association_sends(batch: list[Any]) -> Any:
+        outcomes = commit(batch)
+        if not late:
+            late.append(running_scp.associate())
+            late.append(late[0].send_c_store(dcmread(other.files[0])).Status)  # answered: submitted to the recorder
+        return outcomes
+
+    monkeypatch.setattr(recorder, "_commit", commit_while_another_association_sends)
+    sender = running_scp.associate()
+    assert [sender.send_c_store(dcmread(path)).Status for path in first.files[:2]] == [status.SUCCESS] * 2
+
+    assert recorder.wait_until_recorded(30)  # returns once the two are recorded
+
+    assert late[1] == status.SUCCESS and recorder.unrecorded == 1
+    with running_scp.sessions() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert recorded == set(first.sop_instance_uids[:2])
+    sender.release()
+    late[0].release()  # its own release records the late instance
+    with running_scp.sessions() as session:
+        assert str(dcmread(other.files[0]).SOPInstanceUID) in set(session.scalars(select(Instance.sop_instance_uid)))
+    assert recorder.unrecorded == 0
 
 
 def test_an_unexpected_error_in_the_header_check_leaves_no_temporary_file(running_scp, tmp_path, monkeypatch):

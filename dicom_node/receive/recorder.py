@@ -139,7 +139,8 @@ class InstanceRecorder:
         self.sessions = sessions
         self.journal = Journal(journal_folder(store))
         self._queue: queue.Queue[object] = queue.Queue()
-        self._unrecorded = 0
+        self._submitted = 0  # instances handed to submit(), ever
+        self._finished = 0  # of those, recorded (or refused by the database and quarantined), in order
         self._idle = threading.Condition()
         self._stopping = threading.Event()
         self._give_up_at = float("inf")
@@ -152,25 +153,28 @@ class InstanceRecorder:
     def submit(self, record: InstanceRecord, segment: int) -> None:
         """Record ``record`` (its path already in the journal, at ``segment``) as soon as the database allows."""
         with self._idle:
-            self._unrecorded += 1
+            self._submitted += 1
         self._queue.put(_Pending(record, segment))
 
     @property
     def unrecorded(self) -> int:
         """Instances acknowledged and not yet recorded."""
-        return self._unrecorded
+        return self._submitted - self._finished
 
     def wait_until_recorded(self, timeout: float | None = None) -> bool:
-        """Block until every submitted instance is recorded; False if ``timeout`` ran out first.
+        """Block until every instance submitted so far is recorded; False if ``timeout`` ran out first.
 
-        The batch being gathered is recorded at once instead of after :data:`BATCH_GATHER_SECONDS`.
+        Instances submitted meanwhile (other associations of this process still sending) are
+        not waited for. The batch being gathered is recorded at once instead of after
+        :data:`BATCH_GATHER_SECONDS`. Batches are recorded in the order they were submitted.
         """
         with self._idle:
-            if self._unrecorded == 0:
+            target = self._submitted
+            if self._finished >= target:
                 return True
         self._queue.put(_FLUSH)
         with self._idle:
-            return self._idle.wait_for(lambda: self._unrecorded == 0, timeout)
+            return self._idle.wait_for(lambda: self._finished >= target, timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Record what is queued (for up to ``timeout`` s while the database refuses), then end the thread.
@@ -181,12 +185,12 @@ class InstanceRecorder:
         self._stopping.set()
         self._queue.put(_STOP)
         self._thread.join(timeout + 5)
-        if self._unrecorded:
+        if self.unrecorded:
             log_event(
                 LOG,
                 logging.WARNING,
                 "recorder.stopped_with_unrecorded",
-                instances=self._unrecorded,
+                instances=self.unrecorded,
                 hint="their files are stored; the next start indexes them",
             )
 
@@ -253,7 +257,7 @@ class InstanceRecorder:
             _log_outcome(pending.record, outcome)
         self.journal.done(pending.segment for pending in batch)
         with self._idle:
-            self._unrecorded -= len(batch)
+            self._finished += len(batch)
             self._idle.notify_all()
         return True
 
@@ -273,7 +277,7 @@ class InstanceRecorder:
             logging.WARNING,
             "recorder.waiting",
             reason=f"the database cannot be written ({message})",
-            instances=max(batch_size, self._unrecorded),
+            instances=max(batch_size, self.unrecorded),
             note="acknowledged instances are stored on disk and are recorded once the database accepts "
             "writes; C-STOREs are still answered",
         )
