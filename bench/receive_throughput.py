@@ -423,9 +423,15 @@ class Node:
         self.start()
         assert self.process is not None
         try:
+            cpu_before = cpu_seconds_of_tree(self.process.pid)
             seconds = send(series_dirs, NODE_AE, self.port, send_log)
+            cpu = cpu_seconds_of_tree(self.process.pid) - cpu_before
             self.check_stored(expected)
-            return {"seconds": seconds, "peak_rss_kib": peak_rss_kib(self.process.pid)}
+            return {
+                "seconds": seconds,
+                "peak_rss_kib": peak_rss_kib(self.process.pid),
+                "cpu_ms_per_image": round(1000 * cpu / expected, 3),
+            }
         finally:
             stop(self.process)
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -1180,18 +1186,22 @@ def run_one_by_one_case(
     alternating, ``--repeats`` rounds. Returns the summaries and ratios."""
     images = len(target.files)
     seconds: dict[str, list[float]] = {"storescp": [], "node": [], "floor": [], "reactor_floor": []}
+    node_cpu: list[float] = []  # ms per image, so per association
     for round_number in range(1, args.repeats + 1):
         seconds["storescp"].append(reference.run(target, images, work / "storescu-ref-one-by-one.log"))
-        seconds["node"].append(node.run_concurrently(target, images, work / "storescu-node-one-by-one.log")["seconds"])
+        run = node.run_concurrently(target, images, work / "storescu-node-one-by-one.log")
+        seconds["node"].append(run["seconds"])
+        node_cpu.append(run["cpu_ms_per_image"])
         line = (
             f"one by one, round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | node "
-            f"{seconds['node'][-1]:6.3f} s"
+            f"{seconds['node'][-1]:6.3f} s ({node_cpu[-1]:.1f} CPU ms/association)"
         )
         for floor in floors:
             seconds[floor.key].append(floor.run(target, work / f"storescu-{floor.key}-one-by-one.log"))
             line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
         print(line, flush=True)
     summaries = {name: summarise(runs, images) for name, runs in seconds.items() if runs}
+    summaries["node"]["cpu_ms_per_association_per_run"] = node_cpu
     node_rate = summaries["node"]["images_per_second"]
     return {
         "images": images,
@@ -1305,7 +1315,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
         print(
             f"node / storescp: {one_by_one['ratio_node_over_storescp']:.2f}, node / bare pynetdicom: "
-            f"{one_by_one['ratio_node_over_floor']}"
+            f"{one_by_one['ratio_node_over_floor']}; node CPU per association (ms): "
+            + " ".join(f"{ms:.1f}" for ms in one_by_one["node"]["cpu_ms_per_association_per_run"])
         )
 
 
