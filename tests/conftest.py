@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import shutil
 import signal
@@ -72,6 +74,15 @@ def total_fast_test_weights(tmp_path_factory) -> Path:
         timeout=600,
     )
     return folder
+
+
+def changed_sources(pinned: dict[Any, str]) -> list[str]:
+    """The qualified names of those ``pinned`` functions whose source no longer hashes to its recorded digest."""
+    return [
+        function.__qualname__
+        for function, digest in pinned.items()
+        if hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16] != digest
+    ]
 
 
 def free_port() -> int:

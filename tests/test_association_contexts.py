@@ -7,8 +7,6 @@ pynetdicom requestors over real loopback TCP.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +21,7 @@ from pynetdicom.transport import RequestHandler
 from dicom_node.config import NetworkSettings
 from dicom_node.receive.scp import build_ae
 from dicom_node.security import GuardedServer, Peer, PeerPolicy, SharedContexts, on_requested, start_guarded_server
-from tests.conftest import free_port
+from tests.conftest import changed_sources, free_port
 
 READ_ONLY_USERS: dict[Any, str] = {
     RequestHandler._create_association: "05c8d12b79863cdb",
@@ -33,11 +31,7 @@ READ_ONLY_USERS: dict[Any, str] = {
 
 
 def test_the_pynetdicom_code_that_uses_the_shared_contexts_is_the_one_it_was_written_against():
-    changed = [
-        function.__qualname__
-        for function, digest in READ_ONLY_USERS.items()
-        if hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16] != digest
-    ]
+    changed = changed_sources(READ_ONLY_USERS)
     assert not changed, (
         f"pynetdicom changed {', '.join(changed)}: check that accepting an association still only reads the "
         "server's presentation contexts (dicom_node.security.SharedContexts), then update READ_ONLY_USERS here"

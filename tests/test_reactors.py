@@ -6,8 +6,6 @@ can be watched); the peer is pynetdicom's requestor over real loopback TCP.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from dicom_node.config import NetworkSettings
 from dicom_node.reactors import IDLE_CHECK_SECONDS, EventDrivenAssociation, EventDrivenDUL
 from dicom_node.security import GuardedServer, start_guarded_server
-from tests.conftest import free_port, wait_for
+from tests.conftest import changed_sources, free_port, wait_for
 
 MIRRORED: dict[Callable[..., Any], str] = {
     Association._run_reactor: "f28838c5559e462a",
@@ -39,11 +37,7 @@ MIRRORED: dict[Callable[..., Any], str] = {
 
 
 def test_the_pynetdicom_loops_the_node_replaces_are_the_ones_it_was_written_against():
-    changed = [
-        method.__qualname__
-        for method, digest in MIRRORED.items()
-        if hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16] != digest
-    ]
+    changed = changed_sources(MIRRORED)
     assert not changed, (
         f"pynetdicom changed {', '.join(changed)}: compare them with dicom_node/reactors.py, "
         "bring its loops in line, then update MIRRORED here"
