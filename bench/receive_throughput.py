@@ -418,13 +418,13 @@ class Node:
             stop(self.process)
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def run_concurrently(self, series_dirs: list[Path] | OneByOne, expected: int, send_log: Path) -> dict[str, Any]:
+    def run_fresh(self, target: list[Path] | OneByOne, expected: int, send_log: Path) -> dict[str, Any]:
         """A fresh node; every folder sent at once, each on its own association (or files one association each)."""
         self.start()
         assert self.process is not None
         try:
             cpu_before = cpu_seconds_of_tree(self.process.pid)
-            seconds = send(series_dirs, NODE_AE, self.port, send_log)
+            seconds = send(target, NODE_AE, self.port, send_log)
             cpu = cpu_seconds_of_tree(self.process.pid) - cpu_before
             self.check_stored(expected)
             return {
@@ -1115,6 +1115,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work folder: {work}", file=sys.stderr)
 
 
+def time_floors(floors: list[Floor], target: SendTarget, work: Path, case: str, seconds: dict[str, list[float]]) -> str:
+    """Send ``target`` to each bare SCP, appending its time to ``seconds[floor.key]``; their part of the round's line."""
+    line = ""
+    for floor in floors:
+        seconds[floor.key].append(floor.run(target, work / f"storescu-{floor.key}-{case}.log"))
+        line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
+    return line
+
+
 def run_concurrent_case(
     args: argparse.Namespace, work: Path, reference: Reference, floors: list[Floor], node: Node, ports: set[int]
 ) -> dict[str, Any]:
@@ -1142,7 +1151,7 @@ def run_concurrent_case(
         for round_number in range(1, args.repeats + 1):
             seconds["storescp"].append(reference.run(dirs, total, work / "storescu-ref-concurrent.log"))
             seconds["storescp_fork"].append(forked.run(dirs, total, work / "storescu-fork-concurrent.log"))
-            run = node.run_concurrently(dirs, total, work / "storescu-node-concurrent.log")
+            run = node.run_fresh(dirs, total, work / "storescu-node-concurrent.log")
             seconds["node"].append(run["seconds"])
             if run.get("peak_rss_kib"):
                 peaks.append(run["peak_rss_kib"])
@@ -1150,10 +1159,7 @@ def run_concurrent_case(
                 f"concurrent round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | storescp --fork "
                 f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s"
             )
-            for floor in floors:
-                seconds[floor.key].append(floor.run(dirs, work / f"storescu-{floor.key}-concurrent.log"))
-                line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
-            print(line, flush=True)
+            print(line + time_floors(floors, dirs, work, "concurrent", seconds), flush=True)
     finally:
         forked.stop()
     summaries = {name: summarise(runs, total) for name, runs in seconds.items() if runs}
@@ -1189,17 +1195,14 @@ def run_one_by_one_case(
     node_cpu: list[float] = []  # ms per image, so per association
     for round_number in range(1, args.repeats + 1):
         seconds["storescp"].append(reference.run(target, images, work / "storescu-ref-one-by-one.log"))
-        run = node.run_concurrently(target, images, work / "storescu-node-one-by-one.log")
+        run = node.run_fresh(target, images, work / "storescu-node-one-by-one.log")
         seconds["node"].append(run["seconds"])
         node_cpu.append(run["cpu_ms_per_image"])
         line = (
             f"one by one, round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | node "
             f"{seconds['node'][-1]:6.3f} s ({node_cpu[-1]:.1f} CPU ms/association)"
         )
-        for floor in floors:
-            seconds[floor.key].append(floor.run(target, work / f"storescu-{floor.key}-one-by-one.log"))
-            line += f" | {floor.name} {seconds[floor.key][-1]:6.3f} s"
-        print(line, flush=True)
+        print(line + time_floors(floors, target, work, "one-by-one", seconds), flush=True)
     summaries = {name: summarise(runs, images) for name, runs in seconds.items() if runs}
     summaries["node"]["cpu_ms_per_association_per_run"] = node_cpu
     node_rate = summaries["node"]["images_per_second"]
