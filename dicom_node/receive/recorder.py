@@ -162,11 +162,12 @@ class InstanceRecorder:
         return self._submitted - self._finished
 
     def wait_until_recorded(self, timeout: float | None = None) -> bool:
-        """Block until every instance submitted so far is recorded; False if ``timeout`` ran out first.
+        """Block until every instance whose :meth:`submit` returned before this call is recorded.
 
-        Instances submitted meanwhile (other associations of this process still sending) are
-        not waited for. The batch being gathered is recorded at once instead of after
-        :data:`BATCH_GATHER_SECONDS`. Batches are recorded in the order they were submitted.
+        False if ``timeout`` ran out first. The queue is recorded in order, so waiting until as many
+        instances have finished as had been submitted is enough; instances submitted meanwhile (other
+        associations of this process still sending) are not waited for. The batch being gathered is
+        recorded at once instead of after :data:`BATCH_GATHER_SECONDS`.
         """
         with self._idle:
             target = self._submitted
