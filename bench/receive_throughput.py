@@ -493,22 +493,33 @@ class Node:
         return {"seconds_while_profiled": round(seconds, 4), "raw_output": str(out), "rate_hz": rate}
 
 
-class Floor:
-    """A bare SCP that stores nothing: plain pynetdicom (``reactors=False``) or with the node's reactors and guards."""
+FLOOR_KINDS: dict[str, tuple[str, str]] = {
+    "floor": ("bare pynetdicom", "--serve-floor"),
+    "reactor_floor": ("bare, node's reactors", "--serve-floor-reactors"),
+    "durable_floor": ("durable writes only", "--serve-floor-durable"),
+}
+"""Each bare SCP: its key (in the results and the send logs' names), its name, and the option that serves it."""
 
-    def __init__(self, work: Path, port: int, *, reactors: bool = False) -> None:
+
+class Floor:
+    """A bare SCP: plain pynetdicom or the node's own server, answering at once (``floor``, ``reactor_floor``), or
+    the node's server writing each data set durably with the node's storage code and nothing else (``durable_floor``).
+    """
+
+    def __init__(self, work: Path, port: int, key: str = "floor") -> None:
         self.port = port
-        self.reactors = reactors
-        self.key = "reactor_floor" if reactors else "floor"
-        """Its name in the results and in the send logs' file names."""
-        self.name = "bare, node's reactors" if reactors else "bare pynetdicom"
-        self.log = work / ("floor-reactors.log" if reactors else "floor.log")
+        self.key = key
+        self.name, self._option = FLOOR_KINDS[key]
+        self.log = work / f"{key}.log"
+        self.data = work / f"{key}-data"
+        """Where the durable floor writes (emptied at each start and at stop)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        option = "--serve-floor-reactors" if self.reactors else "--serve-floor"
+        shutil.rmtree(self.data, ignore_errors=True)
+        extra = [str(self.data)] if self.key == "durable_floor" else []
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), option, str(self.port)],
+            [sys.executable, str(Path(__file__).resolve()), self._option, str(self.port), *extra],
             cwd=REPO,
             stdout=open(self.log, "ab"),
             stderr=subprocess.STDOUT,
@@ -531,6 +542,7 @@ class Floor:
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 FLOOR_POLL_SECONDS = 0.0002
@@ -538,13 +550,18 @@ FLOOR_POLL_SECONDS = 0.0002
 reactors stopped polling, so the floor stays what it was in earlier reports."""
 
 
-def serve_floor(port: int, reactors: bool = False) -> int:
-    """The --floor receivers: answer every C-STORE with success and keep nothing.
+def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = None) -> int:
+    """The --floor receivers: answer every C-STORE with success, keeping nothing or (``durable_dir``) a durable file.
 
     Plain pynetdicom (``ae.start_server``, polling reactors), or with ``reactors`` the node's
     own server (``start_guarded_server``: guarded PDU reader, reactors that sleep until there is work,
-    C-STORE responses encoded directly).
+    C-STORE responses encoded directly). With ``durable_dir`` (always the node's server), each data set is
+    written before the answer exactly as the node writes it (``InstanceStore.write``: an ``O_DSYNC`` write
+    into a spare file, the rename into place, the folder's fsync), under a new name each time, and nothing
+    else: no header check, no journal, no database. What a receiver keeping the node's promise
+    "acknowledged means on disk" cannot do without, on this disk.
     """
+    import itertools
     import threading
 
     from pynetdicom import evt
@@ -552,9 +569,22 @@ def serve_floor(port: int, reactors: bool = False) -> int:
     sys.path.insert(0, str(REPO))
     from dicom_node.config import NetworkSettings
     from dicom_node.receive import scp
+    from dicom_node.receive.storage import InstanceStore, encode_file_meta
+
+    store = InstanceStore(Path(durable_dir)) if durable_dir else None
+    names = itertools.count()
 
     def on_store(event: Any) -> int:
-        event.request.DataSet.getvalue()  # the node's handler starts with this copy too
+        encoded = event.request.DataSet.getvalue()  # the node's handler starts with this copy too
+        if store is not None:
+            request = event.request
+            file_meta = encode_file_meta(
+                request.AffectedSOPClassUID,
+                request.AffectedSOPInstanceUID,
+                event.context.transfer_syntax,
+                event.assoc.requestor.ae_title,
+            )
+            store.write(store.instances_dir / "floor" / f"{next(names)}.dcm", file_meta, encoded)
         return 0x0000
 
     def on_open(event: Any) -> None:
@@ -568,7 +598,7 @@ def serve_floor(port: int, reactors: bool = False) -> int:
     ae = scp.build_ae(network)
     ae.maximum_associations = 64
     handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)]
-    if reactors:
+    if reactors or store is not None:
         from dicom_node.security import start_guarded_server
 
         server = start_guarded_server(ae, (HOST, port), network, handlers)
@@ -933,6 +963,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (series, logs)")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor-reactors", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor-durable", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-node-timed", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.slices < 1 or args.repeats < 1:
@@ -951,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_floor(args.serve_floor)
     if args.serve_floor_reactors is not None:
         return serve_floor(args.serve_floor_reactors, reactors=True)
+    if args.serve_floor_durable is not None:
+        return serve_floor(int(args.serve_floor_durable[0]), durable_dir=args.serve_floor_durable[1])
     if args.serve_node_timed is not None:
         return serve_node_timed(*args.serve_node_timed)
     if args.summarise_profile is not None:
@@ -960,13 +993,14 @@ def main(argv: list[str] | None = None) -> int:
     series_dir = work / "series"
     reference_port = free_port()
     node_port = free_port({reference_port})
-    floor_port = free_port({reference_port, node_port})
-    reactor_floor_port = free_port({reference_port, node_port, floor_port})
+    ports = {reference_port, node_port}
+    for _ in FLOOR_KINDS:
+        ports.add(free_port(ports))
     workers = args.node_workers if node_config_has_inference() else None
     reference = Reference(work, reference_port)
     node = Node(work, node_port, fsync=args.fsync, workers=workers, processes=args.node_processes)
-    floor = Floor(work, floor_port)
-    reactor_floor = Floor(work, reactor_floor_port, reactors=True)
+    floor_ports = sorted(ports - {reference_port, node_port})
+    floors = [Floor(work, port, key) for key, port in zip(FLOOR_KINDS, floor_ports, strict=True)] if args.floor else []
     try:
         print(f"generating {args.slices} slices of 512x512 CT into {series_dir} ...", flush=True)
         generation_seconds = generate_series(series_dir, args.slices)
@@ -977,12 +1011,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {len(series_files)} files, {series_bytes / 2**20:.1f} MiB, {generation_seconds:.1f} s", flush=True)
 
         reference.start()
-        if args.floor:
-            floor.start()
-            reactor_floor.start()
+        for each in floors:
+            each.start()
         ref_seconds: list[float] = []
         node_runs: list[dict[str, Any]] = []
-        floors = [floor, reactor_floor] if args.floor else []
         floor_runs: dict[str, list[tuple[float, float]]] = {each.key: [] for each in floors}  # (seconds, CPU ms)
         for round_number in range(1, args.repeats + 1):
             seconds = reference.run(series_dir, args.slices, work / "storescu-ref.log")
@@ -1001,7 +1033,6 @@ def main(argv: list[str] | None = None) -> int:
 
         concurrent = None
         if args.concurrent > 0:
-            ports = {reference_port, node_port, floor_port, reactor_floor_port}
             concurrent = run_concurrent_case(args, work, reference, floors, node, ports)
         one_by_one = None
         if args.one_by_one > 0:
@@ -1009,8 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                 args, OneByOne(series_files[: args.one_by_one]), work, reference, floors, node
             )
         reference.stop()
-        floor.stop()
-        reactor_floor.stop()
+        for each in floors:
+            each.stop()
 
         profile = None
         if args.profile is not None:
@@ -1034,12 +1065,13 @@ def main(argv: list[str] | None = None) -> int:
         duplicate_summary = None
         if args.duplicate_resend:
             duplicate_summary = summarise([r["duplicate_seconds"] for r in node_runs], args.slices)
-        floor_summaries: dict[str, dict[str, Any] | None] = {"floor": None, "reactor_floor": None}
+        floor_summaries: dict[str, dict[str, Any] | None] = dict.fromkeys(FLOOR_KINDS)
         for key, runs in floor_runs.items():
             summary = summarise([seconds for seconds, _ in runs], args.slices)
             summary["cpu_ms_per_image_per_run"] = [cpu_ms for _, cpu_ms in runs]
             floor_summaries[key] = summary
         floor_summary, reactor_floor_summary = floor_summaries["floor"], floor_summaries["reactor_floor"]
+        durable_floor_summary = floor_summaries["durable_floor"]
         ratio = node_summary["images_per_second"] / reference_summary["images_per_second"]
         results: dict[str, Any] = {
             "benchmark": "receive_throughput",
@@ -1056,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
             "node_duplicate_resend": duplicate_summary,
             "bare_pynetdicom_floor": floor_summary,
             "bare_node_reactors_floor": reactor_floor_summary,
+            "durable_writes_floor": durable_floor_summary,
             "ratio_node_over_storescp_images_per_second": round(ratio, 3),
             "ratio_floor_over_storescp_images_per_second": (
                 round(floor_summary["images_per_second"] / reference_summary["images_per_second"], 3)
@@ -1073,6 +1106,16 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_node_over_reactors_floor_images_per_second": (
                 round(node_summary["images_per_second"] / reactor_floor_summary["images_per_second"], 3)
                 if reactor_floor_summary
+                else None
+            ),
+            "ratio_node_over_durable_floor_images_per_second": (
+                round(node_summary["images_per_second"] / durable_floor_summary["images_per_second"], 3)
+                if durable_floor_summary
+                else None
+            ),
+            "ratio_durable_floor_over_floor_images_per_second": (
+                round(durable_floor_summary["images_per_second"] / floor_summary["images_per_second"], 3)
+                if durable_floor_summary and floor_summary
                 else None
             ),
             "concurrent": concurrent,
@@ -1105,8 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         reference.stop()
-        floor.stop()
-        reactor_floor.stop()
+        for each in floors:
+            each.stop()
         if node.process is not None:
             stop(node.process)
         if not args.keep:
@@ -1139,13 +1182,8 @@ def run_concurrent_case(
         dirs.append(folder)
     forked = Reference(work, free_port(ports), fork=True)
     forked.start()
-    seconds: dict[str, list[float]] = {
-        "storescp": [],
-        "storescp_fork": [],
-        "node": [],
-        "floor": [],
-        "reactor_floor": [],
-    }
+    seconds: dict[str, list[float]] = {"storescp": [], "storescp_fork": [], "node": []}
+    seconds.update((floor.key, []) for floor in floors)
     peaks: list[int] = []
     try:
         for round_number in range(1, args.repeats + 1):
@@ -1181,6 +1219,11 @@ def run_concurrent_case(
             if "reactor_floor" in summaries
             else None
         ),
+        "ratio_node_over_durable_floor": (
+            round(node_rate / summaries["durable_floor"]["images_per_second"], 3)
+            if "durable_floor" in summaries
+            else None
+        ),
         "goal_ratio_node_over_storescp": 0.5,
     }
 
@@ -1191,7 +1234,8 @@ def run_one_by_one_case(
     """``--one-by-one`` images, one storescu process and association each: storescp, a fresh node, the bare SCPs;
     alternating, ``--repeats`` rounds. Returns the summaries and ratios."""
     images = len(target.files)
-    seconds: dict[str, list[float]] = {"storescp": [], "node": [], "floor": [], "reactor_floor": []}
+    seconds: dict[str, list[float]] = {"storescp": [], "node": []}
+    seconds.update((floor.key, []) for floor in floors)
     node_cpu: list[float] = []  # ms per image, so per association
     for round_number in range(1, args.repeats + 1):
         seconds["storescp"].append(reference.run(target, images, work / "storescu-ref-one-by-one.log"))
@@ -1212,6 +1256,11 @@ def run_one_by_one_case(
         "ratio_node_over_storescp": round(node_rate / summaries["storescp"]["images_per_second"], 3),
         "ratio_node_over_floor": (
             round(node_rate / summaries["floor"]["images_per_second"], 3) if "floor" in summaries else None
+        ),
+        "ratio_node_over_durable_floor": (
+            round(node_rate / summaries["durable_floor"]["images_per_second"], 3)
+            if "durable_floor" in summaries
+            else None
         ),
     }
 
@@ -1234,6 +1283,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(("bare pynetdicom SCP, stores nothing**", results["bare_pynetdicom_floor"]))
     if results.get("bare_node_reactors_floor"):
         rows.append(("bare SCP, node's reactors***", results["bare_node_reactors_floor"]))
+    if results.get("durable_writes_floor"):
+        rows.append(("node's server, durable writes only****", results["durable_writes_floor"]))
     for name, summary in rows:
         runs = " ".join(f"{s:.2f}" for s in summary["seconds"])
         print(
@@ -1263,6 +1314,13 @@ def print_table(results: dict[str, Any]) -> None:
             "*** the node's own server (guarded PDU reader, reactors that sleep until there is work, direct C-STORE "
             f"responses), handler answers success at once; node / it: {results['ratio_node_over_reactors_floor_images_per_second']:.2f}"
         )
+    if results.get("durable_writes_floor"):
+        print(
+            "**** the node's own server, handler writes each data set as the node does (O_DSYNC write, rename, "
+            "folder fsync) and answers, nothing else: the most a receiver keeping 'acknowledged means on disk' "
+            f"reaches here. It / bare pynetdicom: {results['ratio_durable_floor_over_floor_images_per_second']}; "
+            f"node / it: {results['ratio_node_over_durable_floor_images_per_second']:.2f}"
+        )
     concurrent = results.get("concurrent")
     if concurrent:
         print()
@@ -1278,6 +1336,7 @@ def print_table(results: dict[str, Any]) -> None:
             ("dicom-node", "node"),
             ("bare pynetdicom SCP, stores nothing", "floor"),
             ("bare SCP, node's reactors", "reactor_floor"),
+            ("node's server, durable writes only", "durable_floor"),
         ]
         concurrent_mib = concurrent["images"] * mib / results["slices"]
         for name, key in rows:
@@ -1293,7 +1352,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"node / storescp: {concurrent['ratio_node_over_storescp']:.2f}, node / storescp --fork: "
             f"{concurrent['ratio_node_over_storescp_fork']:.2f} (goal >= 0.50), node / bare pynetdicom: "
             f"{concurrent['ratio_node_over_floor']}, node / bare with node's reactors: "
-            f"{concurrent['ratio_node_over_reactor_floor']}"
+            f"{concurrent['ratio_node_over_reactor_floor']}, node / durable writes only: "
+            f"{concurrent['ratio_node_over_durable_floor']}"
         )
     one_by_one = results.get("one_by_one")
     if one_by_one:
@@ -1306,6 +1366,7 @@ def print_table(results: dict[str, Any]) -> None:
             ("dicom-node", "node"),
             ("bare pynetdicom SCP, stores nothing", "floor"),
             ("bare SCP, node's reactors", "reactor_floor"),
+            ("node's server, durable writes only", "durable_floor"),
         ]:
             if key not in one_by_one:
                 continue
@@ -1318,7 +1379,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
         print(
             f"node / storescp: {one_by_one['ratio_node_over_storescp']:.2f}, node / bare pynetdicom: "
-            f"{one_by_one['ratio_node_over_floor']}; node CPU per association (ms): "
+            f"{one_by_one['ratio_node_over_floor']}, node / durable writes only: "
+            f"{one_by_one['ratio_node_over_durable_floor']}; node CPU per association (ms): "
             + " ".join(f"{ms:.1f}" for ms in one_by_one["node"]["cpu_ms_per_association_per_run"])
         )
 
