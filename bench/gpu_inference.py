@@ -15,9 +15,13 @@ On a machine with CUDA, in about 5 minutes:
 4. prints wall times, peak GPU memory (``torch.cuda.max_memory_allocated``; TotalSegmentator's is
    measured inside its process) and the Dice of every class between the two label maps.
 
-Without CUDA it exits with status 2 and one sentence. Usage::
+Without CUDA it exits with status 2 and one sentence. ``--rehearse-on-cpu`` runs every step on the CPU
+instead, on a small phantom and ``total_fast`` only (a few minutes on 2 cores): it checks the script itself on
+a machine without a GPU, so the device time of a GPU machine is not spent finding a broken script. Its figures
+say nothing about GPU speed. Usage::
 
     .venv/bin/python bench/gpu_inference.py [--weights DIR] [--tasks total_fast,total] [--output FILE.json]
+    .venv/bin/python bench/gpu_inference.py --rehearse-on-cpu [--weights DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,10 +44,14 @@ TS_SCRIPT = """
 import json, sys, time, torch
 from totalsegmentator.python_api import totalsegmentator
 started = time.perf_counter()
-totalsegmentator(sys.argv[1], sys.argv[2], fast=sys.argv[3] == "total_fast", ml=True, device="gpu", quiet=True)
+totalsegmentator(sys.argv[1], sys.argv[2], fast=sys.argv[3] == "total_fast", ml=True, device=sys.argv[4], quiet=True)
 print(json.dumps({"seconds": time.perf_counter() - started,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}))
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if sys.argv[4] == "gpu" else None}))
 """
+
+FULL_PHANTOM = (512, 512, 300)
+REHEARSAL_PHANTOM = (160, 160, 48)
+"""Rows, columns, slices of the phantom: the issue's 512x512x300 on the GPU; small enough for 2 cores in a rehearsal."""
 
 
 def log(message: str) -> None:
@@ -63,28 +72,31 @@ def build_weights(folder: Path, task: str) -> float:
     return time.perf_counter() - started
 
 
-def write_phantom(work: Path) -> tuple[list[Path], Path]:
+def write_phantom(work: Path, size: tuple[int, int, int] = FULL_PHANTOM) -> tuple[list[Path], Path]:
     import nibabel as nib
     import numpy as np
 
     from dicom_node.phantom import PhantomSpec, write_phantom_series
     from inference.volume import load_series_volume
 
-    spec = PhantomSpec(rows=512, columns=512, slices=300, pixel_spacing=(0.8, 0.8), slice_spacing=1.5)
+    rows, columns, slices = size
+    spec = PhantomSpec(rows=rows, columns=columns, slices=slices, pixel_spacing=(0.8, 0.8), slice_spacing=1.5)
     files = list(write_phantom_series(work / "dicom", spec).files)
     nib.save(load_series_volume(files).to_nibabel(np.int16), str(work / "ct.nii.gz"))
     return files, work / "ct.nii.gz"
 
 
-def run_node(task: str, weights: Path, files: list[Path]) -> tuple[dict[str, Any], Any]:
+def run_node(task: str, weights: Path, files: list[Path], device: str = "cuda") -> tuple[dict[str, Any], Any]:
     import torch
 
     from inference.models.prefetch import VolumePrefetcher
     from inference.models.totalsegmentator import TotalSegmentatorModel
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    model = TotalSegmentatorModel(task, weights, device="cuda")
+    model = TotalSegmentatorModel(task, weights, device=device)
     figures: dict[str, Any] = {"model_load_s": time.perf_counter() - started, "precision": model.precision}
     # Job 1 pays the one-off costs (CUDA kernels, cuDNN autotuning). Jobs 2 and 3 run back to back as a worker
     # with the prefetcher would: job 3's series is decoded in the background while job 2's inference runs
@@ -94,27 +106,32 @@ def run_node(task: str, weights: Path, files: list[Path]) -> tuple[dict[str, Any
     labels = None
     try:
         for job, series, following in jobs:
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             started = time.perf_counter()
             volume = prefetcher.take(series)
             decoded = time.perf_counter()
             if following is not None:
                 prefetcher.prefetch(following)
             segmentation = model.segment(volume)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             figures[f"{job}_job_s"] = time.perf_counter() - started
             figures[f"{job}_decode_s"] = decoded - started
             figures[f"{job}_stages"] = {k: round(v, 2) for k, v in segmentation.timings.items()}
             labels = segmentation.labels
     finally:
         prefetcher.close()
-    figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return figures, labels
 
 
-def run_totalsegmentator(task: str, weights: Path, ct: Path, work: Path) -> tuple[dict[str, Any], Any]:
+def run_totalsegmentator(
+    task: str, weights: Path, ct: Path, work: Path, device: str = "cuda"
+) -> tuple[dict[str, Any], Any]:
     import nibabel as nib
     import numpy as np
 
@@ -134,7 +151,7 @@ def run_totalsegmentator(task: str, weights: Path, ct: Path, work: Path) -> tupl
     environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", TS_SCRIPT, str(ct), str(output), task],
+        [sys.executable, "-c", TS_SCRIPT, str(ct), str(output), task, "gpu" if device == "cuda" else "cpu"],
         check=True,
         capture_output=True,
         text=True,
@@ -162,15 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, help="weights folder (built there if absent; default: a temp folder)")
     parser.add_argument("--tasks", default="total_fast,total")
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "gpu_inference.json")
+    parser.add_argument("--output", type=Path, default=None, help="default bench/results/gpu_inference.json")
+    parser.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="run every step on the CPU, small phantom, total_fast only: checks this script, not GPU speed",
+    )
     args = parser.parse_args(argv)
+    rehearsal = args.rehearse_on_cpu
+    device = "cpu" if rehearsal else "cuda"
+    if rehearsal:
+        args.tasks = "total_fast"
+    if args.output is None:
+        args.output = (
+            REPO / "bench" / "results" / ("gpu_inference_rehearsal.json" if rehearsal else "gpu_inference.json")
+        )
     try:
         import torch
     except ImportError:
         print("This benchmark needs PyTorch with CUDA, and torch is not installed here.", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("This benchmark needs a CUDA GPU, and PyTorch sees none on this machine.", file=sys.stderr)
+    if not rehearsal and not torch.cuda.is_available():
+        print(
+            "This benchmark needs a CUDA GPU, and PyTorch sees none on this machine "
+            "(--rehearse-on-cpu checks the script without one).",
+            file=sys.stderr,
+        )
         return 2
     from totalsegmentator.map_to_binary import class_map
 
@@ -178,27 +212,33 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     weights = (args.weights or work / "weights").resolve()
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tasks": {}}
+    gpu = "the CPU (a rehearsal: not GPU figures)" if rehearsal else torch.cuda.get_device_name(0)
+    phantom = REHEARSAL_PHANTOM if rehearsal else FULL_PHANTOM
+    result: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__, "rehearsal": rehearsal, "tasks": {}}
+    result["phantom"] = "x".join(str(n) for n in phantom)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in tasks:
-        log(f"building {task} weights")
-        result.setdefault("weights_build_s", {})[task] = round(build_weights(weights, task), 1)
-    log("writing the 512x512x300 phantom")
-    files, ct = write_phantom(work)
-    for task in tasks:
-        log(f"{task}: node")
-        node, ours = run_node(task, weights, files)
-        log(f"{task}: TotalSegmentator")
-        reference, theirs = run_totalsegmentator(task, weights, ct, work)
-        dice = dice_per_class(ours, theirs, classes)
-        result["tasks"][task] = {
-            "node": node,
-            "totalsegmentator": reference,
-            "differing_voxels": int((ours != theirs).sum()),
-            "voxels": int(ours.size),
-            "mean_dice": round(sum(dice.values()) / len(dice), 4) if dice else None,
-            "dice_per_class": dice,
-        }
+    try:
+        for task in tasks:
+            log(f"building {task} weights")
+            result.setdefault("weights_build_s", {})[task] = round(build_weights(weights, task), 1)
+        log(f"writing the {result['phantom']} phantom")
+        files, ct = write_phantom(work, phantom)
+        for task in tasks:
+            log(f"{task}: node")
+            node, ours = run_node(task, weights, files, device)
+            log(f"{task}: TotalSegmentator")
+            reference, theirs = run_totalsegmentator(task, weights, ct, work, device)
+            dice = dice_per_class(ours, theirs, classes)
+            result["tasks"][task] = {
+                "node": node,
+                "totalsegmentator": reference,
+                "differing_voxels": int((ours != theirs).sum()),
+                "voxels": int(ours.size),
+                "mean_dice": round(sum(dice.values()) / len(dice), 4) if dice else None,
+                "dice_per_class": dice,
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the phantom, the label maps, and the weights unless --weights
     result["bench_wall_s"] = round(time.perf_counter() - began, 1)
     for task, figures in result["tasks"].items():
         node, reference = figures["node"], figures["totalsegmentator"]
@@ -208,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             f"(decode {node['first_decode_s']:.1f} s, {node['first_stages']}); job 2 {node['second_job_s']:.1f} s "
             f"(decode {node['second_decode_s']:.1f} s); job 3, decoded during job 2's inference, "
             f"{node['third_job_s']:.1f} s (waited {node['third_decode_s']:.2f} s for its volume); "
-            f"peak GPU memory {node['peak_gpu_mib']:.0f} MiB; precision {node['precision']}"
+            f"peak GPU memory {_mib(node['peak_gpu_mib'])}; precision {node['precision']}"
         )
         print(
             f"TotalSegmentator (Python API, fresh process): {reference['seconds']:.1f} s in the call, "
-            f"{reference['process_s']:.1f} s with start-up; peak GPU memory {reference['peak_gpu_mib']:.0f} MiB"
+            f"{reference['process_s']:.1f} s with start-up; peak GPU memory {_mib(reference['peak_gpu_mib'])}"
         )
         print(f"ratio node second job / TotalSegmentator call: {node['second_job_s'] / reference['seconds']:.2f}")
         print(
@@ -223,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _mib(value: float | None) -> str:
+    return "not measured (CPU)" if value is None else f"{value:.0f} MiB"
 
 
 if __name__ == "__main__":
