@@ -227,6 +227,12 @@ def cpu_seconds_of_tree(pid: int) -> float:
     return total
 
 
+def idle_core_seconds() -> float:
+    """Core-seconds the whole machine has spent idle or waiting for I/O since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_kib(pid: int) -> int | None:
     """VmHWM (peak resident set size) of a live process, KiB."""
     try:
@@ -423,14 +429,16 @@ class Node:
         self.start()
         assert self.process is not None
         try:
-            cpu_before = cpu_seconds_of_tree(self.process.pid)
+            cpu_before, idle_before = cpu_seconds_of_tree(self.process.pid), idle_core_seconds()
             seconds = send(target, NODE_AE, self.port, send_log)
             cpu = cpu_seconds_of_tree(self.process.pid) - cpu_before
+            idle = idle_core_seconds() - idle_before
             self.check_stored(expected)
             return {
                 "seconds": seconds,
                 "peak_rss_kib": peak_rss_kib(self.process.pid),
                 "cpu_ms_per_image": round(1000 * cpu / expected, 3),
+                "machine_idle_fraction": round(idle / (seconds * (os.cpu_count() or 1)), 3),
             }
         finally:
             stop(self.process)
@@ -1185,22 +1193,29 @@ def run_concurrent_case(
     seconds: dict[str, list[float]] = {"storescp": [], "storescp_fork": [], "node": []}
     seconds.update((floor.key, []) for floor in floors)
     peaks: list[int] = []
+    node_cpu: list[float] = []  # ms per image
+    node_idle: list[float] = []  # fraction of the machine's cores idle during the node's send
     try:
         for round_number in range(1, args.repeats + 1):
             seconds["storescp"].append(reference.run(dirs, total, work / "storescu-ref-concurrent.log"))
             seconds["storescp_fork"].append(forked.run(dirs, total, work / "storescu-fork-concurrent.log"))
             run = node.run_fresh(dirs, total, work / "storescu-node-concurrent.log")
             seconds["node"].append(run["seconds"])
+            node_cpu.append(run["cpu_ms_per_image"])
+            node_idle.append(run["machine_idle_fraction"])
             if run.get("peak_rss_kib"):
                 peaks.append(run["peak_rss_kib"])
             line = (
                 f"concurrent round {round_number}: storescp {seconds['storescp'][-1]:6.3f} s | storescp --fork "
-                f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s"
+                f"{seconds['storescp_fork'][-1]:6.3f} s | node {run['seconds']:6.3f} s ({node_cpu[-1]:.2f} CPU "
+                f"ms/image, machine {100 * node_idle[-1]:.0f} % idle)"
             )
             print(line + time_floors(floors, dirs, work, "concurrent", seconds), flush=True)
     finally:
         forked.stop()
     summaries = {name: summarise(runs, total) for name, runs in seconds.items() if runs}
+    summaries["node"]["cpu_ms_per_image_per_run"] = node_cpu
+    summaries["node"]["machine_idle_fraction_per_run"] = node_idle
     node_rate = summaries["node"]["images_per_second"]
     return {
         "senders": senders,
@@ -1354,6 +1369,12 @@ def print_table(results: dict[str, Any]) -> None:
             f"{concurrent['ratio_node_over_floor']}, node / bare with node's reactors: "
             f"{concurrent['ratio_node_over_reactor_floor']}, node / durable writes only: "
             f"{concurrent['ratio_node_over_durable_floor']}"
+        )
+        print(
+            "node CPU per image (ms): "
+            + " ".join(f"{ms:.2f}" for ms in concurrent["node"]["cpu_ms_per_image_per_run"])
+            + "; the machine's cores idle during the node's sends (senders included): "
+            + " ".join(f"{100 * f:.0f} %" for f in concurrent["node"]["machine_idle_fraction_per_run"])
         )
     one_by_one = results.get("one_by_one")
     if one_by_one:
