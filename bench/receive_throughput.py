@@ -514,9 +514,11 @@ class Floor:
     the node's server writing each data set durably with the node's storage code and nothing else (``durable_floor``).
     """
 
-    def __init__(self, work: Path, port: int, key: str = "floor") -> None:
+    def __init__(self, work: Path, port: int, key: str = "floor", *, fsync: bool = True) -> None:
         self.port = port
         self.key = key
+        self.fsync = fsync
+        """For the durable floor: write as the node does with ``storage.fsync`` on (else as with it off)."""
         self.name, self._option = FLOOR_KINDS[key]
         self.log = work / f"{key}.log"
         self.data = work / f"{key}-data"
@@ -525,7 +527,7 @@ class Floor:
 
     def start(self) -> None:
         shutil.rmtree(self.data, ignore_errors=True)
-        extra = [str(self.data)] if self.key == "durable_floor" else []
+        extra = [str(self.data), "fsync" if self.fsync else "no-fsync"] if self.key == "durable_floor" else []
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), self._option, str(self.port), *extra],
             cwd=REPO,
@@ -558,7 +560,7 @@ FLOOR_POLL_SECONDS = 0.0002
 reactors stopped polling, so the floor stays what it was in earlier reports."""
 
 
-def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = None) -> int:
+def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = None, fsync: bool = True) -> int:
     """The --floor receivers: answer every C-STORE with success, keeping nothing or (``durable_dir``) a durable file.
 
     Plain pynetdicom (``ae.start_server``, polling reactors), or with ``reactors`` the node's
@@ -567,7 +569,8 @@ def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = Non
     written before the answer exactly as the node writes it (``InstanceStore.write``: an ``O_DSYNC`` write
     into a spare file, the rename into place, the folder's fsync), under a new name each time, and nothing
     else: no header check, no journal, no database. What a receiver keeping the node's promise
-    "acknowledged means on disk" cannot do without, on this disk.
+    "acknowledged means on disk" cannot do without, on this disk (``fsync=False``: as the node with
+    ``storage.fsync: false``).
     """
     import itertools
     import threading
@@ -579,7 +582,7 @@ def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = Non
     from dicom_node.receive import scp
     from dicom_node.receive.storage import InstanceStore, encode_file_meta
 
-    store = InstanceStore(Path(durable_dir)) if durable_dir else None
+    store = InstanceStore(Path(durable_dir), fsync=fsync) if durable_dir else None
     names = itertools.count()
 
     def on_store(event: Any) -> int:
@@ -617,6 +620,8 @@ def serve_floor(port: int, reactors: bool = False, durable_dir: str | None = Non
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     stopping.wait()
     server.shutdown()
+    if store is not None:
+        store.close()  # its spare files
     return 0
 
 
@@ -971,7 +976,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (series, logs)")
     parser.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor-reactors", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-floor-durable", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor-durable", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-node-timed", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.slices < 1 or args.repeats < 1:
@@ -991,7 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_floor_reactors is not None:
         return serve_floor(args.serve_floor_reactors, reactors=True)
     if args.serve_floor_durable is not None:
-        return serve_floor(int(args.serve_floor_durable[0]), durable_dir=args.serve_floor_durable[1])
+        port, folder, fsync = args.serve_floor_durable
+        return serve_floor(int(port), durable_dir=folder, fsync=fsync == "fsync")
     if args.serve_node_timed is not None:
         return serve_node_timed(*args.serve_node_timed)
     if args.summarise_profile is not None:
@@ -1008,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = Reference(work, reference_port)
     node = Node(work, node_port, fsync=args.fsync, workers=workers, processes=args.node_processes)
     floor_ports = sorted(ports - {reference_port, node_port})
-    floors = [Floor(work, port, key) for key, port in zip(FLOOR_KINDS, floor_ports, strict=True)] if args.floor else []
+    floors = [Floor(work, port, key, fsync=args.fsync) for key, port in zip(FLOOR_KINDS, floor_ports, strict=True)]
+    floors = floors if args.floor else []
     try:
         print(f"generating {args.slices} slices of 512x512 CT into {series_dir} ...", flush=True)
         generation_seconds = generate_series(series_dir, args.slices)
