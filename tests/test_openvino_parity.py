@@ -139,7 +139,7 @@ def test_bf16_dice_is_reported_and_auto_uses_bf16_only_where_native_and_matching
     dice, _present, _differing, summary = compare(ours, references["dicom"])
     print(f"DICOM CT, OpenVINO BF16 (native) vs TotalSegmentator: {summary}")
     assert bf16_model.precision == "bf16"
-    assert ours.shape == volume.shape and set(np.unique(ours)) <= {0, *fp32_model.classes}
+    assert ours.shape == volume.hu.shape and set(np.unique(ours)) <= {0, *fp32_model.classes}
     if auto_model.precision == "bf16":
         assert dice >= BF16_PARITY_DICE, summary  # auto picked BF16: it must match TotalSegmentator too
 
@@ -236,6 +236,34 @@ def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16():
     else:
         assert chosen == "fp32" and not calls  # no native BF16: no calibration, FP32
     assert choose_precision("fp32", calibrate) == "fp32" and choose_precision("bf16", calibrate) == "bf16"
+
+
+def test_the_precision_a_compiled_model_reports_is_read_in_every_spelling(tmp_path):
+    """OpenVINO 2026.4 answers ``<Type: 'bfloat16'>`` for BF16: a reader looking for "bf16" called it FP32."""
+    from inference.models.openvino_backend import (
+        compile_model,
+        cpu_has_native_bf16,
+        effective_precision,
+        load_or_convert,
+    )
+
+    class Answering:
+        def __init__(self, hint: Any) -> None:
+            self.hint = hint
+
+        def get_property(self, name: str) -> Any:
+            assert name == "INFERENCE_PRECISION_HINT"
+            return self.hint
+
+    for hint in ("bf16", "bfloat16", "<Type: 'bfloat16'>"):
+        assert effective_precision(Answering(hint)) == "bf16", hint
+    for hint in ("f32", "float32", "<Type: 'float32'>"):
+        assert effective_precision(Answering(hint)) == "fp32", hint
+
+    model, _cached = load_or_convert(_TinyNetwork(), _tiny_folder(tmp_path, b"weights"), (8, 8, 8), 3)
+    assert effective_precision(compile_model(model, "fp32", 1)) == "fp32"
+    # A BF16 request is computed in BF16 exactly where the CPU has it natively, and must be reported so.
+    assert effective_precision(compile_model(model, "bf16", 1)) == ("bf16" if cpu_has_native_bf16() else "fp32")
 
 
 class _NormalisedNetwork:

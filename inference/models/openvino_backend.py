@@ -412,9 +412,14 @@ def use_streams(predictor: Any) -> bool:
 
 
 def effective_precision(compiled: Any) -> Literal["fp32", "bf16"]:
-    """The precision OpenVINO actually computes in (it runs a BF16 request in FP32 on CPUs without BF16)."""
-    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-    return "bf16" if "bf16" in hint else "fp32"
+    """The precision OpenVINO actually computes in (it runs a BF16 request in FP32 on CPUs without BF16).
+
+    The compiled model answers with an element type: its name is ``bf16``, but its string is
+    ``<Type: 'bfloat16'>`` (OpenVINO 2026.4), so both spellings count. Anything else is FP32.
+    """
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+    return "bf16" if any(spelling in str(name).lower() for spelling in ("bf16", "bfloat16")) else "fp32"
 
 
 def choose_precision(requested: Precision, calibrate: Any = None) -> Literal["fp32", "bf16"]:
