@@ -292,6 +292,13 @@ def summarise(seconds: list[float], images: int) -> dict[str, Any]:
     }
 
 
+def rate_ratio(numerator: dict[str, Any] | None, denominator: dict[str, Any] | None) -> float | None:
+    """One receiver's images per second over another's (two :func:`summarise` results); None if either was not timed."""
+    if not numerator or not denominator:
+        return None
+    return round(numerator["images_per_second"] / denominator["images_per_second"], 3)
+
+
 # --------------------------------------------------------------------------- receivers
 
 
@@ -1008,12 +1015,13 @@ def main(argv: list[str] | None = None) -> int:
     reference_port = free_port()
     node_port = free_port({reference_port})
     ports = {reference_port, node_port}
+    floor_ports: list[int] = []
     for _ in FLOOR_KINDS:
-        ports.add(free_port(ports))
+        floor_ports.append(free_port(ports))
+        ports.add(floor_ports[-1])
     workers = args.node_workers if node_config_has_inference() else None
     reference = Reference(work, reference_port)
     node = Node(work, node_port, fsync=args.fsync, workers=workers, processes=args.node_processes)
-    floor_ports = sorted(ports - {reference_port, node_port})
     floors = [Floor(work, port, key, fsync=args.fsync) for key, port in zip(FLOOR_KINDS, floor_ports, strict=True)]
     floors = floors if args.floor else []
     try:
@@ -1105,34 +1113,14 @@ def main(argv: list[str] | None = None) -> int:
             "bare_node_reactors_floor": reactor_floor_summary,
             "durable_writes_floor": durable_floor_summary,
             "ratio_node_over_storescp_images_per_second": round(ratio, 3),
-            "ratio_floor_over_storescp_images_per_second": (
-                round(floor_summary["images_per_second"] / reference_summary["images_per_second"], 3)
-                if floor_summary
-                else None
-            ),
+            "ratio_floor_over_storescp_images_per_second": rate_ratio(floor_summary, reference_summary),
             "goal_ratio": 0.5,
             "goal_met": ratio >= 0.5,
-            "ratio_node_over_floor_images_per_second": (
-                round(node_summary["images_per_second"] / floor_summary["images_per_second"], 3)
-                if floor_summary
-                else None
-            ),
+            "ratio_node_over_floor_images_per_second": rate_ratio(node_summary, floor_summary),
             "goal_node_over_floor": 0.8,
-            "ratio_node_over_reactors_floor_images_per_second": (
-                round(node_summary["images_per_second"] / reactor_floor_summary["images_per_second"], 3)
-                if reactor_floor_summary
-                else None
-            ),
-            "ratio_node_over_durable_floor_images_per_second": (
-                round(node_summary["images_per_second"] / durable_floor_summary["images_per_second"], 3)
-                if durable_floor_summary
-                else None
-            ),
-            "ratio_durable_floor_over_floor_images_per_second": (
-                round(durable_floor_summary["images_per_second"] / floor_summary["images_per_second"], 3)
-                if durable_floor_summary and floor_summary
-                else None
-            ),
+            "ratio_node_over_reactors_floor_images_per_second": rate_ratio(node_summary, reactor_floor_summary),
+            "ratio_node_over_durable_floor_images_per_second": rate_ratio(node_summary, durable_floor_summary),
+            "ratio_durable_floor_over_floor_images_per_second": rate_ratio(durable_floor_summary, floor_summary),
             "concurrent": concurrent,
             "one_by_one": one_by_one,
             "profile": profile,
@@ -1223,7 +1211,7 @@ def run_concurrent_case(
     summaries = {name: summarise(runs, total) for name, runs in seconds.items() if runs}
     summaries["node"]["cpu_ms_per_image_per_run"] = node_cpu
     summaries["node"]["machine_idle_fraction_per_run"] = node_idle
-    node_rate = summaries["node"]["images_per_second"]
+    node_summary = summaries["node"]
     return {
         "senders": senders,
         "slices_per_sender": slices,
@@ -1231,21 +1219,11 @@ def run_concurrent_case(
         "node_processes": args.node_processes,
         **summaries,
         "node_serve_peak_rss_mib": round(max(peaks) / 1024, 1) if peaks else None,
-        "ratio_node_over_storescp": round(node_rate / summaries["storescp"]["images_per_second"], 3),
-        "ratio_node_over_storescp_fork": round(node_rate / summaries["storescp_fork"]["images_per_second"], 3),
-        "ratio_node_over_floor": (
-            round(node_rate / summaries["floor"]["images_per_second"], 3) if "floor" in summaries else None
-        ),
-        "ratio_node_over_reactor_floor": (
-            round(node_rate / summaries["reactor_floor"]["images_per_second"], 3)
-            if "reactor_floor" in summaries
-            else None
-        ),
-        "ratio_node_over_durable_floor": (
-            round(node_rate / summaries["durable_floor"]["images_per_second"], 3)
-            if "durable_floor" in summaries
-            else None
-        ),
+        "ratio_node_over_storescp": rate_ratio(node_summary, summaries["storescp"]),
+        "ratio_node_over_storescp_fork": rate_ratio(node_summary, summaries["storescp_fork"]),
+        "ratio_node_over_floor": rate_ratio(node_summary, summaries.get("floor")),
+        "ratio_node_over_reactor_floor": rate_ratio(node_summary, summaries.get("reactor_floor")),
+        "ratio_node_over_durable_floor": rate_ratio(node_summary, summaries.get("durable_floor")),
         "goal_ratio_node_over_storescp": 0.5,
     }
 
@@ -1271,19 +1249,13 @@ def run_one_by_one_case(
         print(line + time_floors(floors, target, work, "one-by-one", seconds), flush=True)
     summaries = {name: summarise(runs, images) for name, runs in seconds.items() if runs}
     summaries["node"]["cpu_ms_per_association_per_run"] = node_cpu
-    node_rate = summaries["node"]["images_per_second"]
+    node_summary = summaries["node"]
     return {
         "images": images,
         **summaries,
-        "ratio_node_over_storescp": round(node_rate / summaries["storescp"]["images_per_second"], 3),
-        "ratio_node_over_floor": (
-            round(node_rate / summaries["floor"]["images_per_second"], 3) if "floor" in summaries else None
-        ),
-        "ratio_node_over_durable_floor": (
-            round(node_rate / summaries["durable_floor"]["images_per_second"], 3)
-            if "durable_floor" in summaries
-            else None
-        ),
+        "ratio_node_over_storescp": rate_ratio(node_summary, summaries["storescp"]),
+        "ratio_node_over_floor": rate_ratio(node_summary, summaries.get("floor")),
+        "ratio_node_over_durable_floor": rate_ratio(node_summary, summaries.get("durable_floor")),
     }
 
 
