@@ -9,7 +9,7 @@ from sqlalchemy import update
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_results
 from db.models import Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.retrieve.matching import QueryError, find, matching_instances
+from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -154,3 +154,24 @@ def test_retrieval_needs_the_level_unique_key_and_a_known_level(sessions) -> Non
             matching_instances(session, query("FRAME"), for_retrieval=True)
         found = matching_instances(session, query("SERIES", SeriesInstanceUID="1.1.97"), for_retrieval=True)
         assert [i.sop_instance_uid for i in found] == ["1.1.97.1"]
+
+
+def test_only_literal_keys_at_or_above_the_level_make_a_query_narrow() -> None:
+    """A peer without the find role may look up what it knows; a key the level ignores narrows nothing."""
+    assert is_narrow(query("STUDY", StudyInstanceUID="1.1"), "STUDY")
+    assert is_narrow(query("SERIES", StudyInstanceUID="1.1\\2.1", SeriesInstanceUID=""), "SERIES")
+    assert is_narrow(query("IMAGE", SOPInstanceUID="1.1.9.1"), "IMAGE")
+    assert is_narrow(query("STUDY", AccessionNumber="ACC_1"), "STUDY")
+    # keys below the level are dropped by matching, so they would let a browsing query through
+    assert not is_narrow(query("STUDY", SOPInstanceUID="1", StudyInstanceUID=""), "STUDY")
+    assert not is_narrow(query("STUDY", SeriesInstanceUID="1.1.9"), "STUDY")
+    assert not is_narrow(query("SERIES", SOPInstanceUID="1.1.9.1"), "SERIES")
+    # wildcards, empty values and lists with an empty item browse
+    for value in ("*", "1.1*", "?", "", "\\", "1.1\\", "1.1\\*"):
+        assert not is_narrow(query("STUDY", StudyInstanceUID=value), "STUDY"), value
+    assert not is_narrow(query("PATIENT", PatientID="P1", StudyInstanceUID="1.1"), "PATIENT")
+
+
+def test_a_uid_list_of_empty_items_is_a_query_error(sessions) -> None:
+    with sessions() as session, pytest.raises(QueryError, match="holds no UID"):
+        list(find(session, query("STUDY", StudyInstanceUID="\\"), "NODE"))

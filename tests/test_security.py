@@ -168,9 +168,24 @@ def test_universal_patient_query_needs_the_find_role(stored_series, tmp_path):
         "-k",
         "SeriesInstanceUID",
     )
+    # a key below the query's level is ignored by matching, so it must not pass for a narrowing one
+    disguised = dcmtk(
+        "findscu",
+        node,
+        "PLANNER",
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientName",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "SOPInstanceUID=1",
+    )
     by_reader = dcmtk("findscu", node, "READER", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID")
 
-    for refused in (browsing, patients):
+    for refused in (browsing, patients, disguised):
         assert "Received Final Find Response (Unknown Status: 0x124)" in refused, refused  # Refused: Not Authorized
         assert "Find Response: 1 (Pending)" not in refused
     assert "Find Response: 1 (Pending)" in narrow and "Received Final Find Response (Success)" in narrow, narrow

@@ -123,6 +123,8 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     column = key.column
     if key.kind == "uid":
         uids = [v.strip() for v in value.split("\\") if v.strip()]
+        if not uids:
+            raise QueryError(f"{column.key}: {value!r} holds no UID")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if key.kind in ("date", "time") and "-" in value:
         start, _, end = value.partition("-")
@@ -203,15 +205,20 @@ def is_narrow(identifier: Dataset, level: Level) -> bool:
     """Whether a C-FIND looks up something the caller already knows, rather than browsing.
 
     Narrow: below PATIENT level, with a Study, Series or SOP Instance UID or an
-    AccessionNumber given as literal values (no ``*`` or ``?``). Every other
+    AccessionNumber at or above the query's level, given as literal values (no
+    ``*`` or ``?``, no empty item in a list). A key below the query's level does
+    not count: matching ignores it, so it would narrow nothing. Every other
     query (PATIENT level, or keys that are all empty, wildcards, dates or
     names) is *universal* and needs the ``find`` role.
     """
     if level == "PATIENT":
         return False
+    depth = LEVELS.index(level)
     for keyword in NARROWING_KEYS:
-        value = _value(identifier.get(keyword, ""))
-        if value and "*" not in value and "?" not in value:
+        if LEVELS.index(KEYS[keyword].level) > depth:
+            continue
+        parts = _value(identifier.get(keyword, "")).split("\\")
+        if all(part.strip() and "*" not in part and "?" not in part for part in parts):
             return True
     return False
 
