@@ -116,6 +116,23 @@ def refuse_admission(session: Session, job: Job, reason: str, *, rule_name: str 
     change_state(session, job, S.FAILED, f"{ADMISSION_REFUSED_PREFIX}: {reason}")
 
 
+PARTIAL_SERIES_PREFIX = "partial series:"
+
+
+def is_partial_series_warning(warning: str) -> bool:
+    """The warning completion writes when the expected-count timeout completed a series."""
+    return warning.startswith(PARTIAL_SERIES_PREFIX)
+
+
+def _keep_completion_warnings(job: Job) -> None:
+    """Before a series is routed again: drop the warnings of the run before, keep what completion found.
+
+    Completion runs once per arrival of images, not again on retry or re-route, so its partial-series
+    warning must stay with the series for every later run's results.
+    """
+    job.warnings = [w for w in job.warnings or [] if is_partial_series_warning(w)] or None
+
+
 def append_warnings(job: Job, warnings: Sequence[str], *, replacing: Callable[[str], bool] | None = None) -> None:
     """Add sentences to ``job.warnings`` (each once), first dropping the earlier ones ``replacing`` selects.
 
@@ -172,7 +189,7 @@ def retry(session: Session, job: Job) -> None:
         }
         change_state(session, job, S.SENDING, "resend of the missing files requested by operator")
         return
-    job.warnings = None  # routed and processed again: the new run states its own caveats
+    _keep_completion_warnings(job)  # routed and processed again: the new run states its own caveats
     job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
 
@@ -225,17 +242,8 @@ def _sending_now(job: Job) -> list[str]:
     return busy
 
 
-def reroute(
-    session: Session, job: Job, *, rule_name: str, model_name: str, destinations: Sequence[str], by: str
-) -> None:
-    """Operator's re-route: process a finished series again with another rule or model (COMPLETE, then QUEUED).
-
-    Raises
-    ------
-    InvalidTransition
-        If the series is in progress, its images were purged, or admission refused it
-        (fix the data and retry instead: re-routing does not repeat the header checks).
-    """
+def check_reroutable(job: Job) -> None:
+    """Raise InvalidTransition, with the reason, unless the series may be re-routed now."""
     if job.series.purged_at is not None:
         raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
     if job.state not in RETRYABLE_STATES:
@@ -244,7 +252,32 @@ def reroute(
         )
     if job.state is S.FAILED and (job.reason or "").startswith(ADMISSION_REFUSED_PREFIX):
         raise InvalidTransition("admission refused this series; fix the data or settings and retry it instead")
-    job.warnings = None
+
+
+def reroute(
+    session: Session,
+    job: Job,
+    *,
+    rule_name: str,
+    model_name: str,
+    destinations: Sequence[str],
+    by: str,
+    admission_warnings: Sequence[str] = (),
+) -> None:
+    """Operator's re-route: process a finished series again with another rule or model (COMPLETE, then QUEUED).
+
+    The caller has run routing's guard and admission on the series first (``admission_warnings`` are
+    admission's); this keeps the completion's partial-series warning.
+
+    Raises
+    ------
+    InvalidTransition
+        If the series is in progress, its images were purged, or admission refused it
+        (fix the data and retry instead).
+    """
+    check_reroutable(job)
+    _keep_completion_warnings(job)
+    append_warnings(job, admission_warnings)
     job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"re-route to rule {rule_name!r}, model {model_name!r} requested by {by}")
     queue(session, job, rule_name=rule_name, model_name=model_name, destinations=destinations)

@@ -24,12 +24,36 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from db.models import Instance, Series
 from dicom_node.config import AdmissionSettings
 from inference.volume import VolumeError, check_slice_stack
 
-IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
+IDENTITY_KEYWORDS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "AccessionNumber",
+)
 """Attributes every instance of a series must share (the result is labelled with them)."""
+IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
+"""What an identity attribute names, where it is not the patient."""
+
+ORTHONORMAL_TOLERANCE = 0.01
+"""How far ImageOrientationPatient's two directions may be from unit length and from a right angle
+(length 1 +/- 0.01, cosine of their angle within 0.01: about 0.6 degrees). Values written with three
+decimals stay well inside it."""
+LONGEST_EXTENT_MM = 2000.0
+"""The longest a CT volume may be along any axis (columns x PixelSpacing, rows x PixelSpacing, slices x
+step): a whole-body scan is under 2 m. Longer means a PixelSpacing or slice position that is wrong."""
+FINEST_MODEL_SPACING_MM = 1.5
+"""The finest grid a TotalSegmentator model resamples to (the ``total`` task, 1.5 mm): a coarse series is
+resampled up to it, so its memory is estimated on that grid too."""
 
 HEADER_KEYWORDS = (
     "SOPClassUID",
@@ -68,22 +92,17 @@ ALLOWED_BITS_ALLOCATED = frozenset({8, 16, 32})
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 ORIENTATION_DECIMALS = 3
 
-BYTES_PER_VOXEL_AFTER_SOURCE = 4 + 8 + 4 + 4 + 1 + 1
-"""Memory per voxel of every processing stage after the stored pixels (bytes).
+BYTES_PER_SOURCE_VOXEL = 4 + 8
+"""float32 HU volume (4) and the float64 copy the model input is built from (8), per source voxel."""
+BYTES_PER_MODEL_VOXEL = 4 + 4 + 1 + 1
+"""A resampled float32 copy and the model's float32 input (4 + 4), the label map and its resampled copy
+(uint8, 1 + 1): per voxel of the larger of the source grid and the model's grid."""
+BYTES_PER_VOXEL_AFTER_SOURCE = BYTES_PER_SOURCE_VOXEL + BYTES_PER_MODEL_VOXEL
+"""Memory per voxel of every processing stage after the stored pixels (bytes), for a series whose
+model grid is no larger than its own. The stored pixels add BitsAllocated / 8."""
 
-float32 HU volume (4), the float64 copy the model input is built from (8), a resampled
-float32 copy and the model's float32 input (4 + 4), the label map and its resampled copy
-(uint8, 1 + 1). The stored pixels add BitsAllocated / 8.
-"""
-
-PARTIAL_SERIES_PREFIX = "partial series:"
 LARGEST_GROUP_SUFFIX = "images: the largest group with the same matrix and pixel spacing"
 ASSUMED_RESCALE_PREFIX = "rescale attributes missing:"
-
-
-def is_partial_series_warning(warning: str) -> bool:
-    """The warning completion writes when the expected-count timeout completed a series."""
-    return warning.startswith(PARTIAL_SERIES_PREFIX)
 
 
 def is_admission_warning(warning: str) -> bool:
@@ -158,6 +177,31 @@ def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: 
         return AdmissionResult(refusal=str(refusal))
 
 
+def instance_files(session: Session, series: Series) -> list[InstanceFile]:
+    """The stored instances of a series, as admission reads them, in instance order."""
+    rows = session.execute(
+        select(
+            Instance.path,
+            Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid,
+            Instance.instance_number,
+            Instance.number_of_frames,
+        )
+        .where(Instance.series_id == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+    ).all()
+    return [
+        InstanceFile(
+            path=Path(row.path),
+            sop_instance_uid=row.sop_instance_uid,
+            transfer_syntax_uid=row.transfer_syntax_uid,
+            instance_number=row.instance_number,
+            number_of_frames=row.number_of_frames,
+        )
+        for row in rows
+    ]
+
+
 def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None) -> AdmissionResult:
     if not files:
         raise Refused("the series has no stored instances")
@@ -195,7 +239,14 @@ def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality:
     if len({frame.acquisition for frame in images}) == 1:
         # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
         _check_slice_stack(images)
-    estimate = _memory_estimate(images)
+    extent = _extent_mm(images)
+    if max(extent) > LONGEST_EXTENT_MM:
+        raise Refused(
+            f"the volume would measure {extent[0]:.0f} x {extent[1]:.0f} x {extent[2]:.0f} mm, longer than a CT "
+            f"scan can be ({LONGEST_EXTENT_MM:.0f} mm along each axis at most); PixelSpacing or "
+            "ImagePositionPatient is wrong"
+        )
+    estimate = _memory_estimate(images, extent)
     limit = settings.max_memory_gigabytes * 1024**3
     if estimate > limit:
         rows, columns = images[0].shape
@@ -310,7 +361,13 @@ def _is_localizer(dataset: Dataset) -> bool:
 
 
 def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
-    """Patient and study identity must be the same in every instance (values never named)."""
+    """Patient and study identity must be the same in every instance (values never named); PatientID is required."""
+    missing = [label for label, header, _ in headers if not (_raw_text(header, "PatientID") or "").strip(" \x00")]
+    if missing:
+        raise Refused(
+            f"{len(missing)} of {len(headers)} instances have no PatientID (first: {missing[0]}); "
+            "a result must name its patient"
+        )
     for keyword in IDENTITY_KEYWORDS:
         values = Counter(_raw_text(header, keyword) for _, header, _ in headers)
         if len(values) > 1:
@@ -320,7 +377,7 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             raise Refused(
                 f"{keyword} differs within the series: {differing} of {len(headers)} instances "
                 f"(first: {first}) carry another value than the rest; one series must hold one "
-                f"{'patient' if keyword.startswith('Patient') else 'study'}"
+                f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
 
 
@@ -489,6 +546,15 @@ def _plane(label: str, sources: list[Dataset]) -> tuple[tuple[float, ...], tuple
         raise Refused(
             f"ImageOrientationPatient of {label} does not describe a plane (its two directions are degenerate)"
         )
+    lengths = [math.sqrt(sum(c * c for c in direction)) for direction in (row, column)]
+    if any(abs(length - 1) > ORTHONORMAL_TOLERANCE for length in lengths) or (
+        abs(_dot(row, column)) > ORTHONORMAL_TOLERANCE
+    ):
+        raise Refused(
+            f"ImageOrientationPatient of {label} is not two perpendicular unit directions (lengths "
+            f"{lengths[0]:.3f} and {lengths[1]:.3f}, cosine of their angle {_dot(row, column):.3f}); "
+            "positions and contours computed from it would be wrong"
+        )
     return found["ImagePositionPatient"], orientation, spacing
 
 
@@ -539,15 +605,7 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
 
 def _check_slice_stack(images: list[_Frame]) -> None:
     """One acquisition's slices: no position twice, no gap, no shear (gantry tilt); same wording as the assembler."""
-    orientation = images[0].orientation
-    row, column = orientation[:3], orientation[3:]
-    normal = (
-        row[1] * column[2] - row[2] * column[1],
-        row[2] * column[0] - row[0] * column[2],
-        row[0] * column[1] - row[1] * column[0],
-    )
-    length = math.sqrt(sum(c * c for c in normal))
-    normal = (normal[0] / length, normal[1] / length, normal[2] / length)
+    normal = _normal(images[0].orientation)
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
     try:
         check_slice_stack([f.position for f in ordered], normal)
@@ -559,7 +617,33 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def _memory_estimate(images: list[_Frame]) -> int:
+def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
+    row, column = orientation[:3], orientation[3:]
+    normal = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
+    length = math.sqrt(sum(c * c for c in normal))
+    return (normal[0] / length, normal[1] / length, normal[2] / length)
+
+
+def _extent_mm(images: list[_Frame]) -> tuple[float, float, float]:
+    """Across the columns, across the rows, and along the slices (one step added to the span of positions)."""
+    rows, columns = images[0].shape
+    row_spacing, column_spacing = images[0].spacing
+    normal = _normal(images[0].orientation)
+    depths = sorted({round(_dot(frame.position, normal), 3) for frame in images})
+    span = depths[-1] - depths[0]
+    step = span / (len(depths) - 1) if len(depths) > 1 else 0.0
+    return (columns * column_spacing, rows * row_spacing, span + step)
+
+
+def _memory_estimate(images: list[_Frame], extent: tuple[float, float, float]) -> int:
+    """Bytes for the stored pixels and every stage after them; a coarse series is counted on the model's grid."""
     rows, columns = images[0].shape
     voxels = len(images) * rows * columns
-    return voxels * (images[0].bytes_per_pixel + BYTES_PER_VOXEL_AFTER_SOURCE)
+    resampled = math.prod(max(math.ceil(length / FINEST_MODEL_SPACING_MM), 1) for length in extent)
+    return (
+        voxels * (images[0].bytes_per_pixel + BYTES_PER_SOURCE_VOXEL) + max(voxels, resampled) * BYTES_PER_MODEL_VOXEL
+    )

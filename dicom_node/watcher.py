@@ -13,23 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import jobs
+from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
 from db.models import Instance, Job, JobState, Series
 from db.session import transaction
-from dicom_node.admission import (
-    PARTIAL_SERIES_PREFIX,
-    AdmissionResult,
-    InstanceFile,
-    admit,
-    is_admission_warning,
-    is_partial_series_warning,
-)
+from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, is_admission_warning
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
@@ -129,7 +122,7 @@ class SeriesWatcher(PeriodicTask):
                 return
             facts = series_facts(session, job.series)
             decision = decide(self.settings.rules, facts)
-            files = _instance_files(session, job.series) if decision.action == "process" else []
+            files = instance_files(session, job.series) if decision.action == "process" else []
             modality = job.series.modality
         admission = self._admit(job_id, files, modality) if decision.action == "process" else None
         pending = _Pending()
@@ -172,30 +165,6 @@ class SeriesWatcher(PeriodicTask):
             session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
         )
         return JobState.QUEUED
-
-
-def _instance_files(session: Session, series: Series) -> list[InstanceFile]:
-    rows = session.execute(
-        select(
-            Instance.path,
-            Instance.sop_instance_uid,
-            Instance.transfer_syntax_uid,
-            Instance.instance_number,
-            Instance.number_of_frames,
-        )
-        .where(Instance.series_id == series.id)
-        .order_by(Instance.instance_number, Instance.id)
-    ).all()
-    return [
-        InstanceFile(
-            path=Path(row.path),
-            sop_instance_uid=row.sop_instance_uid,
-            transfer_syntax_uid=row.transfer_syntax_uid,
-            instance_number=row.instance_number,
-            number_of_frames=row.number_of_frames,
-        )
-        for row in rows
-    ]
 
 
 def _images_received(session: Session, series: Series) -> int:

@@ -13,9 +13,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from db import jobs
+from db.jobs import is_partial_series_warning
 from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit, is_partial_series_warning
+from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
@@ -75,6 +76,75 @@ def test_identity_refusal_never_shows_the_values(tmp_path):
     refusal = admit(files, STRICT).refusal
     assert refusal is not None and refusal.startswith("PatientID differs within the series: 1 of 4 instances")
     assert "SECRET" not in refusal
+
+
+def test_a_series_without_patient_id_is_refused(tmp_path):
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, PatientID="")
+    assert admit(files, STRICT).refusal == (
+        "4 of 4 instances have no PatientID (first: instance 1); a result must name its patient"
+    )
+    ds = pydicom.dcmread(files[2].path)
+    del ds.PatientID
+    ds.save_as(files[2].path)
+    assert "have no PatientID (first: instance 1)" in (admit(files, STRICT).refusal or "")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "subject"),
+    [("IssuerOfPatientID", "patient"), ("PatientSex", "patient"), ("AccessionNumber", "study")],
+)
+def test_every_identity_attribute_the_result_carries_must_agree(tmp_path, keyword, subject):
+    """highdicom copies the patient and study modules from one source, so all must say the same."""
+    files = series_files(tmp_path)
+    for file in files[:2]:
+        rewrite(file, **{keyword: "HOSP_A" if keyword != "PatientSex" else "F"})
+    for file in files[2:]:
+        rewrite(file, **{keyword: "HOSP_B" if keyword != "PatientSex" else "M"})
+    refusal = admit(files, STRICT).refusal or ""
+    assert refusal.startswith(f"{keyword} differs within the series: 2 of 4 instances"), refusal
+    assert refusal.endswith(f"one series must hold one {subject}")
+    assert "HOSP" not in refusal
+
+
+@pytest.mark.parametrize(
+    ("orientation", "detail"),
+    [
+        ("2\\0\\0\\0\\2\\0", "lengths 2.000 and 2.000, cosine of their angle 0.000"),
+        ("1\\0\\0\\0.6\\0.8\\0", "lengths 1.000 and 1.000, cosine of their angle 0.600"),
+    ],
+)
+def test_an_orientation_that_is_not_orthonormal_is_refused(tmp_path, orientation, detail):
+    files = series_files(tmp_path)
+    rewrite(files[1], ImageOrientationPatient=orientation)
+    assert admit(files, STRICT).refusal == (
+        f"ImageOrientationPatient of instance 2 is not two perpendicular unit directions ({detail}); "
+        "positions and contours computed from it would be wrong"
+    )
+
+
+def test_an_orientation_written_with_three_decimals_is_admitted(tmp_path):
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, ImageOrientationPatient="0.707\\0.707\\0\\-0.707\\0.707\\0")
+    assert admit(files, STRICT).admitted
+
+
+def test_a_volume_longer_than_any_ct_scan_is_refused(tmp_path):
+    files = series_files(tmp_path, rows=64, columns=64, pixel_spacing=(50.0, 50.0), slice_spacing=50.0)
+    assert admit(files, STRICT).refusal == (
+        "the volume would measure 3200 x 3200 x 200 mm, longer than a CT scan can be (2000 mm along each "
+        "axis at most); PixelSpacing or ImagePositionPatient is wrong"
+    )
+
+
+def test_a_coarse_series_is_estimated_on_the_model_grid(tmp_path):
+    """A 10 mm series is resampled up to 1.5 mm: 107 x 107 x 27 voxels, far more than its 16 x 16 x 4."""
+    files = series_files(tmp_path, pixel_spacing=(10.0, 10.0), slice_spacing=10.0)
+    result = admit(files, STRICT)
+    assert result.admitted
+    assert result.estimated_bytes == 4 * 16 * 16 * (2 + 4 + 8) + 107 * 107 * 27 * (4 + 4 + 1 + 1)
 
 
 def test_missing_rescale_follows_the_setting(tmp_path):

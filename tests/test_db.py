@@ -85,3 +85,34 @@ def test_retry_routes_a_failed_series_again(sessions):
         jobs.retry(session, job)
         assert job.state is JobState.COMPLETE
         assert job.reason == "retry requested by operator (was FAILED)"
+
+
+PARTIAL = "partial series: 150 of 200 expected images after 30 s without a new one"
+ASSUMED = "rescale attributes missing: pixel values were read as HU with slope 1 and intercept 0"
+
+
+@pytest.mark.parametrize("action", ["retry", "reroute"])
+def test_a_partial_series_stays_marked_partial_when_it_is_processed_again(sessions, action):
+    """Completion runs once; the runs after a retry or re-route cover the same incomplete images."""
+    with transaction(sessions) as session:
+        record_instance(session, record("1.2.3.4.1"))
+        job = session.scalars(select(Job)).one()
+        jobs.mark_complete(session, job, "partial")
+        jobs.append_warnings(job, [PARTIAL, ASSUMED])
+        jobs.queue(session, job, rule_name="ct", model_name="baseline", destinations=[])
+        jobs.fail(session, job, "model crashed")
+        if action == "retry":
+            jobs.retry(session, job)
+            assert job.warnings == [PARTIAL]  # admission writes its own again when it routes the series
+        else:
+            jobs.reroute(
+                session,
+                job,
+                rule_name="ct",
+                model_name="other",
+                destinations=[],
+                by="olga",
+                admission_warnings=[ASSUMED],
+            )
+            assert job.state is JobState.QUEUED
+            assert job.warnings == [PARTIAL, ASSUMED]
