@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
+import pydicom
 import pytest
 from sqlalchemy import select
 
 from db.jobs import job_for_series_uid
-from db.models import AuditEvent, JobState
-from tests.console_helpers import METRICS_TOKEN, ConsoleNode, console_node, log_in, send_phantom
+from db.models import AuditEvent, Instance, JobState, Series
+from tests.console_helpers import METRICS_TOKEN, SMALL_PHANTOM, ConsoleNode, console_node, log_in, send_phantom
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +246,52 @@ def test_operator_reroutes_then_retries_and_both_are_recorded_with_the_user(proc
     assert "retry requested by operator (was DONE)" in reasons
     assert f"user olga: re-route of series {uid}: now QUEUED" in details
     assert f"user olga: retry of series {uid}: now COMPLETE" in details
+
+
+def test_reroute_runs_the_guard_and_admission_again_before_queueing(processed, tmp_path):
+    """A re-route picks the rule and model, never the checks: an MR series or one that now fails admission stays put."""
+    running, _uid = processed
+    operator = running.client("olga")
+    token = running.csrf(operator)
+    mr = send_phantom(running.node, tmp_path / "mr", replace(SMALL_PHANTOM, modality="MR"))
+    running.node.wait_for_state(mr.series_instance_uid, JobState.IGNORED, timeout=60)
+    ct = send_phantom(running.node, tmp_path / "ct")
+    running.node.wait_for_state(ct.series_instance_uid, JobState.DONE, timeout=180)
+    with running.node.sessions() as session:
+        stored = session.scalars(
+            select(Instance.path)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.series_instance_uid == ct.series_instance_uid)
+            .order_by(Instance.instance_number)
+        ).first()
+    assert stored is not None
+    changed = pydicom.dcmread(stored)
+    changed.PatientID = "SOMEONE-ELSE"  # as if the file had been swapped under the node
+    changed.save_as(stored)
+
+    refused_mr = operator.post(
+        f"/api/jobs/{mr.series_instance_uid}/reroute", json={"rule": "ct"}, headers={"X-CSRF-Token": token}
+    )
+    refused_ct = operator.post(
+        f"/api/jobs/{ct.series_instance_uid}/reroute", json={"rule": "ct-local"}, headers={"X-CSRF-Token": token}
+    )
+
+    assert refused_mr.status_code == 409
+    assert refused_mr.json()["detail"] == (
+        "cannot re-route: not processed: modality MR is not CT; only CT series are processed"
+    )
+    assert refused_ct.status_code == 409
+    assert refused_ct.json()["detail"].startswith(
+        "cannot re-route: not admitted: PatientID differs within the series: 1 of 24 instances (first: instance 1)"
+    )
+    assert "SOMEONE-ELSE" not in refused_ct.text
+    assert running.node.job_state(mr.series_instance_uid) == JobState.IGNORED
+    assert running.node.job_state(ct.series_instance_uid) == JobState.DONE
+    with running.node.sessions() as session:
+        details = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "console", AuditEvent.outcome == "refused")
+        ).all()
+    assert any(f"re-route of series {mr.series_instance_uid} refused: not processed" in d for d in details)
 
 
 def test_destinations_echo_rejected_audit_config_summary_and_openapi(processed):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import Request
 from sqlalchemy.orm import Session
 
 from db import jobs
 from db.jobs import InvalidTransition
-from db.models import Job
+from db.models import Job, JobState
 from db.session import transaction
+from dicom_node.admission import admit, instance_files
 from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
+from dicom_node.routing import never_process_reason, series_facts
 
 
 class ActionRefused(Exception):
@@ -80,10 +84,68 @@ def reroute(
         context.audit(request, user.name, "refused", f"re-route of series {_shown(uid)} refused: {refusal}")
         raise ActionRefused(f"cannot re-route: {refusal}", status=422)
 
+    checked = _check_before_reroute(context, request, user, uid)
+
     def change(session: Session, job: Job) -> None:
+        jobs.check_reroutable(job)
+        if checked is None or (job.state, job.series.instance_count) != (checked.state, checked.instances):
+            raise InvalidTransition("the series changed while its headers were checked; re-route it again")
         rule_name = chosen.name if chosen else (job.rule_name or "operator")
         model_name = model or (chosen.model if chosen else None) or ""
         destinations = list(chosen.destinations) if chosen else list(job.destinations or [])
-        jobs.reroute(session, job, rule_name=rule_name, model_name=model_name, destinations=destinations, by=user.name)
+        jobs.reroute(
+            session,
+            job,
+            rule_name=rule_name,
+            model_name=model_name,
+            destinations=destinations,
+            by=user.name,
+            admission_warnings=checked.warnings,
+        )
 
     return _run(context, request, user, uid, "re-route", change)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the headers were checked against, and admission's warnings."""
+
+    state: JobState
+    instances: int
+    warnings: list[str]
+
+
+def _check_before_reroute(context: ConsoleContext, request: Request, user: User, uid: str) -> _Checked | None:
+    """Routing's guard and admission, as for a newly completed series: a re-route chooses the model, not the checks.
+
+    Reads the headers outside any write transaction. None when there is no such series (``_run`` says so).
+
+    Raises
+    ------
+    ActionRefused
+        Naming why the series cannot be re-routed now, or what the guard or admission found (and audited).
+    """
+    with context.sessions() as session:
+        job = jobs.job_for_series_uid(session, uid)
+        if job is None:
+            return None
+        study = job.series.study.study_instance_uid
+        try:
+            jobs.check_reroutable(job)
+        except InvalidTransition as exc:
+            context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {exc}", study)
+            raise ActionRefused(f"cannot re-route: {exc}") from None
+        state, instances = job.state, job.series.instance_count
+        guard = never_process_reason(series_facts(session, job.series))
+        files = instance_files(session, job.series) if guard is None else []
+        modality = job.series.modality
+    admission = None if guard else admit(files, context.settings.admission, modality)
+    if guard:
+        refusal: str | None = f"not processed: {guard}"
+    else:
+        assert admission is not None
+        refusal = f"{jobs.ADMISSION_REFUSED_PREFIX}: {admission.refusal}" if admission.refusal else None
+    if refusal is not None:
+        context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {refusal}", study)
+        raise ActionRefused(f"cannot re-route: {refusal}")
+    return _Checked(state, instances, admission.warnings if admission else [])
