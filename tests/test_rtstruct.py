@@ -32,6 +32,24 @@ def structure_set(tmp_path_factory):
     return path, volume, result
 
 
+def test_rtstruct_names_the_patient_with_the_issuer_of_the_patient_id(tmp_path):
+    """The SEG and SR carry IssuerOfPatientID (highdicom copies it); the RTSTRUCT must say the same."""
+    series = write_phantom_series(
+        tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
+    )
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    without = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM)
+    for source in sources:
+        source.IssuerOfPatientID = "HOSPITAL_A"
+    with_issuer = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM)
+    assert "IssuerOfPatientID" not in without
+    assert with_issuer.IssuerOfPatientID == "HOSPITAL_A"
+    assert with_issuer.PatientID == sources[0].PatientID
+
+
 def test_rtstruct_passes_dciodvfy(structure_set):
     path, _volume, _result = structure_set
     errors, _warnings = dciodvfy(path)

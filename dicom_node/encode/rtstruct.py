@@ -100,6 +100,8 @@ def encode_rtstruct(
     dataset = _file_dataset()
     for keyword in PATIENT_STUDY_KEYWORDS:
         setattr(dataset, keyword, first.get(keyword, ""))
+    if first.get("IssuerOfPatientID"):  # the PatientID alone may name another patient at another hospital
+        dataset.IssuerOfPatientID = first.IssuerOfPatientID
     dataset.SpecificCharacterSet = RESULT_CHARACTER_SET
     dataset.FrameOfReferenceUID = first.FrameOfReferenceUID
     dataset.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
