@@ -173,6 +173,7 @@ class Dispatcher(PeriodicTask):
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         super().__init__(settings, sessions)
         self._busy: set[str] = set()  # destinations with a send in flight
+        self._held_until: dict[str, float] = {}  # destination -> monotonic time: held back after a send crashed
         self._busy_lock = threading.Lock()
 
     @property
@@ -213,17 +214,37 @@ class Dispatcher(PeriodicTask):
         with self._busy_lock:
             if destination in self._busy or len(self._busy) >= self._dispatch.parallel_sends:
                 return False
+            if time.monotonic() < self._held_until.get(destination, 0.0):
+                return False
             self._busy.add(destination)
             return True
 
     def _send_guarded(self, job_id: int, destination: str) -> None:
+        """One attempt; if it ends in an unexpected error, it still counts, and the destination waits its backoff.
+
+        Without that, an attempt that fails after the destination accepted a file (say, while recording the
+        delivery) would be repeated at the next pass, a second later, sending the same file again and again.
+        """
+        started = datetime.now(timezone.utc)
         try:
             self._attempt(job_id, destination)
         except Exception:  # one failed send must not stop the dispatcher; the trace is logged
             LOG.exception("dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}})
+            with self._busy_lock:
+                self._held_until[destination] = time.monotonic() + self._backoff(1).total_seconds()
+            self._count_crashed_attempt(job_id, destination, started)
         finally:
             with self._busy_lock:
                 self._busy.discard(destination)
+
+    def _count_crashed_attempt(self, job_id: int, destination: str, started: datetime) -> None:
+        error = f"the attempt to send to {destination} stopped on an unexpected error (logged with job id {job_id})"
+        try:
+            self._finish_attempt(job_id, destination, error, started)
+        except Exception:  # the database itself may be what failed: the destination stays held back
+            LOG.exception(
+                "dispatch.attempt_not_recorded", extra={"event_fields": {"job": job_id, "destination": destination}}
+            )
 
     def _attempt(self, job_id: int, name: str) -> None:
         """One attempt to send ``name`` the job's files it lacks, then record the attempt."""
@@ -331,7 +352,8 @@ class Dispatcher(PeriodicTask):
             with transaction(self.sessions) as session:
                 change(session)
 
-        retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS)
+        # A full disk also waits: a file the destination accepted must be recorded before anything is sent again.
+        retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS, wait_for_disk_space=True)
 
     def _finish_attempt(self, job_id: int, name: str, error: str | None, now: datetime) -> None:
         """Count the attempt, note its error and next try, and finish the job if every destination is settled."""

@@ -258,3 +258,114 @@ def test_retry_routes_again_when_every_destination_has_its_files(sessions):
         assert not jobs.lacks_deliveries(session, job)
         jobs.retry(session, job)
         assert job.state is JobState.COMPLETE
+
+
+# --- an attempt that fails after the destination accepted a file ---------------------------------------------
+
+
+@pytest.fixture
+def processed_for_pacs(tmp_path):
+    """A SENDING job (baseline model, SEG and SR for "pacs"), a pynetdicom Storage SCP as that PACS, and what it got."""
+    from collections import Counter
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from sqlalchemy import select
+
+    from db.models import Job
+    from db.session import make_engine, make_session_factory, migrate, transaction
+    from dicom_node.config import Settings
+    from dicom_node.worker import InferenceWorker
+    from tests.conftest import seed_queued_series
+
+    received: Counter[str] = Counter()
+
+    def on_store(event) -> int:
+        received[str(event.dataset.SOPInstanceUID)] += 1
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    pacs.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        inference={"workers": 0},
+        dispatch={
+            "check_interval_seconds": 0.2,
+            "first_retry_seconds": 0.5,
+            "max_retry_seconds": 0.5,
+            "max_attempts": 2,
+        },
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port, "send": ["seg", "sr"]}},
+    )
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    small = PhantomSpec(rows=32, columns=32, slices=12, pixel_spacing=(8.0, 8.0), slice_spacing=10.0)
+    (uid,) = seed_queued_series(sessions, tmp_path / "ct", 1, small)
+    with transaction(sessions) as session:
+        session.scalars(select(Job)).one().destinations = ["pacs"]
+    assert InferenceWorker(settings, sessions, "test-host:1").run_once()
+    try:
+        yield settings, sessions, uid, received
+    finally:
+        server.shutdown()
+
+
+def run_dispatcher_until(settings, sessions, uid: str, state: JobState) -> None:
+    from dicom_node.dispatch import Dispatcher
+
+    dispatcher = Dispatcher(settings, sessions)
+    dispatcher.start()
+    try:
+        wait_for(
+            lambda: _state(sessions, uid) is state, timeout=60, interval=0.1, what=f"the job to become {state.value}"
+        )
+    finally:
+        dispatcher.stop()
+
+
+def _state(sessions, uid: str) -> JobState:
+    with sessions() as session:
+        return job_for_series_uid(session, uid).state
+
+
+def test_a_full_database_disk_while_recording_a_delivery_waits_instead_of_sending_the_file_again(
+    processed_for_pacs, monkeypatch
+):
+    from sqlalchemy.exc import OperationalError
+
+    settings, sessions, uid, received = processed_for_pacs
+    real, refusals = jobs.record_delivery, []
+
+    def full_at_first(*args, **kwargs):
+        if len(refusals) < 4:
+            refusals.append(1)
+            raise OperationalError("INSERT INTO deliveries ...", {}, Exception("database or disk is full"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "record_delivery", full_at_first)
+    run_dispatcher_until(settings, sessions, uid, JobState.DONE)
+
+    assert len(refusals) == 4
+    assert len(received) == 2 and set(received.values()) == {1}, received  # SEG and SR, each accepted once
+    with sessions() as session:
+        assert jobs.delivery_record(job_for_series_uid(session, uid), "pacs").attempts == 1
+
+
+def test_an_attempt_that_stops_on_an_unexpected_error_counts_and_waits_its_backoff(processed_for_pacs, monkeypatch):
+    settings, sessions, uid, received = processed_for_pacs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault no one foresaw")
+
+    monkeypatch.setattr(jobs, "record_delivery", broken)
+    run_dispatcher_until(settings, sessions, uid, JobState.FAILED)
+
+    # each of the 2 attempts sent the first file and stopped: counted, not repeated every pass
+    assert list(received.values()) == [2], received
+    with sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert jobs.delivery_record(job, "pacs").attempts == 2
+        assert job.reason.endswith(
+            f"the attempt to send to pacs stopped on an unexpected error (logged with job id {job.id}) (after 2 attempts)"
+        )
