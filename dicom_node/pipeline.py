@@ -9,15 +9,23 @@ are the worker's (:mod:`dicom_node.worker`).
 What a result does not cover (images left out, values assumed) becomes the job's
 ``warnings``, the SR's comment, and "PARTIAL" in the result descriptions. A re-run
 writes into ``jobs/<job id>/run-<N>/`` and supersedes the earlier run's results.
+
+Every claim writes into a staging folder of its own (``jobs/<job id>/.claim-<attempt>-<random>/``);
+the worker moves the files into the run's folder (:func:`publish`) only in the transaction that
+finds the job still its own. A worker that lost its lease (a pause longer than the lease, a lost
+database connection) therefore never overwrites the results of the worker that took the job over.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -68,10 +76,12 @@ class Processed:
     state: JobState
     reason: str
     job_folder: Path  # every run's folder is in it: retention removes it whole
-    files: list[ResultFile]
+    files: list[ResultFile]  # in ``staged`` until :func:`publish` moves them into ``run_folder``
     indexed: list[InstanceRecord]  # the files' headers, for query/retrieve
     warnings: list[str]
     timings: dict[str, float]
+    staged: Path | None = None  # this claim's own folder; None once published
+    run_folder: Path | None = None  # where the results go: jobs/<id>/ or jobs/<id>/run-<N>/
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,8 @@ def run_pipeline(
     """
     timings: dict[str, float] = {}
     stage = "start"
+    staged: Path | None = None
+    succeeded = False
 
     def enter(name: str) -> str:
         on_stage(name)
@@ -211,13 +223,15 @@ def run_pipeline(
         started = time.perf_counter()
         measurements = measure(volume, segmentation.labels, segmentation.classes)  # for the JSON and the SR
         stage = enter("write")
-        folder = write_outputs(settings, claim, volume, segmentation, model, measurements, warnings)
+        staged = staging_folder(settings, claim)
+        folder = write_outputs(settings, claim, volume, segmentation, model, measurements, warnings, staged)
         timings["write"] = time.perf_counter() - started
         stage = enter("encode")
         started = time.perf_counter()
         files = _encode(settings, claim, volume, segmentation, measurements, model, folder, warnings)
         indexed = [read_file_header(file.path) for file in files]
         timings["encode"] = time.perf_counter() - started
+        succeeded = True
     except (VolumeError, ModelUnavailable, SegmentationFailed, EncodingError) as exc:
         return Failed(str(exc), timings)
     except MemoryError:
@@ -235,14 +249,19 @@ def run_pipeline(
         LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id, "stage": stage}})
         reason = f"processing stopped on an unexpected error in stage {stage}; the node's log has the details for job {claim.job_id}"
         return Failed(reason, timings)
+    finally:
+        if not succeeded and staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)  # this claim's partial results: nothing else uses them
     return Processed(
         state=JobState.SENDING if claim.destinations else JobState.DONE,
-        reason=_result_reason(model, measurements, folder, warnings),
+        reason=_result_reason(model, measurements, run_folder(settings, claim), warnings),
         job_folder=settings.jobs_directory / str(claim.job_id),
         files=files,
         indexed=indexed,
         warnings=warnings,
         timings=timings,
+        staged=staged,
+        run_folder=run_folder(settings, claim),
     )
 
 
@@ -300,13 +319,12 @@ def write_outputs(
     model: SegmentationModel,
     measurements: list[StructureMeasurement],
     warnings: list[str],
+    folder: Path | None = None,
 ) -> Path:
-    """The run's folder: ``jobs/<job id>/`` for the first results, ``jobs/<job id>/run-<N>/`` after."""
+    """Label map, measurements and description into ``folder`` (default: the run's folder); returns it."""
     import SimpleITK as sitk
 
-    folder = settings.jobs_directory / str(claim.job_id)
-    if claim.run > 1:
-        folder = folder / f"run-{claim.run}"
+    folder = folder or run_folder(settings, claim)
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(segmentation.labels)
     image.CopyInformation(volume.to_sitk())
@@ -332,6 +350,64 @@ def write_outputs(
         )
     )
     return folder
+
+
+def run_folder(settings: Settings, claim: ClaimedJob) -> Path:
+    """The run's folder: ``jobs/<job id>/`` for the first results, ``jobs/<job id>/run-<N>/`` after."""
+    folder = settings.jobs_directory / str(claim.job_id)
+    return folder / f"run-{claim.run}" if claim.run > 1 else folder
+
+
+STAGING_PREFIX = ".claim-"
+
+
+def staging_folder(settings: Settings, claim: ClaimedJob) -> Path:
+    """A new folder of this claim's own, inside the job's folder (so retention removes it with the job)."""
+    job_folder = settings.jobs_directory / str(claim.job_id)
+    job_folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{claim.attempt}-", dir=job_folder))
+
+
+def publish(result: Processed) -> Processed:
+    """Move a claim's results from its staging folder into the run's folder; the result with the final paths.
+
+    Call it only while the job is still this worker's (in the transaction that records the outcome). Each file
+    is renamed into place, replacing a file of the same name a claim before left unrecorded; then the folder
+    is synced and the staging folder removed, with those earlier claims left behind (a worker that died, or
+    one still running that lost its lease and will find its result discarded).
+    """
+    if result.staged is None or result.run_folder is None:
+        return result
+    target = result.run_folder
+    if result.staged.exists():  # absent when a transaction that published it is run again
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted(result.staged.iterdir()):
+            if file.is_file():
+                os.replace(file, target / file.name)
+        descriptor = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        shutil.rmtree(result.staged, ignore_errors=True)
+    for left in result.staged.parent.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(left, ignore_errors=True)
+
+    def moved(path: str) -> str:
+        return str(target / Path(path).name)
+
+    return replace(
+        result,
+        files=[replace(file, path=moved(file.path)) for file in result.files],
+        indexed=[replace(record, path=moved(record.path)) for record in result.indexed],
+        staged=None,
+    )
+
+
+def discard(result: PipelineResult) -> None:
+    """Remove the staging folder of results that will not be recorded (the job is no longer this worker's)."""
+    if isinstance(result, Processed) and result.staged is not None:
+        shutil.rmtree(result.staged, ignore_errors=True)
 
 
 def test_weights_warning(weights: WeightsIdentity) -> str:

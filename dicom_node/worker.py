@@ -39,7 +39,17 @@ from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
 from dicom_node.logs import log_event
-from dicom_node.pipeline import ClaimedJob, Deferred, Failed, ModelCache, PipelineResult, Processed, run_pipeline
+from dicom_node.pipeline import (
+    ClaimedJob,
+    Deferred,
+    Failed,
+    ModelCache,
+    PipelineResult,
+    Processed,
+    discard,
+    publish,
+    run_pipeline,
+)
 from inference.models.prefetch import VolumePrefetcher
 
 LOG = logging.getLogger(__name__)
@@ -290,6 +300,7 @@ class InferenceWorker:
                 job=claim.job_id,
                 reason=f"{exc}; the job is queued again once this worker's lease on it runs out",
             )
+            discard(result)
             return
         if not recorded:
             return
@@ -327,8 +338,10 @@ class InferenceWorker:
                     job=claim.job_id,
                     reason=f"{why} (now {job.state.value})",
                 )
+                discard(result)  # its files never left this claim's own folder
                 return False
             if isinstance(result, Processed):
+                result = publish(result)  # into the run's folder, only now that the job is known to be ours
                 record_results(session, job.id, result.indexed)  # Q/R answers from these rows
                 jobs.finish_processing(
                     session,

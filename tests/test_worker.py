@@ -14,15 +14,16 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
 from db.jobs import job_for_series_uid
-from db.models import Job, JobState, Series
+from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
+from dicom_node.pipeline import STAGING_PREFIX
 from dicom_node.worker import InferenceWorker, prefetch_enabled
 from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
@@ -148,6 +149,40 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.RECEIVING
         assert job.result_path is None
+
+
+def test_a_worker_that_lost_its_lease_leaves_the_results_of_the_one_that_took_over_untouched(worker_setup):
+    """Worker A stalls past its lease, B takes the job over and finishes; A's late results never reach disk."""
+    settings, sessions, _series = worker_setup
+    stalled, live = InferenceWorker(settings, sessions, "host-a:1"), InferenceWorker(settings, sessions, "host-b:2")
+    claim = stalled.claim()
+    assert claim is not None
+    with transaction(sessions) as session:  # A's lease runs out while it is stalled
+        session.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    job_folder = settings.jobs_directory / str(claim.job_id)
+    left = job_folder / f"{STAGING_PREFIX}0-died"  # as a worker killed while writing leaves it
+    left.mkdir(parents=True)
+    (left / "seg-binary.dcm").write_bytes(b"half written")
+    assert live.run_once()  # B queues the job again, claims it and records its results
+    assert not left.exists()
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.DONE
+        recorded = {
+            Path(f.path): pydicom.dcmread(f.path, stop_before_pixels=True).SOPInstanceUID for f in job.result_files
+        }
+        indexed = set(
+            session.scalars(select(Instance.sop_instance_uid).where(Instance.path.in_([str(p) for p in recorded])))
+        )
+    assert set(recorded.values()) == indexed
+
+    stalled.process(claim)  # A wakes up and finishes its run: discarded, as the job is B's
+
+    for path, uid in recorded.items():
+        assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == uid, f"{path.name} was overwritten"
+    assert not [p for p in job_folder.iterdir() if p.name.startswith(STAGING_PREFIX)], "A's staging folder was left"
+    with sessions() as session:
+        assert session.scalars(select(Job)).one().state is JobState.DONE
 
 
 def test_job_of_a_dead_worker_is_queued_again(worker_setup):
