@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node.config import AdmissionSettings
-from inference.volume import VolumeError, check_slice_stack
+from inference.volume import VolumeError, check_slice_stack, rescale_source
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -409,26 +409,26 @@ def _check_pixel_module(label: str, header: Dataset) -> None:
         raise Refused(f"HighBit of {label} is {high_bit}; with BitsStored {stored} it must be {stored - 1}")
 
 
-def _rescale_sources(header: Dataset) -> list[Dataset]:
-    """Where rescale lives: the top level, or the functional groups of an enhanced image."""
-    sources = [header]
-    for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for group in header.get(sequence) or []:
-            for item in group.get("PixelValueTransformationSequence") or []:
-                sources.append(item)
-    return sources
-
-
 def _check_rescale(label: str, header: Dataset, modality: str | None, settings: AdmissionSettings) -> str | None:
-    """RescaleSlope/Intercept parseable, finite, slope non-zero; missing ones per ``missing_rescale``."""
-    found = False
-    for source in _rescale_sources(header):
-        slope = _numbers(label, source, "RescaleSlope", 1)
-        intercept = _numbers(label, source, "RescaleIntercept", 1)
+    """Every frame's RescaleSlope and RescaleIntercept, from one place (as the volume reader takes them): both
+    or neither, parseable, finite, slope non-zero; missing ones per ``missing_rescale``."""
+    enhanced = bool(header.get("PerFrameFunctionalGroupsSequence"))
+    frames = len(header.PerFrameFunctionalGroupsSequence) if enhanced else 1
+    missing = False
+    for number in range(1, frames + 1):
+        source, where = rescale_source(header, number if enhanced else None)
+        named = f"frame {number} of {label}" if enhanced else label
+        slope = _numbers(named, source, "RescaleSlope", 1)
+        intercept = _numbers(named, source, "RescaleIntercept", 1)
         if slope is not None and slope[0] == 0:
-            raise Refused(f"RescaleSlope of {label} is 0: every pixel would have the same value")
-        found = found or (slope is not None and intercept is not None)
-    if found or (modality or "").upper() != "CT":
+            raise Refused(f"RescaleSlope of {named} is 0: every pixel would have the same value")
+        if (slope is None) != (intercept is None):
+            present, absent = (
+                ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
+            )
+            raise Refused(f"{named} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
+        missing = missing or slope is None
+    if not missing or (modality or "").upper() != "CT":
         return None
     if settings.missing_rescale == "refuse":
         raise Refused(

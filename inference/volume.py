@@ -379,7 +379,7 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
                     f"{_image_name(frame)} decodes to {plane.shape[1]} x {plane.shape[0]} pixels, "
                     f"its header says {columns} x {rows}"
                 )
-            slope, intercept = _rescale(dataset, frame.ref.frame_number)
+            slope, intercept = _rescale(dataset, frame.ref.frame_number, _image_name(frame))
             volume[index] = plane * slope + intercept
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
@@ -425,13 +425,30 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
     return dataset, pixels
 
 
-def _rescale(dataset: Dataset, frame_number: int | None) -> tuple[float, float]:
+def rescale_source(dataset: Dataset, frame_number: int | None) -> tuple[Dataset, str]:
+    """Where a frame's RescaleSlope/RescaleIntercept are read from, and where that is, in words.
+
+    An enhanced image's frame: its per-frame Pixel Value Transformation item, else the shared one; any
+    other image (and a frame with neither): the top level. Slope and intercept come from the same place.
+    """
     if frame_number and "PerFrameFunctionalGroupsSequence" in dataset:
-        for group in (
-            dataset.PerFrameFunctionalGroupsSequence[frame_number - 1],
-            *dataset.get("SharedFunctionalGroupsSequence", []),
-        ):
-            if "PixelValueTransformationSequence" in group:
-                item = group.PixelValueTransformationSequence[0]
-                return float(item.get("RescaleSlope", 1)), float(item.get("RescaleIntercept", 0))
-    return float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
+        groups = [("per-frame functional group", dataset.PerFrameFunctionalGroupsSequence[frame_number - 1])]
+        groups += [("shared functional groups", group) for group in dataset.get("SharedFunctionalGroupsSequence", [])]
+        for where, group in groups:
+            items = group.get("PixelValueTransformationSequence")
+            if items:
+                return items[0], where
+    return dataset, "top level"
+
+
+def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[float, float]:
+    source, where = rescale_source(dataset, frame_number)
+    slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
+    if (slope is None) != (intercept is None):
+        present, absent = (
+            ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
+        )
+        raise VolumeError(f"{name} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
+    if slope is None:
+        return 1.0, 0.0  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
+    return float(slope), float(intercept)

@@ -20,6 +20,7 @@ from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, adm
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
+from inference.volume import VolumeError, load_series_volume
 from tests.conftest import data_set_bytes
 
 STRICT = AdmissionSettings()
@@ -145,6 +146,33 @@ def test_a_coarse_series_is_estimated_on_the_model_grid(tmp_path):
     result = admit(files, STRICT)
     assert result.admitted
     assert result.estimated_bytes == 4 * 16 * 16 * (2 + 4 + 8) + 107 * 107 * 27 * (4 + 4 + 1 + 1)
+
+
+def test_an_enhanced_frame_whose_rescale_lacks_its_intercept_is_refused_not_read_as_intercept_0(tmp_path):
+    """Slope and intercept come from one place per frame; the shared intercept does not fill in a per-frame gap."""
+    files = series_files(tmp_path, enhanced=True)
+    ds = pydicom.dcmread(files[0].path)
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        item = pydicom.Dataset()
+        item.RescaleSlope = "1"
+        group.PixelValueTransformationSequence = [item]
+    ds.save_as(files[0].path)
+    assert admit(files, STRICT).refusal == (
+        "frame 1 of instance 1 has RescaleSlope but no RescaleIntercept (per-frame functional group); "
+        "its pixel values cannot be read as HU"
+    )
+    with pytest.raises(VolumeError, match=r"has RescaleSlope but no RescaleIntercept \(per-frame functional group\)"):
+        load_series_volume([files[0].path])
+
+
+def test_rescale_half_given_at_the_top_level_is_refused(tmp_path):
+    files = series_files(tmp_path)
+    ds = pydicom.dcmread(files[2].path)
+    del ds.RescaleIntercept
+    ds.save_as(files[2].path)
+    assert admit(files, STRICT).refusal == (
+        "instance 3 has RescaleSlope but no RescaleIntercept (top level); its pixel values cannot be read as HU"
+    )
 
 
 def test_missing_rescale_follows_the_setting(tmp_path):
