@@ -203,10 +203,7 @@ CASES: list[Case] = [
         "patient_id_missing_from_one_instance_is_refused",
         nth(3, removed("PatientID")),
         JobState.FAILED,
-        not_admitted(
-            "PatientID differs within the series: 1 of 4 instances (first: instance 4) carry another value "
-            "than the rest; one series must hold one patient"
-        ),
+        not_admitted("1 of 4 instances have no PatientID (first: instance 4); a result must name its patient"),
     ),
     Case(
         "two_studies_are_refused",
