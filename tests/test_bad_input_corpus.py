@@ -458,7 +458,7 @@ CASES: list[Case] = [
         "enhanced_zero_rescale_slope_is_refused",
         each(shared_group("PixelValueTransformationSequence", "RescaleSlope", "DS", "0")),
         JobState.FAILED,
-        not_admitted("RescaleSlope of instance 1 is 0: every pixel would have the same value"),
+        not_admitted("RescaleSlope of frame 1 of instance 1 is 0: every pixel would have the same value"),
         spec={"enhanced": True},
     ),
     # --- pixel data checked at C-STORE ------------------------------------------------------------
