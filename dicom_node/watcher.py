@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db import jobs
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
-from db.models import Instance, Job, JobState, Series
+from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import transaction
 from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, is_admission_warning
 from dicom_node.logs import log_event
@@ -29,6 +29,10 @@ from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.routing import Decision, decide, series_facts
 
 LOG = logging.getLogger(__name__)
+
+EXPECTED_COUNT_SETTLE_SECONDS = 2.0
+"""A series that reached its ImagesInAcquisition count completes once this long has passed without a new instance
+(or the quiet period, if shorter): an instance past the count shows that the count was one acquisition's."""
 
 
 @dataclass
@@ -70,12 +74,15 @@ class SeriesWatcher(PeriodicTask):
         quiet = timedelta(seconds=completion.quiet_seconds)
         expected_timeout = timedelta(seconds=completion.expected_count_timeout_seconds)
         pending = _Pending()
+        settle = timedelta(seconds=min(EXPECTED_COUNT_SETTLE_SECONDS, completion.quiet_seconds))
         with transaction(self.sessions) as session:
             timed_out = {job.id for job in jobs.quiet_receiving_jobs(session, expected_timeout)}
-            for job in _expected_count_reached(session):
+            waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
+            for job in _expected_count_reached(session, settle):
+                if job.series.series_instance_uid in waiting:
+                    continue  # more acknowledged instances are on their way into the count
                 count = job.series.instance_count
                 self._complete(session, job, f"all {count} expected images received (ImagesInAcquisition)", pending)
-            waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
             for job in jobs.quiet_receiving_jobs(session, quiet):
                 series = job.series
                 if series.series_instance_uid in waiting:
@@ -175,14 +182,20 @@ def _images_received(session: Session, series: Series) -> int:
     return int(total or 0)
 
 
-def _expected_count_reached(session: Session) -> list[Job]:
+def _expected_count_reached(session: Session, settle: timedelta) -> list[Job]:
+    """RECEIVING series holding exactly as many instances as ImagesInAcquisition says, none new for ``settle``.
+
+    ImagesInAcquisition counts one acquisition's images, not always the series': a series that goes past it
+    has more coming than it said, so it waits for the quiet period instead.
+    """
     query = (
         select(Job)
         .join(Job.series)
         .where(
             Job.state == JobState.RECEIVING,
             Series.expected_instances.is_not(None),
-            Series.instance_count >= Series.expected_instances,
+            Series.instance_count == Series.expected_instances,
+            Series.last_received_at <= utcnow() - settle,
         )
     )
     return list(session.scalars(query))

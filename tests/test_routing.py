@@ -9,16 +9,16 @@ from datetime import timedelta
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Job, JobEvent, JobState, utcnow
+from db.models import Job, JobEvent, JobState, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
 from dicom_node.config import Rule, Settings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.routing import SeriesFacts, decide
-from dicom_node.watcher import SeriesWatcher
+from dicom_node.watcher import EXPECTED_COUNT_SETTLE_SECONDS, SeriesWatcher
 
 CT = SeriesFacts(
     modality="CT",
@@ -141,6 +141,42 @@ def test_expected_count_timeout_completes_with_a_partial_warning(tmp_path):
     assert job.warnings == [
         "partial series: 2 of 4 expected images (ImagesInAcquisition) had arrived when the completion timeout ran out"
     ]
+
+
+def reasons(sessions) -> list[str]:
+    with sessions() as session:
+        return [event.reason for event in session.scalars(select(JobEvent).order_by(JobEvent.id))]
+
+
+def received_at(sessions, when) -> None:
+    with transaction(sessions) as session:
+        session.execute(update(Series).values(last_received_at=when))
+
+
+def test_a_series_reaching_its_expected_count_completes_once_no_instance_came_for_the_settle_time(tmp_path):
+    watcher, sessions, _series = watched(tmp_path, 4, expected=4)
+    received_at(sessions, utcnow())  # the fourth instance has just arrived: a fifth may follow
+    watcher.run_once()
+    assert job_of(sessions)[0].state is JobState.RECEIVING
+    received_at(sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
+    watcher.run_once()
+    _job, history = job_of(sessions)
+    assert history[:2] == [JobState.RECEIVING, JobState.COMPLETE]
+    assert reasons(sessions)[1] == "all 4 expected images received (ImagesInAcquisition)"
+
+
+def test_a_series_past_its_expected_count_waits_for_the_quiet_period(tmp_path):
+    """ImagesInAcquisition 3 on a series of 4: the count is one acquisition's, so it is not trusted."""
+    watcher, sessions, _series = watched(tmp_path, 4, expected=3)
+    received_at(sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
+    watcher.run_once()
+    assert job_of(sessions)[0].state is JobState.RECEIVING
+    received_at(sessions, utcnow() - timedelta(seconds=31))
+    watcher.run_once()
+    job, history = job_of(sessions)
+    assert history[:2] == [JobState.RECEIVING, JobState.COMPLETE]
+    assert reasons(sessions)[1] == "no new instance for 30 s (4 received)"
+    assert not job.warnings
 
 
 def test_series_refused_by_admission_is_failed_without_being_queued(tmp_path):
