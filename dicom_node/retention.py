@@ -33,6 +33,7 @@ from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.receive.recorder import series_waiting_to_be_recorded
 
 LOG = logging.getLogger(__name__)
 
@@ -295,6 +296,14 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
     The job is read again, locked, inside the transaction: a series re-opened or
     re-run since planning is left alone. Files go first, so a crash leaves rows
     pointing at missing files (purged again next time), never unreferenced files.
+
+    A sender may be sending the series again at this moment: an instance it finds
+    already stored is answered success without being written, and recorded after.
+    So the series' files are first set aside (renamed), then the receivers' journals
+    are read: an instance of the series acknowledged and not yet recorded puts the
+    files back and leaves the series for a later pass. A receiver journals an instance
+    before it looks for its file, so either the purge sees the journal line, or the
+    receiver finds no file and writes the instance itself.
     """
     with transaction(sessions) as session:
         job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
@@ -304,7 +313,19 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
             return f"it changed since planning (now {job.state.value})"
         root = settings.storage.directory
         if item.images:
-            _purge_series(session, job.series, root, now)
+            receiving = f"instances of it are being received again (series {item.series_instance_uid})"
+            if item.series_instance_uid in series_waiting_to_be_recorded(root):
+                return receiving
+            paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series.id))]
+            aside = _set_aside([path for path in paths if _inside(path, root)])
+            try:
+                if item.series_instance_uid in series_waiting_to_be_recorded(root):
+                    _put_back(aside)
+                    return receiving
+                _purge_series(session, job.series, root, now)
+            except BaseException:
+                _put_back(aside)
+                raise
         if item.results:
             _purge_results(session, job, root, now)
         _erase_phi_of_emptied_study(session, job.series.study_id)
@@ -322,12 +343,54 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
     return None
 
 
+SET_ASIDE_SUFFIX = ".purging"
+"""An instance file renamed while its series is being purged: ``<sop>.dcm.purging``. Start-up puts any left by a
+crash back (:func:`put_back_set_aside_files`)."""
+
+
+def _set_aside(paths: list[Path]) -> list[Path]:
+    """Rename each existing file to ``<name>.purging``; the renamed paths."""
+    aside = []
+    for path in paths:
+        renamed = path.with_name(path.name + SET_ASIDE_SUFFIX)
+        try:
+            os.rename(path, renamed)
+        except FileNotFoundError:
+            continue
+        aside.append(renamed)
+    return aside
+
+
+def _put_back(aside: list[Path]) -> None:
+    """Undo :func:`_set_aside`, never over a file a receiver has written meanwhile."""
+    for renamed in aside:
+        original = renamed.with_name(renamed.name.removesuffix(SET_ASIDE_SUFFIX))
+        try:
+            os.link(renamed, original)  # fails if the receiver wrote the instance again meanwhile: that copy stays
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            continue
+        renamed.unlink(missing_ok=True)
+
+
+def put_back_set_aside_files(instances_dir: Path) -> int:
+    """At start-up: files a purge set aside and did not finish with go back to their names; how many."""
+    if not instances_dir.is_dir():
+        return 0
+    aside = list(instances_dir.glob(f"*/*/*{SET_ASIDE_SUFFIX}"))
+    _put_back(aside)
+    return len(aside)
+
+
 def _purge_series(session: Session, series: Series, root: Path, now: datetime) -> None:
-    """Delete a series' instance files and rows; the series row stays, stamped ``purged_at``."""
+    """Delete a series' instance files (or the names they were set aside under) and rows; the series row stays,
+    stamped ``purged_at``."""
     paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series.id))]
     for path in paths:
         if _inside(path, root):
             path.unlink(missing_ok=True)
+            path.with_name(path.name + SET_ASIDE_SUFFIX).unlink(missing_ok=True)
         else:
             log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path))
     session.execute(delete(Instance).where(Instance.series_id == series.id))

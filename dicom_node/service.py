@@ -22,7 +22,7 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
-from dicom_node.retention import RetentionTask
+from dicom_node.retention import RetentionTask, put_back_set_aside_files
 from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
@@ -145,12 +145,14 @@ def start_node(settings: Settings) -> RunningNode:
     _warn_about_open_doors(settings)
     sessions = open_database(settings)
     store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
+    put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
     log_event(
         LOG,
         logging.INFO,
         "node.storage_checked",
         directory=str(settings.storage.directory),
+        set_aside_files_put_back=put_back,
         partial_files_removed=report.partial_files_removed,
         instances_indexed=report.instances_indexed,
         unreadable_files=report.unreadable_files,

@@ -192,6 +192,36 @@ def test_a_resent_series_is_written_again_only_until_the_first_duplicate_is_reco
     assert_no_temporary_files(running_scp.store.root)
 
 
+def test_a_resent_instance_whose_file_is_purged_before_its_journal_line_is_written_after_all(
+    running_scp, tmp_path, monkeypatch
+):
+    """Retention may take the file away between the receiver finding it and journaling it: the instance is written."""
+    from dicom_node.receive.recorder import Journal
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    purged: list[Path] = []
+    calls: list[str] = []
+    append = Journal.append
+
+    def purged_first(self: Journal, path: str) -> int:
+        calls.append(path)
+        if len(calls) > 1:  # the first resent instance makes the association known as resending
+            purged.append(Path(path))
+            Path(path).unlink()  # as retention would, in the moment before the line is written
+        return append(self, path)
+
+    monkeypatch.setattr(Journal, "append", purged_first)
+    answers = running_scp.send(series.files)  # the same series again: from the second on, known to be stored
+
+    assert answers == [(status.SUCCESS, "")] * len(series.files)
+    assert len(purged) == len(series.files) - 1
+    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert_no_temporary_files(running_scp.store.root)
+
+
 def test_new_instances_after_resent_ones_on_one_association_are_stored(running_scp, tmp_path, monkeypatch):
     first = write_phantom_series(tmp_path / "first", SMALL_CT)
     second = write_phantom_series(tmp_path / "second", SMALL_CT)

@@ -367,3 +367,64 @@ def test_refused_instances_are_purged_by_their_own_age(node):
     assert not old_file.exists() and not orphan.exists() and new_file.exists()
     with sessions() as session:
         assert [row.path for row in session.scalars(select(RejectedInstance))] == [str(new_file)]
+
+
+# --- a sender sending the series again while it is purged ------------------------------------------------------
+
+
+def journal_line(settings: Settings, path: Path) -> Path:
+    """A receiving process's journal naming ``path``: acknowledged, not yet recorded."""
+    folder = settings.storage.directory / "journal"
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / "4242-1.journal"
+    journal.write_text(f"{path}\n", encoding="utf-8")
+    return journal
+
+
+def test_a_series_with_an_instance_just_received_again_is_left_for_a_later_pass(node):
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    journal = journal_line(settings, stored.images[0])
+
+    assert purge(node, days=7) == []
+    assert all(path.exists() for path in stored.images) and instance_rows(sessions, "1.2.3.1") == 2
+
+    journal.unlink()  # the receiver recorded it
+    assert purge(node, days=7) == ["1.2.3.1"]
+
+
+def test_files_set_aside_go_back_when_a_resend_is_journaled_meanwhile(node, monkeypatch):
+    """The receiver journals the instance after the purge first looked, and found the file there: it stays."""
+    import dicom_node.retention as retention
+
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    looks: list[int] = []
+
+    def journals(_root: Path) -> set[str]:
+        looks.append(1)
+        return set() if len(looks) == 1 else {"1.2.3.1"}  # empty at the first look, the resend's line at the second
+
+    monkeypatch.setattr(retention, "series_waiting_to_be_recorded", journals)
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    outcome = apply_plan(sessions, settings, plan, NOW)
+
+    assert outcome.purged == [] and "instances of it are being received again" in outcome.skipped[0][1]
+    assert all(path.read_bytes() == b"\0" * 1000 for path in stored.images)
+    assert not list(stored.images[0].parent.glob("*.purging")) and instance_rows(sessions, "1.2.3.1") == 2
+
+
+def test_files_a_crashed_purge_set_aside_are_put_back_at_start_up(tmp_path):
+    from dicom_node.retention import put_back_set_aside_files
+
+    folder = tmp_path / "instances" / STUDY / "1.2.3.1"
+    folder.mkdir(parents=True)
+    (folder / "1.2.3.1.1.dcm.purging").write_bytes(b"set aside")
+    (folder / "1.2.3.1.2.dcm.purging").write_bytes(b"set aside")
+    (folder / "1.2.3.1.2.dcm").write_bytes(b"written again by a receiver")
+
+    assert put_back_set_aside_files(tmp_path / "instances") == 2
+    assert (folder / "1.2.3.1.1.dcm").read_bytes() == b"set aside"
+    assert (folder / "1.2.3.1.2.dcm").read_bytes() == b"written again by a receiver"
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.1.1.dcm", "1.2.3.1.2.dcm"]

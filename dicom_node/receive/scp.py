@@ -258,6 +258,13 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     except OSError as exc:
         _discard(temporary)
         return _write_failed(exc, sop_instance, calling_ae)
+    if temporary is None and not path.exists():
+        # Found stored before the journal line, gone now: retention purged the series meanwhile (it reads the
+        # journals after setting files aside, so it puts them back or this instance is written here).
+        temporary, write_error = _write_temporary(context.store, file_meta, encoded)
+        if write_error is not None:
+            recorder.journal.done([segment])
+            return _write_failed(write_error, sop_instance, calling_ae)
     try:
         installed = _place(context.store, path, temporary)
     except Exception as exc:
