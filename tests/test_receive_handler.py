@@ -255,3 +255,33 @@ def test_a_refused_header_in_a_resend_is_refused_and_quarantined_as_any_other(ru
     assert answers[1][0] == status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     assert len(list(running_scp.store.quarantine_dir.iterdir())) == 1  # kept for an operator, as on any refusal
     assert_no_temporary_files(running_scp.store.root)
+
+
+@pytest.mark.parametrize("resending", [False, True], ids=["first-on-its-association", "in-resend-mode"])
+def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_copy_kept(
+    running_scp, tmp_path, resending
+):
+    """A corrected PatientID on a stored SOP Instance UID: never relabelled, never silently dropped either."""
+    from db.models import RejectedInstance
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
+    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    corrected = dcmread(series.files[1])
+    corrected.PatientID = "CORRECTED-99"
+    corrected_path = tmp_path / "corrected.dcm"
+    corrected.save_as(corrected_path)
+
+    answers = running_scp.send([series.files[0], corrected_path] if resending else [corrected_path])
+
+    assert answers[-1][0] == status.CANNOT_UNDERSTAND
+    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert len(list(running_scp.store.quarantine_dir.iterdir())) == 1
+    with running_scp.sessions() as session:
+        (reason,) = session.scalars(select(RejectedInstance.reason))
+    assert reason == (
+        f"SOP Instance UID {corrected.SOPInstanceUID} is already stored with another PatientID; the stored copy is "
+        "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+    )
+    assert "CORRECTED" not in reason
+    assert_no_temporary_files(running_scp.store.root)

@@ -528,3 +528,29 @@ def read_file_header(path: str | Path) -> InstanceRecord:
     header = check_header(dataset, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID))
     size = Path(path).stat().st_size
     return header.record(str(dataset.file_meta.TransferSyntaxUID), str(path), size, calling_ae_title=None)
+
+
+IDENTITY_ATTRIBUTES = (
+    ("PatientID", "patient_id"),
+    ("PatientName", "patient_name"),
+    ("PatientBirthDate", "patient_birth_date"),
+    ("PatientSex", "patient_sex"),
+    ("AccessionNumber", "accession_number"),
+)
+"""The patient and study identity a stored instance keeps (keyword, :class:`StudyAttributes` field)."""
+
+
+def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str | None:
+    """The first identity attribute in which ``received`` differs from the copy stored at ``stored_path``, or None.
+
+    None too when the stored copy cannot be read: it is kept as any copy already stored.
+    """
+    try:
+        dataset = dcmread(stored_path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        stored = check_header(dataset, received.sop_class_uid, received.sop_instance_uid)
+    except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
+        return None
+    for keyword, field in IDENTITY_ATTRIBUTES:
+        if (getattr(stored.study, field) or "") != (getattr(received.study, field) or ""):
+            return keyword
+    return None

@@ -57,7 +57,14 @@ from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import log_event
-from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid, read_header
+from dicom_node.receive.header import (
+    InstanceHeader,
+    InvalidInstance,
+    check_header,
+    identity_conflict,
+    is_valid_uid,
+    read_header,
+)
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_full
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
@@ -247,6 +254,17 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             raise
         assert temporary is not None or write_error is not None  # check_header refuses requests without valid UIDs
         path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
+    if path.exists():
+        conflict = identity_conflict(path, header)
+        if conflict is not None:  # a stored instance is never relabelled, nor a new identity silently dropped
+            _discard(temporary)
+            reason = (
+                f"SOP Instance UID {sop_instance} is already stored with another {conflict}; the stored copy is "
+                "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+            )
+            return _refuse(
+                context, encoded, file_meta, status.CANNOT_UNDERSTAND, reason, request, transfer_syntax, calling_ae
+            )
     if write_error is not None:
         return _write_failed(write_error, sop_instance, calling_ae)
 
