@@ -347,6 +347,7 @@ class Limits:
     association_request_seconds: float
     pdu_seconds: float
     per_host: int
+    data_set_bytes: int = 1_024_000_000
 
     @classmethod
     def from_settings(cls, network: NetworkSettings) -> Limits:
@@ -356,6 +357,7 @@ class Limits:
             association_request_seconds=network.association_request_timeout_seconds,
             pdu_seconds=network.pdu_read_timeout_seconds,
             per_host=network.maximum_associations_per_host,
+            data_set_bytes=int(network.maximum_data_set_megabytes * 1_000_000),
         )
 
     def for_pdu(self, pdu_type: int) -> int:
@@ -377,7 +379,25 @@ class PduRefused(Exception):
 
 
 class GuardedDUL(EventDrivenDUL):
-    """The DUL reader with a deadline per PDU and a size limit per PDU type, checked before the body is read."""
+    """The DUL reader with a deadline per PDU, a size limit per PDU type checked before the body is read, and a
+    limit on the data set one message may carry (its fragments are counted as they arrive)."""
+
+    _data_set_bytes = 0  # of the message being received, so far
+
+    def _data_set_too_large(self, pdu: bytearray, limit: int) -> bool:
+        """Count a P-DATA-TF's data set fragments; True once the message's data set is over ``limit`` bytes."""
+        offset, end = 6, len(pdu)
+        while offset + 6 <= end:
+            (item_length,) = struct.unpack_from(">L", pdu, offset)
+            control = pdu[offset + 5]
+            if not control & 0x01:  # a data set fragment, not a command's
+                self._data_set_bytes += max(item_length - 2, 0)
+                if self._data_set_bytes > limit:
+                    return True
+                if control & 0x02:  # its last fragment: the next message starts from zero
+                    self._data_set_bytes = 0
+            offset += 4 + item_length
+        return False
 
     def _read_pdu_data(self) -> None:
         limits: Limits = self.assoc._server.limits  # type: ignore[union-attr]
@@ -413,6 +433,13 @@ class GuardedDUL(EventDrivenDUL):
                 sock.socket.settimeout(limits.pdu_seconds)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             self._refuse(f"unknown PDU type 0x{pdu_type:02X}", reason=0x01)
+            return
+        if pdu_type == 0x04 and self._data_set_too_large(whole, limits.data_set_bytes):
+            self._refuse(
+                f"a data set of more than {limits.data_set_bytes / 1_000_000:g} MB was being sent "
+                "(network.maximum_data_set_megabytes)",
+                reason=0x00,
+            )
             return
         try:
             pdu, event = self._decode_pdu(whole)

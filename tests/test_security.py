@@ -340,6 +340,24 @@ def test_oversized_association_request_and_pdu_are_refused_with_bounded_memory(s
     assert associate(node, "PACS", [Verification]).is_established
 
 
+def test_a_data_set_over_the_limit_aborts_its_association_before_it_is_whole(start_node, tmp_path):
+    node = start_node(network={"maximum_data_set_megabytes": 3})
+    big = write_phantom_series(tmp_path / "big", PhantomSpec(rows=1536, columns=1536, slices=1))  # 4.7 MB
+    small = write_phantom_series(tmp_path / "small", SMALL_CT)
+
+    assoc = associate(node, "PACS", [CTImageStorage])
+    assert assoc.is_established
+    response = assoc.send_c_store(pydicom.dcmread(big.files[0]))
+    wait_for(lambda: not assoc.is_established, timeout=20, what="the association to be aborted")
+
+    assert not response  # no status: the association was aborted under the request
+    assert "a data set of more than 3 MB was being sent (network.maximum_data_set_megabytes)" in node.log()
+    assert storescu(node.port, small.files).returncode == 0  # the next sender is served
+    with node.sessions() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored == set(small.sop_instance_uids)
+
+
 def deeply_nested_file(path: Path, depth: int) -> Path:
     """A CT-class data set whose one sequence nests ``depth`` undefined-length sequences, written by hand."""
     sop_instance = generate_uid()
