@@ -124,6 +124,10 @@ class PeerPolicy:
             "with every role; add peers to config.yaml to admit other hosts",
         )
 
+    def admits_address(self, address: str) -> bool:
+        """Whether any peer may call from ``address``."""
+        return any(peer.calls_from(address) for peer in self.peers)
+
     def identify(self, ae_title: str, address: str) -> Peer | Refused:
         """The peer this call comes from, or why it is refused.
 
@@ -507,7 +511,7 @@ class GuardedRequestHandler(RequestHandler):
             started = self._open_association()
         finally:
             if not started:
-                self.server.caps.release(self.client_address[0])
+                self.server.caps.release(self.server.caps_key(self.client_address[0]))
 
     def _open_association(self) -> bool:
         limits = self.server.limits
@@ -534,14 +538,14 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
         make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
         send_store_responses_directly(assoc.dimse)  # plain C-STORE responses without pydicom
-        caps = self.server.caps
+        caps, key = self.server.caps, self.server.caps_key(address)
         run = assoc.run
 
         def run_then_release() -> None:
             try:
                 run()
             finally:
-                caps.release(address)
+                caps.release(key)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -638,6 +642,13 @@ class SharedContexts(list[PresentationContext]):
         return list(self)
 
 
+STRANGERS = "addresses no peer calls from"
+"""The one place in :class:`AssociationCaps` where connections from unknown addresses are counted together."""
+STRANGER_CONNECTIONS = 2
+"""Connections from addresses no peer calls from, open at a time in all: enough for a misconfigured peer to be
+told why it is rejected, too few to fill ``network.maximum_associations``."""
+
+
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with a per-address connection cap and a non-blocking TLS accept.
 
@@ -646,10 +657,17 @@ class GuardedServer(ThreadedAssociationServer):
     """
 
     def __init__(
-        self, *args: Any, limits: Limits, caps: AssociationCaps, listening: socket.socket | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        limits: Limits,
+        caps: AssociationCaps,
+        listening: socket.socket | None = None,
+        policy: PeerPolicy | None = None,
+        **kwargs: Any,
     ) -> None:
         self.limits = limits
         self.caps = caps
+        self.policy = policy
         self._listening = listening
         self.before_release: Callable[[], object] | None = None
         """Run in the connection's reader when an A-RELEASE-RQ arrives, before it is answered."""
@@ -686,22 +704,35 @@ class GuardedServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def caps_key(self, address: str) -> str:
+        """Where a connection from ``address`` is counted: its address, or, for an address no peer calls
+        from, one place shared by all such addresses (:data:`STRANGER_CONNECTIONS` connections at a time)."""
+        if self.policy is None or self.policy.admits_address(address):
+            return address
+        return STRANGERS
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit the connection unless its address already holds ``maximum_associations_per_host``."""
+        """Admit the connection unless its address already holds ``maximum_associations_per_host`` (or, for
+        addresses no peer calls from, all of them together hold :data:`STRANGER_CONNECTIONS`)."""
         address = client_address[0]
-        held = self.caps.hold(address, self.limits.per_host)
+        key = self.caps_key(address)
+        stranger = key == STRANGERS
+        held = self.caps.hold(key, STRANGER_CONNECTIONS if stranger else self.limits.per_host)
         if held is None:
             return True
-        log_event(
-            LOG,
-            logging.WARNING,
-            "connection.refused",
-            address=address,
-            reason=f"{held} connections already open from this address "
-            f"(network.maximum_associations_per_host is {self.limits.per_host})"
-            if held
-            else "the node holds as many connections as it can track; try again shortly",
-        )
+        if stranger:
+            reason = (
+                f"{held} connections from addresses no peer calls from are already open (at most "
+                f"{STRANGER_CONNECTIONS} at a time, so they never take the configured peers' places)"
+            )
+        elif held:
+            reason = (
+                f"{held} connections already open from this address "
+                f"(network.maximum_associations_per_host is {self.limits.per_host})"
+            )
+        else:
+            reason = "the node holds as many connections as it can track; try again shortly"
+        log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
         return False
 
 
@@ -717,11 +748,13 @@ def start_guarded_server(
     evt_handlers: list[Any],
     caps: AssociationCaps | None = None,
     listening: socket.socket | None = None,
+    policy: PeerPolicy | None = None,
 ) -> GuardedServer:
     """``ae.start_server(block=False)`` with the guards above (and TLS when ``network.tls`` is set).
 
     ``caps`` (default: this process' own) counts connections per address; ``listening``
-    is a bound, listening socket to accept on instead of binding ``address``.
+    is a bound, listening socket to accept on instead of binding ``address``; with ``policy``,
+    a connection from an address no peer calls from is closed at accept.
     """
     ssl_context = server_tls(network.tls) if network.tls else None
     # make_server builds server_class, though its annotation names only the base class
@@ -735,6 +768,7 @@ def start_guarded_server(
             limits=Limits.from_settings(network),
             caps=caps or AssociationCaps.for_network(network),
             listening=listening,
+            policy=policy,
         ),
     )
     ae._servers.append(server)  # so ae.shutdown() stops it, as start_server does

@@ -300,6 +300,30 @@ def test_half_sent_and_silent_connections_are_closed_while_a_real_peer_still_ass
     after.release()
 
 
+def test_connections_from_addresses_no_peer_calls_from_take_two_places_at_most(start_node):
+    """Unknown hosts cannot fill network.maximum_associations and lock out the configured peers."""
+    node = start_node(
+        peers=PEERS,  # every peer calls from 127.0.0.1
+        network={
+            "maximum_associations": 4,
+            "maximum_associations_per_host": 4,
+            "association_request_timeout_seconds": 30,
+        },
+    )
+    silent = slow_loris("127.0.0.2", node.port, 4, b"") + slow_loris("127.0.0.3", node.port, 4, b"")
+    try:
+        wait_for(lambda: sum(closed_by_peer(s) for s in silent) >= 6, timeout=10, what="unknown hosts' sockets closed")
+        assoc = associate(node, "PACS", [Verification])  # two of four places are held by strangers
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        for sock in silent:
+            sock.close()
+    log = node.log()
+    assert "connection.refused address=127.0.0.3" in log or "connection.refused address=127.0.0.2" in log
+    assert "connections from addresses no peer calls from are already open (at most 2 at a time" in log
+
+
 def flood(sock: socket.socket, header: bytes, megabytes: int) -> int:
     """Send ``header`` and then up to ``megabytes`` MiB of zeros; the bytes the node took before it closed."""
     chunk = bytes(1 << 20)

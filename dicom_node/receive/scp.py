@@ -186,7 +186,7 @@ def start_storage_scp(
     ]
     if retrieve is not None:
         handlers += retrieve_handlers(retrieve)
-    server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening)
+    server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening, peers)
     server.before_release = functools.partial(context.recorder.wait_until_recorded, RELEASE_WAIT_SECONDS)
     log_event(
         LOG,
