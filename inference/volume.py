@@ -290,22 +290,50 @@ def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
 
 
 def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
-    """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest."""
+    """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest.
+
+    Acquisitions that continue one another (step-and-shoot: each a few slices further along, together one
+    regular stack) are one volume, not several.
+    """
     orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
     if len(orientations) > 1:
         counts = ", ".join(f"{n} images at {_vector(o)}" for o, n in orientations.most_common())
         raise VolumeError(f"mixed orientations in one series ({counts})")
     groups: dict[tuple, list[_Frame]] = defaultdict(list)
+    same_matrix: dict[tuple, list[_Frame]] = defaultdict(list)
     for frame in frames:
         groups[(frame.acquisition, frame.shape, frame.pixel_spacing)].append(frame)
+        same_matrix[(frame.shape, frame.pixel_spacing)].append(frame)
     if len(groups) == 1:
         return frames
-    main = max(groups.values(), key=len)
+    largest_matrix = max(same_matrix.values(), key=len)
+    if len({f.acquisition for f in largest_matrix}) > 1 and _is_one_stack(largest_matrix):
+        main = largest_matrix
+        if len(main) == len(frames):
+            return frames
+    else:
+        main = max(groups.values(), key=len)
     notes.append(
         f"partial series: {len(groups)} acquisitions or matrix sizes in one series; "
         f"processed the largest, {len(main)} of {len(frames)} images"
     )
     return main
+
+
+def _is_one_stack(frames: list[_Frame]) -> bool:
+    """Whether the frames' positions, taken together, make one regular, unsheared stack."""
+    row_dir, col_dir = frames[0].orientation[:3], frames[0].orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    length = float(np.linalg.norm(normal))
+    if length < 0.5 or len(frames) < 2:
+        return False
+    normal = normal / length
+    positions = sorted((f.position for f in frames), key=lambda position: float(np.dot(position, normal)))
+    try:
+        check_slice_stack(positions, normal)
+    except VolumeError:
+        return False
+    return True
 
 
 def _common_orientation(frames: list[_Frame]) -> np.ndarray:

@@ -198,6 +198,20 @@ def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_
     assert volume.excluded_images == 8
 
 
+def test_acquisitions_that_continue_one_another_make_one_volume(tmp_path):
+    """Step-and-shoot: AcquisitionNumber goes up every 4 slices along one regular stack; nothing is left out."""
+    series = write_phantom_series(tmp_path, SPEC)
+    for number, path in enumerate(series.files):
+        dataset = pydicom.dcmread(path)
+        dataset.AcquisitionNumber = 1 + number // 4
+        dataset.save_as(path)
+
+    volume = load_series_volume(series.files)
+
+    assert volume.hu.shape[0] == len(series.files)
+    assert volume.notes == [] and volume.excluded_images == 0
+
+
 def test_partial_series_is_refused_when_partial_volumes_are_not_allowed(tmp_path):
     main, repeat = _series_with_a_repeat_acquisition(tmp_path)
 
