@@ -106,10 +106,12 @@ def _two_multiframe_halves(folder: Path) -> tuple[str, list[Path]]:
         for name, z in (("upper", 0.0), ("lower", -50.0))
     ]
     files = [f for half in halves for f in half.files]
+    accession = pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber  # one study: one accession
     for index, path in enumerate(files):
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.FrameOfReferenceUID = halves[0].series_instance_uid, halves[0].frame_of_reference_uid
         ds.StudyInstanceUID, ds.InstanceNumber = halves[0].study_instance_uid, index + 1
+        ds.AccessionNumber = accession
         ds.save_as(path)
     return halves[0].series_instance_uid, files
 
