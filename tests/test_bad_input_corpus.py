@@ -575,14 +575,16 @@ CASES: list[Case] = [
         each(raw_value("AccessionNumber", "SH", "A" * 20)),
         None,
         statuses=[CANNOT_UNDERSTAND] * 4,
-        refusal="AccessionNumber is 20 characters long ('AAAAAAAAAAAAAAAAAAAA'); at most 16 are accepted",
+        refusal="AccessionNumber is 20 characters long; at most 16 are accepted",
+        hidden=("A" * 20,),
     ),
     Case(
         "long_patient_sex_is_refused_at_store",
         each(raw_value("PatientSex", "CS", "UNKNOWN OR OTHER X")),
         None,
         statuses=[CANNOT_UNDERSTAND] * 4,
-        refusal="PatientSex is 18 characters long ('UNKNOWN OR OTHER X'); at most 16 are accepted",
+        refusal="PatientSex is 18 characters long; at most 16 are accepted",
+        hidden=("UNKNOWN OR OTHER X",),
     ),
     Case(
         "long_modality_is_refused_at_store",
@@ -596,7 +598,8 @@ CASES: list[Case] = [
         each(raw_value("StudyDate", "DA", "2020.01.01")),
         None,
         statuses=[CANNOT_UNDERSTAND] * 4,
-        refusal="StudyDate is 10 characters long ('2020.01.01'); at most 8 are accepted",
+        refusal="StudyDate is 10 characters long; at most 8 are accepted",
+        hidden=("2020.01.01",),
     ),
     Case(
         "long_patient_id_is_refused_without_showing_it",
@@ -611,7 +614,8 @@ CASES: list[Case] = [
         each(raw_value("StudyID", "SH", "S" * 17)),
         None,
         statuses=[CANNOT_UNDERSTAND] * 4,
-        refusal="StudyID is 17 characters long ('SSSSSSSSSSSSSSSSS'); at most 16 are accepted",
+        refusal="StudyID is 17 characters long; at most 16 are accepted",
+        hidden=("S" * 17,),
     ),
     Case(
         "invalid_series_uid_is_refused_at_store",

@@ -88,8 +88,20 @@ TRUNCATED_LENGTHS = {
     "ImageType": 128,
 }
 """Descriptive text recorded shortened in the database when longer (the stored file keeps it whole)."""
-PRIVATE_KEYWORDS = frozenset({"PatientID", "PatientName", "PatientBirthDate"})
-"""Values never repeated in a reason (reasons reach the log and the sender)."""
+PRIVATE_KEYWORDS = frozenset(
+    {
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+    }
+)
+"""Values never repeated in a reason (reasons reach the log and the sender): the patient's identifiers and
+attributes, and the study's identifiers and dates, which point to one patient as surely."""
 
 
 class InvalidInstance(ValueError):
