@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Executable, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,8 +55,15 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
 
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, _record, _proxy) -> None:
+        if dbapi_connection.isolation_level is not None:  # reset to "" after a read_outside_transaction
+            dbapi_connection.isolation_level = None
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
+        if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            return  # a lone read (read_outside_transaction): WAL readers never wait for the writer
         # Take the write lock up front: two writers never deadlock on a lock upgrade.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -67,6 +74,15 @@ def _create_sqlite_folder(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def read_outside_transaction(factory: sessionmaker[Session], query: Executable) -> Any:
+    """One scalar, read without a transaction: on SQLite it takes no write lock and never waits for a writer."""
+    bind = factory.kw["bind"]
+    if isinstance(bind, Connection):
+        return bind.execute(query).scalar()
+    with bind.connect() as connection:
+        return connection.execution_options(isolation_level="AUTOCOMMIT").execute(query).scalar()
 
 
 def make_session_factory(engine: Engine | Connection) -> sessionmaker[Session]:
