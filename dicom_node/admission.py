@@ -153,7 +153,12 @@ class _Frame:
     acquisition: str = ""
 
 
-def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None = "CT") -> AdmissionResult:
+def admit(
+    files: Sequence[InstanceFile],
+    settings: AdmissionSettings,
+    modality: str | None = "CT",
+    study_patient_id: str | None = None,
+) -> AdmissionResult:
     """Check a complete series from its headers; refuse it with a reason, or admit it with warnings.
 
     Parameters
@@ -164,6 +169,9 @@ def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: 
         ``admission`` settings: limits and what to do with mixed series and missing rescale.
     modality
         The series' Modality; rescale is required for CT only.
+    study_patient_id
+        The PatientID recorded for the series' study (its first instance's), if any: a series of
+        another patient under that study is refused.
 
     Returns
     -------
@@ -172,7 +180,7 @@ def admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: 
         are sentences for ``jobs.warnings``.
     """
     try:
-        return _admit(files, settings, modality)
+        return _admit(files, settings, modality, study_patient_id)
     except Refused as refusal:
         return AdmissionResult(refusal=str(refusal))
 
@@ -202,7 +210,9 @@ def instance_files(session: Session, series: Series) -> list[InstanceFile]:
     ]
 
 
-def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None) -> AdmissionResult:
+def _admit(
+    files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None, study_patient_id: str | None
+) -> AdmissionResult:
     if not files:
         raise Refused("the series has no stored instances")
     declared = sum(max(f.number_of_frames or 1, 1) for f in files)
@@ -214,6 +224,11 @@ def _admit(files: Sequence[InstanceFile], settings: AdmissionSettings, modality:
     headers = [(_label(f), _read(f), f) for f in files]
     warnings: list[str] = []
     _check_identity(headers)
+    if study_patient_id and (_text(headers[0][1], "PatientID") or "") != study_patient_id:
+        raise Refused(
+            "the series' study already holds another patient's images (its PatientID differs from the study's); "
+            "one study must hold one patient"
+        )
     frames: list[_Frame] = []
     for label, header, file in headers:
         _check_pixel_module(label, header)

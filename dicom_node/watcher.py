@@ -130,8 +130,8 @@ class SeriesWatcher(PeriodicTask):
             facts = series_facts(session, job.series)
             decision = decide(self.settings.rules, facts)
             files = instance_files(session, job.series) if decision.action == "process" else []
-            modality = job.series.modality
-        admission = self._admit(job_id, files, modality) if decision.action == "process" else None
+            modality, study_patient = job.series.modality, job.series.study.patient_id
+        admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
         pending = _Pending()
         with transaction(self.sessions) as session:
             job = session.get_one(Job, job_id)
@@ -150,9 +150,11 @@ class SeriesWatcher(PeriodicTask):
             pending.add(level, f"series.{state.value.lower()}", **fields)
         pending.log()
 
-    def _admit(self, job_id: int, files: list[InstanceFile], modality: str | None) -> AdmissionResult:
+    def _admit(
+        self, job_id: int, files: list[InstanceFile], modality: str | None, study_patient: str | None
+    ) -> AdmissionResult:
         try:
-            return admit(files, self.settings.admission, modality)
+            return admit(files, self.settings.admission, modality, study_patient)
         except Exception:  # a header no check foresaw must not stall the watcher
             LOG.exception("admission.error", extra={"event_fields": {"job_id": job_id}})
             return AdmissionResult(

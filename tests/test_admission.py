@@ -175,6 +175,17 @@ def test_rescale_half_given_at_the_top_level_is_refused(tmp_path):
     )
 
 
+def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
+    """A study already recorded for PHANTOM-1 cannot take a series of someone else (a StudyInstanceUID collision)."""
+    files = series_files(tmp_path)
+    assert admit(files, STRICT, study_patient_id="PHANTOM-1").admitted
+    refusal = admit(files, STRICT, study_patient_id="SOMEONE-ELSE").refusal
+    assert refusal == (
+        "the series' study already holds another patient's images (its PatientID differs from the study's); "
+        "one study must hold one patient"
+    )
+
+
 def test_missing_rescale_follows_the_setting(tmp_path):
     files = series_files(tmp_path)
     for file in files:

@@ -285,3 +285,38 @@ def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_
     )
     assert "CORRECTED" not in reason
     assert_no_temporary_files(running_scp.store.root)
+
+
+def test_an_instance_of_a_stored_study_under_another_patient_is_refused(running_scp, tmp_path):
+    """One StudyInstanceUID, two PatientIDs: the second patient's images never join the first one's study."""
+    from dataclasses import replace
+
+    from db.models import RejectedInstance, Study
+
+    first = write_phantom_series(tmp_path / "first", replace(SMALL_CT, patient_id="X-1"))
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    other = write_phantom_series(
+        tmp_path / "other", replace(SMALL_CT, patient_id="Y-2", study_instance_uid=first.study_instance_uid)
+    )
+    same = write_phantom_series(
+        tmp_path / "same", replace(SMALL_CT, patient_id="X-1", study_instance_uid=first.study_instance_uid)
+    )
+
+    refused = running_scp.send(other.files[:2])
+    accepted = running_scp.send(same.files[:2])  # the same patient's next series joins the study
+
+    assert [code for code, _comment in refused] == [status.CANNOT_UNDERSTAND] * 2
+    assert accepted == [(status.SUCCESS, "")] * 2
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+        reasons = set(session.scalars(select(RejectedInstance.reason)))
+        patients = set(session.scalars(select(Study.patient_id)))
+    assert recorded == set(first.sop_instance_uids) | set(same.sop_instance_uids[:2])
+    assert patients == {"X-1"}
+    assert reasons == {
+        f"StudyInstanceUID {first.study_instance_uid} is already stored for another patient (its PatientID differs); "
+        "one study holds one patient, so this instance is quarantined"
+    }
+    assert len(list(running_scp.store.quarantine_dir.iterdir())) == 2

@@ -138,8 +138,8 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         state, instances = job.state, job.series.instance_count
         guard = never_process_reason(series_facts(session, job.series))
         files = instance_files(session, job.series) if guard is None else []
-        modality = job.series.modality
-    admission = None if guard else admit(files, context.settings.admission, modality)
+        modality, study_patient = job.series.modality, job.series.study.patient_id
+    admission = None if guard else admit(files, context.settings.admission, modality, study_patient)
     if guard:
         refusal: str | None = f"not processed: {guard}"
     else:

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -67,6 +67,7 @@ from dicom_node.receive.header import (
 )
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_full
+from dicom_node.receive.studies import KnownStudies
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
 from dicom_node.security import AssociationCaps, PeerPolicy, on_requested, require_role, start_guarded_server
@@ -133,6 +134,11 @@ class StoreContext:
     sessions: sessionmaker[Session]
     recorder: InstanceRecorder
     """Records acknowledged instances in the database, off the acknowledgement path (started by the caller)."""
+    studies: KnownStudies = field(init=False)
+    """The patient of each study already stored, looked up through ``sessions``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "studies", KnownStudies(self.sessions))  # frozen: set once, here
 
 
 def build_ae(network: NetworkSettings) -> AE:
@@ -265,6 +271,12 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             return _refuse(
                 context, encoded, file_meta, status.CANNOT_UNDERSTAND, reason, request, transfer_syntax, calling_ae
             )
+    study_conflict = context.studies.conflict(header)
+    if study_conflict is not None:
+        _discard(temporary)
+        return _refuse(
+            context, encoded, file_meta, status.CANNOT_UNDERSTAND, study_conflict, request, transfer_syntax, calling_ae
+        )
     if write_error is not None:
         return _write_failed(write_error, sop_instance, calling_ae)
 
@@ -292,6 +304,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         LOG.exception("instance.write_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
         return _failure(status.OUT_OF_RESOURCES, "node cannot write the instance; see its log")
     recorder.submit(record, segment)
+    context.studies.remember(header)
     setattr(event.assoc, RESENDING, not installed)
     log_event(
         LOG,

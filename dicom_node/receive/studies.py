@@ -1,0 +1,102 @@
+"""The patient each stored study belongs to: an instance of a known study under another patient is refused.
+
+A StudyInstanceUID names one patient's study. Two patients under one study UID (a UID
+collision, or a study merged or corrected in the PACS and sent again) would put the second
+patient's images, and every answer to a query by the first patient's ID, under the first
+patient. The receiver looks the study up once (then at most once a minute) per process and
+refuses an instance of a new series under another patient before it is written. An instance of
+a series already stored is left to admission, which refuses the whole series when its instances
+disagree on the patient: refusing that one instance here would let the rest of the series be
+processed without it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Series, Study
+from db.session import read_outside_transaction
+from dicom_node.receive.header import InstanceHeader
+
+UNREADABLE_PAUSE_SECONDS = 5.0
+"""After the database could not be read (locked, down), this long without lookups: receiving never waits for it."""
+LOOKUP_SECONDS = 60.0
+"""How long a study's patient is trusted before it is read again (a purge erases it)."""
+REMEMBERED_STUDIES = 4096
+
+
+class KnownStudies:
+    """Recorded PatientID per StudyInstanceUID, read from the database and remembered for a while."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._lock = threading.Lock()
+        self._patients: dict[str, tuple[float, str | None]] = {}
+        self._series: set[str] = set()  # series this process has stored an instance of
+        self._unreadable_until = 0.0  # time.monotonic() until which the database is not asked
+
+    def _read(self, query: Any) -> tuple[bool, Any]:
+        """(True, one scalar) from the database, or (False, None) while it cannot be read: the check is a second
+        line of defence behind admission, and must never hold up or fail an acknowledgement."""
+        if time.monotonic() < self._unreadable_until:
+            return False, None
+        try:
+            return True, read_outside_transaction(self.sessions, query)  # no write lock: never waits for a writer
+        except SQLAlchemyError:
+            self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
+            return False, None
+
+    def recorded_patient(self, study_instance_uid: str) -> str | None:
+        """The study's recorded PatientID; None for a study not stored yet (or whose identity was erased)."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._patients.get(study_instance_uid)
+        if known is not None and now - known[0] < LOOKUP_SECONDS:
+            return known[1]
+        _read, patient = self._read(select(Study.patient_id).where(Study.study_instance_uid == study_instance_uid))
+        with self._lock:
+            if len(self._patients) >= REMEMBERED_STUDIES:
+                self._patients.clear()
+            if patient is not None:  # a study not stored yet is read again: another process may be storing it
+                self._patients[study_instance_uid] = (now, patient)
+        return patient
+
+    def remember(self, header: InstanceHeader) -> None:
+        """An instance of ``header``'s study was stored: its patient is the study's from now on (in this process
+        at once; in the others once it is recorded)."""
+        patient = header.study.patient_id
+        with self._lock:
+            if len(self._series) >= REMEMBERED_STUDIES:
+                self._series.clear()
+            self._series.add(header.series.series_instance_uid)
+            if patient and header.study.study_instance_uid not in self._patients:
+                if len(self._patients) >= REMEMBERED_STUDIES:
+                    self._patients.clear()
+                self._patients[header.study.study_instance_uid] = (time.monotonic(), patient)
+
+    def series_stored(self, series_instance_uid: str) -> bool:
+        """Whether an instance of the series is stored (by this process, or recorded by any)."""
+        with self._lock:
+            if series_instance_uid in self._series:
+                return True
+        read, count = self._read(select(Series.instance_count).where(Series.series_instance_uid == series_instance_uid))
+        return not read or bool(count)  # not readable: left to admission
+
+    def conflict(self, header: InstanceHeader) -> str | None:
+        """Why ``header`` may not join its study (a new series under another patient), or None. Values are never
+        named."""
+        recorded = self.recorded_patient(header.study.study_instance_uid)
+        if recorded is None or recorded == (header.study.patient_id or ""):
+            return None
+        if self.series_stored(header.series.series_instance_uid):
+            return None  # admission refuses the whole series if its instances disagree
+        return (
+            f"StudyInstanceUID {header.study.study_instance_uid} is already stored for another patient (its "
+            "PatientID differs); one study holds one patient, so this instance is quarantined"
+        )
