@@ -116,3 +116,34 @@ def test_a_partial_series_stays_marked_partial_when_it_is_processed_again(sessio
             )
             assert job.state is JobState.QUEUED
             assert job.warnings == [PARTIAL, ASSUMED]
+
+
+def test_a_read_outside_a_transaction_does_not_wait_for_a_writer(tmp_path):
+    """SQLite: every transaction takes the write lock up front; a lone read takes none, so it never waits."""
+    import subprocess
+    import sys
+    import time
+
+    from db.models import Study
+    from db.session import read_outside_transaction
+    from tests.test_faults import HOLD_LOCK
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url, busy_timeout_seconds=5))
+    with transaction(sessions) as session:
+        record_instance(session, record("1.2.3.4.1"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "node.db"), "3"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        uid = read_outside_transaction(sessions, select(Study.study_instance_uid))
+        waited = time.monotonic() - started
+    finally:
+        holder.wait(timeout=30)
+    assert uid == "1.2.3" and waited < 1.0  # the busy timeout is 5 s: it did not wait for the lock
+    with transaction(sessions) as session:  # the connection it used is back in the node's own-BEGIN mode
+        record_instance(session, record("1.2.3.4.2"))
+        assert session.connection().connection.dbapi_connection.isolation_level is None
