@@ -322,7 +322,7 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
                 if item.series_instance_uid in series_waiting_to_be_recorded(root):
                     _put_back(aside)
                     return receiving
-                _purge_series(session, job.series, root, now)
+                _purge_series(session, job.series, root, now, set_aside=True)
             except BaseException:
                 _put_back(aside)
                 raise
@@ -383,14 +383,19 @@ def put_back_set_aside_files(instances_dir: Path) -> int:
     return len(aside)
 
 
-def _purge_series(session: Session, series: Series, root: Path, now: datetime) -> None:
-    """Delete a series' instance files (or the names they were set aside under) and rows; the series row stays,
-    stamped ``purged_at``."""
+def _purge_series(session: Session, series: Series, root: Path, now: datetime, *, set_aside: bool = False) -> None:
+    """Delete a series' instance files and rows; the series row stays, stamped ``purged_at``.
+
+    With ``set_aside``, only the names the files were set aside under are deleted: a file back at its own name
+    was written by a receiver since, for an instance it has acknowledged.
+    """
     paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series.id))]
     for path in paths:
         if _inside(path, root):
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + SET_ASIDE_SUFFIX).unlink(missing_ok=True)
+            if set_aside:
+                path.with_name(path.name + SET_ASIDE_SUFFIX).unlink(missing_ok=True)
+            else:
+                path.unlink(missing_ok=True)
         else:
             log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path))
     session.execute(delete(Instance).where(Instance.series_id == series.id))

@@ -428,3 +428,23 @@ def test_files_a_crashed_purge_set_aside_are_put_back_at_start_up(tmp_path):
     assert (folder / "1.2.3.1.1.dcm").read_bytes() == b"set aside"
     assert (folder / "1.2.3.1.2.dcm").read_bytes() == b"written again by a receiver"
     assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.1.1.dcm", "1.2.3.1.2.dcm"]
+
+
+def test_an_instance_written_again_while_its_series_is_set_aside_survives_the_purge(node, monkeypatch):
+    """The receiver found the file gone (set aside), journaled and wrote it, after the purge read the journals."""
+    import dicom_node.retention as retention
+
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    set_aside = retention._set_aside
+
+    def receiver_writes_meanwhile(paths: list[Path]) -> list[Path]:
+        aside = set_aside(paths)
+        stored.images[0].write_bytes(b"resent")  # as the receiver's re-check writes an acknowledged instance
+        return aside
+
+    monkeypatch.setattr(retention, "_set_aside", receiver_writes_meanwhile)
+    assert purge(node, days=7) == ["1.2.3.1"]
+
+    assert stored.images[0].read_bytes() == b"resent"  # acknowledged: kept, for its recorder to index
+    assert not stored.images[1].exists()
+    assert not list(stored.images[0].parent.glob("*.purging"))
