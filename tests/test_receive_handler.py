@@ -320,3 +320,24 @@ def test_an_instance_of_a_stored_study_under_another_patient_is_refused(running_
         "one study holds one patient, so this instance is quarantined"
     }
     assert len(list(running_scp.store.quarantine_dir.iterdir())) == 2
+
+
+def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(running_scp, tmp_path):
+    """A PACS that fills in AccessionNumber from its RIS, or pads the name's components, names the same patient."""
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    first = dcmread(series.files[0])
+    del first.AccessionNumber
+    first.save_as(series.files[0])
+    assert running_scp.send(series.files[:2]) == [(status.SUCCESS, "")] * 2
+    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    completed = dcmread(series.files[0])
+    completed.AccessionNumber = "RIS-0001"
+    padded = dcmread(series.files[1])
+    padded.PatientName = f"{padded.PatientName}^^^"
+    resent = [tmp_path / "completed.dcm", tmp_path / "padded.dcm"]
+    completed.save_as(resent[0])
+    padded.save_as(resent[1])
+
+    assert running_scp.send(resent) == [(status.SUCCESS, "")] * 2
+    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert not running_scp.store.quarantine_dir.exists() or not list(running_scp.store.quarantine_dir.iterdir())

@@ -552,10 +552,20 @@ IDENTITY_ATTRIBUTES = (
 """The patient and study identity a stored instance keeps (keyword, :class:`StudyAttributes` field)."""
 
 
+def _comparable(keyword: str, value: str | None) -> str:
+    """A value as identity compares it: a name without its empty trailing components, case and spaces kept."""
+    text = (value or "").strip()
+    if keyword == "PatientName":
+        text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("= ")
+    return text
+
+
 def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str | None:
     """The first identity attribute in which ``received`` differs from the copy stored at ``stored_path``, or None.
 
-    None too when the stored copy cannot be read: it is kept as any copy already stored.
+    A value missing on either side is no conflict (a PACS filling in AccessionNumber or PatientSex from
+    its RIS is not another patient), and names compare without empty trailing components (``DOE^JOHN``
+    is ``DOE^JOHN^^^``). None too when the stored copy cannot be read: it is kept as any copy already stored.
     """
     try:
         dataset = dcmread(stored_path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
@@ -563,6 +573,8 @@ def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str 
     except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
         return None
     for keyword, field in IDENTITY_ATTRIBUTES:
-        if (getattr(stored.study, field) or "") != (getattr(received.study, field) or ""):
+        before = _comparable(keyword, getattr(stored.study, field))
+        after = _comparable(keyword, getattr(received.study, field))
+        if before and after and before != after:
             return keyword
     return None

@@ -92,8 +92,9 @@ class KnownStudies:
         """Why ``header`` may not join its study (a new series under another patient), or None. Values are never
         named."""
         recorded = self.recorded_patient(header.study.study_instance_uid)
-        if recorded is None or recorded == (header.study.patient_id or ""):
-            return None
+        received = (header.study.patient_id or "").strip()
+        if not recorded or not received or recorded.strip() == received:
+            return None  # a missing PatientID is admission's to refuse, for the whole series
         if self.series_stored(header.series.series_instance_uid):
             return None  # admission refuses the whole series if its instances disagree
         return (
