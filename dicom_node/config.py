@@ -94,13 +94,13 @@ class NetworkSettings(_Strict):
     )
     maximum_associations: int = Field(16, ge=1, le=512)
     maximum_data_set_megabytes: float = Field(
-        1024.0,
+        3000.0,
         gt=0,
         description=(
             "Largest data set one C-STORE (or other request) may carry, MB (10^6 bytes). pynetdicom holds a "
             "data set in memory until it is whole, so this bounds what one association can make the node hold; "
-            "a larger one aborts the association. A 512 x 512 CT image is 0.5 MB, an enhanced CT of 2000 "
-            "frames about 1000 MB."
+            "a larger one aborts the association. A 512 x 512 CT image is 0.5 MB; an enhanced CT of 5000 "
+            "frames (admission.max_instances) about 2620 MB."
         ),
     )
     maximum_associations_per_host: int = Field(

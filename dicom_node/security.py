@@ -351,7 +351,7 @@ class Limits:
     association_request_seconds: float
     pdu_seconds: float
     per_host: int
-    data_set_bytes: int = 1_024_000_000
+    data_set_bytes: int = 3_000_000_000
 
     @classmethod
     def from_settings(cls, network: NetworkSettings) -> Limits:
