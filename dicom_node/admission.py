@@ -48,9 +48,10 @@ ORTHONORMAL_TOLERANCE = 0.01
 """How far ImageOrientationPatient's two directions may be from unit length and from a right angle
 (length 1 +/- 0.01, cosine of their angle within 0.01: about 0.6 degrees). Values written with three
 decimals stay well inside it."""
-LONGEST_EXTENT_MM = 2000.0
+LONGEST_EXTENT_MM = 3000.0
 """The longest a CT volume may be along any axis (columns x PixelSpacing, rows x PixelSpacing, slices x
-step): a whole-body scan is under 2 m. Longer means a PixelSpacing or slice position that is wrong."""
+step): a head-to-toe scan of the tallest patient is about 2 m. Longer means a PixelSpacing or slice
+position that is wrong."""
 FINEST_MODEL_SPACING_MM = 1.5
 """The finest grid a TotalSegmentator model resamples to (the ``total`` task, 1.5 mm): a coarse series is
 resampled up to it, so its memory is estimated on that grid too."""

@@ -135,7 +135,7 @@ def test_an_orientation_written_with_three_decimals_is_admitted(tmp_path):
 def test_a_volume_longer_than_any_ct_scan_is_refused(tmp_path):
     files = series_files(tmp_path, rows=64, columns=64, pixel_spacing=(50.0, 50.0), slice_spacing=50.0)
     assert admit(files, STRICT).refusal == (
-        "the volume would measure 3200 x 3200 x 200 mm, longer than a CT scan can be (2000 mm along each "
+        "the volume would measure 3200 x 3200 x 200 mm, longer than a CT scan can be (3000 mm along each "
         "axis at most); PixelSpacing or ImagePositionPatient is wrong"
     )
 
