@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -11,10 +12,12 @@ from db import jobs
 from db.jobs import InvalidTransition
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.admission import admit, instance_files
+from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files
 from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
 from dicom_node.routing import never_process_reason, series_facts
+
+LOG = logging.getLogger(__name__)
 
 
 class ActionRefused(Exception):
@@ -139,7 +142,7 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         guard = never_process_reason(series_facts(session, job.series))
         files = instance_files(session, job.series) if guard is None else []
         modality, study_patient = job.series.modality, job.series.study.patient_id
-    admission = None if guard else admit(files, context.settings.admission, modality, study_patient)
+    admission = None if guard else _admit(files, context, modality, study_patient, uid)
     if guard:
         refusal: str | None = f"not processed: {guard}"
     else:
@@ -149,3 +152,16 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {refusal}", study)
         raise ActionRefused(f"cannot re-route: {refusal}")
     return _Checked(state, instances, admission.warnings if admission else [])
+
+
+def _admit(
+    files: list[InstanceFile], context: ConsoleContext, modality: str | None, study_patient: str | None, uid: str
+) -> AdmissionResult:
+    """Admission, with a header no check foresaw refusing the re-route (as the watcher does) instead of failing it."""
+    try:
+        return admit(files, context.settings.admission, modality, study_patient)
+    except Exception:
+        LOG.exception("reroute.admission_error", extra={"event_fields": {"series_instance_uid": uid}})
+        return AdmissionResult(
+            refusal="the series' headers could not be checked (an unexpected error, in the node's log with the series UID)"
+        )
