@@ -235,3 +235,30 @@ def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
         )
     assert result.returncode == 1
     assert f"cannot start: the console cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def test_the_console_shows_and_offers_the_latest_runs_results(tmp_path):
+    """After a re-run the results live in jobs/<id>/run-<N>/: its measurements, preview and files, not run 1's."""
+    import json
+
+    from db.models import Job
+    from db.results import ResultFile, ResultKind
+    from dicom_node.console.queries import preview_path, result_files, structures
+
+    job_folder = tmp_path / "jobs" / "7"
+    for folder, volume in ((job_folder, 1.0), (job_folder / "run-2", 2.0)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "measurements.json").write_text(json.dumps({"structures": {"liver": {"volume_ml": volume}}}))
+        (folder / "preview.png").write_bytes(b"png")
+        (folder / "seg-binary.dcm").write_bytes(b"seg")
+    job = Job(
+        result_path=str(job_folder),
+        result_files=[ResultFile(ResultKind.SEG, str(job_folder / "run-2" / "seg-binary.dcm"), "BINARY")],
+    )
+
+    assert [row["volume_ml"] for row in structures(job)] == [2.0]
+    assert preview_path(job) == job_folder / "run-2" / "preview.png"
+    assert result_files(job) == {
+        "seg-binary.dcm": job_folder / "run-2" / "seg-binary.dcm",
+        "measurements.json": job_folder / "run-2" / "measurements.json",
+    }

@@ -214,12 +214,26 @@ def _size(path: Path) -> int | None:
         return None
 
 
+def latest_run_folder(job: Job) -> Path | None:
+    """The folder of the job's latest results: ``jobs/<id>/`` after the first run, ``jobs/<id>/run-<N>/`` after a
+    re-run (where its recorded result files lie); None without results."""
+    if not job.result_path:
+        return None
+    job_folder = Path(job.result_path).resolve()
+    for file in job.result_files or []:
+        folder = Path(file).parent.resolve()
+        if folder == job_folder or folder.parent == job_folder:
+            return folder
+    return job_folder
+
+
 def structures(job: Job) -> list[dict[str, Any]]:
     """The job's measurements.json (latest run): name, volume ml, mean and SD HU, cut by the scan's edge."""
-    if not job.result_path:
+    folder = latest_run_folder(job)
+    if folder is None:
         return []
     try:
-        written = json.loads((Path(job.result_path) / "measurements.json").read_text())
+        written = json.loads((folder / "measurements.json").read_text())
     except (OSError, ValueError):
         return []
     rows = []
@@ -243,22 +257,24 @@ def result_files(job: Job) -> dict[str, Path]:
     result folder are offered: nothing else on the disk can be reached through a download.
     """
     files = {Path(p).name: Path(p) for p in job.result_files or []}
-    if job.result_path:
-        files["measurements.json"] = Path(job.result_path) / "measurements.json"
+    folder = latest_run_folder(job)
+    if folder is not None:
+        files["measurements.json"] = folder / "measurements.json"
     return {name: path for name, path in files.items() if _inside_results(job, path)}
 
 
 def _inside_results(job: Job, path: Path) -> bool:
-    if not job.result_path or path.is_symlink() or not path.is_file():
+    folder = latest_run_folder(job)
+    if folder is None or path.is_symlink() or not path.is_file():
         return False
-    folder = Path(job.result_path).resolve()
     return path.resolve().parent == folder
 
 
 def preview_path(job: Job) -> Path | None:
-    if not job.result_path:
+    folder = latest_run_folder(job)
+    if folder is None:
         return None
-    path = Path(job.result_path) / "preview.png"
+    path = folder / "preview.png"
     return path if _inside_results(job, path) else None
 
 
