@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from datetime import timedelta
 
 import pydicom
@@ -265,10 +266,7 @@ def test_retry_routes_again_when_every_destination_has_its_files(sessions):
 
 @pytest.fixture
 def processed_for_pacs(tmp_path):
-    """A SENDING job (baseline model, SEG and SR for "pacs"), a pynetdicom Storage SCP as that PACS, and what it got."""
-    from collections import Counter
-
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    """A SENDING job (baseline model, SEG and SR for "pacs"), and a Storage SCP as that PACS noting what it got."""
     from sqlalchemy import select
 
     from db.models import Job
@@ -276,17 +274,9 @@ def processed_for_pacs(tmp_path):
     from dicom_node.config import Settings
     from dicom_node.worker import InferenceWorker
     from tests.conftest import seed_queued_series
+    from tests.test_dispatch_faults import Peer
 
-    received: Counter[str] = Counter()
-
-    def on_store(event) -> int:
-        received[str(event.dataset.SOPInstanceUID)] += 1
-        return 0x0000
-
-    pacs = AE(ae_title="PACS")
-    pacs.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    pacs = Peer("PACS").start()
     settings = Settings(
         storage={"directory": tmp_path / "storage"},
         inference={"workers": 0},
@@ -296,7 +286,7 @@ def processed_for_pacs(tmp_path):
             "max_retry_seconds": 0.5,
             "max_attempts": 2,
         },
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port, "send": ["seg", "sr"]}},
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "send": ["seg", "sr"]}},
     )
     migrate(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
@@ -306,9 +296,9 @@ def processed_for_pacs(tmp_path):
         session.scalars(select(Job)).one().destinations = ["pacs"]
     assert InferenceWorker(settings, sessions, "test-host:1").run_once()
     try:
-        yield settings, sessions, uid, received
+        yield settings, sessions, uid, pacs
     finally:
-        server.shutdown()
+        pacs.stop()
 
 
 def run_dispatcher_until(settings, sessions, uid: str, state: JobState) -> None:
@@ -334,7 +324,7 @@ def test_a_full_database_disk_while_recording_a_delivery_waits_instead_of_sendin
 ):
     from sqlalchemy.exc import OperationalError
 
-    settings, sessions, uid, received = processed_for_pacs
+    settings, sessions, uid, pacs = processed_for_pacs
     real, refusals = jobs.record_delivery, []
 
     def full_at_first(*args, **kwargs):
@@ -346,6 +336,7 @@ def test_a_full_database_disk_while_recording_a_delivery_waits_instead_of_sendin
     monkeypatch.setattr(jobs, "record_delivery", full_at_first)
     run_dispatcher_until(settings, sessions, uid, JobState.DONE)
 
+    received = Counter(pacs.received)
     assert len(refusals) == 4
     assert len(received) == 2 and set(received.values()) == {1}, received  # SEG and SR, each accepted once
     with sessions() as session:
@@ -353,7 +344,7 @@ def test_a_full_database_disk_while_recording_a_delivery_waits_instead_of_sendin
 
 
 def test_an_attempt_that_stops_on_an_unexpected_error_counts_and_waits_its_backoff(processed_for_pacs, monkeypatch):
-    settings, sessions, uid, received = processed_for_pacs
+    settings, sessions, uid, pacs = processed_for_pacs
 
     def broken(*args, **kwargs):
         raise RuntimeError("a fault no one foresaw")
@@ -362,6 +353,7 @@ def test_an_attempt_that_stops_on_an_unexpected_error_counts_and_waits_its_backo
     run_dispatcher_until(settings, sessions, uid, JobState.FAILED)
 
     # each of the 2 attempts sent the first file and stopped: counted, not repeated every pass
+    received = Counter(pacs.received)
     assert list(received.values()) == [2], received
     with sessions() as session:
         job = job_for_series_uid(session, uid)
