@@ -322,15 +322,9 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
 
 def _is_one_stack(frames: list[_Frame]) -> bool:
     """Whether the frames' positions, taken together, make one regular, unsheared stack."""
-    row_dir, col_dir = frames[0].orientation[:3], frames[0].orientation[3:]
-    normal = np.cross(row_dir, col_dir)
-    length = float(np.linalg.norm(normal))
-    if length < 0.5 or len(frames) < 2:
-        return False
-    normal = normal / length
-    positions = sorted((f.position for f in frames), key=lambda position: float(np.dot(position, normal)))
     try:
-        check_slice_stack(positions, normal)
+        normal = _common_orientation(frames)
+        _regular_step(sorted(frames, key=lambda f: float(np.dot(f.position, normal))), normal)
     except VolumeError:
         return False
     return True
