@@ -718,7 +718,7 @@ PROFILE_RULES: list[tuple[str, set[str] | None, str]] = [
             "InstanceStore.write_temporary",
             "InstanceStore.install",
             "InstanceStore.sync_folder",
-            "_fsync_dir",
+            "fsync_folder",
             "InstanceStore.path_for",
             "_place",
         },

@@ -42,7 +42,7 @@ from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
-from dicom_node.receive.storage import is_disk_full
+from dicom_node.receive.storage import fsync_folder, is_disk_full
 from inference.models import ModelUnavailable, Segmentation, SegmentationFailed, SegmentationModel, load_model
 from inference.models.prefetch import VolumePrefetcher
 from inference.volume import Volume, VolumeError, load_series_volume
@@ -384,11 +384,7 @@ def publish(result: Processed) -> Processed:
         for file in sorted(result.staged.iterdir()):
             if file.is_file():
                 os.replace(file, target / file.name)
-        descriptor = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_folder(target)
         shutil.rmtree(result.staged, ignore_errors=True)
     for left in result.staged.parent.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(left, ignore_errors=True)

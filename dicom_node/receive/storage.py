@@ -274,14 +274,14 @@ class InstanceStore:
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             if self.fsync:
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
+                fsync_folder(folder.parent)
+                fsync_folder(folder.parent.parent)
         os.replace(temporary, path)
 
     def sync_folder(self, folder: Path) -> None:
         """Make renames into ``folder`` durable (a no-op with ``storage.fsync: false``)."""
         if self.fsync:
-            _fsync_dir(folder)
+            fsync_folder(folder)
 
     def quarantine(self, file_meta: bytes, encoded: bytes) -> Path:
         """Keep the bytes of a refused instance, under a unique name, for an operator to inspect.
@@ -557,7 +557,8 @@ def _write_all(descriptor: int, *parts: bytes) -> None:
             pending[0] = pending[0][written:]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable (its renames and new files)."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
