@@ -16,16 +16,21 @@ from tests.conftest import dciodvfy
 ALGORITHM = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
 
 
-@pytest.fixture(scope="module")
-def structure_set(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rt")
-    series = write_phantom_series(
-        folder / "ct", PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
-    )
+def segmented_phantom(folder, spec: PhantomSpec):
+    """A phantom series' volume, the baseline model's segmentation, and its headers in slice order."""
+    series = write_phantom_series(folder, spec)
     volume = load_series_volume(series.files)
     result = ThresholdModel().segment(volume)
     headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
-    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    return volume, result, [headers[s.sop_instance_uid] for s in volume.slices]
+
+
+@pytest.fixture(scope="module")
+def structure_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rt")
+    volume, result, sources = segmented_phantom(
+        folder / "ct", PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
     dataset = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM)
     path = folder / "rtstruct.dcm"
     dataset.save_as(path, enforce_file_format=True)
@@ -34,13 +39,9 @@ def structure_set(tmp_path_factory):
 
 def test_rtstruct_names_the_patient_with_the_issuer_of_the_patient_id(tmp_path):
     """The SEG and SR carry IssuerOfPatientID (highdicom copies it); the RTSTRUCT must say the same."""
-    series = write_phantom_series(
+    volume, result, sources = segmented_phantom(
         tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4, pixel_spacing=(5.0, 5.0), slice_spacing=5.0)
     )
-    volume = load_series_volume(series.files)
-    result = ThresholdModel().segment(volume)
-    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
-    sources = [headers[s.sop_instance_uid] for s in volume.slices]
     without = encode_rtstruct(volume, sources, result.labels, result.classes, ALGORITHM)
     for source in sources:
         source.IssuerOfPatientID = "HOSPITAL_A"
