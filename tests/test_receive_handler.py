@@ -48,6 +48,10 @@ class RunningScp:
         assert assoc.is_established
         return assoc
 
+    def stored_bytes(self) -> dict[Path, bytes]:
+        """Every stored instance file and its bytes."""
+        return {path: path.read_bytes() for path in self.store.instances_dir.rglob("*.dcm")}
+
     def send(self, files: list[Path]) -> list[tuple[int, str]]:
         """Each file's (status, error comment), over one association."""
         assoc = self.associate()
@@ -177,14 +181,14 @@ def test_a_resent_series_is_written_again_only_until_the_first_duplicate_is_reco
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
     assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
     assert running_scp.recorder.wait_until_recorded(30)
-    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    stored = running_scp.stored_bytes()
     writes = _count_whole_writes(monkeypatch)
 
     answers = running_scp.send(series.files)  # the same series again, over one association
 
     assert answers == [(status.SUCCESS, "")] * len(series.files)
     assert len(writes) == 1  # only the first resent instance, before it was known to be here
-    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert running_scp.stored_bytes() == stored
     assert running_scp.recorder.wait_until_recorded(30)
     with running_scp.sessions() as session:
         recorded = [row.sop_instance_uid for row in session.scalars(select(Instance))]
@@ -201,7 +205,7 @@ def test_a_resent_instance_whose_file_is_purged_before_its_journal_line_is_writt
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
     assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
     assert running_scp.recorder.wait_until_recorded(30)
-    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    stored = running_scp.stored_bytes()
     purged: list[Path] = []
     calls: list[str] = []
     append = Journal.append
@@ -218,7 +222,7 @@ def test_a_resent_instance_whose_file_is_purged_before_its_journal_line_is_writt
 
     assert answers == [(status.SUCCESS, "")] * len(series.files)
     assert len(purged) == len(series.files) - 1
-    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert running_scp.stored_bytes() == stored
     assert_no_temporary_files(running_scp.store.root)
 
 
@@ -266,7 +270,7 @@ def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_
 
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
     assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
-    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    stored = running_scp.stored_bytes()
     corrected = dcmread(series.files[1])
     corrected.PatientID = "CORRECTED-99"
     corrected_path = tmp_path / "corrected.dcm"
@@ -275,7 +279,7 @@ def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_
     answers = running_scp.send([series.files[0], corrected_path] if resending else [corrected_path])
 
     assert answers[-1][0] == status.CANNOT_UNDERSTAND
-    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert running_scp.stored_bytes() == stored
     assert len(list(running_scp.store.quarantine_dir.iterdir())) == 1
     with running_scp.sessions() as session:
         (reason,) = session.scalars(select(RejectedInstance.reason))
@@ -329,7 +333,7 @@ def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(
     del first.AccessionNumber
     first.save_as(series.files[0])
     assert running_scp.send(series.files[:2]) == [(status.SUCCESS, "")] * 2
-    stored = {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")}
+    stored = running_scp.stored_bytes()
     completed = dcmread(series.files[0])
     completed.AccessionNumber = "RIS-0001"
     padded = dcmread(series.files[1])
@@ -339,5 +343,5 @@ def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(
     padded.save_as(resent[1])
 
     assert running_scp.send(resent) == [(status.SUCCESS, "")] * 2
-    assert {path: path.read_bytes() for path in running_scp.store.instances_dir.rglob("*.dcm")} == stored
+    assert running_scp.stored_bytes() == stored
     assert not running_scp.store.quarantine_dir.exists() or not list(running_scp.store.quarantine_dir.iterdir())
