@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs
@@ -97,11 +97,6 @@ _COUNT_INSTANCES = (
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
     found = session.connection().execute(_FIND_INSTANCE, {"sop_instance_uid": sop_instance_uid})
     return found.first() is not None
-
-
-def recorded_path(session: Session, sop_instance_uid: str) -> str | None:
-    """Where the instance with this SOP Instance UID is stored, if it is recorded at all."""
-    return recorded_paths(session, [sop_instance_uid]).get(sop_instance_uid)
 
 
 def recorded_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:
@@ -218,12 +213,17 @@ def record_rejection(
     sop_class_uid: str | None,
     transfer_syntax_uid: str | None,
     calling_ae_title: str | None,
+    series_instance_uid: str | None = None,
 ) -> None:
-    """Record an instance answered with a failure status (its bytes are in quarantine at ``path``)."""
+    """Record an instance refused or set aside (its bytes are in quarantine at ``path``).
+
+    ``series_instance_uid``: the series its header names, where that could be read.
+    """
     session.add(
         RejectedInstance(
             sop_instance_uid=sop_instance_uid or None,
             sop_class_uid=sop_class_uid or None,
+            series_instance_uid=series_instance_uid or None,
             transfer_syntax_uid=transfer_syntax_uid,
             calling_ae_title=calling_ae_title,
             status=status,
@@ -231,6 +231,43 @@ def record_rejection(
             path=path,
         )
     )
+
+
+@dataclass(frozen=True)
+class MissingInstances:
+    """Instances sent for a series that it does not hold: refused on receipt, or set aside after it."""
+
+    count: int
+    first_sop_instance_uid: str | None
+    first_reason: str
+
+
+def instances_refused_for_series(session: Session, series: Series) -> MissingInstances | None:
+    """What was refused or set aside for ``series`` and is not in it since (None when nothing is missing).
+
+    A refused SOP Instance UID that the series holds now (sent again and stored) no longer counts;
+    one refused several times counts once.
+    """
+    stored = select(Instance.sop_instance_uid).where(Instance.series_id == series.id)
+    missing = (
+        RejectedInstance.series_instance_uid == series.series_instance_uid,
+        or_(RejectedInstance.sop_instance_uid.is_(None), RejectedInstance.sop_instance_uid.not_in(stored)),
+    )
+    first = session.scalars(
+        select(RejectedInstance).where(*missing).order_by(RejectedInstance.received_at, RejectedInstance.id).limit(1)
+    ).first()
+    if first is None:
+        return None
+    named = session.scalar(select(func.count(func.distinct(RejectedInstance.sop_instance_uid))).where(*missing)) or 0
+    unnamed = (
+        session.scalar(
+            select(func.count())
+            .select_from(RejectedInstance)
+            .where(*missing, RejectedInstance.sop_instance_uid.is_(None))
+        )
+        or 0
+    )
+    return MissingInstances(named + unnamed, first.sop_instance_uid, first.reason)
 
 
 def record_results(session: Session, job_id: int, records: list[InstanceRecord]) -> None:

@@ -198,13 +198,18 @@ class AuditEvent(Base):
 
 
 class RejectedInstance(Base):
-    """An instance we answered with a failure status; its bytes are kept in quarantine."""
+    """An instance refused with a failure status, or set aside after its success status; its bytes are in quarantine.
+
+    ``series_instance_uid`` is the series the instance said it belonged to, where its header told;
+    completion counts the ones a series lacks (a partial series).
+    """
 
     __tablename__ = "rejected_instances"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[int]

@@ -299,18 +299,19 @@ def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
 
 @app.command()
 def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] = 20) -> None:
-    """Instances the node refused, why, and where their bytes are kept."""
+    """Instances the node refused (or set aside after accepting: status 0x0000), why, and where their bytes are kept."""
     settings = _settings(config)
     with _session(settings) as session:
         rows = list(
             session.scalars(select(RejectedInstance).order_by(RejectedInstance.received_at.desc()).limit(limit))
         )
-    table = Table("received", "calling AE", "status", "SOP instance UID", "reason", "kept at")
+    table = Table("received", "calling AE", "status", "series instance UID", "SOP instance UID", "reason", "kept at")
     for row in rows:
         table.add_row(
             row.received_at.isoformat(timespec="seconds"),
             row.calling_ae_title or "",
             f"0x{row.status:04X}",
+            row.series_instance_uid or "",
             row.sop_instance_uid or "",
             row.reason,
             row.path or "",

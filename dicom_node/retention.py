@@ -442,8 +442,10 @@ def purge_quarantine(sessions: sessionmaker[Session], root: Path, days: float, n
     removed = 0
     with transaction(sessions) as session:
         old = list(session.scalars(select(RejectedInstance).where(RejectedInstance.received_at < cutoff)))
+        # A copy set aside again (same series and SOP Instance UID) has one file and a newer row: it stays.
+        still_named = set(session.scalars(select(RejectedInstance.path).where(RejectedInstance.received_at >= cutoff)))
         for row in old:
-            if row.path and _inside(Path(row.path), root):
+            if row.path and row.path not in still_named and _inside(Path(row.path), root):
                 Path(row.path).unlink(missing_ok=True)
             session.delete(row)
             removed += 1

@@ -11,6 +11,7 @@ has committed, so the log never tells of a change the database does not hold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import jobs
+from db.ingest import MissingInstances, instances_refused_for_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
 from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import transaction
@@ -47,6 +49,18 @@ class _Pending:
     def log(self) -> None:
         for level, event, fields in self.events:
             log_event(LOG, level, event, **fields)
+
+
+def _refusal_warnings(series: Series, missing: MissingInstances | None) -> list[str]:
+    """The partial-series warning for images sent for ``series`` that it does not hold (refused, set aside)."""
+    if missing is None:
+        return []
+    first = f"SOP Instance UID {missing.first_sop_instance_uid}" if missing.first_sop_instance_uid else "one"
+    reason = missing.first_reason if len(missing.first_reason) <= 300 else missing.first_reason[:297] + "..."
+    return [
+        f"{PARTIAL_SERIES_PREFIX} {missing.count} image(s) sent for this series were refused or set aside on "
+        f"receipt and are not in it; the result covers the {series.instance_count} stored (first, {first}: {reason})"
+    ]
 
 
 class SeriesWatcher(PeriodicTask):
@@ -82,16 +96,25 @@ class SeriesWatcher(PeriodicTask):
                 if job.series.series_instance_uid in waiting:
                     continue  # more acknowledged instances are on their way into the count
                 count = job.series.instance_count
-                self._complete(session, job, f"all {count} expected images received (ImagesInAcquisition)", pending)
+                reason = f"all {count} expected images received (ImagesInAcquisition)"
+                missing = instances_refused_for_series(session, job.series)
+                self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing))
             for job in jobs.quiet_receiving_jobs(session, quiet):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
                 images = _images_received(session, series)
                 expected = series.expected_instances
+                missing = instances_refused_for_series(session, series)
                 if expected is None or images >= expected:
                     reason = f"no new instance for {quiet.total_seconds():g} s ({series.instance_count} received)"
-                    self._complete(session, job, reason, pending)
+                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
+                elif missing is not None and images + missing.count >= expected:
+                    reason = (
+                        f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} expected images "
+                        f"stored, and {missing.count} were refused on receipt"
+                    )
+                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
                 elif job.id in timed_out:
                     warning = (
                         f"{PARTIAL_SERIES_PREFIX} {images} of {expected} expected images (ImagesInAcquisition) "
@@ -101,7 +124,7 @@ class SeriesWatcher(PeriodicTask):
                         f"only {images} of {expected} expected images after "
                         f"{expected_timeout.total_seconds():g} s without a new one (partial series)"
                     )
-                    self._complete(session, job, reason, pending, warning=warning)
+                    self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing)])
         pending.log()
 
     def route_complete_series(self) -> None:
@@ -111,9 +134,11 @@ class SeriesWatcher(PeriodicTask):
         for job_id in job_ids:
             self._route(job_id)
 
-    def _complete(self, session: Session, job: Job, reason: str, pending: _Pending, warning: str | None = None) -> None:
+    def _complete(
+        self, session: Session, job: Job, reason: str, pending: _Pending, warnings: Sequence[str] = ()
+    ) -> None:
         jobs.mark_complete(session, job, reason)
-        jobs.append_warnings(job, [warning] if warning else [], replacing=is_partial_series_warning)
+        jobs.append_warnings(job, warnings, replacing=is_partial_series_warning)
         pending.add(
             logging.INFO,
             "series.complete",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pydicom
 import pytest
 
 from db.jobs import job_for_series_uid
-from db.models import JobEvent, JobState, Series
+from db.models import JobEvent, JobState, RejectedInstance, Series
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import CT_RULES, storescu
 from tests.test_partial_results import result_files
@@ -74,3 +75,71 @@ def test_a_forced_early_timeout_gives_a_partial_result_then_a_full_one_that_supe
         rows = session.query(Series).filter(Series.source_job_id.is_not(None)).order_by(Series.id).all()
         assert [r.superseded_at is not None for r in rows] == [True, True, False, False]
         assert not job_for_series_uid(session, series.series_instance_uid).warnings
+
+
+SMALL = PhantomSpec(rows=48, columns=48, slices=12, pixel_spacing=(8.0, 8.0), slice_spacing=4.0)
+
+
+def _missing_warning(node, series_uid: str) -> list[str]:
+    with node.sessions() as session:
+        return list(job_for_series_uid(session, series_uid).warnings or [])
+
+
+def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is_sent_again(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", SMALL)
+    last = pydicom.dcmread(series.files[-1])
+    last.InstanceNumber = "99999999999"  # beyond what an integer string may hold: refused on receipt
+    wrong = tmp_path / "wrong.dcm"
+    last.save_as(wrong)
+    node = start_node(rules=CT_RULES, inference={"workers": 1}, completion={"quiet_seconds": 1})
+
+    storescu(node.port, series.files[:-1])
+    storescu(node.port, [wrong])
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+
+    partial = pydicom.dcmread(result_files(node, series.series_instance_uid)["seg-binary.dcm"], stop_before_pixels=True)
+    assert "PARTIAL" in partial.SeriesDescription
+    assert len(partial.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SMALL.slices - 1
+    (warning,) = _missing_warning(node, series.series_instance_uid)
+    assert warning.startswith("partial series: 1 image(s) sent for this series were refused or set aside on receipt")
+    assert f"SOP Instance UID {last.SOPInstanceUID}" in warning and "InstanceNumber" in warning
+
+    assert storescu(node.port, series.files[-1:]).returncode == 0  # the image, as it should have been
+    node.wait_for_state(series.series_instance_uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=180)
+    full = pydicom.dcmread(result_files(node, series.series_instance_uid)["seg-binary.dcm"], stop_before_pixels=True)
+    assert "PARTIAL" not in full.SeriesDescription
+    assert len(full.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SMALL.slices
+    assert _missing_warning(node, series.series_instance_uid) == []
+
+
+def test_an_instance_already_stored_in_another_series_is_set_aside_and_its_new_series_marked_partial(
+    tmp_path, start_node
+):
+    first = write_phantom_series(tmp_path / "first", SMALL)
+    second = write_phantom_series(tmp_path / "second", dataclasses.replace(SMALL, seed=1))
+    reused = pydicom.dcmread(second.files[-1])
+    reused.SOPInstanceUID = reused.file_meta.MediaStorageSOPInstanceUID = pydicom.dcmread(
+        first.files[-1]
+    ).SOPInstanceUID
+    reused.save_as(second.files[-1])  # a modality that reissued a SOP Instance UID in a new series
+    node = start_node(completion={"quiet_seconds": 1})
+
+    assert storescu(node.port, first.files).returncode == 0
+    assert storescu(node.port, second.files).returncode == 0  # acknowledged: nothing refused at the door
+    node.wait_for_state(second.series_instance_uid, JobState.IGNORED, timeout=30)
+
+    (warning,) = _missing_warning(node, second.series_instance_uid)
+    assert warning.startswith("partial series: 1 image(s) sent for this series were refused or set aside")
+    assert f"already stored in series {first.series_instance_uid}" in warning
+    assert _missing_warning(node, first.series_instance_uid) == []
+    stored = node.storage / "instances" / first.study_instance_uid / first.series_instance_uid
+    assert pydicom.dcmread(stored / f"{reused.SOPInstanceUID}.dcm").SeriesInstanceUID == first.series_instance_uid
+    with node.sessions() as session:
+        row = session.query(RejectedInstance).one()
+        counts = dict(session.query(Series.series_instance_uid, Series.instance_count))
+    assert counts == {first.series_instance_uid: SMALL.slices, second.series_instance_uid: SMALL.slices - 1}
+    kept = pydicom.dcmread(row.path)  # the acknowledged copy, whole, in quarantine
+    assert (kept.SeriesInstanceUID, row.series_instance_uid) == (second.series_instance_uid,) * 2
+    listed = node.cli("rejected")
+    assert listed.returncode == 0 and "0x0000" in listed.stdout

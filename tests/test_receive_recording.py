@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Instance, Job, JobState, Series
+from db.models import Instance, Job, JobState, RejectedInstance, Series
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.receive.storage import InstanceStore, record_stored_instances
 
@@ -61,7 +61,7 @@ def test_a_batch_records_each_series_once_and_counts_every_new_instance(tmp_path
     assert recorded == {r.sop_instance_uid for r in batch}
 
 
-def test_a_copy_sent_twice_in_one_batch_under_other_series_uids_is_kept_once(tmp_path):
+def test_a_copy_under_other_series_uids_is_set_aside_with_a_row_naming_its_series(tmp_path):
     store, sessions = _setup(tmp_path)
     first = _stored(store, "1.2.3.1", "1.2.3.9")
     same_path_again = replace(first)
@@ -72,11 +72,41 @@ def test_a_copy_sent_twice_in_one_batch_under_other_series_uids_is_kept_once(tmp
 
     assert [o.recorded.stored for o in outcomes] == [True, False, False]
     assert {o.path for o in outcomes} == {Path(first.path)}
-    assert Path(first.path).exists()
+    assert [o.set_aside is not None for o in outcomes] == [False, False, True]
+    assert Path(first.path).read_bytes() == b"1.2.3.1/1.2.3.9"  # never replaced by the other series' copy
     assert not Path(elsewhere.path).exists()
+    set_aside = outcomes[2].set_aside
+    assert set_aside is not None and set_aside.parent == store.quarantine_dir
+    assert set_aside.read_bytes() == b"1.2.3.2/1.2.3.9"  # nothing acknowledged is lost
     with sessions() as session:
         assert session.scalar(select(Series.instance_count).where(Series.series_instance_uid == "1.2.3.1")) == 1
         assert session.scalar(select(Series.id).where(Series.series_instance_uid == "1.2.3.2")) is None
+        row = session.scalars(select(RejectedInstance)).one()
+    assert (row.series_instance_uid, row.sop_instance_uid, row.status, row.path) == (
+        "1.2.3.2",
+        "1.2.3.9",
+        0,
+        str(set_aside),
+    )
+    assert "already stored in series 1.2.3.1" in row.reason and "set aside" in row.reason
+
+
+def test_setting_a_copy_aside_again_after_a_rollback_records_it_once(tmp_path):
+    store, sessions = _setup(tmp_path)
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [_stored(store, "1.2.3.1", "1.2.3.9")])
+    elsewhere = _stored(store, "1.2.3.2", "1.2.3.9")
+
+    session = sessions()
+    with session.begin():
+        record_stored_instances(session, store, [elsewhere])
+        session.rollback()  # the recorder's transaction failed after the file was moved
+    with transaction(sessions) as session:
+        (outcome,) = record_stored_instances(session, store, [elsewhere])
+
+    assert outcome.set_aside is not None and outcome.set_aside.exists()
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(RejectedInstance)) == 1
 
 
 def test_a_batch_reopens_a_completed_series_once_and_skips_what_is_recorded(tmp_path):

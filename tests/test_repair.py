@@ -10,6 +10,7 @@ from pydicom.uid import generate_uid
 
 from db.models import Instance, RejectedInstance
 from dicom_node.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +71,31 @@ def test_node_starts_with_an_out_of_range_value_on_disk_and_quarantines_the_file
     node.stop()
     node.start()  # and again: nothing left to repair, no crash loop
     assert node.log().count("repair.quarantined_file") == 2
+
+
+def test_a_copy_left_under_another_series_is_set_aside_at_start_up_not_filed_twice(tmp_path, start_node):
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    node = start_node()
+    assert storescu(node.port, series.files).returncode == 0
+    wait_for(lambda: node.job_state(series.series_instance_uid) is not None, timeout=30, what="the series recorded")
+    node.stop()
+    copy = pydicom.dcmread(series.files[0])
+    copy.SeriesInstanceUID = generate_uid()  # acknowledged under another series, then the node died unrecorded
+    left = place_in_storage(node.storage, copy)
+
+    node.start()
+
+    assert not left.exists()
+    with node.sessions() as session:
+        row = session.query(RejectedInstance).one()
+        paths = [
+            path for (path,) in session.query(Instance.path).filter(Instance.sop_instance_uid == copy.SOPInstanceUID)
+        ]
+    assert (row.sop_instance_uid, row.series_instance_uid, row.status) == (
+        copy.SOPInstanceUID,
+        copy.SeriesInstanceUID,
+        0,
+    )
+    assert pydicom.dcmread(row.path).SeriesInstanceUID == copy.SeriesInstanceUID  # kept whole in quarantine
+    assert len(paths) == 1 and pydicom.dcmread(paths[0]).SeriesInstanceUID == series.series_instance_uid
+    assert "duplicates_of_other_series_quarantined=1" in node.log() and "repair.set_aside_file" in node.log()

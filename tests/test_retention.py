@@ -341,11 +341,12 @@ def test_refused_instances_are_purged_by_their_own_age(node):
     quarantine = settings.storage.directory / "quarantine"
     quarantine.mkdir(parents=True, exist_ok=True)
     old_file, new_file, orphan = quarantine / "old.dcm", quarantine / "new.dcm", quarantine / "orphan.raw"
-    for path in (old_file, new_file, orphan):
+    set_aside_twice = quarantine / "1.2.3.2-1.2.3.9.dcm"  # a copy set aside 40 days ago and again yesterday
+    for path in (old_file, new_file, orphan, set_aside_twice):
         path.write_bytes(b"junk")
     os.utime(orphan, (NOW.timestamp() - 40 * 86400,) * 2)
     with transaction(sessions) as session:
-        for path, days in ((old_file, 40), (new_file, 1)):
+        for path, days in ((old_file, 40), (new_file, 1), (set_aside_twice, 40), (set_aside_twice, 1)):
             record_rejection(
                 session,
                 status=0xC000,
@@ -357,16 +358,18 @@ def test_refused_instances_are_purged_by_their_own_age(node):
                 calling_ae_title="PACS",
             )
             session.flush()
-            session.scalars(select(RejectedInstance).where(RejectedInstance.path == str(path))).one().received_at = (
-                NOW - timedelta(days=days)
-            )
+            newest = session.scalars(
+                select(RejectedInstance).where(RejectedInstance.path == str(path)).order_by(RejectedInstance.id.desc())
+            ).first()
+            newest.received_at = NOW - timedelta(days=days)
 
     removed = purge_quarantine(sessions, settings.storage.directory, days=30, now=NOW)
 
-    assert removed == 2
-    assert not old_file.exists() and not orphan.exists() and new_file.exists()
+    assert removed == 3  # two rows 40 days old and the orphan file
+    assert not old_file.exists() and not orphan.exists() and new_file.exists() and set_aside_twice.exists()
     with sessions() as session:
-        assert [row.path for row in session.scalars(select(RejectedInstance))] == [str(new_file)]
+        kept = sorted(row.path for row in session.scalars(select(RejectedInstance)))
+    assert kept == sorted([str(new_file), str(set_aside_twice)])
 
 
 # --- a sender sending the series again while it is purged ------------------------------------------------------

@@ -186,54 +186,6 @@ def test_every_write_gets_its_own_temporary_name(tmp_path):
     assert len(names) == 50
 
 
-def _commit_setup(tmp_path):
-    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
-    from db.session import make_engine, make_session_factory, migrate
-
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    migrate(url)
-    store = InstanceStore(tmp_path / "storage")
-    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    record = InstanceRecord(
-        sop_instance_uid="1.2.3.4.5",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=str(path),
-        size_bytes=10,
-        study=StudyAttributes("1.2.3"),
-        series=SeriesAttributes("1.2.3.4", modality="CT"),
-    )
-    return store, make_session_factory(make_engine(url)), path, record
-
-
-def test_duplicate_removes_only_its_own_temporary_file(tmp_path):
-    from dicom_node.receive.storage import commit_instance
-
-    store, sessions, path, record = _commit_setup(tmp_path)
-    first = commit_instance(store, sessions, store.write_temporary(b"first ", b"copy"), record)
-    in_flight = store.write_temporary(b"another association's ", b"write")  # must survive
-    second = commit_instance(store, sessions, store.write_temporary(b"second ", b"copy"), record)
-
-    assert first.recorded.stored and not second.recorded.stored and not second.replaced_missing_file
-    assert path.read_bytes() == b"first copy"
-    store.close()  # removes the spare files made ahead of writes
-    assert list(store.incoming_dir.iterdir()) == [in_flight]
-
-
-def test_duplicate_takes_the_place_of_a_recorded_file_that_is_missing(tmp_path):
-    from dicom_node.receive.storage import commit_instance
-
-    store, sessions, path, record = _commit_setup(tmp_path)
-    commit_instance(store, sessions, store.write_temporary(b"first ", b"copy"), record)
-    path.unlink()  # lost from disk, still recorded
-
-    again = commit_instance(store, sessions, store.write_temporary(b"sent ", b"again"), record)
-
-    assert again.replaced_missing_file and path.read_bytes() == b"sent again"
-    store.close()  # removes the spare files made ahead of writes
-    assert list(store.incoming_dir.iterdir()) == []
-
-
 def test_uids_that_are_not_uids_never_become_paths(tmp_path):
     store = InstanceStore(tmp_path)
     with pytest.raises(ValueError, match="not a valid UID"):

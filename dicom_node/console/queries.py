@@ -311,6 +311,7 @@ def rejected(session: Session, limit: int = 100, *, with_patient: bool = True) -
             "received_at": _iso(row.received_at),
             "calling_ae_title": row.calling_ae_title,
             "status": f"0x{row.status:04X}",
+            "series_instance_uid": row.series_instance_uid,
             "sop_instance_uid": row.sop_instance_uid,
             "reason": _reason_for(row.reason, with_patient),
         }

@@ -105,11 +105,15 @@ attributes, and the study's identifiers and dates, which point to one patient as
 
 
 class InvalidInstance(ValueError):
-    """The data set cannot be stored as it is; ``status`` is the DICOM failure status to answer."""
+    """The data set cannot be stored as it is; ``status`` is the DICOM failure status to answer.
 
-    def __init__(self, message: str, status_code: int) -> None:
+    ``series_instance_uid`` is the series the data set names, when that UID itself was valid.
+    """
+
+    def __init__(self, message: str, status_code: int, series_instance_uid: str | None = None) -> None:
         super().__init__(message)
         self.status = status_code
+        self.series_instance_uid = series_instance_uid
 
 
 @dataclass(frozen=True)
@@ -358,11 +362,13 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
     InvalidInstance
         When a required UID is missing or malformed, or disagrees with the C-STORE request.
     """
+    series_uid: str | None = None
     try:
         uids = {
             keyword: _text(dataset, keyword)
             for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
+        series_uid = uids["SeriesInstanceUID"] if is_valid_uid(uids["SeriesInstanceUID"]) else None
         for keyword, value in uids.items():
             if not is_valid_uid(value):
                 shown = "is empty" if not value else f"{_shown(value)} is not a valid UID"
@@ -380,12 +386,14 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
                 status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             )
         return _gather(dataset, uids)
-    except InvalidInstance:
+    except InvalidInstance as exc:
+        exc.series_instance_uid = exc.series_instance_uid or series_uid
         raise
     except Exception:  # noqa: BLE001 - a malformed value deep inside an element
         raise InvalidInstance(
             "data set cannot be read: one of its identifying attributes holds a value that cannot be decoded",
             status.CANNOT_UNDERSTAND,
+            series_uid,
         ) from None
 
 

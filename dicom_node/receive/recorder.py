@@ -294,6 +294,7 @@ class InstanceRecorder:
                     self.store,
                     self.sessions,
                     when="received",
+                    series_instance_uid=pending.record.series.series_instance_uid,
                 )
             except Exception:  # start-up repair sees the file again
                 LOG.exception("recorder.quarantine_failed")
@@ -301,27 +302,28 @@ class InstanceRecorder:
 
 def _log_outcome(record: InstanceRecord, stored: StoreOutcome) -> None:
     outcome = stored.recorded
+    if stored.set_aside is not None:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "instance.set_aside",
+            sop_instance_uid=record.sop_instance_uid,
+            series_instance_uid=record.series.series_instance_uid,
+            calling_ae=record.calling_ae_title,
+            quarantine=str(stored.set_aside),
+            note=f"this SOP Instance UID is already stored in series {stored.path.parent.name}; the copy was "
+            "acknowledged, then set aside, and the series it names is processed without it (marked partial)",
+        )
+        return
     if not outcome.stored:
-        if stored.replaced_missing_file or stored.path != Path(record.path):
-            log_event(
-                LOG,
-                logging.WARNING if stored.replaced_missing_file else logging.INFO,
-                "instance.duplicate",
-                sop_instance_uid=record.sop_instance_uid,
-                calling_ae=record.calling_ae_title,
-                note="the recorded file was missing; this copy took its place"
-                if stored.replaced_missing_file
-                else "already stored under other study or series UIDs; kept once",
-            )
-        else:
-            log_event(
-                LOG,
-                logging.INFO,
-                "instance.duplicate",
-                sop_instance_uid=record.sop_instance_uid,
-                calling_ae=record.calling_ae_title,
-                note="already stored; kept once",
-            )
+        log_event(
+            LOG,
+            logging.INFO,
+            "instance.duplicate",
+            sop_instance_uid=record.sop_instance_uid,
+            calling_ae=record.calling_ae_title,
+            note="already stored; kept once",
+        )
         return
     if outcome.series_created:
         log_event(
@@ -351,7 +353,7 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
     for segment in sorted(folder.glob(pattern)):
         paths = [line for line in segment.read_text(encoding="utf-8", errors="replace").splitlines() if line]
         for path in dict.fromkeys(paths):
-            if _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions):
+            if _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions) == "indexed":
                 indexed += 1
         segment.unlink(missing_ok=True)
     if indexed:
@@ -389,8 +391,9 @@ def series_waiting_to_be_recorded(storage_directory: Path) -> set[str]:
 
 
 def _needs_indexing(sessions: sessionmaker[Session], path: Path) -> bool:
+    """Whether a journaled file is on disk and not recorded at this path (a copy under another series counts)."""
     if not path.is_file():
         return False  # never renamed into place: it was not acknowledged
     with sessions() as session:
-        found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == path.stem)).first()
-    return found is None
+        recorded = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == path.stem))
+    return recorded != str(path)

@@ -241,7 +241,17 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         try:
             header = _checked_header(encoded, transfer_syntax, sop_class, sop_instance)
         except InvalidInstance as exc:
-            return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
+            return _refuse(
+                context,
+                encoded,
+                file_meta,
+                exc.status,
+                str(exc),
+                request,
+                transfer_syntax,
+                calling_ae,
+                series_instance_uid=exc.series_instance_uid,
+            )
         path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
         temporary, write_error = (None, None) if path.exists() else _write_temporary(context.store, file_meta, encoded)
     else:
@@ -254,7 +264,17 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             header = checking.result()
         except InvalidInstance as exc:
             _discard(temporary)
-            return _refuse(context, encoded, file_meta, exc.status, str(exc), request, transfer_syntax, calling_ae)
+            return _refuse(
+                context,
+                encoded,
+                file_meta,
+                exc.status,
+                str(exc),
+                request,
+                transfer_syntax,
+                calling_ae,
+                series_instance_uid=exc.series_instance_uid,
+            )
         except BaseException:
             _discard(temporary)
             raise
@@ -269,13 +289,29 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
                 "kept and this one quarantined (a stored instance is never relabelled with another identity)"
             )
             return _refuse(
-                context, encoded, file_meta, status.CANNOT_UNDERSTAND, reason, request, transfer_syntax, calling_ae
+                context,
+                encoded,
+                file_meta,
+                status.CANNOT_UNDERSTAND,
+                reason,
+                request,
+                transfer_syntax,
+                calling_ae,
+                series_instance_uid=header.series.series_instance_uid,
             )
     study_conflict = context.studies.conflict(header)
     if study_conflict is not None:
         _discard(temporary)
         return _refuse(
-            context, encoded, file_meta, status.CANNOT_UNDERSTAND, study_conflict, request, transfer_syntax, calling_ae
+            context,
+            encoded,
+            file_meta,
+            status.CANNOT_UNDERSTAND,
+            study_conflict,
+            request,
+            transfer_syntax,
+            calling_ae,
+            series_instance_uid=header.series.series_instance_uid,
         )
     if write_error is not None:
         return _write_failed(write_error, sop_instance, calling_ae)
@@ -395,8 +431,10 @@ def _refuse(
     request: Any,
     transfer_syntax: UID,
     calling_ae: str,
+    *,
+    series_instance_uid: str | None = None,
 ) -> Dataset:
-    """Answer a failure status, keep the bytes in quarantine and record why."""
+    """Answer a failure status, keep the bytes in quarantine and record why (and which series lacks them)."""
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     quarantined: str | None = None
@@ -415,6 +453,7 @@ def _refuse(
                 sop_class_uid=sop_class,
                 transfer_syntax_uid=str(transfer_syntax),
                 calling_ae_title=calling_ae,
+                series_instance_uid=series_instance_uid,
             )
     except Exception:  # the refusal itself must still go out
         LOG.exception("instance.rejection_not_recorded")

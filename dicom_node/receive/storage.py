@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
@@ -37,10 +38,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import (
     InstanceRecord,
     RecordOutcome,
-    record_instance,
     record_new_instances,
     record_rejection,
-    recorded_path,
     recorded_paths,
 )
 from db.models import Instance, Series
@@ -324,41 +323,11 @@ class InstanceStore:
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    """What :func:`commit_instance` did with one received instance."""
+    """What :func:`record_stored_instances` did with one received instance."""
 
     recorded: RecordOutcome
     path: Path  # where the instance now is
-    replaced_missing_file: bool = False  # a duplicate whose recorded file had gone: this copy took its place
-
-
-def commit_instance(
-    store: InstanceStore, sessions: sessionmaker[Session], temporary: Path, record: InstanceRecord
-) -> StoreOutcome:
-    """Rename a received instance's temporary file into place and record it, in one transaction.
-
-    This is the one place where an instance file and its database row are made
-    consistent. The database's write lock (``BEGIN IMMEDIATE`` on SQLite) is held
-    throughout, so concurrent associations sending the same SOP Instance UID
-    take turns: the first renames its file into place and inserts the row; a
-    later one finds the row and removes only its own temporary file, unless the
-    recorded file is missing from disk, in which case its copy takes that place.
-    A file renamed into place whose commit then fails is indexed at the next
-    start (:func:`repair`). Safe to run again after a rollback; the caller
-    syncs the folder (:meth:`InstanceStore.sync_folder`) before answering.
-    """
-    with transaction(sessions) as session:
-        existing = recorded_path(session, record.sop_instance_uid)
-        if existing is None:
-            target = Path(record.path)
-            if temporary.exists():  # else an earlier try renamed it, then its commit failed
-                store.install(temporary, target)
-            return StoreOutcome(record_instance(session, record), target)
-        target = Path(existing)
-        if target.exists():
-            temporary.unlink(missing_ok=True)
-            return StoreOutcome(RecordOutcome(stored=False), target)
-        store.install(temporary, target)
-        return StoreOutcome(RecordOutcome(stored=False), target, replaced_missing_file=True)
+    set_aside: Path | None = None  # a copy naming another series than the one it is stored in: now in quarantine
 
 
 def record_stored_instance(
@@ -375,8 +344,8 @@ def record_stored_instances(
 
     A SOP Instance UID recorded before, or earlier in ``records``, keeps its first
     file: a copy stored under other study or series UIDs (so at another path) is
-    removed, unless the first file is missing, in which case the copy takes its
-    place. Safe to run again after a rollback. ``counted_at`` becomes the series'
+    set aside in quarantine and recorded as such (:func:`_keep_first_copy`).
+    Safe to run again after a rollback. ``counted_at`` becomes the series'
     ``last_received_at`` (see :func:`db.ingest.record_instance`).
     """
     first_paths = recorded_paths(session, (record.sop_instance_uid for record in records))
@@ -388,24 +357,47 @@ def record_stored_instances(
             first_paths[record.sop_instance_uid] = record.path  # a later copy in this batch is a duplicate
             new.append(index)
         else:
-            outcomes[index] = _keep_first_copy(store, record, Path(existing))
+            outcomes[index] = _keep_first_copy(session, store, record, Path(existing))
     recorded = record_new_instances(session, [records[index] for index in new], counted_at=counted_at)
     for index, outcome in zip(new, recorded, strict=True):
         outcomes[index] = StoreOutcome(outcome, Path(records[index].path))
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _keep_first_copy(store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
-    """A duplicate of the instance recorded at ``target``: remove its copy, unless the first file is gone."""
+def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
+    """A duplicate of the instance recorded at ``target``: kept once, never filed under another series.
+
+    A copy at ``target`` itself is the same instance sent again. A copy that names another study or
+    series is set aside in quarantine, with a ``rejected_instances`` row naming the series it claims:
+    that series lacks the image, and its completion says so. The quarantine name is fixed by series
+    and SOP Instance UID, so running this again after a rollback records the row once more, not twice.
+    """
     copy = Path(record.path)
-    if target == copy or not copy.exists():
+    if target == copy:
         return StoreOutcome(RecordOutcome(stored=False), target)
-    if target.exists():
-        copy.unlink(missing_ok=True)
-        return StoreOutcome(RecordOutcome(stored=False), target)
-    store.install(copy, target)
-    store.sync_folder(target.parent)
-    return StoreOutcome(RecordOutcome(stored=False), target, replaced_missing_file=True)
+    series_uid = record.series.series_instance_uid
+    set_aside = store.quarantine_dir / f"{series_uid}-{record.sop_instance_uid}.dcm"
+    if copy.exists():
+        os.replace(copy, set_aside)
+        store.sync_folder(store.quarantine_dir)
+    elif not set_aside.exists():
+        return StoreOutcome(RecordOutcome(stored=False), target)  # gone before it was recorded: nothing to keep
+    record_rejection(
+        session,
+        status=status.SUCCESS,
+        reason=(
+            f"SOP Instance UID {record.sop_instance_uid} arrived in series {series_uid} but is already stored in "
+            f"series {target.parent.name}; this copy was acknowledged, then set aside in quarantine, and series "
+            f"{series_uid} is processed without it"
+        ),
+        path=str(set_aside),
+        sop_instance_uid=record.sop_instance_uid,
+        sop_class_uid=record.sop_class_uid,
+        transfer_syntax_uid=record.transfer_syntax_uid,
+        calling_ae_title=record.calling_ae_title,
+        series_instance_uid=series_uid,
+    )
+    return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
 
 
 @dataclass
@@ -413,6 +405,7 @@ class RepairReport:
     partial_files_removed: int = 0
     instances_indexed: int = 0
     unreadable_files: int = 0  # files that could not be indexed: moved to quarantine, with a rejected_instances row
+    duplicates_quarantined: int = 0  # copies of an instance recorded in another series: in quarantine, with a row
 
 
 class UnindexableFile(Exception):
@@ -449,15 +442,21 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
             )
         for path in files:
             if str(path) not in known:
-                if index_file(path, store, sessions):
-                    report.instances_indexed += 1
-                else:
-                    report.unreadable_files += 1
+                outcome = index_file(path, store, sessions)
+                report.instances_indexed += outcome == "indexed"
+                report.unreadable_files += outcome == "quarantined"
+                report.duplicates_quarantined += outcome == "set aside"
     return report
 
 
-def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
-    """Record one stored file that the database lacks; a file that cannot be recorded goes to quarantine."""
+IndexOutcome = Literal["indexed", "set aside", "quarantined", "already recorded"]
+
+
+def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> IndexOutcome:
+    """Record one stored file that the database lacks; a file that cannot be recorded goes to quarantine.
+
+    A copy of an instance recorded under another series is set aside (:func:`_keep_first_copy`).
+    """
     try:
         dataset, header = _read_stored_header(path)
         meta = dataset.file_meta
@@ -466,7 +465,7 @@ def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]
         )
         try:
             with transaction(sessions) as session:
-                record_instance(session, record)
+                outcome = record_stored_instance(session, store, record)
         except OperationalError:
             raise  # the database itself is unavailable (locked, gone): not this file's fault
         except Exception as exc:  # a value the database refuses must not stop start-up
@@ -474,9 +473,22 @@ def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]
             raise UnindexableFile("the database refused its values (see the log at start-up)", dataset) from exc
     except UnindexableFile as refused:
         quarantine_stored_file(path, refused, store, sessions)
-        return False
+        return "quarantined"
+    if outcome.set_aside is not None:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "repair.set_aside_file",
+            path=str(path),
+            quarantine=str(outcome.set_aside),
+            sop_instance_uid=header.sop_instance_uid,
+            note=f"this SOP Instance UID is already stored in series {outcome.path.parent.name}",
+        )
+        return "set aside"
+    if not outcome.recorded.stored:
+        return "already recorded"
     log_event(LOG, logging.WARNING, "repair.indexed_file", path=str(path), sop_instance_uid=header.sop_instance_uid)
-    return True
+    return "indexed"
 
 
 def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
@@ -501,10 +513,12 @@ def quarantine_stored_file(
     sessions: sessionmaker[Session],
     *,
     when: str = "start-up",
+    series_instance_uid: str | None = None,
 ) -> None:
     """Move a file that cannot be indexed to quarantine, record why, and log it.
 
     ``when``: "start-up" (found by repair) or "received" (the recorder could not record it).
+    ``series_instance_uid``: the series the file was stored under, if known (else read from the file).
     """
     target = store.quarantine_path(".dcm")
     os.replace(path, target)
@@ -524,6 +538,8 @@ def quarantine_stored_file(
             sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID"),
             transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
             calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
+            series_instance_uid=series_instance_uid
+            or _uid_or_none(dataset if isinstance(dataset, Dataset) else None, "SeriesInstanceUID"),
         )
     log_event(
         LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason
