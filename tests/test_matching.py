@@ -6,7 +6,14 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import update
 
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_results
+from db.ingest import (
+    InstanceRecord,
+    SeriesAttributes,
+    StudyAttributes,
+    record_instance,
+    record_new_instances,
+    record_results,
+)
 from db.models import Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances
@@ -175,3 +182,23 @@ def test_only_literal_keys_at_or_above_the_level_make_a_query_narrow() -> None:
 def test_a_uid_list_of_empty_items_is_a_query_error(sessions) -> None:
     with sessions() as session, pytest.raises(QueryError, match="holds no UID"):
         list(find(session, query("STUDY", StudyInstanceUID="\\"), "NODE"))
+
+
+def test_the_database_orders_and_cuts_the_matches_so_a_broad_query_loads_only_what_it_may_answer(sessions) -> None:
+    with sessions() as session:
+        first_two = [str(r.SOPInstanceUID) for r in find(session, query("IMAGE", StudyInstanceUID="1.1"), "N", limit=2)]
+        patients = [str(r.PatientID) for r in find(session, query("PATIENT", PatientID=""), "N", limit=1)]
+        retrieved = matching_instances(session, query("STUDY", StudyInstanceUID="1.2"), for_retrieval=True, limit=2)
+    assert first_two == ["1.1.9.0", "1.1.9.1"]  # instance order, then cut
+    assert patients == ["P1"]
+    assert [i.sop_instance_uid for i in retrieved] == ["1.2.9.0", "1.2.9.1"]
+
+
+def test_an_image_level_query_over_more_instances_than_a_statement_may_bind_is_answered(sessions) -> None:
+    study = StudyAttributes("3.1", patient_id="P3")
+    many = [instance(f"3.1.9.{n}", "3.1.9", study, n + 1) for n in range(70_000)]  # PostgreSQL binds 65,535
+    with transaction(sessions) as session:
+        record_new_instances(session, many)
+    with sessions() as session:
+        answered = [str(r.SOPInstanceUID) for r in find(session, query("IMAGE", StudyInstanceUID="3.1"), "N", limit=3)]
+    assert answered == ["3.1.9.0", "3.1.9.1", "3.1.9.2"]

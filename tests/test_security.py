@@ -254,7 +254,7 @@ def test_find_stops_at_the_match_cap_and_retrievals_over_the_instance_cap_are_re
     assert "Refused: OutOfResourcesSubOperations" in got or "0xa702" in got.lower(), got
     assert list(out.iterdir()) == []
     assert "more than 2 matches (retrieve.max_find_matches)" in node.log()
-    assert "5 instances selected, more than 3 (retrieve.max_instances_per_retrieval)" in node.log()
+    assert "more than 3 instances selected (retrieve.max_instances_per_retrieval)" in node.log()
 
 
 def slow_loris(source: str, port: int, count: int, first_bytes: bytes) -> list[socket.socket]:

@@ -8,7 +8,7 @@ purged by retention has no instance rows and so no match.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -153,8 +153,10 @@ def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
     )
 
 
-def matching_instances(session: Session, identifier: Dataset, *, for_retrieval: bool = False) -> list[Instance]:
-    """Instances the identifier selects, in study, series and instance order.
+def matching_instances(
+    session: Session, identifier: Dataset, *, for_retrieval: bool = False, limit: int | None = None
+) -> list[Instance]:
+    """Instances the identifier selects, in study, series and instance order (at most ``limit``).
 
     Raises
     ------
@@ -165,14 +167,13 @@ def matching_instances(session: Session, identifier: Dataset, *, for_retrieval: 
     if for_retrieval:
         check_retrieval_keys(identifier, level)
     ids = _joined(conditions(identifier, level))
-    return list(
-        session.scalars(
-            select(Instance)
-            .join(Series, Instance.series_id == Series.id)
-            .where(Instance.id.in_(ids))
-            .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
-        )
+    query = (
+        select(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Instance.id.in_(ids))
+        .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
     )
+    return list(session.scalars(query if limit is None else query.limit(limit)))
 
 
 def check_retrieval_keys(identifier: Dataset, level: Level) -> None:
@@ -223,8 +224,13 @@ def is_narrow(identifier: Dataset, level: Level) -> bool:
     return False
 
 
-def find(session: Session, identifier: Dataset, retrieve_ae_title: str) -> Iterator[Dataset]:
-    """One response identifier per matching patient, study, series or instance.
+def find(
+    session: Session, identifier: Dataset, retrieve_ae_title: str, *, limit: int | None = None
+) -> Iterator[Dataset]:
+    """One response identifier per matching patient, study, series or instance, at most ``limit``.
+
+    The matches are ordered and cut to ``limit`` by the database, so a broad query never
+    loads more keys than it may answer.
 
     Raises
     ------
@@ -233,24 +239,26 @@ def find(session: Session, identifier: Dataset, retrieve_ae_title: str) -> Itera
     """
     level = query_level(identifier)
     matched = _joined(conditions(identifier, level))
-    entity = {"PATIENT": Study.patient_id, "STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
-    rows = session.execute(matched.with_only_columns(entity).distinct().order_by(None)).scalars().all()
     requested = [element.keyword for element in identifier if element.keyword]
-    for key in _ordered(session, level, rows):
+    for key in _ordered_keys(session, level, matched, limit):
         yield _response(session, level, key, requested, retrieve_ae_title)
 
 
-def _ordered(session: Session, level: Level, keys: Iterable[Any]) -> list[Any]:
-    keys = list(keys)
+def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: int | None) -> list[Any]:
+    """The keys of the matches, in answer order, at most ``limit``: patient IDs (unknown last) or row ids."""
+    query: Select[Any]
     if level == "PATIENT":
-        return sorted(k for k in keys if k is not None) + [k for k in keys if k is None]
-    key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
-    order = {
-        "STUDY": (Study.study_date, Study.study_time, Study.id),
-        "SERIES": (Series.study_id, Series.series_number, Series.id),
-        "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
-    }[level]
-    return list(session.scalars(select(key_column).where(key_column.in_(keys)).order_by(*order)))
+        query = matched.with_only_columns(Study.patient_id).distinct().order_by(Study.patient_id.asc().nulls_last())
+    else:
+        key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
+        order = {
+            "STUDY": (Study.study_date, Study.study_time, Study.id),
+            "SERIES": (Series.study_id, Series.series_number, Series.id),
+            "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
+        }[level]
+        query = select(key_column).where(key_column.in_(matched.with_only_columns(key_column).order_by(None)))
+        query = query.order_by(*order)
+    return list(session.scalars(query if limit is None else query.limit(limit)))
 
 
 def _response(session: Session, level: Level, key: Any, requested: list[str], retrieve_ae_title: str) -> Dataset:

@@ -148,7 +148,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
             yield _status(0x0124, "Not authorized: query too broad"), None
             return
         with context.sessions() as session:
-            for response in find(session, identifier, context.ae_title):
+            for response in find(session, identifier, context.ae_title, limit=limit + 1):
                 if event.is_cancelled:
                     yield CANCELLED, None
                     return
@@ -260,7 +260,7 @@ def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Even
             calling_ae=calling_ae,
             address=address,
             operation=what,
-            reason=f"{len(paths)} instances selected, more than {limit} (retrieve.max_instances_per_retrieval)",
+            reason=f"more than {limit} instances selected (retrieve.max_instances_per_retrieval)",
         )
         yield _status(TOO_MANY_SUB_OPERATIONS, f"More than {limit} instances: retrieve less"), None
         paths.clear()
@@ -278,7 +278,8 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
     """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier."""
     try:
         with context.sessions() as session:
-            found = matching_instances(session, event.identifier, for_retrieval=True)
+            limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
+            found = matching_instances(session, event.identifier, for_retrieval=True, limit=limit)
             return [
                 Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid, _binary_twin(session, i))
                 for i in found
