@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,6 +19,53 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
     """Log one event with its fields as structured data."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"event_fields": fields})
+
+
+class Throttle:
+    """One event per key every ``seconds``; the rest are counted, and the next one let through says how many.
+
+    For events a peer can repeat at will (refused connections and associations), so that a caller
+    in a loop cannot fill the disk with log lines or audit rows. At most ``max_keys`` keys are held.
+    """
+
+    def __init__(self, seconds: float, max_keys: int = 4096) -> None:
+        self.seconds = seconds
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._keys: dict[Any, tuple[float, int]] = {}  # key -> (when one was last let through, suppressed since)
+
+    def admit(self, key: Any) -> int | None:
+        """None to drop this event (it is counted); else how many were dropped for ``key`` since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._keys.get(key)
+            if last is not None and now - last[0] < self.seconds:
+                self._keys[key] = (last[0], last[1] + 1)
+                return None
+            if last is None and len(self._keys) >= self.max_keys:
+                self._keys = {k: v for k, v in self._keys.items() if now - v[0] < self.seconds}
+                if len(self._keys) >= self.max_keys:
+                    return None  # more keys than it may track, all within the interval: dropped, uncounted
+            self._keys[key] = (now, 0)
+            return last[1] if last is not None else 0
+
+
+REPEATED_REFUSALS = Throttle(10.0)
+"""Refusals of connections and associations, per event and address: at most one line (and audit row) each 10 s."""
+
+
+def log_throttled(logger: logging.Logger, level: int, event: str, key: Any, **fields: Any) -> bool:
+    """:func:`log_event` through :data:`REPEATED_REFUSALS` (keyed by ``event`` and ``key``); whether it was logged.
+
+    A line let through after others were dropped carries ``not_logged_since_last=N``.
+    """
+    dropped = REPEATED_REFUSALS.admit((event, key))
+    if dropped is None:
+        return False
+    if dropped:
+        fields = {**fields, "not_logged_since_last": dropped}
+    log_event(logger, level, event, **fields)
+    return True
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

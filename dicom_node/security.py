@@ -47,7 +47,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # p
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, log_throttled
 from dicom_node.reactors import EventDrivenDUL, make_event_driven
 from dicom_node.store_response import send_store_responses_directly
 
@@ -203,11 +203,18 @@ def context_allowed(abstract_syntax: str, peer: Peer) -> bool:
     return peer.may("store") or peer.may("get")
 
 
-def on_requested(event: evt.Event, policy: PeerPolicy, caps: AssociationCaps | None = None) -> None:
+def on_requested(
+    event: evt.Event,
+    policy: PeerPolicy,
+    caps: AssociationCaps | None = None,
+    on_rejected: Callable[[evt.Event], None] | None = None,
+) -> None:
     """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles.
 
     With ``caps`` (several receiving processes), ``network.maximum_associations`` counts
     the connections of every process; pynetdicom's own check sees only this one's.
+    ``on_rejected`` is called with the event of each association refused here (its audit
+    record): pynetdicom's EVT_REJECTED does not fire for a rejection sent from this handler.
     """
     assoc = event.assoc
     request = assoc.requestor.primitive
@@ -216,21 +223,28 @@ def on_requested(event: evt.Event, policy: PeerPolicy, caps: AssociationCaps | N
     address = assoc.requestor.address
     found = policy.identify(ae_title, address)
     if isinstance(found, Refused):
-        log_event(LOG, logging.WARNING, "association.rejected", calling_ae=ae_title, address=address, reason=found)
+        log_throttled(
+            LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=found
+        )
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+        if on_rejected is not None:
+            on_rejected(event)
         assoc.kill()
         return
     if caps is not None and caps.total() > assoc.ae.maximum_associations:
-        log_event(
+        log_throttled(
             LOG,
             logging.WARNING,
             "association.rejected",
+            address,
             calling_ae=ae_title,
             address=address,
             reason=f"association limit reached (network.maximum_associations is "
             f"{assoc.ae.maximum_associations}, counted over every receiving process)",
         )
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
+        if on_rejected is not None:
+            on_rejected(event)
         assoc.kill()
         return
     assoc.acceptor.supported_contexts = [
@@ -522,7 +536,14 @@ class GuardedRequestHandler(RequestHandler):
             try:
                 request.do_handshake()
             except ssl.SSLEOFError:  # a port check that connects and closes: nothing to refuse
-                log_event(LOG, logging.INFO, "connection.closed", address=address, reason="closed before TLS handshake")
+                log_throttled(
+                    LOG,
+                    logging.INFO,
+                    "connection.closed",
+                    address,
+                    address=address,
+                    reason="closed before TLS handshake",
+                )
                 self.server.shutdown_request(request)
                 return False
             except (ssl.SSLError, OSError) as exc:
@@ -530,7 +551,9 @@ class GuardedRequestHandler(RequestHandler):
                     reason = "no TLS handshake in time"
                 else:
                     reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or 'connection reset'})"
-                log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
+                log_throttled(
+                    LOG, logging.WARNING, "connection.refused", (address, reason), address=address, reason=reason
+                )
                 self.server.shutdown_request(request)
                 return False
         request.settimeout(limits.pdu_seconds)  # no send or receive waits longer without progress
@@ -732,7 +755,7 @@ class GuardedServer(ThreadedAssociationServer):
             )
         else:
             reason = "the node holds as many connections as it can track; try again shortly"
-        log_event(LOG, logging.WARNING, "connection.refused", address=address, reason=reason)
+        log_throttled(LOG, logging.WARNING, "connection.refused", (address, reason), address=address, reason=reason)
         return False
 
 

@@ -169,7 +169,7 @@ def test_the_per_host_cap_counts_the_connections_of_every_receiving_process(tmp_
         assoc.release()
 
     assert len(held) == 4
-    assert refused_lines == 6
+    assert 1 <= refused_lines <= 2  # the six refusals: one line per receiving process, the rest counted
     print(f"the four held associations were served by receiving processes {sorted(served_by)}")
 
     def associates() -> bool:  # places are given back as the released associations end

@@ -6,6 +6,7 @@ of 127.0.0.0/8 to lo, and pynetdicom can bind a client to it.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import subprocess
@@ -454,3 +455,36 @@ def test_a_peer_host_that_is_no_address_or_network_is_a_configuration_error(tmp_
     message = str(error.value)
     assert "peers.pacs.hosts: 'pacs.example.org' is not an IP address or CIDR network" in message
     assert "peers.pacs.roles.1" in message
+
+
+def test_a_caller_rejected_in_a_loop_costs_one_log_line_and_one_audit_record_per_ten_seconds(start_node):
+    from db.models import AuditEvent
+
+    node = start_node(peers=PEERS)
+
+    for _ in range(20):  # rejected, or closed at once while its earlier connections still hold the 2 places
+        assert not associate(node, "INTRUDER", [Verification], source="127.0.0.4").is_established
+    time.sleep(10.5)  # the throttle's interval: the next refusal is logged again, counting the ones before
+    assert associate(node, "INTRUDER", [Verification], source="127.0.0.4").is_rejected
+    genuine = associate(node, "PACS", [Verification])  # the loop never shut the node to its peers
+    assert genuine.is_established
+    genuine.release()
+
+    log = node.log().splitlines()
+    lines = [line for line in log if "association.rejected calling_ae=INTRUDER" in line]
+    assert len(lines) == 2, lines
+    dropped = int(re.search(r"not_logged_since_last=(\d+)", lines[1]).group(1))
+    assert 0 < dropped <= 19
+    refused = [line for line in log if "connection.refused address=127.0.0.4" in line]
+    assert len(refused) <= 2, refused  # one per reason (the count of open connections is part of it) at most
+
+    def rejected() -> list[AuditEvent]:
+        with node.sessions() as session:
+            return list(session.scalars(select(AuditEvent).where(AuditEvent.outcome == "rejected")))
+
+    records = wait_for(lambda: len(rejected()) == 2 and rejected(), timeout=10, what="two audit records")
+    assert records[0].detail is None
+    assert records[1].detail == (
+        f"{dropped} more association(s) from this address were rejected since the previous record and not "
+        "recorded one by one"
+    )

@@ -56,7 +56,7 @@ from db.session import transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
-from dicom_node.logs import log_event
+from dicom_node.logs import REPEATED_REFUSALS, log_event
 from dicom_node.receive.header import (
     InstanceHeader,
     InvalidInstance,
@@ -180,7 +180,11 @@ def start_storage_scp(
     shared_caps = caps if listening is not None else None  # one process: pynetdicom counts the associations
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
-        (evt.EVT_REQUESTED, on_requested, [peers, shared_caps]),
+        (
+            evt.EVT_REQUESTED,
+            on_requested,
+            [peers, shared_caps, functools.partial(_audit_rejection, sessions=context.sessions)],
+        ),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),
@@ -492,7 +496,19 @@ def _audit_association_end(
 
 
 def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:
-    record(sessions, "association", Peer.of(event.assoc), "rejected")
+    """One audit record per rejected association, but at most one per address each 10 s: a caller in a loop
+    gets one record that counts the others, not a row each."""
+    peer = Peer.of(event.assoc)
+    dropped = REPEATED_REFUSALS.admit(("audit.association_rejected", event.assoc.requestor.address))
+    if dropped is None:
+        return
+    detail = (
+        f"{dropped} more association(s) from this address were rejected since the previous record and not "
+        "recorded one by one"
+        if dropped
+        else None
+    )
+    record(sessions, "association", peer, "rejected", detail=detail)
 
 
 def _on_connection_open(event: evt.Event) -> None:
