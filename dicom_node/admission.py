@@ -78,6 +78,7 @@ HEADER_KEYWORDS = (
     "PixelRepresentation",
     "RescaleSlope",
     "RescaleIntercept",
+    "RescaleType",
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
@@ -444,6 +445,7 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             )
             raise Refused(f"{named} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
         missing = missing or slope is None
+        _check_rescale_type(named, source, where)
     if not missing or (modality or "").upper() != "CT":
         return None
     if settings.missing_rescale == "refuse":
@@ -455,6 +457,20 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
         f"{ASSUMED_RESCALE_PREFIX} pixel values were read as HU with slope 1 and intercept 0 "
         "(admission.missing_rescale: assume_identity)"
     )
+
+
+def _check_rescale_type(named: str, source: Dataset, where: str) -> None:
+    """RescaleType, where given, must say HU: the models and the SR's mean HU read the rescaled values as HU."""
+    try:
+        value = source.get("RescaleType")
+    except Exception:  # noqa: BLE001 - a value that does not decode is no unit
+        raise Refused(f"RescaleType of {named} ({where}) cannot be read") from None
+    text = str(value or "").strip()
+    if text and text.upper() != "HU":
+        raise Refused(
+            f"RescaleType of {named} ({where}) is {_shown(text)}: its rescaled pixel values are not Hounsfield "
+            "units, which the models and the reported mean HU need"
+        )
 
 
 def _check_pixel_data_length(label: str, header: Dataset, file: InstanceFile) -> None:

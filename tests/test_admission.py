@@ -175,6 +175,22 @@ def test_rescale_half_given_at_the_top_level_is_refused(tmp_path):
     )
 
 
+def test_a_rescale_type_other_than_hu_is_refused_and_hu_is_admitted(tmp_path):
+    files = series_files(tmp_path)
+    for file, unit in zip(files[:2], ("HU", "US"), strict=True):
+        ds = pydicom.dcmread(file.path)
+        ds.RescaleType = unit  # US: unspecified units, e.g. a scanner's raw attenuation values
+        ds.save_as(file.path)
+    assert admit(files, STRICT).refusal == (
+        "RescaleType of instance 2 (top level) is 'US': its rescaled pixel values are not Hounsfield units, "
+        "which the models and the reported mean HU need"
+    )
+    ds = pydicom.dcmread(files[1].path)
+    ds.RescaleType = "HU"
+    ds.save_as(files[1].path)
+    assert admit(files, STRICT).admitted
+
+
 def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
     """A study already recorded for PHANTOM-1 cannot take a series of someone else (a StudyInstanceUID collision)."""
     files = series_files(tmp_path)
