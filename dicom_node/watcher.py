@@ -82,7 +82,8 @@ class SeriesWatcher(PeriodicTask):
 
         While ``ImagesInAcquisition`` says more images are due, the quiet period alone does not
         complete a series; ``completion.expected_count_timeout_seconds`` of silence does, and the
-        job then carries a "partial series" warning.
+        job then carries a "partial series" warning. Images sent for the series but refused or set
+        aside on receipt count towards the expected number, and add a "partial series" warning too.
         """
         completion = self.settings.completion
         quiet = timedelta(seconds=completion.quiet_seconds)
