@@ -10,7 +10,17 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs
-from db.models import Base, Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
+from db.models import (
+    STUDY_IDENTITY_COLUMNS,
+    Base,
+    Instance,
+    Job,
+    JobState,
+    RejectedInstance,
+    Series,
+    Study,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ def record_new_instances(
             series_id, job_id, state = known
             if state is not None and JobState(state) is not JobState.RECEIVING:
                 jobs.reopen(session, session.get_one(Job, job_id))
+                restore_study_identity(session.get_one(Series, series_id).study, first)  # purged, now sent again
                 outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
         connection.execute(
             _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
@@ -295,12 +306,25 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
 
 
 def _study_of(session: Session, record: InstanceRecord) -> Study:
-    """The record's study, created on first sight."""
+    """The record's study, created on first sight (its identity restored if retention erased it)."""
     study = session.scalars(select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)).first()
     if study is None:
         study = Study(**record.study.__dict__)
         session.add(study)
+    else:
+        restore_study_identity(study, record)
     return study
+
+
+def restore_study_identity(study: Study, record: InstanceRecord) -> None:
+    """A study without a PatientID (retention erased its identity when it purged every series) takes the
+    identity of a new instance of it: the study is held again, and queries, the one-study-one-patient check
+    and admission need to know whose it is."""
+    if study.patient_id is not None or not record.study.patient_id:
+        return
+    for column in STUDY_IDENTITY_COLUMNS:
+        if getattr(study, column) is None:
+            setattr(study, column, getattr(record.study, column))
 
 
 def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:

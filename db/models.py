@@ -33,6 +33,19 @@ class JobState(str, enum.Enum):
     IGNORED = "IGNORED"  # not for processing (no rule, not CT, localizer, own output, ...)
 
 
+STUDY_IDENTITY_COLUMNS = (
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_description",
+    "referring_physician_name",
+    "study_id",
+)
+"""The patient and study identity on a study row: erased by retention once every series of the study is purged."""
+
+
 class Study(Base):
     __tablename__ = "studies"
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from db.models import Instance, Job, JobState, RejectedInstance, Series
 from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
 from dicom_node.logs import configure_logging
 from dicom_node.privacy import keep_new_files_private, loose_permissions
+
+if TYPE_CHECKING:
+    from dicom_node.retention import PurgeOutcome, RetentionPlan
 
 app = typer.Typer(
     help="CT auto-segmentation DICOM node.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -541,15 +544,32 @@ def purge(
     days: Annotated[float | None, typer.Option(help="Instead of retention.days.")] = None,
     results_days: Annotated[float | None, typer.Option(help="Instead of retention.results_days.")] = None,
     max_disk_gigabytes: Annotated[float | None, typer.Option(help="Instead of retention.max_disk_gigabytes.")] = None,
+    series: Annotated[
+        str | None,
+        typer.Option(
+            help="Purge this one finished series' images and results now, whatever its age (e.g. after a PACS "
+            "correction, so the corrected series can be received)."
+        ),
+    ] = None,
 ) -> None:
     """Purge images and results of finished series by the retention settings (--dry-run: only show what)."""
     from pydantic import ValidationError
 
     from db.session import make_session_factory
     from dicom_node.config import RetentionSettings
-    from dicom_node.retention import apply_plan, plan_retention, plan_rows, plan_summary
+    from dicom_node.retention import apply_plan, plan_retention, plan_series_purge
 
     settings = _settings(config)
+    if series is not None:
+        with _session(settings) as session:
+            try:
+                plan = plan_series_purge(session, series)
+            except LookupError as exc:
+                errors.print(str(exc), highlight=False)
+                raise typer.Exit(1) from None
+            sessions = make_session_factory(session.get_bind())
+        _show_purge(plan, None if dry_run else apply_plan(sessions, settings, plan), dry_run)
+        return
     overrides = {"days": days, "results_days": results_days, "max_disk_gigabytes": max_disk_gigabytes}
     try:
         retention = RetentionSettings.model_validate(
@@ -568,7 +588,13 @@ def purge(
     with _session(settings) as session:
         plan = plan_retention(session, retention)
         sessions = make_session_factory(session.get_bind())
-    outcome = None if dry_run else apply_plan(sessions, settings, plan)
+    _show_purge(plan, None if dry_run else apply_plan(sessions, settings, plan), dry_run)
+
+
+def _show_purge(plan: RetentionPlan, outcome: PurgeOutcome | None, dry_run: bool) -> None:
+    """The purge table and its summary lines."""
+    from dicom_node.retention import plan_rows, plan_summary
+
     if plan.items:
         table = Table(title="would purge (dry run: nothing deleted)" if dry_run else "purged")
         for column in ("series instance UID", "state", "age", "purges", "size", "reason"):

@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
+from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
@@ -38,17 +38,8 @@ from dicom_node.receive.recorder import series_waiting_to_be_recorded
 LOG = logging.getLogger(__name__)
 
 FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
-STUDY_PHI_COLUMNS = (
-    "patient_id",
-    "patient_name",
-    "patient_birth_date",
-    "patient_sex",
-    "accession_number",
-    "study_description",
-    "referring_physician_name",
-    "study_id",
-)
-"""Erased from a study row once retention has purged every series of the study."""
+STUDY_PHI_COLUMNS = STUDY_IDENTITY_COLUMNS
+"""Erased from a study row once retention has purged every series of the study (restored by a new instance)."""
 GIGABYTE = 1_000_000_000
 
 
@@ -161,6 +152,33 @@ def plan_retention(session: Session, retention: RetentionSettings, now: datetime
     )
 
 
+OPERATOR_REQUEST = "requested by the operator (dicom-node purge --series)"
+
+
+def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPlan:
+    """A plan that purges one finished series' images and results now, whatever its age (a PACS correction).
+
+    Raises
+    ------
+    LookupError
+        Naming the series, when the node holds no such received series or it is not finished.
+    """
+    holdings = _holdings(session, series_instance_uid)
+    if not holdings:
+        raise LookupError(f"the node holds no received series {series_instance_uid}")
+    (holding,) = holdings
+    if not holding.finished:
+        raise LookupError(
+            f"series {series_instance_uid} is {holding.state.value}; only DONE, FAILED or IGNORED series are purged "
+            "(cancel it first)"
+        )
+    draft = _Draft()
+    draft.add(holding, images=True, results=True, reason=OPERATOR_REQUEST)
+    items = [draft.item(holding)] if draft.images or draft.results else []
+    used = holding.image_bytes + holding.result_bytes
+    return RetentionPlan(items=items, used_bytes=used, budget_bytes=None, unfinished_bytes=0, unfinished_series=0)
+
+
 @dataclass
 class _Draft:
     images: bool = False
@@ -225,14 +243,17 @@ def _apply_budget(drafts: dict[int, _Draft], finished: list[Holding], used: int,
             del drafts[holding.job_id]
 
 
-def _holdings(session: Session) -> list[Holding]:
-    """Every received series with its job, the bytes of its instances, and of its job's results."""
-    images = {
-        series_id: (count, size or 0)
-        for series_id, count, size in session.execute(
-            select(Instance.series_id, func.count(), func.sum(Instance.size_bytes)).group_by(Instance.series_id)
-        )
-    }
+def _holdings(session: Session, series_instance_uid: str | None = None) -> list[Holding]:
+    """Every received series (or the one named) with its job, the bytes of its instances, and of its results."""
+    images_query = select(Instance.series_id, func.count(), func.sum(Instance.size_bytes)).group_by(Instance.series_id)
+    jobs_query = select(
+        Job.id, Job.series_id, Series.series_instance_uid, Job.state, Job.state_changed_at, Job.result_path
+    ).join(Series, Job.series_id == Series.id)
+    if series_instance_uid is not None:
+        named = select(Series.id).where(Series.series_instance_uid == series_instance_uid)
+        images_query = images_query.where(Instance.series_id.in_(named))
+        jobs_query = jobs_query.where(Series.series_instance_uid == series_instance_uid)
+    images = {series_id: (count, size or 0) for series_id, count, size in session.execute(images_query)}
     result_jobs = set(
         session.scalars(
             select(Series.source_job_id)
@@ -240,11 +261,7 @@ def _holdings(session: Session) -> list[Holding]:
             .where(Series.source_job_id.is_not(None))
         )
     )
-    rows = session.execute(
-        select(
-            Job.id, Job.series_id, Series.series_instance_uid, Job.state, Job.state_changed_at, Job.result_path
-        ).join(Series, Job.series_id == Series.id)
-    )
+    rows = session.execute(jobs_query)
     holdings = []
     for job_id, series_id, uid, state, changed_at, result_path in rows:
         count, image_bytes = images.get(series_id, (0, 0))

@@ -295,6 +295,23 @@ def test_purge_without_retention_configured_says_so(node, tmp_path):
     assert all(path.exists() for path in old.images)
 
 
+def test_purge_of_one_series_takes_it_whatever_its_age_and_refuses_one_in_progress(node, tmp_path):
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=0.01)
+    other = add_series(node, "1.2.3.2", JobState.DONE, days_ago=0.01)
+    add_series(node, "1.2.3.3", JobState.PROCESSING, days_ago=10)
+
+    result = cli(node, tmp_path, "--series", recent.uid)  # no retention configured: not needed for one series
+
+    assert result.returncode == 0, result.stderr
+    assert "requested by the operator (dicom-node purge --series)" in result.stdout
+    assert not any(path.exists() for path in recent.images) and not recent.results.exists()
+    assert all(path.exists() for path in other.images)
+    busy = cli(node, tmp_path, "--series", "1.2.3.3")
+    unknown = cli(node, tmp_path, "--series", "9.9.9")
+    assert busy.returncode == 1 and "series 1.2.3.3 is PROCESSING; only DONE, FAILED or IGNORED" in busy.stderr
+    assert unknown.returncode == 1 and "the node holds no received series 9.9.9" in unknown.stderr
+
+
 def test_a_purged_series_sent_again_is_held_again_and_cannot_be_retried_while_purged(node):
     settings, sessions = node
     old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
@@ -451,3 +468,39 @@ def test_an_instance_written_again_while_its_series_is_set_aside_survives_the_pu
     assert stored.images[0].read_bytes() == b"resent"  # acknowledged: kept, for its recorder to index
     assert not stored.images[1].exists()
     assert not list(stored.images[0].parent.glob("*.purging"))
+
+
+@pytest.mark.integration
+def test_a_series_sent_under_the_wrong_patient_is_purged_so_the_pacs_correction_can_be_received(tmp_path, start_node):
+    import pydicom
+
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    spec = PhantomSpec(rows=32, columns=32, slices=4, pixel_spacing=(5.0, 5.0), slice_spacing=5.0, patient_id="WRONG-1")
+    series = write_phantom_series(tmp_path / "wrong", spec)
+    corrected = []
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientID = "RIGHT-2"  # the PACS corrected the patient and sends the same images again
+        corrected.append(tmp_path / f"corrected-{path.name}")
+        dataset.save_as(corrected[-1])
+    node = start_node(completion={"quiet_seconds": 1})  # no rule: the series ends IGNORED, a finished state
+    uid = series.series_instance_uid
+
+    storescu(node.port, series.files)
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+    refused = storescu(node.port, corrected)  # a stored instance is never relabelled: refused, quarantined
+    assert "Received Store Response (Error: CannotUnderstand)" in refused.stderr, refused.stderr
+    purged = node.cli("purge", "--series", uid)
+    assert purged.returncode == 0, purged.stderr
+    received = storescu(node.port, corrected)
+    assert received.stderr.count("Received Store Response (Success)") == 4, received.stderr
+    node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+
+    with node.sessions() as session:
+        study = session.scalars(select(Study).join(Series).where(Series.series_instance_uid == uid)).one()
+        paths = list(session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == uid)))
+    assert study.patient_id == "RIGHT-2"
+    assert len(paths) == 4 and {pydicom.dcmread(p).PatientID for p in paths} == {"RIGHT-2"}
