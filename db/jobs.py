@@ -67,8 +67,8 @@ def open_job(session: Session, series: Series) -> Job:
     return job
 
 
-def reopen(session: Session, job: Job) -> bool:
-    """A new instance arrived: put the series back to RECEIVING unless it is there already.
+def reopen(session: Session, job: Job, why: str = "late instance") -> bool:
+    """A new instance arrived (or ``why`` else): put the series back to RECEIVING unless it is there already.
 
     Returns True when the job was re-opened (it had completed, or finished).
     """
@@ -76,7 +76,7 @@ def reopen(session: Session, job: Job) -> bool:
         return False
     job.warnings = None  # the series changed: the next run's caveats are its own
     job.worker_deaths = 0
-    change_state(session, job, S.RECEIVING, f"late instance re-opened the series (was {job.state.value})")
+    change_state(session, job, S.RECEIVING, f"{why} re-opened the series (was {job.state.value})")
     return True
 
 

@@ -468,7 +468,11 @@ def purge_quarantine(sessions: sessionmaker[Session], root: Path, days: float, n
             removed += 1
     quarantine = root / "quarantine"
     if quarantine.is_dir():  # files whose row never got written (the database was down at the time)
+        with sessions() as session:
+            named = set(session.scalars(select(RejectedInstance.path).where(RejectedInstance.path.is_not(None))))
         for path in quarantine.iterdir():
+            if str(path) in named:
+                continue  # a row still names it: it goes with that row
             if path.is_file() and datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < cutoff:
                 path.unlink(missing_ok=True)
                 removed += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -127,3 +128,32 @@ def test_a_batch_reopens_a_completed_series_once_and_skips_what_is_recorded(tmp_
     with sessions() as session:
         assert session.scalar(select(Series.instance_count)) == 3
         assert session.scalars(select(Job.state)).one() == JobState.RECEIVING
+
+
+def test_a_copy_set_aside_for_a_completed_series_reopens_it_so_its_result_is_marked_partial(tmp_path):
+    store, sessions = _setup(tmp_path)
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [_stored(store, "1.2.3.1", "1.2.3.9"), _stored(store, "1.2.3.2", "1")])
+        claimed = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == "1.2.3.2")).one()
+        jobs.mark_complete(session, claimed, "quiet period over")
+
+    late = _stored(store, "1.2.3.2", "1.2.3.9")  # arrives after series 1.2.3.2 completed
+    again = replace(_stored(store, "1.2.3.2", "1.2.3.9"), received_at=late.received_at + timedelta(seconds=1))
+    with transaction(sessions) as session:
+        (outcome,) = record_stored_instances(session, store, [late])
+    _stored(store, "1.2.3.2", "1.2.3.9")  # and is sent once more: its own file in quarantine, its own row
+    with transaction(sessions) as session:
+        (second,) = record_stored_instances(session, store, [again])
+
+    with sessions() as session:
+        job = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == "1.2.3.2")).one()
+        rows = list(session.scalars(select(RejectedInstance.path)))
+    assert job.state is JobState.RECEIVING
+    assert job.reason == (
+        "an image set aside for it (its SOP Instance UID is stored in another series) re-opened the series "
+        "(was COMPLETE)"
+    )
+    assert outcome.set_aside != second.set_aside and sorted(rows) == sorted(
+        [str(outcome.set_aside), str(second.set_aside)]
+    )
+    assert outcome.set_aside.exists() and second.set_aside.exists()

@@ -35,6 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import jobs
 from db.ingest import (
     InstanceRecord,
     RecordOutcome,
@@ -42,7 +43,7 @@ from db.ingest import (
     record_rejection,
     recorded_paths,
 )
-from db.models import Instance, Series
+from db.models import Instance, Job, Series
 from db.session import transaction
 from dicom_node import __version__, status
 from dicom_node.logs import log_event
@@ -369,16 +370,19 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
 
     A copy at ``target`` itself is the same instance sent again. A copy that names another study or
     series is set aside in quarantine, with a ``rejected_instances`` row naming the series it claims:
-    that series lacks the image, and its completion says so. The quarantine name is fixed by series
-    and SOP Instance UID, so running this again after a rollback records the row once more, not twice.
+    that series lacks the image, and its completion says so (a series that had completed is re-opened
+    for that). The quarantine name is fixed by series, SOP Instance UID and time of receipt, so running
+    this again after a rollback records the same file once, and a later copy gets a file of its own.
     """
     copy = Path(record.path)
     if target == copy:
         return StoreOutcome(RecordOutcome(stored=False), target)
     series_uid = record.series.series_instance_uid
-    set_aside = store.quarantine_dir / f"{series_uid}-{record.sop_instance_uid}.dcm"
+    received = record.received_at.strftime("%Y%m%dT%H%M%S%fZ")
+    set_aside = store.quarantine_dir / f"{series_uid}-{record.sop_instance_uid}-{received}.dcm"
     if copy.exists():
         os.replace(copy, set_aside)
+        os.utime(set_aside)  # quarantine retention counts from now, not from when the copy was written
         store.sync_folder(store.quarantine_dir)
     elif not set_aside.exists():
         return StoreOutcome(RecordOutcome(stored=False), target)  # gone before it was recorded: nothing to keep
@@ -397,6 +401,9 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
         calling_ae_title=record.calling_ae_title,
         series_instance_uid=series_uid,
     )
+    claimed = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == series_uid)).first()
+    if claimed is not None and claimed.series.purged_at is None:
+        jobs.reopen(session, claimed, "an image set aside for it (its SOP Instance UID is stored in another series)")
     return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
 
 
