@@ -25,29 +25,41 @@ class Throttle:
     """One event per key every ``seconds``; the rest are counted, and the next one let through says how many.
 
     For events a peer can repeat at will (refused connections and associations), so that a caller
-    in a loop cannot fill the disk with log lines or audit rows. At most ``max_keys`` keys are held.
+    in a loop cannot fill the disk with log lines or audit rows. At most ``max_keys`` keys are held: a
+    new key then takes the place of the one least recently used, whose uncounted events are reported
+    with the next event let through (:attr:`evicted_events`), so nothing is dropped without a count.
     """
 
     def __init__(self, seconds: float, max_keys: int = 4096) -> None:
         self.seconds = seconds
         self.max_keys = max_keys
         self._lock = threading.Lock()
-        self._keys: dict[Any, tuple[float, int]] = {}  # key -> (when one was last let through, suppressed since)
+        self._keys: dict[Any, tuple[float, int]] = {}  # key -> (when one was last let through, dropped since)
+        self._evicted = 0  # events dropped under keys that were later evicted, not yet reported
 
     def admit(self, key: Any) -> int | None:
         """None to drop this event (it is counted); else how many were dropped for ``key`` since the last one."""
         now = time.monotonic()
         with self._lock:
-            last = self._keys.get(key)
+            last = self._keys.pop(key, None)  # re-inserted below: the dict stays ordered by last use
             if last is not None and now - last[0] < self.seconds:
                 self._keys[key] = (last[0], last[1] + 1)
                 return None
-            if last is None and len(self._keys) >= self.max_keys:
-                self._keys = {k: v for k, v in self._keys.items() if now - v[0] < self.seconds}
-                if len(self._keys) >= self.max_keys:
-                    return None  # more keys than it may track, all within the interval: dropped, uncounted
+            while len(self._keys) >= self.max_keys:
+                _oldest, (_when, dropped) = self._pop_oldest()
+                self._evicted += dropped
             self._keys[key] = (now, 0)
             return last[1] if last is not None else 0
+
+    def _pop_oldest(self) -> tuple[Any, tuple[float, int]]:
+        oldest = next(iter(self._keys))
+        return oldest, self._keys.pop(oldest)
+
+    def evicted_events(self) -> int:
+        """Events dropped under keys evicted since the last call (to be reported once, then reset)."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, 0
+            return evicted
 
 
 REPEATED_REFUSALS = Throttle(10.0)
@@ -64,6 +76,8 @@ def log_throttled(logger: logging.Logger, level: int, event: str, key: Any, **fi
         return False
     if dropped:
         fields = {**fields, "not_logged_since_last": dropped}
+    if evicted := REPEATED_REFUSALS.evicted_events():
+        fields = {**fields, "not_logged_from_other_addresses": evicted}
     log_event(logger, level, event, **fields)
     return True
 

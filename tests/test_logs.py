@@ -63,3 +63,21 @@ def test_pynetdicom_per_pdu_log_handlers_are_bound_only_at_debug(restored_loggin
     assert quiet.get_handlers(evt.EVT_DIMSE_SENT) == []
     assert (standard_pdu_recv_handler, None) in verbose.get_handlers(evt.EVT_PDU_RECV)
     assert logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+
+
+def test_the_throttle_lets_one_event_per_key_through_each_interval_and_counts_the_rest(monkeypatch):
+    from dicom_node import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttle = logs.Throttle(10.0, max_keys=3)
+
+    assert [throttle.admit(key) for key in ("a", "b", "c")] == [0, 0, 0]
+    assert [throttle.admit("a") for _ in range(5)] == [None] * 5  # counted, not let through
+    clock[0] += 10.0
+    assert throttle.admit("a") == 5  # the next one says how many were dropped
+
+    assert [throttle.admit("a") for _ in range(2)] == [None, None]
+    assert throttle.admit("d") == 0  # full: "b", used least recently, makes room; nothing of it was dropped
+    assert throttle.admit("e") == 0 and throttle.admit("f") == 0  # "c", then "a" with its 2 dropped events
+    assert throttle.evicted_events() == 2 and throttle.evicted_events() == 0  # reported once

@@ -56,7 +56,7 @@ from db.session import transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
-from dicom_node.logs import REPEATED_REFUSALS, log_event
+from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled
 from dicom_node.receive.header import (
     InstanceHeader,
     InvalidInstance,
@@ -543,10 +543,11 @@ def _on_rejected(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     answer = event.assoc.acceptor.primitive
     key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
-    log_event(
+    log_throttled(
         LOG,
         logging.WARNING,
         "association.rejected",
+        requestor.address,
         calling_ae=requestor.ae_title,
         address=requestor.address,
         reason=REJECTION_REASONS.get(key, "no acceptable presentation context or other ACSE reason"),
