@@ -445,7 +445,8 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             )
             raise Refused(f"{named} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
         missing = missing or slope is None
-        _check_rescale_type(named, source, where)
+        if not _is_localizer(header):  # a localizer is left out of the volume: its unit does not matter
+            _check_rescale_type(named, source, where)
     if not missing or (modality or "").upper() != "CT":
         return None
     if settings.missing_rescale == "refuse":

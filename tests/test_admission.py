@@ -189,6 +189,11 @@ def test_a_rescale_type_other_than_hu_is_refused_and_hu_is_admitted(tmp_path):
     ds.RescaleType = "HU"
     ds.save_as(files[1].path)
     assert admit(files, STRICT).admitted
+    ds = pydicom.dcmread(files[0].path)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.RescaleType = "US"  # a scout left out of the volume: its unit is no reason to refuse the series
+    ds.save_as(files[0].path)
+    assert admit(files, STRICT).admitted
 
 
 def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
