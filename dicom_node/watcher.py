@@ -113,7 +113,7 @@ class SeriesWatcher(PeriodicTask):
                 elif missing is not None and images + missing.count >= expected:
                     reason = (
                         f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} expected images "
-                        f"stored, and {missing.count} were refused on receipt"
+                        f"stored, and {missing.count} were refused or set aside on receipt"
                     )
                     self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
                 elif job.id in timed_out:

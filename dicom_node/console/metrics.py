@@ -126,7 +126,7 @@ class DatabaseCollector(Collector):
         yield stored
         refused = CounterMetricFamily(
             "dicom_node_instances_refused",
-            "Instances refused at C-STORE, by DIMSE status and kind of reason.",
+            "Instances refused at C-STORE, or set aside after it (status 0x0000), by DIMSE status and kind of reason.",
             labels=["status", "reason"],
         )
         tally = bounded_refusal_tally(

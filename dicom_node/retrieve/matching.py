@@ -248,7 +248,9 @@ def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: i
     """The keys of the matches, in answer order, at most ``limit``: patient IDs (unknown last) or row ids."""
     query: Select[Any]
     if level == "PATIENT":
-        query = matched.with_only_columns(Study.patient_id).distinct().order_by(Study.patient_id.asc().nulls_last())
+        patients = matched.with_only_columns(Study.patient_id).distinct().order_by(None).subquery()
+        # "IS NULL" first, not NULLS LAST: SQLite before 3.30 lacks it; outside the DISTINCT, PostgreSQL allows it
+        query = select(patients.c.patient_id).order_by(patients.c.patient_id.is_(None), patients.c.patient_id)
     else:
         key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
         order = {
