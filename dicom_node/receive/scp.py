@@ -239,23 +239,28 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
     file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
+
+    def refuse(status_code: int, reason: str, series_instance_uid: str | None) -> Dataset:
+        """Answer a failure status for this request (see :func:`_refuse`)."""
+        return _refuse(
+            context,
+            encoded,
+            file_meta,
+            status_code,
+            reason,
+            request,
+            transfer_syntax,
+            calling_ae,
+            series_instance_uid=series_instance_uid,
+        )
+
     if identified and getattr(event.assoc, RESENDING, False):
         # The last instance on this association was already here: the sender is likely resending a series.
         # The header is checked first, so an instance already at its path is not written again.
         try:
             header = _checked_header(encoded, transfer_syntax, sop_class, sop_instance)
         except InvalidInstance as exc:
-            return _refuse(
-                context,
-                encoded,
-                file_meta,
-                exc.status,
-                str(exc),
-                request,
-                transfer_syntax,
-                calling_ae,
-                series_instance_uid=exc.series_instance_uid,
-            )
+            return refuse(exc.status, str(exc), exc.series_instance_uid)
         path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
         temporary, write_error = (None, None) if path.exists() else _write_temporary(context.store, file_meta, encoded)
     else:
@@ -268,17 +273,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             header = checking.result()
         except InvalidInstance as exc:
             _discard(temporary)
-            return _refuse(
-                context,
-                encoded,
-                file_meta,
-                exc.status,
-                str(exc),
-                request,
-                transfer_syntax,
-                calling_ae,
-                series_instance_uid=exc.series_instance_uid,
-            )
+            return refuse(exc.status, str(exc), exc.series_instance_uid)
         except BaseException:
             _discard(temporary)
             raise
@@ -292,31 +287,11 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
                 f"SOP Instance UID {sop_instance} is already stored with another {conflict}; the stored copy is "
                 "kept and this one quarantined (a stored instance is never relabelled with another identity)"
             )
-            return _refuse(
-                context,
-                encoded,
-                file_meta,
-                status.CANNOT_UNDERSTAND,
-                reason,
-                request,
-                transfer_syntax,
-                calling_ae,
-                series_instance_uid=header.series.series_instance_uid,
-            )
+            return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
     study_conflict = context.studies.conflict(header)
     if study_conflict is not None:
         _discard(temporary)
-        return _refuse(
-            context,
-            encoded,
-            file_meta,
-            status.CANNOT_UNDERSTAND,
-            study_conflict,
-            request,
-            transfer_syntax,
-            calling_ae,
-            series_instance_uid=header.series.series_instance_uid,
-        )
+        return refuse(status.CANNOT_UNDERSTAND, study_conflict, header.series.series_instance_uid)
     if write_error is not None:
         return _write_failed(write_error, sop_instance, calling_ae)
 
