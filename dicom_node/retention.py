@@ -8,7 +8,7 @@ instances of its result series (SEG, SR, RTSTRUCT), stamped the same way. The
 ``Series``, ``Job`` and ``job_events`` rows stay as history. Once every series of a
 study is purged, the study row keeps only its UID: the patient's name, ID, birth
 date and sex and the study's accession number, description and referring physician
-are erased (:data:`STUDY_PHI_COLUMNS`). Refused instances (``quarantine/`` and their
+are erased (:data:`STUDY_IDENTITY_COLUMNS`). Refused instances (``quarantine/`` and their
 ``rejected_instances`` rows) are purged by their own age, ``retention.quarantine_days``.
 
 :func:`plan_retention` decides (and changes nothing), :func:`apply_plan` deletes,
@@ -38,8 +38,6 @@ from dicom_node.receive.recorder import series_waiting_to_be_recorded
 LOG = logging.getLogger(__name__)
 
 FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
-STUDY_PHI_COLUMNS = STUDY_IDENTITY_COLUMNS
-"""Erased from a study row once retention has purged every series of the study (restored by a new instance)."""
 GIGABYTE = 1_000_000_000
 
 
@@ -155,6 +153,12 @@ def plan_retention(session: Session, retention: RetentionSettings, now: datetime
 OPERATOR_REQUEST = "requested by the operator (dicom-node purge --series)"
 
 
+def _finished_states() -> str:
+    """``DONE, FAILED or IGNORED``: the states retention purges, in words."""
+    *first, last = sorted(state.value for state in FINISHED_STATES)
+    return f"{', '.join(first)} or {last}"
+
+
 def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPlan:
     """A plan that purges one finished series' images and results now, whatever its age (a PACS correction).
 
@@ -169,7 +173,7 @@ def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPl
     (holding,) = holdings
     if not holding.finished:
         raise LookupError(
-            f"series {series_instance_uid} is {holding.state.value}; only DONE, FAILED or IGNORED series are purged "
+            f"series {series_instance_uid} is {holding.state.value}; only {_finished_states()} series are purged "
             "(cancel it first)"
         )
     draft = _Draft()
@@ -447,8 +451,8 @@ def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
     if held:
         return
     study = session.get_one(Study, study_id)
-    if any(getattr(study, column) is not None for column in STUDY_PHI_COLUMNS):
-        for column in STUDY_PHI_COLUMNS:
+    if any(getattr(study, column) is not None for column in STUDY_IDENTITY_COLUMNS):
+        for column in STUDY_IDENTITY_COLUMNS:
             setattr(study, column, None)
         log_event(LOG, logging.INFO, "study.identity_erased", study_instance_uid=study.study_instance_uid)
 

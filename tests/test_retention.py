@@ -15,10 +15,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
-from db.models import Instance, Job, JobEvent, JobState, RejectedInstance, Series, Study, utcnow
+from db.models import (
+    STUDY_IDENTITY_COLUMNS,
+    Instance,
+    Job,
+    JobEvent,
+    JobState,
+    RejectedInstance,
+    Series,
+    Study,
+    utcnow,
+)
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
-from dicom_node.retention import STUDY_PHI_COLUMNS, RetentionTask, apply_plan, plan_retention, purge_quarantine
+from dicom_node.retention import RetentionTask, apply_plan, plan_retention, purge_quarantine
 from tests.conftest import DICOM_NODE, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -350,7 +360,7 @@ def test_a_study_keeps_no_patient_identity_once_all_its_series_are_purged(node):
     assert purge(node, days=0.5) == ["1.2.3.2"]
     study = _study(sessions)
     assert study.study_instance_uid == STUDY
-    assert all(getattr(study, column) is None for column in STUDY_PHI_COLUMNS)
+    assert all(getattr(study, column) is None for column in STUDY_IDENTITY_COLUMNS)
 
 
 def test_refused_instances_are_purged_by_their_own_age(node):
