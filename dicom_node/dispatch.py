@@ -28,7 +28,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,7 +44,6 @@ from dicom_node.security import client_tls
 
 LOG = logging.getLogger(__name__)
 
-ACCEPTED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
 
@@ -87,10 +86,29 @@ class SendOutcome:
     error: str | None  # why the attempt stopped short, or None when all went
 
 
+RunKey = tuple[str, ...]
+
+
+def run_key(job: Job) -> RunKey:
+    """What tells one run of a job's results from the next: the paths of its result files (each run has its own)."""
+    return tuple(f.path for f in job.result_files or [])
+
+
 def describe_status(status: int) -> str:
     """``0xA700 (Refused: Out of Resources)``: a C-STORE status with its meaning."""
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (None, "unknown status"))[1]
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (code_to_category(status), ""))
+    if not meaning:
+        meaning = {"Success": "success", "Warning": "warning", "Failure": "failure"}.get(category, "unknown status")
     return f"0x{status:04X} ({meaning})"
+
+
+def stored(status: int) -> bool:
+    """Whether a C-STORE status says the peer stored the object: success, or any warning status.
+
+    Warnings (0x0001, 0x0107, 0x0116 and 0xB000-0xBFFF) mean stored, with a remark; a failure, a cancel or a
+    status the standard does not define means not stored, and the file is sent again at the next attempt.
+    """
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def send_files(
@@ -101,6 +119,7 @@ def send_files(
     *,
     seconds_per_megabyte: float = 0.0,
     on_accepted: Callable[[SendableFile, int], None] | None = None,
+    stop_reason: Callable[[], str | None] | None = None,
 ) -> SendOutcome:
     """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent.
 
@@ -112,6 +131,9 @@ def send_files(
     on_accepted
         Called with each file the peer accepts and its status, right after the
         response and before the next file is sent (the delivery record).
+    stop_reason
+        Asked before each file: a reason to stop sending (the results were
+        superseded meanwhile), or None to go on.
     """
     results = [f if isinstance(f, SendableFile) else read_result_file(f) for f in files]
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -131,6 +153,9 @@ def send_files(
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
         for result in results:
+            why = stop_reason() if stop_reason is not None else None
+            if why is not None:
+                return SendOutcome(sent, why)
             if (result.sop_class_uid, result.transfer_syntax_uid) not in accepted:
                 refusals.append(
                     f"{destination.ae_title} does not accept SOP class {result.sop_class_uid} "
@@ -144,7 +169,7 @@ def send_files(
             status = int(response.Status) if response and "Status" in response else None
             if status is None:
                 return SendOutcome(sent, _no_response(destination, result, wait, time.monotonic() - started))
-            if status not in ACCEPTED_STATUSES:
+            if not stored(status):
                 refusals.append(f"{destination.ae_title} refused {result.name} with status {describe_status(status)}")
                 continue
             if on_accepted is not None:
@@ -226,33 +251,40 @@ class Dispatcher(PeriodicTask):
         delivery) would be repeated at the next pass, a second later, sending the same file again and again.
         """
         started = datetime.now(timezone.utc)
+        run: list[RunKey] = []  # the run of results the attempt read, once it has
         try:
-            self._attempt(job_id, destination)
+            self._attempt(job_id, destination, run)
         except Exception:  # one failed send must not stop the dispatcher; the trace is logged
             LOG.exception("dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}})
             with self._busy_lock:
                 self._held_until[destination] = time.monotonic() + self._backoff(1).total_seconds()
-            self._count_crashed_attempt(job_id, destination, started)
+            self._count_crashed_attempt(job_id, destination, started, run[0] if run else None)
         finally:
             with self._busy_lock:
                 self._busy.discard(destination)
 
-    def _count_crashed_attempt(self, job_id: int, destination: str, started: datetime) -> None:
+    def _count_crashed_attempt(self, job_id: int, destination: str, started: datetime, key: RunKey | None) -> None:
         error = f"the attempt to send to {destination} stopped on an unexpected error (logged with job id {job_id})"
         try:
-            self._finish_attempt(job_id, destination, error, started)
+            self._finish_attempt(job_id, destination, error, started, key)
         except Exception:  # the database itself may be what failed: the destination stays held back
             LOG.exception(
                 "dispatch.attempt_not_recorded", extra={"event_fields": {"job": job_id, "destination": destination}}
             )
 
-    def _attempt(self, job_id: int, name: str) -> None:
-        """One attempt to send ``name`` the job's files it lacks, then record the attempt."""
+    def _attempt(self, job_id: int, name: str, run: list[RunKey]) -> None:
+        """One attempt to send ``name`` the job's files it lacks, then record the attempt.
+
+        The attempt belongs to the run of results it read (``run`` receives its key): if the series is
+        re-opened and processed again meanwhile, the rest of the superseded run is not sent, and the attempt
+        is not counted against the new run.
+        """
         now = datetime.now(timezone.utc)
         destination = self.settings.destinations.get(name)
-        pending, error = self._pending_files(job_id, name, destination, now)
+        pending, error, key = self._pending_files(job_id, name, destination, now)
         if pending is None:
             return  # the job left SENDING, or another pass sent to this destination meanwhile
+        run.append(key)
         if error is None and pending:
             assert destination is not None
             outcome = send_files(
@@ -262,10 +294,23 @@ class Dispatcher(PeriodicTask):
                 self._dispatch.timeout_seconds,
                 seconds_per_megabyte=self._dispatch.seconds_per_megabyte,
                 on_accepted=lambda result, status: self._record_delivery(job_id, name, result, status),
+                stop_reason=lambda: self._superseded(job_id, key),
             )
             error = outcome.error
             self._audit(job_id, destination, len(outcome.sent), len(pending), error)
-        self._finish_attempt(job_id, name, error, now)
+        self._finish_attempt(job_id, name, error, now, key)
+
+    def _superseded(self, job_id: int, key: RunKey) -> str | None:
+        """Why the results being sent are no longer the job's to send (re-opened, or processed again), or None."""
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.state is JobState.SENDING and run_key(job) == key:
+                return None
+            now = "removed" if job is None else job.state.value
+        return (
+            f"sending stopped: the series changed while job {job_id}'s results were being sent (the job is now "
+            f"{now}), so the rest of these results are out of date and are not sent"
+        )
 
     def _audit(self, job_id: int, destination: Destination, sent: int, pending: int, error: str | None) -> None:
         """One audit record per attempt: the destination, the study, how many files it accepted."""
@@ -289,8 +334,8 @@ class Dispatcher(PeriodicTask):
 
     def _pending_files(
         self, job_id: int, name: str, destination: Destination | None, now: datetime
-    ) -> tuple[list[SendableFile] | None, str | None]:
-        """The files ``name`` takes and has no delivery record of; or why none can be sent.
+    ) -> tuple[list[SendableFile] | None, str | None, RunKey]:
+        """The files ``name`` takes and has no delivery record of, or why none can be sent; and the run's key.
 
         None when there is nothing to attempt now: the job left SENDING, or the
         destination is settled or not yet due (as seen in this fresh read).
@@ -298,13 +343,14 @@ class Dispatcher(PeriodicTask):
         with self.sessions() as session:
             job = session.get_one(Job, job_id)
             record = jobs.delivery_record(job, name)
+            key = run_key(job)
             if job.state is not JobState.SENDING or self._settled(record) or not record.due(now):
-                return None, None
+                return None, None, key
             planned = record.files
             result_files = list(job.result_files or [])
             delivered = jobs.delivered_sop_instance_uids(session, job_id, name)
         if destination is None:
-            return [], f"destination {name!r} is no longer configured"
+            return [], f"destination {name!r} is no longer configured", key
         if planned is not None:
             paths = list(planned.values())
         else:
@@ -312,16 +358,16 @@ class Dispatcher(PeriodicTask):
         try:
             results = [read_result_file(path) for path in paths]
         except (OSError, InvalidDicomError, AttributeError):
-            return [], f"a result file of this job is missing or unreadable (in {Path(paths[0]).parent})"
+            return [], f"a result file of this job is missing or unreadable (in {Path(paths[0]).parent})", key
         if planned is None:
             # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
             earlier = [r for r in results if r.path in set(record.sent)]
             self._write(
-                lambda session: _plan(session, job_id, name, results, earlier),
+                lambda session: _plan(session, job_id, name, key, results, earlier),
                 waiting=f"planning job {job_id} for {name}",
             )
             delivered |= {r.sop_instance_uid for r in earlier}
-        return [r for r in results if r.sop_instance_uid not in delivered], None
+        return [r for r in results if r.sop_instance_uid not in delivered], None, key
 
     def _record_delivery(self, job_id: int, name: str, result: SendableFile, status: int) -> None:
         """Right after a C-STORE response: the file's delivery record, in its own transaction."""
@@ -339,12 +385,13 @@ class Dispatcher(PeriodicTask):
         )
         log_event(
             LOG,
-            logging.DEBUG,
-            "dispatch.file_delivered",
+            logging.DEBUG if status == 0x0000 else logging.WARNING,
+            "dispatch.file_delivered" if status == 0x0000 else "dispatch.stored_with_warning",
             job=job_id,
             destination=name,
             file=result.name,
             sop_instance_uid=result.sop_instance_uid,
+            **({} if status == 0x0000 else {"status": describe_status(status)}),
         )
 
     def _write(self, change: Callable, *, waiting: str) -> None:
@@ -355,15 +402,20 @@ class Dispatcher(PeriodicTask):
         # A full disk also waits: a file the destination accepted must be recorded before anything is sent again.
         retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS, wait_for_disk_space=True)
 
-    def _finish_attempt(self, job_id: int, name: str, error: str | None, now: datetime) -> None:
-        """Count the attempt, note its error and next try, and finish the job if every destination is settled."""
+    def _finish_attempt(self, job_id: int, name: str, error: str | None, now: datetime, key: RunKey | None) -> None:
+        """Count the attempt, note its error and next try, and finish the job if every destination is settled.
+
+        An attempt at results that were superseded meanwhile (``key`` is not the job's run any more) is not
+        counted: the new run's results start with every attempt they are allowed.
+        """
         logged: list[tuple[int, str, dict]] = []
 
         def change(session) -> None:
             logged.clear()
             job = session.get_one(Job, job_id)
-            if job.state is not JobState.SENDING:
-                return  # re-opened meanwhile: its new run will send again
+            if job.state is not JobState.SENDING or (key is not None and run_key(job) != key):
+                logged.append((logging.INFO, "dispatch.attempt_superseded", {"detail": error or ""}))
+                return  # re-opened meanwhile: its new run sends its own results
             progress = next(p for p in jobs.delivery_progress(session, job) if p.destination == name)
             complete = error is None and progress.complete
             attempts = jobs.delivery_record(job, name).attempts + 1
@@ -441,10 +493,12 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
     return f"{jobs.SENDING_FAILURE_PREFIX}: " + "; ".join(parts)
 
 
-def _plan(session, job_id: int, name: str, results: list[SendableFile], earlier: list[SendableFile]) -> None:
+def _plan(
+    session, job_id: int, name: str, key: RunKey, results: list[SendableFile], earlier: list[SendableFile]
+) -> None:
     """Record the files ``name`` takes, and (from an older record) those it accepted already."""
     job = session.get_one(Job, job_id)
-    if job.state is not JobState.SENDING:
+    if job.state is not JobState.SENDING or run_key(job) != key:
         return
     jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results})
     for r in earlier:

@@ -9,6 +9,7 @@ answers success (``acknowledged``).
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -43,6 +44,7 @@ class Peer:
         self.delay_from_bytes = delay_from_bytes
         self.stalled = False  # accept the association, never answer a C-STORE
         self.before_answer: Callable[[str], None] | None = None
+        self.statuses: list[int] = []  # the statuses to answer with, one per request, then success
         self.received: list[str] = []  # SOP Instance UIDs as each request arrived
         self.acknowledged: list[str] = []  # SOP Instance UIDs answered with success
         self.waiting = 0  # requests held without an answer right now
@@ -89,8 +91,10 @@ class Peer:
         if self.before_answer is not None:
             self.before_answer(uid)
         with self._lock:
-            self.acknowledged.append(uid)
-        return 0x0000
+            status = self.statuses.pop(0) if self.statuses else 0x0000
+            if status == 0x0000 or 0xB000 <= status <= 0xBFFF or status in (0x0001, 0x0107, 0x0116):
+                self.acknowledged.append(uid)  # success, or a warning: stored
+        return status
 
 
 @pytest.fixture
@@ -349,3 +353,78 @@ def test_stalled_destination_does_not_hold_up_the_other(tmp_path, start_node, st
     with node.sessions() as session:
         job = job_for_series_uid(session, series_uid)
         assert delivered_sop_instance_uids(session, job.id, "planner") == set(pacs.acknowledged)
+
+
+# --- warning statuses are stored, failures are not -----------------------------------------------
+
+
+def test_every_warning_status_counts_as_stored_and_is_not_sent_again(tmp_path, start_node, start_peer):
+    """0x0107, 0x0001 and 0xB00F are warnings (stored, with a remark); 0xA700 is a refusal, sent again."""
+    peer = start_peer()
+    peer.statuses = [0x0107, 0x0001, 0xA700, 0xB00F]  # in the order of arrival; the refused file goes again
+    node = start_node(
+        destinations={"peer": destination(peer, send=["seg", "sr", "rtstruct"])},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        dispatch={"first_retry_seconds": 0.5, "max_retry_seconds": 1, "max_attempts": 2},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+    node.wait_for_state(series_uid, JobState.DONE, timeout=240)
+
+    received = Counter(peer.received)
+    assert len(received) == 3 and sorted(received.values()) == [1, 1, 2], "only the refused file went twice"
+    statuses = {d.sop_instance_uid: d.status for d in delivery_records(node, series_uid)}
+    assert sorted(statuses.values()) == sorted([0x0107, 0x0001, 0xB00F]), statuses
+    assert attempts(node, series_uid, "peer") == 2
+    log = dispatch_log(node)
+    assert log.count("dispatch.stored_with_warning") == 3, log
+    assert "0x0107 (Attribute List Error)" in log and "0x0001 (warning)" in log, log
+    assert re.search(r"PEERSCP refused \S+\.dcm with status 0xA700 \(Refused: Out of Resources\)", log), log
+
+
+# --- a late instance re-opens the series while its results are being sent -----------------------
+
+
+def test_results_superseded_while_sending_stop_and_do_not_use_the_new_runs_attempts(tmp_path, start_node, start_peer):
+    """The series is re-opened after the first file of its results reached the peer, and processed again.
+
+    The first run's other files are not sent once the change is seen, and its attempt is not charged to
+    the second run: with one attempt allowed, the second run's results are all delivered.
+    """
+    peer = start_peer()
+    node = start_node(
+        destinations={"peer": destination(peer, send=["seg", "sr", "rtstruct"])},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 1},
+        dispatch={"max_attempts": 1, "timeout_seconds": 180},
+    )
+    series = write_phantom_series(tmp_path / "ct", PHANTOM)
+    first_answer: list[str] = []
+
+    def second_run_sending() -> bool:
+        with node.sessions() as session:
+            job = job_for_series_uid(session, series.series_instance_uid)
+            paths = [f.path for f in job.result_files or []]
+            return job.state is JobState.SENDING and bool(paths) and all("run-2" in path for path in paths)
+
+    def reopen_before_the_first_answer(uid: str) -> None:
+        if first_answer:
+            return
+        first_answer.append(uid)
+        assert storescu(node.port, series.files[-1:]).returncode == 0  # the late image
+        wait_for(second_run_sending, timeout=150, what="the series processed again, its new results to send")
+
+    peer.before_answer = reopen_before_the_first_answer
+    assert storescu(node.port, series.files[:-1]).returncode == 0  # one image short: completes by timeout
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=300)
+
+    second = set(planned_files(node, series.series_instance_uid, "peer"))
+    assert len(second) == 3 and first_answer[0] not in second
+    received = Counter(peer.received)
+    assert all(received[uid] == 1 for uid in second), "the new results reached the peer, once each"
+    first = [uid for uid in received if uid not in second]
+    assert first == first_answer, "of the superseded results only the file already in flight was sent"
+    assert attempts(node, series.series_instance_uid, "peer") == 1
+    assert "dispatch.attempt_superseded" in dispatch_log(node)
+    assert "partial series" not in (node.job_reason(series.series_instance_uid) or "")
