@@ -637,11 +637,12 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
 
 
 def _check_slice_stack(images: list[_Frame]) -> None:
-    """One acquisition's slices: no position twice, no gap, no shear (gantry tilt); same wording as the assembler."""
+    """One acquisition's slices: no position twice, no gap, no drift, no shear; same wording as the assembler."""
     normal = _normal(images[0].orientation)
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
     try:
-        check_slice_stack([f.position for f in ordered], normal)
+        smallest_pixel = min((min(f.spacing) for f in ordered if f.spacing), default=None)
+        check_slice_stack([f.position for f in ordered], normal, pixel_spacing=smallest_pixel)
     except VolumeError as exc:
         raise Refused(str(exc)) from None
 

@@ -34,6 +34,11 @@ SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
 ORIENTATION_TOLERANCE = 1e-3
 TILT_TOLERANCE_DEGREES = 0.5
+"""End-to-end shear that is named gantry tilt; any smaller shear is still bounded by IN_PLANE_TOLERANCE."""
+IN_PLANE_TOLERANCE = 0.5
+"""Largest distance of a slice from the stack's axis, as a fraction of the smallest pixel spacing (half a pixel)."""
+POSITION_NOISE_MM = 0.01
+"""Position differences below this are rounding in ImagePositionPatient, never a geometry fault."""
 
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -72,10 +77,17 @@ class Volume:
     notes: list[str] = field(default_factory=list)  # what was left out or assumed: sentences for the job's warnings
     excluded_images: int = 0  # images of the series (not localizers) that the volume does not cover
     source_paths: list[Path] = field(default_factory=list)  # the instance files the slices came from
+    positions: np.ndarray | None = None  # each slice's own ImagePositionPatient (k x 3), where read from DICOM
 
     def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
         """Patient position (LPS mm) of voxel (i, j, k) = (column, row, slice)."""
         return self.origin + self.direction @ (np.asarray(index, dtype=float) * self.spacing)
+
+    def slice_origin(self, k: int) -> np.ndarray:
+        """Where slice k's first voxel is: its image's own ImagePositionPatient, else the regular grid's."""
+        if self.positions is not None:
+            return self.positions[k]
+        return self.index_to_patient((0.0, 0.0, float(k)))
 
     def ras_affine(self) -> np.ndarray:
         """4x4 affine from (i, j, k) = (column, row, slice) to RAS mm, NIfTI's convention."""
@@ -160,6 +172,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
         notes=notes,
         excluded_images=excluded,
         source_paths=list(dict.fromkeys(f.path for f in frames)),
+        positions=np.array([f.position for f in frames], dtype=float),
     )
 
 
@@ -346,32 +359,74 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
 def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
     if len(frames) < 2:
         raise VolumeError("single slice: a volume needs at least two slices")
-    return check_slice_stack([f.position for f in frames], normal)
+    smallest_pixel = min(min(f.pixel_spacing) for f in frames)
+    return check_slice_stack([f.position for f in frames], normal, pixel_spacing=smallest_pixel)
 
 
-def check_slice_stack(positions: Sequence[Sequence[float] | np.ndarray], normal: Sequence[float] | np.ndarray) -> float:
+def check_slice_stack(
+    positions: Sequence[Sequence[float] | np.ndarray],
+    normal: Sequence[float] | np.ndarray,
+    *,
+    pixel_spacing: float | None = None,
+) -> float:
     """The slice step (mm) of positions sorted along ``normal``: one regular, unsheared stack, or VolumeError.
 
-    Refuses a position that occurs twice, a gap or uneven spacing (a step more than
-    :data:`SPACING_TOLERANCE` off the median) and a sheared (gantry-tilted) stack. The
-    admission stage runs it on headers, so a series is refused before it is queued.
+    The volume puts slice k at ``positions[0] + k x step x normal``, so every slice must lie there:
+
+    - no position twice, and no step more than :data:`SPACING_TOLERANCE` off the median (a gap);
+    - along the normal, each slice within :data:`SPACING_TOLERANCE` of a step of its place in the
+      regular stack, so small uneven steps cannot add up to a drift;
+    - across the normal, each slice within :data:`IN_PLANE_TOLERANCE` of a pixel (of ``pixel_spacing``,
+      or of the step when it is not given) of the stack's axis: no shear (gantry tilt), however small,
+      and no shifted slice in the middle.
+
+    The admission stage runs it on headers, so a series is refused before it is queued.
     """
     points = np.asarray(positions, dtype=float)
     direction = np.asarray(normal, dtype=float)
+    direction = direction / np.linalg.norm(direction)
     distances = points @ direction
     steps = np.diff(distances)
     if np.any(steps < 1e-3):
         duplicates = int(np.sum(steps < 1e-3))
         raise VolumeError(f"{duplicates} slice position(s) occur twice in one acquisition")
-    step = float(np.median(steps))
-    worst = int(np.argmax(np.abs(steps - step)))
-    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
-        missing = round(steps[worst] / step) - 1
+    median = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - median)))
+    if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
+        missing = round(steps[worst] / median) - 1
         kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
         raise VolumeError(
             f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
-            f"the series' usual step is {step:.2f} mm"
+            f"the series' usual step is {median:.2f} mm"
         )
+    step = float(distances[-1] - distances[0]) / (len(points) - 1)
+    _check_tilt(points, direction)
+    places = np.arange(len(points))
+    expected = points[0] + np.outer(places * step, direction)
+    errors = points - expected
+    along = errors @ direction
+    drifted = int(np.argmax(np.abs(along)))
+    allowed_along = max(SPACING_TOLERANCE * step, POSITION_NOISE_MM)
+    if abs(along[drifted]) > allowed_along:
+        raise VolumeError(
+            f"non-uniform spacing: slice {drifted + 1} (by position) lies {abs(along[drifted]):.2f} mm from where "
+            f"a regular stack of {step:.3f} mm steps puts it (more than {allowed_along:.2f} mm): the uneven steps "
+            "add up, and volumes and contours would be wrong"
+        )
+    sideways = np.linalg.norm(errors - np.outer(along, direction), axis=1)
+    shifted = int(np.argmax(sideways))
+    allowed_sideways = max(IN_PLANE_TOLERANCE * (pixel_spacing or step), POSITION_NOISE_MM)
+    if sideways[shifted] > allowed_sideways:
+        raise VolumeError(
+            f"slices are not stacked straight: slice {shifted + 1} (by position) lies {sideways[shifted]:.2f} mm "
+            f"beside the axis through the first slice along the slice normal (more than {allowed_sideways:.2f} mm); "
+            "a sheared or shifted stack is not resampled: reconstruct the series on the scanner and send it again"
+        )
+    return step
+
+
+def _check_tilt(points: np.ndarray, direction: np.ndarray) -> None:
+    """A stack sheared from end to end by more than :data:`TILT_TOLERANCE_DEGREES`: gantry tilt."""
     offset = points[-1] - points[0]
     along = float(np.dot(offset, direction))
     sideways = float(np.linalg.norm(offset - along * direction))
@@ -381,7 +436,6 @@ def check_slice_stack(positions: Sequence[Sequence[float] | np.ndarray], normal:
             f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
             "reconstruct the series without tilt on the scanner and send it again"
         )
-    return step
 
 
 def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:

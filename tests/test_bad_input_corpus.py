@@ -105,6 +105,27 @@ def same_position(datasets: list[Dataset]) -> None:
     datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
 
 
+def by_position(datasets: list[Dataset]) -> list[Dataset]:
+    return sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+
+
+def drifting_steps(datasets: list[Dataset]) -> None:
+    """Five steps of 1.5 mm, then 1.62 mm ones: each within 10 % of the median step, but adding up."""
+    ordered = by_position(datasets)
+    z = float(ordered[0].ImagePositionPatient[2])
+    for index, ds in enumerate(ordered):
+        x, y, _ = ds.ImagePositionPatient
+        ds.ImagePositionPatient = [x, y, f"{z:.3f}"]
+        z += 1.5 if index < 5 else 1.62
+
+
+def middle_slice_shifted(datasets: list[Dataset]) -> None:
+    """The second slice by position moved 2 mm to the patient's left (2.5 pixels)."""
+    ds = by_position(datasets)[1]
+    x, y, z = ds.ImagePositionPatient
+    ds.ImagePositionPatient = [f"{float(x) + 2.0:.3f}", y, z]
+
+
 def truncated_pixels(ds: Dataset) -> None:
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
@@ -379,6 +400,36 @@ CASES: list[Case] = [
         reason=not_admitted(
             "gantry tilt of about 10.0 degrees (slices are sheared): not resampled; reconstruct the series "
             "without tilt on the scanner and send it again"
+        ),
+    ),
+    Case(
+        "uneven_steps_that_add_up_are_refused",
+        drifting_steps,
+        JobState.FAILED,
+        not_admitted(
+            "non-uniform spacing: slice 6 (by position) lies 0.33 mm from where a regular stack of 1.565 mm steps "
+            "puts it (more than 0.16 mm): the uneven steps add up, and volumes and contours would be wrong"
+        ),
+        spec={"slices": 12},
+    ),
+    Case(
+        "a_shifted_middle_slice_is_refused",
+        middle_slice_shifted,
+        JobState.FAILED,
+        not_admitted(
+            "slices are not stacked straight: slice 2 (by position) lies 2.00 mm beside the axis through the first "
+            "slice along the slice normal (more than 0.40 mm); a sheared or shifted stack is not resampled: "
+            "reconstruct the series on the scanner and send it again"
+        ),
+    ),
+    Case(
+        "a_slight_tilt_over_a_long_stack_is_refused",
+        spec={"slices": 40, "slice_spacing": 5.0, "gantry_tilt_degrees": 0.3},
+        state=JobState.FAILED,
+        reason=not_admitted(
+            "slices are not stacked straight: slice 40 (by position) lies 1.02 mm beside the axis through the first "
+            "slice along the slice normal (more than 0.40 mm); a sheared or shifted stack is not resampled: "
+            "reconstruct the series on the scanner and send it again"
         ),
     ),
     Case("two_acquisitions_are_left_to_the_volume_assembler", nth(0, setting("AcquisitionNumber", 2))),

@@ -73,6 +73,38 @@ def test_one_roi_per_structure_with_contours_on_its_slices(structure_set):
     assert all(len(str(v)) <= 16 for c in body.ContourSequence for v in c.ContourData)
 
 
+def test_contours_lie_on_their_own_images_plane_where_positions_are_slightly_irregular(tmp_path):
+    """Slice positions off the regular grid, within tolerance: each contour follows its own image's position."""
+    series = write_phantom_series(
+        tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
+    moved: dict[str, np.ndarray] = {}
+    for index, (dz, dx) in {4: (0.4, 1.5), 7: (-0.3, -1.0)}.items():  # within 10 % of a step, half a pixel
+        dataset = pydicom.dcmread(series.files[index])
+        position = np.array(dataset.ImagePositionPatient, dtype=float) + np.array([dx, 0.0, dz])
+        dataset.ImagePositionPatient = [f"{v:.3f}" for v in position]
+        dataset.save_as(series.files[index])
+        moved[dataset.SOPInstanceUID] = position
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    dataset = encode_rtstruct(
+        volume, [headers[s.sop_instance_uid] for s in volume.slices], result.labels, result.classes, ALGORITHM
+    )
+
+    checked = set()
+    for roi in dataset.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            uid = contour.ContourImageSequence[0].ReferencedSOPInstanceUID
+            position = np.array(headers[uid].ImagePositionPatient, dtype=float)
+            points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+            assert np.allclose(points[:, 2], position[2], atol=1e-3), "the contour is on its image's plane"
+            columns = (points[:, 0] - position[0]) / 4.0  # in the image's own pixel columns
+            assert columns.min() >= -0.5 and columns.max() <= 63.5
+            checked.add(uid)
+    assert set(moved) <= checked
+
+
 def test_contour_encloses_the_mask_area():
     mask = np.zeros((40, 40), dtype=bool)
     mask[10:30, 5:25] = True  # 400 pixels

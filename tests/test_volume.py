@@ -12,7 +12,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
 from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
-from inference.volume import VolumeError, load_series_volume
+from inference.volume import VolumeError, check_slice_stack, load_series_volume
 
 SPEC = PhantomSpec(rows=96, columns=80, slices=24, pixel_spacing=(4.0, 4.5), slice_spacing=6.0, noise_sd=0.0)
 
@@ -96,6 +96,56 @@ def test_defects_are_refused_with_a_reason(tmp_path, change, reason):
     with pytest.raises(VolumeError) as error:
         load_series_volume(series.files)
     assert reason in str(error.value)
+
+
+AXIAL = (0.0, 0.0, 1.0)
+
+
+def stack(steps: list[float], *, shifts: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
+    """Positions of an axial stack with these steps (mm); ``shifts`` moves slice k by (x, y) mm."""
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    points = np.column_stack([np.zeros_like(z), np.zeros_like(z), z])
+    for k, (x, y) in (shifts or {}).items():
+        points[k, :2] += (x, y)
+    return points
+
+
+def test_uneven_steps_that_add_up_to_a_drift_are_refused_though_each_is_within_tolerance():
+    steps = [1.5] * 20 + [1.62] * 21  # each step within 10 % of the median; together 2.5 mm past a regular grid
+    with pytest.raises(VolumeError) as error:
+        check_slice_stack(stack(steps), AXIAL, pixel_spacing=0.8)
+    assert str(error.value).startswith("non-uniform spacing: slice 21 (by position) lies 1.2")
+    assert "the uneven steps add up, and volumes and contours would be wrong" in str(error.value)
+
+
+def test_a_slice_shifted_sideways_in_the_middle_is_refused():
+    with pytest.raises(VolumeError) as error:
+        check_slice_stack(stack([1.5] * 30, shifts={12: (2.0, 0.0)}), AXIAL, pixel_spacing=0.8)
+    assert str(error.value).startswith(
+        "slices are not stacked straight: slice 13 (by position) lies 2.00 mm beside the axis through the first "
+        "slice along the slice normal (more than 0.40 mm)"
+    )
+
+
+def test_a_shear_under_the_gantry_tilt_angle_is_refused_once_it_moves_slices_half_a_pixel():
+    tilt = np.tan(np.radians(0.3))  # below the 0.5 degree named gantry tilt; over 300 mm, 1.6 mm sideways
+    points = stack([1.5] * 200)
+    points[:, 1] = points[:, 2] * tilt
+    with pytest.raises(VolumeError) as error:
+        check_slice_stack(points, AXIAL, pixel_spacing=0.8)
+    assert str(error.value).startswith("slices are not stacked straight: slice 201 (by position) lies 1.57 mm")
+    assert check_slice_stack(points[:20], AXIAL, pixel_spacing=0.8) == pytest.approx(1.5)  # 0.15 mm: kept
+
+
+def test_positions_rounded_by_the_scanner_make_a_regular_stack():
+    rng = np.random.default_rng(7)
+    points = stack([0.625] * 400, shifts=dict.fromkeys(range(0, 400, 7), (0.004, -0.004)))
+    points = np.round(points + rng.uniform(-0.004, 0.004, points.shape), 2)  # two decimals, as some scanners write
+    assert check_slice_stack(points, AXIAL, pixel_spacing=0.7) == pytest.approx(0.625, abs=1e-4)
+
+
+def test_the_slice_step_is_the_first_to_last_distance_over_the_slices_between():
+    assert check_slice_stack(stack([2.0, 2.1, 1.9, 2.0, 2.05]), AXIAL) == pytest.approx(10.05 / 5)
 
 
 @pytest.mark.parametrize(

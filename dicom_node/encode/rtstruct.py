@@ -242,8 +242,9 @@ def _roi_contours(
     for index, points in zip(kept_owners, kept, strict=True):
         k = box[0].start + index
         rows_columns = points + offset
-        indices = np.column_stack([rows_columns[:, 1], rows_columns[:, 0], np.full(len(points), k)])
-        patient = volume.origin + (indices * volume.spacing) @ volume.direction.T
+        # On the referenced image's own plane: from its ImagePositionPatient, along its rows and columns.
+        in_plane = np.column_stack([rows_columns[:, 1], rows_columns[:, 0]]) * volume.spacing[:2]
+        patient = volume.slice_origin(k) + in_plane @ volume.direction[:, :2].T
         item.ContourSequence.append(_contour(patient, volume.slices[k]))
     return item, tolerance, sum(len(c) for c in kept)
 
