@@ -145,7 +145,9 @@ def status(
             query = query.where(Job.state == state)
         rows = list(session.scalars(query.order_by(Job.state_changed_at.desc()).limit(limit)))
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        rejected = session.scalar(select(func.count()).select_from(RejectedInstance)) or 0
+        by_status = select(func.count()).select_from(RejectedInstance)
+        rejected = session.scalar(by_status.where(RejectedInstance.status != 0)) or 0
+        set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
     table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
     for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
@@ -166,7 +168,8 @@ def status(
         )
     console.print(table)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
-    console.print(f"{summary}; refused instances: {rejected}", highlight=False)
+    aside = f"; copies set aside: {set_aside}" if set_aside else ""
+    console.print(f"{summary}; refused instances: {rejected}{aside}", highlight=False)
 
 
 def _warnings_cell(warnings: list[str] | None) -> str:

@@ -143,3 +143,5 @@ def test_an_instance_already_stored_in_another_series_is_set_aside_and_its_new_s
     assert (kept.SeriesInstanceUID, row.series_instance_uid) == (second.series_instance_uid,) * 2
     listed = node.cli("rejected")
     assert listed.returncode == 0 and "0x0000" in listed.stdout
+    status = node.cli("status")
+    assert "refused instances: 0; copies set aside: 1" in status.stdout, status.stdout

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import job_for_series_uid
-from db.models import Instance, JobEvent, JobState, Series
+from db.models import Instance, JobEvent, JobState, RejectedInstance, Series
 from db.session import make_engine, make_session_factory
 from dicom_node import status
 from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
@@ -358,6 +358,13 @@ def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_sp
 
     assert answers == [(status.OUT_OF_RESOURCES, "out of disk space on the node")] * 3
     assert_no_temporary_files(storage)
+    if database_on == "another disk":  # each refusal is recorded for its series (nowhere to record it otherwise)
+        with sessions() as session:
+            refused = session.scalars(select(RejectedInstance).order_by(RejectedInstance.id)).all()
+        assert [(r.sop_instance_uid, r.series_instance_uid, r.status, r.path) for r in refused] == [
+            (uid, later.series_instance_uid, status.OUT_OF_RESOURCES, None) for uid in later.sop_instance_uids[:3]
+        ]
+        assert refused[0].reason == ("out of disk space on the node; answered 0xA700, the sender keeps the instance")
     assert not set(later.sop_instance_uids) & set(recorded_uids(sessions))
     assert job_state(sessions, series.series_instance_uid)[0] in (JobState.QUEUED, JobState.PROCESSING)
     assert times_reached(sessions, series.series_instance_uid, JobState.FAILED) == 0
@@ -368,5 +375,7 @@ def test_full_disk_answers_a700_leaves_no_partial_and_processing_resumes_when_sp
     assert send_with_pynetdicom(node.port, later.files) == [(status.SUCCESS, "")] * len(later.files)
     assert sorted(recorded_uids(sessions)) == sorted(series.sop_instance_uids + later.sop_instance_uids)
     assert_byte_identical(later, stored_instances(storage), later.sop_instance_uids)
+    wait_for_state(sessions, later.series_instance_uid, JobState.DONE)  # sent again: whole, not partial
+    assert "partial series" not in (job_state(sessions, later.series_instance_uid)[1] or "")
     assert all(pid_alive(pid) for pid in workers) and "worker.died" not in node.log()
     assert_no_temporary_files(storage)

@@ -292,8 +292,13 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     if study_conflict is not None:
         _discard(temporary)
         return refuse(status.CANNOT_UNDERSTAND, study_conflict, header.series.series_instance_uid)
+
+    def write_failed(error: Exception | None) -> Dataset:
+        """Answer 0xA700 for this instance, and record it as refused for its series (see :func:`_write_failed`)."""
+        return _write_failed(context, error, request, transfer_syntax, calling_ae, header.series.series_instance_uid)
+
     if write_error is not None:
-        return _write_failed(write_error, sop_instance, calling_ae)
+        return write_failed(write_error)
 
     attempt.study_instance_uid = header.study.study_instance_uid
     record = header.record(transfer_syntax, str(path), len(file_meta) + len(encoded), calling_ae)
@@ -302,22 +307,22 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         segment = recorder.journal.append(str(path))
     except OSError as exc:
         _discard(temporary)
-        return _write_failed(exc, sop_instance, calling_ae)
+        return write_failed(exc)
     if temporary is None and not path.exists():
         # Found stored before the journal line, gone now: retention purged the series meanwhile (it reads the
         # journals after setting files aside, so it puts them back or this instance is written here).
         temporary, write_error = _write_temporary(context.store, file_meta, encoded)
         if write_error is not None:
             recorder.journal.done([segment])
-            return _write_failed(write_error, sop_instance, calling_ae)
+            return write_failed(write_error)
     try:
         installed = _place(context.store, path, temporary)
     except Exception as exc:
         recorder.journal.done([segment])
         if isinstance(exc, OSError) or is_disk_full(exc):
-            return _write_failed(exc, sop_instance, calling_ae)
+            return write_failed(exc)
         LOG.exception("instance.write_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
-        return _failure(status.OUT_OF_RESOURCES, "node cannot write the instance; see its log")
+        return write_failed(None)
     recorder.submit(record, segment)
     context.studies.remember(header)
     setattr(event.assoc, RESENDING, not installed)
@@ -382,22 +387,50 @@ def _discard(temporary: Path | None) -> None:
             temporary.unlink(missing_ok=True)
 
 
-def _write_failed(error: Exception, sop_instance: str, calling_ae: str) -> Dataset:
-    """Answer 0xA700 for an instance that could not be written; no temporary file is left."""
-    full = is_disk_full(error)
-    comment = (
-        DISK_FULL_COMMENT
-        if full
-        else f"node cannot write the instance: {getattr(error, 'strerror', None) or 'I/O error'}"
-    )
+def _write_failed(
+    context: StoreContext,
+    error: Exception | None,
+    request: Any,
+    transfer_syntax: UID,
+    calling_ae: str,
+    series_instance_uid: str,
+) -> Dataset:
+    """Answer 0xA700 for an instance that could not be written (``error`` None: an unexpected fault, logged).
+
+    No file is left, and none is quarantined (the disk may be full): the sender keeps the instance. The
+    refusal is recorded for its series, so the series is marked partial unless the image is sent again.
+    """
+    if error is None:
+        comment = "node cannot write the instance; see its log"
+    elif is_disk_full(error):
+        comment = DISK_FULL_COMMENT
+    else:
+        comment = f"node cannot write the instance: {getattr(error, 'strerror', None) or 'I/O error'}"
+    sop_instance = str(request.AffectedSOPInstanceUID or "")
+    reason = f"{comment}; answered 0xA700, the sender keeps the instance"
     log_event(
         LOG,
         logging.ERROR,
         "instance.write_failed",
         sop_instance_uid=sop_instance,
         calling_ae=calling_ae,
-        reason=f"{comment}; answered 0xA700, the sender keeps the instance",
+        reason=reason,
     )
+    try:
+        with transaction(context.sessions) as session:
+            record_rejection(
+                session,
+                status=status.OUT_OF_RESOURCES,
+                reason=reason,
+                path=None,
+                sop_instance_uid=sop_instance,
+                sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                transfer_syntax_uid=str(transfer_syntax),
+                calling_ae_title=calling_ae,
+                series_instance_uid=series_instance_uid,
+            )
+    except Exception:  # noqa: BLE001 - a full disk may hold the database too; the answer must still go out
+        log_event(LOG, logging.ERROR, "instance.rejection_not_recorded", sop_instance_uid=sop_instance)
     return _failure(status.OUT_OF_RESOURCES, comment)
 
 
