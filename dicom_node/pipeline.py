@@ -43,7 +43,14 @@ from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import fsync_folder, is_disk_full
-from inference.models import ModelUnavailable, Segmentation, SegmentationFailed, SegmentationModel, load_model
+from inference.models import (
+    ModelUnavailable,
+    Segmentation,
+    SegmentationFailed,
+    SegmentationModel,
+    load_model,
+    run_parameters,
+)
 from inference.models.prefetch import VolumePrefetcher
 from inference.volume import Volume, VolumeError, load_series_volume
 from inference.weights import WeightsIdentity
@@ -419,6 +426,7 @@ def algorithm_description(model: SegmentationModel) -> dict[str, object]:
         "baseline": model.is_baseline,
         "test_weights": model.is_test_weights,
         "weights": model.weights.as_dict() if model.weights else None,
+        "parameters": run_parameters(model),  # device, backend, precision
     }
 
 

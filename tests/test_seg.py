@@ -30,7 +30,12 @@ from inference.volume import load_series_volume
 from tests.conftest import dciodvfy, require_extra
 
 SPEC = PhantomSpec(rows=96, columns=96, slices=20, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
-TS_ALGORITHM = Algorithm("TotalSegmentator total_fast", "2.18.0", is_baseline=False)
+TS_ALGORITHM = Algorithm(
+    "TotalSegmentator total_fast",
+    "2.18.0",
+    is_baseline=False,
+    parameters=(("device", "cpu"), ("backend", "openvino"), ("precision", "bf16")),
+)
 
 
 def sources_in_volume_order(files: list[Path], volume) -> list[pydicom.Dataset]:
@@ -99,6 +104,16 @@ def test_binary_seg_passes_dciodvfy(phantom_with_kidneys, tmp_path):
     errors, _warnings = dciodvfy(path)
 
     assert errors == []
+
+
+def test_every_segment_names_the_device_backend_and_precision_that_made_it(phantom_with_kidneys):
+    series, volume, labels, classes = phantom_with_kidneys
+    encoded = encode_segmentation(
+        sources_in_volume_order(series.files, volume), labels, classes, TS_ALGORITHM, segmentation_type="BINARY"
+    )
+    identifications = [item.SegmentationAlgorithmIdentificationSequence[0] for item in encoded.dataset.SegmentSequence]
+    assert {i.AlgorithmParameters for i in identifications} == {"device=cpu,backend=openvino,precision=bf16"}
+    assert {i.AlgorithmVersion for i in identifications} == {"2.18.0"}
 
 
 def test_left_and_right_kidney_differ_in_codes_not_only_labels(phantom_with_kidneys):

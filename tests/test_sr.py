@@ -57,6 +57,37 @@ def test_sr_volumes_equal_the_label_map_and_reference_the_segments(report):
         assert measured.label == label
 
 
+def test_sr_names_the_precision_of_the_inference_and_passes_dciodvfy(shared_fixtures, tmp_path):
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    volume = load_series_volume(files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    algorithm = Algorithm(
+        "TotalSegmentator total_fast", "Dataset297 sha256:0123", is_baseline=False, parameters=(("precision", "bf16"),)
+    )
+    seg = encode_segmentation(sources, result.labels, result.classes, algorithm, segmentation_type="BINARY")
+    sr = encode_measurement_report(seg, sources, measure(volume, result.labels, result.classes), algorithm)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+
+    errors, _warnings = dciodvfy(path)
+    assert errors == []
+    texts = [item.TextValue for item in _content_items(sr) if _concept(item) == "111002"]
+    assert texts and set(texts) == {"precision=bf16"}  # Algorithm Parameters (TID 4019), with each measurement
+
+
+def _content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _concept(item) -> str | None:
+    names = item.get("ConceptNameCodeSequence")
+    return str(names[0].CodeValue) if names else None
+
+
 def test_cut_structures_are_marked(report):
     path, _seg, measurements = report
     assert any(m.cut_by_scan_edge for m in measurements)  # 20 slices: the body runs off both ends

@@ -17,7 +17,7 @@ from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
 from dicom_node.encode.seg import Algorithm, SegmentationType, encode_segmentation, write_segmentation
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
-from inference.models import Segmentation
+from inference.models import Segmentation, run_parameters
 from inference.volume import Volume
 
 
@@ -80,7 +80,11 @@ def encode_results(
     """
     warnings = warnings if warnings is not None else []
     algorithm = Algorithm(
-        model.algorithm_name, model.algorithm_version, model.is_baseline, getattr(model, "is_test_weights", False)
+        model.algorithm_name,
+        model.algorithm_version,
+        model.is_baseline,
+        getattr(model, "is_test_weights", False),
+        parameters=tuple(run_parameters(model).items()),
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
     replaces = replaces or {}

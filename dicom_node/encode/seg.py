@@ -49,6 +49,7 @@ class Algorithm:
     version: str  # for trained models the weights' identity: dataset ids and SHA-256
     is_baseline: bool
     test_weights: bool = False  # synthetic/untrained weights: every description says so
+    parameters: tuple[tuple[str, str], ...] = ()  # how it ran: (("device", "cpu"), ("precision", "bf16"), ...)
 
     def series_description(self, what: str, attempt: int = 1, *, partial: bool = False) -> str:
         """E.g. "Segmentation <name> (baseline) PARTIAL (re-run 2)", within 64 characters.
@@ -86,6 +87,7 @@ def segment_descriptions(
         name=algorithm.name[:64],
         version=algorithm.version[:64],
         family=ARTIFICIAL_INTELLIGENCE,
+        parameters=dict(algorithm.parameters) or None,  # AlgorithmParameters: device=cpu,backend=...,precision=...
     )
     descriptions = []
     for number, label in enumerate(present, start=1):

@@ -120,7 +120,11 @@ def _structure_group(
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     coded = structure_codes(measured.name)
     site = hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
-    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name[:64],
+        version=algorithm.version[:64],
+        parameters=[f"{key}={value}" for key, value in algorithm.parameters] or None,
+    )
     mean = partial(hd.sr.Measurement, name=ATTENUATION_COEFFICIENT, unit=HOUNSFIELD_UNIT, algorithm_id=algorithm_id)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=measured.name[:64]),

@@ -37,6 +37,16 @@ class SegmentationModel(Protocol):
     def segment(self, volume: Volume) -> Segmentation: ...
 
 
+def run_parameters(model: SegmentationModel) -> dict[str, str]:
+    """How the model computes its results: device, backend and precision (empty for a model without a network).
+
+    The results say it (SEG and SR algorithm parameters, measurements.json): BF16 and FP32 label maps may
+    differ in a few boundary voxels, so a result names the precision that made it.
+    """
+    found = {key: getattr(model, key, None) for key in ("device", "backend", "precision")}
+    return {key: str(value) for key, value in found.items() if value is not None}
+
+
 class ModelUnavailable(RuntimeError):
     """A configured model cannot be loaded (e.g. weights missing); the message says how to fix it."""
 
