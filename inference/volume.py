@@ -158,7 +158,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     step = _regular_step(frames, normal)
     hu = _read_pixels(frames, notes)
     first = frames[0]
-    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    row_dir, col_dir = orthonormal_directions(first.orientation)
     header = headers[0][1]
     return Volume(
         hu=hu,
@@ -306,7 +306,8 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest.
 
     Acquisitions that continue one another (step-and-shoot: each a few slices further along, together one
-    regular stack) are one volume, not several.
+    regular stack) are one volume, not several. Two largest groups of the same size are refused: which one
+    is meant cannot be told, and the choice must never depend on the order the images arrived in.
     """
     orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
     if len(orientations) > 1:
@@ -324,23 +325,55 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
         main = largest_matrix
         if len(main) == len(frames):
             return frames
+        kept = "one stack of consecutive acquisitions"
     else:
+        sizes = sorted((len(members) for members in groups.values()), reverse=True)
+        if sizes[0] == sizes[1]:
+            raise VolumeError(
+                f"{_describe_groups(groups)}: two or more of the largest have {sizes[0]} images each, so which "
+                "one to process cannot be told (a choice by arrival order would be arbitrary); send each "
+                "acquisition as its own series"
+            )
         main = max(groups.values(), key=len)
+        kept = _describe_group(main)
     notes.append(
         f"partial series: {len(groups)} acquisitions or matrix sizes in one series; "
-        f"processed the largest, {len(main)} of {len(frames)} images"
+        f"processed the largest, {len(main)} of {len(frames)} images ({kept})"
     )
     return main
 
 
+def _describe_group(members: list[_Frame]) -> str:
+    """'AcquisitionNumber 2, 512 x 512 at 0.7 x 0.7 mm': what one group of images has in common."""
+    first = members[0]
+    acquisition = f"AcquisitionNumber {first.acquisition or '(none)'}"
+    rows, columns = first.shape
+    return f"{acquisition}, {rows} x {columns} at {first.pixel_spacing[0]:g} x {first.pixel_spacing[1]:g} mm"
+
+
+def _describe_groups(groups: dict[tuple, list[_Frame]]) -> str:
+    ordered = sorted(groups.values(), key=lambda members: (-len(members), _describe_group(members)))
+    return "; ".join(f"{len(members)} images of {_describe_group(members)}" for members in ordered)
+
+
 def _is_one_stack(frames: list[_Frame]) -> bool:
-    """Whether the frames' positions, taken together, make one regular, unsheared stack."""
+    """Whether the frames' positions, taken together, make one regular, unsheared stack of consecutive blocks.
+
+    Each acquisition must hold one block of neighbouring positions: acquisitions whose slices interleave
+    (two phases offset by half a step) are two volumes, never one.
+    """
     try:
         normal = _common_orientation(frames)
-        _regular_step(sorted(frames, key=lambda f: float(np.dot(f.position, normal))), normal)
+        ordered = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))
+        _regular_step(ordered, normal)
     except VolumeError:
         return False
-    return True
+    runs = [
+        acquisition
+        for index, acquisition in enumerate(f.acquisition for f in ordered)
+        if index == 0 or ordered[index - 1].acquisition != acquisition
+    ]
+    return len(runs) == len(set(runs))
 
 
 def _common_orientation(frames: list[_Frame]) -> np.ndarray:
@@ -354,6 +387,19 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
     if length < 0.5:
         raise VolumeError(f"ImageOrientationPatient {_vector(reference)} is degenerate")
     return normal / length
+
+
+def orthonormal_directions(orientation: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ImageOrientationPatient's row and column directions as unit vectors at right angles.
+
+    Admission lets them be up to 1 % off (rounded by the scanner); used as they are, they would
+    stretch every distance in the volume, its NIfTI and its contours by that much, where viewers
+    use unit vectors. The row direction is kept; the column direction is made perpendicular to it.
+    """
+    values = np.asarray(orientation, dtype=float)
+    row = values[:3] / np.linalg.norm(values[:3])
+    column = values[3:] - float(np.dot(values[3:], row)) * row
+    return row, column / np.linalg.norm(column)
 
 
 def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:

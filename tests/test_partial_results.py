@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 
 SPEC = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(4.0, 4.0), slice_spacing=5.0, noise_sd=5.0)
 LOCALIZER_WARNING = "1 localizer image(s) left out of the volume"
-PARTIAL_WARNING = "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 30 of 38 images"
+PARTIAL_WARNING = (
+    "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 30 of 38 images "
+    "(AcquisitionNumber 1, 96 x 96 at 4 x 4 mm)"
+)
 
 
 def mixed_series(folder: Path) -> tuple[object, list[Path]]:

@@ -243,7 +243,8 @@ def test_second_acquisition_in_the_series_is_dropped_keeping_the_main_stack(tmp_
     assert volume.hu.shape[0] == 24
     assert [s.sop_instance_uid for s in volume.slices] == main.sop_instance_uids
     assert volume.notes == [
-        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images"
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images "
+        "(AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm)"
     ]
     assert volume.excluded_images == 8
 
@@ -269,8 +270,8 @@ def test_partial_series_is_refused_when_partial_volumes_are_not_allowed(tmp_path
         load_series_volume(main.files + repeat.files, allow_partial=False)
 
     assert str(error.value) == (
-        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images; "
-        "a partial series is not processed (inference.partial_series is 'fail')"
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 24 of 32 images "
+        "(AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm); a partial series is not processed (inference.partial_series is 'fail')"
     )
 
 
