@@ -443,8 +443,11 @@ def quiet_receiving_jobs(session: Session, quiet: timedelta, now: datetime | Non
     return list(session.scalars(query))
 
 
-def job_for_series_uid(session: Session, series_instance_uid: str) -> Job | None:
+def job_for_series_uid(session: Session, series_instance_uid: str, *, lock: bool = False) -> Job | None:
+    """The series' job; with ``lock``, its row locked for this transaction (PostgreSQL), to change it safely."""
     query = select(Job).join(Job.series).where(Series.series_instance_uid == series_instance_uid)
+    if lock:
+        query = query.with_for_update(of=Job)
     return session.scalars(query).one_or_none()
 
 
@@ -516,6 +519,7 @@ def claim(session: Session, job: Job, worker: str, lease: timedelta, now: dateti
                 not_before=None,
                 attempts=Job.attempts + 1,
                 lease_expires_at=moment + lease,
+                version=Job.version + 1,  # a writer that read the job QUEUED must decide again
             )
             .execution_options(synchronize_session=False)
         ),
@@ -546,9 +550,13 @@ def renew_lease(session: Session, job_id: int, worker: str, until: datetime) -> 
     return renewed.rowcount == 1
 
 
-def holds(job: Job, worker: str) -> bool:
-    """Whether ``worker`` still holds ``job`` (PROCESSING, claimed by it)."""
-    return job.state is S.PROCESSING and job.claimed_by == worker
+def holds(job: Job, worker: str, attempt: int | None = None) -> bool:
+    """Whether ``worker`` still holds ``job`` (PROCESSING, claimed by it, in claim number ``attempt`` if given).
+
+    The attempt tells two claims by one worker id apart: containers that share a host name and run as
+    pid 1 have the same id, and a claim lost and taken again must not publish the earlier run's result.
+    """
+    return job.state is S.PROCESSING and job.claimed_by == worker and (attempt is None or job.attempts == attempt)
 
 
 def finish_processing(

@@ -152,8 +152,14 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # Bumped by every change of the row (the ORM's and a claim's): a change made from a read that another
+    # process has since overtaken fails (StaleDataError) and is decided again, never written over the newer state.
+    version: Mapped[int] = mapped_column(default=1, server_default="1")
+
     series: Mapped[Series] = relationship(back_populates="job")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 - SQLAlchemy reads it once, at mapping
 
 
 class JobEvent(Base):

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, Executable, create_engine, event, tex
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import NullPool
 
 LOG = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ def retry_when_locked(
 ) -> T:
     """Run ``action`` (a whole transaction) again while the database is locked by another writer.
 
+    Also when another process changed a job the transaction had read (``StaleDataError`` from the
+    job's version): the action reads again and decides on the newer state.
+
     Each run already waits SQLite's busy timeout; between runs the delay doubles
     up to ``longest_delay_seconds``. Every wait is logged at WARNING, naming what waits.
 
@@ -147,6 +151,13 @@ def retry_when_locked(
         tries += 1
         try:
             return action()
+        except StaleDataError:
+            # Another process changed a job this transaction had read (its version moved on): run it again,
+            # so the decision is made on the newer state instead of overwriting it.
+            LOG.info("database.changed_meanwhile", extra={"event_fields": {"waiting": waiting, "tries": tries}})
+            if time.monotonic() - started > limit_seconds:
+                raise
+            continue
         except OperationalError as exc:
             if is_database_locked(exc):
                 cause = "the database is locked by another process"

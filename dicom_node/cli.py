@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
 from db.models import Instance, Job, JobState, RejectedInstance, Series
@@ -288,16 +289,23 @@ def _print_deliveries(session: Session, job: Job) -> None:
 def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
     """Resend only the files a destination lacks (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
     settings = _settings(config)
-    with _session(settings, write=True) as session:
-        job = jobs.job_for_series_uid(session, series_instance_uid)
-        if job is None:
-            errors.print(f"no series {series_instance_uid} on this node")
-            raise typer.Exit(1)
-        try:
-            jobs.retry(session, job)
-        except jobs.InvalidTransition as exc:
-            errors.print(f"cannot retry: {exc}")
-            raise typer.Exit(1) from None
+    try:
+        with _session(settings, write=True) as session:
+            job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)  # as the console does
+            if job is None:
+                errors.print(f"no series {series_instance_uid} on this node")
+                raise typer.Exit(1)
+            try:
+                jobs.retry(session, job)
+            except jobs.InvalidTransition as exc:
+                errors.print(f"cannot retry: {exc}")
+                raise typer.Exit(1) from None
+    except StaleDataError:
+        errors.print(
+            f"cannot retry: series {series_instance_uid} changed state while the retry was made, so nothing was "
+            "changed; see `dicom-node show` and retry again if it is still needed"
+        )
+        raise typer.Exit(1) from None
     console.print(
         f"series {series_instance_uid} is {job.state.value} again; the running node carries on within seconds"
     )

@@ -7,8 +7,10 @@ import threading
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from dicom_node.config import Settings
+from dicom_node.logs import log_event
 
 
 class PeriodicTask:
@@ -46,6 +48,13 @@ class PeriodicTask:
         while not self._stop.is_set():
             try:
                 self.run_once()
+            except StaleDataError:  # another process changed a job this pass had read: the next pass decides again
+                log_event(
+                    self._log,
+                    logging.INFO,
+                    f"{self.name}.changed_meanwhile",
+                    note="a series changed state while this pass looked at it; the next pass looks again",
+                )
             except Exception:  # noqa: BLE001 - keep running; the trace is logged
                 self._log.exception(f"{self.name}.pass_failed")
             self._stop.wait(self.interval_seconds)

@@ -97,6 +97,8 @@ class InferenceWorker:
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
         self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
+        # Job id -> (the lease's expiry as first seen run out, time.monotonic() then): see requeue_expired_leases.
+        self._expired_seen: dict[int, tuple[object, float]] = {}
 
     @property
     def host(self) -> str:
@@ -160,15 +162,31 @@ class InferenceWorker:
         return requeued
 
     def requeue_expired_leases(self) -> int:
-        """Jobs whose worker (on any host) stopped renewing its lease: queued again, or failed at the crash limit."""
+        """Jobs whose worker (on any host) stopped renewing its lease: queued again, or failed at the crash limit.
+
+        A lease that has run out by the wall clock only counts once this worker has seen it unchanged for
+        ``inference.lease_seconds`` of its own steady clock: a clock stepped forward (NTP), or a host whose
+        clock runs ahead of another's, never takes a job from a worker that is still renewing its lease. A
+        dead worker's job is queued again after two lease periods at most, instead of one.
+        """
 
         def sweep() -> int:
             requeued = 0
+            now = time.monotonic()
+            seen_now: dict[int, tuple[object, float]] = {}
             with transaction(self.sessions) as session:
                 for job in jobs.expired_leases(session):
+                    lease, first_seen = self._expired_seen.get(job.id, (None, now))
+                    if lease != job.lease_expires_at:
+                        first_seen = now  # first seen run out, or renewed since: watch this lease afresh
+                    seen_now[job.id] = (job.lease_expires_at, first_seen)
+                    if now - first_seen < self.settings.inference.lease_seconds:
+                        continue
                     failed = jobs.lease_expired(session, job, self.settings.inference.max_worker_deaths)
                     log_worker_death(job, failed)
                     requeued += not failed
+                    del seen_now[job.id]
+            self._expired_seen = seen_now
             return requeued
 
         try:
@@ -208,7 +226,8 @@ class InferenceWorker:
             job = jobs.claim_next(session, self.identity, lease)
             if job is None:
                 return None
-            paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series_id))]
+            instances = select(Instance.path).where(Instance.series_id == job.series_id).order_by(Instance.id)
+            paths = [Path(p) for p in session.scalars(instances)]
             run, replaces = _run_and_replaced_reports(session, job)
             return ClaimedJob(
                 job.id,
@@ -323,9 +342,7 @@ class InferenceWorker:
         """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id, with_for_update=True)
-            timings = {**result.timings, "claim": claim.claim_seconds}
-            job.timings = {key: round(value, 3) for key, value in timings.items()}
-            if not jobs.holds(job, self.identity):
+            if not jobs.holds(job, self.identity, claim.attempt):
                 why = (
                     "series changed while processing"
                     if job.claimed_by == self.identity
@@ -340,6 +357,8 @@ class InferenceWorker:
                 )
                 discard(result)  # its files never left this claim's own folder
                 return False
+            timings = {**result.timings, "claim": claim.claim_seconds}
+            job.timings = {key: round(value, 3) for key, value in timings.items()}
             if isinstance(result, Processed):
                 result = publish(result)  # into the run's folder, only now that the job is known to be ours
                 record_results(session, job.id, result.indexed)  # Q/R answers from these rows
@@ -365,7 +384,7 @@ class InferenceWorker:
             return False
         with transaction(self.sessions) as session:
             job = session.get_one(Job, claim.job_id, with_for_update=True)
-            if not jobs.holds(job, self.identity):
+            if not jobs.holds(job, self.identity, claim.attempt):
                 return False
             jobs.worker_stopped(session, job)
         log_event(

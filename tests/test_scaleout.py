@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,46 @@ def test_working_worker_renews_its_lease_so_no_other_worker_takes_the_job(tmp_pa
     with sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.PROCESSING and job.claimed_by == "busy-host:1" and job.worker_deaths == 0
+
+
+def test_a_clock_stepped_forward_does_not_take_the_job_of_a_worker_still_renewing_its_lease(
+    tmp_path, database_url, monkeypatch
+):
+    """The sweeping worker's wall clock runs a whole lease ahead (an NTP step, or another host's clock)."""
+    migrate(database_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        database={"url": database_url},
+        inference={"lease_seconds": 1, "lease_renew_seconds": 0.5},
+    )
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    busy = InferenceWorker(settings, sessions, "busy-host:1")
+    claim = busy.claim()
+    assert claim is not None
+    ahead = InferenceWorker(settings, sessions, "clock-ahead-host:1")
+    true_now = jobs.utcnow
+
+    def sweep_with_the_clock_ahead() -> int:
+        monkeypatch.setattr(jobs, "utcnow", lambda: true_now() + timedelta(seconds=61))
+        try:
+            return ahead.requeue_expired_leases()
+        finally:
+            monkeypatch.setattr(jobs, "utcnow", true_now)
+
+    for _ in range(4):  # two seconds: twice the lease, each sweep seeing the lease run out by its clock
+        assert sweep_with_the_clock_ahead() == 0
+        assert busy.renew_lease(claim.job_id)
+        time.sleep(0.5)
+    assert sweep_with_the_clock_ahead() == 0
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.PROCESSING and job.claimed_by == "busy-host:1" and job.worker_deaths == 0
+
+    time.sleep(1.1)  # the busy worker stops renewing: now its lease stays run out for a whole lease period
+    assert sweep_with_the_clock_ahead() == 1
+    with sessions() as session:
+        assert session.scalars(select(Job)).one().state is JobState.QUEUED
 
 
 def test_stopped_worker_hands_its_job_back_without_counting_a_death(tmp_path, database_url):

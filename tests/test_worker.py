@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -154,6 +155,8 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
 def test_a_worker_that_lost_its_lease_leaves_the_results_of_the_one_that_took_over_untouched(worker_setup):
     """Worker A stalls past its lease, B takes the job over and finishes; A's late results never reach disk."""
     settings, sessions, _series = worker_setup
+    short_lease = settings.inference.model_copy(update={"lease_seconds": 1, "lease_renew_seconds": 0.5})
+    settings = settings.model_copy(update={"inference": short_lease})
     stalled, live = InferenceWorker(settings, sessions, "host-a:1"), InferenceWorker(settings, sessions, "host-b:2")
     claim = stalled.claim()
     assert claim is not None
@@ -163,6 +166,8 @@ def test_a_worker_that_lost_its_lease_leaves_the_results_of_the_one_that_took_ov
     left = job_folder / f"{STAGING_PREFIX}0-died"  # as a worker killed while writing leaves it
     left.mkdir(parents=True)
     (left / "seg-binary.dcm").write_bytes(b"half written")
+    assert live.requeue_expired_leases() == 0  # B sees the lease run out; it counts once it stays so a lease long
+    time.sleep(1.1)
     assert live.run_once()  # B queues the job again, claims it and records its results
     assert not left.exists()
     with sessions() as session:
@@ -372,3 +377,24 @@ def test_prefetch_is_off_on_a_cpu_unless_asked_for():
     assert prefetch_enabled(Settings(inference={"device": "cpu"})) is False
     assert prefetch_enabled(Settings(inference={"device": "cpu", "prefetch_next_series": "on"})) is True
     assert prefetch_enabled(Settings(inference={"prefetch_next_series": "off"})) is False
+
+
+def test_a_claim_lost_and_taken_again_by_the_same_worker_id_does_not_publish_the_first_claims_result(worker_setup):
+    """Two containers with one host name, each its process 1: one worker id; only the newer claim may publish."""
+    settings, sessions, _series = worker_setup
+    first, second = InferenceWorker(settings, sessions, "node:1"), InferenceWorker(settings, sessions, "node:1")
+    lost = first.claim()
+    assert lost is not None
+    with transaction(sessions) as session:  # its lease ran out and another worker swept it
+        jobs.lease_expired(session, session.scalars(select(Job)).one(), settings.inference.max_worker_deaths)
+    taken = second.claim()
+    assert taken is not None and taken.attempt == lost.attempt + 1
+
+    first.process(lost)
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.PROCESSING and job.result_path is None, "the first claim's result was discarded"
+
+    second.process(taken)
+    with sessions() as session:
+        assert session.scalars(select(Job)).one().state is JobState.DONE

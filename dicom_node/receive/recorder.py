@@ -34,6 +34,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from db.ingest import InstanceRecord
 from db.models import Instance, utcnow
@@ -228,6 +229,9 @@ class InstanceRecorder:
             try:
                 outcomes = self._commit(batch)
                 break
+            except StaleDataError:  # another process changed the series' job meanwhile: record it again
+                time.sleep(0.01)
+                continue
             except OperationalError as exc:
                 self._note_waiting(exc, len(batch))
                 if self._stopping.is_set() and time.monotonic() >= self._give_up_at:
