@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node.config import AdmissionSettings
-from inference.volume import VolumeError, check_slice_stack, rescale_source
+from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, rescale_source
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -439,6 +439,8 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
         intercept = _numbers(named, source, "RescaleIntercept", 1)
         if slope is not None and slope[0] == 0:
             raise Refused(f"RescaleSlope of {named} is 0: every pixel would have the same value")
+        if slope is not None and slope[0] < 0 and not _is_localizer(header):
+            raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {NON_POSITIVE_SLOPE}")
         if (slope is None) != (intercept is None):
             present, absent = (
                 ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")

@@ -491,6 +491,7 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
     rows, columns = frames[0].shape
     volume = np.empty((len(frames), rows, columns), dtype=np.float32)
     assumed_rescale = 0
+    padding = _PaddingAsAir()
     for path, members in by_path.items():
         dataset, pixels = _decode(path, members[0][1])
         assumed_rescale += "RescaleSlope" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset
@@ -503,13 +504,86 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
                 )
             slope, intercept = _rescale(dataset, frame.ref.frame_number, _image_name(frame))
             volume[index] = plane * slope + intercept
+            padding.apply(dataset, plane, volume[index])
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
+            highest = float(volume[index].max())
+            if highest > HIGHEST_PLAUSIBLE_HU:
+                raise VolumeError(
+                    f"{_image_name(frame)} has values up to {highest:.4g} HU after RescaleSlope and RescaleIntercept, "
+                    f"beyond any CT (over {HIGHEST_PLAUSIBLE_HU:,} HU): its rescale values are wrong"
+                )
     if assumed_rescale:
         notes.append(
             f"RescaleSlope and RescaleIntercept missing on {assumed_rescale} image(s): assumed 1 and 0 (HU as stored)"
         )
+    notes.extend(padding.notes())
     return volume
+
+
+HIGHEST_PLAUSIBLE_HU = 70_000
+"""Above any CT value (16-bit extended scales reach about 64,500 HU): a higher one means a wrong rescale."""
+AIR_HU = -1024.0
+
+
+class _PaddingAsAir:
+    """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit) that would read above air.
+
+    Padding is not tissue: it marks what lies outside the reconstructed field. Where it rescales to air
+    or below (the usual -2000 stored, -3024 HU) it is left as it is, as TotalSegmentator reads it; where
+    it would read as tissue or bone (an unsigned 63536 read as 62,512 HU) it becomes air, -1024 HU, so
+    it enters neither the model nor any measurement as anatomy. The job's warnings say so.
+    """
+
+    def __init__(self) -> None:
+        self.replaced = 0
+        self.example: tuple[int, float] | None = None  # the padding value as stored, and what it would have read
+
+    def apply(self, dataset: Dataset, plane: np.ndarray, hu: np.ndarray) -> None:
+        padded = _padding_mask(dataset, plane)
+        if padded is None:
+            return
+        above_air = padded & (hu > AIR_HU)
+        count = int(np.count_nonzero(above_air))
+        if count:
+            if self.example is None:
+                self.example = (int(dataset.PixelPaddingValue), float(hu[above_air].max()))
+            hu[above_air] = AIR_HU
+            self.replaced += count
+
+    def notes(self) -> list[str]:
+        if not self.replaced or self.example is None:
+            return []
+        value, read_as = self.example
+        return [
+            f"{self.replaced} padding pixel(s) (PixelPaddingValue {value}, outside the reconstructed field) would "
+            f"read as {read_as:.0f} HU; they were read as air (-1024 HU)"
+        ]
+
+
+def _padding_mask(dataset: Dataset, plane: np.ndarray) -> np.ndarray | None:
+    """Which pixels of ``plane`` (as decoded) are padding; None where the image declares none."""
+    if "PixelPaddingValue" not in dataset:
+        return None
+    try:
+        bits = int(dataset.get("BitsStored") or plane.dtype.itemsize * 8)
+        signed = int(dataset.get("PixelRepresentation") or 0) == 1
+        value = _as_decoded(int(dataset.PixelPaddingValue), bits, signed)
+        limit = dataset.get("PixelPaddingRangeLimit")
+        if limit is None:
+            return plane == value
+        low, high = sorted((value, _as_decoded(int(limit), bits, signed)))
+    except (TypeError, ValueError):
+        return None  # an unreadable padding value: the pixels are read as they are
+    return (plane >= low) & (plane <= high)
+
+
+def _as_decoded(value: int, bits: int, signed: bool) -> int:
+    """A padding value as the decoder gives pixels: cut to BitsStored, then signed if the pixels are."""
+    value &= (1 << bits) - 1
+    if signed and value >= 1 << (bits - 1):
+        value -= 1 << bits
+    return value
 
 
 def _image_name(frame: _Frame) -> str:
@@ -573,4 +647,9 @@ def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[flo
         raise VolumeError(f"{name} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
     if slope is None:
         return 1.0, 0.0  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
+    if float(slope) <= 0:
+        raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {NON_POSITIVE_SLOPE}")
     return float(slope), float(intercept)
+
+
+NON_POSITIVE_SLOPE = "CT values rise with density, so the slope must be positive: its pixel values cannot be read as HU"

@@ -485,6 +485,15 @@ CASES: list[Case] = [
         not_admitted("RescaleSlope of instance 2 is 0: every pixel would have the same value"),
     ),
     Case(
+        "negative_rescale_slope_is_refused",
+        nth(1, raw_value("RescaleSlope", "DS", "-1")),
+        JobState.FAILED,
+        not_admitted(
+            "instance 2 has RescaleSlope -1 (top level); CT values rise with density, so the slope must be "
+            "positive: its pixel values cannot be read as HU"
+        ),
+    ),
+    Case(
         "missing_rescale_is_refused",
         each(no_rescale),
         JobState.FAILED,

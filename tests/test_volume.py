@@ -364,3 +364,59 @@ def test_non_finite_values_fail_the_series_naming_the_image(tmp_path):
         f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID}) has pixel values that are "
         "not finite numbers after rescaling"
     )
+
+
+def _pad_corners(path: Path, value: int, *, unsigned: bool) -> None:
+    """A 4 x 4 block of padding in the image's corner, declared with PixelPaddingValue."""
+    dataset = pydicom.dcmread(path)
+    pixels = dataset.pixel_array.astype(np.uint16 if unsigned else np.int16)
+    pixels[:4, :4] = value
+    dataset.PixelRepresentation = 0 if unsigned else 1
+    dataset.PixelData = pixels.tobytes()
+    dataset.add_new("PixelPaddingValue", "US" if unsigned else "SS", value)
+    dataset.save_as(path)
+
+
+def test_padding_that_would_read_as_bone_is_read_as_air_with_a_note(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        _pad_corners(path, 63536, unsigned=True)  # 62,512 HU with the intercept of -1024
+
+    volume = load_series_volume(series.files)
+
+    assert (volume.hu[:, :4, :4] == -1024).all()
+    assert volume.hu.max() < 3000
+    assert volume.notes == [
+        f"{16 * SPEC.slices} padding pixel(s) (PixelPaddingValue 63536, outside the reconstructed field) would "
+        "read as 62512 HU; they were read as air (-1024 HU)"
+    ]
+
+
+def test_padding_below_air_is_left_as_totalsegmentator_reads_it(tmp_path):
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        _pad_corners(path, -2000, unsigned=False)
+
+    volume = load_series_volume(series.files)
+
+    assert (volume.hu[:, :4, :4] == -3024).all() and volume.notes == []
+
+
+@pytest.mark.parametrize(
+    ("slope", "reason"),
+    [
+        ("-1", "has RescaleSlope -1 (top level); CT values rise with density, so the slope must be positive"),
+        ("1000000", "after RescaleSlope and RescaleIntercept, beyond any CT (over 70,000 HU)"),
+    ],
+)
+def test_a_rescale_that_cannot_give_hu_is_refused(tmp_path, slope, reason):
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.RescaleSlope = slope
+        dataset.save_as(path)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert reason in str(error.value)
