@@ -624,7 +624,7 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
         groups[(frame.shape, tuple(round(v, 4) for v in frame.spacing))].append(frame)
     if len(groups) == 1:
         return images
-    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))  # never by arrival order
     described = "; ".join(
         f"{len(members)} of {shape[0]} x {shape[1]} at {spacing[0]:g} x {spacing[1]:g} mm"
         for (shape, spacing), members in ordered
@@ -632,6 +632,11 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
     if settings.mixed_series == "refuse":
         raise Refused(
             f"the series mixes matrix sizes or pixel spacings ({described}); refused (admission.mixed_series: refuse)"
+        )
+    if len(ordered[0][1]) == len(ordered[1][1]):
+        raise Refused(
+            f"the series mixes matrix sizes or pixel spacings ({described}) and the largest groups are the same "
+            "size, so which one to process cannot be told; send each as its own series"
         )
     largest = ordered[0][1]
     warnings.append(f"processed {len(largest)} of {len(images)} {LARGEST_GROUP_SUFFIX}")

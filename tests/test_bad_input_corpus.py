@@ -736,6 +736,17 @@ CASES: list[Case] = [
         node="lenient",
     ),
     Case(
+        "two_matrix_sizes_of_equal_count_are_refused_not_chosen_by_arrival_order",
+        lambda datasets: [smaller_matrix(ds) for ds in datasets[2:]] and None,
+        JobState.FAILED,
+        not_admitted(
+            "the series mixes matrix sizes or pixel spacings (2 of 8 x 8 at 0.8 x 0.8 mm; 2 of 16 x 16 at 0.8 x 0.8 "
+            "mm) and the largest groups are the same size, so which one to process cannot be told; send each as "
+            "its own series"
+        ),
+        node="lenient",
+    ),
+    Case(
         "missing_rescale_is_assumed_identity_with_a_warning",
         each(no_rescale),
         warnings=[
