@@ -128,6 +128,10 @@ class PeerPolicy:
         """Whether any peer may call from ``address``."""
         return any(peer.calls_from(address) for peer in self.peers)
 
+    def sends_from(self, address: str) -> bool:
+        """Whether a peer that may send images (the ``store`` role) calls from ``address``."""
+        return any(peer.may("store") and peer.calls_from(address) for peer in self.peers)
+
     def identify(self, ae_title: str, address: str) -> Peer | Refused:
         """The peer this call comes from, or why it is refused.
 
@@ -239,8 +243,8 @@ def on_requested(
             address,
             calling_ae=ae_title,
             address=address,
-            reason=f"association limit reached (network.maximum_associations is "
-            f"{assoc.ae.maximum_associations}, counted over every receiving process)",
+            reason=f"association limit reached ({assoc.ae.maximum_associations} open: network.maximum_associations "
+            "plus the places of peers that send no images, counted over every receiving process)",
         )
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
         if on_rejected is not None:
@@ -396,26 +400,67 @@ class PduRefused(Exception):
     """A PDU broke a limit; the message says which, for the log."""
 
 
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+QUERY_RETRIEVE_PREFIX = "1.2.840.10008.5.1.4.1.2."  # the Query/Retrieve information models (FIND, MOVE, GET)
+IDENTIFIER_BYTES = 1_000_000
+"""Largest data set on a Query/Retrieve context: an identifier (query keys) is a few kB."""
+COMMAND_BYTES = 64 * 1024
+"""Largest command set of one message: a DIMSE command is a few hundred bytes."""
+
+
 class GuardedDUL(EventDrivenDUL):
-    """The DUL reader with a deadline per PDU, a size limit per PDU type checked before the body is read, and a
-    limit on the data set one message may carry (its fragments are counted as they arrive)."""
+    """The DUL reader with a deadline per PDU, a size limit per PDU type checked before the body is read, and
+    limits on what one message may carry, counted as its fragments arrive: its command, and its data set by
+    the presentation context it is sent on (none on Verification, an identifier's worth on Query/Retrieve,
+    ``network.maximum_data_set_megabytes`` on a storage context). pynetdicom holds a message in memory until
+    it is whole, so a peer allowed only to echo can never make the node hold gigabytes."""
 
     _data_set_bytes = 0  # of the message being received, so far
+    _command_bytes = 0
 
-    def _data_set_too_large(self, pdu: bytearray, limit: int) -> bool:
-        """Count a P-DATA-TF's data set fragments; True once the message's data set is over ``limit`` bytes."""
+    def _fragments_refused(self, pdu: bytearray, limits: Limits) -> str | None:
+        """Count a P-DATA-TF's fragments; why the message is refused once one is over its limit, else None."""
         offset, end = 6, len(pdu)
         while offset + 6 <= end:
             (item_length,) = struct.unpack_from(">L", pdu, offset)
-            control = pdu[offset + 5]
-            if not control & 0x01:  # a data set fragment, not a command's
-                self._data_set_bytes += max(item_length - 2, 0)
+            context_id, control = pdu[offset + 4], pdu[offset + 5]
+            size = max(item_length - 2, 0)
+            if control & 0x01:  # a command's fragment
+                self._command_bytes += size
+                if self._command_bytes > COMMAND_BYTES:
+                    return f"a command of more than {COMMAND_BYTES // 1024} KB was being sent"
+                if control & 0x02:
+                    self._command_bytes = 0
+            else:
+                self._data_set_bytes += size
+                limit, carried = self._data_set_limit(context_id, limits)
                 if self._data_set_bytes > limit:
-                    return True
+                    return carried
                 if control & 0x02:  # its last fragment: the next message starts from zero
                     self._data_set_bytes = 0
             offset += 4 + item_length
-        return False
+        return None
+
+    _accepted: dict[int, str] | None = None  # context ID -> abstract syntax, read at the first P-DATA-TF
+
+    def _data_set_limit(self, context_id: int, limits: Limits) -> tuple[int, str]:
+        """The most data set bytes one message may carry on this presentation context, and the refusal."""
+        if self._accepted is None:  # negotiated once, before any P-DATA-TF
+            accepted = self.assoc.accepted_contexts
+            self._accepted = {cx.context_id: str(cx.abstract_syntax) for cx in accepted if cx.context_id is not None}
+        syntax = self._accepted.get(context_id)
+        if syntax is None:
+            return 0, f"a data set was sent on presentation context {context_id}, which was not accepted"
+        if syntax == VERIFICATION_SOP_CLASS:
+            return 0, "a data set was sent on the Verification context, whose messages carry none"
+        if syntax.startswith(QUERY_RETRIEVE_PREFIX):
+            return IDENTIFIER_BYTES, (
+                f"a query or retrieval identifier of more than {IDENTIFIER_BYTES / 1_000_000:g} MB was being sent"
+            )
+        return limits.data_set_bytes, (
+            f"a data set of more than {limits.data_set_bytes / 1_000_000:g} MB was being sent "
+            "(network.maximum_data_set_megabytes)"
+        )
 
     def _read_pdu_data(self) -> None:
         limits: Limits = self.assoc._server.limits  # type: ignore[union-attr]
@@ -452,12 +497,9 @@ class GuardedDUL(EventDrivenDUL):
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             self._refuse(f"unknown PDU type 0x{pdu_type:02X}", reason=0x01)
             return
-        if pdu_type == 0x04 and self._data_set_too_large(whole, limits.data_set_bytes):
-            self._refuse(
-                f"a data set of more than {limits.data_set_bytes / 1_000_000:g} MB was being sent "
-                "(network.maximum_data_set_megabytes)",
-                reason=0x00,
-            )
+        refused = self._fragments_refused(whole, limits) if pdu_type == 0x04 else None
+        if refused is not None:
+            self._refuse(refused, reason=0x00)
             return
         try:
             pdu, event = self._decode_pdu(whole)
@@ -670,6 +712,11 @@ STRANGERS = "addresses no peer calls from"
 STRANGER_CONNECTIONS = 2
 """Connections from addresses no peer calls from, open at a time in all: enough for a misconfigured peer to be
 told why it is rejected, too few to fill ``network.maximum_associations``."""
+NON_SENDERS = "addresses of peers that send no images"
+"""The one place where connections from addresses only peers without the ``store`` role call from are counted."""
+NON_SENDER_CONNECTIONS = 4
+"""Connections from such addresses, open at a time in all: a planning system's retrievals and the echoes of
+monitoring, never enough to lock out the PACS (``network.maximum_associations`` is kept for image senders)."""
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -728,25 +775,29 @@ class GuardedServer(ThreadedAssociationServer):
         return client, address
 
     def caps_key(self, address: str) -> str:
-        """Where a connection from ``address`` is counted: its address, or, for an address no peer calls
-        from, one place shared by all such addresses (:data:`STRANGER_CONNECTIONS` connections at a time)."""
-        if self.policy is None or self.policy.admits_address(address):
+        """Where a connection from ``address`` is counted: its address, for an address an image sender (a peer
+        with the ``store`` role) calls from; else one place shared by all addresses of peers that send no images
+        (:data:`NON_SENDER_CONNECTIONS` at a time), or by all addresses no peer calls from
+        (:data:`STRANGER_CONNECTIONS`). Those two never take the image senders' places."""
+        if self.policy is None or self.policy.sends_from(address):
             return address
+        if self.policy.admits_address(address):
+            return NON_SENDERS
         return STRANGERS
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit the connection unless its address already holds ``maximum_associations_per_host`` (or, for
-        addresses no peer calls from, all of them together hold :data:`STRANGER_CONNECTIONS`)."""
+        """Admit the connection unless its address already holds ``maximum_associations_per_host`` (or its
+        shared place, for addresses of peers that send no images or of no peer, is full)."""
         address = client_address[0]
         key = self.caps_key(address)
-        stranger = key == STRANGERS
-        held = self.caps.hold(key, STRANGER_CONNECTIONS if stranger else self.limits.per_host)
+        shared = {STRANGERS: STRANGER_CONNECTIONS, NON_SENDERS: NON_SENDER_CONNECTIONS}.get(key)
+        held = self.caps.hold(key, shared or self.limits.per_host)
         if held is None:
             return True
-        if stranger:
+        if shared is not None:
             reason = (
-                f"{held} connections from addresses no peer calls from are already open (at most "
-                f"{STRANGER_CONNECTIONS} at a time, so they never take the configured peers' places)"
+                f"{held} connections from {key} are already open (at most {shared} at a time, so they never take "
+                "the places of the peers that send images)"
             )
         elif held:
             reason = (

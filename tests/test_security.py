@@ -216,6 +216,33 @@ def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path
     assert "has a wildcard; a retrieval needs literal unique keys" in node.log()
 
 
+def test_a_peer_without_the_find_role_cannot_retrieve_a_whole_patient_by_a_guessed_patient_id(stored_series, tmp_path):
+    node, series = stored_series
+    patient_id = pydicom.dcmread(series.files[0], stop_before_pixels=True).PatientID
+    out = tmp_path / "patient"
+    out.mkdir()
+
+    output = dcmtk(
+        "getscu",
+        node,
+        "PLANNER",
+        "-P",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        f"PatientID={patient_id}",
+    )
+
+    assert list(out.iterdir()) == [], output
+    assert "Received C-GET Response (Error: DataSetDoesNotMatchSOPClass)" in output, output
+    assert (
+        "peer planner has no find role, so it may not retrieve a whole patient by PatientID (which can be guessed); "
+        "it retrieves by StudyInstanceUID or below"
+    ) in node.log()
+
+
 def test_find_stops_at_the_match_cap_and_retrievals_over_the_instance_cap_are_refused(stored_series, tmp_path):
     node, series = stored_series
 
@@ -323,6 +350,56 @@ def test_connections_from_addresses_no_peer_calls_from_take_two_places_at_most(s
     log = node.log()
     assert "connection.refused address=127.0.0.3" in log or "connection.refused address=127.0.0.2" in log
     assert "connections from addresses no peer calls from are already open (at most 2 at a time" in log
+
+
+def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pacs(start_node, tmp_path):
+    """An echo-only peer on two addresses opens connections in a loop; the PACS still associates and sends."""
+    monitors = {"hosts": ["127.0.0.2", "127.0.0.3"], "roles": ["echo"]}  # any AE title, echo only
+    node = start_node(
+        peers={**PEERS, "monitors": monitors},
+        network={
+            "maximum_associations": 4,
+            "maximum_associations_per_host": 8,
+            "association_request_timeout_seconds": 30,
+        },
+    )
+    held = slow_loris("127.0.0.2", node.port, 8, b"") + slow_loris("127.0.0.3", node.port, 8, b"")
+    try:
+        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 12, timeout=10, what="all but four closed")
+        assoc = associate(node, "PACS", [Verification])
+        assert assoc.is_established
+        assoc.release()
+        sent = storescu(node.port, write_phantom_series(tmp_path / "ct", SMALL_CT).files)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    assert "connections from addresses of peers that send no images are already open (at most 4 at a time" in (
+        node.log()
+    )
+
+
+def test_a_data_set_sent_on_the_verification_context_aborts_the_association_at_once(start_node):
+    node = start_node(peers={**PEERS, "monitors": {"hosts": ["127.0.0.2"], "roles": ["echo"]}})
+    assert node.process is not None
+    before = rss_kib(node.process.pid)
+    assoc = associate(node, "MONITOR", [Verification], source="127.0.0.2")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    fragment = bytes(1 << 20)  # one MiB of a data set that no message on this context may carry
+    item = struct.pack(">LBB", len(fragment) + 2, context_id, 0x00) + fragment
+    raw = assoc.dul.socket.socket
+    raw.settimeout(10)
+    try:
+        for _ in range(300):
+            raw.sendall(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+    except OSError:
+        pass  # closed by the node
+    wait_for(lambda: not assoc.is_established, timeout=20, what="the association to be aborted")
+
+    assert rss_kib(node.process.pid) - before < 64 * 1024
+    assert "a data set was sent on the Verification context, whose messages carry none" in node.log()
+    assert associate(node, "PACS", [Verification]).is_established
 
 
 def flood(sock: socket.socket, header: bytes, megabytes: int) -> int:

@@ -70,7 +70,15 @@ from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_
 from dicom_node.receive.studies import KnownStudies
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
-from dicom_node.security import AssociationCaps, PeerPolicy, on_requested, require_role, start_guarded_server
+from dicom_node.security import (
+    NON_SENDER_CONNECTIONS,
+    STRANGER_CONNECTIONS,
+    AssociationCaps,
+    PeerPolicy,
+    on_requested,
+    require_role,
+    start_guarded_server,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -145,7 +153,8 @@ def build_ae(network: NetworkSettings) -> AE:
     """An AE that accepts Verification, every storage SOP class with the transfer syntaxes above, and Query/Retrieve."""
     ae = AE(ae_title=network.ae_title)
     ae.maximum_pdu_size = network.receive_pdu_limit
-    ae.maximum_associations = network.maximum_associations
+    # network.maximum_associations for image senders, plus the shared places of other peers and unknown addresses
+    ae.maximum_associations = network.maximum_associations + NON_SENDER_CONNECTIONS + STRANGER_CONNECTIONS
     ae.network_timeout = network.network_timeout_seconds
     ae.acse_timeout = network.association_request_timeout_seconds
     ae.require_called_aet = network.require_called_ae_title

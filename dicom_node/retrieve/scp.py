@@ -45,7 +45,7 @@ from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Setti
 from dicom_node.logs import log_event
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
-from dicom_node.security import PeerPolicy, Refused, client_tls, not_authorized, peer_of
+from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -206,7 +206,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         )
         yield None, None
         return
-    paths = _paths_to_retrieve(event, context, calling_ae)
+    paths = _paths_to_retrieve(event, context, calling_ae, peer)
     # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
     contexts = _storage_contexts(paths) if paths else [build_context(Verification)]
     sub_association: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield not_authorized(event, "get", peer), None
         return
-    paths = _paths_to_retrieve(event, context, calling_ae)
+    paths = _paths_to_retrieve(event, context, calling_ae, peer)
     if paths is None:
         yield 1
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
@@ -274,9 +274,19 @@ class Stored(NamedTuple):
     alternative: Stored | None = None  # the same result in a form more peers read (BINARY beside LABELMAP)
 
 
-def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str) -> list[Stored] | None:
-    """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier."""
+def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> list[Stored] | None:
+    """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier.
+
+    A peer without the ``find`` role may not retrieve at PATIENT level: a PatientID is easily guessed
+    (hospital numbers run in sequence), so such a peer retrieves only what it was told of, by Study,
+    Series or SOP Instance UID.
+    """
     try:
+        if not peer.may("find") and query_level(event.identifier) == "PATIENT":
+            raise QueryError(
+                f"peer {peer.name} has no find role, so it may not retrieve a whole patient by PatientID "
+                "(which can be guessed); it retrieves by StudyInstanceUID or below"
+            )
         with context.sessions() as session:
             limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
             found = matching_instances(session, event.identifier, for_retrieval=True, limit=limit)
