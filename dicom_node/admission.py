@@ -39,9 +39,15 @@ IDENTITY_KEYWORDS = (
     "PatientSex",
     "StudyInstanceUID",
     "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
 )
-"""Attributes every instance of a series must share (the result is labelled with them)."""
-IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
+"""Attributes every instance of a series must share (the result is labelled with them, copied from one instance)."""
+IDENTITY_SUBJECT = dict.fromkeys(
+    ("StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"), "study"
+)
 """What an identity attribute names, where it is not the patient."""
 
 ORTHONORMAL_TOLERANCE = 0.01
@@ -386,16 +392,25 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             "a result must name its patient"
         )
     for keyword in IDENTITY_KEYWORDS:
-        values = Counter(_raw_text(header, keyword) for _, header, _ in headers)
+        values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
         if len(values) > 1:
             common, _count = values.most_common(1)[0]
             differing = sum(n for value, n in values.items() if value != common)
-            first = next(label for label, header, _ in headers if _raw_text(header, keyword) != common)
+            first = next(label for label, header, _ in headers if _identity_value(header, keyword) != common)
             raise Refused(
                 f"{keyword} differs within the series: {differing} of {len(headers)} instances "
                 f"(first: {first}) carry another value than the rest; one series must hold one "
                 f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
+
+
+def _identity_value(header: Dataset, keyword: str) -> str | None:
+    """The value as stored; for text beyond printable ASCII (accents, ISO 2022 escapes), with the character set
+    it is read in: the same bytes under another SpecificCharacterSet are another name."""
+    raw = _raw_text(header, keyword)
+    if raw is None or all(" " <= c <= "~" for c in raw):
+        return raw
+    return f"{_raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"
 
 
 def _check_pixel_module(label: str, header: Dataset) -> None:

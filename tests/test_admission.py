@@ -92,21 +92,48 @@ def test_a_series_without_patient_id_is_refused(tmp_path):
     assert "have no PatientID (first: instance 1)" in (admit(files, STRICT).refusal or "")
 
 
+VALUES = {"PatientSex": ("F", "M"), "StudyDate": ("20240101", "20240102")}
+
+
 @pytest.mark.parametrize(
     ("keyword", "subject"),
-    [("IssuerOfPatientID", "patient"), ("PatientSex", "patient"), ("AccessionNumber", "study")],
+    [
+        ("IssuerOfPatientID", "patient"),
+        ("PatientSex", "patient"),
+        ("AccessionNumber", "study"),
+        ("StudyID", "study"),
+        ("StudyDate", "study"),
+        ("ReferringPhysicianName", "study"),
+    ],
 )
 def test_every_identity_attribute_the_result_carries_must_agree(tmp_path, keyword, subject):
     """highdicom copies the patient and study modules from one source, so all must say the same."""
     files = series_files(tmp_path)
     for file in files[:2]:
-        rewrite(file, **{keyword: "HOSP_A" if keyword != "PatientSex" else "F"})
+        rewrite(file, **{keyword: VALUES.get(keyword, ("HOSP_A", "HOSP_B"))[0]})
     for file in files[2:]:
-        rewrite(file, **{keyword: "HOSP_B" if keyword != "PatientSex" else "M"})
+        rewrite(file, **{keyword: VALUES.get(keyword, ("HOSP_A", "HOSP_B"))[1]})
     refusal = admit(files, STRICT).refusal or ""
     assert refusal.startswith(f"{keyword} differs within the series: 2 of 4 instances"), refusal
     assert refusal.endswith(f"one series must hold one {subject}")
     assert "HOSP" not in refusal
+
+
+def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_path):
+    """'M\xc3\xbcller' is Müller in UTF-8 and MÃ¼ller in Latin-1: the series does not hold one patient."""
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "Müller^Jürgen"
+        ds.save_as(file.path)
+    first = files[0].path.read_bytes()
+    assert first.count(b"ISO_IR 192") == 1
+    files[0].path.write_bytes(first.replace(b"ISO_IR 192", b"ISO_IR 100"))  # the same bytes, read as Latin-1
+    refusal = admit(files, STRICT).refusal or ""
+    assert refusal.startswith("PatientName differs within the series: 1 of 4 instances (first: instance 1)"), refusal
+    files[0].path.write_bytes(first)  # the same bytes and character set everywhere: one name
+    assert admit(files, STRICT).admitted
 
 
 @pytest.mark.parametrize(

@@ -43,3 +43,72 @@ def test_each_result_object_and_each_run_has_its_own_series_number_and_descripti
     assert any(text.startswith("Label map ") for text in descriptions)
     assert all(d.SeriesDescription.endswith("(re-run 2)") for d in second)
     assert all(len(d.SeriesDate) == 8 and d.SeriesTime for d in first + second)
+
+
+def test_a_source_without_type_2_patient_and_study_attributes_gets_them_empty_in_every_result(tmp_path):
+    """An anonymised series may lack PatientSex, PatientBirthDate, StudyID ...: the job must not fail on it."""
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
+    absent = ("PatientSex", "PatientBirthDate", "StudyID", "AccessionNumber", "StudyDate", "StudyTime", "PatientName")
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        for keyword in absent:
+            delattr(dataset, keyword)
+        dataset.save_as(path)
+    volume = load_series_volume(series.files)
+    model = ThresholdModel()
+    segmentation = model.segment(volume)
+    files = encode_results(
+        volume,
+        segmentation,
+        measure(volume, segmentation.labels, segmentation.classes),
+        model,
+        tmp_path,
+        ["BINARY"],
+        1,
+        rtstruct=True,
+    )
+
+    results = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}
+    for result in results:
+        for keyword in absent:
+            assert keyword in result and not result[keyword].value, (result.Modality, keyword)
+
+
+def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.IssuerOfPatientID = "HOSPITAL_A"
+        qualifier = pydicom.Dataset()
+        qualifier.UniversalEntityID = "1.2.3.4.5"
+        qualifier.UniversalEntityIDType = "ISO"
+        dataset.IssuerOfPatientIDQualifiersSequence = [qualifier]
+        other = pydicom.Dataset()
+        other.PatientID = "OLD-123"
+        other.TypeOfPatientID = "TEXT"
+        dataset.OtherPatientIDsSequence = [other]
+        dataset.PatientAge = "054Y"
+        dataset.save_as(path)
+    volume = load_series_volume(series.files)
+    model = ThresholdModel()
+    segmentation = model.segment(volume)
+    files = encode_results(
+        volume,
+        segmentation,
+        measure(volume, segmentation.labels, segmentation.classes),
+        model,
+        tmp_path,
+        ["BINARY"],
+        1,
+        rtstruct=True,
+    )
+    by_modality = {d.Modality: d for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
+    seg, rtstruct = by_modality["SEG"], by_modality["RTSTRUCT"]
+    for keyword in (
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "OtherPatientIDsSequence",
+        "PatientAge",
+    ):
+        assert keyword in rtstruct and rtstruct[keyword].value == seg[keyword].value, keyword

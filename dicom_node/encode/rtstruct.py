@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -76,6 +77,17 @@ PATIENT_STUDY_KEYWORDS = (
 )
 
 
+PATIENT_OPTIONAL_KEYWORDS = (
+    "IssuerOfPatientID",  # the PatientID alone may name another patient at another hospital
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+"""Patient and Patient Study attributes copied from the source where it has them."""
+
+
 def encode_rtstruct(
     volume: Volume,
     source_images: Sequence[Dataset],
@@ -100,8 +112,9 @@ def encode_rtstruct(
     dataset = _file_dataset()
     for keyword in PATIENT_STUDY_KEYWORDS:
         setattr(dataset, keyword, first.get(keyword, ""))
-    if first.get("IssuerOfPatientID"):  # the PatientID alone may name another patient at another hospital
-        dataset.IssuerOfPatientID = first.IssuerOfPatientID
+    for keyword in PATIENT_OPTIONAL_KEYWORDS:  # as the SEG and SR carry them: the same identity in every result
+        if first.get(keyword):
+            dataset[keyword] = deepcopy(first[keyword])
     dataset.SpecificCharacterSet = RESULT_CHARACTER_SET
     dataset.FrameOfReferenceUID = first.FrameOfReferenceUID
     dataset.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")

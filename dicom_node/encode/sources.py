@@ -87,7 +87,24 @@ def text_in_utf8(header: Dataset) -> Dataset:
         )
     header.walk(_rebuild_person_name)
     header.SpecificCharacterSet = RESULT_CHARACTER_SET
+    for keyword in TYPE_2_COPIED:  # absent in the source: present and empty in the results, as their IODs need
+        if keyword not in header:
+            setattr(header, keyword, None)
     return header
+
+
+TYPE_2_COPIED = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Patient and study attributes the results must carry (type 2) and copy from the source: a source without
+one of them (an anonymised series, a modality that leaves them out) gets them empty, never fails the job."""
 
 
 class _HeldRecords(logging.Filter):
