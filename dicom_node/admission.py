@@ -39,15 +39,13 @@ IDENTITY_KEYWORDS = (
     "PatientSex",
     "StudyInstanceUID",
     "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
 )
 """Attributes every instance of a series must share (the result is labelled with them, copied from one instance)."""
-IDENTITY_SUBJECT = dict.fromkeys(
-    ("StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"), "study"
-)
+IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
+STUDY_DETAIL_KEYWORDS = ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+"""Study attributes the results copy from one instance too: where instances of one study disagree on them,
+the job says so (a warning) rather than the results carrying one instance's value silently."""
+STUDY_DETAIL_SUFFIX = "; the results carry the value of the first image by position"
 """What an identity attribute names, where it is not the patient."""
 
 ORTHONORMAL_TOLERANCE = 0.01
@@ -70,6 +68,7 @@ HEADER_KEYWORDS = (
     "ImageType",
     "SpecificCharacterSet",
     *IDENTITY_KEYWORDS,
+    *STUDY_DETAIL_KEYWORDS,
     "FrameOfReferenceUID",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -115,7 +114,7 @@ ASSUMED_RESCALE_PREFIX = "rescale attributes missing:"
 
 def is_admission_warning(warning: str) -> bool:
     """A warning admission wrote: replaced when the series is admitted again."""
-    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith(LARGEST_GROUP_SUFFIX)
+    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith((LARGEST_GROUP_SUFFIX, STUDY_DETAIL_SUFFIX))
 
 
 class Refused(Exception):
@@ -232,6 +231,7 @@ def _admit(
     headers = [(_label(f), _read(f), f) for f in files]
     warnings: list[str] = []
     _check_identity(headers)
+    warnings.extend(_study_detail_warnings(headers))
     if study_patient_id and (_text(headers[0][1], "PatientID") or "") != study_patient_id:
         raise Refused(
             "the series' study already holds another patient's images (its PatientID differs from the study's); "
@@ -402,6 +402,21 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
                 f"(first: {first}) carry another value than the rest; one series must hold one "
                 f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
+
+
+def _study_detail_warnings(headers: list[tuple[str, Dataset, InstanceFile]]) -> list[str]:
+    """One warning per study attribute the instances disagree on (values never named)."""
+    found = []
+    for keyword in STUDY_DETAIL_KEYWORDS:
+        values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
+        if len(values) > 1:
+            common, _count = values.most_common(1)[0]
+            differing = sum(n for value, n in values.items() if value != common)
+            found.append(
+                f"{keyword} differs within the series: {differing} of {len(headers)} instances carry another "
+                f"value than the rest{STUDY_DETAIL_SUFFIX}"
+            )
+    return found
 
 
 def _identity_value(header: Dataset, keyword: str) -> str | None:

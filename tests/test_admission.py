@@ -92,7 +92,7 @@ def test_a_series_without_patient_id_is_refused(tmp_path):
     assert "have no PatientID (first: instance 1)" in (admit(files, STRICT).refusal or "")
 
 
-VALUES = {"PatientSex": ("F", "M"), "StudyDate": ("20240101", "20240102")}
+VALUES = {"PatientSex": ("F", "M"), "StudyDate": ("20240101", "20240102"), "StudyTime": ("101010", "111111")}
 
 
 @pytest.mark.parametrize(
@@ -101,9 +101,6 @@ VALUES = {"PatientSex": ("F", "M"), "StudyDate": ("20240101", "20240102")}
         ("IssuerOfPatientID", "patient"),
         ("PatientSex", "patient"),
         ("AccessionNumber", "study"),
-        ("StudyID", "study"),
-        ("StudyDate", "study"),
-        ("ReferringPhysicianName", "study"),
     ],
 )
 def test_every_identity_attribute_the_result_carries_must_agree(tmp_path, keyword, subject):
@@ -117,6 +114,19 @@ def test_every_identity_attribute_the_result_carries_must_agree(tmp_path, keywor
     assert refusal.startswith(f"{keyword} differs within the series: 2 of 4 instances"), refusal
     assert refusal.endswith(f"one series must hold one {subject}")
     assert "HOSP" not in refusal
+
+
+@pytest.mark.parametrize("keyword", ["StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"])
+def test_study_details_that_differ_within_the_series_are_a_warning_naming_the_attribute(tmp_path, keyword):
+    files = series_files(tmp_path)
+    for number, file in enumerate(files):
+        rewrite(file, **{keyword: VALUES.get(keyword, ("S1", "S2"))[number % 2]})
+    result = admit(files, STRICT)
+    assert result.admitted
+    assert result.warnings == [
+        f"{keyword} differs within the series: 2 of 4 instances carry another value than the rest; the results "
+        "carry the value of the first image by position"
+    ]
 
 
 def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_path):

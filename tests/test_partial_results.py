@@ -42,13 +42,14 @@ def mixed_series(folder: Path) -> tuple[object, list[Path]]:
         ),
     )
     files = sorted((folder / "main").glob("*.dcm")) + list(repeat.files)
-    frame_of_reference = pydicom.dcmread(main.files[0], stop_before_pixels=True).FrameOfReferenceUID
+    first = pydicom.dcmread(main.files[0], stop_before_pixels=True)
     for path in files:  # completion by the quiet period only: no image count to reach early
         dataset = pydicom.dcmread(path)
         dataset.pop("ImagesInAcquisition", None)
-        if path in repeat.files:  # a repeat scan in the same coordinate system, as a scanner writes it
+        if path in repeat.files:  # a repeat scan in the same coordinate system and study, as a scanner writes it
             dataset.AcquisitionNumber = 3
-            dataset.FrameOfReferenceUID = frame_of_reference
+            dataset.FrameOfReferenceUID = first.FrameOfReferenceUID
+            dataset.StudyDate, dataset.StudyTime = first.StudyDate, first.StudyTime
         dataset.save_as(path)
     return main, files
 
@@ -83,8 +84,8 @@ def test_partial_series_is_done_with_its_warnings_in_descriptions_sr_status_and_
     results = result_files(node, series.series_instance_uid)
     seg = pydicom.dcmread(results["seg-binary.dcm"], stop_before_pixels=True)
     sr = pydicom.dcmread(results["sr-binary.dcm"])
-    assert seg.SeriesDescription == "Segmentation dicom-node threshold baseline PARTIAL"
-    assert sr.SeriesDescription == "Measurements dicom-node threshold baseline PARTIAL"
+    assert seg.SeriesDescription == "Segmentation dicom-node threshold (baseline) of series 1 PARTIAL"
+    assert sr.SeriesDescription == "Measurements dicom-node threshold (baseline) of series 1 PARTIAL"
     assert sr_comment(sr) == f"Read with care: (1) {LOCALIZER_WARNING} (2) {PARTIAL_WARNING}"
     errors, _warnings = dciodvfy(results["sr-binary.dcm"])
     assert errors == []
@@ -128,7 +129,7 @@ def test_series_reopened_after_done_gets_a_result_that_supersedes_the_first(tmp_
     seg = pydicom.dcmread(second["seg-binary.dcm"], stop_before_pixels=True)
     sr = pydicom.dcmread(second["sr-binary.dcm"])
     assert seg.NumberOfFrames > 0 and len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 30
-    assert seg.SeriesDescription == "Segmentation dicom-node threshold baseline (re-run 2)"
+    assert seg.SeriesDescription == "Segmentation dicom-node (baseline) of series 1 (re-run 2)"
     assert sr.SeriesDescription.endswith("(re-run 2)")
     predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     assert predecessor.SeriesInstanceUID == first_sr.SeriesInstanceUID

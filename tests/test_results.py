@@ -112,3 +112,31 @@ def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):
         "PatientAge",
     ):
         assert keyword in rtstruct and rtstruct[keyword].value == seg[keyword].value, keyword
+
+
+def test_the_results_of_two_series_of_one_study_are_told_apart_by_their_source_series(tmp_path):
+    """An arterial and a venous series of one study: a PACS shows which segmentation belongs to which."""
+    descriptions = {}
+    for number in (2, 3):
+        series = write_phantom_series(
+            tmp_path / f"ct{number}", PhantomSpec(rows=64, columns=64, slices=12, series_number=number)
+        )
+        volume = load_series_volume(series.files)
+        model = ThresholdModel()
+        segmentation = model.segment(volume)
+        folder = tmp_path / f"results{number}"
+        folder.mkdir()
+        files = encode_results(
+            volume,
+            segmentation,
+            measure(volume, segmentation.labels, segmentation.classes),
+            model,
+            folder,
+            ["BINARY"],
+            1,
+            rtstruct=True,
+        )
+        descriptions[number] = sorted(pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription for p in files)
+    assert all(f"of series {n}" in text for n, texts in descriptions.items() for text in texts), descriptions
+    assert not set(descriptions[2]) & set(descriptions[3])
+    assert all(len(text) <= 64 for texts in descriptions.values() for text in texts)

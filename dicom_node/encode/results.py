@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import partial as partial_function
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,10 @@ def encode_results(
         parameters=tuple(run_parameters(model).items()),
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels)
+    source_series = str(sources[0].get("SeriesNumber", "") or "").strip() or None
+    describe = partial_function(
+        algorithm.series_description, attempt=attempt, partial=partial, source_series=source_series
+    )
     replaces = replaces or {}
     written: list[ResultFile] = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
@@ -97,7 +102,7 @@ def encode_results(
             segmentation.classes,
             algorithm,
             series_number=result_series_number("rtstruct", attempt),
-            series_description=algorithm.series_description(RESULT_TITLES["rtstruct"], attempt, partial=partial),
+            series_description=describe(RESULT_TITLES["rtstruct"]),
             budget=rtstruct_budget,
             notes=warnings,
         )
@@ -112,9 +117,7 @@ def encode_results(
             algorithm,
             segmentation_type=kind,
             series_number=result_series_number(f"seg-{kind.lower()}", attempt),
-            series_description=algorithm.series_description(
-                RESULT_TITLES[f"seg-{kind.lower()}"], attempt, partial=partial
-            ),
+            series_description=describe(RESULT_TITLES[f"seg-{kind.lower()}"]),
         )
         stamp_series_date_time(seg.dataset)
         seg_path = folder / f"seg-{kind.lower()}.dcm"
@@ -130,9 +133,7 @@ def encode_results(
             previous_versions=earlier,
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
         )
-        sr.SeriesDescription = algorithm.series_description(
-            RESULT_TITLES[f"sr-{kind.lower()}"], attempt, partial=partial
-        )
+        sr.SeriesDescription = describe(RESULT_TITLES[f"sr-{kind.lower()}"])
         stamp_series_date_time(sr)
         sr.save_as(sr_path)
         written += [ResultFile(ResultKind.SEG, str(seg_path), kind), ResultFile(ResultKind.SR, str(sr_path), kind)]

@@ -51,20 +51,27 @@ class Algorithm:
     test_weights: bool = False  # synthetic/untrained weights: every description says so
     parameters: tuple[tuple[str, str], ...] = ()  # how it ran: (("device", "cpu"), ("precision", "bf16"), ...)
 
-    def series_description(self, what: str, attempt: int = 1, *, partial: bool = False) -> str:
-        """E.g. "Segmentation <name> (baseline) PARTIAL (re-run 2)", within 64 characters.
+    def series_description(
+        self, what: str, attempt: int = 1, *, partial: bool = False, source_series: str | None = None
+    ) -> str:
+        """E.g. "Segmentation <name> (baseline) of series 3 PARTIAL (re-run 2)", within 64 characters.
 
         ``partial``: the result covers less than the whole series; ``attempt``: the run
-        of the job that made it (a run after the first replaces the earlier result).
-        The name is shortened, never the markers: first its trailing parenthesis
-        goes, then words from its end.
+        of the job that made it (a run after the first replaces the earlier result);
+        ``source_series``: the SeriesNumber of the series it segments, so the results of two
+        series of one study (arterial and venous) are told apart in a PACS. The name is
+        shortened, never the markers: first its trailing parenthesis goes, then words from its end.
         """
-        suffix = " (baseline)" if self.is_baseline and "baseline" not in self.name else ""
-        suffix += " TEST WEIGHTS" if self.test_weights else ""
-        suffix += " PARTIAL" if partial else ""
-        suffix += f" (re-run {attempt})" if attempt > 1 else ""
+        markers = f" of series {source_series[:12]}" if source_series else ""
+        markers += " TEST WEIGHTS" if self.test_weights else ""
+        markers += " PARTIAL" if partial else ""
+        markers += f" (re-run {attempt})" if attempt > 1 else ""
+        whole = f"{what} {self.name}"
+        if len(whole) + len(markers) <= 64 and (not self.is_baseline or "baseline" in self.name):
+            return whole + markers
+        suffix = (" (baseline)" if self.is_baseline else "") + markers  # a shortened name may lose "baseline"
         room = 64 - len(suffix)
-        head = f"{what} {self.name}"
+        head = whole
         if len(head) > room and " (" in self.name:
             head = f"{what} {self.name.split(' (')[0]}"
         if len(head) > room:
