@@ -194,6 +194,21 @@ def test_universal_patient_query_needs_the_find_role(stored_series, tmp_path):
     assert "has no find role: only narrow queries" in node.log()
 
 
+def test_a_peer_without_the_find_role_learns_uids_and_the_patient_id_never_who_the_patient_is(stored_series):
+    """Trying accession numbers one after another must not harvest names and birth dates."""
+    node, series = stored_series
+    header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_instance_uid}"]
+    keys += ["-k", "PatientName", "-k", "PatientBirthDate", "-k", "PatientSex", "-k", "PatientID"]
+
+    by_planner = dcmtk("findscu", node, "PLANNER", "-S", *keys)
+    by_reader = dcmtk("findscu", node, "READER", "-S", *keys)
+
+    assert "Find Response: 1 (Pending)" in by_planner and str(header.PatientID) in by_planner, by_planner
+    assert str(header.PatientName) not in by_planner and str(header.PatientBirthDate) not in by_planner, by_planner
+    assert str(header.PatientName) in by_reader and str(header.PatientBirthDate) in by_reader, by_reader
+
+
 def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path):
     node, _series = stored_series
     for value in ("*", "1.2.*", "", "?"):

@@ -123,6 +123,21 @@ def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
     ]
 
 
+KEPT_PATIENT_KEYS = frozenset({"PatientID", "IssuerOfPatientID"})
+
+
+def without_demographics(response: Dataset) -> Dataset:
+    """A match for a peer without the ``find`` role: its patient's name, birth date, sex and other details empty.
+
+    Such a peer looks up what it was told of (an accession number, a study UID) to retrieve it; it learns
+    the UIDs and the PatientID, never who the patient is, however many accession numbers it tries.
+    """
+    for element in list(response):
+        if element.keyword.startswith(("Patient", "OtherPatient")) and element.keyword not in KEPT_PATIENT_KEYS:
+            response[element.tag].value = None
+    return response
+
+
 def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """Yield a pending response per match, from the database, up to ``retrieve.max_find_matches``."""
     identifier = event.identifier
@@ -165,7 +180,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                     yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
                     return
                 count += 1
-                yield PENDING, response
+                yield PENDING, response if peer.may("find") else without_demographics(response)
     except QueryError as exc:
         log_event(
             LOG,
