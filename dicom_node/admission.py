@@ -42,11 +42,11 @@ IDENTITY_KEYWORDS = (
 )
 """Attributes every instance of a series must share (the result is labelled with them, copied from one instance)."""
 IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
+"""What an identity attribute names, where it is not the patient."""
 STUDY_DETAIL_KEYWORDS = ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 """Study attributes the results copy from one instance too: where instances of one study disagree on them,
 the job says so (a warning) rather than the results carrying one instance's value silently."""
 STUDY_DETAIL_SUFFIX = "; the results carry the value of the first image by position"
-"""What an identity attribute names, where it is not the patient."""
 
 ORTHONORMAL_TOLERANCE = 0.01
 """How far ImageOrientationPatient's two directions may be from unit length and from a right angle
@@ -392,11 +392,9 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             "a result must name its patient"
         )
     for keyword in IDENTITY_KEYWORDS:
-        values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
-        if len(values) > 1:
-            common, _count = values.most_common(1)[0]
-            differing = sum(n for value, n in values.items() if value != common)
-            first = next(label for label, header, _ in headers if _identity_value(header, keyword) != common)
+        disagreement = _disagreement(headers, keyword)
+        if disagreement is not None:
+            differing, first = disagreement
             raise Refused(
                 f"{keyword} differs within the series: {differing} of {len(headers)} instances "
                 f"(first: {first}) carry another value than the rest; one series must hold one "
@@ -408,15 +406,24 @@ def _study_detail_warnings(headers: list[tuple[str, Dataset, InstanceFile]]) -> 
     """One warning per study attribute the instances disagree on (values never named)."""
     found = []
     for keyword in STUDY_DETAIL_KEYWORDS:
-        values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
-        if len(values) > 1:
-            common, _count = values.most_common(1)[0]
-            differing = sum(n for value, n in values.items() if value != common)
+        disagreement = _disagreement(headers, keyword)
+        if disagreement is not None:
             found.append(
-                f"{keyword} differs within the series: {differing} of {len(headers)} instances carry another "
+                f"{keyword} differs within the series: {disagreement[0]} of {len(headers)} instances carry another "
                 f"value than the rest{STUDY_DETAIL_SUFFIX}"
             )
     return found
+
+
+def _disagreement(headers: list[tuple[str, Dataset, InstanceFile]], keyword: str) -> tuple[int, str] | None:
+    """How many instances carry another value of ``keyword`` than most do, and the first of them; None if all agree."""
+    values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
+    if len(values) < 2:
+        return None
+    common, _count = values.most_common(1)[0]
+    differing = sum(n for value, n in values.items() if value != common)
+    first = next(label for label, header, _ in headers if _identity_value(header, keyword) != common)
+    return differing, first
 
 
 def _identity_value(header: Dataset, keyword: str) -> str | None:
