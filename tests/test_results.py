@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
 import pydicom
 
 from dicom_node.encode.measurements import measure
@@ -10,21 +14,36 @@ from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
 
+SPEC = PhantomSpec(rows=64, columns=64, slices=12)
 
-def _encode(tmp_path, run: int) -> list[pydicom.Dataset]:
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
+
+def _encode(
+    folder: Path,
+    run: int = 1,
+    *,
+    kinds: tuple[str, ...] = ("BINARY", "LABELMAP"),
+    spec: PhantomSpec = SPEC,
+    change: Callable[[pydicom.Dataset], None] | None = None,
+) -> list[pydicom.Dataset]:
+    """A phantom series (each source header altered by ``change``), segmented by the baseline and encoded in
+    ``folder``/results: the headers of the result files."""
+    series = write_phantom_series(folder / "ct", spec)
+    for path in series.files if change is not None else []:
+        dataset = pydicom.dcmread(path)
+        change(dataset)
+        dataset.save_as(path)
     volume = load_series_volume(series.files)
     model = ThresholdModel()
     segmentation = model.segment(volume)
-    folder = tmp_path / f"run-{run}"
-    folder.mkdir()
+    results = folder / f"run-{run}"
+    results.mkdir()
     files = encode_results(
         volume,
         segmentation,
         measure(volume, segmentation.labels, segmentation.classes),
         model,
-        folder,
-        ["BINARY", "LABELMAP"],
+        results,
+        list(kinds),
         run,
         rtstruct=True,
     )
@@ -47,28 +66,14 @@ def test_each_result_object_and_each_run_has_its_own_series_number_and_descripti
 
 def test_a_source_without_type_2_patient_and_study_attributes_gets_them_empty_in_every_result(tmp_path):
     """An anonymised series may lack PatientSex, PatientBirthDate, StudyID ...: the job must not fail on it."""
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
     absent = ("PatientSex", "PatientBirthDate", "StudyID", "AccessionNumber", "StudyDate", "StudyTime", "PatientName")
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
+
+    def remove(dataset: pydicom.Dataset) -> None:
         for keyword in absent:
             delattr(dataset, keyword)
-        dataset.save_as(path)
-    volume = load_series_volume(series.files)
-    model = ThresholdModel()
-    segmentation = model.segment(volume)
-    files = encode_results(
-        volume,
-        segmentation,
-        measure(volume, segmentation.labels, segmentation.classes),
-        model,
-        tmp_path,
-        ["BINARY"],
-        1,
-        rtstruct=True,
-    )
 
-    results = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    results = _encode(tmp_path, kinds=("BINARY",), change=remove)
+
     assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}
     for result in results:
         for keyword in absent:
@@ -76,9 +81,7 @@ def test_a_source_without_type_2_patient_and_study_attributes_gets_them_empty_in
 
 
 def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12))
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
+    def identify(dataset: pydicom.Dataset) -> None:
         dataset.IssuerOfPatientID = "HOSPITAL_A"
         qualifier = pydicom.Dataset()
         qualifier.UniversalEntityID = "1.2.3.4.5"
@@ -89,21 +92,8 @@ def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):
         other.TypeOfPatientID = "TEXT"
         dataset.OtherPatientIDsSequence = [other]
         dataset.PatientAge = "054Y"
-        dataset.save_as(path)
-    volume = load_series_volume(series.files)
-    model = ThresholdModel()
-    segmentation = model.segment(volume)
-    files = encode_results(
-        volume,
-        segmentation,
-        measure(volume, segmentation.labels, segmentation.classes),
-        model,
-        tmp_path,
-        ["BINARY"],
-        1,
-        rtstruct=True,
-    )
-    by_modality = {d.Modality: d for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
+
+    by_modality = {d.Modality: d for d in _encode(tmp_path, kinds=("BINARY",), change=identify)}
     seg, rtstruct = by_modality["SEG"], by_modality["RTSTRUCT"]
     for keyword in (
         "IssuerOfPatientID",
@@ -116,27 +106,17 @@ def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):
 
 def test_the_results_of_two_series_of_one_study_are_told_apart_by_their_source_series(tmp_path):
     """An arterial and a venous series of one study: a PACS shows which segmentation belongs to which."""
-    descriptions = {}
-    for number in (2, 3):
-        series = write_phantom_series(
-            tmp_path / f"ct{number}", PhantomSpec(rows=64, columns=64, slices=12, series_number=number)
+    descriptions = {
+        number: sorted(
+            d.SeriesDescription
+            for d in _encode(
+                tmp_path / f"series{number}",
+                kinds=("BINARY",),
+                spec=replace(SPEC, series_number=number),
+            )
         )
-        volume = load_series_volume(series.files)
-        model = ThresholdModel()
-        segmentation = model.segment(volume)
-        folder = tmp_path / f"results{number}"
-        folder.mkdir()
-        files = encode_results(
-            volume,
-            segmentation,
-            measure(volume, segmentation.labels, segmentation.classes),
-            model,
-            folder,
-            ["BINARY"],
-            1,
-            rtstruct=True,
-        )
-        descriptions[number] = sorted(pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription for p in files)
+        for number in (2, 3)
+    }
     assert all(f"of series {n}" in text for n, texts in descriptions.items() for text in texts), descriptions
     assert not set(descriptions[2]) & set(descriptions[3])
     assert all(len(text) <= 64 for texts in descriptions.values() for text in texts)
