@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
 from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
-from inference.volume import VolumeError, check_slice_stack, load_series_volume
+from inference.volume import VolumeError, check_slice_stack, load_series_volume, orthonormal_directions
 
 SPEC = PhantomSpec(rows=96, columns=80, slices=24, pixel_spacing=(4.0, 4.5), slice_spacing=6.0, noise_sd=0.0)
 
@@ -226,7 +227,7 @@ def _series_with_a_repeat_acquisition(tmp_path):
     main = write_phantom_series(tmp_path / "main", SPEC)
     repeat = write_phantom_series(
         tmp_path / "repeat",
-        PhantomSpec(**{**SPEC.__dict__, "slices": 8, "series_instance_uid": main.series_instance_uid}),
+        replace(SPEC, slices=8, series_instance_uid=main.series_instance_uid),
     )
     for path in repeat.files:  # a short repeat acquisition over the same table positions
         dataset = pydicom.dcmread(path)
@@ -261,6 +262,72 @@ def test_acquisitions_that_continue_one_another_make_one_volume(tmp_path):
 
     assert volume.hu.shape[0] == len(series.files)
     assert volume.notes == [] and volume.excluded_images == 0
+
+
+def test_two_acquisitions_of_the_same_size_are_refused_whatever_order_the_images_arrived_in(tmp_path):
+    """Two repeats of one stack, 12 images each: keeping either would be a choice by arrival order."""
+    half = replace(SPEC, slices=12)
+    first = write_phantom_series(tmp_path / "first", half)
+    second = write_phantom_series(tmp_path / "second", replace(half, series_instance_uid=first.series_instance_uid))
+    for path in second.files:
+        dataset = pydicom.dcmread(path)
+        dataset.AcquisitionNumber = 2
+        dataset.save_as(path)
+
+    for paths in (first.files + second.files, second.files + first.files):
+        with pytest.raises(VolumeError) as error:
+            load_series_volume(paths)
+
+        assert str(error.value) == (
+            "12 images of AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm; 12 images of AcquisitionNumber 2, 96 x 80 "
+            "at 4 x 4.5 mm: two or more of the largest have 12 images each, so which one to process cannot be "
+            "told (a choice by arrival order would be arbitrary); send each acquisition as its own series"
+        )
+
+
+def test_interleaved_acquisitions_are_two_volumes_not_one_stack_at_half_the_step(tmp_path):
+    """Two phases offset by half a step (acquisition 1 at 0, 6, 12 mm ..., acquisition 2 at 3, 9 mm ...):
+    together they look like one regular 3 mm stack, but merging them would mix two moments in time."""
+    series = write_phantom_series(tmp_path, replace(SPEC, slices=21, slice_spacing=3.0))
+    for index, path in enumerate(series.files):
+        dataset = pydicom.dcmread(path)
+        dataset.AcquisitionNumber = 1 + index % 2
+        dataset.save_as(path)
+
+    volume = load_series_volume(series.files)
+
+    assert [s.sop_instance_uid for s in volume.slices] == series.sop_instance_uids[::2]
+    assert volume.spacing[2] == pytest.approx(6.0)
+    assert volume.excluded_images == 10
+    assert volume.notes == [
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest, 11 of 21 images "
+        "(AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm)"
+    ]
+
+
+def test_orientation_rounded_off_unit_length_gives_unit_directions_and_true_distances(tmp_path):
+    """A scanner writing 1.009 for 1 (within admission's 1 %) must not stretch the volume by 0.9 %."""
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.ImageOrientationPatient = [1.009, 0, 0, 0.005, 1.009, 0]
+        dataset.save_as(path)
+
+    volume = load_series_volume(series.files)
+
+    np.testing.assert_allclose(volume.direction.T @ volume.direction, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(volume.direction[:, 0], [1, 0, 0])
+    corner = volume.index_to_patient((79, 0, 0))
+    assert float(np.linalg.norm(corner - volume.origin)) == pytest.approx(79 * 4.5)
+
+
+def test_orthonormal_directions_keep_the_row_and_square_the_column_to_it():
+    row, column = orthonormal_directions([0, 2, 0, 0.01, 0, -0.999])
+
+    np.testing.assert_allclose(row, [0, 1, 0])
+    assert float(np.dot(row, column)) == pytest.approx(0, abs=1e-12)
+    assert float(np.linalg.norm(column)) == pytest.approx(1)
+    np.testing.assert_allclose(column, np.array([0.01, 0, -0.999]) / np.linalg.norm([0.01, 0, -0.999]))
 
 
 def test_partial_series_is_refused_when_partial_volumes_are_not_allowed(tmp_path):
