@@ -394,15 +394,28 @@ def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pac
     )
 
 
-def test_a_data_set_sent_on_the_verification_context_aborts_the_association_at_once(start_node):
-    node = start_node(peers={**PEERS, "monitors": {"hosts": ["127.0.0.2"], "roles": ["echo"]}})
+@pytest.mark.parametrize(
+    ("context", "control", "refusal"),
+    [
+        (Verification, 0x00, "a data set was sent on the Verification context, whose messages carry none"),
+        (StudyRootQueryRetrieveInformationModelFind, 0x00, "a query or retrieval identifier of more than 1 MB"),
+        (Verification, 0x01, "a command of more than 64 KB was being sent"),
+    ],
+    ids=["data-set-on-verification", "identifier-over-1-MB", "command-over-64-KB"],
+)
+def test_a_message_over_its_contexts_limit_aborts_the_association_before_it_is_held(
+    start_node, context, control, refusal
+):
+    """No message is held whole before its limit is checked: fragments are counted as they arrive."""
+    monitors = {"hosts": ["127.0.0.2"], "roles": ["echo", "find"]}
+    node = start_node(peers={**PEERS, "monitors": monitors})
     assert node.process is not None
     before = rss_kib(node.process.pid)
-    assoc = associate(node, "MONITOR", [Verification], source="127.0.0.2")
+    assoc = associate(node, "MONITOR", [context], source="127.0.0.2")
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
-    fragment = bytes(1 << 20)  # one MiB of a data set that no message on this context may carry
-    item = struct.pack(">LBB", len(fragment) + 2, context_id, 0x00) + fragment
+    fragment = bytes(1 << 20)  # one MiB of a message's fragment, never its last (control bit 0x02 unset)
+    item = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
     raw = assoc.dul.socket.socket
     raw.settimeout(10)
     try:
@@ -413,7 +426,7 @@ def test_a_data_set_sent_on_the_verification_context_aborts_the_association_at_o
     wait_for(lambda: not assoc.is_established, timeout=20, what="the association to be aborted")
 
     assert rss_kib(node.process.pid) - before < 64 * 1024
-    assert "a data set was sent on the Verification context, whose messages carry none" in node.log()
+    assert refusal in node.log()
     assert associate(node, "PACS", [Verification]).is_established
 
 
