@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node.config import AdmissionSettings
-from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, rescale_source
+from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, narrow_rescale, rescale_source
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -478,6 +478,10 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             raise Refused(f"RescaleSlope of {named} is 0: every pixel would have the same value")
         if slope is not None and slope[0] < 0 and not _is_localizer(header):
             raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {NON_POSITIVE_SLOPE}")
+        if slope is not None and not _is_localizer(header):
+            narrow = narrow_rescale(slope[0], header.get("BitsStored"))
+            if narrow is not None:
+                raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {narrow}")
         if (slope is None) != (intercept is None):
             present, absent = (
                 ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")

@@ -649,7 +649,25 @@ def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[flo
         return 1.0, 0.0  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
     if float(slope) <= 0:
         raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {NON_POSITIVE_SLOPE}")
+    narrow = narrow_rescale(float(slope), dataset.get("BitsStored"))
+    if narrow is not None:
+        raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {narrow}")
     return float(slope), float(intercept)
 
 
+def narrow_rescale(slope: float, bits_stored: object) -> str | None:
+    """Why a positive RescaleSlope is too small for a CT (its pixel values could not span air to water), or None."""
+    if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 32:
+        return None  # checked, and named, by admission
+    span = slope * (2**bits_stored - 1)
+    if span >= MINIMUM_HU_SPAN:
+        return None
+    return (
+        f"with BitsStored {bits_stored} its pixel values span at most {span:.3g} HU, less than the "
+        f"{MINIMUM_HU_SPAN:,.0f} HU from air to water that every CT holds: its rescale values are wrong"
+    )
+
+
+MINIMUM_HU_SPAN = 1000.0
+"""Air (-1000 HU) to water (0 HU): every CT's pixel values can span this, whatever the scanner's scale."""
 NON_POSITIVE_SLOPE = "CT values rise with density, so the slope must be positive: its pixel values cannot be read as HU"

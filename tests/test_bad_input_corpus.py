@@ -131,9 +131,11 @@ def truncated_pixels(ds: Dataset) -> None:
 
 
 def eight_bit(ds: Dataset) -> None:
-    pixels = np.frombuffer(ds.PixelData, dtype=np.int16)
-    ds.PixelData = ((pixels + 1024) // 16).clip(0, 255).astype(np.uint8).tobytes()
+    """16 HU per stored value: 8 bits span -1024 to 3056 HU, as an 8-bit CT export would."""
+    pixels = np.frombuffer(ds.PixelData, dtype=np.int16)  # stored = HU + 1024
+    ds.PixelData = (pixels // 16).clip(0, 255).astype(np.uint8).tobytes()
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope, ds.RescaleIntercept = "16", "-1024"
 
 
 def thirty_two_bit(ds: Dataset) -> None:
@@ -491,6 +493,15 @@ CASES: list[Case] = [
         not_admitted(
             "instance 2 has RescaleSlope -1 (top level); CT values rise with density, so the slope must be "
             "positive: its pixel values cannot be read as HU"
+        ),
+    ),
+    Case(
+        "rescale_slope_too_small_for_any_ct_is_refused",
+        nth(1, raw_value("RescaleSlope", "DS", "0.000001")),
+        JobState.FAILED,
+        not_admitted(
+            "instance 2 has RescaleSlope 1e-06 (top level); with BitsStored 16 its pixel values span at most "
+            "0.0655 HU, less than the 1,000 HU from air to water that every CT holds: its rescale values are wrong"
         ),
     ),
     Case(

@@ -474,6 +474,7 @@ def test_padding_below_air_is_left_as_totalsegmentator_reads_it(tmp_path):
     [
         ("-1", "has RescaleSlope -1 (top level); CT values rise with density, so the slope must be positive"),
         ("1000000", "after RescaleSlope and RescaleIntercept, beyond any CT (over 70,000 HU)"),
+        ("0.000001", "has RescaleSlope 1e-06 (top level); with BitsStored 16 its pixel values span at most 0.0655 HU"),
     ],
 )
 def test_a_rescale_that_cannot_give_hu_is_refused(tmp_path, slope, reason):
