@@ -489,6 +489,7 @@ class GuardedDUL(EventDrivenDUL):
             self._refuse(f"a PDU did not arrive whole within {seconds:g} s", reason=0x00)
             return
         except (OSError, ConnectionError, struct.error):
+            self._no_request_coming()
             self.event_queue.put("Evt17")  # transport closed
             return
         finally:
@@ -512,6 +513,15 @@ class GuardedDUL(EventDrivenDUL):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    def _no_request_coming(self) -> None:
+        """Before an association request arrived, the connection ends: tell the association's thread at once.
+
+        It waits for the request up to ``network.association_request_timeout_seconds``, and its connection
+        holds a place in ``network.maximum_associations_per_host`` until it ends: a monitor's port check
+        (connect, close) would otherwise keep a sender's place for that long."""
+        if self.state_machine.current_state == "Sta2":
+            self.to_user_queue.put(None)  # type: ignore[arg-type]  # read as "no request in time": it closes
+
     def _refuse(self, why: str, *, reason: int) -> None:
         """Log the refusal naming the peer, send an A-ABORT and close the connection."""
         requestor = self.assoc.requestor
@@ -523,6 +533,7 @@ class GuardedDUL(EventDrivenDUL):
             calling_ae=(requestor.primitive.calling_ae_title if requestor.primitive else "(not yet known)"),
             reason=why,
         )
+        self._no_request_coming()
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = reason

@@ -312,6 +312,20 @@ def slow_loris(source: str, port: int, count: int, first_bytes: bytes) -> list[s
     return sockets
 
 
+def test_a_port_check_that_connects_and_closes_gives_its_place_back_at_once(start_node):
+    """A monitor's TCP check (connect, close: no association request) must not hold the sender's one place
+    until the request timeout (60 s here): each check below is followed at once by a real association."""
+    node = start_node(network={"maximum_associations_per_host": 1, "association_request_timeout_seconds": 60})
+    for check in range(5):
+        socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+        sender = wait_for(
+            lambda: (assoc := associate(node, "PACS", [Verification])).is_established and assoc,
+            timeout=20,
+            what=f"an association after port check {check + 1}",
+        )
+        sender.release()
+
+
 def test_half_sent_and_silent_connections_are_closed_while_a_real_peer_still_associates(start_node):
     node = start_node(
         network={
