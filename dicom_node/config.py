@@ -128,6 +128,11 @@ class PeerSettings(_Strict):
     hosts: list[str] = Field(description="Addresses or CIDR networks the peer calls from, e.g. 10.1.2.3, 10.1.0.0/16.")
     roles: list[Role] = Field(default_factory=lambda: list[Role](["store", "echo"]))
     tls: bool = Field(False, description="Associations the node opens to this peer (C-MOVE) use TLS.")
+    certificate_names: list[str] = Field(
+        default_factory=list,
+        description="With mutual TLS: the peer's client certificate must carry one of these names (its subject's "
+        "common name, or a DNS name or IP address of its subjectAltName); empty: any certificate the CA signed.",
+    )
     host: str | None = Field(None, description="Where the peer listens, for C-MOVE to it.")
     port: int | None = Field(None, ge=1, le=65535)
 
@@ -633,6 +638,12 @@ class Settings(BaseSettings):
             wanting += [f"peers.{n}" for n, p in self.peers.items() if p.tls]
             if wanting:
                 raise ValueError(f"{', '.join(wanting)}: tls: true needs network.tls (certificate and private_key)")
+        named = [f"peers.{n}" for n, p in self.peers.items() if p.certificate_names]
+        if named and (self.network.tls is None or not self.network.tls.require_client_certificate):
+            raise ValueError(
+                f"{', '.join(named)}: certificate_names needs mutual TLS (network.tls with "
+                "require_client_certificate: true), or no caller would present a certificate"
+            )
         return self
 
     @property

@@ -72,6 +72,8 @@ class Peer:
     ae_title: str | None
     networks: tuple[Network, ...]
     roles: frozenset[str]
+    certificate_names: frozenset[str] = frozenset()
+    """With mutual TLS, names one of which the caller's certificate must carry; empty: any trusted certificate."""
 
     def calls_from(self, address: str) -> bool:
         try:
@@ -154,7 +156,39 @@ class PeerPolicy:
 
 
 def _peer(name: str, settings: PeerSettings) -> Peer:
-    return Peer(name, settings.ae_title, _networks(settings.hosts), frozenset(settings.roles))
+    return Peer(
+        name,
+        settings.ae_title,
+        _networks(settings.hosts),
+        frozenset(settings.roles),
+        frozenset(n.strip() for n in settings.certificate_names),
+    )
+
+
+def certificate_names(sock: object) -> list[str]:
+    """The names a caller's TLS certificate carries: its subject's common name, then its subjectAltName's DNS
+    names and IP addresses; none on a plain connection or without a certificate."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return []
+    certificate: Any = sock.getpeercert() or {}  # typeshed types its values loosely
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in certificate.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+    return [str(name) for name in names]
+
+
+def certificate_refusal(peer: Peer, sock: object) -> Refused | None:
+    """Why the caller's certificate is not one configured for ``peer`` (``peers.<name>.certificate_names``), else
+    None."""
+    if not peer.certificate_names:
+        return None
+    presented = certificate_names(sock)
+    if peer.certificate_names & set(presented):
+        return None
+    shown = ", ".join(presented) or "none"
+    return Refused(
+        f"the TLS certificate presented (names: {shown}) is not one configured for peer {peer.name} "
+        f"(peers.{peer.name}.certificate_names: {', '.join(sorted(peer.certificate_names))})"
+    )
 
 
 def _networks(hosts: Iterable[str]) -> tuple[Network, ...]:
@@ -226,6 +260,9 @@ def on_requested(
     ae_title = str(request.calling_ae_title).strip()
     address = assoc.requestor.address
     found = policy.identify(ae_title, address)
+    if not isinstance(found, Refused):
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        found = certificate_refusal(found, sock) or found
     if isinstance(found, Refused):
         log_throttled(
             LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=found

@@ -408,7 +408,8 @@ def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 class Certificates:
-    """A test PKI made with the openssl CLI: a CA, the node's and a peer's certificates, and a stranger's.
+    """A test PKI made with the openssl CLI: a CA, the node's, a peer's and a colleague's certificates, and a
+    stranger's.
 
     Every certificate names 127.0.0.1 and localhost (subjectAltName); the
     stranger's is signed by a CA nobody trusts.
@@ -420,6 +421,7 @@ class Certificates:
         self.ca = self._authority("ca", "Test hospital CA")
         self.node_key, self.node = self._leaf("node", "DICOMNODE", self.ca)
         self.peer_key, self.peer = self._leaf("peer", "PEER", self.ca)
+        self.colleague_key, self.colleague = self._leaf("colleague", "COLLEAGUE", self.ca)  # trusted, another name
         rogue = self._authority("rogue-ca", "Nobody's CA")
         self.stranger_key, self.stranger = self._leaf("stranger", "STRANGER", rogue)
 

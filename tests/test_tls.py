@@ -32,10 +32,16 @@ def node_tls(certificates: Certificates, **extra: object) -> dict[str, object]:
 
 
 def dcmtk(
-    tool: str, port: int, *arguments: str, tls: tuple[Path, Path] | None, ca: Path | None, files: tuple[Path, ...] = ()
+    tool: str,
+    port: int,
+    *arguments: str,
+    tls: tuple[Path, Path] | None,
+    ca: Path | None,
+    files: tuple[Path, ...] = (),
+    calling_ae: str = "PEER",
 ) -> str:
     """Run a DCMTK tool against the node; with ``tls`` = (key, certificate) over TLS trusting ``ca``."""
-    command = [require_tool(tool), "-v", "-aet", "PEER", "-aec", "DICOMNODE"]
+    command = [require_tool(tool), "-v", "-aet", calling_ae, "-aec", "DICOMNODE"]
     if tls is not None:
         command += ["+tls", str(tls[0]), str(tls[1])]
     if ca is not None:
@@ -85,6 +91,35 @@ def test_plain_tcp_and_an_untrusted_certificate_are_refused_on_the_tls_port(star
     assert "Received Echo Response (Success)" in genuine, genuine
     log = node.log()
     assert log.count('connection.refused address=127.0.0.1 reason="TLS handshake failed') >= 3, log
+
+
+def test_a_peer_bound_to_its_certificate_is_refused_under_another_trusted_certificate(start_node, certificates):
+    """A certificate the CA signed for another device may not claim this peer's AE title and roles."""
+    bound = {"ae_title": "PEER", "hosts": ["127.0.0.1"], "roles": ["echo", "find"], "certificate_names": ["PEER"]}
+    monitor = {"ae_title": "MONITOR", "hosts": ["127.0.0.1"], "roles": ["echo"]}
+    node = start_node(network={"tls": node_tls(certificates)}, peers={"planner": bound, "monitor": monitor})
+    peer = (certificates.peer_key, certificates.peer)
+    colleague = (certificates.colleague_key, certificates.colleague)
+
+    own = dcmtk("echoscu", node.port, tls=peer, ca=certificates.ca)
+    borrowed = dcmtk("echoscu", node.port, tls=colleague, ca=certificates.ca)
+    unbound = dcmtk("echoscu", node.port, tls=colleague, ca=certificates.ca, calling_ae="MONITOR")
+
+    assert "Received Echo Response (Success)" in own, own
+    assert "Association Rejected" in borrowed and "Received Echo Response (Success)" not in borrowed, borrowed
+    assert "Received Echo Response (Success)" in unbound, unbound
+    assert (
+        "the TLS certificate presented (names: COLLEAGUE, 127.0.0.1, localhost) is not one configured for peer "
+        "planner (peers.planner.certificate_names: PEER)"
+    ) in node.log()
+
+
+def test_certificate_names_without_mutual_tls_are_a_configuration_error(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("peers:\n  planner: {hosts: [10.0.0.0/8], roles: [get], certificate_names: [PLANNER]}\n")
+    result = subprocess.run([DICOM_NODE, "config", "check", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "peers.planner: certificate_names needs mutual TLS" in result.stderr
 
 
 def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, certificates):
