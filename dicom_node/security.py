@@ -453,6 +453,8 @@ class GuardedDUL(EventDrivenDUL):
     it is whole, so a peer allowed only to echo can never make the node hold gigabytes."""
 
     _data_set_bytes = 0  # of the message being received, so far
+    _request_read = False  # whether the A-ASSOCIATE-RQ has arrived
+    _told_no_request = False  # whether the association's thread was told none will
     _command_bytes = 0
 
     def _fragments_refused(self, pdu: bytearray, limits: Limits) -> str | None:
@@ -504,9 +506,8 @@ class GuardedDUL(EventDrivenDUL):
         sock = self.socket
         assert sock is not None and sock.socket is not None
         raw = sock.socket
-        awaiting_request = self.state_machine.current_state == "Sta2"
         seconds = limits.pdu_seconds
-        if awaiting_request:
+        if not self._request_read:  # the first PDU: the association request, under its own deadline
             seconds = min(seconds, limits.association_request_seconds)
         deadline = time.monotonic() + seconds
         try:
@@ -544,6 +545,7 @@ class GuardedDUL(EventDrivenDUL):
         except Exception:  # noqa: BLE001 - any undecodable PDU is the peer's error
             self._refuse(f"undecodable PDU type 0x{pdu_type:02X}", reason=0x06)
             return
+        self._request_read = self._request_read or pdu_type == 0x01
         before_release = self.assoc._server.before_release  # type: ignore[union-attr]
         if pdu_type == 0x05 and before_release is not None:
             before_release()  # e.g. let the recorder catch up: the sender sees the release once it is recorded
@@ -555,8 +557,11 @@ class GuardedDUL(EventDrivenDUL):
 
         It waits for the request up to ``network.association_request_timeout_seconds``, and its connection
         holds a place in ``network.maximum_associations_per_host`` until it ends: a monitor's port check
-        (connect, close) would otherwise keep a sender's place for that long."""
-        if self.state_machine.current_state == "Sta2":
+        (connect, close), an HTTP health check or a TLS hello on the plain port would otherwise keep a sender's
+        place for that long. Decided by whether a request was read, not by the state machine: the first bytes
+        are often read before it has left Sta1."""
+        if not self._request_read and not self._told_no_request:
+            self._told_no_request = True
             self.to_user_queue.put(None)  # type: ignore[arg-type]  # read as "no request in time": it closes
 
     def _refuse(self, why: str, *, reason: int) -> None:
