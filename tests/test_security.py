@@ -312,12 +312,19 @@ def slow_loris(source: str, port: int, count: int, first_bytes: bytes) -> list[s
     return sockets
 
 
-def test_a_port_check_that_connects_and_closes_gives_its_place_back_at_once(start_node):
-    """A monitor's TCP check (connect, close: no association request) must not hold the sender's one place
-    until the request timeout (60 s here): each check below is followed at once by a real association."""
+@pytest.mark.parametrize(
+    "first_bytes",
+    [b"", b"GET / HTTP/1.0\r\n\r\n", bytes.fromhex("16030100c4010000c00303") + bytes(32)],
+    ids=["connect-and-close", "http-health-check", "tls-hello-on-the-plain-port"],
+)
+def test_a_port_check_that_never_requests_an_association_gives_its_place_back_at_once(start_node, first_bytes):
+    """A monitor's check (connect, perhaps some bytes that are no association request, close) must not hold the
+    sender's one place until the request timeout (60 s here): each check is followed at once by a real
+    association."""
     node = start_node(network={"maximum_associations_per_host": 1, "association_request_timeout_seconds": 60})
     for check in range(5):
-        socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as probe:
+            probe.sendall(first_bytes)
         sender = wait_for(
             lambda: (assoc := associate(node, "PACS", [Verification])).is_established and assoc,
             timeout=20,
@@ -409,18 +416,24 @@ def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pac
 
 
 @pytest.mark.parametrize(
-    ("context", "control", "refusal"),
+    ("context", "control", "fragment_bytes", "refusal"),
     [
-        (Verification, 0x00, "a data set was sent on the Verification context, whose messages carry none"),
-        (StudyRootQueryRetrieveInformationModelFind, 0x00, "a query or retrieval identifier of more than 1 MB"),
-        (Verification, 0x01, "a command of more than 64 KB was being sent"),
+        (Verification, 0x00, 1 << 20, "a data set was sent on the Verification context, whose messages carry none"),
+        (
+            StudyRootQueryRetrieveInformationModelFind,
+            0x00,
+            600_000,
+            "a query or retrieval identifier of more than 1 MB",
+        ),
+        (Verification, 0x01, 40 * 1024, "a command of more than 64 KB was being sent"),
     ],
     ids=["data-set-on-verification", "identifier-over-1-MB", "command-over-64-KB"],
 )
 def test_a_message_over_its_contexts_limit_aborts_the_association_before_it_is_held(
-    start_node, context, control, refusal
+    start_node, context, control, fragment_bytes, refusal
 ):
-    """No message is held whole before its limit is checked: fragments are counted as they arrive."""
+    """No message is held whole before its limit is checked: fragments are counted, and added up, as they
+    arrive (the identifier's and the command's fragments are each under their limit, two together over)."""
     monitors = {"hosts": ["127.0.0.2"], "roles": ["echo", "find"]}
     node = start_node(peers={**PEERS, "monitors": monitors})
     assert node.process is not None
@@ -428,7 +441,7 @@ def test_a_message_over_its_contexts_limit_aborts_the_association_before_it_is_h
     assoc = associate(node, "MONITOR", [context], source="127.0.0.2")
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
-    fragment = bytes(1 << 20)  # one MiB of a message's fragment, never its last (control bit 0x02 unset)
+    fragment = bytes(fragment_bytes)  # a message's fragment, never its last (control bit 0x02 unset)
     item = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
     raw = assoc.dul.socket.socket
     raw.settimeout(10)
