@@ -497,6 +497,9 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             f"{label} has no RescaleSlope/RescaleIntercept, so its pixel values cannot be read as HU "
             "(admission.missing_rescale: refuse)"
         )
+    narrow = narrow_rescale(1.0, header.get("BitsStored"))
+    if narrow is not None and not _is_localizer(header):
+        raise Refused(f"{label} has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); {narrow}")
     return (
         f"{ASSUMED_RESCALE_PREFIX} pixel values were read as HU with slope 1 and intercept 0 "
         "(admission.missing_rescale: assume_identity)"

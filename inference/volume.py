@@ -645,8 +645,11 @@ def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[flo
             ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
         )
         raise VolumeError(f"{name} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
-    if slope is None:
-        return 1.0, 0.0  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
+    if slope is None:  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
+        narrow = narrow_rescale(1.0, dataset.get("BitsStored"))
+        if narrow is not None:
+            raise VolumeError(f"{name} has no RescaleSlope, read as 1 ({where}); {narrow}")
+        return 1.0, 0.0
     if float(slope) <= 0:
         raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {NON_POSITIVE_SLOPE}")
     narrow = narrow_rescale(float(slope), dataset.get("BitsStored"))
@@ -664,7 +667,8 @@ def narrow_rescale(slope: float, bits_stored: object) -> str | None:
         return None
     return (
         f"with BitsStored {bits_stored} its pixel values span at most {span:.3g} HU, less than the "
-        f"{MINIMUM_HU_SPAN:,.0f} HU from air to water that every CT holds: its rescale values are wrong"
+        f"{MINIMUM_HU_SPAN:,.0f} HU from air to water that every CT holds, so these images cannot hold CT values "
+        "(a wrong rescale, or an 8-bit export): send the scanner's original reconstruction"
     )
 
 

@@ -501,7 +501,18 @@ CASES: list[Case] = [
         JobState.FAILED,
         not_admitted(
             "instance 2 has RescaleSlope 1e-06 (top level); with BitsStored 16 its pixel values span at most "
-            "0.0655 HU, less than the 1,000 HU from air to water that every CT holds: its rescale values are wrong"
+            "0.0655 HU, less than the 1,000 HU from air to water that every CT holds, so these images cannot hold "
+            "CT values (a wrong rescale, or an 8-bit export): send the scanner's original reconstruction"
+        ),
+    ),
+    Case(
+        "eight_bit_pixels_read_as_hu_are_refused",
+        each(lambda ds: (eight_bit(ds), setattr(ds, "RescaleSlope", "1"))),
+        JobState.FAILED,
+        not_admitted(
+            "instance 1 has RescaleSlope 1 (top level); with BitsStored 8 its pixel values span at most 255 HU, "
+            "less than the 1,000 HU from air to water that every CT holds, so these images cannot hold CT values "
+            "(a wrong rescale, or an 8-bit export): send the scanner's original reconstruction"
         ),
     ),
     Case(
@@ -764,6 +775,18 @@ CASES: list[Case] = [
             "rescale attributes missing: pixel values were read as HU with slope 1 and intercept 0 "
             "(admission.missing_rescale: assume_identity)"
         ],
+        node="lenient",
+    ),
+    Case(
+        "eight_bit_pixels_without_rescale_are_refused_though_identity_is_assumed",
+        each(lambda ds: (eight_bit(ds), no_rescale(ds))),
+        JobState.FAILED,
+        not_admitted(
+            "instance 1 has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); with BitsStored "
+            "8 its pixel values span at most 255 HU, less than the 1,000 HU from air to water that every CT holds, "
+            "so these images cannot hold CT values (a wrong rescale, or an 8-bit export): send the scanner's "
+            "original reconstruction"
+        ),
         node="lenient",
     ),
     Case(
