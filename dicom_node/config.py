@@ -171,6 +171,12 @@ class RetrieveSettings(_Strict):
     max_instances_per_retrieval: int = Field(
         10000, ge=1, description="A C-MOVE or C-GET selecting more instances is refused with 0xA701 / 0xA702."
     )
+    queries_per_minute_without_find: int = Field(
+        60,
+        ge=1,
+        description="A peer without the find role may make this many (narrow) C-FIND queries a minute in each "
+        "receiving process; more are refused with 0xA700, so accession numbers cannot be tried one after another.",
+    )
 
 
 class StorageSettings(_Strict):

@@ -209,6 +209,32 @@ def test_a_peer_without_the_find_role_learns_uids_and_the_patient_id_never_who_t
     assert str(header.PatientName) in by_reader and str(header.PatientBirthDate) in by_reader, by_reader
 
 
+def test_a_peer_without_the_find_role_cannot_try_accession_numbers_one_after_another(start_node):
+    """Three queries a minute here (retrieve.queries_per_minute_without_find): the fourth is refused, a peer
+    with the find role is not counted."""
+    node = start_node(peers=PEERS, retrieve={"queries_per_minute_without_find": 3})
+
+    def statuses(calling_ae: str) -> list[int]:
+        assoc = associate(node, calling_ae, [StudyRootQueryRetrieveInformationModelFind])
+        assert assoc.is_established
+        finals = []
+        for number in range(5):
+            query = pydicom.Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.AccessionNumber = f"A{1000 + number}"
+            query.StudyInstanceUID = ""
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            finals.append(int(responses[-1][0].Status))
+        assoc.release()
+        return finals
+
+    assert statuses("PLANNER") == [0x0000, 0x0000, 0x0000, 0xA700, 0xA700]
+    assert statuses("READER") == [0x0000] * 5
+    log = node.log()
+    assert "peer planner has no find role and made 3 queries in the last minute" in log
+    assert log.count("retrieve.queries_per_minute_without_find") == 1  # the second refusal is not logged again
+
+
 def test_wildcard_and_empty_unique_keys_retrieve_nothing(stored_series, tmp_path):
     node, _series = stored_series
     for value in ("*", "1.2.*", "", "?"):

@@ -18,6 +18,9 @@ log has the details.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -42,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Series
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
@@ -73,6 +76,30 @@ MAXIMUM_SUB_OPERATIONS = 65535  # pynetdicom's ceiling for the count a C-MOVE/C-
 Target = Destination | PeerSettings
 
 
+class QueryBudget:
+    """How many C-FIND queries each peer made in the last minute, for peers without the ``find`` role (this
+    receiving process). Peers are the configured ones, so it holds a few timestamps per peer at most."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._made: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def spend(self, peer: str) -> bool:
+        """Count one query of ``peer``; False (and not counted) once it made ``per_minute`` in the last minute."""
+        now = time.monotonic()
+        with self._lock:
+            made = self._made[peer]
+            while made and made[0] <= now - self.WINDOW_SECONDS:
+                made.popleft()
+            if len(made) >= self.per_minute:
+                return False
+            made.append(now)
+            return True
+
+
 @dataclass(frozen=True)
 class RetrieveContext:
     ae_title: str
@@ -83,11 +110,13 @@ class RetrieveContext:
     move_peers: dict[str, PeerSettings] = field(default_factory=dict)
     tls: TlsSettings | None = None
     targets_by_ae: dict[str, Target] = field(init=False)
+    queries_without_find: QueryBudget = field(init=False)
 
     def __post_init__(self) -> None:
         targets: dict[str, Target] = {p.ae_title: p for p in self.move_peers.values() if p.ae_title and p.host}
         targets.update({d.ae_title: d for d in self.destinations.values()})
         object.__setattr__(self, "targets_by_ae", targets)
+        object.__setattr__(self, "queries_without_find", QueryBudget(self.limits.queries_per_minute_without_find))
 
     @classmethod
     def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> RetrieveContext:
@@ -161,6 +190,20 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 "or AccessionNumber without wildcards)",
             )
             yield _status(0x0124, "Not authorized: query too broad"), None
+            return
+        if not peer.may("find") and not context.queries_without_find.spend(peer.name):
+            log_throttled(
+                LOG,
+                logging.WARNING,
+                "query.refused",
+                (peer.name, "rate"),
+                calling_ae=calling_ae,
+                address=event.assoc.requestor.address,
+                reason=f"peer {peer.name} has no find role and made {context.limits.queries_per_minute_without_find} "
+                "queries in the last minute (retrieve.queries_per_minute_without_find): trying one key after "
+                "another is not allowed",
+            )
+            yield _status(OUT_OF_RESOURCES, "Too many queries: wait a minute"), None
             return
         with context.sessions() as session:
             for response in find(session, identifier, context.ae_title, limit=limit + 1):
