@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from db.models import Instance
 from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.retrieve.scp import without_demographics
 from dicom_node.retrieve.stored import read_stored
 from tests.conftest import free_port, require_tool, storescu, wait_for
 
@@ -207,6 +208,54 @@ def test_a_peer_without_the_find_role_learns_uids_and_the_patient_id_never_who_t
     assert "Find Response: 1 (Pending)" in by_planner and str(header.PatientID) in by_planner, by_planner
     assert str(header.PatientName) not in by_planner and str(header.PatientBirthDate) not in by_planner, by_planner
     assert str(header.PatientName) in by_reader and str(header.PatientBirthDate) in by_reader, by_reader
+
+
+def test_a_peer_without_the_find_role_cannot_guess_patient_details_from_matches(stored_series, tmp_path):
+    """Matching on a detail the answer hides would tell it, one guess at a time (PatientName D*: a match or not)."""
+    node, series = stored_series
+    header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_instance_uid}"]
+    guesses = [
+        f"PatientName={str(header.PatientName)[0]}*",
+        f"PatientSex={header.PatientSex}",
+        f"PatientBirthDate={header.PatientBirthDate}",
+    ]
+
+    found = [dcmtk("findscu", node, "PLANNER", "-S", *study, "-k", guess) for guess in guesses]
+    counts = dcmtk("findscu", node, "PLANNER", "-S", *study, "-k", "PatientName=*", "-k", "NumberOfStudyRelatedSeries")
+    patient_counts = dcmtk(
+        "findscu", node, "PLANNER", "-S", *study, "-k", "NumberOfPatientRelatedStudies", "-k", "PatientName"
+    )
+    out = tmp_path / "get"
+    out.mkdir()
+    got = dcmtk("getscu", node, "PLANNER", "-S", "-od", str(out), *study, "-k", guesses[0])
+
+    for answer in found:
+        assert "Received Final Find Response (Unknown Status: 0x124)" in answer, answer
+        assert "Find Response: 1 (Pending)" not in answer
+    assert "Find Response: 1 (Pending)" in counts and "(Success)" in counts, counts  # * asks, it does not select
+    assert "Find Response: 1 (Pending)" in patient_counts, patient_counts
+    answer = patient_counts.split("Find Response: 1 (Pending)")[1]  # -v prints the request's keys first
+    assert "(0020,1200) IS (no value available)" in answer, answer  # NumberOfPatientRelatedStudies
+    assert list(out.iterdir()) == [], got
+    log = node.log()
+    assert "peer planner has no find role, so it may not match on patient details it is not shown (PatientName)" in log
+    assert "may not select by patient details it is not shown (PatientName)" in log
+
+
+@pytest.mark.parametrize(("description", "character_set_kept"), [("Thorax", False), ("Thorax Übersicht", True)])
+def test_a_hidden_non_ascii_name_leaves_no_character_set_behind(description, character_set_kept):
+    """ISO_IR 192 set only for the patient's name would tell a peer without the find role the name is not ASCII."""
+    match = pydicom.Dataset()
+    match.SpecificCharacterSet = "ISO_IR 192"
+    match.PatientName, match.PatientID, match.StudyDescription = "Müller^Jürgen", "P1", description
+    match.NumberOfPatientRelatedStudies = 2
+
+    shown = without_demographics(match)
+
+    assert shown.PatientName in (None, "") and shown.NumberOfPatientRelatedStudies in (None, "")
+    assert shown.PatientID == "P1" and shown.StudyDescription == description
+    assert ("SpecificCharacterSet" in shown) is character_set_kept
 
 
 def test_a_peer_without_the_find_role_cannot_try_accession_numbers_one_after_another(start_node):

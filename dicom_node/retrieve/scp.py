@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, build_context, evt
@@ -153,6 +154,26 @@ def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
 
 
 KEPT_PATIENT_KEYS = frozenset({"PatientID", "IssuerOfPatientID"})
+HIDDEN_PREFIXES = ("Patient", "OtherPatient", "NumberOfPatientRelated")
+
+
+def is_hidden(keyword: str) -> bool:
+    """Whether a peer without the ``find`` role is kept from this attribute (who the patient is, and how many
+    other studies the patient has)."""
+    return keyword.startswith(HIDDEN_PREFIXES) and keyword not in KEPT_PATIENT_KEYS
+
+
+def hidden_keys_matched(identifier: Dataset) -> list[str]:
+    """The keys of ``identifier`` that would match on an attribute hidden from a peer without the ``find`` role:
+    each answer (a match or none) would tell it what it may not read, one guess at a time. An empty key, or
+    ``*``, asks for the value and matches everything: it tells nothing."""
+
+    def selects(element: DataElement) -> bool:
+        if element.VR == "SQ":
+            return bool(element.value)
+        return bool(str(element.value or "").replace("*", "").strip())
+
+    return sorted(element.keyword for element in identifier if is_hidden(element.keyword) and selects(element))
 
 
 def without_demographics(response: Dataset) -> Dataset:
@@ -162,8 +183,10 @@ def without_demographics(response: Dataset) -> Dataset:
     the UIDs and the PatientID, never who the patient is, however many accession numbers it tries.
     """
     for element in list(response):
-        if element.keyword.startswith(("Patient", "OtherPatient")) and element.keyword not in KEPT_PATIENT_KEYS:
+        if is_hidden(element.keyword):
             response[element.tag].value = None
+    if "SpecificCharacterSet" in response and all(str(element.value).isascii() for element in response):
+        del response.SpecificCharacterSet  # set for a name it no longer carries: it would hint at one
     return response
 
 
@@ -190,6 +213,19 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 "or AccessionNumber without wildcards)",
             )
             yield _status(0x0124, "Not authorized: query too broad"), None
+            return
+        hidden = [] if peer.may("find") else hidden_keys_matched(identifier)
+        if hidden:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "query.refused",
+                calling_ae=calling_ae,
+                address=event.assoc.requestor.address,
+                reason=f"peer {peer.name} has no find role, so it may not match on patient details it is not shown "
+                f"({', '.join(hidden)})",
+            )
+            yield _status(0x0124, "Not authorized: no matching on patient details"), None
             return
         if not peer.may("find") and not context.queries_without_find.spend(peer.name):
             log_throttled(
@@ -344,6 +380,12 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             raise QueryError(
                 f"peer {peer.name} has no find role, so it may not retrieve a whole patient by PatientID "
                 "(which can be guessed); it retrieves by StudyInstanceUID or below"
+            )
+        hidden = [] if peer.may("find") else hidden_keys_matched(event.identifier)
+        if hidden:
+            raise QueryError(
+                f"peer {peer.name} has no find role, so it may not select by patient details it is not shown "
+                f"({', '.join(hidden)})"
             )
         with context.sessions() as session:
             limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
