@@ -161,7 +161,7 @@ def _peer(name: str, settings: PeerSettings) -> Peer:
         settings.ae_title,
         _networks(settings.hosts),
         frozenset(settings.roles),
-        frozenset(n.strip() for n in settings.certificate_names),
+        frozenset(n.strip().lower() for n in settings.certificate_names),
     )
 
 
@@ -182,7 +182,7 @@ def certificate_refusal(peer: Peer, sock: object) -> Refused | None:
     if not peer.certificate_names:
         return None
     presented = certificate_names(sock)
-    if peer.certificate_names & set(presented):
+    if peer.certificate_names & {name.lower() for name in presented}:  # DNS names are case-insensitive
         return None
     shown = ", ".join(presented) or "none"
     return Refused(
@@ -241,6 +241,10 @@ def context_allowed(abstract_syntax: str, peer: Peer) -> bool:
     return peer.may("store") or peer.may("get")
 
 
+PEER_ATTRIBUTE = "dicom_node_peer"
+"""Where :func:`on_requested` leaves the peer it admitted on the association, for :func:`peer_of`."""
+
+
 def on_requested(
     event: evt.Event,
     policy: PeerPolicy,
@@ -253,7 +257,35 @@ def on_requested(
     the connections of every process; pynetdicom's own check sees only this one's.
     ``on_rejected`` is called with the event of each association refused here (its audit
     record): pynetdicom's EVT_REJECTED does not fire for a rejection sent from this handler.
+
+    Fails closed: pynetdicom goes on negotiating when this handler raises, so an error while checking
+    the caller rejects the association instead of admitting it unchecked.
     """
+    try:
+        _admit_or_reject(event, policy, caps, on_rejected)
+    except Exception:  # whatever went wrong, the caller was not checked
+        assoc = event.assoc
+        LOG.exception(
+            "association.rejected",
+            extra={
+                "event_fields": {
+                    "address": assoc.requestor.address,
+                    "reason": "the node could not check this caller against the configured peers (an internal "
+                    "error, details follow); refused rather than admitted unchecked",
+                }
+            },
+        )
+        if not (assoc.is_rejected or assoc.is_aborted):
+            assoc.acse.send_reject(0x02, 0x01, 0x01)  # transient, service user, no reason given
+        assoc.kill()
+
+
+def _admit_or_reject(
+    event: evt.Event,
+    policy: PeerPolicy,
+    caps: AssociationCaps | None,
+    on_rejected: Callable[[evt.Event], None] | None,
+) -> None:
     assoc = event.assoc
     request = assoc.requestor.primitive
     assert request is not None  # EVT_REQUESTED is the A-ASSOCIATE request arriving
@@ -291,9 +323,14 @@ def on_requested(
     assoc.acceptor.supported_contexts = [
         cx for cx in assoc.acceptor.supported_contexts if context_allowed(str(cx.abstract_syntax), found)
     ]
+    setattr(assoc, PEER_ATTRIBUTE, found)
 
 
 def peer_of(event: evt.Event, policy: PeerPolicy) -> Peer | Refused:
+    """The peer admitted for this association (its certificate checked, where bound), else identified anew."""
+    admitted = getattr(event.assoc, PEER_ATTRIBUTE, None)
+    if isinstance(admitted, Peer):
+        return admitted
     requestor = event.assoc.requestor
     return policy.identify(requestor.ae_title, requestor.address)
 

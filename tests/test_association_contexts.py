@@ -20,7 +20,15 @@ from pynetdicom.transport import RequestHandler
 
 from dicom_node.config import NetworkSettings
 from dicom_node.receive.scp import build_ae
-from dicom_node.security import GuardedServer, Peer, PeerPolicy, SharedContexts, on_requested, start_guarded_server
+from dicom_node.security import (
+    GuardedServer,
+    Peer,
+    PeerPolicy,
+    Refused,
+    SharedContexts,
+    on_requested,
+    start_guarded_server,
+)
 from tests.conftest import changed_sources, free_port
 
 READ_ONLY_USERS: dict[Any, str] = {
@@ -116,3 +124,31 @@ def test_associations_share_the_servers_contexts_and_negotiation_leaves_them_unc
     for contexts in server.seen:  # type: ignore[attr-defined]
         assert contexts is not server.contexts  # each association has its own list (on_requested replaces it) ...
         assert {id(cx) for cx in contexts} <= shared  # ... of the server's own, uncopied contexts
+
+
+class BrokenPolicy(PeerPolicy):
+    """A peer policy whose check fails with an internal error, as a bug in it would."""
+
+    def identify(self, ae_title: str, address: str) -> Peer | Refused:
+        raise RuntimeError("a bug in the peer check")
+
+
+def test_an_error_while_checking_the_caller_rejects_the_association_rather_than_admitting_it(caplog):
+    """pynetdicom goes on negotiating when an EVT_REQUESTED handler raises: the node's handler must fail closed."""
+    settings = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+    handlers = [
+        (evt.EVT_REQUESTED, on_requested, [BrokenPolicy([], "broken"), None]),
+        (evt.EVT_C_ECHO, lambda event: 0x0000),
+    ]
+    guarded = start_guarded_server(build_ae(settings), (settings.host, settings.port), settings, handlers)
+    try:
+        ae = AE(ae_title="ANYONE")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.port, ae_title="NODE")
+        assert assoc.is_rejected and not assoc.is_established
+    finally:
+        guarded.shutdown()
+    reasons = [
+        getattr(r, "event_fields", {}).get("reason", "") for r in caplog.records if r.msg == "association.rejected"
+    ]
+    assert any("could not check this caller against the configured peers" in reason for reason in reasons), reasons
