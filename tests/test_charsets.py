@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -85,9 +86,7 @@ def test_text_that_does_not_decode_is_replaced_with_a_warning(tmp_path, caplog):
     ids=["japanese-kanji", "japanese-katakana-and-kanji", "undefined-value"],
 )
 def test_series_in_any_character_set_goes_done_with_utf8_results(tmp_path, start_node, character_set, name):
-    series = write_phantom_series(
-        tmp_path / "ct", PhantomSpec(**{**SMALL.__dict__, "character_set": character_set, "patient_name": name})
-    )
+    series = write_phantom_series(tmp_path / "ct", replace(SMALL, character_set=character_set, patient_name=name))
     node = start_node(rules=CT_RULES, inference={"workers": 1}, results={"rtstruct": True})
 
     assert storescu(node.port, series.files).returncode == 0

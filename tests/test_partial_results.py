@@ -6,6 +6,7 @@ with DCMTK storescu; the results are read back from the node's job folder.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -28,17 +29,15 @@ PARTIAL_WARNING = (
 
 def mixed_series(folder: Path) -> tuple[object, list[Path]]:
     """30 axial images, a localizer, and a short repeat acquisition (8 images), all in one series."""
-    main = write_phantom_series(folder / "main", PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
+    main = write_phantom_series(folder / "main", replace(SPEC, add_localizer=True))
     repeat = write_phantom_series(
         folder / "repeat",
-        PhantomSpec(
-            **{
-                **SPEC.__dict__,
-                "slices": 8,
-                "seed": 7,
-                "series_instance_uid": main.series_instance_uid,
-                "study_instance_uid": main.study_instance_uid,
-            }
+        replace(
+            SPEC,
+            slices=8,
+            seed=7,
+            series_instance_uid=main.series_instance_uid,
+            study_instance_uid=main.study_instance_uid,
         ),
     )
     files = sorted((folder / "main").glob("*.dcm")) + list(repeat.files)

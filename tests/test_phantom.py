@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ LIVER_CENTRE = np.array([-60.0, -10.0, -20.0])  # LPS mm, from the phantom's ana
 
 
 def _spec(**changes: object) -> PhantomSpec:
-    return PhantomSpec(**{**SMALL.__dict__, **changes})
+    return replace(SMALL, **changes)
 
 
 def _hu(ds: pydicom.Dataset) -> np.ndarray:

@@ -42,7 +42,7 @@ def test_geometry_and_hu_match_the_phantom(tmp_path):
 
 
 def test_slices_are_ordered_by_position_not_instance_number(tmp_path):
-    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, "slice_direction_sign": -1}))
+    series = write_phantom_series(tmp_path, replace(SPEC, slice_direction_sign=-1))
     for number, path in enumerate(series.files):
         dataset = pydicom.dcmread(path)
         dataset.InstanceNumber = (number * 7) % len(series.files) + 1  # scrambled numbering
@@ -61,23 +61,21 @@ def test_slices_are_ordered_by_position_not_instance_number(tmp_path):
 def test_compressed_series_decode_to_the_same_volume(tmp_path, compression):
     plain = load_series_volume(write_phantom_series(tmp_path / "plain", SPEC).files)
     packed = load_series_volume(
-        write_phantom_series(tmp_path / compression, PhantomSpec(**{**SPEC.__dict__, "compression": compression})).files
+        write_phantom_series(tmp_path / compression, replace(SPEC, compression=compression)).files
     )
     np.testing.assert_array_equal(plain.hu, packed.hu)
 
 
 def test_enhanced_ct_multiframe_gives_the_same_volume(tmp_path):
     plain = load_series_volume(write_phantom_series(tmp_path / "plain", SPEC).files)
-    enhanced = load_series_volume(
-        write_phantom_series(tmp_path / "enhanced", PhantomSpec(**{**SPEC.__dict__, "enhanced": True})).files
-    )
+    enhanced = load_series_volume(write_phantom_series(tmp_path / "enhanced", replace(SPEC, enhanced=True)).files)
     np.testing.assert_array_equal(plain.hu, enhanced.hu)
     np.testing.assert_allclose(plain.origin, enhanced.origin)
     assert [s.frame_number for s in enhanced.slices] == list(range(1, 25))
 
 
 def test_localizer_in_series_is_dropped_with_a_note(tmp_path):
-    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, "add_localizer": True}))
+    series = write_phantom_series(tmp_path, replace(SPEC, add_localizer=True))
     volume = load_series_volume(series.files, allow_partial=False)  # a dropped localizer is not a partial volume
     assert volume.hu.shape[0] == 24
     assert volume.notes == ["1 localizer image(s) left out of the volume"]
@@ -93,7 +91,7 @@ def test_localizer_in_series_is_dropped_with_a_note(tmp_path):
     ],
 )
 def test_defects_are_refused_with_a_reason(tmp_path, change, reason):
-    series = write_phantom_series(tmp_path, PhantomSpec(**{**SPEC.__dict__, **change}))
+    series = write_phantom_series(tmp_path, replace(SPEC, **change))
     with pytest.raises(VolumeError) as error:
         load_series_volume(series.files)
     assert reason in str(error.value)
@@ -178,14 +176,7 @@ def test_mixed_orientations_are_refused(tmp_path):
     axial = write_phantom_series(tmp_path / "axial", SPEC)
     coronal = write_phantom_series(
         tmp_path / "coronal",
-        PhantomSpec(
-            **{
-                **SPEC.__dict__,
-                "orientation": (1, 0, 0, 0, 0, -1),
-                "slices": 6,
-                "series_instance_uid": axial.series_instance_uid,
-            }
-        ),
+        replace(SPEC, orientation=(1, 0, 0, 0, 0, -1), slices=6, series_instance_uid=axial.series_instance_uid),
     )
     with pytest.raises(VolumeError, match="mixed orientations in one series"):
         load_series_volume(axial.files + coronal.files)

@@ -96,7 +96,7 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
 
 @pytest.mark.integration
 def test_series_with_missing_slices_fails_with_the_reason(tmp_path, start_node):
-    series = write_phantom_series(tmp_path / "ct", PhantomSpec(**{**PHANTOM.__dict__, "gaps": (20,)}))
+    series = write_phantom_series(tmp_path / "ct", replace(PHANTOM, gaps=(20,)))
     node = start_node(rules=CT_RULES, inference={"workers": 1})
 
     storescu(node.port, series.files)
@@ -139,7 +139,7 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
     claim = worker.claim()
     late = write_phantom_series(
         tmp_path / "late",
-        PhantomSpec(**{**PHANTOM.__dict__, "slices": 2, "series_instance_uid": series.series_instance_uid}),
+        replace(PHANTOM, slices=2, series_instance_uid=series.series_instance_uid),
     )
     with transaction(sessions) as session:
         record_instance(session, _record(series, late.files[0], late.sop_instance_uids[0]))
