@@ -630,6 +630,29 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgresql_url")
 
 
+def ct_instance(
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    *,
+    study_instance_uid: str = "1.2.3",
+    path: Path | None = None,
+    expected: int | None = None,
+) -> Any:
+    """What the receiver records for one CT image (Explicit VR Little Endian): of the file at ``path``, or of a
+    one-byte file said to lie under /data when none is given."""
+    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
+
+    return InstanceRecord(
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(path) if path is not None else f"/data/{sop_instance_uid}.dcm",
+        size_bytes=path.stat().st_size if path is not None else 1,
+        study=StudyAttributes(study_instance_uid),
+        series=SeriesAttributes(series_instance_uid, modality="CT", expected_instances=expected),
+    )
+
+
 def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int, spec: Any) -> list[str]:
     """``count`` phantom series written under ``folder``, recorded as received and QUEUED for the baseline model.
 
@@ -638,7 +661,7 @@ def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int
     """
     from dataclasses import replace
 
-    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+    from db.ingest import record_instance
     from db.session import transaction
     from dicom_node.phantom import write_phantom_series
 
@@ -647,18 +670,10 @@ def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int
         series = write_phantom_series(folder / f"series-{number}", replace(spec, seed=number))
         with transaction(sessions) as session:
             for path, uid in zip(series.files, series.sop_instance_uids, strict=False):
-                record_instance(
-                    session,
-                    InstanceRecord(
-                        sop_instance_uid=uid,
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                        transfer_syntax_uid="1.2.840.10008.1.2.1",
-                        path=str(path),
-                        size_bytes=path.stat().st_size,
-                        study=StudyAttributes(series.study_instance_uid),
-                        series=SeriesAttributes(series.series_instance_uid, modality="CT"),
-                    ),
+                instance = ct_instance(
+                    uid, series.series_instance_uid, study_instance_uid=series.study_instance_uid, path=path
                 )
+                record_instance(session, instance)
             queued = job_for_series_uid(session, series.series_instance_uid)
             queued.destinations = []
             drive_job_to(session, queued, JobState.QUEUED)

@@ -8,9 +8,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import select
 
 from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.ingest import InstanceRecord, record_instance
 from db.models import Base, Job, JobEvent, JobState
 from db.session import make_engine, make_session_factory, migrate, transaction
+from tests.conftest import ct_instance
 
 
 @pytest.fixture
@@ -21,15 +22,7 @@ def sessions(database_url):
 
 
 def record(uid: str, series: str = "1.2.3.4", expected: int | None = None) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/data/{uid}.dcm",
-        size_bytes=1,
-        study=StudyAttributes("1.2.3"),
-        series=SeriesAttributes(series, modality="CT", expected_instances=expected),
-    )
+    return ct_instance(uid, series, expected=expected)
 
 
 def test_migrations_create_exactly_the_models_schema(database_url):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
+from db.ingest import InstanceRecord, record_instance, record_rejection
 from db.models import (
     STUDY_IDENTITY_COLUMNS,
     Instance,
@@ -29,7 +29,7 @@ from db.models import (
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
 from dicom_node.retention import RetentionTask, apply_plan, plan_retention, purge_quarantine
-from tests.conftest import DICOM_NODE, drive_job_to, wait_for
+from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -85,15 +85,7 @@ def add_series(
 
 
 def _record(sop_uid: str, series_uid: str, path: Path) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=sop_uid,
-        sop_class_uid=CT,
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        study=StudyAttributes(STUDY),
-        series=SeriesAttributes(series_uid, modality="CT"),
-    )
+    return ct_instance(sop_uid, series_uid, study_instance_uid=STUDY, path=path)
 
 
 def _add_results(session: Session, settings: Settings, job: Job) -> Path:

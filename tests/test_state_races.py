@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.ingest import InstanceRecord, record_instance
 from db.models import Delivery, Job, JobEvent, JobState
 from db.results import DeliveryRecord, ResultFile, ResultKind
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import load_settings
 from dicom_node.dispatch import Dispatcher, run_key
-from tests.conftest import DICOM_NODE
+from tests.conftest import DICOM_NODE, ct_instance
 
 SERIES = "1.2.3.4"
 
@@ -40,15 +40,7 @@ def sessions(postgresql_url: str) -> sessionmaker[Session]:
 
 
 def record(uid: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/data/{uid}.dcm",
-        size_bytes=1,
-        study=StudyAttributes("1.2.3"),
-        series=SeriesAttributes(SERIES, modality="CT"),
-    )
+    return ct_instance(uid, SERIES)
 
 
 def series_in(sessions: sessionmaker[Session], state: JobState, destinations: list[str]) -> int:

@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.ingest import InstanceRecord, record_instance
 from db.jobs import job_for_series_uid
 from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
@@ -30,7 +30,7 @@ from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
-from tests.conftest import CT_RULES, drive_job_to, storescu
+from tests.conftest import CT_RULES, ct_instance, drive_job_to, storescu
 
 PHANTOM = PhantomSpec(rows=128, columns=128, slices=40, pixel_spacing=(3.0, 3.0), slice_spacing=4.0, noise_sd=5.0)
 
@@ -122,15 +122,7 @@ def worker_setup(tmp_path):
 
 
 def _record(series, path: Path, uid: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        study=StudyAttributes(series.study_instance_uid),
-        series=SeriesAttributes(series.series_instance_uid, modality="CT"),
-    )
+    return ct_instance(uid, series.series_instance_uid, study_instance_uid=series.study_instance_uid, path=path)
 
 
 def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setup, tmp_path):
