@@ -384,7 +384,13 @@ def _is_localizer(dataset: Dataset) -> bool:
 
 
 def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
-    """Patient and study identity must be the same in every instance (values never named); PatientID is required."""
+    """Patient and study identity must be the same in every instance (values never named), each one value of
+    printable text; PatientID is required."""
+    for label, header, _ in headers:
+        for keyword in IDENTITY_KEYWORDS:
+            problem = _identity_value_problem(header, keyword)
+            if problem is not None:
+                raise Refused(f"{keyword} of {label} {problem}; the sender must correct it")
     missing = [label for label, header, _ in headers if not (_raw_text(header, "PatientID") or "").strip(" \x00")]
     if missing:
         raise Refused(
@@ -400,6 +406,26 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
                 f"(first: {first}) carry another value than the rest; one series must hold one "
                 f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
+
+
+def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
+    """Why an identity value cannot label a result (several values, a control character), or None.
+
+    The results copy it as it is: ``P1\\P2`` would name no one patient, and a tab or line break is no part of
+    an ID or a name (DICOM's text values allow only ESC, for character set switches)."""
+    raw = _raw_text(header, keyword)
+    if raw is None:
+        return None
+    if any((ord(c) < 0x20 and c != "\x1b") or c == "\x7f" for c in raw):
+        return "holds a control character (a tab, line break or similar), which no ID or name may hold"
+    try:
+        value = header.get(keyword)
+    except Exception:  # noqa: BLE001 - undecodable: compared as its raw text by the checks below
+        return None
+    if isinstance(value, (list, MultiValue)) and len(value) > 1:
+        subject = IDENTITY_SUBJECT.get(keyword, "patient")
+        return f"has {len(value)} values, where one {subject} has one"
+    return None
 
 
 def _study_detail_warnings(headers: list[tuple[str, Dataset, InstanceFile]]) -> list[str]:

@@ -204,6 +204,38 @@ CASES: list[Case] = [
         hidden=("OTHER-PATIENT-ID",),
     ),
     Case(
+        "a_patient_id_with_a_trailing_tab_is_refused_for_what_it_is",
+        each(raw_value("PatientID", "LO", "P1\t")),
+        JobState.FAILED,
+        not_admitted(
+            "PatientID of instance 1 holds a control character (a tab, line break or similar), which no ID or name "
+            "may hold; the sender must correct it"
+        ),
+    ),
+    Case(
+        "a_patient_id_of_only_line_breaks_is_refused",
+        each(raw_value("PatientID", "LO", "\r\n")),
+        JobState.FAILED,
+        not_admitted(
+            "PatientID of instance 1 holds a control character (a tab, line break or similar), which no ID or name "
+            "may hold; the sender must correct it"
+        ),
+    ),
+    Case(
+        "two_patient_ids_in_one_value_are_refused",
+        each(raw_value("PatientID", "LO", "PAT-A1\\PAT-B2")),
+        JobState.FAILED,
+        not_admitted("PatientID of instance 1 has 2 values, where one patient has one; the sender must correct it"),
+        hidden=("PAT-A1", "PAT-B2"),
+    ),
+    Case(
+        "two_patient_names_in_one_value_are_refused_before_inference",
+        each(raw_value("PatientName", "PN", "Doe^John\\Roe^Jane")),
+        JobState.FAILED,
+        not_admitted("PatientName of instance 1 has 2 values, where one patient has one; the sender must correct it"),
+        hidden=("Roe^Jane",),
+    ),
+    Case(
         "two_patient_names_are_refused",
         nth(0, setting("PatientName", "Other^Person")),
         JobState.FAILED,
