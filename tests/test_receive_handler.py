@@ -261,18 +261,24 @@ def test_a_refused_header_in_a_resend_is_refused_and_quarantined_as_any_other(ru
     assert_no_temporary_files(running_scp.store.root)
 
 
+@pytest.mark.parametrize("corrected_keyword", ["PatientID", "IssuerOfPatientID"])
 @pytest.mark.parametrize("resending", [False, True], ids=["first-on-its-association", "in-resend-mode"])
 def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_copy_kept(
-    running_scp, tmp_path, resending
+    running_scp, tmp_path, resending, corrected_keyword
 ):
-    """A corrected PatientID on a stored SOP Instance UID: never relabelled, never silently dropped either."""
+    """A corrected PatientID (or the issuer that says whose IDs they are) on a stored SOP Instance UID: never
+    relabelled, never silently dropped either."""
     from db.models import RejectedInstance
 
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    for path in series.files:
+        original = dcmread(path)
+        original.IssuerOfPatientID = "HOSPITAL_A"
+        original.save_as(path)
     assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
     stored = running_scp.stored_bytes()
     corrected = dcmread(series.files[1])
-    corrected.PatientID = "CORRECTED-99"
+    setattr(corrected, corrected_keyword, "CORRECTED-99")
     corrected_path = tmp_path / "corrected.dcm"
     corrected.save_as(corrected_path)
 
@@ -284,8 +290,8 @@ def test_an_instance_sent_again_under_another_patient_is_refused_and_the_stored_
     with running_scp.sessions() as session:
         (reason,) = session.scalars(select(RejectedInstance.reason))
     assert reason == (
-        f"SOP Instance UID {corrected.SOPInstanceUID} is already stored with another PatientID; the stored copy is "
-        "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+        f"SOP Instance UID {corrected.SOPInstanceUID} is already stored with another {corrected_keyword}; the stored "
+        "copy is kept and this one quarantined (a stored instance is never relabelled with another identity)"
     )
     assert "CORRECTED" not in reason
     assert_no_temporary_files(running_scp.store.root)

@@ -41,6 +41,7 @@ HEADER_KEYWORDS = (
     "PatientID",
     "PatientBirthDate",
     "PatientSex",
+    "IssuerOfPatientID",
     "SliceThickness",
     "BodyPartExamined",
     "StudyInstanceUID",
@@ -126,6 +127,7 @@ class InstanceHeader:
     image_type: str | None
     slice_thickness: float | None
     number_of_frames: int | None
+    issuer_of_patient_id: str | None = None  # compared with a stored copy; the database keeps no column for it
 
     def record(
         self, transfer_syntax_uid: str, path: str, size_bytes: int, calling_ae_title: str | None
@@ -431,6 +433,7 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         image_type=_image_type(image_type),
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
+        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
     )
 
 
@@ -580,9 +583,13 @@ def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str 
         stored = check_header(dataset, received.sop_class_uid, received.sop_instance_uid)
     except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
         return None
-    for keyword, field in IDENTITY_ATTRIBUTES:
-        before = _comparable(keyword, getattr(stored.study, field))
-        after = _comparable(keyword, getattr(received.study, field))
+    pairs = [
+        (keyword, getattr(stored.study, field), getattr(received.study, field))
+        for keyword, field in IDENTITY_ATTRIBUTES
+    ]
+    pairs.append(("IssuerOfPatientID", stored.issuer_of_patient_id, received.issuer_of_patient_id))
+    for keyword, stored_value, received_value in pairs:
+        before, after = _comparable(keyword, stored_value), _comparable(keyword, received_value)
         if before and after and before != after:
             return keyword
     return None
