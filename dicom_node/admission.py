@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node.config import AdmissionSettings
+from dicom_node.receive.header import comparable_identity
 from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, narrow_rescale, rescale_source
 
 IDENTITY_KEYWORDS = (
@@ -456,6 +457,8 @@ def _identity_value(header: Dataset, keyword: str) -> str | None:
     """The value as stored; for text beyond printable ASCII (accents, ISO 2022 escapes), with the character set
     it is read in: the same bytes under another SpecificCharacterSet are another name."""
     raw = _raw_text(header, keyword)
+    if raw is not None:
+        raw = comparable_identity(keyword, raw) or None  # DOE^JOHN^^^ is DOE^JOHN, as the receiver compares it
     if raw is None or all(" " <= c <= "~" for c in raw):
         return raw
     return f"{_raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"

@@ -146,6 +146,15 @@ def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_pa
     assert admit(files, STRICT).admitted
 
 
+def test_a_name_written_with_empty_trailing_components_is_the_same_name(tmp_path):
+    """DOE^JOHN and DOE^JOHN^^^ name one patient (as the receiver compares a resent copy); DOE^JANE another."""
+    files = series_files(tmp_path, patient_name="DOE^JOHN")
+    rewrite(files[1], PatientName="DOE^JOHN^^^")
+    assert admit(files, STRICT).admitted
+    rewrite(files[2], PatientName="DOE^JANE")
+    assert (admit(files, STRICT).refusal or "").startswith("PatientName differs within the series: 1 of 4")
+
+
 @pytest.mark.parametrize(
     ("orientation", "detail"),
     [

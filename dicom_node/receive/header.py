@@ -563,7 +563,7 @@ IDENTITY_ATTRIBUTES = (
 """The patient and study identity a stored instance keeps (keyword, :class:`StudyAttributes` field)."""
 
 
-def _comparable(keyword: str, value: str | None) -> str:
+def comparable_identity(keyword: str, value: str | None) -> str:
     """A value as identity compares it: a name without its empty trailing components, case and spaces kept."""
     text = (value or "").strip()
     if keyword == "PatientName":
@@ -589,7 +589,7 @@ def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str 
     ]
     pairs.append(("IssuerOfPatientID", stored.issuer_of_patient_id, received.issuer_of_patient_id))
     for keyword, stored_value, received_value in pairs:
-        before, after = _comparable(keyword, stored_value), _comparable(keyword, received_value)
+        before, after = comparable_identity(keyword, stored_value), comparable_identity(keyword, received_value)
         if before and after and before != after:
             return keyword
     return None
