@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -419,8 +419,11 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
         return None
     if any((ord(c) < 0x20 and c != "\x1b") or c == "\x7f" for c in raw):
         return "holds a control character (a tab, line break or similar), which no ID or name may hold"
-    try:
-        value = header.get(keyword)
+    element = header.get_item(Tag(keyword), keep_deferred=True)
+    try:  # decoded apart: the header keeps its raw bytes, which the identity comparison reads
+        value = (
+            convert_raw_data_element(element, ds=header).value if isinstance(element, RawDataElement) else element.value
+        )
     except Exception:  # noqa: BLE001 - undecodable: compared as its raw text by the checks below
         return None
     if isinstance(value, (list, MultiValue)) and len(value) > 1:

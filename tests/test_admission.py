@@ -16,7 +16,7 @@ from db import jobs
 from db.jobs import is_partial_series_warning
 from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, admit
+from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, _identity_value_problem, admit
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
@@ -144,6 +144,20 @@ def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_pa
     assert refusal.startswith("PatientName differs within the series: 1 of 4 instances (first: instance 1)"), refusal
     files[0].path.write_bytes(first)  # the same bytes and character set everywhere: one name
     assert admit(files, STRICT).admitted
+
+
+def test_checking_identity_values_leaves_the_header_as_written():
+    """Broken UTF-8 bytes decode to the same replacement characters; the identity comparison must still read the
+    bytes as written, so checking a value's count may not replace them with the decoded text."""
+    header = pydicom.Dataset()
+    header.SpecificCharacterSet = "ISO_IR 192"
+    tag = Tag(tag_for_keyword("PatientName"))
+    header._dict[tag] = RawDataElement(tag, "PN", 6, b"DOE^\xff\xfe", 0, False, True)
+
+    assert _identity_value_problem(header, "PatientName") is None
+
+    element = header.get_item(tag, keep_deferred=True)
+    assert isinstance(element, RawDataElement) and element.value == b"DOE^\xff\xfe"
 
 
 def test_a_name_written_with_empty_trailing_components_is_the_same_name(tmp_path):
