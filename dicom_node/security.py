@@ -36,6 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -265,10 +266,12 @@ def on_requested(
         _admit_or_reject(event, policy, caps, on_rejected)
     except Exception:  # whatever went wrong, the caller was not checked
         assoc = event.assoc
+        request = assoc.requestor.primitive
         LOG.exception(
             "association.rejected",
             extra={
                 "event_fields": {
+                    "calling_ae": str(request.calling_ae_title).strip() if request is not None else None,
                     "address": assoc.requestor.address,
                     "reason": "the node could not check this caller against the configured peers (an internal "
                     "error, details follow); refused rather than admitted unchecked",
@@ -277,6 +280,9 @@ def on_requested(
         )
         if not (assoc.is_rejected or assoc.is_aborted):
             assoc.acse.send_reject(0x02, 0x01, 0x01)  # transient, service user, no reason given
+            if on_rejected is not None:
+                with suppress(Exception):  # the audit record is best effort here: the rejection stands
+                    on_rejected(event)
         assoc.kill()
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from db.models import Instance
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.retrieve.scp import without_demographics
+from dicom_node.retrieve.scp import hidden_keys_matched, without_demographics
 from dicom_node.retrieve.stored import read_stored
 from tests.conftest import free_port, require_tool, storescu, wait_for
 
@@ -241,6 +241,20 @@ def test_a_peer_without_the_find_role_cannot_guess_patient_details_from_matches(
     log = node.log()
     assert "peer planner has no find role, so it may not match on patient details it is not shown (PatientName)" in log
     assert "may not select by patient details it is not shown (PatientName)" in log
+
+
+def test_only_keys_matched_on_hidden_details_count_as_guesses():
+    """Return keys (empty, *, an empty sequence item) and attributes the node never matches on ask nothing."""
+    asking = pydicom.Dataset()
+    asking.PatientName = "^"
+    asking.OtherPatientIDs = ["*", "*"]
+    asking.OtherPatientIDsSequence = [pydicom.Dataset()]
+    asking.PatientPosition, asking.PatientAge, asking.PatientBirthDate = "HFS", "054Y", ""
+    guessing = pydicom.Dataset()
+    guessing.PatientName, guessing.PatientSex, guessing.PatientBirthDate = "D*", "F", "19510317"
+
+    assert hidden_keys_matched(asking) == []
+    assert hidden_keys_matched(guessing) == ["PatientBirthDate", "PatientName", "PatientSex"]
 
 
 @pytest.mark.parametrize(("description", "character_set_kept"), [("Thorax", False), ("Thorax Übersicht", True)])

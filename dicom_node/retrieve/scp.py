@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
@@ -47,7 +47,7 @@ from db.models import Instance, Series
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
-from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances, query_level
+from dicom_node.retrieve.matching import KEYS, QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
@@ -165,15 +165,18 @@ def is_hidden(keyword: str) -> bool:
 
 def hidden_keys_matched(identifier: Dataset) -> list[str]:
     """The keys of ``identifier`` that would match on an attribute hidden from a peer without the ``find`` role:
-    each answer (a match or none) would tell it what it may not read, one guess at a time. An empty key, or
-    ``*``, asks for the value and matches everything: it tells nothing."""
+    each answer (a match or none) would tell it what it may not read, one guess at a time. Only keys the node
+    matches on count; an empty key, or ``*``, asks for the value and matches everything: it tells nothing."""
 
-    def selects(element: DataElement) -> bool:
-        if element.VR == "SQ":
-            return bool(element.value)
-        return bool(str(element.value or "").replace("*", "").strip())
+    def selects(value: object) -> bool:
+        values = value if isinstance(value, (list, MultiValue)) else [value]
+        return any(str(v if v is not None else "").replace("*", "").strip(" ^=") for v in values)
 
-    return sorted(element.keyword for element in identifier if is_hidden(element.keyword) and selects(element))
+    return sorted(
+        element.keyword
+        for element in identifier
+        if element.keyword in KEYS and is_hidden(element.keyword) and selects(element.value)
+    )
 
 
 def without_demographics(response: Dataset) -> Dataset:
