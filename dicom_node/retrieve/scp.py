@@ -47,7 +47,7 @@ from db.models import Instance, Series
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
-from dicom_node.retrieve.matching import KEYS, QueryError, find, is_narrow, matching_instances, query_level
+from dicom_node.retrieve.matching import KEYS, Level, QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 
@@ -193,6 +193,39 @@ def without_demographics(response: Dataset) -> Dataset:
     return response
 
 
+def _refusal_without_find(
+    identifier: Dataset, level: Level, peer: Peer, context: RetrieveContext
+) -> tuple[str, int, str] | None:
+    """For a peer without the ``find`` role: why this C-FIND is refused (the log's reason, the status and its
+    comment), or None. It may look up what it was told of, not browse, guess hidden details, or try key after key."""
+    if peer.may("find"):
+        return None
+    if not is_narrow(identifier, level):
+        return (
+            f"peer {peer.name} has no find role: only narrow queries below PATIENT level (a unique key or "
+            "AccessionNumber without wildcards)",
+            0x0124,
+            "Not authorized: query too broad",
+        )
+    hidden = hidden_keys_matched(identifier)
+    if hidden:
+        return (
+            f"peer {peer.name} has no find role, so it may not match on patient details it is not shown "
+            f"({', '.join(hidden)})",
+            0x0124,
+            "Not authorized: no matching on patient details",
+        )
+    if not context.queries_without_find.spend(peer.name):
+        per_minute = context.limits.queries_per_minute_without_find
+        return (
+            f"peer {peer.name} has no find role and made {per_minute} queries in the last minute "
+            "(retrieve.queries_per_minute_without_find): trying one key after another is not allowed",
+            OUT_OF_RESOURCES,
+            "Too many queries: wait a minute",
+        )
+    return None
+
+
 def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """Yield a pending response per match, from the database, up to ``retrieve.max_find_matches``."""
     identifier = event.identifier
@@ -205,44 +238,15 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
     count = 0
     try:
         level = query_level(identifier)
-        if not peer.may("find") and not is_narrow(identifier, level):
-            log_event(
-                LOG,
-                logging.WARNING,
-                "query.refused",
-                calling_ae=calling_ae,
-                address=event.assoc.requestor.address,
-                reason=f"peer {peer.name} has no find role: only narrow queries below PATIENT level (a unique key "
-                "or AccessionNumber without wildcards)",
-            )
-            yield _status(0x0124, "Not authorized: query too broad"), None
-            return
-        hidden = [] if peer.may("find") else hidden_keys_matched(identifier)
-        if hidden:
-            log_event(
-                LOG,
-                logging.WARNING,
-                "query.refused",
-                calling_ae=calling_ae,
-                address=event.assoc.requestor.address,
-                reason=f"peer {peer.name} has no find role, so it may not match on patient details it is not shown "
-                f"({', '.join(hidden)})",
-            )
-            yield _status(0x0124, "Not authorized: no matching on patient details"), None
-            return
-        if not peer.may("find") and not context.queries_without_find.spend(peer.name):
-            log_throttled(
-                LOG,
-                logging.WARNING,
-                "query.refused",
-                (peer.name, "rate"),
-                calling_ae=calling_ae,
-                address=event.assoc.requestor.address,
-                reason=f"peer {peer.name} has no find role and made {context.limits.queries_per_minute_without_find} "
-                "queries in the last minute (retrieve.queries_per_minute_without_find): trying one key after "
-                "another is not allowed",
-            )
-            yield _status(OUT_OF_RESOURCES, "Too many queries: wait a minute"), None
+        refusal = _refusal_without_find(identifier, level, peer, context)
+        if refusal is not None:
+            reason, status_code, comment = refusal
+            fields = {"calling_ae": calling_ae, "address": event.assoc.requestor.address, "reason": reason}
+            if status_code == OUT_OF_RESOURCES:  # a peer trying key after key: one line per ten seconds
+                log_throttled(LOG, logging.WARNING, "query.refused", (peer.name, "rate"), **fields)
+            else:
+                log_event(LOG, logging.WARNING, "query.refused", **fields)
+            yield _status(status_code, comment), None
             return
         with context.sessions() as session:
             for response in find(session, identifier, context.ae_title, limit=limit + 1):
