@@ -115,14 +115,6 @@ def test_a_peer_bound_to_its_certificate_is_refused_under_another_trusted_certif
     ) in node.log()
 
 
-def test_certificate_names_without_mutual_tls_are_a_configuration_error(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text("peers:\n  planner: {hosts: [10.0.0.0/8], roles: [get], certificate_names: [PLANNER]}\n")
-    result = subprocess.run([DICOM_NODE, "config", "check", "--config", str(config)], capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "peers.planner: certificate_names needs mutual TLS" in result.stderr
-
-
 def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, certificates):
     port = free_port()
     scp = subprocess.Popen(
@@ -166,12 +158,26 @@ def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, c
     assert untrusted.returncode == 1 and "FAILED" in untrusted.stderr
 
 
-def test_tls_destination_without_network_tls_is_a_configuration_error(tmp_path):
+@pytest.mark.parametrize(
+    ("config_text", "error"),
+    [
+        (
+            "destinations:\n  pacs: {ae_title: PACS, host: 127.0.0.1, port: 104, tls: true}\n",
+            "destinations.pacs: tls: true needs network.tls",
+        ),
+        (
+            "peers:\n  planner: {hosts: [10.0.0.0/8], roles: [get], certificate_names: [PLANNER]}\n",
+            "peers.planner: certificate_names needs mutual TLS",
+        ),
+    ],
+    ids=["tls-destination", "certificate-names"],
+)
+def test_tls_settings_without_network_tls_are_a_configuration_error(tmp_path, config_text, error):
     config = tmp_path / "config.yaml"
-    config.write_text("destinations:\n  pacs: {ae_title: PACS, host: 127.0.0.1, port: 104, tls: true}\n")
+    config.write_text(config_text)
     result = subprocess.run([DICOM_NODE, "config", "check", "--config", str(config)], capture_output=True, text=True)
     assert result.returncode != 0
-    assert "destinations.pacs: tls: true needs network.tls" in result.stderr
+    assert error in result.stderr
 
 
 def test_orthanc_sends_to_the_node_and_receives_its_results_over_dicom_tls(
