@@ -508,12 +508,10 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
         intercept = _numbers(named, source, "RescaleIntercept", 1)
         if slope is not None and slope[0] == 0:
             raise Refused(f"RescaleSlope of {named} is 0: every pixel would have the same value")
-        if slope is not None and slope[0] < 0 and not _is_localizer(header):
-            raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {NON_POSITIVE_SLOPE}")
-        if slope is not None and not _is_localizer(header):
-            narrow = narrow_rescale(slope[0], header.get("BitsStored"))
-            if narrow is not None:
-                raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {narrow}")
+        if slope is not None and not _is_localizer(header):  # a localizer is left out of the volume
+            unusable = NON_POSITIVE_SLOPE if slope[0] < 0 else narrow_rescale(slope[0], header.get("BitsStored"))
+            if unusable is not None:
+                raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {unusable}")
         if (slope is None) != (intercept is None):
             present, absent = (
                 ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
