@@ -27,6 +27,7 @@ from db.models import (
 class StudyAttributes:
     study_instance_uid: str
     patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
     patient_name: str | None = None
     patient_birth_date: str | None = None
     patient_sex: str | None = None

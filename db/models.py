@@ -35,6 +35,7 @@ class JobState(str, enum.Enum):
 
 STUDY_IDENTITY_COLUMNS = (
     "patient_id",
+    "issuer_of_patient_id",
     "patient_name",
     "patient_birth_date",
     "patient_sex",
@@ -52,6 +53,8 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
+    # Whose PatientIDs these are: the same PatientID from another issuer is another patient.
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, Executable, create_engine, event, text
+from sqlalchemy import Connection, Engine, Executable, Result, Row, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,11 +79,20 @@ def _create_sqlite_folder(url: str) -> None:
 
 def read_outside_transaction(factory: sessionmaker[Session], query: Executable) -> Any:
     """One scalar, read without a transaction: on SQLite it takes no write lock and never waits for a writer."""
+    return _outside_transaction(factory, query).scalar()
+
+
+def read_row_outside_transaction(factory: sessionmaker[Session], query: Executable) -> Row[Any] | None:
+    """The first row, or None, read as :func:`read_outside_transaction` reads a scalar."""
+    return _outside_transaction(factory, query).first()
+
+
+def _outside_transaction(factory: sessionmaker[Session], query: Executable) -> Result[Any]:
     bind = factory.kw["bind"]
     if isinstance(bind, Connection):
-        return bind.execute(query).scalar()
-    with bind.connect() as connection:
-        return connection.execution_options(isolation_level="AUTOCOMMIT").execute(query).scalar()
+        return bind.execute(query)
+    with bind.connect() as connection:  # the rows are buffered: they outlive the connection
+        return connection.execution_options(isolation_level="AUTOCOMMIT").execute(query).freeze()()
 
 
 def make_session_factory(engine: Engine | Connection) -> sessionmaker[Session]:

@@ -27,9 +27,9 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Series
+from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
-from dicom_node.receive.header import comparable_identity
+from dicom_node.receive.header import StudyPatient, comparable_identity
 from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, narrow_rescale, rescale_source
 
 IDENTITY_KEYWORDS = (
@@ -165,7 +165,7 @@ def admit(
     files: Sequence[InstanceFile],
     settings: AdmissionSettings,
     modality: str | None = "CT",
-    study_patient_id: str | None = None,
+    study_patient: StudyPatient | None = None,
 ) -> AdmissionResult:
     """Check a complete series from its headers; refuse it with a reason, or admit it with warnings.
 
@@ -177,9 +177,9 @@ def admit(
         ``admission`` settings: limits and what to do with mixed series and missing rescale.
     modality
         The series' Modality; rescale is required for CT only.
-    study_patient_id
-        The PatientID recorded for the series' study (its first instance's), if any: a series of
-        another patient under that study is refused.
+    study_patient
+        The patient recorded for the series' study (its first instance's, :func:`recorded_patient`), if any: a
+        series of another patient under that study is refused.
 
     Returns
     -------
@@ -188,9 +188,16 @@ def admit(
         are sentences for ``jobs.warnings``.
     """
     try:
-        return _admit(files, settings, modality, study_patient_id)
+        return _admit(files, settings, modality, study_patient)
     except Refused as refusal:
         return AdmissionResult(refusal=str(refusal))
+
+
+def recorded_patient(study: Study) -> StudyPatient | None:
+    """The patient a stored study belongs to, as :func:`admit` takes it; None while its identity is erased."""
+    if study.patient_id is None:
+        return None
+    return StudyPatient(study.patient_id, study.issuer_of_patient_id)
 
 
 def instance_files(session: Session, series: Series) -> list[InstanceFile]:
@@ -219,7 +226,7 @@ def instance_files(session: Session, series: Series) -> list[InstanceFile]:
 
 
 def _admit(
-    files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None, study_patient_id: str | None
+    files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None, study_patient: StudyPatient | None
 ) -> AdmissionResult:
     if not files:
         raise Refused("the series has no stored instances")
@@ -233,11 +240,7 @@ def _admit(
     warnings: list[str] = []
     _check_identity(headers)
     warnings.extend(_study_detail_warnings(headers))
-    if study_patient_id and (_text(headers[0][1], "PatientID") or "") != study_patient_id:
-        raise Refused(
-            "the series' study already holds another patient's images (its PatientID differs from the study's); "
-            "one study must hold one patient"
-        )
+    _check_study_patient(headers[0][1], study_patient)
     frames: list[_Frame] = []
     for label, header, file in headers:
         _check_pixel_module(label, header)
@@ -279,6 +282,19 @@ def _admit(
             f"of memory, over the {_size(limit)} limit (admission.max_memory_gigabytes)"
         )
     return AdmissionResult(refusal=None, warnings=warnings, images=len(images), estimated_bytes=estimate)
+
+
+def _check_study_patient(header: Dataset, study_patient: StudyPatient | None) -> None:
+    """The series (whose instances agree on the patient) must be of its study's patient."""
+    if study_patient is None or not study_patient.patient_id:
+        return
+    received = StudyPatient(_text(header, "PatientID"), _text(header, "IssuerOfPatientID"))
+    differing = study_patient.differing_keyword(received)
+    if differing is not None:
+        raise Refused(
+            f"the series' study already holds another patient's images (its {differing} differs from the "
+            "study's); one study must hold one patient"
+        )
 
 
 def _size(count: float) -> str:

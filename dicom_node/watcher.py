@@ -24,9 +24,17 @@ from db.ingest import MissingInstances, instances_refused_for_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
 from db.models import Instance, Job, JobState, Series, utcnow
 from db.session import transaction
-from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, is_admission_warning
+from dicom_node.admission import (
+    AdmissionResult,
+    InstanceFile,
+    admit,
+    instance_files,
+    is_admission_warning,
+    recorded_patient,
+)
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.receive.header import StudyPatient
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.routing import Decision, decide, series_facts
 
@@ -156,7 +164,7 @@ class SeriesWatcher(PeriodicTask):
             facts = series_facts(session, job.series)
             decision = decide(self.settings.rules, facts)
             files = instance_files(session, job.series) if decision.action == "process" else []
-            modality, study_patient = job.series.modality, job.series.study.patient_id
+            modality, study_patient = job.series.modality, recorded_patient(job.series.study)
         admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
         pending = _Pending()
         with transaction(self.sessions) as session:
@@ -177,7 +185,7 @@ class SeriesWatcher(PeriodicTask):
         pending.log()
 
     def _admit(
-        self, job_id: int, files: list[InstanceFile], modality: str | None, study_patient: str | None
+        self, job_id: int, files: list[InstanceFile], modality: str | None, study_patient: StudyPatient | None
     ) -> AdmissionResult:
         try:
             return admit(files, self.settings.admission, modality, study_patient)

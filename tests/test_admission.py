@@ -19,7 +19,7 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, _identity_value_problem, admit
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.receive.header import InvalidInstance, check_header, read_header
+from dicom_node.receive.header import InvalidInstance, StudyPatient, check_header, read_header
 from inference.volume import VolumeError, load_series_volume
 from tests.conftest import data_set_bytes
 
@@ -259,12 +259,38 @@ def test_a_rescale_type_other_than_hu_is_refused_and_hu_is_admitted(tmp_path):
 def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
     """A study already recorded for PHANTOM-1 cannot take a series of someone else (a StudyInstanceUID collision)."""
     files = series_files(tmp_path)
-    assert admit(files, STRICT, study_patient_id="PHANTOM-1").admitted
-    refusal = admit(files, STRICT, study_patient_id="SOMEONE-ELSE").refusal
+    assert admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1")).admitted
+    refusal = admit(files, STRICT, study_patient=StudyPatient("SOMEONE-ELSE")).refusal
     assert refusal == (
         "the series' study already holds another patient's images (its PatientID differs from the study's); "
         "one study must hold one patient"
     )
+
+
+@pytest.mark.parametrize(
+    ("study_issuer", "series_issuer", "admitted"),
+    [
+        ("HOSPITAL_A", "HOSPITAL_A", True),
+        ("HOSPITAL_A", "HOSPITAL_B", False),  # PHANTOM-1 of another hospital's numbering: another patient
+        ("HOSPITAL_A", None, True),  # an issuer only one side sends names no other patient
+        (None, "HOSPITAL_B", True),
+    ],
+)
+def test_the_same_patient_id_from_another_issuer_is_another_patient(tmp_path, study_issuer, series_issuer, admitted):
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        if series_issuer is not None:
+            ds.IssuerOfPatientID = series_issuer
+        ds.save_as(file.path)
+    result = admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1", study_issuer))
+    if admitted:
+        assert result.admitted
+    else:
+        assert result.refusal == (
+            "the series' study already holds another patient's images (its IssuerOfPatientID differs from the "
+            "study's); one study must hold one patient"
+        )
 
 
 def test_missing_rescale_follows_the_setting(tmp_path):

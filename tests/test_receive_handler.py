@@ -22,7 +22,7 @@ from db.models import Instance
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node import status
 from dicom_node.config import NetworkSettings
-from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from dicom_node.receive import recorder as recorder_module
 from dicom_node.receive import scp
 from dicom_node.receive.recorder import InstanceRecorder
@@ -330,6 +330,52 @@ def test_an_instance_of_a_stored_study_under_another_patient_is_refused(running_
         "one study holds one patient, so this instance is quarantined"
     }
     assert len(list(running_scp.store.quarantine_dir.iterdir())) == 2
+
+
+def test_a_study_stored_for_one_issuer_refuses_the_same_patient_id_from_another(running_scp, tmp_path):
+    """PatientID X-1 numbered by HOSPITAL_A and X-1 numbered by HOSPITAL_B are two patients; a series without an
+    issuer, or with the study's own, joins the study."""
+    from dataclasses import replace
+
+    from db.models import RejectedInstance, Study
+
+    def with_issuer(name: str, issuer: str | None, study_uid: str | None = None) -> PhantomSeries:
+        spec = replace(SMALL_CT, patient_id="X-1", **({"study_instance_uid": study_uid} if study_uid else {}))
+        series = write_phantom_series(tmp_path / name, spec)
+        for path in series.files:
+            ds = dcmread(path)
+            if issuer is not None:
+                ds.IssuerOfPatientID = issuer
+            ds.save_as(path)
+        return series
+
+    first = with_issuer("first", "HOSPITAL_A")
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    study = first.study_instance_uid
+    other, same, unnamed = (
+        with_issuer("other", "HOSPITAL_B", study),
+        with_issuer("same", "HOSPITAL_A", study),
+        with_issuer("unnamed", None, study),
+    )
+
+    refused = running_scp.send(other.files[:2])
+    accepted = running_scp.send(same.files[:2]) + running_scp.send(unnamed.files[:2])
+
+    assert [code for code, _comment in refused] == [status.CANNOT_UNDERSTAND] * 2
+    assert accepted == [(status.SUCCESS, "")] * 4
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+        reasons = set(session.scalars(select(RejectedInstance.reason)))
+        issuers = set(session.scalars(select(Study.issuer_of_patient_id)))
+    joined = [*first.sop_instance_uids, *same.sop_instance_uids[:2], *unnamed.sop_instance_uids[:2]]
+    assert recorded == set(joined)
+    assert issuers == {"HOSPITAL_A"}
+    assert reasons == {
+        f"StudyInstanceUID {study} is already stored for another patient (its IssuerOfPatientID differs); "
+        "one study holds one patient, so this instance is quarantined"
+    }
 
 
 def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(running_scp, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Job, JobEvent, JobState, Series, utcnow
+from db.models import Job, JobEvent, JobState, Series, Study, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
 from dicom_node.config import Rule, Settings
@@ -189,6 +189,24 @@ def test_series_refused_by_admission_is_failed_without_being_queued(tmp_path):
     assert history == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]
     assert job.reason == "not admitted: RescaleSlope of instance 3 is 0: every pixel would have the same value"
     assert job.rule_name == "ct"
+
+
+def test_a_series_under_its_studys_patient_id_from_another_issuer_is_refused(tmp_path):
+    """Two senders at once, each the first of a study: the receiver could not know the other; admission does."""
+    watcher, sessions, series = watched(tmp_path, 4, expected=None)
+    with transaction(sessions) as session:
+        session.execute(update(Study).values(patient_id="PHANTOM-1", issuer_of_patient_id="HOSPITAL_A"))
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.IssuerOfPatientID = "HOSPITAL_B"
+        ds.save_as(path)
+    watcher.run_once()
+    job, history = job_of(sessions)
+    assert history == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]
+    assert job.reason == (
+        "not admitted: the series' study already holds another patient's images (its IssuerOfPatientID differs "
+        "from the study's); one study must hold one patient"
+    )
 
 
 def test_watcher_logs_each_change_only_after_it_is_committed(tmp_path):

@@ -12,9 +12,10 @@ from db import jobs
 from db.jobs import InvalidTransition
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files
+from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, recorded_patient
 from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
+from dicom_node.receive.header import StudyPatient
 from dicom_node.routing import never_process_reason, series_facts
 
 LOG = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         state, instances = job.state, job.series.instance_count
         guard = never_process_reason(series_facts(session, job.series))
         files = instance_files(session, job.series) if guard is None else []
-        modality, study_patient = job.series.modality, job.series.study.patient_id
+        modality, study_patient = job.series.modality, recorded_patient(job.series.study)
     admission = None if guard else _admit(files, context, modality, study_patient, uid)
     if guard:
         refusal: str | None = f"not processed: {guard}"
@@ -155,7 +156,11 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
 
 
 def _admit(
-    files: list[InstanceFile], context: ConsoleContext, modality: str | None, study_patient: str | None, uid: str
+    files: list[InstanceFile],
+    context: ConsoleContext,
+    modality: str | None,
+    study_patient: StudyPatient | None,
+    uid: str,
 ) -> AdmissionResult:
     """Admission, with a header no check foresaw refusing the re-route (as the watcher does) instead of failing it."""
     try:

@@ -70,6 +70,7 @@ INTEGER_RANGE = (-(2**31), 2**31 - 1)
 INTEGER_KEYWORDS = ("SeriesNumber", "InstanceNumber", "ImagesInAcquisition", "NumberOfFrames")
 COLUMN_LENGTHS = {
     "PatientID": 64,
+    "IssuerOfPatientID": 64,
     "PatientName": 324,
     "PatientBirthDate": 8,
     "PatientSex": 16,
@@ -127,7 +128,6 @@ class InstanceHeader:
     image_type: str | None
     slice_thickness: float | None
     number_of_frames: int | None
-    issuer_of_patient_id: str | None = None  # compared with a stored copy; the database keeps no column for it
 
     def record(
         self, transfer_syntax_uid: str, path: str, size_bytes: int, calling_ae_title: str | None
@@ -404,6 +404,7 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
     study = StudyAttributes(
         study_instance_uid=uids["StudyInstanceUID"] or "",
         patient_id=_text(dataset, "PatientID"),
+        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
         patient_name=_text(dataset, "PatientName"),
         patient_birth_date=_text(dataset, "PatientBirthDate"),
         patient_sex=_text(dataset, "PatientSex"),
@@ -433,7 +434,6 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         image_type=_image_type(image_type),
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
-        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
     )
 
 
@@ -555,12 +555,35 @@ def read_file_header(path: str | Path) -> InstanceRecord:
 
 IDENTITY_ATTRIBUTES = (
     ("PatientID", "patient_id"),
+    ("IssuerOfPatientID", "issuer_of_patient_id"),
     ("PatientName", "patient_name"),
     ("PatientBirthDate", "patient_birth_date"),
     ("PatientSex", "patient_sex"),
     ("AccessionNumber", "accession_number"),
 )
 """The patient and study identity a stored instance keeps (keyword, :class:`StudyAttributes` field)."""
+
+
+@dataclass(frozen=True)
+class StudyPatient:
+    """The patient a study belongs to: its PatientID, and the issuer of that ID where one was sent."""
+
+    patient_id: str | None
+    issuer_of_patient_id: str | None = None
+
+    def differing_keyword(self, received: StudyPatient) -> str | None:
+        """The attribute in which ``received`` names another patient than this study's, or None.
+
+        PatientID must be equal. IssuerOfPatientID only where both sides carry one: the same PatientID from
+        another issuer (another hospital's numbering) is another patient, while an issuer that only one side
+        sends (a PACS filling it in, a study recorded before issuers were kept) is not."""
+        if comparable_identity("PatientID", self.patient_id) != comparable_identity("PatientID", received.patient_id):
+            return "PatientID"
+        recorded = comparable_identity("IssuerOfPatientID", self.issuer_of_patient_id)
+        sent = comparable_identity("IssuerOfPatientID", received.issuer_of_patient_id)
+        if recorded and sent and recorded != sent:
+            return "IssuerOfPatientID"
+        return None
 
 
 def comparable_identity(keyword: str, value: str | None) -> str:
@@ -587,7 +610,6 @@ def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str 
         (keyword, getattr(stored.study, field), getattr(received.study, field))
         for keyword, field in IDENTITY_ATTRIBUTES
     ]
-    pairs.append(("IssuerOfPatientID", stored.issuer_of_patient_id, received.issuer_of_patient_id))
     for keyword, stored_value, received_value in pairs:
         before, after = comparable_identity(keyword, stored_value), comparable_identity(keyword, received_value)
         if before and after and before != after:

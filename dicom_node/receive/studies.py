@@ -1,6 +1,7 @@
 """The patient each stored study belongs to: an instance of a known study under another patient is refused.
 
-A StudyInstanceUID names one patient's study. Two patients under one study UID (a UID
+A StudyInstanceUID names one patient's study; a patient is a PatientID, and the IssuerOfPatientID that says
+whose numbering it is where both sides send one. Two patients under one study UID (a UID
 collision, or a study merged or corrected in the PACS and sent again) would put the second
 patient's images, and every answer to a query by the first patient's ID, under the first
 patient. The receiver looks the study up once (then at most once a minute) per process and
@@ -21,8 +22,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Series, Study
-from db.session import read_outside_transaction
-from dicom_node.receive.header import InstanceHeader
+from db.session import read_outside_transaction, read_row_outside_transaction
+from dicom_node.receive.header import InstanceHeader, StudyPatient
 
 UNREADABLE_PAUSE_SECONDS = 5.0
 """After the database could not be read (locked, down), this long without lookups: receiving never waits for it."""
@@ -32,50 +33,56 @@ REMEMBERED_STUDIES = 4096
 
 
 class KnownStudies:
-    """Recorded PatientID per StudyInstanceUID, read from the database and remembered for a while."""
+    """Recorded patient per StudyInstanceUID, read from the database and remembered for a while."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
         self._lock = threading.Lock()
-        self._patients: dict[str, tuple[float, str | None]] = {}
+        self._patients: dict[str, tuple[float, StudyPatient]] = {}
         self._series: set[str] = set()  # series this process has stored an instance of
         self._unreadable_until = 0.0  # time.monotonic() until which the database is not asked
 
-    def _read(self, query: Any) -> tuple[bool, Any]:
-        """(True, one scalar) from the database, or (False, None) while it cannot be read: the check is a second
-        line of defence behind admission, and must never hold up or fail an acknowledgement."""
+    def _read(self, query: Any, *, row: bool = False) -> tuple[bool, Any]:
+        """(True, one scalar, or one row) from the database, or (False, None) while it cannot be read: the check is
+        a second line of defence behind admission, and must never hold up or fail an acknowledgement."""
         if time.monotonic() < self._unreadable_until:
             return False, None
+        read = read_row_outside_transaction if row else read_outside_transaction
         try:
-            return True, read_outside_transaction(self.sessions, query)  # no write lock: never waits for a writer
+            return True, read(self.sessions, query)  # no write lock: never waits for a writer
         except SQLAlchemyError:
             self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
             return False, None
 
-    def recorded_patient(self, study_instance_uid: str) -> str | None:
-        """The study's recorded PatientID; None for a study not stored yet (or whose identity was erased)."""
+    def recorded_patient(self, study_instance_uid: str) -> StudyPatient | None:
+        """The study's recorded patient; None for a study not stored yet (or whose identity was erased)."""
         now = time.monotonic()
         with self._lock:
             known = self._patients.get(study_instance_uid)
         if known is not None and now - known[0] < LOOKUP_SECONDS:
             return known[1]
-        _read, patient = self._read(select(Study.patient_id).where(Study.study_instance_uid == study_instance_uid))
+        _read, row = self._read(
+            select(Study.patient_id, Study.issuer_of_patient_id).where(Study.study_instance_uid == study_instance_uid),
+            row=True,
+        )
+        if row is None or row[0] is None:
+            return None  # a study not stored yet is read again: another process may be storing it
+        patient = StudyPatient(row[0], row[1])
         with self._lock:
             if len(self._patients) >= REMEMBERED_STUDIES:
                 self._patients.clear()
-            if patient is not None:  # a study not stored yet is read again: another process may be storing it
-                self._patients[study_instance_uid] = (now, patient)
+            self._patients[study_instance_uid] = (now, patient)
         return patient
 
     def remember(self, header: InstanceHeader) -> None:
         """An instance of ``header``'s study was stored: its patient is the study's from now on (in this process
         at once; in the others once it is recorded)."""
-        patient = header.study.patient_id
+        patient = StudyPatient(header.study.patient_id, header.study.issuer_of_patient_id)
         with self._lock:
             if len(self._series) >= REMEMBERED_STUDIES:
                 self._series.clear()
             self._series.add(header.series.series_instance_uid)
-            if patient and header.study.study_instance_uid not in self._patients:
+            if patient.patient_id and header.study.study_instance_uid not in self._patients:
                 if len(self._patients) >= REMEMBERED_STUDIES:
                     self._patients.clear()
                 self._patients[header.study.study_instance_uid] = (time.monotonic(), patient)
@@ -92,12 +99,13 @@ class KnownStudies:
         """Why ``header`` may not join its study (a new series under another patient), or None. Values are never
         named."""
         recorded = self.recorded_patient(header.study.study_instance_uid)
-        received = (header.study.patient_id or "").strip()
-        if not recorded or not received or recorded.strip() == received:
+        received = StudyPatient(header.study.patient_id, header.study.issuer_of_patient_id)
+        if recorded is None or not (received.patient_id or "").strip():
             return None  # a missing PatientID is admission's to refuse, for the whole series
-        if self.series_stored(header.series.series_instance_uid):
-            return None  # admission refuses the whole series if its instances disagree
+        differing = recorded.differing_keyword(received)
+        if differing is None or self.series_stored(header.series.series_instance_uid):
+            return None  # a stored series: admission refuses the whole series if its instances disagree
         return (
             f"StudyInstanceUID {header.study.study_instance_uid} is already stored for another patient (its "
-            "PatientID differs); one study holds one patient, so this instance is quarantined"
+            f"{differing} differs); one study holds one patient, so this instance is quarantined"
         )
