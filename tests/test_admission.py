@@ -348,6 +348,7 @@ def test_native_pixel_data_shorter_than_header_is_refused_at_store(tmp_path):
         ("InstanceNumber", "2147483648", "InstanceNumber '2147483648' is out of range"),
         ("AccessionNumber", "A" * 17, "AccessionNumber is 17 characters long"),
         ("PatientID", "P" * 65, "PatientID is 65 characters long; at most 64 are accepted"),
+        ("IssuerOfPatientID", "P" * 65, "IssuerOfPatientID is 65 characters long; at most 64 are accepted"),
     ],
 )
 def test_values_the_database_cannot_hold_are_refused(tmp_path, keyword, text, reason):

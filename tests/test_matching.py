@@ -147,6 +147,34 @@ def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None
     assert (study.NumberOfPatientRelatedStudies, study.NumberOfPatientRelatedInstances) == (2, 7)
 
 
+def test_one_patient_id_from_two_issuers_is_two_patients(sessions) -> None:
+    """P3 numbered by HOSPITAL_A and P3 numbered by HOSPITAL_B: a query or retrieval naming the issuer gets that
+    patient only, a PATIENT-level answer lists both, and each one's counts are its own."""
+    hospital_a = StudyAttributes("3.1", patient_id="P3", issuer_of_patient_id="HOSPITAL_A", patient_name="One^A")
+    hospital_b = StudyAttributes("3.2", patient_id="P3", issuer_of_patient_id="HOSPITAL_B", patient_name="Two^B")
+    with transaction(sessions) as session:
+        record_instance(session, instance("3.1.9.1", "3.1.9", hospital_a, 1))
+        record_instance(session, instance("3.2.9.1", "3.2.9", hospital_b, 1))
+        record_instance(session, instance("3.2.9.2", "3.2.9", hospital_b, 2))
+
+    of_b = query("STUDY", PatientID="P3", IssuerOfPatientID="HOSPITAL_B", StudyInstanceUID="")
+    assert answers(sessions, of_b, "StudyInstanceUID") == ["3.2"]
+    with sessions() as session:
+        moved = matching_instances(session, query("PATIENT", PatientID="P3", IssuerOfPatientID="HOSPITAL_A"))
+        patients = list(
+            find(
+                session,
+                query("PATIENT", PatientID="P3", IssuerOfPatientID="", NumberOfPatientRelatedInstances=""),
+                "NODE",
+            )
+        )
+    assert [i.sop_instance_uid for i in moved] == ["3.1.9.1"]
+    assert [(p.IssuerOfPatientID, p.NumberOfPatientRelatedInstances) for p in patients] == [
+        ("HOSPITAL_A", 1),
+        ("HOSPITAL_B", 2),
+    ]
+
+
 def test_purged_series_are_not_answered(sessions) -> None:
     with transaction(sessions) as session:
         session.execute(update(Series).where(Series.series_instance_uid == "2.1.9").values(purged_at=utcnow()))

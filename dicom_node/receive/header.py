@@ -93,6 +93,7 @@ TRUNCATED_LENGTHS = {
 PRIVATE_KEYWORDS = frozenset(
     {
         "PatientID",
+        "IssuerOfPatientID",
         "PatientName",
         "PatientBirthDate",
         "PatientSex",

@@ -37,6 +37,7 @@ class Key:
 
 KEYS: dict[str, Key] = {
     "PatientID": Key("PATIENT", Study.patient_id, "text"),
+    "IssuerOfPatientID": Key("PATIENT", Study.issuer_of_patient_id, "text"),
     "PatientName": Key("PATIENT", Study.patient_name, "text"),
     "PatientBirthDate": Key("PATIENT", Study.patient_birth_date, "date"),
     "PatientSex": Key("PATIENT", Study.patient_sex, "text"),
@@ -245,21 +246,28 @@ def find(
 
 
 def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: int | None) -> list[Any]:
-    """The keys of the matches, in answer order, at most ``limit``: patient IDs (unknown last) or row ids."""
-    query: Select[Any]
+    """The keys of the matches, in answer order, at most ``limit``: patients (PatientID and IssuerOfPatientID,
+    unknown last) or row ids."""
     if level == "PATIENT":
-        patients = matched.with_only_columns(Study.patient_id).distinct().order_by(None).subquery()
+        patients = (
+            matched.with_only_columns(Study.patient_id, Study.issuer_of_patient_id).distinct().order_by(None).subquery()
+        )
         # "IS NULL" first, not NULLS LAST: SQLite before 3.30 lacks it; outside the DISTINCT, PostgreSQL allows it
-        query = select(patients.c.patient_id).order_by(patients.c.patient_id.is_(None), patients.c.patient_id)
-    else:
-        key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
-        order = {
-            "STUDY": (Study.study_date, Study.study_time, Study.id),
-            "SERIES": (Series.study_id, Series.series_number, Series.id),
-            "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
-        }[level]
-        query = select(key_column).where(key_column.in_(matched.with_only_columns(key_column).order_by(None)))
-        query = query.order_by(*order)
+        by_patient = select(patients.c.patient_id, patients.c.issuer_of_patient_id).order_by(
+            patients.c.patient_id.is_(None),
+            patients.c.patient_id,
+            patients.c.issuer_of_patient_id.is_not(None),
+            patients.c.issuer_of_patient_id,
+        )
+        return [tuple(row) for row in session.execute(by_patient if limit is None else by_patient.limit(limit))]
+    key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
+    order = {
+        "STUDY": (Study.study_date, Study.study_time, Study.id),
+        "SERIES": (Series.study_id, Series.series_number, Series.id),
+        "IMAGE": (Instance.series_id, Instance.instance_number, Instance.id),
+    }[level]
+    query = select(key_column).where(key_column.in_(matched.with_only_columns(key_column).order_by(None)))
+    query = query.order_by(*order)
     return list(session.scalars(query if limit is None else query.limit(limit)))
 
 
@@ -275,12 +283,7 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
     elif level == "STUDY":
         study = session.get_one(Study, key)
     else:
-        study = session.scalars(
-            select(Study)
-            .where(Study.patient_id.is_(key) if key is None else Study.patient_id == key)
-            .order_by(Study.id.desc())
-            .limit(1)
-        ).one()
+        study = session.scalars(select(Study).where(_of_patient(*key)).order_by(Study.id.desc()).limit(1)).one()
     sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
     response = Dataset()
     response.QueryRetrieveLevel = level
@@ -303,6 +306,16 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
     return response
 
 
+def _of_patient(patient_id: str | None, issuer_of_patient_id: str | None) -> ColumnElement[bool]:
+    """Studies of one patient: this PatientID from this issuer (an unknown one being a value of its own)."""
+    return and_(
+        Study.patient_id.is_(None) if patient_id is None else Study.patient_id == patient_id,
+        Study.issuer_of_patient_id.is_(None)
+        if issuer_of_patient_id is None
+        else Study.issuer_of_patient_id == issuer_of_patient_id,
+    )
+
+
 def _unique_keys_down_to(level: Level) -> list[str]:
     keys = [UNIQUE_KEYS[lvl] for lvl in LEVELS[1 : LEVELS.index(level) + 1]]
     return (["PatientID"] if level == "PATIENT" else []) + keys
@@ -311,8 +324,7 @@ def _unique_keys_down_to(level: Level) -> list[str]:
 def _count(session: Session, keyword: str, study: Study, series: Series | None) -> Any:
     """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances held."""
     if keyword.startswith("NumberOfPatientRelated"):
-        same_patient = study.patient_id
-        scope = Study.patient_id == same_patient if same_patient is not None else Study.patient_id.is_(None)
+        scope = _of_patient(study.patient_id, study.issuer_of_patient_id)
     elif keyword.startswith("NumberOfSeriesRelated"):
         if series is None:
             return ""
