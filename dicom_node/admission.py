@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -473,14 +474,40 @@ def _disagreement(headers: list[tuple[str, Dataset, InstanceFile]], keyword: str
 
 
 def _identity_value(header: Dataset, keyword: str) -> str | None:
-    """The value as stored; for text beyond printable ASCII (accents, ISO 2022 escapes), with the character set
-    it is read in: the same bytes under another SpecificCharacterSet are another name."""
+    """The value as the results would carry it: text beyond printable ASCII decoded in the instance's own
+    SpecificCharacterSet, so Müller written in Latin-1 and in UTF-8 is one name, and the same bytes under
+    another character set are another. Bytes that do not decode cleanly (or switch character sets with ISO 2022
+    escapes) are compared as written, with their character set: two broken names never pass for one."""
     raw = _raw_text(header, keyword)
     if raw is not None:
         raw = comparable_identity(keyword, raw) or None  # DOE^JOHN^^^ is DOE^JOHN, as the receiver compares it
     if raw is None or all(" " <= c <= "~" for c in raw):
         return raw
+    decoded = _strictly_decoded(header, keyword)
+    if decoded is not None:
+        return comparable_identity(keyword, decoded) or None
     return f"{_raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"
+
+
+def _strictly_decoded(header: Dataset, keyword: str) -> str | None:
+    """The value decoded in its single declared character set without replacing a byte; None where it cannot be."""
+    element = header.get_item(Tag(keyword), keep_deferred=True)
+    if element is None:
+        return None
+    if not isinstance(element, RawDataElement):  # already decoded by pydicom, which replaces what it cannot read
+        decoded = str(element.value)
+        return None if "\ufffd" in decoded else decoded
+    value = element.value
+    terms = (_raw_text(header, "SpecificCharacterSet") or "").split("\\")
+    if not isinstance(value, bytes) or b"\x1b" in value or len(terms) > 1:
+        return None  # ISO 2022 code extensions: compared as written
+    encoding = python_encoding.get(terms[0].strip())
+    if encoding is None:
+        return None  # a character set pydicom does not know: compared as written
+    try:
+        return value.decode(encoding, errors="strict").strip(" \x00")
+    except (UnicodeDecodeError, LookupError):
+        return None
 
 
 def _check_pixel_module(label: str, header: Dataset) -> None:

@@ -146,6 +146,40 @@ def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_pa
     assert admit(files, STRICT).admitted
 
 
+@pytest.mark.parametrize("character_set", ["ISO_IR 100", ""])
+def test_the_same_name_in_latin_1_and_in_utf_8_is_one_name(tmp_path, character_set):
+    """A PACS that re-encodes some instances (Latin-1 from one modality, UTF-8 after a migration) still names
+    one patient: the results would carry Müller^Jürgen from any of them. No SpecificCharacterSet reads as
+    Latin-1, as pydicom and so the results read it."""
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "Müller^Jürgen"
+        ds.save_as(file.path)
+    latin_1 = pydicom.dcmread(files[0].path)
+    latin_1.SpecificCharacterSet = "ISO_IR 100"
+    latin_1.save_as(files[0].path)
+    if not character_set:
+        written = files[0].path.read_bytes()
+        assert written.count(b"ISO_IR 100") == 1 and b"M\xfcller^J\xfcrgen" in written
+        files[0].path.write_bytes(written.replace(b"ISO_IR 100", b"ISO_IR 6  "))
+    assert admit(files, STRICT).admitted
+
+
+def test_bytes_that_do_not_decode_in_their_character_set_are_compared_as_written(tmp_path):
+    """Two broken UTF-8 names would both decode to replacement characters: they stay two names."""
+    files = series_files(tmp_path)
+    for file, name in zip(files, [b"DOE^\xff\xfe", b"DOE^\xfe\xff", b"DOE^\xfe\xff", b"DOE^\xfe\xff"], strict=True):
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "DOE^XX"
+        ds.save_as(file.path)
+        file.path.write_bytes(file.path.read_bytes().replace(b"DOE^XX", name))
+    refusal = admit(files, STRICT).refusal or ""
+    assert refusal.startswith("PatientName differs within the series: 1 of 4 instances (first: instance 1)"), refusal
+
+
 def test_checking_identity_values_leaves_the_header_as_written():
     """Broken UTF-8 bytes decode to the same replacement characters; the identity comparison must still read the
     bytes as written, so checking a value's count may not replace them with the decoded text."""
