@@ -43,6 +43,9 @@ IDENTITY_KEYWORDS = (
     "AccessionNumber",
 )
 """Attributes every instance of a series must share (the result is labelled with them, copied from one instance)."""
+IDENTITY_SEQUENCES = ("IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence")
+"""Sequences that say whose the PatientID is, or which other IDs the patient has: the results copy them from one
+instance too, so every instance must carry the same items (in any order)."""
 IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
 """What an identity attribute names, where it is not the patient."""
 STUDY_DETAIL_KEYWORDS = ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -70,6 +73,7 @@ HEADER_KEYWORDS = (
     "ImageType",
     "SpecificCharacterSet",
     *IDENTITY_KEYWORDS,
+    *IDENTITY_SEQUENCES,
     *STUDY_DETAIL_KEYWORDS,
     "FrameOfReferenceUID",
     "ImagePositionPatient",
@@ -415,7 +419,7 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             f"{len(missing)} of {len(headers)} instances have no PatientID (first: {missing[0]}); "
             "a result must name its patient"
         )
-    for keyword in IDENTITY_KEYWORDS:
+    for keyword in (*IDENTITY_KEYWORDS, *IDENTITY_SEQUENCES):
         disagreement = _disagreement(headers, keyword)
         if disagreement is not None:
             differing, first = disagreement
@@ -478,6 +482,8 @@ def _identity_value(header: Dataset, keyword: str) -> str | None:
     SpecificCharacterSet, so Müller written in Latin-1 and in UTF-8 is one name, and the same bytes under
     another character set are another. Bytes that do not decode cleanly (or switch character sets with ISO 2022
     escapes) are compared as written, with their character set: two broken names never pass for one."""
+    if keyword in IDENTITY_SEQUENCES:
+        return _sequence_value(header, keyword)
     raw = _raw_text(header, keyword)
     if raw is not None:
         raw = comparable_identity(keyword, raw) or None  # DOE^JOHN^^^ is DOE^JOHN, as the receiver compares it
@@ -487,6 +493,38 @@ def _identity_value(header: Dataset, keyword: str) -> str | None:
     if decoded is not None:
         return comparable_identity(keyword, decoded) or None
     return f"{_raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"
+
+
+def _sequence_value(header: Dataset, keyword: str) -> str | None:
+    """A sequence's items as comparable text, in a fixed order; None when absent or empty. A sequence that cannot
+    be parsed is compared as its bytes, never equal to a readable one."""
+    try:
+        items = header.get(keyword)
+        if not items:
+            return None
+        return "\n".join(sorted(_item_text(item) for item in items))
+    except Exception:  # noqa: BLE001 - unparsable: compared as written
+        element = header.get_item(Tag(keyword), keep_deferred=True)
+        value = element.value if element is not None else None
+        return f"unreadable|{value.decode('latin-1') if isinstance(value, bytes) else ''}"
+
+
+def _item_text(item: Dataset) -> str:
+    """One sequence item's elements (nested items included) as text, in tag order."""
+    parts = []
+    for element in item:
+        if element.VR == "SQ":
+            value = "[" + ";".join(sorted(_item_text(nested) for nested in element.value)) + "]"
+        else:
+            value = comparable_identity(element.keyword, _value_text(element.value))
+        parts.append(f"{int(element.tag):08X}={value}")
+    return "|".join(parts)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
 
 
 def _strictly_decoded(header: Dataset, keyword: str) -> str | None:

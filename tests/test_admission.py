@@ -116,6 +116,57 @@ def test_every_identity_attribute_the_result_carries_must_agree(tmp_path, keywor
     assert "HOSP" not in refusal
 
 
+def _other_ids(*ids: str) -> list[pydicom.Dataset]:
+    items = []
+    for patient_id in ids:
+        item = pydicom.Dataset()
+        item.PatientID = patient_id
+        item.TypeOfPatientID = "TEXT"
+        items.append(item)
+    return items
+
+
+@pytest.mark.parametrize(
+    ("first", "rest", "agree"),
+    [
+        (("OLD-1", "OLD-2"), ("OLD-2", "OLD-1"), True),  # the same items in another order
+        (("OLD-1",), ("OLD-9",), False),  # another patient's former ID
+        ((), ("OLD-1",), False),  # a merge some instances know of and others do not
+    ],
+)
+def test_every_instance_names_the_same_other_patient_ids(tmp_path, first, rest, agree):
+    """The results copy OtherPatientIDsSequence from one instance: it must say the same in every instance."""
+    files = series_files(tmp_path)
+    for file, ids in zip(files, [first, rest, rest, rest], strict=True):
+        ds = pydicom.dcmread(file.path)
+        if ids:
+            ds.OtherPatientIDsSequence = _other_ids(*ids)
+        ds.save_as(file.path)
+    result = admit(files, STRICT)
+    if agree:
+        assert result.admitted
+    else:
+        assert result.refusal == (
+            "OtherPatientIDsSequence differs within the series: 1 of 4 instances (first: instance 1) carry another "
+            "value than the rest; one series must hold one patient"
+        )
+
+
+def test_every_instance_qualifies_the_issuer_of_patient_id_alike(tmp_path):
+    files = series_files(tmp_path)
+    for number, file in enumerate(files):
+        ds = pydicom.dcmread(file.path)
+        ds.IssuerOfPatientID = "HOSPITAL_A"
+        qualifier = pydicom.Dataset()
+        qualifier.UniversalEntityID = "1.2.3.4.5" if number else "1.2.3.4.6"
+        qualifier.UniversalEntityIDType = "ISO"
+        ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
+        ds.save_as(file.path)
+    assert (admit(files, STRICT).refusal or "").startswith(
+        "IssuerOfPatientIDQualifiersSequence differs within the series: 1 of 4 instances (first: instance 1)"
+    )
+
+
 @pytest.mark.parametrize("keyword", ["StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"])
 def test_study_details_that_differ_within_the_series_are_a_warning_naming_the_attribute(tmp_path, keyword):
     files = series_files(tmp_path)
