@@ -197,7 +197,8 @@ def _networks(hosts: Iterable[str]) -> tuple[Network, ...]:
 
 
 def log_policy(settings: Settings, policy: PeerPolicy) -> None:
-    """The start-up lines: who is admitted, and a deprecation warning for the old allow-list."""
+    """The start-up lines: who is admitted, a deprecation warning for the old allow-list, and a warning for each
+    peer that mutual TLS does not bind to its certificate."""
     log_event(LOG, logging.INFO, "security.peers", policy=policy.description)
     if settings.network.allowed_calling_ae_titles:
         log_event(
@@ -210,6 +211,19 @@ def log_policy(settings: Settings, policy: PeerPolicy) -> None:
         )
     if settings.network.maximum_pdu_size == 0:
         log_event(LOG, logging.INFO, "config.pdu_size", hint="network.maximum_pdu_size 0 now means the 16 MiB ceiling")
+    tls = settings.network.tls
+    if tls is not None and tls.require_client_certificate:
+        for name, peer in settings.peers.items():
+            if not peer.certificate_names:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "config.unbound_peer",
+                    peer=name,
+                    hint=f"any certificate your CA signed may call as peer {name} "
+                    f"({peer.ae_title or 'any AE title'}) with its roles ({', '.join(peer.roles)}); "
+                    f"bind it with peers.{name}.certificate_names",
+                )
 
 
 # ------------------------------------------------------------- association-time check

@@ -113,6 +113,11 @@ def test_a_peer_bound_to_its_certificate_is_refused_under_another_trusted_certif
         "the TLS certificate presented (names: COLLEAGUE, 127.0.0.1, localhost) is not one configured for peer "
         "planner (peers.planner.certificate_names: peer)"
     ) in node.log()
+    assert (
+        'config.unbound_peer peer=monitor hint="any certificate your CA signed may call as peer monitor (MONITOR) '
+        'with its roles (echo); bind it with peers.monitor.certificate_names"'
+    ) in node.log()
+    assert "peer=planner" not in node.log()
 
 
 def test_echo_reaches_a_tls_peer_that_verifies_the_nodes_certificate(tmp_path, certificates):
