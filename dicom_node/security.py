@@ -162,7 +162,7 @@ def _peer(name: str, settings: PeerSettings) -> Peer:
         settings.ae_title,
         _networks(settings.hosts),
         frozenset(settings.roles),
-        frozenset(n.strip().lower() for n in settings.certificate_names),
+        frozenset(n.strip() for n in settings.certificate_names),
     )
 
 
@@ -183,7 +183,8 @@ def certificate_refusal(peer: Peer, sock: object) -> Refused | None:
     if not peer.certificate_names:
         return None
     presented = certificate_names(sock)
-    if peer.certificate_names & {name.lower() for name in presented}:  # DNS names are case-insensitive
+    configured = {name.lower() for name in peer.certificate_names}
+    if configured & {name.lower() for name in presented}:  # DNS names are case-insensitive
         return None
     shown = ", ".join(presented) or "none"
     return Refused(

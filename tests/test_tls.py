@@ -95,8 +95,8 @@ def test_plain_tcp_and_an_untrusted_certificate_are_refused_on_the_tls_port(star
 
 def test_a_peer_bound_to_its_certificate_is_refused_under_another_trusted_certificate(start_node, certificates):
     """A certificate the CA signed for another device may not claim this peer's AE title and roles; names are
-    compared without regard to case, as DNS names are."""
-    bound = {"ae_title": "PEER", "hosts": ["127.0.0.1"], "roles": ["echo", "find"], "certificate_names": ["peer"]}
+    compared without regard to case, as DNS names are, and shown as configured."""
+    bound = {"ae_title": "PEER", "hosts": ["127.0.0.1"], "roles": ["echo", "find"], "certificate_names": ["Peer"]}
     monitor = {"ae_title": "MONITOR", "hosts": ["127.0.0.1"], "roles": ["echo"]}
     node = start_node(network={"tls": node_tls(certificates)}, peers={"planner": bound, "monitor": monitor})
     peer = (certificates.peer_key, certificates.peer)
@@ -111,7 +111,7 @@ def test_a_peer_bound_to_its_certificate_is_refused_under_another_trusted_certif
     assert "Received Echo Response (Success)" in unbound, unbound
     assert (
         "the TLS certificate presented (names: COLLEAGUE, 127.0.0.1, localhost) is not one configured for peer "
-        "planner (peers.planner.certificate_names: peer)"
+        "planner (peers.planner.certificate_names: Peer)"
     ) in node.log()
     assert (
         'config.unbound_peer peer=monitor hint="any certificate your CA signed may call as peer monitor (MONITOR) '
