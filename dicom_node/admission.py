@@ -31,7 +31,15 @@ from sqlalchemy.orm import Session
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.receive.header import StudyPatient, comparable_identity
-from inference.volume import NON_POSITIVE_SLOPE, VolumeError, check_slice_stack, narrow_rescale, rescale_source
+from inference.volume import (
+    NON_POSITIVE_SLOPE,
+    VolumeError,
+    check_slice_stack,
+    hu_range_problem,
+    narrow_rescale,
+    padding_problem,
+    rescale_source,
+)
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -90,6 +98,8 @@ HEADER_KEYWORDS = (
     "RescaleSlope",
     "RescaleIntercept",
     "RescaleType",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
@@ -250,6 +260,7 @@ def _admit(
     for label, header, file in headers:
         _check_pixel_module(label, header)
         warning = _check_rescale(label, header, modality, settings)
+        _check_padding(label, header)
         if warning and warning not in warnings:
             warnings.append(warning)
         _check_pixel_data_length(label, header, file)
@@ -574,6 +585,11 @@ def _check_pixel_module(label: str, header: Dataset) -> None:
     high_bit = _unsigned(label, header, "HighBit")
     if high_bit is not None and high_bit != stored - 1:
         raise Refused(f"HighBit of {label} is {high_bit}; with BitsStored {stored} it must be {stored - 1}")
+    representation = _unsigned(label, header, "PixelRepresentation")
+    if representation is None:
+        raise Refused(f"{label} has no PixelRepresentation, so whether its pixel values are signed cannot be told")
+    if representation not in (0, 1):
+        raise Refused(f"PixelRepresentation of {label} is {representation}; it must be 0 (unsigned) or 1 (signed)")
 
 
 def _check_rescale(label: str, header: Dataset, modality: str | None, settings: AdmissionSettings) -> str | None:
@@ -589,18 +605,17 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
         intercept = _numbers(named, source, "RescaleIntercept", 1)
         if slope is not None and slope[0] == 0:
             raise Refused(f"RescaleSlope of {named} is 0: every pixel would have the same value")
-        if slope is not None and not _is_localizer(header):  # a localizer is left out of the volume
-            unusable = NON_POSITIVE_SLOPE if slope[0] < 0 else narrow_rescale(slope[0], header.get("BitsStored"))
-            if unusable is not None:
-                raise Refused(f"{named} has RescaleSlope {slope[0]:g} ({where}); {unusable}")
         if (slope is None) != (intercept is None):
             present, absent = (
                 ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
             )
             raise Refused(f"{named} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
         missing = missing or slope is None
-        if not _is_localizer(header):  # a localizer is left out of the volume: its unit does not matter
-            _check_rescale_type(named, source, where)
+        if _is_localizer(header):
+            continue  # a localizer is left out of the volume: its unit and scale do not matter
+        _check_rescale_type(named, source, where)
+        if slope is not None and intercept is not None:
+            _check_hu_scale(named, where, header, slope[0], intercept[0])
     if not missing or (modality or "").upper() != "CT":
         return None
     if settings.missing_rescale == "refuse":
@@ -608,13 +623,45 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             f"{label} has no RescaleSlope/RescaleIntercept, so its pixel values cannot be read as HU "
             "(admission.missing_rescale: refuse)"
         )
-    narrow = narrow_rescale(1.0, header.get("BitsStored"))
-    if narrow is not None and not _is_localizer(header):
-        raise Refused(f"{label} has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); {narrow}")
+    unusable = narrow_rescale(1.0, header.get("BitsStored")) or hu_range_problem(
+        1.0, 0.0, header.get("BitsStored"), header.get("PixelRepresentation")
+    )
+    if unusable is not None and not _is_localizer(header):
+        raise Refused(
+            f"{label} has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); {unusable}"
+        )
     return (
         f"{ASSUMED_RESCALE_PREFIX} pixel values were read as HU with slope 1 and intercept 0 "
         "(admission.missing_rescale: assume_identity)"
     )
+
+
+def _check_padding(label: str, header: Dataset) -> None:
+    """PixelPaddingValue, where given, must be readable and must not read as tissue (:func:`padding_problem`)."""
+    if _is_localizer(header) or "PixelPaddingValue" not in header:
+        return
+    source, _where = rescale_source(header, 1 if header.get("PerFrameFunctionalGroupsSequence") else None)
+    slope = _numbers(label, source, "RescaleSlope", 1) or (1.0,)
+    intercept = _numbers(label, source, "RescaleIntercept", 1) or (0.0,)
+    try:
+        problem = padding_problem(header, slope[0], intercept[0])
+    except Exception:  # noqa: BLE001 - a value that does not decode at all
+        problem = "its PixelPaddingValue cannot be read, so which pixels are padding cannot be told"
+    if problem is not None:
+        raise Refused(f"{label}: {problem}")
+
+
+def _check_hu_scale(named: str, where: str, header: Dataset, slope: float, intercept: float) -> None:
+    """A positive slope large enough to span air to water, and values that reach air and water (as the volume
+    reader checks them)."""
+    unusable = NON_POSITIVE_SLOPE if slope < 0 else narrow_rescale(slope, header.get("BitsStored"))
+    if unusable is not None:
+        raise Refused(f"{named} has RescaleSlope {slope:g} ({where}); {unusable}")
+    out_of_range = hu_range_problem(slope, intercept, header.get("BitsStored"), header.get("PixelRepresentation"))
+    if out_of_range is not None:
+        raise Refused(
+            f"{named} has RescaleSlope {slope:g} and RescaleIntercept {intercept:g} ({where}); {out_of_range}"
+        )
 
 
 def _check_rescale_type(named: str, source: Dataset, where: str) -> None:

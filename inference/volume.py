@@ -503,6 +503,9 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
                     f"its header says {columns} x {rows}"
                 )
             slope, intercept = _rescale(dataset, frame.ref.frame_number, _image_name(frame))
+            unusable_padding = padding_problem(dataset, slope, intercept)
+            if unusable_padding is not None:
+                raise VolumeError(f"{_image_name(frame)}: {unusable_padding}")
             volume[index] = plane * slope + intercept
             padding.apply(dataset, plane, volume[index])
             if not np.isfinite(volume[index]).all():
@@ -524,6 +527,8 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
 HIGHEST_PLAUSIBLE_HU = 70_000
 """Above any CT value (16-bit extended scales reach about 64,500 HU): a higher one means a wrong rescale."""
 AIR_HU = -1024.0
+AIR_CEILING_HU = -1000.0
+"""Air reads -1000 HU (padding and noise below): a CT whose pixels cannot read this low holds no HU."""
 
 
 class _PaddingAsAir:
@@ -559,6 +564,44 @@ class _PaddingAsAir:
             f"{self.replaced} padding pixel(s) (PixelPaddingValue {value}, outside the reconstructed field) would "
             f"read as {read_as:.0f} HU; they were read as air (-1024 HU)"
         ]
+
+
+PADDING_TISSUE_HU = (AIR_CEILING_HU, 3000.0)
+"""Values a patient's tissue, contrast and bone read (above air, up to the densest bone): padding that reads
+in this range would turn those pixels into air."""
+
+
+def padding_problem(dataset: Dataset, slope: float, intercept: float) -> str | None:
+    """Why the image's PixelPaddingValue (and PixelPaddingRangeLimit) cannot be used, or None.
+
+    Each must be one whole number, and the padding must not read as tissue (between -1000 and 3000 HU after
+    rescaling): pixels equal to it are taken for what lies outside the field and read as air, so padding of
+    0 HU would punch holes in the patient."""
+    if "PixelPaddingValue" not in dataset:
+        return None
+    bits = dataset.get("BitsStored")
+    if not isinstance(bits, int) or not 1 <= bits <= 32:
+        return None  # checked, and named, by admission
+    signed = dataset.get("PixelRepresentation") == 1
+    values = []
+    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+        try:
+            raw = dataset.get(keyword)
+            if raw is None and keyword == "PixelPaddingRangeLimit":
+                continue
+            values.append(_as_decoded(int(raw), bits, signed))
+        except (TypeError, ValueError):
+            return f"its {keyword} cannot be read as one whole number, so which pixels are padding cannot be told"
+    low, high = sorted((min(values) * slope + intercept, max(values) * slope + intercept))
+    floor, ceiling = PADDING_TISSUE_HU
+    if high <= floor or low > ceiling:
+        return None
+    padding = f"{low:,.0f} HU" if low == high else f"{low:,.0f} to {high:,.0f} HU"
+    return (
+        f"its padding (PixelPaddingValue {int(dataset.PixelPaddingValue)}) reads as {padding}, a value of the "
+        "patient's tissue: those pixels would be taken for the area outside the field and read as air; correct the "
+        "padding value in the export"
+    )
 
 
 def _padding_mask(dataset: Dataset, plane: np.ndarray) -> np.ndarray | None:
@@ -645,17 +688,48 @@ def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[flo
             ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
         )
         raise VolumeError(f"{name} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
+    bits, representation = dataset.get("BitsStored"), dataset.get("PixelRepresentation")
     if slope is None:  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
-        narrow = narrow_rescale(1.0, dataset.get("BitsStored"))
-        if narrow is not None:
-            raise VolumeError(f"{name} has no RescaleSlope, read as 1 ({where}); {narrow}")
+        unusable = narrow_rescale(1.0, bits) or hu_range_problem(1.0, 0.0, bits, representation)
+        if unusable is not None:
+            raise VolumeError(f"{name} has no RescaleSlope, read as 1 ({where}); {unusable}")
         return 1.0, 0.0
     if float(slope) <= 0:
         raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {NON_POSITIVE_SLOPE}")
-    narrow = narrow_rescale(float(slope), dataset.get("BitsStored"))
+    narrow = narrow_rescale(float(slope), bits)
     if narrow is not None:
         raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {narrow}")
+    out_of_range = hu_range_problem(float(slope), float(intercept), bits, representation)
+    if out_of_range is not None:
+        raise VolumeError(
+            f"{name} has RescaleSlope {float(slope):g} and RescaleIntercept {float(intercept):g} ({where}); "
+            f"{out_of_range}"
+        )
     return float(slope), float(intercept)
+
+
+def hu_range_problem(slope: float, intercept: float, bits_stored: object, pixel_representation: object) -> str | None:
+    """Why a positive RescaleSlope and its RescaleIntercept cannot give CT values, or None: the values the pixels
+    can take must reach down to air and up to water."""
+    if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 32:
+        return None  # checked, and named, by admission
+    signed = pixel_representation == 1
+    low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    lowest, highest = intercept + slope * low, intercept + slope * high
+    kind = f"{'signed' if signed else 'unsigned'} {bits_stored}-bit pixels"
+    if lowest > AIR_CEILING_HU:
+        return (
+            f"with {kind} its values start at {lowest:,.0f} HU, so it cannot show air ({AIR_CEILING_HU:,.0f} HU or "
+            "below, around every patient): these are not Hounsfield units (a wrong RescaleIntercept, or "
+            "PixelRepresentation); send the scanner's original reconstruction"
+        )
+    if highest < 0:
+        return (
+            f"with {kind} its values end at {highest:,.0f} HU, so it cannot show water (0 HU): these are not "
+            "Hounsfield units (a wrong RescaleIntercept, or PixelRepresentation); send the scanner's original "
+            "reconstruction"
+        )
+    return None
 
 
 def narrow_rescale(slope: float, bits_stored: object) -> str | None:

@@ -378,6 +378,36 @@ def test_the_same_patient_id_from_another_issuer_is_another_patient(tmp_path, st
         )
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"RescaleIntercept": "0", "PixelRepresentation": "0"},
+            "instance 1 has RescaleSlope 1 and RescaleIntercept 0 (top level); with unsigned 16-bit pixels its values "
+            "start at 0 HU, so it cannot show air",
+        ),
+        (
+            {"RescaleIntercept": "-40000"},
+            "instance 1 has RescaleSlope 1 and RescaleIntercept -40000 (top level); with signed 16-bit pixels its "
+            "values end at -7,233 HU, so it cannot show water (0 HU)",
+        ),
+        ({"PixelRepresentation": "2"}, "PixelRepresentation of instance 1 is 2; it must be 0 (unsigned) or 1"),
+        ({"PixelPaddingValue": "1024"}, "instance 1: its padding (PixelPaddingValue 1024) reads as 0 HU"),
+        ({"PixelPaddingValue": "1\\2"}, "instance 1: its PixelPaddingValue cannot be read as one whole number"),
+    ],
+)
+def test_pixel_values_that_cannot_be_hounsfield_units_are_refused(tmp_path, change, reason):
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        for keyword, value in change.items():
+            vr = "SS" if keyword == "PixelPaddingValue" else dictionary_VR(keyword)
+            ds.add_new(keyword, vr, [int(v) for v in value.split("\\")] if vr in ("SS", "US") else value)
+        ds.save_as(file.path)
+    refusal = admit(files, STRICT).refusal or ""
+    assert refusal.startswith(reason), refusal
+
+
 def test_missing_rescale_follows_the_setting(tmp_path):
     files = series_files(tmp_path)
     for file in files:

@@ -460,6 +460,42 @@ def test_padding_below_air_is_left_as_totalsegmentator_reads_it(tmp_path):
     assert (volume.hu[:, :4, :4] == -3024).all() and volume.notes == []
 
 
+def test_padding_that_reads_as_tissue_is_refused(tmp_path):
+    """Padding 1024 with the intercept of -1024 reads 0 HU: every pixel of water would be taken for padding."""
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        _pad_corners(path, 1024, unsigned=False)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert str(error.value).endswith(
+        "its padding (PixelPaddingValue 1024) reads as 0 HU, a value of the patient's tissue: those pixels would be "
+        "taken for the area outside the field and read as air; correct the padding value in the export"
+    )
+
+
+def test_pixels_that_cannot_read_as_air_are_not_hounsfield_units(tmp_path):
+    """Unsigned 12-bit pixels with RescaleIntercept 0 read 0 to 4,095: air would read as water, soft tissue as
+    bone; the model and the mean HU would be silently wrong."""
+    series = write_phantom_series(tmp_path, SPEC)
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.PixelData = (dataset.pixel_array.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16).tobytes()
+        dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 12, 11, 0
+        dataset.RescaleIntercept = "0"
+        dataset.save_as(path)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+
+    assert str(error.value).endswith(
+        "has RescaleSlope 1 and RescaleIntercept 0 (top level); with unsigned 12-bit pixels its values start at 0 HU, "
+        "so it cannot show air (-1,000 HU or below, around every patient): these are not Hounsfield units (a wrong "
+        "RescaleIntercept, or PixelRepresentation); send the scanner's original reconstruction"
+    )
+
+
 @pytest.mark.parametrize(
     ("slope", "reason"),
     [
