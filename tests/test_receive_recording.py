@@ -6,13 +6,15 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, text
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Instance, Job, JobState, RejectedInstance, Series
+from db.models import Instance, Job, JobState, RejectedInstance, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore, record_stored_instances
+from tests.conftest import wait_for
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
@@ -157,3 +159,36 @@ def test_a_copy_set_aside_for_a_completed_series_reopens_it_so_its_result_is_mar
         [str(outcome.set_aside), str(second.set_aside)]
     )
     assert outcome.set_aside.exists() and second.set_aside.exists()
+
+
+def test_a_study_another_receiving_process_records_at_the_same_moment_loses_no_instance(tmp_path, postgresql_url):
+    """PostgreSQL, two receiving processes, the first images of one new study in each: the second insert of the
+    study waits for the first, then finds its UID taken. The instance is recorded under the study the other process
+    created; an acknowledged image is never quarantined for it."""
+    migrate(postgresql_url)
+    engine = make_engine(postgresql_url)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "storage")
+    record = _stored(store, "1.2.3.1", "1.2.3.1.1")
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    with engine.connect() as other_process:
+        other = other_process.begin()
+        other_process.execute(insert(Study).values(study_instance_uid="1.2.3"))  # not committed yet
+        recorder.submit(record, recorder.journal.append(record.path))
+
+        def waiting_on_the_other() -> bool:
+            with engine.connect() as connection:
+                return bool(connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+        wait_for(waiting_on_the_other, what="the recorder's insert of the study to wait for the other transaction")
+        other.commit()
+    assert recorder.wait_until_recorded(30)
+    recorder.stop()
+
+    with sessions() as session:
+        recorded = session.scalars(select(Instance.sop_instance_uid)).all()
+        studies = session.scalars(select(Study.study_instance_uid)).all()
+        rejected = session.scalars(select(RejectedInstance.sop_instance_uid)).all()
+    assert recorded == ["1.2.3.1.1"] and studies == ["1.2.3"] and rejected == []
+    assert Path(record.path).read_bytes() == b"1.2.3.1/1.2.3.1.1"

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.ingest import InstanceRecord
 from db.models import Instance, utcnow
-from db.session import transaction
+from db.session import read_outside_transaction, transaction
 from dicom_node.logs import log_event
 from dicom_node.receive.storage import (
     InstanceStore,
@@ -62,6 +62,9 @@ CPU each, one at a time 0.6-0.8 ms (SQLite, 2026-11-29); one association brings 
 gathering ends early when someone waits for the queue to be recorded (:meth:`InstanceRecorder.wait_until_recorded`,
 a sender's A-RELEASE-RQ): a release then waits for one transaction, not for the rest of the gathering time."""
 LONGEST_RETRY_DELAY_SECONDS = 5.0
+UNIQUE_COLLISION_RETRIES = 5
+"""How often a batch is recorded again after a unique-key conflict (another process inserting the same study,
+series or instance at once) before the conflict counts as the instance's own."""
 
 
 def journal_folder(store: InstanceStore) -> Path:
@@ -225,6 +228,7 @@ class InstanceRecorder:
     def _record(self, batch: list[_Pending]) -> bool:
         """Record ``batch`` in one transaction, retrying while the database refuses; False if given up."""
         delay = 0.05
+        collisions = 0
         while True:
             try:
                 outcomes = self._commit(batch)
@@ -238,14 +242,20 @@ class InstanceRecorder:
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, LONGEST_RETRY_DELAY_SECONDS)
-            except Exception:  # one instance's values the database refuses
+            except Exception as exc:  # one instance's values the database refuses
+                if isinstance(exc, IntegrityError) and collisions < UNIQUE_COLLISION_RETRIES:
+                    # Another receiving process recorded the same study, series or instance at the same moment
+                    # (PostgreSQL: its row was not visible when this transaction looked): read again, it is there.
+                    collisions += 1
+                    time.sleep(0.01 * collisions)
+                    continue
                 if len(batch) > 1:
                     return all(self._record([pending]) for pending in batch)
                 LOG.exception(
                     "recorder.database_refused_instance",
                     extra={"event_fields": {"sop_instance_uid": batch[0].record.sop_instance_uid}},
                 )
-                self._refuse_file(batch[0])
+                self._refuse(batch[0])
                 outcomes = []
                 break
         if self._waiting_since is not None:
@@ -287,8 +297,29 @@ class InstanceRecorder:
             "writes; C-STOREs are still answered",
         )
 
+    def _refuse(self, pending: _Pending) -> None:
+        """The database refuses this instance's values: its file goes to quarantine, with a rejection row; but a
+        file another process has recorded at this path meanwhile (the same SOP Instance UID) stays where it is."""
+        record = pending.record
+        try:
+            recorded = read_outside_transaction(self.sessions, select(Instance.id).where(Instance.path == record.path))
+        except Exception:  # the database cannot be read: the file stays; start-up repair looks at it again
+            LOG.exception("recorder.quarantine_failed")
+            return
+        if recorded is not None:
+            log_event(
+                LOG,
+                logging.INFO,
+                "instance.duplicate",
+                sop_instance_uid=record.sop_instance_uid,
+                calling_ae=record.calling_ae_title,
+                note="another receiving process recorded this instance at the same moment; kept once",
+            )
+            return
+        self._refuse_file(pending)
+
     def _refuse_file(self, pending: _Pending) -> None:
-        """The database refuses this instance's values: its file goes to quarantine, with a rejection row."""
+        """Quarantine the file of an instance the database refuses, with a rejection row."""
         path = Path(pending.record.path)
         if path.exists():
             try:
