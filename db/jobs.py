@@ -169,7 +169,8 @@ def retry(session: Session, job: Job) -> None:
 
     A job that failed while sending, whose results still exist and of which some
     destination lacks some file (no row in ``deliveries``), goes back to SENDING;
-    the dispatcher then sends only the missing files.
+    the dispatcher then sends only the missing files. Where the results lack a kind a
+    destination takes (made under another configuration), the series is processed again.
 
     Raises
     ------
@@ -182,7 +183,9 @@ def retry(session: Session, job: Job) -> None:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
         )
-    if job.state is S.FAILED and job.result_files and _failed_while_sending(job) and lacks_deliveries(session, job):
+    lacking = any(record.lacking for record in (job.deliveries or {}).values())
+    resend = job.state is S.FAILED and job.result_files and _failed_while_sending(job) and not lacking
+    if resend and lacks_deliveries(session, job):
         job.deliveries = {
             name: record.model_copy(update={"attempts": 0, "next_attempt_at": None})
             for name, record in (job.deliveries or {}).items()
@@ -332,6 +335,12 @@ def plan_delivery(session: Session, job: Job, destination: str, files: dict[str,
     update_delivery_record(
         job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files)})
     )
+
+
+def note_results_lacking(job: Job, destination: str, kinds: list[str]) -> None:
+    """The run made none of these kinds that ``destination`` takes: an operator's retry processes the series again
+    (resending would find them missing again)."""
+    update_delivery_record(job, destination, delivery_record(job, destination).model_copy(update={"lacking": kinds}))
 
 
 def record_attempt(

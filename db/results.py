@@ -79,6 +79,16 @@ def files_for(files: Sequence[ResultFile], send: Iterable[str], segmentation_typ
     return [f for f in files if f.taken_by(wanted, segmentation_type)]
 
 
+def kinds_missing(files: Sequence[ResultFile], send: Iterable[str], segmentation_type: str) -> list[str]:
+    """The kinds a destination takes of which the run made no file in its encoding ("seg (LABELMAP)",
+    "rtstruct"): results made under another configuration than the destination's."""
+    missing = []
+    for kind in dict.fromkeys(send):
+        if not any(f.taken_by([kind], segmentation_type) for f in files):
+            missing.append(kind if kind == ResultKind.RTSTRUCT.value else f"{kind} ({segmentation_type.upper()})")
+    return missing
+
+
 class DeliveryRecord(BaseModel):
     """One destination's side of a job: the files it takes, attempts, last error, when to try next."""
 
@@ -90,6 +100,7 @@ class DeliveryRecord(BaseModel):
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None  # every planned file accepted
     sent: list[str] = Field(default_factory=list)  # accepted paths, from records older than per-file rows
+    lacking: list[str] = Field(default_factory=list)  # kinds it takes that the run did not make (kinds_missing)
 
     def due(self, now: datetime) -> bool:
         return self.next_attempt_at is None or self.next_attempt_at <= now

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState, Series, Study
-from db.results import DeliveryRecord, files_for
+from db.results import DeliveryRecord, files_for, kinds_missing
 from db.session import retry_when_locked, transaction
 from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
@@ -349,11 +349,19 @@ class Dispatcher(PeriodicTask):
             planned = record.files
             result_files = list(job.result_files or [])
             delivered = jobs.delivered_sop_instance_uids(session, job_id, name)
+            series_uid = job.series.series_instance_uid
         if destination is None:
             return [], f"destination {name!r} is no longer configured", key
         if planned is not None:
             paths = list(planned.values())
         else:
+            missing = kinds_missing(result_files, destination.send, destination.segmentation_type)
+            if missing:  # never a plan short of a kind, which would count as delivered
+                self._write(
+                    lambda session: jobs.note_results_lacking(session.get_one(Job, job_id), name, missing),
+                    waiting=f"noting the results job {job_id} lacks for {name}",
+                )
+                return [], _missing_results(name, missing, series_uid), key
             paths = [f.path for f in files_for(result_files, destination.send, destination.segmentation_type)]
         try:
             results = [read_result_file(path) for path in paths]
@@ -474,6 +482,15 @@ class Dispatcher(PeriodicTask):
     def _backoff(self, attempts: int) -> timedelta:
         settings = self._dispatch
         return timedelta(seconds=min(settings.first_retry_seconds * 2 ** (attempts - 1), settings.max_retry_seconds))
+
+
+def _missing_results(name: str, missing: list[str], series_instance_uid: str) -> str:
+    """Why a destination gets nothing of a job whose results lack kinds it takes."""
+    return (
+        f"this job's results hold no {', '.join(missing)}, which destination {name} takes: they were made under "
+        "another configuration (a worker's config.yaml that differs from the node's, or a change since the job "
+        f"ran); nothing is sent to it until `dicom-node retry {series_instance_uid}` makes them again"
+    )
 
 
 def sending_failure(progress: list[jobs.DestinationProgress]) -> str:

@@ -361,3 +361,34 @@ def test_an_attempt_that_stops_on_an_unexpected_error_counts_and_waits_its_backo
         assert job.reason.endswith(
             f"the attempt to send to pacs stopped on an unexpected error (logged with job id {job.id}) (after 2 attempts)"
         )
+
+
+@pytest.mark.parametrize(
+    ("changed", "missing"),
+    [
+        ({"segmentation_type": "LABELMAP"}, "seg (LABELMAP), sr (LABELMAP)"),
+        ({"send": ["seg", "sr", "rtstruct"]}, "rtstruct"),
+    ],
+)
+def test_a_destination_whose_results_were_made_under_another_configuration_gets_none_and_the_job_fails(
+    processed_for_pacs, changed, missing
+):
+    """The worker made BINARY SEG and SR for pacs; the node's pacs now wants another encoding, or an RTSTRUCT too
+    (a worker config.yaml that differs, or an edit since): a plan without them would count as delivered."""
+    settings, sessions, uid, pacs = processed_for_pacs
+    pacs_settings = settings.destinations["pacs"].model_copy(update=changed)
+    changed_settings = settings.model_copy(update={"destinations": {"pacs": pacs_settings}})
+
+    run_dispatcher_until(changed_settings, sessions, uid, JobState.FAILED)
+
+    assert pacs.received == []
+    with sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert jobs.delivery_record(job, "pacs").files is None  # never planned short
+        assert job.reason.startswith(
+            f"sending failed: pacs received nothing: this job's results hold no {missing}, which destination pacs "
+            "takes: they were made under another configuration"
+        ), job.reason
+        assert f"`dicom-node retry {uid}`" in job.reason
+        jobs.retry(session, job)  # resending would find them missing again: the series is processed again
+        assert job.state is JobState.COMPLETE
