@@ -24,6 +24,7 @@ def _encode(
     kinds: tuple[str, ...] = ("BINARY", "LABELMAP"),
     spec: PhantomSpec = SPEC,
     change: Callable[[pydicom.Dataset], None] | None = None,
+    warnings: list[str] | None = None,
 ) -> list[pydicom.Dataset]:
     """A phantom series (each source header altered by ``change``), segmented by the baseline and encoded in
     ``folder``/results: the headers of the result files."""
@@ -46,6 +47,7 @@ def _encode(
         list(kinds),
         run,
         rtstruct=True,
+        warnings=warnings,
     )
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
 
@@ -120,3 +122,27 @@ def test_the_results_of_two_series_of_one_study_are_told_apart_by_their_source_s
     assert all(f"of series {n}" in text for n, texts in descriptions.items() for text in texts), descriptions
     assert not set(descriptions[2]) & set(descriptions[3])
     assert all(len(text) <= 64 for texts in descriptions.values() for text in texts)
+
+
+def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tmp_path):
+    """SpacingBetweenSlices 5 on slices 2.5 mm apart: the SEG carries 2.5, which its frames' positions show; a
+    missing SliceThickness, which the SEG must state, becomes that step, and the results say so."""
+
+    def mislabel(dataset: pydicom.Dataset) -> None:
+        dataset.SpacingBetweenSlices = "5"
+        del dataset.SliceThickness
+
+    warnings: list[str] = []
+    step = replace(SPEC, slice_spacing=2.5)
+    (seg,) = [
+        d
+        for d in _encode(tmp_path, kinds=("BINARY",), spec=step, change=mislabel, warnings=warnings)
+        if d.Modality == "SEG"
+    ]
+
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert (float(measures.SpacingBetweenSlices), float(measures.SliceThickness)) == (2.5, 2.5)
+    assert warnings == [
+        "SliceThickness is missing from the source images: the segmentation states the slice step (2.5 mm) as its "
+        "slice thickness"
+    ]

@@ -87,7 +87,7 @@ def encode_results(
         getattr(model, "is_test_weights", False),
         parameters=tuple(run_parameters(model).items()),
     )
-    sources, labels = _sources_and_frames(volume, segmentation.labels)
+    sources, labels = _sources_and_frames(volume, segmentation.labels, warnings)
     source_series = str(sources[0].get("SeriesNumber", "") or "").strip() or None
     describe = partial_function(
         algorithm.series_description, attempt=attempt, partial=partial, source_series=source_series
@@ -143,10 +143,29 @@ def encode_results(
     return written
 
 
-def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: list[str]) -> None:
+    """The SEG copies its PixelMeasures from the first source: SpacingBetweenSlices is set to the slice step the
+    volume has from the slices' positions (a header's own value may be wrong, and the SEG would carry it), and a
+    missing or empty SliceThickness, which the SEG must state, becomes that step, with a warning."""
+    text = f"{step:.6g}"
+    missing_thickness = not str(sources[0].get("SliceThickness", "") or "").strip()
+    for header in sources:
+        if "SpacingBetweenSlices" in header:
+            header.SpacingBetweenSlices = text
+        if missing_thickness:
+            header.SliceThickness = text
+    if missing_thickness:
+        warnings.append(
+            f"SliceThickness is missing from the source images: the segmentation states the slice step ({text} mm) "
+            "as its slice thickness"
+        )
+
+
+def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str]) -> tuple[list[Dataset], np.ndarray]:
     """Source headers in the order highdicom needs, and the label map's frames in that order.
 
-    Single-frame sources: one header per slice, in slice order, with ``labels`` as is.
+    Single-frame sources: one header per slice, in slice order, with ``labels`` as is, their slice measures
+    as the volume has them (:func:`_slice_measures_as_volume`).
     One multi-frame source (Enhanced or Legacy Converted Enhanced CT): its header, and
     one label frame per source frame in source-frame order (frames the volume did not
     use stay empty and are left out of the SEG).
@@ -165,6 +184,7 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray) -> tuple[list[Datase
     if all(ref.frame_number is None for ref in volume.slices):
         sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
         text_in_utf8(sources[0])  # the results copy patient and study text from the first source
+        _slice_measures_as_volume(sources, float(volume.spacing[2]), warnings)
         return sources, labels
     if len(headers) != 1:
         raise EncodingError(
