@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -100,6 +101,7 @@ HEADER_KEYWORDS = (
     "RescaleType",
     "PixelPaddingValue",
     "PixelPaddingRangeLimit",
+    "PatientBirthTime",
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
@@ -254,6 +256,8 @@ def _admit(
     headers = [(_label(f), _read(f), f) for f in files]
     warnings: list[str] = []
     _check_identity(headers)
+    for label, header, _ in headers:
+        _check_dates_and_times(label, header)
     warnings.extend(_study_detail_warnings(headers))
     _check_study_patient(headers[0][1], study_patient)
     frames: list[_Frame] = []
@@ -439,6 +443,27 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
                 f"(first: {first}) carry another value than the rest; one series must hold one "
                 f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
+
+
+DATES_AND_TIMES = {"StudyDate": DA, "PatientBirthDate": DA, "StudyTime": TM, "PatientBirthTime": TM}
+"""Dates and times the results copy from a source image, each read as a DICOM date or time when encoded."""
+DATE_FORMS = {DA: "a date in the DICOM form YYYYMMDD", TM: "a time in the DICOM form HHMMSS.FFFFFF"}
+
+
+def _check_dates_and_times(label: str, header: Dataset) -> None:
+    """Each date and time the results copy must be one valid DICOM value (or empty): one that is not would fail
+    the results after inference. Values are never named (they identify the patient)."""
+    for keyword, kind in DATES_AND_TIMES.items():
+        text = _raw_text(header, keyword)
+        if text is None:
+            continue
+        try:
+            kind(text)
+        except (ValueError, TypeError, OverflowError):
+            raise Refused(
+                f"{keyword} of {label} is not {DATE_FORMS[kind]}; the results carry it, so the sender (or the RIS) "
+                "must correct it"
+            ) from None
 
 
 def _identity_value_problem(header: Dataset, keyword: str) -> str | None:

@@ -408,6 +408,30 @@ def test_pixel_values_that_cannot_be_hounsfield_units_are_refused(tmp_path, chan
     assert refusal.startswith(reason), refusal
 
 
+@pytest.mark.parametrize(
+    ("keyword", "text", "form"),
+    [
+        ("StudyDate", "05.01.24", "a date in the DICOM form YYYYMMDD"),
+        ("StudyDate", "20240230", "a date in the DICOM form YYYYMMDD"),  # February has no 30th
+        ("PatientBirthDate", "1970", "a date in the DICOM form YYYYMMDD"),
+        ("StudyTime", "25:61", "a time in the DICOM form HHMMSS.FFFFFF"),
+        ("PatientBirthTime", "2500", "a time in the DICOM form HHMMSS.FFFFFF"),
+    ],
+)
+def test_dates_and_times_the_results_copy_must_be_valid(tmp_path, keyword, text, form):
+    """Encoding the results would fail on them after inference; admission says which attribute, never its value."""
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, **{keyword: text})
+    refusal = admit(files, STRICT).refusal or ""
+    assert refusal == (
+        f"{keyword} of instance 1 is not {form}; the results carry it, so the sender (or the RIS) must correct it"
+    )
+    for file in files:
+        rewrite(file, **{keyword: {"StudyDate": "20240105", "PatientBirthDate": "19700101"}.get(keyword, "083000.5")})
+    assert admit(files, STRICT).admitted
+
+
 def test_missing_rescale_follows_the_setting(tmp_path):
     files = series_files(tmp_path)
     for file in files:
