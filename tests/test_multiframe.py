@@ -121,7 +121,7 @@ def test_slices_from_several_multiframe_instances_are_refused_with_a_reason(tmp_
     volume = load_series_volume(files)
 
     with pytest.raises(EncodingError) as refused:
-        _sources_and_frames(volume, np.zeros(volume.hu.shape, dtype=np.uint8))
+        _sources_and_frames(volume, np.zeros(volume.hu.shape, dtype=np.uint8), [])
 
     assert str(refused.value).startswith("the slices come from 2 instances, at least one of them multi-frame")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,3 +147,34 @@ def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tm
         "SliceThickness is missing from the source images: the segmentation states the slice step (2.5 mm) as its "
         "slice thickness"
     ]
+
+
+def test_a_slice_whose_orientation_differs_in_the_seventh_decimal_still_gets_its_results(tmp_path):
+    """Admission takes orientations equal to three decimals as one; highdicom wants them exactly equal."""
+    changed = iter(range(100))
+
+    def jitter(dataset: pydicom.Dataset) -> None:
+        if next(changed) == 2:
+            dataset.ImageOrientationPatient = [0.9999999, 0.0001, 0, 0, 0.9999999, 0.0001]
+
+    kinds = {d.Modality for d in _encode(tmp_path, kinds=("BINARY",), change=jitter)}
+    assert kinds == {"SEG", "SR", "RTSTRUCT"}
+
+
+def test_an_enhanced_ct_giving_orientation_and_pixel_spacing_per_frame_gets_its_results(tmp_path):
+    """Some scanners write PlaneOrientation and PixelMeasures in every frame's group, not the shared one: the SEG
+    states the values the volume was read with."""
+
+    def per_frame(dataset: pydicom.Dataset) -> None:
+        shared = dataset.SharedFunctionalGroupsSequence[0]
+        for macro in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+            for group in dataset.PerFrameFunctionalGroupsSequence:
+                setattr(group, macro, deepcopy(shared[macro].value))
+            delattr(shared, macro)
+        dataset.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [0.8, 0.8]
+
+    results = _encode(tmp_path, kinds=("BINARY",), spec=replace(SPEC, enhanced=True), change=per_frame)
+    (seg,) = [d for d in results if d.Modality == "SEG"]
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.8, 0.8]
+    assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}

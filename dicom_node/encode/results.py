@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from datetime import datetime
 from functools import partial as partial_function
 from pathlib import Path
@@ -147,9 +148,11 @@ def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: lis
     """The SEG copies its PixelMeasures from the first source: SpacingBetweenSlices is set to the slice step the
     volume has from the slices' positions (a header's own value may be wrong, and the SEG would carry it), and a
     missing or empty SliceThickness, which the SEG must state, becomes that step, with a warning."""
+    orientation = list(sources[0].ImageOrientationPatient)  # admission found one orientation, to 3 decimals
     text = f"{step:.6g}"
     missing_thickness = not str(sources[0].get("SliceThickness", "") or "").strip()
     for header in sources:
+        header.ImageOrientationPatient = orientation  # highdicom requires it exactly equal
         if "SpacingBetweenSlices" in header:
             header.SpacingBetweenSlices = text
         if missing_thickness:
@@ -197,4 +200,25 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
     for index, ref in enumerate(volume.slices):
         assert ref.frame_number is not None  # every slice of a multi-frame source names its frame
         frames[ref.frame_number - 1] = labels[index]
+    _plane_macros_shared_as_read(header)
     return [text_in_utf8(header)], frames
+
+
+PLANE_MACROS = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+"""Functional groups the SEG copies from a multi-frame source's shared group only (highdicom)."""
+
+
+def _plane_macros_shared_as_read(header: Dataset) -> None:
+    """An Enhanced CT's orientation and pixel measures, in its shared functional group as the volume read them.
+
+    The volume takes each frame's per-frame item first (admission checked they agree); highdicom reads the shared
+    group only, and fails on a source that gives them per frame (as some scanners write). The per-frame value
+    the volume used becomes the shared one, in this in-memory header only."""
+    per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
+    if "SharedFunctionalGroupsSequence" not in header or not header.SharedFunctionalGroupsSequence:
+        header.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = header.SharedFunctionalGroupsSequence[0]
+    for macro in PLANE_MACROS:
+        first = per_frame[0].get(macro) if per_frame else None
+        if first:
+            setattr(shared, macro, deepcopy(first))
