@@ -88,8 +88,13 @@ _FIND_SERIES_AND_JOB = (
     .where(SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
 )
 _INSERT_INSTANCE = insert(INSTANCES)
-_FIND_INSTANCE_PATHS = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.path).where(
-    INSTANCES.c.sop_instance_uid.in_(bindparam("sop_instance_uids", expanding=True))
+_FIND_INSTANCE_PATHS = (
+    select(INSTANCES.c.sop_instance_uid, INSTANCES.c.path)
+    .where(INSTANCES.c.sop_instance_uid.in_(bindparam("sop_instance_uids", expanding=True)))
+    # PostgreSQL: a row that retention is deleting (not committed yet) is waited for, then seen gone, so a copy
+    # written again meanwhile is recorded, not taken for a duplicate of a row about to vanish. SQLite: no clause
+    # (its writers take turns).
+    .with_for_update()
 )
 LOOKUP_CHUNK = 500
 """SOP Instance UIDs looked up in one query (well below SQLite's and PostgreSQL's limits on parameters)."""

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
@@ -192,3 +192,37 @@ def test_a_study_another_receiving_process_records_at_the_same_moment_loses_no_i
         rejected = session.scalars(select(RejectedInstance.sop_instance_uid)).all()
     assert recorded == ["1.2.3.1.1"] and studies == ["1.2.3"] and rejected == []
     assert Path(record.path).read_bytes() == b"1.2.3.1/1.2.3.1.1"
+
+
+def test_an_instance_written_again_while_retention_deletes_its_row_is_recorded_after_the_purge(
+    tmp_path, postgresql_url
+):
+    """PostgreSQL: retention has deleted the instance's row (not committed yet) when the same image arrives again
+    and is written anew. The recorder waits for the purge instead of taking the copy for a duplicate of a row that
+    is about to vanish, which would leave an acknowledged file that no row names."""
+    migrate(postgresql_url)
+    engine = make_engine(postgresql_url)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "storage")
+    record = _stored(store, "1.2.3.1", "1.2.3.1.1")
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [record])
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    with engine.connect() as retention:
+        purge = retention.begin()
+        retention.execute(delete(Instance).where(Instance.sop_instance_uid == "1.2.3.1.1"))  # not committed yet
+        recorder.submit(record, recorder.journal.append(record.path))  # the file, written again, is in place
+
+        def waiting_on_the_purge() -> bool:
+            with engine.connect() as connection:
+                return bool(connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+        wait_for(waiting_on_the_purge, what="the recorder to wait for the purge's transaction")
+        purge.commit()
+    assert recorder.wait_until_recorded(30)
+    recorder.stop()
+
+    with sessions() as session:
+        paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid == "1.2.3.1.1")).all()
+    assert paths == [record.path] and Path(record.path).exists()
