@@ -174,8 +174,9 @@ class RetrieveSettings(_Strict):
     queries_per_minute_without_find: int = Field(
         60,
         ge=1,
-        description="A peer without the find role may make this many (narrow) C-FIND queries a minute in each "
-        "receiving process; more are refused with 0xA700, so accession numbers cannot be tried one after another.",
+        description="A peer without the find role may make this many (narrow) C-FIND queries a minute on the node "
+        "(each of N receiving processes allows 1/N of them); more are refused with 0xA700, so accession numbers "
+        "cannot be tried one after another.",
     )
 
 

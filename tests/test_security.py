@@ -709,3 +709,16 @@ def test_a_caller_rejected_in_a_loop_costs_one_log_line_and_one_audit_record_per
         f"{dropped} more association(s) from this address were rejected since the previous record and not "
         "recorded one by one"
     )
+
+
+@pytest.mark.parametrize(("processes", "each"), [(1, 60), (4, 15), (8, 7), (100, 1)])
+def test_the_query_budget_without_find_is_the_nodes_shared_among_receiving_processes(tmp_path, processes, each):
+    """Associations land on the receiving processes in turn: each allows its share, so opening an association per
+    query gains a peer nothing."""
+    from dicom_node.config import Settings
+    from dicom_node.retrieve.scp import RetrieveContext
+
+    settings = Settings(storage={"directory": tmp_path}, retrieve={"queries_per_minute_without_find": 60})
+    context = RetrieveContext.from_settings(settings, sessions=None, processes=processes)  # type: ignore[arg-type]
+    assert context.queries_without_find.per_minute == each
+    assert [context.queries_without_find.spend("planner") for _ in range(each + 1)] == [True] * each + [False]

@@ -311,7 +311,7 @@ def run_receiver(
     server = start_storage_scp(
         settings.network,
         StoreContext(store=store, sessions=sessions, recorder=recorder),
-        RetrieveContext.from_settings(settings, sessions),
+        RetrieveContext.from_settings(settings, sessions, processes=receiving_processes(settings)),
         caps=caps,
         listening=listening,
     )

@@ -79,7 +79,8 @@ Target = Destination | PeerSettings
 
 class QueryBudget:
     """How many C-FIND queries each peer made in the last minute, for peers without the ``find`` role (this
-    receiving process). Peers are the configured ones, so it holds a few timestamps per peer at most."""
+    receiving process, which allows its share of the node's budget: :meth:`RetrieveContext.from_settings`). Peers
+    are the configured ones, so it holds a few timestamps per peer at most."""
 
     WINDOW_SECONDS = 60.0
 
@@ -120,14 +121,23 @@ class RetrieveContext:
         object.__setattr__(self, "queries_without_find", QueryBudget(self.limits.queries_per_minute_without_find))
 
     @classmethod
-    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> RetrieveContext:
-        """Everything the handlers need from the configuration."""
+    def from_settings(
+        cls, settings: Settings, sessions: sessionmaker[Session], *, processes: int = 1
+    ) -> RetrieveContext:
+        """Everything the handlers need from the configuration, for one of ``processes`` receiving processes.
+
+        ``retrieve.queries_per_minute_without_find`` is the node's: each receiving process allows its share, so a
+        peer that opens an association per query (landing on every process in turn) gets no more in all."""
+        limits = settings.retrieve
+        if processes > 1:
+            share = max(limits.queries_per_minute_without_find // processes, 1)
+            limits = limits.model_copy(update={"queries_per_minute_without_find": share})
         return cls(
             ae_title=settings.network.ae_title,
             destinations=settings.destinations,
             sessions=sessions,
             peers=PeerPolicy.from_settings(settings),
-            limits=settings.retrieve,
+            limits=limits,
             move_peers=settings.peers,
             tls=settings.network.tls,
         )
