@@ -97,6 +97,11 @@ class Refused(str):
     """Why a caller is not admitted: a sentence for the log, naming the AE title and address."""
 
 
+LEGACY_ROLES = frozenset({"store", "echo"})
+"""What an AE title of the deprecated ``network.allowed_calling_ae_titles`` may do, from any host: send images,
+never read them (anyone can claim an AE title)."""
+
+
 class PeerPolicy:
     """The peers of ``settings.peers`` (or the loopback default), and the deprecated AE title allow-list."""
 
@@ -109,7 +114,7 @@ class PeerPolicy:
         peers = [_peer(name, peer) for name, peer in settings.peers.items()]
         legacy = settings.network.allowed_calling_ae_titles
         for title in legacy:
-            peers.append(Peer(f"allowed_calling_ae_titles:{title}", title, _networks(ANY_HOST), frozenset(ALL_ROLES)))
+            peers.append(Peer(f"allowed_calling_ae_titles:{title}", title, _networks(ANY_HOST), LEGACY_ROLES))
         if not peers:
             return cls.loopback_only()
         names = ", ".join(
@@ -208,7 +213,7 @@ def log_policy(settings: Settings, policy: PeerPolicy) -> None:
             "config.deprecated",
             key="network.allowed_calling_ae_titles",
             hint="move these AE titles to peers (with hosts and roles); until then they are admitted from any host "
-            "with every role",
+            "to store and echo only: an AE title alone proves no one's identity, so it opens no patient's data",
         )
     if settings.network.maximum_pdu_size == 0:
         log_event(LOG, logging.INFO, "config.pdu_size", hint="network.maximum_pdu_size 0 now means the 16 MiB ceiling")

@@ -93,12 +93,15 @@ def test_the_default_admits_any_ae_title_from_loopback_only_and_says_so(start_no
 
 
 def test_the_old_allow_list_still_admits_with_a_deprecation_warning(start_node):
+    """A listed AE title, from any host, may store and echo; it may not query or retrieve: anyone can claim it."""
     node = start_node(network={"allowed_calling_ae_titles": ["PACS"]})
 
     allowed, other = associate(node, "PACS", [Verification]), associate(node, "OTHER", [Verification])
+    querying = associate(node, "PACS", [StudyRootQueryRetrieveInformationModelFind])
 
     assert allowed.is_established and other.is_rejected
     allowed.release()
+    assert not querying.is_established
     assert "config.deprecated key=network.allowed_calling_ae_titles" in node.log()
 
 
