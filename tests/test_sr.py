@@ -97,3 +97,17 @@ def test_cut_structures_are_marked(report):
     assert np.isclose(
         sum(m.volume_ml for m in measurements), sum(m.voxels for m in measurements) * 0.9765625**2 * 2 / 1000
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "site", "side"),
+    [("kidney_cyst_left", "Kidney", "Left"), ("kidney_cyst_right", "Kidney", "Right"), ("liver", "Liver", None)],
+)
+def test_the_finding_site_of_a_kidney_cyst_is_its_kidney_and_side(name, site, side):
+    """A cyst's type ("Cyst") is no place: its site is the region the SEG names, so the two sides differ."""
+    from dicom_node.encode.sr import finding_site
+
+    found = finding_site(name)
+    assert found.value.meaning == site
+    lateralities = [item.ConceptCodeSequence[0].CodeMeaning for item in found.ContentSequence] if side else []
+    assert lateralities == ([side] if side else [])

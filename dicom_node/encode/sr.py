@@ -115,11 +115,21 @@ def note_item(notes: Sequence[str]) -> hd.sr.TextContentItem:
     )
 
 
+def finding_site(name: str) -> hd.sr.FindingSite:
+    """Where a structure's measurements were taken: the structure itself (with its side); for a finding such as
+    a kidney cyst, whose type is no place, the anatomic region it lies in (the kidney, with its side), as the SEG
+    says it."""
+    coded = structure_codes(name)
+    if coded.anatomic_region is not None:
+        return hd.sr.FindingSite(anatomic_location=coded.anatomic_region, laterality=coded.anatomic_region_modifier)
+    return hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
+
+
 def _structure_group(
     seg: Dataset, item: Dataset, number: int, measured: StructureMeasurement, algorithm: Algorithm
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     coded = structure_codes(measured.name)
-    site = hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
+    site = finding_site(measured.name)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name[:64],
         version=algorithm.version[:64],
