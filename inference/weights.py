@@ -246,6 +246,17 @@ def converted_model_directory(folder: Path) -> Path:
     return folder.parent.parent / CONVERTED_MODELS_FOLDER
 
 
+def _dataset_ids(datasets: tuple[str, ...]) -> str:
+    """``Dataset297``; ``Dataset291-295`` for three or more consecutive ids; else the ids joined with ``+``."""
+    ids = [name.split("_", 1)[0] for name in datasets]
+    digits = [i.removeprefix("Dataset") for i in ids]
+    if len(ids) > 2 and all(d.isdigit() for d in digits):
+        numbers = [int(d) for d in digits]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            return f"Dataset{numbers[0]}-{numbers[-1]}"
+    return "+".join(ids)
+
+
 @dataclass(frozen=True)
 class WeightsIdentity:
     """Which exact weight files a model runs: folder names and one SHA-256 over all of them."""
@@ -257,9 +268,9 @@ class WeightsIdentity:
 
     @property
     def version(self) -> str:
-        """Short enough for a DICOM LO (64 characters): dataset ids and the hash's first 16 digits."""
-        ids = "+".join(name.split("_", 1)[0] for name in self.datasets)
-        return f"{ids} sha256:{self.sha256[:16]}"
+        """Short enough for a DICOM LO (64 characters) with the hash whole in every result: dataset ids (a run of
+        consecutive ones as a range, ``Dataset291-295``) and the hash's first 16 digits."""
+        return f"{_dataset_ids(self.datasets)} sha256:{self.sha256[:16]}"
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -166,3 +166,16 @@ def test_weights_import_command_refuses_a_file_that_is_not_the_published_release
     assert result.returncode == 1
     assert f"not the expected {'ab' * 32}" in result.stderr and "nothing was installed" in result.stderr
     assert not (tmp_path / "storage" / "weights" / DATASET).exists()
+
+
+def test_the_total_tasks_five_parts_keep_the_whole_short_hash_in_a_dicom_long_string():
+    """Every result names the weights in a 64-character LO; the five parts of ``total`` must leave the hash whole."""
+    from inference.weights import WeightsIdentity
+
+    parts = tuple(f"Dataset{n}_TotalSegmentator_part{n - 290}" for n in range(291, 296))
+    identity = WeightsIdentity("total", parts, "ab" * 32, test_weights=False)
+    assert identity.version == f"Dataset291-295 sha256:{'ab' * 8}"
+    assert len(f"TotalSegmentator total {identity.version}") <= 64  # the RTSTRUCT's ROIGenerationDescription
+    assert WeightsIdentity("x", ("Dataset297_a", "Dataset300_b"), "cd" * 32, False).version.startswith(
+        "Dataset297+Dataset300 sha256:"
+    )
