@@ -47,3 +47,27 @@ def test_phantom_organs_measure_their_hu_and_cut_structures_are_flagged(tmp_path
     assert liver.volume_ml == pytest.approx(liver.voxels * 6 * 6 * 5 / 1000)
     assert results["body"].cut_by_scan_edge  # the body runs through the whole scan
     assert not liver.cut_by_scan_edge
+
+
+def test_a_structure_at_the_side_of_the_image_or_on_padding_is_flagged_cut_and_padding_stays_out_of_its_hu(tmp_path):
+    """An arm running off the side of the field is as partial as an organ cut by the first slice; voxels of the
+    padding outside the reconstructed field (-3024 HU) are no tissue and never lower a mean."""
+    spec = PhantomSpec(rows=64, columns=64, slices=30, pixel_spacing=(6.0, 6.0), slice_spacing=5.0, noise_sd=0.0)
+    series = write_phantom_series(tmp_path, spec)
+    volume = load_series_volume(series.files)
+    classes = {value: name for name, value in PHANTOM_LABELS.items()}
+    liver = PHANTOM_LABELS["liver"]
+    labels = series.labels.copy()
+    whole = {m.name: m for m in measure(volume, labels, classes)}["liver"]
+
+    beside = labels.copy()
+    beside[10:12, 30, 0] = liver  # the side of the image
+    padded = labels.copy()
+    k, j, i = (int(v[0]) for v in np.nonzero(labels == liver))
+    volume.hu[k, j, i] = -3024.0  # one liver voxel lies on padding
+    side = {m.name: m for m in measure(volume, beside, classes)}["liver"]
+    on_padding = {m.name: m for m in measure(volume, padded, classes)}["liver"]
+
+    assert not whole.cut_by_scan_edge
+    assert side.cut_by_scan_edge and on_padding.cut_by_scan_edge
+    assert on_padding.voxels == whole.voxels and on_padding.mean_hu == pytest.approx(PHANTOM_HU["liver"], abs=0.01)

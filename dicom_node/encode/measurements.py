@@ -1,8 +1,10 @@
 """Per-structure measurements from a label map: volume (ml), mean and SD of attenuation (HU).
 
-A structure that touches the first or last slice of the scanned range is cut by
-the edge of the scan: its volume is that of the part scanned, not of the whole
+A structure that touches the first or last slice of the scanned range, the side of the
+image, or the edge of the reconstructed field (padding, which reads below any tissue) is
+cut by the edge of the scan: its volume is that of the part scanned, not of the whole
 organ, and it is flagged so that reports never present it as a whole-organ volume.
+Voxels outside the reconstructed field are no tissue: they are left out of the mean and SD.
 """
 
 from __future__ import annotations
@@ -34,17 +36,21 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
     hu = volume.hu.ravel().astype(np.float64)
     size = max(int(flat.max()) + 1, 1)
     counts = np.bincount(flat, minlength=size)
-    sums = np.bincount(flat, weights=hu, minlength=size)
-    squares = np.bincount(flat, weights=hu * hu, minlength=size)
-    at_edge = set(np.unique(labels[0]).tolist()) | set(np.unique(labels[-1]).tolist())
+    outside = hu <= OUTSIDE_FIELD_HU
+    tissue = flat[~outside]
+    tissue_counts = np.bincount(tissue, minlength=size)
+    sums = np.bincount(tissue, weights=hu[~outside], minlength=size)
+    squares = np.bincount(tissue, weights=hu[~outside] ** 2, minlength=size)
+    at_edge = _labels_at_edge(labels) | set(np.unique(flat[outside]).tolist())
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     results = []
     for label in np.flatnonzero(counts):
         if label == 0 or int(label) not in classes:
             continue
         n = int(counts[label])
-        mean = sums[label] / n
-        variance = max(squares[label] / n - mean * mean, 0.0)
+        measured = max(int(tissue_counts[label]), 1)
+        mean = sums[label] / measured
+        variance = max(squares[label] / measured - mean * mean, 0.0)
         results.append(
             StructureMeasurement(
                 label=int(label),
@@ -57,6 +63,16 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
             )
         )
     return results
+
+
+OUTSIDE_FIELD_HU = -2000.0
+"""At or below this a voxel is padding outside the reconstructed field (air reads -1000 HU, noise a little lower)."""
+
+
+def _labels_at_edge(labels: np.ndarray) -> set[int]:
+    """Labels on the first or last slice, or on the image's first or last row or column."""
+    faces = (labels[0], labels[-1], labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
+    return set().union(*(np.unique(face).tolist() for face in faces))
 
 
 def write_measurements_json(
