@@ -116,6 +116,24 @@ def test_every_segment_names_the_device_backend_and_precision_that_made_it(phant
     assert {i.AlgorithmVersion for i in identifications} == {"2.18.0"}
 
 
+def test_the_results_name_the_package_whose_class_map_names_the_labels():
+    """Structure names and codes come from the installed totalsegmentator package, not the weights: say which."""
+    from types import SimpleNamespace
+
+    from inference.models import run_parameters
+
+    model = SimpleNamespace(
+        device="cpu", backend="torch", precision="fp32", software_versions={"totalsegmentator": "2.18.0"}
+    )
+    assert run_parameters(model) == {  # type: ignore[arg-type]
+        "device": "cpu",
+        "backend": "torch",
+        "precision": "fp32",
+        "labels": "totalsegmentator 2.18.0",
+    }
+    assert "labels" not in run_parameters(SimpleNamespace(device="cpu"))  # type: ignore[arg-type]
+
+
 def test_left_and_right_kidney_differ_in_codes_not_only_labels(phantom_with_kidneys):
     series, volume, labels, classes = phantom_with_kidneys
 

@@ -38,13 +38,19 @@ class SegmentationModel(Protocol):
 
 
 def run_parameters(model: SegmentationModel) -> dict[str, str]:
-    """How the model computes its results: device, backend and precision (empty for a model without a network).
+    """How the model computes its results: device, backend and precision (empty for a model without a network),
+    and the package whose class map names the labels.
 
     The results say it (SEG and SR algorithm parameters, measurements.json): BF16 and FP32 label maps may
-    differ in a few boundary voxels, so a result names the precision that made it.
+    differ in a few boundary voxels, so a result names the precision that made it; the structure names and codes
+    come from the installed totalsegmentator package, so a result names its version.
     """
     found = {key: getattr(model, key, None) for key in ("device", "backend", "precision")}
-    return {key: str(value) for key, value in found.items() if value is not None}
+    parameters = {key: str(value) for key, value in found.items() if value is not None}
+    names_from = (getattr(model, "software_versions", None) or {}).get("totalsegmentator")
+    if names_from:
+        parameters["labels"] = f"totalsegmentator {names_from}"
+    return parameters
 
 
 class ModelUnavailable(RuntimeError):
