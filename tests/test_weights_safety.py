@@ -168,6 +168,41 @@ def test_weights_import_command_refuses_a_file_that_is_not_the_published_release
     assert not (tmp_path / "storage" / "weights" / DATASET).exists()
 
 
+def test_weights_that_number_the_structures_otherwise_than_the_package_are_refused(total_fast_test_weights, tmp_path):
+    """A dataset.json whose label numbers name other structures than the installed TotalSegmentator's class map
+    (weights of another release, a fine-tuned model copied in): every segment would be named wrongly."""
+    import shutil
+
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    shutil.copytree(total_fast_test_weights, tmp_path / "weights", ignore=shutil.ignore_patterns(".openvino"))
+    (folder,) = model_folders("total_fast", tmp_path / "weights")
+    for manifest in (tmp_path / "weights").rglob(MANIFEST_NAME):
+        manifest.unlink()  # placed by hand: identified afresh on first use
+    dataset = json.loads((folder.path / "dataset.json").read_text())
+    labels = dataset["labels"]
+    labels["spleen"], labels["liver"] = labels["liver"], labels["spleen"]
+    (folder.path / "dataset.json").write_text(json.dumps(dataset))
+
+    with pytest.raises(ModelUnavailable) as refused:
+        TotalSegmentatorModel("total_fast", tmp_path / "weights", device="cpu", backend="torch")
+
+    assert "do not label the structures as the installed TotalSegmentator" in str(refused.value)
+    assert "2 label numbers name another structure, e.g. 1 is 'liver' in the weights and 'spleen'" in str(refused.value)
+
+
+def test_a_label_count_or_region_that_differs_from_the_class_map_is_named():
+    from inference.models.totalsegmentator import label_mismatch
+
+    expected = {1: "spleen", 2: "kidney_right"}
+    assert label_mismatch({"background": 0, "spleen": 1, "kidney_right": 2}, expected) is None
+    assert label_mismatch({"background": 0, "spleen": 1}, expected) == "1 labels numbered 1-1, where 2 are expected"
+    assert label_mismatch({"background": 0, "spleen": 1, "kidney_right": [1, 2]}, expected) == (
+        "label 'kidney_right' is a region ([1, 2]), not one label number"
+    )
+
+
 def test_the_total_tasks_five_parts_keep_the_whole_short_hash_in_a_dicom_long_string():
     """Every result names the weights in a 64-character LO; the five parts of ``total`` must leave the hash whole."""
     from inference.weights import WeightsIdentity

@@ -116,9 +116,18 @@ class TotalSegmentatorModel:
             if backend == "openvino":
                 self.precision = _use_openvino(predictor, folder, precision, cpu_threads, self.spacing_mm)
             lookup = None
+            expected = self.classes
             if task == "total":
                 part = map_taskid_to_partname_ct[folder.dataset_id]
-                lookup = _part_lookup(class_map_5_parts[part], self.classes)
+                expected = class_map_5_parts[part]
+                lookup = _part_lookup(expected, self.classes)
+            mismatch = label_mismatch(predictor.dataset_json.get("labels") or {}, expected)
+            if mismatch is not None:
+                raise ModelUnavailable(
+                    f"the weights in {folder.path} do not label the structures as the installed TotalSegmentator "
+                    f"{self.software_versions['totalsegmentator']} names them ({mismatch}): every segment would be "
+                    "named wrongly; install the weights and the totalsegmentator package of one release"
+                )
             self.predictors.append((predictor, lookup))
 
     def segment(self, volume: Volume) -> Segmentation:
@@ -299,6 +308,28 @@ def _choose_device(torch, device: str):
             raise ModelUnavailable("inference.device is cuda but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def label_mismatch(dataset_labels: dict[str, object], expected: dict[int, str]) -> str | None:
+    """How a weights folder's dataset.json labels differ from the structure names the results give each label
+    number (TotalSegmentator's class map), in words; None when they agree."""
+    given: dict[int, str] = {}
+    for name, value in dataset_labels.items():
+        if name == "background":
+            continue
+        if not isinstance(value, int):
+            return f"label {name!r} is a region ({value!r}), not one label number"
+        given[value] = name
+    if set(given) != set(expected):
+        return f"{len(given)} labels numbered {min(given, default=0)}-{max(given, default=0)}, where {len(expected)} are expected"
+    differing = [number for number in sorted(expected) if given[number] != expected[number]]
+    if differing:
+        first = differing[0]
+        return (
+            f"{len(differing)} label numbers name another structure, e.g. {first} is {given[first]!r} in the weights "
+            f"and {expected[first]!r} in the package"
+        )
+    return None
 
 
 def _part_lookup(part_map: dict[int, str], classes: dict[int, str]) -> np.ndarray:
