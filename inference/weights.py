@@ -300,6 +300,22 @@ def identify(task: str, folders: Sequence[ModelFolder]) -> WeightsIdentity:
     return WeightsIdentity(task, tuple(f.path.parent.name for f in folders), combined.hexdigest(), test_weights)
 
 
+def file_states(folders: Sequence[ModelFolder]) -> tuple[tuple[str, int, int, int], ...]:
+    """Each weight file's path, inode, size and modification time: equal before identification and after loading
+    means the files loaded are the ones identified (a ``weights import`` meanwhile changes them)."""
+    states = []
+    for folder in folders:
+        for name in REQUIRED_FILES:
+            path = folder.path / name
+            try:
+                stat = path.stat()
+            except OSError:
+                states.append((str(path), -1, -1, -1))
+                continue
+            states.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(states)
+
+
 def is_test_weights(dataset_json: Path) -> bool:
     """Whether a model's dataset.json describes synthetic, random or untrained weights."""
     try:

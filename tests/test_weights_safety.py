@@ -214,3 +214,27 @@ def test_the_total_tasks_five_parts_keep_the_whole_short_hash_in_a_dicom_long_st
     assert WeightsIdentity("x", ("Dataset297_a", "Dataset300_b"), "cd" * 32, False).version.startswith(
         "Dataset297+Dataset300 sha256:"
     )
+
+
+def test_weights_replaced_while_the_model_loads_are_not_used(total_fast_test_weights, tmp_path, monkeypatch):
+    """The identity is taken before loading; a weights import in between would make the results name weights that
+    did not make them. The files are compared before and after: changed files leave the model unloaded."""
+    import shutil
+
+    from inference.models import ModelUnavailable, totalsegmentator
+
+    shutil.copytree(total_fast_test_weights, tmp_path / "weights", ignore=shutil.ignore_patterns(".openvino"))
+    (folder,) = model_folders("total_fast", tmp_path / "weights")
+    real = totalsegmentator.initialize_predictor
+
+    def import_meanwhile(predictor, path):
+        real(predictor, path)
+        replacement = folder.path / "plans.json.new"  # as an import installs a file: written beside, renamed over
+        replacement.write_bytes((folder.path / "plans.json").read_bytes())
+        os.replace(replacement, folder.path / "plans.json")
+
+    monkeypatch.setattr(totalsegmentator, "initialize_predictor", import_meanwhile)
+    with pytest.raises(ModelUnavailable) as refused:
+        totalsegmentator.TotalSegmentatorModel("total_fast", tmp_path / "weights", device="cpu", backend="torch")
+
+    assert "changed while the total_fast model was loading" in str(refused.value)

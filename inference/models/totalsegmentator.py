@@ -40,7 +40,7 @@ import numpy as np
 from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
-from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, identify, model_folders
+from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, file_states, identify, model_folders
 
 LOG = logging.getLogger(__name__)
 TASK_SPACING_MM = {"total": 1.5, "total_fast": 3.0}
@@ -64,6 +64,7 @@ class TotalSegmentatorModel:
     ) -> None:
         try:
             folders = model_folders(task, weights_directory)
+            identified_files = file_states(folders)
             self.weights = identify(task, folders)
         except (WeightsMissing, WeightsCorrupt) as exc:
             raise ModelUnavailable(str(exc)) from None
@@ -129,6 +130,12 @@ class TotalSegmentatorModel:
                     "named wrongly; install the weights and the totalsegmentator package of one release"
                 )
             self.predictors.append((predictor, lookup))
+        if file_states(folders) != identified_files:
+            raise ModelUnavailable(
+                f"the weight files in {weights_directory} changed while the {task} model was loading (a weights "
+                "import at the same time?), so the results could not say which weights made them; it was not "
+                "loaded: start the worker again"
+            )
 
     def segment(self, volume: Volume) -> Segmentation:
         from totalsegmentator.alignment import as_closest_canonical, undo_canonical
