@@ -32,15 +32,7 @@ from sqlalchemy.orm import Session
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.receive.header import StudyPatient, comparable_identity
-from inference.volume import (
-    NON_POSITIVE_SLOPE,
-    VolumeError,
-    check_slice_stack,
-    hu_range_problem,
-    narrow_rescale,
-    padding_problem,
-    rescale_source,
-)
+from inference.volume import VolumeError, check_slice_stack, padding_problem, rescale_source, unusable_rescale
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -639,8 +631,10 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
         if _is_localizer(header):
             continue  # a localizer is left out of the volume: its unit and scale do not matter
         _check_rescale_type(named, source, where)
-        if slope is not None and intercept is not None:
-            _check_hu_scale(named, where, header, slope[0], intercept[0])
+        unusable = unusable_rescale(slope[0], intercept[0], header) if slope and intercept else None
+        if unusable is not None:
+            given, why = unusable
+            raise Refused(f"{named} has {given} ({where}); {why}")
     if not missing or (modality or "").upper() != "CT":
         return None
     if settings.missing_rescale == "refuse":
@@ -648,12 +642,10 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             f"{label} has no RescaleSlope/RescaleIntercept, so its pixel values cannot be read as HU "
             "(admission.missing_rescale: refuse)"
         )
-    unusable = narrow_rescale(1.0, header.get("BitsStored")) or hu_range_problem(
-        1.0, 0.0, header.get("BitsStored"), header.get("PixelRepresentation")
-    )
+    unusable = unusable_rescale(1.0, 0.0, header)
     if unusable is not None and not _is_localizer(header):
         raise Refused(
-            f"{label} has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); {unusable}"
+            f"{label} has no RescaleSlope, read as 1 (admission.missing_rescale: assume_identity); {unusable[1]}"
         )
     return (
         f"{ASSUMED_RESCALE_PREFIX} pixel values were read as HU with slope 1 and intercept 0 "
@@ -674,19 +666,6 @@ def _check_padding(label: str, header: Dataset) -> None:
         problem = "its PixelPaddingValue cannot be read, so which pixels are padding cannot be told"
     if problem is not None:
         raise Refused(f"{label}: {problem}")
-
-
-def _check_hu_scale(named: str, where: str, header: Dataset, slope: float, intercept: float) -> None:
-    """A positive slope large enough to span air to water, and values that reach air and water (as the volume
-    reader checks them)."""
-    unusable = NON_POSITIVE_SLOPE if slope < 0 else narrow_rescale(slope, header.get("BitsStored"))
-    if unusable is not None:
-        raise Refused(f"{named} has RescaleSlope {slope:g} ({where}); {unusable}")
-    out_of_range = hu_range_problem(slope, intercept, header.get("BitsStored"), header.get("PixelRepresentation"))
-    if out_of_range is not None:
-        raise Refused(
-            f"{named} has RescaleSlope {slope:g} and RescaleIntercept {intercept:g} ({where}); {out_of_range}"
-        )
 
 
 def _check_rescale_type(named: str, source: Dataset, where: str) -> None:

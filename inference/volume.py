@@ -688,24 +688,33 @@ def _rescale(dataset: Dataset, frame_number: int | None, name: str) -> tuple[flo
             ("RescaleSlope", "RescaleIntercept") if intercept is None else ("RescaleIntercept", "RescaleSlope")
         )
         raise VolumeError(f"{name} has {present} but no {absent} ({where}); its pixel values cannot be read as HU")
-    bits, representation = dataset.get("BitsStored"), dataset.get("PixelRepresentation")
     if slope is None:  # admission allowed it (admission.missing_rescale: assume_identity); noted on the job
-        unusable = narrow_rescale(1.0, bits) or hu_range_problem(1.0, 0.0, bits, representation)
+        unusable = unusable_rescale(1.0, 0.0, dataset)
         if unusable is not None:
-            raise VolumeError(f"{name} has no RescaleSlope, read as 1 ({where}); {unusable}")
+            raise VolumeError(f"{name} has no RescaleSlope, read as 1 ({where}); {unusable[1]}")
         return 1.0, 0.0
-    if float(slope) <= 0:
-        raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {NON_POSITIVE_SLOPE}")
-    narrow = narrow_rescale(float(slope), bits)
-    if narrow is not None:
-        raise VolumeError(f"{name} has RescaleSlope {float(slope):g} ({where}); {narrow}")
-    out_of_range = hu_range_problem(float(slope), float(intercept), bits, representation)
-    if out_of_range is not None:
-        raise VolumeError(
-            f"{name} has RescaleSlope {float(slope):g} and RescaleIntercept {float(intercept):g} ({where}); "
-            f"{out_of_range}"
-        )
+    unusable = unusable_rescale(float(slope), float(intercept), dataset)
+    if unusable is not None:
+        given, why = unusable
+        raise VolumeError(f"{name} has {given} ({where}); {why}")
     return float(slope), float(intercept)
+
+
+def unusable_rescale(slope: float, intercept: float, image: Dataset) -> tuple[str, str] | None:
+    """Why a frame's RescaleSlope and RescaleIntercept cannot give CT values of ``image`` (its BitsStored and
+    PixelRepresentation), or None: (the values at fault, as a reason names them; why). The slope must be positive
+    and span air to water (:func:`narrow_rescale`); the values the pixels can take must reach air and water
+    (:func:`hu_range_problem`). Admission and the volume reader refuse with the same words."""
+    bits = image.get("BitsStored")
+    if slope <= 0:
+        return f"RescaleSlope {slope:g}", NON_POSITIVE_SLOPE
+    narrow = narrow_rescale(slope, bits)
+    if narrow is not None:
+        return f"RescaleSlope {slope:g}", narrow
+    out_of_range = hu_range_problem(slope, intercept, bits, image.get("PixelRepresentation"))
+    if out_of_range is not None:
+        return f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g}", out_of_range
+    return None
 
 
 def hu_range_problem(slope: float, intercept: float, bits_stored: object, pixel_representation: object) -> str | None:
