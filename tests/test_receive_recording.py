@@ -161,6 +161,12 @@ def test_a_copy_set_aside_for_a_completed_series_reopens_it_so_its_result_is_mar
     assert outcome.set_aside.exists() and second.set_aside.exists()
 
 
+def a_lock_is_waited_for(engine) -> bool:
+    """PostgreSQL: whether some transaction waits for a lock another holds."""
+    with engine.connect() as connection:
+        return bool(connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+
 def test_a_study_another_receiving_process_records_at_the_same_moment_loses_no_instance(tmp_path, postgresql_url):
     """PostgreSQL, two receiving processes, the first images of one new study in each: the second insert of the
     study waits for the first, then finds its UID taken. The instance is recorded under the study the other process
@@ -176,12 +182,10 @@ def test_a_study_another_receiving_process_records_at_the_same_moment_loses_no_i
         other = other_process.begin()
         other_process.execute(insert(Study).values(study_instance_uid="1.2.3"))  # not committed yet
         recorder.submit(record, recorder.journal.append(record.path))
-
-        def waiting_on_the_other() -> bool:
-            with engine.connect() as connection:
-                return bool(connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
-
-        wait_for(waiting_on_the_other, what="the recorder's insert of the study to wait for the other transaction")
+        wait_for(
+            lambda: a_lock_is_waited_for(engine),
+            what="the recorder's insert of the study to wait for the other transaction",
+        )
         other.commit()
     assert recorder.wait_until_recorded(30)
     recorder.stop()
@@ -213,12 +217,7 @@ def test_an_instance_written_again_while_retention_deletes_its_row_is_recorded_a
         purge = retention.begin()
         retention.execute(delete(Instance).where(Instance.sop_instance_uid == "1.2.3.1.1"))  # not committed yet
         recorder.submit(record, recorder.journal.append(record.path))  # the file, written again, is in place
-
-        def waiting_on_the_purge() -> bool:
-            with engine.connect() as connection:
-                return bool(connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
-
-        wait_for(waiting_on_the_purge, what="the recorder to wait for the purge's transaction")
+        wait_for(lambda: a_lock_is_waited_for(engine), what="the recorder to wait for the purge's transaction")
         purge.commit()
     assert recorder.wait_until_recorded(30)
     recorder.stop()
