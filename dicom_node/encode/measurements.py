@@ -37,10 +37,10 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
     size = max(int(flat.max()) + 1, 1)
     counts = np.bincount(flat, minlength=size)
     outside = hu <= OUTSIDE_FIELD_HU
-    tissue = flat[~outside]
+    tissue, tissue_hu = flat[~outside], hu[~outside]
     tissue_counts = np.bincount(tissue, minlength=size)
-    sums = np.bincount(tissue, weights=hu[~outside], minlength=size)
-    squares = np.bincount(tissue, weights=hu[~outside] ** 2, minlength=size)
+    sums = np.bincount(tissue, weights=tissue_hu, minlength=size)
+    squares = np.bincount(tissue, weights=tissue_hu * tissue_hu, minlength=size)
     at_edge = _labels_at_edge(labels) | set(np.unique(flat[outside]).tolist())
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     results = []
