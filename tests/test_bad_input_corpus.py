@@ -538,6 +538,36 @@ CASES: list[Case] = [
         ),
     ),
     Case(
+        "rescale_intercept_whose_values_cannot_show_air_is_refused",
+        nth(1, raw_value("RescaleIntercept", "DS", "40000")),
+        JobState.FAILED,
+        not_admitted(
+            "instance 2 has RescaleSlope 1 and RescaleIntercept 40000 (top level); with signed 16-bit pixels its "
+            "values start at 7,232 HU, so it cannot show air (-1,000 HU or below, around every patient): these are "
+            "not Hounsfield units (a wrong RescaleIntercept, or PixelRepresentation); send the scanner's original "
+            "reconstruction"
+        ),
+    ),
+    Case(
+        "padding_value_that_reads_as_tissue_is_refused",
+        nth(1, lambda ds: ds.add_new("PixelPaddingValue", "SS", 1024)),
+        JobState.FAILED,
+        not_admitted(
+            "instance 2: its padding (PixelPaddingValue 1024) reads as 0 HU, a value of the patient's tissue: those "
+            "pixels would be taken for the area outside the field and read as air; correct the padding value in "
+            "the export"
+        ),
+    ),
+    Case(
+        "study_date_that_is_no_date_is_refused",
+        each(raw_value("StudyDate", "DA", "20240230")),
+        JobState.FAILED,
+        not_admitted(
+            "StudyDate of instance 1 is not a date in the DICOM form YYYYMMDD; the results carry it, so the sender "
+            "(or the RIS) must correct it"
+        ),
+    ),
+    Case(
         "eight_bit_pixels_read_as_hu_are_refused",
         each(lambda ds: (eight_bit(ds), setattr(ds, "RescaleSlope", "1"))),
         JobState.FAILED,
