@@ -62,6 +62,13 @@ LONGEST_EXTENT_MM = 3000.0
 """The longest a CT volume may be along any axis (columns x PixelSpacing, rows x PixelSpacing, slices x
 step): a head-to-toe scan of the tallest patient is about 2 m. Longer means a PixelSpacing or slice
 position that is wrong."""
+NARROWEST_FIELD_MM = 80.0
+"""The narrowest a CT image may be across its rows or its columns (matrix x PixelSpacing): a temporal
+bone or wrist reconstruction is about 80-100 mm wide, a body one 250-500 mm. Narrower means PixelSpacing
+is wrong, most often written in centimetres (0.07 for 0.7 mm), which would make every volume in the
+report 100 times too small. Judged on matrices of at least :data:`CLINICAL_MATRIX` pixels, the size
+of every clinical reconstruction; smaller images are test objects or thumbnails."""
+CLINICAL_MATRIX = 256
 FINEST_MODEL_SPACING_MM = 1.5
 """The finest grid a TotalSegmentator model resamples to (the ``total`` task, 1.5 mm): a coarse series is
 resampled up to it, so its memory is estimated on that grid too."""
@@ -284,6 +291,12 @@ def _admit(
             f"the volume would measure {extent[0]:.0f} x {extent[1]:.0f} x {extent[2]:.0f} mm, longer than a CT "
             f"scan can be ({LONGEST_EXTENT_MM:.0f} mm along each axis at most); PixelSpacing or "
             "ImagePositionPatient is wrong"
+        )
+    if max(rows, columns) >= CLINICAL_MATRIX and min(extent[:2]) < NARROWEST_FIELD_MM:
+        raise Refused(
+            f"the images would be {extent[0]:.0f} x {extent[1]:.0f} mm across (PixelSpacing "
+            f"{images[0].spacing[0]:g} x {images[0].spacing[1]:g} mm), narrower than a CT image can be "
+            f"({NARROWEST_FIELD_MM:.0f} mm at least); PixelSpacing is wrong, perhaps written in centimetres"
         )
     estimate = _memory_estimate(images, extent)
     limit = settings.max_memory_gigabytes * 1024**3

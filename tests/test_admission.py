@@ -285,6 +285,20 @@ def test_a_volume_longer_than_any_ct_scan_is_refused(tmp_path):
     )
 
 
+def test_a_pixel_spacing_written_in_centimetres_is_refused(tmp_path):
+    """0.07 for 0.7 mm: a 256-pixel image 18 mm across, which would make every reported volume 100 times small."""
+    files = series_files(tmp_path, rows=256, columns=256, pixel_spacing=(0.07, 0.07))
+    assert admit(files, STRICT).refusal == (
+        "the images would be 18 x 18 mm across (PixelSpacing 0.07 x 0.07 mm), narrower than a CT image can be "
+        "(80 mm at least); PixelSpacing is wrong, perhaps written in centimetres"
+    )
+
+
+def test_a_narrow_but_possible_field_is_admitted(tmp_path):
+    """A 256-pixel image at 0.32 mm is 82 mm across, a temporal-bone field."""
+    assert admit(series_files(tmp_path, rows=256, columns=256, pixel_spacing=(0.32, 0.32)), STRICT).admitted
+
+
 def test_a_coarse_series_is_estimated_on_the_model_grid(tmp_path):
     """A 10 mm series is resampled up to 1.5 mm: 107 x 107 x 27 voxels, far more than its 16 x 16 x 4."""
     files = series_files(tmp_path, pixel_spacing=(10.0, 10.0), slice_spacing=10.0)
