@@ -683,3 +683,140 @@ def test_login_throttle_counts_an_ipv6_client_by_its_network_and_forgets_old_add
     clock[0] += 120
     throttle.failed("198.51.100.1")
     assert len(throttle._failures) == 1, "addresses whose failures are older than the window are forgotten"
+
+
+def _audit_since(console: Console, first_id: int) -> list[str]:
+    with console.sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent.detail)
+                .where(AuditEvent.action == "console", AuditEvent.id > first_id)
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def _last_audit_id(console: Console) -> int:
+    with console.sessions() as session:
+        return max(session.scalars(select(AuditEvent.id)).all(), default=0)
+
+
+def test_reading_patient_data_is_audited_once_per_view_and_session(console):
+    """Who looked at which series is on record; a worklist refreshing itself adds no row per refresh."""
+    operator, viewer = console.client("olga"), console.client("vera")
+    start = _last_audit_id(console)
+    for _ in range(3):
+        assert operator.get("/worklist/rows").status_code == 200
+    assert operator.get(f"/series/{HOSTILE}").status_code == 200
+    assert operator.get(f"/api/jobs/{HOSTILE}").status_code == 200
+    assert operator.get("/api/jobs", params={"search": ACCESSION}).json()["total"] == 1
+    assert operator.get("/api/jobs", params={"search": HOSTILE}).status_code == 200
+    assert viewer.get(f"/series/{HOSTILE}").status_code == 200
+
+    details = [d for d in _audit_since(console, start) if "logged in" not in d]
+
+    assert details == [
+        "user olga: viewed the worklist (page 1) (with patient details)",
+        f"user olga: viewed series {HOSTILE} (with patient details)",
+        f"user olga: read series {HOSTILE} through the API (with patient details)",
+        "user olga: listed series through the API (page 1, search by accession number) (with patient details)",
+        f'user olga: listed series through the API (page 1, search "{HOSTILE}") (with patient details)',
+        f"user vera: viewed series {HOSTILE} (without patient details)",
+    ]
+    with console.sessions() as session:
+        studies = set(session.scalars(select(AuditEvent.study_instance_uid).where(AuditEvent.id > start)))
+    assert studies == {None, HOSTILE + ".0"}
+
+
+def test_a_refused_login_records_a_configured_name_never_what_else_was_typed(console):
+    start = _last_audit_id(console)
+    client = console.client()
+    assert log_in(client, "Winter2025!olga", "guess").status_code == 401
+    assert log_in(client, "olga", "guess").status_code == 401
+    assert log_in(client, "olga", PASSWORDS["olga"]).status_code == 303  # clears this address' failures
+
+    assert _audit_since(console, start) == [
+        "user (a name that is no user): login failed: wrong user name or password",
+        "user olga: login failed: wrong user name or password",
+        "user olga: logged in (operator)",
+    ]
+
+
+def test_tokens_with_any_characters_are_refused_not_answered_with_an_error(console):
+    """A cookie, form token, header token or signature holding non-ASCII text is simply wrong."""
+    operator = console.client("olga")
+    session_cookie = f"{SESSION_COOKIE}=a.\u00e9".encode()
+    assert httpx.get(f"{console.url}/api/me", headers={"Cookie": session_cookie}).status_code == 401
+    assert httpx.get(f"{console.url}/login", headers={"Cookie": session_cookie}).status_code == 200
+    stranger = console.client()
+    stranger.get("/login")
+    form = {"username": "olga", "password": PASSWORDS["olga"], "csrf_token": "\u00e9"}
+    assert stranger.post("/login", data=form).status_code == 403
+    refused = operator.post(f"/api/jobs/{QUEUED}/cancel", headers={"X-CSRF-Token": "\u00e9".encode()})
+    assert refused.status_code == 403
+    page = operator.get(f"/series/{HOSTILE}", params={"done": "made up", "sig": "\u00e9"})
+    assert page.status_code == 200 and "made up" not in page.text
+
+
+def test_an_internal_error_is_a_plain_500_with_the_security_headers_and_a_logged_sentence(
+    tmp_path, monkeypatch, caplog
+):
+    from dicom_node.console import queries
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the worklist query")
+
+    running = _start(tmp_path)
+    try:
+        client = running.client("olga")
+        monkeypatch.setattr(queries, "state_counts", broken)
+        response = client.get("/")
+        big = client.post("/api/jobs/1.2.3/cancel", content=b"a" * (MAX_BODY_BYTES + 1))
+    finally:
+        running.server.stop()
+
+    assert response.status_code == 500 and response.text == "internal error: see the node's log"
+    for answer in (response, big):
+        assert answer.headers["X-Frame-Options"] == "DENY" and answer.headers["Cache-Control"] == "no-store"
+        assert "default-src 'self'" in answer.headers["Content-Security-Policy"]
+    assert big.status_code == 413
+    reasons = [getattr(r, "event_fields", {}).get("reason") for r in caplog.records]
+    assert "the console could not answer GET / because of an internal error" in reasons
+
+
+def test_login_attempts_sent_at_once_each_count_before_the_password_is_checked(monkeypatch):
+    from dicom_node.console import auth
+
+    monkeypatch.setattr(auth.time, "monotonic", lambda: 1000.0)
+    throttle = auth.LoginThrottle(limit=3)
+
+    assert [throttle.begin("192.0.2.7") for _ in range(5)] == [0, 0, 0, 61, 61]
+    throttle.succeeded("192.0.2.7")
+    assert throttle.begin("192.0.2.7") == 0
+
+
+def test_a_login_form_expires_on_the_server(monkeypatch):
+    from dicom_node.console import auth
+
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(auth.time, "time", lambda: clock[0])
+    sessions = Sessions(SECRET.encode(), lifetime_seconds=600)
+    nonce = sessions.login_nonce()
+    token = sessions.login_token(nonce)
+
+    assert sessions.login_token_valid(nonce, token)
+    clock[0] += auth.LOGIN_FORM_SECONDS + 1
+    assert not sessions.login_token_valid(nonce, token), "a form kept for a month must not log anyone in"
+    assert not sessions.login_token_valid("no-time-in-it", sessions.login_token("no-time-in-it"))
+
+
+def test_a_database_password_in_the_url_query_is_hidden_from_the_configuration_page():
+    from dicom_node.console.queries import visible_config
+
+    settings = Settings(
+        database={"url": "postgresql+psycopg://node:S3cretPw@db/dicom?password=S3cretPw&sslmode=require"}
+    )
+
+    shown = visible_config(settings)["database"]["url"]
+
+    assert "S3cretPw" not in shown and "sslmode=require" in shown and "db/dicom" in shown

@@ -5,7 +5,9 @@ Pages, the JSON API and operator actions depend on these; the application (``app
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -27,6 +29,11 @@ from dicom_node.console.auth import (
 )
 from dicom_node.console.metrics import Liveness
 
+VIEW_AUDIT_SECONDS = 300.0
+"""The same view by the same session is recorded once in this long: a worklist that refreshes itself every
+few seconds does not fill the audit trail."""
+VIEWS_REMEMBERED = 10_000
+
 
 @dataclass
 class ConsoleContext:
@@ -39,6 +46,8 @@ class ConsoleContext:
     liveness: Liveness
     registry: CollectorRegistry
     templates: Jinja2Templates
+    _views: dict[tuple[str, str, str | None], float] = field(default_factory=dict, repr=False)
+    _views_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def may_see_patient(self, user: User) -> bool:
         return user.role in self.settings.console.show_patient_details_to
@@ -57,6 +66,25 @@ class ConsoleContext:
             study_instance_uid=study,
             detail=f"{who}{detail}",
         )
+
+    def audit_view(self, request: Request, user: User, what: str, study: str | None = None) -> None:
+        """A ``console`` audit record of ``user`` reading patient data (a page, an API answer, a preview).
+
+        ``what`` says what was seen (``viewed the series ...``); the same view by the same session is
+        recorded once per :data:`VIEW_AUDIT_SECONDS`.
+        """
+        key = (user.session_id, what, study)
+        now = time.monotonic()
+        with self._views_lock:
+            seen = self._views.get(key)
+            if seen is not None and now - seen < VIEW_AUDIT_SECONDS:
+                return
+            if len(self._views) >= VIEWS_REMEMBERED:
+                for old in [k for k, at in self._views.items() if now - at >= VIEW_AUDIT_SECONDS] or list(self._views):
+                    del self._views[old]
+            self._views[key] = now
+        details = "with" if self.may_see_patient(user) else "without"
+        self.audit(request, user.name, "success", f"{what} ({details} patient details)", study)
 
 
 class NotLoggedIn(Exception):

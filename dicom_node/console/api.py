@@ -68,6 +68,7 @@ def list_jobs(
     """Recent series with state, model, images, stage times, delivery and warnings; filtered and paged."""
     context = console_of(request)
     wanted = queries.WorklistFilter(state.value if state else None, day, rule, destination, search, page, per_page)
+    context.audit_view(request, user, f"listed series through the API ({wanted.described()})")
     with context.sessions() as session:
         return queries.worklist(session, wanted, with_patient=context.may_see_patient(user))
 
@@ -80,7 +81,10 @@ def one_job(series_instance_uid: str, request: Request, user: Annotated[User, De
         job = jobs.job_for_series_uid(session, series_instance_uid)
         if job is None:
             return JSONResponse({"detail": f"no series {series_instance_uid} on this node"}, status_code=404)
-        return queries.job_detail(session, job, with_patient=context.may_see_patient(user))
+        detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
+        study = job.series.study.study_instance_uid
+    context.audit_view(request, user, f"read series {series_instance_uid} through the API", study)
+    return detail
 
 
 @router.post("/jobs/{series_instance_uid}/retry")
@@ -121,7 +125,9 @@ def rejected(
     """Instances refused at C-STORE, newest first, with their reasons (patient values hidden from viewers)."""
     context = console_of(request)
     with context.sessions() as session:
-        return queries.rejected(session, limit, with_patient=context.may_see_patient(user))
+        rows = queries.rejected(session, limit, with_patient=context.may_see_patient(user))
+    context.audit_view(request, user, "read the rejected instances through the API")
+    return rows
 
 
 @router.get("/destinations")

@@ -67,6 +67,16 @@ def _forbidden(request: Request, exc: Exception) -> Response:
     )
 
 
+def _internal_error(request: Request, exc: Exception) -> Response:
+    """Any error no handler expected: a plain 500 with the usual security headers, and a log sentence naming the
+    request (the traceback follows it in the log, for whoever fixes the bug)."""
+    reason = f"the console could not answer {request.method} {request.url.path[:200]} because of an internal error"
+    LOG.error("console.request_failed", exc_info=exc, extra={"event_fields": {"reason": reason}})
+    response = Response("internal error: see the node's log", status_code=500, media_type="text/plain")
+    _security_headers(response, console_of(request).settings.console.https, request.url.path)
+    return response
+
+
 def _security_headers(response: Response, https: bool, path: str) -> None:
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -174,7 +184,9 @@ def create_app(context: ConsoleContext) -> FastAPI:
     app.state.console = context
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
     app.add_exception_handler(Forbidden, _forbidden)
+    app.add_exception_handler(Exception, _internal_error)
     https = context.settings.console.https
+    app.add_middleware(BodyLimit)  # inside the headers' middleware, so its 413 answer carries them too
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
@@ -182,7 +194,6 @@ def create_app(context: ConsoleContext) -> FastAPI:
         _security_headers(response, https, request.url.path)
         return response
 
-    app.add_middleware(BodyLimit)
     _health_routes(app)
 
     @app.get("/metrics", include_in_schema=False)

@@ -41,6 +41,16 @@ _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not a password anyone has")
 
 
+def _bytes(text: str) -> bytes:
+    """``text`` as bytes for signing and comparing: any character a client sends (also a lone surrogate)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of a client's token with the expected one, whatever characters it holds."""
+    return hmac.compare_digest(_bytes(given), _bytes(expected))
+
+
 def hash_password(password: str) -> str:
     """An argon2id hash of ``password`` for ``console.users.NAME.password_hash``."""
     return _hasher.hash(password)
@@ -92,10 +102,10 @@ class Sessions:
         if not cookie or "." not in cookie:
             return None
         payload, signature = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(signature, self._sign(payload.encode())):
+        if not _same(signature, self._sign(_bytes(payload))):
             return None
         try:
-            data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+            data = json.loads(base64.urlsafe_b64decode(_bytes(payload)))
         except ValueError:
             return None
         if not isinstance(data, dict) or data.get("r") not in ROLE_RANK:
@@ -127,27 +137,37 @@ class Sessions:
 
     def proxy_user(self, name: str, role: ConsoleRole) -> User:
         """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""
-        return User(name, role, self._sign(f"proxy:{name}".encode())[:24])
+        return User(name, role, self._sign(_bytes(f"proxy:{name}"))[:24])
+
+    @staticmethod
+    def login_nonce() -> str:
+        """A login form's nonce: when the form was shown, and a random part."""
+        return f"{int(time.time())}.{secrets.token_urlsafe(18)}"
 
     def login_token(self, nonce: str) -> str:
         """The login form's token: binds the form to the browser that loaded it (its login cookie)."""
-        return self._sign(f"login:{nonce}".encode())
+        return self._sign(_bytes(f"login:{nonce}"))
 
     def login_token_valid(self, nonce: str | None, token: str | None) -> bool:
-        return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_token(str(nonce)))
+        """Whether the form's token matches its nonce, and the form was shown within ``LOGIN_FORM_SECONDS``
+        (checked here, not only by the cookie's lifetime in the browser)."""
+        if not nonce or not token or not _same(str(token), self.login_token(str(nonce))):
+            return False
+        shown = str(nonce).split(".", 1)[0]
+        return shown.isdigit() and 0 <= time.time() - int(shown) <= LOGIN_FORM_SECONDS
 
     def notice_signature(self, text: str) -> str:
         """Signs an outcome message put in a redirect's address, so a crafted link cannot show its own text."""
-        return self._sign(f"notice:{text}".encode())
+        return self._sign(_bytes(f"notice:{text}"))
 
     def notice_valid(self, text: str, signature: str | None) -> bool:
-        return bool(signature) and hmac.compare_digest(str(signature), self.notice_signature(text))
+        return bool(signature) and _same(str(signature), self.notice_signature(text))
 
     def csrf_token(self, user: User) -> str:
-        return self._sign(f"csrf:{user.session_id}".encode())
+        return self._sign(_bytes(f"csrf:{user.session_id}"))
 
     def csrf_valid(self, user: User, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(user))
+        return bool(token) and _same(str(token), self.csrf_token(user))
 
 
 def _read_ended(path: Path | None) -> dict[str, float]:
@@ -237,24 +257,42 @@ class LoginThrottle:
 
     def wait_seconds(self, address: str) -> int:
         """Seconds ``address`` must wait before its next attempt (0: it may try now)."""
-        now = time.monotonic()
         with self._lock:
-            failures = self._failures.get(self.key(address))
-            if not failures:
-                return 0
-            while failures and now - failures[0] > self.WINDOW_SECONDS:
-                failures.popleft()
-            if len(failures) < self.limit:
-                return 0
-            return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
+            return self._wait(self.key(address), time.monotonic())
+
+    def _wait(self, key: str, now: float) -> int:
+        failures = self._failures.get(key)
+        if not failures:
+            return 0
+        while failures and now - failures[0] > self.WINDOW_SECONDS:
+            failures.popleft()
+        if len(failures) < self.limit:
+            return 0
+        return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
+
+    def begin(self, address: str) -> int:
+        """Start a login attempt from ``address``: the seconds it must wait first (0: go ahead).
+
+        An attempt let through counts as a failure at once, in the same locked step as the check, and
+        :meth:`succeeded` clears it: logins sent in parallel cannot all pass the check before any fails.
+        """
+        now = time.monotonic()
+        key = self.key(address)
+        with self._lock:
+            wait = self._wait(key, now)
+            if not wait:
+                self._record(key, now)
+            return wait
 
     def failed(self, address: str) -> None:
-        now = time.monotonic()
         with self._lock:
-            if len(self._failures) > self.PRUNE_ABOVE:
-                for stale in [k for k, v in self._failures.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
-                    del self._failures[stale]
-            self._failures.setdefault(self.key(address), deque()).append(now)
+            self._record(self.key(address), time.monotonic())
+
+    def _record(self, key: str, now: float) -> None:
+        if len(self._failures) > self.PRUNE_ABOVE:
+            for stale in [k for k, v in self._failures.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
+                del self._failures[stale]
+        self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, address: str) -> None:
         with self._lock:

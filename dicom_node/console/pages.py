@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +27,6 @@ from dicom_node.console.access import (
 from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
 
 router = APIRouter(include_in_schema=False)
-MAX_USER_NAME_CHARACTERS = 64
 
 
 def _page(request: Request, template: str, user: User | None, status_code: int = 200, **values: Any) -> Response:
@@ -63,7 +61,7 @@ def _login_page(request: Request, next_path: str, status_code: int = 200, error:
     """The login form, with a fresh login token bound to a short-lived cookie (CSRF protection of the login)."""
     context = console_of(request)
     proxy = context.settings.console.auth == "proxy_header"
-    nonce = secrets.token_urlsafe(18)
+    nonce = context.auth.login_nonce()
     response = _page(
         request,
         "login.html",
@@ -104,22 +102,23 @@ def login(
 ) -> Response:
     context = console_of(request)
     address = client_address(request) or "unknown"
-    claimed = username[:MAX_USER_NAME_CHARACTERS]  # what the audit trail records of a refused attempt
+    # What the audit trail, which every role reads, records of a refused attempt: a configured user's name,
+    # never what else was typed (often a password typed into the wrong field).
+    claimed = username if username in context.settings.console.users else "(a name that is no user)"
     target = _safe_next(next)
     check_origin(request)
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
         error = "The login form expired or came from another page; log in again."
         return _login_page(request, target, status_code=403, error=error)
-    wait = context.throttle.wait_seconds(address)
+    wait = context.throttle.begin(address)
     if wait:
         context.audit(request, claimed, "refused", f"login refused: too many failed logins from {address}")
         error = f"Too many failed logins from this address; try again in {wait} s."
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
-    if role is None:
-        context.throttle.failed(address)
-        context.audit(request, claimed or None, "refused", "login failed: wrong user name or password")
+    if role is None:  # already counted as a failure by begin()
+        context.audit(request, claimed, "refused", "login failed: wrong user name or password")
         return _login_page(request, target, status_code=401, error="Wrong user name or password.")
     context.throttle.succeeded(address)
     _user, cookie = context.auth.issue(username, role)
@@ -170,6 +169,7 @@ def _filters(request: Request) -> queries.WorklistFilter:
 def _worklist_values(request: Request, user: User) -> dict[str, Any]:
     context = console_of(request)
     wanted = _filters(request)
+    context.audit_view(request, user, f"viewed the worklist ({wanted.described()})")
     with context.sessions() as session:
         listing = queries.worklist(session, wanted, with_patient=context.may_see_patient(user))
         counts = queries.state_counts(session)
@@ -214,6 +214,8 @@ def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -
                 message=f"No series {uid} on this node.",
             )
         detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
+        study = job.series.study.study_instance_uid
+    context.audit_view(request, user, f"viewed series {uid}", study)
     flash = _notice(request, uid, "done")
     problem = _notice(request, uid, "error")
     return _page(
@@ -276,12 +278,15 @@ def reroute(
 
 
 @router.get("/series/{uid}/preview.png")
-def preview(uid: str, request: Request, _user: Annotated[User, Depends(viewer)]) -> Response:
-    with console_of(request).sessions() as session:
+def preview(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
+    context = console_of(request)
+    with context.sessions() as session:
         job = jobs.job_for_series_uid(session, uid)
         path = queries.preview_path(job) if job else None
+        study = job.series.study.study_instance_uid if job else None
     if path is None:
         return Response("no preview for this series", status_code=404, media_type="text/plain")
+    context.audit_view(request, user, f"viewed the CT preview of series {uid}", study)
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
@@ -311,6 +316,7 @@ def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Respon
     context = console_of(request)
     with context.sessions() as session:
         rows = queries.rejected(session, 200, with_patient=context.may_see_patient(user))
+    context.audit_view(request, user, "viewed the rejected instances")
     return _page(request, "rejected.html", user, title="Rejected instances", rows=rows)
 
 

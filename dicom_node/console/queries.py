@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from db import jobs
 from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study
 from dicom_node.config import Settings
+from dicom_node.receive.header import is_valid_uid
 
 STATE_COLOURS: dict[str, str] = {
     "RECEIVING": "blue",
@@ -57,6 +58,17 @@ class WorklistFilter:
     search: str | None = None  # accession number, series or study instance UID (exact)
     page: int = 1
     per_page: int = 25
+
+    def described(self) -> str:
+        """The page and filters, for the audit trail: ``page 2, state "FAILED", search "1.2.3.4"``."""
+        parts = [f"page {self.page}"]
+        for name in ("state", "day", "rule", "destination"):
+            value = getattr(self, name)
+            if value:
+                parts.append(f'{name} "{str(value)[:MAX_SEARCH_CHARACTERS]}"')
+        if self.search:  # every role reads the audit trail: an accession number searched for is not written
+            parts.append(f'search "{self.search}"' if is_valid_uid(self.search) else "search by accession number")
+        return ", ".join(parts)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -405,8 +417,16 @@ def visible_config(settings: Settings) -> dict[str, Any]:
     _hide(data)
     url = (data.get("database") or {}).get("url")
     if url:
-        data["database"]["url"] = make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        query = {key: HIDDEN if _is_secret_parameter(key) else value for key, value in parsed.query.items()}
+        data["database"]["url"] = parsed.set(query=query).render_as_string(hide_password=True)
     return data
+
+
+def _is_secret_parameter(name: str) -> bool:
+    """A database URL's query parameter that may hold a secret (``password``, ``sslpassword``, ``sslkey``...)."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("pass", "secret", "token", "key", "credential"))
 
 
 def _hide(value: Any) -> None:
