@@ -649,6 +649,18 @@ def worker_stopped(session: Session, job: Job) -> None:
     )
 
 
+def node_restarted(session: Session, job: Job) -> None:
+    """The whole node stopped (killed, power cut) while ``job`` was processed: queue it again without counting a
+    death, because a restart says nothing about the series (a worker dying under a living node does)."""
+    change_state(
+        session,
+        job,
+        S.QUEUED,
+        f"the node was restarted while worker {job.claimed_by} processed the series in stage {job.stage or 'start'} "
+        "(not counted as a crash of this series); queued again",
+    )
+
+
 def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:
     """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed."""
     late = ((now or utcnow()) - _aware(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0

@@ -27,7 +27,7 @@ from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
-from dicom_node.worker import log_worker_death, run_worker, worker_id
+from dicom_node.worker import log_worker_death, requeue_jobs_of_previous_run, run_worker, worker_id
 
 LOG = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def start_node(settings: Settings) -> RunningNode:
     store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
+    requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
     log_event(
         LOG,
         logging.INFO,

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -155,7 +155,7 @@ class InferenceWorker:
         with transaction(self.sessions) as session:
             for job in jobs.jobs_in_state(session, [jobs.S.PROCESSING]):
                 owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
-                if owner_host == self.host and not _pid_alive(owner_pid):
+                if owner_host == self.host and not claimer_alive(owner_pid, job.state_changed_at):
                     failed = jobs.worker_died(session, job, self.settings.inference.max_worker_deaths)
                     log_worker_death(job, failed)
                     requeued += not failed
@@ -470,14 +470,54 @@ def log_worker_death(job: Job, failed: bool) -> None:
     )
 
 
-def _pid_alive(pid: str) -> bool:
+def requeue_jobs_of_previous_run(sessions: sessionmaker[Session], name: str | None = None) -> int:
+    """At ``serve`` start-up, before its workers start: jobs left PROCESSING on this host by workers that are gone
+    were cut off by the node's own stop (killed, power cut). They are queued again without counting a death
+    (:func:`db.jobs.node_restarted`): two restarts during one long job must not fail it. Returns how many."""
+    host = worker_host(name)
+    requeued = 0
+    with transaction(sessions) as session:
+        for job in jobs.jobs_in_state(session, [jobs.S.PROCESSING]):
+            owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
+            if owner_host == host and not claimer_alive(owner_pid, job.state_changed_at):
+                jobs.node_restarted(session, job)
+                log_event(LOG, logging.WARNING, "job.node_restarted", job=job.id, reason=job.reason)
+                requeued += 1
+    return requeued
+
+
+CLAIM_CLOCK_TOLERANCE_SECONDS = 2.0
+
+
+def claimer_alive(pid: str, claimed_at: datetime | None) -> bool:
+    """Whether process ``pid`` runs and could be the worker that claimed a job at ``claimed_at``.
+
+    A process that started after the claim has only reused the number (a container restarted: its
+    new workers often get the old ones' pids), so the claimer is gone.
+    """
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
+        pass
+    started = _process_start(int(pid))
+    if started is None or claimed_at is None:
         return True
-    return True
+    claimed = claimed_at if claimed_at.tzinfo else claimed_at.replace(tzinfo=timezone.utc)
+    return started <= claimed.timestamp() + CLAIM_CLOCK_TOLERANCE_SECONDS
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def run_worker(settings: Settings, parent_pid: int | None = None, name: str | None = None) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from dicom_node.pipeline import STAGING_PREFIX
-from dicom_node.worker import InferenceWorker, prefetch_enabled
+from dicom_node.worker import InferenceWorker, prefetch_enabled, requeue_jobs_of_previous_run
 from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
@@ -390,3 +391,35 @@ def test_a_claim_lost_and_taken_again_by_the_same_worker_id_does_not_publish_the
     second.process(taken)
     with sessions() as session:
         assert session.scalars(select(Job)).one().state is JobState.DONE
+    _settings, sessions, _series = worker_setup
+    _settings, sessions, _series = worker_setup
+    _settings, sessions, _series = worker_setup
+    _settings, sessions, _series = worker_setup
+    _settings, sessions, _series = worker_setup
+
+
+def test_a_job_claimed_before_its_claimers_pid_was_taken_again_is_queued_again(worker_setup):
+    """A container restarted: this process has the old worker's pid, but started after the claim."""
+    _settings, sessions, _series = worker_setup
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        assert jobs.claim(session, job, f"{socket.gethostname()}:{os.getpid()}", timedelta(minutes=5))
+        job.state_changed_at = datetime(2020, 1, 1, tzinfo=timezone.utc)
+
+    assert requeue_jobs_of_previous_run(sessions) == 1
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.QUEUED and job.worker_deaths == 0
+        assert job.reason.startswith("the node was restarted while worker ")
+
+
+def test_a_job_of_a_running_claimer_is_left_alone_at_start_up(worker_setup):
+    _settings, sessions, _series = worker_setup
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job)).one()
+        assert jobs.claim(session, job, f"{socket.gethostname()}:{os.getpid()}", timedelta(minutes=5))
+
+    assert requeue_jobs_of_previous_run(sessions) == 0
+    with sessions() as session:
+        assert session.scalars(select(Job)).one().state is JobState.PROCESSING

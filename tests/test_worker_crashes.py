@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -98,3 +99,36 @@ def test_workers_stop_when_serve_is_killed(tmp_path, start_node):
     while any(_alive(pid) for pid in workers):
         assert time.monotonic() < deadline, f"worker(s) {workers} outlived the killed serve"
         time.sleep(0.2)
+
+
+def _kill_node_and_workers(node) -> None:
+    """SIGKILL serve and every process it started at once, as a power cut or a container kill does."""
+    children = _children(node.process.pid)
+    node.kill()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_node_restarts_during_one_series_are_not_counted_as_crashes_of_it(tmp_path, start_node):
+    """Two power cuts while the same series is segmented: it is done after the second restart, not failed."""
+    series = write_phantom_series(tmp_path / "ct", POISON)
+    node = start_node(rules=CT_RULES, inference={"workers": 1, "max_worker_deaths": 2})
+    assert storescu(node.port, series.files).returncode == 0
+
+    for _restart in range(2):
+        node.wait_for_state(series.series_instance_uid, JobState.PROCESSING, timeout=120)
+        _kill_node_and_workers(node)
+        node.start()
+    node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=300)
+
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and job.worker_deaths == 0
+        restarts = [e.reason for e in job.events if e.reason.startswith("the node was restarted")]
+    assert len(restarts) == 2, restarts
+    assert re.fullmatch(
+        rf"the node was restarted while worker \S+:\d+ processed the series in stage ({STAGES}) "
+        r"\(not counted as a crash of this series\); queued again",
+        restarts[0],
+    )
