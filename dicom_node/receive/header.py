@@ -21,6 +21,7 @@ from pydicom.uid import UID
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
 from dicom_node import status
+from dicom_node.receive.structure import structure_problem
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA_GROUP = 0x7FE0
@@ -178,6 +179,11 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
     total_length = len(encoded)
     if transfer_syntax.is_deflated:
         encoded, total_length = _inflate_bounded(encoded)
+    problem = structure_problem(
+        encoded, implicit=transfer_syntax.is_implicit_VR, little_endian=transfer_syntax.is_little_endian
+    )
+    if problem is not None:
+        raise InvalidInstance(problem, status.CANNOT_UNDERSTAND)
     try:
         stream = BytesIO(encoded)
         dataset = read_dataset(

@@ -1,0 +1,156 @@
+"""How many elements and sequence items a received data set holds, counted on its bytes before pydicom reads it.
+
+pydicom builds a Python object for every item of an undefined-length sequence as it reads a data
+set, and for every item of any sequence once that sequence is used (admission reads the per-frame
+functional groups). A few megabytes of empty items would so cost gigabytes of memory and minutes
+of CPU in the receiver, admission and the worker. This walk allocates nothing: it follows element
+and item headers up to the pixel data, descending into every sequence, and refuses a data set with
+more elements or items than any real image needs for its number of frames.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pydicom.datadict import dictionary_VR
+
+from dicom_node.retrieve.stored import ITEM, LONG_LENGTH_VRS, UNDEFINED
+
+PIXEL_DATA = 0x7FE00010
+NUMBER_OF_FRAMES = 0x00280008
+ITEMS_ALLOWED = 10_000
+"""Sequence items any data set may hold: a CT image has tens; a dose report or a private sequence a few hundred."""
+ITEMS_PER_FRAME = 40
+"""More items per frame of a multi-frame image: an Enhanced CT frame's functional groups take about ten."""
+ELEMENTS_ALLOWED = 100_000
+ELEMENTS_PER_FRAME = 400
+MAX_NESTING = 64
+"""Sequences inside sequences: real images nest a few levels (pydicom itself gives up at a few hundred)."""
+FRAMES_COUNTED = 5_000
+"""At most this many frames raise the allowances (NumberOfFrames is the sender's word; admission limits it)."""
+
+
+class TooManyParts(Exception):
+    """The data set holds more elements or items than its frames allow; the message says which."""
+
+
+@dataclass
+class Structure:
+    """What the walk found before the pixel data."""
+
+    elements: int = 0
+    items: int = 0
+    frames: int = 1
+
+
+def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) -> str | None:
+    """Why ``encoded`` (a data set without its file meta) holds too many elements or items to be read; None if
+    it does not. Bytes that do not walk as a data set are left for pydicom to refuse with its own reason."""
+    try:
+        _walk(encoded, "<" if little_endian else ">", implicit, Structure())
+    except TooManyParts as exc:
+        return str(exc)
+    except (ValueError, struct.error):
+        pass  # malformed: the reader that follows refuses it
+    return None
+
+
+_LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
+_ITEM_GROUP = 0xFFFE
+
+
+def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
+    """Count elements and items up to the top-level pixel data (a tight loop: it runs on every received image)."""
+    tag_and_length = struct.Struct(order + "HHL")
+    explicit_short = struct.Struct(order + "HH2sH")
+    long_length = struct.Struct(order + "L")
+    ends: list[int] = []  # where each open defined-length value ends; UNDEFINED for undefined-length ones
+    encodings: list[bool] = []  # whether each open value is implicit VR (an undefined-length UN value is)
+    base_implicit = implicit
+    items_allowed, elements_allowed = _allowances(found.frames)
+    size = len(data)
+    position = 0
+    while position + 8 <= size:
+        while ends and ends[-1] != UNDEFINED and position >= ends[-1]:
+            ends.pop()
+            encodings.pop()
+            implicit = encodings[-1] if encodings else base_implicit
+        vr = b""
+        if implicit:
+            group, element, length = tag_and_length.unpack_from(data, position)
+            header = 8
+        else:
+            group, element, vr, length = explicit_short.unpack_from(data, position)
+            header = 8
+            if group == _ITEM_GROUP:
+                length = tag_and_length.unpack_from(data, position)[2]
+            elif vr in _LONG_LENGTH_VR_BYTES:
+                if position + 12 > size:
+                    raise ValueError("the data set ends inside an element header")
+                length = long_length.unpack_from(data, position + 8)[0]
+                header = 12
+        tag = group << 16 | element
+        if group == _ITEM_GROUP:
+            if tag != ITEM:  # an item or sequence delimiter
+                if ends and ends[-1] == UNDEFINED:
+                    ends.pop()
+                    encodings.pop()
+                    implicit = encodings[-1] if encodings else base_implicit
+                position += 8
+                continue
+            found.items += 1
+            if found.items > items_allowed:
+                raise TooManyParts(_too_many("sequence items", items_allowed, found.frames))
+        else:
+            if tag == PIXEL_DATA and not ends:
+                return
+            found.elements += 1
+            if found.elements > elements_allowed:
+                raise TooManyParts(_too_many("elements", elements_allowed, found.frames))
+            if tag == NUMBER_OF_FRAMES and not ends and length <= 12:
+                found.frames = _frames(data[position + header : position + header + length])
+                items_allowed, elements_allowed = _allowances(found.frames)
+        start = position + header
+        if len(ends) >= MAX_NESTING and (length == UNDEFINED or tag == ITEM or vr == b"SQ"):
+            raise TooManyParts(
+                f"data set nests sequences too deeply to be read (more than {MAX_NESTING} levels; real images use "
+                "a few)"
+            )
+        if length == UNDEFINED:
+            implicit = implicit or vr == b"UN"  # a sequence written as UN is implicit VR inside
+            ends.append(UNDEFINED)
+            encodings.append(implicit)
+            position = start
+        elif tag == ITEM or vr == b"SQ" or ((implicit or vr == b"UN") and _is_sequence(tag)):
+            implicit = implicit or vr == b"UN"  # pydicom reads a known sequence sent as UN as implicit VR
+            ends.append(start + length)
+            encodings.append(implicit)
+            position = start
+        else:
+            position = start + length
+
+
+def _allowances(frames: int) -> tuple[int, int]:
+    """(items, elements) a data set of ``frames`` frames may hold before its pixel data."""
+    extra = frames - 1
+    return ITEMS_ALLOWED + ITEMS_PER_FRAME * extra, ELEMENTS_ALLOWED + ELEMENTS_PER_FRAME * extra
+
+
+def _too_many(what: str, allowed: int, frames: int) -> str:
+    return (
+        f"the data set holds more than {allowed:,} {what} before its pixel data, more than an image of {frames} "
+        "frame(s) needs; refused unread, as reading it would take gigabytes of memory"
+    )
+
+
+def _is_sequence(tag: int) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+def _frames(value: bytes) -> int:
+    text = value.decode("ascii", "replace").strip(" \0")
+    return min(int(text), FRAMES_COUNTED) if text.isdigit() and int(text) > 0 else 1
