@@ -187,7 +187,9 @@ def retry(session: Session, job: Job) -> None:
     resend = job.state is S.FAILED and job.result_files and _failed_while_sending(job) and not lacking
     if resend and lacks_deliveries(session, job):
         job.deliveries = {
-            name: record.model_copy(update={"attempts": 0, "next_attempt_at": None})
+            name: record.model_copy(
+                update={"attempts": 0, "next_attempt_at": None, "unreachable_since": None, "unreachable_attempts": 0}
+            )
             for name, record in (job.deliveries or {}).items()
         }
         change_state(session, job, S.SENDING, "resend of the missing files requested by operator")
@@ -299,6 +301,7 @@ class DestinationProgress:
     attempts: int = 0
     last_error: str | None = None
     next_attempt_at: datetime | None = None
+    unreachable_since: datetime | None = None
 
     @property
     def total(self) -> int | None:
@@ -352,18 +355,27 @@ def record_attempt(
     complete: bool,
     error: str | None,
     next_attempt_at: datetime | None,
+    unreachable: bool = False,
 ) -> DeliveryRecord:
-    """Count one sending attempt to ``destination``: delivered (every file accepted), or its error and next try."""
+    """Count one sending attempt to ``destination``: delivered (every file accepted), or its error and next try.
+
+    An attempt that found the destination ``unreachable`` (no association) is not counted in ``attempts``
+    but in ``unreachable_attempts``, from ``unreachable_since``; an attempt that reaches it ends that count.
+    """
     record = delivery_record(job, destination)
-    attempts = record.attempts + 1
+    if unreachable:
+        streak = {
+            "unreachable_since": record.unreachable_since or now,
+            "unreachable_attempts": record.unreachable_attempts + 1,
+        }
+    else:
+        streak = {"attempts": record.attempts + 1, "unreachable_since": None, "unreachable_attempts": 0}
     if complete:
-        updated = record.model_copy(
-            update={"attempts": attempts, "delivered_at": now, "last_error": None, "next_attempt_at": None}
-        )
+        updated = record.model_copy(update={**streak, "delivered_at": now, "last_error": None, "next_attempt_at": None})
     else:
         updated = record.model_copy(
             update={
-                "attempts": attempts,
+                **streak,
                 "last_error": error or "not every file was accepted",
                 "next_attempt_at": next_attempt_at,
             }
@@ -426,7 +438,15 @@ def delivery_progress(session: Session, job: Job) -> list[DestinationProgress]:
         if planned is not None:
             delivered = {uid: row for uid, row in delivered.items() if uid in planned}
         progress.append(
-            DestinationProgress(name, planned, delivered, record.attempts, record.last_error, record.next_attempt_at)
+            DestinationProgress(
+                name,
+                planned,
+                delivered,
+                record.attempts,
+                record.last_error,
+                record.next_attempt_at,
+                record.unreachable_since,
+            )
         )
     return progress
 

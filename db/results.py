@@ -101,6 +101,8 @@ class DeliveryRecord(BaseModel):
     delivered_at: datetime | None = None  # every planned file accepted
     sent: list[str] = Field(default_factory=list)  # accepted paths, from records older than per-file rows
     lacking: list[str] = Field(default_factory=list)  # kinds it takes that the run did not make (kinds_missing)
+    unreachable_since: datetime | None = None  # first of the attempts in a row that found no association
+    unreachable_attempts: int = 0  # those attempts: they do not count against dispatch.max_attempts
 
     def due(self, now: datetime) -> bool:
         return self.next_attempt_at is None or self.next_attempt_at <= now

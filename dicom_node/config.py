@@ -312,6 +312,12 @@ class DispatchSettings(_Strict):
         4, ge=1, le=64, description="Destinations sent to at once; each destination gets one association at a time."
     )
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
+    unreachable_hours: float = Field(
+        24.0,
+        gt=0,
+        description="A destination that cannot be reached (down, not answering) is tried again, every "
+        "max_retry_seconds at most, for this long before its jobs fail; such tries do not use up max_attempts.",
+    )
 
 
 class RetentionSettings(_Strict):

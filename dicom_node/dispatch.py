@@ -84,6 +84,7 @@ def read_result_file(path: str) -> SendableFile:
 class SendOutcome:
     sent: list[str]  # files the peer accepted in this attempt
     error: str | None  # why the attempt stopped short, or None when all went
+    unreachable: bool = False  # no association: the destination is down or not answering
 
 
 RunKey = tuple[str, ...]
@@ -147,7 +148,9 @@ def send_files(
     if not assoc.is_established:
         if assoc.is_rejected:
             return SendOutcome([], f"association rejected by {peer}")
-        return SendOutcome([], f"{peer} is unreachable (no association: destination down, or not answering)")
+        return SendOutcome(
+            [], f"{peer} is unreachable (no association: destination down, or not answering)", unreachable=True
+        )
     sent: list[str] = []
     refusals: list[str] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
@@ -229,10 +232,22 @@ class Dispatcher(PeriodicTask):
                     )
                     thread.start()
 
-    def _settled(self, record: DeliveryRecord | None) -> bool:
-        """A destination that has every file, or has used all its attempts."""
+    def _settled(self, record: DeliveryRecord | None, now: datetime | None = None) -> bool:
+        """A destination that has every file, has used all its attempts, or has been unreachable too long."""
         record = record or DeliveryRecord()
-        return record.delivered_at is not None or record.attempts >= self._dispatch.max_attempts
+        return (
+            record.delivered_at is not None
+            or record.attempts >= self._dispatch.max_attempts
+            or self._unreachable_too_long(record.unreachable_since, now)
+        )
+
+    def _unreachable_too_long(self, since: datetime | None, now: datetime | None = None) -> bool:
+        """Whether a destination unreachable ``since`` then has been so for ``dispatch.unreachable_hours``."""
+        if since is None:
+            return False
+        moment = now or datetime.now(timezone.utc)
+        start = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        return moment - start >= timedelta(hours=self._dispatch.unreachable_hours)
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
@@ -298,6 +313,9 @@ class Dispatcher(PeriodicTask):
             )
             error = outcome.error
             self._audit(job_id, destination, len(outcome.sent), len(pending), error)
+            if outcome.unreachable:
+                self._finish_attempt(job_id, name, error, now, key, unreachable=True)
+                return
         self._finish_attempt(job_id, name, error, now, key)
 
     def _superseded(self, job_id: int, key: RunKey) -> str | None:
@@ -410,11 +428,22 @@ class Dispatcher(PeriodicTask):
         # A full disk also waits: a file the destination accepted must be recorded before anything is sent again.
         retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS, wait_for_disk_space=True)
 
-    def _finish_attempt(self, job_id: int, name: str, error: str | None, now: datetime, key: RunKey | None) -> None:
+    def _finish_attempt(
+        self,
+        job_id: int,
+        name: str,
+        error: str | None,
+        now: datetime,
+        key: RunKey | None,
+        *,
+        unreachable: bool = False,
+    ) -> None:
         """Count the attempt, note its error and next try, and finish the job if every destination is settled.
 
         An attempt at results that were superseded meanwhile (``key`` is not the job's run any more) is not
-        counted: the new run's results start with every attempt they are allowed.
+        counted: the new run's results start with every attempt they are allowed. An attempt that found the
+        destination ``unreachable`` is tried again every ``dispatch.max_retry_seconds`` at most, without using
+        up ``dispatch.max_attempts``, until it has been unreachable for ``dispatch.unreachable_hours``.
         """
         logged: list[tuple[int, str, dict]] = []
 
@@ -426,7 +455,8 @@ class Dispatcher(PeriodicTask):
                 return  # re-opened meanwhile: its new run sends its own results
             progress = next(p for p in jobs.delivery_progress(session, job) if p.destination == name)
             complete = error is None and progress.complete
-            attempts = jobs.delivery_record(job, name).attempts + 1
+            earlier = jobs.delivery_record(job, name)
+            tries = earlier.unreachable_attempts + 1 if unreachable else earlier.attempts + 1
             record = jobs.record_attempt(
                 session,
                 job,
@@ -434,7 +464,8 @@ class Dispatcher(PeriodicTask):
                 now=now,
                 complete=complete,
                 error=error,
-                next_attempt_at=None if complete else now + self._backoff(attempts),
+                next_attempt_at=None if complete else now + self._backoff(tries),
+                unreachable=unreachable,
             )
             if complete:
                 logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))
@@ -474,7 +505,10 @@ class Dispatcher(PeriodicTask):
             files = sum(p.total or 0 for p in progress)
             jobs.finish_sending(session, job, f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
             return [(logging.INFO, "job.done", {"reason": job.reason})]
-        if all(p.complete or p.attempts >= self._dispatch.max_attempts for p in progress):
+        if all(
+            p.complete or p.attempts >= self._dispatch.max_attempts or self._unreachable_too_long(p.unreachable_since)
+            for p in progress
+        ):
             jobs.fail(session, job, sending_failure(progress))
             return [(logging.ERROR, "job.failed", {"reason": job.reason})]
         return []
@@ -503,7 +537,12 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
             received = (
                 f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
             )
-        if not p.complete:
+        if not p.complete and p.unreachable_since is not None:
+            since = (
+                p.unreachable_since if p.unreachable_since.tzinfo else p.unreachable_since.replace(tzinfo=timezone.utc)
+            )
+            received += f": {p.last_error or 'not sent'} (unreachable since {since:%Y-%m-%d %H:%M} UTC)"
+        elif not p.complete:
             attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"
             received += f": {p.last_error or 'not sent'} (after {attempts})"
         parts.append(received)

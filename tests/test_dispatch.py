@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections import Counter
 from datetime import timedelta
@@ -106,6 +107,7 @@ def test_binary_and_labelmap_to_two_destinations_are_series_a_radiologist_tells_
 
 
 def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_path, start_node):
+    """Down for more tries than max_attempts allows: tries that find no association are not counted against it."""
     peer_port = free_port()
     received = tmp_path / "peer"
     received.mkdir()
@@ -113,17 +115,18 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
         destinations={"peer": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": peer_port}},
         rules=rules_to("peer"),
         inference={"workers": 1},
-        dispatch={"first_retry_seconds": 1, "max_retry_seconds": 2, "max_attempts": 100},
+        dispatch={"first_retry_seconds": 0.5, "max_retry_seconds": 1, "max_attempts": 2},
     )
     series = write_phantom_series(tmp_path / "ct", PHANTOM)
     assert storescu(node.port, series.files).returncode == 0
 
-    def failed_attempts() -> int:
+    def unreachable_attempts() -> int:
         with node.sessions() as session:
             job = job_for_series_uid(session, series.series_instance_uid)
-            return jobs.delivery_record(job, "peer").attempts if job else 0
+            return jobs.delivery_record(job, "peer").unreachable_attempts if job else 0
 
-    wait_for(lambda: failed_attempts() >= 2, timeout=120, what="two failed attempts while the peer is down")
+    wait_for(lambda: unreachable_attempts() >= 4, timeout=120, what="four attempts while the peer is down")
+    assert node.job_state(series.series_instance_uid) is JobState.SENDING
     peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
     try:
         node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
@@ -152,7 +155,8 @@ def test_exhausted_attempts_fail_and_retry_resends_the_missing_file(tmp_path, st
         },
         rules=rules_to("peer"),
         inference={"workers": 1},
-        dispatch={"first_retry_seconds": 0.2, "max_retry_seconds": 0.2, "max_attempts": 2},
+        # unreachable for 3.6 s: long enough for several tries (tries that find it down do not use max_attempts)
+        dispatch={"first_retry_seconds": 0.2, "max_retry_seconds": 0.2, "max_attempts": 2, "unreachable_hours": 0.001},
     )
     series = write_phantom_series(tmp_path / "ct", PHANTOM)
     storescu(node.port, series.files)
@@ -160,7 +164,14 @@ def test_exhausted_attempts_fail_and_retry_resends_the_missing_file(tmp_path, st
     node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=120)
     reason = node.job_reason(series.series_instance_uid)
     assert reason.startswith("sending failed: peer received 0 of 1 file: PEERSCP@127.0.0.1:")
-    assert reason.endswith("is unreachable (no association: destination down, or not answering) (after 2 attempts)")
+    assert re.search(
+        r"is unreachable \(no association: destination down, or not answering\) "
+        r"\(unreachable since \d{4}-\d\d-\d\d \d\d:\d\d UTC\)$",
+        reason,
+    ), reason
+    with node.sessions() as session:
+        record = jobs.delivery_record(job_for_series_uid(session, series.series_instance_uid), "peer")
+    assert record.attempts == 0 and record.unreachable_attempts > 2
 
     # -pm: this 2022 DCMTK does not know the Label Map Segmentation SOP class yet
     peer = subprocess.Popen([require_tool("storescp"), "-pm", "-aet", "PEERSCP", "-od", str(received), str(peer_port)])

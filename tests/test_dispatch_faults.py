@@ -151,9 +151,13 @@ def dispatch_log(node: Node) -> str:
 
 
 def attempts(node: Node, series_uid: str, name: str) -> int:
+    """Attempts made to send to ``name``, whether they reached it or found it unreachable."""
     with node.sessions() as session:
         job = job_for_series_uid(session, series_uid)
-        return jobs.delivery_record(job, name).attempts if job else 0
+        if job is None:
+            return 0
+        record = jobs.delivery_record(job, name)
+        return record.attempts + record.unreachable_attempts
 
 
 # --- SIGKILL while sending -----------------------------------------------------------------------
