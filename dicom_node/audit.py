@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent
 from db.session import transaction
-from dicom_node.logs import log_event
+from dicom_node.logs import cut, log_event, shown
 
 LOG = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ Action = Literal["association", "store", "find", "move", "get", "send", "echo", 
 Outcome = Literal["success", "refused", "failed", "partial", "released", "aborted", "rejected"]
 StatusOutcome = Literal["success", "refused", "failed", "partial"]
 ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo", "console")
+MAX_DETAIL_CHARS = 2000
+"""The most characters of a record's detail; the rest are cut, and the detail says how many."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def record(
     instances: int = 0,
     detail: str | None = None,
 ) -> None:
-    """Write one audit record in its own transaction; never raises."""
+    """Write one audit record in its own transaction; never raises. ``detail`` is cut to :data:`MAX_DETAIL_CHARS`."""
+    detail = cut(detail, MAX_DETAIL_CHARS) if detail is not None else None
     try:
         with transaction(sessions) as session:
             session.add(
@@ -177,8 +180,17 @@ def _code(value: Any) -> int | None:
 
 
 def _literal_uid(identifier: Any, keyword: str) -> str | None:
+    """The identifier's value of a UID key if it names one UID (at most 64 printable characters, no wildcard or
+    list), else None."""
     value = str(identifier.get(keyword, "") or "") if identifier is not None else ""
-    return value if value and not any(c in value for c in "*?\\") else None
+    literal = value and len(value) <= 64 and value.isprintable() and not any(c in value for c in "*?\\")
+    return value if literal else None
+
+
+def _as_sent(text: str, limit: int = 16) -> str:
+    """A value a peer sent (a level, an AE title), for a detail: as it is when short and printable, else quoted
+    and cut."""
+    return text if len(text) <= limit and text.isprintable() else shown(text, limit)
 
 
 def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessions: sessionmaker[Session]) -> Any:
@@ -201,9 +213,9 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                 yield value
         finally:
             level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
-            detail = f"{level} level, {matches} {'matches' if action == 'find' else 'instances'}"
+            detail = f"{_as_sent(level)} level, {matches} {'matches' if action == 'find' else 'instances'}"
             if action == "move":
-                detail += f", to {str(getattr(event, 'move_destination', '') or '').strip()}"
+                detail += f", to {_as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
             record(
                 sessions,
                 action,

@@ -86,11 +86,60 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return getattr(record, "event_fields", {})
 
 
+MAX_VALUE_CHARS = 1000
+"""The most characters of one field value (or message, or exception line) a log line holds; the rest are cut."""
+
+
+def cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} characters cut)"
+
+
+def shown(text: Any, limit: int = 64) -> str:
+    """A value a peer sent, for a message: quoted, its unprintable characters as ``?``, cut to ``limit``.
+
+    A refusal's reason may quote what was sent, but never all of it: a peer can send megabytes.
+    """
+    text = str(text)
+    printable = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
+    if len(text) <= limit:
+        return repr(printable)
+    return f"{printable[:limit]!r}... ({len(text)} characters)"
+
+
+def _escaped(text: str, also: str = "") -> str:
+    """Each unprintable character (control characters, line and paragraph separators, format characters) and each
+    character of ``also`` written as its JSON escape (``\\r``, ``\\u001b``, ``\\u2028``), so that a value is one line."""
+    if text.isprintable() and not any(c in text for c in also):
+        return text
+    return "".join(c if c.isprintable() and c not in also else json.dumps(c)[1:-1] for c in text)
+
+
 def _quote(value: Any) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
+    """A field value for the text format: as it is, or (when empty, or holding a space, a quote, ``=`` or an
+    unprintable character) in double quotes with JSON escapes; at most :data:`MAX_VALUE_CHARS` characters."""
+    text = cut(str(value))
+    if text == "" or any(c in text for c in ' "=') or not text.isprintable():
+        return '"' + _escaped(text, also='"\\') + '"'
     return text
+
+
+def _exception(text: str) -> str:
+    """A formatted exception with each line cut: a traceback's lines are short, unless one quotes what a peer sent."""
+    return "\n".join(cut(line) for line in text.split("\n"))
+
+
+def _json_value(value: Any) -> Any:
+    """A field value for the JSON format: strings cut; numbers, booleans and None as they are; anything else
+    as JSON would write it, or as a cut string when that is longer than :data:`MAX_VALUE_CHARS`."""
+    if isinstance(value, str):
+        return cut(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    written = json.dumps(value, default=str)
+    return value if len(written) <= MAX_VALUE_CHARS else cut(written)
 
 
 class TextFormatter(logging.Formatter):
@@ -98,11 +147,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        parts = [stamp, record.levelname, record.getMessage()]
+        parts = [stamp, record.levelname, _escaped(cut(record.getMessage()))]
         parts += [f"{key}={_quote(value)}" for key, value in _fields(record).items()]
         line = " ".join(parts)
         if record.exc_info:
-            line += " exception=" + json.dumps(self.formatException(record.exc_info))
+            line += " exception=" + json.dumps(_exception(self.formatException(record.exc_info)))
         return line
 
 
@@ -112,11 +161,11 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
             "level": record.levelname,
             "logger": record.name,
-            "event": record.getMessage(),
-            **_fields(record),
+            "event": cut(record.getMessage()),
+            **{key: _json_value(value) for key, value in _fields(record).items()},
         }
         if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
+            payload["exception"] = _exception(self.formatException(record.exc_info))
         return json.dumps(payload, default=str)
 
 

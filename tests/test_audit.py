@@ -7,9 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from pydicom import config
+from pydicom.dataset import Dataset
 
 from db.session import make_engine, make_session_factory, migrate
-from dicom_node.audit import Peer, StoreTally, association_ended, recent, record
+from dicom_node.audit import Peer, StoreTally, association_ended, audited_retrieve, recent, record
 from tests.conftest import DICOM_NODE, wait_for
 
 
@@ -115,3 +117,39 @@ def test_a_real_node_audits_associations_stores_queries_echoes_and_sends(tmp_pat
     listed = node.cli("audit", "--action", "store").stdout
     assert "PACS" in listed and series.study_instance_uid in listed
     assert "Phantom" not in node.cli("audit").stdout  # no patient data (PatientName Phantom^Synthetic) in the trail
+
+
+def test_a_records_detail_is_cut_to_2000_characters_saying_how_many_were_cut(tmp_path):
+    sessions = _sessions(tmp_path)
+    record(sessions, "console", Peer("admin", "127.0.0.1:5000"), "refused", detail="D" * 900_000)
+
+    with sessions() as session:
+        [row] = recent(session)
+    assert row.detail == "D" * 2000 + "...(898000 characters cut)"
+
+
+def test_a_retrieval_record_keeps_what_the_peer_sent_short(tmp_path):
+    """A 900 kB QueryRetrieveLevel once made a 900 kB detail per query."""
+    sessions = _sessions(tmp_path)
+
+    def refused(event, *args):
+        yield 0xA900, None
+
+    def audited(action, level: str, study: str, destination: str = "") -> str:
+        with config.disable_value_validation():
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = level
+            identifier.StudyInstanceUID = study
+        event = SimpleNamespace(identifier=identifier, assoc=_assoc("VIEWER", "10.0.0.7", 4000))
+        event.move_destination = destination
+        assert list(audited_retrieve(action, refused, sessions)(event)) == [(0xA900, None)]
+        with sessions() as session:
+            row = recent(session, limit=1)[0]
+        return f"{row.detail} | {row.study_instance_uid}"
+
+    assert audited("find", "STUDY", "1.2.3") == "STUDY level, 0 matches | 1.2.3"
+    assert (
+        audited("find", "X" * 900_000, "1." + "9" * 100_000)
+        == f"{'X' * 16!r}... (900000 characters) level, 0 matches | None"
+    )
+    assert audited("move", "ST\rUDY", "1.2\r3", "DEST\x1b[2J") == "'ST?UDY' level, 0 instances, to 'DEST?[2J' | None"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +14,7 @@ from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NetworkSettings
-from dicom_node.logs import configure_logging
+from dicom_node.logs import JsonFormatter, TextFormatter, configure_logging, log_event
 from dicom_node.receive import scp
 from dicom_node.security import start_guarded_server
 from tests.conftest import free_port
@@ -81,3 +83,113 @@ def test_the_throttle_lets_one_event_per_key_through_each_interval_and_counts_th
     assert throttle.admit("d") == 0  # full: "b", used least recently, makes room; nothing of it was dropped
     assert throttle.admit("e") == 0 and throttle.admit("f") == 0  # "c", then "a" with its 2 dropped events
     assert throttle.evicted_events() == 2 and throttle.evicted_events() == 0  # reported once
+
+
+def _one_event(fmt: str, level: int = logging.WARNING, exc: BaseException | None = None, **fields: Any) -> str:
+    """What the node's formatter for ``fmt`` writes for one event with ``fields``."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logger = logging.getLogger(f"tests.logs.{fmt}")
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG)
+    try:
+        if exc is None:
+            log_event(logger, level, "instance.refused", **fields)
+        else:
+            try:
+                raise exc
+            except type(exc):
+                logger.exception("query.failed", extra={"event_fields": fields})
+    finally:
+        logger.handlers[:] = []
+    return stream.getvalue()
+
+
+def _text_value(line: str, key: str) -> str:
+    """One field of a text line, as it was logged: a quoted value read back as JSON."""
+    raw = line.split(f" {key}=", 1)[1]
+    if raw.startswith('"'):
+        value, _ = json.JSONDecoder().raw_decode(raw)
+        return str(value)
+    return raw.split(" ", 1)[0].rstrip("\n")
+
+
+# every character str.splitlines() breaks at, a terminal escape, and format characters that reorder text
+SEPARATORS = "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029\x1b\x00\x7f\u202e\u200b"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_peers_control_characters_never_break_a_log_line(fmt):
+    forged = "1.2.3\rFAKE\x1b[2J"
+    every = "".join(f"a{c}b" for c in SEPARATORS)
+    written = _one_event(fmt, sop_instance_uid=forged, every_separator=every, calling_ae="A\u2028B")
+
+    assert len(written.splitlines()) == 1, written
+    assert written.endswith("\n") and written[:-1].isprintable(), repr(written)
+    if fmt == "text":
+        assert [_text_value(written, k) for k in ("sop_instance_uid", "every_separator", "calling_ae")] == [
+            forged,
+            every,
+            "A\u2028B",
+        ]
+        assert ' sop_instance_uid="1.2.3\\rFAKE\\u001b[2J"' in written
+    else:
+        fields = json.loads(written)
+        assert (fields["sop_instance_uid"], fields["every_separator"], fields["calling_ae"]) == (
+            forged,
+            every,
+            "A\u2028B",
+        )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_unprintable_message_or_exception_stays_on_one_line(fmt):
+    written = _one_event(fmt, exc=ValueError("bad value 1.2\r\n\u2028FAKE " + "9" * 50_000), calling_ae="PACS")
+
+    assert len(written.splitlines()) == 1 and written[:-1].isprintable(), repr(written[:300])
+    assert len(written) < 5000 and written.count("characters cut)") == 1  # the long line of the traceback
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logger = logging.getLogger("tests.logs.foreign")  # a library's own line, with what a peer sent in it
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.warning("peer %s said %s", "A\rB\x1b[2J", "X" * 5000)
+    logger.handlers[:] = []
+    line = stream.getvalue()
+    assert len(line.splitlines()) == 1 and line[:-1].isprintable() and len(line) < 1300, repr(line[:300])
+    assert "(4018 characters cut)" in line
+
+
+def test_legitimate_values_stay_readable():
+    written = _one_event(
+        "text",
+        sop_instance_uid="1.2.840.113619.2.55.3.604688119.1",
+        calling_ae="PACS",
+        uids="1.2\\1.3",
+        reason='QueryRetrieveLevel "FRAME" is not one of PATIENT, STUDY',
+        description="Thorax nativ für Planung",
+        empty="",
+        count=3,
+    )
+
+    assert written.split(" ", 2)[2] == (
+        "instance.refused sop_instance_uid=1.2.840.113619.2.55.3.604688119.1 calling_ae=PACS uids=1.2\\1.3 "
+        'reason="QueryRetrieveLevel \\"FRAME\\" is not one of PATIENT, STUDY" '
+        'description="Thorax nativ für Planung" empty="" count=3\n'
+    )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_value_is_cut_to_a_thousand_characters_saying_how_many_were_cut(fmt):
+    written = _one_event(fmt, reason="X" * 900_000, listed=["Y" * 500] * 10, calling_ae="PACS", matches=12)
+
+    assert len(written) < 3000, len(written)
+    values = json.loads(written) if fmt == "json" else {k: _text_value(written, k) for k in ("reason", "listed")}
+    assert values["reason"] == "X" * 1000 + "...(899000 characters cut)"
+    assert str(values["listed"]).endswith("characters cut)") and len(str(values["listed"])) < 1100
+    if fmt == "json":
+        assert (values["calling_ae"], values["matches"]) == ("PACS", 12)  # short values keep their JSON types
+    else:
+        assert " calling_ae=PACS matches=12\n" in written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydicom import config
 from pydicom.dataset import Dataset
 from sqlalchemy import update
 
@@ -16,7 +17,15 @@ from db.ingest import (
 )
 from db.models import Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.retrieve.matching import QueryError, find, is_narrow, matching_instances
+from dicom_node.retrieve.matching import (
+    QueryError,
+    check_retrieval_keys,
+    conditions,
+    find,
+    is_narrow,
+    matching_instances,
+    query_level,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -230,3 +239,38 @@ def test_an_image_level_query_over_more_instances_than_a_statement_may_bind_is_a
     with sessions() as session:
         answered = [str(r.SOPInstanceUID) for r in find(session, query("IMAGE", StudyInstanceUID="3.1"), "N", limit=3)]
     assert answered == ["3.1.9.0", "3.1.9.1", "3.1.9.2"]
+
+
+def test_a_refusal_quotes_at_most_64_characters_of_what_the_peer_sent() -> None:
+    """A 900 kB QueryRetrieveLevel once went whole into the log line and the audit row of every query."""
+
+    def sent(level: str, **keys: str) -> Dataset:
+        with config.disable_value_validation():  # as a peer may send them: too long, unprintable, not numbers
+            identifier = query(level, **{k: v for k, v in keys.items() if k != "InstanceNumber"})
+            if "InstanceNumber" in keys:
+                identifier.add_new(0x00200013, "LO", keys["InstanceNumber"])  # a str, as a malformed IS arrives
+        return identifier
+
+    def refusal(call, *args) -> str:
+        with pytest.raises(QueryError) as raised:
+            call(*args)
+        return str(raised.value)
+
+    huge = refusal(query_level, sent("X" * 900_000))
+    assert huge == f"QueryRetrieveLevel {'X' * 64!r}... (900000 characters) is not one of PATIENT, STUDY, SERIES, IMAGE"
+    assert refusal(query_level, sent("FR\rAME")).startswith("QueryRetrieveLevel 'FR?AME' is not")
+    assert refusal(query_level, Dataset()).startswith("QueryRetrieveLevel '(missing)' is not")
+
+    messages = [
+        refusal(conditions, sent("STUDY", StudyInstanceUID="\\" * 300_000), "STUDY"),
+        refusal(conditions, sent("IMAGE", InstanceNumber="1" * 10 + "x" * 400_000), "IMAGE"),
+        refusal(check_retrieval_keys, sent("STUDY", StudyInstanceUID="1.2*" + "9" * 400_000), "STUDY"),
+    ]
+    assert all(len(message) < 200 for message in messages), [m[:200] for m in messages]
+    assert messages[0].startswith("study_instance_uid: '\\\\\\\\") and messages[0].endswith("holds no UID")
+    assert messages[1].startswith("instance_number: '1111111111xx") and messages[1].endswith(
+        "(400010 characters) is not a number"
+    )
+    assert messages[2].startswith("StudyInstanceUID '1.2*999") and messages[2].endswith(
+        "(400004 characters) has a wildcard; a retrieval needs literal unique keys"
+    )

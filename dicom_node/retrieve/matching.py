@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Select, and_, distinct, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.models import Instance, Series, Study
+from dicom_node.logs import shown
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -89,7 +90,7 @@ def query_level(identifier: Dataset) -> Level:
     """
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS:
-        raise QueryError(f"QueryRetrieveLevel {level or '(missing)'!r} is not one of {', '.join(LEVELS)}")
+        raise QueryError(f"QueryRetrieveLevel {shown(level or '(missing)')} is not one of {', '.join(LEVELS)}")
     return level
 
 
@@ -125,7 +126,7 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     if key.kind == "uid":
         uids = [v.strip() for v in value.split("\\") if v.strip()]
         if not uids:
-            raise QueryError(f"{column.key}: {value!r} holds no UID")
+            raise QueryError(f"{column.key}: {shown(value)} holds no UID")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if key.kind in ("date", "time") and "-" in value:
         start, _, end = value.partition("-")
@@ -138,7 +139,7 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
         try:
             return column == int(value)
         except ValueError:
-            raise QueryError(f"{column.key}: {value!r} is not a number") from None
+            raise QueryError(f"{column.key}: {shown(value)} is not a number") from None
     if "*" in value or "?" in value:
         escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
@@ -195,7 +196,7 @@ def check_retrieval_keys(identifier: Dataset, level: Level) -> None:
     for keyword in [UNIQUE_KEYS[lvl] for lvl in LEVELS[: LEVELS.index(level) + 1]]:
         value = _value(identifier.get(keyword, ""))
         if "*" in value or "?" in value:
-            raise QueryError(f"{keyword} {value!r} has a wildcard; a retrieval needs literal unique keys")
+            raise QueryError(f"{keyword} {shown(value)} has a wildcard; a retrieval needs literal unique keys")
         if keyword == UNIQUE_KEYS[level] and any(not part.strip() for part in value.split("\\")):
             raise QueryError(f"{keyword} has an empty value in its list; a retrieval needs literal unique keys")
 
