@@ -14,7 +14,9 @@ counts the images of the series that the volume does not cover (other
 acquisitions), so a caller can refuse a partial series (``allow_partial``).
 Decoding fails loudly: an image whose pixel data does not decode, decodes to
 another size, makes the decoder warn, or holds non-finite values fails the
-series naming the image (InstanceNumber and SOP Instance UID).
+series naming the image (InstanceNumber and SOP Instance UID); so does a
+compressed frame whose own header describes another image than the DICOM
+header (:mod:`inference.frames`), before any decoder allocates what it says.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from inference.frames import encapsulated_problem
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -631,9 +635,14 @@ def _as_decoded(value: int, bits: int, signed: bool) -> int:
 
 def _image_name(frame: _Frame) -> str:
     """'image 12 (SOP Instance UID 1.2.3)', with the frame number for a multi-frame instance."""
-    number = f" {frame.instance_number}" if frame.instance_number else ""
     part = f"frame {frame.ref.frame_number} of " if frame.ref.frame_number else ""
-    return f"{part}image{number} (SOP Instance UID {frame.ref.sop_instance_uid})"
+    return f"{part}{_instance_name(frame)}"
+
+
+def _instance_name(frame: _Frame) -> str:
+    """'image 12 (SOP Instance UID 1.2.3)': the instance the frame is in, all its frames."""
+    number = f" {frame.instance_number}" if frame.instance_number else ""
+    return f"image{number} (SOP Instance UID {frame.ref.sop_instance_uid})"
 
 
 def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
@@ -648,6 +657,9 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
         if reading:
             raise VolumeError(f"{_image_name(frame)} has incomplete pixel data (the file ends inside it)")
         raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
+    mismatch = encapsulated_problem(dataset, _instance_name(frame))  # before a decoder allocates what a frame says
+    if mismatch is not None:
+        raise VolumeError(mismatch)
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     encoding = getattr(syntax, "name", "") or "pixel"
     with warnings.catch_warnings(record=True) as decoding:

@@ -389,9 +389,11 @@ def test_jpeg2000_codestream_of_another_size_fails_the_series_naming_the_image(s
     with pytest.raises(VolumeError) as error:
         load_series_volume(files)
 
+    # refused from the codestream's own header, before the decoder runs
     assert str(error.value) == (
-        f"image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) cannot be decoded: "
-        "its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+        f"the JPEG 2000 data of image {damaged.InstanceNumber} (SOP Instance UID {damaged.SOPInstanceUID}) "
+        f"is {damaged.Columns // 2} x {damaged.Rows} pixels, but its Columns and Rows say "
+        f"{damaged.Columns} x {damaged.Rows}; it is not decoded"
     )
 
 

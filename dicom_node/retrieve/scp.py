@@ -11,8 +11,11 @@ and its unique key must be literal UIDs (no ``*``, ``?`` or empty value).
 C-MOVE sends only to destinations and peers with an address in config.yaml
 (over TLS where they say ``tls: true``); an unknown Move Destination is refused
 with 0xA801. Retrieved instances go out as they were stored: the file's data
-set bytes, in the file's transfer syntax. Peers hear short fixed comments; the
-log has the details.
+set bytes, in the file's transfer syntax; for a peer that does not accept a compressed
+one, decompressed, unless a frame's own header disagrees with Rows and Columns or
+the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES`` (then that instance
+is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
+short fixed comments; the log has the details.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import KEYS, Level, QueryError, find, is_narrow, matching_instances, query_level
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
+from inference.frames import decoded_bytes, encapsulated_problem
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -73,6 +77,9 @@ UNABLE_TO_PROCESS_FIND = 0xC001
 SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
 MAXIMUM_CONTEXTS = 128
 MAXIMUM_SUB_OPERATIONS = 65535  # pynetdicom's ceiling for the count a C-MOVE/C-GET handler yields
+MAX_DECOMPRESSED_BYTES = 2_000_000_000
+"""Largest pixel data (decoded, by its header) the node decompresses for a peer: decoding and sending hold
+it about three times over, in a receiving process that also receives."""
 
 Target = Destination | PeerSettings
 
@@ -470,6 +477,32 @@ def accepted_pairs(assoc: Any) -> set[tuple[str, str]]:
     return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
+class NotDecompressed(ValueError):
+    """A stored instance the node does not decompress for a peer; the message says why."""
+
+
+def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None:
+    """Why the node does not decompress this stored instance in the receiving process, or None.
+
+    A frame whose own header (JPEG 2000 SIZ, JPEG SOF, RLE header) describes another image than Rows and
+    Columns would make the decoder allocate what the frame says; and a small compressed file may declare
+    more frames of more pixels than a receiving process should hold decoded (``MAX_DECOMPRESSED_BYTES``).
+    """
+    name = f"instance {sop_instance_uid}"
+    mismatch = encapsulated_problem(dataset, name)
+    if mismatch is not None:
+        return mismatch
+    size = decoded_bytes(dataset)
+    if size > MAX_DECOMPRESSED_BYTES:
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        return (
+            f"{name} would take {size / 1e6:,.0f} MB decompressed ({frames} frame(s) of {dataset.Columns} x "
+            f"{dataset.Rows} pixels), more than the {MAX_DECOMPRESSED_BYTES / 1e6:,.0f} MB the node decompresses "
+            "for a retrieval; it is sent only to peers that accept its stored transfer syntax"
+        )
+    return None
+
+
 def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Dataset, str] | None:
     """The data set to send so that the peer can read it, and how it was chosen; None when nothing fits.
 
@@ -481,6 +514,9 @@ def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Datas
         return read_stored(stored.path), "as stored"
     if UID(stored.transfer_syntax_uid).is_compressed and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
         dataset = dcmread(stored.path)
+        refusal = decompression_refusal(dataset, stored.sop_instance_uid)
+        if refusal is not None:
+            raise NotDecompressed(refusal)
         dataset.decompress(generate_instance_uid=False)  # lossless: the same instance, in Explicit VR Little Endian
         return dataset, "decompressed to Explicit VR Little Endian"
     twin = stored.alternative
@@ -501,6 +537,18 @@ def _send(
             return
         try:
             chosen = readable_form(stored, accepted())
+        except NotDecompressed as exc:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "retrieve.not_decompressed",
+                calling_ae=calling_ae,
+                operation=what,
+                sop_instance_uid=stored.sop_instance_uid,
+                reason=str(exc),
+            )
+            failed.append(stored.sop_instance_uid)
+            continue
         except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
             log_event(LOG, logging.ERROR, "retrieve.file_unreadable", path=stored.path, error=str(exc))
             failed.append(stored.sop_instance_uid)

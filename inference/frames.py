@@ -1,0 +1,207 @@
+"""Check each compressed frame's own header against the image's header before any decoder runs.
+
+A decoder allocates what the frame's own header says: a 2 KB JPEG 2000 codestream whose SIZ marker
+says 16384 x 16384 makes it allocate gigabytes, whatever Rows and Columns say, and runs of RLE expand
+64 times before anything counts them. So each frame's header is read first and must describe the
+image that Rows, Columns, SamplesPerPixel and BitsAllocated describe:
+
+- JPEG 2000 and HTJ2K (bare codestream or JP2 boxes): the SIZ marker's image size (Xsiz - XOsiz,
+  Ysiz - YOsiz), its number of components and their precision;
+- JPEG (baseline, extended, lossless) and JPEG-LS: the frame header's (SOFn, or SOF55 for JPEG-LS)
+  Y and X, number of components and precision;
+- RLE: the 64-byte header's segment count (at most SamplesPerPixel x bytes per sample, and 15),
+  increasing offsets inside the frame, and no segment longer than any RLE encoding of one byte plane
+  can be (two bytes per pixel: a literal run of one byte, plus the padding byte).
+
+Other transfer syntaxes pass unchecked. Reasons are sentences naming the image; nothing is decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from itertools import pairwise
+
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
+
+KINDS: dict[str, str] = {
+    **dict.fromkeys(JPEG2000TransferSyntaxes, "JPEG 2000"),
+    **dict.fromkeys(JPEGTransferSyntaxes, "JPEG"),
+    **dict.fromkeys(JPEGLSTransferSyntaxes, "JPEG-LS"),
+    RLELossless: "RLE",
+}
+"""The transfer syntaxes whose frames are checked, and the name of their format in reasons."""
+
+JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+"""SOF0-SOF15 (but DHT, JPG and DAC, which share the range) and JPEG-LS' SOF55."""
+MAX_MARKER_SEGMENTS = 1000
+"""Marker segments read before a JPEG frame header: real files have a few dozen at most."""
+MAX_RLE_SEGMENTS = 15
+
+
+def frame_problem(frame: bytes, kind: str, rows: int, columns: int, samples: int, bits_allocated: int) -> str | None:
+    """What in one encoded frame's own header disagrees with the image's, ending a sentence that starts
+    'the <kind> data of <image> ...'; None when it agrees (or ``kind`` is not checked)."""
+    if kind == "JPEG 2000":
+        found = _jpeg2000_header(frame)
+        if found is None:
+            return "does not start with a JPEG 2000 image header (SIZ marker)"
+    elif kind in ("JPEG", "JPEG-LS"):
+        found = _jpeg_frame_header(frame)
+        if found is None:
+            return "has no frame header (SOF marker) before its image data"
+    elif kind == "RLE":
+        return _rle_problem(frame, rows, columns, samples, bits_allocated)
+    else:
+        return None
+    width, height, components, precision = found
+    if (width, height) != (columns, rows):
+        return f"is {width} x {height} pixels, but its Columns and Rows say {columns} x {rows}"
+    if components != samples:
+        return f"has {components} component(s), but its SamplesPerPixel says {samples}"
+    if precision > bits_allocated:
+        return f"holds {precision}-bit samples, more than its BitsAllocated ({bits_allocated})"
+    return None
+
+
+def encapsulated_problem(dataset: Dataset, name: str) -> str | None:
+    """The first frame of ``dataset`` whose own header disagrees with its Rows, Columns, SamplesPerPixel or
+    BitsAllocated, as a sentence naming it (``name`` is the image, e.g. 'instance 1.2.3'); None when every
+    frame agrees, or the transfer syntax is not one checked here."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    kind = KINDS.get(syntax)
+    if kind is None or "PixelData" not in dataset:
+        return None
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
+        number_of_frames = int(dataset.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None  # the decoder refuses such a header itself, before it allocates
+    try:
+        for index, frame in enumerate(_frames(dataset, number_of_frames), start=1):
+            if index > number_of_frames:
+                return (
+                    f"the {kind} data of {name} holds more frames than its NumberOfFrames ({number_of_frames}) "
+                    "says; it is not decoded"
+                )
+            problem = frame_problem(frame, kind, rows, columns, samples, bits)
+            if problem is not None:
+                where = f"frame {index} of {name}" if number_of_frames > 1 else name
+                return f"the {kind} data of {where} {problem}; it is not decoded"
+    except (ValueError, KeyError, struct.error):
+        return f"the {kind} data of {name} cannot be split into its {number_of_frames} frame(s); it is not decoded"
+    return None
+
+
+def decoded_bytes(dataset: Dataset) -> int:
+    """How many bytes the pixel data of ``dataset`` takes decoded, by its header (Rows x Columns x
+    NumberOfFrames x SamplesPerPixel x bytes per sample); 0 when the header does not say."""
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
+        number_of_frames = int(dataset.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return max(rows, 0) * max(columns, 0) * max(number_of_frames, 1) * max(samples, 1) * max((bits + 7) // 8, 1)
+
+
+def _frames(dataset: Dataset, number_of_frames: int) -> Iterator[bytes]:
+    """The encoded frames, split as pydicom's decoders split them (offset tables, else fragment markers)."""
+    extended = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+    return generate_frames(dataset.PixelData, number_of_frames=number_of_frames, extended_offsets=extended)
+
+
+def _jpeg2000_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, highest precision) from the SIZ marker of a codestream, bare or in JP2 boxes."""
+    codestream = data if data[:4] == b"\xff\x4f\xff\x51" else _jp2_codestream(data)
+    if codestream is None or codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 42:
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">4L", codestream, 8)
+    (components,) = struct.unpack_from(">H", codestream, 40)
+    sizes = codestream[42 : 42 + 3 * components : 3]
+    if components == 0 or len(sizes) != components:
+        return None
+    return xsiz - xosiz, ysiz - yosiz, components, max((size & 0x7F) + 1 for size in sizes)
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contiguous codestream box ('jp2c') of a JP2 (or JPH) file; None if it is not one."""
+    if data[4:8] != b"jP  ":
+        return None
+    position = 0
+    for _ in range(MAX_MARKER_SEGMENTS):
+        if position + 8 > len(data):
+            return None
+        length, box = struct.unpack_from(">L4s", data, position)
+        header = 8
+        if length == 1:
+            if position + 16 > len(data):
+                return None
+            (length,) = struct.unpack_from(">Q", data, position + 8)
+            header = 16
+        elif length == 0:
+            length = len(data) - position
+        if box == b"jp2c":
+            return data[position + header : position + length]
+        if length < header:
+            return None
+        position += length
+    return None
+
+
+def _jpeg_frame_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, precision) from the first frame header (SOFn or SOF55) after SOI."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    for _ in range(MAX_MARKER_SEGMENTS):
+        if position >= len(data) or data[position] != 0xFF:
+            return None
+        while position < len(data) and data[position] == 0xFF:  # a marker may follow fill bytes
+            position += 1
+        if position >= len(data):
+            return None
+        marker = data[position]
+        position += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if marker in (0xD9, 0xDA) or position + 2 > len(data):  # EOI or SOS before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, position)
+        if marker in JPEG_FRAME_MARKERS:
+            if length < 8 or position + 8 > len(data):
+                return None
+            precision, height, width, components = struct.unpack_from(">BHHB", data, position + 2)
+            return width, height, components, precision
+        if length < 2:
+            return None
+        position += length
+    return None
+
+
+def _rle_problem(frame: bytes, rows: int, columns: int, samples: int, bits_allocated: int) -> str | None:
+    """What in an RLE frame's header or length no RLE encoding of this image can have; None if nothing."""
+    if len(frame) < 64:
+        return f"is {len(frame)} bytes, shorter than the 64-byte RLE header"
+    count, *offsets = struct.unpack_from("<16L", frame)
+    expected = samples * ((bits_allocated + 7) // 8)
+    allowed = min(expected, MAX_RLE_SEGMENTS)
+    if not 1 <= count <= allowed:
+        return f"has {count} segment(s), where SamplesPerPixel {samples} and BitsAllocated {bits_allocated} allow 1 to {allowed}"
+    bounds = [*offsets[:count], len(frame)]
+    if bounds[0] < 64 or any(end <= start for start, end in pairwise(bounds)):
+        return f"has segment offsets {offsets[:count]} that do not increase inside its {len(frame)} bytes"
+    longest = 2 * rows * columns + 1  # a literal run per byte, and the padding to an even length
+    for number, (start, end) in enumerate(pairwise(bounds), start=1):
+        if end - start > longest:
+            return (
+                f"has a segment of {end - start:,} bytes (segment {number}), longer than any RLE encoding of "
+                f"{columns} x {rows} pixels can be ({longest:,} bytes)"
+            )
+    return None
