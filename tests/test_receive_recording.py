@@ -161,6 +161,34 @@ def test_a_copy_set_aside_for_a_completed_series_reopens_it_so_its_result_is_mar
     assert outcome.set_aside.exists() and second.set_aside.exists()
 
 
+def test_a_copy_of_a_done_series_under_another_study_uid_is_set_aside_without_processing_it_again(tmp_path):
+    """The same images (SOP and series UIDs) sent again under another StudyInstanceUID: the series already has
+    each of them, so nothing changed; re-opening it would send a second, different result."""
+    store, sessions = _setup(tmp_path)
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [_stored(store, "1.2.3.2", "1.2.3.9")])
+        job = session.scalars(select(Job)).one()
+        jobs.mark_complete(session, job, "quiet period over")
+        job.state = JobState.DONE
+
+    path = store.path_for("9.9", "1.2.3.2", "1.2.3.9")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"the same image")
+    copy = replace(_stored(store, "1.2.3.2", "1.2.3.9"), path=str(path), study=StudyAttributes("9.9"))
+    with transaction(sessions) as session:
+        (outcome,) = record_stored_instances(session, store, [copy])
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        reason = session.scalars(select(RejectedInstance.reason)).one()
+    assert job.state is JobState.DONE and outcome.set_aside is not None and outcome.set_aside.exists()
+    assert reason == (
+        "SOP Instance UID 1.2.3.9 arrived in series 1.2.3.2 under StudyInstanceUID 9.9, but is already stored in "
+        "that series under study 1.2.3; this copy was acknowledged, then set aside in quarantine, and the series "
+        "keeps the copy it had"
+    )
+
+
 def a_lock_is_waited_for(engine) -> bool:
     """PostgreSQL: whether some transaction waits for a lock another holds."""
     with engine.connect() as connection:

@@ -386,14 +386,24 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
         store.sync_folder(store.quarantine_dir)
     elif not set_aside.exists():
         return StoreOutcome(RecordOutcome(stored=False), target)  # gone before it was recorded: nothing to keep
-    record_rejection(
-        session,
-        status=status.SUCCESS,
-        reason=(
+    same_series = target.parent.name == series_uid  # the same series, named under another StudyInstanceUID
+    if same_series:
+        reason = (
+            f"SOP Instance UID {record.sop_instance_uid} arrived in series {series_uid} under StudyInstanceUID "
+            f"{record.study.study_instance_uid}, but is already stored in that series under study "
+            f"{target.parent.parent.name}; this copy was acknowledged, then set aside in quarantine, and the "
+            "series keeps the copy it had"
+        )
+    else:
+        reason = (
             f"SOP Instance UID {record.sop_instance_uid} arrived in series {series_uid} but is already stored in "
             f"series {target.parent.name}; this copy was acknowledged, then set aside in quarantine, and series "
             f"{series_uid} is processed without it"
-        ),
+        )
+    record_rejection(
+        session,
+        status=status.SUCCESS,
+        reason=reason,
         path=str(set_aside),
         sop_instance_uid=record.sop_instance_uid,
         sop_class_uid=record.sop_class_uid,
@@ -401,6 +411,8 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
         calling_ae_title=record.calling_ae_title,
         series_instance_uid=series_uid,
     )
+    if same_series:  # the series has this image already: nothing changed, so nothing is processed again
+        return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
     claimed = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == series_uid)).first()
     if claimed is not None and claimed.series.purged_at is None:
         jobs.reopen(session, claimed, "an image set aside for it (its SOP Instance UID is stored in another series)")
