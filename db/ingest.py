@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from db import jobs
 from db.models import (
@@ -88,6 +89,13 @@ _FIND_SERIES_AND_JOB = (
     .where(SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
 )
 _INSERT_INSTANCE = insert(INSTANCES)
+_TOUCH_RECEIVING_JOB = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.state == JobState.RECEIVING)
+    .values(version=JOBS.c.version + 1)
+)
+"""A new instance changes its RECEIVING job's version: a watcher that read the series as quiet before this
+transaction committed (PostgreSQL runs them side by side) fails its versioned write and decides again."""
 _FIND_INSTANCE_PATHS = (
     select(INSTANCES.c.sop_instance_uid, INSTANCES.c.path)
     .where(INSTANCES.c.sop_instance_uid.in_(bindparam("sop_instance_uids", expanding=True)))
@@ -168,8 +176,12 @@ def record_new_instances(
             outcomes[indices[0]] = RecordOutcome(stored=True, series_created=True)
         else:
             series_id, job_id, state = known
-            if state is not None and JobState(state) is not JobState.RECEIVING:
-                jobs.reopen(session, session.get_one(Job, job_id))
+            receiving = state is None or JobState(state) is JobState.RECEIVING
+            if receiving and job_id is not None and not _still_receiving(session, job_id):
+                receiving = False  # another transaction completed the series since it was read
+            if not receiving:
+                job = session.get_one(Job, job_id, populate_existing=True)
+                jobs.reopen(session, job)
                 restore_study_identity(session.get_one(Series, series_id).study, first)  # purged, now sent again
                 outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
         connection.execute(
@@ -186,6 +198,18 @@ def record_new_instances(
             },
         )
     return outcomes
+
+
+def _still_receiving(session: Session, job_id: int) -> bool:
+    """Change the RECEIVING job's version (see :data:`_TOUCH_RECEIVING_JOB`); False when it is RECEIVING no more.
+
+    On PostgreSQL the update waits for a transaction that is completing the job, then finds its new state.
+    """
+    touched = session.connection().execute(_TOUCH_RECEIVING_JOB, {"job_id": job_id}).rowcount == 1
+    loaded = session.identity_map.get(identity_key(Job, job_id))
+    if loaded is not None:
+        session.expire(loaded)  # its version changed underneath the session
+    return touched
 
 
 def _instance_values(record: InstanceRecord) -> dict[str, object]:

@@ -170,3 +170,44 @@ def test_a_claim_moves_the_version_so_a_writer_that_read_the_job_queued_decides_
         stale.commit()
     stale.close()
     assert state_of(sessions, job_id) is JobState.PROCESSING
+
+
+def test_a_late_instance_of_a_receiving_series_stops_a_watcher_that_read_the_series_as_quiet(sessions, tmp_path):
+    """The watcher finds the series quiet while a late instance's transaction is open: its completion waits for
+    that transaction, then fails on the job's new version, and the series goes on receiving (with both images)."""
+    from sqlalchemy import update
+
+    from db.models import Instance, Series, utcnow
+    from dicom_node.watcher import SeriesWatcher
+
+    with transaction(sessions) as session:
+        record_instance(session, record(f"{SERIES}.1"))
+        session.execute(update(Series).values(last_received_at=utcnow() - timedelta(hours=1)))
+        job_id = session.scalars(select(Job)).one().id
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"directory": str(tmp_path / "storage")}}))
+    watcher = SeriesWatcher(load_settings(config), sessions)
+
+    receiving = late_instance_held_open(sessions)
+    outcome: list[BaseException | None] = []
+
+    def complete() -> None:
+        try:
+            watcher.complete_ready_series()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    completing = threading.Thread(target=complete)
+    completing.start()
+    time.sleep(1.0)  # the watcher has read the series as quiet and waits for the job row the instance holds
+    receiving.commit()
+    receiving.close()
+    completing.join(timeout=60)
+
+    assert not completing.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], StaleDataError), outcome
+    assert state_of(sessions, job_id) is JobState.RECEIVING
+    assert "RECEIVING->COMPLETE" not in transitions(sessions, job_id)
+    with sessions() as session:
+        assert len(session.scalars(select(Instance)).all()) == 2
