@@ -219,3 +219,18 @@ def test_structure_walk_passes_the_real_ct_slices(shared_fixtures):
         encoded.is_little_endian, encoded.is_implicit_VR = True, False
         write_dataset(encoded, dataset)
         assert structure_problem(encoded.getvalue(), implicit=False, little_endian=True) is None
+
+
+def test_a_header_of_megabytes_before_the_pixel_data_is_refused_unless_its_frames_need_it():
+    """A 9 MB private value in each image would be held by admission, the worker and the encoder, per image."""
+    from dicom_node.receive.structure import structure_problem
+
+    private = _element(0x0009, 0x1010, b"OB", bytes(9 * 1024**2))
+    pixels = _element(0x7FE0, 0x0010, b"OB", bytes(64))
+
+    assert structure_problem(_header("1.2.3") + private + pixels, implicit=False, little_endian=True) == (
+        "the data set holds 9.0 MB before its pixel data, more than the header of an image of 1 frame(s) needs "
+        "(8.0 MB at most); refused unread, as every copy of it would be held in memory"
+    )
+    frames = _element(0x0028, 0x0008, b"IS", b"300 ")  # 300 frames may carry 8 MB + 299 x 16 KB
+    assert structure_problem(_header("1.2.3") + frames + private + pixels, implicit=False, little_endian=True) is None

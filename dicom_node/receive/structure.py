@@ -25,6 +25,10 @@ ITEMS_PER_FRAME = 40
 """More items per frame of a multi-frame image: an Enhanced CT frame's functional groups take about ten."""
 ELEMENTS_ALLOWED = 100_000
 ELEMENTS_PER_FRAME = 400
+HEADER_BYTES_ALLOWED = 8 * 1024**2
+"""Bytes before the pixel data: a CT header is a few kilobytes, a scanner's private blocks add some hundreds.
+Every header is read whole by admission, the worker and the encoder, once per image of the series."""
+HEADER_BYTES_PER_FRAME = 16 * 1024
 MAX_NESTING = 64
 """Sequences inside sequences: real images nest a few levels (pydicom itself gives up at a few hundred)."""
 FRAMES_COUNTED = 5_000
@@ -104,6 +108,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
                 raise TooManyParts(_too_many("sequence items", items_allowed, found.frames))
         else:
             if tag == PIXEL_DATA and not ends:
+                _check_header_bytes(position, found.frames)
                 return
             found.elements += 1
             if found.elements > elements_allowed:
@@ -112,6 +117,8 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
                 found.frames = _frames(data[position + header : position + header + length])
                 items_allowed, elements_allowed = _allowances(found.frames)
         start = position + header
+        if not ends and length != UNDEFINED and start + length > HEADER_BYTES_ALLOWED:
+            _check_header_bytes(start + length, found.frames)  # a large value before the pixel data
         if len(ends) >= MAX_NESTING and (length == UNDEFINED or tag == ITEM or vr == b"SQ"):
             raise TooManyParts(
                 f"data set nests sequences too deeply to be read (more than {MAX_NESTING} levels; real images use "
@@ -129,6 +136,16 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
             position = start
         else:
             position = start + length
+
+
+def _check_header_bytes(offset: int, frames: int) -> None:
+    allowed = HEADER_BYTES_ALLOWED + HEADER_BYTES_PER_FRAME * (frames - 1)
+    if offset > allowed:
+        raise TooManyParts(
+            f"the data set holds {offset / 1024**2:,.1f} MB before its pixel data, more than the header of an image "
+            f"of {frames} frame(s) needs ({allowed / 1024**2:,.1f} MB at most); refused unread, as every copy of "
+            "it would be held in memory"
+        )
 
 
 def _allowances(frames: int) -> tuple[int, int]:
