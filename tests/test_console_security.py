@@ -354,12 +354,15 @@ def test_each_login_gets_a_new_session_and_logout_ends_it_on_the_server(console)
 def test_an_expired_or_tampered_session_is_refused_by_the_server(console):
     expired = Sessions(SECRET.encode(), lifetime_seconds=-1).issue("olga", "operator")[1]
     assert httpx.get(f"{console.url}/api/me", cookies={SESSION_COOKIE: expired}).status_code == 401
-    good = Sessions(SECRET.encode(), lifetime_seconds=600).issue("vera", "viewer")[1]
+    vera = console.settings.console.users["vera"].password_hash
+    good = Sessions(SECRET.encode(), lifetime_seconds=600).issue("vera", "viewer", vera)[1]
     assert httpx.get(f"{console.url}/api/me", cookies={SESSION_COOKIE: good}).status_code == 200
     payload, signature = good.rsplit(".", 1)
     flipped = f"{payload}.{signature[:-1]}{'0' if signature[-1] != '0' else '1'}"
     assert httpx.get(f"{console.url}/api/me", cookies={SESSION_COOKIE: flipped}).status_code == 401
-    forged = Sessions(b"another key", lifetime_seconds=600).issue("vera", "operator")[1]
+    forged = Sessions(b"another key", lifetime_seconds=600).issue("vera", "operator", vera)[1]
+    without_password = Sessions(SECRET.encode(), lifetime_seconds=600).issue("vera", "viewer")[1]
+    assert httpx.get(f"{console.url}/api/me", cookies={SESSION_COOKIE: without_password}).status_code == 401
     assert httpx.get(f"{console.url}/api/me", cookies={SESSION_COOKIE: forged}).status_code == 401
 
 
@@ -820,3 +823,19 @@ def test_a_database_password_in_the_url_query_is_hidden_from_the_configuration_p
     shown = visible_config(settings)["database"]["url"]
 
     assert "S3cretPw" not in shown and "sslmode=require" in shown and "db/dicom" in shown
+
+
+def test_changing_a_users_password_ends_the_sessions_opened_with_the_old_one(tmp_path):
+    from dicom_node.config import ConsoleUser
+    from dicom_node.console.auth import hash_password
+
+    running = _start(tmp_path)
+    try:
+        client = running.client("vera")
+        assert client.get("/api/me").status_code == 200
+        running.settings.console.users["vera"] = ConsoleUser(password_hash=hash_password("a new one"), role="viewer")
+
+        assert client.get("/api/me").status_code == 401, "a session of the old password must end with it"
+        assert log_in(running.client(), "vera", "a new one").status_code == 303
+    finally:
+        running.server.stop()

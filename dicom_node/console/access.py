@@ -121,7 +121,10 @@ def identify(request: Request) -> User | None:
     user = context.auth.read(request.cookies.get(SESSION_COOKIE))
     if user is None or user.name not in settings.users:
         return None  # no session, or the user was removed from the configuration since logging in
-    return User(user.name, settings.users[user.name].role, user.session_id)  # the role configured now
+    configured = settings.users[user.name]
+    if not context.auth.opened_with(user, configured.password_hash):
+        return None  # the password was changed since logging in: every older session ends
+    return User(user.name, configured.role, user.session_id, user.credential)  # the role configured now
 
 
 def viewer(request: Request) -> User:

@@ -71,6 +71,7 @@ class User:
     name: str
     role: ConsoleRole
     session_id: str
+    credential: str = ""  # a signature of the password hash the session was opened with (local users)
 
     def has_role(self, role: str) -> bool:
         """Operators may do everything viewers may."""
@@ -90,10 +91,12 @@ class Sessions:
     def _sign(self, payload: bytes) -> str:
         return hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
 
-    def issue(self, name: str, role: ConsoleRole) -> tuple[User, str]:
-        """A new session for ``name``: the user and the cookie value."""
-        user = User(name, role, secrets.token_urlsafe(18))
-        body = json.dumps({"u": name, "r": role, "s": user.session_id, "e": time.time() + self.lifetime_seconds})
+    def issue(self, name: str, role: ConsoleRole, password_hash: str = "") -> tuple[User, str]:
+        """A new session for ``name``: the user and the cookie value. The session holds :meth:`credential` of
+        ``password_hash``, so it ends when the user's password is changed."""
+        user = User(name, role, secrets.token_urlsafe(18), self.credential(password_hash))
+        expires = time.time() + self.lifetime_seconds
+        body = json.dumps({"u": name, "r": role, "s": user.session_id, "e": expires, "p": user.credential})
         payload = base64.urlsafe_b64encode(body.encode()).decode()
         return user, f"{payload}.{self._sign(payload.encode())}"
 
@@ -116,7 +119,15 @@ class Sessions:
             return None
         if expires < time.time() or self.ended(str(data.get("s"))):
             return None
-        return User(str(data["u"]), data["r"], str(data["s"]))
+        return User(str(data["u"]), data["r"], str(data["s"]), str(data.get("p", "")))
+
+    def credential(self, password_hash: str) -> str:
+        """What a session keeps of the password hash it was opened with (a signature: it reveals nothing)."""
+        return self._sign(_bytes(f"password:{password_hash}"))[:24] if password_hash else ""
+
+    def opened_with(self, user: User, password_hash: str) -> bool:
+        """Whether ``user``'s session was opened with the password whose hash is ``password_hash`` now."""
+        return _same(user.credential, self.credential(password_hash))
 
     def end(self, user: User) -> None:
         """Log ``user``'s session out on the server: its cookie is refused from now on, even if kept."""

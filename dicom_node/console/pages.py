@@ -121,7 +121,7 @@ def login(
         context.audit(request, claimed, "refused", "login failed: wrong user name or password")
         return _login_page(request, target, status_code=401, error="Wrong user name or password.")
     context.throttle.succeeded(address)
-    _user, cookie = context.auth.issue(username, role)
+    _user, cookie = context.auth.issue(username, role, console.users[username].password_hash)
     context.audit(request, username, "success", f"logged in ({role})")
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
