@@ -533,7 +533,10 @@ class ConsoleSettings(_Strict):
     )
     session_hours: float = Field(8.0, gt=0, le=24 * 7, description="A login lasts this long.")
     session_secret: str | None = Field(
-        None, description="Key that signs session cookies; default: a random key kept in <storage>/console-secret."
+        None,
+        min_length=32,
+        description="Key that signs session cookies (32 characters at least: a short one could be guessed and "
+        "cookies forged); default: a random key kept in <storage>/console-secret.",
     )
     login_attempts_per_minute: int = Field(
         5, ge=1, le=1000, description="Failed logins one address may make per minute before it must wait."

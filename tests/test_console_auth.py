@@ -187,7 +187,7 @@ def test_configuration_shown_hides_hashes_keys_tokens_and_the_database_password(
         database={"url": "postgresql+psycopg://dicomnode:db-secret@db.example.org/dicomnode"},
         console={
             "users": {"olga": {"password_hash": "$argon2id$v=19$m=65536,t=3,p=4$abc$def", "role": "operator"}},
-            "session_secret": "cookie-secret",
+            "session_secret": "cookie-secret-of-32-characters-at-least",
             "metrics_token": "scrape-secret",
             "tls_certificate": "/etc/console.pem",
             "tls_private_key": "/etc/console.key",

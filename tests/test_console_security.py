@@ -839,3 +839,19 @@ def test_changing_a_users_password_ends_the_sessions_opened_with_the_old_one(tmp
         assert log_in(running.client(), "vera", "a new one").status_code == 303
     finally:
         running.server.stop()
+
+
+def test_a_short_session_secret_is_refused_and_plain_http_beyond_this_machine_is_warned_about(tmp_path, caplog):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="at least 32 characters"):
+        Settings(console={"session_secret": "guessable"})
+    running = _start(tmp_path, host="0.0.0.0")
+    running.server.stop()
+    hints = [
+        getattr(r, "event_fields", {}).get("hint", "") for r in caplog.records if r.getMessage() == "console.plain_http"
+    ]
+    assert len(hints) == 1 and hints[0].startswith("the console listens on 0.0.0.0:"), hints
+    caplog.clear()
+    _start(tmp_path / "loopback").server.stop()
+    assert not [r for r in caplog.records if r.getMessage() == "console.plain_http"]

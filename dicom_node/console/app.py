@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -229,6 +230,16 @@ def create_metrics_app(context: ConsoleContext) -> FastAPI:
     return app
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind(host: str, port: int, what: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -297,6 +308,15 @@ class ConsoleServer:
             auth=console.auth,
             users=len(console.users),
         )
+        if not console.https and not _loopback(console.host):
+            log_event(
+                LOG,
+                logging.WARNING,
+                "console.plain_http",
+                hint=f"the console listens on {console.host}:{console.port} without HTTPS: passwords, session "
+                "cookies and patient details cross the network readable by anyone on it; set console.tls_certificate "
+                "and console.tls_private_key, or listen on 127.0.0.1 behind the hospital's HTTPS reverse proxy",
+            )
         if console.auth == "local" and not console.users:
             log_event(
                 LOG,
