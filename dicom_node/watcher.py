@@ -165,12 +165,13 @@ class SeriesWatcher(PeriodicTask):
             decision = decide(self.settings.rules, facts)
             files = instance_files(session, job.series) if decision.action == "process" else []
             modality, study_patient = job.series.modality, recorded_patient(job.series.study)
+            decided_on = job.version
         admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
         pending = _Pending()
         with transaction(self.sessions) as session:
             job = session.get_one(Job, job_id)
-            if job.state is not JobState.COMPLETE:  # re-opened by a late instance meanwhile
-                return
+            if job.state is not JobState.COMPLETE or job.version != decided_on:
+                return  # re-opened by a late instance meanwhile (and perhaps complete again): decided at the next pass
             state = self._apply(session, job, decision, admission)
             fields: dict[str, Any] = {
                 "series_instance_uid": job.series.series_instance_uid,

@@ -230,3 +230,29 @@ def test_watcher_logs_each_change_only_after_it_is_committed(tmp_path):
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert seen == {"series.complete": "COMPLETE", "series.queued": "QUEUED"}
+
+
+def test_a_series_reopened_and_completed_again_during_admission_is_routed_on_its_new_images(tmp_path, monkeypatch):
+    """The verdict of an admission that read the series before a late image must not queue the series with it."""
+    from db import jobs
+
+    watcher, sessions, _series = watched(tmp_path, 4, expected=None)
+    real_admit = watcher._admit
+
+    def admit_while_a_late_image_lands(*args, **kwargs):
+        verdict = real_admit(*args, **kwargs)
+        with transaction(sessions) as session:
+            job = session.scalars(select(Job)).one()
+            jobs.reopen(session, job, "a late image")
+            jobs.mark_complete(session, job, "quiet period over")
+        monkeypatch.setattr(watcher, "_admit", real_admit)
+        return verdict
+
+    monkeypatch.setattr(watcher, "_admit", admit_while_a_late_image_lands)
+    watcher.run_once()  # completes the quiet series, then routes it
+    _job, history = job_of(sessions)
+    assert history == [JobState.RECEIVING, JobState.COMPLETE, JobState.RECEIVING, JobState.COMPLETE], history
+
+    watcher.route_complete_series()
+    _job, history = job_of(sessions)
+    assert history[-1] is JobState.QUEUED
