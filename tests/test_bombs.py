@@ -234,3 +234,42 @@ def test_a_header_of_megabytes_before_the_pixel_data_is_refused_unless_its_frame
     )
     frames = _element(0x0028, 0x0008, b"IS", b"300 ")  # 300 frames may carry 8 MB + 299 x 16 KB
     assert structure_problem(_header("1.2.3") + frames + private + pixels, implicit=False, little_endian=True) is None
+
+
+def test_an_icons_compressed_fragments_are_skipped_not_read_as_elements():
+    """A fragment shaped like an element header must not throw the walk off the items that follow."""
+    from dicom_node.receive.structure import structure_problem
+
+    fragment = struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, 0x7FFFFFF0) + bytes(8)  # looks like a 2 GB value
+    icon_pixels = (
+        struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0)  # empty offset table
+        + struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment))
+        + fragment
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    icon = (
+        struct.pack("<HH2sHI", 0x0088, 0x0200, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        + icon_pixels
+        + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    items = struct.pack("<HH2sHI", 0x0009, 0x1010, b"SQ", 0, 0xFFFFFFFF) + EMPTY_ITEM * 10_001
+    items += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+    assert structure_problem(_header("1.2.3") + icon, implicit=False, little_endian=True) is None
+    assert "10,000 sequence items" in structure_problem(
+        _header("1.2.3") + icon + items, implicit=False, little_endian=True
+    )
+
+
+def test_a_private_sequence_in_implicit_vr_is_counted_though_no_dictionary_names_it():
+    from dicom_node.receive.structure import structure_problem
+
+    items = struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 10_001
+    private = struct.pack("<HHI", 0x0071, 0x1018, len(items)) + items  # defined length, read as SQ by pydicom
+
+    assert "10,000 sequence items" in structure_problem(private, implicit=True, little_endian=True)
+    plain = struct.pack("<HHI", 0x0071, 0x1019, 8) + bytes(8)  # a private value that is no sequence
+    assert structure_problem(plain, implicit=True, little_endian=True) is None

@@ -13,18 +13,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pydicom.datadict import dictionary_VR
-
 from dicom_node.retrieve.stored import ITEM, LONG_LENGTH_VRS, UNDEFINED
 
 PIXEL_DATA = 0x7FE00010
 NUMBER_OF_FRAMES = 0x00280008
 ITEMS_ALLOWED = 10_000
 """Sequence items any data set may hold: a CT image has tens; a dose report or a private sequence a few hundred."""
-ITEMS_PER_FRAME = 40
+ITEMS_PER_FRAME = 24
 """More items per frame of a multi-frame image: an Enhanced CT frame's functional groups take about ten."""
 ELEMENTS_ALLOWED = 100_000
-ELEMENTS_PER_FRAME = 400
+ELEMENTS_PER_FRAME = 128
+"""More elements per frame: an Enhanced CT frame's functional groups hold some tens."""
 HEADER_BYTES_ALLOWED = 8 * 1024**2
 """Bytes before the pixel data: a CT header is a few kilobytes, a scanner's private blocks add some hundreds.
 Every header is read whole by admission, the worker and the encoder, once per image of the series."""
@@ -62,6 +61,10 @@ def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) ->
 
 _LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
 _ITEM_GROUP = 0xFFFE
+_FRAGMENTS = UNDEFINED + 1
+"""On the stack of open values: encapsulated pixel data (an icon's, inside a sequence), whose items are
+compressed fragments, skipped by their length, never read as elements."""
+_OPEN_UNTIL_DELIMITER = (UNDEFINED, _FRAGMENTS)
 
 
 def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
@@ -69,6 +72,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
     tag_and_length = struct.Struct(order + "HHL")
     explicit_short = struct.Struct(order + "HH2sH")
     long_length = struct.Struct(order + "L")
+    item_tag = struct.pack(order + "HH", _ITEM_GROUP, ITEM & 0xFFFF)
     ends: list[int] = []  # where each open defined-length value ends; UNDEFINED for undefined-length ones
     encodings: list[bool] = []  # whether each open value is implicit VR (an undefined-length UN value is)
     base_implicit = implicit
@@ -76,7 +80,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
     size = len(data)
     position = 0
     while position + 8 <= size:
-        while ends and ends[-1] != UNDEFINED and position >= ends[-1]:
+        while ends and ends[-1] < UNDEFINED and position >= ends[-1]:
             ends.pop()
             encodings.pop()
             implicit = encodings[-1] if encodings else base_implicit
@@ -97,7 +101,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
         tag = group << 16 | element
         if group == _ITEM_GROUP:
             if tag != ITEM:  # an item or sequence delimiter
-                if ends and ends[-1] == UNDEFINED:
+                if ends and ends[-1] in _OPEN_UNTIL_DELIMITER:
                     ends.pop()
                     encodings.pop()
                     implicit = encodings[-1] if encodings else base_implicit
@@ -106,6 +110,9 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
             found.items += 1
             if found.items > items_allowed:
                 raise TooManyParts(_too_many("sequence items", items_allowed, found.frames))
+            if ends and ends[-1] == _FRAGMENTS:
+                position += header + length  # a compressed fragment: bytes, not elements
+                continue
         else:
             if tag == PIXEL_DATA and not ends:
                 _check_header_bytes(position, found.frames)
@@ -125,12 +132,17 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
                 "a few)"
             )
         if length == UNDEFINED:
-            implicit = implicit or vr == b"UN"  # a sequence written as UN is implicit VR inside
-            ends.append(UNDEFINED)
+            if tag == PIXEL_DATA or vr in (b"OB", b"OW"):
+                ends.append(_FRAGMENTS)  # encapsulated pixel data below the top level (an icon)
+            else:
+                implicit = implicit or vr == b"UN"  # a sequence written as UN is implicit VR inside
+                ends.append(UNDEFINED)
             encodings.append(implicit)
             position = start
-        elif tag == ITEM or vr == b"SQ" or ((implicit or vr == b"UN") and _is_sequence(tag)):
-            implicit = implicit or vr == b"UN"  # pydicom reads a known sequence sent as UN as implicit VR
+        elif tag == ITEM or vr == b"SQ" or ((implicit or vr == b"UN") and data[start : start + 4] == item_tag):
+            # An item, a sequence, or a value that starts as a sequence does where no VR says so (implicit VR,
+            # UN): pydicom reads those as sequences when it knows the tag, also a private one.
+            implicit = implicit or vr == b"UN"
             ends.append(start + length)
             encodings.append(implicit)
             position = start
@@ -159,13 +171,6 @@ def _too_many(what: str, allowed: int, frames: int) -> str:
         f"the data set holds more than {allowed:,} {what} before its pixel data, more than an image of {frames} "
         "frame(s) needs; refused unread, as reading it would take gigabytes of memory"
     )
-
-
-def _is_sequence(tag: int) -> bool:
-    try:
-        return dictionary_VR(tag) == "SQ"
-    except KeyError:
-        return False
 
 
 def _frames(value: bytes) -> int:
