@@ -155,7 +155,7 @@ class InferenceWorker:
         with transaction(self.sessions) as session:
             for job in jobs.jobs_in_state(session, [jobs.S.PROCESSING]):
                 owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
-                if owner_host == self.host and not claimer_alive(owner_pid, job.state_changed_at):
+                if owner_host == self.host and not claimer_alive(owner_pid):
                     failed = jobs.worker_died(session, job, self.settings.inference.max_worker_deaths)
                     log_worker_death(job, failed)
                     requeued += not failed
@@ -489,11 +489,13 @@ def requeue_jobs_of_previous_run(sessions: sessionmaker[Session], name: str | No
 CLAIM_CLOCK_TOLERANCE_SECONDS = 2.0
 
 
-def claimer_alive(pid: str, claimed_at: datetime | None) -> bool:
-    """Whether process ``pid`` runs and could be the worker that claimed a job at ``claimed_at``.
+def claimer_alive(pid: str, claimed_at: datetime | None = None) -> bool:
+    """Whether process ``pid`` runs, and (given ``claimed_at``) could be the worker that claimed a job then.
 
-    A process that started after the claim has only reused the number (a container restarted: its
-    new workers often get the old ones' pids), so the claimer is gone.
+    A process that started after the claim has only reused the number (a container restarted: its new
+    workers often get the old ones' pids), so the claimer is gone. That comparison is only made at
+    ``serve`` start-up, when no worker of this host can be running: it reads start times off the wall
+    clock, which a step of the clock (NTP, a resumed virtual machine) would shift.
     """
     try:
         os.kill(int(pid), 0)
