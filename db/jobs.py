@@ -188,7 +188,13 @@ def retry(session: Session, job: Job) -> None:
     if resend and lacks_deliveries(session, job):
         job.deliveries = {
             name: record.model_copy(
-                update={"attempts": 0, "next_attempt_at": None, "unreachable_since": None, "unreachable_attempts": 0}
+                update={
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "unreachable_since": None,
+                    "unreachable_last_at": None,
+                    "unreachable_attempts": 0,
+                }
             )
             for name, record in (job.deliveries or {}).items()
         }
@@ -302,6 +308,7 @@ class DestinationProgress:
     last_error: str | None = None
     next_attempt_at: datetime | None = None
     unreachable_since: datetime | None = None
+    unreachable_last_at: datetime | None = None
 
     @property
     def total(self) -> int | None:
@@ -366,10 +373,16 @@ def record_attempt(
     if unreachable:
         streak = {
             "unreachable_since": record.unreachable_since or now,
+            "unreachable_last_at": now,
             "unreachable_attempts": record.unreachable_attempts + 1,
         }
     else:
-        streak = {"attempts": record.attempts + 1, "unreachable_since": None, "unreachable_attempts": 0}
+        streak = {
+            "attempts": record.attempts + 1,
+            "unreachable_since": None,
+            "unreachable_last_at": None,
+            "unreachable_attempts": 0,
+        }
     if complete:
         updated = record.model_copy(update={**streak, "delivered_at": now, "last_error": None, "next_attempt_at": None})
     else:
@@ -446,6 +459,7 @@ def delivery_progress(session: Session, job: Job) -> list[DestinationProgress]:
                 record.last_error,
                 record.next_attempt_at,
                 record.unreachable_since,
+                record.unreachable_last_at,
             )
         )
     return progress

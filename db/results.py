@@ -102,6 +102,7 @@ class DeliveryRecord(BaseModel):
     sent: list[str] = Field(default_factory=list)  # accepted paths, from records older than per-file rows
     lacking: list[str] = Field(default_factory=list)  # kinds it takes that the run did not make (kinds_missing)
     unreachable_since: datetime | None = None  # first of the attempts in a row that found no association
+    unreachable_last_at: datetime | None = None  # the latest of them
     unreachable_attempts: int = 0  # those attempts: they do not count against dispatch.max_attempts
 
     def due(self, now: datetime) -> bool:

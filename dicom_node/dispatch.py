@@ -232,22 +232,21 @@ class Dispatcher(PeriodicTask):
                     )
                     thread.start()
 
-    def _settled(self, record: DeliveryRecord | None, now: datetime | None = None) -> bool:
+    def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, has used all its attempts, or has been unreachable too long."""
         record = record or DeliveryRecord()
         return (
             record.delivered_at is not None
             or record.attempts >= self._dispatch.max_attempts
-            or self._unreachable_too_long(record.unreachable_since, now)
+            or self._unreachable_too_long(record.unreachable_since, record.unreachable_last_at)
         )
 
-    def _unreachable_too_long(self, since: datetime | None, now: datetime | None = None) -> bool:
-        """Whether a destination unreachable ``since`` then has been so for ``dispatch.unreachable_hours``."""
-        if since is None:
+    def _unreachable_too_long(self, since: datetime | None, last: datetime | None) -> bool:
+        """Whether a destination found unreachable from ``since`` to ``last`` (attempts made, not time passed:
+        a node that was down itself tries again first) has been so for ``dispatch.unreachable_hours``."""
+        if since is None or last is None:
             return False
-        moment = now or datetime.now(timezone.utc)
-        start = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-        return moment - start >= timedelta(hours=self._dispatch.unreachable_hours)
+        return _aware(last) - _aware(since) >= timedelta(hours=self._dispatch.unreachable_hours)
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
@@ -506,7 +505,9 @@ class Dispatcher(PeriodicTask):
             jobs.finish_sending(session, job, f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
             return [(logging.INFO, "job.done", {"reason": job.reason})]
         if all(
-            p.complete or p.attempts >= self._dispatch.max_attempts or self._unreachable_too_long(p.unreachable_since)
+            p.complete
+            or p.attempts >= self._dispatch.max_attempts
+            or self._unreachable_too_long(p.unreachable_since, p.unreachable_last_at)
             for p in progress
         ):
             jobs.fail(session, job, sending_failure(progress))
@@ -516,6 +517,10 @@ class Dispatcher(PeriodicTask):
     def _backoff(self, attempts: int) -> timedelta:
         settings = self._dispatch
         return timedelta(seconds=min(settings.first_retry_seconds * 2 ** (attempts - 1), settings.max_retry_seconds))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _missing_results(name: str, missing: list[str], series_instance_uid: str) -> str:
@@ -538,9 +543,7 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
                 f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
             )
         if not p.complete and p.unreachable_since is not None:
-            since = (
-                p.unreachable_since if p.unreachable_since.tzinfo else p.unreachable_since.replace(tzinfo=timezone.utc)
-            )
+            since = _aware(p.unreachable_since)
             received += f": {p.last_error or 'not sent'} (unreachable since {since:%Y-%m-%d %H:%M} UTC)"
         elif not p.complete:
             attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"

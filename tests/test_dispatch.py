@@ -403,3 +403,23 @@ def test_a_destination_whose_results_were_made_under_another_configuration_gets_
         assert f"`dicom-node retry {uid}`" in job.reason
         jobs.retry(session, job)  # resending would find them missing again: the series is processed again
         assert job.state is JobState.COMPLETE
+
+
+def test_a_node_down_longer_than_unreachable_hours_tries_the_destination_again_before_failing(tmp_path):
+    """unreachable_hours counts between attempts that found the destination down, not the node's own downtime."""
+    from datetime import datetime, timezone
+
+    from db.results import DeliveryRecord
+    from dicom_node.config import Settings
+    from dicom_node.dispatch import Dispatcher
+
+    dispatcher = Dispatcher(Settings(storage={"directory": str(tmp_path)}, dispatch={"unreachable_hours": 24}), None)
+    now = datetime.now(timezone.utc)
+    down_then = now - timedelta(hours=48)
+    before_the_weekend = DeliveryRecord(
+        unreachable_since=down_then, unreachable_last_at=down_then, unreachable_attempts=3
+    )
+    still_down_now = before_the_weekend.model_copy(update={"unreachable_last_at": now})
+
+    assert not dispatcher._settled(before_the_weekend), "the node was down: one more attempt first"
+    assert dispatcher._settled(still_down_now)
