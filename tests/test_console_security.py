@@ -9,6 +9,7 @@ recorded through ``db`` as the receiver records them; one sends hostile headers 
 from __future__ import annotations
 
 import html.parser
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -855,3 +856,34 @@ def test_a_short_session_secret_is_refused_and_plain_http_beyond_this_machine_is
     caplog.clear()
     _start(tmp_path / "loopback").server.stop()
     assert not [r for r in caplog.records if r.getMessage() == "console.plain_http"]
+
+
+def test_a_client_leaving_in_the_middle_of_its_body_gets_no_answer_and_no_error_logged(console, caplog):
+    import asyncio
+
+    app = create_app(console.server.context)
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "headers": [(b"content-length", b"100")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "http_version": "1.1",
+        "root_path": "",
+    }
+    asyncio.run(app(scope, receive, send))
+
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -99,9 +99,10 @@ class BodyLimit:
     body is refused before any handler or form parser sees it.
     """
 
-    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES, https: bool = False) -> None:
         self.app = app
         self.limit = limit
+        self.https = https
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -135,7 +136,9 @@ class BodyLimit:
 
     async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
         message = f"the request body is larger than the console accepts ({self.limit // 1024} KiB)"
-        await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        response = JSONResponse({"detail": message}, status_code=413)
+        _security_headers(response, self.https, scope.get("path", ""))  # outside the headers' middleware
+        await response(scope, receive, send)
 
 
 def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
@@ -187,7 +190,6 @@ def create_app(context: ConsoleContext) -> FastAPI:
     app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(Exception, _internal_error)
     https = context.settings.console.https
-    app.add_middleware(BodyLimit)  # inside the headers' middleware, so its 413 answer carries them too
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
@@ -195,6 +197,8 @@ def create_app(context: ConsoleContext) -> FastAPI:
         _security_headers(response, https, request.url.path)
         return response
 
+    # Outermost: a client that goes away mid-body gets no answer, without a handler ever running.
+    app.add_middleware(BodyLimit, https=https)
     _health_routes(app)
 
     @app.get("/metrics", include_in_schema=False)
