@@ -295,8 +295,9 @@ def _admit(
     if max(rows, columns) >= CLINICAL_MATRIX and min(extent[:2]) < NARROWEST_FIELD_MM:
         raise Refused(
             f"the images would be {extent[0]:.0f} x {extent[1]:.0f} mm across (PixelSpacing "
-            f"{images[0].spacing[0]:g} x {images[0].spacing[1]:g} mm), narrower than a CT image can be "
-            f"({NARROWEST_FIELD_MM:.0f} mm at least); PixelSpacing is wrong, perhaps written in centimetres"
+            f"{images[0].spacing[0]:g} x {images[0].spacing[1]:g} mm), narrower than the body regions the models "
+            f"segment ({NARROWEST_FIELD_MM:.0f} mm at least): a small field (dental, inner ear) is not for this "
+            "node; otherwise PixelSpacing is wrong, perhaps written in centimetres"
         )
     estimate = _memory_estimate(images, extent)
     limit = settings.max_memory_gigabytes * 1024**3

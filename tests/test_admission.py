@@ -289,8 +289,9 @@ def test_a_pixel_spacing_written_in_centimetres_is_refused(tmp_path):
     """0.07 for 0.7 mm: a 256-pixel image 18 mm across, which would make every reported volume 100 times small."""
     files = series_files(tmp_path, rows=256, columns=256, pixel_spacing=(0.07, 0.07))
     assert admit(files, STRICT).refusal == (
-        "the images would be 18 x 18 mm across (PixelSpacing 0.07 x 0.07 mm), narrower than a CT image can be "
-        "(80 mm at least); PixelSpacing is wrong, perhaps written in centimetres"
+        "the images would be 18 x 18 mm across (PixelSpacing 0.07 x 0.07 mm), narrower than the body regions the "
+        "models segment (80 mm at least): a small field (dental, inner ear) is not for this node; otherwise "
+        "PixelSpacing is wrong, perhaps written in centimetres"
     )
 
 
