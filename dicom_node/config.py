@@ -190,6 +190,12 @@ class StorageSettings(_Strict):
         gt=0,
         description="A job whose processing found the disk full is queued again and tried after this many seconds.",
     )
+    quarantine_reserve_gigabytes: float = Field(
+        5.0,
+        ge=0,
+        description="The bytes of a refused instance are kept in quarantine/ only while the disk keeps this much "
+        "free after them: a sender of refused data cannot fill the disk the images it accepts need.",
+    )
 
 
 class ReceiveSettings(_Strict):

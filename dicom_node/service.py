@@ -144,7 +144,11 @@ def start_node(settings: Settings) -> RunningNode:
     """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher."""
     _warn_about_open_doors(settings)
     sessions = open_database(settings)
-    store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
+    store = InstanceStore(
+        settings.storage.directory,
+        fsync=settings.storage.fsync,
+        quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
+    )
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
     requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'

@@ -278,3 +278,25 @@ def test_status_command_lists_series_and_states(tmp_path, start_node):
     assert table.returncode == 0, table.stderr
     assert "QUEUED" in table.stdout
     assert "QUEUED 1; refused instances: 0" in table.stdout
+
+
+def test_a_refused_instance_is_not_kept_when_it_would_eat_into_the_space_kept_for_accepted_images(tmp_path, start_node):
+    """A sender of junk fills quarantine/ only down to storage.quarantine_reserve_gigabytes; the refusal is still
+    recorded, and good images are still accepted."""
+    good = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    source = good.files[0]
+    corrupt = tmp_path / "corrupt.dcm"
+    offset = len(source.read_bytes()) - len(data_set_bytes(source))
+    corrupt.write_bytes(source.read_bytes()[:offset] + b"\x08\x00\x16\x00UI\xff\xff" + b"\x00garbage" * 40)
+    node = start_node(rules=CT_RULES, storage={"quarantine_reserve_gigabytes": 1_000_000})  # more than any disk
+
+    statuses = send_raw(node.port, [corrupt])
+
+    assert statuses[0] in (status.CANNOT_UNDERSTAND, status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    with node.sessions() as session:
+        rejection = session.scalars(select(RejectedInstance)).one()
+    assert rejection.path is None and not list((node.storage / "quarantine").iterdir())
+    assert "instance.quarantine_full" in node.log()
+    assert "GB are kept for accepted images (storage.quarantine_reserve_gigabytes)" in node.log()
+    assert storescu(node.port, good.files).returncode == 0
+    assert instance_count(node) == len(good.files)

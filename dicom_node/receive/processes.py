@@ -304,7 +304,11 @@ def run_receiver(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches serve, which stops us in order
     threading.Thread(target=_stop_when_orphaned, args=(stop, parent_pid), name="parent-watch", daemon=True).start()
     sessions = make_session_factory(make_engine(settings.database_url, settings.database.busy_timeout_seconds))
-    store = InstanceStore(settings.storage.directory, fsync=settings.storage.fsync)
+    store = InstanceStore(
+        settings.storage.directory,
+        fsync=settings.storage.fsync,
+        quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
+    )
     alive = _hold_alive_lock(store)
     recorder = InstanceRecorder(store, sessions)
     recorder.start()

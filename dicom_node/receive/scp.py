@@ -66,7 +66,7 @@ from dicom_node.receive.header import (
     read_header,
 )
 from dicom_node.receive.recorder import InstanceRecorder
-from dicom_node.receive.storage import InstanceStore, encode_file_meta, is_disk_full
+from dicom_node.receive.storage import InstanceStore, QuarantineFull, encode_file_meta, is_disk_full
 from dicom_node.receive.studies import KnownStudies
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
@@ -461,6 +461,8 @@ def _refuse(
     quarantined: str | None = None
     try:
         quarantined = str(context.store.quarantine(file_meta, encoded))
+    except QuarantineFull as exc:
+        log_event(LOG, logging.WARNING, "instance.quarantine_full", reason=str(exc), sop_instance_uid=sop_instance)
     except OSError as exc:
         log_event(LOG, logging.ERROR, "instance.quarantine_failed", error=str(exc))
     try:

@@ -20,6 +20,7 @@ import errno
 import itertools
 import logging
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -192,11 +193,16 @@ class SpareFiles:
                 path.unlink(missing_ok=True)
 
 
+class QuarantineFull(OSError):
+    """Keeping a refused instance's bytes would eat into the space kept for accepted images."""
+
+
 class InstanceStore:
     """Writes instance files so that a success status always means 'on disk'."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, quarantine_reserve_gigabytes: float = 0.0) -> None:
         self.root = root
+        self.quarantine_reserve_gigabytes = quarantine_reserve_gigabytes
         self.instances_dir = root / "instances"
         self.incoming_dir = root / "incoming"
         self.quarantine_dir = root / "quarantine"
@@ -288,7 +294,21 @@ class InstanceStore:
 
         With file meta the result is a DICOM file (``.dcm``); without (the request
         lacked usable UIDs) it is the data set exactly as received (``.raw``).
+
+        Raises
+        ------
+        OSError
+            When keeping them would leave less than ``storage.quarantine_reserve_gigabytes`` free (a
+            sentence saying so), or the write fails.
         """
+        reserve = self.quarantine_reserve_gigabytes * 1024**3
+        free = shutil.disk_usage(self.quarantine_dir).free
+        if free - len(file_meta) - len(encoded) < reserve:
+            raise QuarantineFull(
+                f"the refused data set ({len(encoded) / 1024**2:,.1f} MB) is not kept in quarantine: the disk has "
+                f"{free / 1024**3:,.1f} GB free, and {self.quarantine_reserve_gigabytes:g} GB are kept for accepted "
+                "images (storage.quarantine_reserve_gigabytes)"
+            )
         path = self.quarantine_path(".dcm" if file_meta else ".raw")
         self.write(path, file_meta, encoded)
         return path
