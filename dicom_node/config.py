@@ -533,6 +533,11 @@ class ConsoleSettings(_Strict):
     proxy_role_header: str = Field(
         "X-Forwarded-Role", description="Header giving the role, viewer or operator; absent or other: viewer."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the console answers to (the Host header: console.hospital.example, *.example.org); "
+        "empty: any. Stops DNS rebinding, where another site's page makes a browser send it requests.",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Addresses or networks the proxy connects from; headers from anyone else are refused.",

@@ -887,3 +887,18 @@ def test_a_client_leaving_in_the_middle_of_its_body_gets_no_answer_and_no_error_
 
     assert sent == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_with_allowed_hosts_a_request_naming_another_host_is_refused(tmp_path, caplog):
+    """DNS rebinding: another site's page, resolved to this console, sends its own name as Host."""
+    running = _start(tmp_path, allowed_hosts=["127.0.0.1", "console.hospital.example"])
+    try:
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+        named = httpx.get(f"{running.url}/healthz", headers={"Host": "console.hospital.example"})
+        rebound = httpx.get(f"{running.url}/api/me", headers={"Host": "evil.example"})
+        assert named.status_code == 200 and rebound.status_code == 400
+    finally:
+        running.server.stop()
+    proxied = _start(tmp_path / "proxy", auth="proxy_header")
+    proxied.server.stop()
+    assert "console.hosts_unchecked" in [r.getMessage() for r in caplog.records]

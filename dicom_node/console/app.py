@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dicom_node.config import Settings
 from dicom_node.console.access import (
@@ -199,6 +200,8 @@ def create_app(context: ConsoleContext) -> FastAPI:
 
     # Outermost: a client that goes away mid-body gets no answer, without a handler ever running.
     app.add_middleware(BodyLimit, https=https)
+    if context.settings.console.allowed_hosts:  # a request naming another host is answered 400, unread
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=context.settings.console.allowed_hosts)
     _health_routes(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -320,6 +323,14 @@ class ConsoleServer:
                 hint=f"the console listens on {console.host}:{console.port} without HTTPS: passwords, session "
                 "cookies and patient details cross the network readable by anyone on it; set console.tls_certificate "
                 "and console.tls_private_key, or listen on 127.0.0.1 behind the hospital's HTTPS reverse proxy",
+            )
+        if console.auth == "proxy_header" and not console.allowed_hosts:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "console.hosts_unchecked",
+                hint="with auth: proxy_header, set console.allowed_hosts to the name the proxy serves: otherwise a "
+                "web page of another site, opened in a browser on this machine, can send the proxy's headers itself",
             )
         if console.auth == "local" and not console.users:
             log_event(
