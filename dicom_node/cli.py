@@ -270,6 +270,8 @@ def _print_deliveries(session: Session, job: Job) -> None:
         return
     for progress in jobs.delivery_progress(session, job):
         attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
+        if progress.unreachable_since is not None:
+            attempts += f"; unreachable since {progress.unreachable_since.isoformat()[:16]}"
         retry_at = f"; next try {progress.next_attempt_at.isoformat()[:19]}" if progress.next_attempt_at else ""
         console.print(f"sent to  {progress.summary()} files ({attempts}{retry_at})", highlight=False)
         if progress.planned is None:

@@ -165,6 +165,7 @@ def test_one_job_has_timeline_structures_files_and_delivery(processed):
             "last_error": None,
             "delivered_at": detail["deliveries"][0]["delivered_at"],
             "next_attempt_at": None,
+            "unreachable_since": None,
         }
     ]
     assert running.client("vera").get("/api/jobs/1.2.3.999").status_code == 404

@@ -127,6 +127,7 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
 
     wait_for(lambda: unreachable_attempts() >= 4, timeout=120, what="four attempts while the peer is down")
     assert node.job_state(series.series_instance_uid) is JobState.SENDING
+    assert "(0 attempts; unreachable since " in node.cli("show", series.series_instance_uid).stdout
     peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
     try:
         node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
