@@ -86,6 +86,9 @@ def test_partial_series_is_done_with_its_warnings_in_descriptions_sr_status_and_
     assert seg.SeriesDescription == "Segmentation dicom-node threshold (baseline) of series 1 PARTIAL"
     assert sr.SeriesDescription == "Measurements dicom-node threshold (baseline) of series 1 PARTIAL"
     assert sr_comment(sr) == f"Read with care: (1) {LOCALIZER_WARNING} (2) {PARTIAL_WARNING}"
+    assert sr.CompletionFlag == "PARTIAL"  # the SR itself says it does not cover the whole series
+    family = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodeMeaning) == ("123105", "Histogram Analysis"), "the baseline is no AI"
     errors, _warnings = dciodvfy(results["sr-binary.dcm"])
     assert errors == []
 

@@ -356,3 +356,25 @@ def test_labelmap_seg_has_no_background_segment_and_still_decodes(phantom_with_k
     decoded = hd.seg.segread(BytesIO(buffer.getvalue()))
     assert decoded.segmentation_type.value == "LABELMAP"
     assert sorted(decoded.segment_numbers) == numbers
+
+
+def test_a_long_description_drops_whole_words_of_the_model_name_never_part_of_one():
+    from dicom_node.encode.seg import Algorithm
+
+    trained = Algorithm("TotalSegmentator total_fast (3 mm, 117 structures)", "w", is_baseline=False)
+    baseline = Algorithm("dicom-node threshold", "w", is_baseline=True)
+
+    assert (
+        trained.series_description("Segmentation", 2, partial=True, source_series="1001")
+        == "Segmentation TotalSegmentator of series 1001 PARTIAL (re-run 2)"
+    )
+    assert (
+        baseline.series_description("Label map measurements", 2, partial=True, source_series="1001")
+        == "Label map measurements of series 1001 PARTIAL (re-run 2)"
+    )
+    for what in ("Segmentation", "Label map segmentation", "Measurements", "Structures"):
+        for model in (trained, baseline):
+            text = model.series_description(what, 3, partial=True, source_series="123456789012")
+            assert len(text) <= 64 and text.startswith(what) and text.endswith("PARTIAL (re-run 3)"), text
+            whole_words = f"{what} {model.name} (baseline) of series 123456789012 PARTIAL (re-run 3)".split()
+            assert set(text.split()) <= set(whole_words), text

@@ -133,6 +133,7 @@ def encode_results(
             notes=warnings,
             previous_versions=earlier,
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
+            partial=partial,
         )
         sr.SeriesDescription = describe(RESULT_TITLES[f"sr-{kind.lower()}"])
         stamp_series_date_time(sr)

@@ -37,7 +37,8 @@ from dicom_node.encode.fast_write import save_preencoded
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
 SegmentationType = Literal["BINARY", "LABELMAP"]
-ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # algorithm family (CID 7162)
+ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # algorithm family (CID 7162) of a trained model
+HISTOGRAM_ANALYSIS = codes.cid7162.HistogramAnalysis  # the baseline's: thresholds on HU, no training
 COMPRESSION = {"BINARY": JPEG2000Lossless, "LABELMAP": RLELossless}
 PER_FRAME_FUNCTIONAL_GROUPS = 0x52009230
 SMALL_UNSIGNED = (np.uint8, np.uint16)  # label dtypes counted with np.bincount
@@ -70,13 +71,15 @@ class Algorithm:
         if len(whole) + len(markers) <= 64 and (not self.is_baseline or "baseline" in self.name):
             return whole + markers
         suffix = (" (baseline)" if self.is_baseline else "") + markers  # a shortened name may lose "baseline"
+        if len(what) + len(suffix) > 64:
+            suffix = markers  # the baseline tag gives way to what the object is and its markers
         room = 64 - len(suffix)
         head = whole
         if len(head) > room and " (" in self.name:
             head = f"{what} {self.name.split(' (')[0]}"
-        if len(head) > room:
+        if len(head) > room:  # whole words of the name, or none of it: never a word cut in two
             words = head[: room + 1].rsplit(" ", 1)[0]
-            head = words if len(words) > len(what) else head[:room]
+            head = words if len(words) > len(what) else what[:room]
         return head + suffix
 
 
@@ -93,7 +96,7 @@ def segment_descriptions(
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name[:64],
         version=algorithm.version[:64],
-        family=ARTIFICIAL_INTELLIGENCE,
+        family=HISTOGRAM_ANALYSIS if algorithm.is_baseline else ARTIFICIAL_INTELLIGENCE,
         parameters=dict(algorithm.parameters) or None,  # AlgorithmParameters: device=cpu,backend=...,precision=...
     )
     descriptions = []

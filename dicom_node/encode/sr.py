@@ -45,8 +45,11 @@ def encode_measurement_report(
     series_number: int = 9702,
     notes: Sequence[str] = (),
     previous_versions: Sequence[Dataset] = (),
+    partial: bool = False,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments.
+
+    ``partial`` (the result covers less than the whole series) makes its Completion Flag PARTIAL.
 
     ``notes`` (the job's warnings) become one TEXT content item "Comment" under the
     report's root, so a reader of the SR sees what the result does not cover.
@@ -85,7 +88,7 @@ def encode_measurement_report(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=not partial,
         record_evidence=True,
         specific_character_set=RESULT_CHARACTER_SET,
         previous_versions=list(previous_versions) or None,
