@@ -71,3 +71,36 @@ def test_a_structure_at_the_side_of_the_image_or_on_padding_is_flagged_cut_and_p
     assert not whole.cut_by_scan_edge
     assert side.cut_by_scan_edge and on_padding.cut_by_scan_edge
     assert on_padding.voxels == whole.voxels and on_padding.mean_hu == pytest.approx(PHANTOM_HU["liver"], abs=0.01)
+
+
+def test_a_structure_lying_wholly_on_padding_has_no_attenuation_reported_not_0_hu(tmp_path):
+    """No voxel inside the reconstructed field: its volume is known, its HU are not; the SR states no Mean."""
+    import pydicom
+
+    from dicom_node.encode.seg import Algorithm, encode_segmentation
+    from dicom_node.encode.sr import encode_measurement_report
+    from inference.models.threshold import ThresholdModel
+
+    spec = PhantomSpec(rows=64, columns=64, slices=30, pixel_spacing=(6.0, 6.0), slice_spacing=5.0, noise_sd=0.0)
+    series = write_phantom_series(tmp_path, spec)
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    lung = next(label for label, name in result.classes.items() if "lung" in name)
+    volume.hu[result.labels == lung] = -3024.0
+
+    measured = measure(volume, result.labels, result.classes)
+    by_label = {m.label: m for m in measured}
+    assert by_label[lung].volume_ml > 0 and by_label[lung].mean_hu is None and by_label[lung].sd_hu is None
+    assert all(m.mean_hu is not None for m in measured if m.label != lung)
+
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+    seg = encode_segmentation(sources, result.labels, result.classes, algorithm)
+    sr = encode_measurement_report(seg, sources, measured, algorithm)
+
+    def attenuations(item) -> int:
+        own = sum(c.CodeValue == "112031" for c in item.get("ConceptNameCodeSequence", []))
+        return own + sum(attenuations(child) for child in item.get("ContentSequence", []))
+
+    assert attenuations(sr) == 2 * (len(measured) - 1), "mean and SD for every structure but the lung on padding"

@@ -216,3 +216,28 @@ def test_the_object_budget_is_shared_between_structures():
     budget = ContourBudget(points_per_structure=100_000, megabytes=27.0)
     assert budget.per_structure(1) == 100_000
     assert budget.per_structure(117) == 1_000_000 // 117
+
+
+def test_a_structure_too_small_to_draw_is_left_out_with_a_note_and_the_rest_still_validates(tmp_path):
+    """One voxel of a structure: no contour of a pixel's area survives, and an ROI without one is invalid."""
+    volume, result, sources = segmented_phantom(
+        tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
+    labels = result.labels.copy()
+    tiny = max(result.classes) + 1
+    labels[6, 2, 2] = tiny
+    classes = {**result.classes, tiny: "kidney_right"}
+    notes: list[str] = []
+
+    dataset = encode_rtstruct(volume, sources, labels, classes, ALGORITHM, notes=notes)
+    path = tmp_path / "rtstruct.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+
+    assert "Right kidney" not in [roi.ROIName for roi in dataset.StructureSetROISequence]
+    assert all(len(roi.ContourSequence) > 0 for roi in dataset.ROIContourSequence)
+    assert notes == [
+        "RTSTRUCT: Right kidney is left out: it covers under one pixel of area on every slice, too little to draw "
+        "as a contour (the segmentation and the measurements keep it)"
+    ]
+    errors, _warnings = dciodvfy(path)
+    assert errors == []

@@ -255,8 +255,8 @@ def structures(job: Job) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "volume_ml": round(float(figures.get("volume_ml", 0.0)), 2),
-                "mean_hu": round(float(figures.get("mean_hu", 0.0)), 1),
-                "sd_hu": round(float(figures.get("sd_hu", 0.0)), 1),
+                "mean_hu": _rounded(figures.get("mean_hu"), 1),
+                "sd_hu": _rounded(figures.get("sd_hu"), 1),
                 "cut_by_scan_edge": bool(figures.get("cut_by_scan_edge")),
             }
         )
@@ -281,6 +281,11 @@ def _inside_results(job: Job, path: Path) -> bool:
     if folder is None or path.is_symlink() or not path.is_file():
         return False
     return path.resolve().parent == folder
+
+
+def _rounded(value: Any, digits: int) -> float | None:
+    """A figure of measurements.json, rounded; None where it has none (no voxel inside the reconstructed field)."""
+    return None if value is None else round(float(value), digits)
 
 
 def preview_path(job: Job) -> Path | None:

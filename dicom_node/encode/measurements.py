@@ -25,8 +25,8 @@ class StructureMeasurement:
     name: str
     voxels: int
     volume_ml: float
-    mean_hu: float
-    sd_hu: float
+    mean_hu: float | None  # None: no voxel of the structure lies inside the reconstructed field
+    sd_hu: float | None
     cut_by_scan_edge: bool
 
 
@@ -48,17 +48,17 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
         if label == 0 or int(label) not in classes:
             continue
         n = int(counts[label])
-        measured = max(int(tissue_counts[label]), 1)
-        mean = sums[label] / measured
-        variance = max(squares[label] / measured - mean * mean, 0.0)
+        measured = int(tissue_counts[label])
+        mean = sums[label] / measured if measured else None
+        sd = float(np.sqrt(max(squares[label] / measured - mean * mean, 0.0))) if mean is not None else None
         results.append(
             StructureMeasurement(
                 label=int(label),
                 name=classes[int(label)],
                 voxels=n,
                 volume_ml=n * voxel_ml,
-                mean_hu=float(mean),
-                sd_hu=float(np.sqrt(variance)),
+                mean_hu=float(mean) if mean is not None else None,
+                sd_hu=sd,
                 cut_by_scan_edge=int(label) in at_edge,
             )
         )

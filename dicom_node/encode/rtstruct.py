@@ -142,9 +142,16 @@ def encode_rtstruct(
     total_contours = total_points = 0
     for number, label in enumerate(present, start=1):
         name = classes[label]
-        dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         box = boxes[label - 1]
         item, tolerance, points = _roi_contours(number, name, labels[box] == label, box, volume, allowed)
+        if not item.ContourSequence:  # an ROI needs one contour at least (ContourSequence is Type 1)
+            if notes is not None:
+                notes.append(
+                    f"RTSTRUCT: {display_label(name)} is left out: it covers under one pixel of area on every slice, "
+                    "too little to draw as a contour (the segmentation and the measurements keep it)"
+                )
+            continue  # ROI numbers stay the segment numbers, so the others still match the SEG
+        dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         dataset.ROIContourSequence.append(item)
         dataset.RTROIObservationsSequence.append(_observation(number))
         total_contours += len(item.ContourSequence)

@@ -153,8 +153,15 @@ def _structure_group(
             hd.sr.Measurement(
                 name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE, algorithm_id=algorithm_id
             ),
-            mean(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean),
-            mean(value=round(measured.sd_hu, 2), derivation=codes.SCT.StandardDeviation),
+            # No attenuation where none of the structure lies inside the reconstructed field: not a 0 HU.
+            *(
+                [
+                    mean(value=round(measured.mean_hu, 2), derivation=codes.SCT.Mean),
+                    mean(value=round(measured.sd_hu or 0.0, 2), derivation=codes.SCT.StandardDeviation),
+                ]
+                if measured.mean_hu is not None
+                else []
+            ),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
