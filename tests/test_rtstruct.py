@@ -61,7 +61,12 @@ def test_one_roi_per_structure_with_contours_on_its_slices(structure_set):
     path, volume, result = structure_set
     dataset = pydicom.dcmread(path)
 
-    assert [roi.ROIName for roi in dataset.StructureSetROISequence] == ["Body", "Left lung", "Right lung", "Skeleton"]
+    assert [roi.ROIName for roi in dataset.StructureSetROISequence] == [
+        "Body without lungs and bone",
+        "Left lung",
+        "Right lung",
+        "Skeleton",
+    ]
     body = dataset.ROIContourSequence[0]
     slices_with_body = {int(k) for k in np.flatnonzero((result.labels == 1).any(axis=(1, 2)))}
     referenced = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in body.ContourSequence}
@@ -206,7 +211,7 @@ def test_a_structure_over_the_point_budget_is_simplified_further_never_dropped(t
     simplified = [number for number in before if before[number] > 400]
     assert simplified and all(after[n] < before[n] for n in simplified)
     assert all(roi.ContourSequence for roi in tight.ROIContourSequence)
-    assert any(note.startswith("RTSTRUCT: Body simplified to within") for note in notes)
+    assert any(note.startswith("RTSTRUCT: Body without lungs and bone simplified to within") for note in notes)
     path = tmp_path / "rtstruct.dcm"
     tight.save_as(path, enforce_file_format=True)
     assert dciodvfy(path)[0] == []

@@ -74,7 +74,12 @@ def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, star
     assert (pixels[:, 2] - pixels[:, 0] > 60).any(), f"no lung-coloured ({lung_colour}) overlay in the preview"
     seg = pydicom.dcmread(folder / "seg-binary.dcm")
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_instance_uid
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Body", "Left lung", "Right lung", "Skeleton"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Body without lungs and bone",
+        "Left lung",
+        "Right lung",
+        "Skeleton",
+    ]
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     assert labels.GetSize() == (128, 128, 40)
     np.testing.assert_allclose(labels.GetOrigin(), series.slice_positions[0])

@@ -31,8 +31,16 @@ class StructureCodes:
     rgb: tuple[int, int, int] = (255, 255, 0)
 
 
+TISSUE = Code("85756007", "SCT", "Tissue")
 BASELINE_CODES = {
-    "body": StructureCodes(ANATOMICAL_STRUCTURE, Code("38266002", "SCT", "Entire body"), rgb=(177, 122, 101)),
+    # The baseline's "body" is what is left of the body once its lungs and bone are labelled: soft tissue in the
+    # entire body, not the entire body (a label map gives each voxel one structure).
+    "body": StructureCodes(
+        TISSUE,
+        Code("87784001", "SCT", "Soft tissue"),
+        anatomic_region=Code("38266002", "SCT", "Entire body"),
+        rgb=(177, 122, 101),
+    ),
     "lung_left": StructureCodes(ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), LEFT, rgb=(71, 232, 244)),
     "lung_right": StructureCodes(ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), RIGHT, rgb=(49, 186, 196)),
     "skeleton": StructureCodes(ANATOMICAL_STRUCTURE, Code("272673000", "SCT", "Bone"), rgb=(241, 214, 145)),
@@ -40,6 +48,8 @@ BASELINE_CODES = {
 
 
 SIDES = {"left": "Left", "right": "Right"}
+BASELINE_LABELS = {"body": "Body without lungs and bone"}
+"""Labels that say more than the class name: the baseline's body holds neither its lungs nor its bone."""
 
 
 def display_label(name: str) -> str:
@@ -49,6 +59,8 @@ def display_label(name: str) -> str:
     ``vertebrae_L1`` -> ``Vertebrae L1``, ``lung_upper_lobe_left`` -> ``Left lung upper lobe``.
     Words holding digits or capitals (L1, T12, IVC) keep their spelling.
     """
+    if name in BASELINE_LABELS:
+        return BASELINE_LABELS[name]
     words = name.replace("-", "_").split("_")
     sides = [SIDES[w] for w in words if w in SIDES]
     rest = [w for w in words if w not in SIDES and w]
