@@ -178,3 +178,51 @@ def test_an_enhanced_ct_giving_orientation_and_pixel_spacing_per_frame_gets_its_
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert [float(v) for v in measures.PixelSpacing] == [0.8, 0.8]
     assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}
+
+
+def test_the_sr_names_the_structures_the_model_found_no_voxel_of(tmp_path):
+    """'Not found' is said, so a reader tells it from 'not looked for'."""
+    chest = PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)  # lungs in it
+    series = write_phantom_series(tmp_path / "ct", chest)
+    volume = load_series_volume(series.files)
+    model = ThresholdModel()
+    segmentation = model.segment(volume)
+    segmentation.labels[segmentation.labels == 4] = 1  # no skeleton in this series
+    results = tmp_path / "run-1"
+    results.mkdir()
+    files = encode_results(
+        volume,
+        segmentation,
+        measure(volume, segmentation.labels, segmentation.classes),
+        model,
+        results,
+        ["BINARY"],
+        1,
+    )
+    sr = pydicom.dcmread(next(path for path in files if Path(path).name.startswith("sr-")))
+
+    comments = [
+        str(item.TextValue)
+        for item in sr.ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+    assert comments == [
+        "Not found in this series (1 of the model's structures: outside the scanned range, or absent): Skeleton"
+    ]
+
+
+def test_every_sr_of_this_node_names_the_same_device_observer(tmp_path):
+    first = _encode(tmp_path / "a", 1, kinds=("BINARY",))
+    second = _encode(tmp_path / "b", 2, kinds=("BINARY",))
+
+    def device_uids(headers: list[pydicom.Dataset]) -> set[str]:
+        uids = set()
+        for header in headers:
+            if header.Modality != "SR":
+                continue
+            for item in pydicom.dcmread(header.filename).ContentSequence:
+                if item.ConceptNameCodeSequence[0].CodeValue == "121012":  # Device Observer UID
+                    uids.add(str(item.UID))
+        return uids
+
+    assert len(device_uids(first)) == 1 and device_uids(first) == device_uids(second)

@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from db.results import ResultFile, ResultKind
+from dicom_node.encode.codes import display_label
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
@@ -94,6 +95,10 @@ def encode_results(
         algorithm.series_description, attempt=attempt, partial=partial, source_series=source_series
     )
     replaces = replaces or {}
+    found = {m.label for m in measurements}
+    not_found = [
+        display_label(name) for label, name in sorted(segmentation.classes.items()) if label and label not in found
+    ]
     written: list[ResultFile] = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         structure_set = encode_rtstruct(
@@ -134,6 +139,7 @@ def encode_results(
             previous_versions=earlier,
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
             partial=partial,
+            not_found=not_found,
         )
         sr.SeriesDescription = describe(RESULT_TITLES[f"sr-{kind.lower()}"])
         stamp_series_date_time(sr)

@@ -9,12 +9,14 @@ a whole-organ volume.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from functools import partial
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
@@ -46,10 +48,13 @@ def encode_measurement_report(
     notes: Sequence[str] = (),
     previous_versions: Sequence[Dataset] = (),
     partial: bool = False,
+    not_found: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments.
 
     ``partial`` (the result covers less than the whole series) makes its Completion Flag PARTIAL.
+    ``not_found`` (the structures the model looks for that have no voxel in this series) become a second
+    Comment, so a reader tells "not found" from "not looked for".
 
     ``notes`` (the job's warnings) become one TEXT content item "Comment" under the
     report's root, so a reader of the SR sees what the result does not cover.
@@ -66,7 +71,7 @@ def encode_measurement_report(
             continue
         groups.append(_structure_group(seg, item, number, by_label[label], algorithm))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=hd.UID(), name="dicom-node", manufacturer_name=MANUFACTURER, model_name=algorithm.name[:64]
+        uid=device_uid(), name="dicom-node", manufacturer_name=MANUFACTURER, model_name=algorithm.name[:64]
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -80,6 +85,8 @@ def encode_measurement_report(
     )
     if notes:
         report[0].ContentSequence.append(note_item(notes))
+    if not_found:
+        report[0].ContentSequence.append(not_found_item(not_found))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, seg],
         content=report,
@@ -99,6 +106,12 @@ def encode_measurement_report(
     return sr
 
 
+def device_uid() -> str:
+    """The Device Observer UID of this node: the same in every SR it writes on this host, so the device that
+    measured can be followed from one report to the next."""
+    return str(generate_uid(entropy_srcs=["dicom-node device observer", socket.gethostname()]))
+
+
 def use_standard_meanings(dataset: Dataset) -> None:
     """Rewrite code meanings in the content tree to the templates' spelling (:data:`STANDARD_MEANINGS`)."""
     for item in dataset.get("ContentSequence", []):
@@ -113,6 +126,17 @@ def use_standard_meanings(dataset: Dataset) -> None:
 def note_item(notes: Sequence[str]) -> hd.sr.TextContentItem:
     """A TEXT content item (121106, DCM, "Comment") holding the result's caveats, numbered."""
     text = "Read with care: " + " ".join(f"({n}) {note}" for n, note in enumerate(notes, start=1))
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=text[:65534], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def not_found_item(structures: Sequence[str]) -> hd.sr.TextContentItem:
+    """A TEXT content item (121106, DCM, "Comment") naming the structures the model found no voxel of."""
+    text = (
+        f"Not found in this series ({len(structures)} of the model's structures: outside the scanned range, or "
+        f"absent): {', '.join(structures)}"
+    )
     return hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=text[:65534], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
