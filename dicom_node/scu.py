@@ -24,6 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom c
     Verification,
 )
 
+from dicom_node.receive.header import is_valid_uid
+
 
 @dataclass(frozen=True)
 class EchoResult:
@@ -105,7 +107,10 @@ def get(
     written: list[Path] = []
 
     def _store(event: evt.Event) -> int:
-        path = folder / f"{cast(C_STORE, event.request).AffectedSOPInstanceUID}.dcm"  # a C-STORE handler's request
+        uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")  # a C-STORE handler's request
+        if not is_valid_uid(uid):
+            return 0xA900  # not a UID: it never becomes a file name (no path of the peer's choosing)
+        path = folder / f"{uid}.dcm"
         path.write_bytes(event.encoded_dataset())
         written.append(path)
         return 0x0000

@@ -725,3 +725,37 @@ def test_the_query_budget_without_find_is_the_nodes_shared_among_receiving_proce
     context = RetrieveContext.from_settings(settings, sessions=None, processes=processes)  # type: ignore[arg-type]
     assert context.queries_without_find.per_minute == each
     assert [context.queries_without_find.spend("planner") for _ in range(each + 1)] == [True] * each + [False]
+
+
+def test_a_c_get_answer_naming_a_path_instead_of_a_uid_writes_no_file_outside_the_folder(tmp_path):
+    """The node's C-GET client files each instance under its SOP Instance UID: a peer's '../x' is refused."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    from dicom_node.scu import ScuError, get
+
+    hostile = pydicom.Dataset()
+    hostile.SOPClassUID, hostile.SOPInstanceUID = CTImageStorage, "../../escaped"
+    hostile.file_meta = FileMetaDataset()
+    hostile.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    hostile.PatientID = "X"
+
+    def answer(_event):
+        yield 1
+        yield 0xFF00, hostile
+
+    scp = AE(ae_title="HOSTILE")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian, scp_role=True, scu_role=True)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, answer)])
+    try:
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", "1.2.3"
+        folder = tmp_path / "retrieved" / "inner"
+        with pytest.raises(ScuError, match="C-GET answered status 0xA702"):  # its one sub-operation failed
+            get("NODE", "HOSTILE", "127.0.0.1", port, query, [CTImageStorage], folder)
+    finally:
+        server.shutdown()
+
+    assert not (tmp_path / "escaped.dcm").exists() and list(folder.iterdir()) == []
