@@ -492,10 +492,12 @@ CLAIM_CLOCK_TOLERANCE_SECONDS = 2.0
 def claimer_alive(pid: str, claimed_at: datetime | None = None) -> bool:
     """Whether process ``pid`` runs, and (given ``claimed_at``) could be the worker that claimed a job then.
 
-    A process that started after the claim has only reused the number (a container restarted: its new
-    workers often get the old ones' pids), so the claimer is gone. That comparison is only made at
-    ``serve`` start-up, when no worker of this host can be running: it reads start times off the wall
-    clock, which a step of the clock (NTP, a resumed virtual machine) would shift.
+    A zombie is dead: a worker killed after its ``serve`` died waits to be reaped by whichever process
+    adopted it, which in a container without an init never happens. A process that started after the
+    claim has only reused the number (a container restarted: its new workers often get the old ones'
+    pids), so the claimer is gone. That comparison is only made at ``serve`` start-up, when no worker of
+    this host can be running: it reads start times off the wall clock, which a step of the clock (NTP, a
+    resumed virtual machine) would shift.
     """
     try:
         os.kill(int(pid), 0)
@@ -503,21 +505,35 @@ def claimer_alive(pid: str, claimed_at: datetime | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    started = _process_start(int(pid))
-    if started is None or claimed_at is None:
+    stat = _process_stat(int(pid))
+    if stat is None:
+        return True
+    if stat[0] in ("Z", "X"):
+        return False
+    if claimed_at is None:
+        return True
+    started = _started_at(stat)
+    if started is None:
         return True
     claimed = claimed_at if claimed_at.tzinfo else claimed_at.replace(tzinfo=timezone.utc)
     return started <= claimed.timestamp() + CLAIM_CLOCK_TOLERANCE_SECONDS
 
 
-def _process_start(pid: int) -> float | None:
-    """When process ``pid`` started (Unix time), from /proc; None where that cannot be read."""
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None where it cannot be read."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _started_at(stat: list[str]) -> float | None:
+    """When the process of ``stat`` started (Unix time), from its start in clock ticks after boot."""
+    try:
         boot = next(
             float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
         )
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
 

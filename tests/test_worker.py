@@ -428,3 +428,21 @@ def test_a_job_of_a_running_claimer_is_left_alone_at_start_up(worker_setup):
     assert requeue_jobs_of_previous_run(sessions) == 0
     with sessions() as session:
         assert session.scalars(select(Job)).one().state is JobState.PROCESSING
+
+
+def test_a_killed_worker_not_yet_reaped_counts_as_gone():
+    """A zombie answers kill(pid, 0); in a container without an init nobody reaps it, yet its job must move on."""
+    import subprocess
+
+    from dicom_node.worker import claimer_alive
+
+    child = subprocess.Popen(["true"])
+    try:
+        for _ in range(100):
+            if open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        assert not claimer_alive(str(child.pid)) and not claimer_alive(str(child.pid), utcnow())
+    finally:
+        child.wait()
+    assert claimer_alive(str(os.getpid())) and not claimer_alive("not a pid")
