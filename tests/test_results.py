@@ -7,6 +7,7 @@ from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
 from dicom_node.encode.measurements import measure
@@ -26,9 +27,10 @@ def _encode(
     spec: PhantomSpec = SPEC,
     change: Callable[[pydicom.Dataset], None] | None = None,
     warnings: list[str] | None = None,
+    relabel: Callable[[np.ndarray], None] | None = None,
 ) -> list[pydicom.Dataset]:
-    """A phantom series (each source header altered by ``change``), segmented by the baseline and encoded in
-    ``folder``/results: the headers of the result files."""
+    """A phantom series (each source header altered by ``change``), segmented by the baseline (its label map
+    altered by ``relabel``) and encoded in ``folder``/results: the headers of the result files."""
     series = write_phantom_series(folder / "ct", spec)
     for path in series.files if change is not None else []:
         dataset = pydicom.dcmread(path)
@@ -37,6 +39,8 @@ def _encode(
     volume = load_series_volume(series.files)
     model = ThresholdModel()
     segmentation = model.segment(volume)
+    if relabel is not None:
+        relabel(segmentation.labels)
     results = folder / f"run-{run}"
     results.mkdir()
     files = encode_results(
@@ -183,23 +187,12 @@ def test_an_enhanced_ct_giving_orientation_and_pixel_spacing_per_frame_gets_its_
 def test_the_sr_names_the_structures_the_model_found_no_voxel_of(tmp_path):
     """'Not found' is said, so a reader tells it from 'not looked for'."""
     chest = PhantomSpec(rows=96, columns=96, slices=24, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)  # lungs in it
-    series = write_phantom_series(tmp_path / "ct", chest)
-    volume = load_series_volume(series.files)
-    model = ThresholdModel()
-    segmentation = model.segment(volume)
-    segmentation.labels[segmentation.labels == 4] = 1  # no skeleton in this series
-    results = tmp_path / "run-1"
-    results.mkdir()
-    files = encode_results(
-        volume,
-        segmentation,
-        measure(volume, segmentation.labels, segmentation.classes),
-        model,
-        results,
-        ["BINARY"],
-        1,
-    )
-    sr = pydicom.dcmread(next(path for path in files if Path(path).name.startswith("sr-")))
+
+    def without_skeleton(labels: np.ndarray) -> None:
+        labels[labels == 4] = 1
+
+    headers = _encode(tmp_path, kinds=("BINARY",), spec=chest, relabel=without_skeleton)
+    sr = pydicom.dcmread(next(h.filename for h in headers if h.Modality == "SR"))
 
     comments = [
         str(item.TextValue)
