@@ -103,6 +103,16 @@ class NetworkSettings(_Strict):
             "frames (admission.max_instances) about 2620 MB."
         ),
     )
+    maximum_in_flight_megabytes: float = Field(
+        6000.0,
+        gt=0,
+        description=(
+            "Data sets still arriving (not yet answered) that the node holds in memory at a time, from all "
+            "associations of all receiving processes together, MB. An association whose next fragment would "
+            "take the node over this is aborted (its sender can send again), so senders together cannot make "
+            "the node run out of memory. At least maximum_data_set_megabytes."
+        ),
+    )
     maximum_associations_per_host: int = Field(
         8, ge=1, le=512, description="Open connections one source address may hold; more are closed at once."
     )
@@ -114,6 +124,16 @@ class NetworkSettings(_Strict):
     )
     network_timeout_seconds: float = Field(60.0, gt=0)
     tls: TlsSettings | None = Field(None, description="DICOM TLS; absent: plain TCP.")
+
+    @model_validator(mode="after")
+    def _in_flight_holds_one_data_set(self) -> NetworkSettings:
+        if self.maximum_in_flight_megabytes < self.maximum_data_set_megabytes:
+            raise ValueError(
+                f"maximum_in_flight_megabytes ({self.maximum_in_flight_megabytes:g}) must be at least "
+                f"maximum_data_set_megabytes ({self.maximum_data_set_megabytes:g}), or the largest data set "
+                "allowed could never be received"
+            )
+        return self
 
     @property
     def receive_pdu_limit(self) -> int:

@@ -24,6 +24,7 @@ threads start.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import hashlib
@@ -35,14 +36,16 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -470,6 +473,7 @@ class Limits:
     pdu_seconds: float
     per_host: int
     data_set_bytes: int = 3_000_000_000
+    in_flight_bytes: int = 6_000_000_000
 
     @classmethod
     def from_settings(cls, network: NetworkSettings) -> Limits:
@@ -480,6 +484,7 @@ class Limits:
             pdu_seconds=network.pdu_read_timeout_seconds,
             per_host=network.maximum_associations_per_host,
             data_set_bytes=int(network.maximum_data_set_megabytes * 1_000_000),
+            in_flight_bytes=int(network.maximum_in_flight_megabytes * 1_000_000),
         )
 
     def for_pdu(self, pdu_type: int) -> int:
@@ -513,12 +518,75 @@ class GuardedDUL(EventDrivenDUL):
     limits on what one message may carry, counted as its fragments arrive: its command, and its data set by
     the presentation context it is sent on (none on Verification, an identifier's worth on Query/Retrieve,
     ``network.maximum_data_set_megabytes`` on a storage context). pynetdicom holds a message in memory until
-    it is whole, so a peer allowed only to echo can never make the node hold gigabytes."""
+    it is whole, so a peer allowed only to echo can never make the node hold gigabytes. The data set bytes
+    received and not yet answered count per association (a sender that does not wait for answers gains
+    nothing) and over the node (``network.maximum_in_flight_megabytes``, summed over every receiving process
+    in :class:`AssociationCaps`)."""
 
     _data_set_bytes = 0  # of the message being received, so far
     _request_read = False  # whether the A-ASSOCIATE-RQ has arrived
     _told_no_request = False  # whether the association's thread was told none will
     _command_bytes = 0
+    _unanswered_bytes = 0  # data set bytes received and not yet answered: whole messages waiting, and the current one
+    _waiting: deque[int] | None = None  # the sizes of whole data sets not yet answered, oldest first
+
+    _process_unanswered: ClassVar[int] = 0
+    """Unanswered data set bytes over this process' associations: every change to one association's count changes
+    it by the same amount, under the lock below; an association that ends gives its bytes back (``run``)."""
+    _unanswered_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def send_pdu(self, primitive: Any) -> None:
+        if isinstance(primitive, P_DATA) and self._waiting:
+            self._answered()  # a response (or on Query/Retrieve a sub-operation): the oldest data set was handled
+        super().send_pdu(primitive)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._let_go()  # the association ended: what it was receiving is gone with it
+
+    def _change_unanswered(self, change: int) -> int:
+        """Add ``change`` to this association's and this process' unanswered bytes (the lock held); the node's
+        total over every receiving process."""
+        self._unanswered_bytes += change
+        GuardedDUL._process_unanswered += change
+        return self.assoc._server.caps.set_in_flight(GuardedDUL._process_unanswered)  # type: ignore[union-attr]
+
+    def _answered(self) -> None:
+        with self._unanswered_lock:
+            if self._waiting:
+                self._change_unanswered(-self._waiting.popleft())
+
+    def _let_go(self) -> None:
+        """This association holds no data set bytes any more."""
+        with self._unanswered_lock:
+            self._waiting = None
+            if self._unanswered_bytes:
+                self._change_unanswered(-self._unanswered_bytes)
+
+    def _hold(self, size: int, whole: bool, limits: Limits) -> str | None:
+        """Count ``size`` more unanswered data set bytes (``whole``: the data set's last fragment); why the
+        association is stopped if the association or the node would then hold too many."""
+        with self._unanswered_lock:
+            in_flight = self._change_unanswered(size)
+            if whole:
+                if self._waiting is None:
+                    self._waiting = deque()
+                self._waiting.append(self._data_set_bytes)
+            unanswered = self._unanswered_bytes
+        if unanswered > limits.data_set_bytes:
+            return (
+                f"more than {limits.data_set_bytes / 1_000_000:g} MB of data sets were sent without waiting for the "
+                "node's answers (network.maximum_data_set_megabytes)"
+            )
+        if in_flight > limits.in_flight_bytes:
+            return (
+                f"the node already holds {in_flight / 1_000_000:.0f} MB of images still arriving from all senders "
+                f"together (network.maximum_in_flight_megabytes is {limits.in_flight_bytes / 1_000_000:g}); this "
+                "association was stopped to keep memory for the others, and its sender can send again"
+            )
+        return None
 
     def _fragments_refused(self, pdu: bytearray, limits: Limits) -> str | None:
         """Count a P-DATA-TF's fragments; why the message is refused once one is over its limit, else None."""
@@ -538,6 +606,9 @@ class GuardedDUL(EventDrivenDUL):
                 limit, carried = self._data_set_limit(context_id, limits)
                 if self._data_set_bytes > limit:
                     return carried
+                refused = self._hold(size, bool(control & 0x02), limits)
+                if refused is not None:
+                    return refused
                 if control & 0x02:  # its last fragment: the next message starts from zero
                     self._data_set_bytes = 0
             offset += 4 + item_length
@@ -639,6 +710,7 @@ class GuardedDUL(EventDrivenDUL):
             reason=why,
         )
         self._no_request_coming()
+        self._let_go()
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = reason
@@ -735,28 +807,44 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class AssociationCaps:
-    """Open connections per source address and in all, shared by every receiving process.
+    """Open connections per source address and in all, and data set bytes in flight, shared by every receiving
+    process.
 
-    ``serve`` creates one before it starts the receiving processes and hands it
-    to each (a lock and two shared-memory arrays from ``multiprocessing``), so
-    ``network.maximum_associations_per_host`` and ``network.maximum_associations``
-    hold for the node as a whole. A connection holds one place from accept until
-    its association ends. The table has ``slots`` addresses; when it is full,
-    a connection from a new address is refused like one over the per-host cap.
+    ``serve`` creates one before it starts the receiving processes and hands each
+    its own row of it (:meth:`for_process`: a lock and shared-memory arrays from
+    ``multiprocessing``), so ``network.maximum_associations_per_host``,
+    ``network.maximum_associations`` and ``network.maximum_in_flight_megabytes``
+    hold for the node as a whole. A connection holds one place, counted in its
+    process' row, from accept until its association ends. The table has ``slots``
+    addresses; when it is full, a connection from a new address is refused like
+    one over the per-host cap. A receiving process that dies gives nothing back by
+    itself: :meth:`forget` empties its row before it is started again.
     """
 
     KEY_BYTES = 16
 
-    def __init__(self, slots: int, context: Any = None) -> None:
+    def __init__(self, slots: int, processes: int = 1, context: Any = None) -> None:
         context = context or multiprocessing.get_context("spawn")
         self.slots = slots
+        self.processes = processes
+        self.row = 0
         self._lock = context.Lock()
         self._keys = context.RawArray(ctypes.c_char, slots * self.KEY_BYTES)
-        self._counts = context.RawArray(ctypes.c_int, slots)
+        self._counts = context.RawArray(ctypes.c_int, processes * slots)
+        self._in_flight = context.RawArray(ctypes.c_longlong, processes)
 
     @classmethod
-    def for_network(cls, network: NetworkSettings) -> AssociationCaps:
-        return cls(2 * network.maximum_associations + 16)
+    def for_network(cls, network: NetworkSettings, processes: int = 1) -> AssociationCaps:
+        return cls(2 * network.maximum_associations + 16, processes)
+
+    def for_process(self, number: int) -> AssociationCaps:
+        """The same shared counts, with what this object takes and gives back counted in receiving process
+        ``number``'s row."""
+        if not 0 <= number < self.processes:
+            raise ValueError(f"receiving process {number} has no row (there are {self.processes})")
+        view = copy.copy(self)
+        view.row = number
+        return view
 
     def _key(self, address: str) -> bytes:
         try:
@@ -764,48 +852,61 @@ class AssociationCaps:
         except ValueError:
             return hashlib.blake2b(address.encode(), digest_size=self.KEY_BYTES).digest()
 
+    def _held_in(self, slot: int) -> int:
+        """Connections counted in ``slot`` over every process' row (the lock held)."""
+        return sum(self._counts[row * self.slots + slot] for row in range(self.processes))
+
+    def _slot_of(self, key: bytes) -> int | None:
+        width = self.KEY_BYTES
+        for slot in range(self.slots):
+            if self._keys[slot * width : (slot + 1) * width] == key and self._held_in(slot):
+                return slot
+        return None
+
     def hold(self, address: str, per_host: int) -> int | None:
         """Take a place for a connection from ``address``; None if it already holds ``per_host`` (the count)."""
         key = self._key(address)
         width = self.KEY_BYTES
         with self._lock:
-            free = None
-            for slot in range(self.slots):
-                count = self._counts[slot]
-                if count and self._keys[slot * width : (slot + 1) * width] == key:
-                    if count >= per_host:
-                        return count
-                    self._counts[slot] = count + 1
-                    return None
-                if not count and free is None:
-                    free = slot
-            if free is None:
-                return 0
-            self._keys[free * width : (free + 1) * width] = key
-            self._counts[free] = 1
+            slot = self._slot_of(key)
+            if slot is not None:
+                count = self._held_in(slot)
+                if count >= per_host:
+                    return count
+            else:
+                slot = next((free for free in range(self.slots) if not self._held_in(free)), None)
+                if slot is None:
+                    return 0
+                self._keys[slot * width : (slot + 1) * width] = key
+            self._counts[self.row * self.slots + slot] += 1
             return None
 
     def release(self, address: str) -> None:
-        key = self._key(address)
-        width = self.KEY_BYTES
         with self._lock:
-            for slot in range(self.slots):
-                if self._counts[slot] and self._keys[slot * width : (slot + 1) * width] == key:
-                    self._counts[slot] -= 1
-                    return
+            slot = self._slot_of(self._key(address))
+            if slot is not None and self._counts[self.row * self.slots + slot] > 0:
+                self._counts[self.row * self.slots + slot] -= 1
 
     def held(self, address: str) -> int:
-        key = self._key(address)
-        width = self.KEY_BYTES
         with self._lock:
-            for slot in range(self.slots):
-                if self._counts[slot] and self._keys[slot * width : (slot + 1) * width] == key:
-                    return int(self._counts[slot])
-        return 0
+            slot = self._slot_of(self._key(address))
+            return 0 if slot is None else self._held_in(slot)
 
     def total(self) -> int:
         with self._lock:
             return sum(self._counts)
+
+    def forget(self, number: int) -> None:
+        """Empty receiving process ``number``'s row: it died, and its connections and data sets with it."""
+        with self._lock:
+            for slot in range(self.slots):
+                self._counts[number * self.slots + slot] = 0
+            self._in_flight[number] = 0
+
+    def set_in_flight(self, data_set_bytes: int) -> int:
+        """Record the data set bytes this process holds unanswered; the node's total over every process."""
+        self._in_flight[self.row] = data_set_bytes
+        return sum(self._in_flight)
 
 
 class SharedContexts(list[PresentationContext]):

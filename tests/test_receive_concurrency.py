@@ -188,8 +188,8 @@ def _hold_places(caps: AssociationCaps, count: int) -> None:
 
 
 def test_association_caps_are_shared_between_processes():
-    caps = AssociationCaps(slots=8)
-    other = multiprocessing.get_context("spawn").Process(target=_hold_places, args=(caps, 2))
+    caps = AssociationCaps(slots=8, processes=2)
+    other = multiprocessing.get_context("spawn").Process(target=_hold_places, args=(caps.for_process(1), 2))
     other.start()
     other.join(timeout=60)
     assert other.exitcode == 0
@@ -200,6 +200,31 @@ def test_association_caps_are_shared_between_processes():
     assert caps.hold("::1", per_host=3) is None and caps.total() == 4
     caps.release("10.0.0.7")
     assert caps.held("10.0.0.7") == 2 and caps.total() == 3
+    caps.release("10.0.0.7")  # this process holds none any more: the other's two are not its to give back
+    assert caps.held("10.0.0.7") == 2 and caps.total() == 3
+
+    caps.forget(1)  # the other process died: its places are free again, this one's stay
+    assert caps.held("10.0.0.7") == 0 and caps.total() == 1 and caps.held("::1") == 1
+
+
+def test_bytes_in_flight_are_summed_over_processes_and_forgotten_with_a_dead_one():
+    caps = AssociationCaps(slots=8, processes=3)
+    assert caps.for_process(2).set_in_flight(5_000) == 5_000
+    assert caps.for_process(0).set_in_flight(1_000) == 6_000
+    assert caps.for_process(0).set_in_flight(0) == 5_000  # each process writes its own total, not a difference
+    caps.forget(2)
+    assert caps.set_in_flight(7) == 7
+    with pytest.raises(ValueError, match="receiving process 3 has no row"):
+        caps.for_process(3)
+
+
+def test_in_flight_limit_must_hold_the_largest_data_set():
+    from pydantic import ValidationError
+
+    from dicom_node.config import NetworkSettings
+
+    with pytest.raises(ValidationError, match=r"maximum_in_flight_megabytes \(2000\) must be at least"):
+        NetworkSettings(maximum_data_set_megabytes=3000, maximum_in_flight_megabytes=2000)
 
 
 @pytest.mark.parametrize(("cores", "configured", "expected"), [(2, 0, 4), (1, 0, 2), (16, 0, 8), (2, 1, 1), (2, 3, 3)])
@@ -210,3 +235,29 @@ def test_receiving_processes_default_to_two_per_core_at_most_eight(monkeypatch, 
     monkeypatch.setattr(processes.os, "sched_getaffinity", lambda _pid: set(range(cores)))
     settings = Settings.model_validate({"receive": {"processes": configured}})
     assert processes.receiving_processes(settings) == expected
+
+
+def test_places_held_by_a_killed_receiving_process_are_given_back_when_it_is_started_again(tmp_path, start_node):
+    node = start_node(**TWO_RECEIVERS, network={"maximum_associations_per_host": 4})
+    pids = wait_for(lambda: len(receiver_pids(node.log())) == 2 and receiver_pids(node.log()), what="two receivers")
+    time.sleep(2)  # the start-up port probe (connect, close) holds its place until its request times out
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE") for _ in range(4)]
+    assert all(assoc.is_established for assoc in held)
+    for pid in pids.values():  # the processes that hold the four places die without giving any back
+        os.kill(pid, signal.SIGKILL)
+    for assoc in held:
+        assoc.abort()
+    wait_for(
+        lambda: set(receiver_pids(node.log()).values()).isdisjoint(pids.values()),
+        timeout=90,
+        what="both receivers started again",
+    )
+
+    again = [ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE") for _ in range(4)]
+    established = [assoc.is_established for assoc in again]
+    for assoc in again:
+        if assoc.is_established:
+            assoc.release()
+    assert established == [True] * 4, node.log()[-3000:]

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import time
 import tracemalloc
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -20,7 +21,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 from sqlalchemy import select
 
@@ -605,6 +609,77 @@ def test_a_data_set_over_the_limit_aborts_its_association_before_it_is_whole(sta
     with node.sessions() as session:
         stored = set(session.scalars(select(Instance.sop_instance_uid)))
     assert stored == set(small.sop_instance_uids)
+
+
+def store_messages(assoc, sizes: list[int], *, last_fragment: bool = True) -> None:
+    """Send a C-STORE-RQ per size (a data set of that many bytes) on ``assoc``'s raw socket, without waiting for
+    answers; with ``last_fragment`` False the last data set is left unfinished (its final fragment never sent)."""
+    context = assoc.accepted_contexts[0]
+    raw = assoc.dul.socket.socket
+    for number, size in enumerate(sizes, start=1):
+        request = C_STORE()
+        request.MessageID = number
+        request.AffectedSOPClassUID = CTImageStorage
+        request.AffectedSOPInstanceUID = generate_uid()
+        request.Priority = 2
+        request.DataSet = BytesIO(b"\0" * size)
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        fragments = list(message.encode_msg(context.context_id, assoc.acceptor.maximum_length))
+        if not last_fragment and number == len(sizes):
+            fragments = fragments[:-1]
+        for fragment in fragments:
+            pdu = P_DATA_TF()
+            pdu.from_primitive(fragment)
+            try:
+                raw.sendall(pdu.encode())
+            except OSError:  # the node closed the connection while this was being sent
+                return
+
+
+def test_data_sets_still_arriving_are_bounded_over_all_senders_and_receiving_processes(start_node):
+    node = start_node(
+        network={"maximum_data_set_megabytes": 3, "maximum_in_flight_megabytes": 4, "maximum_pdu_size": 262_144},
+        receive={"processes": 2},
+    )
+    first = associate(node, "PACS", [CTImageStorage])
+    second = associate(node, "PACS", [CTImageStorage])
+    assert first.is_established and second.is_established
+
+    store_messages(first, [2_500_000], last_fragment=False)  # 2.3 MB held: its last fragment never comes
+    time.sleep(1)
+    store_messages(second, [2_500_000], last_fragment=False)  # together 4.5 MB: over the 4
+    wait_for(lambda: not second.is_established, timeout=20, what="the second association to be aborted")
+
+    assert first.is_established  # the one already holding its bytes goes on
+    assert re.search(
+        r"the node already holds [45] MB of images still arriving from all senders together "
+        r"\(network.maximum_in_flight_megabytes is 4\)",
+        node.log(),
+    )
+    first.abort()  # its 2.3 MB are given back: a 2 MB image fits again
+    big = write_phantom_series(node.storage.parent / "big", PhantomSpec(rows=1024, columns=1024, slices=1))
+
+    def stored() -> bool:
+        return storescu(node.port, big.files).returncode == 0
+
+    wait_for(stored, timeout=20, interval=1, what="a 2 MB image to be stored once the first sender let go")
+
+
+def test_data_sets_sent_without_waiting_for_answers_count_together(start_node):
+    node = start_node(network={"maximum_data_set_megabytes": 3, "maximum_pdu_size": 1_000_000})
+    assoc = associate(node, "PACS", [CTImageStorage])
+    assert assoc.is_established
+
+    store_messages(assoc, [1_000_000] * 10)  # each under the limit, ten of them without a pause for the answers
+    wait_for(lambda: not assoc.is_established, timeout=20, what="the association to be aborted")
+
+    assert (
+        "more than 3 MB of data sets were sent without waiting for the node's answers "
+        "(network.maximum_data_set_megabytes)" in node.log()
+    )
+    small = write_phantom_series(node.storage.parent / "small", SMALL_CT)
+    assert storescu(node.port, small.files).returncode == 0  # the next sender is served
 
 
 def deeply_nested_file(path: Path, depth: int) -> Path:

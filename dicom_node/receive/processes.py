@@ -168,7 +168,7 @@ class ReceiverPool:
         self.sessions = sessions
         self.count = processes
         self._context = multiprocessing.get_context("spawn")
-        self.caps = AssociationCaps.for_network(settings.network)
+        self.caps = AssociationCaps.for_network(settings.network, processes)
         self.listening = bind_listening_socket(settings.network.host, settings.network.port)
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
@@ -207,7 +207,7 @@ class ReceiverPool:
         ready = self._context.RawValue("b", 0)  # no lock: a Condition-based Event can hang a setter whose waiter died
         process = self._context.Process(
             target=run_receiver,
-            args=(self.settings, self.listening, self.caps, os.getpid(), ready),
+            args=(self.settings, self.listening, self.caps.for_process(number), os.getpid(), ready),
             name=f"receiver-{number}",
         )
         process.start()
@@ -244,6 +244,7 @@ class ReceiverPool:
                     note="indexing what it acknowledged, then starting it again",
                 )
                 self._clean_up_after(process.pid)
+                self.caps.forget(number)  # the connections it held and the data sets it was receiving are gone
                 time.sleep(self.RESTART_DELAY_SECONDS)
                 if self._stop.is_set():
                     return
