@@ -161,6 +161,32 @@ def test_a_copy_set_aside_for_a_completed_series_reopens_it_so_its_result_is_mar
     assert outcome.set_aside.exists() and second.set_aside.exists()
 
 
+def test_the_same_stray_copy_sent_again_after_its_series_was_processed_does_not_reopen_it(tmp_path):
+    """The series already knows it lacks the image (its first copy re-opened it, and its result says partial):
+    every further copy changes nothing, so it must not produce another, identical result set."""
+    store, sessions = _setup(tmp_path)
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [_stored(store, "1.2.3.1", "1.2.3.9"), _stored(store, "1.2.3.2", "1")])
+        claimed = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == "1.2.3.2")).one()
+        jobs.mark_complete(session, claimed, "quiet period over")
+    late = _stored(store, "1.2.3.2", "1.2.3.9")
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [late])  # the first copy re-opens it (tested above)
+    with transaction(sessions) as session:
+        job = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == "1.2.3.2")).one()
+        job.state = JobState.DONE  # processed again, without the image, and sent
+
+    again = replace(_stored(store, "1.2.3.2", "1.2.3.9"), received_at=late.received_at + timedelta(seconds=1))
+    with transaction(sessions) as session:
+        (outcome,) = record_stored_instances(session, store, [again])
+
+    with sessions() as session:
+        job = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == "1.2.3.2")).one()
+        rows = session.scalar(select(func.count()).select_from(RejectedInstance))
+    assert job.state is JobState.DONE
+    assert outcome.set_aside is not None and outcome.set_aside.exists() and rows == 2  # kept and recorded all the same
+
+
 def test_a_copy_of_a_done_series_under_another_study_uid_is_set_aside_without_processing_it_again(tmp_path):
     """The same images (SOP and series UIDs) sent again under another StudyInstanceUID: the series already has
     each of them, so nothing changed; re-opening it would send a second, different result."""

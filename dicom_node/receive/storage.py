@@ -44,7 +44,7 @@ from db.ingest import (
     record_rejection,
     recorded_paths,
 )
-from db.models import Instance, Job, Series
+from db.models import Instance, Job, RejectedInstance, Series
 from db.session import transaction
 from dicom_node import __version__, status
 from dicom_node.logs import log_event
@@ -420,6 +420,7 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
             f"series {target.parent.name}; this copy was acknowledged, then set aside in quarantine, and series "
             f"{series_uid} is processed without it"
         )
+    lacked_before = _already_lacked(session, series_uid, record.sop_instance_uid)
     record_rejection(
         session,
         status=status.SUCCESS,
@@ -431,12 +432,21 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
         calling_ae_title=record.calling_ae_title,
         series_instance_uid=series_uid,
     )
-    if same_series:  # the series has this image already: nothing changed, so nothing is processed again
+    if same_series or lacked_before:  # what the series has and lacks is unchanged: nothing is processed again
         return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
     claimed = session.scalars(select(Job).join(Job.series).where(Series.series_instance_uid == series_uid)).first()
     if claimed is not None and claimed.series.purged_at is None:
         jobs.reopen(session, claimed, "an image set aside for it (its SOP Instance UID is stored in another series)")
     return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
+
+
+def _already_lacked(session: Session, series_uid: str, sop_instance_uid: str) -> bool:
+    """Whether an earlier copy of this image, claiming this series, was refused or set aside: the series already
+    knows it lacks the image (its completion counted it), so another copy changes nothing."""
+    earlier = select(RejectedInstance.id).where(
+        RejectedInstance.series_instance_uid == series_uid, RejectedInstance.sop_instance_uid == sop_instance_uid
+    )
+    return session.scalars(earlier.limit(1)).first() is not None
 
 
 @dataclass
