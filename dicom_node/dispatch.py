@@ -369,17 +369,20 @@ class Dispatcher(PeriodicTask):
             series_uid = job.series.series_instance_uid
         if destination is None:
             return [], f"destination {name!r} is no longer configured", key
-        if planned is not None:
+        # Planned or not, what the destination takes is read from its settings now: a plan made under older
+        # settings (its `send` changed before a retry) would count as delivered while short of a kind.
+        missing = kinds_missing(result_files, destination.send, destination.segmentation_type)
+        if missing:  # never a plan short of a kind, which would count as delivered
+            self._write(
+                lambda session: jobs.note_results_lacking(session.get_one(Job, job_id), name, missing),
+                waiting=f"noting the results job {job_id} lacks for {name}",
+            )
+            return [], _missing_results(name, missing, series_uid), key
+        paths = [f.path for f in files_for(result_files, destination.send, destination.segmentation_type)]
+        if planned is not None and set(planned.values()) == set(paths):
             paths = list(planned.values())
         else:
-            missing = kinds_missing(result_files, destination.send, destination.segmentation_type)
-            if missing:  # never a plan short of a kind, which would count as delivered
-                self._write(
-                    lambda session: jobs.note_results_lacking(session.get_one(Job, job_id), name, missing),
-                    waiting=f"noting the results job {job_id} lacks for {name}",
-                )
-                return [], _missing_results(name, missing, series_uid), key
-            paths = [f.path for f in files_for(result_files, destination.send, destination.segmentation_type)]
+            planned = None  # planned now, or again; files it accepted already are not sent twice
         try:
             results = [read_result_file(path) for path in paths]
         except (OSError, InvalidDicomError, AttributeError):

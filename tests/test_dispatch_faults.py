@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
@@ -432,3 +433,36 @@ def test_results_superseded_while_sending_stop_and_do_not_use_the_new_runs_attem
     assert attempts(node, series.series_instance_uid, "peer") == 1
     assert "dispatch.attempt_superseded" in dispatch_log(node)
     assert "partial series" not in (node.job_reason(series.series_instance_uid) or "")
+
+
+# --- the destination's settings changed before a retry ---------------------------------------------
+
+
+def test_a_retry_after_a_destination_was_set_to_take_more_kinds_sends_them_too(tmp_path, start_node, start_peer):
+    """A plan made under the old `send` (SEG only) must not count as delivered once the destination also takes
+    SR: the retry plans again and sends the SR too (results lacking a kind would be said so, as at a first try)."""
+    peer = start_peer()
+    peer.statuses = [0xA700]  # the SEG is refused once: the job fails with its plan recorded
+    node = start_node(
+        destinations={"peer": destination(peer, send=["seg"])},
+        rules=process_rule("peer"),
+        inference={"workers": 1},
+        dispatch={"max_attempts": 1},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+    node.wait_for_state(series_uid, JobState.FAILED, timeout=300)
+    assert len(planned_files(node, series_uid, "peer")) == 1 and peer.acknowledged == []
+
+    node.stop()
+    config = yaml.safe_load(node.config_path.read_text())
+    config["destinations"]["peer"]["send"] = ["seg", "sr"]
+    node.config_path.write_text(yaml.safe_dump(config))
+    node.start()
+    assert node.cli("retry", series_uid).returncode == 0
+    wait_for(
+        lambda: node.job_state(series_uid) in (JobState.DONE, JobState.FAILED), timeout=300, what="the retry settled"
+    )
+
+    assert node.job_state(series_uid) is JobState.DONE, node.job_reason(series_uid)
+    assert len(set(peer.acknowledged)) == 2  # the SEG, and the SR the results held all along
+    assert len(planned_files(node, series_uid, "peer")) == 2
