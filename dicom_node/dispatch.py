@@ -519,7 +519,8 @@ class Dispatcher(PeriodicTask):
 
     def _backoff(self, attempts: int) -> timedelta:
         settings = self._dispatch
-        return timedelta(seconds=min(settings.first_retry_seconds * 2 ** (attempts - 1), settings.max_retry_seconds))
+        doubled = settings.first_retry_seconds * 2 ** min(max(attempts - 1, 0), 40)  # 2**1025 is too large a float
+        return timedelta(seconds=min(doubled, settings.max_retry_seconds))
 
 
 def _aware(moment: datetime) -> datetime:

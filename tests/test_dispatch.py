@@ -424,3 +424,18 @@ def test_a_node_down_longer_than_unreachable_hours_tries_the_destination_again_b
 
     assert not dispatcher._settled(before_the_weekend), "the node was down: one more attempt first"
     assert dispatcher._settled(still_down_now)
+
+
+def test_the_wait_between_attempts_stays_at_its_most_however_many_attempts_were_made(tmp_path):
+    """A destination down for a day at a short max_retry_seconds is tried thousands of times: 2 to the power of
+    each try must not overflow (it used to fail the 1,026th try as an unexpected error and restart its clock)."""
+    from dicom_node.config import Settings
+    from dicom_node.dispatch import Dispatcher
+
+    settings = Settings(
+        storage={"directory": str(tmp_path)}, dispatch={"first_retry_seconds": 2, "max_retry_seconds": 60}
+    )
+    dispatcher = Dispatcher(settings, None)
+
+    waits = [dispatcher._backoff(tries).total_seconds() for tries in (1, 2, 3, 1_026, 100_000)]
+    assert waits == [2, 4, 8, 60, 60]
