@@ -132,12 +132,21 @@ class ModelCache:
             if settings is None:
                 raise ModelUnavailable(f"model {name!r} is not configured (models: {', '.join(self.settings.models)})")
             started = time.perf_counter()
-            self.models[name] = load_model(
-                settings,
-                self.settings.weights_directory,
-                device=self.settings.inference.device,
-                cpu_threads=self.settings.inference.cpu_threads,
-            )
+            try:
+                self.models[name] = load_model(
+                    settings,
+                    self.settings.weights_directory,
+                    device=self.settings.inference.device,
+                    cpu_threads=self.settings.inference.cpu_threads,
+                )
+            except ModelUnavailable:
+                raise
+            except Exception as exc:  # a worker that cannot load a model must keep serving: its jobs say why
+                LOG.exception("model.load_failed", extra={"event_fields": {"model": name}})
+                raise ModelUnavailable(
+                    f"model {name!r} could not be loaded from {self.settings.weights_directory}: its weights could "
+                    "not be read (the details are in the worker's log, model.load_failed); import the weights again"
+                ) from exc
             timings["model_load"] = time.perf_counter() - started
             model = self.models[name]
             log_event(

@@ -192,6 +192,68 @@ def test_weights_that_number_the_structures_otherwise_than_the_package_are_refus
     assert "2 label numbers name another structure, e.g. 1 is 'liver' in the weights and 'spleen'" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("dataset.json", r"dataset\.json is not valid JSON \(line 1, column 2\); import the weights again"),
+        ("plans.json", r"plans\.json is not valid JSON \(line 1, column 2\); import the weights again"),
+        ("plans-configuration", r"plans\.json does not describe the configuration '3d_fullres' that .* was trained"),
+    ],
+)
+def test_a_weights_folder_with_a_damaged_json_file_is_refused_with_a_sentence(
+    total_fast_test_weights, tmp_path, damage, said
+):
+    """A worker used to die on such a folder at every start (a JSON traceback), leaving its jobs queued for ever."""
+    import shutil
+
+    from dicom_node.config import Settings
+    from dicom_node.pipeline import ModelCache
+    from inference.models import ModelUnavailable
+
+    shutil.copytree(total_fast_test_weights, tmp_path / "weights", ignore=shutil.ignore_patterns(".openvino"))
+    (folder,) = model_folders("total_fast", tmp_path / "weights")
+    for manifest in (tmp_path / "weights").rglob(MANIFEST_NAME):
+        manifest.unlink()  # placed by hand: identified afresh on first use
+    if damage == "plans-configuration":
+        plans = json.loads((folder.path / "plans.json").read_text())
+        plans["configurations"] = {}
+        (folder.path / "plans.json").write_text(json.dumps(plans))
+    else:
+        (folder.path / damage).write_text("{'not': json")
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        models={
+            "ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "weights")}
+        },
+        inference={"device": "cpu"},
+    )
+
+    with pytest.raises(ModelUnavailable, match=said) as refused:
+        ModelCache(settings).get("ts", {})
+    assert "Error" not in str(refused.value) and "Traceback" not in str(refused.value)
+
+
+def test_a_model_that_fails_to_load_in_an_unforeseen_way_is_unavailable_with_a_sentence(tmp_path, monkeypatch):
+    """Whatever goes wrong while loading, the worker keeps serving and the jobs say why (no crash loop)."""
+    from dicom_node import pipeline
+    from dicom_node.config import Settings
+
+    def broken(*_args, **_kwargs):
+        raise KeyError("init_args")
+
+    monkeypatch.setattr(pipeline, "load_model", broken)
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        models={"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "w")}},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
+    )
+    cache = pipeline.ModelCache(settings)
+    cache.load_all()  # logged, not raised: the worker goes on to serve
+
+    with pytest.raises(pipeline.ModelUnavailable, match=r"model 'ts' could not be loaded from .*its weights could not"):
+        cache.get("ts", {})
+
+
 def test_a_label_count_or_region_that_differs_from_the_class_map_is_named():
     from inference.models.totalsegmentator import label_mismatch
 

@@ -73,6 +73,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_weights_json(path: Path) -> dict[str, Any]:
+    """A weights folder's JSON file (dataset.json, plans.json) as a dict.
+
+    Raises
+    ------
+    UnsafeWeights
+        If it cannot be read, is not JSON, or is not a JSON object.
+    """
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UnsafeWeights(f"the weights file {path} is missing; import the weights again") from None
+    except OSError as exc:
+        raise UnsafeWeights(
+            f"the weights file {path} cannot be read ({exc.strerror}); import the weights again"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise UnsafeWeights(
+            f"the weights file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}); import the weights again"
+        ) from None
+    except UnicodeDecodeError:
+        raise UnsafeWeights(f"the weights file {path} is not UTF-8 text; import the weights again") from None
+    if not isinstance(value, dict):
+        raise UnsafeWeights(f"the weights file {path} does not hold a JSON object; import the weights again")
+    return value
+
+
 def check_network_classes(configuration_manager: Any, path: Path) -> None:
     """Refuse plans whose network description names classes outside the network packages.
 
@@ -97,12 +124,20 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    plans = json.loads((folder / "plans.json").read_text())
+    dataset_json = read_weights_json(folder / "dataset.json")
+    plans = read_weights_json(folder / "plans.json")
     checkpoint = load_checkpoint(folder / "fold_0" / checkpoint_name)
-    configuration_name = checkpoint["init_args"]["configuration"]
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration_name)
+    configuration_name = (
+        checkpoint["init_args"].get("configuration") if isinstance(checkpoint["init_args"], dict) else None
+    )
+    try:
+        plans_manager = PlansManager(plans)
+        configuration_manager = plans_manager.get_configuration(str(configuration_name))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise UnsafeWeights(
+            f"{folder / 'plans.json'} does not describe the configuration {configuration_name!r} that "
+            f"{folder / 'fold_0' / checkpoint_name} was trained with; import the weights again"
+        ) from None
     check_network_classes(configuration_manager, folder / "plans.json")
     trainer_name = str(checkpoint["trainer_name"])
     trainer_class = recursive_find_python_class(
