@@ -18,6 +18,7 @@ lacks what; ``dicom-node retry`` sends only the missing files.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.scu import unresolvable
 from dicom_node.security import client_tls
 
 LOG = logging.getLogger(__name__)
@@ -142,9 +144,12 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, syntax in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in results}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
-    )
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
+        )
+    except socket.gaierror:  # tried again like a destination that is down: the name server may be the one down
+        return SendOutcome([], f"{peer} is unreachable: {unresolvable(destination.host)}", unreachable=True)
     if not assoc.is_established:
         if assoc.is_rejected:
             return SendOutcome([], f"association rejected by {peer}")

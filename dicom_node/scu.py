@@ -7,6 +7,7 @@ C-STORE of results lives in :mod:`dicom_node.dispatch`. Every call takes
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -44,7 +45,10 @@ def verify(
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    except socket.gaierror:
+        return EchoResult(False, unresolvable(host), time.perf_counter() - started)
     if not assoc.is_established:
         return EchoResult(False, _not_established(assoc), time.perf_counter() - started)
     try:
@@ -138,8 +142,19 @@ def _ae(calling_ae: str, timeout: float) -> AE:
     return ae
 
 
+def unresolvable(host: str) -> str:
+    """Why no association could be opened to ``host``, a name the name service does not know."""
+    return (
+        f"the host name {host!r} cannot be resolved to an address (a typing error in the configured host, or the "
+        "name server is not answering)"
+    )
+
+
 def _associate(ae: AE, called_ae: str, host: str, port: int, **kwargs: Any) -> Association:
-    assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
+    except socket.gaierror:
+        raise ScuError(f"{called_ae}@{host}:{port}: {unresolvable(host)}") from None
     if not assoc.is_established:
         raise ScuError(f"{called_ae}@{host}:{port}: {_not_established(assoc)}")
     return assoc

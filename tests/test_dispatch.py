@@ -439,3 +439,24 @@ def test_the_wait_between_attempts_stays_at_its_most_however_many_attempts_were_
 
     waits = [dispatcher._backoff(tries).total_seconds() for tries in (1, 2, 3, 1_026, 100_000)]
     assert waits == [2, 4, 8, 60, 60]
+
+
+def test_a_destination_whose_host_name_does_not_resolve_is_unreachable_with_a_sentence(tmp_path):
+    """A host name the name server does not know (a typing error, or the name server down) used to stop the send
+    on an unexpected error, counted against max_attempts, with a traceback in the log."""
+    from dicom_node.config import Destination
+    from dicom_node.dispatch import send_files
+    from dicom_node.scu import verify
+
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=16, columns=16, slices=1))
+    typo = Destination(ae_title="PACS", host="pacs.nonexistent.invalid", port=104)
+
+    outcome = send_files("DICOMNODE", typo, [str(series.files[0])], timeout=10)
+    echo = verify("DICOMNODE", "PACS", "pacs.nonexistent.invalid", 104)
+
+    assert outcome.unreachable and outcome.sent == []
+    assert outcome.error == (
+        "PACS@pacs.nonexistent.invalid:104 is unreachable: the host name 'pacs.nonexistent.invalid' cannot be "
+        "resolved to an address (a typing error in the configured host, or the name server is not answering)"
+    )
+    assert not echo.ok and echo.message.startswith("the host name 'pacs.nonexistent.invalid' cannot be resolved")
