@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import Any
 
@@ -169,10 +170,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+LIBRARY_LINES = Throttle(60.0, max_keys=1024)
+"""Lines of the libraries the node uses, per logger and message: one a minute (pydicom writes a line for each
+odd escape sequence in a value, so one data set sent by a peer could otherwise write thousands)."""
+OWN_LOGGERS = ("dicom_node", "db", "inference", "__main__")
+
+
+class LibraryLines(logging.Filter):
+    """Lets through one line a minute per library message; the next one says how many were not logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
+            return True
+        dropped = LIBRARY_LINES.admit((record.name, str(record.msg)[:200]))
+        if dropped is None:
+            return False
+        if dropped:
+            record.msg = f"{record.getMessage()} (the same line {dropped} more time(s) in the last minute, not logged)"
+            record.args = ()
+        return True
+
+
+def _log_warning(message: Warning | str, category: type[Warning], *_where: Any, **_more: Any) -> None:
+    """``warnings.showwarning``: a library's warning (pydicom's remarks on a value it reads) as a log line,
+    without the library's file path and line."""
+    logging.getLogger("py.warnings").warning("%s", str(message))
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Send the node's log lines to stderr in the chosen format."""
+    """Send the node's log lines to stderr in the chosen format; libraries' warnings go there too, throttled."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(LibraryLines())
+    warnings.showwarning = _log_warning
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -193,3 +193,48 @@ def test_every_value_is_cut_to_a_thousand_characters_saying_how_many_were_cut(fm
         assert (values["calling_ae"], values["matches"]) == ("PACS", 12)  # short values keep their JSON types
     else:
         assert " calling_ae=PACS matches=12\n" in written
+
+
+def test_a_library_line_repeated_by_one_data_set_is_logged_once_a_minute_with_a_count(
+    restored_logging, monkeypatch, capsys
+):
+    """pydicom writes a line for each odd escape sequence in a value: a peer's one data set wrote 2,003 lines."""
+    import warnings
+
+    from dicom_node import logs
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(logs, "LIBRARY_LINES", logs.Throttle(60.0))
+    configure_logging("INFO")
+    pydicom_logger = logging.getLogger("pydicom")
+    for _ in range(2000):
+        pydicom_logger.warning("Found unknown escape sequence in encoded string value - using encoding latin_1")
+    log_event(logging.getLogger("dicom_node.test"), logging.WARNING, "own.event", note="never throttled")
+    log_event(logging.getLogger("dicom_node.test"), logging.WARNING, "own.event", note="never throttled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Invalid value for VR UI: '1.2.3.x'", UserWarning, stacklevel=1)
+
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("Found unknown escape sequence" in line for line in lines) == 1
+    assert sum("own.event" in line for line in lines) == 2
+    (warned,) = [line for line in lines if "Invalid value for VR UI" in line]
+    assert "UserWarning" not in warned and ".py" not in warned
+
+
+def test_the_count_of_library_lines_not_logged_comes_with_the_next_one(monkeypatch):
+    from dicom_node import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "LIBRARY_LINES", logs.Throttle(60.0))
+    library = logs.LibraryLines()
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("pydicom", logging.WARNING, __file__, 1, "odd value %s", ("x",), None)
+
+    kept = [library.filter(record()) for _ in range(5)]
+    clock[0] += 61
+    later = record()
+    assert kept == [True, False, False, False, False] and library.filter(later)
+    assert later.getMessage() == "odd value x (the same line 4 more time(s) in the last minute, not logged)"
