@@ -257,6 +257,7 @@ def _admit(
     _check_identity(headers)
     for label, header, _ in headers:
         _check_dates_and_times(label, header)
+        _check_patient_sex(label, header)
     warnings.extend(_study_detail_warnings(headers))
     _check_study_patient(headers[0][1], study_patient)
     frames: list[_Frame] = []
@@ -470,6 +471,21 @@ def _check_dates_and_times(label: str, header: Dataset) -> None:
                 f"{keyword} of {label} is not {DATE_FORMS[kind]}; the results carry it, so the sender (or the RIS) "
                 "must correct it"
             ) from None
+
+
+PATIENT_SEX_VALUES = ("M", "F", "O")
+"""PatientSex's defined terms (PS3.3 C.7.1.1): the results' Patient module takes no other value."""
+
+
+def _check_patient_sex(label: str, header: Dataset) -> None:
+    """PatientSex must be M, F, O or empty: the results copy it, and encoding them would fail on any other value
+    after inference. The value is never named (it describes the patient)."""
+    text = _raw_text(header, "PatientSex")
+    if text is not None and text.strip(" \0") not in ("", *PATIENT_SEX_VALUES):
+        raise Refused(
+            f"PatientSex of {label} is not M, F, O or empty; the results carry it, so the sender (or the RIS) must "
+            "correct it"
+        )
 
 
 def _identity_value_problem(header: Dataset, keyword: str) -> str | None:

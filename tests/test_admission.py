@@ -447,6 +447,21 @@ def test_dates_and_times_the_results_copy_must_be_valid(tmp_path, keyword, text,
     assert admit(files, STRICT).admitted
 
 
+def test_a_patient_sex_the_results_cannot_carry_is_refused_without_naming_it(tmp_path):
+    """Encoding the results failed on PatientSex QQ after inference, quoting the library ("'QQ' is not a valid
+    PatientSexValues")."""
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, PatientSex="QQ")
+    assert admit(files, STRICT).refusal == (
+        "PatientSex of instance 1 is not M, F, O or empty; the results carry it, so the sender (or the RIS) must "
+        "correct it"
+    )
+    for file in files:
+        rewrite(file, PatientSex="O")
+    assert admit(files, STRICT).admitted
+
+
 def test_missing_rescale_follows_the_setting(tmp_path):
     files = series_files(tmp_path)
     for file in files:

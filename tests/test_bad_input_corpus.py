@@ -568,6 +568,15 @@ CASES: list[Case] = [
         ),
     ),
     Case(
+        "patient_sex_the_results_cannot_carry_is_refused",
+        each(raw_value("PatientSex", "CS", "QQ")),
+        JobState.FAILED,
+        not_admitted(
+            "PatientSex of instance 1 is not M, F, O or empty; the results carry it, so the sender (or the RIS) "
+            "must correct it"
+        ),
+    ),
+    Case(
         "eight_bit_pixels_read_as_hu_are_refused",
         each(lambda ds: (eight_bit(ds), setattr(ds, "RescaleSlope", "1"))),
         JobState.FAILED,
