@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from dicom_node.config import Settings
 from dicom_node.logs import log_event
 
+REPEATED_FAILURE_LOG_SECONDS = 60.0
+"""While passes keep failing (a damaged or unreachable database), one ``pass_failed`` line this often."""
+
 
 class PeriodicTask:
     """Calls :meth:`run_once` every :attr:`interval_seconds` until stopped.
 
-    A pass that raises is logged as ``<name>.pass_failed`` with its trace, and the
-    next pass runs as usual: one bad series must not stop the node's loops.
+    A pass that raises is logged as ``<name>.pass_failed`` with a reason and, for the
+    first of a run of failures, its trace; the next pass runs as usual: one bad series
+    must not stop the node's loops, and a database that stays broken writes one line a
+    minute, not one a pass. The pass after the last failure logs ``<name>.recovered``.
     """
 
     name = "task"
@@ -45,9 +52,14 @@ class PeriodicTask:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        failures = 0  # passes failed in a row
+        logged_at = 0.0
         while not self._stop.is_set():
             try:
                 self.run_once()
+                if failures:
+                    log_event(self._log, logging.INFO, f"{self.name}.recovered", failed_passes=failures)
+                failures = 0
             except StaleDataError:  # another process changed a job this pass had read: the next pass decides again
                 log_event(
                     self._log,
@@ -55,6 +67,22 @@ class PeriodicTask:
                     f"{self.name}.changed_meanwhile",
                     note="a series changed state while this pass looked at it; the next pass looks again",
                 )
-            except Exception:  # noqa: BLE001 - keep running; the trace is logged
-                self._log.exception(f"{self.name}.pass_failed")
+            except Exception as exc:  # noqa: BLE001 - keep running; the first failure's trace is logged
+                failures += 1
+                if failures == 1 or time.monotonic() - logged_at >= REPEATED_FAILURE_LOG_SECONDS:
+                    logged_at = time.monotonic()
+                    self._log.error(
+                        f"{self.name}.pass_failed",
+                        exc_info=failures == 1,
+                        extra={"event_fields": {"failed_passes": failures, "reason": self._failure_reason(exc)}},
+                    )
             self._stop.wait(self.interval_seconds)
+
+    def _failure_reason(self, exc: Exception) -> str:
+        again = (
+            f"it runs again every {self.interval_seconds:g} s; while it keeps failing, one line a minute counts "
+            "the failed passes"
+        )
+        if isinstance(exc, DBAPIError):
+            return f"the database could not be read or written (damaged, locked or unreachable); {again}"
+        return f"an unexpected error (the first one's details are in this line's exception field); {again}"

@@ -238,3 +238,45 @@ def test_the_count_of_library_lines_not_logged_comes_with_the_next_one(monkeypat
     later = record()
     assert kept == [True, False, False, False, False] and library.filter(later)
     assert later.getMessage() == "odd value x (the same line 4 more time(s) in the last minute, not logged)"
+
+
+def test_a_loop_whose_passes_keep_failing_logs_one_line_a_minute_with_a_count(tmp_path, caplog, monkeypatch):
+    """A damaged database under a running node wrote a traceback every 0.2 s (watcher.pass_failed)."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node import periodic
+    from dicom_node.config import Settings
+
+    clock = [1000.0]
+    monkeypatch.setattr(periodic.time, "monotonic", lambda: clock[0])
+    passes = [0]
+    done = threading.Event()
+
+    class Flaky(periodic.PeriodicTask):
+        name = "flaky"
+        interval_seconds = 0.0
+
+        def run_once(self) -> None:
+            passes[0] += 1
+            clock[0] += 1.0  # one second a pass
+            if passes[0] > 150:
+                done.set()
+                self._stop.set()
+                return
+            raise OperationalError("SELECT 1", {}, Exception("file is not a database"))
+
+    task = Flaky(Settings(storage={"directory": str(tmp_path)}), None)
+    with caplog.at_level(logging.INFO, logger="dicom_node.test_logs"):
+        task._log = logging.getLogger("dicom_node.test_logs")
+        task.start()
+        assert done.wait(30)
+        task.stop()
+
+    failed = [r for r in caplog.records if r.getMessage() == "flaky.pass_failed"]
+    assert [r.event_fields["failed_passes"] for r in failed] == [1, 61, 121]  # 150 failed passes, one a second
+    assert failed[0].exc_info and not any(r.exc_info for r in failed[1:])
+    assert failed[0].event_fields["reason"].startswith("the database could not be read or written")
+    (recovered,) = [r for r in caplog.records if r.getMessage() == "flaky.recovered"]
+    assert recovered.event_fields == {"failed_passes": 150}
