@@ -294,3 +294,36 @@ def test_show_lists_the_result_series_the_node_holds(processed: ProcessedStudy) 
     for modality in ("SEG", "SR", "RTSTRUCT"):
         series_uid, _ = result_series(processed.node, modality)
         assert f"{modality:<8} {series_uid}" in shown, shown
+
+
+def test_a_stored_file_shortened_on_disk_is_not_sent_and_is_named(start_node, tmp_path: Path) -> None:
+    """A file cut short on disk (a failing disk, a copy interrupted by hand) was sent by C-GET as if whole."""
+    node = start_node(
+        peers={
+            "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
+            "planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "get"]},
+        },
+        inference={"workers": 0},
+        completion={"quiet_seconds": 600},
+    )
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4))
+    assert storescu(node.port, series.files).returncode == 0
+    with node.sessions() as session:
+        damaged = Path(session.scalars(select(Instance.path).order_by(Instance.id).limit(1)).one())
+        uid = session.scalars(select(Instance.sop_instance_uid).where(Instance.path == str(damaged))).one()
+    whole = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:300])
+
+    out = tmp_path / "got"
+    out.mkdir()
+    command = [require_tool("getscu"), "-S", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out)]
+    command += ["-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series.series_instance_uid}"]
+    subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
+
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        f"CT.{other}" for other in series.sop_instance_uids if other != uid
+    )
+    assert (
+        f"the stored file of instance {uid} is 300 bytes, but it was stored with {whole:,}: it was changed or "
+        "damaged on disk, so it is not sent" in node.log()
+    )

@@ -21,6 +21,7 @@ short fixed comments; the log has the details.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -390,6 +391,31 @@ class Stored(NamedTuple):
     transfer_syntax_uid: str
     sop_instance_uid: str
     alternative: Stored | None = None  # the same result in a form more peers read (BINARY beside LABELMAP)
+    size_bytes: int | None = None  # the file's size when it was stored
+
+
+class DamagedFile(ValueError):
+    """A stored file whose size is not the size it was stored with; the message says so."""
+
+
+def _intact(stored: Stored) -> str:
+    """``stored.path``, once its size is the one it was stored with.
+
+    Raises
+    ------
+    DamagedFile
+        If the file was shortened or changed on disk since (sending it would hand the peer a broken instance).
+    OSError
+        If it cannot be read at all.
+    """
+    size = os.stat(stored.path).st_size
+    if stored.size_bytes is not None and size != stored.size_bytes:
+        raise DamagedFile(
+            f"the stored file of instance {stored.sop_instance_uid} is {size:,} bytes, but it was stored with "
+            f"{stored.size_bytes:,}: it was changed or damaged on disk, so it is not sent (restore it from a backup, "
+            "or have the sender send it again)"
+        )
+    return stored.path
 
 
 def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> list[Stored] | None:
@@ -415,7 +441,14 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
             found = matching_instances(session, event.identifier, for_retrieval=True, limit=limit)
             return [
-                Stored(i.path, i.sop_class_uid, i.transfer_syntax_uid, i.sop_instance_uid, _binary_twin(session, i))
+                Stored(
+                    i.path,
+                    i.sop_class_uid,
+                    i.transfer_syntax_uid,
+                    i.sop_instance_uid,
+                    _binary_twin(session, i),
+                    i.size_bytes,
+                )
                 for i in found
             ]
     except QueryError as exc:
@@ -449,7 +482,9 @@ def _binary_twin(session: Session, instance: Instance) -> Stored | None:
         )
         .limit(1)
     ).first()
-    return Stored(twin.path, twin.sop_class_uid, twin.transfer_syntax_uid, twin.sop_instance_uid) if twin else None
+    if twin is None:
+        return None
+    return Stored(twin.path, twin.sop_class_uid, twin.transfer_syntax_uid, twin.sop_instance_uid, None, twin.size_bytes)
 
 
 def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
@@ -511,9 +546,9 @@ def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Datas
     the BINARY SEG of the same result.
     """
     if (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted:
-        return read_stored(stored.path), "as stored"
+        return read_stored(_intact(stored)), "as stored"
     if UID(stored.transfer_syntax_uid).is_compressed and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
-        dataset = dcmread(stored.path)
+        dataset = dcmread(_intact(stored))
         refusal = decompression_refusal(dataset, stored.sop_instance_uid)
         if refusal is not None:
             raise NotDecompressed(refusal)
@@ -521,8 +556,18 @@ def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Datas
         return dataset, "decompressed to Explicit VR Little Endian"
     twin = stored.alternative
     if twin is not None and (twin.sop_class_uid, twin.transfer_syntax_uid) in accepted:
-        return read_stored(twin.path), "as its BINARY SEG"
+        return read_stored(_intact(twin)), "as its BINARY SEG"
     return None
+
+
+def _unreadable(stored: Stored, exc: Exception) -> str:
+    """Why a stored instance could not be sent, as a sentence."""
+    if isinstance(exc, DamagedFile):
+        return str(exc)
+    name = f"the stored file of instance {stored.sop_instance_uid}"
+    if isinstance(exc, OSError):
+        return f"{name} cannot be read ({(exc.strerror or 'a read error').lower()}), so it is not sent"
+    return f"{name} cannot be read as DICOM or decompressed (damaged on disk?), so it is not sent"
 
 
 def _send(
@@ -550,7 +595,16 @@ def _send(
             failed.append(stored.sop_instance_uid)
             continue
         except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
-            log_event(LOG, logging.ERROR, "retrieve.file_unreadable", path=stored.path, error=str(exc))
+            log_event(
+                LOG,
+                logging.ERROR,
+                "retrieve.file_unreadable",
+                calling_ae=calling_ae,
+                operation=what,
+                sop_instance_uid=stored.sop_instance_uid,
+                path=stored.path,
+                reason=_unreadable(stored, exc),
+            )
             failed.append(stored.sop_instance_uid)
             continue
         if chosen is None:
