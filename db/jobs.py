@@ -16,7 +16,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Job, JobEvent, JobState, Series, utcnow
+from db.models import Delivery, Job, JobEvent, JobState, Series, as_utc, utcnow
 from db.results import DeliveryRecord, ResultFile
 
 S = JobState
@@ -697,10 +697,5 @@ def node_restarted(session: Session, job: Job) -> None:
 
 def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:
     """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed."""
-    late = ((now or utcnow()) - _aware(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
+    late = ((now or utcnow()) - as_utc(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
     return worker_died(session, job, max_deaths, detail=f", its lease having run out {late:.0f} s ago")
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.models import Job, JobState, Series, Study
+from db.models import Job, JobState, Series, Study, as_utc
 from db.results import DeliveryRecord, files_for, kinds_missing
 from db.session import retry_when_locked, transaction
 from dicom_node import audit
@@ -251,7 +251,7 @@ class Dispatcher(PeriodicTask):
         a node that was down itself tries again first) has been so for ``dispatch.unreachable_hours``."""
         if since is None or last is None:
             return False
-        return _aware(last) - _aware(since) >= timedelta(hours=self._dispatch.unreachable_hours)
+        return as_utc(last) - as_utc(since) >= timedelta(hours=self._dispatch.unreachable_hours)
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
@@ -528,10 +528,6 @@ class Dispatcher(PeriodicTask):
         return timedelta(seconds=min(doubled, settings.max_retry_seconds))
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _missing_results(name: str, missing: list[str], series_instance_uid: str) -> str:
     """Why a destination gets nothing of a job whose results lack kinds it takes."""
     return (
@@ -552,7 +548,7 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
                 f"{p.destination} received {p.total - len(p.missing)} of {p.total} file{'s' if p.total != 1 else ''}"
             )
         if not p.complete and p.unreachable_since is not None:
-            since = _aware(p.unreachable_since)
+            since = as_utc(p.unreachable_since)
             received += f": {p.last_error or 'not sent'} (unreachable since {since:%Y-%m-%d %H:%M} UTC)"
         elif not p.complete:
             attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"

@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, utcnow
+from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
@@ -275,7 +275,7 @@ def _holdings(session: Session, series_instance_uid: str | None = None) -> list[
                 job_id=job_id,
                 series_instance_uid=uid,
                 state=state,
-                changed_at=_aware(changed_at),
+                changed_at=as_utc(changed_at),
                 image_bytes=image_bytes,
                 has_images=count > 0,
                 result_bytes=_folder_bytes(folder) if folder else 0,
@@ -289,11 +289,6 @@ def _folder_bytes(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def apply_plan(
@@ -330,7 +325,7 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
         job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
         if job is None:
             return "its job no longer exists"
-        if job.state not in FINISHED_STATES or _aware(job.state_changed_at) != item.changed_at:
+        if job.state not in FINISHED_STATES or as_utc(job.state_changed_at) != item.changed_at:
             return f"it changed since planning (now {job.state.value})"
         root = settings.storage.directory
         if item.images:

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import record_results
-from db.models import Instance, Job, Series, utcnow
+from db.models import Instance, Job, Series, as_utc, utcnow
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
@@ -515,8 +515,7 @@ def claimer_alive(pid: str, claimed_at: datetime | None = None) -> bool:
     started = _started_at(stat)
     if started is None:
         return True
-    claimed = claimed_at if claimed_at.tzinfo else claimed_at.replace(tzinfo=timezone.utc)
-    return started <= claimed.timestamp() + CLAIM_CLOCK_TOLERANCE_SECONDS
+    return started <= as_utc(claimed_at).timestamp() + CLAIM_CLOCK_TOLERANCE_SECONDS
 
 
 def _process_stat(pid: int) -> list[str] | None:

@@ -12,7 +12,6 @@ import shutil
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -70,10 +69,6 @@ def scp_listener(host: str, port: int) -> Callable[[], bool]:
             return False
 
     return check
-
-
-def _to_utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _histogram(name: str, documentation: str, label: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:

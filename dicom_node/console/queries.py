@@ -17,7 +17,7 @@ from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
-from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study
+from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.config import Settings
 from dicom_node.receive.header import is_valid_uid
 
@@ -74,13 +74,7 @@ class WorklistFilter:
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat(timespec="seconds")
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return as_utc(moment).isoformat(timespec="seconds")
 
 
 def stage_seconds(job: Job) -> dict[str, float]:
@@ -92,21 +86,21 @@ def stage_seconds(job: Job) -> dict[str, float]:
     SENDING (results accepted by every destination).
     """
     series, timings, events = job.series, job.timings or {}, job.events
-    last_image = _utc(series.last_received_at)
-    stages = {"receive": max((last_image - _utc(series.first_received_at)).total_seconds(), 0.0)}
+    last_image = as_utc(series.last_received_at)
+    stages = {"receive": max((last_image - as_utc(series.first_received_at)).total_seconds(), 0.0)}
     completed = next((e for e in reversed(events) if e.to_state is JobState.COMPLETE), None)
-    if completed is not None and _utc(completed.at) >= last_image:
-        stages["complete"] = (_utc(completed.at) - last_image).total_seconds()
+    if completed is not None and as_utc(completed.at) >= last_image:
+        stages["complete"] = (as_utc(completed.at) - last_image).total_seconds()
     infer = [float(v) for k, v in timings.items() if k not in INFER_EXCLUDED_TIMINGS]
     if infer:
         stages["infer"] = sum(infer)
     if "write" in timings or "encode" in timings:
         stages["encode"] = float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0))
     if job.state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
-        done = _utc(events[-1].at)
+        done = as_utc(events[-1].at)
         sending = next((e for e in reversed(events) if e.to_state is JobState.SENDING), None)
         if sending is not None:
-            stages["dispatch"] = max((done - _utc(sending.at)).total_seconds(), 0.0)
+            stages["dispatch"] = max((done - as_utc(sending.at)).total_seconds(), 0.0)
         stages["end_to_end"] = max((done - last_image).total_seconds(), 0.0)
     return stages
 
