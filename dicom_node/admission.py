@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
+from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
 from inference.volume import VolumeError, check_slice_stack, padding_problem, rescale_source, unusable_rescale
 
@@ -381,16 +382,11 @@ def _numbers(label: str, dataset: Dataset, keyword: str, count: int) -> tuple[fl
         try:
             number = float(part)
         except ValueError:
-            raise Refused(f"{keyword} of {label} is not a number ({_shown(part)})") from None
+            raise Refused(f"{keyword} of {label} is not a number ({shown(part, 20)})") from None
         if not math.isfinite(number):
-            raise Refused(f"{keyword} of {label} is not a finite number ({_shown(part)})")
+            raise Refused(f"{keyword} of {label} is not a finite number ({shown(part, 20)})")
         values.append(number)
     return tuple(values)
-
-
-def _shown(text: str) -> str:
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return repr(text[:20] + ("..." if len(text) > 20 else ""))
 
 
 def _unsigned(label: str, dataset: Dataset, keyword: str) -> int | None:
@@ -613,7 +609,7 @@ def _check_pixel_module(label: str, header: Dataset) -> None:
     photometric = _text(header, "PhotometricInterpretation")
     if photometric is not None and photometric.upper() not in MONOCHROME:
         raise Refused(
-            f"PhotometricInterpretation of {label} is {_shown(photometric)}; CT images are MONOCHROME1 or MONOCHROME2"
+            f"PhotometricInterpretation of {label} is {shown(photometric, 20)}; CT images are MONOCHROME1 or MONOCHROME2"
         )
     for keyword in ("Rows", "Columns", "BitsAllocated"):
         value = _unsigned(label, header, keyword)
@@ -707,7 +703,7 @@ def _check_rescale_type(named: str, source: Dataset, where: str) -> None:
     text = str(value or "").strip()
     if text and text.upper() != "HU":
         raise Refused(
-            f"RescaleType of {named} ({where}) is {_shown(text)}: its rescaled pixel values are not Hounsfield "
+            f"RescaleType of {named} ({where}) is {shown(text, 20)}: its rescaled pixel values are not Hounsfield "
             "units, which the models and the reported mean HU need"
         )
 
@@ -742,7 +738,7 @@ def _frame_count(label: str, header: Dataset) -> int:
     try:
         frames = int(text)
     except ValueError:
-        raise Refused(f"NumberOfFrames of {label} is not a whole number ({_shown(text)})") from None
+        raise Refused(f"NumberOfFrames of {label} is not a whole number ({shown(text, 20)})") from None
     if frames < 1:
         raise Refused(f"NumberOfFrames of {label} is {frames}")
     return frames

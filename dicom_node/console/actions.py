@@ -15,6 +15,7 @@ from db.session import transaction
 from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, recorded_patient
 from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
+from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient
 from dicom_node.routing import never_process_reason, series_facts
 
@@ -54,11 +55,6 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
     return state
 
 
-def _shown(text: str, limit: int = 64) -> str:
-    """A name the user sent, quoted and cut, for messages and the audit trail."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
 def retry(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
     """Resend what a destination lacks, or route the series again (``db.jobs.retry``)."""
 
@@ -79,13 +75,13 @@ def reroute(
     refusal = None
     if rule and (chosen is None or chosen.action != "process"):
         known = ", ".join(r.name for r in settings.rules if r.action == "process") or "none"
-        refusal = f"{_shown(rule)} is not a processing rule (known: {known})"
+        refusal = f"{shown(rule)} is not a processing rule (known: {known})"
     elif model and model not in settings.models:
-        refusal = f"unknown model {_shown(model)} (known: {', '.join(settings.models)})"
+        refusal = f"unknown model {shown(model)} (known: {', '.join(settings.models)})"
     elif not rule and not model:
         refusal = "choose a rule or a model"
     if refusal is not None:
-        context.audit(request, user.name, "refused", f"re-route of series {_shown(uid)} refused: {refusal}")
+        context.audit(request, user.name, "refused", f"re-route of series {shown(uid)} refused: {refusal}")
         raise ActionRefused(f"cannot re-route: {refusal}", status=422)
 
     checked = _check_before_reroute(context, request, user, uid)

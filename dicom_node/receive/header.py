@@ -21,6 +21,7 @@ from pydicom.uid import UID
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
 from dicom_node import status
+from dicom_node.logs import shown
 from dicom_node.receive.structure import structure_problem
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -326,7 +327,7 @@ def _frames_value(dataset: Dataset) -> int:
         frames = int(text)
     except ValueError:
         raise InvalidInstance(
-            f"NumberOfFrames is not a whole number ({_shown(text)})", status.CANNOT_UNDERSTAND
+            f"NumberOfFrames is not a whole number ({shown(text, 24)})", status.CANNOT_UNDERSTAND
         ) from None
     if frames < 1:
         raise InvalidInstance(f"NumberOfFrames is {frames}; an image has at least one frame", status.CANNOT_UNDERSTAND)
@@ -380,8 +381,8 @@ def check_header(dataset: Dataset, affected_sop_class: str, affected_sop_instanc
         series_uid = uids["SeriesInstanceUID"] if is_valid_uid(uids["SeriesInstanceUID"]) else None
         for keyword, value in uids.items():
             if not is_valid_uid(value):
-                shown = "is empty" if not value else f"{_shown(value)} is not a valid UID"
-                raise InvalidInstance(f"{keyword} {shown}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                problem = "is empty" if not value else f"{shown(value, 24)} is not a valid UID"
+                raise InvalidInstance(f"{keyword} {problem}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
         if uids["SOPInstanceUID"] != affected_sop_instance:
             raise InvalidInstance(
                 f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's "
@@ -461,7 +462,7 @@ def _check_database_fit(dataset: Dataset) -> None:
                 continue  # not a number at all: recorded as unknown
         if value is not None and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
             raise InvalidInstance(
-                f"{keyword} {_shown(text)} is out of range: integer strings hold at most 2147483647",
+                f"{keyword} {shown(text, 24)} is out of range: integer strings hold at most 2147483647",
                 status.CANNOT_UNDERSTAND,
             )
     for keyword, limit in COLUMN_LENGTHS.items():
@@ -470,16 +471,11 @@ def _check_database_fit(dataset: Dataset) -> None:
             continue  # a character takes at least one byte: a value this short fits undecoded
         decoded = _text(dataset, keyword)
         if decoded is not None and len(decoded) > limit:
-            shown = "" if keyword in PRIVATE_KEYWORDS else f" ({_shown(decoded)})"
+            quoted = "" if keyword in PRIVATE_KEYWORDS else f" ({shown(decoded, 24)})"
             raise InvalidInstance(
-                f"{keyword} is {len(decoded)} characters long{shown}; at most {limit} are accepted",
+                f"{keyword} is {len(decoded)} characters long{quoted}; at most {limit} are accepted",
                 status.CANNOT_UNDERSTAND,
             )
-
-
-def _shown(text: str) -> str:
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return repr(text if len(text) <= 24 else text[:24] + "...")
 
 
 def _image_type(value: Any) -> str | None:
