@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -19,8 +24,8 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
 from db.models import Instance, Job, JobState, RejectedInstance, Series
-from dicom_node.config import ConfigError, Settings, dump_settings, load_settings
-from dicom_node.logs import configure_logging
+from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, load_settings
+from dicom_node.logs import configure_logging, shown
 from dicom_node.privacy import keep_new_files_private, loose_permissions
 
 if TYPE_CHECKING:
@@ -56,44 +61,185 @@ def _settings(path: Path | None) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        errors.print(f"[bold red]configuration error[/]\n{exc}", highlight=False)
+        errors.print(f"[bold red]configuration error[/]\n{escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _peer(value: object, limit: int = 1000) -> str:
+    """A value a peer sent (or one made from it), for the terminal: as it is when it is printable and short, else
+    quoted with its unprintable characters as ``?`` (:func:`dicom_node.logs.shown`); never read as rich markup."""
+    if value is None:
+        return ""
+    text = str(value)
+    if len(text) > limit or not text.isprintable():
+        text = shown(text, limit)
+    return escape(text)
+
+
+def _database_failed(exc: BaseException, url: str, *, exit_code: int = 1) -> NoReturn:
+    """Say in one sentence why the database cannot be used (never its password), and exit."""
+    from dicom_node.service import describe_database_error
+
+    errors.print(escape(describe_database_error(exc, url)), highlight=False)
+    raise typer.Exit(exit_code) from None
+
+
+def _database_url_problem(url: str) -> BaseException | None:
+    """Why ``url`` cannot be a database URL here (not a URL, unknown kind, driver missing), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except (ArgumentError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
+        return exc
+    return None
 
 
 @contextmanager
 def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
-    """A session on the node's existing database; operator commands never create or migrate one."""
+    """A session on the node's existing database; operator commands never create or migrate one.
+
+    Any failure to reach or read the database ends the command with one sentence saying why.
+    """
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
 
     from db.session import make_engine, make_session_factory
 
     url = settings.database_url
+    problem = _database_url_problem(url)
+    if problem is not None:
+        _database_failed(problem, url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        errors.print(f"no database at {parsed.database}: has `dicom-node serve` run with this configuration?")
+        errors.print(
+            f"no database at {escape(str(parsed.database))}: has `dicom-node serve` run with this configuration?",
+            highlight=False,
+        )
         raise typer.Exit(1)
-    sessions = make_session_factory(make_engine(url))
-    with sessions() as session:
-        if write:
-            with session.begin():
+    try:
+        sessions = make_session_factory(make_engine(url))
+        with sessions() as session:
+            if write:
+                with session.begin():
+                    yield session
+            else:
                 yield session
-        else:
-            yield session
+    except DBAPIError as exc:
+        _database_failed(exc, url)
+    except OSError as exc:
+        errors.print(f"cannot open the database: {escape(_describe_os_error(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | None = None) -> str:
+    """An operating-system error as a sentence naming the file, or the host and port (``port``: the one being bound)."""
+    code = exc.errno
+    if code == errno.EADDRINUSE:
+        return f"port {port} is already in use by another program" if port else "the port is already in use"
+    if code == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine" if host else "that address is not one of this machine"
+    if isinstance(exc, ssl.SSLError):
+        return "a TLS certificate or private key cannot be used (not PEM, encrypted, or of another certificate)"
+    path = exc.filename if isinstance(exc.filename, str) else None
+    if path is None and isinstance(exc.filename, bytes):
+        path = exc.filename.decode(errors="replace")
+    if path is None:
+        if code in (errno.EACCES, errno.EPERM) and port is not None:
+            return f"the node's user may not listen on port {port} (ports below 1024 need administrator rights)"
+        if code == errno.EROFS:
+            return "a file it needs is on a read-only file system"
+        if code == errno.ENOSPC:
+            return "there is no space left on the disk"
+        if exc.strerror:
+            return exc.strerror[:1].lower() + exc.strerror[1:]
+        return str(exc) or "the operating system refused"
+    if code == errno.EROFS:
+        return f"{path} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"the node's user may not use {path} (permission denied)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"there is no space left on the disk holding {path}"
+    if code == errno.ENOENT:
+        return f"{path} does not exist"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((p for p in (Path(path), *Path(path).parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, where a folder is needed"
+        return f"{path} cannot be made: part of that path is not a folder"
+    if code == errno.EISDIR:
+        return f"{path} is a folder, where a file is needed"
+    if code == errno.EIO:
+        return f"the disk holding {path} reported an input/output error"
+    reason = exc.strerror or "the operating system refused"
+    return f"{path}: {reason[:1].lower() + reason[1:]}"
 
 
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
+    from dicom_node.service import DatabaseUnavailable
     from dicom_node.service import serve as run_service
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.format)
-    _warn_about_loose_permissions(settings.storage.directory)
+    storage = settings.storage.directory
+    if storage.exists() and not storage.is_dir():
+        _cannot_start(f"storage.directory {storage} is a file, not a folder")
+    tls_problem = _tls_files_problem(settings)
+    if tls_problem:
+        _cannot_start(tls_problem)
     try:
+        _warn_about_loose_permissions(storage)
         run_service(settings)
+    except DatabaseUnavailable as exc:
+        _cannot_start(str(exc))
     except OSError as exc:
-        errors.print(f"[bold red]cannot start[/]: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _cannot_start(_describe_os_error(exc, host=settings.network.host, port=settings.network.port))
+
+
+def _tls_files_problem(settings: Settings) -> str | None:
+    """What is wrong with the TLS certificate, key and CA files the configuration names, or None."""
+    pairs: list[tuple[str, Path, str, Path, str, Path | None]] = []
+    tls = settings.network.tls
+    if tls is not None:
+        names = ("network.tls.certificate", "network.tls.private_key", "network.tls.ca_certificates")
+        pairs.append((names[0], tls.certificate, names[1], tls.private_key, names[2], tls.ca_certificates))
+    web = settings.console
+    if web.enabled and web.tls_certificate is not None and web.tls_private_key is not None:
+        pairs.append(
+            ("console.tls_certificate", web.tls_certificate, "console.tls_private_key", web.tls_private_key, "", None)
+        )
+    for cert_key, cert, key_key, key, ca_key, ca in pairs:
+        for setting, path in ((cert_key, cert), (key_key, key), (ca_key, ca)):
+            if path is not None and not path.exists():
+                return f"{setting} {path} does not exist"
+            if path is not None and not path.is_file():
+                return f"{setting} {path} is not a file"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key, password=lambda: "")
+        except ssl.SSLError:
+            return (
+                f"{cert_key} {cert} and {key_key} {key} cannot be loaded as a PEM certificate and its private key "
+                "(not PEM, the key is encrypted, or it belongs to another certificate)"
+            )
+        except OSError as exc:
+            return _describe_os_error(exc)
+        if ca is not None:
+            try:
+                context.load_verify_locations(ca)
+            except ssl.SSLError:
+                return f"{ca_key} {ca} holds no PEM certificate that can be loaded"
+            except OSError as exc:
+                return _describe_os_error(exc)
+    return None
+
+
+def _cannot_start(reason: str) -> NoReturn:
+    errors.print(f"[bold red]cannot start[/]: {escape(reason)}", highlight=False)
+    raise typer.Exit(1)
 
 
 def _warn_about_loose_permissions(storage: Path) -> None:
@@ -127,9 +273,18 @@ def worker(
 
     On another host, point it at the node's PostgreSQL and shared storage folder (README: "Workers on other hosts").
     """
+    from sqlalchemy.exc import DBAPIError
+
     from dicom_node.worker import run_worker
 
-    run_worker(_settings(config), name=name)
+    settings = _settings(config)
+    problem = _database_url_problem(settings.database_url)
+    if problem is not None:
+        _database_failed(problem, settings.database_url)
+    try:
+        run_worker(settings, name=name)
+    except DBAPIError as exc:
+        _database_failed(exc, settings.database_url)
 
 
 @app.command()
@@ -150,22 +305,22 @@ def status(
         rejected = session.scalar(by_status.where(RejectedInstance.status != 0)) or 0
         set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
-    table = Table(title=f"Series on {settings.network.ae_title}", expand=False)
+    table = Table(title=f"Series on {escape(settings.network.ae_title)}", expand=False)
     for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
     table.add_column("delivered (files per destination)", overflow="fold")
     for job in rows:
         series = job.series
         table.add_row(
-            series.series_instance_uid,
-            series.modality or "",
-            series.series_description or "",
+            _peer(series.series_instance_uid),
+            _peer(series.modality),
+            _peer(series.series_description),
             str(series.instance_count),
             job.state.value,
             _ago(job.state_changed_at),
-            job.reason or "",
+            _peer(job.reason),
             _warnings_cell(job.warnings),
-            delivered[job.id],
+            _peer(delivered[job.id]),
         )
     console.print(table)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
@@ -191,36 +346,43 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
     with _session(settings) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)
         if job is None:
-            errors.print(f"no series {series_instance_uid} on this node")
+            errors.print(f"no series {_peer(series_instance_uid)} on this node", highlight=False)
             raise typer.Exit(1)
         series = job.series
-        console.print(f"series   {series.series_instance_uid}", highlight=False)
-        console.print(f"study    {series.study.study_instance_uid}", highlight=False)
-        console.print(f"modality {series.modality}  images {series.instance_count}  from {series.calling_ae_title}")
-        console.print(f"state    {job.state.value}  ({job.reason})", highlight=False)
+        console.print(f"series   {_peer(series.series_instance_uid)}", highlight=False)
+        console.print(f"study    {_peer(series.study.study_instance_uid)}", highlight=False)
+        console.print(
+            f"modality {_peer(series.modality)}  images {series.instance_count}  from {_peer(series.calling_ae_title)}",
+            highlight=False,
+        )
+        console.print(f"state    {job.state.value}  ({_peer(job.reason)})", highlight=False)
         if job.model_name:
-            console.print(f"model    {job.model_name} (rule {job.rule_name}) -> {', '.join(job.destinations or [])}")
+            destinations = _peer(", ".join(job.destinations or []))
+            console.print(
+                f"model    {_peer(job.model_name)} (rule {_peer(job.rule_name)}) -> {destinations}", highlight=False
+            )
         if job.timings:
             stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items())
-            console.print(f"timings  {stages}", highlight=False)
+            console.print(f"timings  {_peer(stages)}", highlight=False)
         if job.state is JobState.PROCESSING and job.stage:
-            console.print(f"stage    {job.stage}", highlight=False)
+            console.print(f"stage    {_peer(job.stage)}", highlight=False)
         if job.worker_deaths:
             console.print(f"workers  died {job.worker_deaths} time(s) on this series", highlight=False)
         for warning in job.warnings or []:
-            console.print(f"warning  {warning}", highlight=False)
+            console.print(f"warning  {_peer(warning)}", highlight=False)
         if job.result_path:
-            console.print(f"results  {job.result_path}", highlight=False)
+            console.print(f"results  {_peer(job.result_path)}", highlight=False)
             made_by = _made_by(Path(job.result_path))
             if made_by:
-                console.print(f"made by  {made_by}", highlight=False)
+                console.print(f"made by  {_peer(made_by)}", highlight=False)
         results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
         for result in session.scalars(results):
             superseded = (
                 f"  (superseded {result.superseded_at.isoformat(timespec='seconds')})" if result.superseded_at else ""
             )
+            modality = _peer(result.modality or "")
             console.print(
-                f"  {result.modality:<8} {result.series_instance_uid}  {result.series_description or ''}{superseded}",
+                f"  {modality:<8} {_peer(result.series_instance_uid)}  {_peer(result.series_description)}{superseded}",
                 highlight=False,
             )
         _print_deliveries(session, job)
@@ -232,12 +394,12 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
                 event.at.isoformat(timespec="seconds"),
                 event.from_state.value if event.from_state else "",
                 event.to_state.value,
-                event.reason or "",
+                _peer(event.reason),
             )
         console.print(table)
         first_file = session.scalars(select(Instance.path).where(Instance.series_id == series.id).limit(1)).first()
         if first_file:
-            console.print(f"files    {Path(first_file).parent}", highlight=False)
+            console.print(f"files    {_peer(Path(first_file).parent)}", highlight=False)
 
 
 def _made_by(job_folder: Path) -> str | None:
@@ -273,10 +435,10 @@ def _print_deliveries(session: Session, job: Job) -> None:
         if progress.unreachable_since is not None:
             attempts += f"; unreachable since {progress.unreachable_since.isoformat()[:16]}"
         retry_at = f"; next try {progress.next_attempt_at.isoformat()[:19]}" if progress.next_attempt_at else ""
-        console.print(f"sent to  {progress.summary()} files ({attempts}{retry_at})", highlight=False)
+        console.print(f"sent to  {_peer(progress.summary())} files ({attempts}{retry_at})", highlight=False)
         if progress.planned is None:
             console.print(
-                f"  nothing sent yet: {progress.last_error or 'waiting for its first attempt'}", highlight=False
+                f"  nothing sent yet: {_peer(progress.last_error or 'waiting for its first attempt')}", highlight=False
             )
         for uid, path in (progress.planned or {}).items():
             delivery = progress.delivered.get(uid)
@@ -284,7 +446,7 @@ def _print_deliveries(session: Session, job: Job) -> None:
                 line = f"delivered {delivery.delivered_at.isoformat(timespec='seconds')}"
             else:
                 line = f"not delivered: {progress.last_error}" if progress.last_error else "not delivered yet"
-            console.print(f"  {Path(path).name:<18} {uid}  {line}", highlight=False)
+            console.print(f"  {_peer(Path(path).name):<18} {_peer(uid)}  {_peer(line)}", highlight=False)
 
 
 @app.command()
@@ -295,21 +457,23 @@ def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
         with _session(settings, write=True) as session:
             job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)  # as the console does
             if job is None:
-                errors.print(f"no series {series_instance_uid} on this node")
+                errors.print(f"no series {_peer(series_instance_uid)} on this node", highlight=False)
                 raise typer.Exit(1)
             try:
                 jobs.retry(session, job)
             except jobs.InvalidTransition as exc:
-                errors.print(f"cannot retry: {exc}")
+                errors.print(f"cannot retry: {_peer(exc)}", highlight=False)
                 raise typer.Exit(1) from None
     except StaleDataError:
         errors.print(
-            f"cannot retry: series {series_instance_uid} changed state while the retry was made, so nothing was "
-            "changed; see `dicom-node show` and retry again if it is still needed"
+            f"cannot retry: series {_peer(series_instance_uid)} changed state while the retry was made, so nothing "
+            "was changed; see `dicom-node show` and retry again if it is still needed",
+            highlight=False,
         )
         raise typer.Exit(1) from None
     console.print(
-        f"series {series_instance_uid} is {job.state.value} again; the running node carries on within seconds"
+        f"series {_peer(series_instance_uid)} is {job.state.value} again; the running node carries on within seconds",
+        highlight=False,
     )
 
 
@@ -325,12 +489,12 @@ def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] 
     for row in rows:
         table.add_row(
             row.received_at.isoformat(timespec="seconds"),
-            row.calling_ae_title or "",
+            _peer(row.calling_ae_title),
             f"0x{row.status:04X}",
-            row.series_instance_uid or "",
-            row.sop_instance_uid or "",
-            row.reason,
-            row.path or "",
+            _peer(row.series_instance_uid),
+            _peer(row.sop_instance_uid),
+            _peer(row.reason),
+            _peer(row.path),
         )
     console.print(table)
 
@@ -353,7 +517,7 @@ def audit(
 
     unknown = [a for a in action or [] if a not in ACTIONS]
     if unknown:
-        errors.print(f"unknown action {', '.join(unknown)} (known: {', '.join(ACTIONS)})")
+        errors.print(f"unknown action {_peer(', '.join(unknown))} (known: {', '.join(ACTIONS)})", highlight=False)
         raise typer.Exit(2)
     settings = _settings(config)
     since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours else None
@@ -365,13 +529,13 @@ def audit(
     for row in rows:
         table.add_row(
             row.at.isoformat(timespec="seconds"),
-            row.action,
-            row.peer_ae_title or "",
-            row.peer_address or "",
-            row.study_instance_uid or "",
-            row.outcome,
+            _peer(row.action),
+            _peer(row.peer_ae_title),
+            _peer(row.peer_address),
+            _peer(row.study_instance_uid),
+            _peer(row.outcome),
             str(row.instances),
-            row.detail or "",
+            _peer(row.detail),
         )
     console.print(table)
 
@@ -397,20 +561,48 @@ def echo(
         peer = settings.destinations.get(destination)
         if peer is None:
             known = ", ".join(settings.destinations) or "none configured"
-            errors.print(f"unknown destination {destination!r} (known: {known})")
+            errors.print(f"unknown destination {_peer(repr(destination))} (known: {escape(known)})", highlight=False)
             raise typer.Exit(2)
         host, port, ae_title = peer.host, peer.port, peer.ae_title
+    if port is not None and not 1 <= port <= 65535:
+        errors.print(f"--port {port} is not a port number (1 to 65535)", highlight=False)
+        raise typer.Exit(2)
+    for option, title in (("--ae-title", ae_title), ("--calling-ae-title", calling_ae_title)):
+        if title is not None and not _is_ae_title(title):
+            errors.print(
+                f"{option} {_peer(shown(title))} is not an AE title: 1 to 16 printable ASCII characters, no backslash",
+                highlight=False,
+            )
+            raise typer.Exit(2)
     if not (host and port and ae_title):
         errors.print("give a destination name, or --host, --port and --ae-title")
         raise typer.Exit(2)
     tls_args = client_tls(settings.destinations[destination], settings.network.tls) if destination else None
     calling = calling_ae_title or settings.network.ae_title
-    result = verify(calling, ae_title, host, port, timeout=timeout, tls_args=tls_args)
+    peer_name = _peer(f"{ae_title}@{host}:{port}")
+    try:
+        result = verify(calling, ae_title, host, port, timeout=timeout, tls_args=tls_args)
+    except OSError as exc:  # socket.gaierror is one: the host name does not resolve
+        if isinstance(exc, socket.gaierror):
+            reason = f"the host name {_peer(host)} cannot be resolved (misspelt, or no name service on this machine?)"
+        else:
+            reason = escape(_describe_os_error(exc, host=host))
+        errors.print(f"C-ECHO {peer_name}: FAILED: {reason}", highlight=False)
+        raise typer.Exit(1) from None
+    except (OverflowError, ValueError):  # what pynetdicom raises for an address it cannot use
+        errors.print(f"C-ECHO {peer_name}: FAILED: host {_peer(host)} and port {port} are not an address to call")
+        raise typer.Exit(1) from None
     if result.ok:
-        console.print(f"C-ECHO {ae_title}@{host}:{port}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
+        console.print(f"C-ECHO {peer_name}: success ({result.seconds * 1000:.0f} ms)", highlight=False)
     else:
-        errors.print(f"C-ECHO {ae_title}@{host}:{port}: FAILED: {result.message}", highlight=False)
+        errors.print(f"C-ECHO {peer_name}: FAILED: {_peer(result.message)}", highlight=False)
         raise typer.Exit(1)
+
+
+def _is_ae_title(title: str) -> bool:
+    """Whether ``title`` is what a DICOM AE title may be (the configuration's rule for network.ae_title)."""
+    stripped = title.strip()
+    return 1 <= len(stripped) <= 16 and re.fullmatch(AE_TITLE_PATTERN, stripped) is not None
 
 
 @weights_app.command("list")
@@ -442,10 +634,58 @@ def weights_download(
     try:
         folders = download(task, settings.weights_directory)
     except Exception as exc:  # noqa: BLE001 - network, disk, or missing package: say which
-        errors.print(f"download failed: {exc}", highlight=False)
+        errors.print(escape(_describe_download_error(exc)), highlight=False)
         raise typer.Exit(1) from None
     for folder in folders:
         console.print(f"installed {folder}", highlight=False)
+
+
+def _describe_download_error(exc: Exception) -> str:
+    """Why a weights download failed, in one sentence: the host and what went wrong, never the library's text."""
+    offline = "; on an offline machine use `dicom-node weights import`"
+    if isinstance(exc, OSError) and not _is_network_error(exc):
+        return f"download failed: {_describe_os_error(exc)}"
+    if not _is_network_error(exc):
+        return f"download failed: {exc}"
+    named = re.search(r"host='([^']+)'", str(exc))
+    host = named.group(1) if named else "the download server"
+    chain = _error_chain(exc)
+    names = {type(error).__name__ for error in chain}
+    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain), None)
+    if names & {"NameResolutionError", "gaierror"} or "Failed to resolve" in str(exc):
+        reason = "the host name cannot be resolved (no network?)"
+    elif names & {"ConnectTimeoutError", "ConnectTimeout", "ReadTimeoutError", "ReadTimeout", "TimeoutError"}:
+        reason = "no answer (timed out)"
+    elif names & {"ProxyError"}:
+        reason = "the proxy refused or could not reach it (check HTTPS_PROXY)"
+    elif names & {"SSLError", "SSLCertVerificationError"}:
+        reason = "the secure connection failed (a proxy that intercepts HTTPS, or a wrong clock?)"
+    elif names & {"ConnectionRefusedError"} or "Connection refused" in str(exc):
+        reason = "the connection was refused"
+    elif isinstance(status, int):
+        reason = f"the server answered HTTP {status}"
+    else:
+        reason = "the connection failed"
+    return f"cannot download the weights from {host}: {reason}{offline}"
+
+
+def _error_chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and the errors it wraps (requests wraps urllib3's, which wraps the socket's)."""
+    chain: list[BaseException] = []
+    pending: list[object] = [exc]
+    while pending and len(chain) < 20:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or any(error is seen for seen in chain):
+            continue
+        chain.append(error)
+        pending += [error.__cause__, error.__context__, getattr(error, "reason", None), *error.args]
+    return chain
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the HTTP client (requests or urllib3), or is a socket's failure to connect."""
+    module = type(exc).__module__.split(".")[0]
+    return module in ("requests", "urllib3") or isinstance(exc, (socket.gaierror, ConnectionError, TimeoutError))
 
 
 @weights_app.command("import")
@@ -462,13 +702,34 @@ def weights_import(
     run code when loaded is refused. The installed files' SHA-256 are recorded and checked
     each time a model loads.
     """
+    import zipfile
+    import zlib
+
     from inference.weights import WeightsCorrupt, import_zip
 
     settings = _settings(config)
+    if archive.is_dir():
+        errors.print(f"import failed: {escape(str(archive))} is a folder, not a zip file", highlight=False)
+        raise typer.Exit(1)
     try:
         added = import_zip(archive, settings.weights_directory, sha256=sha256)
-    except (OSError, ValueError, WeightsCorrupt) as exc:
-        errors.print(f"import failed: {exc}", highlight=False)
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        errors.print(
+            f"import failed: {escape(str(archive))} is not a zip file, or it is damaged (copy it again)",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    except NotImplementedError:
+        errors.print(
+            f"import failed: {escape(str(archive))} is packed with a compression method that cannot be unpacked here",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        errors.print(f"import failed: {escape(_describe_os_error(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    except (ValueError, WeightsCorrupt) as exc:
+        errors.print(f"import failed: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     for folder in added:
         console.print(f"imported {folder}", highlight=False)
@@ -513,8 +774,11 @@ def phantom(
             character_set=character_set,
         )
         series = write_phantom_series(output, spec)
+    except OSError as exc:
+        errors.print(f"cannot write phantom: {escape(_describe_os_error(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except (ValueError, RuntimeError, LookupError) as exc:
-        errors.print(f"cannot write phantom: {exc}")
+        errors.print(f"cannot write phantom: {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     console.print(
         f"wrote {len(series.files)} files of series {series.series_instance_uid} to {output}", highlight=False
@@ -578,7 +842,7 @@ def purge(
             try:
                 plan = plan_series_purge(session, series)
             except LookupError as exc:
-                errors.print(str(exc), highlight=False)
+                errors.print(_peer(exc), highlight=False)
                 raise typer.Exit(1) from None
             sessions = make_session_factory(session.get_bind())
         _show_purge(plan, None if dry_run else apply_plan(sessions, settings, plan), dry_run)
@@ -613,7 +877,7 @@ def _show_purge(plan: RetentionPlan, outcome: PurgeOutcome | None, dry_run: bool
         for column in ("series instance UID", "state", "age", "purges", "size", "reason"):
             table.add_column(column, overflow="fold")
         for row in plan_rows(plan, outcome):
-            table.add_row(*row)
+            table.add_row(*(_peer(cell) for cell in row))
         console.print(table)
     for line in plan_summary(plan, outcome):
         console.print(line, highlight=False)
@@ -659,6 +923,13 @@ def config_show(config: ConfigOption = None) -> None:
 def config_check(config: ConfigOption = None) -> None:
     """Validate the configuration; exit 2 with the problems if it is wrong."""
     settings = _settings(config)
+    problem = _database_url_problem(settings.database_url)
+    if problem is not None:
+        from dicom_node.service import describe_database_error
+
+        reason = describe_database_error(problem, settings.database_url)
+        errors.print(f"[bold red]configuration error[/]\n{escape(reason)}", highlight=False)
+        raise typer.Exit(2)
     console.print(
         f"configuration is valid: AE {settings.network.ae_title} on port {settings.network.port}, "
         f"{len(settings.rules)} rule(s), {len(settings.destinations)} destination(s)",

@@ -735,7 +735,7 @@ def load_settings(path: Path | str | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, path)) from None
     except SettingsError as exc:  # an environment value pydantic-settings cannot even parse
-        raise ConfigError(f"environment: {exc} (lists and mappings must be JSON)") from None
+        raise ConfigError(_describe_settings_error(exc)) from None
     if path is not None and not settings.storage.directory.is_absolute():
         # Relative storage paths are relative to the config file, not to the cwd.
         settings.storage.directory = (path.parent / settings.storage.directory).resolve()
@@ -745,6 +745,8 @@ def load_settings(path: Path | str | None = None) -> Settings:
 def _resolve_config_path(path: Path | str | None) -> Path | None:
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return path
@@ -757,9 +759,22 @@ def _resolve_config_path(path: Path | str | None) -> Path | None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not a UTF-8 text file (the byte at position {exc.start} is not UTF-8): "
+            "save it as UTF-8 text"
+        ) from None
+    except OSError as exc:
+        reason = (exc.strerror or "it cannot be read").lower()
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        where = str(exc).replace('"<unicode string>"', f'"{path}"')
+        raise ConfigError(f"{path}: not valid YAML: {where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: it is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -767,17 +782,96 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]+$"
+"""The pattern of :data:`AETitle`, recognised in validation errors so that they can be said in words."""
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", text)
+
+
+def _got(value: Any, limit: int = 80) -> str:
+    """The value a setting had, for an error message: as Python writes it, password hidden, cut to ``limit``."""
+    text = hide_password(repr(value))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable that sets the key at ``loc``: a list is set whole (as JSON), not item by item."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            break
+        parts.append(part.upper())
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts)
+
+
+def _plain_message(error: Any) -> str:
+    """What is wrong with one setting, in words (never a Python class, a regular expression or a pydantic term)."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    name = str(next((p for p in reversed(error["loc"]) if isinstance(p, str)), ""))
+    if kind == "path_type":
+        return "must be a folder path" if "directory" in name else "must be a file path"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a section of settings"
+    if kind == "list_type":
+        return "must be a list"
+    if kind == "string_pattern_mismatch":
+        if ctx.get("pattern") == AE_TITLE_PATTERN:
+            return "may hold only printable ASCII characters other than backslash, at most 16"
+        return "does not have the form this setting needs"
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind == "missing":
+        return "is required but missing"
+    if kind == "union_tag_not_found":
+        discriminator = str(ctx.get("discriminator", "kind")).strip("'")
+        return f"needs a {discriminator} key that says which kind it is"
+    if kind == "union_tag_invalid":
+        discriminator = str(ctx.get("discriminator", "kind")).strip("'")
+        return f"{discriminator} {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+    if kind == "is_instance_of":
+        return "has the wrong kind of value"
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if "<class" in message or "instance of" in message:  # a pydantic message that names a Python class
+        return "has the wrong kind of value"
+    return message
+
+
 def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     source = f"{path} (and DICOM_NODE_* environment)" if path else "configuration (DICOM_NODE_* environment)"
     lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
     for error in exc.errors(include_url=False):
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in error["loc"]).upper()
-        message = error["msg"].removeprefix("Value error, ")
+        loc = tuple(error["loc"])
+        message = _plain_message(error)
         got = error.get("input")
-        detail = f" (got {got!r})" if error["type"] not in ("missing",) and not isinstance(got, dict) else ""
-        lines.append(f"  {key}: {message}{detail}  [YAML key {key} or env {env_name}]")
+        shows_value = error["type"] != "missing" and not isinstance(got, dict) and bool(loc)
+        detail = f" (got {_got(got)})" if shows_value else ""
+        if not loc:  # a check across sections: its message names the keys
+            lines.append(f"  {message}")
+            continue
+        key = ".".join(str(part) for part in loc)
+        joined = " " if message.split(" ", 1)[0] in ("must", "may", "is", "needs") else ": "
+        lines.append(f"  {key}{joined}{message}{detail}  [YAML key {key} or env {_env_name(loc)}]")
     return "\n".join(lines)
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    """An environment value pydantic-settings could not parse (a list or mapping that is not JSON), in words."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    if field is None:
+        return "an environment variable DICOM_NODE_* is not valid: lists and mappings must be JSON"
+    prefix = ENV_PREFIX + field.group(1).upper()
+    names = sorted(n for n in os.environ if n.upper() == prefix or n.upper().startswith(prefix + ENV_NESTED_DELIMITER))
+    named = " or ".join(names) if names else prefix
+    return (
+        f"the environment variable {named} is not valid JSON "
+        '(lists and mappings in the environment must be JSON, e.g. ["PACS", "CT01"] or {"port": 104})'
+    )
 
 
 def dump_settings(settings: Settings) -> str:

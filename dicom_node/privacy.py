@@ -22,12 +22,24 @@ def keep_new_files_private() -> None:
 
 
 def loose_permissions(folder: Path, limit: int = 20) -> list[Path]:
-    """Up to ``limit`` entries directly in ``folder`` (and the folder) that group or others can read."""
-    if not folder.exists():
+    """Up to ``limit`` entries directly in ``folder`` (and the folder) that group or others can read.
+
+    None when ``folder`` is not a folder (absent, or a file: start-up says so), or as many as can be looked at
+    when it cannot be listed.
+    """
+    if not folder.is_dir():
         return []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # not readable by this user: start-up reports what it cannot do there
+        entries = []
     found = []
-    for path in (folder, *sorted(folder.iterdir())):
-        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+    for path in (folder, *entries):
+        try:
+            mode = path.lstat().st_mode
+        except OSError:  # removed meanwhile
+            continue
+        if stat.S_IMODE(mode) & 0o077:
             found.append(path)
             if len(found) >= limit:
                 break

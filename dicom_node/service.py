@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +19,7 @@ from db import jobs
 from db import session as db_session
 from db.session import transaction
 from dicom_node import security
-from dicom_node.config import Settings
+from dicom_node.config import Settings, hide_password
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.processes import Receiving, start_receiving
@@ -135,9 +137,144 @@ class RunningNode:
         log_event(LOG, logging.INFO, "node.stopped")
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened, reached or used; the message says why in words, never with the password."""
+
+
 def open_database(settings: Settings) -> sessionmaker[Session]:
-    """Migrate the schema to the newest revision and return a session factory."""
-    return db_session.open_database(settings.database_url, settings.database.busy_timeout_seconds)
+    """Migrate the schema to the newest revision and return a session factory.
+
+    Raises
+    ------
+    DatabaseUnavailable
+        If the database URL is not one, its driver is missing, or the database cannot be reached, read or upgraded.
+    OSError
+        If the SQLite file's folder cannot be made.
+    """
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = settings.database_url
+    try:
+        return db_session.open_database(url, settings.database.busy_timeout_seconds)
+    except (SQLAlchemyError, ImportError, CommandError) as exc:
+        raise DatabaseUnavailable(describe_database_error(exc, url)) from None
+
+
+def describe_database_error(exc: BaseException, url: str) -> str:
+    """One sentence an administrator understands for a failure to open or use the database at ``url``.
+
+    It names the file, or the host and port, and the cause; never the password, the SQL, or a Python class.
+    """
+    from alembic.util.exc import CommandError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return (
+            f"database.url {hide_password(url)!r} is not a database URL (for example postgresql+psycopg://user@host/db)"
+        )
+    backend = parsed.get_backend_name()
+    if isinstance(exc, NoSuchModuleError):
+        return (
+            f"database.url names a kind of database dicom-node cannot use ({parsed.drivername}): use "
+            "postgresql+psycopg://user@host/db, or leave database.url out for the SQLite file in storage.directory"
+        )
+    if isinstance(exc, ImportError):
+        hint = (
+            "; write postgresql+psycopg:// to use the psycopg driver that comes with dicom-node"
+            if backend == "postgresql" and parsed.get_driver_name() != "psycopg"
+            else "; dicom-node works with PostgreSQL (postgresql+psycopg://user@host/db) or its own SQLite file"
+        )
+        driver = exc.name or "module"
+        return f"database.url: the database driver {driver} for {parsed.drivername} URLs is not installed{hint}"
+    if backend == "sqlite":
+        place = f"the database file {parsed.database}"
+    else:
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(backend)
+        place = f"the database at {parsed.host or 'localhost'}{f':{port}' if port else ''}"
+    if isinstance(exc, CommandError):
+        revision = re.search(r"revision identified by '([^']+)'", str(exc))
+        if revision:
+            return (
+                f"{place} was written by a newer version of dicom-node (its schema revision {revision.group(1)} "
+                "is unknown to this version): run the newer version, or restore a backup"
+            )
+        return f"the schema of {place} cannot be upgraded: {hide_password(_first_line(exc))}"
+    if not isinstance(exc, DBAPIError):
+        return f"cannot use {place}: {hide_password(_first_line(exc))}"
+    cause = str(exc.orig if exc.orig is not None else exc)
+    text = cause.lower()
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return f"{place} holds no dicom-node tables: has `dicom-node serve` run with this configuration?"
+    if "no such column" in text or ("column" in text and "does not exist" in text):
+        return (
+            f"{place} was made by another version of dicom-node (a column is missing): "
+            "start `dicom-node serve` of this version once to upgrade it"
+        )
+    if backend == "sqlite":
+        return _describe_sqlite_error(Path(parsed.database or ""), text, cause)
+    if "connection refused" in text:
+        return f"cannot reach {place} (connection refused: is the database server running there?)"
+    if any(
+        words in text
+        for words in ("translate host name", "name or service not known", "name resolution", "nodename nor servname")
+    ):
+        return f"cannot reach {place}: the host name {parsed.host} cannot be resolved"
+    if "timeout" in text or "timed out" in text:
+        return f"cannot reach {place}: no answer (timed out)"
+    if "no route to host" in text or "network is unreachable" in text:
+        return f"cannot reach {place}: no route to that host"
+    if "authentication failed" in text:
+        return f"{place} refused the login of user {parsed.username!r} (wrong user name or password in database.url)"
+    if "no password supplied" in text:
+        return f"{place} asks for a password, and database.url gives none"
+    missing = re.search(r'database "([^"]+)" does not exist', cause)
+    if missing:
+        return f"the database {missing.group(1)!r} does not exist on {place.removeprefix('the database at ')}"
+    detail = _first_line(cause).removeprefix("connection failed: ")
+    return f"cannot use {place}: {hide_password(detail)}"
+
+
+def _describe_sqlite_error(path: Path, text: str, cause: str) -> str:
+    """A failure of SQLite on the file ``path`` (``text``: the driver's message, lower case)."""
+    if "file is not a database" in text:
+        return f"the database file {path} is not an SQLite database (damaged, or another kind of file)"
+    if "malformed" in text:
+        return f"the database file {path} is damaged (SQLite: the database disk image is malformed)"
+    if "locked" in text or "busy" in text:
+        return f"the database file {path} is locked by another process; try again in a moment"
+    if "disk is full" in text:
+        return f"the disk holding the database file {path} is full"
+    if "disk i/o error" in text:
+        return f"the disk holding the database file {path} reported an input/output error"
+    folder = path.parent
+    if "unable to open" in text or "readonly" in text or "read-only" in text:
+        if not folder.is_dir():
+            return f"cannot open the database file {path}: its folder {folder} does not exist"
+        if _read_only_file_system(folder):
+            return f"cannot open the database file {path}: {folder} is on a read-only file system"
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return f"cannot open the database file {path}: the node's user may not write it or its folder {folder}"
+        if path.is_dir():
+            return f"cannot open the database file {path}: it is a folder"
+        return f"cannot open the database file {path}"
+    return f"cannot use the database file {path}: {_first_line(cause)}"
+
+
+def _read_only_file_system(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException | str) -> str:
+    """The first line of an error message, without SQLAlchemy's "(Background on this error at: ...)" note."""
+    line = str(exc).strip().split("\n", 1)[0]
+    return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line).strip() or "unknown error"
 
 
 def start_node(settings: Settings) -> RunningNode:
