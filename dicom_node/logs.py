@@ -110,6 +110,22 @@ def shown(text: Any, limit: int = 64) -> str:
     return f"{printable[:limit]!r}... ({len(text)} characters)"
 
 
+def os_error_text(exc: BaseException) -> str:
+    """An operating-system error as words, for a reason or a log line: its description in lower case and the
+    file it names, without the error number (``no such file or directory: /x``). A URL error's reason counts."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    elif isinstance(reason, str) and not getattr(exc, "strerror", None):
+        return reason
+    strerror = getattr(exc, "strerror", None)
+    if not strerror:
+        return str(exc) or "an error of the operating system"
+    text = strerror[:1].lower() + strerror[1:]
+    filename = getattr(exc, "filename", None)
+    return f"{text}: {filename}" if filename else text
+
+
 def _escaped(text: str, also: str = "") -> str:
     """Each unprintable character (control characters, line and paragraph separators, format characters) and each
     character of ``also`` written as its JSON escape (``\\r``, ``\\u001b``, ``\\u2028``), so that a value is one line."""

@@ -280,3 +280,22 @@ def test_a_loop_whose_passes_keep_failing_logs_one_line_a_minute_with_a_count(tm
     assert failed[0].event_fields["reason"].startswith("the database could not be read or written")
     (recovered,) = [r for r in caplog.records if r.getMessage() == "flaky.recovered"]
     assert recovered.event_fields == {"failed_passes": 150}
+
+
+def test_operating_system_errors_are_words_without_their_numbers(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from dicom_node.logs import os_error_text
+
+    try:
+        (tmp_path / "missing").read_bytes()
+    except OSError as exc:
+        missing = os_error_text(exc)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{free_port()}/readyz", timeout=5)
+    except urllib.error.URLError as exc:
+        refused = os_error_text(exc)
+
+    assert missing == f"no such file or directory: {tmp_path / 'missing'}"
+    assert refused == "connection refused"

@@ -26,7 +26,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from dicom_node.config import ConsoleRole, ConsoleSettings
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, os_error_text
 
 LOG = logging.getLogger(__name__)
 SESSION_COOKIE = "dicom_node_session"
@@ -140,7 +140,13 @@ class Sessions:
                 try:
                     _write_ended(self._ended_file, self._ended)
                 except OSError as exc:  # the logout still holds until serve restarts
-                    log_event(LOG, logging.WARNING, "console.logout_not_kept", reason=f"{exc}; kept until restart")
+                    log_event(
+                        LOG,
+                        logging.WARNING,
+                        "console.logout_not_kept",
+                        reason=f"the list of ended sessions could not be saved ({os_error_text(exc)}); the logout "
+                        "holds until the console restarts",
+                    )
 
     def ended(self, session_id: str) -> bool:
         with self._ended_lock:

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.logs import os_error_text
 
 TIMEOUT_SECONDS = 10.0
 
@@ -34,7 +35,7 @@ def console_ready(settings: Settings) -> tuple[bool, str]:
     except urllib.error.HTTPError as exc:
         return False, exc.read().decode(errors="replace")
     except OSError as exc:
-        return False, f"the console at {url} does not answer: {exc}"
+        return False, f"the console at {url} does not answer ({os_error_text(exc)})"
 
 
 def dicom_ready(settings: Settings) -> tuple[bool, str]:

@@ -56,7 +56,7 @@ from db.session import transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
-from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled
+from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text
 from dicom_node.receive.header import (
     InstanceHeader,
     InvalidInstance,
@@ -464,7 +464,13 @@ def _refuse(
     except QuarantineFull as exc:
         log_event(LOG, logging.WARNING, "instance.quarantine_full", reason=str(exc), sop_instance_uid=sop_instance)
     except OSError as exc:
-        log_event(LOG, logging.ERROR, "instance.quarantine_failed", error=str(exc))
+        log_event(
+            LOG,
+            logging.ERROR,
+            "instance.quarantine_failed",
+            sop_instance_uid=sop_instance,
+            reason=f"the refused instance's bytes could not be kept in quarantine ({os_error_text(exc)})",
+        )
     try:
         with transaction(context.sessions) as session:
             record_rejection(
