@@ -68,7 +68,7 @@ def top_level_elements(
     order = "<" if little_endian else ">"
     position = 0
     while position < len(data):
-        tag, vr, length, header = element_header(data, position, order, implicit)
+        tag, vr, length, header = _header(data, position, order, implicit)
         start = position + header
         if length == UNDEFINED:
             stop = _end_of_undefined(data, start, order, implicit)
@@ -82,7 +82,7 @@ def top_level_elements(
             position = stop
 
 
-def element_header(data: bytes, position: int, order: str, implicit: bool) -> tuple[int, str | None, int, int]:
+def _header(data: bytes, position: int, order: str, implicit: bool) -> tuple[int, str | None, int, int]:
     """Tag, VR, value length and header size of the element (or item) at ``position``."""
     if position + 8 > len(data):
         raise ValueError("the data set ends inside an element header")
@@ -102,7 +102,7 @@ def _end_of_undefined(data: bytes, position: int, order: str, implicit: bool) ->
     """Offset of the Sequence Delimitation Item that closes the undefined-length value starting at ``position``."""
     depth = 0  # open undefined-length items and sequences inside ours
     while position < len(data):
-        tag, _, length, header = element_header(data, position, order, implicit)
+        tag, _, length, header = _header(data, position, order, implicit)
         if tag == SEQUENCE_DELIMITER:
             if depth == 0:
                 return position
