@@ -513,6 +513,37 @@ COMMAND_BYTES = 64 * 1024
 """Largest command set of one message: a DIMSE command is a few hundred bytes."""
 
 
+C_CANCEL = 0x0FFF
+"""CommandField of C-CANCEL-RQ: a request that gets no response of its own."""
+PENDING_STATUSES = (0xFF00, 0xFF01)
+
+
+def command_fields(command: bytes | bytearray) -> tuple[int | None, bool, int | None]:
+    """CommandField, whether a data set follows, and Status of a DIMSE command set (Implicit VR Little Endian,
+    group 0000 only); None where absent."""
+    field = status = None
+    has_data_set = False
+    offset, end = 0, len(command)
+    while offset + 8 <= end:
+        group, element, length = struct.unpack_from("<HHL", command, offset)
+        if group == 0 and length == 2 and offset + 10 <= end:
+            (number,) = struct.unpack_from("<H", command, offset + 8)
+            if element == 0x0100:
+                field = number
+            elif element == 0x0800:
+                has_data_set = number != 0x0101
+            elif element == 0x0900:
+                status = number
+        offset += 8 + length
+    return field, has_data_set, status
+
+
+def _is_final_response(command: bytes | bytearray) -> bool:
+    """Whether the node's command answers a request for good (a response whose status is not pending)."""
+    field, _, status = command_fields(command)
+    return field is not None and bool(field & 0x8000) and status not in PENDING_STATUSES
+
+
 class GuardedDUL(EventDrivenDUL):
     """The DUL reader with a deadline per PDU, a size limit per PDU type checked before the body is read, and
     limits on what one message may carry, counted as its fragments arrive: its command, and its data set by
@@ -527,8 +558,13 @@ class GuardedDUL(EventDrivenDUL):
     _request_read = False  # whether the A-ASSOCIATE-RQ has arrived
     _told_no_request = False  # whether the association's thread was told none will
     _command_bytes = 0
+    _command_in: bytearray | None = None  # the peer's command being received (at most COMMAND_BYTES)
+    _command_out: bytearray | None = None  # the node's command being sent
     _unanswered_bytes = 0  # data set bytes received and not yet answered: whole messages waiting, and the current one
-    _waiting: deque[int] | None = None  # the sizes of whole data sets not yet answered, oldest first
+    _requests: deque[list[int]] | None = None
+    """The peer's requests not yet answered with a final response, oldest first: [data set bytes, 1 while its data
+    set is still to come else 0]. pynetdicom answers one request after the other, so each final response the node
+    sends answers the oldest."""
 
     _process_unanswered: ClassVar[int] = 0
     """Unanswered data set bytes over this process' associations: every change to one association's count changes
@@ -536,9 +572,19 @@ class GuardedDUL(EventDrivenDUL):
     _unanswered_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def send_pdu(self, primitive: Any) -> None:
-        if isinstance(primitive, P_DATA) and self._waiting:
-            self._answered()  # a response (or on Query/Retrieve a sub-operation): the oldest data set was handled
+        if isinstance(primitive, P_DATA):
+            self._sending(primitive)
         super().send_pdu(primitive)
+
+    def _sending(self, primitive: P_DATA) -> None:
+        """Follow the node's commands as they go out: each final response answers the oldest request."""
+        for _context, data in primitive.presentation_data_value_list:
+            if data and data[0] & 0x01:  # a fragment of the node's command
+                self._command_out = (self._command_out or bytearray()) + data[1:]
+                if data[0] & 0x02:
+                    command, self._command_out = self._command_out, None
+                    if _is_final_response(command):
+                        self._answered()
 
     def run(self) -> None:
         try:
@@ -553,27 +599,41 @@ class GuardedDUL(EventDrivenDUL):
         GuardedDUL._process_unanswered += change
         return self.assoc._server.caps.set_in_flight(GuardedDUL._process_unanswered)  # type: ignore[union-attr]
 
-    def _answered(self) -> None:
+    def _requested(self, command: bytes) -> None:
+        """The peer's command arrived whole: a request (not a response to a sub-operation, not a cancel) waits for
+        its answer, with the data set it announces."""
+        field, has_data_set, _status = command_fields(command)
+        if field is None or field & 0x8000 or field == C_CANCEL:
+            return
         with self._unanswered_lock:
-            if self._waiting:
-                self._change_unanswered(-self._waiting.popleft())
+            if self._requests is None:
+                self._requests = deque()
+            self._requests.append([0, 1 if has_data_set else 0])
+
+    def _answered(self) -> None:
+        """The node sent a final response: the oldest request's data set was handled."""
+        with self._unanswered_lock:
+            if self._requests:
+                size, _ = self._requests.popleft()
+                if size:
+                    self._change_unanswered(-size)
 
     def _let_go(self) -> None:
         """This association holds no data set bytes any more."""
         with self._unanswered_lock:
-            self._waiting = None
+            self._requests = None
             if self._unanswered_bytes:
                 self._change_unanswered(-self._unanswered_bytes)
 
     def _hold(self, size: int, whole: bool, limits: Limits) -> str | None:
         """Count ``size`` more unanswered data set bytes (``whole``: the data set's last fragment); why the
-        association is stopped if the association or the node would then hold too many."""
+        association is stopped if the association or the node would then hold too many. A whole data set is
+        given back when its request is answered (one that came without a request stays counted until the
+        association ends)."""
         with self._unanswered_lock:
             in_flight = self._change_unanswered(size)
-            if whole:
-                if self._waiting is None:
-                    self._waiting = deque()
-                self._waiting.append(self._data_set_bytes)
+            if whole and self._requests and self._requests[-1][1]:
+                self._requests[-1] = [self._data_set_bytes, 0]
             unanswered = self._unanswered_bytes
         if unanswered > limits.data_set_bytes:
             return (
@@ -599,8 +659,12 @@ class GuardedDUL(EventDrivenDUL):
                 self._command_bytes += size
                 if self._command_bytes > COMMAND_BYTES:
                     return f"a command of more than {COMMAND_BYTES // 1024} KB was being sent"
+                fragment = pdu[offset + 6 : offset + 4 + item_length]
+                self._command_in = fragment if self._command_in is None else self._command_in + fragment
                 if control & 0x02:
                     self._command_bytes = 0
+                    command, self._command_in = self._command_in, None
+                    self._requested(bytes(command))
             else:
                 self._data_set_bytes += size
                 limit, carried = self._data_set_limit(context_id, limits)

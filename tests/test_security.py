@@ -682,6 +682,73 @@ def test_data_sets_sent_without_waiting_for_answers_count_together(start_node):
     assert storescu(node.port, small.files).returncode == 0  # the next sender is served
 
 
+def _encoded(message, context_id: int, max_pdu: int) -> list:
+    return list(message.encode_msg(context_id, max_pdu))
+
+
+def test_only_the_answer_to_a_request_gives_its_data_set_back(tmp_path):
+    """Interleaved C-ECHOs, or a peer whose tiny maximum PDU splits each answer into several P-DATA, used to give
+    back a queued data set for every P-DATA the node sent: a pipelining peer held 19 MB under a 3 MB limit."""
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from dicom_node.security import AssociationCaps, GuardedDUL, Limits
+
+    caps = AssociationCaps(slots=4)
+    dul = GuardedDUL.__new__(GuardedDUL)
+    context = SimpleNamespace(context_id=1, abstract_syntax=CTImageStorage)
+    dul._assoc = SimpleNamespace(_server=SimpleNamespace(caps=caps), accepted_contexts=[context])
+    limits = Limits(65536, 1_000_000, 10, 30, 8, data_set_bytes=3_000_000, in_flight_bytes=6_000_000)
+
+    def receive(message) -> None:
+        for fragment in _encoded(message, 1, 1_000_000):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(fragment)
+            assert dul._fragments_refused(bytearray(pdu.encode()), limits) is None
+
+    def store(number: int):
+        request = C_STORE()
+        request.MessageID = number
+        request.AffectedSOPClassUID = CTImageStorage
+        request.AffectedSOPInstanceUID = generate_uid()
+        request.Priority = 2
+        request.DataSet = BytesIO(b"\0" * 1_000_000)
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        return message
+
+    def echo(number: int):
+        request = C_ECHO()
+        request.MessageID = number
+        request.AffectedSOPClassUID = Verification
+        message = C_ECHO_RQ()
+        message.primitive_to_message(request)
+        return message
+
+    def answer(kind, number: int, sop_class: str, max_pdu: int) -> None:
+        response = (C_STORE if kind is C_STORE_RSP else C_ECHO)()
+        response.MessageIDBeingRespondedTo = number
+        response.AffectedSOPClassUID = sop_class
+        if kind is C_STORE_RSP:
+            response.AffectedSOPInstanceUID = generate_uid()
+        response.Status = 0x0000
+        message = kind()
+        message.primitive_to_message(response)
+        for fragment in _encoded(message, 1, max_pdu):
+            dul._sending(fragment)
+
+    for message in (store(1), echo(2), store(3), echo(4), store(5)):  # 3 MB held: at the limit, not over it
+        receive(message)
+    answer(C_STORE_RSP, 1, CTImageStorage, max_pdu=16)  # split into many P-DATA: still one answer
+    answer(C_ECHO_RSP, 2, Verification, max_pdu=16)  # answers the echo, not the next image still queued
+
+    assert dul._unanswered_bytes == 2_000_000 == caps.set_in_flight(GuardedDUL._process_unanswered)
+    dul._let_go()
+    assert dul._unanswered_bytes == 0
+
+
 def deeply_nested_file(path: Path, depth: int) -> Path:
     """A CT-class data set whose one sequence nests ``depth`` undefined-length sequences, written by hand."""
     sop_instance = generate_uid()
