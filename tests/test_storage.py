@@ -224,3 +224,35 @@ def test_repair_indexes_files_missing_from_the_database_and_drops_partials(tmp_p
         assert set(session.scalars(select(Instance.sop_instance_uid))) == set(series.sop_instance_uids)
         assert session.scalars(select(Job)).one().state is JobState.RECEIVING
     assert repair(store, sessions).instances_indexed == 0  # idempotent
+
+
+def test_two_copies_of_one_instance_arriving_at_once_keep_the_first_and_its_description(tmp_path, monkeypatch):
+    """Both copies found the name free; the second used to rename itself over the first while the database kept
+    the first's size (other calling AE title in the file meta), so retrievals refused the file as damaged."""
+    from dataclasses import replace
+
+    from dicom_node.receive.scp import _as_stored
+    from tests.conftest import ct_instance
+
+    store = InstanceStore(tmp_path)
+    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    data_set = b"\x08\x00\x60\x00CS\x02\x00CT"
+    first = store.write_temporary(
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1", "PACS"), data_set
+    )
+    second = store.write_temporary(
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1", "PACS_ROUTER"), data_set
+    )
+
+    assert store.install_new(first, path) and not store.install_new(second, path)
+    assert dcmread(path).file_meta.SourceApplicationEntityTitle == "PACS"
+
+    described_by_second = replace(
+        ct_instance("1.2.3.4.5", "1.2.3.4"), path=str(path), size_bytes=1, transfer_syntax_uid="1.2"
+    )
+    as_stored = _as_stored(described_by_second, path)
+    assert (as_stored.size_bytes, as_stored.transfer_syntax_uid) == (path.stat().st_size, "1.2.840.10008.1.2.1")
+
+    monkeypatch.setattr(storage.os, "link", lambda *_: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    other = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.6")  # a file system without hard links: a rename
+    assert store.install_new(second, other) and dcmread(other).file_meta.SourceApplicationEntityTitle == "PACS_ROUTER"

@@ -15,10 +15,12 @@ written, C-STOREs are still answered success and the recorder catches up later.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +49,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import record_rejection
+from db.ingest import InstanceRecord, record_rejection
 from db.session import transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
@@ -332,6 +335,8 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             return write_failed(exc)
         LOG.exception("instance.write_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
         return write_failed(None)
+    if not installed:
+        record = _as_stored(record, path)
     recorder.submit(record, segment)
     context.studies.remember(header)
     setattr(event.assoc, RESENDING, not installed)
@@ -380,13 +385,25 @@ def _place(store: InstanceStore, path: Path, temporary: Path | None) -> bool:
     installed = False
     try:
         if temporary is not None and not path.exists():
-            store.install(temporary, path)
-            installed = True
+            installed = store.install_new(temporary, path)
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)  # a no-op once renamed into place
     store.sync_folder(path.parent)
     return installed
+
+
+def _as_stored(record: InstanceRecord, path: Path) -> InstanceRecord:
+    """The record of a copy that found another copy of its instance at ``path`` (sent again, or two at once),
+    describing the file that is there: its size and transfer syntax, so the database never describes bytes it
+    does not hold (a retrieval would otherwise refuse the file as damaged)."""
+    try:
+        file_meta, _ = split_dataset(path)
+        syntax = str(file_meta.TransferSyntaxUID)
+        size = path.stat().st_size
+    except (OSError, ValueError, AttributeError, struct.error):  # gone, or not readable: what this copy said stands
+        return record
+    return dataclasses.replace(record, transfer_syntax_uid=syntax, size_bytes=size)
 
 
 def _discard(temporary: Path | None) -> None:

@@ -57,6 +57,8 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
 TEMP_SUFFIX = ".partial"
 SPARE_SUFFIX = ".spare"
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK)
+"""What ``os.link`` answers on file systems (or folders) that do not support hard links."""
 TEMPORARY_SUFFIXES = (TEMP_SUFFIX, SPARE_SUFFIX)
 """Files in ``incoming/`` with these endings were never acknowledged: whoever finds them of a stopped process deletes them."""
 SPARE_FILES = 4
@@ -283,6 +285,30 @@ class InstanceStore:
                 fsync_folder(folder.parent)
                 fsync_folder(folder.parent.parent)
         os.replace(temporary, path)
+
+    def install_new(self, temporary: Path, path: Path) -> bool:
+        """Give the temporary file the name ``path`` unless a file has it already; whether it was installed.
+
+        Two copies of one instance arriving at once both find ``path`` free: a rename would let the
+        second replace the first while the database describes the first (its size, its transfer syntax).
+        A hard link fails instead when the name is taken, so the first copy stays. On a file system
+        without hard links, a rename once ``path`` is seen free. The temporary file is the caller's to remove.
+        """
+        folder = path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                fsync_folder(folder.parent)
+                fsync_folder(folder.parent.parent)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS or path.exists():
+                raise
+            os.replace(temporary, path)
+        return True
 
     def sync_folder(self, folder: Path) -> None:
         """Make renames into ``folder`` durable (a no-op with ``storage.fsync: false``)."""
