@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -198,13 +199,21 @@ class LibraryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
             return True
-        dropped = LIBRARY_LINES.admit((record.name, str(record.msg)[:200]))
+        dropped = LIBRARY_LINES.admit((record.name, _kind_of_line(record.getMessage())))
         if dropped is None:
             return False
         if dropped:
             record.msg = f"{record.getMessage()} (the same line {dropped} more time(s) in the last minute, not logged)"
             record.args = ()
         return True
+
+
+def _kind_of_line(text: str) -> str:
+    """What a library line says, without the values it names (quoted text, numbers): its throttle key."""
+    return _VALUES.sub("_", text[:400])[:160]
+
+
+_VALUES = re.compile(r"'[^']*'|\"[^\"]*\"|<[^>]*>|\d+")
 
 
 def _log_warning(message: Warning | str, category: type[Warning], *_where: Any, **_more: Any) -> None:

@@ -54,12 +54,13 @@ class PeriodicTask:
     def _run(self) -> None:
         failures = 0  # passes failed in a row
         logged_at = 0.0
+        logged: tuple[type, str] | None = None  # the error whose trace was logged last
         while not self._stop.is_set():
             try:
                 self.run_once()
                 if failures:
                     log_event(self._log, logging.INFO, f"{self.name}.recovered", failed_passes=failures)
-                failures = 0
+                failures, logged = 0, None
             except StaleDataError:  # another process changed a job this pass had read: the next pass decides again
                 log_event(
                     self._log,
@@ -67,22 +68,25 @@ class PeriodicTask:
                     f"{self.name}.changed_meanwhile",
                     note="a series changed state while this pass looked at it; the next pass looks again",
                 )
-            except Exception as exc:  # noqa: BLE001 - keep running; the first failure's trace is logged
+            except Exception as exc:  # noqa: BLE001 - keep running; each new error's trace is logged once
                 failures += 1
-                if failures == 1 or time.monotonic() - logged_at >= REPEATED_FAILURE_LOG_SECONDS:
-                    logged_at = time.monotonic()
+                kind = (type(exc), str(exc)[:200])
+                new = kind != logged
+                if new or time.monotonic() - logged_at >= REPEATED_FAILURE_LOG_SECONDS:
+                    logged_at, logged = time.monotonic(), kind
                     self._log.error(
                         f"{self.name}.pass_failed",
-                        exc_info=failures == 1,
-                        extra={"event_fields": {"failed_passes": failures, "reason": self._failure_reason(exc)}},
+                        exc_info=new,
+                        extra={"event_fields": {"failed_passes": failures, "reason": self._failure_reason(exc, new)}},
                     )
             self._stop.wait(self.interval_seconds)
 
-    def _failure_reason(self, exc: Exception) -> str:
+    def _failure_reason(self, exc: Exception, traced: bool) -> str:
+        details = "its details are in this line's exception field" if traced else "the same error as logged before"
         again = (
             f"it runs again every {self.interval_seconds:g} s; while it keeps failing, one line a minute counts "
             "the failed passes"
         )
         if isinstance(exc, DBAPIError):
-            return f"the database could not be read or written (damaged, locked or unreachable); {again}"
-        return f"an unexpected error (the first one's details are in this line's exception field); {again}"
+            return f"the database could not be read or written (damaged, locked or unreachable; {details}); {again}"
+        return f"an unexpected error ({details}); {again}"

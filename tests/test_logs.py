@@ -214,12 +214,17 @@ def test_a_library_line_repeated_by_one_data_set_is_logged_once_a_minute_with_a_
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("Invalid value for VR UI: '1.2.3.x'", UserWarning, stacklevel=1)
+        warnings.warn("Invalid value for VR UI: '1.2.3.y'", UserWarning, stacklevel=1)  # the same remark
+        warnings.warn("The PN component length (300) exceeds 64 characters", UserWarning, stacklevel=1)  # another
+        warnings.warn("Value of 50% is odd", UserWarning, stacklevel=1)
 
     lines = capsys.readouterr().err.splitlines()
     assert sum("Found unknown escape sequence" in line for line in lines) == 1
     assert sum("own.event" in line for line in lines) == 2
     (warned,) = [line for line in lines if "Invalid value for VR UI" in line]
     assert "UserWarning" not in warned and ".py" not in warned
+    assert sum("PN component length (300)" in line for line in lines) == 1
+    assert sum("Value of 50% is odd" in line for line in lines) == 1
 
 
 def test_the_count_of_library_lines_not_logged_comes_with_the_next_one(monkeypatch):
@@ -265,6 +270,8 @@ def test_a_loop_whose_passes_keep_failing_logs_one_line_a_minute_with_a_count(tm
                 done.set()
                 self._stop.set()
                 return
+            if passes[0] > 100:
+                raise RuntimeError("another error")  # a new error: its trace is logged at once
             raise OperationalError("SELECT 1", {}, Exception("file is not a database"))
 
     task = Flaky(Settings(storage={"directory": str(tmp_path)}), None)
@@ -275,9 +282,10 @@ def test_a_loop_whose_passes_keep_failing_logs_one_line_a_minute_with_a_count(tm
         task.stop()
 
     failed = [r for r in caplog.records if r.getMessage() == "flaky.pass_failed"]
-    assert [r.event_fields["failed_passes"] for r in failed] == [1, 61, 121]  # 150 failed passes, one a second
-    assert failed[0].exc_info and not any(r.exc_info for r in failed[1:])
+    assert [r.event_fields["failed_passes"] for r in failed] == [1, 61, 101]  # 150 failed passes, one a second
+    assert [bool(r.exc_info) for r in failed] == [True, False, True]
     assert failed[0].event_fields["reason"].startswith("the database could not be read or written")
+    assert "the same error as logged before" in failed[1].event_fields["reason"]
     (recovered,) = [r for r in caplog.records if r.getMessage() == "flaky.recovered"]
     assert recovered.event_fields == {"failed_passes": 150}
 
