@@ -139,9 +139,11 @@ class ModelCache:
                     device=self.settings.inference.device,
                     cpu_threads=self.settings.inference.cpu_threads,
                 )
-            except ModelUnavailable:
+            except (ModelUnavailable, MemoryError):
                 raise
             except Exception as exc:  # a worker that cannot load a model must keep serving: its jobs say why
+                if is_disk_full(exc) or is_database_locked(exc):
+                    raise  # transient: the job is queued again (a full disk while OpenVINO caches its model)
                 LOG.exception("model.load_failed", extra={"event_fields": {"model": name}})
                 raise ModelUnavailable(
                     f"model {name!r} could not be loaded from {self.settings.weights_directory}: its weights could "
@@ -175,6 +177,13 @@ class ModelCache:
                 self.get(name, {})
             except ModelUnavailable as exc:
                 log_event(LOG, logging.ERROR, "model.unavailable", model=name, reason=str(exc))
+            except Exception:  # memory, a full disk: loaded again by its first job, which waits or fails with why
+                LOG.exception(
+                    "model.unavailable",
+                    extra={
+                        "event_fields": {"model": name, "reason": "not loaded before the first job; it tries again"}
+                    },
+                )
 
 
 def _prefetch_next(

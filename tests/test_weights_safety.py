@@ -300,3 +300,28 @@ def test_weights_replaced_while_the_model_loads_are_not_used(total_fast_test_wei
         totalsegmentator.TotalSegmentatorModel("total_fast", tmp_path / "weights", device="cpu", backend="torch")
 
     assert "changed while the total_fast model was loading" in str(refused.value)
+
+
+def test_a_model_load_that_finds_the_disk_full_is_left_to_wait_not_failed_for_good(tmp_path, monkeypatch):
+    """OpenVINO writes its converted model beside the weights while loading: a full disk there queues the job
+    again (as elsewhere in processing) instead of failing it with "import the weights again"."""
+    import errno
+
+    from dicom_node import pipeline
+    from dicom_node.config import Settings
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "load_model", disk_full)
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        models={"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "w")}},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
+    )
+    cache = pipeline.ModelCache(settings)
+    cache.load_all()  # logged: the worker starts all the same
+
+    with pytest.raises(OSError) as raised:
+        cache.get("ts", {})
+    assert pipeline.is_disk_full(raised.value) and not isinstance(raised.value, pipeline.ModelUnavailable)
