@@ -110,7 +110,8 @@ class NetworkSettings(_Strict):
             "Data sets still arriving (not yet answered) that the node holds in memory at a time, from all "
             "associations of all receiving processes together, MB. An association whose next fragment would "
             "take the node over this is aborted (its sender can send again), so senders together cannot make "
-            "the node run out of memory. At least maximum_data_set_megabytes."
+            "the node run out of memory. At least maximum_data_set_megabytes (when not set: the larger of 6000 "
+            "and maximum_data_set_megabytes)."
         ),
     )
     maximum_associations_per_host: int = Field(
@@ -127,6 +128,8 @@ class NetworkSettings(_Strict):
 
     @model_validator(mode="after")
     def _in_flight_holds_one_data_set(self) -> NetworkSettings:
+        if "maximum_in_flight_megabytes" not in self.model_fields_set:  # a configuration from before the setting
+            self.maximum_in_flight_megabytes = max(self.maximum_in_flight_megabytes, self.maximum_data_set_megabytes)
         if self.maximum_in_flight_megabytes < self.maximum_data_set_megabytes:
             raise ValueError(
                 f"maximum_in_flight_megabytes ({self.maximum_in_flight_megabytes:g}) must be at least "

@@ -225,6 +225,9 @@ def test_in_flight_limit_must_hold_the_largest_data_set():
 
     with pytest.raises(ValidationError, match=r"maximum_in_flight_megabytes \(2000\) must be at least"):
         NetworkSettings(maximum_data_set_megabytes=3000, maximum_in_flight_megabytes=2000)
+    # a configuration written before the setting, with a larger data set limit, still loads
+    assert NetworkSettings(maximum_data_set_megabytes=8000).maximum_in_flight_megabytes == 8000
+    assert NetworkSettings().maximum_in_flight_megabytes == 6000
 
 
 @pytest.mark.parametrize(("cores", "configured", "expected"), [(2, 0, 4), (1, 0, 2), (16, 0, 8), (2, 1, 1), (2, 3, 3)])
