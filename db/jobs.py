@@ -341,9 +341,10 @@ def update_delivery_record(job: Job, destination: str, record: DeliveryRecord) -
 
 
 def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str]) -> None:
-    """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any."""
+    """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any; the
+    results now hold every kind it takes (a lack noted under older settings no longer stands)."""
     update_delivery_record(
-        job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files)})
+        job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files), "lacking": []})
     )
 
 

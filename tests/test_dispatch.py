@@ -460,3 +460,18 @@ def test_a_destination_whose_host_name_does_not_resolve_is_unreachable_with_a_se
         "resolved to an address (a typing error in the configured host, or the name server is not answering)"
     )
     assert not echo.ok and echo.message.startswith("the host name 'pacs.nonexistent.invalid' cannot be resolved")
+
+
+def test_a_plan_made_once_the_results_hold_every_kind_clears_an_earlier_lack():
+    """Noted under older settings, a lack would make a later retry of that destination process the series again
+    although its results now hold all it takes."""
+    from db.models import Job
+
+    job = Job(deliveries={})
+    jobs.note_results_lacking(job, "pacs", ["rtstruct"])
+    assert jobs.delivery_record(job, "pacs").lacking == ["rtstruct"]
+
+    jobs.plan_delivery(None, job, "pacs", {"1.2.3": "/results/rtstruct.dcm"})
+
+    record = jobs.delivery_record(job, "pacs")
+    assert record.lacking == [] and record.files == {"1.2.3": "/results/rtstruct.dcm"}
