@@ -128,9 +128,6 @@ def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
                 yield session
     except DBAPIError as exc:
         _database_failed(exc, url)
-    except OSError as exc:
-        errors.print(f"cannot open the database: {escape(_describe_os_error(exc))}", highlight=False)
-        raise typer.Exit(1) from None
 
 
 def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | None = None) -> str:
@@ -146,7 +143,7 @@ def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | Non
     if path is None and isinstance(exc.filename, bytes):
         path = exc.filename.decode(errors="replace")
     if path is None:
-        if code in (errno.EACCES, errno.EPERM) and port is not None:
+        if code in (errno.EACCES, errno.EPERM) and port is not None and port < 1024:
             return f"the node's user may not listen on port {port} (ports below 1024 need administrator rights)"
         if code == errno.EROFS:
             return "a file it needs is on a read-only file system"
