@@ -36,11 +36,10 @@ import ssl
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -515,33 +514,55 @@ COMMAND_BYTES = 64 * 1024
 
 C_CANCEL = 0x0FFF
 """CommandField of C-CANCEL-RQ: a request that gets no response of its own."""
+N_EVENT_REPORT = 0x0100
+"""CommandField of N-EVENT-REPORT-RQ: pynetdicom serves each at once on a thread of its own, out of turn."""
 PENDING_STATUSES = (0xFF00, 0xFF01)
 
 
-def command_fields(command: bytes | bytearray) -> tuple[int | None, bool, int | None]:
-    """CommandField, whether a data set follows, and Status of a DIMSE command set (Implicit VR Little Endian,
-    group 0000 only); None where absent."""
-    field = status = None
-    has_data_set = False
+class Command(NamedTuple):
+    """What the node reads of a DIMSE command set."""
+
+    field: int | None  # CommandField (0000,0100)
+    message_id: int | None  # MessageID (0000,0110)
+    responding_to: int | None  # MessageIDBeingRespondedTo (0000,0120)
+    has_data_set: bool  # CommandDataSetType (0000,0800) other than 0x0101
+    status: int | None  # Status (0000,0900)
+    well_formed: bool  # only group 0000 elements of defined length, ending at its end, each of these once
+
+
+def command_fields(command: bytes | bytearray) -> Command:
+    """Read a DIMSE command set (Implicit VR Little Endian, group 0000) strictly: anything pydicom would read
+    otherwise (an item delimiter, an undefined length, another group) makes it not ``well_formed``."""
+    values: dict[int, int] = {}
+    well_formed = True
     offset, end = 0, len(command)
-    while offset + 8 <= end:
+    while offset < end:
+        if offset + 8 > end:
+            well_formed = False
+            break
         group, element, length = struct.unpack_from("<HHL", command, offset)
-        if group == 0 and length == 2 and offset + 10 <= end:
-            (number,) = struct.unpack_from("<H", command, offset + 8)
-            if element == 0x0100:
-                field = number
-            elif element == 0x0800:
-                has_data_set = number != 0x0101
-            elif element == 0x0900:
-                status = number
+        if group != 0 or length == 0xFFFFFFFF or offset + 8 + length > end:
+            well_formed = False
+            break
+        if element in (0x0100, 0x0110, 0x0120, 0x0800, 0x0900):
+            if element in values or length != 2:
+                well_formed = False
+                break
+            (values[element],) = struct.unpack_from("<H", command, offset + 8)
         offset += 8 + length
-    return field, has_data_set, status
+    return Command(
+        field=values.get(0x0100),
+        message_id=values.get(0x0110),
+        responding_to=values.get(0x0120),
+        has_data_set=values.get(0x0800, 0x0101) != 0x0101,
+        status=values.get(0x0900),
+        well_formed=well_formed and 0x0100 in values,
+    )
 
 
-def _is_final_response(command: bytes | bytearray) -> bool:
+def _is_final_response(command: Command) -> bool:
     """Whether the node's command answers a request for good (a response whose status is not pending)."""
-    field, _, status = command_fields(command)
-    return field is not None and bool(field & 0x8000) and status not in PENDING_STATUSES
+    return command.field is not None and bool(command.field & 0x8000) and command.status not in PENDING_STATUSES
 
 
 class GuardedDUL(EventDrivenDUL):
@@ -561,10 +582,11 @@ class GuardedDUL(EventDrivenDUL):
     _command_in: bytearray | None = None  # the peer's command being received (at most COMMAND_BYTES)
     _command_out: bytearray | None = None  # the node's command being sent
     _unanswered_bytes = 0  # data set bytes received and not yet answered: whole messages waiting, and the current one
-    _requests: deque[list[int]] | None = None
-    """The peer's requests not yet answered with a final response, oldest first: [data set bytes, 1 while its data
-    set is still to come else 0]. pynetdicom answers one request after the other, so each final response the node
-    sends answers the oldest."""
+    _requests: list[list[int]] | None = None
+    """The peer's requests not yet answered with a final response, oldest first: [MessageID, CommandField, data set
+    bytes, 1 while its data set is still to come else 0]. A final response gives back the oldest request with the
+    MessageID and CommandField it answers."""
+    _sending_lock: ClassVar[threading.Lock] = threading.Lock()
 
     _process_unanswered: ClassVar[int] = 0
     """Unanswered data set bytes over this process' associations: every change to one association's count changes
@@ -577,14 +599,20 @@ class GuardedDUL(EventDrivenDUL):
         super().send_pdu(primitive)
 
     def _sending(self, primitive: P_DATA) -> None:
-        """Follow the node's commands as they go out: each final response answers the oldest request."""
-        for _context, data in primitive.presentation_data_value_list:
-            if data and data[0] & 0x01:  # a fragment of the node's command
-                self._command_out = (self._command_out or bytearray()) + data[1:]
-                if data[0] & 0x02:
-                    command, self._command_out = self._command_out, None
-                    if _is_final_response(command):
-                        self._answered()
+        """Follow the node's commands as they go out: each final response answers the request it names."""
+        answered = []
+        with self._sending_lock:  # pynetdicom may answer from more than one thread
+            for _context, data in primitive.presentation_data_value_list:
+                if data and data[0] & 0x01:  # a fragment of the node's command
+                    if self._command_out is None:
+                        self._command_out = bytearray()
+                    self._command_out.extend(data[1:])
+                    if data[0] & 0x02:
+                        command, self._command_out = command_fields(self._command_out), None
+                        if _is_final_response(command):
+                            answered.append(command)
+        for command in answered:
+            self._answered(command)
 
     def run(self) -> None:
         try:
@@ -599,24 +627,27 @@ class GuardedDUL(EventDrivenDUL):
         GuardedDUL._process_unanswered += change
         return self.assoc._server.caps.set_in_flight(GuardedDUL._process_unanswered)  # type: ignore[union-attr]
 
-    def _requested(self, command: bytes) -> None:
+    def _requested(self, command: Command) -> None:
         """The peer's command arrived whole: a request (not a response to a sub-operation, not a cancel) waits for
         its answer, with the data set it announces."""
-        field, has_data_set, _status = command_fields(command)
-        if field is None or field & 0x8000 or field == C_CANCEL:
+        if command.field is None or command.field & 0x8000 or command.field == C_CANCEL:
             return
         with self._unanswered_lock:
             if self._requests is None:
-                self._requests = deque()
-            self._requests.append([0, 1 if has_data_set else 0])
+                self._requests = []
+            waiting = 1 if command.has_data_set else 0
+            self._requests.append([command.message_id or 0, command.field, 0, waiting])
 
-    def _answered(self) -> None:
-        """The node sent a final response: the oldest request's data set was handled."""
+    def _answered(self, response: Command) -> None:
+        """The node sent a final response: the request it answers was handled, and its data set with it."""
         with self._unanswered_lock:
-            if self._requests:
-                size, _ = self._requests.popleft()
-                if size:
-                    self._change_unanswered(-size)
+            requests = self._requests or []
+            for index, (message_id, field, size, _) in enumerate(requests):
+                if message_id == (response.responding_to or 0) and field | 0x8000 == response.field:
+                    del requests[index]
+                    if size:
+                        self._change_unanswered(-size)
+                    return
 
     def _let_go(self) -> None:
         """This association holds no data set bytes any more."""
@@ -632,8 +663,8 @@ class GuardedDUL(EventDrivenDUL):
         association ends)."""
         with self._unanswered_lock:
             in_flight = self._change_unanswered(size)
-            if whole and self._requests and self._requests[-1][1]:
-                self._requests[-1] = [self._data_set_bytes, 0]
+            if whole and self._requests and self._requests[-1][3]:
+                self._requests[-1][2:] = [self._data_set_bytes, 0]
             unanswered = self._unanswered_bytes
         if unanswered > limits.data_set_bytes:
             return (
@@ -659,12 +690,20 @@ class GuardedDUL(EventDrivenDUL):
                 self._command_bytes += size
                 if self._command_bytes > COMMAND_BYTES:
                     return f"a command of more than {COMMAND_BYTES // 1024} KB was being sent"
-                fragment = pdu[offset + 6 : offset + 4 + item_length]
-                self._command_in = fragment if self._command_in is None else self._command_in + fragment
+                if self._command_in is None:
+                    self._command_in = bytearray()
+                self._command_in.extend(pdu[offset + 6 : offset + 4 + item_length])
                 if control & 0x02:
                     self._command_bytes = 0
-                    command, self._command_in = self._command_in, None
-                    self._requested(bytes(command))
+                    command, self._command_in = command_fields(self._command_in), None
+                    if not command.well_formed:
+                        return (
+                            "a command set that is not well-formed was sent (elements outside group 0000, of "
+                            "undefined length or repeated, or not ending where it ends)"
+                        )
+                    if command.field == N_EVENT_REPORT:
+                        return "an N-EVENT-REPORT request was sent; the node serves none on the associations it accepts"
+                    self._requested(command)
             else:
                 self._data_set_bytes += size
                 limit, carried = self._data_set_limit(context_id, limits)

@@ -741,12 +741,45 @@ def test_only_the_answer_to_a_request_gives_its_data_set_back(tmp_path):
 
     for message in (store(1), echo(2), store(3), echo(4), store(5)):  # 3 MB held: at the limit, not over it
         receive(message)
+    answer(C_ECHO_RSP, 4, Verification, max_pdu=1_000_000)  # out of turn: it answers echo 4, which held nothing
     answer(C_STORE_RSP, 1, CTImageStorage, max_pdu=16)  # split into many P-DATA: still one answer
     answer(C_ECHO_RSP, 2, Verification, max_pdu=16)  # answers the echo, not the next image still queued
 
     assert dul._unanswered_bytes == 2_000_000 == caps.set_in_flight(GuardedDUL._process_unanswered)
     dul._let_go()
     assert dul._unanswered_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        # an echo whose CommandField pydicom never reads (it stops at the item delimiter): a request hidden from
+        # the count, whose answer would give back a queued image
+        (
+            struct.pack("<HHLH", 0, 0x0100, 2, 0x0030)
+            + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+            + struct.pack("<HHLH", 0, 0x0100, 2, 0x8030),
+            "a command set that is not well-formed was sent",
+        ),
+        (struct.pack("<HHL", 0, 0x0002, 0xFFFFFFFF) + struct.pack("<HHLH", 0, 0x0100, 2, 0x0030), "not well-formed"),
+        (  # served by pynetdicom on a thread of its own, out of turn
+            struct.pack("<HHLH", 0, 0x0100, 2, 0x0100) + struct.pack("<HHLH", 0, 0x0110, 2, 7),
+            "an N-EVENT-REPORT request was sent; the node serves none on the associations it accepts",
+        ),
+    ],
+)
+def test_a_command_the_node_cannot_follow_ends_the_association(command, refusal):
+    from types import SimpleNamespace
+
+    from dicom_node.security import AssociationCaps, GuardedDUL, Limits
+
+    dul = GuardedDUL.__new__(GuardedDUL)
+    dul._assoc = SimpleNamespace(_server=SimpleNamespace(caps=AssociationCaps(slots=4)), accepted_contexts=[])
+    limits = Limits(65536, 1_000_000, 10, 30, 8)
+    item = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
+    pdu = bytearray(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+
+    assert refusal in (dul._fragments_refused(pdu, limits) or "")
 
 
 def deeply_nested_file(path: Path, depth: int) -> Path:
