@@ -256,3 +256,8 @@ def test_two_copies_of_one_instance_arriving_at_once_keep_the_first_and_its_desc
     monkeypatch.setattr(storage.os, "link", lambda *_: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
     other = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.6")  # a file system without hard links: a rename
     assert store.install_new(second, other) and dcmread(other).file_meta.SourceApplicationEntityTitle == "PACS_ROUTER"
+    third = store.write_temporary(
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.6", "1.2.840.10008.1.2.1", "X"), data_set
+    )
+    assert not store.install_new(third, other)  # the name is taken: the first copy stays there too
+    assert dcmread(other).file_meta.SourceApplicationEntityTitle == "PACS_ROUTER"

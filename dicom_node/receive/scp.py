@@ -374,13 +374,14 @@ def _write_temporary(store: InstanceStore, file_meta: bytes, encoded: bytes) -> 
 
 
 def _place(store: InstanceStore, path: Path, temporary: Path | None) -> bool:
-    """Make the instance durable at ``path``: its synced temporary file renamed into place, the folder fsynced.
+    """Make the instance durable at ``path``: its synced temporary file put in place
+    (:meth:`InstanceStore.install_new`), the folder fsynced.
 
     A file already at ``path`` (the same SOP Instance UID sent again under the same study
-    and series) is whole (renames are atomic) and is kept: only its folder is synced (the
-    copy that put it there may not have synced it yet). ``temporary`` is None when the
-    instance was not written because a file was already at ``path``. Returns whether the
-    temporary file was renamed into place.
+    and series, or a copy that arrived at the same moment) is whole and is kept: only its
+    folder is synced (the copy that put it there may not have synced it yet). ``temporary``
+    is None when the instance was not written because a file was already at ``path``.
+    Returns whether the temporary file was installed.
     """
     installed = False
     try:

@@ -292,7 +292,8 @@ class InstanceStore:
         Two copies of one instance arriving at once both find ``path`` free: a rename would let the
         second replace the first while the database describes the first (its size, its transfer syntax).
         A hard link fails instead when the name is taken, so the first copy stays. On a file system
-        without hard links, a rename once ``path`` is seen free. The temporary file is the caller's to remove.
+        without hard links, the name is taken by creating it exclusively, then the file is renamed over
+        that empty placeholder. The temporary file is the caller's to remove.
         """
         folder = path.parent
         if not folder.is_dir():
@@ -305,8 +306,12 @@ class InstanceStore:
         except FileExistsError:
             return False
         except OSError as exc:
-            if exc.errno not in NO_HARD_LINKS or path.exists():
+            if exc.errno not in NO_HARD_LINKS:
                 raise
+            try:  # no hard links here: the name is taken by creating it, then the file renamed over that
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                return False
             os.replace(temporary, path)
         return True
 
