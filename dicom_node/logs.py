@@ -199,11 +199,15 @@ class LibraryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
             return True
-        dropped = LIBRARY_LINES.admit((record.name, _kind_of_line(record.getMessage())))
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the line: the handler reports it, as before
+            text = str(record.msg)
+        dropped = LIBRARY_LINES.admit((record.name, _kind_of_line(text)))
         if dropped is None:
             return False
         if dropped:
-            record.msg = f"{record.getMessage()} (the same line {dropped} more time(s) in the last minute, not logged)"
+            record.msg = f"{text} (the same line {dropped} more time(s) in the last minute, not logged)"
             record.args = ()
         return True
 
