@@ -28,6 +28,7 @@ import copy
 import ctypes
 import functools
 import hashlib
+import io
 import ipaddress
 import logging
 import multiprocessing
@@ -44,7 +45,6 @@ from typing import Any, ClassVar, NamedTuple, cast
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -514,9 +514,11 @@ COMMAND_BYTES = 64 * 1024
 
 C_CANCEL = 0x0FFF
 """CommandField of C-CANCEL-RQ: a request that gets no response of its own."""
-N_EVENT_REPORT = 0x0100
-"""CommandField of N-EVENT-REPORT-RQ: pynetdicom serves each at once on a thread of its own, out of turn."""
-PENDING_STATUSES = (0xFF00, 0xFF01)
+SERVED_COMMANDS = frozenset({0x0001, 0x0030, 0x0020, 0x0010, 0x0021, C_CANCEL, 0x8001})
+"""The CommandFields a peer may send on an association the node accepts: C-STORE, C-ECHO, C-FIND, C-GET and
+C-MOVE requests, C-CANCEL, and C-STORE responses (to a C-GET's sub-operations). Any other (an N-EVENT-REPORT,
+which pynetdicom serves at once on a thread of its own; a normalized request that pynetdicom would hand to the
+storage handler by its SOP class) ends the association."""
 
 
 class Command(NamedTuple):
@@ -560,9 +562,19 @@ def command_fields(command: bytes | bytearray) -> Command:
     )
 
 
-def _is_final_response(command: Command) -> bool:
-    """Whether the node's command answers a request for good (a response whose status is not pending)."""
-    return command.field is not None and bool(command.field & 0x8000) and command.status not in PENDING_STATUSES
+MESSAGE_PARTS = ("DataSet", "Identifier", "AttributeList", "EventInformation", "ActionInformation", "ModificationList")
+"""The attributes of pynetdicom's DIMSE primitives that hold a received message's data set (encoded)."""
+
+
+def message_data_set_bytes(message: Any) -> int:
+    """The encoded data set bytes a received DIMSE message holds."""
+    size = 0
+    for name in MESSAGE_PARTS:
+        part = getattr(message, name, None)
+        if isinstance(part, io.BytesIO):
+            with part.getbuffer() as view:
+                size += view.nbytes
+    return size
 
 
 class GuardedDUL(EventDrivenDUL):
@@ -571,48 +583,23 @@ class GuardedDUL(EventDrivenDUL):
     the presentation context it is sent on (none on Verification, an identifier's worth on Query/Retrieve,
     ``network.maximum_data_set_megabytes`` on a storage context). pynetdicom holds a message in memory until
     it is whole, so a peer allowed only to echo can never make the node hold gigabytes. The data set bytes
-    received and not yet answered count per association (a sender that does not wait for answers gains
+    received and not yet served count per association (a sender that does not wait for answers gains
     nothing) and over the node (``network.maximum_in_flight_megabytes``, summed over every receiving process
-    in :class:`AssociationCaps`)."""
+    in :class:`AssociationCaps`): they count from their arrival until pynetdicom has served the message
+    that holds them (:meth:`handled`, called after each ``_serve_request``), whatever its command says, and
+    a message pynetdicom never serves stays counted until the association ends."""
 
     _data_set_bytes = 0  # of the message being received, so far
     _request_read = False  # whether the A-ASSOCIATE-RQ has arrived
     _told_no_request = False  # whether the association's thread was told none will
     _command_bytes = 0
     _command_in: bytearray | None = None  # the peer's command being received (at most COMMAND_BYTES)
-    _command_out: bytearray | None = None  # the node's command being sent
-    _unanswered_bytes = 0  # data set bytes received and not yet answered: whole messages waiting, and the current one
-    _requests: list[list[int]] | None = None
-    """The peer's requests not yet answered with a final response, oldest first: [MessageID, CommandField, data set
-    bytes, 1 while its data set is still to come else 0]. A final response gives back the oldest request with the
-    MessageID and CommandField it answers."""
-    _sending_lock: ClassVar[threading.Lock] = threading.Lock()
+    _unanswered_bytes = 0  # data set bytes received and not yet served: whole messages waiting, and the current one
 
     _process_unanswered: ClassVar[int] = 0
     """Unanswered data set bytes over this process' associations: every change to one association's count changes
     it by the same amount, under the lock below; an association that ends gives its bytes back (``run``)."""
     _unanswered_lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def send_pdu(self, primitive: Any) -> None:
-        if isinstance(primitive, P_DATA):
-            self._sending(primitive)
-        super().send_pdu(primitive)
-
-    def _sending(self, primitive: P_DATA) -> None:
-        """Follow the node's commands as they go out: each final response answers the request it names."""
-        answered = []
-        with self._sending_lock:  # pynetdicom may answer from more than one thread
-            for _context, data in primitive.presentation_data_value_list:
-                if data and data[0] & 0x01:  # a fragment of the node's command
-                    if self._command_out is None:
-                        self._command_out = bytearray()
-                    self._command_out.extend(data[1:])
-                    if data[0] & 0x02:
-                        command, self._command_out = command_fields(self._command_out), None
-                        if _is_final_response(command):
-                            answered.append(command)
-        for command in answered:
-            self._answered(command)
 
     def run(self) -> None:
         try:
@@ -627,44 +614,25 @@ class GuardedDUL(EventDrivenDUL):
         GuardedDUL._process_unanswered += change
         return self.assoc._server.caps.set_in_flight(GuardedDUL._process_unanswered)  # type: ignore[union-attr]
 
-    def _requested(self, command: Command) -> None:
-        """The peer's command arrived whole: a request (not a response to a sub-operation, not a cancel) waits for
-        its answer, with the data set it announces."""
-        if command.field is None or command.field & 0x8000 or command.field == C_CANCEL:
+    def handled(self, message: Any) -> None:
+        """pynetdicom has served ``message`` (answered it, or refused it): the data set bytes it held go back."""
+        size = message_data_set_bytes(message)
+        if not size:
             return
         with self._unanswered_lock:
-            if self._requests is None:
-                self._requests = []
-            waiting = 1 if command.has_data_set else 0
-            self._requests.append([command.message_id or 0, command.field, 0, waiting])
-
-    def _answered(self, response: Command) -> None:
-        """The node sent a final response: the request it answers was handled, and its data set with it."""
-        with self._unanswered_lock:
-            requests = self._requests or []
-            for index, (message_id, field, size, _) in enumerate(requests):
-                if message_id == (response.responding_to or 0) and field | 0x8000 == response.field:
-                    del requests[index]
-                    if size:
-                        self._change_unanswered(-size)
-                    return
+            self._change_unanswered(-min(size, self._unanswered_bytes))
 
     def _let_go(self) -> None:
         """This association holds no data set bytes any more."""
         with self._unanswered_lock:
-            self._requests = None
             if self._unanswered_bytes:
                 self._change_unanswered(-self._unanswered_bytes)
 
-    def _hold(self, size: int, whole: bool, limits: Limits) -> str | None:
-        """Count ``size`` more unanswered data set bytes (``whole``: the data set's last fragment); why the
-        association is stopped if the association or the node would then hold too many. A whole data set is
-        given back when its request is answered (one that came without a request stays counted until the
-        association ends)."""
+    def _hold(self, size: int, limits: Limits) -> str | None:
+        """Count ``size`` more data set bytes not yet served; why the association is stopped if the association
+        or the node would then hold too many."""
         with self._unanswered_lock:
             in_flight = self._change_unanswered(size)
-            if whole and self._requests and self._requests[-1][3]:
-                self._requests[-1][2:] = [self._data_set_bytes, 0]
             unanswered = self._unanswered_bytes
         if unanswered > limits.data_set_bytes:
             return (
@@ -701,15 +669,17 @@ class GuardedDUL(EventDrivenDUL):
                             "a command set that is not well-formed was sent (elements outside group 0000, of "
                             "undefined length or repeated, or not ending where it ends)"
                         )
-                    if command.field == N_EVENT_REPORT:
-                        return "an N-EVENT-REPORT request was sent; the node serves none on the associations it accepts"
-                    self._requested(command)
+                    if command.field not in SERVED_COMMANDS:
+                        return (
+                            f"a DIMSE command the node does not serve was sent (CommandField 0x{command.field or 0:04X}); "
+                            "it serves C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE and C-CANCEL requests"
+                        )
             else:
                 self._data_set_bytes += size
                 limit, carried = self._data_set_limit(context_id, limits)
                 if self._data_set_bytes > limit:
                     return carried
-                refused = self._hold(size, bool(control & 0x02), limits)
+                refused = self._hold(size, limits)
                 if refused is not None:
                     return refused
                 if control & 0x02:  # its last fragment: the next message starts from zero
@@ -895,7 +865,15 @@ class GuardedRequestHandler(RequestHandler):
         make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
         send_store_responses_directly(assoc.dimse)  # plain C-STORE responses without pydicom
         caps, key = self.server.caps, self.server.caps_key(address)
-        run = assoc.run
+        run, serve, dul = assoc.run, assoc._serve_request, assoc.dul
+
+        def serve_then_give_back(message: Any, context_id: int) -> None:
+            try:
+                serve(message, context_id)
+            finally:
+                dul.handled(message)  # type: ignore[attr-defined]  # a GuardedDUL since above
+
+        assoc._serve_request = serve_then_give_back  # type: ignore[method-assign,assignment]
 
         def run_then_release() -> None:
             try:
