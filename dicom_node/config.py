@@ -29,9 +29,12 @@ ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_PATH_ENV = "DICOM_NODE_CONFIG"
 
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]+$"
+"""The pattern of :data:`AETitle` (printable ASCII but backslash), recognised in validation errors so that they
+can be said in words."""
 AETitle = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=16, pattern=AE_TITLE_PATTERN),
 ]
 """A DICOM AE title: 1-16 printable ASCII characters, no backslash."""
 
@@ -784,9 +787,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     return data
 
-
-AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]+$"
-"""The pattern of :data:`AETitle`, recognised in validation errors so that they can be said in words."""
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 

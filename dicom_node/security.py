@@ -525,11 +525,11 @@ class Command(NamedTuple):
     """What the node reads of a DIMSE command set."""
 
     field: int | None  # CommandField (0000,0100)
-    message_id: int | None  # MessageID (0000,0110)
-    responding_to: int | None  # MessageIDBeingRespondedTo (0000,0120)
-    has_data_set: bool  # CommandDataSetType (0000,0800) other than 0x0101
-    status: int | None  # Status (0000,0900)
-    well_formed: bool  # only group 0000 elements of defined length, ending at its end, each of these once
+    well_formed: bool  # only group 0000 elements of defined length, ending at its end, each of the fields below once
+
+
+COMMAND_FIELDS = (0x0100, 0x0110, 0x0120, 0x0800, 0x0900)
+"""CommandField, MessageID, MessageIDBeingRespondedTo, CommandDataSetType and Status: each at most once, of 2 bytes."""
 
 
 def command_fields(command: bytes | bytearray) -> Command:
@@ -546,20 +546,13 @@ def command_fields(command: bytes | bytearray) -> Command:
         if group != 0 or length == 0xFFFFFFFF or offset + 8 + length > end:
             well_formed = False
             break
-        if element in (0x0100, 0x0110, 0x0120, 0x0800, 0x0900):
+        if element in COMMAND_FIELDS:
             if element in values or length != 2:
                 well_formed = False
                 break
             (values[element],) = struct.unpack_from("<H", command, offset + 8)
         offset += 8 + length
-    return Command(
-        field=values.get(0x0100),
-        message_id=values.get(0x0110),
-        responding_to=values.get(0x0120),
-        has_data_set=values.get(0x0800, 0x0101) != 0x0101,
-        status=values.get(0x0900),
-        well_formed=well_formed and 0x0100 in values,
-    )
+    return Command(field=values.get(0x0100), well_formed=well_formed and 0x0100 in values)
 
 
 MESSAGE_PARTS = ("DataSet", "Identifier", "AttributeList", "EventInformation", "ActionInformation", "ModificationList")
