@@ -272,18 +272,21 @@ class InstanceStore:
         """Remove this store's spare files (:data:`SPARE_FILES`); call it when the process stops writing."""
         self._spares.close()
 
+    def _make_folder(self, folder: Path) -> None:
+        """Create an instance's series folder (and study folder) if absent, durably when ``fsync`` is on."""
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                fsync_folder(folder.parent)
+                fsync_folder(folder.parent.parent)
+
     def install(self, temporary: Path, path: Path) -> None:
         """Rename a temporary file to ``path`` (atomic: same file system), creating its folders.
 
         The folder itself is fsynced by :meth:`sync_folder`, which callers run after
         their database commit, before they answer success.
         """
-        folder = path.parent
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.fsync:
-                fsync_folder(folder.parent)
-                fsync_folder(folder.parent.parent)
+        self._make_folder(path.parent)
         os.replace(temporary, path)
 
     def install_new(self, temporary: Path, path: Path) -> bool:
@@ -295,12 +298,7 @@ class InstanceStore:
         without hard links, the name is taken by creating it exclusively, then the file is renamed over
         that empty placeholder. The temporary file is the caller's to remove.
         """
-        folder = path.parent
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.fsync:
-                fsync_folder(folder.parent)
-                fsync_folder(folder.parent.parent)
+        self._make_folder(path.parent)
         try:
             os.link(temporary, path)
         except FileExistsError:
