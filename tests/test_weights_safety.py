@@ -233,21 +233,26 @@ def test_a_weights_folder_with_a_damaged_json_file_is_refused_with_a_sentence(
     assert "Error" not in str(refused.value) and "Traceback" not in str(refused.value)
 
 
+def _settings_with_a_ts_rule(tmp_path):
+    """Settings whose one processing rule uses a TotalSegmentator model named ts (its weights folder empty)."""
+    from dicom_node.config import Settings
+
+    return Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        models={"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "w")}},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
+    )
+
+
 def test_a_model_that_fails_to_load_in_an_unforeseen_way_is_unavailable_with_a_sentence(tmp_path, monkeypatch):
     """Whatever goes wrong while loading, the worker keeps serving and the jobs say why (no crash loop)."""
     from dicom_node import pipeline
-    from dicom_node.config import Settings
 
     def broken(*_args, **_kwargs):
         raise KeyError("init_args")
 
     monkeypatch.setattr(pipeline, "load_model", broken)
-    settings = Settings(
-        storage={"directory": str(tmp_path / "storage")},
-        models={"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "w")}},
-        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
-    )
-    cache = pipeline.ModelCache(settings)
+    cache = pipeline.ModelCache(_settings_with_a_ts_rule(tmp_path))
     cache.load_all()  # logged, not raised: the worker goes on to serve
 
     with pytest.raises(pipeline.ModelUnavailable, match=r"model 'ts' could not be loaded from .*its weights could not"):
@@ -308,18 +313,12 @@ def test_a_model_load_that_finds_the_disk_full_is_left_to_wait_not_failed_for_go
     import errno
 
     from dicom_node import pipeline
-    from dicom_node.config import Settings
 
     def disk_full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pipeline, "load_model", disk_full)
-    settings = Settings(
-        storage={"directory": str(tmp_path / "storage")},
-        models={"ts": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(tmp_path / "w")}},
-        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
-    )
-    cache = pipeline.ModelCache(settings)
+    cache = pipeline.ModelCache(_settings_with_a_ts_rule(tmp_path))
     cache.load_all()  # logged: the worker starts all the same
 
     with pytest.raises(OSError) as raised:
