@@ -896,6 +896,7 @@ class AssociationCaps:
     """
 
     KEY_BYTES = 16
+    ORPHANED_LOCK_SECONDS = 2.0
 
     def __init__(self, slots: int, processes: int = 1, context: Any = None) -> None:
         context = context or multiprocessing.get_context("spawn")
@@ -971,11 +972,29 @@ class AssociationCaps:
             return sum(self._counts)
 
     def forget(self, number: int) -> None:
-        """Empty receiving process ``number``'s row: it died, and its connections and data sets with it."""
-        with self._lock:
+        """Empty receiving process ``number``'s row: it died, and its connections and data sets with it.
+
+        A process killed while it held the shared lock (held for microseconds at a time) left it taken:
+        every other receiving process would wait for it forever. Only the dead process can be holding it
+        after :attr:`ORPHANED_LOCK_SECONDS`, so it is given back here first.
+        """
+        if not self._lock.acquire(timeout=self.ORPHANED_LOCK_SECONDS):
+            log_event(
+                LOG,
+                logging.WARNING,
+                "receiver.lock_recovered",
+                receiver=number,
+                note="the receiving process died while it held the lock on the shared connection counts; "
+                "it was given back so the other receiving processes go on",
+            )
+            self._lock.release()
+            self._lock.acquire()
+        try:
             for slot in range(self.slots):
                 self._counts[number * self.slots + slot] = 0
             self._in_flight[number] = 0
+        finally:
+            self._lock.release()
 
     def set_in_flight(self, data_set_bytes: int) -> int:
         """Record the data set bytes this process holds unanswered; the node's total over every process."""

@@ -207,6 +207,27 @@ def test_association_caps_are_shared_between_processes():
     assert caps.held("10.0.0.7") == 0 and caps.total() == 1 and caps.held("::1") == 1
 
 
+def _die_holding_the_lock(caps: AssociationCaps) -> None:
+    assert caps.hold("10.0.0.7", per_host=3) is None
+    caps._lock.acquire()
+    os._exit(0)  # killed between taking the lock and giving it back
+
+
+def test_a_receiving_process_killed_while_it_held_the_shared_lock_does_not_stop_the_others(caplog):
+    caps = AssociationCaps(slots=8, processes=2)
+    dying = multiprocessing.get_context("spawn").Process(target=_die_holding_the_lock, args=(caps.for_process(1),))
+    dying.start()
+    dying.join(timeout=60)
+    assert dying.exitcode == 0  # holding one place, and the lock
+
+    caps.forget(1)
+
+    assert caps.hold("10.0.0.7", per_host=3) is None  # the lock works again, and the dead one's place is free
+    assert caps.held("10.0.0.7") == 1 and caps.total() == 1
+    (recovered,) = [record for record in caplog.records if record.msg == "receiver.lock_recovered"]
+    assert "died while it held the lock on the shared connection counts" in recovered.event_fields["note"]
+
+
 def test_bytes_in_flight_are_summed_over_processes_and_forgotten_with_a_dead_one():
     caps = AssociationCaps(slots=8, processes=3)
     assert caps.for_process(2).set_in_flight(5_000) == 5_000
