@@ -197,6 +197,8 @@ class LibraryLines(logging.Filter):
     """Lets through one line a minute per library message; the next one says how many were not logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] == "pynetdicom":
+            _name_the_peer(record)
         if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
             return True
         try:
@@ -210,6 +212,21 @@ class LibraryLines(logging.Filter):
             record.msg = f"{text} (the same line {dropped} more time(s) in the last minute, not logged)"
             record.args = ()
         return True
+
+
+def _name_the_peer(record: logging.LogRecord) -> None:
+    """End a pynetdicom line logged on an association's thread (or its PDU reader's) with the peer it talks to."""
+    thread = threading.current_thread()
+    association: Any = getattr(thread, "assoc", thread)  # a PDU reader names its association
+    try:
+        remote = association.remote if hasattr(association, "is_acceptor") else None
+        if not remote:
+            return
+        title = shown(str(remote.get("ae_title") or "").strip(), limit=16)
+        record.msg = f"{record.getMessage()} (peer AE title {title} at {remote.get('address')}:{remote.get('port')})"
+        record.args = ()
+    except Exception:  # noqa: BLE001 - an association not yet set up: the line stays as it was
+        return
 
 
 def _kind_of_line(text: str) -> str:

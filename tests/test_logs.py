@@ -307,3 +307,27 @@ def test_operating_system_errors_are_words_without_their_numbers(tmp_path):
 
     assert missing == f"no such file or directory: {tmp_path / 'missing'}"
     assert refused == "connection refused"
+
+
+def test_a_pynetdicom_line_logged_during_an_association_names_the_peer(restored_logging, capsys):
+    configure_logging("INFO")
+    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+
+    def failing_echo(event: evt.Event) -> int:
+        raise RuntimeError("the handler failed")
+
+    server = start_guarded_server(
+        scp.build_ae(network), (network.host, network.port), network, [(evt.EVT_C_ECHO, failing_echo)]
+    )
+    try:
+        ae = AE(ae_title="MONITOR")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(network.host, network.port, ae_title=network.ae_title)
+        assert assoc.is_established
+        assoc.send_c_echo()
+        assoc.release()
+    finally:
+        server.shutdown()
+
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "Exception in the handler bound to" in line]
+    assert "(peer AE title 'MONITOR' at 127.0.0.1:" in line
