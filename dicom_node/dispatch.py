@@ -41,7 +41,7 @@ from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
-from dicom_node.scu import unresolvable
+from dicom_node.scu import not_established, unresolvable
 from dicom_node.security import client_tls
 
 LOG = logging.getLogger(__name__)
@@ -151,11 +151,12 @@ def send_files(
     except socket.gaierror:  # tried again like a destination that is down: the name server may be the one down
         return SendOutcome([], f"{peer} is unreachable: {unresolvable(destination.host)}", unreachable=True)
     if not assoc.is_established:
-        if assoc.is_rejected:
-            return SendOutcome([], f"association rejected by {peer}")
-        return SendOutcome(
-            [], f"{peer} is unreachable (no association: destination down, or not answering)", unreachable=True
-        )
+        answer = not_established(assoc, calling_ae, destination.ae_title)
+        if answer.unreachable and not assoc.is_rejected:
+            return SendOutcome(
+                [], f"{peer} is unreachable (no association: destination down, or not answering)", unreachable=True
+            )
+        return SendOutcome([], f"{peer} {answer.reason}", unreachable=answer.unreachable)
     sent: list[str] = []
     refusals: list[str] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -50,7 +50,8 @@ def verify(
     except socket.gaierror:
         return EchoResult(False, unresolvable(host), time.perf_counter() - started)
     if not assoc.is_established:
-        return EchoResult(False, _not_established(assoc), time.perf_counter() - started)
+        reason = not_established(assoc, calling_ae, called_ae).reason
+        return EchoResult(False, reason, time.perf_counter() - started)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -156,12 +157,60 @@ def _associate(ae: AE, called_ae: str, host: str, port: int, **kwargs: Any) -> A
     except socket.gaierror:
         raise ScuError(f"{called_ae}@{host}:{port}: {unresolvable(host)}") from None
     if not assoc.is_established:
-        raise ScuError(f"{called_ae}@{host}:{port}: {_not_established(assoc)}")
+        raise ScuError(f"{called_ae}@{host}:{port}: {not_established(assoc, ae.ae_title, called_ae).reason}")
     return assoc
 
 
-def _not_established(assoc: Association) -> str:
-    return "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
+@dataclass(frozen=True)
+class NotEstablished:
+    """Why a peer gave no association, as a sentence, and whether it is worth trying again later as a peer
+    that is down (no answer, or a rejection the peer calls transient) rather than as a refusal."""
+
+    reason: str
+    unreachable: bool
+
+
+REJECTIONS: dict[tuple[Any, Any], str] = {
+    (1, 1): "gave no reason",
+    (1, 2): "does not support the DICOM application context",
+    (1, 3): "does not know the node's AE title {calling} as a peer (add it to the peer's configuration)",
+    (1, 7): "does not know the AE title {called} it was called by (check the AE title configured for it)",
+    (2, 1): "gave no reason",
+    (2, 2): "does not support the DICOM protocol version",
+    (3, 1): "is too busy (temporary congestion)",
+    (3, 2): "has reached its own limit of associations",
+}
+"""A-ASSOCIATE-RJ (source, diagnostic) as words."""
+
+
+def not_established(assoc: Association, calling_ae: str, called_ae: str) -> NotEstablished:
+    """Why ``assoc`` was not established: rejected (and why, from the A-ASSOCIATE-RJ), accepted with none of the
+    SOP classes offered, or no answer at all."""
+    answer = getattr(assoc.acceptor, "primitive", None)
+    if assoc.is_rejected and answer is not None:
+        source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
+        words = REJECTIONS.get((source, diagnostic), "gave no reason the standard defines")
+        transient = getattr(answer, "result", None) == 0x02
+        return NotEstablished(
+            f"rejected the association: it {words.format(calling=repr(calling_ae), called=repr(called_ae))}"
+            + (" (it calls this transient: tried again later)" if transient else ""),
+            unreachable=transient,
+        )
+    if assoc.is_rejected:
+        return NotEstablished("rejected the association", unreachable=False)
+    refused = sorted({_sop_class_name(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+    if assoc.is_aborted and refused:
+        return NotEstablished(
+            f"accepted the association but none of what the node offered to send: {', '.join(refused)} "
+            "(the peer does not store these, or not in the transfer syntaxes offered)",
+            unreachable=False,
+        )
+    return NotEstablished("no association (peer down or unreachable)", unreachable=True)
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
 
 
 def _shown(code: int | None, status: Dataset | None) -> str:

@@ -475,3 +475,46 @@ def test_a_plan_made_once_the_results_hold_every_kind_clears_an_earlier_lack():
 
     record = jobs.delivery_record(job, "pacs")
     assert record.lacking == [] and record.files == {"1.2.3": "/results/rtstruct.dcm"}
+
+
+@pytest.mark.parametrize(
+    ("orthanc_config", "called_ae", "reason", "unreachable"),
+    [
+        (
+            {"DicomCheckCalledAet": True},
+            "ARCHIVE",
+            "rejected the association: it does not know the AE title 'ARCHIVE' it was called by",
+            False,
+        ),
+        (
+            {"DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False},
+            "ORTHANC",
+            "rejected the association: it does not know the node's AE title 'DICOMNODE' as a peer",
+            False,
+        ),
+        (
+            {"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.4.50"]},
+            "ORTHANC",
+            "accepted the association but none of what the node offered to send: CT Image Storage",
+            False,
+        ),
+    ],
+    ids=["called-ae-unknown", "node-unknown", "no-sop-class-accepted"],
+)
+def test_a_pacs_that_refuses_the_node_is_named_with_its_reason_not_taken_for_down(
+    tmp_path, start_orthanc, orthanc_config, called_ae, reason, unreachable
+):
+    from dicom_node.config import Destination
+    from dicom_node.dispatch import send_files
+
+    orthanc = start_orthanc({}, orthanc_config)
+    image = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=2)).files[0]
+    destination = Destination(ae_title=called_ae, host="127.0.0.1", port=orthanc.dicom_port)
+
+    outcome = send_files("DICOMNODE", destination, [str(image)], timeout=10)
+
+    assert outcome.sent == [] and outcome.unreachable is unreachable
+    assert outcome.error is not None and outcome.error.startswith(
+        f"{called_ae}@127.0.0.1:{orthanc.dicom_port} {reason}"
+    )
+    assert orthanc.get("/instances") == []
