@@ -145,9 +145,11 @@ class ModelCache:
                 if is_disk_full(exc) or is_database_locked(exc):
                     raise  # transient: the job is queued again (a full disk while OpenVINO caches its model)
                 LOG.exception("model.load_failed", extra={"event_fields": {"model": name}})
+                folder = getattr(settings, "weights_directory", None) or self.settings.weights_directory
                 raise ModelUnavailable(
-                    f"model {name!r} could not be loaded from {self.settings.weights_directory}: its weights could "
-                    "not be read (the details are in the worker's log, model.load_failed); import the weights again"
+                    f"model {name!r} could not be loaded from {folder}: "
+                    "its weights could not be read (the details are in the worker's log, model.load_failed); import the "
+                    "weights again"
                 ) from exc
             timings["model_load"] = time.perf_counter() - started
             model = self.models[name]

@@ -24,7 +24,7 @@ import json
 import shutil
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -265,6 +265,8 @@ class WeightsIdentity:
     datasets: tuple[str, ...]  # the release folder names, e.g. Dataset297_TotalSegmentator_total_3mm_1559subj
     sha256: str  # over each folder's plans.json, dataset.json and checkpoint, in order
     test_weights: bool  # dataset.json says these are test or untrained weights
+    folder_hashes: tuple[dict[str, str], ...] = field(default=(), compare=False, repr=False)
+    """Each folder's file hashes, in order: what the files a model loads must hash to."""
 
     @property
     def version(self) -> str:
@@ -292,12 +294,15 @@ def identify(task: str, folders: Sequence[ModelFolder]) -> WeightsIdentity:
     """
     combined = hashlib.sha256()
     test_weights = False
+    every_folder = []
     for folder in folders:
         hashes, _had_manifest = verify_folder(folder.path)
+        every_folder.append(hashes)
         for name in REQUIRED_FILES:
             combined.update(f"{folder.path.parent.name}/{name}:{hashes[name]}\n".encode())
         test_weights = test_weights or is_test_weights(folder.path / "dataset.json")
-    return WeightsIdentity(task, tuple(f.path.parent.name for f in folders), combined.hexdigest(), test_weights)
+    datasets = tuple(f.path.parent.name for f in folders)
+    return WeightsIdentity(task, datasets, combined.hexdigest(), test_weights, tuple(every_folder))
 
 
 def file_states(folders: Sequence[ModelFolder]) -> tuple[tuple[str, int, int, int], ...]:

@@ -24,7 +24,7 @@ import pytest
 
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import Volume, load_series_volume
-from inference.weights import MANIFEST_NAME, ModelFolder, model_folders, write_manifest
+from inference.weights import MANIFEST_NAME, ModelFolder, folder_hashes, model_folders, write_manifest
 from tests.test_totalsegmentator_parity import totalsegmentator_reference
 
 pytest.importorskip("openvino", reason="openvino not installed (pip install -e '.[totalsegmentator]')")
@@ -148,7 +148,8 @@ def test_converted_model_is_cached_next_to_the_weights_and_reused(weights, fp32_
     from inference.models.openvino_backend import ConvertedModelFiles, runtime_version
     from inference.models.totalsegmentator import TotalSegmentatorModel
 
-    files = ConvertedModelFiles.for_folder(model_folders("total_fast", weights)[0])
+    (folder,) = model_folders("total_fast", weights)
+    files = ConvertedModelFiles.for_folder(folder, folder_hashes(folder.path))
     assert files.xml.parent == weights / ".openvino"
     assert files.xml.is_file() and files.bin.is_file() and files.record.is_file()
     assert runtime_version() in files.xml.name and "Dataset297" in files.xml.name
@@ -186,16 +187,16 @@ def test_a_damaged_or_mismatched_cache_is_converted_again_not_trusted(tmp_path):
     folder = _tiny_folder(tmp_path, b"weights one")
     network = _TinyNetwork()
     patch = (8, 8, 8)
-    _model, cached = load_or_convert(network, folder, patch, 3)
+    _model, cached = load_or_convert(network, folder, patch, 3, folder_hashes(folder.path))
     assert not cached
-    _model, cached = load_or_convert(network, folder, patch, 3)
+    _model, cached = load_or_convert(network, folder, patch, 3, folder_hashes(folder.path))
     assert cached
 
-    files = ConvertedModelFiles.for_folder(folder)
+    files = ConvertedModelFiles.for_folder(folder, folder_hashes(folder.path))
     damaged = bytearray(files.bin.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the weights
     files.bin.write_bytes(bytes(damaged))
-    model, cached = load_or_convert(network, folder, patch, 3)
+    model, cached = load_or_convert(network, folder, patch, 3, folder_hashes(folder.path))
     assert not cached  # the record's SHA-256 no longer matched: converted again
     x = np.random.default_rng(0).standard_normal((1, 1, *patch)).astype(np.float32)
     import torch
@@ -204,19 +205,23 @@ def test_a_damaged_or_mismatched_cache_is_converted_again_not_trusted(tmp_path):
         expected = network(torch.from_numpy(x)).numpy()
     result = compile_model(model, "fp32", 1)({0: x})[0]
     assert np.abs(result - expected).max() < 1e-4
-    assert load_or_convert(network, folder, patch, 3)[1]  # and the rebuilt cache is trusted again
+    assert load_or_convert(network, folder, patch, 3, folder_hashes(folder.path))[
+        1
+    ]  # and the rebuilt cache is trusted again
 
     files.record.write_text("not json")
-    assert not load_or_convert(network, folder, patch, 3)[1]
+    assert not load_or_convert(network, folder, patch, 3, folder_hashes(folder.path))[1]
 
-    _model, cached = load_or_convert(network, folder, (8, 8, 16), 3)  # the same weights, another patch size
+    _model, cached = load_or_convert(
+        network, folder, (8, 8, 16), 3, folder_hashes(folder.path)
+    )  # the same weights, another patch size
     assert not cached
 
     # New weights (the manifest's hashes change) get their own cache file; the old one is not used.
     shutil.rmtree(folder.path.parent)
     new_folder = _tiny_folder(tmp_path, b"weights two")
-    assert ConvertedModelFiles.for_folder(new_folder).xml != files.xml
-    assert not load_or_convert(_TinyNetwork(seed=1), new_folder, patch, 3)[1]
+    assert ConvertedModelFiles.for_folder(new_folder, folder_hashes(new_folder.path)).xml != files.xml
+    assert not load_or_convert(_TinyNetwork(seed=1), new_folder, patch, 3, folder_hashes(new_folder.path))[1]
     assert json.loads((new_folder.path / MANIFEST_NAME).read_text())["files"]
 
 
@@ -260,7 +265,8 @@ def test_the_precision_a_compiled_model_reports_is_read_in_every_spelling(tmp_pa
     for hint in ("f32", "float32", "<Type: 'float32'>"):
         assert effective_precision(Answering(hint)) == "fp32", hint
 
-    model, _cached = load_or_convert(_TinyNetwork(), _tiny_folder(tmp_path, b"weights"), (8, 8, 8), 3)
+    tiny = _tiny_folder(tmp_path, b"weights")
+    model, _cached = load_or_convert(_TinyNetwork(), tiny, (8, 8, 8), 3, folder_hashes(tiny.path))
     assert effective_precision(compile_model(model, "fp32", 1)) == "fp32"
     # A BF16 request is computed in BF16 exactly where the CPU has it natively, and must be reported so.
     assert effective_precision(compile_model(model, "bf16", 1)) == ("bf16" if cpu_has_native_bf16() else "fp32")
@@ -311,7 +317,8 @@ def test_tiles_run_in_two_streams_come_back_in_order_equal_one_at_a_time_and_aft
 
     network = _TinyNetwork()
     patch = (16, 16, 16)
-    model, _cached = load_or_convert(network, _tiny_folder(tmp_path, b"tiny weights"), patch, 3)
+    tiny = _tiny_folder(tmp_path, b"tiny weights")
+    model, _cached = load_or_convert(network, tiny, patch, 3, folder_hashes(tiny.path))
     streamed = OpenVINONetwork(compile_model(model, "fp32", 2, streams=2), "fp32")
     single = OpenVINONetwork(compile_model(model, "fp32", 2), "fp32")
     tiles = [np.random.default_rng(seed).standard_normal((1, 1, *patch)).astype(np.float32) for seed in range(5)]
@@ -361,7 +368,8 @@ def test_logits_that_overflow_half_precision_fail_the_series_with_a_reason_and_r
     with torch.no_grad():
         network[-1].bias.fill_(1e5)  # times the Gaussian's peak of 10: past FP16's largest value, 65,504
     patch = (8, 8, 8)
-    model, _cached = load_or_convert(network, _tiny_folder(tmp_path, b"overflowing weights"), patch, 3)
+    tiny = _tiny_folder(tmp_path, b"overflowing weights")
+    model, _cached = load_or_convert(network, tiny, patch, 3, folder_hashes(tiny.path))
     ov_network = OpenVINONetwork(compile_model(model, "fp32", 2, streams=2), "fp32")
     released = []
     release_memory = ov_network.release_memory
@@ -379,3 +387,28 @@ def test_logits_that_overflow_half_precision_fail_the_series_with_a_reason_and_r
         sliding_window_logits(predictor, data, slicers)
     assert str(failure.value) == HALF_PRECISION_OVERFLOW
     assert released == [True]
+
+
+def test_a_model_whose_networks_disagree_on_bf16_runs_all_of_them_in_fp32_and_says_so(tmp_path):
+    """The ``total`` task's five networks are each checked for BF16 on their own; one that fails makes all run in
+    FP32, so the precision every result names is the one each of its networks ran in."""
+    from types import SimpleNamespace
+
+    from inference.models.openvino_backend import OpenVINONetwork, compile_model, effective_precision, load_or_convert
+    from inference.models.totalsegmentator import OpenVINOPrecisions, _one_precision
+
+    tiny = _tiny_folder(tmp_path, b"weights")
+    model, _cached = load_or_convert(_TinyNetwork(), tiny, (8, 8, 8), 3, folder_hashes(tiny.path))
+    fp32, bf16 = compile_model(model, "fp32", 1), compile_model(model, "bf16", 1)
+    used = effective_precision(bf16)
+    parts = [OpenVINOPrecisions(used, fp32), OpenVINOPrecisions("fp32", fp32), OpenVINOPrecisions(used, fp32)]
+    predictors = [
+        SimpleNamespace(network=OpenVINONetwork(bf16 if part.used == "bf16" else fp32, part.used), use_mirroring=False)
+        for part in parts
+    ]
+
+    assert _one_precision(parts, predictors) == "fp32"
+    assert [effective_precision(p.network.compiled) for p in predictors] == ["fp32"] * 3
+    assert [p.network.precision for p in predictors] == ["fp32"] * 3
+    agreeing = [OpenVINOPrecisions(used, fp32)] * 2
+    assert _one_precision(agreeing, predictors[:2]) == used

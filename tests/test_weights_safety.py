@@ -283,28 +283,142 @@ def test_the_total_tasks_five_parts_keep_the_whole_short_hash_in_a_dicom_long_st
     )
 
 
-def test_weights_replaced_while_the_model_loads_are_not_used(total_fast_test_weights, tmp_path, monkeypatch):
-    """The identity is taken before loading; a weights import in between would make the results name weights that
-    did not make them. The files are compared before and after: changed files leave the model unloaded."""
+def _copy_of(weights: Path, tmp_path: Path) -> Path:
     import shutil
 
+    shutil.copytree(weights, tmp_path / "weights", ignore=shutil.ignore_patterns(".openvino"))
+    return tmp_path / "weights"
+
+
+def test_weights_changed_between_identification_and_loading_are_not_used(
+    total_fast_test_weights, tmp_path, monkeypatch
+):
+    """The identity is taken before loading; a file that changes before it is read would make the results name
+    weights that did not make them. Each file is hashed as it is read: other bytes leave the model unloaded."""
     from inference.models import ModelUnavailable, totalsegmentator
 
-    shutil.copytree(total_fast_test_weights, tmp_path / "weights", ignore=shutil.ignore_patterns(".openvino"))
-    (folder,) = model_folders("total_fast", tmp_path / "weights")
+    weights = _copy_of(total_fast_test_weights, tmp_path)
+    (folder,) = model_folders("total_fast", weights)
     real = totalsegmentator.initialize_predictor
 
-    def import_meanwhile(predictor, path):
-        real(predictor, path)
+    def import_before_the_read(predictor, path):
+        plans = folder.path / "plans.json"
         replacement = folder.path / "plans.json.new"  # as an import installs a file: written beside, renamed over
-        replacement.write_bytes((folder.path / "plans.json").read_bytes())
-        os.replace(replacement, folder.path / "plans.json")
+        replacement.write_bytes(plans.read_bytes() + b"\n")
+        os.replace(replacement, plans)
+        return real(predictor, path)
 
-    monkeypatch.setattr(totalsegmentator, "initialize_predictor", import_meanwhile)
+    monkeypatch.setattr(totalsegmentator, "initialize_predictor", import_before_the_read)
     with pytest.raises(ModelUnavailable) as refused:
-        totalsegmentator.TotalSegmentatorModel("total_fast", tmp_path / "weights", device="cpu", backend="torch")
+        totalsegmentator.TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
 
     assert "changed while the total_fast model was loading" in str(refused.value)
+
+
+def test_weights_changed_after_they_were_read_do_not_change_what_the_loaded_model_says_or_caches(
+    total_fast_test_weights, tmp_path, monkeypatch
+):
+    """An import that lands once the files are read leaves the loaded model as identified (its results name the
+    bytes it was built from), and the network converted for OpenVINO is cached under those bytes' hashes, not
+    under the new files' (a cache named after the new files but holding the old network would outlive a restart)."""
+    from inference.models import totalsegmentator
+    from inference.models.openvino_backend import ConvertedModelFiles
+    from inference.weights import folder_hashes
+
+    require_extra("openvino")
+    weights = _copy_of(total_fast_test_weights, tmp_path)
+    (folder,) = model_folders("total_fast", weights)
+    before = folder_hashes(folder.path)
+    real = totalsegmentator.initialize_predictor
+
+    def import_after_the_read(predictor, path):
+        loaded = real(predictor, path)
+        plans = folder.path / "plans.json"
+        plans.write_bytes(plans.read_bytes() + b"\n")
+        return loaded
+
+    monkeypatch.setattr(totalsegmentator, "initialize_predictor", import_after_the_read)
+    model = totalsegmentator.TotalSegmentatorModel(
+        "total_fast", weights, device="cpu", backend="openvino", precision="fp32"
+    )
+
+    assert model.weights.folder_hashes == (before,)
+    assert ConvertedModelFiles.for_folder(folder, before).record.is_file()
+    assert not ConvertedModelFiles.for_folder(folder, folder_hashes(folder.path)).record.exists()
+
+
+def _rewrite_plans(folder: Path, change) -> None:
+    from inference.weights import write_manifest
+
+    plans = json.loads((folder / "plans.json").read_text())
+    change(plans)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    write_manifest(folder)  # installed so, as by an import: only what the files say is wrong
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            lambda plans: plans.update(dataset_name="Dataset298_TotalSegmentator_total_6mm_1559subj"),
+            "were made for Dataset298_TotalSegmentator_total_6mm_1559subj (plans.json dataset_name), not for "
+            "Dataset297_TotalSegmentator_total_3mm_1559subj, the folder they are installed in",
+        ),
+        (
+            lambda plans: plans["configurations"]["3d_fullres"].update(spacing=[6.0, 6.0, 6.0]),
+            "work at a spacing of 6 x 6 x 6 mm (plans.json), where this task's models work at 3 mm",
+        ),
+    ],
+    ids=["another-dataset", "another-spacing"],
+)
+def test_weights_of_another_dataset_in_a_tasks_folder_are_refused(total_fast_test_weights, tmp_path, change, reason):
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    weights = _copy_of(total_fast_test_weights, tmp_path)
+    (folder,) = model_folders("total_fast", weights)
+    _rewrite_plans(folder.path, change)
+
+    with pytest.raises(ModelUnavailable) as refused:
+        TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    assert reason in str(refused.value)
+
+
+def test_a_checkpoint_that_does_not_fit_the_labels_is_refused_with_the_layer_sizes(total_fast_test_weights, tmp_path):
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+    from inference.weights import write_manifest
+
+    weights = _copy_of(total_fast_test_weights, tmp_path)
+    (folder,) = model_folders("total_fast", weights)
+    described = json.loads((folder.path / "dataset.json").read_text())
+    described["labels"]["one_more_structure"] = max(described["labels"].values()) + 1
+    (folder.path / "dataset.json").write_text(json.dumps(described))
+    write_manifest(folder.path)
+
+    with pytest.raises(ModelUnavailable) as refused:
+        TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    message = str(refused.value)
+    assert "checkpoint_final.pth does not fit the network that" in message
+    assert "layer(s) differ in size, e.g." in message and "in the checkpoint" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n", None],
+    ids=["empty", "git-lfs-pointer", "cut-short"],
+)
+def test_a_damaged_checkpoint_is_called_damaged_not_dangerous(tmp_path, content):
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    whole = _data_checkpoint()
+    checkpoint.write_bytes(whole[: len(whole) // 2] if content is None else content)
+
+    with pytest.raises(UnsafeWeights) as refused:
+        load_checkpoint(checkpoint)
+    assert str(refused.value) == (
+        f"{checkpoint} is not a readable PyTorch checkpoint (damaged, cut short, or a Git LFS pointer in place of "
+        "the file); import the weights again"
+    )
 
 
 def test_a_model_load_that_finds_the_disk_full_is_left_to_wait_not_failed_for_good(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ is refused with :class:`UnsafeWeights`; the predictor is then set up with nnU-Ne
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import pickle
 from pathlib import Path
@@ -46,8 +48,8 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read an nnU-Net checkpoint as data only.
+def load_checkpoint(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """Read an nnU-Net checkpoint as data only: the file at ``path``, or ``data`` already read from it.
 
     Raises
     ------
@@ -57,24 +59,51 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     import torch
 
+    not_readable = (
+        f"{path} is not a readable PyTorch checkpoint (damaged, cut short, or a Git LFS pointer in place of the "
+        "file); import the weights again"
+    )
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(
+                io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True
+            )
     except pickle.UnpicklingError as exc:
         blocked = _blocked_name(str(exc))
+        if blocked is None:
+            raise UnsafeWeights(not_readable) from None
         raise UnsafeWeights(
-            f"{path} holds Python objects other than weights{f' ({blocked})' if blocked else ''}; loading it "
-            "could run code, so it was refused. Use the published TotalSegmentator weights."
+            f"{path} holds Python objects other than weights ({blocked}); loading it could run code, so it was "
+            "refused. Use the published TotalSegmentator weights."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UnsafeWeights(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise UnsafeWeights(not_readable) from None
     if not isinstance(checkpoint, dict) or not {"network_weights", "trainer_name", "init_args"} <= set(checkpoint):
         raise UnsafeWeights(f"{path} is not an nnU-Net checkpoint (network_weights, trainer_name or init_args missing)")
     return checkpoint
 
 
-def read_weights_json(path: Path) -> dict[str, Any]:
-    """A weights folder's JSON file (dataset.json, plans.json) as a dict.
+def read_weights_file(path: Path) -> bytes:
+    """A weights file's bytes.
+
+    Raises
+    ------
+    UnsafeWeights
+        If it is missing or cannot be read.
+    """
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UnsafeWeights(f"the weights file {path} is missing; import the weights again") from None
+    except OSError as exc:
+        raise UnsafeWeights(
+            f"the weights file {path} cannot be read ({exc.strerror}); import the weights again"
+        ) from None
+
+
+def read_weights_json(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """A weights folder's JSON file (dataset.json, plans.json) as a dict: the file at ``path``, or ``data`` read
+    from it.
 
     Raises
     ------
@@ -82,13 +111,7 @@ def read_weights_json(path: Path) -> dict[str, Any]:
         If it cannot be read, is not JSON, or is not a JSON object.
     """
     try:
-        value = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise UnsafeWeights(f"the weights file {path} is missing; import the weights again") from None
-    except OSError as exc:
-        raise UnsafeWeights(
-            f"the weights file {path} cannot be read ({exc.strerror}); import the weights again"
-        ) from None
+        value = json.loads(read_weights_file(path) if data is None else data)
     except json.JSONDecodeError as exc:
         raise UnsafeWeights(
             f"the weights file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}); import the weights again"
@@ -117,16 +140,24 @@ def check_network_classes(configuration_manager: Any, path: Path) -> None:
             )
 
 
-def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> None:
-    """Set up an ``nnUNetPredictor`` from a trainer folder (fold 0), as nnU-Net would, without unpickling code."""
+def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> dict[str, str]:
+    """Set up an ``nnUNetPredictor`` from a trainer folder (fold 0), as nnU-Net would, without unpickling code.
+
+    Each file is read once; returns the SHA-256 of the bytes the predictor was built from, by file name
+    (``plans.json``, ``dataset.json``, ``fold_0/checkpoint_final.pth``), so the caller can tell whether they
+    are the files it identified.
+    """
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = read_weights_json(folder / "dataset.json")
-    plans = read_weights_json(folder / "plans.json")
-    checkpoint = load_checkpoint(folder / "fold_0" / checkpoint_name)
+    names = ("plans.json", "dataset.json", f"fold_0/{checkpoint_name}")
+    contents = {name: read_weights_file(folder / name) for name in names}
+    loaded = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    dataset_json = read_weights_json(folder / "dataset.json", contents.pop("dataset.json"))
+    plans = read_weights_json(folder / "plans.json", contents.pop("plans.json"))
+    checkpoint = load_checkpoint(folder / "fold_0" / checkpoint_name, contents.pop(f"fold_0/{checkpoint_name}"))
     configuration_name = (
         checkpoint["init_args"].get("configuration") if isinstance(checkpoint["init_args"], dict) else None
     )
@@ -154,6 +185,12 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
         enable_deep_supervision=False,
     )
     parameters = [checkpoint["network_weights"]]
+    misfit = _misfit(network.state_dict(), parameters[0])
+    if misfit is not None:
+        raise UnsafeWeights(
+            f"{folder / 'fold_0' / checkpoint_name} does not fit the network that {folder / 'plans.json'} and "
+            f"dataset.json describe ({misfit}); install the weights of one release"
+        )
     network.load_state_dict(parameters[0])
     predictor.manual_initialization(
         network,
@@ -164,6 +201,29 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
         trainer_name,
         checkpoint.get("inference_allowed_mirroring_axes"),
     )
+    return loaded
+
+
+def _misfit(expected: dict[str, Any], weights: Any) -> str | None:
+    """How a checkpoint's weights differ from the layers of the network built from plans.json, in words."""
+    if not isinstance(weights, dict):
+        return "its network_weights are not a table of layers"
+    missing = [name for name in expected if name not in weights]
+    extra = [name for name in weights if name not in expected]
+    resized = [
+        name
+        for name in expected
+        if name in weights and tuple(getattr(weights[name], "shape", ())) != tuple(expected[name].shape)
+    ]
+    if resized:
+        name = resized[0]
+        return (
+            f"{len(resized)} layer(s) differ in size, e.g. {name}: {tuple(weights[name].shape)} in the checkpoint, "
+            f"{tuple(expected[name].shape)} from the plans and labels"
+        )
+    if missing or extra:
+        return f"{len(missing)} layer(s) missing from the checkpoint and {len(extra)} it has that the network lacks"
+    return None
 
 
 def _blocked_name(message: str) -> str | None:
@@ -171,8 +231,3 @@ def _blocked_name(message: str) -> str | None:
         if "Unsupported global" in line or "GLOBAL" in line:
             return line.strip().removeprefix("WeightsUnpickler error: ").strip()
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "unreadable"

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
-from inference.weights import ModelFolder, converted_model_directory, file_sha256, installed_hashes
+from inference.weights import ModelFolder, converted_model_directory, file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class ConvertedModelFiles:
     record: Path
 
     @classmethod
-    def for_folder(cls, folder: ModelFolder) -> ConvertedModelFiles:
-        hashes = installed_hashes(folder.path)
+    def for_folder(cls, folder: ModelFolder, hashes: dict[str, str]) -> ConvertedModelFiles:
+        """The cache files of the network built from the files with these SHA-256 (those actually read)."""
         digest = _folder_digest(hashes)
         directory = converted_model_directory(folder.path)
         stem = f"Dataset{folder.dataset_id}-{digest[:16]}-ov{runtime_version()}"
@@ -107,7 +107,9 @@ def _folder_digest(hashes: dict[str, str]) -> str:
     return combined.hexdigest()
 
 
-def load_or_convert(network: Any, folder: ModelFolder, patch_size: tuple[int, ...], outputs: int) -> tuple[Any, bool]:
+def load_or_convert(
+    network: Any, folder: ModelFolder, patch_size: tuple[int, ...], outputs: int, hashes: dict[str, str]
+) -> tuple[Any, bool]:
     """The OpenVINO model of ``network``, read from the cache or converted (and cached) now.
 
     Returns the model and whether it came from the cache. A cache that is missing, damaged,
@@ -116,7 +118,7 @@ def load_or_convert(network: Any, folder: ModelFolder, patch_size: tuple[int, ..
     """
     import openvino
 
-    files = ConvertedModelFiles.for_folder(folder)
+    files = ConvertedModelFiles.for_folder(folder, hashes)
     input_shape = (1, 1, *patch_size)
     cached = _read_cache(files, input_shape, outputs)
     if cached is not None:

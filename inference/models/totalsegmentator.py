@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ import numpy as np
 from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
-from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, file_states, identify, model_folders
+from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, identify, model_folders
 
 LOG = logging.getLogger(__name__)
 TASK_SPACING_MM = {"total": 1.5, "total_fast": 3.0}
@@ -64,7 +65,6 @@ class TotalSegmentatorModel:
     ) -> None:
         try:
             folders = model_folders(task, weights_directory)
-            identified_files = file_states(folders)
             self.weights = identify(task, folders)
         except (WeightsMissing, WeightsCorrupt) as exc:
             raise ModelUnavailable(str(exc)) from None
@@ -98,7 +98,8 @@ class TotalSegmentatorModel:
             self.software_versions["openvino"] = _package_version("openvino")
         self.is_test_weights = self.weights.test_weights
         self.predictors = []
-        for folder in folders:
+        compiled: list[OpenVINOPrecisions] = []
+        for folder, identified in zip(folders, self.weights.folder_hashes, strict=True):
             with _quiet():  # "perform_everything_on_device ... only supported for cuda" on CPU
                 predictor = nnUNetPredictor(
                     tile_step_size=tile_step_size,
@@ -111,11 +112,18 @@ class TotalSegmentatorModel:
                     allow_tqdm=False,
                 )
             try:
-                initialize_predictor(predictor, folder.path)
+                loaded = initialize_predictor(predictor, folder.path)
             except UnsafeWeights as exc:
                 raise ModelUnavailable(str(exc)) from None
+            if loaded != identified:
+                raise ModelUnavailable(
+                    f"the weight files in {folder.path} changed while the {task} model was loading (a weights "
+                    "import at the same time?), so the results could not say which weights made them; it was not "
+                    "loaded: start the worker again"
+                )
+            _check_dataset(predictor, folder, self.spacing_mm)
             if backend == "openvino":
-                self.precision = _use_openvino(predictor, folder, precision, cpu_threads, self.spacing_mm)
+                compiled.append(_use_openvino(predictor, folder, loaded, precision, cpu_threads, self.spacing_mm))
             lookup = None
             expected = self.classes
             if task == "total":
@@ -130,12 +138,8 @@ class TotalSegmentatorModel:
                     "named wrongly; install the weights and the totalsegmentator package of one release"
                 )
             self.predictors.append((predictor, lookup))
-        if file_states(folders) != identified_files:
-            raise ModelUnavailable(
-                f"the weight files in {weights_directory} changed while the {task} model was loading (a weights "
-                "import at the same time?), so the results could not say which weights made them; it was not "
-                "loaded: start the worker again"
-            )
+        if compiled:
+            self.precision = _one_precision(compiled, [predictor for predictor, _ in self.predictors])
 
     def segment(self, volume: Volume) -> Segmentation:
         from totalsegmentator.alignment import as_closest_canonical, undo_canonical
@@ -197,10 +201,62 @@ def predict_label_map(predictor: Any, image: np.ndarray, properties: dict[str, A
         raise
 
 
+@dataclass(frozen=True)
+class OpenVINOPrecisions:
+    """One network compiled for OpenVINO: the precision it runs in, and its FP32 compilation."""
+
+    used: str
+    fp32: Any
+
+
+def _one_precision(compiled: list[OpenVINOPrecisions], predictors: list[Any]) -> str:
+    """The precision every network of the task runs in. Each of the ``total`` task's five networks is checked
+    for BF16 on its own; where they disagree, all run in FP32, so the results name the precision of every part."""
+    used = {part.used for part in compiled}
+    if len(used) == 1:
+        return used.pop()
+    from inference.models.openvino_backend import OpenVINONetwork, use_streams
+
+    LOG.info(
+        "Not every network of this model kept its labels in BF16 (%s): all of them run in FP32.",
+        ", ".join(part.used for part in compiled),
+    )
+    for predictor, part in zip(predictors, compiled, strict=True):
+        predictor.network = OpenVINONetwork(part.fp32, "fp32")
+        use_streams(predictor)
+    return "fp32"
+
+
+def _check_dataset(predictor: Any, folder: ModelFolder, spacing_mm: float) -> None:
+    """Refuse weights installed under another dataset's folder: their plans name another dataset, or another
+    spacing than the task's (a 6 mm model under the 3 mm folder would be named as the 3 mm one)."""
+    dataset_folder = folder.path.parent.name
+    planned = str(getattr(predictor.plans_manager, "dataset_name", "") or "")
+    if planned.split("_")[0] != f"Dataset{folder.dataset_id}":  # the id: a release may rename the rest
+        raise ModelUnavailable(
+            f"the weights in {folder.path} were made for {planned or 'an unnamed dataset'} (plans.json "
+            f"dataset_name), not for {dataset_folder}, the folder they are installed in: the results would name "
+            "other weights than those that made them; install the release zip of that dataset"
+        )
+    spacing = [float(value) for value in predictor.configuration_manager.spacing]
+    if any(abs(value - spacing_mm) > 0.05 for value in spacing):
+        raise ModelUnavailable(
+            f"the weights in {folder.path} work at a spacing of {' x '.join(f'{v:g}' for v in spacing)} mm "
+            f"(plans.json), where this task's models work at {spacing_mm:g} mm; install the release zip of "
+            f"{dataset_folder}"
+        )
+
+
 def _use_openvino(
-    predictor: Any, folder: ModelFolder, precision: str, cpu_threads: int | None, spacing_mm: float
-) -> str:
-    """Put an OpenVINO-compiled copy of the predictor's network in its place; returns the precision used."""
+    predictor: Any,
+    folder: ModelFolder,
+    hashes: dict[str, str],
+    precision: str,
+    cpu_threads: int | None,
+    spacing_mm: float,
+) -> OpenVINOPrecisions:
+    """Put an OpenVINO-compiled copy of the predictor's network in its place (cached under ``hashes``, those of
+    the files the network was built from); returns the precision used and the FP32 compilation."""
     try:
         from inference.models import openvino_backend as backend
     except ImportError as exc:
@@ -209,7 +265,7 @@ def _use_openvino(
     outputs = int(predictor.label_manager.num_segmentation_heads)
     threads = cpu_threads or os.cpu_count() or 1
     try:
-        model, _cached = backend.load_or_convert(predictor.network, folder, patch_size, outputs)
+        model, _cached = backend.load_or_convert(predictor.network, folder, patch_size, outputs, hashes)
         streams = min(backend.TILES_IN_FLIGHT, threads)
         fp32 = backend.compile_model(model, "fp32", threads, streams)
 
@@ -235,7 +291,7 @@ def _use_openvino(
     predictor.network = backend.OpenVINONetwork(compiled, used)
     predictor.list_of_parameters = [{}]  # the weights are in the compiled model now
     backend.use_streams(predictor)
-    return used
+    return OpenVINOPrecisions(used, fp32)
 
 
 def _resolve_backend(requested: str, device_type: str) -> str:
