@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Delivery, Job, JobEvent, JobState, Series, as_utc, utcnow
@@ -509,9 +509,29 @@ def is_partial_warning(warning: str) -> bool:
     return PARTIAL_WARNING.match(warning) is not None
 
 
-def set_stage(session: Session, job_id: int, stage: str) -> None:
-    """Record the stage a worker has reached on a job (one cheap UPDATE; read after a worker death)."""
-    session.execute(update(Job).where(Job.id == job_id).values(stage=stage))
+def set_stage(session: Session, job_id: int, stage: str, worker: str | None = None, attempt: int | None = None) -> None:
+    """Record the stage a worker has reached on a job (one cheap UPDATE; read after a worker death).
+
+    With ``worker`` (and ``attempt``), only while that claim holds the job: a worker whose lease was taken over
+    never writes its stage over the new claim's.
+    """
+    query = update(Job).where(Job.id == job_id)
+    if worker is not None:
+        query = query.where(Job.state == S.PROCESSING, Job.claimed_by == worker)
+    if attempt is not None:
+        query = query.where(Job.attempts == attempt)
+    session.execute(query.values(stage=stage).execution_options(synchronize_session=False))
+
+
+def database_now(session: Session) -> datetime:
+    """The time leases are counted in: the database server's clock on PostgreSQL, which every host shares (a host
+    whose clock runs ahead would otherwise write leases that run out late, or sweep others' early); this host's
+    on SQLite, whose processes all run on one host."""
+    if session.get_bind().dialect.name == "postgresql":
+        moment = session.scalar(select(func.statement_timestamp()))
+        if isinstance(moment, datetime):
+            return as_utc(moment)
+    return utcnow()
 
 
 def next_claimable_series_id(session: Session, now: datetime | None = None) -> int | None:
@@ -529,7 +549,7 @@ def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | 
     the claim itself is a conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count
     must be 1, so a job claimed meanwhile is left alone.
     """
-    moment = now or utcnow()
+    moment = now or database_now(session)
     candidate = session.scalars(
         select(Job)
         .where(claimable(moment))
@@ -547,7 +567,7 @@ def claim(session: Session, job: Job, worker: str, lease: timedelta, now: dateti
 
     One conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count must be 1.
     """
-    moment = now or utcnow()
+    moment = now or database_now(session)
     reason = f"claimed by worker {worker}"
     claimed = cast(
         "CursorResult[Any]",
@@ -576,19 +596,20 @@ def claim(session: Session, job: Job, worker: str, lease: timedelta, now: dateti
     return True
 
 
-def renew_lease(session: Session, job_id: int, worker: str, until: datetime) -> bool:
-    """Extend ``worker``'s lease on a job it is processing; False when the job is no longer its own.
+def renew_lease(session: Session, job_id: int, worker: str, lease: timedelta, attempt: int | None = None) -> bool:
+    """Extend ``worker``'s lease on a job it is processing (claim number ``attempt`` if given) to ``lease`` from
+    now by the database's clock; False when the job is no longer its own.
 
     (Re-opened by a late instance, or queued again after the lease ran out: the worker's
     result will be discarded.)
     """
+    query = update(Job).where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
+    if attempt is not None:
+        query = query.where(Job.attempts == attempt)
     renewed = cast(
         "CursorResult[Any]",
         session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
-            .values(lease_expires_at=until)
-            .execution_options(synchronize_session=False)
+            query.values(lease_expires_at=database_now(session) + lease).execution_options(synchronize_session=False)
         ),
     )
     return renewed.rowcount == 1
@@ -632,7 +653,7 @@ def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
     On PostgreSQL the rows are locked (``SKIP LOCKED``), so two workers sweeping at once
     never both queue one job again.
     """
-    moment = now or utcnow()
+    moment = now or database_now(session)
     query = (
         select(Job)
         .where(Job.state == S.PROCESSING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < moment)
@@ -698,5 +719,7 @@ def node_restarted(session: Session, job: Job) -> None:
 
 def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:
     """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed."""
-    late = ((now or utcnow()) - as_utc(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
+    late = (
+        ((now or database_now(session)) - as_utc(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
+    )
     return worker_died(session, job, max_deaths, detail=f", its lease having run out {late:.0f} s ago")

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import record_results
-from db.models import Instance, Job, Series, as_utc, utcnow
+from db.models import Instance, Job, Series, as_utc
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
@@ -255,7 +255,7 @@ class InferenceWorker:
             model=claim.model_name,
         )
         self.current = claim
-        heartbeat = LeaseHeartbeat(self, claim.job_id)
+        heartbeat = LeaseHeartbeat(self, claim.job_id, claim.attempt)
         heartbeat.start()
         try:
             result = run_pipeline(
@@ -279,11 +279,12 @@ class InferenceWorker:
                 return []
             return [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series_id))]
 
-    def renew_lease(self, job_id: int) -> bool:
-        """Extend this worker's lease on ``job_id``; False when the job is no longer its own."""
-        until = utcnow() + timedelta(seconds=self.settings.inference.lease_seconds)
+    def renew_lease(self, job_id: int, attempt: int | None = None) -> bool:
+        """Extend this worker's lease on ``job_id`` (its claim number ``attempt``); False when the job is no longer
+        its own."""
+        lease = timedelta(seconds=self.settings.inference.lease_seconds)
         with transaction(self.sessions) as session:
-            return jobs.renew_lease(session, job_id, self.identity, until)
+            return jobs.renew_lease(session, job_id, self.identity, lease, attempt)
 
     def _record_stage(self, claim: ClaimedJob, stage: str) -> None:
         """Record the stage this job is in (read by whoever finds this worker dead).
@@ -293,7 +294,7 @@ class InferenceWorker:
 
         def record() -> None:
             with transaction(self.sessions) as session:
-                jobs.set_stage(session, claim.job_id, stage)
+                jobs.set_stage(session, claim.job_id, stage, self.identity, claim.attempt)
 
         retry_when_locked(
             record,
@@ -401,9 +402,10 @@ class InferenceWorker:
 class LeaseHeartbeat:
     """A thread renewing the worker's lease on one job every ``inference.lease_renew_seconds`` until stopped."""
 
-    def __init__(self, worker: InferenceWorker, job_id: int) -> None:
+    def __init__(self, worker: InferenceWorker, job_id: int, attempt: int | None = None) -> None:
         self.worker = worker
         self.job_id = job_id
+        self.attempt = attempt
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
 
@@ -418,7 +420,7 @@ class LeaseHeartbeat:
         interval = self.worker.settings.inference.lease_renew_seconds
         while not self._stopped.wait(interval):
             try:
-                if not self.worker.renew_lease(self.job_id):
+                if not self.worker.renew_lease(self.job_id, self.attempt):
                     log_event(
                         LOG,
                         logging.WARNING,

@@ -266,8 +266,9 @@ def test_a_clock_stepped_forward_does_not_take_the_job_of_a_worker_still_renewin
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.PROCESSING and job.claimed_by == "busy-host:1" and job.worker_deaths == 0
 
-    time.sleep(1.1)  # the busy worker stops renewing: now its lease stays run out for a whole lease period
-    assert sweep_with_the_clock_ahead() == 1
+    # The busy worker stops renewing: now its lease stays run out for a whole lease period (by the sweeper's clock
+    # on SQLite; on PostgreSQL leases are counted by the database server's clock, which the sweeper cannot step).
+    wait_for(lambda: sweep_with_the_clock_ahead() == 1, timeout=10, interval=0.5, what="the abandoned lease")
     with sessions() as session:
         assert session.scalars(select(Job)).one().state is JobState.QUEUED
 
@@ -390,3 +391,56 @@ def test_compose_services_run_commands_the_cli_has_with_settings_the_node_accept
     assert gpus == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert services["worker"]["environment"]["DICOM_NODE_INFERENCE__DEVICE"] == "cuda"
     assert "postgresql" in dockerfile.split("pip install", 1)[1].split("\n")[0]  # the image has the driver
+
+
+def test_a_dead_workers_lease_runs_out_by_the_databases_clock_whatever_its_hosts_clock_said(
+    tmp_path, postgresql_url, monkeypatch
+):
+    """The claiming host's clock ran ten minutes ahead: its lease must still run out two lease periods after it
+    died, as counted by the clock every host shares (the database server's), not ten minutes later."""
+    migrate(postgresql_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        database={"url": postgresql_url},
+        inference={"lease_seconds": 1, "lease_renew_seconds": 0.5},
+    )
+    sessions = make_session_factory(make_engine(postgresql_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    true_now = jobs.utcnow
+    monkeypatch.setattr(jobs, "utcnow", lambda: true_now() + timedelta(minutes=10))
+    ahead = InferenceWorker(settings, sessions, "clock-ahead-host:7")
+    claim = ahead.claim()
+    assert claim is not None and ahead.renew_lease(claim.job_id, claim.attempt)
+    monkeypatch.setattr(jobs, "utcnow", true_now)  # the host with the clock ahead is gone; the others' clocks are true
+    other = InferenceWorker(settings, sessions, "other-host:1")
+
+    wait_for(lambda: other.requeue_expired_leases() == 1, timeout=30, interval=0.5, what="the dead worker's lease")
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.QUEUED and job.worker_deaths == 1
+
+
+def test_a_worker_whose_claim_was_taken_over_no_longer_renews_or_writes_its_stage(tmp_path, database_url):
+    """Two claims under one worker id (containers sharing a host name and pid): the old claim's heartbeat must not
+    keep the new claim's lease alive, nor write its stage over the new claim's."""
+    migrate(database_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"}, database={"url": database_url}, inference={"lease_seconds": 60}
+    )
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    first = InferenceWorker(settings, sessions, "node:8")
+    old = first.claim()
+    assert old is not None
+    with sessions.begin() as session:
+        job = session.get(Job, old.job_id)
+        assert job is not None
+        jobs.change_state(session, job, JobState.QUEUED, "queued again for the test")
+    new = InferenceWorker(settings, sessions, "node:8").claim()
+    assert new is not None and new.attempt == old.attempt + 1
+
+    assert not first.renew_lease(old.job_id, old.attempt)
+    first._record_stage(old, "encode")
+    with sessions() as session:
+        job = session.get(Job, new.job_id)
+        assert job is not None and job.stage == "claimed" and job.attempts == new.attempt
