@@ -240,3 +240,76 @@ def open_database(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_S
     """Migrate the schema to the newest revision and return a session factory."""
     migrate(url)
     return make_session_factory(make_engine(url, busy_timeout_seconds))
+
+
+NODE_LOCK_KEY = 7_316_002
+"""PostgreSQL advisory lock held by the one ``dicom-node serve`` of a database for as long as it runs."""
+
+
+class NodeLock:
+    """Held by the one ``dicom-node serve`` of a database while it runs.
+
+    Two nodes on one database (a rolling update that starts the new node before the old one stops, a
+    second node started by mistake) would each dispatch every result: the PACS would get every file twice.
+    On PostgreSQL the lock is a session advisory lock on a connection of its own (given back by the server
+    when the node's process or host dies); on SQLite an exclusive ``flock`` on ``<database>.serve-lock``
+    beside the database file (given back by the kernel when the process dies). Workers do not take it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._connection: Connection | None = None
+        self._engine: Engine | None = None
+        self._file: int | None = None
+
+    @property
+    def lock_file(self) -> Path | None:
+        """The SQLite lock file; None for PostgreSQL or an in-memory database."""
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return None
+        return Path(str(parsed.database)).with_name(Path(str(parsed.database)).name + ".serve-lock")
+
+    def try_take(self) -> bool:
+        """Take the lock if no other node holds it; True when this node holds it now."""
+        if make_url(self.url).get_backend_name() == "postgresql":
+            return self._try_advisory_lock()
+        path = self.lock_file
+        if path is None:
+            return True
+        import fcntl
+        import os
+
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        self._file = descriptor
+        return True
+
+    def _try_advisory_lock(self) -> bool:
+        self._engine = self._engine or create_engine(self.url, poolclass=NullPool)
+        connection = self._engine.connect()
+        taken = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": NODE_LOCK_KEY}).scalar())
+        connection.commit()  # a session lock outlives the transaction: the connection holds it
+        if not taken:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (at a clean stop; a dead process gives it back by itself)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._file is not None:
+            import os
+
+            os.close(self._file)
+            self._file = None

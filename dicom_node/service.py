@@ -125,6 +125,7 @@ class RunningNode:
     sessions: sessionmaker[Session]
     retention: RetentionTask
     console: ConsoleServer | None = None
+    node_lock: db_session.NodeLock | None = None
 
     def stop(self) -> None:
         if self.console is not None:
@@ -134,6 +135,8 @@ class RunningNode:
         self.workers.stop()
         self.dispatcher.stop()
         self.retention.stop()
+        if self.node_lock is not None:
+            self.node_lock.release()
         log_event(LOG, logging.INFO, "node.stopped")
 
 
@@ -281,6 +284,7 @@ def start_node(settings: Settings) -> RunningNode:
     """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher."""
     _warn_about_open_doors(settings)
     sessions = open_database(settings)
+    node_lock = take_node_lock(settings)
     store = InstanceStore(
         settings.storage.directory,
         fsync=settings.storage.fsync,
@@ -319,7 +323,45 @@ def start_node(settings: Settings) -> RunningNode:
         sessions=sessions,
         retention=retention,
         console=console,
+        node_lock=node_lock,
     )
+
+
+NODE_LOCK_RETRY_SECONDS = 2.0
+NODE_LOCK_LOG_SECONDS = 60.0
+
+
+def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db_session.NodeLock:
+    """Wait until no other ``dicom-node serve`` runs on this database, then hold its lock while this one runs.
+
+    Nothing is repaired, received, dispatched or purged before: two nodes on one database would send every
+    result twice. Logged once a minute while waiting. ``give_up_after`` (seconds) raises DatabaseUnavailable
+    instead of waiting longer (for tests and one-off commands).
+    """
+    lock = db_session.NodeLock(settings.database_url)
+    started = time.monotonic()
+    logged = -NODE_LOCK_LOG_SECONDS
+    while not lock.try_take():
+        waited = time.monotonic() - started
+        where = lock.lock_file or "this PostgreSQL database"
+        if give_up_after is not None and waited >= give_up_after:
+            raise DatabaseUnavailable(
+                f"another dicom-node serve is running on {where}; only one may (two would send every result twice)"
+            )
+        if waited - logged >= NODE_LOCK_LOG_SECONDS:
+            logged = waited
+            log_event(
+                LOG,
+                logging.WARNING,
+                "node.waiting_for_other_node",
+                database=str(where),
+                waited_seconds=round(waited),
+                note="another dicom-node serve is running on this database; this one starts once it has stopped "
+                "(two nodes on one database would send every result twice). Workers on other hosts run `dicom-node "
+                "worker`, not `serve`",
+            )
+        time.sleep(NODE_LOCK_RETRY_SECONDS)
+    return lock
 
 
 def _start_console(

@@ -444,3 +444,44 @@ def test_a_worker_whose_claim_was_taken_over_no_longer_renews_or_writes_its_stag
     with sessions() as session:
         job = session.get(Job, new.job_id)
         assert job is not None and job.stage == "claimed" and job.attempts == new.attempt
+
+
+def test_one_serve_per_database_the_second_waits_for_the_first(tmp_path, database_url):
+    """Two nodes on one database would each dispatch every result (the PACS would get every file twice)."""
+    from dicom_node.service import DatabaseUnavailable, take_node_lock
+
+    migrate(database_url)
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": database_url})
+    first = take_node_lock(settings, give_up_after=0)
+    try:
+        with pytest.raises(DatabaseUnavailable, match=r"another dicom-node serve is running on .*; only one may"):
+            take_node_lock(settings, give_up_after=0.5)
+    finally:
+        first.release()
+    take_node_lock(settings, give_up_after=0).release()  # given back at the first one's stop
+
+
+def test_a_second_serve_on_the_same_database_starts_only_once_the_first_has_stopped(tmp_path, start_node):
+    node = start_node(rules=CT_RULES)
+    second = subprocess.Popen(
+        [DICOM_NODE, "serve", "--config", str(node.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(5)
+        assert second.poll() is None  # waiting, not failed
+        node.stop()  # the first node goes: the second takes over
+        lines: list[str] = []
+        assert second.stdout is not None
+        for line in second.stdout:
+            lines.append(line)
+            if "node.ready" in line:
+                break
+        text = "".join(lines)
+        assert "another dicom-node serve is running on this database; this one starts once it has stopped" in text
+        assert text.index("node.waiting_for_other_node") < text.index("node.storage_checked")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
