@@ -619,22 +619,68 @@ def weights_list(config: ConfigOption = None) -> None:
             console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
 
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Install into the weights_directory of this configured model (default: the node's weights folder).",
+    ),
+]
+
+
+def _weights_target(settings: Settings, model: str | None) -> tuple[Path, str | None]:
+    """The folder ``weights import/download`` install into, and the task of ``--model`` (if given)."""
+    if model is None:
+        return settings.weights_directory, None
+    with_weights = [name for name, m in settings.models.items() if m.kind == "totalsegmentator"]
+    known = ", ".join(with_weights) or "none configured"
+    configured = settings.models.get(model)
+    if configured is None or configured.kind != "totalsegmentator":
+        what = "is not configured" if configured is None else f"is a {configured.kind} model, which needs no weights"
+        errors.print(
+            f"--model {_peer(repr(model))} {what} (the TotalSegmentator models in the configuration: {escape(known)})",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    return configured.weights_directory or settings.weights_directory, configured.task
+
+
 @weights_app.command("download")
 def weights_download(
     config: ConfigOption = None,
-    task: Annotated[str, typer.Option(help="total (five 1.5 mm models) or total_fast (one 3 mm model).")] = "total",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="total (five 1.5 mm models) or total_fast (one 3 mm model); default: the --model's task, else total."
+        ),
+    ] = None,
+    model: ModelOption = None,
 ) -> None:
-    """Download a task's weights from TotalSegmentator's releases (needs network access)."""
-    from inference.weights import download
+    """Download a task's weights from TotalSegmentator's releases (needs network access).
+
+    A model folder already there is kept as it is (TotalSegmentator's downloader skips it); one whose files
+    changed since they were installed is refused, and nothing is downloaded.
+    """
+    from inference.weights import TASK_DATASETS, WeightsCorrupt, download
 
     settings = _settings(config)
+    folder, model_task = _weights_target(settings, model)
+    task = task or model_task or "total"
+    if task not in TASK_DATASETS:
+        errors.print(f"--task {_peer(repr(task))} is not a task (known: {', '.join(TASK_DATASETS)})", highlight=False)
+        raise typer.Exit(2)
+    there_before = {d for _id, d, _t in TASK_DATASETS[task] if (folder / d).exists()}
     try:
-        folders = download(task, settings.weights_directory)
+        folders = download(task, folder)
+    except WeightsCorrupt as exc:
+        errors.print(f"download refused: {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - network, disk, or missing package: say which
         errors.print(escape(_describe_download_error(exc)), highlight=False)
         raise typer.Exit(1) from None
-    for folder in folders:
-        console.print(f"installed {folder}", highlight=False)
+    for installed_folder in folders:
+        kept = installed_folder.parent.name in there_before
+        console.print(f"{'already there' if kept else 'installed'} {installed_folder}", highlight=False)
 
 
 def _describe_download_error(exc: Exception) -> str:
@@ -692,12 +738,14 @@ def weights_import(
     sha256: Annotated[
         str | None, typer.Option(help="The release's published SHA-256; a different file is refused.")
     ] = None,
+    model: ModelOption = None,
 ) -> None:
     """Unpack a TotalSegmentator weights zip (carried to an offline machine) into the weights folder.
 
     Every checkpoint is read as data only before anything is installed; a file that would
-    run code when loaded is refused. The installed files' SHA-256 are recorded and checked
-    each time a model loads.
+    run code when loaded is refused, and so is a zip without the model folders the node loads.
+    A model folder already installed is replaced only once the new one is complete. The
+    installed files' SHA-256 are recorded and checked each time a model loads.
     """
     import zipfile
     import zlib
@@ -705,11 +753,12 @@ def weights_import(
     from inference.weights import WeightsCorrupt, import_zip
 
     settings = _settings(config)
+    folder, _task = _weights_target(settings, model)
     if archive.is_dir():
         errors.print(f"import failed: {escape(str(archive))} is a folder, not a zip file", highlight=False)
         raise typer.Exit(1)
     try:
-        added = import_zip(archive, settings.weights_directory, sha256=sha256)
+        added = import_zip(archive, folder, sha256=sha256)
     except (zipfile.BadZipFile, zlib.error, EOFError):
         errors.print(
             f"import failed: {escape(str(archive))} is not a zip file, or it is damaged (copy it again)",

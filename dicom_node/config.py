@@ -451,8 +451,8 @@ class TotalSegmentatorModelSettings(_Strict):
     task: Literal["total", "total_fast"] = "total"
     weights_directory: Path | None = Field(
         None,
-        description="Folder holding the Dataset... model folders; default $TOTALSEG_WEIGHTS_PATH, "
-        "else <storage>/weights.",
+        description="Folder holding the Dataset... model folders (relative to the config file); default "
+        "$TOTALSEG_WEIGHTS_PATH, else <storage>/weights.",
     )
     tile_step_size: float = Field(0.8, gt=0, le=1, description="Sliding-window step (TotalSegmentator: 0.8).")
     backend: Literal["auto", "torch", "openvino"] = Field(
@@ -745,6 +745,13 @@ def load_settings(path: Path | str | None = None) -> Settings:
     if path is not None and not settings.storage.directory.is_absolute():
         # Relative storage paths are relative to the config file, not to the cwd.
         settings.storage.directory = (path.parent / settings.storage.directory).resolve()
+    if path is not None:
+        for model in settings.models.values():
+            if not isinstance(model, TotalSegmentatorModelSettings) or model.weights_directory is None:
+                continue
+            if not model.weights_directory.is_absolute():
+                # A model's own weights folder too: relative to the config file, like storage.directory.
+                model.weights_directory = (path.parent / model.weights_directory).resolve()
     return settings
 
 

@@ -138,6 +138,7 @@ class ModelCache:
                     self.settings.weights_directory,
                     device=self.settings.inference.device,
                     cpu_threads=self.settings.inference.cpu_threads,
+                    name=name,
                 )
             except (ModelUnavailable, MemoryError):
                 raise

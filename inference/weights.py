@@ -19,11 +19,17 @@ so a result can always be traced to the exact files that made it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
+import os
 import shutil
+import stat
+import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -52,6 +58,12 @@ MAX_IMPORT_GIGABYTES = 20.0
 """Largest total unpacked size ``weights import`` accepts (the five ``total`` models are about 1.2 GB)."""
 TEST_WEIGHTS_MARKERS = ("synthetic test weights", "not a trained model", "randomly initialised", "untrained")
 """Words in a dataset.json's name or description that mark weights that must not be used clinically."""
+IMPORT_LOCK_NAME = ".import.lock"
+"""Beside the Dataset folders: held while an import swaps its folders in, so imports at the same time take turns."""
+MAX_JSON_MEGABYTES = 64
+"""Largest plans.json or dataset.json ``weights import`` reads (TotalSegmentator's are a few hundred kB)."""
+
+LOG = logging.getLogger(__name__)
 
 
 class WeightsMissing(RuntimeError):
@@ -72,8 +84,14 @@ class ModelFolder:
         return all((self.path / name).is_file() for name in REQUIRED_FILES)
 
 
-def model_folders(task: str, weights_directory: Path) -> list[ModelFolder]:
+def model_folders(task: str, weights_directory: Path, *, model: str | None = None) -> list[ModelFolder]:
     """The trainer folders a task needs, in order.
+
+    Parameters
+    ----------
+    model
+        The configured model's name, when the caller knows it: the commands the "missing" sentence names then
+        install into that model's weights folder (``--model NAME``).
 
     Raises
     ------
@@ -86,10 +104,17 @@ def model_folders(task: str, weights_directory: Path) -> list[ModelFolder]:
     missing = [f for f in folders if not f.complete]
     if missing:
         names = ", ".join(f"Dataset{f.dataset_id}" for f in missing)
+        target = f" --model {model}" if model else ""
+        hint = (
+            ""
+            if model
+            else " (add `--model NAME` to either command for a model whose configuration sets its own "
+            "weights_directory)"
+        )
         raise WeightsMissing(
-            f"TotalSegmentator weights for task {task!r} are missing in {weights_directory} ({names}). "
-            f"On a connected machine run `dicom-node weights download --task {task}`; on an offline one copy "
-            f"the release zip(s) over and run `dicom-node weights import FILE.zip`."
+            f"TotalSegmentator weights for task {task!r} are missing in {weights_directory} ({names}): "
+            f"on a connected machine run `dicom-node weights download --task {task}{target}`, on an offline one "
+            f"copy the release zip(s) over and run `dicom-node weights import FILE.zip{target}`{hint}."
         )
     return folders
 
@@ -113,10 +138,17 @@ def import_zip(
     Raises
     ------
     ValueError
-        If the zip is not a weights zip (no ``Dataset.../<trainer>/fold_0/checkpoint_final.pth``),
-        has entries that would land outside the weights folder, or unpacks to more than ``max_gigabytes``.
+        If the zip is not a weights zip the node can use: no ``Dataset.../<trainer>/fold_0/checkpoint_final.pth``,
+        a dataset folder no task uses or without the trainer folder the node loads (plans.json, dataset.json and
+        checkpoint), a plans.json or dataset.json that is not a JSON object, an entry that is a symbolic link (or
+        any other non-file), an entry that would land outside the weights folder, more than ``max_gigabytes``
+        unpacked, or a checkpoint that could run code when loaded. Nothing is installed then.
     WeightsCorrupt
         If ``sha256`` is given and the archive's hash differs.
+
+    Each dataset folder is unpacked and checked in a staging folder of its own (so imports at the same time do
+    not meet), then swapped in: the installed folder is renamed aside, the new one renamed in, and only then is
+    the old one deleted; if anything fails the old folder is put back, so a working install is never missing.
     """
     if sha256 is not None:
         actual = file_sha256(archive)
@@ -126,45 +158,175 @@ def import_zip(
                 "the file is damaged or not the published release; nothing was installed"
             )
     with zipfile.ZipFile(archive) as bundle:
-        names = bundle.namelist()
-        for name in names:
-            parts = PurePosixPath(name).parts
-            if PurePosixPath(name).is_absolute() or ".." in parts:
-                raise ValueError(f"{archive}: unsafe entry {name!r}")
+        for info in bundle.infolist():
+            _refuse_unsafe_entry(archive, info)
         unpacked = sum(info.file_size for info in bundle.infolist())
         if unpacked > max_gigabytes * 1024**3:
             raise ValueError(
                 f"{archive}: unpacks to {unpacked / 1024**3:.1f} GB, more than the {max_gigabytes:g} GB a weights "
                 "release can be; nothing was installed"
             )
-        checkpoints = [n for n in names if n.endswith("fold_0/checkpoint_final.pth")]
-        datasets = sorted(
-            {PurePosixPath(n).parts[0] for n in checkpoints if PurePosixPath(n).parts[0].startswith("Dataset")}
-        )
-        if not datasets:
-            raise ValueError(
-                f"{archive}: not a TotalSegmentator weights zip (no Dataset*/…/fold_0/checkpoint_final.pth)"
-            )
-        weights_directory.mkdir(parents=True, exist_ok=True)
-        staging = weights_directory / f".import-{archive.stem}"
-        shutil.rmtree(staging, ignore_errors=True)
-        bundle.extractall(staging)
+        checkpoints = [n for n in bundle.namelist() if n.endswith("fold_0/checkpoint_final.pth")]
+        datasets = _usable_datasets(archive, bundle)
+    weights_directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=weights_directory))
+    keep_staging = False  # only when a replaced folder could not be put back: it is still in there
     try:
-        _refuse_unsafe_checkpoints(staging, checkpoints)
-    except Exception:
-        shutil.rmtree(staging, ignore_errors=True)
+        unpacked_folder = staging / "unpacked"
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(unpacked_folder)
+        _refuse_unsafe_checkpoints(unpacked_folder, checkpoints)
+        new_folders = [unpacked_folder / dataset for dataset in datasets]
+        for trainer_folder in _trainer_folders(new_folders):
+            write_manifest(trainer_folder)
+        with _swap_lock(weights_directory):
+            _swap_in(new_folders, weights_directory, staging / "replaced")
+    except _Stranded:
+        keep_staging = True
         raise
-    added = []
+    finally:
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [weights_directory / dataset for dataset in datasets]
+
+
+def _refuse_unsafe_entry(archive: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse an entry that would unpack outside the weights folder, or that is not a plain file or folder."""
+    name = info.filename
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(
+            f"{archive}: unsafe entry {name!r} (it would unpack outside the weights folder), so nothing was "
+            "installed; use the release zip as published"
+        )
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file"
+        raise ValueError(
+            f"{archive}: entry {name!r} is {what}, which a weights release never holds, so nothing was installed; "
+            "use the release zip as published"
+        )
+
+
+def _usable_datasets(archive: Path, bundle: zipfile.ZipFile) -> list[str]:
+    """The zip's dataset folders, each checked to hold the trainer folder the node loads, with JSON that parses.
+
+    Raises
+    ------
+    ValueError
+        Naming the archive, the folder or file, and what to do; nothing is installed then.
+    """
+    expected = {folder: trainer for entries in TASK_DATASETS.values() for _id, folder, trainer in entries}
+    files = {info.filename: info for info in bundle.infolist() if not info.is_dir()}
+    datasets = sorted(
+        {
+            PurePosixPath(name).parts[0]
+            for name in files
+            if len(PurePosixPath(name).parts) > 1 and PurePosixPath(name).parts[0].startswith("Dataset")
+        }
+    )
+    if not datasets:
+        raise ValueError(
+            f"{archive}: not a TotalSegmentator weights zip (no Dataset*/…/fold_0/checkpoint_final.pth), so "
+            "nothing was installed"
+        )
     for dataset in datasets:
-        target = weights_directory / dataset
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / dataset).rename(target)
-        added.append(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    for trainer_folder in _trainer_folders(added):
-        write_manifest(trainer_folder)
-    return added
+        trainer = expected.get(dataset)
+        if trainer is None:
+            known = ", ".join(sorted({f"Dataset{i}" for entries in TASK_DATASETS.values() for i, _d, _t in entries}))
+            raise ValueError(
+                f"{archive} holds {dataset}, which none of the node's tasks uses (they use {known}), so nothing was "
+                "installed; use the TotalSegmentator release zip of the task you need"
+            )
+        lacking = [name for name in REQUIRED_FILES if f"{dataset}/{trainer}/{name}" not in files]
+        if lacking:
+            others = sorted(
+                {
+                    PurePosixPath(name).parts[1]
+                    for name in files
+                    if PurePosixPath(name).parts[0] == dataset
+                    and len(PurePosixPath(name).parts) > 2
+                    and PurePosixPath(name).parts[1] != trainer
+                }
+            )
+            instead = f" (it holds {', '.join(others)} instead)" if others else ""
+            raise ValueError(
+                f"{archive}: {dataset}/{trainer}/ lacks {', '.join(lacking)}{instead}, and the node loads only that "
+                f"folder, so nothing was installed; use the TotalSegmentator release zip of {dataset}"
+            )
+        for name in ("plans.json", "dataset.json"):
+            _refuse_unusable_json(archive, bundle, files[f"{dataset}/{trainer}/{name}"])
+    return datasets
+
+
+def _refuse_unusable_json(archive: Path, bundle: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse a plans.json or dataset.json that is too large or not a JSON object."""
+    if info.file_size > MAX_JSON_MEGABYTES * 1024**2:
+        raise ValueError(
+            f"{archive}: {info.filename} unpacks to {info.file_size / 1024**2:.0f} MB, more than the "
+            f"{MAX_JSON_MEGABYTES} MB such a file can be, so nothing was installed; use the release zip as published"
+        )
+    try:
+        content = json.loads(bundle.read(info))
+    except (ValueError, RecursionError):
+        content = None
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"{archive}: {info.filename} is not a JSON object as nnU-Net writes it, so nothing was installed; "
+            "the zip is damaged or not a TotalSegmentator release (copy it again)"
+        )
+
+
+@contextlib.contextmanager
+def _swap_lock(weights_directory: Path) -> Iterator[None]:
+    """Held while folders are swapped in: imports at the same time take turns (their renames would collide)."""
+    import fcntl
+
+    with open(weights_directory / IMPORT_LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+class _Stranded(OSError):
+    """A failed import could not put a replaced weights folder back; the message says where it is."""
+
+
+def _swap_in(new_folders: Sequence[Path], weights_directory: Path, aside: Path) -> None:
+    """Rename each new dataset folder into the weights folder, the folder it replaces renamed into ``aside`` first.
+
+    On any failure the new folders already in place go back to ``aside`` and the replaced ones are renamed back,
+    then the error is raised again (:class:`_Stranded` if one could not be put back: ``aside`` must be kept then).
+    """
+    aside.mkdir()
+    replaced: list[tuple[Path, Path]] = []  # (installed path, where it was put aside)
+    put_in: list[Path] = []
+    try:
+        for new in new_folders:
+            target = weights_directory / new.name
+            if target.exists() or target.is_symlink():
+                old = aside / new.name
+                target.rename(old)
+                replaced.append((target, old))
+            new.rename(target)
+            put_in.append(target)
+    except BaseException:
+        for target in put_in:
+            with contextlib.suppress(OSError):
+                target.rename(aside / f"{target.name}.new")
+        stranded = []
+        for target, old in replaced:
+            try:
+                old.rename(target)
+            except OSError:
+                stranded.append((target, old))
+        if stranded:
+            where = ", ".join(f"{old} (it belongs at {target})" for target, old in stranded)
+            raise _Stranded(
+                f"the weights import failed and the weights that were installed could not be put back: move {where} "
+                "back by hand"
+            ) from None
+        raise
 
 
 def _refuse_unsafe_checkpoints(staging: Path, checkpoints: Sequence[str]) -> None:
@@ -175,7 +337,8 @@ def _refuse_unsafe_checkpoints(staging: Path, checkpoints: Sequence[str]) -> Non
         try:
             load_checkpoint(staging / name)
         except UnsafeWeights as exc:
-            raise ValueError(f"{str(exc).replace(str(staging / name), name)} Nothing was installed.") from None
+            reason = str(exc).replace(str(staging / name), name).rstrip(". ")
+            raise ValueError(f"{reason}. Nothing was installed.") from None
 
 
 def _trainer_folders(dataset_folders: Sequence[Path]) -> list[Path]:
@@ -196,11 +359,27 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {name: file_sha256(folder / name) for name in REQUIRED_FILES}
 
 
-def write_manifest(folder: Path) -> dict[str, str]:
-    """Record the folder's file hashes as installed (at import or download)."""
-    hashes = folder_hashes(folder)
+def write_manifest(folder: Path, hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """Record the folder's file hashes (``hashes``, else computed now) as installed (at import or download).
+
+    The manifest is written beside the files under a temporary name and renamed into place, so a full disk never
+    leaves half a manifest.
+
+    Raises
+    ------
+    OSError
+        If it cannot be written (a read-only folder, a full disk).
+    """
+    hashes = folder_hashes(folder) if hashes is None else hashes
     manifest = {"files": hashes, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    partial = folder / f".{MANIFEST_NAME}.{os.getpid()}.partial"
+    try:
+        partial.write_text(json.dumps(manifest, indent=2))
+        os.replace(partial, folder / MANIFEST_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
     return hashes
 
 
@@ -208,7 +387,9 @@ def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
     """The folder's file hashes, checked against its manifest.
 
     Returns the hashes and whether a manifest existed; a folder put in place by hand
-    (no manifest) gets one now, so later changes are caught.
+    (no manifest) gets one now, so later changes are caught. Where the folder is read-only
+    (a worker with the weights mounted read-only) the computed hashes are used and a warning
+    is logged: changes to those files go unnoticed until a manifest is written.
 
     Raises
     ------
@@ -217,13 +398,22 @@ def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
     """
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
-        return write_manifest(folder), False
-    try:
-        recorded = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        raise WeightsCorrupt(f"the weights manifest {manifest_path} is unreadable; import the weights again") from None
+        hashes = folder_hashes(folder)
+        try:
+            write_manifest(folder, hashes)
+        except OSError as exc:
+            reason = (exc.strerror or "it cannot be written").lower()
+            LOG.warning(
+                "The weights folder %s has no manifest (%s) and this process cannot write one there (%s), so the "
+                "model uses the files as they are now; changes to them will not be detected until a manifest is "
+                "written, e.g. by `dicom-node weights import` where the folder is writable.",
+                folder,
+                MANIFEST_NAME,
+                reason,
+            )
+        return hashes, False
     hashes = folder_hashes(folder)
-    changed = [name for name in REQUIRED_FILES if recorded.get(name) != hashes[name]]
+    changed = _changed_since_install(folder, hashes)
     if changed:
         raise WeightsCorrupt(
             f"weights in {folder} changed since they were installed ({', '.join(changed)} differ from the recorded "
@@ -232,13 +422,23 @@ def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
     return hashes, True
 
 
-def installed_hashes(folder: Path) -> dict[str, str]:
-    """The file hashes a trainer folder's manifest records (verified by :func:`identify` when a model loads)."""
+def _changed_since_install(folder: Path, hashes: dict[str, str] | None = None) -> list[str]:
+    """The required files whose hash (``hashes``, else computed now) differs from the folder's manifest.
+
+    Raises
+    ------
+    WeightsCorrupt
+        If the manifest is unreadable.
+    """
     manifest_path = folder / MANIFEST_NAME
     try:
-        return dict(json.loads(manifest_path.read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return verify_folder(folder)[0]
+        recorded = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(recorded, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise WeightsCorrupt(f"the weights manifest {manifest_path} is unreadable; import the weights again") from None
+    hashes = folder_hashes(folder) if hashes is None else hashes
+    return [name for name in REQUIRED_FILES if recorded.get(name) != hashes[name]]
 
 
 def converted_model_directory(folder: Path) -> Path:
@@ -305,22 +505,6 @@ def identify(task: str, folders: Sequence[ModelFolder]) -> WeightsIdentity:
     return WeightsIdentity(task, datasets, combined.hexdigest(), test_weights, tuple(every_folder))
 
 
-def file_states(folders: Sequence[ModelFolder]) -> tuple[tuple[str, int, int, int], ...]:
-    """Each weight file's path, inode, size and modification time: equal before identification and after loading
-    means the files loaded are the ones identified (a ``weights import`` meanwhile changes them)."""
-    states = []
-    for folder in folders:
-        for name in REQUIRED_FILES:
-            path = folder.path / name
-            try:
-                stat = path.stat()
-            except OSError:
-                states.append((str(path), -1, -1, -1))
-                continue
-            states.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    return tuple(states)
-
-
 def is_test_weights(dataset_json: Path) -> bool:
     """Whether a model's dataset.json describes synthetic, random or untrained weights."""
     try:
@@ -344,18 +528,87 @@ def installed(weights_directory: Path) -> dict[str, bool]:
 
 
 def download(task: str, weights_directory: Path) -> list[Path]:
-    """Fetch a task's weights with TotalSegmentator's own downloader (needs network access)."""
-    import os
+    """Fetch a task's weights with TotalSegmentator's own downloader (needs network access); returns the task's
+    trainer folders.
 
-    os.environ["TOTALSEG_WEIGHTS_PATH"] = str(weights_directory)
-    weights_directory.mkdir(parents=True, exist_ok=True)
+    TotalSegmentator's downloader keeps a dataset folder that exists, so each one already there is checked first:
+    one whose files differ from its manifest, or that lacks files, is refused before anything is downloaded (a
+    manifest written over it would approve the changed files). Manifests are written only for the folders this
+    download added; what the downloader prints is logged (INFO), not printed.
+
+    Raises
+    ------
+    WeightsCorrupt
+        If a dataset folder already there holds weights changed since they were installed, or is incomplete.
+    WeightsMissing
+        If the totalsegmentator package is missing, or the download left a folder incomplete.
+    """
+    if task not in TASK_DATASETS:
+        raise ValueError(f"unknown TotalSegmentator task {task!r} (known: {', '.join(TASK_DATASETS)})")
+    for _id, dataset, trainer in TASK_DATASETS[task]:
+        if (weights_directory / dataset).exists():
+            _refuse_kept_folder(weights_directory / dataset, trainer)
     try:
         from totalsegmentator.libs import download_pretrained_weights
     except ImportError as exc:
         raise WeightsMissing(f"the totalsegmentator package is needed to download weights: {exc}") from None
-    for dataset_id, _dataset, _trainer in TASK_DATASETS[task]:
-        download_pretrained_weights(dataset_id)
-    folders = [f.path for f in model_folders(task, weights_directory)]
-    for folder in folders:
+    os.environ["TOTALSEG_WEIGHTS_PATH"] = str(weights_directory)
+    weights_directory.mkdir(parents=True, exist_ok=True)
+    added = []
+    for dataset_id, dataset, trainer in TASK_DATASETS[task]:
+        existed = (weights_directory / dataset).exists()
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                download_pretrained_weights(dataset_id)
+        finally:
+            for line in printed.getvalue().splitlines():
+                if line.strip():
+                    LOG.info("TotalSegmentator: %s", line.strip())
+        if not existed:
+            added.append((weights_directory / dataset, trainer))
+    for dataset_folder, trainer in added:
+        folder = dataset_folder / trainer
+        lacking = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+        if lacking:
+            raise WeightsMissing(
+                f"the download of {dataset_folder.name} left {folder} without {', '.join(lacking)}: move "
+                f"{dataset_folder} aside and run the download again, or import the release zip with "
+                "`dicom-node weights import FILE.zip`"
+            )
         write_manifest(folder)
-    return folders
+    return [weights_directory / dataset / trainer for _id, dataset, trainer in TASK_DATASETS[task]]
+
+
+def _refuse_kept_folder(dataset_folder: Path, trainer: str) -> None:
+    """Refuse a dataset folder TotalSegmentator's downloader would keep as it is, if it is not what was installed.
+
+    Raises
+    ------
+    WeightsCorrupt
+        If its trainer folder lacks files, or its files differ from its manifest (one without a manifest is
+        left for the model to record when it first loads, as a folder put in place by hand).
+    """
+    folder = dataset_folder / trainer
+    keeps = (
+        "and TotalSegmentator's downloader keeps a folder that exists, so nothing was downloaded: move that folder "
+        "aside (or delete it) and run the download again"
+    )
+    lacking = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if lacking:
+        raise WeightsCorrupt(
+            f"{dataset_folder} already exists but {trainer}/ in it lacks {', '.join(lacking)}, {keeps}"
+        )
+    if not (folder / MANIFEST_NAME).is_file():
+        return
+    try:
+        changed = _changed_since_install(folder)
+    except WeightsCorrupt:
+        raise WeightsCorrupt(
+            f"{dataset_folder} already holds weights whose manifest ({trainer}/{MANIFEST_NAME}) is unreadable, {keeps}"
+        ) from None
+    if changed:
+        raise WeightsCorrupt(
+            f"{dataset_folder} already holds weights that changed since they were installed ({', '.join(changed)} "
+            f"differ from the recorded SHA-256), {keeps}"
+        )

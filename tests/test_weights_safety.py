@@ -244,6 +244,17 @@ def _settings_with_a_ts_rule(tmp_path):
     )
 
 
+def test_a_model_with_its_own_weights_folder_missing_its_weights_names_the_command_for_that_folder(tmp_path):
+    from dicom_node import pipeline
+    from inference.models import ModelUnavailable
+
+    cache = pipeline.ModelCache(_settings_with_a_ts_rule(tmp_path))
+    with pytest.raises(ModelUnavailable) as missing:
+        cache.get("ts", {})
+    assert f"missing in {tmp_path / 'w'}" in str(missing.value)
+    assert "`dicom-node weights import FILE.zip --model ts`" in str(missing.value)
+
+
 def test_a_model_that_fails_to_load_in_an_unforeseen_way_is_unavailable_with_a_sentence(tmp_path, monkeypatch):
     """Whatever goes wrong while loading, the worker keeps serving and the jobs say why (no crash loop)."""
     from dicom_node import pipeline

@@ -69,9 +69,9 @@ HALF_PRECISION_OVERFLOW = (
 
 
 def load_model(
-    settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None
+    settings, weights_directory: Path, device: str = "auto", cpu_threads: int | None = None, name: str | None = None
 ) -> SegmentationModel:
-    """Build the model a ``models:`` entry describes."""
+    """Build the model a ``models:`` entry (named ``name``) describes."""
     if settings.kind == "threshold":
         from inference.models.threshold import ThresholdModel
 
@@ -88,5 +88,6 @@ def load_model(
             tile_step_size=settings.tile_step_size,
             backend=settings.backend,
             precision=settings.precision,
+            model_name=name if settings.weights_directory else None,
         )
     raise ModelUnavailable(f"unknown model kind {settings.kind!r}")

@@ -62,9 +62,10 @@ class TotalSegmentatorModel:
         tile_step_size: float = 0.8,
         backend: str = "torch",
         precision: str = "auto",
+        model_name: str | None = None,
     ) -> None:
         try:
-            folders = model_folders(task, weights_directory)
+            folders = model_folders(task, weights_directory, model=model_name)  # the name: its own weights folder
             self.weights = identify(task, folders)
         except (WeightsMissing, WeightsCorrupt) as exc:
             raise ModelUnavailable(str(exc)) from None

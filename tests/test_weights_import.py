@@ -1,0 +1,406 @@
+"""Installing weights: `weights import` and `weights download` install only what the node can use, never lose a
+working install, and approve nothing that changed after it was installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import load_settings
+from inference.weights import (
+    IMPORT_LOCK_NAME,
+    MANIFEST_NAME,
+    TASK_DATASETS,
+    WeightsCorrupt,
+    WeightsMissing,
+    file_sha256,
+    folder_hashes,
+    identify,
+    import_zip,
+    model_folders,
+    verify_folder,
+)
+from tests.conftest import DICOM_NODE, ROOT, require_extra
+
+_ID, DATASET, TRAINER = TASK_DATASETS["total_fast"][0]
+OTHER_TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+def run(*args: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DICOM_NODE, *args, "--config", str(config)], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def make_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n{extra}")
+    return config
+
+
+def release_entries(weights: Path) -> dict[str, bytes]:
+    """The files of the total_fast release, as a zip holds them (``Dataset297_.../<trainer>/...``)."""
+    return {
+        path.relative_to(weights).as_posix(): path.read_bytes()
+        for path in sorted((weights / DATASET).rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def write_zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    """A zip of ``entries``; each of ``links`` (name -> target) is stored as a symbolic link, as `zip -y` does."""
+    with zipfile.ZipFile(path, "w") as bundle:
+        for name, content in entries.items():
+            bundle.writestr(name, content)
+        for name, target in (links or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            bundle.writestr(info, target)
+    return path
+
+
+@pytest.fixture
+def release(total_fast_test_weights, tmp_path) -> dict[str, bytes]:
+    require_extra("torch")
+    return release_entries(total_fast_test_weights)
+
+
+@pytest.fixture
+def installed(release, tmp_path) -> Path:
+    """A working total_fast install in <storage>/weights (imported from the release zip); returns the weights folder."""
+    weights = tmp_path / "storage" / "weights"
+    import_zip(write_zip(tmp_path / f"{DATASET}.zip", release), weights)
+    assert identify("total_fast", model_folders("total_fast", weights))
+    return weights
+
+
+def _fingerprint(weights: Path) -> dict[str, str]:
+    """Every file of the installed dataset folder and its SHA-256 (what a refused import must leave as it was)."""
+    return {
+        path.relative_to(weights).as_posix(): file_sha256(path)
+        for path in sorted((weights / DATASET).rglob("*"))
+        if path.is_file()
+    }
+
+
+def _no_staging_left(weights: Path) -> bool:
+    """Only the dataset folder (and the lock imports take turns with) in the weights folder: no ``.import-…``."""
+    return sorted(p.name for p in weights.iterdir() if p.name != IMPORT_LOCK_NAME) == [DATASET]
+
+
+# 1. weights download never approves weights changed after they were installed.
+
+
+def test_download_refuses_a_folder_whose_weights_changed_since_install_and_keeps_its_manifest(installed, tmp_path):
+    require_extra("totalsegmentator")
+    checkpoint = installed / DATASET / TRAINER / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # changed after install
+    manifest = installed / DATASET / TRAINER / MANIFEST_NAME
+    recorded = manifest.read_bytes()
+
+    result = run("weights", "download", "--task", "total_fast", config=make_config(tmp_path))
+
+    assert result.returncode == 1, result.stdout
+    assert str(installed / DATASET) in result.stderr
+    assert "fold_0/checkpoint_final.pth differ from the recorded SHA-256" in result.stderr
+    assert "move that folder aside (or delete it) and run the download again" in result.stderr
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+    assert manifest.read_bytes() == recorded
+    with pytest.raises(WeightsCorrupt, match="changed since they were installed"):
+        identify("total_fast", model_folders("total_fast", installed))
+
+
+def test_download_writes_no_manifest_for_a_folder_it_did_not_add(total_fast_test_weights, tmp_path):
+    """TotalSegmentator's downloader keeps a folder that exists: the download must not record it as installed
+    (a model records a folder placed by hand when it first loads, as before)."""
+    require_extra("totalsegmentator")
+    weights = tmp_path / "storage" / "weights"
+    shutil.copytree(total_fast_test_weights / DATASET, weights / DATASET)
+    for manifest in weights.rglob(MANIFEST_NAME):
+        manifest.unlink()
+
+    result = run("weights", "download", "--task", "total_fast", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert f"already there {weights / DATASET / TRAINER}" in result.stdout
+    assert not (weights / DATASET / TRAINER / MANIFEST_NAME).exists()
+
+
+def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
+    require_extra("totalsegmentator")
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy", "TOTALSEG_WEIGHTS_PATH"):
+        env.pop(name, None)
+
+    result = run("weights", "download", "--task", "total_fast", config=make_config(tmp_path), env=env)
+
+    assert result.returncode == 1
+    assert result.stdout == ""  # TotalSegmentator prints "Downloading model for Task 297 ..." here
+    assert "cannot download the weights from github.com" in result.stderr
+
+
+# 2. weights import refuses a zip the node cannot use, and never loses the working install.
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        (
+            "other-trainer",
+            rf"{DATASET}/{TRAINER}/ lacks plans\.json, dataset\.json, fold_0/checkpoint_final\.pth \(it holds "
+            rf"{OTHER_TRAINER} instead\), and the node loads only that folder, so nothing was installed",
+        ),
+        ("symlink", rf"entry '{DATASET}/{TRAINER}/dataset\.json' is a symbolic link, .* so nothing was installed"),
+        ("plans-not-json", rf"{DATASET}/{TRAINER}/plans\.json is not a JSON object .*, so nothing was installed"),
+        ("dataset-a-list", rf"{DATASET}/{TRAINER}/dataset\.json is not a JSON object .*, so nothing was installed"),
+        ("unknown-dataset", r"holds Dataset999_Other, which none of the node's tasks uses \(they use Dataset291, "),
+    ],
+)
+def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
+    installed, release, tmp_path, kind, said
+):
+    before = _fingerprint(installed)
+    plans = f"{DATASET}/{TRAINER}/plans.json"
+    description = f"{DATASET}/{TRAINER}/dataset.json"
+    links = None
+    if kind == "other-trainer":
+        entries = {name.replace(TRAINER, OTHER_TRAINER): content for name, content in release.items()}
+    elif kind == "symlink":
+        entries = {name: content for name, content in release.items() if name != description}
+        links = {description: "/etc/passwd"}
+    elif kind == "plans-not-json":
+        entries = {**release, plans: b"not json at all"}
+    elif kind == "dataset-a-list":
+        entries = {**release, description: b"[1, 2, 3]"}
+    else:
+        entries = {**release, **{n.replace(DATASET, "Dataset999_Other"): c for n, c in release.items()}}
+    archive = write_zip(tmp_path / f"{kind}.zip", entries, links)
+
+    result = run("weights", "import", str(archive), config=make_config(tmp_path))
+
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"import failed: {archive}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one sentence
+    assert re.search(said, result.stderr), result.stderr
+    assert "imported" not in result.stdout
+    assert _fingerprint(installed) == before
+    assert _no_staging_left(installed)
+    identify("total_fast", model_folders("total_fast", installed))  # still verifies
+
+
+def test_import_replaces_a_working_install_only_with_a_complete_one(installed, release, tmp_path):
+    checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
+    stale = installed / DATASET / TRAINER / "stale-file"
+    stale.write_text("from the old install")
+    newer = dict(release)
+    newer[f"{DATASET}/{TRAINER}/plans.json"] = json.dumps(json.loads(release[f"{DATASET}/{TRAINER}/plans.json"]))
+    archive = write_zip(tmp_path / f"{DATASET}.zip", newer)
+
+    result = run("weights", "import", str(archive), config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"imported {installed / DATASET}"
+    assert not stale.exists()  # the old folder was replaced as a whole
+    assert (installed / checkpoint).read_bytes() == release[checkpoint]
+    hashes, had_manifest = verify_folder(installed / DATASET / TRAINER)
+    assert had_manifest and hashes == folder_hashes(installed / DATASET / TRAINER)
+    assert _no_staging_left(installed)
+
+
+# 3. Imports at the same time do not share a staging folder; a failed one leaves none behind.
+
+
+def test_imports_of_archives_with_the_same_name_at_the_same_time_both_install_whole_weights(release, tmp_path):
+    weights = tmp_path / "weights"
+    archives = []
+    for n in range(4):
+        (tmp_path / f"copy{n}").mkdir()
+        archives.append(write_zip(tmp_path / f"copy{n}" / f"{DATASET}.zip", release))
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(archives))
+
+    def install(archive: Path) -> None:
+        start.wait()
+        try:
+            import_zip(archive, weights)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=install, args=(archive,)) for archive in archives]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+
+    assert not failures, failures
+    identify("total_fast", model_folders("total_fast", weights))
+    assert _no_staging_left(weights)
+
+
+def test_an_import_that_fails_while_unpacking_leaves_no_staging_folder_and_the_install_as_it_was(
+    installed, release, tmp_path
+):
+    archive = write_zip(tmp_path / f"{DATASET}.zip", release)
+    data = bytearray(archive.read_bytes())
+    checkpoint = release[f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"]
+    offset = bytes(data).index(checkpoint[-4096:])
+    data[offset : offset + 16] = bytes(16)  # damaged in transit: the CRC check fails while unpacking
+    archive.write_bytes(bytes(data))
+    before = _fingerprint(installed)
+
+    result = run("weights", "import", str(archive), config=make_config(tmp_path))
+
+    assert result.returncode == 1
+    assert f"import failed: {archive} is not a zip file, or it is damaged (copy it again)" in result.stderr
+    assert _fingerprint(installed) == before
+    assert _no_staging_left(installed)
+
+
+# 4. A model with its own weights folder: --model installs there, and the "missing" sentence says so.
+
+
+def test_import_and_download_install_into_the_weights_folder_of_the_model_named(release, tmp_path):
+    own = tmp_path / "own"
+    config = make_config(
+        tmp_path,
+        f"models:\n  ts: {{kind: totalsegmentator, task: total_fast, weights_directory: {own}}}\n"
+        "  base: {kind: threshold}\n",
+    )
+    archive = write_zip(tmp_path / f"{DATASET}.zip", release)
+
+    imported = run("weights", "import", str(archive), "--model", "ts", config=config)
+    unknown = run("weights", "import", str(archive), "--model", "tss", config=config)
+    threshold = run("weights", "download", "--model", "base", config=config)
+
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == f"imported {own / DATASET}"
+    identify("total_fast", model_folders("total_fast", own))
+    assert not (tmp_path / "storage" / "weights" / DATASET).exists()
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (
+        "--model 'tss' is not configured (the TotalSegmentator models in the configuration: ts)"
+    )
+    assert threshold.returncode == 2
+    assert "--model 'base' is a threshold model, which needs no weights" in threshold.stderr
+
+
+def test_download_with_model_uses_that_models_folder_and_task(installed, tmp_path):
+    require_extra("totalsegmentator")
+    config = make_config(
+        tmp_path, f"models:\n  ts: {{kind: totalsegmentator, task: total_fast, weights_directory: {installed}}}\n"
+    )
+    default_folder = tmp_path / "elsewhere"
+    env = {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(default_folder)}
+
+    result = run("weights", "download", "--model", "ts", config=config, env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"already there {installed / DATASET / TRAINER}"
+    assert not default_folder.exists()
+
+
+def test_the_missing_weights_sentence_names_the_command_that_installs_where_the_model_looks(tmp_path):
+    with pytest.raises(WeightsMissing) as named:
+        model_folders("total_fast", tmp_path / "own", model="ts")
+    with pytest.raises(WeightsMissing) as unnamed:
+        model_folders("total_fast", tmp_path / "own")
+
+    assert "`dicom-node weights download --task total_fast --model ts`" in str(named.value)
+    assert "`dicom-node weights import FILE.zip --model ts`" in str(named.value)
+    assert "add `--model NAME` to either command for a model whose configuration sets its own" in str(unnamed.value)
+    for sentence in (str(named.value), str(unnamed.value)):
+        assert sentence.count(". ") == 0 and sentence.endswith(".")
+
+
+# 5. A weights folder the worker may only read, with no manifest: the model loads, and a warning says why.
+
+_VERIFY_AS_WORKER = """
+import logging, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+from inference.weights import model_folders, verify_folder
+(folder,) = model_folders("total_fast", Path(sys.argv[1]))
+hashes, had_manifest = verify_folder(folder.path)
+print(hashes["fold_0/checkpoint_final.pth"], had_manifest)
+"""
+
+
+def test_a_read_only_weights_folder_without_a_manifest_is_used_with_a_warning(total_fast_test_weights):
+    top = Path(tempfile.mkdtemp(prefix="read-only-weights-"))  # outside pytest's private (0700) folder
+    try:
+        weights = top / "weights"
+        shutil.copytree(total_fast_test_weights / DATASET, weights / DATASET)
+        for manifest in weights.rglob(MANIFEST_NAME):
+            manifest.unlink()  # as TotalSegmentator's own download leaves it
+        for path in (top, *top.rglob("*")):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        worker = [sys.executable, "-c", _VERIFY_AS_WORKER, str(weights), str(ROOT)]
+        if os.geteuid() == 0:  # root may write anywhere: run as an unprivileged worker user
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("setpriv is needed to run the check as an unprivileged user")
+            worker = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *worker]
+        folder = weights / DATASET / TRAINER
+
+        result = subprocess.run(
+            worker, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(top)}, cwd=top
+        )
+
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [file_sha256(folder / "fold_0" / "checkpoint_final.pth"), "False"]
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+        assert len(warnings) == 1, result.stderr
+        expected = f"The weights folder {folder} has no manifest ({MANIFEST_NAME}) and this process cannot write"
+        assert expected in warnings[0]
+        assert "changes to them will not be detected until a manifest is written" in warnings[0]
+        assert not (folder / MANIFEST_NAME).exists()
+    finally:
+        for path in (top, *top.rglob("*")):
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def test_a_writable_folder_without_a_manifest_gets_one_and_no_warning(total_fast_test_weights, tmp_path, caplog):
+    shutil.copytree(total_fast_test_weights / DATASET, tmp_path / DATASET)
+    for manifest in tmp_path.rglob(MANIFEST_NAME):
+        manifest.unlink()
+    folder = tmp_path / DATASET / TRAINER
+
+    with caplog.at_level(logging.WARNING, logger="inference.weights"):
+        hashes, had_manifest = verify_folder(folder)
+
+    assert not had_manifest and not caplog.records
+    assert json.loads((folder / MANIFEST_NAME).read_text())["files"] == hashes == folder_hashes(folder)
+    assert not list(folder.glob(f".{MANIFEST_NAME}*"))  # no partial file left beside it
+
+
+# 6. A relative weights_directory is relative to the config file, like storage.directory.
+
+
+def test_a_relative_model_weights_directory_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "config.yaml"
+    config.write_text(
+        "storage: {directory: data}\nmodels:\n  ts: {kind: totalsegmentator, task: total_fast, weights_directory: w}\n"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    settings = load_settings(config)
+
+    assert settings.models["ts"].weights_directory == tmp_path / "etc" / "w"  # type: ignore[union-attr]
+    assert settings.storage.directory == tmp_path / "etc" / "data"
