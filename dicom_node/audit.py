@@ -193,14 +193,55 @@ def _as_sent(text: str, limit: int = 16) -> str:
     return text if len(text) <= limit and text.isprintable() else shown(text, limit)
 
 
+def retrieval_outcome(last: int | None, sent: int, *, finished: bool, counted: int | None) -> StatusOutcome:
+    """What a C-MOVE or C-GET handler's run did, for the audit trail.
+
+    ``last`` is the last status it yielded, ``sent`` how many data sets it handed out to be sent, ``finished``
+    whether it ran to its end, ``counted`` the number of sub-operations it announced. A run that ends after its
+    pending statuses (pynetdicom then answers success) is a success; one that sent some and failed others (a
+    warning, 0xBxxx) or was stopped half-way is partial; one with nothing to send is a success with 0 instances.
+    """
+    if last == 0xFF00:
+        if finished:
+            return "success"
+        return "partial" if sent else "failed"
+    if last is None:
+        return "success" if counted == 0 else "failed"
+    if last & 0xF000 == 0xB000:
+        return "partial" if sent else "failed"
+    return status_outcome(last)
+
+
+STUDY_INSTANCE_UID_TAG = 0x0020000D
+
+
+def _study_of(dataset: Any) -> str | None:
+    """The StudyInstanceUID of a data set handed out to be sent, if it names one. A stored element is read as its
+    bytes, never converted: the data set goes out byte for byte as it was stored."""
+    try:
+        element = dataset.get_item(STUDY_INSTANCE_UID_TAG)
+        value = element.value if element is not None else None
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+    except Exception:  # noqa: BLE001 - an element that cannot be read: the study stays unknown
+        return None
+    text = str(value or "").rstrip("\x00 ").strip()
+    return _literal_uid({"StudyInstanceUID": text}, "StudyInstanceUID") if text else None
+
+
 def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessions: sessionmaker[Session]) -> Any:
-    """Wrap a C-FIND, C-MOVE or C-GET generator handler: one audit record when its request is answered."""
+    """Wrap a C-FIND, C-MOVE or C-GET generator handler: one audit record when its request is answered.
+
+    A C-MOVE or C-GET that sent instances of several studies leaves one record per study (its instances
+    counted), so that each study's trail shows the retrieval, however the peer selected it."""
     import functools
 
     @functools.wraps(handler)
     def wrapped(event: Any, *args: Any) -> Any:
         identifier = getattr(event, "identifier", None)
-        matches, last, refused_destination = 0, None, False
+        matches, last, refused_destination, finished = 0, None, False, False
+        counted: int | None = None
+        studies: Counter[str | None] = Counter()
         try:
             for value in handler(event, *args):
                 if isinstance(value, tuple) and len(value) == 2:
@@ -209,21 +250,39 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         refused_destination = True
                     elif first is not None:
                         last = _code(first)
-                        matches += last == 0xFF00 and dataset is not None
+                        if last == 0xFF00 and dataset is not None:
+                            matches += 1
+                            if action != "find":
+                                studies[_study_of(dataset)] += 1
+                elif isinstance(value, int) and counted is None:  # a C-MOVE or C-GET's number of sub-operations
+                    counted = value
                 yield value
+            finished = True
         finally:
             level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
-            detail = f"{_as_sent(level)} level, {matches} {'matches' if action == 'find' else 'instances'}"
+            if action == "find":
+                outcome = status_outcome(last)
+            else:
+                outcome = retrieval_outcome(last, matches, finished=finished, counted=counted)
+            if refused_destination:
+                outcome = "refused"
+            destination = ""
             if action == "move":
-                detail += f", to {_as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
-            record(
-                sessions,
-                action,
-                Peer.of(event.assoc),
-                "refused" if refused_destination else status_outcome(last),
-                study_instance_uid=_literal_uid(identifier, "StudyInstanceUID"),
-                instances=matches,
-                detail=detail,
-            )
+                destination = f", to {_as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
+            if not studies:  # nothing sent: the study the peer named, if it named one
+                studies[_literal_uid(identifier, "StudyInstanceUID")] = matches
+            for study, count in studies.items():
+                detail = f"{_as_sent(level)} level, {count} {'matches' if action == 'find' else 'instances'}"
+                if len(studies) > 1:
+                    detail += f" ({matches} in all, over {len(studies)} studies)"
+                record(
+                    sessions,
+                    action,
+                    Peer.of(event.assoc),
+                    outcome,
+                    study_instance_uid=study,
+                    instances=count,
+                    detail=detail + destination,
+                )
 
     return wrapped

@@ -10,6 +10,7 @@ import yaml
 from pydicom import config
 from pydicom.dataset import Dataset
 
+from db.models import AuditEvent
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.audit import Peer, StoreTally, association_ended, audited_retrieve, recent, record
 from tests.conftest import DICOM_NODE, wait_for
@@ -153,3 +154,78 @@ def test_a_retrieval_record_keeps_what_the_peer_sent_short(tmp_path):
         == f"{'X' * 16!r}... (900000 characters) level, 0 matches | None"
     )
     assert audited("move", "ST\rUDY", "1.2\r3", "DEST\x1b[2J") == "'ST?UDY' level, 0 instances, to 'DEST?[2J' | None"
+
+
+def _sent(study: str) -> Dataset:
+    dataset = Dataset()
+    dataset.StudyInstanceUID = study
+    return dataset
+
+
+def test_a_retrieval_that_sends_is_a_success_with_the_studies_it_sent_and_one_that_fails_some_is_partial(tmp_path):
+    """pynetdicom ends a C-GET or C-MOVE after the handler's last pending status: that last status (0xFF00) once
+    made every retrieval that sent its instances 'refused', and a retrieval by SeriesInstanceUID named no study."""
+    sessions = _sessions(tmp_path)
+    event = SimpleNamespace(identifier=Dataset(), assoc=_assoc("PLANNER", "10.0.0.7", 4000), move_destination="")
+    event.identifier.QueryRetrieveLevel, event.identifier.SeriesInstanceUID = "SERIES", "1.2.3.4"
+
+    def sends(event, *args):
+        yield 3
+        for study in ("1.2.3", "1.2.3", "1.2.9"):
+            yield 0xFF00, _sent(study)
+
+    def sends_some(event, *args):
+        yield 2
+        yield 0xFF00, _sent("1.2.3")
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = ["1.2.3.4.5"]
+        yield 0xB000, failed
+
+    def nothing_matches(event, *args):
+        yield 0
+
+    def run(handler) -> list[tuple[str | None, str, int]]:
+        list(audited_retrieve("get", handler, sessions)(event))
+        with sessions() as session:
+            rows = [(r.study_instance_uid, r.outcome, r.instances) for r in recent(session)]
+            session.execute(AuditEvent.__table__.delete())
+            session.commit()
+        return sorted(rows, key=lambda row: row[0] or "")
+
+    assert run(sends) == [("1.2.3", "success", 2), ("1.2.9", "success", 1)]
+    assert run(sends_some) == [("1.2.3", "partial", 1)]
+    assert run(nothing_matches) == [(None, "success", 0)]
+
+    generator = audited_retrieve("get", sends, sessions)(event)  # the association ends after the first instance
+    next(generator), next(generator)
+    generator.close()
+    with sessions() as session:
+        assert [(r.study_instance_uid, r.outcome, r.instances) for r in recent(session)] == [("1.2.3", "partial", 1)]
+
+
+@pytest.mark.integration
+def test_a_real_get_by_series_is_audited_as_a_success_under_its_study(tmp_path, start_node):
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import require_tool, storescu
+
+    peers = {
+        "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
+        "getter": {"ae_title": "GETTER", "hosts": ["127.0.0.1"], "roles": ["get"]},
+    }
+    node = start_node(peers=peers, completion={"quiet_seconds": 600})
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=3))
+    assert storescu(node.port, series.files).returncode == 0
+    out = tmp_path / "got"
+    out.mkdir()
+    command = [require_tool("getscu"), "-S", "-aet", "GETTER", "-aec", node.ae_title, "-od", str(out)]
+    command += ["-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series.series_instance_uid}"]
+    subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
+    assert len(list(out.iterdir())) == 3
+
+    def gets():
+        with node.sessions() as session:
+            return [(r.study_instance_uid, r.outcome, r.instances) for r in recent(session, actions=["get"])]
+
+    assert wait_for(gets, what="the C-GET's audit record") == [(series.study_instance_uid, "success", 3)]
+    listed = node.cli("audit", "--study", series.study_instance_uid, "--action", "get").stdout
+    assert "GETTER" in listed and "success" in listed, listed
