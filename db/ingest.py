@@ -225,6 +225,9 @@ def _instance_values(record: InstanceRecord) -> dict[str, object]:
         "size_bytes": record.size_bytes,
         "calling_ae_title": record.calling_ae_title,
         "received_at": record.received_at,
+        # whose image this is, whatever its study row says: "" for none (NULL is a row from before revision 0011)
+        "patient_id": record.study.patient_id or "",
+        "issuer_of_patient_id": record.study.issuer_of_patient_id,
     }
 
 

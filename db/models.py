@@ -120,6 +120,11 @@ class Instance(Base):
     size_bytes: Mapped[int]
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The instance's own patient, as its header gave it ("" for no PatientID): Query/Retrieve serves an instance
+    # only under its study's patient, never another patient's image filed under the same study or series UIDs.
+    # NULL on rows recorded before revision 0011 (taken to be the study's patient).
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

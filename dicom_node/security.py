@@ -681,12 +681,20 @@ class GuardedDUL(EventDrivenDUL):
         return None
 
     _accepted: dict[int, str] | None = None  # context ID -> abstract syntax, read at the first P-DATA-TF
+    _not_storing: str | None = None  # the admitted peer's name when it has no store role, read with _accepted
 
     def _data_set_limit(self, context_id: int, limits: Limits) -> tuple[int, str]:
-        """The most data set bytes one message may carry on this presentation context, and the refusal."""
+        """The most data set bytes one message may carry on this presentation context, and the refusal.
+
+        A peer without the ``store`` role sends no data set on a storage context (it only answers the C-STOREs
+        of its C-GETs, with commands alone): one that does is stopped at its first fragment, before the node
+        reads a data set it would refuse anyway."""
         if self._accepted is None:  # negotiated once, before any P-DATA-TF
             accepted = self.assoc.accepted_contexts
             self._accepted = {cx.context_id: str(cx.abstract_syntax) for cx in accepted if cx.context_id is not None}
+            peer = getattr(self.assoc, PEER_ATTRIBUTE, None)
+            if isinstance(peer, Peer) and not peer.may("store"):
+                self._not_storing = peer.name
         syntax = self._accepted.get(context_id)
         if syntax is None:
             return 0, f"a data set was sent on presentation context {context_id}, which was not accepted"
@@ -695,6 +703,12 @@ class GuardedDUL(EventDrivenDUL):
         if syntax.startswith(QUERY_RETRIEVE_PREFIX):
             return IDENTIFIER_BYTES, (
                 f"a query or retrieval identifier of more than {IDENTIFIER_BYTES / 1_000_000:g} MB was being sent"
+            )
+        if self._not_storing is not None:
+            return 0, (
+                f"peer {self._not_storing} has no store role, but sent a data set on a storage context (an image "
+                "for the node to store); it may only receive images, so the association was stopped before the "
+                "data set was read"
             )
         return limits.data_set_bytes, (
             f"a data set of more than {limits.data_set_bytes / 1_000_000:g} MB was being sent "

@@ -15,9 +15,10 @@ from db.ingest import (
     record_new_instances,
     record_results,
 )
-from db.models import Series, utcnow
+from db.models import Instance, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.retrieve.matching import (
+    AmbiguousPatient,
     QueryError,
     check_retrieval_keys,
     conditions,
@@ -274,3 +275,74 @@ def test_a_refusal_quotes_at_most_64_characters_of_what_the_peer_sent() -> None:
     assert messages[2].startswith("StudyInstanceUID '1.2*999") and messages[2].endswith(
         "(400004 characters) has a wildcard; a retrieval needs literal unique keys"
     )
+
+
+def test_another_patients_instance_filed_under_a_stored_series_is_never_answered_or_retrieved(sessions) -> None:
+    """A PACS sent patient P9's image with the Study and Series UIDs of P1's series 1.1.9: admission fails the
+    series, but the instance was recorded, and every query answered it (and every retrieval sent it) as P1's."""
+    foreign = StudyAttributes("1.1", patient_id="P9", patient_name="Other^Patient")
+    same_id_no_issuer = StudyAttributes("1.1", patient_id="P1", issuer_of_patient_id=None)
+    with transaction(sessions) as session:
+        record_instance(session, instance("1.1.9.9", "1.1.9", foreign, 9))
+        record_instance(session, instance("1.1.9.8", "1.1.9", same_id_no_issuer, 8))
+
+    assert answers(sessions, query("IMAGE", StudyInstanceUID="1.1", SOPInstanceUID="1.1.9.9"), "PatientID") == []
+    assert answers(sessions, query("IMAGE", SeriesInstanceUID="1.1.9", SOPInstanceUID=""), "SOPInstanceUID") == [
+        "1.1.9.0",
+        "1.1.9.1",
+        "1.1.9.2",
+        "1.1.9.8",
+    ]
+    with sessions() as session:
+        retrieved = matching_instances(session, query("SERIES", SeriesInstanceUID="1.1.9"), for_retrieval=True)
+        by_patient = matching_instances(session, query("PATIENT", PatientID="P9"), for_retrieval=True)
+        (study,) = find(session, query("STUDY", StudyInstanceUID="1.1", NumberOfStudyRelatedInstances=""), "N")
+    assert "1.1.9.9" not in [i.sop_instance_uid for i in retrieved] and len(retrieved) == 4
+    assert by_patient == []  # nor is it P9's study to retrieve: the study is P1's
+    assert study.NumberOfStudyRelatedInstances == 5  # 1.1.9.0-2, 1.1.9.8 and the SEG
+
+    # a row recorded before the node kept each instance's patient (NULL) is taken to be the study's
+    with transaction(sessions) as session:
+        session.execute(update(Instance).where(Instance.sop_instance_uid == "1.1.9.0").values(patient_id=None))
+    assert answers(
+        sessions, query("IMAGE", SOPInstanceUID="1.1.9.0", StudyInstanceUID="1.1", PatientID=""), "PatientID"
+    ) == ["P1"]
+
+
+def test_patient_level_answers_carry_the_issuer_and_never_merge_studies_without_a_patient_id(sessions) -> None:
+    no_id = [StudyAttributes(f"5.{n}", patient_name=name) for n, name in ((1, "India^Ian"), (2, "Juliet^Jo"))]
+    hospital = StudyAttributes("4.1", patient_id="P1", issuer_of_patient_id="HOSPITAL_A", patient_name="Other^Ann")
+    with transaction(sessions) as session:
+        for study in no_id:
+            record_instance(
+                session, instance(f"{study.study_instance_uid}.9.1", f"{study.study_instance_uid}.9", study, 1)
+            )
+        record_instance(session, instance("4.1.9.1", "4.1.9", hospital, 1))
+
+    with sessions() as session:
+        patients = [
+            (str(p.PatientID), str(p.IssuerOfPatientID), p.NumberOfPatientRelatedStudies)
+            for p in find(session, query("PATIENT", PatientID="", NumberOfPatientRelatedStudies=""), "N")
+        ]
+        (unnamed,) = find(session, query("STUDY", StudyInstanceUID="5.1", NumberOfPatientRelatedStudies=""), "N")
+    # asked without IssuerOfPatientID, each answer still says whose ID it is; India and Juliet are no patient "(none)"
+    assert patients == [("P1", "", 2), ("P1", "HOSPITAL_A", 1), ("P2", "", 1)]
+    assert unnamed.NumberOfPatientRelatedStudies == 1  # its own study only, not every study without a PatientID
+
+
+def test_a_patient_level_retrieval_by_a_patient_id_of_several_issuers_must_name_the_issuer(sessions) -> None:
+    hospital = StudyAttributes("4.1", patient_id="P1", issuer_of_patient_id="HOSPITAL_A", patient_name="Other^Ann")
+    with transaction(sessions) as session:
+        record_instance(session, instance("4.1.9.1", "4.1.9", hospital, 1))
+    with sessions() as session:
+        with pytest.raises(AmbiguousPatient, match="belongs to more than one patient"):
+            matching_instances(session, query("PATIENT", PatientID="P1"), for_retrieval=True)
+        with pytest.raises(AmbiguousPatient):
+            matching_instances(session, query("PATIENT", PatientID="P1", IssuerOfPatientID="*"), for_retrieval=True)
+        named = matching_instances(
+            session, query("PATIENT", PatientID="P1", IssuerOfPatientID="HOSPITAL_A"), for_retrieval=True
+        )
+        only_one = matching_instances(session, query("PATIENT", PatientID="P2"), for_retrieval=True)
+        by_study = matching_instances(session, query("STUDY", StudyInstanceUID="1.1"), for_retrieval=True)
+    assert [i.sop_instance_uid for i in named] == ["4.1.9.1"]
+    assert len(only_one) == 3 and len(by_study) == 4

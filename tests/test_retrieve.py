@@ -327,3 +327,102 @@ def test_a_stored_file_shortened_on_disk_is_not_sent_and_is_named(start_node, tm
         f"the stored file of instance {uid} is 300 bytes, but it was stored with {whole:,}: it was changed or "
         "damaged on disk, so it is not sent" in node.log()
     )
+
+
+def getscu(node: Node, out: Path, *keys: str, calling_ae: str = PLANNER, model: str = "-S", log: str = "-v") -> str:
+    """C-GET with DCMTK getscu into ``out``; its output (``log="-d"``: with the responses' elements)."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [require_tool("getscu"), log, model, "-aet", calling_ae, "-aec", node.ae_title, "-od", str(out)]
+    command += [arg for key in keys for arg in ("-k", key)] + ["127.0.0.1", str(node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def rewritten(source: Path, folder: Path, **values: str) -> Path:
+    """A copy of ``source`` with new values (a new SOP Instance UID unless given), as a PACS might send it."""
+    dataset = pydicom.dcmread(source)
+    dataset.SOPInstanceUID = values.pop("SOPInstanceUID", pydicom.uid.generate_uid())
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    for keyword, value in values.items():
+        setattr(dataset, keyword, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+QR_PEERS = {
+    "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
+    "planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "get"]},
+}
+
+
+def test_another_patients_image_sent_into_a_stored_series_is_neither_answered_nor_sent(start_node, tmp_path) -> None:
+    """A PACS sends patient C's image with the Study and Series UIDs of patient A's stored series. Admission fails
+    the series, but the instance is stored: an IMAGE-level C-FIND answered it with A's PatientID and name, and a
+    C-GET of A's series delivered it."""
+    node = start_node(peers=QR_PEERS, completion={"quiet_seconds": 600})
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=3))
+    assert storescu(node.port, series.files).returncode == 0
+    foreign = rewritten(series.files[0], tmp_path / "foreign", PatientID="PAT-C", PatientName="Charlie^Carl")
+    sent = storescu(node.port, [foreign])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    with node.sessions() as session:  # stored and recorded: only Query/Retrieve keeps it out
+        assert len(session.scalars(select(Instance.id)).all()) == 4
+
+    keys = [f"StudyInstanceUID={series.study_instance_uid}", f"SeriesInstanceUID={series.series_instance_uid}"]
+    asked = findscu(node, tmp_path / "one", "QueryRetrieveLevel=IMAGE", *keys, f"SOPInstanceUID={foreign.stem}")
+    listed = findscu(node, tmp_path / "all", "QueryRetrieveLevel=IMAGE", *keys, "SOPInstanceUID", "PatientID")
+    output = getscu(node, tmp_path / "got", "QueryRetrieveLevel=SERIES", *keys)
+
+    assert asked == []
+    assert sorted(str(r.SOPInstanceUID) for r in listed) == sorted(series.sop_instance_uids)
+    assert {str(r.PatientID) for r in listed} == {"PHANTOM-1"}
+    got = [pydicom.dcmread(path) for path in (tmp_path / "got").iterdir()]
+    assert sorted(str(d.SOPInstanceUID) for d in got) == sorted(series.sop_instance_uids), output
+    assert {(str(d.PatientID), str(d.PatientName)) for d in got} == {("PHANTOM-1", "Phantom^Synthetic")}
+
+
+def test_a_patient_level_get_of_a_patient_id_from_two_issuers_is_refused_unless_the_issuer_is_named(
+    start_node, tmp_path
+) -> None:
+    """Patient PHANTOM-1 without an issuer and PHANTOM-1 of OTHER-HOSPITAL are two patients: a PATIENT-level C-GET
+    by PatientID alone sent both; a PATIENT-level C-FIND answered them without saying whose ID each was."""
+    node = start_node(peers=QR_PEERS, completion={"quiet_seconds": 600})
+    ours = write_phantom_series(tmp_path / "ours", PhantomSpec(rows=32, columns=32, slices=2))
+    theirs = write_phantom_series(tmp_path / "theirs", PhantomSpec(rows=32, columns=32, slices=2, seed=1))
+    other_hospital = [
+        rewritten(
+            path,
+            tmp_path / "other",
+            SOPInstanceUID=uid,
+            IssuerOfPatientID="OTHER-HOSPITAL",
+            PatientName="Echo^Eve",
+        )
+        for path, uid in zip(theirs.files, theirs.sop_instance_uids, strict=True)
+    ]
+    assert storescu(node.port, [*ours.files, *other_hospital]).returncode == 0
+
+    patients = findscu(node, tmp_path / "find", "QueryRetrieveLevel=PATIENT", "PatientID=PHANTOM-1", model="-P")
+    refused = getscu(
+        node, tmp_path / "refused", "QueryRetrieveLevel=PATIENT", "PatientID=PHANTOM-1", model="-P", log="-d"
+    )
+    named = getscu(
+        node,
+        tmp_path / "named",
+        "QueryRetrieveLevel=PATIENT",
+        "PatientID=PHANTOM-1",
+        "IssuerOfPatientID=OTHER-HOSPITAL",
+        model="-P",
+    )
+
+    assert [str(p.get("IssuerOfPatientID", "(not returned)")) for p in patients] == ["", "OTHER-HOSPITAL"]
+    assert list((tmp_path / "refused").iterdir()) == [], refused
+    assert "DIMSE Status                  : 0xa900" in refused, refused
+    assert "[PatientID names several patients: give IssuerOfPatientID]" in refused, refused
+    assert (
+        "a retrieval by peer planner was refused: the PatientID of this PATIENT-level retrieval belongs to more "
+        "than one patient" in node.log()
+    )
+    got = [pydicom.dcmread(path) for path in (tmp_path / "named").iterdir()]
+    assert sorted(str(d.SOPInstanceUID) for d in got) == sorted(theirs.sop_instance_uids), named

@@ -20,12 +20,17 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, build_role
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
 from sqlalchemy import select
 
 from db.models import Instance
@@ -113,19 +118,66 @@ def test_each_service_needs_its_role(tmp_path, start_node):
     node = start_node(peers=PEERS)
     series = write_phantom_series(tmp_path / "ct", SMALL_CT)
 
-    # planner may get, so its storage contexts are accepted (C-GET answers arrive as C-STOREs), but not store
+    # planner may get, not store: a storage context it proposes in the default role (itself storing) is refused;
+    # pynetdicom's own check on such a request is the next line of defence
     planner = associate(node, "PLANNER", [CTImageStorage, StudyRootQueryRetrieveInformationModelFind])
     assert planner.is_established
-    refused = planner.send_c_store(pydicom.dcmread(series.files[0]))
+    planner_storage = [str(c.abstract_syntax) for c in planner.accepted_contexts if c.abstract_syntax == CTImageStorage]
     planner.release()
+    # pacs may store: a C-STORE on a storage context it opened gets to the handler, which checks the role again
+    pacs = associate(node, "PACS", [CTImageStorage])
+    assert pacs.is_established
+    stored = pacs.send_c_store(pydicom.dcmread(series.files[0]))
+    pacs.release()
     # reader may only find: no storage and no verification context at all
     reader = associate(node, "READER", [CTImageStorage, Verification, StudyRootQueryRetrieveInformationModelFind])
     accepted = {str(c.abstract_syntax) for c in reader.accepted_contexts}
     reader.release()
 
-    assert refused.Status == 0x0124 and refused.ErrorComment == "Not authorized: no store role"
+    assert planner_storage == []
+    assert stored.Status == 0x0000
     assert accepted == {str(StudyRootQueryRetrieveInformationModelFind)}
-    assert "request.refused calling_ae=PLANNER address=127.0.0.1 role=store" in node.log()
+    with node.sessions() as session:
+        assert [i.sop_instance_uid for i in session.scalars(select(Instance))] == [series.sop_instance_uids[0]]
+
+
+def test_a_peer_that_only_gets_receives_on_its_storage_contexts_and_cannot_push_a_data_set(tmp_path, start_node):
+    """A get-only peer had every storage context accepted in both roles, and could send C-STOREs of up to
+    network.maximum_data_set_megabytes that the node read whole before refusing them."""
+    node = start_node(peers=PEERS)
+    ae = AE(ae_title="PLANNER")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = [build_role(CTImageStorage, scu_role=True, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, ext_neg=roles)
+    assert assoc.is_established
+    (storage,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
+    assert (storage.as_scu, storage.as_scp) == (False, True)  # the node sends the C-STOREs, the peer none
+
+    # a peer that stores anyway (its own software ignores the roles): a 40 MB data set, stopped at its start
+    storage._as_scu = True
+    big = pydicom.dcmread(write_phantom_series(tmp_path / "ct", SMALL_CT).files[0])
+    big.NumberOfFrames, big.Rows, big.Columns = 20, 1024, 1024
+    big.PixelData = bytes(20 * 1024 * 1024 * 2)
+    started = time.monotonic()
+    try:
+        status = assoc.send_c_store(big)
+    except (RuntimeError, OSError, ValueError):  # pynetdicom's ways of telling the association is gone
+        status = None
+    seconds = time.monotonic() - started
+
+    assert not status  # no response: the association was aborted, not answered
+    assert wait_for(lambda: not assoc.is_established, what="the association to end")
+    assert seconds < 10
+    log = wait_for(
+        lambda: "has no store role, but sent a data set on a storage context" in node.log() and node.log(),
+        what="the abort's log line",
+    )
+    assert (
+        'connection.aborted address=127.0.0.1 calling_ae=PLANNER reason="peer planner has no store role, but sent a '
+        "data set on a storage context" in log
+    ), log
     with node.sessions() as session:
         assert session.scalars(select(Instance)).first() is None
 
@@ -226,6 +278,7 @@ def test_a_peer_without_the_find_role_cannot_guess_patient_details_from_matches(
         f"PatientName={str(header.PatientName)[0]}*",
         f"PatientSex={header.PatientSex}",
         f"PatientBirthDate={header.PatientBirthDate}",
+        "PatientName=*^*",  # wildcards and separators alone still select: this asks whether there is a given name
     ]
 
     found = [dcmtk("findscu", node, "PLANNER", "-S", *study, "-k", guess) for guess in guesses]
@@ -253,7 +306,7 @@ def test_a_peer_without_the_find_role_cannot_guess_patient_details_from_matches(
 def test_only_keys_matched_on_hidden_details_count_as_guesses():
     """Return keys (empty, *, an empty sequence item) and attributes the node never matches on ask nothing."""
     asking = pydicom.Dataset()
-    asking.PatientName = "^"
+    asking.PatientName = "*"
     asking.OtherPatientIDs = ["*", "*"]
     asking.OtherPatientIDsSequence = [pydicom.Dataset()]
     asking.PatientPosition, asking.PatientAge, asking.PatientBirthDate = "HFS", "054Y", ""
@@ -262,6 +315,10 @@ def test_only_keys_matched_on_hidden_details_count_as_guesses():
 
     assert hidden_keys_matched(asking) == []
     assert hidden_keys_matched(guessing) == ["PatientBirthDate", "PatientName", "PatientSex"]
+    for structure in ("*^*", "*^*^*", "* *", "*=*", "^"):  # each tells how the name is built, one query at a time
+        probing = pydicom.Dataset()
+        probing.PatientName = structure
+        assert hidden_keys_matched(probing) == ["PatientName"], structure
 
 
 @pytest.mark.parametrize(("description", "character_set_kept"), [("Thorax", False), ("Thorax Übersicht", True)])

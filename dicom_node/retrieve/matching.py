@@ -3,7 +3,9 @@
 Supported matching (PS3.4 C.2.2.2): universal (empty or ``*``), single value,
 wildcard (``*`` and ``?``), range on dates and times (``A-B``, ``-B``, ``A-``)
 and UID lists (``uid1\\uid2``). Only instances still held are visible: a series
-purged by retention has no instance rows and so no match.
+purged by retention has no instance rows and so no match. An instance is visible only
+under its own patient: one whose PatientID (or IssuerOfPatientID) differs from its
+study's is never answered or sent.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Select, and_, distinct, func, select
+from sqlalchemy import ColumnElement, Select, and_, distinct, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.models import Instance, Series, Study
@@ -27,6 +29,10 @@ Kind = Literal["text", "uid", "date", "time", "number"]
 
 class QueryError(ValueError):
     """The identifier cannot be answered (unknown level, retrieval without a unique key, ...)."""
+
+
+class AmbiguousPatient(QueryError):
+    """A PATIENT-level retrieval whose PatientID belongs to patients of several issuers, and that names none."""
 
 
 @dataclass(frozen=True)
@@ -146,12 +152,30 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     return column == value
 
 
+def _of_the_study_patient() -> ColumnElement[bool]:
+    """Instances whose own patient is their study's: the same PatientID, and the same IssuerOfPatientID where both
+    carry one (as the receiver compares them). Another patient's image sent under this study's or series' UIDs
+    (admission fails that series) is never served, so every answer and every sent instance is the patient it
+    names. Rows recorded before the node kept an instance's patient (NULL) are taken to be the study's."""
+    return or_(
+        Instance.patient_id.is_(None),
+        and_(
+            Instance.patient_id == func.coalesce(Study.patient_id, ""),
+            or_(
+                Instance.issuer_of_patient_id.is_(None),
+                Study.issuer_of_patient_id.is_(None),
+                Instance.issuer_of_patient_id == Study.issuer_of_patient_id,
+            ),
+        ),
+    )
+
+
 def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
     return (
         select(Instance.id)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
-        .where(Series.purged_at.is_(None), *level_conditions)
+        .where(Series.purged_at.is_(None), _of_the_study_patient(), *level_conditions)
     )
 
 
@@ -168,7 +192,15 @@ def matching_instances(
     level = query_level(identifier)
     if for_retrieval:
         check_retrieval_keys(identifier, level)
-    ids = _joined(conditions(identifier, level))
+    ids = _joined(conditions(identifier, level) + _level_scope(level))
+    if for_retrieval and level == "PATIENT" and _value(identifier.get("IssuerOfPatientID", "")) in ("", "*"):
+        patients = len(_ordered_keys(session, level, ids, 2))
+        if patients > 1:
+            raise AmbiguousPatient(
+                "the PatientID of this PATIENT-level retrieval belongs to more than one patient (the same ID from "
+                "different issuers, IssuerOfPatientID), and the request names no issuer: nothing is sent; "
+                "the requester must give IssuerOfPatientID, or retrieve by StudyInstanceUID"
+            )
     query = (
         select(Instance)
         .join(Series, Instance.series_id == Series.id)
@@ -240,10 +272,19 @@ def find(
         If the identifier's level or a key's value cannot be understood.
     """
     level = query_level(identifier)
-    matched = _joined(conditions(identifier, level))
+    matched = _joined(conditions(identifier, level) + _level_scope(level))
     requested = [element.keyword for element in identifier if element.keyword]
     for key in _ordered_keys(session, level, matched, limit):
         yield _response(session, level, key, requested, retrieve_ae_title)
+
+
+def _level_scope(level: Level) -> list[ColumnElement[bool]]:
+    """What a level's answers may hold besides the keys: a PATIENT-level answer is a patient, named by a PatientID,
+    so studies stored without one are left out (each is its own patient, known only by its study: folding them
+    into one answer would merge unrelated people). They are answered at STUDY level and below."""
+    if level != "PATIENT":
+        return []
+    return [Study.patient_id.is_not(None), Study.patient_id != ""]
 
 
 def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: int | None) -> list[Any]:
@@ -318,14 +359,18 @@ def _of_patient(patient_id: str | None, issuer_of_patient_id: str | None) -> Col
 
 
 def _unique_keys_down_to(level: Level) -> list[str]:
+    """The keys every answer carries: the level's unique keys and those above it (below PATIENT, the Study Root
+    ones); a PATIENT-level answer also carries IssuerOfPatientID (empty when none), since one PatientID from two
+    issuers is two patients and the answers must tell them apart."""
     keys = [UNIQUE_KEYS[lvl] for lvl in LEVELS[1 : LEVELS.index(level) + 1]]
-    return (["PatientID"] if level == "PATIENT" else []) + keys
+    return (["PatientID", "IssuerOfPatientID"] if level == "PATIENT" else []) + keys
 
 
 def _count(session: Session, keyword: str, study: Study, series: Series | None) -> Any:
     """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances held."""
     if keyword.startswith("NumberOfPatientRelated"):
-        scope = _of_patient(study.patient_id, study.issuer_of_patient_id)
+        # a study without a PatientID is its own patient: never counted with the other studies that lack one
+        scope = _of_patient(study.patient_id, study.issuer_of_patient_id) if study.patient_id else Study.id == study.id
     elif keyword.startswith("NumberOfSeriesRelated"):
         if series is None:
             return ""

@@ -51,9 +51,18 @@ from db.models import Instance, Series
 from dicom_node.audit import audited_retrieve
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
-from dicom_node.retrieve.matching import KEYS, Level, QueryError, find, is_narrow, matching_instances, query_level
+from dicom_node.retrieve.matching import (
+    KEYS,
+    AmbiguousPatient,
+    Level,
+    QueryError,
+    find,
+    is_narrow,
+    matching_instances,
+    query_level,
+)
 from dicom_node.retrieve.stored import read_stored
-from dicom_node.security import Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
+from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 from inference.frames import decoded_bytes, encapsulated_problem
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -152,7 +161,10 @@ class RetrieveContext:
 
 
 def add_query_retrieve_contexts(ae: AE) -> None:
-    """Accept Study and Patient Root Find/Move/Get, and the C-GET storage role for every storage class."""
+    """Accept Study and Patient Root Find/Move/Get, and the C-GET storage role for every storage class.
+
+    These are the contexts of peers with the ``store`` role; :func:`storage_roles_of_peer` narrows them for the
+    others."""
     for model in QUERY_RETRIEVE_MODELS:
         ae.add_supported_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in ae.supported_contexts:
@@ -162,9 +174,38 @@ def add_query_retrieve_contexts(ae: AE) -> None:
             context.scu_role = True
 
 
+def storage_roles_of_peer(event: evt.Event) -> None:
+    """EVT_REQUESTED, after the peer check (:func:`dicom_node.security.on_requested`): a peer without the
+    ``store`` role gets storage contexts only to receive its C-GET answers.
+
+    It keeps those storage SOP classes it proposes to act as Storage SCP for (SCP/SCU Role Selection), each
+    accepted with that role alone: the node sends C-STOREs on them, the peer none. A storage context proposed
+    without the SCP role (the default role: the peer storing to the node) is not accepted. The server's shared
+    contexts are never changed: this association gets copies."""
+    assoc = event.assoc
+    peer = getattr(assoc, PEER_ATTRIBUTE, None)
+    if not isinstance(peer, Peer) or peer.may("store") or assoc.is_rejected or assoc.is_aborted:
+        return
+    as_storage_scp = {
+        str(uid) for uid, item in assoc.requestor.role_selection.items() if getattr(item, "scp_role", False)
+    }
+    narrowed: list[PresentationContext] = []
+    for context in assoc.acceptor.supported_contexts:
+        syntax = str(context.abstract_syntax)
+        if syntax in QUERY_RETRIEVE_MODELS or syntax == str(Verification):
+            narrowed.append(context)
+        elif syntax in as_storage_scp:
+            receiving = build_context(syntax, list(context.transfer_syntax))
+            receiving.scu_role, receiving.scp_role = False, True
+            narrowed.append(receiving)
+    assoc.acceptor.supported_contexts = narrowed
+
+
 def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
-    """The C-FIND, C-MOVE and C-GET handlers, each leaving one audit record per request."""
+    """The C-FIND, C-MOVE and C-GET handlers, each leaving one audit record per request, and the storage roles
+    of peers that do not store (bound after the peer check)."""
     return [
+        (evt.EVT_REQUESTED, storage_roles_of_peer),
         (evt.EVT_C_FIND, audited_retrieve("find", handle_find, context.sessions), [context]),
         (evt.EVT_C_MOVE, audited_retrieve("move", handle_move, context.sessions), [context]),
         (evt.EVT_C_GET, audited_retrieve("get", handle_get, context.sessions), [context]),
@@ -184,11 +225,13 @@ def is_hidden(keyword: str) -> bool:
 def hidden_keys_matched(identifier: Dataset) -> list[str]:
     """The keys of ``identifier`` that would match on an attribute hidden from a peer without the ``find`` role:
     each answer (a match or none) would tell it what it may not read, one guess at a time. Only keys the node
-    matches on count; an empty key, or ``*``, asks for the value and matches everything: it tells nothing."""
+    matches on count; an empty key, or a lone ``*``, asks for the value and matches everything: it tells nothing.
+    Any other value selects, even one of wildcards and separators alone (``*^*`` tells whether the name has a
+    given name)."""
 
     def selects(value: object) -> bool:
         values = value if isinstance(value, (list, MultiValue)) else [value]
-        return any(str(v if v is not None else "").replace("*", "").strip(" ^=") for v in values)
+        return any(str(v if v is not None else "").strip() not in ("", "*") for v in values)
 
     return sorted(
         element.keyword
@@ -327,7 +370,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         return
     paths = _paths_to_retrieve(event, context, calling_ae, peer)
     # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
-    contexts = _storage_contexts(paths) if paths else [build_context(Verification)]
+    contexts = _storage_contexts(paths) if isinstance(paths, list) and paths else [build_context(Verification)]
     sub_association: dict[str, Any] = {}
     options: dict[str, Any] = {
         "contexts": contexts,
@@ -339,9 +382,9 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     if tls_args is not None:
         options["tls_args"] = tls_args
     yield destination.host, destination.port, options
-    if paths is None:  # pynetdicom has no way to refuse before the destination: refuse as the first result
+    if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first result
         yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
         return
     yield from _count_or_refuse(paths, context, event, f"move to {target}")
     yield from _send(
@@ -358,9 +401,9 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield not_authorized(event, "get", peer), None
         return
     paths = _paths_to_retrieve(event, context, calling_ae, peer)
-    if paths is None:
+    if isinstance(paths, str):
         yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
         return
     yield from _count_or_refuse(paths, context, event, "get")
     yield from _send(event, paths, calling_ae, "get", lambda: accepted_pairs(event.assoc))
@@ -418,8 +461,13 @@ def _intact(stored: Stored) -> str:
     return stored.path
 
 
-def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> list[Stored] | None:
-    """Where each instance the identifier selects is stored, and how; None (and a log line) for a bad identifier.
+NOT_MATCHING = "Identifier does not match: see the node's log"
+SEVERAL_PATIENTS = "PatientID names several patients: give IssuerOfPatientID"
+
+
+def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> list[Stored] | str:
+    """Where each instance the identifier selects is stored, and how; for an identifier that cannot be retrieved,
+    the comment for the peer (and a log line saying why).
 
     A peer without the ``find`` role may not retrieve at PATIENT level: a PatientID is easily guessed
     (hospital numbers run in sequence), so such a peer retrieves only what it was told of, by Study,
@@ -452,15 +500,16 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
                 for i in found
             ]
     except QueryError as exc:
+        ambiguous = isinstance(exc, AmbiguousPatient)
         log_event(
             LOG,
             logging.WARNING,
             "retrieve.refused",
             calling_ae=calling_ae,
             address=event.assoc.requestor.address,
-            reason=str(exc),
+            reason=f"a retrieval by peer {peer.name} was refused: {exc}" if ambiguous else str(exc),
         )
-        return None
+        return SEVERAL_PATIENTS if ambiguous else NOT_MATCHING
 
 
 def _binary_twin(session: Session, instance: Instance) -> Stored | None:
