@@ -24,6 +24,7 @@ threads start.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -37,7 +38,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, cast
@@ -918,6 +919,7 @@ class AssociationCaps:
         self.processes = processes
         self.row = 0
         self._lock = context.Lock()
+        self._holder = context.RawValue(ctypes.c_int, 0)  # the row number + 1 of the process inside the lock; 0: none
         self._keys = context.RawArray(ctypes.c_char, slots * self.KEY_BYTES)
         self._counts = context.RawArray(ctypes.c_int, processes * slots)
         self._in_flight = context.RawArray(ctypes.c_longlong, processes)
@@ -941,6 +943,16 @@ class AssociationCaps:
         except ValueError:
             return hashlib.blake2b(address.encode(), digest_size=self.KEY_BYTES).digest()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The shared lock, with this process' row recorded as its holder while it is held."""
+        with self._lock:
+            self._holder.value = self.row + 1
+            try:
+                yield
+            finally:
+                self._holder.value = 0
+
     def _held_in(self, slot: int) -> int:
         """Connections counted in ``slot`` over every process' row (the lock held)."""
         return sum(self._counts[row * self.slots + slot] for row in range(self.processes))
@@ -956,7 +968,7 @@ class AssociationCaps:
         """Take a place for a connection from ``address``; None if it already holds ``per_host`` (the count)."""
         key = self._key(address)
         width = self.KEY_BYTES
-        with self._lock:
+        with self._locked():
             slot = self._slot_of(key)
             if slot is not None:
                 count = self._held_in(slot)
@@ -971,28 +983,31 @@ class AssociationCaps:
             return None
 
     def release(self, address: str) -> None:
-        with self._lock:
+        with self._locked():
             slot = self._slot_of(self._key(address))
             if slot is not None and self._counts[self.row * self.slots + slot] > 0:
                 self._counts[self.row * self.slots + slot] -= 1
 
     def held(self, address: str) -> int:
-        with self._lock:
+        with self._locked():
             slot = self._slot_of(self._key(address))
             return 0 if slot is None else self._held_in(slot)
 
     def total(self) -> int:
-        with self._lock:
+        with self._locked():
             return sum(self._counts)
 
     def forget(self, number: int) -> None:
         """Empty receiving process ``number``'s row: it died, and its connections and data sets with it.
 
         A process killed while it held the shared lock (held for microseconds at a time) left it taken:
-        every other receiving process would wait for it forever. Only the dead process can be holding it
-        after :attr:`ORPHANED_LOCK_SECONDS`, so it is given back here first.
+        every other receiving process would wait for it forever. It is given back here first, but only when
+        the lock is still taken after :attr:`ORPHANED_LOCK_SECONDS` and the holder recorded is the dead
+        process (or none: killed between taking the lock and recording itself); a live holder that is merely
+        slow (paused, swapped out) is waited for.
         """
-        if not self._lock.acquire(timeout=self.ORPHANED_LOCK_SECONDS):
+        acquired = self._lock.acquire(timeout=self.ORPHANED_LOCK_SECONDS)
+        if not acquired and self._holder.value in (0, number + 1):
             log_event(
                 LOG,
                 logging.WARNING,
@@ -1001,13 +1016,17 @@ class AssociationCaps:
                 note="the receiving process died while it held the lock on the shared connection counts; "
                 "it was given back so the other receiving processes go on",
             )
-            self._lock.release()
+            with contextlib.suppress(ValueError):  # given back meanwhile after all
+                self._lock.release()
+        if not acquired:
             self._lock.acquire()
+        self._holder.value = self.processes + 1  # the supervisor
         try:
             for slot in range(self.slots):
                 self._counts[number * self.slots + slot] = 0
             self._in_flight[number] = 0
         finally:
+            self._holder.value = 0
             self._lock.release()
 
     def set_in_flight(self, data_set_bytes: int) -> int:

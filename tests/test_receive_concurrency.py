@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
@@ -226,6 +227,30 @@ def test_a_receiving_process_killed_while_it_held_the_shared_lock_does_not_stop_
     assert caps.held("10.0.0.7") == 1 and caps.total() == 1
     (recovered,) = [record for record in caplog.records if record.msg == "receiver.lock_recovered"]
     assert "died while it held the lock on the shared connection counts" in recovered.event_fields["note"]
+
+
+def _hold_the_lock_for(caps: AssociationCaps, seconds: float, started: Any) -> None:
+    with caps._locked():
+        started.set()
+        time.sleep(seconds)  # a live process, slow inside the lock (paused, swapped out)
+
+
+def test_forgetting_a_dead_process_never_takes_the_lock_from_a_live_one_that_is_slow_inside_it(caplog):
+    caps = AssociationCaps(slots=8, processes=2)
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
+    slow = context.Process(target=_hold_the_lock_for, args=(caps.for_process(0), 4.0, started))
+    slow.start()
+    assert started.wait(60)
+
+    began = time.monotonic()
+    caps.forget(1)  # process 1 died; process 0 still holds the lock, for longer than ORPHANED_LOCK_SECONDS
+    waited = time.monotonic() - began
+
+    slow.join(timeout=60)
+    assert slow.exitcode == 0  # its own release of the lock worked: nobody released it under it
+    assert waited > AssociationCaps.ORPHANED_LOCK_SECONDS
+    assert not [record for record in caplog.records if record.msg == "receiver.lock_recovered"]
 
 
 def test_bytes_in_flight_are_summed_over_processes_and_forgotten_with_a_dead_one():

@@ -243,8 +243,10 @@ class ReceiverPool:
                     exit_code=process.exitcode,
                     note="indexing what it acknowledged, then starting it again",
                 )
+                # First the connections it held and the data sets it was receiving (gone with it), and the lock on
+                # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
+                self.caps.forget(number)
                 self._clean_up_after(process.pid)
-                self.caps.forget(number)  # the connections it held and the data sets it was receiving are gone
                 time.sleep(self.RESTART_DELAY_SECONDS)
                 if self._stop.is_set():
                     return
