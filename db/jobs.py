@@ -549,7 +549,7 @@ def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | 
     the claim itself is a conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count
     must be 1, so a job claimed meanwhile is left alone.
     """
-    moment = now or database_now(session)
+    moment = now or utcnow()  # not_before and state times are the hosts' (see claim for the lease's clock)
     candidate = session.scalars(
         select(Job)
         .where(claimable(moment))
@@ -565,9 +565,12 @@ def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | 
 def claim(session: Session, job: Job, worker: str, lease: timedelta, now: datetime | None = None) -> bool:
     """QUEUED -> PROCESSING for ``worker``, with a lease until now + ``lease``; False if ``job`` was claimed meanwhile.
 
-    One conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count must be 1.
+    One conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count must be 1. The lease runs from the
+    database's clock (:func:`database_now`); the state's times are this host's, as every other state change's
+    (start-up compares a claim's time with the claiming process' start on this host).
     """
-    moment = now or database_now(session)
+    moment = now or utcnow()
+    lease_start = now or database_now(session)
     reason = f"claimed by worker {worker}"
     claimed = cast(
         "CursorResult[Any]",
@@ -582,7 +585,7 @@ def claim(session: Session, job: Job, worker: str, lease: timedelta, now: dateti
                 stage="claimed",
                 not_before=None,
                 attempts=Job.attempts + 1,
-                lease_expires_at=moment + lease,
+                lease_expires_at=lease_start + lease,
                 version=Job.version + 1,  # a writer that read the job QUEUED must decide again
             )
             .execution_options(synchronize_session=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -256,11 +258,32 @@ class NodeLock:
     beside the database file (given back by the kernel when the process dies). Workers do not take it.
     """
 
+    KEEPALIVE: ClassVar[dict[str, Any]] = {
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "options": "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+    }
+    """TCP keepalives of the lock's connection, on both ends: the server gives the lock back about a minute after
+    the node's host is gone (its default would keep it for over two hours), and the node learns as soon that
+    the server is gone."""
+    WATCH_SECONDS = 15.0
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._connection: Connection | None = None
         self._engine: Engine | None = None
         self._file: int | None = None
+        self._watching: threading.Event | None = None
+
+    @property
+    def where(self) -> str:
+        """The database, in words: its file, or "this PostgreSQL database"."""
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            return str(parsed.database)
+        return "this PostgreSQL database"
 
     @property
     def lock_file(self) -> Path | None:
@@ -280,6 +303,7 @@ class NodeLock:
         import fcntl
         import os
 
+        path.parent.mkdir(parents=True, exist_ok=True)  # taken before the database exists: before migrating it
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -290,18 +314,69 @@ class NodeLock:
         return True
 
     def _try_advisory_lock(self) -> bool:
-        self._engine = self._engine or create_engine(self.url, poolclass=NullPool)
-        connection = self._engine.connect()
-        taken = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": NODE_LOCK_KEY}).scalar())
-        connection.commit()  # a session lock outlives the transaction: the connection holds it
+        """Take the advisory lock on a connection of its own; False when another node holds it or the database
+        cannot be reached now (tried again by the caller)."""
+        self._engine = self._engine or create_engine(self.url, poolclass=NullPool, connect_args=self.KEEPALIVE)
+        try:
+            connection = self._engine.connect()
+        except OperationalError:
+            return False
+        try:
+            taken = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": NODE_LOCK_KEY}).scalar())
+            connection.commit()  # a session lock outlives the transaction: the connection holds it
+        except OperationalError:
+            taken = False
         if not taken:
             connection.close()
             return False
         self._connection = connection
         return True
 
+    def watch(self, on_lost: Callable[[str], object]) -> None:
+        """On PostgreSQL, check the lock's connection every :attr:`WATCH_SECONDS` from a thread of its own: a
+        connection that ended (a database restart, a failover, a dropped idle connection) gave the lock back, so
+        it is taken again; if another node took it meanwhile, ``on_lost`` is called with why."""
+        if self._connection is None:
+            return
+        self._watching = threading.Event()
+        stopped = self._watching
+
+        def check() -> None:
+            while not stopped.wait(self.WATCH_SECONDS):
+                if self._still_held():
+                    continue
+                if self._try_advisory_lock():
+                    LOG.warning(
+                        "The connection holding this node's lock on the database ended; the lock was taken again."
+                    )
+                    continue
+                on_lost(
+                    "the connection holding this node's lock on the database ended and another dicom-node serve "
+                    "holds the database now (or it cannot be reached); this node stops, since two would send every "
+                    "result twice"
+                )
+                return
+
+        threading.Thread(target=check, name="node-lock-watch", daemon=True).start()
+
+    def _still_held(self) -> bool:
+        connection = self._connection
+        if connection is None:
+            return False
+        try:
+            connection.execute(text("SELECT 1")).scalar()
+            connection.commit()
+            return True
+        except Exception:  # noqa: BLE001 - any failure: the connection, and with it the lock, is gone
+            with contextlib.suppress(Exception):
+                connection.close()
+            self._connection = None
+            return False
+
     def release(self) -> None:
         """Give the lock back (at a clean stop; a dead process gives it back by itself)."""
+        if self._watching is not None:
+            self._watching.set()
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -283,8 +283,13 @@ def _first_line(exc: BaseException | str) -> str:
 def start_node(settings: Settings) -> RunningNode:
     """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher."""
     _warn_about_open_doors(settings)
-    sessions = open_database(settings)
-    node_lock = take_node_lock(settings)
+    node_lock = take_node_lock(settings)  # before migrating: a second node must not change the first one's schema
+    try:
+        sessions = open_database(settings)
+    except BaseException:
+        node_lock.release()
+        raise
+    node_lock.watch(_stop_this_node)
     store = InstanceStore(
         settings.storage.directory,
         fsync=settings.storage.fsync,
@@ -343,7 +348,7 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
     logged = -NODE_LOCK_LOG_SECONDS
     while not lock.try_take():
         waited = time.monotonic() - started
-        where = lock.lock_file or "this PostgreSQL database"
+        where = lock.where
         if give_up_after is not None and waited >= give_up_after:
             raise DatabaseUnavailable(
                 f"another dicom-node serve is running on {where}; only one may (two would send every result twice)"
@@ -356,12 +361,18 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
                 "node.waiting_for_other_node",
                 database=str(where),
                 waited_seconds=round(waited),
-                note="another dicom-node serve is running on this database; this one starts once it has stopped "
-                "(two nodes on one database would send every result twice). Workers on other hosts run `dicom-node "
-                "worker`, not `serve`",
+                note="another dicom-node serve is running on this database (or the database cannot be reached "
+                "yet); this one starts once it has stopped (two nodes on one database would send every result "
+                "twice). Workers on other hosts run `dicom-node worker`, not `serve`",
             )
         time.sleep(NODE_LOCK_RETRY_SECONDS)
     return lock
+
+
+def _stop_this_node(why: str) -> None:
+    """The node lost its lock on the database to another node: log why and stop as SIGTERM would."""
+    log_event(LOG, logging.ERROR, "node.lock_lost", reason=why)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _start_console(

@@ -480,8 +480,58 @@ def test_a_second_serve_on_the_same_database_starts_only_once_the_first_has_stop
             if "node.ready" in line:
                 break
         text = "".join(lines)
-        assert "another dicom-node serve is running on this database; this one starts once it has stopped" in text
+        assert "another dicom-node serve is running on this database (or the database cannot be reached yet); " in text
+        assert "this one starts once it has stopped" in text
         assert text.index("node.waiting_for_other_node") < text.index("node.storage_checked")
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
+
+
+def _end_the_lock_connection(url: str) -> None:
+    """What a database restart or a dropped idle connection does to the node's lock connection."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from db.session import NODE_LOCK_KEY
+
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:
+        ended = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
+                "AND granted"
+            ),
+            {"key": NODE_LOCK_KEY},
+        ).all()
+        connection.commit()
+    engine.dispose()
+    assert ended == [(True,)]
+
+
+def test_a_node_whose_lock_connection_ended_takes_the_lock_again_or_stops_if_another_node_has_it(
+    postgresql_url, monkeypatch
+):
+    from db.session import NodeLock
+
+    migrate(postgresql_url)
+    monkeypatch.setattr(NodeLock, "WATCH_SECONDS", 0.3)
+    lost: list[str] = []
+    first = NodeLock(postgresql_url)
+    assert first.try_take()
+    first.watch(lost.append)
+    try:
+        _end_the_lock_connection(postgresql_url)
+        wait_for(lambda: not NodeLock(postgresql_url).try_take(), timeout=10, what="the lock taken again")
+        assert not lost
+
+        monkeypatch.setattr(NodeLock, "WATCH_SECONDS", 3.0)
+        time.sleep(0.5)  # the watcher now sleeps 3 s between checks
+        _end_the_lock_connection(postgresql_url)
+        second = NodeLock(postgresql_url)
+        assert second.try_take()  # another node took the database meanwhile
+        wait_for(lambda: bool(lost), timeout=15, what="the first node told to stop")
+        assert "another dicom-node serve holds the database now" in lost[0]
+        second.release()
+    finally:
+        first.release()
