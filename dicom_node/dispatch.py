@@ -156,7 +156,8 @@ def send_files(
             return SendOutcome(
                 [], f"{peer} is unreachable (no association: destination down, or not answering)", unreachable=True
             )
-        return SendOutcome([], f"{peer} {answer.reason}", unreachable=answer.unreachable)
+        retried = "; tried again later" if answer.unreachable else ""
+        return SendOutcome([], f"{peer} {answer.reason}{retried}", unreachable=answer.unreachable)
     sent: list[str] = []
     refusals: list[str] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}

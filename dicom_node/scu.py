@@ -193,7 +193,7 @@ def not_established(assoc: Association, calling_ae: str, called_ae: str) -> NotE
         transient = getattr(answer, "result", None) == 0x02
         return NotEstablished(
             f"rejected the association: it {words.format(calling=repr(calling_ae), called=repr(called_ae))}"
-            + (" (it calls this transient: tried again later)" if transient else ""),
+            + (" (a rejection it calls transient)" if transient else ""),
             unreachable=transient,
         )
     if assoc.is_rejected:
@@ -201,8 +201,8 @@ def not_established(assoc: Association, calling_ae: str, called_ae: str) -> NotE
     refused = sorted({_sop_class_name(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
     if assoc.is_aborted and refused:
         return NotEstablished(
-            f"accepted the association but none of what the node offered to send: {', '.join(refused)} "
-            "(the peer does not store these, or not in the transfer syntaxes offered)",
+            f"accepted the association but none of the SOP classes the node proposed: {', '.join(refused)} "
+            "(it does not support them, or not in the transfer syntaxes offered)",
             unreachable=False,
         )
     return NotEstablished("no association (peer down or unreachable)", unreachable=True)

@@ -495,7 +495,7 @@ def test_a_plan_made_once_the_results_hold_every_kind_clears_an_earlier_lack():
         (
             {"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.4.50"]},
             "ORTHANC",
-            "accepted the association but none of what the node offered to send: CT Image Storage",
+            "accepted the association but none of the SOP classes the node proposed: CT Image Storage",
             False,
         ),
     ],
