@@ -229,22 +229,32 @@ def _one_precision(compiled: list[OpenVINOPrecisions], predictors: list[Any]) ->
 
 
 def _check_dataset(predictor: Any, folder: ModelFolder, spacing_mm: float) -> None:
-    """Refuse weights installed under another dataset's folder: their plans name another dataset, or another
-    spacing than the task's (a 6 mm model under the 3 mm folder would be named as the 3 mm one)."""
+    """Refuse weights whose plans give another spacing than the task's (a 6 mm model under the 3 mm folder would
+    be run and named as the 3 mm one); log a warning when the plans name another dataset id than the folder's
+    (a release may have been renamed; the results name the exact bytes by hash either way)."""
     dataset_folder = folder.path.parent.name
-    planned = str(getattr(predictor.plans_manager, "dataset_name", "") or "")
-    if planned.split("_")[0] != f"Dataset{folder.dataset_id}":  # the id: a release may rename the rest
-        raise ModelUnavailable(
-            f"the weights in {folder.path} were made for {planned or 'an unnamed dataset'} (plans.json "
-            f"dataset_name), not for {dataset_folder}, the folder they are installed in: the results would name "
-            "other weights than those that made them; install the release zip of that dataset"
+    try:
+        planned = str(predictor.plans_manager.dataset_name or "")
+    except (KeyError, AttributeError, TypeError):
+        planned = ""
+    if planned.split("_")[0] != f"Dataset{folder.dataset_id}":
+        LOG.warning(
+            "The weights in %s were made for %s (plans.json dataset_name), not for %s, the folder they are "
+            "installed in; check that this is the release zip of %s.",
+            folder.path,
+            planned or "an unnamed dataset",
+            dataset_folder,
+            dataset_folder,
         )
-    spacing = [float(value) for value in predictor.configuration_manager.spacing]
-    if any(abs(value - spacing_mm) > 0.05 for value in spacing):
+    try:
+        spacing = [float(value) for value in predictor.configuration_manager.spacing]
+    except (KeyError, AttributeError, TypeError, ValueError):
+        spacing = []
+    if not spacing or any(abs(value - spacing_mm) > 0.05 for value in spacing):
+        given = " x ".join(f"{v:g}" for v in spacing) if spacing else "no"
         raise ModelUnavailable(
-            f"the weights in {folder.path} work at a spacing of {' x '.join(f'{v:g}' for v in spacing)} mm "
-            f"(plans.json), where this task's models work at {spacing_mm:g} mm; install the release zip of "
-            f"{dataset_folder}"
+            f"the weights in {folder.path} work at {given} mm spacing (plans.json), where this task's models work "
+            f"at {spacing_mm:g} mm; install the release zip of {dataset_folder}"
         )
 
 
