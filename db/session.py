@@ -293,10 +293,14 @@ class NodeLock:
             return None
         return Path(str(parsed.database)).with_name(Path(str(parsed.database)).name + ".serve-lock")
 
-    def try_take(self) -> bool:
-        """Take the lock if no other node holds it; True when this node holds it now."""
+    def try_take(self, *, unreachable_is_busy: bool = True) -> bool:
+        """Take the lock if no other node holds it; True when this node holds it now.
+
+        A PostgreSQL server that cannot be reached counts as busy (False), unless ``unreachable_is_busy`` is
+        False: then its error is raised (the first try at start-up, so a wrong URL fails at once).
+        """
         if make_url(self.url).get_backend_name() == "postgresql":
-            return self._try_advisory_lock()
+            return self._try_advisory_lock(unreachable_is_busy)
         path = self.lock_file
         if path is None:
             return True
@@ -313,13 +317,15 @@ class NodeLock:
         self._file = descriptor
         return True
 
-    def _try_advisory_lock(self) -> bool:
+    def _try_advisory_lock(self, unreachable_is_busy: bool = True) -> bool:
         """Take the advisory lock on a connection of its own; False when another node holds it or the database
         cannot be reached now (tried again by the caller)."""
         self._engine = self._engine or create_engine(self.url, poolclass=NullPool, connect_args=self.KEEPALIVE)
         try:
             connection = self._engine.connect()
         except OperationalError:
+            if not unreachable_is_busy:
+                raise
             return False
         try:
             taken = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": NODE_LOCK_KEY}).scalar())

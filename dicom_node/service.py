@@ -343,10 +343,17 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
     result twice. Logged once a minute while waiting. ``give_up_after`` (seconds) raises DatabaseUnavailable
     instead of waiting longer (for tests and one-off commands).
     """
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
     lock = db_session.NodeLock(settings.database_url)
     started = time.monotonic()
     logged = -NODE_LOCK_LOG_SECONDS
-    while not lock.try_take():
+    try:
+        taken = lock.try_take(unreachable_is_busy=False)  # a wrong URL or a database that is down fails at once
+    except (SQLAlchemyError, ImportError, CommandError) as exc:
+        raise DatabaseUnavailable(describe_database_error(exc, settings.database_url)) from None
+    while not taken and not (taken := lock.try_take()):
         waited = time.monotonic() - started
         where = lock.where
         if give_up_after is not None and waited >= give_up_after:
