@@ -101,17 +101,16 @@ def read_weights_file(path: Path) -> bytes:
         ) from None
 
 
-def read_weights_json(path: Path, data: bytes | None = None) -> dict[str, Any]:
-    """A weights folder's JSON file (dataset.json, plans.json) as a dict: the file at ``path``, or ``data`` read
-    from it.
+def read_weights_json(path: Path, data: bytes) -> dict[str, Any]:
+    """A weights folder's JSON file (dataset.json, plans.json) as a dict, from ``data`` read from ``path``.
 
     Raises
     ------
     UnsafeWeights
-        If it cannot be read, is not JSON, or is not a JSON object.
+        If it is not JSON, or not a JSON object.
     """
     try:
-        value = json.loads(read_weights_file(path) if data is None else data)
+        value = json.loads(data)
     except json.JSONDecodeError as exc:
         raise UnsafeWeights(
             f"the weights file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}); import the weights again"
