@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -278,20 +280,24 @@ class NodeLock:
         self._watching: threading.Event | None = None
 
     @property
+    def _sqlite_file(self) -> Path | None:
+        """The SQLite database file; None for PostgreSQL or an in-memory database."""
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return None
+        return Path(str(parsed.database))
+
+    @property
     def where(self) -> str:
         """The database, in words: its file, or "this PostgreSQL database"."""
-        parsed = make_url(self.url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            return str(parsed.database)
-        return "this PostgreSQL database"
+        database = self._sqlite_file
+        return str(database) if database is not None else "this PostgreSQL database"
 
     @property
     def lock_file(self) -> Path | None:
         """The SQLite lock file; None for PostgreSQL or an in-memory database."""
-        parsed = make_url(self.url)
-        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-            return None
-        return Path(str(parsed.database)).with_name(Path(str(parsed.database)).name + ".serve-lock")
+        database = self._sqlite_file
+        return database.with_name(database.name + ".serve-lock") if database is not None else None
 
     def try_take(self, *, unreachable_is_busy: bool = True) -> bool:
         """Take the lock if no other node holds it; True when this node holds it now.
@@ -304,9 +310,6 @@ class NodeLock:
         path = self.lock_file
         if path is None:
             return True
-        import fcntl
-        import os
-
         path.parent.mkdir(parents=True, exist_ok=True)  # taken before the database exists: before migrating it
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -390,7 +393,5 @@ class NodeLock:
             self._engine.dispose()
             self._engine = None
         if self._file is not None:
-            import os
-
             os.close(self._file)
             self._file = None
