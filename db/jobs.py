@@ -517,10 +517,16 @@ def set_stage(session: Session, job_id: int, stage: str, worker: str | None = No
     """
     query = update(Job).where(Job.id == job_id)
     if worker is not None:
-        query = query.where(Job.state == S.PROCESSING, Job.claimed_by == worker)
-    if attempt is not None:
-        query = query.where(Job.attempts == attempt)
+        query = query.where(*_of_claim(worker, attempt))
     session.execute(query.values(stage=stage).execution_options(synchronize_session=False))
+
+
+def _of_claim(worker: str, attempt: int | None) -> list[ColumnElement[bool]]:
+    """A job ``worker`` is processing (in claim number ``attempt`` if given): the SQL twin of :func:`holds`."""
+    conditions = [Job.state == S.PROCESSING, Job.claimed_by == worker]
+    if attempt is not None:
+        conditions.append(Job.attempts == attempt)
+    return conditions
 
 
 def database_now(session: Session) -> datetime:
@@ -606,9 +612,7 @@ def renew_lease(session: Session, job_id: int, worker: str, lease: timedelta, at
     (Re-opened by a late instance, or queued again after the lease ran out: the worker's
     result will be discarded.)
     """
-    query = update(Job).where(Job.id == job_id, Job.state == S.PROCESSING, Job.claimed_by == worker)
-    if attempt is not None:
-        query = query.where(Job.attempts == attempt)
+    query = update(Job).where(Job.id == job_id, *_of_claim(worker, attempt))
     renewed = cast(
         "CursorResult[Any]",
         session.execute(
