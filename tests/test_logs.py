@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -31,27 +31,34 @@ def restored_logging(monkeypatch) -> Iterator[None]:
     pynetdicom_logger.setLevel(saved[2])
 
 
+def _echo_through_the_node(on_echo: Callable[[evt.Event], int], calling_ae: str = "PACS") -> int:
+    """One C-ECHO association from ``calling_ae`` to the node's own server, whose handler is ``on_echo``; the status
+    answered."""
+    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+    server = start_guarded_server(
+        scp.build_ae(network), (network.host, network.port), network, [(evt.EVT_C_ECHO, on_echo)]
+    )
+    try:
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(network.host, network.port, ae_title=network.ae_title)
+        assert assoc.is_established
+        status = int(assoc.send_c_echo().Status)
+        assoc.release()
+    finally:
+        server.shutdown()
+    return status
+
+
 def _accepted_association_after_echo() -> Any:
     """The node's side of one C-ECHO association, served by the node's own server."""
-    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
     accepted: list[Any] = []
 
     def on_echo(event: evt.Event) -> int:
         accepted.append(event.assoc)
         return 0x0000
 
-    server = start_guarded_server(
-        scp.build_ae(network), (network.host, network.port), network, [(evt.EVT_C_ECHO, on_echo)]
-    )
-    try:
-        ae = AE(ae_title="PACS")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate(network.host, network.port, ae_title=network.ae_title)
-        assert assoc.is_established
-        assert int(assoc.send_c_echo().Status) == 0x0000
-        assoc.release()
-    finally:
-        server.shutdown()
+    assert _echo_through_the_node(on_echo) == 0x0000
     return accepted[0]
 
 
@@ -311,23 +318,11 @@ def test_operating_system_errors_are_words_without_their_numbers(tmp_path):
 
 def test_a_pynetdicom_line_logged_during_an_association_names_the_peer(restored_logging, capsys):
     configure_logging("INFO")
-    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
 
     def failing_echo(event: evt.Event) -> int:
         raise RuntimeError("the handler failed")
 
-    server = start_guarded_server(
-        scp.build_ae(network), (network.host, network.port), network, [(evt.EVT_C_ECHO, failing_echo)]
-    )
-    try:
-        ae = AE(ae_title="MONITOR")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate(network.host, network.port, ae_title=network.ae_title)
-        assert assoc.is_established
-        assoc.send_c_echo()
-        assoc.release()
-    finally:
-        server.shutdown()
+    _echo_through_the_node(failing_echo, calling_ae="MONITOR")
 
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "Exception in the handler bound to" in line]
     assert "(peer AE title 'MONITOR' at 127.0.0.1:" in line

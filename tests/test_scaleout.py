@@ -176,15 +176,17 @@ def _claim_at(worker: InferenceWorker, barrier: threading.Barrier, claimed: list
     claimed[index] = claim.job_id if claim else None
 
 
-def test_job_whose_lease_ran_out_is_queued_again_by_a_worker_on_another_host(tmp_path, database_url):
-    migrate(database_url)
-    settings = Settings(
-        storage={"directory": tmp_path / "storage"},
-        database={"url": database_url},
-        inference={"lease_seconds": 2, "lease_renew_seconds": 1},
-    )
-    sessions = make_session_factory(make_engine(database_url))
+def _one_queued_series(tmp_path: Path, url: str, **inference: float) -> tuple[Settings, sessionmaker[Session]]:
+    """A migrated database holding one queued series, and settings for workers on it (``inference`` settings)."""
+    migrate(url)
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": url}, inference=inference)
+    sessions = make_session_factory(make_engine(url))
     seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    return settings, sessions
+
+
+def test_job_whose_lease_ran_out_is_queued_again_by_a_worker_on_another_host(tmp_path, database_url):
+    settings, sessions = _one_queued_series(tmp_path, database_url, lease_seconds=2, lease_renew_seconds=1)
     gone = InferenceWorker(settings, sessions, "host-that-lost-power:4242")
     assert gone.claim() is not None
     other = InferenceWorker(settings, sessions, "other-host:1")
@@ -205,14 +207,7 @@ def test_job_whose_lease_ran_out_is_queued_again_by_a_worker_on_another_host(tmp
 
 
 def test_working_worker_renews_its_lease_so_no_other_worker_takes_the_job(tmp_path, database_url):
-    migrate(database_url)
-    settings = Settings(
-        storage={"directory": tmp_path / "storage"},
-        database={"url": database_url},
-        inference={"lease_seconds": 2, "lease_renew_seconds": 0.5},
-    )
-    sessions = make_session_factory(make_engine(database_url))
-    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    settings, sessions = _one_queued_series(tmp_path, database_url, lease_seconds=2, lease_renew_seconds=0.5)
     worker = InferenceWorker(settings, sessions, "busy-host:1")
     claim = worker.claim()
     assert claim is not None
@@ -236,14 +231,7 @@ def test_a_clock_stepped_forward_does_not_take_the_job_of_a_worker_still_renewin
     tmp_path, database_url, monkeypatch
 ):
     """The sweeping worker's wall clock runs a whole lease ahead (an NTP step, or another host's clock)."""
-    migrate(database_url)
-    settings = Settings(
-        storage={"directory": tmp_path / "storage"},
-        database={"url": database_url},
-        inference={"lease_seconds": 1, "lease_renew_seconds": 0.5},
-    )
-    sessions = make_session_factory(make_engine(database_url))
-    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    settings, sessions = _one_queued_series(tmp_path, database_url, lease_seconds=1, lease_renew_seconds=0.5)
     busy = InferenceWorker(settings, sessions, "busy-host:1")
     claim = busy.claim()
     assert claim is not None
@@ -274,10 +262,7 @@ def test_a_clock_stepped_forward_does_not_take_the_job_of_a_worker_still_renewin
 
 
 def test_stopped_worker_hands_its_job_back_without_counting_a_death(tmp_path, database_url):
-    migrate(database_url)
-    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": database_url})
-    sessions = make_session_factory(make_engine(database_url))
-    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    settings, sessions = _one_queued_series(tmp_path, database_url)
     worker = InferenceWorker(settings, sessions, "stopping-host:1")
     worker.current = worker.claim()
 
@@ -398,14 +383,7 @@ def test_a_dead_workers_lease_runs_out_by_the_databases_clock_whatever_its_hosts
 ):
     """The claiming host's clock ran ten minutes ahead: its lease must still run out two lease periods after it
     died, as counted by the clock every host shares (the database server's), not ten minutes later."""
-    migrate(postgresql_url)
-    settings = Settings(
-        storage={"directory": tmp_path / "storage"},
-        database={"url": postgresql_url},
-        inference={"lease_seconds": 1, "lease_renew_seconds": 0.5},
-    )
-    sessions = make_session_factory(make_engine(postgresql_url))
-    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    settings, sessions = _one_queued_series(tmp_path, postgresql_url, lease_seconds=1, lease_renew_seconds=0.5)
     true_now = jobs.utcnow
     monkeypatch.setattr(jobs, "utcnow", lambda: true_now() + timedelta(minutes=10))
     ahead = InferenceWorker(settings, sessions, "clock-ahead-host:7")
@@ -423,12 +401,7 @@ def test_a_dead_workers_lease_runs_out_by_the_databases_clock_whatever_its_hosts
 def test_a_worker_whose_claim_was_taken_over_no_longer_renews_or_writes_its_stage(tmp_path, database_url):
     """Two claims under one worker id (containers sharing a host name and pid): the old claim's heartbeat must not
     keep the new claim's lease alive, nor write its stage over the new claim's."""
-    migrate(database_url)
-    settings = Settings(
-        storage={"directory": tmp_path / "storage"}, database={"url": database_url}, inference={"lease_seconds": 60}
-    )
-    sessions = make_session_factory(make_engine(database_url))
-    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    settings, sessions = _one_queued_series(tmp_path, database_url, lease_seconds=60)
     first = InferenceWorker(settings, sessions, "node:8")
     old = first.claim()
     assert old is not None
