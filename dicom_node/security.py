@@ -836,7 +836,7 @@ class GuardedRequestHandler(RequestHandler):
             started = self._open_association()
         finally:
             if not started:
-                self.server.caps.release(self.server.caps_key(self.client_address[0]))
+                self.server.give_back(self.client_address[0])
 
     def _open_association(self) -> bool:
         limits = self.server.limits
@@ -872,7 +872,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
         make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
         send_store_responses_directly(assoc.dimse)  # plain C-STORE responses without pydicom
-        caps, key = self.server.caps, self.server.caps_key(address)
+        server = self.server
         run, serve, dul = assoc.run, assoc._serve_request, assoc.dul
 
         def serve_then_give_back(message: Any, context_id: int) -> None:
@@ -887,7 +887,7 @@ class GuardedRequestHandler(RequestHandler):
             try:
                 run()
             finally:
-                caps.release(key)
+                server.give_back(address)
 
         assoc.run = run_then_release  # type: ignore[method-assign]
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -1057,9 +1057,12 @@ STRANGER_CONNECTIONS = 2
 told why it is rejected, too few to fill ``network.maximum_associations``."""
 NON_SENDERS = "addresses of peers that send no images"
 """The one place where connections from addresses only peers without the ``store`` role call from are counted."""
-NON_SENDER_CONNECTIONS = 4
+NON_SENDER_CONNECTIONS = 8
 """Connections from such addresses, open at a time in all: a planning system's retrievals and the echoes of
 monitoring, never enough to lock out the PACS (``network.maximum_associations`` is kept for image senders)."""
+NON_SENDER_CONNECTIONS_PER_ADDRESS = 3
+"""Of those, open at a time from any one address: a monitor that echoes too often, or a peer that leaves
+associations open, cannot take the places of the other peers that send no images."""
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -1120,8 +1123,9 @@ class GuardedServer(ThreadedAssociationServer):
     def caps_key(self, address: str) -> str:
         """Where a connection from ``address`` is counted: its address, for an address an image sender (a peer
         with the ``store`` role) calls from; else one place shared by all addresses of peers that send no images
-        (:data:`NON_SENDER_CONNECTIONS` at a time), or by all addresses no peer calls from
-        (:data:`STRANGER_CONNECTIONS`). Those two never take the image senders' places."""
+        (:data:`NON_SENDER_CONNECTIONS` at a time, and each address also counted on its own), or by all
+        addresses no peer calls from (:data:`STRANGER_CONNECTIONS`). Those two never take the image senders'
+        places."""
         if self.policy is None or self.policy.sends_from(address):
             return address
         if self.policy.admits_address(address):
@@ -1133,24 +1137,49 @@ class GuardedServer(ThreadedAssociationServer):
         shared place, for addresses of peers that send no images or of no peer, is full)."""
         address = client_address[0]
         key = self.caps_key(address)
-        shared = {STRANGERS: STRANGER_CONNECTIONS, NON_SENDERS: NON_SENDER_CONNECTIONS}.get(key)
-        held = self.caps.hold(key, shared or self.limits.per_host)
-        if held is None:
-            return True
-        if shared is not None:
-            reason = (
-                f"{held} connections from {key} are already open (at most {shared} at a time, so they never take "
-                "the places of the peers that send images)"
-            )
-        elif held:
-            reason = (
-                f"{held} connections already open from this address "
-                f"(network.maximum_associations_per_host is {self.limits.per_host})"
-            )
+        if key == NON_SENDERS:
+            reason = self._hold_non_sender(address)
         else:
-            reason = "the node holds as many connections as it can track; try again shortly"
+            reason = self._hold(key, STRANGER_CONNECTIONS if key == STRANGERS else self.limits.per_host)
+        if reason is None:
+            return True
         log_throttled(LOG, logging.WARNING, "connection.refused", (address, reason), address=address, reason=reason)
         return False
+
+    def give_back(self, address: str) -> None:
+        """Give back the place(s) a connection from ``address`` held since :meth:`verify_request`."""
+        key = self.caps_key(address)
+        self.caps.release(key)
+        if key == NON_SENDERS:
+            self.caps.release(address)
+
+    def _hold_non_sender(self, address: str) -> str | None:
+        """A place for ``address`` of its own and one among all peers that send no images; why not, if not."""
+        reason = self._hold(address, NON_SENDER_CONNECTIONS_PER_ADDRESS)
+        if reason is None:
+            reason = self._hold(NON_SENDERS, NON_SENDER_CONNECTIONS)
+            if reason is not None:
+                self.caps.release(address)
+        return reason
+
+    def _hold(self, key: str, limit: int) -> str | None:
+        """Take a place counted under ``key`` (at most ``limit``); None when taken, else why not, as a sentence."""
+        held = self.caps.hold(key, limit)
+        if held is None:
+            return None
+        if not held:
+            return "the node holds as many connections as it can track; try again shortly"
+        if key in (NON_SENDERS, STRANGERS):
+            return (
+                f"{held} connections from {key} are already open (at most {limit} at a time, so they never take "
+                "the places of the peers that send images)"
+            )
+        if self.caps_key(key) == NON_SENDERS:
+            return (
+                f"{held} connections already open from this address (a peer that sends no images may hold at most "
+                f"{limit} at a time, so it never takes the places of the other peers)"
+            )
+        return f"{held} connections already open from this address (network.maximum_associations_per_host is {limit})"
 
 
 def _address(assoc: Any) -> str | None:

@@ -542,8 +542,8 @@ def test_connections_from_addresses_no_peer_calls_from_take_two_places_at_most(s
 
 
 def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pacs(start_node, tmp_path):
-    """An echo-only peer on two addresses opens connections in a loop; the PACS still associates and sends."""
-    monitors = {"hosts": ["127.0.0.2", "127.0.0.3"], "roles": ["echo"]}  # any AE title, echo only
+    """An echo-only peer on three addresses opens connections in a loop; the PACS still associates and sends."""
+    monitors = {"hosts": ["127.0.0.2", "127.0.0.3", "127.0.0.5"], "roles": ["echo"]}  # any AE title, echo only
     node = start_node(
         peers={**PEERS, "monitors": monitors},
         network={
@@ -552,9 +552,10 @@ def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pac
             "association_request_timeout_seconds": 30,
         },
     )
-    held = slow_loris("127.0.0.2", node.port, 8, b"") + slow_loris("127.0.0.3", node.port, 8, b"")
+    held = [sock for host in monitors["hosts"] for sock in slow_loris(host, node.port, 8, b"")]
     try:
-        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 12, timeout=10, what="all but four closed")
+        # three places per address, eight in all: 8 of 24 stay open
+        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 16, timeout=10, what="all but eight closed")
         assoc = associate(node, "PACS", [Verification])
         assert assoc.is_established
         assoc.release()
@@ -563,9 +564,30 @@ def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pac
     finally:
         for sock in held:
             sock.close()
-    assert "connections from addresses of peers that send no images are already open (at most 4 at a time" in (
-        node.log()
+    log = node.log()
+    assert "connections from addresses of peers that send no images are already open (at most 8 at a time" in log
+    assert "a peer that sends no images may hold at most 3 at a time" in log
+
+
+def test_a_monitor_that_holds_connections_open_leaves_room_for_the_planning_system(start_node):
+    """An echo-only monitor on one address fills its own three places; the planner, on another, still connects."""
+    planner = {"ae_title": "PLANNER", "hosts": ["127.0.0.4"], "roles": ["get", "echo"]}
+    monitor = {"hosts": ["127.0.0.2"], "roles": ["echo"]}
+    node = start_node(
+        peers={**PEERS, "planner": planner, "monitor": monitor},
+        network={"maximum_associations_per_host": 8, "association_request_timeout_seconds": 30},
     )
+    held = slow_loris("127.0.0.2", node.port, 8, b"")
+    try:
+        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 5, timeout=10, what="the monitor's extra closed")
+        assoc = associate(node, "PLANNER", [Verification], source="127.0.0.4")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        for sock in held:
+            sock.close()
+    assert "connection.refused address=127.0.0.2" in node.log()
 
 
 @pytest.mark.parametrize(
