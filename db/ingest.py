@@ -181,8 +181,12 @@ def record_new_instances(
                 receiving = False  # another transaction completed the series since it was read
             if not receiving:
                 job = session.get_one(Job, job_id, populate_existing=True)
-                jobs.reopen(session, job)
-                restore_study_identity(session.get_one(Series, series_id).study, first)  # purged, now sent again
+                series = session.get_one(Series, series_id, populate_existing=True)
+                purged = series.purged_at is not None and not series.instance_count
+                jobs.reopen(session, job, _sent_again(series) if purged else "late instance")
+                if purged:
+                    _take_attributes_of(series, first)
+                restore_study_identity(_locked_study(session, series.study_id), first)  # purged, now sent again
                 outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
         connection.execute(
             _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
@@ -210,6 +214,29 @@ def _still_receiving(session: Session, job_id: int) -> bool:
     if loaded is not None:
         session.expire(loaded)  # its version changed underneath the session
     return touched
+
+
+def _sent_again(series: Series) -> str:
+    """Why a series whose images retention purged is received again, as the start of a reason."""
+    held = f" ({series.images_before_purge} images before)" if series.images_before_purge else ""
+    return f"an image of a series whose images retention had purged{held}"
+
+
+def _take_attributes_of(series: Series, record: InstanceRecord) -> None:
+    """A purged series sent again is routed as it is sent now: its sender and series attributes are the new
+    instance's, not those of its first reception (a correction may come from another sender, or changed)."""
+    for name, value in record.series.__dict__.items():
+        if name != "series_instance_uid":
+            setattr(series, name, value)
+    series.calling_ae_title = record.calling_ae_title
+    series.first_received_at = record.received_at
+
+
+def _locked_study(session: Session, study_id: int) -> Study:
+    """The study row, locked until the transaction ends (PostgreSQL): retention cannot erase its patient's
+    identity while an instance of it is being recorded (SQLite's writers take turns anyway)."""
+    query = select(Study).where(Study.id == study_id).with_for_update()
+    return session.scalars(query.execution_options(populate_existing=True)).one()
 
 
 def _instance_values(record: InstanceRecord) -> dict[str, object]:
@@ -340,7 +367,8 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
 
 def _study_of(session: Session, record: InstanceRecord) -> Study:
     """The record's study, created on first sight (its identity restored if retention erased it)."""
-    study = session.scalars(select(Study).where(Study.study_instance_uid == record.study.study_instance_uid)).first()
+    query = select(Study).where(Study.study_instance_uid == record.study.study_instance_uid).with_for_update()
+    study = session.scalars(query.execution_options(populate_existing=True)).first()
     if study is None:
         study = Study(**record.study.__dict__)
         session.add(study)

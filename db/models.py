@@ -95,6 +95,8 @@ class Series(Base):
     # would complicate creating and dropping the tables.
     source_job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     purged_at: Mapped[datetime | None]  # retention removed its instances; the row stays as history
+    # How many instances it held when retention last purged it: a series sent again with fewer is partial.
+    images_before_purge: Mapped[int | None] = mapped_column(Integer)
     # Set on a result series (SEG, SR, RTSTRUCT) when a newer run of its job replaced it;
     # it stays retrievable until retention removes it.
     superseded_at: Mapped[datetime | None]

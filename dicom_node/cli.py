@@ -915,7 +915,7 @@ def purge(
 
 
 def _show_purge(plan: RetentionPlan, outcome: PurgeOutcome | None, dry_run: bool) -> None:
-    """The purge table and its summary lines."""
+    """The purge table and its summary lines; exit 1, each reason on stderr, if a series' files could not go."""
     from dicom_node.retention import plan_rows, plan_summary
 
     if plan.items:
@@ -927,6 +927,10 @@ def _show_purge(plan: RetentionPlan, outcome: PurgeOutcome | None, dry_run: bool
         console.print(table)
     for line in plan_summary(plan, outcome):
         console.print(line, highlight=False)
+    for _item, why in outcome.failed if outcome else []:
+        errors.print(_peer(why), highlight=False)
+    if outcome and outcome.failed:
+        raise typer.Exit(1)
 
 
 @user_app.command("add")

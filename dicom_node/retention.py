@@ -18,6 +18,7 @@ runs them once, or plans only with ``--dry-run``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
 from db.session import transaction
@@ -109,6 +111,7 @@ class RetentionPlan:
 class PurgeOutcome:
     purged: list[PurgeItem] = field(default_factory=list)
     skipped: list[tuple[PurgeItem, str]] = field(default_factory=list)  # (item, why)
+    failed: list[tuple[PurgeItem, str]] = field(default_factory=list)  # (item, which file could not go and why)
 
     @property
     def bytes_freed(self) -> int:
@@ -294,57 +297,77 @@ def _folder_bytes(folder: Path) -> int:
 def apply_plan(
     sessions: sessionmaker[Session], settings: Settings, plan: RetentionPlan, now: datetime | None = None
 ) -> PurgeOutcome:
-    """Purge each planned series in its own transaction; a series that changed since planning is skipped."""
+    """Purge each planned series in its own transaction; a series that changed since planning is skipped.
+
+    Files that an earlier purge could not delete go first (:func:`delete_purged_leftovers`). A series whose
+    files cannot be set aside or deleted is counted in ``failed``, and the rest of the plan goes on.
+    """
+    delete_purged_leftovers(sessions, settings.storage.directory / "instances")
     outcome = PurgeOutcome()
     for item in plan.items:
-        why_not = purge_item(sessions, settings, item, now or utcnow())
+        uid = item.series_instance_uid
+        try:
+            why_not = purge_item(sessions, settings, item, now or utcnow())
+        except PurgeFailed as failure:
+            outcome.failed.append((item, str(failure)))
+            log_event(LOG, logging.WARNING, "retention.purge_failed", series_instance_uid=uid, reason=str(failure))
+            continue
+        except StaleDataError:
+            raise  # the job changed meanwhile: the periodic task says so, and the next pass decides again
+        except Exception:
+            reason = f"purging series {uid} failed; this pass stops here and the next pass tries again"
+            log_event(LOG, logging.ERROR, "retention.series_failed", series_instance_uid=uid, reason=reason)
+            raise
         if why_not is None:
             outcome.purged.append(item)
         else:
             outcome.skipped.append((item, why_not))
-            log_event(LOG, logging.INFO, "retention.skipped", series_instance_uid=item.series_instance_uid, why=why_not)
+            log_event(LOG, logging.INFO, "retention.skipped", series_instance_uid=uid, why=why_not)
     return outcome
 
 
+class PurgeFailed(Exception):
+    """A series' files could not be set aside or deleted; the message says which file and why, in a sentence."""
+
+
+@dataclass
+class _Deletion:
+    """What a purge deletes once its transaction has committed."""
+
+    files: list[Path] = field(default_factory=list)  # the images (set aside), the result instances
+    folder: Path | None = None  # the job folder
+
+
 def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeItem, now: datetime) -> str | None:
-    """Delete the files, then the rows, of one planned series; returns why it was skipped, or None.
+    """Delete the rows, then the files, of one planned series; returns why it was skipped, or None.
 
     The job is read again, locked, inside the transaction: a series re-opened or
-    re-run since planning is left alone. Files go first, so a crash leaves rows
-    pointing at missing files (purged again next time), never unreferenced files.
+    re-run since planning is left alone. The rows go first, with the images set
+    aside (renamed) and the files deleted once the transaction has committed: a
+    failure before the commit puts the images back and changes nothing, and a file
+    that cannot be deleted after it is left without a row, for the next pass
+    (:func:`delete_purged_leftovers`, or the job folder planned again).
 
     A sender may be sending the series again at this moment: an instance it finds
     already stored is answered success without being written, and recorded after.
-    So the series' files are first set aside (renamed), then the receivers' journals
-    are read: an instance of the series acknowledged and not yet recorded puts the
-    files back and leaves the series for a later pass. A receiver journals an instance
-    before it looks for its file, so either the purge sees the journal line, or the
-    receiver finds no file and writes the instance itself.
+    So the series' instance rows are locked (PostgreSQL: a recorder looking the
+    instance up waits for this purge, then finds it gone and records it again), its
+    files set aside, then the receivers' journals are read: an instance of the
+    series acknowledged and not yet recorded, or a file written again at its own
+    name since, puts the files back and leaves the series for a later pass. A
+    receiver journals an instance before it looks for its file, so either the purge
+    sees the journal line, or the receiver finds no file and writes the instance itself.
+
+    Raises
+    ------
+    PurgeFailed
+        When a file cannot be set aside (nothing changed) or deleted (the rows are gone).
     """
-    with transaction(sessions) as session:
-        job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
-        if job is None:
-            return "its job no longer exists"
-        if job.state not in FINISHED_STATES or as_utc(job.state_changed_at) != item.changed_at:
-            return f"it changed since planning (now {job.state.value})"
-        root = settings.storage.directory
-        if item.images:
-            receiving = f"instances of it are being received again (series {item.series_instance_uid})"
-            if item.series_instance_uid in series_waiting_to_be_recorded(root):
-                return receiving
-            paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == job.series.id))]
-            aside = _set_aside([path for path in paths if _inside(path, root)])
-            try:
-                if item.series_instance_uid in series_waiting_to_be_recorded(root):
-                    _put_back(aside)
-                    return receiving
-                _purge_series(session, job.series, root, now, set_aside=True)
-            except BaseException:
-                _put_back(aside)
-                raise
-        if item.results:
-            _purge_results(session, job, root, now)
-        _erase_phi_of_emptied_study(session, job.series.study_id)
+    root = settings.storage.directory
+    deletion = _purge_rows(sessions, root, item, now)
+    if isinstance(deletion, str):
+        return deletion
+    _delete_files(deletion, root, item.series_instance_uid)
     log_event(
         LOG,
         logging.INFO,
@@ -359,14 +382,67 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
     return None
 
 
+def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, now: datetime) -> _Deletion | str:
+    """The database side of a purge, committed; the images set aside. Put back on any failure or skip."""
+    aside: list[Path] = []
+    try:
+        with transaction(sessions) as session:
+            outcome = _purge_in(session, root, item, now, aside)
+    except OSError as exc:
+        _put_back(aside)
+        raise PurgeFailed(
+            f"could not set aside {exc.filename or 'a file'} ({_strerror(exc)}); series "
+            f"{item.series_instance_uid} is left as it was, for the next pass"
+        ) from None
+    except BaseException:
+        _put_back(aside)
+        raise
+    if isinstance(outcome, str):
+        _put_back(aside)
+        return outcome
+    return _Deletion([*aside, *outcome.files], outcome.folder)
+
+
+def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, aside: list[Path]) -> _Deletion | str:
+    """Inside the purge's transaction: check the job, set the images aside, delete the rows."""
+    job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
+    if job is None:
+        return "its job no longer exists"
+    if job.state not in FINISHED_STATES or as_utc(job.state_changed_at) != item.changed_at:
+        return f"it changed since planning (now {job.state.value})"
+    deletion = _Deletion()
+    if item.images:
+        why_not = _set_series_aside(session, job.series, root, aside)
+        if why_not is not None:
+            return why_not
+        _delete_series_rows(session, job.series, root, now)
+    if item.results:
+        _delete_result_rows(session, job, root, now, deletion)
+    _erase_phi_of_emptied_study(session, job.series.study_id)
+    return deletion
+
+
+def _set_series_aside(session: Session, series: Series, root: Path, aside: list[Path]) -> str | None:
+    """Lock the series' instance rows and rename its files aside; why not to purge it now, or None."""
+    receiving = f"instances of it are being received again (series {series.series_instance_uid})"
+    if series.series_instance_uid in series_waiting_to_be_recorded(root):
+        return receiving
+    locked = select(Instance.path).where(Instance.series_id == series.id).with_for_update()
+    paths = [path for path in map(Path, session.scalars(locked)) if _inside(path, root)]
+    _set_aside(paths, aside)
+    if series.series_instance_uid in series_waiting_to_be_recorded(root) or any(p.exists() for p in paths):
+        return receiving  # a receiver has written one again at its own name: it is being recorded
+    return None
+
+
 SET_ASIDE_SUFFIX = ".purging"
 """An instance file renamed while its series is being purged: ``<sop>.dcm.purging``. Start-up puts any left by a
-crash back (:func:`put_back_set_aside_files`)."""
+crash back (:func:`put_back_set_aside_files`); one left by a purge that committed is deleted by the next
+(:func:`delete_purged_leftovers`)."""
 
 
-def _set_aside(paths: list[Path]) -> list[Path]:
-    """Rename each existing file to ``<name>.purging``; the renamed paths."""
-    aside = []
+def _set_aside(paths: list[Path], aside: list[Path]) -> None:
+    """Rename each existing file to ``<name>.purging``, adding the renamed paths to ``aside``."""
     for path in paths:
         renamed = path.with_name(path.name + SET_ASIDE_SUFFIX)
         try:
@@ -374,18 +450,24 @@ def _set_aside(paths: list[Path]) -> list[Path]:
         except FileNotFoundError:
             continue
         aside.append(renamed)
-    return aside
+
+
+def _original(renamed: Path) -> Path:
+    return renamed.with_name(renamed.name.removesuffix(SET_ASIDE_SUFFIX))
 
 
 def _put_back(aside: list[Path]) -> None:
     """Undo :func:`_set_aside`, never over a file a receiver has written meanwhile."""
     for renamed in aside:
-        original = renamed.with_name(renamed.name.removesuffix(SET_ASIDE_SUFFIX))
         try:
-            os.link(renamed, original)  # fails if the receiver wrote the instance again meanwhile: that copy stays
+            os.link(renamed, _original(renamed))  # fails if the receiver wrote the instance again: that copy stays
         except FileExistsError:
             pass
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            reason = f"could not put {renamed} back at {_original(renamed)} ({_strerror(exc)}); it stays set aside"
+            log_event(LOG, logging.ERROR, "retention.put_back_failed", path=str(renamed), reason=reason)
             continue
         renamed.unlink(missing_ok=True)
 
@@ -399,44 +481,111 @@ def put_back_set_aside_files(instances_dir: Path) -> int:
     return len(aside)
 
 
-def _purge_series(session: Session, series: Series, root: Path, now: datetime, *, set_aside: bool = False) -> None:
-    """Delete a series' instance files and rows; the series row stays, stamped ``purged_at``.
+def delete_purged_leftovers(sessions: sessionmaker[Session], instances_dir: Path) -> int:
+    """Delete set-aside files whose purge has committed (no row names their own name any more); how many.
 
-    With ``set_aside``, only the names the files were set aside under are deleted: a file back at its own name
-    was written by a receiver since, for an instance it has acknowledged.
+    A set-aside file whose row is still there belongs to a purge in progress (or cut off by a crash:
+    start-up puts it back), unless a newer copy is back at its own name. Call it before
+    :func:`put_back_set_aside_files` at start-up, so a purged image is not put back and indexed again.
     """
+    aside = list(instances_dir.glob(f"*/*/*{SET_ASIDE_SUFFIX}")) if instances_dir.is_dir() else []
+    recorded = _recorded_paths(sessions, [str(_original(path)) for path in aside])
+    deleted = 0
+    for renamed in aside:
+        original = _original(renamed)
+        if str(original) in recorded and not original.exists():
+            continue
+        try:
+            renamed.unlink(missing_ok=True)
+        except OSError as exc:
+            reason = f"could not delete {renamed} ({_strerror(exc)}); the next pass tries again"
+            log_event(LOG, logging.WARNING, "retention.leftover_kept", path=str(renamed), reason=reason)
+            continue
+        deleted += 1
+        _remove_empty_folders({renamed.parent}, instances_dir)
+    return deleted
+
+
+def _recorded_paths(sessions: sessionmaker[Session], paths: list[str]) -> set[str]:
+    """Those of ``paths`` an ``instances`` row names (500 per query)."""
+    found: set[str] = set()
+    with sessions() as session:
+        for start in range(0, len(paths), 500):
+            chunk = paths[start : start + 500]
+            found.update(session.scalars(select(Instance.path).where(Instance.path.in_(chunk))))
+    return found
+
+
+def _delete_series_rows(session: Session, series: Series, root: Path, now: datetime) -> list[Path]:
+    """Delete a series' instance rows; the series row stays, stamped ``purged_at``. Its files inside storage."""
     paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_id == series.id))]
     for path in paths:
-        if _inside(path, root):
-            if set_aside:
-                path.with_name(path.name + SET_ASIDE_SUFFIX).unlink(missing_ok=True)
-            else:
-                path.unlink(missing_ok=True)
-        else:
-            log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path))
+        if not _inside(path, root):
+            reason = f"{path} is outside the storage folder {root}, so retention leaves it in place"
+            log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path), reason=reason)
     session.execute(delete(Instance).where(Instance.series_id == series.id))
     series.purged_at = now
-    series.instance_count = 0  # a re-sent series counts from zero again
-    _remove_empty_folders({path.parent for path in paths}, root / "instances")
+    series.images_before_purge = max(series.images_before_purge or 0, series.instance_count) or None
+    series.instance_count = 0  # a re-sent series counts from zero again, up to images_before_purge
+    return [path for path in paths if _inside(path, root)]
 
 
-def _purge_results(session: Session, job: Job, root: Path, now: datetime) -> None:
-    """Delete the job folder and the instances of the job's result series."""
+def _delete_result_rows(session: Session, job: Job, root: Path, now: datetime, deletion: _Deletion) -> None:
+    """Delete the rows of the job's result series; their files and the job folder go into ``deletion``."""
     query = select(Series).where(Series.source_job_id == job.id, Series.purged_at.is_(None))
     for series in list(session.scalars(query)):
-        _purge_series(session, series, root, now)
+        deletion.files.extend(_delete_series_rows(session, series, root, now))
     if job.result_path:
         folder = Path(job.result_path)
-        if not _inside(folder, root):
-            log_event(LOG, logging.WARNING, "retention.folder_outside_storage_kept", path=str(folder))
-        elif folder.exists():
-            shutil.rmtree(folder)  # an error rolls the transaction back; the next pass tries again
+        if _inside(folder, root):
+            deletion.folder = folder
+        else:
+            reason = f"{folder} is outside the storage folder {root}, so retention leaves it in place"
+            log_event(LOG, logging.WARNING, "retention.folder_outside_storage_kept", path=str(folder), reason=reason)
     job.result_files = None  # gone: a retry must not try to send them
 
 
+def _delete_files(deletion: _Deletion, root: Path, series_instance_uid: str) -> None:
+    """Delete what a committed purge left on disk; raises :class:`PurgeFailed` naming the first file that stayed."""
+    failures: list[tuple[str, OSError]] = []
+    for path in deletion.files:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            failures.append((str(path), exc))
+    if deletion.folder is not None and deletion.folder.exists():
+        shutil.rmtree(deletion.folder, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
+    _remove_empty_folders({path.parent for path in deletion.files}, root / "instances")
+    if failures:
+        (name, first), more = failures[0], f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+        raise PurgeFailed(
+            f"could not delete {name}{more} ({_strerror(first)}); series {series_instance_uid} is purged "
+            "from the database, and the next pass deletes what is left of its files"
+        )
+
+
+def _failed(failures: list[tuple[str, OSError]], path: str, error: BaseException) -> None:
+    """Note what :func:`shutil.rmtree` could not delete; a folder left because of what is in it is not news."""
+    if not isinstance(error, OSError):
+        raise error
+    if error.errno != errno.ENOTEMPTY:
+        failures.append((path, error))
+
+
+def _strerror(exc: OSError) -> str:
+    """``permission denied``, ``operation not permitted``, ``device or resource busy``: the system's words."""
+    return (exc.strerror or os.strerror(exc.errno or 0)).lower()
+
+
 def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
-    """A study none of whose series holds an instance any more keeps only its UID."""
+    """A study none of whose series holds an instance any more keeps only its UID.
+
+    The study row is locked before the instances are counted: a receiver recording a new series of the
+    study holds that lock until it commits (PostgreSQL), so its instances are counted, never erased under.
+    """
     session.flush()
+    locked = select(Study).where(Study.id == study_id).with_for_update()
+    study = session.scalars(locked.execution_options(populate_existing=True)).one()
     held = session.scalar(
         select(func.count())
         .select_from(Instance)
@@ -445,7 +594,6 @@ def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
     )
     if held:
         return
-    study = session.get_one(Study, study_id)
     if any(getattr(study, column) is not None for column in STUDY_IDENTITY_COLUMNS):
         for column in STUDY_IDENTITY_COLUMNS:
             setattr(study, column, None)
@@ -499,14 +647,15 @@ def _remove_empty_folders(folders: set[Path], top: Path) -> None:
 
 
 def plan_rows(plan: RetentionPlan, outcome: PurgeOutcome | None = None, now: datetime | None = None) -> list[list[str]]:
-    """One row per planned series: UID, state, age, what is purged, size, reason (or why it was skipped)."""
+    """One row per planned series: UID, state, age, what is purged, size, reason (or why it was skipped or failed)."""
     now = now or utcnow()
-    skipped = {item.job_id: why for item, why in (outcome.skipped if outcome else [])}
+    skipped = {item.job_id: f"SKIPPED: {why}" for item, why in (outcome.skipped if outcome else [])}
+    skipped.update({item.job_id: f"FAILED: {why}" for item, why in (outcome.failed if outcome else [])})
     rows = []
     for item in plan.items:
         parts = " + ".join(part for part, on in (("images", item.images), ("results", item.results)) if on)
         age = f"{(now - item.changed_at).total_seconds() / 86400:.1f} days"
-        reason = f"SKIPPED: {skipped[item.job_id]}" if item.job_id in skipped else item.reason
+        reason = skipped.get(item.job_id, item.reason)
         rows.append([item.series_instance_uid, item.state.value, age, parts, format_bytes(item.bytes), reason])
     return rows
 
@@ -570,6 +719,7 @@ class RetentionTask(PeriodicTask):
                 "retention.pass",
                 purged=len(outcome.purged),
                 skipped=len(outcome.skipped),
+                failed=len(outcome.failed),
                 freed=format_bytes(outcome.bytes_freed),
             )
         if plan.shortfall():

@@ -24,7 +24,7 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
-from dicom_node.retention import RetentionTask, put_back_set_aside_files
+from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
 from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
@@ -295,6 +295,7 @@ def start_node(settings: Settings) -> RunningNode:
         fsync=settings.storage.fsync,
         quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
     )
+    delete_purged_leftovers(sessions, store.instances_dir)  # a purge that committed, then stopped: never put back
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
     requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'

@@ -90,8 +90,10 @@ class SeriesWatcher(PeriodicTask):
 
         While ``ImagesInAcquisition`` says more images are due, the quiet period alone does not
         complete a series; ``completion.expected_count_timeout_seconds`` of silence does, and the
-        job then carries a "partial series" warning. Images sent for the series but refused or set
-        aside on receipt count towards the expected number, and add a "partial series" warning too.
+        job then carries a "partial series" warning. The same holds for a series sent again after
+        retention purged it, while it holds fewer images than it did then. Images sent for the series
+        but refused or set aside on receipt count towards the expected number, and add a "partial
+        series" warning too.
         """
         completion = self.settings.completion
         quiet = timedelta(seconds=completion.quiet_seconds)
@@ -112,25 +114,24 @@ class SeriesWatcher(PeriodicTask):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
-                images = _images_received(session, series)
-                expected = series.expected_instances
+                expected, images, expecting = _expectation(session, series)
                 missing = instances_refused_for_series(session, series)
                 if expected is None or images >= expected:
                     reason = f"no new instance for {quiet.total_seconds():g} s ({series.instance_count} received)"
                     self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
                 elif missing is not None and images + missing.count >= expected:
                     reason = (
-                        f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} expected images "
+                        f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} {expecting} "
                         f"stored, and {missing.count} were refused or set aside on receipt"
                     )
                     self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
                 elif job.id in timed_out:
                     warning = (
-                        f"{PARTIAL_SERIES_PREFIX} {images} of {expected} expected images (ImagesInAcquisition) "
+                        f"{PARTIAL_SERIES_PREFIX} {images} of {expected} {expecting} "
                         "had arrived when the completion timeout ran out"
                     )
                     reason = (
-                        f"only {images} of {expected} expected images after "
+                        f"only {images} of {expected} {expecting} after "
                         f"{expected_timeout.total_seconds():g} s without a new one (partial series)"
                     )
                     self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing)])
@@ -209,6 +210,16 @@ class SeriesWatcher(PeriodicTask):
             session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
         )
         return JobState.QUEUED
+
+
+def _expectation(session: Session, series: Series) -> tuple[int | None, int, str]:
+    """How many images ``series`` should hold before the quiet period alone completes it, how many it holds,
+    and what says so: the count it held before retention purged it, while it is short of that (a series sent
+    again in part is partial, not whole); else ``ImagesInAcquisition``."""
+    before = series.images_before_purge
+    if before and series.instance_count < before:
+        return before, series.instance_count, "images it held before retention purged it"
+    return series.expected_instances, _images_received(session, series), "expected images (ImagesInAcquisition)"
 
 
 def _images_received(session: Session, series: Series) -> int:

@@ -1097,5 +1097,6 @@ def test_expected_count_timeout_completes_a_partial_series_with_a_warning(corpus
         series = session.scalars(select(Series).where(Series.series_instance_uid == outcome.series_instance_uid)).one()
         completed = [e.reason for e in series.job.events if e.to_state is JobState.COMPLETE]
     assert completed == [
-        f"only 2 of 4 expected images after {EXPECTED_COUNT_TIMEOUT_SECONDS:g} s without a new one (partial series)"
+        f"only 2 of 4 expected images (ImagesInAcquisition) after {EXPECTED_COUNT_TIMEOUT_SECONDS:g} s "
+        "without a new one (partial series)"
     ]

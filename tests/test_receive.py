@@ -83,7 +83,7 @@ def test_series_completes_after_quiet_period_without_expected_count(tmp_path, st
 
     node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=30)
     shown = node.cli("show", series.series_instance_uid).stdout
-    assert "only 5 of 12 expected images after 2 s without a new one (partial series)" in shown
+    assert "only 5 of 12 expected images (ImagesInAcquisition) after 2 s without a new one (partial series)" in shown
 
 
 def test_real_compressed_ct_is_stored_as_sent_and_ignored_without_matching_rule(shared_fixtures, start_node):

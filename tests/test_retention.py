@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -28,7 +33,7 @@ from db.models import (
 )
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
-from dicom_node.retention import RetentionTask, apply_plan, plan_retention, purge_quarantine
+from dicom_node.retention import PurgeOutcome, RetentionTask, apply_plan, plan_retention, purge_quarantine
 from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -452,24 +457,288 @@ def test_files_a_crashed_purge_set_aside_are_put_back_at_start_up(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.1.1.dcm", "1.2.3.1.2.dcm"]
 
 
-def test_an_instance_written_again_while_its_series_is_set_aside_survives_the_purge(node, monkeypatch):
-    """The receiver found the file gone (set aside), journaled and wrote it, after the purge read the journals."""
+def test_an_instance_written_again_while_its_series_is_set_aside_leaves_the_series_for_a_later_pass(node, monkeypatch):
+    """The receiver found the file gone (set aside) and wrote it again: the series is being received, so it stays."""
     import dicom_node.retention as retention
 
     stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
     set_aside = retention._set_aside
 
-    def receiver_writes_meanwhile(paths: list[Path]) -> list[Path]:
-        aside = set_aside(paths)
+    def receiver_writes_meanwhile(paths: list[Path], aside: list[Path]) -> None:
+        set_aside(paths, aside)
         stored.images[0].write_bytes(b"resent")  # as the receiver's re-check writes an acknowledged instance
-        return aside
 
     monkeypatch.setattr(retention, "_set_aside", receiver_writes_meanwhile)
-    assert purge(node, days=7) == ["1.2.3.1"]
+    settings, sessions = node
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    outcome = apply_plan(sessions, settings, plan, NOW)
 
-    assert stored.images[0].read_bytes() == b"resent"  # acknowledged: kept, for its recorder to index
-    assert not stored.images[1].exists()
-    assert not list(stored.images[0].parent.glob("*.purging"))
+    assert outcome.purged == [] and "instances of it are being received again" in outcome.skipped[0][1]
+    assert stored.images[0].read_bytes() == b"resent"  # acknowledged: kept, and its row with it
+    assert stored.images[1].read_bytes() == b"\0" * 1000  # put back
+    assert not list(stored.images[0].parent.glob("*.purging")) and instance_rows(sessions, "1.2.3.1") == 2
+
+
+def _waiting_for_a_lock(sessions: sessionmaker[Session]) -> bool:
+    """PostgreSQL: whether some transaction waits for a row another one has locked."""
+    with sessions() as session:
+        return bool(session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+
+def _blocked_or_done(sessions: sessionmaker[Session], thread: threading.Thread) -> None:
+    """Wait until ``thread`` has finished or (PostgreSQL) waits for a lock; SQLite: give it a second."""
+    if sessions.kw["bind"].dialect.name == "postgresql":
+        wait_for(lambda: not thread.is_alive() or _waiting_for_a_lock(sessions), timeout=10, what="a lock wait")
+    else:
+        thread.join(timeout=1)  # its writer waits for the purge's (BEGIN IMMEDIATE) until the purge commits
+
+
+def test_an_instance_recorded_while_its_series_is_purged_keeps_its_row(node, monkeypatch):
+    """A re-sent instance written after the purge's last look, and recorded before it commits (PostgreSQL), is
+    recorded once the purge has committed: never a file on disk with no row, answered success and then lost."""
+    import dicom_node.retention as retention
+    from dicom_node.receive.storage import InstanceStore, record_stored_instances
+
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10, results=False)
+    resent = stored.images[0]
+    store = InstanceStore(settings.storage.directory, fsync=False)
+    recorded: list[bool] = []
+
+    def recorder() -> None:
+        with transaction(sessions) as session:
+            outcome = record_stored_instances(session, store, [_record(resent.stem, stored.uid, resent)])
+        recorded.append(outcome[0].recorded.stored)
+
+    thread = threading.Thread(target=recorder)
+    delete_rows = retention._delete_series_rows
+
+    def receiver_writes_and_records(*args):
+        resent.write_bytes(b"resent")  # after the purge's checks: the receiver found the name free and wrote it
+        thread.start()
+        _blocked_or_done(sessions, thread)
+        return delete_rows(*args)
+
+    monkeypatch.setattr(retention, "_delete_series_rows", receiver_writes_and_records)
+    assert purge(node, days=7) == [stored.uid]
+    thread.join(timeout=30)
+
+    assert recorded == [True] and resent.read_bytes() == b"resent"
+    with sessions() as session:
+        paths = list(
+            session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == stored.uid))
+        )
+        assert paths == [str(resent)] and session.get_one(Job, stored.job_id).state is JobState.RECEIVING
+
+
+def test_a_study_is_not_erased_while_a_new_series_of_it_is_being_recorded(node):
+    """PostgreSQL: the purge counts the study's instances under the study's lock, which the receiver holds."""
+    settings, sessions = node
+    if settings.database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one writer at a time: a purge never overlaps a receiver's transaction")
+    add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    with transaction(sessions) as session:
+        session.scalars(select(Study)).one().patient_id = "PID-7"
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    new_series = settings.storage.directory / "instances" / STUDY / "1.2.3.2.1.dcm"
+    new_series.write_bytes(b"\0" * 10)
+    receiver = sessions()
+    receiver.begin()
+    record_instance(receiver, _record("1.2.3.2.1", "1.2.3.2", new_series))
+    receiver.flush()  # a new series of the study, not committed yet
+    outcomes: list[PurgeOutcome] = []
+    thread = threading.Thread(target=lambda: outcomes.append(apply_plan(sessions, settings, plan, NOW)))
+    thread.start()
+    try:
+        _blocked_or_done(sessions, thread)
+        receiver.commit()
+    finally:
+        receiver.close()
+        thread.join(timeout=30)
+
+    assert [item.series_instance_uid for item in outcomes[0].purged] == ["1.2.3.1"]
+    assert _study(sessions).patient_id == "PID-7"
+
+
+# --- files that cannot be deleted -------------------------------------------------------------------------------
+
+
+class Undeletable:
+    """Makes files impossible to delete, for real, and deletable again.
+
+    Not root: the file's folder is made read-only (unlink and rename fail: permission denied). Root ignores
+    that; there only an immutable file (``chattr +i``: operation not permitted) stays, where that is allowed.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, Path]] = []
+
+    def hold(self, path: Path) -> None:
+        if os.geteuid() != 0:
+            path.parent.chmod(0o500)
+            self.held.append(("folder", path.parent))
+            return
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root, where only an immutable file cannot be deleted, and chattr +i fails here")
+        self.held.append(("file", path))
+
+    def release(self) -> None:
+        for kind, path in reversed(self.held):
+            if kind == "folder":
+                path.chmod(0o700)
+            else:
+                subprocess.run(["chattr", "-i", str(path)], check=True)
+        self.held.clear()
+
+
+@pytest.fixture
+def undeletable() -> Iterator[Undeletable]:
+    files = Undeletable()
+    yield files
+    files.release()
+
+
+CANNOT = r"\((permission denied|operation not permitted)\)"
+MORE = r"( and \d+ more)?"  # not root: the whole folder is read-only
+
+
+def test_a_result_file_that_cannot_be_deleted_fails_its_series_alone_and_goes_at_the_next_pass(node, undeletable):
+    settings, sessions = node
+    stuck = add_series(node, "1.2.3.1", JobState.DONE, days_ago=30)
+    later = [add_series(node, uid, JobState.DONE, days_ago=20) for uid in ("1.2.3.2", "1.2.3.3")]
+    undeletable.hold(stuck.results / "preview.png")
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+
+    outcome = apply_plan(sessions, settings, plan, NOW)
+
+    assert [item.series_instance_uid for item in outcome.purged] == ["1.2.3.2", "1.2.3.3"]
+    ((_item, why),) = outcome.failed
+    assert re.fullmatch(
+        rf"could not delete {re.escape(str(stuck.results))}/\S+{MORE} {CANNOT}; series 1\.2\.3\.1 is purged from the "
+        "database, and the next pass deletes what is left of its files",
+        why,
+    )
+    assert not any(path.exists() for path in stuck.images) and instance_rows(sessions, stuck.uid) == 0
+    with transaction(sessions) as session:
+        job = session.get_one(Job, stuck.job_id)
+        assert job.series.purged_at is not None and job.result_files is None
+        with pytest.raises(jobs.InvalidTransition, match="purged by retention"):
+            jobs.retry(session, job)
+    assert not any(path.exists() for series in later for path in [*series.images, series.results])
+
+    undeletable.release()
+    assert purge(node, days=7) == [stuck.uid]
+    assert not stuck.results.exists()
+
+
+def test_an_image_that_cannot_be_set_aside_leaves_its_series_as_it_was(node, undeletable):
+    settings, sessions = node
+    stuck = add_series(node, "1.2.3.1", JobState.DONE, days_ago=30)
+    other = add_series(node, "1.2.3.2", JobState.DONE, days_ago=20)
+    undeletable.hold(stuck.images[1])
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+
+    outcome = apply_plan(sessions, settings, plan, NOW)
+
+    assert [item.series_instance_uid for item in outcome.purged] == [other.uid]
+    assert re.fullmatch(
+        rf"could not set aside {re.escape(str(stuck.images[1].parent))}/\S+ {CANNOT}; series 1\.2\.3\.1 is left as it "
+        "was, for the next pass",
+        outcome.failed[0][1],
+    )
+    assert all(path.exists() for path in stuck.images) and stuck.results.is_dir()
+    assert not list(stuck.images[0].parent.glob("*.purging")) and instance_rows(sessions, stuck.uid) == 2
+    with sessions() as session:
+        assert session.get_one(Job, stuck.job_id).series.purged_at is None
+
+
+def test_an_image_set_aside_that_cannot_be_deleted_goes_at_the_next_pass_and_never_comes_back(
+    node, undeletable, monkeypatch
+):
+    import dicom_node.retention as retention
+    from dicom_node.retention import put_back_set_aside_files
+
+    settings, sessions = node
+    stuck = add_series(node, "1.2.3.1", JobState.DONE, days_ago=30, results=False)
+    set_aside = retention._set_aside
+
+    def set_aside_then_stuck(paths: list[Path], aside: list[Path]) -> None:
+        set_aside(paths, aside)
+        undeletable.hold(aside[0])  # it can be renamed, not deleted (e.g. a file system that fails meanwhile)
+
+    monkeypatch.setattr(retention, "_set_aside", set_aside_then_stuck)
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    outcome = apply_plan(sessions, settings, plan, NOW)
+    left = stuck.images[0].with_name(stuck.images[0].name + ".purging")
+
+    assert "the next pass deletes what is left of its files" in outcome.failed[0][1]
+    assert left.exists() and not stuck.images[1].exists() and instance_rows(sessions, stuck.uid) == 0
+    undeletable.release()
+    monkeypatch.undo()
+    assert purge(node, days=7) == []  # nothing left to plan: the leftover goes before the plan is applied
+    assert not left.exists() and not stuck.images[0].parent.exists()
+    assert put_back_set_aside_files(settings.storage.directory / "instances") == 0
+
+
+def test_start_up_goes_on_past_a_set_aside_file_it_cannot_put_back(tmp_path, undeletable, caplog):
+    from dicom_node.retention import put_back_set_aside_files
+
+    folder = tmp_path / "instances" / STUDY / "1.2.3.1"
+    folder.mkdir(parents=True)
+    stuck = folder / "1.2.3.1.1.dcm.purging"
+    stuck.write_bytes(b"set aside")
+    undeletable.hold(stuck)
+
+    with caplog.at_level(logging.ERROR, logger="dicom_node.retention"):
+        assert put_back_set_aside_files(tmp_path / "instances") == 1
+
+    (record,) = caplog.records
+    assert re.fullmatch(
+        rf"could not put {re.escape(str(stuck))} back at {re.escape(str(folder))}/1\.2\.3\.1\.1\.dcm {CANNOT}; "
+        "it stays set aside",
+        record.event_fields["reason"],
+    )
+    assert stuck.exists()
+
+
+def test_purge_names_the_file_it_could_not_delete_and_exits_1(node, tmp_path, undeletable):
+    stuck = add_series(node, "1.2.3.1", JobState.DONE, days_ago=30)
+    later = add_series(node, "1.2.3.2", JobState.DONE, days_ago=20)
+    undeletable.hold(stuck.results / "preview.png")
+
+    result = cli(node, tmp_path, "--days", "7")
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(
+        rf"could not delete {re.escape(str(stuck.results))}/\S+{MORE} {CANNOT}; series 1.2.3.1 is purged", result.stderr
+    )
+    assert "FAILED: could not delete" in result.stdout and "freed 2.9 kB from 1 series" in result.stdout
+    assert not any(path.exists() for path in later.images) and not later.results.exists()
+
+
+def test_files_outside_the_storage_folder_are_left_in_place_with_a_reason(node, tmp_path, caplog):
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with transaction(sessions) as session:
+        session.get_one(Job, stored.job_id).result_path = str(elsewhere)
+
+    with caplog.at_level(logging.WARNING, logger="dicom_node.retention"):
+        assert purge(node, days=7) == [stored.uid]
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "retention.folder_outside_storage_kept"]
+    root = settings.storage.directory
+    assert record.event_fields["reason"] == (
+        f"{elsewhere} is outside the storage folder {root}, so retention leaves it in place"
+    )
+    assert elsewhere.is_dir()
 
 
 @pytest.mark.integration
