@@ -33,7 +33,15 @@ from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
-from inference.volume import VolumeError, check_slice_stack, padding_problem, rescale_source, unusable_rescale
+from inference.volume import (
+    SPACING_DECIMALS,
+    VolumeError,
+    check_slice_stack,
+    differing_orientations,
+    padding_problem,
+    rescale_source,
+    unusable_rescale,
+)
 
 IDENTITY_KEYWORDS = (
     "PatientID",
@@ -55,10 +63,12 @@ STUDY_DETAIL_KEYWORDS = ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicia
 the job says so (a warning) rather than the results carrying one instance's value silently."""
 STUDY_DETAIL_SUFFIX = "; the results carry the value of the first image by position"
 
-ORTHONORMAL_TOLERANCE = 0.01
+ORTHONORMAL_TOLERANCE = 0.002
 """How far ImageOrientationPatient's two directions may be from unit length and from a right angle
-(length 1 +/- 0.01, cosine of their angle within 0.01: about 0.6 degrees). Values written with three
-decimals stay well inside it."""
+(length 1 +/- 0.002, cosine of their angle within 0.002: about 0.1 degrees). Values written with three
+decimals stay inside it. The SEG keeps the images' own directions while the volume and the RTSTRUCT's
+contours use them made exactly perpendicular: at this tolerance the two differ by under a pixel (about 0.5 mm
+at the edge of a 500 mm field), at 0.01 they differed by 4.5 mm."""
 LONGEST_EXTENT_MM = 3000.0
 """The longest a CT volume may be along any axis (columns x PixelSpacing, rows x PixelSpacing, slices x
 step): a head-to-toe scan of the tallest patient is about 2 m. Longer means a PixelSpacing or slice
@@ -88,6 +98,7 @@ HEADER_KEYWORDS = (
     "ImagePositionPatient",
     "ImageOrientationPatient",
     "PixelSpacing",
+    "SliceThickness",
     "Rows",
     "Columns",
     "SamplesPerPixel",
@@ -261,6 +272,7 @@ def _admit(
         _check_patient_sex(label, header)
     warnings.extend(_study_detail_warnings(headers))
     _check_study_patient(headers[0][1], study_patient)
+    _check_rescale_everywhere_or_nowhere(headers, modality)
     frames: list[_Frame] = []
     for label, header, file in headers:
         _check_pixel_module(label, header)
@@ -287,6 +299,7 @@ def _admit(
     if len({frame.acquisition for frame in images}) == 1:
         # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
         _check_slice_stack(images)
+        _check_step_against_thickness(images, headers[0][1])
     extent = _extent_mm(images)
     if max(extent) > LONGEST_EXTENT_MM:
         raise Refused(
@@ -679,6 +692,30 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
     )
 
 
+def _check_rescale_everywhere_or_nowhere(headers: Sequence[tuple[str, Dataset, Any]], modality: str | None) -> None:
+    """Images of one CT series either all carry RescaleSlope/RescaleIntercept or none does: reading those without
+    as slope 1, intercept 0 (``admission.missing_rescale: assume_identity``) while the others are rescaled would
+    put two HU scales into one volume."""
+    if (modality or "").upper() != "CT":
+        return
+    lacking: list[str] = []
+    images = 0
+    for label, header, _ in headers:
+        if _is_localizer(header):
+            continue
+        enhanced = bool(header.get("PerFrameFunctionalGroupsSequence"))
+        for number in range(1, (len(header.PerFrameFunctionalGroupsSequence) if enhanced else 1) + 1):
+            source, _where = rescale_source(header, number if enhanced else None)
+            images += 1
+            if "RescaleSlope" not in source and "RescaleIntercept" not in source:
+                lacking.append(f"frame {number} of {label}" if enhanced else label)
+    if lacking and len(lacking) < images:
+        raise Refused(
+            f"{len(lacking)} of {images} images have no RescaleSlope/RescaleIntercept (first: {lacking[0]}) while "
+            "the others have them: their pixel values cannot be read on the same HU scale"
+        )
+
+
 def _check_padding(label: str, header: Dataset) -> None:
     """PixelPaddingValue, where given, must be readable and must not read as tissue (:func:`padding_problem`)."""
     if _is_localizer(header) or "PixelPaddingValue" not in header:
@@ -751,6 +788,11 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
     localizer = _is_localizer(header)
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
+        if _frame_count(label, header) > 1:
+            raise Refused(
+                f"{label} has {_frame_count(label, header)} frames (NumberOfFrames) but no Per-frame Functional "
+                "Groups Sequence, so where each frame lies cannot be told"
+            )
         if localizer:
             return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
         acquisition = _raw_text(header, "AcquisitionNumber") or ""
@@ -762,6 +804,7 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
     shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     frames = []
     for number, group in enumerate(per_frame, start=1):
+        _check_one_place(f"frame {number} of {label}", group, shared)
         sources = [
             _item(group, shared, "PlanePositionSequence"),
             _item(group, shared, "PlaneOrientationSequence"),
@@ -778,6 +821,28 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
             )
         )
     return frames
+
+
+FUNCTIONAL_GROUPS_READ = {
+    "PlanePositionSequence": "ImagePositionPatient",
+    "PlaneOrientationSequence": "ImageOrientationPatient",
+    "PixelMeasuresSequence": "PixelSpacing and SliceThickness",
+    "PixelValueTransformationSequence": "RescaleSlope and RescaleIntercept",
+}
+"""The functional groups the volume is built from, and what each says."""
+
+
+def _check_one_place(frame_label: str, group: Dataset, shared: Dataset) -> None:
+    """A functional group the volume reads must be either shared or per frame (PS3.3 C.7.6.16): in both, with
+    different values, one of the two is wrong, and which one cannot be told."""
+    for sequence, says in FUNCTIONAL_GROUPS_READ.items():
+        own, common = group.get(sequence), shared.get(sequence)
+        if own and common and _item_text(own[0]) != _item_text(common[0]):
+            raise Refused(
+                f"{frame_label} gives its {says} ({sequence}) both in its per-frame functional group and in the "
+                "shared one, with different values: DICOM allows one place, and which value is right cannot be "
+                "told"
+            )
 
 
 def _item(group: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
@@ -839,13 +904,12 @@ def _check_frame_of_reference(headers: list[tuple[str, Dataset]]) -> None:
 
 
 def _check_orientation(images: list[_Frame]) -> None:
-    orientations = Counter(tuple(round(v, ORIENTATION_DECIMALS) for v in f.orientation) for f in images)
-    if len(orientations) > 1:
-        common = orientations.most_common(1)[0][0]
-        other = next(f for f in images if tuple(round(v, ORIENTATION_DECIMALS) for v in f.orientation) != common)
+    differing = differing_orientations([f.orientation for f in images])
+    if differing:
+        orientations = Counter(tuple(round(v, ORIENTATION_DECIMALS) for v in f.orientation) for f in images)
         raise Refused(
-            f"the series has {len(orientations)} different ImageOrientationPatient values "
-            f"(first differing: {other.label}); one volume needs one orientation"
+            f"the series has {max(len(orientations), 2)} different ImageOrientationPatient values "
+            f"(first differing: {images[differing[0]].label}); one volume needs one orientation"
         )
 
 
@@ -853,7 +917,7 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
     """Rows, Columns and PixelSpacing alike in every image; or, if allowed, the largest alike group."""
     groups: dict[tuple[Any, ...], list[_Frame]] = defaultdict(list)
     for frame in images:
-        groups[(frame.shape, tuple(round(v, 4) for v in frame.spacing))].append(frame)
+        groups[(frame.shape, tuple(round(v, SPACING_DECIMALS) for v in frame.spacing))].append(frame)
     if len(groups) == 1:
         return images
     ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))  # never by arrival order
@@ -884,6 +948,44 @@ def _check_slice_stack(images: list[_Frame]) -> None:
         check_slice_stack([f.position for f in ordered], normal, pixel_spacing=smallest_pixel)
     except VolumeError as exc:
         raise Refused(str(exc)) from None
+
+
+THICKER_THAN_STEPS = 8
+"""How many slice steps one slice may be thick: overlapping reconstructions go to a step of half (rarely a
+quarter) of SliceThickness; a step ten times finer than the slices are thick means ImagePositionPatient is in
+centimetres, which would make every volume in the report ten times too small."""
+
+
+def _check_step_against_thickness(images: list[_Frame], header: Dataset) -> None:
+    """The distance between slices must fit SliceThickness (:data:`THICKER_THAN_STEPS`)."""
+    thickness = _slice_thickness(header)
+    normal = _normal(images[0].orientation)
+    depths = sorted({round(_dot(frame.position, normal), 3) for frame in images})
+    if thickness is None or len(depths) < 2:
+        return
+    step = (depths[-1] - depths[0]) / (len(depths) - 1)
+    if step * THICKER_THAN_STEPS < thickness:
+        raise Refused(
+            f"the slices are {step:.3g} mm apart (ImagePositionPatient) but {thickness:g} mm thick (SliceThickness): "
+            f"a step more than {THICKER_THAN_STEPS} times finer than the slices means the positions are not in "
+            "millimetres (perhaps centimetres), so every volume would be wrong"
+        )
+
+
+def _slice_thickness(header: Dataset) -> float | None:
+    """SliceThickness of the image (or of an enhanced image's first frame), where it is a positive number."""
+    sources = [header]
+    if header.get("PerFrameFunctionalGroupsSequence"):
+        shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+        measures = _item(header.PerFrameFunctionalGroupsSequence[0], shared, "PixelMeasuresSequence")
+        sources = [measures] if measures is not None else []
+    for source in sources:
+        try:
+            value = float(_raw_text(source, "SliceThickness") or "")
+        except ValueError:
+            return None  # absent or not a number: the models do not use it, so it is not refused for that
+        return value if math.isfinite(value) and value > 0 else None
+    return None
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:

@@ -82,6 +82,16 @@ class Volume:
     excluded_images: int = 0  # images of the series (not localizers) that the volume does not cover
     source_paths: list[Path] = field(default_factory=list)  # the instance files the slices came from
     positions: np.ndarray | None = None  # each slice's own ImagePositionPatient (k x 3), where read from DICOM
+    padding: np.ndarray | None = None  # pixels marked as padding (PixelPaddingValue), packed: see padding_mask
+
+    def padding_mask(self, k: int) -> np.ndarray:
+        """Slice k's pixels marked as padding (outside the reconstructed field), whatever they read as HU.
+
+        Kept only where an image marks padding, one bit a pixel (``np.packbits`` along rows): 33 MB for 1000
+        slices of 512 x 512, an eighth of a boolean mask."""
+        if self.padding is None:
+            return np.zeros(self.hu.shape[1:], dtype=bool)
+        return np.unpackbits(self.padding[k], axis=-1, count=self.hu.shape[2]).astype(bool)
 
     def index_to_patient(self, index: Sequence[float]) -> np.ndarray:
         """Patient position (LPS mm) of voxel (i, j, k) = (column, row, slice)."""
@@ -160,7 +170,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     normal = _common_orientation(frames)
     frames.sort(key=lambda f: float(np.dot(f.position, normal)))
     step = _regular_step(frames, normal)
-    hu = _read_pixels(frames, notes)
+    hu, padding = _read_pixels(frames, notes)
     first = frames[0]
     row_dir, col_dir = orthonormal_directions(first.orientation)
     header = headers[0][1]
@@ -177,6 +187,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
         excluded_images=excluded,
         source_paths=list(dict.fromkeys(f.path for f in frames)),
         positions=np.array([f.position for f in frames], dtype=float),
+        padding=padding,
     )
 
 
@@ -223,11 +234,16 @@ def _frames(path: Path, header: Dataset) -> list[_Frame]:
             orientation=_numbers(header, "ImageOrientationPatient", 6),
             pixel_spacing=(float(spacing[0]), float(spacing[1])),
             shape=(int(header.Rows), int(header.Columns)),
-            acquisition=str(header.get("AcquisitionNumber", "")),
+            acquisition=_text_of(header.get("AcquisitionNumber")),
             is_localizer=localizer,
             instance_number=str(header.get("InstanceNumber", "")),
         )
     ]
+
+
+def _text_of(value: object) -> str:
+    """A value as text, empty for an empty (or absent) one: never 'None'."""
+    return "" if value is None else str(value)
 
 
 def _numbers(header: Dataset, keyword: str, count: int) -> np.ndarray:
@@ -306,6 +322,24 @@ def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     return kept
 
 
+ORIENTATION_TOLERANCE = 1e-3
+"""How far an image's ImageOrientationPatient values may be from the series' (each, as a direction cosine): the
+same orientation written to a different precision, not another one (a tilt of 0.06 degrees)."""
+
+
+def differing_orientations(orientations: Sequence[Sequence[float] | np.ndarray]) -> list[int]:
+    """The indices of the orientations further than :data:`ORIENTATION_TOLERANCE` from the series' median
+    orientation (the same whatever order the images arrived in)."""
+    values = np.asarray(orientations, dtype=float)
+    median = np.median(values, axis=0)
+    return [int(i) for i in np.flatnonzero(np.abs(values - median).max(axis=1) > ORIENTATION_TOLERANCE)]
+
+
+SPACING_DECIMALS = 4
+"""PixelSpacing values alike to this many decimals (of a mm) are one matrix: 0.97656 and 0.9765625 are the same
+spacing written to different precision, not two reconstructions."""
+
+
 def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     """Refuse mixed orientations; of several acquisitions (or matrix sizes), keep the largest.
 
@@ -313,15 +347,16 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     regular stack) are one volume, not several. Two largest groups of the same size are refused: which one
     is meant cannot be told, and the choice must never depend on the order the images arrived in.
     """
-    orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
-    if len(orientations) > 1:
+    if differing_orientations([f.orientation for f in frames]):
+        orientations = Counter(tuple(np.round(f.orientation, 3)) for f in frames)
         counts = ", ".join(f"{n} images at {_vector(o)}" for o, n in orientations.most_common())
         raise VolumeError(f"mixed orientations in one series ({counts})")
     groups: dict[tuple, list[_Frame]] = defaultdict(list)
     same_matrix: dict[tuple, list[_Frame]] = defaultdict(list)
     for frame in frames:
-        groups[(frame.acquisition, frame.shape, frame.pixel_spacing)].append(frame)
-        same_matrix[(frame.shape, frame.pixel_spacing)].append(frame)
+        spacing = tuple(round(v, SPACING_DECIMALS) for v in frame.pixel_spacing)  # as admission compares them
+        groups[(frame.acquisition, frame.shape, spacing)].append(frame)
+        same_matrix[(frame.shape, spacing)].append(frame)
     if len(groups) == 1:
         return frames
     largest_matrix = max(same_matrix.values(), key=len)
@@ -488,14 +523,16 @@ def _check_tilt(points: np.ndarray, direction: np.ndarray) -> None:
         )
 
 
-def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
+def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The volume in HU, and its padding pixels packed (:attr:`Volume.padding`), None where no image marks any."""
     by_path: dict[Path, list[tuple[int, _Frame]]] = defaultdict(list)
     for index, frame in enumerate(frames):
         by_path[frame.path].append((index, frame))
     rows, columns = frames[0].shape
     volume = np.empty((len(frames), rows, columns), dtype=np.float32)
     assumed_rescale = 0
-    padding = _PaddingAsAir()
+    padding = _PaddingAsAir(volume.shape)
+    soft = _SoftestTissue()
     for path, members in by_path.items():
         dataset, pixels = _decode(path, members[0][1])
         assumed_rescale += "RescaleSlope" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset
@@ -511,7 +548,7 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
             if unusable_padding is not None:
                 raise VolumeError(f"{_image_name(frame)}: {unusable_padding}")
             volume[index] = plane * slope + intercept
-            padding.apply(dataset, plane, volume[index])
+            soft.count(volume[index], padding.apply(dataset, plane, volume[index], index), frame, intercept)
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
             highest = float(volume[index].max())
@@ -525,7 +562,9 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> np.ndarray:
             f"RescaleSlope and RescaleIntercept missing on {assumed_rescale} image(s): assumed 1 and 0 (HU as stored)"
         )
     notes.extend(padding.notes())
-    return volume
+    if min(np.multiply(frames[0].shape, frames[0].pixel_spacing)) >= AIR_OR_FAT_FIELD_MM:
+        soft.check()
+    return volume, padding.packed
 
 
 HIGHEST_PLAUSIBLE_HU = 70_000
@@ -535,23 +574,78 @@ AIR_CEILING_HU = -1000.0
 """Air reads -1000 HU (padding and noise below): a CT whose pixels cannot read this low holds no HU."""
 
 
+class _SoftestTissue:
+    """Whether a volume holds any air or fat, counted slice by slice as it is read.
+
+    Every CT of a body region (at least :data:`AIR_OR_FAT_FIELD_MM` across) holds air (outside the patient,
+    lungs, bowel) or at least fat (-190 to -30 HU); one where no pixel inside the field reads between
+    :data:`BELOW_AIR_HU` and :data:`FAT_OR_AIR_HU` has its values shifted: most often RescaleIntercept 0 on
+    pixels stored as HU + 1024, which makes air read as water and every segmentation and measurement wrong.
+    Padding and pixels below air (outside the field) are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.soft = 0
+        self.first: tuple[_Frame, float] | None = None
+
+    def count(self, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, intercept: float) -> None:
+        inside = hu > BELOW_AIR_HU
+        if padded is not None:
+            inside &= ~padded
+        self.inside += int(np.count_nonzero(inside))
+        self.soft += int(np.count_nonzero(inside & (hu <= FAT_OR_AIR_HU)))
+        if self.first is None:
+            self.first = (frame, intercept)
+
+    def check(self) -> None:
+        if self.first is None or not self.inside or self.soft >= self.inside * SOFTEST_TISSUE_SHARE:
+            return
+        frame, intercept = self.first
+        raise VolumeError(
+            f"no pixel inside the field reads as air or fat ({BELOW_AIR_HU:.0f} to {FAT_OR_AIR_HU:.0f} HU) in "
+            f"{self.inside:,} pixels, as no CT of a body can: its values are not HU as read, most likely because "
+            f"RescaleIntercept ({intercept:g} on {_image_name(frame)}) or PixelRepresentation is wrong"
+        )
+
+
+FAT_OR_AIR_HU = -100.0
+BELOW_AIR_HU = -1500.0
+SOFTEST_TISSUE_SHARE = 1e-4
+"""At least one pixel in ten thousand inside the field reads as air or fat in any CT of a body region."""
+AIR_OR_FAT_FIELD_MM = 200.0
+"""Only images at least this wide both ways are judged: a body or head field holds air around the patient,
+while a small field zoomed inside the body (a spine or cardiac reconstruction) may hold neither."""
+
+
 class _PaddingAsAir:
-    """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit) that would read above air.
+    """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit): where they lie, and those that
+    would read above air.
 
     Padding is not tissue: it marks what lies outside the reconstructed field. Where it rescales to air
     or below (the usual -2000 stored, -3024 HU) it is left as it is, as TotalSegmentator reads it; where
     it would read as tissue or bone (an unsigned 63536 read as 62,512 HU) it becomes air, -1024 HU, so
-    it enters neither the model nor any measurement as anatomy. The job's warnings say so.
+    it enters neither the model nor any measurement as anatomy. The job's warnings say so. Where the padding
+    lies is kept (``packed``, one bit a pixel, made at the first padding pixel), so measurements still leave
+    it out and see the edge of the field, whatever it reads as.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape  # the volume's (slices, rows, columns)
+        self.packed: np.ndarray | None = None
         self.replaced = 0
         self.example: tuple[int, float] | None = None  # the padding value as stored, and what it would have read
 
-    def apply(self, dataset: Dataset, plane: np.ndarray, hu: np.ndarray) -> None:
+    def apply(self, dataset: Dataset, plane: np.ndarray, hu: np.ndarray, index: int) -> np.ndarray | None:
+        """Note slice ``index``'s padding pixels, and read those above air as air (in ``hu``, in place); the
+        slice's padding pixels, None where it has none."""
         padded = _padding_mask(dataset, plane)
-        if padded is None:
-            return
+        if padded is None or not padded.any():
+            return None
+        if self.packed is None:
+            slices, rows, columns = self.shape
+            self.packed = np.zeros((slices, rows, (columns + 7) // 8), dtype=np.uint8)
+        self.packed[index] = np.packbits(padded, axis=-1)
         above_air = padded & (hu > AIR_HU)
         count = int(np.count_nonzero(above_air))
         if count:
@@ -559,6 +653,7 @@ class _PaddingAsAir:
                 self.example = (int(dataset.PixelPaddingValue), float(hu[above_air].max()))
             hu[above_air] = AIR_HU
             self.replaced += count
+        return padded
 
     def notes(self) -> list[str]:
         if not self.replaced or self.example is None:
@@ -657,7 +752,8 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
         if reading:
             raise VolumeError(f"{_image_name(frame)} has incomplete pixel data (the file ends inside it)")
         raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
-    mismatch = encapsulated_problem(dataset, _instance_name(frame))  # before a decoder allocates what a frame says
+    # before a decoder allocates what a frame says, or reads bone as air for a sign it was told wrong
+    mismatch = encapsulated_problem(dataset, _instance_name(frame), check_sign=True)
     if mismatch is not None:
         raise VolumeError(mismatch)
     syntax = dataset.file_meta.get("TransferSyntaxUID")

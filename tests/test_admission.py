@@ -575,3 +575,89 @@ def test_refused_admission_goes_from_complete_to_failed_with_an_event(tmp_path):
         ]
         events = [e.to_state for e in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == [JobState.RECEIVING, JobState.COMPLETE, JobState.FAILED]
+
+
+def test_an_enhanced_frame_giving_pixel_spacing_both_per_frame_and_shared_differently_is_refused(tmp_path):
+    """Shared PixelMeasures says 0.8 mm, frame 2's own says 0.5 mm: one is wrong, and which cannot be told."""
+    files = series_files(tmp_path, enhanced=True)
+    ds = pydicom.dcmread(files[0].path)
+    shared, own = pydicom.Dataset(), pydicom.Dataset()
+    shared.PixelSpacing, own.PixelSpacing = ["0.8", "0.8"], ["0.5", "0.5"]
+    shared.SliceThickness = own.SliceThickness = "5"
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence[1].PixelMeasuresSequence = [own]
+    ds.save_as(files[0].path)
+    assert admit(files, STRICT).refusal == (
+        "frame 2 of instance 1 gives its PixelSpacing and SliceThickness (PixelMeasuresSequence) both in its "
+        "per-frame functional group and in the shared one, with different values: DICOM allows one place, and "
+        "which value is right cannot be told"
+    )
+
+
+def test_a_series_where_only_some_images_carry_rescale_values_is_refused_even_when_missing_ones_are_assumed(tmp_path):
+    """Air would read 0 HU on some slices and -1024 on the others: one volume with two HU scales."""
+    files = series_files(tmp_path)
+    for file in files[:2]:
+        ds = pydicom.dcmread(file.path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(file.path)
+    assume = AdmissionSettings(missing_rescale="assume_identity")
+    assert admit(files, assume, modality="CT").refusal == (
+        "2 of 4 images have no RescaleSlope/RescaleIntercept (first: instance 1) while the others have them: "
+        "their pixel values cannot be read on the same HU scale"
+    )
+    for file in files[2:]:
+        ds = pydicom.dcmread(file.path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(file.path)
+    assert admit(files, assume, modality="CT").admitted  # none has them: read as slope 1, with a warning
+
+
+def test_slice_positions_in_centimetres_are_refused_by_their_step_against_slice_thickness(tmp_path):
+    """5 mm slices 0.5 'mm' apart: the positions are in centimetres and every volume would be 10 times too small."""
+    files = series_files(tmp_path, slice_spacing=0.5)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        ds.SliceThickness = "5"
+        ds.save_as(file.path)
+    assert admit(files, STRICT).refusal == (
+        "the slices are 0.5 mm apart (ImagePositionPatient) but 5 mm thick (SliceThickness): a step more than 8 "
+        "times finer than the slices means the positions are not in millimetres (perhaps centimetres), so every "
+        "volume would be wrong"
+    )
+    overlapping = series_files(tmp_path / "overlap", slice_spacing=1.25)  # 5 mm slices every 1.25 mm: admitted
+    for file in overlapping:
+        ds = pydicom.dcmread(file.path)
+        ds.SliceThickness = "5"
+        ds.save_as(file.path)
+    assert admit(overlapping, STRICT).admitted
+
+
+def test_a_multi_frame_image_without_per_frame_functional_groups_is_refused_with_the_reason(tmp_path):
+    files = series_files(tmp_path)
+    ds = pydicom.dcmread(files[1].path)
+    ds.NumberOfFrames, ds.PixelData = 2, ds.PixelData * 2
+    ds.save_as(files[1].path)
+    assert admit(files, STRICT).refusal == (
+        "instance 2 has 2 frames (NumberOfFrames) but no Per-frame Functional Groups Sequence, so where each frame "
+        "lies cannot be told"
+    )
+
+
+def test_values_written_to_another_precision_are_one_orientation_one_spacing_and_one_acquisition(tmp_path):
+    """0.00049 and 0.00051, 0.9765625 and 0.97656, an empty and an absent AcquisitionNumber: the same values
+    written differently, admitted and read into one volume of every image, not refused as two kinds."""
+    files = series_files(tmp_path, rows=64, columns=64, pixel_spacing=(0.9765625, 0.9765625))
+    for number, file in enumerate(files):
+        ds = pydicom.dcmread(file.path)
+        ds.ImageOrientationPatient = [1, 0, 0.00049 if number % 2 else 0.00051, 0, 1, 0]
+        if number == len(files) - 1:
+            ds.PixelSpacing = ["0.97656", "0.97656"]
+        if number % 2:
+            ds.AcquisitionNumber = None
+        elif "AcquisitionNumber" in ds:
+            del ds.AcquisitionNumber
+        ds.save_as(file.path)
+    assert admit(files, STRICT).admitted
+    volume = load_series_volume([file.path for file in files], allow_partial=False)
+    assert volume.hu.shape[0] == len(files) and not volume.notes

@@ -362,3 +362,24 @@ def test_c_get_for_an_uncompressed_only_peer_fails_the_hostile_instances_and_sen
         assert node.process.poll() is None
     finally:
         node.stop()
+
+
+def test_a_jpeg2000_codestream_whose_sign_disagrees_with_pixel_representation_is_not_read_as_hu(
+    tmp_path, shared_fixtures
+):
+    """TotalSegmentator's real JPEG 2000 slices are unsigned in the codestream and in the header; told signed
+    (PixelRepresentation 1), their bone would decode as below air: the volume is refused, naming the image."""
+    sources = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))[:3]
+    assert load_series_volume(sources).hu.max() > 1000  # as sent: read as it is, bone included
+    altered = []
+    for path in sources:
+        dataset = pydicom.dcmread(path)
+        assert dataset.PixelRepresentation == 0
+        dataset.PixelRepresentation = 1
+        altered.append(tmp_path / path.name)
+        dataset.save_as(altered[-1])
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(altered)
+    assert str(refused.value).startswith("the JPEG 2000 data of image ")
+    assert "says its samples are unsigned, but its PixelRepresentation says signed (1)" in str(refused.value)
+    assert encapsulated_problem(pydicom.dcmread(altered[0]), "it") is None  # C-GET re-encoding does not judge it

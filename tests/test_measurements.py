@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.ndimage import binary_dilation
 
 from dicom_node.encode.measurements import measure
 from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
@@ -104,3 +105,96 @@ def test_a_structure_lying_wholly_on_padding_has_no_attenuation_reported_not_0_h
         return own + sum(attenuations(child) for child in item.get("ContentSequence", []))
 
     assert attenuations(sr) == 2 * (len(measured) - 1), "mean and SD for every structure but the lung on padding"
+
+
+FIELD_RADIUS = 160
+"""Pixels from the image centre to the edge of the reconstructed field in the padded copies of the real CT."""
+PADDING = {"signed": (1, -2000), "unsigned": (0, 63536)}
+"""Two vendors' padding: signed -2000 (reads -3024 HU), and unsigned 63536 (would read 62,512 HU: read as air)."""
+
+
+def _outside_circle(rows: int, columns: int) -> np.ndarray:
+    j, i = np.mgrid[:rows, :columns]
+    return np.hypot(j - (rows - 1) / 2, i - (columns - 1) / 2) > FIELD_RADIUS
+
+
+@pytest.fixture(scope="module")
+def real_ct(shared_fixtures):
+    """The real CT and TotalSegmentator's label map of it, resampled onto its grid (nearest neighbour)."""
+    import SimpleITK as sitk
+
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    volume = load_series_volume(files)
+    seg = sitk.ReadImage(str(shared_fixtures / "example_seg_dicom.nii.gz"))
+    resampled = sitk.Resample(seg, volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return files, volume, sitk.GetArrayFromImage(resampled).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def padded_ct(real_ct, tmp_path_factory):
+    """The real CT with its field narrowed to a circle: outside it, padding (PixelPaddingValue) in each encoding."""
+    import pydicom
+
+    files, _volume, _labels = real_ct
+    volumes = {}
+    for encoding, (representation, value) in PADDING.items():
+        folder = tmp_path_factory.mktemp(f"padding-{encoding}")
+        for path in files:
+            dataset = pydicom.dcmread(path)
+            stored = dataset.pixel_array.astype(np.int64)
+            stored[_outside_circle(*stored.shape)] = value
+            dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+            dataset.PixelRepresentation = representation
+            dataset.PixelData = stored.astype(np.int16 if representation else np.uint16).tobytes()
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+            dataset["PixelPaddingValue"] = pydicom.DataElement(0x00280120, "SS" if representation else "US", value)
+            dataset.save_as(folder / path.name, enforce_file_format=True)
+        volumes[encoding] = load_series_volume(sorted(folder.glob("*.dcm")))
+    return volumes
+
+
+def test_a_structure_cut_by_the_round_field_of_view_is_flagged_though_the_model_labels_no_padding(real_ct, padded_ct):
+    """A model never labels padding: a rib cut by the field stops beside it, and is as partial as one cut by the
+    first slice. Structures away from the field's edge and from the ends of the scan stay whole."""
+    class_map = require_extra("totalsegmentator.map_to_binary").class_map
+    _files, _volume, labels = real_ct
+    volume = padded_ct["signed"]
+    outside = _outside_circle(*labels.shape[1:])
+    inner = labels.copy()
+    inner[[0, -1]] = 0  # no structure cut by the ends of the scan
+    cut = inner.copy()
+    cut[:, outside] = 0  # as the model labels the narrowed field
+
+    whole = {m.name: m for m in measure(volume, inner, class_map["total"])}
+    measured = {m.name: m for m in measure(volume, cut, class_map["total"])}
+    near_edge = binary_dilation(outside, iterations=3)  # within 3 pixels of the field's edge
+    away = {class_map["total"][v] for v in set(np.unique(cut)) - set(np.unique(cut[:, near_edge])) - {0}}
+
+    lost = {name for name, m in measured.items() if m.voxels < whole[name].voxels}
+    assert "rib_left_10" in lost and measured["rib_left_10"].voxels < whole["rib_left_10"].voxels / 2
+    assert all(measured[name].cut_by_scan_edge for name in lost)
+    assert away and not any(measured[name].cut_by_scan_edge for name in away)
+
+
+@pytest.mark.parametrize("encoding", PADDING)
+def test_padding_stays_out_of_the_mean_and_marks_the_field_edge_however_it_is_encoded(real_ct, padded_ct, encoding):
+    """Unsigned padding that would read as bone is read as air (-1024 HU); where it lies is still known, so a
+    structure the model drew onto it keeps the mean of its voxels inside the field and is flagged cut."""
+    class_map = require_extra("totalsegmentator.map_to_binary").class_map
+    _files, original, labels = real_ct
+    volume = padded_ct[encoding]
+    outside = _outside_circle(*labels.shape[1:])
+    inner = labels.copy()
+    inner[[0, -1]] = 0
+
+    measured = measure(volume, inner, class_map["total"])
+
+    assert all(np.array_equal(volume.padding_mask(k), outside) for k in range(labels.shape[0]))
+    on_padding = {int(v) for v in np.unique(inner[:, outside])} - {0}
+    at_edge = {int(v) for v in np.unique(inner[:, binary_dilation(outside, np.ones((3, 3)))])} - {0}
+    assert on_padding and at_edge > on_padding  # some structures reach onto the padding, some stop beside it
+    for m in measured:
+        assert m.cut_by_scan_edge == (m.label in at_edge)
+        inside = original.hu[(inner == m.label) & ~outside[None]]
+        assert m.mean_hu == (pytest.approx(float(inside.mean()), abs=1e-3) if inside.size else None)
+        assert m.voxels == int(np.count_nonzero(inner == m.label))

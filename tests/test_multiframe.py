@@ -138,3 +138,28 @@ def test_series_of_several_multiframe_instances_fails_with_the_reason(tmp_path, 
         "the slices come from 2 instances, at least one of them multi-frame: results can reference the frames of "
         "one multi-frame instance only; send the series as one Enhanced CT instance or as single-frame CT images"
     )
+
+
+def test_the_seg_takes_its_pixel_spacing_from_a_frame_the_volume_holds(tmp_path):
+    """Pixel measures given per frame only, the first frame at another spacing: the volume leaves that frame out
+    (the largest matrix is kept), and the SEG's shared PixelSpacing is the frames' the volume holds, not the first
+    frame's (which would draw the segmentation at the wrong scale)."""
+    series = write_phantom_series(tmp_path / "ct", replace(MULTIFRAME, slices=6))
+    ds = pydicom.dcmread(series.files[0])
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence[0]
+    del shared.PixelMeasuresSequence
+    for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item = pydicom.Dataset()
+        item.PixelSpacing = ["0.5", "0.5"] if number == 0 else measures.PixelSpacing
+        item.SliceThickness = measures.SliceThickness
+        group.PixelMeasuresSequence = [item]
+    ds.save_as(series.files[0])
+    volume = load_series_volume(series.files)
+    assert 1 not in {ref.frame_number for ref in volume.slices}  # frame 1 left out
+    assert list(volume.spacing[:2]) == [float(v) for v in measures.PixelSpacing]
+
+    sources, _frames = _sources_and_frames(volume, np.zeros(volume.hu.shape, dtype=np.uint8), [])
+
+    written = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in written] == [float(v) for v in measures.PixelSpacing]

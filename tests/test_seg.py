@@ -378,3 +378,33 @@ def test_a_long_description_drops_whole_words_of_the_model_name_never_part_of_on
             assert len(text) <= 64 and text.startswith(what) and text.endswith("PARTIAL (re-run 3)"), text
             whole_words = f"{what} {model.name} (baseline) of series 123456789012 PARTIAL (re-run 3)".split()
             assert set(text.split()) <= set(whole_words), text
+
+
+def test_a_structure_has_one_tracking_uid_in_every_seg_and_sr_of_a_run(tmp_path):
+    """The BINARY and LABELMAP SEGs and the SRs on them are one run's findings: each structure is tracked as one."""
+    from db.results import ResultKind
+    from dicom_node.encode.measurements import measure
+    from dicom_node.encode.results import encode_results
+
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    volume = load_series_volume(series.files)
+    model = ThresholdModel()
+    segmentation = model.segment(volume)
+    measurements = measure(volume, segmentation.labels, segmentation.classes)
+    (tmp_path / "results").mkdir()
+    files = encode_results(
+        volume, segmentation, measurements, model, tmp_path / "results", ["BINARY", "LABELMAP"], rtstruct=False
+    )
+
+    uids: dict[str, set[str]] = {}
+    for file in files:
+        if file.kind is ResultKind.SEG:
+            items = [(s.TrackingID, s.TrackingUID) for s in pydicom.dcmread(file.path).SegmentSequence]
+        else:
+            groups = hd.sr.srread(file.path).content.get_volumetric_roi_measurement_groups()
+            items = [(group.tracking_identifier, group.tracking_uid) for group in groups]
+        for name, uid in items:
+            uids.setdefault(name, set()).add(str(uid))
+    assert len(files) == 4 and set(uids) == {m.name for m in measurements}
+    assert all(len(found) == 1 for found in uids.values()), uids
+    assert len({uid for found in uids.values() for uid in found}) == len(uids)  # and each structure its own

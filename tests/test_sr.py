@@ -111,3 +111,28 @@ def test_the_finding_site_of_a_kidney_cyst_is_its_kidney_and_side(name, site, si
     assert found.value.meaning == site
     lateralities = [item.ConceptCodeSequence[0].CodeMeaning for item in found.ContentSequence] if side else []
     assert lateralities == ([side] if side else [])
+
+
+def test_a_structure_of_a_few_thin_slice_voxels_is_never_0_ml_in_the_sr(tmp_path):
+    """0.5 mm voxels: 3 voxels are 0.000375 ml, present in the SEG; a thousandth of a ml would state 0 ml."""
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+
+    spec = PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(0.5, 0.5), slice_spacing=0.5)
+    series = write_phantom_series(tmp_path, spec)
+    volume = load_series_volume(series.files)
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    labels[4:8, 20:30, 20:30] = 1  # 400 voxels: 0.05 ml
+    labels[6, 40, 40:43] = 2  # 3 voxels
+    classes = {1: "liver", 2: "pancreas"}
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+    seg = encode_segmentation(sources, labels, classes, algorithm, segmentation_type="BINARY")
+    sr = encode_measurement_report(seg, sources, measure(volume, labels, classes), algorithm)
+    sr.save_as(tmp_path / "sr.dcm")
+
+    stated = {
+        group.tracking_identifier: float(next(m for m in group.get_measurements() if m.name.value == "118565006").value)
+        for group in hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
+    }
+    assert stated == {"liver": pytest.approx(0.05, rel=1e-9), "pancreas": pytest.approx(0.000375, rel=1e-9)}

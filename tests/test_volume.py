@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import VolumeError, check_slice_stack, load_series_volume, orthonormal_directions
@@ -517,3 +518,26 @@ def test_a_rescale_that_cannot_give_hu_is_refused(tmp_path, slope, reason):
         load_series_volume(series.files)
 
     assert reason in str(error.value)
+
+
+def test_a_ct_whose_rescale_intercept_leaves_no_air_or_fat_is_refused_not_segmented(tmp_path, shared_fixtures):
+    """TotalSegmentator's real slices told RescaleIntercept 0 (pixels stored as HU + 1024 read as HU): air would
+    read as water and every structure and volume would be wrong. As sent, they load."""
+    sources = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))[:4]
+    assert load_series_volume(sources).hu.min() <= -1000
+    shifted = []
+    for path in sources:
+        dataset = pydicom.dcmread(path)
+        stored = dataset.pixel_array.astype(np.int16)  # HU + 1024, as the scanner stored them
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset.PixelRepresentation, dataset.BitsStored, dataset.HighBit = 1, 16, 15  # signed: could read as air
+        dataset.PixelData, dataset.RescaleIntercept = stored.tobytes(), "0"
+        shifted.append(tmp_path / path.name)
+        dataset.save_as(shifted[-1], enforce_file_format=True)
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(shifted)
+    assert str(refused.value).startswith(
+        "no pixel inside the field reads as air or fat (-1500 to -100 HU) in 1,048,576 pixels, as no CT of a body "
+        "can: its values are not HU as read, most likely because RescaleIntercept (0 on image "
+    )
+    assert str(refused.value).endswith(") or PixelRepresentation is wrong")

@@ -1,10 +1,15 @@
 """Per-structure measurements from a label map: volume (ml), mean and SD of attenuation (HU).
 
 A structure that touches the first or last slice of the scanned range, the side of the
-image, or the edge of the reconstructed field (padding, which reads below any tissue) is
-cut by the edge of the scan: its volume is that of the part scanned, not of the whole
-organ, and it is flagged so that reports never present it as a whole-organ volume.
-Voxels outside the reconstructed field are no tissue: they are left out of the mean and SD.
+image, or the edge of the reconstructed field is cut by the edge of the scan: its volume is
+that of the part scanned, not of the whole organ, and it is flagged so that reports never
+present it as a whole-organ volume. Outside the field are the pixels the images mark as
+padding (PixelPaddingValue, whatever they read as) and any reading below tissue (-2000 HU or
+lower). A model never labels them, so a structure cut by the field stops beside them: lying
+on or next to one (in the slice, diagonals too) is touching the edge. Where a scanner writes
+air (-1024 HU) outside its field and marks no padding, that edge cannot be told from air
+around the patient and is not seen. Voxels outside the field are no tissue: they are left
+out of the mean and SD.
 """
 
 from __future__ import annotations
@@ -31,17 +36,21 @@ class StructureMeasurement:
 
 
 def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list[StructureMeasurement]:
-    """Measurements of every structure present in ``labels`` (same grid as ``volume.hu``)."""
-    flat = labels.ravel().astype(np.int64)
-    hu = volume.hu.ravel().astype(np.float64)
-    size = max(int(flat.max()) + 1, 1)
-    counts = np.bincount(flat, minlength=size)
-    outside = hu <= OUTSIDE_FIELD_HU
-    tissue, tissue_hu = flat[~outside], hu[~outside]
-    tissue_counts = np.bincount(tissue, minlength=size)
-    sums = np.bincount(tissue, weights=tissue_hu, minlength=size)
-    squares = np.bincount(tissue, weights=tissue_hu * tissue_hu, minlength=size)
-    at_edge = _labels_at_edge(labels) | set(np.unique(flat[outside]).tolist())
+    """Measurements of every structure present in ``labels`` (same grid as ``volume.hu``), slice by slice."""
+    size = max(int(labels.max()) + 1, 1)
+    counts, tissue_counts = np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
+    sums, squares = np.zeros(size), np.zeros(size)
+    at_edge = _labels_at_edge(labels)
+    for k in range(labels.shape[0]):
+        plane = labels[k].astype(np.intp)
+        outside = outside_field(volume, k)
+        tissue, hu = plane[~outside], volume.hu[k][~outside].astype(np.float64)
+        counts += np.bincount(plane.ravel(), minlength=size)
+        tissue_counts += np.bincount(tissue, minlength=size)
+        sums += np.bincount(tissue, weights=hu, minlength=size)
+        squares += np.bincount(tissue, weights=hu * hu, minlength=size)
+        if outside.any():
+            at_edge.update(np.unique(plane[beside(outside)]).tolist())
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     results = []
     for label in np.flatnonzero(counts):
@@ -67,6 +76,22 @@ def measure(volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> list
 
 OUTSIDE_FIELD_HU = -2000.0
 """At or below this a voxel is padding outside the reconstructed field (air reads -1000 HU, noise a little lower)."""
+
+
+def outside_field(volume: Volume, k: int) -> np.ndarray:
+    """Slice k's pixels outside the reconstructed field: marked as padding, or reading at or below -2000 HU."""
+    return volume.padding_mask(k) | (volume.hu[k] <= OUTSIDE_FIELD_HU)
+
+
+def beside(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a 2D ``mask`` and their eight neighbours in the slice."""
+    near = mask.copy()
+    near[1:] |= mask[:-1]
+    near[:-1] |= mask[1:]
+    wide = near.copy()
+    wide[:, 1:] |= near[:, :-1]
+    wide[:, :-1] |= near[:, 1:]
+    return wide
 
 
 def _labels_at_edge(labels: np.ndarray) -> set[int]:

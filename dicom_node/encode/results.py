@@ -17,7 +17,13 @@ from dicom_node.encode.codes import display_label
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
-from dicom_node.encode.seg import Algorithm, SegmentationType, encode_segmentation, write_segmentation
+from dicom_node.encode.seg import (
+    Algorithm,
+    SegmentationType,
+    encode_segmentation,
+    tracking_uids,
+    write_segmentation,
+)
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation, run_parameters
@@ -73,8 +79,8 @@ def encode_results(
 
     Returns the files written, each with its kind and encoding (the order they are sent in).
 
-    Every run makes new series (new UIDs). A run after the first (``attempt`` > 1) says
-    "(re-run N)" in its series descriptions, and each SR names the SR it replaces
+    Every run makes new series (new UIDs); a structure has one Tracking UID in all the SEGs and SRs of a
+    run. A run after the first (``attempt`` > 1) says "(re-run N)" in its series descriptions, and each SR names the SR it replaces
     (``replaces``: SEG encoding -> the earlier run's SR on it: its study, series, SOP class and instance UIDs) in its Predecessor Documents
     Sequence, so a PACS shows the newer results beside, not mixed into, the earlier ones.
     ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
@@ -99,6 +105,7 @@ def encode_results(
     not_found = [
         display_label(name) for label, name in sorted(segmentation.classes.items()) if label and label not in found
     ]
+    tracking = tracking_uids(segmentation.classes)  # one per structure: the same in every SEG and SR of this run
     written: list[ResultFile] = []
     if rtstruct:  # contours reference single-frame images, or the frames of a multi-frame one
         structure_set = encode_rtstruct(
@@ -124,6 +131,7 @@ def encode_results(
             segmentation_type=kind,
             series_number=result_series_number(f"seg-{kind.lower()}", attempt),
             series_description=describe(RESULT_TITLES[f"seg-{kind.lower()}"]),
+            tracking_uids=tracking,
         )
         stamp_series_date_time(seg.dataset)
         seg_path = folder / f"seg-{kind.lower()}.dcm"
@@ -207,7 +215,7 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
     for index, ref in enumerate(volume.slices):
         assert ref.frame_number is not None  # every slice of a multi-frame source names its frame
         frames[ref.frame_number - 1] = labels[index]
-    _plane_macros_shared_as_read(header)
+    _plane_macros_shared_as_read(header, volume.slices[0].frame_number or 1)
     return [text_in_utf8(header)], frames
 
 
@@ -215,17 +223,18 @@ PLANE_MACROS = ("PlaneOrientationSequence", "PixelMeasuresSequence")
 """Functional groups the SEG copies from a multi-frame source's shared group only (highdicom)."""
 
 
-def _plane_macros_shared_as_read(header: Dataset) -> None:
+def _plane_macros_shared_as_read(header: Dataset, frame_number: int) -> None:
     """An Enhanced CT's orientation and pixel measures, in its shared functional group as the volume read them.
 
     The volume takes each frame's per-frame item first (admission checked they agree); highdicom reads the shared
     group only, and fails on a source that gives them per frame (as some scanners write). The per-frame value
-    the volume used becomes the shared one, in this in-memory header only."""
+    of ``frame_number`` (a frame the volume holds: frames of another matrix may have been left out) becomes the
+    shared one, in this in-memory header only."""
     per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
     if "SharedFunctionalGroupsSequence" not in header or not header.SharedFunctionalGroupsSequence:
         header.SharedFunctionalGroupsSequence = [Dataset()]
     shared = header.SharedFunctionalGroupsSequence[0]
     for macro in PLANE_MACROS:
-        first = per_frame[0].get(macro) if per_frame else None
+        first = per_frame[frame_number - 1].get(macro) if len(per_frame) >= frame_number else None
         if first:
             setattr(shared, macro, deepcopy(first))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO, Literal
@@ -90,9 +90,16 @@ class EncodedSegmentation:
 
 
 def segment_descriptions(
-    classes: dict[int, str], present: Sequence[int], algorithm: Algorithm
+    classes: dict[int, str],
+    present: Sequence[int],
+    algorithm: Algorithm,
+    tracking_uids: Mapping[int, str] | None = None,
 ) -> list[hd.seg.SegmentDescription]:
-    """One description per present label value, numbered 1..N in label order."""
+    """One description per present label value, numbered 1..N in label order.
+
+    ``tracking_uids`` (label value -> Tracking UID) give a structure the same UID in every object of a run
+    (:func:`tracking_uids`); a label without one gets a new UID."""
+    tracking_uids = tracking_uids or {}
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name[:64],
         version=algorithm.version[:64],
@@ -110,7 +117,7 @@ def segment_descriptions(
             segmented_property_type=coded.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
-            tracking_uid=hd.UID(),
+            tracking_uid=tracking_uids.get(label) or hd.UID(),
             tracking_id=name[:64],
             anatomic_regions=[coded.anatomic_region] if coded.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*coded.rgb),
@@ -147,6 +154,7 @@ def encode_segmentation(
     series_number: int = 9701,
     series_description: str | None = None,
     compress: bool = False,
+    tracking_uids: Mapping[int, str] | None = None,
 ) -> EncodedSegmentation:
     """Build the SEG for ``labels`` (``[slice, row, column]``, slices in ``source_images`` order).
 
@@ -154,7 +162,9 @@ def encode_segmentation(
     image (Enhanced or Legacy Converted Enhanced CT) with one slice of ``labels`` per
     frame, in frame order: each SEG frame then references its source frame
     (DerivationImageSequence, ReferencedFrameNumber). The SEG's text is in UTF-8
-    (``ISO_IR 192``): the sources' names are copied as decoded text.
+    (``ISO_IR 192``): the sources' names are copied as decoded text. ``tracking_uids`` (label value ->
+    Tracking UID, :func:`tracking_uids`) are the structures' UIDs in every result of the run; without them
+    each segment gets a new one.
 
     Raises
     ------
@@ -178,7 +188,7 @@ def encode_segmentation(
         source_images=list(source_images),
         pixel_array=segments,
         segmentation_type=segmentation_type,
-        segment_descriptions=segment_descriptions(classes, present, algorithm),
+        segment_descriptions=segment_descriptions(classes, present, algorithm, tracking_uids),
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -200,6 +210,12 @@ def encode_segmentation(
     if segmentation_type == "LABELMAP":
         _drop_background_segment(dataset)
     return EncodedSegmentation(dataset, dict(enumerate(present, start=1)))
+
+
+def tracking_uids(classes: Mapping[int, str]) -> dict[int, str]:
+    """A new Tracking UID per structure (label value; 0 is background), made once per run, so a structure is
+    one finding in the BINARY and LABELMAP SEGs and in the SRs on them."""
+    return {label: str(hd.UID()) for label in classes if label}
 
 
 def _drop_background_segment(dataset: Dataset) -> None:

@@ -1,7 +1,7 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) on the segments of a SEG.
 
 Per structure: volume (ml), mean and standard deviation of attenuation (HU), each
-referencing its SEG segment. A structure cut by the edge of the scanned range
+referencing its SEG segment. A structure cut by the edge of the scanned range (or field)
 carries a qualitative evaluation saying so (local coding scheme ``99DICOMNODE``,
 as DICOM allows for concepts the standard lacks), so its volume is never read as
 a whole-organ volume.
@@ -9,6 +9,7 @@ a whole-organ volume.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Sequence
 from functools import partial
@@ -152,6 +153,14 @@ def finding_site(name: str) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=coded.type, laterality=coded.type_modifier)
 
 
+def stated_volume(ml: float) -> float:
+    """A volume as the SR states it: to a thousandth of a millilitre, or to six significant digits where that is
+    finer, so that a structure of a few thin-slice voxels, present in the SEG, never reads 0 ml."""
+    if ml <= 0:
+        return 0.0
+    return round(ml, max(3, 5 - math.floor(math.log10(ml))))
+
+
 def _structure_group(
     seg: Dataset, item: Dataset, number: int, measured: StructureMeasurement, algorithm: Algorithm
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
@@ -175,7 +184,10 @@ def _structure_group(
         finding_sites=[site],
         measurements=[
             hd.sr.Measurement(
-                name=codes.SCT.Volume, value=round(measured.volume_ml, 3), unit=MILLILITRE, algorithm_id=algorithm_id
+                name=codes.SCT.Volume,
+                value=stated_volume(measured.volume_ml),
+                unit=MILLILITRE,
+                algorithm_id=algorithm_id,
             ),
             # No attenuation where none of the structure lies inside the reconstructed field: not a 0 HU.
             *(
