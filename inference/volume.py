@@ -448,6 +448,11 @@ def _regular_step(frames: list[_Frame], normal: np.ndarray) -> float:
     return check_slice_stack([f.position for f in frames], normal, pixel_spacing=smallest_pixel)
 
 
+MAX_POSITION_MM = 100_000.0
+"""Farther than 100 m from the patient coordinate origin: no CT's ImagePositionPatient (table positions reach a
+few metres); such values (or ones so large that their differences overflow) are wrong, not a volume."""
+
+
 def check_slice_stack(
     positions: Sequence[Sequence[float] | np.ndarray],
     normal: Sequence[float] | np.ndarray,
@@ -472,6 +477,11 @@ def check_slice_stack(
     direction = direction / np.linalg.norm(direction)
     distances = points @ direction
     steps = np.diff(distances)
+    if not (np.isfinite(distances).all() and np.isfinite(steps).all()) or np.abs(distances).max() > MAX_POSITION_MM:
+        raise VolumeError(
+            f"ImagePositionPatient puts slices more than {MAX_POSITION_MM:,.0f} mm from the scanner's origin, which "
+            "no CT can: the positions are wrong"
+        )
     if np.any(steps < 1e-3):
         duplicates = int(np.sum(steps < 1e-3))
         raise VolumeError(f"{duplicates} slice position(s) occur twice in one acquisition")

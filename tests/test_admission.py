@@ -661,3 +661,17 @@ def test_values_written_to_another_precision_are_one_orientation_one_spacing_and
     assert admit(files, STRICT).admitted
     volume = load_series_volume([file.path for file in files], allow_partial=False)
     assert volume.hu.shape[0] == len(files) and not volume.notes
+
+
+def test_slice_positions_too_far_to_subtract_are_refused_by_what_they_say(tmp_path):
+    """z = +/-1e308 makes the steps overflow to infinity, which every comparison used to let through."""
+    files = series_files(tmp_path)
+    for file, z in zip(files, ("-1e308", "-1e307", "1e307", "1e308"), strict=True):
+        rewrite(file, ImagePositionPatient=f"0\\0\\{z}")
+    expected = (
+        "ImagePositionPatient puts slices more than 100,000 mm from the scanner's origin, which no CT can: the "
+        "positions are wrong"
+    )
+    assert admit(files, STRICT).refusal == expected
+    with pytest.raises(VolumeError, match="more than 100,000 mm from the scanner's origin"):
+        load_series_volume([file.path for file in files])
