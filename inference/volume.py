@@ -322,11 +322,6 @@ def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     return kept
 
 
-ORIENTATION_TOLERANCE = 1e-3
-"""How far an image's ImageOrientationPatient values may be from the series' (each, as a direction cosine): the
-same orientation written to a different precision, not another one (a tilt of 0.06 degrees)."""
-
-
 def differing_orientations(orientations: Sequence[Sequence[float] | np.ndarray]) -> list[int]:
     """The indices of the orientations further than :data:`ORIENTATION_TOLERANCE` from the series' median
     orientation (the same whatever order the images arrived in)."""
@@ -367,6 +362,12 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
         kept = "one stack of consecutive acquisitions"
     else:
         sizes = sorted((len(members) for members in groups.values()), reverse=True)
+        stack_problem = _problem_of_consecutive_blocks(largest_matrix) if sizes[0] == sizes[1] else None
+        if stack_problem is not None:  # refused either way: say what is wrong with the stack they make
+            raise VolumeError(
+                f"{stack_problem} (the series' {len({f.acquisition for f in largest_matrix})} acquisitions follow "
+                "one another along the slices, so they were checked as one stack)"
+            )
         if sizes[0] == sizes[1]:
             raise VolumeError(
                 f"{_describe_groups(groups)}: two or more of the largest have {sizes[0]} images each, so which "
@@ -393,6 +394,28 @@ def _describe_group(members: list[_Frame]) -> str:
 def _describe_groups(groups: dict[tuple, list[_Frame]]) -> str:
     ordered = sorted(groups.values(), key=lambda members: (-len(members), _describe_group(members)))
     return "; ".join(f"{len(members)} images of {_describe_group(members)}" for members in ordered)
+
+
+def _problem_of_consecutive_blocks(frames: list[_Frame]) -> str | None:
+    """Why acquisitions that follow one another along the slices (each one block of neighbouring positions,
+    as a step-and-shoot scan writes them) do not make one regular stack: a gap or a tilt, in the words of
+    :func:`check_slice_stack`; None when they interleave or overlap (separate volumes), or make one stack."""
+    if len({f.acquisition for f in frames}) < 2:
+        return None
+    try:
+        normal = _common_orientation(frames)
+    except VolumeError:
+        return None
+    ordered = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))
+    runs = [a for i, a in enumerate(f.acquisition for f in ordered) if i == 0 or ordered[i - 1].acquisition != a]
+    depths = [float(np.dot(f.position, normal)) for f in ordered]
+    if len(runs) != len(set(runs)) or len(set(np.round(depths, 3))) < len(depths):
+        return None  # interleaved or overlapping: not one stack in parts
+    try:
+        check_slice_stack([f.position for f in ordered], normal, pixel_spacing=min(ordered[0].pixel_spacing))
+    except VolumeError as problem:
+        return str(problem)
+    return None
 
 
 def _is_one_stack(frames: list[_Frame]) -> bool:

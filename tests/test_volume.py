@@ -541,3 +541,20 @@ def test_a_ct_whose_rescale_intercept_leaves_no_air_or_fat_is_refused_not_segmen
         "can: its values are not HU as read, most likely because RescaleIntercept (0 on image "
     )
     assert str(refused.value).endswith(") or PixelRepresentation is wrong")
+
+
+def test_acquisitions_that_follow_one_another_are_refused_for_their_gap_not_for_being_many(tmp_path):
+    """One AcquisitionNumber per slice (as some scanners write) and one slice missing: the reason names the gap,
+    not 7 acquisitions of one image each."""
+    series = write_phantom_series(tmp_path / "ct", replace(SPEC, slices=8))
+    for number, path in enumerate(series.files, start=1):
+        dataset = pydicom.dcmread(path)
+        dataset.AcquisitionNumber = number
+        dataset.save_as(path)
+    kept = [path for index, path in enumerate(series.files) if index != 3]
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(kept)
+    assert str(refused.value) == (
+        "about 1 missing slice(s): slices 3 and 4 (by position) are 12.00 mm apart, the series' usual step is "
+        "6.00 mm (the series' 7 acquisitions follow one another along the slices, so they were checked as one stack)"
+    )
