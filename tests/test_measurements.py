@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from dicom_node.encode.measurements import measure
+from dicom_node.encode.measurements import EDGE_MARGIN_VOXELS, measure
 from dicom_node.phantom import PHANTOM_HU, PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from tests.conftest import require_extra
@@ -161,7 +161,7 @@ def test_a_structure_cut_by_the_round_field_of_view_is_flagged_though_the_model_
     volume = padded_ct["signed"]
     outside = _outside_circle(*labels.shape[1:])
     inner = labels.copy()
-    inner[[0, -1]] = 0  # no structure cut by the ends of the scan
+    inner[:EDGE_MARGIN_VOXELS], inner[-EDGE_MARGIN_VOXELS:] = 0, 0  # no structure cut by the ends of the scan
     cut = inner.copy()
     cut[:, outside] = 0  # as the model labels the narrowed field
 
@@ -185,7 +185,7 @@ def test_padding_stays_out_of_the_mean_and_marks_the_field_edge_however_it_is_en
     volume = padded_ct[encoding]
     outside = _outside_circle(*labels.shape[1:])
     inner = labels.copy()
-    inner[[0, -1]] = 0
+    inner[:EDGE_MARGIN_VOXELS], inner[-EDGE_MARGIN_VOXELS:] = 0, 0
 
     measured = measure(volume, inner, class_map["total"])
 
@@ -198,3 +198,18 @@ def test_padding_stays_out_of_the_mean_and_marks_the_field_edge_however_it_is_en
         inside = original.hu[(inner == m.label) & ~outside[None]]
         assert m.mean_hu == (pytest.approx(float(inside.mean()), abs=1e-3) if inside.size else None)
         assert m.voxels == int(np.count_nonzero(inner == m.label))
+
+
+def test_a_structure_within_three_slices_of_the_end_of_the_scan_may_be_cut_and_is_flagged(tmp_path):
+    """TotalSegmentator's own rule: the last slices of a scan are segmented poorly, so a structure that reaches
+    within three voxels of them may be cut. One that stops four slices before the end is whole."""
+    spec = PhantomSpec(rows=64, columns=64, slices=30, pixel_spacing=(6.0, 6.0), slice_spacing=5.0, noise_sd=0.0)
+    volume = load_series_volume(write_phantom_series(tmp_path, spec).files)
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    labels[2:12, 20:30, 20:30] = 1  # its first slice is the scan's third
+    labels[3:12, 35:45, 35:45] = 2  # its first slice is the scan's fourth
+    labels[10:20, 30:40, 61:63] = 3  # two columns from the side of the image
+
+    flagged = {m.name: m.cut_by_scan_edge for m in measure(volume, labels, {1: "near", 2: "away", 3: "side"})}
+
+    assert flagged == {"near": True, "away": False, "side": True}

@@ -1,7 +1,8 @@
 """Per-structure measurements from a label map: volume (ml), mean and SD of attenuation (HU).
 
-A structure that touches the first or last slice of the scanned range, the side of the
-image, or the edge of the reconstructed field is cut by the edge of the scan: its volume is
+A structure within three voxels of the first or last slice of the scanned range or of the side
+of the image (TotalSegmentator's own rule), or touching the edge of the reconstructed field, is cut
+by the edge of the scan: its volume is
 that of the part scanned, not of the whole organ, and it is flagged so that reports never
 present it as a whole-organ volume. Outside the field are the pixels the images mark as
 padding (PixelPaddingValue, whatever they read as) and any reading below tissue (-2000 HU or
@@ -94,9 +95,16 @@ def beside(mask: np.ndarray) -> np.ndarray:
     return wide
 
 
+EDGE_MARGIN_VOXELS = 3
+"""A structure this close to the first or last slice, or to the side of the image, may be cut by it: the
+models segment the last slices of a scan poorly (TotalSegmentator leaves such structures out of its own
+statistics by the same rule)."""
+
+
 def _labels_at_edge(labels: np.ndarray) -> set[int]:
-    """Labels on the first or last slice, or on the image's first or last row or column."""
-    faces = (labels[0], labels[-1], labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
+    """Labels within :data:`EDGE_MARGIN_VOXELS` of the first or last slice, or of the image's sides."""
+    m = EDGE_MARGIN_VOXELS
+    faces = (labels[:m], labels[-m:], labels[:, :m, :], labels[:, -m:, :], labels[:, :, :m], labels[:, :, -m:])
     return set().union(*(np.unique(face).tolist() for face in faces))
 
 
