@@ -50,28 +50,13 @@ def _series_of(node: Node, sop_class: str) -> tuple[str, str]:
         return series.study.study_instance_uid, series.series_instance_uid
 
 
-def _getscu(node: Node, out: Path, study: str, series: str) -> list[pydicom.Dataset]:
+def _getscu(node: Node, out: Path, study: str, series: str | None) -> list[pydicom.Dataset]:
+    """getscu by series, or by study when ``series`` is None; the data sets it received."""
     out.mkdir()
-    command = [
-        require_tool("getscu"),
-        "-v",
-        "-S",
-        "-aet",
-        PLANNER,
-        "-aec",
-        node.ae_title,
-        "-od",
-        str(out),
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={study}",
-        "-k",
-        f"SeriesInstanceUID={series}",
-        "127.0.0.1",
-        str(node.port),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    level = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series}"] if series else []
+    command = [require_tool("getscu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out)]
+    command += [*(level or ["-k", "QueryRetrieveLevel=STUDY"]), "-k", f"StudyInstanceUID={study}"]
+    result = subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return [pydicom.dcmread(path) for path in sorted(out.iterdir())]
 
@@ -98,6 +83,23 @@ def test_getscu_asking_for_the_labelmap_seg_gets_its_binary_twin(node_with_j2k_c
 
     assert [d.SOPClassUID for d in received] == [SegmentationStorage]
     assert received[0].SegmentationType == "BINARY"
+
+
+def test_getscu_of_the_whole_study_gets_each_instance_once(node_with_j2k_ct_and_labelmap, tmp_path):
+    """The study holds a BINARY and a LABELMAP SEG of one run: a peer that cannot read LABELMAP gets the BINARY SEG
+    once, not once for itself and once more standing in for the LABELMAP."""
+    node, files, _ = node_with_j2k_ct_and_labelmap
+    study, _series = _series_of(node, LABEL_MAP_SEGMENTATION)
+
+    received = _getscu(node, tmp_path / "study", study, None)
+
+    uids = [str(d.SOPInstanceUID) for d in received]
+    assert len(uids) == len(set(uids))
+    assert [d.SOPClassUID for d in received].count(SegmentationStorage) == 1
+    assert LABEL_MAP_SEGMENTATION not in {d.SOPClassUID for d in received}
+    sent = [line for line in node.log().splitlines() if "retrieve.sent" in line and "operation=get" in line][-1]
+    assert f"instances={len(uids)} failed=0" in sent, sent
+    assert len([d for d in received if d.Modality == "CT"]) == len(files)
 
 
 def test_movescu_to_a_storescp_gets_the_ct_and_the_seg_in_forms_it_accepts(node_with_j2k_ct_and_labelmap, tmp_path):

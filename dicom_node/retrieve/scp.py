@@ -386,6 +386,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
         return
+    paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association.get("assoc")))
     yield from _count_or_refuse(paths, context, event, f"move to {target}")
     yield from _send(
         event, paths, calling_ae, f"move to {target}", lambda: accepted_pairs(sub_association.get("assoc"))
@@ -405,8 +406,23 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
         return
+    paths = _without_twins_sent_anyway(paths, accepted_pairs(event.assoc))
     yield from _count_or_refuse(paths, context, event, "get")
     yield from _send(event, paths, calling_ae, "get", lambda: accepted_pairs(event.assoc))
+
+
+def _without_twins_sent_anyway(paths: list[Stored], accepted: set[tuple[str, str]]) -> list[Stored]:
+    """Leave out a LABELMAP SEG that would go as its BINARY twin (the peer does not accept LABELMAP) when that
+    twin is among the instances selected anyway: the peer would get the same instance twice."""
+    selected = {stored.sop_instance_uid for stored in paths}
+    return [
+        stored
+        for stored in paths
+        if stored.alternative is None
+        or stored.alternative.sop_instance_uid not in selected
+        or (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted
+        or not accepted  # a C-MOVE counts before it associates: each goes in the form the destination reads
+    ]
 
 
 def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Event, what: str) -> Iterator[Any]:
