@@ -185,7 +185,7 @@ def record_new_instances(
                 purged = series.purged_at is not None and not series.instance_count
                 jobs.reopen(session, job, _sent_again(series) if purged else "late instance")
                 if purged:
-                    _take_attributes_of(series, first)
+                    _take_attributes_of(session, series, first)
                 restore_study_identity(_locked_study(session, series.study_id), first)  # purged, now sent again
                 outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
         connection.execute(
@@ -222,14 +222,18 @@ def _sent_again(series: Series) -> str:
     return f"an image of a series whose images retention had purged{held}"
 
 
-def _take_attributes_of(series: Series, record: InstanceRecord) -> None:
+def _take_attributes_of(session: Session, series: Series, record: InstanceRecord) -> None:
     """A purged series sent again is routed as it is sent now: its sender and series attributes are the new
-    instance's, not those of its first reception (a correction may come from another sender, or changed)."""
+    instance's, not those of its first reception (a correction may come from another sender, or changed), and
+    it is filed under the study the new instance names (a PACS correction may have moved it)."""
     for name, value in record.series.__dict__.items():
         if name != "series_instance_uid":
             setattr(series, name, value)
     series.calling_ae_title = record.calling_ae_title
     series.first_received_at = record.received_at
+    if series.study.study_instance_uid != record.study.study_instance_uid:
+        series.study = _study_of(session, record)
+        session.flush()
 
 
 def _locked_study(session: Session, study_id: int) -> Study:

@@ -187,6 +187,7 @@ class _Frame:
     bytes_per_pixel: int
     localizer: bool
     acquisition: str = ""
+    thickness: float | None = None  # SliceThickness, where a positive number
 
 
 def admit(
@@ -299,7 +300,7 @@ def _admit(
     if len({frame.acquisition for frame in images}) == 1:
         # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
         _check_slice_stack(images)
-        _check_step_against_thickness(images, headers[0][1])
+        _check_step_against_thickness(images)
     extent = _extent_mm(images)
     if max(extent) > LONGEST_EXTENT_MM:
         raise Refused(
@@ -796,7 +797,8 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
         if localizer:
             return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
         acquisition = _raw_text(header, "AcquisitionNumber") or ""
-        return [_Frame(label, *_plane(label, [header]), shape, bytes_per_pixel, False, acquisition)]
+        plane = _plane(label, [header])
+        return [_Frame(label, *plane, shape, bytes_per_pixel, False, acquisition, _slice_thickness(header))]
     if len(per_frame) != _frame_count(label, header):
         raise Refused(
             f"{label} has {len(per_frame)} per-frame functional groups for {_frame_count(label, header)} frames"
@@ -818,31 +820,52 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
                 shape,
                 bytes_per_pixel,
                 localizer,
+                thickness=_slice_thickness(sources[2]) if sources[2] is not None else None,
             )
         )
     return frames
 
 
 FUNCTIONAL_GROUPS_READ = {
-    "PlanePositionSequence": "ImagePositionPatient",
-    "PlaneOrientationSequence": "ImageOrientationPatient",
-    "PixelMeasuresSequence": "PixelSpacing and SliceThickness",
-    "PixelValueTransformationSequence": "RescaleSlope and RescaleIntercept",
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
 }
-"""The functional groups the volume is built from, and what each says."""
+"""The functional groups the volume is built from, and the attributes it reads from each."""
+SAME_NUMBER = 1e-4
+"""Numbers this close (relative, or absolute near zero) are one value written to a different precision."""
 
 
 def _check_one_place(frame_label: str, group: Dataset, shared: Dataset) -> None:
     """A functional group the volume reads must be either shared or per frame (PS3.3 C.7.6.16): in both, with
-    different values, one of the two is wrong, and which one cannot be told."""
-    for sequence, says in FUNCTIONAL_GROUPS_READ.items():
+    different values of an attribute the volume reads, one of the two is wrong, and which one cannot be told.
+    Values are compared as numbers (0.8 and 0.800 are one value); other attributes are not compared."""
+    for sequence, keywords in FUNCTIONAL_GROUPS_READ.items():
         own, common = group.get(sequence), shared.get(sequence)
-        if own and common and _item_text(own[0]) != _item_text(common[0]):
-            raise Refused(
-                f"{frame_label} gives its {says} ({sequence}) both in its per-frame functional group and in the "
-                "shared one, with different values: DICOM allows one place, and which value is right cannot be "
-                "told"
-            )
+        if not own or not common:
+            continue
+        for keyword in keywords:
+            if _differ(_raw_text(own[0], keyword), _raw_text(common[0], keyword)):
+                raise Refused(
+                    f"{frame_label} gives its {keyword} ({sequence}) both in its per-frame functional group and in "
+                    "the shared one, with different values: DICOM allows one place, and which value is right "
+                    "cannot be told"
+                )
+
+
+def _differ(first: str | None, second: str | None) -> bool:
+    """Whether two decimal-string values, both given, are different numbers (or different text where not numbers)."""
+    if first is None or second is None:
+        return False
+    a, b = first.split("\\"), second.split("\\")
+    if len(a) != len(b):
+        return True
+    try:
+        pairs = [(float(x), float(y)) for x, y in zip(a, b, strict=True)]
+    except ValueError:
+        return [x.strip() for x in a] != [y.strip() for y in b]
+    return any(not math.isclose(x, y, rel_tol=SAME_NUMBER, abs_tol=SAME_NUMBER) for x, y in pairs)
 
 
 def _item(group: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
@@ -956,9 +979,10 @@ quarter) of SliceThickness; a step ten times finer than the slices are thick mea
 centimetres, which would make every volume in the report ten times too small."""
 
 
-def _check_step_against_thickness(images: list[_Frame], header: Dataset) -> None:
-    """The distance between slices must fit SliceThickness (:data:`THICKER_THAN_STEPS`)."""
-    thickness = _slice_thickness(header)
+def _check_step_against_thickness(images: list[_Frame]) -> None:
+    """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`; the images' median)."""
+    given = sorted(frame.thickness for frame in images if frame.thickness is not None)
+    thickness = given[len(given) // 2] if given else None
     normal = _normal(images[0].orientation)
     depths = sorted({round(_dot(frame.position, normal), 3) for frame in images})
     if thickness is None or len(depths) < 2:
@@ -968,24 +992,18 @@ def _check_step_against_thickness(images: list[_Frame], header: Dataset) -> None
         raise Refused(
             f"the slices are {step:.3g} mm apart (ImagePositionPatient) but {thickness:g} mm thick (SliceThickness): "
             f"a step more than {THICKER_THAN_STEPS} times finer than the slices means the positions are not in "
-            "millimetres (perhaps centimetres), so every volume would be wrong"
+            "millimetres (perhaps centimetres), so every volume would be wrong, or the images are thick slabs (MIP "
+            "or MPR), which the models do not segment"
         )
 
 
-def _slice_thickness(header: Dataset) -> float | None:
-    """SliceThickness of the image (or of an enhanced image's first frame), where it is a positive number."""
-    sources = [header]
-    if header.get("PerFrameFunctionalGroupsSequence"):
-        shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
-        measures = _item(header.PerFrameFunctionalGroupsSequence[0], shared, "PixelMeasuresSequence")
-        sources = [measures] if measures is not None else []
-    for source in sources:
-        try:
-            value = float(_raw_text(source, "SliceThickness") or "")
-        except ValueError:
-            return None  # absent or not a number: the models do not use it, so it is not refused for that
-        return value if math.isfinite(value) and value > 0 else None
-    return None
+def _slice_thickness(source: Dataset) -> float | None:
+    """SliceThickness of an image (or a Pixel Measures item), where it is a positive number."""
+    try:
+        value = float(_raw_text(source, "SliceThickness") or "")
+    except ValueError:
+        return None  # absent or not a number: the models do not use it, so it is not refused for that
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:

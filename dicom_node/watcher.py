@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from db import jobs
@@ -243,6 +243,8 @@ def _expected_count_reached(session: Session, settle: timedelta) -> list[Job]:
             Job.state == JobState.RECEIVING,
             Series.expected_instances.is_not(None),
             Series.instance_count == Series.expected_instances,
+            # sent again after a purge: whole only once it holds what it held (ImagesInAcquisition is one acquisition)
+            or_(Series.images_before_purge.is_(None), Series.instance_count >= Series.images_before_purge),
             Series.last_received_at <= utcnow() - settle,
         )
     )

@@ -41,26 +41,13 @@ MAX_MARKER_SEGMENTS = 1000
 MAX_RLE_SEGMENTS = 15
 
 
-def frame_problem(
-    frame: bytes, kind: str, rows: int, columns: int, samples: int, bits_allocated: int, signed: bool | None = None
-) -> str | None:
+def frame_problem(frame: bytes, kind: str, rows: int, columns: int, samples: int, bits_allocated: int) -> str | None:
     """What in one encoded frame's own header disagrees with the image's, ending a sentence that starts
-    'the <kind> data of <image> ...'; None when it agrees (or ``kind`` is not checked).
-
-    With ``signed`` (PixelRepresentation 1, or 0 for False), a JPEG 2000 frame must say the same: where they
-    disagree, the decoder follows one of the two, and CT values above half the stored range (bone) or below
-    zero (air) would come out on the wrong side of the scale.
-    """
+    'the <kind> data of <image> ...'; None when it agrees (or ``kind`` is not checked)."""
     if kind == "JPEG 2000":
         found = _jpeg2000_header(frame)
         if found is None:
             return "does not start with a JPEG 2000 image header (SIZ marker)"
-        if signed is not None and _jpeg2000_signed(frame) not in (None, signed):
-            return (
-                f"says its samples are {'unsigned' if signed else 'signed'}, but its PixelRepresentation says "
-                f"{'signed (1)' if signed else 'unsigned (0)'}: which one is right cannot be told, and bone or air "
-                "would read on the wrong side of the HU scale if it is the wrong one"
-            )
     elif kind in ("JPEG", "JPEG-LS"):
         found = _jpeg_frame_header(frame)
         if found is None:
@@ -79,10 +66,10 @@ def frame_problem(
     return None
 
 
-def encapsulated_problem(dataset: Dataset, name: str, *, check_sign: bool = False) -> str | None:
+def encapsulated_problem(dataset: Dataset, name: str) -> str | None:
     """The first frame of ``dataset`` whose own header disagrees with its Rows, Columns, SamplesPerPixel or
-    BitsAllocated (and, with ``check_sign``, its PixelRepresentation), as a sentence naming it (``name`` is the
-    image, e.g. 'instance 1.2.3'); None when every frame agrees, or the transfer syntax is not one checked here."""
+    BitsAllocated, as a sentence naming it (``name`` is the image, e.g. 'instance 1.2.3'); None when every
+    frame agrees, or the transfer syntax is not one checked here."""
     meta = getattr(dataset, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     kind = KINDS.get(syntax)
@@ -92,8 +79,6 @@ def encapsulated_problem(dataset: Dataset, name: str, *, check_sign: bool = Fals
         rows, columns = int(dataset.Rows), int(dataset.Columns)
         samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
         number_of_frames = int(dataset.get("NumberOfFrames") or 1)
-        representation = dataset.get("PixelRepresentation") if check_sign else None
-        signed = None if representation not in (0, 1) else bool(representation)
     except (AttributeError, TypeError, ValueError):
         return None  # the decoder refuses such a header itself, before it allocates
     try:
@@ -103,7 +88,7 @@ def encapsulated_problem(dataset: Dataset, name: str, *, check_sign: bool = Fals
                     f"the {kind} data of {name} holds more frames than its NumberOfFrames ({number_of_frames}) "
                     "says; it is not decoded"
                 )
-            problem = frame_problem(frame, kind, rows, columns, samples, bits, signed)
+            problem = frame_problem(frame, kind, rows, columns, samples, bits)
             if problem is not None:
                 where = f"frame {index} of {name}" if number_of_frames > 1 else name
                 return f"the {kind} data of {where} {problem}; it is not decoded"
@@ -145,12 +130,21 @@ def _jpeg2000_header(data: bytes) -> tuple[int, int, int, int] | None:
     return xsiz - xosiz, ysiz - yosiz, components, max((size & 0x7F) + 1 for size in sizes)
 
 
-def _jpeg2000_signed(data: bytes) -> bool | None:
-    """Whether the SIZ marker says the first component's samples are signed; None when it cannot be read."""
-    codestream = data if data[:4] == b"\xff\x4f\xff\x51" else _jp2_codestream(data)
+def jpeg2000_sign(dataset: Dataset) -> tuple[bool, int] | None:
+    """Whether the first JPEG 2000 frame of ``dataset`` says its samples are signed, and their precision (bits);
+    None for another transfer syntax, or a frame whose SIZ marker cannot be read."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if KINDS.get(syntax) != "JPEG 2000" or "PixelData" not in dataset:
+        return None
+    try:
+        frame = next(iter(_frames(dataset, int(dataset.get("NumberOfFrames") or 1))))
+    except (StopIteration, ValueError, KeyError, TypeError, struct.error):
+        return None
+    codestream = frame if frame[:4] == b"\xff\x4f\xff\x51" else _jp2_codestream(frame)
     if codestream is None or len(codestream) < 43:
         return None
-    return bool(codestream[42] & 0x80)
+    return bool(codestream[42] & 0x80), (codestream[42] & 0x7F) + 1
 
 
 def _jp2_codestream(data: bytes) -> bytes | None:

@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from inference.frames import encapsulated_problem
+from inference.frames import encapsulated_problem, jpeg2000_sign
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -323,11 +323,14 @@ def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
 
 
 def differing_orientations(orientations: Sequence[Sequence[float] | np.ndarray]) -> list[int]:
-    """The indices of the orientations further than :data:`ORIENTATION_TOLERANCE` from the series' median
-    orientation (the same whatever order the images arrived in)."""
+    """The indices of the orientations further than :data:`ORIENTATION_TOLERANCE` (each direction cosine) from
+    the series' own: the one most images share to three decimals, the first of those by value on a tie (so
+    the same whatever order the images arrived in). Values written to another precision are the same."""
     values = np.asarray(orientations, dtype=float)
-    median = np.median(values, axis=0)
-    return [int(i) for i in np.flatnonzero(np.abs(values - median).max(axis=1) > ORIENTATION_TOLERANCE)]
+    rounded = Counter(tuple(row) for row in np.round(values, 3).tolist())
+    most = max(rounded.values())
+    reference = np.asarray(min(key for key, count in rounded.items() if count == most))
+    return [int(i) for i in np.flatnonzero(np.abs(values - reference).max(axis=1) > ORIENTATION_TOLERANCE)]
 
 
 SPACING_DECIMALS = 4
@@ -568,6 +571,7 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np
     soft = _SoftestTissue()
     for path, members in by_path.items():
         dataset, pixels = _decode(path, members[0][1])
+        sign = _SignDisagreement.of(dataset)
         assumed_rescale += "RescaleSlope" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset
         for index, frame in members:
             plane = pixels[frame.ref.frame_number - 1] if frame.ref.frame_number and pixels.ndim == 3 else pixels
@@ -581,7 +585,10 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np
             if unusable_padding is not None:
                 raise VolumeError(f"{_image_name(frame)}: {unusable_padding}")
             volume[index] = plane * slope + intercept
-            soft.count(volume[index], padding.apply(dataset, plane, volume[index], index), frame, intercept)
+            padded = padding.apply(dataset, plane, volume[index], index)
+            soft.count(volume[index], padded, frame, intercept)
+            if sign is not None:
+                sign.check(plane, volume[index], padded, frame)
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
             highest = float(volume[index].max())
@@ -605,6 +612,46 @@ HIGHEST_PLAUSIBLE_HU = 70_000
 AIR_HU = -1024.0
 AIR_CEILING_HU = -1000.0
 """Air reads -1000 HU (padding and noise below): a CT whose pixels cannot read this low holds no HU."""
+
+
+@dataclass(frozen=True)
+class _SignDisagreement:
+    """A JPEG 2000 codestream that says its samples are signed where PixelRepresentation says unsigned, or the
+    other way round. pydicom follows PixelRepresentation, which is right for a known encoder fault (signed
+    CT written as an unsigned codestream: its negative values, air and fat, read as they should). Where the
+    header is the one that is wrong, the samples past half the range read on the other side of the scale:
+    bone as far below air. So the reading is judged by what it gives."""
+
+    signed_header: bool
+    precision: int
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> _SignDisagreement | None:
+        sign = jpeg2000_sign(dataset)
+        header = dataset.get("PixelRepresentation")
+        if sign is None or header not in (0, 1) or sign[0] == bool(header):
+            return None
+        return cls(bool(header), sign[1])
+
+    def check(self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame) -> None:
+        """Refuse the image where the pixels whose reading the sign decides read as no tissue can."""
+        flipped = plane < 0 if self.signed_header else plane >= (1 << (self.precision - 1))
+        if padded is not None:
+            flipped &= ~padded
+        implausible = flipped & (hu < BELOW_AIR_HU) if self.signed_header else flipped
+        if len(np.unique(hu[implausible])) <= SIGN_FLIPPED_VALUES:
+            return  # none, or one padding-like value: the reading PixelRepresentation gives stands
+        codestream, header = ("unsigned", "signed (1)") if self.signed_header else ("signed", "unsigned (0)")
+        raise VolumeError(
+            f"the JPEG 2000 data of {_image_name(frame)} says its samples are {codestream}, but its "
+            f"PixelRepresentation says {header}: read as the header says, {int(implausible.sum()):,} pixels would "
+            "read on the wrong side of the HU scale (bone below air), so which one is right cannot be told"
+        )
+
+
+SIGN_FLIPPED_VALUES = 16
+"""Distinct values among the pixels a sign disagreement would misread that are still taken as padding (one value,
+or a few), not as tissue read on the wrong side of the scale."""
 
 
 class _SoftestTissue:
@@ -785,8 +832,7 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
         if reading:
             raise VolumeError(f"{_image_name(frame)} has incomplete pixel data (the file ends inside it)")
         raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
-    # before a decoder allocates what a frame says, or reads bone as air for a sign it was told wrong
-    mismatch = encapsulated_problem(dataset, _instance_name(frame), check_sign=True)
+    mismatch = encapsulated_problem(dataset, _instance_name(frame))  # before a decoder allocates what a frame says
     if mismatch is not None:
         raise VolumeError(mismatch)
     syntax = dataset.file_meta.get("TransferSyntaxUID")

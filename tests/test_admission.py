@@ -588,10 +588,14 @@ def test_an_enhanced_frame_giving_pixel_spacing_both_per_frame_and_shared_differ
     ds.PerFrameFunctionalGroupsSequence[1].PixelMeasuresSequence = [own]
     ds.save_as(files[0].path)
     assert admit(files, STRICT).refusal == (
-        "frame 2 of instance 1 gives its PixelSpacing and SliceThickness (PixelMeasuresSequence) both in its "
-        "per-frame functional group and in the shared one, with different values: DICOM allows one place, and "
-        "which value is right cannot be told"
+        "frame 2 of instance 1 gives its PixelSpacing (PixelMeasuresSequence) both in its per-frame functional "
+        "group and in the shared one, with different values: DICOM allows one place, and which value is right "
+        "cannot be told"
     )
+    own.PixelSpacing, own.SpacingBetweenSlices = ["0.800", "0.80"], "5"  # the same values, written otherwise
+    ds.PerFrameFunctionalGroupsSequence[1].PixelMeasuresSequence = [own]
+    ds.save_as(files[0].path)
+    assert admit(files, STRICT).admitted
 
 
 def test_a_series_where_only_some_images_carry_rescale_values_is_refused_even_when_missing_ones_are_assumed(tmp_path):
@@ -623,7 +627,7 @@ def test_slice_positions_in_centimetres_are_refused_by_their_step_against_slice_
     assert admit(files, STRICT).refusal == (
         "the slices are 0.5 mm apart (ImagePositionPatient) but 5 mm thick (SliceThickness): a step more than 8 "
         "times finer than the slices means the positions are not in millimetres (perhaps centimetres), so every "
-        "volume would be wrong"
+        "volume would be wrong, or the images are thick slabs (MIP or MPR), which the models do not segment"
     )
     overlapping = series_files(tmp_path / "overlap", slice_spacing=1.25)  # 5 mm slices every 1.25 mm: admitted
     for file in overlapping:
@@ -631,6 +635,13 @@ def test_slice_positions_in_centimetres_are_refused_by_their_step_against_slice_
         ds.SliceThickness = "5"
         ds.save_as(file.path)
     assert admit(overlapping, STRICT).admitted
+    localizer = pydicom.dcmread(overlapping[0].path)  # a scout's own thickness, listed first, does not count
+    localizer.ImageType, localizer.SliceThickness = ["ORIGINAL", "PRIMARY", "LOCALIZER"], "50"
+    localizer.SOPInstanceUID = pydicom.uid.generate_uid()
+    localizer.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    localizer.save_as(tmp_path / "scout.dcm")
+    scout = InstanceFile(tmp_path / "scout.dcm", str(localizer.SOPInstanceUID), overlapping[0].transfer_syntax_uid, 0)
+    assert admit([scout, *overlapping], STRICT).admitted
 
 
 def test_a_multi_frame_image_without_per_frame_functional_groups_is_refused_with_the_reason(tmp_path):
@@ -650,7 +661,7 @@ def test_values_written_to_another_precision_are_one_orientation_one_spacing_and
     files = series_files(tmp_path, rows=64, columns=64, pixel_spacing=(0.9765625, 0.9765625))
     for number, file in enumerate(files):
         ds = pydicom.dcmread(file.path)
-        ds.ImageOrientationPatient = [1, 0, 0.00049 if number % 2 else 0.00051, 0, 1, 0]
+        ds.ImageOrientationPatient = [1, 0, 0.00049 if number % 2 else 0.00051, 0, 1, 0]  # two of each
         if number == len(files) - 1:
             ds.PixelSpacing = ["0.97656", "0.97656"]
         if number % 2:

@@ -381,5 +381,35 @@ def test_a_jpeg2000_codestream_whose_sign_disagrees_with_pixel_representation_is
     with pytest.raises(VolumeError) as refused:
         load_series_volume(altered)
     assert str(refused.value).startswith("the JPEG 2000 data of image ")
-    assert "says its samples are unsigned, but its PixelRepresentation says signed (1)" in str(refused.value)
+    assert "says its samples are unsigned, but its PixelRepresentation says signed (1): read as the header says" in (
+        str(refused.value)
+    )
     assert encapsulated_problem(pydicom.dcmread(altered[0]), "it") is None  # C-GET re-encoding does not judge it
+
+
+def test_signed_ct_written_as_an_unsigned_jpeg2000_codestream_reads_as_its_header_says(tmp_path, shared_fixtures):
+    """A known encoder fault (dcm4che before 5.20): signed HU (RescaleIntercept 0) in an unsigned 13-bit
+    codestream. Read as PixelRepresentation says, air and fat come out right: the series loads, HU unchanged."""
+    openjpeg = pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the JPEG 2000 test data")
+    sources = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))[:3]
+    written, original = [], []
+    for path in sources:
+        dataset = pydicom.dcmread(path)
+        hu = (dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)).astype(np.int16)
+        original.append(hu)
+        codestream = openjpeg.encode((hu.astype(np.int32) & 0x1FFF).astype(np.uint16), bits_stored=13)
+        dataset.PixelData = encapsulate([codestream])
+        dataset["PixelData"].VR = "OB"
+        dataset.PixelRepresentation, dataset.BitsStored, dataset.HighBit = 1, 13, 12
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, 0
+        written.append(tmp_path / path.name)
+        dataset.save_as(written[-1])
+
+    volume = load_series_volume(written)
+
+    by_uid = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): hu
+        for p, hu in zip(written, original, strict=True)
+    }
+    for k, ref in enumerate(volume.slices):
+        np.testing.assert_array_equal(volume.hu[k], by_uid[ref.sop_instance_uid])

@@ -151,3 +151,53 @@ def test_a_purged_series_sent_again_by_another_sender_is_routed_by_that_sender(t
         assert job is not None and job.rule_name == "research"
         assert job.series.calling_ae_title == "RESEARCH"
     assert len(list(received.iterdir())) == delivered
+
+
+def test_a_purged_series_sent_again_in_part_is_partial_even_when_its_images_count_themselves_whole(
+    tmp_path, start_node
+):
+    """3 of 8 images come back, each saying ImagesInAcquisition 3 (one acquisition's count): not whole at that
+    count, but partial after the completion timeout, as without the count."""
+    series = series_without_an_expected_count(tmp_path / "ct")
+    uid = series.series_instance_uid
+    node = start_node(completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 3})  # no rule: IGNORED
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+    assert node.cli("purge", "--series", uid).returncode == 0
+    for path in series.files[:3]:
+        dataset = pydicom.dcmread(path)
+        dataset.ImagesInAcquisition = 3
+        dataset.save_as(path)
+
+    assert storescu(node.port, series.files[:3]).returncode == 0
+    node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert job is not None
+        completed = [event.reason for event in job.events if event.to_state is JobState.COMPLETE][-1]
+    assert completed.startswith("only 3 of 8 images it held before retention purged it after 3 s"), completed
+
+
+def test_a_purged_series_sent_again_under_a_corrected_study_is_filed_under_that_study(tmp_path, start_node):
+    """The PACS moved the series to another study before sending it again: it is filed, and answered, there."""
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    uid = series.series_instance_uid
+    node = start_node(completion={"quiet_seconds": 1})  # no rule: IGNORED
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+    assert node.cli("purge", "--series", uid).returncode == 0
+    corrected_study = pydicom.uid.generate_uid()
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = corrected_study
+        dataset.save_as(path)
+
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(uid, JobState.IGNORED, timeout=30)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert job is not None
+        assert job.series.study.study_instance_uid == corrected_study
+        assert job.series.study.patient_id == SPEC.patient_id

@@ -108,9 +108,10 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
         keyword = element.keyword
         value = _value(element.value)
         if keyword == "ModalitiesInStudy" and value:
-            wanted = [v for v in value.split("\\") if v]
-            if wanted:
-                found.append(Study.id.in_(select(Series.study_id).where(Series.modality.in_(wanted))))
+            wanted = [v.strip() for v in value.split("\\") if v.strip()]
+            if wanted and "*" not in wanted:  # "*" matches every study, as for any other key
+                matches = or_(*(_matching(Series.modality, v) for v in wanted))
+                found.append(Study.id.in_(select(Series.study_id).where(matches)))
             continue
         key = KEYS.get(keyword)
         if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
@@ -146,6 +147,11 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
             return column == int(value)
         except ValueError:
             raise QueryError(f"{column.key}: {shown(value)} is not a number") from None
+    return _matching(column, value)
+
+
+def _matching(column: Any, value: str) -> ColumnElement[bool]:
+    """``column`` equal to ``value``, or like it where it holds the wildcards ``*`` and ``?``."""
     if "*" in value or "?" in value:
         escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
