@@ -145,6 +145,14 @@ def test_counts_modalities_and_non_ascii_names(sessions) -> None:
     assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == ["1.1"]
 
 
+def test_modalities_in_study_takes_wildcards_as_every_other_key_does(sessions) -> None:
+    """'*' is a universal match (it matched no study at all), 'S?G' a pattern."""
+    everything = answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID")
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="*"), "StudyInstanceUID") == everything
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="S?G"), "StudyInstanceUID") == ["1.1"]
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="MR\\SE*"), "StudyInstanceUID") == ["1.1"]
+
+
 def test_patient_counts_asked_at_study_level_count_the_patient(sessions) -> None:
     with sessions() as session:
         (study,) = find(
