@@ -238,10 +238,11 @@ def _apply_age_limits(drafts: dict[int, _Draft], holding: Holding, retention: Re
 
 
 def _apply_budget(drafts: dict[int, _Draft], finished: list[Holding], used: int, budget: int) -> None:
-    """Oldest finished series first, until the disk in use is within ``budget``."""
+    """Oldest finished series first, until the disk in use is within ``budget``; FAILED series last of all
+    (they may wait for a retry once a destination is back, or a fix: ``dicom-node retry`` needs their images)."""
     remaining = used - sum(drafts[h.job_id].item(h).bytes for h in finished if h.job_id in drafts)
     reason = f"disk budget {format_bytes(budget)} exceeded: {format_bytes(used)} used"
-    for holding in finished:
+    for holding in sorted(finished, key=lambda h: h.state is JobState.FAILED):  # stable: oldest first within each
         if remaining <= budget:
             return
         draft = drafts.setdefault(holding.job_id, _Draft())

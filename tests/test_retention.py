@@ -172,7 +172,7 @@ def test_unfinished_series_is_never_purged_however_old_or_over_budget(node, stat
 def test_disk_budget_purges_the_oldest_finished_series_first(node):
     busy = add_series(node, "1.2.3.1", JobState.QUEUED, days_ago=30, results=False)
     oldest = add_series(node, "1.2.3.2", JobState.IGNORED, days_ago=20, results=False)
-    older = add_series(node, "1.2.3.3", JobState.FAILED, days_ago=10)
+    older = add_series(node, "1.2.3.3", JobState.DONE, days_ago=10)
     newest = add_series(node, "1.2.3.4", JobState.DONE, days_ago=1)
     # 2000 B of images each, 900 B of results for the last two: 9800 B in all.
 
@@ -180,6 +180,19 @@ def test_disk_budget_purges_the_oldest_finished_series_first(node):
 
     assert all(path.exists() for path in busy.images + newest.images)
     assert not any(path.exists() for path in oldest.images + older.images) and not older.results.exists()
+
+
+def test_disk_budget_purges_failed_series_only_after_every_done_and_ignored_one(node):
+    """A FAILED series may wait for `dicom-node retry` once its destination is back: older or not, it goes last."""
+    failed = add_series(node, "1.2.3.1", JobState.FAILED, days_ago=30)
+    older = add_series(node, "1.2.3.2", JobState.IGNORED, days_ago=20, results=False)
+    newest = add_series(node, "1.2.3.3", JobState.DONE, days_ago=1)
+    # 2900 + 2000 + 2900 B: 7800 B in all.
+
+    assert purge(node, max_disk_gigabytes=3000e-9) == [older.uid, newest.uid]
+    assert all(path.exists() for path in failed.images) and failed.results.is_dir()
+
+    assert purge(node, max_disk_gigabytes=1000e-9) == [failed.uid]  # the budget still exceeded: its turn
 
 
 def test_plan_says_what_unfinished_series_keep_over_the_budget(node):
