@@ -131,4 +131,9 @@ def decide(rules: Sequence[Rule], facts: SeriesFacts) -> Decision:
 
 
 def _in(value: str | None, allowed: Sequence[str]) -> bool:
-    return value is not None and value.strip().upper() in {a.strip().upper() for a in allowed}
+    """Whether ``value``, or any of its values where it holds several (``HEAD\\NECK``, though these attributes
+    allow one), is one of ``allowed``: an ignore rule on HEAD must not let such a series through to a later
+    rule. The guard still refuses a Modality that is not CT alone."""
+    if value is None:
+        return False
+    return bool({v.strip().upper() for v in value.split("\\")} & {a.strip().upper() for a in allowed})

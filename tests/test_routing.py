@@ -86,6 +86,16 @@ def test_guard_overrides_a_process_rule(change, reason):
     assert reason in decision.reason
 
 
+def test_an_ignore_rule_catches_a_series_that_names_its_value_among_several():
+    """BodyPartExamined HEAD\\NECK (one value allowed, two sent): an ignore rule on HEAD still ignores it, never
+    letting it through to a later process rule; a Modality CT\\MR is still never processed."""
+    rules = [rule("no heads", action="ignore", body_part_examined=["HEAD"]), rule("any")]
+    decision = decide(rules, replace(CT, body_part_examined="HEAD\\NECK"))
+    assert (decision.action, decision.rule_name) == ("ignore", "no heads")
+    mixed = decide([rule("ct", modality="CT")], replace(CT, modality="CT\\MR"))
+    assert mixed.action == "ignore" and "modality CT\\MR is not CT" in mixed.reason
+
+
 # --- the watcher's routing step: completion, admission, logging after commit (real SQLite, no node) ---
 
 CT_RULE = {"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}
