@@ -27,11 +27,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
-from db.session import transaction
+from db.session import is_database_locked, transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -395,6 +396,11 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
             f"could not set aside {exc.filename or 'a file'} ({_strerror(exc)}); series "
             f"{item.series_instance_uid} is left as it was, for the next pass"
         ) from None
+    except OperationalError as exc:
+        _put_back(aside)
+        if _row_locked(exc):  # a receiver holds one of its instance rows: it is recording one again
+            return f"instances of it are being received again (series {item.series_instance_uid})"
+        raise
     except BaseException:
         _put_back(aside)
         raise
@@ -402,6 +408,11 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
         _put_back(aside)
         return outcome
     return _Deletion([*aside, *outcome.files], outcome.folder)
+
+
+def _row_locked(error: OperationalError) -> bool:
+    """PostgreSQL's "could not obtain lock on row" (SQLSTATE 55P03, from NOWAIT), or a locked SQLite database."""
+    return getattr(error.orig, "sqlstate", None) == "55P03" or is_database_locked(error)
 
 
 def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, aside: list[Path]) -> _Deletion | str:
@@ -428,7 +439,9 @@ def _set_series_aside(session: Session, series: Series, root: Path, aside: list[
     receiving = f"instances of it are being received again (series {series.series_instance_uid})"
     if series.series_instance_uid in series_waiting_to_be_recorded(root):
         return receiving
-    locked = select(Instance.path).where(Instance.series_id == series.id).with_for_update()
+    # NOWAIT (PostgreSQL): a receiver that holds one of these rows next waits for the job row this purge holds;
+    # waiting for it here would close the circle
+    locked = select(Instance.path).where(Instance.series_id == series.id).with_for_update(nowait=True)
     paths = [path for path in map(Path, session.scalars(locked)) if _inside(path, root)]
     _set_aside(paths, aside)
     if series.series_instance_uid in series_waiting_to_be_recorded(root) or any(p.exists() for p in paths):

@@ -545,6 +545,28 @@ def test_an_instance_recorded_while_its_series_is_purged_keeps_its_row(node, mon
         assert paths == [str(resent)] and session.get_one(Job, stored.job_id).state is JobState.RECEIVING
 
 
+def test_a_purge_never_waits_for_an_instance_row_a_receiver_holds(node):
+    """PostgreSQL: a receiver holding a re-sent instance's row next waits for the job row the purge holds; the
+    purge does not wait for that instance row in turn (a deadlock), it leaves the series for a later pass."""
+    from db.ingest import recorded_paths
+
+    settings, sessions = node
+    if settings.database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one writer at a time: a receiver holds no row lock a purge could wait for")
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10, results=False)
+    with transaction(sessions) as receiver:
+        assert recorded_paths(receiver, [stored.images[0].stem])  # the re-sent instance's row, locked
+        with sessions() as session:
+            plan = plan_retention(session, RetentionSettings(days=7), NOW)
+        outcome = apply_plan(sessions, settings, plan, NOW)
+
+    assert outcome.purged == [] and [why for _item, why in outcome.skipped] == [
+        f"instances of it are being received again (series {stored.uid})"
+    ]
+    assert all(path.exists() for path in stored.images) and instance_rows(sessions, stored.uid) == 2
+    assert purge(node, days=7) == [stored.uid]  # the receiver done: the next pass purges it
+
+
 def test_a_study_is_not_erased_while_a_new_series_of_it_is_being_recorded(node):
     """PostgreSQL: the purge counts the study's instances under the study's lock, which the receiver holds."""
     settings, sessions = node
