@@ -75,6 +75,7 @@ class RecordOutcome:
     stored: bool  # False: the SOP Instance UID was already recorded
     series_reopened: bool = False
     series_created: bool = False
+    reopened_because: str | None = None  # the job's reason, where it re-opened the series
 
 
 INSTANCES = Base.metadata.tables[Instance.__tablename__]
@@ -187,7 +188,7 @@ def record_new_instances(
                 if purged:
                     _take_attributes_of(session, series, first)
                 restore_study_identity(_locked_study(session, series.study_id), first)  # purged, now sent again
-                outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True)
+                outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True, reopened_because=job.reason)
         connection.execute(
             _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
         )

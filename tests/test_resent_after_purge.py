@@ -86,10 +86,9 @@ def test_part_of_a_purged_series_sent_again_is_processed_as_a_partial_series(tmp
         assert job is not None
         warnings = job.warnings or []
         reasons = [event.reason for event in job.events if event.to_state is JobState.RECEIVING]
-    assert (
-        "an image of a series whose images retention had purged (8 images before) re-opened the series (was DONE)"
-        in (reasons)
-    )
+    reopened = "an image of a series whose images retention had purged (8 images before) re-opened the series"
+    assert f"{reopened} (was DONE)" in reasons
+    assert f'series.reopened series_instance_uid={uid} reason="{reopened}' in node.log()
     assert "partial series: 3 of 8 images it held before retention purged it had arrived" in " ".join(warnings)
     wait_for(lambda: len(list(received.iterdir())) > len(first), timeout=30, what="the second run's results")
     again = [d for d in sent_series_descriptions(received) if d not in first]

@@ -370,7 +370,13 @@ def _log_outcome(record: InstanceRecord, stored: StoreOutcome) -> None:
             calling_ae=record.calling_ae_title,
         )
     if outcome.series_reopened:
-        log_event(LOG, logging.INFO, "series.reopened", series_instance_uid=record.series.series_instance_uid)
+        log_event(
+            LOG,
+            logging.INFO,
+            "series.reopened",
+            series_instance_uid=record.series.series_instance_uid,
+            reason=outcome.reopened_because,
+        )
 
 
 def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid: int | None = None) -> int:
