@@ -169,7 +169,10 @@ def record_new_instances(
     for index, record in enumerate(records):
         by_series.setdefault(record.series.series_instance_uid, []).append(index)
     outcomes = [RecordOutcome(stored=True)] * len(records)
-    for series_uid, indices in by_series.items():
+    # Study and job rows are locked in one order in every transaction (by study, then series), so two receivers
+    # recording the same studies' series at once (PostgreSQL) wait for each other, never in a circle.
+    in_lock_order = sorted(by_series.items(), key=lambda item: (records[item[1][0]].study.study_instance_uid, item[0]))
+    for series_uid, indices in in_lock_order:
         first, last = records[indices[0]], records[indices[-1]]
         known = connection.execute(_FIND_SERIES_AND_JOB, {"series_instance_uid": series_uid}).first()
         if known is None:
