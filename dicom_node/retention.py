@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
-from db.session import is_database_locked, transaction
+from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -411,8 +411,10 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
 
 
 def _row_locked(error: OperationalError) -> bool:
-    """PostgreSQL's "could not obtain lock on row" (SQLSTATE 55P03, from NOWAIT), or a locked SQLite database."""
-    return getattr(error.orig, "sqlstate", None) == "55P03" or is_database_locked(error)
+    """PostgreSQL's "could not obtain lock on row" (SQLSTATE 55P03), which only the NOWAIT on the instance rows
+    raises here. SQLite's "database is locked" is not it: that is another writer holding the whole database (a
+    stuck one is an error to see, not a series being received)."""
+    return getattr(error.orig, "sqlstate", None) == "55P03"
 
 
 def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, aside: list[Path]) -> _Deletion | str:
@@ -428,9 +430,11 @@ def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, asid
         if why_not is not None:
             return why_not
         _delete_series_rows(session, job.series, root, now)
+    studies = {job.series.study_id}
     if item.results:
-        _delete_result_rows(session, job, root, now, deletion)
-    _erase_phi_of_emptied_study(session, job.series.study_id)
+        studies |= _delete_result_rows(session, job, root, now, deletion)
+    for study_id in sorted(studies):  # a series sent again under a corrected study left its results in the old one
+        _erase_phi_of_emptied_study(session, study_id)
     return deletion
 
 
@@ -544,11 +548,14 @@ def _delete_series_rows(session: Session, series: Series, root: Path, now: datet
     return [path for path in paths if _inside(path, root)]
 
 
-def _delete_result_rows(session: Session, job: Job, root: Path, now: datetime, deletion: _Deletion) -> None:
-    """Delete the rows of the job's result series; their files and the job folder go into ``deletion``."""
+def _delete_result_rows(session: Session, job: Job, root: Path, now: datetime, deletion: _Deletion) -> set[int]:
+    """Delete the rows of the job's result series; their files and the job folder go into ``deletion``. Returns
+    the studies those series were in."""
     query = select(Series).where(Series.source_job_id == job.id, Series.purged_at.is_(None))
+    studies = set()
     for series in list(session.scalars(query)):
         deletion.files.extend(_delete_series_rows(session, series, root, now))
+        studies.add(series.study_id)
     if job.result_path:
         folder = Path(job.result_path)
         if _inside(folder, root):
@@ -557,6 +564,7 @@ def _delete_result_rows(session: Session, job: Job, root: Path, now: datetime, d
             reason = f"{folder} is outside the storage folder {root}, so retention leaves it in place"
             log_event(LOG, logging.WARNING, "retention.folder_outside_storage_kept", path=str(folder), reason=reason)
     job.result_files = None  # gone: a retry must not try to send them
+    return studies
 
 
 def _delete_files(deletion: _Deletion, root: Path, series_instance_uid: str) -> None:

@@ -324,12 +324,15 @@ def _drop_localizers(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
 
 def differing_orientations(orientations: Sequence[Sequence[float] | np.ndarray]) -> list[int]:
     """The indices of the orientations further than :data:`ORIENTATION_TOLERANCE` (each direction cosine) from
-    the series' own: the one most images share to three decimals, the first of those by value on a tie (so
-    the same whatever order the images arrived in). Values written to another precision are the same."""
+    the series' own: the median of the images that share the most common orientation to three decimals (the
+    first of those by value on a tie, so the same whatever order the images arrived in). Values written to
+    another precision are the same."""
     values = np.asarray(orientations, dtype=float)
-    rounded = Counter(tuple(row) for row in np.round(values, 3).tolist())
+    keys = [tuple(row) for row in np.round(values, 3).tolist()]
+    rounded = Counter(keys)
     most = max(rounded.values())
-    reference = np.asarray(min(key for key, count in rounded.items() if count == most))
+    common = min(key for key, count in rounded.items() if count == most)
+    reference = np.median(values[[key == common for key in keys]], axis=0)  # of the images themselves, unrounded
     return [int(i) for i in np.flatnonzero(np.abs(values - reference).max(axis=1) > ORIENTATION_TOLERANCE)]
 
 
@@ -503,7 +506,7 @@ def check_slice_stack(
     direction = direction / np.linalg.norm(direction)
     distances = points @ direction
     steps = np.diff(distances)
-    if not (np.isfinite(distances).all() and np.isfinite(steps).all()) or np.abs(distances).max() > MAX_POSITION_MM:
+    if not (np.isfinite(distances).all() and np.isfinite(steps).all()) or np.abs(points).max() > MAX_POSITION_MM:
         raise VolumeError(
             f"ImagePositionPatient puts slices more than {MAX_POSITION_MM:,.0f} mm from the scanner's origin, which "
             "no CT can: the positions are wrong"
@@ -588,7 +591,7 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np
             padded = padding.apply(dataset, plane, volume[index], index)
             soft.count(volume[index], padded, frame, intercept)
             if sign is not None:
-                sign.check(plane, volume[index], padded, frame)
+                sign.check(plane, volume[index], padded, frame, slope)
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
             highest = float(volume[index].max())
@@ -633,19 +636,29 @@ class _SignDisagreement:
             return None
         return cls(bool(header), sign[1])
 
-    def check(self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame) -> None:
-        """Refuse the image where the pixels whose reading the sign decides read as no tissue can."""
+    def check(self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, slope: float) -> None:
+        """Refuse the image where the pixels whose reading the sign decides read, as the header says, as no tissue
+        can (header signed: below air), or, as the codestream says, as air or tissue (header unsigned: what the
+        header reads as dense bone would be air)."""
         flipped = plane < 0 if self.signed_header else plane >= (1 << (self.precision - 1))
         if padded is not None:
             flipped &= ~padded
-        implausible = flipped & (hu < BELOW_AIR_HU) if self.signed_header else flipped
-        if len(np.unique(hu[implausible])) <= SIGN_FLIPPED_VALUES:
+        if self.signed_header:
+            doubtful = flipped & (hu < BELOW_AIR_HU)
+        else:
+            doubtful = flipped & (hu - (1 << self.precision) * slope >= BELOW_AIR_HU)
+        if len(np.unique(hu[doubtful])) <= SIGN_FLIPPED_VALUES:
             return  # none, or one padding-like value: the reading PixelRepresentation gives stands
-        codestream, header = ("unsigned", "signed (1)") if self.signed_header else ("signed", "unsigned (0)")
+        count = int(doubtful.sum())
+        if self.signed_header:
+            said, header = "unsigned", "signed (1)"
+            why = f"read as the header says, {count:,} pixels would read far below air (bone read on the wrong side)"
+        else:
+            said, header = "signed", "unsigned (0)"
+            why = f"read as the codestream says, {count:,} pixels the header reads as dense bone would be air or tissue"
         raise VolumeError(
-            f"the JPEG 2000 data of {_image_name(frame)} says its samples are {codestream}, but its "
-            f"PixelRepresentation says {header}: read as the header says, {int(implausible.sum()):,} pixels would "
-            "read on the wrong side of the HU scale (bone below air), so which one is right cannot be told"
+            f"the JPEG 2000 data of {_image_name(frame)} says its samples are {said}, but its PixelRepresentation "
+            f"says {header}: {why}, so which one is right cannot be told"
         )
 
 

@@ -413,3 +413,27 @@ def test_signed_ct_written_as_an_unsigned_jpeg2000_codestream_reads_as_its_heade
     }
     for k, ref in enumerate(volume.slices):
         np.testing.assert_array_equal(volume.hu[k], by_uid[ref.sop_instance_uid])
+
+
+def test_unsigned_ct_in_a_codestream_flagged_signed_reads_as_its_header_says(tmp_path, shared_fixtures):
+    """The mirror case: TotalSegmentator's real 12-bit unsigned slices written as a signed codestream of the same
+    bits. Read as PixelRepresentation 0 says, bone is bone (the codestream's reading would put it far below air):
+    the series loads with its original HU."""
+    openjpeg = pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the JPEG 2000 test data")
+    sources = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))[:3]
+    written, original = [], {}
+    for path in sources:
+        dataset = pydicom.dcmread(path)
+        stored = dataset.pixel_array.astype(np.int32)
+        original[str(dataset.SOPInstanceUID)] = stored * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+        same_bits = np.where(stored >= 2048, stored - 4096, stored).astype(np.int16)  # 12-bit two's complement
+        dataset.PixelData = encapsulate([openjpeg.encode(same_bits, bits_stored=12)])
+        dataset["PixelData"].VR = "OB"
+        written.append(tmp_path / path.name)
+        dataset.save_as(written[-1])
+
+    volume = load_series_volume(written)
+
+    assert volume.hu.max() > 1000  # the bone
+    for k, ref in enumerate(volume.slices):
+        np.testing.assert_array_equal(volume.hu[k], original[ref.sop_instance_uid])

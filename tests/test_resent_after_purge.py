@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from db.jobs import job_for_series_uid
-from db.models import JobState
+from db.models import JobState, Study
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import free_port, require_tool, storescu, wait_for
 
@@ -200,3 +201,33 @@ def test_a_purged_series_sent_again_under_a_corrected_study_is_filed_under_that_
         assert job is not None
         assert job.series.study.study_instance_uid == corrected_study
         assert job.series.study.patient_id == SPEC.patient_id
+
+
+def test_the_old_study_keeps_no_identity_once_the_results_left_in_it_are_purged(tmp_path, start_node):
+    """Processed in study A; its images purged, its results kept; sent again under study B and processed there;
+    then purged whole: study A, which held only the first results, keeps no patient identity either."""
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    uid, first_study = series.series_instance_uid, series.study_instance_uid
+    node = start_node(
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}],
+        completion={"quiet_seconds": 1, "check_interval_seconds": 0.2},
+        inference={"workers": 1},
+    )
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(uid, JobState.DONE, timeout=120)
+    images_only = node.cli("purge", "--days", "0.00001", "--results-days", "30")
+    assert images_only.returncode == 0, images_only.stdout + images_only.stderr
+    corrected_study = pydicom.uid.generate_uid()
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = corrected_study
+        dataset.save_as(path)
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
+    node.wait_for_state(uid, JobState.DONE, timeout=120)
+
+    assert node.cli("purge", "--series", uid).returncode == 0
+
+    with node.sessions() as session:
+        old = session.scalars(select(Study).where(Study.study_instance_uid == first_study)).one()
+        assert (old.patient_id, old.patient_name) == (None, None)

@@ -558,3 +558,21 @@ def test_acquisitions_that_follow_one_another_are_refused_for_their_gap_not_for_
         "about 1 missing slice(s): slices 3 and 4 (by position) are 12.00 mm apart, the series' usual step is "
         "6.00 mm (the series' 7 acquisitions follow one another along the slices, so they were checked as one stack)"
     )
+
+
+def test_orientations_a_little_apart_are_one_orientation_whichever_group_is_larger(tmp_path):
+    """Cosines 0.0004 and 0.0013 (0.0009 apart, inside the 0.001 tolerance): one orientation for an 11/9 split
+    and for a 9/11 one, not refused one way round and admitted the other."""
+    from inference.volume import differing_orientations
+
+    low, high = [1, 0, 0.0004, 0, 1, 0], [1, 0, 0.0013, 0, 1, 0]
+    assert differing_orientations([low] * 11 + [high] * 9) == []
+    assert differing_orientations([low] * 9 + [high] * 11) == []
+    assert differing_orientations([low] * 11 + [[1, 0, 0.0025, 0, 1, 0]] * 9) == list(range(11, 20))
+
+
+def test_a_position_too_far_sideways_is_refused_too(tmp_path):
+    """x = 1e20 mm: too far for any sub-millimetre offset to survive in the arithmetic, whatever the normal."""
+    positions = [[1e20, 0.0, 6.0 * k] for k in range(4)]
+    with pytest.raises(VolumeError, match="more than 100,000 mm from the scanner's origin"):
+        check_slice_stack(positions, [0.0, 0.0, 1.0])
