@@ -398,8 +398,8 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
         ) from None
     except OperationalError as exc:
         _put_back(aside)
-        if _row_locked(exc):  # a receiver holds one of its instance rows: it is recording one again
-            return f"instances of it are being received again (series {item.series_instance_uid})"
+        if _row_locked(exc):  # a receiver holds one of its rows, or its study's: it is recording one again
+            return f"instances of it or of its study are being received again (series {item.series_instance_uid})"
         raise
     except BaseException:
         _put_back(aside)
@@ -410,11 +410,16 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
     return _Deletion([*aside, *outcome.files], outcome.folder)
 
 
+RECEIVER_IN_THE_WAY = frozenset({"55P03", "40P01"})
+"""PostgreSQL's "could not obtain lock on row" (only the NOWAIT on the instance rows raises it here) and "deadlock
+detected" (a receiver recording a series of the same study took the study row first, and waits for the job row
+this purge holds): a receiver is recording the series or its study, and the purge steps aside."""
+
+
 def _row_locked(error: OperationalError) -> bool:
-    """PostgreSQL's "could not obtain lock on row" (SQLSTATE 55P03), which only the NOWAIT on the instance rows
-    raises here. SQLite's "database is locked" is not it: that is another writer holding the whole database (a
-    stuck one is an error to see, not a series being received)."""
-    return getattr(error.orig, "sqlstate", None) == "55P03"
+    """Whether a receiver's row locks stopped the purge (:data:`RECEIVER_IN_THE_WAY`). SQLite's "database is
+    locked" is not that: another writer holds the whole database, and a stuck one is an error to see."""
+    return getattr(error.orig, "sqlstate", None) in RECEIVER_IN_THE_WAY
 
 
 def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, aside: list[Path]) -> _Deletion | str:

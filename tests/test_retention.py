@@ -561,7 +561,7 @@ def test_a_purge_never_waits_for_an_instance_row_a_receiver_holds(node):
         outcome = apply_plan(sessions, settings, plan, NOW)
 
     assert outcome.purged == [] and [why for _item, why in outcome.skipped] == [
-        f"instances of it are being received again (series {stored.uid})"
+        f"instances of it or of its study are being received again (series {stored.uid})"
     ]
     assert all(path.exists() for path in stored.images) and instance_rows(sessions, stored.uid) == 2
     assert purge(node, days=7) == [stored.uid]  # the receiver done: the next pass purges it
