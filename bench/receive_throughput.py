@@ -362,7 +362,7 @@ class Node:
         self.fsync = fsync
         storage = f"{{directory: {self.data_dir}}}" if fsync else f"{{directory: {self.data_dir}, fsync: false}}"
         self.config.write_text(
-            f"network: {{ae_title: {NODE_AE}, host: {HOST}, port: {port}, maximum_associations_per_host: 32}}\n"
+            f"network: {{ae_title: {NODE_AE}, host: {HOST}, port: {port}, maximum_associations: 32, maximum_associations_per_host: 32}}\n"
             f"storage: {storage}\n"
             "completion: {quiet_seconds: 600}\n"
             "rules: []\n"

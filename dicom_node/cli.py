@@ -24,7 +24,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
 from db.models import Instance, Job, JobState, RejectedInstance, Series
-from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, load_settings
+from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, hide_password, load_settings
 from dicom_node.logs import configure_logging, shown
 from dicom_node.privacy import keep_new_files_private, loose_permissions
 
@@ -964,9 +964,27 @@ def user_add(
 
 
 @config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the effective configuration (file, environment and defaults merged)."""
-    sys.stdout.write(dump_settings(_settings(config)))
+def config_show(
+    config: ConfigOption = None,
+    show_secrets: Annotated[
+        bool, typer.Option("--show-secrets", help="Print secrets too: password hashes, keys, tokens, passwords.")
+    ] = False,
+) -> None:
+    """Print the effective configuration (file, environment and defaults merged), secrets hidden."""
+    settings = _settings(config)
+    sys.stdout.write(dump_settings(settings) if show_secrets else _visible_settings(settings))
+
+
+def _visible_settings(settings: Settings) -> str:
+    """The configuration as YAML with every secret hidden, as the console's configuration page shows it."""
+    import yaml
+
+    from dicom_node.console.queries import visible_config
+
+    data = visible_config(settings)
+    if settings.database.url:  # hide_password also finds a password holding '@', which SQLAlchemy misreads
+        data["database"]["url"] = hide_password(settings.database.url)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 @config_app.command("check")

@@ -7,14 +7,17 @@ the defaults below. Lists and mappings in environment variables are JSON.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -53,6 +56,28 @@ ALL_ROLES: tuple[Role, ...] = ("store", "find", "move", "get", "echo")
 
 PDU_SIZE_CEILING = 16 * 1024 * 1024
 """``maximum_pdu_size: 0`` (formerly "no limit") advertises and enforces this many bytes."""
+
+DAY_SECONDS = 86400
+"""The longest any timeout or interval in seconds may be: longer ones overflow the clocks they are given to."""
+MAX_DAYS = 36500
+"""The longest retention period, days (a hundred years)."""
+OWN_ENV_VARIABLES = frozenset({CONFIG_PATH_ENV, "DICOM_NODE_WORKER_NAME"})
+"""``DICOM_NODE_*`` variables the code reads itself rather than as settings."""
+SECRET_KEYS = frozenset({"session_secret", "metrics_token", "password_hash"})
+"""Keys whose values no message may show."""
+NARROWEST_PROXY_PREFIX = {4: 16, 6: 48}
+"""A trusted proxy network may be at most this wide (prefix length, by IP version)."""
+
+
+def _not_a_flag(value: Any) -> Any:
+    """Refuse true/false where a number is meant (pydantic would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Days = Annotated[float, BeforeValidator(_not_a_flag), Field(gt=0, le=MAX_DAYS)]
+"""A retention period in days: more than 0, at most a hundred years, never a boolean."""
 
 
 class TlsSettings(_Strict):
@@ -121,12 +146,12 @@ class NetworkSettings(_Strict):
         8, ge=1, le=512, description="Open connections one source address may hold; more are closed at once."
     )
     association_request_timeout_seconds: float = Field(
-        10.0, gt=0, description="A new connection must complete its A-ASSOCIATE-RQ within this long."
+        10.0, gt=0, le=DAY_SECONDS, description="A new connection must complete its A-ASSOCIATE-RQ within this long."
     )
     pdu_read_timeout_seconds: float = Field(
-        30.0, gt=0, description="Once a PDU starts, all of it must arrive within this long."
+        30.0, gt=0, le=DAY_SECONDS, description="Once a PDU starts, all of it must arrive within this long."
     )
-    network_timeout_seconds: float = Field(60.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0, le=DAY_SECONDS)
     tls: TlsSettings | None = Field(None, description="DICOM TLS; absent: plain TCP.")
 
     @model_validator(mode="after")
@@ -138,6 +163,17 @@ class NetworkSettings(_Strict):
                 f"maximum_in_flight_megabytes ({self.maximum_in_flight_megabytes:g}) must be at least "
                 f"maximum_data_set_megabytes ({self.maximum_data_set_megabytes:g}), or the largest data set "
                 "allowed could never be received"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_host_within_all(self) -> NetworkSettings:
+        if "maximum_associations_per_host" not in self.model_fields_set:  # the default follows a lower total
+            self.maximum_associations_per_host = min(self.maximum_associations_per_host, self.maximum_associations)
+        if self.maximum_associations_per_host > self.maximum_associations:
+            raise ValueError(
+                f"maximum_associations_per_host ({self.maximum_associations_per_host}) must be at most "
+                f"maximum_associations ({self.maximum_associations}), or one host could take every association"
             )
         return self
 
@@ -165,15 +201,10 @@ class PeerSettings(_Strict):
     @field_validator("hosts")
     @classmethod
     def _networks(cls, hosts: list[str]) -> list[str]:
-        import ipaddress
-
         if not hosts:
             raise ValueError("give at least one address or network")
         for host in hosts:
-            try:
-                ipaddress.ip_network(host.strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"{host!r} is not an IP address or CIDR network (e.g. 10.1.0.0/16)") from None
+            _peer_network(host.strip())
         return [h.strip() for h in hosts]
 
     @field_validator("roles", mode="before")
@@ -186,6 +217,41 @@ class PeerSettings(_Strict):
         if (self.host is None) != (self.port is None):
             raise ValueError("host and port go together (where the node reaches the peer)")
         return self
+
+
+def _peer_network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network ``host`` names; refused where it is not one, or where its address has bits past the prefix
+    (``10.1.2.3/8`` would silently admit all of 10.0.0.0/8)."""
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address or CIDR network (e.g. 10.1.0.0/16)") from None
+    try:
+        ipaddress.ip_network(host)
+    except ValueError:
+        address = host.split("/", 1)[0]
+        raise ValueError(
+            f"{host!r} has an address with bits set past its /{network.prefixlen} prefix, which would admit all of "
+            f"{network}: write {address}/{network.max_prefixlen} for that one host, or {network} for the network"
+        ) from None
+    return network
+
+
+def open_peer_warnings(settings: Settings) -> list[str]:
+    """Sentences for start-up warnings: each peer that admits every address with a role that reads patient data."""
+    reading = ("find", "get", "move")
+    warnings = []
+    for name, peer in settings.peers.items():
+        anywhere = [h for h in peer.hosts if ipaddress.ip_network(h, strict=False).prefixlen == 0]
+        roles = [r for r in peer.roles if r in reading]
+        if anywhere and roles:
+            who = f"AE title {peer.ae_title}" if peer.ae_title else "any AE title"
+            warnings.append(
+                f"peers.{name} admits {who} from every address ({', '.join(anywhere)}) with the roles "
+                f"{', '.join(roles)}: anyone who can reach the port can read patient data; list the hosts "
+                f"it calls from in peers.{name}.hosts"
+            )
+    return warnings
 
 
 class RetrieveSettings(_Strict):
@@ -214,6 +280,7 @@ class StorageSettings(_Strict):
     disk_full_retry_seconds: float = Field(
         60.0,
         gt=0,
+        le=DAY_SECONDS,
         description="A job whose processing found the disk full is queued again and tried after this many seconds.",
     )
     quarantine_reserve_gigabytes: float = Field(
@@ -241,6 +308,7 @@ class DatabaseSettings(_Strict):
     busy_timeout_seconds: float = Field(
         30.0,
         gt=0,
+        le=DAY_SECONDS,
         description="How long a write waits for another process' lock on the SQLite file before it retries "
         "(the worker) or answers the C-STORE with 0xA700 (the receiver).",
     )
@@ -251,7 +319,8 @@ class CompletionSettings(_Strict):
 
     quiet_seconds: float = Field(
         30.0,
-        gt=0,
+        ge=1,
+        le=DAY_SECONDS,
         description=(
             "A series is complete this long after its last instance arrived. 30 s covers a PACS "
             "that re-opens an association or pauses between batches, and still starts work within "
@@ -262,11 +331,24 @@ class CompletionSettings(_Strict):
     expected_count_timeout_seconds: float = Field(
         600.0,
         gt=0,
+        le=DAY_SECONDS,
         description=(
             "While fewer images than the series' ImagesInAcquisition have arrived, the quiet period "
             "does not complete it; this longer silence does, and the job gets a 'partial series' warning."
         ),
     )
+
+    @model_validator(mode="after")
+    def _expected_count_waits_longer(self) -> CompletionSettings:
+        if "expected_count_timeout_seconds" not in self.model_fields_set:  # the default follows a longer quiet period
+            self.expected_count_timeout_seconds = max(self.expected_count_timeout_seconds, self.quiet_seconds)
+        if self.expected_count_timeout_seconds < self.quiet_seconds:
+            raise ValueError(
+                f"completion.expected_count_timeout_seconds ({self.expected_count_timeout_seconds:g}) must be at "
+                f"least completion.quiet_seconds ({self.quiet_seconds:g}), or a series still short of its "
+                "ImagesInAcquisition count would be completed before the quiet period of any other series"
+            )
+        return self
 
 
 class AdmissionSettings(_Strict):
@@ -332,13 +414,18 @@ class DispatchSettings(_Strict):
     """Sending results: retries with exponential backoff, then FAILED with the reason."""
 
     max_attempts: int = Field(5, ge=1, le=100)
-    first_retry_seconds: float = Field(10.0, gt=0, description="Wait before the 2nd attempt; doubles each time.")
-    max_retry_seconds: float = Field(600.0, gt=0)
+    first_retry_seconds: float = Field(
+        10.0, gt=0, le=DAY_SECONDS, description="Wait before the 2nd attempt; doubles each time."
+    )
+    max_retry_seconds: float = Field(600.0, gt=0, le=DAY_SECONDS)
     timeout_seconds: float = Field(
-        30.0, gt=0, description="Association timeout, and the DIMSE timeout of an empty object."
+        30.0, gt=0, le=DAY_SECONDS, description="Association timeout, and the DIMSE timeout of an empty object."
     )
     seconds_per_megabyte: float = Field(
-        1.0, ge=0, description="Added to a C-STORE's DIMSE timeout per MB of the object sent (0: fixed timeout)."
+        1.0,
+        ge=0,
+        le=3600,
+        description="Added to a C-STORE's DIMSE timeout per MB of the object sent (0: fixed timeout).",
     )
     parallel_sends: int = Field(
         4, ge=1, le=64, description="Destinations sent to at once; each destination gets one association at a time."
@@ -347,6 +434,7 @@ class DispatchSettings(_Strict):
     unreachable_hours: float = Field(
         24.0,
         gt=0,
+        le=24 * MAX_DAYS,
         description="A destination that cannot be reached (down, not answering) is tried again, every "
         "max_retry_seconds at most, for this long before its jobs fail; such tries do not use up max_attempts.",
     )
@@ -358,21 +446,22 @@ class RetentionSettings(_Strict):
     Everything off by default: nothing is deleted until an age or a disk budget is set.
     """
 
-    days: float | None = Field(
-        None, gt=0, description="Purge a finished series' images (and results) this many days after it finished."
+    days: Days | None = Field(
+        None, description="Purge a finished series' images (and results) this many days after it finished."
     )
-    results_days: float | None = Field(
-        None, gt=0, description="Keep results (job folder, SEG/SR/RTSTRUCT) this long instead; default: as `days`."
+    results_days: Days | None = Field(
+        None, description="Keep results (job folder, SEG/SR/RTSTRUCT) this long instead; default: as `days`."
     )
     max_disk_gigabytes: float | None = Field(
         None, gt=0, description="Budget for images plus results; over it, the oldest finished series go first."
     )
-    quarantine_days: float | None = Field(
+    quarantine_days: Days | None = Field(
         None,
-        gt=0,
         description="Delete refused instances (quarantine/ files and their rows) this many days after arrival.",
     )
-    check_interval_seconds: float = Field(600.0, gt=0, description="How often `serve` applies retention.")
+    check_interval_seconds: float = Field(
+        600.0, gt=0, le=DAY_SECONDS, description="How often `serve` applies retention."
+    )
 
     @property
     def enabled(self) -> bool:
@@ -470,6 +559,12 @@ class TotalSegmentatorModelSettings(_Strict):
 
 
 ModelSettings = Annotated[ThresholdModelSettings | TotalSegmentatorModelSettings, Field(discriminator="kind")]
+_MODEL_KINDS = frozenset(
+    kind
+    for model in (ThresholdModelSettings, TotalSegmentatorModelSettings)
+    for kind in get_args(model.model_fields["kind"].annotation)
+)
+"""The values of a model's ``kind``, which pydantic puts in an error's location after the model's name."""
 
 
 class InferenceSettings(_Strict):
@@ -595,20 +690,28 @@ class ConsoleSettings(_Strict):
         10000, ge=1, description="Stage-duration and latency histograms cover this many most recent jobs."
     )
     echo_interval_seconds: float = Field(
-        300.0, ge=0, description="C-ECHO every destination this often for the destinations page; 0: never."
+        300.0,
+        ge=0,
+        le=DAY_SECONDS,
+        description="C-ECHO every destination this often for the destinations page; 0: never.",
     )
     refresh_seconds: float = Field(3.0, gt=0, le=600, description="How often the worklist refreshes itself.")
 
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, hosts: list[str]) -> list[str]:
-        import ipaddress
-
         for host in hosts:
             try:
-                ipaddress.ip_network(host.strip(), strict=False)
+                network = ipaddress.ip_network(host.strip(), strict=False)
             except ValueError:
                 raise ValueError(f"{host!r} is not an IP address or CIDR network") from None
+            widest = NARROWEST_PROXY_PREFIX[network.version]
+            if network.prefixlen < widest:
+                raise ValueError(
+                    f"{host.strip()!r} is too wide for a proxy (at most /{widest} for IPv{network.version}): "
+                    "whoever connects from a trusted proxy address names the user and role, operator included, "
+                    "so list the proxy's own address or its small network"
+                )
         return [h.strip() for h in hosts]
 
     @model_validator(mode="after")
@@ -685,6 +788,50 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _rule_names_unique(self) -> Settings:
+        seen: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(
+                    f"rules[{index}]: the name {rule.name!r} is used by an earlier rule; give each rule its own "
+                    "name, as jobs and logs say which rule decided"
+                )
+            seen.add(rule.name)
+        return self
+
+    @model_validator(mode="after")
+    def _destinations_are_others(self) -> Settings:
+        own = self.network
+        for name, destination in self.destinations.items():
+            if destination.ae_title == own.ae_title:
+                raise ValueError(
+                    f"destinations.{name}.ae_title {destination.ae_title} is the node's own AE title "
+                    "(network.ae_title): results must go to another node"
+                )
+            if destination.port == own.port and _is_this_host(destination.host, own.host):
+                raise ValueError(
+                    f"destinations.{name} ({destination.host}:{destination.port}) is the node itself "
+                    "(network.host and network.port): results sent there would come back as new images"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _move_targets_unambiguous(self) -> Settings:
+        targets = [(f"peers.{n}", p.ae_title, p.host, p.port) for n, p in self.peers.items() if p.ae_title and p.host]
+        targets += [(f"destinations.{n}", d.ae_title, d.host, d.port) for n, d in self.destinations.items()]
+        first: dict[str, tuple[str, str, int]] = {}
+        for key, ae_title, host, port in targets:
+            address = (key, host.strip().lower(), port or 0)
+            earlier = first.setdefault(str(ae_title), address)
+            if earlier[1:] != address[1:]:
+                raise ValueError(
+                    f"{earlier[0]} and {key} both have the AE title {ae_title} but different addresses "
+                    f"({earlier[1]}:{earlier[2]} and {host}:{port}): C-MOVE finds its target by AE title, so one "
+                    "AE title must have one address"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _tls_configured(self) -> Settings:
         if self.network.tls is None:
             wanting = [f"destinations.{n}" for n, d in self.destinations.items() if d.tls]
@@ -718,6 +865,17 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.storage.directory / 'dicom-node.db').resolve()}"
 
 
+def _is_this_host(host: str, own_host: str) -> bool:
+    """Whether ``host`` names this machine: a loopback name or address, or the address the node listens on."""
+    host = host.strip().lower()
+    if host in ("localhost", "localhost.localdomain", own_host.strip().lower()):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def load_settings(path: Path | str | None = None) -> Settings:
     """Read and validate the configuration.
 
@@ -732,6 +890,9 @@ def load_settings(path: Path | str | None = None) -> Settings:
     ConfigError
         With one line per problem, each naming the key.
     """
+    unknown = unknown_environment_variables()
+    if unknown:
+        raise ConfigError("configuration (DICOM_NODE_* environment):\n" + "\n".join(f"  {u}" for u in unknown))
     path = _resolve_config_path(path)
     data: dict[str, Any] = {}
     if path is not None:
@@ -753,6 +914,57 @@ def load_settings(path: Path | str | None = None) -> Settings:
                 # A model's own weights folder too: relative to the config file, like storage.directory.
                 model.weights_directory = (path.parent / model.weights_directory).resolve()
     return settings
+
+
+def unknown_environment_variables() -> list[str]:
+    """A sentence for each ``DICOM_NODE_*`` variable that names no setting (a typo pydantic would ignore)."""
+    known = _env_names(Settings, ENV_PREFIX)
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in OWN_ENV_VARIABLES:
+            continue
+        if _names_a_key(Settings, upper.removeprefix(ENV_PREFIX).lower().split(ENV_NESTED_DELIMITER)):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(
+            f"unknown environment variable {name}{hint}: it names no setting, so it would be ignored; "
+            f"settings are DICOM_NODE_<SECTION>__<KEY>, with two underscores between levels"
+        )
+    return problems
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The sections (pydantic models) a field's type may hold: itself, or those in a union or optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is dict:
+        return []
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _names_a_key(annotation: Any, parts: list[str]) -> bool:
+    """Whether ``parts`` (lower case, one per level) is a path to a setting under a field of type ``annotation``."""
+    if not parts:
+        return True
+    models = _models_in(annotation)
+    if models:
+        fields = [m.model_fields[parts[0]] for m in models if parts[0] in m.model_fields]
+        return any(_names_a_key(f.annotation, parts[1:]) for f in fields)
+    if get_origin(annotation) is dict:  # a name the configuration chooses (a destination, a peer...)
+        return bool(parts[0]) and _names_a_key(get_args(annotation)[1], parts[1:])
+    return False  # a value or a list: nothing below it
+
+
+def _env_names(annotation: Any, prefix: str) -> list[str]:
+    """Every environment variable naming a section or setting (not under a name the configuration chooses)."""
+    names = []
+    for model in _models_in(annotation):
+        for field, info in model.model_fields.items():
+            name = prefix + field.upper()
+            names += [name, *_env_names(info.annotation, name + ENV_NESTED_DELIMITER)]
+    return names
 
 
 def _resolve_config_path(path: Path | str | None) -> Path | None:
@@ -795,18 +1007,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^/\s]*@")
+"""``scheme://user:password@``: the password runs to the last ``@`` before the path, so it may hold ``@``."""
+_SECRET_IN_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|credential)[^=&\s]*=)[^&\s'\"]*", re.IGNORECASE)
+"""A URL query parameter that may hold a secret (``password=``, ``sslpassword=``, ``sslkey=``...) and its value."""
 
 
 def hide_password(text: str) -> str:
-    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", text)
+    """``text`` with the password of any ``scheme://user:password@host`` in it, and the value of any secret URL
+    query parameter (``?password=``, ``&sslpassword=``...), replaced by ``***``."""
+    return _SECRET_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
 
 
 def _got(value: Any, limit: int = 80) -> str:
     """The value a setting had, for an error message: as Python writes it, password hidden, cut to ``limit``."""
     text = hide_password(repr(value))
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """Whether the key at ``loc`` holds a secret whose value no message may show."""
+    names = [part for part in loc if isinstance(part, str)]
+    a_user = len(names) == 3 and names[:2] == ["console", "users"]  # a user given as a string: the hash, perhaps
+    return bool(names) and (names[-1] in SECRET_KEYS or names[-2:] == ["database", "url"] or a_user)
+
+
+def _without_union_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """``loc`` less the model kind pydantic puts after a model's name (``models.m.totalsegmentator.x``)."""
+    if len(loc) > 3 and loc[0] == "models" and loc[2] in _MODEL_KINDS:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
@@ -846,6 +1076,12 @@ def _plain_message(error: Any) -> str:
         return f"{discriminator} {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
     if kind == "is_instance_of":
         return "has the wrong kind of value"
+    if kind == "less_than_equal" and name.endswith("_seconds") and ctx.get("le") == DAY_SECONDS:
+        return f"must be at most {DAY_SECONDS} seconds (one day): a longer wait would overflow the clock it is given to"
+    if kind == "less_than_equal" and name.endswith("days") and ctx.get("le") == MAX_DAYS:
+        return f"must be at most {MAX_DAYS} days (a hundred years)"
+    if kind == "greater_than_equal" and name.endswith("_seconds") and ctx.get("ge") == 1:
+        return "must be at least 1 second: a shorter period would keep the node checking without pause"
     message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if "<class" in message or "instance of" in message:  # a pydantic message that names a Python class
         return "has the wrong kind of value"
@@ -856,11 +1092,13 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     source = f"{path} (and DICOM_NODE_* environment)" if path else "configuration (DICOM_NODE_* environment)"
     lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
     for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
+        loc = _without_union_tag(tuple(error["loc"]))
         message = _plain_message(error)
         got = error.get("input")
         shows_value = error["type"] != "missing" and not isinstance(got, dict) and bool(loc)
         detail = f" (got {_got(got)})" if shows_value else ""
+        if shows_value and _is_secret(loc):
+            detail = " (its value is not shown: it is a secret)"
         if not loc:  # a check across sections: its message names the keys
             lines.append(f"  {message}")
             continue

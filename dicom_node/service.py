@@ -19,7 +19,7 @@ from db import jobs
 from db import session as db_session
 from db.session import transaction
 from dicom_node import security
-from dicom_node.config import Settings, hide_password
+from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.receive.processes import Receiving, start_receiving
@@ -421,5 +421,7 @@ def serve(settings: Settings) -> None:
 
 def _warn_about_open_doors(settings: Settings) -> None:
     security.apply(settings)
+    for hint in open_peer_warnings(settings):
+        log_event(LOG, logging.WARNING, "config.open_peer", hint=hint)
     if not settings.rules:
         log_event(LOG, logging.WARNING, "config.no_rules", hint="every series will be IGNORED; add rules")

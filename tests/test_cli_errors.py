@@ -228,6 +228,50 @@ def test_an_environment_value_that_is_not_json(tmp_path):
     assert_says(result, "the environment variable DICOM_NODE_RULES is not valid JSON", code=2)
 
 
+SECRETS = {
+    "database": {"url": "postgresql+psycopg://u:se@cret-pw@127.0.0.1:1/x?sslpassword=key-pw&application_name=n"},
+    "console": {
+        "session_secret": "cookie-key-0123456789-0123456789-x",
+        "metrics_token": "metrics-tok",
+        "users": {"olga": {"password_hash": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", "role": "operator"}},
+    },
+}
+
+
+def test_config_show_hides_secrets_unless_asked(tmp_path, runner):
+    config = write_config(tmp_path, SECRETS)
+
+    shown = invoke(runner, "config", "show", "--config", str(config))
+    everything = invoke(runner, "config", "show", "--show-secrets", "--config", str(config))
+
+    assert shown.returncode == 0 and everything.returncode == 0
+    for secret in ("cret-pw", "key-pw", "cookie-key", "metrics-tok", "aGFzaA"):
+        assert secret not in shown.stdout
+        assert secret in everything.stdout
+    visible = yaml.safe_load(shown.stdout)
+    assert visible["database"]["url"] == "postgresql+psycopg://u:***@127.0.0.1:1/x?sslpassword=***&application_name=n"
+    assert visible["console"]["users"]["olga"] == {"password_hash": "(hidden)", "role": "operator"}
+
+
+def test_config_check_names_a_wrong_secret_without_its_value(tmp_path):
+    config = write_config(tmp_path, {"console": {"session_secret": "hunter2-secret"}})
+
+    result = run("config", "check", config=config)
+
+    assert_says(result, "console.session_secret: String should have at least 32 characters", code=2)
+    assert "hunter2-secret" not in result.stdout + result.stderr
+
+
+def test_config_check_names_an_unknown_environment_variable(tmp_path):
+    config = write_config(tmp_path, {})
+
+    result = run("config", "check", config=config, env={"DICOM_NODE_RETENTION_DAYS": "1"})
+
+    assert_says(
+        result, "unknown environment variable DICOM_NODE_RETENTION_DAYS (did you mean DICOM_NODE_RETENTION__DAYS?)"
+    )
+
+
 # 4. Storage that is a file.
 
 

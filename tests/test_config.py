@@ -82,3 +82,215 @@ def test_cli_reports_bad_environment_value_without_traceback(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def refusal(tmp_path: Path, data: dict) -> str:
+    """The message ``load_settings`` refuses ``data`` with."""
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path, data))
+    return " ".join(str(error.value).split())
+
+
+PACS = {"ae_title": "PACS", "host": "10.0.0.1", "port": 104}
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "10.0.0.0/8", "2001:db8::/32"])
+def test_a_trusted_proxy_network_wider_than_a_small_network_is_refused(tmp_path, network):
+    message = refusal(tmp_path, {"console": {"auth": "proxy_header", "trusted_proxies": [network]}})
+    assert f"console.trusted_proxies: '{network}' is too wide for a proxy" in message
+    assert "DICOM_NODE_CONSOLE__TRUSTED_PROXIES" in message
+
+
+def test_a_small_trusted_proxy_network_is_accepted(tmp_path):
+    settings = load_settings(write(tmp_path, {"console": {"trusted_proxies": ["10.1.0.0/16", "2001:db8:1::/48"]}}))
+    assert settings.console.trusted_proxies == ["10.1.0.0/16", "2001:db8:1::/48"]
+
+
+@pytest.mark.parametrize(
+    ("destination", "expected"),
+    [
+        ({**PACS, "ae_title": "DICOMNODE"}, "destinations.self.ae_title DICOMNODE is the node's own AE title"),
+        ({**PACS, "host": "localhost", "port": 11112}, "destinations.self (localhost:11112) is the node itself"),
+        ({**PACS, "host": "127.0.0.2", "port": 11112}, "destinations.self (127.0.0.2:11112) is the node itself"),
+    ],
+)
+def test_a_destination_that_is_the_node_itself_is_refused(tmp_path, destination, expected):
+    assert expected in refusal(tmp_path, {"destinations": {"self": destination}})
+
+
+def test_one_ae_title_has_one_address_for_c_move(tmp_path):
+    two = {"a": PACS, "b": {**PACS, "ae_title": " PACS", "host": "10.9.9.9"}}
+    assert "destinations.a and destinations.b both have the AE title PACS but different addresses" in refusal(
+        tmp_path, {"destinations": two}
+    )
+    peer = {"ae_title": "PACS", "hosts": ["10.0.0.2"], "roles": ["move"], "host": "10.6.6.6", "port": 104}
+    assert "peers.p and destinations.a both have the AE title PACS" in refusal(
+        tmp_path, {"destinations": {"a": PACS}, "peers": {"p": peer}}
+    )
+    same = {**peer, "host": "10.0.0.1"}  # the same device, listed as both: fine
+    assert load_settings(write(tmp_path, {"destinations": {"a": PACS}, "peers": {"p": same}})).peers["p"].host
+
+
+def test_a_peer_address_with_bits_past_its_prefix_is_refused(tmp_path):
+    message = refusal(tmp_path, {"peers": {"ct": {"hosts": ["10.1.2.3/8"]}}})
+    assert "peers.ct.hosts: '10.1.2.3/8' has an address with bits set past its /8 prefix" in message
+    assert "write 10.1.2.3/32 for that one host, or 10.0.0.0/8 for the network" in message
+
+
+def test_a_peer_admitting_every_address_to_read_data_is_warned_about(tmp_path):
+    from dicom_node.config import open_peer_warnings
+
+    peers = {
+        "anyone": {"hosts": ["0.0.0.0/0", "::/0"], "roles": ["store", "find", "move"]},
+        "senders": {"hosts": ["0.0.0.0/0"], "roles": ["store", "echo"]},
+        "planner": {"ae_title": "PLANNER", "hosts": ["10.1.5.0/24"], "roles": ["find", "get"]},
+    }
+    settings = load_settings(write(tmp_path, {"peers": peers}))
+
+    assert open_peer_warnings(settings) == [
+        "peers.anyone admits any AE title from every address (0.0.0.0/0, ::/0) with the roles find, move: anyone "
+        "who can reach the port can read patient data; list the hosts it calls from in peers.anyone.hosts"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "secret"),
+    [
+        ({"console": {"session_secret": "hunter2-secret"}}, "hunter2-secret"),
+        ({"console": {"metrics_token": 987654321}}, "987654321"),
+        ({"console": {"users": {"olga": {"password_hash": "PlainTextPassw0rd"}}}}, "PlainTextPassw0rd"),
+        ({"console": {"users": {"olga": "$argon2id$v=19$secrethash"}}}, "secrethash"),
+        ({"database": {"url": ["postgresql://u:pw-secret@db/x"]}}, "pw-secret"),
+    ],
+)
+def test_a_message_never_shows_a_secret(tmp_path, data, secret):
+    message = refusal(tmp_path, data)
+    assert "its value is not shown: it is a secret" in message
+    assert secret not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://u:se@cret@db.example:5432/x", "postgresql://u:***@db.example:5432/x"),
+        ("'postgresql://u:pw@db'", "'postgresql://u:***@db'"),
+        (
+            "postgresql://u@db/x?password=pw&sslpassword=key&application_name=n",
+            "postgresql://u@db/x?password=***&sslpassword=***&application_name=n",
+        ),
+    ],
+)
+def test_hide_password_hides_passwords_with_at_signs_and_in_the_query(text, shown):
+    from dicom_node.config import hide_password
+
+    assert hide_password(text) == shown
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "network.pdu_read_timeout_seconds",
+        "network.association_request_timeout_seconds",
+        "network.network_timeout_seconds",
+        "dispatch.timeout_seconds",
+        "dispatch.max_retry_seconds",
+        "completion.expected_count_timeout_seconds",
+        "retention.check_interval_seconds",
+        "console.echo_interval_seconds",
+        "database.busy_timeout_seconds",
+    ],
+)
+def test_a_timeout_longer_than_a_day_is_refused(tmp_path, key):
+    section, name = key.split(".")
+    message = refusal(tmp_path, {section: {name: 1e10}})
+    assert f"{key} must be at most 86400 seconds (one day)" in message
+    assert f"env DICOM_NODE_{section.upper()}__{name.upper()}" in message
+
+
+@pytest.mark.parametrize(
+    ("retention", "expected"),
+    [
+        ({"days": 1e9}, "retention.days must be at most 36500 days"),
+        ({"results_days": 40000}, "retention.results_days must be at most 36500 days"),
+        ({"quarantine_days": 1e6}, "retention.quarantine_days must be at most 36500 days"),
+        ({"days": True}, "retention.days must be a number, not true or false"),
+        ({"quarantine_days": False}, "retention.quarantine_days must be a number, not true or false"),
+    ],
+)
+def test_retention_periods_are_numbers_of_days_within_a_century(tmp_path, retention, expected):
+    assert expected in refusal(tmp_path, {"retention": retention})
+
+
+def test_a_retention_period_from_the_environment_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_NODE_RETENTION__DAYS", "7.5")
+    assert load_settings(write(tmp_path, {})).retention.days == 7.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("DICOM_NODE_RETENTION_DAYS", "(did you mean DICOM_NODE_RETENTION__DAYS?)"),
+        ("DICOM_NODE_RETENSION__DAYS", "(did you mean DICOM_NODE_RETENTION__DAYS?)"),
+        ("DICOM_NODE_NETWORK__PORT__X", ""),
+        ("DICOM_NODE_MODELS__M__TOTALSEGMENTATOR__TILE_STEP_SIZE", ""),
+    ],
+)
+def test_an_unknown_environment_variable_is_refused(tmp_path, monkeypatch, variable, expected):
+    monkeypatch.setenv(variable, "1")
+    message = refusal(tmp_path, {})
+    assert f"unknown environment variable {variable}" in message and expected in message
+    assert "it names no setting, so it would be ignored" in message
+
+
+def test_environment_variables_that_name_settings_or_the_node_are_accepted(tmp_path, monkeypatch):
+    for name, value in {
+        "DICOM_NODE_CONFIG": str(write(tmp_path, {"models": {"m": {"kind": "totalsegmentator"}}})),
+        "DICOM_NODE_WORKER_NAME": "gpu1",
+        "DICOM_NODE_MODELS__M__TILE_STEP_SIZE": "0.5",
+        "DICOM_NODE_PEERS__PACS__HOSTS": '["10.1.2.3"]',
+        "DICOM_NODE_NETWORK__TLS": "null",
+        "dicom_node_retention__days": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    settings = load_settings()
+
+    assert settings.models["m"].tile_step_size == 0.5 and settings.retention.days == 3  # type: ignore[union-attr]
+    assert settings.peers["pacs"].hosts == ["10.1.2.3"]
+
+
+def test_a_model_setting_is_named_by_its_key_and_variable(tmp_path):
+    message = refusal(tmp_path, {"models": {"m": {"kind": "totalsegmentator", "tile_step_size": 2}}})
+    assert "models.m.tile_step_size: Input should be less than or equal to 1" in message
+    assert "[YAML key models.m.tile_step_size or env DICOM_NODE_MODELS__M__TILE_STEP_SIZE]" in message
+    assert "totalsegmentator.tile_step_size" not in message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"network": {"maximum_associations": 16, "maximum_associations_per_host": 512}},
+            "maximum_associations_per_host (512) must be at most maximum_associations (16)",
+        ),
+        (
+            {"completion": {"quiet_seconds": 30, "expected_count_timeout_seconds": 1}},
+            "completion.expected_count_timeout_seconds (1) must be at least completion.quiet_seconds (30)",
+        ),
+        ({"completion": {"quiet_seconds": 0.001}}, "completion.quiet_seconds must be at least 1 second"),
+        (
+            {"rules": [{"name": "ct", "action": "ignore"}, {"name": "ct", "action": "ignore"}]},
+            "rules[1]: the name 'ct' is used by an earlier rule",
+        ),
+    ],
+)
+def test_a_limit_that_would_switch_off_its_protection_is_refused(tmp_path, data, expected):
+    assert expected in refusal(tmp_path, data)
+
+
+def test_unset_limits_follow_the_ones_set(tmp_path):
+    settings = load_settings(
+        write(tmp_path, {"network": {"maximum_associations": 4}, "completion": {"quiet_seconds": 900}})
+    )
+    assert settings.network.maximum_associations_per_host == 4
+    assert settings.completion.expected_count_timeout_seconds == 900

@@ -548,7 +548,7 @@ def test_peers_that_send_no_images_share_a_few_places_and_never_lock_out_the_pac
         peers={**PEERS, "monitors": monitors},
         network={
             "maximum_associations": 4,
-            "maximum_associations_per_host": 8,
+            "maximum_associations_per_host": 4,
             "association_request_timeout_seconds": 30,
         },
     )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
 from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study, as_utc
-from dicom_node.config import Settings
+from dicom_node.config import Settings, hide_password
 from dicom_node.receive.header import is_valid_uid
 
 STATE_COLOURS: dict[str, str] = {
@@ -411,22 +411,12 @@ HIDDEN = "(hidden)"
 
 def visible_config(settings: Settings) -> dict[str, Any]:
     """The effective configuration with every secret (hashes, keys, tokens, database password) hidden."""
-    from sqlalchemy.engine import make_url
-
     data = settings.model_dump(mode="json")
     _hide(data)
     url = (data.get("database") or {}).get("url")
-    if url:
-        parsed = make_url(url)
-        query = {key: HIDDEN if _is_secret_parameter(key) else value for key, value in parsed.query.items()}
-        data["database"]["url"] = parsed.set(query=query).render_as_string(hide_password=True)
+    if url:  # a password holding '@' defeats URL parsers: hide_password takes it up to the last '@'
+        data["database"]["url"] = hide_password(url)
     return data
-
-
-def _is_secret_parameter(name: str) -> bool:
-    """A database URL's query parameter that may hold a secret (``password``, ``sslpassword``, ``sslkey``...)."""
-    lowered = name.lower()
-    return any(word in lowered for word in ("pass", "secret", "token", "key", "credential"))
 
 
 def _hide(value: Any) -> None:
