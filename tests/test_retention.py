@@ -60,6 +60,14 @@ def node(tmp_path, database_url) -> tuple[Settings, sessionmaker[Session]]:
     return settings, make_session_factory(make_engine(settings.database_url))
 
 
+@pytest.fixture
+def pg_node(tmp_path, postgresql_url) -> tuple[Settings, sessionmaker[Session]]:
+    """The same on PostgreSQL only, for the races SQLite cannot have (its writers take turns)."""
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": postgresql_url})
+    migrate(settings.database_url)
+    return settings, make_session_factory(make_engine(settings.database_url))
+
+
 def add_series(
     node: tuple[Settings, sessionmaker[Session]],
     uid: str,
@@ -545,14 +553,13 @@ def test_an_instance_recorded_while_its_series_is_purged_keeps_its_row(node, mon
         assert paths == [str(resent)] and session.get_one(Job, stored.job_id).state is JobState.RECEIVING
 
 
-def test_a_purge_never_waits_for_an_instance_row_a_receiver_holds(node):
+def test_a_purge_never_waits_for_an_instance_row_a_receiver_holds(pg_node):
     """PostgreSQL: a receiver holding a re-sent instance's row next waits for the job row the purge holds; the
     purge does not wait for that instance row in turn (a deadlock), it leaves the series for a later pass."""
     from db.ingest import recorded_paths
 
+    node = pg_node
     settings, sessions = node
-    if settings.database_url.startswith("sqlite"):
-        pytest.skip("SQLite runs one writer at a time: a receiver holds no row lock a purge could wait for")
     stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10, results=False)
     with transaction(sessions) as receiver:
         assert recorded_paths(receiver, [stored.images[0].stem])  # the re-sent instance's row, locked
@@ -567,11 +574,10 @@ def test_a_purge_never_waits_for_an_instance_row_a_receiver_holds(node):
     assert purge(node, days=7) == [stored.uid]  # the receiver done: the next pass purges it
 
 
-def test_a_study_is_not_erased_while_a_new_series_of_it_is_being_recorded(node):
+def test_a_study_is_not_erased_while_a_new_series_of_it_is_being_recorded(pg_node):
     """PostgreSQL: the purge counts the study's instances under the study's lock, which the receiver holds."""
+    node = pg_node
     settings, sessions = node
-    if settings.database_url.startswith("sqlite"):
-        pytest.skip("SQLite runs one writer at a time: a purge never overlaps a receiver's transaction")
     add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
     with transaction(sessions) as session:
         session.scalars(select(Study)).one().patient_id = "PID-7"
