@@ -44,6 +44,16 @@ def series_without_an_expected_count(folder: Path):
     return series
 
 
+def move_to_another_study(files: list[Path]) -> str:
+    """Give every file one new StudyInstanceUID, as a PACS correcting the series' study does; that UID."""
+    study = pydicom.uid.generate_uid()
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = study
+        dataset.save_as(path)
+    return study
+
+
 def destination(port: int) -> dict:
     return {"clinical": {"ae_title": "PACSSCP", "host": "127.0.0.1", "port": port}}
 
@@ -187,11 +197,7 @@ def test_a_purged_series_sent_again_under_a_corrected_study_is_filed_under_that_
     assert storescu(node.port, series.files).returncode == 0
     node.wait_for_state(uid, JobState.IGNORED, timeout=30)
     assert node.cli("purge", "--series", uid).returncode == 0
-    corrected_study = pydicom.uid.generate_uid()
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
-        dataset.StudyInstanceUID = corrected_study
-        dataset.save_as(path)
+    corrected_study = move_to_another_study(series.files)
 
     assert storescu(node.port, series.files).returncode == 0
     node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
@@ -217,11 +223,7 @@ def test_the_old_study_keeps_no_identity_once_the_results_left_in_it_are_purged(
     node.wait_for_state(uid, JobState.DONE, timeout=120)
     images_only = node.cli("purge", "--days", "0.00001", "--results-days", "30")
     assert images_only.returncode == 0, images_only.stdout + images_only.stderr
-    corrected_study = pydicom.uid.generate_uid()
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
-        dataset.StudyInstanceUID = corrected_study
-        dataset.save_as(path)
+    move_to_another_study(series.files)
     assert storescu(node.port, series.files).returncode == 0
     node.wait_for_state(uid, JobState.RECEIVING, timeout=30)
     node.wait_for_state(uid, JobState.DONE, timeout=120)
