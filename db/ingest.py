@@ -81,14 +81,18 @@ class RecordOutcome:
 INSTANCES = Base.metadata.tables[Instance.__tablename__]
 SERIES = Base.metadata.tables[Series.__tablename__]
 JOBS = Base.metadata.tables[Job.__tablename__]
+STUDIES = Base.metadata.tables[Study.__tablename__]
 
 # Built once: the per-instance path runs them hundreds of times a second.
 _FIND_INSTANCE = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
 _FIND_SERIES_AND_JOB = (
-    select(SERIES.c.id, JOBS.c.id, JOBS.c.state)
+    select(SERIES.c.id, SERIES.c.study_id, JOBS.c.id, JOBS.c.state)
     .select_from(SERIES.outerjoin(JOBS, JOBS.c.series_id == SERIES.c.id))
     .where(SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
 )
+_LOCK_STUDY = select(STUDIES.c.id).where(STUDIES.c.id == bindparam("study_id")).with_for_update()
+"""The study row before the job row, in every transaction that takes both (here and in retention): PostgreSQL
+never finds a receiver and a purge each holding the row the other waits for."""
 _INSERT_INSTANCE = insert(INSTANCES)
 _TOUCH_RECEIVING_JOB = (
     update(JOBS)
@@ -169,8 +173,9 @@ def record_new_instances(
     for index, record in enumerate(records):
         by_series.setdefault(record.series.series_instance_uid, []).append(index)
     outcomes = [RecordOutcome(stored=True)] * len(records)
-    # Study and job rows are locked in one order in every transaction (by study, then series), so two receivers
-    # recording the same studies' series at once (PostgreSQL) wait for each other, never in a circle.
+    # Study and job rows are locked in one order in every transaction (by study, then series; a series' study
+    # before its job), so two receivers recording the same studies' series at once (PostgreSQL), or a receiver
+    # and a purge, wait for each other, never in a circle.
     in_lock_order = sorted(by_series.items(), key=lambda item: (records[item[1][0]].study.study_instance_uid, item[0]))
     for series_uid, indices in in_lock_order:
         first, last = records[indices[0]], records[indices[-1]]
@@ -179,7 +184,8 @@ def record_new_instances(
             series_id = _create_series(session, first, counted_at)
             outcomes[indices[0]] = RecordOutcome(stored=True, series_created=True)
         else:
-            series_id, job_id, state = known
+            series_id, study_id, job_id, state = known
+            connection.execute(_LOCK_STUDY, {"study_id": study_id})
             receiving = state is None or JobState(state) is JobState.RECEIVING
             if receiving and job_id is not None and not _still_receiving(session, job_id):
                 receiving = False  # another transaction completed the series since it was read
@@ -238,6 +244,24 @@ def _take_attributes_of(session: Session, series: Series, record: InstanceRecord
     if series.study.study_instance_uid != record.study.study_instance_uid:
         series.study = _study_of(session, record)
         session.flush()
+
+
+def studies_of_job(session: Session, job_id: int) -> set[int]:
+    """The ids of the studies a job's rows reach: its series' and those of its results not purged."""
+    own = select(Series.study_id).join(Job, Job.series_id == Series.id).where(Job.id == job_id)
+    results = select(Series.study_id).where(Series.source_job_id == job_id, Series.purged_at.is_(None))
+    return set(session.scalars(own.union(results)))
+
+
+def lock_studies_of_job(session: Session, job_id: int) -> set[int]:
+    """Lock (PostgreSQL) the rows of :func:`studies_of_job`, in id order, before the job's own row; their ids.
+
+    Receivers lock a series' study row before its job row; a purge or a worker finishing the job takes them in
+    that order too, so none of them ever holds the row another waits for (a deadlock PostgreSQL must break).
+    """
+    studies = studies_of_job(session, job_id)
+    session.execute(select(Study.id).where(Study.id.in_(sorted(studies))).order_by(Study.id).with_for_update())
+    return studies
 
 
 def _locked_study(session: Session, study_id: int) -> Study:

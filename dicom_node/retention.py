@@ -31,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
+from db.ingest import lock_studies_of_job, studies_of_job
 from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
@@ -412,8 +413,8 @@ def _purge_rows(sessions: sessionmaker[Session], root: Path, item: PurgeItem, no
 
 RECEIVER_IN_THE_WAY = frozenset({"55P03", "40P01"})
 """PostgreSQL's "could not obtain lock on row" (only the NOWAIT on the instance rows raises it here) and "deadlock
-detected" (a receiver recording a series of the same study took the study row first, and waits for the job row
-this purge holds): a receiver is recording the series or its study, and the purge steps aside."""
+detected" (receivers and the purge lock study rows before job rows, so none is expected; should one come, a
+receiver is recording the series or its study): the purge steps aside."""
 
 
 def _row_locked(error: OperationalError) -> bool:
@@ -424,11 +425,14 @@ def _row_locked(error: OperationalError) -> bool:
 
 def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, aside: list[Path]) -> _Deletion | str:
     """Inside the purge's transaction: check the job, set the images aside, delete the rows."""
+    locked_studies = lock_studies_of_job(session, item.job_id)  # before the job row, as receivers do
     job = session.scalars(select(Job).where(Job.id == item.job_id).with_for_update()).one_or_none()
     if job is None:
         return "its job no longer exists"
     if job.state not in FINISHED_STATES or as_utc(job.state_changed_at) != item.changed_at:
         return f"it changed since planning (now {job.state.value})"
+    if not studies_of_job(session, item.job_id) <= locked_studies:
+        return "it moved to another study since planning"
     deletion = _Deletion()
     if item.images:
         why_not = _set_series_aside(session, job.series, root, aside)

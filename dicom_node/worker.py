@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.ingest import record_results
+from db.ingest import lock_studies_of_job, record_results
 from db.models import Instance, Job, Series, as_utc
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
@@ -342,6 +342,7 @@ class InferenceWorker:
     def _finish_once(self, claim: ClaimedJob, result: PipelineResult) -> bool:
         """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
         with transaction(self.sessions) as session:
+            lock_studies_of_job(session, claim.job_id)  # results are filed in the study: its row before the job's
             job = session.get_one(Job, claim.job_id, with_for_update=True)
             if not jobs.holds(job, self.identity, claim.attempt):
                 why = (

@@ -603,6 +603,39 @@ def test_a_study_is_not_erased_while_a_new_series_of_it_is_being_recorded(pg_nod
     assert _study(sessions).patient_id == "PID-7"
 
 
+def test_a_purge_and_a_receiver_re_opening_its_series_wait_in_one_order(pg_node):
+    """PostgreSQL: a receiver holding a study's row (a new series of it) re-opens a finished series of the same
+    study that a purge has begun: both take the study row before the job row, so the purge waits for the receiver
+    and then leaves the re-opened series alone, with no deadlock for PostgreSQL to break (and no lost second)."""
+    node = pg_node
+    settings, sessions = node
+    stored = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10, results=False)
+    with sessions() as session:
+        plan = plan_retention(session, RetentionSettings(days=7), NOW)
+    new_series = settings.storage.directory / "instances" / STUDY / "1.2.3.2.1.dcm"
+    late = stored.images[0].with_name("1.2.3.1.3.dcm")
+    for path in (new_series, late):
+        path.write_bytes(b"\0" * 10)
+    receiver = sessions()
+    receiver.begin()
+    record_instance(receiver, _record("1.2.3.2.1", "1.2.3.2", new_series))
+    receiver.flush()  # the study's row is the receiver's until it commits
+    outcomes: list[PurgeOutcome] = []
+    thread = threading.Thread(target=lambda: outcomes.append(apply_plan(sessions, settings, plan, NOW)))
+    thread.start()
+    try:
+        _blocked_or_done(sessions, thread)
+        record_instance(receiver, _record("1.2.3.1.3", stored.uid, late))  # re-opens the DONE series: its job row
+        receiver.commit()
+    finally:
+        receiver.close()
+        thread.join(timeout=30)
+
+    assert outcomes[0].purged == []
+    assert [why for _item, why in outcomes[0].skipped] == ["it changed since planning (now RECEIVING)"]
+    assert instance_rows(sessions, stored.uid) == 3 and all(path.exists() for path in stored.images)
+
+
 # --- files that cannot be deleted -------------------------------------------------------------------------------
 
 

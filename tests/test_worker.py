@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from db import jobs
 from db.ingest import InstanceRecord, record_instance
@@ -31,7 +31,7 @@ from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
-from tests.conftest import CT_RULES, ct_instance, drive_job_to, storescu
+from tests.conftest import CT_RULES, ct_instance, drive_job_to, storescu, wait_for
 
 PHANTOM = PhantomSpec(rows=128, columns=128, slices=40, pixel_spacing=(3.0, 3.0), slice_spacing=4.0, noise_sd=5.0)
 
@@ -114,7 +114,19 @@ def test_series_with_missing_slices_fails_with_the_reason(tmp_path, start_node):
 @pytest.fixture
 def worker_setup(tmp_path):
     """A database holding one QUEUED phantom series and a worker for it (in this process)."""
-    settings = Settings(storage={"directory": tmp_path / "storage"}, inference={"workers": 0})
+    return _queued_phantom(tmp_path, Settings(storage={"directory": tmp_path / "storage"}, inference={"workers": 0}))
+
+
+@pytest.fixture
+def pg_worker_setup(tmp_path, postgresql_url):
+    """The same on PostgreSQL, for the races SQLite cannot have (its writers take turns)."""
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"}, inference={"workers": 0}, database={"url": postgresql_url}
+    )
+    return _queued_phantom(tmp_path, settings)
+
+
+def _queued_phantom(tmp_path: Path, settings: Settings):
     migrate(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
     series = write_phantom_series(tmp_path / "ct", PHANTOM)
@@ -148,6 +160,47 @@ def test_result_is_discarded_when_a_late_instance_reopens_the_series(worker_setu
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.RECEIVING
         assert job.result_path is None
+
+
+def test_a_worker_finishing_while_a_receiver_re_opens_its_series_waits_in_the_receivers_lock_order(
+    pg_worker_setup, tmp_path, caplog
+):
+    """PostgreSQL: a receiver holding the study's row (a new series of it) re-opens the series being segmented
+    just as the worker records its results. Both take the study row before the job row: the worker waits, then
+    finds the series re-opened and discards its result, without a deadlock to break and a try to repeat."""
+    settings, sessions, series = pg_worker_setup
+    worker = InferenceWorker(settings, sessions)
+    claim = worker.claim()
+    late = write_phantom_series(tmp_path / "late", replace(PHANTOM, slices=2, series_instance_uid="1.2.826.0.1.77"))
+    receiver = sessions()
+    receiver.begin()
+    study = series.study_instance_uid
+    record_instance(
+        receiver, ct_instance("1.2.826.0.1.77.1", "1.2.826.0.1.77", study_instance_uid=study, path=late.files[0])
+    )
+    receiver.flush()  # the study's row is the receiver's until it commits
+    thread = threading.Thread(target=worker.process, args=(claim,))
+    thread.start()
+    try:
+        wait_for(lambda: not thread.is_alive() or _waiting_for_a_lock(sessions), timeout=120, what="a lock wait")
+        record_instance(receiver, _record(series, late.files[1], "1.2.826.0.1.77.2"))  # a late image: re-opens it
+        receiver.commit()
+    finally:
+        receiver.close()
+        thread.join(timeout=60)
+
+    with sessions() as session:
+        job = session.scalars(
+            select(Job).join(Job.series).where(Series.series_instance_uid == series.series_instance_uid)
+        ).one()
+        assert job.state is JobState.RECEIVING and job.result_path is None
+    assert [r.message for r in caplog.records if r.message.startswith("database.")] == []
+
+
+def _waiting_for_a_lock(sessions) -> bool:
+    """PostgreSQL: whether some transaction waits for a row another one has locked."""
+    with sessions() as session:
+        return bool(session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
 
 
 def test_a_worker_that_lost_its_lease_leaves_the_results_of_the_one_that_took_over_untouched(worker_setup):
