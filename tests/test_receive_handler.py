@@ -397,3 +397,69 @@ def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(
     assert running_scp.send(resent) == [(status.SUCCESS, "")] * 2
     assert running_scp.stored_bytes() == stored
     assert not running_scp.store.quarantine_dir.exists() or not list(running_scp.store.quarantine_dir.iterdir())
+
+
+def _another_copy_placed_first(monkeypatch: pytest.MonkeyPatch, other: Path) -> None:
+    """The next instance placed finds ``other`` (a copy of the same SOP Instance UID) put at its path a moment
+    before, as a second association sending the same instance at the same time would (both found the name free)."""
+    install_new = InstanceStore.install_new
+
+    def other_copy_wins(store: InstanceStore, temporary: Path, path: Path) -> bool:
+        monkeypatch.setattr(InstanceStore, "install_new", install_new)
+        placed_first = store.write_temporary(b"", other.read_bytes())
+        assert install_new(store, placed_first, path)
+        placed_first.unlink()  # hard-linked into place: the temporary name is the placer's to remove
+        return install_new(store, temporary, path)
+
+    monkeypatch.setattr(InstanceStore, "install_new", other_copy_wins)
+
+
+def test_a_copy_under_another_patient_arriving_with_the_stored_one_is_refused_not_dropped(
+    running_scp, tmp_path, monkeypatch
+):
+    """Two senders send one SOP Instance UID at once, under two patients: the copy that finds the other already
+    placed is compared with it as with any stored copy, so it is refused and quarantined, never answered success
+    and dropped (nor recorded with its own patient over the other's file)."""
+    from db.models import RejectedInstance
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    theirs = dcmread(series.files[0])
+    theirs.PatientID = "OTHER-PATIENT-7"
+    theirs.save_as(tmp_path / "theirs.dcm", enforce_file_format=True)
+    _another_copy_placed_first(monkeypatch, tmp_path / "theirs.dcm")
+
+    answers = running_scp.send(series.files[:1])
+
+    assert answers[0][0] == status.CANNOT_UNDERSTAND
+    (stored,) = running_scp.stored_bytes()
+    assert dcmread(stored).PatientID == "OTHER-PATIENT-7"
+    (quarantined,) = running_scp.store.quarantine_dir.iterdir()
+    assert dcmread(quarantined).PatientID == dcmread(series.files[0]).PatientID
+    with running_scp.sessions() as session:
+        assert list(session.scalars(select(RejectedInstance.reason))) == [
+            f"SOP Instance UID {theirs.SOPInstanceUID} is already stored with another PatientID; the stored copy is "
+            "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+        ]
+    assert_no_temporary_files(running_scp.store.root)
+
+
+def test_a_copy_of_the_same_patient_arriving_with_the_stored_one_is_recorded_as_the_file_kept(
+    running_scp, tmp_path, monkeypatch
+):
+    """The same instance from two senders at once, one with AccessionNumber filled in: the copy answered as a
+    duplicate is recorded as the copy kept on disk says, so the database never describes bytes it does not hold."""
+    from db.models import Study
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    ours = dcmread(series.files[0])
+    del ours.AccessionNumber
+    ours.save_as(series.files[0])
+    theirs = dcmread(series.files[0])
+    theirs.AccessionNumber = "RIS-0001"
+    theirs.save_as(tmp_path / "theirs.dcm", enforce_file_format=True)
+    _another_copy_placed_first(monkeypatch, tmp_path / "theirs.dcm")
+
+    assert running_scp.send(series.files[:1]) == [(status.SUCCESS, "")]
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        assert session.scalars(select(Study.accession_number)).one() == "RIS-0001"

@@ -597,17 +597,24 @@ def comparable_identity(keyword: str, value: str | None) -> str:
     return text
 
 
-def identity_conflict(stored_path: str | Path, received: InstanceHeader) -> str | None:
-    """The first identity attribute in which ``received`` differs from the copy stored at ``stored_path``, or None.
+def stored_header(stored_path: str | Path, received: InstanceHeader) -> InstanceHeader | None:
+    """The header of the copy of ``received``'s instance stored at ``stored_path``, read and checked as a received
+    one is; None when it cannot be read (it is kept as any copy already stored, and compared with nothing)."""
+    try:
+        dataset = dcmread(stored_path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        return check_header(dataset, received.sop_class_uid, received.sop_instance_uid)
+    except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
+        return None
+
+
+def identity_conflict(stored: InstanceHeader | None, received: InstanceHeader) -> str | None:
+    """The first identity attribute in which ``received`` differs from the ``stored`` copy's header, or None.
 
     A value missing on either side is no conflict (a PACS filling in AccessionNumber or PatientSex from
     its RIS is not another patient), and names compare without empty trailing components (``DOE^JOHN``
-    is ``DOE^JOHN^^^``). None too when the stored copy cannot be read: it is kept as any copy already stored.
+    is ``DOE^JOHN^^^``). None too when there is no stored header (:func:`stored_header` could not read it).
     """
-    try:
-        dataset = dcmread(stored_path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        stored = check_header(dataset, received.sop_class_uid, received.sop_instance_uid)
-    except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
+    if stored is None:
         return None
     pairs = [
         (keyword, getattr(stored.study, field), getattr(received.study, field))

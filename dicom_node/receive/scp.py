@@ -67,6 +67,7 @@ from dicom_node.receive.header import (
     identity_conflict,
     is_valid_uid,
     read_header,
+    stored_header,
 )
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import InstanceStore, QuarantineFull, encode_file_meta, is_disk_full
@@ -291,15 +292,13 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             raise
         assert temporary is not None or write_error is not None  # check_header refuses requests without valid UIDs
         path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
-    if path.exists():
-        conflict = identity_conflict(path, header)
-        if conflict is not None:  # a stored instance is never relabelled, nor a new identity silently dropped
-            _discard(temporary)
-            reason = (
-                f"SOP Instance UID {sop_instance} is already stored with another {conflict}; the stored copy is "
-                "kept and this one quarantined (a stored instance is never relabelled with another identity)"
-            )
-            return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
+    stored = stored_header(path, header) if path.exists() else None
+    conflict = identity_conflict(stored, header)
+    if conflict is not None:  # a stored instance is never relabelled, nor a new identity silently dropped
+        _discard(temporary)
+        return refuse(
+            status.CANNOT_UNDERSTAND, _stored_with_another(sop_instance, conflict), header.series.series_instance_uid
+        )
     study_conflict = context.studies.conflict(header)
     if study_conflict is not None:
         _discard(temporary)
@@ -336,7 +335,15 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         LOG.exception("instance.write_failed", extra={"event_fields": {"sop_instance_uid": sop_instance}})
         return write_failed(None)
     if not installed:
-        record = _as_stored(record, path)
+        # Another copy is at the path: stored before, or placed by a sender whose copy arrived at the same moment
+        # (then it was not compared above). It is the one kept, so it must be the same patient's.
+        stored = stored or stored_header(path, header)
+        conflict = identity_conflict(stored, header)
+        if conflict is not None:
+            recorder.journal.done([segment])
+            reason = _stored_with_another(sop_instance, conflict)
+            return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
+        record = _as_stored(record, path, stored)
     recorder.submit(record, segment)
     context.studies.remember(header)
     setattr(event.assoc, RESENDING, not installed)
@@ -394,10 +401,21 @@ def _place(store: InstanceStore, path: Path, temporary: Path | None) -> bool:
     return installed
 
 
-def _as_stored(record: InstanceRecord, path: Path) -> InstanceRecord:
+def _stored_with_another(sop_instance: str, attribute: str) -> str:
+    """Why a copy of an instance stored with another identity is refused."""
+    return (
+        f"SOP Instance UID {sop_instance} is already stored with another {attribute}; the stored copy is "
+        "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+    )
+
+
+def _as_stored(record: InstanceRecord, path: Path, stored: InstanceHeader | None = None) -> InstanceRecord:
     """The record of a copy that found another copy of its instance at ``path`` (sent again, or two at once),
     describing the file that is there: its size and transfer syntax, so the database never describes bytes it
-    does not hold (a retrieval would otherwise refuse the file as damaged)."""
+    does not hold (a retrieval would otherwise refuse the file as damaged), and, given the ``stored`` copy's
+    header, its study, series and instance attributes (a PACS may have filled in what this copy lacks)."""
+    if stored is not None:
+        record = stored.record(record.transfer_syntax_uid, record.path, record.size_bytes, record.calling_ae_title)
     try:
         file_meta, _ = split_dataset(path)
         syntax = str(file_meta.TransferSyntaxUID)
