@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import delete, func, insert, select, text
 
 from db import jobs
@@ -279,3 +280,51 @@ def test_an_instance_written_again_while_retention_deletes_its_row_is_recorded_a
     with sessions() as session:
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid == "1.2.3.1.1")).all()
     assert paths == [record.path] and Path(record.path).exists()
+
+
+def test_a_copy_set_aside_by_a_recorder_that_died_before_committing_is_recorded_from_its_journal(tmp_path):
+    """The recorder moves a copy of an instance stored in another series into quarantine inside its transaction:
+    killed before the commit, the copy was acknowledged and sits in quarantine without a row, so its series would
+    complete as if it had never been sent. Recovering the dead receiver's journal records it as set aside."""
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.receive.recorder import JOURNAL_SUFFIX, journal_folder, recover_journals
+    from dicom_node.receive.storage import index_file
+
+    store, sessions = _setup(tmp_path)
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=16, columns=16, slices=2))
+    first = store.path_for(series.study_instance_uid, series.series_instance_uid, series.sop_instance_uids[0])
+    first.parent.mkdir(parents=True)
+    first.write_bytes(series.files[0].read_bytes())
+    assert index_file(first, store, sessions) == "indexed"
+    copy = pydicom.dcmread(series.files[0])
+    copy.SeriesInstanceUID = "1.2.826.0.1.3680043.2.9"
+    elsewhere = store.path_for(series.study_instance_uid, copy.SeriesInstanceUID, copy.SOPInstanceUID)
+    elsewhere.parent.mkdir(parents=True)
+    copy.save_as(elsewhere, enforce_file_format=True)
+    journal_folder(store).mkdir()
+    (journal_folder(store) / f"999999999-0{JOURNAL_SUFFIX}").write_text(f"{elsewhere}\n")  # acknowledged
+    record = InstanceRecord(
+        sop_instance_uid=copy.SOPInstanceUID,
+        sop_class_uid=CT_IMAGE,
+        transfer_syntax_uid=str(copy.file_meta.TransferSyntaxUID),
+        path=str(elsewhere),
+        size_bytes=elsewhere.stat().st_size,
+        study=StudyAttributes(series.study_instance_uid),
+        series=SeriesAttributes(copy.SeriesInstanceUID, modality="CT"),
+    )
+    session = sessions()
+    with session.begin():
+        (outcome,) = record_stored_instances(session, store, [record])
+        session.rollback()  # the process died here: the copy is in quarantine, its row never committed
+    assert outcome.set_aside is not None and outcome.set_aside.exists() and not elsewhere.exists()
+
+    assert recover_journals(store, sessions) == 1
+
+    with sessions() as session:
+        row = session.scalars(select(RejectedInstance)).one()
+    assert (row.series_instance_uid, row.sop_instance_uid, row.path) == (
+        copy.SeriesInstanceUID,
+        copy.SOPInstanceUID,
+        str(outcome.set_aside),
+    )
+    assert recover_journals(store, sessions) == 0  # the journal is gone, and the copy is recorded once

@@ -46,6 +46,7 @@ from dicom_node.receive.storage import (
     UnindexableFile,
     index_file,
     quarantine_stored_file,
+    record_copies_set_aside,
     record_stored_instances,
 )
 
@@ -394,7 +395,9 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
     for segment in sorted(folder.glob(pattern)):
         paths = [line for line in segment.read_text(encoding="utf-8", errors="replace").splitlines() if line]
         for path in dict.fromkeys(paths):
-            if _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions) == "indexed":
+            if not Path(path).is_file():  # never renamed into place, or a copy set aside in quarantine
+                indexed += record_copies_set_aside(Path(path), store, sessions)
+            elif _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions) == "indexed":
                 indexed += 1
         segment.unlink(missing_ok=True)
     if indexed:

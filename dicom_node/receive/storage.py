@@ -16,6 +16,7 @@ place is atomic), so start-up finds them with one directory listing.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -427,7 +428,7 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
     if target == copy:
         return StoreOutcome(RecordOutcome(stored=False), target)
     series_uid = record.series.series_instance_uid
-    received = record.received_at.strftime("%Y%m%dT%H%M%S%fZ")
+    received = record.received_at.strftime(SET_ASIDE_TIME_FORMAT)
     set_aside = store.quarantine_dir / f"{series_uid}-{record.sop_instance_uid}-{received}.dcm"
     if copy.exists():
         os.replace(copy, set_aside)
@@ -467,6 +468,51 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
     if claimed is not None and claimed.series.purged_at is None:
         jobs.reopen(session, claimed, "an image set aside for it (its SOP Instance UID is stored in another series)")
     return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
+
+
+SET_ASIDE_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
+"""The time of receipt in the name of a copy set aside in quarantine: ``<series>-<sop>-<time>.dcm``."""
+
+
+def record_copies_set_aside(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+    """Record the copies of the instance journaled at ``path`` that a recorder set aside and died before
+    recording; how many.
+
+    :func:`_keep_first_copy` moves a copy into quarantine inside its transaction: a process killed before the
+    commit leaves it there without a row, and its series would complete as if it had never been sent. Call only
+    for journals of processes that are gone (their moves are finished or never made).
+    """
+    if not store.quarantine_dir.is_dir():
+        return 0
+    recorded = 0
+    for copy in sorted(store.quarantine_dir.glob(f"{path.parent.name}-{path.stem}-*.dcm")):
+        with sessions() as session:
+            known = session.scalars(select(RejectedInstance.id).where(RejectedInstance.path == str(copy)).limit(1))
+            if known.first() is not None or not recorded_paths(session, [path.stem]):
+                continue  # recorded; or (no first copy any more) left for an operator, as any quarantined file
+        try:
+            dataset, header = _read_stored_header(copy)
+            received = datetime.strptime(copy.stem.rsplit("-", 1)[1], SET_ASIDE_TIME_FORMAT)
+        except (UnindexableFile, ValueError, IndexError):
+            continue
+        meta = dataset.file_meta
+        source = meta.get("SourceApplicationEntityTitle")
+        record = header.record(meta.TransferSyntaxUID, str(path), copy.stat().st_size, source)
+        record = dataclasses.replace(record, received_at=received.replace(tzinfo=timezone.utc))
+        with transaction(sessions) as session:
+            outcome = record_stored_instance(session, store, record)
+        if outcome.set_aside == copy:
+            recorded += 1
+            log_event(
+                LOG,
+                logging.WARNING,
+                "recorder.recovered_set_aside_copy",
+                path=str(copy),
+                sop_instance_uid=header.sop_instance_uid,
+                note=f"a copy set aside for series {path.parent.name} by a receiver that stopped before recording "
+                "it is now recorded, so the series is known to lack the image",
+            )
+    return recorded
 
 
 def _already_lacked(session: Session, series_uid: str, sop_instance_uid: str) -> bool:
