@@ -463,3 +463,68 @@ def test_a_copy_of_the_same_patient_arriving_with_the_stored_one_is_recorded_as_
     assert running_scp.recorder.wait_until_recorded(30)
     with running_scp.sessions() as session:
         assert session.scalars(select(Study.accession_number)).one() == "RIS-0001"
+
+
+@pytest.mark.parametrize("moved_to", ["StudyInstanceUID", "SeriesInstanceUID"])
+def test_a_correction_sent_again_under_new_uids_with_another_patient_is_refused_before_it_is_acknowledged(
+    running_scp, tmp_path, moved_to
+):
+    """A PACS correction re-sends the stored images with the same SOP Instance UIDs, another PatientID and a new
+    study (or series) UID: the copy recorded at its other path is compared before the answer, so the sender is
+    told it was not stored, instead of success followed by a silent set-aside."""
+    from db.models import RejectedInstance
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files[:1]) == [(status.SUCCESS, "")]
+    assert running_scp.recorder.wait_until_recorded(30)
+    stored = running_scp.stored_bytes()
+    corrected = dcmread(series.files[0])
+    corrected.PatientID = "CORRECTED-99"
+    setattr(corrected, moved_to, "1.2.826.0.1.3680043.2.1125.9")
+    corrected.save_as(tmp_path / "corrected.dcm")
+
+    answers = running_scp.send([tmp_path / "corrected.dcm"])
+
+    assert answers[0][0] == status.CANNOT_UNDERSTAND
+    assert running_scp.stored_bytes() == stored
+    with running_scp.sessions() as session:
+        assert list(session.scalars(select(RejectedInstance.reason))) == [
+            f"SOP Instance UID {corrected.SOPInstanceUID} is already stored with another PatientID; the stored copy "
+            "is kept and this one quarantined (a stored instance is never relabelled with another identity)"
+        ]
+    assert_no_temporary_files(running_scp.store.root)
+
+
+def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attribute(tmp_path):
+    """Two senders at once, the copy under another series and patient: the receiver found no copy recorded yet,
+    so the recorder sets it aside, and its reason says the patient differs, not only the series."""
+    from db.models import RejectedInstance
+    from db.session import transaction
+    from dicom_node.receive.storage import index_file, record_stored_instances
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    store = InstanceStore(tmp_path / "storage")
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    first = store.path_for(series.study_instance_uid, series.series_instance_uid, series.sop_instance_uids[0])
+    first.parent.mkdir(parents=True)
+    first.write_bytes(series.files[0].read_bytes())
+    assert index_file(first, store, sessions) == "indexed"
+    other = dcmread(series.files[0])
+    other.PatientID, other.SeriesInstanceUID = "OTHER-7", "1.2.826.0.1.3680043.2.1125.9"
+    path = store.path_for(series.study_instance_uid, other.SeriesInstanceUID, other.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    other.save_as(path, enforce_file_format=True)
+    header = scp.check_header(dcmread(path, stop_before_pixels=True), other.SOPClassUID, other.SOPInstanceUID)
+
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [header.record(other.file_meta.TransferSyntaxUID, str(path), 1, "B")])
+
+    with sessions() as session:
+        reason = session.scalars(select(RejectedInstance.reason)).one()
+    assert reason.startswith(
+        f"SOP Instance UID {other.SOPInstanceUID} arrived in series {other.SeriesInstanceUID} with another PatientID "
+        f"than the copy already stored in series {series.series_instance_uid}; this copy was acknowledged"
+    )
+    store.close()

@@ -565,6 +565,9 @@ IDENTITY_ATTRIBUTES = (
     ("AccessionNumber", "accession_number"),
 )
 """The patient and study identity a stored instance keeps (keyword, :class:`StudyAttributes` field)."""
+PATIENT_IDENTITY_ATTRIBUTES = IDENTITY_ATTRIBUTES[:-1]
+"""The patient's part of it: a copy filed under another study (a PACS correction that moved it) may carry that
+study's AccessionNumber, but never another patient."""
 
 
 @dataclass(frozen=True)
@@ -597,29 +600,30 @@ def comparable_identity(keyword: str, value: str | None) -> str:
     return text
 
 
-def stored_header(stored_path: str | Path, received: InstanceHeader) -> InstanceHeader | None:
-    """The header of the copy of ``received``'s instance stored at ``stored_path``, read and checked as a received
-    one is; None when it cannot be read (it is kept as any copy already stored, and compared with nothing)."""
+def stored_header(stored_path: str | Path, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader | None:
+    """The header of the copy of an instance stored at ``stored_path``, read and checked as a received one is;
+    None when it cannot be read (it is kept as any copy already stored, and compared with nothing)."""
     try:
         dataset = dcmread(stored_path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        return check_header(dataset, received.sop_class_uid, received.sop_instance_uid)
+        return check_header(dataset, sop_class_uid, sop_instance_uid)
     except Exception:  # noqa: BLE001 - an unreadable stored copy is compared with nothing
         return None
 
 
-def identity_conflict(stored: InstanceHeader | None, received: InstanceHeader) -> str | None:
-    """The first identity attribute in which ``received`` differs from the ``stored`` copy's header, or None.
+def identity_conflict(
+    stored: StudyAttributes | None,
+    received: StudyAttributes,
+    attributes: tuple[tuple[str, str], ...] = IDENTITY_ATTRIBUTES,
+) -> str | None:
+    """The first identity attribute in which ``received`` differs from the ``stored`` copy's, or None.
 
     A value missing on either side is no conflict (a PACS filling in AccessionNumber or PatientSex from
     its RIS is not another patient), and names compare without empty trailing components (``DOE^JOHN``
-    is ``DOE^JOHN^^^``). None too when there is no stored header (:func:`stored_header` could not read it).
+    is ``DOE^JOHN^^^``). None too when there is no stored copy's header (:func:`stored_header` could not read it).
     """
     if stored is None:
         return None
-    pairs = [
-        (keyword, getattr(stored.study, field), getattr(received.study, field))
-        for keyword, field in IDENTITY_ATTRIBUTES
-    ]
+    pairs = [(keyword, getattr(stored, field), getattr(received, field)) for keyword, field in attributes]
     for keyword, stored_value, received_value in pairs:
         before, after = comparable_identity(keyword, stored_value), comparable_identity(keyword, received_value)
         if before and after and before != after:

@@ -61,6 +61,8 @@ from dicom_node.audit import Peer, StoreTally, association_ended, record, status
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text
 from dicom_node.receive.header import (
+    IDENTITY_ATTRIBUTES,
+    PATIENT_IDENTITY_ATTRIBUTES,
     InstanceHeader,
     InvalidInstance,
     check_header,
@@ -292,8 +294,8 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             raise
         assert temporary is not None or write_error is not None  # check_header refuses requests without valid UIDs
         path = context.store.path_for(header.study.study_instance_uid, header.series.series_instance_uid, sop_instance)
-    stored = stored_header(path, header) if path.exists() else None
-    conflict = identity_conflict(stored, header)
+    stored = _stored_copy(context, path, header)
+    conflict = _identity_conflict(stored, header)
     if conflict is not None:  # a stored instance is never relabelled, nor a new identity silently dropped
         _discard(temporary)
         return refuse(
@@ -337,13 +339,14 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     if not installed:
         # Another copy is at the path: stored before, or placed by a sender whose copy arrived at the same moment
         # (then it was not compared above). It is the one kept, so it must be the same patient's.
-        stored = stored or stored_header(path, header)
-        conflict = identity_conflict(stored, header)
+        if stored is None or stored.path != path:
+            stored = _header_at(path, header)
+        conflict = _identity_conflict(stored, header)
         if conflict is not None:
             recorder.journal.done([segment])
             reason = _stored_with_another(sop_instance, conflict)
             return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
-        record = _as_stored(record, path, stored)
+        record = _as_stored(record, path, stored.header if stored else None)
     recorder.submit(record, segment)
     context.studies.remember(header)
     setattr(event.assoc, RESENDING, not installed)
@@ -399,6 +402,40 @@ def _place(store: InstanceStore, path: Path, temporary: Path | None) -> bool:
             temporary.unlink(missing_ok=True)  # a no-op once renamed into place
     store.sync_folder(path.parent)
     return installed
+
+
+@dataclass(frozen=True)
+class _StoredCopy:
+    """The header of a copy of the instance already stored, and where."""
+
+    path: Path
+    header: InstanceHeader
+
+
+def _stored_copy(context: StoreContext, path: Path, header: InstanceHeader) -> _StoredCopy | None:
+    """The copy of the instance already stored: at ``path``, or recorded at another path (a correction sent again
+    under new study or series UIDs), so a copy naming another patient is refused before it is acknowledged."""
+    if path.exists():
+        return _header_at(path, header)
+    elsewhere = context.studies.recorded_path(header.sop_instance_uid)
+    return _header_at(Path(elsewhere), header) if elsewhere is not None else None
+
+
+def _identity_conflict(stored: _StoredCopy | None, header: InstanceHeader) -> str | None:
+    """The identity attribute in which the instance differs from its stored copy, or None: every one for a copy at
+    its own path; the patient's for a copy filed under another study or series (see :func:`identity_conflict`)."""
+    if stored is None:
+        return None
+    own_path = stored.header.study.study_instance_uid == header.study.study_instance_uid and (
+        stored.header.series.series_instance_uid == header.series.series_instance_uid
+    )
+    attributes = IDENTITY_ATTRIBUTES if own_path else PATIENT_IDENTITY_ATTRIBUTES
+    return identity_conflict(stored.header.study, header.study, attributes)
+
+
+def _header_at(path: Path, header: InstanceHeader) -> _StoredCopy | None:
+    stored = stored_header(path, header.sop_class_uid, header.sop_instance_uid)
+    return _StoredCopy(path, stored) if stored is not None else None
 
 
 def _stored_with_another(sop_instance: str, attribute: str) -> str:

@@ -49,7 +49,15 @@ from db.models import Instance, Job, RejectedInstance, Series
 from db.session import transaction
 from dicom_node import __version__, status
 from dicom_node.logs import log_event
-from dicom_node.receive.header import InstanceHeader, InvalidInstance, check_header, is_valid_uid
+from dicom_node.receive.header import (
+    PATIENT_IDENTITY_ATTRIBUTES,
+    InstanceHeader,
+    InvalidInstance,
+    check_header,
+    identity_conflict,
+    is_valid_uid,
+    stored_header,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -437,7 +445,15 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
     elif not set_aside.exists():
         return StoreOutcome(RecordOutcome(stored=False), target)  # gone before it was recorded: nothing to keep
     same_series = target.parent.name == series_uid  # the same series, named under another StudyInstanceUID
-    if same_series:
+    stored = stored_header(target, record.sop_class_uid, record.sop_instance_uid)
+    conflict = identity_conflict(stored.study if stored else None, record.study, PATIENT_IDENTITY_ATTRIBUTES)
+    if conflict is not None:  # two senders at once, so the receiver found no copy recorded to compare with
+        reason = (
+            f"SOP Instance UID {record.sop_instance_uid} arrived in series {series_uid} with another {conflict} "
+            f"than the copy already stored in series {target.parent.name}; this copy was acknowledged, then set "
+            "aside in quarantine (a stored instance is never relabelled with another identity)"
+        )
+    elif same_series:
         reason = (
             f"SOP Instance UID {record.sop_instance_uid} arrived in series {series_uid} under StudyInstanceUID "
             f"{record.study.study_instance_uid}, but is already stored in that series under study "

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Series, Study
+from db.models import Instance, Series, Study
 from db.session import read_outside_transaction, read_row_outside_transaction
 from dicom_node.receive.header import InstanceHeader, StudyPatient
 
@@ -109,3 +109,9 @@ class KnownStudies:
             f"StudyInstanceUID {header.study.study_instance_uid} is already stored for another patient (its "
             f"{differing} differs); one study holds one patient, so this instance is quarantined"
         )
+
+    def recorded_path(self, sop_instance_uid: str) -> str | None:
+        """Where an instance with this SOP Instance UID is recorded; None when it is not, or while the database
+        cannot be read (the recorder still compares a copy with the one recorded before it)."""
+        _read, path = self._read(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+        return path
