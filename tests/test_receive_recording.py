@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import delete, func, insert, select, text
 
 from db import jobs
@@ -328,3 +329,25 @@ def test_a_copy_set_aside_by_a_recorder_that_died_before_committing_is_recorded_
         str(outcome.set_aside),
     )
     assert recover_journals(store, sessions) == 0  # the journal is gone, and the copy is recorded once
+
+
+def test_the_lookup_on_the_acknowledgement_path_finds_where_an_instance_is_recorded(tmp_path, database_url):
+    """The receiver asks, for every new instance, whether its SOP Instance UID is recorded at another path: on both
+    databases, outside any transaction, and a database that cannot be read is said so (the receiver goes on)."""
+    from db.ingest import RecordedPathLookup
+
+    migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "storage")
+    record = _stored(store, "1.2.3.1", "1.2.3.1.1")
+    lookup = RecordedPathLookup(engine)
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [record])
+        assert lookup("1.2.3.1.1") is None  # not committed yet: never waits for the writer
+
+    assert (lookup("1.2.3.1.1"), lookup("1.2.3.1.2")) == (record.path, None)
+    engine.dispose()
+    broken = RecordedPathLookup(make_engine(f"sqlite:///{tmp_path / 'never-migrated.db'}"))  # no tables
+    with pytest.raises(broken.errors):
+        broken("1.2.3.1.1")

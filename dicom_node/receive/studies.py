@@ -17,11 +17,12 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, Study
+from db.ingest import RecordedPathLookup
+from db.models import Series, Study
 from db.session import read_outside_transaction, read_row_outside_transaction
 from dicom_node.receive.header import InstanceHeader, StudyPatient
 
@@ -41,6 +42,8 @@ class KnownStudies:
         self._patients: dict[str, tuple[float, StudyPatient]] = {}
         self._series: set[str] = set()  # series this process has stored an instance of
         self._unreadable_until = 0.0  # time.monotonic() until which the database is not asked
+        bind = sessions.kw["bind"]
+        self._recorded_path = RecordedPathLookup(bind.engine if isinstance(bind, Connection) else bind)
 
     def _read(self, query: Any, *, row: bool = False) -> tuple[bool, Any]:
         """(True, one scalar, or one row) from the database, or (False, None) while it cannot be read: the check is
@@ -113,5 +116,10 @@ class KnownStudies:
     def recorded_path(self, sop_instance_uid: str) -> str | None:
         """Where an instance with this SOP Instance UID is recorded; None when it is not, or while the database
         cannot be read (the recorder still compares a copy with the one recorded before it)."""
-        _read, path = self._read(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
-        return path
+        if time.monotonic() < self._unreadable_until:
+            return None
+        try:
+            return self._recorded_path(sop_instance_uid)
+        except self._recorded_path.errors:
+            self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
+            return None
