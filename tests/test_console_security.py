@@ -794,9 +794,56 @@ def test_login_attempts_sent_at_once_each_count_before_the_password_is_checked(m
     monkeypatch.setattr(auth.time, "monotonic", lambda: 1000.0)
     throttle = auth.LoginThrottle(limit=3)
 
-    assert [throttle.begin("192.0.2.7") for _ in range(5)] == [0, 0, 0, 61, 61]
-    throttle.succeeded("192.0.2.7")
-    assert throttle.begin("192.0.2.7") == 0
+    assert [throttle.begin("192.0.2.7", "olga")[0] for _ in range(5)] == [0, 0, 0, 61, 61]
+    assert throttle.begin("192.0.2.8", "vera") == (0, "")
+
+
+def test_a_successful_login_takes_back_only_its_own_attempt_never_earlier_failures(monkeypatch):
+    """A viewer's own login (or, behind the reverse proxy, anyone's) once cleared every failure of the address,
+    so a viewer could guess an operator's password without end, logging in as itself between guesses."""
+    from dicom_node.console import auth
+
+    monkeypatch.setattr(auth.time, "monotonic", lambda: 1000.0)
+    throttle = auth.LoginThrottle(limit=3)
+    assert [throttle.begin("192.0.2.7", name) for name in ("olga", "otto")] == [(0, ""), (0, "")]  # two failures
+    assert throttle.begin("192.0.2.7", "vera") == (0, "")
+    throttle.succeeded("192.0.2.7", "vera")
+    assert throttle.begin("192.0.2.7", "oscar") == (0, "")  # the third failure
+    assert throttle.begin("192.0.2.7", "olga") == (61, "address")
+    assert throttle.wait_seconds("192.0.2.7") == 61 and throttle.wait_seconds("192.0.2.9", "vera") == 0
+
+
+def test_a_user_name_guessed_from_many_addresses_is_throttled_for_a_minute_only(monkeypatch):
+    from dicom_node.console import auth
+
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    throttle = auth.LoginThrottle(limit=3)
+    for host in ("192.0.2.1", "192.0.2.2", "2001:db8:1::1"):
+        assert throttle.begin(host, "olga") == (0, "")
+    assert throttle.begin("198.51.100.4", "olga") == (61, "name"), "a fourth address guessing olga waits too"
+    assert throttle.begin("198.51.100.4", "vera") == (0, ""), "other names and that address may go on"
+    clock[0] += 61
+    assert throttle.begin("198.51.100.4", "olga") == (0, ""), "olga is not locked out past the window"
+    for index in range(auth.LoginThrottle.PRUNE_ABOVE + 5):
+        throttle.failed("192.0.2.1", f"guess-{index}" * 100)
+    clock[0] += 120
+    throttle.failed("192.0.2.1", "olga")
+    assert len(throttle._by_name) == 1, "names whose failures are older than the window are forgotten"
+
+
+def test_logging_in_as_oneself_between_guesses_does_not_reset_the_throttle(tmp_path):
+    running = _start(tmp_path, login_attempts_per_minute=3)
+    try:
+        guesser, viewer = running.client(), running.client()
+        assert [log_in(guesser, name, "guess").status_code for name in ("olga", "otto")] == [401, 401]
+        assert log_in(viewer, "vera", PASSWORDS["vera"]).status_code == 303
+        assert log_in(guesser, "oscar", "guess").status_code == 401
+        refused = log_in(guesser, "olga", PASSWORDS["olga"])
+        assert refused.status_code == 429, "the right password, but after three failures from this address"
+        assert "Too many failed logins from this address; try again in" in refused.text
+    finally:
+        running.server.stop()
 
 
 def test_a_login_form_expires_on_the_server(monkeypatch):

@@ -246,11 +246,14 @@ def from_trusted_proxy(settings: ConsoleSettings, address: str | None) -> bool:
 
 
 class LoginThrottle:
-    """Failed logins per address: after ``limit`` in a minute, that address must wait.
+    """Failed logins per address and per user name: after ``limit`` in a minute, that address, or anyone
+    logging in as that name, must wait.
 
-    An IPv6 client counts by its /64 network (one host can use a whole /64), and addresses whose
-    failures are older than the window are forgotten, so rotating addresses neither escapes the
-    limit within a network nor grows this table without bound.
+    An IPv6 client counts by its /64 network (one host can use a whole /64), and addresses and names whose
+    failures are older than the window are forgotten, so rotating addresses neither escapes the limit within
+    a network nor grows this table without bound. A name guessed from many addresses is throttled by its own
+    count; it waits out the same window, so nobody can lock a user out for longer than guessing goes on. A
+    successful login takes back only its own attempt, never failures counted before it.
     """
 
     WINDOW_SECONDS = 60.0
@@ -258,7 +261,8 @@ class LoginThrottle:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[str, deque[float]] = {}  # by address (or IPv6 /64)
+        self._by_name: dict[str, deque[float]] = {}  # by a digest of the user name sent
         self._lock = threading.Lock()
 
     @staticmethod
@@ -272,13 +276,20 @@ class LoginThrottle:
             return str(ipaddress.ip_network(f"{ip}/64", strict=False))
         return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
 
-    def wait_seconds(self, address: str) -> int:
-        """Seconds ``address`` must wait before its next attempt (0: it may try now)."""
-        with self._lock:
-            return self._wait(self.key(address), time.monotonic())
+    @staticmethod
+    def name_key(name: str) -> str:
+        """What a user name's failures are counted by: a digest, so a long name sent costs no memory."""
+        return hashlib.sha256(_bytes(name)).hexdigest()
 
-    def _wait(self, key: str, now: float) -> int:
-        failures = self._failures.get(key)
+    def wait_seconds(self, address: str, name: str | None = None) -> int:
+        """Seconds ``address`` (or anyone, for user ``name``) must wait before the next attempt (0: try now)."""
+        now = time.monotonic()
+        with self._lock:
+            by_name = self._wait(self._by_name, self.name_key(name), now) if name is not None else 0
+            return max(self._wait(self._failures, self.key(address), now), by_name)
+
+    def _wait(self, table: dict[str, deque[float]], key: str, now: float) -> int:
+        failures = table.get(key)
         if not failures:
             return 0
         while failures and now - failures[0] > self.WINDOW_SECONDS:
@@ -287,30 +298,43 @@ class LoginThrottle:
             return 0
         return max(1, int(self.WINDOW_SECONDS - (now - failures[0])) + 1)
 
-    def begin(self, address: str) -> int:
-        """Start a login attempt from ``address``: the seconds it must wait first (0: go ahead).
+    def begin(self, address: str, name: str) -> tuple[int, str]:
+        """Start a login attempt from ``address`` as user ``name``: the seconds it must wait first (0: go ahead)
+        and what is throttled (``"address"`` or ``"name"``; ``""`` when it may go ahead).
 
-        An attempt let through counts as a failure at once, in the same locked step as the check, and
-        :meth:`succeeded` clears it: logins sent in parallel cannot all pass the check before any fails.
+        An attempt let through counts as a failure of both at once, in the same locked step as the check, and
+        :meth:`succeeded` takes it back: logins sent in parallel cannot all pass the check before any fails.
         """
         now = time.monotonic()
-        key = self.key(address)
+        address_key, name_key = self.key(address), self.name_key(name)
         with self._lock:
-            wait = self._wait(key, now)
-            if not wait:
-                self._record(key, now)
-            return wait
+            by_address = self._wait(self._failures, address_key, now)
+            by_name = self._wait(self._by_name, name_key, now)
+            if by_address or by_name:
+                return max(by_address, by_name), "address" if by_address >= by_name else "name"
+            self._record(self._failures, address_key, now)
+            self._record(self._by_name, name_key, now)
+            return 0, ""
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str, name: str | None = None) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._record(self.key(address), time.monotonic())
+            self._record(self._failures, self.key(address), now)
+            if name is not None:
+                self._record(self._by_name, self.name_key(name), now)
 
-    def _record(self, key: str, now: float) -> None:
-        if len(self._failures) > self.PRUNE_ABOVE:
-            for stale in [k for k, v in self._failures.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
-                del self._failures[stale]
-        self._failures.setdefault(key, deque()).append(now)
+    def _record(self, table: dict[str, deque[float]], key: str, now: float) -> None:
+        if len(table) > self.PRUNE_ABOVE:
+            for stale in [k for k, v in table.items() if not v or now - v[-1] > self.WINDOW_SECONDS]:
+                del table[stale]
+        table.setdefault(key, deque()).append(now)
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, address: str, name: str) -> None:
+        """Take back the attempt :meth:`begin` counted for a login that succeeded; earlier failures stay."""
         with self._lock:
-            self._failures.pop(self.key(address), None)
+            for table, key in ((self._failures, self.key(address)), (self._by_name, self.name_key(name))):
+                failures = table.get(key)
+                if failures:
+                    failures.pop()
+                if not failures:
+                    table.pop(key, None)

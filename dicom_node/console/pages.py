@@ -110,17 +110,22 @@ def login(
     if not context.auth.login_token_valid(request.cookies.get(LOGIN_COOKIE), csrf_token):
         error = "The login form expired or came from another page; log in again."
         return _login_page(request, target, status_code=403, error=error)
-    wait = context.throttle.begin(address)
+    wait, throttled = context.throttle.begin(address, username)
     if wait:
-        context.audit(request, claimed, "refused", f"login refused: too many failed logins from {address}")
-        error = f"Too many failed logins from this address; try again in {wait} s."
+        if throttled == "name":
+            reason = f"login refused: too many failed logins as {claimed} in the last minute"
+            error = f"Too many failed logins for this user name; try again in {wait} s."
+        else:
+            reason = f"login refused: too many failed logins from {address}"
+            error = f"Too many failed logins from this address; try again in {wait} s."
+        context.audit(request, claimed, "refused", reason)
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
     if role is None:  # already counted as a failure by begin()
         context.audit(request, claimed, "refused", "login failed: wrong user name or password")
         return _login_page(request, target, status_code=401, error="Wrong user name or password.")
-    context.throttle.succeeded(address)
+    context.throttle.succeeded(address, username)
     _user, cookie = context.auth.issue(username, role, console.users[username].password_hash)
     context.audit(request, username, "success", f"logged in ({role})")
     response = RedirectResponse(target, status_code=303)
