@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -229,21 +230,92 @@ def _study_of(dataset: Any) -> str | None:
     return _literal_uid({"StudyInstanceUID": text}, "StudyInstanceUID") if text else None
 
 
+DISCLOSED_ATTRIBUTE = "_dicom_node_disclosed_studies"
+MAX_STUDIES_AUDITED = 1000
+"""The most studies one query or retrieval names in the trail, one record each; matches of further studies are
+counted in one record without a study, whose detail says so."""
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+
+
+def disclosed(event: Any, studies: Sequence[str]) -> None:
+    """Tell the audit of a C-FIND which studies the match about to be yielded discloses, when the match does
+    not name them itself (a PATIENT-level match names the patient, not the patient's studies)."""
+    setattr(event, DISCLOSED_ATTRIBUTE, list(studies))
+
+
+def _studies_of_match(event: Any, dataset: Any) -> list[str | None]:
+    """The studies a match discloses: those the handler named for it (:func:`disclosed`), else its own."""
+    named = getattr(event, DISCLOSED_ATTRIBUTE, None)
+    if named is not None:
+        setattr(event, DISCLOSED_ATTRIBUTE, None)
+        return list(named) or [None]
+    return [_study_of(dataset)]
+
+
+def _tally(studies: Counter[str | None], found: list[str | None]) -> int:
+    """Count a match or instance under each of its studies, up to :data:`MAX_STUDIES_AUDITED` studies; past
+    them, under no study. How many were counted so."""
+    beyond = 0
+    for study in found:
+        if study in studies or len(studies) < MAX_STUDIES_AUDITED:
+            studies[study] += 1
+        else:
+            studies[None] += 1
+            beyond += 1
+    return beyond
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why a request's identifier could not be read, for the log and the trail (no exception class names)."""
+    if isinstance(exc, RecursionError):
+        return "its identifier nests sequences too deeply to be read"
+    return "its identifier is not a readable DICOM data set"
+
+
+def _refusal(action: str, event: Any, why: str) -> Iterator[Any]:
+    """What the peer hears when its identifier cannot be read: 0xA900 (for a C-GET after its count)."""
+    peer = Peer.of(event.assoc)
+    log_event(
+        LOG,
+        logging.WARNING,
+        "query.refused" if action == "find" else "retrieve.refused",
+        calling_ae=peer.ae_title,
+        address=peer.address,
+        reason=f"a C-{action.upper()} from {peer.ae_title or 'a peer'} was refused: {why}",
+    )
+    status = Dataset()
+    status.Status = IDENTIFIER_DOES_NOT_MATCH
+    status.ErrorComment = "Identifier cannot be read"
+    if action == "get":
+        yield 1
+    yield status, None
+
+
 def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessions: sessionmaker[Session]) -> Any:
     """Wrap a C-FIND, C-MOVE or C-GET generator handler: one audit record when its request is answered.
 
     A C-MOVE or C-GET that sent instances of several studies leaves one record per study (its instances
-    counted), so that each study's trail shows the retrieval, however the peer selected it."""
+    counted), and so does a C-FIND whose matches belong to several studies (its matches counted), so that each
+    study's trail shows every query and retrieval that disclosed it, however the peer selected it. A C-FIND or
+    C-GET whose identifier cannot be read is refused with 0xA900 and recorded as refused, without its keys."""
     import functools
 
     @functools.wraps(handler)
     def wrapped(event: Any, *args: Any) -> Any:
-        identifier = getattr(event, "identifier", None)
+        identifier: Any = None
+        level, unreadable = "", ""
         matches, last, refused_destination, finished = 0, None, False, False
         counted: int | None = None
         studies: Counter[str | None] = Counter()
+        beyond = 0  # matches of studies past MAX_STUDIES_AUDITED
         try:
-            for value in handler(event, *args):
+            try:
+                identifier = getattr(event, "identifier", None)
+                level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
+            except Exception as exc:  # noqa: BLE001 - refused below, in a sentence; the peer's bytes are at fault
+                identifier, unreadable = None, _unreadable(exc)
+            values = _refusal(action, event, unreadable) if unreadable and action != "move" else handler(event, *args)
+            for value in values:
                 if isinstance(value, tuple) and len(value) == 2:
                     first, dataset = value
                     if first is None and dataset is None:  # C-MOVE to an unknown or forbidden destination
@@ -252,29 +324,33 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         last = _code(first)
                         if last == 0xFF00 and dataset is not None:
                             matches += 1
-                            if action != "find":
-                                studies[_study_of(dataset)] += 1
+                            found = _studies_of_match(event, dataset) if action == "find" else [_study_of(dataset)]
+                            beyond += _tally(studies, found)
                 elif isinstance(value, int) and counted is None:  # a C-MOVE or C-GET's number of sub-operations
                     counted = value
                 yield value
             finished = True
         finally:
-            level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
             if action == "find":
                 outcome = status_outcome(last)
             else:
                 outcome = retrieval_outcome(last, matches, finished=finished, counted=counted)
-            if refused_destination:
+            if refused_destination or unreadable:
                 outcome = "refused"
             destination = ""
             if action == "move":
                 destination = f", to {_as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
-            if not studies:  # nothing sent: the study the peer named, if it named one
+            if not studies:  # nothing sent or matched: the study the peer named, if it named one
                 studies[_literal_uid(identifier, "StudyInstanceUID")] = matches
             for study, count in studies.items():
-                detail = f"{_as_sent(level)} level, {count} {'matches' if action == 'find' else 'instances'}"
+                if unreadable:
+                    detail = f"refused: {unreadable}"
+                else:
+                    detail = f"{_as_sent(level)} level, {count} {'matches' if action == 'find' else 'instances'}"
                 if len(studies) > 1:
                     detail += f" ({matches} in all, over {len(studies)} studies)"
+                if study is None and beyond:
+                    detail += f"; {beyond} belong to studies past the first {MAX_STUDIES_AUDITED}, not named one by one"
                 record(
                     sessions,
                     action,

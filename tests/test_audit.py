@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from db.models import AuditEvent
 from db.session import make_engine, make_session_factory, migrate
-from dicom_node.audit import Peer, StoreTally, association_ended, audited_retrieve, recent, record
+from dicom_node.audit import Peer, StoreTally, association_ended, audited_retrieve, disclosed, recent, record
 from tests.conftest import DICOM_NODE, wait_for
 
 
@@ -229,3 +229,229 @@ def test_a_real_get_by_series_is_audited_as_a_success_under_its_study(tmp_path, 
     assert wait_for(gets, what="the C-GET's audit record") == [(series.study_instance_uid, "success", 3)]
     listed = node.cli("audit", "--study", series.study_instance_uid, "--action", "get").stdout
     assert "GETTER" in listed and "success" in listed, listed
+
+
+def _match(level: str, study: str | None = None) -> Dataset:
+    """A C-FIND match as the node answers it: PATIENT-level ones name the patient, not a study."""
+    match = Dataset()
+    match.QueryRetrieveLevel, match.PatientName, match.PatientID = level, "Doe^Jane", "PID-1"
+    if study is not None:
+        match.StudyInstanceUID = study
+    return match
+
+
+def test_a_broad_query_is_recorded_under_each_study_its_matches_disclosed(tmp_path):
+    """A C-FIND by PatientName=* once left one record without a study: `audit --study` missed it."""
+    sessions = _sessions(tmp_path)
+    event = SimpleNamespace(identifier=Dataset(), assoc=_assoc("FINDER", "10.0.0.8", 4000))
+    event.identifier.QueryRetrieveLevel, event.identifier.PatientName = "STUDY", "*"
+
+    def studies(event, *args):
+        for study in ("1.2.3", "1.2.9", "1.2.3"):
+            yield 0xFF00, _match("STUDY", study)
+        yield 0x0000, None
+
+    def patients(event, *args):
+        disclosed(event, ["1.2.3", "1.2.4"])  # the node names the studies of the patient it answers
+        yield 0xFF00, _match("PATIENT")
+        yield 0x0000, None
+
+    def run(handler) -> list[tuple[str | None, str, int, str]]:
+        list(audited_retrieve("find", handler, sessions)(event))
+        with sessions() as session:
+            rows = [(r.study_instance_uid, r.outcome, r.instances, r.detail) for r in recent(session)]
+            session.execute(AuditEvent.__table__.delete())
+            session.commit()
+        return sorted(rows, key=lambda row: row[0] or "")
+
+    assert run(studies) == [
+        ("1.2.3", "success", 2, "STUDY level, 2 matches (3 in all, over 2 studies)"),
+        ("1.2.9", "success", 1, "STUDY level, 1 matches (3 in all, over 2 studies)"),
+    ]
+    event.identifier.QueryRetrieveLevel = "PATIENT"
+    assert run(patients) == [
+        ("1.2.3", "success", 1, "PATIENT level, 1 matches (1 in all, over 2 studies)"),
+        ("1.2.4", "success", 1, "PATIENT level, 1 matches (1 in all, over 2 studies)"),
+    ]
+
+
+def test_the_studies_a_query_names_in_the_trail_are_bounded(tmp_path, monkeypatch):
+    from dicom_node import audit
+
+    monkeypatch.setattr(audit, "MAX_STUDIES_AUDITED", 2)
+    sessions = _sessions(tmp_path)
+    event = SimpleNamespace(identifier=Dataset(), assoc=_assoc("FINDER", "10.0.0.8", 4000))
+    event.identifier.QueryRetrieveLevel = "STUDY"
+
+    def four_studies(event, *args):
+        for study in ("1.2.1", "1.2.2", "1.2.3", "1.2.4"):
+            yield 0xFF00, _match("STUDY", study)
+
+    list(audited_retrieve("find", four_studies, sessions)(event))
+    with sessions() as session:
+        rows = sorted((r.study_instance_uid or "", r.instances, r.detail) for r in recent(session))
+    assert rows == [
+        (
+            "",
+            2,
+            "STUDY level, 2 matches (4 in all, over 3 studies); 2 belong to studies past the first 2, not named "
+            "one by one",
+        ),
+        ("1.2.1", 1, "STUDY level, 1 matches (4 in all, over 3 studies)"),
+        ("1.2.2", 1, "STUDY level, 1 matches (4 in all, over 3 studies)"),
+    ]
+
+
+def _nested_identifier(depth: int) -> bytes:
+    """A C-FIND identifier (implicit VR little endian) whose sequences nest ``depth`` levels deep."""
+    import struct
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    head = Dataset()
+    head.QueryRetrieveLevel, head.StudyInstanceUID, head.PatientName = "STUDY", "", ""
+    written = DicomBytesIO()
+    written.is_little_endian, written.is_implicit_VR = True, True
+    write_dataset(written, head)
+    opening = struct.pack("<HHL", 0x0040, 0x0275, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return written.getvalue() + opening * depth + closing * depth
+
+
+def test_a_query_whose_identifier_cannot_be_read_is_refused_and_recorded_in_a_sentence(tmp_path, caplog):
+    """An identifier nested 20,000 levels deep once left no record, and a traceback at ERROR."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    sessions = _sessions(tmp_path)
+    raw = _nested_identifier(20_000)
+
+    class Request(SimpleNamespace):
+        @property
+        def identifier(self) -> Dataset:  # as pynetdicom's event decodes it, on each read
+            return decode(BytesIO(raw), True, True, False)
+
+    def never_run(event, *args):
+        raise AssertionError("the handler is not run for an identifier that cannot be read")
+        yield
+
+    event = Request(assoc=_assoc("ANY", "10.0.0.9", 4000))
+    answers = list(audited_retrieve("find", never_run, sessions)(event))
+    assert [(status.Status, status.ErrorComment, match) for status, match in answers] == [
+        (0xA900, "Identifier cannot be read", None)
+    ]
+    with sessions() as session:
+        [row] = recent(session)
+    assert (row.action, row.outcome, row.study_instance_uid, row.instances, row.detail) == (
+        "find",
+        "refused",
+        None,
+        0,
+        "refused: its identifier nests sequences too deeply to be read",
+    )
+    [line] = [r for r in caplog.records if r.getMessage() == "query.refused"]
+    assert line.levelname == "WARNING" and line.exc_info is None
+    assert line.event_fields["reason"] == (
+        "a C-FIND from ANY was refused: its identifier nests sequences too deeply to be read"
+    )
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.integration
+def test_a_real_node_records_a_patient_query_under_every_study_it_disclosed(tmp_path, start_node):
+    """PatientName=* at PATIENT level discloses the patient's name, ID and birth date: each of the patient's
+    studies' trails lists it, and a STUDY-level query by name too."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    node = start_node(completion={"quiet_seconds": 600})
+    first = write_phantom_series(tmp_path / "a", PhantomSpec(rows=32, columns=32, slices=2))
+    second = write_phantom_series(tmp_path / "b", PhantomSpec(rows=32, columns=32, slices=2))
+    assert first.study_instance_uid != second.study_instance_uid
+    assert storescu(node.port, [*first.files, *second.files], calling_ae="PACS").returncode == 0
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    matches = {}
+    for level, model in (
+        ("PATIENT", PatientRootQueryRetrieveInformationModelFind),
+        ("STUDY", StudyRootQueryRetrieveInformationModelFind),
+    ):
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientName, query.PatientID, query.PatientBirthDate = level, "*", "", ""
+        answers = list(assoc.send_c_find(query, model))
+        assert answers[-1][0].Status == 0
+        matches[level] = [str(match.PatientName) for status, match in answers if status.Status == 0xFF00]
+    assoc.release()
+    assert matches == {"PATIENT": ["Phantom^Synthetic"], "STUDY": ["Phantom^Synthetic", "Phantom^Synthetic"]}
+
+    def finds(study: str) -> list[tuple[str, int, str]]:
+        with node.sessions() as session:
+            rows = recent(session, actions=["find"], study_instance_uid=study)
+            return sorted((r.peer_ae_title, r.instances, r.detail) for r in rows)
+
+    for study in (first.study_instance_uid, second.study_instance_uid):
+        assert wait_for(lambda study=study: len(finds(study)) == 2, what="both queries in the study's trail")
+        assert finds(study) == [
+            ("FINDER", 1, "PATIENT level, 1 matches (1 in all, over 2 studies)"),
+            ("FINDER", 1, "STUDY level, 1 matches (2 in all, over 2 studies)"),
+        ]
+        listed = node.cli("audit", "--study", study, "--action", "find").stdout
+        assert listed.count("FINDER") == 2, listed
+    assert "Phantom" not in node.cli("audit").stdout
+
+
+@pytest.mark.integration
+def test_a_real_node_answers_and_records_a_query_nested_too_deeply_to_read(tmp_path, start_node):
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+    node = start_node()
+    ae = AE(ae_title="ANY")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, "1.2.840.10008.1.2")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind]
+    request = C_FIND()
+    request.MessageID, request.AffectedSOPClassUID, request.Priority = 1, StudyRootQueryRetrieveInformationModelFind, 2
+    request.Identifier = BytesIO(_nested_identifier(20_000))
+    # sent as send_c_find sends (pydicom cannot encode a data set this deep): the reactor paused, so that the
+    # answer comes here and not to the association's own thread
+    assoc._reactor_checkpoint.clear()
+    wait_for(lambda: assoc._is_paused, what="the association's reactor to pause")
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _context_id, answer = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    assert answer is not None and answer.Status == 0xA900
+    assert assoc.send_c_echo().Status == 0, "the node goes on serving the association"
+    assoc.release()
+
+    def finds():
+        with node.sessions() as session:
+            return [
+                (r.peer_ae_title, r.outcome, r.study_instance_uid, r.detail) for r in recent(session, actions=["find"])
+            ]
+
+    assert wait_for(finds, what="the refused query's record") == [
+        ("ANY", "refused", None, "refused: its identifier nests sequences too deeply to be read")
+    ]
+    log = node.log()
+    assert "a C-FIND from ANY was refused: its identifier nests sequences too deeply to be read" in log
+    assert "Traceback" not in log and " ERROR " not in log

@@ -44,11 +44,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom c
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series
-from dicom_node.audit import audited_retrieve
+from db.models import Instance, Series, Study
+from dicom_node.audit import MAX_STUDIES_AUDITED, audited_retrieve, disclosed
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import (
@@ -327,6 +327,8 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                     yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
                     return
                 count += 1
+                if level == "PATIENT":
+                    disclosed(event, _studies_of_patient(session, response))
                 yield PENDING, response if peer.may("find") else without_demographics(response)
     except QueryError as exc:
         log_event(
@@ -345,6 +347,20 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
         return
     log_event(LOG, logging.INFO, "query.answered", calling_ae=calling_ae, query_level=level, matches=count)
     yield SUCCESS, None
+
+
+def _studies_of_patient(session: Session, response: Dataset) -> list[str]:
+    """The studies held of the patient a PATIENT-level match names (its PatientID and IssuerOfPatientID, an
+    empty one standing for none), for the audit trail: the match discloses who the patient of each is."""
+    patient_id = str(response.get("PatientID", "") or "")
+    issuer = str(response.get("IssuerOfPatientID", "") or "")
+    of_issuer = (
+        Study.issuer_of_patient_id == issuer
+        if issuer
+        else or_(Study.issuer_of_patient_id.is_(None), Study.issuer_of_patient_id == "")
+    )
+    query = select(Study.study_instance_uid).where(Study.patient_id == patient_id, of_issuer).order_by(Study.id)
+    return list(session.scalars(query.limit(MAX_STUDIES_AUDITED)))
 
 
 def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
