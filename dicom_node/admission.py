@@ -12,6 +12,7 @@ Patient identifiers are never part of a reason: reasons are logged at INFO.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.charset import python_encoding
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.charset import CODES_TO_ENCODINGS, ESC, default_encoding, handled_encodings
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TEXT_VR_DELIMS, TM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -226,7 +227,13 @@ def recorded_patient(study: Study) -> StudyPatient | None:
     """The patient a stored study belongs to, as :func:`admit` takes it; None while its identity is erased."""
     if study.patient_id is None:
         return None
-    return StudyPatient(study.patient_id, study.issuer_of_patient_id)
+    return StudyPatient(
+        study.patient_id,
+        study.issuer_of_patient_id,
+        study.patient_name,
+        study.patient_birth_date,
+        study.patient_sex,
+    )
 
 
 def instance_files(session: Session, series: Series) -> list[InstanceFile]:
@@ -327,10 +334,18 @@ def _admit(
 
 
 def _check_study_patient(header: Dataset, study_patient: StudyPatient | None) -> None:
-    """The series (whose instances agree on the patient) must be of its study's patient."""
+    """The series (whose instances agree on the patient) must be of its study's patient: the same PatientID, and
+    the same issuer, name, birth date and sex where both carry one (:meth:`StudyPatient.differing_keyword`),
+    each compared as the results would carry it (:func:`_identity_value`). AccessionNumber is left out: one study
+    may carry several orders."""
     if study_patient is None or not study_patient.patient_id:
         return
-    received = StudyPatient(_text(header, "PatientID"), _text(header, "IssuerOfPatientID"))
+    received = StudyPatient(
+        *(
+            _identity_value(header, keyword)
+            for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
+        )
+    )
     differing = study_patient.differing_keyword(received)
     if differing is not None:
         raise Refused(
@@ -499,25 +514,35 @@ def _check_patient_sex(label: str, header: Dataset) -> None:
 
 
 def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
-    """Why an identity value cannot label a result (several values, a control character), or None.
+    """Why an identity value cannot label a result (a control character, bytes its character set does not decode,
+    several values), or None.
 
     The results copy it as it is: ``P1\\P2`` would name no one patient, and a tab or line break is no part of
-    an ID or a name (DICOM's text values allow only ESC, for character set switches)."""
+    an ID or a name (DICOM's text values allow only ESC, for character set switches). Bytes that do not decode
+    would reach the results as replacement characters: another name than the one sent. Values are counted once
+    decoded in the data set's character set: a backslash byte inside a JIS or GBK character (本, ぼ) is no
+    value separator."""
     raw = _raw_text(header, keyword)
     if raw is None:
         return None
     if any((ord(c) < 0x20 and c != "\x1b") or c == "\x7f" for c in raw):
         return "holds a control character (a tab, line break or similar), which no ID or name may hold"
     element = header.get_item(Tag(keyword), keep_deferred=True)
-    try:  # decoded apart: the header keeps its raw bytes, which the identity comparison reads
-        value = (
-            convert_raw_data_element(element, ds=header).value if isinstance(element, RawDataElement) else element.value
-        )
-    except Exception:  # noqa: BLE001 - undecodable: compared as its raw text by the checks below
-        return None
-    if isinstance(value, (list, MultiValue)) and len(value) > 1:
+    if isinstance(element, RawDataElement):  # decoded apart: the header keeps the raw bytes the comparison reads
+        decoded = _decoded_text(header, element)
+        if decoded is None:
+            declared = _raw_text(header, "SpecificCharacterSet")
+            changed = "name" if keyword == "PatientName" else "value"
+            return (
+                f"does not decode in its SpecificCharacterSet {shown(declared) if declared else '(none given)'}, so "
+                f"the results would carry a changed {changed}"
+            )
+        count = len(decoded.split("\\"))  # as pydicom splits a decoded text value into its values
+    else:
+        count = len(element.value) if isinstance(element.value, (list, MultiValue)) else 1
+    if count > 1:
         subject = IDENTITY_SUBJECT.get(keyword, "patient")
-        return f"has {len(value)} values, where one {subject} has one"
+        return f"has {count} values, where one {subject} has one"
     return None
 
 
@@ -596,24 +621,72 @@ def _value_text(value: Any) -> str:
 
 
 def _strictly_decoded(header: Dataset, keyword: str) -> str | None:
-    """The value decoded in its single declared character set without replacing a byte; None where it cannot be."""
+    """The value decoded in its declared character set without replacing a byte; None where it cannot be."""
     element = header.get_item(Tag(keyword), keep_deferred=True)
     if element is None:
         return None
     if not isinstance(element, RawDataElement):  # already decoded by pydicom, which replaces what it cannot read
         decoded = str(element.value)
         return None if "\ufffd" in decoded else decoded
+    text = _decoded_text(header, element)
+    return None if text is None else text.strip(" \x00")
+
+
+def _decoded_text(header: Dataset, element: RawDataElement) -> str | None:
+    """The element's text, decoded in the data set's character set without replacing a byte (as pydicom reads it,
+    trailing padding removed); None where a byte does not decode. Printable ASCII, as nearly all IDs are, reads the
+    same in every character set: the character set is looked up only for other bytes (pydicom warns on every
+    lookup of one it does not know)."""
     value = element.value
-    terms = (_raw_text(header, "SpecificCharacterSet") or "").split("\\")
-    if not isinstance(value, bytes) or b"\x1b" in value or len(terms) > 1:
-        return None  # ISO 2022 code extensions: compared as written
-    encoding = python_encoding.get(terms[0].strip())
-    if encoding is None:
-        return None  # a character set pydicom does not know: compared as written
+    if value is None:
+        return ""
+    if not isinstance(value, bytes):
+        return str(value)
+    value = value.rstrip(b" \x00")
+    if PRINTABLE_ASCII.fullmatch(value) is not None:
+        return value.decode("ascii")
     try:
-        return value.decode(encoding, errors="strict").strip(" \x00")
-    except (UnicodeDecodeError, LookupError):
+        return decode_strictly(value, header._character_set)
+    except (UnicodeError, ValueError, LookupError):
         return None
+
+
+PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+ESCAPE_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
+"""A text value's parts: what precedes the first escape sequence, then each escape sequence and what follows it."""
+
+
+def decode_strictly(value: bytes, encodings: str | Sequence[str]) -> str:
+    """``value`` decoded as pydicom decodes a text value in ``encodings`` (its data set's, as
+    ``Dataset._character_set`` gives them; ISO 2022 escape sequences included), except that a byte it cannot decode
+    raises instead of becoming a replacement character.
+
+    Raises
+    ------
+    UnicodeError
+        A byte does not decode, or an escape sequence switches to a character set not declared.
+    """
+    encodings = [encodings] if isinstance(encodings, str) else list(encodings)
+    if ESC not in value:
+        return value.decode(encodings[0])
+    return "".join(_decode_fragment_strictly(part, encodings) for part in ESCAPE_FRAGMENTS.findall(value))
+
+
+def _decode_fragment_strictly(fragment: bytes, encodings: list[str]) -> str:
+    """One part of :func:`decode_strictly` (as ``pydicom.charset._decode_fragment`` reads it)."""
+    if not fragment.startswith(ESC):
+        return fragment.decode(encodings[0])
+    length = 4 if fragment.startswith((b"\x1b$(", b"\x1b$)")) else 3
+    encoding = CODES_TO_ENCODINGS.get(fragment[:length], "")
+    if encoding not in encodings and encoding != default_encoding:
+        raise UnicodeError("an escape sequence switches to a character set that is not declared")
+    if encoding in handled_encodings:
+        return fragment.decode(encoding)  # Python reads these escape sequences itself
+    fragment = fragment[length:]
+    delimiter = next((index for index, byte in enumerate(fragment) if byte in TEXT_VR_DELIMS), None)
+    if delimiter is None:
+        return fragment.decode(encoding)
+    return fragment[:delimiter].decode(encoding) + fragment[delimiter:].decode(encodings[0])
 
 
 def _check_pixel_module(label: str, header: Dataset) -> None:

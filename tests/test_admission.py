@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 from sqlalchemy import select
 
 from db import jobs
@@ -218,31 +221,74 @@ def test_the_same_name_in_latin_1_and_in_utf_8_is_one_name(tmp_path, character_s
     assert admit(files, STRICT).admitted
 
 
-def test_bytes_that_do_not_decode_in_their_character_set_are_compared_as_written(tmp_path):
-    """Two broken UTF-8 names would both decode to replacement characters: they stay two names."""
-    files = series_files(tmp_path)
-    for file, name in zip(files, [b"DOE^\xff\xfe", b"DOE^\xfe\xff", b"DOE^\xfe\xff", b"DOE^\xfe\xff"], strict=True):
+def with_name_bytes(files: list[InstanceFile], character_set: str | list[str], names: list[bytes]) -> None:
+    """Write each file's PatientName as the given bytes, undecoded, under ``character_set``, as a sender would."""
+    tag = Tag(tag_for_keyword("PatientName"))
+    for file, name in zip(files, names, strict=True):
         ds = pydicom.dcmread(file.path)
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.PatientName = "DOE^XX"
+        ds.SpecificCharacterSet = character_set
+        ds.save_as(file.path)  # first: pydicom re-encodes the text of a data set whose character set changed
+        ds = pydicom.dcmread(file.path)
+        value = name + b" " * (len(name) % 2)
+        ds._dict[tag] = RawDataElement(tag, "PN", len(value), value, 0, False, True)
         ds.save_as(file.path)
-        file.path.write_bytes(file.path.read_bytes().replace(b"DOE^XX", name))
-    refusal = admit(files, STRICT).refusal or ""
-    assert refusal.startswith("PatientName differs within the series: 1 of 4 instances (first: instance 1)"), refusal
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name", "shown_set"),
+    [
+        ("ISO_IR 192", b"M\xfcller^J\xfcrgen", "'ISO_IR 192'"),  # Latin-1 bytes in a UTF-8 data set
+        (["", "ISO 2022 IR 87"], b"DOE^\x1b$)CJOHN", "'\\\\ISO 2022 IR 87'"),  # switches to Korean, not declared
+    ],
+    ids=["latin-1-bytes-under-utf-8", "undeclared-escape-sequence"],
+)
+def test_an_identity_value_that_does_not_decode_in_its_character_set_is_refused(
+    tmp_path, character_set, name, shown_set
+):
+    """The results would carry replacement characters (another name than the one sent): refused, naming the
+    attribute, the instance and the character set, never the name."""
+    files = series_files(tmp_path)
+    with_name_bytes(files, character_set, [name] * 4)
+    assert admit(files, STRICT).refusal == (
+        f"PatientName of instance 1 does not decode in its SpecificCharacterSet {shown_set}, so the results would "
+        "carry a changed name; the sender must correct it"
+    )
 
 
 def test_checking_identity_values_leaves_the_header_as_written():
-    """Broken UTF-8 bytes decode to the same replacement characters; the identity comparison must still read the
-    bytes as written, so checking a value's count may not replace them with the decoded text."""
+    """Checking a value's count must not replace the bytes the identity comparison reads with the decoded text."""
     header = pydicom.Dataset()
     header.SpecificCharacterSet = "ISO_IR 192"
     tag = Tag(tag_for_keyword("PatientName"))
-    header._dict[tag] = RawDataElement(tag, "PN", 6, b"DOE^\xff\xfe", 0, False, True)
+    header._dict[tag] = RawDataElement(tag, "PN", 6, b"DOE^\xc3\xbc", 0, False, True)
 
     assert _identity_value_problem(header, "PatientName") is None
 
     element = header.get_item(tag, keep_deferred=True)
-    assert isinstance(element, RawDataElement) and element.value == b"DOE^\xff\xfe"
+    assert isinstance(element, RawDataElement) and element.value == b"DOE^\xc3\xbc"
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamamoto^Tarou=山本^太郎=やまもと^たろう"),  # 本 is JIS 0x4B5C
+        (["", "ISO 2022 IR 87"], "Bo^Bo=ボ^ぼ"),  # JIS 0x255C and 0x245C
+        ("GB18030", "Wang^Jo=王^乗"),  # 乗 is 0x815C
+        ("GBK", "Wang^Jo=王^乗"),
+    ],
+    ids=["jis-hon", "jis-bo", "gb18030", "gbk"],
+)
+def test_a_name_whose_encoded_characters_hold_a_backslash_byte_is_one_value(tmp_path, character_set, name):
+    """A 0x5C byte inside a two-byte character is no value separator: the name is counted once decoded in its
+    own character set (pydicom's default character set would split it into two values), quietly."""
+    encoded = PersonName(name, convert_encodings(character_set)).encode()
+    assert b"\\" in encoded
+    files = series_files(tmp_path)
+    with_name_bytes(files, character_set, [encoded] * 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert admit(files, STRICT).admitted
+    assert [str(w.message) for w in caught] == []  # such as pydicom's "unknown escape sequence", naming no instance
 
 
 def test_a_name_written_with_empty_trailing_components_is_the_same_name(tmp_path):
@@ -365,6 +411,55 @@ def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
         "the series' study already holds another patient's images (its PatientID differs from the study's); "
         "one study must hold one patient"
     )
+
+
+STUDY_PATIENT_FIELDS = {
+    "PatientName": "patient_name",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+}
+
+
+@pytest.mark.parametrize(
+    ("keyword", "recorded", "sent"),
+    [("PatientName", "DOE^JOHN", "DOE^JANE"), ("PatientBirthDate", "19500101", "19800202"), ("PatientSex", "M", "F")],
+)
+def test_a_series_under_its_studys_patient_id_with_another_name_birth_date_or_sex_is_refused(
+    tmp_path, keyword, recorded, sent
+):
+    """The study's answers (queries, the console) would name the first patient while this series' results name
+    another: refused as a re-sent instance with another identity is, the values never named."""
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, **{keyword: sent})
+    field = STUDY_PATIENT_FIELDS[keyword]
+
+    refusal = admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1", **{field: recorded})).refusal
+
+    assert refusal == (
+        f"the series' study already holds another patient's images (its {keyword} differs from the study's); "
+        "one study must hold one patient"
+    )
+    assert admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1", **{field: sent})).admitted
+
+
+@pytest.mark.parametrize(
+    ("recorded", "sent"),
+    [
+        (StudyPatient("PHANTOM-1", None, None, None, None), {"PatientName": "DOE^JANE", "PatientSex": "F"}),
+        (
+            StudyPatient("PHANTOM-1", None, "DOE^JANE", "19800202", "F"),
+            {"PatientName": "", "PatientBirthDate": "", "PatientSex": ""},
+        ),
+        (StudyPatient("PHANTOM-1", None, "DOE^JANE^^^", None, None), {"PatientName": "DOE^JANE"}),
+    ],
+    ids=["study-recorded-none", "series-sends-none", "empty-trailing-name-components"],
+)
+def test_a_value_missing_on_one_side_or_padded_is_no_other_patient(tmp_path, recorded, sent):
+    files = series_files(tmp_path)
+    for file in files:
+        rewrite(file, **sent)
+    assert admit(files, STRICT, study_patient=recorded).admitted
 
 
 @pytest.mark.parametrize(

@@ -65,18 +65,44 @@ def test_undefined_character_set_is_read_as_latin1_with_a_warning_naming_the_ins
     assert "Müller" not in str(fields)  # never the patient's name in the log
 
 
-def test_text_that_does_not_decode_is_replaced_with_a_warning(tmp_path, caplog):
+def test_descriptive_text_that_does_not_decode_is_replaced_with_a_warning(tmp_path, caplog):
+    """Text the results only describe the images with (not who they belong to) keeps replacement characters."""
     series = write_phantom_series(tmp_path, PhantomSpec(rows=8, columns=8, slices=1, character_set="ISO_IR 192"))
     path = series.files[0]
     ds = pydicom.dcmread(path)
-    ds["PatientName"].value = b"M\xfcller^J\xfcrgen"  # Latin-1 bytes in a UTF-8 data set
+    ds.SeriesDescription = "Thorax"
     ds.save_as(path)
+    path.write_bytes(path.read_bytes().replace(b"Thorax", b"Th\xf6rax"))  # a Latin-1 byte in a UTF-8 data set
 
     with caplog.at_level(logging.WARNING):
         header = read_source_header(path)
 
-    assert str(header.PatientName).startswith("M") and "ller^J" in str(header.PatientName)
+    assert str(header.SeriesDescription) == "Th\ufffdrax"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == ["source.text_not_decodable"]
+
+
+@pytest.mark.integration
+def test_a_patient_name_that_does_not_decode_fails_the_series_before_inference(tmp_path, start_node):
+    """A name whose bytes are not valid in the declared character set would reach the results as replacement
+    characters, another name than the one sent: the series is refused, naming the attribute, the instance and the
+    character set (never the name), and nothing is processed or sent."""
+    series = write_phantom_series(tmp_path / "ct", replace(SMALL, slices=4, character_set="ISO_IR 192"))
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "M?ller^J?rgen"
+        ds.save_as(path)
+        path.write_bytes(path.read_bytes().replace(b"M?ller^J?rgen", b"M\xfcller^J\xfcrgen"))  # Latin-1 bytes
+    node = start_node(rules=CT_RULES)
+
+    assert storescu(node.port, series.files).returncode == 0
+
+    node.wait_for_state(series.series_instance_uid, JobState.FAILED, timeout=60)
+    assert node.job_reason(series.series_instance_uid) == (
+        "not admitted: PatientName of instance 1 does not decode in its SpecificCharacterSet 'ISO_IR 192', so the "
+        "results would carry a changed name; the sender must correct it"
+    )
+    with node.sessions() as session:
+        assert not job_for_series_uid(session, series.series_instance_uid).result_files
 
 
 @pytest.mark.integration

@@ -114,6 +114,31 @@ def test_wildcards_escape_sql_patterns(sessions) -> None:
     ]
 
 
+def test_wildcards_count_case_as_a_single_value_does_on_every_database(sessions) -> None:
+    """ab-100 and AB-100 are two patients' IDs (SQLite's LIKE would take them for one); a [ in a value is a
+    character like any other."""
+    studies = [
+        StudyAttributes("6.1", patient_id="ab-100", patient_name="doe^ann"),
+        StudyAttributes("6.2", patient_id="AB-100", patient_name="DOE^ANN"),
+        StudyAttributes("6.3", patient_id="[AB]-100", patient_name="Doe^Ann"),
+    ]
+    with transaction(sessions) as session:
+        for study in studies:
+            uid = study.study_instance_uid
+            record_instance(session, instance(f"{uid}.9.1", f"{uid}.9", study, 1))
+
+    def patient_ids(**keys: str) -> list[str]:
+        return sorted(answers(sessions, query("PATIENT", **keys), "PatientID"))
+
+    assert patient_ids(PatientID="ab-100") == ["ab-100"]
+    assert patient_ids(PatientID="ab-10*") == ["ab-100"]
+    assert patient_ids(PatientID="AB-10?") == ["AB-100"]
+    assert patient_ids(PatientID="*AB*") == ["AB-100", "[AB]-100"]
+    assert patient_ids(PatientID="[AB]*") == ["[AB]-100"]
+    assert patient_ids(PatientID="[ab]*") == []
+    assert answers(sessions, query("STUDY", PatientName="doe*", StudyInstanceUID=""), "StudyInstanceUID") == ["6.1"]
+
+
 def test_date_and_time_ranges(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyDate="20260101-"), "StudyInstanceUID") == ["1.1", "1.2"]
     assert answers(sessions, query("STUDY", StudyDate="-20260110"), "StudyInstanceUID") == ["2.1", "1.1"]

@@ -572,24 +572,60 @@ study's AccessionNumber, but never another patient."""
 
 @dataclass(frozen=True)
 class StudyPatient:
-    """The patient a study belongs to: its PatientID, and the issuer of that ID where one was sent."""
+    """The patient a study belongs to: its PatientID, the issuer of that ID where one was sent, and the name,
+    birth date and sex its series carry (a series is labelled with them, and queries answer them from the study)."""
 
     patient_id: str | None
     issuer_of_patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+
+    @classmethod
+    def of(cls, study: StudyAttributes) -> StudyPatient:
+        """The patient ``study`` (as an instance names it) belongs to."""
+        return cls(
+            study.patient_id,
+            study.issuer_of_patient_id,
+            study.patient_name,
+            study.patient_birth_date,
+            study.patient_sex,
+        )
 
     def differing_keyword(self, received: StudyPatient) -> str | None:
         """The attribute in which ``received`` names another patient than this study's, or None.
 
-        PatientID must be equal. IssuerOfPatientID only where both sides carry one: the same PatientID from
-        another issuer (another hospital's numbering) is another patient, while an issuer that only one side
-        sends (a PACS filling it in, a study recorded before issuers were kept) is not."""
+        PatientID must be equal. The others only where both sides carry one, compared as a re-sent instance's are
+        (:func:`identity_conflict`): the same PatientID from another issuer (another hospital's numbering) is
+        another patient, and another name, birth date or sex would leave the study's answers naming the first
+        while the new series' results name the second; a value that only one side sends (a PACS filling it in, a
+        study recorded before issuers were kept) is no conflict. Names compare component group by group, where
+        both carry the group, without regard to case: another system's series of the study (a workstation writing
+        DOE^JOHN as Doe^John, or without the ideographic group) names the same patient. AccessionNumber is not
+        compared: one study may carry several orders, each series its own."""
         if comparable_identity("PatientID", self.patient_id) != comparable_identity("PatientID", received.patient_id):
             return "PatientID"
-        recorded = comparable_identity("IssuerOfPatientID", self.issuer_of_patient_id)
-        sent = comparable_identity("IssuerOfPatientID", received.issuer_of_patient_id)
-        if recorded and sent and recorded != sent:
-            return "IssuerOfPatientID"
+        for keyword, field in STUDY_PATIENT_ATTRIBUTES:
+            recorded = comparable_identity(keyword, getattr(self, field))
+            sent = comparable_identity(keyword, getattr(received, field))
+            if keyword == "PatientName":
+                if _other_name(recorded, sent):
+                    return keyword
+            elif recorded and sent and recorded != sent:
+                return keyword
         return None
+
+
+def _other_name(recorded: str, sent: str) -> bool:
+    """Whether two names (as :func:`comparable_identity` gives them) differ in a component group both carry,
+    letter case aside."""
+    groups = zip(recorded.split("="), sent.split("="), strict=False)
+    return any(a and b and a.casefold() != b.casefold() for a, b in groups)
+
+
+STUDY_PATIENT_ATTRIBUTES = PATIENT_IDENTITY_ATTRIBUTES[1:]
+"""What a series must share with its study's patient besides PatientID, where both carry it (keyword,
+:class:`StudyPatient` field), in the order a difference is named."""
 
 
 def comparable_identity(keyword: str, value: str | None) -> str:

@@ -1,12 +1,14 @@
 """The patient each stored study belongs to: an instance of a known study under another patient is refused.
 
-A StudyInstanceUID names one patient's study; a patient is a PatientID, and the IssuerOfPatientID that says
-whose numbering it is where both sides send one. Two patients under one study UID (a UID
+A StudyInstanceUID names one patient's study; a patient is a PatientID, and, where both sides send them, the
+IssuerOfPatientID that says whose numbering it is, PatientName, PatientBirthDate and PatientSex
+(:meth:`StudyPatient.differing_keyword`). Two patients under one study UID (a UID
 collision, or a study merged or corrected in the PACS and sent again) would put the second
 patient's images, and every answer to a query by the first patient's ID, under the first
-patient. The receiver looks the study up once (then at most once a minute) per process and
-refuses an instance of a new series under another patient before it is written. An instance of
-a series already stored is left to admission, which refuses the whole series when its instances
+patient; a new series under another name, birth date or sex would be answered (queries, the console) with the
+study's first identity while its results carry the new one. The receiver looks the study up once (then at most
+once a minute) per process and refuses an instance of a new series under another patient before it is written.
+An instance of a series already stored is left to admission, which refuses the whole series when its instances
 disagree on the patient: refusing that one instance here would let the rest of the series be
 processed without it.
 """
@@ -65,12 +67,18 @@ class KnownStudies:
         if known is not None and now - known[0] < LOOKUP_SECONDS:
             return known[1]
         _read, row = self._read(
-            select(Study.patient_id, Study.issuer_of_patient_id).where(Study.study_instance_uid == study_instance_uid),
+            select(
+                Study.patient_id,
+                Study.issuer_of_patient_id,
+                Study.patient_name,
+                Study.patient_birth_date,
+                Study.patient_sex,
+            ).where(Study.study_instance_uid == study_instance_uid),
             row=True,
         )
         if row is None or row[0] is None:
             return None  # a study not stored yet is read again: another process may be storing it
-        patient = StudyPatient(row[0], row[1])
+        patient = StudyPatient(*row)
         with self._lock:
             if len(self._patients) >= REMEMBERED_STUDIES:
                 self._patients.clear()
@@ -80,7 +88,7 @@ class KnownStudies:
     def remember(self, header: InstanceHeader) -> None:
         """An instance of ``header``'s study was stored: its patient is the study's from now on (in this process
         at once; in the others once it is recorded)."""
-        patient = StudyPatient(header.study.patient_id, header.study.issuer_of_patient_id)
+        patient = StudyPatient.of(header.study)
         with self._lock:
             if len(self._series) >= REMEMBERED_STUDIES:
                 self._series.clear()
@@ -102,7 +110,7 @@ class KnownStudies:
         """Why ``header`` may not join its study (a new series under another patient), or None. Values are never
         named."""
         recorded = self.recorded_patient(header.study.study_instance_uid)
-        received = StudyPatient(header.study.patient_id, header.study.issuer_of_patient_id)
+        received = StudyPatient.of(header.study)
         if recorded is None or not (received.patient_id or "").strip():
             return None  # a missing PatientID is admission's to refuse, for the whole series
         differing = recorded.differing_keyword(received)

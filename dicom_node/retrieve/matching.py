@@ -16,8 +16,11 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Select, and_, distinct, func, or_, select
+from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, func, literal, or_, select
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from db.models import Instance, Series, Study
 from dicom_node.logs import shown
@@ -151,11 +154,35 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
 
 
 def _matching(column: Any, value: str) -> ColumnElement[bool]:
-    """``column`` equal to ``value``, or like it where it holds the wildcards ``*`` and ``?``."""
+    """``column`` equal to ``value``, or matching it where it holds the wildcards ``*`` and ``?``; case counts in
+    both, as it does in a single value match (AB-100 and ab-100 are two patients' IDs)."""
     if "*" in value or "?" in value:
-        escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+        like = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%").replace("?", "_")
+        return _Wildcard(column, literal(like), literal(value.replace("[", "[[]")))
     return column == value
+
+
+class _Wildcard(FunctionElement[bool]):
+    """``column`` matching a DICOM wildcard pattern (``*`` any run of characters, ``?`` one character), case
+    sensitively on every database: ``(column, LIKE pattern, GLOB pattern)``. PostgreSQL's LIKE counts case;
+    SQLite's ignores the case of ASCII letters, so SQLite uses GLOB (its ``*`` and ``?`` are DICOM's, and ``[``,
+    its only other special character, is escaped as ``[[]``)."""
+
+    type = Boolean()
+    name = "dicom_wildcard"
+    inherit_cache = True
+
+
+@compiles(_Wildcard)
+def _like(element: _Wildcard, compiler: SQLCompiler, **kw: Any) -> str:
+    column, like, _glob = element.clauses
+    return str(compiler.process(column.like(like, escape="\\"), **kw))
+
+
+@compiles(_Wildcard, "sqlite")
+def _glob(element: _Wildcard, compiler: SQLCompiler, **kw: Any) -> str:
+    column, _like, glob = element.clauses
+    return str(compiler.process(column.op("GLOB", is_comparison=True)(glob), **kw))
 
 
 def _of_the_study_patient() -> ColumnElement[bool]:

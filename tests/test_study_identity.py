@@ -1,0 +1,165 @@
+"""One study, one patient identity: a new series of a stored study under the same PatientID but another name,
+birth date or sex is refused at receipt (and by admission), as a re-sent instance with another identity is."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from db.models import RejectedInstance, Study
+from dicom_node import status
+from dicom_node.admission import InstanceFile, admit, recorded_patient
+from dicom_node.config import AdmissionSettings
+from dicom_node.phantom import PhantomSeries, write_phantom_series
+from dicom_node.receive.header import check_header, read_header
+from dicom_node.receive.studies import KnownStudies
+from tests import test_receive_handler
+from tests.conftest import data_set_bytes
+from tests.test_receive_handler import SMALL_CT
+
+running_scp = test_receive_handler.running_scp
+YAMAMOTO = "Yamamoto^Tarou=山本^太郎=やまもと^たろう"  # 本 is JIS 0x4B5C: a backslash byte inside a character
+JAPANESE = ["", "ISO 2022 IR 87"]
+
+
+def phantom(folder: Path, study_instance_uid: str | None = None, **attributes: object) -> PhantomSeries:
+    """A small CT series of PHANTOM-1, named DOE^JOHN, born 19500101, M, unless ``attributes`` say otherwise
+    (None removes one)."""
+    spec = replace(SMALL_CT, patient_id="PHANTOM-1", patient_name="DOE^JOHN")
+    if study_instance_uid is not None:
+        spec = replace(spec, study_instance_uid=study_instance_uid)
+    series = write_phantom_series(folder, spec)
+    for path in series.files:
+        ds = dcmread(path)
+        ds.PatientBirthDate, ds.PatientSex = "19500101", "M"
+        for keyword, value in attributes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return series
+
+
+def rejection_reasons(running_scp) -> set[str]:
+    with running_scp.sessions() as session:
+        return set(session.scalars(select(RejectedInstance.reason)))
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientName", "ROE^JANE"), ("PatientBirthDate", "19800202"), ("PatientSex", "F")],
+)
+def test_a_new_series_of_a_stored_study_with_another_name_birth_date_or_sex_is_refused(
+    running_scp, tmp_path, keyword, value
+):
+    """The study's answers would keep the first identity while the new series' results carry the second."""
+    first = phantom(tmp_path / "first")
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    other = phantom(tmp_path / "other", first.study_instance_uid, **{keyword: value})
+
+    refused = running_scp.send(other.files[:2])
+
+    assert [code for code, _comment in refused] == [status.CANNOT_UNDERSTAND] * 2
+    assert running_scp.recorder.wait_until_recorded(30)
+    reasons = rejection_reasons(running_scp)
+    assert reasons == {
+        f"StudyInstanceUID {first.study_instance_uid} is already stored for another patient (its {keyword} "
+        "differs); one study holds one patient, so this instance is quarantined"
+    }
+    assert value not in str(reasons)
+    with running_scp.sessions() as session:
+        (study,) = session.scalars(select(Study))
+    assert (study.patient_name, study.patient_birth_date, study.patient_sex) == ("DOE^JOHN", "19500101", "M")
+
+
+def test_a_new_series_that_only_pads_leaves_out_or_orders_anew_joins_its_study(running_scp, tmp_path):
+    """DOE^JOHN^^ is DOE^JOHN, and so are Doe^John (a workstation's series of the study) and DOE^JOHN with an
+    ideographic group; a series without a sex or birth date names no other patient; another AccessionNumber is
+    another order of the same study, not another patient."""
+    first = phantom(tmp_path / "first")
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    study = first.study_instance_uid
+    padded = phantom(tmp_path / "padded", study, PatientName="DOE^JOHN^^")
+    unsexed = phantom(tmp_path / "unsexed", study, PatientSex=None, PatientBirthDate="")
+    ordered = phantom(tmp_path / "ordered", study, AccessionNumber="ANOTHER-ORDER")
+    cased = phantom(tmp_path / "cased", study, PatientName="Doe^John")
+    grouped = phantom(
+        tmp_path / "grouped", study, PatientName="DOE^JOHN=ドウ^ジョン", SpecificCharacterSet="ISO_IR 192"
+    )
+
+    answers = [*running_scp.send(padded.files[:2]), *running_scp.send(unsexed.files[:2])]
+    answers += [*running_scp.send(ordered.files[:2]), *running_scp.send(cased.files[:2])]
+    answers += running_scp.send(grouped.files[:2])
+
+    assert answers == [(status.SUCCESS, "")] * 10
+    assert running_scp.recorder.wait_until_recorded(30)
+    assert rejection_reasons(running_scp) == set()
+
+
+def test_another_process_reads_the_recorded_name_birth_date_and_sex_from_the_database(running_scp, tmp_path):
+    """A receiver that did not store the study itself (another process) compares with the study's row."""
+    first = phantom(tmp_path / "first")
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    elsewhere = KnownStudies(running_scp.sessions)  # remembers nothing: reads the study's row
+
+    def conflict(series: PhantomSeries) -> str | None:
+        """What the receiver answers the series' first instance: its header read from the bytes sent."""
+        sent = dcmread(series.files[0], stop_before_pixels=True)
+        dataset = read_header(data_set_bytes(series.files[0]), sent.file_meta.TransferSyntaxUID)
+        return elsewhere.conflict(check_header(dataset, str(sent.SOPClassUID), str(sent.SOPInstanceUID)))
+
+    born_later = phantom(tmp_path / "born-later", first.study_instance_uid, PatientBirthDate="19800202")
+    same = phantom(tmp_path / "same", first.study_instance_uid, PatientName="DOE^JOHN^^^")
+
+    assert conflict(born_later) == (
+        f"StudyInstanceUID {first.study_instance_uid} is already stored for another patient (its PatientBirthDate "
+        "differs); one study holds one patient, so this instance is quarantined"
+    )
+    assert conflict(same) is None
+
+
+def test_admission_compares_a_series_with_its_studys_recorded_name_decoded_in_either_character_set(
+    running_scp, tmp_path
+):
+    """Two senders at once, each the first of a study, escape the receiver: admission compares the series with
+    the study's row, the name decoded as the results carry it (a JIS name under ISO 2022 IR 87 is the name the
+    receiver recorded, not two values split at a backslash byte)."""
+    first = phantom(tmp_path / "first", SpecificCharacterSet=JAPANESE, PatientName=YAMAMOTO)
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:
+        (study,) = session.scalars(select(Study))
+        patient = recorded_patient(study)
+    assert patient is not None and patient.patient_name == YAMAMOTO
+    same = phantom(tmp_path / "same", first.study_instance_uid, SpecificCharacterSet=JAPANESE, PatientName=YAMAMOTO)
+    in_utf8 = phantom(
+        tmp_path / "utf8", first.study_instance_uid, SpecificCharacterSet="ISO_IR 192", PatientName=YAMAMOTO
+    )
+    other = phantom(
+        tmp_path / "other",
+        first.study_instance_uid,
+        SpecificCharacterSet=JAPANESE,
+        PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう",
+    )
+
+    assert admit(instance_files(same), AdmissionSettings(), study_patient=patient).admitted
+    assert admit(instance_files(in_utf8), AdmissionSettings(), study_patient=patient).admitted
+    assert admit(instance_files(other), AdmissionSettings(), study_patient=patient).refusal == (
+        "the series' study already holds another patient's images (its PatientName differs from the study's); "
+        "one study must hold one patient"
+    )
+
+
+def instance_files(series: PhantomSeries) -> list[InstanceFile]:
+    return [
+        InstanceFile(path, uid, str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID), number)
+        for number, (path, uid) in enumerate(zip(series.files, series.sop_instance_uids, strict=True), start=1)
+    ]
