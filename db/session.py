@@ -249,6 +249,9 @@ def open_database(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_S
 NODE_LOCK_KEY = 7_316_002
 """PostgreSQL advisory lock held by the one ``dicom-node serve`` of a database for as long as it runs."""
 
+ENDING_CONNECTION_SECONDS = 5.0
+"""How long a node waits for its lock's ended connection to give the lock back before it takes it again."""
+
 
 class NodeLock:
     """Held by the one ``dicom-node serve`` of a database while it runs.
@@ -270,13 +273,20 @@ class NodeLock:
     """TCP keepalives of the lock's connection, on both ends: the server gives the lock back about a minute after
     the node's host is gone (its default would keep it for over two hours), and the node learns as soon that
     the server is gone."""
-    WATCH_SECONDS = 15.0
+    WATCH_SECONDS = 1.0
+    """How often the watch confirms the lock: more often than a waiting node looks at it (every 2 s; it takes only a
+    lock it found given back at two looks in a row), so a node whose lock connection ended takes it again first."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._connection: Connection | None = None
         self._engine: Engine | None = None
         self._file: int | None = None
+        self._backend_pid: int | None = None  # the server process of the lock's connection (PostgreSQL)
+        self._held = False
+        self._lost = False
+        self._on_lost: Callable[[str], object] | None = None
+        self._guard = threading.Lock()  # one thread at a time on the lock's connection
         self._watching: threading.Event | None = None
 
     @property
@@ -309,6 +319,7 @@ class NodeLock:
             return self._try_advisory_lock(unreachable_is_busy)
         path = self.lock_file
         if path is None:
+            self._held = True
             return True
         path.parent.mkdir(parents=True, exist_ok=True)  # taken before the database exists: before migrating it
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -318,7 +329,38 @@ class NodeLock:
             os.close(descriptor)
             return False
         self._file = descriptor
+        self._held = True
         return True
+
+    @property
+    def on_postgresql(self) -> bool:
+        """Whether the lock is PostgreSQL's advisory lock (else the SQLite lock file's)."""
+        return make_url(self.url).get_backend_name() == "postgresql"
+
+    def given_back(self) -> bool:
+        """On PostgreSQL, whether no connection to this database holds the lock now (without taking it); False on
+        SQLite, or when the database cannot be reached.
+
+        A waiting node takes only a lock it finds given back at two looks in a row (see
+        ``dicom_node.service.take_node_lock``): a holder whose connection ended takes it again within
+        :attr:`WATCH_SECONDS`, and only a holder that is gone leaves it free. A connection that has ended but
+        whose server process has not yet given the lock back still holds it.
+        """
+        if not self.on_postgresql:
+            return False
+        self._engine = self._engine or create_engine(self.url, poolclass=NullPool, connect_args=self.KEEPALIVE)
+        try:
+            with self._engine.connect() as connection:
+                return not connection.execute(
+                    text(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                        "AND classid = 0 AND objid::bigint = :key AND objsubid = 1)"
+                    ),
+                    {"key": NODE_LOCK_KEY},
+                ).scalar()
+        except OperationalError:
+            return False
 
     def _try_advisory_lock(self, unreachable_is_busy: bool = True) -> bool:
         """Take the advisory lock on a connection of its own; False when another node holds it or the database
@@ -331,67 +373,123 @@ class NodeLock:
                 raise
             return False
         try:
-            taken = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": NODE_LOCK_KEY}).scalar())
+            row = connection.execute(
+                text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": NODE_LOCK_KEY}
+            ).one()
             connection.commit()  # a session lock outlives the transaction: the connection holds it
+            taken = bool(row[0])
         except OperationalError:
             taken = False
         if not taken:
             connection.close()
             return False
-        self._connection = connection
+        self._connection, self._backend_pid = connection, int(row[1])
+        self._held = True
         return True
 
+    def _take_again(self) -> bool:
+        """After the lock's connection ended: take the lock again. The server tells the node a connection ends a
+        moment before that connection's process has given the lock back: while that process still holds it, the
+        lock is not another node's, so this waits for it (up to :data:`ENDING_CONNECTION_SECONDS`)."""
+        ending, deadline = self._backend_pid, time.monotonic() + ENDING_CONNECTION_SECONDS
+        while not self._try_advisory_lock():
+            if ending is None or time.monotonic() > deadline or not self._held_by(ending):
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _held_by(self, pid: int) -> bool:
+        """Whether the server process ``pid`` (this node's connection that ended) still holds the lock."""
+        assert self._engine is not None
+        try:
+            with self._engine.connect() as connection:
+                return bool(
+                    connection.execute(
+                        text(
+                            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                            "AND pid = :pid AND classid = 0 AND objid::bigint = :key AND objsubid = 1)"
+                        ),
+                        {"pid": pid, "key": NODE_LOCK_KEY},
+                    ).scalar()
+                )
+        except OperationalError:
+            return False
+
     def watch(self, on_lost: Callable[[str], object]) -> None:
-        """On PostgreSQL, check the lock's connection every :attr:`WATCH_SECONDS` from a thread of its own: a
-        connection that ended (a database restart, a failover, a dropped idle connection) gave the lock back, so
-        it is taken again; if another node took it meanwhile, ``on_lost`` is called with why."""
+        """Call ``on_lost`` with why (once) when :meth:`confirm` finds the lock lost; on PostgreSQL, also confirm
+        it every :attr:`WATCH_SECONDS` from a thread of its own."""
+        self._on_lost = on_lost
         if self._connection is None:
             return
         self._watching = threading.Event()
         stopped = self._watching
 
         def check() -> None:
-            while not stopped.wait(self.WATCH_SECONDS):
-                if self._still_held():
-                    continue
-                if self._try_advisory_lock():
-                    LOG.warning(
-                        "The connection holding this node's lock on the database ended; the lock was taken again."
-                    )
-                    continue
-                on_lost(
-                    "the connection holding this node's lock on the database ended and another dicom-node serve "
-                    "holds the database now (or it cannot be reached); this node stops, since two would send every "
-                    "result twice"
-                )
-                return
+            while not stopped.wait(self.WATCH_SECONDS) and self.confirm():
+                pass
 
         threading.Thread(target=check, name="node-lock-watch", daemon=True).start()
 
+    def confirm(self) -> bool:
+        """Whether this node still holds the lock, asked of the database now: the fence the dispatcher checks
+        before each attempt and each file it sends.
+
+        On PostgreSQL one query on the lock's own connection. A connection that ended (a database restart, a
+        failover, a dropped idle connection) gave the lock back, so it is taken again; if another node took it
+        meanwhile, the lock is lost for good: ``on_lost`` (see :meth:`watch`) is called, once, and every later
+        call answers False. On SQLite the ``flock`` is held until the process ends: True until released.
+        """
+        with self._guard:
+            if self._lost or not self._held:
+                return False
+            if not self.on_postgresql or self._still_held():
+                return True
+            if self._take_again():
+                LOG.warning("The connection holding this node's lock on the database ended; the lock was taken again.")
+                return True
+            self._lost, self._held = True, False
+        if self._on_lost is not None:
+            self._on_lost(
+                "the connection holding this node's lock on the database ended and another dicom-node serve "
+                "holds the database now (or it cannot be reached); this node stops, since two would send every "
+                "result twice"
+            )
+        return False
+
     def _still_held(self) -> bool:
+        """Whether the lock's connection is alive and holds the advisory lock (the caller holds ``_guard``)."""
         connection = self._connection
         if connection is None:
             return False
         try:
-            connection.execute(text("SELECT 1")).scalar()
+            held = connection.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND classid = 0 AND objid::bigint = :key AND objsubid = 1)"
+                ),
+                {"key": NODE_LOCK_KEY},
+            ).scalar()
             connection.commit()
-            return True
         except Exception:  # noqa: BLE001 - any failure: the connection, and with it the lock, is gone
+            held = False
+        if not held:
             with contextlib.suppress(Exception):
                 connection.close()
             self._connection = None
-            return False
+        return bool(held)
 
     def release(self) -> None:
         """Give the lock back (at a clean stop; a dead process gives it back by itself)."""
         if self._watching is not None:
             self._watching.set()
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-        if self._file is not None:
-            os.close(self._file)
-            self._file = None
+        with self._guard:
+            self._held = False
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+            if self._file is not None:
+                os.close(self._file)
+                self._file = None

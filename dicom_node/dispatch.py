@@ -18,25 +18,35 @@ lacks what; ``dicom-node retry`` sends only the missing files.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.models import Job, JobState, Series, Study, as_utc
 from db.results import DeliveryRecord, files_for, kinds_missing
-from db.session import retry_when_locked, transaction
+from db.session import (
+    DatabaseBusy,
+    is_database_locked,
+    read_outside_transaction,
+    read_row_outside_transaction,
+    retry_when_locked,
+    transaction,
+)
 from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
@@ -47,6 +57,11 @@ from dicom_node.security import client_tls
 LOG = logging.getLogger(__name__)
 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
+
+LOCK_LOST = (
+    "sending stopped: this node no longer holds its lock on the database (another dicom-node serve took over), "
+    "so that node sends the rest"
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,11 @@ RunKey = tuple[str, ...]
 
 def run_key(job: Job) -> RunKey:
     """What tells one run of a job's results from the next: the paths of its result files (each run has its own)."""
-    return tuple(f.path for f in job.result_files or [])
+    return _paths_of(job.result_files)
+
+
+def _paths_of(result_files: Sequence[Any] | None) -> RunKey:
+    return tuple(f.path for f in result_files or [])
 
 
 def describe_status(status: int) -> str:
@@ -200,13 +219,39 @@ def _no_response(destination: Destination, result: SendableFile, wait: float, wa
     return f"no response within {wait:.0f} s from {destination.ae_title} to {result.name} ({size})"
 
 
+@contextmanager
+def _reading(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for reads only, outside any transaction (as :func:`db.session.read_outside_transaction`): on
+    SQLite it takes no write lock, so another process writing meanwhile never makes it wait or fail."""
+    bind = sessions.kw["bind"]
+    if isinstance(bind, Connection):
+        with sessions() as session:
+            yield session
+        return
+    with bind.connect() as connection, sessions(bind=connection.execution_options(isolation_level="AUTOCOMMIT")) as s:
+        yield s
+
+
 class Dispatcher(PeriodicTask):
-    """Sends SENDING jobs' results; runs as a thread of ``serve``, each send in a thread of its own."""
+    """Sends SENDING jobs' results; runs as a thread of ``serve``, each send in a thread of its own.
+
+    ``holds_lock`` is the fence (:meth:`db.session.NodeLock.confirm`): asked before each attempt and each file,
+    it says whether this node still holds the database's node lock. Once it answers no, another node dispatches:
+    nothing more is sent or counted here (at most the one file then in flight reaches the PACS from both nodes,
+    with the same SOP Instance UID, as after a crash).
+    """
 
     name = "dispatch"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        holds_lock: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__(settings, sessions)
+        self._holds_lock = holds_lock or (lambda: True)
+        self._fenced = threading.Event()  # the node lock was found lost: nothing more is sent
         self._busy: set[str] = set()  # destinations with a send in flight
         self._held_until: dict[str, float] = {}  # destination -> monotonic time: held back after a send crashed
         self._busy_lock = threading.Lock()
@@ -222,7 +267,9 @@ class Dispatcher(PeriodicTask):
     def run_once(self, now: datetime | None = None) -> None:
         """One pass over SENDING jobs: each idle destination gets the oldest job that is due for it."""
         now = now or datetime.now(timezone.utc)
-        with self.sessions() as session:
+        if self._fenced.is_set():
+            return
+        with _reading(self.sessions) as session:
             snapshot = [
                 (job.id, list(job.destinations or []), dict(job.deliveries or {}))
                 for job in jobs.jobs_in_state(session, [JobState.SENDING])
@@ -238,6 +285,23 @@ class Dispatcher(PeriodicTask):
                         target=self._send_guarded, args=(job_id, name), name=f"dispatch-{name}", daemon=True
                     )
                     thread.start()
+
+    def _still_ours(self) -> bool:
+        """The fence: whether this node still holds the database's node lock (False for good once it did not)."""
+        if self._fenced.is_set():
+            return False
+        if self._holds_lock():
+            return True
+        if not self._fenced.is_set():
+            self._fenced.set()
+            log_event(
+                LOG,
+                logging.ERROR,
+                "dispatch.stopped_lock_lost",
+                note="this node's dispatcher stopped sending: the node no longer holds its lock on the database "
+                "(another dicom-node serve took over and sends the results from now on)",
+            )
+        return False
 
     def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, has used all its attempts, or has been unreachable too long."""
@@ -270,16 +334,30 @@ class Dispatcher(PeriodicTask):
 
         Without that, an attempt that fails after the destination accepted a file (say, while recording the
         delivery) would be repeated at the next pass, a second later, sending the same file again and again.
+        A database locked by another process is no fault of the destination: it waits its backoff, uncounted.
         """
         started = datetime.now(timezone.utc)
         run: list[RunKey] = []  # the run of results the attempt read, once it has
         try:
             self._attempt(job_id, destination, run)
-        except Exception:  # one failed send must not stop the dispatcher; the trace is logged
-            LOG.exception("dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}})
+        except Exception as exc:  # one failed send must not stop the dispatcher; the trace is logged
             with self._busy_lock:
                 self._held_until[destination] = time.monotonic() + self._backoff(1).total_seconds()
-            self._count_crashed_attempt(job_id, destination, started, run[0] if run else None)
+            if isinstance(exc, DatabaseBusy) or is_database_locked(exc):
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "dispatch.database_busy",
+                    job=job_id,
+                    destination=destination,
+                    note=f"sending job {job_id} to {destination} waits: the database is locked by another process; "
+                    "this does not count as an attempt, and it is tried again shortly",
+                )
+            elif self._still_ours():
+                LOG.exception(
+                    "dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}}
+                )
+                self._count_crashed_attempt(job_id, destination, started, run[0] if run else None)
         finally:
             with self._busy_lock:
                 self._busy.discard(destination)
@@ -298,9 +376,12 @@ class Dispatcher(PeriodicTask):
 
         The attempt belongs to the run of results it read (``run`` receives its key): if the series is
         re-opened and processed again meanwhile, the rest of the superseded run is not sent, and the attempt
-        is not counted against the new run.
+        is not counted against the new run. Nothing is sent, and the attempt is not counted, once this node no
+        longer holds its lock on the database (the fence, asked before the attempt and before each file).
         """
         now = datetime.now(timezone.utc)
+        if not self._still_ours():
+            return
         destination = self.settings.destinations.get(name)
         pending, error, key = self._pending_files(job_id, name, destination, now)
         if pending is None:
@@ -315,22 +396,32 @@ class Dispatcher(PeriodicTask):
                 self._dispatch.timeout_seconds,
                 seconds_per_megabyte=self._dispatch.seconds_per_megabyte,
                 on_accepted=lambda result, status: self._record_delivery(job_id, name, result, status),
-                stop_reason=lambda: self._superseded(job_id, key),
+                stop_reason=lambda: self._stop_reason(job_id, key),
             )
             error = outcome.error
             self._audit(job_id, destination, len(outcome.sent), len(pending), error)
+            if self._fenced.is_set():
+                return  # the node that holds the lock now counts its own attempts
             if outcome.unreachable:
                 self._finish_attempt(job_id, name, error, now, key, unreachable=True)
                 return
         self._finish_attempt(job_id, name, error, now, key)
 
+    def _stop_reason(self, job_id: int, key: RunKey) -> str | None:
+        """Asked before each file: why sending stops (the node lock lost, the results superseded), or None."""
+        if not self._still_ours():
+            return LOCK_LOST
+        return self._superseded(job_id, key)
+
     def _superseded(self, job_id: int, key: RunKey) -> str | None:
-        """Why the results being sent are no longer the job's to send (re-opened, or processed again), or None."""
-        with self.sessions() as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.state is JobState.SENDING and run_key(job) == key:
-                return None
-            now = "removed" if job is None else job.state.value
+        """Why the results being sent are no longer the job's to send (re-opened, or processed again), or None.
+
+        Read outside a transaction: another process writing meanwhile never makes it wait or fail.
+        """
+        row = read_row_outside_transaction(self.sessions, select(Job.state, Job.result_files).where(Job.id == job_id))
+        if row is not None and row.state is JobState.SENDING and _paths_of(row.result_files) == key:
+            return None
+        now = "removed" if row is None else row.state.value
         return (
             f"sending stopped: the series changed while job {job_id}'s results were being sent (the job is now "
             f"{now}), so the rest of these results are out of date and are not sent"
@@ -338,13 +429,13 @@ class Dispatcher(PeriodicTask):
 
     def _audit(self, job_id: int, destination: Destination, sent: int, pending: int, error: str | None) -> None:
         """One audit record per attempt: the destination, the study, how many files it accepted."""
-        with self.sessions() as session:
-            study = session.scalar(
-                select(Study.study_instance_uid)
-                .join(Series, Series.study_id == Study.id)
-                .join(Job, Job.series_id == Series.id)
-                .where(Job.id == job_id)
-            )
+        study = read_outside_transaction(
+            self.sessions,
+            select(Study.study_instance_uid)
+            .join(Series, Series.study_id == Study.id)
+            .join(Job, Job.series_id == Series.id)
+            .where(Job.id == job_id),
+        )
         outcome: audit.Outcome = "success" if error is None else ("partial" if sent else "failed")
         audit.record(
             self.sessions,
@@ -362,9 +453,9 @@ class Dispatcher(PeriodicTask):
         """The files ``name`` takes and has no delivery record of, or why none can be sent; and the run's key.
 
         None when there is nothing to attempt now: the job left SENDING, or the
-        destination is settled or not yet due (as seen in this fresh read).
+        destination is settled or not yet due (as seen in this fresh read, made outside a transaction).
         """
-        with self.sessions() as session:
+        with _reading(self.sessions) as session:
             job = session.get_one(Job, job_id)
             record = jobs.delivery_record(job, name)
             key = run_key(job)
@@ -508,8 +599,12 @@ class Dispatcher(PeriodicTask):
             log_event(LOG, level, event, job=job_id, **fields)
 
     def _settle_in(self, session, job: Job) -> list[tuple[int, str, dict]]:
-        """DONE when every destination has every file; FAILED when the rest used all their attempts."""
+        """DONE when every destination has every file; FAILED when the rest used all their attempts.
+
+        Either way, each file a destination stored with a warning status is named in the job's warnings.
+        """
         progress = jobs.delivery_progress(session, job)
+        jobs.append_warnings(job, stored_with_warnings(progress), replacing=is_stored_with_warning)
         if all(p.complete for p in progress):
             files = sum(p.total or 0 for p in progress)
             jobs.finish_sending(session, job, f"sent {files} file(s): {', '.join(p.summary() for p in progress)}")
@@ -537,6 +632,26 @@ def _missing_results(name: str, missing: list[str], series_instance_uid: str) ->
         "another configuration (a worker's config.yaml that differs from the node's, or a change since the job "
         f"ran); nothing is sent to it until `dicom-node retry {series_instance_uid}` makes them again"
     )
+
+
+STORED_WITH_WARNING = re.compile(r"^\S+ stored .+ with warning 0x[0-9A-F]{4} ")
+
+
+def stored_with_warnings(progress: list[jobs.DestinationProgress]) -> list[str]:
+    """``pacs stored seg-binary.dcm with warning 0xB006 (Element Discarded)``: one sentence per file that a
+    destination stored with a warning status (it kept the file, perhaps changed or without some elements)."""
+    return [
+        f"{p.destination} stored {Path(row.path).name} with warning {describe_status(row.status)}: "
+        "it kept the file, but may have changed or dropped part of it"
+        for p in progress
+        for row in p.delivered.values()
+        if row.status != 0x0000
+    ]
+
+
+def is_stored_with_warning(warning: str) -> bool:
+    """A job warning written by :func:`stored_with_warnings` (replaced whenever the job settles again)."""
+    return STORED_WITH_WARNING.match(warning) is not None
 
 
 def sending_failure(progress: list[jobs.DestinationProgress]) -> str:

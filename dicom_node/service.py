@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from dicom_node import security
 from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
+from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
@@ -289,7 +291,8 @@ def start_node(settings: Settings) -> RunningNode:
     except BaseException:
         node_lock.release()
         raise
-    node_lock.watch(_stop_this_node)
+    stop_first: list[PeriodicTask] = []  # what sends or deletes: stopped at once if the lock is lost
+    node_lock.watch(lambda why: _stop_this_node(settings, why, stop_first))
     store = InstanceStore(
         settings.storage.directory,
         fsync=settings.storage.fsync,
@@ -317,9 +320,10 @@ def start_node(settings: Settings) -> RunningNode:
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
     workers.start()
-    dispatcher = Dispatcher(settings, sessions)
-    dispatcher.start()
+    dispatcher = Dispatcher(settings, sessions, holds_lock=node_lock.confirm)  # fenced: only while the lock holds
     retention = RetentionTask(settings, sessions)
+    stop_first.extend([dispatcher, retention])
+    dispatcher.start()
     retention.start()
     return RunningNode(
         server=server,
@@ -354,7 +358,19 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
         taken = lock.try_take(unreachable_is_busy=False)  # a wrong URL or a database that is down fails at once
     except (SQLAlchemyError, ImportError, CommandError) as exc:
         raise DatabaseUnavailable(describe_database_error(exc, settings.database_url)) from None
-    while not taken and not (taken := lock.try_take()):
+    free_at_last_look = False
+    while not taken:
+        if lock.on_postgresql:
+            # A lock given back may be its holder's, whose connection ended while the holder runs on: it takes the
+            # lock again within its watch interval. Only a lock still free at the next look, a try later, is taken.
+            free = lock.given_back()
+            if free and free_at_last_look:
+                taken = lock.try_take()
+            free_at_last_look = free and not taken
+        else:
+            taken = lock.try_take()
+        if taken:
+            break
         waited = time.monotonic() - started
         where = lock.where
         if give_up_after is not None and waited >= give_up_after:
@@ -377,9 +393,22 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
     return lock
 
 
-def _stop_this_node(why: str) -> None:
-    """The node lost its lock on the database to another node: log why and stop as SIGTERM would."""
-    log_event(LOG, logging.ERROR, "node.lock_lost", reason=why)
+def _stop_this_node(settings: Settings, why: str, stop_first: Sequence[PeriodicTask]) -> None:
+    """The node lost its lock on the database to another node: stop at once what sends results or deletes files
+    (``stop_first``: the dispatcher, retention), log why, then stop the rest as SIGTERM would (the workers last)."""
+    for task in stop_first:
+        task.stop()
+    node = f"{settings.network.ae_title} on {worker_id()}"
+    log_event(
+        LOG,
+        logging.ERROR,
+        "node.lock_lost",
+        node=node,
+        reason=why,
+        note=f"dicom-node serve {node} lost its lock on the database: its dispatcher (no further file is sent; "
+        "one in flight gets its answer) and retention stopped at once; the receiver, the watcher and the workers "
+        "stop next",
+    )
     os.kill(os.getpid(), signal.SIGTERM)
 
 

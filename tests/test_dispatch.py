@@ -518,3 +518,91 @@ def test_a_pacs_that_refuses_the_node_is_named_with_its_reason_not_taken_for_dow
         f"{called_ae}@127.0.0.1:{orthanc.dicom_port} {reason}"
     )
     assert orthanc.get("/instances") == []
+
+
+def test_a_file_stored_with_a_warning_status_is_named_in_the_done_jobs_warnings_and_by_show(
+    processed_for_pacs, tmp_path
+):
+    """0xB006 (Element Discarded) and 0xB007: stored, so the job is DONE, but the operator is told which file."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    settings, sessions, uid, pacs = processed_for_pacs
+    pacs.statuses = [0xB006, 0xB007]
+    run_dispatcher_until(settings, sessions, uid, JobState.DONE)
+
+    with sessions() as session:
+        job = job_for_series_uid(session, uid)
+        files = [f.path.rsplit("/", 1)[-1] for f in job.result_files or []]
+        warnings = job.warnings or []
+    assert len(files) == 2
+    said = " | ".join(warnings)
+    assert f"pacs stored {files[0]} with warning 0xB006 (Element Discarded)" in said, said
+    assert f"pacs stored {files[1]} with warning 0xB007 (Data Set Does Not Match SOP Class)" in said, said
+    config = tmp_path / "show.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"directory": str(settings.storage.directory)}}))
+    shown = CliRunner().invoke(app, ["show", uid, "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    assert f"pacs stored {files[0]} with warning 0xB006" in " ".join(shown.output.split())
+
+
+def test_a_database_locked_between_two_files_is_waited_for_and_never_counted_as_an_attempt(
+    processed_for_pacs, monkeypatch
+):
+    """Another process holds the SQLite write lock longer than the busy timeout right after the first file was
+    recorded: the reads between files (superseded?, the audit's study) must not fail the attempt."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import select
+
+    from db.models import AuditEvent
+    from db.session import make_engine, make_session_factory
+    from dicom_node.dispatch import Dispatcher
+
+    settings, _, uid, pacs = processed_for_pacs
+    busy = 1.0
+    sessions = make_session_factory(make_engine(settings.database_url, busy))
+    settings = settings.model_copy(update={"dispatch": settings.dispatch.model_copy(update={"max_attempts": 1})})
+    database = settings.storage.directory / "dicom-node.db"
+    held: list[sqlite3.Connection] = []
+    record = Dispatcher._record_delivery
+
+    def record_then_another_process_writes(self, *args, **kwargs):
+        record(self, *args, **kwargs)
+        if not held:  # the lock is taken right after the first file's record, before the second file
+            holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+            holder.execute("BEGIN EXCLUSIVE")
+            held.append(holder)
+            threading.Timer(busy + 2, lambda: (holder.rollback(), holder.close())).start()
+
+    monkeypatch.setattr(Dispatcher, "_record_delivery", record_then_another_process_writes)
+    dispatcher = Dispatcher(settings, sessions)
+    dispatcher.start()
+    try:
+        wait_for(lambda: _settled_state(sessions, uid), timeout=60, interval=0.1, what="the job to settle")
+    finally:
+        dispatcher.stop()
+
+    assert held, "the lock was taken while sending"
+    with sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert job.state is JobState.DONE, job.reason
+        assert jobs.delivery_record(job, "pacs").attempts == 1
+        sends = list(session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "send")))
+    assert sends == [f"job {job.id}: 2 of 2 file(s) accepted"]  # one attempt sent both: the lock only delayed it
+    received = Counter(pacs.received)
+    assert len(received) == 2 and set(received.values()) == {1}, received
+
+
+def _settled_state(sessions, uid: str) -> JobState | None:
+    """DONE or FAILED, or None (also while the test's own lock holder keeps the database)."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        state = _state(sessions, uid)
+    except OperationalError:
+        return None
+    return state if state in (JobState.DONE, JobState.FAILED) else None
