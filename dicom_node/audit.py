@@ -46,7 +46,8 @@ class Peer:
         """The requesting peer of a pynetdicom association."""
         requestor = assoc.requestor
         address = f"{requestor.address}:{requestor.port}" if getattr(requestor, "address", None) else None
-        return cls(str(requestor.ae_title or "").strip() or None, address)
+        title = requestor.ae_title or getattr(requestor.primitive, "calling_ae_title", None)  # set once negotiated
+        return cls(str(title or "").strip() or None, address)
 
 
 def record(

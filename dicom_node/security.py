@@ -273,13 +273,13 @@ def on_requested(
     event: evt.Event,
     policy: PeerPolicy,
     caps: AssociationCaps | None = None,
-    on_rejected: Callable[[evt.Event], None] | None = None,
+    on_rejected: Callable[[evt.Event, str], None] | None = None,
 ) -> None:
     """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles.
 
     With ``caps`` (several receiving processes), ``network.maximum_associations`` counts
     the connections of every process; pynetdicom's own check sees only this one's.
-    ``on_rejected`` is called with the event of each association refused here (its audit
+    ``on_rejected`` is called with the event of each association refused here and why (its audit
     record): pynetdicom's EVT_REJECTED does not fire for a rejection sent from this handler.
 
     Fails closed: pynetdicom goes on negotiating when this handler raises, so an error while checking
@@ -305,7 +305,7 @@ def on_requested(
             assoc.acse.send_reject(0x02, 0x01, 0x01)  # transient, service user, no reason given
             if on_rejected is not None:
                 with suppress(Exception):  # the audit record is best effort here: the rejection stands
-                    on_rejected(event)
+                    on_rejected(event, "the node could not check this caller against the configured peers")
         assoc.kill()
 
 
@@ -313,7 +313,7 @@ def _admit_or_reject(
     event: evt.Event,
     policy: PeerPolicy,
     caps: AssociationCaps | None,
-    on_rejected: Callable[[evt.Event], None] | None,
+    on_rejected: Callable[[evt.Event, str], None] | None,
 ) -> None:
     assoc = event.assoc
     request = assoc.requestor.primitive
@@ -330,7 +330,7 @@ def _admit_or_reject(
         )
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
         if on_rejected is not None:
-            on_rejected(event)
+            on_rejected(event, str(found))
         assoc.kill()
         return
     if caps is not None and caps.total() > assoc.ae.maximum_associations:
@@ -346,7 +346,7 @@ def _admit_or_reject(
         )
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
         if on_rejected is not None:
-            on_rejected(event)
+            on_rejected(event, f"association limit reached ({assoc.ae.maximum_associations} open)")
         assoc.kill()
         return
     assoc.acceptor.supported_contexts = [

@@ -959,9 +959,11 @@ def test_a_caller_rejected_in_a_loop_costs_one_log_line_and_one_audit_record_per
             return list(session.scalars(select(AuditEvent).where(AuditEvent.outcome == "rejected")))
 
     records = wait_for(lambda: len(rejected()) == 2 and rejected(), timeout=10, what="two audit records")
-    assert records[0].detail is None
+    why = "no peer is configured for AE title INTRUDER calling from 127.0.0.4"
+    assert [record.peer_ae_title for record in records] == ["INTRUDER", "INTRUDER"]  # who called, and why refused
+    assert records[0].detail == why
     assert records[1].detail == (
-        f"{dropped} more association(s) from this address were rejected since the previous record and not "
+        f"{why}; {dropped} more association(s) from this address were rejected since the previous record and not "
         "recorded one by one"
     )
 

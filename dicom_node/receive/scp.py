@@ -198,7 +198,7 @@ def start_storage_scp(
         (
             evt.EVT_REQUESTED,
             on_requested,
-            [peers, shared_caps, functools.partial(_audit_rejection, sessions=context.sessions)],
+            [peers, shared_caps, lambda event, why: _audit_rejection(event, context.sessions, why)],
         ),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
@@ -593,19 +593,19 @@ def _audit_association_end(
     association_ended(sessions, event.assoc, outcome)
 
 
-def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session]) -> None:
-    """One audit record per rejected association, but at most one per address each 10 s: a caller in a loop
-    gets one record that counts the others, not a row each."""
+def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str | None = None) -> None:
+    """One audit record per rejected association, saying why, but at most one per address each 10 s: a caller in
+    a loop gets one record that counts the others, not a row each."""
     peer = Peer.of(event.assoc)
     dropped = REPEATED_REFUSALS.admit(("audit.association_rejected", event.assoc.requestor.address))
     if dropped is None:
         return
-    detail = (
-        f"{dropped} more association(s) from this address were rejected since the previous record and not "
-        "recorded one by one"
-        if dropped
-        else None
-    )
+    detail = why or _rejection_reason(event)
+    if dropped:
+        detail += (
+            f"; {dropped} more association(s) from this address were rejected since the previous record and not "
+            "recorded one by one"
+        )
     record(sessions, "association", peer, "rejected", detail=detail)
 
 
@@ -637,18 +637,23 @@ REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
 }
 
 
-def _on_rejected(event: evt.Event) -> None:
-    requestor = event.assoc.requestor
+def _rejection_reason(event: evt.Event) -> str:
+    """Why pynetdicom rejected the association, from the rejection it sent."""
     answer = event.assoc.acceptor.primitive
     key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
+    return REJECTION_REASONS.get(key, "no acceptable presentation context or other ACSE reason")
+
+
+def _on_rejected(event: evt.Event) -> None:
+    requestor = event.assoc.requestor
     log_throttled(
         LOG,
         logging.WARNING,
         "association.rejected",
         requestor.address,
-        calling_ae=requestor.ae_title,
+        calling_ae=Peer.of(event.assoc).ae_title,
         address=requestor.address,
-        reason=REJECTION_REASONS.get(key, "no acceptable presentation context or other ACSE reason"),
+        reason=_rejection_reason(event),
     )
 
 
