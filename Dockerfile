@@ -4,7 +4,11 @@
 #   docker run -d --name dicom-node -p 11112:11112 -v dicom-node-data:/data dicom-node
 #
 # Configuration: /etc/dicom-node/config.yaml (mount your own over it) and DICOM_NODE_* environment
-# variables, e.g. -e DICOM_NODE_NETWORK__ALLOWED_CALLING_AE_TITLES='["PACS","DICOMNODE"]'.
+# variables, e.g. the PACS as a peer by AE title and address (never by AE title alone), and loopback for the
+# healthcheck:
+#   -e DICOM_NODE_PEERS='{"pacs": {"ae_title": "PACS", "hosts": ["192.0.2.10"], "roles": ["store", "echo"]},
+#                         "health": {"hosts": ["127.0.0.1"], "roles": ["echo"]}}'
+# (README.md, "Docker" and "Peers and roles").
 FROM python:3.11-slim-bookworm
 
 # No apt packages: every dependency (pydicom, pynetdicom, python-gdcm, pylibjpeg-openjpeg, pyjpegls,
