@@ -310,3 +310,37 @@ def test_places_held_by_a_killed_receiving_process_are_given_back_when_it_is_sta
         if assoc.is_established:
             assoc.release()
     assert established == [True] * 4, node.log()[-3000:]
+
+
+def test_a_receiver_started_again_stops_as_the_others_do_not_killed_with_the_supervisor(tmp_path):
+    """Linux kills a process started with PR_SET_PDEATHSIG when the thread that started it ends: a receiver the
+    supervisor started again must outlive the supervisor's stop request, so shutdown stops it as it stops the
+    others (it records what it acknowledged first), not by a SIGKILL."""
+    from db.session import make_engine, make_session_factory, migrate
+    from dicom_node.config import Settings
+    from dicom_node.receive.processes import ReceiverPool
+    from dicom_node.receive.storage import InstanceStore
+    from tests.conftest import free_port
+
+    settings = Settings(storage={"directory": tmp_path / "storage"}, network={"port": free_port()}, **TWO_RECEIVERS)
+    migrate(settings.database_url)
+    pool = ReceiverPool(
+        settings, InstanceStore(settings.storage.directory), make_session_factory(make_engine(settings.database_url)), 2
+    )
+    pool.start()
+    try:
+        first = pool._processes[0]
+        os.kill(first.pid, signal.SIGKILL)
+        restarted = wait_for(
+            lambda: pool._processes[0] is not first and pool._processes[0].is_alive() and pool._processes[0],
+            timeout=60,
+            what="the receiver started again",
+        )
+        pool._stop.set()  # what shutdown asks first
+        pool._thread.join(timeout=2 * pool.CHECK_SECONDS + 1)
+        time.sleep(0.5)
+        assert restarted.is_alive()
+    finally:
+        pool.shutdown()
+    assert restarted.exitcode == 0  # stopped by SIGTERM, as the other receiver
+    assert pool._processes[1].exitcode == 0

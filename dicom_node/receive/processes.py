@@ -173,6 +173,7 @@ class ReceiverPool:
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
         self._stop = threading.Event()
+        self._stopped = threading.Event()  # set once shutdown has stopped every receiving process
         self._thread = threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)
 
     @property
@@ -228,6 +229,16 @@ class ReceiverPool:
         return process
 
     def _supervise(self) -> None:
+        """Start each receiving process that died again, until shutdown; then wait until shutdown has stopped them.
+
+        A process started here dies with this thread, not with ``serve`` (Linux ties PR_SET_PDEATHSIG to the
+        thread that started a process): were the thread to end with the stop request, the receivers it started
+        again would be killed before they record what they acknowledged, instead of stopping as the others do.
+        """
+        self._restart_dead_receivers()
+        self._stopped.wait()
+
+    def _restart_dead_receivers(self) -> None:
         while not self._stop.wait(self.CHECK_SECONDS):
             for pid in sorted(self._unrecovered):
                 self._clean_up_after(pid)
@@ -290,6 +301,7 @@ class ReceiverPool:
                 process.kill()
                 process.join(timeout=10)
             self._clean_up_after(process.pid)
+        self._stopped.set()
         self.listening.close()
 
 
