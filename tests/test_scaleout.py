@@ -349,9 +349,12 @@ def test_compose_services_run_commands_the_cli_has_with_settings_the_node_accept
 
     from dicom_node.cli import app
 
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    text = COMPOSE_FILE.read_text()
+    compose = yaml.safe_load(text)
     services = compose["services"]
     assert {"postgres", "node", "worker"} <= set(services)
+    # no well-known fallback password: compose refuses to start without one (${VAR:?...}), never uses a default
+    assert "${POSTGRES_PASSWORD:-" not in text and text.count("${POSTGRES_PASSWORD:?") == 2
     cli = typer.main.get_command(app)
     dockerfile = (COMPOSE_FILE.parent / "Dockerfile").read_text()
     storage = dockerfile.split("DICOM_NODE_STORAGE__DIRECTORY=", 1)[1].split()[0]
