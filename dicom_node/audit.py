@@ -266,7 +266,7 @@ def _tally(studies: Counter[str | None], found: list[str | None]) -> int:
     return beyond
 
 
-def _unreadable(exc: BaseException) -> str:
+def why_unreadable(exc: BaseException) -> str:
     """Why a request's identifier could not be read, for the log and the trail (no exception class names)."""
     if isinstance(exc, RecursionError):
         return "its identifier nests sequences too deeply to be read"
@@ -314,7 +314,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                 identifier = getattr(event, "identifier", None)
                 level = str(identifier.get("QueryRetrieveLevel", "")) if identifier is not None else ""
             except Exception as exc:  # noqa: BLE001 - refused below, in a sentence; the peer's bytes are at fault
-                identifier, unreadable = None, _unreadable(exc)
+                identifier, unreadable = None, why_unreadable(exc)
             values = _refusal(action, event, unreadable) if unreadable and action != "move" else handler(event, *args)
             for value in values:
                 if isinstance(value, tuple) and len(value) == 2:

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from db.models import AuditEvent
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.audit import Peer, StoreTally, association_ended, audited_retrieve, disclosed, recent, record
-from tests.conftest import DICOM_NODE, wait_for
+from tests.conftest import DICOM_NODE, free_port, wait_for
 
 
 def _sessions(tmp_path):
@@ -454,4 +454,45 @@ def test_a_real_node_answers_and_records_a_query_nested_too_deeply_to_read(tmp_p
     ]
     log = node.log()
     assert "a C-FIND from ANY was refused: its identifier nests sequences too deeply to be read" in log
+    assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_a_real_node_refuses_a_move_nested_too_deeply_to_read_in_a_sentence(tmp_path, start_node):
+    """pynetdicom needs a C-MOVE's destination before anything else, so its identifier is read by the handler:
+    one nested too deeply is refused there, logged in a sentence, and the node goes on serving."""
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_MOVE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
+
+    planner = AE(ae_title="PLANNER")  # the destination, listening: the node opens its sub-association first
+    planner.add_supported_context(Verification)
+    planner_port = free_port()
+    server = planner.start_server(("127.0.0.1", planner_port), block=False)
+    node = start_node(destinations={"planner": {"ae_title": "PLANNER", "host": "127.0.0.1", "port": planner_port}})
+    ae = AE(ae_title="ANY")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove, "1.2.840.10008.1.2")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == StudyRootQueryRetrieveInformationModelMove]
+    request = C_MOVE()
+    request.MessageID, request.AffectedSOPClassUID, request.Priority = 1, StudyRootQueryRetrieveInformationModelMove, 2
+    request.MoveDestination = "PLANNER"
+    request.Identifier = BytesIO(_nested_identifier(20_000))
+    assoc._reactor_checkpoint.clear()  # as send_c_move sends: the answer comes here (see the C-FIND test above)
+    wait_for(lambda: assoc._is_paused, what="the association's reactor to pause")
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _context_id, answer = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    server.shutdown()
+    assert answer is not None and answer.Status == 0xA900
+    assert assoc.send_c_echo().Status == 0, "the node goes on serving the association"
+    assoc.release()
+
+    log = wait_for(lambda: "retrieve.refused" in node.log() and node.log(), what="the refusal's log line")
+    assert "a retrieval by peer" in log and "its identifier nests sequences too deeply to be read" in log
     assert "Traceback" not in log and " ERROR " not in log

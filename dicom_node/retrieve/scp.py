@@ -48,7 +48,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study
-from dicom_node.audit import MAX_STUDIES_AUDITED, audited_retrieve, disclosed
+from dicom_node.audit import MAX_STUDIES_AUDITED, audited_retrieve, disclosed, why_unreadable
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import (
@@ -505,6 +505,19 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
     (hospital numbers run in sequence), so such a peer retrieves only what it was told of, by Study,
     Series or SOP Instance UID.
     """
+    try:
+        identifier = event.identifier
+        identifier.get("QueryRetrieveLevel")  # decoded here: an identifier nested too deeply fails now, in a sentence
+    except Exception as exc:  # noqa: BLE001 - the peer's bytes are at fault, whatever pydicom raises
+        log_event(
+            LOG,
+            logging.WARNING,
+            "retrieve.refused",
+            calling_ae=calling_ae,
+            address=event.assoc.requestor.address,
+            reason=f"a retrieval by peer {peer.name} was refused: {why_unreadable(exc)}",
+        )
+        return NOT_MATCHING
     try:
         if not peer.may("find") and query_level(event.identifier) == "PATIENT":
             raise QueryError(
