@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 TRAINER_TOTAL = "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
 TRAINER_FAST = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
@@ -58,6 +59,10 @@ MAX_IMPORT_GIGABYTES = 20.0
 """Largest total unpacked size ``weights import`` accepts (the five ``total`` models are about 1.2 GB)."""
 TEST_WEIGHTS_MARKERS = ("synthetic test weights", "not a trained model", "randomly initialised", "untrained")
 """Words in a dataset.json's name or description that mark weights that must not be used clinically."""
+STAGING_PREFIX = ".import-"
+"""Beside the Dataset folders: each import's staging folder (``.import-<random>``), deleted when it ends."""
+LIVE_MARK_NAME = ".alive"
+"""In a staging folder: locked by its import while it runs, so a leftover of a killed one can be told apart."""
 IMPORT_LOCK_NAME = ".import.lock"
 """Beside the Dataset folders: held while an import swaps its folders in, so imports at the same time take turns."""
 MAX_JSON_MEGABYTES = 64
@@ -142,13 +147,17 @@ def import_zip(
         a dataset folder no task uses or without the trainer folder the node loads (plans.json, dataset.json and
         checkpoint), a plans.json or dataset.json that is not a JSON object, an entry that is a symbolic link (or
         any other non-file), an entry that would land outside the weights folder, more than ``max_gigabytes``
-        unpacked, or a checkpoint that could run code when loaded. Nothing is installed then.
+        unpacked, a checkpoint that could run code when loaded, or weights the model would refuse to load (a
+        plans.json naming anything but network building blocks, a checkpoint that does not fit the network, another
+        spacing, labels numbered otherwise than the installed TotalSegmentator's class map). Nothing is installed then.
     WeightsCorrupt
         If ``sha256`` is given and the archive's hash differs.
 
     Each dataset folder is unpacked and checked in a staging folder of its own (so imports at the same time do
     not meet), then swapped in: the installed folder is renamed aside, the new one renamed in, and only then is
-    the old one deleted; if anything fails the old folder is put back, so a working install is never missing.
+    the old one deleted; if anything fails the old folder is put back, so a working install is never missing. An
+    import killed in between leaves it in its staging folder: the next import, ``weights list`` or model load puts
+    it back (:func:`recover_interrupted_imports`).
     """
     if sha256 is not None:
         actual = file_sha256(archive)
@@ -169,13 +178,17 @@ def import_zip(
         checkpoints = [n for n in bundle.namelist() if n.endswith("fold_0/checkpoint_final.pth")]
         datasets = _usable_datasets(archive, bundle)
     weights_directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=weights_directory))
+    with _swap_lock(weights_directory):  # no recovery in another process takes a staging folder not yet marked live
+        recover_interrupted_imports(weights_directory, locked=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=weights_directory))
+        alive = _mark_live(staging)
     keep_staging = False  # only when a replaced folder could not be put back: it is still in there
     try:
         unpacked_folder = staging / "unpacked"
         with zipfile.ZipFile(archive) as bundle:
             bundle.extractall(unpacked_folder)
         _refuse_unsafe_checkpoints(unpacked_folder, checkpoints)
+        _refuse_unloadable(archive, unpacked_folder, datasets)
         new_folders = [unpacked_folder / dataset for dataset in datasets]
         for trainer_folder in _trainer_folders(new_folders):
             write_manifest(trainer_folder)
@@ -187,7 +200,116 @@ def import_zip(
     finally:
         if not keep_staging:
             shutil.rmtree(staging, ignore_errors=True)
+        alive.close()  # a staging folder kept now is a leftover the next import or model load puts back
     return [weights_directory / dataset for dataset in datasets]
+
+
+def _refuse_unloadable(archive: Path, unpacked: Path, datasets: Sequence[str]) -> None:
+    """Run the checks a model runs when it loads (the network classes, the checkpoint's fit to the network, the
+    spacing, the labels against the class map) on each unpacked trainer folder before anything is installed.
+
+    Raises
+    ------
+    ValueError
+        With the sentence the model's load would give, the folder named as in the zip, and "Nothing was installed".
+    """
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import check_loadable
+
+    where = {
+        folder: (task, dataset_id, trainer) for task, e in TASK_DATASETS.items() for dataset_id, folder, trainer in e
+    }
+    for dataset in datasets:
+        task, dataset_id, trainer = where[dataset]
+        try:
+            check_loadable(ModelFolder(dataset_id, unpacked / dataset / trainer), task)
+        except ModelUnavailable as exc:
+            reason = str(exc).replace(f"{unpacked}{os.sep}", "").replace("; the model was not loaded", "").rstrip(". ")
+            raise ValueError(f"{archive}: {reason}. Nothing was installed.") from None
+
+
+def _mark_live(staging: Path) -> IO[str]:
+    """Lock a file in an import's staging folder for as long as the import runs (the lock ends with the process)."""
+    import fcntl
+
+    alive = open(staging / LIVE_MARK_NAME, "w")  # noqa: SIM115 - held until the import ends
+    fcntl.flock(alive, fcntl.LOCK_EX)
+    return alive
+
+
+def _is_live(staging: Path) -> bool:
+    """Whether an import still runs in ``staging`` (it holds the lock on its live mark)."""
+    import fcntl
+
+    try:
+        with open(staging / LIVE_MARK_NAME) as mark:
+            fcntl.flock(mark, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False  # made before live marks, or by an import killed before it marked it: none runs there
+    except OSError:
+        return True
+    return False
+
+
+def recover_interrupted_imports(weights_directory: Path, *, locked: bool = False) -> list[Path]:
+    """Put back installed weights an interrupted ``weights import`` (killed, power loss) left aside, and delete
+    what else such imports left; returns the dataset folders put back.
+
+    An import renames the installed folder into ``.import-*/replaced/`` before the new one goes in: killed between
+    the two renames, it leaves the task without weights. Each folder there whose place is empty is renamed back,
+    with a warning saying so; the rest of a staging folder no import runs in any more is deleted. Where the weights
+    folder cannot be written (a worker that may only read it), a warning names what to move back by hand.
+
+    Parameters
+    ----------
+    locked
+        The caller holds the import lock already.
+    """
+    leftovers = (
+        [p for p in weights_directory.glob(f"{STAGING_PREFIX}*") if p.is_dir()] if weights_directory.is_dir() else []
+    )
+    if not leftovers:
+        return []
+    if locked:
+        return _recover(weights_directory, leftovers)
+    try:
+        with _swap_lock(weights_directory):
+            return _recover(weights_directory, leftovers)
+    except OSError as exc:
+        for staging in leftovers:
+            for old in (staging / "replaced").glob("Dataset*"):
+                if old.is_dir() and not (weights_directory / old.name).exists():
+                    LOG.warning(
+                        "An interrupted weights import left the installed weights %s in %s, and this process cannot "
+                        "put them back (%s): move that folder back to %s by hand, or run `dicom-node weights list` "
+                        "as a user who may write there.",
+                        old.name,
+                        old.parent,
+                        (exc.strerror or "the folder cannot be written").lower(),
+                        weights_directory,
+                    )
+        return []
+
+
+def _recover(weights_directory: Path, leftovers: Sequence[Path]) -> list[Path]:
+    put_back = []
+    for staging in leftovers:
+        if _is_live(staging):
+            continue
+        for old in sorted((staging / "replaced").glob("Dataset*")):
+            target = weights_directory / old.name
+            if not old.is_dir() or target.exists() or target.is_symlink():
+                continue
+            old.rename(target)
+            put_back.append(target)
+            LOG.warning(
+                "A weights import was interrupted while it replaced %s; the weights installed before it were put "
+                "back in %s.",
+                old.name,
+                weights_directory,
+            )
+        shutil.rmtree(staging, ignore_errors=True)
+    return put_back
 
 
 def _refuse_unsafe_entry(archive: Path, info: zipfile.ZipInfo) -> None:
@@ -516,7 +638,9 @@ def is_test_weights(dataset_json: Path) -> bool:
 
 
 def installed(weights_directory: Path) -> dict[str, bool]:
-    """Each task and whether all its model folders are present."""
+    """Each task and whether all its model folders are present (weights an interrupted import left aside are put
+    back first)."""
+    recover_interrupted_imports(weights_directory)
     result = {}
     for task in TASK_DATASETS:
         try:

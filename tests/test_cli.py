@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import zipfile
 from pathlib import Path
@@ -37,18 +36,15 @@ def test_phantom_command_writes_a_readable_ct_series(tmp_path):
     assert dataset.pixel_array.shape == (64, 64)
 
 
-def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monkeypatch):
-    torch = require_extra("torch")
+def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monkeypatch, total_fast_test_weights):
+    """A zip laid out as TotalSegmentator's release (random-initialised weights: the import loads what it installs)."""
+    from tests.test_weights_import import release_entries, write_zip
+
+    require_extra("torch")
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
     config = make_config(tmp_path)
     _id, dataset, trainer = TASK_DATASETS["total_fast"][0]
-    archive = tmp_path / f"{dataset}.zip"
-    checkpoint = io.BytesIO()
-    torch.save({"network_weights": {}, "trainer_name": "nnUNetTrainer", "init_args": {}}, checkpoint)
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for name in ("plans.json", "dataset.json"):
-            bundle.writestr(f"{dataset}/{trainer}/{name}", "{}")
-        bundle.writestr(f"{dataset}/{trainer}/fold_0/checkpoint_final.pth", checkpoint.getvalue())
+    archive = write_zip(tmp_path / f"{dataset}.zip", release_entries(total_fast_test_weights))
 
     before = run("weights", "list", config=config)
     imported = run("weights", "import", str(archive), config=config)

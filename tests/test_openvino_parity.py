@@ -412,3 +412,82 @@ def test_a_model_whose_networks_disagree_on_bf16_runs_all_of_them_in_fp32_and_sa
     assert [p.network.precision for p in predictors] == ["fp32"] * 3
     agreeing = [OpenVINOPrecisions(used, fp32)] * 2
     assert _one_precision(agreeing, predictors[:2]) == used
+
+
+def test_a_conversion_of_other_weights_or_package_versions_under_this_name_is_converted_again(tmp_path, caplog):
+    """The cache name holds 16 digits of the weights' hash and the OpenVINO version only: a conversion copied or
+    renamed from other weights (a restored .openvino folder) would otherwise run under these weights' identity,
+    and one made by another torch, nnunetv2 or dynamic_network_architectures would be kept."""
+    from inference.models.openvino_backend import ConvertedModelFiles, compile_model, load_or_convert
+
+    patch = (8, 8, 8)
+    one = _tiny_folder(tmp_path / "one", b"weights one")
+    two = _tiny_folder(tmp_path / "two", b"weights two")
+    network_one, network_two = _TinyNetwork(seed=0), _TinyNetwork(seed=1)
+    load_or_convert(network_one, one, patch, 3, folder_hashes(one.path))
+    load_or_convert(network_two, two, patch, 3, folder_hashes(two.path))
+    files_one = ConvertedModelFiles.for_folder(one, folder_hashes(one.path))
+    files_two = ConvertedModelFiles.for_folder(two, folder_hashes(two.path))
+    for suffix in (".xml", ".bin", ".json"):  # weights one's conversion, under weights two's name
+        shutil.copy(files_one.xml.with_suffix(suffix), files_two.xml.with_suffix(suffix))
+
+    with caplog.at_level("WARNING", logger="inference.models.openvino_backend"):
+        model, cached = load_or_convert(network_two, two, patch, 3, folder_hashes(two.path))
+
+    assert not cached
+    assert (
+        f"The cached OpenVINO model {files_two.xml.name} does not belong to the Dataset297 weights being loaded (it "
+        "was converted from other weight files); converting it again."
+    ) in caplog.text
+    x = np.random.default_rng(0).standard_normal((1, 1, *patch)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        expected = network_two(torch.from_numpy(x)).numpy()
+    assert np.abs(compile_model(model, "fp32", 1)({0: x})[0] - expected).max() < 1e-4  # weights two's network
+    assert load_or_convert(network_two, two, patch, 3, folder_hashes(two.path))[1]  # the new record is trusted
+
+    record = json.loads(files_two.record.read_text())
+    record["versions"]["torch"] = "1.0.0"  # converted by another exporter
+    files_two.record.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inference.models.openvino_backend"):
+        assert not load_or_convert(network_two, two, patch, 3, folder_hashes(two.path))[1]
+    assert "(it was converted with torch 1.0.0, not " in caplog.text
+    written = json.loads(files_two.record.read_text())
+    assert written["weights_sha256"] != json.loads(files_one.record.read_text())["weights_sha256"]
+    assert len(written["weights_sha256"]) == 64 and written["dataset_id"] == 297
+    assert set(written["versions"]) == {"torch", "nnunetv2", "dynamic_network_architectures", "openvino"}
+
+
+def test_temporary_files_a_killed_cache_write_left_are_deleted_when_converting(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from inference.models.openvino_backend import ABANDONED_AFTER_S, ConvertedModelFiles, load_or_convert
+
+    folder = _tiny_folder(tmp_path, b"weights one")
+    files = ConvertedModelFiles.for_folder(folder, folder_hashes(folder.path))
+    files.xml.parent.mkdir(parents=True)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)  # a process that has ended: its write can never finish
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    abandoned = files.xml.with_name(f"{files.xml.stem}.tmp-{dead_pid}.bin")
+    in_progress = files.xml.with_name(f"{files.xml.stem}.tmp-{writer.pid}.bin")  # its writer still runs
+    recent = files.xml.with_name(f"{files.xml.stem}.tmp-{dead_pid}.xml")
+    for path in (abandoned, in_progress, recent):
+        path.write_bytes(b"half a model")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    for path in (abandoned, in_progress):
+        os.utime(path, (old, old))
+
+    try:
+        load_or_convert(_TinyNetwork(), folder, (8, 8, 8), 3, folder_hashes(folder.path))
+    finally:
+        writer.communicate(b"", timeout=60)
+
+    assert not abandoned.exists()
+    assert in_progress.exists()  # a slow write of a process that still runs is left alone
+    assert recent.exists()  # too young to tell from a write on another machine sharing the folder
+    assert files.record.is_file()

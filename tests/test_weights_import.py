@@ -166,6 +166,27 @@ def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
         ("plans-not-json", rf"{DATASET}/{TRAINER}/plans\.json is not a JSON object .*, so nothing was installed"),
         ("dataset-a-list", rf"{DATASET}/{TRAINER}/dataset\.json is not a JSON object .*, so nothing was installed"),
         ("unknown-dataset", r"holds Dataset999_Other, which none of the node's tasks uses \(they use Dataset291, "),
+        (  # what the model would refuse to load is refused before it replaces the working install
+            "swapped-labels",
+            rf": the weights in {DATASET}/{TRAINER} do not label the structures as the installed TotalSegmentator "
+            r"\S+ names them \(2 label numbers name another structure, e\.g\. 2 is 'kidney_left' in the weights and "
+            r"'kidney_right' in the package\): .*of one release\. Nothing was installed\.$",
+        ),
+        (
+            "foreign-checkpoint",
+            rf": {DATASET}/{TRAINER}/fold_0/checkpoint_final\.pth does not fit the network that {DATASET}/{TRAINER}/"
+            r"plans\.json and dataset\.json describe \(1 layer\(s\) differ in size, .*\. Nothing was installed\.$",
+        ),
+        (
+            "other-spacing",
+            rf": the weights in {DATASET}/{TRAINER} work at 6 x 6 x 6 mm spacing \(plans\.json\), where this task's "
+            rf"models work at 3 mm; install the release zip of {DATASET}\. Nothing was installed\.$",
+        ),
+        (
+            "plans-class",
+            rf": {DATASET}/{TRAINER}/plans\.json names the class 'torch\.nn\.modules\.module\.torch\.nn\.Conv3d' as "
+            r"conv_op \(arch_kwargs\), which is not a network building block .*\. Nothing was installed\.$",
+        ),
     ],
 )
 def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
@@ -184,6 +205,18 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
         entries = {**release, plans: b"not json at all"}
     elif kind == "dataset-a-list":
         entries = {**release, description: b"[1, 2, 3]"}
+    elif kind == "swapped-labels":
+        entries = {**release, description: _swap_kidneys(release[description])}
+    elif kind == "foreign-checkpoint":
+        checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
+        entries = {**release, checkpoint: _resize_first_layer(release[checkpoint])}
+    elif kind == "other-spacing":
+        entries = {**release, plans: _change_architecture(release[plans], spacing=[6.0, 6.0, 6.0])}
+    elif kind == "plans-class":
+        entries = {
+            **release,
+            plans: _change_architecture(release[plans], conv_op="torch.nn.modules.module.torch.nn.Conv3d"),
+        }
     else:
         entries = {**release, **{n.replace(DATASET, "Dataset999_Other"): c for n, c in release.items()}}
     archive = write_zip(tmp_path / f"{kind}.zip", entries, links)
@@ -198,6 +231,38 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
     assert _fingerprint(installed) == before
     assert _no_staging_left(installed)
     identify("total_fast", model_folders("total_fast", installed))  # still verifies
+
+
+def _swap_kidneys(dataset_json: bytes) -> bytes:
+    described = json.loads(dataset_json)
+    labels = described["labels"]
+    labels["kidney_left"], labels["kidney_right"] = labels["kidney_right"], labels["kidney_left"]
+    return json.dumps(described).encode()
+
+
+def _resize_first_layer(checkpoint: bytes) -> bytes:
+    """The checkpoint with its first layer's weights of another size (as another model's checkpoint has)."""
+    import io
+
+    import torch
+
+    from inference.models.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(Path("checkpoint_final.pth"), checkpoint)
+    first = next(iter(loaded["network_weights"]))
+    loaded["network_weights"][first] = torch.zeros(1)
+    written = io.BytesIO()
+    torch.save(loaded, written)
+    return written.getvalue()
+
+
+def _change_architecture(plans: bytes, spacing: list[float] | None = None, **arch_kwargs: object) -> bytes:
+    described = json.loads(plans)
+    configuration = described["configurations"]["3d_fullres"]
+    if spacing is not None:
+        configuration["spacing"] = spacing
+    configuration["architecture"]["arch_kwargs"].update(arch_kwargs)
+    return json.dumps(described).encode()
 
 
 def test_import_replaces_a_working_install_only_with_a_complete_one(installed, release, tmp_path):
@@ -266,6 +331,82 @@ def test_an_import_that_fails_while_unpacking_leaves_no_staging_folder_and_the_i
     assert f"import failed: {archive} is not a zip file, or it is damaged (copy it again)" in result.stderr
     assert _fingerprint(installed) == before
     assert _no_staging_left(installed)
+
+
+_KILLED_WHILE_SWAPPING = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import inference.weights as weights
+rename = Path.rename
+def rename_then_die(self, target):
+    moved = rename(self, target)
+    if Path(target).parent.name == "replaced":  # the installed folder was just put aside, the new one not yet in
+        os.kill(os.getpid(), signal.SIGKILL)
+    return moved
+Path.rename = rename_then_die
+weights.import_zip(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def _kill_an_import_while_it_swaps(archive: Path, weights: Path) -> None:
+    """Run an import in a process that is killed (SIGKILL, as by power loss) right after it put the installed
+    folder aside, and check it left the task without weights."""
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_SWAPPING, str(archive), str(weights), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert not (weights / DATASET).exists()
+    assert [p.name for p in weights.glob(".import-*/replaced/*")] == [DATASET]
+
+
+def test_weights_a_killed_import_left_aside_are_put_back_by_weights_list(installed, release, tmp_path):
+    before = _fingerprint(installed)
+    _kill_an_import_while_it_swaps(write_zip(tmp_path / f"{DATASET}.zip", release), installed)
+
+    result = run("weights", "list", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"total_fast\s+installed", result.stdout), result.stdout
+    assert (
+        f"A weights import was interrupted while it replaced {DATASET}; the weights installed before it were put "
+        f"back in {installed}."
+    ) in result.stderr
+    assert _fingerprint(installed) == before
+    assert _no_staging_left(installed)
+
+
+def test_weights_a_killed_import_left_aside_are_put_back_when_the_model_loads(installed, release, tmp_path, caplog):
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    before = _fingerprint(installed)
+    _kill_an_import_while_it_swaps(write_zip(tmp_path / f"{DATASET}.zip", release), installed)
+
+    with caplog.at_level(logging.WARNING, logger="inference.weights"):
+        model = TotalSegmentatorModel("total_fast", installed, device="cpu", backend="torch")
+
+    assert model.weights.folder_hashes
+    assert f"A weights import was interrupted while it replaced {DATASET}" in caplog.text
+    assert _fingerprint(installed) == before
+    assert _no_staging_left(installed)
+
+
+def test_the_next_import_clears_what_a_killed_import_left_and_installs(installed, release, tmp_path):
+    """Killed after its new folder went in, an import leaves the old folder in its staging folder: the next
+    import deletes it (a leftover never holds gigabytes for ever) and installs as usual."""
+    archive = write_zip(tmp_path / f"{DATASET}.zip", release)
+    _kill_an_import_while_it_swaps(archive, installed)
+    (installed / DATASET).mkdir()  # as if the new folder had gone in: the one aside is no longer missing
+
+    result = run("weights", "import", str(archive), config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert "put back" not in result.stderr
+    assert _no_staging_left(installed)
+    identify("total_fast", model_folders("total_fast", installed))
 
 
 # 4. A model with its own weights folder: --model installs there, and the "missing" sentence says so.

@@ -85,8 +85,17 @@ def test_weights_import_refuses_a_malicious_checkpoint_and_installs_nothing(tmp_
     assert not (tmp_path / "storage" / "weights" / DATASET).exists()
 
 
-def test_weights_import_checks_the_published_sha256(tmp_path):
-    archive = _weights_zip(tmp_path / f"{DATASET}.zip", _data_checkpoint())
+def _release_zip(weights: Path, path: Path) -> Path:
+    """A zip of the total_fast weights in ``weights`` as the release holds them (no manifest)."""
+    with zipfile.ZipFile(path, "w") as bundle:
+        for file in sorted((weights / DATASET).rglob("*")):
+            if file.is_file() and file.name != MANIFEST_NAME:
+                bundle.write(file, file.relative_to(weights).as_posix())
+    return path
+
+
+def test_weights_import_checks_the_published_sha256(total_fast_test_weights, tmp_path):
+    archive = _release_zip(total_fast_test_weights, tmp_path / f"{DATASET}.zip")
     published = hashlib.sha256(archive.read_bytes()).hexdigest()
 
     with pytest.raises(WeightsCorrupt, match="not the expected"):
@@ -109,10 +118,8 @@ def test_weights_import_refuses_an_archive_that_unpacks_past_the_cap(tmp_path):
     assert not (tmp_path / "weights" / DATASET).exists()
 
 
-def test_identity_names_the_files_and_catches_a_changed_checkpoint(tmp_path):
-    import_zip(
-        _weights_zip(tmp_path / "w.zip", _data_checkpoint(), "SYNTHETIC TEST WEIGHTS: Not a trained model."), tmp_path
-    )
+def test_identity_names_the_files_and_catches_a_changed_checkpoint(total_fast_test_weights, tmp_path):
+    import_zip(_release_zip(total_fast_test_weights, tmp_path / "w.zip"), tmp_path)  # SYNTHETIC TEST WEIGHTS
     folders = model_folders("total_fast", tmp_path)
 
     identity = identify("total_fast", folders)
@@ -138,17 +145,144 @@ def test_weights_placed_by_hand_get_a_manifest_on_first_use(tmp_path):
     assert (folder / MANIFEST_NAME).is_file() and not identity.test_weights
 
 
-def test_plans_may_only_name_network_building_blocks(tmp_path):
-    good = SimpleNamespace(
-        network_arch_class_name="dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        network_arch_init_kwargs={"conv_op": "torch.nn.modules.conv.Conv3d", "dropout_op": None},
-        network_arch_init_kwargs_req_import=["conv_op", "dropout_op"],
-    )
-    check_network_classes(good, tmp_path / "plans.json")
+_NETWORK = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+_GOOD_KWARGS = {
+    "conv_op": "torch.nn.modules.conv.Conv3d",
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None,
+    "nonlin": "torch.nn.LeakyReLU",  # exported by torch.nn, defined in torch.nn.modules.activation: as the release
+    "nonlin_kwargs": {"inplace": True},
+}
 
-    bad = SimpleNamespace(**{**vars(good), "network_arch_init_kwargs": {"conv_op": "os.system", "dropout_op": None}})
-    with pytest.raises(UnsafeWeights, match=r"names the class 'os\.system', which is not a network building block"):
-        check_network_classes(bad, tmp_path / "plans.json")
+
+def _plans(network: str = _NETWORK, **changes: object) -> SimpleNamespace:
+    return SimpleNamespace(
+        network_arch_class_name=network,
+        network_arch_init_kwargs={**_GOOD_KWARGS, **changes},
+        network_arch_init_kwargs_req_import=["conv_op", "norm_op", "dropout_op", "nonlin"],
+    )
+
+
+def test_plans_may_only_name_network_building_blocks(tmp_path):
+    check_network_classes(_plans(), tmp_path / "plans.json")
+
+    with pytest.raises(UnsafeWeights, match=r"names the class 'os\.system' as conv_op \(arch_kwargs\), which is not"):
+        check_network_classes(_plans(conv_op="os.system"), tmp_path / "plans.json")
+
+
+@pytest.mark.parametrize(
+    ("plans", "said"),
+    [
+        (  # pydoc.locate follows attributes: this is torch.hub.load, which imports a hubconf.py and runs it
+            _plans("torch.nn.modules.module.torch.hub.load"),
+            r"names the class 'torch\.nn\.modules\.module\.torch\.hub\.load' as the network \(network_class_name\), "
+            r"which is not a network building block \(it must be a class of dynamic_network_architectures",
+        ),
+        (
+            _plans(nonlin="torch.nn.modules.module.torch.hub.load"),
+            r"names the class 'torch\.nn\.modules\.module\.torch\.hub\.load' as nonlin \(arch_kwargs\)",
+        ),
+        (  # a real class, reached through another module's attribute
+            _plans(conv_op="torch.nn.modules.module.torch.nn.Conv3d"),
+            r"names the class 'torch\.nn\.modules\.module\.torch\.nn\.Conv3d' as conv_op",
+        ),
+        (  # a function of torch.nn, not a class
+            _plans(nonlin="torch.nn.functional.leaky_relu"),
+            r"names the class 'torch\.nn\.functional\.leaky_relu' as nonlin",
+        ),
+        (  # an operation where the network belongs
+            _plans("torch.nn.modules.conv.Conv3d"),
+            r"names the class 'torch\.nn\.modules\.conv\.Conv3d' as the network",
+        ),
+        (
+            _plans(repo_or_dir="/weights", source="local"),
+            r"gives PlainConvUNet the setting 'repo_or_dir' \(arch_kwargs\), which it does not take",
+        ),
+        (
+            _plans(num_classes=200),
+            r"gives PlainConvUNet the setting 'num_classes' \(arch_kwargs\), which it does not take",
+        ),
+        (
+            _plans(nonlin_kwargs={"inplace": True, "source": "local"}),
+            r"gives LeakyReLU the setting 'source' \(nonlin_kwargs\), which it does not take",
+        ),
+    ],
+    ids=[
+        "attribute-walk-network",
+        "attribute-walk-nonlin",
+        "class-through-attribute",
+        "function",
+        "op-as-network",
+        "undeclared-setting",
+        "setting-nnunet-passes",
+        "undeclared-op-setting",
+    ],
+)
+def test_plans_naming_anything_but_a_building_block_or_its_settings_are_refused_with_a_sentence(tmp_path, plans, said):
+    with pytest.raises(UnsafeWeights, match=said) as refused:
+        check_network_classes(plans, tmp_path / "plans.json")
+    assert str(refused.value).startswith(f"{tmp_path / 'plans.json'} ")
+    assert "the model was not loaded" in str(refused.value)
+
+
+def _hub_plans_release(weights: Path, source: Path, installed_trainer: Path, marker: Path) -> None:
+    """The test release with a plans.json whose network is ``torch.hub.load`` (by an attribute walk) of a
+    hubconf.py beside it that writes ``marker``: code that would run when the network is built."""
+    import shutil
+
+    shutil.copytree(weights / DATASET, source / DATASET, ignore=shutil.ignore_patterns(MANIFEST_NAME))
+    trainer = source / DATASET / TRAINER
+    plans = json.loads((trainer / "plans.json").read_text())
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    architecture["network_class_name"] = "torch.nn.modules.module.torch.hub.load"
+    architecture["arch_kwargs"].update(repo_or_dir=str(installed_trainer), model="net", source="local")
+    (trainer / "plans.json").write_text(json.dumps(plans))
+    (trainer / "hubconf.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "def net(**kwargs):\n"
+        "    from dynamic_network_architectures.architectures.unet import PlainConvUNet\n"
+        "    return PlainConvUNet(**kwargs)\n"
+    )
+
+
+def test_plans_that_would_run_a_hubconf_from_the_zip_are_refused_at_import_and_at_load(
+    total_fast_test_weights, tmp_path
+):
+    """The reviewer's finding: ``torch.nn.modules.module.torch.hub.load`` passed a prefix check; nnU-Net then
+    imported a hubconf.py the same zip installed. Neither ``weights import`` nor the model may get that far."""
+    import shutil
+
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "storage" / "weights"
+    _hub_plans_release(total_fast_test_weights, tmp_path / "src", weights / DATASET / TRAINER, marker)
+    archive = _release_zip(tmp_path / "src", tmp_path / f"{DATASET}.zip")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+
+    result = subprocess.run(
+        [DICOM_NODE, "weights", "import", str(archive), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"import failed: {archive}: {DATASET}/{TRAINER}/plans.json names the class "
+        "'torch.nn.modules.module.torch.hub.load' as the network (network_class_name), which is not a network "
+        "building block (it must be a class of dynamic_network_architectures, named by the module that defines or "
+        "exports it). Nothing was installed."
+    )
+    assert not (weights / DATASET).exists() and not marker.exists()
+
+    shutil.copytree(tmp_path / "src" / DATASET, weights / DATASET)  # placed by hand instead
+    with pytest.raises(ModelUnavailable, match=r"plans\.json names the class 'torch\.nn\.modules\.module\.torch\.hub"):
+        TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    assert not marker.exists()
 
 
 def test_weights_import_command_refuses_a_file_that_is_not_the_published_release(tmp_path):

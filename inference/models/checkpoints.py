@@ -19,9 +19,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-ALLOWED_CLASS_PREFIXES = ("torch.nn.", "dynamic_network_architectures.")
-"""Where the classes a plans.json names (network, convolution, norm, nonlinearity) may come from."""
-
 
 class UnsafeWeights(RuntimeError):
     """A weights folder holds something other than weights and plans; it is not loaded."""
@@ -123,19 +120,93 @@ def read_weights_json(path: Path, data: bytes) -> dict[str, Any]:
 
 
 def check_network_classes(configuration_manager: Any, path: Path) -> None:
-    """Refuse plans whose network description names classes outside the network packages.
+    """Refuse plans whose network description names anything but network building blocks, or settings they lack.
 
-    nnU-Net imports these names and calls them while building the network, so a plans.json
-    naming any other callable could run it.
+    nnU-Net finds these names with ``pydoc.locate``, which follows attributes (``torch.nn.modules.module.torch.hub.load``
+    is ``torch.hub.load``), and calls what it finds with the plans' ``arch_kwargs``: so each name must be a class of
+    the package its role allows (the network of dynamic_network_architectures, the operations of torch.nn), named by
+    the module that defines or exports it, and every setting must be one its constructor declares.
     """
     kwargs = configuration_manager.network_arch_init_kwargs or {}
-    names = [configuration_manager.network_arch_class_name]
-    names += [kwargs.get(key) for key in configuration_manager.network_arch_init_kwargs_req_import or ()]
-    for name in names:
-        if name is not None and not str(name).startswith(ALLOWED_CLASS_PREFIXES):
+    network_name = configuration_manager.network_arch_class_name
+    network = _building_block(network_name, NETWORK_PACKAGE, "the network (network_class_name)", path)
+    if not isinstance(kwargs, dict):
+        raise UnsafeWeights(f"{path} gives the network's settings (arch_kwargs) as something other than a table")
+    _refuse_undeclared(network, kwargs, "arch_kwargs", path, _PASSED_BY_NNUNET)
+    for key in configuration_manager.network_arch_init_kwargs_req_import or ():
+        name = kwargs.get(key)
+        if name is None:
+            continue
+        operation = _building_block(name, OPERATIONS_PACKAGE, f"{key} (arch_kwargs)", path)
+        settings = kwargs.get(f"{key}_kwargs")
+        if isinstance(settings, dict):
+            _refuse_undeclared(operation, settings, f"{key}_kwargs", path)
+
+
+NETWORK_PACKAGE = "dynamic_network_architectures"
+"""Where the network class a plans.json names must come from."""
+OPERATIONS_PACKAGE = "torch.nn"
+"""Where the convolution, norm, dropout and nonlinearity classes a plans.json names must come from."""
+_PASSED_BY_NNUNET = ("input_channels", "num_classes")
+"""Constructor arguments nnU-Net gives the network itself: a plans.json setting them would collide."""
+
+
+def _building_block(name: object, package: str, role: str, path: Path) -> type:
+    """The class ``name`` stands for, if it is a torch module class of ``package`` named where it lives.
+
+    Raises
+    ------
+    UnsafeWeights
+        Naming the plans file, the class and its role, for anything else (a function, an object reached through
+        another module's attributes, a class of another package).
+    """
+    import importlib
+    import pydoc
+
+    import torch
+
+    refused = UnsafeWeights(
+        f"{path} names the class {str(name)!r} as {role}, which is not a network building block (it must be a "
+        f"class of {package}, named by the module that defines or exports it); the model was not loaded"
+    )
+    if not isinstance(name, str):
+        raise refused
+    module_name, _dot, class_name = name.rpartition(".")
+    in_package = module_name == package or module_name.startswith(f"{package}.")
+    if not in_package or not all(part.isidentifier() for part in name.split(".")):
+        raise refused
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise refused from None
+    found = getattr(module, class_name, None)
+    if not (
+        isinstance(found, type)
+        and issubclass(found, torch.nn.Module)
+        and found.__qualname__ == class_name
+        and (found.__module__ == module_name or found.__module__.startswith(f"{module_name}."))
+        and pydoc.locate(name) is found  # what nnU-Net will find under that name
+    ):
+        raise refused
+    return found
+
+
+def _refuse_undeclared(
+    block: type, settings: dict[str, Any], where: str, path: Path, reserved: tuple[str, ...] = ()
+) -> None:
+    """Refuse settings that ``block``'s constructor does not declare by name (or that nnU-Net passes itself)."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(block).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    declared = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in settings:
+        if key not in declared or key in reserved:
             raise UnsafeWeights(
-                f"{path} names the class {str(name)!r}, which is not a network building block "
-                f"(allowed: {', '.join(ALLOWED_CLASS_PREFIXES)}); the model was not loaded"
+                f"{path} gives {block.__name__} the setting {str(key)!r} ({where}), which it does not take; the "
+                "model was not loaded"
             )
 
 

@@ -14,9 +14,11 @@ Converting a network takes minutes, so the converted model is cached next to the
 
 The name holds the weights' SHA-256 (from the manifest ``inference.weights`` verified at load)
 and the OpenVINO version, so new weights or a new runtime convert again. The ``.json`` beside
-it records the SHA-256 of the ``.xml`` and ``.bin``; a cache whose files do not match it, or
-that does not read back with the expected input and output shapes, is converted again rather
-than trusted. The model is saved in FP32; the precision (FP32 or BF16) is chosen when it is
+it records the SHA-256 of the ``.xml`` and ``.bin``, the whole SHA-256 of the weights, the dataset
+id and the torch, nnunetv2, dynamic_network_architectures and OpenVINO versions; a cache whose
+files do not match it, whose record names other weights or versions (a conversion copied or
+renamed from elsewhere), or that does not read back with the expected input and output shapes,
+is converted again rather than trusted. The model is saved in FP32; the precision (FP32 or BF16) is chosen when it is
 compiled, so one conversion serves both.
 
 Instance normalisation is rewritten before compiling (:func:`stabilise_instance_norms`):
@@ -120,10 +122,12 @@ def load_or_convert(
 
     files = ConvertedModelFiles.for_folder(folder, hashes)
     input_shape = (1, 1, *patch_size)
-    cached = _read_cache(files, input_shape, outputs)
+    made_from = conversion_source(folder, hashes)
+    cached = _read_cache(files, input_shape, outputs, made_from)
     if cached is not None:
         stabilise_instance_norms(cached)
         return cached, True
+    _remove_abandoned_writes(files)
     started = time.perf_counter()
     model = convert(network, input_shape)
     LOG.info(
@@ -132,7 +136,7 @@ def load_or_convert(
         time.perf_counter() - started,
     )
     try:
-        _write_cache(openvino, model, files, input_shape, outputs)
+        _write_cache(openvino, model, files, input_shape, outputs, made_from)
     except OSError as exc:
         LOG.warning(
             "The converted Dataset%d model could not be saved in %s (%s); it will be converted again next start.",
@@ -224,13 +228,59 @@ def _mean_axis_by_axis(ops: Any, values: Any, dims: list[int]) -> Any:
     return result
 
 
-def _read_cache(files: ConvertedModelFiles, input_shape: tuple[int, ...], outputs: int) -> Any | None:
+CONVERSION_PACKAGES = ("torch", "nnunetv2", "dynamic_network_architectures", "openvino")
+"""The packages whose versions a conversion depends on: the exporter, the network's forward pass, the runtime."""
+
+
+def conversion_source(folder: ModelFolder, hashes: dict[str, str]) -> dict[str, Any]:
+    """What a conversion is made from, as its record holds it: the whole SHA-256 over the weight files read, the
+    dataset id, and the versions of the packages that export and define the network."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in CONVERSION_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"weights_sha256": _folder_digest(hashes), "dataset_id": folder.dataset_id, "versions": versions}
+
+
+def _differs_from(record: dict[str, Any], made_from: dict[str, Any]) -> str | None:
+    """How the source a cache record names differs from ``made_from``, in words; None when it is the same."""
+    if record.get("weights_sha256") != made_from["weights_sha256"]:
+        return "it was converted from other weight files"
+    if record.get("dataset_id") != made_from["dataset_id"]:
+        return f"it was converted for Dataset{record.get('dataset_id')}, not Dataset{made_from['dataset_id']}"
+    versions = record.get("versions")
+    recorded: dict[str, Any] = versions if isinstance(versions, dict) else {}
+    for package, installed in made_from["versions"].items():
+        if recorded.get(package) != installed:
+            return (
+                f"it was converted with {package} {recorded.get(package, 'of an unrecorded version')}, not {installed}"
+            )
+    return None
+
+
+def _read_cache(
+    files: ConvertedModelFiles, input_shape: tuple[int, ...], outputs: int, made_from: dict[str, Any]
+) -> Any | None:
     import openvino
 
     if not (files.xml.is_file() and files.bin.is_file() and files.record.is_file()):
         return None
     try:
         record = json.loads(files.record.read_text())
+        differs = _differs_from(record, made_from)
+        if differs is not None:
+            LOG.warning(
+                "The cached OpenVINO model %s does not belong to the Dataset%d weights being loaded (%s); converting "
+                "it again.",
+                files.xml.name,
+                made_from["dataset_id"],
+                differs,
+            )
+            return None
         if record.get("xml_sha256") != file_sha256(files.xml) or record.get("bin_sha256") != file_sha256(files.bin):
             LOG.warning("The cached OpenVINO model %s does not match its record; converting it again.", files.xml.name)
             return None
@@ -246,8 +296,42 @@ def _read_cache(files: ConvertedModelFiles, input_shape: tuple[int, ...], output
         return None
 
 
+def _remove_abandoned_writes(files: ConvertedModelFiles) -> None:
+    """Delete this cache entry's temporary files that a writer killed mid-save left (no process of that id runs
+    here, and they are over an hour old); a save in progress is never touched."""
+    now = time.time()
+    for stale in files.xml.parent.glob(f"{files.xml.stem}.tmp-*"):
+        pid = stale.name.removeprefix(f"{files.xml.stem}.tmp-").split(".", 1)[0]
+        try:
+            if not pid.isdigit() or _process_runs(int(pid)) or now - stale.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            stale.unlink()
+        except OSError:
+            continue
+        LOG.info("Deleted %s, left by a conversion that was interrupted while saving.", stale)
+
+
+ABANDONED_AFTER_S = 3600.0
+"""Age after which a temporary cache file whose writer no longer runs is deleted (a save takes seconds)."""
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_cache(
-    openvino: Any, model: Any, files: ConvertedModelFiles, input_shape: tuple[int, ...], outputs: int
+    openvino: Any,
+    model: Any,
+    files: ConvertedModelFiles,
+    input_shape: tuple[int, ...],
+    outputs: int,
+    made_from: dict[str, Any],
 ) -> None:
     """Save under temporary names, then rename: a reader never sees half a model (the record goes last)."""
     files.xml.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +346,7 @@ def _write_cache(
             "input_shape": list(input_shape),
             "outputs": outputs,
             "openvino": runtime_version(),
+            **made_from,
         }
         files.record.unlink(missing_ok=True)
         os.replace(bin_tmp, files.bin)

@@ -41,7 +41,14 @@ import numpy as np
 from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor
 from inference.volume import Volume
-from inference.weights import ModelFolder, WeightsCorrupt, WeightsMissing, identify, model_folders
+from inference.weights import (
+    ModelFolder,
+    WeightsCorrupt,
+    WeightsMissing,
+    identify,
+    model_folders,
+    recover_interrupted_imports,
+)
 
 LOG = logging.getLogger(__name__)
 TASK_SPACING_MM = {"total": 1.5, "total_fast": 3.0}
@@ -65,6 +72,7 @@ class TotalSegmentatorModel:
         model_name: str | None = None,
     ) -> None:
         try:
+            recover_interrupted_imports(weights_directory)  # weights a killed import left aside
             folders = model_folders(task, weights_directory, model=model_name)  # the name: its own weights folder
             self.weights = identify(task, folders)
         except (WeightsMissing, WeightsCorrupt) as exc:
@@ -73,7 +81,7 @@ class TotalSegmentatorModel:
             with _quiet():  # nnU-Net prints path notices at import; they are not ours to show
                 import torch
                 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-                from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+                from totalsegmentator.map_to_binary import class_map
         except ImportError as exc:
             raise ModelUnavailable(
                 f"the totalsegmentator model needs torch, nnunetv2 and totalsegmentator installed: {exc}"
@@ -122,22 +130,9 @@ class TotalSegmentatorModel:
                     "import at the same time?), so the results could not say which weights made them; it was not "
                     "loaded: start the worker again"
                 )
-            _check_dataset(predictor, folder, self.spacing_mm)
+            lookup = _check_folder(predictor, folder, task)
             if backend == "openvino":
                 compiled.append(_use_openvino(predictor, folder, loaded, precision, cpu_threads, self.spacing_mm))
-            lookup = None
-            expected = self.classes
-            if task == "total":
-                part = map_taskid_to_partname_ct[folder.dataset_id]
-                expected = class_map_5_parts[part]
-                lookup = _part_lookup(expected, self.classes)
-            mismatch = label_mismatch(predictor.dataset_json.get("labels") or {}, expected)
-            if mismatch is not None:
-                raise ModelUnavailable(
-                    f"the weights in {folder.path} do not label the structures as the installed TotalSegmentator "
-                    f"{self.software_versions['totalsegmentator']} names them ({mismatch}): every segment would be "
-                    "named wrongly; install the weights and the totalsegmentator package of one release"
-                )
             self.predictors.append((predictor, lookup))
         if compiled:
             self.precision = _one_precision(compiled, [predictor for predictor, _ in self.predictors])
@@ -226,6 +221,64 @@ def _one_precision(compiled: list[OpenVINOPrecisions], predictors: list[Any]) ->
         predictor.network = OpenVINONetwork(part.fp32, "fp32")
         use_streams(predictor)
     return "fp32"
+
+
+def check_loadable(folder: ModelFolder, task: str) -> None:
+    """Run the checks a model runs when it loads on one trainer folder of ``task``, on the CPU, and keep nothing:
+    ``weights import`` refuses what the node would refuse to load before it installs anything.
+
+    Raises
+    ------
+    ModelUnavailable
+        With the sentence the model's load would give.
+    """
+    try:
+        with _quiet():
+            import torch
+            import totalsegmentator.map_to_binary  # noqa: F401 - the class maps the labels are checked against
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f"the weights cannot be checked as the model would load them without torch, nnunetv2 and "
+            f"totalsegmentator installed ({exc})"
+        ) from None
+    with _quiet():
+        predictor = nnUNetPredictor(
+            use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False
+        )
+    try:
+        initialize_predictor(predictor, folder.path)
+    except UnsafeWeights as exc:
+        raise ModelUnavailable(str(exc)) from None
+    _check_folder(predictor, folder, task)
+
+
+def _check_folder(predictor: Any, folder: ModelFolder, task: str) -> np.ndarray | None:
+    """The checks of one loaded trainer folder against its task: spacing, dataset id, and labels against the class
+    map the results name them by. Returns the part model's lookup into the task's labels (None for one model).
+
+    Raises
+    ------
+    ModelUnavailable
+        If the spacing or the labels differ from the task's.
+    """
+    from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+
+    _check_dataset(predictor, folder, TASK_SPACING_MM[task])
+    classes: dict[int, str] = dict(class_map["total"])
+    lookup = None
+    expected = classes
+    if task == "total":
+        expected = class_map_5_parts[map_taskid_to_partname_ct[folder.dataset_id]]
+        lookup = _part_lookup(expected, classes)
+    mismatch = label_mismatch(predictor.dataset_json.get("labels") or {}, expected)
+    if mismatch is not None:
+        raise ModelUnavailable(
+            f"the weights in {folder.path} do not label the structures as the installed TotalSegmentator "
+            f"{_package_version('totalsegmentator')} names them ({mismatch}): every segment would be named wrongly; "
+            "install the weights and the totalsegmentator package of one release"
+        )
+    return lookup
 
 
 def _check_dataset(predictor: Any, folder: ModelFolder, spacing_mm: float) -> None:
