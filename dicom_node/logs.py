@@ -260,3 +260,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if level == "DEBUG" else "none"
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module at INFO
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of what an error says (a database driver's message, not its class), for a log sentence."""
+    original = getattr(error, "orig", None) or error
+    return (str(original).strip().splitlines() or ["unknown error"])[0]

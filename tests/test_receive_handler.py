@@ -528,3 +528,25 @@ def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attrib
         f"than the copy already stored in series {series.series_instance_uid}; this copy was acknowledged"
     )
     store.close()
+
+
+def test_an_instance_of_a_stored_series_naming_another_study_is_refused(running_scp, tmp_path):
+    """Recorded into its series, it would be answered under the series' study while its header names another (and
+    admission would refuse the whole series): refused at the door, and the series keeps its study."""
+    from db.models import RejectedInstance
+
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    assert running_scp.send(series.files[:2]) == [(status.SUCCESS, "")] * 2
+    assert running_scp.recorder.wait_until_recorded(30)
+    stray = dcmread(series.files[2])
+    stray.StudyInstanceUID = "1.2.826.0.1.3680043.2.1125.7"
+    stray.save_as(tmp_path / "stray.dcm")
+
+    assert running_scp.send([tmp_path / "stray.dcm"])[0][0] == status.CANNOT_UNDERSTAND
+    with running_scp.sessions() as session:
+        assert list(session.scalars(select(RejectedInstance.reason))) == [
+            f"SeriesInstanceUID {series.series_instance_uid} is stored under StudyInstanceUID "
+            f"{series.study_instance_uid}, but this instance names StudyInstanceUID {stray.StudyInstanceUID}; a "
+            "series belongs to one study, so this instance is quarantined"
+        ]
+    assert running_scp.send(series.files[2:3]) == [(status.SUCCESS, "")]  # the series' own study: received

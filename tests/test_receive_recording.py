@@ -334,20 +334,22 @@ def test_a_copy_set_aside_by_a_recorder_that_died_before_committing_is_recorded_
 def test_the_lookup_on_the_acknowledgement_path_finds_where_an_instance_is_recorded(tmp_path, database_url):
     """The receiver asks, for every new instance, whether its SOP Instance UID is recorded at another path: on both
     databases, outside any transaction, and a database that cannot be read is said so (the receiver goes on)."""
-    from db.ingest import RecordedPathLookup
+    from db.ingest import recorded_path_lookup, series_study_lookup
 
     migrate(database_url)
     engine = make_engine(database_url)
     sessions = make_session_factory(engine)
     store = InstanceStore(tmp_path / "storage")
     record = _stored(store, "1.2.3.1", "1.2.3.1.1")
-    lookup = RecordedPathLookup(engine)
+    lookup = recorded_path_lookup(engine)
     with transaction(sessions) as session:
         record_stored_instances(session, store, [record])
         assert lookup("1.2.3.1.1") is None  # not committed yet: never waits for the writer
 
     assert (lookup("1.2.3.1.1"), lookup("1.2.3.1.2")) == (record.path, None)
+    study_of = series_study_lookup(engine)
+    assert (study_of("1.2.3.1"), study_of("1.2.3.2")) == ("1.2.3", None)
     engine.dispose()
-    broken = RecordedPathLookup(make_engine(f"sqlite:///{tmp_path / 'never-migrated.db'}"))  # no tables
+    broken = recorded_path_lookup(make_engine(f"sqlite:///{tmp_path / 'never-migrated.db'}"))  # no tables
     with pytest.raises(broken.errors):
         broken("1.2.3.1.1")

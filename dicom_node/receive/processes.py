@@ -32,7 +32,7 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
-from dicom_node.logs import log_event
+from dicom_node.logs import first_line, log_event
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import TEMPORARY_SUFFIXES, InstanceStore
@@ -280,7 +280,7 @@ class ReceiverPool:
                     logging.WARNING,
                     "receiver.recovery_waiting",
                     pid=pid,
-                    reason=f"its acknowledged instances cannot be indexed yet ({_first_line(exc)}); "
+                    reason=f"its acknowledged instances cannot be indexed yet ({first_line(exc)}); "
                     "trying again every half second",
                 )
             self._unrecovered.add(pid)
@@ -372,8 +372,3 @@ def _stop_when_orphaned(stop: threading.Event, parent: int, interval_seconds: fl
                 reason=f"the serve process that started it ({parent}) is gone; stopping",
             )
             stop.set()
-
-
-def _first_line(error: BaseException) -> str:
-    original = getattr(error, "orig", None) or error
-    return (str(original).strip().splitlines() or ["unknown error"])[0]

@@ -301,7 +301,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         return refuse(
             status.CANNOT_UNDERSTAND, _stored_with_another(sop_instance, conflict), header.series.series_instance_uid
         )
-    study_conflict = context.studies.conflict(header)
+    study_conflict = context.studies.conflict(header) or context.studies.series_conflict(header)
     if study_conflict is not None:
         _discard(temporary)
         return refuse(status.CANNOT_UNDERSTAND, study_conflict, header.series.series_instance_uid)

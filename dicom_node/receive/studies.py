@@ -15,6 +15,7 @@ processed without it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -23,10 +24,13 @@ from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import RecordedPathLookup
+from db.ingest import QuickLookup, recorded_path_lookup, series_study_lookup
 from db.models import Series, Study
 from db.session import read_outside_transaction, read_row_outside_transaction
+from dicom_node.logs import first_line, log_throttled
 from dicom_node.receive.header import InstanceHeader, StudyPatient
+
+LOG = logging.getLogger(__name__)
 
 UNREADABLE_PAUSE_SECONDS = 5.0
 """After the database could not be read (locked, down), this long without lookups: receiving never waits for it."""
@@ -45,7 +49,9 @@ class KnownStudies:
         self._series: set[str] = set()  # series this process has stored an instance of
         self._unreadable_until = 0.0  # time.monotonic() until which the database is not asked
         bind = sessions.kw["bind"]
-        self._recorded_path = RecordedPathLookup(bind.engine if isinstance(bind, Connection) else bind)
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        self._recorded_path = recorded_path_lookup(engine)
+        self._study_of_series = series_study_lookup(engine)
 
     def _read(self, query: Any, *, row: bool = False) -> tuple[bool, Any]:
         """(True, one scalar, or one row) from the database, or (False, None) while it cannot be read: the check is
@@ -55,9 +61,21 @@ class KnownStudies:
         read = read_row_outside_transaction if row else read_outside_transaction
         try:
             return True, read(self.sessions, query)  # no write lock: never waits for a writer
-        except SQLAlchemyError:
-            self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
+        except SQLAlchemyError as exc:
+            self._pause(exc)
             return False, None
+
+    def _pause(self, error: BaseException) -> None:
+        """The database could not be read: no lookups for a while, and a line in the log saying so."""
+        self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
+        log_throttled(
+            LOG,
+            logging.WARNING,
+            "receiver.database_unreadable",
+            "lookups",
+            reason=f"the database could not be read to compare received instances with what is stored "
+            f"({first_line(error)}); for {UNREADABLE_PAUSE_SECONDS:.0f} s they are compared by admission only",
+        )
 
     def recorded_patient(self, study_instance_uid: str) -> StudyPatient | None:
         """The study's recorded patient; None for a study not stored yet (or whose identity was erased)."""
@@ -124,10 +142,29 @@ class KnownStudies:
     def recorded_path(self, sop_instance_uid: str) -> str | None:
         """Where an instance with this SOP Instance UID is recorded; None when it is not, or while the database
         cannot be read (the recorder still compares a copy with the one recorded before it)."""
+        return self._quickly(self._recorded_path, sop_instance_uid)
+
+    def series_conflict(self, header: InstanceHeader) -> str | None:
+        """Why ``header`` may not join its series (the series holds instances under another study), or None.
+
+        Recorded into its series, such an instance would be answered by Query/Retrieve under the series' study
+        while its header names another, and admission would refuse the whole series anyway. A series that
+        retention purged holds none: sent again under a corrected study, it is received."""
+        study = self._quickly(self._study_of_series, header.series.series_instance_uid)
+        if study is None or study == header.study.study_instance_uid:
+            return None
+        return (
+            f"SeriesInstanceUID {header.series.series_instance_uid} is stored under StudyInstanceUID {study}, but "
+            f"this instance names StudyInstanceUID {header.study.study_instance_uid}; a series belongs to one study, "
+            "so this instance is quarantined"
+        )
+
+    def _quickly(self, lookup: QuickLookup, key: str) -> str | None:
+        """``lookup(key)``; None while the database cannot be read (receiving never waits for it)."""
         if time.monotonic() < self._unreadable_until:
             return None
         try:
-            return self._recorded_path(sop_instance_uid)
-        except self._recorded_path.errors:
-            self._unreadable_until = time.monotonic() + UNREADABLE_PAUSE_SECONDS
+            return lookup(key)
+        except lookup.errors as exc:
+            self._pause(exc)
             return None
