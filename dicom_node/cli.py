@@ -750,6 +750,7 @@ def weights_import(
     import zipfile
     import zlib
 
+    from inference.models.totalsegmentator import load_refusal
     from inference.weights import WeightsCorrupt, import_zip
 
     settings = _settings(config)
@@ -758,7 +759,7 @@ def weights_import(
         errors.print(f"import failed: {escape(str(archive))} is a folder, not a zip file", highlight=False)
         raise typer.Exit(1)
     try:
-        added = import_zip(archive, folder, sha256=sha256)
+        added = import_zip(archive, folder, sha256=sha256, loadable=load_refusal)
     except (zipfile.BadZipFile, zlib.error, EOFError):
         errors.print(
             f"import failed: {escape(str(archive))} is not a zip file, or it is damaged (copy it again)",

@@ -29,7 +29,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -130,6 +130,7 @@ def import_zip(
     *,
     sha256: str | None = None,
     max_gigabytes: float = MAX_IMPORT_GIGABYTES,
+    loadable: Callable[[ModelFolder, str], str | None] | None = None,
 ) -> list[Path]:
     """Unpack a TotalSegmentator weights zip into the weights folder; returns the dataset folders added.
 
@@ -139,6 +140,10 @@ def import_zip(
         The archive's published SHA-256; when given, a different archive is refused before unpacking.
     max_gigabytes
         Largest total unpacked size accepted (zip entries cannot unpack past their declared size).
+    loadable
+        Why the model would refuse to load a trainer folder of a task, or None
+        (``inference.models.totalsegmentator.load_refusal``: ``weights import`` passes it); run on each unpacked
+        folder before anything is installed.
 
     Raises
     ------
@@ -188,7 +193,8 @@ def import_zip(
         with zipfile.ZipFile(archive) as bundle:
             bundle.extractall(unpacked_folder)
         _refuse_unsafe_checkpoints(unpacked_folder, checkpoints)
-        _refuse_unloadable(archive, unpacked_folder, datasets)
+        if loadable is not None:
+            _refuse_unloadable(archive, unpacked_folder, datasets, loadable)
         new_folders = [unpacked_folder / dataset for dataset in datasets]
         for trainer_folder in _trainer_folders(new_folders):
             write_manifest(trainer_folder)
@@ -204,7 +210,9 @@ def import_zip(
     return [weights_directory / dataset for dataset in datasets]
 
 
-def _refuse_unloadable(archive: Path, unpacked: Path, datasets: Sequence[str]) -> None:
+def _refuse_unloadable(
+    archive: Path, unpacked: Path, datasets: Sequence[str], loadable: Callable[[ModelFolder, str], str | None]
+) -> None:
     """Run the checks a model runs when it loads (the network classes, the checkpoint's fit to the network, the
     spacing, the labels against the class map) on each unpacked trainer folder before anything is installed.
 
@@ -213,19 +221,15 @@ def _refuse_unloadable(archive: Path, unpacked: Path, datasets: Sequence[str]) -
     ValueError
         With the sentence the model's load would give, the folder named as in the zip, and "Nothing was installed".
     """
-    from inference.models import ModelUnavailable
-    from inference.models.totalsegmentator import check_loadable
-
     where = {
         folder: (task, dataset_id, trainer) for task, e in TASK_DATASETS.items() for dataset_id, folder, trainer in e
     }
     for dataset in datasets:
         task, dataset_id, trainer = where[dataset]
-        try:
-            check_loadable(ModelFolder(dataset_id, unpacked / dataset / trainer), task)
-        except ModelUnavailable as exc:
-            reason = str(exc).replace(f"{unpacked}{os.sep}", "").replace("; the model was not loaded", "").rstrip(". ")
-            raise ValueError(f"{archive}: {reason}. Nothing was installed.") from None
+        refusal = loadable(ModelFolder(dataset_id, unpacked / dataset / trainer), task)
+        if refusal is not None:
+            reason = refusal.replace(f"{unpacked}{os.sep}", "").replace("; the model was not loaded", "").rstrip(". ")
+            raise ValueError(f"{archive}: {reason}. Nothing was installed.")
 
 
 def _mark_live(staging: Path) -> IO[str]:

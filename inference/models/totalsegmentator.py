@@ -223,6 +223,15 @@ def _one_precision(compiled: list[OpenVINOPrecisions], predictors: list[Any]) ->
     return "fp32"
 
 
+def load_refusal(folder: ModelFolder, task: str) -> str | None:
+    """Why the model would refuse to load this trainer folder of ``task`` (:func:`check_loadable`), or None."""
+    try:
+        check_loadable(folder, task)
+    except ModelUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def check_loadable(folder: ModelFolder, task: str) -> None:
     """Run the checks a model runs when it loads on one trainer folder of ``task``, on the CPU, and keep nothing:
     ``weights import`` refuses what the node would refuse to load before it installs anything.
