@@ -506,19 +506,7 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
     Series or SOP Instance UID.
     """
     try:
-        identifier = event.identifier
-        identifier.get("QueryRetrieveLevel")  # decoded here: an identifier nested too deeply fails now, in a sentence
-    except Exception as exc:  # noqa: BLE001 - the peer's bytes are at fault, whatever pydicom raises
-        log_event(
-            LOG,
-            logging.WARNING,
-            "retrieve.refused",
-            calling_ae=calling_ae,
-            address=event.assoc.requestor.address,
-            reason=f"a retrieval by peer {peer.name} was refused: {why_unreadable(exc)}",
-        )
-        return NOT_MATCHING
-    try:
+        _check_readable(event, peer)
         if not peer.may("find") and query_level(event.identifier) == "PATIENT":
             raise QueryError(
                 f"peer {peer.name} has no find role, so it may not retrieve a whole patient by PatientID "
@@ -555,6 +543,20 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             reason=f"a retrieval by peer {peer.name} was refused: {exc}" if ambiguous else str(exc),
         )
         return SEVERAL_PATIENTS if ambiguous else NOT_MATCHING
+
+
+def _check_readable(event: evt.Event, peer: Peer) -> None:
+    """Decode the identifier now: one nested too deeply (or not DICOM) is refused in a sentence, not a traceback.
+
+    Raises
+    ------
+    QueryError
+        Saying why the identifier cannot be read.
+    """
+    try:
+        event.identifier.get("QueryRetrieveLevel")
+    except Exception as exc:  # noqa: BLE001 - the peer's bytes are at fault, whatever pydicom raises
+        raise QueryError(f"a retrieval by peer {peer.name} was refused: {why_unreadable(exc)}") from None
 
 
 def _binary_twin(session: Session, instance: Instance) -> Stored | None:
