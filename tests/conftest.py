@@ -679,3 +679,24 @@ def seed_queued_series(sessions: sessionmaker[Session], folder: Path, count: int
             drive_job_to(session, queued, JobState.QUEUED)
         uids.append(series.series_instance_uid)
     return uids
+
+
+def end_node_lock_connection(url: str) -> None:
+    """What a database restart or a dropped idle connection does to a node's lock connection (PostgreSQL)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from db.session import NODE_LOCK_KEY
+
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:
+        ended = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
+                "AND granted"
+            ),
+            {"key": NODE_LOCK_KEY},
+        ).all()
+        connection.commit()
+    engine.dispose()
+    assert ended == [(True,)]

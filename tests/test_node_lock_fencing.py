@@ -9,39 +9,22 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import select
 
 from db import jobs
 from db.jobs import job_for_series_uid
 from db.models import AuditEvent, Job, JobState
-from db.session import NODE_LOCK_KEY, NodeLock, make_engine, make_session_factory, migrate, transaction
+from db.session import NodeLock, make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.dispatch import LOCK_LOST, Dispatcher
 from dicom_node.phantom import PhantomSpec
 from dicom_node.worker import InferenceWorker
-from tests.conftest import seed_queued_series, wait_for
+from tests.conftest import end_node_lock_connection, seed_queued_series, wait_for
 from tests.test_dispatch_faults import Peer
 
 pytestmark = pytest.mark.integration
 
 SMALL = PhantomSpec(rows=32, columns=32, slices=12, pixel_spacing=(8.0, 8.0), slice_spacing=10.0)
-
-
-def end_lock_connection(url: str) -> None:
-    """What a database restart or a dropped idle connection does to the node's lock connection."""
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.connect() as connection:
-        ended = connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
-                "AND granted"
-            ),
-            {"key": NODE_LOCK_KEY},
-        ).all()
-        connection.commit()
-    engine.dispose()
-    assert ended == [(True,)]
 
 
 @pytest.fixture
@@ -84,7 +67,7 @@ def test_a_node_that_lost_its_lock_mid_send_sends_no_further_file_and_the_new_ho
         if pacs.before_answer is None:
             return
         pacs.before_answer = None
-        end_lock_connection(url)
+        end_node_lock_connection(url)
         wait_for(second.try_take, timeout=10, what="the other node to take the lock")
 
     pacs.before_answer = lock_taken_over
@@ -122,7 +105,7 @@ def test_confirm_takes_the_lock_again_when_its_connection_ended_and_no_other_nod
     assert lock.try_take()
     lock.watch(lost.append)
     try:
-        end_lock_connection(postgresql_url)
+        end_node_lock_connection(postgresql_url)
         assert lock.confirm()
         assert not NodeLock(postgresql_url).try_take() and not lost
     finally:
@@ -208,7 +191,7 @@ def test_a_waiting_node_leaves_a_lock_just_given_back_to_its_holder_whose_connec
         wait_for(lambda: "node.waiting_for_other_node" in caplog.messages, timeout=10, what="the other node waiting")
     try:
         for _ in range(8):
-            end_lock_connection(postgresql_url)
+            end_node_lock_connection(postgresql_url)
             wait_for(lambda: not holder.given_back(), timeout=10, what="the lock held again")
             assert not ended and not lost, "the waiting node took the lock from a holder still running"
             # Not a wait for a condition: connections end seconds apart, each at another point of the waiter's cycle.

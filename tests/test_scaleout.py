@@ -28,7 +28,7 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PhantomSpec
 from dicom_node.worker import InferenceWorker
-from tests.conftest import CT_RULES, DICOM_NODE, seed_queued_series, wait_for
+from tests.conftest import CT_RULES, DICOM_NODE, end_node_lock_connection, seed_queued_series, wait_for
 
 SMALL = PhantomSpec(rows=64, columns=64, slices=16, pixel_spacing=(6.0, 6.0), slice_spacing=10.0, noise_sd=5.0)
 HOSTS = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
@@ -464,27 +464,6 @@ def test_a_second_serve_on_the_same_database_starts_only_once_the_first_has_stop
         second.wait(timeout=30)
 
 
-def _end_the_lock_connection(url: str) -> None:
-    """What a database restart or a dropped idle connection does to the node's lock connection."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    from db.session import NODE_LOCK_KEY
-
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.connect() as connection:
-        ended = connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
-                "AND granted"
-            ),
-            {"key": NODE_LOCK_KEY},
-        ).all()
-        connection.commit()
-    engine.dispose()
-    assert ended == [(True,)]
-
-
 def test_a_node_whose_lock_connection_ended_takes_the_lock_again_or_stops_if_another_node_has_it(
     postgresql_url, monkeypatch
 ):
@@ -497,13 +476,13 @@ def test_a_node_whose_lock_connection_ended_takes_the_lock_again_or_stops_if_ano
     assert first.try_take()
     first.watch(lost.append)
     try:
-        _end_the_lock_connection(postgresql_url)
+        end_node_lock_connection(postgresql_url)
         wait_for(lambda: not NodeLock(postgresql_url).try_take(), timeout=10, what="the lock taken again")
         assert not lost
 
         monkeypatch.setattr(NodeLock, "WATCH_SECONDS", 3.0)
         time.sleep(0.5)  # the watcher now sleeps 3 s between checks
-        _end_the_lock_connection(postgresql_url)
+        end_node_lock_connection(postgresql_url)
         second = NodeLock(postgresql_url)
         assert second.try_take()  # another node took the database meanwhile
         wait_for(lambda: bool(lost), timeout=15, what="the first node told to stop")
