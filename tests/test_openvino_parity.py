@@ -460,6 +460,24 @@ def test_a_conversion_of_other_weights_or_package_versions_under_this_name_is_co
     assert set(written["versions"]) == {"torch", "nnunetv2", "dynamic_network_architectures", "openvino"}
 
 
+def test_workers_with_other_package_versions_sharing_one_weights_folder_use_other_cache_files(tmp_path):
+    """Two workers with another torch (or nnunetv2, dynamic_network_architectures, OpenVINO) on one shared
+    weights folder would otherwise convert over each other's cache at every load."""
+    from inference.models.openvino_backend import ConvertedModelFiles, conversion_versions
+
+    folder = _tiny_folder(tmp_path / "shared", b"weights")
+    hashes = folder_hashes(folder.path)
+    here = conversion_versions()
+    other_torch = {**here, "torch": "1.0.0"}
+
+    mine = ConvertedModelFiles.for_folder(folder, hashes)
+    theirs = ConvertedModelFiles.for_folder(folder, hashes, other_torch)
+
+    assert mine == ConvertedModelFiles.for_folder(folder, hashes, dict(here))
+    assert theirs.xml != mine.xml and theirs.record != mine.record and theirs.xml.parent == mine.xml.parent
+    assert theirs == ConvertedModelFiles.for_folder(folder, hashes, dict(reversed(list(other_torch.items()))))
+
+
 def test_temporary_files_a_killed_cache_write_left_are_deleted_when_converting(tmp_path):
     import os
     import subprocess

@@ -10,10 +10,12 @@ shape); :func:`sliding_window_logits` runs nnU-Net's sliding-window loop with
 
 Converting a network takes minutes, so the converted model is cached next to the weights::
 
-    <weights>/.openvino/Dataset297-<sha256 of the model folder, 16 digits>-ov<version>.xml/.bin/.json
+    <weights>/.openvino/Dataset297-<sha256 of the model folder, 16 digits>-ov<version>-<8 digits of the sha256 of
+    the torch, nnunetv2, dynamic_network_architectures and OpenVINO versions>.xml/.bin/.json
 
 The name holds the weights' SHA-256 (from the manifest ``inference.weights`` verified at load)
-and the OpenVINO version, so new weights or a new runtime convert again. The ``.json`` beside
+and the package versions, so new weights or a new exporter or runtime convert again (and workers with other
+versions sharing one weights folder keep separate files). The ``.json`` beside
 it records the SHA-256 of the ``.xml`` and ``.bin``, the whole SHA-256 of the weights, the dataset
 id and the torch, nnunetv2, dynamic_network_architectures and OpenVINO versions; a cache whose
 files do not match it, whose record names other weights or versions (a conversion copied or
@@ -92,11 +94,16 @@ class ConvertedModelFiles:
     record: Path
 
     @classmethod
-    def for_folder(cls, folder: ModelFolder, hashes: dict[str, str]) -> ConvertedModelFiles:
-        """The cache files of the network built from the files with these SHA-256 (those actually read)."""
+    def for_folder(
+        cls, folder: ModelFolder, hashes: dict[str, str], versions: dict[str, str] | None = None
+    ) -> ConvertedModelFiles:
+        """The cache files of the network built from the files with these SHA-256 (those actually read), by the
+        package ``versions`` (default: those installed here). Workers with other versions sharing one weights
+        folder get other files, so they never convert over each other's cache."""
         digest = _folder_digest(hashes)
+        packages = _versions_digest(versions if versions is not None else conversion_versions())
         directory = converted_model_directory(folder.path)
-        stem = f"Dataset{folder.dataset_id}-{digest[:16]}-ov{runtime_version()}"
+        stem = f"Dataset{folder.dataset_id}-{digest[:16]}-ov{runtime_version()}-{packages[:8]}"
         return cls(directory / f"{stem}.xml", directory / f"{stem}.bin", directory / f"{stem}.json")
 
 
@@ -232,9 +239,8 @@ CONVERSION_PACKAGES = ("torch", "nnunetv2", "dynamic_network_architectures", "op
 """The packages whose versions a conversion depends on: the exporter, the network's forward pass, the runtime."""
 
 
-def conversion_source(folder: ModelFolder, hashes: dict[str, str]) -> dict[str, Any]:
-    """What a conversion is made from, as its record holds it: the whole SHA-256 over the weight files read, the
-    dataset id, and the versions of the packages that export and define the network."""
+def conversion_versions() -> dict[str, str]:
+    """The installed versions of :data:`CONVERSION_PACKAGES` ("not installed" for a missing one)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -243,7 +249,23 @@ def conversion_source(folder: ModelFolder, hashes: dict[str, str]) -> dict[str, 
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = "not installed"
-    return {"weights_sha256": _folder_digest(hashes), "dataset_id": folder.dataset_id, "versions": versions}
+    return versions
+
+
+def _versions_digest(versions: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(f"{name}={versions[name]}\n" for name in sorted(versions)).encode()).hexdigest()
+
+
+def conversion_source(folder: ModelFolder, hashes: dict[str, str]) -> dict[str, Any]:
+    """What a conversion is made from, as its record holds it: the whole SHA-256 over the weight files read, the
+    dataset id, and the versions of the packages that export and define the network."""
+    return {
+        "weights_sha256": _folder_digest(hashes),
+        "dataset_id": folder.dataset_id,
+        "versions": conversion_versions(),
+    }
 
 
 def _differs_from(record: dict[str, Any], made_from: dict[str, Any]) -> str | None:
