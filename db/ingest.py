@@ -365,10 +365,12 @@ def record_rejection(
     transfer_syntax_uid: str | None,
     calling_ae_title: str | None,
     series_instance_uid: str | None = None,
+    received_at: datetime | None = None,
 ) -> None:
     """Record an instance refused or set aside (its bytes are in quarantine at ``path``).
 
     ``series_instance_uid``: the series its header names, where that could be read.
+    ``received_at``: when it arrived, where that was earlier than now (quarantine retention counts from it).
     """
     session.add(
         RejectedInstance(
@@ -380,6 +382,7 @@ def record_rejection(
             status=status,
             reason=reason,
             path=path,
+            received_at=received_at or utcnow(),
         )
     )
 

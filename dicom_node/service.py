@@ -312,6 +312,7 @@ def start_node(settings: Settings) -> RunningNode:
         instances_indexed=report.instances_indexed,
         unreadable_files=report.unreadable_files,
         duplicates_of_other_series_quarantined=report.duplicates_quarantined,
+        quarantine_files_recorded=report.quarantine_files_recorded,
     )
     # Bind first: a port in use must stop start-up before any thread or process exists.
     server = start_receiving(settings, store, sessions)

@@ -5,7 +5,8 @@ Layout under the storage directory::
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     incoming/<pid>-<n>.spare           empty files created ahead of writes; a write fills one, then renames it
     incoming/<pid>-<thread>-<n>.partial  writes that found no spare ready (one unique name per write)
-    quarantine/<UTC time>-<n>.dcm      instances answered with a failure status
+    quarantine/<UTC time>-<n>.dcm      instances answered with a failure status, or not recordable; each has a
+                                       rejected_instances row (start-up repair writes any a stopped process left out)
     dicom-node.db                      the default SQLite database
 
 UIDs are checked against the UID grammar before they become path parts, so a
@@ -546,6 +547,7 @@ class RepairReport:
     instances_indexed: int = 0
     unreadable_files: int = 0  # files that could not be indexed: moved to quarantine, with a rejected_instances row
     duplicates_quarantined: int = 0  # copies of an instance recorded in another series: in quarantine, with a row
+    quarantine_files_recorded: int = 0  # files in quarantine that no row named (a process stopped before its commit)
 
 
 class UnindexableFile(Exception):
@@ -566,6 +568,7 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
     with values the database cannot hold) is moved to quarantine with a
     ``rejected_instances`` row and a log line, so start-up never fails on data.
     Only series folders whose file count differs from the database are read.
+    Last, a file in quarantine that no row names is recorded (:func:`record_unrecorded_quarantine_files`).
     """
     report = RepairReport(partial_files_removed=store.remove_partial_files())
     with sessions() as session:
@@ -586,7 +589,131 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
                 report.instances_indexed += outcome == "indexed"
                 report.unreadable_files += outcome == "quarantined"
                 report.duplicates_quarantined += outcome == "set aside"
+    report.quarantine_files_recorded = record_unrecorded_quarantine_files(store, sessions)
     return report
+
+
+UNRECORDED_QUARANTINE_REASON = (
+    "found in quarantine at start-up with no record of why: the node stopped, or could not write its database, "
+    "after setting the file aside and before recording the reason"
+)
+
+
+def record_unrecorded_quarantine_files(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+    """Record each file in ``quarantine/`` that no ``rejected_instances`` row names; how many.
+
+    Every move or write into quarantine commits its row after the file is in place, so nothing kept is lost
+    whenever a process stops; one stopped between the two leaves a file nobody is told of, and the series it
+    was sent for would complete without its partial-series warning. A copy set aside for another series gets
+    the row its recorder would have written (:func:`record_copies_set_aside`), any other file a row saying
+    :data:`UNRECORDED_QUARANTINE_REASON` and what the file holds. Rows are matched by file name (a storage
+    folder moved since still matches) and each file is recorded in one transaction, so running this again,
+    or after a stop half-way, records no file twice. Call it only while nothing writes into quarantine.
+    """
+    try:
+        with os.scandir(store.quarantine_dir) as entries:
+            names = {entry.name for entry in entries if entry.is_file(follow_symlinks=False)}
+    except FileNotFoundError:
+        return 0
+    with sessions() as session:
+        paths = session.scalars(select(RejectedInstance.path).where(RejectedInstance.path.is_not(None)))
+        named = {Path(path).name for path in paths if path}
+    recorded = 0
+    for name in sorted(names - named):
+        recorded += _record_unrecorded_file(store.quarantine_dir / name, store, sessions)
+    return recorded
+
+
+def _names_file(sessions: sessionmaker[Session], path: Path) -> bool:
+    """Whether a ``rejected_instances`` row names the quarantine file ``path`` (by its name)."""
+    with sessions() as session:
+        named = select(RejectedInstance.id).where(RejectedInstance.path.endswith(f"/{path.name}", autoescape=True))
+        return session.scalars(named.limit(1)).first() is not None
+
+
+def _record_unrecorded_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+    """Record one quarantine file that no row named when the listing was read; 1 if this recorded it."""
+    if _names_file(sessions, path):
+        return 0  # recorded meanwhile, with a copy set aside beside it
+    if _recorded_as_set_aside_copy(path, store, sessions):
+        return 1
+    dataset, holds = _describe_quarantined(path)
+    meta = getattr(dataset, "file_meta", None)
+    reason = f"{UNRECORDED_QUARANTINE_REASON}; {holds}"
+    with transaction(sessions) as session:
+        record_rejection(
+            session,
+            status=status.PROCESSING_FAILURE,
+            reason=reason,
+            path=str(path),
+            sop_instance_uid=_uid_or_none(meta, "MediaStorageSOPInstanceUID")
+            or _uid_or_none(dataset, "SOPInstanceUID"),
+            sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID") or _uid_or_none(dataset, "SOPClassUID"),
+            transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
+            calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
+            series_instance_uid=_uid_or_none(dataset, "SeriesInstanceUID"),
+            received_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
+        )
+    log_event(LOG, logging.WARNING, "repair.unrecorded_quarantine_file", quarantine=str(path), reason=reason)
+    return 1
+
+
+def _recorded_as_set_aside_copy(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
+    """Whether ``path`` is a copy set aside as ``<series>-<sop>-<time>.dcm`` and is now recorded as such."""
+    series_uid, _, rest = path.stem.partition("-")
+    sop_uid, _, _received = rest.partition("-")
+    if path.suffix != ".dcm" or not is_valid_uid(series_uid) or not is_valid_uid(sop_uid):
+        return False
+    try:
+        _, header = _read_stored_header(path)
+    except UnindexableFile:
+        return False
+    if (header.series.series_instance_uid, header.sop_instance_uid) != (series_uid, sop_uid):
+        return False
+    record_copies_set_aside(store.path_for(header.study.study_instance_uid, series_uid, sop_uid), store, sessions)
+    return _names_file(sessions, path)
+
+
+def _describe_quarantined(path: Path) -> tuple[Dataset | None, str]:
+    """What can be read of a quarantine file whose reason is lost: its data set (or None), and a sentence on it."""
+    try:
+        dataset, header = _read_stored_header(path)
+    except UnindexableFile as refused:
+        found = refused.dataset if isinstance(refused.dataset, Dataset) else _read_data_set_as_received(path)
+        if found is None:
+            return None, "it is not a readable DICOM file"
+        if path.suffix == ".raw":
+            return found, f"it is the data set as received, without file meta information, and {_naming(found)}"
+        return found, f"it {_naming(found)}, and cannot be stored as it is: {refused.reason}"
+    series_uid = header.series.series_instance_uid
+    return dataset, f"it holds SOP Instance UID {header.sop_instance_uid} of series {series_uid}"
+
+
+def _read_data_set_as_received(path: Path) -> Dataset | None:
+    """A ``.raw`` quarantine file: the data set without preamble or file meta (None if it cannot be read)."""
+    if path.suffix != ".raw":
+        return None
+    try:
+        return dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(_NAMING_KEYWORDS))
+    except Exception:  # noqa: BLE001 - any unreadable file is recorded as such
+        return None
+
+
+_NAMING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
+
+
+def _naming(dataset: Dataset) -> str:
+    """'names SOP Instance UID ... of series ...', with what of the two could be read."""
+    meta = getattr(dataset, "file_meta", None)
+    sop_uid = _uid_or_none(meta, "MediaStorageSOPInstanceUID") or _uid_or_none(dataset, "SOPInstanceUID")
+    series_uid = _uid_or_none(dataset, "SeriesInstanceUID")
+    if sop_uid and series_uid:
+        return f"names SOP Instance UID {sop_uid} of series {series_uid}"
+    if sop_uid:
+        return f"names SOP Instance UID {sop_uid}, without a readable SeriesInstanceUID"
+    if series_uid:
+        return f"names series {series_uid}, without a readable SOP Instance UID"
+    return "names no readable SOP Instance UID or SeriesInstanceUID"
 
 
 IndexOutcome = Literal["indexed", "set aside", "quarantined", "already recorded"]
@@ -657,6 +784,8 @@ def quarantine_stored_file(
 ) -> None:
     """Move a file that cannot be indexed to quarantine, record why, and log it.
 
+    The move comes first, so the file is never lost: a process stopped before the commit leaves it in
+    quarantine without a row, and the next start-up records it (:func:`record_unrecorded_quarantine_files`).
     ``when``: "start-up" (found by repair) or "received" (the recorder could not record it).
     ``series_instance_uid``: the series the file was stored under, if known (else read from the file).
     """
