@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from skimage import measure
 
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct, slice_contours
 from dicom_node.encode.seg import Algorithm
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.volume import load_series_volume
+from inference.volume import Volume, load_series_volume
 from tests.conftest import dciodvfy
 
 ALGORITHM = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
@@ -223,8 +224,75 @@ def test_the_object_budget_is_shared_between_structures():
     assert budget.per_structure(117) == 1_000_000 // 117
 
 
-def test_a_structure_too_small_to_draw_is_left_out_with_a_note_and_the_rest_still_validates(tmp_path):
-    """One voxel of a structure: no contour of a pixel's area survives, and an ROI without one is invalid."""
+def rasterised(dataset: pydicom.Dataset, volume: Volume, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Each ROI's contours filled as planning systems read them: pixel centres inside, by the even-odd rule."""
+    slice_of = {ref.sop_instance_uid: k for k, ref in enumerate(volume.slices)}
+    names = {int(roi.ROINumber): str(roi.ROIName) for roi in dataset.StructureSetROISequence}
+    filled = {}
+    for roi in dataset.ROIContourSequence:
+        mask = np.zeros(shape, dtype=bool)
+        for contour in roi.ContourSequence:
+            k = slice_of[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+            in_plane = (points - volume.slice_origin(k)) @ volume.direction[:, :2] / volume.spacing[:2]
+            mask[k] ^= measure.grid_points_in_poly(shape[1:], in_plane[:, ::-1])  # (row, column) vertices
+        filled[names[int(roi.ReferencedROINumber)]] = mask
+    return filled
+
+
+def test_every_voxel_is_in_the_rtstruct_down_to_a_single_voxel_island_a_thin_line_and_a_one_pixel_hole(tmp_path):
+    """Islands and holes under a pixel's traced area, and diagonal lines (one-pixel islands touching at corners),
+    are contoured as their pixels' squares: the RTSTRUCT holds exactly the voxels the SEG holds."""
+    volume, _result, sources = segmented_phantom(
+        tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    labels[3:6, 20:30, 20:30] = 1  # a block, with a one-pixel hole on slice 4
+    labels[4, 25, 25] = 0
+    labels[4, 40, 40] = 1  # a single-voxel island beside it
+    labels[7, 10, 50] = 1  # and one alone on its slice
+    labels[5, 50, 5:20] = 2  # a straight line one pixel thin
+    for step in range(6):
+        labels[6, 30 + step, 40 + step] = 2  # a diagonal line: pixels touching at their corners only
+    labels[9, 2, 2] = 3  # a whole structure of one voxel
+    classes = {1: "liver", 2: "pancreas", 3: "kidney_right"}
+    notes: list[str] = []
+
+    dataset = encode_rtstruct(volume, sources, labels, classes, ALGORITHM, notes=notes)
+    path = tmp_path / "rtstruct.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+
+    filled = rasterised(pydicom.dcmread(path), volume, labels.shape)
+    assert list(filled) == ["Liver", "Pancreas", "Right kidney"]
+    for label, name in zip(classes, filled, strict=True):
+        assert np.array_equal(filled[name], labels == label), name
+    assert notes == []
+    errors, _warnings = dciodvfy(path)
+    assert errors == []
+
+
+def test_an_island_that_the_size_budget_simplifies_away_is_kept_as_drawn_finer(tmp_path):
+    """At 4 pixels' tolerance a 3 x 3 island reduces to a line: it is kept at a quarter pixel instead."""
+    volume, _result, sources = segmented_phantom(
+        tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    rows, columns = np.ogrid[:64, :64]
+    labels[2:10][:, (rows - 24) ** 2 + (columns - 24) ** 2 < 18**2] = 1  # a disc, too many points for the budget
+    labels[5, 50:53, 50:53] = 1  # an island of 3 x 3 voxels
+    notes: list[str] = []
+
+    dataset = encode_rtstruct(
+        volume, sources, labels, {1: "liver"}, ALGORITHM, budget=ContourBudget(points_per_structure=40), notes=notes
+    )
+
+    assert notes and notes[0].startswith("RTSTRUCT: Liver simplified to within 4 pixel(s)")
+    island = rasterised(dataset, volume, labels.shape)["Liver"][:, 46:58, 46:58]
+    assert np.array_equal(island, labels[:, 46:58, 46:58] == 1)
+
+
+def test_a_structure_of_one_voxel_is_its_voxels_square_and_the_rtstruct_still_validates(tmp_path):
+    """One voxel of a structure: traced, its diamond covers half a pixel; it is written as the voxel's square."""
     volume, result, sources = segmented_phantom(
         tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
     )
@@ -238,11 +306,11 @@ def test_a_structure_too_small_to_draw_is_left_out_with_a_note_and_the_rest_stil
     path = tmp_path / "rtstruct.dcm"
     dataset.save_as(path, enforce_file_format=True)
 
-    assert "Right kidney" not in [roi.ROIName for roi in dataset.StructureSetROISequence]
-    assert all(len(roi.ContourSequence) > 0 for roi in dataset.ROIContourSequence)
-    assert notes == [
-        "RTSTRUCT: Right kidney is left out: it covers under one pixel of area on every slice, too little to draw "
-        "as a contour (the segmentation and the measurements keep it)"
-    ]
+    names = [roi.ROIName for roi in dataset.StructureSetROISequence]
+    (contour,) = dataset.ROIContourSequence[names.index("Right kidney")].ContourSequence
+    points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+    centre = volume.slice_origin(6) + np.array([2.0, 2.0, 0.0]) * 4.0  # the voxel's centre (identity orientation)
+    assert sorted(map(tuple, np.round(points - centre, 3))) == [(-2, -2, 0), (-2, 2, 0), (2, -2, 0), (2, 2, 0)]
+    assert notes == []
     errors, _warnings = dciodvfy(path)
     assert errors == []

@@ -4,7 +4,10 @@ One ROI per structure, CLOSED_PLANAR contours per slice (traced at the half-voxe
 boundary with marching squares inside the structure's bounding box, simplified
 within a quarter of a pixel by Douglas-Peucker run on all of a slice's contours at
 once), every contour referencing its CT image (or, for a multi-frame source such as
-Enhanced CT, its image and frame number). Text is written in UTF-8 (``ISO_IR 192``).
+Enhanced CT, its image and frame number). No voxel of the label map is left out: an
+island or hole of one pixel (traced as a diamond of half a pixel's area) is written as
+that pixel's square, so the RTSTRUCT holds what the SEG holds. Text is written in UTF-8
+(``ISO_IR 192``).
 Decimal strings are written at fixed precision, already encoded, so none exceeds the
 16 characters DS allows and pydicom does not parse millions of them back; every Type 1
 and 2 attribute of the RT Structure Set IOD is present.
@@ -40,7 +43,8 @@ SIMPLIFY_TOLERANCE_PIXELS = 0.25
 MAXIMUM_TOLERANCE_PIXELS = 4.0  # a structure over budget is simplified up to this, never dropped
 BYTES_PER_POINT = 27  # three decimal strings ("-123.456") and their separators
 MINIMUM_CONTOUR_POINTS = 3
-MINIMUM_CONTOUR_AREA_PIXELS = 1.0  # speckle below one pixel is not a structure a planner can use
+MINIMUM_CONTOUR_AREA_PIXELS = 1.0  # a contour simplified below this is drawn finer, never left out
+PIXEL_SQUARE = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, 0.5], [0.5, -0.5]])  # a pixel's outline, around its centre
 LOG = logging.getLogger(__name__)
 
 
@@ -103,7 +107,8 @@ def encode_rtstruct(
     """An RT Structure Set for ``labels`` (``[slice, row, column]``, slices as ``volume.slices``).
 
     ``source_images`` give the patient, study and frame of reference (their first item);
-    the contours reference the images and frames ``volume.slices`` name. Structures over
+    the contours reference the images and frames ``volume.slices`` name. Every structure present gets
+    an ROI, with a contour around each of its islands and holes, down to a single voxel. Structures over
     ``budget`` are simplified further; each such structure adds a sentence to ``notes``.
     """
     budget = budget or ContourBudget()
@@ -144,13 +149,6 @@ def encode_rtstruct(
         name = classes[label]
         box = boxes[label - 1]
         item, tolerance, points = _roi_contours(number, name, labels[box] == label, box, volume, allowed)
-        if not item.ContourSequence:  # an ROI needs one contour at least (ContourSequence is Type 1)
-            if notes is not None:
-                notes.append(
-                    f"RTSTRUCT: {display_label(name)} is left out: it covers under one pixel of area on every slice, "
-                    "too little to draw as a contour (the segmentation and the measurements keep it)"
-                )
-            continue  # ROI numbers stay the segment numbers, so the others still match the SEG
         dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         dataset.ROIContourSequence.append(item)
         dataset.RTROIObservationsSequence.append(_observation(number))
@@ -255,11 +253,11 @@ def _roi_contours(
     slices = [int(index) for index in np.flatnonzero(mask.any(axis=(1, 2)))]
     owners, traced = _trace([mask[index] for index in slices], slices)
     tolerance = SIMPLIFY_TOLERANCE_PIXELS
-    kept_owners, kept = _simplify(owners, traced, tolerance)
+    finest = kept = _simplify(traced, tolerance)
     while sum(len(c) for c in kept) > budget and tolerance < MAXIMUM_TOLERANCE_PIXELS:
         tolerance *= 2
-        kept_owners, kept = _simplify(owners, traced, tolerance)
-    for index, points in zip(kept_owners, kept, strict=True):
+        kept = _simplify(traced, tolerance, finest)
+    for index, points in zip(owners, kept, strict=True):
         k = box[0].start + index
         rows_columns = points + offset
         # On the referenced image's own plane: from its ImagePositionPatient, along its rows and columns.
@@ -299,12 +297,7 @@ def _decimal_strings(tag: BaseTag, values: np.ndarray) -> RawDataElement:
 
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     """Closed contours of a 2D mask as (row, column) points, without the repeated closing point."""
-    return _contours_of_slices([mask], [0])[1]
-
-
-def _contours_of_slices(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np.ndarray]]:
-    """Traced and simplified contours of several 2D masks (simplified together: far fewer array rounds)."""
-    return _simplify(*_trace(masks, keys), SIMPLIFY_TOLERANCE_PIXELS)
+    return _simplify(_trace([mask], [0])[1], SIMPLIFY_TOLERANCE_PIXELS)
 
 
 def _trace(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np.ndarray]]:
@@ -319,14 +312,27 @@ def _trace(masks: list[np.ndarray], keys: list[int]) -> tuple[list[int], list[np
     return owners, traced
 
 
-def _simplify(owners: list[int], traced: list[np.ndarray], tolerance: float) -> tuple[list[int], list[np.ndarray]]:
-    """Douglas-Peucker within ``tolerance`` pixels; speckle below one pixel is left out."""
-    kept_owners, kept = [], []
-    for owner, simplified in zip(owners, simplify_closed(traced, tolerance), strict=True):
-        if len(simplified) >= MINIMUM_CONTOUR_POINTS and _area(simplified) >= MINIMUM_CONTOUR_AREA_PIXELS:
-            kept_owners.append(owner)
-            kept.append(simplified)
-    return kept_owners, kept
+def _simplify(traced: list[np.ndarray], tolerance: float, finer: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Douglas-Peucker within ``tolerance`` pixels: one contour for each traced one, none left out.
+
+    A contour the tolerance reduces below a pixel's area is taken from ``finer`` (the same contours as this
+    function gave at a smaller tolerance), or, without it, as traced (:func:`_as_traced`).
+    """
+    return [
+        points if _drawable(points) else finer[index] if finer is not None else _as_traced(traced[index])
+        for index, points in enumerate(simplify_closed(traced, tolerance))
+    ]
+
+
+def _drawable(points: np.ndarray) -> bool:
+    return len(points) >= MINIMUM_CONTOUR_POINTS and _area(points) >= MINIMUM_CONTOUR_AREA_PIXELS
+
+
+def _as_traced(traced: np.ndarray) -> np.ndarray:
+    """A traced contour unsimplified (without its closing point); for an island or hole of one pixel, whose
+    traced diamond covers half a pixel's area, that pixel's square."""
+    points = traced[:-1]
+    return points if _drawable(points) else np.round(points.mean(axis=0)) + PIXEL_SQUARE
 
 
 def simplify_closed(contours: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
