@@ -40,6 +40,7 @@ from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.rtstruct import ContourBudget
+from dicom_node.encode.sr import node_device_uid
 from dicom_node.logs import log_event
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import fsync_folder, is_disk_full
@@ -333,6 +334,7 @@ def _encode(
             partial=any(jobs.is_partial_warning(w) for w in warnings),
             replaces=claim.replaces,
             rtstruct_budget=ContourBudget(always.rtstruct_max_points_per_structure, always.rtstruct_max_megabytes),
+            device_uid=node_device_uid(settings.storage.directory),
         )
     except (ValueError, KeyError) as exc:
         LOG.exception("job.encoding_failed", extra={"event_fields": {"job": claim.job_id}})

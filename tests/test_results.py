@@ -12,6 +12,7 @@ import pydicom
 
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.results import encode_results
+from dicom_node.encode.sr import node_device_uid
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
@@ -28,6 +29,7 @@ def _encode(
     change: Callable[[pydicom.Dataset], None] | None = None,
     warnings: list[str] | None = None,
     relabel: Callable[[np.ndarray], None] | None = None,
+    device_uid: str | None = None,
 ) -> list[pydicom.Dataset]:
     """A phantom series (each source header altered by ``change``), segmented by the baseline (its label map
     altered by ``relabel``) and encoded in ``folder``/results: the headers of the result files."""
@@ -53,6 +55,7 @@ def _encode(
         run,
         rtstruct=True,
         warnings=warnings,
+        device_uid=device_uid,
     )
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
 
@@ -205,8 +208,9 @@ def test_the_sr_names_the_structures_the_model_found_no_voxel_of(tmp_path):
 
 
 def test_every_sr_of_this_node_names_the_same_device_observer(tmp_path):
-    first = _encode(tmp_path / "a", 1, kinds=("BINARY",))
-    second = _encode(tmp_path / "b", 2, kinds=("BINARY",))
+    node = node_device_uid(tmp_path / "storage")
+    first = _encode(tmp_path / "a", 1, device_uid=node)
+    second = _encode(tmp_path / "b", 2, kinds=("BINARY",), device_uid=node)
 
     def device_uids(headers: list[pydicom.Dataset]) -> set[str]:
         uids = set()
@@ -218,4 +222,4 @@ def test_every_sr_of_this_node_names_the_same_device_observer(tmp_path):
                     uids.add(str(item.UID))
         return uids
 
-    assert len(device_uids(first)) == 1 and device_uids(first) == device_uids(second)
+    assert device_uids(first) == device_uids(second) == {node}  # the BINARY and the LABELMAP SR, and the re-run

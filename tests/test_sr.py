@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import re
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
+from db.jobs import job_for_series_uid
+from db.models import JobState
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.seg import Algorithm, encode_segmentation
-from dicom_node.encode.sr import CUT_BY_SCAN_EDGE, encode_measurement_report
+from dicom_node.encode.sr import CUT_BY_SCAN_EDGE, DEVICE_UID_FILE, encode_measurement_report, node_device_uid
+from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
-from tests.conftest import dciodvfy
+from tests.conftest import CT_RULES, dciodvfy, storescu
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +143,83 @@ def test_a_structure_of_a_few_thin_slice_voxels_is_never_0_ml_in_the_sr(tmp_path
         for group in hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
     }
     assert stated == {"liver": pytest.approx(0.05, rel=1e-9), "pancreas": pytest.approx(0.000375, rel=1e-9)}
+
+
+VALID_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+"""A DICOM UID: digits and dots, no component with a leading zero (and 64 characters at most)."""
+
+
+def _device_uids(dataset: pydicom.Dataset) -> list[str]:
+    return [str(item.UID) for item in _content_items(dataset) if _concept(item) == "121012"]  # Device Observer UID
+
+
+def test_the_device_observer_uid_is_made_once_per_node_storage_and_kept(tmp_path):
+    """Restarting (or a second container on the same storage) reads the UID made first; other storage, another."""
+    first = node_device_uid(tmp_path / "a")
+    assert node_device_uid(tmp_path / "a") == first
+    assert node_device_uid(tmp_path / "b") != first  # another node on the same host
+    assert (tmp_path / "a" / DEVICE_UID_FILE).read_text() == f"{first}\n"
+    assert len(first) <= 64 and VALID_UID.fullmatch(first)
+
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4))
+    volume = load_series_volume(series.files)
+    result = ThresholdModel().segment(volume)
+    headers = {d.SOPInstanceUID: d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.files)}
+    sources = [headers[s.sop_instance_uid] for s in volume.slices]
+    algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+    seg = encode_segmentation(sources, result.labels, result.classes, algorithm, segmentation_type="BINARY")
+    measurements = measure(volume, result.labels, result.classes)
+    sr = encode_measurement_report(seg, sources, measurements, algorithm, device_uid=first)
+    assert _device_uids(sr) == [first]
+
+
+def _device_uid_after(barrier, storage: Path, uids) -> None:
+    barrier.wait()
+    uids.put(node_device_uid(storage))
+
+
+def test_processes_of_one_node_starting_at_once_name_one_device(tmp_path):
+    """Workers sharing the storage folder, all writing their first SR at once: one UID, the file whole."""
+    context = multiprocessing.get_context("fork")
+    barrier, uids = context.Barrier(6), context.Queue()
+    processes = [context.Process(target=_device_uid_after, args=(barrier, tmp_path, uids)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    got = {uids.get(timeout=60) for _ in processes}
+    for process in processes:
+        process.join(timeout=60)
+    assert got == {node_device_uid(tmp_path)}
+    assert [path.name for path in tmp_path.iterdir()] == [DEVICE_UID_FILE]  # no temporary file left
+
+
+def test_a_device_uid_file_that_holds_no_uid_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / DEVICE_UID_FILE).write_text("node-7f3a\n")
+    with pytest.raises(ValueError, match=r"device-observer-uid does not hold a DICOM UID \(it reads 'node-7f3a'\)"):
+        node_device_uid(tmp_path)
+
+
+@pytest.mark.integration
+def test_a_node_names_one_device_in_its_srs_across_a_restart_and_another_node_another(tmp_path, start_node):
+    """Real nodes: the SR names the UID kept in the node's storage, the same after a restart; a second node on
+    this host (its own storage) names another."""
+    spec = PhantomSpec(rows=32, columns=32, slices=8)
+
+    def segmented(node, name: str) -> str:
+        series = write_phantom_series(tmp_path / name, spec)
+        assert storescu(node.port, series.files).returncode == 0
+        node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=120)
+        with node.sessions() as session:
+            files = job_for_series_uid(session, series.series_instance_uid).result_files
+        (uid,) = {uid for f in files if Path(f).name.startswith("sr-") for uid in _device_uids(pydicom.dcmread(f))}
+        return uid
+
+    first = start_node(rules=CT_RULES, inference={"workers": 1})
+    before = segmented(first, "a")
+    first.stop()
+    first.start()
+    after = segmented(first, "b")
+    other = segmented(start_node(rules=CT_RULES, inference={"workers": 1}), "c")
+
+    assert before == after
+    assert other != before
+    assert before == (first.storage / DEVICE_UID_FILE).read_text().strip()

@@ -72,6 +72,7 @@ def encode_results(
     partial: bool = False,
     rtstruct_budget: ContourBudget | None = None,
     replaces: Mapping[str, Dataset] | None = None,
+    device_uid: str | None = None,
 ) -> list[ResultFile]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
@@ -86,6 +87,8 @@ def encode_results(
     ``warnings`` go into each SR as a comment; ``partial`` adds "PARTIAL" to every description.
     The RTSTRUCT is made first, within ``rtstruct_budget``: a structure it had to simplify
     further adds a sentence to ``warnings`` (the list is extended in place), so the SR says so.
+    ``device_uid`` is the node's Device Observer UID, named by every SR
+    (:func:`~dicom_node.encode.sr.node_device_uid`).
     """
     warnings = warnings if warnings is not None else []
     algorithm = Algorithm(
@@ -148,6 +151,7 @@ def encode_results(
             series_number=result_series_number(f"sr-{kind.lower()}", attempt),
             partial=partial,
             not_found=not_found,
+            device_uid=device_uid,
         )
         sr.SeriesDescription = describe(RESULT_TITLES[f"sr-{kind.lower()}"])
         stamp_series_date_time(sr)

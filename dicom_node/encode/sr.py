@@ -10,20 +10,23 @@ a whole-organ volume.
 from __future__ import annotations
 
 import math
-import socket
+import os
+import tempfile
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import RE_VALID_UID, generate_uid
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.seg import Algorithm, EncodedSegmentation
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
+from dicom_node.receive.storage import fsync_folder
 
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -33,6 +36,8 @@ CUT_BY_SCAN_EDGE = hd.sr.CodedConcept("PARTIAL", "99DICOMNODE", "Structure cut b
 WITHIN_SCAN = hd.sr.CodedConcept("COMPLETE", "99DICOMNODE", "Structure within scanned range")
 CT_PROCEDURE = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
 """Procedure reported: a member of CID 100 (Quantitative Diagnostic Imaging Procedures), as TID 1500 asks."""
+DEVICE_UID_FILE = "device-observer-uid"
+"""In the storage folder: the node's Device Observer UID, made once (:func:`node_device_uid`)."""
 STANDARD_MEANINGS = {
     ("121232", "DCM"): "Source series for segmentation",  # TID 1411's spelling (pydicom's codes capitalise it)
 }
@@ -50,8 +55,12 @@ def encode_measurement_report(
     previous_versions: Sequence[Dataset] = (),
     partial: bool = False,
     not_found: Sequence[str] = (),
+    device_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments.
+
+    ``device_uid`` is the Device Observer UID: the node's (:func:`node_device_uid`), the same in all its SRs;
+    without it (a caller that is no node), a new UID.
 
     ``partial`` (the result covers less than the whole series) makes its Completion Flag PARTIAL.
     ``not_found`` (the structures the model looks for that have no voxel in this series) become a second
@@ -72,7 +81,10 @@ def encode_measurement_report(
             continue
         groups.append(_structure_group(seg, item, number, by_label[label], algorithm))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_uid(), name="dicom-node", manufacturer_name=MANUFACTURER, model_name=algorithm.name[:64]
+        uid=device_uid or generate_uid(),
+        name="dicom-node",
+        manufacturer_name=MANUFACTURER,
+        model_name=algorithm.name[:64],
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -107,10 +119,50 @@ def encode_measurement_report(
     return sr
 
 
-def device_uid() -> str:
-    """The Device Observer UID of this node: the same in every SR it writes on this host, so the device that
-    measured can be followed from one report to the next."""
-    return str(generate_uid(entropy_srcs=["dicom-node device observer", socket.gethostname()]))
+def node_device_uid(storage: Path) -> str:
+    """The Device Observer UID of the node whose storage folder is ``storage``.
+
+    Made once, the first time the node writes an SR (``2.25.`` and a random UUID), and kept in
+    ``<storage>/device-observer-uid``: every SR of the node names the same device, whichever host, container
+    or worker sharing that folder writes it, and restarts keep it; nodes with their own storage never name the
+    same one. Host names play no part (a container's changes with each container).
+
+    Raises
+    ------
+    ValueError
+        If the file holds no DICOM UID (it was edited or damaged).
+    """
+    path = storage / DEVICE_UID_FILE
+    if not path.exists():
+        _store_once(path, generate_uid(prefix=None))
+    text = path.read_bytes().decode("ascii", errors="replace").strip()
+    if len(text) > 64 or not RE_VALID_UID.match(text):
+        raise ValueError(
+            f"{path} does not hold a DICOM UID (it reads {text[:80]!r}): it names this node as the device in every "
+            "SR; put back the file from a backup, or delete it for the node to make a new one (its SRs then name "
+            "a new device)"
+        )
+    return text
+
+
+def _store_once(path: Path, uid: str) -> None:
+    """Write ``uid`` to ``path`` unless it exists: whole, by a hard link, so processes starting at once (each
+    with a UID of its own) all read the one that was linked first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+            file.write(f"{uid}\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process of this node made it first: its UID stands
+        else:
+            fsync_folder(path.parent)
+    finally:
+        os.unlink(temporary)
 
 
 def use_standard_meanings(dataset: Dataset) -> None:
