@@ -59,8 +59,16 @@ IDENTITY_SEQUENCES = ("IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSeq
 instance too, so every instance must carry the same items (in any order)."""
 IDENTITY_SUBJECT = {"StudyInstanceUID": "study", "AccessionNumber": "study"}
 """What an identity attribute names, where it is not the patient."""
-STUDY_DETAIL_KEYWORDS = ("StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
-"""Study attributes the results copy from one instance too: where instances of one study disagree on them,
+STUDY_DETAIL_KEYWORDS = (
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+"""Study attributes (General Study, Patient Study) the results copy from one instance too: where instances of one study disagree on them,
 the job says so (a warning) rather than the results carrying one instance's value silently."""
 STUDY_DETAIL_SUFFIX = "; the results carry the value of the first image by position"
 

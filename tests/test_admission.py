@@ -95,7 +95,14 @@ def test_a_series_without_patient_id_is_refused(tmp_path):
     assert "have no PatientID (first: instance 1)" in (admit(files, STRICT).refusal or "")
 
 
-VALUES = {"PatientSex": ("F", "M"), "StudyDate": ("20240101", "20240102"), "StudyTime": ("101010", "111111")}
+VALUES = {
+    "PatientSex": ("F", "M"),
+    "StudyDate": ("20240101", "20240102"),
+    "StudyTime": ("101010", "111111"),
+    "PatientAge": ("040Y", "045Y"),
+    "PatientSize": ("1.70", "1.75"),
+    "PatientWeight": ("70", "75"),
+}
 
 
 @pytest.mark.parametrize(
@@ -170,7 +177,10 @@ def test_every_instance_qualifies_the_issuer_of_patient_id_alike(tmp_path):
     )
 
 
-@pytest.mark.parametrize("keyword", ["StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"])
+@pytest.mark.parametrize(
+    "keyword",
+    ["StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "PatientAge", "PatientSize", "PatientWeight"],
+)
 def test_study_details_that_differ_within_the_series_are_a_warning_naming_the_attribute(tmp_path, keyword):
     files = series_files(tmp_path)
     for number, file in enumerate(files):
