@@ -139,6 +139,42 @@ def test_wildcards_count_case_as_a_single_value_does_on_every_database(sessions)
     assert answers(sessions, query("STUDY", PatientName="doe*", StudyInstanceUID=""), "StudyInstanceUID") == ["6.1"]
 
 
+def test_names_match_without_empty_trailing_components_on_either_side_on_every_database(sessions) -> None:
+    """DOE^JOHN, DOE^JOHN^^ and DOE^JOHN^^^^= name one person (PS3.5 6.2.1): a query in one form found the others
+    only where the stored text was the same; case still counts, in wildcards too."""
+    studies = [
+        StudyAttributes("7.1", patient_id="P7", patient_name="DOE^JOHN^^", referring_physician_name="WHO^DR^^"),
+        StudyAttributes("7.2", patient_id="P8", patient_name="DOE^JOHN"),
+        StudyAttributes("7.3", patient_id="P9", patient_name="DOE^JOHN^^^^=YAMADA^TARO^^ =^ "),
+        StudyAttributes("7.4", patient_id="P10", patient_name="doe^john"),
+        StudyAttributes("7.5", patient_id="P11", patient_name="DOE^JOHNNY"),
+    ]
+    with transaction(sessions) as session:
+        for study in studies:
+            uid = study.study_instance_uid
+            record_instance(session, instance(f"{uid}.9.1", f"{uid}.9", study, 1))
+
+    def studies_named(name: str, keyword: str = "PatientName") -> list[str]:
+        return sorted(answers(sessions, query("STUDY", **{keyword: name, "StudyInstanceUID": ""}), "StudyInstanceUID"))
+
+    assert studies_named("DOE^JOHN") == ["7.1", "7.2"]
+    assert studies_named("DOE^JOHN^^") == ["7.1", "7.2"]
+    assert studies_named("DOE^JOHN^^^ ==") == ["7.1", "7.2"]
+    assert studies_named("DOE^JOHN=YAMADA^TARO") == ["7.3"]
+    assert studies_named("DOE^JOHN^^=YAMADA^TARO^") == ["7.3"]
+    assert studies_named("DOE*") == ["7.1", "7.2", "7.3", "7.5"]
+    assert studies_named("*JOHN") == ["7.1", "7.2"]
+    assert studies_named("DOE^JOHN^^*") == ["7.1", "7.3"]  # as stored: 7.2 spells out no empty component
+    assert studies_named("*TARO") == ["7.3"]
+    assert studies_named("doe^john^") == ["7.4"]
+    assert studies_named("DoE*") == []
+    assert studies_named("^^") == studies_named("")  # an empty name: universal
+    assert studies_named("WHO^DR", "ReferringPhysicianName") == ["7.1"]
+    with sessions() as session:  # answered as stored
+        (answer,) = find(session, query("STUDY", StudyInstanceUID="7.1", PatientName="DOE^JOHN"), "NODE")
+    assert str(answer.PatientName) == "DOE^JOHN^^"
+
+
 def test_date_and_time_ranges(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyDate="20260101-"), "StudyInstanceUID") == ["1.1", "1.2"]
     assert answers(sessions, query("STUDY", StudyDate="-20260110"), "StudyInstanceUID") == ["2.1", "1.1"]

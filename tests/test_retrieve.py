@@ -383,6 +383,28 @@ def test_another_patients_image_sent_into_a_stored_series_is_neither_answered_no
     assert {(str(d.PatientID), str(d.PatientName)) for d in got} == {("PHANTOM-1", "Phantom^Synthetic")}
 
 
+def test_findscu_finds_a_name_whatever_empty_trailing_components_either_side_spells_out(start_node, tmp_path) -> None:
+    """DOE^JOHN^^ is DOE^JOHN (PS3.5 6.2.1): a planning system asking for DOE^JOHN did not find the study a modality
+    sent as DOE^JOHN^^, nor the reverse. Case still counts."""
+    node = start_node(peers=QR_PEERS, completion={"quiet_seconds": 600})
+    names = {"PAT-PADDED": "DOE^JOHN^^", "PAT-PLAIN": "DOE^JOHN", "PAT-LOWER": "doe^john", "PAT-OTHER": "ROE^JANE"}
+    for seed, (patient_id, name) in enumerate(names.items()):
+        spec = PhantomSpec(rows=32, columns=32, slices=1, seed=seed, patient_id=patient_id, patient_name=name)
+        sent = storescu(node.port, write_phantom_series(tmp_path / patient_id, spec).files)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    def patients(name: str) -> list[str]:
+        folder = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
+        found = findscu(node, folder, "QueryRetrieveLevel=STUDY", f"PatientName={name}", "PatientID")
+        return sorted(str(answer.PatientID) for answer in found)
+
+    assert patients("DOE^JOHN") == ["PAT-PADDED", "PAT-PLAIN"]
+    assert patients("DOE^JOHN^^") == ["PAT-PADDED", "PAT-PLAIN"]
+    assert patients("DOE*") == ["PAT-PADDED", "PAT-PLAIN"]
+    assert patients("*^JOHN") == ["PAT-PADDED", "PAT-PLAIN"]
+    assert patients("doe^john^") == ["PAT-LOWER"]
+
+
 def test_a_patient_level_get_of_a_patient_id_from_two_issuers_is_refused_unless_the_issuer_is_named(
     start_node, tmp_path
 ) -> None:

@@ -2,7 +2,9 @@
 
 Supported matching (PS3.4 C.2.2.2): universal (empty or ``*``), single value,
 wildcard (``*`` and ``?``), range on dates and times (``A-B``, ``-B``, ``A-``)
-and UID lists (``uid1\\uid2``). Only instances still held are visible: a series
+and UID lists (``uid1\\uid2``). Person names (PatientName, ReferringPhysicianName) match without their
+empty trailing components, trailing spaces and empty trailing component groups, in the query and in what is
+stored (PS3.5 6.2.1): ``DOE^JOHN`` is ``DOE^JOHN^^``. Only instances still held are visible: a series
 purged by retention has no instance rows and so no match. An instance is visible only
 under its own patient: one whose PatientID (or IssuerOfPatientID) differs from its
 study's is never answered or sent.
@@ -24,10 +26,11 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from db.models import Instance, Series, Study
 from dicom_node.logs import shown
+from dicom_node.receive.header import comparable_identity
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-Kind = Literal["text", "uid", "date", "time", "number"]
+Kind = Literal["text", "name", "uid", "date", "time", "number"]
 
 
 class QueryError(ValueError):
@@ -48,7 +51,7 @@ class Key:
 KEYS: dict[str, Key] = {
     "PatientID": Key("PATIENT", Study.patient_id, "text"),
     "IssuerOfPatientID": Key("PATIENT", Study.issuer_of_patient_id, "text"),
-    "PatientName": Key("PATIENT", Study.patient_name, "text"),
+    "PatientName": Key("PATIENT", Study.patient_name, "name"),
     "PatientBirthDate": Key("PATIENT", Study.patient_birth_date, "date"),
     "PatientSex": Key("PATIENT", Study.patient_sex, "text"),
     "StudyInstanceUID": Key("STUDY", Study.study_instance_uid, "uid"),
@@ -57,7 +60,7 @@ KEYS: dict[str, Key] = {
     "AccessionNumber": Key("STUDY", Study.accession_number, "text"),
     "StudyID": Key("STUDY", Study.study_id, "text"),
     "StudyDescription": Key("STUDY", Study.study_description, "text"),
-    "ReferringPhysicianName": Key("STUDY", Study.referring_physician_name, "text"),
+    "ReferringPhysicianName": Key("STUDY", Study.referring_physician_name, "name"),
     "SeriesInstanceUID": Key("SERIES", Series.series_instance_uid, "uid"),
     "Modality": Key("SERIES", Series.modality, "text"),
     "SeriesNumber": Key("SERIES", Series.series_number, "number"),
@@ -117,6 +120,9 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
                 found.append(Study.id.in_(select(Series.study_id).where(matches)))
             continue
         key = KEYS.get(keyword)
+        if key is not None and key.kind == "name":
+            # trimmed as any person name is ("PatientName" only picks the rule); "^^" or "=" alone: universal
+            value = comparable_identity("PatientName", value)
         if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
             continue
         found.append(_condition(key, value))
@@ -150,6 +156,8 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
             return column == int(value)
         except ValueError:
             raise QueryError(f"{column.key}: {shown(value)} is not a number") from None
+    if key.kind == "name":
+        return _name_matching(column, value)
     return _matching(column, value)
 
 
@@ -160,6 +168,33 @@ def _matching(column: Any, value: str) -> ColumnElement[bool]:
         like = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%").replace("?", "_")
         return _Wildcard(column, literal(like), literal(value.replace("[", "[[]")))
     return column == value
+
+
+NAME_PADDING_REMOVED = 8
+"""Empty components and spaces removed before each ``=`` of a stored name: a component group has at most four
+empty trailing components, so eight leaves room for their padding."""
+
+
+def _name_matching(column: Any, value: str) -> ColumnElement[bool]:
+    """A person name ``column`` matching ``value`` (already without its empty trailing components,
+    :func:`comparable_identity`): compared with the stored name without its own, case counting as in
+    :func:`_matching`. A wildcard pattern also matches the name as stored (``DOE^JOHN^^*`` matches
+    ``DOE^JOHN^^``)."""
+    trimmed = _trimmed_name(column)
+    if "*" in value or "?" in value:
+        return or_(_matching(trimmed, value), _matching(column, value))
+    return trimmed == value
+
+
+def _trimmed_name(column: Any) -> ColumnElement[str]:
+    """``column`` without empty trailing components, spaces and empty trailing groups, in SQL that SQLite and
+    PostgreSQL both run (neither ``regexp_replace`` nor a Python function is on both): each ``replace`` round takes
+    one ``^`` and one space off before each ``=``, then ``rtrim`` cuts the name's end. As
+    :func:`comparable_identity` trims a query's name."""
+    text: ColumnElement[str] = column
+    for _ in range(NAME_PADDING_REMOVED):
+        text = func.replace(func.replace(text, "^=", "="), " =", "=")
+    return func.rtrim(text, "^= ")
 
 
 class _Wildcard(FunctionElement[bool]):
