@@ -8,15 +8,29 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.jobs import job_for_series_uid
-from db.models import AuditEvent, Instance, JobState, Series
-from tests.console_helpers import METRICS_TOKEN, SMALL_PHANTOM, ConsoleNode, console_node, log_in, send_phantom
+from db.models import AuditEvent, Instance, JobState, Series, Study, utcnow
+from db.session import transaction
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from tests.conftest import Node, free_port, storescu, wait_for
+from tests.console_helpers import (
+    METRICS_TOKEN,
+    SMALL_PHANTOM,
+    ConsoleNode,
+    _answers,
+    console_node,
+    console_settings,
+    log_in,
+    send_phantom,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -364,3 +378,78 @@ def test_container_health_check_passes_on_a_ready_node(processed):
     )
     assert health.returncode == 0, health.stdout + health.stderr
     assert json.loads(health.stdout) == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}
+
+
+def _sent_without_expected_count(node: Node, folder: Path, spec: PhantomSpec) -> str:
+    """Send a phantom series whose images say nothing of how many there are: it waits for the quiet period."""
+    series = write_phantom_series(folder, spec)
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        del dataset.ImagesInAcquisition
+        dataset.save_as(path)
+    sent = storescu(node.port, series.files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return series.series_instance_uid
+
+
+def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_studys_patient(tmp_path):
+    """Two senders at once, each the first of a study: series of PAT-B (and of PAT-A under another name) were
+    recorded under a study whose patient is PAT-A, Alpha^Ann; admission refused them, and the worklist and series
+    page listed them with Alpha^Ann's name, ID, birth date and accession number, as her series."""
+    console_port = free_port()
+    node = Node(
+        tmp_path / "node",
+        {
+            "rules": [{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "baseline"}],
+            "completion": {"quiet_seconds": 600},
+            "console": console_settings(console_port),
+        },
+    ).start()
+    try:
+        running = ConsoleNode(node, f"http://127.0.0.1:{console_port}", 0, tmp_path)
+        small = PhantomSpec(rows=32, columns=32, slices=3)
+        other_id = _sent_without_expected_count(node, tmp_path / "b", replace(small, patient_id="PAT-B"))
+        other_name = _sent_without_expected_count(
+            node, tmp_path / "c", replace(small, seed=1, patient_id="PAT-A", patient_name="Other^Olive")
+        )
+        with transaction(node.sessions) as session:  # the other sender's series of PAT-A was recorded first
+            session.execute(
+                update(Study).values(
+                    patient_id="PAT-A", patient_name="Alpha^Ann", patient_birth_date="19500101", accession_number="A1"
+                )
+            )
+            session.execute(update(Series).values(last_received_at=utcnow() - timedelta(seconds=601)))
+        node.wait_for_state(other_id, JobState.FAILED)
+        node.wait_for_state(other_name, JobState.FAILED)
+        wait_for(lambda: _answers(running.url), timeout=30, what="the console to answer")
+        operator = running.client("olga")
+
+        jobs = {job["series_instance_uid"]: job for job in operator.get("/api/jobs").json()["jobs"]}
+        worklist = operator.get("/worklist/rows").text
+        page = operator.get(f"/series/{other_id}").text
+        name_page = operator.get(f"/series/{other_name}").text
+        viewer = running.client("vera").get(f"/series/{other_id}").text
+    finally:
+        node.stop()
+
+    assert jobs[other_id]["patient"] == {
+        "patient_name": None,
+        "patient_id": "PAT-B",
+        "patient_birth_date": None,
+        "accession_number": None,
+        "study_description": None,
+        "another_patient": "refused: names another patient (PatientID PAT-B)",
+        "another_patient_detail": (
+            "its PatientID differs from its study's patient, so it is not shown as that patient's series; the "
+            "name, birth date and sex its images carry are not stored"
+        ),
+    }
+    assert jobs[other_name]["patient"]["another_patient"] == "refused: names another patient (PatientID PAT-A)"
+    assert jobs[other_name]["patient"]["another_patient_detail"].startswith("its PatientName differs")
+    assert jobs[other_name]["patient"]["patient_name"] is None
+    assert "refused: names another patient (PatientID PAT-B)" in page
+    assert "its PatientName differs from its study&#39;s patient" in name_page
+    for shown in (worklist, page, name_page):
+        assert "Alpha^Ann" not in shown and "19500101" not in shown and "A1<" not in shown
+    assert worklist.count("refused: names another patient") == 2
+    assert "PAT-B" not in viewer, viewer[viewer.find("PAT-B") - 300 :]  # viewers see no patient details, as before

@@ -17,7 +17,7 @@ from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
-from db.models import AuditEvent, Job, JobState, RejectedInstance, Series, Study, as_utc
+from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.config import Settings, hide_password
 from dicom_node.receive.header import is_valid_uid
 
@@ -115,6 +115,54 @@ def _patient(study: Study) -> dict[str, Any]:
     }
 
 
+ANOTHER_PATIENT = re.compile(r"already holds another patient's images \(its (\w+) differs")
+"""Admission's refusal of a series naming another patient than its study's (:func:`admission._check_study_patient`):
+the keyword it names is the attribute that differs."""
+
+
+def _series_patient(session: Session, job: Job) -> dict[str, Any]:
+    """The patient a series row is shown under: its study's, unless the series names another patient.
+
+    A series refused for naming another patient than its study's (same StudyInstanceUID, another PatientID, issuer,
+    name, birth date or sex) is recorded under that study, but it is not that patient's: it is shown with the
+    PatientID its own images carry, none of the study's patient details, and ``another_patient`` saying so. Its own
+    name, birth date and sex are not stored (only each image's PatientID and IssuerOfPatientID are)."""
+    series, study = job.series, job.series.study
+    own = session.execute(
+        select(Instance.patient_id, Instance.issuer_of_patient_id)
+        .where(Instance.series_id == series.id, Instance.patient_id.is_not(None))
+        .distinct()
+    ).all()
+    foreign = [
+        (patient_id, issuer)
+        for patient_id, issuer in own
+        if patient_id != (study.patient_id or "")
+        or (issuer is not None and study.issuer_of_patient_id is not None and issuer != study.issuer_of_patient_id)
+    ]
+    refused = ANOTHER_PATIENT.search(job.reason or "")
+    if not foreign and refused is None:
+        return _patient(study)
+    ids = sorted({patient_id or "(none)" for patient_id, _ in own})
+    issuers = sorted({f"{patient_id or '(none)'} of {issuer}" for patient_id, issuer in own if issuer})
+    named = f"PatientID {', '.join(issuers or ids)}" if ids else "its PatientID is not stored"
+    if refused is not None:
+        differing = refused.group(1)
+    else:
+        differing = "PatientID" if any(pid != (study.patient_id or "") for pid, _ in foreign) else "IssuerOfPatientID"
+    return {
+        "patient_name": None,
+        "patient_id": ", ".join(ids) or None,
+        "patient_birth_date": None,
+        "accession_number": None,
+        "study_description": None,
+        "another_patient": f"{'refused: ' if job.state is JobState.FAILED else ''}names another patient ({named})",
+        "another_patient_detail": (
+            f"its {differing} differs from its study's patient, so it is not shown as that patient's series; the "
+            "name, birth date and sex its images carry are not stored"
+        ),
+    }
+
+
 def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) -> dict[str, Any]:
     """One page of recent series (newest change first) and how many match in all."""
     query = select(Job).join(Job.series).join(Series.study)
@@ -177,7 +225,7 @@ def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, 
         "warnings": list(job.warnings or []),
     }
     if with_patient:
-        summary["patient"] = _patient(series.study)
+        summary["patient"] = _series_patient(session, job)
     return summary
 
 
