@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent
-from db.session import transaction
+from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.logs import cut, log_event, shown
 
 LOG = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ StatusOutcome = Literal["success", "refused", "failed", "partial"]
 ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo", "console")
 MAX_DETAIL_CHARS = 2000
 """The most characters of a record's detail; the rest are cut, and the detail says how many."""
+LOCKED_WAIT_LIMIT_SECONDS = 60.0
+"""How long a record waits for a database another writer holds locked (tried again, with growing pauses, after
+each of SQLite's busy timeouts) before it is given up and said so in the log."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,12 @@ def record(
     instances: int = 0,
     detail: str | None = None,
 ) -> None:
-    """Write one audit record in its own transaction; never raises. ``detail`` is cut to :data:`MAX_DETAIL_CHARS`."""
+    """Write one audit record in its own transaction; never raises. ``detail`` is cut to :data:`MAX_DETAIL_CHARS`.
+
+    A database locked by another writer is tried again for up to :data:`LOCKED_WAIT_LIMIT_SECONDS`."""
     detail = cut(detail, MAX_DETAIL_CHARS) if detail is not None else None
-    try:
+
+    def write() -> None:
         with transaction(sessions) as session:
             session.add(
                 AuditEvent(
@@ -75,6 +81,21 @@ def record(
                     detail=detail,
                 )
             )
+
+    waiting = f"writing the {action} audit record of {peer.ae_title or peer.address or 'the console'}"
+    try:
+        retry_when_locked(write, waiting=waiting, limit_seconds=LOCKED_WAIT_LIMIT_SECONDS)
+    except DatabaseBusy as exc:  # the audited operation must not fail because of its record
+        log_event(
+            LOG,
+            logging.ERROR,
+            "audit.not_recorded",
+            action=action,
+            peer_ae=peer.ae_title,
+            outcome=outcome,
+            reason=f"the audit record was lost: {exc}",
+        )
+        return
     except Exception:  # the audited operation must not fail because of its record
         LOG.exception(
             "audit.not_recorded",
@@ -309,6 +330,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
         counted: int | None = None
         studies: Counter[str | None] = Counter()
         beyond = 0  # matches of studies past MAX_STUDIES_AUDITED
+        values: Any = None
         try:
             try:
                 identifier = getattr(event, "identifier", None)
@@ -332,6 +354,11 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                 yield value
             finished = True
         finally:
+            # pynetdicom stops at the final status and drops this generator: the handler, stopped where it yielded
+            # it, still holds its database session (on SQLite the write lock) until closed here, before the record.
+            close = getattr(values, "close", None)
+            if close is not None:
+                close()
             if action == "find":
                 outcome = status_outcome(last)
             else:

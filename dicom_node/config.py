@@ -238,7 +238,9 @@ def _peer_network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def open_peer_warnings(settings: Settings) -> list[str]:
-    """Sentences for start-up warnings: each peer that admits every address with a role that reads patient data."""
+    """Sentences for start-up warnings: each peer that admits every address of IPv4 or IPv6 (or both) with a role
+    that reads patient data. ``0.0.0.0/0`` is every IPv4 address and ``::/0`` every IPv6 address: neither admits
+    the other's callers (an IPv4 caller of a dual-stack node is matched as IPv4)."""
     reading = ("find", "get", "move")
     warnings = []
     for name, peer in settings.peers.items():
@@ -247,11 +249,19 @@ def open_peer_warnings(settings: Settings) -> list[str]:
         if anywhere and roles:
             who = f"AE title {peer.ae_title}" if peer.ae_title else "any AE title"
             warnings.append(
-                f"peers.{name} admits {who} from every address ({', '.join(anywhere)}) with the roles "
+                f"peers.{name} admits {who} from {_every_address(anywhere)} ({', '.join(anywhere)}) with the roles "
                 f"{', '.join(roles)}: anyone who can reach the port can read patient data; list the hosts "
                 f"it calls from in peers.{name}.hosts"
             )
     return warnings
+
+
+def _every_address(networks: list[str]) -> str:
+    """What networks of prefix length 0 admit, in words: every IPv4 address, every IPv6 address, or both."""
+    versions = {ipaddress.ip_network(n, strict=False).version for n in networks}
+    if versions == {4, 6}:
+        return "every address"
+    return "every IPv4 address" if versions == {4} else "every IPv6 address"
 
 
 class RetrieveSettings(_Strict):

@@ -80,13 +80,11 @@ class Peer:
     """With mutual TLS, names one of which the caller's certificate must carry; empty: any trusted certificate."""
 
     def calls_from(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks if network.version == ip.version)
+        """Whether ``address`` is in one of the peer's networks. An IPv4 caller of a dual-stack node
+        (``::ffff:a.b.c.d``) is matched as IPv4; IPv4 networks (``0.0.0.0/0`` too) admit IPv4 callers only and IPv6
+        networks (``::/0`` too) IPv6 callers only."""
+        ip = _ip(address)
+        return ip is not None and any(ip in network for network in self.networks if network.version == ip.version)
 
     def may(self, role: str) -> bool:
         return role in self.roles
@@ -94,6 +92,23 @@ class Peer:
     @property
     def hosts(self) -> str:
         return ", ".join(str(n) for n in self.networks)
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The caller's address, an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as IPv4; None if it is none."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def shown_address(address: str) -> str:
+    """``address`` as a log sentence names it: an IPv4 caller of a dual-stack node as its IPv4 address."""
+    ip = _ip(address)
+    return str(ip) if ip is not None and ip.version == 4 else address
 
 
 class Refused(str):
@@ -157,11 +172,11 @@ class PeerPolicy:
                 return peer
         if named:
             hosts = "; ".join(p.hosts for p in named)
-            return Refused(f"AE title {ae_title} is configured for {hosts}, but called from {address}")
+            return Refused(f"AE title {ae_title} is configured for {hosts}, but called from {shown_address(address)}")
         for peer in self.peers:
             if peer.ae_title is None and peer.calls_from(address):
                 return peer
-        return Refused(f"no peer is configured for AE title {ae_title} calling from {address}")
+        return Refused(f"no peer is configured for AE title {ae_title} calling from {shown_address(address)}")
 
 
 def _peer(name: str, settings: PeerSettings) -> Peer:

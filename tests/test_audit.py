@@ -496,3 +496,76 @@ def test_a_real_node_refuses_a_move_nested_too_deeply_to_read_in_a_sentence(tmp_
     log = wait_for(lambda: "retrieve.refused" in node.log() and node.log(), what="the refusal's log line")
     assert "a retrieval by peer" in log and "its identifier nests sequences too deeply to be read" in log
     assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_a_record_waits_for_a_database_another_writer_holds_locked_past_the_busy_timeout(tmp_path):
+    """The lock is held longer than SQLite's busy timeout (0.2 s here): the record is tried again, not lost."""
+    import logging
+    import sqlite3
+    import threading
+
+    database = tmp_path / "storage" / "dicom-node.db"
+    migrate(f"sqlite:///{database}")
+    sessions = make_session_factory(make_engine(f"sqlite:///{database}", busy_timeout_seconds=0.2))
+    with sessions() as session:  # connected once (WAL set up), as a running node is
+        assert recent(session) == []
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another writer's transaction: the write lock, held
+    waited = threading.Event()
+
+    class Busy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "database.busy":
+                waited.set()
+
+    def release_once_the_record_waited() -> None:
+        waited.wait(timeout=30)  # a first try has failed after the busy timeout (or the record gave up)
+        holder.execute("ROLLBACK")
+
+    handler = Busy()
+    logging.getLogger("db.session").addHandler(handler)
+    releaser = threading.Thread(target=release_once_the_record_waited)
+    releaser.start()
+    try:
+        record(sessions, "association", Peer("PACS", "10.1.2.3:40000"), "released")
+    finally:
+        waited.set()
+        releaser.join()
+        logging.getLogger("db.session").removeHandler(handler)
+        holder.close()
+
+    with sessions() as session:
+        rows = [(r.action, r.peer_ae_title, r.outcome) for r in recent(session)]
+    assert rows == [("association", "PACS", "released")]
+
+
+def test_a_query_stopped_at_its_final_status_is_recorded_at_once_not_after_its_own_lock(tmp_path, monkeypatch):
+    """pynetdicom stops at a C-FIND's final status (as when it is cut at retrieve.max_find_matches) and drops the
+    generator: the handler, still inside its session, held SQLite's write lock while its record waited for it."""
+    import time
+
+    from sqlalchemy import select
+
+    from db.models import Study
+    from dicom_node import audit
+
+    monkeypatch.setattr(audit, "LOCKED_WAIT_LIMIT_SECONDS", 2.0)  # without the fix: lost after 2 s, not 60
+    database = tmp_path / "storage" / "dicom-node.db"
+    migrate(f"sqlite:///{database}")
+    sessions = make_session_factory(make_engine(f"sqlite:///{database}", busy_timeout_seconds=0.2))
+    event = SimpleNamespace(identifier=Dataset(), assoc=_assoc("READER", "10.0.0.8", 4000))
+    event.identifier.QueryRetrieveLevel = "IMAGE"
+
+    def cut_short(event, *args):
+        with sessions() as session:
+            session.execute(select(Study.id)).all()  # the session's transaction: on SQLite, the write lock
+            yield 0xA700, None  # out of resources: the final status, yielded inside the session
+
+    answers = audited_retrieve("find", cut_short, sessions)(event)
+    assert next(answers) == (0xA700, None)
+    started = time.monotonic()
+    answers.close()  # what dropping the generator does
+
+    assert time.monotonic() - started < 1.0
+    with sessions() as session:
+        assert [(r.action, r.peer_ae_title, r.outcome) for r in recent(session)] == [("find", "READER", "failed")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -137,6 +138,36 @@ def test_proxy_header_logs_in_the_named_user_only_from_a_trusted_proxy(console_s
     _wait_until_up(elsewhere)
     forged = httpx.get(f"{elsewhere}/api/me", headers={"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"})
     assert forged.status_code == 401
+
+
+@pytest.mark.integration
+def test_behind_the_proxy_each_session_has_its_own_csrf_token_refused_in_any_other(console_server):
+    """The token once was the same for a user forever: seen once (a log, a screenshot), it stayed valid."""
+    url, _settings = console_server(auth="proxy_header")
+    _wait_until_up(url)
+    olga = {"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"}
+    first, second = httpx.Client(base_url=url, headers=olga), httpx.Client(base_url=url, headers=olga)
+    token, other = first.get("/api/me").json()["csrf_token"], second.get("/api/me").json()["csrf_token"]
+    assert token != other, "two sessions of the same proxy user"
+    assert first.get("/api/me").json()["csrf_token"] == token, "a session keeps its token"
+
+    assert first.post("/api/jobs/1.2.3/retry", headers={"X-CSRF-Token": other}).status_code == 403
+    assert second.post("/api/jobs/1.2.3/retry", headers={"X-CSRF-Token": token}).status_code == 403
+    assert first.post("/api/jobs/1.2.3/retry", headers={"X-CSRF-Token": token}).status_code == 404  # passed
+    cookieless = httpx.post(f"{url}/api/jobs/1.2.3/retry", headers={**olga, "X-CSRF-Token": token})
+    assert cookieless.status_code == 403
+    assert "carries no console session (its cookie)" in cookieless.json()["detail"]
+
+    browser = httpx.Client(base_url=url, headers=olga, follow_redirects=False)
+    opened = browser.get("/rejected?page=2")
+    assert opened.status_code == 303 and opened.headers["location"] == "/rejected?page=2"
+    assert "samesite=lax" in opened.headers["set-cookie"].lower()
+    page = browser.get(opened.headers["location"])
+    assert page.status_code == 200
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None and found.group(1) not in (token, other)
+    assert browser.post("/logout", data={"csrf_token": found.group(1)}).status_code == 303
+    assert browser.get("/").status_code == 303, "the logged-out session is not taken up again: a new one opens"
 
 
 @pytest.mark.integration

@@ -595,7 +595,8 @@ def test_reroute_to_a_model_or_rule_that_does_not_exist_is_refused_with_a_senten
 
 
 def test_login_throttle_cannot_be_bypassed_with_x_forwarded_for(tmp_path):
-    running = _start(tmp_path, login_attempts_per_minute=3)
+    """X-Forwarded-For counts only from console.trusted_proxies: here the client (127.0.0.1) is none."""
+    running = _start(tmp_path, login_attempts_per_minute=3, trusted_proxies=["10.9.9.9/32"])
     try:
         client = running.client()
         for attempt in range(3):
@@ -610,6 +611,26 @@ def test_login_throttle_cannot_be_bypassed_with_x_forwarded_for(tmp_path):
             ).all()
         assert {address for address, _detail in records} == {"127.0.0.1"}, "the real peer, not a header it sent"
         assert all(len(detail) < 200 for _address, detail in records), "a long user name sent is cut"
+    finally:
+        running.server.stop()
+
+
+def test_behind_a_trusted_proxy_one_clients_failed_logins_lock_out_no_other_client(tmp_path):
+    """Every client of a reverse proxy connects from its address: one user's wrong passwords once locked out
+    everyone behind it. The proxy (127.0.0.1, trusted by default) names each client in X-Forwarded-For."""
+    running = _start(tmp_path, login_attempts_per_minute=3)
+    try:
+        guesser = running.client(**{"X-Forwarded-For": "203.0.113.9"})
+        # The proxy appends the address it was called from; what the client sent before it counts for nothing.
+        colleague = running.client(**{"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
+        assert [log_in(guesser, name, "guess").status_code for name in ("otto", "oscar", "olaf")] == [401] * 3
+        assert log_in(guesser, "vera", PASSWORDS["vera"]).status_code == 429, "the guesser's own address waits"
+        assert log_in(colleague, "olga", PASSWORDS["olga"]).status_code == 303
+        with running.sessions() as session:
+            addresses = set(
+                session.scalars(select(AuditEvent.peer_address).where(AuditEvent.action == "console")).all()
+            )
+        assert addresses == {"203.0.113.9", "198.51.100.7"}, "the audit trail names the clients, not the proxy"
     finally:
         running.server.stop()
 

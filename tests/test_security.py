@@ -1013,3 +1013,34 @@ def test_a_c_get_answer_naming_a_path_instead_of_a_uid_writes_no_file_outside_th
         server.shutdown()
 
     assert not (tmp_path / "escaped.dcm").exists() and list(folder.iterdir()) == []
+
+
+def _associate_to(node, calling_ae: str, source: str, destination: str):
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    ae.add_requested_context(Verification)
+    return ae.associate(destination, node.port, ae_title=node.ae_title, bind_address=(source, 0))
+
+
+def test_on_a_dual_stack_node_ipv4_networks_admit_ipv4_callers_and_ipv6_networks_ipv6_ones(start_node):
+    """With network.host '::', IPv4 callers arrive as ::ffff:a.b.c.d: they are matched (and named) as IPv4. ::/0
+    is every IPv6 address, not every address, and the start-up warning says so."""
+    peers = {
+        "finder": {"ae_title": "FINDER", "hosts": ["127.0.0.3"], "roles": ["echo"]},
+        "v6any": {"hosts": ["::/0"], "roles": ["echo", "find"]},
+    }
+    node = start_node(network={"host": "::"}, peers=peers)
+
+    finder = _associate_to(node, "FINDER", "127.0.0.3", "127.0.0.1")
+    finder_elsewhere = _associate_to(node, "FINDER", "127.0.0.4", "127.0.0.1")
+    other_v4 = _associate_to(node, "OTHER", "127.0.0.2", "127.0.0.1")
+    other_v6 = _associate_to(node, "OTHER", "::1", "::1")
+
+    assert finder.is_established and other_v6.is_established
+    assert finder_elsewhere.is_rejected and other_v4.is_rejected, "::/0 admits no IPv4 caller"
+    finder.release()
+    other_v6.release()
+    log = node.log()
+    assert "AE title FINDER is configured for 127.0.0.3/32, but called from 127.0.0.4" in log
+    assert "no peer is configured for AE title OTHER calling from 127.0.0.2" in log
+    assert "peers.v6any admits any AE title from every IPv6 address (::/0) with the roles find" in log

@@ -9,9 +9,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +25,7 @@ from dicom_node.console.auth import (
     LoginThrottle,
     Sessions,
     User,
+    forwarded_client,
     from_trusted_proxy,
 )
 from dicom_node.console.metrics import Liveness
@@ -99,8 +100,19 @@ class Forbidden(Exception):
         self.message = message
 
 
-def client_address(request: Request) -> str | None:
+def peer_address(request: Request) -> str | None:
+    """The address the connection comes from: the browser's, or the reverse proxy's in front of the console."""
     return request.client.host if request.client else None
+
+
+def client_address(request: Request) -> str | None:
+    """The client's address, for the login throttle and the audit trail: the connection's, or, where it comes from
+    one of ``console.trusted_proxies``, the address that proxy names in ``X-Forwarded-For`` (if it sends one)."""
+    peer = peer_address(request)
+    settings = console_of(request).settings.console
+    if not from_trusted_proxy(settings, peer):
+        return peer
+    return forwarded_client(settings, request.headers.getlist("x-forwarded-for")) or peer
 
 
 def console_of(request: Request) -> ConsoleContext:
@@ -114,10 +126,18 @@ def identify(request: Request) -> User | None:
     settings = context.settings.console
     if settings.auth == "proxy_header":
         name = request.headers.get(settings.proxy_user_header, "").strip()
-        if not name or not from_trusted_proxy(settings, client_address(request)):
+        if not name or not from_trusted_proxy(settings, peer_address(request)):
             return None
         role = request.headers.get(settings.proxy_role_header, "").strip().lower()
-        return context.auth.proxy_user(name, "operator" if role == "operator" else "viewer")
+        opened: tuple[User, str] | None = getattr(request.state, NEW_PROXY_SESSION, None)
+        if opened is not None:  # identified before in this request, in a session opened for it
+            return opened[0]
+        named, cookie = context.auth.proxy_user(
+            name, "operator" if role == "operator" else "viewer", request.cookies.get(SESSION_COOKIE)
+        )
+        if cookie is not None:
+            setattr(request.state, NEW_PROXY_SESSION, (named, cookie))
+        return named
     user = context.auth.read(request.cookies.get(SESSION_COOKIE))
     if user is None or user.name not in settings.users:
         return None  # no session, or the user was removed from the configuration since logging in
@@ -127,12 +147,57 @@ def identify(request: Request) -> User | None:
     return User(user.name, configured.role, user.session_id, user.credential)  # the role configured now
 
 
-def viewer(request: Request) -> User:
-    """Dependency: any logged-in user."""
+NEW_PROXY_SESSION = "dicom_node_new_proxy_session"
+"""Where :func:`identify` leaves, on the request's state, the session it opened for a user the reverse proxy named
+and its cookie value, for :func:`viewer` to hand to the client."""
+_CALLED_DIRECTLY = Response()
+""":func:`viewer`'s response when it is called as a function, not as a dependency: no cookie can be set."""
+
+
+def viewer(request: Request, response: Response = _CALLED_DIRECTLY) -> User:
+    """Dependency: any logged-in user. Behind the single sign-on proxy, a client without a console session gets
+    one (:func:`hand_over_new_session`)."""
     user = identify(request)
     if user is None:
         raise NotLoggedIn()
+    if response is not _CALLED_DIRECTLY:
+        hand_over_new_session(request, response)
     return user
+
+
+def hand_over_new_session(request: Request, response: Response) -> None:
+    """Give the client the cookie of a session :func:`identify` opened in this request, if it opened one: with an
+    API answer, in ``response``; a page is asked for again with it (a redirect to itself), since the page's forms
+    carry the new session's CSRF token."""
+    opened: tuple[User, str] | None = getattr(request.state, NEW_PROXY_SESSION, None)
+    if opened is None:
+        return
+    if request.method != "GET" or request.url.path.startswith("/api/"):
+        _set_proxy_session_cookie(request, response, opened[1])
+        return
+    carrier = Response()
+    _set_proxy_session_cookie(request, carrier, opened[1])
+    location = "/" + quote(request.url.path, safe="/:@!$&'()*+,;=~").lstrip("/")  # a path on this console only
+    if request.url.query:
+        location += "?" + quote(request.url.query, safe="=&%+:@!$'()*,;/?~")
+    raise HTTPException(
+        303,
+        "a console session was opened for this browser; the page follows",
+        headers={"Location": location, "Set-Cookie": carrier.headers["set-cookie"]},
+    )
+
+
+def _set_proxy_session_cookie(request: Request, response: Response, value: str) -> None:
+    context = console_of(request)
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        max_age=int(context.auth.lifetime_seconds),
+        httponly=True,
+        samesite="lax",  # also sent when the sign-on's redirect from another site leads here
+        secure=context.settings.console.https,
+        path="/",
+    )
 
 
 def operator(user: Annotated[User, Depends(viewer)]) -> User:
@@ -156,7 +221,7 @@ def same_origin(request: Request) -> bool:
         return False
     hosts = {request.headers.get("host", "").lower()}
     forwarded = request.headers.get("x-forwarded-host")
-    if forwarded and from_trusted_proxy(console_of(request).settings.console, client_address(request)):
+    if forwarded and from_trusted_proxy(console_of(request).settings.console, peer_address(request)):
         hosts.add(forwarded.split(",")[0].strip().lower())
     return urlsplit(source).netloc.lower() in hosts
 
@@ -173,6 +238,11 @@ async def _check_csrf(request: Request, user: User) -> None:
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         token = str((await request.form()).get(CSRF_FIELD) or "") or None
+    if getattr(request.state, NEW_PROXY_SESSION, None) is not None:
+        raise Forbidden(
+            "this request carries no console session (its cookie), so no CSRF token can be valid: keep the cookie "
+            f"the console sets with its first answer (GET /api/me gives it, and the {CSRF_HEADER} token to send)"
+        )
     if not console_of(request).auth.csrf_valid(user, token):
         raise Forbidden(f"missing or wrong CSRF token: send the page's {CSRF_FIELD} field or the {CSRF_HEADER} header")
 

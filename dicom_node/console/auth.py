@@ -3,7 +3,9 @@
 A session is a signed cookie (HMAC-SHA256 over its JSON: user, role, a random session id and
 its expiry), so any number of console processes can check it without shared state. The CSRF
 token of a session is an HMAC of its session id: every POST carries it, in the form field
-``csrf_token`` or the header ``X-CSRF-Token``.
+``csrf_token`` or the header ``X-CSRF-Token``. Behind a single sign-on proxy the console opens
+such a session itself, on the first request of a browser or client that has none: its token
+is as short-lived and as bound to one client as a password login's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"
 LOGIN_FORM_SECONDS = 600
 """A login form must be sent within this long of being shown."""
+PROXY_CREDENTIAL = "proxy_header"
+"""What a session the console opened for a user the reverse proxy named keeps instead of a password signature:
+no password login accepts it, and no proxy user accepts a password login's session."""
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 ROLE_RANK: dict[str, int] = {"viewer": 1, "operator": 2}
@@ -94,7 +99,10 @@ class Sessions:
     def issue(self, name: str, role: ConsoleRole, password_hash: str = "") -> tuple[User, str]:
         """A new session for ``name``: the user and the cookie value. The session holds :meth:`credential` of
         ``password_hash``, so it ends when the user's password is changed."""
-        user = User(name, role, secrets.token_urlsafe(18), self.credential(password_hash))
+        return self._issue(name, role, self.credential(password_hash))
+
+    def _issue(self, name: str, role: ConsoleRole, credential: str) -> tuple[User, str]:
+        user = User(name, role, secrets.token_urlsafe(18), credential)
         expires = time.time() + self.lifetime_seconds
         body = json.dumps({"u": name, "r": role, "s": user.session_id, "e": expires, "p": user.credential})
         payload = base64.urlsafe_b64encode(body.encode()).decode()
@@ -152,9 +160,14 @@ class Sessions:
         with self._ended_lock:
             return session_id in self._ended
 
-    def proxy_user(self, name: str, role: ConsoleRole) -> User:
-        """A user named by the reverse proxy: its session id is derived from the name (no cookie needed)."""
-        return User(name, role, self._sign(_bytes(f"proxy:{name}"))[:24])
+    def proxy_user(self, name: str, role: ConsoleRole, cookie: str | None) -> tuple[User, str | None]:
+        """A user named by the reverse proxy, with ``role`` (the proxy's say, on every request): in the session of
+        ``cookie`` when that is a live session the console opened for ``name``; else in a new one, whose cookie
+        value comes back second (None: the cookie's session goes on)."""
+        session = self.read(cookie)
+        if session is not None and session.name == name and session.credential == PROXY_CREDENTIAL:
+            return User(name, role, session.session_id, PROXY_CREDENTIAL), None
+        return self._issue(name, role, PROXY_CREDENTIAL)
 
     @staticmethod
     def login_nonce() -> str:
@@ -243,6 +256,23 @@ def from_trusted_proxy(settings: ConsoleSettings, address: str | None) -> bool:
     except ValueError:
         return False
     return any(ip in ipaddress.ip_network(network, strict=False) for network in settings.trusted_proxies)
+
+
+def forwarded_client(settings: ConsoleSettings, forwarded_for: list[str]) -> str | None:
+    """The client a trusted proxy names in ``X-Forwarded-For`` (the values of every such header, in order): the
+    right-most address that is not itself one of ``console.trusted_proxies`` (each proxy appends the address it
+    was called from, so entries left of it may be anything a client sent). None when there is no such header, or
+    an entry that is no IP address stands before it."""
+    entries = [entry.strip() for value in forwarded_for for entry in value.split(",")]
+    client = None
+    for entry in reversed([e for e in entries if e]):
+        try:
+            client = str(ipaddress.ip_address(entry))
+        except ValueError:
+            return None
+        if not from_trusted_proxy(settings, client):
+            return client
+    return client  # every entry a trusted proxy: the client runs where a proxy does
 
 
 class LoginThrottle:
