@@ -313,9 +313,10 @@ def _admit(
     if len(images) < 2:
         raise Refused("the series has a single image; a volume needs at least two slices")
     if len({frame.acquisition for frame in images}) == 1:
-        # Several acquisitions: the volume assembler picks one first, and checks its slices itself.
         _check_slice_stack(images)
         _check_step_against_thickness(images)
+    else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
+        _check_step_of_each_acquisition(images)
     extent = _extent_mm(images)
     if max(extent) > LONGEST_EXTENT_MM:
         raise Refused(
@@ -1060,12 +1061,29 @@ quarter) of SliceThickness; a step ten times finer than the slices are thick mea
 centimetres, which would make every volume in the report ten times too small."""
 
 
+def _check_step_of_each_acquisition(images: list[_Frame]) -> None:
+    """Several acquisitions: the step of each one holding two positions or more must fit its SliceThickness (a
+    step-and-shoot scan's blocks, overlapping reconstructions); where none does (a scanner numbering every slice
+    as its own acquisition), the step of all of them together."""
+    groups: dict[str, list[_Frame]] = defaultdict(list)
+    for frame in images:
+        groups[frame.acquisition].append(frame)
+    stacks = [members for members in groups.values() if len(_depths(members)) >= 2]
+    for members in stacks or [images]:
+        _check_step_against_thickness(members)
+
+
+def _depths(images: list[_Frame]) -> list[float]:
+    """The images' distinct positions along the normal of the first one's plane, in order (to a micrometre)."""
+    normal = _normal(images[0].orientation)
+    return sorted({round(_dot(frame.position, normal), 3) for frame in images})
+
+
 def _check_step_against_thickness(images: list[_Frame]) -> None:
     """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`; the images' median)."""
     given = sorted(frame.thickness for frame in images if frame.thickness is not None)
     thickness = given[len(given) // 2] if given else None
-    normal = _normal(images[0].orientation)
-    depths = sorted({round(_dot(frame.position, normal), 3) for frame in images})
+    depths = _depths(images)
     if thickness is None or len(depths) < 2:
         return
     step = (depths[-1] - depths[0]) / (len(depths) - 1)
