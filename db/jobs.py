@@ -8,7 +8,7 @@ series. Functions take an open session; the caller owns the transaction.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -84,13 +84,64 @@ def mark_complete(session: Session, job: Job, reason: str) -> None:
     change_state(session, job, S.COMPLETE, reason)
 
 
-def queue(session: Session, job: Job, *, rule_name: str, model_name: str, destinations: Sequence[str]) -> None:
-    """Routing chose a model: hand the series to the inference workers."""
+def queue(
+    session: Session,
+    job: Job,
+    *,
+    rule_name: str,
+    model_name: str,
+    destinations: Sequence[str],
+    note: str | None = None,
+) -> None:
+    """Routing chose a model: hand the series to the inference workers (``note``: more to say in the event)."""
     job.rule_name = rule_name
     job.model_name = model_name
     job.destinations = list(destinations)
     job.not_before = None  # routed afresh: an earlier wait for disk space no longer holds it back
-    change_state(session, job, S.QUEUED, f"rule {rule_name!r}: process with model {model_name!r}")
+    reason = f"rule {rule_name!r}: process with model {model_name!r}"
+    change_state(session, job, S.QUEUED, f"{reason} ({note})" if note else reason)
+
+
+EARLIER_RESULTS = "was sent results of an earlier run of this series"
+
+
+def holders_of_earlier_results(session: Session, job: Job) -> list[str]:
+    """Destinations that accepted any result file of the job in any run (the ``deliveries`` rows, which stay when
+    a new run clears ``job.deliveries``), or that the last run's files were being sent to (planned: a file in
+    flight when the series re-opened is stored after this is read). Each keeps what it stored; a new run supersedes it.
+    """
+    query = select(Delivery.destination).where(Delivery.job_id == job.id).distinct()
+    accepted = set(session.scalars(query))
+    planned = {name for name, record in (job.deliveries or {}).items() if record.files is not None or record.sent}
+    return sorted(accepted | planned)
+
+
+def is_earlier_results_warning(warning: str) -> bool:
+    """A warning written by :func:`add_holders_of_earlier_results`."""
+    return EARLIER_RESULTS in warning
+
+
+def add_holders_of_earlier_results(
+    session: Session, job: Job, destinations: Sequence[str], configured: Collection[str]
+) -> list[str]:
+    """``destinations``, and after them every configured destination that holds results of an earlier run of the
+    series: the new run supersedes those results, so it goes where they went. Each one added, or left out because
+    it is no longer configured, is named in the job's warnings."""
+    chosen = list(destinations)
+    warnings = []
+    for name in holders_of_earlier_results(session, job):
+        if name in chosen:
+            continue
+        if name in configured:
+            chosen.append(name)
+            warnings.append(f"{name} {EARLIER_RESULTS}, so it is sent this run too")
+        else:
+            warnings.append(
+                f"{name} {EARLIER_RESULTS} but is no longer a configured destination, so it keeps the earlier "
+                "results, which this run supersedes"
+            )
+    append_warnings(job, warnings, replacing=is_earlier_results_warning)
+    return chosen
 
 
 def ignore(session: Session, job: Job, reason: str, *, rule_name: str | None = None) -> None:
@@ -164,21 +215,19 @@ def claimable(now: datetime | None = None) -> ColumnElement[bool]:
 SENDING_FAILURE_PREFIX = "sending failed"
 
 
-def retry(session: Session, job: Job) -> None:
-    """Operator's retry: resend what a destination lacks, else route the series again.
+def retry(session: Session, job: Job, *, by: str = "operator") -> None:
+    """Operator's retry (``by`` names who asked): resend what a destination lacks, else route the series again.
 
     A job that failed while sending, whose results still exist and of which some
     destination lacks some file (no row in ``deliveries``), goes back to SENDING;
-    the dispatcher then sends only the missing files. Where the results lack a kind a
-    destination takes (made under another configuration), the series is processed again.
+    the dispatcher then sends only the missing files, which needs no images. Where the results
+    lack a kind a destination takes (made under another configuration), the series is processed again.
 
     Raises
     ------
     InvalidTransition
-        If the job is still in progress, or retention has purged the series' images.
+        If the job is still in progress, or it must be processed again and retention has purged its images.
     """
-    if job.series.purged_at is not None:
-        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
     if job.state not in RETRYABLE_STATES:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
@@ -198,11 +247,13 @@ def retry(session: Session, job: Job) -> None:
             )
             for name, record in (job.deliveries or {}).items()
         }
-        change_state(session, job, S.SENDING, "resend of the missing files requested by operator")
+        change_state(session, job, S.SENDING, f"resend of the missing files requested by {by}")
         return
+    if job.series.purged_at is not None:
+        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
     _keep_completion_warnings(job)  # routed and processed again: the new run states its own caveats
     job.worker_deaths = 0
-    change_state(session, job, S.COMPLETE, f"retry requested by operator (was {job.state.value})")
+    change_state(session, job, S.COMPLETE, f"retry requested by {by} (was {job.state.value})")
 
 
 def _failed_while_sending(job: Job) -> bool:
@@ -214,12 +265,15 @@ def _failed_while_sending(job: Job) -> bool:
 CANCELLABLE_STATES = frozenset({S.COMPLETE, S.QUEUED, S.PROCESSING, S.SENDING})
 
 
-def cancel(session: Session, job: Job, *, by: str) -> None:
+def cancel(
+    session: Session, job: Job, *, by: str, finished: Callable[[DeliveryRecord | None], bool] | None = None
+) -> None:
     """Operator's cancel: stop a series that is waiting, processing or sending; it becomes FAILED.
 
     A worker still busy with it finds the job no longer theirs and drops its results. A SENDING
-    series is cancelled only while every destination lacking files waits for its next try: a
-    C-STORE association in progress cannot be recalled. ``retry`` starts it again.
+    series is cancelled only while every destination lacking files waits for its next try, or is one
+    the dispatcher has finished with (``finished``: :func:`settled_rule` under the node's settings):
+    a C-STORE association in progress cannot be recalled. ``retry`` starts it again.
 
     Raises
     ------
@@ -229,7 +283,7 @@ def cancel(session: Session, job: Job, *, by: str) -> None:
     if job.state not in CANCELLABLE_STATES:
         allowed = ", ".join(s.value for s in sorted(CANCELLABLE_STATES))
         raise InvalidTransition(f"series is {job.state.value}; only {allowed} series can be cancelled")
-    sending = _sending_now(job) if job.state is S.SENDING else []
+    sending = _sending_now(job, finished) if job.state is S.SENDING else []
     if sending:
         raise InvalidTransition(
             f"the results are being sent to {', '.join(sending)} now and files already on their way cannot be "
@@ -238,19 +292,49 @@ def cancel(session: Session, job: Job, *, by: str) -> None:
     change_state(session, job, S.FAILED, f"cancelled by {by} (was {job.state.value})")
 
 
-def _sending_now(job: Job) -> list[str]:
-    """Destinations of a SENDING job that may be receiving its files now: not delivered, not waiting for a retry."""
+def _sending_now(job: Job, finished: Callable[[DeliveryRecord | None], bool] | None = None) -> list[str]:
+    """Destinations of a SENDING job that may be receiving its files now: not delivered, not finished with
+    by the dispatcher, not waiting for a retry."""
     now = utcnow()
     busy = []
     for name in job.destinations or []:
         record = delivery_record(job, name)
-        if record.delivered_at is not None:
+        if record.delivered_at is not None or (finished is not None and finished(record)):
             continue
         due = record.next_attempt_at
         waiting = due is not None and (due if due.tzinfo else due.replace(tzinfo=now.tzinfo)) > now
         if not waiting:
             busy.append(name)
     return busy
+
+
+def delivery_settled(record: DeliveryRecord | None, *, max_attempts: int, unreachable_hours: float) -> bool:
+    """Whether the dispatcher has finished with a destination: it has every file, has used ``max_attempts``
+    (``dispatch.max_attempts``), or has been unreachable for ``unreachable_hours`` (``dispatch.unreachable_hours``)."""
+    record = record or DeliveryRecord()
+    return (
+        record.delivered_at is not None
+        or record.attempts >= max_attempts
+        or unreachable_too_long(record.unreachable_since, record.unreachable_last_at, unreachable_hours)
+    )
+
+
+def settled_rule(max_attempts: int, unreachable_hours: float) -> Callable[[DeliveryRecord | None], bool]:
+    """:func:`delivery_settled` under these settings (``dispatch.max_attempts``, ``dispatch.unreachable_hours``):
+    the one rule the dispatcher and an operator's cancel share."""
+
+    def settled(record: DeliveryRecord | None) -> bool:
+        return delivery_settled(record, max_attempts=max_attempts, unreachable_hours=unreachable_hours)
+
+    return settled
+
+
+def unreachable_too_long(since: datetime | None, last: datetime | None, unreachable_hours: float) -> bool:
+    """Whether a destination found unreachable from ``since`` to ``last`` (attempts made, not time passed: a node
+    that was down itself tries again first) has been so for ``unreachable_hours``."""
+    if since is None or last is None:
+        return False
+    return as_utc(last) - as_utc(since) >= timedelta(hours=unreachable_hours)
 
 
 def check_reroutable(job: Job) -> None:
@@ -555,15 +639,16 @@ def claim_next(session: Session, worker: str, lease: timedelta, now: datetime | 
     the claim itself is a conditional UPDATE (``WHERE state = 'QUEUED'``) whose row count
     must be 1, so a job claimed meanwhile is left alone.
     """
-    moment = now or utcnow()  # not_before and state times are the hosts' (see claim for the lease's clock)
     candidate = session.scalars(
         select(Job)
-        .where(claimable(moment))
+        .where(claimable(now))
         .order_by(Job.state_changed_at, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
     ).first()
-    if candidate is None or not claim(session, candidate, worker, lease, moment):
+    # The claim's time is taken in claim(), after this first statement: on SQLite its BEGIN IMMEDIATE may have waited
+    # for another writer, and a time taken before that wait would date the claim before that writer's events.
+    if candidate is None or not claim(session, candidate, worker, lease, now):
         return None  # nothing queued, or another worker's claim came first
     return candidate
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -28,10 +28,10 @@ from dicom_node.logs import cut, log_event, shown
 
 LOG = logging.getLogger(__name__)
 
-Action = Literal["association", "store", "find", "move", "get", "send", "echo", "console"]
+Action = Literal["association", "store", "find", "move", "get", "send", "echo", "console", "operator"]
 Outcome = Literal["success", "refused", "failed", "partial", "released", "aborted", "rejected"]
 StatusOutcome = Literal["success", "refused", "failed", "partial"]
-ACTIONS: tuple[str, ...] = ("association", "store", "find", "move", "get", "send", "echo", "console")
+ACTIONS: tuple[str, ...] = get_args(Action)
 MAX_DETAIL_CHARS = 2000
 """The most characters of a record's detail; the rest are cut, and the detail says how many."""
 LOCKED_WAIT_LIMIT_SECONDS = 60.0

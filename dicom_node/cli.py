@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import getpass
 import json
 import re
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,17 +19,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
-from db.models import Instance, Job, JobState, RejectedInstance, Series
+from db.models import Instance, Job, JobState, RejectedInstance, Series, Study
 from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, hide_password, load_settings
 from dicom_node.logs import configure_logging, shown
 from dicom_node.privacy import keep_new_files_private, loose_permissions
 
 if TYPE_CHECKING:
+    from dicom_node.audit import Outcome
     from dicom_node.retention import PurgeOutcome, RetentionPlan
 
 app = typer.Typer(
@@ -446,30 +448,101 @@ def _print_deliveries(session: Session, job: Job) -> None:
             console.print(f"  {_peer(Path(path).name):<18} {_peer(uid)}  {_peer(line)}", highlight=False)
 
 
+def _os_user() -> str:
+    """The operating-system user running this command ("unknown" when the system cannot tell)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no LOGNAME/USER and no password entry for the uid (a container's bare uid)
+        return "unknown"
+
+
+def _audit_operator(engine: Engine, user: str, outcome: Outcome, detail: str, study: str | None = None) -> None:
+    """One ``operator`` audit record of a command-line action: the OS user, this host, the series and the outcome."""
+    from db.session import make_session_factory
+    from dicom_node import audit
+
+    audit.record(
+        make_session_factory(engine),
+        "operator",
+        audit.Peer(None, socket.gethostname()),
+        outcome,
+        study_instance_uid=study,
+        detail=f"OS user {user} on the command line: {detail}",
+    )
+
+
+class _Refused(Exception):
+    """The series' state does not allow the action now; the message says why."""
+
+
+def _operator_action(
+    settings: Settings, series_instance_uid: str, verb: str, change: Callable[[Session, Job, str], None]
+) -> str:
+    """Apply ``change(session, job, by)`` to the series' job in one transaction, as the console does, and audit the
+    outcome; exit 1 with the reason when it is refused. Returns the job's new state."""
+    user = _os_user()
+    engine: Engine | None = None
+    study: str | None = None
+    refusal: str | None = None
+    state = ""
+    try:
+        with _session(settings, write=True) as session:
+            engine = session.get_bind().engine
+            job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)
+            if job is None:
+                raise _Refused(f"no series {series_instance_uid} on this node")
+            study = job.series.study.study_instance_uid
+            try:
+                change(session, job, f"OS user {user} on the command line")
+            except jobs.InvalidTransition as exc:
+                raise _Refused(str(exc)) from None
+            state = job.state.value
+    except StaleDataError:
+        refusal = (
+            f"series {series_instance_uid} changed state while the {verb} was made, so nothing was changed; see "
+            f"`dicom-node show` and {verb} again if it is still needed"
+        )
+    except _Refused as exc:
+        refusal = str(exc)
+    if engine is not None:
+        what = f"{verb} of series {series_instance_uid}"
+        if refusal is None:
+            _audit_operator(engine, user, "success", f"{what}: now {state}", study)
+        else:
+            _audit_operator(engine, user, "refused", f"{what} refused: {refusal}", study)
+    if refusal is not None:
+        errors.print(f"cannot {verb}: {_peer(refusal)}", highlight=False)
+        raise typer.Exit(1)
+    return state
+
+
 @app.command()
 def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
     """Resend only the files a destination lacks (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
     settings = _settings(config)
-    try:
-        with _session(settings, write=True) as session:
-            job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)  # as the console does
-            if job is None:
-                errors.print(f"no series {_peer(series_instance_uid)} on this node", highlight=False)
-                raise typer.Exit(1)
-            try:
-                jobs.retry(session, job)
-            except jobs.InvalidTransition as exc:
-                errors.print(f"cannot retry: {_peer(exc)}", highlight=False)
-                raise typer.Exit(1) from None
-    except StaleDataError:
-        errors.print(
-            f"cannot retry: series {_peer(series_instance_uid)} changed state while the retry was made, so nothing "
-            "was changed; see `dicom-node show` and retry again if it is still needed",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+    state = _operator_action(
+        settings, series_instance_uid, "retry", lambda session, job, by: jobs.retry(session, job, by=by)
+    )
     console.print(
-        f"series {_peer(series_instance_uid)} is {job.state.value} again; the running node carries on within seconds",
+        f"series {_peer(series_instance_uid)} is {state} again; the running node carries on within seconds",
+        highlight=False,
+    )
+
+
+@app.command()
+def cancel(series_instance_uid: str, config: ConfigOption = None) -> None:
+    """Stop a COMPLETE, QUEUED, PROCESSING or SENDING series (it becomes FAILED); `dicom-node retry` starts it again."""
+    settings = _settings(config)
+    finished = jobs.settled_rule(settings.dispatch.max_attempts, settings.dispatch.unreachable_hours)
+    state = _operator_action(
+        settings,
+        series_instance_uid,
+        "cancel",
+        lambda session, job, by: jobs.cancel(session, job, by=by, finished=finished),
+    )
+    console.print(
+        f"series {_peer(series_instance_uid)} is {state} (cancelled); a worker busy with it drops its results, and "
+        f"`dicom-node retry {_peer(series_instance_uid)}` starts it again",
         highlight=False,
     )
 
@@ -502,7 +575,8 @@ def audit(
     hours: Annotated[float | None, typer.Option(help="Only the last N hours.")] = None,
     peer: Annotated[str | None, typer.Option(help="Only this peer AE title.")] = None,
     action: Annotated[
-        list[str] | None, typer.Option(help="association, store, find, move, get, send, echo or console (repeatable).")
+        list[str] | None,
+        typer.Option(help="association, store, find, move, get, send, echo, console or operator (repeatable)."),
     ] = None,
     study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
@@ -512,9 +586,10 @@ def audit(
 
     from dicom_node.audit import ACTIONS, recent
 
-    unknown = [a for a in action or [] if a not in ACTIONS]
+    known = ACTIONS
+    unknown = [a for a in action or [] if a not in known]
     if unknown:
-        errors.print(f"unknown action {_peer(', '.join(unknown))} (known: {', '.join(ACTIONS)})", highlight=False)
+        errors.print(f"unknown action {_peer(', '.join(unknown))} (known: {', '.join(known)})", highlight=False)
         raise typer.Exit(2)
     settings = _settings(config)
     since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours else None
@@ -884,15 +959,26 @@ def purge(
     from dicom_node.retention import apply_plan, plan_retention, plan_series_purge
 
     settings = _settings(config)
+    user = _os_user()
     if series is not None:
         with _session(settings) as session:
+            engine = session.get_bind().engine
+            refusal: str | None = None
             try:
                 plan = plan_series_purge(session, series)
             except LookupError as exc:
-                errors.print(_peer(exc), highlight=False)
-                raise typer.Exit(1) from None
-            sessions = make_session_factory(session.get_bind())
-        _show_purge(plan, None if dry_run else apply_plan(sessions, settings, plan), dry_run)
+                refusal = str(exc)
+            studies = _studies_of(session, [series])
+        if refusal is not None:
+            _audit_operator(
+                engine, user, "refused", f"purge of series {series} refused: {refusal}", studies.get(series)
+            )
+            errors.print(_peer(refusal), highlight=False)
+            raise typer.Exit(1)
+        sessions = make_session_factory(engine)
+        outcome = None if dry_run else apply_plan(sessions, settings, plan)
+        _audit_purge(engine, user, plan, outcome, studies)
+        _show_purge(plan, outcome, dry_run)
         return
     overrides = {"days": days, "results_days": results_days, "max_disk_gigabytes": max_disk_gigabytes}
     try:
@@ -911,8 +997,39 @@ def purge(
         return
     with _session(settings) as session:
         plan = plan_retention(session, retention)
-        sessions = make_session_factory(session.get_bind())
-    _show_purge(plan, None if dry_run else apply_plan(sessions, settings, plan), dry_run)
+        engine = session.get_bind().engine
+        studies = _studies_of(session, [item.series_instance_uid for item in plan.items])
+    outcome = None if dry_run else apply_plan(make_session_factory(engine), settings, plan)
+    _audit_purge(engine, user, plan, outcome, studies)
+    _show_purge(plan, outcome, dry_run)
+
+
+def _studies_of(session: Session, series_instance_uids: list[str]) -> dict[str, str]:
+    """Series Instance UID -> its Study Instance UID, for the series the node holds."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Study.study_instance_uid)
+        .join(Study, Series.study_id == Study.id)
+        .where(Series.series_instance_uid.in_(series_instance_uids))
+    )
+    return {str(series): str(study) for series, study in rows.tuples()}
+
+
+def _audit_purge(
+    engine: Engine, user: str, plan: RetentionPlan, outcome: PurgeOutcome | None, studies: dict[str, str]
+) -> None:
+    """One ``operator`` audit record per series the purge deleted, skipped or failed on (none for a dry run)."""
+    if outcome is None:
+        return
+    for item in outcome.purged:
+        what = "images and results" if item.images and item.results else ("images" if item.images else "results")
+        detail = f"purge of series {item.series_instance_uid}: its {what} deleted: {item.reason}"
+        _audit_operator(engine, user, "success", detail, studies.get(item.series_instance_uid))
+    for item, why in outcome.skipped:
+        detail = f"purge of series {item.series_instance_uid} refused: {why}"
+        _audit_operator(engine, user, "refused", detail, studies.get(item.series_instance_uid))
+    for item, why in outcome.failed:
+        detail = f"purge of series {item.series_instance_uid} failed: {why}"
+        _audit_operator(engine, user, "failed", detail, studies.get(item.series_instance_uid))
 
 
 def _show_purge(plan: RetentionPlan, outcome: PurgeOutcome | None, dry_run: bool) -> None:

@@ -305,19 +305,7 @@ class Dispatcher(PeriodicTask):
 
     def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, has used all its attempts, or has been unreachable too long."""
-        record = record or DeliveryRecord()
-        return (
-            record.delivered_at is not None
-            or record.attempts >= self._dispatch.max_attempts
-            or self._unreachable_too_long(record.unreachable_since, record.unreachable_last_at)
-        )
-
-    def _unreachable_too_long(self, since: datetime | None, last: datetime | None) -> bool:
-        """Whether a destination found unreachable from ``since`` to ``last`` (attempts made, not time passed:
-        a node that was down itself tries again first) has been so for ``dispatch.unreachable_hours``."""
-        if since is None or last is None:
-            return False
-        return as_utc(last) - as_utc(since) >= timedelta(hours=self._dispatch.unreachable_hours)
+        return jobs.settled_rule(self._dispatch.max_attempts, self._dispatch.unreachable_hours)(record)
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
@@ -418,9 +406,17 @@ class Dispatcher(PeriodicTask):
 
         Read outside a transaction: another process writing meanwhile never makes it wait or fail.
         """
-        row = read_row_outside_transaction(self.sessions, select(Job.state, Job.result_files).where(Job.id == job_id))
+        row = read_row_outside_transaction(
+            self.sessions, select(Job.state, Job.result_files, Job.result_path).where(Job.id == job_id)
+        )
         if row is not None and row.state is JobState.SENDING and _paths_of(row.result_files) == key:
             return None
+        if row is not None and row.state is JobState.SENDING:
+            newer = Path(row.result_path).name if row.result_path else "a newer run"
+            return (
+                f"sending stopped: job {job_id}'s results were replaced by a newer run of the series ({newer}) while "
+                f"they were being sent, so the rest of them are not sent; the results of {newer} are sent instead"
+            )
         now = "removed" if row is None else row.state.value
         return (
             f"sending stopped: the series changed while job {job_id}'s results were being sent (the job is now "
@@ -612,7 +608,7 @@ class Dispatcher(PeriodicTask):
         if all(
             p.complete
             or p.attempts >= self._dispatch.max_attempts
-            or self._unreachable_too_long(p.unreachable_since, p.unreachable_last_at)
+            or jobs.unreachable_too_long(p.unreachable_since, p.unreachable_last_at, self._dispatch.unreachable_hours)
             for p in progress
         ):
             jobs.fail(session, job, sending_failure(progress))

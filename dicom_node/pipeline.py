@@ -229,7 +229,8 @@ def run_pipeline(
         return name
 
     try:
-        warnings = list(claim.warnings)
+        # A note on where this run is sent is the job's, not the result's: it stays out of the SR and its reason.
+        warnings = [w for w in claim.warnings if not jobs.is_earlier_results_warning(w)]
         stage = enter("model")
         model = models.get(claim.model_name, timings)
         if model.is_test_weights and model.weights is not None:

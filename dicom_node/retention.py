@@ -178,8 +178,13 @@ def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPl
     (holding,) = holdings
     if not holding.finished:
         raise LookupError(
-            f"series {series_instance_uid} is {holding.state.value}; only {_finished_states()} series are purged "
-            "(cancel it first)"
+            f"series {series_instance_uid} is {holding.state.value}; only {_finished_states()} series are purged ("
+            + (
+                "wait until it has been received, then cancel it"
+                if holding.state is JobState.RECEIVING
+                else f"cancel it first: `dicom-node cancel {series_instance_uid}`"
+            )
+            + ")"
         )
     draft = _Draft()
     draft.add(holding, images=True, results=True, reason=OPERATOR_REQUEST)

@@ -206,10 +206,32 @@ class SeriesWatcher(PeriodicTask):
             jobs.refuse_admission(session, job, admission.refusal, rule_name=decision.rule_name)
             return JobState.FAILED
         jobs.append_warnings(job, admission.warnings, replacing=is_admission_warning)
+        # A series routed before (re-opened by a late image, or retried) is sent its new run wherever an earlier
+        # run's results went: they are superseded, and an operator's re-route elsewhere is not kept by the rules.
+        destinations = jobs.add_holders_of_earlier_results(
+            session, job, decision.destinations, self.settings.destinations
+        )
         jobs.queue(
-            session, job, rule_name=decision.rule_name, model_name=decision.model, destinations=decision.destinations
+            session,
+            job,
+            rule_name=decision.rule_name,
+            model_name=decision.model,
+            destinations=destinations,
+            note=_routed_otherwise(job, decision),
         )
         return JobState.QUEUED
+
+
+def _routed_otherwise(job: Job, decision: Decision) -> str | None:
+    """What to say when the rules route a series that was last routed (by an operator's re-route, or by rules
+    since changed) to another rule: the rules decide again, and the earlier choice is not kept."""
+    if job.rule_name is None or job.model_name is None or job.rule_name == decision.rule_name:
+        return None
+    earlier = ", ".join(job.destinations or []) or "no destination"
+    return (
+        f"routed by the rules again; before, it was routed to rule {job.rule_name!r} with model {job.model_name!r} "
+        f"for {earlier}, which is not kept: re-route it again if that is still wanted"
+    )
 
 
 def _expectation(session: Session, series: Series) -> tuple[int | None, int, str]:

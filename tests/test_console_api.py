@@ -258,7 +258,7 @@ def test_operator_reroutes_then_retries_and_both_are_recorded_with_the_user(proc
         assert job.rule_name == "ct" and job.destinations == ["pacs"]  # retry routed it by the rules again
         details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "console")).all()
     assert "re-route to rule 'ct-local', model 'baseline' requested by olga" in reasons
-    assert "retry requested by operator (was DONE)" in reasons
+    assert "retry requested by olga (was DONE)" in reasons
     assert f"user olga: re-route of series {uid}: now QUEUED" in details
     assert f"user olga: retry of series {uid}: now COMPLETE" in details
 

@@ -119,5 +119,5 @@ def test_operator_watches_a_series_arrive_and_finish_then_retries_it_viewer_and_
             from db.jobs import job_for_series_uid
 
             reasons = [event.reason for event in job_for_series_uid(session, uid).events]
-        assert reasons.count("retry requested by operator (was DONE)") == 1
+        assert reasons.count("retry requested by olga (was DONE)") == 1
     assert sorted(p.name for p in shots.iterdir()) == ["series.png", "worklist-receiving.png", "worklist.png"]

@@ -58,12 +58,20 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
 def retry(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
     """Resend what a destination lacks, or route the series again (``db.jobs.retry``)."""
 
-    return _run(context, request, user, uid, "retry", jobs.retry)
+    return _run(context, request, user, uid, "retry", lambda session, job: jobs.retry(session, job, by=user.name))
 
 
 def cancel(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
     """Stop a waiting, processing or sending series (``db.jobs.cancel``): FAILED, naming the user."""
-    return _run(context, request, user, uid, "cancel", lambda session, job: jobs.cancel(session, job, by=user.name))
+    finished = jobs.settled_rule(context.settings.dispatch.max_attempts, context.settings.dispatch.unreachable_hours)
+    return _run(
+        context,
+        request,
+        user,
+        uid,
+        "cancel",
+        lambda session, job: jobs.cancel(session, job, by=user.name, finished=finished),
+    )
 
 
 def reroute(
