@@ -106,13 +106,22 @@ EARLIER_RESULTS = "was sent results of an earlier run of this series"
 
 
 def holders_of_earlier_results(session: Session, job: Job) -> list[str]:
-    """Destinations that accepted any result file of the job in any run (the ``deliveries`` rows, which stay when
-    a new run clears ``job.deliveries``), or that the last run's files were being sent to (planned: a file in
-    flight when the series re-opened is stored after this is read). Each keeps what it stored; a new run supersedes it.
+    """Destinations that accepted any result file of the series as it is now (the ``deliveries`` rows, which stay
+    when a new run clears ``job.deliveries``), or that the last run's files were being sent to (planned: a file in
+    flight when the series re-opened is stored after this is read). Each keeps what it stored; a new run
+    supersedes it. Only what was sent since the series was first received as it is now counts: a purged series
+    sent again (perhaps corrected, under another study or patient) is routed as it is sent now, and the
+    destinations of its earlier self get nothing of it.
     """
-    query = select(Delivery.destination).where(Delivery.job_id == job.id).distinct()
-    accepted = set(session.scalars(query))
-    planned = {name for name, record in (job.deliveries or {}).items() if record.files is not None or record.sent}
+    since = job.series.first_received_at
+    query = select(Delivery.destination).where(Delivery.job_id == job.id, Delivery.delivered_at >= since)
+    accepted = set(session.scalars(query.distinct()))
+    last_sent = session.scalar(
+        select(func.max(JobEvent.at)).where(JobEvent.job_id == job.id, JobEvent.to_state == S.SENDING)
+    )
+    planned: set[str] = set()
+    if last_sent is not None and as_utc(last_sent) >= as_utc(since):
+        planned = {name for name, record in (job.deliveries or {}).items() if record.files is not None or record.sent}
     return sorted(accepted | planned)
 
 

@@ -356,3 +356,81 @@ def test_a_cli_retry_of_a_series_the_node_does_not_hold_is_audited(cli_node):
             "no series 9.9.9 on this node",
         )
     ]
+
+
+def test_a_purged_series_sent_again_for_another_patient_goes_only_where_the_rules_send_it_now(tmp_path):
+    """Run 1 came from a research scanner and went to the research destination; retention purged the images; the
+    PACS sends the series again, corrected, under another patient and study. The rules send it to the PACS only:
+    the research destination, which holds the earlier patient's results, must get nothing of the other patient."""
+    from dataclasses import replace
+
+    from dicom_node.dispatch import Dispatcher
+    from dicom_node.retention import apply_plan, plan_retention
+    from dicom_node.watcher import SeriesWatcher
+    from dicom_node.worker import InferenceWorker
+    from tests.test_dispatch_faults import Peer
+
+    pacs, research = Peer("PACS").start(), Peer("RESEARCH").start()
+    research_rule = {**CT_TO_PACS, "name": "research", "match": {"modality": "CT", "calling_ae_title": ["RESEARCHCT"]}}
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        completion={"quiet_seconds": 1, "check_interval_seconds": 0.1},
+        inference={"workers": 0},
+        dispatch={"check_interval_seconds": 0.1, "first_retry_seconds": 0.5, "max_retry_seconds": 0.5},
+        rules=[{**research_rule, "destinations": ["research"]}, {**CT_TO_PACS, "destinations": ["pacs"]}],
+        destinations={
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+            "research": {"ae_title": "RESEARCH", "host": "127.0.0.1", "port": research.port},
+        },
+    )
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    watcher, worker = SeriesWatcher(settings, sessions), InferenceWorker(settings, sessions, "test-host:1")
+    dispatcher = Dispatcher(settings, sessions)
+    dispatcher.start()
+    try:
+        first = write_phantom_series(tmp_path / "first", replace(SMALL, patient_id="P1-RESEARCH"))
+        uid = first.series_instance_uid
+
+        def received(series, calling_ae_title: str) -> None:
+            with transaction(sessions) as session:
+                for path, sop in zip(series.files, series.sop_instance_uids, strict=True):
+                    record = ct_instance(sop, uid, study_instance_uid=series.study_instance_uid, path=path)
+                    record_instance(
+                        session,
+                        replace(
+                            record,
+                            study=replace(record.study, patient_id=pydicom.dcmread(path).PatientID),
+                            calling_ae_title=calling_ae_title,
+                        ),
+                    )
+
+        received(first, "RESEARCHCT")
+        _routed(watcher, sessions, uid)
+        assert worker.run_once()
+        wait_for(lambda: _state(sessions, uid) is JobState.DONE, timeout=60, what="run 1 to reach the research AE")
+        held = len(research.acknowledged)
+        assert held and not pacs.acknowledged
+        with sessions() as session:
+            plan = plan_retention(
+                session,
+                settings.retention.model_copy(update={"days": 1e-6, "results_days": 30}),
+                now=utcnow() + timedelta(seconds=1),
+            )
+        assert [item.images for item in apply_plan(sessions, settings, plan).purged] == [True]
+
+        again = write_phantom_series(tmp_path / "again", replace(SMALL, series_instance_uid=uid, patient_id="P2"))
+        received(again, "PACS")
+        _routed(watcher, sessions, uid)
+        assert worker.run_once()
+        wait_for(lambda: _state(sessions, uid) is JobState.DONE, timeout=60, what="run 2 to reach the PACS")
+        with sessions() as session:
+            job = job_for_series_uid(session, uid)
+            assert (job.rule_name, job.destinations) == ("ct", ["pacs"])
+            assert not any(jobs.is_earlier_results_warning(w) for w in job.warnings or [])
+    finally:
+        dispatcher.stop()
+        pacs.stop()
+        research.stop()
+    assert len(research.acknowledged) == held  # nothing of the other patient
+    assert pacs.acknowledged
