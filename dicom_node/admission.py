@@ -1062,15 +1062,20 @@ centimetres, which would make every volume in the report ten times too small."""
 
 
 def _check_step_of_each_acquisition(images: list[_Frame]) -> None:
-    """Several acquisitions: the step of each one holding two positions or more must fit its SliceThickness (a
+    """Several acquisitions: the step of each largest one (those the volume assembler keeps: the largest, or all
+    of them where they continue one another) that holds two positions or more must fit its SliceThickness (a
     step-and-shoot scan's blocks, overlapping reconstructions); where none does (a scanner numbering every slice
-    as its own acquisition), the step of all of them together."""
+    as its own acquisition), the step of all of them together. A smaller acquisition is left out of the volume
+    with a warning, so its slabs refuse nothing."""
     groups: dict[str, list[_Frame]] = defaultdict(list)
     for frame in images:
         groups[frame.acquisition].append(frame)
-    stacks = [members for members in groups.values() if len(_depths(members)) >= 2]
-    for members in stacks or [images]:
-        _check_step_against_thickness(members)
+    largest = max(len(members) for members in groups.values())
+    stacks = [members for members in groups.values() if len(members) == largest and len(_depths(members)) >= 2]
+    for members in stacks:
+        _check_step_against_thickness(members, f"AcquisitionNumber {members[0].acquisition or '(none)'}: ")
+    if not stacks:
+        _check_step_against_thickness(images)
 
 
 def _depths(images: list[_Frame]) -> list[float]:
@@ -1079,8 +1084,9 @@ def _depths(images: list[_Frame]) -> list[float]:
     return sorted({round(_dot(frame.position, normal), 3) for frame in images})
 
 
-def _check_step_against_thickness(images: list[_Frame]) -> None:
-    """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`; the images' median)."""
+def _check_step_against_thickness(images: list[_Frame], which: str = "") -> None:
+    """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`; the images' median).
+    ``which`` starts the refusal (the acquisition it is about)."""
     given = sorted(frame.thickness for frame in images if frame.thickness is not None)
     thickness = given[len(given) // 2] if given else None
     depths = _depths(images)
@@ -1089,7 +1095,8 @@ def _check_step_against_thickness(images: list[_Frame]) -> None:
     step = (depths[-1] - depths[0]) / (len(depths) - 1)
     if step * THICKER_THAN_STEPS < thickness:
         raise Refused(
-            f"the slices are {step:.3g} mm apart (ImagePositionPatient) but {thickness:g} mm thick (SliceThickness): "
+            f"{which}the slices are {step:.3g} mm apart (ImagePositionPatient) but {thickness:g} mm thick "
+            "(SliceThickness): "
             f"a step more than {THICKER_THAN_STEPS} times finer than the slices means the positions are not in "
             "millimetres (perhaps centimetres), so every volume would be wrong, or the images are thick slabs (MIP "
             "or MPR), which the models do not segment"
