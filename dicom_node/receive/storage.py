@@ -615,27 +615,46 @@ def record_unrecorded_quarantine_files(store: InstanceStore, sessions: sessionma
             names = {entry.name for entry in entries if entry.is_file(follow_symlinks=False)}
     except FileNotFoundError:
         return 0
-    with sessions() as session:
-        paths = session.scalars(select(RejectedInstance.path).where(RejectedInstance.path.is_not(None)))
-        named = {Path(path).name for path in paths if path}
+    named = _NamedFiles(sessions)
     recorded = 0
-    for name in sorted(names - named):
-        recorded += _record_unrecorded_file(store.quarantine_dir / name, store, sessions)
+    for name in sorted(names):
+        if not named.names(name):
+            recorded += _record_unrecorded_file(store.quarantine_dir / name, store, sessions, named)
     return recorded
 
 
-def _names_file(sessions: sessionmaker[Session], path: Path) -> bool:
-    """Whether a ``rejected_instances`` row names the quarantine file ``path`` (by its name)."""
-    with sessions() as session:
-        named = select(RejectedInstance.id).where(RejectedInstance.path.endswith(f"/{path.name}", autoescape=True))
-        return session.scalars(named.limit(1)).first() is not None
+class _NamedFiles:
+    """The file names ``rejected_instances`` rows name (by their path's last part), read once and then only the
+    rows added since (by id): a check per quarantine file costs no scan of the table."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._names: set[str] = set()
+        self._last_id = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(RejectedInstance.id, RejectedInstance.path).where(RejectedInstance.id > self._last_id)
+            ).all()
+        for row_id, path in rows:
+            self._last_id = max(self._last_id, row_id)
+            if path:
+                self._names.add(Path(path).name)
+
+    def names(self, name: str) -> bool:
+        return name in self._names
 
 
-def _record_unrecorded_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+def _record_unrecorded_file(
+    path: Path, store: InstanceStore, sessions: sessionmaker[Session], named: _NamedFiles
+) -> int:
     """Record one quarantine file that no row named when the listing was read; 1 if this recorded it."""
-    if _names_file(sessions, path):
+    named.refresh()
+    if named.names(path.name):
         return 0  # recorded meanwhile, with a copy set aside beside it
-    if _recorded_as_set_aside_copy(path, store, sessions):
+    if _recorded_as_set_aside_copy(path, store, sessions, named):
         return 1
     dataset, holds = _describe_quarantined(path)
     meta = getattr(dataset, "file_meta", None)
@@ -658,7 +677,9 @@ def _record_unrecorded_file(path: Path, store: InstanceStore, sessions: sessionm
     return 1
 
 
-def _recorded_as_set_aside_copy(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> bool:
+def _recorded_as_set_aside_copy(
+    path: Path, store: InstanceStore, sessions: sessionmaker[Session], named: _NamedFiles
+) -> bool:
     """Whether ``path`` is a copy set aside as ``<series>-<sop>-<time>.dcm`` and is now recorded as such."""
     series_uid, _, rest = path.stem.partition("-")
     sop_uid, _, _received = rest.partition("-")
@@ -671,7 +692,8 @@ def _recorded_as_set_aside_copy(path: Path, store: InstanceStore, sessions: sess
     if (header.series.series_instance_uid, header.sop_instance_uid) != (series_uid, sop_uid):
         return False
     record_copies_set_aside(store.path_for(header.study.study_instance_uid, series_uid, sop_uid), store, sessions)
-    return _names_file(sessions, path)
+    named.refresh()
+    return named.names(path.name)
 
 
 def _describe_quarantined(path: Path) -> tuple[Dataset | None, str]:
