@@ -126,14 +126,17 @@ class _Checked:
 def _check_before_reroute(context: ConsoleContext, request: Request, user: User, uid: str) -> _Checked | None:
     """Routing's guard and admission, as for a newly completed series: a re-route chooses the model, not the checks.
 
-    Reads the headers outside any write transaction. None when there is no such series (``_run`` says so).
+    Reads the headers after the session that found the series ended, and audits a refusal outside it (on SQLite
+    a session holds the write lock, which the audit record would wait for). None when there is no such series
+    (``_run`` says so).
 
     Raises
     ------
     ActionRefused
         Naming why the series cannot be re-routed now, or what the guard or admission found (and audited).
     """
-    with context.sessions() as session:
+    not_reroutable: str | None = None
+    with context.sessions() as session:  # on SQLite this holds the write lock: nothing is audited inside it
         job = jobs.job_for_series_uid(session, uid)
         if job is None:
             return None
@@ -141,12 +144,15 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         try:
             jobs.check_reroutable(job)
         except InvalidTransition as exc:
-            context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {exc}", study)
-            raise ActionRefused(f"cannot re-route: {exc}") from None
-        state, instances = job.state, job.series.instance_count
-        guard = never_process_reason(series_facts(session, job.series))
-        files = instance_files(session, job.series) if guard is None else []
-        modality, study_patient = job.series.modality, recorded_patient(job.series.study)
+            not_reroutable = str(exc)
+        else:
+            state, instances = job.state, job.series.instance_count
+            guard = never_process_reason(series_facts(session, job.series))
+            files = instance_files(session, job.series) if guard is None else []
+            modality, study_patient = job.series.modality, recorded_patient(job.series.study)
+    if not_reroutable is not None:
+        context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {not_reroutable}", study)
+        raise ActionRefused(f"cannot re-route: {not_reroutable}")
     admission = None if guard else _admit(files, context, modality, study_patient, uid)
     if guard:
         refusal: str | None = f"not processed: {guard}"
