@@ -673,6 +673,14 @@ class ConsoleSettings(_Strict):
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Addresses or networks the proxy connects from; headers from anyone else are refused.",
     )
+    trust_forwarded_for: bool = Field(
+        False,
+        description="Count the client a request from trusted_proxies names in X-Forwarded-For (the right-most "
+        "address that is no trusted proxy) for the login throttle and audit records, instead of the proxy's "
+        "address. Turn it on only where the proxy appends the address it was called from or overwrites the header "
+        "(nginx: proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for); a proxy that passes on what the "
+        "client sent would let the client name any address.",
+    )
     session_hours: float = Field(8.0, gt=0, le=24 * 7, description="A login lasts this long.")
     session_secret: str | None = Field(
         None,

@@ -618,7 +618,7 @@ def test_login_throttle_cannot_be_bypassed_with_x_forwarded_for(tmp_path):
 def test_behind_a_trusted_proxy_one_clients_failed_logins_lock_out_no_other_client(tmp_path):
     """Every client of a reverse proxy connects from its address: one user's wrong passwords once locked out
     everyone behind it. The proxy (127.0.0.1, trusted by default) names each client in X-Forwarded-For."""
-    running = _start(tmp_path, login_attempts_per_minute=3)
+    running = _start(tmp_path, login_attempts_per_minute=3, trust_forwarded_for=True)
     try:
         guesser = running.client(**{"X-Forwarded-For": "203.0.113.9"})
         # The proxy appends the address it was called from; what the client sent before it counts for nothing.
@@ -633,6 +633,41 @@ def test_behind_a_trusted_proxy_one_clients_failed_logins_lock_out_no_other_clie
         assert addresses == {"203.0.113.9", "198.51.100.7"}, "the audit trail names the clients, not the proxy"
     finally:
         running.server.stop()
+
+
+def test_x_forwarded_for_from_a_trusted_proxy_counts_only_where_the_setting_says_it_is_appended(tmp_path):
+    """A proxy on this machine that passes on the header a client sent (nginx does, by default) would let the
+    client name any address: escape the throttle and make the audit trail name an address it chose."""
+    running = _start(tmp_path, login_attempts_per_minute=3)  # 127.0.0.1 is a trusted proxy by default
+    try:
+        client = running.client()
+        for attempt in range(3):
+            client.headers["X-Forwarded-For"] = f"203.0.113.{attempt}"
+            assert log_in(client, f"guess{attempt}", "guess").status_code == 401
+        client.headers["X-Forwarded-For"] = "198.51.100.7"
+        assert log_in(client, "olga", PASSWORDS["olga"]).status_code == 429  # the proxy's address waits
+        with running.sessions() as session:
+            addresses = set(session.scalars(select(AuditEvent.peer_address).where(AuditEvent.action == "console")))
+        assert addresses == {"127.0.0.1"}
+    finally:
+        running.server.stop()
+
+
+def test_a_refused_reroute_is_audited_at_once_without_holding_the_database(console):
+    """The refusal was audited inside the session that read the series, which on SQLite holds the write lock: the
+    request waited for its own lock until the audit record gave up (a minute), and every writer waited with it."""
+    with transaction(console.sessions) as session:
+        job = _series(session, "1.2.3.77")
+        jobs.change_state(session, job, JobState.FAILED, "not admitted: SliceThickness differs within the series")
+    operator = console.client("olga")
+    token = console.csrf(operator)
+
+    answer = operator.post("/api/jobs/1.2.3.77/reroute", json={"model": "baseline"}, headers={"X-CSRF-Token": token})
+
+    assert answer.status_code == 409 and "admission refused this series" in answer.json()["detail"]
+    with console.sessions() as session:
+        details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "console")).all()
+    assert any("re-route of series 1.2.3.77 refused: admission refused this series" in d for d in details)
 
 
 def test_hostile_headers_sent_over_dicom_reach_no_page_as_markup_and_no_info_log(tmp_path):

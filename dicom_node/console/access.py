@@ -106,11 +106,12 @@ def peer_address(request: Request) -> str | None:
 
 
 def client_address(request: Request) -> str | None:
-    """The client's address, for the login throttle and the audit trail: the connection's, or, where it comes from
-    one of ``console.trusted_proxies``, the address that proxy names in ``X-Forwarded-For`` (if it sends one)."""
+    """The client's address, for the login throttle and the audit trail: the connection's, or, with
+    ``console.trust_forwarded_for`` and a connection from one of ``console.trusted_proxies``, the address that proxy
+    names in ``X-Forwarded-For`` (if it sends one)."""
     peer = peer_address(request)
     settings = console_of(request).settings.console
-    if not from_trusted_proxy(settings, peer):
+    if not settings.trust_forwarded_for or not from_trusted_proxy(settings, peer):
         return peer
     return forwarded_client(settings, request.headers.getlist("x-forwarded-for")) or peer
 
