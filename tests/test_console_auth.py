@@ -17,7 +17,7 @@ import yaml
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.console.app import ConsoleServer
-from dicom_node.console.auth import check_password
+from dicom_node.console.auth import check_password, hash_password
 from dicom_node.console.metrics import Liveness
 from dicom_node.service import open_database
 from tests.conftest import DICOM_NODE, ROOT, free_port, wait_for
@@ -108,6 +108,41 @@ def console_server(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings
         server.stop()
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+"""The Accept header a browser sends when it navigates to a page (curl and scripts send ``*/*``)."""
+SERIES = "1.2.826.0.1.3680043.99.7"
+SEG_BYTES = b"DICM a result file"
+PNG_BYTES = b"\x89PNG a preview"
+
+
+def _series_with_results(settings: Settings, folder: Path) -> str:
+    """Record a series of one instance in the console's database, with a result file and a preview in ``folder``."""
+    from db import jobs
+    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+    from db.results import ResultFile, ResultKind
+    from db.session import transaction
+
+    folder.mkdir(parents=True)
+    (folder / "seg-binary.dcm").write_bytes(SEG_BYTES)
+    (folder / "preview.png").write_bytes(PNG_BYTES)
+    record = InstanceRecord(
+        sop_instance_uid=SERIES + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(folder / "ct.dcm"),
+        size_bytes=1,
+        study=StudyAttributes(SERIES + ".0"),
+        series=SeriesAttributes(SERIES, modality="CT"),
+    )
+    with transaction(open_database(settings)) as session:
+        record_instance(session, record)
+        job = jobs.job_for_series_uid(session, SERIES)
+        assert job is not None
+        job.result_path = str(folder)
+        job.result_files = [ResultFile(ResultKind.SEG, str(folder / "seg-binary.dcm"), "BINARY")]
+    return SERIES
+
+
 def _wait_until_up(url: str, **client: Any) -> None:
     def up() -> bool:
         try:
@@ -158,7 +193,7 @@ def test_behind_the_proxy_each_session_has_its_own_csrf_token_refused_in_any_oth
     assert cookieless.status_code == 403
     assert "carries no console session (its cookie)" in cookieless.json()["detail"]
 
-    browser = httpx.Client(base_url=url, headers=olga, follow_redirects=False)
+    browser = httpx.Client(base_url=url, headers={**olga, "Accept": BROWSER_ACCEPT}, follow_redirects=False)
     opened = browser.get("/rejected?page=2")
     assert opened.status_code == 303 and opened.headers["location"] == "/rejected?page=2"
     assert "samesite=lax" in opened.headers["set-cookie"].lower()
@@ -168,6 +203,57 @@ def test_behind_the_proxy_each_session_has_its_own_csrf_token_refused_in_any_oth
     assert found is not None and found.group(1) not in (token, other)
     assert browser.post("/logout", data={"csrf_token": found.group(1)}).status_code == 303
     assert browser.get("/").status_code == 303, "the logged-out session is not taken up again: a new one opens"
+
+
+@pytest.mark.integration
+def test_behind_the_proxy_a_download_needs_only_the_headers_and_a_browsers_page_gets_its_session_first(
+    console_server, tmp_path
+):
+    """A client without a cookie jar (curl -f) once got a redirect to the file with a JSON body, saved as the file."""
+    url, settings = console_server(auth="proxy_header")
+    _wait_until_up(url)
+    uid = _series_with_results(settings, tmp_path / "results")
+    olga = {"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"}
+    curl = httpx.Client(base_url=url, headers={**olga, "Accept": "*/*"}, follow_redirects=False)
+    for _ in range(2):  # each request of a cookieless client opens a session of its own
+        download = curl.get(f"/series/{uid}/files/seg-binary.dcm")
+        assert download.status_code == 200 and download.content == SEG_BYTES
+    image = curl.get(f"/series/{uid}/preview.png", headers={"Accept": "image/avif,image/webp,*/*"})
+    assert image.status_code == 200 and image.content == PNG_BYTES
+    assert curl.get("/api/jobs").headers["set-cookie"].startswith("dicom_node_session="), "the API hands it over"
+
+    browser = httpx.Client(base_url=url, headers={**olga, "Accept": BROWSER_ACCEPT}, follow_redirects=False)
+    opened = browser.get(f"/series/{uid}/files/seg-binary.dcm")
+    assert opened.status_code == 303 and opened.headers["location"] == f"/series/{uid}/files/seg-binary.dcm"
+    assert opened.headers["set-cookie"].startswith("dicom_node_session=")
+    followed = browser.get(opened.headers["location"])
+    assert followed.status_code == 200 and followed.content == SEG_BYTES
+    assert browser.get(f"/series/{uid}").status_code == 200, "the session goes on: no redirect again"
+
+
+@pytest.mark.integration
+def test_views_are_audited_once_a_while_per_proxy_user_and_address_and_per_password_session(console_server):
+    """A script polling without a cookie jar gets a new session with every request: each was once a new view."""
+    url, _settings = console_server(auth="proxy_header")
+    _wait_until_up(url)
+    for name, role in [("olga", "operator")] * 4 + [("vera", "operator")] * 2 + [("olga", "viewer")] * 2:
+        headers = {"X-Forwarded-User": name, "X-Forwarded-Role": role}
+        assert httpx.get(f"{url}/api/jobs", headers=headers).status_code == 200
+    details = [row["detail"] for row in httpx.get(f"{url}/api/audit", headers=headers).json()]
+    listed = "listed series through the API (page 1) (with patient details)"
+    hidden = "listed series through the API (page 1) (without patient details)"
+    assert sorted(details) == [f"user olga: {listed}", f"user olga: {hidden}", f"user vera: {listed}"]
+
+    users = {"olga": {"password_hash": hash_password("operator-password"), "role": "operator"}}
+    url, _settings = console_server(users=users)
+    _wait_until_up(url)
+    first, second = httpx.Client(base_url=url), httpx.Client(base_url=url)
+    for client in (first, second):
+        assert log_in(client, "olga", "operator-password").status_code == 303
+    for client in (first, second, first, second):
+        assert client.get("/api/jobs").status_code == 200
+    details = [row["detail"] for row in first.get("/api/audit", params={"action": "console"}).json()]
+    assert details.count(f"user olga: {listed}") == 2, "one record per session, as before"
 
 
 @pytest.mark.integration

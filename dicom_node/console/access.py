@@ -21,6 +21,7 @@ from dicom_node.config import Settings
 from dicom_node.console.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
+    PROXY_CREDENTIAL,
     SESSION_COOKIE,
     LoginThrottle,
     Sessions,
@@ -31,8 +32,8 @@ from dicom_node.console.auth import (
 from dicom_node.console.metrics import Liveness
 
 VIEW_AUDIT_SECONDS = 300.0
-"""The same view by the same session is recorded once in this long: a worklist that refreshes itself every
-few seconds does not fill the audit trail."""
+"""The same view by the same session (behind the single sign-on proxy: by the same user from the same address) is
+recorded once in this long: a worklist that refreshes itself every few seconds does not fill the audit trail."""
 VIEWS_REMEMBERED = 10_000
 
 
@@ -47,7 +48,7 @@ class ConsoleContext:
     liveness: Liveness
     registry: CollectorRegistry
     templates: Jinja2Templates
-    _views: dict[tuple[str, str, str | None], float] = field(default_factory=dict, repr=False)
+    _views: dict[tuple[tuple[str, ...], str, str | None, bool], float] = field(default_factory=dict, repr=False)
     _views_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def may_see_patient(self, user: User) -> bool:
@@ -71,10 +72,11 @@ class ConsoleContext:
     def audit_view(self, request: Request, user: User, what: str, study: str | None = None) -> None:
         """A ``console`` audit record of ``user`` reading patient data (a page, an API answer, a preview).
 
-        ``what`` says what was seen (``viewed the series ...``); the same view by the same session is
-        recorded once per :data:`VIEW_AUDIT_SECONDS`.
+        ``what`` says what was seen (``viewed the series ...``); the same view by the same viewer
+        (:func:`viewed_by`), with or without patient details alike, is recorded once per :data:`VIEW_AUDIT_SECONDS`.
         """
-        key = (user.session_id, what, study)
+        with_details = self.may_see_patient(user)
+        key = (viewed_by(request, user), what, study, with_details)
         now = time.monotonic()
         with self._views_lock:
             seen = self._views.get(key)
@@ -84,8 +86,17 @@ class ConsoleContext:
                 for old in [k for k, at in self._views.items() if now - at >= VIEW_AUDIT_SECONDS] or list(self._views):
                     del self._views[old]
             self._views[key] = now
-        details = "with" if self.may_see_patient(user) else "without"
+        details = "with" if with_details else "without"
         self.audit(request, user.name, "success", f"{what} ({details} patient details)", study)
+
+
+def viewed_by(request: Request, user: User) -> tuple[str, ...]:
+    """Whose views :meth:`ConsoleContext.audit_view` records once a while: a password login's session; a user the
+    single sign-on proxy names, from the client's address (a script without a cookie jar gets a new session with
+    every request, so its session would make every request a new view)."""
+    if user.credential == PROXY_CREDENTIAL:
+        return ("proxy user", user.name, client_address(request) or "")
+    return ("session", user.session_id)
 
 
 class NotLoggedIn(Exception):
@@ -167,13 +178,14 @@ def viewer(request: Request, response: Response = _CALLED_DIRECTLY) -> User:
 
 
 def hand_over_new_session(request: Request, response: Response) -> None:
-    """Give the client the cookie of a session :func:`identify` opened in this request, if it opened one: with an
-    API answer, in ``response``; a page is asked for again with it (a redirect to itself), since the page's forms
-    carry the new session's CSRF token."""
+    """Give the client the cookie of a session :func:`identify` opened in this request, if it opened one: a page a
+    browser navigates to is asked for again with it (a redirect to itself), since the page's forms carry the new
+    session's CSRF token; any other answer (the API's, a result file, a preview) is served at once, with the
+    cookie in ``response`` where the answer takes it (a file's does not: the next request opens another session)."""
     opened: tuple[User, str] | None = getattr(request.state, NEW_PROXY_SESSION, None)
     if opened is None:
         return
-    if request.method != "GET" or request.url.path.startswith("/api/"):
+    if request.method != "GET" or request.url.path.startswith("/api/") or not asks_for_a_page(request):
         _set_proxy_session_cookie(request, response, opened[1])
         return
     carrier = Response()
@@ -186,6 +198,13 @@ def hand_over_new_session(request: Request, response: Response) -> None:
         "a console session was opened for this browser; the page follows",
         headers={"Location": location, "Set-Cookie": carrier.headers["set-cookie"]},
     )
+
+
+def asks_for_a_page(request: Request) -> bool:
+    """Whether a request asks for an HTML page, as a browser's navigation does: its Accept header names text/html.
+    curl, scripts, images and the worklist's own refresh accept anything (``*/*``) or name other types."""
+    accepted = request.headers.get("accept", "")
+    return any(item.split(";")[0].strip().lower() == "text/html" for item in accepted.split(","))
 
 
 def _set_proxy_session_cookie(request: Request, response: Response, value: str) -> None:
