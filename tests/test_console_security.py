@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 
 from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
-from db.models import AuditEvent, Job, JobEvent, JobState, utcnow
+from db.models import AuditEvent, Instance, Job, JobEvent, JobState, Series, Study, utcnow
 from db.results import ResultFile, ResultKind
 from db.session import transaction
 from dicom_node.config import Settings
@@ -668,6 +668,31 @@ def test_a_refused_reroute_is_audited_at_once_without_holding_the_database(conso
     with console.sessions() as session:
         details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "console")).all()
     assert any("re-route of series 1.2.3.77 refused: admission refused this series" in d for d in details)
+
+
+def test_a_series_refused_for_a_missing_patient_id_is_shown_under_its_studys_patient_not_as_another(console):
+    """An image without a PatientID was taken for one naming another patient: its series read "refused: names
+    another patient (PatientID (none))" though admission refused it for the missing PatientID."""
+
+    with transaction(console.sessions) as session:
+        study = Study(study_instance_uid="1.2.9", patient_id="P1", patient_name="DOE^JOHN")
+        series = Series(series_instance_uid="1.2.9.2", study=study, modality="CT", instance_count=1)
+        image = Instance(
+            sop_instance_uid="1.2.9.2.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            series=series,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path="/data/1.2.9.2.1.dcm",
+            size_bytes=1,
+            patient_id="",
+        )
+        refused = "admission refused: 1 of 1 instances have no PatientID (first: instance 1); the results need it"
+        session.add_all([study, series, image, Job(series=series, state=JobState.FAILED, reason=refused)])
+
+    patient = console.client("olga").get("/api/jobs/1.2.9.2").json()["patient"]
+
+    assert "another_patient" not in patient
+    assert (patient["patient_id"], patient["patient_name"]) == ("P1", "DOE^JOHN")
 
 
 def test_hostile_headers_sent_over_dicom_reach_no_page_as_markup_and_no_info_log(tmp_path):

@@ -130,9 +130,9 @@ def _series_patient(session: Session, job: Job) -> dict[str, Any]:
     series, study = job.series, job.series.study
     own = session.execute(
         select(Instance.patient_id, Instance.issuer_of_patient_id)
-        .where(Instance.series_id == series.id, Instance.patient_id.is_not(None))
+        .where(Instance.series_id == series.id, Instance.patient_id.is_not(None), Instance.patient_id != "")
         .distinct()
-    ).all()
+    ).all()  # an image without a PatientID names no other patient (admission refuses it for that)
     foreign = [
         (patient_id, issuer)
         for patient_id, issuer in own
@@ -142,8 +142,8 @@ def _series_patient(session: Session, job: Job) -> dict[str, Any]:
     refused = ANOTHER_PATIENT.search(job.reason or "")
     if not foreign and refused is None:
         return _patient(study)
-    ids = sorted({patient_id or "(none)" for patient_id, _ in own})
-    issuers = sorted({f"{patient_id or '(none)'} of {issuer}" for patient_id, issuer in own if issuer})
+    ids = sorted({patient_id for patient_id, _ in own})
+    issuers = sorted({f"{patient_id} of {issuer}" for patient_id, issuer in own if issuer})
     named = f"PatientID {', '.join(issuers or ids)}" if ids else "its PatientID is not stored"
     if refused is not None:
         differing = refused.group(1)
