@@ -76,6 +76,55 @@ def total_fast_test_weights(tmp_path_factory) -> Path:
     return folder
 
 
+def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> Any:
+    """Label map from TotalSegmentator's Python API (fast task), offline, as [k, j, i] (a uint8 array)."""
+    import json
+    import textwrap
+
+    import numpy as np
+
+    home = workdir / "totalseg-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.json").write_text(
+        json.dumps(
+            {
+                "totalseg_id": "offline-test",
+                "send_usage_stats": False,
+                "prediction_counter": 0,
+                "statistics_disclaimer_shown": True,
+            }
+        )
+    )
+    output = workdir / "reference.nii.gz"
+    script = textwrap.dedent(
+        f"""
+        from totalsegmentator.python_api import totalsegmentator
+        totalsegmentator({str(ct)!r}, {str(output)!r}, fast=True, ml=True, device="cpu", quiet=True)
+        """
+    )
+    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=environment, timeout=900)
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)
+
+
+@pytest.fixture(scope="session")
+def dicom_ct_reference(shared_fixtures, total_fast_test_weights, tmp_path_factory) -> tuple[Any, Path, Any]:
+    """The real DICOM series as a volume, as the NIfTI TotalSegmentator reads, and TotalSegmentator's own label
+    map of it on the test weights: one run of TotalSegmentator for the PyTorch and OpenVINO parity tests."""
+    import nibabel as nib
+    import numpy as np
+
+    from inference.volume import load_series_volume
+
+    volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
+    workdir = tmp_path_factory.mktemp("dicom-ct-reference")
+    ct = workdir / "ct.nii.gz"
+    nib.save(volume.to_nibabel(np.int16), str(ct))  # TotalSegmentator reads NIfTI; HU are integers
+    return volume, ct, totalsegmentator_reference(ct, total_fast_test_weights, workdir)
+
+
 def changed_sources(pinned: dict[Any, str]) -> list[str]:
     """The qualified names of those ``pinned`` functions whose source no longer hashes to its recorded digest."""
     return [

@@ -21,6 +21,7 @@ pytest.importorskip("totalsegmentator", reason="the rehearsal runs TotalSegmenta
 
 
 @pytest.mark.integration
+@pytest.mark.nightly  # about 100 s: the GPU script's own steps on the CPU; its parts are tested on their own
 def test_rehearsal_runs_every_step_and_labels_agree(total_fast_test_weights: Path, tmp_path: Path) -> None:
     output = tmp_path / "rehearsal.json"
     command = [sys.executable, str(SCRIPT), "--rehearse-on-cpu", "--weights", str(total_fast_test_weights)]

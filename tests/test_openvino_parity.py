@@ -25,7 +25,7 @@ import pytest
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import Volume, load_series_volume
 from inference.weights import MANIFEST_NAME, ModelFolder, folder_hashes, model_folders, write_manifest
-from tests.test_totalsegmentator_parity import totalsegmentator_reference
+from tests.conftest import totalsegmentator_reference
 
 pytest.importorskip("openvino", reason="openvino not installed (pip install -e '.[totalsegmentator]')")
 pytest.importorskip("nnunetv2", reason="TotalSegmentator extra not installed (pip install -e '.[totalsegmentator]')")
@@ -54,9 +54,11 @@ def fp32_model(weights):
 
 
 @pytest.fixture(scope="module")
-def dicom_ct(shared_fixtures, tmp_path_factory):
-    """The real DICOM fixture as a volume, and as the NIfTI TotalSegmentator reads, with its reference map."""
-    return _case(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")), tmp_path_factory, "dicom-ct")
+def dicom_ct(dicom_ct_reference):
+    """The real DICOM fixture as a volume, and as the NIfTI TotalSegmentator reads (its reference map is made
+    once per session, shared with the PyTorch parity tests)."""
+    volume, ct, _reference = dicom_ct_reference
+    return volume, ct, ct.parent
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +79,9 @@ def _case(files: list[Path], tmp_path_factory: pytest.TempPathFactory, name: str
 
 
 @pytest.fixture(scope="module")
-def references(weights, dicom_ct, phantom_ct) -> dict[str, np.ndarray]:
-    return {
-        name: totalsegmentator_reference(ct, weights, workdir)
-        for name, (_volume, ct, workdir) in (("dicom", dicom_ct), ("phantom", phantom_ct))
-    }
+def references(weights, dicom_ct_reference, phantom_ct) -> dict[str, np.ndarray]:
+    _volume, ct, workdir = phantom_ct
+    return {"dicom": dicom_ct_reference[2], "phantom": totalsegmentator_reference(ct, weights, workdir)}
 
 
 def compare(ours: np.ndarray, reference: np.ndarray) -> tuple[float, int, int, str]:

@@ -10,10 +10,6 @@ both pipelines voxel by voxel. TotalSegmentator runs in a separate process, offl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from inference.weights import TASK_DATASETS, model_folders
-from tests.conftest import require_extra, storescu
+from tests.conftest import require_extra, storescu, totalsegmentator_reference
 
 require_extra("nnunetv2")
 require_extra("totalsegmentator")
@@ -43,34 +39,6 @@ def model(weights):
     from inference.models.totalsegmentator import TotalSegmentatorModel
 
     return TotalSegmentatorModel("total_fast", weights, device="cpu")
-
-
-def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> np.ndarray:
-    """Label map from TotalSegmentator's Python API (fast task), offline, as [k, j, i]."""
-    home = workdir / "totalseg-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.json").write_text(
-        json.dumps(
-            {
-                "totalseg_id": "offline-test",
-                "send_usage_stats": False,
-                "prediction_counter": 0,
-                "statistics_disclaimer_shown": True,
-            }
-        )
-    )
-    output = workdir / "reference.nii.gz"
-    script = textwrap.dedent(
-        f"""
-        from totalsegmentator.python_api import totalsegmentator
-        totalsegmentator({str(ct)!r}, {str(output)!r}, fast=True, ml=True, device="cpu", quiet=True)
-        """
-    )
-    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=environment, timeout=900)
-    import nibabel as nib
-
-    return np.asanyarray(nib.load(str(output)).dataobj).astype(np.uint8).transpose(2, 1, 0)
 
 
 def mean_dice(ours: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
@@ -98,15 +66,10 @@ def test_model_names_its_exact_weights_and_knows_they_are_test_weights(model, we
     assert (model_folders("total_fast", weights)[0].path / MANIFEST_NAME).is_file()
 
 
-def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(shared_fixtures, weights, model, tmp_path):
-    volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
-    ct = tmp_path / "ct.nii.gz"
-    import nibabel as nib
-
-    nib.save(volume.to_nibabel(np.int16), str(ct))  # TotalSegmentator reads NIfTI; HU are integers
+def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(dicom_ct_reference, model):
+    volume, _ct, reference = dicom_ct_reference
 
     ours = model.segment(volume).labels
-    reference = totalsegmentator_reference(ct, weights, tmp_path)
 
     dice, present = mean_dice(ours, reference)
     print(f"DICOM CT: {present} classes, mean Dice {dice:.4f}, {int((ours != reference).sum())} voxels differ")
@@ -114,6 +77,7 @@ def test_label_map_equals_totalsegmentator_on_the_real_dicom_ct(shared_fixtures,
     assert dice >= 0.99
 
 
+@pytest.mark.nightly  # the default run checks parity on the real DICOM series
 def test_label_map_equals_totalsegmentator_on_the_3mm_nifti(shared_fixtures, weights, model, tmp_path):
     ct = shared_fixtures / "example_ct_sm.nii.gz"
 

@@ -460,6 +460,7 @@ def test_weights_changed_between_identification_and_loading_are_not_used(
     assert "changed while the total_fast model was loading" in str(refused.value)
 
 
+@pytest.mark.nightly  # converts a network to OpenVINO (about 100 s); the load-time check is tested above
 def test_weights_changed_after_they_were_read_do_not_change_what_the_loaded_model_says_or_caches(
     total_fast_test_weights, tmp_path, monkeypatch
 ):
