@@ -142,7 +142,7 @@ def _series_patient(session: Session, job: Job) -> dict[str, Any]:
     refused = ANOTHER_PATIENT.search(job.reason or "")
     if not foreign and refused is None:
         return _patient(study)
-    ids = sorted({patient_id for patient_id, _ in own})
+    ids = sorted({str(patient_id) for patient_id, _ in own})
     issuers = sorted({f"{patient_id} of {issuer}" for patient_id, issuer in own if issuer})
     named = f"PatientID {', '.join(issuers or ids)}" if ids else "its PatientID is not stored"
     if refused is not None:
