@@ -25,17 +25,9 @@ from dicom_node.receive.storage import (
     repair,
 )
 from tests.conftest import data_set_bytes, wait_for
+from tests.test_repair import place_in_storage
 
 SPEC = PhantomSpec(rows=32, columns=32, slices=4, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
-
-
-def place_in_storage(storage: Path, dataset: pydicom.Dataset) -> Path:
-    """Write ``dataset`` where the node keeps instances, as if it had been acknowledged and not yet recorded."""
-    folder = storage / "instances" / dataset.StudyInstanceUID / dataset.SeriesInstanceUID
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{dataset.SOPInstanceUID}.dcm"
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def killed_after_move(store: InstanceStore, stored: Path) -> Path:

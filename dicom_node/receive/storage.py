@@ -657,22 +657,9 @@ def _record_unrecorded_file(
     if _recorded_as_set_aside_copy(path, store, sessions, named):
         return 1
     dataset, holds = _describe_quarantined(path)
-    meta = getattr(dataset, "file_meta", None)
     reason = f"{UNRECORDED_QUARANTINE_REASON}; {holds}"
-    with transaction(sessions) as session:
-        record_rejection(
-            session,
-            status=status.PROCESSING_FAILURE,
-            reason=reason,
-            path=str(path),
-            sop_instance_uid=_uid_or_none(meta, "MediaStorageSOPInstanceUID")
-            or _uid_or_none(dataset, "SOPInstanceUID"),
-            sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID") or _uid_or_none(dataset, "SOPClassUID"),
-            transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
-            calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
-            series_instance_uid=_uid_or_none(dataset, "SeriesInstanceUID"),
-            received_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
-        )
+    received_at = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    _record_quarantined(sessions, path, dataset, reason, received_at=received_at)
     log_event(LOG, logging.WARNING, "repair.unrecorded_quarantine_file", quarantine=str(path), reason=reason)
     return 1
 
@@ -813,28 +800,43 @@ def quarantine_stored_file(
     """
     target = store.quarantine_path(".dcm")
     os.replace(path, target)
-    dataset = refused.dataset
-    meta = getattr(dataset, "file_meta", None)
+    dataset = refused.dataset if isinstance(refused.dataset, Dataset) else None
     if when == "start-up":
         reason = f"found in storage at start-up and not indexed: {refused.reason}"
     else:
         reason = f"stored and acknowledged, then not recorded: {refused.reason}"
+    _record_quarantined(sessions, target, dataset, reason, series_instance_uid=series_instance_uid)
+    log_event(
+        LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason
+    )
+
+
+def _record_quarantined(
+    sessions: sessionmaker[Session],
+    path: Path,
+    dataset: Dataset | None,
+    reason: str,
+    *,
+    series_instance_uid: str | None = None,
+    received_at: datetime | None = None,
+) -> None:
+    """The ``rejected_instances`` row of the quarantine file ``path``: its UIDs from its file meta information, else
+    from its data set; its series ``series_instance_uid`` where known, else the one the data set names."""
+    meta = getattr(dataset, "file_meta", None)
     with transaction(sessions) as session:
         record_rejection(
             session,
             status=status.PROCESSING_FAILURE,
             reason=reason,
-            path=str(target),
-            sop_instance_uid=_uid_or_none(meta, "MediaStorageSOPInstanceUID"),
-            sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID"),
+            path=str(path),
+            sop_instance_uid=_uid_or_none(meta, "MediaStorageSOPInstanceUID")
+            or _uid_or_none(dataset, "SOPInstanceUID"),
+            sop_class_uid=_uid_or_none(meta, "MediaStorageSOPClassUID") or _uid_or_none(dataset, "SOPClassUID"),
             transfer_syntax_uid=_uid_or_none(meta, "TransferSyntaxUID"),
             calling_ae_title=_text_or_none(meta, "SourceApplicationEntityTitle"),
-            series_instance_uid=series_instance_uid
-            or _uid_or_none(dataset if isinstance(dataset, Dataset) else None, "SeriesInstanceUID"),
+            series_instance_uid=series_instance_uid or _uid_or_none(dataset, "SeriesInstanceUID"),
+            received_at=received_at,
         )
-    log_event(
-        LOG, logging.ERROR, "repair.quarantined_file", path=str(path), quarantine=str(target), reason=refused.reason
-    )
 
 
 def _uid_or_none(meta: Dataset | None, keyword: str) -> str | None:
