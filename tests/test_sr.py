@@ -198,6 +198,17 @@ def test_a_device_uid_file_that_holds_no_uid_is_refused_with_what_to_do(tmp_path
         node_device_uid(tmp_path)
 
 
+def test_a_device_uid_that_cannot_be_kept_is_refused_with_a_sentence_naming_the_file(tmp_path):
+    """Storage that cannot be written (here a file where the folder should be) failed the job with the generic
+    "unexpected error in stage encode"; the job's reason now names the file and what the node needs."""
+    storage = tmp_path / "storage"
+    storage.write_text("not a folder")
+    with pytest.raises(
+        ValueError, match=r"^this node's Device Observer UID cannot be kept in .*device-observer-uid \("
+    ):
+        node_device_uid(storage)
+
+
 @pytest.mark.integration
 def test_a_node_names_one_device_in_its_srs_across_a_restart_and_another_node_another(tmp_path, start_node):
     """Real nodes: the SR names the UID kept in the node's storage, the same after a restart; a second node on

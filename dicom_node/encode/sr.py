@@ -26,7 +26,7 @@ from dicom_node.encode.codes import structure_codes
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.seg import Algorithm, EncodedSegmentation
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
-from dicom_node.receive.storage import fsync_folder
+from dicom_node.receive.storage import fsync_folder, is_disk_full
 
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -130,12 +130,21 @@ def node_device_uid(storage: Path) -> str:
     Raises
     ------
     ValueError
-        If the file holds no DICOM UID (it was edited or damaged).
+        If the file holds no DICOM UID (it was edited or damaged), or cannot be read or written (a full disk
+        raises its own OSError, so the job waits for space as for any other write).
     """
     path = storage / DEVICE_UID_FILE
-    if not path.exists():
-        _store_once(path, generate_uid(prefix=None))
-    text = path.read_bytes().decode("ascii", errors="replace").strip()
+    try:
+        if not path.exists():
+            _store_once(path, generate_uid(prefix=None))
+        text = path.read_bytes().decode("ascii", errors="replace").strip()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+        raise ValueError(
+            f"this node's Device Observer UID cannot be kept in {path} ({exc.strerror or exc}): the node must be "
+            "able to read and write its storage folder"
+        ) from None
     if len(text) > 64 or not RE_VALID_UID.match(text):
         raise ValueError(
             f"{path} does not hold a DICOM UID (it reads {text[:80]!r}): it names this node as the device in every "
