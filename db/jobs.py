@@ -224,6 +224,9 @@ def claimable(now: datetime | None = None) -> ColumnElement[bool]:
 SENDING_FAILURE_PREFIX = "sending failed"
 
 
+IMAGES_PURGED = "the series' images were purged (by retention or dicom-node purge); send the series again to process it"
+
+
 def retry(session: Session, job: Job, *, by: str = "operator") -> None:
     """Operator's retry (``by`` names who asked): resend what a destination lacks, else route the series again.
 
@@ -259,7 +262,7 @@ def retry(session: Session, job: Job, *, by: str = "operator") -> None:
         change_state(session, job, S.SENDING, f"resend of the missing files requested by {by}")
         return
     if job.series.purged_at is not None:
-        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
+        raise InvalidTransition(IMAGES_PURGED)
     _keep_completion_warnings(job)  # routed and processed again: the new run states its own caveats
     job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"retry requested by {by} (was {job.state.value})")
@@ -349,7 +352,7 @@ def unreachable_too_long(since: datetime | None, last: datetime | None, unreacha
 def check_reroutable(job: Job) -> None:
     """Raise InvalidTransition, with the reason, unless the series may be re-routed now."""
     if job.series.purged_at is not None:
-        raise InvalidTransition("the series' images were purged by retention; send the series again to process it")
+        raise InvalidTransition(IMAGES_PURGED)
     if job.state not in RETRYABLE_STATES:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be re-routed"

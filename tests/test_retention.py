@@ -346,7 +346,7 @@ def test_a_purged_series_sent_again_is_held_again_and_cannot_be_retried_while_pu
     assert purge(node, days=7) == [old.uid]
     with transaction(sessions) as session:
         job = session.get_one(Job, old.job_id)
-        with pytest.raises(jobs.InvalidTransition, match="purged by retention"):
+        with pytest.raises(jobs.InvalidTransition, match="images were purged"):
             jobs.retry(session, job)
 
     again = settings.storage.directory / "again.dcm"
@@ -700,7 +700,7 @@ def test_a_result_file_that_cannot_be_deleted_fails_its_series_alone_and_goes_at
     with transaction(sessions) as session:
         job = session.get_one(Job, stuck.job_id)
         assert job.series.purged_at is not None and job.result_files is None
-        with pytest.raises(jobs.InvalidTransition, match="purged by retention"):
+        with pytest.raises(jobs.InvalidTransition, match="images were purged"):
             jobs.retry(session, job)
     assert not any(path.exists() for series in later for path in [*series.images, series.results])
 
