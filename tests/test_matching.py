@@ -85,6 +85,14 @@ def instance(
     )
 
 
+def record_one_image_each(sessions, studies: list[StudyAttributes]) -> None:
+    """One image (series ``<study>.9``, image ``<study>.9.1``) of each study, as the receiver records it."""
+    with transaction(sessions) as session:
+        for study in studies:
+            uid = study.study_instance_uid
+            record_instance(session, instance(f"{uid}.9.1", f"{uid}.9", study, 1))
+
+
 def query(level: str, **keys: str) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
@@ -125,10 +133,7 @@ def test_wildcards_count_case_as_a_single_value_does_on_every_database(sessions)
         StudyAttributes("6.2", patient_id="AB-100", patient_name="DOE^ANN"),
         StudyAttributes("6.3", patient_id="[AB]-100", patient_name="Doe^Ann"),
     ]
-    with transaction(sessions) as session:
-        for study in studies:
-            uid = study.study_instance_uid
-            record_instance(session, instance(f"{uid}.9.1", f"{uid}.9", study, 1))
+    record_one_image_each(sessions, studies)
 
     def patient_ids(**keys: str) -> list[str]:
         return sorted(answers(sessions, query("PATIENT", **keys), "PatientID"))
@@ -152,10 +157,7 @@ def test_names_match_without_empty_trailing_components_on_either_side_on_every_d
         StudyAttributes("7.4", patient_id="P10", patient_name="doe^john"),
         StudyAttributes("7.5", patient_id="P11", patient_name="DOE^JOHNNY"),
     ]
-    with transaction(sessions) as session:
-        for study in studies:
-            uid = study.study_instance_uid
-            record_instance(session, instance(f"{uid}.9.1", f"{uid}.9", study, 1))
+    record_one_image_each(sessions, studies)
 
     def studies_named(name: str, keyword: str = "PatientName") -> list[str]:
         return sorted(answers(sessions, query("STUDY", **{keyword: name, "StudyInstanceUID": ""}), "StudyInstanceUID"))
@@ -240,10 +242,10 @@ def test_name_matching_finds_exactly_the_names_a_plain_comparison_finds_on_every
     """The trimmed name is only computed where a cheap match on the stored one passes; that prefilter never loses a
     match: not with a ``=`` or a ``?`` standing for one in the query (DOE^JOHN=* finds DOE^JOHN^^=YAMADA^TARO^^,
     DOE^JOHN?YAMADA* finds DOE^JOHN^^=YAMADA), and never adds one."""
-    with transaction(sessions) as session:
-        for n, name in enumerate(STORED_NAMES):
-            study = StudyAttributes(f"8.{n}", patient_id=f"P8{n}", patient_name=name)
-            record_instance(session, instance(f"8.{n}.9.1", f"8.{n}.9", study, 1))
+    record_one_image_each(
+        sessions,
+        [StudyAttributes(f"8.{n}", patient_id=f"P8{n}", patient_name=name) for n, name in enumerate(STORED_NAMES)],
+    )
     with sessions() as session:
         stored = dict(session.execute(select(Study.study_instance_uid, Study.patient_name)).all())
     assert stored["8.9"] == "DOE^JOHN^^^^=YAMADA^TARO^^ =^ "  # the padding is in the database, not trimmed away
