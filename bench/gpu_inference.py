@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -135,20 +134,10 @@ def run_totalsegmentator(
     import nibabel as nib
     import numpy as np
 
-    home = work / "totalseg-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.json").write_text(
-        json.dumps(
-            {
-                "totalseg_id": "gpu-bench",
-                "send_usage_stats": False,
-                "prediction_counter": 0,
-                "statistics_disclaimer_shown": True,
-            }
-        )
-    )
+    from inference.weights import offline_totalsegmentator_environment
+
     output = work / f"totalsegmentator-{task}.nii.gz"
-    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
+    environment = offline_totalsegmentator_environment(weights, work / "totalseg-home", "gpu-bench")
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", TS_SCRIPT, str(ct), str(output), task, "gpu" if device == "cuda" else "cpu"],

@@ -227,18 +227,9 @@ def run_measured(
 
 
 def totalseg_env(weights: Path, home: Path) -> dict[str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.json").write_text(
-        json.dumps(
-            {
-                "totalseg_id": "bench",
-                "send_usage_stats": False,
-                "prediction_counter": 0,
-                "statistics_disclaimer_shown": True,
-            }
-        )
-    )
-    return {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights), "TOTALSEG_HOME_DIR": str(home)}
+    from inference.weights import offline_totalsegmentator_environment
+
+    return offline_totalsegmentator_environment(weights, home, "bench")
 
 
 def reference_stages(log_text: str) -> dict[str, float]:

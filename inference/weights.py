@@ -740,3 +740,17 @@ def _refuse_kept_folder(dataset_folder: Path, trainer: str) -> None:
             f"{dataset_folder} already holds weights that changed since they were installed ({', '.join(changed)} "
             f"differ from the recorded SHA-256), {keeps}"
         )
+
+
+def offline_totalsegmentator_environment(weights: Path, home: Path, name: str) -> dict[str, str]:
+    """Environment for running TotalSegmentator's own CLI or Python API offline on ``weights`` (a reference run):
+    a home folder ``home`` whose config sends no usage statistics and shows no disclaimer, ``name`` its id."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "totalseg_id": name,
+        "send_usage_stats": False,
+        "prediction_counter": 0,
+        "statistics_disclaimer_shown": True,
+    }
+    (home / "config.json").write_text(json.dumps(config))
+    return {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}

@@ -78,23 +78,12 @@ def total_fast_test_weights(tmp_path_factory) -> Path:
 
 def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> Any:
     """Label map from TotalSegmentator's Python API (fast task), offline, as [k, j, i] (a uint8 array)."""
-    import json
     import textwrap
 
     import numpy as np
 
-    home = workdir / "totalseg-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.json").write_text(
-        json.dumps(
-            {
-                "totalseg_id": "offline-test",
-                "send_usage_stats": False,
-                "prediction_counter": 0,
-                "statistics_disclaimer_shown": True,
-            }
-        )
-    )
+    from inference.weights import offline_totalsegmentator_environment
+
     output = workdir / "reference.nii.gz"
     script = textwrap.dedent(
         f"""
@@ -102,7 +91,7 @@ def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> Any:
         totalsegmentator({str(ct)!r}, {str(output)!r}, fast=True, ml=True, device="cpu", quiet=True)
         """
     )
-    environment = {**os.environ, "TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights)}
+    environment = offline_totalsegmentator_environment(weights, workdir / "totalseg-home", "offline-test")
     subprocess.run([sys.executable, "-c", script], check=True, env=environment, timeout=900)
     import nibabel as nib
 
