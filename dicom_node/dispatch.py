@@ -305,7 +305,10 @@ class Dispatcher(PeriodicTask):
 
     def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, has used all its attempts, or has been unreachable too long."""
-        return jobs.settled_rule(self._dispatch.max_attempts, self._dispatch.unreachable_hours)(record)
+        dispatch = self._dispatch
+        return jobs.delivery_settled(
+            record, max_attempts=dispatch.max_attempts, unreachable_hours=dispatch.unreachable_hours
+        )
 
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
