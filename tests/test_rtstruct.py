@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from skimage import measure
 
-from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct, slice_contours
+from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct, encoded_bytes, slice_contours
 from dicom_node.encode.seg import Algorithm
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
@@ -314,3 +314,29 @@ def test_a_structure_of_one_voxel_is_its_voxels_square_and_the_rtstruct_still_va
     assert notes == []
     errors, _warnings = dciodvfy(path)
     assert errors == []
+
+
+def test_the_size_budget_counts_each_contour_so_a_fragmented_structure_is_reported_over_it(tmp_path):
+    """Scattered one-voxel islands cost mostly their contour items (about 170 bytes each beside 4 points):
+    the budget counts them, so the note says when the structure stays over its share of the megabytes,
+    and the size the encoder reckons is close to the size written."""
+    volume, _result, sources = segmented_phantom(
+        tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=12, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
+    )
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    labels[2:10, 4:60:3, 4:60:3] = 1  # 8 slices of 19 x 19 islands, none touching another: 2,888 squares
+    islands = int(labels.sum())
+    notes: list[str] = []
+    # 0.4 MB: room for every island's 4 points at 27 bytes (0.31 MB) but not for the contours' items as well
+    dataset = encode_rtstruct(
+        volume, sources, labels, {1: "liver"}, ALGORITHM, budget=ContourBudget(megabytes=0.4), notes=notes
+    )
+
+    contours = dataset.ROIContourSequence[0].ContourSequence
+    assert len(contours) == islands  # nothing dropped to fit
+    assert len(notes) == 1 and "still over its budget" in notes[0] and f"{islands} contours" in notes[0], notes
+    path = tmp_path / "rtstruct.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    written = path.stat().st_size
+    reckoned = encoded_bytes([np.zeros((int(c.NumberOfContourPoints), 2)) for c in contours])
+    assert 0.8 * written < reckoned < 1.2 * written, (reckoned, written)

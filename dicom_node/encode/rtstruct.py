@@ -42,6 +42,7 @@ CONTOUR_DATA = Tag(0x3006, 0x0050)
 SIMPLIFY_TOLERANCE_PIXELS = 0.25
 MAXIMUM_TOLERANCE_PIXELS = 4.0  # a structure over budget is simplified up to this, never dropped
 BYTES_PER_POINT = 27  # three decimal strings ("-123.456") and their separators
+BYTES_PER_CONTOUR = 170  # a contour item's own elements and its image reference (two UIDs), without points
 MINIMUM_CONTOUR_POINTS = 3
 MINIMUM_CONTOUR_AREA_PIXELS = 1.0  # a contour simplified below this is drawn finer, never left out
 PIXEL_SQUARE = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, 0.5], [0.5, -0.5]])  # a pixel's outline, around its centre
@@ -54,16 +55,33 @@ class ContourBudget:
 
     A structure over its budget is simplified with a larger tolerance (doubling from a
     quarter pixel up to :data:`MAXIMUM_TOLERANCE_PIXELS`), never dropped. Each
-    structure's budget is the smaller of ``points_per_structure`` and its even share
-    of ``megabytes`` (at :data:`BYTES_PER_POINT` bytes a point).
+    structure may hold ``points_per_structure`` points and its even share of ``megabytes``,
+    counted as :data:`BYTES_PER_POINT` a point and :data:`BYTES_PER_CONTOUR` a contour (a
+    structure in many small islands costs mostly contours).
     """
 
     points_per_structure: int = 100_000
     megabytes: float = 40.0
 
     def per_structure(self, structures: int) -> int:
-        share = int(self.megabytes * 1_000_000 / BYTES_PER_POINT / max(structures, 1))
-        return max(min(self.points_per_structure, share), 1)
+        """The points one of ``structures`` structures may hold (its share of the bytes, all as points)."""
+        return max(min(self.points_per_structure, self.bytes_per_structure(structures) // BYTES_PER_POINT), 1)
+
+    def bytes_per_structure(self, structures: int) -> int:
+        """One structure's even share of ``megabytes``, in bytes."""
+        return int(self.megabytes * 1_000_000 / max(structures, 1))
+
+    def allows(self, contours: list[np.ndarray], structures: int) -> bool:
+        """Whether ``contours`` fit one structure's budget, in points and in bytes."""
+        points = sum(len(c) for c in contours)
+        return points <= self.per_structure(structures) and encoded_bytes(contours) <= self.bytes_per_structure(
+            structures
+        )
+
+
+def encoded_bytes(contours: list[np.ndarray]) -> int:
+    """About how many bytes ``contours`` take in the RTSTRUCT (points and each contour's item)."""
+    return sum(len(c) for c in contours) * BYTES_PER_POINT + len(contours) * BYTES_PER_CONTOUR
 
 
 PATIENT_STUDY_KEYWORDS = (
@@ -144,16 +162,18 @@ def encode_rtstruct(
     dataset.ROIContourSequence = DicomSequence()
     dataset.RTROIObservationsSequence = DicomSequence()
     allowed = budget.per_structure(len(present))
-    total_contours = total_points = 0
+    total_contours = total_points = total_bytes = 0
     for number, label in enumerate(present, start=1):
         name = classes[label]
         box = boxes[label - 1]
-        item, tolerance, points = _roi_contours(number, name, labels[box] == label, box, volume, allowed)
+        item, tolerance, kept = _roi_contours(number, name, labels[box] == label, box, volume, budget, len(present))
+        points, size = sum(len(c) for c in kept), encoded_bytes(kept)
         dataset.StructureSetROISequence.append(_roi(number, name, frame_of_reference, algorithm))
         dataset.ROIContourSequence.append(item)
         dataset.RTROIObservationsSequence.append(_observation(number))
         total_contours += len(item.ContourSequence)
         total_points += points
+        total_bytes += size
         if tolerance > SIMPLIFY_TOLERANCE_PIXELS:
             LOG.info(
                 "rtstruct.simplified",
@@ -162,12 +182,20 @@ def encode_rtstruct(
                         "structure": name,
                         "tolerance_pixels": tolerance,
                         "points": points,
+                        "contours": len(kept),
                         "budget": allowed,
+                        "budget_bytes": budget.bytes_per_structure(len(present)),
                     }
                 },
             )
             if notes is not None:
-                over = f"; still over its budget of {allowed} points (fragmented)" if points > allowed else ""
+                share = _megabytes(budget.bytes_per_structure(len(present)))
+                over = (
+                    ""
+                    if budget.allows(kept, len(present))
+                    else f"; still over its budget of {allowed} points or {share} "
+                    f"(fragmented: {len(kept)} contours, about {_megabytes(size)})"
+                )
                 notes.append(
                     f"RTSTRUCT: {display_label(name)} simplified to within {tolerance:g} pixel(s) "
                     f"({points} points) to fit the size budget{over}"
@@ -179,7 +207,7 @@ def encode_rtstruct(
                 "structures": len(present),
                 "contours": total_contours,
                 "points": total_points,
-                "approximate_megabytes": round(total_points * BYTES_PER_POINT / 1e6, 1),
+                "approximate_megabytes": round(total_bytes / 1e6, 1),
             }
         },
     )
@@ -237,13 +265,19 @@ def _observation(number: int) -> Dataset:
 
 
 def _roi_contours(
-    number: int, name: str, mask: np.ndarray, box: tuple[slice, ...], volume: Volume, budget: int
-) -> tuple[Dataset, float, int]:
+    number: int,
+    name: str,
+    mask: np.ndarray,
+    box: tuple[slice, ...],
+    volume: Volume,
+    budget: ContourBudget,
+    structures: int,
+) -> tuple[Dataset, float, list[np.ndarray]]:
     """Contours of ``mask``, the structure within its bounding ``box`` of the label map.
 
     Returns the ROI Contour item, the simplification tolerance used (pixels) and the
-    number of points: the tolerance doubles from a quarter pixel while the points
-    exceed ``budget``, up to :data:`MAXIMUM_TOLERANCE_PIXELS`.
+    contours kept: the tolerance doubles from a quarter pixel while they exceed one of
+    ``structures`` structures' ``budget``, up to :data:`MAXIMUM_TOLERANCE_PIXELS`.
     """
     item = Dataset()
     item.ReferencedROINumber = number
@@ -254,7 +288,7 @@ def _roi_contours(
     owners, traced = _trace([mask[index] for index in slices], slices)
     tolerance = SIMPLIFY_TOLERANCE_PIXELS
     finest = kept = _simplify(traced, tolerance)
-    while sum(len(c) for c in kept) > budget and tolerance < MAXIMUM_TOLERANCE_PIXELS:
+    while not budget.allows(kept, structures) and tolerance < MAXIMUM_TOLERANCE_PIXELS:
         tolerance *= 2
         kept = _simplify(traced, tolerance, finest)
     for index, points in zip(owners, kept, strict=True):
@@ -264,7 +298,7 @@ def _roi_contours(
         in_plane = np.column_stack([rows_columns[:, 1], rows_columns[:, 0]]) * volume.spacing[:2]
         patient = volume.slice_origin(k) + in_plane @ volume.direction[:, :2].T
         item.ContourSequence.append(_contour(patient, volume.slices[k]))
-    return item, tolerance, sum(len(c) for c in kept)
+    return item, tolerance, kept
 
 
 def _image_reference(ref: SliceRef) -> Dataset:
@@ -388,3 +422,7 @@ def _farthest_interior(
 def _area(points: np.ndarray) -> float:
     rows, columns = points[:, 0], points[:, 1]
     return 0.5 * abs(float(np.dot(rows, np.roll(columns, 1)) - np.dot(columns, np.roll(rows, 1))))
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size < 10e6 else f"{size / 1e6:.0f} MB"
