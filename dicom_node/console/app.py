@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import threading
 from pathlib import Path
@@ -17,9 +18,11 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from db.session import DatabaseBusy, is_database_locked
 from dicom_node.config import Settings
 from dicom_node.console.access import (
     ConsoleContext,
@@ -77,6 +80,58 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     response = Response("internal error: see the node's log", status_code=500, media_type="text/plain")
     _security_headers(response, console_of(request).settings.console.https, request.url.path)
     return response
+
+
+LOCK_WAITED = frozenset({"55P03", "40P01"})
+"""PostgreSQL's "could not obtain lock" (a ``lock_timeout`` the administrator set) and "deadlock detected": as
+SQLite's "database is locked", the request can be made again once the other writer is done."""
+
+
+def _database_busy(error: BaseException) -> bool:
+    """Whether ``error`` is another writer holding the database longer than a request waits, not a fault."""
+    if isinstance(error, DatabaseBusy) or is_database_locked(error):
+        return True
+    return isinstance(error, OperationalError) and getattr(error.orig, "sqlstate", None) in LOCK_WAITED
+
+
+def _database_error(request: Request, exc: Exception) -> Response:
+    """A database another writer holds locked past the busy timeout: 503 with Retry-After, saying so in a sentence
+    (a page, or the API's JSON), and one log line; any other database error is an internal error."""
+    if not _database_busy(exc):
+        return _internal_error(request, exc)
+    context = console_of(request)
+    waited = context.settings.database.busy_timeout_seconds
+    how_long = (
+        f" for longer than the console waits (database.busy_timeout_seconds, {waited:g} s)"
+        if is_database_locked(exc)  # SQLite's busy timeout; PostgreSQL has its own lock_timeout
+        else ""
+    )
+    changed = "" if request.method in ("GET", "HEAD") else " Nothing was changed."
+    message = f"The node's database is busy: another process held it locked{how_long}.{changed} Please try again."
+    log_event(
+        LOG,
+        logging.WARNING,
+        "console.database_busy",
+        reason=f"the console could not answer {request.method} {request.url.path[:200]}: another process held "
+        f"the database locked{how_long}; the user was asked to try again",
+    )
+    headers = {"Retry-After": str(max(1, math.ceil(waited)))}
+    if _wants_json(request):
+        return JSONResponse({"detail": message}, status_code=503, headers=headers)
+    user = identify(request)
+    return context.templates.TemplateResponse(
+        request,
+        "error.html",
+        {
+            "user": user,
+            "csrf": context.auth.csrf_token(user) if user else "",
+            "ae_title": context.settings.network.ae_title,
+            "message": message,
+            "title": "Database busy",
+        },
+        status_code=503,
+        headers=headers,
+    )
 
 
 def _security_headers(response: Response, https: bool, path: str) -> None:
@@ -189,6 +244,8 @@ def create_app(context: ConsoleContext) -> FastAPI:
     app.state.console = context
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
     app.add_exception_handler(Forbidden, _forbidden)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(DatabaseBusy, _database_error)
     app.add_exception_handler(Exception, _internal_error)
     https = context.settings.console.https
 
