@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
-from db.models import Instance, Job, JobState, RejectedInstance, Series, Study
+from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study
 from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, hide_password, load_settings
 from dicom_node.logs import configure_logging, shown
 from dicom_node.privacy import keep_new_files_private, loose_permissions
@@ -386,7 +386,10 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
             )
         _print_deliveries(session, job)
         if series.purged_at is not None:
-            console.print(f"purged   {series.purged_at.isoformat(timespec='seconds')} by retention", highlight=False)
+            console.print(
+                f"purged   {series.purged_at.isoformat(timespec='seconds')} {_peer(_images_purged_by(session, series))}",
+                highlight=False,
+            )
         table = Table("at", "from", "to", "reason")
         for event in job.events:
             table.add_row(
@@ -399,6 +402,28 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         first_file = session.scalars(select(Instance.path).where(Instance.series_id == series.id).limit(1)).first()
         if first_file:
             console.print(f"files    {_peer(Path(first_file).parent)}", highlight=False)
+
+
+def _images_purged_by(session: Session, series: Series) -> str:
+    """Who removed the series' images: the `dicom-node purge` whose audit record says so (it names the OS user and
+    host), else retention or a `dicom-node purge` whose record is missing (the series row does not say which)."""
+    deleted = f": purge of series {series.series_instance_uid}: its images"  # "its images (and results) deleted"
+    record = session.execute(
+        select(AuditEvent.detail, AuditEvent.peer_address)
+        .where(
+            AuditEvent.study_instance_uid == series.study.study_instance_uid,  # indexed: a few rows to read
+            AuditEvent.action == "operator",
+            AuditEvent.outcome == "success",
+            AuditEvent.at >= series.purged_at,  # written just after the purge, never before it
+            AuditEvent.detail.contains(deleted, autoescape=True),
+        )
+        .order_by(AuditEvent.at)
+        .limit(1)
+    ).first()
+    if record is None:
+        return "by retention or `dicom-node purge`"
+    who = str(record.detail).partition(deleted)[0].removesuffix(" on the command line")
+    return f"by `dicom-node purge`, run by {who} on {record.peer_address or 'an unknown host'}"
 
 
 def _made_by(job_folder: Path) -> str | None:
