@@ -36,10 +36,14 @@ from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
 from inference.volume import (
     SPACING_DECIMALS,
+    SliceHeader,
     VolumeError,
     check_slice_stack,
     differing_orientations,
+    one_image_set,
+    one_stack_of_blocks,
     padding_problem,
+    reconstruction_values,
     rescale_source,
     unusable_rescale,
 )
@@ -127,6 +131,9 @@ HEADER_KEYWORDS = (
     "PerFrameFunctionalGroupsSequence",
     "PixelData",
     "AcquisitionNumber",
+    "SeriesNumber",
+    "ConvolutionKernel",
+    "ReconstructionDiameter",
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 PIXEL_DATA_TAG = Tag("PixelData")
@@ -197,6 +204,9 @@ class _Frame:
     localizer: bool
     acquisition: str = ""
     thickness: float | None = None  # SliceThickness, where a positive number
+    reconstruction: tuple[str | None, ...] = ()  # what tells its image set (inference.volume.reconstruction_values)
+    instance: str = ""  # SOP Instance UID
+    instance_number: str = ""
 
 
 def admit(
@@ -297,7 +307,7 @@ def _admit(
         if warning and warning not in warnings:
             warnings.append(warning)
         _check_pixel_data_length(label, header, file)
-        frames.extend(_frames(label, header))
+        frames.extend(_frames(label, header, file))
     images = [frame for frame in frames if not frame.localizer]
     if not images:
         raise Refused("the series holds only localizer images")
@@ -313,6 +323,7 @@ def _admit(
     if len(images) < 2:
         raise Refused("the series has a single image; a volume needs at least two slices")
     if len({frame.acquisition for frame in images}) == 1:
+        images = _one_image_set(images)
         _check_slice_stack(images)
         _check_step_against_thickness(images)
     else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
@@ -864,7 +875,15 @@ def _frame_count(label: str, header: Dataset) -> int:
     return frames
 
 
-def _frames(label: str, header: Dataset) -> list[_Frame]:
+def _frames(label: str, header: Dataset, file: InstanceFile) -> list[_Frame]:
+    """One :class:`_Frame` per image, each knowing its instance."""
+    frames = _images(label, header)
+    for frame in frames:
+        frame.instance, frame.instance_number = file.sop_instance_uid, _raw_text(header, "InstanceNumber") or ""
+    return frames
+
+
+def _images(label: str, header: Dataset) -> list[_Frame]:
     """One :class:`_Frame` per image, from the top level or the functional groups."""
     shape = (_unsigned(label, header, "Rows") or 0, _unsigned(label, header, "Columns") or 0)
     bytes_per_pixel = (_unsigned(label, header, "BitsAllocated") or 16) // 8
@@ -880,7 +899,10 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
             return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
         acquisition = _raw_text(header, "AcquisitionNumber") or ""
         plane = _plane(label, [header])
-        return [_Frame(label, *plane, shape, bytes_per_pixel, False, acquisition, _slice_thickness(header))]
+        thickness = _slice_thickness(header)
+        return [
+            _Frame(label, *plane, shape, bytes_per_pixel, False, acquisition, thickness, reconstruction_values(header))
+        ]
     if len(per_frame) != _frame_count(label, header):
         raise Refused(
             f"{label} has {len(per_frame)} per-frame functional groups for {_frame_count(label, header)} frames"
@@ -903,6 +925,7 @@ def _frames(label: str, header: Dataset) -> list[_Frame]:
                 bytes_per_pixel,
                 localizer,
                 thickness=_slice_thickness(sources[2]) if sources[2] is not None else None,
+                reconstruction=reconstruction_values(header, [group, shared]),
             )
         )
     return frames
@@ -1061,19 +1084,50 @@ quarter) of SliceThickness; a step ten times finer than the slices are thick mea
 centimetres, which would make every volume in the report ten times too small."""
 
 
+def _one_image_set(images: list[_Frame]) -> list[_Frame]:
+    """The images the volume keeps of several image sets in one series, or Refused where it would refuse them
+    (:func:`inference.volume.one_image_set`, with the same words)."""
+    headers = [
+        SliceHeader(
+            frame.label if frame.instance in frame.label else f"{frame.label} (SOP Instance UID {frame.instance})",
+            frame.position,
+            frame.reconstruction,
+            frame.instance,
+            frame.instance_number,
+            frame.acquisition,
+        )
+        for frame in images
+    ]
+    try:
+        kept, _note = one_image_set(headers, _normal(images[0].orientation))  # the volume notes it on the job
+    except VolumeError as exc:
+        raise Refused(str(exc)) from None
+    return [images[index] for index in kept]
+
+
 def _check_step_of_each_acquisition(images: list[_Frame]) -> None:
     """Several acquisitions: the step of each largest one (those the volume assembler keeps: the largest, or all
     of them where they continue one another) that holds two positions or more must fit its SliceThickness (a
     step-and-shoot scan's blocks, overlapping reconstructions); where none does (a scanner numbering every slice
     as its own acquisition), the step of all of them together. A smaller acquisition is left out of the volume
-    with a warning, so its slabs refuse nothing."""
+    with a warning, so its slabs refuse nothing. Each of those holds one image set, as the volume keeps it
+    (:func:`_one_image_set`): all of them together where they continue one another, else each largest one."""
     groups: dict[str, list[_Frame]] = defaultdict(list)
     for frame in images:
         groups[frame.acquisition].append(frame)
     largest = max(len(members) for members in groups.values())
     stacks = [members for members in groups.values() if len(members) == largest and len(_depths(members)) >= 2]
+    joined = one_stack_of_blocks(
+        [frame.position for frame in images],
+        [frame.acquisition for frame in images],
+        _normal(images[0].orientation),
+        pixel_spacing=min(min(frame.spacing) for frame in images),
+    )
+    if joined:  # the volume takes them all as one stack: one image set
+        _one_image_set(images)
     for members in stacks:
-        _check_step_against_thickness(members, f"AcquisitionNumber {members[0].acquisition or '(none)'}: ")
+        kept = members if joined else _one_image_set(members)
+        _check_step_against_thickness(kept, f"AcquisitionNumber {members[0].acquisition or '(none)'}: ")
     if not stacks:
         _check_step_against_thickness(images)
 

@@ -2,7 +2,9 @@
 
 Slices are ordered by their position along the slice normal (never by
 InstanceNumber). Localizers are dropped, several acquisitions at the same
-positions keep the largest one, and anything that cannot make one regular
+positions keep the largest one, so do several image sets in one series (two
+reconstructions or series merged, told apart by :data:`RECONSTRUCTION_KEYWORDS`:
+:func:`one_image_set`), and anything that cannot make one regular
 volume (mixed orientations, missing slices, gantry tilt, a single slice, no
 pixel data) raises :class:`VolumeError` with a reason an operator can act on.
 Gantry-tilted (sheared) stacks are refused rather than resampled: resampling
@@ -21,6 +23,7 @@ header (:mod:`inference.frames`), before any decoder allocates what it says.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -29,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from inference.frames import encapsulated_problem, jpeg2000_sign
 
@@ -138,6 +143,7 @@ class _Frame:
     acquisition: str
     is_localizer: bool
     instance_number: str = ""
+    reconstruction: tuple[str | None, ...] = ()  # RECONSTRUCTION_KEYWORDS' values (reconstruction_values)
 
 
 def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> Volume:
@@ -162,7 +168,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     frames = [frame for path, header in headers for frame in _frames(path, header)]
     notes: list[str] = []
     frames = _drop_localizers(frames, notes)
-    kept = _keep_main_acquisition(frames, notes)
+    kept = _keep_one_image_set(_keep_main_acquisition(frames, notes), notes)
     excluded = len(frames) - len(kept)
     if excluded and not allow_partial:
         raise VolumeError(f"{notes[-1]}; a partial series is not processed (inference.partial_series is 'fail')")
@@ -237,6 +243,7 @@ def _frames(path: Path, header: Dataset) -> list[_Frame]:
             acquisition=_text_of(header.get("AcquisitionNumber")),
             is_localizer=localizer,
             instance_number=str(header.get("InstanceNumber", "")),
+            reconstruction=reconstruction_values(header),
         )
     ]
 
@@ -308,6 +315,7 @@ def _enhanced_frames(path: Path, header: Dataset, localizer: bool) -> list[_Fram
                 shape=(int(header.Rows), int(header.Columns)),
                 acquisition="",
                 is_localizer=localizer,
+                reconstruction=reconstruction_values(header, [group, shared]),
             )
         )
     return frames
@@ -425,23 +433,254 @@ def _problem_of_consecutive_blocks(frames: list[_Frame]) -> str | None:
 
 
 def _is_one_stack(frames: list[_Frame]) -> bool:
-    """Whether the frames' positions, taken together, make one regular, unsheared stack of consecutive blocks.
-
-    Each acquisition must hold one block of neighbouring positions: acquisitions whose slices interleave
-    (two phases offset by half a step) are two volumes, never one.
-    """
+    """Whether the frames' positions, taken together, make one regular, unsheared stack of consecutive blocks
+    (:func:`one_stack_of_blocks`)."""
     try:
         normal = _common_orientation(frames)
-        ordered = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))
-        _regular_step(ordered, normal)
     except VolumeError:
         return False
-    runs = [
-        acquisition
-        for index, acquisition in enumerate(f.acquisition for f in ordered)
-        if index == 0 or ordered[index - 1].acquisition != acquisition
-    ]
+    smallest_pixel = min(min(f.pixel_spacing) for f in frames)
+    return one_stack_of_blocks(
+        [f.position for f in frames], [f.acquisition for f in frames], normal, pixel_spacing=smallest_pixel
+    )
+
+
+def one_stack_of_blocks(
+    positions: Sequence[Sequence[float] | np.ndarray],
+    acquisitions: Sequence[str],
+    normal: Sequence[float] | np.ndarray,
+    *,
+    pixel_spacing: float | None = None,
+) -> bool:
+    """Whether images of several acquisitions make one regular, unsheared stack (:func:`check_slice_stack`) of
+    consecutive blocks, as a step-and-shoot scan writes them: the volume then takes them all.
+
+    Each acquisition must hold one block of neighbouring positions: acquisitions whose slices interleave
+    (two phases offset by half a step) are two volumes, never one. Admission asks it of the same images.
+    """
+    if len(positions) < 2:
+        return False
+    points = np.asarray(positions, dtype=float)
+    order = np.argsort(points @ np.asarray(normal, dtype=float), kind="stable")
+    try:
+        check_slice_stack(list(points[order]), normal, pixel_spacing=pixel_spacing)
+    except VolumeError:
+        return False
+    ordered = [acquisitions[i] for i in order]
+    runs = [acquisition for index, acquisition in enumerate(ordered) if index == 0 or ordered[index - 1] != acquisition]
     return len(runs) == len(set(runs))
+
+
+RECONSTRUCTION_KEYWORDS = ("ConvolutionKernel", "SliceThickness", "ReconstructionDiameter", "SeriesNumber", "ImageType")
+"""Attributes that tell one image set (a reconstruction, a series) from another: the slices of one volume agree on
+each that they give. ImageType counts by its first two values (ORIGINAL or DERIVED, PRIMARY or SECONDARY).
+AcquisitionTime and ContentTime are not among them: they change from slice to slice of a helical scan."""
+FUNCTIONAL_GROUP_PLACES = {
+    "ConvolutionKernel": ("CTReconstructionSequence", "ConvolutionKernel"),
+    "SliceThickness": ("PixelMeasuresSequence", "SliceThickness"),
+    "ReconstructionDiameter": ("CTReconstructionSequence", "ReconstructionDiameter"),
+    "ImageType": ("CTImageFrameTypeSequence", "FrameType"),
+}
+"""Where a frame of an enhanced image gives each of :data:`RECONSTRUCTION_KEYWORDS` (sequence, attribute)."""
+COMPARED_DECIMALS = {"SliceThickness": 3, "ReconstructionDiameter": 1}
+"""Numbers alike to this many decimals (of a mm) are one value written to another precision."""
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What tells which image set a slice belongs to, as :func:`one_image_set` compares it."""
+
+    name: str  # the slice as a sentence names it: 'image 12 (SOP Instance UID 1.2.3)'
+    position: Sequence[float] | np.ndarray  # ImagePositionPatient
+    reconstruction: tuple[str | None, ...]  # reconstruction_values(); None where not given
+    instance: str = ""  # SOP Instance UID: the frames of one multi-frame instance share it
+    instance_number: str = ""
+    acquisition: str = ""
+
+
+def reconstruction_values(header: Dataset, groups: Sequence[Dataset] = ()) -> tuple[str | None, ...]:
+    """The image's values of :data:`RECONSTRUCTION_KEYWORDS` as compared (numbers rounded, ImageType's first two
+    values), None where not given. An enhanced image's frame: ``groups`` are its per-frame and shared functional
+    groups, read before the top level."""
+    values = []
+    for keyword in RECONSTRUCTION_KEYWORDS:
+        sequence, inner = FUNCTIONAL_GROUP_PLACES.get(keyword, ("", keyword))
+        places = [(group[sequence][0], inner) for group in groups if sequence and group.get(sequence)]
+        given = (_given_text(source, name) for source, name in [*places, (header, keyword)])
+        text = next((t for t in given if t is not None), None)
+        values.append(None if text is None else _compared(keyword, text))
+    return tuple(values)
+
+
+def _given_text(source: Dataset, keyword: str) -> str | None:
+    """An attribute's value as text (several values joined by backslashes), read as written; None when absent or
+    empty."""
+    try:
+        element = source.get_item(Tag(keyword), keep_deferred=True)
+    except Exception:  # noqa: BLE001 - a value that cannot be read is not compared
+        return None
+    if element is None or element.value is None:
+        return None
+    value = element.value
+    if isinstance(element, RawDataElement) or isinstance(value, bytes):
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    elif isinstance(value, (list, MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    return text or None
+
+
+def _compared(keyword: str, text: str) -> str | None:
+    parts = [part.strip(" \x00") for part in text.split("\\")]
+    if keyword == "ImageType":
+        parts = [part.upper() for part in parts[:2]]
+    elif keyword in COMPARED_DECIMALS or keyword == "SeriesNumber":
+        try:
+            number = float(parts[0])
+        except ValueError:
+            return parts[0] or None
+        if math.isfinite(number):
+            return f"{round(number, COMPARED_DECIMALS.get(keyword, 0)):g}"
+    return "\\".join(parts).strip("\\") or None
+
+
+def one_image_set(slices: Sequence[SliceHeader], normal: Sequence[float] | np.ndarray) -> tuple[list[int], str | None]:
+    """The slices (indices into ``slices``) that make one image set, and a note where others were left out.
+
+    Two reconstructions (a soft-tissue and a bone kernel, two phases) or two series merged into one series by a
+    PACS or router would make one volume that changes reconstruction from slice to slice. Slices of one set agree
+    on each of :data:`RECONSTRUCTION_KEYWORDS` that they give. Where they differ, the largest set is kept (the
+    note, for the job's warnings, names the attribute and both values) if every slice gives the values that differ
+    and the set makes a regular stack on its own; otherwise, or when the largest sets are the same size,
+    VolumeError. An InstanceNumber used twice in one acquisition at different positions is two sets that no
+    attribute tells apart: VolumeError. The volume and admission ask it of the same slices.
+    """
+    differing = [
+        index
+        for index in range(len(RECONSTRUCTION_KEYWORDS))
+        if len({s.reconstruction[index] for s in slices if len(s.reconstruction) > index} - {None}) > 1
+    ]
+    kept, note = _largest_image_set(slices, differing, normal) if differing else (list(range(len(slices))), None)
+    _check_instance_numbers([slices[index] for index in kept], normal)
+    return kept, note
+
+
+def _largest_image_set(
+    slices: Sequence[SliceHeader], differing: list[int], normal: Sequence[float] | np.ndarray
+) -> tuple[list[int], str]:
+    """The largest set of the slices told apart by the attributes ``differing`` (indices into
+    :data:`RECONSTRUCTION_KEYWORDS`), and the note that says so; VolumeError where it cannot be told."""
+    depth = [float(np.dot(np.asarray(s.position, dtype=float), normal)) for s in slices]
+    keywords = [RECONSTRUCTION_KEYWORDS[index] for index in differing]
+    sets: dict[tuple[str | None, ...], list[int]] = defaultdict(list)
+    unplaced: list[int] = []
+    for index, item in enumerate(slices):
+        key = tuple(item.reconstruction[k] for k in differing)
+        if None in key:
+            unplaced.append(index)
+        else:
+            sets[key].append(index)
+    ordered = sorted(sets.items(), key=lambda entry: (-len(entry[1]), [str(v) for v in entry[0]]))
+    listed = "; ".join(
+        f"{len(members)} images with {_set_values(keywords, key)} (first: "
+        f"{slices[min(members, key=lambda i: depth[i])].name})"
+        for key, members in ordered
+    )
+    found = (
+        f"the series holds {len(ordered)} image sets (reconstructions, or series merged into one) that differ in "
+        f"{' and '.join(keywords)}: {listed}"
+    )
+    if unplaced:
+        first = slices[min(unplaced, key=lambda i: depth[i])].name
+        raise VolumeError(
+            f"{found}; {len(unplaced)} image(s) give no {' or '.join(keywords)} (first: {first}), so which set they "
+            "belong to cannot be told: send each set as its own series"
+        )
+    main = ordered[0][1]
+    if len(main) == len(ordered[1][1]):
+        raise VolumeError(
+            f"{found}; the largest sets have {len(main)} images each, so which one to process cannot be told: send "
+            "each set as its own series"
+        )
+    try:
+        check_slice_stack([slices[i].position for i in sorted(main, key=lambda i: depth[i])], normal)
+    except VolumeError as problem:
+        raise VolumeError(
+            f"{found}; the largest set does not make one regular stack on its own ({problem}): send each set as its "
+            "own series"
+        ) from None
+    return main, f"partial series: {found}; processed the largest, {len(main)} of {len(slices)} images"
+
+
+def _set_values(keywords: list[str], values: tuple[str | None, ...]) -> str:
+    """'ConvolutionKernel B30f and SliceThickness 1 mm': what one image set's slices have in common."""
+    unit = {"SliceThickness": " mm", "ReconstructionDiameter": " mm"}
+    return " and ".join(f"{k} {v}{unit.get(k, '')}" for k, v in zip(keywords, values, strict=True))
+
+
+def _check_instance_numbers(slices: Sequence[SliceHeader], normal: Sequence[float] | np.ndarray) -> None:
+    """VolumeError where InstanceNumbers are used by instances of one acquisition at different positions that
+    interleave (:func:`_copies_interleave`).
+
+    A multi-frame instance counts once. A series whose images all carry one number (a numbering not kept by an
+    export) shows no two sets."""
+    places: dict[tuple[str, str], dict[float, SliceHeader]] = defaultdict(dict)
+    counted: set[str] = set()
+    for item in slices:
+        if not item.instance_number or (item.instance and item.instance in counted):
+            continue
+        counted.add(item.instance)
+        depth = round(float(np.dot(np.asarray(item.position, dtype=float), normal)), 3)
+        places[(item.acquisition, _instance_number(item.instance_number))].setdefault(depth, item)
+    if len({number for _acquisition, number in places}) < 2:
+        return
+    repeated = [sorted(at.items(), key=lambda entry: entry[0]) for at in places.values() if len(at) > 1]
+    repeated.sort(key=lambda at: (at[0][0], at[0][1].name))
+    if not repeated or not _copies_interleave(repeated):
+        return
+    (first_depth, first), (second_depth, second) = repeated[0][:2]
+    others = f", and {len(repeated) - 1} more InstanceNumber(s) alike" if len(repeated) > 1 else ""
+    raise VolumeError(
+        f"InstanceNumber {first.instance_number} is used by {len(repeated[0])} images at different positions "
+        f"({first.name} at {first_depth:g} mm and {second.name} at {second_depth:g} mm along the slices{others}): two "
+        "image sets merged into one series (by a PACS, a router, or two reconstructions) that no other attribute "
+        "tells apart; send each set as its own series"
+    )
+
+
+def _copies_interleave(repeated: list[list[tuple[float, SliceHeader]]]) -> bool:
+    """Whether the first and second images of each repeated InstanceNumber (by position) lie among each other.
+
+    A scan numbered afresh in each block (step-and-shoot without AcquisitionNumber) repeats its numbers in
+    consecutive blocks: one after the other, one set. Two sets merged interleave."""
+    first = [at[0][0] for at in repeated]
+    second = [at[1][0] for at in repeated]
+    return min(second) <= max(first) and min(first) <= max(second)
+
+
+def _instance_number(text: str) -> str:
+    """InstanceNumber as compared: '007' and '7' are one number."""
+    try:
+        return str(int(text))
+    except ValueError:
+        return text.strip()
+
+
+def _keep_one_image_set(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
+    """Of several image sets in the frames the volume keeps, the largest (:func:`one_image_set`)."""
+    normal = _common_orientation(frames)
+    headers = [
+        SliceHeader(
+            _image_name(f), f.position, f.reconstruction, f.ref.sop_instance_uid, f.instance_number, f.acquisition
+        )
+        for f in frames
+    ]
+    kept, note = one_image_set(headers, normal)
+    if note is not None:
+        notes.append(note)
+    return [frames[index] for index in kept]
 
 
 def _common_orientation(frames: list[_Frame]) -> np.ndarray:

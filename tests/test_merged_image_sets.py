@@ -1,0 +1,300 @@
+"""Two image sets under one series (two reconstructions, two phases, two series merged by a PACS or router):
+never one volume that changes reconstruction from slice to slice. The volume and admission decide alike."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.jobs import is_partial_warning
+from dicom_node.admission import InstanceFile, admit
+from dicom_node.config import AdmissionSettings
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from inference.volume import VolumeError, load_series_volume
+
+STRICT = AdmissionSettings()
+SPEC = PhantomSpec(rows=96, columns=80, slices=23, pixel_spacing=(4.0, 4.5), slice_spacing=3.0, noise_sd=0.0)
+"""23 slices 3 mm apart: as two interleaved sets, 12 at 0, 6, 12 mm ... and 11 at 3, 9, 15 mm ..."""
+
+
+def instance_files(paths: list[Path]) -> list[InstanceFile]:
+    """The files as the database lists them for admission."""
+    files = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        files.append(InstanceFile(path, str(ds.SOPInstanceUID), syntax, number))
+    return files
+
+
+def edit(paths: list[Path], change) -> None:
+    """Rewrite each file with ``change(dataset, index)``."""
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        change(ds, index)
+        ds.save_as(path)
+
+
+def phantom(folder: Path, spec: PhantomSpec = SPEC) -> list[Path]:
+    return list(write_phantom_series(folder, spec).files)
+
+
+def real_ct(folder: Path, shared_fixtures: Path) -> list[Path]:
+    """The real 20-slice Siemens CT (2 mm apart, 3 mm thick, ConvolutionKernel Br38f\\3), copied to change it."""
+    shutil.copytree(shared_fixtures / "example_ct_dicom_valid", folder)
+    return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+
+
+def refusals(paths: list[Path]) -> tuple[str | None, str]:
+    """What admission and the volume say of the series: both must refuse it."""
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(paths)
+    return admit(instance_files(paths), STRICT).refusal, str(refused.value)
+
+
+def test_a_real_ct_split_into_two_interleaved_kernels_of_the_same_size_is_refused_naming_both(
+    tmp_path, shared_fixtures
+):
+    """Br38f and Br64f every other slice (a soft-tissue and a bone reconstruction merged): 10 images each."""
+    paths = real_ct(tmp_path / "ct", shared_fixtures)
+    edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", ["Br64f", "3"]) if index % 2 else None)
+    first_soft, first_bone = (pydicom.dcmread(path) for path in paths[:2])  # the first two by position
+
+    admission, volume = refusals(paths)
+
+    sets = (
+        "the series holds 2 image sets (reconstructions, or series merged into one) that differ in "
+        "ConvolutionKernel: 10 images with ConvolutionKernel Br38f\\3 (first: {soft}); 10 images with "
+        "ConvolutionKernel Br64f\\3 (first: {bone}); the largest sets have 10 images each, so which one to "
+        "process cannot be told: send each set as its own series"
+    )
+    assert volume == sets.format(
+        soft=f"image {first_soft.InstanceNumber} (SOP Instance UID {first_soft.SOPInstanceUID})",
+        bone=f"image {first_bone.InstanceNumber} (SOP Instance UID {first_bone.SOPInstanceUID})",
+    )
+    assert admission == sets.format(
+        soft=f"instance {first_soft.InstanceNumber} (SOP Instance UID {first_soft.SOPInstanceUID})",
+        bone=f"instance {first_bone.InstanceNumber} (SOP Instance UID {first_bone.SOPInstanceUID})",
+    )
+
+
+def test_a_real_ct_with_a_smaller_interleaved_kernel_keeps_the_larger_set_with_a_partial_warning(
+    tmp_path, shared_fixtures
+):
+    paths = real_ct(tmp_path / "ct", shared_fixtures)
+    edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", ["Br64f", "3"]) if index % 2 else None)
+    paths.pop().unlink()  # one bone image less: 10 soft-tissue images, 9 bone images
+    soft = [str(pydicom.dcmread(path).SOPInstanceUID) for path in paths[::2]]
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths)
+
+    assert result.admitted and result.images == 10
+    assert sorted(s.sop_instance_uid for s in volume.slices) == sorted(soft)
+    assert volume.spacing[2] == pytest.approx(4.0) and volume.excluded_images == 9
+    [note] = volume.notes
+    assert note.startswith(
+        "partial series: the series holds 2 image sets (reconstructions, or series merged into one) that differ "
+        "in ConvolutionKernel: 10 images with ConvolutionKernel Br38f\\3 (first: image "
+    )
+    assert "; 9 images with ConvolutionKernel Br64f\\3 (first: image " in note
+    assert note.endswith("; processed the largest, 10 of 19 images")
+    assert is_partial_warning(note)  # the results say they cover part of the series
+    with pytest.raises(VolumeError, match="processed the largest, 10 of 19 images; a partial series is not processed"):
+        load_series_volume(paths, allow_partial=False)
+
+
+def test_the_real_ct_as_sent_is_admitted_and_read_whole(shared_fixtures):
+    """Overlapping slices (2 mm apart, 3 mm thick), AcquisitionTime changing every slice, no SeriesNumber."""
+    paths = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths, allow_partial=False)
+
+    assert result.admitted and result.images == 20
+    assert volume.hu.shape[0] == 20 and volume.notes == [] and volume.excluded_images == 0
+
+
+@pytest.mark.parametrize(
+    ("keyword", "other", "shown"),
+    [
+        (
+            "ConvolutionKernel",
+            "BONEPLUS",
+            "ConvolutionKernel STANDARD (first: {}); 11 images with ConvolutionKernel BONEPLUS",
+        ),
+        ("SliceThickness", "1.25", "SliceThickness 3 mm (first: {}); 11 images with SliceThickness 1.25 mm"),
+        (
+            "ReconstructionDiameter",
+            "250",
+            "ReconstructionDiameter 360 mm (first: {}); 11 images with ReconstructionDiameter 250 mm",
+        ),
+        ("SeriesNumber", "602", "SeriesNumber 1 (first: {}); 11 images with SeriesNumber 602"),
+        (
+            "ImageType",
+            ["DERIVED", "SECONDARY", "AXIAL"],
+            "ImageType ORIGINAL\\PRIMARY (first: {}); 11 images with ImageType DERIVED\\SECONDARY",
+        ),
+    ],
+)
+def test_each_attribute_that_tells_two_sets_apart_keeps_the_larger_set_and_refuses_two_of_one_size(
+    tmp_path, keyword, other, shown
+):
+    """Two sets at half-step positions under one SeriesInstanceUID and one AcquisitionNumber: together a regular
+    3 mm stack, which every other check admitted and the models segmented as one CT."""
+    paths = phantom(tmp_path / "uneven")
+    edit(paths, lambda ds, index: setattr(ds, keyword, other) if index % 2 else None)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths)
+
+    assert result.admitted and result.images == 12
+    assert [s.sop_instance_uid for s in volume.slices] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths[::2]]
+    assert volume.spacing[2] == pytest.approx(6.0)
+    assert f"that differ in {keyword}: 12 images with " in volume.notes[0]
+    assert shown.format(f"image 1 (SOP Instance UID {first.SOPInstanceUID})") in volume.notes[0]
+
+    even = phantom(tmp_path / "even", replace(SPEC, slices=24))
+    edit(even, lambda ds, index: setattr(ds, keyword, other) if index % 2 else None)
+    admission, refusal = refusals(even)
+    for reason in (admission, refusal):
+        assert reason is not None and f"that differ in {keyword}: 12 images with " in reason
+        assert reason.endswith(
+            "the largest sets have 12 images each, so which one to process cannot be told: send each set as its "
+            "own series"
+        )
+
+
+def test_a_larger_set_that_is_no_regular_stack_on_its_own_is_refused_naming_the_attribute(tmp_path):
+    """Every third slice reconstructed with another kernel: the rest are 3 and 6 mm apart by turns."""
+    paths = phantom(tmp_path)
+    edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", "BONE") if index % 3 == 2 else None)
+
+    admission, volume = refusals(paths)
+
+    for reason in (admission, volume):
+        assert reason is not None
+        assert "that differ in ConvolutionKernel: 16 images with ConvolutionKernel STANDARD (first: " in reason
+        assert (
+            "; the largest set does not make one regular stack on its own (about 1 missing slice(s): slices 2 and 3 "
+            in reason
+        )
+        assert reason.endswith("): send each set as its own series")
+
+
+def test_a_set_whose_images_lack_the_attribute_that_differs_cannot_be_told_apart(tmp_path):
+    paths = phantom(tmp_path)
+    edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", "BONE") if index % 2 else None)
+    edit(paths[1:2], lambda ds, index: delattr(ds, "ConvolutionKernel"))
+
+    admission, volume = refusals(paths)
+
+    for reason in (admission, volume):
+        assert reason is not None
+        assert "image(s) give no ConvolutionKernel (first: " in reason
+        assert reason.endswith("so which set they belong to cannot be told: send each set as its own series")
+
+
+def test_two_sets_that_only_their_instance_numbers_tell_apart_are_refused(tmp_path):
+    """A router merged two series alike in every attribute compared: each numbered from 1."""
+    paths = phantom(tmp_path)
+    edit(paths, lambda ds, index: setattr(ds, "InstanceNumber", index // 2 + 1))
+    first, second = (pydicom.dcmread(path, stop_before_pixels=True) for path in paths[:2])
+
+    admission, volume = refusals(paths)
+
+    expected = (
+        "InstanceNumber 1 is used by 2 images at different positions ({} at {:g} mm and {} at {:g} mm along the "
+        "slices, and 10 more InstanceNumber(s) alike): two image sets merged into one series (by a PACS, a router, "
+        "or two reconstructions) that no other attribute tells apart; send each set as its own series"
+    )
+    depths = float(first.ImagePositionPatient[2]), float(second.ImagePositionPatient[2])
+    names = [f"image 1 (SOP Instance UID {ds.SOPInstanceUID})" for ds in (first, second)]
+    assert volume == expected.format(names[0], depths[0], names[1], depths[1])
+    assert admission == volume.replace("image 1 (", "instance 1 (")
+
+
+def test_numbers_begun_afresh_in_each_block_of_one_acquisition_are_one_set(tmp_path):
+    """A step-and-shoot scan numbering each block from 1 under one AcquisitionNumber: the repeated numbers lie
+    block after block, never among each other, so the series is one stack, read whole."""
+    paths = phantom(tmp_path, replace(SPEC, slices=24))
+    edit(paths, lambda ds, index: setattr(ds, "InstanceNumber", index % 8 + 1))
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths, allow_partial=False)
+
+    assert result.admitted and result.images == 24
+    assert volume.hu.shape[0] == 24 and volume.notes == []
+
+
+def test_a_legitimate_helical_series_is_not_taken_for_two_sets(tmp_path):
+    """Overlapping 3 mm slices every 1.5 mm, AcquisitionTime and ContentTime of each slice, ReconstructionDiameter
+    missing on some, SliceThickness and the diameter written to other precisions, one InstanceNumber everywhere."""
+    paths = phantom(tmp_path, replace(SPEC, slice_spacing=1.5, slice_thickness=3.0))
+
+    def helical(ds, index):
+        ds.AcquisitionTime = ds.ContentTime = f"1203{index:02d}.{index * 37:06d}"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"] if index % 2 else ["ORIGINAL", "PRIMARY"]
+        ds.SliceThickness = "3.000" if index % 2 else "3"
+        if index % 3 == 0:
+            del ds.ReconstructionDiameter
+        else:
+            ds.ReconstructionDiameter = "360.00" if index % 2 else "360"
+        ds.InstanceNumber = 1
+
+    edit(paths, helical)
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths, allow_partial=False)
+
+    assert result.admitted and result.images == 23
+    assert volume.hu.shape[0] == 23 and volume.notes == [] and volume.spacing[2] == pytest.approx(1.5)
+
+
+def test_step_and_shoot_blocks_of_two_kernels_are_refused_by_admission_as_by_the_volume(tmp_path):
+    """Four acquisitions one after another make one stack; two of them reconstructed with another kernel."""
+    paths = phantom(tmp_path, replace(SPEC, slices=24))
+
+    def blocks(ds, index):
+        ds.AcquisitionNumber = 1 + index // 6
+        if index >= 12:
+            ds.ConvolutionKernel = "LUNG"
+
+    edit(paths, blocks)
+
+    admission, volume = refusals(paths)
+
+    assert admission is not None and admission == volume.replace("(first: image ", "(first: instance ")
+    assert "differ in ConvolutionKernel: 12 images with ConvolutionKernel LUNG" in volume
+    assert volume.endswith(
+        "the largest sets have 12 images each, so which one to process cannot be told: send each set as its own series"
+    )
+
+
+def test_frames_of_an_enhanced_ct_are_told_apart_by_their_own_reconstruction(tmp_path):
+    """Per-frame CT Reconstruction items before the shared one: frames alternate between two kernels."""
+    [path] = phantom(tmp_path, replace(SPEC, slices=12, enhanced=True))
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0].CTReconstructionSequence[0]
+    for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        own = pydicom.Dataset()
+        own.ConvolutionKernel = "BONE" if number % 2 else "STANDARD"
+        own.ReconstructionDiameter = shared.ReconstructionDiameter
+        group.CTReconstructionSequence = [own]
+    ds.save_as(path)
+
+    admission, volume = refusals([path])
+
+    uid = ds.SOPInstanceUID
+    assert admission is not None and admission.startswith(
+        "the series holds 2 image sets (reconstructions, or series merged into one) that differ in ConvolutionKernel: "
+        f"6 images with ConvolutionKernel BONE (first: frame 2 of instance 1 (SOP Instance UID {uid})); 6 images "
+        f"with ConvolutionKernel STANDARD (first: frame 1 of instance 1 (SOP Instance UID {uid})); the largest sets"
+    )
+    assert f"ConvolutionKernel BONE (first: frame 2 of image (SOP Instance UID {uid}))" in volume
