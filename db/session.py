@@ -31,6 +31,9 @@ DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
 
 T = TypeVar("T")
 
+READ_ONLY = "dicom_node_read_only"
+"""Execution option of a :func:`read_only` session's connection: on SQLite its transaction takes no write lock."""
+
 
 class DatabaseBusy(Exception):
     """The database stayed locked by another writer for longer than the caller could wait."""
@@ -67,8 +70,12 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
             return  # a lone read (read_outside_transaction): WAL readers never wait for the writer
+        if options.get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")  # a read_only session: a WAL reader, one snapshot, no write lock
+            return
         # Take the write lock up front: two writers never deadlock on a lock upgrade.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -107,6 +114,21 @@ def make_session_factory(engine: Engine | Connection) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on error."""
     with factory() as session, session.begin():
+        yield session
+
+
+@contextmanager
+def read_only(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for reads only, in one transaction that ends (rolled back) when the block is left.
+
+    On SQLite a plain ``BEGIN``, not the ``BEGIN IMMEDIATE`` of :func:`transaction`: a WAL reader that sees one
+    snapshot and takes no write lock, so receivers, workers and the dispatcher write meanwhile, and it never
+    waits for them. On PostgreSQL an ordinary transaction. Read what is needed and leave the block before
+    waiting on anything else (a peer reading its answers): the connection goes back to the pool then.
+    """
+    with factory() as session:
+        if not isinstance(factory.kw.get("bind"), Connection):  # a test's connection is already in its transaction
+            session.connection(execution_options={READ_ONLY: True})
         yield session
 
 

@@ -355,7 +355,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
             finished = True
         finally:
             # pynetdicom stops at the final status and drops this generator: the handler, stopped where it yielded
-            # it, still holds its database session (on SQLite the write lock) until closed here, before the record.
+            # it, is closed here, before the record, so whatever it still holds is let go first.
             close = getattr(values, "close", None)
             if close is not None:
                 close()

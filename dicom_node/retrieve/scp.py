@@ -48,6 +48,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study
+from db.session import read_only
 from dicom_node.audit import MAX_STUDIES_AUDITED, audited_retrieve, disclosed, why_unreadable
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
@@ -309,27 +310,26 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 log_event(LOG, logging.WARNING, "query.refused", **fields)
             yield _status(status_code, comment), None
             return
-        with context.sessions() as session:
-            for response in find(session, identifier, context.ae_title, limit=limit + 1):
-                if event.is_cancelled:
-                    yield CANCELLED, None
-                    return
-                if count == limit:
-                    log_event(
-                        LOG,
-                        logging.WARNING,
-                        "query.truncated",
-                        calling_ae=calling_ae,
-                        address=event.assoc.requestor.address,
-                        query_level=level,
-                        reason=f"more than {limit} matches (retrieve.max_find_matches)",
-                    )
-                    yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
-                    return
-                count += 1
-                if level == "PATIENT":
-                    disclosed(event, _studies_of_patient(session, response))
-                yield PENDING, response if peer.may("find") else without_demographics(response)
+        for response, studies in _matches(context, identifier, level, limit + 1):
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            if count == limit:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "query.truncated",
+                    calling_ae=calling_ae,
+                    address=event.assoc.requestor.address,
+                    query_level=level,
+                    reason=f"more than {limit} matches (retrieve.max_find_matches)",
+                )
+                yield _status(OUT_OF_RESOURCES, f"More than {limit} matches: narrow the query"), None
+                return
+            count += 1
+            if studies is not None:
+                disclosed(event, studies)
+            yield PENDING, response if peer.may("find") else without_demographics(response)
     except QueryError as exc:
         log_event(
             LOG,
@@ -347,6 +347,22 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
         return
     log_event(LOG, logging.INFO, "query.answered", calling_ae=calling_ae, query_level=level, matches=count)
     yield SUCCESS, None
+
+
+def _matches(
+    context: RetrieveContext, identifier: Dataset, level: Level, limit: int
+) -> list[tuple[Dataset, list[str] | None]]:
+    """Each match (at most ``limit``) with, at PATIENT level, the studies it discloses (None below).
+
+    Read in one short read-only transaction that ends before the first is answered: a peer slow to read its
+    answers holds no lock or connection of the database, and the audit records are written without waiting
+    for one. The caller's cap (``retrieve.max_find_matches``) bounds what is held meanwhile.
+    """
+    with read_only(context.sessions) as session:
+        return [
+            (response, _studies_of_patient(session, response) if level == "PATIENT" else None)
+            for response in find(session, identifier, context.ae_title, limit=limit)
+        ]
 
 
 def _studies_of_patient(session: Session, response: Dataset) -> list[str]:
@@ -518,7 +534,7 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
                 f"peer {peer.name} has no find role, so it may not select by patient details it is not shown "
                 f"({', '.join(hidden)})"
             )
-        with context.sessions() as session:
+        with read_only(context.sessions) as session:  # ended before the first instance is sent
             limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
             found = matching_instances(session, event.identifier, for_retrieval=True, limit=limit)
             return [
