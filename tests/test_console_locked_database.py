@@ -1,5 +1,6 @@
-"""The console on an SQLite database another process holds locked past the busy timeout: every page and operator
-action answers 503 with Retry-After and a sentence saying the database is busy, logged in one line, no traceback.
+"""The console on an SQLite database another process holds locked past the busy timeout: pages, the API's reads,
+metrics and readiness still answer (they read as WAL readers, taking no write lock); every operator action answers
+503 with Retry-After and a sentence saying the database is busy, logged in one line, no traceback.
 
 The real console (Uvicorn, a migrated SQLite file) runs in this process; the lock is a ``BEGIN IMMEDIATE`` of
 Python's own sqlite3 module on the same file, as any other process' writer holds it.
@@ -97,9 +98,10 @@ def _post(client: httpx.Client, path: str, token: str) -> httpx.Response:
     return client.post(path, data={"csrf_token": token, "model": "baseline"})
 
 
-def test_every_page_and_action_on_a_locked_database_says_the_database_is_busy(tmp_path, caplog):
-    """They answered 500 with a traceback in the log. (Login, logout and C-ECHO write only an audit record, which
-    waits for the lock and is given up with a log line: they are not asked here.)"""
+def test_pages_answer_and_actions_say_the_database_is_busy_while_another_process_holds_it_locked(tmp_path, caplog):
+    """Both answered 500 with a traceback in the log, and readiness said the database was unreachable. (Login,
+    logout and C-ECHO write only an audit record, which waits for the lock and is given up with a log line: they
+    are not asked here.)"""
     caplog.set_level(logging.INFO)
     with _console(tmp_path) as (url, settings):
         operator = httpx.Client(base_url=url, timeout=30, follow_redirects=False)
@@ -110,10 +112,14 @@ def test_every_page_and_action_on_a_locked_database_says_the_database_is_busy(tm
         caplog.clear()
 
         with _locked(settings.storage.directory / "dicom-node.db"):
-            answers = {path: operator.get(path) for path in PAGES + API}
-            answers |= {path: _post(operator, path, token) for path in ACTIONS + API_ACTIONS}
+            views = {path: operator.get(path) for path in PAGES + API}
+            answers = {path: _post(operator, path, token) for path in ACTIONS + API_ACTIONS}
             no_database = {path: operator.get(path).status_code for path in ("/api/me", "/config", "/healthz")}
+            ready = operator.get("/readyz")
 
+        assert {path: view.status_code for path, view in views.items()} == dict.fromkeys(PAGES + API, 200)
+        assert SERIES in views[f"/api/jobs/{SERIES}"].text and "FAILED" in views[f"/api/jobs/{SERIES}"].text
+        assert ready.status_code == 200 and ready.json()["checks"]["database"] is True, ready.text
         for path, answer in answers.items():
             assert answer.status_code == 503, (path, answer.status_code, answer.text[:300])
             assert answer.headers["retry-after"] == "1", path

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from db import jobs
 from db.models import JobState
+from db.session import read_only
 from dicom_node.console import actions, queries
 from dicom_node.console.access import console_of, operator, posting_operator, viewer
 from dicom_node.console.auth import User
@@ -69,7 +70,7 @@ def list_jobs(
     context = console_of(request)
     wanted = queries.WorklistFilter(state.value if state else None, day, rule, destination, search, page, per_page)
     context.audit_view(request, user, f"listed series through the API ({wanted.described()})")
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         return queries.worklist(session, wanted, with_patient=context.may_see_patient(user))
 
 
@@ -77,7 +78,7 @@ def list_jobs(
 def one_job(series_instance_uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Any:
     """One series: timeline, structures, result files and the delivery record per destination."""
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)
         if job is None:
             return JSONResponse({"detail": f"no series {series_instance_uid} on this node"}, status_code=404)
@@ -124,7 +125,7 @@ def rejected(
 ) -> list[dict[str, Any]]:
     """Instances refused at C-STORE, newest first, with their reasons (patient values hidden from viewers)."""
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         rows = queries.rejected(session, limit, with_patient=context.may_see_patient(user))
     context.audit_view(request, user, "read the rejected instances through the API")
     return rows
@@ -134,7 +135,7 @@ def rejected(
 def destinations(request: Request, _user: Annotated[User, Depends(viewer)]) -> list[dict[str, Any]]:
     """Configured destinations with their last C-ECHO, last successful send and last error."""
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         return queries.destinations(session, context.settings)
 
 
@@ -157,7 +158,7 @@ def audit_trail(
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> list[dict[str, Any]]:
     """The audit trail, newest first (no patient data: UIDs only)."""
-    with console_of(request).sessions() as session:
+    with read_only(console_of(request).sessions) as session:
         return queries.audit_trail(session, limit, action)
 
 
@@ -171,7 +172,7 @@ def configuration(request: Request, _user: Annotated[User, Depends(viewer)]) -> 
 def metrics_summary(request: Request, _user: Annotated[User, Depends(viewer)]) -> dict[str, Any]:
     """Series per state, queue depth, refused instances and readiness, for dashboards without Prometheus."""
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         counts = queries.state_counts(session)
         refused = queries.rejected_count(session)
     return {

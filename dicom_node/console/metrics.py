@@ -19,6 +19,7 @@ from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
+from db.session import read_only
 from dicom_node.config import Settings
 from dicom_node.console.queries import refusal_kind, stage_seconds
 
@@ -89,7 +90,7 @@ class DatabaseCollector(Collector):
         self.liveness = liveness
 
     def collect(self) -> Iterable[Metric]:
-        with self.sessions() as session:
+        with read_only(self.sessions) as session:
             yield from self._receiving(session)
             yield from self._jobs(session)
             yield from self._durations(session)
@@ -262,7 +263,7 @@ class DatabaseCollector(Collector):
 def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, bool | None]:
     """What /readyz checks: database reachable, SCP listening, a worker alive (None: workers run elsewhere)."""
     try:
-        with sessions() as session:
+        with read_only(sessions) as session:  # a reader: another process' write lock is no outage
             session.execute(text("SELECT 1"))
         database = True
     except Exception:  # noqa: BLE001 - any failure means "not reachable"

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from db import jobs
 from db.models import JobState
+from db.session import read_only
 from dicom_node.console import actions, queries
 from dicom_node.console.access import (
     Forbidden,
@@ -175,7 +176,7 @@ def _worklist_values(request: Request, user: User) -> dict[str, Any]:
     context = console_of(request)
     wanted = _filters(request)
     context.audit_view(request, user, f"viewed the worklist ({wanted.described()})")
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         listing = queries.worklist(session, wanted, with_patient=context.may_see_patient(user))
         counts = queries.state_counts(session)
     query = {k: v for k, v in request.query_params.items() if k != "page" and v}
@@ -207,7 +208,7 @@ def worklist_rows(request: Request, user: Annotated[User, Depends(viewer)]) -> R
 @router.get("/series/{uid}")
 def series(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         job = jobs.job_for_series_uid(session, uid)
         if job is None:
             return _page(
@@ -285,7 +286,7 @@ def reroute(
 @router.get("/series/{uid}/preview.png")
 def preview(uid: str, request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         job = jobs.job_for_series_uid(session, uid)
         path = queries.preview_path(job) if job else None
         study = job.series.study.study_instance_uid if job else None
@@ -304,7 +305,7 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
         raise Forbidden(
             f"{user.name} is a {user.role}; downloads are for {', '.join(context.settings.console.downloads_allowed_to)}"
         )
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         job = jobs.job_for_series_uid(session, uid)
         files = queries.result_files(job) if job else {}
         study = job.series.study.study_instance_uid if job else None
@@ -319,7 +320,7 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
 @router.get("/rejected")
 def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         rows = queries.rejected(session, 200, with_patient=context.may_see_patient(user))
     context.audit_view(request, user, "viewed the rejected instances")
     return _page(request, "rejected.html", user, title="Rejected instances", rows=rows)
@@ -328,7 +329,7 @@ def rejected(request: Request, user: Annotated[User, Depends(viewer)]) -> Respon
 @router.get("/destinations")
 def destinations(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     context = console_of(request)
-    with context.sessions() as session:
+    with read_only(context.sessions) as session:
         rows = queries.destinations(session, context.settings)
     return _page(request, "destinations.html", user, title="Destinations", rows=rows)
 
@@ -352,6 +353,6 @@ def configuration(request: Request, user: Annotated[User, Depends(viewer)]) -> R
 @router.get("/audit")
 def audit_trail(request: Request, user: Annotated[User, Depends(viewer)]) -> Response:
     action = request.query_params.get("action") or None
-    with console_of(request).sessions() as session:
+    with read_only(console_of(request).sessions) as session:
         rows = queries.audit_trail(session, 300, action)
     return _page(request, "audit.html", user, title="Audit trail", rows=rows, action=action)
