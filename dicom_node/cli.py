@@ -25,7 +25,14 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study
-from dicom_node.config import AE_TITLE_PATTERN, ConfigError, Settings, dump_settings, hide_password, load_settings
+from dicom_node.config import (
+    AE_TITLE_PATTERN,
+    ConfigError,
+    Settings,
+    dump_settings,
+    hide_url_password,
+    load_settings,
+)
 from dicom_node.logs import configure_logging, shown
 from dicom_node.privacy import keep_new_files_private, loose_permissions
 
@@ -1125,8 +1132,8 @@ def _visible_settings(settings: Settings) -> str:
     from dicom_node.console.queries import visible_config
 
     data = visible_config(settings)
-    if settings.database.url:  # hide_password also finds a password holding '@', which SQLAlchemy misreads
-        data["database"]["url"] = hide_password(settings.database.url)
+    if settings.database.url:  # its password may hold '@', '/' or spaces, which URL parsers misread
+        data["database"]["url"] = hide_url_password(settings.database.url)
     return yaml.safe_dump(data, sort_keys=False)
 
 

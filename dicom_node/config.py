@@ -1025,10 +1025,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^/\s]*@")
-"""``scheme://user:password@``: the password runs to the last ``@`` before the path, so it may hold ``@``."""
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)\S*@")
+"""``scheme://user:password@``: the password runs to the last ``@`` of the URL, so it may hold ``@`` and ``/``
+(what follows that ``@`` is hidden too where the path or query holds one: never too little)."""
 _SECRET_IN_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|credential)[^=&\s]*=)[^&\s'\"]*", re.IGNORECASE)
 """A URL query parameter that may hold a secret (``password=``, ``sslpassword=``, ``sslkey=``...) and its value."""
+
+
+def hide_url_password(url: str) -> str:
+    """A whole URL (``database.url``) with its password and secret query values replaced by ``***``: the password
+    is everything between ``user:`` and the URL's last ``@``, spaces included."""
+    scheme, separator, rest = url.partition("://")
+    at = rest.rfind("@")
+    user, colon, _password = rest[: max(at, 0)].partition(":")
+    if separator and at >= 0 and colon:
+        url = f"{scheme}{separator}{user}:***{rest[at:]}"
+    return hide_password(url)
 
 
 def hide_password(text: str) -> str:

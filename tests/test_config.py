@@ -175,6 +175,10 @@ def test_a_message_never_shows_a_secret(tmp_path, data, secret):
         ("postgresql://u:se@cret@db.example:5432/x", "postgresql://u:***@db.example:5432/x"),
         ("'postgresql://u:pw@db'", "'postgresql://u:***@db'"),
         (
+            "cannot use postgresql://node:Zk9/q+Lr2s8TbP@db:5432/node: refused",
+            "cannot use postgresql://node:***@db:5432/node: refused",
+        ),
+        (
             "postgresql://u@db/x?password=pw&sslpassword=key&application_name=n",
             "postgresql://u@db/x?password=***&sslpassword=***&application_name=n",
         ),
@@ -184,6 +188,25 @@ def test_hide_password_hides_passwords_with_at_signs_and_in_the_query(text, show
     from dicom_node.config import hide_password
 
     assert hide_password(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://node:Zk9/q+Lr2s8TbP@127.0.0.1:5432/node",
+            "postgresql+psycopg://node:***@127.0.0.1:5432/node",
+        ),
+        ("postgresql://node:two words/and@more@db/node?sslpassword=k", "postgresql://node:***@db/node?sslpassword=***"),
+        ("postgresql://node@db/node", "postgresql://node@db/node"),
+        ("sqlite:////var/lib/dicom-node/dicom-node.db", "sqlite:////var/lib/dicom-node/dicom-node.db"),
+    ],
+)
+def test_a_database_url_shown_hides_a_password_holding_slashes_spaces_and_at_signs(url, shown):
+    """A viewer read `Zk9/q+Lr2s8TbP` on the console's configuration page: the password ran past a '/'."""
+    from dicom_node.config import hide_url_password
+
+    assert hide_url_password(url) == shown
 
 
 @pytest.mark.parametrize(

@@ -315,6 +315,10 @@ def test_configuration_shown_hides_hashes_keys_tokens_and_the_database_password(
         assert secret not in shown, secret
     assert "postgresql+psycopg://dicomnode:***@db.example.org/dicomnode" in shown
     assert "/etc/console.pem" in shown and "role: operator" in shown
+    slashed = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": "postgresql+psycopg://n:Zk9/q+L r@db/n"})}
+    )
+    assert visible_config(slashed)["database"]["url"] == "postgresql+psycopg://n:***@db/n"
 
 
 @pytest.mark.parametrize(

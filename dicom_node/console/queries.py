@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc
-from dicom_node.config import Settings, hide_password
+from dicom_node.config import Settings, hide_url_password
 from dicom_node.receive.header import is_valid_uid
 
 STATE_COLOURS: dict[str, str] = {
@@ -462,8 +462,8 @@ def visible_config(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     _hide(data)
     url = (data.get("database") or {}).get("url")
-    if url:  # a password holding '@' defeats URL parsers: hide_password takes it up to the last '@'
-        data["database"]["url"] = hide_password(url)
+    if url:  # a password holding '@', '/' or spaces defeats URL parsers: hidden up to the URL's last '@'
+        data["database"]["url"] = hide_url_password(url)
     return data
 
 
