@@ -383,3 +383,38 @@ def test_the_console_shows_and_offers_the_latest_runs_results(tmp_path):
         "seg-binary.dcm": job_folder / "run-2" / "seg-binary.dcm",
         "measurements.json": job_folder / "run-2" / "measurements.json",
     }
+
+
+@pytest.mark.parametrize("left", [b"", b"3f2a\n"])
+def test_an_empty_or_short_kept_session_key_is_made_anew(tmp_path, caplog, left):
+    """A node stopped between creating `console-secret` and writing it left an empty file, and the empty string
+    became the key that signs the console's forms and notices: anyone could forge them."""
+    import logging
+
+    from dicom_node.config import ConsoleSettings
+    from dicom_node.console.auth import session_secret
+
+    (tmp_path / "console-secret").write_bytes(left)
+    caplog.set_level(logging.WARNING)
+
+    key = session_secret(ConsoleSettings(), tmp_path)
+
+    assert len(key) == 64 and key == (tmp_path / "console-secret").read_bytes()
+    assert (tmp_path / "console-secret").stat().st_mode & 0o777 == 0o600
+    assert session_secret(ConsoleSettings(), tmp_path) == key  # kept from now on
+    [record] = [r for r in caplog.records if r.getMessage() == "console.session_key_replaced"]
+    said = "empty" if not left else "cut short"
+    assert record.event_fields["reason"] == (
+        f"the console's session key in {tmp_path / 'console-secret'} was {said}; a new key was made, so everyone "
+        "logged in must log in again"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console-secret"]  # no spare file left
+
+
+def test_a_session_key_is_made_once_and_kept(tmp_path):
+    from dicom_node.config import ConsoleSettings
+    from dicom_node.console.auth import session_secret
+
+    first = session_secret(ConsoleSettings(), tmp_path)
+    assert len(first) == 64 and session_secret(ConsoleSettings(), tmp_path) == first
+    assert (tmp_path / "console-secret").stat().st_mode & 0o777 == 0o600

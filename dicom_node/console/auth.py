@@ -222,19 +222,64 @@ def _write_ended(path: Path, ended: dict[str, float]) -> None:
     os.replace(partial, path)
 
 
+SESSION_KEY_CHARACTERS = 64
+"""The kept key: 32 random bytes as hex. A file holding less (cut short by a crash or a full disk) is made anew."""
+
+
 def session_secret(settings: ConsoleSettings, storage: Path) -> bytes:
-    """``console.session_secret``, else a random key kept in ``<storage>/console-secret`` (made once, 0600)."""
+    """``console.session_secret``, else a random key kept in ``<storage>/console-secret`` (made once, 0600).
+
+    The key is written whole to a spare file and then put in place, so a stop half-way never leaves a short key;
+    a kept file that is empty or short (an older node stopped while writing it) is replaced, with a log line: an
+    empty key would let anyone sign the console's forms and notices.
+    """
     if settings.session_secret:
         return settings.session_secret.encode()
     path = storage / "console-secret"
     storage.mkdir(parents=True, exist_ok=True)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    key = secrets.token_hex(32).encode()
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key)
+        kept = path.read_bytes().strip()
+    except FileNotFoundError:
+        kept = None
+    if kept is not None and len(kept) >= SESSION_KEY_CHARACTERS:
+        return kept
+    if kept is not None:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "console.session_key_replaced",
+            path=str(path),
+            reason=f"the console's session key in {path} was {'empty' if not kept else 'cut short'}; a new key "
+            "was made, so everyone logged in must log in again",
+        )
+    return _new_session_key(path, replace=kept is not None)
+
+
+def _new_session_key(path: Path, *, replace: bool) -> bytes:
+    """A new random key, fsynced in a spare file, then linked in as ``path`` (0600): over a damaged one where
+    ``replace``, else only where none is there yet (two processes starting at once keep the first one's)."""
+    key = secrets.token_hex(SESSION_KEY_CHARACTERS // 2).encode()
+    spare = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(key)
+            file.flush()
+            os.fsync(file.fileno())
+        if replace:
+            os.replace(spare, path)
+        else:
+            try:
+                os.link(spare, path)
+            except FileExistsError:
+                return path.read_bytes().strip()
+    finally:
+        spare.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return key
 
 
