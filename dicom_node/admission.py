@@ -1084,6 +1084,12 @@ quarter) of SliceThickness; a step ten times finer than the slices are thick mea
 centimetres, which would make every volume in the report ten times too small."""
 
 
+SPARSER_THAN_THICK = 2.0
+"""How many slices' thickness one step may span (10 % allowed over it): slices further apart leave more than half
+of the scanned range unimaged (a sparse series, such as high-resolution lung CT at 1 mm every 10 mm), which the
+models would fill by interpolation and the report would measure as tissue."""
+
+
 def _one_image_set(images: list[_Frame]) -> list[_Frame]:
     """The images the volume keeps of several image sets in one series, or Refused where it would refuse them
     (:func:`inference.volume.one_image_set`, with the same words)."""
@@ -1139,8 +1145,8 @@ def _depths(images: list[_Frame]) -> list[float]:
 
 
 def _check_step_against_thickness(images: list[_Frame], which: str = "") -> None:
-    """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`; the images' median).
-    ``which`` starts the refusal (the acquisition it is about)."""
+    """The distance between slices must fit their SliceThickness (:data:`THICKER_THAN_STEPS`,
+    :data:`SPARSER_THAN_THICK`; the images' median). ``which`` starts the refusal (the acquisition it is about)."""
     given = sorted(frame.thickness for frame in images if frame.thickness is not None)
     thickness = given[len(given) // 2] if given else None
     depths = _depths(images)
@@ -1154,6 +1160,14 @@ def _check_step_against_thickness(images: list[_Frame], which: str = "") -> None
             f"a step more than {THICKER_THAN_STEPS} times finer than the slices means the positions are not in "
             "millimetres (perhaps centimetres), so every volume would be wrong, or the images are thick slabs (MIP "
             "or MPR), which the models do not segment"
+        )
+    if step > thickness * SPARSER_THAN_THICK * 1.1:
+        raise Refused(
+            f"{which}the slices are {step:.3g} mm apart (ImagePositionPatient) but only {thickness:g} mm thick "
+            f"(SliceThickness): {1 - thickness / step:.0%} of the scanned range lies between slices and was never "
+            "imaged (a sparse series, such as high-resolution lung CT), so the segmentation would be interpolated "
+            "across the gaps and every volume in the report would count tissue nobody imaged; send a contiguous "
+            "reconstruction"
         )
 
 

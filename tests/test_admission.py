@@ -749,6 +749,27 @@ def test_slice_positions_in_centimetres_are_refused_by_their_step_against_slice_
     assert admit([scout, *overlapping], STRICT).admitted
 
 
+def test_slices_far_apart_for_their_thickness_are_refused_as_a_sparse_series(tmp_path):
+    """3 mm slices 30 mm apart reached DONE with a body of 44,689 ml: nine tenths of the range was never imaged,
+    and the segmentation and every volume were interpolated across it. A gap as wide as the slices is admitted."""
+
+    def thickness(files: list[InstanceFile], value: str) -> list[InstanceFile]:
+        for file in files:
+            ds = pydicom.dcmread(file.path)
+            ds.SliceThickness = value
+            ds.save_as(file.path)
+        return files
+
+    sparse = thickness(series_files(tmp_path / "sparse", slice_spacing=30.0), "3")
+    assert admit(sparse, STRICT).refusal == (
+        "the slices are 30 mm apart (ImagePositionPatient) but only 3 mm thick (SliceThickness): 90% of the scanned "
+        "range lies between slices and was never imaged (a sparse series, such as high-resolution lung CT), so the "
+        "segmentation would be interpolated across the gaps and every volume in the report would count tissue "
+        "nobody imaged; send a contiguous reconstruction"
+    )
+    assert admit(thickness(series_files(tmp_path / "gap", slice_spacing=10.0), "5"), STRICT).admitted
+
+
 @pytest.mark.parametrize(
     ("acquisitions", "thicknesses", "refused"),
     [

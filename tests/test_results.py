@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.results import encode_results
@@ -153,6 +154,40 @@ def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tm
     assert warnings == [
         "SliceThickness is missing from the source images: the segmentation states the slice step (2.5 mm) as its "
         "slice thickness"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        ("abc", "'abc' in the source images, not a positive number"),
+        ("NaN", "'NaN' in the source images, not a positive number"),
+        ("3\\3", "'3\\3' in the source images, not a positive number"),
+        ("0", "'0' in the source images, not a positive number"),
+        ("-3", "'-3' in the source images, not a positive number"),
+    ],
+)
+def test_a_slice_thickness_that_is_no_positive_number_becomes_the_step_with_a_warning(tmp_path, written, said):
+    """'abc', NaN and '3\\3' failed the results with "could not convert string to float", "non-finite floats" or
+    the generic stage sentence (a retry failed again); '0' and '-3' were copied into the SEG."""
+
+    def garble(dataset: pydicom.Dataset) -> None:
+        dataset["SliceThickness"] = pydicom.dataelem.RawDataElement(
+            pydicom.tag.Tag("SliceThickness"), "DS", len(written), written.encode(), 0, False, True
+        )
+
+    warnings: list[str] = []
+    (seg,) = [
+        d
+        for d in _encode(
+            tmp_path, kinds=("BINARY",), spec=replace(SPEC, slice_spacing=2.5), change=garble, warnings=warnings
+        )
+        if d.Modality == "SEG"
+    ]
+
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 2.5
+    assert warnings == [
+        f"SliceThickness is {said}: the segmentation states the slice step (2.5 mm) as its slice thickness"
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from datetime import datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from db.results import ResultFile, ResultKind
 from dicom_node.encode.codes import display_label
@@ -166,21 +168,48 @@ def encode_results(
 def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: list[str]) -> None:
     """The SEG copies its PixelMeasures from the first source: SpacingBetweenSlices is set to the slice step the
     volume has from the slices' positions (a header's own value may be wrong, and the SEG would carry it), and a
-    missing or empty SliceThickness, which the SEG must state, becomes that step, with a warning."""
+    SliceThickness the SEG must state but the source lacks, or gives as something other than one positive number
+    (text, NaN, several values, zero, negative), becomes that step, with a warning naming the value."""
     orientation = list(sources[0].ImageOrientationPatient)  # admission found one orientation, to 3 decimals
     text = f"{step:.6g}"
-    missing_thickness = not str(sources[0].get("SliceThickness", "") or "").strip()
+    given = _raw_value(sources[0], "SliceThickness")
+    unusable = _positive_number(given) is None
     for header in sources:
         header.ImageOrientationPatient = orientation  # highdicom requires it exactly equal
         if "SpacingBetweenSlices" in header:
             header.SpacingBetweenSlices = text
-        if missing_thickness:
+        if unusable:
             header.SliceThickness = text
-    if missing_thickness:
-        warnings.append(
-            f"SliceThickness is missing from the source images: the segmentation states the slice step ({text} mm) "
-            "as its slice thickness"
+    if unusable:
+        what = (
+            "missing from the source images"
+            if not given
+            else f"'{given[:32]}' in the source images, not a positive number"
         )
+        warnings.append(
+            f"SliceThickness is {what}: the segmentation states the slice step ({text} mm) as its slice thickness"
+        )
+
+
+def _raw_value(header: Dataset, keyword: str) -> str:
+    """An attribute's value as written (several values joined by backslashes), stripped; empty when absent."""
+    element = header.get_item(keyword)
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip(" \x00")
+
+
+def _positive_number(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str]) -> tuple[list[Dataset], np.ndarray]:
