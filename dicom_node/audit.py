@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent
 from db.session import DatabaseBusy, retry_when_locked, transaction
-from dicom_node.logs import cut, log_event, shown
+from dicom_node.logs import REPEATED_REFUSALS, cut, log_event, shown
 
 LOG = logging.getLogger(__name__)
 
@@ -114,6 +114,17 @@ def record(
         instances=instances,
         detail=detail,
     )
+
+
+def repeats(key: Any, what: str) -> str | None:
+    """Whether to write the record of a refusal a caller can repeat at will (a throttled login, a query refused
+    for its peer's role): at most one per ``key`` each 10 s (:data:`~dicom_node.logs.REPEATED_REFUSALS`), as
+    for rejected associations. None: leave this one out (it is counted); else what the record's detail adds,
+    "" for the first, or a clause counting ``what`` was left out since the previous record."""
+    dropped = REPEATED_REFUSALS.admit(("audit", key))
+    if dropped is None:
+        return None
+    return f"; {dropped} more {what} since the previous record, not recorded one by one" if dropped else ""
 
 
 class StoreTally:
@@ -210,7 +221,7 @@ def _literal_uid(identifier: Any, keyword: str) -> str | None:
     return value if literal else None
 
 
-def _as_sent(text: str, limit: int = 16) -> str:
+def as_sent(text: str, limit: int = 16) -> str:
     """A value a peer sent (a level, an AE title), for a detail: as it is when short and printable, else quoted
     and cut."""
     return text if len(text) <= limit and text.isprintable() else shown(text, limit)
@@ -263,6 +274,16 @@ def disclosed(event: Any, studies: Sequence[str]) -> None:
     """Tell the audit of a C-FIND which studies the match about to be yielded discloses, when the match does
     not name them itself (a PATIENT-level match names the patient, not the patient's studies)."""
     setattr(event, DISCLOSED_ATTRIBUTE, list(studies))
+
+
+REPEATABLE_ATTRIBUTE = "_dicom_node_repeatable_refusal"
+
+
+def repeatable_refusal(event: Any) -> None:
+    """Tell the audit of a request that its refusal is one its peer can repeat at will (a role it lacks, a query
+    too broad, too many queries): such refusals, disclosing nothing, are recorded at most once per peer and
+    service each 10 s, the record counting those left out (:func:`repeats`)."""
+    setattr(event, REPEATABLE_ATTRIBUTE, True)
 
 
 def _studies_of_match(event: Any, dataset: Any) -> list[str | None]:
@@ -319,7 +340,8 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
     A C-MOVE or C-GET that sent instances of several studies leaves one record per study (its instances
     counted), and so does a C-FIND whose matches belong to several studies (its matches counted), so that each
     study's trail shows every query and retrieval that disclosed it, however the peer selected it. A C-FIND or
-    C-GET whose identifier cannot be read is refused with 0xA900 and recorded as refused, without its keys."""
+    C-GET whose identifier cannot be read is refused with 0xA900 and recorded as refused, without its keys. A
+    refusal the handler marks :func:`repeatable_refusal` is recorded at most once per peer each 10 s."""
     import functools
 
     @functools.wraps(handler)
@@ -367,14 +389,20 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                 outcome = "refused"
             destination = ""
             if action == "move":
-                destination = f", to {_as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
+                destination = f", to {as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
             if not studies:  # nothing sent or matched: the study the peer named, if it named one
                 studies[_literal_uid(identifier, "StudyInstanceUID")] = matches
+            repeated: str | None = ""
+            if not matches and getattr(event, REPEATABLE_ATTRIBUTE, False):  # refused: 0x0124, too many (0xA700)
+                key = (action, Peer.of(event.assoc).ae_title, getattr(event.assoc.requestor, "address", None))
+                repeated = repeats(key, f"refused C-{action.upper()} requests of this peer")
+            if repeated is None:  # counted; the next record let through says how many
+                studies.clear()
             for study, count in studies.items():
                 if unreadable:
                     detail = f"refused: {unreadable}"
                 else:
-                    detail = f"{_as_sent(level)} level, {count} {'matches' if action == 'find' else 'instances'}"
+                    detail = f"{as_sent(level)} level, {count} {'matches' if action == 'find' else 'instances'}"
                 if len(studies) > 1:
                     detail += f" ({matches} in all, over {len(studies)} studies)"
                 if study is None and beyond:
@@ -386,7 +414,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                     outcome,
                     study_instance_uid=study,
                     instances=count,
-                    detail=detail + destination,
+                    detail=detail + destination + (repeated or ""),
                 )
 
     return wrapped

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from db import jobs
 from db.models import JobState
 from db.session import read_only
+from dicom_node import audit
 from dicom_node.console import actions, queries
 from dicom_node.console.access import (
     Forbidden,
@@ -25,7 +26,14 @@ from dicom_node.console.access import (
     posting_viewer,
     viewer,
 )
-from dicom_node.console.auth import LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, User, local_login
+from dicom_node.console.auth import (
+    LOGIN_COOKIE,
+    LOGIN_FORM_SECONDS,
+    SESSION_COOKIE,
+    LoginThrottle,
+    User,
+    local_login,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -119,7 +127,10 @@ def login(
         else:
             reason = f"login refused: too many failed logins from {address}"
             error = f"Too many failed logins from this address; try again in {wait} s."
-        context.audit(request, claimed, "refused", reason)
+        # a client can repeat these at will: one record per address and user name each 10 s, counting the others
+        repeated = audit.repeats(("login", LoginThrottle.key(address), claimed), "such logins were refused")
+        if repeated is not None:
+            context.audit(request, claimed, "refused", reason + repeated)
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
@@ -301,7 +312,11 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
     """A result file of the series (roles in console.downloads_allowed_to); every download is audited."""
     context = console_of(request)
     if not context.may_download(user):
-        context.audit(request, user.name, "refused", f"download of {name} of series {uid} refused: role {user.role}")
+        # a viewer can repeat these at will, naming any file: the names cut, one record per user each 10 s
+        repeated = audit.repeats(("download", user.name), "downloads by this user were refused")
+        if repeated is not None:
+            what = f"download of {audit.as_sent(name, 64)} of series {audit.as_sent(uid, 64)}"
+            context.audit(request, user.name, "refused", f"{what} refused: role {user.role}{repeated}")
         raise Forbidden(
             f"{user.name} is a {user.role}; downloads are for {', '.join(context.settings.console.downloads_allowed_to)}"
         )

@@ -49,7 +49,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study
 from db.session import read_only
-from dicom_node.audit import MAX_STUDIES_AUDITED, audited_retrieve, disclosed, why_unreadable
+from dicom_node.audit import (
+    MAX_STUDIES_AUDITED,
+    audited_retrieve,
+    disclosed,
+    repeatable_refusal,
+    why_unreadable,
+)
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import (
@@ -255,13 +261,24 @@ def without_demographics(response: Dataset) -> Dataset:
     return response
 
 
-def _refusal_without_find(
-    identifier: Dataset, level: Level, peer: Peer, context: RetrieveContext
-) -> tuple[str, int, str] | None:
+def _refusal_without_find(identifier: Dataset, peer: Peer, context: RetrieveContext) -> tuple[str, int, str] | None:
     """For a peer without the ``find`` role: why this C-FIND is refused (the log's reason, the status and its
-    comment), or None. It may look up what it was told of, not browse, guess hidden details, or try key after key."""
+    comment), or None. It may look up what it was told of, not browse, guess hidden details, or try key after key.
+
+    Every query counts against ``retrieve.queries_per_minute_without_find``, refused ones too (one whose
+    QueryRetrieveLevel cannot be read raises QueryError after it is counted): refusals cost the peer as much as
+    answers, so it cannot repeat them faster than it may query."""
     if peer.may("find"):
         return None
+    if not context.queries_without_find.spend(peer.name):
+        per_minute = context.limits.queries_per_minute_without_find
+        return (
+            f"peer {peer.name} has no find role and made {per_minute} queries in the last minute "
+            "(retrieve.queries_per_minute_without_find): trying one key after another is not allowed",
+            OUT_OF_RESOURCES,
+            "Too many queries: wait a minute",
+        )
+    level = query_level(identifier)
     if not is_narrow(identifier, level):
         return (
             f"peer {peer.name} has no find role: only narrow queries below PATIENT level (a unique key or "
@@ -277,14 +294,6 @@ def _refusal_without_find(
             0x0124,
             "Not authorized: no matching on patient details",
         )
-    if not context.queries_without_find.spend(peer.name):
-        per_minute = context.limits.queries_per_minute_without_find
-        return (
-            f"peer {peer.name} has no find role and made {per_minute} queries in the last minute "
-            "(retrieve.queries_per_minute_without_find): trying one key after another is not allowed",
-            OUT_OF_RESOURCES,
-            "Too many queries: wait a minute",
-        )
     return None
 
 
@@ -294,22 +303,23 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
     calling_ae = event.assoc.requestor.ae_title
     peer = peer_of(event, context.peers)
     if isinstance(peer, Refused) or not ({"find", "move", "get"} & peer.roles):
+        repeatable_refusal(event)
         yield not_authorized(event, "find", peer), None
         return
     limit = context.limits.max_find_matches
     count = 0
     try:
-        level = query_level(identifier)
-        refusal = _refusal_without_find(identifier, level, peer, context)
+        refusal = _refusal_without_find(identifier, peer, context)
         if refusal is not None:
             reason, status_code, comment = refusal
             fields = {"calling_ae": calling_ae, "address": event.assoc.requestor.address, "reason": reason}
-            if status_code == OUT_OF_RESOURCES:  # a peer trying key after key: one line per ten seconds
-                log_throttled(LOG, logging.WARNING, "query.refused", (peer.name, "rate"), **fields)
-            else:
-                log_event(LOG, logging.WARNING, "query.refused", **fields)
+            # a peer can repeat these at will: one line per peer and reason, one record per peer, each ten seconds
+            why = "rate" if status_code == OUT_OF_RESOURCES else comment
+            log_throttled(LOG, logging.WARNING, "query.refused", (peer.name, why), **fields)
+            repeatable_refusal(event)
             yield _status(status_code, comment), None
             return
+        level = query_level(identifier)
         for response, studies in _matches(context, identifier, level, limit + 1):
             if event.is_cancelled:
                 yield CANCELLED, None
@@ -384,6 +394,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     calling_ae = event.assoc.requestor.ae_title
     peer = peer_of(event, context.peers)
     if isinstance(peer, Refused) or not peer.may("move"):
+        repeatable_refusal(event)
         not_authorized(event, "move", peer)
         yield None, None  # pynetdicom answers 0xA801; the log says why
         return
@@ -430,6 +441,7 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     calling_ae = event.assoc.requestor.ae_title
     peer = peer_of(event, context.peers)
     if isinstance(peer, Refused) or not peer.may("get"):
+        repeatable_refusal(event)
         yield 1
         yield not_authorized(event, "get", peer), None
         return
