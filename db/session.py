@@ -455,6 +455,21 @@ class NodeLock:
 
         threading.Thread(target=check, name="node-lock-watch", daemon=True).start()
 
+    @property
+    def lost(self) -> bool:
+        """Whether :meth:`confirm` found the lock lost (this node must stop)."""
+        return self._lost
+
+    def _reachable(self) -> bool:
+        """Whether the PostgreSQL server answers now (the caller holds ``_guard``)."""
+        assert self._engine is not None
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except OperationalError:
+            return False
+
     def confirm(self) -> bool:
         """Whether this node still holds the lock, asked of the database now: the fence the dispatcher checks
         before each attempt and each file it sends.
@@ -473,11 +488,16 @@ class NodeLock:
                 LOG.warning("The connection holding this node's lock on the database ended; the lock was taken again.")
                 return True
             self._lost, self._held = True, False
+            why = (
+                "another dicom-node serve holds the database now"
+                if self._reachable()
+                else "the database server cannot be reached to take the lock again (restarted, failed over, or the "
+                "network to it is down)"
+            )
         if self._on_lost is not None:
             self._on_lost(
-                "the connection holding this node's lock on the database ended and another dicom-node serve "
-                "holds the database now (or it cannot be reached); this node stops, since two would send every "
-                "result twice"
+                f"the connection holding this node's lock on the database ended and {why}; this node stops, since "
+                "two would send every result twice"
             )
         return False
 

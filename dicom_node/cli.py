@@ -185,7 +185,7 @@ def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | Non
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
-    from dicom_node.service import DatabaseUnavailable
+    from dicom_node.service import DatabaseUnavailable, NodeLockLost
     from dicom_node.service import serve as run_service
 
     settings = _settings(config)
@@ -201,6 +201,9 @@ def serve(config: ConfigOption = None) -> None:
         run_service(settings)
     except DatabaseUnavailable as exc:
         _cannot_start(str(exc))
+    except NodeLockLost as exc:
+        errors.print(f"[bold red]stopped[/]: {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except OSError as exc:
         _cannot_start(_describe_os_error(exc, host=settings.network.host, port=settings.network.port))
 

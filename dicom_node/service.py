@@ -142,6 +142,10 @@ class RunningNode:
         log_event(LOG, logging.INFO, "node.stopped")
 
 
+class NodeLockLost(Exception):
+    """``serve`` stopped because it lost its lock on the database; the message says why, in words."""
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be opened, reached or used; the message says why in words, never with the password."""
 
@@ -434,7 +438,13 @@ def _start_console(
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT.
+
+    Raises
+    ------
+    NodeLockLost
+        After stopping, when the stop came from losing the lock on the database (the command then exits 1).
+    """
     node = start_node(settings)
     stopping = threading.Event()
 
@@ -447,6 +457,13 @@ def serve(settings: Settings) -> None:
     log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
     stopping.wait()
     node.stop()
+    if node.node_lock is not None and node.node_lock.lost:
+        # Not a clean stop: a supervisor (systemd Restart=on-failure, Docker, Kubernetes) starts it again, and the
+        # new serve waits until the lock is free (the database back, or the other node gone).
+        raise NodeLockLost(
+            f"dicom-node serve {settings.network.ae_title} on {worker_id()} stopped: it lost its lock on the "
+            f"database ({node.node_lock.where}); start it again, it waits until it can take the lock"
+        )
 
 
 def _warn_about_open_doors(settings: Settings) -> None:
