@@ -736,7 +736,9 @@ def check_slice_stack(
       regular stack, so small uneven steps cannot add up to a drift;
     - across the normal, each slice within :data:`IN_PLANE_TOLERANCE` of a pixel (of ``pixel_spacing``,
       or of the step when it is not given) of the stack's axis: no shear (gantry tilt), however small,
-      and no shifted slice in the middle.
+      and no shifted slice anywhere. The axis goes through the first slice, or through the first slice
+      on the line the others make (:func:`_common_line`) where the first lies off it, so a shifted slice
+      is named as such even at an end; gantry tilt is judged from the first and last slice on that line.
 
     The admission stage runs it on headers, so a series is refused before it is queued.
     """
@@ -763,7 +765,10 @@ def check_slice_stack(
             f"the series' usual step is {median:.2f} mm"
         )
     step = float(distances[-1] - distances[0]) / (len(points) - 1)
-    _check_tilt(points, direction)
+    allowed_sideways = max(IN_PLANE_TOLERANCE * (pixel_spacing or step), POSITION_NOISE_MM)
+    line = _common_line(points, direction, allowed_sideways)
+    if line is not None:
+        _check_tilt(points[line[0]], points[line[-1]], direction)
     places = np.arange(len(points))
     expected = points[0] + np.outer(places * step, direction)
     errors = points - expected
@@ -776,21 +781,24 @@ def check_slice_stack(
             f"a regular stack of {step:.3f} mm steps puts it (more than {allowed_along:.2f} mm): the uneven steps "
             "add up, and volumes and contours would be wrong"
         )
-    sideways = np.linalg.norm(errors - np.outer(along, direction), axis=1)
+    reference = 0 if line is None else int(line[0])  # the first slice, unless it lies off the others' line
+    offsets = errors - errors[reference]
+    sideways = np.linalg.norm(offsets - np.outer(offsets @ direction, direction), axis=1)
     shifted = int(np.argmax(sideways))
-    allowed_sideways = max(IN_PLANE_TOLERANCE * (pixel_spacing or step), POSITION_NOISE_MM)
     if sideways[shifted] > allowed_sideways:
+        axis = "the first slice" if reference == 0 else f"slice {reference + 1}"
         raise VolumeError(
             f"slices are not stacked straight: slice {shifted + 1} (by position) lies {sideways[shifted]:.2f} mm "
-            f"beside the axis through the first slice along the slice normal (more than {allowed_sideways:.2f} mm); "
+            f"beside the axis through {axis} along the slice normal (more than {allowed_sideways:.2f} mm); "
             "a sheared or shifted stack is not resampled: reconstruct the series on the scanner and send it again"
         )
+    _check_tilt(points[0], points[-1], direction)  # every slice within tolerance: the end-to-end angle still counts
     return step
 
 
-def _check_tilt(points: np.ndarray, direction: np.ndarray) -> None:
-    """A stack sheared from end to end by more than :data:`TILT_TOLERANCE_DEGREES`: gantry tilt."""
-    offset = points[-1] - points[0]
+def _check_tilt(first: np.ndarray, last: np.ndarray, direction: np.ndarray) -> None:
+    """A stack sheared between these two slices by more than :data:`TILT_TOLERANCE_DEGREES`: gantry tilt."""
+    offset = last - first
     along = float(np.dot(offset, direction))
     sideways = float(np.linalg.norm(offset - along * direction))
     angle = float(np.degrees(np.arctan2(sideways, abs(along))))
@@ -799,6 +807,49 @@ def _check_tilt(points: np.ndarray, direction: np.ndarray) -> None:
             f"gantry tilt of about {angle:.1f} degrees (slices are sheared): not resampled; "
             "reconstruct the series without tilt on the scanner and send it again"
         )
+
+
+SHEAR_PARTNERS = 64
+"""Slices each slice's shear is measured against when the stack's line is fitted (evenly spread over the stack)."""
+COMMON_LINE_SHARE = 0.75
+"""Share of the slices one line must hold to be the stack's axis: a tilted gantry puts every slice on its sheared
+line and a few shifted slices leave most on theirs, while a stack that jumps sideways half way fits no line."""
+
+
+def _common_line(points: np.ndarray, direction: np.ndarray, allowed: float) -> np.ndarray | None:
+    """Indices (by position) of the slices on the line most slices (:data:`COMMON_LINE_SHARE`) lie on, within
+    ``allowed`` mm; None if no line holds that many.
+
+    Two lines are fitted to the slices' offsets across ``direction``: the straight axis (no shear, through the
+    median offset) and a sheared one (a repeated-median fit, as a tilted gantry shears every slice in proportion
+    to its depth), which one or a few slices off the line cannot pull. A sheared line is kept only where it holds
+    more slices than the straight axis, so a lone shifted slice, even at an end, is never taken for a shear.
+    """
+    offsets = _across(points - points[0], direction)
+    depth = (points - points[0]) @ direction
+    straight = np.linalg.norm(offsets - np.median(offsets, axis=0), axis=1) <= allowed
+    slope = _repeated_median_slope(offsets, depth)
+    leaning = offsets - np.outer(depth, slope)
+    sheared = np.linalg.norm(leaning - np.median(leaning, axis=0), axis=1) <= allowed
+    line = sheared if sheared.sum() > straight.sum() else straight
+    return np.flatnonzero(line) if line.sum() >= COMMON_LINE_SHARE * len(points) else None
+
+
+def _across(vectors: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """The components of ``vectors`` in two fixed directions at right angles to ``direction`` (unit)."""
+    helper = np.eye(3)[int(np.argmin(np.abs(direction)))]
+    first = np.cross(direction, helper)
+    first /= np.linalg.norm(first)
+    return vectors @ np.column_stack([first, np.cross(direction, first)])
+
+
+def _repeated_median_slope(offsets: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Sideways offset per mm of depth: for each slice the median slope to the partners, then the median of those."""
+    partners = np.unique(np.linspace(0, len(depth) - 1, min(len(depth), SHEAR_PARTNERS)).round().astype(int))
+    rise = offsets[partners][None, :, :] - offsets[:, None, :]
+    run = depth[partners][None, :] - depth[:, None]
+    run[run == 0] = np.nan  # a slice and itself
+    return np.median(np.nanmedian(rise / run[:, :, None], axis=1), axis=0)
 
 
 def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
