@@ -143,6 +143,28 @@ def is_database_locked(error: BaseException) -> bool:
     return "locked" in message or "busy" in message
 
 
+UNREACHABLE_MARKERS = (
+    "connection failed",
+    "could not connect",
+    "connection refused",
+    "connection timed out",
+    "server closed the connection",
+    "terminating connection",
+    "the database system is",  # starting up, shutting down, in recovery
+    "no connection to the server",
+    "connection is closed",
+)
+"""Words of PostgreSQL's driver for a server it cannot reach, or that went away (restart, failover)."""
+
+
+def is_database_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` is the database server being unreachable or restarting (clears once it is back)."""
+    if not isinstance(error, OperationalError):
+        return False
+    message = str(error.orig if error.orig is not None else error).lower()
+    return bool(error.connection_invalidated) or any(marker in message for marker in UNREACHABLE_MARKERS)
+
+
 def is_database_full(error: BaseException) -> bool:
     """Whether ``error`` is SQLite's "database or disk is full" (clears once space is freed)."""
     return isinstance(error, OperationalError) and "database or disk is full" in str(error.orig or error).lower()
@@ -156,6 +178,7 @@ def retry_when_locked(
     first_delay_seconds: float = 0.05,
     longest_delay_seconds: float = 5.0,
     wait_for_disk_space: bool = False,
+    wait_for_server: bool = False,
 ) -> T:
     """Run ``action`` (a whole transaction) again while the database is locked by another writer.
 
@@ -176,6 +199,9 @@ def retry_when_locked(
     wait_for_disk_space
         Also wait while SQLite reports "database or disk is full" (workers, whose
         outcome must not be lost; the receiver answers at once instead).
+    wait_for_server
+        Also wait while the database server cannot be reached (a PostgreSQL restart or failover): workers,
+        whose work must not be lost to an outage of a few seconds.
 
     Raises
     ------
@@ -201,6 +227,8 @@ def retry_when_locked(
                 cause = "the database is locked by another process"
             elif wait_for_disk_space and is_database_full(exc):
                 cause = "the disk holding the database is full"
+            elif wait_for_server and is_database_unreachable(exc):
+                cause = "the database server cannot be reached"
             else:
                 raise
             waited = time.monotonic() - started

@@ -147,6 +147,7 @@ class InferenceWorker:
             waiting=f"worker {self.identity} queuing again the jobs of stopped workers",
             limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
             wait_for_disk_space=True,
+            wait_for_server=True,
         )
         return local + self.requeue_expired_leases()
 
@@ -195,6 +196,7 @@ class InferenceWorker:
                 waiting=f"worker {self.identity} queuing again jobs whose lease ran out",
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
+                wait_for_server=True,
             )
         except DatabaseBusy:
             return 0
@@ -215,6 +217,7 @@ class InferenceWorker:
                 waiting=f"worker {self.identity} claiming a job",
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
+                wait_for_server=True,
             )
         except DatabaseBusy:
             return None
@@ -301,6 +304,7 @@ class InferenceWorker:
             waiting=f"worker {self.identity} recording stage {stage} of job {claim.job_id}",
             limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
             wait_for_disk_space=True,
+            wait_for_server=True,
         )
 
     def _finish(self, claim: ClaimedJob, result: PipelineResult) -> None:
@@ -311,6 +315,7 @@ class InferenceWorker:
                 waiting=f"worker {self.identity} recording the outcome of job {claim.job_id}",
                 limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
                 wait_for_disk_space=True,
+                wait_for_server=True,
             )
         except DatabaseBusy as exc:
             log_event(
