@@ -292,8 +292,9 @@ def on_requested(
 ) -> None:
     """EVT_REQUESTED: refuse a caller that is no configured peer; narrow the contexts to its roles.
 
-    With ``caps`` (several receiving processes), ``network.maximum_associations`` counts
-    the connections of every process; pynetdicom's own check sees only this one's.
+    ``network.maximum_associations`` caps the connections of image senders in the counts of the server that
+    accepted the connection (``caps`` if given): with several receiving processes those of every process.
+    pynetdicom's own check counts every association of this process, the extra places included.
     ``on_rejected`` is called with the event of each association refused here and why (its audit
     record): pynetdicom's EVT_REJECTED does not fire for a rejection sent from this handler.
 
@@ -348,26 +349,38 @@ def _admit_or_reject(
             on_rejected(event, str(found))
         assoc.kill()
         return
-    if caps is not None and caps.total() > assoc.ae.maximum_associations:
+    full = _senders_limit_reached(assoc, address, caps)
+    if full is not None:
         log_throttled(
-            LOG,
-            logging.WARNING,
-            "association.rejected",
-            address,
-            calling_ae=ae_title,
-            address=address,
-            reason=f"association limit reached ({assoc.ae.maximum_associations} open: network.maximum_associations "
-            "plus the places of peers that send no images, counted over every receiving process)",
+            LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=full
         )
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
         if on_rejected is not None:
-            on_rejected(event, f"association limit reached ({assoc.ae.maximum_associations} open)")
+            on_rejected(event, full)
         assoc.kill()
         return
     assoc.acceptor.supported_contexts = [
         cx for cx in assoc.acceptor.supported_contexts if context_allowed(str(cx.abstract_syntax), found)
     ]
     setattr(assoc, PEER_ATTRIBUTE, found)
+
+
+def _senders_limit_reached(assoc: Any, address: str, caps: AssociationCaps | None) -> str | None:
+    """Why an image sender's association from ``address`` is over ``network.maximum_associations``; None if not.
+
+    Only the connections of image senders count, over every receiving process (``caps``, else the server's own):
+    the places of peers that send no images and of unknown addresses come on top and are capped at accept.
+    """
+    server = getattr(assoc, "_server", None)
+    if not isinstance(server, GuardedServer) or server.caps_key(address) != address:
+        return None
+    held = (caps or server.caps).total()
+    if held <= server.limits.senders:
+        return None
+    return (
+        f"association limit reached: {held - 1} other connections of peers that send images are open "
+        f"(network.maximum_associations is {server.limits.senders})"
+    )
 
 
 def peer_of(event: evt.Event, policy: PeerPolicy) -> Peer | Refused:
@@ -489,6 +502,8 @@ class Limits:
     per_host: int
     data_set_bytes: int = 3_000_000_000
     in_flight_bytes: int = 6_000_000_000
+    senders: int = 16
+    """``network.maximum_associations``: connections of image senders open at a time, over every receiving process."""
 
     @classmethod
     def from_settings(cls, network: NetworkSettings) -> Limits:
@@ -500,6 +515,7 @@ class Limits:
             per_host=network.maximum_associations_per_host,
             data_set_bytes=int(network.maximum_data_set_megabytes * 1_000_000),
             in_flight_bytes=int(network.maximum_in_flight_megabytes * 1_000_000),
+            senders=network.maximum_associations,
         )
 
     def for_pdu(self, pdu_type: int) -> int:
@@ -918,8 +934,10 @@ class AssociationCaps:
     its own row of it (:meth:`for_process`: a lock and shared-memory arrays from
     ``multiprocessing``), so ``network.maximum_associations_per_host``,
     ``network.maximum_associations`` and ``network.maximum_in_flight_megabytes``
-    hold for the node as a whole. A connection holds one place, counted in its
-    process' row, from accept until its association ends. The table has ``slots``
+    hold for the node as a whole. A connection holds a place, counted in its
+    process' row, from accept until its association ends. Places taken as
+    ``extra`` (peers that send no images, unknown addresses) come on top of
+    ``network.maximum_associations``: :meth:`total` leaves them out. The table has ``slots``
     addresses; when it is full, a connection from a new address is refused like
     one over the per-host cap. A receiving process that dies gives nothing back by
     itself: :meth:`forget` empties its row before it is started again.
@@ -936,6 +954,7 @@ class AssociationCaps:
         self._lock = context.Lock()
         self._holder = context.RawValue(ctypes.c_int, 0)  # the row number + 1 of the process inside the lock; 0: none
         self._keys = context.RawArray(ctypes.c_char, slots * self.KEY_BYTES)
+        self._extra = context.RawArray(ctypes.c_bool, slots)  # the slot's places come on top of the senders'
         self._counts = context.RawArray(ctypes.c_int, processes * slots)
         self._in_flight = context.RawArray(ctypes.c_longlong, processes)
 
@@ -979,8 +998,11 @@ class AssociationCaps:
                 return slot
         return None
 
-    def hold(self, address: str, per_host: int) -> int | None:
-        """Take a place for a connection from ``address``; None if it already holds ``per_host`` (the count)."""
+    def hold(self, address: str, per_host: int, *, extra: bool = False) -> int | None:
+        """Take a place for a connection from ``address``; None if it already holds ``per_host`` (the count).
+
+        ``extra``: the place comes on top of ``network.maximum_associations`` (not counted by :meth:`total`).
+        """
         key = self._key(address)
         width = self.KEY_BYTES
         with self._locked():
@@ -994,6 +1016,7 @@ class AssociationCaps:
                 if slot is None:
                     return 0
                 self._keys[slot * width : (slot + 1) * width] = key
+                self._extra[slot] = extra
             self._counts[self.row * self.slots + slot] += 1
             return None
 
@@ -1009,8 +1032,10 @@ class AssociationCaps:
             return 0 if slot is None else self._held_in(slot)
 
     def total(self) -> int:
+        """Places held over every process, those taken as ``extra`` left out: what ``network.maximum_associations``
+        caps."""
         with self._locked():
-            return sum(self._counts)
+            return sum(self._held_in(slot) for slot in range(self.slots) if not self._extra[slot])
 
     def forget(self, number: int) -> None:
         """Empty receiving process ``number``'s row: it died, and its connections and data sets with it.
@@ -1178,8 +1203,13 @@ class GuardedServer(ThreadedAssociationServer):
         return reason
 
     def _hold(self, key: str, limit: int) -> str | None:
-        """Take a place counted under ``key`` (at most ``limit``); None when taken, else why not, as a sentence."""
-        held = self.caps.hold(key, limit)
+        """Take a place counted under ``key`` (at most ``limit``); None when taken, else why not, as a sentence.
+
+        Only an image sender's own address takes a place of ``network.maximum_associations``; the others are
+        extra places on top of it.
+        """
+        extra = key in (NON_SENDERS, STRANGERS) or self.caps_key(key) == NON_SENDERS
+        held = self.caps.hold(key, limit, extra=extra)
         if held is None:
             return None
         if not held:
