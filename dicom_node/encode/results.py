@@ -137,6 +137,7 @@ def encode_results(
             series_number=result_series_number(f"seg-{kind.lower()}", attempt),
             series_description=describe(RESULT_TITLES[f"seg-{kind.lower()}"]),
             tracking_uids=tracking,
+            notes=warnings,
         )
         stamp_series_date_time(seg.dataset)
         seg_path = folder / f"seg-{kind.lower()}.dcm"

@@ -32,6 +32,7 @@ from skimage import measure
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import display_label, structure_codes
+from dicom_node.encode.copied import checked_source
 from dicom_node.encode.seg import Algorithm
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
 from dicom_node.receive.storage import IMPLEMENTATION_CLASS_UID
@@ -127,10 +128,12 @@ def encode_rtstruct(
     ``source_images`` give the patient, study and frame of reference (their first item);
     the contours reference the images and frames ``volume.slices`` name. Every structure present gets
     an ROI, with a contour around each of its islands and holes, down to a single voxel. Structures over
-    ``budget`` are simplified further; each such structure adds a sentence to ``notes``.
+    ``budget`` are simplified further; each such structure adds a sentence to ``notes``, as does each patient, study
+    or frame of reference value of the source that breaks its VR, which is not copied as it is
+    (:func:`~dicom_node.encode.copied.checked_source`).
     """
     budget = budget or ContourBudget()
-    first = source_images[0]
+    first = checked_source(source_images[0], notes)
     now = datetime.now()
     dataset = _file_dataset()
     for keyword in PATIENT_STUDY_KEYWORDS:

@@ -33,6 +33,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import display_label, structure_codes
+from dicom_node.encode.copied import checked_sources
 from dicom_node.encode.fast_write import save_preencoded
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
 
@@ -155,6 +156,7 @@ def encode_segmentation(
     series_description: str | None = None,
     compress: bool = False,
     tracking_uids: Mapping[int, str] | None = None,
+    notes: list[str] | None = None,
 ) -> EncodedSegmentation:
     """Build the SEG for ``labels`` (``[slice, row, column]``, slices in ``source_images`` order).
 
@@ -164,7 +166,8 @@ def encode_segmentation(
     (DerivationImageSequence, ReferencedFrameNumber). The SEG's text is in UTF-8
     (``ISO_IR 192``): the sources' names are copied as decoded text. ``tracking_uids`` (label value ->
     Tracking UID, :func:`tracking_uids`) are the structures' UIDs in every result of the run; without them
-    each segment gets a new one.
+    each segment gets a new one. A patient, study or frame of reference value of the sources that breaks its VR is
+    not copied as it is (:func:`~dicom_node.encode.copied.checked_source`): each adds a sentence to ``notes``.
 
     Raises
     ------
@@ -183,6 +186,7 @@ def encode_segmentation(
     if not present:
         raise ValueError("the label map holds no structure: nothing to encode")
     segments = _segment_numbers(labels, present, int(values[-1]))
+    source_images = checked_sources(source_images, notes)
     description = series_description or algorithm.series_description("Segmentation")
     dataset = hd.seg.Segmentation(
         source_images=list(source_images),

@@ -23,6 +23,7 @@ from pydicom.uid import RE_VALID_UID, generate_uid
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import structure_codes
+from dicom_node.encode.copied import checked_sources
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.seg import Algorithm, EncodedSegmentation
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
@@ -51,7 +52,7 @@ def encode_measurement_report(
     algorithm: Algorithm,
     *,
     series_number: int = 9702,
-    notes: Sequence[str] = (),
+    notes: list[str] | None = None,
     previous_versions: Sequence[Dataset] = (),
     partial: bool = False,
     not_found: Sequence[str] = (),
@@ -67,10 +68,13 @@ def encode_measurement_report(
     Comment, so a reader tells "not found" from "not looked for".
 
     ``notes`` (the job's warnings) become one TEXT content item "Comment" under the
-    report's root, so a reader of the SR sees what the result does not cover.
+    report's root, so a reader of the SR sees what the result does not cover. A patient or study value of the
+    sources that breaks its VR is not copied as it is (:func:`~dicom_node.encode.copied.checked_source`): each
+    adds a sentence to ``notes`` (the list is extended in place) before the comment is written.
     ``previous_versions`` (headers of the SRs this one replaces) go into the
     Predecessor Documents Sequence (0040,A360).
     """
+    source_images = checked_sources(source_images, notes)
     by_label = {m.label: m for m in measurements}
     seg = segmentation.dataset
     groups = []
