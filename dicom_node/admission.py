@@ -563,6 +563,29 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     if count > 1:
         subject = IDENTITY_SUBJECT.get(keyword, "patient")
         return f"has {count} values, where one {subject} has one"
+    if keyword in PERSON_NAME_KEYWORDS:
+        return _person_name_problem(decoded if isinstance(element, RawDataElement) else str(element.value))
+    return None
+
+
+PERSON_NAME_KEYWORDS = frozenset({"PatientName"})
+
+
+def _person_name_problem(name: str) -> str | None:
+    """Why a person name breaks DICOM's form (at most 3 groups of 5 components, each group up to 64 characters):
+    results must carry it unchanged, and validators and PACS would refuse them."""
+    groups = name.split("=")
+    if len(groups) > 3:
+        return f"has {len(groups)} component groups (=), where a name has at most 3"
+    for group in groups:
+        components = group.split("^")
+        if len(components) > 5:
+            return (
+                f"has {len(components)} components (^), where a name has at most 5 (family, given, middle, prefix, "
+                "suffix)"
+            )
+        if len(group) > 64:
+            return f"has a component group of {len(group)} characters, where at most 64 are allowed"
     return None
 
 

@@ -842,3 +842,29 @@ def test_slice_positions_too_far_to_subtract_are_refused_by_what_they_say(tmp_pa
     assert admit(files, STRICT).refusal == expected
     with pytest.raises(VolumeError, match="more than 100,000 mm from the scanner's origin"):
         load_series_volume([file.path for file in files])
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("A^B^C^D^E^F^G", "has 7 components (^), where a name has at most 5 (family, given, middle, prefix, suffix)"),
+        ("A=B=C=D", "has 4 component groups (=), where a name has at most 3"),
+        ("DOE^" + "J" * 70, "has a component group of 74 characters, where at most 64 are allowed"),
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", None),
+        ("DOE^JOHN^^^", None),
+    ],
+)
+def test_a_patient_name_that_breaks_the_person_name_form_is_refused(tmp_path, name, problem):
+    """The results carry PatientName unchanged: seven components reached the SEG, SR and RTSTRUCT, which dciodvfy
+    refused ("Too many delimiters (^) in PersonName"), and so may a PACS."""
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet = ["ISO_IR 192"]
+        ds.PatientName = name
+        ds.save_as(file.path)
+    refusal = admit(files, STRICT).refusal
+    if problem is None:
+        assert refusal is None
+    else:
+        assert refusal == f"PatientName of instance 1 {problem}; the sender must correct it"
