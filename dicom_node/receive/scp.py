@@ -21,6 +21,8 @@ import logging
 import os
 import socket
 import struct
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +194,7 @@ def start_storage_scp(
     """
     ae = build_ae(network)
     peers = peers or (retrieve.peers if retrieve is not None else None) or PeerPolicy.loopback_only()
-    shared_caps = caps if listening is not None else None  # one process: pynetdicom counts the associations
+    shared_caps = caps if listening is not None else None  # one process: the server counts its own (security.GuardedServer.caps)
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
         (
@@ -213,6 +215,13 @@ def start_storage_scp(
         handlers += retrieve_handlers(retrieve)
     server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening, peers)
     server.before_release = functools.partial(context.recorder.wait_until_recorded, RELEASE_WAIT_SECONDS)
+    stop_listening = server.shutdown
+
+    def shutdown() -> None:
+        stop_listening()
+        end_open_associations(server, context.sessions)
+
+    server.shutdown = shutdown  # type: ignore[method-assign]  # every caller stops the SCP through shutdown()
     log_event(
         LOG,
         logging.DEBUG if listening is not None else logging.INFO,  # the pool logs its own line
@@ -585,6 +594,51 @@ def _failure(status_code: int, comment: str) -> Dataset:
     response.Status = status_code
     response.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
     return response
+
+
+STOP_WAIT_SECONDS = 10.0
+"""How long stopping waits for the associations still open to be aborted, audited and their threads to end."""
+
+
+def end_open_associations(
+    server: AssociationServer, sessions: sessionmaker[Session], wait_seconds: float = STOP_WAIT_SECONDS
+) -> None:
+    """The node is stopping: abort each association still open, so each is audited as any association the node
+    aborts (its stores per study, then the association, :func:`_audit_association_end`) before the process ends.
+
+    Each is aborted in a thread of its own (a peer slow to close its end holds up only its own), and what its
+    thread stored after the abort (a C-STORE it was still answering) is written once that thread ends. At most
+    ``wait_seconds`` for all: one still running then ends with the process."""
+    still_open = [assoc for assoc in server.active_associations if assoc.is_established]
+    enders = [
+        threading.Thread(target=_end_at_stop, args=(assoc, sessions), name="association-stop", daemon=True)
+        for assoc in still_open
+    ]
+    for ender in enders:
+        ender.start()
+    deadline = time.monotonic() + wait_seconds
+    for ender in enders:
+        ender.join(max(deadline - time.monotonic(), 0.0))
+
+
+def _end_at_stop(assoc: Any, sessions: sessionmaker[Session]) -> None:
+    """Abort one association open at stop (an A-ABORT to its peer; EVT_ABORTED audits it), then, once its thread
+    has answered the request it was serving, write what that request added to its store tally."""
+    requestor = assoc.requestor
+    log_event(
+        LOG,
+        logging.WARNING,
+        "association.open_at_stop",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        reason="the node is stopping while this association is open: it is aborted, and the instances stored on "
+        "it are kept and written to the audit trail",
+    )
+    assoc.abort()
+    assoc.join()
+    tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
+    if tally is not None:
+        tally.flush(sessions, Peer.of(assoc))
 
 
 def _audit_association_end(

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -353,18 +355,80 @@ def find(
     """One response identifier per matching patient, study, series or instance, at most ``limit``.
 
     The matches are ordered and cut to ``limit`` by the database, so a broad query never
-    loads more keys than it may answer.
+    loads more keys than it may answer. Each answer carries every key asked, those the node
+    does not hold empty (:class:`_AnswerShape`).
 
     Raises
     ------
     QueryError
-        If the identifier's level or a key's value cannot be understood.
+        If the identifier's level or a key's value cannot be understood, or it holds more than
+        :data:`MAX_QUERY_KEYS` keys.
     """
     level = query_level(identifier)
+    check_width(identifier)
     matched = _joined(conditions(identifier, level) + _level_scope(level))
-    requested = [element.keyword for element in identifier if element.keyword]
+    shape = _AnswerShape.of(identifier, level)
+    counts: dict[tuple[str, int, int | None], Any] = {}  # one count per study (or series) and key, not per answer
     for key in _ordered_keys(session, level, matched, limit):
-        yield _response(session, level, key, requested, retrieve_ae_title)
+        yield _response(session, level, key, shape, retrieve_ae_title, counts)
+
+
+MAX_QUERY_KEYS = 256
+"""The most keys a C-FIND identifier may hold. The node fills about thirty (:data:`KEYS`, :data:`COUNTS`, the
+level's unique keys, QueryRetrieveLevel, SpecificCharacterSet, RetrieveAETitle); a planning system or PACS asks
+for a few dozen. An identifier of hundreds asks for what no answer could hold, and is refused."""
+
+NEVER_ANSWERED_GROUPS = (0x0000, 0x0002)
+"""Command and file meta elements: never part of an answer, even empty."""
+
+
+def check_width(identifier: Dataset) -> None:
+    """Refuse an identifier of more than :data:`MAX_QUERY_KEYS` keys.
+
+    Raises
+    ------
+    QueryError
+        Saying how many attributes it asks for, and how many the node answers.
+    """
+    asked = len(identifier)
+    if asked > MAX_QUERY_KEYS:
+        raise QueryError(
+            f"the query asks for {asked} attributes; the node answers queries of at most {MAX_QUERY_KEYS} "
+            f"(it holds about {len(KEYS) + len(COUNTS)} of them): the querying system must ask only for the "
+            "attributes it needs"
+        )
+
+
+@dataclass(frozen=True)
+class _AnswerShape:
+    """What every answer to one query carries: the keys the node fills (held in its database, counted, or unique
+    keys of the level), and one shared empty element for each other key asked (PS3.4 C.4.1.1.3.2: a key the SCP
+    does not hold is answered with no value). The empty ones are built once per query, so a peer asking for keys
+    the node does not hold makes no answer wider in memory or work than a dictionary entry per key."""
+
+    filled: tuple[str, ...]
+    empty: dict[BaseTag, DataElement]
+
+    @classmethod
+    def of(cls, identifier: Dataset, level: Level) -> _AnswerShape:
+        depth = LEVELS.index(level)
+        filled: list[str] = []
+        unheld = Dataset()
+        for element in identifier:
+            keyword = element.keyword
+            if not keyword or element.tag.group in NEVER_ANSWERED_GROUPS or keyword in SET_BY_THE_NODE:
+                continue
+            spec = KEYS.get(keyword)
+            if keyword in COUNTS or (spec is not None and LEVELS.index(spec.level) <= depth):
+                filled.append(keyword)
+            else:
+                setattr(unheld, keyword, "")
+        unique = [keyword for keyword in _unique_keys_down_to(level) if keyword not in filled]  # held: in KEYS
+        return cls(tuple(filled + unique), {element.tag: element for element in unheld})
+
+
+SET_BY_THE_NODE = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
+"""Keys every answer carries as the node sets them, whatever the identifier gave."""
 
 
 def _level_scope(level: Level) -> list[ColumnElement[bool]]:
@@ -402,7 +466,14 @@ def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: i
     return list(session.scalars(query if limit is None else query.limit(limit)))
 
 
-def _response(session: Session, level: Level, key: Any, requested: list[str], retrieve_ae_title: str) -> Dataset:
+def _response(
+    session: Session,
+    level: Level,
+    key: Any,
+    shape: _AnswerShape,
+    retrieve_ae_title: str,
+    counts: dict[tuple[str, int, int | None], Any],
+) -> Dataset:
     instance = series = study = None
     if level == "IMAGE":
         instance = session.get_one(Instance, key)
@@ -416,14 +487,11 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
     else:
         study = session.scalars(select(Study).where(_of_patient(*key)).order_by(Study.id.desc()).limit(1)).one()
     sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
-    response = Dataset()
+    response = Dataset(dict(shape.empty))  # the answer's own entries; each filled key gets an element of its own
     response.QueryRetrieveLevel = level
-    wanted = list(dict.fromkeys(requested + _unique_keys_down_to(level)))
-    for keyword in wanted:
-        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
-            continue
+    for keyword in shape.filled:
         if keyword in COUNTS:
-            setattr(response, keyword, _count(session, keyword, study, series))
+            setattr(response, keyword, _counted(session, keyword, study, series, counts))
             continue
         spec = KEYS.get(keyword)
         value = None
@@ -432,7 +500,7 @@ def _response(session: Session, level: Level, key: Any, requested: list[str], re
             value = getattr(source, spec.column.key) if source is not None else None
         setattr(response, keyword, value if value is not None else "")
     response.RetrieveAETitle = retrieve_ae_title
-    if any(not str(element.value).isascii() for element in response):
+    if any(not str(response[keyword].value).isascii() for keyword in shape.filled):  # the empty ones are ASCII
         response.SpecificCharacterSet = "ISO_IR 192"
     return response
 
@@ -453,6 +521,17 @@ def _unique_keys_down_to(level: Level) -> list[str]:
     issuers is two patients and the answers must tell them apart."""
     keys = [UNIQUE_KEYS[lvl] for lvl in LEVELS[1 : LEVELS.index(level) + 1]]
     return (["PatientID", "IssuerOfPatientID"] if level == "PATIENT" else []) + keys
+
+
+def _counted(
+    session: Session, keyword: str, study: Study, series: Series | None, counts: dict[tuple[str, int, int | None], Any]
+) -> Any:
+    """:func:`_count`, read once per query for each study (or series) and key: answers of one study share it."""
+    of_series = series.id if series is not None and keyword.startswith("NumberOfSeriesRelated") else None
+    key = (keyword, study.id, of_series)
+    if key not in counts:
+        counts[key] = _count(session, keyword, study, series)
+    return counts[key]
 
 
 def _count(session: Session, keyword: str, study: Study, series: Series | None) -> Any:
