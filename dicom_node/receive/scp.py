@@ -194,7 +194,7 @@ def start_storage_scp(
     """
     ae = build_ae(network)
     peers = peers or (retrieve.peers if retrieve is not None else None) or PeerPolicy.loopback_only()
-    shared_caps = caps if listening is not None else None  # one process: the server counts its own (security.GuardedServer.caps)
+    shared_caps = caps if listening is not None else None  # one process: the server counts its own
     handlers = [
         (evt.EVT_CONN_OPEN, _on_connection_open),
         (
