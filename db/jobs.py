@@ -436,12 +436,40 @@ def update_delivery_record(job: Job, destination: str, record: DeliveryRecord) -
     job.deliveries = {**(job.deliveries or {}), destination: record}
 
 
-def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str]) -> None:
-    """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any; the
-    results now hold every kind it takes (a lack noted under older settings no longer stands)."""
-    update_delivery_record(
-        job, destination, delivery_record(job, destination).model_copy(update={"files": dict(files), "lacking": []})
+def plan_delivery(session: Session, job: Job, destination: str, files: dict[str, str], peer: str | None = None) -> None:
+    """Record which result files (SOP Instance UID -> path) ``destination`` takes, before sending any, and the
+    ``peer`` it names now ("AE@host:port"); the results now hold every kind it takes (a lack noted under older
+    settings no longer stands)."""
+    update: dict[str, object] = {"files": dict(files), "lacking": [], "peer": peer}
+    update_delivery_record(job, destination, delivery_record(job, destination).model_copy(update=update))
+
+
+def repoint_delivery(session: Session, job: Job, destination: str, peer: str) -> str | None:
+    """``destination`` names ``peer`` now: if its plan was made for another peer (its AE title, host or port
+    changed in config.yaml), what that peer accepted does not count for this one. Its delivery rows are kept
+    under the old peer's name (``pacs (was AE@host:port)``), its record starts afresh, and the job's warnings
+    say so. The sentence, or None when nothing changed."""
+    record = delivery_record(job, destination)
+    if record.peer is None or record.peer == peer:
+        return None
+    kept_as = f"{destination} (was {record.peer})"[:64]
+    kept = set(
+        session.scalars(
+            select(Delivery.sop_instance_uid).where(Delivery.job_id == job.id, Delivery.destination == kept_as)
+        )
     )
+    for row in session.scalars(select(Delivery).where(Delivery.job_id == job.id, Delivery.destination == destination)):
+        if row.sop_instance_uid in kept:  # that peer's record of the file is there already (pointed back and forth)
+            session.delete(row)
+        else:
+            row.destination = kept_as
+    update_delivery_record(job, destination, DeliveryRecord())
+    sentence = (
+        f"destination {destination} names another peer now ({peer}, was {record.peer} when its results were "
+        "planned): what the earlier peer accepted does not count for it, so it is sent every file of the results"
+    )
+    append_warnings(job, [sentence])
+    return sentence
 
 
 def note_results_lacking(job: Job, destination: str, kinds: list[str]) -> None:

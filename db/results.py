@@ -104,6 +104,7 @@ class DeliveryRecord(BaseModel):
     unreachable_since: datetime | None = None  # first of the attempts in a row that found no association
     unreachable_last_at: datetime | None = None  # the latest of them
     unreachable_attempts: int = 0  # those attempts: they do not count against dispatch.max_attempts
+    peer: str | None = None  # the destination as the plan was made for it: "AE@host:port" (None: older records)
 
     def due(self, now: datetime) -> bool:
         return self.next_attempt_at is None or self.next_attempt_at <= now

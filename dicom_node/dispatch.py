@@ -534,6 +534,13 @@ class Dispatcher(PeriodicTask):
             series_uid = job.series.series_instance_uid
         if destination is None:
             return [], f"destination {name!r} is no longer configured", key
+        peer = peer_name(destination)
+        if record.peer is not None and record.peer != peer:  # re-pointed in config.yaml since its plan was made
+            self._write(
+                lambda session: _repoint(session, job_id, name, key, peer),
+                waiting=f"starting job {job_id} afresh for {name}, which names another peer now",
+            )
+            return self._pending_files(job_id, name, destination, now)
         # Planned or not, what the destination takes is read from its settings now: a plan made under older
         # settings (its `send` changed before a retry) would count as delivered while short of a kind.
         missing = kinds_missing(result_files, destination.send, destination.segmentation_type)
@@ -556,7 +563,7 @@ class Dispatcher(PeriodicTask):
             # Before per-file records, jobs.deliveries listed the accepted paths under "sent".
             earlier = [r for r in results if r.path in set(record.sent)]
             self._write(
-                lambda session: _plan(session, job_id, name, key, results, earlier),
+                lambda session: _plan(session, job_id, name, key, results, earlier, peer),
                 waiting=f"planning job {job_id} for {name}",
             )
             delivered |= {r.sop_instance_uid for r in earlier}
@@ -741,14 +748,35 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
     return f"{jobs.SENDING_FAILURE_PREFIX}: " + "; ".join(parts)
 
 
-def _plan(
-    session, job_id: int, name: str, key: RunKey, results: list[SendableFile], earlier: list[SendableFile]
-) -> None:
-    """Record the files ``name`` takes, and (from an older record) those it accepted already."""
+def peer_name(destination: Destination) -> str:
+    """The peer a destination names, as a delivery plan records it: ``AE@host:port``."""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def _repoint(session, job_id: int, name: str, key: RunKey, peer: str) -> None:
+    """``name`` names another peer than its plan was made for: it starts afresh (:func:`db.jobs.repoint_delivery`)."""
     job = session.get_one(Job, job_id)
     if job.state is not JobState.SENDING or run_key(job) != key:
         return
-    jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results})
+    sentence = jobs.repoint_delivery(session, job, name, peer)
+    if sentence is not None:
+        log_event(LOG, logging.WARNING, "dispatch.destination_repointed", job=job_id, destination=name, reason=sentence)
+
+
+def _plan(
+    session,
+    job_id: int,
+    name: str,
+    key: RunKey,
+    results: list[SendableFile],
+    earlier: list[SendableFile],
+    peer: str | None = None,
+) -> None:
+    """Record the files ``name`` (now ``peer``) takes, and (from an older record) those it accepted already."""
+    job = session.get_one(Job, job_id)
+    if job.state is not JobState.SENDING or run_key(job) != key:
+        return
+    jobs.plan_delivery(session, job, name, {r.sop_instance_uid: r.path for r in results}, peer)
     for r in earlier:
         jobs.record_delivery(
             session,

@@ -466,3 +466,39 @@ def test_a_retry_after_a_destination_was_set_to_take_more_kinds_sends_them_too(t
     assert node.job_state(series_uid) is JobState.DONE, node.job_reason(series_uid)
     assert len(set(peer.acknowledged)) == 2  # the SEG, and the SR the results held all along
     assert len(planned_files(node, series_uid, "peer")) == 2
+
+
+def test_a_destination_pointed_at_another_peer_gets_the_whole_result_there(tmp_path, start_node, start_peer):
+    """The PACS took the SEG and refused the SR; `destinations.pacs` was then pointed at a new PACS (AE title,
+    host, port) and the series retried: only the SR went to the new one, and the job said DONE `pacs 2/2` while
+    each PACS held half the result. What the old peer accepted no longer counts for the new one."""
+    old = start_peer("OLDPACS")
+    old.statuses = [0x0000, 0xA700]  # the SEG stored, the SR refused once: the job fails with the SEG delivered
+    node = start_node(
+        destinations={"pacs": destination(old, send=["seg", "sr"])},
+        rules=process_rule("pacs"),
+        inference={"workers": 1},
+        dispatch={"max_attempts": 1},
+    )
+    series_uid = send_phantom(node, tmp_path / "ct")
+    node.wait_for_state(series_uid, JobState.FAILED, timeout=300)
+    assert len(old.acknowledged) == 1
+
+    new = start_peer("NEWPACS")
+    node.stop()
+    config = yaml.safe_load(node.config_path.read_text())
+    config["destinations"]["pacs"] = destination(new, send=["seg", "sr"])
+    node.config_path.write_text(yaml.safe_dump(config))
+    node.start()
+    assert node.cli("retry", series_uid).returncode == 0
+    wait_for(
+        lambda: node.job_state(series_uid) in (JobState.DONE, JobState.FAILED), timeout=300, what="the retry settled"
+    )
+
+    assert node.job_state(series_uid) is JobState.DONE, node.job_reason(series_uid)
+    assert sorted(new.acknowledged) == sorted(planned_files(node, series_uid, "pacs"))  # SEG and SR, both
+    assert len(new.acknowledged) == 2 and len(old.acknowledged) == 1
+    kept = {d.destination for d in delivery_records(node, series_uid)}
+    assert kept == {"pacs", f"pacs (was OLDPACS@127.0.0.1:{old.port})"}  # the old peer's record is kept apart
+    shown = " ".join(node.cli("show", series_uid).stdout.split())
+    assert f"destination pacs names another peer now (NEWPACS@127.0.0.1:{new.port}, was OLDPACS@127.0.0.1:" in shown
