@@ -438,6 +438,20 @@ def test_results_superseded_while_sending_stop_and_do_not_use_the_new_runs_attem
 # --- the destination's settings changed before a retry ---------------------------------------------
 
 
+def retry_after_editing_config(node: Node, series_uid: str, edit: Callable[[dict], object]) -> None:
+    """Stop the node, ``edit`` its config.yaml (as a dict), start it, `dicom-node retry` the series, and wait
+    until the retry settled."""
+    node.stop()
+    config = yaml.safe_load(node.config_path.read_text())
+    edit(config)
+    node.config_path.write_text(yaml.safe_dump(config))
+    node.start()
+    assert node.cli("retry", series_uid).returncode == 0
+    wait_for(
+        lambda: node.job_state(series_uid) in (JobState.DONE, JobState.FAILED), timeout=300, what="the retry settled"
+    )
+
+
 def test_a_retry_after_a_destination_was_set_to_take_more_kinds_sends_them_too(tmp_path, start_node, start_peer):
     """A plan made under the old `send` (SEG only) must not count as delivered once the destination also takes
     SR: the retry plans again and sends the SR too (results lacking a kind would be said so, as at a first try)."""
@@ -453,14 +467,8 @@ def test_a_retry_after_a_destination_was_set_to_take_more_kinds_sends_them_too(t
     node.wait_for_state(series_uid, JobState.FAILED, timeout=300)
     assert len(planned_files(node, series_uid, "peer")) == 1 and peer.acknowledged == []
 
-    node.stop()
-    config = yaml.safe_load(node.config_path.read_text())
-    config["destinations"]["peer"]["send"] = ["seg", "sr"]
-    node.config_path.write_text(yaml.safe_dump(config))
-    node.start()
-    assert node.cli("retry", series_uid).returncode == 0
-    wait_for(
-        lambda: node.job_state(series_uid) in (JobState.DONE, JobState.FAILED), timeout=300, what="the retry settled"
+    retry_after_editing_config(
+        node, series_uid, lambda config: config["destinations"]["peer"].update(send=["seg", "sr"])
     )
 
     assert node.job_state(series_uid) is JobState.DONE, node.job_reason(series_uid)
@@ -485,14 +493,8 @@ def test_a_destination_pointed_at_another_peer_gets_the_whole_result_there(tmp_p
     assert len(old.acknowledged) == 1
 
     new = start_peer("NEWPACS")
-    node.stop()
-    config = yaml.safe_load(node.config_path.read_text())
-    config["destinations"]["pacs"] = destination(new, send=["seg", "sr"])
-    node.config_path.write_text(yaml.safe_dump(config))
-    node.start()
-    assert node.cli("retry", series_uid).returncode == 0
-    wait_for(
-        lambda: node.job_state(series_uid) in (JobState.DONE, JobState.FAILED), timeout=300, what="the retry settled"
+    retry_after_editing_config(
+        node, series_uid, lambda config: config["destinations"].update(pacs=destination(new, send=["seg", "sr"]))
     )
 
     assert node.job_state(series_uid) is JobState.DONE, node.job_reason(series_uid)
