@@ -8,6 +8,7 @@ the node's send blocks mid-file.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from datetime import timedelta
@@ -76,9 +77,12 @@ class StallingProxy:
             relayed += len(data)
 
     def close(self) -> None:
+        """Shut every connection down both ways (a close alone wakes no thread blocked on it), so the peer behind
+        sees its association end and no thread outlives the test."""
         self._closing.set()
-        self._listener.close()
-        for sock in self._sockets:
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
 
