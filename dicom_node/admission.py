@@ -43,6 +43,7 @@ from inference.volume import (
     one_image_set,
     one_stack_of_blocks,
     padding_problem,
+    raw_text,
     reconstruction_values,
     rescale_source,
     unusable_rescale,
@@ -400,27 +401,9 @@ def _read(file: InstanceFile) -> Dataset:
 # ---------------------------------------------------------------------------
 
 
-def _raw_text(dataset: Dataset, keyword: str) -> str | None:
-    """The element's value as text, undecoded; None when absent or empty."""
-    element = dataset.get_item(Tag(keyword), keep_deferred=True)
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(element, RawDataElement):
-        if value is None:
-            return None
-        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-    elif isinstance(value, (list, MultiValue)):
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = "" if value is None else str(value)
-    text = text.strip(" \x00")
-    return text or None
-
-
 def _numbers(label: str, dataset: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
     """A decimal-string attribute as ``count`` finite numbers; None when absent."""
-    text = _raw_text(dataset, keyword)
+    text = raw_text(dataset, keyword)
     if text is None:
         return None
     parts = [part.strip() for part in text.split("\\")]
@@ -455,7 +438,7 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     try:
         value = dataset.get(keyword)
     except Exception:  # noqa: BLE001 - an undecodable value counts as its raw text
-        return _raw_text(dataset, keyword)
+        return raw_text(dataset, keyword)
     if value is None:
         return None
     text = str(value).strip(" \x00")
@@ -463,7 +446,7 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
 
 
 def _is_localizer(dataset: Dataset) -> bool:
-    image_type = _raw_text(dataset, "ImageType") or ""
+    image_type = raw_text(dataset, "ImageType") or ""
     return "LOCALIZER" in image_type.upper().split("\\")
 
 
@@ -480,7 +463,7 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             problem = _identity_value_problem(header, keyword)
             if problem is not None:
                 raise Refused(f"{keyword} of {label} {problem}; the sender must correct it")
-    missing = [label for label, header, _ in headers if not (_raw_text(header, "PatientID") or "").strip(" \x00")]
+    missing = [label for label, header, _ in headers if not (raw_text(header, "PatientID") or "").strip(" \x00")]
     if missing:
         raise Refused(
             f"{len(missing)} of {len(headers)} instances have no PatientID (first: {missing[0]}); "
@@ -506,7 +489,7 @@ def _check_dates_and_times(label: str, header: Dataset) -> None:
     """Each date and time the results copy must be one valid DICOM value (or empty): one that is not would fail
     the results after inference. Values are never named (they identify the patient)."""
     for keyword, kind in DATES_AND_TIMES.items():
-        text = _raw_text(header, keyword)
+        text = raw_text(header, keyword)
         if text is None:
             continue
         try:
@@ -525,7 +508,7 @@ PATIENT_SEX_VALUES = ("M", "F", "O")
 def _check_patient_sex(label: str, header: Dataset) -> None:
     """PatientSex must be M, F, O or empty: the results copy it, and encoding them would fail on any other value
     after inference. The value is never named (it describes the patient)."""
-    text = _raw_text(header, "PatientSex")
+    text = raw_text(header, "PatientSex")
     if text is not None and text.strip(" \0") not in ("", *PATIENT_SEX_VALUES):
         raise Refused(
             f"PatientSex of {label} is not M, F, O or empty; the results carry it, so the sender (or the RIS) must "
@@ -542,7 +525,7 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     would reach the results as replacement characters: another name than the one sent. Values are counted once
     decoded in the data set's character set: a backslash byte inside a JIS or GBK character (本, ぼ) is no
     value separator."""
-    raw = _raw_text(header, keyword)
+    raw = raw_text(header, keyword)
     if raw is None:
         return None
     if any((ord(c) < 0x20 and c != "\x1b") or c == "\x7f" for c in raw):
@@ -551,7 +534,7 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     if isinstance(element, RawDataElement):  # decoded apart: the header keeps the raw bytes the comparison reads
         decoded = _decoded_text(header, element)
         if decoded is None:
-            declared = _raw_text(header, "SpecificCharacterSet")
+            declared = raw_text(header, "SpecificCharacterSet")
             changed = "name" if keyword == "PatientName" else "value"
             return (
                 f"does not decode in its SpecificCharacterSet {shown(declared) if declared else '(none given)'}, so "
@@ -620,7 +603,7 @@ def _identity_value(header: Dataset, keyword: str) -> str | None:
     escapes) are compared as written, with their character set: two broken names never pass for one."""
     if keyword in IDENTITY_SEQUENCES:
         return _sequence_value(header, keyword)
-    raw = _raw_text(header, keyword)
+    raw = raw_text(header, keyword)
     if raw is not None:
         raw = comparable_identity(keyword, raw) or None  # DOE^JOHN^^^ is DOE^JOHN, as the receiver compares it
     if raw is None or all(" " <= c <= "~" for c in raw):
@@ -628,7 +611,7 @@ def _identity_value(header: Dataset, keyword: str) -> str | None:
     decoded = _strictly_decoded(header, keyword)
     if decoded is not None:
         return comparable_identity(keyword, decoded) or None
-    return f"{_raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"
+    return f"{raw_text(header, 'SpecificCharacterSet') or 'ISO_IR 6'}|{raw}"
 
 
 def _sequence_value(header: Dataset, keyword: str) -> str | None:
@@ -886,7 +869,7 @@ def _expected_pixel_bytes(label: str, header: Dataset) -> int:
 
 
 def _frame_count(label: str, header: Dataset) -> int:
-    text = _raw_text(header, "NumberOfFrames")
+    text = raw_text(header, "NumberOfFrames")
     if text is None:
         return 1
     try:
@@ -902,7 +885,7 @@ def _frames(label: str, header: Dataset, file: InstanceFile) -> list[_Frame]:
     """One :class:`_Frame` per image, each knowing its instance."""
     frames = _images(label, header)
     for frame in frames:
-        frame.instance, frame.instance_number = file.sop_instance_uid, _raw_text(header, "InstanceNumber") or ""
+        frame.instance, frame.instance_number = file.sop_instance_uid, raw_text(header, "InstanceNumber") or ""
     return frames
 
 
@@ -920,7 +903,7 @@ def _images(label: str, header: Dataset) -> list[_Frame]:
             )
         if localizer:
             return [_Frame(label, (), (), (), shape, bytes_per_pixel, True)]
-        acquisition = _raw_text(header, "AcquisitionNumber") or ""
+        acquisition = raw_text(header, "AcquisitionNumber") or ""
         plane = _plane(label, [header])
         thickness = _slice_thickness(header)
         return [
@@ -974,7 +957,7 @@ def _check_one_place(frame_label: str, group: Dataset, shared: Dataset) -> None:
         if not own or not common:
             continue
         for keyword in keywords:
-            if _differ(_raw_text(own[0], keyword), _raw_text(common[0], keyword)):
+            if _differ(raw_text(own[0], keyword), raw_text(common[0], keyword)):
                 raise Refused(
                     f"{frame_label} gives its {keyword} ({sequence}) both in its per-frame functional group and in "
                     "the shared one, with different values: DICOM allows one place, and which value is right "
@@ -1042,10 +1025,10 @@ def _plane(label: str, sources: list[Dataset]) -> tuple[tuple[float, ...], tuple
 
 
 def _check_frame_of_reference(headers: list[tuple[str, Dataset]]) -> None:
-    values = Counter(_raw_text(header, "FrameOfReferenceUID") for _, header in headers)
+    values = Counter(raw_text(header, "FrameOfReferenceUID") for _, header in headers)
     missing = values.pop(None, 0)
     if missing:
-        first = next(label for label, header in headers if _raw_text(header, "FrameOfReferenceUID") is None)
+        first = next(label for label, header in headers if raw_text(header, "FrameOfReferenceUID") is None)
         raise Refused(f"{missing} of {len(headers)} images have no FrameOfReferenceUID (first: {first})")
     if len(values) > 1:
         raise Refused(
@@ -1197,7 +1180,7 @@ def _check_step_against_thickness(images: list[_Frame], which: str = "") -> None
 def _slice_thickness(source: Dataset) -> float | None:
     """SliceThickness of an image (or a Pixel Measures item), where it is a positive number."""
     try:
-        value = float(_raw_text(source, "SliceThickness") or "")
+        value = float(raw_text(source, "SliceThickness") or "")
     except ValueError:
         return None  # absent or not a number: the models do not use it, so it is not refused for that
     return value if math.isfinite(value) and value > 0 else None

@@ -513,12 +513,17 @@ def reconstruction_values(header: Dataset, groups: Sequence[Dataset] = ()) -> tu
 
 
 def _given_text(source: Dataset, keyword: str) -> str | None:
-    """An attribute's value as text (several values joined by backslashes), read as written; None when absent or
-    empty."""
+    """:func:`raw_text`, None where the value cannot be read (it is then not compared)."""
     try:
-        element = source.get_item(Tag(keyword), keep_deferred=True)
+        return raw_text(source, keyword)
     except Exception:  # noqa: BLE001 - a value that cannot be read is not compared
         return None
+
+
+def raw_text(dataset: Dataset, keyword: str) -> str | None:
+    """An attribute's value as written (several values joined by backslashes), undecoded and stripped; None when
+    absent or empty."""
+    element = dataset.get_item(Tag(keyword), keep_deferred=True)
     if element is None or element.value is None:
         return None
     value = element.value
@@ -528,8 +533,7 @@ def _given_text(source: Dataset, keyword: str) -> str | None:
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
-    text = text.strip(" \x00")
-    return text or None
+    return text.strip(" \x00") or None
 
 
 def _compared(keyword: str, text: str) -> str | None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from db.results import ResultFile, ResultKind
 from dicom_node.encode.codes import display_label
@@ -29,7 +28,7 @@ from dicom_node.encode.seg import (
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation, run_parameters
-from inference.volume import Volume
+from inference.volume import Volume, raw_text
 
 
 class EncodingError(RuntimeError):
@@ -173,7 +172,7 @@ def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: lis
     (text, NaN, several values, zero, negative), becomes that step, with a warning naming the value."""
     orientation = list(sources[0].ImageOrientationPatient)  # admission found one orientation, to 3 decimals
     text = f"{step:.6g}"
-    given = _raw_value(sources[0], "SliceThickness")
+    given = raw_text(sources[0], "SliceThickness") or ""
     unusable = _positive_number(given) is None
     for header in sources:
         header.ImageOrientationPatient = orientation  # highdicom requires it exactly equal
@@ -190,19 +189,6 @@ def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: lis
         warnings.append(
             f"SliceThickness is {what}: the segmentation states the slice step ({text} mm) as its slice thickness"
         )
-
-
-def _raw_value(header: Dataset, keyword: str) -> str:
-    """An attribute's value as written (several values joined by backslashes), stripped; empty when absent."""
-    element = header.get_item(keyword)
-    if element is None or element.value is None:
-        return ""
-    value = element.value
-    if isinstance(value, bytes):
-        return value.decode("latin-1").strip(" \x00")
-    if isinstance(value, (list, tuple, MultiValue)):
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip(" \x00")
 
 
 def _positive_number(text: str) -> float | None:
