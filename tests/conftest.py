@@ -59,6 +59,15 @@ def shared_fixtures() -> Path:
     return SHARED_FIXTURES
 
 
+def real_ct_copy(folder: Path, shared_fixtures: Path) -> list[Path]:
+    """A copy of the real 20-slice Siemens CT (2 mm apart, 3 mm thick, 0.977 mm pixels, ConvolutionKernel Br38f\\3,
+    GantryDetectorTilt 0) in ``folder``, to change; its files sorted by position."""
+    import pydicom
+
+    shutil.copytree(shared_fixtures / "example_ct_dicom_valid", folder)
+    return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+
+
 @pytest.fixture(scope="session")
 def total_fast_test_weights(tmp_path_factory) -> Path:
     """Random-initialised total_fast weights (scripts/build_test_weights.py), built once per test session.

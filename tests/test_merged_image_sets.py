@@ -3,7 +3,6 @@ never one volume that changes reconstruction from slice to slice. The volume and
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dicom_node.admission import InstanceFile, admit
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import VolumeError, load_series_volume
+from tests.conftest import real_ct_copy
 
 STRICT = AdmissionSettings()
 SPEC = PhantomSpec(rows=96, columns=80, slices=23, pixel_spacing=(4.0, 4.5), slice_spacing=3.0, noise_sd=0.0)
@@ -44,12 +44,6 @@ def phantom(folder: Path, spec: PhantomSpec = SPEC) -> list[Path]:
     return list(write_phantom_series(folder, spec).files)
 
 
-def real_ct(folder: Path, shared_fixtures: Path) -> list[Path]:
-    """The real 20-slice Siemens CT (2 mm apart, 3 mm thick, ConvolutionKernel Br38f\\3), copied to change it."""
-    shutil.copytree(shared_fixtures / "example_ct_dicom_valid", folder)
-    return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
-
-
 def refusals(paths: list[Path]) -> tuple[str | None, str]:
     """What admission and the volume say of the series: both must refuse it."""
     with pytest.raises(VolumeError) as refused:
@@ -61,7 +55,7 @@ def test_a_real_ct_split_into_two_interleaved_kernels_of_the_same_size_is_refuse
     tmp_path, shared_fixtures
 ):
     """Br38f and Br64f every other slice (a soft-tissue and a bone reconstruction merged): 10 images each."""
-    paths = real_ct(tmp_path / "ct", shared_fixtures)
+    paths = real_ct_copy(tmp_path / "ct", shared_fixtures)
     edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", ["Br64f", "3"]) if index % 2 else None)
     first_soft, first_bone = (pydicom.dcmread(path) for path in paths[:2])  # the first two by position
 
@@ -86,7 +80,7 @@ def test_a_real_ct_split_into_two_interleaved_kernels_of_the_same_size_is_refuse
 def test_a_real_ct_with_a_smaller_interleaved_kernel_keeps_the_larger_set_with_a_partial_warning(
     tmp_path, shared_fixtures
 ):
-    paths = real_ct(tmp_path / "ct", shared_fixtures)
+    paths = real_ct_copy(tmp_path / "ct", shared_fixtures)
     edit(paths, lambda ds, index: setattr(ds, "ConvolutionKernel", ["Br64f", "3"]) if index % 2 else None)
     paths.pop().unlink()  # one bone image less: 10 soft-tissue images, 9 bone images
     soft = [str(pydicom.dcmread(path).SOPInstanceUID) for path in paths[::2]]

@@ -3,7 +3,6 @@ sheared from end to end, as a tilted gantry makes it, is still named gantry tilt
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from dicom_node.admission import InstanceFile, admit
 from dicom_node.config import AdmissionSettings
 from inference.volume import VolumeError, check_slice_stack, load_series_volume
+from tests.conftest import real_ct_copy
 
 STRICT = AdmissionSettings()
 AXIAL = (0.0, 0.0, 1.0)
@@ -21,12 +21,6 @@ NOT_STRAIGHT = (
     "the slice normal (more than {allowed} mm); a sheared or shifted stack is not resampled: reconstruct the series "
     "on the scanner and send it again"
 )
-
-
-def real_ct(folder: Path, shared_fixtures: Path) -> list[Path]:
-    """A copy of the real 20-slice CT (2 mm apart, 0.977 mm pixels, GantryDetectorTilt 0), sorted by position."""
-    shutil.copytree(shared_fixtures / "example_ct_dicom_valid", folder)
-    return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
 
 
 def shift_sideways(path: Path, mm: float) -> None:
@@ -57,7 +51,7 @@ def refusals(paths: list[Path]) -> tuple[str | None, str]:
 def test_a_real_ct_with_one_slice_shifted_2mm_names_that_slice_wherever_it_lies(
     tmp_path, shared_fixtures, place, slice, axis
 ):
-    paths = real_ct(tmp_path / "ct", shared_fixtures)
+    paths = real_ct_copy(tmp_path / "ct", shared_fixtures)
     shift_sideways(paths[place], 2.0)
 
     admission, volume = refusals(paths)
