@@ -226,6 +226,37 @@ def test_repair_indexes_files_missing_from_the_database_and_drops_partials(tmp_p
     assert repair(store, sessions).instances_indexed == 0  # idempotent
 
 
+def test_repair_finds_an_unrecorded_file_even_when_the_folder_count_matches_the_database(tmp_path):
+    from sqlalchemy import select
+
+    from db.models import Instance
+    from db.session import make_engine, make_session_factory, migrate
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.receive.storage import repair
+    from tests.conftest import data_set_bytes
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    store = InstanceStore(tmp_path / "storage")
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4))
+
+    def put(source, uid):
+        meta = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", uid, "1.2.840.10008.1.2.1", "PACS")
+        path = store.path_for(series.study_instance_uid, series.series_instance_uid, uid)
+        store.write(path, meta, data_set_bytes(source))
+        return path
+
+    paths = [put(source, uid) for source, uid in zip(series.files[:3], series.sop_instance_uids[:3], strict=True)]
+    assert repair(store, sessions).instances_indexed == 3
+    paths[0].unlink()  # a recorded file gone, and one more on disk that was never recorded: the count still matches
+    put(series.files[3], series.sop_instance_uids[3])
+
+    assert repair(store, sessions).instances_indexed == 1
+    with sessions() as session:
+        assert series.sop_instance_uids[3] in set(session.scalars(select(Instance.sop_instance_uid)))
+
+
 def test_two_copies_of_one_instance_arriving_at_once_keep_the_first_and_its_description(tmp_path, monkeypatch):
     """Both copies found the name free; the second used to rename itself over the first while the database kept
     the first's size (other calling AE title in the file meta), so retrievals refused the file as damaged."""

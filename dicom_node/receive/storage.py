@@ -567,16 +567,12 @@ def repair(store: InstanceStore, sessions: sessionmaker[Session]) -> RepairRepor
     that reached the disk is lost. A file that cannot be indexed (unreadable, or
     with values the database cannot hold) is moved to quarantine with a
     ``rejected_instances`` row and a log line, so start-up never fails on data.
-    Only series folders whose file count differs from the database are read.
-    Last, a file in quarantine that no row names is recorded (:func:`record_unrecorded_quarantine_files`).
+    Each series folder's file names are compared with the database's (a count alone can match while a
+    file is unrecorded and a recorded file is gone); only unrecorded files are read. Last, a file in quarantine that no row names is recorded (:func:`record_unrecorded_quarantine_files`).
     """
     report = RepairReport(partial_files_removed=store.remove_partial_files())
-    with sessions() as session:
-        counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
     for _study_uid, series_uid, folder in store.series_folders():
         files = sorted(folder.glob("*.dcm"))
-        if len(files) == counts.get(series_uid, 0):
-            continue
         with sessions() as session:
             known = set(
                 session.scalars(
