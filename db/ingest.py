@@ -171,6 +171,14 @@ def series_study_lookup(engine: Engine) -> QuickLookup:
     return QuickLookup(engine, statement)
 
 
+def result_series_lookup(engine: Engine) -> QuickLookup:
+    """The id of the job whose result a series is, by SeriesInstanceUID; None for a series the node received."""
+    statement = select(SERIES.c.source_job_id).where(
+        SERIES.c.series_instance_uid == bindparam("key"), SERIES.c.source_job_id.is_not(None)
+    )
+    return QuickLookup(engine, statement)
+
+
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
     found = session.connection().execute(_FIND_INSTANCE, {"sop_instance_uid": sop_instance_uid})
     return found.first() is not None

@@ -163,3 +163,31 @@ def instance_files(series: PhantomSeries) -> list[InstanceFile]:
         InstanceFile(path, uid, str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID), number)
         for number, (path, uid) in enumerate(zip(series.files, series.sop_instance_uids, strict=True), start=1)
     ]
+
+
+def test_an_instance_sent_into_a_series_of_the_nodes_own_results_is_refused(running_scp, tmp_path):
+    """A forged or looped-back instance under a result series' UID would be handed out by Query/Retrieve as the
+    node's result."""
+    from db.ingest import record_results
+    from db.models import Job
+
+    first = phantom(tmp_path / "first")
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    result = phantom(tmp_path / "result", first.study_instance_uid)
+    sent = dcmread(result.files[0], stop_before_pixels=True)
+    dataset = read_header(data_set_bytes(result.files[0]), sent.file_meta.TransferSyntaxUID)
+    header = check_header(dataset, str(sent.SOPClassUID), str(sent.SOPInstanceUID))
+    with running_scp.sessions() as session:
+        job_id = session.scalars(select(Job.id)).one()
+        record_results(session, job_id, [header.record(sent.file_meta.TransferSyntaxUID, "result.dcm", 1, "NODE")])
+        session.commit()
+
+    refused = running_scp.send(result.files[1:3])
+
+    assert [code for code, _comment in refused] == [status.CANNOT_UNDERSTAND] * 2
+    assert running_scp.recorder.wait_until_recorded(30)
+    assert rejection_reasons(running_scp) == {
+        f"SeriesInstanceUID {result.series_instance_uid} is a series of this node's own results (job {job_id}); "
+        "the node never adds received instances to its results, so this instance is quarantined"
+    }

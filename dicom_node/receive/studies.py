@@ -24,7 +24,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import QuickLookup, recorded_path_lookup, series_study_lookup
+from db.ingest import QuickLookup, recorded_path_lookup, result_series_lookup, series_study_lookup
 from db.models import Series, Study
 from db.session import read_outside_transaction, read_row_outside_transaction
 from dicom_node.logs import first_line, log_throttled
@@ -52,6 +52,7 @@ class KnownStudies:
         engine = bind.engine if isinstance(bind, Connection) else bind
         self._recorded_path = recorded_path_lookup(engine)
         self._study_of_series = series_study_lookup(engine)
+        self._job_of_result_series = result_series_lookup(engine)
 
     def _read(self, query: Any, *, row: bool = False) -> tuple[bool, Any]:
         """(True, one scalar, or one row) from the database, or (False, None) while it cannot be read: the check is
@@ -149,7 +150,14 @@ class KnownStudies:
 
         Recorded into its series, such an instance would be answered by Query/Retrieve under the series' study
         while its header names another, and admission would refuse the whole series anyway. A series that
-        retention purged holds none: sent again under a corrected study, it is received."""
+        retention purged holds none: sent again under a corrected study, it is received. A series of the
+        node's own results never takes a received instance: Query/Retrieve would hand it out as the node's result."""
+        job = self._quickly(self._job_of_result_series, header.series.series_instance_uid)
+        if job is not None:
+            return (
+                f"SeriesInstanceUID {header.series.series_instance_uid} is a series of this node's own results (job "
+                f"{job}); the node never adds received instances to its results, so this instance is quarantined"
+            )
         study = self._quickly(self._study_of_series, header.series.series_instance_uid)
         if study is None or study == header.study.study_instance_uid:
             return None
