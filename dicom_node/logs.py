@@ -194,20 +194,27 @@ OWN_LOGGERS = ("dicom_node", "db", "inference", "__main__")
 
 
 class LibraryLines(logging.Filter):
-    """Lets through one line a minute per library message; the next one says how many were not logged."""
+    """Lets through one line a minute per library message, errors too (a peer can provoke them in a loop); the
+    next one says how many were not logged. A library error's traceback is cut to what the error says, unless
+    the node logs at DEBUG: a stranger's malformed requests must not write a traceback each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".")[0] == "pynetdicom":
             _name_the_peer(record)
-        if record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR:
+        if record.name.split(".")[0] in OWN_LOGGERS:
             return True
         try:
             text = record.getMessage()
         except (TypeError, ValueError):  # arguments that do not fit the line: the handler reports it, as before
             text = str(record.msg)
-        dropped = LIBRARY_LINES.admit((record.name, _kind_of_line(text)))
+        dropped = LIBRARY_LINES.admit((record.name, record.levelno, _kind_of_line(text)))
         if dropped is None:
             return False
+        if record.exc_info and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            error = record.exc_info[1]
+            said = first_line(error) if error is not None else ""
+            text = f"{text}: {said}" if said and said not in text else text
+            record.msg, record.args, record.exc_info, record.exc_text = text, (), None, None
         if dropped:
             record.msg = f"{text} (the same line {dropped} more time(s) in the last minute, not logged)"
             record.args = ()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import socket
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -326,3 +329,45 @@ def test_a_pynetdicom_line_logged_during_an_association_names_the_peer(restored_
 
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "Exception in the handler bound to" in line]
     assert "(peer AE title 'MONITOR' at 127.0.0.1:" in line
+
+
+def _association_request(called: bytes, calling: bytes) -> bytes:
+    """A raw A-ASSOCIATE-RQ PDU for Verification, with AE titles as given (not necessarily valid)."""
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    context = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2"))
+    user = item(0x50, struct.pack(">BBHL", 0x51, 0, 4, 16384))
+    application = item(0x10, b"1.2.840.10008.3.1.1.1")
+    body = struct.pack(">HH", 1, 0) + called.ljust(16)[:16] + calling.ljust(16)[:16] + b"\0" * 32
+    body += application + context + user
+    return struct.pack(">BBL", 1, 0, len(body)) + body
+
+
+def test_a_stranger_sending_malformed_association_requests_in_a_loop_writes_few_lines_and_no_traceback(
+    restored_logging, monkeypatch, capsys
+):
+    """A calling AE title that is not text makes pynetdicom log an error with a traceback: 591 lines in 2.6 s
+    from one host before library errors were throttled too."""
+    from dicom_node import logs
+
+    monkeypatch.setattr(logs, "LIBRARY_LINES", logs.Throttle(60.0))
+    monkeypatch.setattr(logs, "REPEATED_REFUSALS", logs.Throttle(10.0))
+    configure_logging("INFO")
+    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+    server = start_guarded_server(scp.build_ae(network), (network.host, network.port), network, [])
+    try:
+        for number in range(40):
+            with socket.create_connection((network.host, network.port), timeout=5) as connection:
+                connection.sendall(_association_request(b"NODE", b"\xff\xfe" + str(number).encode()))
+                with contextlib.suppress(OSError):
+                    connection.recv(100)
+    finally:
+        server.shutdown()
+
+    written = capsys.readouterr().err
+    assert "Traceback" not in written
+    errors = [line for line in written.splitlines() if " ERROR " in line]
+    assert len(errors) == 1  # the error is still said, once a minute
+    assert "peer AE title" in errors[0]
