@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,7 +32,6 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,11 +53,11 @@ from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.scu import not_established, unresolvable
 from dicom_node.security import client_tls
+from dicom_node.stall import CUT_GRACE_SECONDS, stalled, watchdog
 
 LOG = logging.getLogger(__name__)
 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
-CUT_GRACE_SECONDS = 2.0  # past a C-STORE's or release's time limit: pynetdicom's own abort ends it first
 
 LOCK_LOST = (
     "sending stopped: this node no longer holds its lock on the database (another dicom-node serve took over), "
@@ -198,7 +197,7 @@ def send_files(
             wait = timeout + result.size_bytes / 1_000_000 * seconds_per_megabyte
             assoc.dimse_timeout = assoc.network_timeout = wait
             started = time.monotonic()
-            with _watchdog(assoc, wait + CUT_GRACE_SECONDS) as cut:
+            with watchdog(assoc, wait + CUT_GRACE_SECONDS, name="dispatch-watchdog") as cut:
                 response = assoc.send_c_store(result.path)
             status = int(response.Status) if response and "Status" in response else None
             if status is None and cut.is_set():
@@ -213,68 +212,14 @@ def send_files(
             sent.append(result.path)
     finally:
         if assoc.is_established:
-            with _watchdog(assoc, timeout + CUT_GRACE_SECONDS):
+            with watchdog(assoc, timeout + CUT_GRACE_SECONDS, name="dispatch-watchdog"):
                 assoc.release()
     return SendOutcome(sent, "; ".join(refusals) or None)
 
 
-@contextmanager
-def _watchdog(assoc: Association, seconds: float) -> Iterator[threading.Event]:
-    """Cut the association's connection if the block has not ended within ``seconds``; yields whether it did.
-
-    pynetdicom sends without a socket timeout: a peer that stops reading mid-file blocks its send, and then
-    its abort, for ever. Shutting the socket down makes that send fail, so the association ends. The cut
-    happens only while the block runs (never on one that finished), and the watchdog's thread ends with it.
-    """
-    cut = threading.Event()
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def watch() -> None:
-        if done.wait(seconds):
-            return
-        with lock:
-            if not done.is_set():
-                cut.set()
-                _shut_down(assoc)
-
-    thread = threading.Thread(target=watch, name="dispatch-watchdog", daemon=True)
-    thread.start()
-    try:
-        yield cut
-    finally:
-        with lock:
-            done.set()
-        thread.join()
-        if cut.is_set():
-            assoc.abort()  # a no-op once pynetdicom has aborted it; either way its socket is closed
-            _close(assoc)
-
-
-def _raw_socket(assoc: Association) -> socket.socket | None:
-    transport = getattr(assoc.dul, "socket", None)
-    return getattr(transport, "socket", None)
-
-
-def _shut_down(assoc: Association) -> None:
-    """Shut the connection down both ways: a send blocked on it returns with an error (closed once it has)."""
-    sock = _raw_socket(assoc)
-    if sock is not None:
-        with suppress(OSError):  # closed already
-            sock.shutdown(socket.SHUT_RDWR)
-
-
-def _close(assoc: Association) -> None:
-    sock = _raw_socket(assoc)
-    if sock is not None:
-        sock.close()
-
-
 def _stalled(destination: Destination, result: SendableFile, waited: float) -> str:
-    size = f"{result.size_bytes / 1_000_000:.1f} MB"
-    return (
-        f"{destination.ae_title} at {destination.host}:{destination.port} stopped taking data for {waited:.0f} s "
-        f"while {result.name} ({size}) was being sent, so the node closed the connection"
+    return stalled(
+        f"{destination.ae_title} at {destination.host}:{destination.port}", result.name, result.size_bytes, waited
     )
 
 

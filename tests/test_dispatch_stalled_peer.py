@@ -8,8 +8,6 @@ the node's send blocks mid-file.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -25,65 +23,13 @@ from db.models import Job, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Destination, Settings
 from dicom_node.dispatch import Dispatcher, SendOutcome, send_files
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
+from tests.stalling_proxy import StallingProxy
 from tests.test_dispatch_faults import LABEL_MAP_SEGMENTATION, Peer
 
 pytestmark = pytest.mark.integration
 
 LARGE_BYTES = 12_000_000  # beyond what the node's send buffer (4 MB at most) and the proxy's take before it stalls
-
-
-class StallingProxy:
-    """Relays connections to ``target_port``; stops reading from the caller after ``stall_after`` bytes."""
-
-    def __init__(self, target_port: int, stall_after: int = 100_000) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.stall_after = stall_after
-        self.stalled = threading.Event()  # set once a connection stopped being read
-        self._closing = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepted sockets
-        self._listener.bind(("127.0.0.1", self.port))
-        self._listener.listen(8)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                caller, _ = self._listener.accept()
-            except OSError:
-                return
-            peer = socket.create_connection(("127.0.0.1", self.target_port))
-            self._sockets += [caller, peer]
-            threading.Thread(target=self._relay, args=(caller, peer, self.stall_after), daemon=True).start()
-            threading.Thread(target=self._relay, args=(peer, caller, None), daemon=True).start()
-
-    def _relay(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-        relayed = 0
-        while True:
-            if limit is not None and relayed >= limit:
-                self.stalled.set()
-                self._closing.wait()  # stop reading: what the caller sends piles up in its buffers
-                return
-            try:
-                data = source.recv(16384 if limit is None else min(16384, limit - relayed))
-                if not data:
-                    return
-                sink.sendall(data)
-            except OSError:
-                return
-            relayed += len(data)
-
-    def close(self) -> None:
-        """Shut every connection down both ways (a close alone wakes no thread blocked on it), so the peer behind
-        sees its association end and no thread outlives the test."""
-        self._closing.set()
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 @pytest.fixture

@@ -16,6 +16,13 @@ one, decompressed, unless a frame's own header disagrees with Rows and Columns o
 the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES`` (then that instance
 is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
 short fixed comments; the log has the details.
+
+Each instance sent to a C-GET or C-MOVE peer may take ``dispatch.timeout_seconds`` + its
+size in MB x ``dispatch.seconds_per_megabyte``, as results sent to a destination may: a
+peer that stops taking data mid-instance has its association cut then, and the
+retrieval ends (a C-MOVE answers with its failed sub-operations and a comment naming
+its destination; the log and the audit trail say which peer stalled on which instance).
+Each retrieval's audit record is written with the final status its peer heard.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -53,9 +60,11 @@ from dicom_node.audit import (
     MAX_STUDIES_AUDITED,
     audited_retrieve,
     disclosed,
+    record,
     repeatable_refusal,
     why_unreadable,
 )
+from dicom_node.audit import Peer as AuditPeer
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import (
@@ -69,7 +78,15 @@ from dicom_node.retrieve.matching import (
     query_level,
 )
 from dicom_node.retrieve.stored import read_stored
+from dicom_node.retrieve.suboperations import (
+    PENDING,
+    SUCCESS,
+    SendLimits,
+    SubOperations,
+    quiet_ignored_final_status,
+)
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
+from dicom_node.stall import stalled
 from inference.frames import decoded_bytes, encapsulated_problem
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -84,14 +101,11 @@ QUERY_RETRIEVE_MODELS = (
     PatientRootQueryRetrieveInformationModelMove,
     PatientRootQueryRetrieveInformationModelGet,
 )
-PENDING = 0xFF00
-SUCCESS = 0x0000
 CANCELLED = 0xFE00
 OUT_OF_RESOURCES = 0xA700  # C-FIND: refused, out of resources
 TOO_MANY_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: refused, out of resources - unable to perform sub-operations
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS_FIND = 0xC001
-SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
 MAXIMUM_CONTEXTS = 128
 MAXIMUM_SUB_OPERATIONS = 65535  # pynetdicom's ceiling for the count a C-MOVE/C-GET handler yields
 MAX_DECOMPRESSED_BYTES = 2_000_000_000
@@ -135,6 +149,9 @@ class RetrieveContext:
     limits: RetrieveSettings = field(default_factory=RetrieveSettings)
     move_peers: dict[str, PeerSettings] = field(default_factory=dict)
     tls: TlsSettings | None = None
+    sending: SendLimits = field(default_factory=SendLimits)
+    """How long each instance sent to a C-GET or C-MOVE peer may take before a peer that stopped taking data
+    has its association cut."""
     targets_by_ae: dict[str, Target] = field(init=False)
     queries_without_find: QueryBudget = field(init=False)
 
@@ -164,6 +181,7 @@ class RetrieveContext:
             limits=limits,
             move_peers=settings.peers,
             tls=settings.network.tls,
+            sending=SendLimits(settings.dispatch.timeout_seconds, settings.dispatch.seconds_per_megabyte),
         )
 
 
@@ -211,6 +229,7 @@ def storage_roles_of_peer(event: evt.Event) -> None:
 def handlers(context: RetrieveContext) -> list[tuple[Any, ...]]:
     """The C-FIND, C-MOVE and C-GET handlers, each leaving one audit record per request, and the storage roles
     of peers that do not store (bound after the peer check)."""
+    quiet_ignored_final_status()
     return [
         (evt.EVT_REQUESTED, storage_roles_of_peer),
         (evt.EVT_C_FIND, audited_retrieve("find", handle_find, context.sessions), [context]),
@@ -415,11 +434,22 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
     contexts = _storage_contexts(paths) if isinstance(paths, list) and paths else [build_context(Verification)]
     sub_association: dict[str, Any] = {}
+    route = Route(
+        "move",
+        f"move to {target}",
+        f"move destination {destination.ae_title} at {destination.host}:{destination.port}",
+        f"Move destination {destination.ae_title}",
+        lambda: sub_association.get("assoc"),
+        SubOperations(),
+    )
     options: dict[str, Any] = {
         "contexts": contexts,
         "ae_title": destination.ae_title,
-        # the sub-association's accepted contexts decide the form each instance is sent in
-        "evt_handlers": [(evt.EVT_ACCEPTED, lambda e: sub_association.update(assoc=e.assoc))],
+        "evt_handlers": [
+            # the sub-association's accepted contexts decide the form each instance is sent in
+            (evt.EVT_ACCEPTED, lambda e: sub_association.update(assoc=e.assoc)),
+            (evt.EVT_DIMSE_RECV, route.answers.on_message),  # the destination's answer to each instance
+        ],
     }
     tls_args = client_tls(destination, context.tls)
     if tls_args is not None:
@@ -430,10 +460,8 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
         return
     paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association.get("assoc")))
-    yield from _count_or_refuse(paths, context, event, f"move to {target}")
-    yield from _send(
-        event, paths, calling_ae, f"move to {target}", lambda: accepted_pairs(sub_association.get("assoc"))
-    )
+    yield from _count_or_refuse(paths, context, event, route.operation)
+    yield from _send(event, paths, calling_ae, route, context)
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
@@ -452,7 +480,20 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         return
     paths = _without_twins_sent_anyway(paths, accepted_pairs(event.assoc))
     yield from _count_or_refuse(paths, context, event, "get")
-    yield from _send(event, paths, calling_ae, "get", lambda: accepted_pairs(event.assoc))
+    requestor = event.assoc.requestor
+    route = Route(
+        "get",
+        "get",
+        f"{calling_ae} at {requestor.address}:{requestor.port}",
+        "Requestor",
+        lambda: event.assoc,
+        SubOperations(),
+    )
+    event.assoc.bind(evt.EVT_DIMSE_RECV, route.answers.on_message)  # the requestor's answer to each instance
+    try:
+        yield from _send(event, paths, calling_ae, route, context)
+    finally:
+        event.assoc.unbind(evt.EVT_DIMSE_RECV, route.answers.on_message)
 
 
 def _without_twins_sent_anyway(paths: list[Stored], accepted: set[tuple[str, str]]) -> list[Stored]:
@@ -694,68 +735,180 @@ def _unreadable(stored: Stored, exc: Exception) -> str:
     return f"{name} cannot be read as DICOM or decompressed (damaged on disk?), so it is not sent"
 
 
+class Route(NamedTuple):
+    """Where a retrieval's instances go, and how its sentences name that peer."""
+
+    action: Literal["get", "move"]
+    operation: str  # for the log: "get", "move to PLANNER"
+    receiver: str  # for sentences: "PLANNER at 10.0.0.7:4000", "move destination PACS at pacs:104"
+    addressed: str  # for the peer's comment: "Requestor", "Move destination PACS"
+    association: Callable[[], Any]  # the association the instances go over (None before it is open)
+    answers: SubOperations  # the peer's answer to each instance
+
+
 def _send(
-    event: evt.Event, paths: list[Stored], calling_ae: str, what: str, accepted: Callable[[], set[tuple[str, str]]]
+    event: evt.Event, paths: list[Stored], calling_ae: str, route: Route, context: RetrieveContext
 ) -> Iterator[Any]:
-    """Yield each stored data set in a form the peer reads; what cannot be sent ends the retrieval with a warning naming it."""
-    failed: list[str] = []
-    sent = 0
-    for stored in paths:
+    """Yield each stored data set in a form the peer reads, then (unless all went well) the final status.
+
+    What cannot be sent is a failed sub-operation the log names. A peer that stops taking data has its
+    association cut after a bounded wait (:mod:`dicom_node.retrieve.suboperations`), and one that closes it
+    ends the retrieval too: the instances left count as failed, and the log and the audit trail say why.
+    The final status is yielded so that the retrieval's audit record has it; pynetdicom answers it itself when
+    every instance was sent (it ignores a status yielded then, and answers the same one, without a comment:
+    :class:`~dicom_node.retrieve.suboperations.IgnoredFinalStatus`).
+    """
+    not_sent: list[str] = []
+    comment: str | None = None
+    for index, stored in enumerate(paths):
         if event.is_cancelled:
             yield CANCELLED, None
             return
-        try:
-            chosen = readable_form(stored, accepted())
-        except NotDecompressed as exc:
-            log_event(
-                LOG,
-                logging.WARNING,
-                "retrieve.not_decompressed",
-                calling_ae=calling_ae,
-                operation=what,
-                sop_instance_uid=stored.sop_instance_uid,
-                reason=str(exc),
-            )
-            failed.append(stored.sop_instance_uid)
+        assoc = route.association()
+        if assoc is None or not assoc.is_established:
+            comment = _ended(calling_ae, route, stored, len(paths) - index)
+            not_sent += [rest.sop_instance_uid for rest in paths[index:]]
+            break
+        form = _sendable(stored, accepted_pairs(assoc), calling_ae, route.operation)
+        if form is None:
+            not_sent.append(stored.sop_instance_uid)
             continue
-        except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
-            log_event(
-                LOG,
-                logging.ERROR,
-                "retrieve.file_unreadable",
-                calling_ae=calling_ae,
-                operation=what,
-                sop_instance_uid=stored.sop_instance_uid,
-                path=stored.path,
-                reason=_unreadable(stored, exc),
-            )
-            failed.append(stored.sop_instance_uid)
-            continue
-        if chosen is None:
-            log_event(
-                LOG,
-                logging.WARNING,
-                "retrieve.not_accepted",
-                calling_ae=calling_ae,
-                operation=what,
-                sop_instance_uid=stored.sop_instance_uid,
-                reason=f"the peer accepts neither SOP class {stored.sop_class_uid} in {stored.transfer_syntax_uid} "
-                "nor a form the node can convert it to",
-            )
-            failed.append(stored.sop_instance_uid)
-            continue
-        dataset, how = chosen
-        if how != "as stored":
-            log_event(LOG, logging.INFO, "retrieve.converted", sop_instance_uid=stored.sop_instance_uid, sent=how)
-        sent += 1
-        yield PENDING, dataset
+        dataset, size = form
+        waited = yield from route.answers.send(assoc, dataset, stored.sop_instance_uid, size, context.sending)
+        if waited is not None:
+            not_sent += [rest.sop_instance_uid for rest in paths[index + 1 :]]
+            comment = _cut(event, context, route, stored, (dataset, size, waited), len(paths) - index - 1)
+            break
+    answers = route.answers
+    stored_by_peer, failed = answers.completed + answers.warned, len(answers.failed) + len(not_sent)
     log_event(
-        LOG, logging.INFO, "retrieve.sent", calling_ae=calling_ae, operation=what, instances=sent, failed=len(failed)
+        LOG,
+        logging.INFO,
+        "retrieve.sent",
+        calling_ae=calling_ae,
+        operation=route.operation,
+        instances=stored_by_peer,
+        failed=failed,
     )
-    if failed:
-        report = Dataset()
-        report.FailedSOPInstanceUIDList = failed
-        yield SUB_OPERATIONS_FAILED, report  # the ones not sent are still "remaining": pynetdicom counts them failed
+    final = answers.final(not_sent, comment)
+    if final[0] != SUCCESS:
+        yield final
+
+
+def _sendable(
+    stored: Stored, accepted: set[tuple[str, str]], calling_ae: str, operation: str
+) -> tuple[Dataset, int] | None:
+    """The data set to send for ``stored`` and about how many bytes it takes; None (and a log line saying why)
+    when it cannot be sent."""
+    try:
+        chosen = readable_form(stored, accepted)
+        size = _bytes_to_send(stored, *chosen) if chosen is not None else 0
+    except NotDecompressed as exc:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "retrieve.not_decompressed",
+            calling_ae=calling_ae,
+            operation=operation,
+            sop_instance_uid=stored.sop_instance_uid,
+            reason=str(exc),
+        )
+        return None
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+        log_event(
+            LOG,
+            logging.ERROR,
+            "retrieve.file_unreadable",
+            calling_ae=calling_ae,
+            operation=operation,
+            sop_instance_uid=stored.sop_instance_uid,
+            path=stored.path,
+            reason=_unreadable(stored, exc),
+        )
+        return None
+    if chosen is None:
+        log_event(
+            LOG,
+            logging.WARNING,
+            "retrieve.not_accepted",
+            calling_ae=calling_ae,
+            operation=operation,
+            sop_instance_uid=stored.sop_instance_uid,
+            reason=f"the peer accepts neither SOP class {stored.sop_class_uid} in {stored.transfer_syntax_uid} "
+            "nor a form the node can convert it to",
+        )
+        return None
+    dataset, how = chosen
+    if how != "as stored":
+        log_event(LOG, logging.INFO, "retrieve.converted", sop_instance_uid=stored.sop_instance_uid, sent=how)
+    return dataset, size
+
+
+def _bytes_to_send(stored: Stored, dataset: Dataset, how: str) -> int:
+    """About how many bytes the data set chosen for ``stored`` takes on the wire (what its send may wait on)."""
+    source = stored.alternative if how == "as its BINARY SEG" and stored.alternative is not None else stored
+    size = source.size_bytes if source.size_bytes is not None else os.stat(source.path).st_size
+    return max(size, decoded_bytes(dataset)) if how.startswith("decompressed") else size
+
+
+def _cut(
+    event: evt.Event,
+    context: RetrieveContext,
+    route: Route,
+    stored: Stored,
+    sending: tuple[Dataset, int, float],
+    left: int,
+) -> str:
+    """The peer stopped taking data and its association was cut, with ``left`` instances still to send: say so
+    in the log and the audit trail, naming the peer and the instance; the comment the peer hears (a C-MOVE's
+    requestor: its destination stalled)."""
+    dataset, size, waited = sending
+    sentence = stalled(route.receiver, f"instance {stored.sop_instance_uid}", size, waited)
+    if left:
+        sentence += f"; the {left} instance(s) left were not sent"
+    retrieval = "the C-GET" if route.action == "get" else f"the C-MOVE{route.operation.removeprefix('move')}"
+    log_event(
+        LOG,
+        logging.WARNING,
+        "retrieve.peer_stalled",
+        calling_ae=event.assoc.requestor.ae_title,
+        operation=route.operation,
+        sop_instance_uid=stored.sop_instance_uid,
+        reason=sentence,
+    )
+    record(
+        context.sessions,
+        route.action,
+        AuditPeer.of(event.assoc),
+        "aborted",
+        study_instance_uid=_study_uid(dataset),
+        detail=f"{retrieval} ended: {sentence}",
+    )
+    return f"{route.addressed} stopped taking data"
+
+
+def _ended(calling_ae: str, route: Route, stored: Stored, left: int) -> str:
+    """The association the instances go over ended before ``stored`` was sent (the peer closed it): log it; the
+    comment the peer hears."""
+    log_event(
+        LOG,
+        logging.WARNING,
+        "retrieve.peer_closed",
+        calling_ae=calling_ae,
+        operation=route.operation,
+        reason=f"{route.receiver} closed the association before instance {stored.sop_instance_uid} was sent, "
+        f"so the {left} instance(s) left were not sent",
+    )
+    return f"{route.addressed} closed the association"
+
+
+def _study_uid(dataset: Dataset) -> str | None:
+    """The StudyInstanceUID of a data set that was being sent, if it names a plausible one."""
+    try:
+        value = str(dataset.get("StudyInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - a value that cannot be read: the record names no study
+        return None
+    return value if 0 < len(value) <= 64 else None
 
 
 def _status(code: int, comment: str) -> Dataset:
