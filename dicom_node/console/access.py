@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import Headers
 
 from dicom_node import audit
-from dicom_node.config import Settings
+from dicom_node.config import ConsoleSettings, Settings
 from dicom_node.console.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -27,6 +29,7 @@ from dicom_node.console.auth import (
     Sessions,
     User,
     forwarded_client,
+    forwarded_scheme,
     from_trusted_proxy,
 )
 from dicom_node.console.metrics import Liveness
@@ -66,6 +69,22 @@ class ConsoleContext:
             audit.Peer(None, client_address(request)),
             outcome,  # type: ignore[arg-type]
             study_instance_uid=study,
+            detail=f"{who}{detail}",
+        )
+
+    def audit_repeatable(
+        self, request: Request, key: Any, what: str, user: str | None, outcome: str, detail: str
+    ) -> None:
+        """:meth:`audit` of a refusal a client can repeat at will: one record per ``key`` each 10 s, the next one
+        counting ``what`` was left out (:data:`dicom_node.audit.REPEATS`)."""
+        who = f"user {user}: " if user else ""
+        audit.REPEATS.record(
+            key,
+            what,
+            self.sessions,
+            "console",
+            audit.Peer(None, client_address(request)),
+            outcome,  # type: ignore[arg-type]
             detail=f"{who}{detail}",
         )
 
@@ -127,6 +146,24 @@ def client_address(request: Request) -> str | None:
     return forwarded_client(settings, request.headers.getlist("x-forwarded-for")) or peer
 
 
+def arrived_over_https(settings: ConsoleSettings, scope: Mapping[str, Any]) -> bool:
+    """Whether the browser's request (an ASGI ``scope``) came over HTTPS: to the console itself
+    (``console.tls_certificate``), or to a reverse proxy in ``console.trusted_proxies`` that says so in
+    ``X-Forwarded-Proto`` (or ``Forwarded: proto=``). Such answers get Secure cookies and HSTS."""
+    if scope.get("scheme") == "https":
+        return True
+    client = scope.get("client")
+    if not from_trusted_proxy(settings, client[0] if client else None):
+        return False
+    headers = Headers(raw=list(scope.get("headers", ())))
+    return forwarded_scheme(headers.get("x-forwarded-proto"), headers.get("forwarded")) == "https"
+
+
+def over_https(request: Request) -> bool:
+    """:func:`arrived_over_https` for a request of the console."""
+    return arrived_over_https(console_of(request).settings.console, request.scope)
+
+
 def console_of(request: Request) -> ConsoleContext:
     context: ConsoleContext = request.app.state.console
     return context
@@ -180,23 +217,21 @@ def viewer(request: Request, response: Response = _CALLED_DIRECTLY) -> User:
 def hand_over_new_session(request: Request, response: Response) -> None:
     """Give the client the cookie of a session :func:`identify` opened in this request, if it opened one: a page a
     browser navigates to is asked for again with it (a redirect to itself), since the page's forms carry the new
-    session's CSRF token; any other answer (the API's, a result file, a preview) is served at once, with the
-    cookie in ``response`` where the answer takes it (a file's does not: the next request opens another session)."""
+    session's CSRF token; any other answer (the API's, a result file, a preview) is served at once, and the
+    console's headers middleware (``app.ConsoleHeaders``) adds the cookie to it, whatever kind of answer it is."""
     opened: tuple[User, str] | None = getattr(request.state, NEW_PROXY_SESSION, None)
     if opened is None:
         return
     if request.method != "GET" or request.url.path.startswith("/api/") or not asks_for_a_page(request):
-        _set_proxy_session_cookie(request, response, opened[1])
         return
-    carrier = Response()
-    _set_proxy_session_cookie(request, carrier, opened[1])
     location = "/" + quote(request.url.path, safe="/:@!$&'()*+,;=~").lstrip("/")  # a path on this console only
     if request.url.query:
         location += "?" + quote(request.url.query, safe="=&%+:@!$'()*,;/?~")
+    cookie = proxy_session_cookie(console_of(request), opened[1], secure=over_https(request))
     raise HTTPException(
         303,
         "a console session was opened for this browser; the page follows",
-        headers={"Location": location, "Set-Cookie": carrier.headers["set-cookie"]},
+        headers={"Location": location, "Set-Cookie": cookie},
     )
 
 
@@ -207,17 +242,20 @@ def asks_for_a_page(request: Request) -> bool:
     return any(item.split(";")[0].strip().lower() == "text/html" for item in accepted.split(","))
 
 
-def _set_proxy_session_cookie(request: Request, response: Response, value: str) -> None:
-    context = console_of(request)
-    response.set_cookie(
+def proxy_session_cookie(context: ConsoleContext, value: str, *, secure: bool) -> str:
+    """The ``Set-Cookie`` value of a session the console opened for a user the reverse proxy named: Secure where
+    the browser's request came over HTTPS (:func:`arrived_over_https`)."""
+    carrier = Response()
+    carrier.set_cookie(
         SESSION_COOKIE,
         value,
         max_age=int(context.auth.lifetime_seconds),
         httponly=True,
         samesite="lax",  # also sent when the sign-on's redirect from another site leads here
-        secure=context.settings.console.https,
+        secure=secure,
         path="/",
     )
+    return carrier.headers["set-cookie"]
 
 
 def operator(user: Annotated[User, Depends(viewer)]) -> User:

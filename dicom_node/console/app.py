@@ -20,19 +20,26 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from db.session import DatabaseBusy, is_database_locked
+from dicom_node import audit
 from dicom_node.config import Settings
 from dicom_node.console.access import (
+    NEW_PROXY_SESSION,
     ConsoleContext,
     Forbidden,
     NotLoggedIn,
+    arrived_over_https,
     console_of,
     identify,
+    over_https,
+    proxy_session_cookie,
     viewer,
 )
 from dicom_node.console.auth import (
+    SESSION_COOKIE,
     LoginThrottle,
     Sessions,
     session_secret,
@@ -78,7 +85,7 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     reason = f"the console could not answer {request.method} {request.url.path[:200]} because of an internal error"
     LOG.error("console.request_failed", exc_info=exc, extra={"event_fields": {"reason": reason}})
     response = Response("internal error: see the node's log", status_code=500, media_type="text/plain")
-    _security_headers(response, console_of(request).settings.console.https, request.url.path)
+    _security_headers(response.headers, over_https(request), request.url.path)  # sent outside ConsoleHeaders
     return response
 
 
@@ -134,18 +141,55 @@ def _database_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def _security_headers(response: Response, https: bool, path: str) -> None:
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["Content-Security-Policy"] = (
+def _security_headers(headers: MutableHeaders, https: bool, path: str) -> None:
+    """The headers every answer of the console carries; HSTS where the browser's request came over HTTPS."""
+    headers["X-Frame-Options"] = "DENY"
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "same-origin"
+    headers["Content-Security-Policy"] = (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
         "form-action 'self'; base-uri 'none'; object-src 'none'"
     )
     if not path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-store"  # pages and answers may name patients: not kept by browsers
+        headers["Cache-Control"] = "no-store"  # pages and answers may name patients: not kept by browsers
     if https:
-        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
+class ConsoleHeaders:
+    """ASGI middleware, outside every other one: each answer carries the security headers, whoever made it (a
+    page, the host check's 400, the body limit's 413, a 404 or 405, a static file), with HSTS where the browser's
+    request came over HTTPS (:func:`arrived_over_https`); and an answer to a request that opened a session for a
+    user the reverse proxy named carries that session's cookie (a result file's too), unless it sets it itself.
+
+    Only Starlette's last-resort 500 is sent outside it: :func:`_internal_error` adds the headers itself."""
+
+    def __init__(self, app: Any, context: ConsoleContext) -> None:
+        self.app = app
+        self.context = context
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        https = arrived_over_https(self.context.settings.console, scope)
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                _security_headers(headers, https, scope.get("path", ""))
+                self._hand_over_proxy_session(scope, headers, https)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _hand_over_proxy_session(self, scope: Any, headers: MutableHeaders, https: bool) -> None:
+        opened = (scope.get("state") or {}).get(NEW_PROXY_SESSION)
+        if opened is None:
+            return
+        if any(value.startswith(f"{SESSION_COOKIE}=") for value in headers.getlist("set-cookie")):
+            return  # the answer sets (or ends) the session itself
+        headers.append("set-cookie", proxy_session_cookie(self.context, opened[1], secure=https))
 
 
 class BodyLimit:
@@ -155,10 +199,9 @@ class BodyLimit:
     body is refused before any handler or form parser sees it.
     """
 
-    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES, https: bool = False) -> None:
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
-        self.https = https
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -192,9 +235,7 @@ class BodyLimit:
 
     async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
         message = f"the request body is larger than the console accepts ({self.limit // 1024} KiB)"
-        response = JSONResponse({"detail": message}, status_code=413)
-        _security_headers(response, self.https, scope.get("path", ""))  # outside the headers' middleware
-        await response(scope, receive, send)
+        await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
 
 
 def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
@@ -240,25 +281,27 @@ def create_app(context: ConsoleContext) -> FastAPI:
     """The console: pages, /api, /metrics, /healthz and /readyz."""
     from dicom_node.console import api, pages
 
-    app = FastAPI(title="dicom-node console API", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect from /path/ to /path: Starlette's would name the Host header the client sent, over http.
+    app = FastAPI(
+        title="dicom-node console API",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.console = context
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
     app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(DatabaseBusy, _database_error)
     app.add_exception_handler(Exception, _internal_error)
-    https = context.settings.console.https
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        _security_headers(response, https, request.url.path)
-        return response
-
-    # Outermost: a client that goes away mid-body gets no answer, without a handler ever running.
-    app.add_middleware(BodyLimit, https=https)
-    if context.settings.console.allowed_hosts:  # a request naming another host is answered 400, unread
+    # Each middleware added wraps those before it. A client that goes away mid-body gets no answer, without a
+    # handler ever running; a request naming another host is answered 400, unread; every answer gets the headers.
+    app.add_middleware(BodyLimit)
+    if context.settings.console.allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=context.settings.console.allowed_hosts)
+    app.add_middleware(ConsoleHeaders, context=context)
     _health_routes(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -406,6 +449,9 @@ class ConsoleServer:
             thread.join(timeout=10)
         for _server, sock in self._servers:
             sock.close()
+        # Refused logins and downloads counted in the last 10 s, and (where the SCP runs in this process) refused
+        # queries and C-ECHOs, are written now, not lost with the process.
+        audit.flush_repeated(self.context.sessions)
 
 
 def start_console(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleServer | None:

@@ -320,6 +320,18 @@ def forwarded_client(settings: ConsoleSettings, forwarded_for: list[str]) -> str
     return client  # every entry a trusted proxy: the client runs where a proxy does
 
 
+def forwarded_scheme(forwarded_proto: str | None, forwarded: str | None) -> str | None:
+    """The scheme the browser used, as a reverse proxy names it: the first value of ``X-Forwarded-Proto``, else the
+    ``proto`` of the first element of ``Forwarded`` (RFC 7239); in lower case. None when neither names one."""
+    if forwarded_proto and forwarded_proto.split(",")[0].strip():
+        return forwarded_proto.split(",")[0].strip().lower()
+    for pair in (forwarded or "").split(",")[0].split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "proto" and value.strip().strip('"'):
+            return value.strip().strip('"').lower()
+    return None
+
+
 class LoginThrottle:
     """Failed logins per address and per user name: after ``limit`` in a minute, that address, or anyone
     logging in as that name, must wait.

@@ -22,6 +22,7 @@ from dicom_node.console.access import (
     client_address,
     console_of,
     identify,
+    over_https,
     posting_operator,
     posting_viewer,
     viewer,
@@ -88,7 +89,7 @@ def _login_page(request: Request, next_path: str, status_code: int = 200, error:
         max_age=LOGIN_FORM_SECONDS,
         httponly=True,
         samesite="strict",
-        secure=context.settings.console.https,
+        secure=over_https(request),
         path="/login",
     )
     return response
@@ -128,9 +129,8 @@ def login(
             reason = f"login refused: too many failed logins from {address}"
             error = f"Too many failed logins from this address; try again in {wait} s."
         # a client can repeat these at will: one record per address and user name each 10 s, counting the others
-        repeated = audit.repeats(("login", LoginThrottle.key(address), claimed), "such logins were refused")
-        if repeated is not None:
-            context.audit(request, claimed, "refused", reason + repeated)
+        key = ("login", LoginThrottle.key(address), claimed)
+        context.audit_repeatable(request, key, "such logins were refused", claimed, "refused", reason)
         return _login_page(request, target, status_code=429, error=error)
     console = context.settings.console
     role = local_login(console, username, password) if console.auth == "local" else None
@@ -147,7 +147,7 @@ def login(
         max_age=int(context.auth.lifetime_seconds),
         httponly=True,
         samesite="strict",
-        secure=console.https,
+        secure=over_https(request),
         path="/",
     )
     response.delete_cookie(LOGIN_COOKIE, path="/login")
@@ -313,10 +313,15 @@ def download(uid: str, name: str, request: Request, user: Annotated[User, Depend
     context = console_of(request)
     if not context.may_download(user):
         # a viewer can repeat these at will, naming any file: the names cut, one record per user each 10 s
-        repeated = audit.repeats(("download", user.name), "downloads by this user were refused")
-        if repeated is not None:
-            what = f"download of {audit.as_sent(name, 64)} of series {audit.as_sent(uid, 64)}"
-            context.audit(request, user.name, "refused", f"{what} refused: role {user.role}{repeated}")
+        what = f"download of {audit.as_sent(name, 64)} of series {audit.as_sent(uid, 64)}"
+        context.audit_repeatable(
+            request,
+            ("download", user.name),
+            "downloads by this user were refused",
+            user.name,
+            "refused",
+            f"{what} refused: role {user.role}",
+        )
         raise Forbidden(
             f"{user.name} is a {user.role}; downloads are for {', '.join(context.settings.console.downloads_allowed_to)}"
         )

@@ -1,0 +1,206 @@
+"""Console answers made before any page handler runs carry the security headers too, and behind an HTTPS reverse
+proxy the console's cookies are Secure and its answers carry HSTS (the download route's included).
+
+Each test runs the real console (Uvicorn, a migrated database) in this process and talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from db import jobs
+from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+from db.results import ResultFile, ResultKind
+from db.session import transaction
+from dicom_node.config import Settings
+from dicom_node.console.app import MAX_BODY_BYTES, ConsoleServer
+from dicom_node.console.auth import SESSION_COOKIE
+from dicom_node.console.metrics import Liveness
+from dicom_node.service import open_database
+from tests.conftest import free_port, wait_for
+from tests.console_helpers import PASSWORDS, console_settings
+
+pytestmark = pytest.mark.integration
+
+SERIES = "1.2.826.0.1.3680043.99.41"
+SEG_BYTES = b"DICM a result file"
+HTTPS_PROXY = {"X-Forwarded-Proto": "https"}
+OLGA = {"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"}
+HSTS = "strict-transport-security"
+
+
+def _assert_security_headers(response: httpx.Response, *, no_store: bool = True) -> None:
+    what = f"{response.request.method} {response.request.url.path} ({response.status_code})"
+    assert response.headers.get("x-frame-options") == "DENY", what
+    assert response.headers.get("x-content-type-options") == "nosniff", what
+    assert response.headers.get("referrer-policy") == "same-origin", what
+    assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", ""), what
+    if no_store:
+        assert response.headers.get("cache-control") == "no-store", what
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings]]]:
+    """Start a console alone (no DICOM port) with ``console`` settings; its URL and settings."""
+    servers: list[ConsoleServer] = []
+
+    def start(**console: Any) -> tuple[str, Settings]:
+        port = free_port()
+        settings = Settings(
+            storage={"directory": str(tmp_path / f"storage{len(servers)}")},
+            network={"port": free_port()},
+            console={**console_settings(port), **console},
+        )
+        server = ConsoleServer(settings, open_database(settings), Liveness(lambda: None, lambda: False))
+        server.start()
+        servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=20, what="the console to answer")
+        return url, settings
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _series_with_a_result(settings: Settings, folder: Path) -> str:
+    """A series of one instance recorded in the console's database, with one result file in ``folder``."""
+    folder.mkdir(parents=True)
+    (folder / "seg-binary.dcm").write_bytes(SEG_BYTES)
+    record = InstanceRecord(
+        sop_instance_uid=SERIES + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(folder / "ct.dcm"),
+        size_bytes=1,
+        study=StudyAttributes(SERIES + ".0"),
+        series=SeriesAttributes(SERIES, modality="CT"),
+    )
+    with transaction(open_database(settings)) as session:
+        record_instance(session, record)
+        job = jobs.job_for_series_uid(session, SERIES)
+        assert job is not None
+        job.result_path = str(folder)
+        job.result_files = [ResultFile(ResultKind.SEG, str(folder / "seg-binary.dcm"), "BINARY")]
+    return SERIES
+
+
+def _session_cookie(response: httpx.Response) -> str:
+    """The session cookie's Set-Cookie value in ``response``; fails when there is none."""
+    found = [value for value in response.headers.get_list("set-cookie") if value.startswith(f"{SESSION_COOKIE}=")]
+    assert len(found) == 1, response.headers.get_list("set-cookie")
+    return found[0]
+
+
+def test_every_early_answer_carries_the_security_headers(console):
+    """The host check's 400 once had none of the headers every page carries."""
+    url, _settings = console(allowed_hosts=["127.0.0.1"])
+    client = httpx.Client(base_url=url, timeout=30, follow_redirects=False)
+
+    rebound = client.get("/api/me", headers={"Host": "evil.example"})
+    unknown = client.get("/no-such-page")
+    wrong_method = client.delete("/healthz")
+    too_large = client.post("/login", content=b"a" * (MAX_BODY_BYTES + 1))
+    missing_static = client.get("/static/no-such-file.css")
+    static = client.get("/static/console.css")
+    not_logged_in = client.get("/api/jobs")
+
+    assert [r.status_code for r in (rebound, unknown, wrong_method, too_large, missing_static, not_logged_in)] == [
+        400,
+        404,
+        405,
+        413,
+        404,
+        401,
+    ]
+    for response in (rebound, unknown, wrong_method, too_large, not_logged_in):
+        _assert_security_headers(response)
+    assert static.status_code == 200 and "body" in static.text
+    for response in (static, missing_static):
+        _assert_security_headers(response, no_store=False)  # the console's own stylesheet may be cached
+    for response in (rebound, unknown, static, too_large):
+        assert HSTS not in response.headers, "plain HTTP, no proxy saying otherwise: no HSTS"
+
+
+def test_behind_an_https_proxy_answers_carry_hsts_and_login_cookies_are_secure(console):
+    url, _settings = console()
+    proxied = httpx.Client(base_url=url, timeout=30, follow_redirects=False, headers=HTTPS_PROXY)
+
+    form = proxied.get("/login")
+    assert form.status_code == 200 and form.headers[HSTS] == "max-age=31536000"
+    login_cookie = form.headers["set-cookie"]
+    assert "; Secure" in login_cookie and "HttpOnly" in login_cookie
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+    data = {"username": "olga", "password": PASSWORDS["olga"], "next": "/", "csrf_token": token[1]}
+    # the client's cookie jar keeps Secure cookies for HTTPS: send it as the browser on the proxy's far side does
+    logged_in = proxied.post("/login", data=data, headers={"Cookie": login_cookie.split(";")[0]})
+    assert logged_in.status_code == 303, logged_in.text
+    assert "; Secure" in _session_cookie(logged_in) and logged_in.headers[HSTS] == "max-age=31536000"
+    missing = proxied.get("/no-such-page")
+    assert missing.status_code == 404 and missing.headers[HSTS] == "max-age=31536000"
+    _assert_security_headers(missing)
+
+    plain = httpx.Client(base_url=url, timeout=30, follow_redirects=False)
+    for headers in ({}, {"X-Forwarded-Proto": "http"}, {"Forwarded": "for=192.0.2.1;proto=http"}):
+        form = plain.get("/login", headers=headers)
+        assert HSTS not in form.headers and "Secure" not in form.headers["set-cookie"], headers
+    rfc_7239 = plain.get("/login", headers={"Forwarded": 'for="[2001:db8::1]";proto=https, for=10.0.0.1'})
+    assert "; Secure" in rfc_7239.headers["set-cookie"] and rfc_7239.headers[HSTS] == "max-age=31536000"
+
+
+def test_an_https_claim_from_an_address_that_is_no_trusted_proxy_counts_for_nothing(console):
+    url, _settings = console(trusted_proxies=["10.9.9.9/32"])
+    form = httpx.get(f"{url}/login", headers=HTTPS_PROXY)
+    assert form.status_code == 200
+    assert HSTS not in form.headers and "Secure" not in form.headers["set-cookie"]
+
+
+def test_behind_an_https_sign_on_proxy_a_download_gets_a_secure_session_cookie_that_goes_on(console, tmp_path):
+    """A result file served to a client without a session once lost the session opened for it: every download
+    opened another one, and its cookie never had Secure behind an HTTPS proxy."""
+    url, settings = console(auth="proxy_header")
+    uid = _series_with_a_result(settings, tmp_path / "results")
+    curl = httpx.Client(base_url=url, timeout=30, follow_redirects=False, headers={**OLGA, **HTTPS_PROXY})
+
+    download = curl.get(f"/series/{uid}/files/seg-binary.dcm", headers={"Accept": "*/*"})
+    assert download.status_code == 200 and download.content == SEG_BYTES
+    cookie = _session_cookie(download)
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "samesite=lax" in cookie.lower()
+    assert download.headers[HSTS] == "max-age=31536000"
+    _assert_security_headers(download)
+
+    again = curl.get(f"/series/{uid}/files/seg-binary.dcm", headers={"Cookie": cookie.split(";")[0]})
+    assert again.status_code == 200 and again.content == SEG_BYTES
+    assert "set-cookie" not in again.headers, "the session handed over goes on: no new one"
+
+    browser = curl.get(f"/series/{uid}/files/seg-binary.dcm", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert browser.status_code == 303 and browser.headers["location"] == f"/series/{uid}/files/seg-binary.dcm"
+    assert "; Secure" in _session_cookie(browser) and browser.headers[HSTS] == "max-age=31536000"
+
+    api = curl.get("/api/me")
+    assert api.status_code == 200 and "; Secure" in _session_cookie(api), "one cookie, from the API's own answer"
+    refused = httpx.get(f"{url}/series/{uid}/files/seg-binary.dcm", headers={"X-Forwarded-Role": "operator"})
+    assert refused.status_code == 303 and "set-cookie" not in refused.headers  # no user named: the login page
+
+
+def test_a_path_with_a_trailing_slash_is_not_redirected_to_the_host_the_client_named(console):
+    """Starlette's slash redirect answered ``Location: http://evil.example/api/jobs``, before any login."""
+    url, _settings = console()
+    for path in ("/api/jobs/", "/rejected/", "/login/"):
+        answer = httpx.get(f"{url}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
+        assert answer.status_code == 404 and "location" not in answer.headers, path
+        _assert_security_headers(answer)
