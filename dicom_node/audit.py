@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,38 @@ def record(
 ) -> None:
     """Write one audit record in its own transaction; never raises. ``detail`` is cut to :data:`MAX_DETAIL_CHARS`.
 
-    A database locked by another writer is tried again for up to :data:`LOCKED_WAIT_LIMIT_SECONDS`."""
+    A database locked by another writer is tried again for up to :data:`LOCKED_WAIT_LIMIT_SECONDS`. An action of
+    :data:`REPEATED_ACTIONS` (a C-ECHO: monitoring systems echo every few seconds) goes through :data:`REPEATS`:
+    one record per peer and outcome each 10 s, counting the others."""
+    what = REPEATED_ACTIONS.get(action)
+    if what is not None:
+        key = (action, peer.ae_title, host_of(peer.address), outcome)
+        REPEATS.record(
+            key,
+            what,
+            sessions,
+            action,
+            peer,
+            outcome,
+            study_instance_uid=study_instance_uid,
+            instances=instances,
+            detail=detail,
+        )
+        return
+    _write(sessions, action, peer, outcome, study_instance_uid=study_instance_uid, instances=instances, detail=detail)
+
+
+def _write(
+    sessions: sessionmaker[Session],
+    action: Action,
+    peer: Peer,
+    outcome: Outcome,
+    *,
+    study_instance_uid: str | None = None,
+    instances: int = 0,
+    detail: str | None = None,
+) -> None:
+    """:func:`record` without the throttle of repeated actions."""
     detail = cut(detail, MAX_DETAIL_CHARS) if detail is not None else None
 
     def write() -> None:
@@ -116,15 +148,148 @@ def record(
     )
 
 
-def repeats(key: Any, what: str) -> str | None:
-    """Whether to write the record of a refusal a caller can repeat at will (a throttled login, a query refused
-    for its peer's role): at most one per ``key`` each 10 s (:data:`~dicom_node.logs.REPEATED_REFUSALS`), as
-    for rejected associations. None: leave this one out (it is counted); else what the record's detail adds,
-    "" for the first, or a clause counting ``what`` was left out since the previous record."""
-    dropped = REPEATED_REFUSALS.admit(("audit", key))
-    if dropped is None:
-        return None
-    return f"; {dropped} more {what} since the previous record, not recorded one by one" if dropped else ""
+def host_of(address: str | None) -> str | None:
+    """The host of a peer's ``host:port`` address (an IPv6 host keeps its colons): each association of the same
+    peer comes from another port."""
+    if not address or ":" not in address:
+        return address
+    return address.rpartition(":")[0]
+
+
+def with_count(detail: str | None, left_out: int, what: str) -> str | None:
+    """``detail`` with a clause saying ``left_out`` more ``what`` were left out since the previous record."""
+    if not left_out:
+        return detail
+    clause = f"{left_out} more {what} since the previous record, not recorded one by one"
+    return f"{detail}; {clause}" if detail else clause
+
+
+@dataclass
+class _LeftOut:
+    """The latest record a key of :class:`RepeatedRecords` left out, and how many it left out since it wrote one."""
+
+    sessions: sessionmaker[Session]
+    action: Action
+    peer: Peer
+    outcome: Outcome
+    what: str
+    study_instance_uid: str | None
+    instances: int
+    detail: str | None
+    count: int = 1
+
+    def write(self, occasion: str) -> None:
+        """Write the latest record left out, counting the others, and saying it was written late, at ``occasion``."""
+        detail = with_count(self.detail, self.count - 1, self.what)
+        note = f"written {occasion}"
+        _write(
+            self.sessions,
+            self.action,
+            self.peer,
+            self.outcome,
+            study_instance_uid=self.study_instance_uid,
+            instances=self.instances,
+            detail=f"{detail}; {note}" if detail else note,
+        )
+
+
+REPEAT_SECONDS = REPEATED_REFUSALS.seconds
+"""The records a caller can repeat at will are written at most once per caller in this long, as refused
+connections and associations are logged."""
+
+
+class RepeatedRecords:
+    """Records a caller can repeat at will (a throttled login, a refused download or query, a monitoring system's
+    C-ECHO): at most one per key each ``seconds``. Those left out are counted, and the next record written for the
+    key says how many; :meth:`flush` writes the latest one left out of each key, with its count, when the node
+    stops. At most ``max_keys`` keys are held: the least recently used one makes room, its count written first,
+    so nothing is left out without a record counting it."""
+
+    def __init__(self, seconds: float = REPEAT_SECONDS, max_keys: int = 4096) -> None:
+        self.seconds = seconds
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._keys: dict[Any, tuple[float, _LeftOut | None]] = {}  # key -> (when one was written, left out since)
+
+    def record(
+        self,
+        key: Any,
+        what: str,
+        sessions: sessionmaker[Session],
+        action: Action,
+        peer: Peer,
+        outcome: Outcome,
+        *,
+        study_instance_uid: str | None = None,
+        instances: int = 0,
+        detail: str | None = None,
+    ) -> bool:
+        """Write this record (with a clause counting ``what`` was left out since the previous one of ``key``), or
+        leave it out and count it when one was written for ``key`` less than :attr:`seconds` ago. Whether it was
+        written."""
+        now = time.monotonic()
+        latest = _LeftOut(sessions, action, peer, outcome, what, study_instance_uid, instances, detail)
+        with self._lock:
+            last = self._keys.pop(key, None)  # put back below: the dict stays ordered by last use
+            if last is not None and now - last[0] < self.seconds:
+                if last[1] is not None:
+                    latest.count = last[1].count + 1
+                self._keys[key] = (last[0], latest)
+                return False
+            evicted = self._make_room()
+            self._keys[key] = (now, None)
+        for left_out in evicted:
+            left_out.write("early: too many callers were being counted at once")
+        left = last[1].count if last is not None and last[1] is not None else 0
+        _write(
+            sessions,
+            action,
+            peer,
+            outcome,
+            study_instance_uid=study_instance_uid,
+            instances=instances,
+            detail=with_count(detail, left, what),
+        )
+        return True
+
+    def _make_room(self) -> list[_LeftOut]:
+        """Drop the least recently used keys down to ``max_keys - 1``; the records they left out (lock held)."""
+        evicted = []
+        while len(self._keys) >= self.max_keys:
+            oldest = next(iter(self._keys))
+            _when, left_out = self._keys.pop(oldest)
+            if left_out is not None:
+                evicted.append(left_out)
+        return evicted
+
+    def flush(self, occasion: str = "when the node stopped", sessions: sessionmaker[Session] | None = None) -> int:
+        """Write the latest record each key left out (into the database of ``sessions`` only, when given), counting
+        the others; how many were written. The keys keep their time: the next record of a key within
+        :attr:`seconds` is counted again."""
+        with self._lock:
+            pending = [
+                (key, entry)
+                for key, entry in self._keys.items()
+                if entry[1] is not None and (sessions is None or entry[1].sessions is sessions)
+            ]
+            for key, (when, _left_out) in pending:
+                self._keys[key] = (when, None)
+        for _key, (_when, left_out) in pending:
+            assert left_out is not None
+            left_out.write(occasion)
+        return len(pending)
+
+
+REPEATS = RepeatedRecords()
+"""The audit records of this process that a caller can repeat at will, throttled per caller."""
+REPEATED_ACTIONS: dict[str, str] = {"echo": "C-ECHO requests of this peer"}
+"""Actions :func:`record` always throttles through :data:`REPEATS`, and what their count clause calls them."""
+
+
+def flush_repeated(sessions: sessionmaker[Session] | None = None, occasion: str = "when the node stopped") -> int:
+    """Write the records :data:`REPEATS` left out and no record counted yet (into the database of ``sessions`` only,
+    when given): call it when the process stops answering requests."""
+    return REPEATS.flush(occasion, sessions)
 
 
 class StoreTally:
@@ -282,7 +447,7 @@ REPEATABLE_ATTRIBUTE = "_dicom_node_repeatable_refusal"
 def repeatable_refusal(event: Any) -> None:
     """Tell the audit of a request that its refusal is one its peer can repeat at will (a role it lacks, a query
     too broad, too many queries): such refusals, disclosing nothing, are recorded at most once per peer and
-    service each 10 s, the record counting those left out (:func:`repeats`)."""
+    service each 10 s, the record counting those left out (:data:`REPEATS`)."""
     setattr(event, REPEATABLE_ATTRIBUTE, True)
 
 
@@ -392,12 +557,8 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                 destination = f", to {as_sent(str(getattr(event, 'move_destination', '') or '').strip())}"
             if not studies:  # nothing sent or matched: the study the peer named, if it named one
                 studies[_literal_uid(identifier, "StudyInstanceUID")] = matches
-            repeated: str | None = ""
-            if not matches and getattr(event, REPEATABLE_ATTRIBUTE, False):  # refused: 0x0124, too many (0xA700)
-                key = (action, Peer.of(event.assoc).ae_title, getattr(event.assoc.requestor, "address", None))
-                repeated = repeats(key, f"refused C-{action.upper()} requests of this peer")
-            if repeated is None:  # counted; the next record let through says how many
-                studies.clear()
+            repeatable = not matches and getattr(event, REPEATABLE_ATTRIBUTE, False)  # 0x0124, too many (0xA700)
+            peer = Peer.of(event.assoc)
             for study, count in studies.items():
                 if unreadable:
                     detail = f"refused: {unreadable}"
@@ -407,14 +568,29 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                     detail += f" ({matches} in all, over {len(studies)} studies)"
                 if study is None and beyond:
                     detail += f"; {beyond} belong to studies past the first {MAX_STUDIES_AUDITED}, not named one by one"
-                record(
-                    sessions,
-                    action,
-                    Peer.of(event.assoc),
-                    outcome,
-                    study_instance_uid=study,
-                    instances=count,
-                    detail=detail + destination + (repeated or ""),
-                )
+                if repeatable:  # one record per peer each 10 s; the next one written counts those left out
+                    key = (action, peer.ae_title, host_of(peer.address))
+                    what = f"refused C-{action.upper()} requests of this peer"
+                    REPEATS.record(
+                        key,
+                        what,
+                        sessions,
+                        action,
+                        peer,
+                        outcome,
+                        study_instance_uid=study,
+                        instances=count,
+                        detail=detail + destination,
+                    )
+                else:
+                    record(
+                        sessions,
+                        action,
+                        peer,
+                        outcome,
+                        study_instance_uid=study,
+                        instances=count,
+                        detail=detail + destination,
+                    )
 
     return wrapped

@@ -89,12 +89,22 @@ class TlsSettings(_Strict):
         None, description="CA bundle (PEM) that peers' certificates must chain to; default: the system's."
     )
     require_client_certificate: bool = Field(
-        False, description="Mutual TLS: callers must present a certificate signed by ca_certificates."
+        False, description="Mutual TLS: callers must present a certificate signed by ca_certificates (then required)."
     )
     minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
     check_hostname: bool = Field(
         True, description="When calling a peer, its certificate must name the host (or IP) configured for it."
     )
+
+    @model_validator(mode="after")
+    def _clients_checked_against_a_named_ca(self) -> TlsSettings:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate needs ca_certificates: the CA bundle callers' certificates must chain "
+                "to (without it every caller would be refused, and trusting every public CA would admit anyone "
+                "with a certificate)"
+            )
+        return self
 
 
 class NetworkSettings(_Strict):
@@ -435,7 +445,8 @@ class DispatchSettings(_Strict):
         1.0,
         ge=0,
         le=3600,
-        description="Added to a C-STORE's DIMSE timeout per MB of the object sent (0: fixed timeout).",
+        description="Added to a C-STORE's DIMSE timeout per MB of the object sent (0: fixed timeout); also bounds "
+        "each instance sent to a C-GET requestor or C-MOVE destination.",
     )
     parallel_sends: int = Field(
         4, ge=1, le=64, description="Destinations sent to at once; each destination gets one association at a time."
@@ -468,6 +479,9 @@ class RetentionSettings(_Strict):
     quarantine_days: Days | None = Field(
         None,
         description="Delete refused instances (quarantine/ files and their rows) this many days after arrival.",
+    )
+    audit_days: Days | None = Field(
+        None, description="Delete audit records (table audit_events) this many days after they were written."
     )
     check_interval_seconds: float = Field(
         600.0, gt=0, le=DAY_SECONDS, description="How often `serve` applies retention."

@@ -9,7 +9,8 @@ instances of its result series (SEG, SR, RTSTRUCT), stamped the same way. The
 study is purged, the study row keeps only its UID: the patient's name, ID, birth
 date and sex and the study's accession number, description and referring physician
 are erased (:data:`STUDY_IDENTITY_COLUMNS`). Refused instances (``quarantine/`` and their
-``rejected_instances`` rows) are purged by their own age, ``retention.quarantine_days``.
+``rejected_instances`` rows) are purged by their own age, ``retention.quarantine_days``, and audit records by
+theirs, ``retention.audit_days``.
 
 :func:`plan_retention` decides (and changes nothing), :func:`apply_plan` deletes,
 :class:`RetentionTask` runs both periodically in ``serve``; ``dicom-node purge``
@@ -32,7 +33,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.ingest import lock_studies_of_job, studies_of_job
-from db.models import STUDY_IDENTITY_COLUMNS, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc, utcnow
+from db.models import (
+    STUDY_IDENTITY_COLUMNS,
+    AuditEvent,
+    Instance,
+    Job,
+    JobState,
+    RejectedInstance,
+    Series,
+    Study,
+    as_utc,
+    utcnow,
+)
 from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
@@ -664,6 +676,36 @@ def purge_quarantine(sessions: sessionmaker[Session], root: Path, days: float, n
     return removed
 
 
+AUDIT_ROWS_PER_TRANSACTION = 5000
+"""Old audit records are deleted this many at a time, each batch in its own short transaction: a first purge of a
+year of records never holds the database's write lock for long."""
+
+
+def purge_audit(sessions: sessionmaker[Session], days: float, now: datetime | None = None) -> int:
+    """Delete audit records written more than ``days`` ago (``retention.audit_days``); returns how many."""
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    removed = 0
+    while True:
+        with transaction(sessions) as session:
+            batch = select(AuditEvent.id).where(AuditEvent.at < cutoff).limit(AUDIT_ROWS_PER_TRANSACTION)
+            ids = list(session.scalars(batch))
+            if ids:
+                session.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
+        removed += len(ids)
+        if len(ids) < AUDIT_ROWS_PER_TRANSACTION:
+            break
+    if removed:
+        log_event(
+            LOG,
+            logging.INFO,
+            "retention.audit_purged",
+            removed=removed,
+            older_than_days=days,
+            reason=f"{removed} audit records older than {days:g} days (retention.audit_days) were deleted",
+        )
+    return removed
+
+
 def _inside(path: Path, root: Path) -> bool:
     resolved = path.resolve()
     return resolved != root.resolve() and resolved.is_relative_to(root.resolve())
@@ -718,12 +760,12 @@ class RetentionTask(PeriodicTask):
 
     def start(self) -> None:
         retention = self.settings.retention
-        if not retention.enabled and retention.quarantine_days is None:
+        if not retention.enabled and retention.quarantine_days is None and retention.audit_days is None:
             log_event(
                 LOG,
                 logging.INFO,
                 "retention.off",
-                hint="nothing is deleted; set retention.days, max_disk_gigabytes or quarantine_days",
+                hint="nothing is deleted; set retention.days, max_disk_gigabytes, quarantine_days or audit_days",
             )
             return
         log_event(
@@ -734,6 +776,7 @@ class RetentionTask(PeriodicTask):
             results_days=retention.results_days,
             max_disk_gigabytes=retention.max_disk_gigabytes,
             quarantine_days=retention.quarantine_days,
+            audit_days=retention.audit_days,
         )
         super().start()
 
@@ -743,6 +786,8 @@ class RetentionTask(PeriodicTask):
             purge_quarantine(
                 self.sessions, self.settings.storage.directory, self.settings.retention.quarantine_days, now
             )
+        if self.settings.retention.audit_days is not None:
+            purge_audit(self.sessions, self.settings.retention.audit_days, now)
         if not self.settings.retention.enabled:
             return PurgeOutcome()
         with self.sessions() as session:

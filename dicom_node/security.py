@@ -33,6 +33,7 @@ import io
 import ipaddress
 import logging
 import multiprocessing
+import re
 import socket
 import ssl
 import struct
@@ -406,13 +407,17 @@ def require_role(role: str, policy: PeerPolicy, handler: Callable[..., Any]) -> 
 
 
 def not_authorized(event: evt.Event, role: str, peer: Peer | Refused) -> Dataset:
-    """Log why, and answer 0x0124 with a short fixed comment."""
+    """Log why, and answer 0x0124 with a short fixed comment.
+
+    A peer can repeat such a request at will (a query in a loop): one line per peer address, AE title and role
+    each 10 s, the next one counting those left out (``not_logged_since_last``)."""
     requestor = event.assoc.requestor
     reason = peer if isinstance(peer, Refused) else f"peer {peer.name} has no {role} role"
-    log_event(
+    log_throttled(
         LOG,
         logging.WARNING,
         "request.refused",
+        (requestor.address, requestor.ae_title, role),
         calling_ae=requestor.ae_title,
         address=requestor.address,
         role=role,
@@ -811,12 +816,14 @@ class GuardedDUL(EventDrivenDUL):
             self.to_user_queue.put(None)  # type: ignore[arg-type]  # read as "no request in time": it closes
 
     def _refuse(self, why: str, *, reason: int) -> None:
-        """Log the refusal naming the peer, send an A-ABORT and close the connection."""
+        """Log the refusal naming the peer (once per address and kind each 10 s: a stranger can repeat it in a
+        loop), send an A-ABORT and close the connection."""
         requestor = self.assoc.requestor
-        log_event(
+        log_throttled(
             LOG,
             logging.WARNING,
             "connection.aborted",
+            (requestor.address, reason, re.sub(r"\d{3,}", "_", why)[:200]),  # sizes and times vary: not the kind
             address=requestor.address,
             calling_ae=(requestor.primitive.calling_ae_title if requestor.primitive else "(not yet known)"),
             reason=why,

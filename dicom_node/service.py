@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db import session as db_session
 from db.session import transaction
-from dicom_node import security
+from dicom_node import audit, security
 from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
@@ -133,6 +133,7 @@ class RunningNode:
         if self.console is not None:
             self.console.stop()
         self.server.shutdown()
+        audit.flush_repeated(self.sessions)  # counts of repeated requests (C-ECHO, refusals) not yet written
         self.watcher.stop()
         self.workers.stop()
         self.dispatcher.stop()

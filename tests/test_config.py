@@ -58,6 +58,10 @@ def test_relative_storage_directory_is_relative_to_config_file(tmp_path):
             {"rules": [{"name": "x", "action": "ignore", "match": {"slice_thickness": {"min": 5, "max": 1}}}]},
             "min (5.0) is greater than max",
         ),
+        (
+            {"network": {"tls": {"certificate": "c.pem", "private_key": "k.pem", "require_client_certificate": True}}},
+            "require_client_certificate needs ca_certificates",
+        ),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path, data, expected):

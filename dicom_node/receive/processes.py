@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import flush_repeated
 from dicom_node.config import Settings
 from dicom_node.logs import first_line, log_event
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
@@ -337,6 +338,7 @@ def run_receiver(
     ready.value = 1
     stop.wait()
     server.shutdown()
+    flush_repeated(sessions)  # counts of repeated requests (C-ECHO, refusals) not yet written
     recorder.stop()
     store.close()
     Path(alive.name).unlink(missing_ok=True)

@@ -1,0 +1,182 @@
+"""A monitoring system's C-ECHOs and a peer's refused requests in a loop leave one audit record and one log line per
+peer each 10 s, counting the others; counts still open are written when the node stops; and audit records older
+than ``retention.audit_days`` are deleted."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import AuditEvent, as_utc, utcnow
+from db.session import transaction
+from dicom_node import audit, retention
+from dicom_node.config import Settings
+from dicom_node.retention import RetentionTask
+from dicom_node.security import PeerPolicy, require_role
+from dicom_node.service import open_database
+from tests.conftest import Node, free_port, require_tool, wait_for
+from tests.console_helpers import console_settings
+
+PEERS = {
+    "monitor": {"ae_title": "MONITOR", "hosts": ["127.0.0.1"], "roles": ["echo"]},
+    "planner": {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["get", "move"]},  # no broad queries
+}
+LEFT_OUT = "since the previous record, not recorded one by one"
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[Node]:
+    """A real node with its console on (its stop writes the counts still open) and two peers: one that may only
+    echo, one that may only retrieve."""
+    running = Node(tmp_path / "node", {"peers": PEERS, "console": console_settings(free_port())}).start()
+    try:  # the DICOM port listens first; a stop before the rest has started would end the process unhandled
+        wait_for(lambda: "node.ready" in running.log(), timeout=60, what="the node to finish starting")
+        yield running
+    finally:
+        running.stop()
+
+
+def _dcmtk(tool: str, node: Node, calling_ae: str, *args: str) -> str:
+    """Run a DCMTK tool against the node; its output."""
+    command = [require_tool(tool), "-v", "-aet", calling_ae, "-aec", node.ae_title, "127.0.0.1", str(node.port)]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert "Association Accepted" in output, output
+    return output
+
+
+def _echo(node: Node, calling_ae: str) -> None:
+    assert "Received Echo Response (Success)" in _dcmtk("echoscu", node, calling_ae)
+
+
+def _broad_query(node: Node, calling_ae: str) -> None:
+    """A STUDY-level C-FIND on every patient name, which a peer without the find role is refused."""
+    query = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=*", "-k", "StudyInstanceUID"]
+    assert "Final Find Response (Unknown Status: 0x124)" in _dcmtk("findscu", node, calling_ae, *query)
+
+
+def _details(sessions: sessionmaker[Session], action: str, peer_ae: str | None = None) -> list[str | None]:
+    with sessions() as session:
+        query = select(AuditEvent.detail).where(AuditEvent.action == action)
+        if peer_ae is not None:
+            query = query.where(AuditEvent.peer_ae_title == peer_ae)
+        return list(session.scalars(query.order_by(AuditEvent.id)))
+
+
+@pytest.mark.integration
+def test_a_monitoring_system_echoing_in_a_loop_leaves_one_record_per_10_s_counting_the_others(node):
+    for _ in range(5):
+        _echo(node, "MONITOR")
+    assert _details(node.sessions, "echo", "MONITOR") == [None]
+
+    time.sleep(audit.REPEAT_SECONDS + 0.5)  # the window passes: the next one is written, counting those left out
+    _echo(node, "MONITOR")
+
+    assert _details(node.sessions, "echo", "MONITOR") == [None, f"4 more C-ECHO requests of this peer {LEFT_OUT}"]
+
+
+@pytest.mark.integration
+def test_requests_refused_for_a_missing_role_leave_one_log_line_per_peer_each_10_s_with_a_count(caplog):
+    """The node's own negotiation gives a peer no context for a service it lacks the role for; behind it, a request
+    that still comes is refused (0x0124) and logged. A pynetdicom SCP guarded that way alone, called by echoscu."""
+    policy = PeerPolicy.from_settings(
+        Settings(peers={"sender": {"ae_title": "NOECHO", "hosts": ["127.0.0.1"], "roles": ["store"]}})
+    )
+    ae = AE(ae_title="GUARDED")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    handler = require_role("echo", policy, lambda _event: 0x0000)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, handler)])
+
+    def echo() -> str:
+        command = [require_tool("echoscu"), "-v", "-aet", "NOECHO", "-aec", "GUARDED", "127.0.0.1", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return result.stdout + result.stderr
+
+    def refused_lines() -> list[dict[str, Any]]:
+        records = [r for r in caplog.records if r.getMessage() == "request.refused"]
+        return [fields for r in records if (fields := getattr(r, "event_fields", {})).get("calling_ae") == "NOECHO"]
+
+    try:
+        answers = [echo() for _ in range(5)]
+        assert all("Echo Response (Unknown Status: 0x124)" in answer for answer in answers), answers[0]
+        assert [str(line["reason"]) for line in refused_lines()] == ["peer sender has no echo role"]
+
+        time.sleep(audit.REPEAT_SECONDS + 0.5)
+        echo()
+    finally:
+        server.shutdown()
+    lines = refused_lines()
+    assert len(lines) == 2 and lines[1]["not_logged_since_last"] == 4, lines
+
+
+@pytest.mark.integration
+def test_the_counts_still_open_when_the_node_stops_are_written(node):
+    for _ in range(4):
+        _echo(node, "MONITOR")
+        _broad_query(node, "PLANNER")
+    node.stop()
+
+    assert _details(node.sessions, "echo", "MONITOR") == [
+        None,
+        f"2 more C-ECHO requests of this peer {LEFT_OUT}; written when the node stopped",
+    ]
+    assert _details(node.sessions, "find", "PLANNER") == [
+        "STUDY level, 0 matches",
+        f"STUDY level, 0 matches; 2 more refused C-FIND requests of this peer {LEFT_OUT}; written when the node "
+        "stopped",
+    ]
+
+
+@pytest.fixture
+def sessions(tmp_path) -> sessionmaker[Session]:
+    """A migrated SQLite database of the node's schema."""
+    return open_database(Settings(storage={"directory": str(tmp_path / "storage")}))
+
+
+def test_a_full_count_makes_room_by_writing_the_oldest_callers_count_first(sessions):
+    repeats = audit.RepeatedRecords(seconds=3600, max_keys=2)
+    console = audit.Peer(None, "192.0.2.1")
+
+    def refused(caller: str) -> bool:
+        return repeats.record(caller, "refusals", sessions, "console", console, "refused", detail=f"{caller} refused")
+
+    assert [refused(c) for c in ("a", "a", "a", "b", "c")] == [True, False, False, True, True]
+    assert _details(sessions, "console") == [
+        "a refused",
+        "b refused",
+        f"a refused; 1 more refusals {LEFT_OUT}; written early: too many callers were being counted at once",
+        "c refused",
+    ]
+    assert repeats.flush() == 0, "nothing left uncounted"
+
+
+def test_audit_records_older_than_audit_days_are_deleted_a_batch_at_a_time(sessions, tmp_path, monkeypatch):
+    now = utcnow()
+    with transaction(sessions) as session:
+        for age_days in (40, 31, 31, 31, 30.5, 29, 1):
+            session.add(AuditEvent(at=now - timedelta(days=age_days), action="echo", outcome="success"))
+    monkeypatch.setattr(retention, "AUDIT_ROWS_PER_TRANSACTION", 2)  # five old rows: three batches
+    settings = Settings(storage={"directory": str(tmp_path / "storage")}, retention={"audit_days": 30})
+
+    RetentionTask(settings, sessions).run_once(now)
+
+    with sessions() as session:
+        ages = sorted((now - as_utc(at)).days for at in session.scalars(select(AuditEvent.at)))
+    assert ages == [1, 29]
+
+
+@pytest.mark.parametrize("days", [0, -1, True])
+def test_audit_days_must_be_a_positive_number_of_days(days):
+    with pytest.raises(ValidationError):
+        Settings(retention={"audit_days": days})
