@@ -42,10 +42,12 @@ class DatabaseBusy(Exception):
 def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and write-locking transactions.
 
-    SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives the
-    process being killed (the case the node must handle); the instance files
-    themselves are fsynced, and any file missing from the database is indexed
-    again at start-up (:func:`dicom_node.receive.storage.reconcile`).
+    SQLite runs in WAL mode with ``synchronous=FULL``: each commit is on disk before it returns, so a
+    power cut never takes back a result recorded as sent (``NORMAL`` survives a killed process only: after a
+    power cut the node forgot results it had sent, ran the series again and sent a second result). The
+    receiver commits in batches, off the acknowledgement path, so this costs one sync per batch. The instance
+    files themselves are fsynced, and any file missing from the database is indexed again at start-up
+    (:func:`dicom_node.receive.storage.repair`).
     """
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -61,7 +63,7 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
         # reader, say a console page or a C-FIND, would fail while a writer holds the database).
         if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
