@@ -457,7 +457,8 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
 
 
 def _study_of(session: Session, record: InstanceRecord) -> Study:
-    """The record's study, created on first sight (its identity restored if retention erased it)."""
+    """The record's study, created on first sight (its identity restored if retention erased it, or completed
+    where its row lacks a patient attribute the record carries)."""
     query = select(Study).where(Study.study_instance_uid == record.study.study_instance_uid).with_for_update()
     study = session.scalars(query.execution_options(populate_existing=True)).first()
     if study is None:
@@ -468,15 +469,26 @@ def _study_of(session: Session, record: InstanceRecord) -> Study:
     return study
 
 
+PATIENT_DETAIL_COLUMNS = ("issuer_of_patient_id", "patient_name", "patient_birth_date", "patient_sex")
+"""What a series must share with its study's patient besides PatientID, where both carry it."""
+
+
 def restore_study_identity(study: Study, record: InstanceRecord) -> None:
     """A study without a PatientID (retention erased its identity when it purged every series) takes the
     identity of a new instance of it: the study is held again, and queries, the one-study-one-patient check
-    and admission need to know whose it is."""
-    if study.patient_id is not None or not record.study.patient_id:
+    and admission need to know whose it is.
+
+    A study whose row lacks an issuer, name, birth date or sex (its first series left them empty) takes those
+    the new instance carries: a value only one side has is no conflict, so without this a later series could
+    name DOE^JOHN and another ROE^JANE under the same study and both be processed."""
+    if not record.study.patient_id:
         return
-    for column in STUDY_IDENTITY_COLUMNS:
-        if getattr(study, column) is None:
-            setattr(study, column, getattr(record.study, column))
+    erased = study.patient_id is None
+    for column in STUDY_IDENTITY_COLUMNS if erased else PATIENT_DETAIL_COLUMNS:
+        held, given = getattr(study, column), getattr(record.study, column)
+        completes = not (held or "").strip() and bool((given or "").strip())
+        if (held is None) if erased else completes:
+            setattr(study, column, given)
 
 
 def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:

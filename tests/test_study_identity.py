@@ -191,3 +191,56 @@ def test_an_instance_sent_into_a_series_of_the_nodes_own_results_is_refused(runn
         f"SeriesInstanceUID {result.series_instance_uid} is a series of this node's own results (job {job_id}); "
         "the node never adds received instances to its results, so this instance is quarantined"
     }
+
+
+@pytest.mark.parametrize(
+    ("first_blank", "second", "third"),
+    [
+        (
+            {"PatientName": ""},  # and no IssuerOfPatientID
+            {"IssuerOfPatientID": "HOSPITAL-A"},
+            {"IssuerOfPatientID": "HOSPITAL-B", "PatientName": "ROE^JANE"},
+        ),
+        (
+            {"PatientBirthDate": "", "PatientSex": None},
+            {},
+            {"PatientBirthDate": "19800202", "PatientSex": "F"},
+        ),
+    ],
+)
+def test_a_study_whose_first_series_left_details_empty_takes_them_from_the_next_and_refuses_a_third_patient(
+    running_scp, tmp_path, first_blank, second, third
+):
+    """A value only one side has is no conflict: the study's row kept the first series' blanks, so a second
+    series naming DOE^JOHN and a third naming ROE^JANE were both accepted, and results went out for both."""
+    first = phantom(tmp_path / "first", **first_blank)
+    assert running_scp.send(first.files) == [(status.SUCCESS, "")] * len(first.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    study = first.study_instance_uid
+    named = phantom(tmp_path / "named", study, **second)
+    assert running_scp.send(named.files) == [(status.SUCCESS, "")] * len(named.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    other = phantom(tmp_path / "other", study, **third)
+
+    refused = running_scp.send(other.files[:2])
+
+    assert [code for code, _comment in refused] == [status.CANNOT_UNDERSTAND] * 2
+    with running_scp.sessions() as session:
+        (row,) = session.scalars(select(Study))
+    held = {
+        "IssuerOfPatientID": row.issuer_of_patient_id,
+        "PatientName": row.patient_name,
+        "PatientBirthDate": row.patient_birth_date,
+        "PatientSex": row.patient_sex,
+    }
+    assert {keyword: held[keyword] for keyword in third} == {
+        keyword: dcmread(named.files[0]).get(keyword) for keyword in third
+    }
+    elsewhere = KnownStudies(running_scp.sessions)  # another process: reads the completed row
+    sent = dcmread(other.files[2], stop_before_pixels=True)
+    header = check_header(
+        read_header(data_set_bytes(other.files[2]), sent.file_meta.TransferSyntaxUID),
+        str(sent.SOPClassUID),
+        str(sent.SOPInstanceUID),
+    )
+    assert elsewhere.conflict(header) is not None

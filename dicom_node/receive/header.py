@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -607,6 +607,18 @@ class StudyPatient:
             study.patient_birth_date,
             study.patient_sex,
         )
+
+    def completed_by(self, received: StudyPatient) -> StudyPatient:
+        """This patient with the details it lacks (issuer, name, birth date, sex) taken from ``received``, as the
+        study's row takes them when a series of the same patient carries them."""
+        if self.patient_id != received.patient_id:
+            return self
+        missing = {
+            field: getattr(received, field)
+            for _keyword, field in STUDY_PATIENT_ATTRIBUTES
+            if not (getattr(self, field) or "").strip() and (getattr(received, field) or "").strip()
+        }
+        return replace(self, **missing) if missing else self
 
     def differing_keyword(self, received: StudyPatient) -> str | None:
         """The attribute in which ``received`` names another patient than this study's, or None.

@@ -112,10 +112,15 @@ class KnownStudies:
             if len(self._series) >= REMEMBERED_STUDIES:
                 self._series.clear()
             self._series.add(header.series.series_instance_uid)
-            if patient.patient_id and header.study.study_instance_uid not in self._patients:
+            if not patient.patient_id:
+                return
+            known = self._patients.get(header.study.study_instance_uid)
+            if known is None:
                 if len(self._patients) >= REMEMBERED_STUDIES:
                     self._patients.clear()
                 self._patients[header.study.study_instance_uid] = (time.monotonic(), patient)
+            else:  # the study's row takes the details its first series left empty (db.ingest.restore_study_identity)
+                self._patients[header.study.study_instance_uid] = (known[0], known[1].completed_by(patient))
 
     def series_stored(self, series_instance_uid: str) -> bool:
         """Whether an instance of the series is stored (by this process, or recorded by any)."""
