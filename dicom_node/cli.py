@@ -185,6 +185,7 @@ def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | Non
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
+    from dicom_node.receive.processes import ReceiverNotStarted
     from dicom_node.service import DatabaseUnavailable, NodeLockLost
     from dicom_node.service import serve as run_service
 
@@ -199,7 +200,7 @@ def serve(config: ConfigOption = None) -> None:
     try:
         _warn_about_loose_permissions(storage)
         run_service(settings)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, ReceiverNotStarted) as exc:
         _cannot_start(str(exc))
     except NodeLockLost as exc:
         errors.print(f"[bold red]stopped[/]: {escape(str(exc))}", highlight=False)

@@ -8,6 +8,7 @@ recorded, and that the association caps count the connections of every receiving
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import re
@@ -344,3 +345,41 @@ def test_a_receiver_started_again_stops_as_the_others_do_not_killed_with_the_sup
         pool.shutdown()
     assert restarted.exitcode == 0  # stopped by SIGTERM, as the other receiver
     assert pool._processes[1].exitcode == 0
+
+
+def test_a_receiver_killed_while_starting_is_started_again_and_start_up_goes_on(tmp_path, caplog):
+    """serve once stopped with a traceback (``receiving process 0 did not start (exit status -9)``) when a
+    receiving process was killed during start-up."""
+    from db.session import make_engine, make_session_factory, migrate
+    from dicom_node.config import Settings
+    from dicom_node.receive.processes import ReceiverPool
+    from dicom_node.receive.storage import InstanceStore
+    from tests.conftest import free_port
+
+    settings = Settings(storage={"directory": tmp_path / "storage"}, network={"port": free_port()}, **TWO_RECEIVERS)
+    migrate(settings.database_url)
+    pool = ReceiverPool(
+        settings, InstanceStore(settings.storage.directory), make_session_factory(make_engine(settings.database_url)), 2
+    )
+    spawn, killed = pool._spawn, []
+
+    def spawn_and_kill_the_first(number: int):
+        process, ready = spawn(number)
+        if not killed:
+            os.kill(process.pid, signal.SIGKILL)  # killed before it listens
+            killed.append(process.pid)
+        return process, ready
+
+    pool._spawn = spawn_and_kill_the_first  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="dicom_node.receive.processes")
+    pool.start()
+    try:
+        assert all(process.is_alive() for process in pool._processes) and len(pool._processes) == 2
+        assert killed[0] not in pool.pids
+        (said,) = [r for r in caplog.records if r.getMessage() == "receiver.start_failed"]
+        assert said.event_fields["reason"] == (  # type: ignore[attr-defined]
+            "receiving process 0 stopped while starting (was ended by signal SIGKILL); starting it again "
+            "(attempt 2 of 3)"
+        )
+    finally:
+        pool.shutdown()

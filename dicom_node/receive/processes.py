@@ -48,6 +48,26 @@ another can run: ten senders on 2 cores finished in a median 3.2-3.7 s with four
 with two (``bench/receive_throughput.py``, 2026-11-30)."""
 MOST_AUTOMATIC_PROCESSES = 8
 READY_TIMEOUT_SECONDS = 120.0
+START_ATTEMPTS = 3
+"""Starts of one receiving process at start-up before ``serve`` gives up (one killed while starting is started
+again)."""
+
+
+class ReceiverNotStarted(RuntimeError):
+    """A receiving process could not be started at start-up; the message is a sentence for the administrator."""
+
+
+def _ended_how(process: multiprocessing.process.BaseProcess) -> str:
+    """How a process that did not start ended, in words."""
+    code = process.exitcode
+    if code is None:
+        return f"did not listen within {READY_TIMEOUT_SECONDS:.0f} s"
+    if code < 0:
+        try:
+            return f"was ended by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was ended by signal {-code}"
+    return f"exited with status {code}"
 
 
 class Receiving(Protocol):
@@ -187,7 +207,7 @@ class ReceiverPool:
         try:
             for number in range(self.count):
                 starting.append(self._spawn(number))
-            self._processes = [self._wait_ready(number, *pair) for number, pair in enumerate(starting)]
+            self._processes = [self._ready_or_again(number, *pair) for number, pair in enumerate(starting)]
         except BaseException:
             self._processes = [process for process, _ in starting]
             self.shutdown()
@@ -215,19 +235,43 @@ class ReceiverPool:
         process.start()
         return process, ready
 
-    def _wait_ready(
+    def _ready_or_again(
         self, number: int, process: multiprocessing.process.BaseProcess, ready: Any
     ) -> multiprocessing.process.BaseProcess:
+        """The receiving process once it listens; one that died while starting (killed, say) is started again,
+        up to :data:`START_ATTEMPTS` times in all, before start-up fails with a sentence."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if self._wait_ready(process, ready):
+                log_event(LOG, logging.INFO, "receiver.started", receiver=number, pid=process.pid)
+                return process
+            self._clean_up_after(process.pid)  # it may have acknowledged an instance before it died
+            if attempt < START_ATTEMPTS:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "receiver.start_failed",
+                    receiver=number,
+                    pid=process.pid,
+                    reason=f"receiving process {number} stopped while starting ({_ended_how(process)}); "
+                    f"starting it again (attempt {attempt + 1} of {START_ATTEMPTS})",
+                )
+                process, ready = self._spawn(number)
+        raise ReceiverNotStarted(
+            f"receiving process {number} did not start after {START_ATTEMPTS} attempts (the last one "
+            f"{_ended_how(process)}); the lines above say why"
+        )
+
+    @staticmethod
+    def _wait_ready(process: multiprocessing.process.BaseProcess, ready: Any) -> bool:
+        """Whether ``process`` listens within :data:`READY_TIMEOUT_SECONDS` (else it is killed)."""
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not ready.value:
             if not process.is_alive() or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(
-                    f"receiving process {number} did not start (exit status {process.exitcode}); see the lines above"
-                )
+                process.join(timeout=10)
+                return False
             time.sleep(0.05)
-        log_event(LOG, logging.INFO, "receiver.started", receiver=number, pid=process.pid)
-        return process
+        return True
 
     def _supervise(self) -> None:
         """Start each receiving process that died again, until shutdown; then wait until shutdown has stopped them.
@@ -263,8 +307,10 @@ class ReceiverPool:
                 if self._stop.is_set():
                     return
                 try:
-                    self._processes[number] = self._wait_ready(number, *self._spawn(number))
-                except Exception:  # tried again at the next check
+                    self._processes[number] = self._ready_or_again(number, *self._spawn(number))
+                except ReceiverNotStarted as exc:  # tried again at the next check
+                    log_event(LOG, logging.ERROR, "receiver.restart_failed", receiver=number, reason=str(exc))
+                except Exception:
                     LOG.exception("receiver.restart_failed", extra={"event_fields": {"receiver": number}})
 
     def _clean_up_after(self, pid: int | None) -> None:
