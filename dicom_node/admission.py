@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
+from dicom_node.encode.values import sequence_check
 from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
 from inference.volume import (
@@ -463,6 +464,10 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             problem = _identity_value_problem(header, keyword)
             if problem is not None:
                 raise Refused(f"{keyword} of {label} {problem}; the sender must correct it")
+        for keyword in IDENTITY_SEQUENCES:
+            problem = _identity_sequence_problem(header, keyword)
+            if problem is not None:
+                raise Refused(f"{keyword} of {label}: {problem}; the results carry it, so the sender must correct it")
     missing = [label for label, header, _ in headers if not (raw_text(header, "PatientID") or "").strip(" \x00")]
     if missing:
         raise Refused(
@@ -549,6 +554,19 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     if keyword in PERSON_NAME_KEYWORDS:
         return _person_name_problem(decoded if isinstance(element, RawDataElement) else str(element.value))
     return None
+
+
+def _identity_sequence_problem(header: Dataset, keyword: str) -> str | None:
+    """Why an identity sequence cannot label a result, naming the attribute and item (a value that breaks its VR,
+    nested items included: :func:`~dicom_node.encode.values.sequence_check`), or None. The results copy it as it
+    is, so validators and PACS would refuse them. Values are never named."""
+    if keyword not in header:
+        return None
+    try:
+        element = header[keyword]
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds on a sequence it cannot parse
+        return "the sequence cannot be read"
+    return sequence_check(element).first_problem if element.VR == "SQ" else None
 
 
 PERSON_NAME_KEYWORDS = frozenset({"PatientName"})

@@ -35,7 +35,9 @@ from dicom_node import MANUFACTURER, __version__
 from dicom_node.encode.codes import display_label, structure_codes
 from dicom_node.encode.copied import checked_sources
 from dicom_node.encode.fast_write import save_preencoded
+from dicom_node.encode.lossy import mark_lossy
 from dicom_node.encode.sources import RESULT_CHARACTER_SET
+from inference.volume import orthonormal_directions
 
 SegmentationType = Literal["BINARY", "LABELMAP"]
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # algorithm family (CID 7162) of a trained model
@@ -168,6 +170,8 @@ def encode_segmentation(
     Tracking UID, :func:`tracking_uids`) are the structures' UIDs in every result of the run; without them
     each segment gets a new one. A patient, study or frame of reference value of the sources that breaks its VR is
     not copied as it is (:func:`~dicom_node.encode.copied.checked_source`): each adds a sentence to ``notes``.
+    LossyImageCompression is "01" when any source went through lossy compression
+    (:func:`~dicom_node.encode.lossy.mark_lossy`), with the methods and ratios known.
 
     Raises
     ------
@@ -208,12 +212,38 @@ def encode_segmentation(
         specific_character_set=RESULT_CHARACTER_SET,
     )
     dataset.SeriesDescription = description[:64]
+    mark_lossy(dataset, source_images)  # from every source: highdicom copies the first one's flag only
+    write_unit_orientation(dataset)
     # Laterality (General Series, Type 2C) is needed when no Image Laterality says it: the segments
     # cover structures of both sides ("B") unless the source image states its own laterality.
     dataset.ImageLaterality = source_images[0].get("ImageLaterality") or "B"
     if segmentation_type == "LABELMAP":
         _drop_background_segment(dataset)
     return EncodedSegmentation(dataset, dict(enumerate(present, start=1)))
+
+
+def write_unit_orientation(dataset: Dataset) -> None:
+    """Each ImageOrientationPatient of the SEG's functional groups as unit direction cosines at right angles.
+
+    highdicom copies the sources' values, which admission lets be slightly off (0.9995, rounded by a scanner);
+    the SEG then fails validation. The volume and the RTSTRUCT's contours use the same directions
+    (:func:`inference.volume.orthonormal_directions`), so every result places its voxels and contours alike."""
+    groups = list(dataset.get("SharedFunctionalGroupsSequence") or [])
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and "PlaneOrientationSequence" in per_frame[0]:
+        groups += list(per_frame)
+    for group in groups:
+        for plane in group.get("PlaneOrientationSequence") or []:
+            if "ImageOrientationPatient" in plane:
+                plane.ImageOrientationPatient = unit_orientation(plane.ImageOrientationPatient)
+
+
+def unit_orientation(values: Sequence[float]) -> list[str]:
+    """ImageOrientationPatient as unit row and column directions at right angles, each a decimal string of at
+    most 16 characters (ten decimals: unit length to within 1e-9)."""
+    row, column = orthonormal_directions([float(v) for v in values])
+    texts = [f"{float(v):.10f}".rstrip("0").rstrip(".") for v in (*row, *column)]
+    return ["0" if text == "-0" else text for text in texts]
 
 
 def tracking_uids(classes: Mapping[int, str]) -> dict[int, str]:
