@@ -11,19 +11,23 @@ has committed, so the log never tells of a change the database does not hold.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.tag import Tag
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import MissingInstances, instances_refused_for_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
 from db.models import Instance, Job, JobState, Series, utcnow
-from db.session import transaction
+from db.session import read_only, transaction
 from dicom_node.admission import (
     AdmissionResult,
     InstanceFile,
@@ -32,17 +36,24 @@ from dicom_node.admission import (
     is_admission_warning,
     recorded_patient,
 )
-from dicom_node.logs import log_event
+from dicom_node.config import Settings
+from dicom_node.logs import log_event, shown
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.header import StudyPatient
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.routing import Decision, decide, series_facts
+from inference.volume import raw_text
 
 LOG = logging.getLogger(__name__)
 
 EXPECTED_COUNT_SETTLE_SECONDS = 2.0
 """A series that reached its ImagesInAcquisition count completes once this long has passed without a new instance
 (or the quiet period, if shorter): an instance past the count shows that the count was one acquisition's."""
+COUNT_TAGS = [Tag("AcquisitionNumber"), Tag("ImagesInAcquisition")]
+"""What is read from the stored files of a series that reached its count, to tell whether it is one acquisition."""
+
+_CountKey = tuple[int, int, datetime]
+"""A series as one check of its count saw it: id, instances held, last instance's arrival."""
 
 
 @dataclass
@@ -76,6 +87,11 @@ class SeriesWatcher(PeriodicTask):
 
     name = "watcher"
 
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings, sessions)
+        self._count_doubts: dict[_CountKey, str | None] = {}
+        """Why each series that reached its ImagesInAcquisition count may not be whole (None: it is whole)."""
+
     @property
     def interval_seconds(self) -> float:
         return self.settings.completion.check_interval_seconds
@@ -93,19 +109,23 @@ class SeriesWatcher(PeriodicTask):
         job then carries a "partial series" warning. The same holds for a series sent again after
         retention purged it, while it holds fewer images than it did then. Images sent for the series
         but refused or set aside on receipt count towards the expected number, and add a "partial
-        series" warning too.
+        series" warning too. Reaching the count completes a series early only where the count covers the
+        whole series (:func:`_numbering_doubt`, :func:`_acquisition_doubt`); else the quiet period decides.
         """
         completion = self.settings.completion
         quiet = timedelta(seconds=completion.quiet_seconds)
         expected_timeout = timedelta(seconds=completion.expected_count_timeout_seconds)
         pending = _Pending()
         settle = timedelta(seconds=min(EXPECTED_COUNT_SETTLE_SECONDS, completion.quiet_seconds))
+        doubts = self._check_reached_counts(settle)
         with transaction(self.sessions) as session:
             timed_out = {job.id for job in jobs.quiet_receiving_jobs(session, expected_timeout)}
             waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
             for job in _expected_count_reached(session, settle):
                 if job.series.series_instance_uid in waiting:
                     continue  # more acknowledged instances are on their way into the count
+                if doubts.get(_count_key(job.series), "not checked yet") is not None:
+                    continue  # the count may be one acquisition's: the quiet period decides
                 count = job.series.instance_count
                 reason = f"all {count} expected images received (ImagesInAcquisition)"
                 missing = instances_refused_for_series(session, job.series)
@@ -136,6 +156,34 @@ class SeriesWatcher(PeriodicTask):
                     )
                     self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing)])
         pending.log()
+
+    def _check_reached_counts(self, settle: timedelta) -> dict[_CountKey, str | None]:
+        """Whether each series that reached its ImagesInAcquisition count holds the whole series (None) or why
+        it may not; read outside any write transaction, and the files of a series once while it is unchanged."""
+        with read_only(self.sessions) as session:
+            reached = [(_count_key(job.series), job.series) for job in _expected_count_reached(session, settle)]
+            unchecked = [
+                (key, series.series_instance_uid, _instance_numbers(session, series))
+                for key, series in reached
+                if key not in self._count_doubts
+            ]
+        doubts = {key: self._count_doubts[key] for key, _series in reached if key in self._count_doubts}
+        pending = _Pending()
+        for key, series_uid, numbered in unchecked:
+            doubt = _numbering_doubt([number for number, _path in numbered]) or _acquisition_doubt(numbered)
+            doubts[key] = doubt
+            if doubt is not None:
+                pending.add(
+                    logging.INFO,
+                    "series.count_not_trusted",
+                    series_instance_uid=series_uid,
+                    instances=key[1],
+                    reason=f"the ImagesInAcquisition count is reached, but {doubt}; the series completes after "
+                    "the quiet period instead",
+                )
+        self._count_doubts = doubts  # only series still at their count are remembered
+        pending.log()
+        return doubts
 
     def route_complete_series(self) -> None:
         """Route every COMPLETE series; admit (read headers) outside any write transaction."""
@@ -250,6 +298,80 @@ def _images_received(session: Session, series: Series) -> int:
         select(func.sum(func.coalesce(Instance.number_of_frames, 1))).where(Instance.series_id == series.id)
     )
     return int(total or 0)
+
+
+def _count_key(series: Series) -> _CountKey:
+    return series.id, series.instance_count, series.last_received_at
+
+
+def _instance_numbers(session: Session, series: Series) -> list[tuple[int | None, Path]]:
+    """The InstanceNumber and stored file of each instance of ``series``."""
+    rows = session.execute(
+        select(Instance.instance_number, Instance.path).where(Instance.series_id == series.id).order_by(Instance.id)
+    )
+    return [(number, Path(path)) for number, path in rows]
+
+
+def _numbering_doubt(numbers: Sequence[int | None]) -> str | None:
+    """Why images numbered ``numbers`` may not be the whole series: the count covers a series only when its
+    images are numbered 1 to the count, once each (images numbered before, between or again may still come)."""
+    count = len(numbers)
+    known = [number for number in numbers if number is not None]
+    if len(known) < count:
+        return (
+            f"{count - len(known)} of its {count} images have no InstanceNumber, so images still to come cannot be "
+            "ruled out"
+        )
+    repeated = [(number, times) for number, times in Counter(known).most_common(1) if times > 1]
+    if repeated:
+        return (
+            f"InstanceNumber {repeated[0][0]} occurs on {repeated[0][1]} of its images, as when each acquisition is "
+            "numbered from 1"
+        )
+    if known and (min(known) != 1 or max(known) != count):
+        return (
+            f"its InstanceNumbers run from {min(known)} to {max(known)}, not from 1 to {count}, so images numbered "
+            "before or between them may still come"
+        )
+    return None
+
+
+def _acquisition_doubt(numbered: Sequence[tuple[int | None, Path]]) -> str | None:
+    """Why the stored files may not be the whole series: they carry several AcquisitionNumbers, or disagree on
+    ImagesInAcquisition (each then counts one acquisition), or one cannot be read to tell."""
+    acquisitions: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for number, path in numbered:
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=COUNT_TAGS)
+        except Exception:  # noqa: BLE001 - any unreadable file leaves the decision to the quiet period
+            return f"the stored file of instance {number} cannot be read to check its AcquisitionNumber"
+        acquisitions[_number_text(raw_text(header, "AcquisitionNumber"))] += 1
+        counts[_number_text(raw_text(header, "ImagesInAcquisition"))] += 1
+    if len(acquisitions) > 1:
+        return (
+            f"its images carry {len(acquisitions)} AcquisitionNumbers ({_listed(acquisitions)}) and "
+            "ImagesInAcquisition counts the images of one acquisition, so more may come"
+        )
+    if len(counts) > 1:
+        return f"its images disagree on ImagesInAcquisition ({_listed(counts)}), so the count is not the series'"
+    return None
+
+
+def _number_text(text: str | None) -> str:
+    """An integer string as compared (``01`` is ``1``); an empty or missing value is ``(none)``."""
+    if text is None:
+        return "(none)"
+    try:
+        return str(int(text))
+    except ValueError:
+        return shown(text, 16)
+
+
+def _listed(values: Counter[str]) -> str:
+    """``1 on 5 images, 2 on 5 images``: the most common values first, at most four."""
+    listed = ", ".join(f"{value} on {count} image(s)" for value, count in values.most_common(4))
+    return listed + (f" and {len(values) - 4} more" if len(values) > 4 else "")
 
 
 def _expected_count_reached(session: Session, settle: timedelta) -> list[Job]:
