@@ -119,6 +119,7 @@ class SeriesWatcher(PeriodicTask):
         settle = timedelta(seconds=min(EXPECTED_COUNT_SETTLE_SECONDS, completion.quiet_seconds))
         doubts = self._check_reached_counts(settle)
         with transaction(self.sessions) as session:
+            _restart_quiet_periods_from_the_future(session, pending)
             timed_out = {job.id for job in jobs.quiet_receiving_jobs(session, expected_timeout)}
             waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
             for job in _expected_count_reached(session, settle):
@@ -298,6 +299,34 @@ def _images_received(session: Session, series: Series) -> int:
         select(func.sum(func.coalesce(Instance.number_of_frames, 1))).where(Instance.series_id == series.id)
     )
     return int(total or 0)
+
+
+CLOCK_STEP_SECONDS = 5.0
+"""A series' last arrival this far ahead of the clock means the clock was set back since it was recorded."""
+
+
+def _restart_quiet_periods_from_the_future(session: Session, pending: _Pending) -> None:
+    """A receiving series whose last image was recorded in the future (the clock was set back since) starts its
+    quiet period now: else it would wait for the clock to catch up, an hour for a clock set back an hour."""
+    now = utcnow()
+    ahead = list(
+        session.scalars(
+            select(Series)
+            .join(Job, Job.series_id == Series.id)
+            .where(
+                Job.state == JobState.RECEIVING, Series.last_received_at > now + timedelta(seconds=CLOCK_STEP_SECONDS)
+            )
+        )
+    )
+    for series in ahead:
+        pending.add(
+            logging.WARNING,
+            "series.clock_stepped_back",
+            series_instance_uid=series.series_instance_uid,
+            reason=f"the last image of the series was recorded at {series.last_received_at:%Y-%m-%d %H:%M:%S} UTC, "
+            "later than the clock says it is now (the clock was set back); its quiet period starts again now",
+        )
+        series.last_received_at = now
 
 
 def _count_key(series: Series) -> _CountKey:

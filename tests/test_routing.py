@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.models import Job, JobEvent, JobState, Series, Study, utcnow
+from db.models import Job, JobEvent, JobState, Series, Study, as_utc, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
 from dicom_node.config import Rule, Settings
@@ -266,3 +266,24 @@ def test_a_series_reopened_and_completed_again_during_admission_is_routed_on_its
     watcher.route_complete_series()
     _job, history = job_of(sessions)
     assert history[-1] is JobState.QUEUED
+
+
+def test_a_series_last_recorded_in_the_future_starts_its_quiet_period_again_now(tmp_path, caplog):
+    """A clock set back an hour left each receiving series waiting an hour longer than its quiet period."""
+    watcher, sessions, _series = watched(tmp_path, 2, expected=None)
+    received_at(sessions, utcnow() + timedelta(hours=1))  # recorded before the clock was set back an hour
+    caplog.set_level(logging.WARNING, logger="dicom_node.watcher")
+
+    watcher.run_once()
+
+    assert job_of(sessions)[0].state is JobState.RECEIVING  # the quiet period starts now: 30 s to go
+    with sessions() as session:
+        (series,) = session.scalars(select(Series))
+        assert abs((as_utc(series.last_received_at) - utcnow()).total_seconds()) < 60
+    (said,) = [record for record in caplog.records if record.getMessage() == "series.clock_stepped_back"]
+    assert said.event_fields["reason"].endswith(  # type: ignore[attr-defined]
+        "later than the clock says it is now (the clock was set back); its quiet period starts again now"
+    )
+    received_at(sessions, utcnow() - timedelta(seconds=31))
+    watcher.run_once()
+    assert job_of(sessions)[1][:2] == [JobState.RECEIVING, JobState.COMPLETE]
