@@ -779,20 +779,19 @@ def finish_processing(
     change_state(session, job, state, reason)
 
 
-def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
+def expired_leases(session: Session, now: datetime | None = None, *, lock: bool = True) -> list[Job]:
     """PROCESSING jobs whose worker's lease ran out: the worker died, hangs, or lost its host.
 
-    On PostgreSQL the rows are locked (``SKIP LOCKED``), so two workers sweeping at once
-    never both queue one job again.
+    With ``lock``, on PostgreSQL the rows are locked (``SKIP LOCKED``), so two workers sweeping at
+    once never both queue one job again; without it, a plain read (``dicom-node status``, a first look).
     """
     moment = now or database_now(session)
     query = (
         select(Job)
         .where(Job.state == S.PROCESSING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < moment)
         .order_by(Job.id)
-        .with_for_update(skip_locked=True)
     )
-    return list(session.scalars(query))
+    return list(session.scalars(query.with_for_update(skip_locked=True) if lock else query))
 
 
 def jobs_of_worker(session: Session, worker: str) -> list[Job]:
@@ -849,9 +848,51 @@ def node_restarted(session: Session, job: Job) -> None:
     )
 
 
-def lease_expired(session: Session, job: Job, max_deaths: int, now: datetime | None = None) -> bool:
-    """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed."""
-    late = (
-        ((now or database_now(session)) - as_utc(job.lease_expires_at)).total_seconds() if job.lease_expires_at else 0.0
-    )
+def lease_expired(
+    session: Session, job: Job, max_deaths: int, now: datetime | None = None, *, ended_by: str | None = None
+) -> bool:
+    """``job``'s lease ran out: its worker is taken for dead (:func:`worker_died`); True when the job was failed.
+
+    ``ended_by`` names who ended the worker because of it (``serve``, for a worker of its own that stopped
+    responding): the reason then says so (:func:`taken_from_hung_worker`).
+    """
+    late = lease_overdue_seconds(session, job, now)
+    if ended_by is not None:
+        why = f"it stopped renewing its lease (frozen or hung; the lease ran out {late:.0f} s ago), so {ended_by} ended it"
+        return taken_from_hung_worker(session, job, max_deaths, why)
     return worker_died(session, job, max_deaths, detail=f", its lease having run out {late:.0f} s ago")
+
+
+def lease_overdue_seconds(session: Session, job: Job, now: datetime | None = None) -> float:
+    """How long ago ``job``'s lease ran out, by the clock leases are counted in (0 when it has none)."""
+    if job.lease_expires_at is None:
+        return 0.0
+    return max(0.0, ((now or database_now(session)) - as_utc(job.lease_expires_at)).total_seconds())
+
+
+def taken_from_hung_worker(session: Session, job: Job, max_deaths: int, why: str) -> bool:
+    """``job`` was taken from its worker, found hung (``why``: a clause saying how, and what became of the worker).
+
+    Counted against ``max_deaths`` like a death (:func:`worker_died`), so a series that hangs every worker
+    ends FAILED instead of blocking the queue again and again. Returns True when the job was failed.
+    """
+    job.worker_deaths = (job.worker_deaths or 0) + 1
+    stage = job.stage or "start"
+    count = f"{job.worker_deaths} of {max_deaths} allowed by inference.max_worker_deaths"
+    ended = f"taken from worker {job.claimed_by} in stage {stage}: {why}"
+    if job.worker_deaths >= max_deaths:
+        change_state(session, job, S.FAILED, f"{ended} ({count}, so the series is not tried again)")
+        return True
+    change_state(session, job, S.QUEUED, f"{ended} ({count}); queued again")
+    return False
+
+
+def ran_too_long(session: Session, job: Job, max_deaths: int, limit_minutes: float, *, done: str) -> bool:
+    """``job`` ran past ``inference.job_timeout_minutes`` (``done``: what was done about its worker, e.g. "serve
+    ended the worker"): queued again or, at the crash limit, FAILED (:func:`taken_from_hung_worker`); True when
+    the job was failed."""
+    why = (
+        f"the job ran past the time limit of {limit_minutes:g} min (inference.job_timeout_minutes), so {done}; "
+        "raise the limit if the series needs longer"
+    )
+    return taken_from_hung_worker(session, job, max_deaths, why)

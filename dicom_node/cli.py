@@ -315,6 +315,7 @@ def status(
         rejected = session.scalar(by_status.where(RejectedInstance.status != 0)) or 0
         set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
+        hung = _expired_lease_notes(session, settings)
     table = Table(title=f"Series on {escape(settings.network.ae_title)}", expand=False)
     for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
@@ -336,6 +337,32 @@ def status(
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     aside = f"; copies set aside: {set_aside}" if set_aside else ""
     console.print(f"{summary}; refused instances: {rejected}{aside}", highlight=False)
+    for note in hung:
+        console.print(note, highlight=False)
+
+
+def _expired_lease_notes(session: Session, settings: Settings) -> list[str]:
+    """A sentence per series whose worker stopped renewing its lease (frozen, hung or gone), saying how long ago."""
+    notes = []
+    for job in jobs.expired_leases(session, lock=False):
+        late = _duration(jobs.lease_overdue_seconds(session, job))
+        notes.append(
+            f"series {_peer(job.series.series_instance_uid)}: worker {_peer(job.claimed_by)} stopped renewing its "
+            f"lease {late} ago in stage {_peer(job.stage or 'start')} (it is frozen, hung or gone); a running "
+            "`dicom-node serve` queues the series again once the lease has stayed run out for "
+            f"inference.lease_seconds ({settings.inference.lease_seconds:g} s)"
+        )
+    return notes
+
+
+def _duration(seconds: float) -> str:
+    """``75 s``, ``12 min``, ``3 h 5 min``."""
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole} s"
+    if whole < 7200:
+        return f"{whole // 60} min"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 def _warnings_cell(warnings: list[str] | None) -> str:

@@ -301,7 +301,8 @@ class StorageSettings(_Strict):
         60.0,
         gt=0,
         le=DAY_SECONDS,
-        description="A job whose processing found the disk full is queued again and tried after this many seconds.",
+        description="A job whose processing found the disk full (or the results folder read-only, failing or not "
+        "accessible) is queued again and tried after this many seconds.",
     )
     quarantine_reserve_gigabytes: float = Field(
         5.0,
@@ -628,6 +629,12 @@ class InferenceSettings(_Strict):
         ge=0,
         le=3600,
         description="On SIGTERM a worker finishes its job for this long, then hands it back (queued again, not a death).",
+    )
+    job_timeout_minutes: Annotated[float, BeforeValidator(_not_a_flag), Field(gt=0, le=7 * 24 * 60)] | None = Field(
+        360.0,
+        description="A job still processing after this many minutes is taken for hung: `serve` ends its worker (one "
+        "of its own) and the job is queued again, counted against max_worker_deaths. Size it well above the "
+        "slowest model's time (TotalSegmentator total on 2 CPU cores: about 30 min); null: no limit.",
     )
 
     @model_validator(mode="after")

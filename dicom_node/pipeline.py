@@ -18,6 +18,7 @@ database connection) therefore never overwrites the results of the worker that t
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from dicom_node.encode.measurements import StructureMeasurement, measure, write_
 from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.sr import node_device_uid
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, os_error_text
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import fsync_folder, is_disk_full
 from inference.models import (
@@ -276,6 +277,9 @@ def run_pipeline(
                 "waiting for the database: another process held it locked while the series was processed; queued again"
             )
             return Deferred(utcnow(), reason, "job.waiting_for_database", timings)
+        error = os_error_in(exc)
+        if error is not None:
+            return os_error_outcome(settings, error, stage, timings)
         LOG.exception("job.crashed", extra={"event_fields": {"job": claim.job_id, "stage": stage}})
         reason = f"processing stopped on an unexpected error in stage {stage}; the node's log has the details for job {claim.job_id}"
         return Failed(reason, timings)
@@ -304,6 +308,66 @@ def _waiting_for_disk(settings: Settings, error: BaseException, timings: dict[st
         f"tried again from {until:%H:%M:%S} UTC"
     )
     return Deferred(until, reason, "job.waiting_for_disk", timings)
+
+
+RESULTS_FOLDER_FAULTS = frozenset(
+    {errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT, errno.ESTALE, errno.ENOTCONN}
+)
+"""Errors of the results folder an administrator fixes (read-only, failing, no access, gone): the job waits."""
+RESULTS_STAGES = frozenset({"write", "encode", "publish"})
+"""The stages that write in the results folder (``publish`` moves the files into the run's folder)."""
+DOING_IN_STAGE = {
+    "model": "loading the model",
+    "load": "reading the series' images",
+    "write": "writing the results",
+    "encode": "writing the results",
+    "publish": "moving the results into place",
+}
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The operating system's error that ``error`` is, or was raised from; None when there is none."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.errno is not None or seen.filename is not None):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def os_error_outcome(settings: Settings, error: OSError, stage: str, timings: dict[str, float]) -> Deferred | Failed:
+    """What an error of the operating system in ``stage`` makes of the job, in words naming the file and the error.
+
+    A full disk, or in the results folder an error an administrator fixes (read-only, failing, no access, gone:
+    :data:`RESULTS_FOLDER_FAULTS`), makes the job wait: it is queued again, to be tried after
+    ``storage.disk_full_retry_seconds``, so it runs once the folder is fixed. Any other such error fails the job
+    with that sentence.
+    """
+    if is_disk_full(error):
+        return _waiting_for_disk(settings, error, timings)
+    doing = DOING_IN_STAGE.get(stage, f"in stage {stage}")
+    text = os_error_text(error)
+    in_results = _in_results_folder(settings, error, stage)
+    if in_results and not error.filename:
+        text = f"{text} in {settings.jobs_directory}"
+    if in_results and error.errno in RESULTS_FOLDER_FAULTS:
+        until = utcnow() + timedelta(seconds=settings.storage.disk_full_retry_seconds)
+        reason = (
+            f"waiting for the results folder {settings.jobs_directory} to be usable: {text} while {doing}; "
+            f"tried again from {until:%H:%M:%S} UTC"
+        )
+        return Deferred(until, reason, "job.waiting_for_results_folder", timings)
+    return Failed(f"processing stopped on an error of the operating system while {doing}: {text}", timings)
+
+
+def _in_results_folder(settings: Settings, error: OSError, stage: str) -> bool:
+    """Whether ``error`` concerns the results folder: a file it names is there, or (naming none) it came while
+    writing the results."""
+    named = [Path(os.fsdecode(name)) for name in (error.filename, error.filename2) if isinstance(name, (str, bytes))]
+    if not named:
+        return stage in RESULTS_STAGES
+    folder = Path(os.path.abspath(settings.jobs_directory))
+    return any(Path(os.path.abspath(path)).is_relative_to(folder) for path in named)
 
 
 def _encode(
@@ -403,9 +467,9 @@ def publish(result: Processed) -> Processed:
     """Move a claim's results from its staging folder into the run's folder; the result with the final paths.
 
     Call it only while the job is still this worker's (in the transaction that records the outcome). Each file
-    is renamed into place, replacing a file of the same name a claim before left unrecorded; then the folder
-    is synced and the staging folder removed, with those earlier claims left behind (a worker that died, or
-    one still running that lost its lease and will find its result discarded).
+    is synced to disk, then renamed into place, replacing a file of the same name a claim before left
+    unrecorded; then the folder is synced and the staging folder removed, with those earlier claims left behind
+    (a worker that died, or one still running that lost its lease and will find its result discarded).
     """
     if result.staged is None or result.run_folder is None:
         return result
@@ -414,6 +478,7 @@ def publish(result: Processed) -> Processed:
         target.mkdir(parents=True, exist_ok=True)
         for file in sorted(result.staged.iterdir()):
             if file.is_file():
+                _fsync_file(file)  # on disk before its name is: after a power cut a recorded result is never empty
                 os.replace(file, target / file.name)
         fsync_folder(target)
         shutil.rmtree(result.staged, ignore_errors=True)
@@ -429,6 +494,15 @@ def publish(result: Processed) -> Processed:
         indexed=[replace(record, path=moved(record.path)) for record in result.indexed],
         staged=None,
     )
+
+
+def _fsync_file(path: Path) -> None:
+    """Write ``path``'s data to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def discard(result: PipelineResult) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -18,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db import session as db_session
-from db.session import transaction
+from db.models import Job
+from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node import audit, security
 from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
@@ -31,21 +33,35 @@ from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
-from dicom_node.worker import log_worker_death, requeue_jobs_of_previous_run, run_worker, worker_id
+from dicom_node.worker import (
+    LeaseSweep,
+    OverdueLease,
+    log_worker_death,
+    requeue_jobs_of_previous_run,
+    run_worker,
+    worker_id,
+)
 
 LOG = logging.getLogger(__name__)
 
 
 class WorkerSupervisor:
-    """Keeps ``inference.workers`` worker processes running; restarts one that dies.
+    """Keeps ``inference.workers`` worker processes running; restarts one that dies, and ends one that hangs.
 
     When a worker dies, the job it held (PROCESSING, claimed by its "host:pid") is
     queued again at once, or FAILED once ``inference.max_worker_deaths`` workers
     died on it (:func:`db.jobs.worker_died`), so one poison series cannot block the queue.
+
+    Every ``inference.lease_renew_seconds`` it also looks for hung workers: a job whose lease has run out (its
+    worker frozen, or gone with its host) is queued again, and a worker of its own holding it is ended first
+    (a stopped process too); a job processing past ``inference.job_timeout_minutes`` (a worker stuck while its
+    lease is still renewed) is taken from its worker, which is ended when it is one of its own. Both count like
+    a death, so a series that hangs every worker ends FAILED.
     """
 
     CHECK_SECONDS = 0.5
     RESTART_DELAY_SECONDS = 5.0  # at least this long between two starts of one worker slot
+    END_WAIT_SECONDS = 10.0  # how long an ended worker is waited for before a new one takes its slot anyway
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
@@ -53,6 +69,12 @@ class WorkerSupervisor:
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._started_at: list[float] = []
+        self._handled: set[int | None] = set()  # pids whose death (or ending) was recorded
+        self._leases = LeaseSweep(settings, sessions) if sessions is not None else None
+        self._claims_seen: dict[tuple[int, int, str], float] = {}  # (job, claim number, worker) -> first seen
+        self._ended: set[str] = set()  # ids ("host:pid") of the workers this supervisor ended
+        self._next_hang_check = 0.0
+        self._last_check_failure: str | None = None  # the last look's error, logged with its trace once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
 
@@ -68,13 +90,15 @@ class WorkerSupervisor:
         return process
 
     def _supervise(self) -> None:
-        handled: set[int | None] = set()  # pids whose death was recorded
         while not self._stop.wait(self.CHECK_SECONDS):
+            if time.monotonic() >= self._next_hang_check:
+                self._next_hang_check = time.monotonic() + self.settings.inference.lease_renew_seconds
+                self.check_hung_workers()
             for number, process in enumerate(self._processes):
-                if process.is_alive() or self._stop.is_set():
-                    continue
-                if process.pid not in handled:
-                    handled.add(process.pid)
+                if self._stop.is_set() or (process.is_alive() and process.pid not in self._handled):
+                    continue  # a worker ended but not gone (waiting on a disk) is replaced all the same
+                if process.pid not in self._handled:
+                    self._handled.add(process.pid)
                     log_event(
                         LOG, logging.ERROR, "worker.died", worker=number, pid=process.pid, exit_code=process.exitcode
                     )
@@ -94,13 +118,124 @@ class WorkerSupervisor:
         except Exception:  # the restarted worker's own check takes over
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
 
+    # --- hung workers -------------------------------------------------------------------------
+
+    def check_hung_workers(self) -> None:
+        """Take jobs from workers that ran past the time limit or stopped renewing their lease (see the class).
+
+        A locked database waits for the next check; any other failure is logged and the next check runs as usual.
+        """
+        if self.sessions is None or self._leases is None:
+            return
+        limit = self.settings.inference.lease_renew_seconds * 2
+        try:
+            self._take_jobs_over_time()
+            retry_when_locked(
+                lambda: self._leases.sweep(self._end_frozen) if self._leases else 0,
+                waiting="serve queuing again the jobs whose lease ran out",
+                limit_seconds=limit,
+            )
+        except DatabaseBusy:
+            return  # the next check looks again
+        except Exception as exc:  # the supervisor must keep restarting dead workers; each new failure's trace once
+            failure = str(exc)[:200]
+            if failure != self._last_check_failure:
+                reason = f"the look for hung workers failed; it is tried again every {limit / 2:g} s"
+                LOG.exception("worker.hang_check_failed", extra={"event_fields": {"reason": reason}})
+            self._last_check_failure = failure
+            return
+        self._last_check_failure = None
+
+    def _local_workers(self) -> dict[str, tuple[int, multiprocessing.process.BaseProcess]]:
+        """This node's running workers by the id they claim jobs under ("host:pid"), with their slot."""
+        return {
+            worker_id(pid=p.pid): (number, p)
+            for number, p in enumerate(self._processes)
+            if p.pid is not None and p.pid not in self._handled and p.is_alive()
+        }
+
+    def _end_frozen(self, lease: OverdueLease) -> str | None:
+        """End this node's worker that holds ``lease`` (it stopped renewing it); "serve" if it was one, else None."""
+        if lease.claimed_by in self._ended:
+            return "serve"  # ended at a look whose record waited for the database
+        local = self._local_workers().get(lease.claimed_by or "")
+        if local is None:
+            return None
+        why = f"it stopped renewing its lease on job {lease.job_id} (frozen or hung in stage {lease.stage or 'start'})"
+        self._end(*local, why)
+        return "serve"
+
+    def _take_jobs_over_time(self) -> None:
+        """Jobs processing longer than ``inference.job_timeout_minutes`` (by this process' steady clock, from when
+        it first saw the claim): this node's worker is ended, and the job queued again or failed."""
+        minutes = self.settings.inference.job_timeout_minutes
+        if minutes is None or self.sessions is None:
+            return
+        now = time.monotonic()
+        with self.sessions() as session:
+            claims = [(j.id, j.attempts, j.claimed_by or "") for j in jobs.jobs_in_state(session, [jobs.S.PROCESSING])]
+        self._claims_seen = {claim: self._claims_seen.get(claim, now) for claim in claims}
+        for claim, first_seen in list(self._claims_seen.items()):
+            if now - first_seen >= minutes * 60:
+                self._take_over_time(*claim, minutes)
+                del self._claims_seen[claim]
+
+    def _take_over_time(self, job_id: int, attempt: int, worker: str, minutes: float) -> None:
+        """End this node's ``worker`` (if it is one) and record that job ``job_id`` ran past its time limit."""
+        local = self._local_workers().get(worker)
+        done = "serve took the job from that worker (one serve did not start, so it is not ended)"
+        if local is not None:
+            limit = f"{minutes:g} min (inference.job_timeout_minutes)"
+            self._end(*local, f"job {job_id} ran past the time limit of {limit}")
+            done = "serve ended the worker"
+        retry_when_locked(
+            functools.partial(self._record_over_time, job_id, attempt, worker, minutes, done),
+            waiting=f"serve taking job {job_id} from worker {worker}, past its time limit",
+            limit_seconds=self.settings.inference.lease_renew_seconds * 2,
+        )
+
+    def _record_over_time(self, job_id: int, attempt: int, worker: str, minutes: float, done: str) -> None:
+        assert self.sessions is not None
+        with transaction(self.sessions) as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is not None and jobs.holds(job, worker, attempt):
+                deaths = self.settings.inference.max_worker_deaths
+                log_worker_death(job, jobs.ran_too_long(session, job, deaths, minutes, done=done))
+
+    def _end(self, number: int, process: multiprocessing.process.BaseProcess, why: str) -> None:
+        """Kill a hung worker (SIGKILL also ends a stopped one); its slot gets a new worker at the next look."""
+        self._handled.add(process.pid)  # its job is recorded by whoever ended it, not as a death
+        self._ended.add(worker_id(pid=process.pid))
+        log_event(
+            LOG,
+            logging.ERROR,
+            "worker.ended",
+            worker=number,
+            pid=process.pid,
+            reason=f"worker {number} (process {process.pid}) was ended because {why}; a new worker takes its place",
+        )
+        process.kill()
+        process.join(timeout=self.END_WAIT_SECONDS)
+        if process.is_alive():
+            log_event(
+                LOG,
+                logging.ERROR,
+                "worker.not_ended",
+                worker=number,
+                pid=process.pid,
+                reason=f"worker process {process.pid} was still running {self.END_WAIT_SECONDS:.0f} s after it was "
+                "killed (it may be waiting on a disk or network file system); a new worker takes its slot anyway",
+            )
+
     def alive_count(self) -> int:
         """How many of the local worker processes are running now."""
-        return sum(p.is_alive() for p in self._processes)
+        return sum(p.is_alive() and p.pid not in self._handled for p in self._processes)
 
     def stop(self) -> None:
         """Ask every worker to stop; one still busy after 30 s is killed and its job queued again (not a death)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.END_WAIT_SECONDS + 5)  # a hang check in progress ends first
         for process in self._processes:
             process.terminate()
         for process in self._processes:

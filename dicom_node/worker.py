@@ -8,10 +8,11 @@ Models are loaded on first use and stay resident for every later job.
 A worker that dies mid-job is found two ways: on its own host at once (the supervisor in
 ``serve`` sees its process end; a worker starting on the same host sees its pid gone),
 and from any host once its lease has run out (``inference.lease_seconds``): every worker
-queues such jobs again before it claims. Either counts a death against
-``inference.max_worker_deaths``; at the limit the job is FAILED. A series that changes
-while it is processed (a late instance re-opened it), or a job whose lease was lost,
-keeps its new state and the stale result is discarded.
+queues such jobs again before it claims, and so does ``serve`` (which also ends a worker of
+its own that stopped renewing its lease, or that ran past ``inference.job_timeout_minutes``).
+Each counts a death against ``inference.max_worker_deaths``; at the limit the job is FAILED.
+A series that changes while it is processed (a late instance re-opened it), or a job whose
+lease was lost, keeps its new state and the stale result is discarded.
 
 On SIGTERM the worker finishes its job for up to ``inference.shutdown_grace_seconds``,
 then hands it back (queued again, not counted as a death) and exits.
@@ -24,7 +25,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from dicom_node.pipeline import (
     PipelineResult,
     Processed,
     discard,
+    os_error_outcome,
     publish,
     run_pipeline,
 )
@@ -97,8 +100,7 @@ class InferenceWorker:
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
         self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
-        # Job id -> (the lease's expiry as first seen run out, time.monotonic() then): see requeue_expired_leases.
-        self._expired_seen: dict[int, tuple[object, float]] = {}
+        self.leases = LeaseSweep(settings, sessions)
 
     @property
     def host(self) -> str:
@@ -165,34 +167,12 @@ class InferenceWorker:
     def requeue_expired_leases(self) -> int:
         """Jobs whose worker (on any host) stopped renewing its lease: queued again, or failed at the crash limit.
 
-        A lease that has run out by the wall clock only counts once this worker has seen it unchanged for
-        ``inference.lease_seconds`` of its own steady clock: a clock stepped forward (NTP), or a host whose
-        clock runs ahead of another's, never takes a job from a worker that is still renewing its lease. A
-        dead worker's job is queued again after two lease periods at most, instead of one.
+        See :class:`LeaseSweep`: a dead worker's job is queued again after two lease periods at most. A locked
+        database is waited for up to :data:`LOCKED_CLAIM_LIMIT_SECONDS`, then the sweep waits for the next poll.
         """
-
-        def sweep() -> int:
-            requeued = 0
-            now = time.monotonic()
-            seen_now: dict[int, tuple[object, float]] = {}
-            with transaction(self.sessions) as session:
-                for job in jobs.expired_leases(session):
-                    lease, first_seen = self._expired_seen.get(job.id, (None, now))
-                    if lease != job.lease_expires_at:
-                        first_seen = now  # first seen run out, or renewed since: watch this lease afresh
-                    seen_now[job.id] = (job.lease_expires_at, first_seen)
-                    if now - first_seen < self.settings.inference.lease_seconds:
-                        continue
-                    failed = jobs.lease_expired(session, job, self.settings.inference.max_worker_deaths)
-                    log_worker_death(job, failed)
-                    requeued += not failed
-                    del seen_now[job.id]
-            self._expired_seen = seen_now
-            return requeued
-
         try:
             return retry_when_locked(
-                sweep,
+                self.leases.sweep,
                 waiting=f"worker {self.identity} queuing again jobs whose lease ran out",
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
@@ -327,8 +307,9 @@ class InferenceWorker:
             )
             discard(result)
             return
-        if not recorded:
+        if recorded is None:
             return
+        result = recorded
         timings = {f"seconds_{k}": round(v, 2) for k, v in result.timings.items()}
         if isinstance(result, Deferred):
             log_event(LOG, logging.WARNING, result.event, job=claim.job_id, reason=result.reason)
@@ -344,8 +325,9 @@ class InferenceWorker:
                 **timings,
             )
 
-    def _finish_once(self, claim: ClaimedJob, result: PipelineResult) -> bool:
-        """One transaction recording the outcome; False if the job is no longer this worker's (result discarded)."""
+    def _finish_once(self, claim: ClaimedJob, result: PipelineResult) -> PipelineResult | None:
+        """One transaction recording the outcome: the outcome recorded (another when the results cannot be moved
+        into place), or None if the job is no longer this worker's (result discarded)."""
         with transaction(self.sessions) as session:
             lock_studies_of_job(session, claim.job_id)  # results are filed in the study: its row before the job's
             job = session.get_one(Job, claim.job_id, with_for_update=True)
@@ -363,11 +345,16 @@ class InferenceWorker:
                     reason=f"{why} (now {job.state.value})",
                 )
                 discard(result)  # its files never left this claim's own folder
-                return False
+                return None
             timings = {**result.timings, "claim": claim.claim_seconds}
             job.timings = {key: round(value, 3) for key, value in timings.items()}
             if isinstance(result, Processed):
-                result = publish(result)  # into the run's folder, only now that the job is known to be ours
+                try:
+                    result = publish(result)  # into the run's folder, only now that the job is known to be ours
+                except OSError as exc:  # the results folder turned read-only, failed, or went away
+                    discard(result)
+                    result = os_error_outcome(self.settings, exc, "publish", result.timings)
+            if isinstance(result, Processed):
                 record_results(session, job.id, result.indexed)  # Q/R answers from these rows
                 jobs.finish_processing(
                     session,
@@ -382,7 +369,7 @@ class InferenceWorker:
                 jobs.finish_processing(session, job, jobs.S.FAILED, result.reason)
             else:
                 jobs.defer(session, job, result.until, result.reason)
-        return True
+        return result
 
     def hand_back(self) -> bool:
         """Shutdown: queue the job being processed again, without counting a death; whether there was one."""
@@ -403,6 +390,71 @@ class InferenceWorker:
             reason="the worker was stopped before the job finished; queued again",
         )
         return True
+
+
+@dataclass(frozen=True)
+class OverdueLease:
+    """A lease seen run out for a whole lease period: the job, its claim and its worker."""
+
+    job_id: int
+    lease_expires_at: datetime | None
+    claimed_by: str | None
+    stage: str | None
+
+
+class LeaseSweep:
+    """Finds the jobs whose worker stopped renewing its lease, and queues them again (or fails them at the limit).
+
+    A lease that has run out by the wall clock only counts once this process has seen it unchanged for
+    ``inference.lease_seconds`` of its own steady clock: a clock stepped forward (NTP), or a host whose clock
+    runs ahead of another's, never takes a job from a worker that is still renewing its lease. The look is a
+    plain read; only a lease that counts is written (one transaction), so a quiet queue costs no write lock.
+    """
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        # Job id -> (the lease's expiry as first seen run out, time.monotonic() then).
+        self._seen: dict[int, tuple[object, float]] = {}
+
+    def overdue(self) -> list[OverdueLease]:
+        """The leases that have stayed run out for ``inference.lease_seconds`` of this process' steady clock."""
+        now = time.monotonic()
+        seen_now: dict[int, tuple[object, float]] = {}
+        found = []
+        with self.sessions() as session:
+            for job in jobs.expired_leases(session, lock=False):
+                lease, first_seen = self._seen.get(job.id, (None, now))
+                if lease != job.lease_expires_at:
+                    first_seen = now  # first seen run out, or renewed since: watch this lease afresh
+                seen_now[job.id] = (job.lease_expires_at, first_seen)
+                if now - first_seen >= self.settings.inference.lease_seconds:
+                    found.append(OverdueLease(job.id, job.lease_expires_at, job.claimed_by, job.stage))
+        self._seen = seen_now
+        return found
+
+    def sweep(self, end: Callable[[OverdueLease], str | None] | None = None) -> int:
+        """Queue again (or fail) every overdue lease's job; how many were queued again.
+
+        ``end`` is called first for each one (outside any transaction: a frozen worker may hold the database's
+        write lock until it is ended); it returns who ended the worker (for the reason), or None.
+        """
+        overdue = self.overdue()
+        if not overdue:
+            return 0
+        enders = {lease.job_id: end(lease) if end is not None else None for lease in overdue}
+        wanted = {lease.job_id: lease.lease_expires_at for lease in overdue}
+        requeued = 0
+        with transaction(self.sessions) as session:
+            for job in jobs.expired_leases(session):
+                if job.id not in wanted or wanted[job.id] != job.lease_expires_at:
+                    continue  # renewed or taken meanwhile, or first run out after the look
+                deaths = self.settings.inference.max_worker_deaths
+                failed = jobs.lease_expired(session, job, deaths, ended_by=enders[job.id])
+                log_worker_death(job, failed)
+                requeued += not failed
+                self._seen.pop(job.id, None)
+        return requeued
 
 
 class LeaseHeartbeat:
