@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,13 @@ class DeliveryRecord(BaseModel):
     unreachable_attempts: int = 0  # those attempts: they do not count against dispatch.max_attempts
     peer: str | None = None  # the destination as the plan was made for it: "AE@host:port" (None: older records)
 
-    def due(self, now: datetime) -> bool:
-        return self.next_attempt_at is None or self.next_attempt_at <= now
+    def due(self, now: datetime, longest_wait: timedelta | None = None) -> bool:
+        """Whether the next attempt is due at ``now``. A next attempt further off than ``longest_wait`` (the
+        longest wait between attempts) was planned before the clock was set back: it is due now, rather than
+        once the clock catches up."""
+        if self.next_attempt_at is None or self.next_attempt_at <= now:
+            return True
+        return longest_wait is not None and self.next_attempt_at - now > longest_wait
 
 
 class ResultFilesType(TypeDecorator[list[ResultFile]]):

@@ -57,6 +57,10 @@ from dicom_node.stall import CUT_GRACE_SECONDS, stalled, watchdog
 
 LOG = logging.getLogger(__name__)
 
+CLOCK_STEP_SECONDS = 5.0
+"""A next attempt this much further off than ``dispatch.max_retry_seconds`` was planned before the clock was set
+back: it is made at once."""
+
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
 LOCK_LOST = (
@@ -293,7 +297,7 @@ class Dispatcher(PeriodicTask):
                 self._settle(job_id)  # every destination finished: DONE or FAILED (e.g. after a crash)
                 continue
             for name in open_destinations:
-                if (deliveries.get(name) or DeliveryRecord()).due(now) and self._reserve(name):
+                if (deliveries.get(name) or DeliveryRecord()).due(now, self._longest_wait) and self._reserve(name):
                     thread = threading.Thread(
                         target=self._send_guarded, args=(job_id, name), name=f"dispatch-{name}", daemon=True
                     )
@@ -471,7 +475,7 @@ class Dispatcher(PeriodicTask):
             job = session.get_one(Job, job_id)
             record = jobs.delivery_record(job, name)
             key = run_key(job)
-            if job.state is not JobState.SENDING or self._settled(record) or not record.due(now):
+            if job.state is not JobState.SENDING or self._settled(record) or not record.due(now, self._longest_wait):
                 return None, None, key
             planned = record.files
             result_files = list(job.result_files or [])
@@ -637,6 +641,11 @@ class Dispatcher(PeriodicTask):
             jobs.fail(session, job, sending_failure(progress))
             return [(logging.ERROR, "job.failed", {"reason": job.reason})]
         return []
+
+    @property
+    def _longest_wait(self) -> timedelta:
+        """The longest wait between attempts: one planned further off was planned before the clock was set back."""
+        return timedelta(seconds=self._dispatch.max_retry_seconds + CLOCK_STEP_SECONDS)
 
     def _backoff(self, attempts: int) -> timedelta:
         settings = self._dispatch

@@ -606,3 +606,23 @@ def _settled_state(sessions, uid: str) -> JobState | None:
     except OperationalError:
         return None
     return state if state in (JobState.DONE, JobState.FAILED) else None
+
+
+def test_an_attempt_planned_before_the_clock_was_set_back_is_made_at_once(processed_for_pacs):
+    """A retry planned for 14:10 by a clock an hour fast waited an hour, far past dispatch.max_retry_seconds."""
+    from datetime import timedelta
+
+    from db.models import utcnow
+    from db.results import DeliveryRecord
+    from db.session import transaction
+
+    settings, sessions, uid, pacs = processed_for_pacs
+    with transaction(sessions) as session:
+        job = job_for_series_uid(session, uid)
+        jobs.update_delivery_record(
+            job, "pacs", DeliveryRecord(attempts=1, next_attempt_at=utcnow() + timedelta(hours=1))
+        )
+
+    run_dispatcher_until(settings, sessions, uid, JobState.DONE)
+
+    assert len(Counter(pacs.received)) == 2  # SEG and SR
