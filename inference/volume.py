@@ -18,12 +18,16 @@ Decoding fails loudly: an image whose pixel data does not decode, decodes to
 another size, makes the decoder warn, or holds non-finite values fails the
 series naming the image (InstanceNumber and SOP Instance UID); so does a
 compressed frame whose own header describes another image than the DICOM
-header (:mod:`inference.frames`), before any decoder allocates what it says.
+header (:mod:`inference.frames`), before any decoder allocates what it says,
+a JPEG 2000 codestream whose structure shows damage the decoder read through,
+and pixel values that need more bits than BitsStored (read with BitsStored
+bits, as decoders do, they would silently become other HU values).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -37,7 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from inference.frames import encapsulated_problem, jpeg2000_sign
+from inference.frames import codestream_damage, encapsulated_problem, jpeg2000_sign, stored_precision
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -1128,7 +1132,9 @@ def _instance_name(frame: _Frame) -> str:
 
 
 def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
-    """Read one instance and decode its pixel data; any decoder warning or error fails the series."""
+    """Read one instance and decode its pixel data; any decoder warning or error fails the series, and so do
+    damage the codestream's structure shows (:func:`inference.frames.codestream_damage`) and pixel values that
+    do not fit BitsStored (:func:`_check_stored_values`)."""
     with warnings.catch_warnings(record=True) as reading:
         warnings.simplefilter("always")
         try:
@@ -1142,20 +1148,156 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
     mismatch = encapsulated_problem(dataset, _instance_name(frame))  # before a decoder allocates what a frame says
     if mismatch is not None:
         raise VolumeError(mismatch)
+    bits_stored, signed = _stored_bits(dataset, frame) if "PixelData" in dataset else (0, False)
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     encoding = getattr(syntax, "name", "") or "pixel"
     with warnings.catch_warnings(record=True) as decoding:
         warnings.simplefilter("always")
         try:
+            if bits_stored:  # every bit the data holds, not only BitsStored: what lies above is checked below
+                dataset.pixel_array_options(bits_stored=_bits_held(dataset, bits_stored))
             pixels = dataset.pixel_array
         except Exception:  # noqa: BLE001 - any decoder failure becomes the reason
             raise VolumeError(
                 f"{_image_name(frame)} cannot be decoded: its {encoding} data is damaged or incomplete"
             ) from None
+    decoding = [warned for warned in decoding if not _zero_padding_only(dataset, str(warned.message))]
     if decoding:
         first = str(decoding[0].message).splitlines()[0][:200]
         raise VolumeError(f'{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned "{first}"')
+    damage = codestream_damage(dataset, _instance_name(frame))
+    if damage is not None:
+        raise VolumeError(damage)
+    if bits_stored:
+        pixels = _check_stored_values(dataset, pixels, bits_stored, signed, frame)
     return dataset, pixels
+
+
+def _stored_bits(dataset: Dataset, frame: _Frame) -> tuple[int, bool]:
+    """BitsStored, and whether the pixels are signed, where BitsAllocated, HighBit and PixelRepresentation agree
+    with them (as admission checks them); else VolumeError naming the attribute."""
+    allocated, stored = dataset.get("BitsAllocated"), dataset.get("BitsStored")
+    high_bit, representation = dataset.get("HighBit"), dataset.get("PixelRepresentation")
+    name = _image_name(frame)
+    if not isinstance(allocated, int) or not isinstance(stored, int) or not 1 <= stored <= allocated:
+        given = "no BitsStored (0028,0101)" if stored is None else f"BitsStored (0028,0101) {stored}"
+        raise VolumeError(
+            f"{name} has {given}, where it must be 1 to its BitsAllocated (0028,0100) {allocated}: which bits of "
+            "each pixel hold its value cannot be told"
+        )
+    if high_bit is not None and high_bit != stored - 1:
+        raise VolumeError(
+            f"{name} has HighBit (0028,0102) {high_bit}, but with BitsStored (0028,0101) {stored} it must be "
+            f"{stored - 1}: which bits of each pixel hold its value cannot be told"
+        )
+    if representation not in (0, 1):
+        raise VolumeError(
+            f"{name} has PixelRepresentation (0028,0103) {representation}; it must be 0 (unsigned) or 1 (signed), "
+            "so whether its pixel values are negative cannot be told"
+        )
+    return stored, representation == 1
+
+
+def _bits_held(dataset: Dataset, bits_stored: int) -> int:
+    """How many bits of each pixel the data really holds: BitsAllocated for uncompressed and RLE data (every
+    bit is stored), the compressed frames' own precision for JPEG, JPEG-LS and JPEG 2000 (the decoder gives
+    values of that many bits); never fewer than BitsStored."""
+    allocated = int(dataset.BitsAllocated)
+    precision = stored_precision(dataset)
+    return allocated if precision is None else max(bits_stored, min(precision, allocated))
+
+
+def _check_stored_values(
+    dataset: Dataset, pixels: np.ndarray, bits_stored: int, signed: bool, frame: _Frame
+) -> np.ndarray:
+    """The pixels as BitsStored reads them, where they fit in BitsStored bits (signed ones: the bits above are
+    copies of the sign, or, in a frame with no value below 0, all zero: written without sign extension, as
+    DICOM allows); else VolumeError naming the image. Reading only BitsStored bits of values that use more
+    (a wrong BitsStored, or garbage in the bits above) would silently turn them into other HU values. Bits an
+    embedded overlay uses (OverlayBitPosition, retired) are left out."""
+    container = pixels.dtype.itemsize * 8
+    if pixels.dtype.kind not in "iu" or container <= bits_stored:
+        return pixels
+    planes = pixels.reshape(-1, pixels.shape[-2] * pixels.shape[-1])  # one row a frame
+    needed = [_bits_needed(int(low), int(high), signed) for low, high in _extremes(planes)]
+    overlay = _embedded_overlay_bits(dataset, bits_stored, container)
+    kept = _keep_stored_bits(pixels, bits_stored) if overlay else pixels
+    if overlay:  # above BitsStored, the bits but the overlay's must read as BitsStored reads them
+        unsigned = np.dtype(f"u{pixels.dtype.itemsize}")
+        others = np.array(~overlay & ((1 << container) - 1), dtype=unsigned)
+        changed = (planes.view(unsigned) ^ kept.reshape(planes.shape).view(unsigned)) & others
+        wrong = changed.any(axis=1).tolist()
+    else:
+        wrong = [bits > bits_stored for bits in needed]
+        if signed:  # a frame written without sign extension: no value below 0, none past BitsStored bits
+            unextended = [int(low) >= 0 and int(high) < 1 << bits_stored for low, high in _extremes(planes)]
+            wrong = [too_wide and not plain for too_wide, plain in zip(wrong, unextended, strict=True)]
+            kept = _keep_stored_bits(pixels, bits_stored) if any(unextended) else pixels
+    if any(wrong):
+        index = wrong.index(True)
+        raise VolumeError(_too_wide(frame, index, pixels.ndim == 3, needed[index], bits_stored, signed))
+    return kept
+
+
+EXCESS_PADDING = re.compile(
+    r"The pixel data is \d+ bytes long, which indicates it contains (\d+) bytes of excess padding"
+)
+"""pydicom's warning for native pixel data longer than Rows x Columns x frames say."""
+
+
+def _zero_padding_only(dataset: Dataset, warning: str) -> bool:
+    """Whether ``warning`` is pydicom's about excess bytes after native pixel data, and those bytes are all zero
+    (padding, safe to leave out). Non-zero ones may be a row or column the header does not count: the image read
+    with the header's Rows and Columns would be sheared, so that warning still fails the series."""
+    found = EXCESS_PADDING.match(warning)
+    data = dataset.get("PixelData") if found else None
+    if not isinstance(data, bytes) or not found:
+        return False
+    excess = int(found.group(1))
+    return 0 < excess < len(data) and not any(data[-excess:])
+
+
+def _extremes(planes: np.ndarray) -> list[tuple[int, int]]:
+    """The lowest and highest value of each row (one frame a row)."""
+    return list(zip(planes.min(axis=1).tolist(), planes.max(axis=1).tolist(), strict=True))
+
+
+def _too_wide(frame: _Frame, index: int, multi_frame: bool, needed: int, bits_stored: int, signed: bool) -> str:
+    """The reason for pixel values that need more bits than BitsStored, naming the image (and its frame)."""
+    name = f"frame {index + 1} of {_instance_name(frame)}" if multi_frame else _image_name(frame)
+    kind = "signed" if signed else "unsigned"
+    return (
+        f"{name} has {kind} pixel values that need {needed} bits, but its BitsStored (0028,0101) says {bits_stored}: "
+        f"read with {bits_stored} bits they would become other, wrong HU values, so the series is not processed; "
+        "correct BitsStored in the export, or send the scanner's original images"
+    )
+
+
+def _bits_needed(lowest: int, highest: int, signed: bool) -> int:
+    """How many bits values from ``lowest`` to ``highest`` need: two's complement with a sign bit if ``signed``."""
+    if not signed:
+        return max(highest.bit_length(), 1)
+    return max((value if value >= 0 else -value - 1).bit_length() + 1 for value in (lowest, highest))
+
+
+def _keep_stored_bits(pixels: np.ndarray, bits_stored: int) -> np.ndarray:
+    """The pixels with only their BitsStored low bits (the sign extended from the highest of them if signed)."""
+    shift = pixels.dtype.itemsize * 8 - bits_stored
+    return np.right_shift(np.left_shift(pixels, shift), shift)
+
+
+def _embedded_overlay_bits(dataset: Dataset, bits_stored: int, container: int) -> int:
+    """The bits above BitsStored that embedded overlays use (an overlay group with OverlayBitPosition and no
+    OverlayData of its own), as a mask; 0 where there are none."""
+    mask = 0
+    for group in range(0x6000, 0x6020, 2):
+        position = dataset.get((group, 0x0102))
+        if position is None or (group, 0x3000) in dataset:
+            continue
+        value = position.value
+        if isinstance(value, int) and bits_stored <= value < container:
+            mask |= 1 << value
+    return mask
 
 
 def rescale_source(dataset: Dataset, frame_number: int | None) -> tuple[Dataset, str]:

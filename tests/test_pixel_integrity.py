@@ -1,0 +1,361 @@
+"""Pixel data that would decode to wrong values is refused naming the image, never read silently.
+
+On the real TotalSegmentator CT (20 JPEG 2000 slices, BitsStored 12, unsigned), with the volume loader the
+pipeline uses: values that need more bits than BitsStored (read with BitsStored bits, as decoders do, metal
+would become fat or air) in every stored form, and JPEG 2000 frames that are cut short, overwritten in the
+middle, or empty. Values that fit BitsStored, and intact codestreams, load exactly as before.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+from inference.frames import codestream_damage, jpeg2000_damage
+from inference.volume import VolumeError, load_series_volume
+from tests.conftest import real_ct_copy, require_tool
+
+VICTIM = 7  # the slice (by position) that is changed
+DECODER_REFUSAL = "cannot be decoded: its JPEG 2000 Image Compression (Lossless Only) data is damaged or incomplete"
+STORED_FORMS = {
+    "uncompressed": ExplicitVRLittleEndian,
+    "RLE": RLELossless,
+    "JPEG 2000": JPEG2000Lossless,
+    "JPEG-LS": JPEGLSLossless,
+    "JPEG lossless": JPEGLosslessSV1,
+}
+
+
+@pytest.fixture
+def ct(shared_fixtures, tmp_path) -> list[Path]:
+    """A copy of the real CT to change, its files sorted by position."""
+    return real_ct_copy(tmp_path / "ct", shared_fixtures)
+
+
+@pytest.fixture
+def reference(ct) -> np.ndarray:
+    """The real CT's HU as the loader reads the untouched copy."""
+    return load_series_volume(ct).hu
+
+
+def _name(dataset: pydicom.Dataset) -> str:
+    return f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID})"
+
+
+def _refusal(files: list[Path]) -> str:
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(files)
+    return str(error.value)
+
+
+# --- BitsStored -------------------------------------------------------------------------------------------------
+
+
+def _store(
+    path: Path, values: np.ndarray, *, signed: bool, syntax: UID, bits_stored: int = 12, **extra: tuple[str, int]
+) -> None:
+    """Write ``values`` as the pixels of ``path`` in ``syntax``, encoded with all 16 bits, then labelled with
+    ``bits_stored`` (what an export with a wrong BitsStored writes). Signed values are HU (RescaleIntercept 0)."""
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 15, int(signed)
+    dataset.PixelData = values.astype(np.int16 if signed else np.uint16).tobytes()
+    if signed:
+        dataset.RescaleIntercept = "0"
+    for tag, (vr, value) in extra.items():
+        dataset.add_new(int(tag, 16), vr, value)
+    if syntax == JPEGLosslessSV1:  # DCMTK's encoder, as a PACS uses it
+        native = path.with_suffix(".native")
+        dataset.save_as(native)
+        subprocess.run([require_tool("dcmcjpeg"), "+e1", str(native), str(path)], check=True)
+        native.unlink()
+        dataset = pydicom.dcmread(path)
+    elif syntax != ExplicitVRLittleEndian:
+        dataset.compress(syntax, generate_instance_uid=False)
+    dataset.BitsStored, dataset.HighBit = bits_stored, bits_stored - 1
+    dataset.save_as(path)
+
+
+def _stored_values(path: Path, signed: bool) -> np.ndarray:
+    """The slice's stored values (HU + 1024, unsigned), or its HU (signed)."""
+    values = pydicom.dcmread(path).pixel_array.astype(np.int32)
+    return values - 1024 if signed else values
+
+
+def _too_wide(path: Path, kind: str, bits: int) -> str:
+    return (
+        f"{_name(pydicom.dcmread(path))} has {kind} pixel values that need {bits} bits, but its BitsStored "
+        "(0028,0101) says 12: read with 12 bits they would become other, wrong HU values, so the series is not "
+        "processed; correct BitsStored in the export, or send the scanner's original images"
+    )
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("syntax", STORED_FORMS.values(), ids=STORED_FORMS.keys())
+def test_metal_beyond_bits_stored_is_refused_in_every_stored_form(ct, syntax, signed):
+    values = _stored_values(ct[VICTIM], signed)
+    values[200:210, 200:210] = 3000 if signed else 5000  # a prosthesis: 3000 HU, or 3976 HU stored as HU + 1024
+    _store(ct[VICTIM], values, signed=signed, syntax=syntax)
+
+    # with 12 bits, 5000 would read as 904 (-120 HU, fat) and 3000 HU as -1096 HU (air)
+    assert _refusal(ct) == _too_wide(ct[VICTIM], "signed" if signed else "unsigned", 13)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless], ids=["uncompressed", "RLE"])
+def test_garbage_in_the_bits_above_bits_stored_is_refused(ct, syntax):
+    values = _stored_values(ct[VICTIM], signed=False)
+    values[::7, ::5] |= 0x8000
+    _store(ct[VICTIM], values, signed=False, syntax=syntax)
+
+    assert _refusal(ct) == _too_wide(ct[VICTIM], "unsigned", 16)
+
+
+def test_signed_values_written_without_sign_extension_read_as_bits_stored_says(ct, reference):
+    """-1000 HU written as 12 bits with zeros above (DICOM leaves the bits above BitsStored undefined): a frame
+    with no value below 0 is read with its 12 bits, as pydicom reads it."""
+    hu = _stored_values(ct[VICTIM], signed=True)
+    _store(ct[VICTIM], hu & 0x0FFF, signed=True, syntax=ExplicitVRLittleEndian)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+def test_metal_beside_sign_extended_air_is_still_refused_when_signed(ct):
+    """Values from -1024 up to 3000 HU in one frame need 13 bits: BitsStored 12 cannot be right."""
+    hu = _stored_values(ct[VICTIM], signed=True)
+    assert hu.min() < 0
+    hu[200:210, 200:210] = 3000
+    _store(ct[VICTIM], hu, signed=True, syntax=ExplicitVRLittleEndian)
+
+    assert _refusal(ct) == _too_wide(ct[VICTIM], "signed", 13)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("syntax", STORED_FORMS.values(), ids=STORED_FORMS.keys())
+def test_values_that_fit_bits_stored_load_unchanged_in_every_stored_form(ct, reference, syntax, signed):
+    for path in ct[VICTIM : VICTIM + 2]:
+        _store(path, _stored_values(path, signed), signed=signed, syntax=syntax)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+def test_an_embedded_overlay_in_the_bits_above_bits_stored_is_left_out(ct, reference):
+    values = _stored_values(ct[VICTIM], signed=False)
+    values[100:150, 100:150] |= 1 << 15  # a retired overlay plane in bit 15, declared by OverlayBitPosition
+    overlay = {"60000010": ("US", 512), "60000011": ("US", 512), "60000100": ("US", 16), "60000102": ("US", 15)}
+    _store(ct[VICTIM], values, signed=False, syntax=ExplicitVRLittleEndian, **overlay)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"BitsStored": 20},
+            "has BitsStored (0028,0101) 20, where it must be 1 to its BitsAllocated (0028,0100) 16: which bits of "
+            "each pixel hold its value cannot be told",
+        ),
+        (
+            {"HighBit": 15},
+            "has HighBit (0028,0102) 15, but with BitsStored (0028,0101) 12 it must be 11: which bits of each pixel "
+            "hold its value cannot be told",
+        ),
+        (
+            {"PixelRepresentation": 2},
+            "has PixelRepresentation (0028,0103) 2; it must be 0 (unsigned) or 1 (signed), so whether its pixel "
+            "values are negative cannot be told",
+        ),
+    ],
+    ids=["bits-stored-over-bits-allocated", "high-bit", "pixel-representation"],
+)
+def test_a_pixel_description_that_disagrees_with_itself_is_refused_by_the_loader(ct, change, reason):
+    dataset = pydicom.dcmread(ct[VICTIM])
+    for keyword, value in change.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(ct[VICTIM])
+
+    assert _refusal(ct) == f"{_name(dataset)} {reason}"
+
+
+# --- damaged JPEG 2000 ------------------------------------------------------------------------------------------
+
+
+def _codestream(path: Path) -> bytes:
+    return next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+
+
+def _write_fragments(path: Path, fragments: list[bytes]) -> pydicom.Dataset:
+    """Make ``fragments`` (each padded to an even length) the pixel data of ``path``, after an empty offset table."""
+    items = [b"", *(fragment + b"\x00" * (len(fragment) % 2) for fragment in fragments)]
+    dataset = pydicom.dcmread(path)
+    dataset.PixelData = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    dataset.save_as(path)
+    return dataset
+
+
+def _rewrite_codestream(path: Path, change: Callable[[bytes], bytes]) -> pydicom.Dataset:
+    dataset = pydicom.dcmread(path)
+    dataset.PixelData = encapsulate([change(_codestream(path))])
+    dataset.save_as(path)
+    return dataset
+
+
+def _without_tile_part_length(stream: bytes) -> bytes:
+    """The codestream with Psot 0 in its (only) tile-part: it then runs to the end-of-codestream marker."""
+    sot = stream.index(b"\xff\x90")
+    return stream[: sot + 6] + bytes(4) + stream[sot + 10 :]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda stream: stream[: len(stream) // 2],
+        lambda stream: stream[: len(stream) * 9 // 10],
+        lambda stream: stream[:-10],
+        lambda stream: stream.rstrip(b"\x00")[:-2],  # all but the end-of-codestream marker
+        lambda stream: _without_tile_part_length(stream)[: len(stream) * 9 // 10],
+        lambda stream: stream[: len(stream) // 2] + stream[len(stream) // 2 + 1000 :],  # 1000 bytes lost inside
+        lambda stream: stream[: len(stream) // 2] + bytes(range(256)) * 4 + stream[len(stream) // 2 :],  # 1024 added
+    ],
+    ids=["half", "nine-tenths", "last-10-bytes", "end-marker", "open-ended-tile-part", "bytes-lost", "bytes-added"],
+)
+def test_a_codestream_cut_short_or_changed_in_length_is_refused_naming_the_image(ct, cut):
+    damaged = _rewrite_codestream(ct[VICTIM], cut)
+
+    assert _refusal(ct) == f"{_name(damaged)} {DECODER_REFUSAL}"
+
+
+def _first_free(stream: bytes, position: int) -> int:
+    """``position``, or the first after it that does not follow a 0xFF byte (where a marker code would start)."""
+    while stream[position - 1] == 0xFF:
+        position += 1
+    return position
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"),
+    [(b"\xff" * 512, "FF FF"), (b"\xff\x90", "FF 90"), (b"\xff\xd9", "FF D9")],
+    ids=["erased-block", "tile-part-marker", "end-marker"],
+)
+def test_a_codestream_overwritten_in_the_middle_is_refused_though_it_decodes(ct, damage, code):
+    stream = _codestream(ct[VICTIM])
+    at = _first_free(stream, len(stream) // 2)
+    damaged = _rewrite_codestream(ct[VICTIM], lambda s: s[:at] + damage + s[at + len(damage) :])
+
+    assert _refusal(ct) == (
+        f"the JPEG 2000 data of {_name(damaged)} is damaged: a marker code ({code}) lies inside the compressed data "
+        f"of tile 1, at byte {at:,}, where no encoder writes one; a decoder reads through such damage without an "
+        "error, so its pixel values cannot be trusted: send the image again from the scanner or archive"
+    )
+
+
+def test_an_empty_fragment_in_place_of_the_codestream_is_refused_before_decoding(ct):
+    damaged = _write_fragments(ct[VICTIM], [b""])
+
+    assert _refusal(ct) == (
+        f"the JPEG 2000 data of {_name(damaged)} is empty (a zero-length fragment): the image's compressed data is "
+        "missing; it is not decoded"
+    )
+
+
+def test_an_empty_fragment_in_place_of_the_second_half_of_the_codestream_is_refused(ct):
+    stream = _codestream(ct[VICTIM])
+    damaged = _write_fragments(ct[VICTIM], [stream[: len(stream) // 2 & ~1], b""])
+
+    assert _refusal(ct) == f"{_name(damaged)} {DECODER_REFUSAL}"
+
+
+def test_an_empty_fragment_between_the_parts_of_a_whole_codestream_loses_nothing(ct, reference):
+    stream = _codestream(ct[VICTIM])
+    half = len(stream) // 2 & ~1
+    _write_fragments(ct[VICTIM], [stream[:half], b"", stream[half:]])
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+def test_an_open_ended_last_tile_part_is_intact(ct, reference):
+    _rewrite_codestream(ct[VICTIM], _without_tile_part_length)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+# --- the structure check on codestreams of other encoders -----------------------------------------------------
+
+OTHER_ENCODERS = [
+    "JPEG2000.dcm",
+    "MR_small_jp2klossless.dcm",
+    "693_J2KI.dcm",
+    "J2K_pixelrep_mismatch.dcm",
+    "GDCMJ2K_TextGBR.dcm",  # GDCM: 16 tiles of 6 tile-parts, each declaring 5
+    "examples_jpeg2k.dcm",  # a JP2 file padded with 0xFF after its end-of-codestream marker
+    "SC_rgb_gdcm_KY.dcm",
+]
+
+
+def _bundled(name: str) -> pydicom.Dataset:
+    """One of the JPEG 2000 files pydicom ships (made by GDCM, Kakadu and others)."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} does not come with this pydicom")
+    return pydicom.dcmread(path)
+
+
+def test_intact_codestreams_of_the_real_ct_and_other_encoders_show_no_damage(ct):
+    datasets = [pydicom.dcmread(path) for path in ct] + [_bundled(name) for name in OTHER_ENCODERS]
+
+    assert [codestream_damage(dataset, "it") for dataset in datasets] == [None] * len(datasets)
+
+
+def test_a_lost_tile_part_that_the_decoder_reads_past_is_found():
+    """GDCM's 16-tile codestream with its tile-part counts (TNsot) corrected to 6: losing the last tile-part of
+    tile 6 (its finest detail) decodes without complaint, with thousands of pixel values changed."""
+    dataset = _bundled("GDCMJ2K_TextGBR.dcm")
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    stream = bytearray(frame[frame.index(b"\xff\x4f\xff\x51") :])
+    position, lost = stream.index(b"\xff\x90"), None
+    while stream[position : position + 2] == b"\xff\x90":
+        _, tile, length, part, _ = struct.unpack_from(">HHLBB", stream, position + 2)
+        stream[position + 11] = 6
+        lost = (position, length) if (tile, part) == (5, 5) else lost
+        position += length
+    assert jpeg2000_damage(bytes(stream)) is None and lost is not None
+    start, length = lost
+
+    assert jpeg2000_damage(bytes(stream[:start] + stream[start + length :])) == (
+        "tile 6 has 5 of the 6 tile-parts it declares"
+    )
+
+
+# --- Bytes after native pixel data -------------------------------------------------------------------------------
+
+
+def _with_bytes_after_the_pixels(path: Path, extra: bytes) -> None:
+    dataset = pydicom.dcmread(path)
+    dataset.decompress(generate_instance_uid=False)
+    dataset.PixelData = dataset.PixelData + extra
+    dataset.save_as(path)
+
+
+def test_zero_bytes_after_native_pixel_data_are_padding_and_the_series_loads(ct, reference):
+    """An intact image with 1,024 zero bytes after its pixels failed the whole series ("excess padding")."""
+    _with_bytes_after_the_pixels(ct[VICTIM], bytes(1024))
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+def test_a_row_more_than_rows_says_is_not_taken_for_padding(ct):
+    """513 rows of data under Rows 512: read as 512 the image is whole but one row is dropped, or the header is
+    wrong about its columns and it is sheared; which cannot be told."""
+    row = pydicom.dcmread(ct[VICTIM]).pixel_array[-1].astype(np.uint16).tobytes()
+    _with_bytes_after_the_pixels(ct[VICTIM], row)
+
+    assert "did not decode cleanly" in _refusal(ct) and "excess padding" in _refusal(ct)
