@@ -44,7 +44,7 @@ from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.sr import node_device_uid
 from dicom_node.logs import log_event, os_error_text
 from dicom_node.receive.header import read_file_header
-from dicom_node.receive.storage import fsync_folder, is_disk_full
+from dicom_node.receive.storage import fsync_folder, fsync_path, is_disk_full
 from inference.models import (
     ModelUnavailable,
     Segmentation,
@@ -478,7 +478,7 @@ def publish(result: Processed) -> Processed:
         target.mkdir(parents=True, exist_ok=True)
         for file in sorted(result.staged.iterdir()):
             if file.is_file():
-                _fsync_file(file)  # on disk before its name is: after a power cut a recorded result is never empty
+                fsync_path(file)  # on disk before its name is: after a power cut a recorded result is never empty
                 os.replace(file, target / file.name)
         fsync_folder(target)
         shutil.rmtree(result.staged, ignore_errors=True)
@@ -494,15 +494,6 @@ def publish(result: Processed) -> Processed:
         indexed=[replace(record, path=moved(record.path)) for record in result.indexed],
         staged=None,
     )
-
-
-def _fsync_file(path: Path) -> None:
-    """Write ``path``'s data to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def discard(result: PipelineResult) -> None:

@@ -862,10 +862,15 @@ def _write_all(descriptor: int, *parts: bytes) -> None:
             pending[0] = pending[0][written:]
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make the names in ``folder`` durable (its renames and new files)."""
-    descriptor = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Write ``path`` to disk: a file's bytes, or a folder's names (its renames and new files)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable (its renames and new files)."""
+    fsync_path(folder)
