@@ -109,12 +109,20 @@ def _names_an_instance(sentence: str, series: PhantomSeries) -> bool:
     return any(f"while instance {uid} (13.5 MB) was being sent" in sentence for uid in series.sop_instance_uids)
 
 
-def _threads_left() -> list[str]:
-    """Threads of this process that would keep pytest from exiting."""
-    return [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+@pytest.fixture
+def threads_before() -> set[threading.Thread]:
+    """The threads running before the test (other tests' idle thread pools among them)."""
+    return set(threading.enumerate())
 
 
-def test_a_c_get_requestor_that_stops_reading_has_its_association_cut_and_the_node_serves_on(rig, tmp_path):
+def _threads_left(before: set[threading.Thread]) -> list[str]:
+    """Threads the test started that are still running and would keep pytest from exiting."""
+    return [t.name for t in threading.enumerate() if not t.daemon and t not in before]
+
+
+def test_a_c_get_requestor_that_stops_reading_has_its_association_cut_and_the_node_serves_on(
+    threads_before, rig, tmp_path
+):
     node, series = rig.node, rig.series
     stalling = StallingProxy(node.port, stall_replies=True)  # between getscu and the node
     try:
@@ -147,10 +155,10 @@ def test_a_c_get_requestor_that_stops_reading_has_its_association_cut_and_the_no
     received = sorted(str(pydicom.dcmread(path).SOPInstanceUID) for path in (tmp_path / "get").iterdir())
     assert received == sorted(series.sop_instance_uids)
     assert [outcome for outcome, _ in _records(node, "get")][-1] == "success"
-    assert _threads_left() == []
+    assert _threads_left(threads_before) == []
 
 
-def test_a_c_move_to_a_destination_that_stops_reading_fails_its_sub_operations_in_a_sentence(rig):
+def test_a_c_move_to_a_destination_that_stops_reading_fails_its_sub_operations_in_a_sentence(threads_before, rig):
     node, series = rig.node, rig.series
 
     answer = _movescu(node, "STALLED", series.series_instance_uid)
@@ -179,10 +187,12 @@ def test_a_c_move_to_a_destination_that_stops_reading_fails_its_sub_operations_i
     received = sorted(str(pydicom.dcmread(path).SOPInstanceUID) for path in rig.healthy_folder.iterdir())
     assert received == sorted(series.sop_instance_uids)
     assert _records(node, "move")[-1][0] == "success"
-    assert _threads_left() == []
+    assert _threads_left(threads_before) == []
 
 
-def test_a_c_get_whose_requestor_refuses_instances_is_audited_with_the_final_status_it_heard(start_node, tmp_path):
+def test_a_c_get_whose_requestor_refuses_instances_is_audited_with_the_final_status_it_heard(
+    threads_before, start_node, tmp_path
+):
     """The audit record of a retrieval once said success when the peer refused what it was sent: it was written
     before pynetdicom answered the final status (0xB000 or 0xA702) from the peer's C-STORE answers."""
     node = start_node(
@@ -210,7 +220,7 @@ def test_a_c_get_whose_requestor_refuses_instances_is_audited_with_the_final_sta
         records = wait_for(lambda n=count: _records(node, "get")[n - 1 :], what="the C-GET's audit record")
         assert [record_outcome for record_outcome, _ in records] == [outcome], records
     assert IGNORED_FINAL_STATUS not in node.log()
-    assert _threads_left() == []
+    assert _threads_left(threads_before) == []
 
 
 def _c_get(node: Node, query: pydicom.Dataset, answers: list[int]) -> pydicom.Dataset:
