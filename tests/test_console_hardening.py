@@ -14,10 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from db import jobs
-from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
-from db.results import ResultFile, ResultKind
-from db.session import transaction
 from dicom_node.config import Settings
 from dicom_node.console.app import MAX_BODY_BYTES, ConsoleServer
 from dicom_node.console.auth import SESSION_COOKIE
@@ -25,11 +21,10 @@ from dicom_node.console.metrics import Liveness
 from dicom_node.service import open_database
 from tests.conftest import free_port, wait_for
 from tests.console_helpers import PASSWORDS, console_settings
+from tests.test_console_auth import SEG_BYTES, _series_with_results
 
 pytestmark = pytest.mark.integration
 
-SERIES = "1.2.826.0.1.3680043.99.41"
-SEG_BYTES = b"DICM a result file"
 HTTPS_PROXY = {"X-Forwarded-Proto": "https"}
 OLGA = {"X-Forwarded-User": "olga", "X-Forwarded-Role": "operator"}
 HSTS = "strict-transport-security"
@@ -74,28 +69,6 @@ def console(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings]]]:
     yield start
     for server in servers:
         server.stop()
-
-
-def _series_with_a_result(settings: Settings, folder: Path) -> str:
-    """A series of one instance recorded in the console's database, with one result file in ``folder``."""
-    folder.mkdir(parents=True)
-    (folder / "seg-binary.dcm").write_bytes(SEG_BYTES)
-    record = InstanceRecord(
-        sop_instance_uid=SERIES + ".1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=str(folder / "ct.dcm"),
-        size_bytes=1,
-        study=StudyAttributes(SERIES + ".0"),
-        series=SeriesAttributes(SERIES, modality="CT"),
-    )
-    with transaction(open_database(settings)) as session:
-        record_instance(session, record)
-        job = jobs.job_for_series_uid(session, SERIES)
-        assert job is not None
-        job.result_path = str(folder)
-        job.result_files = [ResultFile(ResultKind.SEG, str(folder / "seg-binary.dcm"), "BINARY")]
-    return SERIES
 
 
 def _session_cookie(response: httpx.Response) -> str:
@@ -173,7 +146,7 @@ def test_behind_an_https_sign_on_proxy_a_download_gets_a_secure_session_cookie_t
     """A result file served to a client without a session once lost the session opened for it: every download
     opened another one, and its cookie never had Secure behind an HTTPS proxy."""
     url, settings = console(auth="proxy_header")
-    uid = _series_with_a_result(settings, tmp_path / "results")
+    uid = _series_with_results(settings, tmp_path / "results")
     curl = httpx.Client(base_url=url, timeout=30, follow_redirects=False, headers={**OLGA, **HTTPS_PROXY})
 
     download = curl.get(f"/series/{uid}/files/seg-binary.dcm", headers={"Accept": "*/*"})
