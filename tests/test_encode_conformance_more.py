@@ -144,6 +144,47 @@ def test_invalid_values_inside_copied_sequences_are_left_out_with_a_sentence(sha
     assert source.ProcedureCodeSequence[0].CodeValue == "CT-THORAX-ABD-PELVIS-KM"
 
 
+def test_copied_sequence_items_without_an_attribute_dicom_requires_are_left_out(shared_fixtures, tmp_path):
+    files = real_ct_copy(tmp_path / "ct", shared_fixtures)
+
+    def leave_out_required(_: int, dataset: pydicom.Dataset) -> None:
+        del dataset.ProcedureCodeSequence[0].CodeMeaning
+        no_class = Dataset()
+        no_class.ReferencedSOPInstanceUID = "1.2.3.4"
+        dataset.ReferencedStudySequence.append(no_class)
+        no_scheme = Dataset()
+        no_scheme.CodeValue = "I10"
+        no_scheme.CodeMeaning = "Hypertension"
+        dataset.AdmittingDiagnosesCodeSequence = [no_scheme, code_item("I11", "I10", "Hypertensive heart disease")]
+        dataset.ReferencedPatientSequence = [Dataset()]
+
+    change_files(files, leave_out_required)
+    warnings: list[str] = []
+
+    results = encode(files, tmp_path / "out", warnings)
+
+    required = "is missing or empty, where DICOM requires it"
+    assert sorted(warnings) == sorted(
+        [
+            f"ProcedureCodeSequence of the source images: CodeMeaning in item 1 {required}; the sequence is left "
+            "out of the results",
+            f"ReferencedStudySequence of the source images: ReferencedSOPClassUID in item 2 {required}; 1 of its 2 "
+            "items is left out of the results",
+            f"AdmittingDiagnosesCodeSequence of the source images: CodingSchemeDesignator in item 1 {required}; 1 "
+            "of its 2 items is left out of the results",
+            f"ReferencedPatientSequence of the source images: ReferencedSOPClassUID in item 1 {required}; the "
+            "sequence is left out of the results",
+        ]
+    )
+    assert_valid(results)
+    for name in ("seg-binary.dcm", "sr-binary.dcm"):
+        result = pydicom.dcmread(results[name])
+        assert "ProcedureCodeSequence" not in result, name
+        assert "ReferencedPatientSequence" not in result, name
+        assert [item.CodeValue for item in result.AdmittingDiagnosesCodeSequence] == ["I11"], name
+        assert len(result.ReferencedStudySequence) == 1, name
+
+
 def test_sequence_checks_are_bounded_in_depth_and_size(tmp_path):
     """A sequence nesting deeper than is checked, or holding more values than are checked, is not copied whole."""
     header = pydicom.dcmread(phantom_files(tmp_path)[0], stop_before_pixels=True)

@@ -43,6 +43,19 @@ COPIED_TYPES: dict[str, str] = {
     if not item["path"]
 } | {"ImageLaterality": "3"}  # the SEG's laterality, from the source image where it states one
 """Each copied attribute's type in its module: "1", "1C", "2", "2C" or "3"."""
+
+
+def _item_requirements() -> dict[tuple[str, ...], dict[str, str]]:
+    requirements: dict[tuple[str, ...], dict[str, str]] = {}
+    for module in COPIED_MODULES:
+        for item in get_module_attribute_map()[module]:
+            if item["path"] and item["type"] in ("1", "1C", "2"):
+                requirements.setdefault(tuple(item["path"]), {})[item["keyword"]] = item["type"]
+    return requirements
+
+
+ITEM_REQUIREMENTS = _item_requirements()
+"""What items of the copied sequences must hold, by sequence path (highdicom's tables; Type 3 left out)."""
 IDENTITY_KEYWORDS = frozenset(
     {
         "PatientName",
@@ -66,7 +79,7 @@ def checked_source(header: Dataset, notes: list[str] | None = None) -> Dataset:
     (``header`` is left as it is) without the invalid values: a Type 3 attribute's left out, a Type 2 one's empty.
 
     A sequence is checked item by item, nested items included (:func:`~dicom_node.encode.values.sequence_check`):
-    its items with an invalid value are left out, and the sequence itself when none is left (a Type 2 one is then
+    its items with an invalid value, or without an attribute DICOM requires in them, are left out, and the sequence itself when none is left (a Type 2 one is then
     written empty). Each change adds a sentence to ``notes`` naming the attribute (once: the SEG, SR and RTSTRUCT of
     a job share the list). Identity attributes (:data:`IDENTITY_KEYWORDS`) and Type 1 ones are copied as they are.
     """
@@ -102,7 +115,7 @@ def _change(header: Dataset, keyword: str, usage: str) -> tuple[DataElement | No
     if element.VR != "SQ":
         problem = value_problem(keyword, element)
         return None if problem is None else (empty, f"{keyword} of the source images {problem}: {outcome}")
-    check = sequence_check(element)
+    check = sequence_check(element, ITEM_REQUIREMENTS)
     if check.valid:
         return None
     invalid = set(check.invalid_items)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydicom import config
@@ -71,6 +72,11 @@ three deep); an item nesting deeper is treated as invalid."""
 MAXIMUM_SEQUENCE_VALUES = 10_000
 """Elements of one copied sequence (all its items and theirs) that are checked; the items beyond are treated as
 invalid, so a sequence sent to exhaust the node costs a bounded time."""
+ItemRequirements = Mapping[tuple[str, ...], Mapping[str, str]]
+"""What an item of a sequence must hold, by the sequence's path of keywords from the top level: each attribute's
+type there ("1": present with a value, "2": present, "1C": only read to recognise a code item)."""
+CODE_VALUE_KEYWORDS = ("CodeValue", "LongCodeValue", "URNCodeValue")
+"""One of these holds a code item's value (the Code Sequence Macro)."""
 
 
 def value_problem(keyword: str, element: DataElement) -> str | None:
@@ -106,25 +112,33 @@ class SequenceCheck:
         return not self.invalid_items
 
 
-def sequence_check(element: DataElement) -> SequenceCheck:
+def sequence_check(element: DataElement, requirements: ItemRequirements | None = None) -> SequenceCheck:
     """Check each item of the sequence ``element`` with :func:`value_problem`, nested items included, down to
-    :data:`MAXIMUM_SEQUENCE_DEPTH` levels and :data:`MAXIMUM_SEQUENCE_VALUES` elements in all."""
+    :data:`MAXIMUM_SEQUENCE_DEPTH` levels and :data:`MAXIMUM_SEQUENCE_VALUES` elements in all.
+
+    With ``requirements``, an item that lacks an attribute DICOM requires in it is invalid too
+    (:func:`missing_attribute`)."""
     items = list(element.value or [])
     budget = [MAXIMUM_SEQUENCE_VALUES]
     invalid: list[int] = []
     first: str | None = None
+    path = (element.keyword,)
     for index, item in enumerate(items):
-        problem = _item_problem(item, 1, budget)
+        problem = _item_problem(item, 1, budget, path, requirements or {})
         if problem is not None:
             invalid.append(index)
             first = first or f"{problem[0]} in item {index + 1} {problem[1]}"
     return SequenceCheck(tuple(invalid), first)
 
 
-def _item_problem(item: Dataset, depth: int, budget: list[int]) -> tuple[str, str] | None:
-    """The first invalid value of ``item``: (the attribute, with its path inside the item; why), or None.
+def _item_problem(
+    item: Dataset, depth: int, budget: list[int], path: tuple[str, ...], requirements: ItemRequirements
+) -> tuple[str, str] | None:
+    """The first invalid value of ``item``, or a required attribute it lacks: (the attribute, with its path inside
+    the item; why), or None.
 
-    ``budget`` holds how many more elements may be checked (shared by all the items of one sequence)."""
+    ``budget`` holds how many more elements may be checked (shared by all the items of one sequence); ``path`` is the
+    item's sequence's keywords from the top level, where ``requirements`` are looked up."""
     if depth > MAXIMUM_SEQUENCE_DEPTH:
         return "a sequence", f"nests deeper than the {MAXIMUM_SEQUENCE_DEPTH} levels that are checked"
     for tag in list(item.keys()):
@@ -138,14 +152,42 @@ def _item_problem(item: Dataset, depth: int, budget: list[int]) -> tuple[str, st
         name = element.keyword or f"attribute {element.tag}"
         if element.VR == "SQ":
             for index, nested in enumerate(element.value or []):
-                problem = _item_problem(nested, depth + 1, budget)
+                problem = _item_problem(nested, depth + 1, budget, (*path, element.keyword), requirements)
                 if problem is not None:
                     return f"{problem[0]} in item {index + 1} of {name}", problem[1]
             continue
         reason = value_problem(element.keyword, element)
         if reason is not None:
             return name, reason
+    missing = missing_attribute(item, requirements.get(path, {}))
+    return None if missing is None else (missing, "is missing or empty, where DICOM requires it")
+
+
+def missing_attribute(item: Dataset, required: Mapping[str, str]) -> str | None:
+    """The first attribute ``item`` lacks that DICOM requires in it, or None: a Type 1 one present with a value, a
+    Type 2 one present; in a code item (the Code Sequence Macro) a code value, and with a CodeValue or LongCodeValue
+    its CodingSchemeDesignator. Other conditions (Type 1C) are not evaluated."""
+    for keyword, usage in required.items():
+        if (usage == "1" and not _has_value(item, keyword)) or (usage == "2" and keyword not in item):
+            return keyword
+    if "CodeMeaning" in required and "CodeValue" in required:
+        if not any(_has_value(item, keyword) for keyword in CODE_VALUE_KEYWORDS):
+            return "CodeValue"
+        if (_has_value(item, "CodeValue") or _has_value(item, "LongCodeValue")) and not _has_value(
+            item, "CodingSchemeDesignator"
+        ):
+            return "CodingSchemeDesignator"
     return None
+
+
+def _has_value(item: Dataset, keyword: str) -> bool:
+    if keyword not in item:
+        return False
+    try:
+        value = item[keyword].value
+    except Exception:  # noqa: BLE001 - an unreadable value is reported by the value checks, not as missing
+        return True
+    return value is not None and value != "" and not (isinstance(value, (list, MultiValue)) and len(value) == 0)
 
 
 def _as_written(value: object) -> str:
