@@ -1097,7 +1097,8 @@ def _check_slice_stack(images: list[_Frame]) -> None:
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
     try:
         smallest_pixel = min((min(f.spacing) for f in ordered if f.spacing), default=None)
-        check_slice_stack([f.position for f in ordered], normal, pixel_spacing=smallest_pixel)
+        positions = [f.position for f in ordered]
+        check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=[f.label for f in ordered])
     except VolumeError as exc:
         raise Refused(str(exc)) from None
 

@@ -734,6 +734,7 @@ def check_slice_stack(
     normal: Sequence[float] | np.ndarray,
     *,
     pixel_spacing: float | None = None,
+    labels: Sequence[str] | None = None,
 ) -> float:
     """The slice step (mm) of positions sorted along ``normal``: one regular, unsheared stack, or VolumeError.
 
@@ -748,7 +749,8 @@ def check_slice_stack(
       on the line the others make (:func:`_common_line`) where the first lies off it, so a shifted slice
       is named as such even at an end; gantry tilt is judged from the first and last slice on that line.
 
-    The admission stage runs it on headers, so a series is refused before it is queued.
+    The admission stage runs it on headers, so a series is refused before it is queued; it gives ``labels`` (one
+    per position, such as "instance 12"), so a position given twice names the two images.
     """
     points = np.asarray(positions, dtype=float)
     direction = np.asarray(normal, dtype=float)
@@ -761,8 +763,7 @@ def check_slice_stack(
             "no CT can: the positions are wrong"
         )
     if np.any(steps < 1e-3):
-        duplicates = int(np.sum(steps < 1e-3))
-        raise VolumeError(f"{duplicates} slice position(s) occur twice in one acquisition")
+        raise VolumeError(_repeated_position(points, steps, labels))
     median = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - median)))
     if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
@@ -822,6 +823,21 @@ SHEAR_PARTNERS = 64
 COMMON_LINE_SHARE = 0.75
 """Share of the slices one line must hold to be the stack's axis: a tilted gantry puts every slice on its sheared
 line and a few shifted slices leave most on theirs, while a stack that jumps sideways half way fits no line."""
+
+
+def _repeated_position(points: np.ndarray, steps: np.ndarray, labels: Sequence[str] | None) -> str:
+    """The sentence for positions given twice: how many, and the first two images that share one."""
+    repeats = np.flatnonzero(steps < 1e-3)
+    first = int(repeats[0])
+    if labels is not None and len(labels) == len(points):
+        which = f"{labels[first]} and {labels[first + 1]}"
+    else:
+        which = f"slices {first + 1} and {first + 2} (by position)"
+    place = ", ".join(f"{value:.2f}" for value in points[first])
+    return (
+        f"{len(repeats)} slice position(s) occur twice in one acquisition: {which} are both at ImagePositionPatient "
+        f"({place})"
+    )
 
 
 def _common_line(points: np.ndarray, direction: np.ndarray, allowed: float) -> np.ndarray | None:

@@ -425,7 +425,10 @@ CASES: list[Case] = [
         "duplicate_slice_position_is_refused",
         same_position,
         JobState.FAILED,
-        not_admitted("1 slice position(s) occur twice in one acquisition"),
+        not_admitted(
+            "1 slice position(s) occur twice in one acquisition: instance 1 and instance 2 are both at "
+            "ImagePositionPatient (-6.00, -6.00, -2.25)"
+        ),
     ),
     Case(
         "gantry_tilt_is_refused",

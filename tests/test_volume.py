@@ -118,6 +118,22 @@ def test_uneven_steps_that_add_up_to_a_drift_are_refused_though_each_is_within_t
     assert "the uneven steps add up, and volumes and contours would be wrong" in str(error.value)
 
 
+def test_a_position_given_twice_names_the_two_images_and_where_they_are():
+    points = stack([1.5, 1.5, 0.0, 1.5])
+    with pytest.raises(VolumeError) as by_place:
+        check_slice_stack(points, AXIAL, pixel_spacing=0.8)
+    with pytest.raises(VolumeError) as by_label:
+        check_slice_stack(points, AXIAL, pixel_spacing=0.8, labels=[f"instance {n}" for n in (4, 7, 9, 2, 5)])
+    start = "1 slice position(s) occur twice in one acquisition: "
+    assert (
+        str(by_place.value)
+        == start + "slices 3 and 4 (by position) are both at ImagePositionPatient (0.00, 0.00, 3.00)"
+    )
+    assert (
+        str(by_label.value) == start + "instance 9 and instance 2 are both at ImagePositionPatient (0.00, 0.00, 3.00)"
+    )
+
+
 def test_a_slice_shifted_sideways_in_the_middle_is_refused():
     with pytest.raises(VolumeError) as error:
         check_slice_stack(stack([1.5] * 30, shifts={12: (2.0, 0.0)}), AXIAL, pixel_spacing=0.8)
