@@ -97,6 +97,74 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path, star
     assert peak - before < 200  # inflated in 16 MB chunks and counted, never held
 
 
+def _deflated(*parts: bytes | int) -> list[bytes]:
+    """A Deflate stream of ``parts``: bytes as they are, a number as that many zero bytes (never held whole)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunks = []
+    for part in parts:
+        if isinstance(part, bytes):
+            chunks.append(compressor.compress(part))
+            continue
+        zeros = bytes(min(part, 16 * 1024 * 1024))
+        for start in range(0, part, len(zeros)):
+            chunks.append(compressor.compress(zeros[: min(len(zeros), part - start)]))
+    return [*chunks, compressor.flush()]
+
+
+def _image_header(sop_instance: str, pixel_bytes: int) -> bytes:
+    """A 16 x 16, 16-bit image's header, up to its Pixel Data element declaring ``pixel_bytes`` (it needs 512)."""
+    us = [(0x0002, 1), (0x0010, 16), (0x0011, 16), (0x0100, 16), (0x0101, 16), (0x0102, 15), (0x0103, 0)]
+    image = b"".join(_element(0x0028, element, b"US", struct.pack("<H", value)) for element, value in us)
+    return _header(sop_instance) + image + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+
+
+@pytest.mark.parametrize(
+    ("parts", "refusal"),
+    [
+        pytest.param(
+            lambda uid: [_image_header(uid, 512 + 300 * 1024**2), 512 + 300 * 1024**2],
+            "Pixel Data holds 314572800 bytes more than its header needs (Rows 16 x Columns 16 x SamplesPerPixel 1 x "
+            "BitsAllocated 16 x 1 frame(s)); more than 64 KB beyond the image is not padding, so the instance is "
+            "refused",
+            id="pixel-data-padded-with-zeros",
+        ),
+        pytest.param(
+            lambda uid: [
+                _image_header(uid, 512),
+                512,
+                struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 300 * 1024**2),
+                300 * 1024**2,
+            ],
+            "Deflate-compressed data set holds 314572812 bytes after its Pixel Data, more than the 1 MB an image "
+            "carries there: refused as a decompression bomb",
+            id="trailing-padding",
+        ),
+    ],
+)
+def test_zeros_deflated_past_what_an_image_needs_are_refused_at_c_store(tmp_path, start_node, parts, refusal):
+    node = start_node()
+    uid = generate_uid()
+
+    answered = _send(node, tmp_path / "bomb", uid, DeflatedExplicitVRLittleEndian, _deflated(*parts(uid)))
+
+    assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
+    assert _reason(node, uid) == refusal
+    assert node.cli("status").returncode == 0 and node.process.poll() is None  # the node keeps serving
+
+
+def test_uncompressed_pixel_data_longer_than_padding_explains_is_refused(tmp_path, start_node):
+    node = start_node()
+    uid = generate_uid()
+    pixels = 512 + 2**20  # the image needs 512 (1,024 zero bytes more are accepted: tests/test_pixel_integrity.py)
+
+    answered = _send(
+        node, tmp_path / "bloated", uid, ExplicitVRLittleEndian, [_image_header(uid, pixels), bytes(pixels)]
+    )
+
+    assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
+    assert _reason(node, uid).startswith("Pixel Data holds 1048576 bytes more than its header needs")
+
+
 def test_deeply_nested_sequences_are_refused_at_c_store(tmp_path, start_node):
     node = start_node()
     uid = generate_uid()

@@ -219,6 +219,13 @@ MAX_INFLATED_BYTES = 2 * 1024**3
 """Largest size a Deflate-compressed data set may inflate to (a 1,000-frame 512 x 512 CT is 0.5 GB)."""
 INFLATED_HEAD_BYTES = 16 * 1024**2
 """The part of an inflated data set kept to read its header; the rest is only counted, never held."""
+MAX_PIXEL_PADDING_BYTES = 64 * 1024
+"""Most bytes uncompressed Pixel Data may hold beyond what Rows x Columns x ... needs (the zero padding some writers
+add). More is not padding: every later read of the file would hold it in memory, and a Deflate-compressed data set
+carries gigabytes of zeros in a few MB."""
+MAX_TRAILING_BYTES = 1024**2
+"""Most bytes an inflated (Deflate-compressed) image may hold after its Pixel Data (trailing padding, elements that
+follow it)."""
 
 
 def _inflate_bounded(encoded: bytes, limit: int = MAX_INFLATED_BYTES) -> tuple[bytes, int]:
@@ -276,6 +283,25 @@ def _check_native_pixel_data(
         shown = min(found, max(available, 0))
         raise InvalidInstance(
             f"Pixel Data is truncated: {shown} of {expected} bytes ({_geometry(dataset)})",
+            status.CANNOT_UNDERSTAND,
+        )
+    _check_bytes_beyond_pixels(dataset, found - expected, available - found if total_length is not None else 0)
+
+
+def _check_bytes_beyond_pixels(dataset: Dataset, padding: int, trailing: int) -> None:
+    """Refuse native Pixel Data ``padding`` bytes longer than the image needs, or an inflated data set holding
+    ``trailing`` bytes after its Pixel Data, past what padding explains (:data:`MAX_PIXEL_PADDING_BYTES`,
+    :data:`MAX_TRAILING_BYTES`)."""
+    if padding > MAX_PIXEL_PADDING_BYTES:
+        raise InvalidInstance(
+            f"Pixel Data holds {padding} bytes more than its header needs ({_geometry(dataset)}); more than "
+            f"{MAX_PIXEL_PADDING_BYTES // 1024} KB beyond the image is not padding, so the instance is refused",
+            status.CANNOT_UNDERSTAND,
+        )
+    if trailing > MAX_TRAILING_BYTES:
+        raise InvalidInstance(
+            f"Deflate-compressed data set holds {trailing} bytes after its Pixel Data, more than the "
+            f"{MAX_TRAILING_BYTES // 1024**2} MB an image carries there: refused as a decompression bomb",
             status.CANNOT_UNDERSTAND,
         )
 
