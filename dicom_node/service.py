@@ -34,8 +34,10 @@ from dicom_node.watcher import SeriesWatcher
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
 from dicom_node.worker import (
+    IdlePulse,
     LeaseSweep,
     OverdueLease,
+    idle_silence_limit,
     log_worker_death,
     requeue_jobs_of_previous_run,
     run_worker,
@@ -57,6 +59,10 @@ class WorkerSupervisor:
     (a stopped process too); a job processing past ``inference.job_timeout_minutes`` (a worker stuck while its
     lease is still renewed) is taken from its worker, which is ended when it is one of its own. Both count like
     a death, so a series that hangs every worker ends FAILED.
+
+    A worker holding no job renews no lease: each one counts beats in memory shared with this supervisor
+    (:class:`~dicom_node.worker.IdlePulse`), read every check; one whose beats stop for
+    :func:`~dicom_node.worker.idle_silence_limit` (frozen, or stuck in a database query) is ended and replaced.
     """
 
     CHECK_SECONDS = 0.5
@@ -73,6 +79,8 @@ class WorkerSupervisor:
         self._leases = LeaseSweep(settings, sessions) if sessions is not None else None
         self._claims_seen: dict[tuple[int, int, str], float] = {}  # (job, claim number, worker) -> first seen
         self._ended: set[str] = set()  # ids ("host:pid") of the workers this supervisor ended
+        self._pulses: dict[int | None, IdlePulse] = {}  # pid -> the worker's sign of life while idle
+        self._beats_seen: dict[int | None, tuple[int, float]] = {}  # pid -> (its beats, time.monotonic() then)
         self._next_hang_check = 0.0
         self._last_check_failure: str | None = None  # the last look's error, logged with its trace once
         self._stop = threading.Event()
@@ -84,8 +92,12 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
-        process = self._context.Process(target=run_worker, args=(self.settings, os.getpid()), name=f"worker-{number}")
+        pulse = IdlePulse(self._context)
+        process = self._context.Process(
+            target=run_worker, args=(self.settings, os.getpid(), None, pulse), name=f"worker-{number}"
+        )
         process.start()
+        self._pulses[process.pid] = pulse
         log_event(LOG, logging.INFO, "worker.started", worker=number, pid=process.pid)
         return process
 
@@ -94,6 +106,7 @@ class WorkerSupervisor:
             if time.monotonic() >= self._next_hang_check:
                 self._next_hang_check = time.monotonic() + self.settings.inference.lease_renew_seconds
                 self.check_hung_workers()
+            self.end_silent_idle_workers()
             for number, process in enumerate(self._processes):
                 if self._stop.is_set() or (process.is_alive() and process.pid not in self._handled):
                     continue  # a worker ended but not gone (waiting on a disk) is replaced all the same
@@ -119,6 +132,35 @@ class WorkerSupervisor:
             LOG.exception("worker.release_failed", extra={"event_fields": {"pid": pid}})
 
     # --- hung workers -------------------------------------------------------------------------
+
+    def end_silent_idle_workers(self) -> None:
+        """End (and replace) each worker that has held no job and shown no sign of life for the idle limit.
+
+        A job it claimed just before it froze (its claim recorded, not yet marked held in memory) is released
+        as a dead worker's would be.
+        """
+        limit = idle_silence_limit(self.settings)
+        now = time.monotonic()
+        running = self._local_workers()
+        self._pulses = {pid: pulse for pid, pulse in self._pulses.items() if worker_id(pid=pid) in running}
+        self._beats_seen = {pid: seen for pid, seen in self._beats_seen.items() if pid in self._pulses}
+        for number, process in running.values():
+            pulse = self._pulses.get(process.pid)
+            if pulse is None:
+                continue
+            beats, holding = pulse.read()
+            seen, since = self._beats_seen.get(process.pid, (-1, now))
+            if holding or beats == 0 or beats != seen:  # busy (its lease shows it alive), starting, or alive
+                self._beats_seen[process.pid] = (beats, now)
+                continue
+            if now - since >= limit:
+                why = (
+                    f"it showed no sign of life for {now - since:.0f} s while it held no job (frozen, or stuck in a "
+                    f"database query; the limit is {limit:g} s, set by inference.lease_seconds and "
+                    "database.busy_timeout_seconds)"
+                )
+                self._end(number, process, why)
+                self._release_jobs_of(process.pid)
 
     def check_hung_workers(self) -> None:
         """Take jobs from workers that ran past the time limit or stopped renewing their lease (see the class).
@@ -183,7 +225,9 @@ class WorkerSupervisor:
     def _take_over_time(self, job_id: int, attempt: int, worker: str, minutes: float) -> None:
         """End this node's ``worker`` (if it is one) and record that job ``job_id`` ran past its time limit."""
         local = self._local_workers().get(worker)
-        done = "serve took the job from that worker (one serve did not start, so it is not ended)"
+        done = (
+            "serve took the job from that worker (one serve did not start: it gives the job up itself at its own limit)"
+        )
         if local is not None:
             limit = f"{minutes:g} min (inference.job_timeout_minutes)"
             self._end(*local, f"job {job_id} ran past the time limit of {limit}")

@@ -14,6 +14,12 @@ Each counts a death against ``inference.max_worker_deaths``; at the limit the jo
 A series that changes while it is processed (a late instance re-opened it), or a job whose
 lease was lost, keeps its new state and the stale result is discarded.
 
+A worker of ``serve`` that freezes while it holds no job (stopped, or stuck in a database query) renews no
+lease; it counts beats in memory it shares with ``serve`` (:class:`IdlePulse`), which ends and replaces it once
+they stop for :func:`idle_silence_limit`. A ``dicom-node worker`` (no supervisor of its own on its host) keeps
+``inference.job_timeout_minutes`` itself (:class:`JobTimeLimit`): past it the job is given up, and the process
+exits if the job has not stopped within ``inference.shutdown_grace_seconds``, for its service manager to restart.
+
 On SIGTERM the worker finishes its job for up to ``inference.shutdown_grace_seconds``,
 then hands it back (queued again, not counted as a death) and exits.
 """
@@ -28,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -63,6 +70,10 @@ LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
 """A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
 WORKER_NAME_VARIABLE = "DICOM_NODE_WORKER_NAME"
 """Environment variable naming the worker's host in its id (default: the host name)."""
+LOCKED_RETRY_PAUSE_SECONDS = 5.0
+"""The longest pause between two tries of a transaction against a locked database (``retry_when_locked``)."""
+EXIT_JOB_OVER_TIME = 3
+"""Exit status of a ``dicom-node worker`` whose job ran past its time limit and could not be stopped."""
 
 
 def prefetch_enabled(settings: Settings) -> bool:
@@ -89,13 +100,61 @@ def worker_id(name: str | None = None, pid: int | None = None) -> str:
     return f"{worker_host(name)}:{pid if pid is not None else os.getpid()}"
 
 
-class InferenceWorker:
-    """Claims one job at a time from the database, runs its pipeline under a lease, records the outcome."""
+class IdlePulse:
+    """A worker's sign of life while it holds no job, in memory it shares with ``serve`` (no database write).
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], identity: str | None = None) -> None:
+    The worker counts a beat at each pass of its loop and at each try of a database transaction it makes while
+    idle, and marks the time it holds a job (its lease then shows it alive). ``serve`` reads both, cheaply.
+    """
+
+    def __init__(self, context: BaseContext) -> None:
+        self._values = context.RawArray("q", 2)  # beats so far; 1 while a job is held
+
+    def beat(self) -> None:
+        self._values[0] += 1
+
+    def hold_job(self, holding: bool) -> None:
+        self._values[1] = int(holding)
+
+    def read(self) -> tuple[int, bool]:
+        """Beats so far (0: the worker is still starting) and whether it holds a job."""
+        return int(self._values[0]), bool(self._values[1])
+
+
+def idle_silence_limit(settings: Settings) -> float:
+    """How long a worker holding no job may show no sign of life before ``serve`` ends it as frozen.
+
+    ``inference.lease_seconds``, as for a worker holding a job, but never less than one transaction waiting out
+    another process' lock on the database (``database.busy_timeout_seconds``, then a pause before the next try),
+    plus one poll of the queue: a worker waiting for a locked database is alive.
+    """
+    inference = settings.inference
+    locked_wait = settings.database.busy_timeout_seconds + LOCKED_RETRY_PAUSE_SECONDS
+    return max(inference.lease_seconds, locked_wait) + inference.poll_seconds
+
+
+class InferenceWorker:
+    """Claims one job at a time from the database, runs its pipeline under a lease, records the outcome.
+
+    ``pulse``: where a worker of ``serve`` shows it is alive while idle. ``own_time_limit``: the worker gives up a
+    job past ``inference.job_timeout_minutes`` itself (a ``dicom-node worker``, which no ``serve`` can end).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        identity: str | None = None,
+        *,
+        pulse: IdlePulse | None = None,
+        own_time_limit: bool = False,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.identity = identity or worker_id()
+        self.pulse = pulse
+        self.own_time_limit = own_time_limit
+        self._ready = False  # beats start once the models are loaded: serve judges no start-up by them
         self.models = ModelCache(settings)
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
@@ -112,8 +171,10 @@ class InferenceWorker:
         self.models.load_all()
         warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
         log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
+        self._ready = True
         try:
             while not stop.is_set():
+                self._beat()
                 if not self.run_once():
                     stop.wait(self.settings.inference.poll_seconds)
         finally:
@@ -133,8 +194,19 @@ class InferenceWorker:
         claim = self.claim()
         if claim is None:
             return False
-        self.process(claim)
+        if self.pulse is not None:
+            self.pulse.hold_job(True)
+        try:
+            self.process(claim)
+        finally:
+            if self.pulse is not None:
+                self.pulse.hold_job(False)
         return True
+
+    def _beat(self) -> None:
+        """A sign of life while idle, for ``serve`` (none before the worker is ready, or without a pulse)."""
+        if self.pulse is not None and self._ready:
+            self.pulse.beat()
 
     # --- dead workers -------------------------------------------------------------------------
 
@@ -172,7 +244,7 @@ class InferenceWorker:
         """
         try:
             return retry_when_locked(
-                self.leases.sweep,
+                self._sweep_once,
                 waiting=f"worker {self.identity} queuing again jobs whose lease ran out",
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
@@ -180,6 +252,10 @@ class InferenceWorker:
             )
         except DatabaseBusy:
             return 0
+
+    def _sweep_once(self) -> int:
+        self._beat()  # each try: a worker waiting for a locked database is alive
+        return self.leases.sweep()
 
     # --- claim --------------------------------------------------------------------------------
 
@@ -204,6 +280,7 @@ class InferenceWorker:
         return None if claim is None else replace(claim, claim_seconds=time.perf_counter() - started)
 
     def _claim_once(self) -> ClaimedJob | None:
+        self._beat()  # each try: a worker waiting for a locked database is alive
         lease = timedelta(seconds=self.settings.inference.lease_seconds)
         with transaction(self.sessions) as session:
             job = jobs.claim_next(session, self.identity, lease)
@@ -240,6 +317,10 @@ class InferenceWorker:
         self.current = claim
         heartbeat = LeaseHeartbeat(self, claim.job_id, claim.attempt)
         heartbeat.start()
+        minutes = self.settings.inference.job_timeout_minutes
+        time_limit = JobTimeLimit(self, claim, heartbeat, minutes) if self.own_time_limit and minutes else None
+        if time_limit is not None:
+            time_limit.start()
         try:
             result = run_pipeline(
                 claim,
@@ -250,6 +331,8 @@ class InferenceWorker:
                 next_series=self.next_series_paths,
             )
         finally:
+            if time_limit is not None:
+                time_limit.stop()
             heartbeat.stop()
         self._finish(claim, result)
         self.current = None
@@ -332,17 +415,13 @@ class InferenceWorker:
             lock_studies_of_job(session, claim.job_id)  # results are filed in the study: its row before the job's
             job = session.get_one(Job, claim.job_id, with_for_update=True)
             if not jobs.holds(job, self.identity, claim.attempt):
-                why = (
-                    "series changed while processing"
-                    if job.claimed_by == self.identity
-                    else "lease lost to another worker"
-                )
                 log_event(
                     LOG,
                     logging.WARNING,
                     "job.result_discarded",
                     job=claim.job_id,
-                    reason=f"{why} (now {job.state.value})",
+                    worker=self.identity,
+                    reason=late_result_reason(job, self.identity, claim.attempt),
                 )
                 discard(result)  # its files never left this claim's own folder
                 return None
@@ -370,6 +449,28 @@ class InferenceWorker:
             else:
                 jobs.defer(session, job, result.until, result.reason)
         return result
+
+    def give_up_over_time(self, claim: ClaimedJob, minutes: float) -> str:
+        """Own time limit: record that ``claim``'s job ran past it (queued again, or failed at the crash limit) if
+        it is still this claim's; what became of the job, as a clause for the log."""
+
+        def record() -> str:
+            with transaction(self.sessions) as session:
+                job = session.get_one(Job, claim.job_id, with_for_update=True)
+                if not jobs.holds(job, self.identity, claim.attempt):
+                    return f"it was no longer this worker's (it is {job.state.value})"
+                deaths = self.settings.inference.max_worker_deaths
+                failed = jobs.ran_too_long(session, job, deaths, minutes, done="the worker gave it up itself")
+                log_worker_death(job, failed)
+                return "it is FAILED, at inference.max_worker_deaths" if failed else "it is queued again"
+
+        return retry_when_locked(
+            record,
+            waiting=f"worker {self.identity} giving up job {claim.job_id}, past its time limit",
+            limit_seconds=self.settings.inference.lease_seconds,
+            wait_for_disk_space=True,
+            wait_for_server=True,
+        )
 
     def hand_back(self) -> bool:
         """Shutdown: queue the job being processed again, without counting a death; whether there was one."""
@@ -455,6 +556,75 @@ class LeaseSweep:
                 requeued += not failed
                 self._seen.pop(job.id, None)
         return requeued
+
+
+def late_result_reason(job: Job, worker: str, attempt: int) -> str:
+    """Why the result of ``worker``'s claim number ``attempt`` is not recorded: the job is no longer that claim's."""
+    if job.claimed_by != worker or job.attempts != attempt:
+        return (
+            f"another claim holds the job now (worker {job.claimed_by}, claim {job.attempts}); it is {job.state.value}"
+        )
+    return f"the job was taken from this claim meanwhile; it is {job.state.value}: {job.reason}"
+
+
+class JobTimeLimit:
+    """A ``dicom-node worker``'s own watchdog over one job, for ``inference.job_timeout_minutes``.
+
+    Past the limit the job is given up (:meth:`InferenceWorker.give_up_over_time`: queued again, or failed at the
+    crash limit, as ``serve`` does for its own workers) and its lease no longer renewed. A thread cannot be
+    stopped, so if the pipeline has not returned ``inference.shutdown_grace_seconds`` later (hung, or still
+    computing), the process exits with :data:`EXIT_JOB_OVER_TIME` for its service manager to start it again.
+    A late result is never recorded: the job is no longer this claim's (:func:`db.jobs.holds`).
+    """
+
+    def __init__(self, worker: InferenceWorker, claim: ClaimedJob, heartbeat: LeaseHeartbeat, minutes: float) -> None:
+        self.worker = worker
+        self.claim = claim
+        self.heartbeat = heartbeat
+        self.minutes = minutes
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"time-limit-{claim.job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """The pipeline returned: the watch ends (it never waits on a job the worker has gone past)."""
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        if self._stopped.wait(self.minutes * 60):
+            return
+        self.heartbeat.stop()
+        job, worker = self.claim.job_id, self.worker.identity
+        grace = self.worker.settings.inference.shutdown_grace_seconds
+        limit = f"the time limit of {self.minutes:g} min (inference.job_timeout_minutes)"
+        try:
+            outcome = self.worker.give_up_over_time(self.claim, self.minutes)
+        except Exception:  # the database cannot be written: the lease, no longer renewed, runs out instead
+            LOG.exception("job.give_up_not_recorded", extra={"event_fields": {"job": job, "worker": worker}})
+            outcome, grace = "the database could not record it, so its lease runs out instead", 0.0
+        log_event(
+            LOG,
+            logging.ERROR,
+            "job.time_limit",
+            job=job,
+            worker=worker,
+            reason=f"worker {worker} gave up job {job}, which ran past {limit}: {outcome}; the worker exits unless "
+            f"the job stops within {grace:g} s (inference.shutdown_grace_seconds)",
+        )
+        if self._stopped.wait(grace):
+            return
+        log_event(
+            LOG,
+            logging.ERROR,
+            "worker.exiting",
+            worker=worker,
+            reason=f"worker {worker} is exiting because job {job} ran past {limit} and did not stop within "
+            f"{grace:g} s; its service manager starts it again",
+        )
+        logging.shutdown()
+        os._exit(EXIT_JOB_OVER_TIME)
 
 
 class LeaseHeartbeat:
@@ -597,8 +767,11 @@ def _started_at(stat: list[str]) -> float | None:
         return None
 
 
-def run_worker(settings: Settings, parent_pid: int | None = None, name: str | None = None) -> None:
-    """Entry point of a worker process (`dicom-node worker`, or started by `serve`, which passes its pid).
+def run_worker(
+    settings: Settings, parent_pid: int | None = None, name: str | None = None, pulse: IdlePulse | None = None
+) -> None:
+    """Entry point of a worker process (`dicom-node worker`, or started by `serve`, which passes its pid and the
+    worker's :class:`IdlePulse`; `serve` also ends it at the job time limit, which `dicom-node worker` keeps itself).
 
     ``name`` is the host part of the worker's id (default ``$DICOM_NODE_WORKER_NAME``, else the host name).
     """
@@ -616,7 +789,11 @@ def run_worker(settings: Settings, parent_pid: int | None = None, name: str | No
     parent = parent_pid if parent_pid is not None else os.getppid()
     threading.Thread(target=_stop_when_orphaned, args=(stop, parent), name="parent-watch", daemon=True).start()
     worker = InferenceWorker(
-        settings, open_database(settings.database_url, settings.database.busy_timeout_seconds), worker_id(name)
+        settings,
+        open_database(settings.database_url, settings.database.busy_timeout_seconds),
+        worker_id(name),
+        pulse=pulse,
+        own_time_limit=parent_pid is None,
     )
     done = threading.Event()
     threading.Thread(

@@ -1,5 +1,8 @@
 """A frozen or hung worker cannot stop the queue, and a results folder that cannot be written holds the job, named.
 
+A `dicom-node worker` (no `serve` of its own to end it) keeps the job time limit itself, and a late result of a
+job it no longer holds is never recorded.
+
 The hang is real: the node's Device Observer UID file (read by a worker in stage encode) is replaced by a named
 pipe that the test opens for writing and never writes to, so the worker's main thread waits in the kernel, as on
 a hung disk, while its heartbeat thread goes on renewing the lease.
@@ -17,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import job_for_series_uid
-from db.models import JobState
+from db.models import Job, JobState
+from db.session import make_engine, make_session_factory, migrate
+from dicom_node.config import Settings
 from dicom_node.encode.sr import DEVICE_UID_FILE
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import CT_RULES, Node, storescu, wait_for
+from dicom_node.pipeline import STAGING_PREFIX
+from dicom_node.service import WorkerSupervisor
+from dicom_node.worker import EXIT_JOB_OVER_TIME, InferenceWorker
+from tests.conftest import CT_RULES, Node, seed_queued_series, storescu, wait_for
+from tests.test_scaleout import start_worker, worker_config
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +215,162 @@ def test_a_results_folder_that_cannot_be_written_holds_the_job_named_until_it_is
     _, _, _, events = _job(node, uid)
     assert all(to_state is not JobState.FAILED for to_state, _ in events)
     assert (job_folder / "segmentation.json").is_file()
+
+
+# --- `dicom-node worker` (no serve of its own to end it) keeps the job time limit itself ---
+
+
+def _standalone_worker_setup(tmp_path: Path, **inference: float) -> tuple[sessionmaker[Session], Path]:
+    """A SQLite database with one series QUEUED, its storage folder's Device Observer UID file a named pipe, and
+    the config of `dicom-node worker` processes on it (``inference`` settings)."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    config = worker_config(tmp_path, url, **inference)
+    (tmp_path / "storage").mkdir()
+    _make_pipe(tmp_path / "storage")
+    return sessions, config
+
+
+def _the_job(sessions: sessionmaker[Session]) -> Job:
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        _ = job.events  # loaded while the session is open
+        return job
+
+
+def _over_time_reason(worker: str, minutes: str, outcome: str) -> str:
+    return (
+        f"taken from worker {worker} in stage encode: the job ran past the time limit of {minutes} min "
+        "(inference.job_timeout_minutes), so the worker gave it up itself; raise the limit if the series needs "
+        f"longer {outcome}"
+    )
+
+
+def _log_reasons(log: Path, event: str) -> list[str]:
+    return re.findall(rf" {re.escape(event)} .*?reason=\"([^\"]*)\"", log.read_text(errors="replace"))
+
+
+def test_a_standalone_worker_past_the_time_limit_gives_up_its_job_and_exits_when_the_job_cannot_stop(tmp_path):
+    sessions, config = _standalone_worker_setup(tmp_path, job_timeout_minutes=0.25, shutdown_grace_seconds=1)
+    log = tmp_path / "worker.log"
+    with hung_reader(tmp_path / "storage") as wait_until_read:
+        worker = start_worker(config, "remote-host", log)
+        try:
+            wait_until_read()  # stuck in the kernel in stage encode, its heartbeat renewing the lease
+            assert worker.wait(timeout=120) == EXIT_JOB_OVER_TIME
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    identity = f"remote-host:{worker.pid}"
+    job = _the_job(sessions)
+    assert job.state is JobState.QUEUED and job.worker_deaths == 1
+    assert job.reason == _over_time_reason(
+        identity, "0.25", "(1 of 2 allowed by inference.max_worker_deaths); queued again"
+    )
+    assert _log_reasons(log, "job.time_limit") == [
+        f"worker {identity} gave up job {job.id}, which ran past the time limit of 0.25 min "
+        "(inference.job_timeout_minutes): it is queued again; the worker exits unless the job stops within 1 s "
+        "(inference.shutdown_grace_seconds)"
+    ]
+    assert _log_reasons(log, "worker.exiting") == [
+        f"worker {identity} is exiting because job {job.id} ran past the time limit of 0.25 min "
+        "(inference.job_timeout_minutes) and did not stop within 1 s; its service manager starts it again"
+    ]
+
+    restarted = start_worker(config, "remote-host", tmp_path / "restarted.log")  # as its service manager would
+    try:
+        wait_for(lambda: _the_job(sessions).state is JobState.DONE, timeout=300, what="the job done after the restart")
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=60)
+
+
+def test_a_standalone_workers_late_result_of_a_job_it_gave_up_is_discarded_and_it_works_on(tmp_path):
+    """The job is given up at the time limit, then the hung read returns within the grace: the pipeline finishes,
+    but its result is not recorded (the job is no longer that claim's); the worker stays and claims it afresh."""
+    sessions, config = _standalone_worker_setup(tmp_path, job_timeout_minutes=0.4, shutdown_grace_seconds=120)
+    pipe = tmp_path / "storage" / DEVICE_UID_FILE
+    log = tmp_path / "worker.log"
+    worker = start_worker(config, "remote-host", log)
+    writer: int | None = None
+    try:
+        writer = wait_for(lambda: _open_for_writing(pipe), timeout=300, what="the worker to read the named pipe")
+        pipe.unlink()  # its next run makes the file afresh
+        identity = f"remote-host:{worker.pid}"
+        given_up = _over_time_reason(identity, "0.4", "(1 of 2 allowed by inference.max_worker_deaths); queued again")
+        wait_for(lambda: _the_job(sessions).reason == given_up, timeout=120, what="the job given up")
+        os.write(writer, b"2.25.302731398416390122766540924390613420305\n")  # the read returns: encode finishes
+        os.close(writer)
+        writer = None
+
+        wait_for(lambda: _the_job(sessions).state is JobState.DONE, timeout=300, what="the job's second claim done")
+        assert worker.poll() is None  # the job stopped within the grace: no exit
+    finally:
+        if writer is not None:
+            os.close(writer)
+        worker.terminate()
+        worker.wait(timeout=60)
+
+    job = _the_job(sessions)
+    assert job.claimed_by == identity and job.attempts == 2 and job.worker_deaths == 1
+    assert [e.to_state for e in job.events].count(JobState.DONE) == 1
+    assert [(e.from_state, e.to_state, e.reason) for e in job.events if e.to_state is JobState.QUEUED][-1] == (
+        JobState.PROCESSING,
+        JobState.QUEUED,
+        given_up,
+    )
+    assert _log_reasons(log, "job.result_discarded") == [
+        f"the job was taken from this claim meanwhile; it is QUEUED: {given_up}"
+    ]
+    assert "worker.exiting" not in log.read_text()
+    job_folder = Path(job.result_path or "")
+    assert job_folder.is_dir() and not [p for p in job_folder.iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+def test_a_remote_workers_late_result_after_serve_took_its_job_past_the_time_limit_is_discarded(
+    tmp_path, database_url, caplog
+):
+    """serve cannot end a worker on another host: it queues the job again; the worker's late finish is refused."""
+    migrate(database_url)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        database={"url": database_url},
+        inference={"workers": 0, "job_timeout_minutes": 0.01},
+    )
+    sessions = make_session_factory(make_engine(database_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    remote = InferenceWorker(settings, sessions, "gpu-host:4242")
+    claim = remote.claim()
+    assert claim is not None
+    supervisor = WorkerSupervisor(settings, sessions)
+    supervisor.check_hung_workers()  # serve first sees the claim
+    wait_for(
+        lambda: supervisor.check_hung_workers() or _the_job(sessions).state is JobState.QUEUED,
+        timeout=30,
+        what="serve to take the job past its time limit",
+    )
+    taken = _the_job(sessions).reason
+
+    remote.process(claim)  # the remote worker finishes late
+
+    job = _the_job(sessions)
+    assert job.state is JobState.QUEUED and job.result_path is None and job.reason == taken
+    assert taken == (
+        "taken from worker gpu-host:4242 in stage claimed: the job ran past the time limit of 0.01 min "
+        "(inference.job_timeout_minutes), so serve took the job from that worker (one serve did not start: it gives "
+        "the job up itself at its own limit); raise the limit if the series needs longer (1 of 2 allowed by "
+        "inference.max_worker_deaths); queued again"
+    )
+    discarded = [r for r in caplog.records if r.getMessage() == "job.result_discarded"]
+    assert [r.event_fields["reason"] for r in discarded] == [  # type: ignore[attr-defined]
+        f"the job was taken from this claim meanwhile; it is QUEUED: {taken}"
+    ]
+    job_folder = settings.jobs_directory / str(job.id)
+    assert not job_folder.exists() or not any(job_folder.iterdir())  # its staged files were removed
+
+    assert InferenceWorker(settings, sessions, "other-host:1").run_once()
+    assert _the_job(sessions).state is JobState.DONE
