@@ -449,11 +449,6 @@ def test_a_claim_lost_and_taken_again_by_the_same_worker_id_does_not_publish_the
     second.process(taken)
     with sessions() as session:
         assert session.scalars(select(Job)).one().state is JobState.DONE
-    _settings, sessions, _series = worker_setup
-    _settings, sessions, _series = worker_setup
-    _settings, sessions, _series = worker_setup
-    _settings, sessions, _series = worker_setup
-    _settings, sessions, _series = worker_setup
 
 
 def test_a_job_claimed_before_its_claimers_pid_was_taken_again_is_queued_again(worker_setup):
