@@ -625,15 +625,17 @@ def serve(settings: Settings) -> None:
     NodeLockLost
         After stopping, when the stop came from losing the lock on the database (the command then exits 1).
     """
-    node = start_node(settings)
     stopping = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
         log_event(LOG, logging.INFO, "node.stopping", signal=signal.Signals(signum).name)
         stopping.set()
 
+    # Before anything starts: a stop asked for during start-up (a receiver may already acknowledge images) waits
+    # for start-up to end, then stops every part as it would later, rather than killing the node half-started.
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
+    node = start_node(settings)
     log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
     stopping.wait()
     node.stop()
