@@ -330,6 +330,10 @@ class DatabaseUnavailable(Exception):
     """The database cannot be opened, reached or used; the message says why in words, never with the password."""
 
 
+class StoppedWhileStarting(Exception):
+    """``serve`` was asked to stop while it waited to start (for another node's lock on the database)."""
+
+
 def open_database(settings: Settings) -> sessionmaker[Session]:
     """Migrate the schema to the newest revision and return a session factory.
 
@@ -466,10 +470,14 @@ def _first_line(exc: BaseException | str) -> str:
     return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line).strip() or "unknown error"
 
 
-def start_node(settings: Settings) -> RunningNode:
-    """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher."""
+def start_node(settings: Settings, stopping: threading.Event | None = None) -> RunningNode:
+    """Repair storage after any crash, then start the SCP (store, query/retrieve), the watcher, workers and dispatcher.
+
+    ``stopping`` set while it waits for another node's lock on the database raises :class:`StoppedWhileStarting`.
+    """
     _warn_about_open_doors(settings)
-    node_lock = take_node_lock(settings)  # before migrating: a second node must not change the first one's schema
+    # Before migrating: a second node must not change the first one's schema.
+    node_lock = take_node_lock(settings, stopping=stopping)
     try:
         sessions = open_database(settings)
     except BaseException:
@@ -526,12 +534,15 @@ NODE_LOCK_RETRY_SECONDS = 2.0
 NODE_LOCK_LOG_SECONDS = 60.0
 
 
-def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db_session.NodeLock:
+def take_node_lock(
+    settings: Settings, give_up_after: float | None = None, stopping: threading.Event | None = None
+) -> db_session.NodeLock:
     """Wait until no other ``dicom-node serve`` runs on this database, then hold its lock while this one runs.
 
     Nothing is repaired, received, dispatched or purged before: two nodes on one database would send every
     result twice. Logged once a minute while waiting. ``give_up_after`` (seconds) raises DatabaseUnavailable
-    instead of waiting longer (for tests and one-off commands).
+    instead of waiting longer (for tests and one-off commands); ``stopping`` set while waiting (SIGTERM) raises
+    StoppedWhileStarting.
     """
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import SQLAlchemyError
@@ -574,7 +585,10 @@ def take_node_lock(settings: Settings, give_up_after: float | None = None) -> db
                 "yet); this one starts once it has stopped (two nodes on one database would send every result "
                 "twice). Workers on other hosts run `dicom-node worker`, not `serve`",
             )
-        time.sleep(NODE_LOCK_RETRY_SECONDS)
+        if stopping is not None and stopping.wait(NODE_LOCK_RETRY_SECONDS):
+            raise StoppedWhileStarting
+        if stopping is None:
+            time.sleep(NODE_LOCK_RETRY_SECONDS)
     return lock
 
 
@@ -635,7 +649,11 @@ def serve(settings: Settings) -> None:
     # for start-up to end, then stops every part as it would later, rather than killing the node half-started.
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
-    node = start_node(settings)
+    try:
+        node = start_node(settings, stopping)
+    except StoppedWhileStarting:
+        log_event(LOG, logging.INFO, "node.stopped", note="stopped while it waited for the other node to stop")
+        return
     log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
     stopping.wait()
     node.stop()
