@@ -3,7 +3,9 @@
 Each record says when, which peer (AE title and network address), what action, which
 study (by UID only: no names, IDs or birth dates), the outcome and how many instances.
 Stores are summed per association and study, as ATNA's "DICOM Instances Transferred"
-message is, so the receive path adds no database write per image. Writing an audit
+message is, so the receive path adds no database write per image. What a caller can repeat at will
+(a monitoring system's C-ECHOs and its associations for nothing else, refusals) is recorded once per
+caller each 10 s, the record counting the others (:data:`REPEATS`). Writing an audit
 record never fails the operation it describes: a record that cannot be written is
 logged at ERROR instead. ``dicom-node audit`` lists the records.
 """
@@ -15,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, get_args
 
@@ -54,6 +56,18 @@ class Peer:
         return cls(str(title or "").strip() or None, address)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One audit record: the action, its peer, the outcome, the study (UID only), how many instances, a detail."""
+
+    action: Action
+    peer: Peer
+    outcome: Outcome
+    study_instance_uid: str | None = None
+    instances: int = 0
+    detail: str | None = None
+
+
 def record(
     sessions: sessionmaker[Session],
     action: Action,
@@ -69,52 +83,34 @@ def record(
     A database locked by another writer is tried again for up to :data:`LOCKED_WAIT_LIMIT_SECONDS`. An action of
     :data:`REPEATED_ACTIONS` (a C-ECHO: monitoring systems echo every few seconds) goes through :data:`REPEATS`:
     one record per peer and outcome each 10 s, counting the others."""
+    entry = Entry(action, peer, outcome, study_instance_uid, instances, detail)
     what = REPEATED_ACTIONS.get(action)
     if what is not None:
-        key = (action, peer.ae_title, host_of(peer.address), outcome)
-        REPEATS.record(
-            key,
-            what,
-            sessions,
-            action,
-            peer,
-            outcome,
-            study_instance_uid=study_instance_uid,
-            instances=instances,
-            detail=detail,
-        )
+        REPEATS.add((action, peer.ae_title, host_of(peer.address), outcome), what, sessions, entry)
         return
-    _write(sessions, action, peer, outcome, study_instance_uid=study_instance_uid, instances=instances, detail=detail)
+    _write(sessions, entry)
 
 
-def _write(
-    sessions: sessionmaker[Session],
-    action: Action,
-    peer: Peer,
-    outcome: Outcome,
-    *,
-    study_instance_uid: str | None = None,
-    instances: int = 0,
-    detail: str | None = None,
-) -> None:
+def _write(sessions: sessionmaker[Session], entry: Entry) -> None:
     """:func:`record` without the throttle of repeated actions."""
-    detail = cut(detail, MAX_DETAIL_CHARS) if detail is not None else None
+    peer = entry.peer
+    detail = cut(entry.detail, MAX_DETAIL_CHARS) if entry.detail is not None else None
 
     def write() -> None:
         with transaction(sessions) as session:
             session.add(
                 AuditEvent(
-                    action=action,
+                    action=entry.action,
                     peer_ae_title=(peer.ae_title or "")[:16] or None,
                     peer_address=(peer.address or "")[:64] or None,
-                    study_instance_uid=study_instance_uid,
-                    outcome=outcome,
-                    instances=instances,
+                    study_instance_uid=entry.study_instance_uid,
+                    outcome=entry.outcome,
+                    instances=entry.instances,
                     detail=detail,
                 )
             )
 
-    waiting = f"writing the {action} audit record of {peer.ae_title or peer.address or 'the console'}"
+    waiting = f"writing the {entry.action} audit record of {peer.ae_title or peer.address or 'the console'}"
     try:
         retry_when_locked(write, waiting=waiting, limit_seconds=LOCKED_WAIT_LIMIT_SECONDS)
     except DatabaseBusy as exc:  # the audited operation must not fail because of its record
@@ -122,28 +118,28 @@ def _write(
             LOG,
             logging.ERROR,
             "audit.not_recorded",
-            action=action,
+            action=entry.action,
             peer_ae=peer.ae_title,
-            outcome=outcome,
+            outcome=entry.outcome,
             reason=f"the audit record was lost: {exc}",
         )
         return
     except Exception:  # the audited operation must not fail because of its record
         LOG.exception(
             "audit.not_recorded",
-            extra={"event_fields": {"action": action, "peer_ae": peer.ae_title, "outcome": outcome}},
+            extra={"event_fields": {"action": entry.action, "peer_ae": peer.ae_title, "outcome": entry.outcome}},
         )
         return
     log_event(
         LOG,
         logging.INFO,
         "audit",
-        action=action,
+        action=entry.action,
         peer_ae=peer.ae_title,
         peer_address=peer.address,
-        study_instance_uid=study_instance_uid,
-        outcome=outcome,
-        instances=instances,
+        study_instance_uid=entry.study_instance_uid,
+        outcome=entry.outcome,
+        instances=entry.instances,
         detail=detail,
     )
 
@@ -169,28 +165,15 @@ class _LeftOut:
     """The latest record a key of :class:`RepeatedRecords` left out, and how many it left out since it wrote one."""
 
     sessions: sessionmaker[Session]
-    action: Action
-    peer: Peer
-    outcome: Outcome
+    entry: Entry
     what: str
-    study_instance_uid: str | None
-    instances: int
-    detail: str | None
     count: int = 1
 
     def write(self, occasion: str) -> None:
         """Write the latest record left out, counting the others, and saying it was written late, at ``occasion``."""
-        detail = with_count(self.detail, self.count - 1, self.what)
+        detail = with_count(self.entry.detail, self.count - 1, self.what)
         note = f"written {occasion}"
-        _write(
-            self.sessions,
-            self.action,
-            self.peer,
-            self.outcome,
-            study_instance_uid=self.study_instance_uid,
-            instances=self.instances,
-            detail=f"{detail}; {note}" if detail else note,
-        )
+        _write(self.sessions, replace(self.entry, detail=f"{detail}; {note}" if detail else note))
 
 
 REPEAT_SECONDS = REPEATED_REFUSALS.seconds
@@ -224,11 +207,15 @@ class RepeatedRecords:
         instances: int = 0,
         detail: str | None = None,
     ) -> bool:
-        """Write this record (with a clause counting ``what`` was left out since the previous one of ``key``), or
+        """:meth:`add` of the record these arguments describe."""
+        return self.add(key, what, sessions, Entry(action, peer, outcome, study_instance_uid, instances, detail))
+
+    def add(self, key: Any, what: str, sessions: sessionmaker[Session], entry: Entry) -> bool:
+        """Write ``entry`` (with a clause counting ``what`` was left out since the previous one of ``key``), or
         leave it out and count it when one was written for ``key`` less than :attr:`seconds` ago. Whether it was
         written."""
         now = time.monotonic()
-        latest = _LeftOut(sessions, action, peer, outcome, what, study_instance_uid, instances, detail)
+        latest = _LeftOut(sessions, entry, what)
         with self._lock:
             last = self._keys.pop(key, None)  # put back below: the dict stays ordered by last use
             if last is not None and now - last[0] < self.seconds:
@@ -241,15 +228,7 @@ class RepeatedRecords:
         for left_out in evicted:
             left_out.write("early: too many callers were being counted at once")
         left = last[1].count if last is not None and last[1] is not None else 0
-        _write(
-            sessions,
-            action,
-            peer,
-            outcome,
-            study_instance_uid=study_instance_uid,
-            instances=instances,
-            detail=with_count(detail, left, what),
-        )
+        _write(sessions, replace(entry, detail=with_count(entry.detail, left, what)))
         return True
 
     def _make_room(self) -> list[_LeftOut]:
@@ -322,13 +301,33 @@ class StoreTally:
             record(sessions, "store", peer, outcome, study_instance_uid=study, instances=count)
 
 
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+ECHO_ONLY_DETAIL = "C-ECHO only: Verification was the only service accepted"
+ECHO_ONLY_ASSOCIATIONS = "C-ECHO-only associations of this peer"
+
+
 def association_ended(sessions: sessionmaker[Session], assoc: Any, outcome: Literal["released", "aborted"]) -> None:
-    """Write the association's store tally, then the association record itself."""
+    """Write the association's store tally, then the association record itself.
+
+    An association on which Verification was the only service accepted could do nothing but C-ECHO (a monitoring
+    system's, every few seconds): its record goes through :data:`REPEATS` as the C-ECHO records do, one per peer
+    and outcome each 10 s, counting the others. Any other association keeps a record of its own."""
     peer = Peer.of(assoc)
     tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
     if tally is not None:
         tally.flush(sessions, peer)
+    if echo_only(assoc):
+        key = ("association", peer.ae_title, host_of(peer.address), outcome)
+        entry = Entry("association", peer, outcome, detail=ECHO_ONLY_DETAIL)
+        REPEATS.add(key, ECHO_ONLY_ASSOCIATIONS, sessions, entry)
+        return
     record(sessions, "association", peer, outcome)
+
+
+def echo_only(assoc: Any) -> bool:
+    """Whether the association was accepted for Verification (C-ECHO) alone."""
+    services = {str(context.abstract_syntax) for context in getattr(assoc, "accepted_contexts", ())}
+    return services == {VERIFICATION_SOP_CLASS}
 
 
 def recent(

@@ -28,6 +28,7 @@ from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Ser
 from dicom_node.config import (
     AE_TITLE_PATTERN,
     ConfigError,
+    RetentionSettings,
     Settings,
     dump_settings,
     hide_url_password,
@@ -1006,6 +1007,8 @@ def purge(
     days: Annotated[float | None, typer.Option(help="Instead of retention.days.")] = None,
     results_days: Annotated[float | None, typer.Option(help="Instead of retention.results_days.")] = None,
     max_disk_gigabytes: Annotated[float | None, typer.Option(help="Instead of retention.max_disk_gigabytes.")] = None,
+    quarantine_days: Annotated[float | None, typer.Option(help="Instead of retention.quarantine_days.")] = None,
+    audit_days: Annotated[float | None, typer.Option(help="Instead of retention.audit_days.")] = None,
     series: Annotated[
         str | None,
         typer.Option(
@@ -1014,11 +1017,11 @@ def purge(
         ),
     ] = None,
 ) -> None:
-    """Purge images and results of finished series by the retention settings (--dry-run: only show what)."""
+    """Purge images and results of finished series, refused instances and audit records by the retention settings
+    (--dry-run: only show what)."""
     from pydantic import ValidationError
 
     from db.session import make_session_factory
-    from dicom_node.config import RetentionSettings
     from dicom_node.retention import apply_plan, plan_retention, plan_series_purge
 
     settings = _settings(config)
@@ -1043,7 +1046,13 @@ def purge(
         _audit_purge(engine, user, plan, outcome, studies)
         _show_purge(plan, outcome, dry_run)
         return
-    overrides = {"days": days, "results_days": results_days, "max_disk_gigabytes": max_disk_gigabytes}
+    overrides = {
+        "days": days,
+        "results_days": results_days,
+        "max_disk_gigabytes": max_disk_gigabytes,
+        "quarantine_days": quarantine_days,
+        "audit_days": audit_days,
+    }
     try:
         retention = RetentionSettings.model_validate(
             {**settings.retention.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
@@ -1052,19 +1061,51 @@ def purge(
         error = exc.errors(include_url=False)[0]
         errors.print(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", highlight=False)
         raise typer.Exit(2) from None
-    if not retention.enabled:
+    if not retention.enabled and retention.quarantine_days is None and retention.audit_days is None:
         console.print(
-            "retention is not configured (retention.days, retention.results_days, "
-            "retention.max_disk_gigabytes, or --days/--results-days/--max-disk-gigabytes): nothing to purge"
+            "retention is not configured (retention.days, retention.results_days, retention.max_disk_gigabytes, "
+            "retention.quarantine_days, retention.audit_days, or the options of the same names): nothing to purge"
         )
         return
     with _session(settings) as session:
-        plan = plan_retention(session, retention)
         engine = session.get_bind().engine
+    _purge_old_records(engine, settings.storage.directory, retention, user, dry_run)
+    if not retention.enabled:
+        return
+    with _session(settings) as session:
+        plan = plan_retention(session, retention)
         studies = _studies_of(session, [item.series_instance_uid for item in plan.items])
     outcome = None if dry_run else apply_plan(make_session_factory(engine), settings, plan)
     _audit_purge(engine, user, plan, outcome, studies)
     _show_purge(plan, outcome, dry_run)
+
+
+def _purge_old_records(engine: Engine, storage: Path, retention: RetentionSettings, user: str, dry_run: bool) -> None:
+    """What ``serve`` purges by their own age besides series: refused instances (``retention.quarantine_days``)
+    and audit records (``retention.audit_days``). One sentence each, as ``serve`` logs it, and an ``operator``
+    audit record for what was deleted."""
+    from db.session import make_session_factory
+    from dicom_node import retention as purging
+
+    sessions = make_session_factory(engine)
+    if retention.quarantine_days is not None:
+        days = retention.quarantine_days
+        if dry_run:
+            count = purging.count_quarantine(sessions, storage, days)
+        else:
+            count = purging.purge_quarantine(sessions, storage, days)
+        _say_purged(engine, user, purging.quarantine_purge_sentence(count, days, dry_run=dry_run), count, dry_run)
+    if retention.audit_days is not None:
+        days = retention.audit_days
+        count = purging.count_audit(sessions, days) if dry_run else purging.purge_audit(sessions, days)
+        _say_purged(engine, user, purging.audit_purge_sentence(count, days, dry_run=dry_run), count, dry_run)
+
+
+def _say_purged(engine: Engine, user: str, sentence: str, count: int, dry_run: bool) -> None:
+    """Print what a purge deleted (or would delete); audit it when it deleted something."""
+    console.print(sentence, highlight=False)
+    if count and not dry_run:
+        _audit_operator(engine, user, "success", f"purge: {sentence}")
 
 
 def _studies_of(session: Session, series_instance_uids: list[str]) -> dict[str, str]:

@@ -661,19 +661,61 @@ def purge_quarantine(sessions: sessionmaker[Session], root: Path, days: float, n
                 Path(row.path).unlink(missing_ok=True)
             session.delete(row)
             removed += 1
-    quarantine = root / "quarantine"
-    if quarantine.is_dir():  # files whose row never got written (the database was down at the time)
-        with sessions() as session:
-            named = set(session.scalars(select(RejectedInstance.path).where(RejectedInstance.path.is_not(None))))
-        for path in quarantine.iterdir():
-            if str(path) in named:
-                continue  # a row still names it: it goes with that row
-            if path.is_file() and datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
+    for path in _unrecorded_quarantine_files(sessions, root, cutoff):
+        path.unlink(missing_ok=True)
+        removed += 1
     if removed:
-        log_event(LOG, logging.INFO, "retention.quarantine_purged", removed=removed, older_than_days=days)
+        log_event(
+            LOG,
+            logging.INFO,
+            "retention.quarantine_purged",
+            removed=removed,
+            older_than_days=days,
+            reason=quarantine_purge_sentence(removed, days),
+        )
     return removed
+
+
+def count_quarantine(sessions: sessionmaker[Session], root: Path, days: float, now: datetime | None = None) -> int:
+    """How many refused instances :func:`purge_quarantine` would delete now; deletes nothing."""
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    with sessions() as session:
+        rows = session.scalar(
+            select(func.count()).select_from(RejectedInstance).where(RejectedInstance.received_at < cutoff)
+        )
+    return (rows or 0) + len(_unrecorded_quarantine_files(sessions, root, cutoff))
+
+
+def _unrecorded_quarantine_files(sessions: sessionmaker[Session], root: Path, cutoff: datetime) -> list[Path]:
+    """Files in ``quarantine/`` older than ``cutoff`` that no row names (their row never got written: the
+    database was down at the time)."""
+    quarantine = root / "quarantine"
+    if not quarantine.is_dir():
+        return []
+    with sessions() as session:
+        named = set(session.scalars(select(RejectedInstance.path).where(RejectedInstance.path.is_not(None))))
+    return [
+        path
+        for path in quarantine.iterdir()
+        if str(path) not in named  # a row still names it: it goes with that row
+        and path.is_file()
+        and datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < cutoff
+    ]
+
+
+def quarantine_purge_sentence(count: int, days: float, *, dry_run: bool = False) -> str:
+    """What a purge of refused instances deleted (or would delete), as ``serve`` logs it and ``purge`` prints it."""
+    return _old_rows_sentence(count, "refused instance", days, "retention.quarantine_days", dry_run)
+
+
+def audit_purge_sentence(count: int, days: float, *, dry_run: bool = False) -> str:
+    """What a purge of audit records deleted (or would delete), as ``serve`` logs it and ``purge`` prints it."""
+    return _old_rows_sentence(count, "audit record", days, "retention.audit_days", dry_run)
+
+
+def _old_rows_sentence(count: int, what: str, days: float, setting: str, dry_run: bool) -> str:
+    verb = "would be deleted (dry run: nothing deleted)" if dry_run else ("was" if count == 1 else "were") + " deleted"
+    return f"{count} {what}{'' if count == 1 else 's'} older than {days:g} days ({setting}) {verb}"
 
 
 AUDIT_ROWS_PER_TRANSACTION = 5000
@@ -701,9 +743,16 @@ def purge_audit(sessions: sessionmaker[Session], days: float, now: datetime | No
             "retention.audit_purged",
             removed=removed,
             older_than_days=days,
-            reason=f"{removed} audit records older than {days:g} days (retention.audit_days) were deleted",
+            reason=audit_purge_sentence(removed, days),
         )
     return removed
+
+
+def count_audit(sessions: sessionmaker[Session], days: float, now: datetime | None = None) -> int:
+    """How many audit records :func:`purge_audit` would delete now; deletes nothing."""
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.at < cutoff)) or 0
 
 
 def _inside(path: Path, root: Path) -> bool:

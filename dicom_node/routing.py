@@ -8,7 +8,6 @@ Then the first rule whose every condition holds decides; no match means IGNORED.
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node import MANUFACTURER
-from dicom_node.config import Rule
+from dicom_node.config import Rule, rule_pattern
 
 CT_IMAGE_SOP_CLASSES = frozenset(
     {
@@ -98,7 +97,7 @@ def rule_matches(rule: Rule, facts: SeriesFacts) -> bool:
     checks = [
         match.modality is None or _in(facts.modality, match.modality),
         match.series_description is None
-        or re.search(match.series_description, facts.series_description or "") is not None,
+        or rule_pattern(match.series_description).search(facts.series_description or "") is not None,
         match.image_type is None or {v.upper() for v in match.image_type} <= {v.upper() for v in facts.image_type},
         match.slice_thickness is None or match.slice_thickness.contains(facts.slice_thickness),
         match.number_of_images is None or match.number_of_images.contains(facts.number_of_images),

@@ -180,3 +180,22 @@ def test_audit_records_older_than_audit_days_are_deleted_a_batch_at_a_time(sessi
 def test_audit_days_must_be_a_positive_number_of_days(days):
     with pytest.raises(ValidationError):
         Settings(retention={"audit_days": days})
+
+
+@pytest.mark.integration
+def test_a_monitoring_systems_echo_only_associations_leave_one_record_per_10_s_and_others_keep_their_own(node):
+    for _ in range(5):
+        _echo(node, "MONITOR")
+        _broad_query(node, "PLANNER")  # an association that did something else: a record of its own, each time
+    wait_for(
+        lambda: len(_details(node.sessions, "association", "PLANNER")) == 5, what="the PLANNER association records"
+    )
+
+    assert _details(node.sessions, "association", "MONITOR") == [audit.ECHO_ONLY_DETAIL]
+    assert _details(node.sessions, "association", "PLANNER") == [None] * 5
+    node.stop()
+    assert _details(node.sessions, "association", "MONITOR") == [
+        audit.ECHO_ONLY_DETAIL,
+        f"{audit.ECHO_ONLY_DETAIL}; 3 more C-ECHO-only associations of this peer {LEFT_OUT}; written when the node "
+        "stopped",
+    ]

@@ -55,6 +55,11 @@ def test_relative_storage_directory_is_relative_to_config_file(tmp_path):
         ),
         ({"rules": [{"name": "x", "action": "ignore", "match": {"series_description": "("}}]}, "not a valid regular"),
         (
+            {"rules": [{"name": "x", "action": "ignore", "match": {"series_description": "(?i)abd(?!omen)"}}]},
+            "rules.0.match.series_description: not a valid regular expression for routing (invalid perl operator: "
+            "(?!): rules are matched by RE2, which is never slow whatever a peer sends but has no look-around",
+        ),
+        (
             {"rules": [{"name": "x", "action": "ignore", "match": {"slice_thickness": {"min": 5, "max": 1}}}]},
             "min (5.0) is greater than max",
         ),

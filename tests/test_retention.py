@@ -22,6 +22,7 @@ from db import jobs
 from db.ingest import InstanceRecord, record_instance, record_rejection
 from db.models import (
     STUDY_IDENTITY_COLUMNS,
+    AuditEvent,
     Instance,
     Job,
     JobEvent,
@@ -415,6 +416,58 @@ def test_refused_instances_are_purged_by_their_own_age(node):
     with sessions() as session:
         kept = sorted(row.path for row in session.scalars(select(RejectedInstance)))
     assert kept == sorted([str(new_file), str(set_aside_twice)])
+
+
+def test_purge_command_deletes_refused_instances_and_audit_records_by_their_own_age_as_serve_does(node, tmp_path):
+    settings, sessions = node
+    quarantine = settings.storage.directory / "quarantine"
+    quarantine.mkdir(parents=True, exist_ok=True)
+    old_file, new_file = quarantine / "old.dcm", quarantine / "new.dcm"
+    with transaction(sessions) as session:
+        for path, days in ((old_file, 40), (new_file, 1)):
+            path.write_bytes(b"junk")
+            record_rejection(
+                session,
+                status=0xC000,
+                reason="not a DICOM data set",
+                path=str(path),
+                sop_instance_uid=None,
+                sop_class_uid=None,
+                transfer_syntax_uid=None,
+                calling_ae_title="PACS",
+            )
+            session.flush()
+            row = session.scalars(select(RejectedInstance).where(RejectedInstance.path == str(path))).one()
+            row.received_at = NOW - timedelta(days=days)
+        for days in (45, 31, 2):
+            session.add(AuditEvent(at=NOW - timedelta(days=days), action="echo", outcome="success"))
+
+    dry = cli(node, tmp_path, "--dry-run", quarantine_days=30, audit_days=30)  # no series retention configured
+
+    assert dry.returncode == 0, dry.stderr
+    assert "1 refused instance older than 30 days (retention.quarantine_days) would be deleted" in dry.stdout
+    assert "2 audit records older than 30 days (retention.audit_days) would be deleted" in dry.stdout
+    assert "retention is not configured" not in dry.stdout
+    assert old_file.exists() and _count(sessions, RejectedInstance) == 2 and _count(sessions, AuditEvent) == 3
+
+    result = cli(node, tmp_path, quarantine_days=30, audit_days=30)
+
+    assert result.returncode == 0, result.stderr
+    assert "1 refused instance older than 30 days (retention.quarantine_days) was deleted" in result.stdout
+    assert "2 audit records older than 30 days (retention.audit_days) were deleted" in result.stdout
+    assert not old_file.exists() and new_file.exists() and _count(sessions, RejectedInstance) == 1
+    with sessions() as session:
+        left = list(session.execute(select(AuditEvent.action, AuditEvent.detail).order_by(AuditEvent.id)).all())
+    assert left[0] == ("echo", None)  # the recent record stays; the command's own deletions are audited
+    assert [detail.split(": ", 1)[1] for _action, detail in left[1:]] == [
+        "purge: 1 refused instance older than 30 days (retention.quarantine_days) was deleted",
+        "purge: 2 audit records older than 30 days (retention.audit_days) were deleted",
+    ]
+
+
+def _count(sessions: sessionmaker[Session], table: type) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(table)) or 0
 
 
 # --- a sender sending the series again while it is purged ------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sqlite3
 from dataclasses import replace
 from datetime import timedelta
@@ -17,8 +18,9 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node import MANUFACTURER
 from dicom_node.config import Rule, Settings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.routing import SeriesFacts, decide
+from dicom_node.routing import Decision, SeriesFacts, decide
 from dicom_node.watcher import EXPECTED_COUNT_SETTLE_SECONDS, SeriesWatcher
+from tests.conftest import storescu
 
 CT = SeriesFacts(
     modality="CT",
@@ -94,6 +96,51 @@ def test_an_ignore_rule_catches_a_series_that_names_its_value_among_several():
     assert (decision.action, decision.rule_name) == ("ignore", "no heads")
     mixed = decide([rule("ct", modality="CT")], replace(CT, modality="CT\\MR"))
     assert mixed.action == "ignore" and "modality CT\\MR is not CT" in mixed.reason
+
+
+CATASTROPHIC = "(a+)+$"
+"""Backtracking tries 2^n ways to split n letters before it gives up on a text that ends otherwise."""
+CRAFTED = "a" * 63 + "!"  # the longest SeriesDescription (64 characters) a peer can send
+
+
+def _decide_elsewhere(rules: list[Rule], facts: SeriesFacts) -> Decision:
+    """``decide`` in a process of its own, so that a match that never ends fails the test instead of hanging it (a
+    backtracking match holds the interpreter's lock: no thread of the process would run again)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving it ends the process, even mid-match
+        return pool.apply_async(decide, (rules, facts)).get(timeout=60)  # a safety net: RE2 takes microseconds
+
+
+def test_a_catastrophic_pattern_cannot_hold_routing_on_a_crafted_series_description():
+    rules = [rule("repeated letters", action="ignore", series_description=CATASTROPHIC), rule("the rest")]
+
+    crafted = _decide_elsewhere(rules, replace(CT, series_description=CRAFTED))
+    matching = _decide_elsewhere(rules, replace(CT, series_description="a" * 64))
+
+    assert (crafted.action, crafted.rule_name) == ("process", "the rest")
+    assert (matching.action, matching.rule_name) == ("ignore", "repeated letters")
+
+
+@pytest.mark.integration
+def test_a_real_node_routes_a_crafted_series_description_past_a_catastrophic_pattern(tmp_path, start_node):
+    rules = [
+        {"name": "repeated letters", "match": {"series_description": CATASTROPHIC}, "action": "ignore"},
+        {"name": "the rest", "action": "ignore"},
+    ]
+    node = start_node(rules=rules)
+    crafted = write_phantom_series(
+        tmp_path / "crafted", PhantomSpec(rows=16, columns=16, slices=2, series_description=CRAFTED)
+    )
+    letters = write_phantom_series(
+        tmp_path / "letters", PhantomSpec(rows=16, columns=16, slices=2, series_description="a" * 64)
+    )
+
+    for series in (crafted, letters):
+        assert storescu(node.port, series.files).returncode == 0
+
+    node.wait_for_state(letters.series_instance_uid, JobState.IGNORED, timeout=60)
+    node.wait_for_state(crafted.series_instance_uid, JobState.IGNORED, timeout=60)
+    assert node.job_reason(crafted.series_instance_uid) == "rule 'the rest': ignore"
+    assert node.job_reason(letters.series_instance_uid) == "rule 'repeated letters': ignore"
 
 
 # --- the watcher's routing step: completion, admission, logging after commit (real SQLite, no node) ---
