@@ -497,7 +497,8 @@ def _print_deliveries(session: Session, job: Job) -> None:
         attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
         if progress.unreachable_since is not None:
             attempts += f"; unreachable since {progress.unreachable_since.isoformat()[:16]}"
-        retry_at = f"; next try {progress.next_attempt_at.isoformat()[:19]}" if progress.next_attempt_at else ""
+        next_try = progress.next_attempt_at if job.state is JobState.SENDING else None  # else no try is planned
+        retry_at = f"; next try {next_try.isoformat()[:19]}" if next_try is not None else ""
         console.print(f"sent to  {_peer(progress.summary())} files ({attempts}{retry_at})", highlight=False)
         if progress.planned is None:
             console.print(

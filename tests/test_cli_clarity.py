@@ -120,3 +120,29 @@ def test_operator_commands_never_create_or_upgrade_a_database_as_the_readme_says
     assert "also create or upgrade it" not in readme
     assert "whenever the node or a CLI command opens the database" not in readme
     assert "they never create or upgrade it" in readme
+
+
+def test_show_of_a_failed_series_plans_no_next_try_for_its_destination(tmp_path):
+    from db.results import DeliveryRecord
+
+    settings, config = _node(tmp_path)
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    image = tmp_path / "a.dcm"
+    image.write_bytes(b"\0" * 100)
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("9.1.1", "9.1", study_instance_uid="9.0", path=image))
+        job = jobs.job_for_series_uid(session, "9.1")
+        assert job is not None
+        job.destinations = ["pacs"]
+        # The last failed attempt planned a next one; then the attempts ran out and the job failed.
+        last = DeliveryRecord(attempts=3, last_error="PACS refused the association", next_attempt_at=utcnow())
+        jobs.update_delivery_record(job, "pacs", last)
+        drive_job_to(session, job, JobState.FAILED, reason="sending to pacs failed after 3 attempts")
+    engine.dispose()
+
+    shown = dicom_node(config, "show", "9.1")
+
+    assert shown.returncode == 0, shown.stderr
+    assert "3 attempts" in shown.stdout and "next try" not in shown.stdout

@@ -253,7 +253,7 @@ def job_detail(session: Session, job: Job, *, with_patient: bool) -> dict[str, A
             "attempts": p.attempts,
             "last_error": p.last_error,
             "delivered_at": _iso(jobs.delivery_record(job, p.destination).delivered_at),
-            "next_attempt_at": _iso(jobs.delivery_record(job, p.destination).next_attempt_at),
+            "next_attempt_at": _iso(p.next_attempt_at) if job.state is JobState.SENDING else None,
             "unreachable_since": _iso(p.unreachable_since),
         }
         for p in jobs.delivery_progress(session, job)
