@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
+from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import sequence_check
 from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
@@ -77,6 +78,15 @@ STUDY_DETAIL_KEYWORDS = (
 """Study attributes (General Study, Patient Study) the results copy from one instance too: where instances of one study disagree on them,
 the job says so (a warning) rather than the results carrying one instance's value silently."""
 STUDY_DETAIL_SUFFIX = "; the results carry the value of the first image by position"
+STUDY_RECORD_KEYWORDS = {
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "StudyID": "study_id",
+    "AccessionNumber": "accession_number",
+}
+"""Study attributes the study's row keeps from the first instance received of it (keyword, ``studies`` column):
+queries for the study answer these, while each series' results carry its own."""
+STUDY_RECORD_SUFFIX = "; queries for the study answer that value, while these results carry this series' value"
 
 ORTHONORMAL_TOLERANCE = 0.002
 """How far ImageOrientationPatient's two directions may be from unit length and from a right angle
@@ -161,7 +171,9 @@ ASSUMED_RESCALE_PREFIX = "rescale attributes missing:"
 
 def is_admission_warning(warning: str) -> bool:
     """A warning admission wrote: replaced when the series is admitted again."""
-    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith((LARGEST_GROUP_SUFFIX, STUDY_DETAIL_SUFFIX))
+    return warning.startswith(ASSUMED_RESCALE_PREFIX) or warning.endswith(
+        (LARGEST_GROUP_SUFFIX, STUDY_DETAIL_SUFFIX, STUDY_RECORD_SUFFIX)
+    )
 
 
 class Refused(Exception):
@@ -177,6 +189,14 @@ class InstanceFile:
     transfer_syntax_uid: str
     instance_number: int | None = None
     number_of_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedStudy(StudyPatient):
+    """A stored study as :func:`admit` compares a series with it: its patient, and the study details its row keeps
+    (:data:`STUDY_RECORD_KEYWORDS`, keyword and value)."""
+
+    details: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,7 +249,8 @@ def admit(
         The series' Modality; rescale is required for CT only.
     study_patient
         The patient recorded for the series' study (its first instance's, :func:`recorded_patient`), if any: a
-        series of another patient under that study is refused.
+        series of another patient under that study is refused; one whose study details differ from those recorded
+        (a :class:`RecordedStudy`) is admitted with a warning.
 
     Returns
     -------
@@ -243,16 +264,18 @@ def admit(
         return AdmissionResult(refusal=str(refusal))
 
 
-def recorded_patient(study: Study) -> StudyPatient | None:
-    """The patient a stored study belongs to, as :func:`admit` takes it; None while its identity is erased."""
+def recorded_patient(study: Study) -> RecordedStudy | None:
+    """The patient a stored study belongs to and its recorded details, as :func:`admit` takes them; None while its
+    identity is erased."""
     if study.patient_id is None:
         return None
-    return StudyPatient(
+    return RecordedStudy(
         study.patient_id,
         study.issuer_of_patient_id,
         study.patient_name,
         study.patient_birth_date,
         study.patient_sex,
+        details=tuple((keyword, getattr(study, column)) for keyword, column in STUDY_RECORD_KEYWORDS.items()),
     )
 
 
@@ -300,6 +323,8 @@ def _admit(
         _check_patient_sex(label, header)
     warnings.extend(_study_detail_warnings(headers))
     _check_study_patient(headers[0][1], study_patient)
+    if isinstance(study_patient, RecordedStudy):
+        warnings.extend(_study_record_warnings(headers, study_patient, warnings))
     _check_rescale_everywhere_or_nowhere(headers, modality)
     frames: list[_Frame] = []
     for label, header, file in headers:
@@ -539,11 +564,10 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     if isinstance(element, RawDataElement):  # decoded apart: the header keeps the raw bytes the comparison reads
         decoded = _decoded_text(header, element)
         if decoded is None:
-            declared = raw_text(header, "SpecificCharacterSet")
             changed = "name" if keyword == "PatientName" else "value"
             return (
-                f"does not decode in its SpecificCharacterSet {shown(declared) if declared else '(none given)'}, so "
-                f"the results would carry a changed {changed}"
+                f"does not decode in its SpecificCharacterSet {_declared_set(header, element)}, so the results "
+                f"would carry a changed {changed}"
             )
         count = len(decoded.split("\\"))  # as pydicom splits a decoded text value into its values
     else:
@@ -599,6 +623,25 @@ def _study_detail_warnings(headers: list[tuple[str, Dataset, InstanceFile]]) -> 
             found.append(
                 f"{keyword} differs within the series: {disagreement[0]} of {len(headers)} instances carry another "
                 f"value than the rest{STUDY_DETAIL_SUFFIX}"
+            )
+    return found
+
+
+def _study_record_warnings(
+    headers: list[tuple[str, Dataset, InstanceFile]], study: RecordedStudy, warned: list[str]
+) -> list[str]:
+    """One warning per study attribute the series carries another value of than its study's row (kept from
+    another series, received first), where both carry one (values never named). An attribute that differs within
+    the series is left to its warning there."""
+    found = []
+    for keyword, recorded in study.details:
+        if any(warning.startswith(f"{keyword} differs within the series") for warning in warned):
+            continue
+        recorded = comparable_identity(keyword, recorded) or None
+        carried = _identity_value(headers[0][1], keyword)
+        if recorded is not None and carried is not None and carried != recorded:
+            found.append(
+                f"{keyword} differs from the value the study holds from the series received first{STUDY_RECORD_SUFFIX}"
             )
     return found
 
@@ -690,9 +733,51 @@ def _decoded_text(header: Dataset, element: RawDataElement) -> str | None:
     if PRINTABLE_ASCII.fullmatch(value) is not None:
         return value.decode("ascii")
     try:
-        return decode_strictly(value, header._character_set)
+        return decode_strictly(value, strict_encodings(header))
     except (UnicodeError, ValueError, LookupError):
         return None
+
+
+DEFAULT_REPERTOIRE = "ascii"
+"""How identity text is read where pydicom would read it as Latin-1 although nothing declares Latin-1: without a
+SpecificCharacterSet, under ISO_IR 6, before the first escape sequence of an ISO 2022 value whose first character
+set is the default, and under a value DICOM does not define (``ISO_IR192``, ``ISO_IR 999``). DICOM's default
+repertoire is ASCII, and Latin-1 decodes any byte: a UTF-8 or Korean name read so would reach the results as
+another name (MÃ¼ller), without a warning."""
+
+
+def strict_encodings(header: Dataset) -> list[str]:
+    """The Python encodings ``header``'s text is checked in: pydicom's (``Dataset._character_set``), with its
+    Latin-1 stand-in for the default repertoire and for undefined values read as :data:`DEFAULT_REPERTOIRE`."""
+    encodings = header._character_set  # one encoding, not a list, where the data set declares none
+    encodings = [encodings] if isinstance(encodings, str) else encodings
+    return [DEFAULT_REPERTOIRE if encoding == default_encoding else encoding for encoding in encodings]
+
+
+def _declared_set(header: Dataset, element: RawDataElement) -> str:
+    """SpecificCharacterSet as a refusal of ``element``'s text names it, saying that only plain ASCII reads where
+    that is why: the text would decode as pydicom reads it (Latin-1 standing in for the default repertoire)."""
+    declared = raw_text(header, "SpecificCharacterSet")
+    encodings = strict_encodings(header)
+    if DEFAULT_REPERTOIRE in encodings and isinstance(element.value, bytes):
+        try:
+            decode_strictly(element.value, [default_encoding if e == DEFAULT_REPERTOIRE else e for e in encodings])
+        except (UnicodeError, ValueError, LookupError):
+            pass  # it does not decode even so: another reason (an escape to a character set not declared)
+        else:
+            return _ascii_only(declared)
+    return shown(declared) if declared else "(none given)"
+
+
+def _ascii_only(declared: str | None) -> str:
+    """SpecificCharacterSet as a refusal names it where only plain ASCII reads under it."""
+    if not declared:
+        return "(none given: plain ASCII only)"
+    if character_set_read_as(declared.split("\\")[0].strip()) is None:
+        return f"{shown(declared)} (not a character set DICOM defines: plain ASCII only)"
+    if "\\" in declared:
+        return f"{shown(declared)} (plain ASCII except where an escape sequence switches character set)"
+    return f"{shown(declared)} (plain ASCII only)"
 
 
 PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
@@ -702,8 +787,9 @@ ESCAPE_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
 
 def decode_strictly(value: bytes, encodings: str | Sequence[str]) -> str:
     """``value`` decoded as pydicom decodes a text value in ``encodings`` (its data set's, as
-    ``Dataset._character_set`` gives them; ISO 2022 escape sequences included), except that a byte it cannot decode
-    raises instead of becoming a replacement character.
+    :func:`strict_encodings` gives them; ISO 2022 escape sequences included), except that a byte it cannot decode
+    raises instead of becoming a replacement character. Where the first encoding is :data:`DEFAULT_REPERTOIRE`,
+    text after an escape back to ASCII (ESC ( B) is read as ASCII too: no other set was declared for its upper half.
 
     Raises
     ------
@@ -724,6 +810,8 @@ def _decode_fragment_strictly(fragment: bytes, encodings: list[str]) -> str:
     encoding = CODES_TO_ENCODINGS.get(fragment[:length], "")
     if encoding not in encodings and encoding != default_encoding:
         raise UnicodeError("an escape sequence switches to a character set that is not declared")
+    if encoding == default_encoding and encodings[0] == DEFAULT_REPERTOIRE:
+        encoding = DEFAULT_REPERTOIRE
     if encoding in handled_encodings:
         return fragment.decode(encoding)  # Python reads these escape sequences itself
     fragment = fragment[length:]

@@ -19,7 +19,14 @@ from db import jobs
 from db.jobs import is_partial_series_warning
 from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
-from dicom_node.admission import BYTES_PER_VOXEL_AFTER_SOURCE, InstanceFile, _identity_value_problem, admit
+from dicom_node.admission import (
+    BYTES_PER_VOXEL_AFTER_SOURCE,
+    InstanceFile,
+    RecordedStudy,
+    _identity_value_problem,
+    admit,
+    is_admission_warning,
+)
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, StudyPatient, check_header, read_header
@@ -193,6 +200,61 @@ def test_study_details_that_differ_within_the_series_are_a_warning_naming_the_at
     ]
 
 
+RECORDED = {"StudyDate": "20221208", "StudyTime": "101010", "StudyID": "S1", "AccessionNumber": "A1"}
+SECOND_SERIES = {"StudyDate": "20221209", "StudyTime": "111111", "StudyID": "S2", "AccessionNumber": "A2"}
+
+
+def recorded_study(**details: str | None) -> RecordedStudy:
+    """The study's row as an earlier series of DOE^JOHN left it (the phantom's patient)."""
+    return RecordedStudy("PHANTOM", patient_name="DOE^JOHN", details=tuple({**RECORDED, **details}.items()))
+
+
+@pytest.mark.parametrize("keyword", SECOND_SERIES)
+def test_study_details_that_differ_from_the_studys_record_are_a_warning_naming_the_attribute(tmp_path, keyword):
+    """A second series of the study with another StudyDate (StudyTime, StudyID, AccessionNumber): the study's
+    queries answer the first series' value while this series' results carry its own, so the job says so."""
+    files = series_files(tmp_path, patient_id="PHANTOM", patient_name="DOE^JOHN")
+    for file in files:
+        rewrite(file, **{**RECORDED, keyword: SECOND_SERIES[keyword]})
+
+    result = admit(files, STRICT, study_patient=recorded_study())
+
+    assert result.admitted
+    assert result.warnings == [
+        f"{keyword} differs from the value the study holds from the series received first; queries for the study "
+        "answer that value, while these results carry this series' value"
+    ]
+    assert all(is_admission_warning(warning) for warning in result.warnings)
+    assert admit(files, STRICT, study_patient=recorded_study(**{keyword: SECOND_SERIES[keyword]})).warnings == []
+    assert admit(files, STRICT, study_patient=recorded_study(**{keyword: None})).warnings == []  # one side only
+
+
+def test_a_study_detail_that_differs_within_the_series_is_not_warned_twice(tmp_path):
+    files = series_files(tmp_path, patient_id="PHANTOM", patient_name="DOE^JOHN")
+    for number, file in enumerate(files):
+        rewrite(file, **{**RECORDED, "StudyDate": ("20221209", "20221210")[number % 2]})
+
+    warnings = admit(files, STRICT, study_patient=recorded_study()).warnings
+
+    assert [warning.split(":")[0] for warning in warnings] == ["StudyDate differs within the series"]
+
+
+def test_a_study_record_warning_is_replaced_when_the_series_is_admitted_again(tmp_path):
+    """Admitted again (a late image, a retry) once the study agrees, the job no longer carries the warning; other
+    stages' warnings stay."""
+    files = series_files(tmp_path, patient_id="PHANTOM", patient_name="DOE^JOHN")
+    for file in files:
+        rewrite(file, **{**RECORDED, "StudyDate": "20221209"})
+    job = Job(warnings=["partial series: 3 of 4"])
+    jobs.append_warnings(job, admit(files, STRICT, study_patient=recorded_study()).warnings)
+    assert len(job.warnings or []) == 2
+
+    again = admit(files, STRICT, study_patient=recorded_study(StudyDate="20221209"))
+    jobs.append_warnings(job, again.warnings, replacing=is_admission_warning)
+
+    assert job.warnings == ["partial series: 3 of 4"]
+
+
 def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_path):
     """'M\xc3\xbcller' is Müller in UTF-8 and MÃ¼ller in Latin-1: the series does not hold one patient."""
     files = series_files(tmp_path)
@@ -210,11 +272,9 @@ def test_the_same_name_bytes_under_another_character_set_are_another_name(tmp_pa
     assert admit(files, STRICT).admitted
 
 
-@pytest.mark.parametrize("character_set", ["ISO_IR 100", ""])
-def test_the_same_name_in_latin_1_and_in_utf_8_is_one_name(tmp_path, character_set):
+def test_the_same_name_in_latin_1_and_in_utf_8_is_one_name(tmp_path):
     """A PACS that re-encodes some instances (Latin-1 from one modality, UTF-8 after a migration) still names
-    one patient: the results would carry Müller^Jürgen from any of them. No SpecificCharacterSet reads as
-    Latin-1, as pydicom and so the results read it."""
+    one patient: the results would carry Müller^Jürgen from any of them."""
     files = series_files(tmp_path)
     for file in files:
         ds = pydicom.dcmread(file.path)
@@ -224,10 +284,6 @@ def test_the_same_name_in_latin_1_and_in_utf_8_is_one_name(tmp_path, character_s
     latin_1 = pydicom.dcmread(files[0].path)
     latin_1.SpecificCharacterSet = "ISO_IR 100"
     latin_1.save_as(files[0].path)
-    if not character_set:
-        written = files[0].path.read_bytes()
-        assert written.count(b"ISO_IR 100") == 1 and b"M\xfcller^J\xfcrgen" in written
-        files[0].path.write_bytes(written.replace(b"ISO_IR 100", b"ISO_IR 6  "))
     assert admit(files, STRICT).admitted
 
 
@@ -262,6 +318,98 @@ def test_an_identity_value_that_does_not_decode_in_its_character_set_is_refused(
     assert admit(files, STRICT).refusal == (
         f"PatientName of instance 1 does not decode in its SpecificCharacterSet {shown_set}, so the results would "
         "carry a changed name; the sender must correct it"
+    )
+
+
+UTF_8_NAME = "Müller^Jürgen".encode()
+EUC_KR_NAME = b"Hong^Gildong=" + "홍^길동".encode("euc_kr")
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name", "shown_set"),
+    [
+        ("ISO_IR192", UTF_8_NAME, "'ISO_IR192' (not a character set DICOM defines: plain ASCII only)"),
+        ("ISO_IR 999", b"M\xfcller^J\xfcrgen", "'ISO_IR 999' (not a character set DICOM defines: plain ASCII only)"),
+        (None, UTF_8_NAME, "(none given: plain ASCII only)"),
+        ("", UTF_8_NAME, "(none given: plain ASCII only)"),
+        ("ISO_IR 6", b"M\xfcller^J\xfcrgen", "'ISO_IR 6' (plain ASCII only)"),
+        (
+            ["", "ISO 2022 IR 149"],
+            EUC_KR_NAME,  # no escape sequence before the Korean characters
+            "'\\\\ISO 2022 IR 149' (plain ASCII except where an escape sequence switches character set)",
+        ),
+        (
+            ["", "ISO 2022 IR 87"],
+            b"DOE^\x1b(BJ\xfcRGEN",  # a Latin-1 byte after switching back to ASCII
+            "'\\\\ISO 2022 IR 87' (plain ASCII except where an escape sequence switches character set)",
+        ),
+    ],
+    ids=["misspelled-utf-8", "undefined", "absent", "empty", "iso-ir-6", "ir-149-without-escape", "after-esc-b"],
+)
+def test_a_name_beyond_ascii_under_no_default_or_undefined_character_set_is_refused_not_guessed(
+    tmp_path, character_set, name, shown_set
+):
+    """pydicom reads such text as Latin-1, which decodes any byte: a UTF-8 or Korean name would reach the results
+    as another name (MÃ¼ller^JÃ¼rgen, È«^±æµ¿) labelled as UTF-8. Refused, naming the attribute, the instance and
+    the character set (never the name)."""
+    files = series_files(tmp_path)
+    with_name_bytes(files, character_set or "", [name] * 4)
+    if character_set is None:
+        without_character_set(files)
+    assert admit(files, STRICT).refusal == (
+        f"PatientName of instance 1 does not decode in its SpecificCharacterSet {shown_set}, so the results would "
+        "carry a changed name; the sender must correct it"
+    )
+
+
+def without_character_set(files: list[InstanceFile]) -> None:
+    """Remove SpecificCharacterSet from each file, its text left as written."""
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        del ds.SpecificCharacterSet
+        ds.save_as(file.path)
+        assert "SpecificCharacterSet" not in pydicom.dcmread(file.path)
+
+
+@pytest.mark.parametrize("character_set", ["ISO_IR192", "ISO_IR 999", None])
+def test_an_ascii_name_under_an_undefined_or_no_character_set_is_admitted(tmp_path, character_set):
+    """Plain ASCII reads the same in every character set: the label does not matter."""
+    files = series_files(tmp_path)
+    with_name_bytes(files, character_set or "", [b"Muller^Jurgen"] * 4)
+    if character_set is None:
+        without_character_set(files)
+    assert admit(files, STRICT).admitted
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name"),
+    [
+        ("UTF-8", UTF_8_NAME),  # a Python name for UTF-8, read as UTF-8
+        ("ISO-IR 100", b"M\xfcller^J\xfcrgen"),  # a misspelling of ISO_IR 100 pydicom corrects
+        (["", "ISO 2022 IR 149"], PersonName("Hong^Gildong=洪^吉洞=홍^길동", ["iso8859", "euc_kr"]).encode()),
+        (
+            ["", "ISO 2022 IR 87"],
+            PersonName("Yamada^Tarou=山田^太郎=やまだ^たろう", ["iso8859", "iso2022_jp"]).encode(),
+        ),
+        ("GB18030", "Wang^XiaoDong=王^小东".encode("gb18030")),
+    ],
+    ids=["utf-8-label", "iso-ir-100-misspelled", "ir-149-with-escapes", "ir-87", "gb18030"],
+)
+def test_names_in_the_character_sets_read_today_are_still_admitted(tmp_path, character_set, name):
+    files = series_files(tmp_path)
+    with_name_bytes(files, character_set, [name] * 4)
+    assert admit(files, STRICT).admitted
+
+
+def test_instances_that_differ_only_in_the_character_set_spelling_are_refused_naming_it(tmp_path):
+    """The same UTF-8 bytes under ISO_IR 192 and under ISO_IR192: the second reads as another name, and the
+    refusal says why (its SpecificCharacterSet) rather than that the series holds two names."""
+    files = series_files(tmp_path)
+    with_name_bytes(files[0::2], "ISO_IR 192", [UTF_8_NAME] * 2)
+    with_name_bytes(files[1::2], "ISO_IR192", [UTF_8_NAME] * 2)
+    assert admit(files, STRICT).refusal == (
+        "PatientName of instance 2 does not decode in its SpecificCharacterSet 'ISO_IR192' (not a character set "
+        "DICOM defines: plain ASCII only), so the results would carry a changed name; the sender must correct it"
     )
 
 

@@ -145,3 +145,66 @@ def test_undefined_value_warning_says_how_the_text_was_read(tmp_path, caplog, ch
 
     [record] = [r for r in caplog.records if r.getMessage() == "source.character_set_undefined"]
     assert f"its text was read as {read_as};" in record.event_fields["detail"]
+
+
+def patched(series_files: list[Path], *replacements: tuple[bytes, bytes]) -> None:
+    """Replace bytes in each file as written (each found once), as a sender with a wrong label writes them."""
+    for path in series_files:
+        written = path.read_bytes()
+        for old, new in replacements:
+            assert written.count(old) == 1, old
+            written = written.replace(old, new)
+        path.write_bytes(written)
+
+
+@pytest.mark.integration
+def test_names_the_node_would_have_to_guess_the_character_set_of_are_refused_and_ascii_ones_accepted(
+    tmp_path, start_node
+):
+    """Names beyond ASCII whose bytes only decode by guessing (pydicom reads no, the default or an undefined
+    SpecificCharacterSet as Latin-1, which decodes any byte) reached the results as another name, labelled UTF-8:
+    MÃ¼ller^JÃ¼rgen, È«^±æµ¿. The series is refused before inference, naming the attribute, the instance and the
+    character set; a plain ASCII name reads the same under any label and is accepted."""
+    utf_8 = "Müller^Jürgen"
+    cases = {
+        "misspelled-utf-8": (
+            "ISO_IR 192",
+            utf_8,
+            [(b"ISO_IR 192", b"ISO_IR192 ")],
+            "'ISO_IR192' (not a character set DICOM defines: plain ASCII only)",
+        ),
+        "utf-8-without-character-set": (
+            "ISO_IR 192",
+            utf_8,
+            [(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 192", b"")],  # the whole element, in explicit VR little endian
+            "(none given: plain ASCII only)",
+        ),
+        "korean-without-escape-sequence": (
+            "\\ISO 2022 IR 149",
+            "Hong^Gildong=XXXXXXX",  # as many ASCII bytes as the EUC-KR name below
+            [(b"Hong^Gildong=XXXXXXX", b"Hong^Gildong=" + "홍^길동".encode("euc_kr"))],
+            "'\\\\ISO 2022 IR 149' (plain ASCII except where an escape sequence switches character set)",
+        ),
+        "ascii-under-an-undefined-set": ("ISO_IR 192", "Muller^Jurgen", [(b"ISO_IR 192", b"ISO_IR192 ")], None),
+    }
+    sent = {}
+    for number, (case, (character_set, name, replacements, _shown)) in enumerate(cases.items()):
+        spec = replace(SMALL, slices=4, character_set=character_set, patient_name=name, patient_id=f"CHARSET-{number}")
+        series = write_phantom_series(tmp_path / case, spec)
+        patched(series.files, *replacements)
+        sent[case] = series
+    node = start_node(rules=CT_RULES)
+
+    for case, series in sent.items():
+        assert storescu(node.port, series.files).returncode == 0, case
+
+    for case, (_set, _name, _replacements, shown_set) in cases.items():
+        uid = sent[case].series_instance_uid
+        if shown_set is None:
+            node.wait_for_state(uid, JobState.QUEUED, timeout=60)
+            continue
+        node.wait_for_state(uid, JobState.FAILED, timeout=60)
+        assert node.job_reason(uid) == (
+            f"not admitted: PatientName of instance 1 does not decode in its SpecificCharacterSet {shown_set}, so "
+            "the results would carry a changed name; the sender must correct it"
+        ), case

@@ -10,7 +10,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from db.models import RejectedInstance, Study
+from db.jobs import job_for_series_uid
+from db.models import JobState, RejectedInstance, Study
 from dicom_node import status
 from dicom_node.admission import InstanceFile, admit, recorded_patient
 from dicom_node.config import AdmissionSettings
@@ -18,7 +19,7 @@ from dicom_node.phantom import PhantomSeries, write_phantom_series
 from dicom_node.receive.header import check_header, read_header
 from dicom_node.receive.studies import KnownStudies
 from tests import test_receive_handler
-from tests.conftest import data_set_bytes
+from tests.conftest import CT_RULES, data_set_bytes, storescu
 from tests.test_receive_handler import SMALL_CT
 
 running_scp = test_receive_handler.running_scp
@@ -244,3 +245,29 @@ def test_a_study_whose_first_series_left_details_empty_takes_them_from_the_next_
         str(sent.SOPInstanceUID),
     )
     assert elsewhere.conflict(header) is not None
+
+
+@pytest.mark.integration
+def test_a_second_series_of_a_study_with_another_study_date_and_time_is_queued_with_warnings_naming_them(
+    tmp_path, start_node
+):
+    """Both series are processed, but the study's queries answer the first series' StudyDate and StudyTime while
+    the second's results carry its own: the second job says which attributes differ (never the values)."""
+    first = phantom(tmp_path / "first", StudyDate="20221208", StudyTime="101010", StudyID="S1")
+    second = phantom(
+        tmp_path / "second", first.study_instance_uid, StudyDate="20221209", StudyTime="111111", StudyID="S1"
+    )
+    node = start_node(rules=CT_RULES)
+
+    assert storescu(node.port, first.files).returncode == 0
+    node.wait_for_state(first.series_instance_uid, JobState.QUEUED, timeout=60)
+    assert storescu(node.port, second.files).returncode == 0
+    node.wait_for_state(second.series_instance_uid, JobState.QUEUED, timeout=60)
+
+    with node.sessions() as session:
+        assert not job_for_series_uid(session, first.series_instance_uid).warnings
+        assert job_for_series_uid(session, second.series_instance_uid).warnings == [
+            f"{keyword} differs from the value the study holds from the series received first; queries for the "
+            "study answer that value, while these results carry this series' value"
+            for keyword in ("StudyDate", "StudyTime")
+        ]

@@ -6,7 +6,10 @@ define). The results copy patient and study names from it, so their text is deco
 here with pydicom's character set handling and the results are written in UTF-8
 (``ISO_IR 192``), which represents every name. An undefined value is read as pydicom
 reads it (a misspelling such as ``ISO-IR 126`` as what it means, anything else as Latin-1) and text that does not decode keeps replacement characters; both
-are logged as warnings naming the instance, never the text itself.
+are logged as warnings naming the instance, never the text itself. Neither changes whom the results name:
+admission refuses a series whose patient or study identity does not decode strictly (text beyond plain ASCII under
+no, the default or an undefined character set included), so only other text (descriptions, the referring
+physician's name) can be read so.
 """
 
 from __future__ import annotations
@@ -129,15 +132,28 @@ def _declared_character_sets(header: Dataset) -> list[str]:
 
 def _read_as(value: str) -> str:
     """The character set pydicom reads an undefined Specific Character Set value as (its spelling fixes, else Latin-1)."""
-    if re.match("^ISO[^_]IR", value) and f"ISO_IR{value[6:]}" in python_encoding:
-        return f"ISO_IR{value[6:]}"
-    if re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", value) and f"ISO 2022 IR {value[12:]}" in python_encoding:
-        return f"ISO 2022 IR {value[12:]}"
+    read_as = character_set_read_as(value)
+    if read_as is None:
+        return "Latin-1 (ISO_IR 100)"
+    return read_as if read_as in python_encoding else f"the encoding named '{value}'"
+
+
+def character_set_read_as(value: str) -> str | None:
+    """What pydicom reads one Specific Character Set value as: the value itself where DICOM defines it, the term a
+    common misspelling means (``ISO-IR 126`` as ``ISO_IR 126``), or the value where it names an encoding Python
+    knows (``UTF-8``); None where it is none of these (pydicom then reads the text as Latin-1, which never fails;
+    admission reads it as plain ASCII)."""
+    if value in python_encoding:
+        return value
+    if re.match("^ISO[^_]IR", value):
+        return f"ISO_IR{value[6:]}" if f"ISO_IR{value[6:]}" in python_encoding else None
+    if re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", value):
+        return f"ISO 2022 IR {value[12:]}" if f"ISO 2022 IR {value[12:]}" in python_encoding else None
     try:
         codecs.lookup(value)
-        return f"the encoding named '{value}'"
     except LookupError:
-        return "Latin-1 (ISO_IR 100)"
+        return None
+    return value
 
 
 def _rebuild_person_name(dataset: Dataset, element: DataElement) -> None:
