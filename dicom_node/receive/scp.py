@@ -9,7 +9,8 @@ get a failure status, a log line with the reason, a row in ``rejected_instances`
 and their bytes in the quarantine folder; nothing is half-stored. An instance
 that cannot be written (a full disk) is answered 0xA700 and leaves no file
 behind, so the sender keeps it and sends it again. While the database cannot be
-written, C-STOREs are still answered success and the recorder catches up later.
+written, C-STOREs are still answered success and the recorder catches up later. A copy of an instance already
+stored whose pixel data differ from it is refused (0x0111), the first copy kept, and its series marked failed.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,7 +61,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import InstanceRecord, record_rejection
 from db.session import transaction
 from dicom_node import status
-from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
+from dicom_node.audit import Peer, StoreTally, association_ended, echo_only, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text
 from dicom_node.receive.header import (
@@ -74,7 +76,16 @@ from dicom_node.receive.header import (
     stored_header,
 )
 from dicom_node.receive.recorder import InstanceRecorder
-from dicom_node.receive.storage import InstanceStore, QuarantineFull, encode_file_meta, is_disk_full
+from dicom_node.receive.storage import (
+    DIFFERENT_CONTENT_COMMENT,
+    DIFFERENT_CONTENT_STATUS,
+    InstanceStore,
+    QuarantineFull,
+    encode_file_meta,
+    hold_series_with_different_copies,
+    is_disk_full,
+    pixel_difference,
+)
 from dicom_node.receive.studies import KnownStudies
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
@@ -204,6 +215,7 @@ def start_storage_scp(
         ),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ACSE_RECV, _note_abort_received),
         (evt.EVT_ABORTED, _on_aborted),
         (evt.EVT_RELEASED, _audit_association_end, [context.sessions, "released"]),
         (evt.EVT_ABORTED, _audit_association_end, [context.sessions, "aborted"]),
@@ -355,6 +367,16 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             recorder.journal.done([segment])
             reason = _stored_with_another(sop_instance, conflict)
             return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
+        # The copy at the path is whole (placed by a rename or link): whichever copy took the path first is kept,
+        # and every later one, sent before or at the same moment, is compared with it here.
+        difference = pixel_difference(path, file_meta, encoded)
+        if difference is not None:
+            recorder.journal.done([segment])
+            return refuse(
+                DIFFERENT_CONTENT_STATUS,
+                _stored_with_other_pixels(sop_instance, header.series.series_instance_uid, difference),
+                header.series.series_instance_uid,
+            )
         record = _as_stored(record, path, stored.header if stored else None)
     recorder.submit(record, segment)
     context.studies.remember(header)
@@ -452,6 +474,15 @@ def _stored_with_another(sop_instance: str, attribute: str) -> str:
     return (
         f"SOP Instance UID {sop_instance} is already stored with another {attribute}; the stored copy is "
         "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+    )
+
+
+def _stored_with_other_pixels(sop_instance: str, series_instance: str, difference: str) -> str:
+    """Why a copy of a stored instance with other pixel data is refused."""
+    return (
+        f"SOP Instance UID {sop_instance} was already received with different pixel data ({difference}); the first "
+        f"copy is kept and this one quarantined, and series {series_instance} is marked failed, as its images may "
+        "come from two different sendings"
     )
 
 
@@ -566,6 +597,8 @@ def _refuse(
                 calling_ae_title=calling_ae,
                 series_instance_uid=series_instance_uid,
             )
+            if status_code == DIFFERENT_CONTENT_STATUS and series_instance_uid is not None:
+                hold_series_with_different_copies(session, series_instance_uid)
     except Exception:  # the refusal itself must still go out
         LOG.exception("instance.rejection_not_recorded")
     log_event(
@@ -584,6 +617,7 @@ def _refuse(
 REFUSAL_COMMENTS = {
     status.CANNOT_UNDERSTAND: "Cannot understand: the reason is in the node's log",
     status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP class: reason in node's log",
+    DIFFERENT_CONTENT_STATUS: DIFFERENT_CONTENT_COMMENT,
 }
 """What a peer hears of a refusal: the status' meaning, fixed; the reason (which may quote the data) stays in
 the log, in ``rejected_instances`` and in ``dicom-node rejected``."""
@@ -634,6 +668,7 @@ def _end_at_stop(assoc: Any, sessions: sessionmaker[Session]) -> None:
         reason="the node is stopping while this association is open: it is aborted, and the instances stored on "
         "it are kept and written to the audit trail",
     )
+    setattr(assoc, ABORT_REASON, "the node was stopping while the association was open, so it aborted it")
     assoc.abort()
     assoc.join()
     tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
@@ -644,7 +679,16 @@ def _end_at_stop(assoc: Any, sessions: sessionmaker[Session]) -> None:
 def _audit_association_end(
     event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]
 ) -> None:
-    association_ended(sessions, event.assoc, outcome)
+    """The association's store tally, then its record: an aborted one's says why (:func:`abort_reason`)."""
+    assoc = event.assoc
+    if outcome == "released" or echo_only(assoc):
+        association_ended(sessions, assoc, outcome)
+        return
+    tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
+    peer = Peer.of(assoc)
+    if tally is not None:
+        tally.flush(sessions, peer)
+    record(sessions, "association", peer, "aborted", detail=abort_reason(assoc))
 
 
 def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str | None = None) -> None:
@@ -711,9 +755,55 @@ def _on_rejected(event: evt.Event) -> None:
     )
 
 
+ABORT_REASON = "_dicom_node_abort_reason"
+"""Set on an association, before the node aborts it, to the sentence saying why (the node is stopping)."""
+ABORT_RECEIVED = "_dicom_node_abort_received"
+"""Set on an association when an A-ABORT or A-P-ABORT reaches it: the primitive, read by :func:`abort_reason`."""
+
+
+def _note_abort_received(event: evt.Event) -> None:
+    """Keep an abort that reached the association (pynetdicom takes it off its queue before EVT_ABORTED fires)."""
+    primitive = getattr(event, "primitive", None)  # set for this event from its data (pynetdicom's stubs lack it)
+    if isinstance(primitive, (A_ABORT, A_P_ABORT)):
+        setattr(event.assoc, ABORT_RECEIVED, primitive)
+
+
+def abort_reason(assoc: Any) -> str:
+    """Why an association ended in an abort, as far as the node can tell: the sender's A-ABORT, a connection
+    closed or broken under it, the node's network timeout, or the node's own abort (stopping)."""
+    requestor = assoc.requestor
+    sender = f"{requestor.ae_title} at {requestor.address}"
+    received = getattr(assoc, ABORT_RECEIVED, None)
+    if isinstance(received, A_ABORT):
+        return f"{sender} aborted the association (it sent an A-ABORT) instead of releasing it"
+    if isinstance(received, A_P_ABORT):
+        return (
+            f"the connection to {sender} was closed or broken before the association was released (the sender's "
+            "end closed it, the network dropped it, or its DICOM software reported a protocol fault)"
+        )
+    told = getattr(assoc, ABORT_REASON, None)
+    if told is not None:
+        return str(told)
+    if getattr(assoc, "_sent_abort", False) and assoc.dul.idle_timer_expired():
+        return (
+            f"nothing arrived from {sender} for {assoc.network_timeout:g} s (network.network_timeout_seconds), so "
+            "the node aborted the association"
+        )
+    if getattr(assoc, "_sent_abort", False):
+        return f"the node aborted the association with {sender}"
+    return f"the association with {sender} ended without a release; the node could not tell why"
+
+
 def _on_aborted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
-    log_event(LOG, logging.WARNING, "association.aborted", calling_ae=requestor.ae_title, address=requestor.address)
+    log_event(
+        LOG,
+        logging.WARNING,
+        "association.aborted",
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        reason=abort_reason(event.assoc),
+    )
 
 
 def _on_echo(event: evt.Event, sessions: sessionmaker[Session]) -> int:

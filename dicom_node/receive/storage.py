@@ -28,12 +28,17 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from io import BytesIO
+from itertools import zip_longest
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
+from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
+from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,7 +51,7 @@ from db.ingest import (
     record_rejection,
     recorded_paths,
 )
-from db.models import Instance, Job, RejectedInstance, Series
+from db.models import Instance, Job, JobState, RejectedInstance, Series
 from db.session import transaction
 from dicom_node import __version__, status
 from dicom_node.logs import log_event
@@ -421,7 +426,103 @@ def record_stored_instances(
     recorded = record_new_instances(session, [records[index] for index in new], counted_at=counted_at)
     for index, outcome in zip(new, recorded, strict=True):
         outcomes[index] = StoreOutcome(outcome, Path(records[index].path))
+        if outcome.series_created or outcome.series_reopened:  # once per series and batch: a rare lookup
+            hold_series_with_different_copies(session, records[index].series.series_instance_uid)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+DIFFERENT_CONTENT_STATUS = 0x0111
+"""The C-STORE failure status "Duplicate SOP Instance" (PS3.7 Annex C), answered for a copy of an instance already
+stored with other pixel data. Its ``rejected_instances`` rows keep the series from being processed as it is."""
+DIFFERENT_CONTENT_COMMENT = "already received with other pixel data; the first copy is kept"
+"""The ErrorComment of that answer (at most 64 characters); the response's Affected SOP Instance UID names the image."""
+
+
+def pixel_difference(stored: Path, file_meta: bytes, encoded: bytes) -> str | None:
+    """How a received copy's pixel data differs from the copy of its instance stored at ``stored``, or None.
+
+    Byte-identical data sets are the same copy. Otherwise the pixel values are decoded, one frame at a time,
+    and compared: a copy sent in another lossless transfer syntax (JPEG 2000 lossless and explicit little
+    endian, say) is the same image. A lossy copy cannot be shown to be the same image as another whose values
+    differ from it (compression loss and a changed image look alike), so it counts as different: the first copy
+    is kept and the sender told. Only a resent instance comes here, so the decoding costs nothing on first receipt.
+    """
+    try:
+        _meta, offset = split_dataset(stored)
+        stored_bytes = stored.read_bytes()
+    except (OSError, ValueError, AttributeError, struct.error):
+        return None  # no readable copy there: compared with nothing, as its header is (header.stored_header)
+    if stored_bytes[offset:] == encoded:
+        return None
+    try:
+        kept = dcmread(BytesIO(stored_bytes), force=True)
+        received = dcmread(BytesIO(file_meta + encoded), force=True)
+    except Exception:  # noqa: BLE001 - an unreadable copy cannot be shown to be the same image
+        return "its data set could not be read to compare its pixel data with the stored copy's"
+    kept_pixels, received_pixels = _pixel_keyword(kept), _pixel_keyword(received)
+    if kept_pixels is None and received_pixels is None:
+        return None  # no image in either (a report, say): as before, kept once
+    if kept_pixels is None or kept_pixels != received_pixels:
+        return "one copy has pixel data and the other has none, or another kind"
+    if kept.file_meta.TransferSyntaxUID == received.file_meta.TransferSyntaxUID and (
+        kept[kept_pixels].value == received[received_pixels].value
+    ):
+        return None
+    return _decoded_difference(kept, received)
+
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _pixel_keyword(dataset: Dataset) -> str | None:
+    return next((keyword for keyword in _PIXEL_KEYWORDS if keyword in dataset), None)
+
+
+def _decoded_difference(kept: Dataset, received: Dataset) -> str | None:
+    """How the decoded pixel values of two copies differ, frame by frame (stopping at the first that does), or None."""
+    try:
+        frames = zip_longest(iter_pixels(kept), iter_pixels(received))
+        for number, (kept_frame, received_frame) in enumerate(frames, start=1):
+            if kept_frame is None or received_frame is None:
+                return "the copies hold different numbers of frames"
+            if kept_frame.shape != received_frame.shape or not np.array_equal(kept_frame, received_frame):
+                return f"the pixel values of frame {number} differ from the stored copy's"
+    except Exception:  # noqa: BLE001 - pixel data that cannot be decoded cannot be shown to be the same image
+        return "its pixel data could not be decoded to compare it with the stored copy's"
+    return None
+
+
+def hold_series_with_different_copies(session: Session, series_instance_uid: str) -> bool:
+    """Mark the series' job FAILED while a copy of one of its images was refused for other pixel data; whether it
+    was marked now.
+
+    Its stored images may come from two different sendings (two senders at once, or a correction resent under the
+    same UIDs), so no result is made or sent from them as they are. The reason names the first such image; an
+    operator resends the series under new UIDs, or retries it once sure the stored images are the right ones.
+    Called when the copy is refused, and again when the series is created or re-opened by a later image (the
+    refusal may come before the first copy is recorded, and a late image re-opens a failed series).
+    """
+    job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)
+    if job is None or job.state is JobState.FAILED or job.series.purged_at is not None:
+        return False
+    refusals = select(RejectedInstance).where(
+        RejectedInstance.series_instance_uid == series_instance_uid,
+        RejectedInstance.status == DIFFERENT_CONTENT_STATUS,
+    )
+    if job.series.images_before_purge is not None:  # sent again after a purge: what was refused before is gone
+        refusals = refusals.where(RejectedInstance.received_at >= job.series.first_received_at)
+    refused = session.scalars(refusals.order_by(RejectedInstance.received_at, RejectedInstance.id).limit(1)).first()
+    if refused is None:
+        return False
+    reason = (
+        f"SOP Instance UID {refused.sop_instance_uid} was sent again with different pixel data and refused (the "
+        "first copy is kept), so the stored images may come from two different sendings; the series is not "
+        "processed as it is: resend it under new UIDs, or retry it once the stored images are confirmed"
+    )
+    if job.state in (JobState.RECEIVING, JobState.DONE):  # neither goes to FAILED directly
+        jobs.mark_complete(session, job, "closed: a copy of one of its images was refused for different pixel data")
+    jobs.fail(session, job, reason)
+    return True
 
 
 def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
