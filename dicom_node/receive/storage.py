@@ -431,7 +431,7 @@ def record_stored_instances(
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-DIFFERENT_CONTENT_STATUS = 0x0111
+DIFFERENT_CONTENT_STATUS = status.DUPLICATE_SOP_INSTANCE
 """The C-STORE failure status "Duplicate SOP Instance" (PS3.7 Annex C), answered for a copy of an instance already
 stored with other pixel data. Its ``rejected_instances`` rows keep the series from being processed as it is."""
 DIFFERENT_CONTENT_COMMENT = "already received with other pixel data; the first copy is kept"
