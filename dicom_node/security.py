@@ -49,7 +49,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
@@ -907,6 +907,7 @@ class GuardedRequestHandler(RequestHandler):
                 return False
         request.settimeout(limits.pdu_seconds)  # no send or receive waits longer without progress
         assoc = self._create_association()
+        assoc.dul.socket.__class__ = GuardedSocket  # before its thread starts: sends bounded in time
         assoc.dul.__class__ = GuardedDUL  # before its thread starts: same state, guarded reader
         make_event_driven(assoc)  # both threads sleep until there is work (dicom_node.reactors)
         send_store_responses_directly(assoc.dimse)  # plain C-STORE responses without pydicom
@@ -931,6 +932,84 @@ class GuardedRequestHandler(RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         return True
+
+
+SEND_SLICE_BYTES = 1_000_000
+"""A PDU the node sends leaves in slices of at most this many bytes, each within ``pdu_read_timeout_seconds``:
+the peer chooses how large a PDU may be (up to no limit at all), so the bound is on each slice, not the PDU."""
+
+
+class GuardedSocket(AssociationSocket):
+    """An accepted association's socket whose sends are bounded in time, as its reads are (:class:`GuardedDUL`).
+
+    A peer that stops reading what the node sends it (a C-FIND requestor that takes no more answers, a C-GET
+    requestor that takes no more images) fills the TCP window, and a send then waits on it. Each slice of a
+    PDU (:data:`SEND_SLICE_BYTES`) must leave within ``network.pdu_read_timeout_seconds``; past that the
+    association is aborted (its place in ``maximum_associations_per_host`` given back when its thread ends),
+    the connection reset so that what was queued for the peer is let go, and the log says which peer it was.
+    """
+
+    def send(self, bytestream: bytes) -> None:
+        limits: Limits = self.assoc._server.limits  # type: ignore[union-attr]
+        raw = self.socket
+        try:
+            assert raw is not None
+            _send_within(raw, bytestream, limits.pdu_seconds)
+        except TimeoutError:
+            self._stopped_reading(min(len(bytestream), SEND_SLICE_BYTES), limits.pdu_seconds)
+            self.event_queue.put("Evt17")  # transport closed: the state machine ends the association
+            return
+        except Exception:  # noqa: BLE001 - as pynetdicom's send: any failure closes the transport
+            self.event_queue.put("Evt17")
+            return
+        evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+
+    def _stopped_reading(self, size: int, seconds: float) -> None:
+        """Log (once per address each 10 s) that the peer stopped taking data; reset the connection on close."""
+        requestor = self.assoc.requestor
+        address = requestor.address
+        title = requestor.primitive.calling_ae_title if requestor.primitive else None
+        who = f"peer {title} at {shown_address(address)}" if title else f"the peer at {shown_address(address)}"
+        reason = (
+            f"{who} stopped taking what the node sends it: {size:,} bytes could not be sent within {seconds:g} s "
+            "(network.pdu_read_timeout_seconds), so the node closed its association"
+        )
+        log_throttled(
+            LOG,
+            logging.WARNING,
+            "connection.aborted",
+            (address, "stopped reading"),
+            address=address,
+            calling_ae=title or "(not yet known)",
+            reason=reason,
+        )
+        with suppress(OSError):  # closed already
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
+    """Send all of ``data``, each :data:`SEND_SLICE_BYTES` within ``seconds``; TimeoutError when one is not.
+
+    The socket's timeout is ``seconds`` before and after (the reader sets it too, in the same thread)."""
+    view = memoryview(data)
+    changed = False
+    try:
+        for start in range(0, len(view), SEND_SLICE_BYTES):
+            piece = view[start : start + SEND_SLICE_BYTES]
+            deadline = time.monotonic() + seconds
+            sent = sock.send(piece)  # mostly all at once, under the socket's own timeout of ``seconds``
+            while sent < len(piece):
+                piece = piece[sent:]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                changed = True
+                sent = sock.send(piece)
+    finally:
+        if changed:
+            sock.settimeout(seconds)
 
 
 class AssociationCaps:

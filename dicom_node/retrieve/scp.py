@@ -10,10 +10,13 @@ than ``retrieve.max_instances_per_retrieval`` instances is refused with 0xA702,
 and its unique key must be literal UIDs (no ``*``, ``?`` or empty value).
 C-MOVE sends only to destinations and peers with an address in config.yaml
 (over TLS where they say ``tls: true``); an unknown Move Destination is refused
-with 0xA801. Retrieved instances go out as they were stored: the file's data
+with 0xA801, and one that cannot be reached (no connection within ``dispatch.timeout_seconds``,
+no association within ``network.association_request_timeout_seconds``) fails with 0xA702 and a
+comment naming it. Retrieved instances go out as they were stored: the file's data
 set bytes, in the file's transfer syntax; for a peer that does not accept a compressed
 one, decompressed, unless a frame's own header disagrees with Rows and Columns or
-the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES`` (then that instance
+the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES``, or its pixel values need more
+bits than BitsStored (decoded, they would silently become other values; then that instance
 is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
 short fixed comments; the log has the details.
 
@@ -21,8 +24,8 @@ Each instance sent to a C-GET or C-MOVE peer may take ``dispatch.timeout_seconds
 size in MB x ``dispatch.seconds_per_megabyte``, as results sent to a destination may: a
 peer that stops taking data mid-instance has its association cut then, and the
 retrieval ends (a C-MOVE answers with its failed sub-operations and a comment naming
-its destination; the log and the audit trail say which peer stalled on which instance).
-Each retrieval's audit record is written with the final status its peer heard.
+its destination; the log says which peer stalled on which instance). Each retrieval has one
+audit record, written with the final status its peer heard (a stalled one too: failed or partial).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_messages import C_MOVE_RSP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
     PatientRootQueryRetrieveInformationModelFind,
@@ -60,11 +64,9 @@ from dicom_node.audit import (
     MAX_STUDIES_AUDITED,
     audited_retrieve,
     disclosed,
-    record,
     repeatable_refusal,
     why_unreadable,
 )
-from dicom_node.audit import Peer as AuditPeer
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
 from dicom_node.retrieve.matching import (
@@ -87,7 +89,7 @@ from dicom_node.retrieve.suboperations import (
 )
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 from dicom_node.stall import stalled
-from inference.frames import decoded_bytes, encapsulated_problem
+from inference.frames import decoded_bytes, encapsulated_problem, stored_precision
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -449,19 +451,97 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
             # the sub-association's accepted contexts decide the form each instance is sent in
             (evt.EVT_ACCEPTED, lambda e: sub_association.update(assoc=e.assoc)),
             (evt.EVT_DIMSE_RECV, route.answers.on_message),  # the destination's answer to each instance
+            # how far opening it went, for the sentence when it could not be opened
+            (evt.EVT_CONN_OPEN, lambda e: sub_association.update(connected=True)),
+            (evt.EVT_REJECTED, lambda e: sub_association.update(rejected=True)),
         ],
     }
     tls_args = client_tls(destination, context.tls)
     if tls_args is not None:
         options["tls_args"] = tls_args
-    yield destination.host, destination.port, options
-    if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first result
-        yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
-        return
-    paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association.get("assoc")))
-    yield from _count_or_refuse(paths, context, event, route.operation)
-    yield from _send(event, paths, calling_ae, route, context)
+    # The node's AE opens no other associations than these: their connect waits as long as a send's association
+    event.assoc.ae.connection_timeout = context.sending.timeout_seconds
+    count = len(paths) if isinstance(paths, list) else 0
+    unreachable = _UnreachableDestination(event, route, sub_association, count, context.sending.timeout_seconds)
+    event.assoc.bind(evt.EVT_DIMSE_SENT, unreachable.on_sent)
+    try:  # pynetdicom opens the sub-association after the count: resumed past it, the handler has one
+        yield destination.host, destination.port, options
+        if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first
+            yield 1
+            unreachable.stop()
+            yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
+            return
+        paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association.get("assoc")))
+        yield from _count_or_refuse(paths, context, event, route.operation)
+        unreachable.stop()
+        yield from _send(event, paths, calling_ae, route, context)
+    finally:
+        unreachable.stop()
+
+
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+class _UnreachableDestination:
+    """While a C-MOVE's sub-association is being opened: when it could not be (the destination refused, did not
+    answer within ``dispatch.timeout_seconds``, or rejected the association), pynetdicom answers the requestor
+    0xA801 (Move Destination unknown) itself, without a comment, and never resumes the handler. This turns that
+    answer, as it is sent, into 0xA702 (unable to perform sub-operations), every sub-operation failed, with a
+    comment naming the destination, and logs a sentence naming it."""
+
+    def __init__(
+        self, event: evt.Event, route: Route, sub_association: dict[str, Any], count: int, connect_seconds: float
+    ) -> None:
+        self.event, self.route, self.sub_association, self.count = event, route, sub_association, count
+        self.connect_seconds = connect_seconds
+        self.bound = True
+
+    def on_sent(self, sent: evt.Event) -> None:
+        """``EVT_DIMSE_SENT`` of the requestor's association; only the first C-MOVE response counts."""
+        message = sent.message
+        if not isinstance(message, C_MOVE_RSP):
+            return
+        self.stop()
+        command = message.command_set
+        if command.get("Status") != MOVE_DESTINATION_UNKNOWN or "assoc" in self.sub_association:
+            return
+        command.Status = TOO_MANY_SUB_OPERATIONS
+        command.NumberOfFailedSuboperations = min(self.count, MAXIMUM_SUB_OPERATIONS)
+        command.NumberOfCompletedSuboperations = command.NumberOfWarningSuboperations = 0
+        command.ErrorComment = f"{self.route.addressed} could not be reached"[:64]
+        message._set_command_group_length()  # the elements above change the command's length
+        requestor = self.event.assoc.requestor
+        log_event(
+            LOG,
+            logging.WARNING,
+            "retrieve.destination_unreachable",
+            calling_ae=requestor.ae_title,
+            address=requestor.address,
+            operation=self.route.operation,
+            reason=f"the C-MOVE{self.route.operation.removeprefix('move')} was not done: {self._why()}, so none "
+            f"of its {self.count} instance(s) was sent",
+        )
+
+    def _why(self) -> str:
+        """How far opening the sub-association went, as a clause naming the destination."""
+        receiver = self.route.receiver
+        if self.sub_association.get("rejected"):
+            return f"{receiver} rejected the association"
+        if self.sub_association.get("connected"):
+            return (
+                f"{receiver} took the connection but did not accept the association in time "
+                "(network.association_request_timeout_seconds)"
+            )
+        return (
+            f"{receiver} refused the connection or did not answer it within {self.connect_seconds:g} s "
+            "(dispatch.timeout_seconds)"
+        )
+
+    def stop(self) -> None:
+        """Stop watching the requestor's responses (once the sub-association opened, or the answer was sent)."""
+        if self.bound:
+            self.bound = False
+            self.event.assoc.unbind(evt.EVT_DIMSE_SENT, self.on_sent)
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
@@ -686,7 +766,8 @@ def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None
 
     A frame whose own header (JPEG 2000 SIZ, JPEG SOF, RLE header) describes another image than Rows and
     Columns would make the decoder allocate what the frame says; and a small compressed file may declare
-    more frames of more pixels than a receiving process should hold decoded (``MAX_DECOMPRESSED_BYTES``).
+    more frames of more pixels than a receiving process should hold decoded (``MAX_DECOMPRESSED_BYTES``); and
+    pixel values that need more bits than BitsStored would be altered (:func:`values_beyond_bits_stored`).
     """
     name = f"instance {sop_instance_uid}"
     mismatch = encapsulated_problem(dataset, name)
@@ -700,7 +781,46 @@ def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None
             f"{dataset.Rows} pixels), more than the {MAX_DECOMPRESSED_BYTES / 1e6:,.0f} MB the node decompresses "
             "for a retrieval; it is sent only to peers that accept its stored transfer syntax"
         )
-    return None
+    return values_beyond_bits_stored(dataset, name)
+
+
+def values_beyond_bits_stored(dataset: Dataset, name: str) -> str | None:
+    """Why decompressing ``dataset`` would change its pixel values, or None.
+
+    pydicom's decoders keep only BitsStored bits of each value: values that need more (a wrong BitsStored, or
+    something in the bits above it) would go out silently altered. So, as the receive path does, the frames are
+    decoded first with every bit they hold (their own header's precision,
+    :func:`inference.frames.stored_precision`; all of BitsAllocated for RLE), and their values must fit BitsStored
+    (signed values may also be written without sign extension, as DICOM allows).
+    """
+    try:
+        bits_stored, allocated = int(dataset.BitsStored), int(dataset.BitsAllocated)
+        signed = int(dataset.get("PixelRepresentation", 0)) == 1
+    except (AttributeError, TypeError, ValueError):
+        return None  # decompressing refuses what it cannot read
+    precision = stored_precision(dataset)
+    held = allocated if precision is None else max(bits_stored, min(precision, allocated))
+    if held <= bits_stored:
+        return None
+    dataset.pixel_array_options(bits_stored=held)
+    try:
+        pixels = dataset.pixel_array
+        low, high = int(pixels.min()), int(pixels.max())
+    finally:
+        dataset.pixel_array_options()  # the decoded copy is let go; decompressing decodes on its own
+    if signed:
+        fits = -(1 << (bits_stored - 1)) <= low and high < 1 << (bits_stored - 1)
+        fits = fits or (low >= 0 and high < 1 << bits_stored)
+        needed = max((value if value >= 0 else -value - 1).bit_length() + 1 for value in (low, high))
+    else:
+        fits, needed = high < 1 << bits_stored, max(high.bit_length(), 1)
+    if fits:
+        return None
+    return (
+        f"{name} has {'signed' if signed else 'unsigned'} pixel values that need {needed} bits, but its BitsStored "
+        f"(0028,0101) says {bits_stored}: decompressed, they would become other values, so it is sent only to "
+        "peers that accept its stored transfer syntax"
+    )
 
 
 def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Dataset, str] | None:
@@ -753,7 +873,7 @@ def _send(
 
     What cannot be sent is a failed sub-operation the log names. A peer that stops taking data has its
     association cut after a bounded wait (:mod:`dicom_node.retrieve.suboperations`), and one that closes it
-    ends the retrieval too: the instances left count as failed, and the log and the audit trail say why.
+    ends the retrieval too: the instances left count as failed, and the log says why.
     The final status is yielded so that the retrieval's audit record has it; pynetdicom answers it itself when
     every instance was sent (it ignores a status yielded then, and answers the same one, without a comment:
     :class:`~dicom_node.retrieve.suboperations.IgnoredFinalStatus`).
@@ -777,7 +897,7 @@ def _send(
         waited = yield from route.answers.send(assoc, dataset, stored.sop_instance_uid, size, context.sending)
         if waited is not None:
             not_sent += [rest.sop_instance_uid for rest in paths[index + 1 :]]
-            comment = _cut(event, context, route, stored, (dataset, size, waited), len(paths) - index - 1)
+            comment = _cut(event, route, stored, size, waited, len(paths) - index - 1)
             break
     answers = route.answers
     stored_by_peer, failed = answers.completed + answers.warned, len(answers.failed) + len(not_sent)
@@ -851,18 +971,10 @@ def _bytes_to_send(stored: Stored, dataset: Dataset, how: str) -> int:
     return max(size, decoded_bytes(dataset)) if how.startswith("decompressed") else size
 
 
-def _cut(
-    event: evt.Event,
-    context: RetrieveContext,
-    route: Route,
-    stored: Stored,
-    sending: tuple[Dataset, int, float],
-    left: int,
-) -> str:
+def _cut(event: evt.Event, route: Route, stored: Stored, size: int, waited: float, left: int) -> str:
     """The peer stopped taking data and its association was cut, with ``left`` instances still to send: say so
-    in the log and the audit trail, naming the peer and the instance; the comment the peer hears (a C-MOVE's
-    requestor: its destination stalled)."""
-    dataset, size, waited = sending
+    in the log, naming the peer and the instance; the comment the peer hears (a C-MOVE's requestor: its
+    destination stalled). The retrieval's one audit record is written with the final status, as any other's."""
     sentence = stalled(route.receiver, f"instance {stored.sop_instance_uid}", size, waited)
     if left:
         sentence += f"; the {left} instance(s) left were not sent"
@@ -874,15 +986,7 @@ def _cut(
         calling_ae=event.assoc.requestor.ae_title,
         operation=route.operation,
         sop_instance_uid=stored.sop_instance_uid,
-        reason=sentence,
-    )
-    record(
-        context.sessions,
-        route.action,
-        AuditPeer.of(event.assoc),
-        "aborted",
-        study_instance_uid=_study_uid(dataset),
-        detail=f"{retrieval} ended: {sentence}",
+        reason=f"{retrieval} ended: {sentence}",
     )
     return f"{route.addressed} stopped taking data"
 
@@ -900,15 +1004,6 @@ def _ended(calling_ae: str, route: Route, stored: Stored, left: int) -> str:
         f"so the {left} instance(s) left were not sent",
     )
     return f"{route.addressed} closed the association"
-
-
-def _study_uid(dataset: Dataset) -> str | None:
-    """The StudyInstanceUID of a data set that was being sent, if it names a plausible one."""
-    try:
-        value = str(dataset.get("StudyInstanceUID", "") or "").strip()
-    except Exception:  # noqa: BLE001 - a value that cannot be read: the record names no study
-        return None
-    return value if 0 < len(value) <= 64 else None
 
 
 def _status(code: int, comment: str) -> Dataset:
