@@ -63,10 +63,17 @@ back: it is made at once."""
 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
+RECORD_WAIT_NOTICED_SECONDS = 1.0
+"""Recording an accepted file takes milliseconds; one that took this long waited for the node's own database
+(locked by another process, or its disk full). An association that ended meanwhile is the node's doing, not the
+destination's: that attempt is not counted."""
+
 LOCK_LOST = (
     "sending stopped: this node no longer holds its lock on the database (another dicom-node serve took over), "
     "so that node sends the rest"
 )
+
+NODE_STOPPING = "sending stopped: this node is stopping; the files not yet sent are sent when it runs again"
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class SendOutcome:
     sent: list[str]  # files the peer accepted in this attempt
     error: str | None  # why the attempt stopped short, or None when all went
     unreachable: bool = False  # no association: the destination is down or not answering
+    node_waited: bool = False  # the association ended while the node waited for its own database: not counted
 
 
 RunKey = tuple[str, ...]
@@ -157,7 +165,9 @@ def send_files(
         ``seconds_per_megabyte`` for its response.
     on_accepted
         Called with each file the peer accepts and its status, right after the
-        response and before the next file is sent (the delivery record).
+        response and before the next file is sent (the delivery record). If it takes
+        :data:`RECORD_WAIT_NOTICED_SECONDS` or longer (the database was locked) and the
+        association ended meanwhile, the outcome says ``node_waited``.
     stop_reason
         Asked before each file: a reason to stop sending (the results were
         superseded meanwhile), or None to go on.
@@ -185,6 +195,7 @@ def send_files(
     sent: list[str] = []
     refusals: list[str] = []
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+    recorded: tuple[SendableFile, float] | None = None  # the file recorded last and how long that took, until a send
     try:
         for result in results:
             why = stop_reason() if stop_reason is not None else None
@@ -197,7 +208,10 @@ def send_files(
                 )
                 continue
             if not assoc.is_established:  # closed by the peer, or cut by the watchdog, after the last response
+                if recorded is not None and recorded[1] >= RECORD_WAIT_NOTICED_SECONDS:
+                    return SendOutcome(sent, _ended_while_recording(destination, *recorded), node_waited=True)
                 return SendOutcome(sent, f"{destination.ae_title} closed the association before {result.name} was sent")
+            recorded = None
             wait = timeout + result.size_bytes / 1_000_000 * seconds_per_megabyte
             assoc.dimse_timeout = assoc.network_timeout = wait
             started = time.monotonic()
@@ -212,13 +226,23 @@ def send_files(
                 refusals.append(f"{destination.ae_title} refused {result.name} with status {describe_status(status)}")
                 continue
             if on_accepted is not None:
+                recording_started = time.monotonic()
                 on_accepted(result, status)
+                recorded = (result, time.monotonic() - recording_started)
             sent.append(result.path)
     finally:
         if assoc.is_established:
             with watchdog(assoc, timeout + CUT_GRACE_SECONDS, name="dispatch-watchdog"):
                 assoc.release()
     return SendOutcome(sent, "; ".join(refusals) or None)
+
+
+def _ended_while_recording(destination: Destination, recorded: SendableFile, waited: float) -> str:
+    return (
+        f"the association to {destination.ae_title} ended while this node waited {waited:.0f} s for its own database "
+        f"to record {recorded.name} as delivered (the database was locked by another process, or its disk was full); "
+        "the files not yet sent are sent at the next attempt"
+    )
 
 
 def _stalled(destination: Destination, result: SendableFile, waited: float) -> str:
@@ -256,6 +280,10 @@ class Dispatcher(PeriodicTask):
     it says whether this node still holds the database's node lock. Once it answers no, another node dispatches:
     nothing more is sent or counted here (at most the one file then in flight reaches the PACS from both nodes,
     with the same SOP Instance UID, as after a crash).
+
+    :meth:`stop` (the node stopping) ends sending the same way before the node gives its lock back: no new
+    attempt, no further file, and the attempt cut short is not counted. A lock given back at a stop is not a
+    lock lost.
     """
 
     name = "dispatch"
@@ -269,6 +297,8 @@ class Dispatcher(PeriodicTask):
         super().__init__(settings, sessions)
         self._holds_lock = holds_lock or (lambda: True)
         self._fenced = threading.Event()  # the node lock was found lost: nothing more is sent
+        self._stopping = threading.Event()  # the node is stopping: nothing more is sent
+        self._fence = threading.RLock()  # a stop waits for a look at the node lock in progress
         self._busy: set[str] = set()  # destinations with a send in flight
         self._held_until: dict[str, float] = {}  # destination -> monotonic time: held back after a send crashed
         self._busy_lock = threading.Lock()
@@ -281,10 +311,17 @@ class Dispatcher(PeriodicTask):
     def _dispatch(self) -> DispatchSettings:
         return self.settings.dispatch
 
+    def stop(self) -> None:
+        """Start no further attempt, and send no further file (the one at a destination is not cut off), then stop
+        the passes. Called before the node gives its lock on the database back: no send asks for the lock after."""
+        with self._fence:
+            self._stopping.set()
+        super().stop()
+
     def run_once(self, now: datetime | None = None) -> None:
         """One pass over SENDING jobs: each idle destination gets the oldest job that is due for it."""
         now = now or datetime.now(timezone.utc)
-        if self._fenced.is_set():
+        if self._fenced.is_set() or self._stopping.is_set():
             return
         with _reading(self.sessions) as session:
             snapshot = [
@@ -304,21 +341,31 @@ class Dispatcher(PeriodicTask):
                     thread.start()
 
     def _still_ours(self) -> bool:
-        """The fence: whether this node still holds the database's node lock (False for good once it did not)."""
-        if self._fenced.is_set():
-            return False
-        if self._holds_lock():
-            return True
-        if not self._fenced.is_set():
+        """The fence: whether this node still holds the database's node lock and is not stopping."""
+        return self._why_not_ours() is None
+
+    def _why_not_ours(self) -> str | None:
+        """None while this node holds the database's node lock and is not stopping; else why nothing more is sent.
+
+        A lock found lost stays lost, and is logged once. Once :meth:`stop` was called the lock is not asked: the
+        node gives it back next, which is no loss.
+        """
+        with self._fence:
+            if self._stopping.is_set():
+                return NODE_STOPPING
+            if self._fenced.is_set():
+                return LOCK_LOST
+            if self._holds_lock():
+                return None
             self._fenced.set()
-            log_event(
-                LOG,
-                logging.ERROR,
-                "dispatch.stopped_lock_lost",
-                note="this node's dispatcher stopped sending: the node no longer holds its lock on the database "
-                "(another dicom-node serve took over and sends the results from now on)",
-            )
-        return False
+        log_event(
+            LOG,
+            logging.ERROR,
+            "dispatch.stopped_lock_lost",
+            note="this node's dispatcher stopped sending: the node no longer holds its lock on the database "
+            "(another dicom-node serve took over and sends the results from now on)",
+        )
+        return LOCK_LOST
 
     def _settled(self, record: DeliveryRecord | None) -> bool:
         """A destination that has every file, has used all its attempts, or has been unreachable too long."""
@@ -330,6 +377,8 @@ class Dispatcher(PeriodicTask):
     def _reserve(self, destination: str) -> bool:
         """Claim ``destination`` for one send, unless it is busy or the pool is full."""
         with self._busy_lock:
+            if self._stopping.is_set():
+                return False
             if destination in self._busy or len(self._busy) >= self._dispatch.parallel_sends:
                 return False
             if time.monotonic() < self._held_until.get(destination, 0.0):
@@ -361,11 +410,12 @@ class Dispatcher(PeriodicTask):
                     note=f"sending job {job_id} to {destination} waits: the database is locked by another process; "
                     "this does not count as an attempt, and it is tried again shortly",
                 )
-            elif self._still_ours():
+            elif not self._fenced.is_set():
                 LOG.exception(
                     "dispatch.send_crashed", extra={"event_fields": {"job": job_id, "destination": destination}}
                 )
-                self._count_crashed_attempt(job_id, destination, started, run[0] if run else None)
+                if self._still_ours():  # a node that is stopping, or lost its lock, counts no attempt
+                    self._count_crashed_attempt(job_id, destination, started, run[0] if run else None)
         finally:
             with self._busy_lock:
                 self._busy.discard(destination)
@@ -410,16 +460,34 @@ class Dispatcher(PeriodicTask):
             self._audit(job_id, destination, len(outcome.sent), len(pending), error)
             if self._fenced.is_set():
                 return  # the node that holds the lock now counts its own attempts
+            if error == NODE_STOPPING:
+                self._not_counted(job_id, name, "dispatch.stopped_at_node_stop", error, len(outcome.sent), len(pending))
+                return  # the next start sends the rest
+            if outcome.node_waited:
+                self._not_counted(job_id, name, "dispatch.database_busy", error, len(outcome.sent), len(pending))
+                return  # due again at once: the next pass sends the rest on a new association
             if outcome.unreachable:
                 self._finish_attempt(job_id, name, error, now, key, unreachable=True)
                 return
         self._finish_attempt(job_id, name, error, now, key)
 
+    @staticmethod
+    def _not_counted(job_id: int, name: str, event: str, error: str | None, sent: int, pending: int) -> None:
+        """An attempt cut short by the node itself (stopping, or waiting for its own database): logged, not counted."""
+        log_event(
+            LOG,
+            logging.WARNING,
+            event,
+            job=job_id,
+            destination=name,
+            note=f"{name} accepted {sent} of {pending} file(s) of job {job_id}; {error}; this does not count as an "
+            "attempt",
+        )
+
     def _stop_reason(self, job_id: int, key: RunKey) -> str | None:
-        """Asked before each file: why sending stops (the node lock lost, the results superseded), or None."""
-        if not self._still_ours():
-            return LOCK_LOST
-        return self._superseded(job_id, key)
+        """Asked before each file: why sending stops (the node stopping or its lock lost, the results superseded),
+        or None."""
+        return self._why_not_ours() or self._superseded(job_id, key)
 
     def _superseded(self, job_id: int, key: RunKey) -> str | None:
         """Why the results being sent are no longer the job's to send (re-opened, or processed again), or None.
