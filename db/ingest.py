@@ -201,10 +201,11 @@ def record_instance(session: Session, record: InstanceRecord, *, counted_at: dat
     Creates the study, series and RECEIVING job on first sight, counts the
     instance in its series, and re-opens a series that had already completed.
 
-    ``counted_at`` (default: the instance's ``received_at``) becomes the series'
-    ``last_received_at``. The receiver records off the acknowledgement path and
-    passes the time of recording, so a series' quiet period (completion) starts
-    only once its last acknowledged instance is recorded, however late that is.
+    ``last_received_at`` (when the series' quiet period starts) is the instance's
+    ``received_at``, unless ``counted_at`` is given: the receiver records off the
+    acknowledgement path and passes it, so the quiet period starts only once its
+    last acknowledged instance is recorded, however late that is (see
+    :func:`record_new_instances`).
     """
     session.flush()  # the Core statements below must see pending ORM changes
     if instance_exists(session, record.sop_instance_uid):
@@ -222,6 +223,12 @@ def record_new_instances(
     the series and its job, one multi-row insert, one update of the series' count.
     Returns an outcome per record, in order; ``series_created`` and ``series_reopened``
     are set on the first instance of such a series.
+
+    ``counted_at`` (the receiver's): each series' ``last_received_at`` is the time its
+    instances are written, read after every other write of this call, not earlier than
+    ``counted_at``. A transaction that waited for another process' lock (SQLite's write
+    lock, a PostgreSQL row lock) thus starts the quiet period when it holds them, not
+    when it began waiting. Without it, the records' own ``received_at``.
     """
     session.flush()  # the Core statements below must see pending ORM changes
     connection = session.connection()
@@ -233,6 +240,7 @@ def record_new_instances(
     # before its job), so two receivers recording the same studies' series at once (PostgreSQL), or a receiver
     # and a purge, wait for each other, never in a circle.
     in_lock_order = sorted(by_series.items(), key=lambda item: (records[item[1][0]].study.study_instance_uid, item[0]))
+    counts: list[dict[str, Any]] = []
     for series_uid, indices in in_lock_order:
         first, last = records[indices[0]], records[indices[-1]]
         known = connection.execute(_FIND_SERIES_AND_JOB, {"series_instance_uid": series_uid}).first()
@@ -258,15 +266,21 @@ def record_new_instances(
             _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
         )
         expected = [records[i].series.expected_instances for i in indices]
-        connection.execute(
-            _COUNT_INSTANCES,
+        counts.append(
             {
                 "series_id": series_id,
                 "added": len(indices),
-                "received_at": counted_at or last.received_at,
+                "received_at": last.received_at,
                 "expected_instances": next((n for n in reversed(expected) if n is not None), None),
-            },
+            }
         )
+    if counts:
+        if counted_at is not None:
+            # Read now, once this transaction holds the locks it waited for: not before (see the docstring).
+            recorded_at = max(counted_at, utcnow())
+            for count in counts:
+                count["received_at"] = recorded_at
+        connection.execute(_COUNT_INSTANCES, counts)
     return outcomes
 
 

@@ -316,6 +316,10 @@ class NodeLock:
     On PostgreSQL the lock is a session advisory lock on a connection of its own (given back by the server
     when the node's process or host dies); on SQLite an exclusive ``flock`` on ``<database>.serve-lock``
     beside the database file (given back by the kernel when the process dies). Workers do not take it.
+
+    On SQLite the lock also stands for the database file the node opened: a file replaced under the running node
+    (a backup moved over it, as a restore does) counts as the lock lost (:meth:`confirm`), since the node's open
+    connections would go on writing to the file it replaced, which no other program reads any more.
     """
 
     KEEPALIVE: ClassVar[dict[str, Any]] = {
@@ -341,6 +345,7 @@ class NodeLock:
         self._held = False
         self._lost = False
         self._on_lost: Callable[[str], object] | None = None
+        self._database_identity: tuple[int, int] | None = None  # SQLite: (st_dev, st_ino) of the file opened
         self._guard = threading.Lock()  # one thread at a time on the lock's connection
         self._watching: threading.Event | None = None
 
@@ -471,10 +476,13 @@ class NodeLock:
             return False
 
     def watch(self, on_lost: Callable[[str], object]) -> None:
-        """Call ``on_lost`` with why (once) when :meth:`confirm` finds the lock lost; on PostgreSQL, also confirm
-        it every :attr:`WATCH_SECONDS` from a thread of its own."""
+        """Call ``on_lost`` with why (once) when :meth:`confirm` finds the lock lost, and confirm it every
+        :attr:`WATCH_SECONDS` from a thread of its own (PostgreSQL: the lock's connection; SQLite: the database
+        file, which is remembered now, so call this once the database is open)."""
         self._on_lost = on_lost
-        if self._connection is None:
+        with contextlib.suppress(OSError):  # a file that cannot be looked at now is not watched
+            self._database_identity = self._sqlite_identity()
+        if self._connection is None and self._database_identity is None:
             return
         self._watching = threading.Event()
         stopped = self._watching
@@ -507,29 +515,76 @@ class NodeLock:
         On PostgreSQL one query on the lock's own connection. A connection that ended (a database restart, a
         failover, a dropped idle connection) gave the lock back, so it is taken again; if another node took it
         meanwhile, the lock is lost for good: ``on_lost`` (see :meth:`watch`) is called, once, and every later
-        call answers False. On SQLite the ``flock`` is held until the process ends: True until released.
+        call answers False. On SQLite the ``flock`` is held until the process ends, but the database file
+        remembered by :meth:`watch` must still be the one at its path: replaced or deleted, the lock is lost too.
         """
         with self._guard:
             if self._lost or not self._held:
                 return False
-            if not self.on_postgresql or self._still_held():
-                return True
-            if self._take_again():
-                LOG.warning("The connection holding this node's lock on the database ended; the lock was taken again.")
+            why = self._database_file_changed() if not self.on_postgresql else self._advisory_lock_lost()
+            if why is None:
                 return True
             self._lost, self._held = True, False
-            why = (
-                "another dicom-node serve holds the database now"
-                if self._reachable()
-                else "the database server cannot be reached to take the lock again (restarted, failed over, or the "
-                "network to it is down)"
-            )
         if self._on_lost is not None:
-            self._on_lost(
-                f"the connection holding this node's lock on the database ended and {why}; this node stops, since "
-                "two would send every result twice"
-            )
+            self._on_lost(why)
         return False
+
+    def _advisory_lock_lost(self) -> str | None:
+        """Why the PostgreSQL lock is lost for good, or None while this node holds it (the caller holds ``_guard``)."""
+        if self._still_held():
+            return None
+        if self._take_again():
+            LOG.warning("The connection holding this node's lock on the database ended; the lock was taken again.")
+            return None
+        why = (
+            "another dicom-node serve holds the database now"
+            if self._reachable()
+            else "the database server cannot be reached to take the lock again (restarted, failed over, or the "
+            "network to it is down)"
+        )
+        return (
+            f"the connection holding this node's lock on the database ended and {why}; this node stops, since two "
+            "would send every result twice"
+        )
+
+    def _sqlite_identity(self) -> tuple[int, int] | None:
+        """The device and inode of the SQLite database file; None for PostgreSQL, in memory, or no file there."""
+        database = self._sqlite_file
+        if database is None:
+            return None
+        try:
+            found = database.stat()
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def _database_file_changed(self) -> str | None:
+        """Why the SQLite database file is no longer the one :meth:`watch` remembered (replaced, or gone), or None.
+
+        A file that cannot be looked at for another reason (a passing input/output error) is not taken for a
+        replaced one: the node's own connections say so if it persists.
+        """
+        if self._database_identity is None:
+            return None
+        database = self._sqlite_file
+        try:
+            now = self._sqlite_identity()
+        except OSError:
+            return None
+        if now == self._database_identity:
+            return None
+        if now is None:
+            return (
+                f"the database file {database} was deleted or moved away while this node ran, so what it records "
+                f"would reach no file that anything reads; this node stops: put the database back at {database} "
+                "(or restore a backup there) and start dicom-node serve again"
+            )
+        return (
+            f"the database file {database} was replaced while this node ran (a restored backup, or another copy "
+            "moved over it), so what it records would go to the file it replaced, which nothing reads any more; this "
+            f"node stops: start dicom-node serve again to work on the file now at {database} (start-up indexes the "
+            "images stored since that copy was made)"
+        )
 
     def _still_held(self) -> bool:
         """Whether the lock's connection is alive and holds the advisory lock (the caller holds ``_guard``)."""

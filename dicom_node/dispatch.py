@@ -363,7 +363,7 @@ class Dispatcher(PeriodicTask):
             logging.ERROR,
             "dispatch.stopped_lock_lost",
             note="this node's dispatcher stopped sending: the node no longer holds its lock on the database "
-            "(another dicom-node serve took over and sends the results from now on)",
+            "(another dicom-node serve took over, or the database file was replaced; node.lock_lost says which)",
         )
         return LOCK_LOST
 

@@ -307,7 +307,12 @@ CLOCK_STEP_SECONDS = 5.0
 
 def _restart_quiet_periods_from_the_future(session: Session, pending: _Pending) -> None:
     """A receiving series whose last image was recorded in the future (the clock was set back since) starts its
-    quiet period now: else it would wait for the clock to catch up, an hour for a clock set back an hour."""
+    quiet period now: else it would wait for the clock to catch up, an hour for a clock set back an hour.
+
+    The clock is read once the transaction holds SQLite's write lock: read before a wait for another process' lock,
+    it would take a series recorded during the wait for one from the future, and start its quiet period back then.
+    """
+    session.connection()  # SQLite: the transaction's BEGIN IMMEDIATE, which may wait for another process' lock
     now = utcnow()
     ahead = list(
         session.scalars(

@@ -278,7 +278,9 @@ class InstanceRecorder:
         return True
 
     def _commit(self, batch: list[_Pending]) -> list[tuple[_Pending, StoreOutcome]]:
-        counted_at = utcnow()  # the series' last_received_at: its quiet period starts once this is recorded
+        # The earliest a series' quiet period may start: it starts when the transaction has written the instances,
+        # after any wait for another process' lock (db.ingest.record_new_instances reads the clock then).
+        counted_at = utcnow()
         with transaction(self.sessions) as session:
             outcomes = record_stored_instances(session, self.store, [p.record for p in batch], counted_at)
         return list(zip(batch, outcomes, strict=True))
