@@ -41,6 +41,7 @@ from dicom_node.logs import log_event, shown
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.header import StudyPatient
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
+from dicom_node.receive.storage import hold_series_with_different_copies
 from dicom_node.routing import Decision, decide, series_facts
 from inference.volume import raw_text
 
@@ -222,7 +223,10 @@ class SeriesWatcher(PeriodicTask):
             job = session.get_one(Job, job_id)
             if job.state is not JobState.COMPLETE or job.version != decided_on:
                 return  # re-opened by a late instance meanwhile (and perhaps complete again): decided at the next pass
-            state = self._apply(session, job, decision, admission)
+            # A copy refused for other pixel data whose refusal and the series' creation ran at the same moment
+            # (PostgreSQL) left the series unheld: it is held here, before anything is processed.
+            held = hold_series_with_different_copies(session, job.series.series_instance_uid)
+            state = JobState.FAILED if held else self._apply(session, job, decision, admission)
             fields: dict[str, Any] = {
                 "series_instance_uid": job.series.series_instance_uid,
                 "modality": facts.modality,

@@ -31,7 +31,7 @@ from dicom_node.receive.storage import (
     hold_series_with_different_copies,
     record_stored_instances,
 )
-from tests.conftest import CT_RULES, data_set_bytes, storescu, succeeded_files, wait_for
+from tests.conftest import CT_RULES, ct_instance, data_set_bytes, storescu, succeeded_files, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +259,38 @@ def test_a_done_series_is_failed_by_a_copy_with_other_pixels_and_stays_failed_wh
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.FAILED
         assert "1.2.3.1.1 was sent again with different pixel data" in (job.reason or "")
+
+
+def test_a_complete_series_with_a_copy_refused_for_other_pixels_is_not_routed(tmp_path):
+    """The refusal and the series' creation ran at the same moment (PostgreSQL), so the series was not held when
+    the copy was refused: the watcher holds it before routing."""
+    from dicom_node.config import Settings
+    from dicom_node.watcher import SeriesWatcher
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    path = tmp_path / "1.2.3.1.1.dcm"
+    path.write_bytes(b"\0" * 100)
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("1.2.3.1.1", "1.2.3.1", study_instance_uid="1.2.3", path=path))
+        record_rejection(
+            session,
+            status=DIFFERENT_CONTENT_STATUS,
+            reason="SOP Instance UID 1.2.3.1.1 was already received with different pixel data",
+            path=None,
+            sop_instance_uid="1.2.3.1.1",
+            sop_class_uid=str(CTImageStorage),
+            transfer_syntax_uid=str(ExplicitVRLittleEndian),
+            calling_ae_title="SENDERB",
+            series_instance_uid="1.2.3.1",
+        )
+        jobs.mark_complete(session, session.scalars(select(Job)).one(), "quiet period over")
+    settings = Settings(storage={"directory": str(tmp_path / "storage")}, rules=CT_RULES)
+
+    SeriesWatcher(settings, sessions).run_once()
+
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert (job.reason or "").startswith("SOP Instance UID 1.2.3.1.1 was sent again with different pixel data")
