@@ -294,3 +294,65 @@ def test_a_complete_series_with_a_copy_refused_for_other_pixels_is_not_routed(tm
         job = session.scalars(select(Job)).one()
         assert job.state is JobState.FAILED
         assert (job.reason or "").startswith("SOP Instance UID 1.2.3.1.1 was sent again with different pixel data")
+
+    with transaction(sessions) as session:  # the operator confirmed the stored images: a retry routes it
+        jobs.retry(session, session.scalars(select(Job)).one())
+
+    SeriesWatcher(settings, sessions).run_once()
+
+    with sessions() as session:  # routed and admitted as any series (its stand-in file is no image): not held again
+        job = session.scalars(select(Job)).one()
+        assert "different pixel data" not in (job.reason or ""), job.reason
+
+
+def _send_copies(node, paths: list[Path], calling_ae: str = "CORRECTOR") -> list[int]:
+    """C-STORE each file on one association; the status of each answer."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    answers = [int(assoc.send_c_store(pydicom.dcmread(path)).Status) for path in paths]
+    assoc.release()
+    return answers
+
+
+def test_a_copy_with_other_pixels_refused_while_the_database_is_locked_is_asked_again_and_then_holds_the_series(
+    ct_series, tmp_path, start_node
+):
+    from tests.test_quiet_after_lock import SqliteLockHolder
+
+    brighter = rewritten(ct_series[:1], tmp_path / "brighter", add=500)
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 600}, database={"busy_timeout_seconds": 1})
+    assert storescu(node.port, ct_series, extra=["-xv"]).returncode == 0
+    wait_for(lambda: len(stored_instances(node)) == 20, timeout=30, what="the 20 instances to be recorded")
+    series_uid = str(pydicom.dcmread(ct_series[0], stop_before_pixels=True).SeriesInstanceUID)
+
+    holder = SqliteLockHolder(node.storage / "dicom-node.db")
+    try:
+        during_lock = _send_copies(node, brighter)
+    finally:
+        holder.release()
+
+    assert during_lock == [0xA700]  # unrecorded, the refusal would not hold the series: send it again later
+    assert refusals(node) == [] and list((node.storage / "quarantine").glob("*")) == []
+    assert "the database could not record that now" in node.log()
+
+    assert _send_copies(node, brighter) == [DIFFERENT_CONTENT]
+    node.wait_for_state(series_uid, JobState.FAILED)
+    assert [row.status for row in refusals(node)] == [DIFFERENT_CONTENT]
+
+
+def test_a_copy_with_other_pixels_of_an_ignored_series_is_recorded_and_the_series_left_ignored(
+    ct_series, tmp_path, start_node
+):
+    brighter = rewritten(ct_series[:1], tmp_path / "brighter", add=500)
+    node = start_node(completion={"quiet_seconds": 1})  # no rules: every series is IGNORED
+    assert storescu(node.port, ct_series, extra=["-xv"]).returncode == 0
+    series_uid = str(pydicom.dcmread(ct_series[0], stop_before_pixels=True).SeriesInstanceUID)
+    node.wait_for_state(series_uid, JobState.IGNORED)
+
+    assert _send_copies(node, brighter) == [DIFFERENT_CONTENT]
+
+    assert [row.status for row in refusals(node)] == [DIFFERENT_CONTENT]  # recorded: a re-route holds the series
+    assert node.job_state(series_uid) is JobState.IGNORED
+    assert "rejection_not_recorded" not in node.log()

@@ -59,7 +59,7 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.ingest import InstanceRecord, record_rejection
-from db.session import transaction
+from db.session import retry_when_locked, transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, echo_only, record, status_outcome
 from dicom_node.config import NetworkSettings
@@ -584,7 +584,8 @@ def _refuse(
             sop_instance_uid=sop_instance,
             reason=f"the refused instance's bytes could not be kept in quarantine ({os_error_text(exc)})",
         )
-    try:
+
+    def record() -> None:
         with transaction(context.sessions) as session:
             record_rejection(
                 session,
@@ -597,10 +598,22 @@ def _refuse(
                 calling_ae_title=calling_ae,
                 series_instance_uid=series_instance_uid,
             )
-            if status_code == DIFFERENT_CONTENT_STATUS and series_instance_uid is not None:
-                hold_series_with_different_copies(session, series_instance_uid)
+
+    try:
+        if status_code == DIFFERENT_CONTENT_STATUS:  # its row is what keeps the series from being processed
+            retry_when_locked(
+                record,
+                waiting=f"recording the refusal of instance {sop_instance}",
+                limit_seconds=DIFFERENT_CONTENT_RECORD_SECONDS,
+            )
+        else:
+            record()
     except Exception:  # the refusal itself must still go out
         LOG.exception("instance.rejection_not_recorded")
+        if status_code == DIFFERENT_CONTENT_STATUS:
+            return _refusal_not_recorded(quarantined, sop_instance, calling_ae)
+    if status_code == DIFFERENT_CONTENT_STATUS and series_instance_uid is not None:
+        _hold_series(context, series_instance_uid)
     log_event(
         LOG,
         logging.WARNING,
@@ -612,6 +625,47 @@ def _refuse(
         quarantine=quarantined,
     )
     return _failure(status_code, REFUSAL_COMMENTS.get(status_code, "Refused: the reason is in the node's log"))
+
+
+DIFFERENT_CONTENT_RECORD_SECONDS = 10.0
+"""How long the refusal of a copy with other pixel data waits for a locked database before the copy is answered
+0xA700 instead (send again later): unrecorded, it would not keep its series from being processed."""
+
+
+def _refusal_not_recorded(quarantined: str | None, sop_instance: str, calling_ae: str) -> Dataset:
+    """A copy with other pixel data whose refusal could not be recorded: its quarantined bytes go (nothing names
+    them), and the sender hears 0xA700, so that it sends the copy again, to be refused and recorded then."""
+    if quarantined is not None:
+        with contextlib.suppress(OSError):
+            Path(quarantined).unlink()
+    log_event(
+        LOG,
+        logging.WARNING,
+        "instance.refused",
+        status=f"0x{status.OUT_OF_RESOURCES:04X}",
+        reason=f"instance {sop_instance} was already received with different pixel data, and the database could not "
+        "record that now (locked or unavailable), so the sender is asked to send it again later",
+        sop_instance_uid=sop_instance,
+        calling_ae=calling_ae,
+    )
+    return _failure(status.OUT_OF_RESOURCES, "Out of resources: the node cannot record this now; send it later")
+
+
+def _hold_series(context: StoreContext, series_instance_uid: str) -> None:
+    """Fail the series of a refused copy with other pixel data now; if that cannot be written, the watcher holds the
+    series before routing it (the refusal's row is recorded)."""
+    try:
+        with transaction(context.sessions) as session:
+            hold_series_with_different_copies(session, series_instance_uid)
+    except Exception:  # noqa: BLE001 - the watcher holds it before it is processed
+        log_event(
+            LOG,
+            logging.WARNING,
+            "series.hold_deferred",
+            series_instance_uid=series_instance_uid,
+            reason="the series of a copy refused for other pixel data could not be marked failed now; it is "
+            "marked before it is routed",
+        )
 
 
 REFUSAL_COMMENTS = {

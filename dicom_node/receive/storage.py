@@ -503,14 +503,17 @@ def hold_series_with_different_copies(session: Session, series_instance_uid: str
     refusal may come before the first copy is recorded, and a late image re-opens a failed series).
     """
     job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)
-    if job is None or job.state is JobState.FAILED or job.series.purged_at is not None:
-        return False
+    if job is None or job.state in (JobState.FAILED, JobState.IGNORED) or job.series.purged_at is not None:
+        return False  # an IGNORED series is processed only if routed again: the watcher holds it then
     refusals = select(RejectedInstance).where(
         RejectedInstance.series_instance_uid == series_instance_uid,
         RejectedInstance.status == DIFFERENT_CONTENT_STATUS,
     )
     if job.series.images_before_purge is not None:  # sent again after a purge: what was refused before is gone
         refusals = refusals.where(RejectedInstance.received_at >= job.series.first_received_at)
+    released = _released_by_operator_at(job)
+    if released is not None:  # an operator retried the held series: only copies refused since hold it again
+        refusals = refusals.where(RejectedInstance.received_at > released)
     refused = session.scalars(refusals.order_by(RejectedInstance.received_at, RejectedInstance.id).limit(1)).first()
     if refused is None:
         return False
@@ -523,6 +526,18 @@ def hold_series_with_different_copies(session: Session, series_instance_uid: str
         jobs.mark_complete(session, job, "closed: a copy of one of its images was refused for different pixel data")
     jobs.fail(session, job, reason)
     return True
+
+
+def _released_by_operator_at(job: Job) -> datetime | None:
+    """When an operator last took the job out of FAILED (a retry or re-route: not a late image, which re-opens it
+    as RECEIVING), or None."""
+    released = [
+        event.at for event in job.events if event.from_state is JobState.FAILED and event.to_state in OPERATOR_RELEASES
+    ]
+    return max(released, default=None)
+
+
+OPERATOR_RELEASES = frozenset({JobState.COMPLETE, JobState.QUEUED, JobState.SENDING})
 
 
 def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
