@@ -206,6 +206,21 @@ def test_a_connection_dropped_mid_association_says_what_is_known(start_node):
     assoc.abort()
 
 
+def record_different_copy(session, sop_instance_uid: str, series_instance_uid: str, calling_ae: str) -> None:
+    """The refusal of a copy with other pixel data, as the receiver records it."""
+    record_rejection(
+        session,
+        status=DIFFERENT_CONTENT_STATUS,
+        reason=f"SOP Instance UID {sop_instance_uid} was already received with different pixel data",
+        path=None,
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=str(CTImageStorage),
+        transfer_syntax_uid=str(ExplicitVRLittleEndian),
+        calling_ae_title=calling_ae,
+        series_instance_uid=series_instance_uid,
+    )
+
+
 def test_a_done_series_is_failed_by_a_copy_with_other_pixels_and_stays_failed_when_a_late_image_reopens_it(tmp_path):
     url = f"sqlite:///{tmp_path / 'state.db'}"
     migrate(url)
@@ -235,17 +250,7 @@ def test_a_done_series_is_failed_by_a_copy_with_other_pixels_and_stays_failed_wh
         jobs.finish_sending(session, job, "all results delivered")
 
     with transaction(sessions) as session:  # a correction under the same UID, refused
-        record_rejection(
-            session,
-            status=DIFFERENT_CONTENT_STATUS,
-            reason="SOP Instance UID 1.2.3.1.1 was already received with different pixel data",
-            path=None,
-            sop_instance_uid="1.2.3.1.1",
-            sop_class_uid=str(CTImageStorage),
-            transfer_syntax_uid=str(ExplicitVRLittleEndian),
-            calling_ae_title="CORRECTOR",
-            series_instance_uid="1.2.3.1",
-        )
+        record_different_copy(session, "1.2.3.1.1", "1.2.3.1", "CORRECTOR")
         assert hold_series_with_different_copies(session, "1.2.3.1")
     with sessions() as session:
         job = session.scalars(select(Job)).one()
@@ -274,17 +279,7 @@ def test_a_complete_series_with_a_copy_refused_for_other_pixels_is_not_routed(tm
     path.write_bytes(b"\0" * 100)
     with transaction(sessions) as session:
         record_instance(session, ct_instance("1.2.3.1.1", "1.2.3.1", study_instance_uid="1.2.3", path=path))
-        record_rejection(
-            session,
-            status=DIFFERENT_CONTENT_STATUS,
-            reason="SOP Instance UID 1.2.3.1.1 was already received with different pixel data",
-            path=None,
-            sop_instance_uid="1.2.3.1.1",
-            sop_class_uid=str(CTImageStorage),
-            transfer_syntax_uid=str(ExplicitVRLittleEndian),
-            calling_ae_title="SENDERB",
-            series_instance_uid="1.2.3.1",
-        )
+        record_different_copy(session, "1.2.3.1.1", "1.2.3.1", "SENDERB")
         jobs.mark_complete(session, session.scalars(select(Job)).one(), "quiet period over")
     settings = Settings(storage={"directory": str(tmp_path / "storage")}, rules=CT_RULES)
 
