@@ -409,7 +409,8 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         for warning in job.warnings or []:
             console.print(f"warning  {_peer(warning)}", highlight=False)
         if job.result_path:
-            console.print(f"results  {_peer(job.result_path)}", highlight=False)
+            gone = "" if Path(job.result_path).exists() else "  (deleted)"
+            console.print(f"results  {_peer(job.result_path)}{gone}", highlight=False)
             made_by = _made_by(Path(job.result_path))
             if made_by:
                 console.print(f"made by  {_peer(made_by)}", highlight=False)
@@ -496,7 +497,11 @@ def _print_deliveries(session: Session, job: Job) -> None:
     for progress in jobs.delivery_progress(session, job):
         attempts = f"{progress.attempts} attempt{'s' if progress.attempts != 1 else ''}"
         if progress.unreachable_since is not None:
-            attempts += f"; unreachable since {progress.unreachable_since.isoformat()[:16]}"
+            tries = jobs.delivery_record(job, progress.destination).unreachable_attempts
+            attempts += (
+                f"; unreachable since {progress.unreachable_since.isoformat()[:16]}: {tries} tries found no "
+                "association, not counted against dispatch.max_attempts"
+            )
         next_try = progress.next_attempt_at if job.state is JobState.SENDING else None  # else no try is planned
         retry_at = f"; next try {next_try.isoformat()[:19]}" if next_try is not None else ""
         console.print(f"sent to  {_peer(progress.summary())} files ({attempts}{retry_at})", highlight=False)
@@ -504,12 +509,14 @@ def _print_deliveries(session: Session, job: Job) -> None:
             console.print(
                 f"  nothing sent yet: {_peer(progress.last_error or 'waiting for its first attempt')}", highlight=False
             )
+        elif progress.last_error and len(progress.delivered) < len(progress.planned):
+            console.print(f"  last error: {_peer(progress.last_error)}", highlight=False)
         for uid, path in (progress.planned or {}).items():
             delivery = progress.delivered.get(uid)
             if delivery is not None:
                 line = f"delivered {delivery.delivered_at.isoformat(timespec='seconds')}"
             else:
-                line = f"not delivered: {progress.last_error}" if progress.last_error else "not delivered yet"
+                line = "not delivered (see the last error above)" if progress.last_error else "not delivered yet"
             console.print(f"  {_peer(Path(path).name):<18} {_peer(uid)}  {_peer(line)}", highlight=False)
 
 

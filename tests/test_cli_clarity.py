@@ -122,7 +122,7 @@ def test_operator_commands_never_create_or_upgrade_a_database_as_the_readme_says
     assert "they never create or upgrade it" in readme
 
 
-def test_show_of_a_failed_series_plans_no_next_try_for_its_destination(tmp_path):
+def test_show_of_a_failed_series_plans_no_next_try_and_says_its_results_were_deleted(tmp_path):
     from db.results import DeliveryRecord
 
     settings, config = _node(tmp_path)
@@ -136,6 +136,7 @@ def test_show_of_a_failed_series_plans_no_next_try_for_its_destination(tmp_path)
         job = jobs.job_for_series_uid(session, "9.1")
         assert job is not None
         job.destinations = ["pacs"]
+        job.result_path = str(tmp_path / "jobs" / "1")  # its results deleted since (a purge)
         # The last failed attempt planned a next one; then the attempts ran out and the job failed.
         last = DeliveryRecord(attempts=3, last_error="PACS refused the association", next_attempt_at=utcnow())
         jobs.update_delivery_record(job, "pacs", last)
@@ -146,3 +147,4 @@ def test_show_of_a_failed_series_plans_no_next_try_for_its_destination(tmp_path)
 
     assert shown.returncode == 0, shown.stderr
     assert "3 attempts" in shown.stdout and "next try" not in shown.stdout
+    assert f"results  {tmp_path / 'jobs' / '1'}  (deleted)" in shown.stdout

@@ -127,7 +127,9 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
 
     wait_for(lambda: unreachable_attempts() >= 4, timeout=120, what="four attempts while the peer is down")
     assert node.job_state(series.series_instance_uid) is JobState.SENDING
-    assert "(0 attempts; unreachable since " in node.cli("show", series.series_instance_uid).stdout
+    shown = node.cli("show", series.series_instance_uid).stdout
+    assert "(0 attempts; unreachable since " in shown
+    assert re.search(r"unreachable since [\dT:-]+: \d+ tries found no association, not counted against disp", shown)
     peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
     try:
         node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
