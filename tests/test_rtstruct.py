@@ -287,6 +287,12 @@ def test_an_island_that_the_size_budget_simplifies_away_is_kept_as_drawn_finer(t
     )
 
     assert notes and notes[0].startswith("RTSTRUCT: Liver simplified to within 4 pixel(s)")
+    (roi,) = dataset.StructureSetROISequence  # said in the RTSTRUCT itself, for a system that reads it alone
+    assert roi.ROIDescription == "simplified to within 4 px to fit the size budget; SEG exact"
+    assert dataset.StructureSetDescription.endswith(
+        "simplified to fit the size budget, their contours within a few "
+        "pixels of the segmentation (the SEG is exact): Liver"
+    )
     island = rasterised(dataset, volume, labels.shape)["Liver"][:, 46:58, 46:58]
     assert np.array_equal(island, labels[:, 46:58, 46:58] == 1)
 

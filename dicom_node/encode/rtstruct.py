@@ -166,6 +166,7 @@ def encode_rtstruct(
     dataset.RTROIObservationsSequence = DicomSequence()
     allowed = budget.per_structure(len(present))
     total_contours = total_points = total_bytes = 0
+    simplified: list[str] = []
     for number, label in enumerate(present, start=1):
         name = classes[label]
         box = boxes[label - 1]
@@ -177,7 +178,9 @@ def encode_rtstruct(
         total_contours += len(item.ContourSequence)
         total_points += points
         total_bytes += size
-        if tolerance > SIMPLIFY_TOLERANCE_PIXELS:
+        if tolerance > SIMPLIFY_TOLERANCE_PIXELS:  # said in the RTSTRUCT too: a planning system may read it alone
+            dataset.StructureSetROISequence[-1].ROIDescription = simplified_description(tolerance)
+            simplified.append(display_label(name))
             LOG.info(
                 "rtstruct.simplified",
                 extra={
@@ -203,6 +206,11 @@ def encode_rtstruct(
                     f"RTSTRUCT: {display_label(name)} simplified to within {tolerance:g} pixel(s) "
                     f"({points} points) to fit the size budget{over}"
                 )
+    if simplified:
+        dataset.StructureSetDescription = (
+            f"{len(simplified)} structure(s) simplified to fit the size budget, their contours within a few pixels "
+            f"of the segmentation (the SEG is exact): {', '.join(simplified)}"
+        )[:1024]
     LOG.info(
         "rtstruct.encoded",
         extra={
@@ -219,6 +227,11 @@ def encode_rtstruct(
             # Already in the file's encoding: pydicom then writes the raw ContourData as is, unparsed.
             contour.set_original_encoding(False, True, contour._character_set)
     return dataset
+
+
+def simplified_description(tolerance: float) -> str:
+    """The ROIDescription of a structure simplified to within ``tolerance`` pixels (at most 64 characters)."""
+    return f"simplified to within {tolerance:g} px to fit the size budget; SEG exact"[:64]
 
 
 def _file_dataset() -> Dataset:
