@@ -850,6 +850,11 @@ def _unreadable(stored: Stored, exc: Exception) -> str:
     if isinstance(exc, DamagedFile):
         return str(exc)
     name = f"the stored file of instance {stored.sop_instance_uid}"
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"{name} is no longer on disk (its series was purged while it was being retrieved, or the file was "
+            "removed), so it is not sent"
+        )
     if isinstance(exc, OSError):
         return f"{name} cannot be read ({(exc.strerror or 'a read error').lower()}), so it is not sent"
     return f"{name} cannot be read as DICOM or decompressed (damaged on disk?), so it is not sent"
@@ -937,7 +942,7 @@ def _sendable(
     except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
         log_event(
             LOG,
-            logging.ERROR,
+            logging.WARNING if isinstance(exc, FileNotFoundError) else logging.ERROR,
             "retrieve.file_unreadable",
             calling_ae=calling_ae,
             operation=operation,
