@@ -194,7 +194,7 @@ def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPl
             + (
                 "wait until it has been received, then cancel it"
                 if holding.state is JobState.RECEIVING
-                else f"cancel it first: `dicom-node cancel {series_instance_uid}`"
+                else f"cancel it first, once no destination is receiving it: `dicom-node cancel {series_instance_uid}`"
             )
             + ")"
         )

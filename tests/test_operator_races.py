@@ -318,7 +318,7 @@ def test_cli_retry_cancel_and_purge_name_the_os_user_and_are_audited(cli_node):
     listed = cli(config, "audit", "--action", "operator")
 
     assert purge_sending.returncode == 1
-    assert "(cancel it first: `dicom-node cancel 1.2.7`)" in purge_sending.stderr
+    assert "(cancel it first, once no destination is receiving it: `dicom-node cancel 1.2.7`)" in purge_sending.stderr
     assert busy.returncode == 1 and "cannot cancel: the results are being sent to pacs now" in busy.stderr
     assert cancelled.returncode == 0, cancelled.stderr
     assert retried.returncode == 0, retried.stderr
