@@ -10,7 +10,7 @@ and their bytes in the quarantine folder; nothing is half-stored. An instance
 that cannot be written (a full disk) is answered 0xA700 and leaves no file
 behind, so the sender keeps it and sends it again. While the database cannot be
 written, C-STOREs are still answered success and the recorder catches up later. A copy of an instance already
-stored whose pixel data differ from it is refused (0x0111), the first copy kept, and its series marked failed.
+stored whose pixel data differ from it is refused (0x0111), the first copy kept, and its series held (FAILED).
 """
 
 from __future__ import annotations
@@ -481,8 +481,8 @@ def _stored_with_other_pixels(sop_instance: str, series_instance: str, differenc
     """Why a copy of a stored instance with other pixel data is refused."""
     return (
         f"SOP Instance UID {sop_instance} was already received with different pixel data ({difference}); the first "
-        f"copy is kept and this one quarantined, and series {series_instance} is marked failed, as its images may "
-        "come from two different sendings"
+        f"copy is kept and this one quarantined, and series {series_instance} is not processed as it is, as its "
+        "images may come from two different sendings"
     )
 
 
