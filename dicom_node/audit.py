@@ -306,8 +306,11 @@ ECHO_ONLY_DETAIL = "C-ECHO only: Verification was the only service accepted"
 ECHO_ONLY_ASSOCIATIONS = "C-ECHO-only associations of this peer"
 
 
-def association_ended(sessions: sessionmaker[Session], assoc: Any, outcome: Literal["released", "aborted"]) -> None:
-    """Write the association's store tally, then the association record itself.
+def association_ended(
+    sessions: sessionmaker[Session], assoc: Any, outcome: Literal["released", "aborted"], detail: str | None = None
+) -> None:
+    """Write the association's store tally, then the association record itself (with ``detail``: why it was
+    aborted, say).
 
     An association on which Verification was the only service accepted could do nothing but C-ECHO (a monitoring
     system's, every few seconds): its record goes through :data:`REPEATS` as the C-ECHO records do, one per peer
@@ -321,7 +324,7 @@ def association_ended(sessions: sessionmaker[Session], assoc: Any, outcome: Lite
         entry = Entry("association", peer, outcome, detail=ECHO_ONLY_DETAIL)
         REPEATS.add(key, ECHO_ONLY_ASSOCIATIONS, sessions, entry)
         return
-    record(sessions, "association", peer, outcome)
+    record(sessions, "association", peer, outcome, detail=detail)
 
 
 def echo_only(assoc: Any) -> bool:

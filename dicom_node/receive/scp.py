@@ -61,7 +61,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import InstanceRecord, record_rejection
 from db.session import retry_when_locked, transaction
 from dicom_node import status
-from dicom_node.audit import Peer, StoreTally, association_ended, echo_only, record, status_outcome
+from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text
 from dicom_node.receive.header import (
@@ -734,15 +734,8 @@ def _audit_association_end(
     event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]
 ) -> None:
     """The association's store tally, then its record: an aborted one's says why (:func:`abort_reason`)."""
-    assoc = event.assoc
-    if outcome == "released" or echo_only(assoc):
-        association_ended(sessions, assoc, outcome)
-        return
-    tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
-    peer = Peer.of(assoc)
-    if tally is not None:
-        tally.flush(sessions, peer)
-    record(sessions, "association", peer, "aborted", detail=abort_reason(assoc))
+    detail = abort_reason(event.assoc) if outcome == "aborted" else None
+    association_ended(sessions, event.assoc, outcome, detail=detail)
 
 
 def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str | None = None) -> None:
