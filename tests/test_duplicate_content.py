@@ -25,8 +25,8 @@ from db import jobs
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance, record_rejection
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
 from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node import status
 from dicom_node.receive.storage import (
-    DIFFERENT_CONTENT_STATUS,
     InstanceStore,
     hold_series_with_different_copies,
     record_stored_instances,
@@ -210,7 +210,7 @@ def record_different_copy(session, sop_instance_uid: str, series_instance_uid: s
     """The refusal of a copy with other pixel data, as the receiver records it."""
     record_rejection(
         session,
-        status=DIFFERENT_CONTENT_STATUS,
+        status=status.DUPLICATE_SOP_INSTANCE,
         reason=f"SOP Instance UID {sop_instance_uid} was already received with different pixel data",
         path=None,
         sop_instance_uid=sop_instance_uid,

@@ -78,13 +78,14 @@ from dicom_node.receive.header import (
 from dicom_node.receive.recorder import InstanceRecorder
 from dicom_node.receive.storage import (
     DIFFERENT_CONTENT_COMMENT,
-    DIFFERENT_CONTENT_STATUS,
     InstanceStore,
     QuarantineFull,
+    copy_difference,
+    different_copy_comment,
+    different_copy_reason,
     encode_file_meta,
     hold_series_with_different_copies,
     is_disk_full,
-    pixel_difference,
 )
 from dicom_node.receive.studies import KnownStudies
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
@@ -276,7 +277,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
     identified = is_valid_uid(sop_class) and is_valid_uid(sop_instance)
     file_meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae) if identified else b""
 
-    def refuse(status_code: int, reason: str, series_instance_uid: str | None) -> Dataset:
+    def refuse(status_code: int, reason: str, series_instance_uid: str | None, comment: str | None = None) -> Dataset:
         """Answer a failure status for this request (see :func:`_refuse`)."""
         return _refuse(
             context,
@@ -288,6 +289,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             transfer_syntax,
             calling_ae,
             series_instance_uid=series_instance_uid,
+            comment=comment,
         )
 
     if identified and getattr(event.assoc, RESENDING, False):
@@ -369,13 +371,15 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
             return refuse(status.CANNOT_UNDERSTAND, reason, header.series.series_instance_uid)
         # The copy at the path is whole (placed by a rename or link): whichever copy took the path first is kept,
         # and every later one, sent before or at the same moment, is compared with it here.
-        difference = pixel_difference(path, file_meta, encoded)
+        difference = copy_difference(path, encoded, transfer_syntax)
         if difference is not None:
             recorder.journal.done([segment])
+            series_instance = header.series.series_instance_uid
             return refuse(
-                DIFFERENT_CONTENT_STATUS,
-                _stored_with_other_pixels(sop_instance, header.series.series_instance_uid, difference),
-                header.series.series_instance_uid,
+                status.DUPLICATE_SOP_INSTANCE,
+                different_copy_reason(sop_instance, series_instance, difference),
+                series_instance,
+                comment=different_copy_comment(difference),
             )
         record = _as_stored(record, path, stored.header if stored else None)
     recorder.submit(record, segment)
@@ -477,15 +481,6 @@ def _stored_with_another(sop_instance: str, attribute: str) -> str:
     )
 
 
-def _stored_with_other_pixels(sop_instance: str, series_instance: str, difference: str) -> str:
-    """Why a copy of a stored instance with other pixel data is refused."""
-    return (
-        f"SOP Instance UID {sop_instance} was already received with different pixel data ({difference}); the first "
-        f"copy is kept and this one quarantined, and series {series_instance} is not processed as it is, as its "
-        "images may come from two different sendings"
-    )
-
-
 def _as_stored(record: InstanceRecord, path: Path, stored: InstanceHeader | None = None) -> InstanceRecord:
     """The record of a copy that found another copy of its instance at ``path`` (sent again, or two at once),
     describing the file that is there: its size and transfer syntax, so the database never describes bytes it
@@ -567,8 +562,11 @@ def _refuse(
     calling_ae: str,
     *,
     series_instance_uid: str | None = None,
+    comment: str | None = None,
 ) -> Dataset:
-    """Answer a failure status, keep the bytes in quarantine and record why (and which series lacks them)."""
+    """Answer a failure status, keep the bytes in quarantine and record why (and which series lacks them).
+
+    The peer hears ``comment``, or the status' fixed meaning (:data:`REFUSAL_COMMENTS`)."""
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     quarantined: str | None = None
@@ -600,7 +598,7 @@ def _refuse(
             )
 
     try:
-        if status_code == DIFFERENT_CONTENT_STATUS:  # its row is what keeps the series from being processed
+        if status_code == status.DUPLICATE_SOP_INSTANCE:  # its row is what keeps the series from being processed
             retry_when_locked(
                 record,
                 waiting=f"recording the refusal of instance {sop_instance}",
@@ -610,9 +608,9 @@ def _refuse(
             record()
     except Exception:  # the refusal itself must still go out
         LOG.exception("instance.rejection_not_recorded")
-        if status_code == DIFFERENT_CONTENT_STATUS:
+        if status_code == status.DUPLICATE_SOP_INSTANCE:
             return _refusal_not_recorded(quarantined, sop_instance, calling_ae)
-    if status_code == DIFFERENT_CONTENT_STATUS and series_instance_uid is not None:
+    if status_code == status.DUPLICATE_SOP_INSTANCE and series_instance_uid is not None:
         _hold_series(context, series_instance_uid)
     log_event(
         LOG,
@@ -624,17 +622,21 @@ def _refuse(
         calling_ae=calling_ae,
         quarantine=quarantined,
     )
-    return _failure(status_code, REFUSAL_COMMENTS.get(status_code, "Refused: the reason is in the node's log"))
+    return _failure(
+        status_code, comment or REFUSAL_COMMENTS.get(status_code, "Refused: the reason is in the node's log")
+    )
 
 
 DIFFERENT_CONTENT_RECORD_SECONDS = 10.0
-"""How long the refusal of a copy with other pixel data waits for a locked database before the copy is answered
-0xA700 instead (send again later): unrecorded, it would not keep its series from being processed."""
+"""How long the refusal of a copy with other pixel data (or attribute values) waits for a locked database before
+the copy is answered 0xA700 instead (send again later): unrecorded, it would not keep its series from being
+processed."""
 
 
 def _refusal_not_recorded(quarantined: str | None, sop_instance: str, calling_ae: str) -> Dataset:
-    """A copy with other pixel data whose refusal could not be recorded: its quarantined bytes go (nothing names
-    them), and the sender hears 0xA700, so that it sends the copy again, to be refused and recorded then."""
+    """A copy with other pixel data (or attribute values) whose refusal could not be recorded: its quarantined bytes
+    go (nothing names them), and the sender hears 0xA700, so that it sends the copy again, to be refused and recorded
+    then."""
     if quarantined is not None:
         with contextlib.suppress(OSError):
             Path(quarantined).unlink()
@@ -643,7 +645,7 @@ def _refusal_not_recorded(quarantined: str | None, sop_instance: str, calling_ae
         logging.WARNING,
         "instance.refused",
         status=f"0x{status.OUT_OF_RESOURCES:04X}",
-        reason=f"instance {sop_instance} was already received with different pixel data, and the database could not "
+        reason=f"instance {sop_instance} was already received with other content, and the database could not "
         "record that now (locked or unavailable), so the sender is asked to send it again later",
         sop_instance_uid=sop_instance,
         calling_ae=calling_ae,
@@ -652,8 +654,8 @@ def _refusal_not_recorded(quarantined: str | None, sop_instance: str, calling_ae
 
 
 def _hold_series(context: StoreContext, series_instance_uid: str) -> None:
-    """Fail the series of a refused copy with other pixel data now; if that cannot be written, the watcher holds the
-    series before routing it (the refusal's row is recorded)."""
+    """Fail the series of a refused copy with other pixel data (or attribute values) now; if that cannot be written,
+    the watcher holds the series before routing it (the refusal's row is recorded)."""
     try:
         with transaction(context.sessions) as session:
             hold_series_with_different_copies(session, series_instance_uid)
@@ -663,7 +665,7 @@ def _hold_series(context: StoreContext, series_instance_uid: str) -> None:
             logging.WARNING,
             "series.hold_deferred",
             series_instance_uid=series_instance_uid,
-            reason="the series of a copy refused for other pixel data could not be marked failed now; it is "
+            reason="the series of a copy refused as different could not be marked failed now; it is "
             "marked before it is routed",
         )
 
@@ -671,7 +673,7 @@ def _hold_series(context: StoreContext, series_instance_uid: str) -> None:
 REFUSAL_COMMENTS = {
     status.CANNOT_UNDERSTAND: "Cannot understand: the reason is in the node's log",
     status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP class: reason in node's log",
-    DIFFERENT_CONTENT_STATUS: DIFFERENT_CONTENT_COMMENT,
+    status.DUPLICATE_SOP_INSTANCE: DIFFERENT_CONTENT_COMMENT,
 }
 """What a peer hears of a refusal: the status' meaning, fixed; the reason (which may quote the data) stays in
 the log, in ``rejected_instances`` and in ``dicom-node rejected``."""

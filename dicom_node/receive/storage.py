@@ -22,23 +22,30 @@ import errno
 import itertools
 import logging
 import os
+import re
 import shutil
 import struct
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from io import BytesIO
 from itertools import zip_longest
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import dcmread, read_dataset, read_preamble
+from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
-from pydicom.uid import UID
-from pynetdicom.dsutils import split_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,12 +61,13 @@ from db.ingest import (
 from db.models import Instance, Job, JobState, RejectedInstance, Series
 from db.session import transaction
 from dicom_node import __version__, status
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, shown
 from dicom_node.receive.header import (
     PATIENT_IDENTITY_ATTRIBUTES,
     InstanceHeader,
     InvalidInstance,
     check_header,
+    comparable_identity,
     identity_conflict,
     is_valid_uid,
     stored_header,
@@ -431,70 +439,299 @@ def record_stored_instances(
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-DIFFERENT_CONTENT_STATUS = status.DUPLICATE_SOP_INSTANCE
-"""The C-STORE failure status "Duplicate SOP Instance" (PS3.7 Annex C), answered for a copy of an instance already
-stored with other pixel data. Its ``rejected_instances`` rows keep the series from being processed as it is."""
 DIFFERENT_CONTENT_COMMENT = "already received with other pixel data; the first copy is kept"
-"""The ErrorComment of that answer (at most 64 characters); the response's Affected SOP Instance UID names the image."""
+"""The ErrorComment (at most 64 characters) of the failure status "Duplicate SOP Instance" (PS3.7 Annex C,
+``status.DUPLICATE_SOP_INSTANCE``) answered for a copy of an instance already stored with other pixel data; the
+response's Affected SOP Instance UID names the image. The refusal's ``rejected_instances`` row, of that status, keeps
+the series from being processed as it is; so does one of a copy with another value of an attribute in
+:data:`RESULT_ATTRIBUTES` (:func:`different_copy_comment`)."""
+
+RESULT_ATTRIBUTES = (
+    "PatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "ImageType",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "PixelMeasuresSequence",
+    "PlanePositionSequence",
+    "PlaneOrientationSequence",
+    "PixelValueTransformationSequence",
+    "CTImageFrameTypeSequence",
+    "FrameType",
+)
+"""What the node's results are made from besides the pixel data, compared in this order when an instance is sent
+again: the identity they carry, the geometry the volume is built on, the pixel module that says how the stored
+values are read, and the rescale that makes them HU (in an enhanced CT inside its functional groups, whose items
+are compared on the same keywords). A copy that differs in one of them is refused as one with other pixel data is;
+one that differs elsewhere (InstitutionName, a private tag) is the same copy, kept once."""
+IDENTITY_TEXT_ATTRIBUTES = RESULT_ATTRIBUTES[:4]
+"""Those whose values identify the patient or study: a difference names the attribute, never its values. They are
+compared as a stored copy's identity is (:func:`identity_conflict`): a value only one copy carries is no difference."""
+_RESULT_TAGS = [Tag(keyword) for keyword in RESULT_ATTRIBUTES]
+# A name is decoded in its copy's character set.
+_READ_TAGS: list[BaseTag | int] = [*_RESULT_TAGS, Tag("SpecificCharacterSet")]
+PIXEL_DATA = "pixel data"
 
 
-def pixel_difference(stored: Path, file_meta: bytes, encoded: bytes) -> str | None:
-    """How a received copy's pixel data differs from the copy of its instance stored at ``stored``, or None.
+@dataclass(frozen=True)
+class CopyDifference:
+    """How a copy of an instance sent again differs from the stored copy, in what the node's results are made from."""
 
-    Byte-identical data sets are the same copy. Otherwise the pixel values are decoded, one frame at a time,
-    and compared: a copy sent in another lossless transfer syntax (JPEG 2000 lossless and explicit little
-    endian, say) is the same image. A lossy copy cannot be shown to be the same image as another whose values
-    differ from it (compression loss and a changed image look alike), so it counts as different: the first copy
-    is kept and the sender told. Only a resent instance comes here, so the decoding costs nothing on first receipt.
+    attribute: str  # the keyword, or PIXEL_DATA
+    detail: str  # what differs, in words: both values, except for an identity attribute
+    location: str = ""  # inside a functional group: " in item 3 of PerFrameFunctionalGroupsSequence", say
+
+    @property
+    def what(self) -> str:
+        """What the copy was sent with: ``different pixel data``, ``another RescaleIntercept``."""
+        if self.attribute == PIXEL_DATA:
+            return "different pixel data"
+        return f"another {self.attribute}{self.location}"
+
+
+def different_copy_reason(sop_instance_uid: str, series_instance_uid: str, difference: CopyDifference) -> str:
+    """Why a copy of a stored instance that differs from it in what the results are made from is refused."""
+    return (
+        f"SOP Instance UID {sop_instance_uid} was already received with {difference.what} ({difference.detail}); "
+        f"the first copy is kept and this one quarantined, and series {series_instance_uid} is not processed as it "
+        "is, as its images may come from two different sendings"
+    )
+
+
+def different_copy_comment(difference: CopyDifference) -> str:
+    """The ErrorComment of that refusal (at most 64 characters): the attribute, never a value."""
+    if difference.attribute == PIXEL_DATA:
+        return DIFFERENT_CONTENT_COMMENT
+    comment = f"{difference.attribute} differs from the stored copy; first kept"
+    return comment if len(comment) <= 64 else "an attribute differs from the stored copy; first kept"
+
+
+_REFUSED_WITH = re.compile(r"was already received with (.+?)(?: \(|;|$)")
+
+
+def _refused_with(reason: str) -> str:
+    """What a refused copy was sent with, as its reason (:func:`different_copy_reason`) says."""
+    found = _REFUSED_WITH.search(reason)
+    return found.group(1) if found else "different pixel data"
+
+
+def copy_difference(stored: Path, encoded: bytes, transfer_syntax: UID) -> CopyDifference | None:
+    """How a copy of an instance sent again (``encoded`` in ``transfer_syntax``) differs from the copy stored at
+    ``stored`` in what the node's results are made from, or None.
+
+    The stored file is read once, and no other copy of either is made (a frame at a time is decoded). Byte-identical
+    data sets are the same copy. Otherwise the attributes in :data:`RESULT_ATTRIBUTES` are compared as DICOM values
+    (``-1024`` is ``-1024.0``), then the pixel data: its bytes, else its values decoded one frame at a time, so the
+    same image in another lossless transfer syntax (JPEG 2000 lossless and explicit little endian, say) is the same
+    copy. A lossy copy cannot be shown to be the same image as another whose values differ from it (compression loss
+    and a changed image look alike), so it counts as different. Only a resent instance comes here.
     """
     try:
-        _meta, offset = split_dataset(stored)
-        stored_bytes = stored.read_bytes()
-    except (OSError, ValueError, AttributeError, struct.error):
+        kept = _EncodedCopy.read(stored)
+    except (OSError, ValueError, AttributeError, struct.error, InvalidDicomError):
         return None  # no readable copy there: compared with nothing, as its header is (header.stored_header)
-    if stored_bytes[offset:] == encoded:
+    if kept.data == encoded:
         return None
     try:
-        kept = dcmread(BytesIO(stored_bytes), force=True)
-        received = dcmread(BytesIO(file_meta + encoded), force=True)
-    except Exception:  # noqa: BLE001 - an unreadable copy cannot be shown to be the same image
-        return "its data set could not be read to compare its pixel data with the stored copy's"
-    kept_pixels, received_pixels = _pixel_keyword(kept), _pixel_keyword(received)
+        received = _EncodedCopy.of(encoded, transfer_syntax)
+        kept_header, kept_pixels_at = kept.header()
+        received_header, received_pixels_at = received.header()
+    except Exception:  # noqa: BLE001 - a copy that cannot be read cannot be shown to be the same image
+        return CopyDifference(PIXEL_DATA, "its data set could not be read to compare it with the stored copy's")
+    difference = _first_difference(kept_header, received_header)
+    if difference is not None:
+        return difference
+    return _pixel_difference(kept, kept_pixels_at, received, received_pixels_at)
+
+
+@dataclass(frozen=True)
+class _EncodedCopy:
+    """One copy's encoded data set (inflated, where it was sent deflated) and the transfer syntax to read it in."""
+
+    data: bytes
+    syntax: UID
+
+    @classmethod
+    def read(cls, path: Path) -> _EncodedCopy:
+        """The data set of the file at ``path``, past its File Meta Information, read in one pass."""
+        with path.open("rb") as stream:
+            read_preamble(stream, False)
+            meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta)
+            rest = os.fstat(stream.fileno()).st_size - stream.tell()  # read() joins two copies; read(n) fills one
+            return cls.of(stream.read(rest), UID(meta.TransferSyntaxUID))
+
+    @classmethod
+    def of(cls, data: bytes, syntax: UID) -> _EncodedCopy:
+        if syntax.is_deflated:  # a received one was inflated, bounded, when its header was checked
+            return cls(zlib.decompress(data, -zlib.MAX_WBITS), ExplicitVRLittleEndian)
+        return cls(data, syntax)
+
+    def header(self) -> tuple[Dataset, int]:
+        """The elements :data:`RESULT_ATTRIBUTES` names, and where the pixel data begins (or the data set ends)."""
+        stream = BytesIO(self.data)  # shares the bytes: nothing is copied
+        dataset = read_dataset(
+            stream,
+            self.syntax.is_implicit_VR,
+            self.syntax.is_little_endian,
+            stop_when=_at_pixel_data,
+            specific_tags=_READ_TAGS,
+        )
+        return dataset, stream.tell()
+
+    def pixel_tag(self, at: int) -> int | None:
+        """The tag of the pixel data element at ``at``, or None at the end of the data set."""
+        if len(self.data) < at + 4:
+            return None
+        group, element = struct.unpack("<HH" if self.syntax.is_little_endian else ">HH", self.data[at : at + 4])
+        return group << 16 | element
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Its pixel values, decoded one frame at a time."""
+        return iter_pixels(BytesIO(self.data), transfer_syntax_uid=self.syntax)
+
+
+def _past_file_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag.group != 2
+
+
+_PIXEL_TAGS = frozenset(Tag(keyword) for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _first_difference(kept: Dataset, received: Dataset, location: str = "") -> CopyDifference | None:
+    """The first attribute of :data:`RESULT_ATTRIBUTES` in which two copies (or two items of their functional
+    groups) differ, or None."""
+    for tag in _RESULT_TAGS:
+        before, after = kept.get_item(tag), received.get_item(tag)
+        if (before is None and after is None) or _same_bytes(before, after):
+            continue
+        keyword = keyword_for_tag(tag)
+        if dictionary_VR(tag) == "SQ":
+            difference = _sequence_difference(keyword, kept, received, location)
+        elif keyword in IDENTITY_TEXT_ATTRIBUTES:
+            difference = _identity_difference(keyword, kept, received, location)
+        else:
+            difference = _value_difference(keyword, kept, received, location)
+        if difference is not None:
+            return difference
+    return None
+
+
+def _same_bytes(before: Any, after: Any) -> bool:
+    """Whether two elements not yet converted hold the same bytes, in the same byte order."""
+    raw = isinstance(before, RawDataElement) and isinstance(after, RawDataElement)
+    return raw and before.value == after.value and before.is_little_endian == after.is_little_endian
+
+
+def _value_difference(keyword: str, kept: Dataset, received: Dataset, location: str) -> CopyDifference | None:
+    before, after = _values(kept, keyword), _values(received, keyword)
+    if [_comparable(value) for value in before] == [_comparable(value) for value in after]:
+        return None
+    detail = f"{_as_text(before)} in the stored copy, {_as_text(after)} in this one"
+    return CopyDifference(keyword, detail, location)
+
+
+def _identity_difference(keyword: str, kept: Dataset, received: Dataset, location: str) -> CopyDifference | None:
+    before = comparable_identity(keyword, "\\".join(str(value) for value in _values(kept, keyword)))
+    after = comparable_identity(keyword, "\\".join(str(value) for value in _values(received, keyword)))
+    if not before or not after or before == after:
+        return None
+    return CopyDifference(keyword, "its values are not shown, as they identify the patient or study", location)
+
+
+def _sequence_difference(keyword: str, kept: Dataset, received: Dataset, location: str) -> CopyDifference | None:
+    before, after = list(kept.get(keyword) or []), list(received.get(keyword) or [])
+    if len(before) != len(after):
+        return CopyDifference(keyword, f"{len(before)} item(s) in the stored copy, {len(after)} in this one", location)
+    for number, (kept_item, received_item) in enumerate(zip(before, after, strict=True), start=1):
+        difference = _first_difference(kept_item, received_item, f" in item {number} of {keyword}{location}")
+        if difference is not None:
+            return difference
+    return None
+
+
+def _values(dataset: Dataset, keyword: str) -> list[Any]:
+    """An element's values as read (none when absent or empty); one that cannot be converted, as its bytes."""
+    if keyword not in dataset:
+        return []
+    try:
+        value = dataset[keyword].value
+    except Exception:  # noqa: BLE001 - a value that does not parse is compared as it was sent
+        raw = dataset.get_item(keyword)
+        return [bytes(raw.value)] if raw is not None and raw.value else []
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    return [value for value in values if value is not None and value != ""]
+
+
+def _comparable(value: Any) -> Any:
+    """A value as DICOM means it: a number as a number (``-1024`` is ``-1024.0``), text without its padding."""
+    if isinstance(value, int | float | Decimal):  # DS and IS values are read as numbers
+        return float(value)
+    return value if isinstance(value, bytes) else str(value).strip()
+
+
+def _as_text(values: list[Any]) -> str:
+    """Values for a reason: quoted and cut as any value a peer sent (:func:`shown`), several separated by commas."""
+    if not values:
+        return "none"
+    return shown(", ".join(value.decode("latin-1") if isinstance(value, bytes) else str(value) for value in values))
+
+
+def _pixel_difference(
+    kept: _EncodedCopy, kept_at: int, received: _EncodedCopy, received_at: int
+) -> CopyDifference | None:
+    kept_pixels, received_pixels = kept.pixel_tag(kept_at), received.pixel_tag(received_at)
     if kept_pixels is None and received_pixels is None:
         return None  # no image in either (a report, say): as before, kept once
-    if kept_pixels is None or kept_pixels != received_pixels:
-        return "one copy has pixel data and the other has none, or another kind"
-    if kept.file_meta.TransferSyntaxUID == received.file_meta.TransferSyntaxUID and (
-        kept[kept_pixels].value == received[received_pixels].value
-    ):
+    if kept_pixels != received_pixels:
+        return CopyDifference(PIXEL_DATA, "one copy has pixel data and the other has none, or another kind")
+    if kept.syntax == received.syntax and memoryview(kept.data)[kept_at:] == memoryview(received.data)[received_at:]:
         return None
     return _decoded_difference(kept, received)
 
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-def _pixel_keyword(dataset: Dataset) -> str | None:
-    return next((keyword for keyword in _PIXEL_KEYWORDS if keyword in dataset), None)
-
-
-def _decoded_difference(kept: Dataset, received: Dataset) -> str | None:
+def _decoded_difference(kept: _EncodedCopy, received: _EncodedCopy) -> CopyDifference | None:
     """How the decoded pixel values of two copies differ, frame by frame (stopping at the first that does), or None."""
     try:
-        frames = zip_longest(iter_pixels(kept), iter_pixels(received))
+        frames = zip_longest(kept.frames(), received.frames())
         for number, (kept_frame, received_frame) in enumerate(frames, start=1):
             if kept_frame is None or received_frame is None:
-                return "the copies hold different numbers of frames"
+                return CopyDifference(PIXEL_DATA, "the copies hold different numbers of frames")
             if kept_frame.shape != received_frame.shape or not np.array_equal(kept_frame, received_frame):
-                return f"the pixel values of frame {number} differ from the stored copy's"
+                return CopyDifference(PIXEL_DATA, f"the pixel values of frame {number} differ from the stored copy's")
     except Exception:  # noqa: BLE001 - pixel data that cannot be decoded cannot be shown to be the same image
-        return "its pixel data could not be decoded to compare it with the stored copy's"
+        return CopyDifference(PIXEL_DATA, "its pixel data could not be decoded to compare it with the stored copy's")
     return None
 
 
 def hold_series_with_different_copies(session: Session, series_instance_uid: str) -> bool:
-    """Mark the series' job FAILED while a copy of one of its images was refused for other pixel data; whether it
-    was marked now.
+    """Mark the series' job FAILED while a copy of one of its images was refused for other pixel data, or another
+    value of an attribute the results are made from (:func:`copy_difference`); whether it was marked now.
 
     Its stored images may come from two different sendings (two senders at once, or a correction resent under the
     same UIDs), so no result is made or sent from them as they are. The reason names the first such image; an
@@ -507,7 +744,7 @@ def hold_series_with_different_copies(session: Session, series_instance_uid: str
         return False  # an IGNORED series is processed only if routed again: the watcher holds it then
     refusals = select(RejectedInstance).where(
         RejectedInstance.series_instance_uid == series_instance_uid,
-        RejectedInstance.status == DIFFERENT_CONTENT_STATUS,
+        RejectedInstance.status == status.DUPLICATE_SOP_INSTANCE,
     )
     if job.series.images_before_purge is not None:  # sent again after a purge: what was refused before is gone
         refusals = refusals.where(RejectedInstance.received_at >= job.series.first_received_at)
@@ -518,12 +755,12 @@ def hold_series_with_different_copies(session: Session, series_instance_uid: str
     if refused is None:
         return False
     reason = (
-        f"SOP Instance UID {refused.sop_instance_uid} was sent again with different pixel data and refused (the "
-        "first copy is kept), so the stored images may come from two different sendings; the series is not "
-        "processed as it is: resend it under new UIDs, or retry it once the stored images are confirmed"
+        f"SOP Instance UID {refused.sop_instance_uid} was sent again with {_refused_with(refused.reason)} and "
+        "refused (the first copy is kept), so the stored images may come from two different sendings; the series "
+        "is not processed as it is: resend it under new UIDs, or retry it once the stored images are confirmed"
     )
     if job.state in (JobState.RECEIVING, JobState.DONE):  # neither goes to FAILED directly
-        jobs.mark_complete(session, job, "closed: a copy of one of its images was refused for different pixel data")
+        jobs.mark_complete(session, job, "closed: a copy of one of its images was refused as different")
     jobs.fail(session, job, reason)
     return True
 
