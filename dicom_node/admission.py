@@ -12,7 +12,6 @@ Patient identifiers are never part of a reason: reasons are logged at INFO.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,22 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.charset import CODES_TO_ENCODINGS, ESC, default_encoding, handled_encodings
+from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TEXT_VR_DELIMS, TM
+from pydicom.valuerep import DA, TM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.encode.sources import character_set_read_as
-from dicom_node.encode.values import sequence_check
+from dicom_node.encode.values import person_name_problem, sequence_check
 from dicom_node.logs import shown
-from dicom_node.receive.header import StudyPatient, comparable_identity
+from dicom_node.receive.header import (
+    DEFAULT_REPERTOIRE,
+    StudyPatient,
+    comparable_identity,
+    decode_strictly,
+    strict_encodings,
+    strictly_decoded_text,
+)
 from inference.volume import (
     SPACING_DECIMALS,
     SliceHeader,
@@ -562,7 +568,7 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
         return "holds a control character (a tab, line break or similar), which no ID or name may hold"
     element = header.get_item(Tag(keyword), keep_deferred=True)
     if isinstance(element, RawDataElement):  # decoded apart: the header keeps the raw bytes the comparison reads
-        decoded = _decoded_text(header, element)
+        decoded = strictly_decoded_text(header, element)
         if decoded is None:
             changed = "name" if keyword == "PatientName" else "value"
             return (
@@ -576,7 +582,7 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
         subject = IDENTITY_SUBJECT.get(keyword, "patient")
         return f"has {count} values, where one {subject} has one"
     if keyword in PERSON_NAME_KEYWORDS:
-        return _person_name_problem(decoded if isinstance(element, RawDataElement) else str(element.value))
+        return person_name_problem(decoded if isinstance(element, RawDataElement) else str(element.value))
     return None
 
 
@@ -594,24 +600,6 @@ def _identity_sequence_problem(header: Dataset, keyword: str) -> str | None:
 
 
 PERSON_NAME_KEYWORDS = frozenset({"PatientName"})
-
-
-def _person_name_problem(name: str) -> str | None:
-    """Why a person name breaks DICOM's form (at most 3 groups of 5 components, each group up to 64 characters):
-    results must carry it unchanged, and validators and PACS would refuse them."""
-    groups = name.split("=")
-    if len(groups) > 3:
-        return f"has {len(groups)} component groups (=), where a name has at most 3"
-    for group in groups:
-        components = group.split("^")
-        if len(components) > 5:
-            return (
-                f"has {len(components)} components (^), where a name has at most 5 (family, given, middle, prefix, "
-                "suffix)"
-            )
-        if len(group) > 64:
-            return f"has a component group of {len(group)} characters, where at most 64 are allowed"
-    return None
 
 
 def _study_detail_warnings(headers: list[tuple[str, Dataset, InstanceFile]]) -> list[str]:
@@ -637,8 +625,8 @@ def _study_record_warnings(
     for keyword, recorded in study.details:
         if any(warning.startswith(f"{keyword} differs within the series") for warning in warned):
             continue
-        recorded = comparable_identity(keyword, recorded) or None
-        carried = _identity_value(headers[0][1], keyword)
+        recorded = _as_compared(keyword, comparable_identity(keyword, recorded) or None)
+        carried = _compared_value(headers[0][1], keyword)
         if recorded is not None and carried is not None and carried != recorded:
             found.append(
                 f"{keyword} differs from the value the study holds from the series received first{STUDY_RECORD_SUFFIX}"
@@ -648,13 +636,35 @@ def _study_record_warnings(
 
 def _disagreement(headers: list[tuple[str, Dataset, InstanceFile]], keyword: str) -> tuple[int, str] | None:
     """How many instances carry another value of ``keyword`` than most do, and the first of them; None if all agree."""
-    values = Counter(_identity_value(header, keyword) for _, header, _ in headers)
+    values = Counter(_compared_value(header, keyword) for _, header, _ in headers)
     if len(values) < 2:
         return None
     common, _count = values.most_common(1)[0]
     differing = sum(n for value, n in values.items() if value != common)
-    first = next(label for label, header, _ in headers if _identity_value(header, keyword) != common)
+    first = next(label for label, header, _ in headers if _compared_value(header, keyword) != common)
     return differing, first
+
+
+COMPARED_AS_VALUES: dict[str, type[DA] | type[TM]] = {"StudyDate": DA, "StudyTime": TM}
+"""Study details compared as the date or time they mean, not as written: 101010 and 101010.000 are one time."""
+
+
+def _compared_value(header: Dataset, keyword: str) -> str | None:
+    """The value as the series' instances and its study are compared: :func:`_identity_value`, a study date or
+    time as the DICOM value it means (:data:`COMPARED_AS_VALUES`)."""
+    return _as_compared(keyword, _identity_value(header, keyword))
+
+
+def _as_compared(keyword: str, text: str | None) -> str | None:
+    """``text`` as :func:`_compared_value` compares it: a date or time in ISO form where it is one; else as written
+    (admission refuses a study date or time that is not a valid one)."""
+    kind = COMPARED_AS_VALUES.get(keyword)
+    if kind is None or text is None:
+        return text
+    try:
+        return kind(text).isoformat()
+    except (ValueError, TypeError, OverflowError):
+        return text
 
 
 def _identity_value(header: Dataset, keyword: str) -> str | None:
@@ -715,43 +725,8 @@ def _strictly_decoded(header: Dataset, keyword: str) -> str | None:
     if not isinstance(element, RawDataElement):  # already decoded by pydicom, which replaces what it cannot read
         decoded = str(element.value)
         return None if "\ufffd" in decoded else decoded
-    text = _decoded_text(header, element)
+    text = strictly_decoded_text(header, element)
     return None if text is None else text.strip(" \x00")
-
-
-def _decoded_text(header: Dataset, element: RawDataElement) -> str | None:
-    """The element's text, decoded in the data set's character set without replacing a byte (as pydicom reads it,
-    trailing padding removed); None where a byte does not decode. Printable ASCII, as nearly all IDs are, reads the
-    same in every character set: the character set is looked up only for other bytes (pydicom warns on every
-    lookup of one it does not know)."""
-    value = element.value
-    if value is None:
-        return ""
-    if not isinstance(value, bytes):
-        return str(value)
-    value = value.rstrip(b" \x00")
-    if PRINTABLE_ASCII.fullmatch(value) is not None:
-        return value.decode("ascii")
-    try:
-        return decode_strictly(value, strict_encodings(header))
-    except (UnicodeError, ValueError, LookupError):
-        return None
-
-
-DEFAULT_REPERTOIRE = "ascii"
-"""How identity text is read where pydicom would read it as Latin-1 although nothing declares Latin-1: without a
-SpecificCharacterSet, under ISO_IR 6, before the first escape sequence of an ISO 2022 value whose first character
-set is the default, and under a value DICOM does not define (``ISO_IR192``, ``ISO_IR 999``). DICOM's default
-repertoire is ASCII, and Latin-1 decodes any byte: a UTF-8 or Korean name read so would reach the results as
-another name (MÃ¼ller), without a warning."""
-
-
-def strict_encodings(header: Dataset) -> list[str]:
-    """The Python encodings ``header``'s text is checked in: pydicom's (``Dataset._character_set``), with its
-    Latin-1 stand-in for the default repertoire and for undefined values read as :data:`DEFAULT_REPERTOIRE`."""
-    encodings = header._character_set  # one encoding, not a list, where the data set declares none
-    encodings = [encodings] if isinstance(encodings, str) else encodings
-    return [DEFAULT_REPERTOIRE if encoding == default_encoding else encoding for encoding in encodings]
 
 
 def _declared_set(header: Dataset, element: RawDataElement) -> str:
@@ -778,47 +753,6 @@ def _ascii_only(declared: str | None) -> str:
     if "\\" in declared:
         return f"{shown(declared)} (plain ASCII except where an escape sequence switches character set)"
     return f"{shown(declared)} (plain ASCII only)"
-
-
-PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
-ESCAPE_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
-"""A text value's parts: what precedes the first escape sequence, then each escape sequence and what follows it."""
-
-
-def decode_strictly(value: bytes, encodings: str | Sequence[str]) -> str:
-    """``value`` decoded as pydicom decodes a text value in ``encodings`` (its data set's, as
-    :func:`strict_encodings` gives them; ISO 2022 escape sequences included), except that a byte it cannot decode
-    raises instead of becoming a replacement character. Where the first encoding is :data:`DEFAULT_REPERTOIRE`,
-    text after an escape back to ASCII (ESC ( B) is read as ASCII too: no other set was declared for its upper half.
-
-    Raises
-    ------
-    UnicodeError
-        A byte does not decode, or an escape sequence switches to a character set not declared.
-    """
-    encodings = [encodings] if isinstance(encodings, str) else list(encodings)
-    if ESC not in value:
-        return value.decode(encodings[0])
-    return "".join(_decode_fragment_strictly(part, encodings) for part in ESCAPE_FRAGMENTS.findall(value))
-
-
-def _decode_fragment_strictly(fragment: bytes, encodings: list[str]) -> str:
-    """One part of :func:`decode_strictly` (as ``pydicom.charset._decode_fragment`` reads it)."""
-    if not fragment.startswith(ESC):
-        return fragment.decode(encodings[0])
-    length = 4 if fragment.startswith((b"\x1b$(", b"\x1b$)")) else 3
-    encoding = CODES_TO_ENCODINGS.get(fragment[:length], "")
-    if encoding not in encodings and encoding != default_encoding:
-        raise UnicodeError("an escape sequence switches to a character set that is not declared")
-    if encoding == default_encoding and encodings[0] == DEFAULT_REPERTOIRE:
-        encoding = DEFAULT_REPERTOIRE
-    if encoding in handled_encodings:
-        return fragment.decode(encoding)  # Python reads these escape sequences itself
-    fragment = fragment[length:]
-    delimiter = next((index for index, byte in enumerate(fragment) if byte in TEXT_VR_DELIMS), None)
-    if delimiter is None:
-        return fragment.decode(encoding)
-    return fragment[:delimiter].decode(encoding) + fragment[delimiter:].decode(encodings[0])
 
 
 def _check_pixel_module(label: str, header: Dataset) -> None:

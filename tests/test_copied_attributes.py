@@ -47,12 +47,13 @@ INVALID = {
     "ReferringPhysicianName": (
         "PN",
         "A^B^C^D^E^F^G=X=Y=Z",
-        "has 4 component groups, more than the 3 a person name may have: written empty in the results",
+        "has 4 component groups (=), where a name has at most 3: written empty in the results",
     ),
     "PhysiciansOfRecord": (
         "PN",
         "A^B^C^D^E^F^G",
-        "has more than the 5 components a person name may have: left out of the results",
+        "has 7 components (^), where a name has at most 5 (family, given, middle, prefix, suffix): left out of the "
+        "results",
     ),
     "PositionReferenceIndicator": (
         "LO",

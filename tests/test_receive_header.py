@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.receive.header import check_header, read_header
+from dicom_node.receive.header import IDENTITY_ATTRIBUTES, check_header, read_header, strictly_decoded_text
 
 EDITED_VALUES = [
     ("StudyDescription", "  CHEST  "),
@@ -82,7 +83,15 @@ def test_edited_values_read_the_same_both_ways(phantom_slice, keyword, value, ch
     raw = value.encode("utf-8")
     tag = Tag(keyword)
     dataset[tag] = RawDataElement(tag, dictionary_VR(keyword), len(raw), raw, 0, False, True)
+    encoded = _encoded(dataset)
 
-    fast, converted = _header_both_ways(_encoded(dataset), ExplicitVRLittleEndian)
+    fast, converted = _header_both_ways(encoded, ExplicitVRLittleEndian)
 
+    field = dict(IDENTITY_ATTRIBUTES).get(keyword)
+    received = read_header(encoded, ExplicitVRLittleEndian)
+    if field is not None and strictly_decoded_text(received, received.get_item(tag)) is None:
+        # identity text that only reads as a guess (UTF-8 bytes without a character set, an escape to a set not
+        # declared) is recorded as unknown from the received bytes: pydicom's conversion has already guessed
+        assert getattr(fast.study, field) is None
+        converted = replace(converted, study=replace(converted.study, **{field: None}))
     assert fast == converted

@@ -9,7 +9,8 @@ would reach every result as it is, and validators (dciodvfy) refuse it. :func:`c
 copy of the source header in which such a value of an optional (Type 3) attribute is left out and one of a Type 2
 attribute is empty, and a sequence item holding one is left out, each with a sentence for the job's warnings.
 Identity attributes are never changed: admission refuses a series whose identity cannot label a result, and a result
-never names another patient or study than its source.
+never names another patient or study than its source. Only an item of an identity sequence that lacks an attribute
+DICOM requires in it (an OtherPatientIDsSequence item without TypeOfPatientID) is left out, with its sentence.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ IDENTITY_KEYWORDS = frozenset(
         "StudyInstanceUID",
         "AccessionNumber",
         "FrameOfReferenceUID",
-        "OtherPatientIDsSequence",
-        "IssuerOfPatientIDQualifiersSequence",
     }
 )
 """Never changed: who and which study a result belongs to, and the geometry it references (admission and the
-receiver refuse what cannot label or place a result, identity sequences with an invalid value included)."""
+receiver refuse what cannot label or place a result). The identity sequences (OtherPatientIDsSequence,
+IssuerOfPatientIDQualifiersSequence) are checked as any copied sequence: admission refuses a series whose items hold
+an invalid value, but not one whose items lack an attribute DICOM requires in them (an other patient ID without its
+TypeOfPatientID), and such an item is left out of the results while the other items are kept."""
 
 
 def checked_source(header: Dataset, notes: list[str] | None = None) -> Dataset:
@@ -79,9 +81,10 @@ def checked_source(header: Dataset, notes: list[str] | None = None) -> Dataset:
     (``header`` is left as it is) without the invalid values: a Type 3 attribute's left out, a Type 2 one's empty.
 
     A sequence is checked item by item, nested items included (:func:`~dicom_node.encode.values.sequence_check`):
-    its items with an invalid value, or without an attribute DICOM requires in them, are left out, and the sequence itself when none is left (a Type 2 one is then
-    written empty). Each change adds a sentence to ``notes`` naming the attribute (once: the SEG, SR and RTSTRUCT of
-    a job share the list). Identity attributes (:data:`IDENTITY_KEYWORDS`) and Type 1 ones are copied as they are.
+    its items with an invalid value, or without an attribute DICOM requires in them, are left out, and the sequence
+    itself when none is left (a Type 2 one is then written empty); the identity sequences too. Each change adds a sentence to ``notes`` naming the attribute (once: the SEG, SR
+    and RTSTRUCT of a job share the list). Identity attributes (:data:`IDENTITY_KEYWORDS`) and Type 1 ones are
+    copied as they are.
     """
     checked = header
     for keyword, usage in COPIED_TYPES.items():

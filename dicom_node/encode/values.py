@@ -166,10 +166,15 @@ def _item_problem(
 def missing_attribute(item: Dataset, required: Mapping[str, str]) -> str | None:
     """The first attribute ``item`` lacks that DICOM requires in it, or None: a Type 1 one present with a value, a
     Type 2 one present; in a code item (the Code Sequence Macro) a code value, and with a CodeValue or LongCodeValue
-    its CodingSchemeDesignator. Other conditions (Type 1C) are not evaluated."""
+    its CodingSchemeDesignator; in an item naming an issuer (the HL7v2 Hierarchic Designator Macro) a local or a
+    universal ID, and with a UniversalEntityID its UniversalEntityIDType. Other conditions (Type 1C) are not
+    evaluated."""
     for keyword, usage in required.items():
         if (usage == "1" and not _has_value(item, keyword)) or (usage == "2" and keyword not in item):
             return keyword
+    issuer = _missing_issuer_attribute(item, required)
+    if issuer is not None:
+        return issuer
     if "CodeMeaning" in required and "CodeValue" in required:
         if not any(_has_value(item, keyword) for keyword in CODE_VALUE_KEYWORDS):
             return "CodeValue"
@@ -178,6 +183,17 @@ def missing_attribute(item: Dataset, required: Mapping[str, str]) -> str | None:
         ):
             return "CodingSchemeDesignator"
     return None
+
+
+def _missing_issuer_attribute(item: Dataset, required: Mapping[str, str]) -> str | None:
+    """What an item naming an issuer lacks (see :func:`missing_attribute`), or None: where its sequence holds a
+    LocalNamespaceEntityID or UniversalEntityID by condition, one of them; where it holds a UniversalEntityIDType by
+    condition, that type once a UniversalEntityID is given."""
+    designators = ("LocalNamespaceEntityID", "UniversalEntityID")
+    if all(keyword in required for keyword in designators) and not any(_has_value(item, k) for k in designators):
+        return "LocalNamespaceEntityID or UniversalEntityID"
+    typed = "UniversalEntityIDType" in required and _has_value(item, "UniversalEntityID")
+    return "UniversalEntityIDType" if typed and not _has_value(item, "UniversalEntityIDType") else None
 
 
 def _has_value(item: Dataset, keyword: str) -> bool:
@@ -201,7 +217,7 @@ def _text_problem(keyword: str, vr: str, text: str) -> str | None:
     if control.search(text):
         return "holds a control character (a tab, line break or similar)"
     if vr == "PN":
-        return _name_problem(text)
+        return person_name_problem(text)
     limit = MAXIMUM_LENGTHS.get(vr)
     if limit is not None and len(text) > limit:
         return f"is {len(text)} characters long, more than the {limit} DICOM allows"
@@ -213,14 +229,23 @@ def _text_problem(keyword: str, vr: str, text: str) -> str | None:
     return None
 
 
-def _name_problem(text: str) -> str | None:
-    groups = text.split("=")
+def person_name_problem(name: str) -> str | None:
+    """Why a person name breaks DICOM's form (at most 3 component groups of 5 components, each group up to 64
+    characters), as the end of a sentence; None when it keeps to it. Admission refuses a PatientName so written."""
+    groups = name.split("=")
     if len(groups) > 3:
-        return f"has {len(groups)} component groups, more than the 3 a person name may have"
-    if any(len(group) > MAXIMUM_LENGTHS["PN"] for group in groups):
-        return f"has a component group longer than the {MAXIMUM_LENGTHS['PN']} characters DICOM allows"
-    if any(len(group.split("^")) > 5 for group in groups):
-        return "has more than the 5 components a person name may have"
+        return f"has {len(groups)} component groups (=), where a name has at most 3"
+    for group in groups:
+        components = group.split("^")
+        if len(components) > 5:
+            return (
+                f"has {len(components)} components (^), where a name has at most 5 (family, given, middle, prefix, "
+                "suffix)"
+            )
+        if len(group) > MAXIMUM_LENGTHS["PN"]:
+            return (
+                f"has a component group of {len(group)} characters, where at most {MAXIMUM_LENGTHS['PN']} are allowed"
+            )
     return None
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import CODES_TO_ENCODINGS, ESC, default_encoding, handled_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -18,6 +20,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import TEXT_VR_DELIMS
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
 from dicom_node import status
@@ -450,17 +453,19 @@ def _check_frame_of_reference(dataset: Dataset, sop_instance_uid: str) -> None:
 
 
 def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
+    guessed = _guessed_identity(dataset)  # before anything decodes them: pydicom keeps what it decoded
     _check_database_fit(dataset)
+    identity = {keyword: None if keyword in guessed else _text(dataset, keyword) for keyword, _ in IDENTITY_ATTRIBUTES}
     study = StudyAttributes(
         study_instance_uid=uids["StudyInstanceUID"] or "",
-        patient_id=_text(dataset, "PatientID"),
-        issuer_of_patient_id=_text(dataset, "IssuerOfPatientID"),
-        patient_name=_text(dataset, "PatientName"),
-        patient_birth_date=_text(dataset, "PatientBirthDate"),
-        patient_sex=_text(dataset, "PatientSex"),
+        patient_id=identity["PatientID"],
+        issuer_of_patient_id=identity["IssuerOfPatientID"],
+        patient_name=identity["PatientName"],
+        patient_birth_date=identity["PatientBirthDate"],
+        patient_sex=identity["PatientSex"],
         study_date=_text(dataset, "StudyDate"),
         study_time=_text(dataset, "StudyTime"),
-        accession_number=_text(dataset, "AccessionNumber"),
+        accession_number=identity["AccessionNumber"],
         study_id=_text(dataset, "StudyID"),
         study_description=_text(dataset, "StudyDescription"),
         referring_physician_name=_text(dataset, "ReferringPhysicianName"),
@@ -485,6 +490,21 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
     )
+
+
+def _guessed_identity(dataset: Dataset) -> set[str]:
+    """The identity attributes whose bytes do not decode in the data set's character set, read strictly
+    (:func:`strictly_decoded_text`): pydicom would read them by guessing (Latin-1, or with replacement characters).
+
+    Admission refuses such a series; the receiver records these values as unknown, so neither the study's row nor
+    the comparison of a copy sent again keeps a guess (MÃ¼ller for Müller) and refuses the same images sent again
+    with their character set declared."""
+    guessed = set()
+    for keyword, _field in IDENTITY_ATTRIBUTES:
+        element = _item(dataset, keyword)
+        if isinstance(element, RawDataElement) and strictly_decoded_text(dataset, element) is None:
+            guessed.add(keyword)
+    return guessed
 
 
 def _check_database_fit(dataset: Dataset) -> None:
@@ -688,6 +708,82 @@ def comparable_identity(keyword: str, value: str | None) -> str:
     if keyword == "PatientName":
         text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("= ")
     return text
+
+
+DEFAULT_REPERTOIRE = "ascii"
+"""How identity text is read where pydicom would read it as Latin-1 although nothing declares Latin-1: without a
+SpecificCharacterSet, under ISO_IR 6, before the first escape sequence of an ISO 2022 value whose first character
+set is the default, and under a value DICOM does not define (``ISO_IR192``, ``ISO_IR 999``). DICOM's default
+repertoire is ASCII, and Latin-1 decodes any byte: a UTF-8 or Korean name read so would reach the results as
+another name (MÃ¼ller), without a warning."""
+
+
+def strict_encodings(header: Dataset) -> list[str]:
+    """The Python encodings ``header``'s text is checked in: pydicom's (``Dataset._character_set``), with its
+    Latin-1 stand-in for the default repertoire and for undefined values read as :data:`DEFAULT_REPERTOIRE`."""
+    encodings = header._character_set  # one encoding, not a list, where the data set declares none
+    encodings = [encodings] if isinstance(encodings, str) else encodings
+    return [DEFAULT_REPERTOIRE if encoding == default_encoding else encoding for encoding in encodings]
+
+
+PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+ESCAPE_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
+"""A text value's parts: what precedes the first escape sequence, then each escape sequence and what follows it."""
+
+
+def decode_strictly(value: bytes, encodings: str | Sequence[str]) -> str:
+    """``value`` decoded as pydicom decodes a text value in ``encodings`` (its data set's, as
+    :func:`strict_encodings` gives them; ISO 2022 escape sequences included), except that a byte it cannot decode
+    raises instead of becoming a replacement character. Where the first encoding is :data:`DEFAULT_REPERTOIRE`,
+    text after an escape back to ASCII (ESC ( B) is read as ASCII too: no other set was declared for its upper half.
+
+    Raises
+    ------
+    UnicodeError
+        A byte does not decode, or an escape sequence switches to a character set not declared.
+    """
+    encodings = [encodings] if isinstance(encodings, str) else list(encodings)
+    if ESC not in value:
+        return value.decode(encodings[0])
+    return "".join(_decode_fragment_strictly(part, encodings) for part in ESCAPE_FRAGMENTS.findall(value))
+
+
+def _decode_fragment_strictly(fragment: bytes, encodings: list[str]) -> str:
+    """One part of :func:`decode_strictly` (as ``pydicom.charset._decode_fragment`` reads it)."""
+    if not fragment.startswith(ESC):
+        return fragment.decode(encodings[0])
+    length = 4 if fragment.startswith((b"\x1b$(", b"\x1b$)")) else 3
+    encoding = CODES_TO_ENCODINGS.get(fragment[:length], "")
+    if encoding not in encodings and encoding != default_encoding:
+        raise UnicodeError("an escape sequence switches to a character set that is not declared")
+    if encoding == default_encoding and encodings[0] == DEFAULT_REPERTOIRE:
+        encoding = DEFAULT_REPERTOIRE
+    if encoding in handled_encodings:
+        return fragment.decode(encoding)  # Python reads these escape sequences itself
+    fragment = fragment[length:]
+    delimiter = next((index for index, byte in enumerate(fragment) if byte in TEXT_VR_DELIMS), None)
+    if delimiter is None:
+        return fragment.decode(encoding)
+    return fragment[:delimiter].decode(encoding) + fragment[delimiter:].decode(encodings[0])
+
+
+def strictly_decoded_text(header: Dataset, element: RawDataElement) -> str | None:
+    """The element's text, decoded in the data set's character set without replacing a byte (as pydicom reads it,
+    trailing padding removed); None where a byte does not decode. Printable ASCII, as nearly all IDs are, reads the
+    same in every character set: the character set is looked up only for other bytes (pydicom warns on every
+    lookup of one it does not know)."""
+    value = element.value
+    if value is None:
+        return ""
+    if not isinstance(value, bytes):
+        return str(value)
+    value = value.rstrip(b" \x00")
+    if PRINTABLE_ASCII.fullmatch(value) is not None:
+        return value.decode("ascii")
+    try:
+        return decode_strictly(value, strict_encodings(header))
+    except (UnicodeError, ValueError, LookupError):
+        return None
 
 
 def stored_header(stored_path: str | Path, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader | None:

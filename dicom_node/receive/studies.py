@@ -10,7 +10,9 @@ study's first identity while its results carry the new one. The receiver looks t
 once a minute) per process and refuses an instance of a new series under another patient before it is written.
 An instance of a series already stored is left to admission, which refuses the whole series when its instances
 disagree on the patient: refusing that one instance here would let the rest of the series be
-processed without it.
+processed without it. Identity text whose bytes only read by guessing their character set (a UTF-8 name sent
+without SpecificCharacterSet) is recorded as unknown (:func:`~dicom_node.receive.header.check_header`): it never
+fixes the study's patient, so the same patient's series sent again with its character set declared is received.
 """
 
 from __future__ import annotations
