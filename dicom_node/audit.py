@@ -443,6 +443,15 @@ def disclosed(event: Any, studies: Sequence[str]) -> None:
     setattr(event, DISCLOSED_ATTRIBUTE, list(studies))
 
 
+ENDED_ATTRIBUTE = "_dicom_node_retrieval_ended"
+
+
+def retrieval_ended(event: Any, sentence: str) -> None:
+    """Tell the audit of a C-GET or C-MOVE why it ended before its last instance (a peer that stopped taking data
+    or closed its association, in a sentence naming it): its record's detail says so, as the log does."""
+    setattr(event, ENDED_ATTRIBUTE, sentence)
+
+
 REPEATABLE_ATTRIBUTE = "_dicom_node_repeatable_refusal"
 
 
@@ -508,7 +517,8 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
     counted), and so does a C-FIND whose matches belong to several studies (its matches counted), so that each
     study's trail shows every query and retrieval that disclosed it, however the peer selected it. A C-FIND or
     C-GET whose identifier cannot be read is refused with 0xA900 and recorded as refused, without its keys. A
-    refusal the handler marks :func:`repeatable_refusal` is recorded at most once per peer each 10 s."""
+    refusal the handler marks :func:`repeatable_refusal` is recorded at most once per peer each 10 s. A retrieval
+    the handler says ended early (:func:`retrieval_ended`) has that sentence in its detail."""
     import functools
 
     @functools.wraps(handler)
@@ -560,6 +570,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
             if not studies:  # nothing sent or matched: the study the peer named, if it named one
                 studies[_literal_uid(identifier, "StudyInstanceUID")] = matches
             repeatable = not matches and getattr(event, REPEATABLE_ATTRIBUTE, False)  # 0x0124, too many (0xA700)
+            ended = getattr(event, ENDED_ATTRIBUTE, None)
             peer = Peer.of(event.assoc)
             for study, count in studies.items():
                 if unreadable:
@@ -570,6 +581,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                     detail += f" ({matches} in all, over {len(studies)} studies)"
                 if study is None and beyond:
                     detail += f"; {beyond} belong to studies past the first {MAX_STUDIES_AUDITED}, not named one by one"
+                detail += destination + (f"; {ended}" if ended else "")
                 if repeatable:  # one record per peer each 10 s; the next one written counts those left out
                     key = (action, peer.ae_title, host_of(peer.address))
                     what = f"refused C-{action.upper()} requests of this peer"
@@ -582,7 +594,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         outcome,
                         study_instance_uid=study,
                         instances=count,
-                        detail=detail + destination,
+                        detail=detail,
                     )
                 else:
                     record(
@@ -592,7 +604,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         outcome,
                         study_instance_uid=study,
                         instances=count,
-                        detail=detail + destination,
+                        detail=detail,
                     )
 
     return wrapped

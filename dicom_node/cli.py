@@ -1039,7 +1039,7 @@ def purge(
             engine = session.get_bind().engine
             refusal: str | None = None
             try:
-                plan = plan_series_purge(session, series)
+                plan = plan_series_purge(session, series, settings.storage.directory)
             except LookupError as exc:
                 refusal = str(exc)
             studies = _studies_of(session, [series])

@@ -50,6 +50,7 @@ from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
+from dicom_node.retrieve.inflight import being_retrieved
 
 LOG = logging.getLogger(__name__)
 
@@ -176,13 +177,14 @@ def _finished_states() -> str:
     return f"{', '.join(first)} or {last}"
 
 
-def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPlan:
+def plan_series_purge(session: Session, series_instance_uid: str, storage: Path | None = None) -> RetentionPlan:
     """A plan that purges one finished series' images and results now, whatever its age (a PACS correction).
 
     Raises
     ------
     LookupError
-        Naming the series, when the node holds no such received series or it is not finished.
+        Naming the series, when the node holds no such received series, it is not finished, or a peer is retrieving
+        it now (a C-GET or C-MOVE, found in ``storage``: the sentence names the peer).
     """
     holdings = _holdings(session, series_instance_uid)
     if not holdings:
@@ -198,6 +200,9 @@ def plan_series_purge(session: Session, series_instance_uid: str) -> RetentionPl
             )
             + ")"
         )
+    retrieved = being_retrieved(storage, series_instance_uid) if storage is not None else None
+    if retrieved is not None:
+        raise LookupError(retrieved)
     draft = _Draft()
     draft.add(holding, images=True, results=True, reason=OPERATOR_REQUEST)
     items = [draft.item(holding)] if draft.images or draft.results else []
@@ -378,6 +383,10 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
     receiver journals an instance before it looks for its file, so either the purge
     sees the journal line, or the receiver finds no file and writes the instance itself.
 
+    A series a peer is retrieving (a C-GET or C-MOVE sending its images or results) is left alone, for a later pass:
+    it is looked for before anything is touched, and again once the images are set aside
+    (:mod:`dicom_node.retrieve.inflight`).
+
     Raises
     ------
     PurgeFailed
@@ -450,11 +459,19 @@ def _purge_in(session: Session, root: Path, item: PurgeItem, now: datetime, asid
         return f"it changed since planning (now {job.state.value})"
     if not studies_of_job(session, item.job_id) <= locked_studies:
         return "it moved to another study since planning"
+    retrieved = being_retrieved(root, item.series_instance_uid)
+    if retrieved is not None:
+        return retrieved  # left untouched; the next pass tries again
     deletion = _Deletion()
     if item.images:
         why_not = _set_series_aside(session, job.series, root, aside)
         if why_not is not None:
             return why_not
+        # again once they are set aside, as for the receivers' journals: a retrieval that registered meanwhile
+        # gets them back; one that starts later finds the series purged
+        retrieved = being_retrieved(root, item.series_instance_uid)
+        if retrieved is not None:
+            return retrieved
         _delete_series_rows(session, job.series, root, now)
     studies = {job.series.study_id}
     if item.results:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import distinct, func, select, text
+from sqlalchemy import ColumnElement, Integer, case, cast, distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
 from db.session import read_only
+from dicom_node.audit import ECHO_ONLY_ASSOCIATIONS
 from dicom_node.config import Settings
 from dicom_node.console.queries import refusal_kind, stage_seconds
 
@@ -48,6 +49,25 @@ def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[st
         merged = (code, kind if kind in kept else "other")
         bounded[merged] = bounded.get(merged, 0) + count
     return bounded
+
+
+LEFT_OUT_CLAUSE = f" more {ECHO_ONLY_ASSOCIATIONS} since the previous record"
+"""How an association record that stands for others too says how many (:func:`dicom_node.audit.with_count`)."""
+
+
+def _left_out(session: Session) -> ColumnElement[int]:
+    """The associations an ``association`` record stands for besides its own: the count its detail gives of the
+    C-ECHO-only associations of its peer left out since the previous record (0 for any other record).
+
+    The count is the number right after the first ``; `` of such a detail (``C-ECHO only: ...; 41 more C-ECHO-only
+    associations of this peer since the previous record, ...``), read in SQL so that a scrape loads no rows."""
+    detail = AuditEvent.detail
+    if session.get_bind().dialect.name == "postgresql":
+        number = func.substring(detail, f"; ([0-9]+) more {ECHO_ONLY_ASSOCIATIONS}")  # the regular expression form
+    else:  # SQLite: CAST reads the number at the start of what follows "; " and ignores the rest
+        number = func.substr(detail, func.instr(detail, "; ") + 2)
+    counted = cast(number, Integer)
+    return case((detail.contains(LEFT_OUT_CLAUSE), counted), else_=0)
 
 
 @dataclass(frozen=True)
@@ -137,11 +157,12 @@ class DatabaseCollector(Collector):
         yield refused
         associations = CounterMetricFamily(
             "dicom_node_associations",
-            "Associations that ended, by outcome (released, aborted, rejected).",
+            "Associations that ended, by outcome (released, aborted, rejected); C-ECHO-only associations recorded "
+            "once per peer each 10 s are each counted.",
             labels=["outcome"],
         )
         for outcome, count in session.execute(
-            select(AuditEvent.outcome, func.count())
+            select(AuditEvent.outcome, func.count() + func.coalesce(func.sum(_left_out(session)), 0))
             .where(AuditEvent.action == "association")
             .group_by(AuditEvent.outcome)
         ):

@@ -24,8 +24,14 @@ Each instance sent to a C-GET or C-MOVE peer may take ``dispatch.timeout_seconds
 size in MB x ``dispatch.seconds_per_megabyte``, as results sent to a destination may: a
 peer that stops taking data mid-instance has its association cut then, and the
 retrieval ends (a C-MOVE answers with its failed sub-operations and a comment naming
-its destination; the log says which peer stalled on which instance). Each retrieval has one
-audit record, written with the final status its peer heard (a stalled one too: failed or partial).
+its destination; the log says which peer stalled on which instance). Over a C-GET requestor's own association
+the node's send bound (``network.pdu_read_timeout_seconds``) usually cuts such a peer first: it is said to have
+stopped taking data all the same. Each retrieval has one audit record, written with the final status its peer
+heard (a stalled one too: failed or partial), whose detail says why a retrieval ended early.
+
+While a C-GET or C-MOVE runs, the series it sends are not purged (``dicom-node purge`` and retention skip them,
+naming the peer: :mod:`dicom_node.retrieve.inflight`). Each C-MOVE sub-association has its own connect timeout
+(``dispatch.timeout_seconds``); the AE every association shares is not changed per C-MOVE.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydicom import dcmread
@@ -58,17 +65,19 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom c
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, Study
+from db.models import Instance, Job, Series, Study
 from db.session import read_only
 from dicom_node.audit import (
     MAX_STUDIES_AUDITED,
     audited_retrieve,
     disclosed,
     repeatable_refusal,
+    retrieval_ended,
     why_unreadable,
 )
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
+from dicom_node.retrieve.inflight import Retrieval, retrieving
 from dicom_node.retrieve.matching import (
     KEYS,
     AmbiguousPatient,
@@ -85,6 +94,7 @@ from dicom_node.retrieve.suboperations import (
     SUCCESS,
     SendLimits,
     SubOperations,
+    association_ended,
     quiet_ignored_final_status,
 )
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
@@ -154,6 +164,12 @@ class RetrieveContext:
     sending: SendLimits = field(default_factory=SendLimits)
     """How long each instance sent to a C-GET or C-MOVE peer may take before a peer that stopped taking data
     has its association cut."""
+    send_bound_seconds: float = 30.0
+    """``network.pdu_read_timeout_seconds``: the node's bound on each send over an association a peer opened (a
+    C-GET's), past which the peer is taken to have stopped reading."""
+    storage: Path | None = None
+    """The storage folder, where each retrieval names the series it sends while it runs, so that no purge deletes
+    them underneath it (:mod:`dicom_node.retrieve.inflight`); None: not named."""
     targets_by_ae: dict[str, Target] = field(init=False)
     queries_without_find: QueryBudget = field(init=False)
 
@@ -184,14 +200,18 @@ class RetrieveContext:
             move_peers=settings.peers,
             tls=settings.network.tls,
             sending=SendLimits(settings.dispatch.timeout_seconds, settings.dispatch.seconds_per_megabyte),
+            send_bound_seconds=settings.network.pdu_read_timeout_seconds,
+            storage=settings.storage.directory,
         )
 
 
 def add_query_retrieve_contexts(ae: AE) -> None:
-    """Accept Study and Patient Root Find/Move/Get, and the C-GET storage role for every storage class.
+    """Accept Study and Patient Root Find/Move/Get, and the C-GET storage role for every storage class; each C-MOVE
+    sub-association opened with its own connect timeout (:func:`own_connect_timeouts`).
 
     These are the contexts of peers with the ``store`` role; :func:`storage_roles_of_peer` narrows them for the
     others."""
+    own_connect_timeouts(ae)
     for model in QUERY_RETRIEVE_MODELS:
         ae.add_supported_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in ae.supported_contexts:
@@ -432,7 +452,8 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         )
         yield None, None
         return
-    paths = _paths_to_retrieve(event, context, calling_ae, peer)
+    selection = _paths_to_retrieve(event, context, calling_ae, peer)
+    paths = selection.paths if isinstance(selection, Selection) else selection
     # a refusal still opens the sub-association (pynetdicom's order); Verification keeps it valid
     contexts = _storage_contexts(paths) if isinstance(paths, list) and paths else [build_context(Verification)]
     sub_association: dict[str, Any] = {}
@@ -451,6 +472,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
             # the sub-association's accepted contexts decide the form each instance is sent in
             (evt.EVT_ACCEPTED, lambda e: sub_association.update(assoc=e.assoc)),
             (evt.EVT_DIMSE_RECV, route.answers.on_message),  # the destination's answer to each instance
+            (evt.EVT_DATA_SENT, route.answers.on_sent),  # how far each instance went out
             # how far opening it went, for the sentence when it could not be opened
             (evt.EVT_CONN_OPEN, lambda e: sub_association.update(connected=True)),
             (evt.EVT_REJECTED, lambda e: sub_association.update(rejected=True)),
@@ -459,24 +481,72 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     tls_args = client_tls(destination, context.tls)
     if tls_args is not None:
         options["tls_args"] = tls_args
-    # The node's AE opens no other associations than these: their connect waits as long as a send's association
-    event.assoc.ae.connection_timeout = context.sending.timeout_seconds
     count = len(paths) if isinstance(paths, list) else 0
     unreachable = _UnreachableDestination(event, route, sub_association, count, context.sending.timeout_seconds)
     event.assoc.bind(evt.EVT_DIMSE_SENT, unreachable.on_sent)
-    try:  # pynetdicom opens the sub-association after the count: resumed past it, the handler has one
-        yield destination.host, destination.port, options
+    series = selection.series if isinstance(selection, Selection) else frozenset()
+    retrieval = Retrieval(f"{calling_ae} at {_address(event)}", f"C-MOVE to {destination.ae_title}", series)
+    with retrieving(context.storage, retrieval):  # until the last instance is sent: no purge deletes them
+        yield from _move(event, context, paths, route, unreachable, (destination.host, destination.port, options))
+
+
+def _address(event: evt.Event) -> str:
+    """The requestor's ``host:port``."""
+    requestor = event.assoc.requestor
+    return f"{requestor.address}:{requestor.port}"
+
+
+def _move(
+    event: evt.Event,
+    context: RetrieveContext,
+    paths: list[Stored] | str,
+    route: Route,
+    unreachable: _UnreachableDestination,
+    destination: tuple[Any, Any, dict[str, Any]],
+) -> Iterator[Any]:
+    """The C-MOVE from its destination on: the sub-association, the count (or a refusal), the instances."""
+    calling_ae = event.assoc.requestor.ae_title
+    sub_association = route.association
+    # pynetdicom opens the sub-association after the count, in this thread: resumed past it, the handler has one.
+    # Its connect waits as long as a send's (its own timeout: the node's AE, shared by every association, is left
+    # as it is).
+    _opening.connect_seconds = context.sending.timeout_seconds
+    try:
+        yield destination
         if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first
             yield 1
             unreachable.stop()
             yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
             return
-        paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association.get("assoc")))
+        paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association()))
         yield from _count_or_refuse(paths, context, event, route.operation)
         unreachable.stop()
         yield from _send(event, paths, calling_ae, route, context)
     finally:
+        _opening.__dict__.pop("connect_seconds", None)  # when pynetdicom did not associate
         unreachable.stop()
+
+
+_opening = threading.local()
+"""The connect timeout of the C-MOVE sub-association this thread's handler is about to have pynetdicom open."""
+
+
+def own_connect_timeouts(ae: AE) -> None:
+    """Give each C-MOVE sub-association the ``ae`` opens its own connect timeout (the one its handler set in
+    :data:`_opening`), instead of the AE's, which every association of the AE shares and which pynetdicom copies
+    into each association it creates: a C-MOVE setting it on the AE would change it under another one's."""
+    create_socket = ae._create_socket
+    if getattr(create_socket, "own_connect_timeouts", False):
+        return
+
+    def with_own_timeout(assoc: Any, address: Any, tls_args: Any) -> Any:
+        seconds = _opening.__dict__.pop("connect_seconds", None)
+        if seconds is not None:
+            assoc.connection_timeout = seconds
+        return create_socket(assoc, address, tls_args)
+
+    with_own_timeout.own_connect_timeouts = True  # type: ignore[attr-defined]
+    setattr(ae, "_create_socket", with_own_timeout)  # noqa: B010 - an instance's own, not pynetdicom's class
 
 
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -553,27 +623,24 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         yield 1
         yield not_authorized(event, "get", peer), None
         return
-    paths = _paths_to_retrieve(event, context, calling_ae, peer)
-    if isinstance(paths, str):
+    selection = _paths_to_retrieve(event, context, calling_ae, peer)
+    if isinstance(selection, str):
         yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
+        yield _status(IDENTIFIER_DOES_NOT_MATCH, selection), None
         return
-    paths = _without_twins_sent_anyway(paths, accepted_pairs(event.assoc))
-    yield from _count_or_refuse(paths, context, event, "get")
-    requestor = event.assoc.requestor
-    route = Route(
-        "get",
-        "get",
-        f"{calling_ae} at {requestor.address}:{requestor.port}",
-        "Requestor",
-        lambda: event.assoc,
-        SubOperations(),
-    )
-    event.assoc.bind(evt.EVT_DIMSE_RECV, route.answers.on_message)  # the requestor's answer to each instance
-    try:
-        yield from _send(event, paths, calling_ae, route, context)
-    finally:
-        event.assoc.unbind(evt.EVT_DIMSE_RECV, route.answers.on_message)
+    receiver = f"{calling_ae} at {_address(event)}"
+    with retrieving(context.storage, Retrieval(receiver, "C-GET", selection.series)):  # no purge deletes them
+        paths = _without_twins_sent_anyway(selection.paths, accepted_pairs(event.assoc))
+        yield from _count_or_refuse(paths, context, event, "get")
+        answers = SubOperations(context.send_bound_seconds)  # the requestor's association: its sends are bounded
+        route = Route("get", "get", receiver, "Requestor", lambda: event.assoc, answers)
+        event.assoc.bind(evt.EVT_DIMSE_RECV, answers.on_message)  # the requestor's answer to each instance
+        event.assoc.bind(evt.EVT_DATA_SENT, answers.on_sent)  # how far each instance went out
+        try:
+            yield from _send(event, paths, calling_ae, route, context)
+        finally:
+            event.assoc.unbind(evt.EVT_DATA_SENT, answers.on_sent)
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, answers.on_message)
 
 
 def _without_twins_sent_anyway(paths: list[Stored], accepted: set[tuple[str, str]]) -> list[Stored]:
@@ -646,7 +713,31 @@ NOT_MATCHING = "Identifier does not match: see the node's log"
 SEVERAL_PATIENTS = "PatientID names several patients: give IssuerOfPatientID"
 
 
-def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> list[Stored] | str:
+class Selection(NamedTuple):
+    """The instances a C-GET or C-MOVE selected, and the received series a purge of them names (a result's is the
+    series it was made from)."""
+
+    paths: list[Stored]
+    series: frozenset[str]
+
+
+def _series_purged_with(session: Session, series_ids: set[int]) -> frozenset[str]:
+    """The Series Instance UIDs by which ``dicom-node purge`` and retention name the series ``series_ids``: a
+    received series by its own, a result series by the series its job processed."""
+    rows = session.execute(select(Series.series_instance_uid, Series.source_job_id).where(Series.id.in_(series_ids)))
+    received, jobs = set(), set()
+    for uid, job_id in rows:
+        if job_id is None:
+            received.add(uid)
+        else:
+            jobs.add(job_id)
+    if jobs:
+        processed = select(Series.series_instance_uid).join(Job, Job.series_id == Series.id).where(Job.id.in_(jobs))
+        received.update(session.scalars(processed))
+    return frozenset(received)
+
+
+def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: str, peer: Peer) -> Selection | str:
     """Where each instance the identifier selects is stored, and how; for an identifier that cannot be retrieved,
     the comment for the peer (and a log line saying why).
 
@@ -670,7 +761,7 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
         with read_only(context.sessions) as session:  # ended before the first instance is sent
             limit = context.limits.max_instances_per_retrieval + 1  # one more shows there are too many
             found = matching_instances(session, event.identifier, for_retrieval=True, limit=limit)
-            return [
+            paths = [
                 Stored(
                     i.path,
                     i.sop_class_uid,
@@ -681,6 +772,7 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
                 )
                 for i in found
             ]
+            return Selection(paths, _series_purged_with(session, {i.series_id for i in found}))
     except QueryError as exc:
         ambiguous = isinstance(exc, AmbiguousPatient)
         log_event(
@@ -890,8 +982,8 @@ def _send(
             yield CANCELLED, None
             return
         assoc = route.association()
-        if assoc is None or not assoc.is_established:
-            comment = _ended(calling_ae, route, stored, len(paths) - index)
+        if association_ended(assoc):
+            comment = _ended(event, route, stored, len(paths) - index)
             not_sent += [rest.sop_instance_uid for rest in paths[index:]]
             break
         form = _sendable(stored, accepted_pairs(assoc), calling_ae, route.operation)
@@ -983,7 +1075,7 @@ def _cut(event: evt.Event, route: Route, stored: Stored, size: int, waited: floa
     sentence = stalled(route.receiver, f"instance {stored.sop_instance_uid}", size, waited)
     if left:
         sentence += f"; the {left} instance(s) left were not sent"
-    retrieval = "the C-GET" if route.action == "get" else f"the C-MOVE{route.operation.removeprefix('move')}"
+    reason = f"{_retrieval(route)} ended: {sentence}"
     log_event(
         LOG,
         logging.WARNING,
@@ -991,23 +1083,33 @@ def _cut(event: evt.Event, route: Route, stored: Stored, size: int, waited: floa
         calling_ae=event.assoc.requestor.ae_title,
         operation=route.operation,
         sop_instance_uid=stored.sop_instance_uid,
-        reason=f"{retrieval} ended: {sentence}",
+        reason=reason,
     )
+    retrieval_ended(event, reason)
     return f"{route.addressed} stopped taking data"
 
 
-def _ended(calling_ae: str, route: Route, stored: Stored, left: int) -> str:
-    """The association the instances go over ended before ``stored`` was sent (the peer closed it): log it; the
-    comment the peer hears."""
+def _retrieval(route: Route) -> str:
+    """``the C-GET``, ``the C-MOVE to PACS``: the retrieval, for sentences."""
+    return "the C-GET" if route.action == "get" else f"the C-MOVE{route.operation.removeprefix('move')}"
+
+
+def _ended(event: evt.Event, route: Route, stored: Stored, left: int) -> str:
+    """The association the instances go over ended before ``stored`` was sent (the peer closed it): log it, and
+    tell the audit record; the comment the peer hears."""
+    reason = (
+        f"{_retrieval(route)} ended: {route.receiver} closed the association before instance "
+        f"{stored.sop_instance_uid} was sent, so the {left} instance(s) left were not sent"
+    )
     log_event(
         LOG,
         logging.WARNING,
         "retrieve.peer_closed",
-        calling_ae=calling_ae,
+        calling_ae=event.assoc.requestor.ae_title,
         operation=route.operation,
-        reason=f"{route.receiver} closed the association before instance {stored.sop_instance_uid} was sent, "
-        f"so the {left} instance(s) left were not sent",
+        reason=reason,
     )
+    retrieval_ended(event, reason)
     return f"{route.addressed} closed the association"
 
 
