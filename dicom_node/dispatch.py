@@ -32,6 +32,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,7 +54,7 @@ from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.scu import not_established, unresolvable
 from dicom_node.security import client_tls
-from dicom_node.stall import CUT_GRACE_SECONDS, stalled, watchdog
+from dicom_node.stall import CUT_GRACE_SECONDS, shut_down, stalled, watchdog
 
 LOG = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ LOCK_LOST = (
 )
 
 NODE_STOPPING = "sending stopped: this node is stopping; the files not yet sent are sent when it runs again"
+
+SEND_END_WAIT_SECONDS = 10.0
+"""At a stop, how long a send cut off at its destination is waited for to end (recording what it sent) before the
+node gives its lock on the database back all the same."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ def send_files(
     seconds_per_megabyte: float = 0.0,
     on_accepted: Callable[[SendableFile, int], None] | None = None,
     stop_reason: Callable[[], str | None] | None = None,
+    on_sending: Callable[[SendableFile, Association], None] | None = None,
 ) -> SendOutcome:
     """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent.
 
@@ -171,6 +177,9 @@ def send_files(
     stop_reason
         Asked before each file: a reason to stop sending (the results were
         superseded meanwhile), or None to go on.
+    on_sending
+        Called with each file and the association right before the file is sent (so
+        that a stop can cut off a file the destination does not answer).
     """
     results = [f if isinstance(f, SendableFile) else read_result_file(f) for f in files]
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -214,6 +223,8 @@ def send_files(
             recorded = None
             wait = timeout + result.size_bytes / 1_000_000 * seconds_per_megabyte
             assoc.dimse_timeout = assoc.network_timeout = wait
+            if on_sending is not None:
+                on_sending(result, assoc)
             started = time.monotonic()
             with watchdog(assoc, wait + CUT_GRACE_SECONDS, name="dispatch-watchdog") as cut:
                 response = assoc.send_c_store(result.path)
@@ -282,8 +293,10 @@ class Dispatcher(PeriodicTask):
     with the same SOP Instance UID, as after a crash).
 
     :meth:`stop` (the node stopping) ends sending the same way before the node gives its lock back: no new
-    attempt, no further file, and the attempt cut short is not counted. A lock given back at a stop is not a
-    lock lost.
+    attempt, no further file, and the attempt cut short is not counted. It returns only once every send has
+    ended: a file at a destination gets ``dispatch.timeout_seconds`` for its answer, then its association is cut
+    off and the file is left to be sent again at the next start (logged and audited as such). A lock given back
+    at a stop is not a lock lost.
     """
 
     name = "dispatch"
@@ -301,6 +314,9 @@ class Dispatcher(PeriodicTask):
         self._fence = threading.RLock()  # a stop waits for a look at the node lock in progress
         self._busy: set[str] = set()  # destinations with a send in flight
         self._held_until: dict[str, float] = {}  # destination -> monotonic time: held back after a send crashed
+        self._sends: dict[str, threading.Thread] = {}  # destination -> the thread sending to it now
+        self._in_flight: dict[str, tuple[SendableFile, Association]] = {}  # destination -> the file it is sent now
+        self._cut_at_stop: dict[str, SendableFile] = {}  # destination -> its file cut off by the stop
         self._busy_lock = threading.Lock()
 
     @property
@@ -312,11 +328,48 @@ class Dispatcher(PeriodicTask):
         return self.settings.dispatch
 
     def stop(self) -> None:
-        """Start no further attempt, and send no further file (the one at a destination is not cut off), then stop
-        the passes. Called before the node gives its lock on the database back: no send asks for the lock after."""
+        """Start no further attempt and send no further file, stop the passes, then wait for the sends to end.
+
+        Called before the node gives its lock on the database back: no send runs, nor asks for the lock, after.
+        A file still unanswered ``dispatch.timeout_seconds`` after the stop is cut off (see the class).
+        """
         with self._fence:
             self._stopping.set()
         super().stop()
+        with self._busy_lock:
+            from_a_send = threading.current_thread() in self._sends.values()
+        if not from_a_send:  # a send that found the lock lost stops the dispatcher too: it cannot wait for itself
+            self._end_sends()
+
+    def _end_sends(self) -> None:
+        """Wait for each send; cut off the file still unanswered after ``dispatch.timeout_seconds``."""
+        limit = self._dispatch.timeout_seconds
+        deadline = time.monotonic() + limit
+        with self._busy_lock:
+            sends = dict(self._sends)
+        for thread in sends.values():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        running = {name: thread for name, thread in sends.items() if thread.is_alive()}
+        if not running:
+            return
+        with self._busy_lock:
+            in_flight = {name: self._in_flight[name] for name in running if name in self._in_flight}
+            self._cut_at_stop.update({name: result for name, (result, _) in in_flight.items()})
+        for _, assoc in in_flight.values():
+            shut_down(assoc)  # the send waiting for the answer returns at once, without it
+        deadline = time.monotonic() + SEND_END_WAIT_SECONDS
+        for name, thread in running.items():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    "dispatch.send_not_ended",
+                    destination=name,
+                    reason=f"the send to {name} had not ended {limit + SEND_END_WAIT_SECONDS:g} s after the node was "
+                    "asked to stop (it may be waiting for the database to record a delivery); the node stops all "
+                    "the same, and a file whose delivery was not recorded is sent again when the node runs again",
+                )
 
     def run_once(self, now: datetime | None = None) -> None:
         """One pass over SENDING jobs: each idle destination gets the oldest job that is due for it."""
@@ -338,6 +391,8 @@ class Dispatcher(PeriodicTask):
                     thread = threading.Thread(
                         target=self._send_guarded, args=(job_id, name), name=f"dispatch-{name}", daemon=True
                     )
+                    with self._busy_lock:
+                        self._sends[name] = thread  # before it starts: a stop waits for it
                     thread.start()
 
     def _still_ours(self) -> bool:
@@ -419,6 +474,8 @@ class Dispatcher(PeriodicTask):
         finally:
             with self._busy_lock:
                 self._busy.discard(destination)
+                self._sends.pop(destination, None)
+                self._in_flight.pop(destination, None)
 
     def _count_crashed_attempt(self, job_id: int, destination: str, started: datetime, key: RunKey | None) -> None:
         error = f"the attempt to send to {destination} stopped on an unexpected error (logged with job id {job_id})"
@@ -455,12 +512,17 @@ class Dispatcher(PeriodicTask):
                 seconds_per_megabyte=self._dispatch.seconds_per_megabyte,
                 on_accepted=lambda result, status: self._record_delivery(job_id, name, result, status),
                 stop_reason=lambda: self._stop_reason(job_id, key),
+                on_sending=lambda result, assoc: self._note_in_flight(name, result, assoc),
             )
-            error = outcome.error
+            with self._busy_lock:
+                cut_off = self._cut_at_stop.pop(name, None)
+            if cut_off is not None and (cut_off.path in outcome.sent or outcome.error in (None, NODE_STOPPING)):
+                cut_off = None  # its answer came (the stop then cut nothing off)
+            error = outcome.error if cut_off is None else self._cut_off_at_stop(destination, cut_off)
             self._audit(job_id, destination, len(outcome.sent), len(pending), error)
             if self._fenced.is_set():
                 return  # the node that holds the lock now counts its own attempts
-            if error == NODE_STOPPING:
+            if error == NODE_STOPPING or cut_off is not None:
                 self._not_counted(job_id, name, "dispatch.stopped_at_node_stop", error, len(outcome.sent), len(pending))
                 return  # the next start sends the rest
             if outcome.node_waited:
@@ -470,6 +532,19 @@ class Dispatcher(PeriodicTask):
                 self._finish_attempt(job_id, name, error, now, key, unreachable=True)
                 return
         self._finish_attempt(job_id, name, error, now, key)
+
+    def _note_in_flight(self, name: str, result: SendableFile, assoc: Association) -> None:
+        with self._busy_lock:
+            self._in_flight[name] = (result, assoc)
+
+    def _cut_off_at_stop(self, destination: Destination, result: SendableFile) -> str:
+        """Why the file at ``destination`` was cut off by the stop, and that it is sent again."""
+        return (
+            f"sending stopped: this node is stopping, and {destination.ae_title} had not answered {result.name} "
+            f"{self._dispatch.timeout_seconds:g} s after the stop (dispatch.timeout_seconds), so the node cut the "
+            f"association off; {result.name} (SOP Instance UID {result.sop_instance_uid}) and the files not yet "
+            f"sent are sent again when the node runs again"
+        )
 
     @staticmethod
     def _not_counted(job_id: int, name: str, event: str, error: str | None, sent: int, pending: int) -> None:

@@ -17,6 +17,9 @@ from dicom_node.logs import log_event
 REPEATED_FAILURE_LOG_SECONDS = 60.0
 """While passes keep failing (a damaged or unreachable database), one ``pass_failed`` line this often."""
 
+STOP_WAIT_LOG_SECONDS = 30.0
+"""While a stop waits for a pass that has not ended, one ``stop_waiting`` line this often, naming the task."""
+
 
 class PeriodicTask:
     """Calls :meth:`run_once` every :attr:`interval_seconds` until stopped.
@@ -47,9 +50,29 @@ class PeriodicTask:
         self._thread.start()
 
     def stop(self) -> None:
+        """Run no further pass, and return once the pass in progress has ended: never while it still writes.
+
+        A pass still running :data:`STOP_WAIT_LOG_SECONDS` after the stop is named in the log (``stop_waiting``),
+        and again at each such interval, while the stop goes on waiting for it.
+        """
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return  # asked from its own pass (the loop ends once that pass returns), or not running
+        started = time.monotonic()
+        self._thread.join(timeout=STOP_WAIT_LOG_SECONDS)
+        while self._thread.is_alive():
+            waited = time.monotonic() - started
+            log_event(
+                self._log,
+                logging.WARNING,
+                f"{self.name}.stop_waiting",
+                task=self.name,
+                waited_seconds=round(waited),
+                reason=f"the {self.name} task (thread {self._thread.name}) had not finished its pass {waited:.0f} s "
+                "after the node was asked to stop (it may be waiting for a locked database or a slow disk); the stop "
+                "waits for it, so that nothing the pass writes is cut off",
+            )
+            self._thread.join(timeout=STOP_WAIT_LOG_SECONDS)
 
     def _run(self) -> None:
         failures = 0  # passes failed in a row

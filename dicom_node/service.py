@@ -34,9 +34,11 @@ from dicom_node.watcher import SeriesWatcher
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
 from dicom_node.worker import (
+    INTERPRETER_START_SECONDS,
     IdlePulse,
     LeaseSweep,
     OverdueLease,
+    first_beat_limit,
     idle_silence_limit,
     log_worker_death,
     requeue_jobs_of_previous_run,
@@ -62,7 +64,9 @@ class WorkerSupervisor:
 
     A worker holding no job renews no lease: each one counts beats in memory shared with this supervisor
     (:class:`~dicom_node.worker.IdlePulse`), read every check; one whose beats stop for
-    :func:`~dicom_node.worker.idle_silence_limit` (frozen, or stuck in a database query) is ended and replaced.
+    :func:`~dicom_node.worker.idle_silence_limit` (frozen, or stuck in a database query) is ended and replaced. A
+    worker beats while it starts too: one that shows no sign of life within
+    :func:`~dicom_node.worker.first_beat_limit` of its start (frozen before it was ready) is ended the same way.
     """
 
     CHECK_SECONDS = 0.5
@@ -80,6 +84,7 @@ class WorkerSupervisor:
         self._claims_seen: dict[tuple[int, int, str], float] = {}  # (job, claim number, worker) -> first seen
         self._ended: set[str] = set()  # ids ("host:pid") of the workers this supervisor ended
         self._pulses: dict[int | None, IdlePulse] = {}  # pid -> the worker's sign of life while idle
+        self._spawned_at: dict[int | None, float] = {}  # pid -> time.monotonic() when it was started
         self._beats_seen: dict[int | None, tuple[int, float]] = {}  # pid -> (its beats, time.monotonic() then)
         self._next_hang_check = 0.0
         self._last_check_failure: str | None = None  # the last look's error, logged with its trace once
@@ -98,6 +103,7 @@ class WorkerSupervisor:
         )
         process.start()
         self._pulses[process.pid] = pulse
+        self._spawned_at[process.pid] = time.monotonic()
         log_event(LOG, logging.INFO, "worker.started", worker=number, pid=process.pid)
         return process
 
@@ -134,33 +140,50 @@ class WorkerSupervisor:
     # --- hung workers -------------------------------------------------------------------------
 
     def end_silent_idle_workers(self) -> None:
-        """End (and replace) each worker that has held no job and shown no sign of life for the idle limit.
+        """End (and replace) each worker that has held no job and shown no sign of life for the idle limit, or
+        shown none at all within the first-beat limit of its start.
 
         A job it claimed just before it froze (its claim recorded, not yet marked held in memory) is released
         as a dead worker's would be.
         """
-        limit = idle_silence_limit(self.settings)
         now = time.monotonic()
         running = self._local_workers()
         self._pulses = {pid: pulse for pid, pulse in self._pulses.items() if worker_id(pid=pid) in running}
+        self._spawned_at = {pid: at for pid, at in self._spawned_at.items() if pid in self._pulses}
         self._beats_seen = {pid: seen for pid, seen in self._beats_seen.items() if pid in self._pulses}
         for number, process in running.values():
             pulse = self._pulses.get(process.pid)
             if pulse is None:
                 continue
             beats, holding = pulse.read()
-            seen, since = self._beats_seen.get(process.pid, (-1, now))
-            if holding or beats == 0 or beats != seen:  # busy (its lease shows it alive), starting, or alive
+            seen, since = self._beats_seen.get(process.pid, (0, self._spawned_at.get(process.pid, now)))
+            if holding or beats != seen:  # busy (its lease shows it alive), or alive
                 self._beats_seen[process.pid] = (beats, now)
                 continue
-            if now - since >= limit:
-                why = (
-                    f"it showed no sign of life for {now - since:.0f} s while it held no job (frozen, or stuck in a "
-                    f"database query; the limit is {limit:g} s, set by inference.lease_seconds and "
-                    "database.busy_timeout_seconds)"
-                )
+            why = self._silence(beats, now - since)
+            if why is not None:
                 self._end(number, process, why)
                 self._release_jobs_of(process.pid)
+
+    def _silence(self, beats: int, silent_for: float) -> str | None:
+        """Why a worker silent for ``silent_for`` s (``beats`` so far: 0 if it never beat) is ended, or None."""
+        if beats == 0:
+            limit = first_beat_limit(self.settings)
+            if silent_for < limit:
+                return None
+            return (
+                f"it showed no sign of life in the {silent_for:.0f} s since it was started (frozen before it was "
+                f"ready; the limit is {limit:g} s: the idle limit, set by inference.lease_seconds and "
+                f"database.busy_timeout_seconds, plus {INTERPRETER_START_SECONDS:g} s to start)"
+            )
+        limit = idle_silence_limit(self.settings)
+        if silent_for < limit:
+            return None
+        return (
+            f"it showed no sign of life for {silent_for:.0f} s while it held no job (frozen, or stuck in a "
+            f"database query; the limit is {limit:g} s, set by inference.lease_seconds and "
+            "database.busy_timeout_seconds)"
+        )
 
     def check_hung_workers(self) -> None:
         """Take jobs from workers that ran past the time limit or stopped renewing their lease (see the class).

@@ -16,9 +16,11 @@ lease was lost, keeps its new state and the stale result is discarded.
 
 A worker of ``serve`` that freezes while it holds no job (stopped, or stuck in a database query) renews no
 lease; it counts beats in memory it shares with ``serve`` (:class:`IdlePulse`), which ends and replaces it once
-they stop for :func:`idle_silence_limit`. A ``dicom-node worker`` (no supervisor of its own on its host) keeps
-``inference.job_timeout_minutes`` itself (:class:`JobTimeLimit`): past it the job is given up, and the process
-exits if the job has not stopped within ``inference.shutdown_grace_seconds``, for its service manager to restart.
+they stop for :func:`idle_silence_limit`. While it starts (loading its models) a thread of its own beats, so one
+frozen before it is ready is ended too, once it shows no sign of life within :func:`first_beat_limit`. A
+``dicom-node worker`` (no supervisor of its own on its host) keeps ``inference.job_timeout_minutes`` itself
+(:class:`JobTimeLimit`): past it the job is given up, and the process exits if the job has not stopped within
+``inference.shutdown_grace_seconds``, for its service manager to restart.
 
 On SIGTERM the worker finishes its job for up to ``inference.shutdown_grace_seconds``,
 then hands it back (queued again, not counted as a death) and exits.
@@ -74,6 +76,10 @@ LOCKED_RETRY_PAUSE_SECONDS = 5.0
 """The longest pause between two tries of a transaction against a locked database (``retry_when_locked``)."""
 EXIT_JOB_OVER_TIME = 3
 """Exit status of a ``dicom-node worker`` whose job ran past its time limit and could not be stopped."""
+START_BEAT_SECONDS = 1.0
+"""How often a worker of ``serve`` beats while it starts (before its loop beats)."""
+INTERPRETER_START_SECONDS = 60.0
+"""Allowed for a new worker process to start Python and import its libraries, before its first beat."""
 
 
 def prefetch_enabled(settings: Settings) -> bool:
@@ -133,11 +139,18 @@ def idle_silence_limit(settings: Settings) -> float:
     return max(inference.lease_seconds, locked_wait) + inference.poll_seconds
 
 
+def first_beat_limit(settings: Settings) -> float:
+    """How long after its start a new worker of ``serve`` may go without its first beat before it is ended as
+    frozen: :func:`idle_silence_limit` plus :data:`INTERPRETER_START_SECONDS` to start Python and import."""
+    return idle_silence_limit(settings) + INTERPRETER_START_SECONDS
+
+
 class InferenceWorker:
     """Claims one job at a time from the database, runs its pipeline under a lease, records the outcome.
 
     ``pulse``: where a worker of ``serve`` shows it is alive while idle. ``own_time_limit``: the worker gives up a
     job past ``inference.job_timeout_minutes`` itself (a ``dicom-node worker``, which no ``serve`` can end).
+    ``ready``: set once the models are loaded (the start-up beats of :func:`run_worker` then stop).
     """
 
     def __init__(
@@ -148,13 +161,14 @@ class InferenceWorker:
         *,
         pulse: IdlePulse | None = None,
         own_time_limit: bool = False,
+        ready: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.identity = identity or worker_id()
         self.pulse = pulse
         self.own_time_limit = own_time_limit
-        self._ready = False  # beats start once the models are loaded: serve judges no start-up by them
+        self.ready = ready or threading.Event()  # the loop's beats start once the models are loaded
         self.models = ModelCache(settings)
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
@@ -171,7 +185,7 @@ class InferenceWorker:
         self.models.load_all()
         warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
         log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
-        self._ready = True
+        self.ready.set()
         try:
             while not stop.is_set():
                 self._beat()
@@ -205,7 +219,7 @@ class InferenceWorker:
 
     def _beat(self) -> None:
         """A sign of life while idle, for ``serve`` (none before the worker is ready, or without a pulse)."""
-        if self.pulse is not None and self._ready:
+        if self.pulse is not None and self.ready.is_set():
             self.pulse.beat()
 
     # --- dead workers -------------------------------------------------------------------------
@@ -782,6 +796,9 @@ def run_worker(
     from dicom_node.logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
+    ready = threading.Event()
+    if pulse is not None:  # before anything that may hang: serve ends a worker that never beats
+        threading.Thread(target=_beat_while_starting, args=(pulse, ready), name="start-pulse", daemon=True).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -794,6 +811,7 @@ def run_worker(
         worker_id(name),
         pulse=pulse,
         own_time_limit=parent_pid is None,
+        ready=ready,
     )
     done = threading.Event()
     threading.Thread(
@@ -801,6 +819,14 @@ def run_worker(
     ).start()
     worker.run(stop)
     done.set()
+
+
+def _beat_while_starting(pulse: IdlePulse, ready: threading.Event) -> None:
+    """Beat every :data:`START_BEAT_SECONDS` until the worker is ready: a frozen process (all its threads
+    stopped) shows no sign of life, while one loading large models or waiting for a locked database does."""
+    pulse.beat()
+    while not ready.wait(START_BEAT_SECONDS):
+        pulse.beat()
 
 
 EXIT_STALL_SECONDS = 10.0
