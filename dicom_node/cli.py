@@ -751,7 +751,9 @@ def _is_ae_title(title: str) -> bool:
 
 @weights_app.command("list")
 def weights_list(config: ConfigOption = None) -> None:
-    """Which TotalSegmentator tasks have all their weights, in the weights folder and in each model's own folder."""
+    """Which TotalSegmentator tasks have all their weights, in the weights folder and in each model's own folder,
+    and for each installed one the weights' identity as results name it (folders and SHA-256), checked against
+    the hashes recorded at install."""
     from inference.weights import installed
 
     settings = _settings(config)
@@ -763,7 +765,23 @@ def weights_list(config: ConfigOption = None) -> None:
     for folder, label in folders.items():
         console.print(f"{label}: {folder}", highlight=False)
         for task, present in installed(folder).items():
-            console.print(f"  {task:<11} {'installed' if present else 'missing'}", highlight=False)
+            state = f"installed  {_installed_identity(task, folder)}" if present else "missing"
+            console.print(f"  {task:<11} {escape(state)}", highlight=False)
+
+
+def _installed_identity(task: str, folder: Path) -> str:
+    """How results name ``task``'s weights in ``folder`` (its datasets and SHA-256 over their files), or why the
+    node would refuse to load them."""
+    from inference.weights import WeightsCorrupt, WeightsMissing, identify, model_folders
+
+    try:
+        identity = identify(task, model_folders(task, folder))
+    except (WeightsCorrupt, WeightsMissing) as exc:
+        return f"but not usable: {exc}"
+    except OSError as exc:
+        return f"but not readable: {_describe_os_error(exc)}"
+    test = " (test weights: random or untrained, results are not for clinical use)" if identity.test_weights else ""
+    return f"sha256:{identity.sha256}{test}"
 
 
 ModelOption = Annotated[
@@ -927,6 +945,12 @@ def weights_import(
         raise typer.Exit(1) from None
     for folder in added:
         console.print(f"imported {folder}", highlight=False)
+    if added:
+        console.print(
+            "A node already running keeps the weights it has loaded until it is restarted; each result names the "
+            "weights it was made with (`dicom-node weights list` shows the SHA-256 installed now).",
+            highlight=False,
+        )
 
 
 @app.command()

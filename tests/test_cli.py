@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 
-from inference.weights import TASK_DATASETS
+from inference.weights import TASK_DATASETS, identify, model_folders
 from tests.conftest import DICOM_NODE, require_extra
 
 
@@ -55,6 +55,15 @@ def test_weights_import_installs_a_release_zip_and_list_shows_it(tmp_path, monke
     assert (tmp_path / "storage" / "weights" / dataset / trainer / "fold_0" / "checkpoint_final.pth").is_file()
     assert (tmp_path / "storage" / "weights" / dataset / trainer / "dicom-node-weights.json").is_file()
     assert "total_fast  installed" in after.stdout and "total       missing" in after.stdout
+    assert "restarted" in imported.stdout, "the import says a running node keeps the weights it loaded"
+    identity = identify("total_fast", model_folders("total_fast", tmp_path / "storage" / "weights"))
+    assert f"sha256:{identity.sha256}" in after.stdout and "test weights" in after.stdout
+
+    checkpoint = tmp_path / "storage" / "weights" / dataset / trainer / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"changed")
+    changed = run("weights", "list", config=config)
+    assert changed.returncode == 0, changed.stderr
+    assert "total_fast  installed  but not usable" in changed.stdout and identity.sha256 not in changed.stdout
 
 
 def test_weights_import_refuses_other_zips(tmp_path):
