@@ -315,7 +315,8 @@ class NodeLock:
     second node started by mistake) would each dispatch every result: the PACS would get every file twice.
     On PostgreSQL the lock is a session advisory lock on a connection of its own (given back by the server
     when the node's process or host dies); on SQLite an exclusive ``flock`` on ``<database>.serve-lock``
-    beside the database file (given back by the kernel when the process dies). Workers do not take it.
+    beside the database file, the link followed when its path is a symbolic link (given back by the kernel when the
+    process dies). Workers do not take it.
 
     On SQLite the lock also stands for the database file the node opened: a file replaced under the running node
     (a backup moved over it, as a restore does) counts as the lock lost (:meth:`confirm`), since the node's open
@@ -365,9 +366,13 @@ class NodeLock:
 
     @property
     def lock_file(self) -> Path | None:
-        """The SQLite lock file; None for PostgreSQL or an in-memory database."""
+        """The SQLite lock file, beside the database file itself (symbolic links followed, so a node that names the
+        file through a link locks the same file as one that names it directly); None for PostgreSQL or in memory."""
         database = self._sqlite_file
-        return database.with_name(database.name + ".serve-lock") if database is not None else None
+        if database is None:
+            return None
+        real = database.resolve()
+        return real.with_name(real.name + ".serve-lock")
 
     def try_take(self, *, unreachable_is_busy: bool = True) -> bool:
         """Take the lock if no other node holds it; True when this node holds it now.

@@ -29,6 +29,7 @@ from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
+from dicom_node.storage_lock import StorageLock, StorageRefused, database_identity, describe_database
 from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
@@ -330,6 +331,7 @@ class RunningNode:
     retention: RetentionTask
     console: ConsoleServer | None = None
     node_lock: db_session.NodeLock | None = None
+    storage_lock: StorageLock | None = None
 
     def stop(self) -> None:
         if self.console is not None:
@@ -340,6 +342,8 @@ class RunningNode:
         self.workers.stop()
         self.dispatcher.stop()
         self.retention.stop()
+        if self.storage_lock is not None:  # first: a node waiting for the database lock then finds both free
+            self.storage_lock.release()
         if self.node_lock is not None:
             self.node_lock.release()
         log_event(LOG, logging.INFO, "node.stopped")
@@ -502,8 +506,14 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
     # Before migrating: a second node must not change the first one's schema.
     node_lock = take_node_lock(settings, stopping=stopping)
     try:
+        storage_lock = take_storage_lock(settings, stopping=stopping)  # before repair: it deletes and overwrites
+    except BaseException:
+        node_lock.release()
+        raise
+    try:
         sessions = open_database(settings)
     except BaseException:
+        storage_lock.release()
         node_lock.release()
         raise
     stop_first: list[PeriodicTask] = []  # what sends or deletes: stopped at once if the lock is lost
@@ -550,6 +560,7 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
         retention=retention,
         console=console,
         node_lock=node_lock,
+        storage_lock=storage_lock,
     )
 
 
@@ -612,6 +623,65 @@ def take_node_lock(
             raise StoppedWhileStarting
         if stopping is None:
             time.sleep(NODE_LOCK_RETRY_SECONDS)
+    return lock
+
+
+def take_storage_lock(settings: Settings, stopping: threading.Event | None = None) -> StorageLock:
+    """Hold the storage folder's lock while this node runs, and check the folder is this database's.
+
+    Taken once this node holds the database lock, before anything is repaired or received. A folder held by a
+    `serve` on another database refuses the start at once (both would repair, overwrite and delete each other's
+    files); one held by a `serve` on this database (it lost the database lock to this one, and is stopping) is
+    waited for, logged once a minute. ``stopping`` set while waiting raises StoppedWhileStarting.
+
+    Raises
+    ------
+    DatabaseUnavailable
+        When another database's `serve` holds the folder, or the folder records another database.
+    """
+    directory = settings.storage.directory
+    database = database_identity(settings.database_url, directory)
+    lock = StorageLock(directory, database, node=f"{settings.network.ae_title} on {worker_id()}")
+    started, logged = time.monotonic(), -NODE_LOCK_LOG_SECONDS
+    while (holder := lock.try_take()) is not None:
+        if holder.database and holder.database != database:
+            raise DatabaseUnavailable(
+                f"storage.directory {directory} is in use by another dicom-node serve ({holder.node or 'unknown'}) "
+                f"on {describe_database(holder.database)}; this node uses {describe_database(database)}. Each "
+                "database needs a storage folder of its own: two nodes on one folder would overwrite and delete "
+                "each other's files"
+            )
+        waited = time.monotonic() - started
+        if waited - logged >= NODE_LOCK_LOG_SECONDS:
+            logged = waited
+            log_event(
+                LOG,
+                logging.WARNING,
+                "node.waiting_for_storage",
+                directory=str(directory),
+                holder=holder.node or "unknown",
+                waited_seconds=round(waited),
+                note=f"the dicom-node serve {holder.node or 'that held this database before'} still holds storage "
+                f"folder {directory} while it stops; this one starts once it has stopped",
+            )
+        if stopping is not None and stopping.wait(NODE_LOCK_RETRY_SECONDS):
+            raise StoppedWhileStarting
+        if stopping is None:
+            time.sleep(NODE_LOCK_RETRY_SECONDS)
+    try:
+        adopted = lock.claim_for_database()
+    except StorageRefused as refused:
+        lock.release()
+        raise DatabaseUnavailable(str(refused)) from None
+    if adopted:
+        log_event(
+            LOG,
+            logging.INFO,
+            "node.storage_recorded",
+            directory=str(directory),
+            note=f"storage folder {directory} is recorded as the folder of {describe_database(database)} (in "
+            f"{lock.database_file}); a dicom-node serve on another database is refused on it",
+        )
     return lock
 
 
