@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from functools import partial as partial_function
 from pathlib import Path
 
@@ -52,11 +53,46 @@ def result_series_number(name: str, run: int = 1) -> int:
     return 9700 + 100 * (max(run, 1) - 1) + RESULT_SERIES_OFFSETS[name]
 
 
-def stamp_series_date_time(dataset: Dataset) -> None:
-    """SeriesDate/SeriesTime: when the result was made (its content date and time, or now)."""
-    now = datetime.now()
-    dataset.SeriesDate = dataset.get("ContentDate") or now.strftime("%Y%m%d")
-    dataset.SeriesTime = dataset.get("ContentTime") or now.strftime("%H%M%S")
+MADE_AT_PREFIXES = ("InstanceCreation", "Series", "Content", "StructureSet")
+"""The dates and times (``<prefix>Date``/``<prefix>Time``) that say when a result was made."""
+UTC_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def stamp_date_time(dataset: Dataset, source: Dataset) -> None:
+    """When the result was made, all in one time zone named by TimezoneOffsetFromUTC.
+
+    The creation, series, content and (RTSTRUCT) structure set dates and times are set to one instant: in the
+    source's own TimezoneOffsetFromUTC when it has a valid one (the copied StudyDate/StudyTime keep their meaning),
+    else in the encoding host's zone, whose offset then is recorded, so workers in different zones agree in UTC.
+    """
+    zone = _source_zone(source)
+    made = datetime.now(zone) if zone is not None else datetime.now().astimezone()
+    for prefix in MADE_AT_PREFIXES:
+        if prefix in ("InstanceCreation", "Series") or f"{prefix}Date" in dataset:
+            setattr(dataset, f"{prefix}Date", made.strftime("%Y%m%d"))
+            setattr(dataset, f"{prefix}Time", made.strftime("%H%M%S"))
+    dataset.TimezoneOffsetFromUTC = utc_offset_text(made)
+
+
+def _source_zone(source: Dataset) -> timezone | None:
+    """The fixed zone of the source's TimezoneOffsetFromUTC ("+HHMM"/"-HHMM", -1200 to +1400); None (this host's
+    local zone) when it has none or one that is not a valid offset."""
+    found = UTC_OFFSET.match(str(source.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if found is None or int(found.group(3)) >= 60:
+        return None
+    minutes = int(found.group(2)) * 60 + int(found.group(3))
+    offset = timedelta(minutes=-minutes if found.group(1) == "-" else minutes)
+    if not timedelta(hours=-12) <= offset <= timedelta(hours=14):
+        return None
+    return timezone(offset)
+
+
+def utc_offset_text(moment: datetime) -> str:
+    """The UTC offset of an aware ``moment`` as TimezoneOffsetFromUTC writes it: "+HHMM" or "-HHMM"."""
+    offset = moment.utcoffset() or timedelta(0)
+    sign = "-" if offset < timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
 
 
 def encode_results(
@@ -123,7 +159,7 @@ def encode_results(
             budget=rtstruct_budget,
             notes=warnings,
         )
-        stamp_series_date_time(structure_set)
+        stamp_date_time(structure_set, sources[0])
         rtstruct_path = folder / "rtstruct.dcm"
         structure_set.save_as(rtstruct_path, enforce_file_format=True)
     for kind in segmentation_types:
@@ -138,7 +174,7 @@ def encode_results(
             tracking_uids=tracking,
             notes=warnings,
         )
-        stamp_series_date_time(seg.dataset)
+        stamp_date_time(seg.dataset, sources[0])
         seg_path = folder / f"seg-{kind.lower()}.dcm"
         write_segmentation(seg.dataset, seg_path)
         sr_path = folder / f"sr-{kind.lower()}.dcm"
@@ -156,7 +192,7 @@ def encode_results(
             device_uid=device_uid,
         )
         sr.SeriesDescription = describe(RESULT_TITLES[f"sr-{kind.lower()}"])
-        stamp_series_date_time(sr)
+        stamp_date_time(sr, sources[0])
         sr.save_as(sr_path)
         written += [ResultFile(ResultKind.SEG, str(seg_path), kind), ResultFile(ResultKind.SR, str(sr_path), kind)]
     if rtstruct:
