@@ -350,12 +350,31 @@ def test_results_of_lossy_sources_say_lossy_compression_with_what_is_known(tmp_p
     flag, ratios, methods = expected
     for name, path in results.items():
         result = pydicom.dcmread(path)
+        if result.Modality == "SR":  # the IOD has no such attribute: its comment says the figures come from lossy images
+            said = "lossy compressed" in _comment(result)
+            assert said == (flag == "01"), name
+            if ratios and flag == "01":
+                assert f"ratio {ratios[0]}:1" in _comment(result), name
         if result.Modality != "SEG":  # only the SEG's IOD has the attribute: the SR and RTSTRUCT leave it out
             assert not any(keyword in result for keyword in LOSSY_KEYWORDS), name
             continue
         assert result.LossyImageCompression == flag, name
         assert _values(result, "LossyImageCompressionRatio") == ratios, name
         assert _values(result, "LossyImageCompressionMethod") == methods, name
+
+
+def _comment(sr: pydicom.Dataset) -> str:
+    """Every TEXT content item's value in the SR, joined (the caveats are one numbered Comment)."""
+    texts: list[str] = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.get("ValueType") == "TEXT":
+                texts.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return "\n".join(texts)
 
 
 def _values(dataset: pydicom.Dataset, keyword: str) -> list[str] | None:

@@ -16,6 +16,15 @@ from pydicom.dataset import Dataset
 
 from db.results import ResultFile, ResultKind
 from dicom_node.encode.codes import display_label
+from dicom_node.encode.lossy import (
+    HTJ2K,
+    JPEG_2000_IRREVERSIBLE,
+    JPEG_LOSSY,
+    JPEG_LS_NEAR_LOSSLESS,
+    JPEG_XL,
+    LossyHistory,
+    lossy_history,
+)
 from dicom_node.encode.measurements import StructureMeasurement
 from dicom_node.encode.preview import write_preview
 from dicom_node.encode.rtstruct import ContourBudget, encode_rtstruct
@@ -95,6 +104,30 @@ def utc_offset_text(moment: datetime) -> str:
     return f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
 
 
+LOSSY_METHOD_NAMES = {
+    JPEG_LOSSY: "JPEG",
+    JPEG_LS_NEAR_LOSSLESS: "JPEG-LS near-lossless",
+    JPEG_2000_IRREVERSIBLE: "JPEG 2000",
+    HTJ2K: "HTJ2K",
+    JPEG_XL: "JPEG XL",
+}
+
+
+def lossy_caveat(history: LossyHistory | None) -> str | None:
+    """The sentence a result's SR carries when its source images went through lossy compression (the SEG says so in
+    LossyImageCompression; the SR and RTSTRUCT define no such attribute), naming methods and ratios where known."""
+    if history is None:
+        return None
+    methods = [LOSSY_METHOD_NAMES.get(method, method) for method in history.methods]
+    if history.ratios:
+        methods = [f"{method}, ratio {ratio}:1" for method, ratio in zip(methods, history.ratios, strict=True)]
+    how = f" ({'; '.join(methods)})" if methods else ""
+    return (
+        f"the CT images were lossy compressed{how} before they reached the node: volumes and mean HU are measured on "
+        "the decompressed images and can differ slightly from measurements on the original images"
+    )
+
+
 def encode_results(
     volume: Volume,
     segmentation: Segmentation,
@@ -136,6 +169,9 @@ def encode_results(
         parameters=tuple(run_parameters(model).items()),
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels, warnings)
+    caveat = lossy_caveat(lossy_history(sources))
+    if caveat is not None and caveat not in warnings:
+        warnings.append(caveat)  # the SR's comment says so: its figures come from the decompressed images
     source_series = str(sources[0].get("SeriesNumber", "") or "").strip() or None
     describe = partial_function(
         algorithm.series_description, attempt=attempt, partial=partial, source_series=source_series
