@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
@@ -55,6 +57,7 @@ from dicom_node.periodic import PeriodicTask
 from dicom_node.scu import not_established, unresolvable
 from dicom_node.security import client_tls
 from dicom_node.stall import CUT_GRACE_SECONDS, shut_down, stalled, watchdog
+from dicom_node.transfer_syntax import NotConverted, converted, offered_pairs, syntax_to_send
 
 LOG = logging.getLogger(__name__)
 
@@ -162,7 +165,9 @@ def send_files(
     stop_reason: Callable[[], str | None] | None = None,
     on_sending: Callable[[SendableFile, Association], None] | None = None,
 ) -> SendOutcome:
-    """C-STORE ``files`` over one association, negotiating only the SOP classes and syntaxes sent.
+    """C-STORE ``files`` over one association, negotiating only the SOP classes sent: each in its stored syntax,
+    Explicit and Implicit VR Little Endian; a file goes as stored where the destination accepts that, else
+    converted without loss to the syntax it accepted (:mod:`dicom_node.transfer_syntax`).
 
     Parameters
     ----------
@@ -185,7 +190,7 @@ def send_files(
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    for sop_class, syntax in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in results}):
+    for sop_class, syntax in sorted(offered_pairs((f.sop_class_uid, f.transfer_syntax_uid) for f in results)):
         ae.add_requested_context(sop_class, syntax)
     try:
         assoc = ae.associate(
@@ -210,11 +215,18 @@ def send_files(
             why = stop_reason() if stop_reason is not None else None
             if why is not None:
                 return SendOutcome(sent, why)
-            if (result.sop_class_uid, result.transfer_syntax_uid) not in accepted:
+            sent_in = syntax_to_send(result.sop_class_uid, result.transfer_syntax_uid, accepted)
+            if sent_in is None:
                 refusals.append(
                     f"{destination.ae_title} does not accept SOP class {result.sop_class_uid} "
-                    f"in transfer syntax {result.transfer_syntax_uid} ({result.name})"
+                    f"in transfer syntax {result.transfer_syntax_uid}, nor in Explicit or Implicit VR Little Endian "
+                    f"({result.name})"
                 )
+                continue
+            try:
+                sendable = result.path if sent_in == result.transfer_syntax_uid else _converted(result, sent_in)
+            except ConversionFailed as exc:
+                refusals.append(str(exc))
                 continue
             if not assoc.is_established:  # closed by the peer, or cut by the watchdog, after the last response
                 if recorded is not None and recorded[1] >= RECORD_WAIT_NOTICED_SECONDS:
@@ -227,7 +239,7 @@ def send_files(
                 on_sending(result, assoc)
             started = time.monotonic()
             with watchdog(assoc, wait + CUT_GRACE_SECONDS, name="dispatch-watchdog") as cut:
-                response = assoc.send_c_store(result.path)
+                response = assoc.send_c_store(sendable)
             status = int(response.Status) if response and "Status" in response else None
             if status is None and cut.is_set():
                 return SendOutcome(sent, _stalled(destination, result, time.monotonic() - started))
@@ -246,6 +258,31 @@ def send_files(
             with watchdog(assoc, timeout + CUT_GRACE_SECONDS, name="dispatch-watchdog"):
                 assoc.release()
     return SendOutcome(sent, "; ".join(refusals) or None)
+
+
+class ConversionFailed(ValueError):
+    """A result file that could not be converted to the syntax its destination accepted; the message says why."""
+
+
+def _converted(result: SendableFile, syntax: str) -> Dataset:
+    """The result file read and converted to ``syntax`` (one its destination accepted instead of the stored one).
+
+    Raises
+    ------
+    ConversionFailed
+        Saying which file could not be converted, and why.
+    """
+    try:
+        dataset = converted(dcmread(result.path), syntax, result.name)
+    except NotConverted as exc:
+        raise ConversionFailed(str(exc)) from None
+    except (OSError, ValueError, RuntimeError, NotImplementedError):
+        raise ConversionFailed(
+            f"{result.name} could not be read or converted to {UID(syntax).name}, the only form its destination "
+            "accepts (damaged on disk?)"
+        ) from None
+    log_event(LOG, logging.INFO, "dispatch.converted", file=result.name, sent=f"converted to {UID(syntax).name}")
+    return dataset
 
 
 def _ended_while_recording(destination: Destination, recorded: SendableFile, waited: float) -> str:

@@ -99,6 +99,7 @@ from dicom_node.security import (
     require_role,
     start_guarded_server,
 )
+from dicom_node.transfer_syntax import uid_name
 
 LOG = logging.getLogger(__name__)
 
@@ -774,6 +775,52 @@ def _on_accepted(event: evt.Event) -> None:
         address=requestor.address,
         receiver=os.getpid(),
     )
+    rejected = rejected_contexts(event.assoc)
+    if rejected:  # the peer finds out only when its send fails: the log says which kinds of objects, and why
+        log_throttled(
+            LOG,
+            logging.WARNING,
+            "association.contexts_rejected",
+            (requestor.address, requestor.ae_title),
+            calling_ae=requestor.ae_title,
+            address=requestor.address,
+            reason=f"the node did not accept these kinds of objects from {requestor.ae_title} at "
+            f"{requestor.address}: {rejected}",
+        )
+
+
+CONTEXT_REJECTIONS_NAMED = 10
+"""The most rejected presentation contexts one log line names (a peer may propose over a hundred)."""
+
+
+def rejected_contexts(assoc: Any) -> str:
+    """The presentation contexts the node rejected on ``assoc``: why, and for which SOP classes; "" if none.
+
+    Those a C-GET requestor proposed only to receive (SCP role) are left out: it offers every kind it can store,
+    and the node sends none that it does not hold."""
+    receiving = {str(uid) for uid, item in assoc.requestor.role_selection.items() if getattr(item, "scp_role", False)}
+    by_reason: dict[str, list[str]] = {}
+    for context in assoc.rejected_contexts:
+        if str(context.abstract_syntax) in receiving:  # offered to receive C-GET answers: nothing it sends
+            continue
+        if context.result == 0x04:
+            proposed = ", ".join(dict.fromkeys(uid_name(uid) for uid in context.transfer_syntax)) or "none"
+            why = f"none of the transfer syntaxes proposed is one the node reads ({proposed})"
+        elif context.result == 0x03:
+            why = "the node does not take these kinds of objects from this peer (abstract syntax not supported)"
+        else:
+            why = "refused by the node"
+        sop_classes = by_reason.setdefault(why, [])
+        if uid_name(context.abstract_syntax) not in sop_classes:
+            sop_classes.append(uid_name(context.abstract_syntax))
+    return "; ".join(f"{why}: {_named(sop_classes)}" for why, sop_classes in by_reason.items())
+
+
+def _named(sop_classes: list[str]) -> str:
+    """The first :data:`CONTEXT_REJECTIONS_NAMED` SOP classes, and how many more."""
+    named = ", ".join(sop_classes[:CONTEXT_REJECTIONS_NAMED])
+    more = len(sop_classes) - CONTEXT_REJECTIONS_NAMED
+    return f"{named} and {more} more" if more > 0 else named
 
 
 REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {

@@ -12,9 +12,10 @@ C-MOVE sends only to destinations and peers with an address in config.yaml
 (over TLS where they say ``tls: true``); an unknown Move Destination is refused
 with 0xA801, and one that cannot be reached (no connection within ``dispatch.timeout_seconds``,
 no association within ``network.association_request_timeout_seconds``) fails with 0xA702 and a
-comment naming it. Retrieved instances go out as they were stored: the file's data
-set bytes, in the file's transfer syntax; for a peer that does not accept a compressed
-one, decompressed, unless a frame's own header disagrees with Rows and Columns or
+comment naming it; one that accepts none of the objects offered fails with 0xA702 and a comment saying so.
+Retrieved instances go out as they were stored: the file's data set bytes, in the file's transfer syntax; for a
+peer that does not accept it, converted to Explicit or Implicit VR Little Endian (:mod:`dicom_node.transfer_syntax`),
+a compressed one decompressed, unless a frame's own header disagrees with Rows and Columns or
 the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES``, or its pixel values need more
 bits than BitsStored (decoded, they would silently become other values; then that instance
 is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
@@ -99,6 +100,7 @@ from dicom_node.retrieve.suboperations import (
 )
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 from dicom_node.stall import stalled
+from dicom_node.transfer_syntax import NotConverted, converted, offered_pairs, syntax_to_send, uid_name
 from inference.frames import decoded_bytes, encapsulated_problem, stored_precision
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -573,14 +575,20 @@ class _UnreachableDestination:
             return
         self.stop()
         command = message.command_set
-        if command.get("Status") != MOVE_DESTINATION_UNKNOWN or "assoc" in self.sub_association:
+        opened = self.sub_association.get("assoc")
+        if command.get("Status") != MOVE_DESTINATION_UNKNOWN or (opened is not None and opened.accepted_contexts):
             return
         command.Status = TOO_MANY_SUB_OPERATIONS
         command.NumberOfFailedSuboperations = min(self.count, MAXIMUM_SUB_OPERATIONS)
         command.NumberOfCompletedSuboperations = command.NumberOfWarningSuboperations = 0
-        command.ErrorComment = f"{self.route.addressed} could not be reached"[:64]
+        unaccepted = "accepted none of the objects offered" if opened is not None else "could not be reached"
+        command.ErrorComment = f"{self.route.addressed} {unaccepted}"[:64]
         message._set_command_group_length()  # the elements above change the command's length
         requestor = self.event.assoc.requestor
+        reason = (
+            f"the C-MOVE{self.route.operation.removeprefix('move')} was not done: {self._why()}, so none "
+            f"of its {self.count} instance(s) was sent"
+        )
         log_event(
             LOG,
             logging.WARNING,
@@ -588,13 +596,16 @@ class _UnreachableDestination:
             calling_ae=requestor.ae_title,
             address=requestor.address,
             operation=self.route.operation,
-            reason=f"the C-MOVE{self.route.operation.removeprefix('move')} was not done: {self._why()}, so none "
-            f"of its {self.count} instance(s) was sent",
+            reason=reason,
         )
+        retrieval_ended(self.event, reason)  # the retrieval's audit record says why too
 
     def _why(self) -> str:
         """How far opening the sub-association went, as a clause naming the destination."""
         receiver = self.route.receiver
+        opened = self.sub_association.get("assoc")
+        if opened is not None:  # it answered, accepting none of the presentation contexts proposed
+            return f"{receiver} accepted none of the kinds of objects offered ({_kinds_offered(opened)})"
         if self.sub_association.get("rejected"):
             return f"{receiver} rejected the association"
         if self.sub_association.get("connected"):
@@ -612,6 +623,15 @@ class _UnreachableDestination:
         if self.bound:
             self.bound = False
             self.event.assoc.unbind(evt.EVT_DIMSE_SENT, self.on_sent)
+
+
+def _kinds_offered(assoc: Any) -> str:
+    """The SOP classes and transfer syntaxes an association proposed, by name, for a sentence."""
+    syntaxes: dict[str, list[str]] = {}
+    for proposed in assoc.requestor.requested_contexts:
+        names = syntaxes.setdefault(uid_name(proposed.abstract_syntax), [])
+        names += [uid_name(uid) for uid in proposed.transfer_syntax if uid_name(uid) not in names]
+    return "; ".join(f"{sop_class} in {', '.join(names)}" for sop_class, names in sorted(syntaxes.items()))
 
 
 def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
@@ -652,7 +672,7 @@ def _without_twins_sent_anyway(paths: list[Stored], accepted: set[tuple[str, str
         for stored in paths
         if stored.alternative is None
         or stored.alternative.sop_instance_uid not in selected
-        or (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted
+        or syntax_to_send(stored.sop_class_uid, stored.transfer_syntax_uid, accepted) is not None
         or not accepted  # a C-MOVE counts before it associates: each goes in the form the destination reads
     ]
 
@@ -827,16 +847,13 @@ def _binary_twin(session: Session, instance: Instance) -> Stored | None:
 def _storage_contexts(paths: list[Stored]) -> list[PresentationContext]:
     """The SOP classes and transfer syntaxes that may be sent: as stored, and the forms offered instead.
 
-    A compressed instance may go out decompressed (Explicit VR Little Endian) and a
-    LABELMAP SEG as its BINARY twin, for a destination that accepts only those.
+    Every instance may go out in Explicit or Implicit VR Little Endian (converted without loss:
+    :mod:`dicom_node.transfer_syntax`) and a LABELMAP SEG as its BINARY twin, for a destination that accepts
+    only those.
     """
-    pairs = set()
-    for stored in paths:
-        pairs.add((stored.sop_class_uid, stored.transfer_syntax_uid))
-        if UID(stored.transfer_syntax_uid).is_compressed:
-            pairs.add((stored.sop_class_uid, ExplicitVRLittleEndian))
-        if stored.alternative is not None:
-            pairs.add((stored.alternative.sop_class_uid, stored.alternative.transfer_syntax_uid))
+    forms = [(stored.sop_class_uid, stored.transfer_syntax_uid) for stored in paths]
+    forms += [(s.alternative.sop_class_uid, s.alternative.transfer_syntax_uid) for s in paths if s.alternative]
+    pairs = offered_pairs(forms)
     if len(pairs) > MAXIMUM_CONTEXTS:
         raise QueryError(f"the selection needs {len(pairs)} presentation contexts; at most {MAXIMUM_CONTEXTS} fit")
     return [build_context(sop_class, syntax) for sop_class, syntax in sorted(pairs)]
@@ -850,7 +867,7 @@ def accepted_pairs(assoc: Any) -> set[tuple[str, str]]:
 
 
 class NotDecompressed(ValueError):
-    """A stored instance the node does not decompress for a peer; the message says why."""
+    """A stored instance the node does not decompress or convert for a peer; the message says why."""
 
 
 def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None:
@@ -919,18 +936,23 @@ def readable_form(stored: Stored, accepted: set[tuple[str, str]]) -> tuple[Datas
     """The data set to send so that the peer can read it, and how it was chosen; None when nothing fits.
 
     As stored, byte for byte, when the peer accepts that SOP class and transfer syntax; else
-    decompressed to Explicit VR Little Endian by pydicom's decoders; else (a LABELMAP SEG)
-    the BINARY SEG of the same result.
+    converted to Explicit (or Implicit) VR Little Endian, a compressed one decompressed by pydicom's decoders
+    (:func:`dicom_node.transfer_syntax.converted`); else (a LABELMAP SEG) the BINARY SEG of the same result.
     """
-    if (stored.sop_class_uid, stored.transfer_syntax_uid) in accepted:
+    syntax = syntax_to_send(stored.sop_class_uid, stored.transfer_syntax_uid, accepted)
+    if syntax == stored.transfer_syntax_uid:
         return read_stored(_intact(stored)), "as stored"
-    if UID(stored.transfer_syntax_uid).is_compressed and (stored.sop_class_uid, ExplicitVRLittleEndian) in accepted:
-        dataset = dcmread(_intact(stored))
-        refusal = decompression_refusal(dataset, stored.sop_instance_uid)
+    if syntax is not None:
+        dataset: Dataset = dcmread(_intact(stored))
+        compressed = UID(stored.transfer_syntax_uid).is_compressed
+        refusal = decompression_refusal(dataset, stored.sop_instance_uid) if compressed else None
         if refusal is not None:
             raise NotDecompressed(refusal)
-        dataset.decompress(generate_instance_uid=False)  # lossless: the same instance, in Explicit VR Little Endian
-        return dataset, "decompressed to Explicit VR Little Endian"
+        try:
+            dataset = converted(dataset, syntax, f"instance {stored.sop_instance_uid}")
+        except NotConverted as exc:
+            raise NotDecompressed(str(exc)) from None
+        return dataset, f"{'decompressed' if compressed else 'converted'} to {UID(syntax).name}"
     twin = stored.alternative
     if twin is not None and (twin.sop_class_uid, twin.transfer_syntax_uid) in accepted:
         return read_stored(_intact(twin)), "as its BINARY SEG"
@@ -1065,7 +1087,7 @@ def _bytes_to_send(stored: Stored, dataset: Dataset, how: str) -> int:
     """About how many bytes the data set chosen for ``stored`` takes on the wire (what its send may wait on)."""
     source = stored.alternative if how == "as its BINARY SEG" and stored.alternative is not None else stored
     size = source.size_bytes if source.size_bytes is not None else os.stat(source.path).st_size
-    return max(size, decoded_bytes(dataset)) if how.startswith("decompressed") else size
+    return max(size, decoded_bytes(dataset)) if how.startswith(("decompressed", "converted")) else size
 
 
 def _cut(event: evt.Event, route: Route, stored: Stored, size: int, waited: float, left: int) -> str:
