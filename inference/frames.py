@@ -22,6 +22,13 @@ tile-parts (SOT lengths) follow one another up to the end-of-codestream marker, 
 all its tile-parts, and no marker code (0xFF90 to 0xFFFF, which encoders never write there) lies inside
 the compressed data of a tile. Bytes replaced by other valid-looking bytes show no sign at all: no
 decoder, and no check without a checksum, can find them.
+
+libjpeg (GDCM and Pillow decode JPEG with it) reads through a JPEG frame cut short, overwritten or missing bytes
+inside with only a message on the console, and gives an image. So :func:`jpeg_damage` checks a JPEG frame's
+marker segments, restart markers and end-of-image marker, and walks its Huffman-coded data code by code (lossless
+of one component, as CT is stored; baseline and extended sequential): the codes must make exactly the samples or
+8 x 8 blocks the frame header says, and end where the data ends. Progressive and arithmetic-coded scans, and
+JPEG-LS, are checked for their markers only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
@@ -147,25 +155,27 @@ def stored_precision(dataset: Dataset) -> int | None:
 
 
 def codestream_damage(dataset: Dataset, name: str) -> str | None:
-    """The first JPEG 2000 frame of ``dataset`` whose codestream structure shows damage
-    (:func:`jpeg2000_damage`), as a sentence naming it (``name`` is the image); None when none does, or for
-    another transfer syntax. Meant for frames that decoded: a decoder's own refusal says more."""
+    """The first JPEG 2000 or JPEG frame of ``dataset`` whose structure shows damage (:func:`jpeg2000_damage`,
+    :func:`jpeg_damage`), as a sentence naming it (``name`` is the image); None when none does, or for another
+    transfer syntax. Meant for frames that decoded: a decoder's own refusal says more."""
     meta = getattr(dataset, "file_meta", None)
-    if KINDS.get(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "") != "JPEG 2000":
+    kind = KINDS.get(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    check = {"JPEG 2000": jpeg2000_damage, "JPEG": jpeg_damage}.get(kind or "")
+    if check is None or "PixelData" not in dataset:
         return None
     number_of_frames = int(dataset.get("NumberOfFrames") or 1)
     try:
         for index, frame in enumerate(_frames(dataset, number_of_frames), start=1):
-            damage = jpeg2000_damage(frame)
+            damage = check(frame)
             if damage is not None:
                 where = f"frame {index} of {name}" if number_of_frames > 1 else name
                 return (
-                    f"the JPEG 2000 data of {where} is damaged: {damage}; a decoder reads through such damage "
+                    f"the {kind} data of {where} is damaged: {damage}; a decoder reads through such damage "
                     "without an error, so its pixel values cannot be trusted: send the image again from the "
                     "scanner or archive"
                 )
     except (ValueError, KeyError, TypeError, struct.error):
-        return f"the JPEG 2000 data of {name} cannot be split into its {number_of_frames} frame(s)"
+        return f"the {kind} data of {name} cannot be split into its {number_of_frames} frame(s)"
     return None
 
 
@@ -400,4 +410,381 @@ def _rle_problem(frame: bytes, rows: int, columns: int, samples: int, bits_alloc
                 f"has a segment of {end - start:,} bytes (segment {number}), longer than any RLE encoding of "
                 f"{columns} x {rows} pixels can be ({longest:,} bytes)"
             )
+    return None
+
+
+# --- JPEG (baseline, extended, lossless): a frame's structure, and its Huffman-coded data walked code by code ----
+
+SOF0, SOF1, SOF3, DHT, DRI, SOS, EOI = 0xC0, 0xC1, 0xC3, 0xC4, 0xDD, 0xDA, 0xD9
+RESTART_MARKERS = range(0xD0, 0xD8)
+LOSSLESS_FRAME_MARKERS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+MAX_HUFFMAN_CODE_BITS = 16
+LOSSLESS_MAGNITUDE_BITS = 16
+"""In the lossless process a difference category (SSSS) of 16 has no extra bits; one of 0 to 15 has that many."""
+BLOCK_COEFFICIENTS = 64
+ZERO_RUN = 0xF0
+"""An AC code of 16 zero coefficients (ZRL); an AC code whose low four bits are 0, but this one, ends the block."""
+
+HuffmanLookup = tuple[list[int], list[int]]
+"""For every 16-bit window of the data, the length of the Huffman code it starts with (0: no such code) and its value
+(:func:`_huffman_lookup`, as lists)."""
+
+
+@dataclass
+class _JpegScan:
+    """What the marker segments before a scan say: frame header, Huffman tables, restart interval, scan header."""
+
+    process: int = 0
+    width: int = 0
+    height: int = 0
+    sampling: dict[int, tuple[int, int]] = field(default_factory=dict)
+    tables: dict[tuple[int, int], tuple[bytes, bytes]] = field(default_factory=dict)  # (class, number): table
+    restart_interval: int = 0
+    components: list[tuple[int, int, int]] = field(default_factory=list)  # (id, DC table, AC table), scan order
+
+
+def jpeg_damage(frame: bytes) -> str | None:
+    """What in a JPEG frame's structure shows damage, as words that end a sentence; None when it is intact. Its
+    marker segments must lie inside the frame, its scans' entropy-coded data must hold only stuffed bytes and
+    restart markers in order (as many as its restart interval makes), an end-of-image marker must end it with only
+    padding after it. Where it is Huffman coded (lossless, of one component; baseline and extended), its
+    entropy-coded data must decode into exactly the samples or blocks the image has, ending where the data ends:
+    libjpeg reads through both kinds of damage with a message on the console only."""
+    if frame[:2] != b"\xff\xd8":
+        return None  # refused by its header check before decoding
+    header = _JpegScan()
+    position = 2
+    for _ in range(MAX_MARKER_SEGMENTS):
+        while frame[position : position + 2] == b"\xff\xff":
+            position += 1  # fill bytes before a marker
+        if position + 2 > len(frame):
+            return "it ends without its end-of-image marker: it was cut short"
+        if frame[position] != 0xFF:
+            return f"at byte {position:,}, where a marker must come, there is none"
+        marker = frame[position + 1]
+        if marker == EOI:
+            return _after_end_of_image(frame, position + 2)
+        if marker == 0x01 or marker in RESTART_MARKERS:  # TEM, or a restart marker outside a scan: no length
+            position += 2
+            continue
+        if position + 4 > len(frame):
+            return "it ends without its end-of-image marker: it was cut short"
+        (length,) = struct.unpack_from(">H", frame, position + 2)
+        if length < 2 or position + 2 + length > len(frame):
+            return f"its marker segment FF {marker:02X} at byte {position:,} says it is {length:,} bytes, past the end of the data"
+        problem = _read_segment(header, marker, frame[position + 4 : position + 2 + length])
+        if problem is not None:
+            return problem
+        position += 2 + length
+        if marker == SOS:
+            position, problem = _scan_data_problem(frame, position, header)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _read_segment(header: _JpegScan, marker: int, segment: bytes) -> str | None:
+    """Note in ``header`` what a frame header, Huffman table, restart interval or scan header says; a sentence
+    where one cannot be read."""
+    try:
+        if marker in JPEG_FRAME_MARKERS:
+            _, header.height, header.width, count = struct.unpack_from(">BHHB", segment)
+            header.process = marker
+            header.sampling = {
+                segment[6 + 3 * index]: (segment[7 + 3 * index] >> 4, segment[7 + 3 * index] & 0x0F)
+                for index in range(count)
+            }
+        elif marker == DHT:
+            _read_huffman_tables(header, segment)
+        elif marker == DRI:
+            (header.restart_interval,) = struct.unpack_from(">H", segment)
+        elif marker == SOS:
+            header.components = [
+                (segment[1 + 2 * index], segment[2 + 2 * index] >> 4, segment[2 + 2 * index] & 0x0F)
+                for index in range(segment[0])
+            ]
+            if not header.process:
+                return "its scan (SOS marker) comes before its frame header"
+    except (IndexError, struct.error):
+        return f"its marker segment FF {marker:02X} is shorter than what it must hold"
+    return None
+
+
+def _read_huffman_tables(header: _JpegScan, segment: bytes) -> None:
+    """Keep the Huffman tables of a DHT segment by class and number, as (code counts, values)."""
+    position = 0
+    while position < len(segment):
+        kind, number = segment[position] >> 4, segment[position] & 0x0F
+        counts = segment[position + 1 : position + 17]
+        values = segment[position + 17 : position + 17 + sum(counts)]
+        if len(counts) != MAX_HUFFMAN_CODE_BITS or len(values) != sum(counts):
+            raise IndexError
+        header.tables[kind, number] = (counts, values)
+        position += 17 + len(values)
+
+
+def _after_end_of_image(frame: bytes, end: int) -> str | None:
+    """Bytes after the end-of-image marker other than padding (zeros or fill bytes), in words; None if none."""
+    extra = len(frame[end:].rstrip(b"\x00\xff"))
+    if extra:
+        return f"{_bytes(extra)} of data follow its end-of-image marker (at byte {end - 2:,}), where none belong"
+    return None
+
+
+def _bytes(count: int) -> str:
+    return f"{count:,} byte{'' if count == 1 else 's'}"
+
+
+def _scan_data_problem(frame: bytes, start: int, header: _JpegScan) -> tuple[int, str | None]:
+    """Where the entropy-coded data from ``start`` ends (at its first marker but restart markers, and fill bytes
+    before it), and what in it shows damage: restart markers out of order, too few or too many, or intervals that
+    do not decode into their samples or blocks."""
+    values = np.frombuffer(frame, dtype=np.uint8, offset=start)
+    markers = np.flatnonzero((values[:-1] == 0xFF) & (values[1:] != 0x00) & (values[1:] != 0xFF)).tolist()
+    intervals: list[tuple[int, int]] = []
+    begin = 0
+    for found in markers:
+        code, offset = int(values[found + 1]), found
+        while offset > begin and values[offset - 1] == 0xFF:  # fill bytes before the marker (data 0xFF is stuffed)
+            offset -= 1
+        intervals.append((begin, offset))
+        if code not in RESTART_MARKERS:
+            break
+        expected = 0xD0 + (len(intervals) - 1) % 8
+        if code != expected:
+            return start, (
+                f"its restart marker at byte {start + found:,} is RST{code - 0xD0} where RST{expected - 0xD0} must "
+                "come: the data between them was lost"
+            )
+        begin = found + 2
+    else:
+        return len(frame), "its compressed data ends without its end-of-image marker: it was cut short"
+    problem = _restart_count_problem(header, len(intervals))
+    if problem is None:
+        problem = _entropy_problem(frame, start, intervals, header)
+    return start + intervals[-1][1], problem
+
+
+def _mcu_count(header: _JpegScan) -> int | None:
+    """How many minimum coded units (lossless process: samples of each component) the scan has; None where the
+    frame header leaves it open."""
+    try:
+        sampling = [header.sampling[component] for component, _, _ in header.components]
+    except KeyError:
+        return None
+    widest = max((h for h, _ in header.sampling.values()), default=0)
+    tallest = max((v for _, v in header.sampling.values()), default=0)
+    if not widest or not tallest or not sampling or not all(h and v for h, v in sampling):
+        return None
+    block = 1 if header.process in LOSSLESS_FRAME_MARKERS else 8
+    if len(sampling) > 1:
+        return -(-header.width // (block * widest)) * -(-header.height // (block * tallest))
+    h, v = sampling[0]
+    columns, rows = -(-header.width * h // widest), -(-header.height * v // tallest)
+    return -(-columns // block) * -(-rows // block)
+
+
+def _restart_count_problem(header: _JpegScan, intervals: int) -> str | None:
+    """Restart intervals that do not add up to the scan's units, in words; None where they do (or no interval)."""
+    units = _mcu_count(header)
+    if not header.restart_interval or not units:
+        return None
+    expected = -(-units // header.restart_interval)
+    if intervals != expected:
+        return (
+            f"its compressed data holds {intervals:,} restart interval(s), but its restart interval "
+            f"({header.restart_interval:,}) and size make {expected:,}: data was lost or added"
+        )
+    return None
+
+
+def _entropy_problem(frame: bytes, start: int, intervals: list[tuple[int, int]], header: _JpegScan) -> str | None:
+    """Where a Huffman-coded scan (lossless of one component; baseline or extended sequential) does not decode
+    into its units, interval by interval, in words; None where every interval does (other scans are not walked)."""
+    units = _mcu_count(header)
+    blocks = _scan_tables(header) if units else None
+    if not units or blocks is None:
+        return None
+    lossless = header.process == SOF3
+    lengths, symbols = (np.array(table, dtype=np.int32) for table in blocks[0][0])
+    per_interval = header.restart_interval or units
+    for index, (begin, end) in enumerate(intervals):
+        count = min(per_interval, units - index * per_interval)
+        data = _unstuffed(frame[start + begin : start + end])
+        if lossless and len(data) <= MAX_JUMPED_BYTES:
+            outcome = _jump_lossless(data, count, lengths, symbols)
+        elif lossless:
+            outcome = _walk_lossless(_Bits(data), count, blocks[0][0])
+        else:
+            outcome = _walk_blocks(_Bits(data), count, blocks)
+        if outcome is not None:
+            where = f" (restart interval {index + 1:,} of {len(intervals):,})" if len(intervals) > 1 else ""
+            return f"its compressed data{where} {outcome}"
+    return None
+
+
+def _scan_tables(header: _JpegScan) -> list[tuple[HuffmanLookup, HuffmanLookup]] | None:
+    """The (DC, AC) Huffman lookups of each block (lossless: each sample, DC only) of one unit of the scan; None
+    for a scan that is not walked (progressive, arithmetic coded, lossless of several components) or that names a
+    Huffman table it does not have."""
+    lossless = header.process == SOF3
+    if not (lossless and len(header.components) == 1) and header.process not in (SOF0, SOF1):
+        return None
+    lookups: dict[tuple[int, int], HuffmanLookup] = {}
+    blocks: list[tuple[HuffmanLookup, HuffmanLookup]] = []
+    for component, dc, ac in header.components:
+        for key in ((0, dc),) if lossless else ((0, dc), (1, ac)):
+            if key not in header.tables:
+                return None
+            lookups.setdefault(key, _huffman_lookup(*header.tables[key]))
+        h, v = header.sampling[component] if len(header.components) > 1 else (1, 1)
+        blocks += [(lookups[0, dc], lookups.get((1, ac), lookups[0, dc]))] * (h * v)
+    return blocks
+
+
+def _unstuffed(data: bytes) -> np.ndarray:
+    """Entropy-coded bytes without the 0x00 stuffed after each 0xFF byte."""
+    values = np.frombuffer(data, dtype=np.uint8)
+    stuffed = np.flatnonzero(values[:-1] == 0xFF) + 1
+    return np.delete(values, stuffed[values[stuffed] == 0x00])
+
+
+def _huffman_lookup(counts: bytes, values: bytes) -> HuffmanLookup:
+    """For every 16-bit window, the length of the Huffman code it starts with (0: no code) and that code's value."""
+    lengths = np.zeros(1 << MAX_HUFFMAN_CODE_BITS, dtype=np.int32)
+    symbols = np.zeros(1 << MAX_HUFFMAN_CODE_BITS, dtype=np.int32)
+    code, index = 0, 0
+    for bits, count in enumerate(counts, start=1):
+        for _ in range(count):
+            if code >= 1 << bits:
+                return lengths.tolist(), symbols.tolist()  # an over-full table: its remaining codes cannot exist
+            low, high = code << (MAX_HUFFMAN_CODE_BITS - bits), (code + 1) << (MAX_HUFFMAN_CODE_BITS - bits)
+            lengths[low:high], symbols[low:high] = bits, values[index]
+            code, index = code + 1, index + 1
+        code <<= 1
+    return lengths.tolist(), symbols.tolist()
+
+
+class _Bits:
+    """The bits of entropy-coded data, read as the 16-bit window from any bit position on (1 bits past the end),
+    worked out a slice of the data at a time so that a large frame never needs memory for all its windows."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.total = len(data) * 8
+        self.start = self.end = 0
+        self.windows: list[int] = []
+
+    def window(self, position: int) -> int:
+        """The 16 bits from bit ``position`` on (which must be below ``total``), as a number."""
+        if not self.start <= position < self.end:
+            first = position // 8
+            chunk = self.data[first : first + WINDOW_CHUNK_BYTES + 2]
+            used = min(WINDOW_CHUNK_BYTES, len(chunk))
+            self.windows = _windows(chunk, used).tolist()
+            self.start, self.end = first * 8, (first + used) * 8
+        return self.windows[position - self.start]
+
+
+WINDOW_CHUNK_BYTES = 1 << 16
+WINDOW_SHIFTS = np.arange(8, 0, -1, dtype=np.int32)
+MAX_JUMPED_BYTES = 1 << 20
+"""Lossless data up to this size (a 1024 x 1024 CT slice) is walked by doubling jumps from all its bit positions at
+once (some 20 bytes of memory a bit); larger data code by code, a slice at a time."""
+
+
+def _windows(data: np.ndarray, count: int) -> np.ndarray:
+    """The 16 bits from each of the first ``count`` bytes' bit positions of ``data`` on, as numbers (1 bits past
+    its end)."""
+    padded = np.concatenate([data, np.full(3, 0xFF, dtype=np.uint8)]).astype(np.int32)
+    three_bytes = (padded[:-2] << 16) | (padded[1:-1] << 8) | padded[2:]
+    return ((three_bytes[:count, None] >> WINDOW_SHIFTS) & 0xFFFF).reshape(-1)
+
+
+def _jump_lossless(data: np.ndarray, samples: int, lengths: np.ndarray, symbols: np.ndarray) -> str | None:
+    """:func:`_walk_lossless`, with the jump from every bit position worked out at once and doubled (the position
+    after 1, 2, 4... codes) until ``samples`` codes are followed: fast, for data of at most MAX_JUMPED_BYTES."""
+    windows = _windows(data, len(data))
+    total = len(windows)
+    past_end, no_code = total + 1, total + 2
+    code_lengths, category = lengths[windows], symbols[windows]
+    jump = np.arange(total, dtype=np.int32) + code_lengths + np.where(category == LOSSLESS_MAGNITUDE_BITS, 0, category)
+    jump[jump > total] = past_end
+    jump[code_lengths == 0] = no_code
+    jump = np.concatenate([jump, np.array([past_end, past_end, no_code], dtype=np.int32)])
+    position, steps = 0, samples
+    while steps:
+        if steps & 1:
+            position = int(jump[position])
+        steps >>= 1
+        if steps:
+            jump = jump[jump]
+    if position == no_code:
+        return NO_CODE
+    return _walk_end(position, total, f"{samples:,} samples")
+
+
+def _walk_lossless(bits: _Bits, samples: int, table: HuffmanLookup) -> str | None:
+    """Follow ``samples`` difference codes (each a Huffman code and its extra bits) through ``bits``; what is wrong
+    where they do not end in its last byte."""
+    lengths, symbols = table
+    position, total = 0, bits.total
+    windows, start, end = bits.windows, bits.start, bits.end
+    for _ in range(samples):
+        if not start <= position < end:  # the window of the next slice of the data (inlined: the hot loop)
+            if position >= total:
+                return _runs_out(f"{samples:,} samples")
+            bits.window(position)
+            windows, start, end = bits.windows, bits.start, bits.end
+        window = windows[position - start]
+        if not lengths[window]:
+            return NO_CODE
+        category = symbols[window]
+        position += lengths[window] + (0 if category == LOSSLESS_MAGNITUDE_BITS else category)
+    return _walk_end(position, total, f"{samples:,} samples")
+
+
+def _walk_blocks(bits: _Bits, units: int, blocks: list[tuple[HuffmanLookup, HuffmanLookup]]) -> str | None:
+    """Follow ``units`` minimum coded units, each the ``blocks`` (DC and AC tables) of 64 coefficients, code by
+    code through ``bits``; what is wrong where they do not end in its last byte."""
+    position, total = 0, bits.total
+    for _ in range(units):
+        for (dc_lengths, dc_values), (ac_lengths, ac_values) in blocks:
+            if position >= total:
+                return _runs_out(f"{units:,} blocks")
+            window = bits.window(position)
+            if not dc_lengths[window]:
+                return NO_CODE
+            position += dc_lengths[window] + dc_values[window]
+            coefficient = 1
+            while coefficient < BLOCK_COEFFICIENTS:
+                if position >= total:
+                    return _runs_out(f"{units:,} blocks")
+                window = bits.window(position)
+                if not ac_lengths[window]:
+                    return NO_CODE
+                run_size = ac_values[window]
+                position += ac_lengths[window] + (run_size & 0x0F)
+                if not run_size & 0x0F and run_size != ZERO_RUN:
+                    break  # end of block
+                coefficient += (run_size >> 4) + 1
+            if coefficient > BLOCK_COEFFICIENTS:
+                return "holds a block of more than 64 coefficients: bytes in it were changed"
+    return _walk_end(position, total, f"{units:,} blocks")
+
+
+def _runs_out(units: str) -> str:
+    return f"runs out before all its {units} are decoded: bytes in it were lost or changed"
+
+
+NO_CODE = "holds a bit pattern its Huffman table has no code for: bytes in it were changed"
+
+
+def _walk_end(position: int, total: int, units: str) -> str | None:
+    """Why a walk that reached bit ``position`` of ``total`` shows damage, in words; None where it ended in the
+    last byte (the rest is padding)."""
+    if position > total:
+        return _runs_out(units)
+    if total - position >= 8:
+        return f"holds {_bytes((total - position) // 8)} more than its {units} take: bytes in it were changed or added"
     return None

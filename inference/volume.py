@@ -19,9 +19,10 @@ another size, makes the decoder warn, or holds non-finite values fails the
 series naming the image (InstanceNumber and SOP Instance UID); so does a
 compressed frame whose own header describes another image than the DICOM
 header (:mod:`inference.frames`), before any decoder allocates what it says,
-a JPEG 2000 codestream whose structure shows damage the decoder read through,
-and pixel values that need more bits than BitsStored (read with BitsStored
-bits, as decoders do, they would silently become other HU values).
+a JPEG 2000 or JPEG frame whose structure (or, for JPEG, Huffman-coded data)
+shows damage the decoder read through, and pixel values that need more bits
+than BitsStored (read with BitsStored bits, as decoders do, they would
+silently become other HU values).
 """
 
 from __future__ import annotations
@@ -1149,7 +1150,7 @@ def _instance_name(frame: _Frame) -> str:
 
 def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
     """Read one instance and decode its pixel data; any decoder warning or error fails the series, and so do
-    damage the codestream's structure shows (:func:`inference.frames.codestream_damage`) and pixel values that
+    damage a JPEG 2000 or JPEG frame shows (:func:`inference.frames.codestream_damage`) and pixel values that
     do not fit BitsStored (:func:`_check_stored_values`)."""
     with warnings.catch_warnings(record=True) as reading:
         warnings.simplefilter("always")
