@@ -701,24 +701,34 @@ def _windows(data: np.ndarray, count: int) -> np.ndarray:
     return ((three_bytes[:count, None] >> WINDOW_SHIFTS) & 0xFFFF).reshape(-1)
 
 
+NO_CODE_ADVANCE = 1 << 30
+"""The advance :func:`_jump_lossless` gives a window no code starts: beyond any data it walks."""
+JUMP_DOUBLINGS = 6
+""":func:`_jump_lossless` doubles its table of jumps this often (64 codes a jump), then walks those jumps one by one."""
+
+
 def _jump_lossless(data: np.ndarray, samples: int, lengths: np.ndarray, symbols: np.ndarray) -> str | None:
     """:func:`_walk_lossless`, with the jump from every bit position worked out at once and doubled (the position
     after 1, 2, 4... codes) until ``samples`` codes are followed: fast, for data of at most MAX_JUMPED_BYTES."""
     windows = _windows(data, len(data))
     total = len(windows)
     past_end, no_code = total + 1, total + 2
-    code_lengths, category = lengths[windows], symbols[windows]
-    jump = np.arange(total, dtype=np.int32) + code_lengths + np.where(category == LOSSLESS_MAGNITUDE_BITS, 0, category)
-    jump[jump > total] = past_end
-    jump[code_lengths == 0] = no_code
-    jump = np.concatenate([jump, np.array([past_end, past_end, no_code], dtype=np.int32)])
-    position, steps = 0, samples
-    while steps:
-        if steps & 1:
-            position = int(jump[position])
-        steps >>= 1
-        if steps:
-            jump = jump[jump]
+    extra = np.where(symbols == LOSSLESS_MAGNITUDE_BITS, 0, symbols)
+    advance = np.where(lengths == 0, NO_CODE_ADVANCE, lengths.astype(np.int64) + extra).astype(np.int32)
+    single = np.empty(total + 3, dtype=np.int32)  # every position's next, then past_end, past_end, no_code
+    np.take(advance, windows, out=single[:total])
+    single[:total] += np.arange(total, dtype=np.int32)
+    beyond = np.flatnonzero(single[:total] > total)  # past the end, or no code (few, in data that is whole)
+    single[beyond] = np.where(single[beyond] >= NO_CODE_ADVANCE, no_code, past_end)
+    single[total:] = (past_end, past_end, no_code)
+    stride = single
+    for _ in range(JUMP_DOUBLINGS):  # the position after 2**JUMP_DOUBLINGS codes, from every position
+        stride = stride[stride]
+    position = 0
+    for _ in range(samples >> JUMP_DOUBLINGS):  # a few thousand steps: cheaper than doubling the whole table on
+        position = stride.item(position)
+    for _ in range(samples & ((1 << JUMP_DOUBLINGS) - 1)):
+        position = single.item(position)
     if position == no_code:
         return NO_CODE
     return _walk_end(position, total, f"{samples:,} samples")
