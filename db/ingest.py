@@ -31,6 +31,8 @@ class StudyAttributes:
     study_instance_uid: str
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None
+    issuer_universal_entity_id: str | None = None  # of IssuerOfPatientIDQualifiersSequence (an OID or URI)
+    issuer_universal_entity_id_type: str | None = None
     patient_name: str | None = None
     patient_birth_date: str | None = None
     patient_sex: str | None = None
@@ -258,9 +260,11 @@ def record_new_instances(
                 series = session.get_one(Series, series_id, populate_existing=True)
                 purged = series.purged_at is not None and not series.instance_count
                 jobs.reopen(session, job, _sent_again(series) if purged else "late instance")
-                if purged:
+                if purged:  # sent again: its first instance names the study's patient as a new series' does
                     _take_attributes_of(session, series, first)
-                restore_study_identity(_locked_study(session, series.study_id), first)  # purged, now sent again
+                    restore_study_identity(_locked_study(session, series.study_id), first)
+                # A late instance of a series still held changes nothing on its study: admission may yet refuse
+                # the series for it (another issuer, another name), and the study must not name that patient.
                 outcomes[indices[0]] = RecordOutcome(stored=True, series_reopened=True, reopened_because=job.reason)
         connection.execute(
             _INSERT_INSTANCE, [{"series_id": series_id, **_instance_values(records[i])} for i in indices]
@@ -310,6 +314,7 @@ def _take_attributes_of(session: Session, series: Series, record: InstanceRecord
         if name != "series_instance_uid":
             setattr(series, name, value)
     series.calling_ae_title = record.calling_ae_title
+    series.accession_number = record.study.accession_number
     series.first_received_at = record.received_at
     if series.study.study_instance_uid != record.study.study_instance_uid:
         series.study = _study_of(session, record)
@@ -357,6 +362,10 @@ def _instance_values(record: InstanceRecord) -> dict[str, object]:
         # whose image this is, whatever its study row says: "" for none (NULL is a row from before revision 0011)
         "patient_id": record.study.patient_id or "",
         "issuer_of_patient_id": record.study.issuer_of_patient_id,
+        "issuer_universal_entity_id": record.study.issuer_universal_entity_id,
+        "patient_name": record.study.patient_name,
+        "patient_birth_date": record.study.patient_birth_date,
+        "patient_sex": record.study.patient_sex,
     }
 
 
@@ -366,6 +375,7 @@ def _create_series(session: Session, record: InstanceRecord, counted_at: datetim
         **record.series.__dict__,
         study=_study_of(session, record),
         calling_ae_title=record.calling_ae_title,
+        accession_number=record.study.accession_number,  # the order this series was acquired for
         instance_count=0,
         first_received_at=record.received_at,
         last_received_at=counted_at or record.received_at,
@@ -471,44 +481,90 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
 
 
 def _study_of(session: Session, record: InstanceRecord) -> Study:
-    """The record's study, created on first sight (its identity restored if retention erased it, or completed
-    where its row lacks a patient attribute the record carries)."""
+    """The record's study, created on first sight (it names a patient once an instance naming one, the first
+    of its series, gives it that instance's whole identity; see :func:`restore_study_identity`)."""
     query = select(Study).where(Study.study_instance_uid == record.study.study_instance_uid).with_for_update()
     study = session.scalars(query.execution_options(populate_existing=True)).first()
     if study is None:
-        study = Study(**record.study.__dict__)
+        study = Study(study_instance_uid=record.study.study_instance_uid)
         session.add(study)
-    else:
-        restore_study_identity(study, record)
+    restore_study_identity(study, record)
     return study
 
 
-PATIENT_DETAIL_COLUMNS = ("issuer_of_patient_id", "patient_name", "patient_birth_date", "patient_sex")
+PATIENT_DETAIL_COLUMNS = (
+    "issuer_of_patient_id",
+    "issuer_universal_entity_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+)
 """What a series must share with its study's patient besides PatientID, where both carry it."""
+TAKEN_WITH = {"issuer_universal_entity_id": ("issuer_universal_entity_id_type",)}
+"""Columns a study row takes together with a detail, from the same instance (an issuer's UniversalEntityID and
+its type)."""
+STUDY_ROW_IDENTITY_COLUMNS = tuple(dict.fromkeys((*STUDY_IDENTITY_COLUMNS, "study_date", "study_time")))
+"""What a study row takes from one instance, all together: its patient and study identity, and its StudyDate and
+StudyTime (which retention erases with them: a study restored from a corrected series answers that one's date)."""
 
 
 def restore_study_identity(study: Study, record: InstanceRecord) -> None:
-    """A study without a PatientID (retention erased its identity when it purged every series) takes the
-    identity of a new instance of it: the study is held again, and queries, the one-study-one-patient check
-    and admission need to know whose it is.
+    """Give the study row the patient of ``record``, the first instance of a new series (or of a purged one sent
+    again) of the study.
 
-    A study whose row lacks an issuer, name, birth date or sex (its first series left them empty) takes those
-    the new instance carries: a value only one side has is no conflict, so without this a later series could
-    name DOE^JOHN and another ROE^JANE under the same study and both be processed."""
-    if not record.study.patient_id:
+    A row without a PatientID (a new study; one whose earlier series came without a PatientID, which admission
+    refuses; or one retention erased when it purged every series) takes the instance's whole identity and study
+    date and time at once, every column replaced: it never keeps a name, birth date or sex from an instance
+    without a PatientID beside another instance's PatientID. An instance without a PatientID gives it nothing.
+
+    A row of the same patient that lacks an issuer, name, birth date or sex (its first series left them empty)
+    takes those the instance carries: a value only one side has is no conflict, so without this a later series
+    could name DOE^JOHN and another ROE^JANE under the same study and both be processed. An instance naming
+    another patient (another PatientID, or another issuer, name, birth date or sex where both carry one) gives
+    nothing: admission refuses its series."""
+    if not _text(record.study.patient_id):
         return
-    erased = study.patient_id is None
-    for column in STUDY_IDENTITY_COLUMNS if erased else PATIENT_DETAIL_COLUMNS:
-        held, given = getattr(study, column), getattr(record.study, column)
-        completes = not (held or "").strip() and bool((given or "").strip())
-        if (held is None) if erased else completes:
-            setattr(study, column, given)
+    if not _text(study.patient_id):
+        for column in STUDY_ROW_IDENTITY_COLUMNS:
+            setattr(study, column, getattr(record.study, column, None))
+        return
+    if not _same_patient(study, record.study):
+        return
+    for column in PATIENT_DETAIL_COLUMNS:
+        if not _text(getattr(study, column)) and _text(getattr(record.study, column)):
+            for taken in (column, *TAKEN_WITH.get(column, ())):
+                setattr(study, taken, getattr(record.study, taken))
+
+
+def _text(value: str | None) -> str:
+    return (value or "").strip()
+
+
+def _same_patient(study: Study, received: StudyAttributes) -> bool:
+    """Whether ``received`` names the study row's patient: the same PatientID, and no issuer, name, birth date or
+    sex that both carry and that differ (names compared without regard to case or empty trailing components)."""
+    if _text(study.patient_id) != _text(received.patient_id):
+        return False
+    for column in PATIENT_DETAIL_COLUMNS:
+        held, given = _comparable(column, getattr(study, column)), _comparable(column, getattr(received, column))
+        if any(a and b and a != b for a, b in zip(held, given, strict=False)):
+            return False
+    return True
+
+
+def _comparable(column: str, value: str | None) -> list[str]:
+    """A value as :func:`_same_patient` compares it: a name as its component groups (alphabetic, ideographic,
+    phonetic), each without empty trailing components and letter case."""
+    if column != "patient_name":
+        return [_text(value)]
+    return [group.strip().rstrip("^ ").casefold() for group in _text(value).split("=")]
 
 
 def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:
     series = Series(
         **record.series.__dict__,
         study=_study_of(session, record),
+        accession_number=record.study.accession_number,
         source_job_id=job_id,
         instance_count=0,
         first_received_at=record.received_at,

@@ -41,6 +41,8 @@ class JobState(str, enum.Enum):
 STUDY_IDENTITY_COLUMNS = (
     "patient_id",
     "issuer_of_patient_id",
+    "issuer_universal_entity_id",
+    "issuer_universal_entity_id_type",
     "patient_name",
     "patient_birth_date",
     "patient_sex",
@@ -48,6 +50,8 @@ STUDY_IDENTITY_COLUMNS = (
     "study_description",
     "referring_physician_name",
     "study_id",
+    "study_date",
+    "study_time",
 )
 """The patient and study identity on a study row: erased by retention once every series of the study is purged."""
 
@@ -60,6 +64,10 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     # Whose PatientIDs these are: the same PatientID from another issuer is another patient.
     issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    # The issuer as IssuerOfPatientIDQualifiersSequence names it (UniversalEntityID, an OID or URI, and its type):
+    # the same PatientID under another UniversalEntityID is another patient, as under another IssuerOfPatientID.
+    issuer_universal_entity_id: Mapped[str | None] = mapped_column(String(64))
+    issuer_universal_entity_id_type: Mapped[str | None] = mapped_column(String(16))
     patient_name: Mapped[str | None] = mapped_column(String(324))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
@@ -85,6 +93,9 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     manufacturer: Mapped[str | None] = mapped_column(String(64))
+    # The order (AccessionNumber) the series was acquired for: a study may carry several, one per series, and a
+    # query by any of them finds the study. NULL on series recorded before revision 0013, or sent without one.
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(default=0)
@@ -127,6 +138,12 @@ class Instance(Base):
     # NULL on rows recorded before revision 0011 (taken to be the study's patient).
     patient_id: Mapped[str | None] = mapped_column(String(64))
     issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    # The rest of the instance's patient (revision 0013; NULL before it, or where its header had none): an image
+    # naming another name, birth date, sex or issuer than its study's is never served under that study either.
+    issuer_universal_entity_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

@@ -281,6 +281,7 @@ def recorded_patient(study: Study) -> RecordedStudy | None:
         study.patient_name,
         study.patient_birth_date,
         study.patient_sex,
+        study.issuer_universal_entity_id,
         details=tuple((keyword, getattr(study, column)) for keyword, column in STUDY_RECORD_KEYWORDS.items()),
     )
 
@@ -394,10 +395,12 @@ def _check_study_patient(header: Dataset, study_patient: StudyPatient | None) ->
     if study_patient is None or not study_patient.patient_id:
         return
     received = StudyPatient(
-        *(
-            _identity_value(header, keyword)
-            for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
-        )
+        _identity_value(header, "PatientID"),
+        _identity_value(header, "IssuerOfPatientID"),
+        _identity_value(header, "PatientName"),
+        _identity_value(header, "PatientBirthDate"),
+        _identity_value(header, "PatientSex"),
+        _universal_issuer(header),
     )
     differing = study_patient.differing_keyword(received)
     if differing is not None:
@@ -405,6 +408,15 @@ def _check_study_patient(header: Dataset, study_patient: StudyPatient | None) ->
             f"the series' study already holds another patient's images (its {differing} differs from the "
             "study's); one study must hold one patient"
         )
+
+
+def _universal_issuer(header: Dataset) -> str | None:
+    """The UniversalEntityID of the first item of IssuerOfPatientIDQualifiersSequence (the issuer of the PatientID
+    as an OID or URI), as the receiver records it; None where not sent."""
+    items = header.get("IssuerOfPatientIDQualifiersSequence") or []
+    if not items:
+        return None
+    return str(items[0].get("UniversalEntityID", "") or "").strip().strip("\x00") or None
 
 
 def _size(count: float) -> str:

@@ -7,8 +7,8 @@ received series deletes its instance files and ``Instance`` rows and stamps
 instances of its result series (SEG, SR, RTSTRUCT), stamped the same way. The
 ``Series``, ``Job`` and ``job_events`` rows stay as history. Once every series of a
 study is purged, the study row keeps only its UID: the patient's name, ID, birth
-date and sex and the study's accession number, description and referring physician
-are erased (:data:`STUDY_IDENTITY_COLUMNS`). Refused instances (``quarantine/`` and their
+date and sex, the study's accession number, description, referring physician, date and time
+are erased (:data:`~db.ingest.STUDY_ROW_IDENTITY_COLUMNS`). Refused instances (``quarantine/`` and their
 ``rejected_instances`` rows) are purged by their own age, ``retention.quarantine_days``, and audit records by
 theirs, ``retention.audit_days``.
 
@@ -32,9 +32,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from db.ingest import lock_studies_of_job, studies_of_job
+from db.ingest import STUDY_ROW_IDENTITY_COLUMNS, lock_studies_of_job, studies_of_job
 from db.models import (
-    STUDY_IDENTITY_COLUMNS,
     AuditEvent,
     Instance,
     Job,
@@ -586,6 +585,7 @@ def _delete_series_rows(session: Session, series: Series, root: Path, now: datet
             log_event(LOG, logging.WARNING, "retention.file_outside_storage_kept", path=str(path), reason=reason)
     session.execute(delete(Instance).where(Instance.series_id == series.id))
     series.purged_at = now
+    series.accession_number = None  # an identifier of the patient's order: it does not outlive the images
     series.images_before_purge = max(series.images_before_purge or 0, series.instance_count) or None
     series.instance_count = 0  # a re-sent series counts from zero again, up to images_before_purge
     return [path for path in paths if _inside(path, root)]
@@ -659,8 +659,8 @@ def _erase_phi_of_emptied_study(session: Session, study_id: int) -> None:
     )
     if held:
         return
-    if any(getattr(study, column) is not None for column in STUDY_IDENTITY_COLUMNS):
-        for column in STUDY_IDENTITY_COLUMNS:
+    if any(getattr(study, column) is not None for column in STUDY_ROW_IDENTITY_COLUMNS):
+        for column in STUDY_ROW_IDENTITY_COLUMNS:  # with its StudyDate and StudyTime: a correction sent again
             setattr(study, column, None)
         log_event(LOG, logging.INFO, "study.identity_erased", study_instance_uid=study.study_instance_uid)
 

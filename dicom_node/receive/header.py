@@ -47,6 +47,7 @@ HEADER_KEYWORDS = (
     "PatientBirthDate",
     "PatientSex",
     "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
     "SliceThickness",
     "BodyPartExamined",
     "StudyInstanceUID",
@@ -456,10 +457,13 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
     guessed = _guessed_identity(dataset)  # before anything decodes them: pydicom keeps what it decoded
     _check_database_fit(dataset)
     identity = {keyword: None if keyword in guessed else _text(dataset, keyword) for keyword, _ in IDENTITY_ATTRIBUTES}
+    universal_entity_id, universal_entity_id_type = _issuer_qualifiers(dataset)
     study = StudyAttributes(
         study_instance_uid=uids["StudyInstanceUID"] or "",
         patient_id=identity["PatientID"],
         issuer_of_patient_id=identity["IssuerOfPatientID"],
+        issuer_universal_entity_id=universal_entity_id,
+        issuer_universal_entity_id_type=universal_entity_id_type,
         patient_name=identity["PatientName"],
         patient_birth_date=identity["PatientBirthDate"],
         patient_sex=identity["PatientSex"],
@@ -490,6 +494,38 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         slice_thickness=_decimal(dataset, "SliceThickness"),
         number_of_frames=_integer(dataset, "NumberOfFrames"),
     )
+
+
+QUALIFIER_LENGTHS = {"UniversalEntityID": 64, "UniversalEntityIDType": 16}
+"""The longest UniversalEntityID and UniversalEntityIDType of IssuerOfPatientIDQualifiersSequence the database holds
+(``db/models.py``): an issuer is compared whole, so a longer one is refused, never shortened."""
+
+
+def _issuer_qualifiers(dataset: Dataset) -> tuple[str | None, str | None]:
+    """The UniversalEntityID and UniversalEntityIDType of the first item of IssuerOfPatientIDQualifiersSequence (the
+    issuer of the PatientID as an OID, URI or other universal identifier), None for each where not sent.
+
+    Raises
+    ------
+    InvalidInstance
+        (Cannot understand) when one is longer than the database holds (:data:`QUALIFIER_LENGTHS`).
+    """
+    if _item(dataset, "IssuerOfPatientIDQualifiersSequence") is None:
+        return None, None
+    items = dataset.get("IssuerOfPatientIDQualifiersSequence") or []
+    if not items:
+        return None, None
+    qualifiers: list[str | None] = []
+    for keyword, limit in QUALIFIER_LENGTHS.items():
+        text = str(items[0].get(keyword, "") or "").strip().strip("\x00")
+        if len(text) > limit:
+            raise InvalidInstance(
+                f"{keyword} of IssuerOfPatientIDQualifiersSequence is {len(text)} characters long; at most {limit} "
+                "are accepted",
+                status.CANNOT_UNDERSTAND,
+            )
+        qualifiers.append(text or None)
+    return qualifiers[0], qualifiers[1] if qualifiers[0] else None
 
 
 def _guessed_identity(dataset: Dataset) -> set[str]:
@@ -642,6 +678,7 @@ class StudyPatient:
     patient_name: str | None = None
     patient_birth_date: str | None = None
     patient_sex: str | None = None
+    issuer_universal_entity_id: str | None = None  # IssuerOfPatientIDQualifiersSequence's UniversalEntityID
 
     @classmethod
     def of(cls, study: StudyAttributes) -> StudyPatient:
@@ -652,6 +689,7 @@ class StudyPatient:
             study.patient_name,
             study.patient_birth_date,
             study.patient_sex,
+            study.issuer_universal_entity_id,
         )
 
     def completed_by(self, received: StudyPatient) -> StudyPatient:
@@ -697,9 +735,13 @@ def _other_name(recorded: str, sent: str) -> bool:
     return any(a and b and a.casefold() != b.casefold() for a, b in groups)
 
 
-STUDY_PATIENT_ATTRIBUTES = PATIENT_IDENTITY_ATTRIBUTES[1:]
+STUDY_PATIENT_ATTRIBUTES = (
+    *PATIENT_IDENTITY_ATTRIBUTES[1:],
+    ("IssuerOfPatientIDQualifiersSequence", "issuer_universal_entity_id"),
+)
 """What a series must share with its study's patient besides PatientID, where both carry it (keyword,
-:class:`StudyPatient` field), in the order a difference is named."""
+:class:`StudyPatient` field), in the order a difference is named. The last is the UniversalEntityID of
+IssuerOfPatientIDQualifiersSequence: the issuer as an OID or URI."""
 
 
 def comparable_identity(keyword: str, value: str | None) -> str:

@@ -94,6 +94,7 @@ class KnownStudies:
                 Study.patient_name,
                 Study.patient_birth_date,
                 Study.patient_sex,
+                Study.issuer_universal_entity_id,
             ).where(Study.study_instance_uid == study_instance_uid),
             row=True,
         )
@@ -107,14 +108,18 @@ class KnownStudies:
         return patient
 
     def remember(self, header: InstanceHeader) -> None:
-        """An instance of ``header``'s study was stored: its patient is the study's from now on (in this process
-        at once; in the others once it is recorded)."""
+        """An instance of ``header``'s study was stored: where it is the first of its series this process stores,
+        its patient is the study's from now on (in this process at once; in the others once it is recorded).
+
+        A later instance of a series changes nothing, as on the study's row (:func:`db.ingest.record_new_instances`):
+        admission may yet refuse the series for it, and the study must not name that instance's patient."""
         patient = StudyPatient.of(header.study)
         with self._lock:
             if len(self._series) >= REMEMBERED_STUDIES:
                 self._series.clear()
+            first_of_series = header.series.series_instance_uid not in self._series
             self._series.add(header.series.series_instance_uid)
-            if not patient.patient_id:
+            if not first_of_series or not patient.patient_id:
                 return
             known = self._patients.get(header.study.study_instance_uid)
             if known is None:

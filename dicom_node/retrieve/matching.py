@@ -6,8 +6,9 @@ and UID lists (``uid1\\uid2``). Person names (PatientName, ReferringPhysicianNam
 empty trailing components, trailing spaces and empty trailing component groups, in the query and in what is
 stored (PS3.5 6.2.1): ``DOE^JOHN`` is ``DOE^JOHN^^``. Only instances still held are visible: a series
 purged by retention has no instance rows and so no match. An instance is visible only
-under its own patient: one whose PatientID (or IssuerOfPatientID) differs from its
-study's is never answered or sent.
+under its own patient: one whose PatientID, issuer (IssuerOfPatientID, or the UniversalEntityID of
+IssuerOfPatientIDQualifiersSequence), PatientName, PatientBirthDate or PatientSex differs from its
+study's is never answered or sent. A patient is a PatientID from one issuer, in either form.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
@@ -82,6 +84,9 @@ UNIQUE_KEYS: dict[Level, str] = {
     "SERIES": "SeriesInstanceUID",
     "IMAGE": "SOPInstanceUID",
 }
+QUALIFIERS = "IssuerOfPatientIDQualifiersSequence"
+"""The issuer of the PatientID as a universal identifier: matched and answered by its first item's UniversalEntityID
+(with its UniversalEntityIDType), a PATIENT-level key as IssuerOfPatientID is."""
 COUNTS = {
     "NumberOfPatientRelatedStudies",
     "NumberOfPatientRelatedSeries",
@@ -114,6 +119,11 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
     found: list[ColumnElement[bool]] = []
     for element in identifier:
         keyword = element.keyword
+        if keyword == QUALIFIERS:
+            universal_entity_id = _asked_universal_entity_id(element.value)
+            if universal_entity_id and universal_entity_id != "*":
+                found.append(_matching(Study.issuer_universal_entity_id, universal_entity_id))
+            continue
         value = _value(element.value)
         if keyword == "ModalitiesInStudy" and value:
             wanted = [v.strip() for v in value.split("\\") if v.strip()]
@@ -122,6 +132,9 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
                 found.append(Study.id.in_(select(Series.study_id).where(matches)))
             continue
         key = KEYS.get(keyword)
+        if keyword == "AccessionNumber" and value and value != "*" and LEVELS.index("STUDY") <= depth:
+            found.append(_of_an_order(value))
+            continue
         if key is not None and key.kind == "name":
             # trimmed as any person name is ("PatientName" only picks the rule); "^^" or "=" alone: universal
             value = comparable_identity("PatientName", value)
@@ -129,6 +142,22 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
             continue
         found.append(_condition(key, value))
     return found
+
+
+def _asked_universal_entity_id(items: Any) -> str:
+    """The UniversalEntityID a query's IssuerOfPatientIDQualifiersSequence asks for ("" when none)."""
+    if not isinstance(items, Sequence) or not items:
+        return ""
+    return _value(items[0].get("UniversalEntityID", ""))
+
+
+def _of_an_order(accession_number: str) -> ColumnElement[bool]:
+    """Studies of the order ``accession_number``: the study's AccessionNumber (its first series') or that of any of
+    its series still held (a study may carry several orders, each series its own)."""
+    of_a_series = select(Series.study_id).where(
+        _matching(Series.accession_number, accession_number), Series.purged_at.is_(None)
+    )
+    return or_(_matching(Study.accession_number, accession_number), Study.id.in_(of_a_series))
 
 
 def _value(raw: Any) -> str:
@@ -244,20 +273,48 @@ def _glob(element: _Wildcard, compiler: SQLCompiler, **kw: Any) -> str:
 
 
 def _of_the_study_patient() -> ColumnElement[bool]:
-    """Instances whose own patient is their study's: the same PatientID, and the same IssuerOfPatientID where both
-    carry one (as the receiver compares them). Another patient's image sent under this study's or series' UIDs
-    (admission fails that series) is never served, so every answer and every sent instance is the patient it
-    names. Rows recorded before the node kept an instance's patient (NULL) are taken to be the study's."""
+    """Instances whose own patient is their study's: the same PatientID, and the same issuer (IssuerOfPatientID,
+    UniversalEntityID), name, birth date and sex where both carry one, as the receiver and admission compare them
+    (:meth:`~dicom_node.receive.header.StudyPatient.differing_keyword`). Another patient's image sent under this
+    study's or series' UIDs (admission fails that series) is never served, so every answer and every sent instance
+    is the patient it names. Rows recorded before the node kept an instance's patient (NULL) are taken to be the
+    study's, and a detail not recorded for an instance (before revision 0013, or not sent) is no difference."""
     return or_(
         Instance.patient_id.is_(None),
         and_(
             Instance.patient_id == func.coalesce(Study.patient_id, ""),
-            or_(
-                Instance.issuer_of_patient_id.is_(None),
-                Study.issuer_of_patient_id.is_(None),
-                Instance.issuer_of_patient_id == Study.issuer_of_patient_id,
-            ),
+            _agrees(Instance.issuer_of_patient_id, Study.issuer_of_patient_id),
+            _agrees(Instance.issuer_universal_entity_id, Study.issuer_universal_entity_id),
+            _agrees(Instance.patient_birth_date, Study.patient_birth_date),
+            _agrees(Instance.patient_sex, Study.patient_sex),
+            _same_name(Instance.patient_name, Study.patient_name),
         ),
+    )
+
+
+def _agrees(instance_value: Any, study_value: Any) -> ColumnElement[bool]:
+    """The instance's value is its study's, or one of them is empty (a value only one side sent is no conflict)."""
+    return or_(
+        func.coalesce(instance_value, "") == "", func.coalesce(study_value, "") == "", instance_value == study_value
+    )
+
+
+def _same_name(instance_name: Any, study_name: Any) -> ColumnElement[bool]:
+    """The instance's PatientName names its study's patient: either is empty, or, without empty trailing
+    components and letter case aside, both are the same name, or one is the other with more component groups
+    (``DOE^JOHN`` and ``Doe^John=...``). A name that leaves out a group the other has before a group both carry is
+    taken as another name: an image is rather held back than served under a patient it may not be.
+
+    The same stored text, as nearly every image has, is decided before any name is trimmed (:func:`_trimmed_name`
+    costs sixteen ``replace`` calls a row)."""
+    mine, theirs = func.lower(_trimmed_name(instance_name)), func.lower(_trimmed_name(study_name))
+    return or_(
+        instance_name == study_name,
+        func.coalesce(instance_name, "") == "",
+        func.coalesce(study_name, "") == "",
+        mine == theirs,
+        func.substr(theirs, 1, func.length(mine) + 1) == mine.concat("="),
+        func.substr(mine, 1, func.length(theirs) + 1) == theirs.concat("="),
     )
 
 
@@ -284,13 +341,14 @@ def matching_instances(
     if for_retrieval:
         check_retrieval_keys(identifier, level)
     ids = _joined(conditions(identifier, level) + _level_scope(level))
-    if for_retrieval and level == "PATIENT" and _value(identifier.get("IssuerOfPatientID", "")) in ("", "*"):
+    if for_retrieval and level == "PATIENT" and not _names_an_issuer(identifier):
         patients = len(_ordered_keys(session, level, ids, 2))
         if patients > 1:
             raise AmbiguousPatient(
                 "the PatientID of this PATIENT-level retrieval belongs to more than one patient (the same ID from "
-                "different issuers, IssuerOfPatientID), and the request names no issuer: nothing is sent; "
-                "the requester must give IssuerOfPatientID, or retrieve by StudyInstanceUID"
+                "different issuers, IssuerOfPatientID or the UniversalEntityID of "
+                "IssuerOfPatientIDQualifiersSequence), and the request names no issuer: nothing is sent; "
+                "the requester must give the issuer, or retrieve by StudyInstanceUID"
             )
     query = (
         select(Instance)
@@ -299,6 +357,13 @@ def matching_instances(
         .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
     )
     return list(session.scalars(query if limit is None else query.limit(limit)))
+
+
+def _names_an_issuer(identifier: Dataset) -> bool:
+    """Whether a query names the issuer of its PatientID (IssuerOfPatientID, or the UniversalEntityID of
+    IssuerOfPatientIDQualifiersSequence), other than by ``*``."""
+    asked = (_value(identifier.get("IssuerOfPatientID", "")), _asked_universal_entity_id(identifier.get(QUALIFIERS)))
+    return any(value not in ("", "*") for value in asked)
 
 
 def check_retrieval_keys(identifier: Dataset, level: Level) -> None:
@@ -419,7 +484,7 @@ class _AnswerShape:
             if not keyword or element.tag.group in NEVER_ANSWERED_GROUPS or keyword in SET_BY_THE_NODE:
                 continue
             spec = KEYS.get(keyword)
-            if keyword in COUNTS or (spec is not None and LEVELS.index(spec.level) <= depth):
+            if keyword in COUNTS or keyword == QUALIFIERS or (spec is not None and LEVELS.index(spec.level) <= depth):
                 filled.append(keyword)
             else:
                 setattr(unheld, keyword, "")
@@ -441,18 +506,25 @@ def _level_scope(level: Level) -> list[ColumnElement[bool]]:
 
 
 def _ordered_keys(session: Session, level: Level, matched: Select[Any], limit: int | None) -> list[Any]:
-    """The keys of the matches, in answer order, at most ``limit``: patients (PatientID and IssuerOfPatientID,
-    unknown last) or row ids."""
+    """The keys of the matches, in answer order, at most ``limit``: patients (PatientID, IssuerOfPatientID and the
+    UniversalEntityID of IssuerOfPatientIDQualifiersSequence, unknown first) or row ids."""
     if level == "PATIENT":
         patients = (
-            matched.with_only_columns(Study.patient_id, Study.issuer_of_patient_id).distinct().order_by(None).subquery()
+            matched.with_only_columns(Study.patient_id, Study.issuer_of_patient_id, Study.issuer_universal_entity_id)
+            .distinct()
+            .order_by(None)
+            .subquery()
         )
         # "IS NULL" first, not NULLS LAST: SQLite before 3.30 lacks it; outside the DISTINCT, PostgreSQL allows it
-        by_patient = select(patients.c.patient_id, patients.c.issuer_of_patient_id).order_by(
+        by_patient = select(
+            patients.c.patient_id, patients.c.issuer_of_patient_id, patients.c.issuer_universal_entity_id
+        ).order_by(
             patients.c.patient_id.is_(None),
             patients.c.patient_id,
             patients.c.issuer_of_patient_id.is_not(None),
             patients.c.issuer_of_patient_id,
+            patients.c.issuer_universal_entity_id.is_not(None),
+            patients.c.issuer_universal_entity_id,
         )
         return [tuple(row) for row in session.execute(by_patient if limit is None else by_patient.limit(limit))]
     key_column = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}[level]
@@ -493,26 +565,49 @@ def _response(
         if keyword in COUNTS:
             setattr(response, keyword, _counted(session, keyword, study, series, counts))
             continue
+        if keyword == QUALIFIERS:
+            response.IssuerOfPatientIDQualifiersSequence = _answered_qualifiers(study)
+            continue
         spec = KEYS.get(keyword)
         value = None
         if spec is not None and LEVELS.index(spec.level) <= LEVELS.index(level):
             source = sources[spec.level]
             value = getattr(source, spec.column.key) if source is not None else None
         setattr(response, keyword, value if value is not None else "")
+    if level == "PATIENT" and QUALIFIERS not in shape.filled and study.issuer_universal_entity_id:
+        # the answers of one PatientID from two universal issuers must tell the patients apart, as IssuerOfPatientID
+        response.IssuerOfPatientIDQualifiersSequence = _answered_qualifiers(study)
     response.RetrieveAETitle = retrieve_ae_title
     if any(not str(response[keyword].value).isascii() for keyword in shape.filled):  # the empty ones are ASCII
         response.SpecificCharacterSet = "ISO_IR 192"
     return response
 
 
-def _of_patient(patient_id: str | None, issuer_of_patient_id: str | None) -> ColumnElement[bool]:
-    """Studies of one patient: this PatientID from this issuer (an unknown one being a value of its own)."""
+def _answered_qualifiers(study: Study) -> Sequence:
+    """The study's IssuerOfPatientIDQualifiersSequence as answered: one item with its UniversalEntityID and
+    UniversalEntityIDType, or none where the study has no universal issuer."""
+    if not study.issuer_universal_entity_id:
+        return Sequence()
+    item = Dataset()
+    item.UniversalEntityID = study.issuer_universal_entity_id
+    item.UniversalEntityIDType = study.issuer_universal_entity_id_type or ""
+    return Sequence([item])
+
+
+def _of_patient(
+    patient_id: str | None, issuer_of_patient_id: str | None, issuer_universal_entity_id: str | None = None
+) -> ColumnElement[bool]:
+    """Studies of one patient: this PatientID from this issuer, in both forms (an unknown one being a value of its
+    own)."""
     return and_(
-        Study.patient_id.is_(None) if patient_id is None else Study.patient_id == patient_id,
-        Study.issuer_of_patient_id.is_(None)
-        if issuer_of_patient_id is None
-        else Study.issuer_of_patient_id == issuer_of_patient_id,
+        _equal_or_both_null(Study.patient_id, patient_id),
+        _equal_or_both_null(Study.issuer_of_patient_id, issuer_of_patient_id),
+        _equal_or_both_null(Study.issuer_universal_entity_id, issuer_universal_entity_id),
     )
+
+
+def _equal_or_both_null(column: Any, value: str | None) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
 
 
 def _unique_keys_down_to(level: Level) -> list[str]:
@@ -538,7 +633,11 @@ def _count(session: Session, keyword: str, study: Study, series: Series | None) 
     """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances held."""
     if keyword.startswith("NumberOfPatientRelated"):
         # a study without a PatientID is its own patient: never counted with the other studies that lack one
-        scope = _of_patient(study.patient_id, study.issuer_of_patient_id) if study.patient_id else Study.id == study.id
+        scope = (
+            _of_patient(study.patient_id, study.issuer_of_patient_id, study.issuer_universal_entity_id)
+            if study.patient_id
+            else Study.id == study.id
+        )
     elif keyword.startswith("NumberOfSeriesRelated"):
         if series is None:
             return ""
