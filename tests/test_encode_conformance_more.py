@@ -350,7 +350,8 @@ def test_results_of_lossy_sources_say_lossy_compression_with_what_is_known(tmp_p
     flag, ratios, methods = expected
     for name, path in results.items():
         result = pydicom.dcmread(path)
-        if result.Modality == "SR":  # the IOD has no such attribute: its comment says the figures come from lossy images
+        # The SR's IOD has no such attribute: its comment says the figures come from lossy images.
+        if result.Modality == "SR":
             said = "lossy compressed" in _comment(result)
             assert said == (flag == "01"), name
             if ratios and flag == "01":
