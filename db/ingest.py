@@ -460,9 +460,9 @@ def record_results(session: Session, job_id: int, records: list[InstanceRecord])
     """Index the node's own result files (SEG, SR, RTSTRUCT) of job ``job_id`` for query/retrieve.
 
     Result series get ``source_job_id`` and no job of their own. A re-run supersedes
-    the job's earlier results: their series rows stay (retrievable, and listed by
-    `dicom-node show`) with ``superseded_at`` set; their files were written in an
-    earlier run's folder and are kept.
+    the job's earlier results: their series rows stay (listed by `dicom-node show`) with
+    ``superseded_at`` set, no longer answered or sent by Query/Retrieve; their files were
+    written in an earlier run's folder and are kept.
     """
     session.execute(
         update(Series)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from db.jobs import job_for_series_uid
 from db.models import Instance, JobState, Series
 from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.retrieve.matching import find, matching_instances
 from tests.conftest import CT_RULES, dciodvfy, storescu
 
 pytestmark = pytest.mark.integration
@@ -150,3 +152,22 @@ def test_series_reopened_after_done_gets_a_result_that_supersedes_the_first(tmp_
         assert kept == str(first["sr-binary.dcm"]) and Path(kept).exists()
     shown = node.cli("show", series.series_instance_uid).stdout
     assert shown.count("(superseded ") == 2
+    with node.sessions() as session:  # Query/Retrieve answers and sends the current results only
+        study = Dataset()
+        study.QueryRetrieveLevel, study.StudyInstanceUID = "STUDY", seg.StudyInstanceUID
+        served = {i.series.series_instance_uid for i in matching_instances(session, study, for_retrieval=True)}
+        answered = {str(a.SeriesInstanceUID) for a in find(session, _series_level(seg.StudyInstanceUID), "NODE")}
+    current = {r.series_instance_uid for r in rows if r.superseded_at is None}
+    superseded = {r.series_instance_uid for r in rows if r.superseded_at is not None}
+    assert current <= served and current <= answered and series.series_instance_uid in served
+    assert not superseded & served and not superseded & answered
+
+
+def _series_level(study_instance_uid: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel, identifier.StudyInstanceUID, identifier.SeriesInstanceUID = (
+        "SERIES",
+        study_instance_uid,
+        "",
+    )
+    return identifier

@@ -323,7 +323,12 @@ def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
         select(Instance.id)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
-        .where(Series.purged_at.is_(None), _of_the_study_patient(), *level_conditions)
+        .where(
+            Series.purged_at.is_(None),
+            Series.superseded_at.is_(None),  # results a later run of their job replaced: that run's are answered
+            _of_the_study_patient(),
+            *level_conditions,
+        )
     )
 
 
