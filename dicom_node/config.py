@@ -653,6 +653,13 @@ class InferenceSettings(_Strict):
     lease_renew_seconds: float = Field(
         15.0, gt=0, le=1200, description="How often a working worker renews its lease; well under lease_seconds."
     )
+    worker_start_seconds: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="Allowed for a new worker process to start Python and import its libraries before its first sign "
+        "of life; one silent for longer (plus the idle limit) is taken for frozen, ended and replaced.",
+    )
     shutdown_grace_seconds: float = Field(
         25.0,
         ge=0,

@@ -35,7 +35,6 @@ from dicom_node.watcher import SeriesWatcher
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
 from dicom_node.worker import (
-    INTERPRETER_START_SECONDS,
     IdlePulse,
     LeaseSweep,
     OverdueLease,
@@ -169,13 +168,13 @@ class WorkerSupervisor:
     def _silence(self, beats: int, silent_for: float) -> str | None:
         """Why a worker silent for ``silent_for`` s (``beats`` so far: 0 if it never beat) is ended, or None."""
         if beats == 0:
-            limit = first_beat_limit(self.settings)
+            limit, start = first_beat_limit(self.settings), self.settings.inference.worker_start_seconds
             if silent_for < limit:
                 return None
             return (
                 f"it showed no sign of life in the {silent_for:.0f} s since it was started (frozen before it was "
                 f"ready; the limit is {limit:g} s: the idle limit, set by inference.lease_seconds and "
-                f"database.busy_timeout_seconds, plus {INTERPRETER_START_SECONDS:g} s to start)"
+                f"database.busy_timeout_seconds, plus inference.worker_start_seconds, {start:g} s, to start)"
             )
         limit = idle_silence_limit(self.settings)
         if silent_for < limit:

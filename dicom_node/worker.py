@@ -78,8 +78,6 @@ EXIT_JOB_OVER_TIME = 3
 """Exit status of a ``dicom-node worker`` whose job ran past its time limit and could not be stopped."""
 START_BEAT_SECONDS = 1.0
 """How often a worker of ``serve`` beats while it starts (before its loop beats)."""
-INTERPRETER_START_SECONDS = 60.0
-"""Allowed for a new worker process to start Python and import its libraries, before its first beat."""
 
 
 def prefetch_enabled(settings: Settings) -> bool:
@@ -141,8 +139,8 @@ def idle_silence_limit(settings: Settings) -> float:
 
 def first_beat_limit(settings: Settings) -> float:
     """How long after its start a new worker of ``serve`` may go without its first beat before it is ended as
-    frozen: :func:`idle_silence_limit` plus :data:`INTERPRETER_START_SECONDS` to start Python and import."""
-    return idle_silence_limit(settings) + INTERPRETER_START_SECONDS
+    frozen: :func:`idle_silence_limit` plus ``inference.worker_start_seconds`` to start Python and import."""
+    return idle_silence_limit(settings) + settings.inference.worker_start_seconds
 
 
 class InferenceWorker:

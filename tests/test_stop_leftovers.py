@@ -159,7 +159,7 @@ def test_a_worker_frozen_before_its_first_sign_of_life_is_ended_and_replaced(tmp
         tmp_path / "node",
         {
             "rules": CT_RULES,
-            "inference": {"workers": 1, "lease_seconds": 2, "lease_renew_seconds": 1},
+            "inference": {"workers": 1, "lease_seconds": 2, "lease_renew_seconds": 1, "worker_start_seconds": 20},
             "database": {"busy_timeout_seconds": 1},
         },
     )
@@ -170,7 +170,7 @@ def test_a_worker_frozen_before_its_first_sign_of_life_is_ended_and_replaced(tmp
     try:
         frozen = wait_for(lambda: _worker_pids(node.log_path), timeout=60, interval=0.01, what="a worker")[0]
         os.kill(frozen, signal.SIGSTOP)  # moments after its start: long before it could show a sign of life
-        # Its first sign of life is waited for 66 s: 6 s idle limit (lease 2 s, busy timeout 1 s) + 60 s to start.
+        # Its first sign of life is waited for 26 s: 6 s idle limit (lease 2 s, busy timeout 1 s) + 20 s to start.
         wait_for(lambda: _gone(frozen), timeout=180, what=f"the frozen worker {frozen} to be ended")
         ended = [line for line in node.log().splitlines() if "worker.ended" in line]
         assert ended and f"process {frozen}" in ended[0], node.log()[-3000:]
