@@ -10,7 +10,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -515,6 +516,27 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
         storage_lock.release()
         node_lock.release()
         raise
+    started: list[Callable[[], None]] = []  # how to stop what has started, in start order
+    try:
+        return _start_parts(settings, sessions, node_lock, storage_lock, started)
+    except BaseException:
+        for stop in reversed(started):  # a part that failed to start: what started before it stops, the locks go
+            with suppress(Exception):
+                stop()
+        storage_lock.release()
+        node_lock.release()
+        raise
+
+
+def _start_parts(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    node_lock: db_session.NodeLock,
+    storage_lock: StorageLock,
+    started: list[Callable[[], None]],
+) -> RunningNode:
+    """Repair the storage folder, then start the receiver, console, watcher, workers, dispatcher and retention,
+    adding each part's stop to ``started`` as it starts (:func:`start_node` stops them if a later part fails)."""
     stop_first: list[PeriodicTask] = []  # what sends or deletes: stopped at once if the lock is lost
     node_lock.watch(lambda why: _stop_this_node(settings, why, stop_first))
     store = InstanceStore(
@@ -540,16 +562,23 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
     )
     # Bind first: a port in use must stop start-up before any thread or process exists.
     server = start_receiving(settings, store, sessions)
+    started.append(server.shutdown)
     workers = WorkerSupervisor(settings, sessions)
     console = _start_console(settings, sessions, server, workers)
+    if console is not None:
+        started.append(console.stop)
     watcher = SeriesWatcher(settings, sessions)
     watcher.start()
+    started.append(watcher.stop)
     workers.start()
+    started.append(workers.stop)
     dispatcher = Dispatcher(settings, sessions, holds_lock=node_lock.confirm)  # fenced: only while the lock holds
     retention = RetentionTask(settings, sessions)
     stop_first.extend([dispatcher, retention])
     dispatcher.start()
+    started.append(dispatcher.stop)
     retention.start()
+    started.append(retention.stop)
     return RunningNode(
         server=server,
         watcher=watcher,
@@ -739,16 +768,19 @@ def serve(settings: Settings) -> None:
 
     # Before anything starts: a stop asked for during start-up (a receiver may already acknowledge images) waits
     # for start-up to end, then stops every part as it would later, rather than killing the node half-started.
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    previous = signal.signal(signal.SIGTERM, _request_stop), signal.signal(signal.SIGINT, _request_stop)
     try:
-        node = start_node(settings, stopping)
-    except StoppedWhileStarting:
-        log_event(LOG, logging.INFO, "node.stopped", note="stopped while it waited for the other node to stop")
-        return
-    log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
-    stopping.wait()
-    node.stop()
+        try:
+            node = start_node(settings, stopping)
+        except StoppedWhileStarting:
+            log_event(LOG, logging.INFO, "node.stopped", note="stopped while it waited for the other node to stop")
+            return
+        log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
+        stopping.wait()
+        node.stop()
+    finally:  # the caller's handlers again (a process that runs serve in-process, as tests do, keeps its own)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     if node.node_lock is not None and node.node_lock.lost:
         # Not a clean stop: a supervisor (systemd Restart=on-failure, Docker, Kubernetes) starts it again, and the
         # new serve waits until the lock is free (the database back, or the other node gone).
