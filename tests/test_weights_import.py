@@ -276,7 +276,8 @@ def test_import_replaces_a_working_install_only_with_a_complete_one(installed, r
     result = run("weights", "import", str(archive), config=make_config(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"imported {installed / DATASET}"
+    assert result.stdout.splitlines()[0] == f"imported {installed / DATASET}"
+    assert "keeps the weights it has loaded until it is restarted" in result.stdout
     assert not stale.exists()  # the old folder was replaced as a whole
     assert (installed / checkpoint).read_bytes() == release[checkpoint]
     hashes, had_manifest = verify_folder(installed / DATASET / TRAINER)
@@ -426,7 +427,7 @@ def test_import_and_download_install_into_the_weights_folder_of_the_model_named(
     threshold = run("weights", "download", "--model", "base", config=config)
 
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.strip() == f"imported {own / DATASET}"
+    assert imported.stdout.splitlines()[0] == f"imported {own / DATASET}"
     identify("total_fast", model_folders("total_fast", own))
     assert not (tmp_path / "storage" / "weights" / DATASET).exists()
     assert unknown.returncode == 2
