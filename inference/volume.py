@@ -349,6 +349,31 @@ def differing_orientations(orientations: Sequence[Sequence[float] | np.ndarray])
     return [int(i) for i in np.flatnonzero(np.abs(values - reference).max(axis=1) > ORIENTATION_TOLERANCE)]
 
 
+VOLUME_SOURCE_KEYWORDS = (
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
+"""The attributes of one image (outside enhanced functional groups) a volume is built from: its geometry, the pixel
+module that says how stored values are read, the rescale that makes them HU and the padding it marks. Admission
+reads them, and a copy of an instance sent again is compared on them."""
+
 SPACING_DECIMALS = 4
 """PixelSpacing values alike to this many decimals (of a mm) are one matrix: 0.97656 and 0.9765625 are the same
 spacing written to different precision, not two reconstructions."""

@@ -72,6 +72,7 @@ from dicom_node.receive.header import (
     is_valid_uid,
     stored_header,
 )
+from inference.volume import VOLUME_SOURCE_KEYWORDS
 
 LOG = logging.getLogger(__name__)
 
@@ -453,25 +454,7 @@ RESULT_ATTRIBUTES = (
     "SeriesInstanceUID",
     "SOPClassUID",
     "ImageType",
-    "FrameOfReferenceUID",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "SliceThickness",
-    "Rows",
-    "Columns",
-    "NumberOfFrames",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-    "RescaleIntercept",
-    "RescaleSlope",
-    "RescaleType",
-    "PixelPaddingValue",
-    "PixelPaddingRangeLimit",
+    *VOLUME_SOURCE_KEYWORDS,
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
     "PixelMeasuresSequence",
