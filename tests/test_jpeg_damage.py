@@ -27,8 +27,9 @@ from pydicom.uid import UID, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1
 from db.models import JobState
 from inference import frames
 from inference.frames import jpeg_damage
-from inference.volume import VolumeError, load_series_volume
+from inference.volume import load_series_volume
 from tests.conftest import CT_RULES, real_ct_copy, require_tool, storescu
+from tests.test_pixel_integrity import _name, _refusal
 
 VICTIM = 7  # the slice (by position) that is damaged
 DCMCJPEG = {JPEGLosslessSV1: "+e1", JPEGLossless: "+el", JPEGBaseline8Bit: "+eb"}
@@ -77,16 +78,6 @@ def jpeg_ct(request, encoded, tmp_path) -> list[Path]:
 def reference(shared_fixtures, tmp_path) -> np.ndarray:
     """The real CT's HU, as the loader reads the scanner's own (JPEG 2000) files."""
     return load_series_volume(real_ct_copy(tmp_path / "original", shared_fixtures)).hu
-
-
-def _name(dataset: pydicom.Dataset) -> str:
-    return f"image {dataset.InstanceNumber} (SOP Instance UID {dataset.SOPInstanceUID})"
-
-
-def _refusal(files: list[Path]) -> str:
-    with pytest.raises(VolumeError) as error:
-        load_series_volume(files)
-    return str(error.value)
 
 
 def _frame(path: Path) -> bytes:
