@@ -418,11 +418,14 @@ def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_stud
                     patient_id="PAT-A", patient_name="Alpha^Ann", patient_birth_date="19500101", accession_number="A1"
                 )
             )
+        wait_for(lambda: _answers(running.url), timeout=30, what="the console to answer")
+        operator = running.client("olga")
+        # Still being received (admission has not refused it yet): already not shown as Alpha^Ann's series.
+        receiving = {job["series_instance_uid"]: job for job in operator.get("/api/jobs").json()["jobs"]}
+        with transaction(node.sessions) as session:
             session.execute(update(Series).values(last_received_at=utcnow() - timedelta(seconds=601)))
         node.wait_for_state(other_id, JobState.FAILED)
         node.wait_for_state(other_name, JobState.FAILED)
-        wait_for(lambda: _answers(running.url), timeout=30, what="the console to answer")
-        operator = running.client("olga")
 
         jobs = {job["series_instance_uid"]: job for job in operator.get("/api/jobs").json()["jobs"]}
         worklist = operator.get("/worklist/rows").text
@@ -432,6 +435,10 @@ def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_stud
     finally:
         node.stop()
 
+    assert receiving[other_name]["state"] == "RECEIVING"
+    assert receiving[other_name]["patient"]["another_patient"] == "names another patient (PatientID PAT-A)"
+    assert receiving[other_name]["patient"]["another_patient_detail"].startswith("its PatientName differs")
+    assert receiving[other_name]["patient"]["patient_name"] is None
     assert jobs[other_id]["patient"] == {
         "patient_name": None,
         "patient_id": "PAT-B",
@@ -440,8 +447,8 @@ def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_stud
         "study_description": None,
         "another_patient": "refused: names another patient (PatientID PAT-B)",
         "another_patient_detail": (
-            "its PatientID differs from its study's patient, so it is not shown as that patient's series; the "
-            "name, birth date and sex its images carry are not stored"
+            "its PatientID differs from its study's patient, so it is not shown as that patient's series, and the "
+            "name and birth date its images carry are not shown"
         ),
     }
     assert jobs[other_name]["patient"]["another_patient"] == "refused: names another patient (PatientID PAT-A)"

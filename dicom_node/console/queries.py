@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from db import jobs
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.config import Settings, hide_url_password
-from dicom_node.receive.header import is_valid_uid
+from dicom_node.receive.header import StudyPatient, is_valid_uid
 
 STATE_COLOURS: dict[str, str] = {
     "RECEIVING": "blue",
@@ -115,6 +115,8 @@ def _patient(study: Study) -> dict[str, Any]:
     }
 
 
+MAX_PATIENTS_SHOWN = 20
+"""The most distinct patients read from one series' images to label its row (normally one)."""
 ANOTHER_PATIENT = re.compile(r"already holds another patient's images \(its (\w+) differs")
 """Admission's refusal of a series naming another patient than its study's (:func:`admission._check_study_patient`):
 the keyword it names is the attribute that differs."""
@@ -123,32 +125,41 @@ the keyword it names is the attribute that differs."""
 def _series_patient(session: Session, job: Job) -> dict[str, Any]:
     """The patient a series row is shown under: its study's, unless the series names another patient.
 
-    A series refused for naming another patient than its study's (same StudyInstanceUID, another PatientID, issuer,
-    name, birth date or sex) is recorded under that study, but it is not that patient's: it is shown with the
-    PatientID its own images carry, none of the study's patient details, and ``another_patient`` saying so. Its own
-    name, birth date and sex are not stored (only each image's PatientID and IssuerOfPatientID are)."""
+    A series whose images name another patient than its study's (same StudyInstanceUID; another PatientID, or
+    another issuer, name, birth date or sex where both carry one, compared as admission compares them) is
+    recorded under that study, but it is not that patient's: it is shown with the PatientID its own images carry,
+    none of the study's patient details, and ``another_patient`` saying so, whether admission has refused it yet
+    or it is still being received."""
     series, study = job.series, job.series.study
     own = session.execute(
-        select(Instance.patient_id, Instance.issuer_of_patient_id)
+        select(
+            Instance.patient_id,
+            Instance.issuer_of_patient_id,
+            Instance.patient_name,
+            Instance.patient_birth_date,
+            Instance.patient_sex,
+            Instance.issuer_universal_entity_id,
+        )
         .where(Instance.series_id == series.id, Instance.patient_id.is_not(None), Instance.patient_id != "")
         .distinct()
+        .limit(MAX_PATIENTS_SHOWN)
     ).all()  # an image without a PatientID names no other patient (admission refuses it for that)
-    foreign = [
-        (patient_id, issuer)
-        for patient_id, issuer in own
-        if patient_id != (study.patient_id or "")
-        or (issuer is not None and study.issuer_of_patient_id is not None and issuer != study.issuer_of_patient_id)
-    ]
+    study_patient = StudyPatient(
+        study.patient_id,
+        study.issuer_of_patient_id,
+        study.patient_name,
+        study.patient_birth_date,
+        study.patient_sex,
+        study.issuer_universal_entity_id,
+    )
+    differing_keywords = [study_patient.differing_keyword(StudyPatient(*row)) for row in own]
     refused = ANOTHER_PATIENT.search(job.reason or "")
-    if not foreign and refused is None:
+    if not any(differing_keywords) and refused is None:
         return _patient(study)
-    ids = sorted({str(patient_id) for patient_id, _ in own})
-    issuers = sorted({f"{patient_id} of {issuer}" for patient_id, issuer in own if issuer})
+    ids = sorted({str(row.patient_id) for row in own})
+    issuers = sorted({f"{row.patient_id} of {row.issuer_of_patient_id}" for row in own if row.issuer_of_patient_id})
     named = f"PatientID {', '.join(issuers or ids)}" if ids else "its PatientID is not stored"
-    if refused is not None:
-        differing = refused.group(1)
-    else:
-        differing = "PatientID" if any(pid != (study.patient_id or "") for pid, _ in foreign) else "IssuerOfPatientID"
+    differing = refused.group(1) if refused is not None else next(k for k in differing_keywords if k)
     return {
         "patient_name": None,
         "patient_id": ", ".join(ids) or None,
@@ -157,8 +168,8 @@ def _series_patient(session: Session, job: Job) -> dict[str, Any]:
         "study_description": None,
         "another_patient": f"{'refused: ' if job.state is JobState.FAILED else ''}names another patient ({named})",
         "another_patient_detail": (
-            f"its {differing} differs from its study's patient, so it is not shown as that patient's series; the "
-            "name, birth date and sex its images carry are not stored"
+            f"its {differing} differs from its study's patient, so it is not shown as that patient's series, and "
+            "the name and birth date its images carry are not shown"
         ),
     }
 
