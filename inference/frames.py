@@ -363,6 +363,21 @@ def _jp2_codestream(data: bytes) -> bytes | None:
 
 def _jpeg_frame_header(data: bytes) -> tuple[int, int, int, int] | None:
     """(width, height, components, precision) from the first frame header (SOFn or SOF55) after SOI."""
+    found = _jpeg_segment(data, JPEG_FRAME_MARKERS)
+    if found is None:
+        return None
+    _marker, position = found
+    (length,) = struct.unpack_from(">H", data, position)
+    if length < 8 or position + 8 > len(data):
+        return None
+    precision, height, width, components = struct.unpack_from(">BHHB", data, position + 2)
+    return width, height, components, precision
+
+
+def _jpeg_segment(data: bytes, wanted: frozenset[int]) -> tuple[int, int] | None:
+    """(marker, offset of its length field) of the first marker segment after SOI that is one of ``wanted``;
+    None where the frame has no SOI, ends or turns unreadable first, or (unless SOS is wanted) a scan or EOI
+    comes first."""
     if data[:2] != b"\xff\xd8":
         return None
     position = 2
@@ -377,17 +392,99 @@ def _jpeg_frame_header(data: bytes) -> tuple[int, int, int, int] | None:
         position += 1
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
             continue
-        if marker in (0xD9, 0xDA) or position + 2 > len(data):  # EOI or SOS before any frame header
+        if position + 2 > len(data):
+            return None
+        if marker in wanted:
+            return marker, position
+        if marker in (0xD9, 0xDA):  # EOI, or a scan before any wanted segment
             return None
         (length,) = struct.unpack_from(">H", data, position)
-        if marker in JPEG_FRAME_MARKERS:
-            if length < 8 or position + 8 > len(data):
-                return None
-            precision, height, width, components = struct.unpack_from(">BHHB", data, position + 2)
-            return width, height, components, precision
         if length < 2:
             return None
         position += length
+    return None
+
+
+# --- Lossless transfer syntaxes: frames that are lossy all the same --------------------------------------------
+
+JPEG_LOSSLESS_SYNTAXES = {
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless (first-order prediction)",
+}
+JPEG_LS_LOSSLESS_SYNTAX = "1.2.840.10008.1.2.4.80"
+JPEG2000_LOSSLESS_SYNTAXES = {
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 (lossless only)",
+    "1.2.840.10008.1.2.4.201": "HTJ2K (lossless only)",
+    "1.2.840.10008.1.2.4.202": "HTJ2K with RPCL options (lossless only)",
+}
+_JPEG_LOSSLESS_FRAMES = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+_DCT_FRAMES = JPEG_FRAME_MARKERS - _JPEG_LOSSLESS_FRAMES - {0xF7}
+
+
+def lossy_in_lossless_syntax(dataset: Dataset, name: str) -> str | None:
+    """The first frame of ``dataset`` whose data is lossy although its transfer syntax allows lossless data only
+    (a DCT frame under JPEG Lossless, a near-lossless scan under JPEG-LS Lossless, the irreversible wavelet under
+    JPEG 2000 or HTJ2K lossless), as a sentence naming it; None otherwise. Such a frame decodes, and the results
+    would say their source was never lossy compressed."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    described = {**JPEG_LOSSLESS_SYNTAXES, **JPEG2000_LOSSLESS_SYNTAXES, JPEG_LS_LOSSLESS_SYNTAX: "JPEG-LS Lossless"}
+    if syntax not in described or "PixelData" not in dataset:
+        return None
+    number_of_frames = int(dataset.get("NumberOfFrames") or 1)
+    try:
+        for index, frame in enumerate(_frames(dataset, number_of_frames), start=1):
+            lossy = _lossy_frame(frame, syntax)
+            if lossy is not None:
+                where = f"frame {index} of {name}" if number_of_frames > 1 else name
+                return (
+                    f"the pixel data of {where} {lossy}, but its transfer syntax, {described[syntax]}, allows "
+                    "lossless data only; it is not used: send the image again from the scanner or archive"
+                )
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None  # refused by encapsulated_problem, which reads the same frames first
+    return None
+
+
+def _lossy_frame(frame: bytes, syntax: str) -> str | None:
+    """How one frame is lossy under the lossless ``syntax``, as words that follow 'the pixel data of <image>'."""
+    if syntax in JPEG_LOSSLESS_SYNTAXES:
+        found = _jpeg_segment(frame, JPEG_FRAME_MARKERS)
+        if found is not None and found[0] in _DCT_FRAMES:
+            return f"is lossy JPEG (DCT-based, frame marker SOF{found[0] - 0xC0})"
+        if found is not None and found[0] == 0xF7:
+            return "is JPEG-LS, not JPEG"
+        return None
+    if syntax == JPEG_LS_LOSSLESS_SYNTAX:
+        scan = _jpeg_segment(frame, frozenset({0xDA}))
+        if scan is None:
+            return None
+        position = scan[1]
+        components = frame[position + 2] if position + 2 < len(frame) else 0
+        near_at = position + 3 + 2 * components
+        near = frame[near_at] if near_at < len(frame) else 0
+        return f"is near-lossless JPEG-LS (NEAR {near})" if near else None
+    transform = _cod_transform(frame)
+    return "uses the irreversible (9-7) wavelet transform, which is lossy" if transform == 0 else None
+
+
+def _cod_transform(frame: bytes) -> int | None:
+    """The wavelet transform byte of a JPEG 2000 codestream's main-header COD segment (0: irreversible 9-7,
+    1: reversible 5-3); None where it has none that can be read."""
+    codestream = frame if frame[:4] == b"\xff\x4f\xff\x51" else _jp2_codestream(frame)
+    if codestream is None:
+        return None
+    position = 2  # past SOC, to SIZ and the segments after it
+    for _ in range(MAX_MARKER_SEGMENTS):
+        if position + 4 > len(codestream) or codestream[position] != 0xFF:
+            return None
+        marker = codestream[position + 1]
+        (length,) = struct.unpack_from(">H", codestream, position + 2)
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then levels, block sizes, style, transform
+            return codestream[position + 13] if position + 13 < len(codestream) else None
+        if marker == 0x90 or length < 2:  # the first tile begins: no COD in the main header
+            return None
+        position += 2 + length
     return None
 
 

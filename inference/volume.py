@@ -42,7 +42,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from inference.frames import codestream_damage, encapsulated_problem, jpeg2000_sign, stored_precision
+from inference.frames import (
+    codestream_damage,
+    encapsulated_problem,
+    jpeg2000_sign,
+    lossy_in_lossless_syntax,
+    stored_precision,
+)
 
 SPACING_TOLERANCE = 0.1
 """Largest relative deviation of a slice step from the median step (10 %) before it counts as a gap."""
@@ -1188,6 +1194,7 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
             raise VolumeError(f"{_image_name(frame)} has incomplete pixel data (the file ends inside it)")
         raise VolumeError(f"instance {dataset.get('SOPInstanceUID')} has no pixel data")
     mismatch = encapsulated_problem(dataset, _instance_name(frame))  # before a decoder allocates what a frame says
+    mismatch = mismatch or lossy_in_lossless_syntax(dataset, _instance_name(frame))
     if mismatch is not None:
         raise VolumeError(mismatch)
     bits_stored, signed = _stored_bits(dataset, frame) if "PixelData" in dataset else (0, False)
