@@ -35,7 +35,8 @@ from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
     from dicom_node.console.app import ConsoleServer
-from dicom_node.worker import (
+from dicom_node.worker_process import run_worker_process
+from dicom_node.worker_watch import (
     IdlePulse,
     LeaseSweep,
     OverdueLease,
@@ -43,7 +44,6 @@ from dicom_node.worker import (
     idle_silence_limit,
     log_worker_death,
     requeue_jobs_of_previous_run,
-    run_worker,
     worker_id,
 )
 
@@ -64,10 +64,10 @@ class WorkerSupervisor:
     a death, so a series that hangs every worker ends FAILED.
 
     A worker holding no job renews no lease: each one counts beats in memory shared with this supervisor
-    (:class:`~dicom_node.worker.IdlePulse`), read every check; one whose beats stop for
-    :func:`~dicom_node.worker.idle_silence_limit` (frozen, or stuck in a database query) is ended and replaced. A
+    (:class:`~dicom_node.worker_watch.IdlePulse`), read every check; one whose beats stop for
+    :func:`~dicom_node.worker_watch.idle_silence_limit` (frozen, or stuck in a database query) is ended and replaced. A
     worker beats while it starts too: one that shows no sign of life within
-    :func:`~dicom_node.worker.first_beat_limit` of its start (frozen before it was ready) is ended the same way.
+    :func:`~dicom_node.worker_watch.first_beat_limit` of its start (frozen before it was ready) is ended the same way.
     """
 
     CHECK_SECONDS = 0.5
@@ -100,7 +100,7 @@ class WorkerSupervisor:
     def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
         pulse = IdlePulse(self._context)
         process = self._context.Process(
-            target=run_worker, args=(self.settings, os.getpid(), None, pulse), name=f"worker-{number}"
+            target=run_worker_process, args=(self.settings, os.getpid(), None, pulse), name=f"worker-{number}"
         )
         process.start()
         self._pulses[process.pid] = pulse

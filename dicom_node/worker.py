@@ -15,9 +15,10 @@ A series that changes while it is processed (a late instance re-opened it), or a
 lease was lost, keeps its new state and the stale result is discarded.
 
 A worker of ``serve`` that freezes while it holds no job (stopped, or stuck in a database query) renews no
-lease; it counts beats in memory it shares with ``serve`` (:class:`IdlePulse`), which ends and replaces it once
-they stop for :func:`idle_silence_limit`. While it starts (loading its models) a thread of its own beats, so one
-frozen before it is ready is ended too, once it shows no sign of life within :func:`first_beat_limit`. A
+lease; it counts beats in memory it shares with ``serve`` (:class:`~dicom_node.worker_watch.IdlePulse`), which
+ends and replaces it once they stop for :func:`~dicom_node.worker_watch.idle_silence_limit`. While it starts
+(loading its models) a thread of its own beats, so one frozen before it is ready is ended too, once it shows no
+sign of life within :func:`~dicom_node.worker_watch.first_beat_limit`. A
 ``dicom-node worker`` (no supervisor of its own on its host) keeps ``inference.job_timeout_minutes`` itself
 (:class:`JobTimeLimit`): past it the job is given up, and the process exits if the job has not stopped within
 ``inference.shutdown_grace_seconds``, for its service manager to restart.
@@ -30,13 +31,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from multiprocessing.context import BaseContext
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -45,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db.ingest import lock_studies_of_job, record_results
-from db.models import Instance, Job, Series, as_utc
+from db.models import Instance, Job, Series
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
@@ -62,6 +60,13 @@ from dicom_node.pipeline import (
     publish,
     run_pipeline,
 )
+from dicom_node.worker_watch import (
+    IdlePulse,
+    LeaseSweep,
+    claimer_alive,
+    log_worker_death,
+    worker_id,
+)
 from inference.models.prefetch import VolumePrefetcher
 
 LOG = logging.getLogger(__name__)
@@ -70,10 +75,6 @@ LOCKED_CLAIM_LIMIT_SECONDS = 600.0
 """A worker waits this long for a locked database when claiming, then polls again."""
 LOCKED_FINISH_LIMIT_SECONDS = 6 * 3600.0
 """A finished job's outcome is retried this long against a locked database before the worker gives up on it."""
-WORKER_NAME_VARIABLE = "DICOM_NODE_WORKER_NAME"
-"""Environment variable naming the worker's host in its id (default: the host name)."""
-LOCKED_RETRY_PAUSE_SECONDS = 5.0
-"""The longest pause between two tries of a transaction against a locked database (``retry_when_locked``)."""
 EXIT_JOB_OVER_TIME = 3
 """Exit status of a ``dicom-node worker`` whose job ran past its time limit and could not be stopped."""
 START_BEAT_SECONDS = 1.0
@@ -92,55 +93,6 @@ def prefetch_enabled(settings: Settings) -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
-
-
-def worker_host(name: str | None = None) -> str:
-    """The host part of a worker's id: ``name``, else ``$DICOM_NODE_WORKER_NAME``, else the host name."""
-    return name or os.environ.get(WORKER_NAME_VARIABLE) or socket.gethostname()
-
-
-def worker_id(name: str | None = None, pid: int | None = None) -> str:
-    """The id a worker claims jobs under: ``<host>:<pid>`` (the host part can be given, e.g. per container)."""
-    return f"{worker_host(name)}:{pid if pid is not None else os.getpid()}"
-
-
-class IdlePulse:
-    """A worker's sign of life while it holds no job, in memory it shares with ``serve`` (no database write).
-
-    The worker counts a beat at each pass of its loop and at each try of a database transaction it makes while
-    idle, and marks the time it holds a job (its lease then shows it alive). ``serve`` reads both, cheaply.
-    """
-
-    def __init__(self, context: BaseContext) -> None:
-        self._values = context.RawArray("q", 2)  # beats so far; 1 while a job is held
-
-    def beat(self) -> None:
-        self._values[0] += 1
-
-    def hold_job(self, holding: bool) -> None:
-        self._values[1] = int(holding)
-
-    def read(self) -> tuple[int, bool]:
-        """Beats so far (0: the worker is still starting) and whether it holds a job."""
-        return int(self._values[0]), bool(self._values[1])
-
-
-def idle_silence_limit(settings: Settings) -> float:
-    """How long a worker holding no job may show no sign of life before ``serve`` ends it as frozen.
-
-    ``inference.lease_seconds``, as for a worker holding a job, but never less than one transaction waiting out
-    another process' lock on the database (``database.busy_timeout_seconds``, then a pause before the next try),
-    plus one poll of the queue: a worker waiting for a locked database is alive.
-    """
-    inference = settings.inference
-    locked_wait = settings.database.busy_timeout_seconds + LOCKED_RETRY_PAUSE_SECONDS
-    return max(inference.lease_seconds, locked_wait) + inference.poll_seconds
-
-
-def first_beat_limit(settings: Settings) -> float:
-    """How long after its start a new worker of ``serve`` may go without its first beat before it is ended as
-    frozen: :func:`idle_silence_limit` plus ``inference.worker_start_seconds`` to start Python and import."""
-    return idle_silence_limit(settings) + settings.inference.worker_start_seconds
 
 
 class InferenceWorker:
@@ -505,71 +457,6 @@ class InferenceWorker:
         return True
 
 
-@dataclass(frozen=True)
-class OverdueLease:
-    """A lease seen run out for a whole lease period: the job, its claim and its worker."""
-
-    job_id: int
-    lease_expires_at: datetime | None
-    claimed_by: str | None
-    stage: str | None
-
-
-class LeaseSweep:
-    """Finds the jobs whose worker stopped renewing its lease, and queues them again (or fails them at the limit).
-
-    A lease that has run out by the wall clock only counts once this process has seen it unchanged for
-    ``inference.lease_seconds`` of its own steady clock: a clock stepped forward (NTP), or a host whose clock
-    runs ahead of another's, never takes a job from a worker that is still renewing its lease. The look is a
-    plain read; only a lease that counts is written (one transaction), so a quiet queue costs no write lock.
-    """
-
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        # Job id -> (the lease's expiry as first seen run out, time.monotonic() then).
-        self._seen: dict[int, tuple[object, float]] = {}
-
-    def overdue(self) -> list[OverdueLease]:
-        """The leases that have stayed run out for ``inference.lease_seconds`` of this process' steady clock."""
-        now = time.monotonic()
-        seen_now: dict[int, tuple[object, float]] = {}
-        found = []
-        with self.sessions() as session:
-            for job in jobs.expired_leases(session, lock=False):
-                lease, first_seen = self._seen.get(job.id, (None, now))
-                if lease != job.lease_expires_at:
-                    first_seen = now  # first seen run out, or renewed since: watch this lease afresh
-                seen_now[job.id] = (job.lease_expires_at, first_seen)
-                if now - first_seen >= self.settings.inference.lease_seconds:
-                    found.append(OverdueLease(job.id, job.lease_expires_at, job.claimed_by, job.stage))
-        self._seen = seen_now
-        return found
-
-    def sweep(self, end: Callable[[OverdueLease], str | None] | None = None) -> int:
-        """Queue again (or fail) every overdue lease's job; how many were queued again.
-
-        ``end`` is called first for each one (outside any transaction: a frozen worker may hold the database's
-        write lock until it is ended); it returns who ended the worker (for the reason), or None.
-        """
-        overdue = self.overdue()
-        if not overdue:
-            return 0
-        enders = {lease.job_id: end(lease) if end is not None else None for lease in overdue}
-        wanted = {lease.job_id: lease.lease_expires_at for lease in overdue}
-        requeued = 0
-        with transaction(self.sessions) as session:
-            for job in jobs.expired_leases(session):
-                if job.id not in wanted or wanted[job.id] != job.lease_expires_at:
-                    continue  # renewed or taken meanwhile, or first run out after the look
-                deaths = self.settings.inference.max_worker_deaths
-                failed = jobs.lease_expired(session, job, deaths, ended_by=enders[job.id])
-                log_worker_death(job, failed)
-                requeued += not failed
-                self._seen.pop(job.id, None)
-        return requeued
-
-
 def late_result_reason(job: Job, worker: str, attempt: int) -> str:
     """Why the result of ``worker``'s claim number ``attempt`` is not recorded: the job is no longer that claim's."""
     if job.claimed_by != worker or job.attempts != attempt:
@@ -696,87 +583,6 @@ def _run_and_replaced_reports(session: Session, job: Job) -> tuple[int, dict[str
             earlier.SeriesInstanceUID = series.series_instance_uid
             replaces[file.encoding] = earlier
     return superseded_runs + bool(current) + 1, replaces
-
-
-def log_worker_death(job: Job, failed: bool) -> None:
-    """One log line per job whose worker died: ERROR when the crash limit failed it."""
-    log_event(
-        LOG,
-        logging.ERROR if failed else logging.WARNING,
-        "job.worker_died",
-        job=job.id,
-        worker=job.claimed_by,
-        stage=job.stage,
-        deaths=job.worker_deaths,
-        reason=job.reason,
-    )
-
-
-def requeue_jobs_of_previous_run(sessions: sessionmaker[Session], name: str | None = None) -> int:
-    """At ``serve`` start-up, before its workers start: jobs left PROCESSING on this host by workers that are gone
-    were cut off by the node's own stop (killed, power cut). They are queued again without counting a death
-    (:func:`db.jobs.node_restarted`): two restarts during one long job must not fail it. Returns how many."""
-    host = worker_host(name)
-    requeued = 0
-    with transaction(sessions) as session:
-        for job in jobs.jobs_in_state(session, [jobs.S.PROCESSING]):
-            owner_host, _, owner_pid = (job.claimed_by or "").rpartition(":")
-            if owner_host == host and not claimer_alive(owner_pid, job.state_changed_at):
-                jobs.node_restarted(session, job)
-                log_event(LOG, logging.WARNING, "job.node_restarted", job=job.id, reason=job.reason)
-                requeued += 1
-    return requeued
-
-
-CLAIM_CLOCK_TOLERANCE_SECONDS = 2.0
-
-
-def claimer_alive(pid: str, claimed_at: datetime | None = None) -> bool:
-    """Whether process ``pid`` runs, and (given ``claimed_at``) could be the worker that claimed a job then.
-
-    A zombie is dead: a worker killed after its ``serve`` died waits to be reaped by whichever process
-    adopted it, which in a container without an init never happens. A process that started after the
-    claim has only reused the number (a container restarted: its new workers often get the old ones'
-    pids), so the claimer is gone. That comparison is only made at ``serve`` start-up, when no worker of
-    this host can be running: it reads start times off the wall clock, which a step of the clock (NTP, a
-    resumed virtual machine) would shift.
-    """
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass
-    stat = _process_stat(int(pid))
-    if stat is None:
-        return True
-    if stat[0] in ("Z", "X"):
-        return False
-    if claimed_at is None:
-        return True
-    started = _started_at(stat)
-    if started is None:
-        return True
-    return started <= as_utc(claimed_at).timestamp() + CLAIM_CLOCK_TOLERANCE_SECONDS
-
-
-def _process_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first); None where it cannot be read."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def _started_at(stat: list[str]) -> float | None:
-    """When the process of ``stat`` started (Unix time), from its start in clock ticks after boot."""
-    try:
-        boot = next(
-            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
-        )
-        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
 
 
 def run_worker(

@@ -26,7 +26,8 @@ from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PHANTOM_LABELS, PhantomSpec, write_phantom_series
 from dicom_node.pipeline import STAGING_PREFIX
-from dicom_node.worker import InferenceWorker, prefetch_enabled, requeue_jobs_of_previous_run
+from dicom_node.worker import InferenceWorker, prefetch_enabled
+from dicom_node.worker_watch import requeue_jobs_of_previous_run
 from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
 from inference.models.prefetch import VolumePrefetcher
 from inference.models.threshold import ThresholdModel
@@ -482,7 +483,7 @@ def test_a_killed_worker_not_yet_reaped_counts_as_gone():
     """A zombie answers kill(pid, 0); in a container without an init nobody reaps it, yet its job must move on."""
     import subprocess
 
-    from dicom_node.worker import claimer_alive
+    from dicom_node.worker_watch import claimer_alive
 
     child = subprocess.Popen(["true"])
     try:
