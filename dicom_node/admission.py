@@ -33,7 +33,7 @@ from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import person_name_problem, sequence_check
-from dicom_node.logs import shown
+from dicom_node.logs import os_error_text, shown
 from dicom_node.receive.header import (
     DEFAULT_REPERTOIRE,
     StudyPatient,
@@ -167,6 +167,12 @@ def is_admission_warning(warning: str) -> bool:
 
 class Refused(Exception):
     """The series cannot be processed; the message is the reason (one sentence)."""
+
+
+class StorageUnavailable(Exception):
+    """A stored file cannot be opened or read now for a reason of this machine, not of its data (too many open
+    files, an I/O error, a permission): the series is not refused, it is checked again later. The message says
+    which file and why, in words."""
 
 
 @dataclass(frozen=True)
@@ -419,6 +425,10 @@ def _read(file: InstanceFile) -> Dataset:
         return dcmread(file.path, defer_size=DEFER_BYTES, specific_tags=HEADER_TAGS)
     except FileNotFoundError:
         raise Refused(f"the file of {_label(file)} is missing from storage") from None
+    except OSError as exc:  # the machine's trouble (no file handle left, a failing disk), not the sender's data
+        raise StorageUnavailable(
+            f"the stored file of {_label(file)} cannot be read now ({os_error_text(exc)})"
+        ) from None
     except Exception:  # noqa: BLE001 - any unreadable file refuses the series, named
         raise Refused(f"the stored file of {_label(file)} cannot be read as DICOM") from None
 

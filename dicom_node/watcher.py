@@ -31,6 +31,7 @@ from db.session import read_only, transaction
 from dicom_node.admission import (
     AdmissionResult,
     InstanceFile,
+    StorageUnavailable,
     admit,
     instance_files,
     is_admission_warning,
@@ -216,8 +217,18 @@ class SeriesWatcher(PeriodicTask):
             decision = decide(self.settings.rules, facts)
             files = instance_files(session, job.series) if decision.action == "process" else []
             modality, study_patient = job.series.modality, recorded_patient(job.series.study)
-            decided_on = job.version
-        admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
+            decided_on, series_uid = job.version, job.series.series_instance_uid
+        try:
+            admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
+        except StorageUnavailable as exc:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "series.admission_waiting",
+                series_instance_uid=series_uid,
+                reason=f"{exc}: the series stays COMPLETE and its images are checked again at the next pass",
+            )
+            return
         pending = _Pending()
         with transaction(self.sessions) as session:
             job = session.get_one(Job, job_id)
@@ -244,6 +255,8 @@ class SeriesWatcher(PeriodicTask):
     ) -> AdmissionResult:
         try:
             return admit(files, self.settings.admission, modality, study_patient)
+        except StorageUnavailable:
+            raise  # this machine's trouble, not the series': it is checked again at the next pass
         except Exception:  # a header no check foresaw must not stall the watcher
             LOG.exception("admission.error", extra={"event_fields": {"job_id": job_id}})
             return AdmissionResult(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
+import os
+import resource
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 
@@ -334,3 +339,47 @@ def test_a_series_last_recorded_in_the_future_starts_its_quiet_period_again_now(
     received_at(sessions, utcnow() - timedelta(seconds=31))
     watcher.run_once()
     assert job_of(sessions)[1][:2] == [JobState.RECEIVING, JobState.COMPLETE]
+
+
+@contextmanager
+def _no_file_handles_left() -> Iterator[None]:
+    """This process out of file handles, as a flood of idle connections leaves a node: every open() fails."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+    try:
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_series_whose_files_cannot_be_opened_for_want_of_file_handles_waits_and_is_not_failed(tmp_path, caplog):
+    """A node out of file handles refused a series PACS had been told was stored, 'the stored file of instance 1
+    cannot be read as DICOM': the files were intact, and blaming them sent the operator to the sender."""
+    watcher, sessions, series = watched(tmp_path, 4, expected=None)
+    watcher.complete_ready_series()  # COMPLETE; the database's connection is open for the next pass
+    caplog.set_level(logging.WARNING, logger="dicom_node.watcher")
+    with _no_file_handles_left():
+        watcher.route_complete_series()
+    job, history = job_of(sessions)
+    assert history == [JobState.RECEIVING, JobState.COMPLETE]
+    waiting = [record for record in caplog.records if record.msg == "series.admission_waiting"]
+    assert [record.event_fields for record in waiting] == [
+        {
+            "series_instance_uid": series.series_instance_uid,
+            "reason": "the stored file of instance 1 cannot be read now (too many open files: "
+            f"{series.files[0]}): the series stays COMPLETE and its "
+            "images are checked again at the next pass",
+        }
+    ]
+
+    watcher.run_once()
+    assert job_of(sessions)[1] == [JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED]

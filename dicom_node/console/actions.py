@@ -12,7 +12,14 @@ from db import jobs
 from db.jobs import InvalidTransition
 from db.models import Job, JobState
 from db.session import transaction
-from dicom_node.admission import AdmissionResult, InstanceFile, admit, instance_files, recorded_patient
+from dicom_node.admission import (
+    AdmissionResult,
+    InstanceFile,
+    StorageUnavailable,
+    admit,
+    instance_files,
+    recorded_patient,
+)
 from dicom_node.console.access import ConsoleContext
 from dicom_node.console.auth import User
 from dicom_node.logs import shown
@@ -153,7 +160,11 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
     if not_reroutable is not None:
         context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {not_reroutable}", study)
         raise ActionRefused(f"cannot re-route: {not_reroutable}")
-    admission = None if guard else _admit(files, context, modality, study_patient, uid)
+    try:
+        admission = None if guard else _admit(files, context, modality, study_patient, uid)
+    except StorageUnavailable as exc:
+        context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {exc}", study)
+        raise ActionRefused(f"cannot re-route now: {exc}; try again in a moment") from None
     if guard:
         refusal: str | None = f"not processed: {guard}"
     else:
@@ -175,6 +186,8 @@ def _admit(
     """Admission, with a header no check foresaw refusing the re-route (as the watcher does) instead of failing it."""
     try:
         return admit(files, context.settings.admission, modality, study_patient)
+    except StorageUnavailable:
+        raise
     except Exception:
         LOG.exception("reroute.admission_error", extra={"event_fields": {"series_instance_uid": uid}})
         return AdmissionResult(
