@@ -721,6 +721,26 @@ class ConsoleSettings(_Strict):
     proxy_role_header: str = Field(
         "X-Forwarded-Role", description="Header giving the role, viewer or operator; absent or other: viewer."
     )
+    max_connections: int = Field(
+        100,
+        ge=1,
+        le=500,
+        description="Connections the console (and, apart, the metrics listener) holds at once; one more is closed at "
+        "once. Bounds what idle clients can take of serve's file handles.",
+    )
+    max_connections_per_address: int = Field(
+        32,
+        ge=1,
+        le=500,
+        description="Connections held from one address (a reverse proxy's address counts all its users).",
+    )
+    request_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="A request (headers and body) must arrive whole within this many seconds of its connection's "
+        "opening, or of the previous answer; else the connection is closed.",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host names the console answers to (the Host header: console.hospital.example, *.example.org); "

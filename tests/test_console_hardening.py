@@ -6,7 +6,9 @@ Each test runs the real console (Uvicorn, a migrated database) in this process a
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,51 @@ def test_a_path_with_a_trailing_slash_is_not_redirected_to_the_host_the_client_n
         answer = httpx.get(f"{url}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
         assert answer.status_code == 404 and "location" not in answer.headers, path
         _assert_security_headers(answer)
+
+
+def _half_requests(url: str, count: int) -> list[socket.socket]:
+    """``count`` connections that each send half a request (no blank line ending its headers), as a slow-loris
+    client does to hold a server's file handles."""
+    port = int(url.rsplit(":", 1)[1])
+    held = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        held.append(connection)
+    return held
+
+
+def _closed_by_the_console(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1024) == b""  # waits for the console to close it (the socket's timeout as safety)
+    except ConnectionResetError:
+        return True
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("limits", "refusal"),
+    [
+        ({"max_connections_per_address": 3}, "the console holds 3 connections from that address, its limit"),
+        ({"max_connections": 3}, "the console holds 3 connections, its limit (console.max_connections)"),
+    ],
+    ids=["per-address", "in-all"],
+)
+def test_idle_connections_sending_half_a_request_are_bounded_and_closed_in_time(console, caplog, limits, refusal):
+    """A client that opened a thousand connections and sent half a request on each held every file handle of
+    serve: stored images could no longer be opened and a series PACS had been told was stored was failed."""
+    caplog.set_level(logging.INFO, logger="dicom_node.console.connections")
+    url, _settings = console(request_seconds=1.5, **limits)
+
+    held = _half_requests(url, 5)
+
+    assert all(_closed_by_the_console(connection) for connection in held)
+    events = [(record.msg, record.event_fields) for record in caplog.records]
+    refused = [fields["reason"] for event, fields in events if event == "console.connection_refused"]
+    too_slow = [fields["reason"] for event, fields in events if event == "console.request_too_slow"]
+    assert len(refused) == 2 and all(refusal in reason for reason in refused), refused
+    assert refused[0].startswith("a connection from 127.0.0.1 was closed at once: ")
+    assert too_slow == ["no whole request arrived within 1.5 s (console.request_seconds); the connection is closed"] * 3
+    with httpx.Client(timeout=10) as client:  # a whole request is answered, and the next on the same connection
+        assert [client.get(f"{url}/healthz").status_code for _ in range(2)] == [200, 200]

@@ -44,6 +44,7 @@ from dicom_node.console.auth import (
     Sessions,
     session_secret,
 )
+from dicom_node.console.connections import ConnectionLimits, bounded_protocol
 from dicom_node.console.metrics import DatabaseCollector, Liveness, readiness
 from dicom_node.console.probe import DestinationProbe
 from dicom_node.logs import log_event
@@ -390,6 +391,11 @@ class ConsoleServer:
                 lifespan="off",
                 proxy_headers=False,
                 server_header=False,
+                http=bounded_protocol(
+                    ConnectionLimits(
+                        console.max_connections, console.max_connections_per_address, console.request_seconds, what
+                    )
+                ),
                 **tls,  # type: ignore[arg-type]
             )
             self._servers.append((uvicorn.Server(config), sock))
