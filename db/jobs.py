@@ -227,7 +227,9 @@ SENDING_FAILURE_PREFIX = "sending failed"
 IMAGES_PURGED = "the series' images were purged (by retention or dicom-node purge); send the series again to process it"
 
 
-def retry(session: Session, job: Job, *, by: str = "operator") -> None:
+def retry(
+    session: Session, job: Job, *, by: str = "operator", seen: JobState | None = None, run_done_again: bool = True
+) -> None:
     """Operator's retry (``by`` names who asked): resend what a destination lacks, else route the series again.
 
     A job that failed while sending, whose results still exist and of which some
@@ -235,14 +237,30 @@ def retry(session: Session, job: Job, *, by: str = "operator") -> None:
     the dispatcher then sends only the missing files, which needs no images. Where the results
     lack a kind a destination takes (made under another configuration), the series is processed again.
 
+    What a retry does depends on the state it finds, so ``seen`` (the state the operator acted on) must still be
+    the job's: of two retries of a series that failed while sending, the first resends the missing files and the
+    series is soon DONE; the second, found DONE, would process it again and send PACS a second set of results.
+    ``run_done_again`` False refuses a DONE series (the command line asks for ``--run-again``).
+
     Raises
     ------
     InvalidTransition
-        If the job is still in progress, or it must be processed again and retention has purged its images.
+        If the job is still in progress, changed since the operator saw it, is DONE where ``run_done_again`` is
+        False, or must be processed again and retention has purged its images.
     """
+    if seen is not None and job.state is not seen:
+        raise InvalidTransition(
+            f"the series is {job.state.value} now, not {seen.value} as when it was shown (another retry or the node "
+            "changed it meanwhile); look at it again before retrying"
+        )
     if job.state not in RETRYABLE_STATES:
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
+        )
+    if job.state is S.DONE and not run_done_again:
+        raise InvalidTransition(
+            "series is DONE: its results were delivered; retrying it processes it again and sends a second set of "
+            "results (marked as replacing the first): ask for that with --run-again"
         )
     lacking = any(record.lacking for record in (job.deliveries or {}).values())
     resend = job.state is S.FAILED and job.result_files and _failed_while_sending(job) and not lacking

@@ -589,11 +589,21 @@ def _operator_action(
 
 
 @app.command()
-def retry(series_instance_uid: str, config: ConfigOption = None) -> None:
-    """Resend only the files a destination lacks (back to SENDING), or route a FAILED/IGNORED/DONE series again."""
+def retry(
+    series_instance_uid: str,
+    config: ConfigOption = None,
+    run_again: Annotated[
+        bool, typer.Option("--run-again", help="Process a DONE series again (a second set of results is sent).")
+    ] = False,
+) -> None:
+    """Resend only the files a destination lacks (back to SENDING), or route a FAILED/IGNORED series again (a DONE
+    one with --run-again)."""
     settings = _settings(config)
     state = _operator_action(
-        settings, series_instance_uid, "retry", lambda session, job, by: jobs.retry(session, job, by=by)
+        settings,
+        series_instance_uid,
+        "retry",
+        lambda session, job, by: jobs.retry(session, job, by=by, run_done_again=run_again),
     )
     console.print(
         f"series {_peer(series_instance_uid)} is {state} again; the running node carries on within seconds",

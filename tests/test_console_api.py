@@ -249,7 +249,18 @@ def test_operator_reroutes_then_retries_and_both_are_recorded_with_the_user(proc
     rerouted = operator.post(f"/api/jobs/{uid}/reroute", json={"rule": "ct-local"}, headers={"X-CSRF-Token": token})
     assert rerouted.status_code == 200 and rerouted.json() == {"state": "QUEUED"}
     running.node.wait_for_state(uid, JobState.DONE, timeout=180)
-    retried = operator.post(f"/api/jobs/{uid}/retry", headers={"X-CSRF-Token": token})
+    # A retry decided on the series as it was before (FAILED while sending: resend the missing files), arriving
+    # once another retry had made it DONE, would process it again and send PACS a second set of results.
+    stale = operator.post(f"/api/jobs/{uid}/retry?expected_state=FAILED", headers={"X-CSRF-Token": token})
+    stale_page = operator.post(f"/series/{uid}/retry", data={"csrf_token": token, "state": "FAILED"})
+    shown_after = operator.get(stale_page.headers["location"]).text
+    retried = operator.post(f"/api/jobs/{uid}/retry?expected_state=DONE", headers={"X-CSRF-Token": token})
+    assert stale.status_code == 409
+    assert stale.json()["detail"] == (
+        "cannot retry: the series is DONE now, not FAILED as when it was shown (another retry or the node changed "
+        "it meanwhile); look at it again before retrying"
+    )
+    assert stale_page.status_code == 303 and "the series is DONE now, not FAILED as when it was shown" in shown_after
     assert retried.status_code == 200 and retried.json() == {"state": "COMPLETE"}
     running.node.wait_for_state(uid, JobState.DONE, timeout=180)
     with running.node.sessions() as session:

@@ -434,3 +434,24 @@ def test_a_purged_series_sent_again_for_another_patient_goes_only_where_the_rule
         research.stop()
     assert len(research.acknowledged) == held  # nothing of the other patient
     assert pacs.acknowledged
+
+
+def test_a_cli_retry_of_a_done_series_asks_for_run_again_before_sending_a_second_set_of_results(cli_node):
+    """Two operators retried a series that had failed while sending: the first resent its missing files and it was
+    soon DONE; the second, found DONE, processed it again and PACS got a second set of results."""
+    config, sessions = cli_node
+    _sending_job(sessions, "1.2.8", config.parent / "storage")
+    with transaction(sessions) as session:
+        jobs.finish_sending(session, job_for_series_uid(session, "1.2.8"), "sent to pacs and planner")
+
+    refused = cli(config, "retry", "1.2.8")
+    still = _state(sessions, "1.2.8")
+    again = cli(config, "retry", "--run-again", "1.2.8")
+
+    assert refused.returncode == 1 and still is JobState.DONE
+    assert (
+        "cannot retry: series is DONE: its results were delivered; retrying it processes it again and sends a "
+        "second set of results (marked as replacing the first): ask for that with --run-again"
+    ) in " ".join(refused.stderr.split())
+    assert again.returncode == 0, again.stderr
+    assert _state(sessions, "1.2.8") is JobState.COMPLETE

@@ -62,10 +62,21 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
     return state
 
 
-def retry(context: ConsoleContext, request: Request, user: User, uid: str) -> str:
-    """Resend what a destination lacks, or route the series again (``db.jobs.retry``)."""
-
-    return _run(context, request, user, uid, "retry", lambda session, job: jobs.retry(session, job, by=user.name))
+def retry(context: ConsoleContext, request: Request, user: User, uid: str, seen: str | None = None) -> str:
+    """Resend what a destination lacks, or route the series again (``db.jobs.retry``); ``seen`` is the state the
+    page or API client showed when the operator asked: a series that changed since is not retried."""
+    try:
+        seen_state = JobState(seen) if seen else None
+    except ValueError:
+        raise ActionRefused(f"cannot retry: {shown(seen)} is not a series state", status=422) from None
+    return _run(
+        context,
+        request,
+        user,
+        uid,
+        "retry",
+        lambda session, job: jobs.retry(session, job, by=user.name, seen=seen_state),
+    )
 
 
 def cancel(context: ConsoleContext, request: Request, user: User, uid: str) -> str:

@@ -89,10 +89,16 @@ def one_job(series_instance_uid: str, request: Request, user: Annotated[User, De
 
 
 @router.post("/jobs/{series_instance_uid}/retry")
-def retry_job(series_instance_uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Any:
-    """Resend what a destination lacks, or route a FAILED, IGNORED or DONE series again (operator)."""
+def retry_job(
+    series_instance_uid: str,
+    request: Request,
+    user: Annotated[User, Depends(posting_operator)],
+    expected_state: str | None = None,
+) -> Any:
+    """Resend what a destination lacks, or route a FAILED, IGNORED or DONE series again (operator); with
+    ``?expected_state=FAILED``, only if the series is still in that state (409 otherwise)."""
     try:
-        return {"state": actions.retry(console_of(request), request, user, series_instance_uid)}
+        return {"state": actions.retry(console_of(request), request, user, series_instance_uid, expected_state)}
     except actions.ActionRefused as exc:
         return _refused(exc)
 

@@ -271,8 +271,14 @@ def _after_action(request: Request, uid: str, run: Any) -> Response:
 
 
 @router.post("/series/{uid}/retry")
-def retry(uid: str, request: Request, user: Annotated[User, Depends(posting_operator)]) -> Response:
-    return _after_action(request, uid, lambda: actions.retry(console_of(request), request, user, uid))
+def retry(
+    uid: str,
+    request: Request,
+    user: Annotated[User, Depends(posting_operator)],
+    state: Annotated[str, Form()] = "",
+) -> Response:
+    """The series page's Retry: only while the series is in the state the page showed."""
+    return _after_action(request, uid, lambda: actions.retry(console_of(request), request, user, uid, state or None))
 
 
 @router.post("/series/{uid}/cancel")
