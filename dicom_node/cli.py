@@ -611,17 +611,40 @@ def retry(
     )
 
 
+@contextmanager
+def _while_no_node_runs(settings: Settings) -> Iterator[bool]:
+    """Whether no ``dicom-node serve`` runs on the database (it holds the node lock); while True, this command holds
+    the lock itself, so a node starting meanwhile waits until it is done."""
+    from db.session import NodeLock
+
+    lock = NodeLock(settings.database_url)
+    taken = lock.try_take()
+    try:
+        yield taken
+    finally:
+        if taken:
+            lock.release()
+
+
+def _every_destination_idle(_record: object) -> bool:
+    """With no node running, no destination is receiving files now."""
+    return True
+
+
 @app.command()
 def cancel(series_instance_uid: str, config: ConfigOption = None) -> None:
     """Stop a COMPLETE, QUEUED, PROCESSING or SENDING series (it becomes FAILED); `dicom-node retry` starts it again."""
     settings = _settings(config)
     finished = jobs.settled_rule(settings.dispatch.max_attempts, settings.dispatch.unreachable_hours)
-    state = _operator_action(
-        settings,
-        series_instance_uid,
-        "cancel",
-        lambda session, job, by: jobs.cancel(session, job, by=by, finished=finished),
-    )
+    with _while_no_node_runs(settings) as stopped:
+        if stopped:  # no serve holds the database: nothing of a SENDING series is on its way, none starts meanwhile
+            finished = _every_destination_idle
+        state = _operator_action(
+            settings,
+            series_instance_uid,
+            "cancel",
+            lambda session, job, by: jobs.cancel(session, job, by=by, finished=finished),
+        )
     console.print(
         f"series {_peer(series_instance_uid)} is {state} (cancelled); a worker busy with it drops its results, and "
         f"`dicom-node retry {_peer(series_instance_uid)}` starts it again",

@@ -19,7 +19,7 @@ from db import jobs
 from db.ingest import record_instance
 from db.jobs import job_for_series_uid
 from db.models import AuditEvent, JobEvent, JobState, Series, Study, utcnow
-from db.session import make_engine, make_session_factory, migrate, transaction
+from db.session import NodeLock, make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import DICOM_NODE, ct_instance, wait_for
@@ -302,7 +302,10 @@ def test_cli_retry_cancel_and_purge_name_the_os_user_and_are_audited(cli_node):
         )
 
     purge_sending = cli(config, "purge", "--series", "1.2.7")
+    running = NodeLock(f"sqlite:///{config.parent / 'storage' / 'dicom-node.db'}")
+    assert running.try_take()  # a node runs: its dispatcher may be sending the files now
     busy = cli(config, "cancel", "1.2.7")
+    running.release()
     with transaction(sessions) as session:  # the attempt ended: the PACS waits for its next try
         job = job_for_series_uid(session, "1.2.7")
         later = now + timedelta(hours=1)
@@ -455,3 +458,20 @@ def test_a_cli_retry_of_a_done_series_asks_for_run_again_before_sending_a_second
     ) in " ".join(refused.stderr.split())
     assert again.returncode == 0, again.stderr
     assert _state(sessions, "1.2.8") is JobState.COMPLETE
+
+
+def test_a_cli_cancel_with_no_node_running_is_not_told_the_files_are_being_sent(cli_node):
+    """With the node stopped (killed during an attempt), cancel said 'the results are being sent to pacs now', and
+    once the node was started again its dispatcher sent at once: the operator could not cancel at all."""
+    config, sessions = cli_node
+    _sending_job(sessions, "1.2.9", config.parent / "storage")
+    with transaction(sessions) as session:  # the PACS's attempt was due when the node stopped
+        job = job_for_series_uid(session, "1.2.9")
+        jobs.update_delivery_record(
+            job, "pacs", jobs.delivery_record(job, "pacs").model_copy(update={"attempts": 0, "next_attempt_at": None})
+        )
+
+    cancelled = cli(config, "cancel", "1.2.9")
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert _state(sessions, "1.2.9") is JobState.FAILED
