@@ -437,6 +437,14 @@ class DestinationProgress:
     def complete(self) -> bool:
         return self.planned is not None and not self.missing
 
+    def waiting_note(self, limit: int = 160) -> str | None:
+        """``pacs: <its last error>`` while it lacks files after a try that failed (the PACS down, refusing); None
+        otherwise. The error is cut to ``limit`` characters."""
+        if self.complete or not self.last_error:
+            return None
+        error = self.last_error if len(self.last_error) <= limit else self.last_error[: limit - 3] + "..."
+        return f"{self.destination}: {error}"
+
     def summary(self) -> str:
         """``pacs 2/2`` (``planner ?/?`` before its first attempt)."""
         if self.planned is None:

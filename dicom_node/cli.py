@@ -484,10 +484,14 @@ def _made_by(job_folder: Path) -> str | None:
 
 
 def _delivery_summary(session: Session, job: Job) -> str:
-    """``pacs 2/2, planner 0/1``: files each destination has accepted, once sending has begun."""
+    """``pacs 2/2, planner 0/1``: files each destination has accepted, once sending has begun; while SENDING, what
+    each destination still lacking files last answered (``waiting for planner: ...``)."""
     if not job.deliveries:
         return ""
-    return ", ".join(p.summary() for p in jobs.delivery_progress(session, job))
+    progress = jobs.delivery_progress(session, job)
+    summary = ", ".join(p.summary() for p in progress)
+    notes = [note for p in progress if (note := p.waiting_note())] if job.state is JobState.SENDING else []
+    return summary + "".join(f"; waiting for {note}" for note in notes)
 
 
 def _print_deliveries(session: Session, job: Job) -> None:

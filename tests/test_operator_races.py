@@ -5,6 +5,7 @@ line's retry, cancel and purge (named in the job's events and in the audit trail
 from __future__ import annotations
 
 import getpass
+import os
 import subprocess
 import threading
 from datetime import timedelta
@@ -21,6 +22,7 @@ from db.jobs import job_for_series_uid
 from db.models import AuditEvent, JobEvent, JobState, Series, Study, utcnow
 from db.session import NodeLock, make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
+from dicom_node.console.queries import job_summary
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import DICOM_NODE, ct_instance, wait_for
 
@@ -475,3 +477,27 @@ def test_a_cli_cancel_with_no_node_running_is_not_told_the_files_are_being_sent(
 
     assert cancelled.returncode == 0, cancelled.stderr
     assert _state(sessions, "1.2.9") is JobState.FAILED
+
+
+def test_status_says_what_a_destination_lacking_files_last_answered_while_the_series_waits_to_send(cli_node):
+    """A series SENDING for hours while its PACS was down showed only 'segmented ...' and 'pacs 0/1' in the status
+    table; why it waited was only in `dicom-node show`."""
+    config, sessions = cli_node
+    _sending_job(sessions, "1.2.10", config.parent / "storage")
+    with transaction(sessions) as session:
+        job = job_for_series_uid(session, "1.2.10")
+        progress = {p.destination: p.waiting_note() for p in jobs.delivery_progress(session, job)}
+        worklist_row = job_summary(session, job, with_patient=False)  # the console's worklist and /api/jobs
+
+    wide = {**os.environ, "COLUMNS": "1000"}  # the table's cells on one line each
+    status = subprocess.run(
+        [DICOM_NODE, "status", "--config", str(config)], capture_output=True, text=True, timeout=120, env=wide
+    )
+
+    assert status.returncode == 0, status.stderr
+    assert progress == {
+        "pacs": "pacs: PACS refused seg.dcm with status 0xA700 (Refused: Out of Resources)",
+        "planner": "planner: down",
+    }
+    assert worklist_row["delivery_waiting"] == [progress["pacs"], progress["planner"]]
+    assert f"pacs ?/?, planner ?/?; waiting for {progress['pacs']}; waiting for {progress['planner']}" in status.stdout

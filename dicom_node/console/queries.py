@@ -211,8 +211,11 @@ def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) ->
 
 
 def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, Any]:
-    """One worklist row."""
+    """One worklist row; while SENDING, ``delivery_waiting`` says what each destination lacking files last
+    answered (a PACS down shows on the worklist, not only on the series page)."""
     series = job.series
+    progress = jobs.delivery_progress(session, job) if job.deliveries else []
+    sending = job.state is JobState.SENDING
     summary: dict[str, Any] = {
         "job_id": job.id,
         "series_instance_uid": series.series_instance_uid,
@@ -232,7 +235,8 @@ def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, 
         "first_received_at": _iso(series.first_received_at),
         "state_changed_at": _iso(job.state_changed_at),
         "stage_seconds": {k: round(v, 2) for k, v in stage_seconds(job).items()},
-        "delivery": [p.summary() for p in jobs.delivery_progress(session, job)] if job.deliveries else [],
+        "delivery": [p.summary() for p in progress],
+        "delivery_waiting": [note for p in progress if (note := p.waiting_note())] if sending else [],
         "warnings": list(job.warnings or []),
     }
     if with_patient:
