@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, Executable, Result, Row, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -48,6 +48,10 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
     receiver commits in batches, off the acknowledgement path, so this costs one sync per batch. The instance
     files themselves are fsynced, and any file missing from the database is indexed again at start-up
     (:func:`dicom_node.receive.storage.repair`).
+
+    After SQLite fails to read or write its files (:func:`is_database_storage_fault`) every pooled connection is
+    replaced: one opened while the file could not be written is read-only for good (SQLite opens it so without
+    a word), and would refuse every write once the file is writable again.
     """
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -83,6 +87,11 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
             return
         # Take the write lock up front: two writers never deadlock on a lock upgrade.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        if _is_sqlite_storage_fault(context.original_exception):
+            context.is_disconnect = True  # this connection, and every other one in the pool, is opened again
 
     return engine
 
@@ -172,6 +181,41 @@ def is_database_full(error: BaseException) -> bool:
     return isinstance(error, OperationalError) and "database or disk is full" in str(error.orig or error).lower()
 
 
+SQLITE_STORAGE_FAULT_CODES = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+"""SQLite's result codes for files it cannot read or write: an input/output error (``SQLITE_IOERR_*``), a file it
+could open read-only only, a file it cannot open."""
+SQLITE_DATABASE_MOVED = "SQLITE_READONLY_DBMOVED"
+"""The database file was deleted or moved away under the connection: no passing fault (the node lock says so)."""
+SQLITE_STORAGE_FAULT_MESSAGES = ("disk i/o error", "readonly database", "unable to open database file")
+"""The same, by SQLite's words (a driver that gives no result code)."""
+
+
+def _is_sqlite_storage_fault(error: BaseException | None) -> bool:
+    """Whether the driver's ``error`` is SQLite failing to read, write or open the database's files."""
+    code = getattr(error, "sqlite_errorname", None)
+    if isinstance(code, str):
+        return code.startswith(SQLITE_STORAGE_FAULT_CODES) and code != SQLITE_DATABASE_MOVED
+    return error is not None and any(words in str(error).lower() for words in SQLITE_STORAGE_FAULT_MESSAGES)
+
+
+def is_database_storage_fault(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite failing to read or write the database's files ("disk I/O error", "attempt to
+    write a readonly database", "unable to open database file"): it clears once the disk or file is usable again."""
+    return isinstance(error, OperationalError) and _is_sqlite_storage_fault(error.orig)
+
+
+def database_error_words(error: BaseException) -> str:
+    """What the database said, in its own words, first line only: "disk I/O error"."""
+    original = error.orig if isinstance(error, OperationalError) and error.orig is not None else error
+    lines = str(original).strip().splitlines()
+    return lines[0] if lines else type(original).__name__
+
+
+def storage_fault_cause(error: BaseException) -> str:
+    """A storage fault of the database (:func:`is_database_storage_fault`) in words, naming SQLite's error."""
+    return f"the database could not be read or written ({database_error_words(error)})"
+
+
 def retry_when_locked(
     action: Callable[[], T],
     *,
@@ -181,6 +225,7 @@ def retry_when_locked(
     longest_delay_seconds: float = 5.0,
     wait_for_disk_space: bool = False,
     wait_for_server: bool = False,
+    wait_for_storage: bool = False,
 ) -> T:
     """Run ``action`` (a whole transaction) again while the database is locked by another writer.
 
@@ -204,6 +249,11 @@ def retry_when_locked(
     wait_for_server
         Also wait while the database server cannot be reached (a PostgreSQL restart or failover): workers,
         whose work must not be lost to an outage of a few seconds.
+    wait_for_storage
+        Also wait while SQLite cannot read or write the database's files (an input/output error of its disk, a file
+        turned read-only or that cannot be opened for a moment): workers, whose work must not be lost to a fault of
+        a few seconds. Each such error replaces the engine's connections (:func:`make_engine`), so the next try
+        opens a connection of its own.
 
     Raises
     ------
@@ -229,6 +279,8 @@ def retry_when_locked(
                 cause = "the database is locked by another process"
             elif wait_for_disk_space and is_database_full(exc):
                 cause = "the disk holding the database is full"
+            elif wait_for_storage and is_database_storage_fault(exc):
+                cause = storage_fault_cause(exc)
             elif wait_for_server and is_database_unreachable(exc):
                 cause = "the database server cannot be reached"
             else:

@@ -36,7 +36,7 @@ from db import jobs
 from db.ingest import InstanceRecord
 from db.models import JobState, utcnow
 from db.results import ResultFile
-from db.session import is_database_locked
+from db.session import DatabaseBusy, is_database_locked, is_database_storage_fault, storage_fault_cause
 from dicom_node.config import Settings
 from dicom_node.encode.measurements import StructureMeasurement, measure, write_measurements_json
 from dicom_node.encode.results import EncodingError, encode_results
@@ -103,7 +103,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class Deferred:
-    """A transient fault (full disk, locked database): queue the job again, to be claimed from ``until``."""
+    """A transient fault (full disk, locked or unwritable database): queue the job again, to be claimed from
+    ``until``."""
 
     until: datetime
     reason: str
@@ -272,11 +273,9 @@ def run_pipeline(
     except Exception as exc:
         if is_disk_full(exc):  # transient faults queue the job again, never fail it
             return _waiting_for_disk(settings, exc, timings)
-        if is_database_locked(exc):
-            reason = (
-                "waiting for the database: another process held it locked while the series was processed; queued again"
-            )
-            return Deferred(utcnow(), reason, "job.waiting_for_database", timings)
+        waiting = _waiting_for_database(exc, timings)
+        if waiting is not None:
+            return waiting
         error = os_error_in(exc)
         if error is not None:
             return os_error_outcome(settings, error, stage, timings)
@@ -308,6 +307,21 @@ def _waiting_for_disk(settings: Settings, error: BaseException, timings: dict[st
         f"tried again from {until:%H:%M:%S} UTC"
     )
     return Deferred(until, reason, "job.waiting_for_disk", timings)
+
+
+def _waiting_for_database(error: BaseException, timings: dict[str, float]) -> Deferred | None:
+    """A database that could not be used for a while (locked, its file unreadable or unwritable, or so for longer
+    than the worker waits): the job is queued again, never failed nor counted as a crash; None for any other error."""
+    if is_database_locked(error):
+        why = "another process held it locked while the series was processed"
+    elif is_database_storage_fault(error):
+        why = f"{storage_fault_cause(error)} while the series was processed"
+    elif isinstance(error, DatabaseBusy):
+        why = str(error)  # "the database is locked by another process for 600 s while worker ... recording ..."
+    else:
+        return None
+    reason = f"waiting for the database: {why}; queued again"
+    return Deferred(utcnow(), reason, "job.waiting_for_database", timings)
 
 
 RESULTS_FOLDER_FAULTS = frozenset(

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.ingest import lock_studies_of_job, record_results
 from db.models import Instance, Job, Series
-from db.session import DatabaseBusy, retry_when_locked, transaction
+from db.session import DatabaseBusy, is_database_storage_fault, retry_when_locked, storage_fault_cause, transaction
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
 from dicom_node.logs import log_event
@@ -186,6 +186,7 @@ class InferenceWorker:
             limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
             wait_for_disk_space=True,
             wait_for_server=True,
+            wait_for_storage=True,
         )
         return local + self.requeue_expired_leases()
 
@@ -213,6 +214,7 @@ class InferenceWorker:
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
                 wait_for_server=True,
+                wait_for_storage=True,
             )
         except DatabaseBusy:
             return 0
@@ -238,6 +240,7 @@ class InferenceWorker:
                 limit_seconds=LOCKED_CLAIM_LIMIT_SECONDS,
                 wait_for_disk_space=True,
                 wait_for_server=True,
+                wait_for_storage=True,
             )
         except DatabaseBusy:
             return None
@@ -319,7 +322,8 @@ class InferenceWorker:
     def _record_stage(self, claim: ClaimedJob, stage: str) -> None:
         """Record the stage this job is in (read by whoever finds this worker dead).
 
-        A locked database is waited for, so a lock never costs the work done so far.
+        A locked database, or one whose file cannot be written for a moment, is waited for, so neither costs the
+        work done so far.
         """
 
         def record() -> None:
@@ -332,10 +336,12 @@ class InferenceWorker:
             limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
             wait_for_disk_space=True,
             wait_for_server=True,
+            wait_for_storage=True,
         )
 
     def _finish(self, claim: ClaimedJob, result: PipelineResult) -> None:
-        """Record the job's outcome. A locked database is waited for: a finished result is never thrown away."""
+        """Record the job's outcome. A locked database, or one whose file cannot be written for a moment (a disk
+        input/output error), is waited for: a finished result is never thrown away, nor counted as a crash."""
         try:
             recorded = retry_when_locked(
                 lambda: self._finish_once(claim, result),
@@ -343,6 +349,7 @@ class InferenceWorker:
                 limit_seconds=LOCKED_FINISH_LIMIT_SECONDS,
                 wait_for_disk_space=True,
                 wait_for_server=True,
+                wait_for_storage=True,
             )
         except DatabaseBusy as exc:
             log_event(
@@ -434,6 +441,7 @@ class InferenceWorker:
             limit_seconds=self.settings.inference.lease_seconds,
             wait_for_disk_space=True,
             wait_for_server=True,
+            wait_for_storage=True,
         )
 
     def hand_back(self) -> bool:
@@ -558,8 +566,18 @@ class LeaseHeartbeat:
                         "its result will be discarded",
                     )
                     return
-            except Exception:
-                LOG.exception("job.lease_not_renewed", extra={"event_fields": {"job": self.job_id}})
+            except Exception as exc:
+                if not is_database_storage_fault(exc):
+                    LOG.exception("job.lease_not_renewed", extra={"event_fields": {"job": self.job_id}})
+                    continue
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "job.lease_not_renewed",
+                    job=self.job_id,
+                    worker=self.worker.identity,
+                    reason=f"{storage_fault_cause(exc)}; the lease is renewed again in {interval:g} s",
+                )
 
 
 def _run_and_replaced_reports(session: Session, job: Job) -> tuple[int, dict[str, Dataset]]:
