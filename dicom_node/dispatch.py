@@ -728,8 +728,15 @@ class Dispatcher(PeriodicTask):
             with transaction(self.sessions) as session:
                 change(session)
 
-        # A full disk also waits: a file the destination accepted must be recorded before anything is sent again.
-        retry_when_locked(run, waiting=waiting, limit_seconds=RECORD_WAIT_LIMIT_SECONDS, wait_for_disk_space=True)
+        # A full disk, or a database file that cannot be written for a moment, also waits: a file the destination
+        # accepted must be recorded before anything is sent again.
+        retry_when_locked(
+            run,
+            waiting=waiting,
+            limit_seconds=RECORD_WAIT_LIMIT_SECONDS,
+            wait_for_disk_space=True,
+            wait_for_storage=True,
+        )
 
     def _finish_attempt(
         self,
