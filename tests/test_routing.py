@@ -369,7 +369,7 @@ def test_a_series_whose_files_cannot_be_opened_for_want_of_file_handles_waits_an
     caplog.set_level(logging.WARNING, logger="dicom_node.watcher")
     with _no_file_handles_left():
         watcher.route_complete_series()
-    job, history = job_of(sessions)
+    _job, history = job_of(sessions)
     assert history == [JobState.RECEIVING, JobState.COMPLETE]
     waiting = [record for record in caplog.records if record.msg == "series.admission_waiting"]
     assert [record.event_fields for record in waiting] == [
