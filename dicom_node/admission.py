@@ -1125,7 +1125,8 @@ def _check_slice_stack(images: list[_Frame]) -> None:
     try:
         smallest_pixel = min((min(f.spacing) for f in ordered if f.spacing), default=None)
         positions = [f.position for f in ordered]
-        check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=[f.label for f in ordered])
+        labels, instances = [f.label for f in ordered], [f.instance for f in ordered]
+        check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=labels, instances=instances)
     except VolumeError as exc:
         raise Refused(str(exc)) from None
 

@@ -767,6 +767,7 @@ def check_slice_stack(
     *,
     pixel_spacing: float | None = None,
     labels: Sequence[str] | None = None,
+    instances: Sequence[str] | None = None,
 ) -> float:
     """The slice step (mm) of positions sorted along ``normal``: one regular, unsheared stack, or VolumeError.
 
@@ -782,7 +783,8 @@ def check_slice_stack(
       is named as such even at an end; gantry tilt is judged from the first and last slice on that line.
 
     The admission stage runs it on headers, so a series is refused before it is queued; it gives ``labels`` (one
-    per position, such as "instance 12"), so a position given twice names the two images.
+    per position, such as "instance 12"), so a position given twice names the two images, and their SOP Instance UIDs
+    (``instances``, one per position) where both carry one label: two copies of one image.
     """
     points = np.asarray(positions, dtype=float)
     direction = np.asarray(normal, dtype=float)
@@ -795,7 +797,7 @@ def check_slice_stack(
             "no CT can: the positions are wrong"
         )
     if np.any(steps < 1e-3):
-        raise VolumeError(_repeated_position(points, steps, labels))
+        raise VolumeError(_repeated_position(points, steps, labels, instances))
     median = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - median)))
     if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
@@ -857,19 +859,40 @@ COMMON_LINE_SHARE = 0.75
 line and a few shifted slices leave most on theirs, while a stack that jumps sideways half way fits no line."""
 
 
-def _repeated_position(points: np.ndarray, steps: np.ndarray, labels: Sequence[str] | None) -> str:
+def _repeated_position(
+    points: np.ndarray, steps: np.ndarray, labels: Sequence[str] | None, instances: Sequence[str] | None
+) -> str:
     """The sentence for positions given twice: how many, and the first two images that share one."""
     repeats = np.flatnonzero(steps < 1e-3)
     first = int(repeats[0])
-    if labels is not None and len(labels) == len(points):
-        which = f"{labels[first]} and {labels[first + 1]}"
-    else:
-        which = f"slices {first + 1} and {first + 2} (by position)"
     place = ", ".join(f"{value:.2f}" for value in points[first])
+    which, copies = _two_images(first, len(points), labels, instances)
     return (
         f"{len(repeats)} slice position(s) occur twice in one acquisition: {which} are both at ImagePositionPatient "
-        f"({place})"
+        f"({place}){copies}"
     )
+
+
+def _two_images(
+    first: int, count: int, labels: Sequence[str] | None, instances: Sequence[str] | None
+) -> tuple[str, str]:
+    """Slices ``first`` and ``first + 1`` (by position) as a sentence names them, and what follows the place: two
+    images of one label (one InstanceNumber) are named by their SOP Instance UIDs where known, as two copies of one
+    image."""
+    if labels is None or len(labels) != count:
+        return f"slices {first + 1} and {first + 2} (by position)", ""
+    label, other = labels[first], labels[first + 1]
+    if label != other:
+        return f"{label} and {other}", ""
+    copies = f"; {COPIES_UNDER_NEW_UIDS}"
+    if instances is not None and len(instances) == count and instances[first] != instances[first + 1]:
+        uids = instances[first], instances[first + 1]
+        return f"{label} (SOP Instance UID {uids[0]}) and {label} (SOP Instance UID {uids[1]})", copies
+    return f"two images labelled {label}", copies
+
+
+COPIES_UNDER_NEW_UIDS = "two copies of one image under different SOP Instance UIDs (a resend that gave it a new UID?)"
+"""What two images of one label (one InstanceNumber) at one position are, said after naming them."""
 
 
 def _common_line(points: np.ndarray, direction: np.ndarray, allowed: float) -> np.ndarray | None:

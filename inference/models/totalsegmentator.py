@@ -144,6 +144,11 @@ class TotalSegmentatorModel:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         image = volume.to_nibabel()
+        too_thin = thinner_than_grid(volume, resampled_shape(image, self.spacing_mm), self.spacing_mm)
+        if too_thin is not None:
+            raise SegmentationFailed(
+                f"{too_thin}: resampled to it, {self.algorithm_name} would have nothing to segment"
+            )
         canonical = as_closest_canonical(image)
         spacing = [self.spacing_mm] * 3
         use_gpu = self.device.type == "cuda"  # TotalSegmentator's own choice: cuCIM resampling when installed
@@ -181,6 +186,41 @@ class TotalSegmentatorModel:
         labels = np.asanyarray(original.dataobj).astype(np.uint8).transpose(2, 1, 0)
         timings["postprocess"] = time.perf_counter() - started
         return Segmentation(np.ascontiguousarray(labels), dict(self.classes), timings)
+
+
+VOLUME_AXES = (
+    ("wide", "across the images' columns", "columns of {spacing} mm"),
+    ("high", "down the images' rows", "rows of {spacing} mm"),
+    ("long", "along the slice axis", "slices {spacing} mm apart"),
+)
+"""How a sentence names the volume's axes in the NIfTI image's order (column, row, slice): its extent, the axis,
+and what the extent is made of."""
+
+
+def resampled_shape(image: Any, spacing_mm: float) -> tuple[int, ...]:
+    """The voxels along each axis of ``image`` (a NIfTI image) once TotalSegmentator's ``change_spacing`` resamples
+    it to ``spacing_mm``: each axis' voxels times its zoom, rounded half to even, as scipy's and cuCIM's resizing
+    round them, the header's float32 zooms divided in float64 as ``change_spacing`` divides them (5 slices 0.3 mm
+    apart keep one 3 mm voxel: 0.3 is a hair over in float32). Reorienting to RAS only reorders the axes, so the
+    counts are those of the canonical image too."""
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64) / np.float64(spacing_mm)
+    return tuple(int(np.round(count * zoom)) for count, zoom in zip(image.shape[:3], zooms, strict=True))
+
+
+def thinner_than_grid(volume: Volume, resampled: tuple[int, ...], spacing_mm: float) -> str | None:
+    """Where the volume has no voxel left along an axis once resampled (``resampled``, in the NIfTI image's order)
+    to the model's grid, the sentence naming that axis and its extent; None where every axis keeps one or more."""
+    counts = volume.hu.shape[::-1]  # hu is [k, j, i]; the NIfTI image and the spacing are (i, j, k)
+    thin = []
+    for axis, voxels in enumerate(resampled):
+        if voxels < 1:
+            size, where, made_of = VOLUME_AXES[axis]
+            spacing = float(volume.spacing[axis])
+            extent = counts[axis] * spacing
+            thin.append(f"{extent:.3g} mm {size} {where} ({counts[axis]} {made_of.format(spacing=f'{spacing:.3g}')})")
+    if not thin:
+        return None
+    return f"the volume is {' and '.join(thin)}, less than one voxel of the model's {spacing_mm:g} mm grid"
 
 
 NNUNET_OVERFLOW_MESSAGE = "Encountered inf in predicted array"
