@@ -622,7 +622,9 @@ def _while_no_node_runs(settings: Settings) -> Iterator[bool]:
     from db.session import NodeLock
 
     lock = NodeLock(settings.database_url)
-    taken = lock.try_take()
+    sqlite_file = lock.lock_file.with_name(lock.lock_file.name.removesuffix(".serve-lock")) if lock.lock_file else None
+    # No database file: the command refuses it below, and must not leave a lock file (or its folder) behind.
+    taken = (sqlite_file is None or sqlite_file.exists()) and lock.try_take()
     try:
         yield taken
     finally:

@@ -501,3 +501,13 @@ def test_status_says_what_a_destination_lacking_files_last_answered_while_the_se
     }
     assert worklist_row["delivery_waiting"] == [progress["pacs"], progress["planner"]]
     assert f"pacs ?/?, planner ?/?; waiting for {progress['pacs']}; waiting for {progress['planner']}" in status.stdout
+
+
+def test_a_cli_cancel_without_a_database_leaves_no_lock_file_or_folder_behind(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"directory": str(tmp_path / "storage")}}))
+
+    refused = cli(config, "cancel", "1.2.3")
+
+    assert refused.returncode == 1 and "no database at" in refused.stderr
+    assert not (tmp_path / "storage").exists()
