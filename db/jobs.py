@@ -257,11 +257,6 @@ def retry(
         raise InvalidTransition(
             f"series is {job.state.value}; only {', '.join(s.value for s in sorted(RETRYABLE_STATES))} can be retried"
         )
-    if job.state is S.DONE and not run_done_again:
-        raise InvalidTransition(
-            "series is DONE: its results were delivered; retrying it processes it again and sends a second set of "
-            "results (marked as replacing the first): ask for that with --run-again"
-        )
     lacking = any(record.lacking for record in (job.deliveries or {}).values())
     resend = job.state is S.FAILED and job.result_files and _failed_while_sending(job) and not lacking
     if resend and lacks_deliveries(session, job):
@@ -281,6 +276,11 @@ def retry(
         return
     if job.series.purged_at is not None:
         raise InvalidTransition(IMAGES_PURGED)
+    if job.state is S.DONE and not run_done_again:
+        raise InvalidTransition(
+            "series is DONE: its results were delivered; retrying it processes it again and sends a second set of "
+            "results (marked as replacing the first): ask for that with --run-again"
+        )
     _keep_completion_warnings(job)  # routed and processed again: the new run states its own caveats
     job.worker_deaths = 0
     change_state(session, job, S.COMPLETE, f"retry requested by {by} (was {job.state.value})")
