@@ -464,11 +464,11 @@ def _lossy_frame(frame: bytes, syntax: str) -> str | None:
         near_at = position + 3 + 2 * components
         near = frame[near_at] if near_at < len(frame) else 0
         return f"is near-lossless JPEG-LS (NEAR {near})" if near else None
-    transform = _cod_transform(frame)
+    transform = cod_transform(frame)
     return "uses the irreversible (9-7) wavelet transform, which is lossy" if transform == 0 else None
 
 
-def _cod_transform(frame: bytes) -> int | None:
+def cod_transform(frame: bytes) -> int | None:
     """The wavelet transform byte of a JPEG 2000 codestream's main-header COD segment (0: irreversible 9-7,
     1: reversible 5-3); None where it has none that can be read."""
     codestream = frame if frame[:4] == b"\xff\x4f\xff\x51" else _jp2_codestream(frame)

@@ -21,6 +21,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from inference.frames import cod_transform
+
 JPEG_LOSSY = "ISO_10918_1"
 JPEG_LS_NEAR_LOSSLESS = "ISO_14495_1"
 JPEG_2000_IRREVERSIBLE = "ISO_15444_1"
@@ -184,14 +186,4 @@ def _irreversible_file(path: str, modified_ns: int, size: int) -> bool:
 def _cod_transform(data: bytes) -> int | None:
     """The wavelet transform byte of the first codestream's COD segment (0: irreversible 9-7, 1: reversible 5-3)."""
     position = data.find(CODESTREAM_START)
-    if position < 0:
-        return None
-    position += 2  # past SOC, to SIZ and the segments after it
-    while position + 4 <= len(data):
-        marker, length = data[position : position + 2], int.from_bytes(data[position + 2 : position + 4], "big")
-        if marker == b"\xff\x52":  # COD: Lcod, Scod, SGcod (4 bytes), then levels, block sizes, style, transform
-            return data[position + 13] if position + 13 < len(data) else None
-        if marker == b"\xff\x90" or length < 2:  # the first tile begins: no COD in the main header
-            return None
-        position += 2 + length
-    return None
+    return None if position < 0 else cod_transform(data[position:])
