@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
 from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc
+from dicom_node.admission import recorded_patient
 from dicom_node.config import Settings, hide_url_password
 from dicom_node.receive.header import StudyPatient, is_valid_uid
 
@@ -144,14 +145,7 @@ def _series_patient(session: Session, job: Job) -> dict[str, Any]:
         .distinct()
         .limit(MAX_PATIENTS_SHOWN)
     ).all()  # an image without a PatientID names no other patient (admission refuses it for that)
-    study_patient = StudyPatient(
-        study.patient_id,
-        study.issuer_of_patient_id,
-        study.patient_name,
-        study.patient_birth_date,
-        study.patient_sex,
-        study.issuer_universal_entity_id,
-    )
+    study_patient = recorded_patient(study) or StudyPatient(None)  # an erased identity names nobody
     differing_keywords = [study_patient.differing_keyword(StudyPatient(*row)) for row in own]
     refused = ANOTHER_PATIENT.search(job.reason or "")
     if not any(differing_keywords) and refused is None:
