@@ -246,9 +246,39 @@ def test_operator_reroutes_then_retries_and_both_are_recorded_with_the_user(proc
     running, uid = processed
     operator = running.client("olga")
     token = running.csrf(operator)
-    rerouted = operator.post(f"/api/jobs/{uid}/reroute", json={"rule": "ct-local"}, headers={"X-CSRF-Token": token})
+    shown = operator.get(f"/api/jobs/{uid}").json()
+    rerouted = operator.post(
+        f"/api/jobs/{uid}/reroute?expected_version={shown['version']}",
+        json={"rule": "ct-local"},
+        headers={"X-CSRF-Token": token},
+    )
     assert rerouted.status_code == 200 and rerouted.json() == {"state": "QUEUED"}
     running.node.wait_for_state(uid, JobState.DONE, timeout=180)
+    # A second operator's page, shown before that re-route, sees DONE as before: its re-route or run again would
+    # process the series a third time. The version it was shown with tells the two DONEs apart.
+    stale_reroute = operator.post(
+        f"/api/jobs/{uid}/reroute?expected_version={shown['version']}",
+        json={"rule": "ct-local"},
+        headers={"X-CSRF-Token": token},
+    )
+    stale_run_again = operator.post(
+        f"/api/jobs/{uid}/retry?expected_state=DONE&expected_version={shown['version']}",
+        headers={"X-CSRF-Token": token},
+    )
+    stale_form = operator.post(
+        f"/series/{uid}/reroute", data={"csrf_token": token, "rule": "ct-local", "version": str(shown["version"])}
+    )
+    form_notice = operator.get(stale_form.headers["location"]).text
+    current_page = operator.get(f"/series/{uid}").text
+    assert stale_reroute.status_code == 409 and stale_run_again.status_code == 409
+    assert stale_reroute.json()["detail"].startswith(
+        "cannot re-route: the series changed since it was shown (it is DONE"
+    )
+    assert stale_reroute.json()["detail"].endswith("look at it again first")
+    assert stale_run_again.json()["detail"].startswith("cannot retry: the series changed since it was shown")
+    assert "cannot re-route: the series changed since it was shown" in form_notice
+    now = operator.get(f"/api/jobs/{uid}").json()["version"]
+    assert now != shown["version"] and f'name="version" value="{now}"' in current_page
     # A retry decided on the series as it was before (FAILED while sending: resend the missing files), arriving
     # once another retry had made it DONE, would process it again and send PACS a second set of results.
     stale = operator.post(f"/api/jobs/{uid}/retry?expected_state=FAILED", headers={"X-CSRF-Token": token})

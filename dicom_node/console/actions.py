@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from db import jobs
 from db.jobs import InvalidTransition
-from db.models import Job, JobState
+from db.models import Job, JobState, as_utc
 from db.session import transaction
 from dicom_node.admission import (
     AdmissionResult,
@@ -38,8 +38,36 @@ class ActionRefused(Exception):
         self.status = status
 
 
-def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: str, change: object) -> str:
-    """Apply ``change(session, job)`` to the series' job; audit the outcome; return the job's new state."""
+def seen_version(value: str | int | None, verb: str) -> int | None:
+    """The job version a page or API client showed (``version`` of the series), or None where none was sent.
+
+    Raises
+    ------
+    ActionRefused
+        If ``value`` is not a whole number (422).
+    """
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ActionRefused(f"cannot {verb}: {shown(value)} is not a series version", status=422) from None
+
+
+def _run(
+    context: ConsoleContext,
+    request: Request,
+    user: User,
+    uid: str,
+    verb: str,
+    change: object,
+    seen: int | None = None,
+) -> str:
+    """Apply ``change(session, job)`` to the series' job; audit the outcome; return the job's new state.
+
+    ``seen`` is the job version the operator's page showed: a series that changed since (another operator's
+    re-route or run again, finished meanwhile and back in the same state) is refused, not processed once more.
+    """
     study = None
     try:
         with transaction(context.sessions) as session:
@@ -50,6 +78,8 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
             # (PostgreSQL: SELECT ... FOR UPDATE; SQLite's BEGIN IMMEDIATE already serialises writers).
             session.refresh(job, with_for_update=True)
             study = job.series.study.study_instance_uid
+            if seen is not None and job.version != seen:
+                raise ActionRefused(_changed_since_shown(job))
             change(session, job)  # type: ignore[operator]
             state = job.state.value
     except InvalidTransition as exc:
@@ -62,9 +92,26 @@ def _run(context: ConsoleContext, request: Request, user: User, uid: str, verb: 
     return state
 
 
-def retry(context: ConsoleContext, request: Request, user: User, uid: str, seen: str | None = None) -> str:
-    """Resend what a destination lacks, or route the series again (``db.jobs.retry``); ``seen`` is the state the
-    page or API client showed when the operator asked: a series that changed since is not retried."""
+def _changed_since_shown(job: Job) -> str:
+    """Why an action on a page older than the series' last change is refused, with the change."""
+    return (
+        f"the series changed since it was shown (it is {job.state.value} now, since "
+        f"{as_utc(job.state_changed_at):%Y-%m-%d %H:%M:%S} UTC: {job.reason or 'no reason recorded'}); "
+        "look at it again first"
+    )
+
+
+def retry(
+    context: ConsoleContext,
+    request: Request,
+    user: User,
+    uid: str,
+    seen: str | None = None,
+    version: int | None = None,
+) -> str:
+    """Resend what a destination lacks, or route the series again (``db.jobs.retry``); ``seen`` is the state and
+    ``version`` the job version the page or API client showed when the operator asked: a series that changed
+    since is not retried."""
     try:
         seen_state = JobState(seen) if seen else None
     except ValueError:
@@ -76,6 +123,7 @@ def retry(context: ConsoleContext, request: Request, user: User, uid: str, seen:
         uid,
         "retry",
         lambda session, job: jobs.retry(session, job, by=user.name, seen=seen_state),
+        seen=version,
     )
 
 
@@ -93,9 +141,16 @@ def cancel(context: ConsoleContext, request: Request, user: User, uid: str) -> s
 
 
 def reroute(
-    context: ConsoleContext, request: Request, user: User, uid: str, rule: str | None, model: str | None
+    context: ConsoleContext,
+    request: Request,
+    user: User,
+    uid: str,
+    rule: str | None,
+    model: str | None,
+    version: int | None = None,
 ) -> str:
-    """Process the series again with another rule (its model and destinations) and/or another model."""
+    """Process the series again with another rule (its model and destinations) and/or another model; with
+    ``version`` (the job version the page showed), only if the series has not changed since."""
     settings = context.settings
     chosen = next((r for r in settings.rules if r.name == rule), None) if rule else None
     refusal = None
@@ -129,7 +184,7 @@ def reroute(
             admission_warnings=checked.warnings,
         )
 
-    return _run(context, request, user, uid, "re-route", change)
+    return _run(context, request, user, uid, "re-route", change, seen=version)
 
 
 @dataclass(frozen=True)

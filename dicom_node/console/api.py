@@ -94,11 +94,16 @@ def retry_job(
     request: Request,
     user: Annotated[User, Depends(posting_operator)],
     expected_state: str | None = None,
+    expected_version: str | None = None,
 ) -> Any:
     """Resend what a destination lacks, or route a FAILED, IGNORED or DONE series again (operator); with
-    ``?expected_state=FAILED``, only if the series is still in that state (409 otherwise)."""
+    ``?expected_state=FAILED``, only if the series is still in that state, with ``?expected_version=N`` (the
+    ``version`` the series was read with), only if it has not changed since (409 otherwise)."""
     try:
-        return {"state": actions.retry(console_of(request), request, user, series_instance_uid, expected_state)}
+        version = actions.seen_version(expected_version, "retry")
+        return {
+            "state": actions.retry(console_of(request), request, user, series_instance_uid, expected_state, version)
+        }
     except actions.ActionRefused as exc:
         return _refused(exc)
 
@@ -114,12 +119,20 @@ def cancel_job(series_instance_uid: str, request: Request, user: Annotated[User,
 
 @router.post("/jobs/{series_instance_uid}/reroute")
 def reroute_job(
-    series_instance_uid: str, body: RerouteRequest, request: Request, user: Annotated[User, Depends(posting_operator)]
+    series_instance_uid: str,
+    body: RerouteRequest,
+    request: Request,
+    user: Annotated[User, Depends(posting_operator)],
+    expected_version: str | None = None,
 ) -> Any:
-    """Process a FAILED, IGNORED or DONE series again with another rule or model (operator)."""
+    """Process a FAILED, IGNORED or DONE series again with another rule or model (operator); with
+    ``?expected_version=N`` (the ``version`` the series was read with), only if it has not changed since (409)."""
     try:
+        version = actions.seen_version(expected_version, "re-route")
         return {
-            "state": actions.reroute(console_of(request), request, user, series_instance_uid, body.rule, body.model)
+            "state": actions.reroute(
+                console_of(request), request, user, series_instance_uid, body.rule, body.model, version
+            )
         }
     except actions.ActionRefused as exc:
         return _refused(exc)

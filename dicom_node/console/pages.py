@@ -276,9 +276,16 @@ def retry(
     request: Request,
     user: Annotated[User, Depends(posting_operator)],
     state: Annotated[str, Form()] = "",
+    version: Annotated[str, Form()] = "",
 ) -> Response:
-    """The series page's Retry: only while the series is in the state the page showed."""
-    return _after_action(request, uid, lambda: actions.retry(console_of(request), request, user, uid, state or None))
+    """The series page's Retry: only while the series is as the page showed it (its state and version)."""
+    return _after_action(
+        request,
+        uid,
+        lambda: actions.retry(
+            console_of(request), request, user, uid, state or None, actions.seen_version(version, "retry")
+        ),
+    )
 
 
 @router.post("/series/{uid}/cancel")
@@ -293,10 +300,16 @@ def reroute(
     user: Annotated[User, Depends(posting_operator)],
     rule: Annotated[str, Form()] = "",
     model: Annotated[str, Form()] = "",
+    version: Annotated[str, Form()] = "",
 ) -> Response:
+    """The series page's Re-route: only while the series is as the page showed it (its version)."""
     context = console_of(request)
     return _after_action(
-        request, uid, lambda: actions.reroute(context, request, user, uid, rule or None, model or None)
+        request,
+        uid,
+        lambda: actions.reroute(
+            context, request, user, uid, rule or None, model or None, actions.seen_version(version, "re-route")
+        ),
     )
 
 

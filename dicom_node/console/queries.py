@@ -228,6 +228,7 @@ def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, 
         "images_expected": series.expected_instances,
         "first_received_at": _iso(series.first_received_at),
         "state_changed_at": _iso(job.state_changed_at),
+        "version": job.version,  # changes with every change of the job: actions can ask for the one shown
         "stage_seconds": {k: round(v, 2) for k, v in stage_seconds(job).items()},
         "delivery": [p.summary() for p in progress],
         "delivery_waiting": [note for p in progress if (note := p.waiting_note())] if sending else [],
