@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def console(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings]]]:
     """Start a console alone (no DICOM port) with ``console`` settings; its URL and settings."""
     servers: list[ConsoleServer] = []
 
-    def start(**console: Any) -> tuple[str, Settings]:
+    def start(verify: ssl.SSLContext | None = None, **console: Any) -> tuple[str, Settings]:
+        """``verify``: the CA context of an HTTPS console (``tls_certificate``, ``tls_private_key``)."""
         port = free_port()
         settings = Settings(
             storage={"directory": str(tmp_path / f"storage{len(servers)}")},
@@ -57,11 +59,11 @@ def console(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Settings]]]:
         server = ConsoleServer(settings, open_database(settings), Liveness(lambda: None, lambda: False))
         server.start()
         servers.append(server)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if verify else 'http'}://127.0.0.1:{port}"
 
         def up() -> bool:
             try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+                return httpx.get(f"{url}/healthz", timeout=1, verify=verify or True).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -227,3 +229,46 @@ def test_idle_connections_sending_half_a_request_are_bounded_and_closed_in_time(
     assert too_slow == ["no whole request arrived within 1.5 s (console.request_seconds); the connection is closed"] * 3
     with httpx.Client(timeout=10) as client:  # a whole request is answered, and the next on the same connection
         assert [client.get(f"{url}/healthz").status_code for _ in range(2)] == [200, 200]
+
+
+def test_an_https_console_counts_connections_before_their_tls_handshake_and_ends_silent_ones_in_time(
+    console, caplog, certificates
+):
+    """Uvicorn's TLS counted a connection only once its handshake was over, and waited 60 s for it: TCP
+    connections that never began TLS were neither bounded nor closed in time, and again held every file handle."""
+    caplog.set_level(logging.INFO, logger="dicom_node.console.connections")
+    trusting = ssl.create_default_context(cafile=str(certificates.ca))
+    url, _settings = console(
+        verify=trusting,
+        request_seconds=1.5,
+        max_connections_per_address=3,
+        tls_certificate=str(certificates.node),
+        tls_private_key=str(certificates.node_key),
+    )
+    port = int(url.rsplit(":", 1)[1])
+
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(5)]
+    assert all(_closed_by_the_console(connection) for connection in silent)
+    plain = httpx.Client(timeout=10)
+    with pytest.raises(httpx.HTTPError):
+        plain.get(f"http://127.0.0.1:{port}/healthz")
+
+    def events(name: str) -> list[str]:
+        return [record.event_fields["reason"] for record in caplog.records if record.msg == name]
+
+    wait_for(lambda: len(events("console.tls_handshake_failed")) == 4, timeout=10, what="the plain request's log")
+    refused, failed = events("console.connection_refused"), events("console.tls_handshake_failed")
+    too_many = "the console holds 3 connections from that address, its limit (console.max_connections_per_address)"
+    assert refused == [f"a connection from 127.0.0.1 was closed at once: {too_many}"] * 2
+    silent_reason = (
+        "the TLS handshake with 127.0.0.1 did not finish within 1.5 s (console.request_seconds); the connection is "
+        "closed"
+    )
+    assert failed[:3] == [silent_reason] * 3
+    assert failed[3:] == [
+        "the TLS handshake with 127.0.0.1 failed (the client may not speak HTTPS, or did not accept the console's "
+        "certificate); the connection is closed"
+    ]
+    with httpx.Client(timeout=10, verify=trusting) as client:  # HTTPS still answers, twice on one connection
+        answers = [client.get(f"{url}/healthz") for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200] and answers[0].url.scheme == "https"

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import math
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from dicom_node.console.auth import (
     Sessions,
     session_secret,
 )
-from dicom_node.console.connections import ConnectionLimits, bounded_protocol
+from dicom_node.console.connections import ConnectionLimits, bounded_protocol, server_tls
 from dicom_node.console.metrics import DatabaseCollector, Liveness, readiness
 from dicom_node.console.probe import DestinationProbe
 from dicom_node.logs import log_event
@@ -369,19 +370,15 @@ class ConsoleServer:
         console = settings.console
         self.context = build_context(settings, sessions, liveness)
         self._servers: list[tuple[uvicorn.Server, socket.socket]] = []
-        ssl = (
-            {"ssl_certfile": str(console.tls_certificate), "ssl_keyfile": str(console.tls_private_key)}
-            if console.https
-            else {}
-        )
-        listeners: list[tuple[FastAPI, str, int, dict[str, str], str]] = [
-            (create_app(self.context), console.host, console.port, ssl, "console")
+        tls = server_tls(str(console.tls_certificate), str(console.tls_private_key)) if console.https else None
+        listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None, str]] = [
+            (create_app(self.context), console.host, console.port, tls, "console")
         ]
         if console.metrics_port is not None:
             listeners.append(
-                (create_metrics_app(self.context), console.metrics_host, console.metrics_port, {}, "metrics listener")
+                (create_metrics_app(self.context), console.metrics_host, console.metrics_port, None, "metrics listener")
             )
-        for app, host, port, tls, what in listeners:
+        for app, host, port, listener_tls, what in listeners:
             sock = _bind(host, port, what)
             # proxy_headers off: X-Forwarded-For must not replace the peer's address (login throttle, proxy mode).
             config = uvicorn.Config(
@@ -394,9 +391,9 @@ class ConsoleServer:
                 http=bounded_protocol(
                     ConnectionLimits(
                         console.max_connections, console.max_connections_per_address, console.request_seconds, what
-                    )
+                    ),
+                    listener_tls,  # the protocol shakes hands itself: uvicorn's TLS counted a connection only after it
                 ),
-                **tls,  # type: ignore[arg-type]
             )
             self._servers.append((uvicorn.Server(config), sock))
         self._threads: list[threading.Thread] = []
