@@ -55,6 +55,13 @@ MAYBE_LOSSY_TRANSFER_SYNTAXES: dict[str, str] = {
 """Transfer syntaxes that allow lossy or lossless pixel data: counted lossy unless the image says "00" and (JPEG 2000
 and HTJ2K) its codestream uses the reversible wavelet transform."""
 JPEG_2000_FAMILY = frozenset({"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"})
+LOSSLESS_ONLY_JPEG_2000: dict[str, str] = {
+    "1.2.840.10008.1.2.4.90": JPEG_2000_IRREVERSIBLE,
+    "1.2.840.10008.1.2.4.201": HTJ2K,
+    "1.2.840.10008.1.2.4.202": HTJ2K,
+}
+"""JPEG 2000 and HTJ2K transfer syntaxes that allow lossless data only: a codestream under one that uses the
+irreversible transform all the same (a misconfigured encoder or archive) is lossy, whatever the syntax claims."""
 CODESTREAM_START = b"\xff\x4f\xff\x51"  # SOC followed by SIZ
 CODESTREAM_BYTES = 65536
 """How much of the pixel data is read to find the first codestream's COD segment (after any offset table)."""
@@ -114,12 +121,17 @@ def mark_lossy(dataset: Dataset, sources: Sequence[Dataset]) -> None:
 
 
 def _source_steps(source: Dataset) -> list[tuple[str | None, float | None]] | None:
-    """One source's lossy compressions (method, ratio; None where not known), or None when it is not lossy."""
+    """One source's lossy compressions (method, ratio; None where not known), or None when it is not lossy.
+
+    Its flag, methods and ratios, and what its transfer syntax implies; a JPEG 2000 or HTJ2K codestream that uses the
+    irreversible transform is lossy under any of their transfer syntaxes, a lossless-only one too."""
     flag = str(source.get("LossyImageCompression") or "").strip()
     syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
     implied = LOSSY_TRANSFER_SYNTAXES.get(syntax)
     if syntax in MAYBE_LOSSY_TRANSFER_SYNTAXES and _maybe_lossy_is_lossy(source, syntax, flag):
         implied = MAYBE_LOSSY_TRANSFER_SYNTAXES[syntax]
+    elif syntax in LOSSLESS_ONLY_JPEG_2000 and _irreversible(source):
+        implied = LOSSLESS_ONLY_JPEG_2000[syntax]
     if flag != "01" and implied is None:
         return None
     methods = [str(m).strip() for m in _values(source.get("LossyImageCompressionMethod")) if str(m).strip()]

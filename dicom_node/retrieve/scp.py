@@ -16,7 +16,9 @@ comment naming it; one that accepts none of the objects offered fails with 0xA70
 Retrieved instances go out as they were stored: the file's data set bytes, in the file's transfer syntax; for a
 peer that does not accept it, converted to Explicit or Implicit VR Little Endian (:mod:`dicom_node.transfer_syntax`),
 a compressed one decompressed, unless a frame's own header disagrees with Rows and Columns or
-the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES``, or its pixel values need more
+the decoded pixel data would exceed ``MAX_DECOMPRESSED_BYTES``, or the node would not use the image for its own
+results (a lossy frame under a lossless-only transfer syntax, or JPEG 2000 or JPEG data whose structure shows damage,
+as the series loader checks them), or its pixel values need more
 bits than BitsStored (decoded, they would silently become other values; then that instance
 is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
 short fixed comments; the log has the details.
@@ -101,7 +103,13 @@ from dicom_node.retrieve.suboperations import (
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 from dicom_node.stall import stalled
 from dicom_node.transfer_syntax import NotConverted, converted, offered_pairs, syntax_to_send, uid_name
-from inference.frames import decoded_bytes, encapsulated_problem, stored_precision
+from inference.frames import (
+    codestream_damage,
+    decoded_bytes,
+    encapsulated_problem,
+    lossy_in_lossless_syntax,
+    stored_precision,
+)
 
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -876,7 +884,9 @@ def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None
     A frame whose own header (JPEG 2000 SIZ, JPEG SOF, RLE header) describes another image than Rows and
     Columns would make the decoder allocate what the frame says; and a small compressed file may declare
     more frames of more pixels than a receiving process should hold decoded (``MAX_DECOMPRESSED_BYTES``); and
-    pixel values that need more bits than BitsStored would be altered (:func:`values_beyond_bits_stored`).
+    an image the node does not trust for its own results (:func:`untrusted_pixels`) would go out as a clean,
+    never compressed one; and pixel values that need more bits than BitsStored would be altered
+    (:func:`values_beyond_bits_stored`).
     """
     name = f"instance {sop_instance_uid}"
     mismatch = encapsulated_problem(dataset, name)
@@ -890,7 +900,24 @@ def decompression_refusal(dataset: Dataset, sop_instance_uid: str) -> str | None
             f"{dataset.Rows} pixels), more than the {MAX_DECOMPRESSED_BYTES / 1e6:,.0f} MB the node decompresses "
             "for a retrieval; it is sent only to peers that accept its stored transfer syntax"
         )
-    return values_beyond_bits_stored(dataset, name)
+    return untrusted_pixels(dataset, name) or values_beyond_bits_stored(dataset, name)
+
+
+def untrusted_pixels(dataset: Dataset, name: str) -> str | None:
+    """Why the node would not use the pixels of ``dataset`` for its own results, as the series loader checks them,
+    or None: a frame that is lossy although its transfer syntax allows lossless data only
+    (:func:`inference.frames.lossy_in_lossless_syntax`), or a JPEG 2000 or JPEG frame whose structure shows damage
+    a decoder reads through without an error (:func:`inference.frames.codestream_damage`).
+
+    Decompressed, such an image would reach the peer as a clean one that was never compressed; sent as stored,
+    the peer's own decoder reads the data as the node received it."""
+    reason = lossy_in_lossless_syntax(dataset, name) or codestream_damage(dataset, name)
+    if reason is None:
+        return None
+    return (
+        f"{reason}. The node does not decompress it for a peer either: it is sent only to peers that accept its "
+        "stored transfer syntax"
+    )
 
 
 def values_beyond_bits_stored(dataset: Dataset, name: str) -> str | None:
