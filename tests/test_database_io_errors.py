@@ -107,9 +107,12 @@ def test_a_worker_waits_out_a_database_io_error_while_it_records_a_job(tmp_path,
     names = {event["event"] for event in events}
     assert not names & {"job.crashed", "job.worker_died", "worker.died", "job.failed"}, names
     renewals = [(e["level"], e.get("reason")) for e in events if e["event"] == "job.lease_not_renewed"]
-    assert renewals and set(renewals) == {
-        ("WARNING", "the database could not be read or written (disk I/O error); the lease is renewed again in 1 s")
-    }, renewals
+    # a connection the heartbeat opens during the outage (a busy machine makes that likelier) is read-only
+    outage = {
+        ("WARNING", f"the database could not be read or written ({error}); the lease is renewed again in 1 s")
+        for error in ("disk I/O error", "attempt to write a readonly database")
+    }
+    assert renewals and set(renewals) <= outage, renewals
     waits = [e["reason"] for e in events if e["event"] == "database.busy" and "the outcome of job" in e["waiting"]]
     assert waits, names
     assert set(waits) <= {
