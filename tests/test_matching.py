@@ -17,7 +17,7 @@ from db.ingest import (
     record_new_instances,
     record_results,
 )
-from db.models import Instance, Series, Study, utcnow
+from db.models import Instance, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.receive.header import comparable_identity
 from dicom_node.retrieve.matching import (
@@ -149,7 +149,8 @@ def test_wildcards_count_case_as_a_single_value_does_on_every_database(sessions)
 
 def test_names_match_without_empty_trailing_components_on_either_side_on_every_database(sessions) -> None:
     """DOE^JOHN, DOE^JOHN^^ and DOE^JOHN^^^^= name one person (PS3.5 6.2.1): a query in one form found the others
-    only where the stored text was the same; case still counts, in wildcards too."""
+    only where the stored text was the same; case still counts, in wildcards too. A query of the alphabetic group
+    alone finds a name stored with more groups."""
     studies = [
         StudyAttributes("7.1", patient_id="P7", patient_name="DOE^JOHN^^", referring_physician_name="WHO^DR^^"),
         StudyAttributes("7.2", patient_id="P8", patient_name="DOE^JOHN"),
@@ -162,13 +163,13 @@ def test_names_match_without_empty_trailing_components_on_either_side_on_every_d
     def studies_named(name: str, keyword: str = "PatientName") -> list[str]:
         return sorted(answers(sessions, query("STUDY", **{keyword: name, "StudyInstanceUID": ""}), "StudyInstanceUID"))
 
-    assert studies_named("DOE^JOHN") == ["7.1", "7.2"]
-    assert studies_named("DOE^JOHN^^") == ["7.1", "7.2"]
-    assert studies_named("DOE^JOHN^^^ ==") == ["7.1", "7.2"]
+    assert studies_named("DOE^JOHN") == ["7.1", "7.2", "7.3"]
+    assert studies_named("DOE^JOHN^^") == ["7.1", "7.2", "7.3"]
+    assert studies_named("DOE^JOHN^^^ ==") == ["7.1", "7.2", "7.3"]
     assert studies_named("DOE^JOHN=YAMADA^TARO") == ["7.3"]
     assert studies_named("DOE^JOHN^^=YAMADA^TARO^") == ["7.3"]
     assert studies_named("DOE*") == ["7.1", "7.2", "7.3", "7.5"]
-    assert studies_named("*JOHN") == ["7.1", "7.2"]
+    assert studies_named("*JOHN") == ["7.1", "7.2", "7.3"]
     assert studies_named("DOE^JOHN^^*") == ["7.1", "7.3"]  # as stored: 7.2 spells out no empty component
     assert studies_named("*TARO") == ["7.3"]
     assert studies_named("doe^john^") == ["7.4"]
@@ -198,6 +199,7 @@ STORED_NAMES = [
     "^^=YAMADA^TARO",
     "=YAMADA^TARO",
     "DOE^JOHN^ =YAMADA=やまだ^たろう",
+    "Yamada^Tarou=山田^太郎=やまだ^たろう",
 ]
 NAME_QUERIES = [
     "DOE^JOHN",
@@ -207,6 +209,9 @@ NAME_QUERIES = [
     "DOE^JOHN=YAMADA^TARO",
     "DOE^JOHN==YAMADA",
     "DOE^JOHN=YAMADA=やまだ^たろう",
+    "DOE^JOHN=YAMADA",
+    "Yamada^Tarou",
+    "Yamada^Tarou=山田^太郎",
     "=YAMADA^TARO",
     "DOE*",
     "*JOHN",
@@ -220,6 +225,7 @@ NAME_QUERIES = [
     "DOE^JOHN?YAMADA*",
     "DOE^JOHN??YAMADA",
     "DOE^JOH?",
+    "Yamada^Tar?u",
     "?OE^JOHN",
     "D*N",
     "*?",
@@ -228,14 +234,16 @@ NAME_QUERIES = [
 
 def _reference_name_match(pattern: str, stored: str | None) -> bool:
     """What a name query means (PS3.5 6.2.1, PS3.4 C.2.2.2.4), in Python: the stored name as stored or without its
-    empty trailing components matches the pattern; case counts."""
+    empty trailing components matches the pattern, or its first component groups do; case counts."""
     if stored is None:
         return False
-    value = comparable_identity("PatientName", pattern)
+    value, trimmed = comparable_identity("PatientName", pattern), comparable_identity("PatientName", stored)
     if "*" not in value and "?" not in value:
-        return comparable_identity("PatientName", stored) == value
+        return trimmed == value or trimmed.startswith(value + "=")
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
-    return any(re.fullmatch(regex, name, re.DOTALL) for name in (stored, comparable_identity("PatientName", stored)))
+    return any(re.fullmatch(regex, name, re.DOTALL) for name in (stored, trimmed)) or bool(
+        re.fullmatch(regex + "=.*", trimmed, re.DOTALL)
+    )
 
 
 def test_name_matching_finds_exactly_the_names_a_plain_comparison_finds_on_every_database(sessions) -> None:
@@ -286,13 +294,13 @@ def test_the_trimmed_name_is_computed_only_for_names_a_cheap_match_leaves(tmp_pa
         trimmed.clear()
         return sorted(answers(factory, query("STUDY", PatientName=name, StudyInstanceUID=""), "PatientName"))
 
-    assert named("DOE^JOHN") == ["DOE^JOHN", "DOE^JOHN^^"]
+    assert named("DOE^JOHN") == ["DOE^JOHN", "DOE^JOHN^^", "DOE^JOHN^^=YAMADA^TARO"]
     assert trimmed and all(text.startswith("DOE^JOHN") for text in trimmed)
     assert named("DOE^JOHN=YAMADA^TARO") == ["DOE^JOHN^^=YAMADA^TARO"]
     assert trimmed == ["DOE^JOHN=YAMADA^TARO"]
     assert len(named("DOE*")) == 13
     assert trimmed == []  # a pattern ending in * matches the stored name alone
-    assert named("*JOHN") == ["DOE^JOHN", "DOE^JOHN^^", "ROE^JOHN"]
+    assert named("*JOHN") == ["DOE^JOHN", "DOE^JOHN^^", "DOE^JOHN^^=YAMADA^TARO", "ROE^JOHN"]
     assert trimmed and all("JOHN" in text for text in trimmed)
 
 
@@ -379,6 +387,74 @@ def test_purged_series_are_not_answered(sessions) -> None:
     with transaction(sessions) as session:
         session.execute(update(Series).where(Series.series_instance_uid == "2.1.9").values(purged_at=utcnow()))
     assert answers(sessions, query("STUDY", StudyInstanceUID=""), "StudyInstanceUID") == ["1.1", "1.2"]
+
+
+def test_one_patient_id_naming_two_people_is_two_patients_each_answered_from_their_own_studies(sessions) -> None:
+    """Study 1.3 names another person under P1: a PATIENT-level answer named whichever study was newest, counted
+    both people's studies, and a retrieval by P1 sent both. DOE^JANE (case aside) is Doe^Jane."""
+    roe = StudyAttributes("1.3", patient_id="P1", patient_name="Roe^Richard", patient_sex="M")
+    doe = StudyAttributes("1.4", patient_id="P1", patient_name="DOE^JANE", patient_birth_date="19800101")
+    record_one_image_each(sessions, [roe, doe])
+
+    def patients(**keys: str) -> list[tuple[str, int]]:
+        asked = query("PATIENT", **{"PatientName": "", "NumberOfPatientRelatedStudies": "", **keys})
+        with sessions() as session:
+            return [(str(p.PatientName), p.NumberOfPatientRelatedStudies) for p in find(session, asked, "N")]
+
+    assert patients(PatientID="P1") == [("DOE^JANE", 3), ("Roe^Richard", 1)]
+    assert patients(PatientName="Doe^Jane") == [("Doe^Jane", 3)]  # from the studies that match: 1.1 and 1.2
+    assert patients(PatientSex="M") == [("Roe^Richard", 1)]
+    assert patients(PatientID="P1", PatientBirthDate="19800101") == [("DOE^JANE", 3)]
+    with sessions() as session:
+        (study,) = find(session, query("STUDY", StudyInstanceUID="1.3", NumberOfPatientRelatedStudies=""), "N")
+        assert study.NumberOfPatientRelatedStudies == 1
+        with pytest.raises(
+            AmbiguousPatient, match=r"held for more than one person \(its studies differ in PatientName\)"
+        ):
+            matching_instances(session, query("PATIENT", PatientID="P1"), for_retrieval=True)
+        roe_only = matching_instances(
+            session, query("PATIENT", PatientID="P1", PatientName="Roe^Richard"), for_retrieval=True
+        )
+    assert [i.sop_instance_uid for i in roe_only] == ["1.3.9.1"]
+
+
+def test_results_are_served_only_while_their_job_is_neither_failed_nor_ignored(sessions) -> None:
+    """The SEG of study 1.1 (job 1) is hidden from matching, counts and retrieval while its job is FAILED or
+    IGNORED, read from the job's state at each query: back in another state, it is served again."""
+
+    def served() -> tuple[list[str], object, int, list[str], int]:
+        with sessions() as session:
+            series = find(session, query("SERIES", StudyInstanceUID="1.1", SeriesInstanceUID=""), "N")
+            asked = query("STUDY", StudyInstanceUID="1.1", ModalitiesInStudy="", NumberOfStudyRelatedInstances="")
+            (study,) = find(session, asked, "N")
+            by_modality = find(session, query("STUDY", ModalitiesInStudy="SEG", StudyInstanceUID=""), "N")
+            retrieved = matching_instances(session, query("STUDY", StudyInstanceUID="1.1"), for_retrieval=True)
+            return (
+                [str(s.SeriesInstanceUID) for s in series],
+                study.ModalitiesInStudy,  # one value is answered as itself
+                study.NumberOfStudyRelatedInstances,
+                [str(s.StudyInstanceUID) for s in by_modality],
+                len(retrieved),
+            )
+
+    with_results = (["1.1.9", "1.1.97"], ["CT", "SEG"], 4, ["1.1"], 4)
+    assert served() == with_results
+    for state in (JobState.FAILED, JobState.IGNORED, JobState.SENDING):
+        with transaction(sessions) as session:
+            session.execute(update(Job).where(Job.id == 1).values(state=state))
+        assert served() == (with_results if state is JobState.SENDING else (["1.1.9"], "CT", 3, [], 3)), state
+
+
+def test_modalities_in_study_and_accession_numbers_match_only_series_still_served(sessions) -> None:
+    """Study 1.1's CT series is purged, its SEG kept: ModalitiesInStudy=CT matched the study by the purged series,
+    whose answer said SEG alone."""
+    with transaction(sessions) as session:
+        session.execute(update(Series).where(Series.series_instance_uid == "1.1.9").values(purged_at=utcnow()))
+        session.execute(update(Series).values(accession_number="ACC-S"))
+        session.execute(update(Series).where(Series.series_instance_uid != "1.2.9").values(purged_at=utcnow()))
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="CT"), "StudyInstanceUID") == ["1.2"]
+    assert answers(sessions, query("STUDY", ModalitiesInStudy="SEG"), "StudyInstanceUID") == []
+    assert answers(sessions, query("STUDY", AccessionNumber="ACC-S"), "StudyInstanceUID") == ["1.2"]
 
 
 def test_retrieval_needs_the_level_unique_key_and_a_known_level(sessions) -> None:

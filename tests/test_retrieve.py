@@ -441,7 +441,7 @@ def test_a_patient_level_get_of_a_patient_id_from_two_issuers_is_refused_unless_
     assert [str(p.get("IssuerOfPatientID", "(not returned)")) for p in patients] == ["", "OTHER-HOSPITAL"]
     assert list((tmp_path / "refused").iterdir()) == [], refused
     assert "DIMSE Status                  : 0xa900" in refused, refused
-    assert "[PatientID names several patients: give IssuerOfPatientID]" in refused, refused
+    assert "[PatientID names several patients: retrieve by StudyInstanceUID]" in refused, refused
     assert (
         "a retrieval by peer planner was refused: the PatientID of this PATIENT-level retrieval belongs to more "
         "than one patient" in node.log()

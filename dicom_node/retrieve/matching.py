@@ -4,17 +4,22 @@ Supported matching (PS3.4 C.2.2.2): universal (empty or ``*``), single value,
 wildcard (``*`` and ``?``), range on dates and times (``A-B``, ``-B``, ``A-``)
 and UID lists (``uid1\\uid2``). Person names (PatientName, ReferringPhysicianName) match without their
 empty trailing components, trailing spaces and empty trailing component groups, in the query and in what is
-stored (PS3.5 6.2.1): ``DOE^JOHN`` is ``DOE^JOHN^^``. Only instances still held are visible: a series
-purged by retention has no instance rows and so no match. An instance is visible only
+stored (PS3.5 6.2.1): ``DOE^JOHN`` is ``DOE^JOHN^^``; a name of fewer component groups matches a stored name's
+first groups (``YAMADA^TAROU`` finds ``YAMADA^TAROU=山田^太郎``). Only instances still held are visible: a series
+purged by retention has no instance rows and so no match; a result series is visible only while its job is
+neither FAILED nor IGNORED (:func:`_served_series`). An instance is visible only
 under its own patient: one whose PatientID, issuer (IssuerOfPatientID, or the UniversalEntityID of
 IssuerOfPatientIDQualifiersSequence), PatientName, PatientBirthDate or PatientSex differs from its
-study's is never answered or sent. A patient is a PatientID from one issuer, in either form.
+study's is never answered or sent. A patient is a PatientID from one issuer, in either form; where its studies
+name different people (another name, birth date or sex), each person is answered on their own, and a
+PATIENT-level retrieval of them all is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 from pydicom.dataelem import DataElement
@@ -28,9 +33,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from db.models import Instance, Series, Study
+from db.models import Instance, Job, JobState, Series, Study
 from dicom_node.logs import shown
-from dicom_node.receive.header import comparable_identity
+from dicom_node.receive.header import StudyPatient, comparable_identity
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -42,7 +47,8 @@ class QueryError(ValueError):
 
 
 class AmbiguousPatient(QueryError):
-    """A PATIENT-level retrieval whose PatientID belongs to patients of several issuers, and that names none."""
+    """A PATIENT-level retrieval whose PatientID belongs to patients of several issuers, and that names none; or
+    whose studies, under one PatientID, name different people."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
             wanted = [v.strip() for v in value.split("\\") if v.strip()]
             if wanted and "*" not in wanted:  # "*" matches every study, as for any other key
                 matches = or_(*(_matching(Series.modality, v) for v in wanted))
-                found.append(Study.id.in_(select(Series.study_id).where(matches)))
+                found.append(_of_studies_served(matches))
             continue
         key = KEYS.get(keyword)
         if keyword == "AccessionNumber" and value and value != "*" and LEVELS.index("STUDY") <= depth:
@@ -153,11 +159,17 @@ def _asked_universal_entity_id(items: Any) -> str:
 
 def _of_an_order(accession_number: str) -> ColumnElement[bool]:
     """Studies of the order ``accession_number``: the study's AccessionNumber (its first series') or that of any of
-    its series still held (a study may carry several orders, each series its own)."""
-    of_a_series = select(Series.study_id).where(
-        _matching(Series.accession_number, accession_number), Series.purged_at.is_(None)
-    )
-    return or_(_matching(Study.accession_number, accession_number), Study.id.in_(of_a_series))
+    its series still served (a study may carry several orders, each series its own)."""
+    of_a_series = _of_studies_served(_matching(Series.accession_number, accession_number))
+    return or_(_matching(Study.accession_number, accession_number), of_a_series)
+
+
+def _of_studies_served(series_condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    """Studies with a series that meets ``series_condition`` and whose instances are served (:func:`_joined`), as
+    the study's answer counts them. The series are read in a common table expression: nested as a subquery, the
+    name comparison of :func:`_of_the_study_patient` would be deeper than SQLite's parser takes."""
+    studies = _joined([series_condition]).with_only_columns(Series.study_id).cte()
+    return Study.id.in_(select(studies.c.study_id))
 
 
 def _value(raw: Any) -> str:
@@ -210,17 +222,19 @@ def _name_matching(column: Any, value: str) -> ColumnElement[bool]:
     """A person name ``column`` matching ``value`` (already without its empty trailing components,
     :func:`comparable_identity`): compared with the stored name without its own, case counting as in
     :func:`_matching`. A wildcard pattern also matches the name as stored (``DOE^JOHN^^*`` matches
-    ``DOE^JOHN^^``).
+    ``DOE^JOHN^^``). A value of fewer component groups than the stored name matches its first groups: a planning
+    system that writes only the alphabetic group (``YAMADA^TAROU``) finds ``YAMADA^TAROU=山田^太郎=やまだ^たろう``.
 
     The trimmed name costs sixteen ``replace`` calls a row, so it is computed only for rows that already match
     :func:`_padded_pattern`, a plain match on the stored name that every name whose trimmed form matches also
     passes: the prefilter only saves work, it never adds or loses a match."""
     padded = _padded_pattern(value)
-    if "*" in value or "?" in value:
-        if padded == value:  # DOE*: the stored name matching is enough (and the trimmed one adds none)
-            return _matching(column, value)
-        return or_(_matching(column, value), and_(_matching(column, padded), _matching(_trimmed_name(column), value)))
-    return or_(column == value, and_(_matching(column, padded), _trimmed_name(column) == value))
+    if "*" in value and padded == value:  # DOE*: the stored name matching is enough (and the trimmed one adds none)
+        return _matching(column, value)
+    # the trimmed name, or its first groups: "<trimmed>=" starts with "<value>=" (YAMADA^TAROU=山田^太郎= does)
+    trimmed = _matching(_trimmed_name(column).concat("="), value + "=*")
+    as_stored = _matching(column, value) if "*" in value or "?" in value else column == value
+    return or_(as_stored, and_(_matching(column, padded), trimmed))
 
 
 def _padded_pattern(value: str) -> str:
@@ -319,17 +333,32 @@ def _same_name(instance_name: Any, study_name: Any) -> ColumnElement[bool]:
 
 
 def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
+    """The instances Query/Retrieve serves (of :func:`_served_series`, under their own patient) that meet
+    ``level_conditions``: every match, count and retrieval is read from it."""
     return (
         select(Instance.id)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
-        .where(
-            Series.purged_at.is_(None),
-            Series.superseded_at.is_(None),  # results a later run of their job replaced: that run's are answered
-            _of_the_study_patient(),
-            *level_conditions,
-        )
+        .where(*_served_series(), _of_the_study_patient(), *level_conditions)
     )
+
+
+WITHDRAWN_STATES = (JobState.FAILED, JobState.IGNORED)
+"""States of a job whose results the node no longer stands behind: a re-run that failed (the results were made
+from images the series no longer is), a series cancelled before its results were delivered, one set aside."""
+
+
+def _served_series() -> list[ColumnElement[bool]]:
+    """Series Query/Retrieve answers and sends: not purged; for a result series (SEG, SR, RTSTRUCT), not replaced by
+    a later run of its job, and of a job not :data:`WITHDRAWN_STATES`. Read from the job's state at each query, so a
+    retry that sends them again serves them again; a re-run in progress leaves the earlier results served until its
+    own are recorded."""
+    withdrawn = select(Job.id).where(Job.id == Series.source_job_id, Job.state.in_(WITHDRAWN_STATES))
+    return [
+        Series.purged_at.is_(None),
+        Series.superseded_at.is_(None),
+        or_(Series.source_job_id.is_(None), ~withdrawn.exists()),
+    ]
 
 
 def matching_instances(
@@ -346,15 +375,8 @@ def matching_instances(
     if for_retrieval:
         check_retrieval_keys(identifier, level)
     ids = _joined(conditions(identifier, level) + _level_scope(level))
-    if for_retrieval and level == "PATIENT" and not _names_an_issuer(identifier):
-        patients = len(_ordered_keys(session, level, ids, 2))
-        if patients > 1:
-            raise AmbiguousPatient(
-                "the PatientID of this PATIENT-level retrieval belongs to more than one patient (the same ID from "
-                "different issuers, IssuerOfPatientID or the UniversalEntityID of "
-                "IssuerOfPatientIDQualifiersSequence), and the request names no issuer: nothing is sent; "
-                "the requester must give the issuer, or retrieve by StudyInstanceUID"
-            )
+    if for_retrieval and level == "PATIENT":
+        _check_one_person(session, identifier, ids)
     query = (
         select(Instance)
         .join(Series, Instance.series_id == Series.id)
@@ -362,6 +384,32 @@ def matching_instances(
         .order_by(Series.study_id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
     )
     return list(session.scalars(query if limit is None else query.limit(limit)))
+
+
+def _check_one_person(session: Session, identifier: Dataset, matched: Select[Any]) -> None:
+    """A PATIENT-level retrieval sends one person's images, or nothing.
+
+    Raises
+    ------
+    AmbiguousPatient
+        Where its PatientID is held from several issuers and it names none, or where the studies it selects name
+        different people (another name, birth date or sex under the same PatientID, :func:`_people`).
+    """
+    if not _names_an_issuer(identifier) and len(_ordered_keys(session, "PATIENT", matched, 2)) > 1:
+        raise AmbiguousPatient(
+            "the PatientID of this PATIENT-level retrieval belongs to more than one patient (the same ID from "
+            "different issuers, IssuerOfPatientID or the UniversalEntityID of "
+            "IssuerOfPatientIDQualifiersSequence), and the request names no issuer: nothing is sent; "
+            "the requester must give the issuer, or retrieve by StudyInstanceUID"
+        )
+    people = _people(_held_studies(session, matched))
+    if len(people) > 1:
+        other = _patient_of(people[1][0])
+        differing = next(k for s in people[0] if (k := _patient_of(s).differing_keyword(other)) is not None)
+        raise AmbiguousPatient(
+            f"the PatientID of this PATIENT-level retrieval is held for more than one person (its studies differ in "
+            f"{differing}): nothing is sent; the requester must retrieve by StudyInstanceUID"
+        )
 
 
 def _names_an_issuer(identifier: Dataset) -> bool:
@@ -438,8 +486,11 @@ def find(
     check_width(identifier)
     matched = _joined(conditions(identifier, level) + _level_scope(level))
     shape = _AnswerShape.of(identifier, level)
-    counts: dict[tuple[str, int, int | None], Any] = {}  # one count per study (or series) and key, not per answer
-    for key in _ordered_keys(session, level, matched, limit):
+    counts = _Counts(session)
+    keys: Iterable[Any] = _ordered_keys(session, level, matched, limit)
+    if level == "PATIENT":
+        keys = islice((person for patient in keys for person in _people_matched(session, patient, matched)), limit)
+    for key in keys:
         yield _response(session, level, key, shape, retrieve_ae_title, counts)
 
 
@@ -549,9 +600,9 @@ def _response(
     key: Any,
     shape: _AnswerShape,
     retrieve_ae_title: str,
-    counts: dict[tuple[str, int, int | None], Any],
+    counts: _Counts,
 ) -> Dataset:
-    instance = series = study = None
+    instance = series = study = person = None
     if level == "IMAGE":
         instance = session.get_one(Instance, key)
         series = instance.series
@@ -562,13 +613,14 @@ def _response(
     elif level == "STUDY":
         study = session.get_one(Study, key)
     else:
-        study = session.scalars(select(Study).where(_of_patient(*key)).order_by(Study.id.desc()).limit(1)).one()
+        person = key
+        study = person.study
     sources = {"PATIENT": study, "STUDY": study, "SERIES": series, "IMAGE": instance}
     response = Dataset(dict(shape.empty))  # the answer's own entries; each filled key gets an element of its own
     response.QueryRetrieveLevel = level
     for keyword in shape.filled:
         if keyword in COUNTS:
-            setattr(response, keyword, _counted(session, keyword, study, series, counts))
+            setattr(response, keyword, counts.value(keyword, study, series, person))
             continue
         if keyword == QUALIFIERS:
             response.IssuerOfPatientIDQualifiersSequence = _answered_qualifiers(study)
@@ -623,32 +675,49 @@ def _unique_keys_down_to(level: Level) -> list[str]:
     return (["PatientID", "IssuerOfPatientID"] if level == "PATIENT" else []) + keys
 
 
-def _counted(
-    session: Session, keyword: str, study: Study, series: Series | None, counts: dict[tuple[str, int, int | None], Any]
-) -> Any:
-    """:func:`_count`, read once per query for each study (or series) and key: answers of one study share it."""
-    of_series = series.id if series is not None and keyword.startswith("NumberOfSeriesRelated") else None
-    key = (keyword, study.id, of_series)
-    if key not in counts:
-        counts[key] = _count(session, keyword, study, series)
-    return counts[key]
+class _Counts:
+    """The counts of one query's answers, each read once per study, series or person and key (the answers of one
+    study share them), and the people of each PatientID the patient counts are counted for."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._values: dict[tuple[str, Any], Any] = {}
+        self._people: dict[tuple[str | None, ...], list[list[Study]]] = {}
+
+    def value(self, keyword: str, study: Study, series: Series | None, person: _Person | None) -> Any:
+        """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value: a patient's over the studies of
+        ``person`` (PATIENT level) or of the person ``study`` names, a series' over ``series`` (empty above SERIES
+        level), the others over ``study``."""
+        scope: ColumnElement[bool]
+        if keyword.startswith("NumberOfPatientRelated"):
+            studies = person.study_ids if person is not None else self._person_of(study)
+            key: tuple[str, Any] = (keyword, studies)
+            scope = Study.id.in_(studies)
+        elif keyword.startswith("NumberOfSeriesRelated"):
+            if series is None:
+                return ""
+            key, scope = (keyword, ("series", series.id)), Series.id == series.id
+        else:
+            key, scope = (keyword, study.id), Study.id == study.id
+        if key not in self._values:
+            self._values[key] = _count(self._session, keyword, scope)
+        return self._values[key]
+
+    def _person_of(self, study: Study) -> tuple[int, ...]:
+        """The studies held of the person ``study`` names (:func:`_people`); a study without a PatientID is its own
+        patient, never counted with the other studies that lack one."""
+        if not study.patient_id:
+            return (study.id,)
+        patient = (study.patient_id, study.issuer_of_patient_id, study.issuer_universal_entity_id)
+        if patient not in self._people:
+            self._people[patient] = _people(_held_studies(self._session, _joined([_of_patient(*patient)])))
+        ids = (tuple(other.id for other in person) for person in self._people[patient])
+        return next((person for person in ids if study.id in person), (study.id,))
 
 
-def _count(session: Session, keyword: str, study: Study, series: Series | None) -> Any:
-    """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances held."""
-    if keyword.startswith("NumberOfPatientRelated"):
-        # a study without a PatientID is its own patient: never counted with the other studies that lack one
-        scope = (
-            _of_patient(study.patient_id, study.issuer_of_patient_id, study.issuer_universal_entity_id)
-            if study.patient_id
-            else Study.id == study.id
-        )
-    elif keyword.startswith("NumberOfSeriesRelated"):
-        if series is None:
-            return ""
-        scope = Series.id == series.id
-    else:
-        scope = Study.id == study.id
+def _count(session: Session, keyword: str, scope: ColumnElement[bool]) -> Any:
+    """A NumberOf...Related..., ModalitiesInStudy or SOPClassesInStudy value, over the instances served in
+    ``scope``."""
     held = _joined([scope])
     if keyword == "ModalitiesInStudy":
         return sorted(v for v in session.execute(held.with_only_columns(Series.modality).distinct()).scalars() if v)
@@ -656,3 +725,61 @@ def _count(session: Session, keyword: str, study: Study, series: Series | None) 
         return sorted(session.execute(held.with_only_columns(Instance.sop_class_uid).distinct()).scalars())
     counted = {"Studies": Study.id, "Series": Series.id, "Instances": Instance.id}[keyword.rpartition("Related")[2]]
     return int(session.execute(held.with_only_columns(func.count(distinct(counted))).order_by(None)).scalar_one())
+
+
+@dataclass(frozen=True)
+class _Person:
+    """One person a PATIENT-level query found: the study answered for them (the newest of their studies that
+    matched the query) and every study held under their PatientID that names them (what their counts count)."""
+
+    study: Study
+    study_ids: tuple[int, ...]
+
+
+def _people_matched(session: Session, patient: tuple[str | None, ...], matched: Select[Any]) -> list[_Person]:
+    """The people of one patient (a PatientID from one issuer) whose studies ``matched`` holds: a PatientID whose
+    studies name different people (:func:`_people`) is answered once for each person the query matched, each answer
+    taken from that person's own studies, never one person's name with another's studies."""
+    of_patient = _of_patient(*patient)
+    hits = set(session.scalars(matched.with_only_columns(Study.id).where(of_patient).distinct()))
+    found = []
+    for person in _people(_held_studies(session, _joined([of_patient]))):
+        answered = [study for study in person if study.id in hits]
+        if answered:
+            found.append(_Person(answered[-1], tuple(study.id for study in person)))
+    return found
+
+
+def _held_studies(session: Session, instances: Select[Any]) -> list[Study]:
+    """The studies of the instances ``instances`` selects (a :func:`_joined` selection), oldest first."""
+    return list(
+        session.scalars(select(Study).where(Study.id.in_(instances.with_only_columns(Study.id))).order_by(Study.id))
+    )
+
+
+def _people(studies: Iterable[Study]) -> list[list[Study]]:
+    """``studies`` grouped by the person they name, compared as admission compares a series with its study
+    (:meth:`StudyPatient.differing_keyword`): the same PatientID and issuer, and no name (group by group, case
+    aside), birth date or sex that both carry and that differ. A study joins the first group all of whose studies
+    name its patient, so two studies that differ are never in one group (one that leaves a detail empty may fit
+    two, and is counted with the first)."""
+    people: list[list[Study]] = []
+    for study in studies:
+        patient = _patient_of(study)
+        group = next((p for p in people if all(_patient_of(o).differing_keyword(patient) is None for o in p)), None)
+        if group is None:
+            people.append([study])
+        else:
+            group.append(study)
+    return people
+
+
+def _patient_of(study: Study) -> StudyPatient:
+    return StudyPatient(
+        study.patient_id,
+        study.issuer_of_patient_id,
+        study.patient_name,
+        study.patient_birth_date,
+        study.patient_sex,
+        study.issuer_universal_entity_id,
+    )

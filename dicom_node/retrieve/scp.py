@@ -738,7 +738,7 @@ def _intact(stored: Stored) -> str:
 
 
 NOT_MATCHING = "Identifier does not match: see the node's log"
-SEVERAL_PATIENTS = "PatientID names several patients: give IssuerOfPatientID"
+SEVERAL_PATIENTS = "PatientID names several patients: retrieve by StudyInstanceUID"
 
 
 class Selection(NamedTuple):
