@@ -811,16 +811,18 @@ def weights_list(config: ConfigOption = None) -> None:
 def _installed_identity(task: str, folder: Path) -> str:
     """How results name ``task``'s weights in ``folder`` (its datasets and SHA-256 over their files), or why the
     node would refuse to load them."""
-    from inference.weights import WeightsCorrupt, WeightsMissing, identify, model_folders
+    from inference.weights import WeightsCorrupt, WeightsMissing, identify, imports_held_off, model_folders
 
     try:
-        identity = identify(task, model_folders(task, folder))
+        with imports_held_off(folder):  # an import waits: the folders identified are of one release
+            identity = identify(task, model_folders(task, folder))
     except (WeightsCorrupt, WeightsMissing) as exc:
         return f"but not usable: {exc}"
     except OSError as exc:
         return f"but not readable: {_describe_os_error(exc)}"
     test = " (test weights: random or untrained, results are not for clinical use)" if identity.test_weights else ""
-    return f"sha256:{identity.sha256}{test}"
+    unrecorded = " (no manifest yet: recorded at the first successful load)" if identity.unrecorded else ""
+    return f"sha256:{identity.sha256}{test}{unrecorded}"
 
 
 ModelOption = Annotated[

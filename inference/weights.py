@@ -12,8 +12,9 @@ release zips; on an offline one ``dicom-node weights import FILE.zip`` unpacks a
 zip carried over by hand (``--sha256`` checks it against a published hash first).
 
 Every installed model folder gets a manifest, ``dicom-node-weights.json``, with the
-SHA-256 of its plans, dataset description and checkpoint. A model verifies it when it
-loads, and its results name the weights by folder and hash (:class:`WeightsIdentity`),
+SHA-256 of its plans, dataset description and checkpoint: written at import or download,
+or, for a folder put in place by hand, once a model has loaded it. A model verifies it when
+it loads, and its results name the weights by folder and hash (:class:`WeightsIdentity`),
 so a result can always be traced to the exact files that made it.
 """
 
@@ -65,6 +66,13 @@ LIVE_MARK_NAME = ".alive"
 """In a staging folder: locked by its import while it runs, so a leftover of a killed one can be told apart."""
 IMPORT_LOCK_NAME = ".import.lock"
 """Beside the Dataset folders: held while an import swaps its folders in, so imports at the same time take turns."""
+SWAP_PLAN_NAME = "swap-plan.json"
+"""In a staging folder: written to disk before an import renames its first folder: the archive, every dataset folder
+it swaps in (and whether it replaces an installed one) and the SHA-256 of each new folder's files."""
+UNPACKED_FOLDER = "unpacked"
+"""In a staging folder: the new dataset folders, until each is renamed into the weights folder."""
+REPLACED_FOLDER = "replaced"
+"""In a staging folder: the installed dataset folders an import renamed aside, until all new ones are in."""
 MAX_JSON_MEGABYTES = 64
 """Largest plans.json or dataset.json ``weights import`` reads (TotalSegmentator's are a few hundred kB)."""
 
@@ -101,10 +109,19 @@ def model_folders(task: str, weights_directory: Path, *, model: str | None = Non
     Raises
     ------
     WeightsMissing
-        If any is absent or incomplete.
+        If any is absent or incomplete, or an interrupted import of any is not finished or undone yet (its
+        folders may mix two releases).
     """
     if task not in TASK_DATASETS:
         raise ValueError(f"unknown TotalSegmentator task {task!r} (known: {', '.join(TASK_DATASETS)})")
+    unfinished = unfinished_imports(weights_directory, [d for _i, d, _t in TASK_DATASETS[task]])
+    if unfinished:
+        raise WeightsMissing(
+            f"TotalSegmentator weights for task {task!r} in {weights_directory} are not used: a weights import was "
+            f"interrupted while it replaced them and is not finished or undone yet (its folders are in "
+            f"{unfinished[0]}), so they may mix two releases; run `dicom-node weights list` as a user who may write "
+            "to that folder, which finishes or undoes it."
+        )
     folders = [ModelFolder(i, weights_directory / d / t) for i, d, t in TASK_DATASETS[task]]
     missing = [f for f in folders if not f.complete]
     if missing:
@@ -158,11 +175,14 @@ def import_zip(
     WeightsCorrupt
         If ``sha256`` is given and the archive's hash differs.
 
-    Each dataset folder is unpacked and checked in a staging folder of its own (so imports at the same time do
-    not meet), then swapped in: the installed folder is renamed aside, the new one renamed in, and only then is
-    the old one deleted; if anything fails the old folder is put back, so a working install is never missing. An
-    import killed in between leaves it in its staging folder: the next import, ``weights list`` or model load puts
-    it back (:func:`recover_interrupted_imports`).
+    The dataset folders are unpacked and checked in a staging folder of the import's own (so imports at the same
+    time do not meet), written to disk, and then swapped in as one: a plan naming every folder and the SHA-256 of
+    its files is written to disk in the staging folder first (:data:`SWAP_PLAN_NAME`), then each installed folder
+    is renamed aside and the new one renamed in, and only when all are in are the old ones deleted. If anything
+    fails every folder is put back as it was, so an install never mixes two releases and a working one is never
+    lost. An import killed in between (or a power loss) leaves its plan: the next import, ``weights list`` or
+    model load finishes it where every new folder is complete, or else puts every folder back
+    (:func:`recover_interrupted_imports`).
     """
     if sha256 is not None:
         actual = file_sha256(archive)
@@ -187,19 +207,20 @@ def import_zip(
         recover_interrupted_imports(weights_directory, locked=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=weights_directory))
         alive = _mark_live(staging)
-    keep_staging = False  # only when a replaced folder could not be put back: it is still in there
+    keep_staging = False  # only when the folders could not all be put back: the plan in there finishes the job
     try:
-        unpacked_folder = staging / "unpacked"
+        unpacked_folder = staging / UNPACKED_FOLDER
         with zipfile.ZipFile(archive) as bundle:
             bundle.extractall(unpacked_folder)
         _refuse_unsafe_checkpoints(unpacked_folder, checkpoints)
         if loadable is not None:
             _refuse_unloadable(archive, unpacked_folder, datasets, loadable)
-        new_folders = [unpacked_folder / dataset for dataset in datasets]
-        for trainer_folder in _trainer_folders(new_folders):
-            write_manifest(trainer_folder)
+        recorded = {
+            folder: write_manifest(folder) for folder in _trainer_folders([unpacked_folder / d for d in datasets])
+        }
+        _flush_tree(unpacked_folder)  # the new files are on disk before an installed folder moves
         with _swap_lock(weights_directory):
-            _swap_in(new_folders, weights_directory, staging / "replaced")
+            _swap_in(staging, weights_directory, _plan_swap(archive, weights_directory, unpacked_folder, recorded))
     except _Stranded:
         keep_staging = True
         raise
@@ -256,13 +277,15 @@ def _is_live(staging: Path) -> bool:
 
 
 def recover_interrupted_imports(weights_directory: Path, *, locked: bool = False) -> list[Path]:
-    """Put back installed weights an interrupted ``weights import`` (killed, power loss) left aside, and delete
-    what else such imports left; returns the dataset folders put back.
+    """Finish or undo what an interrupted ``weights import`` (killed, power loss) left, and delete its staging
+    folder; returns the dataset folders it changed.
 
-    An import renames the installed folder into ``.import-*/replaced/`` before the new one goes in: killed between
-    the two renames, it leaves the task without weights. Each folder there whose place is empty is renamed back,
-    with a warning saying so; the rest of a staging folder no import runs in any more is deleted. Where the weights
-    folder cannot be written (a worker that may only read it), a warning names what to move back by hand.
+    An import writes its swap plan (:data:`SWAP_PLAN_NAME`) before it renames its first folder. Where every new
+    folder the plan names is complete (its files hash as planned) the import is finished; else every folder is
+    put back as it was before it. Either way one warning says which weights are installed now, so a task never
+    mixes two releases. A staging folder without a plan was left before any folder moved (or by an older
+    version, whose folders put aside go back where their place is empty); it is deleted. Where the weights folder
+    cannot be written (a worker that may only read it), a warning says who can finish the job.
 
     Parameters
     ----------
@@ -281,39 +304,300 @@ def recover_interrupted_imports(weights_directory: Path, *, locked: bool = False
             return _recover(weights_directory, leftovers)
     except OSError as exc:
         for staging in leftovers:
-            for old in (staging / "replaced").glob("Dataset*"):
-                if old.is_dir() and not (weights_directory / old.name).exists():
-                    LOG.warning(
-                        "An interrupted weights import left the installed weights %s in %s, and this process cannot "
-                        "put them back (%s): move that folder back to %s by hand, or run `dicom-node weights list` "
-                        "as a user who may write there.",
-                        old.name,
-                        old.parent,
-                        (exc.strerror or "the folder cannot be written").lower(),
-                        weights_directory,
-                    )
+            if _is_live(staging) or not _left_folders(staging):
+                continue
+            LOG.warning(
+                "An interrupted weights import left weights folders in %s, and this process cannot finish or undo it "
+                "(%s): run `dicom-node weights list` as a user who may write to %s.",
+                staging,
+                (exc.strerror or "the folder cannot be written").lower(),
+                weights_directory,
+            )
         return []
 
 
+def _left_folders(staging: Path) -> bool:
+    """Whether a staging folder holds a swap plan or installed folders put aside (else it is only a leftover)."""
+    return (staging / SWAP_PLAN_NAME).is_file() or any((staging / REPLACED_FOLDER).glob("Dataset*"))
+
+
 def _recover(weights_directory: Path, leftovers: Sequence[Path]) -> list[Path]:
-    put_back = []
+    changed: list[Path] = []
     for staging in leftovers:
         if _is_live(staging):
             continue
-        for old in sorted((staging / "replaced").glob("Dataset*")):
-            target = weights_directory / old.name
-            if not old.is_dir() or target.exists() or target.is_symlink():
-                continue
-            old.rename(target)
-            put_back.append(target)
+        try:
+            plan = _read_plan(staging)
+            if plan is None:
+                changed += _put_back_unplanned(staging, weights_directory)
+            else:
+                LOG.warning("%s", _finish_swap(staging, weights_directory, plan))
+                changed += [weights_directory / planned.dataset for planned in plan.folders]
+        except (OSError, ValueError) as exc:
             LOG.warning(
-                "A weights import was interrupted while it replaced %s; the weights installed before it were put "
-                "back in %s.",
-                old.name,
-                weights_directory,
+                "An interrupted weights import left weights folders in %s that could not be put in order (%s), so "
+                "the models of the folders it swaps are not loaded until it is: import the release zip again, then "
+                "delete %s.",
+                staging,
+                _os_reason(exc),
+                staging,
             )
+            continue
         shutil.rmtree(staging, ignore_errors=True)
+    return changed
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{(exc.strerror or 'an error').lower()}: {exc.filename}" if exc.filename else str(exc)
+    return str(exc)
+
+
+def _put_back_unplanned(staging: Path, weights_directory: Path) -> list[Path]:
+    """A staging folder without a swap plan: renamed before any folder moved (nothing to do), or by a version that
+    wrote none (each folder put aside goes back where its place is empty)."""
+    put_back = []
+    for old in sorted((staging / REPLACED_FOLDER).glob("Dataset*")):
+        target = weights_directory / old.name
+        if not old.is_dir() or _occupied(target):
+            continue
+        old.rename(target)
+        put_back.append(target)
+        LOG.warning(
+            "A weights import was interrupted while it replaced %s; the weights installed before it were put back "
+            "in %s.",
+            old.name,
+            weights_directory,
+        )
     return put_back
+
+
+def unfinished_imports(weights_directory: Path, datasets: Sequence[str]) -> list[Path]:
+    """Staging folders of interrupted imports that still hold a swap plan naming any of ``datasets`` (recovery could
+    not run: a read-only process): those folders may mix two releases until it does."""
+    if not weights_directory.is_dir():
+        return []
+    wanted = set(datasets)
+    unfinished = []
+    for staging in sorted(weights_directory.glob(f"{STAGING_PREFIX}*")):
+        if not (staging / SWAP_PLAN_NAME).is_file() or _is_live(staging):
+            continue
+        try:
+            plan = _read_plan(staging)
+        except (OSError, ValueError):
+            plan = None
+        if plan is None or wanted & {planned.dataset for planned in plan.folders}:
+            unfinished.append(staging)
+    return unfinished
+
+
+@dataclass(frozen=True)
+class _PlannedFolder:
+    dataset: str  # e.g. Dataset291_TotalSegmentator_part1_organs_1559subj
+    trainer: str  # the trainer folder the node loads
+    files: dict[str, str]  # the new trainer folder's SHA-256 by file name, as its manifest records them
+    replaces: bool  # an installed folder of that name was there before the import
+
+
+@dataclass(frozen=True)
+class _SwapPlan:
+    archive: str  # the zip's file name
+    folders: tuple[_PlannedFolder, ...]
+
+    @property
+    def datasets(self) -> str:
+        """``Dataset291-295``, ``Dataset297``: how the sentences name the folders."""
+        return _dataset_ids(tuple(planned.dataset for planned in self.folders))
+
+
+def _plan_swap(
+    archive: Path, weights_directory: Path, unpacked: Path, recorded: dict[Path, dict[str, str]]
+) -> _SwapPlan:
+    """What an import swaps in (called with the import lock held, so what it replaces stays as found)."""
+    trainers = {dataset: trainer for entries in TASK_DATASETS.values() for _id, dataset, trainer in entries}
+    datasets = sorted({folder.parent.name for folder in recorded})
+    return _SwapPlan(
+        archive.name,
+        tuple(
+            _PlannedFolder(
+                dataset,
+                trainers[dataset],
+                recorded[unpacked / dataset / trainers[dataset]],
+                _occupied(weights_directory / dataset),
+            )
+            for dataset in datasets
+        ),
+    )
+
+
+def _write_plan(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
+    """Write the swap plan into the staging folder and onto the disk (the file, its name, the staging folder's)."""
+    content = {
+        "archive": plan.archive,
+        "folders": [
+            {"dataset": p.dataset, "trainer": p.trainer, "files": p.files, "replaces": p.replaces} for p in plan.folders
+        ],
+    }
+    partial = staging / f"{SWAP_PLAN_NAME}.partial"
+    with open(partial, "w") as stream:
+        stream.write(json.dumps(content, indent=2))
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(partial, staging / SWAP_PLAN_NAME)
+    _fsync_path(staging)
+    _fsync_path(weights_directory)
+
+
+def _read_plan(staging: Path) -> _SwapPlan | None:
+    """The staging folder's swap plan; None where it has none.
+
+    Raises
+    ------
+    ValueError
+        If the plan cannot be read.
+    """
+    try:
+        content = json.loads((staging / SWAP_PLAN_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    try:
+        folders = tuple(
+            _PlannedFolder(str(f["dataset"]), str(f["trainer"]), dict(f["files"]), bool(f["replaces"]))
+            for f in content["folders"]
+        )
+        return _SwapPlan(str(content["archive"]), folders)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"its swap plan {staging / SWAP_PLAN_NAME} cannot be read") from None
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _new_copy(staging: Path, weights_directory: Path, planned: _PlannedFolder) -> Path:
+    """Where a planned folder's new copy is: still in the staging folder, else renamed into the weights folder."""
+    staged = staging / UNPACKED_FOLDER / planned.dataset
+    return staged if _occupied(staged) else weights_directory / planned.dataset
+
+
+def _new_copies_complete(staging: Path, weights_directory: Path, plan: _SwapPlan) -> bool:
+    """Whether every planned folder's new copy is there with the files the import checked (each hashes as planned)."""
+    for planned in plan.folders:
+        folder = _new_copy(staging, weights_directory, planned) / planned.trainer
+        if not all((folder / name).is_file() for name in REQUIRED_FILES):
+            return False
+        try:
+            if folder_hashes(folder) != planned.files:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _aside(staging: Path, name: str) -> Path:
+    """A free place in the staging folder for a folder taken out of the weights folder (deleted with it)."""
+    replaced = staging / REPLACED_FOLDER
+    replaced.mkdir(exist_ok=True)
+    if not _occupied(replaced / name):
+        return replaced / name
+    return Path(tempfile.mkdtemp(prefix="displaced-", dir=staging)) / name
+
+
+def _swap_in(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
+    """Rename every planned folder into the weights folder, the installed folder it replaces renamed aside first.
+
+    The plan is on disk before the first rename. On any failure every folder is put back as it was
+    (:func:`_roll_back`) and the error raised again (:class:`_Stranded` if that failed too: the staging folder,
+    with its plan, must be kept then).
+    """
+    _write_plan(staging, weights_directory, plan)
+    (staging / REPLACED_FOLDER).mkdir()
+    try:
+        for planned in plan.folders:
+            target = weights_directory / planned.dataset
+            if _occupied(target):
+                target.rename(staging / REPLACED_FOLDER / planned.dataset)
+            (staging / UNPACKED_FOLDER / planned.dataset).rename(target)
+        _fsync_path(weights_directory)
+    except BaseException:
+        try:
+            _roll_back(staging, weights_directory, plan)
+        except OSError as exc:
+            raise _Stranded(
+                f"the weights import failed and could not put the installed weights back ({_os_reason(exc)}); they "
+                f"are kept in {staging} with its swap plan: run `dicom-node weights list` as a user who may write to "
+                f"{weights_directory} to put them back"
+            ) from None
+        raise
+
+
+def _roll_forward(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
+    """Rename every planned folder's new copy still in the staging folder into place, what is there put aside."""
+    for planned in plan.folders:
+        staged = staging / UNPACKED_FOLDER / planned.dataset
+        if not _occupied(staged):
+            continue  # renamed in before the import stopped
+        target = weights_directory / planned.dataset
+        if _occupied(target):
+            target.rename(_aside(staging, planned.dataset))
+        staged.rename(target)
+    _fsync_path(weights_directory)
+
+
+def _roll_back(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
+    """Put every planned folder back as it was before the import: its new copy out, the installed one in."""
+    for planned in reversed(plan.folders):
+        target = weights_directory / planned.dataset
+        staged = staging / UNPACKED_FOLDER / planned.dataset
+        old = staging / REPLACED_FOLDER / planned.dataset
+        if _occupied(target) and (not _occupied(staged) or _occupied(old)):
+            # the new copy (renamed in), or something else in the place of the installed folder put aside
+            target.rename(staged if not _occupied(staged) else Path(tempfile.mkdtemp(dir=staging)) / planned.dataset)
+        if _occupied(old):
+            old.rename(target)
+    _fsync_path(weights_directory)
+
+
+def _finish_swap(staging: Path, weights_directory: Path, plan: _SwapPlan) -> str:
+    """Finish an interrupted import whose new folders are all complete, else put every folder back; returns the
+    sentence saying which weights are installed now."""
+    interrupted = (
+        f"A weights import of {plan.datasets} from {plan.archive} was interrupted while it swapped its folders into "
+        f"{weights_directory}"
+    )
+    if _new_copies_complete(staging, weights_directory, plan):
+        _roll_forward(staging, weights_directory, plan)
+        return (
+            f"{interrupted}; its new weights were complete, so the import was finished: the weights of "
+            f"{plan.archive} are installed in {plan.datasets}."
+        )
+    _roll_back(staging, weights_directory, plan)
+    before = _dataset_ids(tuple(planned.dataset for planned in plan.folders if planned.replaces))
+    absent = _dataset_ids(tuple(planned.dataset for planned in plan.folders if not planned.replaces))
+    if not absent:
+        now = f"the weights installed before it are in {before} again"
+    elif not before:
+        now = f"no weights are installed in {absent}, as before it"
+    else:
+        now = f"the weights installed before it are in {before} again, and none in {absent}, as before it"
+    return f"{interrupted} before its new weights were complete on disk, so every folder was put back: {now}."
+
+
+def _fsync_path(path: Path) -> None:
+    """Write ``path`` to disk: a file's bytes, or a folder's names (its renames and new files)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _flush_tree(folder: Path) -> None:
+    """Write every file under ``folder``, and every folder's names, to disk."""
+    for parent, _folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync_path(Path(parent) / name)
+        _fsync_path(Path(parent))
 
 
 def _refuse_unsafe_entry(archive: Path, info: zipfile.ZipInfo) -> None:
@@ -414,45 +698,29 @@ def _swap_lock(weights_directory: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def imports_held_off(weights_directory: Path) -> Iterator[None]:
+    """While held, an import waits before it swaps folders into ``weights_directory``, so the folders read inside
+    are all of one release (it shares the import lock; a process that may only read the folder takes it too)."""
+    import fcntl
+
+    lock: IO[str] | None = None
+    for mode in ("a", "r"):
+        try:
+            lock = open(weights_directory / IMPORT_LOCK_NAME, mode)  # noqa: SIM115 - closed below
+            break
+        except OSError:
+            continue
+    if lock is None:  # no weights folder yet, or none that may be written and no import ever ran there
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # released when the file is closed
+        yield
+
+
 class _Stranded(OSError):
-    """A failed import could not put a replaced weights folder back; the message says where it is."""
-
-
-def _swap_in(new_folders: Sequence[Path], weights_directory: Path, aside: Path) -> None:
-    """Rename each new dataset folder into the weights folder, the folder it replaces renamed into ``aside`` first.
-
-    On any failure the new folders already in place go back to ``aside`` and the replaced ones are renamed back,
-    then the error is raised again (:class:`_Stranded` if one could not be put back: ``aside`` must be kept then).
-    """
-    aside.mkdir()
-    replaced: list[tuple[Path, Path]] = []  # (installed path, where it was put aside)
-    put_in: list[Path] = []
-    try:
-        for new in new_folders:
-            target = weights_directory / new.name
-            if target.exists() or target.is_symlink():
-                old = aside / new.name
-                target.rename(old)
-                replaced.append((target, old))
-            new.rename(target)
-            put_in.append(target)
-    except BaseException:
-        for target in put_in:
-            with contextlib.suppress(OSError):
-                target.rename(aside / f"{target.name}.new")
-        stranded = []
-        for target, old in replaced:
-            try:
-                old.rename(target)
-            except OSError:
-                stranded.append((target, old))
-        if stranded:
-            where = ", ".join(f"{old} (it belongs at {target})" for target, old in stranded)
-            raise _Stranded(
-                f"the weights import failed and the weights that were installed could not be put back: move {where} "
-                "back by hand"
-            ) from None
-        raise
+    """A failed import could not put the installed weights back; the message says where they are."""
 
 
 def _refuse_unsafe_checkpoints(staging: Path, checkpoints: Sequence[str]) -> None:
@@ -510,12 +778,11 @@ def write_manifest(folder: Path, hashes: dict[str, str] | None = None) -> dict[s
 
 
 def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
-    """The folder's file hashes, checked against its manifest.
+    """The folder's file hashes, checked against its manifest; writes nothing.
 
-    Returns the hashes and whether a manifest existed; a folder put in place by hand
-    (no manifest) gets one now, so later changes are caught. Where the folder is read-only
-    (a worker with the weights mounted read-only) the computed hashes are used and a warning
-    is logged: changes to those files go unnoticed until a manifest is written.
+    Returns the hashes and whether a manifest existed. A folder put in place by hand (no manifest) is recorded
+    only once a model has loaded it (:func:`record_loaded_folder`): files seen while a copy still runs are never
+    recorded as installed.
 
     Raises
     ------
@@ -523,29 +790,40 @@ def verify_folder(folder: Path) -> tuple[dict[str, str], bool]:
         If a file's hash differs from the manifest recorded at install.
     """
     manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        hashes = folder_hashes(folder)
-        try:
-            write_manifest(folder, hashes)
-        except OSError as exc:
-            reason = (exc.strerror or "it cannot be written").lower()
-            LOG.warning(
-                "The weights folder %s has no manifest (%s) and this process cannot write one there (%s), so the "
-                "model uses the files as they are now; changes to them will not be detected until a manifest is "
-                "written, e.g. by `dicom-node weights import` where the folder is writable.",
-                folder,
-                MANIFEST_NAME,
-                reason,
-            )
-        return hashes, False
     hashes = folder_hashes(folder)
+    if not manifest_path.is_file():
+        return hashes, False
     changed = _changed_since_install(folder, hashes)
     if changed:
         raise WeightsCorrupt(
-            f"weights in {folder} changed since they were installed ({', '.join(changed)} differ from the recorded "
-            "SHA-256): the model was not loaded; import or download the weights again"
+            f"weights in {folder} changed since they were installed ({', '.join(changed)} differ from the SHA-256 "
+            f"recorded in {manifest_path}): the model was not loaded; import or download the weights again, which "
+            f"records the new files, or, where these files are the ones meant (a folder copied in by hand), delete "
+            f"{MANIFEST_NAME} there and the next load that succeeds records them"
         )
     return hashes, True
+
+
+def record_loaded_folder(folder: Path, loaded: dict[str, str]) -> None:
+    """Record a trainer folder put in place by hand (no manifest) once a model has loaded it: ``loaded`` are the
+    SHA-256 of the bytes it was built from, so any later change is caught.
+
+    Where the folder is read-only (a worker with the weights mounted read-only) a warning says that changes to
+    those files go unnoticed until a manifest is written.
+    """
+    if (folder / MANIFEST_NAME).is_file():
+        return  # recorded meanwhile (another worker, an import)
+    try:
+        write_manifest(folder, loaded)
+    except OSError as exc:
+        LOG.warning(
+            "The weights folder %s has no manifest (%s) and this process cannot write one there (%s), so the "
+            "model uses the files as they are now; changes to them will not be detected until a manifest is "
+            "written, e.g. by `dicom-node weights import` where the folder is writable.",
+            folder,
+            MANIFEST_NAME,
+            (exc.strerror or "it cannot be written").lower(),
+        )
 
 
 def _changed_since_install(folder: Path, hashes: dict[str, str] | None = None) -> list[str]:
@@ -593,6 +871,8 @@ class WeightsIdentity:
     test_weights: bool  # dataset.json says these are test or untrained weights
     folder_hashes: tuple[dict[str, str], ...] = field(default=(), compare=False, repr=False)
     """Each folder's file hashes, in order: what the files a model loads must hash to."""
+    unrecorded: tuple[Path, ...] = field(default=(), compare=False, repr=False)
+    """The trainer folders without a manifest yet (put in place by hand): recorded at the first load that succeeds."""
 
     @property
     def version(self) -> str:
@@ -611,7 +891,7 @@ class WeightsIdentity:
 
 
 def identify(task: str, folders: Sequence[ModelFolder]) -> WeightsIdentity:
-    """Verify each folder against its manifest and describe the set.
+    """Verify each folder against its manifest and describe the set (writes nothing).
 
     Raises
     ------
@@ -621,14 +901,17 @@ def identify(task: str, folders: Sequence[ModelFolder]) -> WeightsIdentity:
     combined = hashlib.sha256()
     test_weights = False
     every_folder = []
+    unrecorded = []
     for folder in folders:
-        hashes, _had_manifest = verify_folder(folder.path)
+        hashes, had_manifest = verify_folder(folder.path)
         every_folder.append(hashes)
+        if not had_manifest:
+            unrecorded.append(folder.path)
         for name in REQUIRED_FILES:
             combined.update(f"{folder.path.parent.name}/{name}:{hashes[name]}\n".encode())
         test_weights = test_weights or is_test_weights(folder.path / "dataset.json")
     datasets = tuple(f.path.parent.name for f in folders)
-    return WeightsIdentity(task, datasets, combined.hexdigest(), test_weights, tuple(every_folder))
+    return WeightsIdentity(task, datasets, combined.hexdigest(), test_weights, tuple(every_folder), tuple(unrecorded))
 
 
 def is_test_weights(dataset_json: Path) -> bool:
@@ -642,8 +925,8 @@ def is_test_weights(dataset_json: Path) -> bool:
 
 
 def installed(weights_directory: Path) -> dict[str, bool]:
-    """Each task and whether all its model folders are present (weights an interrupted import left aside are put
-    back first)."""
+    """Each task and whether all its model folders are present (an interrupted import is finished or undone
+    first)."""
     recover_interrupted_imports(weights_directory)
     result = {}
     for task in TASK_DATASETS:

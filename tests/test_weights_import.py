@@ -172,6 +172,32 @@ def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
             r"\S+ names them \(2 label numbers name another structure, e\.g\. 2 is 'kidney_left' in the weights and "
             r"'kidney_right' in the package\): .*of one release\. Nothing was installed\.$",
         ),
+        (  # labels nnU-Net cannot use are refused in a sentence, before nnU-Net reads them
+            "no-labels",
+            rf": {DATASET}/{TRAINER}/dataset\.json cannot name the model's output: it has no \"labels\" table of "
+            r"structure names and label numbers; install the weights as TotalSegmentator publishes them\. Nothing was "
+            r"installed\.$",
+        ),
+        (
+            "no-background",
+            rf": {DATASET}/{TRAINER}/dataset\.json cannot name the model's output: its labels give no number for "
+            r"\"background\" \(it must be 0\); .*\. Nothing was installed\.$",
+        ),
+        (
+            "background-7",
+            rf": {DATASET}/{TRAINER}/dataset\.json cannot name the model's output: its labels number \"background\" 7, "
+            r"where it must be 0; .*\. Nothing was installed\.$",
+        ),
+        (
+            "label-true",
+            rf": {DATASET}/{TRAINER}/dataset\.json cannot name the model's output: its label 'spleen' is true, not one "
+            r"whole label number; .*\. Nothing was installed\.$",
+        ),
+        (  # one number, two names: the results would name the structure after whichever came last
+            "number-named-twice",
+            rf": {DATASET}/{TRAINER}/dataset\.json cannot name the model's output: its label number 1 has two names, "
+            r"'tumor' and 'spleen'; .*\. Nothing was installed\.$",
+        ),
         (
             "foreign-checkpoint",
             rf": {DATASET}/{TRAINER}/fold_0/checkpoint_final\.pth does not fit the network that {DATASET}/{TRAINER}/"
@@ -207,6 +233,8 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
         entries = {**release, description: b"[1, 2, 3]"}
     elif kind == "swapped-labels":
         entries = {**release, description: _swap_kidneys(release[description])}
+    elif kind in LABEL_CHANGES:
+        entries = {**release, description: _change_labels(release[description], LABEL_CHANGES[kind])}
     elif kind == "foreign-checkpoint":
         checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
         entries = {**release, checkpoint: _resize_first_layer(release[checkpoint])}
@@ -233,6 +261,24 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
     identify("total_fast", model_folders("total_fast", installed))  # still verifies
 
 
+LABEL_CHANGES = {
+    "no-labels": lambda labels: None,
+    "no-background": lambda labels: {k: v for k, v in labels.items() if k != "background"},
+    "background-7": lambda labels: {**labels, "background": 7},
+    "label-true": lambda labels: {**labels, "spleen": True},
+    "number-named-twice": lambda labels: {"background": 0, "tumor": 1, **labels},
+}
+"""How each refused dataset.json changes the release's labels (None: no labels at all)."""
+
+
+def _change_labels(dataset_json: bytes, change) -> bytes:
+    described = json.loads(dataset_json)
+    labels = change(described.pop("labels"))
+    if labels is not None:
+        described["labels"] = labels
+    return json.dumps(described).encode()
+
+
 def _swap_kidneys(dataset_json: bytes) -> bytes:
     described = json.loads(dataset_json)
     labels = described["labels"]
@@ -240,8 +286,9 @@ def _swap_kidneys(dataset_json: bytes) -> bytes:
     return json.dumps(described).encode()
 
 
-def _resize_first_layer(checkpoint: bytes) -> bytes:
-    """The checkpoint with its first layer's weights of another size (as another model's checkpoint has)."""
+def _resize_first_layer(checkpoint: bytes, *, resize: bool = True) -> bytes:
+    """The checkpoint with its first layer's weights of another size (as another model's checkpoint has), or, with
+    ``resize=False``, of the same size and other values (as a retrained model's checkpoint has)."""
     import io
 
     import torch
@@ -250,7 +297,8 @@ def _resize_first_layer(checkpoint: bytes) -> bytes:
 
     loaded = load_checkpoint(Path("checkpoint_final.pth"), checkpoint)
     first = next(iter(loaded["network_weights"]))
-    loaded["network_weights"][first] = torch.zeros(1)
+    layer = loaded["network_weights"][first]
+    loaded["network_weights"][first] = torch.zeros(1) if resize else layer + 0.5
     written = io.BytesIO()
     torch.save(loaded, written)
     return written.getvalue()
@@ -340,74 +388,216 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 import inference.weights as weights
 rename = Path.rename
+into, count = sys.argv[4], int(sys.argv[5])
+renamed = []
 def rename_then_die(self, target):
     moved = rename(self, target)
-    if Path(target).parent.name == "replaced":  # the installed folder was just put aside, the new one not yet in
-        os.kill(os.getpid(), signal.SIGKILL)
+    if Path(target).parent.name == into:
+        renamed.append(target)
+        if len(renamed) == count:  # power loss: the process ends right after this rename
+            os.kill(os.getpid(), signal.SIGKILL)
     return moved
 Path.rename = rename_then_die
 weights.import_zip(Path(sys.argv[1]), Path(sys.argv[2]))
 """
 
 
-def _kill_an_import_while_it_swaps(archive: Path, weights: Path) -> None:
-    """Run an import in a process that is killed (SIGKILL, as by power loss) right after it put the installed
-    folder aside, and check it left the task without weights."""
+def _kill_an_import_while_it_swaps(archive: Path, weights: Path, *, into: str = "replaced", count: int = 1) -> Path:
+    """Run an import in a process that is killed (SIGKILL, as by power loss) right after its ``count``-th rename
+    into the folder named ``into`` ("replaced": an installed folder put aside; the weights folder's name: a new
+    folder put in); returns the staging folder it left."""
     killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_WHILE_SWAPPING, str(archive), str(weights), str(ROOT)],
+        [sys.executable, "-c", _KILLED_WHILE_SWAPPING, str(archive), str(weights), str(ROOT), into, str(count)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert killed.returncode == -9, killed.stderr
-    assert not (weights / DATASET).exists()
-    assert [p.name for p in weights.glob(".import-*/replaced/*")] == [DATASET]
+    (staging,) = weights.glob(".import-*")
+    return staging
 
 
-def test_weights_a_killed_import_left_aside_are_put_back_by_weights_list(installed, release, tmp_path):
+def _required_hashes(weights: Path) -> dict[str, str]:
+    """The SHA-256 of the files the model loads, as the weights list names them."""
+    return folder_hashes(weights / DATASET / TRAINER)
+
+
+def test_a_killed_import_whose_new_folder_was_not_complete_on_disk_is_undone_by_weights_list(
+    installed, release, tmp_path
+):
     before = _fingerprint(installed)
-    _kill_an_import_while_it_swaps(write_zip(tmp_path / f"{DATASET}.zip", release), installed)
+    staging = _kill_an_import_while_it_swaps(write_zip(tmp_path / f"{DATASET}.zip", release), installed)
+    assert not (installed / DATASET).exists()  # the installed folder is aside, the new one not in yet
+    staged = staging / "unpacked" / DATASET / TRAINER / "fold_0" / "checkpoint_final.pth"
+    staged.write_bytes(staged.read_bytes()[:1000])  # the power loss came before its bytes reached the disk
 
     result = run("weights", "list", config=make_config(tmp_path))
 
     assert result.returncode == 0, result.stderr
     assert re.search(r"total_fast\s+installed", result.stdout), result.stdout
-    assert (
-        f"A weights import was interrupted while it replaced {DATASET}; the weights installed before it were put "
-        f"back in {installed}."
-    ) in result.stderr
+    assert result.stderr.strip() == (
+        f"A weights import of Dataset297 from {DATASET}.zip was interrupted while it swapped its folders into "
+        f"{installed} before its new weights were complete on disk, so every folder was put back: the weights "
+        "installed before it are in Dataset297 again."
+    )
     assert _fingerprint(installed) == before
     assert _no_staging_left(installed)
 
 
-def test_weights_a_killed_import_left_aside_are_put_back_when_the_model_loads(installed, release, tmp_path, caplog):
+def test_a_killed_import_whose_new_folder_is_complete_is_finished_when_the_model_loads(
+    installed, release, tmp_path, caplog
+):
     from inference.models.totalsegmentator import TotalSegmentatorModel
 
-    before = _fingerprint(installed)
-    _kill_an_import_while_it_swaps(write_zip(tmp_path / f"{DATASET}.zip", release), installed)
+    checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
+    newer = {**release, checkpoint: _resize_first_layer(release[checkpoint], resize=False)}  # same network, new bytes
+    _kill_an_import_while_it_swaps(write_zip(tmp_path / "newer.zip", newer), installed)
 
     with caplog.at_level(logging.WARNING, logger="inference.weights"):
         model = TotalSegmentatorModel("total_fast", installed, device="cpu", backend="torch")
 
-    assert model.weights.folder_hashes
-    assert f"A weights import was interrupted while it replaced {DATASET}" in caplog.text
-    assert _fingerprint(installed) == before
+    assert (
+        f"A weights import of Dataset297 from newer.zip was interrupted while it swapped its folders into {installed}; "
+        "its new weights were complete, so the import was finished: the weights of newer.zip are installed in "
+        "Dataset297."
+    ) in caplog.text
+    assert (installed / checkpoint).read_bytes() == newer[checkpoint]
+    assert model.weights.folder_hashes == (_required_hashes(installed),)
     assert _no_staging_left(installed)
 
 
-def test_the_next_import_clears_what_a_killed_import_left_and_installs(installed, release, tmp_path):
+def test_the_next_import_finishes_what_a_killed_import_left_and_installs(installed, release, tmp_path):
     """Killed after its new folder went in, an import leaves the old folder in its staging folder: the next
-    import deletes it (a leftover never holds gigabytes for ever) and installs as usual."""
+    import finishes it, deletes that folder (a leftover never holds gigabytes for ever) and installs as usual."""
     archive = write_zip(tmp_path / f"{DATASET}.zip", release)
-    _kill_an_import_while_it_swaps(archive, installed)
-    (installed / DATASET).mkdir()  # as if the new folder had gone in: the one aside is no longer missing
+    staging = _kill_an_import_while_it_swaps(archive, installed, into=installed.name)
+    assert [p.name for p in staging.glob("replaced/*")] == [DATASET]
 
     result = run("weights", "import", str(archive), config=make_config(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    assert "put back" not in result.stderr
+    assert "the import was finished" in result.stderr and "put back" not in result.stderr
     assert _no_staging_left(installed)
     identify("total_fast", model_folders("total_fast", installed))
+
+
+# 3b. A release of several folders (the total task's five) is installed whole or not at all.
+
+
+def _total_release(tmp_path: Path, tag: str) -> Path:
+    """A zip of the five ``total`` folders, each with data-only files marked ``tag`` (no model loads them)."""
+    import io
+
+    import torch
+
+    checkpoint = io.BytesIO()
+    torch.save({"network_weights": {"w": torch.zeros(1)}, "trainer_name": "nnUNetTrainer", "init_args": {}}, checkpoint)
+    archive = tmp_path / f"total-{tag}.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for _id, dataset, trainer in TASK_DATASETS["total"]:
+            bundle.writestr(f"{dataset}/{trainer}/plans.json", json.dumps({"release": tag}))
+            bundle.writestr(f"{dataset}/{trainer}/dataset.json", json.dumps({"release": tag}))
+            bundle.writestr(f"{dataset}/{trainer}/fold_0/checkpoint_final.pth", checkpoint.getvalue())
+    return archive
+
+
+def _total_releases(weights: Path) -> list[str]:
+    """Which release each of the five folders holds now."""
+    return [
+        json.loads((weights / dataset / trainer / "plans.json").read_text())["release"]
+        for _id, dataset, trainer in TASK_DATASETS["total"]
+    ]
+
+
+@pytest.fixture
+def total_v1_and_v2(tmp_path) -> tuple[Path, Path, Path, dict[str, str]]:
+    """Release v1 of ``total`` installed in <storage>/weights, the zip of release v2, and each release's SHA-256
+    as `weights list` names it (a clean install of each elsewhere): (weights, v1 zip, v2 zip, {tag: sha256})."""
+    require_extra("torch")
+    v1, v2 = _total_release(tmp_path, "v1"), _total_release(tmp_path, "v2")
+    identities = {}
+    for tag, archive in (("v1", v1), ("v2", v2)):
+        import_zip(archive, tmp_path / f"clean-{tag}")
+        identities[tag] = identify("total", model_folders("total", tmp_path / f"clean-{tag}")).sha256
+    weights = tmp_path / "storage" / "weights"
+    import_zip(v1, weights)
+    return weights, v1, v2, identities
+
+
+def test_an_import_of_five_folders_killed_midway_is_finished_whole_by_weights_list(total_v1_and_v2, tmp_path):
+    weights, _v1, v2, identities = total_v1_and_v2
+    staging = _kill_an_import_while_it_swaps(v2, weights, count=3)  # Dataset291-292 swapped, 293 just put aside
+    assert sorted(p.name.split("_")[0] for p in staging.glob("replaced/*")) == [
+        "Dataset291",
+        "Dataset292",
+        "Dataset293",
+    ]
+
+    result = run("weights", "list", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"A weights import of Dataset291-295 from total-v2.zip was interrupted while it swapped its folders into "
+        f"{weights}; its new weights were complete, so the import was finished: the weights of total-v2.zip are "
+        "installed in Dataset291-295."
+    )
+    assert re.search(rf"total\s+installed  sha256:{identities['v2']}\n", result.stdout), result.stdout
+    assert _total_releases(weights) == ["v2"] * 5
+    assert not list(weights.glob(".import-*"))
+
+
+def test_an_import_of_five_folders_killed_midway_with_a_new_folder_incomplete_is_undone_whole(
+    total_v1_and_v2, tmp_path
+):
+    weights, _v1, v2, identities = total_v1_and_v2
+    staging = _kill_an_import_while_it_swaps(v2, weights, count=3)
+    _id, dataset, trainer = TASK_DATASETS["total"][4]
+    (staging / "unpacked" / dataset / trainer / "plans.json").write_bytes(b"")  # not on disk before the power loss
+
+    result = run("weights", "list", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"A weights import of Dataset291-295 from total-v2.zip was interrupted while it swapped its folders into "
+        f"{weights} before its new weights were complete on disk, so every folder was put back: the weights "
+        "installed before it are in Dataset291-295 again."
+    )
+    assert re.search(rf"total\s+installed  sha256:{identities['v1']}\n", result.stdout), result.stdout
+    assert _total_releases(weights) == ["v1"] * 5
+    assert not list(weights.glob(".import-*"))
+
+
+def test_an_import_waits_while_a_model_identifies_the_installed_folders(total_v1_and_v2):
+    """A model loading while an import swaps would identify some folders of each release: the import waits."""
+    from inference.weights import imports_held_off
+
+    weights, _v1, v2, _identities = total_v1_and_v2
+    importing = threading.Thread(target=import_zip, args=(v2, weights))
+
+    with imports_held_off(weights):
+        importing.start()
+        importing.join(timeout=5)  # long enough for the import to finish were it not held off
+        releases_while_held = _total_releases(weights)
+        still_waiting = importing.is_alive()
+    importing.join(timeout=300)
+
+    assert still_waiting and releases_while_held == ["v1"] * 5
+    assert _total_releases(weights) == ["v2"] * 5
+
+
+def test_a_process_that_cannot_finish_a_killed_import_does_not_use_the_mixed_folders(total_v1_and_v2):
+    """A worker that may only read the weights folder cannot finish or undo the import: it loads none of them."""
+    weights, _v1, v2, _identities = total_v1_and_v2
+    staging = _kill_an_import_while_it_swaps(v2, weights, count=3)
+
+    with pytest.raises(WeightsMissing) as refused:
+        model_folders("total", weights)
+
+    assert "a weights import was interrupted while it replaced them and is not finished or undone yet" in str(
+        refused.value
+    )
+    assert str(staging) in str(refused.value)
+    assert "run `dicom-node weights list` as a user who may write to that folder" in str(refused.value)
 
 
 # 4. A model with its own weights folder: --model installs there, and the "missing" sentence says so.
@@ -468,15 +658,14 @@ def test_the_missing_weights_sentence_names_the_command_that_installs_where_the_
 
 # 5. A weights folder the worker may only read, with no manifest: the model loads, and a warning says why.
 
-_VERIFY_AS_WORKER = """
+_LOAD_AS_WORKER = """
 import logging, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-from inference.weights import model_folders, verify_folder
-(folder,) = model_folders("total_fast", Path(sys.argv[1]))
-hashes, had_manifest = verify_folder(folder.path)
-print(hashes["fold_0/checkpoint_final.pth"], had_manifest)
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+from inference.models.totalsegmentator import TotalSegmentatorModel
+model = TotalSegmentatorModel("total_fast", Path(sys.argv[1]), device="cpu", backend="torch")
+print(model.weights.folder_hashes[0]["fold_0/checkpoint_final.pth"], bool(model.weights.unrecorded))
 """
 
 
@@ -489,7 +678,7 @@ def test_a_read_only_weights_folder_without_a_manifest_is_used_with_a_warning(to
             manifest.unlink()  # as TotalSegmentator's own download leaves it
         for path in (top, *top.rglob("*")):
             path.chmod(0o555 if path.is_dir() else 0o444)
-        worker = [sys.executable, "-c", _VERIFY_AS_WORKER, str(weights), str(ROOT)]
+        worker = [sys.executable, "-c", _LOAD_AS_WORKER, str(weights), str(ROOT)]
         if os.geteuid() == 0:  # root may write anywhere: run as an unprivileged worker user
             setpriv = shutil.which("setpriv")
             if setpriv is None:
@@ -502,8 +691,8 @@ def test_a_read_only_weights_folder_without_a_manifest_is_used_with_a_warning(to
         )
 
         assert result.returncode == 0, result.stderr
-        assert result.stdout.split() == [file_sha256(folder / "fold_0" / "checkpoint_final.pth"), "False"]
-        warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+        assert result.stdout.split() == [file_sha256(folder / "fold_0" / "checkpoint_final.pth"), "True"]
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING inference.")]
         assert len(warnings) == 1, result.stderr
         expected = f"The weights folder {folder} has no manifest ({MANIFEST_NAME}) and this process cannot write"
         assert expected in warnings[0]
@@ -516,18 +705,80 @@ def test_a_read_only_weights_folder_without_a_manifest_is_used_with_a_warning(to
         shutil.rmtree(top)
 
 
-def test_a_writable_folder_without_a_manifest_gets_one_and_no_warning(total_fast_test_weights, tmp_path, caplog):
-    shutil.copytree(total_fast_test_weights / DATASET, tmp_path / DATASET)
-    for manifest in tmp_path.rglob(MANIFEST_NAME):
+def _copied_by_hand(weights: Path, into: Path) -> Path:
+    """The total_fast folder copied in as TotalSegmentator's own download leaves it (no manifest); its trainer
+    folder."""
+    shutil.copytree(weights / DATASET, into / DATASET)
+    for manifest in into.rglob(MANIFEST_NAME):
         manifest.unlink()
-    folder = tmp_path / DATASET / TRAINER
+    return into / DATASET / TRAINER
 
+
+def test_a_folder_copied_in_by_hand_is_recorded_once_a_model_has_loaded_it(total_fast_test_weights, tmp_path, caplog):
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    folder = _copied_by_hand(total_fast_test_weights, tmp_path)
+
+    hashes, had_manifest = verify_folder(folder)
+    identity = identify("total_fast", model_folders("total_fast", tmp_path))
+    assert not had_manifest and identity.unrecorded == (folder,)
+    assert not (folder / MANIFEST_NAME).exists()  # looking records nothing
     with caplog.at_level(logging.WARNING, logger="inference.weights"):
-        hashes, had_manifest = verify_folder(folder)
+        model = TotalSegmentatorModel("total_fast", tmp_path, device="cpu", backend="torch")
 
-    assert not had_manifest and not caplog.records
-    assert json.loads((folder / MANIFEST_NAME).read_text())["files"] == hashes == folder_hashes(folder)
+    assert not caplog.records
+    assert json.loads((folder / MANIFEST_NAME).read_text())["files"] == model.weights.folder_hashes[0] == hashes
     assert not list(folder.glob(f".{MANIFEST_NAME}*"))  # no partial file left beside it
+
+
+def test_weights_list_records_no_manifest_for_a_copy_still_running_and_the_complete_copy_loads(
+    total_fast_test_weights, tmp_path
+):
+    """A folder seen while its copy runs is listed as not recorded yet; nothing is recorded until a model loads it,
+    so the complete copy loads, and only then is it recorded."""
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    weights = tmp_path / "storage" / "weights"
+    folder = _copied_by_hand(total_fast_test_weights, weights)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 3])  # the copy is still running
+
+    listed = run("weights", "list", config=make_config(tmp_path))
+    with pytest.raises(ModelUnavailable, match="is not a readable PyTorch checkpoint"):
+        TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    checkpoint.write_bytes(whole)  # the copy completed
+    model = TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    relisted = run("weights", "list", config=make_config(tmp_path))
+
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(
+        r"total_fast\s+installed  sha256:[0-9a-f]{64} .*\(no manifest yet: recorded at the first successful load\)",
+        listed.stdout,
+    ), listed.stdout
+    assert json.loads((folder / MANIFEST_NAME).read_text())["files"] == folder_hashes(folder)
+    assert relisted.returncode == 0, relisted.stderr
+    assert f"total_fast  installed  sha256:{model.weights.sha256} " in relisted.stdout
+    assert "no manifest yet" not in relisted.stdout
+
+
+def test_weights_changed_since_they_were_recorded_are_refused_naming_the_manifest(installed, tmp_path):
+    folder = installed / DATASET / TRAINER
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+
+    result = run("weights", "list", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    listed = " ".join(result.stdout.split())  # as printed, wrapped to the terminal
+    assert (
+        f"total_fast installed but not usable: weights in {folder} changed since they were installed "
+        f"(fold_0/checkpoint_final.pth differ from the SHA-256 recorded in {folder / MANIFEST_NAME}): the model was "
+        "not loaded; import or download the weights again, which records the new files, or, where these files are "
+        f"the ones meant (a folder copied in by hand), delete {MANIFEST_NAME} there and the next load that succeeds "
+        "records them"
+    ) in listed
 
 
 # 6. A relative weights_directory is relative to the config file, like storage.directory.

@@ -133,7 +133,7 @@ def test_identity_names_the_files_and_catches_a_changed_checkpoint(total_fast_te
         identify("total_fast", folders)
 
 
-def test_weights_placed_by_hand_get_a_manifest_on_first_use(tmp_path):
+def test_weights_placed_by_hand_are_not_recorded_by_looking_at_them(tmp_path):
     folder = tmp_path / DATASET / TRAINER
     (folder / "fold_0").mkdir(parents=True)
     (folder / "plans.json").write_text("{}")
@@ -142,7 +142,8 @@ def test_weights_placed_by_hand_get_a_manifest_on_first_use(tmp_path):
 
     identity = identify("total_fast", model_folders("total_fast", tmp_path))
 
-    assert (folder / MANIFEST_NAME).is_file() and not identity.test_weights
+    assert identity.unrecorded == (folder,) and not identity.test_weights
+    assert not (folder / MANIFEST_NAME).exists()  # recorded only once a model has loaded them
 
 
 _NETWORK = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -413,6 +414,57 @@ def test_a_label_count_or_region_that_differs_from_the_class_map_is_named():
     assert label_mismatch({"background": 0, "spleen": 1, "kidney_right": [1, 2]}, expected) == (
         "label 'kidney_right' is a region ([1, 2]), not one label number"
     )
+
+
+@pytest.mark.parametrize(
+    ("labels", "said"),
+    [
+        (
+            {"background": 0, "tumor": 1, "spleen": 1, "kidney_right": 2},
+            "label number 1 has two names, 'tumor' and 'spleen'",
+        ),
+        (
+            {"background": 0, "spleen": 1, "kidney_right": 2, "tumor": 1},
+            "label number 1 has two names, 'spleen' and 'tumor'",
+        ),
+        ({"background": 0, "spleen": True, "kidney_right": 2}, "label 'spleen' is true, not one whole label number"),
+        ({"background": 0, "spleen": 1.0, "kidney_right": 2}, "label 'spleen' is 1.0, not one whole label number"),
+        ({"background": 7, "spleen": 1, "kidney_right": 2}, 'labels number "background" 7, where it must be 0'),
+        ({"spleen": 1, "kidney_right": 2}, 'labels give no number for "background" (it must be 0)'),
+    ],
+    ids=["extra-name-first", "extra-name-last", "true", "float", "background-7", "no-background"],
+)
+def test_labels_that_give_a_number_two_names_or_no_whole_number_never_match(labels, said):
+    from inference.models.totalsegmentator import label_mismatch
+
+    assert label_mismatch(labels, {1: "spleen", 2: "kidney_right"}) == said
+
+
+def test_a_hand_placed_folder_whose_labels_nnunet_cannot_use_gives_the_job_that_sentence(
+    total_fast_test_weights, tmp_path
+):
+    """Without a sentence of its own the job would say its weights could not be read and to import them again."""
+    from dicom_node import pipeline
+    from inference.models import ModelUnavailable
+
+    (folder,) = model_folders("total_fast", _copy_of(total_fast_test_weights, tmp_path / "copy"))
+    (tmp_path / "w").mkdir()
+    (folder.path.parent).rename(tmp_path / "w" / DATASET)  # the model 'ts' of the settings below looks in <tmp>/w
+    dataset_json = tmp_path / "w" / DATASET / TRAINER / "dataset.json"
+    described = json.loads(dataset_json.read_text())
+    described["labels"]["background"] = 7
+    dataset_json.write_text(json.dumps(described))
+    for manifest in (tmp_path / "w").rglob(MANIFEST_NAME):
+        manifest.unlink()  # copied in by hand
+
+    with pytest.raises(ModelUnavailable) as refused:
+        pipeline.ModelCache(_settings_with_a_ts_rule(tmp_path)).get("ts", {})
+
+    assert str(refused.value) == (
+        f'{dataset_json} cannot name the model\'s output: its labels number "background" 7, where it must be 0; the '
+        "model was not loaded; install the weights as TotalSegmentator publishes them"
+    )
+    assert not (dataset_json.parent / MANIFEST_NAME).exists()
 
 
 def test_the_total_tasks_five_parts_keep_the_whole_short_hash_in_a_dicom_long_string():

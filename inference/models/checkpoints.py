@@ -119,6 +119,42 @@ def read_weights_json(path: Path, data: bytes) -> dict[str, Any]:
     return value
 
 
+def labels_problem(labels: object) -> str | None:
+    """What is wrong with a dataset.json's ``labels`` for nnU-Net and for naming the results, in words; None when
+    it is a table of names and whole label numbers, background 0, each number with one name."""
+    if not isinstance(labels, dict):
+        return 'it has no "labels" table of structure names and label numbers'
+    if "background" not in labels:
+        return 'its labels give no number for "background" (it must be 0)'
+    background = labels["background"]
+    if isinstance(background, bool) or background != 0:
+        return f'its labels number "background" {json.dumps(background)}, where it must be 0'
+    named: dict[int, str] = {}
+    for name, value in labels.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"its label {str(name)!r} is {json.dumps(value)}, not one whole label number"
+        if value in named:
+            return f"its label number {value} has two names, {named[value]!r} and {str(name)!r}"
+        named[value] = str(name)
+    return None
+
+
+def check_labels(dataset_json: dict[str, Any], path: Path) -> None:
+    """Refuse a dataset.json whose labels nnU-Net cannot use, or that would name two structures by one number.
+
+    Raises
+    ------
+    UnsafeWeights
+        Naming the file and the problem.
+    """
+    problem = labels_problem(dataset_json.get("labels"))
+    if problem is not None:
+        raise UnsafeWeights(
+            f"{path} cannot name the model's output: {problem}; the model was not loaded; install the weights as "
+            "TotalSegmentator publishes them"
+        )
+
+
 def check_network_classes(configuration_manager: Any, path: Path) -> None:
     """Refuse plans whose network description names anything but network building blocks, or settings they lack.
 
@@ -226,6 +262,7 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
     contents = {name: read_weights_file(folder / name) for name in names}
     loaded = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     dataset_json = read_weights_json(folder / "dataset.json", contents.pop("dataset.json"))
+    check_labels(dataset_json, folder / "dataset.json")  # before nnU-Net reads them: it asserts, or fails on a key
     plans = read_weights_json(folder / "plans.json", contents.pop("plans.json"))
     checkpoint = load_checkpoint(folder / "fold_0" / checkpoint_name, contents.pop(f"fold_0/{checkpoint_name}"))
     configuration_name = (

@@ -39,14 +39,16 @@ from typing import Any
 import numpy as np
 
 from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
-from inference.models.checkpoints import UnsafeWeights, initialize_predictor
+from inference.models.checkpoints import UnsafeWeights, initialize_predictor, labels_problem
 from inference.volume import Volume
 from inference.weights import (
     ModelFolder,
     WeightsCorrupt,
     WeightsMissing,
     identify,
+    imports_held_off,
     model_folders,
+    record_loaded_folder,
     recover_interrupted_imports,
 )
 
@@ -73,8 +75,9 @@ class TotalSegmentatorModel:
     ) -> None:
         try:
             recover_interrupted_imports(weights_directory)  # weights a killed import left aside
-            folders = model_folders(task, weights_directory, model=model_name)  # the name: its own weights folder
-            self.weights = identify(task, folders)
+            with imports_held_off(weights_directory):  # an import waits: the folders identified are of one release
+                folders = model_folders(task, weights_directory, model=model_name)  # the name: its own weights folder
+                self.weights = identify(task, folders)
         except (WeightsMissing, WeightsCorrupt) as exc:
             raise ModelUnavailable(str(exc)) from None
         try:
@@ -131,6 +134,8 @@ class TotalSegmentatorModel:
                     "loaded: start the worker again"
                 )
             lookup = _check_folder(predictor, folder, task)
+            if folder.path in self.weights.unrecorded:
+                record_loaded_folder(folder.path, loaded)  # put in place by hand: recorded once it loads
             if backend == "openvino":
                 compiled.append(_use_openvino(predictor, folder, loaded, precision, cpu_threads, self.spacing_mm))
             self.predictors.append((predictor, lookup))
@@ -488,14 +493,15 @@ def _choose_device(torch, device: str):
 
 def label_mismatch(dataset_labels: dict[str, object], expected: dict[int, str]) -> str | None:
     """How a weights folder's dataset.json labels differ from the structure names the results give each label
-    number (TotalSegmentator's class map), in words; None when they agree."""
-    given: dict[int, str] = {}
+    number (TotalSegmentator's class map), in words; None when they agree. Labels that are not a table of whole
+    numbers with background 0, or that give one number two names, never agree."""
     for name, value in dataset_labels.items():
-        if name == "background":
-            continue
-        if not isinstance(value, int):
+        if isinstance(value, (list, tuple)):
             return f"label {name!r} is a region ({value!r}), not one label number"
-        given[value] = name
+    problem = labels_problem(dataset_labels)
+    if problem is not None:
+        return problem.removeprefix("its ")
+    given = {value: name for name, value in dataset_labels.items() if name != "background" and isinstance(value, int)}
     if set(given) != set(expected):
         return f"{len(given)} labels numbered {min(given, default=0)}-{max(given, default=0)}, where {len(expected)} are expected"
     differing = [number for number in sorted(expected) if given[number] != expected[number]]
