@@ -186,8 +186,10 @@ def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | Non
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
+    from sqlalchemy.exc import OperationalError
+
     from dicom_node.receive.processes import ReceiverNotStarted
-    from dicom_node.service import DatabaseUnavailable, NodeLockLost
+    from dicom_node.service import DatabaseUnavailable, NodeLockLost, describe_database_error
     from dicom_node.service import serve as run_service
 
     settings = _settings(config)
@@ -208,6 +210,8 @@ def serve(config: ConfigOption = None) -> None:
         raise typer.Exit(1) from None
     except OSError as exc:
         _cannot_start(_describe_os_error(exc, host=settings.network.host, port=settings.network.port))
+    except OperationalError as exc:  # a start-up write the database refused (locked, gone, its disk full)
+        _cannot_start(describe_database_error(exc, settings.database_url))
 
 
 def _tls_files_problem(settings: Settings) -> str | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -466,8 +467,8 @@ def _describe_sqlite_error(path: Path, text: str, cause: str) -> str:
         return f"the database file {path} is damaged (SQLite: the database disk image is malformed)"
     if "locked" in text or "busy" in text:
         return f"the database file {path} is locked by another process; try again in a moment"
-    if "disk is full" in text:
-        return f"the disk holding the database file {path} is full"
+    if "disk is full" in text or ("disk i/o error" in text and _nearly_full(path.parent)):
+        return f"the disk holding the database file {path} is full: free space on it (in {path.parent} or elsewhere)"
     if "disk i/o error" in text:
         return f"the disk holding the database file {path} reported an input/output error"
     folder = path.parent
@@ -482,6 +483,19 @@ def _describe_sqlite_error(path: Path, text: str, cause: str) -> str:
             return f"cannot open the database file {path}: it is a folder"
         return f"cannot open the database file {path}"
     return f"cannot use the database file {path}: {_first_line(cause)}"
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Free space below which SQLite's "disk I/O error" counts as a full disk: SQLite answers some writes on a full disk
+so rather than with "database or disk is full" (a start on a full tmpfs, review of 2026-12-03)."""
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        usage = os.statvfs(folder)
+    except OSError:
+        return False
+    return usage.f_bavail * usage.f_frsize < FULL_DISK_BYTES
 
 
 def _read_only_file_system(folder: Path) -> bool:
@@ -544,24 +558,12 @@ def _start_parts(
         fsync=settings.storage.fsync,
         quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
     )
-    delete_purged_leftovers(sessions, store.instances_dir)  # a purge that committed, then stopped: never put back
-    put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
-    report = repair(store, sessions)
-    requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
-    log_event(
-        LOG,
-        logging.INFO,
-        "node.storage_checked",
-        directory=str(settings.storage.directory),
-        set_aside_files_put_back=put_back,
-        partial_files_removed=report.partial_files_removed,
-        instances_indexed=report.instances_indexed,
-        unreadable_files=report.unreadable_files,
-        duplicates_of_other_series_quarantined=report.duplicates_quarantined,
-        quarantine_files_recorded=report.quarantine_files_recorded,
-    )
-    # Bind first: a port in use must stop start-up before any thread or process exists.
-    server = start_receiving(settings, store, sessions)
+    try:
+        _repair_storage(settings, sessions, store)
+        # Bind first: a port in use must stop start-up before any thread or process exists.
+        server = start_receiving(settings, store, sessions)  # it indexes the journals of receivers that ended
+    except OperationalError as exc:
+        raise DatabaseUnavailable(_repair_cannot_write(exc, settings)) from None
     started.append(server.shutdown)
     workers = WorkerSupervisor(settings, sessions)
     console = _start_console(settings, sessions, server, workers)
@@ -589,6 +591,36 @@ def _start_parts(
         console=console,
         node_lock=node_lock,
         storage_lock=storage_lock,
+    )
+
+
+def _repair_storage(settings: Settings, sessions: sessionmaker[Session], store: InstanceStore) -> None:
+    """Bring storage and database into agreement after any stop (:func:`repair`), and requeue the jobs of the
+    previous run; raises the database's OperationalError when it cannot be written (locked, gone, its disk full)."""
+    delete_purged_leftovers(sessions, store.instances_dir)  # a purge that committed, then stopped: never put back
+    put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
+    report = repair(store, sessions)
+    requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
+    log_event(
+        LOG,
+        logging.INFO,
+        "node.storage_checked",
+        directory=str(settings.storage.directory),
+        set_aside_files_put_back=put_back,
+        partial_files_removed=report.partial_files_removed,
+        instances_indexed=report.instances_indexed,
+        unreadable_files=report.unreadable_files,
+        duplicates_of_other_series_quarantined=report.duplicates_quarantined,
+        quarantine_files_recorded=report.quarantine_files_recorded,
+    )
+
+
+def _repair_cannot_write(error: OperationalError, settings: Settings) -> str:
+    """Why start-up cannot record what the node stored before it stopped, and that nothing of it is lost."""
+    return (
+        f"{describe_database_error(error, settings.database_url)}; start-up cannot record the images stored before "
+        f"the node stopped: they are kept in {settings.storage.directory} and are recorded at the first start that "
+        "can write the database"
     )
 
 

@@ -8,8 +8,8 @@ PDU limits, and its own recorder. The per-host and global association caps
 are counted in one :class:`~dicom_node.security.AssociationCaps`, which
 ``serve`` creates before starting them.
 
-A receiving process that dies is started again; the instances it acknowledged
-and had not yet recorded are indexed from its journal first
+A receiving process that dies is started again (later each time while it keeps
+dying); the instances it acknowledged and had not yet recorded are indexed from its journal first
 (:func:`~dicom_node.receive.recorder.recover_journals`), without restarting
 ``serve``. A receiving process whose ``serve`` is gone stops by itself.
 """
@@ -176,10 +176,17 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
 
 
 class ReceiverPool:
-    """``receive.processes`` receiving processes on one listening socket, restarted when one dies."""
+    """``receive.processes`` receiving processes on one listening socket, restarted when one dies.
+
+    A process that keeps dying is started again after a delay that doubles each time (1, 2, 4 ... s, at most
+    :data:`LONGEST_RESTART_DELAY_SECONDS`), and after :data:`RESTART_DELAY_SECONDS` again once one has run for
+    :data:`STEADY_SECONDS`.
+    """
 
     CHECK_SECONDS = 0.5
     RESTART_DELAY_SECONDS = 1.0
+    LONGEST_RESTART_DELAY_SECONDS = 60.0
+    STEADY_SECONDS = 60.0
 
     def __init__(
         self, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session], processes: int
@@ -191,7 +198,10 @@ class ReceiverPool:
         self._context = multiprocessing.get_context("spawn")
         self.caps = AssociationCaps.for_network(settings.network, processes)
         self.listening = bind_listening_socket(settings.network.host, settings.network.port)
-        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []  # each slot's latest process
+        self._started_at: list[float] = []  # when each slot's latest process was started (monotonic)
+        self._restart_delay = [0.0] * processes  # each slot's last delay before a start again
+        self._restart_at: dict[int, float] = {}  # slot -> when to start its dead process again (monotonic)
         self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
         self._stop = threading.Event()
         self._stopped = threading.Event()  # set once shutdown has stopped every receiving process
@@ -208,6 +218,7 @@ class ReceiverPool:
             for number in range(self.count):
                 starting.append(self._spawn(number))
             self._processes = [self._ready_or_again(number, *pair) for number, pair in enumerate(starting)]
+            self._started_at = [time.monotonic()] * self.count
         except BaseException:
             self._processes = [process for process, _ in starting]
             self.shutdown()
@@ -287,31 +298,59 @@ class ReceiverPool:
         while not self._stop.wait(self.CHECK_SECONDS):
             for pid in sorted(self._unrecovered):
                 self._clean_up_after(pid)
-            for number, process in enumerate(self._processes):
-                if process.is_alive() or self._stop.is_set():
-                    continue
-                log_event(
-                    LOG,
-                    logging.ERROR,
-                    "receiver.died",
-                    receiver=number,
-                    pid=process.pid,
-                    exit_code=process.exitcode,
-                    note="indexing what it acknowledged, then starting it again",
-                )
-                # First the connections it held and the data sets it was receiving (gone with it), and the lock on
-                # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
-                self.caps.forget(number)
-                self._clean_up_after(process.pid)
-                time.sleep(self.RESTART_DELAY_SECONDS)
+            for number in range(self.count):
                 if self._stop.is_set():
                     return
-                try:
-                    self._processes[number] = self._ready_or_again(number, *self._spawn(number))
-                except ReceiverNotStarted as exc:  # tried again at the next check
-                    log_event(LOG, logging.ERROR, "receiver.restart_failed", receiver=number, reason=str(exc))
-                except Exception:
-                    LOG.exception("receiver.restart_failed", extra={"event_fields": {"receiver": number}})
+                if number in self._restart_at:
+                    if time.monotonic() >= self._restart_at[number]:
+                        self._start_again(number)
+                elif not self._processes[number].is_alive():
+                    self._after_death(number)
+
+    def _after_death(self, number: int) -> None:
+        """Log how slot ``number``'s process ended, index what it acknowledged, and set when it starts again."""
+        process = self._processes[number]
+        lived = time.monotonic() - self._started_at[number]
+        steady = lived >= self.STEADY_SECONDS or not self._restart_delay[number]
+        delay = self.RESTART_DELAY_SECONDS if steady else self._restart_delay[number] * 2
+        delay = min(delay, self.LONGEST_RESTART_DELAY_SECONDS)
+        self._restart_delay[number] = delay
+        self._restart_at[number] = time.monotonic() + delay
+        log_event(
+            LOG,
+            logging.ERROR,
+            "receiver.died",
+            receiver=number,
+            pid=process.pid,
+            restart_in_seconds=round(delay, 1),
+            reason=f"receiving process {number} (pid {process.pid}) {_ended_how(process)} after running "
+            f"{lived:.1f} s; indexing what it acknowledged, then starting it again in {delay:.0f} s"
+            + ("" if steady else " (it keeps stopping: each start again waits twice as long, up to a minute)"),
+        )
+        # First the connections it held and the data sets it was receiving (gone with it), and the lock on
+        # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
+        self.caps.forget(number)
+        self._clean_up_after(process.pid)
+
+    def _start_again(self, number: int) -> None:
+        """Start slot ``number`` again; one that dies before it listens is noted as dead at the next check."""
+        del self._restart_at[number]
+        try:
+            process, ready = self._spawn(number)
+        except Exception:  # e.g. no memory for another process: tried again after a longer delay
+            LOG.exception("receiver.restart_failed", extra={"event_fields": {"receiver": number}})
+            delay = min(
+                max(self._restart_delay[number] * 2, self.RESTART_DELAY_SECONDS), self.LONGEST_RESTART_DELAY_SECONDS
+            )
+            self._restart_delay[number] = delay
+            self._restart_at[number] = time.monotonic() + delay
+            return
+        started_at = time.monotonic()
+        if self._wait_ready(process, ready):
+            log_event(LOG, logging.INFO, "receiver.started", receiver=number, pid=process.pid)
+        # Once it listens, or is gone: one that died while starting is noted at the next check, by its own pid.
+        self._processes[number] = process
+        self._started_at[number] = started_at
 
     def _clean_up_after(self, pid: int | None) -> None:
         """Index the files a gone receiving process acknowledged but did not record; drop its partial files."""

@@ -41,6 +41,7 @@ from db.models import Instance, utcnow
 from db.session import read_outside_transaction, transaction
 from dicom_node.logs import log_event
 from dicom_node.receive.storage import (
+    UNIQUE_COLLISION_RETRIES,
     InstanceStore,
     StoreOutcome,
     UnindexableFile,
@@ -63,9 +64,6 @@ CPU each, one at a time 0.6-0.8 ms (SQLite, 2026-11-29); one association brings 
 gathering ends early when someone waits for the queue to be recorded (:meth:`InstanceRecorder.wait_until_recorded`,
 a sender's A-RELEASE-RQ): a release then waits for one transaction, not for the rest of the gathering time."""
 LONGEST_RETRY_DELAY_SECONDS = 5.0
-UNIQUE_COLLISION_RETRIES = 5
-"""How often a batch is recorded again after a unique-key conflict (another process inserting the same study,
-series or instance at once) before the conflict counts as the instance's own."""
 
 
 def journal_folder(store: InstanceStore) -> Path:
@@ -399,8 +397,8 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
         for path in dict.fromkeys(paths):
             if not Path(path).is_file():  # never renamed into place, or a copy set aside in quarantine
                 indexed += record_copies_set_aside(Path(path), store, sessions)
-            elif _needs_indexing(sessions, Path(path)) and index_file(Path(path), store, sessions) == "indexed":
-                indexed += 1
+            elif _needs_indexing(sessions, Path(path)):
+                indexed += index_file(Path(path), store, sessions, found_by="journal recovery") == "indexed"
         segment.unlink(missing_ok=True)
     if indexed:
         log_event(

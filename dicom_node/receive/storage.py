@@ -26,6 +26,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ from pydicom.pixels import iter_pixels
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from db import jobs
 from db.ingest import (
@@ -59,7 +61,7 @@ from db.ingest import (
     recorded_paths,
 )
 from db.models import Instance, Job, JobState, RejectedInstance, Series
-from db.session import transaction
+from db.session import read_outside_transaction, transaction
 from dicom_node import __version__, status
 from dicom_node.logs import log_event, shown
 from dicom_node.receive.header import (
@@ -1058,30 +1060,40 @@ def _naming(dataset: Dataset) -> str:
 
 
 IndexOutcome = Literal["indexed", "set aside", "quarantined", "already recorded"]
+FoundBy = Literal["start-up", "journal recovery"]
+"""Who indexes a stored file the database lacks: start-up repair, or ``serve``'s recovery of the journal of a
+receiving process that died (while the other receiving processes record)."""
+
+UNIQUE_COLLISION_RETRIES = 5
+"""How often a batch (the recorder's) or a file (:func:`index_file`) is recorded again after a unique-key conflict
+(another process inserting the same study, series or instance at once) before the conflict counts as its own."""
 
 
-def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]) -> IndexOutcome:
+def index_file(
+    path: Path, store: InstanceStore, sessions: sessionmaker[Session], *, found_by: FoundBy = "start-up"
+) -> IndexOutcome:
     """Record one stored file that the database lacks; a file that cannot be recorded goes to quarantine.
 
-    A copy of an instance recorded under another series is set aside (:func:`_keep_first_copy`).
+    A copy of an instance recorded under another series is set aside (:func:`_keep_first_copy`). Another process
+    recording the same study, series or instance at the same moment is no fault of the file: it is recorded again
+    (:func:`_record_again_after_collisions`). A file that an instance row names is never moved.
     """
     try:
         dataset, header = _read_stored_header(path)
-        meta = dataset.file_meta
-        record = header.record(
-            meta.TransferSyntaxUID, str(path), path.stat().st_size, meta.get("SourceApplicationEntityTitle")
-        )
-        try:
-            with transaction(sessions) as session:
-                outcome = record_stored_instance(session, store, record)
-        except OperationalError:
-            raise  # the database itself is unavailable (locked, gone): not this file's fault
-        except Exception as exc:  # a value the database refuses must not stop start-up
-            LOG.exception("repair.database_refused_file", extra={"event_fields": {"path": str(path)}})
-            raise UnindexableFile("the database refused its values (see the log at start-up)", dataset) from exc
     except UnindexableFile as refused:
-        quarantine_stored_file(path, refused, store, sessions)
-        return "quarantined"
+        return _quarantine_unless_recorded(path, refused, store, sessions, found_by)
+    meta = dataset.file_meta
+    record = header.record(
+        meta.TransferSyntaxUID, str(path), path.stat().st_size, meta.get("SourceApplicationEntityTitle")
+    )
+    try:
+        outcome = _record_again_after_collisions(sessions, store, record)
+    except OperationalError:
+        raise  # the database itself is unavailable (locked, gone, its disk full): not this file's fault
+    except Exception:  # a value the database refuses must not stop start-up
+        LOG.exception("repair.database_refused_file", extra={"event_fields": {"path": str(path)}})
+        refusal = UnindexableFile("the database refused its values (see the log)", dataset)
+        return _quarantine_unless_recorded(path, refusal, store, sessions, found_by)
     if outcome.set_aside is not None:
         log_event(
             LOG,
@@ -1097,6 +1109,44 @@ def index_file(path: Path, store: InstanceStore, sessions: sessionmaker[Session]
         return "already recorded"
     log_event(LOG, logging.WARNING, "repair.indexed_file", path=str(path), sop_instance_uid=header.sop_instance_uid)
     return "indexed"
+
+
+def _record_again_after_collisions(
+    sessions: sessionmaker[Session], store: InstanceStore, record: InstanceRecord
+) -> StoreOutcome:
+    """Record one instance in a transaction of its own, again after a unique-key conflict or a job changed meanwhile.
+
+    PostgreSQL: a receiving process inserting the same new study, series or instance at the same moment makes this
+    insert wait for its commit, then fail on the unique key; read again, the row is there (as the recorder does).
+    """
+    attempts = 0
+    while True:
+        try:
+            with transaction(sessions) as session:
+                return record_stored_instance(session, store, record)
+        except (IntegrityError, StaleDataError):
+            attempts += 1
+            if attempts > UNIQUE_COLLISION_RETRIES:
+                raise
+            time.sleep(0.01 * attempts)
+
+
+def _quarantine_unless_recorded(
+    path: Path, refused: UnindexableFile, store: InstanceStore, sessions: sessionmaker[Session], found_by: FoundBy
+) -> IndexOutcome:
+    """Move a file that cannot be indexed to quarantine, unless an instance row names it: another process recorded
+    it meanwhile (the same SOP Instance UID at this path), and a row must never point at a file that is gone."""
+    if read_outside_transaction(sessions, select(Instance.id).where(Instance.path == str(path))) is not None:
+        log_event(
+            LOG,
+            logging.INFO,
+            "repair.recorded_meanwhile",
+            path=str(path),
+            note="another receiving process recorded this instance at the same moment; the file stays where it is",
+        )
+        return "already recorded"
+    quarantine_stored_file(path, refused, store, sessions, when=found_by)
+    return "quarantined"
 
 
 def _read_stored_header(path: Path) -> tuple[Dataset, InstanceHeader]:
@@ -1127,7 +1177,8 @@ def quarantine_stored_file(
 
     The move comes first, so the file is never lost: a process stopped before the commit leaves it in
     quarantine without a row, and the next start-up records it (:func:`record_unrecorded_quarantine_files`).
-    ``when``: "start-up" (found by repair) or "received" (the recorder could not record it).
+    ``when``: "start-up" (found by repair), "journal recovery" (named in the journal of a receiving process that
+    died) or "received" (the recorder could not record it).
     ``series_instance_uid``: the series the file was stored under, if known (else read from the file).
     """
     target = store.quarantine_path(".dcm")
@@ -1135,6 +1186,11 @@ def quarantine_stored_file(
     dataset = refused.dataset if isinstance(refused.dataset, Dataset) else None
     if when == "start-up":
         reason = f"found in storage at start-up and not indexed: {refused.reason}"
+    elif when == "journal recovery":
+        reason = (
+            "stored and acknowledged by a receiving process that stopped before recording it, then not indexed "
+            f"from its journal: {refused.reason}"
+        )
     else:
         reason = f"stored and acknowledged, then not recorded: {refused.reason}"
     _record_quarantined(sessions, target, dataset, reason, series_instance_uid=series_instance_uid)
