@@ -215,6 +215,8 @@ def test_results_of_a_cancelled_or_failed_run_are_not_served_and_a_retry_serves_
     cancelled = node.cli("cancel", ct.series_instance_uid)
     assert cancelled.returncode == 0 and node.job_state(ct.series_instance_uid) is JobState.FAILED, cancelled.stderr
     assert _served(node, tmp_path / "cancelled", planner_port, ct, seg_uid) == WITHOUT_RESULTS
+    shown = node.cli("show", ct.series_instance_uid)
+    assert "(not served by Query/Retrieve while the series is FAILED)" in shown.stdout, shown.stdout
 
     retried = node.cli("retry", ct.series_instance_uid)
     assert retried.returncode == 0, retried.stderr
