@@ -384,7 +384,7 @@ def _warnings_cell(warnings: list[str] | None) -> str:
 @app.command()
 def show(series_instance_uid: str, config: ConfigOption = None) -> None:
     """One series: its job, its history of states and where its files are."""
-    from dicom_node.retrieve.matching import WITHDRAWN_STATES
+    from dicom_node.retrieve.matching import withheld
 
     settings = _settings(config)
     with _session(settings) as session:
@@ -421,13 +421,13 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
             if made_by:
                 console.print(f"made by  {_peer(made_by)}", highlight=False)
         results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
-        withdrawn = f"  (not served by Query/Retrieve while the series is {job.state.value})"
+        stale = f"  (not served by Query/Retrieve: the series received images after it, and is {job.state.value})"
         for result in session.scalars(results):
             superseded = (
                 f"  (superseded {result.superseded_at.isoformat(timespec='seconds')})"
                 if result.superseded_at
-                else withdrawn
-                if job.state in WITHDRAWN_STATES
+                else stale
+                if withheld(session, result)
                 else ""
             )
             modality = _peer(result.modality or "")

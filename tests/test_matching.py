@@ -418,9 +418,10 @@ def test_one_patient_id_naming_two_people_is_two_patients_each_answered_from_the
     assert [i.sop_instance_uid for i in roe_only] == ["1.3.9.1"]
 
 
-def test_results_are_served_only_while_their_job_is_neither_failed_nor_ignored(sessions) -> None:
-    """The SEG of study 1.1 (job 1) is hidden from matching, counts and retrieval while its job is FAILED or
-    IGNORED, read from the job's state at each query: back in another state, it is served again."""
+def test_results_are_withheld_once_their_series_changed_and_their_job_is_failed_or_ignored(sessions) -> None:
+    """The SEG of study 1.1 (job 1) is hidden from matching, counts and retrieval once its CT series received an
+    image after it and the job is FAILED or IGNORED (a re-run refused, cancelled or set aside), read at each
+    query; a job that failed only in delivery still has results that describe its series, and they stay served."""
 
     def served() -> tuple[list[str], object, int, list[str], int]:
         with sessions() as session:
@@ -437,12 +438,25 @@ def test_results_are_served_only_while_their_job_is_neither_failed_nor_ignored(s
                 len(retrieved),
             )
 
-    with_results = (["1.1.9", "1.1.97"], ["CT", "SEG"], 4, ["1.1"], 4)
-    assert served() == with_results
-    for state in (JobState.FAILED, JobState.IGNORED, JobState.SENDING):
+    def job_is(state: JobState) -> None:
         with transaction(sessions) as session:
             session.execute(update(Job).where(Job.id == 1).values(state=state))
-        assert served() == (with_results if state is JobState.SENDING else (["1.1.9"], "CT", 3, [], 3)), state
+
+    with_results = (["1.1.9", "1.1.97"], ["CT", "SEG"], 4, ["1.1"], 4)
+    assert served() == with_results
+    for state in (JobState.FAILED, JobState.IGNORED):  # failed in delivery, or run again and failed: unchanged
+        job_is(state)
+        assert served() == with_results, state
+
+    job_is(JobState.RECEIVING)
+    with transaction(sessions) as session:  # a late image after the SEG was made
+        late = StudyAttributes("1.1", patient_id="P1", patient_name="Doe^Jane", accession_number="ACC_1")
+        record_instance(session, instance("1.1.9.3", "1.1.9", late, 4))
+    with_late_image = (["1.1.9", "1.1.97"], ["CT", "SEG"], 5, ["1.1"], 5)
+    assert served() == with_late_image  # its re-run in progress: the earlier results stay served meanwhile
+    for state in (JobState.FAILED, JobState.IGNORED, JobState.SENDING):
+        job_is(state)
+        assert served() == (with_late_image if state is JobState.SENDING else (["1.1.9"], "CT", 4, [], 4)), state
 
 
 def test_modalities_in_study_and_accession_numbers_match_only_series_still_served(sessions) -> None:

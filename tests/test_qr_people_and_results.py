@@ -198,13 +198,12 @@ def test_one_patient_id_naming_two_people_is_answered_as_two_and_not_retrieved_a
 
 
 @pytest.mark.integration
-def test_results_of_a_cancelled_or_failed_run_are_not_served_and_a_retry_serves_them_again(
+def test_results_of_a_series_changed_since_and_failed_are_not_served_and_a_retry_serves_them_again(
     start_node, tmp_path
 ) -> None:
-    """A series cancelled before its results were delivered, and a DONE series reopened by a late image that
-    admission then refused, are FAILED; their SEG was still found, counted (ModalitiesInStudy, NumberOf...) and
-    sent by C-GET and C-MOVE. While the job waits (a re-run in progress) its results are served, and a retry
-    serves them again."""
+    """A DONE series reopened by a late image that admission then refused is FAILED; its SEG, made from the images
+    before, was still found, counted (ModalitiesInStudy, NumberOf...) and sent by C-GET and C-MOVE. A series
+    cancelled (or failed in delivery) before anything changed it keeps results that describe it: served."""
     planner_port = free_port()
     node = _node(start_node, planner_port, process=True)
     ct = _phantom(tmp_path / "ct", patient_name="Withdrawn^Wes")
@@ -214,9 +213,7 @@ def test_results_of_a_cancelled_or_failed_run_are_not_served_and_a_retry_serves_
 
     cancelled = node.cli("cancel", ct.series_instance_uid)
     assert cancelled.returncode == 0 and node.job_state(ct.series_instance_uid) is JobState.FAILED, cancelled.stderr
-    assert _served(node, tmp_path / "cancelled", planner_port, ct, seg_uid) == WITHOUT_RESULTS
-    shown = node.cli("show", ct.series_instance_uid)
-    assert "(not served by Query/Retrieve while the series is FAILED)" in shown.stdout, shown.stdout
+    assert _served(node, tmp_path / "cancelled", planner_port, ct, seg_uid) == WITH_RESULTS
 
     retried = node.cli("retry", ct.series_instance_uid)
     assert retried.returncode == 0, retried.stderr
@@ -238,6 +235,8 @@ def test_results_of_a_cancelled_or_failed_run_are_not_served_and_a_retry_serves_
     refused = {**WITHOUT_RESULTS, "study": (["CT"], 1, SLICES + 1), "patient instances": SLICES + 1}
     refused |= {"got": Counter({"CT": SLICES + 1}), "moved": Counter({"CT": SLICES + 1})}
     assert _served(node, tmp_path / "refused", planner_port, ct, seg_uid) == refused
+    shown = node.cli("show", ct.series_instance_uid)
+    assert "(not served by Query/Retrieve: the series received images after it, and is FAILED)" in shown.stdout
 
 
 @pytest.mark.integration

@@ -29,7 +29,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -344,21 +344,40 @@ def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
 
 
 WITHDRAWN_STATES = (JobState.FAILED, JobState.IGNORED)
-"""States of a job whose results the node no longer stands behind: a re-run that failed (the results were made
-from images the series no longer is), a series cancelled before its results were delivered, one set aside."""
+"""States of a job whose results the node no longer stands behind once its series has received images after them
+(a DONE series reopened by a late image whose re-run failed, was cancelled or set aside): those results were made
+from images the series no longer is. Results of a series that only failed to be delivered, or whose run again
+failed before it changed anything, still describe it and stay served."""
 
 
 def _served_series() -> list[ColumnElement[bool]]:
-    """Series Query/Retrieve answers and sends: not purged; for a result series (SEG, SR, RTSTRUCT), not replaced by
-    a later run of its job, and of a job not :data:`WITHDRAWN_STATES`. Read from the job's state at each query, so a
-    retry that sends them again serves them again; a re-run in progress leaves the earlier results served until its
-    own are recorded."""
-    withdrawn = select(Job.id).where(Job.id == Series.source_job_id, Job.state.in_(WITHDRAWN_STATES))
+    """Series Query/Retrieve answers and sends (read with an Instance row in the query): not purged; for a result
+    series (SEG, SR, RTSTRUCT), not replaced by a later run of its job, and not stale: its job
+    :data:`WITHDRAWN_STATES` while its source series holds an image recorded after this result (instance ids
+    grow with every row recorded, on any host's clock). Read at each query, so a retry that sends them again serves
+    them again; a re-run in progress leaves the earlier results served until its own are recorded."""
+    later_image = aliased(Instance)
+    stale = (
+        select(later_image.id)
+        .join(Job, Job.series_id == later_image.series_id)
+        .where(Job.id == Series.source_job_id, Job.state.in_(WITHDRAWN_STATES), later_image.id > Instance.id)
+    )  # one level below the query: correlated to its Series and Instance
     return [
         Series.purged_at.is_(None),
         Series.superseded_at.is_(None),
-        or_(Series.source_job_id.is_(None), ~withdrawn.exists()),
+        or_(Series.source_job_id.is_(None), ~stale.exists()),
     ]
+
+
+def withheld(session: Session, result: Series) -> bool:
+    """Whether Query/Retrieve withholds the result series ``result`` as stale (:func:`_served_series`): not
+    superseded or purged, yet none of its instances served."""
+    if result.superseded_at is not None or result.purged_at is not None:
+        return False
+    served = select(Instance.id).join(Series, Instance.series_id == Series.id).where(Series.id == result.id)
+    return (
+        session.scalar(served.where(*_served_series()).limit(1)) is None and session.scalar(served.limit(1)) is not None
+    )
 
 
 def matching_instances(
