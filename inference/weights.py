@@ -206,6 +206,7 @@ def import_zip(
     with _swap_lock(weights_directory):  # no recovery in another process takes a staging folder not yet marked live
         recover_interrupted_imports(weights_directory, locked=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=weights_directory))
+        staging.chmod(0o755)  # a node running as another user must read its plan and live mark (mkdtemp: 0700)
         alive = _mark_live(staging)
     keep_staging = False  # only when the folders could not all be put back: the plan in there finishes the job
     try:
@@ -380,7 +381,12 @@ def unfinished_imports(weights_directory: Path, datasets: Sequence[str]) -> list
     wanted = set(datasets)
     unfinished = []
     for staging in sorted(weights_directory.glob(f"{STAGING_PREFIX}*")):
-        if not (staging / SWAP_PLAN_NAME).is_file() or _is_live(staging):
+        try:
+            has_plan = (staging / SWAP_PLAN_NAME).is_file()
+        except OSError:  # another user's staging folder this process may not read: it may hold a plan
+            unfinished.append(staging)
+            continue
+        if not has_plan or _is_live(staging):
             continue
         try:
             plan = _read_plan(staging)
@@ -522,6 +528,7 @@ def _swap_in(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
     except BaseException:
         try:
             _roll_back(staging, weights_directory, plan)
+            _forget_plan(staging)  # undone: a recovery after a kill now must not finish what the import gave up
         except OSError as exc:
             raise _Stranded(
                 f"the weights import failed and could not put the installed weights back ({_os_reason(exc)}); they "
@@ -529,6 +536,12 @@ def _swap_in(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:
                 f"{weights_directory} to put them back"
             ) from None
         raise
+
+
+def _forget_plan(staging: Path) -> None:
+    """Delete the swap plan of an import whose folders are all back as they were, durably."""
+    (staging / SWAP_PLAN_NAME).unlink(missing_ok=True)
+    _fsync_path(staging)
 
 
 def _roll_forward(staging: Path, weights_directory: Path, plan: _SwapPlan) -> None:

@@ -596,8 +596,50 @@ def test_a_process_that_cannot_finish_a_killed_import_does_not_use_the_mixed_fol
     assert "a weights import was interrupted while it replaced them and is not finished or undone yet" in str(
         refused.value
     )
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o755  # a node running as another user can read its plan
     assert str(staging) in str(refused.value)
     assert "run `dicom-node weights list` as a user who may write to that folder" in str(refused.value)
+
+
+_FAILED_THEN_KILLED = """
+import os, shutil, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import inference.weights as weights
+rename = Path.rename
+renamed = []
+def rename_or_fail(self, target):
+    if Path(target).parent.name == "replaced":
+        renamed.append(target)
+        if len(renamed) == 3:
+            raise OSError(5, "Input/output error")  # the third folder cannot be put aside: the import gives up
+    return rename(self, target)
+Path.rename = rename_or_fail
+shutil.rmtree = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # power loss before the clean-up
+weights.import_zip(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_an_import_that_gave_up_and_put_every_folder_back_is_not_finished_after_a_power_loss(total_v1_and_v2, tmp_path):
+    """An import that failed midway put every folder back but kept its swap plan until its staging folder was
+    deleted: killed in between, the next recovery found the plan and the complete new copies, and installed the
+    release the operator had been told had failed."""
+    weights, _v1, v2, identities = total_v1_and_v2
+    killed = subprocess.run(
+        [sys.executable, "-c", _FAILED_THEN_KILLED, str(v2), str(weights), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert _total_releases(weights) == ["v1"] * 5
+
+    result = run("weights", "list", config=make_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"total\s+installed  sha256:{identities['v1']}\n", result.stdout), result.stdout
+    assert _total_releases(weights) == ["v1"] * 5
+    assert not list(weights.glob(".import-*"))
 
 
 # 4. A model with its own weights folder: --model installs there, and the "missing" sentence says so.
