@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -29,7 +30,8 @@ PLANNER = "PLANNER"
 SLICES = 4
 
 
-def _node(start_node, planner_port: int) -> Node:
+def _node(start_node, planner_port: int, **settings: Any) -> Node:
+    """A node whose planner may find, get and move (``settings``: more of its configuration)."""
     return start_node(
         peers={
             "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
@@ -37,6 +39,7 @@ def _node(start_node, planner_port: int) -> Node:
         },
         destinations={"planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": planner_port}},
         completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 600},
+        **settings,
     )
 
 

@@ -29,6 +29,7 @@ from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from dicom_node.receive.header import read_file_header
 from tests.conftest import CT_RULES, TEST_WORKER, Node, free_port, storescu
 from tests.test_qr_identity import PLANNER, _dcmtk, _find, _keys
+from tests.test_qr_identity import _node as _planner_node
 
 SLICES = 4
 RESULT_IMAGES = 2
@@ -36,15 +37,7 @@ RESULT_IMAGES = 2
 
 def _node(start_node, planner_port: int, *, process: bool = False) -> Node:
     """A node whose planner may find, get and move; with ``process``, CT series wait QUEUED (no worker runs)."""
-    return start_node(
-        peers={
-            "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
-            "planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "move", "get"]},
-        },
-        destinations={"planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": planner_port}},
-        completion={"quiet_seconds": 1, "expected_count_timeout_seconds": 600},
-        **({"rules": CT_RULES} if process else {}),
-    )
+    return _planner_node(start_node, planner_port, **({"rules": CT_RULES} if process else {}))
 
 
 def _phantom(folder: Path, **spec: object) -> PhantomSeries:

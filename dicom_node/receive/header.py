@@ -23,6 +23,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
+from db.models import Study
 from dicom_node import status
 from dicom_node.logs import shown
 from dicom_node.receive.structure import structure_problem
@@ -681,8 +682,8 @@ class StudyPatient:
     issuer_universal_entity_id: str | None = None  # IssuerOfPatientIDQualifiersSequence's UniversalEntityID
 
     @classmethod
-    def of(cls, study: StudyAttributes) -> StudyPatient:
-        """The patient ``study`` (as an instance names it) belongs to."""
+    def of(cls, study: StudyAttributes | Study) -> StudyPatient:
+        """The patient ``study`` (as an instance names it, or as the database records it) belongs to."""
         return cls(
             study.patient_id,
             study.issuer_of_patient_id,

@@ -423,8 +423,8 @@ def _check_one_person(session: Session, identifier: Dataset, matched: Select[Any
         )
     people = _people(_held_studies(session, matched))
     if len(people) > 1:
-        other = _patient_of(people[1][0])
-        differing = next(k for s in people[0] if (k := _patient_of(s).differing_keyword(other)) is not None)
+        other = StudyPatient.of(people[1][0])
+        differing = next(k for s in people[0] if (k := StudyPatient.of(s).differing_keyword(other)) is not None)
         raise AmbiguousPatient(
             f"the PatientID of this PATIENT-level retrieval is held for more than one person (its studies differ in "
             f"{differing}): nothing is sent; the requester must retrieve by StudyInstanceUID"
@@ -784,21 +784,10 @@ def _people(studies: Iterable[Study]) -> list[list[Study]]:
     two, and is counted with the first)."""
     people: list[list[Study]] = []
     for study in studies:
-        patient = _patient_of(study)
-        group = next((p for p in people if all(_patient_of(o).differing_keyword(patient) is None for o in p)), None)
+        patient = StudyPatient.of(study)
+        group = next((p for p in people if all(StudyPatient.of(o).differing_keyword(patient) is None for o in p)), None)
         if group is None:
             people.append([study])
         else:
             group.append(study)
     return people
-
-
-def _patient_of(study: Study) -> StudyPatient:
-    return StudyPatient(
-        study.patient_id,
-        study.issuer_of_patient_id,
-        study.patient_name,
-        study.patient_birth_date,
-        study.patient_sex,
-        study.issuer_universal_entity_id,
-    )
