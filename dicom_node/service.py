@@ -778,7 +778,7 @@ def _start_console(
 
     listening = scp_listener(settings.network.host, settings.network.port)
     try:
-        return start_console(settings, sessions, Liveness(workers_alive, listening))
+        return start_console(settings, sessions, Liveness(workers_alive, listening, server.alive_count))
     except OSError:
         server.shutdown()
         raise

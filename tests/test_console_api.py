@@ -80,7 +80,7 @@ def test_healthz_answers_without_login_and_readyz_checks_database_scp_and_worker
     assert anonymous.get("/healthz").json() == {"status": "ok"}
     ready = anonymous.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}
+    assert ready.json() == {"ready": True, "checks": {"database": True, "scp": True, "receiver": None, "worker": True}}
 
 
 def test_nothing_else_works_without_login(processed):
@@ -418,7 +418,10 @@ def test_container_health_check_passes_on_a_ready_node(processed):
         env={**os.environ, "DICOM_NODE_CONFIG": str(running.node.config_path)},
     )
     assert health.returncode == 0, health.stdout + health.stderr
-    assert json.loads(health.stdout) == {"ready": True, "checks": {"database": True, "scp": True, "worker": True}}
+    assert json.loads(health.stdout) == {
+        "ready": True,
+        "checks": {"database": True, "scp": True, "receiver": None, "worker": True},
+    }
 
 
 def _sent_without_expected_count(node: Node, folder: Path, spec: PhantomSpec) -> str:

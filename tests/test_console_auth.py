@@ -265,7 +265,10 @@ def test_readyz_names_the_failing_check_and_the_health_command_exits_1(console_s
     _wait_until_up(url)
     ready = httpx.get(f"{url}/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"ready": False, "checks": {"database": True, "scp": False, "worker": None}}
+    assert ready.json() == {
+        "ready": False,
+        "checks": {"database": True, "scp": False, "receiver": None, "worker": None},
+    }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"console": {"enabled": True, "port": settings.console.port}}))
     health = subprocess.run(

@@ -11,11 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from db.session import make_engine, make_session_factory
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import DICOM_NODE, storescu, wait_for
+from tests.conftest import DICOM_NODE, free_port, storescu, wait_for
+from tests.console_helpers import console_settings
 from tests.test_faults import (
     fill_disk,
     hold_database_lock,
@@ -132,3 +134,44 @@ def test_a_start_on_a_full_disk_with_images_still_to_record_says_so_and_loses_no
     wait_for(lambda: "node.ready" in node.log(), timeout=60, what="the node to start with space")
     sessions = make_session_factory(make_engine(f"sqlite:///{database}"))
     assert sorted(recorded_uids(sessions)) == sorted(series.sop_instance_uids)
+
+
+def test_readyz_is_503_while_no_receiving_process_is_alive_and_200_once_one_is_again(tmp_path, start_node):
+    """The port ``serve`` binds for its receiving processes takes connections into its queue even while none of them
+    lives to answer: /readyz and /metrics ask the supervisor how many are alive, not only whether the port answers."""
+    metrics_port = free_port()
+    node = start_node(**TWO_RECEIVERS, console=console_settings(free_port(), metrics_port=metrics_port))
+    assert node.process is not None
+    ready_url = f"http://127.0.0.1:{metrics_port}/readyz"
+    wait_for(lambda: _ready(ready_url) == 200, timeout=60, what="/readyz to answer 200")
+    assert httpx.get(ready_url).json()["checks"]["receiver"] is True
+    assert _receivers_up(metrics_port) == 2
+
+    for pid in receiving_processes(node.process.pid):
+        os.kill(pid, signal.SIGKILL)
+    seen = wait_for(
+        lambda: (answer := httpx.get(ready_url)).status_code == 503 and answer.json(),
+        timeout=30,
+        interval=0.05,
+        what="/readyz to answer 503 while no receiving process is alive",
+    )
+    assert seen["checks"]["receiver"] is False and seen["checks"]["scp"] is True  # the port alone still answers
+
+    wait_for(lambda: _ready(ready_url) == 200, timeout=60, what="/readyz to answer 200 again")
+    wait_for(lambda: _receivers_up(metrics_port) == 2, timeout=60, what="both receiving processes to be counted again")
+
+
+def _ready(url: str) -> int | None:
+    """/readyz's status code; None while the console does not answer yet."""
+    try:
+        return httpx.get(url).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _receivers_up(metrics_port: int) -> float:
+    """``dicom_node_receivers_up`` from the separate metrics listener."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("dicom_node_receivers_up ")]
+    assert len(values) == 1, text
+    return values[0]

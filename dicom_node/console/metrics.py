@@ -72,10 +72,12 @@ def _left_out(session: Session) -> ColumnElement[int]:
 
 @dataclass(frozen=True)
 class Liveness:
-    """Callables the metrics and /readyz ask about this process: workers alive (None: run elsewhere), SCP listening."""
+    """Callables the metrics and /readyz ask about this process: workers alive (None: run elsewhere), SCP listening,
+    receiving processes alive (None: ``serve`` receives in its own process)."""
 
     workers_alive: Callable[[], int | None]
     scp_listening: Callable[[], bool]
+    receivers_alive: Callable[[], int | None] = lambda: None
 
 
 def scp_listener(host: str, port: int) -> Callable[[], bool]:
@@ -260,6 +262,14 @@ class DatabaseCollector(Collector):
         listening = GaugeMetricFamily("dicom_node_scp_listening", "1 when the DICOM port accepts connections.")
         listening.add_metric([], 1.0 if self.liveness.scp_listening() else 0.0)
         yield listening
+        receivers = self.liveness.receivers_alive()
+        up = GaugeMetricFamily(
+            "dicom_node_receivers_up",
+            "Receiving processes alive in this serve process (absent: serve receives in its own process).",
+        )
+        if receivers is not None:
+            up.add_metric([], float(receivers))
+        yield up
 
     def _storage(self, session: Session) -> Iterator[Metric]:
         instances = GaugeMetricFamily(
@@ -282,7 +292,10 @@ class DatabaseCollector(Collector):
 
 
 def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, bool | None]:
-    """What /readyz checks: database reachable, SCP listening, a worker alive (None: workers run elsewhere)."""
+    """What /readyz checks: database reachable, SCP listening, a worker alive (None: workers run elsewhere), a
+    receiving process alive (None: ``serve`` receives itself). The port of several receiving processes is bound by
+    ``serve`` and takes connections into its queue even while none of them is alive to answer them, so listening
+    alone does not say that images are received."""
     try:
         with read_only(sessions) as session:  # a reader: another process' write lock is no outage
             session.execute(text("SELECT 1"))
@@ -290,4 +303,10 @@ def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, 
     except Exception:  # noqa: BLE001 - any failure means "not reachable"
         database = False
     alive = liveness.workers_alive()
-    return {"database": database, "scp": liveness.scp_listening(), "worker": None if alive is None else alive > 0}
+    receivers = liveness.receivers_alive()
+    return {
+        "database": database,
+        "scp": liveness.scp_listening(),
+        "receiver": None if receivers is None else receivers > 0,
+        "worker": None if alive is None else alive > 0,
+    }

@@ -73,6 +73,10 @@ def _ended_how(process: multiprocessing.process.BaseProcess) -> str:
 class Receiving(Protocol):
     def shutdown(self) -> None: ...
 
+    def alive_count(self) -> int | None:
+        """Receiving processes alive now; None where ``serve`` receives in its own process."""
+        ...
+
 
 def receiving_processes(settings: Settings) -> int:
     """``receive.processes``, with 0 meaning two per CPU core (at most :data:`MOST_AUTOMATIC_PROCESSES`)."""
@@ -117,6 +121,9 @@ class InProcessReceiver:
             RetrieveContext.from_settings(settings, sessions),
         )
         return cls(server, recorder, store)
+
+    def alive_count(self) -> int | None:
+        return None
 
     def shutdown(self) -> None:
         self.server.shutdown()
@@ -210,6 +217,12 @@ class ReceiverPool:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p.pid is not None]
+
+    def alive_count(self) -> int:
+        """Receiving processes alive: a dead one is left out from when the supervisor notices it (within
+        :data:`CHECK_SECONDS`) until it is started again. Read from the supervisor's own record, so that no other
+        thread waits for (reaps) a receiving process."""
+        return self.count - len(self._restart_at)
 
     def start(self) -> None:
         """Start every receiving process (in parallel: each takes seconds to import) and wait until each listens."""
@@ -333,8 +346,8 @@ class ReceiverPool:
         self._clean_up_after(process.pid)
 
     def _start_again(self, number: int) -> None:
-        """Start slot ``number`` again; one that dies before it listens is noted as dead at the next check."""
-        del self._restart_at[number]
+        """Start slot ``number`` again; one that dies before it listens is noted as dead at the next check. The slot
+        counts as dead (:meth:`alive_count`) until its new process listens or is gone."""
         try:
             process, ready = self._spawn(number)
         except Exception:  # e.g. no memory for another process: tried again after a longer delay
@@ -351,6 +364,7 @@ class ReceiverPool:
         # Once it listens, or is gone: one that died while starting is noted at the next check, by its own pid.
         self._processes[number] = process
         self._started_at[number] = started_at
+        del self._restart_at[number]
 
     def _clean_up_after(self, pid: int | None) -> None:
         """Index the files a gone receiving process acknowledged but did not record; drop its partial files."""
