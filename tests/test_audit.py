@@ -413,6 +413,43 @@ def test_a_real_node_records_a_patient_query_under_every_study_it_disclosed(tmp_
 
 
 @pytest.mark.integration
+def test_a_patient_query_is_recorded_only_under_the_studies_of_the_person_it_answered(tmp_path, start_node):
+    """Two people under one PatientID (another hospital's numbering, a merge): a PATIENT-level answer names one of
+    them and counts only their studies, so only their studies' trails record that it was disclosed."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    node = start_node(completion={"quiet_seconds": 600})
+    asked = write_phantom_series(tmp_path / "a", PhantomSpec(rows=32, columns=32, slices=2, patient_name="ONE^PERSON"))
+    other = write_phantom_series(
+        tmp_path / "b", PhantomSpec(rows=32, columns=32, slices=2, patient_name="OTHER^PERSON")
+    )
+    assert storescu(node.port, asked.files, calling_ae="PACS").returncode == 0
+    assert storescu(node.port, other.files, calling_ae="PACS").returncode == 0
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientName, query.PatientID = "PATIENT", "ONE^PERSON", ""
+    answers = list(assoc.send_c_find(query, PatientRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert [str(match.PatientName) for status, match in answers if status.Status == 0xFF00] == ["ONE^PERSON"]
+
+    def finds(study: str) -> list[tuple[str, str]]:
+        with node.sessions() as session:
+            return [(r.peer_ae_title, r.detail) for r in recent(session, actions=["find"], study_instance_uid=study)]
+
+    wait_for(lambda: finds(asked.study_instance_uid), what="the query in the asked person's study trail")
+    assert finds(asked.study_instance_uid) == [("FINDER", "PATIENT level, 1 matches")]
+    assert finds(other.study_instance_uid) == []
+
+
+@pytest.mark.integration
 def test_a_real_node_answers_and_records_a_query_nested_too_deeply_to_read(tmp_path, start_node):
     from io import BytesIO
 

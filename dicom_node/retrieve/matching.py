@@ -501,6 +501,16 @@ def find(
         If the identifier's level or a key's value cannot be understood, or it holds more than
         :data:`MAX_QUERY_KEYS` keys.
     """
+    for response, _studies in find_disclosing(session, identifier, retrieve_ae_title, limit=limit):
+        yield response
+
+
+def find_disclosing(
+    session: Session, identifier: Dataset, retrieve_ae_title: str, *, limit: int | None = None
+) -> Iterator[tuple[Dataset, list[str] | None]]:
+    """:func:`find`'s answers, each with, at PATIENT level, the StudyInstanceUIDs of the studies it discloses (those
+    of the one person it names, which its counts count), for the audit trail; None below PATIENT level, where an
+    answer names its own study."""
     level = query_level(identifier)
     check_width(identifier)
     matched = _joined(conditions(identifier, level) + _level_scope(level))
@@ -510,7 +520,14 @@ def find(
     if level == "PATIENT":
         keys = islice((person for patient in keys for person in _people_matched(session, patient, matched)), limit)
     for key in keys:
-        yield _response(session, level, key, shape, retrieve_ae_title, counts)
+        disclosed = _study_uids(session, key.study_ids) if level == "PATIENT" else None
+        yield _response(session, level, key, shape, retrieve_ae_title, counts), disclosed
+
+
+def _study_uids(session: Session, study_ids: Iterable[int]) -> list[str]:
+    """The StudyInstanceUIDs of ``study_ids``, in their order of arrival."""
+    query = select(Study.study_instance_uid).where(Study.id.in_(list(study_ids))).order_by(Study.id)
+    return list(session.scalars(query))
 
 
 MAX_QUERY_KEYS = 256

@@ -65,10 +65,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom c
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Job, Series, Study
+from db.models import Instance, Job, Series
 from db.session import read_only
 from dicom_node.audit import (
     MAX_STUDIES_AUDITED,
@@ -84,9 +84,8 @@ from dicom_node.retrieve.inflight import Retrieval, retrieving
 from dicom_node.retrieve.matching import (
     KEYS,
     AmbiguousPatient,
-    Level,
     QueryError,
-    find,
+    find_disclosing,
     is_narrow,
     matching_instances,
     query_level,
@@ -371,7 +370,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
             yield _status(status_code, comment), None
             return
         level = query_level(identifier)
-        for response, studies in _matches(context, identifier, level, limit + 1):
+        for response, studies in _matches(context, identifier, limit + 1):
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
@@ -410,9 +409,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
     yield SUCCESS, None
 
 
-def _matches(
-    context: RetrieveContext, identifier: Dataset, level: Level, limit: int
-) -> list[tuple[Dataset, list[str] | None]]:
+def _matches(context: RetrieveContext, identifier: Dataset, limit: int) -> list[tuple[Dataset, list[str] | None]]:
     """Each match (at most ``limit``) with, at PATIENT level, the studies it discloses (None below).
 
     Read in one short read-only transaction that ends before the first is answered: a peer slow to read its
@@ -421,23 +418,9 @@ def _matches(
     """
     with read_only(context.sessions) as session:
         return [
-            (response, _studies_of_patient(session, response) if level == "PATIENT" else None)
-            for response in find(session, identifier, context.ae_title, limit=limit)
+            (response, None if studies is None else studies[:MAX_STUDIES_AUDITED])
+            for response, studies in find_disclosing(session, identifier, context.ae_title, limit=limit)
         ]
-
-
-def _studies_of_patient(session: Session, response: Dataset) -> list[str]:
-    """The studies held of the patient a PATIENT-level match names (its PatientID and IssuerOfPatientID, an
-    empty one standing for none), for the audit trail: the match discloses who the patient of each is."""
-    patient_id = str(response.get("PatientID", "") or "")
-    issuer = str(response.get("IssuerOfPatientID", "") or "")
-    of_issuer = (
-        Study.issuer_of_patient_id == issuer
-        if issuer
-        else or_(Study.issuer_of_patient_id.is_(None), Study.issuer_of_patient_id == "")
-    )
-    query = select(Study.study_instance_uid).where(Study.patient_id == patient_id, of_issuer).order_by(Study.id)
-    return list(session.scalars(query.limit(MAX_STUDIES_AUDITED)))
 
 
 def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
