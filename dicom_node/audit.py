@@ -448,7 +448,8 @@ ENDED_ATTRIBUTE = "_dicom_node_retrieval_ended"
 
 def retrieval_ended(event: Any, sentence: str) -> None:
     """Tell the audit of a C-GET or C-MOVE why it ended before its last instance (a peer that stopped taking data
-    or closed its association, in a sentence naming it): its record's detail says so, as the log does."""
+    or closed its association), or why it sent nothing of the series it named, in a sentence naming it: its
+    record's detail says so, as the log does."""
     setattr(event, ENDED_ATTRIBUTE, sentence)
 
 

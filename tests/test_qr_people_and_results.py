@@ -25,9 +25,10 @@ from db import jobs
 from db.ingest import record_results
 from db.models import JobState
 from db.session import transaction
+from dicom_node.audit import recent
 from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
 from dicom_node.receive.header import read_file_header
-from tests.conftest import CT_RULES, TEST_WORKER, Node, free_port, storescu
+from tests.conftest import CT_RULES, TEST_WORKER, Node, free_port, storescu, wait_for
 from tests.test_qr_identity import PLANNER, _dcmtk, _find, _keys
 from tests.test_qr_identity import _node as _planner_node
 
@@ -231,6 +232,16 @@ def test_results_of_a_series_changed_since_and_failed_are_not_served_and_a_retry
     shown = node.cli("show", ct.series_instance_uid)
     assert "(not served by Query/Retrieve: the series received images after it, and is FAILED)" in shown.stdout
 
+    seg = f"SeriesInstanceUID={seg_uid}"
+    study = f"StudyInstanceUID={ct.study_instance_uid}"
+    assert _get(node, tmp_path / "got-seg", "-S", "QueryRetrieveLevel=SERIES", study, seg) == Counter()
+    why = (
+        f"nothing was sent to peer {PLANNER.lower()}: series {seg_uid} holds results that no longer describe their "
+        "series: it received images after them, and is FAILED"
+    )
+    wait_for(lambda: why in node.log(), what="the log to say why nothing was sent")
+    assert any(why in (detail or "") for detail in _audit_details(node, "get")), _audit_details(node, "get")
+
 
 @pytest.mark.integration
 def test_modalities_in_study_matches_only_series_still_held(start_node, tmp_path) -> None:
@@ -251,6 +262,17 @@ def test_modalities_in_study_matches_only_series_still_held(start_node, tmp_path
         "NumberOfStudyRelatedInstances",
     )  # fmt: skip
     assert (str(study.ModalitiesInStudy), study.NumberOfStudyRelatedInstances) == ("SEG", RESULT_IMAGES)
+    keys = (f"StudyInstanceUID={ct.study_instance_uid}", f"SeriesInstanceUID={ct.series_instance_uid}")
+    assert _get(node, tmp_path / "got-ct", "-S", "QueryRetrieveLevel=SERIES", *keys) == Counter()
+    wait_for(
+        lambda: f"series {ct.series_instance_uid} was deleted by retention on " in node.log(),
+        what="the log to say the CT was purged",
+    )
+
+
+def _audit_details(node: Node, action: str) -> list[str | None]:
+    with node.sessions() as session:
+        return [row.detail for row in recent(session, actions=[action])]
 
 
 @pytest.mark.integration

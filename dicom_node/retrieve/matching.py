@@ -380,6 +380,54 @@ def withheld(session: Session, result: Series) -> bool:
     )
 
 
+MOST_SERIES_EXPLAINED = 3
+"""How many series a retrieval that selected nothing names with the reason it is not served."""
+
+
+def why_not_served(session: Session, identifier: Dataset) -> str | None:
+    """For a retrieval that selected nothing, why the series it names are held but not served, in a sentence for the
+    log and the audit trail (never for the peer: a planning system hears Success with no instances, as for any UID
+    the node does not hold); None when it names none the node holds.
+
+    The series are those named by SeriesInstanceUID, and those of the instances named by SOPInstanceUID.
+    """
+    series_uids, instance_uids = (
+        [uid.strip() for uid in _value(identifier.get(keyword, "")).split("\\") if uid.strip()]
+        for keyword in ("SeriesInstanceUID", "SOPInstanceUID")
+    )
+    named = select(Series).where(
+        or_(
+            Series.series_instance_uid.in_(series_uids),
+            Series.id.in_(select(Instance.series_id).where(Instance.sop_instance_uid.in_(instance_uids))),
+        )
+    )
+    reasons = [
+        reason
+        for series in session.scalars(named.order_by(Series.id).limit(MOST_SERIES_EXPLAINED))
+        if (reason := _why_series_not_served(session, series)) is not None
+    ]
+    return "; ".join(reasons) or None
+
+
+def _why_series_not_served(session: Session, series: Series) -> str | None:
+    uid = series.series_instance_uid
+    if series.purged_at is not None:
+        return f"series {uid} was deleted by retention on {series.purged_at:%Y-%m-%d %H:%M} UTC"
+    if series.superseded_at is not None:
+        return (
+            f"series {uid} holds results replaced by a later run of the same series on "
+            f"{series.superseded_at:%Y-%m-%d %H:%M} UTC"
+        )
+    if series.source_job_id is not None and withheld(session, series):
+        job = session.get(Job, series.source_job_id)
+        state = job.state.value if job is not None else "FAILED"
+        return (
+            f"series {uid} holds results that no longer describe their series: it received images after them, "
+            f"and is {state}"
+        )
+    return None
+
+
 def matching_instances(
     session: Session, identifier: Dataset, *, for_retrieval: bool = False, limit: int | None = None
 ) -> list[Instance]:

@@ -89,6 +89,7 @@ from dicom_node.retrieve.matching import (
     is_narrow,
     matching_instances,
     query_level,
+    why_not_served,
 )
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.retrieve.suboperations import (
@@ -783,6 +784,8 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
                 )
                 for i in found
             ]
+            if not found:
+                _say_why_nothing_is_served(event, session, calling_ae, peer)
             return Selection(paths, _series_purged_with(session, {i.series_id for i in found}))
     except QueryError as exc:
         ambiguous = isinstance(exc, AmbiguousPatient)
@@ -795,6 +798,25 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             reason=f"a retrieval by peer {peer.name} was refused: {exc}" if ambiguous else str(exc),
         )
         return SEVERAL_PATIENTS if ambiguous else NOT_MATCHING
+
+
+def _say_why_nothing_is_served(event: evt.Event, session: Session, calling_ae: str, peer: Peer) -> None:
+    """A retrieval that selected nothing, of series the node holds but no longer serves: the log and the audit
+    record say why (purged, superseded, withheld); the peer hears Success with no instances, as for a UID the node
+    never held."""
+    reason = why_not_served(session, event.identifier)
+    if reason is None:
+        return
+    sentence = f"nothing was sent to peer {peer.name}: {reason}"
+    log_event(
+        LOG,
+        logging.INFO,
+        "retrieve.nothing_served",
+        calling_ae=calling_ae,
+        address=event.assoc.requestor.address,
+        reason=sentence,
+    )
+    retrieval_ended(event, sentence)
 
 
 def _check_readable(event: evt.Event, peer: Peer) -> None:
