@@ -1012,6 +1012,41 @@ def _send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
             sock.settimeout(seconds)
 
 
+@contextlib.contextmanager
+def locked_after_death(
+    lock: Any, holder: Any, number: int, processes: int, what: str, orphaned_seconds: float
+) -> Iterator[None]:
+    """Hold a lock shared by the receiving processes for ``serve``'s supervisor, after receiving process ``number``
+    died.
+
+    ``holder`` is the shared value each process sets to its number + 1 while inside ``lock``. A process killed while
+    it held the lock (held for microseconds at a time) left it taken: every other receiving process would wait for
+    it forever. It is given back here first, but only when the lock is still taken after ``orphaned_seconds`` and the
+    holder recorded is the dead process (or none: killed between taking the lock and recording itself); a live
+    holder that is merely slow (paused, swapped out) is waited for. ``what`` names what the lock guards, for the log.
+    """
+    acquired = lock.acquire(timeout=orphaned_seconds)
+    if not acquired and holder.value in (0, number + 1):
+        log_event(
+            LOG,
+            logging.WARNING,
+            "receiver.lock_recovered",
+            receiver=number,
+            note=f"the receiving process died while it held the lock on {what}; "
+            "it was given back so the other receiving processes go on",
+        )
+        with contextlib.suppress(ValueError):  # given back meanwhile after all
+            lock.release()
+    if not acquired:
+        lock.acquire()
+    holder.value = processes + 1  # the supervisor
+    try:
+        yield
+    finally:
+        holder.value = 0
+        lock.release()
+
+
 class AssociationCaps:
     """Open connections per source address and in all, and data set bytes in flight, shared by every receiving
     process.
@@ -1126,34 +1161,15 @@ class AssociationCaps:
     def forget(self, number: int) -> None:
         """Empty receiving process ``number``'s row: it died, and its connections and data sets with it.
 
-        A process killed while it held the shared lock (held for microseconds at a time) left it taken:
-        every other receiving process would wait for it forever. It is given back here first, but only when
-        the lock is still taken after :attr:`ORPHANED_LOCK_SECONDS` and the holder recorded is the dead
-        process (or none: killed between taking the lock and recording itself); a live holder that is merely
-        slow (paused, swapped out) is waited for.
+        The shared lock is given back first where the dead process held it (after :attr:`ORPHANED_LOCK_SECONDS`:
+        :func:`locked_after_death`); a live holder that is merely slow is waited for.
         """
-        acquired = self._lock.acquire(timeout=self.ORPHANED_LOCK_SECONDS)
-        if not acquired and self._holder.value in (0, number + 1):
-            log_event(
-                LOG,
-                logging.WARNING,
-                "receiver.lock_recovered",
-                receiver=number,
-                note="the receiving process died while it held the lock on the shared connection counts; "
-                "it was given back so the other receiving processes go on",
-            )
-            with contextlib.suppress(ValueError):  # given back meanwhile after all
-                self._lock.release()
-        if not acquired:
-            self._lock.acquire()
-        self._holder.value = self.processes + 1  # the supervisor
-        try:
+        with locked_after_death(
+            self._lock, self._holder, number, self.processes, "the shared connection counts", self.ORPHANED_LOCK_SECONDS
+        ):
             for slot in range(self.slots):
                 self._counts[number * self.slots + slot] = 0
             self._in_flight[number] = 0
-        finally:
-            self._holder.value = 0
-            self._lock.release()
 
     def set_in_flight(self, data_set_bytes: int) -> int:
         """Record the data set bytes this process holds unanswered; the node's total over every process."""

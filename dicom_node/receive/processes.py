@@ -5,8 +5,10 @@ always did. With more, ``serve`` binds the port itself and starts that many
 receiving processes, each accepting on the same listening socket (the kernel
 hands each connection to one of them), each with the same AE, peers, TLS and
 PDU limits, and its own recorder. The per-host and global association caps
-are counted in one :class:`~dicom_node.security.AssociationCaps`, which
-``serve`` creates before starting them.
+are counted in one :class:`~dicom_node.security.AssociationCaps`, and the
+studies being received are claimed by patient in one
+:class:`~dicom_node.receive.claims.StudyClaims`, both of which ``serve``
+creates before starting them.
 
 A receiving process that dies is started again (later each time while it keeps
 dying); the instances it acknowledged and had not yet recorded are indexed from its journal first
@@ -34,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.audit import flush_repeated
 from dicom_node.config import Settings
 from dicom_node.logs import first_line, log_event
+from dicom_node.receive.claims import StudyClaims
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import TEMPORARY_SUFFIXES, InstanceStore
@@ -204,6 +207,7 @@ class ReceiverPool:
         self.count = processes
         self._context = multiprocessing.get_context("spawn")
         self.caps = AssociationCaps.for_network(settings.network, processes)
+        self.claims = StudyClaims(processes=processes)
         self.listening = bind_listening_socket(settings.network.host, settings.network.port)
         self._processes: list[multiprocessing.process.BaseProcess] = []  # each slot's latest process
         self._started_at: list[float] = []  # when each slot's latest process was started (monotonic)
@@ -253,7 +257,14 @@ class ReceiverPool:
         ready = self._context.RawValue("b", 0)  # no lock: a Condition-based Event can hang a setter whose waiter died
         process = self._context.Process(
             target=run_receiver,
-            args=(self.settings, self.listening, self.caps.for_process(number), os.getpid(), ready),
+            args=(
+                self.settings,
+                self.listening,
+                self.caps.for_process(number),
+                self.claims.for_process(number),
+                os.getpid(),
+                ready,
+            ),
             name=f"receiver-{number}",
         )
         process.start()
@@ -343,7 +354,10 @@ class ReceiverPool:
         # First the connections it held and the data sets it was receiving (gone with it), and the lock on
         # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
         self.caps.forget(number)
+        self.claims.give_back_lock_of(number)
         self._clean_up_after(process.pid)
+        if process.pid not in self._unrecovered:  # what it acknowledged is recorded: its claims are the rows now
+            self.claims.forget(number)
 
     def _start_again(self, number: int) -> None:
         """Start slot ``number`` again; one that dies before it listens is noted as dead at the next check. The slot
@@ -406,7 +420,12 @@ class ReceiverPool:
 
 
 def run_receiver(
-    settings: Settings, listening: socket.socket, caps: AssociationCaps, parent_pid: int, ready: Any
+    settings: Settings,
+    listening: socket.socket,
+    caps: AssociationCaps,
+    claims: StudyClaims,
+    parent_pid: int,
+    ready: Any,
 ) -> None:
     """Entry point of a receiving process: the SCP on the shared socket, and a recorder, until SIGTERM."""
     from db.session import make_engine, make_session_factory
@@ -427,9 +446,11 @@ def run_receiver(
     alive = _hold_alive_lock(store)
     recorder = InstanceRecorder(store, sessions)
     recorder.start()
+    context = StoreContext(store=store, sessions=sessions, recorder=recorder)
+    context.studies.share_claims(claims)
     server = start_storage_scp(
         settings.network,
-        StoreContext(store=store, sessions=sessions, recorder=recorder),
+        context,
         RetrieveContext.from_settings(settings, sessions, processes=receiving_processes(settings)),
         caps=caps,
         listening=listening,

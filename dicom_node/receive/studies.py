@@ -10,7 +10,10 @@ study's first identity while its results carry the new one. The receiver looks t
 once a minute) per process and refuses an instance of a new series under another patient before it is written.
 An instance of a series already stored is left to admission, which refuses the whole series when its instances
 disagree on the patient: refusing that one instance here would let the rest of the series be
-processed without it. Identity text whose bytes only read by guessing their character set (a UTF-8 name sent
+processed without it. The first instance of a new series also claims its study for its patient node-wide
+(:class:`~dicom_node.receive.claims.StudyClaims`), checked and taken at once: of two series of one study under two
+patients arriving at the same moment, in one receiving process or two, only the first is acknowledged, before
+either is recorded. Identity text whose bytes only read by guessing their character set (a UTF-8 name sent
 without SpecificCharacterSet) is recorded as unknown (:func:`~dicom_node.receive.header.check_header`): it never
 fixes the study's patient, so the same patient's series sent again with its character set declared is received.
 """
@@ -30,6 +33,7 @@ from db.ingest import QuickLookup, recorded_path_lookup, result_series_lookup, s
 from db.models import Series, Study
 from db.session import read_outside_transaction, read_row_outside_transaction
 from dicom_node.logs import first_line, log_throttled
+from dicom_node.receive.claims import StudyClaims
 from dicom_node.receive.header import InstanceHeader, StudyPatient
 
 LOG = logging.getLogger(__name__)
@@ -44,8 +48,11 @@ REMEMBERED_STUDIES = 4096
 class KnownStudies:
     """Recorded patient per StudyInstanceUID, read from the database and remembered for a while."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], claims: StudyClaims | None = None) -> None:
         self.sessions = sessions
+        self.claims = claims or StudyClaims()
+        """The studies being received, claimed by patient: this process' own, or shared by every receiving
+        process (:meth:`share_claims`)."""
         self._lock = threading.Lock()
         self._patients: dict[str, tuple[float, StudyPatient]] = {}
         self._series: set[str] = set()  # series this process has stored an instance of
@@ -129,6 +136,10 @@ class KnownStudies:
             else:  # the study's row takes the details its first series left empty (db.ingest.restore_study_identity)
                 self._patients[header.study.study_instance_uid] = (known[0], known[1].completed_by(patient))
 
+    def share_claims(self, claims: StudyClaims) -> None:
+        """Claim studies in the table every receiving process shares (``serve`` made it before starting them)."""
+        self.claims = claims
+
     def series_stored(self, series_instance_uid: str) -> bool:
         """Whether an instance of the series is stored (by this process, or recorded by any)."""
         with self._lock:
@@ -140,11 +151,17 @@ class KnownStudies:
     def conflict(self, header: InstanceHeader) -> str | None:
         """Why ``header`` may not join its study (a new series under another patient), or None. Values are never
         named."""
-        recorded = self.recorded_patient(header.study.study_instance_uid)
         received = StudyPatient.of(header.study)
-        if recorded is None or not (received.patient_id or "").strip():
+        if not (received.patient_id or "").strip():
             return None  # a missing PatientID is admission's to refuse, for the whole series
-        differing = recorded.differing_keyword(received)
+        with self._lock:
+            if header.series.series_instance_uid in self._series:
+                return None  # a series this process stored: its first instance was compared, and claimed the study
+        study_instance_uid = header.study.study_instance_uid
+        recorded = self.recorded_patient(study_instance_uid)
+        differing = None if recorded is None else recorded.differing_keyword(received)
+        if differing is None:  # claimed for this patient, unless another process is receiving another's series
+            differing = self.claims.claim(study_instance_uid, received)
         if differing is None or self.series_stored(header.series.series_instance_uid):
             return None  # a stored series: admission refuses the whole series if its instances disagree
         return (
