@@ -325,7 +325,8 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         return refuse(
             status.CANNOT_UNDERSTAND, _stored_with_another(sop_instance, conflict), header.series.series_instance_uid
         )
-    study_conflict = context.studies.conflict(header) or context.studies.series_conflict(header)
+    # the series first: a study is claimed for its patient (conflict) only by an instance that may join its series
+    study_conflict = context.studies.series_conflict(header) or context.studies.conflict(header)
     if study_conflict is not None:
         _discard(temporary)
         return refuse(status.CANNOT_UNDERSTAND, study_conflict, header.series.series_instance_uid)
