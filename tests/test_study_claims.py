@@ -215,3 +215,36 @@ def _rejection_reasons(node: Any, series_instance_uid: str, count: int) -> list[
             select(RejectedInstance.reason).where(RejectedInstance.series_instance_uid == series_instance_uid)
         ).all()
     return list(reasons) if len(reasons) == count else []
+
+
+@pytest.mark.integration
+def test_an_instance_refused_for_its_series_claims_no_study(tmp_path, start_node):
+    """An instance of a stored series that names another study is refused for its series; it must not claim the
+    study it names, or another patient's own new series of that study would be refused in its place."""
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    node = start_node(completion={"quiet_seconds": 600})
+    small = {"rows": 16, "columns": 16, "slices": 2}
+    stored = write_phantom_series(tmp_path / "stored", PhantomSpec(**small, patient_id="P-1"))
+    assert storescu(node.port, stored.files).returncode == 0
+    wait_for(lambda: node.job_state(stored.series_instance_uid) is not None, what="the series to be recorded")
+    node.stop()  # started again, the receiver knows the series from the database only
+    node.start()
+    elsewhere_study = generate_uid()
+    strayed = write_phantom_series(
+        tmp_path / "strayed",
+        PhantomSpec(
+            **small,
+            patient_id="P-1",
+            study_instance_uid=elsewhere_study,
+            series_instance_uid=stored.series_instance_uid,
+        ),
+    )
+    refused = storescu(node.port, strayed.files[:1])
+    assert succeeded_files(refused.stderr) == [] and "stored under StudyInstanceUID" in node.log(), refused.stderr
+    own = write_phantom_series(
+        tmp_path / "own", PhantomSpec(**small, patient_id="P-2", study_instance_uid=elsewhere_study)
+    )
+    sent = storescu(node.port, own.files)
+    assert sorted(succeeded_files(sent.stderr)) == sorted(str(path) for path in own.files), sent.stderr
