@@ -12,6 +12,7 @@ Patient identifiers are never part of a reason: reasons are logged at INFO.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from db.models import Instance, Series, Study
 from dicom_node.config import AdmissionSettings
 from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import person_name_problem, sequence_check
-from dicom_node.logs import os_error_text, shown
+from dicom_node.logs import REORDERING_CHARACTERS, os_error_text, shown
 from dicom_node.receive.header import (
     DEFAULT_REPERTOIRE,
     StudyPatient,
@@ -586,9 +587,24 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
     if count > 1:
         subject = IDENTITY_SUBJECT.get(keyword, "patient")
         return f"has {count} values, where one {subject} has one"
+    text = decoded if isinstance(element, RawDataElement) else str(element.value)
+    if _reorders(keyword, text):
+        return (
+            "holds an invisible character that changes how the text reads (a right-to-left override, zero-width "
+            "space or similar), so it could show as another patient's; no ID or name may hold one"
+        )
     if keyword in PERSON_NAME_KEYWORDS:
-        return person_name_problem(decoded if isinstance(element, RawDataElement) else str(element.value))
+        return person_name_problem(text)
     return None
+
+
+def _reorders(keyword: str, text: str) -> bool:
+    """Whether ``text`` holds a character that makes it read as other text: in an ID, any invisible formatting
+    character (Unicode category Cf); in a name, one of :data:`~dicom_node.logs.REORDERING_CHARACTERS` (the joiners
+    that some scripts write names with are allowed)."""
+    if keyword in PERSON_NAME_KEYWORDS:
+        return any(c in REORDERING_CHARACTERS for c in text)
+    return any(unicodedata.category(c) == "Cf" for c in text)
 
 
 def _identity_sequence_problem(header: Dataset, keyword: str) -> str | None:

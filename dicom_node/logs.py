@@ -99,6 +99,17 @@ def cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     return f"{text[:limit]}...({len(text) - limit} characters cut)"
 
 
+REORDERING_CHARACTERS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200b\ufeff")
+"""Invisible characters that make text read as other text: bidirectional embeddings, overrides and isolates (a
+right-to-left override shows ``\u202e4321-NRM`` as ``MRN-1234``), the zero-width space and the byte order mark."""
+
+
+def without_reordering(text: str) -> str:
+    """``text`` with each :data:`REORDERING_CHARACTERS` character shown as ``?``: what a screen shows is what is
+    stored."""
+    return "".join("?" if c in REORDERING_CHARACTERS else c for c in text)
+
+
 def shown(text: Any, limit: int = 64) -> str:
     """A value a peer sent, for a message: quoted, its unprintable characters as ``?``, cut to ``limit``.
 

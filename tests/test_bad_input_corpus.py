@@ -167,6 +167,22 @@ def japanese(ds: Dataset) -> None:
     ds.PatientName = "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"
 
 
+def in_utf8(keyword: str, value: str) -> Callable[[Dataset], None]:
+    """``keyword`` set to ``value`` in a data set declaring UTF-8 (ISO_IR 192)."""
+
+    def change(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        setattr(ds, keyword, value)
+
+    return change
+
+
+REORDERING_REFUSED = (
+    "holds an invisible character that changes how the text reads (a right-to-left override, zero-width space or "
+    "similar), so it could show as another patient's; no ID or name may hold one; the sender must correct it"
+)
+
+
 def random_bytes(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -220,6 +236,22 @@ CASES: list[Case] = [
             "PatientID of instance 1 holds a control character (a tab, line break or similar), which no ID or name "
             "may hold; the sender must correct it"
         ),
+    ),
+    Case(
+        "a_patient_id_that_reads_as_another_is_refused",
+        each(in_utf8("PatientID", "\u202e4321-NRM")),  # shown as MRN-1234
+        JobState.FAILED,
+        not_admitted(f"PatientID of instance 1 {REORDERING_REFUSED}"),
+    ),
+    Case(
+        "a_patient_name_that_reads_as_another_is_refused",
+        each(in_utf8("PatientName", "\u202eEOD^NHOJ")),  # shown as JOHN^DOE
+        JobState.FAILED,
+        not_admitted(f"PatientName of instance 1 {REORDERING_REFUSED}"),
+    ),
+    Case(
+        "a_name_written_with_a_joiner_is_queued",
+        each(in_utf8("PatientName", "\u0645\u06cc\u200c\u0631\u0627^\u0632\u0647\u0631\u0627")),
     ),
     Case(
         "two_patient_ids_in_one_value_are_refused",

@@ -1030,3 +1030,31 @@ def test_with_allowed_hosts_a_request_naming_another_host_is_refused(tmp_path, c
     proxied = _start(tmp_path / "proxy", auth="proxy_header")
     proxied.server.stop()
     assert "console.hosts_unchecked" in [r.getMessage() for r in caplog.records]
+
+
+def test_an_id_or_name_that_reads_as_another_is_shown_as_stored_not_reordered(tmp_path):
+    """A right-to-left override makes ``\\u202e4321-NRM`` show as MRN-1234 and ``\\u202eEOD^NHOJ`` as JOHN^DOE:
+    admission refuses such a series, but its study row names the patient all the same; every page shows the
+    override as ``?`` (what is stored), never as the other ID or name it would draw."""
+    running = _start(tmp_path)
+    uid = "1.2.826.0.1.3680043.99.42"
+    study = StudyAttributes(uid + ".0", patient_id="\u202e4321-NRM", patient_name="\u202eEOD^NHOJ")
+    record = InstanceRecord(
+        sop_instance_uid=uid + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"/data/{uid}.dcm",
+        size_bytes=1,
+        study=study,
+        series=SeriesAttributes(uid, modality="CT", series_description="\u202etseT"),
+    )
+    try:
+        with transaction(running.sessions) as session:
+            record_instance(session, record)
+        operator = running.client("olga")
+        for page in ("/", "/worklist/rows", f"/series/{uid}"):
+            text = operator.get(page).text
+            assert "\u202e" not in text, page
+            assert "?4321-NRM" in text and "?EOD^NHOJ" in text, page
+    finally:
+        running.server.stop()

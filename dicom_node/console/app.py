@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import jinja2
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import OperationalError
@@ -48,7 +50,7 @@ from dicom_node.console.auth import (
 from dicom_node.console.connections import ConnectionLimits, bounded_protocol, server_tls
 from dicom_node.console.metrics import DatabaseCollector, Liveness, readiness
 from dicom_node.console.probe import DestinationProbe
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, without_reordering
 
 LOG = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -240,11 +242,29 @@ class BodyLimit:
         await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
 
 
+def _template_environment() -> jinja2.Environment:
+    """The pages' templates: HTML escaped, and every text shown with its reordering characters as ``?``
+    (:func:`~dicom_node.logs.without_reordering`), so that a patient's ID or name reads on screen as it is stored,
+    even one that admission refused for them."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(),
+        finalize=_as_stored,
+    )
+
+
+def _as_stored(value: Any) -> Any:
+    """A value a page shows, its reordering characters as ``?`` (markup the page built stays markup)."""
+    if isinstance(value, Markup):
+        return Markup(without_reordering(value))
+    return without_reordering(value) if isinstance(value, str) else value
+
+
 def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
     console = settings.console
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(settings, sessions, liveness))
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates = Jinja2Templates(env=_template_environment())
     return ConsoleContext(
         settings=settings,
         sessions=sessions,
