@@ -4,22 +4,51 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.encode.measurements import measure
 from dicom_node.encode.seg import Algorithm, encode_segmentation
-from dicom_node.encode.sr import CUT_BY_SCAN_EDGE, DEVICE_UID_FILE, encode_measurement_report, node_device_uid
+from dicom_node.encode.sr import (
+    CUT_BY_SCAN_EDGE,
+    DEVICE_UID_FILE,
+    encode_measurement_report,
+    holds_3d_coordinates,
+    node_device_uid,
+)
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
-from tests.conftest import CT_RULES, dciodvfy, storescu
+from tests.conftest import CT_RULES, dciodvfy, free_port, require_tool, storescu, wait_for
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+ARCHIVE_WITHOUT_3D_SR = f"""\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[SegAndComprehensiveSR]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = {SEGMENTATION}\\Uncompressed
+PresentationContext3 = {COMPREHENSIVE_SR}\\Uncompressed
+
+[[Profiles]]
+[OldArchive]
+PresentationContexts = SegAndComprehensiveSR
+"""
+"""storescp's association configuration of an archive that predates Comprehensive 3D SR: SEG and Comprehensive SR."""
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +263,89 @@ def test_a_node_names_one_device_in_its_srs_across_a_restart_and_another_node_an
     assert before == after
     assert other != before
     assert before == (first.storage / DEVICE_UID_FILE).read_text().strip()
+
+
+def test_the_sr_is_comprehensive_sr_and_names_a_predecessor_by_its_own_sop_class(report, shared_fixtures):
+    """No 3D coordinates in the report: Comprehensive SR, which archives older than Comprehensive 3D SR accept.
+    A predecessor written before (as Comprehensive 3D SR) keeps its own SOP class in the Predecessor Documents."""
+    path, seg, measurements = report
+    assert pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID == COMPREHENSIVE_SR
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    earlier = pydicom.Dataset()
+    earlier.SOPClassUID, earlier.SOPInstanceUID = COMPREHENSIVE_3D_SR, "1.2.826.0.1.3680043.8.498.1"
+    earlier.StudyInstanceUID, earlier.SeriesInstanceUID = seg.dataset.StudyInstanceUID, "1.2.826.0.1.3680043.8.498.2"
+    algorithm = Algorithm(ThresholdModel.algorithm_name, ThresholdModel.algorithm_version, is_baseline=True)
+
+    sr = encode_measurement_report(seg, sources, measurements, algorithm, previous_versions=[earlier])
+
+    assert sr.SOPClassUID == COMPREHENSIVE_SR
+    (predecessor,) = sr.PredecessorDocumentsSequence
+    (referenced,) = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert (referenced.ReferencedSOPClassUID, referenced.ReferencedSOPInstanceUID) == (
+        COMPREHENSIVE_3D_SR,
+        earlier.SOPInstanceUID,
+    )
+
+
+def test_3d_spatial_coordinates_anywhere_in_the_content_are_found():
+    """Comprehensive SR cannot carry SCOORD3D: content that holds it (at any depth) must stay Comprehensive 3D SR."""
+    point = hd.sr.Scoord3DContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=np.array([[1.0, 2.0, 3.0]]),
+        frame_of_reference_uid="1.2.826.0.1.3680043.8.498.3",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    inner = hd.sr.ContainerContentItem(
+        name=codes.DCM.MeasurementGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    inner.ContentSequence = [point]
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    root.ContentSequence = [inner]
+
+    assert holds_3d_coordinates(root)
+    inner.ContentSequence = []
+    assert not holds_3d_coordinates(root)
+
+
+@pytest.mark.integration
+def test_an_archive_without_comprehensive_3d_sr_gets_the_sr_and_its_re_run(tmp_path, start_node):
+    """A real node sends to a storescp that accepts only SEG and Comprehensive SR (as many older archives): the job
+    is DONE with the SEG and SR there; a re-run's SR arrives too and names the first SR as its predecessor."""
+    config = tmp_path / "archive.cfg"
+    config.write_text(ARCHIVE_WITHOUT_3D_SR)
+    received, port = tmp_path / "archive", free_port()
+    received.mkdir()
+    command = [require_tool("storescp"), "-v", "-aet", "OLDPACS", "-xf", str(config), "OldArchive"]
+    with open(tmp_path / "archive.log", "wb") as log:
+        archive = subprocess.Popen([*command, "+uf", "-od", str(received), str(port)], stdout=log, stderr=log)
+    try:
+        node = start_node(
+            destinations={"pacs": {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": port, "send": ["seg", "sr"]}},
+            rules=[{**CT_RULES[0], "destinations": ["pacs"]}],
+            inference={"workers": 1},
+        )
+        series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=8))
+        assert storescu(node.port, series.files).returncode == 0
+
+        def finished(count: int) -> bool:
+            state = node.job_state(series.series_instance_uid)
+            return state is JobState.FAILED or (state is JobState.DONE and len(list(received.iterdir())) == count)
+
+        wait_for(lambda: finished(2), timeout=180, what="the job to finish")
+        assert node.job_state(series.series_instance_uid) is JobState.DONE, node.job_reason(series.series_instance_uid)
+        first = {str(d.SOPClassUID): d for d in (pydicom.dcmread(p) for p in received.iterdir())}
+        assert set(first) == {SEGMENTATION, COMPREHENSIVE_SR}
+
+        assert node.cli("retry", "--run-again", series.series_instance_uid).returncode == 0
+        wait_for(lambda: finished(4), timeout=180, what="the re-run to finish")
+        assert node.job_state(series.series_instance_uid) is JobState.DONE, node.job_reason(series.series_instance_uid)
+    finally:
+        archive.terminate()
+        archive.wait(timeout=10)
+    reports = [d for d in (pydicom.dcmread(p) for p in received.iterdir()) if d.SOPClassUID == COMPREHENSIVE_SR]
+    (second,) = [d for d in reports if d.SOPInstanceUID != first[COMPREHENSIVE_SR].SOPInstanceUID]
+    predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPClassUID == COMPREHENSIVE_SR
+    assert predecessor.ReferencedSOPInstanceUID == first[COMPREHENSIVE_SR].SOPInstanceUID

@@ -1,4 +1,4 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) on the segments of a SEG.
+"""TID 1500 Measurement Report (Comprehensive SR) on the segments of a SEG.
 
 Per structure: volume (ml), mean and standard deviation of attenuation (HU), each
 referencing its SEG segment. A structure cut by the edge of the scanned range (or field)
@@ -57,8 +57,11 @@ def encode_measurement_report(
     partial: bool = False,
     not_found: Sequence[str] = (),
     device_uid: str | None = None,
-) -> hd.sr.Comprehensive3DSR:
+) -> hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR:
     """The SR for ``measurements`` (by label value), referencing ``segmentation``'s segments.
+
+    Written as Comprehensive SR, which archives that predate Comprehensive 3D SR accept too; as Comprehensive
+    3D SR only if its content holds 3D spatial coordinates (SCOORD3D), which Comprehensive SR cannot carry.
 
     ``device_uid`` is the Device Observer UID: the node's (:func:`node_device_uid`), the same in all its SRs;
     without it (a caller that is no node), a new UID.
@@ -104,7 +107,8 @@ def encode_measurement_report(
         report[0].ContentSequence.append(note_item(notes))
     if not_found:
         report[0].ContentSequence.append(not_found_item(not_found))
-    sr = hd.sr.Comprehensive3DSR(
+    document = hd.sr.Comprehensive3DSR if holds_3d_coordinates(report[0]) else hd.sr.ComprehensiveSR
+    sr = document(
         evidence=[*source_images, seg],
         content=report,
         series_instance_uid=hd.UID(),
@@ -176,6 +180,13 @@ def _store_once(path: Path, uid: str) -> None:
             fsync_folder(path.parent)
     finally:
         os.unlink(temporary)
+
+
+def holds_3d_coordinates(item: Dataset) -> bool:
+    """Whether a content item, or any item under it, is a SCOORD3D (3D spatial coordinates)."""
+    return any(
+        child.get("ValueType") == "SCOORD3D" or holds_3d_coordinates(child) for child in item.get("ContentSequence", [])
+    )
 
 
 def use_standard_meanings(dataset: Dataset) -> None:
