@@ -151,3 +151,48 @@ def test_every_sqlite_commit_is_synced_to_disk_before_it_returns(tmp_path):
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+KILLED_UPGRADE = """
+import os, signal, sys
+from alembic import command
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from db.session import alembic_config, migrate
+
+url, start, match, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if start != "none":
+    command.upgrade(alembic_config(url), start)
+seen = 0
+
+@event.listens_for(Engine, "after_cursor_execute")
+def _killed(conn, cursor, statement, params, context, executemany):
+    global seen
+    seen += match in statement
+    if seen == nth:
+        os.kill(os.getpid(), signal.SIGKILL)  # a power cut while serve upgrades the schema
+
+migrate(url)
+"""
+
+
+@pytest.mark.parametrize(
+    ("start", "statement"), [("0012", "ADD COLUMN"), ("none", "CREATE TABLE")], ids=["upgrade", "first-start"]
+)
+def test_an_upgrade_killed_part_way_leaves_a_database_the_next_start_upgrades(tmp_path, start, statement):
+    """SQLite's driver committed each ADD COLUMN or CREATE TABLE on its own: a serve killed while it upgraded left
+    columns or tables its next start added again and failed on ("duplicate column name"), so the node never
+    started again. The whole upgrade is one transaction now."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'dicom-node.db'}"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_UPGRADE, url, start, statement, "2"], capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr
+
+    migrate(url)  # the next start
+
+    with make_engine(url).connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
