@@ -6,6 +6,7 @@ import errno
 import getpass
 import json
 import re
+import signal
 import socket
 import ssl
 import sys
@@ -1084,6 +1085,18 @@ def demo(
     console.print(f"node log  {result.node_log}", highlight=False)
 
 
+def _end_like_ctrl_c_on_sigterm() -> None:
+    """SIGTERM or SIGHUP (``timeout``, ``kill``, a stopped systemd timer, a closed terminal) ends the command as
+    Ctrl-C does, through its clean-up: a purge puts back the images it had set aside and not yet deleted, instead of
+    leaving them renamed until ``serve`` starts again."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _exit)
+
+
 @app.command()
 def purge(
     config: ConfigOption = None,
@@ -1108,6 +1121,7 @@ def purge(
     from db.session import make_session_factory
     from dicom_node.retention import apply_plan, plan_retention, plan_series_purge
 
+    _end_like_ctrl_c_on_sigterm()
     settings = _settings(config)
     user = _os_user()
     if series is not None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -148,3 +150,41 @@ def test_show_of_a_failed_series_plans_no_next_try_and_says_its_results_were_del
     assert shown.returncode == 0, shown.stderr
     assert "3 attempts" in shown.stdout and "next try" not in shown.stdout
     assert f"results  {tmp_path / 'jobs' / '1'}  (deleted)" in shown.stdout
+
+
+TERMINATED_PURGE = """
+import os, signal, sys
+import dicom_node.retention as retention
+set_aside = retention._set_aside
+
+def set_aside_then_terminated(paths, aside):
+    set_aside(paths, aside)
+    os.kill(os.getpid(), signal.SIGTERM)  # `timeout`, `kill` or a stopped systemd timer, right then
+
+retention._set_aside = set_aside_then_terminated
+from dicom_node.cli import app
+sys.argv = ["dicom-node", *sys.argv[1:]]
+app()
+"""
+
+
+def test_a_purge_ended_by_sigterm_puts_back_the_images_it_had_set_aside(tmp_path):
+    """`dicom-node purge` ended by SIGTERM after it renamed a series' images aside and before it committed left
+    them renamed (``.purging``) under their recorded rows: a running node served none of them until it was
+    started again. SIGTERM now ends it as Ctrl-C does, so the images are put back."""
+    settings, config = _node(tmp_path)
+    uid = "1.2.826.0.1.3680043.99.36.4"
+    _add_done_series(settings, uid)
+    image = settings.storage.directory / "instances" / f"{uid}.dcm"
+
+    ended = subprocess.run(
+        [sys.executable, "-c", TERMINATED_PURGE, "purge", "--series", uid, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert ended.returncode == 128 + signal.SIGTERM, ended.stderr
+    assert image.exists() and not list(image.parent.glob("*.purging"))
+    shown = dicom_node(config, "show", uid)
+    assert "DONE" in shown.stdout and "purged" not in shown.stdout, shown.stdout
