@@ -52,9 +52,10 @@ app.add_typer(weights_app, name="weights")
 user_app = typer.Typer(help="Operations console users.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 
-# Piped output (logs, scripts, tests) gets wide lines instead of rich's default 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 240)
-errors = Console(stderr=True, soft_wrap=True)
+# Piped output (logs, scripts, tests) gets wide lines instead of rich's default 80 columns. No emoji codes: a
+# SeriesDescription or AE title ":warning:" is shown as sent, not as a symbol beside a state.
+console = Console(width=None if sys.stdout.isatty() else 240, emoji=False)
+errors = Console(stderr=True, soft_wrap=True, emoji=False)
 
 ConfigOption = Annotated[
     Path | None,

@@ -370,7 +370,7 @@ def _database_with_peer_text(tmp_path: Path) -> tuple[Path, str]:
         series = Series(
             series_instance_uid=uid, study=study, modality="CT", series_description=EVIL_DESCRIPTION, instance_count=1
         )
-        session.add_all([study, series, Job(series=series, state=JobState.IGNORED, reason="[bold]markup[/] \x07")])
+        session.add_all([study, series, Job(series=series, state=JobState.IGNORED, reason="[bold]markup[/] :cross_mark: \x07")])
         session.add(RejectedInstance(sop_instance_uid=EVIL_SOP, status=0xC000, reason="refused \x1b]0;title\x07"))
     sessions.kw["bind"].dispose()
     return config, uid
@@ -388,7 +388,7 @@ def test_status_show_and_rejected_escape_what_peers_sent(tmp_path):
     assert "'?[2J wiped?fake row'" in outputs["status"].stdout
     assert not any("fake row" in line and "wiped" not in line for line in outputs["status"].stdout.splitlines())
     for command in ("status", "show"):
-        assert "[bold]markup[/]" in outputs[command].stdout  # shown as it is, not read as markup
+        assert "[bold]markup[/] :cross_mark:" in outputs[command].stdout  # as it is: no markup, no emoji
     assert "'1.2.3.?[31mX'" in outputs["rejected"].stdout
 
 
