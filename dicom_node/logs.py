@@ -172,11 +172,23 @@ def _json_value(value: Any) -> Any:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-23T14:00:00.123Z INFO instance.stored sop=1.2.3 calling_ae=PACS``"""
+    """``2026-11-23T14:00:00.123Z INFO instance.stored sop=1.2.3 calling_ae=PACS``; a library's line as
+    ``library.line logger=pynetdicom.dsutils text="..."``: its text may quote what a peer sent, so it is one quoted
+    field, never read as fields of its own (``reason="forged"``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        parts = [stamp, record.levelname, _escaped(cut(record.getMessage()))]
+        message = record.getMessage()
+        if record.name.split(".")[0] in OWN_LOGGERS or hasattr(record, "event_fields"):
+            parts = [stamp, record.levelname, _escaped(cut(message))]
+        else:
+            parts = [
+                stamp,
+                record.levelname,
+                "library.line",
+                f"logger={_quote(record.name)}",
+                f"text={_quote(message)}",
+            ]
         parts += [f"{key}={_quote(value)}" for key, value in _fields(record).items()]
         line = " ".join(parts)
         if record.exc_info:
@@ -212,7 +224,7 @@ class LibraryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".")[0] == "pynetdicom":
             _name_the_peer(record)
-        if record.name.split(".")[0] in OWN_LOGGERS:
+        if record.name.split(".")[0] in OWN_LOGGERS or hasattr(record, "event_fields"):
             return True
         try:
             text = record.getMessage()

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import shlex
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -372,3 +373,24 @@ def test_a_stranger_sending_malformed_association_requests_in_a_loop_writes_few_
     assert len(errors) == 1  # the error is still said, once a minute
     assert "peer AE title" in errors[0]
     assert len(written.splitlines()) <= 4  # and the connections aborted: one line, counting the rest later
+
+
+def test_a_library_line_quoting_a_peer_is_one_quoted_field_that_forges_no_field():
+    """pynetdicom quotes an Affected SOP Instance UID a peer sent: ``1.2 series.failed reason="forged"`` made a
+    logfmt reader see fields ``reason`` and ``calling_ae`` of the node's own. The text is one quoted field now."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("pynetdicom.tests_forged")
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.warning("Non-conformant value '%s'", '1.2 series.failed reason="forged" calling_ae=PACS')
+    logger.handlers[:] = []
+    line = stream.getvalue().rstrip("\n")
+
+    _stamp, level, rest = line.split(" ", 2)
+    assert (level, rest) == (
+        "WARNING",
+        "library.line logger=pynetdicom.tests_forged "
+        'text="Non-conformant value \'1.2 series.failed reason=\\"forged\\" calling_ae=PACS\'"',
+    )
+    assert shlex.split(rest)[2:] == ["text=Non-conformant value '1.2 series.failed reason=\"forged\" calling_ae=PACS'"]
