@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import AuditEvent
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.logs import REPEATED_REFUSALS, cut, log_event, shown
+from dicom_node.receive.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
@@ -381,11 +382,10 @@ def _code(value: Any) -> int | None:
 
 
 def _literal_uid(identifier: Any, keyword: str) -> str | None:
-    """The identifier's value of a UID key if it names one UID (at most 64 printable characters, no wildcard or
-    list), else None."""
-    value = str(identifier.get(keyword, "") or "") if identifier is not None else ""
-    literal = value and len(value) <= 64 and value.isprintable() and not any(c in value for c in "*?\\")
-    return value if literal else None
+    """The identifier's value of a UID key if it names one valid UID (digits and dots, at most 64 characters),
+    else None: a record never names a study by whatever text a peer put in the key (``1.2.3%``, a wildcard)."""
+    value = str(identifier.get(keyword, "") or "").strip(" \0") if identifier is not None else ""
+    return value if is_valid_uid(value) else None
 
 
 def as_sent(text: str, limit: int = 16) -> str:

@@ -275,6 +275,23 @@ def test_a_broad_query_is_recorded_under_each_study_its_matches_disclosed(tmp_pa
     ]
 
 
+@pytest.mark.parametrize("sent", ["1.2.3%", "1.2.3 OR 1=1", "1.2.03", "1.2.3\0"])
+def test_a_query_without_matches_names_the_study_it_asked_for_only_by_a_valid_uid(tmp_path, sent):
+    """A C-FIND without matches is recorded under the StudyInstanceUID it asked for, but only where that is a UID:
+    the trail never names a study by whatever a peer put in the key (``1.2.3%``); a NUL padding is no part of it."""
+    sessions = _sessions(tmp_path)
+    event = SimpleNamespace(identifier=Dataset(), assoc=_assoc("FINDER", "10.0.0.8", 4000))
+    event.identifier.QueryRetrieveLevel, event.identifier.StudyInstanceUID = "STUDY", sent
+
+    def nothing(event, *args):
+        yield 0x0000, None
+
+    list(audited_retrieve("find", nothing, sessions)(event))
+    with sessions() as session:
+        (recorded,) = [r.study_instance_uid for r in recent(session)]
+    assert recorded == ("1.2.3" if sent == "1.2.3\0" else None)
+
+
 def test_the_studies_a_query_names_in_the_trail_are_bounded(tmp_path, monkeypatch):
     from dicom_node import audit
 
