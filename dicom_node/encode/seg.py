@@ -168,8 +168,9 @@ def encode_segmentation(
     (DerivationImageSequence, ReferencedFrameNumber). The SEG's text is in UTF-8
     (``ISO_IR 192``): the sources' names are copied as decoded text. ``tracking_uids`` (label value ->
     Tracking UID, :func:`tracking_uids`) are the structures' UIDs in every result of the run; without them
-    each segment gets a new one. A patient, study or frame of reference value of the sources that breaks its VR is
-    not copied as it is (:func:`~dicom_node.encode.copied.checked_source`): each adds a sentence to ``notes``.
+    each segment gets a new one. A patient, study, frame of reference or equipment value of the sources that breaks
+    its VR is not copied as it is (:func:`~dicom_node.encode.copied.checked_source`; the equipment describes the
+    source's scanner in ContributingEquipmentSequence): each adds a sentence to ``notes``.
     LossyImageCompression is "01" when any source went through lossy compression
     (:func:`~dicom_node.encode.lossy.mark_lossy`), with the methods and ratios known.
 
