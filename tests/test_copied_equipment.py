@@ -125,6 +125,11 @@ EDGE_CASES = {
         "acquisition equipment of the source images is left out of the results",
         False,
     ),
+    "escape": (
+        {"StationName": b"st\x1b[2J"},  # an ESC left after decoding switches no character set: a terminal's command
+        f"StationName of the source images {HOLDS_CONTROL}",
+        True,
+    ),
     "date": (
         {"AcquisitionDateTime": b"20261345"},  # the item's ContributionDateTime
         "AcquisitionDateTime of the source images is not a date and time in the DICOM form YYYYMMDDHHMMSS: left out "

@@ -60,10 +60,11 @@ ENUMERATED_VALUES = {
 """Copied code strings whose values the standard enumerates."""
 MULTI_LINE_VRS = frozenset({"LT", "ST", "UT"})
 """Text VRs that may hold line breaks, tabs and form feeds."""
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
-MULTI_LINE_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
-"""Characters no text value may hold (ESC, for character set switches, aside; in LT, ST and UT also TAB, LF, FF,
-CR)."""
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+MULTI_LINE_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+"""Characters no decoded text value may hold (in LT, ST and UT TAB, LF, FF and CR aside). ESC too: pydicom takes a
+character set's switches out as it decodes, and the results are written in UTF-8, so an ESC left in decoded text
+switches nothing and would reach the results as a terminal's command (``\x1b[2J``)."""
 TEXT_VRS = frozenset({*MAXIMUM_LENGTHS, "UC", "UR", "UT"})
 INTEGER_RANGE = (-(2**31), 2**31 - 1)
 MAXIMUM_SEQUENCE_DEPTH = 6
