@@ -28,6 +28,7 @@ from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.receive.backfill import fill_instance_identities
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
@@ -601,6 +602,7 @@ def _repair_storage(settings: Settings, sessions: sessionmaker[Session], store: 
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
     requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
+    fill_instance_identities(sessions)  # before Query/Retrieve serves: images stored before revision 0011
     log_event(
         LOG,
         logging.INFO,

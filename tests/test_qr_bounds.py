@@ -176,6 +176,7 @@ def _seed_studies(node: Node, count: int) -> None:
                     transfer_syntax_uid="1.2.840.10008.1.2.1",
                     path=f"/data/{n}.dcm",
                     size_bytes=1,
+                    patient_id=f"P{n}",
                 )
             )
 

@@ -291,18 +291,17 @@ def _of_the_study_patient() -> ColumnElement[bool]:
     UniversalEntityID), name, birth date and sex where both carry one, as the receiver and admission compare them
     (:meth:`~dicom_node.receive.header.StudyPatient.differing_keyword`). Another patient's image sent under this
     study's or series' UIDs (admission fails that series) is never served, so every answer and every sent instance
-    is the patient it names. Rows recorded before the node kept an instance's patient (NULL) are taken to be the
-    study's, and a detail not recorded for an instance (before revision 0013, or not sent) is no difference."""
-    return or_(
-        Instance.patient_id.is_(None),
-        and_(
-            Instance.patient_id == func.coalesce(Study.patient_id, ""),
-            _agrees(Instance.issuer_of_patient_id, Study.issuer_of_patient_id),
-            _agrees(Instance.issuer_universal_entity_id, Study.issuer_universal_entity_id),
-            _agrees(Instance.patient_birth_date, Study.patient_birth_date),
-            _agrees(Instance.patient_sex, Study.patient_sex),
-            _same_name(Instance.patient_name, Study.patient_name),
-        ),
+    is the patient it names. An instance whose patient is unknown (NULL: recorded before revision 0011, and its
+    stored file could not be read when start-up filled in the others, :mod:`dicom_node.receive.backfill`) is never
+    served: it cannot be shown to be the study's patient. A detail the instance's header did not carry is no
+    difference."""
+    return and_(
+        Instance.patient_id == func.coalesce(Study.patient_id, ""),
+        _agrees(Instance.issuer_of_patient_id, Study.issuer_of_patient_id),
+        _agrees(Instance.issuer_universal_entity_id, Study.issuer_universal_entity_id),
+        _agrees(Instance.patient_birth_date, Study.patient_birth_date),
+        _agrees(Instance.patient_sex, Study.patient_sex),
+        _same_name(Instance.patient_name, Study.patient_name),
     )
 
 

@@ -1,0 +1,218 @@
+"""After an upgrade from a node older than revision 0011, Query/Retrieve never hands out another patient's image.
+
+Such a node recorded no instance's own patient: revisions 0011 and 0013 add the columns empty (NULL). It recorded
+another patient's image sent under a series' UIDs (and failed the series for it); today's node, on a fresh
+database, withholds that image, but after the upgrade a C-GET of the series sent it, because an unknown patient was
+taken to be the study's. Start-up now fills in each such row from its stored file's header
+(:mod:`dicom_node.receive.backfill`), and a row whose file cannot be read stays unknown and is withheld.
+
+The database is made at revision 0010 with alembic and filled as the older node filled it; the node is a real
+``dicom-node serve``, the peer DCMTK getscu.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+import pytest
+from alembic import command
+from pydicom.uid import generate_uid
+from sqlalchemy import MetaData, create_engine, insert, select
+
+from db.models import Instance
+from db.session import alembic_config, make_engine, make_session_factory, migrate
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.receive import backfill
+from tests.conftest import Node, free_port
+from tests.test_qr_identity import PLANNER, _get
+
+RITA = {"PatientID": "R1-PID", "PatientName": "Right^Rita", "PatientBirthDate": "19900909", "PatientSex": "F"}
+JANE = {"PatientID": "OTHER", "PatientName": "Roe^Jane", "PatientBirthDate": "19700101", "PatientSex": "F"}
+OLD_REVISION = "0010"
+"""The last revision before instances recorded their own patient (0011)."""
+
+
+def _phantom_files(folder: Path) -> list[Path]:
+    """Four of Rita's slices, then one of Jane's sent under the same study and series UIDs (a new SOP Instance)."""
+    files = list(write_phantom_series(folder, PhantomSpec(rows=32, columns=32, slices=4)).files)
+    for path in files:
+        _relabel(path, path, RITA)
+    other = folder / "jane.dcm"
+    _relabel(files[-1], other, JANE, new_instance=True)
+    return [*files, other]
+
+
+def _relabel(source: Path, target: Path, patient: dict[str, str], new_instance: bool = False) -> None:
+    dataset = pydicom.dcmread(source)
+    for keyword, value in patient.items():
+        setattr(dataset, keyword, value)
+    if new_instance:
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.InstanceNumber = 5
+    dataset.save_as(target)
+
+
+def _record_the_old_way(storage: Path, files: list[Path]) -> dict[str, str]:
+    """A database at revision 0010 holding ``files`` as a node of that revision recorded them: the study under the
+    first file's patient, every instance without a patient of its own, the series FAILED for the other patient's
+    image; each file stored where that node stored it. The SOP Instance UID of each file, by its name."""
+    url = f"sqlite:///{storage / 'dicom-node.db'}"
+    storage.mkdir(parents=True)
+    command.upgrade(alembic_config(url), OLD_REVISION)
+    engine = create_engine(url)
+    tables = MetaData()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    uids = {}
+    with engine.begin() as connection:
+        study_id = connection.execute(
+            insert(tables.tables["studies"]).values(
+                study_instance_uid=first.StudyInstanceUID,
+                patient_id=RITA["PatientID"],
+                patient_name=RITA["PatientName"],
+                patient_birth_date=RITA["PatientBirthDate"],
+                patient_sex=RITA["PatientSex"],
+                created_at=now,
+            )
+        ).inserted_primary_key[0]
+        series_id = connection.execute(
+            insert(tables.tables["series"]).values(
+                series_instance_uid=first.SeriesInstanceUID,
+                study_id=study_id,
+                modality="CT",
+                instance_count=len(files),
+                first_received_at=now,
+                last_received_at=now,
+            )
+        ).inserted_primary_key[0]
+        connection.execute(
+            insert(tables.tables["jobs"]).values(
+                series_id=series_id,
+                state="FAILED",
+                reason="admission refused: PatientID differs within the series",
+                attempts=0,
+                created_at=now,
+                state_changed_at=now,
+            )
+        )
+        for path in files:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            stored = (
+                storage
+                / "instances"
+                / first.StudyInstanceUID
+                / first.SeriesInstanceUID
+                / f"{dataset.SOPInstanceUID}.dcm"
+            )
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, stored)
+            connection.execute(
+                insert(tables.tables["instances"]).values(
+                    sop_instance_uid=dataset.SOPInstanceUID,
+                    sop_class_uid=dataset.SOPClassUID,
+                    series_id=series_id,
+                    transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
+                    instance_number=dataset.InstanceNumber,
+                    path=str(stored),
+                    size_bytes=stored.stat().st_size,
+                    received_at=now,
+                )
+            )
+            uids[path.name] = str(dataset.SOPInstanceUID)
+    engine.dispose()
+    return uids
+
+
+def _patients(url: str) -> dict[str, str | None]:
+    """Each recorded instance's own PatientID, by SOP Instance UID."""
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            return dict(session.execute(select(Instance.sop_instance_uid, Instance.patient_id)).all())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.integration
+def test_after_an_upgrade_a_series_c_get_sends_only_the_study_patients_images(tmp_path: Path) -> None:
+    """The old node recorded Jane's image in Rita's series; after the upgrade a SERIES-level C-GET sent it with
+    Rita's four. Start-up now reads each stored file's patient: only Rita's four come, and a second start reads
+    nothing again."""
+    files = _phantom_files(tmp_path / "sent")
+    node = Node(
+        tmp_path / "node",
+        {
+            "peers": {"planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "get"]}},
+            "destinations": {"planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": free_port()}},
+        },
+    )
+    _record_the_old_way(node.storage, files)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series = (f"StudyInstanceUID={first.StudyInstanceUID}", f"SeriesInstanceUID={first.SeriesInstanceUID}")
+    try:
+        node.start()
+        got, output = _get(node, tmp_path / "got", "-S", "QueryRetrieveLevel=SERIES", *series)
+        first_log = node.log()
+        node.stop()
+        node.start()
+        second_log = node.log()[len(first_log) :]
+    finally:
+        node.stop()
+
+    assert got == Counter({(RITA["PatientID"], RITA["PatientName"]): 4}), output
+    assert first_log.count("repair.identity_filled") == 1, first_log
+    assert "repair.identity_filled" not in second_log, second_log
+    assert Counter(_patients(f"sqlite:///{node.storage / 'dicom-node.db'}").values()) == Counter(
+        {RITA["PatientID"]: 4, JANE["PatientID"]: 1}
+    )
+
+
+def test_a_start_stopped_half_way_goes_on_where_it_stopped_and_a_missing_file_leaves_its_row_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch is committed on its own: a start stopped in its second batch kept the first, and the next start
+    reads only the rest. A row whose file is gone stays unknown (Query/Retrieve withholds it) and is read again at
+    each start, so a file put back is filled in then."""
+    files = _phantom_files(tmp_path / "sent")
+    storage = tmp_path / "storage"
+    uids = _record_the_old_way(storage, files)
+    url = f"sqlite:///{storage / 'dicom-node.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    gone = next(storage.rglob(f"{uids[files[2].name]}.dcm"))
+    kept_aside = tmp_path / "kept-aside.dcm"
+    gone.rename(kept_aside)
+
+    read = backfill._identity_from_file
+    calls: list[object] = []
+
+    def stopped_at_the_third_file(row: Instance) -> dict[str, object] | None:
+        calls.append(row)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the node stopped reading its third file (the second batch)
+        return read(row)
+
+    monkeypatch.setattr(backfill, "_identity_from_file", stopped_at_the_third_file)
+    with pytest.raises(KeyboardInterrupt):
+        backfill.fill_instance_identities(sessions, batch_size=2)
+    monkeypatch.undo()
+    assert Counter(_patients(url).values()) == Counter({RITA["PatientID"]: 2, None: 3})
+
+    resumed = backfill.fill_instance_identities(sessions, batch_size=2)
+    assert (resumed.filled, resumed.unreadable) == (2, 1)
+    assert _patients(url)[uids[files[2].name]] is None
+    assert _patients(url)[uids["jane.dcm"]] == JANE["PatientID"]
+
+    again = backfill.fill_instance_identities(sessions, batch_size=2)
+    assert (again.filled, again.unreadable) == (0, 1)
+
+    kept_aside.rename(gone)
+    put_back = backfill.fill_instance_identities(sessions, batch_size=2)
+    assert (put_back.filled, put_back.unreadable) == (1, 0)
+    assert Counter(_patients(url).values()) == Counter({RITA["PatientID"]: 4, JANE["PatientID"]: 1})
+    assert backfill.fill_instance_identities(sessions) == backfill.IdentityBackfill()
