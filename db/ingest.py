@@ -359,13 +359,20 @@ def _instance_values(record: InstanceRecord) -> dict[str, object]:
         "size_bytes": record.size_bytes,
         "calling_ae_title": record.calling_ae_title,
         "received_at": record.received_at,
-        # whose image this is, whatever its study row says: "" for none (NULL is a row from before revision 0011)
-        "patient_id": record.study.patient_id or "",
-        "issuer_of_patient_id": record.study.issuer_of_patient_id,
-        "issuer_universal_entity_id": record.study.issuer_universal_entity_id,
-        "patient_name": record.study.patient_name,
-        "patient_birth_date": record.study.patient_birth_date,
-        "patient_sex": record.study.patient_sex,
+        **instance_patient_values(record.study),
+    }
+
+
+def instance_patient_values(study: StudyAttributes) -> dict[str, object]:
+    """An instance row's own patient columns, from its header's study attributes: whose image this is, whatever its
+    study row says. PatientID "" for none (NULL is a row from before revision 0011)."""
+    return {
+        "patient_id": study.patient_id or "",
+        "issuer_of_patient_id": study.issuer_of_patient_id,
+        "issuer_universal_entity_id": study.issuer_universal_entity_id,
+        "patient_name": study.patient_name,
+        "patient_birth_date": study.patient_birth_date,
+        "patient_sex": study.patient_sex,
     }
 
 

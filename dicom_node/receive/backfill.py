@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import _instance_values
+from db.ingest import instance_patient_values
 from db.models import Instance
 from db.session import read_outside_transaction, transaction
 from dicom_node.logs import log_event
@@ -26,15 +26,6 @@ LOG = logging.getLogger(__name__)
 BATCH_SIZE = 500
 """Rows read, and headers filled in, per transaction: memory stays bounded, and a start stopped half-way keeps
 what it filled."""
-IDENTITY_COLUMNS = (
-    "patient_id",
-    "issuer_of_patient_id",
-    "issuer_universal_entity_id",
-    "patient_name",
-    "patient_birth_date",
-    "patient_sex",
-)
-"""The instance's own patient, as the receiver records it (:func:`db.ingest._instance_values`)."""
 _UNKNOWN_PATIENT = Instance.patient_id.is_(None)
 """A row recorded before revision 0011 (the receiver records "" for an image without a PatientID, never NULL)."""
 
@@ -99,5 +90,4 @@ def _identity_from_file(row: Instance) -> dict[str, object] | None:
     header = stored_header(row.path, row.sop_class_uid, row.sop_instance_uid)
     if header is None:
         return None
-    values = _instance_values(header.record(row.transfer_syntax_uid, row.path, row.size_bytes, row.calling_ae_title))
-    return {"id": row.id, **{column: values[column] for column in IDENTITY_COLUMNS}}
+    return {"id": row.id, **instance_patient_values(header.study)}
