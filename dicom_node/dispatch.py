@@ -12,7 +12,9 @@ Destinations are sent to in parallel (``dispatch.parallel_sends`` at once, one
 association per destination at a time), so a stalled destination holds up only
 itself. Every destination has every file: DONE. Each destination has every file or
 has used ``dispatch.max_attempts``: FAILED, the reason saying which destination
-lacks what; ``dicom-node retry`` sends only the missing files.
+lacks what; ``dicom-node retry`` sends only the missing files. A destination that is
+down, rejects the association as transient, or answers 0xA7xx (Out of Resources) is
+tried again without using up ``dispatch.max_attempts``, for ``dispatch.unreachable_hours``.
 """
 
 from __future__ import annotations
@@ -54,16 +56,26 @@ from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
-from dicom_node.scu import not_established, unresolvable
+from dicom_node.scu import AssociationWatch, not_established, unresolvable
 from dicom_node.security import client_tls
 from dicom_node.stall import CUT_GRACE_SECONDS, shut_down, stalled, watchdog
-from dicom_node.transfer_syntax import NotConverted, converted, offered_pairs, syntax_to_send
+from dicom_node.transfer_syntax import (
+    NotConverted,
+    converted,
+    offered_pairs,
+    syntax_to_send,
+    syntaxes_offered,
+    uid_name,
+)
 
 LOG = logging.getLogger(__name__)
 
 CLOCK_STEP_SECONDS = 5.0
 """A next attempt this much further off than ``dispatch.max_retry_seconds`` was planned before the clock was set
 back: it is made at once."""
+
+SEGMENTATION_CLASSES = "1.2.840.10008.5.1.4.1.1.66."  # Segmentation and Label Map Segmentation Storage among them
+SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."  # the Structured Report storage SOP classes
 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
@@ -121,7 +133,7 @@ def read_result_file(path: str) -> SendableFile:
 class SendOutcome:
     sent: list[str]  # files the peer accepted in this attempt
     error: str | None  # why the attempt stopped short, or None when all went
-    unreachable: bool = False  # no association: the destination is down or not answering
+    unreachable: bool = False  # down, not answering, or "not now" (a transient rejection, 0xA7xx): not counted
     node_waited: bool = False  # the association ended while the node waited for its own database: not counted
 
 
@@ -143,6 +155,12 @@ def describe_status(status: int) -> str:
     if not meaning:
         meaning = {"Success": "success", "Warning": "warning", "Failure": "failure"}.get(category, "unknown status")
     return f"0x{status:04X} ({meaning})"
+
+
+def out_of_resources(status: int) -> bool:
+    """Whether a C-STORE status is 0xA7xx, Refused: Out of Resources: the peer cannot take the object now (its disk
+    full, or too busy), which says nothing against the object; it is tried again later, as a peer that is down."""
+    return status & 0xFF00 == 0xA700
 
 
 def stored(status: int) -> bool:
@@ -169,6 +187,12 @@ def send_files(
     Explicit and Implicit VR Little Endian; a file goes as stored where the destination accepts that, else
     converted without loss to the syntax it accepted (:mod:`dicom_node.transfer_syntax`).
 
+    SEGs go first, then SRs, then the rest. A file the destination refuses is named in the error and the next one
+    is sent, except an SR that references a file refused in this attempt: it is held back, so that the PACS never
+    holds a report on a segmentation it lacks. An answer 0xA7xx (Out of Resources: "not now") ends the attempt
+    there, and the outcome says ``unreachable``: tried again like a destination that is down, without using up
+    ``dispatch.max_attempts`` (unless a file was refused for good in the same attempt).
+
     Parameters
     ----------
     timeout
@@ -186,28 +210,30 @@ def send_files(
         Called with each file and the association right before the file is sent (so
         that a stop can cut off a file the destination does not answer).
     """
-    results = [f if isinstance(f, SendableFile) else read_result_file(f) for f in files]
+    results = sorted((f if isinstance(f, SendableFile) else read_result_file(f) for f in files), key=_send_order)
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, syntax in sorted(offered_pairs((f.sop_class_uid, f.transfer_syntax_uid) for f in results)):
         ae.add_requested_context(sop_class, syntax)
+    watch = AssociationWatch()
     try:
-        assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
+        assoc = watch.associate(
+            ae, destination.host, destination.port, destination.ae_title, tls_args=client_tls(destination)
         )
     except socket.gaierror:  # tried again like a destination that is down: the name server may be the one down
         return SendOutcome([], f"{peer} is unreachable: {unresolvable(destination.host)}", unreachable=True)
     if not assoc.is_established:
-        answer = not_established(assoc, calling_ae, destination.ae_title)
-        if answer.unreachable and not assoc.is_rejected:
+        answer = not_established(assoc, calling_ae, destination.ae_title, watch)
+        if answer.unreachable and not assoc.is_rejected and not watch.connected:
             return SendOutcome(
                 [], f"{peer} is unreachable (no association: destination down, or not answering)", unreachable=True
             )
         retried = "; tried again later" if answer.unreachable else ""
         return SendOutcome([], f"{peer} {answer.reason}{retried}", unreachable=answer.unreachable)
     sent: list[str] = []
-    refusals: list[str] = []
+    refusals: list[str] = []  # each file of this attempt not accepted, and why; joined into the attempt's error
+    refused: dict[str, str] = {}  # SOP Instance UID -> file name, of the files not accepted in this attempt
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     recorded: tuple[SendableFile, float] | None = None  # the file recorded last and how long that took, until a send
     try:
@@ -215,23 +241,31 @@ def send_files(
             why = stop_reason() if stop_reason is not None else None
             if why is not None:
                 return SendOutcome(sent, why)
+            held = _held_back(result, refused, destination)
+            if held is not None:
+                refusals.append(held)
+                continue
             sent_in = syntax_to_send(result.sop_class_uid, result.transfer_syntax_uid, accepted)
             if sent_in is None:
+                refused[result.sop_instance_uid] = result.name
+                offered = ", ".join(uid_name(syntax) for syntax in syntaxes_offered(result.transfer_syntax_uid))
                 refusals.append(
-                    f"{destination.ae_title} does not accept SOP class {result.sop_class_uid} "
-                    f"in transfer syntax {result.transfer_syntax_uid}, nor in Explicit or Implicit VR Little Endian "
-                    f"({result.name})"
+                    f"{destination.ae_title} does not accept {uid_name(result.sop_class_uid)} ({result.name}) in any "
+                    f"of the transfer syntaxes offered: {offered}"
                 )
                 continue
             try:
                 sendable = result.path if sent_in == result.transfer_syntax_uid else _converted(result, sent_in)
             except ConversionFailed as exc:
+                refused[result.sop_instance_uid] = result.name
                 refusals.append(str(exc))
                 continue
             if not assoc.is_established:  # closed by the peer, or cut by the watchdog, after the last response
                 if recorded is not None and recorded[1] >= RECORD_WAIT_NOTICED_SECONDS:
-                    return SendOutcome(sent, _ended_while_recording(destination, *recorded), node_waited=True)
-                return SendOutcome(sent, f"{destination.ae_title} closed the association before {result.name} was sent")
+                    ended = _ended_while_recording(destination, *recorded)
+                    return SendOutcome(sent, _joined(refusals, ended), node_waited=True)
+                closed = f"{destination.ae_title} closed the association before {result.name} was sent"
+                return SendOutcome(sent, _joined(refusals, closed))
             recorded = None
             wait = timeout + result.size_bytes / 1_000_000 * seconds_per_megabyte
             assoc.dimse_timeout = assoc.network_timeout = wait
@@ -242,10 +276,15 @@ def send_files(
                 response = assoc.send_c_store(sendable)
             status = int(response.Status) if response and "Status" in response else None
             if status is None and cut.is_set():
-                return SendOutcome(sent, _stalled(destination, result, time.monotonic() - started))
+                return SendOutcome(sent, _joined(refusals, _stalled(destination, result, time.monotonic() - started)))
             if status is None:
-                return SendOutcome(sent, _no_response(destination, result, wait, time.monotonic() - started))
+                waited = time.monotonic() - started
+                return SendOutcome(sent, _joined(refusals, _no_response(destination, result, wait, waited)))
+            if out_of_resources(status):  # "not now": the rest waits for the next try, which this one does not use up
+                not_now = _out_of_resources(destination, result, status, counted=bool(refusals))
+                return SendOutcome(sent, _joined(refusals, not_now), unreachable=not refusals)
             if not stored(status):
+                refused[result.sop_instance_uid] = result.name
                 refusals.append(f"{destination.ae_title} refused {result.name} with status {describe_status(status)}")
                 continue
             if on_accepted is not None:
@@ -258,6 +297,58 @@ def send_files(
             with watchdog(assoc, timeout + CUT_GRACE_SECONDS, name="dispatch-watchdog"):
                 assoc.release()
     return SendOutcome(sent, "; ".join(refusals) or None)
+
+
+def _send_order(result: SendableFile) -> int:
+    """SEGs first, then SRs (which reference them), then the rest, each in the order given."""
+    if result.sop_class_uid.startswith(SEGMENTATION_CLASSES):
+        return 0
+    return 1 if result.sop_class_uid.startswith(SR_CLASSES) else 2
+
+
+def _joined(refusals: list[str], ending: str) -> str:
+    """The error of an attempt that ended early: the files refused before it ended, then how it ended."""
+    return "; ".join([*refusals, ending])
+
+
+def _out_of_resources(destination: Destination, result: SendableFile, status: int, *, counted: bool) -> str:
+    """Why an attempt stopped at a 0xA7xx answer, and when the rest is tried again."""
+    said = f"{destination.ae_title} answered Out of Resources (0x{status:04X}) for {result.name}"
+    if counted:  # a file refused for good in the same attempt: the attempt counts all the same
+        return f"{said}: it cannot take it now; it and the files not yet sent are sent again at the next attempt"
+    return (
+        f"{said}: it cannot take it now (its disk full, or too busy); it is tried again later, with the files not "
+        "yet sent, without using up dispatch.max_attempts (for up to dispatch.unreachable_hours)"
+    )
+
+
+def _held_back(result: SendableFile, refused: dict[str, str], destination: Destination) -> str | None:
+    """Why ``result`` is not sent in this attempt: it references a file ``destination`` did not accept in this
+    attempt (an SR naming a refused SEG as evidence), so the PACS would hold a report on a result it lacks."""
+    if not refused or not result.sop_class_uid.startswith(SR_CLASSES):
+        return None
+    lacking = [refused[uid] for uid in _evidence_uids(result.path) if uid in refused]
+    if not lacking:
+        return None
+    return (
+        f"{result.name} held back: it references {', '.join(lacking)}, which {destination.ae_title} did not accept; "
+        "it is sent once it has"
+    )
+
+
+def _evidence_uids(path: str) -> list[str]:
+    """The SOP Instance UIDs an SR lists as evidence (CurrentRequestedProcedureEvidenceSequence); none for a file
+    that cannot be read (its own send says so)."""
+    try:
+        dataset = dcmread(path, stop_before_pixels=True, specific_tags=["CurrentRequestedProcedureEvidenceSequence"])
+    except (OSError, InvalidDicomError, ValueError):
+        return []
+    return [
+        str(instance.get("ReferencedSOPInstanceUID", ""))
+        for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for instance in series.get("ReferencedSOPSequence", [])
+    ]
 
 
 class ConversionFailed(ValueError):
@@ -752,8 +843,9 @@ class Dispatcher(PeriodicTask):
 
         An attempt at results that were superseded meanwhile (``key`` is not the job's run any more) is not
         counted: the new run's results start with every attempt they are allowed. An attempt that found the
-        destination ``unreachable`` is tried again every ``dispatch.max_retry_seconds`` at most, without using
-        up ``dispatch.max_attempts``, until it has been unreachable for ``dispatch.unreachable_hours``.
+        destination ``unreachable`` (down, a transient rejection, or an answer 0xA7xx Out of Resources) is tried
+        again every ``dispatch.max_retry_seconds`` at most, without using up ``dispatch.max_attempts``, until it has
+        been so for ``dispatch.unreachable_hours``.
         """
         logged: list[tuple[int, str, dict]] = []
 
@@ -780,12 +872,12 @@ class Dispatcher(PeriodicTask):
             if complete:
                 logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))
             else:
+                # a try that found the destination down or asking for a later try is not an attempt: its own count
+                counted = (
+                    {"uncounted_try": record.unreachable_attempts} if unreachable else {"attempt": record.attempts}
+                )
                 logged.append(
-                    (
-                        logging.WARNING,
-                        "dispatch.attempt_failed",
-                        {"attempt": record.attempts, "error": record.last_error},
-                    )
+                    (logging.WARNING, "dispatch.attempt_failed", {**counted, "error": record.last_error}),
                 )
             logged.extend(self._settle_in(session, job))
 

@@ -19,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -45,12 +46,13 @@ def verify(
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
     started = time.perf_counter()
+    watch = AssociationWatch()
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+        assoc = watch.associate(ae, host, port, called_ae, tls_args=tls_args)
     except socket.gaierror:
         return EchoResult(False, unresolvable(host), time.perf_counter() - started)
     if not assoc.is_established:
-        reason = not_established(assoc, calling_ae, called_ae).reason
+        reason = not_established(assoc, calling_ae, called_ae, watch).reason
         return EchoResult(False, reason, time.perf_counter() - started)
     try:
         response = assoc.send_c_echo()
@@ -152,13 +154,43 @@ def unresolvable(host: str) -> str:
 
 
 def _associate(ae: AE, called_ae: str, host: str, port: int, **kwargs: Any) -> Association:
+    watch = AssociationWatch()
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
+        assoc = watch.associate(ae, host, port, called_ae, **kwargs)
     except socket.gaierror:
         raise ScuError(f"{called_ae}@{host}:{port}: {unresolvable(host)}") from None
     if not assoc.is_established:
-        raise ScuError(f"{called_ae}@{host}:{port}: {not_established(assoc, ae.ae_title, called_ae).reason}")
+        reason = not_established(assoc, ae.ae_title, called_ae, watch).reason
+        raise ScuError(f"{called_ae}@{host}:{port}: {reason}")
     return assoc
+
+
+class AssociationWatch:
+    """What an association request met before it was answered: whether the TCP connection opened, and whether the
+    node gave up waiting for the answer (and aborted itself). :func:`not_established` tells by it a peer that is
+    down from one that let the node connect and then aborted (or closed) at once, and from one that never answered.
+    """
+
+    def __init__(self) -> None:
+        self.connected = False  # the peer accepted the TCP connection
+        self.gave_up = False  # the node aborted: no answer within its ACSE timeout
+
+    def associate(self, ae: AE, host: str, port: int, called_ae: str, **kwargs: Any) -> Association:
+        """``ae.associate``, watched; the watch ends once the request is answered (or not)."""
+        handlers = [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_PDU_SENT, self._sent)]
+        assoc = ae.associate(
+            host, port, ae_title=called_ae, evt_handlers=[*kwargs.pop("evt_handlers", []), *handlers], **kwargs
+        )
+        for event, handler in handlers:
+            assoc.unbind(event, handler)  # not called for every PDU of the C-STOREs that follow
+        return assoc
+
+    def _opened(self, _event: evt.Event) -> None:
+        self.connected = True
+
+    def _sent(self, event: evt.Event) -> None:
+        if isinstance(getattr(event, "pdu", None), A_ABORT_RQ):
+            self.gave_up = True
 
 
 @dataclass(frozen=True)
@@ -183,9 +215,13 @@ REJECTIONS: dict[tuple[Any, Any], str] = {
 """A-ASSOCIATE-RJ (source, diagnostic) as words."""
 
 
-def not_established(assoc: Association, calling_ae: str, called_ae: str) -> NotEstablished:
+def not_established(
+    assoc: Association, calling_ae: str, called_ae: str, watch: AssociationWatch | None = None
+) -> NotEstablished:
     """Why ``assoc`` was not established: rejected (and why, from the A-ASSOCIATE-RJ), accepted with none of the
-    SOP classes offered, or no answer at all."""
+    SOP classes offered, or no answer at all. With the ``watch`` of the request, no answer is told apart: the
+    connection refused or never made (down), made and then aborted or closed by the peer at once (a refusal, as
+    some peers answer a calling or called AE title they do not admit), or made and never answered."""
     answer = getattr(assoc.acceptor, "primitive", None)
     if assoc.is_rejected and answer is not None:
         source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
@@ -203,6 +239,19 @@ def not_established(assoc: Association, calling_ae: str, called_ae: str) -> NotE
         return NotEstablished(
             f"accepted the association but none of the SOP classes the node proposed: {', '.join(refused)} "
             "(it does not support them, or not in the transfer syntaxes offered)",
+            unreachable=False,
+        )
+    if watch is not None and watch.connected and watch.gave_up:
+        return NotEstablished(
+            f"accepted the connection but gave no answer to the association request within {assoc.acse_timeout:g} s "
+            "(overloaded, or not a DICOM service on that port)",
+            unreachable=True,
+        )
+    if watch is not None and watch.connected:
+        return NotEstablished(
+            "aborted the association request as soon as the connection opened: it may not admit the calling AE "
+            f"title {calling_ae!r} (this node) or the called AE title {called_ae!r} (check that the peer lists this "
+            f"node's AE title and address, and that it answers to {called_ae!r})",
             unreachable=False,
         )
     return NotEstablished("no association (peer down or unreachable)", unreachable=True)

@@ -365,9 +365,9 @@ def test_stalled_destination_does_not_hold_up_the_other(tmp_path, start_node, st
 
 
 def test_every_warning_status_counts_as_stored_and_is_not_sent_again(tmp_path, start_node, start_peer):
-    """0x0107, 0x0001 and 0xB00F are warnings (stored, with a remark); 0xA700 is a refusal, sent again."""
+    """0x0107, 0x0001 and 0xB00F are warnings (stored, with a remark); 0xC000 is a refusal, sent again."""
     peer = start_peer()
-    peer.statuses = [0x0107, 0x0001, 0xA700, 0xB00F]  # in the order of arrival; the refused file goes again
+    peer.statuses = [0x0107, 0x0001, 0xC000, 0xB00F]  # in the order of arrival; the refused file goes again
     node = start_node(
         destinations={"peer": destination(peer, send=["seg", "sr", "rtstruct"])},
         rules=process_rule("peer"),
@@ -385,7 +385,7 @@ def test_every_warning_status_counts_as_stored_and_is_not_sent_again(tmp_path, s
     log = dispatch_log(node)
     assert log.count("dispatch.stored_with_warning") == 3, log
     assert "0x0107 (Attribute List Error)" in log and "0x0001 (warning)" in log, log
-    assert re.search(r"PEERSCP refused \S+\.dcm with status 0xA700 \(Refused: Out of Resources\)", log), log
+    assert re.search(r"PEERSCP refused \S+\.dcm with status 0xC000 \(Cannot Understand\)", log), log
 
 
 # --- a late instance re-opens the series while its results are being sent -----------------------
@@ -457,7 +457,7 @@ def test_a_retry_after_a_destination_was_set_to_take_more_kinds_sends_them_too(t
     """A plan made under the old `send` (SEG only) must not count as delivered once the destination also takes
     SR: the retry plans again and sends the SR too (results lacking a kind would be said so, as at a first try)."""
     peer = start_peer()
-    peer.statuses = [0xA700]  # the SEG is refused once: the job fails with its plan recorded
+    peer.statuses = [0xC000]  # the SEG is refused once: the job fails with its plan recorded
     node = start_node(
         destinations={"peer": destination(peer, send=["seg"])},
         rules=process_rule("peer"),
@@ -482,7 +482,7 @@ def test_a_destination_pointed_at_another_peer_gets_the_whole_result_there(tmp_p
     host, port) and the series retried: only the SR went to the new one, and the job said DONE `pacs 2/2` while
     each PACS held half the result. What the old peer accepted no longer counts for the new one."""
     old = start_peer("OLDPACS")
-    old.statuses = [0x0000, 0xA700]  # the SEG stored, the SR refused once: the job fails with the SEG delivered
+    old.statuses = [0x0000, 0xC000]  # the SEG stored, the SR refused once: the job fails with the SEG delivered
     node = start_node(
         destinations={"pacs": destination(old, send=["seg", "sr"])},
         rules=process_rule("pacs"),

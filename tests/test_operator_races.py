@@ -191,7 +191,7 @@ def test_retry_resends_the_kept_results_of_a_series_whose_images_retention_purge
     settings.dispatch.max_attempts = 1
     series = write_phantom_series(settings.storage.directory / "instances" / "ct", SMALL)
     uid = series.series_instance_uid
-    pacs.statuses = [0xA700] * 10  # out of resources: the PACS refuses every file of the one attempt
+    pacs.statuses = [0xC000] * 10  # cannot understand: the PACS refuses every file of the one attempt
     _receive(sessions, series, list(series.files))
     _routed(watcher, sessions, uid)
     assert worker.run_once()
