@@ -12,7 +12,10 @@ under its own patient: one whose PatientID, issuer (IssuerOfPatientID, or the Un
 IssuerOfPatientIDQualifiersSequence), PatientName, PatientBirthDate or PatientSex differs from its
 study's is never answered or sent. A patient is a PatientID from one issuer, in either form; where its studies
 name different people (another name, birth date or sex), each person is answered on their own, and a
-PATIENT-level retrieval of them all is refused.
+PATIENT-level retrieval of them all is refused. A value no matching could use is refused in a sentence naming its
+attribute (:func:`check_searchable`): longer than its VR allows, with more than :data:`MAX_WILDCARDS` wildcards,
+a list of too many UIDs, or a control character (a NUL would end SQLite's pattern early); trailing padding (spaces,
+NULs) is no part of a value.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Literal
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -34,6 +38,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from db.models import Instance, Job, JobState, Series, Study
+from dicom_node.encode.values import MAXIMUM_LENGTHS, person_name_problem
 from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
 
@@ -44,6 +49,16 @@ Kind = Literal["text", "name", "uid", "date", "time", "number"]
 
 class QueryError(ValueError):
     """The identifier cannot be answered (unknown level, retrieval without a unique key, ...)."""
+
+
+class UnsearchableValue(QueryError):
+    """A key's value the node does not search for (:func:`check_searchable`): longer than any value of the attribute
+    can be, with more wildcards or listed values than matching takes, or holding a control character. Its sentence
+    names the attribute and what is wrong, never the value."""
+
+    def __init__(self, keyword: str, problem: str) -> None:
+        super().__init__(f"{keyword} {problem}: the node does not search for such a value")
+        self.keyword = keyword
 
 
 class AmbiguousPatient(QueryError):
@@ -120,7 +135,14 @@ def query_level(identifier: Dataset) -> Level:
 
 
 def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
-    """SQL conditions for every non-universal key at or above ``level``, plus ModalitiesInStudy."""
+    """SQL conditions for every non-universal key at or above ``level``, plus ModalitiesInStudy; each value is
+    checked first (:func:`check_searchable`).
+
+    Raises
+    ------
+    QueryError
+        A value that cannot be matched (:class:`UnsearchableValue`, a number that is none, a UID list of no UID).
+    """
     depth = LEVELS.index(level)
     found: list[ColumnElement[bool]] = []
     for element in identifier:
@@ -128,26 +150,99 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
         if keyword == QUALIFIERS:
             universal_entity_id = _asked_universal_entity_id(element.value)
             if universal_entity_id and universal_entity_id != "*":
+                check_searchable("UniversalEntityID", universal_entity_id)
                 found.append(_matching(Study.issuer_universal_entity_id, universal_entity_id))
             continue
         value = _value(element.value)
         if keyword == "ModalitiesInStudy" and value:
+            check_searchable(keyword, value)
             wanted = [v.strip() for v in value.split("\\") if v.strip()]
             if wanted and "*" not in wanted:  # "*" matches every study, as for any other key
                 matches = or_(*(_matching(Series.modality, v) for v in wanted))
                 found.append(_of_studies_served(matches))
             continue
         key = KEYS.get(keyword)
-        if keyword == "AccessionNumber" and value and value != "*" and LEVELS.index("STUDY") <= depth:
-            found.append(_of_an_order(value))
+        if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
             continue
-        if key is not None and key.kind == "name":
+        if key.kind == "name":
             # trimmed as any person name is ("PatientName" only picks the rule); "^^" or "=" alone: universal
             value = comparable_identity("PatientName", value)
-        if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
+            if not value or value == "*":
+                continue
+        check_searchable(keyword, value)
+        if keyword == "AccessionNumber":
+            found.append(_of_an_order(value))
             continue
         found.append(_condition(key, value))
     return found
+
+
+MAX_WILDCARDS = 32
+"""The most wildcards (``*`` and ``?``) one value may hold: a planning system writes a few (``DOE*``,
+``*^JOHN*``, ``??????``); dozens select nothing more, and each costs the database work on every row."""
+MAX_LISTED_UIDS = 5000
+"""The most UIDs one UID list (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID) may hold: a
+retrieval of a series' instances one by one lists a few thousand; every UID is one parameter of the database
+query, and the databases take some tens of thousands in all."""
+MAX_LISTED_MODALITIES = 64
+"""The most values ModalitiesInStudy may hold (DICOM defines fewer modalities): each is one more alternative of
+the database query, whose depth the database limits."""
+RANGE_LENGTHS = {"DA": 18, "TM": 28, "DT": 54}
+"""The longest date and time ranges (PS3.5 Table 6.2-1, in a query with range matching): two values and a
+hyphen."""
+UNSTORED_LENGTHS = {"UniversalEntityID": 64}
+"""Keys whose VR sets no useful limit (UT), by the longest value the node records for them."""
+CONTROL_CHARACTERS = frozenset([*map(chr, range(0x20)), "\x7f"])
+"""C0 control characters and DEL: no value the node matches holds one. ESC starts the escape sequences of ISO 2022
+character sets, which pydicom has already read where SpecificCharacterSet declares the set: an ESC left in a
+decoded value switches to a set that is not declared (as the receiver decides, :func:`~dicom_node.receive.header.
+decode_strictly`)."""
+
+
+def check_searchable(keyword: str, value: str) -> None:
+    """Refuse a key's value that no matching could use: longer than any value of the attribute can be (its VR's
+    length; a person name 64 characters per component group, 3 groups; a date or time range two values and a
+    hyphen), with more than :data:`MAX_WILDCARDS` wildcards, a UID list of more than :data:`MAX_LISTED_UIDS` UIDs
+    (ModalitiesInStudy: :data:`MAX_LISTED_MODALITIES`), or holding a control character (NUL included, which
+    SQLite's pattern matching would read as the pattern's end and PostgreSQL refuses). ``value`` is without its
+    trailing padding (:func:`_value`).
+
+    Raises
+    ------
+    UnsearchableValue
+        Naming the attribute and what is wrong with its value (its length, its count), never the value.
+    """
+    vr = dictionary_VR(keyword)
+    most = MAX_LISTED_UIDS if vr == "UI" else MAX_LISTED_MODALITIES if keyword == "ModalitiesInStudy" else None
+    listed = value.split("\\") if most is not None else [value]  # a key of one value is matched whole
+    if most is not None and len(listed) > most:
+        raise UnsearchableValue(keyword, f"lists {len(listed)} values, more than the {most} the node matches")
+    for part in listed:
+        problem = _unsearchable(keyword, vr, part.strip())
+        if problem is not None:
+            raise UnsearchableValue(keyword, problem)
+
+
+def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
+    """Why :func:`check_searchable` refuses one value, as the end of a sentence; None when it is searched for."""
+    if "\x1b" in value:
+        return "holds an escape sequence to a character set that its SpecificCharacterSet does not declare"
+    if not CONTROL_CHARACTERS.isdisjoint(value):
+        return "holds a control character (NUL, a tab, a line break or similar), which no ID, name or date holds"
+    if vr == "PN":
+        problem = person_name_problem(value)
+        if problem is not None:
+            return problem
+    else:
+        ranged = vr in RANGE_LENGTHS and "-" in value
+        limit = RANGE_LENGTHS[vr] if ranged else UNSTORED_LENGTHS.get(keyword, MAXIMUM_LENGTHS.get(vr))
+        if limit is not None and len(value) > limit:
+            allows = "the node records" if keyword in UNSTORED_LENGTHS else f"DICOM allows ({vr}{' range' * ranged})"
+            return f"is {len(value)} characters long, more than the {limit} {allows}"
+    wildcards = value.count("*") + value.count("?")
+    if wildcards > MAX_WILDCARDS:
+        return f"holds {wildcards} wildcards (* and ?), more than the {MAX_WILDCARDS} the node matches in one value"
+    return None
 
 
 def _asked_universal_entity_id(items: Any) -> str:
@@ -173,11 +268,13 @@ def _of_studies_served(series_condition: ColumnElement[bool]) -> ColumnElement[b
 
 
 def _value(raw: Any) -> str:
+    """A key's value as text, several values joined by backslashes, without its padding (spaces; NULs at its end,
+    as DICOM pads a UID)."""
     if raw is None:
         return ""
     if isinstance(raw, (list, tuple, MultiValue)):
-        return "\\".join(str(v) for v in raw)
-    return str(raw).strip()
+        return "\\".join(str(v) for v in raw).rstrip("\x00 ")
+    return str(raw).strip().rstrip("\x00 ")
 
 
 def _condition(key: Key, value: str) -> ColumnElement[bool]:
@@ -390,8 +487,8 @@ def why_not_served(session: Session, identifier: Dataset) -> str | None:
 
     The series are those named by SeriesInstanceUID, and those of the instances named by SOPInstanceUID.
     """
-    series_uids, instance_uids = (
-        [uid.strip() for uid in _value(identifier.get(keyword, "")).split("\\") if uid.strip()]
+    series_uids, instance_uids = (  # keys below the level were not checked: their first UIDs only
+        [uid.strip() for uid in _value(identifier.get(keyword, "")).split("\\") if uid.strip()][:MAX_LISTED_UIDS]
         for keyword in ("SeriesInstanceUID", "SOPInstanceUID")
     )
     named = select(Series).where(

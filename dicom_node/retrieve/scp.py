@@ -79,12 +79,13 @@ from dicom_node.audit import (
     why_unreadable,
 )
 from dicom_node.config import Destination, PeerSettings, RetrieveSettings, Settings, TlsSettings
-from dicom_node.logs import log_event, log_throttled
+from dicom_node.logs import REPEATED_REFUSALS, Throttle, log_event, log_throttled
 from dicom_node.retrieve.inflight import Retrieval, retrieving
 from dicom_node.retrieve.matching import (
     KEYS,
     AmbiguousPatient,
     QueryError,
+    UnsearchableValue,
     find_disclosing,
     is_narrow,
     matching_instances,
@@ -392,22 +393,44 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
                 disclosed(event, studies)
             yield PENDING, response if peer.may("find") else without_demographics(response)
     except QueryError as exc:
-        log_event(
-            LOG,
-            logging.WARNING,
-            "query.refused",
-            calling_ae=calling_ae,
-            address=event.assoc.requestor.address,
-            reason=str(exc),
-        )
+        fields = {"calling_ae": calling_ae, "address": event.assoc.requestor.address, "reason": str(exc)}
+        if isinstance(exc, UnsearchableValue):  # repeatable at will, disclosing nothing: throttled as the others
+            log_throttled(LOG, logging.WARNING, "query.refused", (peer.name, "value", exc.keyword), **fields)
+            repeatable_refusal(event)
+        else:
+            log_event(LOG, logging.WARNING, "query.refused", **fields)
         yield _status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match: see the node's log"), None
         return
-    except Exception:  # the peer hears a fixed comment, the log the details
-        LOG.exception("query.failed", extra={"event_fields": {"calling_ae": calling_ae}})
+    except Exception as exc:  # noqa: BLE001 - the peer hears a fixed comment, the log the details
+        _log_query_failure(exc, peer, calling_ae, event.assoc.requestor.address)
         yield _status(UNABLE_TO_PROCESS_FIND, "Unable to process the query"), None
         return
     log_event(LOG, logging.INFO, "query.answered", calling_ae=calling_ae, query_level=level, matches=count)
     yield SUCCESS, None
+
+
+FAILURES_TRACED = Throttle(3600.0, max_keys=256)
+"""The C-FIND failures whose details (the traceback) were logged in the last hour, by kind and message."""
+
+
+def _log_query_failure(exc: Exception, peer: Peer, calling_ae: str, address: str) -> None:
+    """A C-FIND the node could not answer (an internal error): one ERROR line per peer and failure each 10 s, with
+    the details (the traceback) once an hour for each distinct failure, so that a peer repeating a query that fails
+    cannot fill the disk with tracebacks."""
+    kind = (type(exc).__qualname__, str(exc)[:200])
+    dropped = REPEATED_REFUSALS.admit(("query.failed", peer.name, kind))
+    if dropped is None:
+        return
+    traced = FAILURES_TRACED.admit(kind) is not None
+    fields: dict[str, Any] = {
+        "calling_ae": calling_ae,
+        "address": address,
+        "reason": "the node could not answer this query because of an internal error; "
+        + ("its details are in this line's exception field" if traced else "the same error as logged before"),
+    }
+    if dropped:
+        fields["not_logged_since_last"] = dropped
+    LOG.error("query.failed", exc_info=exc if traced else None, extra={"event_fields": fields})
 
 
 def _matches(context: RetrieveContext, identifier: Dataset, limit: int) -> list[tuple[Dataset, list[str] | None]]:
@@ -789,14 +812,16 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
             return Selection(paths, _series_purged_with(session, {i.series_id for i in found}))
     except QueryError as exc:
         ambiguous = isinstance(exc, AmbiguousPatient)
-        log_event(
-            LOG,
-            logging.WARNING,
-            "retrieve.refused",
-            calling_ae=calling_ae,
-            address=event.assoc.requestor.address,
-            reason=f"a retrieval by peer {peer.name} was refused: {exc}" if ambiguous else str(exc),
-        )
+        fields = {
+            "calling_ae": calling_ae,
+            "address": event.assoc.requestor.address,
+            "reason": f"a retrieval by peer {peer.name} was refused: {exc}" if ambiguous else str(exc),
+        }
+        if isinstance(exc, UnsearchableValue):  # repeatable at will: one line per peer and attribute each 10 s
+            log_throttled(LOG, logging.WARNING, "retrieve.refused", (peer.name, "value", exc.keyword), **fields)
+            repeatable_refusal(event)
+        else:
+            log_event(LOG, logging.WARNING, "retrieve.refused", **fields)
         return SEVERAL_PATIENTS if ambiguous else NOT_MATCHING
 
 
