@@ -323,3 +323,53 @@ def test_a_query_failing_inside_the_node_leaves_one_traceback_not_one_per_query(
     [failed] = [record for record in caplog.records if record.msg == "query.failed"]
     assert failed.exc_info is not None
     assert "its details are in this line's exception field" in failed.event_fields["reason"]  # type: ignore[attr-defined]
+
+
+def test_a_retrieval_failing_inside_the_node_is_answered_unable_to_process_with_one_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A C-GET on a database that cannot be opened ended in pynetdicom's own failure (the handler gave no count of
+    sub-operations) and no reason in the log; it is answered 0xC000 now, the log saying why once per failure."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(retrieve_scp, "REPEATED_REFUSALS", Throttle(10.0))
+    monkeypatch.setattr(retrieve_scp, "FAILURES_TRACED", Throttle(3600.0))
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    (tmp_path / "not-a-database").mkdir()
+    unreadable = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'not-a-database'}"))
+    store = InstanceStore(tmp_path / "storage")
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
+    planner = Peer("planner", PLANNER, (ipaddress.ip_network("127.0.0.0/8"),), frozenset({"get"}))
+    retrieve = RetrieveContext(
+        ae_title="NODE", destinations={}, sessions=unreadable, peers=PeerPolicy([planner], "the planner only")
+    )
+    server = receive_scp.start_storage_scp(
+        network, receive_scp.StoreContext(store=store, sessions=sessions, recorder=recorder), retrieve
+    )
+    try:
+        ae = AE(ae_title=PLANNER)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        assoc = ae.associate("127.0.0.1", network.port, ae_title="NODE")
+        assert assoc.is_established
+        identifier = query("STUDY", StudyInstanceUID="1.2.3")
+        finals = [
+            list(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet))[-1][0] for _ in range(5)
+        ]
+        assoc.release()
+    finally:
+        server.shutdown()
+        recorder.stop()
+        store.close()
+
+    assert [(int(s.Status), str(s.get("ErrorComment"))) for s in finals] == [
+        (0xC000, "Unable to process: see the node's log")
+    ] * 5
+    [failed] = [record for record in caplog.records if record.msg == "retrieve.failed"]
+    assert failed.exc_info is not None
+    assert failed.event_fields["reason"].startswith(  # type: ignore[attr-defined]
+        "the node could not answer this retrieval (C-GET or C-MOVE) because of an internal error"
+    )

@@ -413,24 +413,27 @@ FAILURES_TRACED = Throttle(3600.0, max_keys=256)
 """The C-FIND failures whose details (the traceback) were logged in the last hour, by kind and message."""
 
 
-def _log_query_failure(exc: Exception, peer: Peer, calling_ae: str, address: str) -> None:
-    """A C-FIND the node could not answer (an internal error): one ERROR line per peer and failure each 10 s, with
-    the details (the traceback) once an hour for each distinct failure, so that a peer repeating a query that fails
-    cannot fill the disk with tracebacks."""
+def _log_query_failure(
+    exc: Exception, peer: Peer, calling_ae: str, address: str, event: str = "query.failed", what: str = "query"
+) -> None:
+    """A C-FIND (or, with ``event`` ``retrieve.failed``, a C-GET or C-MOVE) the node could not answer for an
+    internal error (its database unreachable, say): one ERROR line per peer and failure each 10 s, with the details
+    (the traceback) once an hour for each distinct failure, so that a peer repeating a request that fails cannot
+    fill the disk with tracebacks."""
     kind = (type(exc).__qualname__, str(exc)[:200])
-    dropped = REPEATED_REFUSALS.admit(("query.failed", peer.name, kind))
+    dropped = REPEATED_REFUSALS.admit((event, peer.name, kind))
     if dropped is None:
         return
     traced = FAILURES_TRACED.admit(kind) is not None
     fields: dict[str, Any] = {
         "calling_ae": calling_ae,
         "address": address,
-        "reason": "the node could not answer this query because of an internal error; "
+        "reason": f"the node could not answer this {what} because of an internal error; "
         + ("its details are in this line's exception field" if traced else "the same error as logged before"),
     }
     if dropped:
         fields["not_logged_since_last"] = dropped
-    LOG.error("query.failed", exc_info=exc if traced else None, extra={"event_fields": fields})
+    LOG.error(event, exc_info=exc if traced else None, extra={"event_fields": fields})
 
 
 def _matches(context: RetrieveContext, identifier: Dataset, limit: int) -> list[tuple[Dataset, list[str] | None]]:
@@ -533,7 +536,7 @@ def _move(
         if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first
             yield 1
             unreachable.stop()
-            yield _status(IDENTIFIER_DOES_NOT_MATCH, paths), None
+            yield _refusal(paths), None
             return
         paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association()))
         yield from _count_or_refuse(paths, context, event, route.operation)
@@ -661,7 +664,7 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     selection = _paths_to_retrieve(event, context, calling_ae, peer)
     if isinstance(selection, str):
         yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, selection), None
+        yield _refusal(selection), None
         return
     receiver = f"{calling_ae} at {_address(event)}"
     with retrieving(context.storage, Retrieval(receiver, "C-GET", selection.series)):  # no purge deletes them
@@ -823,6 +826,25 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
         else:
             log_event(LOG, logging.WARNING, "retrieve.refused", **fields)
         return SEVERAL_PATIENTS if ambiguous else NOT_MATCHING
+    except Exception as exc:  # noqa: BLE001 - the peer hears a fixed comment, the log the details
+        _log_query_failure(
+            exc, peer, calling_ae, event.assoc.requestor.address, "retrieve.failed", "retrieval (C-GET or C-MOVE)"
+        )
+        return NOT_PROCESSED
+
+
+class Unprocessed(str):
+    """The comment for a retrieval the node could not process for an error of its own: answered 0xC000."""
+
+
+NOT_PROCESSED = Unprocessed("Unable to process: see the node's log")
+UNABLE_TO_PROCESS = 0xC000
+
+
+def _refusal(comment: str) -> Dataset:
+    """The final status of a retrieval refused with ``comment``: 0xC000 for an error of the node's own, else
+    0xA900 (the identifier cannot be retrieved)."""
+    return _status(UNABLE_TO_PROCESS if isinstance(comment, Unprocessed) else IDENTIFIER_DOES_NOT_MATCH, comment)
 
 
 def _say_why_nothing_is_served(event: evt.Event, session: Session, calling_ae: str, peer: Peer) -> None:
