@@ -29,6 +29,7 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.backfill import fill_instance_identities
+from dicom_node.receive.moved_storage import adopt_moved_storage
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
@@ -598,11 +599,12 @@ def _start_parts(
 def _repair_storage(settings: Settings, sessions: sessionmaker[Session], store: InstanceStore) -> None:
     """Bring storage and database into agreement after any stop (:func:`repair`), and requeue the jobs of the
     previous run; raises the database's OperationalError when it cannot be written (locked, gone, its disk full)."""
+    adopt_moved_storage(store.root, sessions)  # first: the rows name the files where they are now
     delete_purged_leftovers(sessions, store.instances_dir)  # a purge that committed, then stopped: never put back
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
-    requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
     fill_instance_identities(sessions)  # before Query/Retrieve serves: images stored before revision 0011
+    requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
     log_event(
         LOG,
         logging.INFO,

@@ -420,15 +420,23 @@ def record_stored_instances(
 
     A SOP Instance UID recorded before, or earlier in ``records``, keeps its first
     file: a copy stored under other study or series UIDs (so at another path) is
-    set aside in quarantine and recorded as such (:func:`_keep_first_copy`).
-    Safe to run again after a rollback. ``counted_at`` becomes the series'
-    ``last_received_at`` (see :func:`db.ingest.record_instance`).
+    set aside in quarantine and recorded as such (:func:`_keep_first_copy`),
+    unless the recorded file is gone from disk: the copy then takes its place
+    (:func:`_take_place_of_missing_file`). Safe to run again after a rollback.
+    ``counted_at`` becomes the series' ``last_received_at`` (see
+    :func:`db.ingest.record_instance`).
     """
     first_paths = recorded_paths(session, (record.sop_instance_uid for record in records))
     outcomes: list[StoreOutcome | None] = [None] * len(records)
     new: list[int] = []
     for index, record in enumerate(records):
         existing = first_paths.get(record.sop_instance_uid)
+        if existing is not None and _recorded_file_gone(Path(existing), Path(record.path)):
+            if _take_place_of_missing_file(session, record, Path(existing)):
+                first_paths[record.sop_instance_uid] = record.path
+                outcomes[index] = StoreOutcome(RecordOutcome(stored=False), Path(record.path))
+                continue
+            existing = None  # its row was in another series and is gone: this copy is recorded as new
         if existing is None:
             first_paths[record.sop_instance_uid] = record.path  # a later copy in this batch is a duplicate
             new.append(index)
@@ -440,6 +448,49 @@ def record_stored_instances(
         if outcome.series_created or outcome.series_reopened:  # once per series and batch: a rare lookup
             hold_series_with_different_copies(session, records[index].series.series_instance_uid)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _recorded_file_gone(recorded: Path, copy: Path) -> bool:
+    """Whether a copy stored at another path than its instance's row names finds the recorded file gone from disk
+    (deleted, or recorded in a storage folder that was moved since) while the copy itself is on disk."""
+    return recorded != copy and copy.exists() and not recorded.exists()
+
+
+def _take_place_of_missing_file(session: Session, record: InstanceRecord, recorded: Path) -> bool:
+    """Let the copy at ``record.path`` take the place of the recorded file that is gone; True when the row now
+    names the copy, False when the row (of another series) was removed so the copy is recorded in its own series.
+
+    A copy of the same series (perhaps under another StudyInstanceUID) is the image the series already counts:
+    the row names the copy's file, size and transfer syntax from now on. A copy naming another series is the
+    only copy left of the image: it is filed under the series it names, and the series that had lost its file
+    counts one image fewer. Logged either way (``recorder.replaced_missing_file``).
+    """
+    series_uid = record.series.series_instance_uid
+    row = session.scalars(select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)).one()
+    same_series = row.series.series_instance_uid == series_uid
+    if same_series:
+        row.path, row.size_bytes = record.path, record.size_bytes
+        row.transfer_syntax_uid = record.transfer_syntax_uid
+        outcome = f"this copy now stands for it in series {series_uid}"
+    else:
+        row.series.instance_count = max(row.series.instance_count - 1, 0)
+        outcome = (
+            f"it was filed in series {row.series.series_instance_uid}, which counts it no more; this copy is "
+            f"recorded in series {series_uid}, which it names"
+        )
+        session.delete(row)
+    session.flush()
+    log_event(
+        LOG,
+        logging.WARNING,
+        "recorder.replaced_missing_file",
+        sop_instance_uid=record.sop_instance_uid,
+        path=record.path,
+        missing=str(recorded),
+        note=f"the recorded file of SOP Instance UID {record.sop_instance_uid} ({recorded}) is gone from disk, so "
+        f"the copy received at {record.path} takes its place: {outcome}",
+    )
+    return same_series
 
 
 DIFFERENT_CONTENT_COMMENT = "already received with other pixel data; the first copy is kept"
@@ -765,14 +816,14 @@ OPERATOR_RELEASES = frozenset({JobState.COMPLETE, JobState.QUEUED, JobState.SEND
 def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRecord, target: Path) -> StoreOutcome:
     """A duplicate of the instance recorded at ``target``: kept once, never filed under another series.
 
-    A copy at ``target`` itself is the same instance sent again. A copy that names another study or
+    A copy at ``target`` itself (by any name) is the same instance sent again. A copy that names another study or
     series is set aside in quarantine, with a ``rejected_instances`` row naming the series it claims:
     that series lacks the image, and its completion says so (a series that had completed is re-opened
     for that). The quarantine name is fixed by series, SOP Instance UID and time of receipt, so running
     this again after a rollback records the same file once, and a later copy gets a file of its own.
     """
     copy = Path(record.path)
-    if target == copy:
+    if target == copy or _same_file(target, copy):  # the same file, by another name of its folder (a symbolic link)
         return StoreOutcome(RecordOutcome(stored=False), target)
     series_uid = record.series.series_instance_uid
     received = record.received_at.strftime(SET_ASIDE_TIME_FORMAT)
@@ -823,6 +874,14 @@ def _keep_first_copy(session: Session, store: InstanceStore, record: InstanceRec
     if claimed is not None and claimed.series.purged_at is None:
         jobs.reopen(session, claimed, "an image set aside for it (its SOP Instance UID is stored in another series)")
     return StoreOutcome(RecordOutcome(stored=False), target, set_aside=set_aside)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether both paths name one file on disk (False when either is missing)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 SET_ASIDE_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
