@@ -370,7 +370,9 @@ def _database_with_peer_text(tmp_path: Path) -> tuple[Path, str]:
         series = Series(
             series_instance_uid=uid, study=study, modality="CT", series_description=EVIL_DESCRIPTION, instance_count=1
         )
-        session.add_all([study, series, Job(series=series, state=JobState.IGNORED, reason="[bold]markup[/] :cross_mark: \x07")])
+        session.add_all(
+            [study, series, Job(series=series, state=JobState.IGNORED, reason="[bold]markup[/] :cross_mark: \x07")]
+        )
         session.add(RejectedInstance(sop_instance_uid=EVIL_SOP, status=0xC000, reason="refused \x1b]0;title\x07"))
     sessions.kw["bind"].dispose()
     return config, uid
