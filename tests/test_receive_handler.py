@@ -39,6 +39,7 @@ class RunningScp:
     store: InstanceStore
     sessions: sessionmaker[Session]
     recorder: InstanceRecorder
+    context: scp.StoreContext | None = None  # what the SCP's handlers share: its studies' claims, say
 
     def associate(self) -> Any:
         """An established association from PACS that may store CT."""
@@ -74,9 +75,10 @@ def running_scp(tmp_path: Path) -> Iterator[RunningScp]:
     recorder = InstanceRecorder(store, sessions)
     recorder.start()
     network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
-    server = scp.start_storage_scp(network, scp.StoreContext(store=store, sessions=sessions, recorder=recorder))
+    context = scp.StoreContext(store=store, sessions=sessions, recorder=recorder)
+    server = scp.start_storage_scp(network, context)
     try:
-        yield RunningScp(network, store, sessions, recorder)
+        yield RunningScp(network, store, sessions, recorder, context)
     finally:
         server.shutdown()
         recorder.stop()

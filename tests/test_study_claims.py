@@ -188,10 +188,12 @@ def test_two_senders_at_once_on_two_receiving_processes_get_one_study_for_one_pa
         reasons = wait_for(
             lambda series=refused_series: _rejection_reasons(node, series, len(ct)), timeout=60, what="refusals"
         )
-        assert reasons == [
-            f"StudyInstanceUID {study} is already stored for another patient (its PatientID differs); one study "
-            "holds one patient, so this instance is quarantined"
-        ] * len(ct)
+        said = {  # the claim refuses the first; the later ones may meet the winner's row (or this process' memory)
+            f"StudyInstanceUID {study} is {being} for another patient (its PatientID differs); one study holds one "
+            "patient, so this instance is quarantined"
+            for being in ("being received", "already stored")
+        }
+        assert len(reasons) == len(ct) and set(reasons) <= said, reasons
         with node.sessions() as session:
             assert session.scalars(select(Study.patient_id).where(Study.study_instance_uid == study)).all() == [winner]
 

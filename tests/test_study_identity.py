@@ -10,6 +10,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from db.ingest import STUDY_ROW_IDENTITY_COLUMNS
 from db.jobs import job_for_series_uid
 from db.models import JobState, RejectedInstance, Study
 from dicom_node import status
@@ -271,3 +272,29 @@ def test_a_second_series_of_a_study_with_another_study_date_and_time_is_queued_w
             "study answer that value, while these results carry this series' value"
             for keyword in ("StudyDate", "StudyTime")
         ]
+
+
+def test_a_claim_never_outlives_the_studys_row_so_a_correction_after_a_purge_is_received(running_scp, tmp_path):
+    """The node-wide claim of a study by its patient (taken before the study's row is written) lasted 10 minutes:
+    after `dicom-node purge --series` erased the study's identity, the PACS' corrected series (another PatientID)
+    was refused as "already stored for another patient" on every receiving process. Once the row exists, it
+    decides; a row whose identity a purge erased names nobody."""
+    wrong = phantom(tmp_path / "wrong", PatientID="PAT-WRONG")
+    assert running_scp.send(wrong.files) == [(status.SUCCESS, "")] * len(wrong.files)  # claimed for PAT-WRONG
+    assert running_scp.recorder.wait_until_recorded(30)
+    with running_scp.sessions() as session:  # as the purge erases it: the row stays, naming nobody
+        (study,) = session.scalars(select(Study))
+        for column in STUDY_ROW_IDENTITY_COLUMNS:
+            setattr(study, column, None)
+        session.commit()
+    corrected = phantom(tmp_path / "right", wrong.study_instance_uid, PatientID="PAT-RIGHT")
+    sent = dcmread(corrected.files[0], stop_before_pixels=True)
+    header = check_header(
+        read_header(data_set_bytes(corrected.files[0]), sent.file_meta.TransferSyntaxUID),
+        str(sent.SOPClassUID),
+        str(sent.SOPInstanceUID),
+    )
+    claimed_by = running_scp.context.studies  # the receiving process that claimed the study
+    elsewhere = KnownStudies(running_scp.sessions, claims=claimed_by.claims)  # another one, sharing the table
+
+    assert elsewhere.conflict(header) is None

@@ -89,11 +89,16 @@ class KnownStudies:
 
     def recorded_patient(self, study_instance_uid: str) -> StudyPatient | None:
         """The study's recorded patient; None for a study not stored yet (or whose identity was erased)."""
+        return self._recorded(study_instance_uid)[1]
+
+    def _recorded(self, study_instance_uid: str) -> tuple[bool, StudyPatient | None]:
+        """Whether the study is recorded (a row, its identity erased by a purge or not, or a series this process
+        stored), and its patient (None where erased or not recorded)."""
         now = time.monotonic()
         with self._lock:
             known = self._patients.get(study_instance_uid)
         if known is not None and now - known[0] < LOOKUP_SECONDS:
-            return known[1]
+            return True, known[1]
         _read, row = self._read(
             select(
                 Study.patient_id,
@@ -105,14 +110,14 @@ class KnownStudies:
             ).where(Study.study_instance_uid == study_instance_uid),
             row=True,
         )
-        if row is None or row[0] is None:
-            return None  # a study not stored yet is read again: another process may be storing it
+        if row is None or row[0] is None:  # read again next time: another process may be storing it
+            return row is not None, None
         patient = StudyPatient(*row)
         with self._lock:
             if len(self._patients) >= REMEMBERED_STUDIES:
                 self._patients.clear()
             self._patients[study_instance_uid] = (now, patient)
-        return patient
+        return True, patient
 
     def remember(self, header: InstanceHeader) -> None:
         """An instance of ``header``'s study was stored: where it is the first of its series this process stores,
@@ -158,14 +163,17 @@ class KnownStudies:
             if header.series.series_instance_uid in self._series:
                 return None  # a series this process stored: its first instance was compared, and claimed the study
         study_instance_uid = header.study.study_instance_uid
-        recorded = self.recorded_patient(study_instance_uid)
-        differing = None if recorded is None else recorded.differing_keyword(received)
-        if differing is None:  # claimed for this patient, unless another process is receiving another's series
+        known, recorded = self._recorded(study_instance_uid)
+        if known:  # the row decides, once written: a claim never outlives it (a purge that erased it, say)
+            differing = None if recorded is None else recorded.differing_keyword(received)
+            being = "already stored"
+        else:  # not recorded yet: claimed for this patient, unless another process is receiving another's series
             differing = self.claims.claim(study_instance_uid, received)
+            being = "being received"
         if differing is None or self.series_stored(header.series.series_instance_uid):
             return None  # a stored series: admission refuses the whole series if its instances disagree
         return (
-            f"StudyInstanceUID {header.study.study_instance_uid} is already stored for another patient (its "
+            f"StudyInstanceUID {header.study.study_instance_uid} is {being} for another patient (its "
             f"{differing} differs); one study holds one patient, so this instance is quarantined"
         )
 
