@@ -599,12 +599,13 @@ def _identity_value_problem(header: Dataset, keyword: str) -> str | None:
 
 
 def _reorders(keyword: str, text: str) -> bool:
-    """Whether ``text`` holds a character that makes it read as other text: in an ID, any invisible formatting
-    character (Unicode category Cf); in a name, one of :data:`~dicom_node.logs.REORDERING_CHARACTERS` (the joiners
-    that some scripts write names with are allowed)."""
-    if keyword in PERSON_NAME_KEYWORDS:
-        return any(c in REORDERING_CHARACTERS for c in text)
-    return any(unicodedata.category(c) == "Cf" for c in text)
+    """Whether ``text`` holds a character that makes it read as other text: in the PatientID, any invisible
+    formatting character (Unicode category Cf); elsewhere (a name, an issuer written in its own script, an
+    accession number) one of :data:`~dicom_node.logs.REORDERING_CHARACTERS`, so that the joiners and marks some
+    scripts are written with are kept."""
+    if keyword == "PatientID":
+        return any(unicodedata.category(c) == "Cf" for c in text)
+    return any(c in REORDERING_CHARACTERS for c in text)
 
 
 def _identity_sequence_problem(header: Dataset, keyword: str) -> str | None:

@@ -99,9 +99,10 @@ def cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     return f"{text[:limit]}...({len(text) - limit} characters cut)"
 
 
-REORDERING_CHARACTERS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200b\ufeff")
-"""Invisible characters that make text read as other text: bidirectional embeddings, overrides and isolates (a
-right-to-left override shows ``\u202e4321-NRM`` as ``MRN-1234``), the zero-width space and the byte order mark."""
+REORDERING_CHARACTERS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Invisible characters that make text read as other text: the bidirectional embeddings, overrides and isolates (a
+right-to-left override shows ``\u202e4321-NRM`` as ``MRN-1234``). The joiners, marks and zero-width spaces that
+Persian, Devanagari, Hebrew or Thai text is written with reorder nothing."""
 
 
 def without_reordering(text: str) -> str:

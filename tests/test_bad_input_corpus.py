@@ -177,6 +177,12 @@ def in_utf8(keyword: str, value: str) -> Callable[[Dataset], None]:
     return change
 
 
+def scripts_as_written(ds: Dataset) -> None:
+    """A Persian issuer with its joiner (ZWNJ), a Thai name with its word break (ZWSP), in UTF-8."""
+    in_utf8("IssuerOfPatientID", "\u0628\u06cc\u0645\u0627\u0631\u0633\u062a\u0627\u0646\u200c\u0647\u0627")(ds)
+    in_utf8("PatientName", "\u0e2a\u0e21\u0e0a\u0e32\u0e22\u200b^\u0e43\u0e08\u0e14\u0e35")(ds)
+
+
 REORDERING_REFUSED = (
     "holds an invisible character that changes how the text reads (a right-to-left override, zero-width space or "
     "similar), so it could show as another patient's; no ID or name may hold one; the sender must correct it"
@@ -252,6 +258,10 @@ CASES: list[Case] = [
     Case(
         "a_name_written_with_a_joiner_is_queued",
         each(in_utf8("PatientName", "\u0645\u06cc\u200c\u0631\u0627^\u0632\u0647\u0631\u0627")),
+    ),
+    Case(  # a Persian issuer with its joiner, a Thai name with its word break: scripts as written, not refused
+        "an_issuer_with_a_joiner_and_a_name_with_a_word_break_are_queued",
+        each(scripts_as_written),
     ),
     Case(
         "two_patient_ids_in_one_value_are_refused",
