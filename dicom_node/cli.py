@@ -1095,7 +1095,8 @@ def _end_like_ctrl_c_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, _exit)
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # ignored stays ignored: a purge started under nohup
+            signal.signal(stop, _exit)
 
 
 @app.command()
