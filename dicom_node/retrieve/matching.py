@@ -508,7 +508,7 @@ def why_not_served(session: Session, identifier: Dataset) -> str | None:
 def _why_series_not_served(session: Session, series: Series) -> str | None:
     uid = series.series_instance_uid
     if series.purged_at is not None:
-        return f"series {uid} was deleted by retention on {series.purged_at:%Y-%m-%d %H:%M} UTC"
+        return f"series {uid} was purged (by retention or dicom-node purge) on {series.purged_at:%Y-%m-%d %H:%M} UTC"
     if series.superseded_at is not None:
         return (
             f"series {uid} holds results replaced by a later run of the same series on "
