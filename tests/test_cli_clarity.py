@@ -159,7 +159,7 @@ set_aside = retention._set_aside
 
 def set_aside_then_terminated(paths, aside):
     set_aside(paths, aside)
-    os.kill(os.getpid(), signal.SIGTERM)  # `timeout`, `kill` or a stopped systemd timer, right then
+    os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM")))  # `timeout`, `kill` ... then
 
 retention._set_aside = set_aside_then_terminated
 from dicom_node.cli import app
@@ -188,3 +188,25 @@ def test_a_purge_ended_by_sigterm_puts_back_the_images_it_had_set_aside(tmp_path
     assert image.exists() and not list(image.parent.glob("*.purging"))
     shown = dicom_node(config, "show", uid)
     assert "DONE" in shown.stdout and "purged" not in shown.stdout, shown.stdout
+
+
+def test_a_purge_started_under_nohup_keeps_ignoring_sighup_and_finishes(tmp_path):
+    """Started with SIGHUP ignored (nohup), the purge must not take that signal back: a closed terminal does not
+    end it, and the series is purged."""
+    import os
+
+    settings, config = _node(tmp_path)
+    uid = "1.2.826.0.1.3680043.99.36.5"
+    _add_done_series(settings, uid)
+
+    finished = subprocess.run(
+        [sys.executable, "-c", TERMINATED_PURGE, "purge", "--series", uid, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STOP_SIGNAL": "SIGHUP"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup starts it
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert not (settings.storage.directory / "instances" / f"{uid}.dcm").exists()
