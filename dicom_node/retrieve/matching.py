@@ -156,7 +156,7 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
         value = _value(element.value)
         if keyword == "ModalitiesInStudy" and value:
             check_searchable(keyword, value)
-            wanted = [v.strip() for v in value.split("\\") if v.strip()]
+            wanted = _listed(value)
             if wanted and "*" not in wanted:  # "*" matches every study, as for any other key
                 matches = or_(*(_matching(Series.modality, v) for v in wanted))
                 found.append(_of_studies_served(matches))
@@ -277,10 +277,15 @@ def _value(raw: Any) -> str:
     return str(raw).strip().rstrip("\x00 ")
 
 
+def _listed(value: str) -> list[str]:
+    """The values of a key's text (backslash-separated), each stripped, the empty ones left out."""
+    return [v.strip() for v in value.split("\\") if v.strip()]
+
+
 def _condition(key: Key, value: str) -> ColumnElement[bool]:
     column = key.column
     if key.kind == "uid":
-        uids = [v.strip() for v in value.split("\\") if v.strip()]
+        uids = _listed(value)
         if not uids:
             raise QueryError(f"{column.key}: {shown(value)} holds no UID")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
@@ -488,7 +493,7 @@ def why_not_served(session: Session, identifier: Dataset) -> str | None:
     The series are those named by SeriesInstanceUID, and those of the instances named by SOPInstanceUID.
     """
     series_uids, instance_uids = (  # keys below the level were not checked: their first UIDs only
-        [uid.strip() for uid in _value(identifier.get(keyword, "")).split("\\") if uid.strip()][:MAX_LISTED_UIDS]
+        _listed(_value(identifier.get(keyword, "")))[:MAX_LISTED_UIDS]
         for keyword in ("SeriesInstanceUID", "SOPInstanceUID")
     )
     named = select(Series).where(
