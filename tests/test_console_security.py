@@ -119,8 +119,8 @@ def _start(tmp_path: Path, **console: Any) -> Console:
     return Console(url, settings, sessions, server, outside)
 
 
-def _series(session: Session, uid: str, *, patient: bool = False) -> Job:
-    study = (
+def _series(session: Session, uid: str, *, patient: bool = False, study: StudyAttributes | None = None) -> Job:
+    study = study or (
         StudyAttributes(
             uid + ".0",
             patient_id=PATIENT_ID,
@@ -1039,18 +1039,9 @@ def test_an_id_or_name_that_reads_as_another_is_shown_as_stored_not_reordered(tm
     running = _start(tmp_path)
     uid = "1.2.826.0.1.3680043.99.42"
     study = StudyAttributes(uid + ".0", patient_id="\u202e4321-NRM", patient_name="\u202eEOD^NHOJ")
-    record = InstanceRecord(
-        sop_instance_uid=uid + ".1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/data/{uid}.dcm",
-        size_bytes=1,
-        study=study,
-        series=SeriesAttributes(uid, modality="CT", series_description="\u202etseT"),
-    )
     try:
         with transaction(running.sessions) as session:
-            record_instance(session, record)
+            _series(session, uid, study=study)
         operator = running.client("olga")
         for page in ("/", "/worklist/rows", f"/series/{uid}"):
             text = operator.get(page).text

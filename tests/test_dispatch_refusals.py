@@ -38,6 +38,17 @@ pytestmark = pytest.mark.integration
 FAST_RETRIES = {"first_retry_seconds": 0.2, "max_retry_seconds": 0.5, "check_interval_seconds": 0.2}
 
 
+def node_sending_to(start_node, name: str, pacs: dict[str, object], **dispatch: object) -> Node:
+    """A node with one worker that processes CT and sends the results to ``pacs`` (destination ``name``), retrying
+    quickly; ``dispatch``: more of its dispatch settings."""
+    return start_node(
+        destinations={name: pacs},
+        rules=process_rule(name),
+        inference={"workers": 1},
+        dispatch={**FAST_RETRIES, **dispatch},
+    )
+
+
 @pytest.fixture
 def peer() -> Iterator[Peer]:
     """A Storage SCP answering ``peer.statuses`` one per request, then success (tests/test_dispatch_faults.py)."""
@@ -58,12 +69,7 @@ def test_a_pacs_out_of_resources_for_a_while_gets_every_file_once_without_using_
     """A PACS whose disk is full for a few tries: each try stops at its answer (nothing else is sent on that
     association), none counts against max_attempts (1 here), and every file arrives once the PACS takes them."""
     peer.statuses = [0xA700, 0xA702, 0xA7FF]  # the first file, three tries in a row; then success
-    node = start_node(
-        destinations={"peer": destination(peer, send=["seg", "sr", "rtstruct"])},
-        rules=process_rule("peer"),
-        inference={"workers": 1},
-        dispatch={**FAST_RETRIES, "max_attempts": 1},
-    )
+    node = node_sending_to(start_node, "peer", destination(peer, send=["seg", "sr", "rtstruct"]), max_attempts=1)
     series_uid = send_phantom(node, tmp_path / "ct")
     node.wait_for_state(series_uid, JobState.DONE, timeout=120)
 
@@ -86,12 +92,7 @@ def test_a_pacs_out_of_resources_longer_than_unreachable_hours_fails_naming_the_
     tmp_path, start_node, peer
 ):
     peer.statuses = [0xA700] * 10_000
-    node = start_node(
-        destinations={"peer": destination(peer)},
-        rules=process_rule("peer"),
-        inference={"workers": 1},
-        dispatch={**FAST_RETRIES, "max_attempts": 1, "unreachable_hours": 0.001},  # 3.6 s
-    )
+    node = node_sending_to(start_node, "peer", destination(peer), max_attempts=1, unreachable_hours=0.001)  # 3.6 s
     series_uid = send_phantom(node, tmp_path / "ct")
     node.wait_for_state(series_uid, JobState.FAILED, timeout=120)
 
@@ -158,11 +159,8 @@ def test_a_pacs_that_aborts_the_association_request_is_named_as_refusing_not_dow
     """Some PACS answer a calling AE title they do not know with A-ABORT: said as such, with both AE titles, and
     counted (a configuration to fix, not a destination that is down), by dispatch and by `dicom-node echo`."""
     peer = aborting_peer
-    node = start_node(
-        destinations={"pacs": {"ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.port}},
-        rules=process_rule("pacs"),
-        inference={"workers": 1},
-        dispatch={**FAST_RETRIES, "max_attempts": 2},
+    node = node_sending_to(
+        start_node, "pacs", {"ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.port}, max_attempts=2
     )
     series_uid = send_phantom(node, tmp_path / "ct")
     node.wait_for_state(series_uid, JobState.FAILED, timeout=120)
@@ -266,12 +264,7 @@ def test_a_refusal_is_kept_in_the_error_when_the_pacs_then_aborts(tmp_path, star
     peer = AbortsAfterARefusal("ABORTER").start()
     try:
         peer.statuses = [0xC000]  # the SEG: Cannot Understand, then the association is aborted
-        node = start_node(
-            destinations={"pacs": destination(peer, send=["seg", "rtstruct"])},
-            rules=process_rule("pacs"),
-            inference={"workers": 1},
-            dispatch={**FAST_RETRIES, "max_attempts": 1},
-        )
+        node = node_sending_to(start_node, "pacs", destination(peer, send=["seg", "rtstruct"]), max_attempts=1)
         series_uid = send_phantom(node, tmp_path / "ct")
         node.wait_for_state(series_uid, JobState.FAILED, timeout=120)
     finally:
@@ -331,13 +324,11 @@ def test_a_pacs_without_segmentation_storage_is_told_in_words_and_gets_no_sr_on_
     first_folder = tmp_path / "pacs-without-seg"
     peer = storescp(first_folder, port, "-xf", str(profile), "NoSeg")
     try:
-        node = start_node(
-            destinations={
-                "pacs": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": port, "send": ["seg", "sr", "rtstruct"]}
-            },
-            rules=process_rule("pacs"),
-            inference={"workers": 1},
-            dispatch={**FAST_RETRIES, "max_attempts": 1},
+        node = node_sending_to(
+            start_node,
+            "pacs",
+            {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": port, "send": ["seg", "sr", "rtstruct"]},
+            max_attempts=1,
         )
         series_uid = send_phantom(node, tmp_path / "ct")
         node.wait_for_state(series_uid, JobState.FAILED, timeout=120)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import ipaddress
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +284,10 @@ def test_a_get_or_move_naming_a_huge_value_is_refused_with_a_reason(node, tmp_pa
 # A query the node cannot answer for a reason of its own: the trace once, not once per query.
 
 
-def test_a_query_failing_inside_the_node_leaves_one_traceback_not_one_per_query(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Each C-FIND fails on a database that cannot be opened (0xC001); 50 of them leave one ERROR line with the
-    details, and a line of another failure has its own."""
+@contextmanager
+def node_on_an_unreadable_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str) -> Iterator[int]:
+    """The node's SCP in this process, receiving into a database of its own but answering the planner (``role``)
+    from one that cannot be opened, its log throttles fresh; the port it listens on."""
     monkeypatch.setattr(retrieve_scp, "REPEATED_REFUSALS", Throttle(10.0))
     monkeypatch.setattr(retrieve_scp, "FAILURES_TRACED", Throttle(3600.0))
     url = f"sqlite:///{tmp_path / 'state.db'}"
@@ -298,7 +299,7 @@ def test_a_query_failing_inside_the_node_leaves_one_traceback_not_one_per_query(
     recorder = InstanceRecorder(store, sessions)
     recorder.start()
     network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
-    planner = Peer("planner", PLANNER, (ipaddress.ip_network("127.0.0.0/8"),), frozenset({"find"}))
+    planner = Peer("planner", PLANNER, (ipaddress.ip_network("127.0.0.0/8"),), frozenset({role}))
     retrieve = RetrieveContext(
         ae_title="NODE", destinations={}, sessions=unreadable, peers=PeerPolicy([planner], "the planner only")
     )
@@ -306,18 +307,27 @@ def test_a_query_failing_inside_the_node_leaves_one_traceback_not_one_per_query(
         network, receive_scp.StoreContext(store=store, sessions=sessions, recorder=recorder), retrieve
     )
     try:
+        yield network.port
+    finally:
+        server.shutdown()
+        recorder.stop()
+        store.close()
+
+
+def test_a_query_failing_inside_the_node_leaves_one_traceback_not_one_per_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each C-FIND fails on a database that cannot be opened (0xC001); 50 of them leave one ERROR line with the
+    details, and a line of another failure has its own."""
+    with node_on_an_unreadable_database(tmp_path, monkeypatch, "find") as port:
         ae = AE(ae_title=PLANNER)
         ae.add_requested_context(FIND)
-        assoc = ae.associate("127.0.0.1", network.port, ae_title="NODE")
+        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
         assert assoc.is_established
         statuses = [
             int(list(assoc.send_c_find(query("STUDY", StudyInstanceUID=""), FIND))[-1][0].Status) for _ in range(50)
         ]
         assoc.release()
-    finally:
-        server.shutdown()
-        recorder.stop()
-        store.close()
 
     assert statuses == [0xC001] * 50
     [failed] = [record for record in caplog.records if record.msg == "query.failed"]
@@ -332,38 +342,16 @@ def test_a_retrieval_failing_inside_the_node_is_answered_unable_to_process_with_
     sub-operations) and no reason in the log; it is answered 0xC000 now, the log saying why once per failure."""
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(retrieve_scp, "REPEATED_REFUSALS", Throttle(10.0))
-    monkeypatch.setattr(retrieve_scp, "FAILURES_TRACED", Throttle(3600.0))
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    migrate(url)
-    sessions = make_session_factory(make_engine(url))
-    (tmp_path / "not-a-database").mkdir()
-    unreadable = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'not-a-database'}"))
-    store = InstanceStore(tmp_path / "storage")
-    recorder = InstanceRecorder(store, sessions)
-    recorder.start()
-    network = NetworkSettings(ae_title="NODE", host="127.0.0.1", port=free_port())
-    planner = Peer("planner", PLANNER, (ipaddress.ip_network("127.0.0.0/8"),), frozenset({"get"}))
-    retrieve = RetrieveContext(
-        ae_title="NODE", destinations={}, sessions=unreadable, peers=PeerPolicy([planner], "the planner only")
-    )
-    server = receive_scp.start_storage_scp(
-        network, receive_scp.StoreContext(store=store, sessions=sessions, recorder=recorder), retrieve
-    )
-    try:
+    with node_on_an_unreadable_database(tmp_path, monkeypatch, "get") as port:
         ae = AE(ae_title=PLANNER)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        assoc = ae.associate("127.0.0.1", network.port, ae_title="NODE")
+        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
         assert assoc.is_established
         identifier = query("STUDY", StudyInstanceUID="1.2.3")
         finals = [
             list(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet))[-1][0] for _ in range(5)
         ]
         assoc.release()
-    finally:
-        server.shutdown()
-        recorder.stop()
-        store.close()
 
     assert [(int(s.Status), str(s.get("ErrorComment"))) for s in finals] == [
         (0xC000, "Unable to process: see the node's log")
