@@ -956,16 +956,28 @@ class GuardedSocket(AssociationSocket):
             assert raw is not None
             _send_within(raw, bytestream, limits.pdu_seconds)
         except TimeoutError:
+            self._reset()  # at once: what was queued for the peer is let go, not sent on while the log is written
             self._stopped_reading(min(len(bytestream), SEND_SLICE_BYTES), limits.pdu_seconds)
-            self.event_queue.put("Evt17")  # transport closed: the state machine ends the association
             return
         except Exception:  # noqa: BLE001 - as pynetdicom's send: any failure closes the transport
             self.event_queue.put("Evt17")
             return
         evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
+    def _reset(self) -> None:
+        """Close the connection with a reset (linger 0): the kernel drops what it still holds for the peer.
+
+        No shutdown first: it would queue a FIN behind the data and let the peer go on reading until the close.
+        ``close`` then tells the state machine the transport closed (Evt17), which ends the association."""
+        raw = self.socket
+        if raw is not None:
+            with suppress(OSError):  # closed already
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
+        self.close()
+
     def _stopped_reading(self, size: int, seconds: float) -> None:
-        """Log (once per address each 10 s) that the peer stopped taking data; reset the connection on close."""
+        """Log (once per address each 10 s) that the peer stopped taking data."""
         requestor = self.assoc.requestor
         address = requestor.address
         title = requestor.primitive.calling_ae_title if requestor.primitive else None
@@ -983,9 +995,6 @@ class GuardedSocket(AssociationSocket):
             calling_ae=title or "(not yet known)",
             reason=reason,
         )
-        with suppress(OSError):  # closed already
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def _send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
