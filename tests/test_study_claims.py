@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,18 @@ def test_a_full_table_drops_its_oldest_claim_and_a_long_uid_is_a_key_of_its_own(
     assert claims.claim(long_uid, SMITH) is None
     assert claims.claim(long_uid[:64], JONES) is None  # another study, though its first 64 characters are the same
     assert claims.claim(long_uid, JONES) == "PatientID"
+
+
+def test_a_claim_from_before_the_studys_identity_was_erased_names_nobody_but_the_next_claim_counts():
+    claims = StudyClaims(slots=8)
+    assert claims.claim("1.2.7", SMITH) is None
+    erased = time.monotonic()  # a purge erased the study's identity after SMITH's series was recorded
+    assert claims.claim("1.2.7", JONES) == "PatientID"  # not told of the erasure: SMITH's claim holds
+    assert claims.claim("1.2.7", JONES, stale_before=erased) is None  # the corrected series is received
+    assert claims.claim("1.2.7", SMITH, stale_before=erased) == "PatientID"  # and claims it: one patient again
+    for number in range(1, 8):  # the study keeps one slot: seven other studies still fit beside it
+        assert claims.claim(f"1.2.7.{number}", SMITH) is None
+    assert claims.claim("1.2.7", SMITH) == "PatientID"
 
 
 def _claim_and_die_holding_the_lock(claims: StudyClaims, study: str) -> None:

@@ -12,12 +12,12 @@ from sqlalchemy import select
 
 from db.ingest import STUDY_ROW_IDENTITY_COLUMNS
 from db.jobs import job_for_series_uid
-from db.models import JobState, RejectedInstance, Study
+from db.models import JobState, RejectedInstance, Study, utcnow
 from dicom_node import status
 from dicom_node.admission import InstanceFile, admit, recorded_patient
 from dicom_node.config import AdmissionSettings
 from dicom_node.phantom import PhantomSeries, write_phantom_series
-from dicom_node.receive.header import check_header, read_header
+from dicom_node.receive.header import InstanceHeader, check_header, read_header
 from dicom_node.receive.studies import KnownStudies
 from tests import test_receive_handler
 from tests.conftest import CT_RULES, data_set_bytes, storescu
@@ -278,7 +278,9 @@ def test_a_claim_never_outlives_the_studys_row_so_a_correction_after_a_purge_is_
     """The node-wide claim of a study by its patient (taken before the study's row is written) lasted 10 minutes:
     after `dicom-node purge --series` erased the study's identity, the PACS' corrected series (another PatientID)
     was refused as "already stored for another patient" on every receiving process. Once the row exists, it
-    decides; a row whose identity a purge erased names nobody."""
+    decides; a row whose identity a purge erased names nobody, and the claims taken before the erasure neither.
+    The first new series after the erasure claims the study again: a third patient's series arriving at the same
+    moment on another receiving process was acknowledged too, both reading the erased row."""
     wrong = phantom(tmp_path / "wrong", PatientID="PAT-WRONG")
     assert running_scp.send(wrong.files) == [(status.SUCCESS, "")] * len(wrong.files)  # claimed for PAT-WRONG
     assert running_scp.recorder.wait_until_recorded(30)
@@ -286,15 +288,28 @@ def test_a_claim_never_outlives_the_studys_row_so_a_correction_after_a_purge_is_
         (study,) = session.scalars(select(Study))
         for column in STUDY_ROW_IDENTITY_COLUMNS:
             setattr(study, column, None)
+        for series in study.series:
+            series.purged_at = utcnow()
         session.commit()
     corrected = phantom(tmp_path / "right", wrong.study_instance_uid, PatientID="PAT-RIGHT")
-    sent = dcmread(corrected.files[0], stop_before_pixels=True)
-    header = check_header(
-        read_header(data_set_bytes(corrected.files[0]), sent.file_meta.TransferSyntaxUID),
+    other = phantom(tmp_path / "other", wrong.study_instance_uid, PatientID="PAT-OTHER")
+    claimed_by = running_scp.context.studies  # the receiving process that claimed the study
+    elsewhere = KnownStudies(running_scp.sessions, claims=claimed_by.claims)  # another one, sharing the table
+    third = KnownStudies(running_scp.sessions, claims=claimed_by.claims)  # and a third
+
+    assert elsewhere.conflict(_first_header(corrected)) is None
+    refused = third.conflict(_first_header(other))  # at the same moment, before PAT-RIGHT's series is recorded
+    assert refused == (
+        f"StudyInstanceUID {wrong.study_instance_uid} is being received for another patient (its PatientID "
+        "differs); one study holds one patient, so this instance is quarantined"
+    )
+
+
+def _first_header(series: PhantomSeries) -> InstanceHeader:
+    """The checked header of the series' first file, as the receiver reads it."""
+    sent = dcmread(series.files[0], stop_before_pixels=True)
+    return check_header(
+        read_header(data_set_bytes(series.files[0]), sent.file_meta.TransferSyntaxUID),
         str(sent.SOPClassUID),
         str(sent.SOPInstanceUID),
     )
-    claimed_by = running_scp.context.studies  # the receiving process that claimed the study
-    elsewhere = KnownStudies(running_scp.sessions, claims=claimed_by.claims)  # another one, sharing the table
-
-    assert elsewhere.conflict(header) is None

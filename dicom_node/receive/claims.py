@@ -105,10 +105,11 @@ class StudyClaims:
         view.row = number
         return view
 
-    def claim(self, study_instance_uid: str, patient: StudyPatient) -> str | None:
+    def claim(self, study_instance_uid: str, patient: StudyPatient, stale_before: float = 0.0) -> str | None:
         """Claim the study for ``patient``; or, where another patient claimed it, the attribute that differs (the
         claim then stays that patient's). The same patient's claim takes the details the first left out, as the
-        study's row does."""
+        study's row does. A claim taken before ``stale_before`` (``time.monotonic()``: when a purge erased the
+        study's identity) no longer counts: the study names nobody since."""
         key = _key(study_instance_uid)
         wanted = bounded(patient)
         first = zlib.crc32(key) % (self.slots // self.ways) * self.ways
@@ -117,17 +118,20 @@ class StudyClaims:
                 return None
             now = time.monotonic()
             free = first
+            ended: int | None = None  # the study's own claim that no longer counts: taken again in its place
             for slot in range(first, first + self.ways):
                 claimed_at = self._claimed_at[slot]
-                if claimed_at and now - claimed_at < CLAIM_SECONDS and self._key_in(slot) == key:
-                    claimed = self._patient_in(slot)
-                    differing = claimed.differing_keyword(wanted)
-                    if differing is None:
-                        self._write(slot, key, claimed.completed_by(wanted), now, self._claimants[slot])
-                    return differing
+                if claimed_at and self._key_in(slot) == key:
+                    if now - claimed_at < CLAIM_SECONDS and claimed_at >= stale_before:
+                        claimed = self._patient_in(slot)
+                        differing = claimed.differing_keyword(wanted)
+                        if differing is None:
+                            self._write(slot, key, claimed.completed_by(wanted), now, self._claimants[slot])
+                        return differing
+                    ended = slot
                 if self._claimed_at[free] and (not claimed_at or claimed_at < self._claimed_at[free]):
                     free = slot  # empty, or the oldest claim so far (expired ones are oldest)
-            self._write(free, key, wanted, now, 0)
+            self._write(free if ended is None else ended, key, wanted, now, 0)
             return None
 
     def forget(self, number: int) -> None:

@@ -25,12 +25,12 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.ingest import QuickLookup, recorded_path_lookup, result_series_lookup, series_study_lookup
-from db.models import Series, Study
+from db.models import Series, Study, as_utc, utcnow
 from db.session import read_outside_transaction, read_row_outside_transaction
 from dicom_node.logs import first_line, log_throttled
 from dicom_node.receive.claims import StudyClaims
@@ -119,6 +119,16 @@ class KnownStudies:
             self._patients[study_instance_uid] = (now, patient)
         return True, patient
 
+    def _erased_at(self, study_instance_uid: str) -> float:
+        """When (``time.monotonic()``) the study's last series was purged, which erased its identity; 0.0 where
+        none was, or while the database cannot be read."""
+        _read, purged_at = self._read(
+            select(func.max(Series.purged_at)).join(Study).where(Study.study_instance_uid == study_instance_uid)
+        )
+        if purged_at is None:
+            return 0.0
+        return time.monotonic() - (utcnow() - as_utc(purged_at)).total_seconds()
+
     def remember(self, header: InstanceHeader) -> None:
         """An instance of ``header``'s study was stored: where it is the first of its series this process stores,
         its patient is the study's from now on (in this process at once; in the others once it is recorded).
@@ -164,11 +174,13 @@ class KnownStudies:
                 return None  # a series this process stored: its first instance was compared, and claimed the study
         study_instance_uid = header.study.study_instance_uid
         known, recorded = self._recorded(study_instance_uid)
-        if known:  # the row decides, once written: a claim never outlives it (a purge that erased it, say)
-            differing = None if recorded is None else recorded.differing_keyword(received)
+        if recorded is not None:  # the row decides, once written
+            differing = recorded.differing_keyword(received)
             being = "already stored"
-        else:  # not recorded yet: claimed for this patient, unless another process is receiving another's series
-            differing = self.claims.claim(study_instance_uid, received)
+        else:  # not recorded yet, or its identity erased by a purge: claimed for this patient, unless another
+            # process is receiving another's series; a claim from before the erasure names nobody any more
+            stale_before = self._erased_at(study_instance_uid) if known else 0.0
+            differing = self.claims.claim(study_instance_uid, received, stale_before)
             being = "being received"
         if differing is None or self.series_stored(header.series.series_instance_uid):
             return None  # a stored series: admission refuses the whole series if its instances disagree
