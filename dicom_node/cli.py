@@ -516,8 +516,8 @@ def _print_deliveries(session: Session, job: Job) -> None:
         if progress.unreachable_since is not None:
             tries = jobs.delivery_record(job, progress.destination).unreachable_attempts
             attempts += (
-                f"; unreachable since {progress.unreachable_since.isoformat()[:16]}: {tries} tries found no "
-                "association, not counted against dispatch.max_attempts"
+                f"; not taking files since {progress.unreachable_since.isoformat()[:16]}: {tries} tries found no "
+                "association or were answered Out of Resources, not counted against dispatch.max_attempts"
             )
         next_try = progress.next_attempt_at if job.state is JobState.SENDING else None  # else no try is planned
         retry_at = f"; next try {next_try.isoformat()[:19]}" if next_try is not None else ""

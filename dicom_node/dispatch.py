@@ -973,7 +973,7 @@ def sending_failure(progress: list[jobs.DestinationProgress]) -> str:
             )
         if not p.complete and p.unreachable_since is not None:
             since = as_utc(p.unreachable_since)
-            received += f": {p.last_error or 'not sent'} (unreachable since {since:%Y-%m-%d %H:%M} UTC)"
+            received += f": {p.last_error or 'not sent'} (not taking files since {since:%Y-%m-%d %H:%M} UTC)"
         elif not p.complete:
             attempts = f"{p.attempts} attempt{'s' if p.attempts != 1 else ''}"
             received += f": {p.last_error or 'not sent'} (after {attempts})"

@@ -128,8 +128,9 @@ def test_destination_down_at_first_gets_the_results_once_when_it_comes_up(tmp_pa
     wait_for(lambda: unreachable_attempts() >= 4, timeout=120, what="four attempts while the peer is down")
     assert node.job_state(series.series_instance_uid) is JobState.SENDING
     shown = node.cli("show", series.series_instance_uid).stdout
-    assert "(0 attempts; unreachable since " in shown
-    assert re.search(r"unreachable since [\dT:-]+: \d+ tries found no association, not counted against disp", shown)
+    assert "(0 attempts; not taking files since " in shown
+    tries = r"\d+ tries found no association or were answered Out of Resources, not counted against dispatch"
+    assert re.search(r"not taking files since [\dT:-]+: " + tries, shown), shown
     peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
     try:
         node.wait_for_state(series.series_instance_uid, JobState.DONE, timeout=60)
@@ -169,7 +170,7 @@ def test_exhausted_attempts_fail_and_retry_resends_the_missing_file(tmp_path, st
     assert reason.startswith("sending failed: peer received 0 of 1 file: PEERSCP@127.0.0.1:")
     assert re.search(
         r"is unreachable \(no association: destination down, or not answering\) "
-        r"\(unreachable since \d{4}-\d\d-\d\d \d\d:\d\d UTC\)$",
+        r"\(not taking files since \d{4}-\d\d-\d\d \d\d:\d\d UTC\)$",
         reason,
     ), reason
     with node.sessions() as session:

@@ -101,7 +101,7 @@ def test_a_pacs_out_of_resources_longer_than_unreachable_hours_fails_naming_the_
         "sending failed: peer received 0 of 2 files: PEERSCP answered Out of Resources (0xA700) for seg-binary.dcm: "
         "it cannot take it now (its disk full, or too busy); it is tried again later"
     ), reason
-    assert re.search(r"\(unreachable since \d{4}-\d\d-\d\d \d\d:\d\d UTC\)$", reason), reason
+    assert re.search(r"\(not taking files since \d{4}-\d\d-\d\d \d\d:\d\d UTC\)$", reason), reason
     record = delivery(node, series_uid, "peer")
     assert record.attempts == 0 and record.unreachable_attempts >= 2
     assert set(Counter(peer.received)) == {peer.received[0]}, "the SR never went after the SEG's 0xA700"
