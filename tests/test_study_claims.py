@@ -156,6 +156,21 @@ def test_a_dead_receiving_process_blocks_nobody_its_claims_end_and_the_lock_is_g
     assert claims.claim("1.2.6.2", JONES) == "PatientID"
 
 
+def test_a_table_whose_lock_cannot_be_had_holds_up_no_instance_and_the_log_says_admission_compares(caplog, monkeypatch):
+    claims = StudyClaims(processes=2)
+    assert claims.claim("1.2.8", SMITH) is None
+    monkeypatch.setattr("dicom_node.receive.claims.WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING)
+    with claims._lock:  # another receiving process stuck inside it (alive, so never given back)
+        assert claims.for_process(1).claim("1.2.8", JONES) is None  # not held up: admission compares
+    (line,) = [record for record in caplog.records if record.msg == "receiver.claims_unavailable"]
+    assert line.event_fields["reason"] == (
+        "the studies being received by the other receiving processes could not be read within 0.2 s; a new series is "
+        "compared with the study's other patients by admission only until they can"
+    )
+    assert claims.claim("1.2.8", JONES) == "PatientID"  # the lock back: SMITH's claim stands
+
+
 def series_of_one_study(files: list[Path], folder: Path, study: str, patient_id: str) -> list[Path]:
     """The real CT's first images as a new series of ``study`` under ``patient_id``, each a new instance."""
     folder.mkdir(parents=True)

@@ -165,7 +165,7 @@ class StudyClaims:
                 "receiver.claims_unavailable",
                 self.row,
                 reason=f"the studies being received by the other receiving processes could not be read within "
-                f"{WAIT_SECONDS:.0f} s; a new series is compared with the study's other patients by admission only "
+                f"{WAIT_SECONDS:g} s; a new series is compared with the study's other patients by admission only "
                 "until they can",
             )
             yield False
