@@ -56,6 +56,7 @@ from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.retrieve.reports import SEGMENTATION_CLASSES, SR_CLASSES, evidence_uids
 from dicom_node.scu import AssociationWatch, not_established, unresolvable
 from dicom_node.security import client_tls
 from dicom_node.stall import CUT_GRACE_SECONDS, shut_down, stalled, watchdog
@@ -73,9 +74,6 @@ LOG = logging.getLogger(__name__)
 CLOCK_STEP_SECONDS = 5.0
 """A next attempt this much further off than ``dispatch.max_retry_seconds`` was planned before the clock was set
 back: it is made at once."""
-
-SEGMENTATION_CLASSES = "1.2.840.10008.5.1.4.1.1.66."  # Segmentation and Label Map Segmentation Storage among them
-SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."  # the Structured Report storage SOP classes
 
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
@@ -327,28 +325,13 @@ def _held_back(result: SendableFile, refused: dict[str, str], destination: Desti
     attempt (an SR naming a refused SEG as evidence), so the PACS would hold a report on a result it lacks."""
     if not refused or not result.sop_class_uid.startswith(SR_CLASSES):
         return None
-    lacking = [refused[uid] for uid in _evidence_uids(result.path) if uid in refused]
+    lacking = [refused[uid] for uid in evidence_uids(result.path) if uid in refused]
     if not lacking:
         return None
     return (
         f"{result.name} held back: it references {', '.join(lacking)}, which {destination.ae_title} did not accept; "
         "it is sent once it has"
     )
-
-
-def _evidence_uids(path: str) -> list[str]:
-    """The SOP Instance UIDs an SR lists as evidence (CurrentRequestedProcedureEvidenceSequence); none for a file
-    that cannot be read (its own send says so)."""
-    try:
-        dataset = dcmread(path, stop_before_pixels=True, specific_tags=["CurrentRequestedProcedureEvidenceSequence"])
-    except (OSError, InvalidDicomError, ValueError):
-        return []
-    return [
-        str(instance.get("ReferencedSOPInstanceUID", ""))
-        for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", [])
-        for series in study.get("ReferencedSeriesSequence", [])
-        for instance in series.get("ReferencedSOPSequence", [])
-    ]
 
 
 class ConversionFailed(ValueError):

@@ -23,6 +23,13 @@ bits than BitsStored (decoded, they would silently become other values; then tha
 is a failed sub-operation, ``retrieve.not_decompressed`` in the log). Peers hear
 short fixed comments; the log has the details.
 
+SEGs go before SRs, and a peer gets an SR only with every SEG it names as evidence, each as itself (as dispatch
+holds such an SR back): a LABELMAP SEG that goes as its BINARY twin, or is left out because that twin is selected
+too (a peer that does not accept Label Map Segmentation), has its SR left out (the twin's own SR holds the same
+measurements; not a failed sub-operation), and a SEG that cannot be sent has its SR fail with it
+(``retrieve.report_left_out`` in the log names both). A C-MOVE decides this once its sub-association has
+accepted its contexts, after its count: what it leaves out is neither completed nor failed.
+
 Each instance sent to a C-GET or C-MOVE peer may take ``dispatch.timeout_seconds`` + its
 size in MB x ``dispatch.seconds_per_megabyte``, as results sent to a destination may: a
 peer that stops taking data mid-instance has its association cut then, and the
@@ -54,7 +61,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, build_context, evt
-from pynetdicom.dimse_messages import C_MOVE_RSP
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
     PatientRootQueryRetrieveInformationModelFind,
@@ -92,6 +99,7 @@ from dicom_node.retrieve.matching import (
     query_level,
     why_not_served,
 )
+from dicom_node.retrieve.reports import SegmentationsNotSent, is_report, is_segmentation
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.retrieve.suboperations import (
     PENDING,
@@ -484,6 +492,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         f"Move destination {destination.ae_title}",
         lambda: sub_association.get("assoc"),
         SubOperations(),
+        SegmentationsNotSent(),
     )
     options: dict[str, Any] = {
         "contexts": contexts,
@@ -526,7 +535,6 @@ def _move(
 ) -> Iterator[Any]:
     """The C-MOVE from its destination on: the sub-association, the count (or a refusal), the instances."""
     calling_ae = event.assoc.requestor.ae_title
-    sub_association = route.association
     # pynetdicom opens the sub-association after the count, in this thread: resumed past it, the handler has one.
     # Its connect waits as long as a send's (its own timeout: the node's AE, shared by every association, is left
     # as it is).
@@ -538,7 +546,6 @@ def _move(
             unreachable.stop()
             yield _refusal(paths), None
             return
-        paths = _without_twins_sent_anyway(paths, accepted_pairs(sub_association()))
         yield from _count_or_refuse(paths, context, event, route.operation)
         unreachable.stop()
         yield from _send(event, paths, calling_ae, route, context)
@@ -668,10 +675,10 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
         return
     receiver = f"{calling_ae} at {_address(event)}"
     with retrieving(context.storage, Retrieval(receiver, "C-GET", selection.series)):  # no purge deletes them
-        paths = _without_twins_sent_anyway(selection.paths, accepted_pairs(event.assoc))
-        yield from _count_or_refuse(paths, context, event, "get")
         answers = SubOperations(context.send_bound_seconds)  # the requestor's association: its sends are bounded
-        route = Route("get", "get", receiver, "Requestor", lambda: event.assoc, answers)
+        route = Route("get", "get", receiver, "Requestor", lambda: event.assoc, answers, SegmentationsNotSent())
+        paths = _planned(selection.paths, accepted_pairs(event.assoc), calling_ae, route)
+        yield from _count_or_refuse(paths, context, event, "get")
         event.assoc.bind(evt.EVT_DIMSE_RECV, answers.on_message)  # the requestor's answer to each instance
         event.assoc.bind(evt.EVT_DATA_SENT, answers.on_sent)  # how far each instance went out
         try:
@@ -681,18 +688,107 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, answers.on_message)
 
 
-def _without_twins_sent_anyway(paths: list[Stored], accepted: set[tuple[str, str]]) -> list[Stored]:
-    """Leave out a LABELMAP SEG that would go as its BINARY twin (the peer does not accept LABELMAP) when that
-    twin is among the instances selected anyway: the peer would get the same instance twice."""
-    selected = {stored.sop_instance_uid for stored in paths}
-    return [
-        stored
-        for stored in paths
-        if stored.alternative is None
-        or stored.alternative.sop_instance_uid not in selected
-        or syntax_to_send(stored.sop_class_uid, stored.transfer_syntax_uid, accepted) is not None
-        or not accepted  # a C-MOVE counts before it associates: each goes in the form the destination reads
-    ]
+def _planned(paths: list[Stored], accepted: set[tuple[str, str]], calling_ae: str, route: Route) -> list[Stored]:
+    """What goes to the peer, once the contexts it accepted are known: SEGs before SRs; a LABELMAP SEG it would get
+    as its BINARY twin left out where that twin is selected anyway (it would get the same instance twice); and
+    each SR on a SEG it does not get as itself left out (:func:`_report_fate`), as dispatch holds one back.
+
+    Such a SEG's BINARY twin has its own SR, with the same measurements: the peer misses nothing, so these are not
+    failed sub-operations. SRs on a SEG that goes as its twin, or cannot be sent at all, are left out as they come,
+    once that SEG's send told (:func:`_send`)."""
+    ordered = sorted(paths, key=_send_order)
+    selected = {stored.sop_instance_uid for stored in ordered}
+    kept: list[Stored] = []
+    for stored in ordered:
+        twin = stored.alternative
+        if (
+            twin is not None
+            and twin.sop_instance_uid in selected
+            and syntax_to_send(stored.sop_class_uid, stored.transfer_syntax_uid, accepted) is None
+        ):
+            why = f"is left out because its BINARY twin {twin.sop_instance_uid}, selected too, goes instead"
+            _note_unsent_segmentation(stored, route, why)
+            continue
+        if _report_fate(stored, calling_ae, route) == "send":
+            kept.append(stored)
+    return kept
+
+
+def _send_order(stored: Stored) -> int:
+    """SEGs first, then SRs (which reference them), then the rest, each in the order selected (as dispatch)."""
+    if is_segmentation(stored.sop_class_uid):
+        return 0
+    return 1 if is_report(stored.sop_class_uid) else 2
+
+
+def _as_twin(stored: Stored) -> str:
+    """Why the peer does not get this LABELMAP SEG as itself, when it gets its BINARY twin in its place."""
+    twin = stored.alternative.sop_instance_uid if stored.alternative is not None else "?"
+    return f"goes as its BINARY twin {twin}"
+
+
+def _note_unsent_segmentation(stored: Stored, route: Route, why: str, *, failed: bool = False) -> None:
+    """Note that the peer does not get SEG ``stored`` as itself (``why``, a clause; ``failed``: it could not be
+    sent at all), so that an SR on it is left out. Nothing for an instance that is not a SEG."""
+    if is_segmentation(stored.sop_class_uid):
+        route.segmentations.note(stored.sop_instance_uid, why, failed=failed)
+
+
+def _report_fate(stored: Stored, calling_ae: str, route: Route) -> Literal["send", "leave out", "fail"]:
+    """Whether ``stored`` is sent: an SR naming a SEG the peer does not get as itself is left out, with a log line
+    saying so (the peer would hold a report on a segmentation it lacks; dispatch holds such an SR back). It fails
+    (a failed sub-operation) where such a SEG could not be sent at all; else its twin's own SR reports the same."""
+    if not is_report(stored.sop_class_uid):
+        return "send"
+    lacking = route.segmentations.named_by(stored.path)
+    if not lacking:
+        return "send"
+    failed = route.segmentations.failed.intersection(lacking)
+    reasons = "; ".join(f"segmentation {uid} {route.segmentations.why[uid]}" for uid in lacking)
+    outcome = (
+        "it counts as a failed sub-operation"
+        if failed
+        else "this is not a failure: the SR on that BINARY SEG holds the same measurements"
+    )
+    log_event(
+        LOG,
+        logging.WARNING if failed else logging.INFO,
+        "retrieve.report_left_out",
+        calling_ae=calling_ae,
+        operation=route.operation,
+        sop_instance_uid=stored.sop_instance_uid,
+        reason=f"SR {stored.sop_instance_uid} was not sent to {route.receiver}, because it reports on a segmentation "
+        f"that peer does not get as itself ({reasons}); {outcome}",
+    )
+    return "fail" if failed else "leave out"
+
+
+def _left_out_not_failed(event: evt.Event, left_out: int) -> None:
+    """pynetdicom counts every sub-operation still remaining at a final failure or warning as failed: take the
+    ``left_out`` instances left out without failing (after the count, :func:`_planned`) off that number as the
+    final response is sent (it is changed before it is encoded)."""
+
+    def on_sent(sent: evt.Event) -> None:
+        message = sent.message
+        if not isinstance(message, (C_MOVE_RSP, C_GET_RSP)) or message.command_set.get("Status") == PENDING:
+            return
+        event.assoc.unbind(evt.EVT_DIMSE_SENT, on_sent)
+        command = message.command_set
+        failed = command.get("NumberOfFailedSuboperations")
+        if failed is not None:
+            command.NumberOfFailedSuboperations = max(int(failed) - left_out, 0)
+            message._set_command_group_length()  # the element above may change the command's length
+
+    event.assoc.bind(evt.EVT_DIMSE_SENT, on_sent)
+
+
+def _success_with_none_remaining() -> Dataset:
+    """The final Success of a retrieval that left instances out without failing (counted before they were): it
+    says no sub-operation remains, rather than the count pynetdicom last sent."""
+    status = Dataset()
+    status.Status = SUCCESS
+    status.NumberOfRemainingSuboperations = None
+    return status
 
 
 def _count_or_refuse(paths: list[Any], context: RetrieveContext, event: evt.Event, what: str) -> Iterator[Any]:
@@ -1062,6 +1158,7 @@ class Route(NamedTuple):
     addressed: str  # for the peer's comment: "Requestor", "Move destination PACS"
     association: Callable[[], Any]  # the association the instances go over (None before it is open)
     answers: SubOperations  # the peer's answer to each instance
+    segmentations: SegmentationsNotSent  # the SEGs the peer does not get as themselves, for the SRs on them
 
 
 def _send(
@@ -1069,7 +1166,9 @@ def _send(
 ) -> Iterator[Any]:
     """Yield each stored data set in a form the peer reads, then (unless all went well) the final status.
 
-    What cannot be sent is a failed sub-operation the log names. A peer that stops taking data has its
+    What cannot be sent is a failed sub-operation the log names. A C-MOVE's selection is planned here, once the
+    destination's accepted contexts are known (:func:`_planned`; a C-GET's before its count); an SR on a SEG the
+    peer does not get as itself is left out (:func:`_report_fate`). A peer that stops taking data has its
     association cut after a bounded wait (:mod:`dicom_node.retrieve.suboperations`), and one that closes it
     ends the retrieval too: the instances left count as failed, and the log says why.
     The final status is yielded so that the retrieval's audit record has it; pynetdicom answers it itself when
@@ -1078,6 +1177,10 @@ def _send(
     """
     not_sent: list[str] = []
     comment: str | None = None
+    counted = len(paths)
+    if route.action == "move":  # the count went before the sub-association: its accepted contexts are known now
+        paths = _planned(paths, accepted_pairs(route.association()), calling_ae, route)
+    left_out = counted - len(paths)  # left out without failing: the peer gets what they hold in other instances
     for index, stored in enumerate(paths):
         if event.is_cancelled:
             yield CANCELLED, None
@@ -1087,12 +1190,25 @@ def _send(
             comment = _ended(event, route, stored, len(paths) - index)
             not_sent += [rest.sop_instance_uid for rest in paths[index:]]
             break
+        fate = _report_fate(stored, calling_ae, route)
+        if fate != "send":
+            if fate == "fail":
+                not_sent.append(stored.sop_instance_uid)
+            else:
+                left_out += 1
+            continue
         form = _sendable(stored, accepted_pairs(assoc), calling_ae, route.operation)
         if form is None:
             not_sent.append(stored.sop_instance_uid)
+            _note_unsent_segmentation(stored, route, "could not be sent (the line before says why)", failed=True)
             continue
         dataset, size = form
+        if str(dataset.get("SOPInstanceUID", "")) != stored.sop_instance_uid:
+            _note_unsent_segmentation(stored, route, _as_twin(stored))
+        refused_before = len(route.answers.failed)
         waited = yield from route.answers.send(assoc, dataset, stored.sop_instance_uid, size, context.sending)
+        if len(route.answers.failed) > refused_before:
+            _note_unsent_segmentation(stored, route, "was not stored by that peer", failed=True)
         if waited is not None:
             not_sent += [rest.sop_instance_uid for rest in paths[index + 1 :]]
             comment = _cut(event, route, stored, size, waited, len(paths) - index - 1)
@@ -1110,7 +1226,11 @@ def _send(
     )
     final = answers.final(not_sent, comment)
     if final[0] != SUCCESS:
+        if left_out:
+            _left_out_not_failed(event, left_out)
         yield final
+    elif left_out:  # pynetdicom answers Success itself, but would say that some sub-operations remain
+        yield _success_with_none_remaining(), None
 
 
 def _sendable(
