@@ -286,7 +286,8 @@ def test_a_name_stored_with_three_component_groups_is_found_by_its_alphabetic_gr
 
     def found(level: str, asked: str) -> list[Dataset]:
         folder = tmp_path / f"{level}-{len(list(tmp_path.iterdir()))}"
-        return _find(node, folder, "-S", f"QueryRetrieveLevel={level}", f"PatientName={asked}", "StudyInstanceUID")
+        model = "-P" if level == "PATIENT" else "-S"  # the Study Root model has no PATIENT level
+        return _find(node, folder, model, f"QueryRetrieveLevel={level}", f"PatientName={asked}", "StudyInstanceUID")
 
     (study,) = found("STUDY", "Yamada^Tarou")
     assert str(study.StudyInstanceUID) == series.study_instance_uid and str(study.PatientName) == name

@@ -2,7 +2,10 @@
 
 Supported matching (PS3.4 C.2.2.2): universal (empty or ``*``), single value,
 wildcard (``*`` and ``?``), range on dates and times (``A-B``, ``-B``, ``A-``)
-and UID lists (``uid1\\uid2``). Person names (PatientName, ReferringPhysicianName) match without their
+and UID lists (``uid1\\uid2``). Times are compared as times of day, a value of partial precision covering its whole
+unit (:func:`_time_condition`). Every key asked is answered, private ones too (:class:`_AnswerShape`); a Study Root
+request has no PATIENT level (:func:`check_level_in_model`).
+Person names (PatientName, ReferringPhysicianName) match without their
 empty trailing components, trailing spaces and empty trailing component groups, in the query and in what is
 stored (PS3.5 6.2.1): ``DOE^JOHN`` is ``DOE^JOHN^^``; a name of fewer component groups matches a stored name's
 first groups (``YAMADA^TAROU`` finds ``YAMADA^TAROU=山田^太郎``). Only instances still held are visible: a series
@@ -20,6 +23,7 @@ NULs) is no part of a value.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -132,6 +136,38 @@ def query_level(identifier: Dataset) -> Level:
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel {shown(level or '(missing)')} is not one of {', '.join(LEVELS)}")
     return level
+
+
+class LevelNotInModel(UnsearchableValue):
+    """A Query/Retrieve Level the request's information model does not have (PATIENT in a Study Root model): refused
+    as a value the node does not search for, which a peer may repeat at will."""
+
+    def __init__(self, problem: str) -> None:
+        QueryError.__init__(self, problem)
+        self.keyword = "QueryRetrieveLevel"
+
+
+STUDY_ROOT_MODELS = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root Query/Retrieve Information Model - FIND
+        "1.2.840.10008.5.1.4.1.2.2.2",  # - MOVE
+        "1.2.840.10008.5.1.4.1.2.2.3",  # - GET
+    }
+)
+"""The Study Root models: their top level is STUDY (PS3.4 C.6.2), they have no PATIENT level."""
+
+
+def check_level_in_model(identifier: Dataset, sop_class_uid: str) -> None:
+    """Refuse a Query/Retrieve Level the request's information model (the SOP Class of its presentation context)
+    does not have: PATIENT in a Study Root C-FIND, C-MOVE or C-GET.
+
+    Raises
+    ------
+    QueryError
+        As :func:`query_level` does; :class:`LevelNotInModel` saying the Study Root model has no PATIENT level.
+    """
+    if query_level(identifier) == "PATIENT" and str(sop_class_uid) in STUDY_ROOT_MODELS:
+        raise LevelNotInModel("the Study Root model has no PATIENT level: query by STUDY, SERIES or IMAGE")
 
 
 def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
@@ -289,12 +325,16 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
         if not uids:
             raise QueryError(f"{column.key}: {shown(value)} holds no UID")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
-    if key.kind in ("date", "time") and "-" in value:
-        start, _, end = value.partition("-")
-        bounds = [column >= start.strip()] if start.strip() else []
-        if end.strip():
-            # a time range's end covers its whole last unit: "-1200" includes 120059.99
-            bounds.append(column <= end.strip() + ("\uffff" if key.kind == "time" else ""))
+    if key.kind == "time" and "*" not in value and "?" not in value:
+        start, ranged, end = value.partition("-")
+        return _time_condition(column, start.strip(), end.strip() if ranged else start.strip())
+    if key.kind == "date" and "-" in value:
+        # stored dates are YYYYMMDD (the receiver refuses longer ones), compared as text; a bound in the older
+        # YYYY.MM.DD form is read without its points
+        start, end = (bound.strip().replace(".", "") for bound in value.partition("-")[::2])
+        bounds = [column >= start] if start else []
+        if end:
+            bounds.append(column <= end)
         return and_(column.is_not(None), *bounds)
     if key.kind == "number":
         try:
@@ -304,6 +344,53 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     if key.kind == "name":
         return _name_matching(column, value)
     return _matching(column, value)
+
+
+TIME_DIGITS = 12
+"""A time of day as compared: HHMMSS and six digits of fraction, without colons or point (:func:`_time_bound`)."""
+TIME_FORM = re.compile(r"\d\d(?:\d\d(?:\d\d(?:\.\d{1,6})?)?)?")
+"""A TM value (PS3.5 6.2): HH, HHMM, HHMMSS or HHMMSS.FFFFFF, once the colons of the older HH:MM:SS form are out."""
+
+
+def _time_condition(column: Any, start: str, end: str) -> ColumnElement[bool]:
+    """A time ``column`` within ``start``-``end`` (either may be empty: open), compared as times of day, not as
+    text: a stored ``10:15:00`` (the older form with colons, stored as sent) is ``101500``, and a value of partial
+    precision covers its whole unit, in what is stored and in the query alike (``1015`` is 10:15:00 to
+    10:15:59.999999). A stored time matches when its unit and the range overlap; a single value is the range from
+    itself to itself, so ``101500`` finds ``10:15:00``, ``1015`` and ``101500.25``.
+
+    Raises
+    ------
+    QueryError
+        A bound that is not a time of day.
+    """
+    digits = func.replace(func.replace(column, ":", ""), ".", "")
+    bounds = []
+    if start:
+        stored_end = func.substr(digits.concat("9" * TIME_DIGITS), 1, TIME_DIGITS)
+        bounds.append(stored_end >= _time_bound(column.key, start, "0"))
+    if end:
+        stored_start = func.substr(digits.concat("0" * TIME_DIGITS), 1, TIME_DIGITS)
+        bounds.append(stored_start <= _time_bound(column.key, end, "9"))
+    return and_(column.is_not(None), column != "", *bounds)
+
+
+def _time_bound(name: str, value: str, padding: str) -> str:
+    """A query's time as :data:`TIME_DIGITS` digits: the start of its unit (``padding`` ``0``) or its end (``9``:
+    ``1015`` ends at ``101599999999``, after every time of that minute and before the next one). The comparison
+    is of digits only, of one length, so that it orders alike in SQLite and in any PostgreSQL collation."""
+    time = value.replace(":", "")
+    if not TIME_FORM.fullmatch(time):
+        raise QueryError(
+            f"{_attribute(name)} holds a value that is not a time of day (HH, HHMM, HHMMSS or HHMMSS.FFFFFF, "
+            "or a range of two): the node cannot match it"
+        )
+    return (time.replace(".", "") + padding * TIME_DIGITS)[:TIME_DIGITS]
+
+
+def _attribute(column_name: str) -> str:
+    """The DICOM keyword of the matching key stored in the column ``column_name``."""
+    return next((keyword for keyword, key in KEYS.items() if key.column.key == column_name), column_name)
 
 
 def _matching(column: Any, value: str) -> ColumnElement[bool]:
@@ -709,11 +796,14 @@ def check_width(identifier: Dataset) -> None:
 class _AnswerShape:
     """What every answer to one query carries: the keys the node fills (held in its database, counted, or unique
     keys of the level), and one shared empty element for each other key asked (PS3.4 C.4.1.1.3.2: a key the SCP
-    does not hold is answered with no value). The empty ones are built once per query, so a peer asking for keys
+    does not hold is answered with no value), private and unknown keys too (a private creator keeps its value,
+    :func:`_unheld`). The empty ones are built once per query, so a peer asking for keys
     the node does not hold makes no answer wider in memory or work than a dictionary entry per key."""
 
     filled: tuple[str, ...]
     empty: dict[BaseTag, DataElement]
+    non_ascii_creator: bool = False
+    """Whether a private creator answered as asked (:func:`_unheld`) is not ASCII: the answer then declares UTF-8."""
 
     @classmethod
     def of(cls, identifier: Dataset, level: Level) -> _AnswerShape:
@@ -722,7 +812,10 @@ class _AnswerShape:
         unheld = Dataset()
         for element in identifier:
             keyword = element.keyword
-            if not keyword or element.tag.group in NEVER_ANSWERED_GROUPS or keyword in SET_BY_THE_NODE:
+            if element.tag.group in NEVER_ANSWERED_GROUPS or element.tag.element == 0 or keyword in SET_BY_THE_NODE:
+                continue
+            if not keyword:  # a private key (its creator answered as asked) or one no dictionary knows
+                unheld.add(_unheld(element))
                 continue
             spec = KEYS.get(keyword)
             if keyword in COUNTS or keyword == QUALIFIERS or (spec is not None and LEVELS.index(spec.level) <= depth):
@@ -730,7 +823,17 @@ class _AnswerShape:
             else:
                 setattr(unheld, keyword, "")
         unique = [keyword for keyword in _unique_keys_down_to(level) if keyword not in filled]  # held: in KEYS
-        return cls(tuple(filled + unique), {element.tag: element for element in unheld})
+        non_ascii = any(e.tag.is_private_creator and not str(e.value or "").isascii() for e in unheld)
+        return cls(tuple(filled + unique), {element.tag: element for element in unheld}, non_ascii)
+
+
+def _unheld(element: DataElement) -> DataElement:
+    """How a key without a keyword is answered (PS3.4 C.4.1.1.3: every key asked is answered): a private creator
+    (gggg,0010-00FF) with the value asked, since it names the block its private keys are read in; any other, a
+    private key or one no dictionary knows, empty with its VR (the node holds no private or unknown attribute)."""
+    if element.tag.is_private_creator:
+        return DataElement(element.tag, element.VR, element.value)
+    return DataElement(element.tag, element.VR, None)
 
 
 SET_BY_THE_NODE = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
@@ -820,7 +923,7 @@ def _response(
         # the answers of one PatientID from two universal issuers must tell the patients apart, as IssuerOfPatientID
         response.IssuerOfPatientIDQualifiersSequence = _answered_qualifiers(study)
     response.RetrieveAETitle = retrieve_ae_title
-    if any(not str(response[keyword].value).isascii() for keyword in shape.filled):  # the empty ones are ASCII
+    if any(not str(response[keyword].value).isascii() for keyword in shape.filled) or shape.non_ascii_creator:
         response.SpecificCharacterSet = "ISO_IR 192"
     return response
 

@@ -93,6 +93,7 @@ from dicom_node.retrieve.matching import (
     AmbiguousPatient,
     QueryError,
     UnsearchableValue,
+    check_level_in_model,
     find_disclosing,
     is_narrow,
     matching_instances,
@@ -379,6 +380,7 @@ def handle_find(event: evt.Event, context: RetrieveContext) -> Iterator[tuple[in
             repeatable_refusal(event)
             yield _status(status_code, comment), None
             return
+        check_level_in_model(identifier, event.context.abstract_syntax)
         level = query_level(identifier)
         for response, studies in _matches(context, identifier, limit + 1):
             if event.is_cancelled:
@@ -881,6 +883,7 @@ def _paths_to_retrieve(event: evt.Event, context: RetrieveContext, calling_ae: s
     """
     try:
         _check_readable(event, peer)
+        check_level_in_model(event.identifier, event.context.abstract_syntax)
         if not peer.may("find") and query_level(event.identifier) == "PATIENT":
             raise QueryError(
                 f"peer {peer.name} has no find role, so it may not retrieve a whole patient by PatientID "
