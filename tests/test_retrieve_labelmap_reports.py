@@ -202,20 +202,52 @@ def test_a_c_move_with_a_damaged_image_counts_it_alone_as_failed(node_with_both_
     _check_received(sorted(out.iterdir()), {uid: v for uid, v in stored.items() if uid != image})
 
 
-def test_the_sr_on_a_labelmap_seg_that_cannot_be_sent_is_a_failed_sub_operation_too(node_with_both_encodings, tmp_path):
-    """getscu of the LABELMAP SEG's series and its SR's: the SEG would go as its BINARY twin, whose file is damaged,
-    so neither is sent and both are failed sub-operations."""
-    node, study, _ = node_with_both_encodings
-    stored = _stored(node, study)
+def _labelmap_series(node: Node, stored: dict[str, tuple[str, str]]) -> tuple[str, str, list[str]]:
+    """The LABELMAP SEG, the SR on it, and the SeriesInstanceUIDs of both."""
     report = _labelmap_report(stored)
     [labelmap] = [uid for uid, (sop_class, _) in stored.items() if sop_class == LABEL_MAP_SEGMENTATION]
-    [binary_path] = [path for sop_class, path in stored.values() if sop_class == SEGMENTATION]
     with node.sessions() as session:
         series = session.scalars(
             select(Series.series_instance_uid)
             .join(Instance, Instance.series_id == Series.id)
             .where(Instance.sop_instance_uid.in_([labelmap, report]))
         ).all()
+    return labelmap, report, list(series)
+
+
+def test_the_sr_on_a_labelmap_seg_retrieved_without_the_binary_segs_sr_is_a_failed_sub_operation(
+    node_with_both_encodings, tmp_path
+):
+    """getscu of the LABELMAP SEG's series and its SR's only: the SEG goes as its BINARY twin, and its SR, which
+    names the LABELMAP SEG, is left out; the SR on the twin was not asked for, so the peer gets no measurements and
+    is told so (a failed sub-operation), rather than Success as if it had them."""
+    node, study, _ = node_with_both_encodings
+    stored = _stored(node, study)
+    labelmap, report, series = _labelmap_series(node, stored)
+    out = tmp_path / "get"
+    out.mkdir()
+    command = [require_tool("getscu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-od", str(out)]
+    command += ["-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}"]
+    command += ["-k", "SeriesInstanceUID=" + "\\".join(series), "127.0.0.1", str(node.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+
+    received = [pydicom.dcmread(path) for path in out.iterdir()]
+    assert [str(d.SOPClassUID) for d in received] == [SEGMENTATION], output  # the BINARY twin, in its place
+    final = output.split("Final status report")[-1]
+    assert re.search(r"Failed Suboperations +: 1\n", final), output
+    assert re.search(r"Completed Suboperations : 1\n", final), output
+    line = [line for line in node.log().splitlines() if "retrieve.report_left_out" in line and report in line][-1]
+    assert labelmap in line and "no SR on the BINARY SEG that goes instead is retrieved with it" in line, line
+
+
+def test_the_sr_on_a_labelmap_seg_that_cannot_be_sent_is_a_failed_sub_operation_too(node_with_both_encodings, tmp_path):
+    """getscu of the LABELMAP SEG's series and its SR's: the SEG would go as its BINARY twin, whose file is damaged,
+    so neither is sent and both are failed sub-operations."""
+    node, study, _ = node_with_both_encodings
+    stored = _stored(node, study)
+    labelmap, report, series = _labelmap_series(node, stored)
+    [binary_path] = [path for sop_class, path in stored.values() if sop_class == SEGMENTATION]
     original = Path(binary_path).read_bytes()
     out = tmp_path / "get"
     out.mkdir()

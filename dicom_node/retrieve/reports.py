@@ -47,11 +47,22 @@ class SegmentationsNotSent:
 
     why: dict[str, str] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
+    twins: dict[str, str] = field(default_factory=dict)
+    """LABELMAP SEG -> the BINARY twin the peer gets instead (or beside it)."""
+    reported: set[str] = field(default_factory=set)
+    """The SEGs the SRs selected for the retrieval name as evidence (read only where a SEG has a twin)."""
 
-    def note(self, sop_instance_uid: str, why: str, *, failed: bool = False) -> None:
+    def note(self, sop_instance_uid: str, why: str, *, failed: bool = False, twin: str | None = None) -> None:
         self.why[sop_instance_uid] = why
         if failed:
             self.failed.add(sop_instance_uid)
+        elif twin is not None:
+            self.twins[sop_instance_uid] = twin
+
+    def measured_elsewhere(self, sop_instance_uid: str) -> bool:
+        """Whether the peer gets the measurements on SEG ``sop_instance_uid`` all the same: it gets its BINARY twin,
+        and an SR on that twin is selected too."""
+        return self.twins.get(sop_instance_uid) in self.reported
 
     def named_by(self, report_path: str) -> list[str]:
         """The SEGs noted here that the SR at ``report_path`` names as evidence (none when none were noted)."""

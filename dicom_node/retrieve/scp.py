@@ -100,7 +100,7 @@ from dicom_node.retrieve.matching import (
     query_level,
     why_not_served,
 )
-from dicom_node.retrieve.reports import SegmentationsNotSent, is_report, is_segmentation
+from dicom_node.retrieve.reports import SegmentationsNotSent, evidence_uids, is_report, is_segmentation
 from dicom_node.retrieve.stored import read_stored
 from dicom_node.retrieve.suboperations import (
     PENDING,
@@ -679,7 +679,7 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     with retrieving(context.storage, Retrieval(receiver, "C-GET", selection.series)):  # no purge deletes them
         answers = SubOperations(context.send_bound_seconds)  # the requestor's association: its sends are bounded
         route = Route("get", "get", receiver, "Requestor", lambda: event.assoc, answers, SegmentationsNotSent())
-        paths = _planned(selection.paths, accepted_pairs(event.assoc), calling_ae, route)
+        paths = _planned(selection.paths, accepted_pairs(event.assoc), route)
         yield from _count_or_refuse(paths, context, event, "get")
         event.assoc.bind(evt.EVT_DIMSE_RECV, answers.on_message)  # the requestor's answer to each instance
         event.assoc.bind(evt.EVT_DATA_SENT, answers.on_sent)  # how far each instance went out
@@ -690,16 +690,18 @@ def handle_get(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, answers.on_message)
 
 
-def _planned(paths: list[Stored], accepted: set[tuple[str, str]], calling_ae: str, route: Route) -> list[Stored]:
-    """What goes to the peer, once the contexts it accepted are known: SEGs before SRs; a LABELMAP SEG it would get
-    as its BINARY twin left out where that twin is selected anyway (it would get the same instance twice); and
-    each SR on a SEG it does not get as itself left out (:func:`_report_fate`), as dispatch holds one back.
-
-    Such a SEG's BINARY twin has its own SR, with the same measurements: the peer misses nothing, so these are not
-    failed sub-operations. SRs on a SEG that goes as its twin, or cannot be sent at all, are left out as they come,
-    once that SEG's send told (:func:`_send`)."""
+def _planned(paths: list[Stored], accepted: set[tuple[str, str]], route: Route) -> list[Stored]:
+    """What goes to the peer, once the contexts it accepted are known: SEGs before SRs, so that each SR is sent or
+    left out once its SEGs' fate is known (:func:`_report_fate`, as dispatch holds one back); a LABELMAP SEG it
+    would get as its BINARY twin left out where that twin is selected anyway (it would get the same instance
+    twice). Which SEGs the selected SRs report on is read here where a SEG has a twin: an SR left out for its
+    LABELMAP SEG is no failure only when an SR on the twin goes too."""
     ordered = sorted(paths, key=_send_order)
     selected = {stored.sop_instance_uid for stored in ordered}
+    if any(stored.alternative is not None for stored in ordered):  # a LABELMAP SEG: which SEGs the SRs report on
+        route.segmentations.reported = {
+            uid for stored in ordered if is_report(stored.sop_class_uid) for uid in evidence_uids(stored.path)
+        }
     kept: list[Stored] = []
     for stored in ordered:
         twin = stored.alternative
@@ -711,8 +713,7 @@ def _planned(paths: list[Stored], accepted: set[tuple[str, str]], calling_ae: st
             why = f"is left out because its BINARY twin {twin.sop_instance_uid}, selected too, goes instead"
             _note_unsent_segmentation(stored, route, why)
             continue
-        if _report_fate(stored, calling_ae, route) == "send":
-            kept.append(stored)
+        kept.append(stored)
     return kept
 
 
@@ -733,7 +734,8 @@ def _note_unsent_segmentation(stored: Stored, route: Route, why: str, *, failed:
     """Note that the peer does not get SEG ``stored`` as itself (``why``, a clause; ``failed``: it could not be
     sent at all), so that an SR on it is left out. Nothing for an instance that is not a SEG."""
     if is_segmentation(stored.sop_class_uid):
-        route.segmentations.note(stored.sop_instance_uid, why, failed=failed)
+        twin = stored.alternative.sop_instance_uid if stored.alternative is not None else None
+        route.segmentations.note(stored.sop_instance_uid, why, failed=failed, twin=twin)
 
 
 def _report_fate(stored: Stored, calling_ae: str, route: Route) -> Literal["send", "leave out", "fail"]:
@@ -746,15 +748,20 @@ def _report_fate(stored: Stored, calling_ae: str, route: Route) -> Literal["send
     if not lacking:
         return "send"
     failed = route.segmentations.failed.intersection(lacking)
+    unmeasured = [uid for uid in lacking if not route.segmentations.measured_elsewhere(uid)]
     reasons = "; ".join(f"segmentation {uid} {route.segmentations.why[uid]}" for uid in lacking)
-    outcome = (
-        "it counts as a failed sub-operation"
-        if failed
-        else "this is not a failure: the SR on that BINARY SEG holds the same measurements"
-    )
+    if failed:
+        outcome = "it counts as a failed sub-operation"
+    elif unmeasured:
+        outcome = (
+            "it counts as a failed sub-operation, as no SR on the BINARY SEG that goes instead is retrieved with it "
+            "(retrieve that SR's series too, for the same measurements)"
+        )
+    else:
+        outcome = "this is not a failure: the SR on that BINARY SEG, sent too, holds the same measurements"
     log_event(
         LOG,
-        logging.WARNING if failed else logging.INFO,
+        logging.WARNING if failed or unmeasured else logging.INFO,
         "retrieve.report_left_out",
         calling_ae=calling_ae,
         operation=route.operation,
@@ -762,7 +769,7 @@ def _report_fate(stored: Stored, calling_ae: str, route: Route) -> Literal["send
         reason=f"SR {stored.sop_instance_uid} was not sent to {route.receiver}, because it reports on a segmentation "
         f"that peer does not get as itself ({reasons}); {outcome}",
     )
-    return "fail" if failed else "leave out"
+    return "fail" if failed or unmeasured else "leave out"
 
 
 def _left_out_not_failed(event: evt.Event, left_out: int) -> None:
@@ -1182,7 +1189,7 @@ def _send(
     comment: str | None = None
     counted = len(paths)
     if route.action == "move":  # the count went before the sub-association: its accepted contexts are known now
-        paths = _planned(paths, accepted_pairs(route.association()), calling_ae, route)
+        paths = _planned(paths, accepted_pairs(route.association()), route)
     left_out = counted - len(paths)  # left out without failing: the peer gets what they hold in other instances
     for index, stored in enumerate(paths):
         if event.is_cancelled:
