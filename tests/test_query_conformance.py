@@ -67,6 +67,12 @@ def test_study_times_are_compared_as_times_of_day_on_every_database(sessions, as
     assert found_times(sessions, asked) == expected
 
 
+def test_a_time_range_that_ends_before_it_starts_finds_nothing_not_even_a_whole_hour(sessions) -> None:
+    record_one_image_each(sessions, [StudyAttributes("9.6", patient_id="P1", study_time="10")])
+    assert found_times(sessions, "1015-1014") == []  # the hour 10 reaches both bounds, yet the range is empty
+    assert found_times(sessions, "1014-1015") == ["9.1", "9.2", "9.3", "9.6"]
+
+
 def test_a_time_that_is_no_time_of_day_is_refused_in_a_sentence_without_the_value(sessions) -> None:
     with pytest.raises(QueryError) as refused:
         found_times(sessions, "10h30-")
@@ -77,6 +83,7 @@ def test_a_time_that_is_no_time_of_day_is_refused_in_a_sentence_without_the_valu
 def test_a_date_range_in_the_older_form_with_points_is_read_as_dates(sessions) -> None:
     record_one_image_each(sessions, [StudyAttributes("8.1", patient_id="P2", study_date="20260315")])
     asked = {"2026.03.01-": ["8.1"], "2026.03.16-": [], "-2026.03.14": [], "-2026.03.15": ["8.1"]}
+    asked |= {"2026.03.01-2026.03.31": ["8.1"], "2026.03.15": ["8.1"], "2026.03.16": []}  # both bounds; one date
     for study_date, expected in asked.items():
         identifier = query("STUDY", StudyDate=study_date, StudyInstanceUID="")
         assert answers(sessions, identifier, "StudyInstanceUID") == expected, study_date

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, func, literal, or_, select
+from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, false, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -272,7 +272,8 @@ def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
     else:
         ranged = vr in RANGE_LENGTHS and "-" in value
         limit = RANGE_LENGTHS[vr] if ranged else UNSTORED_LENGTHS.get(keyword, MAXIMUM_LENGTHS.get(vr))
-        if limit is not None and len(value) > limit:
+        measured = value.replace(".", "") if vr == "DA" else value  # the older YYYY.MM.DD form reads as YYYYMMDD
+        if limit is not None and len(measured) > limit:
             allows = "the node records" if keyword in UNSTORED_LENGTHS else f"DICOM allows ({vr}{' range' * ranged})"
             return f"is {len(value)} characters long, more than the {limit} {allows}"
     wildcards = value.count("*") + value.count("?")
@@ -328,10 +329,11 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     if key.kind == "time" and "*" not in value and "?" not in value:
         start, ranged, end = value.partition("-")
         return _time_condition(column, start.strip(), end.strip() if ranged else start.strip())
+    if key.kind == "date":
+        value = value.replace(".", "")  # the older YYYY.MM.DD form reads as YYYYMMDD, in a range or a single value
     if key.kind == "date" and "-" in value:
-        # stored dates are YYYYMMDD (the receiver refuses longer ones), compared as text; a bound in the older
-        # YYYY.MM.DD form is read without its points
-        start, end = (bound.strip().replace(".", "") for bound in value.partition("-")[::2])
+        # stored dates are YYYYMMDD (the receiver refuses longer ones), compared as text
+        start, end = (bound.strip() for bound in value.partition("-")[::2])
         bounds = [column >= start] if start else []
         if end:
             bounds.append(column <= end)
@@ -365,6 +367,8 @@ def _time_condition(column: Any, start: str, end: str) -> ColumnElement[bool]:
         A bound that is not a time of day.
     """
     digits = func.replace(func.replace(column, ":", ""), ".", "")
+    if start and end and _time_bound(column.key, start, "0") > _time_bound(column.key, end, "9"):
+        return false()  # a range that ends before it starts holds no time
     bounds = []
     if start:
         stored_end = func.substr(digits.concat("9" * TIME_DIGITS), 1, TIME_DIGITS)
