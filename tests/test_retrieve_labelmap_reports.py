@@ -4,9 +4,11 @@ its SR, and never the SR on the LABELMAP SEG, which would report on a segmentati
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -101,6 +103,23 @@ def _listening(port: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _planner_storescp(out: Path, port: int) -> Iterator[None]:
+    """DCMTK storescp as the move destination PLANNER, writing into ``out`` with unique file names (an instance
+    stored twice leaves two files), listening while the block runs."""
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "+uf", "-aet", PLANNER, "-od", str(out), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _listening(port), timeout=30, what="storescp to listen")
+        yield
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
 def _left_out_line(node: Node, report: str, operation: str) -> str:
     lines = [line for line in node.log().splitlines() if "retrieve.report_left_out" in line and report in line]
     assert lines, node.log()[-4000:]
@@ -138,14 +157,7 @@ def test_movescu_of_the_study_stores_the_binary_seg_once_and_no_sr_on_the_labelm
     stored = _stored(node, study)
     out = tmp_path / "planner"
     out.mkdir()
-    # unique file names: an instance stored twice leaves two files
-    scp = subprocess.Popen(
-        [require_tool("storescp"), "+uf", "-aet", PLANNER, "-od", str(out), str(planner_port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _listening(planner_port), timeout=30, what="storescp to listen")
+    with _planner_storescp(out, planner_port):
         command = [require_tool("movescu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-aem", PLANNER]
         command += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
         result = subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=120)
@@ -153,9 +165,6 @@ def test_movescu_of_the_study_stores_the_binary_seg_once_and_no_sr_on_the_labelm
         assert "Received Final Move Response (Success)" in output, output
         expected = len(stored) - 2  # neither the LABELMAP SEG nor its SR
         wait_for(lambda: len(list(out.iterdir())) >= expected, timeout=30, what="moved files")
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
 
     _check_received(sorted(out.iterdir()), stored)
     sent = [line for line in node.log().splitlines() if "retrieve.sent" in line and f"move to {PLANNER}" in line][-1]
@@ -172,26 +181,19 @@ def test_a_c_move_with_a_damaged_image_counts_it_alone_as_failed(node_with_both_
     original = Path(image_path).read_bytes()
     out = tmp_path / "planner"
     out.mkdir()
-    scp = subprocess.Popen(
-        [require_tool("storescp"), "+uf", "-aet", PLANNER, "-od", str(out), str(planner_port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        Path(image_path).write_bytes(original[:-100])  # shortened on disk: the node does not send it
-        wait_for(lambda: _listening(planner_port), timeout=30, what="storescp to listen")
-        ae = AE(ae_title=PLANNER)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        query = Dataset()
-        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
-        answers = list(assoc.send_c_move(query, PLANNER, StudyRootQueryRetrieveInformationModelMove))
-        assoc.release()
+        with _planner_storescp(out, planner_port):
+            Path(image_path).write_bytes(original[:-100])  # shortened on disk: the node does not send it
+            ae = AE(ae_title=PLANNER)
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+            assert assoc.is_established
+            query = Dataset()
+            query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
+            answers = list(assoc.send_c_move(query, PLANNER, StudyRootQueryRetrieveInformationModelMove))
+            assoc.release()
     finally:
         Path(image_path).write_bytes(original)
-        scp.terminate()
-        scp.wait(timeout=10)
 
     final, failed_list = answers[-1]
     assert final.Status == 0xB000, final
