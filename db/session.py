@@ -15,6 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Executable, Result, Row, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import OperationalError
@@ -333,7 +335,8 @@ def migrate(url: str) -> None:
     """
     _create_sqlite_folder(url)
     if make_url(url).get_backend_name() != "postgresql":
-        command.upgrade(alembic_config(url), "head")
+        if not _sqlite_at_newest_revision(url):
+            command.upgrade(alembic_config(url), "head")
         return
     engine = create_engine(url, poolclass=NullPool)
     try:
@@ -351,6 +354,21 @@ def open_database(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_S
     """Migrate the schema to the newest revision and return a session factory."""
     migrate(url)
     return make_session_factory(make_engine(url, busy_timeout_seconds))
+
+
+def _sqlite_at_newest_revision(url: str) -> bool:
+    """Whether the SQLite database already has the newest schema, read without a write lock.
+
+    The upgrade itself writes under ``BEGIN IMMEDIATE``, which waits only the driver's 5 s for a writer: a worker
+    (re)started while the receiver or another worker holds the write lock would otherwise fail with "locked" though
+    it has nothing to migrate."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+    return current is not None and current == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
 
 
 NODE_LOCK_KEY = 7_316_002

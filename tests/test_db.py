@@ -142,6 +142,23 @@ def test_a_read_outside_a_transaction_does_not_wait_for_a_writer(tmp_path):
         assert session.connection().connection.dbapi_connection.isolation_level is None
 
 
+def test_a_database_already_at_the_newest_schema_is_opened_while_another_process_writes(tmp_path):
+    """A worker (re)started while the receiver holds SQLite's write lock has nothing to migrate: it does not wait for
+    the lock (the upgrade's own BEGIN IMMEDIATE would give up after the driver's 5 s and the worker would not start).
+    """
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    migrate(url)
+    holder = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        migrate(url)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_every_sqlite_commit_is_synced_to_disk_before_it_returns(tmp_path):
     """synchronous=NORMAL (in WAL mode) loses the last commits on a power cut: a result recorded as sent was
     forgotten, and the series processed and sent again."""
