@@ -660,8 +660,23 @@ def _hand_back_after_grace(worker: InferenceWorker, stop: threading.Event, done:
 
     Also a backstop for the exit itself: a process still alive :data:`EXIT_STALL_SECONDS`
     after its loop ended (a library thread holding up the interpreter's exit) exits at once.
+
+    A worker asked to stop before it was ready (loading its models, or waiting for the database) exits at once:
+    it has taken no job, and will take none (its loop looks at ``stop`` before its first claim). Everything it
+    may be doing then (a transaction, a converted model written under a temporary name) is safe to cut short.
     """
     stop.wait()
+    if not worker.ready.is_set():
+        log_event(
+            LOG,
+            logging.INFO,
+            "worker.stopped_while_starting",
+            worker=worker.identity,
+            reason=f"worker {worker.identity} was asked to stop while it was still starting (loading its models or "
+            "waiting for the database); it had taken no job, so it stops now",
+        )
+        logging.shutdown()
+        os._exit(0)
     if done.wait(worker.settings.inference.shutdown_grace_seconds):
         time.sleep(EXIT_STALL_SECONDS)  # a daemon thread: normally the process has exited before this returns
         log_event(

@@ -15,11 +15,13 @@ import errno
 import os
 import re
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -374,3 +376,38 @@ def test_a_remote_workers_late_result_after_serve_took_its_job_past_the_time_lim
 
     assert InferenceWorker(settings, sessions, "other-host:1").run_once()
     assert _the_job(sessions).state is JobState.DONE
+
+
+def test_a_worker_asked_to_stop_while_starting_exits_at_once_having_taken_no_job(tmp_path):
+    """SIGTERM while the worker still waits for the database at start-up (another process holds its write lock):
+    it exits cleanly without waiting out the grace, which is for a running job, and the queued series stays queued."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    config = worker_config(tmp_path, url, shutdown_grace_seconds=600)
+    settings = yaml.safe_load(config.read_text())
+    settings["database"]["busy_timeout_seconds"] = 0.5  # the lock wait returns often enough for SIGTERM to be seen
+    config.write_text(yaml.safe_dump(settings))
+    log = tmp_path / "worker.log"
+    holder = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as another process writing for a long time (readers go on)
+    worker = start_worker(config, "remote-host", log)
+    try:
+        wait_for(lambda: "database.busy" in log.read_text(errors="replace"), timeout=120, what="the worker waiting")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=300) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    identity = f"remote-host:{worker.pid}"
+    assert _log_reasons(log, "worker.stopped_while_starting") == [
+        f"worker {identity} was asked to stop while it was still starting (loading its models or waiting for the "
+        "database); it had taken no job, so it stops now"
+    ]
+    job = _the_job(sessions)
+    assert job.state is JobState.QUEUED and job.claimed_by is None and job.worker_deaths == 0
