@@ -8,13 +8,15 @@ import contextlib
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -269,3 +271,63 @@ def test_the_sr_on_a_labelmap_seg_that_cannot_be_sent_is_a_failed_sub_operation_
     assert re.search(r"Completed Suboperations : 0\n", final), output
     line = [line for line in node.log().splitlines() if "retrieve.report_left_out" in line and report in line][-1]
     assert labelmap in line and "it counts as a failed sub-operation" in line, line
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["all-readable", "binary-seg-damaged"])
+def test_a_cancelled_c_move_counts_no_left_out_instance_as_remaining(node_with_both_encodings, tmp_path, damaged):
+    """The requestor sends C-CANCEL as the destination gets the first instance, which it takes a second to store:
+    the node sends nothing more, and the instances said to remain are those the destination would have got, not
+    the LABELMAP SEG left out for its BINARY twin. An instance that could not be sent before the cancel (the BINARY
+    SEG, damaged on disk, goes first) is a failed sub-operation and listed, not remaining."""
+    node, study, planner_port = node_with_both_encodings
+    stored = _stored(node, study)
+    [binary_path] = [path for sop_class, path in stored.values() if sop_class == SEGMENTATION]
+    original = Path(binary_path).read_bytes()
+    if damaged:
+        Path(binary_path).write_bytes(original[:-100])  # shortened on disk: the node does not send it
+    received: list[str] = []
+    cancel: list[Any] = []  # the requestor's C-CANCEL, sent from the destination's first C-STORE
+
+    def cancel_and_store_slowly(event: Any) -> int:
+        if not received:
+            cancel[0]()
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        time.sleep(1.0)
+        return 0x0000
+
+    planner = AE(ae_title=PLANNER)
+    planner.supported_contexts = StoragePresentationContexts  # no Label Map Segmentation, as DCMTK 3.6.7
+    handlers = [(evt.EVT_C_STORE, cancel_and_store_slowly)]
+    server = planner.start_server(("127.0.0.1", planner_port), block=False, evt_handlers=handlers)
+    try:
+        ae = AE(ae_title=PLANNER)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        context = assoc.accepted_contexts[0].context_id
+        message_id = 7
+        cancel.append(lambda: assoc.send_c_cancel(message_id, context))
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
+        moving = assoc.send_c_move(query, PLANNER, StudyRootQueryRetrieveInformationModelMove, msg_id=message_id)
+        answers = list(moving)
+        assoc.release()
+    finally:
+        server.shutdown()
+        Path(binary_path).write_bytes(original)
+
+    final, report = answers[-1]
+    assert final.Status == 0xFE00, final
+    assert len(received) == final.NumberOfCompletedSuboperations == 1, final
+    listed = report.get("FailedSOPInstanceUIDList") or []
+    failed = {listed} if isinstance(listed, str) else {str(uid) for uid in listed}
+    assert final.NumberOfFailedSuboperations == len(failed), report
+    if not damaged:  # the BINARY SEG went first; all else remains but the LABELMAP SEG
+        assert failed == set() and final.NumberOfRemainingSuboperations == len(stored) - 2, final
+        return
+    # the BINARY SEG failed and so did the SR on it; the SR on the LABELMAP SEG was left out; one CT image was sent
+    [binary] = [uid for uid, (sop_class, _) in stored.items() if sop_class == SEGMENTATION]
+    [binary_report] = [uid for uid, (_, path) in stored.items() if binary in evidence_uids(path)]
+    assert failed == {binary, binary_report}, report
+    images = sum(sop_class == CT_IMAGE for sop_class, _ in stored.values())
+    assert final.NumberOfRemainingSuboperations == images - 1, final

@@ -775,7 +775,23 @@ def _report_fate(stored: Stored, calling_ae: str, route: Route) -> Literal["send
 def _left_out_not_failed(event: evt.Event, left_out: int) -> None:
     """pynetdicom counts every sub-operation still remaining at a final failure or warning as failed: take the
     ``left_out`` instances left out without failing (after the count, :func:`_planned`) off that number as the
-    final response is sent (it is changed before it is encoded)."""
+    final response is sent."""
+    _correct_final_counts(event, failed=-left_out)
+
+
+def _cancelled(event: evt.Event, answers: SubOperations, not_sent: list[str], left_out: int) -> tuple[int, Dataset]:
+    """The Cancel answer. pynetdicom counts as remaining every instance it was not handed: those that could not be
+    sent are failed sub-operations instead (and listed), and those left out without failing are in no count."""
+    if not_sent or left_out:
+        _correct_final_counts(event, failed=len(not_sent), remaining=-(len(not_sent) + left_out))
+    report = Dataset()
+    report.FailedSOPInstanceUIDList = [*answers.failed, *not_sent]
+    return CANCELLED, report
+
+
+def _correct_final_counts(event: evt.Event, *, failed: int = 0, remaining: int = 0) -> None:
+    """Add ``failed`` and ``remaining`` to the counts pynetdicom puts in the final C-MOVE or C-GET response, as it is
+    sent (it is changed before it is encoded; pynetdicom sets those counts itself, over any the handler yields)."""
 
     def on_sent(sent: evt.Event) -> None:
         message = sent.message
@@ -783,10 +799,11 @@ def _left_out_not_failed(event: evt.Event, left_out: int) -> None:
             return
         event.assoc.unbind(evt.EVT_DIMSE_SENT, on_sent)
         command = message.command_set
-        failed = command.get("NumberOfFailedSuboperations")
-        if failed is not None:
-            command.NumberOfFailedSuboperations = max(int(failed) - left_out, 0)
-            message._set_command_group_length()  # the element above may change the command's length
+        for keyword, change in (("NumberOfFailedSuboperations", failed), ("NumberOfRemainingSuboperations", remaining)):
+            count = command.get(keyword)
+            if change and count is not None:
+                setattr(command, keyword, max(int(count) + change, 0))
+        message._set_command_group_length()  # the elements above may change the command's length
 
     event.assoc.bind(evt.EVT_DIMSE_SENT, on_sent)
 
@@ -1193,7 +1210,7 @@ def _send(
     left_out = counted - len(paths)  # left out without failing: the peer gets what they hold in other instances
     for index, stored in enumerate(paths):
         if event.is_cancelled:
-            yield CANCELLED, None
+            yield _cancelled(event, route.answers, not_sent, left_out)
             return
         assoc = route.association()
         if association_ended(assoc):
