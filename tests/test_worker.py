@@ -54,6 +54,40 @@ def test_threshold_baseline_finds_body_lungs_on_the_right_sides_and_bone(tmp_pat
     assert ThresholdModel.is_baseline and "baseline" in ThresholdModel.algorithm_name
 
 
+SHORT_CHEST = PhantomSpec(rows=128, columns=128, slices=24, pixel_spacing=(3.0, 3.0), slice_spacing=3.0, noise_sd=0.0)
+"""72 mm head-feet that end inside the lungs (they reach 68 mm up): they touch the scan's upper end."""
+ACQUISITIONS = {
+    "axial HFS": SHORT_CHEST,
+    "axial FFS": replace(SHORT_CHEST, orientation=(-1, 0, 0, 0, 1, 0)),
+    "axial prone": replace(SHORT_CHEST, orientation=(-1, 0, 0, 0, -1, 0)),
+    "coronal": replace(SHORT_CHEST, rows=24, slices=128, orientation=(1, 0, 0, 0, 0, -1)),
+    "sagittal": replace(SHORT_CHEST, rows=24, slices=128, orientation=(0, 1, 0, 0, 0, -1)),
+}
+"""One anatomy on one grid of patient positions, acquired in several planes and patient positions."""
+
+
+@pytest.fixture(scope="module")
+def axial_voxels(tmp_path_factory) -> dict[int, int]:
+    series = write_phantom_series(tmp_path_factory.mktemp("axial"), ACQUISITIONS["axial HFS"])
+    labels = ThresholdModel().segment(load_series_volume(series.files)).labels
+    return {int(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True), strict=True)}
+
+
+@pytest.mark.parametrize("acquisition", ACQUISITIONS)
+def test_threshold_baseline_gives_the_same_structures_and_sides_whatever_the_acquisition_plane(
+    acquisition, tmp_path, axial_voxels
+):
+    series = write_phantom_series(tmp_path, ACQUISITIONS[acquisition])
+
+    labels = ThresholdModel().segment(load_series_volume(series.files)).labels
+
+    voxels = {int(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True), strict=True)}
+    assert voxels.keys() == axial_voxels.keys() == {0, 1, 2, 3, 4}
+    assert all(voxels[label] == pytest.approx(axial_voxels[label], rel=0.01) for label in voxels)
+    assert dice(labels == 2, series.labels == PHANTOM_LABELS["lung_left"]) > 0.95  # the patient's left lung
+    assert dice(labels == 3, series.labels == PHANTOM_LABELS["lung_right"]) > 0.95
+
+
 @pytest.mark.integration
 def test_served_node_segments_a_received_series_with_the_baseline(tmp_path, start_node):
     series = write_phantom_series(tmp_path / "ct", PHANTOM)

@@ -2,7 +2,9 @@
 
 It needs no weights, so a fresh node works end to end; it is labelled as a
 baseline wherever it appears (algorithm name, SR, logs) and is never used in
-place of a missing TotalSegmentator model.
+place of a missing TotalSegmentator model. Its per-slice steps work in the
+patient's axial planes and its left/right split on patient coordinates, so an
+axial, coronal or sagittal acquisition of the same anatomy gives the same result.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ class ThresholdModel:
     def segment(self, volume: Volume) -> Segmentation:
         started = time.perf_counter()
         hu = volume.hu
+        axial = _axial_axis(volume)
         body = _largest_component(hu > BODY_HU)
-        body = _fill_holes_per_slice(body)
+        body = _fill_holes_per_axial_slice(body, axial)
         air_inside = (hu < LUNG_HU) & body
-        lungs = _drop_small(_open(air_inside), minimum_ml=50, voxel_ml=_voxel_ml(volume))
+        lungs = _drop_small(_open_in_plane(air_inside, axial), minimum_ml=50, voxel_ml=_voxel_ml(volume))
         bone = (hu > BONE_HU) & body
         labels = np.zeros(hu.shape, dtype=np.uint8)
         labels[body] = 1
@@ -72,12 +75,24 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return components == int(np.argmax(sizes))
 
 
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+def _axial_axis(volume: Volume) -> int:
+    """The array axis of ``volume.hu`` (0 slice, 1 row, 2 column) closest to the patient's head-feet axis.
+
+    Column c of ``direction`` is the step of array axis 2 - c (column index, row index, slice index)."""
+    return 2 - int(np.argmax(np.abs(volume.direction[2])))
 
 
-def _open(mask: np.ndarray) -> np.ndarray:
-    return ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), dtype=bool))
+def _fill_holes_per_axial_slice(mask: np.ndarray, axial: int) -> np.ndarray:
+    """Fill holes in each of the patient's axial planes (array axis ``axial`` fixed), whatever the acquisition."""
+    planes = np.moveaxis(mask, axial, 0)
+    return np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in planes]), 0, axial)
+
+
+def _open_in_plane(mask: np.ndarray, axial: int) -> np.ndarray:
+    """Binary opening with a 3 x 3 square in the patient's axial planes."""
+    shape = [3, 3, 3]
+    shape[axial] = 1
+    return ndimage.binary_opening(mask, structure=np.ones(shape, dtype=bool))
 
 
 def _drop_small(mask: np.ndarray, minimum_ml: float, voxel_ml: float) -> np.ndarray:
