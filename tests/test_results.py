@@ -7,6 +7,7 @@ from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -17,8 +18,11 @@ from dicom_node.encode.sr import node_device_uid
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
 from inference.volume import load_series_volume
+from tests.conftest import dciodvfy
 
 SPEC = PhantomSpec(rows=64, columns=64, slices=12)
+SOURCE_KINDS = {"single-frame": False, "enhanced-ct": True}
+"""Single-frame CT images, or one Enhanced CT image (its slice measures in the shared functional group)."""
 
 
 def _encode(
@@ -133,16 +137,27 @@ def test_the_results_of_two_series_of_one_study_are_told_apart_by_their_source_s
     assert all(len(text) <= 64 for texts in descriptions.values() for text in texts)
 
 
-def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tmp_path):
-    """SpacingBetweenSlices 5 on slices 2.5 mm apart: the SEG carries 2.5, which its frames' positions show; a
-    missing SliceThickness, which the SEG must state, becomes that step, and the results say so."""
+def _slice_measures(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """Where a source states its SliceThickness and SpacingBetweenSlices: the header of a single-frame image, the
+    shared PixelMeasures of an Enhanced CT."""
+    if "SharedFunctionalGroupsSequence" in dataset:
+        return dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    return dataset
+
+
+@pytest.mark.parametrize("enhanced", SOURCE_KINDS.values(), ids=SOURCE_KINDS.keys())
+def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tmp_path, enhanced):
+    """SpacingBetweenSlices 5 on slices 2.5 mm apart: the SEG carries 2.5, which its frames' positions show (an
+    Enhanced CT's SEG said 5, and highdicom could not read it back as a volume); a missing SliceThickness, which
+    the SEG must state, becomes that step, and the results say so."""
 
     def mislabel(dataset: pydicom.Dataset) -> None:
-        dataset.SpacingBetweenSlices = "5"
-        del dataset.SliceThickness
+        measures = _slice_measures(dataset)
+        measures.SpacingBetweenSlices = "5"
+        del measures.SliceThickness
 
     warnings: list[str] = []
-    step = replace(SPEC, slice_spacing=2.5)
+    step = replace(SPEC, slice_spacing=2.5, enhanced=enhanced)
     (seg,) = [
         d
         for d in _encode(tmp_path, kinds=("BINARY",), spec=step, change=mislabel, warnings=warnings)
@@ -155,8 +170,12 @@ def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tm
         "SliceThickness is missing from the source images: the segmentation states the slice step (2.5 mm) as its "
         "slice thickness"
     ]
+    assert dciodvfy(Path(seg.filename))[0] == []
+    volume = hd.seg.segread(seg.filename).get_volume(combine_segments=True)
+    assert volume.spacing == pytest.approx((2.5, 0.8, 0.8))
 
 
+@pytest.mark.parametrize("enhanced", SOURCE_KINDS.values(), ids=SOURCE_KINDS.keys())
 @pytest.mark.parametrize(
     ("written", "said"),
     [
@@ -167,21 +186,23 @@ def test_the_seg_states_the_slice_step_of_the_volume_not_a_wrong_header_value(tm
         ("-3", "'-3' in the source images, not a positive number"),
     ],
 )
-def test_a_slice_thickness_that_is_no_positive_number_becomes_the_step_with_a_warning(tmp_path, written, said):
+def test_a_slice_thickness_that_is_no_positive_number_becomes_the_step_with_a_warning(
+    tmp_path, written, said, enhanced
+):
     """'abc', NaN and '3\\3' failed the results with "could not convert string to float", "non-finite floats" or
-    the generic stage sentence (a retry failed again); '0' and '-3' were copied into the SEG."""
+    the generic stage sentence (a retry failed again); '0' and '-3' were copied into the SEG, which dciodvfy
+    rejects."""
 
     def garble(dataset: pydicom.Dataset) -> None:
-        dataset["SliceThickness"] = pydicom.dataelem.RawDataElement(
+        _slice_measures(dataset)["SliceThickness"] = pydicom.dataelem.RawDataElement(
             pydicom.tag.Tag("SliceThickness"), "DS", len(written), written.encode(), 0, False, True
         )
 
     warnings: list[str] = []
+    spec = replace(SPEC, slice_spacing=2.5, enhanced=enhanced)
     (seg,) = [
         d
-        for d in _encode(
-            tmp_path, kinds=("BINARY",), spec=replace(SPEC, slice_spacing=2.5), change=garble, warnings=warnings
-        )
+        for d in _encode(tmp_path, kinds=("BINARY",), spec=spec, change=garble, warnings=warnings)
         if d.Modality == "SEG"
     ]
 
@@ -189,6 +210,7 @@ def test_a_slice_thickness_that_is_no_positive_number_becomes_the_step_with_a_wa
     assert warnings == [
         f"SliceThickness is {said}: the segmentation states the slice step (2.5 mm) as its slice thickness"
     ]
+    assert dciodvfy(Path(seg.filename))[0] == []
 
 
 def test_a_slice_whose_orientation_differs_in_the_seventh_decimal_still_gets_its_results(tmp_path):
@@ -220,6 +242,29 @@ def test_an_enhanced_ct_giving_orientation_and_pixel_spacing_per_frame_gets_its_
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert [float(v) for v in measures.PixelSpacing] == [0.8, 0.8]
     assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}
+
+
+def test_an_enhanced_ct_giving_pixel_spacing_per_frame_keeps_its_shared_slice_thickness(tmp_path):
+    """PixelSpacing in every frame's PixelMeasures, SliceThickness in the shared one: the volume reads both, and so
+    does the SEG (it stated no thickness, or the step with a warning that the source had none)."""
+
+    def spacing_per_frame(dataset: pydicom.Dataset) -> None:
+        shared = dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        for group in dataset.PerFrameFunctionalGroupsSequence:
+            item = pydicom.Dataset()
+            item.PixelSpacing = shared.PixelSpacing
+            group.PixelMeasuresSequence = [item]
+        del shared.PixelSpacing
+
+    warnings: list[str] = []
+    spec = replace(SPEC, enhanced=True, slice_spacing=2.5, slice_thickness=2.0)
+    results = _encode(tmp_path, kinds=("BINARY",), spec=spec, change=spacing_per_frame, warnings=warnings)
+    (seg,) = [d for d in results if d.Modality == "SEG"]
+
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert (float(measures.SliceThickness), float(measures.SpacingBetweenSlices)) == (2.0, 2.5)
+    assert [float(v) for v in measures.PixelSpacing] == [0.8, 0.8]
+    assert not any("SliceThickness" in warning for warning in warnings)
 
 
 def test_the_sr_names_the_structures_the_model_found_no_voxel_of(tmp_path):

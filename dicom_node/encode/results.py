@@ -237,21 +237,20 @@ def encode_results(
     return written
 
 
-def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: list[str]) -> None:
-    """The SEG copies its PixelMeasures from the first source: SpacingBetweenSlices is set to the slice step the
-    volume has from the slices' positions (a header's own value may be wrong, and the SEG would carry it), and a
+def _slice_measures_as_volume(measures: Sequence[Dataset], step: float, warnings: list[str]) -> None:
+    """The SEG copies its PixelMeasures from the first source's header (single-frame images) or from the shared
+    functional group (one multi-frame image), ``measures``: SpacingBetweenSlices is set to the slice step the volume
+    has from the slices' positions (a header's own value may be wrong, and the SEG would carry it), and a
     SliceThickness the SEG must state but the source lacks, or gives as something other than one positive number
     (text, NaN, several values, zero, negative), becomes that step, with a warning naming the value."""
-    orientation = list(sources[0].ImageOrientationPatient)  # admission found one orientation, to 3 decimals
     text = f"{step:.6g}"
-    given = raw_text(sources[0], "SliceThickness") or ""
+    given = raw_text(measures[0], "SliceThickness") or ""
     unusable = _positive_number(given) is None
-    for header in sources:
-        header.ImageOrientationPatient = orientation  # highdicom requires it exactly equal
-        if "SpacingBetweenSlices" in header:
-            header.SpacingBetweenSlices = text
+    for item in measures:
+        if "SpacingBetweenSlices" in item:
+            item.SpacingBetweenSlices = text
         if unusable:
-            header.SliceThickness = text
+            item.SliceThickness = text
     if unusable:
         what = (
             "missing from the source images"
@@ -261,6 +260,14 @@ def _slice_measures_as_volume(sources: list[Dataset], step: float, warnings: lis
         warnings.append(
             f"SliceThickness is {what}: the segmentation states the slice step ({text} mm) as its slice thickness"
         )
+
+
+def _one_orientation(sources: list[Dataset]) -> None:
+    """Every slice takes the first one's ImageOrientationPatient: admission found one orientation, to 3 decimals,
+    and highdicom requires it exactly equal."""
+    orientation = list(sources[0].ImageOrientationPatient)
+    for header in sources:
+        header.ImageOrientationPatient = orientation
 
 
 def _positive_number(text: str) -> float | None:
@@ -274,11 +281,11 @@ def _positive_number(text: str) -> float | None:
 def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str]) -> tuple[list[Dataset], np.ndarray]:
     """Source headers in the order highdicom needs, and the label map's frames in that order.
 
-    Single-frame sources: one header per slice, in slice order, with ``labels`` as is, their slice measures
-    as the volume has them (:func:`_slice_measures_as_volume`).
+    Single-frame sources: one header per slice, in slice order, with ``labels`` as is.
     One multi-frame source (Enhanced or Legacy Converted Enhanced CT): its header, and
     one label frame per source frame in source-frame order (frames the volume did not
     use stay empty and are left out of the SEG).
+    Either way the slice measures are the volume's (:func:`_slice_measures_as_volume`).
 
     Raises
     ------
@@ -294,6 +301,7 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
     if all(ref.frame_number is None for ref in volume.slices):
         sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
         text_in_utf8(sources[0])  # the results copy patient and study text from the first source
+        _one_orientation(sources)
         _slice_measures_as_volume(sources, float(volume.spacing[2]), warnings)
         return sources, labels
     if len(headers) != 1:
@@ -307,7 +315,8 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
     for index, ref in enumerate(volume.slices):
         assert ref.frame_number is not None  # every slice of a multi-frame source names its frame
         frames[ref.frame_number - 1] = labels[index]
-    _plane_macros_shared_as_read(header, volume.slices[0].frame_number or 1)
+    shared = _plane_macros_shared_as_read(header, volume.slices[0].frame_number or 1)
+    _slice_measures_as_volume(shared.PixelMeasuresSequence, float(volume.spacing[2]), warnings)
     return [text_in_utf8(header)], frames
 
 
@@ -315,18 +324,24 @@ PLANE_MACROS = ("PlaneOrientationSequence", "PixelMeasuresSequence")
 """Functional groups the SEG copies from a multi-frame source's shared group only (highdicom)."""
 
 
-def _plane_macros_shared_as_read(header: Dataset, frame_number: int) -> None:
-    """An Enhanced CT's orientation and pixel measures, in its shared functional group as the volume read them.
+def _plane_macros_shared_as_read(header: Dataset, frame_number: int) -> Dataset:
+    """An Enhanced CT's orientation and pixel measures, in its shared functional group as the volume read them;
+    returns that group.
 
-    The volume takes each frame's per-frame item first (admission checked they agree); highdicom reads the shared
-    group only, and fails on a source that gives them per frame (as some scanners write). The per-frame value
-    of ``frame_number`` (a frame the volume holds: frames of another matrix may have been left out) becomes the
-    shared one, in this in-memory header only."""
+    The volume takes each attribute from a frame's per-frame item first, else from the shared one (admission
+    checked they agree); highdicom reads the shared group only, and fails on a source that gives them per frame (as
+    some scanners write). The per-frame values of ``frame_number`` (a frame the volume holds: frames of another
+    matrix may have been left out) join the shared ones, in this in-memory header only."""
     per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
     if "SharedFunctionalGroupsSequence" not in header or not header.SharedFunctionalGroupsSequence:
         header.SharedFunctionalGroupsSequence = [Dataset()]
     shared = header.SharedFunctionalGroupsSequence[0]
     for macro in PLANE_MACROS:
-        first = per_frame[frame_number - 1].get(macro) if len(per_frame) >= frame_number else None
-        if first:
-            setattr(shared, macro, deepcopy(first))
+        own = per_frame[frame_number - 1].get(macro) if len(per_frame) >= frame_number else None
+        if not own:
+            continue
+        item = deepcopy(shared[macro][0]) if shared.get(macro) else Dataset()
+        for element in own[0]:
+            item[element.tag] = deepcopy(element)
+        setattr(shared, macro, [item])
+    return shared
