@@ -797,7 +797,7 @@ def check_slice_stack(
             "no CT can: the positions are wrong"
         )
     if np.any(steps < 1e-3):
-        raise VolumeError(_repeated_position(points, steps, labels, instances))
+        raise VolumeError(_repeated_position(points, steps, labels, instances, direction))
     median = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - median)))
     if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
@@ -860,17 +860,32 @@ line and a few shifted slices leave most on theirs, while a stack that jumps sid
 
 
 def _repeated_position(
-    points: np.ndarray, steps: np.ndarray, labels: Sequence[str] | None, instances: Sequence[str] | None
+    points: np.ndarray,
+    steps: np.ndarray,
+    labels: Sequence[str] | None,
+    instances: Sequence[str] | None,
+    normal: np.ndarray,
 ) -> str:
-    """The sentence for positions given twice: how many, and the first two images that share one."""
+    """The sentence for positions given twice: how many, and the first two images that share one; or, where those
+    two lie at one depth along the slice normal but at different places, that the images do not advance along it."""
     repeats = np.flatnonzero(steps < 1e-3)
     first = int(repeats[0])
-    place = ", ".join(f"{value:.2f}" for value in points[first])
     which, copies = _two_images(first, len(points), labels, instances)
+    if np.linalg.norm(points[first + 1] - points[first]) > POSITION_NOISE_MM:
+        return (
+            f"{len(repeats)} pair(s) of slices lie at the same depth along the slice normal {_vector(normal)} that "
+            f"ImageOrientationPatient gives, though at different places: {which} are at ImagePositionPatient "
+            f"({_place(points[first])}) and ({_place(points[first + 1])}); the images do not advance along the "
+            "normal, so their ImageOrientationPatient or their ImagePositionPatient is wrong"
+        )
     return (
         f"{len(repeats)} slice position(s) occur twice in one acquisition: {which} are both at ImagePositionPatient "
-        f"({place}){copies}"
+        f"({_place(points[first])}){copies}"
     )
+
+
+def _place(point: np.ndarray) -> str:
+    return ", ".join(f"{value:.2f}" for value in point)
 
 
 def _two_images(

@@ -592,3 +592,19 @@ def test_a_position_too_far_sideways_is_refused_too(tmp_path):
     positions = [[1e20, 0.0, 6.0 * k] for k in range(4)]
     with pytest.raises(VolumeError, match="more than 100,000 mm from the scanner's origin"):
         check_slice_stack(positions, [0.0, 0.0, 1.0])
+
+
+def test_images_whose_orientation_does_not_match_their_positions_are_refused_saying_so(tmp_path):
+    """Coronal images whose header says axial: every slice is at one depth along the axial normal, at different
+    places. The reason says the orientation or the positions are wrong, not that an image was sent twice."""
+    series = write_phantom_series(tmp_path, replace(SPEC, orientation=(1, 0, 0, 0, 0, -1)))
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.save_as(path)
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+    reason = str(error.value)
+    assert "lie at the same depth along the slice normal [0, 0, 1] that ImageOrientationPatient gives" in reason
+    assert reason.endswith("so their ImageOrientationPatient or their ImagePositionPatient is wrong"), reason
+    assert "occur twice" not in reason
