@@ -48,6 +48,7 @@ from inference.volume import (
     VOLUME_SOURCE_KEYWORDS,
     SliceHeader,
     VolumeError,
+    check_obliquity,
     check_slice_stack,
     differing_orientations,
     one_image_set,
@@ -1107,6 +1108,10 @@ def _check_orientation(images: list[_Frame]) -> None:
             f"the series has {max(len(orientations), 2)} different ImageOrientationPatient values "
             f"(first differing: {images[differing[0]].label}); one volume needs one orientation"
         )
+    try:
+        check_obliquity(images[0].orientation)  # the note, for a series a little oblique, is the assembler's
+    except VolumeError as exc:
+        raise Refused(str(exc)) from None
 
 
 def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnings: list[str]) -> list[_Frame]:

@@ -59,6 +59,13 @@ IN_PLANE_TOLERANCE = 0.5
 """Largest distance of a slice from the stack's axis, as a fraction of the smallest pixel spacing (half a pixel)."""
 POSITION_NOISE_MM = 0.01
 """Position differences below this are rounding in ImagePositionPatient, never a geometry fault."""
+OBLIQUE_LIMIT_DEGREES = 30.0
+"""Images turned further than this from the patient's axes are refused. TotalSegmentator's networks learnt from
+images in the patient's axes, turned by up to 30 degrees about each axis in training (nnU-Net's augmentation), and
+see an oblique series only reordered to the nearest axes (``as_closest_canonical``): turned further, the anatomy is
+outside what they learnt, and near 45 degrees one side may be taken for the other."""
+OBLIQUE_NOTE_DEGREES = 10.0
+"""Images turned further than this (up to :data:`OBLIQUE_LIMIT_DEGREES`) are segmented with a note saying so."""
 
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -185,6 +192,9 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
         raise VolumeError(f"{notes[-1]}; a partial series is not processed (inference.partial_series is 'fail')")
     frames = kept
     normal = _common_orientation(frames)
+    oblique = check_obliquity(frames[0].orientation)
+    if oblique is not None:
+        notes.append(oblique)
     frames.sort(key=lambda f: float(np.dot(f.position, normal)))
     step = _regular_step(frames, normal)
     hu, padding = _read_pixels(frames, notes)
@@ -734,6 +744,41 @@ def _common_orientation(frames: list[_Frame]) -> np.ndarray:
     if length < 0.5:
         raise VolumeError(f"ImageOrientationPatient {_vector(reference)} is degenerate")
     return normal / length
+
+
+def obliquity_degrees(orientation: Sequence[float] | np.ndarray) -> float:
+    """How far (degrees) the image axes of ImageOrientationPatient are turned from the patient's axes: for the
+    row, the column and the slice normal, the angle to the nearest of left-right, front-back and head-foot; the
+    largest of the three. 0 for axial, coronal and sagittal images, whatever their patient position."""
+    row, column = orthonormal_directions(orientation)
+    axes = np.column_stack([row, column, np.cross(row, column)])
+    nearest = np.clip(np.abs(axes).max(axis=0), 0.0, 1.0)
+    return float(np.degrees(np.arccos(nearest)).max())
+
+
+def check_obliquity(orientation: Sequence[float] | np.ndarray) -> str | None:
+    """VolumeError for images turned more than :data:`OBLIQUE_LIMIT_DEGREES` from the patient's axes; the note
+    for the job's warnings for those turned more than :data:`OBLIQUE_NOTE_DEGREES`; None for the rest."""
+    angle = obliquity_degrees(orientation)
+    if angle > OBLIQUE_LIMIT_DEGREES:
+        raise VolumeError(
+            f"the images are turned about {angle:.0f} degrees from the patient's axes (ImageOrientationPatient "
+            f"{_orientation_text(orientation)}): an oblique reconstruction. The models "
+            f"learnt from images at most {OBLIQUE_LIMIT_DEGREES:.0f} degrees off the patient's axes and could take "
+            "one side of the body for the other; send an axial reconstruction of the scan"
+        )
+    if angle > OBLIQUE_NOTE_DEGREES:
+        return (
+            f"the images are turned about {angle:.0f} degrees from the patient's axes (an oblique reconstruction, "
+            f"ImageOrientationPatient {_orientation_text(orientation)}); they were "
+            "segmented as they are, but the models learnt mostly from images in the patient's axes: check the "
+            "result, left and right especially"
+        )
+    return None
+
+
+def _orientation_text(orientation: Sequence[float] | np.ndarray) -> str:
+    return _vector(np.round(np.asarray(orientation, dtype=float), 4) + 0.0)  # + 0.0: no "-0"
 
 
 def orthonormal_directions(orientation: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.charset import convert_encodings
@@ -477,7 +478,7 @@ def test_an_orientation_that_is_not_orthonormal_is_refused(tmp_path, orientation
 def test_an_orientation_written_with_three_decimals_is_admitted(tmp_path):
     files = series_files(tmp_path)
     for file in files:
-        rewrite(file, ImageOrientationPatient="0.707\\0.707\\0\\-0.707\\0.707\\0")
+        rewrite(file, ImageOrientationPatient="0.940\\0.342\\0\\-0.342\\0.940\\0")  # 20 degrees, as rounded
     assert admit(files, STRICT).admitted
 
 
@@ -1016,3 +1017,13 @@ def test_a_patient_name_that_breaks_the_person_name_form_is_refused(tmp_path, na
         assert refusal is None
     else:
         assert refusal == f"PatientName of instance 1 {problem}; the sender must correct it"
+
+
+def test_oblique_images_past_30_degrees_are_refused_before_they_are_queued(tmp_path):
+    turned = np.radians(40)
+    orientation = (np.cos(turned), np.sin(turned), 0.0, -np.sin(turned), np.cos(turned), 0.0)
+    refusal = admit(series_files(tmp_path / "40", orientation=orientation), STRICT).refusal or ""
+    assert refusal.startswith("the images are turned about 40 degrees from the patient's axes"), refusal
+    turned = np.radians(20)
+    orientation = (np.cos(turned), np.sin(turned), 0.0, -np.sin(turned), np.cos(turned), 0.0)
+    assert admit(series_files(tmp_path / "20", orientation=orientation), STRICT).admitted  # the volume notes it

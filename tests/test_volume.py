@@ -594,6 +594,42 @@ def test_a_position_too_far_sideways_is_refused_too(tmp_path):
         check_slice_stack(positions, [0.0, 0.0, 1.0])
 
 
+def _turned(degrees: float, about: str = "z") -> tuple[float, ...]:
+    """ImageOrientationPatient of axial images turned ``degrees`` about the patient's head-foot axis (``z``), or of
+    coronal images turned about the left-right axis (``x``), as an oblique reconstruction writes it."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return (c, s, 0.0, -s, c, 0.0) if about == "z" else (1.0, 0.0, 0.0, 0.0, s, -c)
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [(-1, 0, 0, 0, -1, 0), (1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1), _turned(5)],
+    ids=["prone", "coronal", "sagittal", "5-degrees"],
+)
+def test_images_in_the_patients_axes_whatever_their_position_carry_no_oblique_note(tmp_path, orientation):
+    series = write_phantom_series(tmp_path, replace(SPEC, orientation=orientation))
+    assert not [note for note in load_series_volume(series.files).notes if "oblique" in note]
+
+
+@pytest.mark.parametrize(("orientation", "angle"), [(_turned(20), 20), (_turned(-25, about="x"), 25)])
+def test_images_a_little_oblique_are_segmented_with_a_note_saying_so(tmp_path, orientation, angle):
+    series = write_phantom_series(tmp_path, replace(SPEC, orientation=orientation))
+    [note] = [note for note in load_series_volume(series.files).notes if "oblique" in note]
+    assert note.startswith(f"the images are turned about {angle} degrees from the patient's axes"), note
+    assert note.endswith("check the result, left and right especially"), note
+
+
+@pytest.mark.parametrize(("orientation", "angle"), [(_turned(44), 44), (_turned(46), 44), (_turned(135), 45)])
+def test_oblique_images_past_30_degrees_are_refused_naming_the_angle(tmp_path, orientation, angle):
+    """Near 45 degrees the nearest patient axes swap: the model would see the anatomy turned by up to 45 degrees
+    either way, and could take one side for the other."""
+    series = write_phantom_series(tmp_path, replace(SPEC, orientation=orientation))
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(series.files)
+    assert str(error.value).startswith(f"the images are turned about {angle} degrees from the patient's axes"), error
+    assert "could take one side of the body for the other; send an axial reconstruction" in str(error.value)
+
+
 def test_images_whose_orientation_does_not_match_their_positions_are_refused_saying_so(tmp_path):
     """Coronal images whose header says axial: every slice is at one depth along the axial normal, at different
     places. The reason says the orientation or the positions are wrong, not that an image was sent twice."""
