@@ -24,25 +24,40 @@ UNKNOWN_COLOUR = (255, 255, 0)
 
 
 def write_preview(path: Path, volume: Volume, labels: np.ndarray, classes: dict[int, str]) -> Path:
-    """Three axial slices (at 25, 50, 75 % of the range), the middle coronal and sagittal, in one row."""
+    """Three axial slices (at 25, 50, 75 % of the range, feet to head), the middle coronal and sagittal, in one row.
+
+    Whatever plane and direction the series was acquired in, the tiles are drawn in the patient's axes and in
+    radiological convention: the patient's left on the image's right, anterior up in the axial tiles, the head up
+    in the coronal and sagittal ones (anterior on the image's left in the sagittal one)."""
     colours = _colour_table(classes, int(labels.max()))
-    depth, rows, columns = labels.shape
-    views = [
-        (volume.hu[k], labels[k], volume.spacing[1], volume.spacing[0])
-        for k in (depth // 4, depth // 2, 3 * depth // 4)
-    ]
-    views.append(
-        (volume.hu[:, rows // 2, :][::-1], labels[:, rows // 2, :][::-1], volume.spacing[2], volume.spacing[0])
-    )
-    views.append(
-        (volume.hu[:, :, columns // 2][::-1], labels[:, :, columns // 2][::-1], volume.spacing[2], volume.spacing[1])
-    )
+    ct, label_map, spacing = _in_patient_axes(volume, labels)
+    left, back, up = ct.shape  # indexed [x, y, z]: towards the patient's left, back and head
+    views = [(ct[:, :, z].T, label_map[:, :, z].T, spacing[1], spacing[0]) for z in (up // 4, up // 2, 3 * up // 4)]
+    views.append((ct[:, back // 2, :].T[::-1], label_map[:, back // 2, :].T[::-1], spacing[2], spacing[0]))
+    views.append((ct[left // 2, :, :].T[::-1], label_map[left // 2, :, :].T[::-1], spacing[2], spacing[1]))
     tiles = [_tile(hu, lab, colours, row_mm, column_mm) for hu, lab, row_mm, column_mm in views]
     sheet = Image.new("RGB", (TILE_PIXELS * len(tiles), TILE_PIXELS))
     for index, tile in enumerate(tiles):
         sheet.paste(tile, (index * TILE_PIXELS + (TILE_PIXELS - tile.width) // 2, (TILE_PIXELS - tile.height) // 2))
     sheet.save(path, format="PNG")
     return path
+
+
+def _in_patient_axes(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CT and the label map indexed [x, y, z] (DICOM's LPS: towards the patient's left, back and head) along
+    the patient axes nearest the volume's own, and the spacing (mm) along each."""
+    import nibabel as nib  # imported here, as by the volume
+
+    affine = np.eye(4)
+    affine[:3, :3] = volume.direction * volume.spacing
+    turn = nib.orientations.io_orientation(affine)  # per array axis (column, row, slice): its LPS axis and sign
+    spacing = np.empty(3)
+    spacing[turn[:, 0].astype(int)] = volume.spacing
+    return (
+        nib.orientations.apply_orientation(volume.hu.transpose(2, 1, 0), turn),
+        nib.orientations.apply_orientation(labels.transpose(2, 1, 0), turn),
+        spacing,
+    )
 
 
 def _colour_table(classes: dict[int, str], largest: int) -> np.ndarray:
