@@ -56,13 +56,14 @@ def _relabel(source: Path, target: Path, patient: dict[str, str], new_instance: 
     dataset.save_as(target)
 
 
-def _record_the_old_way(storage: Path, files: list[Path]) -> dict[str, str]:
-    """A database at revision 0010 holding ``files`` as a node of that revision recorded them: the study under the
-    first file's patient, every instance without a patient of its own, the series FAILED for the other patient's
-    image; each file stored where that node stored it. The SOP Instance UID of each file, by its name."""
+def _record_the_old_way(storage: Path, files: list[Path], revision: str = OLD_REVISION) -> dict[str, str]:
+    """A database at ``revision`` holding ``files`` as a node of that revision recorded them: the study under the
+    first file's patient, every instance without a patient of its own (from revision 0011: with its own PatientID
+    only), the series FAILED for the other patient's image; each file stored where that node stored it. The SOP
+    Instance UID of each file, by its name."""
     url = f"sqlite:///{storage / 'dicom-node.db'}"
     storage.mkdir(parents=True)
-    command.upgrade(alembic_config(url), OLD_REVISION)
+    command.upgrade(alembic_config(url), revision)
     engine = create_engine(url)
     tables = MetaData()
     tables.reflect(engine)
@@ -111,8 +112,10 @@ def _record_the_old_way(storage: Path, files: list[Path]) -> dict[str, str]:
             )
             stored.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, stored)
+            own_patient = {"patient_id": dataset.PatientID} if revision >= "0011" else {}
             connection.execute(
                 insert(tables.tables["instances"]).values(
+                    **own_patient,
                     sop_instance_uid=dataset.SOPInstanceUID,
                     sop_class_uid=dataset.SOPClassUID,
                     series_id=series_id,
@@ -170,6 +173,35 @@ def test_after_an_upgrade_a_series_c_get_sends_only_the_study_patients_images(tm
     assert Counter(_patients(f"sqlite:///{node.storage / 'dicom-node.db'}").values()) == Counter(
         {RITA["PatientID"]: 4, JANE["PatientID"]: 1}
     )
+
+
+@pytest.mark.integration
+def test_after_an_upgrade_from_0012_an_image_of_another_patient_under_the_same_patient_id_is_not_sent(
+    tmp_path: Path,
+) -> None:
+    """A node of revision 0012 recorded each image's PatientID, but not its PatientName, birth date or sex (0013 added
+    them empty): Jane's image, sent under Rita's PatientID and series, was served with Rita's after the upgrade.
+    Revision 0014 has such rows read again from their files, so only Rita's four come."""
+    files = _phantom_files(tmp_path / "sent")
+    _relabel(files[-1], files[-1], {**JANE, "PatientID": RITA["PatientID"]})
+    node = Node(
+        tmp_path / "node",
+        {
+            "peers": {"planner": {"ae_title": PLANNER, "hosts": ["127.0.0.1"], "roles": ["find", "get"]}},
+            "destinations": {"planner": {"ae_title": PLANNER, "host": "127.0.0.1", "port": free_port()}},
+        },
+    )
+    _record_the_old_way(node.storage, files, revision="0012")
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series = (f"StudyInstanceUID={first.StudyInstanceUID}", f"SeriesInstanceUID={first.SeriesInstanceUID}")
+    try:
+        node.start()
+        got, output = _get(node, tmp_path / "got", "-S", "QueryRetrieveLevel=SERIES", *series)
+    finally:
+        node.stop()
+
+    assert got == Counter({(RITA["PatientID"], RITA["PatientName"]): 4}), output
+    assert node.log().count("repair.identity_filled") == 1, node.log()
 
 
 def test_a_start_stopped_half_way_goes_on_where_it_stopped_and_a_missing_file_leaves_its_row_unknown(

@@ -2,7 +2,8 @@
 
 Those revisions add the columns empty; a node that recorded images before them left every row's PatientID,
 IssuerOfPatientID, issuer qualifiers, PatientName, PatientBirthDate and PatientSex unknown (NULL), although each
-stored file holds them. Query/Retrieve serves an instance only when its recorded patient is its study's, so start-up
+stored file holds them. Revision 0014 marks the rows recorded between 0011 and 0013 (a PatientID, none of the rest)
+unknown again, so they are read once more. Query/Retrieve serves an instance only when its recorded patient is its study's, so start-up
 reads each such file's header and records them as the receiver records a received one, before anything is served.
 A row whose file is missing or cannot be read stays unknown, and Query/Retrieve withholds it.
 """
