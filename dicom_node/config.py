@@ -1077,6 +1077,57 @@ def _resolve_config_path(path: Path | str | None) -> Path | None:
     return default if default.is_file() else None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that notes every key given twice in one mapping (in :attr:`repeated`, a sentence each
+    naming the key's path and both lines), where PyYAML would keep the last silently: a ``destinations:`` block
+    added at the top of the shipped file would replace, or be replaced by, the shipped one without a word."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.repeated: list[str] = []
+        self._path: list[Any] = []  # what compose_node is composing: a key node, a list index, or None (a key)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._path.append(index)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node: yaml.MappingNode = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge (<<) overrides by design; a list or mapping as a key names no setting
+            earlier = first.setdefault((key.tag, key.value), key)
+            if earlier is not key:
+                self.repeated.append(self._repeated(earlier, key))
+        return node
+
+    def _repeated(self, earlier: yaml.Node, later: yaml.Node) -> str:
+        parents = [
+            p if isinstance(p, int) else str(p.value) for p in self._path if isinstance(p, int | yaml.ScalarNode)
+        ]
+        loc = (*parents, str(later.value))
+        key = ".".join(str(part) for part in loc)
+        return (
+            f"{key} is given twice, on lines {earlier.start_mark.line + 1} and {later.start_mark.line + 1}: YAML would "
+            "keep only the later one and drop the other without a word; merge them into one  "
+            f"[YAML key {key} or env {_env_name(loc)}]"
+        )
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    """The YAML document in ``text``, read as ``yaml.safe_load`` would, and a sentence for each key given twice in
+    one mapping."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.repeated
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -1089,12 +1140,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         reason = (exc.strerror or "it cannot be read").lower()
         raise ConfigError(f"cannot read config file {path}: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data, repeated = _load_yaml(text)
     except yaml.YAMLError as exc:
         where = str(exc).replace('"<unicode string>"', f'"{path}"')
         raise ConfigError(f"{path}: not valid YAML: {where}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: it is nested too deeply") from None
+    if repeated:
+        raise ConfigError("\n".join([f"{path}: {len(repeated)} key(s) given twice", *(f"  {r}" for r in repeated)]))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -93,6 +93,63 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_settings(tmp_path / "absent.yaml")
 
 
+def test_a_destinations_block_added_above_the_shipped_one_is_refused_naming_both_lines(tmp_path):
+    site = "destinations:\n  pacs: {ae_title: HOSPPACS, host: 10.1.2.3, port: 104}\n\n"
+    path = tmp_path / "config.yaml"
+    path.write_text(site + (ROOT / "config.yaml").read_text())
+    shipped_line = 3 + (ROOT / "config.yaml").read_text().splitlines().index("destinations:") + 1
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+
+    assert str(error.value).splitlines() == [
+        f"{path}: 1 key(s) given twice",
+        f"  destinations is given twice, on lines 1 and {shipped_line}: YAML would keep only the later one and drop "
+        "the other without a word; merge them into one  [YAML key destinations or env DICOM_NODE_DESTINATIONS]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "destinations:\n  pacs:\n    ae_title: PACS\n    host: 10.0.0.5\n    port: 104\n    send: [seg, sr]\n"
+            "    send: [seg]\n",
+            "destinations.pacs.send is given twice, on lines 6 and 7",
+        ),
+        (
+            "rules:\n  - name: ct\n    action: ignore\n    match: {modality: CT}\n    match: {modality: MR}\n",
+            "rules.0.match is given twice, on lines 4 and 5: YAML would keep only the later one and drop the other "
+            "without a word; merge them into one  [YAML key rules.0.match or env DICOM_NODE_RULES]",
+        ),
+        (
+            "peers:\n  pacs: {hosts: [10.0.0.1]}\nnetwork: {port: 104}\npeers:\n  ct: {hosts: [10.0.0.2]}\n",
+            "peers is given twice, on lines 1 and 4",
+        ),
+    ],
+)
+def test_a_key_given_twice_in_one_mapping_is_refused(tmp_path, text, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+
+    assert expected in str(error.value)
+
+
+def test_a_key_a_yaml_merge_overrides_is_no_repetition(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "destinations:\n  pacs: &pacs {ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+        "  archive:\n    <<: *pacs\n    ae_title: ARCHIVE\n    port: 105\n"
+    )
+
+    settings = load_settings(path)
+
+    assert (settings.destinations["archive"].ae_title, settings.destinations["archive"].port) == ("ARCHIVE", 105)
+
+
 def refusal(tmp_path: Path, data: dict) -> str:
     """The message ``load_settings`` refuses ``data`` with."""
     with pytest.raises(ConfigError) as error:
