@@ -356,19 +356,42 @@ def open_database(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_S
     return make_session_factory(make_engine(url, busy_timeout_seconds))
 
 
-def _sqlite_at_newest_revision(url: str) -> bool:
-    """Whether the SQLite database already has the newest schema, read without a write lock.
-
-    The upgrade itself writes under ``BEGIN IMMEDIATE``, which waits only the driver's 5 s for a writer: a worker
-    (re)started while the receiver or another worker holds the write lock would otherwise fail with "locked" though
-    it has nothing to migrate."""
+def schema_revision(url: str) -> str | None:
+    """The database's schema revision, or None where it has none yet (an SQLite file that does not exist is not made)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and (
+        not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file()
+    ):
+        return None
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:
-            current = MigrationContext.configure(connection).get_current_revision()
+            return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
-    return current is not None and current == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def newest_revision() -> str:
+    """The newest schema revision this version of dicom-node knows."""
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None  # the migrations are one line of revisions
+    return head
+
+
+def is_known_revision(revision: str) -> bool:
+    """Whether this version of dicom-node knows ``revision`` (one made by a newer version it does not)."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return any(known.revision == revision for known in script.walk_revisions())
+
+
+def _sqlite_at_newest_revision(url: str) -> bool:
+    """Whether the SQLite database already has the newest schema, read without a write lock.
+
+    The upgrade itself writes under ``BEGIN IMMEDIATE``, which waits only the driver's 5 s for a writer: a ``serve``
+    started while a worker of the previous run still writes would otherwise fail with "locked" though it has
+    nothing to migrate."""
+    current = schema_revision(url)
+    return current is not None and current == newest_revision()
 
 
 NODE_LOCK_KEY = 7_316_002

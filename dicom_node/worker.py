@@ -44,7 +44,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.ingest import lock_studies_of_job, record_results
 from db.models import Instance, Job, Series
-from db.session import DatabaseBusy, is_database_storage_fault, retry_when_locked, storage_fault_cause, transaction
+from db.session import (
+    DatabaseBusy,
+    is_database_storage_fault,
+    make_engine,
+    make_session_factory,
+    retry_when_locked,
+    storage_fault_cause,
+    transaction,
+)
 from dicom_node.config import Settings
 from dicom_node.encode.seg import warm_up
 from dicom_node.logs import log_event
@@ -614,7 +622,6 @@ def run_worker(
     import faulthandler
     import signal
 
-    from db.session import open_database
     from dicom_node.logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
@@ -627,10 +634,14 @@ def run_worker(
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
     parent = parent_pid if parent_pid is not None else os.getppid()
     threading.Thread(target=_stop_when_orphaned, args=(stop, parent), name="parent-watch", daemon=True).start()
+    identity = worker_id(name)
+    sessions = _database_once_upgraded(settings, identity, stop)
+    if sessions is None:
+        return  # asked to stop while it waited for the upgrade
     worker = InferenceWorker(
         settings,
-        open_database(settings.database_url, settings.database.busy_timeout_seconds),
-        worker_id(name),
+        sessions,
+        identity,
         pulse=pulse,
         own_time_limit=parent_pid is None,
         ready=ready,
@@ -641,6 +652,54 @@ def run_worker(
     ).start()
     worker.run(stop)
     done.set()
+
+
+SCHEMA_POLL_SECONDS = 10.0
+"""How often a worker on a database of an older schema looks whether ``serve`` has upgraded it."""
+
+EXIT_SCHEMA_NEWER = 2
+"""Exit status of a worker whose database a newer version of dicom-node upgraded: restarting it cannot help."""
+
+
+def _database_once_upgraded(settings: Settings, identity: str, stop: threading.Event) -> sessionmaker[Session] | None:
+    """The worker's sessions once the database has this version's schema; None if asked to stop meanwhile.
+
+    A worker never changes the schema: ``serve`` upgrades it, holding the node's lock. A newer worker started first
+    (the GPU hosts updated before the node) would otherwise upgrade it under an older ``serve`` still running, whose
+    rows would then lack what the new columns hold. A database of a newer schema ends the worker with a sentence.
+    """
+    from db.session import is_known_revision, newest_revision, schema_revision
+
+    url, waiting_logged = settings.database_url, False
+    while True:
+        current, newest = schema_revision(url), newest_revision()
+        if current == newest:
+            return make_session_factory(make_engine(url, settings.database.busy_timeout_seconds))
+        if current is not None and not is_known_revision(current):
+            log_event(
+                LOG,
+                logging.ERROR,
+                "worker.schema_newer",
+                worker=identity,
+                reason=f"the database has schema revision {current}, made by a newer version of dicom-node than "
+                f"this worker (revision {newest}): install the version the node runs on this host",
+            )
+            logging.shutdown()
+            raise SystemExit(EXIT_SCHEMA_NEWER)
+        if not waiting_logged:
+            had = f"schema revision {current}" if current is not None else "no schema yet"
+            log_event(
+                LOG,
+                logging.WARNING,
+                "worker.waiting_for_upgrade",
+                worker=identity,
+                reason=f"the database has {had}, older than this worker's (revision {newest}): it waits for "
+                "`dicom-node serve` of this version to upgrade it (workers never change the schema), looking "
+                f"every {SCHEMA_POLL_SECONDS:g} s",
+            )
+            waiting_logged = True
+        if stop.wait(SCHEMA_POLL_SECONDS):
+            return None
 
 
 def _beat_while_starting(pulse: IdlePulse, ready: threading.Event) -> None:

@@ -1,0 +1,63 @@
+"""Workers never change the database's schema: `dicom-node serve` upgrades it, holding the node's lock.
+
+A newer `dicom-node worker` started before the node is updated (GPU hosts first) waits for that upgrade instead of
+making it under the older node still running; one older than the database says so and exits 2."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+
+from db.models import JobState
+from db.session import alembic_config, make_engine, make_session_factory, migrate, newest_revision, schema_revision
+from tests.conftest import seed_queued_series, wait_for
+from tests.test_scaleout import SMALL, start_worker, states, worker_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_worker_on_an_older_schema_waits_for_serve_to_upgrade_it_then_works(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    command.upgrade(alembic_config(url), "0012")  # as a node of that version left it, still running
+    config = worker_config(tmp_path, url)
+    log = tmp_path / "worker.log"
+    worker = start_worker(config, "gpu-host", log)
+    try:
+        wait_for(lambda: "worker.waiting_for_upgrade" in log.read_text(), timeout=120, what="the worker waiting")
+        assert schema_revision(url) == "0012" and worker.poll() is None  # it changed nothing, and waits
+        [reason] = re.findall(r'worker.waiting_for_upgrade .*?reason="([^"]*)"', log.read_text())
+        assert reason == (
+            f"the database has schema revision 0012, older than this worker's (revision {newest_revision()}): it "
+            "waits for `dicom-node serve` of this version to upgrade it (workers never change the schema), "
+            "looking every 10 s"
+        )
+
+        migrate(url)  # serve of this version, started once the older one stopped
+        sessions = make_session_factory(make_engine(url))
+        seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+        wait_for(lambda: states(sessions) == {JobState.DONE: 1}, timeout=300, what="the job done")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+def test_a_worker_older_than_its_database_says_so_and_exits_2(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))  # a newer version's upgrade
+    engine.dispose()
+    log = tmp_path / "worker.log"
+    worker = start_worker(worker_config(tmp_path, url), "gpu-host", log)
+    assert worker.wait(timeout=120) == 2
+    output = log.read_text()
+    assert "Traceback" not in output, output
+    [reason] = re.findall(r'worker.schema_newer .*?reason="([^"]*)"', output)
+    assert reason == (
+        f"the database has schema revision 0099, made by a newer version of dicom-node than this worker (revision "
+        f"{newest_revision()}): install the version the node runs on this host"
+    )
