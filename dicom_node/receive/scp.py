@@ -86,8 +86,9 @@ from dicom_node.receive.storage import (
     encode_file_meta,
     hold_series_with_different_copies,
     is_disk_full,
+    same_data_set,
 )
-from dicom_node.receive.studies import KnownStudies
+from dicom_node.receive.studies import KnownStudies, own_results_reason
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
 from dicom_node.security import (
@@ -325,6 +326,12 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         return refuse(
             status.CANNOT_UNDERSTAND, _stored_with_another(sop_instance, conflict), header.series.series_instance_uid
         )
+    job = context.studies.result_job(header)
+    if job is not None:  # a series of the node's own results takes no received instance
+        _discard(temporary)
+        if stored is not None and same_data_set(stored.path, encoded, transfer_syntax):
+            return _own_result_held(event, header, job, attempt)
+        return refuse(status.CANNOT_UNDERSTAND, own_results_reason(header, job), header.series.series_instance_uid)
     # the series first: a study is claimed for its patient (conflict) only by an instance that may join its series
     study_conflict = context.studies.series_conflict(header) or context.studies.conflict(header)
     if study_conflict is not None:
@@ -395,6 +402,27 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         series_instance_uid=header.series.series_instance_uid,
         transfer_syntax=transfer_syntax,
         bytes=record.size_bytes,
+    )
+    return status.SUCCESS
+
+
+def _own_result_held(event: evt.Event, header: InstanceHeader, job: str, attempt: _StoreAttempt) -> int:
+    """Answer success for a copy of one of the node's own results identical to the one it holds (a PACS routing the
+    node's results back to it), as for any instance sent again: nothing is written, recorded or processed, and
+    the peer, which would otherwise retry, is told once a while in the log."""
+    attempt.study_instance_uid = header.study.study_instance_uid
+    requestor = event.assoc.requestor
+    log_throttled(
+        LOG,
+        logging.WARNING,
+        "instance.own_result_returned",
+        (requestor.address, requestor.ae_title),
+        calling_ae=requestor.ae_title,
+        address=requestor.address,
+        sop_instance_uid=header.sop_instance_uid,
+        reason=f"{requestor.ae_title} at {requestor.address} sent back a result this node made (job {job}, "
+        f"series {header.series.series_instance_uid}), identical to the copy the node holds: it is answered "
+        "success and not stored again; a routing rule on that peer probably forwards the node's results back to it",
     )
     return status.SUCCESS
 

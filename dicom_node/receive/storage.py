@@ -602,6 +602,28 @@ def copy_difference(stored: Path, encoded: bytes, transfer_syntax: UID) -> CopyD
     return _pixel_difference(kept, kept_pixels_at, received, received_pixels_at)
 
 
+def same_data_set(stored: Path, encoded: bytes, transfer_syntax: UID) -> bool:
+    """Whether ``encoded`` (in ``transfer_syntax``) is the very data set of the file at ``stored``: the same bytes, or
+    the same elements with the same values in another transfer syntax (a PACS that forwards in implicit VR what it
+    received in explicit VR). Every element counts, private ones included; only group lengths, which say how long a
+    group is encoded, do not. Stricter than :func:`copy_difference`, which compares what results are made from: a
+    copy of one of the node's own results must be that result. False when either cannot be read."""
+    try:
+        kept = _EncodedCopy.read(stored)
+        received = _EncodedCopy.of(encoded, transfer_syntax)
+        return kept.data == received.data or _all_elements(kept) == _all_elements(received)
+    except Exception:  # noqa: BLE001 - a copy that cannot be read cannot be shown to be the same
+        return False
+
+
+def _all_elements(copy: _EncodedCopy) -> Dataset:
+    """Every element of the copy, read in its own transfer syntax, less its group lengths."""
+    dataset = read_dataset(BytesIO(copy.data), copy.syntax.is_implicit_VR, copy.syntax.is_little_endian)
+    for tag in [element.tag for element in dataset if element.tag.element == 0]:
+        del dataset[tag]
+    return dataset
+
+
 @dataclass(frozen=True)
 class _EncodedCopy:
     """One copy's encoded data set (inflated, where it was sent deflated) and the transfer syntax to read it in."""

@@ -194,19 +194,21 @@ class KnownStudies:
         cannot be read (the recorder still compares a copy with the one recorded before it)."""
         return self._quickly(self._recorded_path, sop_instance_uid)
 
+    def result_job(self, header: InstanceHeader) -> str | None:
+        """The job whose results ``header``'s series is (a SEG, SR or RTSTRUCT series the node made, current,
+        superseded or purged); None for any other series, or while the database cannot be read.
+
+        Such a series never takes a received instance: Query/Retrieve would hand it out as the node's result
+        (:func:`own_results_reason`)."""
+        return self._quickly(self._job_of_result_series, header.series.series_instance_uid)
+
     def series_conflict(self, header: InstanceHeader) -> str | None:
         """Why ``header`` may not join its series (the series holds instances under another study), or None.
 
         Recorded into its series, such an instance would be answered by Query/Retrieve under the series' study
         while its header names another, and admission would refuse the whole series anyway. A series that
-        retention purged holds none: sent again under a corrected study, it is received. A series of the
-        node's own results never takes a received instance: Query/Retrieve would hand it out as the node's result."""
-        job = self._quickly(self._job_of_result_series, header.series.series_instance_uid)
-        if job is not None:
-            return (
-                f"SeriesInstanceUID {header.series.series_instance_uid} is a series of this node's own results (job "
-                f"{job}); the node never adds received instances to its results, so this instance is quarantined"
-            )
+        retention purged holds none: sent again under a corrected study, it is received. (A series of the node's
+        own results is the caller's to check first: :meth:`result_job`.)"""
         study = self._quickly(self._study_of_series, header.series.series_instance_uid)
         if study is None or study == header.study.study_instance_uid:
             return None
@@ -225,3 +227,12 @@ class KnownStudies:
         except lookup.errors as exc:
             self._pause(exc)
             return None
+
+
+def own_results_reason(header: InstanceHeader, job: str) -> str:
+    """Why an instance sent into a series of the node's own results (of job ``job``) is refused, unless it is an
+    identical copy of a result the node holds."""
+    return (
+        f"SeriesInstanceUID {header.series.series_instance_uid} is a series of this node's own results (job {job}); "
+        "the node never adds received instances to its results, so this instance is quarantined"
+    )
