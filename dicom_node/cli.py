@@ -33,6 +33,7 @@ from dicom_node.config import (
     Settings,
     dump_settings,
     hide_url_password,
+    host_problem,
     load_settings,
 )
 from dicom_node.logs import configure_logging, shown
@@ -142,13 +143,19 @@ def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
         _database_failed(exc, url)
 
 
-def _describe_os_error(exc: OSError, *, host: str | None = None, port: int | None = None) -> str:
-    """An operating-system error as a sentence naming the file, or the host and port (``port``: the one being bound)."""
+def _describe_os_error(
+    exc: OSError, *, host: str | None = None, port: int | None = None, host_key: str | None = None
+) -> str:
+    """An operating-system error as a sentence naming the file, or the host and port (``port``: the one being bound;
+    ``host_key``: the setting that gives ``host``, named with it)."""
     code = exc.errno
+    named = f"{host_key} {host!r}" if host_key else f"{host}"
+    if isinstance(exc, socket.gaierror) and host is not None:
+        return f"{named} cannot be resolved to an address (misspelt, or no name service on this machine?)"
     if code == errno.EADDRINUSE:
         return f"port {port} is already in use by another program" if port else "the port is already in use"
     if code == errno.EADDRNOTAVAIL:
-        return f"{host} is not an address of this machine" if host else "that address is not one of this machine"
+        return f"{named} is not an address of this machine" if host else "that address is not one of this machine"
     if isinstance(exc, ssl.SSLError):
         return "a TLS certificate or private key cannot be used (not PEM, encrypted, or of another certificate)"
     path = exc.filename if isinstance(exc.filename, str) else None
@@ -211,7 +218,8 @@ def serve(config: ConfigOption = None) -> None:
         errors.print(f"[bold red]stopped[/]: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except OSError as exc:
-        _cannot_start(_describe_os_error(exc, host=settings.network.host, port=settings.network.port))
+        network = settings.network
+        _cannot_start(_describe_os_error(exc, host=network.host, port=network.port, host_key="network.host"))
     except OperationalError as exc:  # a start-up write the database refused (locked, gone, its disk full)
         _cannot_start(describe_database_error(exc, settings.database_url))
 
@@ -770,8 +778,16 @@ def echo(
                 highlight=False,
             )
             raise typer.Exit(2)
+    if host is not None and not destination:
+        host = host.strip()
+        problem = host_problem(host, port_key="--port")
+        if problem:
+            errors.print(f"--host {_peer(problem)}", highlight=False)
+            raise typer.Exit(2)
     if not (host and port and ae_title):
-        errors.print("give a destination name, or --host, --port and --ae-title")
+        given = (("--host", host), ("--port", port), ("--ae-title", ae_title))
+        missing = ", ".join(option for option, value in given if not value)
+        errors.print(f"give a destination name, or --host, --port and --ae-title ({missing} missing)")
         raise typer.Exit(2)
     tls_args = client_tls(settings.destinations[destination], settings.network.tls) if destination else None
     calling = calling_ae_title or settings.network.ae_title

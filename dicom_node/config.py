@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -82,6 +83,71 @@ Days = Annotated[float, BeforeValidator(_not_a_flag), Field(gt=0, le=MAX_DAYS)]
 """A retention period in days: more than 0, at most a hundred years, never a boolean."""
 
 
+def host_problem(host: str, *, listening: bool = False, port_key: str = "port") -> str | None:
+    """Why ``host`` (surrounding spaces already stripped) cannot be a host name or IP address to call, or with
+    ``listening`` one to listen on (where 0.0.0.0 and :: mean every address); None when it can. ``port_key``: where
+    the port is given instead."""
+    if not host:
+        return (
+            "must not be empty: give a host name or IP address (an unset variable in docker-compose gives an empty one)"
+        )
+    if any(c.isspace() for c in host):
+        return f"{host!r} holds a space: a host name or IP address has none"
+    address = ip_address_of(host)
+    if address is None and ":" in host:
+        if re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]+):\d+", host):
+            return f"{host!r} looks like host:port: give the host alone here, and the port in {port_key}"
+        return f"{host!r} is not a host name or IP address"
+    if address is not None and address.is_unspecified and not listening:
+        return (
+            f"{host!r} is no address to call: it means every address of this machine when listening; give the "
+            "peer's host name or IP address"
+        )
+    return None
+
+
+def ip_address_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``host`` is written as (IPv4 shorthand such as ``127.1`` or ``0`` too, as the system reads
+    it), or None for a host name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", host) and host[0].isdigit():
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _calling_host(value: Any) -> Any:
+    """A host to call (a destination, a peer's C-MOVE address): surrounding spaces stripped, refused where it is
+    no host name or address (:func:`host_problem`)."""
+    if not isinstance(value, str):
+        return value
+    problem = host_problem(value.strip())
+    if problem:
+        raise ValueError(problem)
+    return value.strip()
+
+
+def _listening_host(value: Any) -> Any:
+    """An address to listen on: as :func:`_calling_host`, but 0.0.0.0 and :: (every address) are allowed."""
+    if not isinstance(value, str):
+        return value
+    problem = host_problem(value.strip(), listening=True)
+    if problem:
+        raise ValueError(problem)
+    return value.strip()
+
+
+CallingHost = Annotated[str, BeforeValidator(_calling_host)]
+"""A peer's host name or IP address: not empty, no spaces, no port, not 0.0.0.0 or ::."""
+ListeningHost = Annotated[str, BeforeValidator(_listening_host)]
+"""An address the node listens on: not empty, no spaces, no port; 0.0.0.0 or :: for every address."""
+
+
 class TlsSettings(_Strict):
     """DICOM TLS: the listening port speaks TLS only; the same files serve associations the node opens."""
 
@@ -113,7 +179,7 @@ class NetworkSettings(_Strict):
     """Where the node listens, and the limits every caller meets before and after association."""
 
     ae_title: AETitle = "DICOMNODE"
-    host: str = "0.0.0.0"
+    host: ListeningHost = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_ae_titles: list[AETitle] = Field(
         default_factory=list,
@@ -207,7 +273,7 @@ class PeerSettings(_Strict):
         description="With mutual TLS: the peer's client certificate must carry one of these names (its subject's "
         "common name, or a DNS name or IP address of its subjectAltName); empty: any certificate the CA signed.",
     )
-    host: str | None = Field(None, description="Where the peer listens, for C-MOVE to it.")
+    host: CallingHost | None = Field(None, description="Where the peer listens, for C-MOVE to it.")
     port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("hosts")
@@ -405,7 +471,7 @@ class Destination(_Strict):
     """A DICOM peer results are sent to (and C-MOVE may target)."""
 
     ae_title: AETitle
-    host: str
+    host: CallingHost = Field(description="Host name or IP address; not 0.0.0.0 or ::, no port.")
     port: int = Field(ge=1, le=65535)
     segmentation_type: Literal["BINARY", "LABELMAP"] = Field(
         "BINARY",
@@ -709,7 +775,7 @@ class ConsoleSettings(_Strict):
     """The operations console: web pages, a JSON API and Prometheus metrics, served by `serve`."""
 
     enabled: bool = Field(False, description="Serve the console from `serve`.")
-    host: str = Field("127.0.0.1", description="Address the console listens on; loopback by default.")
+    host: ListeningHost = Field("127.0.0.1", description="Address the console listens on; loopback by default.")
     port: int = Field(8080, ge=1, le=65535)
     tls_certificate: Path | None = Field(None, description="HTTPS certificate (PEM); with tls_private_key.")
     tls_private_key: Path | None = Field(None, description="The certificate's private key (PEM).")
@@ -777,7 +843,7 @@ class ConsoleSettings(_Strict):
     metrics_token: str | None = Field(
         None, description="Bearer token for /metrics; unset: /metrics needs a logged-in user (or metrics_port)."
     )
-    metrics_host: str = Field("127.0.0.1", description="Address of the separate metrics listener.")
+    metrics_host: ListeningHost = Field("127.0.0.1", description="Address of the separate metrics listener.")
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="A separate listener for /metrics, /healthz and /readyz without login."
     )
@@ -961,14 +1027,15 @@ class Settings(BaseSettings):
 
 
 def _is_this_host(host: str, own_host: str) -> bool:
-    """Whether ``host`` names this machine: a loopback name or address, or the address the node listens on."""
+    """Whether ``host`` names this machine: a loopback name or address, an unspecified address (0.0.0.0 or ::,
+    which the system calls as this machine), or the address the node listens on."""
     host = host.strip().lower()
     if host in ("localhost", "localhost.localdomain", own_host.strip().lower()):
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address, own = ip_address_of(host), ip_address_of(own_host.strip().lower())
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return address is not None and (address.is_loopback or address.is_unspecified or address == own)
 
 
 def load_settings(path: Path | str | None = None) -> Settings:

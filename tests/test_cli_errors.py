@@ -350,6 +350,31 @@ def test_echo_a_port_out_of_range(tmp_path):
     assert_says(result, "--port 70000 is not a port number (1 to 65535)", code=2)
 
 
+def test_echo_a_destination_whose_host_is_empty_names_the_setting(tmp_path):
+    config = write_config(tmp_path, {"destinations": {"pacs": {"ae_title": "PACS", "host": "pacs.local", "port": 104}}})
+
+    result = run("echo", "pacs", config=config, env={"DICOM_NODE_DESTINATIONS__PACS__HOST": ""})
+
+    assert_says(result, "destinations.pacs.host must not be empty", code=2)
+    assert "DICOM_NODE_DESTINATIONS__PACS__HOST" in result.stderr
+    assert "give a destination name" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--host", "", "--port", "104", "--ae-title", "PACS"], "--host must not be empty"),
+        (["--host", "0.0.0.0", "--port", "104", "--ae-title", "PACS"], "--host '0.0.0.0' is no address to call"),
+        (["--host", "pacs:104", "--ae-title", "PACS"], "--host 'pacs:104' looks like host:port: give the host alone"),
+        (["--host", "pacs", "--ae-title", "PACS"], "give a destination name, or --host, --port and --ae-title (--port"),
+    ],
+)
+def test_echo_options_that_name_no_peer_say_which(tmp_path, options, expected):
+    result = run("echo", *options, config=write_config(tmp_path, {}))
+
+    assert_says(result, expected, code=2)
+
+
 # 7. What peers sent is escaped.
 
 EVIL_DESCRIPTION = "\x1b[2J wiped\nfake row"
@@ -429,3 +454,18 @@ def test_serve_with_a_missing_tls_certificate(tmp_path):
     result = run("serve", config=config)
 
     assert_says(result, f"cannot start: network.tls.certificate {certificate} does not exist", code=1)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("no-such-host.invalid", "network.host 'no-such-host.invalid' cannot be resolved to an address"),
+        ("192.0.2.55", "network.host '192.0.2.55' is not an address of this machine"),
+    ],
+)
+def test_serve_on_an_address_it_cannot_listen_on_names_network_host(tmp_path, host, expected):
+    config = write_config(tmp_path, {**NODE, "network": {"host": host, "port": free_port()}})
+
+    result = run("serve", config=config)
+
+    assert_says(result, f"cannot start: {expected}", code=1)

@@ -184,6 +184,77 @@ def test_a_destination_that_is_the_node_itself_is_refused(tmp_path, destination,
     assert expected in refusal(tmp_path, {"destinations": {"self": destination}})
 
 
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("", "destinations.pacs.host must not be empty: give a host name or IP address"),
+        ("   ", "destinations.pacs.host must not be empty"),
+        ("pacs host", "destinations.pacs.host: 'pacs host' holds a space: a host name or IP address has none"),
+        ("pacs.example.org:104", "'pacs.example.org:104' looks like host:port: give the host alone here, and the port"),
+        ("[2001:db8::1]:104", "'[2001:db8::1]:104' looks like host:port"),
+        ("dicom://pacs", "'dicom://pacs' is not a host name or IP address"),
+        ("0.0.0.0", "'0.0.0.0' is no address to call: it means every address of this machine when listening"),
+        ("::", "'::' is no address to call"),
+        ("0", "'0' is no address to call"),
+    ],
+)
+def test_a_destination_host_that_is_no_address_to_call_is_refused(tmp_path, host, expected):
+    message = refusal(tmp_path, {"destinations": {"pacs": {**PACS, "host": host}}})
+    assert expected in message
+    assert "[YAML key destinations.pacs.host or env DICOM_NODE_DESTINATIONS__PACS__HOST]" in message
+
+
+def test_an_empty_destination_host_from_the_environment_is_refused(tmp_path, monkeypatch):
+    """docker-compose gives ``${PACS_HOST}`` of an unset variable as an empty value: results went to whatever
+    listened on this machine at that port."""
+    monkeypatch.setenv("DICOM_NODE_DESTINATIONS__PACS__HOST", "")
+    message = refusal(tmp_path, {"destinations": {"pacs": PACS}})
+    assert "destinations.pacs.host must not be empty" in message
+    assert "DICOM_NODE_DESTINATIONS__PACS__HOST" in message
+
+
+def test_a_peer_move_address_that_is_no_address_to_call_is_refused(tmp_path):
+    peer = {"ae_title": "WS", "hosts": ["10.0.0.2"], "roles": ["move"], "host": "0.0.0.0", "port": 104}
+    message = refusal(tmp_path, {"peers": {"ws": peer}})
+    assert "peers.ws.host: '0.0.0.0' is no address to call" in message
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("", "network.host must not be empty"),
+        ("0.0.0.0:11112", "network.host: '0.0.0.0:11112' looks like host:port"),
+        ("127.0.0.1 10.0.0.1", "network.host: '127.0.0.1 10.0.0.1' holds a space"),
+    ],
+)
+def test_a_listening_address_that_is_none_is_refused(tmp_path, host, expected):
+    assert expected in refusal(tmp_path, {"network": {"host": host}})
+
+
+def test_host_settings_are_read_without_surrounding_spaces_and_every_address_may_be_listened_on(tmp_path):
+    settings = load_settings(
+        write(
+            tmp_path,
+            {
+                "network": {"host": "127.0.0.1 "},
+                "console": {"host": "::", "metrics_host": " 0.0.0.0"},
+                "destinations": {"pacs": {**PACS, "host": " pacs.example.org "}},
+            },
+        )
+    )
+    assert settings.network.host == "127.0.0.1"
+    assert (settings.console.host, settings.console.metrics_host) == ("::", "0.0.0.0")
+    assert settings.destinations["pacs"].host == "pacs.example.org"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::ffff:127.0.0.1", "127.1", "localhost", "10.0.0.7"])
+def test_the_self_destination_check_counts_every_way_of_naming_this_machine(host):
+    from dicom_node.config import _is_this_host
+
+    assert _is_this_host(host, own_host="10.0.0.7")
+    assert not _is_this_host("10.0.0.8", own_host="10.0.0.7")
+
+
 def test_one_ae_title_has_one_address_for_c_move(tmp_path):
     two = {"a": PACS, "b": {**PACS, "ae_title": " PACS", "host": "10.9.9.9"}}
     assert "destinations.a and destinations.b both have the AE title PACS but different addresses" in refusal(
