@@ -225,7 +225,10 @@ def serve(config: ConfigOption = None) -> None:
 
 
 def _tls_files_problem(settings: Settings) -> str | None:
-    """What is wrong with the TLS certificate, key and CA files the configuration names, or None."""
+    """What is wrong with the TLS certificate, key and CA files the configuration names (missing, not PEM, a
+    certificate expired or not valid yet), or None."""
+    from dicom_node.security import certificate_date_problem
+
     pairs: list[tuple[str, Path, str, Path, str, Path | None]] = []
     tls = settings.network.tls
     if tls is not None:
@@ -252,6 +255,9 @@ def _tls_files_problem(settings: Settings) -> str | None:
             )
         except OSError as exc:
             return _describe_os_error(exc)
+        expired = certificate_date_problem(cert_key, cert, datetime.now(timezone.utc))
+        if expired:
+            return expired
         if ca is not None:
             try:
                 context.load_verify_locations(ca)

@@ -151,7 +151,10 @@ ListeningHost = Annotated[str, BeforeValidator(_listening_host)]
 class TlsSettings(_Strict):
     """DICOM TLS: the listening port speaks TLS only; the same files serve associations the node opens."""
 
-    certificate: Path = Field(description="The node's certificate (PEM), with any intermediate certificates.")
+    certificate: Path = Field(
+        description="The node's certificate (PEM), with any intermediate certificates; a relative path is relative "
+        "to the config file, as every TLS path here."
+    )
     private_key: Path = Field(description="The certificate's private key (PEM, unencrypted; keep it 0600).")
     ca_certificates: Path | None = Field(
         None, description="CA bundle (PEM) that peers' certificates must chain to; default: the system's."
@@ -1065,17 +1068,29 @@ def load_settings(path: Path | str | None = None) -> Settings:
         raise ConfigError(_describe_validation_error(exc, path)) from None
     except SettingsError as exc:  # an environment value pydantic-settings cannot even parse
         raise ConfigError(_describe_settings_error(exc)) from None
-    if path is not None and not settings.storage.directory.is_absolute():
-        # Relative storage paths are relative to the config file, not to the cwd.
-        settings.storage.directory = (path.parent / settings.storage.directory).resolve()
     if path is not None:
-        for model in settings.models.values():
-            if not isinstance(model, TotalSegmentatorModelSettings) or model.weights_directory is None:
-                continue
-            if not model.weights_directory.is_absolute():
-                # A model's own weights folder too: relative to the config file, like storage.directory.
-                model.weights_directory = (path.parent / model.weights_directory).resolve()
+        _resolve_beside(settings, path.parent)
     return settings
+
+
+def _resolve_beside(settings: Settings, folder: Path) -> None:
+    """Make the relative paths of ``settings`` relative to ``folder`` (the config file's), not to the working
+    directory (``/`` under systemd): the storage folder, models' weights folders and the TLS files."""
+
+    def beside(value: Path) -> Path:
+        return value if value.is_absolute() else (folder / value).resolve()
+
+    settings.storage.directory = beside(settings.storage.directory)
+    for model in settings.models.values():
+        if isinstance(model, TotalSegmentatorModelSettings) and model.weights_directory is not None:
+            model.weights_directory = beside(model.weights_directory)
+    tls = settings.network.tls
+    if tls is not None:
+        tls.certificate, tls.private_key = beside(tls.certificate), beside(tls.private_key)
+        tls.ca_certificates = beside(tls.ca_certificates) if tls.ca_certificates is not None else None
+    web = settings.console
+    web.tls_certificate = beside(web.tls_certificate) if web.tls_certificate is not None else None
+    web.tls_private_key = beside(web.tls_private_key) if web.tls_private_key is not None else None
 
 
 def unknown_environment_variables() -> list[str]:

@@ -24,10 +24,12 @@ threads start.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import ctypes
 import functools
+import grp
 import hashlib
 import io
 import ipaddress
@@ -36,12 +38,15 @@ import multiprocessing
 import re
 import socket
 import ssl
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, cast
 
 from pydicom.dataset import Dataset
@@ -449,12 +454,150 @@ _node_tls: TlsSettings | None = None
 
 
 def apply(settings: Settings) -> PeerPolicy:
-    """At start: remember ``network.tls`` for outgoing associations and log who is admitted."""
+    """At start: remember ``network.tls`` for outgoing associations, log who is admitted, and warn about TLS files
+    (:func:`tls_file_warnings`)."""
     global _node_tls
     _node_tls = settings.network.tls
     policy = PeerPolicy.from_settings(settings)
     log_policy(settings, policy)
+    for event, fields in tls_file_warnings(settings):
+        log_event(LOG, logging.WARNING, event, **fields)
     return policy
+
+
+CERTIFICATE_WARNING_DAYS = 30
+"""A certificate that expires within this many days is warned about at every start."""
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def tls_files(settings: Settings) -> list[tuple[str, Path, str, Path]]:
+    """The certificates and private keys the node presents: (certificate's key, file, private key's key, file)."""
+    pairs = []
+    tls = settings.network.tls
+    if tls is not None:
+        pairs.append(("network.tls.certificate", tls.certificate, "network.tls.private_key", tls.private_key))
+    web = settings.console
+    if web.enabled and web.tls_certificate is not None and web.tls_private_key is not None:
+        pairs.append(("console.tls_certificate", web.tls_certificate, "console.tls_private_key", web.tls_private_key))
+    return pairs
+
+
+def certificate_lifetime(path: Path) -> tuple[datetime, datetime] | None:
+    """When the first certificate of the PEM file ``path`` (the node's own; intermediate ones follow it) becomes valid
+    and when it expires, in UTC; None where the file holds no certificate that can be read."""
+    match = _PEM_CERTIFICATE.search(path.read_text(encoding="ascii", errors="replace"))
+    if match is None:
+        return None
+    try:
+        certificate = _der_items(base64.b64decode("".join(match.group(1).split()), validate=True))[0][1]
+        signed = _der_items(_der_items(certificate)[0][1])  # version (optional, [0]), serial, algorithm, issuer...
+        validity = _der_items(signed[4 if signed[0][0] == 0xA0 else 3][1])
+        return _der_time(*validity[0]), _der_time(*validity[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, contents) of each DER element in ``data``, one after another."""
+    items, at = [], 0
+    while at < len(data):
+        tag, length = data[at], data[at + 1]
+        at += 2
+        if length & 0x80:
+            size = length & 0x7F
+            length, at = int.from_bytes(data[at : at + size], "big"), at + size
+        if at + length > len(data):
+            raise ValueError("a DER element runs past its end")
+        items.append((tag, data[at : at + length]))
+        at += length
+    return items
+
+
+def _der_time(tag: int, contents: bytes) -> datetime:
+    """An X.509 UTCTime (tag 0x17, two-digit year: 50-99 are 19xx) or GeneralizedTime (0x18), in UTC."""
+    text = contents.decode("ascii").removesuffix("Z")
+    if tag == 0x17:
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    elif tag != 0x18:
+        raise ValueError("not a time")
+    return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+
+
+def certificate_date_problem(key: str, path: Path, now: datetime) -> str | None:
+    """Why the certificate ``path`` (the setting ``key``) cannot be presented at ``now``: expired, or not valid yet."""
+    lifetime = certificate_lifetime(path)
+    if lifetime is None:
+        return None
+    not_before, not_after = lifetime
+    if now > not_after:
+        return (
+            f"{key} {path} expired on {_day(not_after)}: every caller would refuse it during the TLS handshake; "
+            "install a renewed certificate and start again"
+        )
+    if now < not_before:
+        return (
+            f"{key} {path} is not valid before {_day(not_before)}: every caller would refuse it during the TLS "
+            "handshake; check this machine's clock, or install a certificate valid now"
+        )
+    return None
+
+
+def tls_file_warnings(settings: Settings, now: datetime | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Start-up warnings (event, fields) about the node's TLS files: a certificate that expires within
+    :data:`CERTIFICATE_WARNING_DAYS`, and a private key that users other than the node's may read."""
+    now = now or datetime.now(timezone.utc)
+    warnings: list[tuple[str, dict[str, Any]]] = []
+    for cert_key, certificate, key_key, private_key in tls_files(settings):
+        with suppress(OSError):
+            lifetime = certificate_lifetime(certificate)
+            if lifetime is not None and now <= lifetime[1] <= now + timedelta(days=CERTIFICATE_WARNING_DAYS):
+                days = (lifetime[1] - now).days
+                warnings.append(
+                    (
+                        "tls.certificate_expires_soon",
+                        {
+                            "key": cert_key,
+                            "file": str(certificate),
+                            "expires": _day(lifetime[1]),
+                            "hint": f"{cert_key} {certificate} expires on {_day(lifetime[1])} (in {days} day(s)); "
+                            "install a renewed certificate and restart the node before then, or every TLS caller "
+                            "will be refused",
+                        },
+                    )
+                )
+        with suppress(OSError):
+            readers = _other_readers(private_key)
+            if readers:
+                warnings.append(
+                    (
+                        "tls.private_key_readable",
+                        {
+                            "key": key_key,
+                            "file": str(private_key),
+                            "hint": f"{key_key} {private_key} may be read by {readers}: whoever reads it can pose as "
+                            f"this node; chmod 600 {private_key}",
+                        },
+                    )
+                )
+    return warnings
+
+
+def _other_readers(path: Path) -> str | None:
+    """Who besides the file's owner may read ``path``, in words (its group, everyone), or None."""
+    mode = path.stat().st_mode
+    if mode & stat.S_IROTH:
+        return "every user of this machine"
+    if mode & stat.S_IRGRP:
+        try:
+            group = grp.getgrgid(path.stat().st_gid).gr_name
+        except KeyError:
+            group = str(path.stat().st_gid)
+        return f"the members of its group {group}"
+    return None
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def client_tls(
