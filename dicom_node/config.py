@@ -405,6 +405,42 @@ class DatabaseSettings(_Strict):
         "(the worker) or answers the C-STORE with 0xA700 (the receiver).",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _a_sqlite_file(cls, url: str | None) -> str | None:
+        problem = sqlite_url_problem(url) if url else None
+        if problem:
+            raise ValueError(problem)
+        return url
+
+
+def sqlite_url_problem(url: str) -> str | None:
+    """Why ``url``, a SQLite URL, names no database file the node can keep (in memory, or a host before the path),
+    or None (also for a URL of another kind, or none: :func:`dicom_node.cli.config_check` says so)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.host or parsed.port or parsed.username:
+        host = f" ({parsed.host})" if parsed.host and not parsed.password else ""
+        return (
+            f"is not a SQLite URL the node can use: it names a host{host} where the file's path belongs; the path "
+            "follows three slashes: sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    database = str(parsed.database or "")
+    if database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory":
+        return (
+            "is an in-memory SQLite database: every job and image record would be lost at each stop, and no worker "
+            "or command could reach it; give a file (sqlite:////var/lib/dicom-node/dicom-node.db), or leave "
+            "database.url out for the file in storage.directory"
+        )
+    return None
+
 
 class CompletionSettings(_Strict):
     """When a series counts as complete."""

@@ -528,6 +528,7 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
         raise
     try:
         sessions = open_database(settings)
+        record_storage_database(settings, storage_lock)  # only now: a database that cannot be used claims nothing
     except BaseException:
         storage_lock.release()
         node_lock.release()
@@ -691,7 +692,8 @@ def take_node_lock(
 
 
 def take_storage_lock(settings: Settings, stopping: threading.Event | None = None) -> StorageLock:
-    """Hold the storage folder's lock while this node runs, and check the folder is this database's.
+    """Hold the storage folder's lock while this node runs, and check the folder records no other database (the
+    record is written once the database opened: :func:`record_storage_database`).
 
     Taken once this node holds the database lock, before anything is repaired or received. A folder held by a
     `serve` on another database refuses the start at once (both would repair, overwrite and delete each other's
@@ -733,20 +735,26 @@ def take_storage_lock(settings: Settings, stopping: threading.Event | None = Non
         if stopping is None:
             time.sleep(NODE_LOCK_RETRY_SECONDS)
     try:
-        adopted = lock.claim_for_database()
+        lock.check_database()
     except StorageRefused as refused:
         lock.release()
         raise DatabaseUnavailable(str(refused)) from None
-    if adopted:
+    return lock
+
+
+def record_storage_database(settings: Settings, lock: StorageLock) -> None:
+    """Once the database opened: record the storage folder as that database's where it records none yet, so that a
+    failed start on a mistyped database URL leaves no record that refuses the corrected one."""
+    if lock.record_database():
+        directory = settings.storage.directory
         log_event(
             LOG,
             logging.INFO,
             "node.storage_recorded",
             directory=str(directory),
-            note=f"storage folder {directory} is recorded as the folder of {describe_database(database)} (in "
+            note=f"storage folder {directory} is recorded as the folder of {describe_database(lock.database)} (in "
             f"{lock.database_file}); a dicom-node serve on another database is refused on it",
         )
-    return lock
 
 
 def _stop_this_node(settings: Settings, why: str, stop_first: Sequence[PeriodicTask]) -> None:

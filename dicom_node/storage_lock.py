@@ -102,9 +102,8 @@ class StorageLock:
         fields = dict(line.partition(" ")[::2] for line in lines)
         return Holder(node=fields.get("node", "").strip(), database=fields.get("database", "").strip())
 
-    def claim_for_database(self) -> bool:
-        """Check that the storage folder is this database's; True when it recorded none until now (it is adopted:
-        a folder of an earlier version, or a new one).
+    def check_database(self) -> None:
+        """Check that the storage folder records no other database than this one.
 
         Raises
         ------
@@ -112,17 +111,22 @@ class StorageLock:
             When the folder records another database.
         """
         recorded = self._recorded_database()
-        if recorded is None:
-            self._record_database()
-            return True
-        if recorded != self.database:
+        if recorded is not None and recorded != self.database:
             raise StorageRefused(
                 f"storage.directory {self.directory} holds the images of {describe_database(recorded)} (recorded in "
                 f"{self.database_file}), not of {describe_database(self.database)} that this node is set to use; "
                 "give each database a storage folder of its own. If this folder's database really was moved there, "
                 f"delete {self.database_file} and start again: the folder is then recorded as that database's"
             )
-        return False
+
+    def record_database(self) -> bool:
+        """Record the folder as this database's where it records none yet (a folder of an earlier version, or a new
+        one: it is adopted); True when it was recorded now. Called once the database opened, so that a database
+        the node cannot use (a mistyped URL) never claims the folder."""
+        if self._recorded_database() is not None:
+            return False
+        self._record_database()
+        return True
 
     def _recorded_database(self) -> str | None:
         try:

@@ -121,6 +121,25 @@ def test_a_database_url_that_is_not_a_url(tmp_path, command, code):
     )
 
 
+@pytest.mark.parametrize("command", [["config", "check"], ["serve"]])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite://", "database.url is an in-memory SQLite database"),
+        ("sqlite:///:memory:", "database.url is an in-memory SQLite database"),
+        ("sqlite://data/x.db", "database.url is not a SQLite URL the node can use: it names a host (data) where"),
+    ],
+)
+def test_a_sqlite_url_that_names_no_file_is_a_configuration_error(tmp_path, command, url, expected):
+    config = node_config(tmp_path, database={"url": url})
+
+    result = run(*command, config=config)
+
+    assert_says(result, expected, code=2)
+    assert "[YAML key database.url or env DICOM_NODE_DATABASE__URL]" in result.stderr
+    assert not (tmp_path / "storage" / ".database").exists()
+
+
 @pytest.mark.parametrize(("command", "code"), [(["config", "check"], 2), (["status"], 1)])
 def test_a_database_driver_that_is_not_installed(tmp_path, command, code):
     if importlib.util.find_spec("MySQLdb") is not None:

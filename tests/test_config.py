@@ -454,3 +454,32 @@ def test_unset_limits_follow_the_ones_set(tmp_path):
     )
     assert settings.network.maximum_associations_per_host == 4
     assert settings.completion.expected_count_timeout_seconds == 900
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///relative/node.db",
+        "sqlite:////var/lib/dicom-node/node.db",
+        "sqlite+pysqlite:////srv/n.db",
+        "postgresql+psycopg://node:secret@db.example.org/node",
+    ],
+)
+def test_a_database_url_naming_a_file_or_a_server_is_accepted(tmp_path, url):
+    assert load_settings(write(tmp_path, {"database": {"url": url}})).database.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite://", "is an in-memory SQLite database"),
+        ("sqlite:///file::memory:?uri=true", "is an in-memory SQLite database"),
+        ("sqlite:///x.db?mode=memory&uri=true", "is an in-memory SQLite database"),
+        ("sqlite://data/x.db", "is not a SQLite URL the node can use: it names a host (data) where the file's path"),
+        ("sqlite://user:pw@data/x.db", "is not a SQLite URL the node can use: it names a host where the file's path"),
+    ],
+)
+def test_a_sqlite_url_that_names_no_file_the_node_can_keep_is_refused(tmp_path, url, expected):
+    message = refusal(tmp_path, {"database": {"url": url}})
+    assert f"database.url {expected}" in message
+    assert "pw" not in message

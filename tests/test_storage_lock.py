@@ -127,6 +127,28 @@ def test_a_serve_on_a_sqlite_database_reached_through_a_symbolic_link_waits_for_
         second.stop()
 
 
+@pytest.mark.integration
+def test_a_start_on_a_database_that_cannot_be_used_leaves_the_storage_folder_to_the_corrected_one(tmp_path):
+    """A mistyped database.url that names a file of another kind fails the start; it must not record the storage
+    folder as that file's, or the corrected configuration would be refused on its own folder."""
+    wrong_file = tmp_path / "notes.db"
+    wrong_file.write_text("not a database\n" * 200)
+    mistyped = Node(tmp_path / "node", {"database": {"url": f"sqlite:///{wrong_file}"}})
+    try:
+        assert refused_or_listening(mistyped) == 1, mistyped.log()
+    finally:
+        mistyped.stop()
+    assert f"the database file {wrong_file} is not an SQLite database" in one_line(mistyped.log())
+    assert not (mistyped.storage / ".database").exists()
+
+    corrected = Node(tmp_path / "node", {})  # database.url removed: the SQLite file in the storage folder
+    try:
+        corrected.start()
+        assert "database sqlite:dicom-node.db" in (corrected.storage / ".database").read_text()
+    finally:
+        corrected.stop()
+
+
 def waiting(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.getMessage() == "node.waiting_for_storage"]
 
@@ -135,7 +157,7 @@ def test_a_serve_that_took_the_database_over_waits_for_the_storage_of_the_node_t
     """PostgreSQL: a node whose lock connection ended loses the database to a new node and stops; the new one holds
     the database lock, and waits (rather than being refused) while the stopping node still holds the folder."""
     from dicom_node.config import Settings
-    from dicom_node.service import StoppedWhileStarting, take_storage_lock
+    from dicom_node.service import StoppedWhileStarting, record_storage_database, take_storage_lock
     from dicom_node.storage_lock import StorageLock, database_identity
 
     url = "postgresql+psycopg://dicom@db.example:5432/dicom"
@@ -157,6 +179,8 @@ def test_a_serve_that_took_the_database_over_waits_for_the_storage_of_the_node_t
         assert not taken and waiting(caplog)[0].event_fields["holder"] == "OLD on a:1"
         stopping_node.release()
         wait_for(lambda: taken, timeout=30, what="the new node to take the folder")
+        assert not (tmp_path / "storage" / ".database").exists()  # recorded once the database opened
+        record_storage_database(settings, taken[0])
     finally:
         stop.set()
         starting.join(timeout=30)
