@@ -194,24 +194,35 @@ def _describe_os_error(
 
 @app.command()
 def serve(config: ConfigOption = None) -> None:
-    """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT."""
+    """Run the node: Storage SCP and series watcher, until SIGTERM/SIGINT.
+
+    Exit 2 when it cannot start as configured and starting it again would not change that (the configuration, its
+    files or the installed version must change first), so a supervisor does not restart it in a loop; exit 1 when it
+    cannot start now but may later (the database or a port busy or unreachable), or when it stopped on losing its
+    lock on the database.
+    """
     from sqlalchemy.exc import OperationalError
 
     from dicom_node.receive.processes import ReceiverNotStarted
-    from dicom_node.service import DatabaseUnavailable, NodeLockLost, describe_database_error
+    from dicom_node.service import DatabaseUnavailable, NodeLockLost, RefusedAsConfigured, describe_database_error
     from dicom_node.service import serve as run_service
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.format)
     storage = settings.storage.directory
     if storage.exists() and not storage.is_dir():
-        _cannot_start(f"storage.directory {storage} is a file, not a folder")
+        _cannot_start(f"storage.directory {storage} is a file, not a folder", exit_code=2)
     tls_problem = _tls_files_problem(settings)
     if tls_problem:
-        _cannot_start(tls_problem)
+        _cannot_start(tls_problem, exit_code=2)
+    url_problem = _database_url_problem(settings.database_url)  # not a URL, an unknown kind, its driver missing
+    if url_problem is not None:
+        _cannot_start(describe_database_error(url_problem, settings.database_url), exit_code=2)
     try:
         _warn_about_loose_permissions(storage)
         run_service(settings)
+    except RefusedAsConfigured as exc:
+        _cannot_start(str(exc), exit_code=2)
     except (DatabaseUnavailable, ReceiverNotStarted) as exc:
         _cannot_start(str(exc))
     except NodeLockLost as exc:
@@ -219,9 +230,16 @@ def serve(config: ConfigOption = None) -> None:
         raise typer.Exit(1) from None
     except OSError as exc:
         network = settings.network
-        _cannot_start(_describe_os_error(exc, host=network.host, port=network.port, host_key="network.host"))
+        reason = _describe_os_error(exc, host=network.host, port=network.port, host_key="network.host")
+        _cannot_start(reason, exit_code=2 if _needs_privilege(exc, network.port) else 1)
     except OperationalError as exc:  # a start-up write the database refused (locked, gone, its disk full)
         _cannot_start(describe_database_error(exc, settings.database_url))
+
+
+def _needs_privilege(exc: OSError, port: int) -> bool:
+    """Whether binding ``port`` was refused because the node's user may not listen on a port below 1024: only a
+    change to the unit (a capability) or to network.port ends that."""
+    return exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is None and port < 1024
 
 
 def _tls_files_problem(settings: Settings) -> str | None:
@@ -268,9 +286,10 @@ def _tls_files_problem(settings: Settings) -> str | None:
     return None
 
 
-def _cannot_start(reason: str) -> NoReturn:
+def _cannot_start(reason: str, *, exit_code: int = 1) -> NoReturn:
+    """Say why `serve` cannot start and exit: 2 where a restart cannot help (see :func:`serve`), else 1."""
     errors.print(f"[bold red]cannot start[/]: {escape(reason)}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(exit_code)
 
 
 def _warn_about_loose_permissions(storage: Path) -> None:

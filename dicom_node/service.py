@@ -360,6 +360,12 @@ class DatabaseUnavailable(Exception):
     """The database cannot be opened, reached or used; the message says why in words, never with the password."""
 
 
+class RefusedAsConfigured(Exception):
+    """``serve`` cannot start as configured, and starting it again would not change that (a storage folder of
+    another database, a database of a newer version): `serve` exits 2, as on a configuration error. The message says
+    why in words."""
+
+
 class StoppedWhileStarting(Exception):
     """``serve`` was asked to stop while it waited to start (for another node's lock on the database)."""
 
@@ -370,7 +376,9 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
     Raises
     ------
     DatabaseUnavailable
-        If the database URL is not one, its driver is missing, or the database cannot be reached, read or upgraded.
+        If the database URL is not one, its driver is missing, or the database cannot be reached or read.
+    RefusedAsConfigured
+        If its schema is of a newer version of dicom-node, or cannot be upgraded.
     OSError
         If the SQLite file's folder cannot be made.
     """
@@ -380,7 +388,9 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
     url = settings.database_url
     try:
         return db_session.open_database(url, settings.database.busy_timeout_seconds)
-    except (SQLAlchemyError, ImportError, CommandError) as exc:
+    except CommandError as exc:  # its schema is of a newer version, or cannot be upgraded: a restart cannot help
+        raise RefusedAsConfigured(describe_database_error(exc, url)) from None
+    except (SQLAlchemyError, ImportError) as exc:
         raise DatabaseUnavailable(describe_database_error(exc, url)) from None
 
 
@@ -702,7 +712,7 @@ def take_storage_lock(settings: Settings, stopping: threading.Event | None = Non
 
     Raises
     ------
-    DatabaseUnavailable
+    RefusedAsConfigured
         When another database's `serve` holds the folder, or the folder records another database.
     """
     directory = settings.storage.directory
@@ -711,7 +721,7 @@ def take_storage_lock(settings: Settings, stopping: threading.Event | None = Non
     started, logged = time.monotonic(), -NODE_LOCK_LOG_SECONDS
     while (holder := lock.try_take()) is not None:
         if holder.database and holder.database != database:
-            raise DatabaseUnavailable(
+            raise RefusedAsConfigured(
                 f"storage.directory {directory} is in use by another dicom-node serve ({holder.node or 'unknown'}) "
                 f"on {describe_database(holder.database)}; this node uses {describe_database(database)}. Each "
                 "database needs a storage folder of its own: two nodes on one folder would overwrite and delete "
@@ -738,7 +748,7 @@ def take_storage_lock(settings: Settings, stopping: threading.Event | None = Non
         lock.check_database()
     except StorageRefused as refused:
         lock.release()
-        raise DatabaseUnavailable(str(refused)) from None
+        raise RefusedAsConfigured(str(refused)) from None
     return lock
 
 

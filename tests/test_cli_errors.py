@@ -104,11 +104,11 @@ def test_an_unreachable_postgresql_is_named_by_host_and_port_without_its_passwor
 
     result = run(*command, config=config)
 
-    assert_says(result, f"cannot reach the database at 127.0.0.1:{port} (connection refused")
+    assert_says(result, f"cannot reach the database at 127.0.0.1:{port} (connection refused", code=1)
     assert "secretpw" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("command", "code"), [(["config", "check"], 2), (["status"], 1), (["serve"], 1)])
+@pytest.mark.parametrize(("command", "code"), [(["config", "check"], 2), (["status"], 1), (["serve"], 2)])
 def test_a_database_url_that_is_not_a_url(tmp_path, command, code):
     config = node_config(tmp_path, database={"url": "not a url at all"})
 
@@ -140,7 +140,7 @@ def test_a_sqlite_url_that_names_no_file_is_a_configuration_error(tmp_path, comm
     assert not (tmp_path / "storage" / ".database").exists()
 
 
-@pytest.mark.parametrize(("command", "code"), [(["config", "check"], 2), (["status"], 1)])
+@pytest.mark.parametrize(("command", "code"), [(["config", "check"], 2), (["status"], 1), (["serve"], 2)])
 def test_a_database_driver_that_is_not_installed(tmp_path, command, code):
     if importlib.util.find_spec("MySQLdb") is not None:
         pytest.skip("MySQLdb is installed here")
@@ -301,7 +301,7 @@ def test_serve_with_storage_that_is_a_file(tmp_path):
 
     result = run("serve", config=config)
 
-    assert_says(result, f"cannot start: storage.directory {afile} is a file, not a folder")
+    assert_says(result, f"cannot start: storage.directory {afile} is a file, not a folder", code=2)
 
 
 # 5. Weights: a file that is no zip; no network.
@@ -472,7 +472,7 @@ def test_serve_with_a_missing_tls_certificate(tmp_path):
 
     result = run("serve", config=config)
 
-    assert_says(result, f"cannot start: network.tls.certificate {certificate} does not exist", code=1)
+    assert_says(result, f"cannot start: network.tls.certificate {certificate} does not exist", code=2)
 
 
 @pytest.mark.parametrize(
@@ -488,3 +488,55 @@ def test_serve_on_an_address_it_cannot_listen_on_names_network_host(tmp_path, ho
     result = run("serve", config=config)
 
     assert_says(result, f"cannot start: {expected}", code=1)
+
+
+# 9. Exit 2 where starting again cannot help (systemd: RestartPreventExitStatus=2), 1 where it may.
+
+
+def test_serve_on_a_database_of_a_newer_version_exits_2(start_node, tmp_path):
+    node = start_node()
+    node.stop()
+    database = node.storage / "dicom-node.db"
+    with closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+
+    result = run("serve", config=node.config_path)
+
+    assert_says(
+        result,
+        f"cannot start: the database file {database} was written by a newer version of dicom-node (its schema "
+        "revision 0099 is unknown to this version)",
+        code=2,
+    )
+
+
+def test_serve_refused_a_port_below_1024_exits_2(tmp_path, runner, monkeypatch):
+    config = write_config(tmp_path, {**NODE, "network": {"port": 104}})
+
+    def refused(_settings: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("dicom_node.service.serve", refused)
+
+    result = invoke(runner, "serve", "--config", str(config))
+
+    assert_says(
+        result,
+        "cannot start: the node's user may not listen on port 104 (ports below 1024 need administrator rights)",
+        code=2,
+    )
+
+
+def test_serve_on_a_storage_file_it_may_not_write_exits_1(tmp_path, runner, monkeypatch):
+    """A file's permissions can be put right while a supervisor keeps trying: the next start then works."""
+    config = node_config(tmp_path)
+    instances = tmp_path / "storage" / "instances"
+
+    def refused(_settings: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(instances))
+
+    monkeypatch.setattr("dicom_node.service.serve", refused)
+
+    result = invoke(runner, "serve", "--config", str(config))
+
+    assert_says(result, f"cannot start: the node's user may not use {instances} (permission denied)", code=1)

@@ -79,7 +79,7 @@ def test_serve_refuses_an_expired_certificate_naming_the_key_the_file_and_the_da
         result,
         f"cannot start: network.tls.certificate {certificate} expired on 2021-01-01 00:00 UTC: every caller would "
         "refuse it during the TLS handshake; install a renewed certificate and start again",
-        code=1,
+        code=2,
     )
 
 
@@ -91,7 +91,7 @@ def test_serve_refuses_a_certificate_not_valid_yet(tmp_path):
     assert_says(
         result,
         f"cannot start: network.tls.certificate {certificate} is not valid before 2049-12-31 00:00 UTC",
-        code=1,
+        code=2,
     )
     assert "check this machine's clock" in result.stderr
 
