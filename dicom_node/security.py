@@ -24,7 +24,6 @@ threads start.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import ctypes
@@ -467,7 +466,6 @@ def apply(settings: Settings) -> PeerPolicy:
 
 CERTIFICATE_WARNING_DAYS = 30
 """A certificate that expires within this many days is warned about at every start."""
-_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
 
 
 def tls_files(settings: Settings) -> list[tuple[str, Path, str, Path]]:
@@ -485,42 +483,13 @@ def tls_files(settings: Settings) -> list[tuple[str, Path, str, Path]]:
 def certificate_lifetime(path: Path) -> tuple[datetime, datetime] | None:
     """When the first certificate of the PEM file ``path`` (the node's own; intermediate ones follow it) becomes valid
     and when it expires, in UTC; None where the file holds no certificate that can be read."""
-    match = _PEM_CERTIFICATE.search(path.read_text(encoding="ascii", errors="replace"))
-    if match is None:
-        return None
+    from cryptography import x509
+
     try:
-        certificate = _der_items(base64.b64decode("".join(match.group(1).split()), validate=True))[0][1]
-        signed = _der_items(_der_items(certificate)[0][1])  # version (optional, [0]), serial, algorithm, issuer...
-        validity = _der_items(signed[4 if signed[0][0] == 0xA0 else 3][1])
-        return _der_time(*validity[0]), _der_time(*validity[1])
-    except (IndexError, ValueError):
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
         return None
-
-
-def _der_items(data: bytes) -> list[tuple[int, bytes]]:
-    """The (tag, contents) of each DER element in ``data``, one after another."""
-    items, at = [], 0
-    while at < len(data):
-        tag, length = data[at], data[at + 1]
-        at += 2
-        if length & 0x80:
-            size = length & 0x7F
-            length, at = int.from_bytes(data[at : at + size], "big"), at + size
-        if at + length > len(data):
-            raise ValueError("a DER element runs past its end")
-        items.append((tag, data[at : at + length]))
-        at += length
-    return items
-
-
-def _der_time(tag: int, contents: bytes) -> datetime:
-    """An X.509 UTCTime (tag 0x17, two-digit year: 50-99 are 19xx) or GeneralizedTime (0x18), in UTC."""
-    text = contents.decode("ascii").removesuffix("Z")
-    if tag == 0x17:
-        text = ("19" if int(text[:2]) >= 50 else "20") + text
-    elif tag != 0x18:
-        raise ValueError("not a time")
-    return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+    return certificate.not_valid_before_utc, certificate.not_valid_after_utc
 
 
 def certificate_date_problem(key: str, path: Path, now: datetime) -> str | None:
