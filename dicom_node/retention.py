@@ -19,6 +19,7 @@ runs them once, or plans only with ``--dry-run``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -48,6 +49,7 @@ from db.session import transaction
 from dicom_node.config import RetentionSettings, Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
+from dicom_node.pipeline import STAGING_PREFIX
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.retrieve.inflight import being_retrieved
 
@@ -360,6 +362,7 @@ class _Deletion:
 
     files: list[Path] = field(default_factory=list)  # the images (set aside), the result instances
     folder: Path | None = None  # the job folder
+    attempts: list[Path] = field(default_factory=list)  # folders of attempts that never published their results
 
 
 def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeItem, now: datetime) -> str | None:
@@ -395,6 +398,8 @@ def purge_item(sessions: sessionmaker[Session], settings: Settings, item: PurgeI
     deletion = _purge_rows(sessions, root, item, now)
     if isinstance(deletion, str):
         return deletion
+    if item.images:  # what attempts killed part-way wrote (a SEG, a label map) names the patient too
+        deletion.attempts = sorted((settings.jobs_directory / str(item.job_id)).glob(f"{STAGING_PREFIX}*"))
     _delete_files(deletion, root, item.series_instance_uid)
     log_event(
         LOG,
@@ -620,6 +625,11 @@ def _delete_files(deletion: _Deletion, root: Path, series_instance_uid: str) -> 
             failures.append((str(path), exc))
     if deletion.folder is not None and deletion.folder.exists():
         shutil.rmtree(deletion.folder, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
+    for attempt in deletion.attempts:
+        shutil.rmtree(attempt, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
+    if deletion.attempts:
+        with contextlib.suppress(OSError):  # a job folder that holds published results is not empty: it stays
+            deletion.attempts[0].parent.rmdir()
     _remove_empty_folders({path.parent for path in deletion.files}, root / "instances")
     if failures:
         (name, first), more = failures[0], f" and {len(failures) - 1} more" if len(failures) > 1 else ""

@@ -218,6 +218,26 @@ def test_plan_says_what_unfinished_series_keep_over_the_budget(node):
     )
 
 
+def test_what_attempts_killed_part_way_wrote_goes_with_the_images_of_a_failed_series(node):
+    """A job failed at the crash limit (its worker killed in each attempt) published no results, but each attempt
+    left a folder with a SEG naming the patient: the purge deletes them with the images. A job whose results are
+    kept longer keeps its published folder."""
+    settings, _sessions = node
+    failed = add_series(node, "1.2.3.1", JobState.FAILED, days_ago=10, results=False)
+    kept = add_series(node, "1.2.3.2", JobState.DONE, days_ago=10)
+    job_folder = settings.jobs_directory / str(failed.job_id)
+    for attempt in (".claim-1-ab12cd", ".claim-2-ef34gh"):
+        (job_folder / attempt).mkdir(parents=True)
+        (job_folder / attempt / "seg-binary.dcm").write_bytes(b"\0" * 500)
+    (kept.results / ".claim-3-ij56kl").mkdir()  # left by an earlier attempt, beside the published results
+
+    assert sorted(purge(node, days=7, results_days=30)) == [failed.uid, kept.uid]
+
+    assert not job_folder.exists()
+    assert kept.results.is_dir() and (kept.results / "seg-binary.dcm").is_file()
+    assert not (kept.results / ".claim-3-ij56kl").exists()
+
+
 def test_results_can_be_kept_longer_than_images(node):
     middle = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
     old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
