@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -1124,9 +1125,28 @@ def _resolve_beside(settings: Settings, folder: Path) -> None:
     if tls is not None:
         tls.certificate, tls.private_key = beside(tls.certificate), beside(tls.private_key)
         tls.ca_certificates = beside(tls.ca_certificates) if tls.ca_certificates is not None else None
+    settings.database.url = _sqlite_file_beside(settings.database.url, beside)
     web = settings.console
     web.tls_certificate = beside(web.tls_certificate) if web.tls_certificate is not None else None
     web.tls_private_key = beside(web.tls_private_key) if web.tls_private_key is not None else None
+
+
+def _sqlite_file_beside(url: str | None, beside: Callable[[Path], Path]) -> str | None:
+    """``url`` with a relative SQLite file path made absolute by ``beside``: otherwise ``serve``, ``worker`` and
+    ``status`` started from different working directories would each open (and create) a database of their own."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url) if url else None
+    except ArgumentError:
+        return url
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return url
+    database = Path(str(parsed.database or ""))
+    if not str(database) or database.is_absolute():
+        return url
+    return parsed.set(database=str(beside(database))).render_as_string(hide_password=False)
 
 
 def unknown_environment_variables() -> list[str]:

@@ -459,7 +459,6 @@ def test_unset_limits_follow_the_ones_set(tmp_path):
 @pytest.mark.parametrize(
     "url",
     [
-        "sqlite:///relative/node.db",
         "sqlite:////var/lib/dicom-node/node.db",
         "sqlite+pysqlite:////srv/n.db",
         "postgresql+psycopg://node:secret@db.example.org/node",
@@ -467,6 +466,18 @@ def test_unset_limits_follow_the_ones_set(tmp_path):
 )
 def test_a_database_url_naming_a_file_or_a_server_is_accepted(tmp_path, url):
     assert load_settings(write(tmp_path, {"database": {"url": url}})).database.url == url
+
+
+def test_a_relative_sqlite_file_is_relative_to_the_config_file_not_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    config = write(tmp_path / "etc", {"database": {"url": "sqlite:///state/node.db"}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # systemd starts serve in /, an admin runs status from their home
+
+    settings = load_settings(config)
+
+    assert settings.database_url == f"sqlite:///{tmp_path / 'etc' / 'state' / 'node.db'}"
 
 
 @pytest.mark.parametrize(
