@@ -204,7 +204,13 @@ def serve(config: ConfigOption = None) -> None:
     from sqlalchemy.exc import OperationalError
 
     from dicom_node.receive.processes import ReceiverNotStarted
-    from dicom_node.service import DatabaseUnavailable, NodeLockLost, RefusedAsConfigured, describe_database_error
+    from dicom_node.service import (
+        ConsoleNotStarted,
+        DatabaseUnavailable,
+        NodeLockLost,
+        RefusedAsConfigured,
+        describe_database_error,
+    )
     from dicom_node.service import serve as run_service
 
     settings = _settings(config)
@@ -223,7 +229,7 @@ def serve(config: ConfigOption = None) -> None:
         run_service(settings)
     except RefusedAsConfigured as exc:
         _cannot_start(str(exc), exit_code=2)
-    except (DatabaseUnavailable, ReceiverNotStarted) as exc:
+    except (DatabaseUnavailable, ReceiverNotStarted, ConsoleNotStarted) as exc:
         _cannot_start(str(exc))
     except NodeLockLost as exc:
         errors.print(f"[bold red]stopped[/]: {escape(str(exc))}", highlight=False)

@@ -366,6 +366,11 @@ class RefusedAsConfigured(Exception):
     why in words."""
 
 
+class ConsoleNotStarted(Exception):
+    """The console or metrics listener cannot listen now (its port in use, its host not an address of this machine
+    yet): ``serve`` exits 1, so a supervisor tries again. The message says why, naming the setting."""
+
+
 class StoppedWhileStarting(Exception):
     """``serve`` was asked to stop while it waited to start (for another node's lock on the database)."""
 
@@ -792,7 +797,7 @@ def _start_console(
     """The operations console (``console.enabled``); a port in use stops start-up like the SCP's would."""
     if not settings.console.enabled:
         return None
-    from dicom_node.console.app import start_console
+    from dicom_node.console.app import ListenerNotBound, start_console
     from dicom_node.console.metrics import Liveness, scp_listener
 
     def workers_alive() -> int | None:
@@ -801,6 +806,9 @@ def _start_console(
     listening = scp_listener(settings.network.host, settings.network.port)
     try:
         return start_console(settings, sessions, Liveness(workers_alive, listening, server.alive_count))
+    except ListenerNotBound as exc:
+        server.shutdown()
+        raise (RefusedAsConfigured if exc.lasting else ConsoleNotStarted)(str(exc)) from None
     except OSError:
         server.shutdown()
         raise

@@ -361,7 +361,45 @@ def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
             check=False,
         )
     assert result.returncode == 1
-    assert f"cannot start: the console cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert (
+        f"cannot start: the console cannot listen on 127.0.0.1:{port}: console.port {port} is already in use by "
+        "another program" in result.stderr
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("console", "expected"),
+    [
+        (
+            {"host": "192.0.2.77"},  # TEST-NET-1: never an address of this machine
+            "the console cannot listen on 192.0.2.77:PORT: console.host '192.0.2.77' is not an address of this machine",
+        ),
+        (
+            {"metrics_host": "192.0.2.77"},
+            "the metrics listener cannot listen on 192.0.2.77:PORT: console.metrics_host '192.0.2.77' is not an address "
+            "of this machine",
+        ),
+    ],
+)
+def test_serve_stops_at_start_naming_the_console_setting_that_gives_an_address_of_another_machine(
+    tmp_path, console, expected
+):
+    from tests.conftest import Node, free_port
+
+    port, metrics_port = free_port(), free_port()
+    settings = {"enabled": True, "port": port, "metrics_port": metrics_port, **console}
+    node = Node(tmp_path / "node", {"console": settings})
+    expected = expected.replace("PORT", str(metrics_port if "metrics" in expected else port))
+    result = subprocess.run(
+        [DICOM_NODE, "serve", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1  # the address may come up later (a VIP, a late network): systemd tries again
+    assert f"cannot start: {expected}" in result.stderr
 
 
 def test_the_console_shows_and_offers_the_latest_runs_results(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -369,7 +370,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _bind(host: str, port: int, what: str) -> socket.socket:
+class ListenerNotBound(Exception):
+    """The console or metrics listener cannot listen where configured; the message says why, naming the setting.
+    ``lasting``: only a change to the configuration or the service's rights ends it (a port below 1024)."""
+
+    def __init__(self, sentence: str, *, lasting: bool) -> None:
+        super().__init__(sentence)
+        self.lasting = lasting
+
+
+def _bind(host: str, port: int, what: str, keys: tuple[str, str]) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -377,10 +387,27 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"the {what} cannot listen on {host}:{port}: {exc.strerror}") from None
+        lasting = exc.errno in (errno.EACCES, errno.EPERM) and port < 1024
+        sentence = f"the {what} cannot listen on {host}:{port}: {_why_not_bound(exc, host, port, keys)}"
+        raise ListenerNotBound(sentence, lasting=lasting) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+def _why_not_bound(exc: OSError, host: str, port: int, keys: tuple[str, str]) -> str:
+    """Why binding ``host``:``port`` failed, naming the settings (``keys``: the host's and the port's) that give it."""
+    host_key, port_key = keys
+    if isinstance(exc, socket.gaierror):
+        return f"{host_key} {host!r} cannot be resolved to an address (misspelt, or no name service on this machine?)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{port_key} {port} is already in use by another program"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host_key} {host!r} is not an address of this machine"
+    if exc.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+        return f"the node's user may not listen on {port_key} {port} (ports below 1024 need administrator rights)"
+    reason = exc.strerror or "the operating system refused"
+    return f"{reason[:1].lower() + reason[1:]} ({host_key}, {port_key})"
 
 
 class ConsoleServer:
@@ -399,7 +426,17 @@ class ConsoleServer:
                 (create_metrics_app(self.context), console.metrics_host, console.metrics_port, None, "metrics listener")
             )
         for app, host, port, listener_tls, what in listeners:
-            sock = _bind(host, port, what)
+            keys = (
+                ("console.host", "console.port")
+                if what == "console"
+                else ("console.metrics_host", "console.metrics_port")
+            )
+            try:
+                sock = _bind(host, port, what, keys)
+            except ListenerNotBound:
+                for _, bound in self._servers:
+                    bound.close()
+                raise
             # proxy_headers off: X-Forwarded-For must not replace the peer's address (login throttle, proxy mode).
             config = uvicorn.Config(
                 app,
