@@ -122,8 +122,8 @@ def _session(settings: Settings, *, write: bool = False) -> Iterator[Session]:
 
     url = settings.database_url
     problem = _database_url_problem(url)
-    if problem is not None:
-        _database_failed(problem, url)
+    if problem is not None:  # a configuration error: exit 2, as `config check` and `serve` do
+        _database_failed(problem, url, exit_code=2)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         errors.print(
@@ -336,7 +336,7 @@ def worker(
     settings = _settings(config)
     problem = _database_url_problem(settings.database_url)
     if problem is not None:
-        _database_failed(problem, settings.database_url)
+        _database_failed(problem, settings.database_url, exit_code=2)
     try:
         run_worker(settings, name=name)
     except DBAPIError as exc:
