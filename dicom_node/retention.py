@@ -625,8 +625,9 @@ def _delete_files(deletion: _Deletion, root: Path, series_instance_uid: str) -> 
             failures.append((str(path), exc))
     if deletion.folder is not None and deletion.folder.exists():
         shutil.rmtree(deletion.folder, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
-    for attempt in deletion.attempts:
-        shutil.rmtree(attempt, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
+    for attempt in deletion.attempts:  # gone already where the job folder went whole
+        if attempt.exists():
+            shutil.rmtree(attempt, onerror=lambda _function, path, info: _failed(failures, path, info[1]))
     if deletion.attempts:
         with contextlib.suppress(OSError):  # a job folder that holds published results is not empty: it stays
             deletion.attempts[0].parent.rmdir()
@@ -640,10 +641,11 @@ def _delete_files(deletion: _Deletion, root: Path, series_instance_uid: str) -> 
 
 
 def _failed(failures: list[tuple[str, OSError]], path: str, error: BaseException) -> None:
-    """Note what :func:`shutil.rmtree` could not delete; a folder left because of what is in it is not news."""
+    """Note what :func:`shutil.rmtree` could not delete; a folder left because of what is in it, or a file gone
+    already (another pass deleted it), is not news."""
     if not isinstance(error, OSError):
         raise error
-    if error.errno != errno.ENOTEMPTY:
+    if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
         failures.append((path, error))
 
 

@@ -238,6 +238,18 @@ def test_what_attempts_killed_part_way_wrote_goes_with_the_images_of_a_failed_se
     assert not (kept.results / ".claim-3-ij56kl").exists()
 
 
+def test_attempts_left_inside_a_purged_job_folder_are_no_failure(node):
+    """A DONE job's folder holding an earlier attempt's folder goes whole with its images and results: the attempt
+    went with it, which is no file the purge "could not delete"."""
+    done = add_series(node, "1.2.3.9", JobState.DONE, days_ago=10)
+    (done.results / ".claim-3-ij56kl").mkdir()
+    (done.results / ".claim-3-ij56kl" / "seg-binary.dcm").write_bytes(b"\0" * 500)
+
+    assert purge(node, days=7) == [done.uid]
+
+    assert not done.results.exists()
+
+
 def test_results_can_be_kept_longer_than_images(node):
     middle = add_series(node, "1.2.3.1", JobState.DONE, days_ago=10)
     old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
