@@ -220,7 +220,8 @@ def serve(config: ConfigOption = None) -> None:
         _cannot_start(f"storage.directory {storage} is a file, not a folder", exit_code=2)
     tls_problem = _tls_files_problem(settings)
     if tls_problem:
-        _cannot_start(tls_problem, exit_code=2)
+        reason, exit_code = tls_problem
+        _cannot_start(reason, exit_code=exit_code)
     url_problem = _database_url_problem(settings.database_url)  # not a URL, an unknown kind, its driver missing
     if url_problem is not None:
         _cannot_start(describe_database_error(url_problem, settings.database_url), exit_code=2)
@@ -248,9 +249,11 @@ def _needs_privilege(exc: OSError, port: int) -> bool:
     return exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is None and port < 1024
 
 
-def _tls_files_problem(settings: Settings) -> str | None:
+def _tls_files_problem(settings: Settings) -> tuple[str, int] | None:
     """What is wrong with the TLS certificate, key and CA files the configuration names (missing, not PEM, a
-    certificate expired or not valid yet), or None."""
+    certificate expired or not valid yet) and `serve`'s exit code for it, or None: 1 for a certificate's dates,
+    which a later start may find right (the clock synchronised after boot, the certificate renewed by
+    automation), else 2."""
     from dicom_node.security import certificate_date_problem
 
     pairs: list[tuple[str, Path, str, Path, str, Path | None]] = []
@@ -266,29 +269,30 @@ def _tls_files_problem(settings: Settings) -> str | None:
     for cert_key, cert, key_key, key, ca_key, ca in pairs:
         for setting, path in ((cert_key, cert), (key_key, key), (ca_key, ca)):
             if path is not None and not path.exists():
-                return f"{setting} {path} does not exist"
+                return f"{setting} {path} does not exist", 2
             if path is not None and not path.is_file():
-                return f"{setting} {path} is not a file"
+                return f"{setting} {path} is not a file", 2
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(cert, key, password=lambda: "")
         except ssl.SSLError:
             return (
                 f"{cert_key} {cert} and {key_key} {key} cannot be loaded as a PEM certificate and its private key "
-                "(not PEM, the key is encrypted, or it belongs to another certificate)"
+                "(not PEM, the key is encrypted, or it belongs to another certificate)",
+                2,
             )
         except OSError as exc:
-            return _describe_os_error(exc)
+            return _describe_os_error(exc), 2
         expired = certificate_date_problem(cert_key, cert, datetime.now(timezone.utc))
         if expired:
-            return expired
+            return expired, 1
         if ca is not None:
             try:
                 context.load_verify_locations(ca)
             except ssl.SSLError:
-                return f"{ca_key} {ca} holds no PEM certificate that can be loaded"
+                return f"{ca_key} {ca} holds no PEM certificate that can be loaded", 2
             except OSError as exc:
-                return _describe_os_error(exc)
+                return _describe_os_error(exc), 2
     return None
 
 

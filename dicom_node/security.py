@@ -54,9 +54,11 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ALL_ROLES, Destination, NetworkSettings, PeerSettings, Settings, TlsSettings
 from dicom_node.logs import log_event, log_throttled
+from dicom_node.periodic import PeriodicTask
 from dicom_node.reactors import EventDrivenDUL, make_event_driven
 from dicom_node.store_response import send_store_responses_directly
 
@@ -549,6 +551,69 @@ def tls_file_warnings(settings: Settings, now: datetime | None = None) -> list[t
                     )
                 )
     return warnings
+
+
+CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
+"""How often a running node looks again at the dates of the certificates it presents."""
+
+
+class CertificateWatch(PeriodicTask):
+    """Every :data:`CERTIFICATE_CHECK_SECONDS`, warns about a certificate the node presents that expires within
+    :data:`CERTIFICATE_WARNING_DAYS` (``tls.certificate_expires_soon``), and says at ERROR when it has expired
+    (``tls.certificate_expired``): a node runs for months, and start-up's warning is long scrolled away by then.
+
+    The dates are those of the certificate read at start, the one the node presents until it restarts, not of a
+    renewed file on disk."""
+
+    name = "certificate_watch"
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings, sessions)
+        self.presented: list[tuple[str, Path, datetime]] = []
+        for cert_key, certificate, _key_key, _private_key in tls_files(settings):
+            with suppress(OSError):
+                lifetime = certificate_lifetime(certificate)
+                if lifetime is not None:
+                    self.presented.append((cert_key, certificate, lifetime[1]))
+        self._passes = 0
+
+    @property
+    def interval_seconds(self) -> float:
+        return CERTIFICATE_CHECK_SECONDS
+
+    def run_once(self) -> None:
+        """The first pass, at start, says nothing: start-up has warned already (:func:`tls_file_warnings`)."""
+        self._passes += 1
+        if self._passes > 1:
+            self.check(datetime.now(timezone.utc))
+
+    def check(self, now: datetime) -> None:
+        """Log each presented certificate that has expired or expires soon at ``now``."""
+        for cert_key, certificate, not_after in self.presented:
+            if now > not_after:
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    "tls.certificate_expired",
+                    key=cert_key,
+                    file=str(certificate),
+                    expired=_day(not_after),
+                    hint=f"{cert_key} {certificate}, which the node presents since it started, expired on "
+                    f"{_day(not_after)}: every TLS caller refuses it now; install a renewed certificate and restart "
+                    "the node",
+                )
+            elif not_after <= now + timedelta(days=CERTIFICATE_WARNING_DAYS):
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "tls.certificate_expires_soon",
+                    key=cert_key,
+                    file=str(certificate),
+                    expires=_day(not_after),
+                    hint=f"{cert_key} {certificate}, which the node presents since it started, expires on "
+                    f"{_day(not_after)} (in {(not_after - now).days} day(s)); install a renewed certificate and "
+                    "restart the node before then, or every TLS caller will be refused",
+                )
 
 
 def _other_readers(path: Path) -> str | None:

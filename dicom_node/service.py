@@ -33,6 +33,7 @@ from dicom_node.receive.moved_storage import adopt_moved_storage
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
+from dicom_node.security import CertificateWatch, tls_files
 from dicom_node.storage_lock import StorageLock, StorageRefused, database_identity, describe_database
 from dicom_node.watcher import SeriesWatcher
 
@@ -333,6 +334,7 @@ class RunningNode:
     sessions: sessionmaker[Session]
     retention: RetentionTask
     console: ConsoleServer | None = None
+    certificates: CertificateWatch | None = None
     node_lock: db_session.NodeLock | None = None
     storage_lock: StorageLock | None = None
 
@@ -345,6 +347,8 @@ class RunningNode:
         self.workers.stop()
         self.dispatcher.stop()
         self.retention.stop()
+        if self.certificates is not None:
+            self.certificates.stop()
         if self.storage_lock is not None:  # first: a node waiting for the database lock then finds both free
             self.storage_lock.release()
         if self.node_lock is not None:
@@ -599,6 +603,10 @@ def _start_parts(
     started.append(dispatcher.stop)
     retention.start()
     started.append(retention.stop)
+    certificates = CertificateWatch(settings, sessions) if tls_files(settings) else None
+    if certificates is not None:
+        certificates.start()
+        started.append(certificates.stop)
     return RunningNode(
         server=server,
         watcher=watcher,
@@ -607,6 +615,7 @@ def _start_parts(
         sessions=sessions,
         retention=retention,
         console=console,
+        certificates=certificates,
         node_lock=node_lock,
         storage_lock=storage_lock,
     )
