@@ -42,7 +42,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import dcmread, read_dataset, read_preamble
+from pydicom.filereader import dcmread, read_dataset, read_preamble, read_sequence
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
 from pydicom.tag import BaseTag, Tag
@@ -607,21 +607,96 @@ def same_data_set(stored: Path, encoded: bytes, transfer_syntax: UID) -> bool:
     the same elements with the same values in another transfer syntax (a PACS that forwards in implicit VR what it
     received in explicit VR). Every element counts, private ones included; only group lengths, which say how long a
     group is encoded, do not. Stricter than :func:`copy_difference`, which compares what results are made from: a
-    copy of one of the node's own results must be that result. False when either cannot be read."""
+    copy of one of the node's own results must be that result. A compressed copy is the same only in the stored
+    copy's own transfer syntax: its pixel data is not decoded to compare it. False when either cannot be read."""
     try:
         kept = _EncodedCopy.read(stored)
         received = _EncodedCopy.of(encoded, transfer_syntax)
-        return kept.data == received.data or _all_elements(kept) == _all_elements(received)
+        if (kept.syntax.is_compressed or received.syntax.is_compressed) and kept.syntax != received.syntax:
+            return False
+        return kept.data == received.data or _same_elements(kept.elements(), received.elements())
     except Exception:  # noqa: BLE001 - a copy that cannot be read cannot be shown to be the same
         return False
 
 
-def _all_elements(copy: _EncodedCopy) -> Dataset:
-    """Every element of the copy, read in its own transfer syntax, less its group lengths."""
-    dataset = read_dataset(BytesIO(copy.data), copy.syntax.is_implicit_VR, copy.syntax.is_little_endian)
-    for tag in [element.tag for element in dataset if element.tag.element == 0]:
-        del dataset[tag]
-    return dataset
+# The size of a value's words, which big endian stores in the other byte order (a VR not named has none).
+_WORD_SIZES = dict.fromkeys(("US", "SS", "OW", "AT"), 2) | dict.fromkeys(("UL", "SL", "FL", "OL", "OF"), 4)
+_WORD_SIZES |= dict.fromkeys(("FD", "OD", "SV", "UV", "OV"), 8)
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # how an item begins in implicit VR little endian, as a sequence read as UN is
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _same_elements(kept: Dataset, received: Dataset) -> bool:
+    """Whether two data sets (or two items of a sequence) hold elements with the same tags and the same values,
+    whatever VR their encodings gave them (OB or OW, UN or the dictionary's, US or SS), less group lengths."""
+    tags = _tags(kept)
+    return tags == _tags(received) and all(_same_element(_raw(kept, tag), _raw(received, tag)) for tag in tags)
+
+
+def _raw(dataset: Dataset, tag: BaseTag) -> Any:
+    """An element as it was read: its bytes, not converted (an empty one too), or a sequence already read."""
+    return dataset.get_item(tag, keep_deferred=True)
+
+
+def _tags(dataset: Dataset) -> list[BaseTag]:
+    return [tag for tag in sorted(dataset.keys()) if tag.element != 0]  # not iterated: that converts each element
+
+
+def _same_element(kept: Any, received: Any) -> bool:
+    """Whether two elements of the same tag hold the same value: the same items, compared element by element, or the
+    same value bytes in little endian byte order, encapsulated in both or in neither."""
+    if _is_sequence(kept) or _is_sequence(received):
+        kept_items, received_items = _items(kept), _items(received)
+        return (
+            kept_items is not None
+            and received_items is not None
+            and len(kept_items) == len(received_items)
+            and all(_same_elements(before, after) for before, after in zip(kept_items, received_items, strict=True))
+        )
+    return (
+        isinstance(kept, RawDataElement) and isinstance(received, RawDataElement) and _value(kept) == _value(received)
+    )
+
+
+def _is_sequence(element: Any) -> bool:
+    """Whether an element is a sequence: read as one, or SQ by its own VR or, in implicit VR, by the dictionary."""
+    if not isinstance(element, RawDataElement):
+        return bool(element.VR == "SQ")
+    return (element.VR or _dictionary_vr(element.tag)) == "SQ"
+
+
+def _items(element: Any) -> list[Dataset] | None:
+    """A sequence's items, or None for an element that is no sequence. An element of unknown VR (UN, or a private
+    one in implicit VR) that holds items is read as a sequence encoded in implicit VR little endian."""
+    if not isinstance(element, RawDataElement):
+        return list(element.value) if element.VR == "SQ" else None
+    value = element.value or b""
+    vr = element.VR or _dictionary_vr(element.tag) or "UN"
+    if vr == "SQ":
+        return _read_items(value, element.is_implicit_VR, element.is_little_endian)
+    if vr == "UN" and (not value or value.startswith(_ITEM_TAG)):
+        return _read_items(value, True, True)
+    return None
+
+
+def _read_items(value: bytes, implicit_vr: bool, little_endian: bool) -> list[Dataset]:
+    return list(read_sequence(BytesIO(value), implicit_vr, little_endian, len(value), "iso8859"))
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
+def _value(element: RawDataElement) -> tuple[bool, bytes]:
+    """Whether an element is encapsulated (of undefined length), and its value bytes in little endian byte order."""
+    value = element.value or b""
+    size = _WORD_SIZES.get(element.VR or "", 1)
+    if not element.is_little_endian and size > 1:
+        value = np.frombuffer(value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+    return element.length == _UNDEFINED_LENGTH, value
 
 
 @dataclass(frozen=True)
@@ -645,6 +720,10 @@ class _EncodedCopy:
         if syntax.is_deflated:  # a received one was inflated, bounded, when its header was checked
             return cls(zlib.decompress(data, -zlib.MAX_WBITS), ExplicitVRLittleEndian)
         return cls(data, syntax)
+
+    def elements(self) -> Dataset:
+        """Every element, not yet converted to values: each holds the bytes it was encoded with."""
+        return read_dataset(BytesIO(self.data), self.syntax.is_implicit_VR, self.syntax.is_little_endian)
 
     def header(self) -> tuple[Dataset, int]:
         """The elements :data:`RESULT_ATTRIBUTES` names, and where the pixel data begins (or the data set ends)."""
