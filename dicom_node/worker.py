@@ -36,9 +36,10 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
@@ -49,6 +50,7 @@ from db.session import (
     is_database_storage_fault,
     make_engine,
     make_session_factory,
+    newest_revision,
     retry_when_locked,
     storage_fault_cause,
     transaction,
@@ -132,6 +134,7 @@ class InferenceWorker:
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
         self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
         self.leases = LeaseSweep(settings, sessions)
+        self.schema = newest_revision()  # the schema this worker's code writes; checked at each claim
 
     @property
     def host(self) -> str:
@@ -258,6 +261,9 @@ class InferenceWorker:
         self._beat()  # each try: a worker waiting for a locked database is alive
         lease = timedelta(seconds=self.settings.inference.lease_seconds)
         with transaction(self.sessions) as session:
+            revision = session.scalar(text("SELECT version_num FROM alembic_version"))
+            if revision != self.schema:  # a serve of another version changed the tables since this worker started
+                raise SchemaChanged(str(revision))
             job = jobs.claim_next(session, self.identity, lease)
             if job is None:
                 return None
@@ -650,8 +656,19 @@ def run_worker(
     threading.Thread(
         target=_hand_back_after_grace, args=(worker, stop, done), name="shutdown-grace", daemon=True
     ).start()
-    worker.run(stop)
+    try:
+        worker.run(stop)
+    except SchemaChanged as exc:
+        _schema_changed(identity, exc.revision, worker.schema)
     done.set()
+
+
+class SchemaChanged(Exception):
+    """The database's schema revision is no longer the one this worker's code writes (``revision``: the new one)."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(revision)
+        self.revision = revision
 
 
 SCHEMA_POLL_SECONDS = 10.0
@@ -676,16 +693,7 @@ def _database_once_upgraded(settings: Settings, identity: str, stop: threading.E
         if current == newest:
             return make_session_factory(make_engine(url, settings.database.busy_timeout_seconds))
         if current is not None and not is_known_revision(current):
-            log_event(
-                LOG,
-                logging.ERROR,
-                "worker.schema_newer",
-                worker=identity,
-                reason=f"the database has schema revision {current}, made by a newer version of dicom-node than "
-                f"this worker (revision {newest}): install the version the node runs on this host",
-            )
-            logging.shutdown()
-            raise SystemExit(EXIT_SCHEMA_NEWER)
+            _schema_newer(identity, current, newest)
         if not waiting_logged:
             had = f"schema revision {current}" if current is not None else "no schema yet"
             log_event(
@@ -700,6 +708,46 @@ def _database_once_upgraded(settings: Settings, identity: str, stop: threading.E
             waiting_logged = True
         if stop.wait(SCHEMA_POLL_SECONDS):
             return None
+
+
+def _schema_newer(identity: str, current: str, newest: str) -> NoReturn:
+    """Say that the database's schema is not this worker's (a newer `serve` upgraded it, at start or while the
+    worker ran) and exit :data:`EXIT_SCHEMA_NEWER`: a restart of the same version cannot help."""
+    log_event(
+        LOG,
+        logging.ERROR,
+        "worker.schema_newer",
+        worker=identity,
+        reason=f"the database has schema revision {current}, made by a newer version of dicom-node than this "
+        f"worker (revision {newest}): install the version the node runs on this host",
+    )
+    logging.shutdown()
+    raise SystemExit(EXIT_SCHEMA_NEWER)
+
+
+EXIT_SCHEMA_OLDER = 1
+"""Exit status of a worker whose database went back to an older schema while it ran: a restart waits for the
+upgrade (:func:`_database_once_upgraded`)."""
+
+
+def _schema_changed(identity: str, current: str, newest: str) -> NoReturn:
+    """A worker's claim found the schema changed since it started: newer (a newer `serve` upgraded it) or older (a
+    database restored from a backup); say so and exit, having claimed nothing."""
+    from db.session import is_known_revision
+
+    if not is_known_revision(current):
+        _schema_newer(identity, current, newest)
+    log_event(
+        LOG,
+        logging.ERROR,
+        "worker.schema_older",
+        worker=identity,
+        reason=f"the database has schema revision {current}, older than this worker's (revision {newest}), since "
+        "the worker started (a database restored from a backup?): it claims nothing more and stops; started again, "
+        "it waits for `dicom-node serve` of this version to upgrade the database",
+    )
+    logging.shutdown()
+    raise SystemExit(EXIT_SCHEMA_OLDER)
 
 
 def _beat_while_starting(pulse: IdlePulse, ready: threading.Event) -> None:

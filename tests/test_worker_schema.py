@@ -61,3 +61,40 @@ def test_a_worker_older_than_its_database_says_so_and_exits_2(tmp_path):
         f"the database has schema revision 0099, made by a newer version of dicom-node than this worker (revision "
         f"{newest_revision()}): install the version the node runs on this host"
     )
+
+
+@pytest.mark.parametrize(
+    ("revision", "code", "event", "says"),
+    [
+        ("0099", 2, "worker.schema_newer", "made by a newer version of dicom-node than this worker"),
+        ("0012", 1, "worker.schema_older", "since the worker started (a database restored from a backup?)"),
+    ],
+)
+def test_a_running_worker_whose_schema_changes_under_it_claims_nothing_more_and_exits(
+    tmp_path, revision, code, event, says
+):
+    """A newer serve upgraded the tables while this worker ran (the node updated before the GPU hosts), or the
+    database was put back to an older one: its code would write rows the schema no longer expects."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    log = tmp_path / "worker.log"
+    worker = start_worker(worker_config(tmp_path, url), "gpu-host", log)
+    try:
+        wait_for(lambda: "worker.ready" in log.read_text(), timeout=180, what="the worker ready")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text(f"UPDATE alembic_version SET version_num = '{revision}'"))
+        engine.dispose()
+        sessions = make_session_factory(make_engine(url))
+        seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+
+        assert worker.wait(timeout=120) == code
+    finally:
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait(timeout=60)
+    assert states(sessions) == {JobState.QUEUED: 1}  # left for a worker of the database's version
+    output = log.read_text()
+    assert "Traceback" not in output, output
+    [reason] = re.findall(rf'{event} .*?reason="([^"]*)"', output)
+    assert f"the database has schema revision {revision}, " in reason and says in reason
