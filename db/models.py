@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.results import DeliveriesType, DeliveryRecord, ResultFile, ResultFilesType
@@ -182,7 +182,7 @@ class Job(Base):
     # nothing claims or sends the job before it.
     not_before: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # the metrics' recent jobs
 
     # Bumped by every change of the row (the ORM's and a claim's): a change made from a read that another
     # process has since overtaken fails (StaleDataError) and is decided again, never written over the newer state.
@@ -267,6 +267,38 @@ class RejectedInstance(Base):
     reason: Mapped[str] = mapped_column(Text)
     path: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditTotal(Base):
+    """What ``audit_events`` holds, summed per action and outcome (and per peer for ``send``): what /metrics reads.
+
+    Kept by database triggers (revision 0015) as records are written and deleted, by any process of any version, so
+    a scrape reads a few rows however long the audit trail is. A migration that rebuilds ``audit_events`` on SQLite
+    (``batch_alter_table`` copying the table) drops the triggers: it must create them again.
+    """
+
+    __tablename__ = "audit_totals"
+
+    action: Mapped[str] = mapped_column(String(16), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The peer of a ``send`` record ("" for every other action: a caller's address changes with each association).
+    peer_address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    peer_ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    records: Mapped[int] = mapped_column(BigInteger)
+    instances: Mapped[int] = mapped_column(BigInteger)
+    # C-ECHO-only associations a record counts besides itself (``N more C-ECHO-only associations of this peer ...``).
+    left_out: Mapped[int] = mapped_column(BigInteger)
+
+
+class InstanceTotal(Base):
+    """How many ``instances`` rows there are and their bytes: one row, kept by database triggers (revision 0015) as
+    instances are recorded, purged or their file replaced, so a scrape never reads the instances table."""
+
+    __tablename__ = "instance_totals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instances: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 Index("ix_jobs_state_changed", Job.state, Job.state_changed_at)

@@ -2,8 +2,10 @@
 
 Receivers in several processes and workers on other hosts all write to the one database, so
 counting there (not in this process' memory) sees everything. Each scrape runs a handful of
-aggregate queries; the histograms are built from the most recent ``console.metrics_window_jobs``
-jobs. README "Operations console" documents every metric.
+queries whose cost does not grow with uptime: the audit and instance counts come from totals the
+database keeps as rows are written (:class:`db.models.AuditTotal`, :class:`db.models.InstanceTotal`),
+and the histograms are built from the most recent ``console.metrics_window_jobs`` jobs, read
+through an index. README "Operations console" documents every metric.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Integer, case, cast, distinct, func, select, text
+from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance
+from db.models import AuditTotal, InstanceTotal, Job, JobState, RejectedInstance
 from db.session import read_only
-from dicom_node.audit import ECHO_ONLY_ASSOCIATIONS
 from dicom_node.config import Settings
 from dicom_node.console.queries import refusal_kind, stage_seconds
 
@@ -49,25 +50,6 @@ def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[st
         merged = (code, kind if kind in kept else "other")
         bounded[merged] = bounded.get(merged, 0) + count
     return bounded
-
-
-LEFT_OUT_CLAUSE = f" more {ECHO_ONLY_ASSOCIATIONS} since the previous record"
-"""How an association record that stands for others too says how many (:func:`dicom_node.audit.with_count`)."""
-
-
-def _left_out(session: Session) -> ColumnElement[int]:
-    """The associations an ``association`` record stands for besides its own: the count its detail gives of the
-    C-ECHO-only associations of its peer left out since the previous record (0 for any other record).
-
-    The count is the number right after the first ``; `` of such a detail (``C-ECHO only: ...; 41 more C-ECHO-only
-    associations of this peer since the previous record, ...``), read in SQL so that a scrape loads no rows."""
-    detail = AuditEvent.detail
-    if session.get_bind().dialect.name == "postgresql":
-        number = func.substring(detail, f"; ([0-9]+) more {ECHO_ONLY_ASSOCIATIONS}")  # the regular expression form
-    else:  # SQLite: CAST reads the number at the start of what follows "; " and ignores the rest
-        number = func.substr(detail, func.instr(detail, "; ") + 2)
-    counted = cast(number, Integer)
-    return case((detail.contains(LEFT_OUT_CLAUSE), counted), else_=0)
 
 
 @dataclass(frozen=True)
@@ -129,8 +111,8 @@ class DatabaseCollector(Collector):
             [],
             float(
                 session.scalar(
-                    select(func.coalesce(func.sum(AuditEvent.instances), 0)).where(
-                        AuditEvent.action == "store", AuditEvent.outcome == "success"
+                    select(func.coalesce(func.sum(AuditTotal.instances), 0)).where(
+                        AuditTotal.action == "store", AuditTotal.outcome == "success"
                     )
                 )
                 or 0
@@ -140,7 +122,7 @@ class DatabaseCollector(Collector):
         stored = GaugeMetricFamily(
             "dicom_node_instances_stored", "Received instances recorded now (retention removes purged ones)."
         )
-        stored.add_metric([], float(session.scalar(select(func.count(Instance.id))) or 0))
+        stored.add_metric([], float(session.scalar(select(InstanceTotal.instances)) or 0))
         yield stored
         refused = CounterMetricFamily(
             "dicom_node_instances_refused",
@@ -164,9 +146,9 @@ class DatabaseCollector(Collector):
             labels=["outcome"],
         )
         for outcome, count in session.execute(
-            select(AuditEvent.outcome, func.count() + func.coalesce(func.sum(_left_out(session)), 0))
-            .where(AuditEvent.action == "association")
-            .group_by(AuditEvent.outcome)
+            select(AuditTotal.outcome, AuditTotal.records + AuditTotal.left_out).where(
+                AuditTotal.action == "association", AuditTotal.records > 0
+            )
         ):
             associations.add_metric([outcome], float(count))
         yield associations
@@ -222,9 +204,9 @@ class DatabaseCollector(Collector):
             labels=["destination", "outcome"],
         )
         for address, ae_title, outcome, count in session.execute(
-            select(AuditEvent.peer_address, AuditEvent.peer_ae_title, AuditEvent.outcome, func.count())
-            .where(AuditEvent.action == "send")
-            .group_by(AuditEvent.peer_address, AuditEvent.peer_ae_title, AuditEvent.outcome)
+            select(AuditTotal.peer_address, AuditTotal.peer_ae_title, AuditTotal.outcome, AuditTotal.records).where(
+                AuditTotal.action == "send", AuditTotal.records > 0
+            )
         ):
             attempts.add_metric([names.get(address or "", ae_title or address or "unknown"), outcome], float(count))
         yield attempts
@@ -234,9 +216,9 @@ class DatabaseCollector(Collector):
             labels=["destination"],
         )
         for address, ae_title, count in session.execute(
-            select(AuditEvent.peer_address, AuditEvent.peer_ae_title, func.coalesce(func.sum(AuditEvent.instances), 0))
-            .where(AuditEvent.action == "send")
-            .group_by(AuditEvent.peer_address, AuditEvent.peer_ae_title)
+            select(AuditTotal.peer_address, AuditTotal.peer_ae_title, func.sum(AuditTotal.instances))
+            .where(AuditTotal.action == "send", AuditTotal.records > 0)
+            .group_by(AuditTotal.peer_address, AuditTotal.peer_ae_title)
         ):
             files.add_metric([names.get(address or "", ae_title or address or "unknown")], float(count))
         yield files
@@ -275,7 +257,7 @@ class DatabaseCollector(Collector):
         instances = GaugeMetricFamily(
             "dicom_node_storage_instances_bytes", "Bytes of received instances recorded in the database."
         )
-        instances.add_metric([], float(session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0))
+        instances.add_metric([], float(session.scalar(select(InstanceTotal.bytes)) or 0))
         yield instances
         disk = GaugeMetricFamily(
             "dicom_node_storage_filesystem_bytes",
