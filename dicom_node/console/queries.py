@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
-from db.models import AuditEvent, Instance, Job, JobState, RejectedInstance, Series, Study, as_utc
+from db.models import AuditEvent, Instance, Job, JobEvent, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.admission import recorded_patient
 from dicom_node.config import Settings, hide_url_password
 from dicom_node.receive.header import StudyPatient, is_valid_uid
@@ -78,17 +79,37 @@ def _iso(moment: datetime | None) -> str | None:
     return as_utc(moment).isoformat(timespec="seconds")
 
 
+class Transition(NamedTuple):
+    """One change of a job's state, as :func:`stages_of` reads it (a :class:`JobEvent` row serves as well)."""
+
+    from_state: JobState | None
+    to_state: JobState
+    at: datetime
+
+
 def stage_seconds(job: Job) -> dict[str, float]:
-    """Seconds per stage of the job's latest run, for those it has been through.
+    """:func:`stages_of` the job, its series and its events."""
+    series = job.series
+    return stages_of(job.state, job.timings, series.first_received_at, series.last_received_at, job.events)
+
+
+def stages_of(
+    state: JobState,
+    timings: dict[str, Any] | None,
+    first_image: datetime,
+    last_image: datetime,
+    events: Sequence[Transition | JobEvent],
+) -> dict[str, float]:
+    """Seconds per stage of a job's latest run, for those it has been through; ``events`` oldest first.
 
     receive: first to last image; complete: last image to COMPLETE; infer: the model's work
     (``jobs.timings`` except write, encode and model_load); encode: writing the label map and
     SEG/SR/RTSTRUCT; dispatch: SENDING to DONE. Also ``end_to_end``: last image to DONE after
     SENDING (results accepted by every destination).
     """
-    series, timings, events = job.series, job.timings or {}, job.events
-    last_image = as_utc(series.last_received_at)
-    stages = {"receive": max((last_image - as_utc(series.first_received_at)).total_seconds(), 0.0)}
+    timings = timings or {}
+    last_image = as_utc(last_image)
+    stages = {"receive": max((last_image - as_utc(first_image)).total_seconds(), 0.0)}
     completed = next((e for e in reversed(events) if e.to_state is JobState.COMPLETE), None)
     if completed is not None and as_utc(completed.at) >= last_image:
         stages["complete"] = (as_utc(completed.at) - last_image).total_seconds()
@@ -97,7 +118,7 @@ def stage_seconds(job: Job) -> dict[str, float]:
         stages["infer"] = sum(infer)
     if "write" in timings or "encode" in timings:
         stages["encode"] = float(timings.get("write", 0.0)) + float(timings.get("encode", 0.0))
-    if job.state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
+    if state is JobState.DONE and events and events[-1].from_state is JobState.SENDING:
         done = as_utc(events[-1].at)
         sending = next((e for e in reversed(events) if e.to_state is JobState.SENDING), None)
         if sending is not None:
