@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,17 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
 """How long one SQLite statement waits for another process' write lock (``database.busy_timeout_seconds``)."""
+
+JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+"""What SQLite keeps of its write-ahead log (the ``-wal`` file beside the database) once a checkpoint has copied the
+log into the database and the next write starts it over (``PRAGMA journal_size_limit``; without it the file keeps
+its largest size for good). Four times the 4 MiB the automatic checkpoint lets the log reach (1,000 pages) before
+copying it back: in steady running the file is reused as it is, never cut and grown again at each checkpoint, while
+a burst of writes (a retention purge, a backlog received after an outage) leaves at most 16 MiB behind."""
+
+CHECKPOINT_WAIT_SECONDS = 0.2
+"""How long :func:`checkpoint_wal` waits for readers and writers to finish. While it waits no writer may begin, so
+it is short: a database that is busy now is checkpointed at a later pass."""
 
 T = TypeVar("T")
 
@@ -70,6 +82,7 @@ def make_engine(url: str, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SEC
         if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
@@ -102,6 +115,35 @@ def _create_sqlite_folder(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite database file of ``url``; None for another database or one in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(str(parsed.database))
+
+
+def checkpoint_wal(database: Path) -> bool:
+    """Copy SQLite's write-ahead log into ``database`` and empty it (``PRAGMA wal_checkpoint(TRUNCATE)``) once it is
+    larger than :data:`JOURNAL_SIZE_LIMIT_BYTES`; whether the log is within that limit now.
+
+    SQLite's automatic checkpoints copy the log back but start it over only when no reader still uses it: while
+    readers overlap (console pages, /metrics scrapes, Query/Retrieve) it never does, and the file grows for as long
+    as they do. This waits :data:`CHECKPOINT_WAIT_SECONDS` at most for a moment without them, on a connection of its
+    own; a database busy for longer is left as it is (False). Raises ``sqlite3.Error`` when SQLite cannot do it.
+    """
+    log = database.with_name(database.name + "-wal")
+    if not log.exists() or log.stat().st_size <= JOURNAL_SIZE_LIMIT_BYTES:
+        return True
+    # mode=rw: a database file moved away is not made anew, empty, at its path
+    connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True, timeout=CHECKPOINT_WAIT_SECONDS)
+    try:
+        busy, _pages, _copied = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        connection.close()
+    return not busy
 
 
 def read_outside_transaction(factory: sessionmaker[Session], query: Executable) -> Any:

@@ -35,6 +35,7 @@ from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
 from dicom_node.security import CertificateWatch, tls_files
 from dicom_node.storage_lock import StorageLock, StorageRefused, database_identity, describe_database
+from dicom_node.wal_checkpoint import WalCheckpoint
 from dicom_node.watcher import SeriesWatcher
 
 if TYPE_CHECKING:
@@ -337,6 +338,7 @@ class RunningNode:
     certificates: CertificateWatch | None = None
     node_lock: db_session.NodeLock | None = None
     storage_lock: StorageLock | None = None
+    checkpoint: WalCheckpoint | None = None  # SQLite only
 
     def stop(self) -> None:
         if self.console is not None:
@@ -349,6 +351,8 @@ class RunningNode:
         self.retention.stop()
         if self.certificates is not None:
             self.certificates.stop()
+        if self.checkpoint is not None:
+            self.checkpoint.stop()
         if self.storage_lock is not None:  # first: a node waiting for the database lock then finds both free
             self.storage_lock.release()
         if self.node_lock is not None:
@@ -607,6 +611,9 @@ def _start_parts(
     if certificates is not None:
         certificates.start()
         started.append(certificates.stop)
+    checkpoint = _start_wal_checkpoint(settings, sessions)
+    if checkpoint is not None:
+        started.append(checkpoint.stop)
     return RunningNode(
         server=server,
         watcher=watcher,
@@ -618,7 +625,18 @@ def _start_parts(
         certificates=certificates,
         node_lock=node_lock,
         storage_lock=storage_lock,
+        checkpoint=checkpoint,
     )
+
+
+def _start_wal_checkpoint(settings: Settings, sessions: sessionmaker[Session]) -> WalCheckpoint | None:
+    """On SQLite, the thread that keeps the write-ahead log within its limit; None on PostgreSQL."""
+    database = db_session.sqlite_file(settings.database_url)
+    if database is None:
+        return None
+    checkpoint = WalCheckpoint(settings, sessions, database)
+    checkpoint.start()
+    return checkpoint
 
 
 def _repair_storage(settings: Settings, sessions: sessionmaker[Session], store: InstanceStore) -> None:
