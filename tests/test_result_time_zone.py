@@ -100,3 +100,9 @@ def test_results_of_a_source_with_its_own_offset_are_written_in_that_offset(tmp_
     for dataset in datasets:
         assert dataset.TimezoneOffsetFromUTC == "+0100", dataset.Modality
         assert before <= made_at_in_utc(dataset, "Series") <= after, dataset.Modality
+        for item in dataset.get("ContributingEquipmentSequence", []):  # highdicom's item: the same instant
+            if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102":  # Processing Equipment
+                contributed = datetime.strptime(str(item.ContributionDateTime), "%Y%m%d%H%M%S.%f%z")
+                assert str(item.ContributionDateTime).endswith("+0100"), dataset.Modality
+                assert before <= contributed <= after, dataset.Modality
+    assert any("ContributingEquipmentSequence" in dataset for dataset in datasets)

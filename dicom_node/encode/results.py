@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from db.results import ResultFile, ResultKind
 from dicom_node.encode.codes import display_label
@@ -65,6 +66,8 @@ def result_series_number(name: str, run: int = 1) -> int:
 MADE_AT_PREFIXES = ("InstanceCreation", "Series", "Content", "StructureSet")
 """The dates and times (``<prefix>Date``/``<prefix>Time``) that say when a result was made."""
 UTC_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment.value
+"""The purpose of highdicom's own ContributingEquipmentSequence item (DCM 109102, "Processing Equipment")."""
 
 
 def stamp_date_time(dataset: Dataset, source: Dataset) -> None:
@@ -81,6 +84,16 @@ def stamp_date_time(dataset: Dataset, source: Dataset) -> None:
             setattr(dataset, f"{prefix}Date", made.strftime("%Y%m%d"))
             setattr(dataset, f"{prefix}Time", made.strftime("%H%M%S"))
     dataset.TimezoneOffsetFromUTC = utc_offset_text(made)
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if _is_processing_now(item):  # highdicom's own item: the host's local time, without an offset
+            item.ContributionDateTime = made.strftime("%Y%m%d%H%M%S.%f") + utc_offset_text(made)
+
+
+def _is_processing_now(item: Dataset) -> bool:
+    """Whether a ContributingEquipmentSequence item is the processing that made this result (not the scanner that
+    acquired the source, whose ContributionDateTime is the acquisition's)."""
+    purpose = item.get("PurposeOfReferenceCodeSequence") or []
+    return bool(purpose) and purpose[0].get("CodeValue") == PROCESSING_EQUIPMENT and "ContributionDateTime" in item
 
 
 def _source_zone(source: Dataset) -> timezone | None:
