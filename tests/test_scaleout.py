@@ -379,6 +379,10 @@ def test_compose_services_run_commands_the_cli_has_with_settings_the_node_accept
     assert gpus == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert services["worker"]["environment"]["DICOM_NODE_INFERENCE__DEVICE"] == "cuda"
     assert "postgresql" in dockerfile.split("pip install", 1)[1].split("\n")[0]  # the image has the driver
+    for name, service in services.items():  # Docker's json-file log grows for good unless told to rotate it
+        rotated = service["logging"]
+        assert rotated["driver"] == "json-file", name
+        assert rotated["options"]["max-size"].endswith("m") and int(rotated["options"]["max-file"]) >= 2, name
 
 
 def test_a_dead_workers_lease_runs_out_by_the_databases_clock_whatever_its_hosts_clock_said(
