@@ -1078,13 +1078,14 @@ def phantom(
     ] = "ISO_IR 100",
 ) -> None:
     """Write a synthetic CT series (known anatomy) to test a node or a PACS route."""
-    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from dicom_node.phantom import PhantomSpec, check_name_encodable, write_phantom_series
 
     if multiframe not in (None, "enhanced", "legacy"):
         errors.print(f"cannot write phantom: --multiframe is 'enhanced' or 'legacy', not {multiframe!r}")
         raise typer.Exit(2)
     spacing = 0.8 * 512 / size
     try:
+        check_name_encodable(patient_name, character_set)
         spec = PhantomSpec(
             rows=size,
             columns=size,

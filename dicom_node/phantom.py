@@ -562,6 +562,33 @@ def _make_context(spec: PhantomSpec) -> _Context:
     )
 
 
+def check_name_encodable(name: str, character_set: str) -> None:
+    """Raise ValueError where ``character_set`` is none DICOM defines, or ``name`` cannot be written in it (pydicom
+    would put '?' in its place). `dicom-node phantom` checks; a :class:`PhantomSpec` may hold such a pair on purpose
+    (a test of what a node does with it)."""
+    import warnings
+
+    from pydicom.charset import convert_encodings, encode_string
+
+    terms = character_set.split("\\")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns, and replaces, where a character has no encoding
+        try:
+            encodings = convert_encodings(terms)
+        except (UserWarning, LookupError, ValueError):
+            raise ValueError(
+                f"--character-set {character_set!r} is not a Specific Character Set DICOM defines (for example "
+                "ISO_IR 100, ISO_IR 192, or \\ISO 2022 IR 87)"
+            ) from None
+        try:
+            encode_string(name, encodings)
+        except (UserWarning, LookupError, ValueError):
+            raise ValueError(
+                f"the patient name {name!r} cannot be written in the character set {character_set!r}: give a "
+                "--character-set that has its characters (ISO_IR 192 has them all)"
+            ) from None
+
+
 def _check_encoder(transfer_syntax: UID) -> None:
     """Raise RuntimeError naming the missing package(s) if we cannot encode."""
     encoder = get_encoder(transfer_syntax)

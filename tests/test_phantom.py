@@ -344,6 +344,32 @@ def test_phantom_command_writes_legacy_converted_ct_in_a_japanese_character_set(
     assert str(ds.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
 
 
+@pytest.mark.parametrize(
+    ("name", "character_set", "says"),
+    [
+        (
+            "山田^太郎",
+            "ISO_IR 100",
+            "the patient name '山田^太郎' cannot be written in the character set 'ISO_IR 100': give a "
+            "--character-set that has its characters (ISO_IR 192 has them all)",
+        ),
+        ("Doe^John", "ISO_IR 999", "--character-set 'ISO_IR 999' is not a Specific Character Set DICOM defines"),
+    ],
+)
+def test_phantom_command_refuses_a_name_it_would_write_with_question_marks(
+    tmp_path: Path, name: str, character_set: str, says: str
+) -> None:
+    arguments = ["--slices", "1", "--size", "8", "--patient-name", name, "--character-set", character_set]
+    result = subprocess.run(
+        [DICOM_NODE, "phantom", str(tmp_path / "ct"), *arguments],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert f"cannot write phantom: {says}" in result.stderr
+    assert not (tmp_path / "ct").exists() or not any((tmp_path / "ct").iterdir())
+
+
 def test_phantom_command_refuses_an_unknown_multiframe_kind(tmp_path: Path) -> None:
     result = subprocess.run(
         [DICOM_NODE, "phantom", str(tmp_path / "ct"), "--slices", "4", "--size", "32", "--multiframe", "tiled"],
