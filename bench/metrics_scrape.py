@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from db.session import make_engine, make_session_factory, migrate
@@ -47,7 +48,7 @@ def build(path: Path, audit: int, instances: int, jobs: int) -> None:
     )
     db.executemany(
         "INSERT INTO job_events (job_id, from_state, to_state, at) VALUES (?, ?, ?, ?)",
-        ((n, before, after, NOW) for n in range(1, jobs + 1) for before, after in zip(PATH, PATH[1:], strict=False)),
+        ((n, before, after, NOW) for n in range(1, jobs + 1) for before, after in pairwise(PATH)),
     )
     db.executemany(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_id, transfer_syntax_uid, path, size_bytes, "
