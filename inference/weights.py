@@ -165,13 +165,14 @@ def import_zip(
     Raises
     ------
     ValueError
-        If the zip is not a weights zip the node can use: no ``Dataset.../<trainer>/fold_0/checkpoint_final.pth``,
-        a dataset folder no task uses or without the trainer folder the node loads (plans.json, dataset.json and
-        checkpoint), a plans.json or dataset.json that is not a JSON object, an entry that is a symbolic link (or
-        any other non-file), an entry that would land outside the weights folder, more than ``max_gigabytes``
-        unpacked, a checkpoint that could run code when loaded, or weights the model would refuse to load (a
-        plans.json naming anything but network building blocks, a checkpoint that does not fit the network, another
-        spacing, labels numbered otherwise than the installed TotalSegmentator's class map). Nothing is installed then.
+        If the zip is not a weights zip the node can use: no ``Dataset.../<trainer>/fold_0/checkpoint_final.pth``
+        (or an archive cut short, whose table of contents is gone), a dataset folder no task uses or without the
+        trainer folder the node loads (plans.json, dataset.json and checkpoint), a plans.json or dataset.json that is
+        not a JSON object, an entry that is a symbolic link (or any other non-file), an entry that would land outside
+        the weights folder, more than ``max_gigabytes`` unpacked, a checkpoint that could run code when loaded or
+        whose layers hold a NaN or an infinite value, or weights the model would refuse to load (a plans.json naming
+        anything but network building blocks, a checkpoint that does not fit the network, another spacing, labels
+        numbered otherwise than the installed TotalSegmentator's class map). Nothing is installed then.
     WeightsCorrupt
         If ``sha256`` is given and the archive's hash differs.
 
@@ -213,7 +214,7 @@ def import_zip(
         unpacked_folder = staging / UNPACKED_FOLDER
         with zipfile.ZipFile(archive) as bundle:
             bundle.extractall(unpacked_folder)
-        _refuse_unsafe_checkpoints(unpacked_folder, checkpoints)
+        _refuse_unsafe_checkpoints(archive, unpacked_folder, checkpoints)
         if loadable is not None:
             _refuse_unloadable(archive, unpacked_folder, datasets, loadable)
         recorded = {
@@ -736,8 +737,9 @@ class _Stranded(OSError):
     """A failed import could not put the installed weights back; the message says where they are."""
 
 
-def _refuse_unsafe_checkpoints(staging: Path, checkpoints: Sequence[str]) -> None:
-    """Read every checkpoint as data only before anything is installed (a pickle could run code)."""
+def _refuse_unsafe_checkpoints(archive: Path, staging: Path, checkpoints: Sequence[str]) -> None:
+    """Read every checkpoint as data only before anything is installed (a pickle could run code), and refuse one
+    whose layers hold a value that is not a finite number."""
     from inference.models.checkpoints import UnsafeWeights, load_checkpoint
 
     for name in checkpoints:
@@ -745,7 +747,7 @@ def _refuse_unsafe_checkpoints(staging: Path, checkpoints: Sequence[str]) -> Non
             load_checkpoint(staging / name)
         except UnsafeWeights as exc:
             reason = str(exc).replace(str(staging / name), name).rstrip(". ")
-            raise ValueError(f"{reason}. Nothing was installed.") from None
+            raise ValueError(f"{archive}: {reason}. Nothing was installed.") from None
 
 
 def _trainer_folders(dataset_folders: Sequence[Path]) -> list[Path]:

@@ -213,6 +213,18 @@ def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
             rf": {DATASET}/{TRAINER}/plans\.json names the class 'torch\.nn\.modules\.module\.torch\.nn\.Conv3d' as "
             r"conv_op \(arch_kwargs\), which is not a network building block .*\. Nothing was installed\.$",
         ),
+        (  # one NaN in the output layer's bias labelled every voxel of a CT, air included, as that channel
+            "nan-in-output-layer",
+            rf": {DATASET}/{TRAINER}/fold_0/checkpoint_final\.pth holds values that are not numbers \(NaN\) in layer "
+            r"decoder\.seg_layers\.\d+\.bias: the weights file is damaged; import it again from a good copy\. Nothing "
+            r"was installed\.$",
+        ),
+        (
+            "infinity-in-first-layer",
+            rf": {DATASET}/{TRAINER}/fold_0/checkpoint_final\.pth holds infinite values in layer "
+            r"encoder\.stages\.0\.0\.convs\.0\.conv\.weight: the weights file is damaged; import it again from a good "
+            r"copy\. Nothing was installed\.$",
+        ),
     ],
 )
 def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
@@ -238,6 +250,11 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
     elif kind == "foreign-checkpoint":
         checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
         entries = {**release, checkpoint: _resize_first_layer(release[checkpoint])}
+    elif kind in ("nan-in-output-layer", "infinity-in-first-layer"):
+        checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
+        output_layer = kind == "nan-in-output-layer"
+        value = float("nan") if output_layer else float("inf")
+        entries = {**release, checkpoint: with_one_value(release[checkpoint], value, output_layer=output_layer)}
     elif kind == "other-spacing":
         entries = {**release, plans: _change_architecture(release[plans], spacing=[6.0, 6.0, 6.0])}
     elif kind == "plans-class":
@@ -299,6 +316,24 @@ def _resize_first_layer(checkpoint: bytes, *, resize: bool = True) -> bytes:
     first = next(iter(loaded["network_weights"]))
     layer = loaded["network_weights"][first]
     loaded["network_weights"][first] = torch.zeros(1) if resize else layer + 0.5
+    written = io.BytesIO()
+    torch.save(loaded, written)
+    return written.getvalue()
+
+
+def with_one_value(checkpoint: bytes, value: float, *, output_layer: bool) -> bytes:
+    """The checkpoint with one value set to ``value``: channel 5 (liver) of the output layer's bias, or the first
+    value of the first layer's weights."""
+    import io
+
+    import torch
+
+    from inference.models.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(Path("checkpoint_final.pth"), checkpoint)
+    layers = loaded["network_weights"]
+    name = [name for name in layers if name.endswith(".bias")][-1] if output_layer else next(iter(layers))
+    layers[name].view(-1)[5 if output_layer else 0] = value
     written = io.BytesIO()
     torch.save(loaded, written)
     return written.getvalue()

@@ -617,6 +617,33 @@ def test_a_damaged_checkpoint_is_called_damaged_not_dangerous(tmp_path, content)
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "said"), [(float("nan"), "values that are not numbers (NaN)"), (float("-inf"), "infinite values")]
+)
+def test_installed_weights_holding_a_value_that_is_not_a_number_are_not_loaded(
+    total_fast_test_weights, tmp_path, value, said
+):
+    """Put in place by hand (or damaged once installed, with the manifest rewritten): the load refuses them, naming
+    the file and the layer, as ``weights import`` does (tests/test_weights_import.py)."""
+    from inference.models import ModelUnavailable
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+    from inference.weights import write_manifest
+    from tests.test_weights_import import with_one_value
+
+    weights = _copy_of(total_fast_test_weights, tmp_path)
+    (folder,) = model_folders("total_fast", weights)
+    checkpoint = folder.path / "fold_0" / "checkpoint_final.pth"
+    layer = [name for name in load_checkpoint(checkpoint)["network_weights"] if name.endswith(".bias")][-1]
+    checkpoint.write_bytes(with_one_value(checkpoint.read_bytes(), value, output_layer=True))
+    write_manifest(folder.path)
+
+    with pytest.raises(ModelUnavailable) as refused:
+        TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    assert str(refused.value) == (
+        f"{checkpoint} holds {said} in layer {layer}: the weights file is damaged; import it again from a good copy"
+    )
+
+
 def test_a_model_load_that_finds_the_disk_full_is_left_to_wait_not_failed_for_good(tmp_path, monkeypatch):
     """OpenVINO writes its converted model beside the weights while loading: a full disk there queues the job
     again (as elsewhere in processing) instead of failing it with "import the weights again"."""

@@ -6,8 +6,9 @@ code inside the worker. Here the checkpoint is read with ``weights_only=True`` a
 explicit allow-list of the few non-tensor types real nnU-Net checkpoints hold (numpy
 scalars in the training log), and the network classes that ``plans.json`` names are
 checked to come from the network packages before nnU-Net imports them. Anything else
-is refused with :class:`UnsafeWeights`; the predictor is then set up with nnU-Net's
-``manual_initialization`` exactly as its own loader would.
+is refused with :class:`UnsafeWeights`, and so is a checkpoint whose layers hold a value that
+is not a finite number (a NaN would label every voxel alike); the predictor is then set up
+with nnU-Net's ``manual_initialization`` exactly as its own loader would.
 """
 
 from __future__ import annotations
@@ -77,7 +78,36 @@ def load_checkpoint(path: Path, data: bytes | None = None) -> dict[str, Any]:
         raise UnsafeWeights(not_readable) from None
     if not isinstance(checkpoint, dict) or not {"network_weights", "trainer_name", "init_args"} <= set(checkpoint):
         raise UnsafeWeights(f"{path} is not an nnU-Net checkpoint (network_weights, trainer_name or init_args missing)")
+    damaged = not_a_number_layer(checkpoint["network_weights"])
+    if damaged is not None:
+        layer, what = damaged
+        raise UnsafeWeights(
+            f"{path} holds {what} in layer {layer}: the weights file is damaged; import it again from a good copy"
+        )
     return checkpoint
+
+
+def not_a_number_layer(weights: object) -> tuple[str, str] | None:
+    """The first layer of a checkpoint's ``network_weights`` holding a value that is not a finite number, and what
+    it holds in words ("values that are not numbers (NaN)", "infinite values"); None when every value is finite.
+
+    A layer's sum is finite only if each of its values is (a NaN or an infinity carries through), so each layer is
+    read once and looked into value by value only where its sum is not finite.
+    """
+    import torch
+
+    if not isinstance(weights, dict):
+        return None  # not a table of layers: the fit to the network refuses it, naming that
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        if bool(torch.isfinite(tensor.sum())):
+            continue
+        if bool(torch.isnan(tensor).any()):
+            return str(name), "values that are not numbers (NaN)"
+        if bool(torch.isinf(tensor).any()):
+            return str(name), "infinite values"
+    return None
 
 
 def read_weights_file(path: Path) -> bytes:
