@@ -650,6 +650,11 @@ def _usable_datasets(archive: Path, bundle: zipfile.ZipFile) -> list[str]:
             if len(PurePosixPath(name).parts) > 1 and PurePosixPath(name).parts[0].startswith("Dataset")
         }
     )
+    if not datasets and _cut_short(archive, bundle):
+        raise ValueError(
+            f"{archive} is damaged or cut short (it does not end as a zip ends), so nothing was installed; copy it "
+            "again"
+        )
     if not datasets:
         raise ValueError(
             f"{archive}: not a TotalSegmentator weights zip (no Dataset*/…/fold_0/checkpoint_final.pth), so "
@@ -682,6 +687,28 @@ def _usable_datasets(archive: Path, bundle: zipfile.ZipFile) -> list[str]:
         for name in ("plans.json", "dataset.json"):
             _refuse_unusable_json(archive, bundle, files[f"{dataset}/{trainer}/{name}"])
     return datasets
+
+
+ZIP_END_SIGNATURE = b"PK\x05\x06"
+"""How a zip's end record begins: the last 22 bytes of a zip (before its comment, if any) are that record."""
+CHECKPOINT_ENTRIES = ("data.pkl", "byteorder", "version")
+"""Files inside a PyTorch checkpoint (itself a zip), under its one top folder."""
+
+
+def _cut_short(archive: Path, bundle: zipfile.ZipFile) -> bool:
+    """Whether the table of contents zipfile read is not the archive's own: the archive does not end with the end
+    record it found, or the entries are those of a PyTorch checkpoint. A zip missing its last bytes loses its own
+    end record, and zipfile then finds that of a checkpoint stored inside it."""
+    inner = {PurePosixPath(name).parts[-1] for name in bundle.namelist() if len(PurePosixPath(name).parts) == 2}
+    if set(CHECKPOINT_ENTRIES) <= inner:
+        return True
+    end_length = 22 + len(bundle.comment)
+    with open(archive, "rb") as stream:
+        size = stream.seek(0, os.SEEK_END)
+        if size < end_length:
+            return True
+        stream.seek(size - end_length)
+        return stream.read(4) != ZIP_END_SIGNATURE
 
 
 def _refuse_unusable_json(archive: Path, bundle: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
