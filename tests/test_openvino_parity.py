@@ -390,6 +390,74 @@ def test_logits_that_overflow_half_precision_fail_the_series_with_a_reason_and_r
     assert released == [True]
 
 
+def test_sums_whose_overflows_of_either_sign_meet_are_an_overflow_too():
+    """Two tiles overflowed at one voxel, one to +inf, the other to -inf: their sum is NaN, not an infinity, which
+    nnU-Net's check (for infinities) let through to the argmax."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
+    from inference.models.openvino_backend import sliding_window_logits
+
+    tiles = [torch.zeros((1, 3, 8, 8, 8)), torch.zeros((1, 3, 8, 8, 8))]
+    tiles[0][0, 1, 6, 0, 0] = float("inf")
+    tiles[1][0, 1, 2, 0, 0] = float("-inf")  # the same voxel: the second tile starts 4 slices on
+    network = SimpleNamespace(predict_tiles=lambda _inputs: iter(tiles), release_memory=lambda: None)
+    predictor = SimpleNamespace(
+        network=network,
+        configuration_manager=SimpleNamespace(patch_size=(8, 8, 8)),
+        label_manager=SimpleNamespace(num_segmentation_heads=3),
+        use_gaussian=False,
+    )
+    slicers = [(slice(None), slice(start, start + 8), slice(0, 8), slice(0, 8)) for start in (0, 4)]
+
+    with pytest.raises(SegmentationFailed) as failure:
+        sliding_window_logits(predictor, torch.zeros((1, 12, 8, 8)), slicers)
+    assert str(failure.value) == HALF_PRECISION_OVERFLOW
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_tile_whose_logits_are_not_numbers_stops_the_window_naming_the_weights_and_releases_the_memory(
+    tmp_path, precision
+):
+    """A NaN in the output layer's bias gave every voxel that channel's label (liver, air included) and the job
+    ended DONE; BF16 has FP32's range, so the NaN is the weights' in either precision."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from inference.models.not_a_number import NotANumber
+    from inference.models.openvino_backend import OpenVINONetwork, compile_model, load_or_convert, sliding_window_logits
+
+    network = _TinyNetwork()
+    with torch.no_grad():
+        network[-1].bias[1] = float("nan")
+    patch = (8, 8, 8)
+    tiny = _tiny_folder(tmp_path, b"weights holding a NaN")
+    model, _cached = load_or_convert(network, tiny, patch, 3, folder_hashes(tiny.path))
+    ov_network = OpenVINONetwork(compile_model(model, precision, 2, streams=2), precision)
+    released = []
+    release_memory = ov_network.release_memory
+    ov_network.release_memory = lambda: released.append(True) or release_memory()  # type: ignore[method-assign]
+    predictor = SimpleNamespace(
+        network=ov_network,
+        configuration_manager=SimpleNamespace(patch_size=patch),
+        label_manager=SimpleNamespace(num_segmentation_heads=3),
+        use_gaussian=True,
+    )
+    data = torch.zeros((1, 12, 8, 8))
+    slicers = [(slice(None), slice(start, start + 8), slice(0, 8), slice(0, 8)) for start in (0, 4)]
+
+    with pytest.raises(NotANumber) as failure:
+        sliding_window_logits(predictor, data, slicers)
+    assert failure.value.reason("Dataset297 sha256:0123456789abcdef") == (
+        "the weights Dataset297 sha256:0123456789abcdef computed values that are not numbers (NaN) for this series, "
+        "so there is no label map to trust: the weights are damaged or unusable; import them again from a good copy"
+    )
+    assert released == [True]
+
+
 def test_a_model_whose_networks_disagree_on_bf16_runs_all_of_them_in_fp32_and_says_so(tmp_path):
     """The ``total`` task's five networks are each checked for BF16 on their own; one that fails makes all run in
     FP32, so the precision every result names is the one each of its networks ran in."""

@@ -10,6 +10,7 @@ both pipelines voxel by voxel. TotalSegmentator runs in a separate process, offl
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.volume import load_series_volume, volume_from_nifti
 from inference.weights import TASK_DATASETS, model_folders
-from tests.conftest import require_extra, storescu, totalsegmentator_reference
+from tests.conftest import free_port, require_extra, require_tool, storescu, totalsegmentator_reference
 
 require_extra("nnunetv2")
 require_extra("totalsegmentator")
@@ -141,3 +142,173 @@ def test_logits_that_overflow_half_precision_in_nnunets_loop_fail_the_series_wit
         model.segment(load_series_volume(write_phantom_series(tmp_path / "ct", spec).files))
     assert str(failure.value) == HALF_PRECISION_OVERFLOW
     assert "Encountered inf" in str(failure.value.__cause__)  # nnU-Net's own error, kept for the log
+
+
+SMALL_PHANTOM = PhantomSpec(rows=64, columns=64, slices=20, pixel_spacing=(3.0, 3.0), slice_spacing=3.0)
+"""One sliding-window tile at 3 mm."""
+
+
+def _torch_model_with(weights: Path, change) -> tuple[object, object]:
+    """A total_fast model on the PyTorch backend whose loaded weights ``change(layers, network)`` altered after the
+    load checks (nnU-Net loads ``list_of_parameters`` into the network before it predicts); the model and its
+    predictor."""
+    from inference.models.totalsegmentator import TotalSegmentatorModel
+
+    model = TotalSegmentatorModel("total_fast", weights, device="cpu", backend="torch")
+    predictor, _lookup = model.predictors[0]
+    for layers in predictor.list_of_parameters:
+        change(layers, predictor.network)
+    return model, predictor
+
+
+def _conv_names(network) -> list[str]:
+    import torch
+
+    return [name for name, layer in network.named_modules() if isinstance(layer, torch.nn.Conv3d)]
+
+
+def test_weights_that_compute_values_that_are_not_numbers_fail_the_series_naming_the_weights(weights, tmp_path):
+    """One NaN in the output layer's bias, past the load checks: without the check every voxel, air included, was
+    labelled as that channel's structure (liver) and the job ended DONE."""
+    from inference.models import SegmentationFailed
+
+    def poison(layers, network):
+        layers[f"{_conv_names(network)[-1]}.bias"][5] = float("nan")
+
+    model, _predictor = _torch_model_with(weights, poison)
+
+    with pytest.raises(SegmentationFailed) as failure:
+        model.segment(load_series_volume(write_phantom_series(tmp_path / "ct", SMALL_PHANTOM).files))
+    assert str(failure.value) == (
+        f"the weights {model.algorithm_version} computed values that are not numbers (NaN) for this series, so there "
+        "is no label map to trust: the weights are damaged or unusable; import them again from a good copy"
+    )
+
+
+def test_values_that_are_not_numbers_only_in_half_precision_are_called_an_overflow_not_damaged_weights(
+    weights, tmp_path
+):
+    """nnU-Net computes in 16-bit floats on a GPU (autocast): a first layer a million times larger overflows there
+    (its instance norm then gives NaN) but not in 32-bit floats. CPU autocast stands in for the GPU's here."""
+    import torch
+
+    from inference.models import SegmentationFailed
+
+    def scale(layers, network):
+        layers[f"{_conv_names(network)[0]}.weight"].mul_(1e6)
+
+    model, _predictor = _torch_model_with(weights, scale)
+    volume = load_series_volume(write_phantom_series(tmp_path / "ct", SMALL_PHANTOM).files)
+
+    with pytest.raises(SegmentationFailed) as failure, torch.autocast("cpu", dtype=torch.float16):
+        model.segment(volume)
+    assert str(failure.value) == (
+        f"the weights {model.algorithm_version} computed values that are not numbers (NaN) for this series in 16-bit "
+        "floats (nnU-Net's mixed precision on the GPU), and numbers in 32-bit floats: a value overflowed half "
+        "precision inside the network, so there is no label map to trust; these weights cannot segment this series "
+        "in half precision"
+    )
+    assert model.segment(volume).labels.any()  # in 32-bit floats the same weights segment it
+
+
+def test_summed_logits_that_are_not_numbers_in_nnunets_loop_are_an_overflow_of_the_sums():
+    """Every tile a number, but the 16-bit sums NaN (overflows of either sign met at a voxel): nnU-Net's check, for
+    infinities, let them through to the argmax."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
+    from inference.models.not_a_number import guard_tiles
+    from inference.models.totalsegmentator import predict_label_map
+
+    sums = torch.zeros((3, 4, 4, 4), dtype=torch.half)
+    sums[1, 0, 0, 0] = float("nan")
+    predictor = SimpleNamespace(_internal_maybe_mirror_and_predict=lambda tile: tile)
+    predictor._internal_predict_sliding_window_return_logits = lambda *_args: sums
+    predictor.predict_single_npy_array = lambda *_args: predictor._internal_predict_sliding_window_return_logits()
+    guard_tiles(predictor)
+
+    with pytest.raises(SegmentationFailed) as failure:
+        predict_label_map(predictor, np.zeros((1, 4, 4, 4), np.float32), {}, "Dataset297 sha256:0123456789abcdef")
+    assert str(failure.value) == HALF_PRECISION_OVERFLOW
+
+
+def _release_with_a_huge_first_layer(weights: Path, archive: Path) -> Path:
+    """A release zip of the test weights whose first layer's weights are all 1e37: every value a finite number, so
+    the import and load checks pass, but the first instance norm overflows 32-bit floats and gives NaN."""
+    import io
+    import zipfile
+
+    import torch
+
+    from inference.models.checkpoints import load_checkpoint
+
+    _id, dataset, trainer = TASK_DATASETS["total_fast"][0]
+    folder = weights / dataset / trainer
+    checkpoint = load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+    next(iter(checkpoint["network_weights"].values())).fill_(1e37)
+    written = io.BytesIO()
+    torch.save(checkpoint, written)
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name in ("plans.json", "dataset.json"):
+            bundle.write(folder / name, f"{dataset}/{trainer}/{name}")
+        bundle.writestr(f"{dataset}/{trainer}/fold_0/checkpoint_final.pth", written.getvalue())
+    return archive
+
+
+def test_weights_whose_network_gives_values_that_are_not_numbers_fail_the_job_and_send_nothing(
+    tmp_path, start_node, weights, shared_fixtures
+):
+    """Imported and loaded without complaint (every value is a number), the weights compute NaN on the real CT:
+    the job fails naming them, and the destination receives nothing (no SEG labelling every voxel alike)."""
+    from inference.models.totalsegmentator import load_refusal
+    from inference.weights import identify, import_zip
+
+    installed = tmp_path / "weights"
+    import_zip(_release_with_a_huge_first_layer(weights, tmp_path / "release.zip"), installed, loadable=load_refusal)
+    version = identify("total_fast", model_folders("total_fast", installed)).version
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    received = tmp_path / "peer"
+    received.mkdir()
+    peer_port = free_port()
+    peer = subprocess.Popen([require_tool("storescp"), "-aet", "PEERSCP", "-od", str(received), str(peer_port)])
+    try:
+        node = start_node(
+            models={
+                "ts": {
+                    "kind": "totalsegmentator",
+                    "task": "total_fast",
+                    "weights_directory": str(installed),
+                    "backend": "torch",
+                }
+            },
+            destinations={"peer": {"ae_title": "PEERSCP", "host": "127.0.0.1", "port": peer_port}},
+            rules=[
+                {
+                    "name": "ct",
+                    "match": {"modality": "CT"},
+                    "action": "process",
+                    "model": "ts",
+                    "destinations": ["peer"],
+                }
+            ],
+            inference={"workers": 1, "device": "cpu"},
+        )
+        sent = storescu(node.port, files, extra=["-xv"])  # the files' own (JPEG 2000) transfer syntax
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        node.wait_for_state(series_uid, JobState.FAILED, timeout=300)
+    finally:
+        peer.terminate()
+        peer.wait()
+    assert node.job_reason(series_uid) == (
+        f"the weights {version} computed values that are not numbers (NaN) for this series, so there is no label map "
+        "to trust: the weights are damaged or unusable; import them again from a good copy"
+    )
+    with node.sessions() as session:
+        from db.jobs import job_for_series_uid
+
+        assert not job_for_series_uid(session, series_uid).result_files
+    assert list(received.iterdir()) == []

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from inference.models import HALF_PRECISION_OVERFLOW, SegmentationFailed
+from inference.models.not_a_number import NotANumber, holds_nan
 from inference.weights import ModelFolder, converted_model_directory, file_sha256
 
 LOG = logging.getLogger(__name__)
@@ -483,6 +484,10 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
     summed weights at the end; only the forward passes overlap (:meth:`OpenVINONetwork.predict_tiles`).
     Mirroring is not supported here (TotalSegmentator runs without it); a predictor that
     mirrors keeps nnU-Net's own loop.
+
+    A tile whose logits hold NaN stops the loop with :class:`NotANumber` (the weights': FP32 and BF16 have one
+    range, so no half-precision overflow made it); sums that overflow FP16 (an infinity, or a NaN where
+    infinities of both signs met) raise SegmentationFailed.
     """
     import torch
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -500,6 +505,8 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
         try:
             for region, prediction in zip(slicers, network.predict_tiles(tiles), strict=True):
                 prediction = prediction[0]
+                if holds_nan(prediction):
+                    raise NotANumber("weights")
                 if predictor.use_gaussian:
                     prediction *= gaussian
                 logits[region] += prediction
@@ -507,7 +514,7 @@ def sliding_window_logits(predictor: Any, data: Any, slicers: Any, do_on_device:
         finally:
             network.release_memory()
         torch.div(logits, weights, out=logits)
-        if torch.any(torch.isinf(logits)):
+        if torch.any(torch.isinf(logits)) or holds_nan(logits):
             raise SegmentationFailed(HALF_PRECISION_OVERFLOW)  # where nnU-Net's own loop raises its RuntimeError
     return logits
 

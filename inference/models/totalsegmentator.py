@@ -40,6 +40,7 @@ import numpy as np
 
 from inference.models import HALF_PRECISION_OVERFLOW, ModelUnavailable, Segmentation, SegmentationFailed
 from inference.models.checkpoints import UnsafeWeights, initialize_predictor, labels_problem
+from inference.models.not_a_number import NotANumber, guard_tiles
 from inference.volume import Volume
 from inference.weights import (
     ModelFolder,
@@ -138,9 +139,18 @@ class TotalSegmentatorModel:
                 record_loaded_folder(folder.path, loaded)  # put in place by hand: recorded once it loads
             if backend == "openvino":
                 compiled.append(_use_openvino(predictor, folder, loaded, precision, cpu_threads, self.spacing_mm))
+            else:
+                guard_tiles(predictor)
             self.predictors.append((predictor, lookup))
         if compiled:
             self.precision = _one_precision(compiled, [predictor for predictor, _ in self.predictors])
+
+    def _weights_name(self, dataset: str) -> str:
+        """How a reason names the weights of one part model: ``Dataset297 sha256:<16 digits>``, or for a part of
+        ``total`` ``Dataset292 of Dataset291-295 sha256:<16 digits>``."""
+        if len(self.weights.datasets) == 1:
+            return self.weights.version
+        return f"{dataset.split('_', 1)[0]} of {self.weights.version}"
 
     def segment(self, volume: Volume) -> Segmentation:
         from totalsegmentator.alignment import as_closest_canonical, undo_canonical
@@ -164,8 +174,9 @@ class TotalSegmentatorModel:
 
         started = time.perf_counter()
         combined = np.zeros(network_input.shape[1:], dtype=np.uint8)
-        for predictor, lookup in self.predictors:
-            part = predict_label_map(predictor, network_input, properties).astype(np.uint8)
+        for (predictor, lookup), dataset in zip(self.predictors, self.weights.datasets, strict=True):
+            part = predict_label_map(predictor, network_input, properties, self._weights_name(dataset))
+            part = part.astype(np.uint8)
             if lookup is None:
                 combined = part
             else:
@@ -232,10 +243,13 @@ NNUNET_OVERFLOW_MESSAGE = "Encountered inf in predicted array"
 """How nnU-Net 2.6's sliding window begins its error when the FP16 sum of the tiles' logits overflows."""
 
 
-def predict_label_map(predictor: Any, image: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
-    """One nnU-Net model's label map of ``image`` (no mirroring); an overflow of its logits is SegmentationFailed."""
+def predict_label_map(predictor: Any, image: np.ndarray, properties: dict[str, Any], weights: str) -> np.ndarray:
+    """One nnU-Net model's label map of ``image`` (no mirroring); logits that overflow or are not numbers are
+    SegmentationFailed, with a reason naming ``weights`` (dataset id and hash) where they made the NaN."""
     try:
         return np.asarray(predictor.predict_single_npy_array(image, properties, None, None, False))
+    except NotANumber as exc:
+        raise SegmentationFailed(exc.reason(weights)) from None
     except RuntimeError as exc:
         if str(exc).startswith(NNUNET_OVERFLOW_MESSAGE):
             raise SegmentationFailed(HALF_PRECISION_OVERFLOW) from exc
