@@ -24,6 +24,7 @@ from db.models import (
     Study,
     utcnow,
 )
+from db.names import completed_name, other_person
 
 
 @dataclass(frozen=True)
@@ -502,11 +503,11 @@ def _study_of(session: Session, record: InstanceRecord) -> Study:
 PATIENT_DETAIL_COLUMNS = (
     "issuer_of_patient_id",
     "issuer_universal_entity_id",
-    "patient_name",
     "patient_birth_date",
     "patient_sex",
 )
-"""What a series must share with its study's patient besides PatientID, where both carry it."""
+"""What a series must share with its study's patient besides PatientID and the name (:mod:`db.names`), where both
+carry it."""
 TAKEN_WITH = {"issuer_universal_entity_id": ("issuer_universal_entity_id_type",)}
 """Columns a study row takes together with a detail, from the same instance (an issuer's UniversalEntityID and
 its type)."""
@@ -524,11 +525,13 @@ def restore_study_identity(study: Study, record: InstanceRecord) -> None:
     date and time at once, every column replaced: it never keeps a name, birth date or sex from an instance
     without a PatientID beside another instance's PatientID. An instance without a PatientID gives it nothing.
 
-    A row of the same patient that lacks an issuer, name, birth date or sex (its first series left them empty)
-    takes those the instance carries: a value only one side has is no conflict, so without this a later series
-    could name DOE^JOHN and another ROE^JANE under the same study and both be processed. An instance naming
-    another patient (another PatientID, or another issuer, name, birth date or sex where both carry one) gives
-    nothing: admission refuses its series."""
+    A row of the same patient that lacks an issuer, birth date or sex (its first series left them empty), or a
+    component group of the name (``Yamada^Tarou`` without ``=山田^太郎``), takes those the instance carries: a
+    value only one side has is no conflict, so without this a later series could name ``Yamada^Tarou=山田^太郎``
+    and another ``Yamada^Tarou=田中^次郎`` under the same study and both be processed. The first series carrying a
+    value or group gives it, whichever order they arrive in. An instance naming another patient (another
+    PatientID, or another issuer, name, birth date or sex where both carry one; names by
+    :func:`db.names.other_person`) gives nothing: admission refuses its series."""
     if not _text(record.study.patient_id):
         return
     if not _text(study.patient_id):
@@ -541,6 +544,7 @@ def restore_study_identity(study: Study, record: InstanceRecord) -> None:
         if not _text(getattr(study, column)) and _text(getattr(record.study, column)):
             for taken in (column, *TAKEN_WITH.get(column, ())):
                 setattr(study, taken, getattr(record.study, taken))
+    study.patient_name = completed_name(study.patient_name, record.study.patient_name)
 
 
 def _text(value: str | None) -> str:
@@ -548,23 +552,17 @@ def _text(value: str | None) -> str:
 
 
 def _same_patient(study: Study, received: StudyAttributes) -> bool:
-    """Whether ``received`` names the study row's patient: the same PatientID, and no issuer, name, birth date or
-    sex that both carry and that differ (names compared without regard to case or empty trailing components)."""
+    """Whether ``received`` names the study row's patient: the same PatientID, and no issuer, birth date or sex
+    that both carry and that differ, and a name of the same person (:func:`db.names.other_person`)."""
     if _text(study.patient_id) != _text(received.patient_id):
         return False
+    if other_person(study.patient_name, received.patient_name):
+        return False
     for column in PATIENT_DETAIL_COLUMNS:
-        held, given = _comparable(column, getattr(study, column)), _comparable(column, getattr(received, column))
-        if any(a and b and a != b for a, b in zip(held, given, strict=False)):
+        held, given = _text(getattr(study, column)), _text(getattr(received, column))
+        if held and given and held != given:
             return False
     return True
-
-
-def _comparable(column: str, value: str | None) -> list[str]:
-    """A value as :func:`_same_patient` compares it: a name as its component groups (alphabetic, ideographic,
-    phonetic), each without empty trailing components and letter case."""
-    if column != "patient_name":
-        return [_text(value)]
-    return [group.strip().rstrip("^ ").casefold() for group in _text(value).split("=")]
 
 
 def _result_series(session: Session, job_id: int, record: InstanceRecord) -> Series:

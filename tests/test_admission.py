@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -619,6 +620,37 @@ def test_a_value_missing_on_one_side_or_padded_is_no_other_patient(tmp_path, rec
     for file in files:
         rewrite(file, **sent)
     assert admit(files, STRICT, study_patient=recorded).admitted
+
+
+@pytest.mark.parametrize(
+    ("recorded", "sent", "admitted"),
+    [
+        ("=山田^太郎", "Tanaka^Ichiro", False),  # no group both carry: nothing shows them to be one person
+        ("Yamada^Tarou=山田^太郎", "Yamada^Tarou=田中^次郎", False),
+        ("Yamada^Tarou=山田^太郎", "YAMADA^TAROU", True),
+        ("=山田^太郎", "Yamada^Tarou=山田^太郎=やまだ^たろう", True),
+        ("Müller^Jürgen", "MÜLLER^JÜRGEN", True),  # letter case beyond ASCII
+        ("Müller^Jürgen", unicodedata.normalize("NFD", "Müller^Jürgen"), True),  # ü as u and a combining diaeresis
+    ],
+    ids=["no-shared-group", "other-ideographic", "alphabetic-only", "more-groups", "upper-case-umlauts", "nfd"],
+)
+def test_names_are_one_person_only_where_they_share_a_component_group_and_differ_in_none(
+    tmp_path, recorded, sent, admitted
+):
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 192", sent
+        ds.save_as(file.path)
+
+    refusal = admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1", patient_name=recorded)).refusal
+
+    assert refusal == (
+        None
+        if admitted
+        else "the series' study already holds another patient's images (its PatientName differs from the study's); "
+        "one study must hold one patient"
+    )
 
 
 @pytest.mark.parametrize(

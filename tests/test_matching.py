@@ -418,6 +418,25 @@ def test_one_patient_id_naming_two_people_is_two_patients_each_answered_from_the
     assert [i.sop_instance_uid for i in roe_only] == ["1.3.9.1"]
 
 
+def test_studies_whose_names_share_no_component_group_are_two_people(sessions) -> None:
+    """=山田^太郎 (ideographic only) and Tanaka^Ichiro (alphabetic only) under one PatientID: nothing shows them to be
+    one person, yet they were answered as one patient with both studies, and a retrieval by the PatientID sent both."""
+    record_one_image_each(
+        sessions,
+        [
+            StudyAttributes("3.1", patient_id="P3", patient_name="=山田^太郎"),
+            StudyAttributes("3.2", patient_id="P3", patient_name="Tanaka^Ichiro"),
+            StudyAttributes("3.3", patient_id="P3", patient_name="TANAKA^ICHIRO^^"),
+        ],
+    )
+    asked = query("PATIENT", PatientID="P3", PatientName="", NumberOfPatientRelatedStudies="")
+    with sessions() as session:
+        people = [(str(p.PatientName), p.NumberOfPatientRelatedStudies) for p in find(session, asked, "N")]
+        with pytest.raises(AmbiguousPatient, match=r"its studies differ in PatientName"):
+            matching_instances(session, query("PATIENT", PatientID="P3"), for_retrieval=True)
+    assert sorted(people) == [("=山田^太郎", 1), ("TANAKA^ICHIRO^^", 2)]
+
+
 def test_results_are_withheld_once_their_series_changed_and_their_job_is_failed_or_ignored(sessions) -> None:
     """The SEG of study 1.1 (job 1) is hidden from matching, counts and retrieval once its CT series received an
     image after it and the job is FAILED or IGNORED (a re-run refused, cancelled or set aside), read at each

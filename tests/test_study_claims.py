@@ -96,6 +96,43 @@ def test_the_same_patient_wins_in_both_and_only_values_both_carry_are_compared()
     assert claims.claim(completed, StudyPatient("P-1", patient_sex="F")) == "PatientSex"  # M is the claim's now
 
 
+def test_a_claim_takes_each_name_group_from_the_first_series_carrying_it_and_two_racing_people_leave_one():
+    """A study claimed as Yamada^Tarou takes =山田^太郎 from the next series; of two processes then claiming it at
+    once for =山田^太郎 and =田中^次郎, one wins and the other is refused. Names that share no group are two
+    people: Tanaka^Ichiro under =山田^太郎 was acknowledged, the claim comparing nothing."""
+    claims = StudyClaims(processes=2)
+    studies = [f"1.2.826.0.1.3680043.8.498.7{turn}" for turn in range(10)]
+    for study in studies:
+        assert claims.claim(study, StudyPatient("P-Y", patient_name="Yamada^Tarou")) is None
+
+    answers = race(
+        claims,
+        [(study, StudyPatient("P-Y", patient_name="Yamada^Tarou=山田^太郎")) for study in studies],
+        [(study, StudyPatient("P-Y", patient_name="YAMADA^TAROU=田中^次郎")) for study in studies],
+    )
+
+    for study in studies:
+        assert sorted(answers[study].values(), key=str) == [None, "PatientName"], study
+        won = "山田^太郎" if answers[study][0] is None else "田中^次郎"
+        assert claims.claim(study, StudyPatient("P-Y", patient_name=f"={won}")) is None
+        assert claims.claim(study, StudyPatient("P-Y", patient_name="Yamada^Tarou=鈴木^一郎")) == "PatientName"
+    assert claims.claim("1.2.5", StudyPatient("P-Z", patient_name="=山田^太郎")) is None
+    assert claims.claim("1.2.5", StudyPatient("P-Z", patient_name="Tanaka^Ichiro")) == "PatientName"
+
+
+def test_a_name_completed_past_what_the_table_keeps_leaves_the_claim_as_it_was():
+    """Groups of two series, each name fitting, may not fit together: the claim keeps its first name (and every
+    other value) whole rather than spill into the next value."""
+    claims = StudyClaims()
+    ideographic, phonetic = "山" * 70 + "^太郎", "や" * 70 + "^たろう"  # 217 and 220 bytes
+    first = StudyPatient("P-1", patient_name=f"Yamada^Tarou={ideographic}", patient_birth_date="19500101")
+    assert claims.claim("1.2.6", first) is None
+    assert claims.claim("1.2.6", StudyPatient("P-1", patient_name=f"Yamada^Tarou=={phonetic}")) is None
+    assert claims.claim("1.2.6", StudyPatient("P-1", patient_birth_date="19800303")) == "PatientBirthDate"
+    assert claims.claim("1.2.6", StudyPatient("P-1", patient_name="Yamada^Tarou=田中^次郎")) == "PatientName"
+    assert claims.claim("1.2.6", StudyPatient("P-1", patient_name=f"Yamada^Tarou={ideographic}")) is None
+
+
 def test_values_longer_than_the_table_keeps_never_make_one_patient_two_nor_two_one():
     claims = StudyClaims()
     long_id = "7" * (FIELD_BYTES + 10)

@@ -5,7 +5,10 @@ batches, after the acknowledgement). Two series of one StudyInstanceUID under tw
 moment on associations of two processes (or of two threads of one), would both be acknowledged. So the first
 instance of a new series claims its study for its patient (:meth:`StudyClaims.claim`), checked and taken under one
 lock: a claim by another patient (compared as :meth:`~dicom_node.receive.header.StudyPatient.differing_keyword`
-compares, where both carry a value) is refused as a study stored under another patient is.
+compares: where both carry a value, and names that share no component group are two people) is refused as a study
+stored under another patient is. The same patient's series completes the claim as it completes the study's row
+(each component group of the name from the first series carrying it), so of two later series naming two people in a
+group the first left out, only the first is acknowledged.
 
 ``serve`` creates the table (fixed, in shared memory) before it starts the receiving processes and hands each its
 view (:meth:`StudyClaims.for_process`). A claim lasts :data:`CLAIM_SECONDS` after its study's latest new series, long
@@ -107,9 +110,9 @@ class StudyClaims:
 
     def claim(self, study_instance_uid: str, patient: StudyPatient, stale_before: float = 0.0) -> str | None:
         """Claim the study for ``patient``; or, where another patient claimed it, the attribute that differs (the
-        claim then stays that patient's). The same patient's claim takes the details the first left out, as the
-        study's row does. A claim taken before ``stale_before`` (``time.monotonic()``: when a purge erased the
-        study's identity) no longer counts: the study names nobody since."""
+        claim then stays that patient's). The same patient's claim takes the details the first left out (each name
+        group too), as the study's row does. A claim taken before ``stale_before`` (``time.monotonic()``: when a
+        purge erased the study's identity) no longer counts: the study names nobody since."""
         key = _key(study_instance_uid)
         wanted = bounded(patient)
         first = zlib.crc32(key) % (self.slots // self.ways) * self.ways
@@ -126,7 +129,7 @@ class StudyClaims:
                         claimed = self._patient_in(slot)
                         differing = claimed.differing_keyword(wanted)
                         if differing is None:
-                            self._write(slot, key, claimed.completed_by(wanted), now, self._claimants[slot])
+                            self._write(slot, key, _completed(claimed, wanted), now, self._claimants[slot])
                         return differing
                     ended = slot
                 if self._claimed_at[free] and (not claimed_at or claimed_at < self._claimed_at[free]):
@@ -199,6 +202,14 @@ class StudyClaims:
             self._values[cell * FIELD_BYTES : cell * FIELD_BYTES + len(encoded)] = encoded
         self._claimants[slot] = claimants | 1 << self.row
         self._claimed_at[slot] = now
+
+
+def _completed(claimed: StudyPatient, wanted: StudyPatient) -> StudyPatient:
+    """The claim of ``claimed`` with the details ``wanted`` (the same patient) adds, as the study's row takes them
+    (:meth:`StudyPatient.completed_by`); as it was where a value completed so would not fit the table (a name whose
+    groups, taken from two series, are longer together than :data:`FIELD_BYTES`)."""
+    completed = claimed.completed_by(wanted)
+    return completed if bounded(completed) == completed else claimed
 
 
 def _key(study_instance_uid: str) -> bytes:

@@ -24,6 +24,7 @@ from pydicom.valuerep import TEXT_VR_DELIMS
 
 from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes
 from db.models import Study
+from db.names import completed_name, other_person
 from dicom_node import status
 from dicom_node.logs import shown
 from dicom_node.receive.structure import structure_problem
@@ -694,15 +695,19 @@ class StudyPatient:
         )
 
     def completed_by(self, received: StudyPatient) -> StudyPatient:
-        """This patient with the details it lacks (issuer, name, birth date, sex) taken from ``received``, as the
-        study's row takes them when a series of the same patient carries them."""
-        if self.patient_id != received.patient_id:
+        """This patient with the details it lacks taken from ``received``, the same patient, as the study's row takes
+        them when a series carries them: an issuer, birth date or sex it has none of, and each component group of
+        the name it lacks (:func:`~db.names.completed_name`). Unchanged where ``received`` is another patient."""
+        if self.differing_keyword(received) is not None:
             return self
         missing = {
             field: getattr(received, field)
             for _keyword, field in STUDY_PATIENT_ATTRIBUTES
             if not (getattr(self, field) or "").strip() and (getattr(received, field) or "").strip()
         }
+        name = completed_name(self.patient_name, received.patient_name)
+        if name != self.patient_name:
+            missing["patient_name"] = name
         return replace(self, **missing) if missing else self
 
     def differing_keyword(self, received: StudyPatient) -> str | None:
@@ -712,28 +717,23 @@ class StudyPatient:
         (:func:`identity_conflict`): the same PatientID from another issuer (another hospital's numbering) is
         another patient, and another name, birth date or sex would leave the study's answers naming the first
         while the new series' results name the second; a value that only one side sends (a PACS filling it in, a
-        study recorded before issuers were kept) is no conflict. Names compare component group by group, where
-        both carry the group, without regard to case: another system's series of the study (a workstation writing
-        DOE^JOHN as Doe^John, or without the ideographic group) names the same patient. AccessionNumber is not
-        compared: one study may carry several orders, each series its own."""
+        study recorded before issuers were kept) is no conflict. Names compare by :func:`~db.names.other_person`:
+        component group by group, without regard to case, and two names that share no group are two people; another
+        system's series of the study (a workstation writing DOE^JOHN as Doe^John, or without the ideographic group)
+        names the same patient. AccessionNumber is not compared: one study may carry several orders, each series
+        its own."""
         if comparable_identity("PatientID", self.patient_id) != comparable_identity("PatientID", received.patient_id):
             return "PatientID"
         for keyword, field in STUDY_PATIENT_ATTRIBUTES:
+            if keyword == "PatientName":
+                if other_person(getattr(self, field), getattr(received, field)):
+                    return keyword
+                continue
             recorded = comparable_identity(keyword, getattr(self, field))
             sent = comparable_identity(keyword, getattr(received, field))
-            if keyword == "PatientName":
-                if _other_name(recorded, sent):
-                    return keyword
-            elif recorded and sent and recorded != sent:
+            if recorded and sent and recorded != sent:
                 return keyword
         return None
-
-
-def _other_name(recorded: str, sent: str) -> bool:
-    """Whether two names (as :func:`comparable_identity` gives them) differ in a component group both carry,
-    letter case aside."""
-    groups = zip(recorded.split("="), sent.split("="), strict=False)
-    return any(a and b and a.casefold() != b.casefold() for a, b in groups)
 
 
 STUDY_PATIENT_ATTRIBUTES = (
