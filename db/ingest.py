@@ -24,7 +24,7 @@ from db.models import (
     Study,
     utcnow,
 )
-from db.names import completed_name, other_person
+from db.names import completed_name, name_key, other_person
 
 
 @dataclass(frozen=True)
@@ -372,6 +372,7 @@ def instance_patient_values(study: StudyAttributes) -> dict[str, object]:
         "issuer_of_patient_id": study.issuer_of_patient_id,
         "issuer_universal_entity_id": study.issuer_universal_entity_id,
         "patient_name": study.patient_name,
+        "patient_name_key": name_key(study.patient_name),
         "patient_birth_date": study.patient_birth_date,
         "patient_sex": study.patient_sex,
     }
@@ -537,6 +538,7 @@ def restore_study_identity(study: Study, record: InstanceRecord) -> None:
     if not _text(study.patient_id):
         for column in STUDY_ROW_IDENTITY_COLUMNS:
             setattr(study, column, getattr(record.study, column, None))
+        study.patient_name_key = name_key(study.patient_name)
         return
     if not _same_patient(study, record.study):
         return
@@ -544,7 +546,9 @@ def restore_study_identity(study: Study, record: InstanceRecord) -> None:
         if not _text(getattr(study, column)) and _text(getattr(record.study, column)):
             for taken in (column, *TAKEN_WITH.get(column, ())):
                 setattr(study, taken, getattr(record.study, taken))
-    study.patient_name = completed_name(study.patient_name, record.study.patient_name)
+    name = completed_name(study.patient_name, record.study.patient_name)
+    if name != study.patient_name or study.patient_name_key != name_key(name):
+        study.patient_name, study.patient_name_key = name, name_key(name)
 
 
 def _text(value: str | None) -> str:

@@ -44,6 +44,7 @@ STUDY_IDENTITY_COLUMNS = (
     "issuer_universal_entity_id",
     "issuer_universal_entity_id_type",
     "patient_name",
+    "patient_name_key",
     "patient_birth_date",
     "patient_sex",
     "accession_number",
@@ -69,6 +70,8 @@ class Study(Base):
     issuer_universal_entity_id: Mapped[str | None] = mapped_column(String(64))
     issuer_universal_entity_id_type: Mapped[str | None] = mapped_column(String(16))
     patient_name: Mapped[str | None] = mapped_column(String(324))
+    # The name as names compare (db.names.name_key): Query/Retrieve tells an image's patient from its study's by it.
+    patient_name_key: Mapped[str | None] = mapped_column(Text)
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))
@@ -142,6 +145,7 @@ class Instance(Base):
     # naming another name, birth date, sex or issuer than its study's is never served under that study either.
     issuer_universal_entity_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_name_key: Mapped[str | None] = mapped_column(Text)  # db.names.name_key (revision 0016)
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
 

@@ -11,6 +11,7 @@ DCMTK storescu, findscu and getscu.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -113,3 +114,38 @@ def test_a_series_naming_another_person_in_a_group_the_study_took_or_sharing_no_
     assert [(str(d.SeriesInstanceUID), str(d.PatientName)) for d in series] == [
         (studies["none"][1][0][0], "=山田^太郎")
     ]
+
+
+@pytest.mark.integration
+def test_one_name_in_another_letter_case_or_unicode_form_is_admitted_and_served_whole(
+    start_node, tmp_path, shared_fixtures
+) -> None:
+    """MÜLLER^JÜRGEN under a study of Müller^Jürgen was admitted, yet SQL's lower() (ASCII only on SQLite) left its
+    images out of every C-FIND and C-GET; Müller^Jürgen with its ü decomposed (u and a combining diaeresis, as a
+    workstation writing UTF-8 may) was refused as another patient."""
+    node = _node(start_node, free_port(), rules=CT_RULES)
+    decomposed = unicodedata.normalize("NFD", "Müller^Jürgen")
+    upper_case = [("Müller^Jürgen", "ISO_IR 100"), ("MÜLLER^JÜRGEN", "ISO_IR 100")]
+    nfd = [("Müller^Jürgen", "ISO_IR 100"), (decomposed, "ISO_IR 192")]
+    studies = {
+        label: _send_study(node, tmp_path / "sent" / label, shared_fixtures, names)
+        for label, names in [("upper", upper_case), ("nfd", nfd)]
+    }
+
+    for _study_uid, sent in studies.values():
+        assert [ok for _uid, ok in sent] == [True, True]
+        for series_uid, _ok in sent:
+            node.wait_for_state(series_uid, JobState.QUEUED, timeout=60)  # admitted
+    got = {
+        label: _get(node, tmp_path / label, "-S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}")[0]
+        for label, (study_uid, _sent) in studies.items()
+    }
+    assert got == {
+        "upper": Counter({("PID-N", "Müller^Jürgen"): SLICES, ("PID-N", "MÜLLER^JÜRGEN"): SLICES}),
+        "nfd": Counter({("PID-N", "Müller^Jürgen"): SLICES, ("PID-N", decomposed): SLICES}),
+    }
+    series = _find(
+        node, tmp_path / "found", "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={studies['upper'][0]}",
+        "NumberOfSeriesRelatedInstances",
+    )  # fmt: skip
+    assert [d.NumberOfSeriesRelatedInstances for d in series] == [SLICES, SLICES]

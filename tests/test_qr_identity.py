@@ -9,6 +9,7 @@ an image's name is compared with its study's is checked on the database itself, 
 from __future__ import annotations
 
 import subprocess
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,30 @@ def test_an_image_is_answered_under_its_study_only_where_its_name_birth_date_sex
         sessions, query("IMAGE", StudyInstanceUID="7.1", SeriesInstanceUID="7.1.9", SOPInstanceUID=""), "SOPInstanceUID"
     )
     assert found == [f"7.1.9.{number}" for number in sorted(same)]
+
+
+def test_an_image_name_is_its_studys_by_the_rule_admission_uses_on_every_database(database_url) -> None:
+    """Names compared group by group as the receiver and admission compare them: letter case beyond ASCII (SQLite's
+    lower() knows none) and composed or decomposed letters aside, a group only one side carries, even before a
+    group both carry, is no difference. Another group both carry, or no group in common, is another person."""
+    migrate(database_url)
+    sessions = make_session_factory(make_engine(database_url))
+    study = StudyAttributes("7.2", patient_id="P8", patient_name="Müller^Jürgen=ミュラー^ユルゲン")
+    same = {
+        "1": "MÜLLER^JÜRGEN",
+        "2": unicodedata.normalize("NFD", "Müller^Jürgen"),
+        "3": "=ミュラー^ユルゲン",
+        "4": "müller^jürgen^^=ミュラー^ユルゲン^=みゅらー^ゆるげん",
+        "5": "^^",  # no name
+    }
+    other = {"6": "Müller^Jürgen=田中^次郎", "7": "==みゅらー^ゆるげん", "8": "Muller^Jurgen"}
+    with transaction(sessions) as session:
+        record_instance(session, instance("7.2.9.0", "7.2.9", study, 0))
+        for number, name in sorted({**same, **other}.items()):
+            image = StudyAttributes(**{**study.__dict__, "patient_name": name})
+            record_instance(session, instance(f"7.2.9.{number}", "7.2.9", image, int(number)))
+
+    found = answers(
+        sessions, query("IMAGE", StudyInstanceUID="7.2", SeriesInstanceUID="7.2.9", SOPInstanceUID=""), "SOPInstanceUID"
+    )
+    assert found == ["7.2.9.0", *(f"7.2.9.{number}" for number in sorted(same))]

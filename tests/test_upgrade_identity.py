@@ -13,6 +13,7 @@ The database is made at revision 0010 with alembic and filled as the older node 
 from __future__ import annotations
 
 import shutil
+import unicodedata
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from db.session import alembic_config, make_engine, make_session_factory, migrat
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive import backfill
 from tests.conftest import Node, free_port
+from tests.test_matching import answers, query
 from tests.test_qr_identity import PLANNER, _get
 
 RITA = {"PatientID": "R1-PID", "PatientName": "Right^Rita", "PatientBirthDate": "19900909", "PatientSex": "F"}
@@ -248,3 +250,45 @@ def test_a_start_stopped_half_way_goes_on_where_it_stopped_and_a_missing_file_le
     assert (put_back.filled, put_back.unreadable) == (1, 0)
     assert Counter(_patients(url).values()) == Counter({RITA["PatientID"]: 4, JANE["PatientID"]: 1})
     assert backfill.fill_instance_identities(sessions) == backfill.IdentityBackfill()
+
+
+def test_an_upgrade_keys_the_names_recorded_before_so_one_name_in_another_case_or_form_is_served(database_url) -> None:
+    """Revision 0016 keeps each name's comparison key: rows recorded before it get theirs from their recorded name,
+    in batches. Without them, MÜLLER^JÜRGEN and a decomposed ü under a study of Müller^Jürgen (the same person,
+    admission says) were withheld from Query/Retrieve."""
+    command.upgrade(alembic_config(database_url), "0015")
+    engine = create_engine(database_url)
+    tables = MetaData()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    names = ["Müller^Jürgen", "MÜLLER^JÜRGEN", unicodedata.normalize("NFD", "Müller^Jürgen"), None]
+    with engine.begin() as connection:
+        study = (
+            tables.tables["studies"]
+            .insert()
+            .values(study_instance_uid="8.1", patient_id="P8", patient_name=names[0], created_at=now)
+        )
+        study_id = connection.execute(study).inserted_primary_key[0]
+        series = tables.tables["series"].insert().values(
+            series_instance_uid="8.1.9", study_id=study_id, modality="CT", instance_count=len(names),
+            first_received_at=now, last_received_at=now,
+        )  # fmt: skip
+        series_id = connection.execute(series).inserted_primary_key[0]
+        for number, name in enumerate(names):
+            connection.execute(
+                tables.tables["instances"].insert().values(
+                    sop_instance_uid=f"8.1.9.{number}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_id=series_id,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", instance_number=number, path=f"/data/8.1.9.{number}.dcm",
+                    size_bytes=1, received_at=now, patient_id="P8", patient_name=name,
+                )
+            )  # fmt: skip
+    engine.dispose()
+
+    migrate(database_url)
+
+    sessions = make_session_factory(make_engine(database_url))
+    with sessions() as session:
+        keys = session.execute(select(Instance.patient_name_key).order_by(Instance.id)).scalars().all()
+    assert keys == ["müller^jürgen==", "müller^jürgen==", "müller^jürgen==", None]
+    found = answers(sessions, query("IMAGE", StudyInstanceUID="8.1", SOPInstanceUID=""), "SOPInstanceUID")
+    assert found == ["8.1.9.0", "8.1.9.1", "8.1.9.2", "8.1.9.3"]

@@ -35,13 +35,14 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from sqlalchemy import Boolean, ColumnElement, Select, and_, distinct, false, func, literal, or_, select
+from sqlalchemy import Boolean, ColumnElement, Integer, Select, and_, distinct, false, func, literal, or_, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from db.models import Instance, Job, JobState, Series, Study
+from db.names import GROUPS
 from dicom_node.encode.values import MAXIMUM_LENGTHS, person_name_problem
 from dicom_node.logs import shown
 from dicom_node.receive.header import StudyPatient, comparable_identity
@@ -494,7 +495,7 @@ def _of_the_study_patient() -> ColumnElement[bool]:
         _agrees(Instance.issuer_universal_entity_id, Study.issuer_universal_entity_id),
         _agrees(Instance.patient_birth_date, Study.patient_birth_date),
         _agrees(Instance.patient_sex, Study.patient_sex),
-        _same_name(Instance.patient_name, Study.patient_name),
+        _same_name(),
     )
 
 
@@ -505,23 +506,62 @@ def _agrees(instance_value: Any, study_value: Any) -> ColumnElement[bool]:
     )
 
 
-def _same_name(instance_name: Any, study_name: Any) -> ColumnElement[bool]:
-    """The instance's PatientName names its study's patient: either is empty, or, without empty trailing
-    components and letter case aside, both are the same name, or one is the other with more component groups
-    (``DOE^JOHN`` and ``Doe^John=...``). A name that leaves out a group the other has before a group both carry is
-    taken as another name: an image is rather held back than served under a patient it may not be.
+def _same_name() -> ColumnElement[bool]:
+    """The instance's PatientName names its study's patient, by the rule of :mod:`db.names` (as the receiver and
+    admission compare): either has no name, or the two share a component group and differ in none both carry,
+    compared by their keys (:func:`db.names.name_key`, without letter case, empty trailing components or the
+    difference between composed and decomposed letters). ``DOE^JOHN`` and ``Doe^John=...`` are one person,
+    ``=山田^太郎`` and ``Yamada^Tarou=山田^太郎`` too; ``=山田^太郎`` and ``Yamada^Tarou`` share no group, and are
+    taken as two. A name without its key (recorded by an older node since the upgrade) is served only where it is
+    its study's name as written.
 
-    The same stored text, as nearly every image has, is decided before any name is trimmed (:func:`_trimmed_name`
-    costs sixteen ``replace`` calls a row)."""
-    mine, theirs = func.lower(_trimmed_name(instance_name)), func.lower(_trimmed_name(study_name))
+    The same stored text, as nearly every image has, is decided before any key is split."""
+    mine = [_name_group(Instance.patient_name_key, number) for number in range(GROUPS)]
+    theirs = [_name_group(Study.patient_name_key, number) for number in range(GROUPS)]
     return or_(
-        instance_name == study_name,
-        func.coalesce(instance_name, "") == "",
-        func.coalesce(study_name, "") == "",
-        mine == theirs,
-        func.substr(theirs, 1, func.length(mine) + 1) == mine.concat("="),
-        func.substr(mine, 1, func.length(theirs) + 1) == theirs.concat("="),
+        Instance.patient_name == Study.patient_name,
+        _no_name(Instance.patient_name),
+        _no_name(Study.patient_name),
+        and_(
+            or_(*(and_(a != "", b != "") for a, b in zip(mine, theirs, strict=True))),
+            *(or_(a == "", b == "", a == b) for a, b in zip(mine, theirs, strict=True)),
+        ),
     )
+
+
+def _no_name(column: Any) -> ColumnElement[bool]:
+    """``column`` holds no name: NULL, or only spaces, ``^`` and ``=`` (:func:`db.names.name_key` gives None)."""
+    return func.coalesce(func.rtrim(column, "^= "), "") == ""
+
+
+def _name_group(key: Any, number: int) -> ColumnElement[str]:
+    """Component group ``number`` (0 to 2) of a name key, which always holds three groups (two ``=``; text after a
+    third stays in the third group)."""
+    first = _Position(key, literal("="))
+    if number == 0:
+        return func.substr(key, 1, first - 1)
+    rest = func.substr(key, first + 1)
+    second = _Position(rest, literal("="))
+    return func.substr(rest, 1, second - 1) if number == 1 else func.substr(rest, second + 1)
+
+
+class _Position(FunctionElement[int]):
+    """Where ``(text, part)``'s ``part`` first occurs in ``text``, from 1 (0: nowhere): ``instr`` on SQLite,
+    ``strpos`` on PostgreSQL."""
+
+    type = Integer()
+    name = "dicom_position"
+    inherit_cache = True
+
+
+@compiles(_Position)
+def _strpos(element: _Position, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strpos({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_Position, "sqlite")
+def _instr(element: _Position, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"instr({compiler.process(element.clauses, **kw)})"
 
 
 def _joined(level_conditions: list[ColumnElement[bool]]) -> Select[Any]:
