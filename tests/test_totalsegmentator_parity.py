@@ -94,8 +94,9 @@ def test_label_map_equals_totalsegmentator_on_the_3mm_nifti(shared_fixtures, wei
 def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_node, weights):
     spec = PhantomSpec(rows=96, columns=96, slices=30, pixel_spacing=(3.5, 3.5), slice_spacing=5.0)
     series = write_phantom_series(tmp_path / "ct", spec)
+    model = {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(weights), "tile_step_size": 0.5}
     node = start_node(
-        models={"ts-fast": {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(weights)}},
+        models={"ts-fast": model},
         rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts-fast"}],
         inference={"workers": 1, "device": "cpu"},
     )
@@ -111,16 +112,21 @@ def test_node_segments_a_received_series_with_totalsegmentator(tmp_path, start_n
     assert len(description["classes"]) == 117
     identity = description["weights"]
     assert identity["test_weights"] and identity["datasets"] == ["Dataset297_TotalSegmentator_total_3mm_1559subj"]
-    assert json.loads((folder / "measurements.json").read_text())["algorithm"]["weights"] == identity
+    made_by = json.loads((folder / "measurements.json").read_text())["algorithm"]
+    assert made_by["weights"] == identity
+    # The sliding window's step changes the label map (a quarter of a CT's voxels between 0.5 and 0.8): said too.
+    assert made_by["parameters"]["tile_step_size"] == "0.5" and made_by["parameters"]["mirroring"] == "off"
 
     # A radiologist sees it in every result: the SEG and SR name the exact weights and say "TEST WEIGHTS".
     seg, sr = pydicom.dcmread(folder / "seg-binary.dcm"), pydicom.dcmread(folder / "sr-binary.dcm")
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmVersion == f"Dataset297 sha256:{identity['sha256'][:16]}"
+    assert ",tile_step_size=0.5,mirroring=off," in algorithm.AlgorithmParameters
     assert "TEST WEIGHTS" in seg.SeriesDescription and "TEST WEIGHTS" in sr.SeriesDescription
     assert len(seg.SeriesDescription) <= 64 and len(sr.SeriesDescription) <= 64
     sr_bytes = (folder / "sr-binary.dcm").read_bytes()  # the comment item and the algorithm version, as written
     assert b"not a trained model" in sr_bytes and identity["sha256"][:16].encode() in sr_bytes
+    assert b"tile_step_size=0.5" in sr_bytes and b"mirroring=off" in sr_bytes
     assert f"SHA-256 {identity['sha256']}" in node.cli("show", series.series_instance_uid).stdout
 
 

@@ -110,6 +110,8 @@ class TotalSegmentatorModel:
         if backend == "openvino":
             self.software_versions["openvino"] = _package_version("openvino")
         self.is_test_weights = self.weights.test_weights
+        self.tile_step_size = tile_step_size  # the results name both: each changes the label map
+        self.use_mirroring = False
         self.predictors = []
         compiled: list[OpenVINOPrecisions] = []
         for folder, identified in zip(folders, self.weights.folder_hashes, strict=True):
@@ -117,7 +119,7 @@ class TotalSegmentatorModel:
                 predictor = nnUNetPredictor(
                     tile_step_size=tile_step_size,
                     use_gaussian=True,
-                    use_mirroring=False,
+                    use_mirroring=self.use_mirroring,
                     perform_everything_on_device=True,
                     device=self.device,
                     verbose=False,
