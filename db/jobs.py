@@ -39,8 +39,11 @@ class InvalidTransition(RuntimeError):
     """A state change that the job's current state does not allow."""
 
 
-def change_state(session: Session, job: Job, to_state: JobState, reason: str | None = None) -> None:
-    """Move ``job`` to ``to_state``, recording why.
+def change_state(
+    session: Session, job: Job, to_state: JobState, reason: str | None = None, *, event_reason: str | None = None
+) -> None:
+    """Move ``job`` to ``to_state``, recording why (``event_reason``: what the history keeps, where it says more
+    than the job's reason).
 
     Raises
     ------
@@ -56,7 +59,7 @@ def change_state(session: Session, job: Job, to_state: JobState, reason: str | N
     job.state = to_state
     job.reason = reason
     job.state_changed_at = now
-    session.add(JobEvent(job=job, from_state=from_state, to_state=to_state, reason=reason, at=now))
+    session.add(JobEvent(job=job, from_state=from_state, to_state=to_state, reason=event_reason or reason, at=now))
 
 
 def open_job(session: Session, series: Series) -> Job:
@@ -791,18 +794,20 @@ def finish_processing(
     result_path: str | None = None,
     result_files: Sequence[ResultFile] | None = None,
     warnings: Sequence[str] = (),
+    event_reason: str | None = None,
 ) -> None:
     """The worker is done with ``job``: SENDING (results for destinations), DONE or FAILED; the lease ends.
 
     With ``result_path`` the run's results replace the job's earlier ones, and every
-    destination starts afresh (no delivery record).
+    destination starts afresh (no delivery record). ``event_reason`` is what the job's history keeps instead of
+    ``reason`` (the worker's also names the model and weights that made the results).
     """
     if result_path is not None:
         job.result_path = result_path
         job.result_files = list(result_files or [])
         job.deliveries = {}
         append_warnings(job, warnings)
-    change_state(session, job, state, reason)
+    change_state(session, job, state, reason, event_reason=event_reason)
 
 
 def expired_leases(session: Session, now: datetime | None = None, *, lock: bool = True) -> list[Job]:

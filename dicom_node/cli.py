@@ -352,21 +352,42 @@ def status(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="Most recent series to show.")] = 20,
     state: Annotated[JobState | None, typer.Option(help="Only series in this state.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Only series with results made by these weights: their SHA-256 as results and `weights list` name "
+            "it (sha256:..., or its first 8 or more digits)."
+        ),
+    ] = None,
 ) -> None:
     """A table of recent series and their states."""
+    from dicom_node.provenance import made_by_weights, weights_digits
+
+    digits = weights_digits(weights) if weights is not None else None
+    if weights is not None and digits is None:
+        errors.print(
+            f"--weights {_peer(weights)} is not a SHA-256: give sha256: and 8 to 64 hex digits, as "
+            "`dicom-node weights list` and `dicom-node show` name the weights",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     settings = _settings(config)
     with _session(settings) as session:
         query = select(Job).options(selectinload(Job.series).selectinload(Series.study))
         if state:
             query = query.where(Job.state == state)
+        if digits:
+            query = query.where(made_by_weights(digits))
         rows = list(session.scalars(query.order_by(Job.state_changed_at.desc()).limit(limit)))
+        matching = session.scalar(select(func.count()).select_from(query.subquery())) if digits else None
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         by_status = select(func.count()).select_from(RejectedInstance)
         rejected = session.scalar(by_status.where(RejectedInstance.status != 0)) or 0
         set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
         hung = _expired_lease_notes(session, settings)
-    table = Table(title=f"Series on {escape(settings.network.ae_title)}", expand=False)
+    made_by = f" with results made by weights sha256:{digits}" if digits else ""
+    table = Table(title=f"Series on {escape(settings.network.ae_title)}{made_by}", expand=False)
     for column in ("series instance UID", "modality", "description", "images", "state", "since", "reason", "warnings"):
         table.add_column(column, overflow="fold")
     table.add_column("delivered (files per destination)", overflow="fold")
@@ -384,6 +405,9 @@ def status(
             _peer(delivered[job.id]),
         )
     console.print(table)
+    if matching is not None:
+        shown_here = f" (the {len(rows)} newest shown: --limit shows more)" if matching > len(rows) else ""
+        console.print(f"{matching} series{made_by}{shown_here}", highlight=False)
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     aside = f"; copies set aside: {set_aside}" if set_aside else ""
     console.print(f"{summary}; refused instances: {rejected}{aside}", highlight=False)
@@ -429,6 +453,7 @@ def _warnings_cell(warnings: list[str] | None) -> str:
 @app.command()
 def show(series_instance_uid: str, config: ConfigOption = None) -> None:
     """One series: its job, its history of states and where its files are."""
+    from dicom_node.provenance import recorded_made_by
     from dicom_node.retrieve.matching import withheld
 
     settings = _settings(config)
@@ -462,9 +487,10 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
         if job.result_path:
             gone = "" if Path(job.result_path).exists() else "  (deleted)"
             console.print(f"results  {_peer(job.result_path)}{gone}", highlight=False)
-            made_by = _made_by(Path(job.result_path))
-            if made_by:
-                console.print(f"made by  {_peer(made_by)}", highlight=False)
+        # The results' own description while they are there; the job's history, which no purge deletes, after.
+        made_by = (_made_by(Path(job.result_path)) if job.result_path else None) or recorded_made_by(job)
+        if made_by:  # one line, never wrapped: the whole SHA-256 is copied from it
+            console.print(f"made by  {_peer(made_by)}", highlight=False, soft_wrap=True)
         results = select(Series).where(Series.source_job_id == job.id).order_by(Series.id)
         stale = f"  (not served by Query/Retrieve: the series received images after it, and is {job.state.value})"
         for result in session.scalars(results):

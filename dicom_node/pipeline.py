@@ -91,6 +91,7 @@ class Processed:
     timings: dict[str, float]
     staged: Path | None = None  # this claim's own folder; None once published
     run_folder: Path | None = None  # where the results go: jobs/<id>/ or jobs/<id>/run-<N>/
+    made_by: str = ""  # the model and weights that made them, for the job's history (:func:`made_by`)
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ def run_pipeline(
         timings=timings,
         staged=staged,
         run_folder=run_folder(settings, claim),
+        made_by=made_by(claim.model_name, model),
     )
 
 
@@ -531,6 +533,19 @@ def algorithm_description(model: SegmentationModel) -> dict[str, object]:
         "weights": model.weights.as_dict() if model.weights else None,
         "parameters": run_parameters(model),  # device, backend, precision
     }
+
+
+def made_by(model_name: str, model: SegmentationModel) -> str:
+    """What made a run's results, for the job's history (:mod:`dicom_node.provenance`): the model's name, the
+    algorithm and its version, the weights' whole SHA-256, and how the network ran (:func:`run_parameters`), e.g.
+    "model ts: TotalSegmentator total_fast Dataset297 sha256:e7a03ab88bf64f5e, weights sha256:e7a0…, device cpu,
+    backend torch, precision fp32, tile_step_size 0.8, mirroring off, labels totalsegmentator 2.18.0"."""
+    parts = [f"model {model_name}: {model.algorithm_name} {model.algorithm_version}"]
+    if model.weights is not None:
+        test = " (test weights, not a trained model)" if model.is_test_weights else ""
+        parts.append(f"weights sha256:{model.weights.sha256}{test}")
+    parts += [f"{key} {value}" for key, value in run_parameters(model).items()]
+    return ", ".join(parts)
 
 
 def _result_reason(

@@ -70,6 +70,7 @@ from dicom_node.pipeline import (
     publish,
     run_pipeline,
 )
+from dicom_node.provenance import results_event_reason
 from dicom_node.worker_watch import (
     IdlePulse,
     LeaseSweep,
@@ -390,6 +391,7 @@ class InferenceWorker:
                 f"job.{result.state.value.lower()}",
                 job=claim.job_id,
                 reason=result.reason,
+                made_by=result.made_by,
                 **timings,
             )
 
@@ -428,6 +430,7 @@ class InferenceWorker:
                     result_path=str(result.job_folder),
                     result_files=result.files,
                     warnings=result.warnings,
+                    event_reason=results_event_reason(result.reason, result.made_by),
                 )
             elif isinstance(result, Failed):
                 jobs.finish_processing(session, job, jobs.S.FAILED, result.reason)

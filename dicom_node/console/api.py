@@ -60,7 +60,10 @@ def list_jobs(
         str | None,
         Query(
             max_length=queries.MAX_SEARCH_CHARACTERS,
-            description="Series or study instance UID; accession number for roles that see patient details.",
+            description=(
+                "Series or study instance UID; sha256: and the first 8 or more digits of the weights that made the "
+                "results; accession number for roles that see patient details."
+            ),
         ),
     ] = None,
     page: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 1,

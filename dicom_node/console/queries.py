@@ -21,6 +21,7 @@ from db import jobs
 from db.models import AuditEvent, Instance, Job, JobEvent, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.admission import recorded_patient
 from dicom_node.config import Settings, hide_url_password
+from dicom_node.provenance import made_by_weights, recorded_made_by, weights_digits
 from dicom_node.receive.header import StudyPatient, is_valid_uid
 
 STATE_COLOURS: dict[str, str] = {
@@ -57,7 +58,7 @@ class WorklistFilter:
     day: date | None = None  # the day the series' first image arrived (UTC)
     rule: str | None = None
     destination: str | None = None
-    search: str | None = None  # accession number, series or study instance UID (exact)
+    search: str | None = None  # accession number, series or study instance UID (exact), or sha256:<weights>
     page: int = 1
     per_page: int = 25
 
@@ -69,8 +70,15 @@ class WorklistFilter:
             if value:
                 parts.append(f'{name} "{str(value)[:MAX_SEARCH_CHARACTERS]}"')
         if self.search:  # every role reads the audit trail: an accession number searched for is not written
-            parts.append(f'search "{self.search}"' if is_valid_uid(self.search) else "search by accession number")
+            named = is_valid_uid(self.search) or searched_weights(self.search)
+            parts.append(f'search "{self.search}"' if named else "search by accession number")
         return ", ".join(parts)
+
+
+def searched_weights(text: str) -> str | None:
+    """The weights' SHA-256 digits a search names (``sha256:`` and 8 to 64 hex digits, as results name them); None
+    for any other search (a UID or accession number made of digits only is never taken for one)."""
+    return weights_digits(text) if text.strip().lower().startswith("sha256:") else None
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -207,6 +215,9 @@ def worklist(session: Session, wanted: WorklistFilter, *, with_patient: bool) ->
         matches = [Series.series_instance_uid == text, Study.study_instance_uid == text]
         if with_patient:  # the accession number is a patient detail: only who may see it may search by it
             matches.append(Study.accession_number == text)
+        digits = searched_weights(text)
+        if digits:  # "sha256:e7a03ab8...": the series whose results these weights made
+            matches.append(made_by_weights(digits))
         query = query.where(or_(*matches))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = min(max(wanted.page, 1), MAX_PAGE)
@@ -273,6 +284,7 @@ def job_detail(session: Session, job: Job, *, with_patient: bool) -> dict[str, A
         for event in job.events
     ]
     detail["timings"] = dict(job.timings or {})
+    detail["made_by"] = recorded_made_by(job)  # from the job's history: still there after a purge
     detail["structures"] = structures(job)
     detail["files"] = [{"name": path.name, "size_bytes": _size(path)} for path in result_files(job).values()]
     detail["has_preview"] = preview_path(job) is not None

@@ -1,0 +1,73 @@
+"""Which weights made which results stays on record in the database: in the job's history (which no purge deletes),
+in the audit trail for every weights install, and in the log when a worker loads other weights than the model's
+latest results were made with. A model whose weights are missing is warned about before the first series fails."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from dicom_node.console import queries
+from inference.weights import TASK_DATASETS, identify, model_folders
+from tests.conftest import DICOM_NODE, require_extra, storescu
+
+_ID, DATASET, _TRAINER = TASK_DATASETS["total_fast"][0]
+
+
+def _weights_sha256(weights: Path) -> str:
+    return identify("total_fast", model_folders("total_fast", weights)).sha256
+
+
+def _ts_model(weights: Path) -> dict[str, object]:
+    return {"kind": "totalsegmentator", "task": "total_fast", "weights_directory": str(weights), "backend": "torch"}
+
+
+def _cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DICOM_NODE, *args, "--config", str(config)], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.mark.integration
+def test_the_weights_that_made_a_series_are_shown_and_found_from_the_database_after_a_purge(
+    start_node, shared_fixtures, total_fast_test_weights
+):
+    require_extra("torch")
+    files = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    node = start_node(
+        models={"ts": _ts_model(total_fast_test_weights)},
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "action": "process", "model": "ts"}],
+        inference={"workers": 1, "device": "cpu"},
+    )
+    assert storescu(node.port, files, extra=["-xv"]).returncode == 0  # the CT is JPEG 2000 compressed
+    node.wait_for_state(uid, JobState.DONE, timeout=600)
+    whole = _weights_sha256(total_fast_test_weights)
+
+    purged = node.cli("purge", "--series", uid)
+    assert purged.returncode == 0, purged.stderr
+
+    made_by = [line for line in node.cli("show", uid).stdout.splitlines() if line.startswith("made by")]
+    assert len(made_by) == 1, made_by
+    assert made_by[0].startswith("made by  model ts: TotalSegmentator total_fast Dataset297 sha256:")
+    for said in (f"weights sha256:{whole} (test weights", "device cpu", "backend torch", "precision fp32"):
+        assert said in made_by[0]
+    with node.sessions() as session:
+        job = job_for_series_uid(session, uid)
+        assert job is not None and not Path(job.result_path or "").exists()
+        assert queries.job_detail(session, job, with_patient=False)["made_by"] == made_by[0].removeprefix("made by  ")
+        found = queries.worklist(session, queries.WorklistFilter(search=f"sha256:{whole[:12]}"), with_patient=False)
+        assert [row["series_instance_uid"] for row in found["jobs"]] == [uid]
+        other = queries.WorklistFilter(search="sha256:" + "0" * 12)
+        assert queries.worklist(session, other, with_patient=False)["total"] == 0
+
+    listed = node.cli("status", "--weights", f"sha256:{whole[:12]}").stdout
+    assert f"1 series with results made by weights sha256:{whole[:12]}" in listed
+    assert "0 series with results made by weights" in node.cli("status", "--weights", "0" * 12).stdout
+    refused = node.cli("status", "--weights", "liver")
+    assert refused.returncode == 2 and "--weights liver is not a SHA-256" in refused.stderr
