@@ -966,17 +966,27 @@ def weights_download(
         errors.print(f"--task {_peer(repr(task))} is not a task (known: {', '.join(TASK_DATASETS)})", highlight=False)
         raise typer.Exit(2)
     there_before = {d for _id, d, _t in TASK_DATASETS[task] if (folder / d).exists()}
+    what = f"weights download of task {task} into {folder}"
     try:
         folders = download(task, folder)
     except WeightsCorrupt as exc:
+        _audit_weights(settings, "refused", f"{what} refused: {exc}")
         errors.print(f"download refused: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - network, disk, or missing package: say which
+        _audit_weights(settings, "failed", f"{what} failed: {_describe_download_error(exc)}")
         errors.print(escape(_describe_download_error(exc)), highlight=False)
         raise typer.Exit(1) from None
+    added = [f.parent.name for f in folders if f.parent.name not in there_before]
+    kept = [f.parent.name for f in folders if f.parent.name in there_before]
     for installed_folder in folders:
-        kept = installed_folder.parent.name in there_before
-        console.print(f"{'already there' if kept else 'installed'} {installed_folder}", highlight=False)
+        already = installed_folder.parent.name in there_before
+        console.print(f"{'already there' if already else 'installed'} {installed_folder}", highlight=False)
+    identities = _installed_identities(folder, {f.parent.name for f in folders})
+    for identity in identities if added else []:  # what results will name from now on
+        console.print(identity, highlight=False)
+    listed = [f"installed {', '.join(added) or 'nothing new'}", *([f"already there {', '.join(kept)}"] if kept else [])]
+    _audit_weights(settings, "success", f"{what}: {'; '.join([*listed, *identities])}")
 
 
 def _describe_download_error(exc: Exception) -> str:
@@ -1043,45 +1053,128 @@ def weights_import(
     A model folder already installed is replaced only once the new one is complete. The
     installed files' SHA-256 are recorded and checked each time a model loads.
     """
+    settings = _settings(config)
+    folder, _task = _weights_target(settings, model)
+    what = f"weights import of {archive} into {folder}"
+    try:
+        added = _import_weights(archive, folder, sha256)
+    except _InstallFailed as exc:
+        _audit_weights(settings, exc.outcome, f"{what} {exc.outcome}: {exc}")
+        errors.print(f"import failed: {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    for dataset_folder in added:
+        console.print(f"imported {dataset_folder}", highlight=False)
+    identities = _installed_identities(folder, {f.name for f in added})
+    for identity in identities:
+        console.print(identity, highlight=False)
+    if added:
+        console.print(WEIGHTS_TAKEN_WHEN, highlight=False)
+    published = sha256.strip().lower() if sha256 else _archive_sha256(archive)
+    installed = ", ".join(f.name for f in added) or "nothing"
+    _audit_weights(
+        settings, "success", f"{what} (zip SHA-256 {published}): installed {installed}; {'; '.join(identities)}"
+    )
+
+
+WEIGHTS_TAKEN_WHEN = (
+    "A node already running keeps the weights it has loaded until it is restarted; each result names the weights it "
+    "was made with (`dicom-node weights list` shows the SHA-256 installed now)."
+)
+"""What `weights import` says about when a running node uses the weights it installed."""
+
+
+class _InstallFailed(Exception):
+    """Weights were not installed; the message says why, in one sentence (``outcome``: for the audit trail)."""
+
+    def __init__(self, sentence: str, outcome: Outcome = "failed") -> None:
+        super().__init__(sentence)
+        self.outcome: Outcome = outcome
+
+
+def _import_weights(archive: Path, folder: Path, sha256: str | None) -> list[Path]:
+    """:func:`inference.weights.import_zip` with the checks a model runs at load; the dataset folders installed.
+
+    Raises
+    ------
+    _InstallFailed
+        With the sentence saying why nothing was installed.
+    """
     import zipfile
     import zlib
 
     from inference.models.totalsegmentator import load_refusal
     from inference.weights import WeightsCorrupt, import_zip
 
-    settings = _settings(config)
-    folder, _task = _weights_target(settings, model)
     if archive.is_dir():
-        errors.print(f"import failed: {escape(str(archive))} is a folder, not a zip file", highlight=False)
-        raise typer.Exit(1)
+        raise _InstallFailed(f"{archive} is a folder, not a zip file")
     try:
-        added = import_zip(archive, folder, sha256=sha256, loadable=load_refusal)
+        return import_zip(archive, folder, sha256=sha256, loadable=load_refusal)
     except (zipfile.BadZipFile, zlib.error, EOFError):
-        errors.print(
-            f"import failed: {escape(str(archive))} is not a zip file, or it is damaged (copy it again)",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        raise _InstallFailed(f"{archive} is not a zip file, or it is damaged (copy it again)") from None
     except NotImplementedError:
-        errors.print(
-            f"import failed: {escape(str(archive))} is packed with a compression method that cannot be unpacked here",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        raise _InstallFailed(f"{archive} is packed with a compression method that cannot be unpacked here") from None
     except OSError as exc:
-        errors.print(f"import failed: {escape(_describe_os_error(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    except (ValueError, WeightsCorrupt) as exc:
-        errors.print(f"import failed: {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    for folder in added:
-        console.print(f"imported {folder}", highlight=False)
-    if added:
-        console.print(
-            "A node already running keeps the weights it has loaded until it is restarted; each result names the "
-            "weights it was made with (`dicom-node weights list` shows the SHA-256 installed now).",
-            highlight=False,
-        )
+        raise _InstallFailed(_describe_os_error(exc)) from None
+    except (ValueError, WeightsCorrupt) as exc:  # not weights the node can use, or not the published file
+        raise _InstallFailed(str(exc), "refused") from None
+
+
+def _archive_sha256(archive: Path) -> str:
+    """The zip's SHA-256, for the audit trail ("unknown" where it cannot be read again)."""
+    from inference.weights import file_sha256
+
+    try:
+        return file_sha256(archive)
+    except OSError:
+        return "unknown (the file could not be read again)"
+
+
+def _installed_identities(folder: Path, datasets: set[str]) -> list[str]:
+    """``task total_fast: weights sha256:<64 digits>`` for each task whose weights include one of ``datasets`` and
+    are all installed in ``folder``: the SHA-256 its results, `dicom-node show` and `status --weights` name."""
+    from inference.weights import (
+        TASK_DATASETS,
+        WeightsCorrupt,
+        WeightsMissing,
+        identify,
+        imports_held_off,
+        model_folders,
+    )
+
+    identities = []
+    for task, parts in TASK_DATASETS.items():
+        if not datasets & {dataset for _id, dataset, _trainer in parts}:
+            continue
+        try:
+            with imports_held_off(folder):
+                identity = identify(task, model_folders(task, folder))
+        except (WeightsMissing, WeightsCorrupt, OSError):
+            continue  # not all of the task's folders are there yet (total: five zips)
+        identities.append(f"task {task}: weights sha256:{identity.sha256}")
+    return identities
+
+
+def _audit_weights(settings: Settings, outcome: Outcome, detail: str) -> None:
+    """An ``operator`` audit record of a weights install (the OS user, this host, what and into which folder, the
+    SHA-256), where the node has its database. Where it has none yet (an offline machine whose weights are
+    installed before its first start) an install says it wrote no record; a refusal or failure, which installed
+    nothing, says only why."""
+    from sqlalchemy.engine import make_url
+
+    from db.session import make_engine
+
+    url = settings.database_url
+    parsed = make_url(url) if _database_url_problem(url) is None else None
+    if parsed is None or (parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file()):
+        if outcome == "success":
+            where = (
+                f"no database at {parsed.database} yet (`dicom-node serve` creates it)"
+                if parsed is not None
+                else "no database.url it can use"
+            )
+            errors.print(f"not written to the audit trail: the node has {escape(where)}", highlight=False)
+        return
+    _audit_operator(make_engine(url), _os_user(), outcome, detail)
 
 
 @app.command()

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from db.jobs import job_for_series_uid
-from db.models import JobState
+from db.models import AuditEvent, JobState
+from db.session import make_engine, make_session_factory, migrate
+from dicom_node.config import load_settings
 from dicom_node.console import queries
-from inference.weights import TASK_DATASETS, identify, model_folders
+from inference.weights import TASK_DATASETS, file_sha256, identify, model_folders
 from tests.conftest import DICOM_NODE, require_extra, storescu
+from tests.test_weights_import import release_entries, write_zip
 
 _ID, DATASET, _TRAINER = TASK_DATASETS["total_fast"][0]
 
@@ -71,3 +75,50 @@ def test_the_weights_that_made_a_series_are_shown_and_found_from_the_database_af
     assert "0 series with results made by weights" in node.cli("status", "--weights", "0" * 12).stdout
     refused = node.cli("status", "--weights", "liver")
     assert refused.returncode == 2 and "--weights liver is not a SHA-256" in refused.stderr
+
+
+def _operator_records(config: Path) -> list[AuditEvent]:
+    settings = load_settings(config)
+    with make_session_factory(make_engine(settings.database_url))() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == "operator")))
+
+
+def test_weights_import_is_audited_with_the_zip_the_folders_and_the_hash_results_name(
+    tmp_path, total_fast_test_weights
+):
+    require_extra("torch")
+    weights = tmp_path / "storage" / "weights"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+    migrate(load_settings(config).database_url)
+    archive = write_zip(tmp_path / "release.zip", release_entries(total_fast_test_weights))
+
+    imported = _cli("weights", "import", str(archive), config=config)
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(b"not a zip")
+    refused = _cli("weights", "import", str(damaged), config=config)
+
+    assert imported.returncode == 0, imported.stderr
+    whole = _weights_sha256(weights)
+    assert f"task total_fast: weights sha256:{whole}" in imported.stdout
+    success, failure = _operator_records(config)
+    assert success.outcome == "success" and success.detail is not None
+    assert success.detail.startswith("OS user ") and " on the command line: weights import of " in success.detail
+    for said in (str(archive), f"into {weights}", f"zip SHA-256 {file_sha256(archive)}", f"installed {DATASET}"):
+        assert said in success.detail
+    assert success.detail.endswith(f"task total_fast: weights sha256:{whole}")
+    assert refused.returncode == 1 and failure.outcome == "failed" and failure.detail is not None
+    assert f"weights import of {damaged} into {weights} failed: {damaged} is not a zip file" in failure.detail
+
+
+def test_weights_import_before_the_node_ever_ran_installs_and_says_it_is_not_audited(tmp_path, total_fast_test_weights):
+    require_extra("torch")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+    archive = write_zip(tmp_path / "release.zip", release_entries(total_fast_test_weights))
+
+    imported = _cli("weights", "import", str(archive), config=config)
+
+    assert imported.returncode == 0 and f"imported {tmp_path / 'storage' / 'weights' / DATASET}" in imported.stdout
+    assert "not written to the audit trail: the node has no database at" in imported.stderr
+    assert not (tmp_path / "storage" / "dicom-node.db").exists()  # the import never creates the database
