@@ -1077,8 +1077,11 @@ def weights_import(
 
 
 WEIGHTS_TAKEN_WHEN = (
-    "A node already running keeps the weights it has loaded until it is restarted; each result names the weights it "
-    "was made with (`dicom-node weights list` shows the SHA-256 installed now)."
+    "Workers already running keep the weights they loaded; every worker started from now on loads these: the "
+    "node's workers once it is restarted, and a worker `serve` starts again after one died or ran past its time "
+    "limit (logged as model.weights_changed where results were made with other weights). Restart the node to have "
+    "every worker use them at once. Each result, and the series' history in `dicom-node show`, names the weights "
+    "it was made with."
 )
 """What `weights import` says about when a running node uses the weights it installed."""
 

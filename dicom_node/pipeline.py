@@ -43,6 +43,7 @@ from dicom_node.encode.results import EncodingError, encode_results
 from dicom_node.encode.rtstruct import ContourBudget
 from dicom_node.encode.sr import node_device_uid
 from dicom_node.logs import log_event, os_error_text
+from dicom_node.provenance import RecordedWeights
 from dicom_node.receive.header import read_file_header
 from dicom_node.receive.storage import fsync_folder, fsync_path, is_disk_full
 from inference.models import (
@@ -117,10 +118,17 @@ PipelineResult = Processed | Failed | Deferred
 
 
 class ModelCache:
-    """The models a worker keeps resident between jobs, loaded on first use."""
+    """The models a worker keeps resident between jobs, loaded on first use.
 
-    def __init__(self, settings: Settings) -> None:
+    ``latest_weights`` (the worker's: :func:`dicom_node.provenance.latest_weights`) tells the weights a model's
+    latest recorded results were made with: a model loaded with other weights says so (``model.weights_changed``).
+    """
+
+    def __init__(
+        self, settings: Settings, latest_weights: Callable[[str], RecordedWeights | None] | None = None
+    ) -> None:
         self.settings = settings
+        self.latest_weights = latest_weights
         self.models: dict[str, SegmentationModel] = {}
 
     def get(self, name: str, timings: dict[str, float]) -> SegmentationModel:
@@ -171,7 +179,37 @@ class ModelCache:
             )
             if model.is_test_weights:
                 log_event(LOG, logging.WARNING, "model.test_weights", model=name, note=TEST_WEIGHTS_NOTE)
+            self._say_if_weights_changed(name, model)
         return self.models[name]
+
+    def _say_if_weights_changed(self, name: str, model: SegmentationModel) -> None:
+        """Warn when ``model`` was loaded with other weights than its latest recorded results were made with: new
+        weights were installed since (a worker ``serve`` started again after one died or ran past its time limit
+        takes the weights installed now, while the others keep the ones they loaded)."""
+        if model.weights is None or self.latest_weights is None:
+            return
+        try:
+            earlier = self.latest_weights(name)
+        except Exception:  # noqa: BLE001 - only a comparison for the log: every result records its weights anyway
+            LOG.warning("Could not read which weights model %r last made results with; not compared.", name)
+            return
+        if earlier is None or earlier.sha256 == model.weights.sha256:
+            return
+        log_event(
+            LOG,
+            logging.WARNING,
+            "model.weights_changed",
+            model=name,
+            weights_sha256=model.weights.sha256,
+            earlier_weights_sha256=earlier.sha256,
+            earlier_job=earlier.job_id,
+            earlier_at=earlier.at.isoformat(timespec="seconds"),
+            note=(
+                f"this worker makes model {name}'s results with the weights installed now, not the ones its results "
+                f"were made with until job {earlier.job_id}; workers still running keep the weights they loaded "
+                "until they are started again: restart the node to have every worker use the same weights"
+            ),
+        )
 
     def load_all(self) -> None:
         """Load every model a processing rule names, before the first job (so no study waits for it).

@@ -14,8 +14,11 @@ series page, ``dicom-node status --weights`` and the console's search still tell
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import ColumnElement, exists
+from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobState
 
@@ -23,7 +26,17 @@ MADE_BY = "; made by "
 """What separates a results event's reason from what made the results."""
 RESULT_STATES = (JobState.SENDING, JobState.DONE)
 """The states a worker records results with (the event from PROCESSING)."""
+WEIGHTS = re.compile(r"\bweights sha256:([0-9a-f]{64})\b")
 HASH_DIGITS = re.compile(r"[0-9a-f]{8,64}")
+
+
+@dataclass(frozen=True)
+class RecordedWeights:
+    """The weights the latest recorded results of a model were made with."""
+
+    sha256: str
+    job_id: int
+    at: datetime
 
 
 def results_event_reason(reason: str, made_by: str) -> str:
@@ -65,3 +78,23 @@ def made_by_weights(digits: str) -> ColumnElement[bool]:
         JobEvent.to_state.in_(RESULT_STATES),
         JobEvent.reason.like(f"%{MADE_BY}%weights sha256:{digits}%"),
     )
+
+
+def latest_weights(session: Session, model_name: str) -> RecordedWeights | None:
+    """The weights the latest results recorded for model ``model_name`` were made with; None when no results of it
+    recorded weights."""
+    name = model_name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    row = session.execute(
+        select(JobEvent.reason, JobEvent.job_id, JobEvent.at)
+        .where(
+            JobEvent.from_state == JobState.PROCESSING,
+            JobEvent.to_state.in_(RESULT_STATES),
+            JobEvent.reason.like(f"%{MADE_BY}model {name}: %", escape="\\"),
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    found = WEIGHTS.search(made_by_in(row.reason) or "")
+    return RecordedWeights(found.group(1), row.job_id, row.at) if found else None

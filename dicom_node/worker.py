@@ -70,7 +70,7 @@ from dicom_node.pipeline import (
     publish,
     run_pipeline,
 )
-from dicom_node.provenance import results_event_reason
+from dicom_node.provenance import RecordedWeights, latest_weights, results_event_reason
 from dicom_node.worker_watch import (
     IdlePulse,
     LeaseSweep,
@@ -130,7 +130,7 @@ class InferenceWorker:
         self.pulse = pulse
         self.own_time_limit = own_time_limit
         self.ready = ready or threading.Event()  # the loop's beats start once the models are loaded
-        self.models = ModelCache(settings)
+        self.models = ModelCache(settings, self._latest_weights)
         self.current: ClaimedJob | None = None  # the job being processed, for a clean shutdown
         self.prefetcher = VolumePrefetcher() if prefetch_enabled(settings) else None
         self._next_lease_check = 0.0  # time.monotonic() of the next look for leases that ran out
@@ -140,6 +140,11 @@ class InferenceWorker:
     @property
     def host(self) -> str:
         return self.identity.rpartition(":")[0]
+
+    def _latest_weights(self, model_name: str) -> RecordedWeights | None:
+        """The weights the latest results recorded for ``model_name`` were made with (by any worker)."""
+        with self.sessions() as session:
+            return latest_weights(session, model_name)
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set, polling the queue every ``inference.poll_seconds``."""

@@ -366,7 +366,7 @@ def test_import_replaces_a_working_install_only_with_a_complete_one(installed, r
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"imported {installed / DATASET}"
-    assert "keeps the weights it has loaded until it is restarted" in result.stdout
+    assert "Workers already running keep the weights they loaded" in result.stdout
     assert not stale.exists()  # the old folder was replaced as a whole
     assert (installed / checkpoint).read_bytes() == release[checkpoint]
     hashes, had_manifest = verify_folder(installed / DATASET / TRAINER)

@@ -4,6 +4,7 @@ latest results were made with. A model whose weights are missing is warned about
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -11,13 +12,17 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from db import jobs
+from db.ingest import record_instance
 from db.jobs import job_for_series_uid
-from db.models import AuditEvent, JobState
-from db.session import make_engine, make_session_factory, migrate
-from dicom_node.config import load_settings
+from db.models import AuditEvent, Job, JobState
+from db.session import make_engine, make_session_factory, migrate, transaction
+from dicom_node.config import Settings, load_settings
 from dicom_node.console import queries
+from dicom_node.provenance import results_event_reason
+from dicom_node.worker import InferenceWorker
 from inference.weights import TASK_DATASETS, file_sha256, identify, model_folders
-from tests.conftest import DICOM_NODE, require_extra, storescu
+from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, require_extra, storescu
 from tests.test_weights_import import release_entries, write_zip
 
 _ID, DATASET, _TRAINER = TASK_DATASETS["total_fast"][0]
@@ -77,6 +82,65 @@ def test_the_weights_that_made_a_series_are_shown_and_found_from_the_database_af
     assert refused.returncode == 2 and "--weights liver is not a SHA-256" in refused.stderr
 
 
+@pytest.fixture
+def queued_ct(tmp_path, total_fast_test_weights) -> tuple[Settings, object, int]:
+    """A database with one job of model ``ts`` (test weights), its results recorded by earlier ``weights``."""
+    require_extra("torch")
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        inference={"workers": 0, "device": "cpu"},
+        models={"ts": _ts_model(total_fast_test_weights)},
+    )
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("1.2.826.0.1.5.1", "1.2.826.0.1.5"))
+        job = session.scalars(select(Job)).one()
+        job.model_name = "ts"
+        drive_job_to(session, job, JobState.PROCESSING)
+        job_id = job.id
+    return settings, sessions, job_id
+
+
+def _record_results_made_with(sessions, job_id: int, sha256: str) -> None:
+    made_by = f"model ts: TotalSegmentator total_fast Dataset297 sha256:{sha256[:16]}, weights sha256:{sha256}"
+    with transaction(sessions) as session:
+        job = session.get_one(Job, job_id)
+        reason = "segmented: 1 structures; results in /x"
+        event_reason = results_event_reason(reason, made_by)
+        jobs.finish_processing(session, job, JobState.DONE, reason, result_path="/x", event_reason=event_reason)
+
+
+def test_a_worker_loading_other_weights_than_the_models_latest_results_were_made_with_warns_naming_both(
+    queued_ct, total_fast_test_weights, caplog
+):
+    settings, sessions, job_id = queued_ct
+    earlier = "e" * 64
+    _record_results_made_with(sessions, job_id, earlier)
+    caplog.set_level(logging.INFO)
+
+    InferenceWorker(settings, sessions, "test-host:1").models.get("ts", {})
+
+    changed = [r for r in caplog.records if r.getMessage() == "model.weights_changed"]
+    assert len(changed) == 1 and changed[0].levelno == logging.WARNING
+    fields = changed[0].__dict__["event_fields"]
+    assert fields["weights_sha256"] == _weights_sha256(total_fast_test_weights)
+    assert fields["earlier_weights_sha256"] == earlier and fields["earlier_job"] == job_id
+    assert "restart the node to have every worker use the same weights" in fields["note"]
+
+
+def test_a_worker_loading_the_weights_the_latest_results_were_made_with_says_nothing(
+    queued_ct, total_fast_test_weights, caplog
+):
+    settings, sessions, job_id = queued_ct
+    _record_results_made_with(sessions, job_id, _weights_sha256(total_fast_test_weights))
+    caplog.set_level(logging.INFO)
+
+    InferenceWorker(settings, sessions, "test-host:1").models.get("ts", {})
+
+    assert "model.loaded" in caplog.messages and "model.weights_changed" not in caplog.messages
+
+
 def _operator_records(config: Path) -> list[AuditEvent]:
     settings = load_settings(config)
     with make_session_factory(make_engine(settings.database_url))() as session:
@@ -101,6 +165,8 @@ def test_weights_import_is_audited_with_the_zip_the_folders_and_the_hash_results
     assert imported.returncode == 0, imported.stderr
     whole = _weights_sha256(weights)
     assert f"task total_fast: weights sha256:{whole}" in imported.stdout
+    assert "keeps the weights it has loaded until it is restarted" not in imported.stdout
+    assert "a worker `serve` starts again after one died" in imported.stdout
     success, failure = _operator_records(config)
     assert success.outcome == "success" and success.detail is not None
     assert success.detail.startswith("OS user ") and " on the command line: weights import of " in success.detail
