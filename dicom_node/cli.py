@@ -1499,6 +1499,27 @@ def config_check(config: ConfigOption = None) -> None:
         f"{len(settings.rules)} rule(s), {len(settings.destinations)} destination(s)",
         highlight=False,
     )
+    for warning in _models_without_weights(settings):
+        console.print(f"warning: {escape(warning)}", highlight=False)
+
+
+def _models_without_weights(settings: Settings) -> list[str]:
+    """A sentence per TotalSegmentator model whose weights are not installed where it looks (every series sent to
+    it would fail), naming the folder and the commands that install them."""
+    from inference.weights import WeightsMissing, model_folders
+
+    sentences = []
+    for name, model in settings.models.items():
+        if model.kind != "totalsegmentator":
+            continue
+        folder = model.weights_directory or settings.weights_directory
+        try:
+            model_folders(model.task, folder, model=name if model.weights_directory else None)
+        except WeightsMissing as exc:
+            sentences.append(f"model {name!r} cannot be loaded: {exc} Until then every series sent to it fails.")
+        except OSError as exc:
+            sentences.append(f"model {name!r} cannot be loaded: {_describe_os_error(exc)}.")
+    return sentences
 
 
 def _ago(moment: datetime) -> str:

@@ -188,3 +188,28 @@ def test_weights_import_before_the_node_ever_ran_installs_and_says_it_is_not_aud
     assert imported.returncode == 0 and f"imported {tmp_path / 'storage' / 'weights' / DATASET}" in imported.stdout
     assert "not written to the audit trail: the node has no database at" in imported.stderr
     assert not (tmp_path / "storage" / "dicom-node.db").exists()  # the import never creates the database
+
+
+def test_config_check_warns_about_a_model_whose_weights_are_missing_naming_the_folder_and_commands(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage: {{directory: {tmp_path / 'storage'}}}\n"
+        "models:\n"
+        f"  ts: {{kind: totalsegmentator, task: total_fast, weights_directory: {tmp_path / 'none'}}}\n"
+        "  baseline: {kind: threshold}\n"
+        "rules:\n"
+        "  - {name: ct, match: {modality: CT}, action: process, model: ts}\n"
+    )
+
+    checked = _cli("config", "check", config=config)
+
+    assert checked.returncode == 0, checked.stderr
+    lines = " ".join(checked.stdout.split())  # the terminal's width may wrap the warning
+    assert lines.startswith("configuration is valid")
+    assert (
+        f"warning: model 'ts' cannot be loaded: TotalSegmentator weights for task 'total_fast' are missing in "
+        f"{tmp_path / 'none'} (Dataset297)"
+    ) in lines
+    assert "`dicom-node weights download --task total_fast --model ts`" in lines
+    assert "`dicom-node weights import FILE.zip --model ts`" in lines
+    assert "every series sent to it fails" in lines and "baseline" not in lines
