@@ -23,6 +23,7 @@ from dicom_node.receive.header import comparable_identity
 from dicom_node.retrieve.matching import (
     AmbiguousPatient,
     QueryError,
+    UnsearchableValue,
     check_retrieval_keys,
     conditions,
     find,
@@ -94,10 +95,13 @@ def record_one_image_each(sessions, studies: list[StudyAttributes]) -> None:
 
 
 def query(level: str, **keys: str) -> Dataset:
+    """An identifier as a peer sends it: with SpecificCharacterSet where a value goes beyond ASCII."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         setattr(identifier, keyword, value)
+    if not all(value.isascii() for value in keys.values()):
+        identifier.SpecificCharacterSet = "ISO_IR 192"
     return identifier
 
 
@@ -309,6 +313,36 @@ def test_date_and_time_ranges(sessions) -> None:
     assert answers(sessions, query("STUDY", StudyDate="-20260110"), "StudyInstanceUID") == ["2.1", "1.1"]
     assert answers(sessions, query("STUDY", StudyDate="20260101-20260201"), "StudyInstanceUID") == ["1.1"]
     assert answers(sessions, query("STUDY", StudyTime="-0830"), "StudyInstanceUID") == ["1.1"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2022-12-08", "20221308", "20220230", "1-3", "2022", "20221201-20221308", "20221201-20221202-20221203", "-"],
+)
+def test_a_date_key_that_is_no_date_or_range_is_refused_not_answered_with_nothing(sessions, value) -> None:
+    """A planner's ISO date (read as the range 2022 to 12-08), month 13, or "1-3" (every study) gets a refusal
+    naming the attribute, not a silent "no such study"."""
+    with sessions() as session, pytest.raises(UnsearchableValue) as refused:
+        list(find(session, query("STUDY", StudyDate=value), "NODE"))
+    assert str(refused.value) == (
+        "StudyDate is not a date (YYYYMMDD, a real day of the calendar) or a range of two (20261201-20261204, "
+        "20261201-, -20261204): the node does not search for such a value"
+    )
+
+
+def test_dates_in_the_older_dotted_form_are_matched(sessions) -> None:
+    assert answers(sessions, query("STUDY", StudyDate="2026.01.01-"), "StudyInstanceUID") == ["1.1", "1.2"]
+    assert answers(sessions, query("STUDY", StudyDate="2025.12.31"), "StudyInstanceUID") == ["2.1"]
+
+
+def test_a_key_beyond_ascii_in_a_query_that_declares_no_character_set_is_refused(sessions) -> None:
+    """Müller* sent as UTF-8 bytes without SpecificCharacterSet reads as Latin-1 "MÃ¼ller*" and found nothing;
+    with the character set declared it finds the study."""
+    undeclared = query("STUDY", PatientName="Müller*")
+    del undeclared.SpecificCharacterSet
+    with sessions() as session, pytest.raises(UnsearchableValue, match="declares no SpecificCharacterSet"):
+        list(find(session, undeclared, "NODE"))
+    assert answers(sessions, query("STUDY", PatientName="Müller*"), "StudyInstanceUID") == ["2.1"]
 
 
 def test_counts_modalities_and_non_ascii_names(sessions) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import islice
 from typing import Any, Literal
 
@@ -182,15 +183,18 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
     """
     depth = LEVELS.index(level)
     found: list[ColumnElement[bool]] = []
+    declared = _value(identifier.get("SpecificCharacterSet", "")) not in ("", "ISO_IR 6")  # ISO_IR 6: ASCII
     for element in identifier:
         keyword = element.keyword
         if keyword == QUALIFIERS:
             universal_entity_id = _asked_universal_entity_id(element.value)
             if universal_entity_id and universal_entity_id != "*":
+                _check_in_declared_set("UniversalEntityID", universal_entity_id, declared)
                 check_searchable("UniversalEntityID", universal_entity_id)
                 found.append(_matching(Study.issuer_universal_entity_id, universal_entity_id))
             continue
         value = _value(element.value)
+        _check_in_declared_set(keyword, value, declared)
         if keyword == "ModalitiesInStudy" and value:
             check_searchable(keyword, value)
             wanted = _listed(value)
@@ -212,6 +216,24 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
             continue
         found.append(_condition(key, value))
     return found
+
+
+def _check_in_declared_set(keyword: str, value: str, declared: bool) -> None:
+    """Refuse a value with characters beyond ASCII in a query that declares no SpecificCharacterSet: which letters
+    its bytes are is a guess (Latin-1? UTF-8?), and a wrong guess finds nothing, as the receiver refuses such a
+    name rather than guessing.
+
+    Raises
+    ------
+    UnsearchableValue
+        Naming the attribute and SpecificCharacterSet.
+    """
+    if not declared and not value.isascii():
+        raise UnsearchableValue(
+            keyword,
+            "holds characters beyond ASCII, but the query declares no SpecificCharacterSet, so which letters they "
+            "are is unknown: send the query with SpecificCharacterSet (ISO_IR 192 for UTF-8)",
+        )
 
 
 MAX_WILDCARDS = 32
@@ -270,6 +292,11 @@ def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
         problem = person_name_problem(value)
         if problem is not None:
             return problem
+    elif vr == "DA" and "*" not in value and "?" not in value and not _is_date_or_range(value):
+        return (
+            "is not a date (YYYYMMDD, a real day of the calendar) or a range of two (20261201-20261204, 20261201-, "
+            "-20261204)"
+        )
     else:
         ranged = vr in RANGE_LENGTHS and "-" in value
         limit = RANGE_LENGTHS[vr] if ranged else UNSTORED_LENGTHS.get(keyword, MAXIMUM_LENGTHS.get(vr))
@@ -281,6 +308,22 @@ def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
     if wildcards > MAX_WILDCARDS:
         return f"holds {wildcards} wildcards (* and ?), more than the {MAX_WILDCARDS} the node matches in one value"
     return None
+
+
+def _is_date_or_range(value: str) -> bool:
+    """Whether ``value`` is a DA value or range of DA values the node can compare: each bound YYYYMMDD (or the
+    older YYYY.MM.DD) and a day of the calendar, at least one bound in a range."""
+    bounds = [bound.strip() for bound in value.replace(".", "").split("-")]
+    if len(bounds) > 2 or not any(bounds):
+        return False
+    for bound in filter(None, bounds):
+        if len(bound) != 8 or not bound.isdigit():
+            return False
+        try:
+            datetime.strptime(bound, "%Y%m%d")
+        except ValueError:
+            return False
+    return True
 
 
 def _asked_universal_entity_id(items: Any) -> str:
