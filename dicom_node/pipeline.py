@@ -569,7 +569,7 @@ def algorithm_description(model: SegmentationModel) -> dict[str, object]:
         "baseline": model.is_baseline,
         "test_weights": model.is_test_weights,
         "weights": model.weights.as_dict() if model.weights else None,
-        "parameters": run_parameters(model),  # device, backend, precision
+        "parameters": run_parameters(model),  # device, backend, precision, tile step, mirroring
     }
 
 
