@@ -194,8 +194,8 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
                 found.append(_matching(Study.issuer_universal_entity_id, universal_entity_id))
             continue
         value = _value(element.value)
-        _check_in_declared_set(keyword, value, declared)
         if keyword == "ModalitiesInStudy" and value:
+            _check_in_declared_set(keyword, value, declared)
             check_searchable(keyword, value)
             wanted = _listed(value)
             if wanted and "*" not in wanted:  # "*" matches every study, as for any other key
@@ -204,7 +204,8 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
             continue
         key = KEYS.get(keyword)
         if key is None or LEVELS.index(key.level) > depth or not value or value == "*":
-            continue
+            continue  # a key the node does not match on (a private one, say) is answered, never searched for
+        _check_in_declared_set(keyword, value, declared)
         if key.kind == "name":
             # trimmed as any person name is ("PatientName" only picks the rule); "^^" or "=" alone: universal
             value = comparable_identity("PatientName", value)
@@ -292,11 +293,6 @@ def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
         problem = person_name_problem(value)
         if problem is not None:
             return problem
-    elif vr == "DA" and "*" not in value and "?" not in value and not _is_date_or_range(value):
-        return (
-            "is not a date (YYYYMMDD, a real day of the calendar) or a range of two (20261201-20261204, 20261201-, "
-            "-20261204)"
-        )
     else:
         ranged = vr in RANGE_LENGTHS and "-" in value
         limit = RANGE_LENGTHS[vr] if ranged else UNSTORED_LENGTHS.get(keyword, MAXIMUM_LENGTHS.get(vr))
@@ -304,6 +300,11 @@ def _unsearchable(keyword: str, vr: str, value: str) -> str | None:
         if limit is not None and len(measured) > limit:
             allows = "the node records" if keyword in UNSTORED_LENGTHS else f"DICOM allows ({vr}{' range' * ranged})"
             return f"is {len(value)} characters long, more than the {limit} {allows}"
+        if vr == "DA" and "*" not in value and "?" not in value and not _is_date_or_range(value):
+            return (
+                "is not a date (YYYYMMDD, a real day of the calendar) or a range of two (20261201-20261204, "
+                "20261201-, -20261204)"
+            )
     wildcards = value.count("*") + value.count("?")
     if wildcards > MAX_WILDCARDS:
         return f"holds {wildcards} wildcards (* and ?), more than the {MAX_WILDCARDS} the node matches in one value"
