@@ -342,6 +342,13 @@ def test_refusal_reasons_become_short_metric_labels_without_the_data(reason, kin
     assert refusal_kind(reason) == kind
 
 
+def serve_once(node: Any) -> subprocess.CompletedProcess[str]:
+    """`dicom-node serve` with ``node``'s configuration, run until it stops (here: refused at start)."""
+    return subprocess.run(
+        [DICOM_NODE, "serve", "--config", str(node.config_path)], capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.mark.integration
 def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
     import socket
@@ -352,14 +359,7 @@ def test_serve_stops_at_start_naming_the_console_port_in_use(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        node = Node(tmp_path / "node", {"console": {"enabled": True, "port": port}})
-        result = subprocess.run(
-            [DICOM_NODE, "serve", "--config", str(node.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = serve_once(Node(tmp_path / "node", {"console": {"enabled": True, "port": port}}))
     assert result.returncode == 1
     assert (
         f"cannot start: the console cannot listen on 127.0.0.1:{port}: console.port {port} is already in use by "
@@ -391,13 +391,7 @@ def test_serve_stops_at_start_naming_the_console_setting_that_gives_an_address_o
     settings = {"enabled": True, "port": port, "metrics_port": metrics_port, **console}
     node = Node(tmp_path / "node", {"console": settings})
     expected = expected.replace("PORT", str(metrics_port if "metrics" in expected else port))
-    result = subprocess.run(
-        [DICOM_NODE, "serve", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = serve_once(node)
     assert result.returncode == 1  # the address may come up later (a VIP, a late network): systemd tries again
     assert f"cannot start: {expected}" in result.stderr
 
