@@ -693,7 +693,7 @@ def _database_once_upgraded(settings: Settings, identity: str, stop: threading.E
     (the GPU hosts updated before the node) would otherwise upgrade it under an older ``serve`` still running, whose
     rows would then lack what the new columns hold. A database of a newer schema ends the worker with a sentence.
     """
-    from db.session import is_known_revision, newest_revision, schema_revision
+    from db.session import is_known_revision, schema_revision
 
     url, waiting_logged = settings.database_url, False
     while True:
