@@ -138,6 +138,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def associate_seeing_rejection(ae: Any, *args: Any, **kwargs: Any) -> Any:
+    """``ae.associate``, with ``rejection_received``: whether the node's A-ASSOCIATE-RJ reached this requestor.
+
+    pynetdicom's requestor checks, after sending its request, whether the connection was made; a rejection that
+    arrives and closes the connection before that check (a loaded machine: the requestor's thread descheduled)
+    reads as a failure to connect, so ``is_rejected`` is False although the node rejected the association as it
+    should. The A-ASSOCIATE-RJ PDU itself is what the node sent, whichever way the requestor read it.
+    """
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    received: list[Any] = []
+    handlers = [*kwargs.pop("evt_handlers", []), (evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))]
+    assoc = ae.associate(*args, evt_handlers=handlers, **kwargs)
+    assoc.rejection_received = assoc.is_rejected or any(isinstance(pdu, A_ASSOCIATE_RJ) for pdu in received)
+    return assoc
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
 ) -> Any:

@@ -14,7 +14,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import wait_for
+from tests.conftest import associate_seeing_rejection, wait_for
 from tests.test_receive_concurrency import receiver_pids
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def open_associations(node, calling_ae: str, sources: list[str], each: int) -> t
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
     ae.add_requested_context(Verification)
     tried = [
-        ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
+        associate_seeing_rejection(ae, "127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
         for source in sources
         for _ in range(each)
     ]
@@ -63,7 +63,7 @@ def test_the_pacs_gets_maximum_associations_whatever_an_echo_only_monitor_holds(
     try:
         assert len(monitor) == 8  # the places of peers that send no images come on top
         assert len(pacs) == 4, node.log()[-3000:]  # network.maximum_associations, not reduced and not exceeded
-        assert len(refused) == 2 and all(assoc.is_rejected for assoc in refused)
+        assert len(refused) == 2 and all(assoc.rejection_received for assoc in refused)
         assert monitor[0].send_c_echo().Status == 0x0000 and pacs[0].send_c_echo().Status == 0x0000
     finally:
         release(monitor + pacs)

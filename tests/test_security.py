@@ -37,7 +37,7 @@ from db.models import Instance
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.retrieve.scp import hidden_keys_matched, without_demographics
 from dicom_node.retrieve.stored import read_stored
-from tests.conftest import free_port, require_tool, storescu, wait_for
+from tests.conftest import associate_seeing_rejection, free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def associate(node, calling_ae: str, contexts, source: str = "127.0.0.1"):
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     for context in contexts:
         ae.add_requested_context(context)
-    return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
+    return associate_seeing_rejection(ae, "127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
 
 
 def served_after(node) -> bool:
@@ -94,7 +94,7 @@ def test_a_known_ae_title_calling_from_another_host_is_refused(start_node):
     spoofed = associate(node, "PACS", [Verification], source="127.0.0.2")
     genuine = associate(node, "PACS", [Verification])
 
-    assert spoofed.is_rejected
+    assert spoofed.rejection_received
     assert genuine.is_established
     genuine.release()
     assert "association.rejected calling_ae=PACS address=127.0.0.2" in node.log()
@@ -118,7 +118,7 @@ def test_the_old_allow_list_still_admits_with_a_deprecation_warning(start_node):
     allowed, other = associate(node, "PACS", [Verification]), associate(node, "OTHER", [Verification])
     querying = associate(node, "PACS", [StudyRootQueryRetrieveInformationModelFind])
 
-    assert allowed.is_established and other.is_rejected
+    assert allowed.is_established and other.rejection_received
     allowed.release()
     assert not querying.is_established
     assert "config.deprecated key=network.allowed_calling_ae_titles" in node.log()
@@ -951,7 +951,7 @@ def test_a_caller_rejected_in_a_loop_costs_one_log_line_and_one_audit_record_per
     for _ in range(20):  # rejected, or closed at once while its earlier connections still hold the 2 places
         assert not associate(node, "INTRUDER", [Verification], source="127.0.0.4").is_established
     time.sleep(10.5)  # the throttle's interval: the next refusal is logged again, counting the ones before
-    assert associate(node, "INTRUDER", [Verification], source="127.0.0.4").is_rejected
+    assert associate(node, "INTRUDER", [Verification], source="127.0.0.4").rejection_received
     genuine = associate(node, "PACS", [Verification])  # the loop never shut the node to its peers
     assert genuine.is_established
     genuine.release()
@@ -1029,7 +1029,7 @@ def _associate_to(node, calling_ae: str, source: str, destination: str):
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     ae.add_requested_context(Verification)
-    return ae.associate(destination, node.port, ae_title=node.ae_title, bind_address=(source, 0))
+    return associate_seeing_rejection(ae, destination, node.port, ae_title=node.ae_title, bind_address=(source, 0))
 
 
 def test_on_a_dual_stack_node_ipv4_networks_admit_ipv4_callers_and_ipv6_networks_ipv6_ones(start_node):
@@ -1047,7 +1047,7 @@ def test_on_a_dual_stack_node_ipv4_networks_admit_ipv4_callers_and_ipv6_networks
     other_v6 = _associate_to(node, "OTHER", "::1", "::1")
 
     assert finder.is_established and other_v6.is_established
-    assert finder_elsewhere.is_rejected and other_v4.is_rejected, "::/0 admits no IPv4 caller"
+    assert finder_elsewhere.rejection_received and other_v4.rejection_received, "::/0 admits no IPv4 caller"
     finder.release()
     other_v6.release()
     log = node.log()
