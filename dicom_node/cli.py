@@ -1505,9 +1505,18 @@ def config_check(config: ConfigOption = None) -> None:
 
 def _models_without_weights(settings: Settings) -> list[str]:
     """A sentence per TotalSegmentator model whose weights are not installed where it looks (every series sent to
-    it would fail), naming the folder and the commands that install them."""
+    it would fail), naming the folder and the commands that install them.
+
+    With ``inference.workers`` 0 this host runs no worker: the sentence says the weights matter only where
+    ``dicom-node worker`` runs with this configuration (the GPU hosts of a scale-out), not that series fail."""
     from inference.weights import WeightsMissing, model_folders
 
+    consequence = (
+        "Until then every series sent to it fails."
+        if settings.inference.workers
+        else "This host runs no workers (inference.workers is 0): install them where `dicom-node worker` runs with "
+        "this configuration; there, until then, every series sent to it fails."
+    )
     sentences = []
     for name, model in settings.models.items():
         if model.kind != "totalsegmentator":
@@ -1516,7 +1525,7 @@ def _models_without_weights(settings: Settings) -> list[str]:
         try:
             model_folders(model.task, folder, model=name if model.weights_directory else None)
         except WeightsMissing as exc:
-            sentences.append(f"model {name!r} cannot be loaded: {exc} Until then every series sent to it fails.")
+            sentences.append(f"model {name!r} cannot be loaded on this host: {exc} {consequence}")
         except OSError as exc:
             sentences.append(f"model {name!r} cannot be loaded: {_describe_os_error(exc)}.")
     return sentences

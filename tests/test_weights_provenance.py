@@ -207,9 +207,31 @@ def test_config_check_warns_about_a_model_whose_weights_are_missing_naming_the_f
     lines = " ".join(checked.stdout.split())  # the terminal's width may wrap the warning
     assert lines.startswith("configuration is valid")
     assert (
-        f"warning: model 'ts' cannot be loaded: TotalSegmentator weights for task 'total_fast' are missing in "
+        f"warning: model 'ts' cannot be loaded on this host: TotalSegmentator weights for task 'total_fast' are missing in "
         f"{tmp_path / 'none'} (Dataset297)"
     ) in lines
     assert "`dicom-node weights download --task total_fast --model ts`" in lines
     assert "`dicom-node weights import FILE.zip --model ts`" in lines
     assert "every series sent to it fails" in lines and "baseline" not in lines
+
+
+def test_config_check_on_a_host_that_runs_no_workers_says_where_the_missing_weights_matter(tmp_path):
+    """A scale-out receiver (inference.workers 0) loads no model: its missing weights fail no series there."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage: {{directory: {tmp_path / 'storage'}}}\n"
+        "inference: {workers: 0}\n"
+        "models:\n"
+        f"  ts: {{kind: totalsegmentator, task: total_fast, weights_directory: {tmp_path / 'none'}}}\n"
+        "rules:\n"
+        "  - {name: ct, match: {modality: CT}, action: process, model: ts}\n"
+    )
+
+    checked = _cli("config", "check", config=config)
+
+    assert checked.returncode == 0, checked.stderr
+    lines = " ".join(checked.stdout.split())
+    assert "warning: model 'ts' cannot be loaded on this host" in lines
+    assert "This host runs no workers (inference.workers is 0)" in lines
+    assert "install them where `dicom-node worker` runs with this configuration" in lines
+    assert "Until then every series sent to it fails" not in lines
