@@ -22,7 +22,7 @@ from db.session import (
 )
 from dicom_node.config import Settings
 from dicom_node.service import _start_wal_checkpoint
-from dicom_node.wal_checkpoint import WalCheckpoint
+from dicom_node.wal_checkpoint import BUSY_PASSES_BEFORE_WARNING, WalCheckpoint
 
 DETAIL = "x" * 1900  # near the most an audit record's detail holds
 
@@ -69,6 +69,31 @@ def test_the_log_outgrown_while_a_reader_held_the_database_is_emptied_once_the_r
     with sessions() as session:  # every record is in the database itself
         assert session.execute(text("SELECT count(*) FROM audit_events")).scalar() == 40 * 500
     assert caplog.records == []  # a checkpoint, done or left for later, logs nothing
+
+
+def test_a_log_that_keeps_growing_because_readers_never_pause_is_named_once_and_its_end_too(tmp_path, caplog):
+    url, sessions = _database(tmp_path)
+    checkpoint = _checkpoint(tmp_path, url, sessions)
+    caplog.set_level(logging.INFO, logger="dicom_node.wal_checkpoint")
+    with read_only(sessions) as reader:  # readers overlapping back to back, for ten minutes' worth of passes
+        reader.execute(text("SELECT count(*) FROM audit_events")).scalar()
+        _write(sessions, 20)
+        for _ in range(BUSY_PASSES_BEFORE_WARNING + 3):
+            assert checkpoint.run_once() is False
+
+    waiting = [r for r in caplog.records if r.msg == "database.checkpoint_waiting"]
+    assert len(waiting) == 1 and waiting[0].levelno == logging.WARNING
+    reason = waiting[0].__dict__["event_fields"]["reason"]
+    assert f"the write-ahead log of the database {tmp_path / 'dicom-node.db'} is past 16 MiB and keeps growing" in (
+        reason
+    )
+    assert f"at each of the last {BUSY_PASSES_BEFORE_WARNING} tries" in reason
+
+    assert checkpoint.run_once() is True
+    done = [r for r in caplog.records if r.msg == "database.checkpoint_done"]
+    assert (
+        len(done) == 1 and f"after {BUSY_PASSES_BEFORE_WARNING + 3} tries" in done[0].__dict__["event_fields"]["note"]
+    )
 
 
 def test_a_burst_without_readers_leaves_at_most_the_limit_behind(tmp_path):
