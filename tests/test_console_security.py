@@ -942,6 +942,31 @@ def test_a_login_form_expires_on_the_server(monkeypatch):
     assert not sessions.login_token_valid("no-time-in-it", sessions.login_token("no-time-in-it"))
 
 
+def test_a_logout_holds_when_the_clock_was_stepped_back_between_login_and_logout(tmp_path, monkeypatch):
+    """NTP corrects a clock that ran an hour fast after alice logged in; she logs out ten minutes later. A copy of her
+    cookie (a shared workstation's browser) stays refused until it runs out by its own expiry, across a restart."""
+    from dicom_node.console import auth
+
+    hours = 3600.0
+    login = 1_800_000_000.0
+    clock = [login]
+    monkeypatch.setattr(auth.time, "time", lambda: clock[0])
+    ended = tmp_path / "console-ended-sessions.json"
+    sessions = Sessions(SECRET.encode(), lifetime_seconds=8 * hours, ended_file=ended)
+    _, cookie = sessions.issue("alice", "operator", "hash")
+    clock[0] -= 1 * hours - 600  # stepped back an hour; ten minutes later she logs out
+    alice = sessions.read(cookie)
+    assert alice is not None
+    sessions.end(alice)
+    assert sessions.read(cookie) is None
+
+    clock[0] = login + 7.5 * hours  # past the logout + 8 h, before the cookie's own expiry (login + 8 h)
+    restarted = Sessions(SECRET.encode(), lifetime_seconds=8 * hours, ended_file=ended)
+    restarted.end(restarted.read(restarted.issue("bob", "viewer", "hash")[1]))  # another logout prunes the list
+
+    assert restarted.read(cookie) is None
+
+
 def test_a_database_password_in_the_url_query_is_hidden_from_the_configuration_page():
     from dicom_node.console.queries import visible_config
 

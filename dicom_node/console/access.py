@@ -193,7 +193,7 @@ def identify(request: Request) -> User | None:
     configured = settings.users[user.name]
     if not context.auth.opened_with(user, configured.password_hash):
         return None  # the password was changed since logging in: every older session ends
-    return User(user.name, configured.role, user.session_id, user.credential)  # the role configured now
+    return User(user.name, configured.role, user.session_id, user.credential, user.expires)  # the role configured now
 
 
 NEW_PROXY_SESSION = "dicom_node_new_proxy_session"

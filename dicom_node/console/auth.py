@@ -77,6 +77,7 @@ class User:
     role: ConsoleRole
     session_id: str
     credential: str = ""  # a signature of the password hash the session was opened with (local users)
+    expires: float = 0.0  # when the session's cookie runs out by its own say (seconds since the epoch)
 
     def has_role(self, role: str) -> bool:
         """Operators may do everything viewers may."""
@@ -102,8 +103,8 @@ class Sessions:
         return self._issue(name, role, self.credential(password_hash))
 
     def _issue(self, name: str, role: ConsoleRole, credential: str) -> tuple[User, str]:
-        user = User(name, role, secrets.token_urlsafe(18), credential)
         expires = time.time() + self.lifetime_seconds
+        user = User(name, role, secrets.token_urlsafe(18), credential, expires)
         body = json.dumps({"u": name, "r": role, "s": user.session_id, "e": expires, "p": user.credential})
         payload = base64.urlsafe_b64encode(body.encode()).decode()
         return user, f"{payload}.{self._sign(payload.encode())}"
@@ -127,7 +128,7 @@ class Sessions:
             return None
         if expires < time.time() or self.ended(str(data.get("s"))):
             return None
-        return User(str(data["u"]), data["r"], str(data["s"]), str(data.get("p", "")))
+        return User(str(data["u"]), data["r"], str(data["s"]), str(data.get("p", "")), expires)
 
     def credential(self, password_hash: str) -> str:
         """What a session keeps of the password hash it was opened with (a signature: it reveals nothing)."""
@@ -138,12 +139,16 @@ class Sessions:
         return _same(user.credential, self.credential(password_hash))
 
     def end(self, user: User) -> None:
-        """Log ``user``'s session out on the server: its cookie is refused from now on, even if kept."""
+        """Log ``user``'s session out on the server: its cookie is refused from now on, even if kept.
+
+        The session is remembered as ended until its cookie runs out by its own expiry, or a lifetime from now if
+        that is later, and a lifetime more: a clock stepped back between the login and the logout (or after the
+        entry is dropped) must not let a kept copy of the cookie outlive the entry that refuses it."""
         now = time.time()
         with self._ended_lock:
             for session_id in [s for s, until in self._ended.items() if until < now]:
                 del self._ended[session_id]  # expired cookies are refused anyway
-            self._ended[user.session_id] = now + self.lifetime_seconds
+            self._ended[user.session_id] = max(user.expires, now + self.lifetime_seconds) + self.lifetime_seconds
             if self._ended_file is not None:
                 try:
                     _write_ended(self._ended_file, self._ended)
@@ -166,7 +171,7 @@ class Sessions:
         value comes back second (None: the cookie's session goes on)."""
         session = self.read(cookie)
         if session is not None and session.name == name and session.credential == PROXY_CREDENTIAL:
-            return User(name, role, session.session_id, PROXY_CREDENTIAL), None
+            return User(name, role, session.session_id, PROXY_CREDENTIAL, session.expires), None
         return self._issue(name, role, PROXY_CREDENTIAL)
 
     @staticmethod
