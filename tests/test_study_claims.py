@@ -168,6 +168,34 @@ def test_a_claim_from_before_the_studys_identity_was_erased_names_nobody_but_the
     assert claims.claim("1.2.7", SMITH) == "PatientID"
 
 
+def test_a_clock_stepped_back_after_a_purge_does_not_make_a_claim_taken_since_count_as_stale(tmp_path, monkeypatch):
+    """The study's identity was erased by a purge, SMITH's series claimed it again; NTP steps the clock back an hour:
+    JONES's series of the same study moments later is still refused, the purge kept at its instant."""
+    from datetime import timedelta
+
+    from db.ingest import record_instance
+    from db.models import Series, utcnow
+    from db.session import make_engine, make_session_factory, migrate, transaction
+    from dicom_node.receive import studies
+    from dicom_node.receive.studies import KnownStudies
+    from tests.conftest import ct_instance
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("1.2.7.1.1", "1.2.7.1", study_instance_uid="1.2.7"))
+        session.scalars(select(Series)).one().purged_at = utcnow()  # retention purged the study's one series
+    claims = StudyClaims(slots=8)
+    known = KnownStudies(sessions, claims)
+    time.sleep(0.05)
+    assert claims.claim("1.2.7", SMITH, stale_before=known._erased_at("1.2.7")) is None  # SMITH's series, after it
+
+    monkeypatch.setattr(studies, "utcnow", lambda: utcnow() - timedelta(hours=1))  # the clock stepped back
+
+    assert claims.claim("1.2.7", JONES, stale_before=known._erased_at("1.2.7")) == "PatientID"
+
+
 def _claim_and_die_holding_the_lock(claims: StudyClaims, study: str) -> None:
     assert claims.claim(study, SMITH) is None
     claims._lock.acquire()

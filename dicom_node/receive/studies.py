@@ -56,6 +56,7 @@ class KnownStudies:
         self._lock = threading.Lock()
         self._patients: dict[str, tuple[float, StudyPatient]] = {}
         self._series: set[str] = set()  # series this process has stored an instance of
+        self._erasures: dict[tuple[str, object], float] = {}  # (study, purged_at) -> when, on time.monotonic()
         self._unreadable_until = 0.0  # time.monotonic() until which the database is not asked
         bind = sessions.kw["bind"]
         engine = bind.engine if isinstance(bind, Connection) else bind
@@ -121,13 +122,26 @@ class KnownStudies:
 
     def _erased_at(self, study_instance_uid: str) -> float:
         """When (``time.monotonic()``) the study's last series was purged, which erased its identity; 0.0 where
-        none was, or while the database cannot be read."""
+        none was, or while the database cannot be read.
+
+        The purge is dated by the wall clock; its instant on the monotonic clock is worked out the first time this
+        process sees it and kept: a wall clock stepped back later must not move the erasure after claims taken
+        since (which would count them as stale), and a purge dated in the future counts as now."""
         _read, purged_at = self._read(
             select(func.max(Series.purged_at)).join(Study).where(Study.study_instance_uid == study_instance_uid)
         )
         if purged_at is None:
             return 0.0
-        return time.monotonic() - (utcnow() - as_utc(purged_at)).total_seconds()
+        key = (study_instance_uid, purged_at)
+        with self._lock:
+            erased = self._erasures.get(key)
+            if erased is None:
+                elapsed = max(0.0, (utcnow() - as_utc(purged_at)).total_seconds())
+                erased = time.monotonic() - elapsed
+                if len(self._erasures) >= REMEMBERED_STUDIES:
+                    self._erasures.clear()
+                self._erasures[key] = erased
+        return erased
 
     def remember(self, header: InstanceHeader) -> None:
         """An instance of ``header``'s study was stored: where it is the first of its series this process stores,
