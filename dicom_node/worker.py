@@ -267,16 +267,14 @@ class InferenceWorker:
         self._beat()  # each try: a worker waiting for a locked database is alive
         lease = timedelta(seconds=self.settings.inference.lease_seconds)
         with transaction(self.sessions) as session:
-            revision = session.scalar(text("SELECT version_num FROM alembic_version"))
-            if revision != self.schema:  # a serve of another version changed the tables since this worker started
-                raise SchemaChanged(str(revision))
+            self._require_own_schema(session)
             job = jobs.claim_next(session, self.identity, lease)
             if job is None:
                 return None
             instances = select(Instance.path).where(Instance.series_id == job.series_id).order_by(Instance.id)
             paths = [Path(p) for p in session.scalars(instances)]
             run, replaces = _run_and_replaced_reports(session, job)
-            return ClaimedJob(
+            claim = ClaimedJob(
                 job.id,
                 job.series.series_instance_uid,
                 job.model_name or "",
@@ -287,6 +285,17 @@ class InferenceWorker:
                 warnings=list(job.warnings or []),
                 replaces=replaces,
             )
+            # On PostgreSQL the statements above may have waited behind a newer serve's upgrade (its table locks) and
+            # gone on once it committed; read again last, the revision shows that upgrade and the claim rolls back.
+            self._require_own_schema(session)
+            return claim
+
+    def _require_own_schema(self, session: Session) -> None:
+        """Raise :class:`SchemaChanged` when a serve of another version changed the tables since this worker
+        started."""
+        revision = session.scalar(text("SELECT version_num FROM alembic_version"))
+        if revision != self.schema:
+            raise SchemaChanged(str(revision))
 
     # --- one job ------------------------------------------------------------------------------
 

@@ -6,13 +6,16 @@ making it under the older node still running; one older than the database says s
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from db.models import JobState
 from db.session import alembic_config, make_engine, make_session_factory, migrate, newest_revision, schema_revision
+from dicom_node.config import Settings
+from dicom_node.worker import InferenceWorker, SchemaChanged
 from tests.conftest import seed_queued_series, wait_for
 from tests.test_scaleout import SMALL, start_worker, states, worker_config
 
@@ -98,3 +101,46 @@ def test_a_running_worker_whose_schema_changes_under_it_claims_nothing_more_and_
     assert "Traceback" not in output, output
     [reason] = re.findall(rf'{event} .*?reason="([^"]*)"', output)
     assert f"the database has schema revision {revision}, " in reason and says in reason
+
+
+def test_a_claim_that_waited_behind_a_newer_serves_upgrade_on_postgresql_claims_nothing(tmp_path, postgresql_url):
+    """PostgreSQL: the claim's statements wait for the tables an upgrade holds and go on once it committed, after the
+    revision was first read; read again last, it shows the upgrade, and the job stays queued."""
+    migrate(postgresql_url)
+    settings = Settings(storage={"directory": tmp_path / "storage"}, database={"url": postgresql_url})
+    sessions = make_session_factory(make_engine(postgresql_url))
+    seed_queued_series(sessions, tmp_path / "series", 1, SMALL)
+    worker = InferenceWorker(settings, sessions, "gpu-host:1")
+    engine = create_engine(postgresql_url)
+    upgrade = engine.connect()
+    upgrade.begin()  # a newer serve's upgrade, in one transaction as alembic runs it
+    upgrade.execute(text("ALTER TABLE instances ADD COLUMN added_by_a_newer_version integer"))
+    upgrade.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    outcome: dict[str, object] = {}
+    claiming = threading.Thread(target=_claim_into, args=(worker, outcome))
+    claiming.start()
+    try:
+        wait_for(lambda: _waiting_for_a_lock(engine), timeout=60, what="the claim waiting behind the upgrade")
+        upgrade.commit()
+    finally:
+        upgrade.close()
+        claiming.join(timeout=60)
+        engine.dispose()
+    assert outcome == {"schema changed to": "0099"}
+    assert states(sessions) == {JobState.QUEUED: 1}  # left for a worker of the database's version
+
+
+def _claim_into(worker: InferenceWorker, outcome: dict[str, object]) -> None:
+    try:
+        outcome["claimed"] = worker.claim()
+    except SchemaChanged as exc:
+        outcome["schema changed to"] = exc.revision
+
+
+def _waiting_for_a_lock(engine: Engine) -> bool:
+    """Whether another connection to the database waits for a lock (the claim, behind the upgrade's)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return bool(connection.scalar(text(waiting)))
