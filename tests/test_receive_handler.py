@@ -5,6 +5,7 @@ In-process, so a stage of the handler can be made to fail and its clean-up check
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,6 +402,66 @@ def test_a_resend_that_only_completes_or_pads_the_identity_is_a_plain_duplicate(
     assert not running_scp.store.quarantine_dir.exists() or not list(running_scp.store.quarantine_dir.iterdir())
 
 
+@pytest.mark.parametrize(
+    "resent_name",
+    ["MÜLLER^JÜRGEN", unicodedata.normalize("NFD", "Müller^Jürgen"), "müller^jürgen^^"],
+    ids=["upper-case", "decomposed-letters", "lower-case-padded"],
+)
+def test_a_resend_spelling_the_name_of_the_same_person_otherwise_is_a_plain_duplicate(
+    running_scp, tmp_path, resent_name
+):
+    """Many PACS re-send a stored image with the name in their own form (upper case, letters decomposed): by the
+    names rule (db.names) it names the same patient, so the copy is the one already stored, kept as it was."""
+    from db.models import RejectedInstance
+
+    series = _named_series(tmp_path, "Müller^Jürgen")
+    assert running_scp.send(series.files) == [(status.SUCCESS, "")] * len(series.files)
+    assert running_scp.recorder.wait_until_recorded(30)
+    stored = running_scp.stored_bytes()
+    again = dcmread(series.files[1])
+    again.PatientName = resent_name
+    again.save_as(tmp_path / "again.dcm")
+
+    assert running_scp.send([tmp_path / "again.dcm"]) == [(status.SUCCESS, "")]
+    assert running_scp.recorder.wait_until_recorded(30)
+    assert running_scp.stored_bytes() == stored
+    assert not running_scp.store.quarantine_dir.exists() or not list(running_scp.store.quarantine_dir.iterdir())
+    with running_scp.sessions() as session:
+        assert not list(session.scalars(select(RejectedInstance.reason)))
+        assert set(session.scalars(select(Instance.patient_name))) == {"Müller^Jürgen"}
+
+
+def test_a_resend_naming_another_person_in_a_component_group_is_refused(running_scp, tmp_path):
+    """The names rule is no looser than that: the same alphabetic name with another ideographic one is another
+    person, and the copy is refused as under another PatientID."""
+    from db.models import RejectedInstance
+
+    series = _named_series(tmp_path, "Yamada^Tarou=山田^太郎")
+    assert running_scp.send(series.files[:2]) == [(status.SUCCESS, "")] * 2
+    stored = running_scp.stored_bytes()
+    other = dcmread(series.files[1])
+    other.PatientName = "YAMADA^TAROU=田中^次郎"
+    other.save_as(tmp_path / "other.dcm")
+
+    assert running_scp.send([tmp_path / "other.dcm"])[0][0] == status.CANNOT_UNDERSTAND
+    assert running_scp.stored_bytes() == stored
+    with running_scp.sessions() as session:
+        assert list(session.scalars(select(RejectedInstance.reason))) == [
+            f"SOP Instance UID {other.SOPInstanceUID} is already stored with another PatientName; the stored copy is "
+            "kept and this one quarantined (a stored instance is never relabelled with another identity)"
+        ]
+
+
+def _named_series(tmp_path: Path, name: str) -> PhantomSeries:
+    """A small CT series naming its patient ``name``, written in UTF-8."""
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    for path in series.files:
+        ds = dcmread(path)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 192", name
+        ds.save_as(path)
+    return series
+
+
 def _another_copy_placed_first(monkeypatch: pytest.MonkeyPatch, other: Path) -> None:
     """The next instance placed finds ``other`` (a copy of the same SOP Instance UID) put at its path a moment
     before, as a second association sending the same instance at the same time would (both found the name free)."""
@@ -528,6 +589,41 @@ def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attrib
     assert reason.startswith(
         f"SOP Instance UID {other.SOPInstanceUID} arrived in series {other.SeriesInstanceUID} with another PatientID "
         f"than the copy already stored in series {series.series_instance_uid}; this copy was acknowledged"
+    )
+    store.close()
+
+
+def test_a_copy_of_the_same_patient_set_aside_by_the_recorder_is_not_said_to_name_another(tmp_path):
+    """Two senders at once, the copy under another series with the name upper-cased: set aside as a copy filed
+    under another series, never as one 'with another PatientName' (by the names rule it is the same patient)."""
+    from db.models import RejectedInstance
+    from db.session import transaction
+    from dicom_node.receive.storage import index_file, record_stored_instances
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    store = InstanceStore(tmp_path / "storage")
+    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
+    first = store.path_for(series.study_instance_uid, series.series_instance_uid, series.sop_instance_uids[0])
+    first.parent.mkdir(parents=True)
+    first.write_bytes(series.files[0].read_bytes())
+    assert index_file(first, store, sessions) == "indexed"
+    other = dcmread(series.files[0])
+    other.PatientName, other.SeriesInstanceUID = str(other.PatientName).upper(), "1.2.826.0.1.3680043.2.1125.9"
+    path = store.path_for(series.study_instance_uid, other.SeriesInstanceUID, other.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    other.save_as(path, enforce_file_format=True)
+    header = scp.check_header(dcmread(path, stop_before_pixels=True), other.SOPClassUID, other.SOPInstanceUID)
+
+    with transaction(sessions) as session:
+        record_stored_instances(session, store, [header.record(other.file_meta.TransferSyntaxUID, str(path), 1, "B")])
+
+    with sessions() as session:
+        reason = session.scalars(select(RejectedInstance.reason)).one()
+    assert reason.startswith(
+        f"SOP Instance UID {other.SOPInstanceUID} arrived in series {other.SeriesInstanceUID} but is already stored "
+        f"in series {series.series_instance_uid}; this copy was acknowledged"
     )
     store.close()
 

@@ -725,13 +725,7 @@ class StudyPatient:
         if comparable_identity("PatientID", self.patient_id) != comparable_identity("PatientID", received.patient_id):
             return "PatientID"
         for keyword, field in STUDY_PATIENT_ATTRIBUTES:
-            if keyword == "PatientName":
-                if other_person(getattr(self, field), getattr(received, field)):
-                    return keyword
-                continue
-            recorded = comparable_identity(keyword, getattr(self, field))
-            sent = comparable_identity(keyword, getattr(received, field))
-            if recorded and sent and recorded != sent:
+            if identity_differs(keyword, getattr(self, field), getattr(received, field)):
                 return keyword
         return None
 
@@ -751,6 +745,16 @@ def comparable_identity(keyword: str, value: str | None) -> str:
     if keyword == "PatientName":
         text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("= ")
     return text
+
+
+def identity_differs(keyword: str, recorded: str | None, received: str | None) -> bool:
+    """Whether two values of an identity attribute name two patients (or studies): names where they are two people
+    by :func:`~db.names.other_person` (``MÜLLER^JÜRGEN`` is ``Müller^Jürgen``), other values where both carry one
+    and they differ as :func:`comparable_identity` writes them."""
+    if keyword == "PatientName":
+        return other_person(recorded, received)
+    before, after = comparable_identity(keyword, recorded), comparable_identity(keyword, received)
+    return bool(before and after and before != after)
 
 
 DEFAULT_REPERTOIRE = "ascii"
@@ -844,17 +848,18 @@ def identity_conflict(
     received: StudyAttributes,
     attributes: tuple[tuple[str, str], ...] = IDENTITY_ATTRIBUTES,
 ) -> str | None:
-    """The first identity attribute in which ``received`` differs from the ``stored`` copy's, or None.
+    """The first identity attribute in which ``received`` differs from the ``stored`` copy's, or None
+    (:func:`identity_differs`).
 
     A value missing on either side is no conflict (a PACS filling in AccessionNumber or PatientSex from
-    its RIS is not another patient), and names compare without empty trailing components (``DOE^JOHN``
-    is ``DOE^JOHN^^^``). None too when there is no stored copy's header (:func:`stored_header` could not read it).
+    its RIS is not another patient), and names compare as every name is compared (:mod:`db.names`): a PACS
+    re-sending ``Müller^Jürgen`` as ``MÜLLER^JÜRGEN^^``, or with its letters decomposed, sends the same patient's
+    copy, and the stored one is kept as it is. None too when there is no stored copy's header (:func:`stored_header`
+    could not read it).
     """
     if stored is None:
         return None
-    pairs = [(keyword, getattr(stored, field), getattr(received, field)) for keyword, field in attributes]
-    for keyword, stored_value, received_value in pairs:
-        before, after = comparable_identity(keyword, stored_value), comparable_identity(keyword, received_value)
-        if before and after and before != after:
+    for keyword, field in attributes:
+        if identity_differs(keyword, getattr(stored, field), getattr(received, field)):
             return keyword
     return None

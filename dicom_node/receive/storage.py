@@ -69,8 +69,8 @@ from dicom_node.receive.header import (
     InstanceHeader,
     InvalidInstance,
     check_header,
-    comparable_identity,
     identity_conflict,
+    identity_differs,
     is_valid_uid,
     stored_header,
 )
@@ -524,7 +524,8 @@ are compared on the same keywords). A copy that differs in one of them is refuse
 one that differs elsewhere (InstitutionName, a private tag) is the same copy, kept once."""
 IDENTITY_TEXT_ATTRIBUTES = RESULT_ATTRIBUTES[:4]
 """Those whose values identify the patient or study: a difference names the attribute, never its values. They are
-compared as a stored copy's identity is (:func:`identity_conflict`): a value only one copy carries is no difference."""
+compared as a stored copy's identity is (:func:`identity_conflict`): a value only one copy carries is no difference,
+and names are compared by :mod:`db.names` (one person's name in another letter case is the same copy)."""
 _RESULT_TAGS = [Tag(keyword) for keyword in RESULT_ATTRIBUTES]
 # A name is decoded in its copy's character set.
 _READ_TAGS: list[BaseTag | int] = [*_RESULT_TAGS, Tag("SpecificCharacterSet")]
@@ -794,9 +795,8 @@ def _value_difference(keyword: str, kept: Dataset, received: Dataset, location: 
 
 
 def _identity_difference(keyword: str, kept: Dataset, received: Dataset, location: str) -> CopyDifference | None:
-    before = comparable_identity(keyword, "\\".join(str(value) for value in _values(kept, keyword)))
-    after = comparable_identity(keyword, "\\".join(str(value) for value in _values(received, keyword)))
-    if not before or not after or before == after:
+    before, after = ("\\".join(str(value) for value in _values(copy, keyword)) for copy in (kept, received))
+    if not identity_differs(keyword, before, after):
         return None
     return CopyDifference(keyword, "its values are not shown, as they identify the patient or study", location)
 
