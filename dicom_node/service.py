@@ -30,6 +30,7 @@ from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.backfill import fill_instance_identities
 from dicom_node.receive.moved_storage import adopt_moved_storage
+from dicom_node.receive.name_keys import key_recorded_names
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
@@ -647,6 +648,7 @@ def _repair_storage(settings: Settings, sessions: sessionmaker[Session], store: 
     put_back = put_back_set_aside_files(store.instances_dir)  # a purge cut off by a crash: the rows are still there
     report = repair(store, sessions)
     fill_instance_identities(sessions)  # before Query/Retrieve serves: images stored before revision 0011
+    key_recorded_names(sessions)  # before Query/Retrieve serves: names an older version recorded since 0016
     requeue_jobs_of_previous_run(sessions)  # before this run's workers start: their pids may be the old ones'
     log_event(
         LOG,

@@ -12,6 +12,7 @@ The database is made at revision 0010 with alembic and filled as the older node 
 
 from __future__ import annotations
 
+import re
 import shutil
 import unicodedata
 from collections import Counter
@@ -22,14 +23,16 @@ import pydicom
 import pytest
 from alembic import command
 from pydicom.uid import generate_uid
-from sqlalchemy import MetaData, create_engine, insert, select
+from sqlalchemy import MetaData, create_engine, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance
-from db.session import alembic_config, make_engine, make_session_factory, migrate
+from db.ingest import StudyAttributes, record_instance
+from db.models import Instance, Study
+from db.session import alembic_config, make_engine, make_session_factory, migrate, transaction
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.receive import backfill
+from dicom_node.receive import backfill, name_keys
 from tests.conftest import Node, free_port
-from tests.test_matching import answers, query
+from tests.test_matching import answers, instance, query
 from tests.test_qr_identity import PLANNER, _get
 
 RITA = {"PatientID": "R1-PID", "PatientName": "Right^Rita", "PatientBirthDate": "19900909", "PatientSex": "F"}
@@ -292,3 +295,60 @@ def test_an_upgrade_keys_the_names_recorded_before_so_one_name_in_another_case_o
     assert keys == ["müller^jürgen==", "müller^jürgen==", "müller^jürgen==", None]
     found = answers(sessions, query("IMAGE", StudyInstanceUID="8.1", SOPInstanceUID=""), "SOPInstanceUID")
     assert found == ["8.1.9.0", "8.1.9.1", "8.1.9.2", "8.1.9.3"]
+
+
+def _record_without_keys(sessions: sessionmaker[Session]) -> None:
+    """Study 7.3 of Müller^Jürgen; images written MÜLLER^JÜRGEN (one person, admission says): the study row and
+    image 7.3.9.2 without their key, as a worker of the version before revision 0016 records them after the
+    upgrade, and image 7.3.9.3 whose name is no name."""
+    names = ["Müller^Jürgen", "MÜLLER^JÜRGEN", "MÜLLER^JÜRGEN", "^^"]
+    with transaction(sessions) as session:
+        for number, name in enumerate(names):
+            study = StudyAttributes("7.3", patient_id="P9", patient_name=name)
+            record_instance(session, instance(f"7.3.9.{number}", "7.3.9", study, number))
+    with transaction(sessions) as session:
+        session.execute(update(Study).values(patient_name_key=None))
+        session.execute(update(Instance).where(Instance.sop_instance_uid == "7.3.9.2").values(patient_name_key=None))
+
+
+@pytest.mark.integration
+def test_a_name_recorded_without_its_key_after_the_upgrade_is_keyed_at_the_next_start_and_served(
+    tmp_path: Path,
+) -> None:
+    """Revision 0016 keys only the names recorded when it runs: a row written since by an older version's code has
+    none, and Query/Retrieve withheld MÜLLER^JÜRGEN under a study of Müller^Jürgen. `serve` keys such rows at start."""
+    node = Node(tmp_path / "node", {})
+    node.storage.mkdir(parents=True)
+    migrate(f"sqlite:///{node.storage / 'dicom-node.db'}")
+    _record_without_keys(node.sessions)
+    images = query("IMAGE", StudyInstanceUID="7.3", SeriesInstanceUID="7.3.9", SOPInstanceUID="")
+    assert answers(node.sessions, images, "SOPInstanceUID") == ["7.3.9.0", "7.3.9.3"]  # as before the start
+    try:
+        node.start()
+        first_log = node.log()
+        node.stop()
+        node.start()
+        second_log = node.log()[len(first_log) :]
+    finally:
+        node.stop()
+
+    assert answers(node.sessions, images, "SOPInstanceUID") == ["7.3.9.0", "7.3.9.1", "7.3.9.2", "7.3.9.3"]
+    [note] = re.findall(r'repair\.names_keyed .*?note="([^"]*)"', first_log)
+    assert note == (
+        "2 patient name(s) recorded by an older version of dicom-node were given the form names are compared in, so "
+        "Query/Retrieve finds their images under their study's patient"
+    )
+    assert "repair.names_keyed" not in second_log, second_log
+
+
+def test_names_are_keyed_in_batches_and_a_name_that_is_no_name_is_left_without_a_key(database_url) -> None:
+    migrate(database_url)
+    sessions = make_session_factory(make_engine(database_url))
+    _record_without_keys(sessions)
+
+    assert name_keys.key_recorded_names(sessions, batch_size=1) == 2
+    with sessions() as session:
+        assert session.scalars(select(Study.patient_name_key)).all() == ["müller^jürgen=="]
+        keys = session.scalars(select(Instance.patient_name_key).order_by(Instance.id)).all()
+    assert keys == ["müller^jürgen==", "müller^jürgen==", "müller^jürgen==", None]
+    assert name_keys.key_recorded_names(sessions) == 0
