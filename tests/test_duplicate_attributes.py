@@ -182,6 +182,39 @@ def test_comparing_a_resent_copy_reads_the_stored_file_once_without_a_second_cop
     assert peak < 1.5 * len(again), f"the comparison held {peak / len(again):.1f} times the instance"
 
 
+@pytest.mark.parametrize("bomb_stored_first", [False, True])
+def test_a_copy_whose_jpeg_2000_frame_says_a_larger_image_is_not_decoded_to_compare_it(
+    ct_series, tmp_path, monkeypatch, bomb_stored_first
+):
+    """A resend whose codestream says 2048 x 2048 under Rows and Columns of 512: decoding it would allocate what the
+    frame says (gigabytes at 16384 x 16384, for a file of 2 KB, in the receiving process). Either copy, stored or
+    sent again, is named and refused as a different copy without being decoded."""
+    from dicom_node.receive import storage
+
+    normal = ct_series[0]
+    bomb = pydicom.dcmread(normal)
+    rows, columns = bomb.Rows, bomb.Columns
+    bomb.Rows = bomb.Columns = 2048
+    bomb.PixelData = np.zeros((2048, 2048), dtype=np.int16).tobytes()
+    bomb.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    bomb.compress(JPEG2000Lossless, generate_instance_uid=False)
+    bomb.Rows, bomb.Columns = rows, columns
+    bomb_file = tmp_path / "bomb.dcm"
+    bomb.save_as(bomb_file, enforce_file_format=True)
+    stored, resent = (bomb_file, normal) if bomb_stored_first else (normal, bomb_file)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a copy was decoded although a frame's own header disagrees with Rows and Columns")
+
+    monkeypatch.setattr(storage, "iter_pixels", no_decoding)
+    difference = copy_difference(stored, data_set_bytes(resent), JPEG2000Lossless)
+
+    assert difference is not None and difference.attribute == storage.PIXEL_DATA
+    which = "the stored copy" if bomb_stored_first else "this copy"
+    assert f"the JPEG 2000 data of {which}" in difference.detail and "it is not decoded" in difference.detail
+    assert "2048" in difference.detail
+
+
 def test_an_enhanced_ct_resent_with_another_frame_position_names_the_frame(tmp_path):
     [stored] = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=16, columns=16, slices=4, enhanced=True)).files
     syntax = UID(pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import dcmread, read_dataset, read_preamble, read_sequence
 from pydicom.multival import MultiValue
@@ -74,6 +74,7 @@ from dicom_node.receive.header import (
     is_valid_uid,
     stored_header,
 )
+from inference.frames import encapsulated_problem
 from inference.volume import VOLUME_SOURCE_KEYWORDS
 
 LOG = logging.getLogger(__name__)
@@ -749,6 +750,14 @@ class _EncodedCopy:
         """Its pixel values, decoded one frame at a time."""
         return iter_pixels(BytesIO(self.data), transfer_syntax_uid=self.syntax)
 
+    def undecodable(self, name: str) -> str | None:
+        """Why its compressed frames must not be decoded (a frame whose own header disagrees with Rows and Columns,
+        which would make the decoder allocate what the frame says), as a sentence naming ``name``; None if none."""
+        dataset = self.elements()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = self.syntax
+        return encapsulated_problem(dataset, name)
+
 
 def _past_file_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag.group != 2
@@ -853,8 +862,15 @@ def _pixel_difference(
 
 
 def _decoded_difference(kept: _EncodedCopy, received: _EncodedCopy) -> CopyDifference | None:
-    """How the decoded pixel values of two copies differ, frame by frame (stopping at the first that does), or None."""
+    """How the decoded pixel values of two copies differ, frame by frame (stopping at the first that does), or None.
+
+    Neither copy is decoded where a compressed frame's own header disagrees with its Rows and Columns: the receiving
+    process would allocate what the frame says (gigabytes, for a file of a few KB), holding up every association."""
     try:
+        for copy, name in ((kept, "the stored copy"), (received, "this copy")):
+            problem = copy.undecodable(name)
+            if problem is not None:
+                return CopyDifference(PIXEL_DATA, problem)
         frames = zip_longest(kept.frames(), received.frames())
         for number, (kept_frame, received_frame) in enumerate(frames, start=1):
             if kept_frame is None or received_frame is None:
