@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
+from db.session import DatabaseBusy, is_database_locked
 from dicom_node.config import Settings
 from dicom_node.logs import log_event
 
@@ -25,7 +26,8 @@ class PeriodicTask:
     """Calls :meth:`run_once` every :attr:`interval_seconds` until stopped.
 
     A pass that raises is logged as ``<name>.pass_failed`` with a reason and, for the
-    first of a run of failures, its trace; the next pass runs as usual: one bad series
+    first of a run of failures, its trace (a database locked by another process: a WARNING
+    in words, no trace); the next pass runs as usual: one bad series
     must not stop the node's loops, and a database that stays broken writes one line a
     minute, not one a pass. The pass after the last failure logs ``<name>.recovered``.
     """
@@ -93,16 +95,30 @@ class PeriodicTask:
                 )
             except Exception as exc:  # noqa: BLE001 - keep running; each new error's trace is logged once
                 failures += 1
-                kind = (type(exc), str(exc)[:200])
+                locked = locked_database_words(exc)
+                kind = (DatabaseBusy, "") if locked else (type(exc), str(exc)[:200])
                 new = kind != logged
                 if new or time.monotonic() - logged_at >= REPEATED_FAILURE_LOG_SECONDS:
                     logged_at, logged = time.monotonic(), kind
-                    self._log.error(
-                        f"{self.name}.pass_failed",
-                        exc_info=new,
-                        extra={"event_fields": {"failed_passes": failures, "reason": self._failure_reason(exc, new)}},
-                    )
+                    self._log_failure(exc, failures, new, locked)
             self._stop.wait(self.interval_seconds)
+
+    def _log_failure(self, exc: Exception, failures: int, new: bool, locked: str | None) -> None:
+        """``pass_failed``: a database locked by another process is a WARNING in words; any other error an ERROR,
+        with its trace when it is new."""
+        if locked:
+            again = (
+                f"the pass is tried again in {self.interval_seconds:g} s; while the database stays locked, one line "
+                "a minute counts the failed passes"
+            )
+            fields = {"failed_passes": failures, "reason": f"{locked}; {again}"}
+            self._log.warning(f"{self.name}.pass_failed", extra={"event_fields": fields})
+            return
+        self._log.error(
+            f"{self.name}.pass_failed",
+            exc_info=new,
+            extra={"event_fields": {"failed_passes": failures, "reason": self._failure_reason(exc, new)}},
+        )
 
     def _failure_reason(self, exc: Exception, traced: bool) -> str:
         details = "its details are in this line's exception field" if traced else "the same error as logged before"
@@ -113,3 +129,12 @@ class PeriodicTask:
         if isinstance(exc, DBAPIError):
             return f"the database could not be read or written (damaged, locked or unreachable; {details}); {again}"
         return f"an unexpected error ({details}); {again}"
+
+
+def locked_database_words(error: BaseException) -> str | None:
+    """Why a database another process holds locked stopped the caller, in words; None for any other error."""
+    if isinstance(error, DatabaseBusy):
+        return str(error)  # "the database is locked by another process for 30 s while ..."
+    if is_database_locked(error):
+        return "the database is locked by another process"
+    return None

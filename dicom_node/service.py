@@ -27,10 +27,10 @@ from dicom_node import audit, security
 from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
-from dicom_node.periodic import PeriodicTask
+from dicom_node.periodic import PeriodicTask, locked_database_words
 from dicom_node.receive.backfill import fill_instance_identities
 from dicom_node.receive.moved_storage import adopt_moved_storage
-from dicom_node.receive.name_keys import key_recorded_names
+from dicom_node.receive.name_keys import NameKeying, key_recorded_names
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
 from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
@@ -195,7 +195,8 @@ class WorkerSupervisor:
     def check_hung_workers(self) -> None:
         """Take jobs from workers that ran past the time limit or stopped renewing their lease (see the class).
 
-        A locked database waits for the next check; any other failure is logged and the next check runs as usual.
+        A locked database waits for the next check (said once, in a WARNING); any other failure is logged with its
+        trace, and the next check runs as usual.
         """
         if self.sessions is None or self._leases is None:
             return
@@ -208,15 +209,26 @@ class WorkerSupervisor:
                 limit_seconds=limit,
             )
         except DatabaseBusy:
-            return  # the next check looks again
-        except Exception as exc:  # the supervisor must keep restarting dead workers; each new failure's trace once
-            failure = str(exc)[:200]
-            if failure != self._last_check_failure:
-                reason = f"the look for hung workers failed; it is tried again every {limit / 2:g} s"
-                LOG.exception("worker.hang_check_failed", extra={"event_fields": {"reason": reason}})
-            self._last_check_failure = failure
+            return  # the next check looks again (its wait was logged as database.busy)
+        except Exception as exc:  # noqa: BLE001 - the supervisor must keep restarting dead workers: logged below
+            self._hang_check_failed(exc, limit / 2)
             return
         self._last_check_failure = None
+
+    def _hang_check_failed(self, exc: Exception, every: float) -> None:
+        """Log a failed look for hung workers once until a look succeeds: a database locked by another process as
+        a WARNING in words, any other error with its trace."""
+        locked = locked_database_words(exc)
+        failure = "locked" if locked else str(exc)[:200]
+        if failure != self._last_check_failure:
+            again = f"the look for hung workers is tried again every {every:g} s"
+            if locked:
+                fields = {"reason": f"{locked}; {again}"}
+                LOG.warning("worker.hang_check_failed", extra={"event_fields": fields})
+            else:
+                reason = f"the look for hung workers failed; {again}"
+                LOG.error("worker.hang_check_failed", exc_info=exc, extra={"event_fields": {"reason": reason}})
+        self._last_check_failure = failure
 
     def _local_workers(self) -> dict[str, tuple[int, multiprocessing.process.BaseProcess]]:
         """This node's running workers by the id they claim jobs under ("host:pid"), with their slot."""
@@ -340,6 +352,7 @@ class RunningNode:
     node_lock: db_session.NodeLock | None = None
     storage_lock: StorageLock | None = None
     checkpoint: WalCheckpoint | None = None  # SQLite only
+    name_keys: NameKeying | None = None
 
     def stop(self) -> None:
         if self.console is not None:
@@ -350,6 +363,8 @@ class RunningNode:
         self.workers.stop()
         self.dispatcher.stop()
         self.retention.stop()
+        if self.name_keys is not None:
+            self.name_keys.stop()
         if self.certificates is not None:
             self.certificates.stop()
         if self.checkpoint is not None:
@@ -586,6 +601,7 @@ def _start_parts(
         quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
     )
     try:
+        names = NameKeying(settings, sessions)  # before the start's pass: it keys what is recorded from then on
         _repair_storage(settings, sessions, store)
         # Bind first: a port in use must stop start-up before any thread or process exists.
         server = start_receiving(settings, store, sessions)  # it indexes the journals of receivers that ended
@@ -608,6 +624,8 @@ def _start_parts(
     started.append(dispatcher.stop)
     retention.start()
     started.append(retention.stop)
+    names.start()
+    started.append(names.stop)
     certificates = CertificateWatch(settings, sessions) if tls_files(settings) else None
     if certificates is not None:
         certificates.start()
@@ -627,6 +645,7 @@ def _start_parts(
         node_lock=node_lock,
         storage_lock=storage_lock,
         checkpoint=checkpoint,
+        name_keys=names,
     )
 
 

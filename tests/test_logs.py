@@ -8,6 +8,7 @@ import json
 import logging
 import shlex
 import socket
+import sqlite3
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,8 +18,10 @@ import pytest
 from pynetdicom import AE, _config, evt
 from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NetworkSettings
+from db.session import make_engine, make_session_factory, migrate
+from dicom_node.config import NetworkSettings, Settings
 from dicom_node.logs import JsonFormatter, TextFormatter, configure_logging, log_event
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive import scp
@@ -434,3 +437,64 @@ def test_library_lines_of_a_move_whose_destination_aborts_name_the_destination_i
     assert not [line for line in library if "'PLANNER'" in line and "move destination" not in line], library
     assert [line for line in library if "move destination AE title 'ORTHANC' at 127.0.0.2:" in line], library
     assert "attribute 'Status'" not in node.log()
+
+
+@pytest.fixture
+def locked_database(tmp_path) -> Iterator[tuple[Settings, sessionmaker[Session], sqlite3.Connection]]:
+    """A node's settings and SQLite database (busy timeout 0.2 s), which another process holds locked."""
+    settings = Settings(
+        storage={"directory": str(tmp_path)},
+        completion={"check_interval_seconds": 0.1},
+        inference={"workers": 0, "job_timeout_minutes": 1},
+    )
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url, busy_timeout_seconds=0.2))
+    holder = sqlite3.connect(tmp_path / "dicom-node.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    yield settings, sessions, holder
+    holder.close()
+
+
+def test_a_pass_that_finds_the_database_locked_by_another_process_says_so_in_a_warning_without_a_trace(
+    locked_database, caplog
+):
+    """The watcher logged an ERROR ``(damaged, locked or unreachable; its details are in this line's exception
+    field)`` with SQLAlchemy's traceback while another process held the database locked."""
+    from dicom_node.watcher import SeriesWatcher
+
+    settings, sessions, holder = locked_database
+    watcher = SeriesWatcher(settings, sessions)
+    with caplog.at_level(logging.INFO, logger="dicom_node.watcher"):
+        watcher.start()
+        try:
+            wait_for(lambda: [r for r in caplog.records if r.getMessage() == "watcher.pass_failed"])
+            holder.rollback()
+            wait_for(lambda: [r for r in caplog.records if r.getMessage() == "watcher.recovered"])
+        finally:
+            watcher.stop()
+
+    failed = [r for r in caplog.records if r.getMessage() == "watcher.pass_failed"]
+    assert [(r.levelname, r.exc_info) for r in failed] == [("WARNING", None)]
+    assert failed[0].event_fields["reason"] == (
+        "the database is locked by another process; the pass is tried again in 0.1 s; while the database stays "
+        "locked, one line a minute counts the failed passes"
+    )
+
+
+def test_a_look_for_hung_workers_that_finds_the_database_locked_says_so_once_in_a_warning_without_a_trace(
+    locked_database, caplog
+):
+    """serve's look for hung workers logged ``the look for hung workers failed`` at ERROR with SQLAlchemy's
+    traceback, not saying the database was locked."""
+    from dicom_node.service import WorkerSupervisor
+
+    settings, sessions, _holder = locked_database
+    supervisor = WorkerSupervisor(settings, sessions)
+    with caplog.at_level(logging.INFO, logger="dicom_node.service"):
+        supervisor.check_hung_workers()
+        supervisor.check_hung_workers()  # still locked: not said again
+
+    failed = [r for r in caplog.records if r.getMessage() == "worker.hang_check_failed"]
+    assert [(r.levelname, r.exc_info) for r in failed] == [("WARNING", None)]
+    expected = "the database is locked by another process; the look for hung workers is tried again every "
+    assert failed[0].event_fields["reason"].startswith(expected)
