@@ -1290,19 +1290,46 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
                 dataset.pixel_array_options(bits_stored=_bits_held(dataset, bits_stored))
             pixels = dataset.pixel_array
         except Exception:  # noqa: BLE001 - any decoder failure becomes the reason
-            raise VolumeError(
-                f"{_image_name(frame)} cannot be decoded: its {encoding} data is damaged or incomplete"
-            ) from None
+            damaged = f"{_image_name(frame)} cannot be decoded: its {encoding} data is damaged or incomplete"
+            raise VolumeError(_length_mismatch(dataset, frame) or damaged) from None
     decoding = [warned for warned in decoding if not _zero_padding_only(dataset, str(warned.message))]
     if decoding:
         first = str(decoding[0].message).splitlines()[0][:200]
-        raise VolumeError(f'{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned "{first}"')
+        warned = f'{_image_name(frame)} did not decode cleanly ({encoding}): the decoder warned "{first}"'
+        raise VolumeError(_length_mismatch(dataset, frame) or warned)
     damage = codestream_damage(dataset, _instance_name(frame))
     if damage is not None:
         raise VolumeError(damage)
     if bits_stored:
         pixels = _check_stored_values(dataset, pixels, bits_stored, signed, frame)
     return dataset, pixels
+
+
+def _length_mismatch(dataset: Dataset, frame: _Frame) -> str | None:
+    """The sentence for native Pixel Data of another length than its Rows, Columns, SamplesPerPixel,
+    NumberOfFrames and BitsAllocated need, naming the image; None when they agree or cannot be told."""
+    data = dataset.get("PixelData")
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if not isinstance(data, bytes) or syntax is None or syntax.is_encapsulated:
+        return None
+    if str(dataset.get("PhotometricInterpretation", "")).startswith("YBR_FULL_422"):
+        return None  # two samples a pixel, not three: the decoder's own count
+    try:
+        keywords = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
+        rows, columns, samples, bits = (int(dataset[keyword].value) for keyword in keywords)
+        frames = int(dataset.get("NumberOfFrames") or 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    needed = (rows * columns * samples * frames * bits + 7) // 8
+    if len(data) in (needed, needed + needed % 2):  # an odd length is padded to even
+        return None
+    count = f" x NumberOfFrames {frames}" if frames > 1 else ""
+    return (
+        f"the Pixel Data of {_instance_name(frame)} holds {len(data):,} bytes, but its Rows {rows} x Columns "
+        f"{columns} x SamplesPerPixel {samples}{count} x BitsAllocated {bits}/8 need {needed:,}: read with these "
+        "values the image would be wrong (a wrong Rows or Columns shears it), so the series is not processed; "
+        "correct the export, or send the scanner's original images"
+    )
 
 
 def _stored_bits(dataset: Dataset, frame: _Frame) -> tuple[int, bool]:

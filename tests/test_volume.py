@@ -428,6 +428,33 @@ def test_pixel_data_cut_short_in_the_file_fails_the_series_naming_the_image(shar
     )
 
 
+@pytest.mark.parametrize("rows_said", [256, 511], ids=["half the rows", "one row fewer"])
+def test_native_pixel_data_of_another_size_than_rows_and_columns_say_fails_naming_both_in_words(
+    shared_fixtures, tmp_path, rows_said
+):
+    """Rows 32 over Pixel Data of 64 x 64 failed with pydicom's warning quoted: ``The number of bytes of pixel data
+    is sufficient to contain 2 frames ... pass 'allow_excess_frames=False'``."""
+    images = []
+    for path in _real_ct_copy(shared_fixtures, tmp_path / "ct"):  # the export got Rows wrong in every image
+        image = pydicom.dcmread(path)
+        image.decompress()
+        image.Rows = rows_said
+        image.save_as(path)
+        images.append(image)
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume([Path(image.filename) for image in images])
+
+    named = [image for image in images if f"(SOP Instance UID {image.SOPInstanceUID})" in str(error.value)]
+    assert len(named) == 1, str(error.value)
+    assert str(error.value) == (
+        f"the Pixel Data of image {named[0].InstanceNumber} (SOP Instance UID {named[0].SOPInstanceUID}) holds "
+        f"{512 * 512 * 2:,} bytes, but its Rows {rows_said} x Columns 512 x SamplesPerPixel 1 x BitsAllocated 16/8 need "
+        f"{rows_said * 512 * 2:,}: read with these values the image would be wrong (a wrong Rows or Columns shears "
+        "it), so the series is not processed; correct the export, or send the scanner's original images"
+    )
+
+
 def test_non_finite_values_fail_the_series_naming_the_image(tmp_path):
     series = write_phantom_series(tmp_path, SPEC)
     dataset = pydicom.dcmread(series.files[4])
