@@ -607,12 +607,12 @@ def test_a_refusal_quotes_at_most_64_characters_of_what_the_peer_sent() -> None:
         "such a value"
     )
     assert messages[1].startswith("InstanceNumber is 400010 characters long, more than the 12 DICOM allows (IS)")
-    assert (
-        refusal(conditions, sent("STUDY", StudyInstanceUID="\\\\"), "STUDY")
-        == "study_instance_uid: '\\\\\\\\' holds no UID"
+    # named by their attribute, the value as sent (not quoted as Python would)
+    assert refusal(conditions, sent("STUDY", StudyInstanceUID="\\\\"), "STUDY") == (
+        "StudyInstanceUID holds no UID, only empty values (\\\\)"
     )
     assert refusal(conditions, sent("IMAGE", InstanceNumber="1" * 10 + "xx"), "IMAGE") == (
-        "instance_number: '1111111111xx' is not a number"
+        "InstanceNumber is not a number (1111111111xx)"
     )
     assert messages[2].startswith("StudyInstanceUID '1.2*999") and messages[2].endswith(
         "(400004 characters) has a wildcard; a retrieval needs literal unique keys"

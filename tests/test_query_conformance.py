@@ -80,6 +80,21 @@ def test_a_time_that_is_no_time_of_day_is_refused_in_a_sentence_without_the_valu
     assert "10h30" not in str(refused.value)
 
 
+@pytest.mark.parametrize("impossible", ["9999", "24", "2400-", "-1060", "106000", "101561", "235960.5-2400"])
+def test_a_time_no_clock_shows_is_refused_naming_the_attribute(sessions, impossible) -> None:
+    with pytest.raises(QueryError) as refused:
+        found_times(sessions, impossible)
+    assert "StudyTime holds a value that is not a time of day" in str(refused.value)
+
+
+def test_the_last_hour_minute_and_leap_second_of_the_day_are_times_of_day(sessions) -> None:
+    record_one_image_each(sessions, [StudyAttributes("9.7", patient_id="P1", study_time="235960.5")])
+    assert found_times(sessions, "235960") == ["9.7"]
+    assert found_times(sessions, "2359-") == ["9.7"]
+    assert found_times(sessions, "23") == ["9.7"]
+    assert found_times(sessions, "0000-000100") == []
+
+
 def test_a_date_range_in_the_older_form_with_points_is_read_as_dates(sessions) -> None:
     record_one_image_each(sessions, [StudyAttributes("8.1", patient_id="P2", study_date="20260315")])
     asked = {"2026.03.01-": ["8.1"], "2026.03.16-": [], "-2026.03.14": [], "-2026.03.15": ["8.1"]}

@@ -369,7 +369,7 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
     if key.kind == "uid":
         uids = _listed(value)
         if not uids:
-            raise QueryError(f"{column.key}: {shown(value)} holds no UID")
+            raise QueryError(f"{_attribute(column.key)} holds no UID, only empty values ({_plain(value)})")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if key.kind == "time" and "*" not in value and "?" not in value:
         start, ranged, end = value.partition("-")
@@ -387,7 +387,7 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
         try:
             return column == int(value)
         except ValueError:
-            raise QueryError(f"{column.key}: {shown(value)} is not a number") from None
+            raise QueryError(f"{_attribute(column.key)} is not a number ({_plain(value)})") from None
     if key.kind == "name":
         return _name_matching(column, value)
     return _matching(column, value)
@@ -397,6 +397,8 @@ TIME_DIGITS = 12
 """A time of day as compared: HHMMSS and six digits of fraction, without colons or point (:func:`_time_bound`)."""
 TIME_FORM = re.compile(r"\d\d(?:\d\d(?:\d\d(?:\.\d{1,6})?)?)?")
 """A TM value (PS3.5 6.2): HH, HHMM, HHMMSS or HHMMSS.FFFFFF, once the colons of the older HH:MM:SS form are out."""
+TIME_UNITS_MOST = (23, 59, 60)
+"""The largest hour, minute and second of a TM value (60: a leap second)."""
 
 
 def _time_condition(column: Any, start: str, end: str) -> ColumnElement[bool]:
@@ -429,12 +431,25 @@ def _time_bound(name: str, value: str, padding: str) -> str:
     ``1015`` ends at ``101599999999``, after every time of that minute and before the next one). The comparison
     is of digits only, of one length, so that it orders alike in SQLite and in any PostgreSQL collation."""
     time = value.replace(":", "")
-    if not TIME_FORM.fullmatch(time):
+    if not TIME_FORM.fullmatch(time) or not _is_time_of_day(time):
         raise QueryError(
             f"{_attribute(name)} holds a value that is not a time of day (HH, HHMM, HHMMSS or HHMMSS.FFFFFF, "
-            "or a range of two): the node cannot match it"
+            "hours 00 to 23, minutes 00 to 59, seconds 00 to 60, or a range of two): the node cannot match it"
         )
     return (time.replace(".", "") + padding * TIME_DIGITS)[:TIME_DIGITS]
+
+
+def _is_time_of_day(time: str) -> bool:
+    """Whether the hour, minute and second a TM value of :data:`TIME_FORM` gives (those it gives) are a clock's."""
+    units = [int(time[start : start + 2]) for start in range(0, min(len(time), 6), 2)]
+    return all(unit <= most for unit, most in zip(units, TIME_UNITS_MOST, strict=False))
+
+
+def _plain(value: str, limit: int = 64) -> str:
+    """A value a peer sent, for a refusal's sentence: as sent, unquoted, its unprintable characters as ``?``, cut to
+    ``limit`` characters."""
+    printable = "".join(c if c.isprintable() else "?" for c in value[:limit])
+    return printable if len(value) <= limit else f"{printable}... ({len(value)} characters)"
 
 
 def _attribute(column_name: str) -> str:
