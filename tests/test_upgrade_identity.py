@@ -29,9 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import StudyAttributes, record_instance
 from db.models import Instance, Study
 from db.session import alembic_config, make_engine, make_session_factory, migrate, transaction
+from dicom_node.config import Settings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive import backfill, name_keys
-from tests.conftest import Node, free_port
+from dicom_node.service import start_node
+from tests.conftest import Node, free_port, wait_for
 from tests.test_matching import answers, instance, query
 from tests.test_qr_identity import PLANNER, _get
 
@@ -302,11 +304,11 @@ def _record_without_keys(sessions: sessionmaker[Session]) -> None:
     image 7.3.9.2 without their key, as a worker of the version before revision 0016 records them after the
     upgrade, and image 7.3.9.3 whose name is no name."""
     names = ["Müller^Jürgen", "MÜLLER^JÜRGEN", "MÜLLER^JÜRGEN", "^^"]
-    with transaction(sessions) as session:
+    with transaction(sessions) as session:  # one transaction: no row is seen with its key
         for number, name in enumerate(names):
             study = StudyAttributes("7.3", patient_id="P9", patient_name=name)
             record_instance(session, instance(f"7.3.9.{number}", "7.3.9", study, number))
-    with transaction(sessions) as session:
+        session.flush()
         session.execute(update(Study).values(patient_name_key=None))
         session.execute(update(Instance).where(Instance.sop_instance_uid == "7.3.9.2").values(patient_name_key=None))
 
@@ -352,3 +354,43 @@ def test_names_are_keyed_in_batches_and_a_name_that_is_no_name_is_left_without_a
         keys = session.scalars(select(Instance.patient_name_key).order_by(Instance.id)).all()
     assert keys == ["müller^jürgen==", "müller^jürgen==", "müller^jürgen==", None]
     assert name_keys.key_recorded_names(sessions) == 0
+
+
+def test_a_name_an_older_worker_records_while_serve_runs_is_keyed_and_served(tmp_path, monkeypatch) -> None:
+    """A worker of the older version finishes the job it held after the start that upgraded the database: its
+    results have no key. `serve` keys the names recorded since, at its next pass, without a restart."""
+    monkeypatch.setattr(name_keys, "INTERVAL_SECONDS", 0.1)
+    settings = Settings(
+        storage={"directory": tmp_path / "storage"},
+        network={"ae_title": "NODEA", "host": "127.0.0.1", "port": free_port()},
+        inference={"workers": 0},
+        receive={"processes": 1},
+    )
+    node = start_node(settings)
+    try:
+        sessions = make_session_factory(make_engine(settings.database_url))
+        _record_without_keys(sessions)  # after the start's own pass
+        images = query("IMAGE", StudyInstanceUID="7.3", SeriesInstanceUID="7.3.9", SOPInstanceUID="")
+        served = lambda: answers(sessions, images, "SOPInstanceUID")  # noqa: E731
+        wait_for(lambda: served() == ["7.3.9.0", "7.3.9.1", "7.3.9.2", "7.3.9.3"], timeout=30, what="the names keyed")
+    finally:
+        node.stop()
+
+
+def test_each_pass_keys_the_names_recorded_since_the_pass_before_the_last(database_url) -> None:
+    migrate(database_url)
+    sessions = make_session_factory(make_engine(database_url))
+    keying = name_keys.NameKeying(Settings(database={"url": database_url}), sessions)
+    _record_without_keys(sessions)
+
+    assert keying.run_once() == 2
+    _drop_key(sessions, "7.3.9.1")  # as if its transaction had been open at the first pass
+    assert keying.run_once() == 1  # the second pass reads again the rows the first one read
+    _drop_key(sessions, "7.3.9.1")
+    assert keying.run_once() == 0  # the third one reads only those recorded since the first
+
+
+def _drop_key(sessions: sessionmaker[Session], sop_instance_uid: str) -> None:
+    with transaction(sessions) as session:
+        unkeyed = update(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+        session.execute(unkeyed.values(patient_name_key=None))
