@@ -85,10 +85,16 @@ def _missing_warning(node, series_uid: str) -> list[str]:
         return list(job_for_series_uid(session, series_uid).warnings or [])
 
 
-def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is_sent_again(tmp_path, start_node):
+@pytest.mark.parametrize("damage", ["InstanceNumber", "Pixel Data is truncated"])
+def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is_sent_again(
+    tmp_path, start_node, damage
+):
     series = write_phantom_series(tmp_path / "ct", SMALL)
     last = pydicom.dcmread(series.files[-1])
-    last.InstanceNumber = "99999999999"  # beyond what an integer string may hold: refused on receipt
+    if damage == "InstanceNumber":
+        last.InstanceNumber = "99999999999"  # beyond what an integer string may hold: refused on receipt
+    else:
+        last.PixelData = last.PixelData[:-512]  # cut short: refused on receipt before its header is checked
     wrong = tmp_path / "wrong.dcm"
     last.save_as(wrong)
     node = start_node(rules=CT_RULES, inference={"workers": 1}, completion={"quiet_seconds": 1})
@@ -102,7 +108,7 @@ def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is
     assert len(partial.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SMALL.slices - 1
     (warning,) = _missing_warning(node, series.series_instance_uid)
     assert warning.startswith("partial series: 1 image(s) sent for this series were refused or set aside on receipt")
-    assert f"SOP Instance UID {last.SOPInstanceUID}" in warning and "InstanceNumber" in warning
+    assert f"SOP Instance UID {last.SOPInstanceUID}" in warning and damage in warning
 
     assert storescu(node.port, series.files[-1:]).returncode == 0  # the image, as it should have been
     node.wait_for_state(series.series_instance_uid, JobState.RECEIVING, timeout=30)

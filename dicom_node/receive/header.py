@@ -217,8 +217,21 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
             "not a DICOM data set: no preamble/meta, no recognisable element", status.CANNOT_UNDERSTAND
         )
     if not transfer_syntax.is_compressed:
-        _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax, total_length)
+        try:
+            _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax, total_length)
+        except InvalidInstance as exc:  # counted with its series: the series is then known to lack an image
+            exc.series_instance_uid = exc.series_instance_uid or _series_uid_of(dataset)
+            raise
     return dataset
+
+
+def _series_uid_of(dataset: Dataset) -> str | None:
+    """The data set's SeriesInstanceUID where it is a valid UID, else None."""
+    try:
+        value = _text(dataset, "SeriesInstanceUID")
+    except Exception:  # noqa: BLE001 - a value that cannot be decoded names no series
+        return None
+    return value if is_valid_uid(value) else None
 
 
 MAX_INFLATED_BYTES = 2 * 1024**3
