@@ -131,18 +131,16 @@ def _write(sessions: sessionmaker[Session], entry: Entry) -> None:
             extra={"event_fields": {"action": entry.action, "peer_ae": peer.ae_title, "outcome": entry.outcome}},
         )
         return
-    log_event(
-        LOG,
-        logging.INFO,
-        "audit",
-        action=entry.action,
-        peer_ae=peer.ae_title,
-        peer_address=peer.address,
-        study_instance_uid=entry.study_instance_uid,
-        outcome=entry.outcome,
-        instances=entry.instances,
-        detail=detail,
-    )
+    fields = {
+        "action": entry.action,
+        "peer_ae": peer.ae_title,
+        "peer_address": peer.address,
+        "study_instance_uid": entry.study_instance_uid,
+        "outcome": entry.outcome,
+        "instances": entry.instances,
+        "detail": detail,
+    }
+    log_event(LOG, logging.INFO, "audit", **{key: value for key, value in fields.items() if value is not None})
 
 
 def host_of(address: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from types import SimpleNamespace
 
@@ -48,6 +49,21 @@ def test_stores_are_summed_per_association_and_study_and_written_when_it_ends(tm
         ("store", "1.2.4", "success", 1, "PACS", "10.1.2.3:40000"),
         ("association", None, "released", 0, "PACS", "10.1.2.3:40000"),
     ]
+
+
+def test_an_audit_log_line_leaves_out_the_study_and_detail_a_record_has_not(tmp_path, caplog):
+    """An association's line said ``study_instance_uid=None detail=None``."""
+    with caplog.at_level(logging.INFO, logger="dicom_node.audit"):
+        association_ended(_sessions(tmp_path), _assoc("PACS", "10.1.2.3", 40000), "released")
+
+    (line,) = [r for r in caplog.records if r.getMessage() == "audit"]
+    assert line.event_fields == {
+        "action": "association",
+        "peer_ae": "PACS",
+        "peer_address": "10.1.2.3:40000",
+        "outcome": "released",
+        "instances": 0,
+    }
 
 
 def test_audit_command_filters_by_peer_action_and_study(tmp_path):
