@@ -1279,10 +1279,10 @@ def _sendable(
             reason=str(exc),
         )
         return None
-    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one damaged file fails its own sub-operation, never the retrieval
         log_event(
             LOG,
-            logging.WARNING if isinstance(exc, FileNotFoundError) else logging.ERROR,
+            logging.ERROR if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) else logging.WARNING,
             "retrieve.file_unreadable",
             calling_ae=calling_ae,
             operation=operation,
