@@ -199,3 +199,25 @@ def test_a_monitoring_systems_echo_only_associations_leave_one_record_per_10_s_a
         f"{audit.ECHO_ONLY_DETAIL}; 3 more C-ECHO-only associations of this peer {LEFT_OUT}; written when the node "
         "stopped",
     ]
+
+
+def test_a_wrong_called_ae_title_is_named_and_recorded_even_after_another_rejection_from_the_address(node):
+    """A stranger's rejection, then a configured peer asking for the wrong AE title from the same address within
+    10 s: each reason gets its own log line and audit record, and the second names the title asked for and ours."""
+
+    def echo(calling_ae: str, called_ae: str) -> str:
+        command = [require_tool("echoscu"), "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(node.port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return result.stdout + result.stderr
+
+    assert "Association Rejected" in echo("STRANGER", node.ae_title)
+    assert "Association Rejected" in echo("MONITOR", "TYPO")
+
+    expected = f"called AE title 'TYPO' is not this node's ({node.ae_title})"
+    wait_for(lambda: expected in node.log(), what="the called AE title's rejection in the log")
+    details = wait_for(
+        lambda: len(_details(node.sessions, "association")) >= 2 and _details(node.sessions, "association"),
+        what="both rejections in the audit trail",
+    )
+    assert any(expected in (detail or "") for detail in details), details
+    assert any("STRANGER" in (detail or "") or "not recognised" in (detail or "") for detail in details), details

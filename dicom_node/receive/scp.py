@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -63,7 +64,7 @@ from db.session import retry_when_locked, transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
 from dicom_node.config import NetworkSettings
-from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text
+from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text, shown
 from dicom_node.receive.header import (
     IDENTITY_ATTRIBUTES,
     PATIENT_IDENTITY_ATTRIBUTES,
@@ -774,10 +775,11 @@ def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str
     """One audit record per rejected association, saying why, but at most one per address each 10 s: a caller in
     a loop gets one record that counts the others, not a row each."""
     peer = Peer.of(event.assoc)
-    dropped = REPEATED_REFUSALS.admit(("audit.association_rejected", event.assoc.requestor.address))
+    detail = why or _rejection_reason(event)
+    kind = re.sub(r"\d+", "_", detail)[:80]  # counts and titles vary; another reason is recorded on its own
+    dropped = REPEATED_REFUSALS.admit(("audit.association_rejected", event.assoc.requestor.address, kind))
     if dropped is None:
         return
-    detail = why or _rejection_reason(event)
     if dropped:
         detail += (
             f"; {dropped} more association(s) from this address were rejected since the previous record and not "
@@ -860,10 +862,22 @@ REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
 }
 
 
-def _rejection_reason(event: evt.Event) -> str:
-    """Why pynetdicom rejected the association, from the rejection it sent."""
+def _rejection_key(event: evt.Event) -> tuple[int | None, int | None]:
     answer = event.assoc.acceptor.primitive
-    key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
+    return getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
+
+
+def _rejection_reason(event: evt.Event) -> str:
+    """Why pynetdicom rejected the association, from the rejection it sent (the title asked for, where it was the
+    called AE title)."""
+    key = _rejection_key(event)
+    if key == (0x01, 0x07):
+        request = event.assoc.requestor.primitive
+        asked = str(request.called_ae_title).strip() if request is not None else ""
+        return (
+            f"called AE title {shown(asked, 16)} is not this node's ({event.assoc.acceptor.ae_title}); the peer's "
+            "configuration names another AE title for it"
+        )
     return REJECTION_REASONS.get(key, "no acceptable presentation context or other ACSE reason")
 
 
@@ -873,7 +887,7 @@ def _on_rejected(event: evt.Event) -> None:
         LOG,
         logging.WARNING,
         "association.rejected",
-        requestor.address,
+        (requestor.address, _rejection_key(event)),  # another reason from the address is logged on its own
         calling_ae=Peer.of(event.assoc).ae_title,
         address=requestor.address,
         reason=_rejection_reason(event),
