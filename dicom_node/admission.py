@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
+from db.names import completed_name, other_person
 from dicom_node.config import AdmissionSettings
 from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import person_name_problem, sequence_check
@@ -320,7 +321,7 @@ def _admit(
         _check_dates_and_times(label, header)
         _check_patient_sex(label, header)
     warnings.extend(_study_detail_warnings(headers))
-    _check_study_patient(headers[0][1], study_patient)
+    _check_study_patient(headers[0][1], study_patient, _series_name(headers))
     if isinstance(study_patient, RecordedStudy):
         warnings.extend(_study_record_warnings(headers, study_patient, warnings))
     _check_rescale_everywhere_or_nowhere(headers, modality)
@@ -378,17 +379,18 @@ def _admit(
     return AdmissionResult(refusal=None, warnings=warnings, images=len(images), estimated_bytes=estimate)
 
 
-def _check_study_patient(header: Dataset, study_patient: StudyPatient | None) -> None:
+def _check_study_patient(header: Dataset, study_patient: StudyPatient | None, series_name: str | None) -> None:
     """The series (whose instances agree on the patient) must be of its study's patient: the same PatientID, and
     the same issuer, name, birth date and sex where both carry one (:meth:`StudyPatient.differing_keyword`),
-    each compared as the results would carry it (:func:`_identity_value`). AccessionNumber is left out: one study
-    may carry several orders."""
+    each compared as the results would carry it (:func:`_identity_value`); the name as the whole series carries it
+    (:func:`_series_name`), so no spelling of it names another person than the study's. AccessionNumber is left out:
+    one study may carry several orders."""
     if study_patient is None or not study_patient.patient_id:
         return
     received = StudyPatient(
         _identity_value(header, "PatientID"),
         _identity_value(header, "IssuerOfPatientID"),
-        _identity_value(header, "PatientName"),
+        series_name,
         _identity_value(header, "PatientBirthDate"),
         _identity_value(header, "PatientSex"),
         _universal_issuer(header),
@@ -513,7 +515,7 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
             "a result must name its patient"
         )
     for keyword in (*IDENTITY_KEYWORDS, *IDENTITY_SEQUENCES):
-        disagreement = _disagreement(headers, keyword)
+        disagreement = _name_disagreement(headers) if keyword == "PatientName" else _disagreement(headers, keyword)
         if disagreement is not None:
             differing, first = disagreement
             raise Refused(
@@ -659,13 +661,45 @@ def _study_record_warnings(
 
 def _disagreement(headers: list[tuple[str, Dataset, InstanceFile]], keyword: str) -> tuple[int, str] | None:
     """How many instances carry another value of ``keyword`` than most do, and the first of them; None if all agree."""
-    values = Counter(_compared_value(header, keyword) for _, header, _ in headers)
-    if len(values) < 2:
+    return _minority([(label, _compared_value(header, keyword)) for label, header, _ in headers])
+
+
+def _minority(values: list[tuple[str, str | None]]) -> tuple[int, str] | None:
+    """How many of the (label, value) pairs carry another value than most do, and the first of them; None if all
+    agree."""
+    counted = Counter(value for _, value in values)
+    if len(counted) < 2:
         return None
-    common, _count = values.most_common(1)[0]
-    differing = sum(n for value, n in values.items() if value != common)
-    first = next(label for label, header, _ in headers if _compared_value(header, keyword) != common)
+    common, _count = counted.most_common(1)[0]
+    differing = sum(n for value, n in counted.items() if value != common)
+    first = next(label for label, value in values if value != common)
     return differing, first
+
+
+def _name_disagreement(headers: list[tuple[str, Dataset, InstanceFile]]) -> tuple[int, str] | None:
+    """As :func:`_disagreement` for PatientName, where two spellings of one person's name agree (:mod:`db.names`:
+    ``Müller^Jürgen`` and ``MÜLLER^JÜRGEN``, as a series completed by a PACS re-sending it in its own form carries):
+    an instance disagrees where its name is another person's than :func:`_series_name`, or where it carries a name
+    while others carry none (or none while others carry one)."""
+    series_name = _series_name(headers)
+    values = []
+    for label, header, _ in headers:
+        name = _identity_value(header, "PatientName")
+        values.append((label, series_name if name and not other_person(series_name, name) else name))
+    return _minority(values)
+
+
+def _series_name(headers: list[tuple[str, Dataset, InstanceFile]]) -> str | None:
+    """The patient's name the series carries, as admission compares it with its study's: the spelling most of its
+    instances carry (the first one's where as many carry another), with each component group it lacks taken from the
+    others' (:func:`~db.names.completed_name`); None where no instance carries one."""
+    names = Counter(name for _, header, _ in headers if (name := _identity_value(header, "PatientName")))
+    if not names:
+        return None
+    series_name: str | None = names.most_common(1)[0][0]
+    for name in names:
+        series_name = completed_name(series_name, name)
+    return series_name
 
 
 COMPARED_AS_VALUES: dict[str, type[DA] | type[TM]] = {"StudyDate": DA, "StudyTime": TM}

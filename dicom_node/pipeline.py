@@ -77,6 +77,7 @@ class ClaimedJob:
     warnings: list[str] = field(default_factory=list)  # the job's warnings so far (admission's)
     replaces: dict[str, Dataset] = field(default_factory=dict)  # SEG encoding -> the earlier run's SR it replaces
     claim_seconds: float = 0.0  # how long the claim took (kept with the job's timings as "claim")
+    patient_name: str | None = None  # the study's recorded name: the results of a series spelling it two ways carry it
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,7 @@ def _encode(
             replaces=claim.replaces,
             rtstruct_budget=ContourBudget(always.rtstruct_max_points_per_structure, always.rtstruct_max_megabytes),
             device_uid=node_device_uid(settings.storage.directory),
+            patient_name=claim.patient_name,
         )
     except (ValueError, KeyError) as exc:
         LOG.exception("job.encoding_failed", extra={"event_fields": {"job": claim.job_id}})

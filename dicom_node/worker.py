@@ -284,6 +284,7 @@ class InferenceWorker:
                 run=run,
                 warnings=list(job.warnings or []),
                 replaces=replaces,
+                patient_name=job.series.study.patient_name,
             )
             # On PostgreSQL the statements above may have waited behind a newer serve's upgrade (its table locks) and
             # gone on once it committed; read again last, the revision shows that upgrade and the claim rolls back.

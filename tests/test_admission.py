@@ -460,6 +460,67 @@ def test_a_name_written_with_empty_trailing_components_is_the_same_name(tmp_path
     assert (admit(files, STRICT).refusal or "").startswith("PatientName differs within the series: 1 of 4")
 
 
+def named(files: list[InstanceFile], *names: str) -> None:
+    """Give each file the name at its place in ``names`` (the last for the rest), written in UTF-8."""
+    for number, file in enumerate(files):
+        ds = pydicom.dcmread(file.path)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 192", names[min(number, len(names) - 1)]
+        ds.save_as(file.path)
+
+
+@pytest.mark.parametrize(
+    "other_spelling",
+    ["MÜLLER^JÜRGEN", unicodedata.normalize("NFD", "Müller^Jürgen"), "müller^jürgen^^", "Müller^Jürgen=ミュラー"],
+    ids=["upper-case", "decomposed-letters", "lower-case-padded", "with-a-group-more"],
+)
+def test_a_series_spelling_one_persons_name_two_ways_holds_one_patient(tmp_path, other_spelling):
+    """A series completed by a PACS re-sending it with the name in its own form (many upper-case names) mixes two
+    spellings of one person's name (db.names): admitted, as a series so spelt is admitted to the study."""
+    files = series_files(tmp_path)
+    named(files, "Müller^Jürgen", "Müller^Jürgen", other_spelling)
+
+    assert admit(files, STRICT).refusal is None
+    assert admit(files, STRICT, study_patient=StudyPatient("PHANTOM-1", patient_name="Müller^Jürgen")).refusal is None
+
+
+def test_a_series_naming_two_people_by_the_names_rule_is_still_refused(tmp_path):
+    """One instance naming another person in a component group the others carry: refused, and counted alone, not
+    with the instances that only spell the same name otherwise."""
+    files = series_files(tmp_path)
+    named(files, "Yamada^Tarou=山田^太郎", "YAMADA^TAROU", "Yamada^Tarou=山田^太郎", "Yamada^Tarou=田中^次郎")
+
+    assert admit(files, STRICT).refusal == (
+        "PatientName differs within the series: 1 of 4 instances (first: instance 4) carry another value than the "
+        "rest; one series must hold one patient"
+    )
+
+
+def test_a_spelling_of_the_series_naming_another_person_than_the_studys_is_refused(tmp_path):
+    """The study is compared with the name the whole series carries, not its first image's: a series of
+    YAMADA^TAROU and Yamada^Tarou=田中^次郎 (one person) names someone else than a study of Yamada^Tarou=山田^太郎."""
+    files = series_files(tmp_path)
+    named(files, "YAMADA^TAROU", "YAMADA^TAROU", "YAMADA^TAROU", "Yamada^Tarou=田中^次郎")
+
+    refusal = admit(
+        files, STRICT, study_patient=StudyPatient("PHANTOM-1", patient_name="Yamada^Tarou=山田^太郎")
+    ).refusal
+
+    assert refusal == (
+        "the series' study already holds another patient's images (its PatientName differs from the study's); "
+        "one study must hold one patient"
+    )
+
+
+def test_an_instance_without_a_name_in_a_named_series_is_still_refused(tmp_path):
+    """Two spellings of one name agree; a name and none do not (the results must carry the one name)."""
+    files = series_files(tmp_path)
+    named(files, "Müller^Jürgen", "MÜLLER^JÜRGEN", "", "Müller^Jürgen")
+
+    assert (admit(files, STRICT).refusal or "").startswith(
+        "PatientName differs within the series: 1 of 4 instances (first: instance 3)"
+    )
+
+
 @pytest.mark.parametrize(
     ("orientation", "detail"),
     [

@@ -20,7 +20,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from db.models import JobState, RejectedInstance, Study
+from db.jobs import job_for_series_uid
+from db.models import Instance, JobState, RejectedInstance, Series, Study
 from tests.conftest import CT_RULES, Node, free_port, storescu
 from tests.test_qr_identity import _find, _get, _node
 
@@ -149,3 +150,38 @@ def test_one_name_in_another_letter_case_or_unicode_form_is_admitted_and_served_
         "NumberOfSeriesRelatedInstances",
     )  # fmt: skip
     assert [d.NumberOfSeriesRelatedInstances for d in series] == [SLICES, SLICES]
+
+
+@pytest.mark.integration
+def test_a_series_completed_by_a_resend_in_upper_case_is_one_patients_and_its_results_carry_the_studys_name(
+    start_node, tmp_path, shared_fixtures
+) -> None:
+    """A PACS sends part of a series as Müller^Jürgen, then the whole series again with the name upper-cased (many
+    normalise names so): the copies already stored were refused 0xC000 as 'already stored with another
+    PatientName', and the series, completed with MÜLLER^JÜRGEN, refused as holding two patients. Now the copies are
+    duplicates (the stored files keep their spelling), the series is processed, and its results name the patient
+    as the study records it, not as the first slice by position happens to spell it."""
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+    series_uid, files = _series(tmp_path / "first", shared_fixtures, generate_uid(), "Müller^Jürgen", "ISO_IR 192")
+    resent = []
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientName = "MÜLLER^JÜRGEN"
+        resent.append(tmp_path / f"resent-{path.name}")
+        dataset.save_as(resent[-1], enforce_file_format=True)
+    middle = files[1:-1]  # the first and last slices by position come only with the resend
+
+    output = storescu(node.port, [*middle, *resent], extra=["-xv"])
+
+    assert output.returncode == 0, output.stderr
+    node.wait_for_state(series_uid, JobState.DONE, timeout=120)
+    with node.sessions() as session:
+        assert not list(session.scalars(select(RejectedInstance.reason)))
+        assert session.scalar(select(Study.patient_name)) == "Müller^Jürgen"
+        paths = session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid))
+        stored = [str(pydicom.dcmread(path).PatientName) for path in paths]
+        result_files = job_for_series_uid(session, series_uid).result_files
+    assert sorted(stored) == ["MÜLLER^JÜRGEN", "MÜLLER^JÜRGEN", "Müller^Jürgen"]  # the first copy kept
+    results = [pydicom.dcmread(path, stop_before_pixels=True) for path in result_files]
+    assert {d.Modality for d in results} == {"SEG", "SR"}
+    assert {str(d.PatientName) for d in results} == {"Müller^Jürgen"}

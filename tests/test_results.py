@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import replace
@@ -35,6 +36,7 @@ def _encode(
     warnings: list[str] | None = None,
     relabel: Callable[[np.ndarray], None] | None = None,
     device_uid: str | None = None,
+    patient_name: str | None = None,
 ) -> list[pydicom.Dataset]:
     """A phantom series (each source header altered by ``change``), segmented by the baseline (its label map
     altered by ``relabel``) and encoded in ``folder``/results: the headers of the result files."""
@@ -61,6 +63,7 @@ def _encode(
         rtstruct=True,
         warnings=warnings,
         device_uid=device_uid,
+        patient_name=patient_name,
     )
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
 
@@ -93,6 +96,34 @@ def test_a_source_without_type_2_patient_and_study_attributes_gets_them_empty_in
     for result in results:
         for keyword in absent:
             assert keyword in result and not result[keyword].value, (result.Modality, keyword)
+
+
+@pytest.mark.parametrize(
+    ("odd_slices", "even_slices", "study_name", "carried"),
+    [
+        ("MÜLLER^JÜRGEN", unicodedata.normalize("NFD", "Müller^Jürgen"), "Müller^Jürgen", "Müller^Jürgen"),
+        ("MÜLLER^JÜRGEN", "MÜLLER^JÜRGEN", "Müller^Jürgen", "MÜLLER^JÜRGEN"),
+        ("DOE^JOHN", "Doe^John", "Roe^Richard", None),
+    ],
+    ids=["two-spellings-carry-the-studys", "one-spelling-kept", "never-another-persons"],
+)
+def test_results_of_a_series_spelling_the_name_two_ways_carry_the_name_its_study_records(
+    tmp_path, odd_slices, even_slices, study_name, carried
+):
+    """A series completed by a PACS re-sending it with the name in its own form holds two spellings of one
+    person's name: its results name the patient as the study's row does (the first spelling stored, as queries
+    answer it), not as whichever slice is first by position. A series of one spelling keeps its own."""
+
+    def spell(dataset: pydicom.Dataset) -> None:
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+        dataset.PatientName = odd_slices if int(dataset.InstanceNumber) % 2 else even_slices
+
+    results = _encode(tmp_path, kinds=("BINARY",), change=spell, patient_name=study_name)
+
+    assert {d.Modality for d in results} == {"SEG", "SR", "RTSTRUCT"}
+    names = {str(d.PatientName) for d in results}
+    assert len(names) == 1
+    assert names <= ({carried} if carried else {odd_slices, even_slices})
 
 
 def test_the_rtstruct_carries_the_same_patient_identity_as_the_seg(tmp_path):

@@ -15,6 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from db.names import name_groups, other_person
 from db.results import ResultFile, ResultKind
 from dicom_node.encode.codes import display_label
 from dicom_node.encode.lossy import (
@@ -156,6 +157,7 @@ def encode_results(
     rtstruct_budget: ContourBudget | None = None,
     replaces: Mapping[str, Dataset] | None = None,
     device_uid: str | None = None,
+    patient_name: str | None = None,
 ) -> list[ResultFile]:
     """SEG and SR files in ``folder`` for each type in ``segmentation_types``, and an RTSTRUCT if asked.
 
@@ -171,7 +173,8 @@ def encode_results(
     The RTSTRUCT is made first, within ``rtstruct_budget``: a structure it had to simplify
     further adds a sentence to ``warnings`` (the list is extended in place), so the SR says so.
     ``device_uid`` is the node's Device Observer UID, named by every SR
-    (:func:`~dicom_node.encode.sr.node_device_uid`).
+    (:func:`~dicom_node.encode.sr.node_device_uid`). ``patient_name`` is the name the series' study records: the
+    results of a series whose images spell the patient's name two ways carry it (:func:`_one_name`).
     """
     warnings = warnings if warnings is not None else []
     algorithm = Algorithm(
@@ -182,6 +185,7 @@ def encode_results(
         parameters=tuple(run_parameters(model).items()),
     )
     sources, labels = _sources_and_frames(volume, segmentation.labels, warnings)
+    _one_name(sources, patient_name)
     caveat = lossy_caveat(lossy_history(sources))
     if caveat is not None and caveat not in warnings:
         warnings.append(caveat)  # the SR's comment says so: its figures come from the decompressed images
@@ -273,6 +277,23 @@ def _slice_measures_as_volume(measures: Sequence[Dataset], step: float, warnings
         warnings.append(
             f"SliceThickness is {what}: the segmentation states the slice step ({text} mm) as its slice thickness"
         )
+
+
+def _one_name(sources: list[Dataset], study_name: str | None) -> None:
+    """Name the patient in the results (which copy the first source's name) as the study records it, ``study_name``,
+    where the sources spell the name two ways: one person's name by :mod:`db.names` (``Müller^Jürgen`` and
+    ``MÜLLER^JÜRGEN``, a series completed by a PACS re-sending it in its own form), as admission admits them, so
+    the results never carry whichever spelling the first slice has. A series of one spelling keeps its own, and a
+    study name of another person (never admitted) or none changes nothing."""
+    spellings = {_spelling(header) for header in sources}
+    if len(spellings) < 2 or not study_name or other_person(study_name, _spelling(sources[0])):
+        return
+    sources[0].PatientName = study_name
+
+
+def _spelling(header: Dataset) -> str:
+    """The source's PatientName as written, without its padding and empty trailing components."""
+    return "=".join(name_groups(str(header.get("PatientName") or ""))).rstrip("=")
 
 
 def _one_orientation(sources: list[Dataset]) -> None:
