@@ -56,6 +56,32 @@ from dicom_node.worker_watch import (
 LOG = logging.getLogger(__name__)
 
 
+def how_a_process_ended(exit_code: int | None) -> str:
+    """A worker's exit code (negative: the signal that ended it) as a sentence an IT admin can act on."""
+    if exit_code is None:
+        return "it ended in a way the system did not report"
+    if exit_code == 0:
+        return "it exited on its own (exit code 0)"
+    if exit_code > 0:
+        return f"it stopped with exit code {exit_code} (its last log lines say why)"
+    number = -exit_code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "an unknown signal"
+    if number == signal.SIGKILL:
+        return (
+            f"it was killed (signal {number}, {name}): most often the kernel's out-of-memory killer (see `journalctl "
+            "-k` or `dmesg`), else an operator's kill -9"
+        )
+    if number in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
+        return (
+            f"it crashed (signal {number}, {name}): a fault in native code (an image decoder, the inference "
+            "runtime or the GPU driver)"
+        )
+    return f"it was ended by signal {number} ({name}) from outside the node"
+
+
 class WorkerSupervisor:
     """Keeps ``inference.workers`` worker processes running; restarts one that dies, and ends one that hangs.
 
@@ -126,7 +152,13 @@ class WorkerSupervisor:
                 if process.pid not in self._handled:
                     self._handled.add(process.pid)
                     log_event(
-                        LOG, logging.ERROR, "worker.died", worker=number, pid=process.pid, exit_code=process.exitcode
+                        LOG,
+                        logging.ERROR,
+                        "worker.died",
+                        worker=number,
+                        pid=process.pid,
+                        exit_code=process.exitcode,
+                        reason=how_a_process_ended(process.exitcode),
                     )
                     self._release_jobs_of(process.pid)
                 if time.monotonic() - self._started_at[number] >= self.RESTART_DELAY_SECONDS:
