@@ -1244,9 +1244,9 @@ def demo(
     try:
         result = run_demo(output, lambda line: console.print(f"[green]ok[/] {line}", highlight=False), timeout=timeout)
     except DemoFailed as exc:
-        errors.print(
-            f"[bold red]demo failed[/] at: {exc}\nnode log: {output.resolve() / 'node' / 'node.log'}", highlight=False
-        )
+        node_log = output.resolve() / "node" / "node.log"
+        where = f"\nnode log: {node_log}" if node_log.exists() else ""
+        errors.print(f"[bold red]demo failed[/] at: {escape(str(exc))}{where}", highlight=False)
         raise typer.Exit(1) from None
     table = Table(title="Structures (from the retrieved TID 1500 SR)")
     for column in ("structure", "volume (ml)", "mean (HU)", "note"):

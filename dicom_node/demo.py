@@ -25,6 +25,8 @@ import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.logs import os_error_text
+
 NODE_AE = "DEMONODE"
 PACS_AE = "DEMOPACS"
 PLANNER_AE = "DEMOPLANNER"
@@ -88,8 +90,10 @@ def _step(report: Callable[[str], None], what: str) -> Iterator[None]:
         yield
     except DemoFailed as exc:
         raise DemoFailed(f"{what}: {exc}") from None
+    except OSError as exc:  # a folder that cannot be written, a port or a tool that is missing: in words
+        raise DemoFailed(f"{what}: {os_error_text(exc)}") from exc
     except Exception as exc:  # any failure of a step is reported with the step's name
-        raise DemoFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise DemoFailed(f"{what}: {exc or 'an unexpected error inside the demo'}") from exc
     report(f"{what} ({time.perf_counter() - started:.1f} s)")
 
 

@@ -44,3 +44,7 @@ def test_demo_fails_with_the_step_and_a_non_zero_exit(tmp_path):
     result = subprocess.run([DICOM_NODE, "demo", "--output", str(blocked)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "demo failed at: prepare" in result.stderr, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"not a directory: {blocked}" in said, said  # the operating system's words, not an exception's name
+    assert "Error" not in said and "Errno" not in said, said
+    assert "node log:" not in said  # no node was started: no log to point at
