@@ -350,7 +350,7 @@ def worker(
 @app.command()
 def status(
     config: ConfigOption = None,
-    limit: Annotated[int, typer.Option(help="Most recent series to show.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="Most recent series to show.")] = 20,
     state: Annotated[JobState | None, typer.Option(help="Only series in this state.")] = None,
     weights: Annotated[
         str | None,
@@ -741,7 +741,7 @@ def cancel(series_instance_uid: str, config: ConfigOption = None) -> None:
 
 
 @app.command()
-def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] = 20) -> None:
+def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
     """Instances the node refused (or set aside after accepting: status 0x0000), why, and where their bytes are kept."""
     settings = _settings(config)
     with _session(settings) as session:
@@ -765,14 +765,14 @@ def rejected(config: ConfigOption = None, limit: Annotated[int, typer.Option()] 
 @app.command()
 def audit(
     config: ConfigOption = None,
-    hours: Annotated[float | None, typer.Option(help="Only the last N hours.")] = None,
+    hours: Annotated[float | None, typer.Option(min=0, help="Only the last N hours.")] = None,
     peer: Annotated[str | None, typer.Option(help="Only this peer AE title.")] = None,
     action: Annotated[
         list[str] | None,
         typer.Option(help="association, store, find, move, get, send, echo, console or operator (repeatable)."),
     ] = None,
     study: Annotated[str | None, typer.Option(help="Only this StudyInstanceUID.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many records, newest first.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many records, newest first.")] = 100,
 ) -> None:
     """The audit trail: who did what, from where, to which study, and the outcome (no patient data)."""
     from datetime import timedelta

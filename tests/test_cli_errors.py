@@ -540,3 +540,19 @@ def test_serve_on_a_storage_file_it_may_not_write_exits_1(tmp_path, runner, monk
     result = invoke(runner, "serve", "--config", str(config))
 
     assert_says(result, f"cannot start: the node's user may not use {instances} (permission denied)", code=1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "option"),
+    [
+        (["status", "--limit", "-3"], "--limit"),
+        (["rejected", "--limit", "0"], "--limit"),
+        (["audit", "--hours", "-1"], "--hours"),
+    ],
+)
+def test_a_negative_count_or_time_span_is_refused_naming_the_option(runner, arguments, option):
+    """`status --limit -3` showed every series, `audit --hours -1` an empty table without a word."""
+    result = invoke(runner, *arguments)
+
+    assert result.returncode == 2
+    assert f"Invalid value for '{option}'" in result.stdout + result.stderr
