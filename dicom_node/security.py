@@ -10,7 +10,8 @@ Three layers, in the order a caller meets them:
    ``pdu_read_timeout_seconds`` of its first byte, an A-ASSOCIATE-RQ may be at
    most ``maximum_association_request_bytes`` and any other PDU at most the
    PDU size we advertise; a PDU over its limit aborts the association before
-   its body is read.
+   its body is read. A whole DIMSE message must arrive at
+   :data:`MESSAGE_BYTES_PER_SECOND` once ``pdu_read_timeout_seconds`` have passed.
 3. **Association** (:func:`on_requested`): the calling AE title must belong
    to a peer configured for the caller's address; the presentation contexts a
    peer may use follow its roles, and every DIMSE request is checked again
@@ -740,7 +741,27 @@ class Command(NamedTuple):
 
     field: int | None  # CommandField (0000,0100)
     well_formed: bool  # only group 0000 elements of defined length, ending at its end, each of the fields below once
+    data_set_follows: bool = False  # CommandDataSetType (0000,0800) is there and other than 0x0101 (no data set)
 
+
+NO_DATA_SET = 0x0101
+"""CommandDataSetType of a message that is its command alone."""
+COMMAND_NAMES = {
+    0x0001: "a C-STORE request",
+    0x8001: "a C-STORE response",
+    0x0030: "a C-ECHO request",
+    0x0020: "a C-FIND request",
+    0x0010: "a C-GET request",
+    0x0021: "a C-MOVE request",
+    C_CANCEL: "a C-CANCEL request",
+}
+"""The messages of :data:`SERVED_COMMANDS`, as the log names them."""
+MESSAGE_BYTES_PER_SECOND = 10_000
+"""The slowest a message (its command and its data set) may arrive, on average from its first fragment, once
+``network.pdu_read_timeout_seconds`` have passed: a 0.5 MB CT slice may take 50 s, a 500 MB enhanced CT 14 hours.
+Each PDU resets the idle timeout and arrives whole within its own deadline, so without this a peer sending two
+bytes of a command every 20 s would hold its association (and a place of ``network.maximum_associations``) for
+ever."""
 
 COMMAND_FIELDS = (0x0100, 0x0110, 0x0120, 0x0800, 0x0900)
 """CommandField, MessageID, MessageIDBeingRespondedTo, CommandDataSetType and Status: each at most once, of 2 bytes."""
@@ -766,7 +787,11 @@ def command_fields(command: bytes | bytearray) -> Command:
                 break
             (values[element],) = struct.unpack_from("<H", command, offset + 8)
         offset += 8 + length
-    return Command(field=values.get(0x0100), well_formed=well_formed and 0x0100 in values)
+    return Command(
+        field=values.get(0x0100),
+        well_formed=well_formed and 0x0100 in values,
+        data_set_follows=values.get(0x0800, NO_DATA_SET) != NO_DATA_SET,
+    )
 
 
 MESSAGE_PARTS = ("DataSet", "Identifier", "AttributeList", "EventInformation", "ActionInformation", "ModificationList")
@@ -794,7 +819,9 @@ class GuardedDUL(EventDrivenDUL):
     nothing) and over the node (``network.maximum_in_flight_megabytes``, summed over every receiving process
     in :class:`AssociationCaps`): they count from their arrival until pynetdicom has served the message
     that holds them (:meth:`handled`, called after each ``_serve_request``), whatever its command says, and
-    a message pynetdicom never serves stays counted until the association ends."""
+    a message pynetdicom never serves stays counted until the association ends. A message must also arrive
+    whole in time: at :data:`MESSAGE_BYTES_PER_SECOND` on average from its first fragment, once
+    ``network.pdu_read_timeout_seconds`` have passed (:meth:`_message_too_slow`)."""
 
     _data_set_bytes = 0  # of the message being received, so far
     _request_read = False  # whether the A-ASSOCIATE-RQ has arrived
@@ -802,6 +829,10 @@ class GuardedDUL(EventDrivenDUL):
     _command_bytes = 0
     _command_in: bytearray | None = None  # the peer's command being received (at most COMMAND_BYTES)
     _unanswered_bytes = 0  # data set bytes received and not yet served: whole messages waiting, and the current one
+    _message_started: float | None = None  # when the first fragment of the message being received arrived
+    _message_bytes = 0  # of the message being received (its command and its data set), so far
+    _message_command: int | None = None  # its CommandField, once its command is whole
+    _clock = staticmethod(time.monotonic)  # a test's clock may replace it
 
     _process_unanswered: ClassVar[int] = 0
     """Unanswered data set bytes over this process' associations: every change to one association's count changes
@@ -861,6 +892,9 @@ class GuardedDUL(EventDrivenDUL):
             (item_length,) = struct.unpack_from(">L", pdu, offset)
             context_id, control = pdu[offset + 4], pdu[offset + 5]
             size = max(item_length - 2, 0)
+            too_slow = self._message_too_slow(size, limits)
+            if too_slow is not None:
+                return too_slow
             if control & 0x01:  # a command's fragment
                 self._command_bytes += size
                 if self._command_bytes > COMMAND_BYTES:
@@ -881,6 +915,9 @@ class GuardedDUL(EventDrivenDUL):
                             f"a DIMSE command the node does not serve was sent (CommandField 0x{command.field or 0:04X}); "
                             "it serves C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE and C-CANCEL requests"
                         )
+                    self._message_command = command.field
+                    if not command.data_set_follows:
+                        self._message_started = None  # the message is whole
             else:
                 self._data_set_bytes += size
                 limit, carried = self._data_set_limit(context_id, limits)
@@ -891,8 +928,28 @@ class GuardedDUL(EventDrivenDUL):
                     return refused
                 if control & 0x02:  # its last fragment: the next message starts from zero
                     self._data_set_bytes = 0
+                    self._message_started = None
             offset += 4 + item_length
         return None
+
+    def _message_too_slow(self, size: int, limits: Limits) -> str | None:
+        """Count a fragment of ``size`` bytes toward the message being received; why the association is stopped
+        if the message arrives slower than :data:`MESSAGE_BYTES_PER_SECOND` since its first fragment, once
+        ``network.pdu_read_timeout_seconds`` have passed; None if it is in time."""
+        now = self._clock()
+        if self._message_started is None:
+            self._message_started, self._message_bytes, self._message_command = now, 0, None
+        self._message_bytes += size
+        elapsed = now - self._message_started
+        allowed = max(limits.pdu_seconds, self._message_bytes / MESSAGE_BYTES_PER_SECOND)
+        if elapsed <= allowed:
+            return None
+        what = COMMAND_NAMES.get(self._message_command or 0, "a command")
+        return (
+            f"{what} was still arriving after {elapsed:.0f} s ({self._message_bytes:,} bytes so far): a message "
+            f"must arrive at {MESSAGE_BYTES_PER_SECOND // 1000} kB/s at least, once "
+            f"{limits.pdu_seconds:g} s (network.pdu_read_timeout_seconds) have passed"
+        )
 
     _accepted: dict[int, str] | None = None  # context ID -> abstract syntax, read at the first P-DATA-TF
     _not_storing: str | None = None  # the admitted peer's name when it has no store role, read with _accepted

@@ -833,6 +833,104 @@ def test_a_data_sets_bytes_go_back_only_once_the_message_holding_them_was_served
     assert dul._unanswered_bytes == 0
 
 
+def _fragment_pdu(data: bytes, control: int, context_id: int = 1) -> bytearray:
+    """A P-DATA-TF carrying one fragment (``control``: 0x01 a command's, 0x02 the last of its part)."""
+    item = struct.pack(">LBB", len(data) + 2, context_id, control) + data
+    return bytearray(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+
+
+def test_a_message_must_arrive_at_10_kb_per_second_once_the_pdu_timeout_has_passed():
+    """Each PDU arriving whole and in time is not enough: two bytes of a command every 19 s held an association
+    for ever. A slow link's image still arrives (at 11 kB/s), and the time between messages does not count."""
+    from types import SimpleNamespace
+
+    from dicom_node.security import AssociationCaps, GuardedDUL, Limits
+
+    def receiver() -> tuple[GuardedDUL, list[float]]:
+        clock = [0.0]
+        dul = GuardedDUL.__new__(GuardedDUL)
+        context = SimpleNamespace(context_id=1, abstract_syntax=CTImageStorage)
+        dul._assoc = SimpleNamespace(
+            _server=SimpleNamespace(caps=AssociationCaps(slots=4)), accepted_contexts=[context]
+        )
+        dul._clock = lambda: clock[0]
+        return dul, clock
+
+    limits = Limits(65536, 1_000_000, 10, 30, 8)
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = generate_uid()
+    request.Priority = 2
+    request.DataSet = BytesIO(b"\0" * 500_000)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    fragments = []
+    for fragment in _encoded(message, 1, 10_006):  # 10 kB fragments
+        pdu = P_DATA_TF()
+        pdu.from_primitive(fragment)
+        fragments.append(bytearray(pdu.encode()))
+
+    slow_link, clock = receiver()
+    for pdu in fragments:  # 0.5 MB in 46 s
+        clock[0] += 0.9
+        assert slow_link._fragments_refused(pdu, limits) is None
+    clock[0] += 55  # idle between messages
+    for pdu in fragments[:10]:
+        clock[0] += 0.9
+        assert slow_link._fragments_refused(pdu, limits) is None
+
+    too_slow, clock = receiver()
+    refusals = []
+    for pdu in fragments:  # 8 kB/s: the first arrives at 1.25 s, the 26th 31.25 s later
+        clock[0] += 1.25
+        refusals.append(too_slow._fragments_refused(pdu, limits))
+    assert refusals[:25] == [None] * 25
+    assert refusals[25] == (
+        "a C-STORE request was still arriving after 31 s (250,158 bytes so far): a message must arrive at 10 kB/s "
+        "at least, once 30 s (network.pdu_read_timeout_seconds) have passed"
+    )
+
+    drip, clock = receiver()
+    answers = []
+    for _ in range(3):
+        answers.append(drip._fragments_refused(_fragment_pdu(b"\0\0", 0x01), limits))
+        clock[0] += 19
+    assert answers[:2] == [None, None]
+    assert answers[2] == (
+        "a command was still arriving after 38 s (6 bytes so far): a message must arrive at 10 kB/s at least, "
+        "once 30 s (network.pdu_read_timeout_seconds) have passed"
+    )
+
+
+def test_a_peer_dripping_a_command_is_aborted_though_every_pdu_arrives_in_time(start_node):
+    """A real peer's association, kept busy with a complete PDU of two bytes of a command twice a second: within
+    the PDU deadline and never idle, it is aborted once the message is late, and its place is free again."""
+    node = start_node(network={"pdu_read_timeout_seconds": 2, "network_timeout_seconds": 120})
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = 10
+    ae.network_timeout = 120  # the requestor's own idle timeout must not end it first
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket
+    context_id = assoc.accepted_contexts[0].context_id
+    for _ in range(120):
+        if not assoc.is_established:
+            break
+        try:
+            raw.sendall(_fragment_pdu(b"\0\0", 0x01, context_id))
+        except OSError:
+            break
+        time.sleep(0.5)
+    wait_for(lambda: assoc.is_aborted, timeout=10, what="the node to abort the association")
+
+    log = node.log()
+    assert "connection.aborted address=127.0.0.1" in log
+    assert "a command was still arriving after" in log
+    assert served_after(node)
+
+
 @pytest.mark.parametrize(
     ("command", "refusal"),
     [
