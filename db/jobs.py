@@ -825,6 +825,13 @@ def expired_leases(session: Session, now: datetime | None = None, *, lock: bool 
     return list(session.scalars(query.with_for_update(skip_locked=True) if lock else query))
 
 
+def leased_jobs(session: Session, *, lock: bool = True) -> list[Job]:
+    """PROCESSING jobs holding a lease, run out or not: what a sweep watches by its own steady clock (a lease
+    written before the clock was set back reads valid for as long as the step). Locked as :func:`expired_leases`."""
+    query = select(Job).where(Job.state == S.PROCESSING, Job.lease_expires_at.is_not(None)).order_by(Job.id)
+    return list(session.scalars(query.with_for_update(skip_locked=True) if lock else query))
+
+
 def jobs_of_worker(session: Session, worker: str) -> list[Job]:
     """PROCESSING jobs claimed by ``worker`` ("host:pid")."""
     query = select(Job).where(Job.state == S.PROCESSING, Job.claimed_by == worker).order_by(Job.id)

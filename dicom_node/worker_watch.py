@@ -84,14 +84,34 @@ def first_beat_limit(settings: Settings) -> float:
     return idle_silence_limit(settings) + settings.inference.worker_start_seconds
 
 
+UNRENEWED_LEASE_PERIODS = 2
+"""A lease seen unchanged for this many lease periods of the sweeper's steady clock counts as run out whatever its
+expiry reads: a live worker renews it at least twice a period, and a lease written before the clock was set back
+reads valid for as long as the step."""
+
+
 @dataclass(frozen=True)
 class OverdueLease:
-    """A lease seen run out for a whole lease period: the job, its claim and its worker."""
+    """A lease seen run out for a whole lease period: the job, its claim and its worker.
+
+    ``unrenewed_seconds`` is set for a lease whose expiry still lies ahead by the clock (set back since it was
+    written), taken because it stayed unchanged that long by the sweeper's steady clock.
+    """
 
     job_id: int
     lease_expires_at: datetime | None
     claimed_by: str | None
     stage: str | None
+    unrenewed_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class _LeaseWatch:
+    """One lease value as this process watches it: when it first saw it, and first saw it run out (steady clock)."""
+
+    lease: datetime | None
+    first_seen: float
+    run_out_since: float | None
 
 
 class LeaseSweep:
@@ -99,31 +119,45 @@ class LeaseSweep:
 
     A lease that has run out by the wall clock only counts once this process has seen it unchanged for
     ``inference.lease_seconds`` of its own steady clock: a clock stepped forward (NTP), or a host whose clock
-    runs ahead of another's, never takes a job from a worker that is still renewing its lease. The look is a
-    plain read; only a lease that counts is written (one transaction), so a quiet queue costs no write lock.
+    runs ahead of another's, never takes a job from a worker that is still renewing its lease. A lease seen
+    unchanged for :data:`UNRENEWED_LEASE_PERIODS` lease periods counts whatever its expiry reads: one written
+    before the clock was set back would otherwise hold a frozen worker's job for as long as the step. The look is
+    a plain read; only a lease that counts is written (one transaction), so a quiet queue costs no write lock.
     """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = sessions
-        # Job id -> (the lease's expiry as first seen run out, time.monotonic() then).
-        self._seen: dict[int, tuple[object, float]] = {}
+        self._seen: dict[int, _LeaseWatch] = {}  # job id -> its lease as last seen
 
     def overdue(self) -> list[OverdueLease]:
-        """The leases that have stayed run out for ``inference.lease_seconds`` of this process' steady clock."""
+        """The leases that have stayed run out for ``inference.lease_seconds`` of this process' steady clock, or
+        unchanged for :data:`UNRENEWED_LEASE_PERIODS` lease periods."""
         now = time.monotonic()
-        seen_now: dict[int, tuple[object, float]] = {}
+        period = self.settings.inference.lease_seconds
+        seen_now: dict[int, _LeaseWatch] = {}
         found = []
         with self.sessions() as session:
-            for job in jobs.expired_leases(session, lock=False):
-                lease, first_seen = self._seen.get(job.id, (None, now))
-                if lease != job.lease_expires_at:
-                    first_seen = now  # first seen run out, or renewed since: watch this lease afresh
-                seen_now[job.id] = (job.lease_expires_at, first_seen)
-                if now - first_seen >= self.settings.inference.lease_seconds:
-                    found.append(OverdueLease(job.id, job.lease_expires_at, job.claimed_by, job.stage))
+            moment = jobs.database_now(session)
+            for job in jobs.leased_jobs(session, lock=False):
+                run_out = job.lease_expires_at is not None and as_utc(job.lease_expires_at) < moment
+                watch = seen_now[job.id] = self._watch(job.id, job.lease_expires_at, run_out, now)
+                unchanged = now - watch.first_seen
+                stayed_run_out = watch.run_out_since is not None and now - watch.run_out_since >= period
+                if stayed_run_out or unchanged >= UNRENEWED_LEASE_PERIODS * period:
+                    unrenewed = None if run_out else unchanged
+                    found.append(OverdueLease(job.id, job.lease_expires_at, job.claimed_by, job.stage, unrenewed))
         self._seen = seen_now
         return found
+
+    def _watch(self, job_id: int, lease: datetime | None, run_out: bool, now: float) -> _LeaseWatch:
+        """``lease`` of ``job_id`` seen at ``now``: watched afresh when it is new or was renewed since."""
+        watch = self._seen.get(job_id)
+        if watch is None or watch.lease != lease:
+            watch = _LeaseWatch(lease, now, None)
+        if run_out and watch.run_out_since is None:
+            watch = _LeaseWatch(lease, watch.first_seen, now)
+        return watch
 
     def sweep(self, end: Callable[[OverdueLease], str | None] | None = None) -> int:
         """Queue again (or fail) every overdue lease's job; how many were queued again.
@@ -135,18 +169,38 @@ class LeaseSweep:
         if not overdue:
             return 0
         enders = {lease.job_id: end(lease) if end is not None else None for lease in overdue}
-        wanted = {lease.job_id: lease.lease_expires_at for lease in overdue}
+        wanted = {lease.job_id: lease for lease in overdue}
         requeued = 0
         with transaction(self.sessions) as session:
-            for job in jobs.expired_leases(session):
-                if job.id not in wanted or wanted[job.id] != job.lease_expires_at:
-                    continue  # renewed or taken meanwhile, or first run out after the look
+            for job in jobs.leased_jobs(session):
+                lease = wanted.get(job.id)
+                if lease is None or lease.lease_expires_at != job.lease_expires_at:
+                    continue  # renewed or taken meanwhile, or first overdue after the look
                 deaths = self.settings.inference.max_worker_deaths
-                failed = jobs.lease_expired(session, job, deaths, ended_by=enders[job.id])
+                if lease.unrenewed_seconds is None:
+                    failed = jobs.lease_expired(session, job, deaths, ended_by=enders[job.id])
+                else:
+                    failed = lease_left_unrenewed(session, job, deaths, lease.unrenewed_seconds, enders[job.id])
                 log_worker_death(job, failed)
                 requeued += not failed
                 self._seen.pop(job.id, None)
         return requeued
+
+
+def lease_left_unrenewed(
+    session: Session, job: Job, max_deaths: int, seconds: float, ended_by: str | None = None
+) -> bool:
+    """``job``'s lease went unrenewed for ``seconds`` though its expiry still lies ahead (the clock was set back
+    since it was written): its worker is taken for dead as by :func:`db.jobs.lease_expired`; True when failed."""
+    expiry = as_utc(job.lease_expires_at).strftime("%Y-%m-%d %H:%M:%S") if job.lease_expires_at else "unknown"
+    unrenewed = (
+        f"its lease not renewed for {seconds:.0f} s, though it reads valid until {expiry} UTC "
+        "(the clock was set back since it was written)"
+    )
+    if ended_by is not None:
+        why = f"it stopped renewing its lease (frozen or hung; {unrenewed}), so {ended_by} ended it"
+        return jobs.taken_from_hung_worker(session, job, max_deaths, why)
+    return jobs.worker_died(session, job, max_deaths, detail=f", {unrenewed}")
 
 
 def log_worker_death(job: Job, failed: bool) -> None:

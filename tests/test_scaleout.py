@@ -8,6 +8,7 @@ measures the workers, not the receiver.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.models import Job, JobEvent, JobState, Series
+from db.models import Job, JobEvent, JobState, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import Settings
 from dicom_node.phantom import PhantomSpec
@@ -259,6 +260,33 @@ def test_a_clock_stepped_forward_does_not_take_the_job_of_a_worker_still_renewin
     wait_for(lambda: sweep_with_the_clock_ahead() == 1, timeout=10, interval=0.5, what="the abandoned lease")
     with sessions() as session:
         assert session.scalars(select(Job)).one().state is JobState.QUEUED
+
+
+def test_a_clock_set_back_does_not_hold_a_frozen_workers_job_until_it_catches_up(tmp_path, database_url):
+    """The clock is set back an hour right after a worker's last renewal, then the worker freezes: its lease reads
+    valid for an hour more, yet the job is queued again once the lease stays unchanged for two lease periods."""
+    settings, sessions = _one_queued_series(tmp_path, database_url, lease_seconds=1, lease_renew_seconds=0.5)
+    busy = InferenceWorker(settings, sessions, "busy-host:1")
+    claim = busy.claim()
+    assert claim is not None
+    other = InferenceWorker(settings, sessions, "other-host:1")
+    for _ in range(6):  # three seconds: three lease periods, the lease renewed all along
+        assert other.requeue_expired_leases() == 0
+        assert busy.renew_lease(claim.job_id)
+        time.sleep(0.5)
+    with transaction(sessions) as session:  # the last renewal, as written in the time before the step back
+        session.execute(update(Job).values(lease_expires_at=utcnow() + timedelta(hours=1, seconds=1)))
+
+    wait_for(lambda: other.requeue_expired_leases() == 1, timeout=10, interval=0.5, what="the lease left unrenewed")
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.QUEUED and job.worker_deaths == 1
+        assert re.fullmatch(
+            r"worker busy-host:1 died in stage claimed \(1 of 2 allowed\), its lease not renewed for \d+ s, though it "
+            r"reads valid until [-\d]+ [:\d]+ UTC \(the clock was set back since it was written\); queued again",
+            job.reason,
+        ), job.reason
+    assert not busy.renew_lease(claim.job_id)
 
 
 def test_stopped_worker_hands_its_job_back_without_counting_a_death(tmp_path, database_url):
