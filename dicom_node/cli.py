@@ -901,15 +901,20 @@ def weights_list(config: ConfigOption = None) -> None:
 def _installed_identity(task: str, folder: Path) -> str:
     """How results name ``task``'s weights in ``folder`` (its datasets and SHA-256 over their files), or why the
     node would refuse to load them."""
+    from inference.models.checkpoints import description_problem
     from inference.weights import WeightsCorrupt, WeightsMissing, identify, imports_held_off, model_folders
 
     try:
         with imports_held_off(folder):  # an import waits: the folders identified are of one release
-            identity = identify(task, model_folders(task, folder))
+            found = model_folders(task, folder)
+            identity = identify(task, found)
+            unreadable = next(filter(None, (description_problem(f.path) for f in found)), None)
     except (WeightsCorrupt, WeightsMissing) as exc:
         return f"but not usable: {exc}"
     except OSError as exc:
         return f"but not readable: {_describe_os_error(exc)}"
+    if unreadable is not None:
+        return f"but not usable: {unreadable}; import the release zip again"
     test = " (test weights: random or untrained, results are not for clinical use)" if identity.test_weights else ""
     unrecorded = " (no manifest yet: recorded at the first successful load)" if identity.unrecorded else ""
     return f"sha256:{identity.sha256}{test}{unrecorded}"
@@ -1504,11 +1509,13 @@ def config_check(config: ConfigOption = None) -> None:
 
 
 def _models_without_weights(settings: Settings) -> list[str]:
-    """A sentence per TotalSegmentator model whose weights are not installed where it looks (every series sent to
-    it would fail), naming the folder and the commands that install them.
+    """A sentence per TotalSegmentator model whose weights are not installed where it looks, or hold a dataset.json
+    or plans.json nnU-Net cannot read (every series sent to it would fail), naming the folder or file and the
+    commands that install them.
 
     With ``inference.workers`` 0 this host runs no worker: the sentence says the weights matter only where
     ``dicom-node worker`` runs with this configuration (the GPU hosts of a scale-out), not that series fail."""
+    from inference.models.checkpoints import description_problem
     from inference.weights import WeightsMissing, model_folders
 
     consequence = (
@@ -1522,12 +1529,20 @@ def _models_without_weights(settings: Settings) -> list[str]:
         if model.kind != "totalsegmentator":
             continue
         folder = model.weights_directory or settings.weights_directory
+        target = f" --model {name}" if model.weights_directory else ""
         try:
-            model_folders(model.task, folder, model=name if model.weights_directory else None)
+            found = model_folders(model.task, folder, model=name if model.weights_directory else None)
+            unreadable = next(filter(None, (description_problem(f.path) for f in found)), None)
         except WeightsMissing as exc:
             sentences.append(f"model {name!r} cannot be loaded on this host: {exc} {consequence}")
         except OSError as exc:
             sentences.append(f"model {name!r} cannot be loaded: {_describe_os_error(exc)}.")
+        else:
+            if unreadable is not None:
+                sentences.append(
+                    f"model {name!r} cannot be loaded on this host: {unreadable}; import the release zip again with "
+                    f"`dicom-node weights import FILE.zip{target}`, which replaces that folder. {consequence}"
+                )
     return sentences
 
 

@@ -1039,8 +1039,9 @@ def _refuse_kept_folder(dataset_folder: Path, trainer: str) -> None:
     Raises
     ------
     WeightsCorrupt
-        If its trainer folder lacks files, or its files differ from its manifest (one without a manifest is
-        left for the model to record when it first loads, as a folder put in place by hand).
+        If its trainer folder lacks files, its dataset.json or plans.json lacks what nnU-Net reads from it, or its
+        files differ from its manifest (one without a manifest is left for the model to record when it first loads,
+        as a folder put in place by hand).
     """
     folder = dataset_folder / trainer
     keeps = (
@@ -1052,6 +1053,11 @@ def _refuse_kept_folder(dataset_folder: Path, trainer: str) -> None:
         raise WeightsCorrupt(
             f"{dataset_folder} already exists but {trainer}/ in it lacks {', '.join(lacking)}, {keeps}"
         )
+    from inference.models.checkpoints import description_problem
+
+    unreadable = description_problem(folder)
+    if unreadable is not None:
+        raise WeightsCorrupt(f"{dataset_folder} already holds weights a model cannot load ({unreadable}), {keeps}")
     if not (folder / MANIFEST_NAME).is_file():
         return
     try:

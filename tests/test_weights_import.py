@@ -138,6 +138,56 @@ def test_download_writes_no_manifest_for_a_folder_it_did_not_add(total_fast_test
     assert not (weights / DATASET / TRAINER / MANIFEST_NAME).exists()
 
 
+def _placed_by_hand_without_channel_names(weights: Path, into: Path) -> Path:
+    """A copy of the total_fast weights in ``into`` without a manifest, its dataset.json lacking channel_names;
+    returns that dataset.json."""
+    shutil.copytree(weights / DATASET, into / DATASET)
+    for manifest in into.rglob(MANIFEST_NAME):
+        manifest.unlink()
+    description = into / DATASET / TRAINER / "dataset.json"
+    description.write_bytes(without_key(description.read_bytes(), "channel_names"))
+    return description
+
+
+def test_download_refuses_a_folder_already_there_whose_dataset_json_nnunet_cannot_read(
+    total_fast_test_weights, tmp_path
+):
+    """It used to answer "already there" (audited as a success) and only a worker start failed, with a traceback."""
+    weights = tmp_path / "storage" / "weights"
+    description = _placed_by_hand_without_channel_names(total_fast_test_weights, weights)
+
+    result = run("weights", "download", "--task", "total_fast", config=make_config(tmp_path))
+
+    assert result.returncode == 1, result.stdout
+    assert "already there" not in result.stdout
+    assert result.stderr.startswith(
+        f"download refused: {weights / DATASET} already holds weights a model cannot load ({description} is not a "
+        'dataset description as nnU-Net writes it: it names no input channel ("channel_names"'
+    ), result.stderr
+    assert "move that folder aside (or delete it) and run the download again" in result.stderr
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+
+
+def test_config_check_and_weights_list_name_the_file_of_installed_weights_nnunet_cannot_read(
+    total_fast_test_weights, tmp_path
+):
+    weights = tmp_path / "storage" / "weights"
+    description = _placed_by_hand_without_channel_names(total_fast_test_weights, weights)
+    config = make_config(tmp_path, "models:\n  ts: {kind: totalsegmentator, task: total_fast}\n")
+
+    checked = run("config", "check", config=config)
+    listed = run("weights", "list", config=config)
+
+    assert checked.returncode == 0, checked.stderr
+    assert (
+        f"warning: model 'ts' cannot be loaded on this host: {description} is not a dataset description as nnU-Net "
+        'writes it: it names no input channel ("channel_names", e.g. {"0": "CT"}); import the release zip again with '
+        "`dicom-node weights import FILE.zip`, which replaces that folder. Until then every series sent to it fails."
+    ) in " ".join(checked.stdout.split())
+    assert "total_fast installed but not usable: " in " ".join(listed.stdout.split()), listed.stdout
+    assert f"{description} is not a dataset description as nnU-Net writes it" in " ".join(listed.stdout.split())
+
+
 def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
     require_extra("totalsegmentator")
     env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
@@ -225,6 +275,27 @@ def test_download_keeps_totalsegmentators_progress_lines_off_stdout(tmp_path):
             r"encoder\.stages\.0\.0\.convs\.0\.conv\.weight: the weights file is damaged; import it again from a good "
             r"copy\. Nothing was installed\.$",
         ),
+        (  # nnU-Net read it as it built the network: a traceback (KeyError), no audit record
+            "no-channel-names",
+            rf": {DATASET}/{TRAINER}/dataset\.json is not a dataset description as nnU-Net writes it: it names no input "
+            r"channel \(\"channel_names\", .*; install the weights as TotalSegmentator publishes them\. Nothing was "
+            r"installed\.$",
+        ),
+        (
+            "plans-without-transpose",
+            rf": {DATASET}/{TRAINER}/plans\.json is not a plans file as nnU-Net writes it: it has no "
+            r"\"transpose_forward\"; .*\. Nothing was installed\.$",
+        ),
+        (
+            "configuration-without-patch-size",
+            rf": {DATASET}/{TRAINER}/plans\.json is not a plans file as nnU-Net writes it: its configuration "
+            r"'3d_fullres' has no \"patch_size\"; .*\. Nothing was installed\.$",
+        ),
+        (
+            "checkpoint-without-network-weights",
+            rf": {DATASET}/{TRAINER}/fold_0/checkpoint_final\.pth is not an nnU-Net checkpoint \(network_weights, "
+            r"trainer_name or init_args missing\)\. Nothing was installed\.$",
+        ),
         (  # its own end record gone, zipfile finds the one of the checkpoint stored inside it
             "missing-its-last-bytes",
             r" is damaged or cut short \(it does not end as a zip ends\), so nothing was installed; copy it again$",
@@ -259,6 +330,15 @@ def test_import_refuses_a_zip_the_node_cannot_use_and_keeps_the_working_install(
         output_layer = kind == "nan-in-output-layer"
         value = float("nan") if output_layer else float("inf")
         entries = {**release, checkpoint: with_one_value(release[checkpoint], value, output_layer=output_layer)}
+    elif kind == "no-channel-names":
+        entries = {**release, description: without_key(release[description], "channel_names")}
+    elif kind == "plans-without-transpose":
+        entries = {**release, plans: without_key(release[plans], "transpose_forward")}
+    elif kind == "configuration-without-patch-size":
+        entries = {**release, plans: without_key(release[plans], "configurations", "3d_fullres", "patch_size")}
+    elif kind == "checkpoint-without-network-weights":
+        checkpoint = f"{DATASET}/{TRAINER}/fold_0/checkpoint_final.pth"
+        entries = {**release, checkpoint: _without_network_weights(release[checkpoint])}
     elif kind == "other-spacing":
         entries = {**release, plans: _change_architecture(release[plans], spacing=[6.0, 6.0, 6.0])}
     elif kind == "plans-class":
@@ -300,6 +380,30 @@ def _change_labels(dataset_json: bytes, change) -> bytes:
     if labels is not None:
         described["labels"] = labels
     return json.dumps(described).encode()
+
+
+def without_key(json_file: bytes, *keys: str) -> bytes:
+    """A JSON file without the entry at ``keys`` (a path into nested objects)."""
+    described = json.loads(json_file)
+    inner = described
+    for key in keys[:-1]:
+        inner = inner[key]
+    del inner[keys[-1]]
+    return json.dumps(described).encode()
+
+
+def _without_network_weights(checkpoint: bytes) -> bytes:
+    import io
+
+    import torch
+
+    from inference.models.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(Path("checkpoint_final.pth"), checkpoint)
+    del loaded["network_weights"]
+    written = io.BytesIO()
+    torch.save(loaded, written)
+    return written.getvalue()
 
 
 def _swap_kidneys(dataset_json: bytes) -> bytes:

@@ -23,9 +23,9 @@ from dicom_node.provenance import results_event_reason
 from dicom_node.worker import InferenceWorker
 from inference.weights import TASK_DATASETS, file_sha256, identify, model_folders
 from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, require_extra, storescu
-from tests.test_weights_import import release_entries, write_zip
+from tests.test_weights_import import release_entries, without_key, write_zip
 
-_ID, DATASET, _TRAINER = TASK_DATASETS["total_fast"][0]
+_ID, DATASET, TRAINER = TASK_DATASETS["total_fast"][0]
 
 
 def _weights_sha256(weights: Path) -> str:
@@ -175,6 +175,30 @@ def test_weights_import_is_audited_with_the_zip_the_folders_and_the_hash_results
     assert success.detail.endswith(f"task total_fast: weights sha256:{whole}")
     assert refused.returncode == 1 and failure.outcome == "failed" and failure.detail is not None
     assert f"weights import of {damaged} into {weights} failed: {damaged} is not a zip file" in failure.detail
+
+
+def test_a_weights_import_refused_for_a_dataset_json_nnunet_cannot_read_is_audited_as_refused(
+    tmp_path, total_fast_test_weights
+):
+    """It used to end in nnU-Net's traceback (KeyError: 'channel_names'), with no audit record."""
+    require_extra("torch")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{directory: {tmp_path / 'storage'}}}\n")
+    migrate(load_settings(config).database_url)
+    entries = release_entries(total_fast_test_weights)
+    description = f"{DATASET}/{TRAINER}/dataset.json"
+    archive = write_zip(
+        tmp_path / "release.zip", {**entries, description: without_key(entries[description], "channel_names")}
+    )
+
+    refused = _cli("weights", "import", str(archive), config=config)
+
+    assert refused.returncode == 1, refused.stdout
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    (record,) = _operator_records(config)
+    assert record.outcome == "refused" and record.detail is not None
+    assert f"{description} is not a dataset description as nnU-Net writes it" in record.detail
+    assert not (tmp_path / "storage" / "weights" / DATASET).exists()
 
 
 def test_weights_import_before_the_node_ever_ran_installs_and_says_it_is_not_audited(tmp_path, total_fast_test_weights):

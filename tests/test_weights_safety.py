@@ -333,6 +333,11 @@ def test_weights_that_number_the_structures_otherwise_than_the_package_are_refus
         ("dataset.json", r"dataset\.json is not valid JSON \(line 1, column 2\); import the weights again"),
         ("plans.json", r"plans\.json is not valid JSON \(line 1, column 2\); import the weights again"),
         ("plans-configuration", r"plans\.json does not describe the configuration '3d_fullres' that .* was trained"),
+        (  # was model.load_failed with nnU-Net's traceback (KeyError) at every worker start
+            "dataset-channels",
+            r"dataset\.json is not a dataset description as nnU-Net writes it: it names no input channel "
+            r"\(\"channel_names\", e\.g\. \{\"0\": \"CT\"\}\); the model was not loaded",
+        ),
     ],
 )
 def test_a_weights_folder_with_a_damaged_json_file_is_refused_with_a_sentence(
@@ -353,6 +358,10 @@ def test_a_weights_folder_with_a_damaged_json_file_is_refused_with_a_sentence(
         plans = json.loads((folder.path / "plans.json").read_text())
         plans["configurations"] = {}
         (folder.path / "plans.json").write_text(json.dumps(plans))
+    elif damage == "dataset-channels":
+        described = json.loads((folder.path / "dataset.json").read_text())
+        del described["channel_names"]
+        (folder.path / "dataset.json").write_text(json.dumps(described))
     else:
         (folder.path / damage).write_text("{'not': json")
     settings = Settings(

@@ -185,6 +185,112 @@ def check_labels(dataset_json: dict[str, Any], path: Path) -> None:
         )
 
 
+NNUNET_PLANS_KEYS = ("transpose_forward", "transpose_backward")
+"""What nnU-Net reads from the top of a plans.json to run a network (besides its configurations)."""
+NNUNET_CONFIGURATION_KEYS = (
+    "patch_size",
+    "spacing",
+    "normalization_schemes",
+    "use_mask_for_norm",
+    "preprocessor_name",
+    "resampling_fn_data",
+    "resampling_fn_data_kwargs",
+    "resampling_fn_seg",
+    "resampling_fn_seg_kwargs",
+    "resampling_fn_probabilities",
+    "resampling_fn_probabilities_kwargs",
+)
+"""What nnU-Net reads from a plans.json's configuration to prepare a CT, run the network and undo the resampling."""
+NNUNET_ARCHITECTURE_KEYS = ("network_class_name", "arch_kwargs", "_kw_requires_import")
+"""How a plans.json of nnU-Net 2.4 and later describes the network (its configuration's "architecture")."""
+NNUNET_OLD_ARCHITECTURE_KEYS = (
+    "UNet_class_name",
+    "UNet_base_num_features",
+    "unet_max_num_features",
+    "n_conv_per_stage_encoder",
+    "n_conv_per_stage_decoder",
+    "conv_kernel_sizes",
+    "pool_op_kernel_sizes",
+    "num_pool_per_axis",
+)
+"""How a plans.json of earlier nnU-Net 2 releases describes the network (nnU-Net still reads it)."""
+REINSTALL = "install the weights as TotalSegmentator publishes them"
+
+
+def nnunet_gap(folder: Path, dataset_json: dict[str, Any], plans: dict[str, Any], configuration: str) -> str | None:
+    """What a trainer folder's dataset.json or plans.json lacks of what nnU-Net reads from it to build and run the
+    network of ``configuration``, as a sentence naming the file; None when both hold it all (their labels are
+    checked by :func:`check_labels`)."""
+    description = folder / "dataset.json"
+    channels = dataset_json["modality"] if "modality" in dataset_json else dataset_json.get("channel_names")
+    if not isinstance(channels, dict) or not channels:
+        return (
+            f'{description} is not a dataset description as nnU-Net writes it: it names no input channel ("channel_names", '
+            'e.g. {"0": "CT"})'
+        )
+    lacking = _plans_gap(plans, configuration)
+    return None if lacking is None else f"{folder / 'plans.json'} is not a plans file as nnU-Net writes it: {lacking}"
+
+
+def _plans_gap(plans: dict[str, Any], configuration: str) -> str | None:
+    """What a plans.json lacks for ``configuration``, in words ("it has no ..."); None when nothing."""
+    missing = [key for key in NNUNET_PLANS_KEYS if key not in plans]
+    if not {"foreground_intensity_properties_per_channel", "foreground_intensity_properties_by_modality"} & set(plans):
+        missing.append("foreground_intensity_properties_per_channel")
+    if missing:
+        return f"it has no {', '.join(json.dumps(key) for key in missing)}"
+    resolved = _resolved_configuration(plans.get("configurations"), configuration)
+    if resolved is None:
+        return f"it describes no configuration {configuration!r} (the one the node runs)"
+    missing = [key for key in NNUNET_CONFIGURATION_KEYS if key not in resolved]
+    architecture = resolved.get("architecture")
+    if "architecture" not in resolved:
+        missing += [key for key in NNUNET_OLD_ARCHITECTURE_KEYS if key not in resolved]
+    elif not isinstance(architecture, dict):
+        missing.append("architecture")
+    else:
+        missing += [f"architecture.{key}" for key in NNUNET_ARCHITECTURE_KEYS if key not in architecture]
+    if missing:
+        return f"its configuration {configuration!r} has no {', '.join(json.dumps(key) for key in missing)}"
+    return None
+
+
+def _resolved_configuration(configurations: object, name: str) -> dict[str, Any] | None:
+    """A plans.json configuration with what it inherits (``inherits_from``) filled in, as nnU-Net resolves it; None
+    where it, or one it inherits from, is not there (or the inheritance goes round in a circle)."""
+    resolved: dict[str, Any] = {}
+    seen: set[str] = set()
+    current: object = name
+    while current is not None:
+        if not isinstance(configurations, dict) or not isinstance(current, str) or current in seen:
+            return None
+        entry = configurations.get(current)
+        if not isinstance(entry, dict):
+            return None
+        seen.add(current)
+        resolved = {**entry, **resolved}
+        current = entry.get("inherits_from")
+    return resolved
+
+
+def description_problem(folder: Path) -> str | None:
+    """What in a trainer folder's dataset.json or plans.json keeps nnU-Net from building and running its network,
+    as a sentence naming the file; None when both hold what it reads. Reads those two files only, not the
+    checkpoint (quick, and without torch): the configuration is the one the trainer folder's name ends in."""
+    configuration = folder.name.rsplit("__", 1)[-1]
+    try:
+        described = {name: read_weights_json(folder / name, read_weights_file(folder / name)) for name in JSON_FILES}
+    except UnsafeWeights as exc:
+        return str(exc).removesuffix("; import the weights again")
+    labels = labels_problem(described["dataset.json"].get("labels"))
+    if labels is not None:
+        return f"{folder / 'dataset.json'} cannot name the model's output: {labels}"
+    return nnunet_gap(folder, described["dataset.json"], described["plans.json"], configuration)
+
+
+JSON_FILES = ("dataset.json", "plans.json")
+
+
 def check_network_classes(configuration_manager: Any, path: Path) -> None:
     """Refuse plans whose network description names anything but network building blocks, or settings they lack.
 
@@ -298,13 +404,21 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
     configuration_name = (
         checkpoint["init_args"].get("configuration") if isinstance(checkpoint["init_args"], dict) else None
     )
-    try:
-        plans_manager = PlansManager(plans)
-        configuration_manager = plans_manager.get_configuration(str(configuration_name))
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+    if _resolved_configuration(plans.get("configurations"), str(configuration_name)) is None:
         raise UnsafeWeights(
             f"{folder / 'plans.json'} does not describe the configuration {configuration_name!r} that "
             f"{folder / 'fold_0' / checkpoint_name} was trained with; import the weights again"
+        )
+    gap = nnunet_gap(folder, dataset_json, plans, str(configuration_name))
+    if gap is not None:
+        raise UnsafeWeights(f"{gap}; the model was not loaded; {REINSTALL}")
+    try:
+        plans_manager = PlansManager(plans)
+        configuration_manager = plans_manager.get_configuration(str(configuration_name))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError):
+        raise UnsafeWeights(
+            f"{folder / 'plans.json'} does not describe the configuration {configuration_name!r} as nnU-Net writes "
+            f"it (a setting is of the wrong kind); the model was not loaded; {REINSTALL}"
         ) from None
     check_network_classes(configuration_manager, folder / "plans.json")
     trainer_name = str(checkpoint["trainer_name"])
@@ -313,14 +427,20 @@ def initialize_predictor(predictor: Any, folder: Path, checkpoint_name: str = "c
     )
     if trainer_class is None:
         raise UnsafeWeights(f"{folder}: the checkpoint's trainer {trainer_name!r} is not one nnU-Net provides")
-    network = trainer_class.build_network_architecture(
-        configuration_manager.network_arch_class_name,
-        configuration_manager.network_arch_init_kwargs,
-        configuration_manager.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-        enable_deep_supervision=False,
-    )
+    try:
+        network = trainer_class.build_network_architecture(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            enable_deep_supervision=False,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, AssertionError):
+        raise UnsafeWeights(
+            f"{folder / 'plans.json'} and {folder / 'dataset.json'} do not describe a network nnU-Net can build (a "
+            f"setting is missing or of the wrong kind); the model was not loaded; {REINSTALL}"
+        ) from None
     parameters = [checkpoint["network_weights"]]
     misfit = _misfit(network.state_dict(), parameters[0])
     if misfit is not None:
