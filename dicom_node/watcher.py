@@ -2,17 +2,19 @@
 
 Routing picks a rule; admission (:mod:`dicom_node.admission`) reads the series' headers
 and either queues it (QUEUED) or refuses it (FAILED) before any inference time is spent.
-It works only from the database, so after a restart it simply carries on: a series that
-went quiet while the node was down completes on the first pass, and a COMPLETE series
-whose routing was cut off is routed again. Events are logged only once their transaction
-has committed, so the log never tells of a change the database does not hold.
+It works from the database, so after a restart it simply carries on: a COMPLETE series whose
+routing was cut off is routed again. A series completes only once the watcher has itself seen it
+unchanged for the quiet period on its own steady clock (:class:`QuietClock`), so a series that went
+quiet while the node was down completes one quiet period after the start. Events are logged only
+once their transaction has committed, so the log never tells of a change the database does not hold.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.ingest import MissingInstances, instances_refused_for_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
-from db.models import Instance, Job, JobState, Series, utcnow
+from db.models import Instance, Job, JobState, Series, as_utc, utcnow
 from db.session import read_only, transaction
 from dicom_node.admission import (
     AdmissionResult,
@@ -72,6 +74,63 @@ class _Pending:
             log_event(LOG, level, event, **fields)
 
 
+@dataclass(frozen=True)
+class _Sighting:
+    """A receiving series as the watcher saw it: instances held and last arrival, and since when (steady clock)."""
+
+    instances: int
+    last_received_at: datetime
+    since: float
+
+
+class QuietClock:
+    """How long each receiving series has stayed unchanged (same instance count, same last arrival), measured on
+    this process' steady clock, which no step of the wall clock moves.
+
+    A wall clock stepped forward (NTP correcting a clock that was behind, a virtual machine restored, the time set
+    by hand), or a receiving host whose clock runs behind this one's, makes a series' last arrival look long past
+    while its images still arrive: by this clock it is only as quiet as the watcher has seen it. A series new or
+    changed since the previous look changed after it, so it is counted quiet for at most the time since then; at
+    the first look (after a start) for none.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._seen: dict[int, _Sighting] = {}
+        self._looked_at: float | None = None
+
+    def look(self, session: Session, now: datetime) -> None:
+        """Note every receiving series; ``now`` is the wall clock's time (for series changed since the last look).
+
+        Series no longer receiving are forgotten.
+        """
+        steady = self.clock()
+        since_last_look = 0.0 if self._looked_at is None else steady - self._looked_at
+        rows = session.execute(
+            select(Series.id, Series.instance_count, Series.last_received_at)
+            .join(Job, Job.series_id == Series.id)
+            .where(Job.state == JobState.RECEIVING)
+        )
+        seen: dict[int, _Sighting] = {}
+        for series_id, instances, last in rows:
+            earlier = self._seen.get(series_id)
+            if earlier is not None and (earlier.instances, earlier.last_received_at) == (instances, as_utc(last)):
+                seen[series_id] = earlier
+                continue
+            by_wall_clock = max((now - as_utc(last)).total_seconds(), 0.0)
+            seen[series_id] = _Sighting(instances, as_utc(last), steady - min(by_wall_clock, since_last_look))
+        self._seen, self._looked_at = seen, steady
+
+    def quiet_for(self, series: Series) -> timedelta:
+        """How long ``series`` had stayed as it is now, at the last look (nothing for a series not seen so)."""
+        sighting = self._seen.get(series.id)
+        if self._looked_at is None or sighting is None:
+            return timedelta(0)
+        if (sighting.instances, sighting.last_received_at) != (series.instance_count, as_utc(series.last_received_at)):
+            return timedelta(0)
+        return timedelta(seconds=self._looked_at - sighting.since)
+
+
 def _refusal_warnings(series: Series, missing: MissingInstances | None) -> list[str]:
     """The partial-series warning for images sent for ``series`` that it does not hold (refused, set aside)."""
     if missing is None:
@@ -89,10 +148,13 @@ class SeriesWatcher(PeriodicTask):
 
     name = "watcher"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], steady_clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(settings, sessions)
         self._count_doubts: dict[_CountKey, str | None] = {}
         """Why each series that reached its ImagesInAcquisition count may not be whole (None: it is whole)."""
+        self.quiet_clock = QuietClock(steady_clock)
 
     @property
     def interval_seconds(self) -> float:
@@ -113,6 +175,8 @@ class SeriesWatcher(PeriodicTask):
         but refused or set aside on receipt count towards the expected number, and add a "partial
         series" warning too. Reaching the count completes a series early only where the count covers the
         whole series (:func:`_numbering_doubt`, :func:`_acquisition_doubt`); else the quiet period decides.
+        Every wait (the quiet period, the timeout, the settle time once the count is reached) must have passed both
+        by the wall clock and on the watcher's steady clock (:class:`QuietClock`).
         """
         completion = self.settings.completion
         quiet = timedelta(seconds=completion.quiet_seconds)
@@ -121,10 +185,17 @@ class SeriesWatcher(PeriodicTask):
         settle = timedelta(seconds=min(EXPECTED_COUNT_SETTLE_SECONDS, completion.quiet_seconds))
         doubts = self._check_reached_counts(settle)
         with transaction(self.sessions) as session:
-            _restart_quiet_periods_from_the_future(session, pending)
-            timed_out = {job.id for job in jobs.quiet_receiving_jobs(session, expected_timeout)}
+            # The clocks are read once the transaction holds SQLite's write lock: read before a wait for another
+            # process' lock, they would take a series recorded during the wait for one from the future.
+            session.connection()  # SQLite: the transaction's BEGIN IMMEDIATE, which may wait for another process' lock
+            now = utcnow()
+            _restart_quiet_periods_from_the_future(session, now, pending)
+            self.quiet_clock.look(session, now)
+            timed_out = {job.id for job in self._quiet_jobs(session, expected_timeout, now)}
             waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
-            for job in _expected_count_reached(session, settle):
+            for job in _expected_count_reached(session, settle, now):
+                if self.quiet_clock.quiet_for(job.series) < settle:
+                    continue  # the wall clock may have been stepped forward: not yet settled by the steady clock
                 if job.series.series_instance_uid in waiting:
                     continue  # more acknowledged instances are on their way into the count
                 if doubts.get(_count_key(job.series), "not checked yet") is not None:
@@ -133,7 +204,7 @@ class SeriesWatcher(PeriodicTask):
                 reason = f"all {count} expected images received (ImagesInAcquisition)"
                 missing = instances_refused_for_series(session, job.series)
                 self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing))
-            for job in jobs.quiet_receiving_jobs(session, quiet):
+            for job in self._quiet_jobs(session, quiet, now):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
@@ -159,6 +230,14 @@ class SeriesWatcher(PeriodicTask):
                     )
                     self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing)])
         pending.log()
+
+    def _quiet_jobs(self, session: Session, quiet: timedelta, now: datetime) -> list[Job]:
+        """RECEIVING jobs whose series got no instance for ``quiet``, by the wall clock and the steady clock."""
+        return [
+            job
+            for job in jobs.quiet_receiving_jobs(session, quiet, now)
+            if self.quiet_clock.quiet_for(job.series) >= quiet
+        ]
 
     def _check_reached_counts(self, settle: timedelta) -> dict[_CountKey, str | None]:
         """Whether each series that reached its ImagesInAcquisition count holds the whole series (None) or why
@@ -322,15 +401,13 @@ CLOCK_STEP_SECONDS = 5.0
 """A series' last arrival this far ahead of the clock means the clock was set back since it was recorded."""
 
 
-def _restart_quiet_periods_from_the_future(session: Session, pending: _Pending) -> None:
+def _restart_quiet_periods_from_the_future(session: Session, now: datetime, pending: _Pending) -> None:
     """A receiving series whose last image was recorded in the future (the clock was set back since) starts its
-    quiet period now: else it would wait for the clock to catch up, an hour for a clock set back an hour.
+    quiet period ``now``: else it would wait for the clock to catch up, an hour for a clock set back an hour.
 
-    The clock is read once the transaction holds SQLite's write lock: read before a wait for another process' lock,
+    ``now`` is read once the transaction holds SQLite's write lock: read before a wait for another process' lock,
     it would take a series recorded during the wait for one from the future, and start its quiet period back then.
     """
-    session.connection()  # SQLite: the transaction's BEGIN IMMEDIATE, which may wait for another process' lock
-    now = utcnow()
     ahead = list(
         session.scalars(
             select(Series)
@@ -425,8 +502,9 @@ def _listed(values: Counter[str]) -> str:
     return listed + (f" and {len(values) - 4} more" if len(values) > 4 else "")
 
 
-def _expected_count_reached(session: Session, settle: timedelta) -> list[Job]:
-    """RECEIVING series holding exactly as many instances as ImagesInAcquisition says, none new for ``settle``.
+def _expected_count_reached(session: Session, settle: timedelta, now: datetime | None = None) -> list[Job]:
+    """RECEIVING series holding exactly as many instances as ImagesInAcquisition says, none new for ``settle``
+    by the wall clock (``now``, default the current time).
 
     ImagesInAcquisition counts one acquisition's images, not always the series': a series that goes past it
     has more coming than it said, so it waits for the quiet period instead.
@@ -440,7 +518,7 @@ def _expected_count_reached(session: Session, settle: timedelta) -> list[Job]:
             Series.instance_count == Series.expected_instances,
             # sent again after a purge: whole only once it holds what it held (ImagesInAcquisition is one acquisition)
             or_(Series.images_before_purge.is_(None), Series.instance_count >= Series.images_before_purge),
-            Series.last_received_at <= utcnow() - settle,
+            Series.last_received_at <= (now or utcnow()) - settle,
         )
     )
     return list(session.scalars(query))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -16,8 +15,8 @@ import pydicom
 import pytest
 from sqlalchemy import select, update
 
-from db.jobs import job_for_series_uid
-from db.models import AuditEvent, Instance, JobState, Series, Study, utcnow
+from db.jobs import job_for_series_uid, mark_complete
+from db.models import AuditEvent, Instance, JobState, Series, Study
 from db.session import transaction
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from tests.conftest import Node, free_port, storescu, wait_for
@@ -466,8 +465,9 @@ def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_stud
         operator = running.client("olga")
         # Still being received (admission has not refused it yet): already not shown as Alpha^Ann's series.
         receiving = {job["series_instance_uid"]: job for job in operator.get("/api/jobs").json()["jobs"]}
-        with transaction(node.sessions) as session:
-            session.execute(update(Series).values(last_received_at=utcnow() - timedelta(seconds=601)))
+        with transaction(node.sessions) as session:  # their quiet period is over: the watcher routes them
+            for series_uid in (other_id, other_name):
+                mark_complete(session, job_for_series_uid(session, series_uid), "no new instance for 600 s")
         node.wait_for_state(other_id, JobState.FAILED)
         node.wait_for_state(other_name, JobState.FAILED)
 

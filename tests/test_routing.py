@@ -26,6 +26,7 @@ from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.routing import Decision, SeriesFacts, decide
 from dicom_node.watcher import EXPECTED_COUNT_SETTLE_SECONDS, SeriesWatcher
 from tests.conftest import storescu
+from tests.test_completion_clock_step import SteadyClock
 
 CT = SeriesFacts(
     modality="CT",
@@ -154,7 +155,8 @@ CT_RULE = {"name": "ct", "match": {"modality": "CT"}, "action": "process", "mode
 
 
 def watched(tmp_path, slices_sent: int, expected: int | None, **completion):
-    """A database holding ``slices_sent`` phantom instances of one series that went quiet an hour ago."""
+    """A database holding ``slices_sent`` phantom instances of one series that went quiet an hour ago, and a
+    watcher that has seen it so for an hour (its steady clock, ``watcher.quiet_clock.clock``, moves when told)."""
     settings = Settings(
         storage={"directory": tmp_path / "storage"}, rules=[CT_RULE], completion={"quiet_seconds": 30, **completion}
     )
@@ -179,7 +181,11 @@ def watched(tmp_path, slices_sent: int, expected: int | None, **completion):
                     received_at=an_hour_ago,
                 ),
             )
-    return SeriesWatcher(settings, sessions), sessions, series
+    steady = SteadyClock()
+    watcher = SeriesWatcher(settings, sessions, steady_clock=steady)
+    watcher.complete_ready_series()  # its first look: a series is quiet only once the watcher has seen it so
+    steady.advance(3600)
+    return watcher, sessions, series
 
 
 def job_of(sessions) -> tuple[Job, list[JobState]]:
@@ -221,6 +227,7 @@ def test_a_series_reaching_its_expected_count_completes_once_no_instance_came_fo
     watcher.run_once()
     assert job_of(sessions)[0].state is JobState.RECEIVING
     received_at(sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
+    watcher.quiet_clock.clock.advance(EXPECTED_COUNT_SETTLE_SECONDS + 1)
     watcher.run_once()
     _job, history = job_of(sessions)
     assert history[:2] == [JobState.RECEIVING, JobState.COMPLETE]
@@ -234,6 +241,7 @@ def test_a_series_past_its_expected_count_waits_for_the_quiet_period(tmp_path):
     watcher.run_once()
     assert job_of(sessions)[0].state is JobState.RECEIVING
     received_at(sessions, utcnow() - timedelta(seconds=31))
+    watcher.quiet_clock.clock.advance(31)
     watcher.run_once()
     job, history = job_of(sessions)
     assert history[:2] == [JobState.RECEIVING, JobState.COMPLETE]
@@ -337,6 +345,7 @@ def test_a_series_last_recorded_in_the_future_starts_its_quiet_period_again_now(
         "later than the clock says it is now (the clock was set back); its quiet period starts again now"
     )
     received_at(sessions, utcnow() - timedelta(seconds=31))
+    watcher.quiet_clock.clock.advance(31)
     watcher.run_once()
     assert job_of(sessions)[1][:2] == [JobState.RECEIVING, JobState.COMPLETE]
 

@@ -179,6 +179,7 @@ def test_a_late_instance_of_a_receiving_series_stops_a_watcher_that_read_the_ser
 
     from db.models import Instance, Series, utcnow
     from dicom_node.watcher import SeriesWatcher
+    from tests.test_completion_clock_step import SteadyClock
 
     with transaction(sessions) as session:
         record_instance(session, record(f"{SERIES}.1"))
@@ -186,7 +187,10 @@ def test_a_late_instance_of_a_receiving_series_stops_a_watcher_that_read_the_ser
         job_id = session.scalars(select(Job)).one().id
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"storage": {"directory": str(tmp_path / "storage")}}))
-    watcher = SeriesWatcher(load_settings(config), sessions)
+    steady = SteadyClock()
+    watcher = SeriesWatcher(load_settings(config), sessions, steady_clock=steady)
+    watcher.complete_ready_series()  # its first look; then it sees the series unchanged for an hour
+    steady.advance(3600)
 
     receiving = late_instance_held_open(sessions)
     outcome: list[BaseException | None] = []
