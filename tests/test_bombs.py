@@ -253,6 +253,48 @@ def test_per_frame_groups_far_more_than_the_frames_are_refused_at_c_store(tmp_pa
     assert _reason(node, uid).startswith("the data set holds more than 10,000 sequence items before its pixel data")
 
 
+def _private_elements(count: int) -> bytes:
+    return b"".join(_element(0x0009 + 2 * (n // 4096), 0x1000 + n % 4096, b"LO", b"x ") for n in range(count))
+
+
+PIXELS = _element(0x7FE0, 0x0010, b"OB", bytes(64))
+
+
+def test_an_image_holds_at_most_5000_elements_and_128_per_further_frame_a_report_more():
+    """Admission reads every image of a series in one thread: 200 images of 98,000 elements each held up another
+    sender's 3-slice series for 55 s. A real CT slice holds a few hundred; a report or structure set has no pixel
+    data and may hold more."""
+    from dicom_node.receive.structure import structure_problem
+
+    image = _header("1.2.3") + _private_elements(4_998)  # 5,000 with the two UIDs
+    assert structure_problem(image + PIXELS, implicit=False, little_endian=True) is None
+    image += _private_elements(1)
+    assert structure_problem(image + PIXELS, implicit=False, little_endian=True) == (
+        "the data set holds 5,001 elements before its pixel data, more than an image of 1 frame(s) needs (5,000 at "
+        "most); refused unread, as reading such images would hold up the series of every other sender"
+    )
+    report = _header("1.2.3") + _private_elements(20_000)
+    assert structure_problem(report, implicit=False, little_endian=True) is None
+    frames = _element(0x0028, 0x0008, b"IS", b"300 ")  # 5,000 + 299 x 128 = 43,272
+    enhanced = _header("1.2.3") + frames + _private_elements(40_000) + PIXELS
+    assert structure_problem(enhanced, implicit=False, little_endian=True) is None
+
+
+def test_an_image_of_too_many_elements_is_refused_at_c_store(tmp_path, start_node):
+    node = start_node()
+    uid = generate_uid()
+
+    answered = _send(
+        node, tmp_path / "elements", uid, ExplicitVRLittleEndian, [_header(uid), _private_elements(6_000), PIXELS]
+    )
+
+    assert answered == (status.CANNOT_UNDERSTAND, "Cannot understand: the reason is in the node's log")
+    assert _reason(node, uid).startswith(
+        "the data set holds 6,002 elements before its pixel data, more than an image of 1 frame(s) needs (5,000 at "
+        "most)"
+    )
+
+
 def test_structure_walk_allows_what_real_images_hold_and_follows_every_encoding():
     from dicom_node.receive.structure import structure_problem
 

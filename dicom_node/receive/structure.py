@@ -5,7 +5,8 @@ set, and for every item of any sequence once that sequence is used (admission re
 functional groups). A few megabytes of empty items would so cost gigabytes of memory and minutes
 of CPU in the receiver, admission and the worker. This walk allocates nothing: it follows element
 and item headers up to the pixel data, descending into every sequence, and refuses a data set with
-more elements or items than any real image needs for its number of frames.
+more elements or items than any real image needs for its number of frames (an image, one with pixel
+data, fewer elements than a report or a structure set may hold).
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ ITEMS_ALLOWED = 10_000
 ITEMS_PER_FRAME = 24
 """More items per frame of a multi-frame image: an Enhanced CT frame's functional groups take about ten."""
 ELEMENTS_ALLOWED = 100_000
+"""Elements any data set may hold: a structured report or an RT structure set (no pixel data) may hold tens of
+thousands."""
 ELEMENTS_PER_FRAME = 128
 """More elements per frame: an Enhanced CT frame's functional groups hold some tens."""
+IMAGE_ELEMENTS_ALLOWED = 5_000
+"""Elements an image (a data set with pixel data) may hold before it, plus :data:`ELEMENTS_PER_FRAME` per further
+frame: a CT slice holds a few hundred, the node's own segmentation of 117 structures about 3,500. Admission reads
+every image of a series in one thread, about 1 µs per element: images of 100,000 elements each held up every other
+sender's series for a minute."""
 HEADER_BYTES_ALLOWED = 8 * 1024**2
 """Bytes before the pixel data: a CT header is a few kilobytes, a scanner's private blocks add some hundreds.
 Every header is read whole by admission, the worker and the encoder, once per image of the series."""
@@ -116,6 +124,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
         else:
             if tag == PIXEL_DATA and not ends:
                 _check_header_bytes(position, found.frames)
+                _check_image_elements(found)
                 return
             found.elements += 1
             if found.elements > elements_allowed:
@@ -157,6 +166,16 @@ def _check_header_bytes(offset: int, frames: int) -> None:
             f"the data set holds {offset / 1024**2:,.1f} MB before its pixel data, more than the header of an image "
             f"of {frames} frame(s) needs ({allowed / 1024**2:,.1f} MB at most); refused unread, as every copy of "
             "it would be held in memory"
+        )
+
+
+def _check_image_elements(found: Structure) -> None:
+    allowed = IMAGE_ELEMENTS_ALLOWED + ELEMENTS_PER_FRAME * (found.frames - 1)
+    if found.elements > allowed:
+        raise TooManyParts(
+            f"the data set holds {found.elements:,} elements before its pixel data, more than an image of "
+            f"{found.frames} frame(s) needs ({allowed:,} at most); refused unread, as reading such images would hold "
+            "up the series of every other sender"
         )
 
 
