@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -827,10 +828,48 @@ def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> li
     return [*lines, shortfall] if shortfall else lines
 
 
+CLOCK_DOUBT_LIMIT = timedelta(days=1)
+"""How far the wall clock may run ahead of the node's steady clock since the last retention pass, or past the
+newest time the database records, before retention stops deleting by age: a clock that far ahead (a bad hardware
+clock at boot, a misconfigured time server) would make every finished series and audit record look old."""
+CLOCK_DOUBT_REPEAT_SECONDS = 86400.0
+"""While retention deletes nothing by age for a doubtful clock, its WARNING is repeated this often."""
+
+
+def steady_seconds() -> float:
+    """Seconds on a clock nobody sets, counting a suspended host's sleep where the system can (Linux)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def newest_recorded_time(session: Session) -> datetime | None:
+    """The newest time the node has recorded: its last image received, job change or audit record (None: none)."""
+    columns = (Series.last_received_at, Job.state_changed_at, AuditEvent.at)
+    times = [session.scalar(select(func.max(column))) for column in columns]
+    return max((as_utc(moment) for moment in times if moment is not None), default=None)
+
+
+def _minute(moment: datetime) -> str:
+    return f"{as_utc(moment):%Y-%m-%d %H:%M} UTC"
+
+
+def _days(span: timedelta) -> str:
+    return f"{span.total_seconds() / 86400:.1f} days"
+
+
 class RetentionTask(PeriodicTask):
-    """Applies retention every ``retention.check_interval_seconds``; a thread of ``serve``."""
+    """Applies retention every ``retention.check_interval_seconds``; a thread of ``serve``.
+
+    A pass deletes nothing by age while the wall clock looks far ahead (:meth:`clock_doubt`); the disk budget
+    still applies.
+    """
 
     name = "retention"
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings, sessions)
+        self._trusted: tuple[datetime, float] | None = None  # wall and steady clock at the last pass that used ages
+        self._doubt_logged_at: float | None = None  # steady clock at the last clock_doubted warning
 
     @property
     def interval_seconds(self) -> float:
@@ -859,17 +898,20 @@ class RetentionTask(PeriodicTask):
         super().start()
 
     def run_once(self, now: datetime | None = None) -> PurgeOutcome:
-        """Plan and purge once."""
-        if self.settings.retention.quarantine_days is not None:
-            purge_quarantine(
-                self.sessions, self.settings.storage.directory, self.settings.retention.quarantine_days, now
-            )
-        if self.settings.retention.audit_days is not None:
-            purge_audit(self.sessions, self.settings.retention.audit_days, now)
-        if not self.settings.retention.enabled:
+        """Plan and purge once; by age only where the clock is not in doubt."""
+        now = now or utcnow()
+        retention = self.settings.retention
+        if not self._ages_trusted(now):
+            ages_off = {"days": None, "results_days": None, "quarantine_days": None, "audit_days": None}
+            retention = retention.model_copy(update=ages_off)
+        if retention.quarantine_days is not None:
+            purge_quarantine(self.sessions, self.settings.storage.directory, retention.quarantine_days, now)
+        if retention.audit_days is not None:
+            purge_audit(self.sessions, retention.audit_days, now)
+        if not retention.enabled:
             return PurgeOutcome()
         with self.sessions() as session:
-            plan = plan_retention(session, self.settings.retention, now)
+            plan = plan_retention(session, retention, now)
         outcome = apply_plan(self.sessions, self.settings, plan, now)
         if plan.items:
             log_event(
@@ -884,3 +926,55 @@ class RetentionTask(PeriodicTask):
         if plan.shortfall():
             log_event(LOG, logging.WARNING, "retention.over_budget", detail=plan.shortfall())
         return outcome
+
+    def _ages_trusted(self, now: datetime) -> bool:
+        """Whether this pass may delete by age; says so in the log when it may not (and once it may again)."""
+        retention = self.settings.retention
+        ages = (retention.days, retention.results_days, retention.quarantine_days, retention.audit_days)
+        if all(days is None for days in ages):
+            return True  # the disk budget alone: no age to misread
+        steady = steady_seconds()
+        doubt = self.clock_doubt(now, steady)
+        if doubt is None:
+            self._trusted = (now, steady)
+            if self._doubt_logged_at is not None:
+                reason = f"the clock ({_minute(now)}) agrees with the node's records again: retention deletes by age"
+                log_event(LOG, logging.INFO, "retention.clock_trusted", reason=reason)
+            self._doubt_logged_at = None
+            return True
+        if self._doubt_logged_at is None or steady - self._doubt_logged_at >= CLOCK_DOUBT_REPEAT_SECONDS:
+            log_event(LOG, logging.WARNING, "retention.clock_doubted", clock=_minute(now), reason=doubt)
+            self._doubt_logged_at = steady
+        return False
+
+    def clock_doubt(self, now: datetime, steady: float) -> str | None:
+        """Why the wall clock (``now``) looks far ahead, as the sentence ``serve`` logs; None when it does not.
+
+        It does when it has moved on more than :data:`CLOCK_DOUBT_LIMIT` further than the steady clock since the
+        last pass that deleted by age (kept until the clock agrees again, or the node restarts: records written
+        since at the wrong time must not vouch for it), or reads that far past every time the database records.
+        """
+        with self.sessions() as session:
+            newest = newest_recorded_time(session)
+        newest_words = f"the newest time the database records is {_minute(newest)}" if newest else "it records none"
+        stop = "retention deletes nothing by age (the disk budget still applies)"
+        if self._trusted is not None:
+            wall_then, steady_then = self._trusted
+            counted = timedelta(seconds=steady - steady_then)
+            if now - wall_then - counted > CLOCK_DOUBT_LIMIT:
+                return (
+                    f"the clock reads {_minute(now)}, {_days(now - wall_then)} on from the last retention pass "
+                    f"({_minute(wall_then)}) although only {_days(counted)} passed since, and {newest_words}; {stop} "
+                    "until the clock agrees again: set it right (a bad hardware clock at boot or a misconfigured time "
+                    "server makes every finished series and audit record look old), or if it is right now, restart "
+                    "the node"
+                )
+        if newest is not None and now - newest > CLOCK_DOUBT_LIMIT:
+            return (
+                f"the clock reads {_minute(now)}, {_days(now - newest)} past the newest time the database records "
+                f"({_minute(newest)}: its last image received, job change or audit record); {stop} until the node "
+                "records something at this clock's time: if the clock is wrong (a bad hardware clock at boot or a "
+                "misconfigured time server makes every finished series and audit record look old), set it right; a "
+                "node that was idle or off that long resumes with its next image or association"
+            )
+        return None

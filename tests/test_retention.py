@@ -10,7 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -295,6 +295,65 @@ def test_retention_task_purges_in_the_background_and_stops(node):
     finally:
         task.stop()
     assert not any(path.exists() for path in stored.images)
+
+
+def _audit_records(sessions: sessionmaker[Session], *at: datetime) -> int:
+    """Add an audit record written at each of ``at``; how many the database holds then."""
+    with transaction(sessions) as session:
+        session.add_all(AuditEvent(at=moment, action="echo", outcome="success") for moment in at)
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(AuditEvent)) or 0
+
+
+def test_a_clock_jumped_forward_while_the_node_runs_deletes_nothing_by_age_until_it_is_set_right(node, caplog):
+    settings, sessions = node
+    settings.retention = RetentionSettings(days=30, audit_days=365)
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    task = RetentionTask(settings, sessions)
+    assert task.run_once(NOW).purged == []  # the pass the jump is measured from
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    jumped = NOW + timedelta(days=400)
+    held = _audit_records(sessions, NOW, jumped)  # images and associations go on, written at the jumped time
+
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        assert task.run_once(jumped).purged == []
+        assert task.run_once(jumped + timedelta(minutes=10)).purged == []  # one warning, not one a pass
+        outcome = task.run_once(NOW + timedelta(minutes=20))  # the clock set right: ages count again
+
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert all(path.exists() for path in recent.images) and _audit_records(sessions) == held
+    (doubted,) = [r for r in caplog.records if r.getMessage() == "retention.clock_doubted"]
+    assert doubted.levelno == logging.WARNING
+    assert re.fullmatch(
+        r"the clock reads [-\d]+ [:\d]+ UTC, 400\.0 days on from the last retention pass \([-\d]+ [:\d]+ UTC\) "
+        r"although only 0\.0 days passed since, and the newest time the database records is [-\d]+ [:\d]+ UTC; "
+        r"retention deletes nothing by age \(the disk budget still applies\) until the clock agrees again: .*",
+        doubted.event_fields["reason"],
+    )
+    assert [r.getMessage() for r in caplog.records].count("retention.clock_trusted") == 1
+
+
+def test_a_clock_far_past_every_time_the_database_records_deletes_by_disk_budget_only(node, caplog):
+    """A node started with its clock 400 days ahead (a bad hardware clock): no pass of this node to measure from."""
+    settings, sessions = node
+    older = add_series(node, "1.2.3.1", JobState.DONE, days_ago=2)
+    newer = add_series(node, "1.2.3.2", JobState.DONE, days_ago=1)  # 2900 bytes each with its results
+    settings.retention = RetentionSettings(days=30, audit_days=365, max_disk_gigabytes=3000 / 1e9)
+    held = _audit_records(sessions, NOW)
+
+    with caplog.at_level(logging.WARNING, logger="dicom_node.retention"):
+        outcome = RetentionTask(settings, sessions).run_once(NOW + timedelta(days=400))
+
+    assert [(item.series_instance_uid, item.reason) for item in outcome.purged] == [
+        (older.uid, "disk budget 3.0 kB exceeded: 5.8 kB used")
+    ]
+    assert all(path.exists() for path in newer.images) and _audit_records(sessions) == held
+    (doubted,) = [r for r in caplog.records if r.getMessage() == "retention.clock_doubted"]
+    assert re.match(
+        r"the clock reads [-\d]+ [:\d]+ UTC, 400\.0 days past the newest time the database records \([-\d]+ [:\d]+ "
+        r"UTC: its last image received, job change or audit record\); retention deletes nothing by age",
+        doubted.event_fields["reason"],
+    )
 
 
 def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
