@@ -517,16 +517,20 @@ def record_attempt(
     error: str | None,
     next_attempt_at: datetime | None,
     unreachable: bool = False,
+    longest_gap: timedelta | None = None,
 ) -> DeliveryRecord:
     """Count one sending attempt to ``destination``: delivered (every file accepted), or its error and next try.
 
     An attempt that found the destination ``unreachable`` (no association) is not counted in ``attempts``
     but in ``unreachable_attempts``, from ``unreachable_since``; an attempt that reaches it ends that count.
+    The time between two such tries counts up to ``longest_gap`` (the longest wait between tries, and a margin):
+    a longer one is the node's own downtime or the wall clock stepped forward, and a negative one the clock stepped
+    back, so ``unreachable_since`` moves by the difference and the destination is judged by the tries' own spacing.
     """
     record = delivery_record(job, destination)
     if unreachable:
         streak = {
-            "unreachable_since": record.unreachable_since or now,
+            "unreachable_since": _unreachable_since(record, now, longest_gap),
             "unreachable_last_at": now,
             "unreachable_attempts": record.unreachable_attempts + 1,
         }
@@ -549,6 +553,16 @@ def record_attempt(
         )
     update_delivery_record(job, destination, updated)
     return updated
+
+
+def _unreachable_since(record: DeliveryRecord, now: datetime, longest_gap: timedelta | None) -> datetime:
+    """When ``record``'s destination became unreachable, with the time since its last unreachable try counted up to
+    ``longest_gap`` and never below zero (:func:`record_attempt`)."""
+    if record.unreachable_since is None or record.unreachable_last_at is None:
+        return now
+    since, gap = as_utc(record.unreachable_since), as_utc(now) - as_utc(record.unreachable_last_at)
+    counted = max(gap, timedelta(0)) if longest_gap is None else min(max(gap, timedelta(0)), longest_gap)
+    return since + (gap - counted)
 
 
 def record_delivery(

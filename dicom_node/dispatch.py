@@ -75,6 +75,9 @@ CLOCK_STEP_SECONDS = 5.0
 """A next attempt this much further off than ``dispatch.max_retry_seconds`` was planned before the clock was set
 back: it is made at once."""
 
+UNREACHABLE_GAP_MARGIN_SECONDS = 60.0
+"""Between two tries that found a destination unreachable, at most twice ``dispatch.max_retry_seconds`` and this
+count towards ``dispatch.unreachable_hours``: a longer gap is the node's own downtime or a clock stepped forward."""
 RECORD_WAIT_LIMIT_SECONDS = 3600.0  # how long recording an accepted file waits for a locked database
 
 RECORD_WAIT_NOTICED_SECONDS = 1.0
@@ -851,6 +854,7 @@ class Dispatcher(PeriodicTask):
                 error=error,
                 next_attempt_at=None if complete else now + self._backoff(tries),
                 unreachable=unreachable,
+                longest_gap=timedelta(seconds=2 * self._dispatch.max_retry_seconds + UNREACHABLE_GAP_MARGIN_SECONDS),
             )
             if complete:
                 logged.append((logging.INFO, "dispatch.delivered", {"files": progress.total}))

@@ -629,3 +629,46 @@ def test_an_attempt_planned_before_the_clock_was_set_back_is_made_at_once(proces
     run_dispatcher_until(settings, sessions, uid, JobState.DONE)
 
     assert len(Counter(pacs.received)) == 2  # SEG and SR
+
+
+def test_a_clock_stepped_forward_a_day_does_not_fail_a_job_whose_pacs_was_down_for_seconds(
+    processed_for_pacs, monkeypatch
+):
+    """The PACS restarts for an update; between two tries the wall clock is stepped forward 25 h (a VM restored,
+    NTP correcting a clock that was behind). dispatch.unreachable_hours (24 h) counts the tries' own spacing, not
+    the step: the job goes on trying instead of failing at once as unreachable for a day."""
+    from datetime import datetime as real_datetime
+
+    import dicom_node.dispatch as dispatch
+    from dicom_node.dispatch import Dispatcher
+
+    settings, sessions, uid, pacs = processed_for_pacs
+    pacs.stop()
+    step = [timedelta(0)]
+
+    class SteppedDatetime(real_datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def]
+            return real_datetime.now(tz) + step[0]
+
+    monkeypatch.setattr(dispatch, "datetime", SteppedDatetime)
+
+    def record():
+        with sessions() as session:
+            job = job_for_series_uid(session, uid)
+            return job.state, job.reason, jobs.delivery_record(job, "pacs")
+
+    dispatcher = Dispatcher(settings, sessions)
+    dispatcher.start()
+    try:
+        wait_for(lambda: record()[2].unreachable_attempts >= 1, what="a first try that finds the PACS down")
+        step[0] = timedelta(hours=25)
+        tries = record()[2].unreachable_attempts
+        wait_for(lambda: record()[2].unreachable_attempts >= tries + 3, what="three more tries after the step")
+    finally:
+        dispatcher.stop()
+
+    state, reason, delivery = record()
+    assert state is JobState.SENDING, reason
+    assert delivery.unreachable_since is not None and delivery.unreachable_last_at is not None
+    assert delivery.unreachable_last_at - delivery.unreachable_since < timedelta(minutes=5)
