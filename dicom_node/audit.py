@@ -451,6 +451,15 @@ def retrieval_ended(event: Any, sentence: str) -> None:
     setattr(event, ENDED_ATTRIBUTE, sentence)
 
 
+ANSWERED_ATTRIBUTE = "_dicom_node_answered_without_the_handler"
+
+
+def answered_without_the_handler(event: Any, status: int) -> None:
+    """Tell the audit of a C-MOVE the final status its peer heard where pynetdicom answered it without resuming the
+    handler (a refused request whose destination could not be reached): its record's outcome follows that status."""
+    setattr(event, ANSWERED_ATTRIBUTE, status)
+
+
 REPEATABLE_ATTRIBUTE = "_dicom_node_repeatable_refusal"
 
 
@@ -557,6 +566,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
             close = getattr(values, "close", None)
             if close is not None:
                 close()
+            last = getattr(event, ANSWERED_ATTRIBUTE, last)
             if action == "find":
                 outcome = status_outcome(last)
             else:

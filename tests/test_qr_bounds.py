@@ -38,7 +38,7 @@ from db.models import Instance, Series, Study
 from db.session import transaction
 from dicom_node.audit import recent
 from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
-from tests.conftest import Node, changed_sources, require_tool, storescu, wait_for
+from tests.conftest import Node, changed_sources, free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -318,6 +318,58 @@ def test_a_c_move_to_a_destination_that_does_not_answer_fails_naming_it(node_wit
     with node.sessions() as session:
         records = [(r.outcome, r.instances) for r in recent(session, actions=["move"])]
     assert records == [("failed", 0)], records  # one record of the retrieval, with the status the peer heard
+
+
+@contextlib.contextmanager
+def listening_destination(kind: str) -> Iterator[int]:
+    """The port of a move destination SILENT that is up (DCMTK storescp) or down (it drops connections)."""
+    if kind != "up":
+        with silent_destination(kind) as port:
+            yield port
+        return
+    port = free_port()
+    scp = subprocess.Popen([require_tool("storescp"), "-aet", "SILENT", str(port)])
+    try:
+        wait_for(lambda: _accepts_connections(port), timeout=30, what="storescp to listen")
+        yield port
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
+def _accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("state", ["up", "drops connections"])
+def test_a_refused_c_move_is_answered_and_audited_as_refused_whether_its_destination_is_up_or_down(
+    node_with_a_series, state
+):
+    """A STUDY-level C-MOVE without StudyInstanceUID: with its destination down it was answered 0xA702 "Move
+    destination SILENT could not be reached" and audited as failed for that, after the log had said it was
+    refused."""
+    with listening_destination(state) as port:
+        node, _series = node_with_a_series(port)
+        command = [require_tool("movescu"), "-d", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-aem", "SILENT"]
+        command += ["-k", "QueryRetrieveLevel=STUDY"]
+        answer = subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=90)
+
+    output = answer.stdout + answer.stderr
+    assert "Received Final Move Response" in output, output
+    final = output.split("Received Final Move Response")[-1]
+    assert "0xa900: Error: Data Set does not match SOP Class" in final, final
+    assert "[Identifier does not match: see the node's log]" in final, final
+    assert re.search(r"Failed Suboperations\s+: 0\n", final), final
+    (line,) = [line for line in node.log().splitlines() if "retrieve.refused" in line]
+    assert 'reason="a STUDY retrieval needs StudyInstanceUID"' in line, line
+    assert "retrieve.destination_unreachable" not in node.log()
+    with node.sessions() as session:
+        records = [(r.outcome, r.instances, r.detail) for r in recent(session, actions=["move"])]
+    assert records == [("refused", 0, "STUDY level, 0 instances, to SILENT")], records
 
 
 def _rle_slices(folder: Path) -> tuple[list[Path], str, str]:

@@ -79,6 +79,7 @@ from db.models import Instance, Job, Series
 from db.session import read_only
 from dicom_node.audit import (
     MAX_STUDIES_AUDITED,
+    answered_without_the_handler,
     audited_retrieve,
     disclosed,
     repeatable_refusal,
@@ -513,7 +514,10 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
     if tls_args is not None:
         options["tls_args"] = tls_args
     count = len(paths) if isinstance(paths, list) else 0
-    unreachable = _UnreachableDestination(event, route, sub_association, count, context.sending.timeout_seconds)
+    refusal = paths if isinstance(paths, str) else None
+    unreachable = _UnreachableDestination(
+        event, route, sub_association, count, context.sending.timeout_seconds, refusal
+    )
     event.assoc.bind(evt.EVT_DIMSE_SENT, unreachable.on_sent)
     series = selection.series if isinstance(selection, Selection) else frozenset()
     retrieval = Retrieval(f"{calling_ae} at {_address(event)}", f"C-MOVE to {destination.ae_title}", series)
@@ -546,6 +550,7 @@ def _move(
         if isinstance(paths, str):  # pynetdicom has no way to refuse before the destination: refuse as the first
             yield 1
             unreachable.stop()
+            _correct_final_counts(event, failed=-1)  # the one sub-operation counted above was none
             yield _refusal(paths), None
             return
         yield from _count_or_refuse(paths, context, event, route.operation)
@@ -586,13 +591,20 @@ class _UnreachableDestination:
     answer within ``dispatch.timeout_seconds``, or rejected the association), pynetdicom answers the requestor
     0xA801 (Move Destination unknown) itself, without a comment, and never resumes the handler. This turns that
     answer, as it is sent, into 0xA702 (unable to perform sub-operations), every sub-operation failed, with a
-    comment naming the destination, and logs a sentence naming it."""
+    comment naming the destination, and logs a sentence naming it; or, for a request already refused
+    (:attr:`refusal`, its comment), into that refusal, as the peer hears it when the destination is up."""
 
     def __init__(
-        self, event: evt.Event, route: Route, sub_association: dict[str, Any], count: int, connect_seconds: float
+        self,
+        event: evt.Event,
+        route: Route,
+        sub_association: dict[str, Any],
+        count: int,
+        connect_seconds: float,
+        refusal: str | None = None,
     ) -> None:
         self.event, self.route, self.sub_association, self.count = event, route, sub_association, count
-        self.connect_seconds = connect_seconds
+        self.connect_seconds, self.refusal = connect_seconds, refusal
         self.bound = True
 
     def on_sent(self, sent: evt.Event) -> None:
@@ -604,6 +616,9 @@ class _UnreachableDestination:
         command = message.command_set
         opened = self.sub_association.get("assoc")
         if command.get("Status") != MOVE_DESTINATION_UNKNOWN or (opened is not None and opened.accepted_contexts):
+            return
+        if self.refusal is not None:
+            self._refuse(message, self.refusal)
             return
         command.Status = TOO_MANY_SUB_OPERATIONS
         command.NumberOfFailedSuboperations = min(self.count, MAXIMUM_SUB_OPERATIONS)
@@ -626,6 +641,16 @@ class _UnreachableDestination:
             reason=reason,
         )
         retrieval_ended(self.event, reason)  # the retrieval's audit record says why too
+
+    def _refuse(self, message: C_MOVE_RSP, comment: str) -> None:
+        """Make the answer being sent the refusal of the request (already logged), not a destination's failure."""
+        command = message.command_set
+        refusal = _refusal(comment)
+        command.Status, command.ErrorComment = refusal.Status, refusal.ErrorComment
+        command.NumberOfFailedSuboperations = 0
+        command.NumberOfCompletedSuboperations = command.NumberOfWarningSuboperations = 0
+        message._set_command_group_length()  # the elements above change the command's length
+        answered_without_the_handler(self.event, int(refusal.Status))
 
     def _why(self) -> str:
         """How far opening the sub-association went, as a clause naming the destination."""
