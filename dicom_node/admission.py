@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from db.names import completed_name, other_person
-from dicom_node.config import AdmissionSettings
+from dicom_node.config import AdmissionSettings, ModelSettings, TotalSegmentatorModelSettings
 from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import person_name_problem, sequence_check
 from dicom_node.logs import REORDERING_CHARACTERS, os_error_text, shown
@@ -115,9 +115,33 @@ is wrong, most often written in centimetres (0.07 for 0.7 mm), which would make 
 report 100 times too small. Judged on matrices of at least :data:`CLINICAL_MATRIX` pixels, the size
 of every clinical reconstruction; smaller images are test objects or thumbnails."""
 CLINICAL_MATRIX = 256
-FINEST_MODEL_SPACING_MM = 1.5
-"""The finest grid a TotalSegmentator model resamples to (the ``total`` task, 1.5 mm): a coarse series is
-resampled up to it, so its memory is estimated on that grid too."""
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What a model's memory grows with: the grid it resamples to (mm, ``None``: the series' own) and the classes
+    it scores at every voxel of that grid (the largest part model's output heads, background included)."""
+
+    spacing_mm: float | None
+    classes: int
+
+
+TASK_FOOTPRINTS = {"total": ModelFootprint(1.5, 27), "total_fast": ModelFootprint(3.0, 118)}
+"""TotalSegmentator's tasks: ``total``'s five 1.5 mm part models score 19 to 27 classes each (one at a time),
+``total_fast``'s one 3 mm model 118."""
+THRESHOLD_FOOTPRINT = ModelFootprint(None, 0)
+LARGEST_FOOTPRINT = ModelFootprint(1.5, 118)
+"""Where the model is not known: the finest grid and the most classes of any task."""
+BYTES_PER_CLASS_VOXEL = 2
+"""nnU-Net's FP16 sum of the tiles' logits, per class and voxel of the model's grid (padded to one tile)."""
+BYTES_PER_CLASS_TILE = 14 * 128**3
+"""nnU-Net's working memory for one tile (a 128 x 128 x 128 patch), per class: the network's FP32 output, its
+Gaussian-weighted copy and the FP32 sum of it into the FP16 logits, about 13.4 bytes per patch voxel and class.
+Measured with the network's forward pass stubbed (its own layers' memory is not included):
+``total_fast`` (118 classes) 167^3 grid 3.61 GB, 100 x 100 x 50 grid (padded to one tile) 2.64 GB; ``total``
+(27 classes) 200^3 grid 1.12 GB: each within 2 bytes per class voxel plus this per class."""
+TILE_EDGE_VOXELS = 128
+"""A grid smaller than one tile is padded to it."""
 
 HEADER_KEYWORDS = (
     "SOPClassUID",
@@ -152,7 +176,8 @@ BYTES_PER_SOURCE_VOXEL = 4 + 8
 """float32 HU volume (4) and the float64 copy the model input is built from (8), per source voxel."""
 BYTES_PER_MODEL_VOXEL = 4 + 4 + 1 + 1
 """A resampled float32 copy and the model's float32 input (4 + 4), the label map and its resampled copy
-(uint8, 1 + 1): per voxel of the larger of the source grid and the model's grid."""
+(uint8, 1 + 1): per voxel of the larger of the source grid and the model's grid. The model's classes add
+:func:`_class_bytes`."""
 BYTES_PER_VOXEL_AFTER_SOURCE = BYTES_PER_SOURCE_VOXEL + BYTES_PER_MODEL_VOXEL
 """Memory per voxel of every processing stage after the stored pixels (bytes), for a series whose
 model grid is no larger than its own. The stored pixels add BitsAllocated / 8."""
@@ -234,6 +259,7 @@ def admit(
     settings: AdmissionSettings,
     modality: str | None = "CT",
     study_patient: StudyPatient | None = None,
+    model: ModelFootprint = LARGEST_FOOTPRINT,
 ) -> AdmissionResult:
     """Check a complete series from its headers; refuse it with a reason, or admit it with warnings.
 
@@ -249,6 +275,8 @@ def admit(
         The patient recorded for the series' study (its first instance's, :func:`recorded_patient`), if any: a
         series of another patient under that study is refused; one whose study details differ from those recorded
         (a :class:`RecordedStudy`) is admitted with a warning.
+    model
+        The model the series is for (:func:`model_footprint`): its grid and classes size the memory estimate.
 
     Returns
     -------
@@ -257,7 +285,7 @@ def admit(
         are sentences for ``jobs.warnings``.
     """
     try:
-        return _admit(files, settings, modality, study_patient)
+        return _admit(files, settings, modality, study_patient, model)
     except Refused as refusal:
         return AdmissionResult(refusal=str(refusal))
 
@@ -304,7 +332,11 @@ def instance_files(session: Session, series: Series) -> list[InstanceFile]:
 
 
 def _admit(
-    files: Sequence[InstanceFile], settings: AdmissionSettings, modality: str | None, study_patient: StudyPatient | None
+    files: Sequence[InstanceFile],
+    settings: AdmissionSettings,
+    modality: str | None,
+    study_patient: StudyPatient | None,
+    model: ModelFootprint,
 ) -> AdmissionResult:
     if not files:
         raise Refused("the series has no stored instances")
@@ -368,7 +400,7 @@ def _admit(
             f"segment ({NARROWEST_FIELD_MM:.0f} mm at least): a small field (dental, inner ear) is not for this "
             "node; otherwise PixelSpacing is wrong, perhaps written in centimetres"
         )
-    estimate = _memory_estimate(images, extent)
+    estimate = _memory_estimate(images, extent, model)
     limit = settings.max_memory_gigabytes * 1024**3
     if estimate > limit:
         rows, columns = images[0].shape
@@ -1315,11 +1347,41 @@ def _extent_mm(images: list[_Frame]) -> tuple[float, float, float]:
     return (columns * column_spacing, rows * row_spacing, span + step)
 
 
-def _memory_estimate(images: list[_Frame], extent: tuple[float, float, float]) -> int:
+def model_footprint(models: Mapping[str, ModelSettings], name: str | None) -> ModelFootprint:
+    """The footprint of the model ``name``; where it is not one of ``models`` (a re-route, whose model is chosen
+    later), the finest grid and the most classes of the configured models."""
+    chosen = [models[name]] if name is not None and name in models else list(models.values())
+    footprints = [_footprint(settings) for settings in chosen] or [LARGEST_FOOTPRINT]
+    spacings = [f.spacing_mm for f in footprints if f.spacing_mm is not None]
+    return ModelFootprint(min(spacings, default=None), max(f.classes for f in footprints))
+
+
+def _footprint(settings: ModelSettings) -> ModelFootprint:
+    if isinstance(settings, TotalSegmentatorModelSettings):
+        return TASK_FOOTPRINTS[settings.task]
+    return THRESHOLD_FOOTPRINT
+
+
+def _memory_estimate(images: list[_Frame], extent: tuple[float, float, float], model: ModelFootprint) -> int:
     """Bytes for the stored pixels and every stage after them; a coarse series is counted on the model's grid."""
     rows, columns = images[0].shape
     voxels = len(images) * rows * columns
-    resampled = math.prod(max(math.ceil(length / FINEST_MODEL_SPACING_MM), 1) for length in extent)
+    grid = _model_grid(extent, model)
     return (
-        voxels * (images[0].bytes_per_pixel + BYTES_PER_SOURCE_VOXEL) + max(voxels, resampled) * BYTES_PER_MODEL_VOXEL
+        voxels * (images[0].bytes_per_pixel + BYTES_PER_SOURCE_VOXEL)
+        + max(voxels, math.prod(grid)) * BYTES_PER_MODEL_VOXEL
+        + _class_bytes(grid, model)
     )
+
+
+def _model_grid(extent: tuple[float, float, float], model: ModelFootprint) -> tuple[int, ...]:
+    """The voxels along each axis of the model's grid (one, where the model keeps the series' grid)."""
+    if model.spacing_mm is None:
+        return (1, 1, 1)
+    return tuple(max(math.ceil(length / model.spacing_mm), 1) for length in extent)
+
+
+def _class_bytes(grid: tuple[int, ...], model: ModelFootprint) -> int:
+    """nnU-Net's per-class memory: the logits over the whole grid (padded to a tile) and one tile's working copies."""
+    padded = math.prod(max(count, TILE_EDGE_VOXELS) for count in grid)
+    return model.classes * (padded * BYTES_PER_CLASS_VOXEL + BYTES_PER_CLASS_TILE)

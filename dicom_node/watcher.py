@@ -37,6 +37,7 @@ from dicom_node.admission import (
     admit,
     instance_files,
     is_admission_warning,
+    model_footprint,
     recorded_patient,
 )
 from dicom_node.config import Settings
@@ -298,7 +299,11 @@ class SeriesWatcher(PeriodicTask):
             modality, study_patient = job.series.modality, recorded_patient(job.series.study)
             decided_on, series_uid = job.version, job.series.series_instance_uid
         try:
-            admission = self._admit(job_id, files, modality, study_patient) if decision.action == "process" else None
+            admission = (
+                self._admit(job_id, files, modality, study_patient, decision.model)
+                if decision.action == "process"
+                else None
+            )
         except StorageUnavailable as exc:
             log_event(
                 LOG,
@@ -330,10 +335,16 @@ class SeriesWatcher(PeriodicTask):
         pending.log()
 
     def _admit(
-        self, job_id: int, files: list[InstanceFile], modality: str | None, study_patient: StudyPatient | None
+        self,
+        job_id: int,
+        files: list[InstanceFile],
+        modality: str | None,
+        study_patient: StudyPatient | None,
+        model: str | None,
     ) -> AdmissionResult:
         try:
-            return admit(files, self.settings.admission, modality, study_patient)
+            footprint = model_footprint(self.settings.models, model)
+            return admit(files, self.settings.admission, modality, study_patient, footprint)
         except StorageUnavailable:
             raise  # this machine's trouble, not the series': it is checked again at the next pass
         except Exception:  # a header no check foresaw must not stall the watcher

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import unicodedata
 import warnings
 from pathlib import Path
@@ -22,14 +24,23 @@ from db.jobs import is_partial_series_warning
 from db.models import Job, JobEvent, JobState, Series, Study
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.admission import (
+    BYTES_PER_CLASS_TILE,
     BYTES_PER_VOXEL_AFTER_SOURCE,
+    LARGEST_FOOTPRINT,
+    TASK_FOOTPRINTS,
+    THRESHOLD_FOOTPRINT,
     InstanceFile,
+    ModelFootprint,
     RecordedStudy,
+    _class_bytes,
+    _Frame,
     _identity_value_problem,
+    _memory_estimate,
     admit,
     is_admission_warning,
+    model_footprint,
 )
-from dicom_node.config import AdmissionSettings
+from dicom_node.config import AdmissionSettings, ThresholdModelSettings, TotalSegmentatorModelSettings
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, StudyPatient, check_header, read_header
 from inference.volume import VolumeError, load_series_volume
@@ -69,7 +80,8 @@ def test_valid_series_is_admitted_with_its_memory_estimate(tmp_path):
     result = admit(series_files(tmp_path), STRICT)
     assert result.admitted and result.warnings == []
     assert result.images == 4
-    assert result.estimated_bytes == 4 * 16 * 16 * (2 + BYTES_PER_VOXEL_AFTER_SOURCE)
+    source = 4 * 16 * 16 * (2 + BYTES_PER_VOXEL_AFTER_SOURCE)
+    assert result.estimated_bytes == source + _class_bytes((1, 1, 1), LARGEST_FOOTPRINT)
 
 
 def test_enhanced_ct_frames_are_checked_from_functional_groups(tmp_path):
@@ -568,11 +580,13 @@ def test_a_narrow_but_possible_field_is_admitted(tmp_path):
 
 
 def test_a_coarse_series_is_estimated_on_the_model_grid(tmp_path):
-    """A 10 mm series is resampled up to 1.5 mm: 107 x 107 x 27 voxels, far more than its 16 x 16 x 4."""
+    """A 10 mm series is resampled up to ``total``'s 1.5 mm: 107 x 107 x 27 voxels, far more than its 16 x 16 x 4,
+    each scored for 27 classes on a grid padded to one 128-voxel tile."""
     files = series_files(tmp_path, pixel_spacing=(10.0, 10.0), slice_spacing=10.0)
-    result = admit(files, STRICT)
+    result = admit(files, STRICT, model=TASK_FOOTPRINTS["total"])
     assert result.admitted
-    assert result.estimated_bytes == 4 * 16 * 16 * (2 + 4 + 8) + 107 * 107 * 27 * (4 + 4 + 1 + 1)
+    classes = 27 * (128**3 * 2 + BYTES_PER_CLASS_TILE)
+    assert result.estimated_bytes == 4 * 16 * 16 * (2 + 4 + 8) + 107 * 107 * 27 * (4 + 4 + 1 + 1) + classes
 
 
 def test_an_enhanced_frame_whose_rescale_lacks_its_intercept_is_refused_not_read_as_intercept_0(tmp_path):
@@ -832,7 +846,7 @@ def test_instance_cap_refuses_before_reading_any_file(tmp_path):
 
 def test_memory_limit_is_checked_from_headers(tmp_path):
     files = series_files(tmp_path)
-    result = admit(files, AdmissionSettings(max_memory_gigabytes=10 / 1024**3))  # 10 bytes
+    result = admit(files, AdmissionSettings(max_memory_gigabytes=10 / 1024**3), model=THRESHOLD_FOOTPRINT)  # 10 bytes
     assert result.refusal == (
         "processing 4 images of 16 x 16 pixels needs about 0.0 MB of memory, over the 0.0 MB limit "
         "(admission.max_memory_gigabytes)"
@@ -1120,3 +1134,62 @@ def test_oblique_images_past_30_degrees_are_refused_before_they_are_queued(tmp_p
     turned = np.radians(20)
     orientation = (np.cos(turned), np.sin(turned), 0.0, -np.sin(turned), np.cos(turned), 0.0)
     assert admit(series_files(tmp_path / "20", orientation=orientation), STRICT).admitted  # the volume notes it
+
+
+MEASURE_SEGMENT = """
+import resource, sys
+from pathlib import Path
+import numpy as np, torch
+from inference.models.totalsegmentator import TotalSegmentatorModel
+from inference.volume import Volume
+
+class Heads(torch.nn.Module):  # the network's output shape, without its compute
+    def __init__(self, heads):
+        super().__init__(); self.heads = heads; self.p = torch.nn.Parameter(torch.zeros(1))
+    def load_state_dict(self, *args, **kwargs):
+        return None
+    def forward(self, x):
+        return torch.zeros((x.shape[0], self.heads, *x.shape[2:]), dtype=x.dtype)
+
+model = TotalSegmentatorModel("total_fast", Path(sys.argv[1]), device="cpu", backend="torch")
+for predictor, _ in model.predictors:
+    predictor.network = Heads(int(predictor.label_manager.num_segmentation_heads))
+hu = np.full((50, 100, 100), -1000, dtype=np.float32)
+hu[:, 25:75, 25:75] = 40
+volume = Volume(hu=hu, origin=np.zeros(3), spacing=np.array([3.0, 3.0, 3.0]), direction=np.eye(3), slices=[],
+                frame_of_reference_uid=None, study_instance_uid="1", series_instance_uid="2")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model.segment(volume)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_memory_estimate_covers_a_real_segmentation_of_a_model_with_many_classes(total_fast_test_weights):
+    """The real ``total_fast`` segment (118 classes; the network's forward pass stubbed) of a 100 x 100 x 50 volume
+    at 3 mm grows the worker by more than the series' stored pixels: its estimate covers that growth."""
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE_SEGMENT, str(total_fast_test_weights)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    grown = int(run.stdout.split()[-1])
+    frame = _Frame("", (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (3.0, 3.0), (100, 100), 2, False)
+    frames = [frame] * 50
+    estimate = _memory_estimate(frames, (300.0, 300.0, 150.0), TASK_FOOTPRINTS["total_fast"])
+    assert grown > 1024**3  # the 118 classes' scores, not the 2 MB of pixels
+    assert estimate >= grown
+
+
+def test_memory_estimate_is_of_the_routed_model():
+    """A series routed to ``total_fast`` is estimated with its 118 classes on its 3 mm grid; one whose model is not
+    known, with the finest grid and most classes of the configured models."""
+    models = {
+        "fast": TotalSegmentatorModelSettings(kind="totalsegmentator", task="total_fast"),
+        "full": TotalSegmentatorModelSettings(kind="totalsegmentator", task="total"),
+        "baseline": ThresholdModelSettings(kind="threshold"),
+    }
+    assert model_footprint(models, "fast") == ModelFootprint(3.0, 118)
+    assert model_footprint(models, "baseline") == ModelFootprint(None, 0)
+    assert model_footprint(models, None) == ModelFootprint(1.5, 118)

@@ -18,6 +18,7 @@ from dicom_node.admission import (
     StorageUnavailable,
     admit,
     instance_files,
+    model_footprint,
     recorded_patient,
 )
 from dicom_node.console.access import ConsoleContext
@@ -251,7 +252,8 @@ def _admit(
 ) -> AdmissionResult:
     """Admission, with a header no check foresaw refusing the re-route (as the watcher does) instead of failing it."""
     try:
-        return admit(files, context.settings.admission, modality, study_patient)
+        footprint = model_footprint(context.settings.models, None)  # the re-route's rules choose the model later
+        return admit(files, context.settings.admission, modality, study_patient, footprint)
     except StorageUnavailable:
         raise
     except Exception:
