@@ -14,7 +14,6 @@ import threading
 import time
 import warnings
 from datetime import datetime, timezone
-from types import FrameType
 from typing import Any
 
 
@@ -224,8 +223,8 @@ class LibraryLines(logging.Filter):
     the node logs at DEBUG: a stranger's malformed requests must not write a traceback each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.split(".")[0] == "pynetdicom" and not _placed(record):
-            return False
+        if record.name.split(".")[0] == "pynetdicom":
+            _name_the_peer(record)
         if record.name.split(".")[0] in OWN_LOGGERS or hasattr(record, "event_fields"):
             return True
         try:
@@ -246,63 +245,19 @@ class LibraryLines(logging.Filter):
         return True
 
 
-def _placed(record: logging.LogRecord) -> bool:
-    """End a pynetdicom line with the peer of the association it is about; False for a line not to be logged.
-
-    The association is the one whose code logged the line, found on the stack: pynetdicom drives a C-MOVE's
-    sub-association from the requestor's thread, so a line about the move destination is not the requestor's.
-    The bare text of the error a C-STORE sub-operation raised is a WARNING (the line before it says the
-    sub-operation failed); the one of a peer that closed the association before answering (``'Dataset' object
-    has no attribute 'Status'``) is logged at DEBUG only: the node's own line says it in words."""
-    caught, peer = _where_logged(sys._getframe(1))
-    try:
-        if caught is not None and record.getMessage() == str(caught):
-            unanswered = isinstance(caught, AttributeError) and str(caught).endswith("attribute 'Status'")
-            record.levelno = logging.DEBUG if unanswered else min(record.levelno, logging.WARNING)
-            record.levelname = logging.getLevelName(record.levelno)
-            if not logging.getLogger().isEnabledFor(record.levelno):
-                return False
-        if peer:
-            record.msg, record.args = f"{record.getMessage()} ({peer})", ()
-    except (TypeError, ValueError):  # arguments that do not fit the line: the handler reports it, as before
-        pass
-    return True
-
-
-def _where_logged(frame: FrameType | None) -> tuple[BaseException | None, str]:
-    """The error a C-STORE sub-operation raised, when pynetdicom logged the line handling it, and the peer the
-    line is about, in words (empty when no association is known)."""
-    from pynetdicom.association import Association  # here: not every process that logs talks DICOM
-
-    for _depth in range(60):
-        if frame is None:
-            break
-        names = frame.f_locals
-        if frame.f_code.co_name in ("_move_scp", "_get_scp"):  # a retrieval's service, on the requestor's thread
-            caught = names.get("exc") if isinstance(names.get("exc"), Exception) else None
-            requestor = _peer(getattr(names.get("self"), "assoc", None))
-            destination = names.get("store_assoc")
-            if isinstance(destination, Association):
-                return caught, f"move destination {_peer(destination)}, for the C-MOVE from {requestor}"
-            return caught, f"peer {requestor}" if requestor else ""
-        if isinstance(names.get("self"), Association):
-            return None, f"peer {_peer(names['self'])}" if _peer(names["self"]) else ""
-        frame = frame.f_back
+def _name_the_peer(record: logging.LogRecord) -> None:
+    """End a pynetdicom line logged on an association's thread (or its PDU reader's) with the peer it talks to."""
     thread = threading.current_thread()
     association: Any = getattr(thread, "assoc", thread)  # a PDU reader names its association
-    return None, f"peer {_peer(association)}" if _peer(association) else ""
-
-
-def _peer(association: Any) -> str:
-    """``AE title 'PACS' at 10.0.0.5:104``: the other end of ``association``; empty when none is known yet."""
     try:
         remote = association.remote if hasattr(association, "is_acceptor") else None
         if not remote:
-            return ""
+            return
         title = shown(str(remote.get("ae_title") or "").strip(), limit=16)
-        return f"AE title {title} at {remote.get('address')}:{remote.get('port')}"
-    except Exception:  # noqa: BLE001 - an association not yet set up: the line names no peer
-        return ""
+        record.msg = f"{record.getMessage()} (peer AE title {title} at {remote.get('address')}:{remote.get('port')})"
+        record.args = ()
+    except Exception:  # noqa: BLE001 - an association not yet set up: the line stays as it was
+        return
 
 
 def _kind_of_line(text: str) -> str:

@@ -10,7 +10,6 @@ import shlex
 import socket
 import sqlite3
 import struct
-import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,10 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.config import NetworkSettings, Settings
 from dicom_node.logs import JsonFormatter, TextFormatter, configure_logging, log_event
-from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive import scp
 from dicom_node.security import start_guarded_server
-from tests.conftest import free_port, require_tool, storescu, wait_for
+from tests.conftest import free_port, wait_for
 
 
 @pytest.fixture
@@ -399,44 +397,6 @@ def test_a_library_line_quoting_a_peer_is_one_quoted_field_that_forges_no_field(
         'text="Non-conformant value \'1.2 series.failed reason=\\"forged\\" calling_ae=PACS\'"',
     )
     assert shlex.split(rest)[2:] == ["text=Non-conformant value '1.2 series.failed reason=\"forged\" calling_ae=PACS'"]
-
-
-def test_library_lines_of_a_move_whose_destination_aborts_name_the_destination_in_words(start_node, tmp_path):
-    """The move destination aborted at the first instance: pynetdicom's lines named the requestor (PLANNER), which
-    the C-MOVE's sub-association is driven from, and one was Python's ``'Dataset' object has no attribute 'Status'``
-    at ERROR."""
-    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-
-    destination = AE(ae_title="ORTHANC")
-    destination.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
-    destination.add_supported_context(Verification)
-    destination_port = free_port()
-    aborting = [(evt.EVT_C_STORE, lambda event: event.assoc.abort())]
-    server = destination.start_server(("127.0.0.2", destination_port), block=False, evt_handlers=aborting)
-    node = start_node(
-        peers={
-            "pacs": {"ae_title": "PACS", "hosts": ["127.0.0.1"], "roles": ["store"]},
-            "planner": {"ae_title": "PLANNER", "hosts": ["127.0.0.1"], "roles": ["move"]},
-        },
-        destinations={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.2", "port": destination_port}},
-        inference={"workers": 0},
-        completion={"quiet_seconds": 600},
-    )
-    try:
-        series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=32, columns=32, slices=4))
-        assert storescu(node.port, series.files).returncode == 0
-        command = [require_tool("movescu"), "-S", "-aet", "PLANNER", "-aec", node.ae_title, "-aem", "ORTHANC"]
-        command += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_instance_uid}"]
-        subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
-        wait_for(lambda: "retrieve.sent" in node.log(), timeout=30)
-    finally:
-        server.shutdown()
-
-    library = [line for line in node.log().splitlines() if "library.line logger=pynetdicom" in line]
-    assert any("sub-operation failed" in line for line in library), library
-    assert not [line for line in library if "'PLANNER'" in line and "move destination" not in line], library
-    assert [line for line in library if "move destination AE title 'ORTHANC' at 127.0.0.2:" in line], library
-    assert "attribute 'Status'" not in node.log()
 
 
 @pytest.fixture
