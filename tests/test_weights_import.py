@@ -629,8 +629,26 @@ def test_the_next_import_finishes_what_a_killed_import_left_and_installs(install
 # 3b. A release of several folders (the total task's five) is installed whole or not at all.
 
 
+def _described(tag: str) -> tuple[str, str]:
+    """A dataset.json and a plans.json marked ``tag`` that hold what the node checks nnU-Net reads (no network is
+    built from them: their values are placeholders)."""
+    from inference.models.checkpoints import NNUNET_ARCHITECTURE_KEYS, NNUNET_CONFIGURATION_KEYS
+
+    configuration: dict[str, object] = dict.fromkeys(NNUNET_CONFIGURATION_KEYS)
+    configuration["architecture"] = dict.fromkeys(NNUNET_ARCHITECTURE_KEYS)
+    plans = {
+        "release": tag,
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "foreground_intensity_properties_per_channel": {},
+        "configurations": {"3d_fullres": configuration},
+    }
+    dataset = {"release": tag, "channel_names": {"0": "CT"}, "labels": {"background": 0, "structure": 1}}
+    return json.dumps(dataset), json.dumps(plans)
+
+
 def _total_release(tmp_path: Path, tag: str) -> Path:
-    """A zip of the five ``total`` folders, each with data-only files marked ``tag`` (no model loads them)."""
+    """A zip of the five ``total`` folders, each with files marked ``tag`` (no model loads them)."""
     import io
 
     import torch
@@ -640,8 +658,9 @@ def _total_release(tmp_path: Path, tag: str) -> Path:
     archive = tmp_path / f"total-{tag}.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         for _id, dataset, trainer in TASK_DATASETS["total"]:
-            bundle.writestr(f"{dataset}/{trainer}/plans.json", json.dumps({"release": tag}))
-            bundle.writestr(f"{dataset}/{trainer}/dataset.json", json.dumps({"release": tag}))
+            description, plans = _described(tag)
+            bundle.writestr(f"{dataset}/{trainer}/plans.json", plans)
+            bundle.writestr(f"{dataset}/{trainer}/dataset.json", description)
             bundle.writestr(f"{dataset}/{trainer}/fold_0/checkpoint_final.pth", checkpoint.getvalue())
     return archive
 
