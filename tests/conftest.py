@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, suppress
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,32 @@ def associate_seeing_rejection(ae: Any, *args: Any, **kwargs: Any) -> Any:
     return assoc
 
 
+def accepts_connections(port: int) -> bool:
+    """Whether something listens on ``port`` of the loopback address (a peer started for a test is up)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def storescp_destination(out: Path, port: int, ae_title: str) -> Iterator[None]:
+    """DCMTK storescp as a move destination ``ae_title`` on ``port``, writing into ``out`` with unique file names
+    (an instance stored twice leaves two files), listening while the block runs."""
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "+uf", "-aet", ae_title, "-od", str(out), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: accepts_connections(port), timeout=30, what="storescp to listen")
+        yield
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
 ) -> Any:
@@ -212,11 +238,7 @@ class Node:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+        return accepts_connections(self.port)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

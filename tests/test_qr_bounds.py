@@ -38,7 +38,7 @@ from db.models import Instance, Series, Study
 from db.session import transaction
 from dicom_node.audit import recent
 from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
-from tests.conftest import Node, changed_sources, free_port, require_tool, storescu, wait_for
+from tests.conftest import Node, accepts_connections, changed_sources, free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -330,19 +330,11 @@ def listening_destination(kind: str) -> Iterator[int]:
     port = free_port()
     scp = subprocess.Popen([require_tool("storescp"), "-aet", "SILENT", str(port)])
     try:
-        wait_for(lambda: _accepts_connections(port), timeout=30, what="storescp to listen")
+        wait_for(lambda: accepts_connections(port), timeout=30, what="storescp to listen")
         yield port
     finally:
         scp.terminate()
         scp.wait(timeout=10)
-
-
-def _accepts_connections(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("state", ["up", "drops connections"])

@@ -4,12 +4,9 @@ its SR, and never the SR on the LABELMAP SEG, which would report on a segmentati
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,15 @@ from sqlalchemy import select
 from db.models import Instance, JobState, Series, Study
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.retrieve.reports import evidence_uids
-from tests.conftest import CT_RULES, Node, free_port, require_tool, storescu, wait_for
+from tests.conftest import (
+    CT_RULES,
+    Node,
+    free_port,
+    require_tool,
+    storescp_destination,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -97,31 +102,6 @@ def _check_received(received: list[Path], stored: dict[str, tuple[str, str]]) ->
     assert set(uids) == expected - {_labelmap_report(stored)}
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _planner_storescp(out: Path, port: int) -> Iterator[None]:
-    """DCMTK storescp as the move destination PLANNER, writing into ``out`` with unique file names (an instance
-    stored twice leaves two files), listening while the block runs."""
-    scp = subprocess.Popen(
-        [require_tool("storescp"), "+uf", "-aet", PLANNER, "-od", str(out), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _listening(port), timeout=30, what="storescp to listen")
-        yield
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
-
-
 def _left_out_line(node: Node, report: str, operation: str) -> str:
     lines = [line for line in node.log().splitlines() if "retrieve.report_left_out" in line and report in line]
     assert lines, node.log()[-4000:]
@@ -159,7 +139,7 @@ def test_movescu_of_the_study_stores_the_binary_seg_once_and_no_sr_on_the_labelm
     stored = _stored(node, study)
     out = tmp_path / "planner"
     out.mkdir()
-    with _planner_storescp(out, planner_port):
+    with storescp_destination(out, planner_port, PLANNER):
         command = [require_tool("movescu"), "-v", "-S", "-aet", PLANNER, "-aec", node.ae_title, "-aem", PLANNER]
         command += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
         result = subprocess.run([*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=120)
@@ -184,7 +164,7 @@ def test_a_c_move_with_a_damaged_image_counts_it_alone_as_failed(node_with_both_
     out = tmp_path / "planner"
     out.mkdir()
     try:
-        with _planner_storescp(out, planner_port):
+        with storescp_destination(out, planner_port, PLANNER):
             Path(image_path).write_bytes(original[:-100])  # shortened on disk: the node does not send it
             ae = AE(ae_title=PLANNER)
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)

@@ -5,7 +5,6 @@ sub-operation, named in the log, and the instances after it are sent: it aborted
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,15 @@ from sqlalchemy import select
 
 from db.models import Instance
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import Node, free_port, real_ct_copy, require_tool, storescu, wait_for
+from tests.conftest import (
+    Node,
+    free_port,
+    real_ct_copy,
+    require_tool,
+    storescp_destination,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -93,14 +100,6 @@ def _c_move(node: Node, series_uid: str) -> list[tuple[Dataset, Dataset | None]]
         assoc.release()
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def _series_query(series_uid: str) -> Dataset:
     query = Dataset()
     query.QueryRetrieveLevel, query.SeriesInstanceUID = "SERIES", series_uid
@@ -145,13 +144,8 @@ def test_a_stored_ct_file_damaged_in_place_fails_alone_and_the_images_after_it_a
     got, received = _c_get(node, series_uid)
     moved_to = tmp_path / "planner"
     moved_to.mkdir()
-    scp = subprocess.Popen([require_tool("storescp"), "-aet", PLANNER, "-od", str(moved_to), str(planner_port)])
-    try:
-        wait_for(lambda: _listening(planner_port), timeout=30, what="storescp to listen")
+    with storescp_destination(moved_to, planner_port, PLANNER):
         moved = _c_move(node, series_uid)
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
 
     intact = {instance.sop_instance_uid for instance in stored} - {damaged.sop_instance_uid}
     assert set(received) == intact

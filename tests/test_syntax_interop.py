@@ -25,7 +25,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from db.models import AuditEvent, Instance
-from tests.conftest import Node, free_port, require_tool, storescu, wait_for
+from tests.conftest import Node, accepts_connections, free_port, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -169,23 +169,13 @@ def storescp(tmp_path) -> Iterator[callable]:
         received.mkdir()
         command = [require_tool("storescp"), "-aet", ae_title, "-od", str(received), *options, str(port)]
         started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: _listening(port), timeout=20, what=f"storescp on port {port}")
+        wait_for(lambda: accepts_connections(port), timeout=20, what=f"storescp on port {port}")
         return received
 
     yield _start
     for process in started:
         process.terminate()
         process.wait(timeout=10)
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def _assert_same_pixels(holdings: Holdings, received: list[pydicom.Dataset]) -> None:
