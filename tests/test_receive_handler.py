@@ -6,13 +6,13 @@ In-process, so a stage of the handler can be made to fail and its clean-up check
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -558,9 +558,9 @@ def test_a_correction_sent_again_under_new_uids_with_another_patient_is_refused_
     assert_no_temporary_files(running_scp.store.root)
 
 
-def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attribute(tmp_path):
-    """Two senders at once, the copy under another series and patient: the receiver found no copy recorded yet,
-    so the recorder sets it aside, and its reason says the patient differs, not only the series."""
+def _set_aside_by_the_recorder(tmp_path: Path, change: Callable[[Dataset], None]) -> tuple[str, Dataset, str]:
+    """The first image of a series indexed, then a copy of it under another series (``change`` applied) recorded as
+    a second sender's would be: the recorder's reason for setting it aside, the copy, and the first series' UID."""
     from db.models import RejectedInstance
     from db.session import transaction
     from dicom_node.receive.storage import index_file, record_stored_instances
@@ -575,7 +575,8 @@ def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attrib
     first.write_bytes(series.files[0].read_bytes())
     assert index_file(first, store, sessions) == "indexed"
     other = dcmread(series.files[0])
-    other.PatientID, other.SeriesInstanceUID = "OTHER-7", "1.2.826.0.1.3680043.2.1125.9"
+    other.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.9"
+    change(other)
     path = store.path_for(series.study_instance_uid, other.SeriesInstanceUID, other.SOPInstanceUID)
     path.parent.mkdir(parents=True)
     other.save_as(path, enforce_file_format=True)
@@ -586,46 +587,38 @@ def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attrib
 
     with sessions() as session:
         reason = session.scalars(select(RejectedInstance.reason)).one()
+    store.close()
+    return reason, other, series.series_instance_uid
+
+
+def test_a_copy_under_another_patient_set_aside_by_the_recorder_names_the_attribute(tmp_path):
+    """Two senders at once, the copy under another series and patient: the receiver found no copy recorded yet,
+    so the recorder sets it aside, and its reason says the patient differs, not only the series."""
+
+    def another_patient(copy: Dataset) -> None:
+        copy.PatientID = "OTHER-7"
+
+    reason, other, first_series = _set_aside_by_the_recorder(tmp_path, another_patient)
+
     assert reason.startswith(
         f"SOP Instance UID {other.SOPInstanceUID} arrived in series {other.SeriesInstanceUID} with another PatientID "
-        f"than the copy already stored in series {series.series_instance_uid}; this copy was acknowledged"
+        f"than the copy already stored in series {first_series}; this copy was acknowledged"
     )
-    store.close()
 
 
 def test_a_copy_of_the_same_patient_set_aside_by_the_recorder_is_not_said_to_name_another(tmp_path):
     """Two senders at once, the copy under another series with the name upper-cased: set aside as a copy filed
     under another series, never as one 'with another PatientName' (by the names rule it is the same patient)."""
-    from db.models import RejectedInstance
-    from db.session import transaction
-    from dicom_node.receive.storage import index_file, record_stored_instances
 
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    migrate(url)
-    sessions = make_session_factory(make_engine(url))
-    store = InstanceStore(tmp_path / "storage")
-    series = write_phantom_series(tmp_path / "ct", SMALL_CT)
-    first = store.path_for(series.study_instance_uid, series.series_instance_uid, series.sop_instance_uids[0])
-    first.parent.mkdir(parents=True)
-    first.write_bytes(series.files[0].read_bytes())
-    assert index_file(first, store, sessions) == "indexed"
-    other = dcmread(series.files[0])
-    other.PatientName, other.SeriesInstanceUID = str(other.PatientName).upper(), "1.2.826.0.1.3680043.2.1125.9"
-    path = store.path_for(series.study_instance_uid, other.SeriesInstanceUID, other.SOPInstanceUID)
-    path.parent.mkdir(parents=True)
-    other.save_as(path, enforce_file_format=True)
-    header = scp.check_header(dcmread(path, stop_before_pixels=True), other.SOPClassUID, other.SOPInstanceUID)
+    def name_upper_cased(copy: Dataset) -> None:
+        copy.PatientName = str(copy.PatientName).upper()
 
-    with transaction(sessions) as session:
-        record_stored_instances(session, store, [header.record(other.file_meta.TransferSyntaxUID, str(path), 1, "B")])
+    reason, other, first_series = _set_aside_by_the_recorder(tmp_path, name_upper_cased)
 
-    with sessions() as session:
-        reason = session.scalars(select(RejectedInstance.reason)).one()
     assert reason.startswith(
         f"SOP Instance UID {other.SOPInstanceUID} arrived in series {other.SeriesInstanceUID} but is already stored "
-        f"in series {series.series_instance_uid}; this copy was acknowledged"
+        f"in series {first_series}; this copy was acknowledged"
     )
-    store.close()
 
 
 def test_an_instance_of_a_stored_series_naming_another_study_is_refused(running_scp, tmp_path):
