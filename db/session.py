@@ -125,6 +125,11 @@ def sqlite_file(url: str) -> Path | None:
     return Path(str(parsed.database))
 
 
+def wal_file(database: Path) -> Path:
+    """SQLite's write-ahead log of ``database``: the file beside it named ``<name>-wal``."""
+    return database.with_name(database.name + "-wal")
+
+
 def checkpoint_wal(database: Path) -> bool:
     """Copy SQLite's write-ahead log into ``database`` and empty it (``PRAGMA wal_checkpoint(TRUNCATE)``) once it is
     larger than :data:`JOURNAL_SIZE_LIMIT_BYTES`; whether the log is within that limit now.
@@ -134,7 +139,7 @@ def checkpoint_wal(database: Path) -> bool:
     as they do. This waits :data:`CHECKPOINT_WAIT_SECONDS` at most for a moment without them, on a connection of its
     own; a database busy for longer is left as it is (False). Raises ``sqlite3.Error`` when SQLite cannot do it.
     """
-    log = database.with_name(database.name + "-wal")
+    log = wal_file(database)
     if not log.exists() or log.stat().st_size <= JOURNAL_SIZE_LIMIT_BYTES:
         return True
     # mode=rw: a database file moved away is not made anew, empty, at its path

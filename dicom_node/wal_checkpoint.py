@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import JOURNAL_SIZE_LIMIT_BYTES, checkpoint_wal
+from db.session import JOURNAL_SIZE_LIMIT_BYTES, checkpoint_wal, wal_file
 from dicom_node.config import Settings
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask
@@ -93,6 +93,6 @@ class WalCheckpoint(PeriodicTask):
 
     def _wal_bytes(self) -> int:
         try:
-            return self.database.with_name(self.database.name + "-wal").stat().st_size
+            return wal_file(self.database).stat().st_size
         except OSError:
             return 0
