@@ -28,6 +28,7 @@ from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
 from dicom_node.periodic import PeriodicTask, locked_database_words
+from dicom_node.process_exit import how_a_process_ended
 from dicom_node.receive.backfill import fill_instance_identities
 from dicom_node.receive.moved_storage import adopt_moved_storage
 from dicom_node.receive.name_keys import NameKeying, key_recorded_names
@@ -54,32 +55,6 @@ from dicom_node.worker_watch import (
 )
 
 LOG = logging.getLogger(__name__)
-
-
-def how_a_process_ended(exit_code: int | None) -> str:
-    """A worker's exit code (negative: the signal that ended it) as a sentence an IT admin can act on."""
-    if exit_code is None:
-        return "it ended in a way the system did not report"
-    if exit_code == 0:
-        return "it exited on its own (exit code 0)"
-    if exit_code > 0:
-        return f"it stopped with exit code {exit_code} (its last log lines say why)"
-    number = -exit_code
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = "an unknown signal"
-    if number == signal.SIGKILL:
-        return (
-            f"it was killed (signal {number}, {name}): most often the kernel's out-of-memory killer (see `journalctl "
-            "-k` or `dmesg`), else an operator's kill -9"
-        )
-    if number in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
-        return (
-            f"it crashed (signal {number}, {name}): a fault in native code (an image decoder, the inference "
-            "runtime or the GPU driver)"
-        )
-    return f"it was ended by signal {number} ({name}) from outside the node"
 
 
 class WorkerSupervisor:

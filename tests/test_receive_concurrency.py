@@ -378,8 +378,9 @@ def test_a_receiver_killed_while_starting_is_started_again_and_start_up_goes_on(
         assert killed[0] not in pool.pids
         (said,) = [r for r in caplog.records if r.getMessage() == "receiver.start_failed"]
         assert said.event_fields["reason"] == (  # type: ignore[attr-defined]
-            "receiving process 0 stopped while starting (was ended by signal SIGKILL); starting it again "
-            "(attempt 2 of 3)"
+            "receiving process 0 stopped while starting: it was killed (signal 9, SIGKILL), most often by the "
+            "kernel's out-of-memory killer (see `journalctl -k` or `dmesg`), else by an operator's kill -9; "
+            "starting it again (attempt 2 of 3)"
         )
     finally:
         pool.shutdown()

@@ -59,7 +59,7 @@ def test_poison_series_fails_after_the_crash_limit_and_the_next_series_is_done(t
     )
     node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
     assert "job.worker_died" in node.log()
-    assert "worker.died" in node.log() and "it was killed (signal 9, SIGKILL): most often the kernel's" in node.log()
+    assert "worker.died" in node.log() and "it was killed (signal 9, SIGKILL), most often by the kernel's" in node.log()
     assert "workers  died 2 time(s) on this series" in node.cli("show", poison.series_instance_uid).stdout
 
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.audit import flush_repeated
 from dicom_node.config import Settings
 from dicom_node.logs import first_line, log_event
+from dicom_node.process_exit import how_a_process_ended
 from dicom_node.receive.claims import StudyClaims
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
@@ -62,15 +63,9 @@ class ReceiverNotStarted(RuntimeError):
 
 def _ended_how(process: multiprocessing.process.BaseProcess) -> str:
     """How a process that did not start ended, in words."""
-    code = process.exitcode
-    if code is None:
-        return f"did not listen within {READY_TIMEOUT_SECONDS:.0f} s"
-    if code < 0:
-        try:
-            return f"was ended by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was ended by signal {-code}"
-    return f"exited with status {code}"
+    if process.exitcode is None:
+        return f"it did not listen within {READY_TIMEOUT_SECONDS:.0f} s"
+    return how_a_process_ended(process.exitcode)
 
 
 class Receiving(Protocol):
@@ -287,12 +282,12 @@ class ReceiverPool:
                     "receiver.start_failed",
                     receiver=number,
                     pid=process.pid,
-                    reason=f"receiving process {number} stopped while starting ({_ended_how(process)}); "
+                    reason=f"receiving process {number} stopped while starting: {_ended_how(process)}; "
                     f"starting it again (attempt {attempt + 1} of {START_ATTEMPTS})",
                 )
                 process, ready = self._spawn(number)
         raise ReceiverNotStarted(
-            f"receiving process {number} did not start after {START_ATTEMPTS} attempts (the last one "
+            f"receiving process {number} did not start after {START_ATTEMPTS} attempts (at the last one "
             f"{_ended_how(process)}); the lines above say why"
         )
 
@@ -347,8 +342,9 @@ class ReceiverPool:
             receiver=number,
             pid=process.pid,
             restart_in_seconds=round(delay, 1),
-            reason=f"receiving process {number} (pid {process.pid}) {_ended_how(process)} after running "
-            f"{lived:.1f} s; indexing what it acknowledged, then starting it again in {delay:.0f} s"
+            reason=f"receiving process {number} (pid {process.pid}) stopped after running {lived:.1f} s: "
+            f"{how_a_process_ended(process.exitcode)}; indexing what it acknowledged, then starting it again in "
+            f"{delay:.0f} s"
             + ("" if steady else " (it keeps stopping: each start again waits twice as long, up to a minute)"),
         )
         # First the connections it held and the data sets it was receiving (gone with it), and the lock on
