@@ -5,13 +5,15 @@ study (by UID only: no names, IDs or birth dates), the outcome and how many inst
 Stores are summed per association and study, as ATNA's "DICOM Instances Transferred"
 message is, so the receive path adds no database write per image. What a caller can repeat at will
 (a monitoring system's C-ECHOs and its associations for nothing else, refusals) is recorded once per
-caller each 10 s, the record counting the others (:data:`REPEATS`). Writing an audit
+caller each 10 s, the record counting the others (:data:`REPEATS`); a C-FIND a peer repeats unchanged (a worklist
+polled) once per study each 5 minutes (:data:`REPEATED_QUERIES`). Writing an audit
 record never fails the operation it describes: a record that cannot be written is
 logged at ERROR instead. ``dicom-node audit`` lists the records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -264,10 +266,18 @@ REPEATED_ACTIONS: dict[str, str] = {"echo": "C-ECHO requests of this peer"}
 """Actions :func:`record` always throttles through :data:`REPEATS`, and what their count clause calls them."""
 
 
+REPEATED_QUERY_SECONDS = 300.0
+"""A C-FIND that a peer repeats unchanged (a planning system polling its worklist) is recorded once per study it
+discloses in this long, the next record counting the identical ones left out."""
+REPEATED_QUERIES = RepeatedRecords(seconds=REPEATED_QUERY_SECONDS, max_keys=20_000)
+"""The audit records of this process of C-FIND requests repeated unchanged, per peer, query and study."""
+REPEATED_QUERY = "identical C-FIND requests of this peer that disclosed this study"
+
+
 def flush_repeated(sessions: sessionmaker[Session] | None = None, occasion: str = "when the node stopped") -> int:
-    """Write the records :data:`REPEATS` left out and no record counted yet (into the database of ``sessions`` only,
-    when given): call it when the process stops answering requests."""
-    return REPEATS.flush(occasion, sessions)
+    """Write the records :data:`REPEATS` and :data:`REPEATED_QUERIES` left out and no record counted yet (into the
+    database of ``sessions`` only, when given): call it when the process stops answering requests."""
+    return REPEATS.flush(occasion, sessions) + REPEATED_QUERIES.flush(occasion, sessions)
 
 
 class StoreTally:
@@ -581,6 +591,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
             repeatable = not matches and getattr(event, REPEATABLE_ATTRIBUTE, False)  # 0x0124, too many (0xA700)
             ended = getattr(event, ENDED_ATTRIBUTE, None)
             peer = Peer.of(event.assoc)
+            query = _query_fingerprint(event) if action == "find" and outcome == "success" else None
             for study, count in studies.items():
                 if unreadable:
                     detail = f"refused: {unreadable}"
@@ -605,6 +616,10 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         instances=count,
                         detail=detail,
                     )
+                elif action == "find" and query is not None and matches:  # a poll: once per study each 5 minutes
+                    polled = (peer.ae_title, host_of(peer.address), query, study)
+                    entry = Entry(action, peer, outcome, study, count, detail)
+                    REPEATED_QUERIES.add(polled, REPEATED_QUERY, sessions, entry)
                 else:
                     record(
                         sessions,
@@ -617,3 +632,13 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                     )
 
     return wrapped
+
+
+def _query_fingerprint(event: Any) -> str | None:
+    """A digest of a C-FIND's identifier as the peer encoded it (the same query sent again has the same one); None
+    where it cannot be read."""
+    try:
+        encoded = event.request.Identifier.getvalue()
+    except Exception:  # noqa: BLE001 - no identifier: the request is recorded on its own
+        return None
+    return hashlib.sha256(encoded).hexdigest() if isinstance(encoded, bytes) else None

@@ -446,6 +446,60 @@ def test_a_real_node_records_a_patient_query_under_every_study_it_disclosed(tmp_
 
 
 @pytest.mark.integration
+def test_a_query_polled_unchanged_is_recorded_once_per_study_and_the_repeats_counted(tmp_path, start_node):
+    """A planning system polling its worklist every few seconds wrote one row per study per poll (17.7 million a
+    day at 300 studies and 5 s): the same query from the same peer is recorded once per study each 5 minutes, the
+    repeats counted in the next record (here, the one written when the node stops); another query is recorded."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    node = start_node(completion={"quiet_seconds": 600})
+    first = write_phantom_series(tmp_path / "a", PhantomSpec(rows=32, columns=32, slices=2))
+    second = write_phantom_series(tmp_path / "b", PhantomSpec(rows=32, columns=32, slices=2))
+    assert storescu(node.port, [*first.files, *second.files], calling_ae="PACS").returncode == 0
+    studies = (first.study_instance_uid, second.study_instance_uid)
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+
+    def ask(**keys: str) -> int:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        assoc.release()
+        assert answers[-1][0].Status == 0
+        return sum(status.Status == 0xFF00 for status, _ in answers)
+
+    def finds(study: str) -> list[str]:
+        with node.sessions() as session:
+            return sorted(r.detail or "" for r in recent(session, actions=["find"], study_instance_uid=study))
+
+    for _ in range(4):  # the poll, each on its own association as planning systems do
+        assert ask(PatientName="*") == 2
+    assert ask(PatientID="") == 2  # another query
+    each = "STUDY level, 1 matches (2 in all, over 2 studies)"  # the detail of each query's record
+    for study in studies:
+        assert wait_for(lambda study=study: len(finds(study)) == 2, what="one record of each query")
+        assert finds(study) == [each, each]
+
+    node.stop()
+    for study in studies:
+        assert finds(study) == [
+            each,
+            each,
+            f"{each}; 2 more identical C-FIND requests of this peer that disclosed this study since the previous "
+            "record, not recorded one by one; written when the node stopped",
+        ]
+
+
+@pytest.mark.integration
 def test_a_patient_query_is_recorded_only_under_the_studies_of_the_person_it_answered(tmp_path, start_node):
     """Two people under one PatientID (another hospital's numbering, a merge): a PATIENT-level answer names one of
     them and counts only their studies, so only their studies' trails record that it was disclosed."""
