@@ -362,6 +362,7 @@ def status(
 ) -> None:
     """A table of recent series and their states."""
     from dicom_node.provenance import made_by_weights, weights_digits
+    from dicom_node.watcher import receiving_progress
 
     digits = weights_digits(weights) if weights is not None else None
     if weights is not None and digits is None:
@@ -385,6 +386,11 @@ def status(
         rejected = session.scalar(by_status.where(RejectedInstance.status != 0)) or 0
         set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
+        quiet = settings.completion.quiet_seconds
+        reasons = {
+            job.id: receiving_progress(session, job.series, quiet) if job.state is JobState.RECEIVING else job.reason
+            for job in rows
+        }
         hung = _expired_lease_notes(session, settings)
     made_by = f" with results made by weights sha256:{digits}" if digits else ""
     table = Table(title=f"Series on {escape(settings.network.ae_title)}{made_by}", expand=False)
@@ -400,7 +406,7 @@ def status(
             str(series.instance_count),
             job.state.value,
             _ago(job.state_changed_at),
-            _peer(job.reason),
+            _peer(reasons[job.id]),
             _warnings_cell(job.warnings),
             _peer(delivered[job.id]),
         )

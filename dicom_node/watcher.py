@@ -400,6 +400,19 @@ def _expectation(session: Session, series: Series) -> tuple[int | None, int, str
     return series.expected_instances, _images_received(session, series), "expected images (ImagesInAcquisition)"
 
 
+def receiving_progress(session: Session, series: Series, quiet_seconds: float | None = None) -> str:
+    """What a RECEIVING series is waiting for, in a sentence: its images so far (of how many, where the series
+    says), how long ago the last one came, and (given ``quiet_seconds``) when it completes without a count."""
+    expected, images, expecting = _expectation(session, series)
+    held = f"{images} of {expected} {expecting}" if expected is not None else f"{series.instance_count} images"
+    ago = max(0, int((utcnow() - as_utc(series.last_received_at)).total_seconds()))
+    since = f"{ago} s" if ago < 120 else f"{ago // 60} min"
+    sentence = f"receiving: {held} so far, the last one {since} ago"
+    if quiet_seconds is not None:
+        sentence += f"; it completes after {quiet_seconds:g} s without a new image"
+    return sentence
+
+
 def _images_received(session: Session, series: Series) -> int:
     """Images (frames) received: ImagesInAcquisition counts frames of multi-frame instances too."""
     total = session.scalar(

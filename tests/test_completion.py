@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import pydicom
@@ -151,3 +152,23 @@ def test_an_instance_already_stored_in_another_series_is_set_aside_and_its_new_s
     assert listed.returncode == 0 and "0x0000" in listed.stdout
     status = node.cli("status")
     assert "refused instances: 0; copies set aside: 1" in status.stdout, status.stdout
+
+
+def test_a_series_still_receiving_says_how_many_of_its_images_came_and_when_it_completes(tmp_path, start_node):
+    """A RECEIVING series waiting for the rest of its ImagesInAcquisition count said only "first instance
+    received", in `status` and on the console's worklist, however many images had come since."""
+    from dicom_node.console.queries import job_summary
+
+    series = write_phantom_series(tmp_path / "ct", dataclasses.replace(SPEC, slices=6))  # ImagesInAcquisition 6
+    node = start_node(completion={"quiet_seconds": 600})
+    assert storescu(node.port, series.files[:4]).returncode == 0
+    node.wait_for_state(series.series_instance_uid, JobState.RECEIVING)
+    progress = "receiving: 4 of 6 expected images (ImagesInAcquisition) so far, the last one "
+
+    rows = [line.split("│")[1:-1] for line in node.cli("status").stdout.splitlines() if line.startswith("│")]
+    reason = " ".join(cells[6].strip() for cells in rows)  # the table folds its one row's cells over lines
+    assert re.fullmatch(re.escape(progress) + r"\d+ s ago; it completes after 600 s without a new image", reason)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job_summary(session, job, with_patient=False)["reason"].startswith(progress)
+        assert job.reason == "first instance received"  # the history keeps what happened when

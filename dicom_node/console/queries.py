@@ -23,6 +23,7 @@ from dicom_node.admission import recorded_patient
 from dicom_node.config import Settings, hide_url_password
 from dicom_node.provenance import made_by_weights, recorded_made_by, weights_digits
 from dicom_node.receive.header import StudyPatient, is_valid_uid
+from dicom_node.watcher import receiving_progress
 
 STATE_COLOURS: dict[str, str] = {
     "RECEIVING": "blue",
@@ -252,7 +253,7 @@ def job_summary(session: Session, job: Job, *, with_patient: bool) -> dict[str, 
         "state": job.state.value,
         "state_colour": STATE_COLOURS[job.state.value],
         "stage": job.stage if job.state is JobState.PROCESSING else None,
-        "reason": job.reason,
+        "reason": receiving_progress(session, series) if job.state is JobState.RECEIVING else job.reason,
         "rule": job.rule_name,
         "model": job.model_name,
         "destinations": list(job.destinations or []),
