@@ -54,7 +54,7 @@ from db.session import (
 )
 from dicom_node import audit
 from dicom_node.config import Destination, DispatchSettings, Settings
-from dicom_node.logs import log_event
+from dicom_node.logs import log_event, size_in_words
 from dicom_node.periodic import PeriodicTask
 from dicom_node.retrieve.reports import SEGMENTATION_CLASSES, SR_CLASSES, evidence_uids
 from dicom_node.scu import AssociationWatch, not_established, unresolvable
@@ -377,7 +377,7 @@ def _stalled(destination: Destination, result: SendableFile, waited: float) -> s
 
 
 def _no_response(destination: Destination, result: SendableFile, wait: float, waited: float) -> str:
-    size = f"{result.size_bytes / 1_000_000:.1f} MB"
+    size = size_in_words(result.size_bytes)
     if waited < wait - 1:
         return (
             f"{destination.ae_title} closed the association after {waited:.0f} s while {result.name} ({size}) was sent"

@@ -92,6 +92,18 @@ MAX_VALUE_CHARS = 1000
 """The most characters of one field value (or message, or exception line) a log line holds; the rest are cut."""
 
 
+def size_in_words(count: int) -> str:
+    """A file's or data set's size for a sentence: ``512 bytes``, ``34 kB``, ``12.0 MB``, ``1.2 GB`` (decimal
+    units), never ``0.0 MB``."""
+    if count < 1000:
+        return f"{count} bytes"
+    if count < 999_500:  # what rounds to 1000 kB is 1.0 MB
+        return f"{count / 1000:.0f} kB"
+    if count < 999_950_000:
+        return f"{count / 1_000_000:.1f} MB"
+    return f"{count / 1_000_000_000:,.1f} GB"
+
+
 def cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     """``text``, or its first ``limit`` characters and a marker saying how many were cut."""
     if len(text) <= limit:

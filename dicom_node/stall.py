@@ -16,6 +16,8 @@ from contextlib import contextmanager, suppress
 
 from pynetdicom.association import Association
 
+from dicom_node.logs import size_in_words
+
 CUT_GRACE_SECONDS = 2.0  # past a C-STORE's or release's time limit: pynetdicom's own abort ends it first
 
 
@@ -77,6 +79,6 @@ def stalled(peer: str, item: str, size_bytes: int, waited: float) -> str:
     """``PACS at 10.0.0.5:104 stopped taking data for 32 s while seg.dcm (12.0 MB) was being sent, so the node
     closed the connection``: why a send was cut, naming the peer and what was being sent."""
     return (
-        f"{peer} stopped taking data for {waited:.0f} s while {item} ({size_bytes / 1_000_000:.1f} MB) was being "
+        f"{peer} stopped taking data for {waited:.0f} s while {item} ({size_in_words(size_bytes)}) was being "
         "sent, so the node closed the connection"
     )

@@ -458,3 +458,27 @@ def test_a_look_for_hung_workers_that_finds_the_database_locked_says_so_once_in_
     assert [(r.levelname, r.exc_info) for r in failed] == [("WARNING", None)]
     expected = "the database is locked by another process; the look for hung workers is tried again every "
     assert failed[0].event_fields["reason"].startswith(expected)
+
+
+def test_sizes_in_sentences_are_never_zero_megabytes():
+    """A dispatch failure of a 40 kB SR said ``(0.0 MB)``."""
+    from dicom_node.logs import size_in_words
+    from dicom_node.stall import stalled
+
+    sizes = [0, 512, 999, 1000, 34_567, 999_499, 999_500, 12_000_000, 999_949_999, 1_234_000_000]
+    assert [size_in_words(n) for n in sizes] == [
+        "0 bytes",
+        "512 bytes",
+        "999 bytes",
+        "1 kB",
+        "35 kB",
+        "999 kB",
+        "1.0 MB",
+        "12.0 MB",
+        "999.9 MB",
+        "1.2 GB",
+    ]
+    assert stalled("PACS at 10.0.0.5:104", "sr.dcm", 41_200, 32.4) == (
+        "PACS at 10.0.0.5:104 stopped taking data for 32 s while sr.dcm (41 kB) was being sent, so the node closed "
+        "the connection"
+    )

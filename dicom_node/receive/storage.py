@@ -63,7 +63,7 @@ from db.ingest import (
 from db.models import Instance, Job, JobState, RejectedInstance, Series
 from db.session import read_outside_transaction, transaction
 from dicom_node import __version__, status
-from dicom_node.logs import log_event, shown
+from dicom_node.logs import log_event, shown, size_in_words
 from dicom_node.receive.header import (
     PATIENT_IDENTITY_ATTRIBUTES,
     InstanceHeader,
@@ -361,7 +361,7 @@ class InstanceStore:
         free = shutil.disk_usage(self.quarantine_dir).free
         if free - len(file_meta) - len(encoded) < reserve:
             raise QuarantineFull(
-                f"the refused data set ({len(encoded) / 1024**2:,.1f} MB) is not kept in quarantine: the disk has "
+                f"the refused data set ({size_in_words(len(encoded))}) is not kept in quarantine: the disk has "
                 f"{free / 1024**3:,.1f} GB free, and {self.quarantine_reserve_gigabytes:g} GB are kept for accepted "
                 "images (storage.quarantine_reserve_gigabytes)"
             )
