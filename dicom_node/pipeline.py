@@ -459,7 +459,23 @@ def _encode(
         )
     except (ValueError, KeyError) as exc:
         LOG.exception("job.encoding_failed", extra={"event_fields": {"job": claim.job_id}})
-        raise EncodingError(f"results cannot be encoded: {exc}") from None
+        raise EncodingError(f"results cannot be encoded: {_encoding_failure(exc)}") from None
+
+
+def _encoding_failure(error: ValueError | KeyError) -> str:
+    """Why encoding failed, in words: a missing value named by its DICOM keyword, not a bare ``KeyError``'s key."""
+    if not isinstance(error, KeyError):
+        return str(error)
+    key = error.args[0] if error.args else None
+    if key is None:
+        return "a value they need is missing (the node's log says which)"
+    if isinstance(key, int):
+        from pydicom.datadict import keyword_for_tag
+        from pydicom.tag import Tag
+
+        tag = Tag(key)
+        key = f"{keyword_for_tag(tag) or 'the private attribute'} {tag}"
+    return f"a value they need, {key}, is missing (the node's log says where)"
 
 
 def write_outputs(

@@ -163,3 +163,23 @@ def test_the_seg_takes_its_pixel_spacing_from_a_frame_the_volume_holds(tmp_path)
 
     written = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert [float(v) for v in written] == [float(v) for v in measures.PixelSpacing]
+
+
+def test_results_that_lack_a_value_say_which_attribute_by_its_keyword(tmp_path, monkeypatch):
+    """A value missing while encoding gave ``results cannot be encoded: (0008,0020)``, a bare key."""
+    from pydicom.tag import Tag
+
+    from dicom_node import pipeline
+    from dicom_node.config import Settings
+
+    def missing_study_date(*_args, **_kwargs):
+        raise KeyError(Tag(0x00080020))
+
+    monkeypatch.setattr(pipeline, "encode_results", missing_study_date)
+    settings = Settings.model_validate({"storage": {"directory": str(tmp_path / "storage")}})
+    claim = pipeline.ClaimedJob(7, "1.2.3", "ts", [], [], 1)
+    with pytest.raises(EncodingError) as refused:
+        pipeline._encode(settings, claim, None, None, [], None, tmp_path / "out", [])  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "results cannot be encoded: a value they need, StudyDate (0008,0020), is missing (the node's log says where)"
+    )
