@@ -362,6 +362,7 @@ def status(
 ) -> None:
     """A table of recent series and their states."""
     from dicom_node.provenance import made_by_weights, weights_digits
+    from dicom_node.receive.recorder import instances_waiting_to_be_recorded
     from dicom_node.watcher import receiving_progress
 
     digits = weights_digits(weights) if weights is not None else None
@@ -417,6 +418,14 @@ def status(
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     aside = f"; copies set aside: {set_aside}" if set_aside else ""
     console.print(f"{summary}; refused instances: {rejected}{aside}", highlight=False)
+    waiting = instances_waiting_to_be_recorded(settings.storage.directory)
+    if waiting:
+        console.print(
+            f"up to {waiting} acknowledged image(s) are not in the database yet: they are safe on disk, named in "
+            f"the receiving processes' journals ({settings.storage.directory / 'journal'}), and are recorded as "
+            "soon as the database takes writes (they are not in the table above until then)",
+            highlight=False,
+        )
     for note in hung:
         console.print(note, highlight=False)
 

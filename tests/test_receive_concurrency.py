@@ -82,6 +82,7 @@ def test_instances_acknowledged_while_the_database_is_locked_are_recorded_later_
     holder = hold_database_lock(node.storage / "dicom-node.db", seconds=8)
     answers, assoc = store_on_one_association(node.port, series.files[2:5])
     acknowledged_while_locked = holder.poll() is None
+    said_while_locked = node.cli("status").stdout  # a reader: the lock does not stop it
     assoc.release()  # answered once the recorder caught up (after the lock) or after 10 s
     holder.wait(timeout=30)
 
@@ -100,6 +101,12 @@ def test_instances_acknowledged_while_the_database_is_locked_are_recorded_later_
     log = node.log()
     assert log.count("recorder.waiting") == 1 and "recorder.resumed" in log
     assert journal_entries(node.storage) == 0
+    assert " ".join(said_while_locked.split()).endswith(  # status said where the three were, not only the two
+        "up to 3 acknowledged image(s) are not in the database yet: they are safe on disk, named in the receiving "
+        f"processes' journals ({node.storage / 'journal'}), and are recorded as soon as the database takes writes "
+        "(they are not in the table above until then)"
+    ), said_while_locked
+    assert "not in the database yet" not in node.cli("status").stdout
 
 
 def test_receiver_sigkilled_while_its_recorder_lags_loses_nothing_and_serve_indexes_its_files(tmp_path, start_node):

@@ -419,19 +419,30 @@ def series_waiting_to_be_recorded(storage_directory: Path) -> set[str]:
     committed), so completion can leave these series alone: their ``last_received_at``
     does not yet show their newest instances.
     """
+    return {Path(line).parent.name for line in _journaled(storage_directory)}
+
+
+def instances_waiting_to_be_recorded(storage_directory: Path) -> int:
+    """How many acknowledged instances the receiving processes' journals still name: at most this many are not
+    recorded in the database yet (a journal segment is deleted once all it names are recorded)."""
+    return len(_journaled(storage_directory))
+
+
+def _journaled(storage_directory: Path) -> set[str]:
+    """The paths every journal segment under ``storage_directory`` names now."""
     folder = storage_directory / "journal"
-    waiting: set[str] = set()
+    paths: set[str] = set()
     try:
         segments = list(folder.glob(f"*{JOURNAL_SUFFIX}"))
     except OSError:
-        return waiting
+        return paths
     for segment in segments:
         try:
             text = segment.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue  # deleted meanwhile: all of it recorded
-        waiting.update(Path(line).parent.name for line in text.splitlines() if line)
-    return waiting
+        paths.update(line for line in text.splitlines() if line)
+    return paths
 
 
 def _needs_indexing(sessions: sessionmaker[Session], path: Path) -> bool:
