@@ -439,6 +439,37 @@ def not_authorized(event: evt.Event, role: str, peer: Peer | Refused) -> Dataset
 # ------------------------------------------------------------------------------ TLS
 
 
+TLS_FAILURES = {
+    "WRONG_VERSION_NUMBER": "the caller did not speak TLS (plain DICOM to the TLS port?)",
+    "HTTP_REQUEST": "the caller sent an HTTP request, not TLS",
+    "UNKNOWN_PROTOCOL": "the caller did not speak TLS (plain DICOM to the TLS port?)",
+    "UNSUPPORTED_PROTOCOL": "the caller offers only TLS versions older than network.tls.minimum_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the caller offers only TLS versions older than network.tls.minimum_version",
+    "NO_SHARED_CIPHER": "the caller offers no cipher the node accepts",
+    "NO_CIPHERS_AVAILABLE": "the caller offers no cipher the node accepts",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the caller sent no certificate, and network.tls.require_client_certificate "
+    "is on",
+    "CERTIFICATE_VERIFY_FAILED": "the caller's certificate is not signed by a CA in network.tls.ca_certificates, or "
+    "is expired or not valid yet",
+    "TLSV1_ALERT_UNKNOWN_CA": "the caller does not trust the node's certificate (its CA is unknown to the caller)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the caller refused the node's certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the caller refused the node's certificate as expired",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the caller refused the node's certificate",
+    "TLSV1_ALERT_DECRYPT_ERROR": "the caller refused the node's certificate or key",
+}
+"""OpenSSL's reasons for a failed handshake that admins meet, as the cause in words."""
+
+
+def handshake_failure(error: BaseException) -> str:
+    """Why a caller's TLS handshake failed, for ``connection.refused``: the cause in words where OpenSSL's reason
+    is a known one, with OpenSSL's own code in brackets for a search."""
+    code = getattr(error, "reason", None)
+    if not code:
+        return "TLS handshake failed (the caller closed the connection)"
+    said = TLS_FAILURES.get(str(code))
+    return f"TLS handshake failed: {said} [{code}]" if said else f"TLS handshake failed [OpenSSL: {code}]"
+
+
 def server_tls(tls: TlsSettings) -> ssl.SSLContext:
     """The SCP's TLS context: our certificate, TLS 1.2+, client certificates verified when required."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=_optional(tls.ca_certificates))
@@ -1130,10 +1161,7 @@ class GuardedRequestHandler(RequestHandler):
                 self.server.shutdown_request(request)
                 return False
             except (ssl.SSLError, OSError) as exc:
-                if isinstance(exc, TimeoutError):
-                    reason = "no TLS handshake in time"
-                else:
-                    reason = f"TLS handshake failed ({getattr(exc, 'reason', None) or 'connection reset'})"
+                reason = "no TLS handshake in time" if isinstance(exc, TimeoutError) else handshake_failure(exc)
                 log_throttled(
                     LOG, logging.WARNING, "connection.refused", (address, reason), address=address, reason=reason
                 )
