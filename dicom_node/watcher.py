@@ -91,8 +91,9 @@ class QuietClock:
     A wall clock stepped forward (NTP correcting a clock that was behind, a virtual machine restored, the time set
     by hand), or a receiving host whose clock runs behind this one's, makes a series' last arrival look long past
     while its images still arrive: by this clock it is only as quiet as the watcher has seen it. A series new or
-    changed since the previous look changed after it, so it is counted quiet for at most the time since then; at
-    the first look (after a start) for none.
+    changed since the previous look is counted quiet from this look: it may have changed just before it, however
+    long ago the previous look was (a pass that admitted a large series, a long check interval), so its quiet
+    period costs at most one check interval more than the images' own times would say.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -100,13 +101,10 @@ class QuietClock:
         self._seen: dict[int, _Sighting] = {}
         self._looked_at: float | None = None
 
-    def look(self, session: Session, now: datetime) -> None:
-        """Note every receiving series; ``now`` is the wall clock's time (for series changed since the last look).
-
-        Series no longer receiving are forgotten.
-        """
+    def look(self, session: Session) -> None:
+        """Note every receiving series, and when it was first seen as it is; series no longer receiving are
+        forgotten."""
         steady = self.clock()
-        since_last_look = 0.0 if self._looked_at is None else steady - self._looked_at
         rows = session.execute(
             select(Series.id, Series.instance_count, Series.last_received_at)
             .join(Job, Job.series_id == Series.id)
@@ -118,8 +116,7 @@ class QuietClock:
             if earlier is not None and (earlier.instances, earlier.last_received_at) == (instances, as_utc(last)):
                 seen[series_id] = earlier
                 continue
-            by_wall_clock = max((now - as_utc(last)).total_seconds(), 0.0)
-            seen[series_id] = _Sighting(instances, as_utc(last), steady - min(by_wall_clock, since_last_look))
+            seen[series_id] = _Sighting(instances, as_utc(last), steady)
         self._seen, self._looked_at = seen, steady
 
     def quiet_for(self, series: Series) -> timedelta:
@@ -191,7 +188,7 @@ class SeriesWatcher(PeriodicTask):
             session.connection()  # SQLite: the transaction's BEGIN IMMEDIATE, which may wait for another process' lock
             now = utcnow()
             _restart_quiet_periods_from_the_future(session, now, pending)
-            self.quiet_clock.look(session, now)
+            self.quiet_clock.look(session)
             timed_out = {job.id for job in self._quiet_jobs(session, expected_timeout, now)}
             waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
             for job in _expected_count_reached(session, settle, now):

@@ -117,9 +117,31 @@ def test_a_clock_stepped_between_an_image_and_the_next_look_does_not_count_as_qu
     watcher.complete_ready_series()
     assert _state(sessions, "1.2.7") is JobState.RECEIVING
 
-    steady.advance(29)  # 30 s since the look before the image at most, 29 s since the one that saw it first
+    steady.advance(29)  # 29 s since the look that saw it first: it may have come just before that look
+    watcher.complete_ready_series()
+    assert _state(sessions, "1.2.7") is JobState.RECEIVING
+    steady.advance(1)
     watcher.complete_ready_series()
     assert _state(sessions, "1.2.7") is JobState.COMPLETE
+
+
+def test_a_series_first_seen_after_a_long_pass_is_quiet_only_from_that_look(tmp_path, monkeypatch):
+    """The watcher's host runs 5 minutes ahead of the receiving host's, and a pass took 45 s (admission reads every
+    header of a large series in the watcher's thread): ten images recorded just before the next look were counted
+    quiet for the whole 45 s, and the series completed with its last image 0 s old."""
+    sessions, watcher, steady, wall = _node_parts(tmp_path, monkeypatch)  # quiet 30 s
+    wall.step(minutes=5)  # the watcher's clock; the images are stamped by the receiving host's (db.ingest's utcnow)
+    watcher.complete_ready_series()
+    steady.advance(45)
+    with transaction(sessions) as session:
+        for number in range(10):
+            record_instance(session, ct_instance(f"1.2.5.{number}", "1.2.5"), counted_at=utcnow())
+    watcher.complete_ready_series()
+    assert _state(sessions, "1.2.5") is JobState.RECEIVING
+
+    steady.advance(30)
+    watcher.complete_ready_series()
+    assert _history(sessions, "1.2.5")[-1] == (JobState.COMPLETE, "no new instance for 30 s (10 received)")
 
 
 def test_a_series_that_went_quiet_while_the_node_was_down_completes_one_quiet_period_after_the_start(
