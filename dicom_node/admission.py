@@ -1348,8 +1348,8 @@ def _extent_mm(images: list[_Frame]) -> tuple[float, float, float]:
 
 
 def model_footprint(models: Mapping[str, ModelSettings], name: str | None) -> ModelFootprint:
-    """The footprint of the model ``name``; where it is not one of ``models`` (a re-route, whose model is chosen
-    later), the finest grid and the most classes of the configured models."""
+    """The footprint of the model ``name``; where it is not one of ``models`` (None: a series no rule has chosen a
+    model for yet), the finest grid and the most classes of the configured models."""
     chosen = [models[name]] if name is not None and name in models else list(models.values())
     footprints = [_footprint(settings) for settings in chosen] or [LARGEST_FOOTPRINT]
     spacings = [f.spacing_mm for f in footprints if f.spacing_mm is not None]

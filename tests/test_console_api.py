@@ -504,3 +504,70 @@ def test_a_series_refused_for_naming_another_patient_is_not_shown_under_its_stud
         assert "Alpha^Ann" not in shown and "19500101" not in shown and "A1<" not in shown
     assert worklist.count("refused: names another patient") == 2
     assert "PAT-B" not in viewer, viewer[viewer.find("PAT-B") - 300 :]  # viewers see no patient details, as before
+
+
+def test_a_reroute_is_admitted_for_the_memory_of_the_model_it_chooses(tmp_path):
+    """A series too large for `total_fast` under max_memory_gigabytes could not be re-routed to a lighter model, the
+    obvious way out: the re-route was admitted against the largest footprint of every configured model, and the
+    refusal quoted memory figures of a model nobody chose."""
+    from db import jobs
+    from db.ingest import InstanceRecord, SeriesAttributes, StudyAttributes, record_instance
+    from dicom_node.config import Settings
+    from dicom_node.console.app import ConsoleServer
+    from dicom_node.console.metrics import Liveness
+    from dicom_node.service import open_database
+    from tests.console_helpers import PASSWORDS, SMALL_PHANTOM, console_settings, log_in
+
+    port = free_port()
+    process = {"match": {"modality": "CT"}, "action": "process", "destinations": []}
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        network={"port": free_port()},
+        admission={"max_memory_gigabytes": 2.0},
+        rules=[{"name": "full", **process, "model": "full"}, {"name": "light", **process, "model": "light"}],
+        models={"full": {"kind": "totalsegmentator", "task": "total_fast"}, "light": {"kind": "threshold"}},
+        console={**console_settings(port), "session_secret": "a-session-secret-for-tests-only-0123456789"},
+    )
+    sessions = open_database(settings)
+    series = write_phantom_series(tmp_path / "ct", SMALL_PHANTOM)
+    with transaction(sessions) as session:
+        for number, path in enumerate(series.files, start=1):
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            study = StudyAttributes(series.study_instance_uid, patient_id=str(header.PatientID))
+            record = InstanceRecord(
+                sop_instance_uid=str(header.SOPInstanceUID),
+                sop_class_uid=str(header.SOPClassUID),
+                transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+                path=str(path),
+                size_bytes=path.stat().st_size,
+                study=study,
+                series=SeriesAttributes(series.series_instance_uid, modality="CT"),
+                instance_number=number,
+            )
+            record_instance(session, record)
+        job = job_for_series_uid(session, series.series_instance_uid)
+        mark_complete(session, job, "quiet")
+        jobs.queue(session, job, rule_name="full", model_name="full", destinations=[])
+        jobs.change_state(session, job, JobState.FAILED, "admission refused: too large for total_fast")
+
+    server = ConsoleServer(settings, sessions, Liveness(lambda: None, lambda: False))
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, timeout=20, what="the console")
+        with httpx.Client(base_url=url, timeout=30) as operator:
+            assert log_in(operator, "olga", PASSWORDS["olga"]).status_code == 303
+            token = operator.get("/api/me").json()["csrf_token"]
+
+            def reroute(**body: str) -> httpx.Response:
+                path = f"/api/jobs/{series.series_instance_uid}/reroute"
+                return operator.post(path, json=body, headers={"X-CSRF-Token": token})
+
+            refused = reroute(rule="full")
+            assert refused.status_code == 409 and "over the 2.0 GB limit" in refused.json()["detail"], refused.text
+            rerouted = reroute(model="light")
+            assert rerouted.status_code == 200 and rerouted.json() == {"state": "QUEUED"}, rerouted.text
+    finally:
+        server.stop()
+    with sessions() as session:
+        assert job_for_series_uid(session, series.series_instance_uid).model_name == "light"

@@ -166,7 +166,7 @@ def reroute(
         context.audit(request, user.name, "refused", f"re-route of series {shown(uid)} refused: {refusal}")
         raise ActionRefused(f"cannot re-route: {refusal}", status=422)
 
-    checked = _check_before_reroute(context, request, user, uid)
+    checked = _check_before_reroute(context, request, user, uid, model or (chosen.model if chosen else None))
 
     def change(session: Session, job: Job) -> None:
         jobs.check_reroutable(job)
@@ -197,8 +197,11 @@ class _Checked:
     warnings: list[str]
 
 
-def _check_before_reroute(context: ConsoleContext, request: Request, user: User, uid: str) -> _Checked | None:
-    """Routing's guard and admission, as for a newly completed series: a re-route chooses the model, not the checks.
+def _check_before_reroute(
+    context: ConsoleContext, request: Request, user: User, uid: str, model: str | None
+) -> _Checked | None:
+    """Routing's guard and admission, as for a newly completed series, for the model the re-route chose: a re-route
+    chooses the model, not the checks.
 
     Reads the headers after the session that found the series ended, and audits a refusal outside it (on SQLite
     a session holds the write lock, which the audit record would wait for). None when there is no such series
@@ -228,7 +231,7 @@ def _check_before_reroute(context: ConsoleContext, request: Request, user: User,
         context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {not_reroutable}", study)
         raise ActionRefused(f"cannot re-route: {not_reroutable}")
     try:
-        admission = None if guard else _admit(files, context, modality, study_patient, uid)
+        admission = None if guard else _admit(files, context, modality, study_patient, uid, model)
     except StorageUnavailable as exc:
         context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {exc}", study)
         raise ActionRefused(f"cannot re-route now: {exc}; try again in a moment") from None
@@ -249,10 +252,12 @@ def _admit(
     modality: str | None,
     study_patient: StudyPatient | None,
     uid: str,
+    model: str | None,
 ) -> AdmissionResult:
-    """Admission, with a header no check foresaw refusing the re-route (as the watcher does) instead of failing it."""
+    """Admission for ``model``, with a header no check foresaw refusing the re-route (as the watcher does) instead
+    of failing it."""
     try:
-        footprint = model_footprint(context.settings.models, None)  # the re-route's rules choose the model later
+        footprint = model_footprint(context.settings.models, model)
         return admit(files, context.settings.admission, modality, study_patient, footprint)
     except StorageUnavailable:
         raise
