@@ -233,6 +233,15 @@ class NetworkSettings(_Strict):
     pdu_read_timeout_seconds: float = Field(
         30.0, gt=0, le=DAY_SECONDS, description="Once a PDU starts, all of it must arrive within this long."
     )
+    minimum_message_kilobytes_per_second: float = Field(
+        2.0,
+        gt=0,
+        le=100_000,
+        description="Once pdu_read_timeout_seconds have passed, a message (a request and its data set) must keep "
+        "arriving at this rate on average on its association, else A-ABORT: a peer keeping an association busy a "
+        "few bytes at a time cannot hold a place of maximum_associations. Per association: a sender on a slow link "
+        "with several associations at once gets a share of the link on each.",
+    )
     network_timeout_seconds: float = Field(60.0, gt=0, le=DAY_SECONDS)
     tls: TlsSettings | None = Field(None, description="DICOM TLS; absent: plain TCP.")
 

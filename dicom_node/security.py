@@ -11,7 +11,7 @@ Three layers, in the order a caller meets them:
    most ``maximum_association_request_bytes`` and any other PDU at most the
    PDU size we advertise; a PDU over its limit aborts the association before
    its body is read. A whole DIMSE message must arrive at
-   :data:`MESSAGE_BYTES_PER_SECOND` once ``pdu_read_timeout_seconds`` have passed.
+   :attr:`Limits.message_bytes_per_second` once ``pdu_read_timeout_seconds`` have passed.
 3. **Association** (:func:`on_requested`): the calling AE title must belong
    to a peer configured for the caller's address; the presentation contexts a
    peer may use follow its roles, and every DIMSE request is checked again
@@ -714,6 +714,11 @@ class Limits:
     association_request_seconds: float
     pdu_seconds: float
     per_host: int
+    message_bytes_per_second: float = 2_000
+    """``network.minimum_message_kilobytes_per_second``: the slowest a message (its command and its data set) may
+    arrive on average from its first fragment, once ``pdu_seconds`` have passed. Each PDU resets the idle timeout
+    and arrives whole within its own deadline, so without it a peer sending two bytes of a command every 20 s would
+    hold its association (and a place of ``network.maximum_associations``) for ever."""
     data_set_bytes: int = 3_000_000_000
     in_flight_bytes: int = 6_000_000_000
     senders: int = 16
@@ -727,6 +732,7 @@ class Limits:
             association_request_seconds=network.association_request_timeout_seconds,
             pdu_seconds=network.pdu_read_timeout_seconds,
             per_host=network.maximum_associations_per_host,
+            message_bytes_per_second=network.minimum_message_kilobytes_per_second * 1000,
             data_set_bytes=int(network.maximum_data_set_megabytes * 1_000_000),
             in_flight_bytes=int(network.maximum_in_flight_megabytes * 1_000_000),
             senders=network.maximum_associations,
@@ -787,13 +793,6 @@ COMMAND_NAMES = {
     C_CANCEL: "a C-CANCEL request",
 }
 """The messages of :data:`SERVED_COMMANDS`, as the log names them."""
-MESSAGE_BYTES_PER_SECOND = 10_000
-"""The slowest a message (its command and its data set) may arrive, on average from its first fragment, once
-``network.pdu_read_timeout_seconds`` have passed: a 0.5 MB CT slice may take 50 s, a 500 MB enhanced CT 14 hours.
-Each PDU resets the idle timeout and arrives whole within its own deadline, so without this a peer sending two
-bytes of a command every 20 s would hold its association (and a place of ``network.maximum_associations``) for
-ever."""
-
 COMMAND_FIELDS = (0x0100, 0x0110, 0x0120, 0x0800, 0x0900)
 """CommandField, MessageID, MessageIDBeingRespondedTo, CommandDataSetType and Status: each at most once, of 2 bytes."""
 
@@ -851,7 +850,7 @@ class GuardedDUL(EventDrivenDUL):
     in :class:`AssociationCaps`): they count from their arrival until pynetdicom has served the message
     that holds them (:meth:`handled`, called after each ``_serve_request``), whatever its command says, and
     a message pynetdicom never serves stays counted until the association ends. A message must also arrive
-    whole in time: at :data:`MESSAGE_BYTES_PER_SECOND` on average from its first fragment, once
+    whole in time: at :attr:`Limits.message_bytes_per_second` on average from its first fragment, once
     ``network.pdu_read_timeout_seconds`` have passed (:meth:`_message_too_slow`)."""
 
     _data_set_bytes = 0  # of the message being received, so far
@@ -965,21 +964,22 @@ class GuardedDUL(EventDrivenDUL):
 
     def _message_too_slow(self, size: int, limits: Limits) -> str | None:
         """Count a fragment of ``size`` bytes toward the message being received; why the association is stopped
-        if the message arrives slower than :data:`MESSAGE_BYTES_PER_SECOND` since its first fragment, once
+        if the message arrives slower than :attr:`Limits.message_bytes_per_second` since its first fragment, once
         ``network.pdu_read_timeout_seconds`` have passed; None if it is in time."""
         now = self._clock()
         if self._message_started is None:
             self._message_started, self._message_bytes, self._message_command = now, 0, None
         self._message_bytes += size
         elapsed = now - self._message_started
-        allowed = max(limits.pdu_seconds, self._message_bytes / MESSAGE_BYTES_PER_SECOND)
+        allowed = max(limits.pdu_seconds, self._message_bytes / limits.message_bytes_per_second)
         if elapsed <= allowed:
             return None
         what = COMMAND_NAMES.get(self._message_command or 0, "a command")
         return (
             f"{what} was still arriving after {elapsed:.0f} s ({self._message_bytes:,} bytes so far): a message "
-            f"must arrive at {MESSAGE_BYTES_PER_SECOND // 1000} kB/s at least, once "
-            f"{limits.pdu_seconds:g} s (network.pdu_read_timeout_seconds) have passed"
+            f"must arrive at {limits.message_bytes_per_second / 1000:g} kB/s at least "
+            f"(network.minimum_message_kilobytes_per_second), once {limits.pdu_seconds:g} s "
+            "(network.pdu_read_timeout_seconds) have passed"
         )
 
     _accepted: dict[int, str] | None = None  # context ID -> abstract syntax, read at the first P-DATA-TF

@@ -839,11 +839,13 @@ def _fragment_pdu(data: bytes, control: int, context_id: int = 1) -> bytearray:
     return bytearray(struct.pack(">BBL", 0x04, 0, len(item)) + item)
 
 
-def test_a_message_must_arrive_at_10_kb_per_second_once_the_pdu_timeout_has_passed():
+def test_a_message_must_arrive_at_the_configured_rate_once_the_pdu_timeout_has_passed():
     """Each PDU arriving whole and in time is not enough: two bytes of a command every 19 s held an association
-    for ever. A slow link's image still arrives (at 11 kB/s), and the time between messages does not count."""
+    for ever. A slow link's image still arrives (at 11 kB/s, with 10 kB/s configured), the time between messages
+    does not count, and at the default 2 kB/s one of 8 associations sharing a 512 kbit/s link (8 kB/s) is not cut."""
     from types import SimpleNamespace
 
+    from dicom_node.config import Settings
     from dicom_node.security import AssociationCaps, GuardedDUL, Limits
 
     def receiver() -> tuple[GuardedDUL, list[float]]:
@@ -856,7 +858,9 @@ def test_a_message_must_arrive_at_10_kb_per_second_once_the_pdu_timeout_has_pass
         dul._clock = lambda: clock[0]
         return dul, clock
 
-    limits = Limits(65536, 1_000_000, 10, 30, 8)
+    limits = Limits(65536, 1_000_000, 10, 30, 8, message_bytes_per_second=10_000)
+    default = Limits.from_settings(Settings().network)
+    assert default.message_bytes_per_second == 2_000 and default.pdu_seconds == 30
     request = C_STORE()
     request.MessageID = 1
     request.AffectedSOPClassUID = CTImageStorage
@@ -888,18 +892,23 @@ def test_a_message_must_arrive_at_10_kb_per_second_once_the_pdu_timeout_has_pass
     assert refusals[:25] == [None] * 25
     assert refusals[25] == (
         "a C-STORE request was still arriving after 31 s (250,158 bytes so far): a message must arrive at 10 kB/s "
-        "at least, once 30 s (network.pdu_read_timeout_seconds) have passed"
+        "at least (network.minimum_message_kilobytes_per_second), once 30 s (network.pdu_read_timeout_seconds) "
+        "have passed"
     )
+    shared_link, clock = receiver()
+    for pdu in fragments:
+        clock[0] += 1.25
+        assert shared_link._fragments_refused(pdu, default) is None
 
     drip, clock = receiver()
     answers = []
     for _ in range(3):
-        answers.append(drip._fragments_refused(_fragment_pdu(b"\0\0", 0x01), limits))
+        answers.append(drip._fragments_refused(_fragment_pdu(b"\0\0", 0x01), default))
         clock[0] += 19
     assert answers[:2] == [None, None]
     assert answers[2] == (
-        "a command was still arriving after 38 s (6 bytes so far): a message must arrive at 10 kB/s at least, "
-        "once 30 s (network.pdu_read_timeout_seconds) have passed"
+        "a command was still arriving after 38 s (6 bytes so far): a message must arrive at 2 kB/s at least "
+        "(network.minimum_message_kilobytes_per_second), once 30 s (network.pdu_read_timeout_seconds) have passed"
     )
 
 
