@@ -363,6 +363,7 @@ def status(
     """A table of recent series and their states."""
     from dicom_node.provenance import made_by_weights, weights_digits
     from dicom_node.receive.recorder import instances_waiting_to_be_recorded
+    from dicom_node.storage_lock import serve_holding
     from dicom_node.watcher import receiving_progress
 
     digits = weights_digits(weights) if weights is not None else None
@@ -418,6 +419,12 @@ def status(
     summary = ", ".join(f"{s.value} {counts[s]}" for s in JobState if counts.get(s)) or "no series yet"
     aside = f"; copies set aside: {set_aside}" if set_aside else ""
     console.print(f"{summary}; refused instances: {rejected}{aside}", highlight=False)
+    if serve_holding(settings.storage.directory) is None:
+        console.print(
+            f"no dicom-node serve is running on storage folder {settings.storage.directory}: nothing is received, "
+            "completed or sent until it is started (systemctl start dicom-node, or dicom-node serve)",
+            highlight=False,
+        )
     waiting = instances_waiting_to_be_recorded(settings.storage.directory)
     if waiting:
         console.print(

@@ -63,6 +63,23 @@ def describe_database(identity: str) -> str:
     return f"the database {identity}"
 
 
+def serve_holding(directory: Path) -> Holder | None:
+    """What the `dicom-node serve` running on the storage folder ``directory`` wrote in its lock file, or None when
+    none runs (no lock file, or nobody holds its lock). Tested with a shared lock given back at once, so a `serve`
+    starting at that very moment only waits for its next try."""
+    try:
+        descriptor = os.open(directory / LOCK_FILE_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return StorageLock(directory, "", "")._holder()
+    finally:
+        os.close(descriptor)  # gives back the shared lock where it was taken
+    return None
+
+
 class StorageLock:
     """The storage folder's ``flock``, held by one `serve` for as long as it runs."""
 

@@ -210,3 +210,19 @@ def test_a_purge_started_under_nohup_keeps_ignoring_sighup_and_finishes(tmp_path
 
     assert finished.returncode == 0, finished.stderr
     assert not (settings.storage.directory / "instances" / f"{uid}.dcm").exists()
+
+
+def test_status_says_when_no_serve_runs_on_the_storage_folder(tmp_path, start_node):
+    """With `serve` stopped (crashed, not enabled after a reboot), status printed the usual table and counts: an
+    admin could not tell that nothing was being received or sent."""
+    node = start_node()
+    stopped = "no dicom-node serve is running on storage folder"
+
+    running = node.cli("status")
+    assert running.returncode == 0 and stopped not in running.stdout, running.stdout
+    node.stop()
+    after = node.cli("status")
+    assert after.returncode == 0
+    assert f"{stopped} {node.storage}: nothing is received, completed or sent until it is started" in " ".join(
+        after.stdout.split()
+    ), after.stdout
