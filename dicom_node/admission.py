@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from db.names import completed_name, other_person
-from dicom_node.config import AdmissionSettings, ModelSettings, TotalSegmentatorModelSettings
+from dicom_node.config import AdmissionSettings, ModelSettings, Settings, TotalSegmentatorModelSettings
 from dicom_node.encode.sources import character_set_read_as
 from dicom_node.encode.values import person_name_problem, sequence_check
 from dicom_node.logs import REORDERING_CHARACTERS, os_error_text, shown
@@ -1354,6 +1354,25 @@ def model_footprint(models: Mapping[str, ModelSettings], name: str | None) -> Mo
     footprints = [_footprint(settings) for settings in chosen] or [LARGEST_FOOTPRINT]
     spacings = [f.spacing_mm for f in footprints if f.spacing_mm is not None]
     return ModelFootprint(min(spacings, default=None), max(f.classes for f in footprints))
+
+
+def models_over_memory(settings: Settings) -> list[str]:
+    """A sentence per configured model whose class scores alone, for the smallest series, need more than
+    ``admission.max_memory_gigabytes``: every series routed to it would be refused."""
+    limit = settings.admission.max_memory_gigabytes * 1024**3
+    sentences = []
+    for name, model in settings.models.items():
+        footprint = _footprint(model)
+        least = _class_bytes((1, 1, 1), footprint)
+        if least > limit:
+            what = f"TotalSegmentator {model.task}" if isinstance(model, TotalSegmentatorModelSettings) else model.kind
+            sentences.append(
+                f"model {name!r} ({what}) needs about {_size(least)} of memory for the scores of its "
+                f"{footprint.classes} classes even for the smallest series, more than admission.max_memory_gigabytes "
+                f"({settings.admission.max_memory_gigabytes:g} GB): every series routed to it is refused. Set the "
+                "limit to about half this machine's memory, or route to a model that needs less"
+            )
+    return sentences
 
 
 def _footprint(settings: ModelSettings) -> ModelFootprint:

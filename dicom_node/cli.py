@@ -1513,6 +1513,8 @@ def _visible_settings(settings: Settings) -> str:
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate the configuration; exit 2 with the problems if it is wrong."""
+    from dicom_node.admission import models_over_memory
+
     settings = _settings(config)
     problem = _database_url_problem(settings.database_url)
     if problem is not None:
@@ -1526,7 +1528,7 @@ def config_check(config: ConfigOption = None) -> None:
         f"{len(settings.rules)} rule(s), {len(settings.destinations)} destination(s)",
         highlight=False,
     )
-    for warning in _models_without_weights(settings):
+    for warning in [*_models_without_weights(settings), *models_over_memory(settings)]:
         console.print(f"warning: {escape(warning)}", highlight=False)
 
 

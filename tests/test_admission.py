@@ -1193,3 +1193,33 @@ def test_memory_estimate_is_of_the_routed_model():
     assert model_footprint(models, "fast") == ModelFootprint(3.0, 118)
     assert model_footprint(models, "baseline") == ModelFootprint(None, 0)
     assert model_footprint(models, None) == ModelFootprint(1.5, 118)
+
+
+def test_config_check_warns_when_the_memory_limit_refuses_every_series_of_a_model(tmp_path):
+    """On a small machine (admission.max_memory_gigabytes 3) every total_fast series was refused, and nothing said
+    so before the first one was."""
+    from tests.conftest import DICOM_NODE
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage: {{directory: {tmp_path / 'storage'}}}\n"
+        "admission: {max_memory_gigabytes: 3}\n"
+        "models:\n"
+        "  fast: {kind: totalsegmentator, task: total_fast}\n"
+        "  full: {kind: totalsegmentator, task: total}\n"
+        "rules:\n"
+        "  - {name: ct, match: {modality: CT}, action: process, model: fast}\n"
+    )
+
+    checked = subprocess.run(
+        [DICOM_NODE, "config", "check", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+    assert checked.returncode == 0, checked.stderr
+    said = " ".join(checked.stdout.split())
+    assert (
+        "warning: model 'fast' (TotalSegmentator total_fast) needs about 3.7 GB of memory for the scores of its 118 "
+        "classes even for the smallest series, more than admission.max_memory_gigabytes (3 GB): every series routed "
+        "to it is refused."
+    ) in said, said
+    assert "model 'full'" not in said.replace("model 'full' cannot be loaded", "")  # 0.9 GB: within the limit
