@@ -829,9 +829,10 @@ def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> li
 
 
 CLOCK_DOUBT_LIMIT = timedelta(days=1)
-"""How far the wall clock may run ahead of the node's steady clock since the last retention pass, or past the
-newest time the database records, before retention stops deleting by age: a clock that far ahead (a bad hardware
-clock at boot, a misconfigured time server) would make every finished series and audit record look old."""
+"""How far the wall clock may run ahead of the node's steady clock since the last retention pass, or since the
+newest time the database recorded before ``serve`` started, before retention stops deleting by age: a clock that
+far ahead (a bad hardware clock at boot, a misconfigured time server) would make every finished series and audit
+record look old."""
 CLOCK_DOUBT_REPEAT_SECONDS = 86400.0
 """While retention deletes nothing by age for a doubtful clock, its WARNING is repeated this often."""
 
@@ -849,6 +850,26 @@ def newest_recorded_time(session: Session) -> datetime | None:
     return max((as_utc(moment) for moment in times if moment is not None), default=None)
 
 
+@dataclass(frozen=True)
+class RecordedBeforeStart:
+    """The newest time the database recorded before this ``serve`` wrote anything, and the steady clock then.
+
+    Retention measures the wall clock against it: what this run records (a PACS' C-ECHO, the first image, start-up
+    requeueing a job) is stamped with the very clock in doubt, and so is what workers on other hosts record, so none
+    of it may vouch for the clock.
+    """
+
+    newest: datetime | None  # None: the database recorded nothing yet
+    steady: float  # :func:`steady_seconds` when it was read
+
+
+def recorded_before_start(sessions: sessionmaker[Session]) -> RecordedBeforeStart:
+    """Read :class:`RecordedBeforeStart` now: at ``serve``'s start, before repair or receiving record anything."""
+    steady = steady_seconds()
+    with sessions() as session:
+        return RecordedBeforeStart(newest=newest_recorded_time(session), steady=steady)
+
+
 def _minute(moment: datetime) -> str:
     return f"{as_utc(moment):%Y-%m-%d %H:%M} UTC"
 
@@ -861,13 +882,18 @@ class RetentionTask(PeriodicTask):
     """Applies retention every ``retention.check_interval_seconds``; a thread of ``serve``.
 
     A pass deletes nothing by age while the wall clock looks far ahead (:meth:`clock_doubt`); the disk budget
-    still applies.
+    still applies. ``before_start`` is what the database recorded before this run wrote anything
+    (:func:`recorded_before_start`, read by ``serve`` before it repairs storage or receives); without it, it is read
+    here.
     """
 
     name = "retention"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], before_start: RecordedBeforeStart | None = None
+    ) -> None:
         super().__init__(settings, sessions)
+        self._before_start = before_start or recorded_before_start(sessions)
         self._trusted: tuple[datetime, float] | None = None  # wall and steady clock at the last pass that used ages
         self._doubt_logged_at: float | None = None  # steady clock at the last clock_doubted warning
 
@@ -950,31 +976,45 @@ class RetentionTask(PeriodicTask):
     def clock_doubt(self, now: datetime, steady: float) -> str | None:
         """Why the wall clock (``now``) looks far ahead, as the sentence ``serve`` logs; None when it does not.
 
-        It does when it has moved on more than :data:`CLOCK_DOUBT_LIMIT` further than the steady clock since the
-        last pass that deleted by age (kept until the clock agrees again, or the node restarts: records written
-        since at the wrong time must not vouch for it), or reads that far past every time the database records.
+        It does when it reads more than :data:`CLOCK_DOUBT_LIMIT` past both the last pass that deleted by age and
+        the newest time the database recorded before this run started, each moved on by the time the steady clock
+        counted since. Records written during this run (by this node or by workers on other hosts, at a clock that
+        may be the wrong one) never vouch for it: the doubt lasts until the clock is set right or the node restarts.
+        A clock set back (reading earlier than those) only makes everything look younger: it is not doubted.
         """
-        with self.sessions() as session:
-            newest = newest_recorded_time(session)
-        newest_words = f"the newest time the database records is {_minute(newest)}" if newest else "it records none"
-        stop = "retention deletes nothing by age (the disk budget still applies)"
+        newest_then = self._before_start.newest
+        since_start = timedelta(seconds=steady - self._before_start.steady)
+        # Where the clock should read now, judged from each reference; the later one counts, and a clock reading
+        # earlier than that (set back) is no reason to doubt: it only makes everything look younger.
+        from_start = newest_then + since_start if newest_then is not None else None
+        from_pass = None
         if self._trusted is not None:
             wall_then, steady_then = self._trusted
-            counted = timedelta(seconds=steady - steady_then)
-            if now - wall_then - counted > CLOCK_DOUBT_LIMIT:
-                return (
-                    f"the clock reads {_minute(now)}, {_days(now - wall_then)} on from the last retention pass "
-                    f"({_minute(wall_then)}) although only {_days(counted)} passed since, and {newest_words}; {stop} "
-                    "until the clock agrees again: set it right (a bad hardware clock at boot or a misconfigured time "
-                    "server makes every finished series and audit record look old), or if it is right now, restart "
-                    "the node"
-                )
-        if newest is not None and now - newest > CLOCK_DOUBT_LIMIT:
+            since_pass = timedelta(seconds=steady - steady_then)
+            from_pass = wall_then + since_pass
+        expected = max((moment for moment in (from_start, from_pass) if moment is not None), default=None)
+        if expected is None or now - expected <= CLOCK_DOUBT_LIMIT:
+            return None
+        stop = "retention deletes nothing by age (the disk budget still applies)"
+        wrong = (
+            "a bad hardware clock at boot or a misconfigured time server makes every finished series and audit "
+            "record look old"
+        )
+        if from_pass is not None:  # the jump since the last pass that deleted by age says most
+            with self.sessions() as session:
+                newest = newest_recorded_time(session)
+            newest_words = f"the newest time the database records is {_minute(newest)}" if newest else "it records none"
             return (
-                f"the clock reads {_minute(now)}, {_days(now - newest)} past the newest time the database records "
-                f"({_minute(newest)}: its last image received, job change or audit record); {stop} until the node "
-                "records something at this clock's time: if the clock is wrong (a bad hardware clock at boot or a "
-                "misconfigured time server makes every finished series and audit record look old), set it right; a "
-                "node that was idle or off that long resumes with its next image or association"
+                f"the clock reads {_minute(now)}, {_days(now - wall_then)} on from the last retention pass "
+                f"({_minute(wall_then)}) although only {_days(since_pass)} passed since, and {newest_words}; {stop} "
+                f"until the clock agrees again: set it right ({wrong}), or if it is right now, restart the node"
             )
-        return None
+        assert newest_then is not None  # no pass yet: the time recorded before the start was the reference
+        return (
+            f"the clock reads {_minute(now)}, {_days(now - newest_then)} past the newest time the database recorded "
+            f"before this node started ({_minute(newest_then)}: its last image received, job change or audit record) "
+            f"although only {_days(since_start)} passed since; {stop} until the clock agrees again: if it is wrong "
+            f"({wrong}), set it right (what the node records meanwhile, at the wrong time, does not vouch for it); if "
+            "it is right (the node was switched off or received nothing that long), `dicom-node purge` deletes by age "
+            "now, and the next start after the node has recorded an image or association deletes by age again"
+        )

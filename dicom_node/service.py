@@ -34,7 +34,12 @@ from dicom_node.receive.moved_storage import adopt_moved_storage
 from dicom_node.receive.name_keys import NameKeying, key_recorded_names
 from dicom_node.receive.processes import Receiving, start_receiving
 from dicom_node.receive.storage import InstanceStore, repair
-from dicom_node.retention import RetentionTask, delete_purged_leftovers, put_back_set_aside_files
+from dicom_node.retention import (
+    RetentionTask,
+    delete_purged_leftovers,
+    put_back_set_aside_files,
+    recorded_before_start,
+)
 from dicom_node.security import CertificateWatch, tls_files
 from dicom_node.storage_lock import StorageLock, StorageRefused, database_identity, describe_database
 from dicom_node.wal_checkpoint import WalCheckpoint
@@ -608,6 +613,8 @@ def _start_parts(
         quarantine_reserve_gigabytes=settings.storage.quarantine_reserve_gigabytes,
     )
     try:
+        # Before anything is recorded at this clock (repair, requeueing, a PACS' C-ECHO): retention judges it by this.
+        before_start = recorded_before_start(sessions)
         names = NameKeying(settings, sessions)  # before the start's pass: it keys what is recorded from then on
         _repair_storage(settings, sessions, store)
         # Bind first: a port in use must stop start-up before any thread or process exists.
@@ -625,7 +632,7 @@ def _start_parts(
     workers.start()
     started.append(workers.stop)
     dispatcher = Dispatcher(settings, sessions, holds_lock=node_lock.confirm)  # fenced: only while the lock holds
-    retention = RetentionTask(settings, sessions)
+    retention = RetentionTask(settings, sessions, before_start)
     stop_first.extend([dispatcher, retention])
     dispatcher.start()
     started.append(dispatcher.stop)

@@ -34,7 +34,14 @@ from db.models import (
 )
 from db.session import make_engine, make_session_factory, migrate, transaction
 from dicom_node.config import ConfigError, RetentionSettings, Settings, load_settings
-from dicom_node.retention import PurgeOutcome, RetentionTask, apply_plan, plan_retention, purge_quarantine
+from dicom_node.retention import (
+    PurgeOutcome,
+    RetentionTask,
+    apply_plan,
+    plan_retention,
+    purge_quarantine,
+    recorded_before_start,
+)
 from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -350,10 +357,86 @@ def test_a_clock_far_past_every_time_the_database_records_deletes_by_disk_budget
     assert all(path.exists() for path in newer.images) and _audit_records(sessions) == held
     (doubted,) = [r for r in caplog.records if r.getMessage() == "retention.clock_doubted"]
     assert re.match(
-        r"the clock reads [-\d]+ [:\d]+ UTC, 400\.0 days past the newest time the database records \([-\d]+ [:\d]+ "
-        r"UTC: its last image received, job change or audit record\); retention deletes nothing by age",
+        r"the clock reads [-\d]+ [:\d]+ UTC, 400\.0 days past the newest time the database recorded before this "
+        r"node started \([-\d]+ [:\d]+ UTC: its last image received, job change or audit record\) although only "
+        r"0\.0 days passed since; retention deletes nothing by age",
         doubted.event_fields["reason"],
     )
+
+
+def test_a_node_started_with_its_clock_far_ahead_deletes_nothing_by_age_whatever_it_records_meanwhile(
+    node, caplog, monkeypatch
+):
+    """A PACS' C-ECHO, the first image, start-up's requeue or a worker host's job change, all written at the bad clock,
+    must not vouch for it: the node judges its clock by what the database recorded before it started."""
+    settings, sessions = node
+    steady = [1000.0]
+    monkeypatch.setattr("dicom_node.retention.steady_seconds", lambda: steady[0])
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30, audit_days=365)
+    _audit_records(sessions, NOW)
+    before_start = recorded_before_start(sessions)  # as serve reads it, before it repairs storage or receives
+    bad = NOW + timedelta(days=400)  # the hardware clock at boot
+    add_series(node, "1.2.3.3", JobState.DONE, days_ago=-400)  # start-up requeue, or a worker host's job change
+    task = RetentionTask(settings, sessions, before_start)
+
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        assert task.run_once(bad).purged == []
+        held = _audit_records(sessions, bad + timedelta(minutes=1))  # the PACS' C-ECHO heartbeat
+        steady[0] += 120
+        assert task.run_once(bad + timedelta(minutes=2)).purged == []
+        steady[0] += 86400  # a day on, echoes all the while: still in doubt, and warned again
+        held = _audit_records(sessions, bad + timedelta(days=1))
+        assert task.run_once(bad + timedelta(days=1, minutes=2)).purged == []
+        assert all(path.exists() for path in recent.images + old.images) and _audit_records(sessions) == held
+        doubted = [r for r in caplog.records if r.getMessage() == "retention.clock_doubted"]
+        assert [r.levelno for r in doubted] == [logging.WARNING, logging.WARNING]
+        assert (
+            "400.0 days past the newest time the database recorded before this node started"
+            in (doubted[0].event_fields["reason"])
+        )
+        assert "although only 1.0 days passed since" in doubted[1].event_fields["reason"]
+
+        steady[0] += 60
+        outcome = task.run_once(NOW + timedelta(days=1, minutes=3))  # the clock set right: ages count again
+
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert all(path.exists() for path in recent.images)
+    assert [r.getMessage() for r in caplog.records].count("retention.clock_trusted") == 1
+
+
+def test_a_clock_set_back_deletes_no_more_and_is_not_doubted_once_set_right_again(node, caplog):
+    settings, sessions = node
+    old = add_series(node, "1.2.3.1", JobState.DONE, days_ago=40)
+    older = add_series(node, "1.2.3.2", JobState.DONE, days_ago=45)
+    settings.retention = RetentionSettings(days=30, audit_days=365)
+    held = _audit_records(sessions, NOW - timedelta(days=300))
+    task = RetentionTask(settings, sessions)
+
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        set_back = task.run_once(NOW - timedelta(days=12))  # 12 days behind: everything looks younger
+        set_right = task.run_once(NOW)  # 12 days on from the last pass at once: the clock agrees with the records
+
+    assert [item.series_instance_uid for item in set_back.purged] == [older.uid]
+    assert [item.series_instance_uid for item in set_right.purged] == [old.uid]
+    assert _audit_records(sessions) == held  # 300 days old: kept for 365
+    assert "retention.clock_doubted" not in [r.getMessage() for r in caplog.records]
+
+
+def test_a_restart_with_the_clock_set_right_deletes_by_age_again(node):
+    settings, sessions = node
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30)
+    bad = NOW + timedelta(days=400)
+    assert RetentionTask(settings, sessions).run_once(bad).purged == []
+    _audit_records(sessions, bad)  # recorded at the wrong time before the clock was set right
+
+    outcome = RetentionTask(settings, sessions).run_once(NOW)  # restarted with the right clock
+
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert all(path.exists() for path in recent.images)
 
 
 def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
