@@ -209,6 +209,7 @@ def serve(config: ConfigOption = None) -> None:
         DatabaseUnavailable,
         NodeLockLost,
         RefusedAsConfigured,
+        StorageNotFound,
         describe_database_error,
     )
     from dicom_node.service import serve as run_service
@@ -230,7 +231,7 @@ def serve(config: ConfigOption = None) -> None:
         run_service(settings)
     except RefusedAsConfigured as exc:
         _cannot_start(str(exc), exit_code=2)
-    except (DatabaseUnavailable, ReceiverNotStarted, ConsoleNotStarted) as exc:
+    except (DatabaseUnavailable, ReceiverNotStarted, ConsoleNotStarted, StorageNotFound) as exc:
         _cannot_start(str(exc))
     except NodeLockLost as exc:
         errors.print(f"[bold red]stopped[/]: {escape(str(exc))}", highlight=False)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
 from db import session as db_session
-from db.models import Job
+from db.models import Instance, Job
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node import audit, security
 from dicom_node.config import Settings, hide_password, open_peer_warnings
@@ -407,6 +408,11 @@ class ConsoleNotStarted(Exception):
     yet): ``serve`` exits 1, so a supervisor tries again. The message says why, naming the setting."""
 
 
+class StorageNotFound(Exception):
+    """The storage folder holds none of the images the database records and does not record its database (a file
+    system not mounted yet, a wrong path): ``serve`` exits 1, so a supervisor tries again once it is mounted."""
+
+
 class StoppedWhileStarting(Exception):
     """``serve`` was asked to stop while it waited to start (for another node's lock on the database)."""
 
@@ -579,7 +585,9 @@ def start_node(settings: Settings, stopping: threading.Event | None = None) -> R
         raise
     try:
         sessions = open_database(settings)
-        record_storage_database(settings, storage_lock)  # only now: a database that cannot be used claims nothing
+        record_storage_database(
+            settings, storage_lock, sessions
+        )  # only now: a database that cannot be used claims nothing
     except BaseException:
         storage_lock.release()
         node_lock.release()
@@ -819,9 +827,18 @@ def take_storage_lock(settings: Settings, stopping: threading.Event | None = Non
     return lock
 
 
-def record_storage_database(settings: Settings, lock: StorageLock) -> None:
+def record_storage_database(settings: Settings, lock: StorageLock, sessions: sessionmaker[Session]) -> None:
     """Once the database opened: record the storage folder as that database's where it records none yet, so that a
-    failed start on a mistyped database URL leaves no record that refuses the corrected one."""
+    failed start on a mistyped database URL leaves no record that refuses the corrected one.
+
+    Raises
+    ------
+    StorageNotFound
+        When the folder records no database and holds no stored image while the database records some: the images'
+        file system is not mounted (its empty mount point is left), or storage.directory names another folder.
+    """
+    if not lock.has_recorded_database():
+        _check_storage_holds_images(settings.storage.directory, sessions)
     if lock.record_database():
         directory = settings.storage.directory
         log_event(
@@ -832,6 +849,29 @@ def record_storage_database(settings: Settings, lock: StorageLock) -> None:
             note=f"storage folder {directory} is recorded as the folder of {describe_database(lock.database)} (in "
             f"{lock.database_file}); a dicom-node serve on another database is refused on it",
         )
+
+
+def _check_storage_holds_images(directory: Path, sessions: sessionmaker[Session]) -> None:
+    """Refuse a storage folder without images, and without the record of its database, for a database recording
+    some: adopting it would store new images on the disk under an unmounted file system, hidden once it is mounted."""
+    instances = directory / "instances"
+    try:
+        holds_images = instances.is_dir() and next(instances.iterdir(), None) is not None
+    except OSError:
+        holds_images = False
+    if holds_images:
+        return
+    with sessions() as session:
+        recorded = session.scalar(select(func.count()).select_from(Instance))
+        example = session.scalar(select(Instance.path).order_by(Instance.id.desc()).limit(1))
+    if not recorded:
+        return
+    raise StorageNotFound(
+        f"storage.directory {directory} holds none of the {recorded:,} images the database records (the newest at "
+        f"{example}) and no {directory / '.database'}: is the file system of the images mounted? Mount it (or set "
+        "storage.directory to the folder that holds them) and start again; the node will not store new images "
+        "under an empty mount point, where they would be hidden once the file system is mounted"
+    )
 
 
 def _stop_this_node(settings: Settings, why: str, stop_first: Sequence[PeriodicTask]) -> None:

@@ -136,6 +136,10 @@ class StorageLock:
                 f"delete {self.database_file} and start again: the folder is then recorded as that database's"
             )
 
+    def has_recorded_database(self) -> bool:
+        """Whether the folder records a database (this one or another)."""
+        return self._recorded_database() is not None
+
     def record_database(self) -> bool:
         """Record the folder as this database's where it records none yet (a folder of an earlier version, or a new
         one: it is adopted); True when it was recorded now. Called once the database opened, so that a database

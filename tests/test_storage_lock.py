@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import socket
 import subprocess
 import threading
@@ -71,6 +72,47 @@ def test_a_second_serve_on_the_storage_folder_of_a_running_one_with_another_data
         assert first.process.poll() is None and listening(first)  # the first node runs on, untouched
     finally:
         second.stop()
+
+
+def _empty_database(tmp_path):
+    from db.session import make_engine, make_session_factory, migrate
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    migrate(url)
+    return make_session_factory(make_engine(url))
+
+
+@pytest.mark.integration
+def test_a_storage_file_system_not_mounted_refuses_the_start_instead_of_storing_under_its_mount_point(
+    start_node, tmp_path
+):
+    """The storage folder's file system not mounted (its empty mount point left), the database elsewhere: serve
+    adopted the empty folder, stored new images on the disk under it (hidden once the file system was mounted) and
+    said it was ready."""
+    from dicom_node.phantom import PhantomSpec, write_phantom_series
+    from tests.conftest import storescu
+
+    node = start_node(database={"url": f"sqlite:///{tmp_path / 'state' / 'node.db'}"})
+    series = write_phantom_series(tmp_path / "ct", PhantomSpec(rows=16, columns=16, slices=3))
+    assert storescu(node.port, series.files).returncode == 0
+    node.stop()
+    mounted = node.storage.rename(tmp_path / "mounted")  # unmounted: the empty mount point is left
+    node.storage.mkdir()
+
+    assert refused_or_listening(node) == 1, node.log()  # exit 1: systemd tries again, once it is mounted
+    said = one_line(node.log())
+    assert (
+        f"cannot start: storage.directory {node.storage} holds none of the 3 images the database records (the "
+        f"newest at {node.storage}/instances/" in said
+    ), said
+    assert "is the file system of the images mounted? Mount it" in said
+    assert not (node.storage / ".database").exists() and not (node.storage / "instances").exists()
+
+    shutil.rmtree(node.storage)  # its lock file: nothing else
+    mounted.rename(node.storage)  # mounted again
+    node.process = None
+    node.start()
+    assert storescu(node.port, series.files).returncode == 0
 
 
 @pytest.mark.integration
@@ -180,7 +222,7 @@ def test_a_serve_that_took_the_database_over_waits_for_the_storage_of_the_node_t
         stopping_node.release()
         wait_for(lambda: taken, timeout=30, what="the new node to take the folder")
         assert not (tmp_path / "storage" / ".database").exists()  # recorded once the database opened
-        record_storage_database(settings, taken[0])
+        record_storage_database(settings, taken[0], _empty_database(tmp_path))
     finally:
         stop.set()
         starting.join(timeout=30)
