@@ -85,6 +85,7 @@ class WorkerSupervisor:
 
     CHECK_SECONDS = 0.5
     RESTART_DELAY_SECONDS = 5.0  # at least this long between two starts of one worker slot
+    LONGEST_RESTART_DELAY_SECONDS = 300.0  # a worker that keeps dying before it is ready waits twice as long each time
     END_WAIT_SECONDS = 10.0  # how long an ended worker is waited for before a new one takes its slot anyway
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
@@ -93,6 +94,8 @@ class WorkerSupervisor:
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._started_at: list[float] = []
+        self._failed_starts: list[int] = []  # per slot: its workers that died before they were ready, in a row
+        self._slot_pulses: dict[int, IdlePulse] = {}  # slot -> the pulse of its latest worker (kept after its death)
         self._handled: set[int | None] = set()  # pids whose death (or ending) was recorded
         self._leases = LeaseSweep(settings, sessions) if sessions is not None else None
         self._claims_seen: dict[tuple[int, int, str], float] = {}  # (job, claim number, worker) -> first seen
@@ -108,6 +111,7 @@ class WorkerSupervisor:
     def start(self) -> None:
         self._processes = [self._spawn(n) for n in range(self.settings.inference.workers)]
         self._started_at = [time.monotonic()] * len(self._processes)
+        self._failed_starts = [0] * len(self._processes)
         self._thread.start()
 
     def _spawn(self, number: int) -> multiprocessing.process.BaseProcess:
@@ -117,6 +121,7 @@ class WorkerSupervisor:
         )
         process.start()
         self._pulses[process.pid] = pulse
+        self._slot_pulses[number] = pulse
         self._spawned_at[process.pid] = time.monotonic()
         log_event(LOG, logging.INFO, "worker.started", worker=number, pid=process.pid)
         return process
@@ -129,22 +134,48 @@ class WorkerSupervisor:
             self.end_silent_idle_workers()
             for number, process in enumerate(self._processes):
                 if self._stop.is_set() or (process.is_alive() and process.pid not in self._handled):
+                    if self._is_ready(number):
+                        self._failed_starts[number] = 0
                     continue  # a worker ended but not gone (waiting on a disk) is replaced all the same
                 if process.pid not in self._handled:
                     self._handled.add(process.pid)
-                    log_event(
-                        LOG,
-                        logging.ERROR,
-                        "worker.died",
-                        worker=number,
-                        pid=process.pid,
-                        exit_code=process.exitcode,
-                        reason=how_a_process_ended(process.exitcode),
-                    )
-                    self._release_jobs_of(process.pid)
-                if time.monotonic() - self._started_at[number] >= self.RESTART_DELAY_SECONDS:
+                    self._record_death(number, process)
+                if time.monotonic() - self._started_at[number] >= self._restart_delay(number):
                     self._processes[number] = self._spawn(number)
                     self._started_at[number] = time.monotonic()
+
+    def _is_ready(self, number: int) -> bool:
+        """Whether the latest worker of slot ``number`` said it is ready (it may have died since)."""
+        pulse = self._slot_pulses.get(number)
+        return pulse is not None and pulse.ready
+
+    def _restart_delay(self, number: int) -> float:
+        """How long after its last start a worker slot is started again: twice as long for each of its workers in a
+        row that died before it was ready (a model that cannot load, memory too small), up to five minutes."""
+        failed = self._failed_starts[number]
+        return min(self.RESTART_DELAY_SECONDS * 2 ** max(failed - 1, 0), self.LONGEST_RESTART_DELAY_SECONDS)
+
+    def _record_death(self, number: int, process: multiprocessing.process.BaseProcess) -> None:
+        """Log a worker's death, count it against its slot when it died before it was ready, and release its job."""
+        reason = how_a_process_ended(process.exitcode)
+        if not self._is_ready(number):
+            self._failed_starts[number] += 1
+            failed = self._failed_starts[number]
+            reason += (
+                f"; it died before it was ready (while starting or loading its models), {failed} time(s) in a row: "
+                f"the next one starts {self._restart_delay(number):.0f} s after this one did, and the node counts no "
+                "worker up in this slot until one is ready"
+            )
+        log_event(
+            LOG,
+            logging.ERROR,
+            "worker.died",
+            worker=number,
+            pid=process.pid,
+            exit_code=process.exitcode,
+            reason=reason,
+        )
+        self._release_jobs_of(process.pid)
 
     def _release_jobs_of(self, pid: int | None) -> None:
         """Queue again (or fail, at the crash limit) the job the dead worker ``pid`` held."""
@@ -327,8 +358,14 @@ class WorkerSupervisor:
             )
 
     def alive_count(self) -> int:
-        """How many of the local worker processes are running now."""
-        return sum(p.is_alive() and p.pid not in self._handled for p in self._processes)
+        """How many of the local worker processes are up now: running, and either ready or the first try of their
+        slot since the last ready one (a slot whose workers keep dying while they start counts none)."""
+        return sum(
+            process.is_alive()
+            and process.pid not in self._handled
+            and (self._is_ready(number) or self._failed_starts[number] == 0)
+            for number, process in enumerate(self._processes)
+        )
 
     def stop(self) -> None:
         """Ask every worker to stop; one still busy after 30 s is killed and its job queued again (not a death)."""

@@ -151,8 +151,10 @@ class InferenceWorker:
         self.requeue_abandoned_jobs()
         self.models.load_all()
         warm_up_seconds = warm_up()  # highdicom's one-off table loading, not on the first job's clock
-        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
+        if self.pulse is not None:  # first: serve counts it up once it is ready, as the log line says
+            self.pulse.mark_ready()
         self.ready.set()
+        log_event(LOG, logging.INFO, "worker.ready", worker=self.identity, warm_up_seconds=round(warm_up_seconds, 2))
         try:
             while not stop.is_set():
                 self._beat()

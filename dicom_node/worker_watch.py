@@ -53,13 +53,21 @@ class IdlePulse:
     """
 
     def __init__(self, context: BaseContext) -> None:
-        self._values = context.RawArray("q", 2)  # beats so far; 1 while a job is held
+        self._values = context.RawArray("q", 3)  # beats so far; 1 while a job is held; 1 once ready
 
     def beat(self) -> None:
         self._values[0] += 1
 
     def hold_job(self, holding: bool) -> None:
         self._values[1] = int(holding)
+
+    def mark_ready(self) -> None:
+        """The worker loaded its models and takes jobs."""
+        self._values[2] = 1
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._values[2])
 
     def read(self) -> tuple[int, bool]:
         """Beats so far (0: the worker is still starting) and whether it holds a job."""

@@ -13,7 +13,7 @@ import pytest
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import CT_RULES, storescu
+from tests.conftest import CT_RULES, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +133,69 @@ def test_node_restarts_during_one_series_are_not_counted_as_crashes_of_it(tmp_pa
         r"\(not counted as a crash of this series\); queued again",
         restarts[0],
     )
+
+
+def _started_workers(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker\.started worker=0 pid=(\d+)", log)]
+
+
+def test_a_worker_that_keeps_dying_while_it_starts_is_started_ever_later_and_counted_down(tmp_path, start_node):
+    """A worker killed each time while it loads its models (out of memory at load, a broken install) was started
+    again every 5 s for ever, and counted as up between its deaths, so `dicom_node_workers_up == 0` never held
+    long enough to alert."""
+    node = start_node(rules=CT_RULES, inference={"workers": 1})
+    wait_for(lambda: "worker.ready" in node.log(), timeout=120, what="the first worker to be ready")
+    first = _started_workers(node.log())[0]
+    os.kill(first, signal.SIGKILL)  # a ready worker dies: its slot starts again after the usual 5 s
+
+    killed = [first]
+    deadline = time.monotonic() + 120
+    while len(killed) < 3 and time.monotonic() < deadline:
+        fresh = [pid for pid in _started_workers(node.log()) if pid not in killed]
+        for pid in fresh:  # killed before it is ready
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
+    assert len(killed) == 3, node.log()
+
+    wait_for(lambda: f"pid={killed[2]} exit_code=-9" in node.log(), timeout=30, what="the third death logged")
+    died = [line for line in node.log().splitlines() if "worker.died" in line]
+    assert "died before it was ready" not in died[0]
+    assert (
+        "it died before it was ready (while starting or loading its models), 1 time(s) in a row: the next one "
+        "starts 5 s after this one did" in died[1]
+    )
+    assert (
+        "2 time(s) in a row: the next one starts 10 s after this one did, and the node counts no worker up in "
+        "this slot until one is ready" in died[2]
+    )
+    starts = [line for line in node.log().splitlines() if "worker.started" in line]
+    assert len(starts) == 3  # the fourth waits 10 s after the third started
+
+    healthy = write_phantom_series(tmp_path / "healthy", HEALTHY)  # the next worker that is ready does the work
+    assert storescu(node.port, healthy.files).returncode == 0
+    node.wait_for_state(healthy.series_instance_uid, JobState.DONE, timeout=180)
+
+
+def test_a_slot_whose_workers_die_while_starting_counts_no_worker_up_until_one_is_ready(tmp_path):
+    """What `dicom_node_workers_up` and /readyz count: a worker starting in a slot whose last worker died before it
+    was ready is not up (a crash loop showed as up between its deaths); the first start of a slot is."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from dicom_node.config import Settings
+    from dicom_node.service import WorkerSupervisor
+    from dicom_node.worker_watch import IdlePulse
+
+    supervisor = WorkerSupervisor(Settings(storage={"directory": tmp_path}, inference={"workers": 1}))
+    pulse = IdlePulse(multiprocessing.get_context("spawn"))
+    supervisor._processes = [SimpleNamespace(pid=12345, is_alive=lambda: True)]  # type: ignore[list-item]
+    supervisor._slot_pulses = {0: pulse}
+
+    supervisor._failed_starts = [0]
+    assert supervisor.alive_count() == 1  # starting after a start or a ready worker: up
+    supervisor._failed_starts = [2]
+    assert supervisor.alive_count() == 0  # starting after two that died while starting: not up
+    pulse.mark_ready()
+    assert supervisor.alive_count() == 1
