@@ -25,6 +25,7 @@ from db import session as db_session
 from db.models import Instance, Job
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node import audit, security
+from dicom_node.admission import models_over_memory
 from dicom_node.config import Settings, hide_password, open_peer_warnings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.logs import log_event
@@ -997,3 +998,5 @@ def _warn_about_open_doors(settings: Settings) -> None:
         log_event(LOG, logging.WARNING, "config.open_peer", hint=hint)
     if not settings.rules:
         log_event(LOG, logging.WARNING, "config.no_rules", hint="every series will be IGNORED; add rules")
+    for hint in models_over_memory(settings):
+        log_event(LOG, logging.WARNING, "config.memory_too_small", hint=hint)

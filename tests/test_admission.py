@@ -1223,3 +1223,13 @@ def test_config_check_warns_when_the_memory_limit_refuses_every_series_of_a_mode
         "to it is refused."
     ) in said, said
     assert "model 'full'" not in said.replace("model 'full' cannot be loaded", "")  # 0.9 GB: within the limit
+
+
+def test_serve_warns_at_start_when_the_memory_limit_refuses_every_series_of_a_model(start_node):
+    node = start_node(
+        admission={"max_memory_gigabytes": 3},
+        models={"fast": {"kind": "totalsegmentator", "task": "total_fast"}},
+        inference={"workers": 0},
+    )
+    log = node.log()
+    assert "WARNING config.memory_too_small hint=\"model 'fast' (TotalSegmentator total_fast) needs about 3.7 GB" in log
