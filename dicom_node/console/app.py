@@ -243,6 +243,26 @@ class BodyLimit:
         await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
 
 
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+"""Answered whatever the Host header names: an orchestrator's probe calls by address (the health check by
+127.0.0.1), and they show nothing but yes or no."""
+
+
+class HostCheck:
+    """ASGI middleware: ``console.allowed_hosts`` checked (Starlette's TrustedHostMiddleware, a 400 for any other
+    Host header, against DNS rebinding) on every path but :data:`HEALTH_PATHS`."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.checked = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") in HEALTH_PATHS and scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        await self.checked(scope, receive, send)
+
+
 def _template_environment() -> jinja2.Environment:
     """The pages' templates: HTML escaped, and every text shown with its reordering characters as ``?``
     (:func:`~dicom_node.logs.without_reordering`), so that a patient's ID or name reads on screen as it is stored,
@@ -320,10 +340,11 @@ def create_app(context: ConsoleContext) -> FastAPI:
     app.add_exception_handler(DatabaseBusy, _database_error)
     app.add_exception_handler(Exception, _internal_error)
     # Each middleware added wraps those before it. A client that goes away mid-body gets no answer, without a
-    # handler ever running; a request naming another host is answered 400, unread; every answer gets the headers.
+    # handler ever running; a request naming another host is answered 400, unread (but /healthz and /readyz, see
+    # HostCheck); every answer gets the headers.
     app.add_middleware(BodyLimit)
     if context.settings.console.allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=context.settings.console.allowed_hosts)
+        app.add_middleware(HostCheck, allowed_hosts=context.settings.console.allowed_hosts)
     app.add_middleware(ConsoleHeaders, context=context)
     _health_routes(app)
 
