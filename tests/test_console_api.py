@@ -79,7 +79,11 @@ def test_healthz_answers_without_login_and_readyz_checks_database_scp_and_worker
     assert anonymous.get("/healthz").json() == {"status": "ok"}
     ready = anonymous.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "checks": {"database": True, "scp": True, "receiver": None, "worker": True}}
+    assert ready.json() == {
+        "ready": True,
+        "checks": {"database": True, "scp": True, "receiver": None, "worker": True, "storage": True},
+        "reasons": [],
+    }
 
 
 def test_nothing_else_works_without_login(processed):
@@ -419,7 +423,8 @@ def test_container_health_check_passes_on_a_ready_node(processed):
     assert health.returncode == 0, health.stdout + health.stderr
     assert json.loads(health.stdout) == {
         "ready": True,
-        "checks": {"database": True, "scp": True, "receiver": None, "worker": True},
+        "checks": {"database": True, "scp": True, "receiver": None, "worker": True, "storage": True},
+        "reasons": [],
     }
 
 

@@ -267,7 +267,12 @@ def test_readyz_names_the_failing_check_and_the_health_command_exits_1(console_s
     assert ready.status_code == 503
     assert ready.json() == {
         "ready": False,
-        "checks": {"database": True, "scp": False, "receiver": None, "worker": None},
+        "checks": {"database": True, "scp": False, "receiver": None, "worker": None, "storage": False},
+        "reasons": [
+            "the DICOM port does not accept connections",
+            f"the storage folder cannot be written (no such file or directory: {settings.storage.directory}/incoming): "
+            "the receiver answers 0xA700 to every image",  # the console alone: serve made no incoming/
+        ],
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"console": {"enabled": True, "port": settings.console.port}}))

@@ -26,6 +26,7 @@ from dicom_node.config import Settings
 from dicom_node.console.app import ConsoleServer
 from dicom_node.console.metrics import Liveness
 from dicom_node.service import open_database
+from dicom_node.storage_lock import StorageLock, database_identity
 from tests.conftest import ct_instance, drive_job_to, free_port, wait_for
 from tests.console_helpers import PASSWORDS, console_settings, log_in
 
@@ -64,6 +65,9 @@ def _console(tmp_path: Path) -> Iterator[tuple[str, Settings]]:
         job = jobs.job_for_series_uid(session, SERIES)
         assert job is not None
         drive_job_to(session, job, JobState.FAILED)
+    storage = settings.storage.directory
+    (storage / "incoming").mkdir(parents=True, exist_ok=True)  # as serve leaves it: /readyz tries it
+    StorageLock(storage, database_identity(settings.database_url, storage), "test").record_database()
     server = ConsoleServer(settings, sessions, Liveness(lambda: None, lambda: True))
     server.start()
     url = f"http://127.0.0.1:{settings.console.port}"

@@ -1,18 +1,30 @@
-"""The health endpoints answer whatever the Host header: the Docker health check calls /readyz on 127.0.0.1."""
+"""/readyz, dicom_node_scp_listening and the Docker health check tell whether the node receives: the DICOM port is
+C-ECHOed (at most once each 5 s, however many probes ask), the storage folder is tried, and the health endpoints
+answer whatever the Host header."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from dicom_node.console.metrics import Cached, Outcome
 from tests.conftest import Node, free_port, wait_for
 from tests.console_helpers import console_settings
+from tests.test_receive_concurrency import receiver_pids
 
 pytestmark = pytest.mark.integration
+
+TWO_RECEIVERS = {"receive": {"processes": 2}}
 
 
 def _health(node: Node) -> subprocess.CompletedProcess[str]:
@@ -34,6 +46,87 @@ def _ready(url: str) -> httpx.Response | None:
         return None
 
 
+def _metric(metrics_port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=15).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert len(values) == 1, text
+    return values[0]
+
+
+@pytest.fixture
+def receiving_node(start_node) -> Iterator[tuple[Node, int]]:
+    metrics_port = free_port()
+    node = start_node(**TWO_RECEIVERS, console=console_settings(free_port(), metrics_port=metrics_port))
+    wait_for(lambda: len(receiver_pids(node.log())) == 2, timeout=60, what="both receiving processes to start")
+    ready_url = f"http://127.0.0.1:{metrics_port}/readyz"
+    wait_for(lambda: (answer := _ready(ready_url)) is not None and answer.status_code == 200, timeout=60, what="ready")
+    yield node, metrics_port
+
+
+def test_every_receiving_process_stopped_makes_readyz_503_and_the_health_check_fail(receiving_node):
+    """SIGSTOP leaves the processes alive and the port taking connections into the kernel's queue, answered by
+    nobody: before, /readyz said 200, the health check exited 0 and dicom_node_scp_listening was 1."""
+    node, metrics_port = receiving_node
+    ready_url = f"http://127.0.0.1:{metrics_port}/readyz"
+    pids = list(receiver_pids(node.log()).values())
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        answer = wait_for(
+            lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 503 and seen,
+            timeout=30,
+            what="/readyz to answer 503 while every receiving process is stopped",
+        )
+        body = answer.json()
+        assert body["ready"] is False and body["checks"]["scp"] is False
+        assert (
+            f"the DICOM port {node.port} accepted a connection but did not answer a C-ECHO within 5 s"
+            in body["reasons"][0]
+        ), body
+        assert _metric(metrics_port, "dicom_node_scp_listening") == 0
+        health = _health(node)
+        assert health.returncode == 1, health.stdout + health.stderr
+        assert "did not answer a C-ECHO" in health.stdout
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 200, timeout=30, what="200")
+    assert _health(node).returncode == 0
+    assert _metric(metrics_port, "dicom_node_scp_listening") == 1
+
+
+def test_readiness_probes_in_a_loop_cost_one_c_echo_each_5_s_and_leave_callers_their_places(receiving_node):
+    """Before, every probe opened a TCP connection to the DICOM port: 16 probe loops took the places one host may
+    hold (network.maximum_associations_per_host) and real callers' C-ECHOs from that host were refused."""
+    from dicom_node.scu import verify
+
+    node, metrics_port = receiving_node
+    ready_url = f"http://127.0.0.1:{metrics_port}/readyz"
+    before = node.log().count("calling_ae=DICOMNODE")
+    stop = time.monotonic() + 10
+    answers: list[int] = []
+
+    def probe() -> None:
+        with httpx.Client(timeout=15) as client:
+            while time.monotonic() < stop:
+                answers.append(client.get(ready_url).status_code)
+
+    threads = [threading.Thread(target=probe) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    echoes = []
+    while time.monotonic() < stop:
+        echoes.append(verify("SENDER", node.ae_title, "127.0.0.1", node.port, timeout=5).message)
+        time.sleep(0.3)
+    for thread in threads:
+        thread.join()
+    assert set(answers) == {200} and len(answers) > 100
+    assert set(echoes) == {"success"}, echoes
+    assert "maximum_associations_per_host" not in node.log()
+    own_echoes = node.log().count("calling_ae=DICOMNODE") - before
+    assert 1 <= own_echoes <= 4, own_echoes  # 10 s of probes: one C-ECHO each 5 s
+
+
 def test_the_health_check_passes_with_allowed_hosts_set_and_other_paths_still_check_the_host(start_node):
     """Before, TrustedHostMiddleware answered the health check's request to 127.0.0.1 400 "Invalid host header":
     a working node was reported unhealthy for good."""
@@ -48,3 +141,84 @@ def test_the_health_check_passes_with_allowed_hosts_set_and_other_paths_still_ch
     assert httpx.get(f"{url}/login").status_code == 400  # DNS rebinding: refused as before
     assert httpx.get(f"{url}/metrics").status_code == 400
     assert httpx.get(f"{url}/login", headers={"Host": "console.example.org"}).status_code == 200
+
+
+def test_storage_folder_not_writable_or_not_this_databases_makes_readyz_503(receiving_node, tmp_path):
+    """Before, /readyz said 200 while every image was answered 0xA700 (incoming/ gone with an unmounted file
+    system), and while an empty folder stood where the storage file system had been."""
+    node, metrics_port = receiving_node
+    ready_url = f"http://127.0.0.1:{metrics_port}/readyz"
+    incoming = node.storage / "incoming"
+    incoming.rename(tmp_path / "incoming")
+    try:
+        body = wait_for(
+            lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 503 and seen.json(),
+            timeout=30,
+            what="/readyz to answer 503 while incoming/ is gone",
+        )
+        assert body["checks"]["storage"] is False and body["checks"]["scp"] is True
+        assert "the storage folder cannot be written (no such file or directory" in body["reasons"][0], body
+        assert _metric(metrics_port, "dicom_node_storage_ready") == 0
+    finally:
+        (tmp_path / "incoming").rename(incoming)
+    wait_for(lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 200, timeout=30, what="200")
+
+    marker = node.storage / ".database"
+    with node.sessions() as session:
+        session.execute(text("UPDATE instance_totals SET instances = 3"))
+        session.commit()
+    marker.rename(tmp_path / "marker")
+    try:
+        body = wait_for(
+            lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 503 and seen.json(),
+            timeout=30,
+            what="/readyz to answer 503 while the folder's marker is missing",
+        )
+        assert "does not hold this node's images" in body["reasons"][0], body
+        assert "the database records 3 instances (is the storage file system mounted?)" in body["reasons"][0]
+    finally:
+        (tmp_path / "marker").rename(marker)
+    wait_for(lambda: (seen := _ready(ready_url)) is not None and seen.status_code == 200, timeout=30, what="200")
+
+
+def test_a_cached_check_runs_once_for_concurrent_callers_and_again_after_its_time():
+    runs: list[float] = []
+    now = [0.0]
+
+    def slow() -> Outcome:
+        runs.append(now[0])
+        time.sleep(0.2)
+        return Outcome(len(runs) == 1, "second")
+
+    cached = Cached(slow, seconds=5, clock=lambda: now[0])
+    results: list[Outcome] = []
+    threads = [threading.Thread(target=lambda: results.append(cached())) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(runs) == 1 and all(result.ok for result in results)
+    now[0] = 4.9
+    assert cached().ok and len(runs) == 1
+    now[0] = 10.0
+    assert cached() == Outcome(False, "second") and len(runs) == 2
+
+
+def test_storage_check_says_when_free_space_is_under_the_floor(tmp_path, monkeypatch):
+    import shutil
+
+    from dicom_node.config import Settings
+    from dicom_node.console import metrics
+
+    (tmp_path / "incoming").mkdir()
+    settings = Settings.model_validate({"storage": {"directory": str(tmp_path)}})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(metrics.shutil, "disk_usage", lambda _p: usage._replace(free=10 * 1024**2))
+    outcome = metrics.storage_check(settings, sessions=None)  # type: ignore[arg-type]  # not reached
+    assert not outcome.ok
+    assert outcome.reason == (
+        f"the storage folder {tmp_path} has 10.0 MB free (less than "
+        f"{min(64 * 1024**2, usage.total // 10) / 1024**2:,.0f} MB): the receiver answers 0xA700 to images it "
+        "cannot write"
+    )
+    assert not list(Path(tmp_path / "incoming").iterdir())  # the test file is gone

@@ -49,7 +49,7 @@ from dicom_node.console.auth import (
     session_secret,
 )
 from dicom_node.console.connections import ConnectionLimits, bounded_protocol, server_tls
-from dicom_node.console.metrics import DatabaseCollector, Liveness, readiness
+from dicom_node.console.metrics import DatabaseCollector, Liveness, assess
 from dicom_node.console.probe import DestinationProbe
 from dicom_node.logs import log_event, without_reordering
 
@@ -283,6 +283,7 @@ def _as_stored(value: Any) -> Any:
 
 def build_context(settings: Settings, sessions: sessionmaker[Session], liveness: Liveness) -> ConsoleContext:
     console = settings.console
+    liveness = liveness.for_node(settings, sessions)  # the DICOM port C-ECHOed, the storage folder tried
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(settings, sessions, liveness))
     templates = Jinja2Templates(env=_template_environment())
@@ -313,11 +314,12 @@ def _health_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", include_in_schema=False)
     def readyz(request: Request) -> Response:
-        """Ready: database reachable, SCP listening, a worker alive (where this process runs them)."""
+        """Ready: database reachable, the DICOM port answering a C-ECHO, a receiving process and a worker alive
+        (where this process runs them), storage writable; 503 with the reasons in words otherwise."""
         context = console_of(request)
-        checks = readiness(context.sessions, context.liveness)
-        ready = all(value is not False for value in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        found = assess(context.sessions, context.liveness)
+        body = {"ready": found.ready, "checks": found.checks, "reasons": found.reasons}
+        return JSONResponse(body, status_code=200 if found.ready else 503)
 
 
 def create_app(context: ConsoleContext) -> FastAPI:

@@ -1,8 +1,10 @@
 """Container health check: ``python -m dicom_node.console.health`` exits 0 when the node is ready.
 
-With the console on, it asks the console's ``/readyz`` (database reachable, DICOM port listening,
-a worker alive); otherwise it C-ECHOes the node's own DICOM port. The configuration is read as
-``serve`` reads it (``$DICOM_NODE_CONFIG`` and the environment).
+With the console on, it asks the console's ``/readyz`` (database reachable, the DICOM port answering a
+C-ECHO, a receiving process and a worker alive, the storage folder writable), which answers whatever the
+Host header (``console.allowed_hosts`` applies to every other path); otherwise it C-ECHOes the node's own
+DICOM port itself (over TLS where the port speaks it). The configuration is read as ``serve`` reads it
+(``$DICOM_NODE_CONFIG`` and the environment).
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ def console_ready(settings: Settings) -> tuple[bool, str]:
 
 
 def dicom_ready(settings: Settings) -> tuple[bool, str]:
-    from dicom_node.scu import verify
+    from dicom_node.console.metrics import ECHO_TIMEOUT_SECONDS, echo_own_port
 
-    network = settings.network
-    result = verify(network.ae_title, network.ae_title, _local(network.host), network.port, timeout=TIMEOUT_SECONDS)
-    return result.ok, f"C-ECHO to {network.ae_title}: {result.message}"
+    outcome = echo_own_port(settings, ECHO_TIMEOUT_SECONDS)
+    return outcome.ok, f"C-ECHO to {settings.network.ae_title}: {'success' if outcome.ok else outcome.reason}"
 
 
 def main() -> int:

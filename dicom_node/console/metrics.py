@@ -10,11 +10,16 @@ through an index. README "Operations console" documents every metric.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import ssl
+import tempfile
+import threading
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -23,8 +28,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditTotal, InstanceTotal, Job, JobEvent, JobState, RejectedInstance, Series
 from db.session import read_only
-from dicom_node.config import Settings
+from dicom_node.config import Settings, TlsSettings
 from dicom_node.console.queries import Transition, refusal_kind, stages_of
+from dicom_node.logs import os_error_text
+from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, describe_database
 
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
@@ -53,28 +60,198 @@ def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[st
     return bounded
 
 
+ECHO_TIMEOUT_SECONDS = 5.0
+"""How long /readyz's C-ECHO of the node's own DICOM port waits for the association and for the answer."""
+CHECK_SECONDS = 5.0
+"""A readiness check (the C-ECHO, the storage test write) runs at most once this often; callers in between, or
+waiting while it runs, share its result, so probes in a loop cannot flood the DICOM port or the disk."""
+READY_FREE_BYTES = 64 * 1024**2
+"""Free space under which the node is not ready to receive (a tenth of the file system where that is smaller): the
+receiver answers 0xA700 to every image it cannot write, and a CT image is about 0.5 MB."""
+
+
 @dataclass(frozen=True)
-class Liveness:
-    """Callables the metrics and /readyz ask about this process: workers alive (None: run elsewhere), SCP listening,
-    receiving processes alive (None: ``serve`` receives in its own process)."""
+class Outcome:
+    """A readiness check's result; ``reason`` says in words why it failed."""
 
-    workers_alive: Callable[[], int | None]
-    scp_listening: Callable[[], bool]
-    receivers_alive: Callable[[], int | None] = lambda: None
+    ok: bool
+    reason: str = ""
 
 
-def scp_listener(host: str, port: int) -> Callable[[], bool]:
-    """Whether something accepts TCP connections on the SCP's port (a wildcard host is tried on loopback)."""
-    target = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+class Cached:
+    """``check`` run at most once each ``seconds``, one run at a time: a caller arriving while it runs waits for that
+    run and takes its result, so any number of concurrent probes cost one check."""
 
-    def check() -> bool:
+    def __init__(
+        self, check: Callable[[], Outcome], seconds: float = CHECK_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._check = check
+        self._seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, Outcome] | None = None
+
+    def __call__(self) -> Outcome:
+        with self._lock:
+            if self._last is not None and self._clock() - self._last[0] < self._seconds:
+                return self._last[1]
+            try:
+                outcome = self._check()
+            except Exception as exc:  # noqa: BLE001 - a check that breaks reports why, it never fails the probe
+                outcome = Outcome(False, f"the check could not run: {exc}")
+            self._last = (self._clock(), outcome)
+            return outcome
+
+
+class TcpListener:
+    """Whether something accepts TCP connections on the SCP's port (a wildcard host is tried on loopback). The
+    console replaces it with :class:`ScpEcho` (:meth:`Liveness.for_node`): a port that takes connections says
+    nothing of whether anyone answers them."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = local_address(host), port
+
+    def __call__(self) -> bool:
         try:
-            with socket.create_connection((target, port), timeout=1.0):
+            with socket.create_connection((self.host, self.port), timeout=1.0):
                 return True
         except OSError:
             return False
 
-    return check
+
+def scp_listener(host: str, port: int) -> Callable[[], bool]:
+    """The SCP check ``serve`` hands the console: see :class:`TcpListener`."""
+    return TcpListener(host, port)
+
+
+def local_address(host: str) -> str:
+    """Where this machine reaches a listener on ``host`` (a wildcard is reached on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def own_port_tls(tls: TlsSettings) -> tuple[ssl.SSLContext, str]:
+    """``tls_args`` for a C-ECHO of the node's own TLS port from this machine: encrypted, the node's certificate
+    offered (for mutual TLS), the answer's certificate not checked (it names the public host, not loopback)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.minimum_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    return context, "localhost"
+
+
+def echo_own_port(settings: Settings, timeout: float = ECHO_TIMEOUT_SECONDS) -> Outcome:
+    """C-ECHO the node's own DICOM port from this machine, with its own AE title as calling and called AE title (as
+    the Docker health check always did: admitted from loopback, see README "Docker"), over TLS where it listens so."""
+    from dicom_node.scu import verify
+
+    network = settings.network
+    host, port = local_address(network.host), network.port
+    try:
+        tls_args = own_port_tls(network.tls) if network.tls is not None else None
+    except (OSError, ssl.SSLError) as exc:
+        return Outcome(False, f"the node's TLS certificate cannot be read for a C-ECHO of its own port: {exc}")
+    result = verify(network.ae_title, network.ae_title, host, port, timeout=timeout, tls_args=tls_args)
+    if result.ok:
+        return Outcome(True)
+    if "gave no answer" in result.message or result.message == "no response":
+        return Outcome(
+            False,
+            f"the DICOM port {port} accepted a connection but did not answer a C-ECHO within {timeout:g} s (the "
+            "receiving processes are stopped, hung or overloaded: senders' images are not received)",
+        )
+    if result.message.startswith("no association"):
+        return Outcome(False, f"the DICOM port {port} does not accept connections (on {host})")
+    return Outcome(False, f"a C-ECHO of the node's own DICOM port {port} failed: {result.message}")
+
+
+class ScpEcho:
+    """The SCP check of a running node: a real C-ECHO of its own DICOM port (:func:`echo_own_port`), at most one
+    each :data:`CHECK_SECONDS`; calling it says whether the last one was answered."""
+
+    def __init__(self, settings: Settings, seconds: float = CHECK_SECONDS) -> None:
+        self.outcome = Cached(lambda: echo_own_port(settings), seconds)
+
+    def __call__(self) -> bool:
+        return self.outcome().ok
+
+
+def storage_check(settings: Settings, sessions: sessionmaker[Session]) -> Outcome:
+    """Whether received images can be stored: a small file written and deleted in ``<storage>/incoming`` (where the
+    receiver writes), free space above :data:`READY_FREE_BYTES`, and the folder's ``.database`` naming this
+    node's database while it records instances (missing: another, empty, file system is mounted there, or none)."""
+    folder = settings.storage.directory
+    incoming = folder / "incoming"
+    try:
+        descriptor, name = tempfile.mkstemp(prefix="readyz-", suffix=".partial", dir=incoming)
+        try:
+            os.write(descriptor, b"\0" * 4096)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+            os.unlink(name)
+        usage = shutil.disk_usage(incoming)
+    except OSError as exc:
+        why = (exc.strerror or "the operating system refused").lower()
+        return Outcome(
+            False,
+            f"the storage folder cannot be written ({why}: {incoming}): the receiver answers 0xA700 to every image",
+        )
+    floor = min(READY_FREE_BYTES, usage.total // 10)
+    if usage.free < floor:
+        return Outcome(
+            False,
+            f"the storage folder {folder} has {usage.free / 1024**2:,.1f} MB free (less than "
+            f"{floor / 1024**2:,.0f} MB): the receiver answers 0xA700 to images it cannot write",
+        )
+    with read_only(sessions) as session:
+        recorded = int(session.scalar(select(InstanceTotal.instances)) or 0)
+    if recorded == 0:
+        return Outcome(True)
+    marker = folder / DATABASE_FILE_NAME
+    try:
+        lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        return Outcome(
+            False,
+            f"the storage folder {folder} does not hold this node's images: {os_error_text(exc)}, while the database "
+            f"records {recorded} instances (is the storage file system mounted?)",
+        )
+    named = next((value.strip() for key, _, value in (line.partition(" ") for line in lines) if key == "database"), "")
+    own = database_identity(settings.database_url, folder)
+    if named != own:
+        return Outcome(
+            False,
+            f"the storage folder {folder} holds the images of another database ({marker} names "
+            f"{describe_database(named) if named else 'none'}, not {describe_database(own)}): is the right file "
+            "system mounted there?",
+        )
+    return Outcome(True)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Callables the metrics and /readyz ask about this process: workers alive (None: run elsewhere), SCP listening,
+    receiving processes alive (None: ``serve`` receives in its own process), storage writable (None: not checked)."""
+
+    workers_alive: Callable[[], int | None]
+    scp_listening: Callable[[], bool]
+    receivers_alive: Callable[[], int | None] = lambda: None
+    storage_ready: Callable[[], Outcome] | None = None
+
+    def for_node(self, settings: Settings, sessions: sessionmaker[Session]) -> Liveness:
+        """The checks the console makes of a running node: its port C-ECHOed (where ``serve`` handed a
+        :class:`TcpListener`), its storage folder tried, each at most once each :data:`CHECK_SECONDS`."""
+        scp = ScpEcho(settings) if isinstance(self.scp_listening, TcpListener) else self.scp_listening
+        storage = self.storage_ready or Cached(lambda: storage_check(settings, sessions))
+        return replace(self, scp_listening=scp, storage_ready=storage)
+
+    def scp_outcome(self) -> Outcome:
+        if isinstance(self.scp_listening, ScpEcho):
+            return self.scp_listening.outcome()
+        if self.scp_listening():
+            return Outcome(True)
+        return Outcome(False, "the DICOM port does not accept connections")
 
 
 def _histogram(name: str, documentation: str, label: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:
@@ -254,7 +431,10 @@ class DatabaseCollector(Collector):
             ),
         )
         yield busy
-        listening = GaugeMetricFamily("dicom_node_scp_listening", "1 when the DICOM port accepts connections.")
+        listening = GaugeMetricFamily(
+            "dicom_node_scp_listening",
+            "1 when the DICOM port answers a C-ECHO (the check /readyz makes, at most once each 5 s).",
+        )
         listening.add_metric([], 1.0 if self.liveness.scp_listening() else 0.0)
         yield listening
         receivers = self.liveness.receivers_alive()
@@ -272,6 +452,14 @@ class DatabaseCollector(Collector):
         )
         instances.add_metric([], float(session.scalar(select(InstanceTotal.bytes)) or 0))
         yield instances
+        if self.liveness.storage_ready is not None:
+            ready = GaugeMetricFamily(
+                "dicom_node_storage_ready",
+                "1 when the storage folder takes a test write, has room, and holds this database's images (the check "
+                "/readyz makes, at most once each 5 s).",
+            )
+            ready.add_metric([], 1.0 if self.liveness.storage_ready().ok else 0.0)
+            yield ready
         disk = GaugeMetricFamily(
             "dicom_node_storage_filesystem_bytes",
             "The storage folder's file system: total, used and free bytes.",
@@ -286,22 +474,61 @@ class DatabaseCollector(Collector):
         yield disk
 
 
-def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, bool | None]:
-    """What /readyz checks: database reachable, SCP listening, a worker alive (None: workers run elsewhere), a
-    receiving process alive (None: ``serve`` receives itself). The port of several receiving processes is bound by
-    ``serve`` and takes connections into its queue even while none of them is alive to answer them, so listening
-    alone does not say that images are received."""
+@dataclass(frozen=True)
+class Readiness:
+    """What /readyz answers: each check (None: not this process' to check) and, for each failed one, why."""
+
+    checks: dict[str, bool | None]
+    reasons: list[str]
+
+    @property
+    def ready(self) -> bool:
+        return all(value is not False for value in self.checks.values())
+
+
+def assess(sessions: sessionmaker[Session], liveness: Liveness) -> Readiness:
+    """What /readyz checks: database reachable; the DICOM port answering a C-ECHO (a port that only takes
+    connections says nothing: ``serve`` binds it for its receiving processes, and the kernel queues connections
+    while they are stopped or dead); a receiving process alive (None: ``serve`` receives itself); a worker alive
+    (None: workers run elsewhere); the storage folder writable, with room, and this database's."""
+    reasons: list[str] = []
     try:
         with read_only(sessions) as session:  # a reader: another process' write lock is no outage
             session.execute(text("SELECT 1"))
         database = True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
         database = False
+        reasons.append(f"the database does not answer ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})")
+    scp = liveness.scp_outcome()
+    if not scp.ok:
+        reasons.append(scp.reason)
     alive = liveness.workers_alive()
     receivers = liveness.receivers_alive()
-    return {
-        "database": database,
-        "scp": liveness.scp_listening(),
-        "receiver": None if receivers is None else receivers > 0,
-        "worker": None if alive is None else alive > 0,
-    }
+    if receivers == 0:
+        reasons.append("no receiving process is alive (serve starts them again)")
+    if alive == 0:
+        reasons.append("no inference worker process is alive (serve starts them again)")
+    storage: bool | None = None
+    if liveness.storage_ready is not None:
+        if database:
+            outcome = liveness.storage_ready()
+            storage = outcome.ok
+            if not outcome.ok:
+                reasons.append(outcome.reason)
+        else:
+            storage = None  # the check reads the database
+    return Readiness(
+        {
+            "database": database,
+            "scp": scp.ok,
+            "receiver": None if receivers is None else receivers > 0,
+            "worker": None if alive is None else alive > 0,
+            "storage": storage,
+        },
+        reasons,
+    )
+
+
+def readiness(sessions: sessionmaker[Session], liveness: Liveness) -> dict[str, bool | None]:
+    """The checks of :func:`assess` (true, false, or None where not this process' to check)."""
+    return assess(sessions, liveness).checks
