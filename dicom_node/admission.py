@@ -162,6 +162,7 @@ HEADER_KEYWORDS = (
     "SeriesNumber",
     "ConvolutionKernel",
     "ReconstructionDiameter",
+    "ModalityLUTSequence",  # refused where it stands in for RescaleSlope/RescaleIntercept
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 PIXEL_DATA_TAG = Tag("PixelData")
@@ -905,6 +906,12 @@ def _check_rescale(label: str, header: Dataset, modality: str | None, settings: 
             raise Refused(f"{named} has {given} ({where}); {why}")
     if not missing or (modality or "").upper() != "CT":
         return None
+    if "ModalityLUTSequence" in header:
+        raise Refused(
+            f"{label} gives its pixel values' meaning through a Modality LUT Sequence (0028,3000), which the node "
+            "does not apply, and has no RescaleSlope/RescaleIntercept: its pixel values cannot be read as HU "
+            "(whatever admission.missing_rescale says)"
+        )
     if settings.missing_rescale == "refuse":
         raise Refused(
             f"{label} has no RescaleSlope/RescaleIntercept, so its pixel values cannot be read as HU "

@@ -838,6 +838,30 @@ def test_missing_rescale_follows_the_setting(tmp_path):
     ]
 
 
+def test_a_modality_lut_instead_of_rescale_is_refused_whatever_missing_rescale_says(tmp_path):
+    """With assume_identity, images giving HU = 2 x stored through a Modality LUT Sequence were read with slope 1:
+    air at -512 HU, bone at 919 instead of 1839, with only the generic warning."""
+    from pydicom.dataset import Dataset
+
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        lut = Dataset()
+        lut.add_new(0x00283002, "US", [4096, 0, 16])  # LUTDescriptor
+        lut.ModalityLUTType = "HU"
+        lut.add_new(0x00283006, "US", list(range(0, 8192, 2)))  # LUTData: HU = 2 x stored
+        ds.ModalityLUTSequence = [lut]
+        ds.save_as(file.path)
+    said = (
+        "instance 1 gives its pixel values' meaning through a Modality LUT Sequence (0028,3000), which the node does "
+        "not apply, and has no RescaleSlope/RescaleIntercept: its pixel values cannot be read as HU (whatever "
+        "admission.missing_rescale says)"
+    )
+    assert admit(files, AdmissionSettings(missing_rescale="assume_identity")).refusal == said
+    assert admit(files, STRICT).refusal == said
+
+
 def test_instance_cap_refuses_before_reading_any_file(tmp_path):
     files = [InstanceFile(tmp_path / f"absent{i}.dcm", f"1.2.{i}", str(ExplicitVRLittleEndian), i) for i in range(5)]
     result = admit(files, AdmissionSettings(max_instances=4))
