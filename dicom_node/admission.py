@@ -163,6 +163,8 @@ HEADER_KEYWORDS = (
     "ConvolutionKernel",
     "ReconstructionDiameter",
     "ModalityLUTSequence",  # refused where it stands in for RescaleSlope/RescaleIntercept
+    "FloatPixelData",  # refused: CT pixels are integers
+    "DoubleFloatPixelData",
 )
 HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
 PIXEL_DATA_TAG = Tag("PixelData")
@@ -846,6 +848,12 @@ def _ascii_only(declared: str | None) -> str:
 
 
 def _check_pixel_module(label: str, header: Dataset) -> None:
+    for keyword in ("FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in header:
+            raise Refused(
+                f"{label} holds floating-point pixels ({keyword}), which CT images do not use: the node reads integer "
+                "Pixel Data with RescaleSlope and RescaleIntercept"
+            )
     samples = _unsigned(label, header, "SamplesPerPixel")
     if samples is not None and samples != 1:
         raise Refused(f"SamplesPerPixel of {label} is {samples}; CT images have 1 (grayscale)")

@@ -862,6 +862,25 @@ def test_a_modality_lut_instead_of_rescale_is_refused_whatever_missing_rescale_s
     assert admit(files, STRICT).refusal == said
 
 
+@pytest.mark.parametrize(
+    ("keyword", "vr", "dtype"), [("FloatPixelData", "OF", "<f4"), ("DoubleFloatPixelData", "OD", "<f8")]
+)
+def test_floating_point_pixels_are_refused_saying_so(tmp_path, keyword, vr, dtype):
+    """Was refused as `instance 1 has no BitsStored`, which a float image rightly lacks."""
+    files = series_files(tmp_path)
+    for file in files:
+        ds = pydicom.dcmread(file.path)
+        pixels = ds.pixel_array.astype(dtype) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleSlope, ds.RescaleIntercept
+        ds.BitsAllocated = 32 if vr == "OF" else 64
+        ds.add_new(Tag(keyword), vr, pixels.tobytes())
+        ds.save_as(file.path)
+    assert admit(files, STRICT).refusal == (
+        f"instance 1 holds floating-point pixels ({keyword}), which CT images do not use: the node reads integer "
+        "Pixel Data with RescaleSlope and RescaleIntercept"
+    )
+
+
 def test_instance_cap_refuses_before_reading_any_file(tmp_path):
     files = [InstanceFile(tmp_path / f"absent{i}.dcm", f"1.2.{i}", str(ExplicitVRLittleEndian), i) for i in range(5)]
     result = admit(files, AdmissionSettings(max_instances=4))
