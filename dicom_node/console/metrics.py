@@ -38,11 +38,17 @@ STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
 
 
 MAX_REFUSAL_KINDS = 20
-"""At most this many reason labels on dicom_node_instances_refused; the rarer kinds are counted as "other"."""
+"""At most this many reason labels on dicom_node_instances_refused: 19 kinds and "other" for the rest."""
 
 
-def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[str, str], int]:
-    """(status, kind) -> count, with no more than :data:`MAX_REFUSAL_KINDS` kinds (the most frequent)."""
+def bounded_refusal_tally(
+    rows: Iterable[tuple[int, str, int]], labelled: set[str] | None = None
+) -> dict[tuple[str, str], int]:
+    """(status, kind) -> count, with no more than :data:`MAX_REFUSAL_KINDS` kinds. ``labelled``: the kinds that have a
+    label of their own, kept between scrapes (the collector's, for the process' lifetime) and added to, most frequent
+    first, while there is room: a kind once labelled keeps its label and a kind once counted as "other" stays there,
+    so no series shrinks between scrapes when a new kind appears (Prometheus would read a counter reset)."""
+    labelled = set() if labelled is None else labelled
     tally: dict[tuple[str, str], int] = {}
     per_kind: dict[str, int] = {}
     for status, reason, count in rows:
@@ -50,12 +56,12 @@ def bounded_refusal_tally(rows: Iterable[tuple[int, str, int]]) -> dict[tuple[st
         key = (f"0x{status:04X}", kind)
         tally[key] = tally.get(key, 0) + int(count)
         per_kind[kind] = per_kind.get(kind, 0) + int(count)
-    if len(per_kind) <= MAX_REFUSAL_KINDS:
-        return tally
-    kept = set(sorted(per_kind, key=lambda kind: (-per_kind[kind], kind))[: MAX_REFUSAL_KINDS - 1])
+    for kind in sorted(per_kind, key=lambda kind: (-per_kind[kind], kind)):
+        if kind not in labelled and len(labelled) < MAX_REFUSAL_KINDS - 1:
+            labelled.add(kind)
     bounded: dict[tuple[str, str], int] = {}
     for (code, kind), count in tally.items():
-        merged = (code, kind if kind in kept else "other")
+        merged = (code, kind if kind in labelled else "other")
         bounded[merged] = bounded.get(merged, 0) + count
     return bounded
 
@@ -271,6 +277,8 @@ class DatabaseCollector(Collector):
         self.settings = settings
         self.sessions = sessions
         self.liveness = liveness
+        self._refusal_labels: set[str] = set()  # see bounded_refusal_tally
+        self._refusal_lock = threading.Lock()  # two listeners may scrape at once
 
     def collect(self) -> Iterable[Metric]:
         with read_only(self.sessions) as session:
@@ -308,13 +316,13 @@ class DatabaseCollector(Collector):
             "Instances refused at C-STORE, or set aside after it (status 0x0000), by DIMSE status and kind of reason.",
             labels=["status", "reason"],
         )
-        tally = bounded_refusal_tally(
-            session.execute(
-                select(RejectedInstance.status, RejectedInstance.reason, func.count()).group_by(
-                    RejectedInstance.status, RejectedInstance.reason
-                )
+        rows = session.execute(
+            select(RejectedInstance.status, RejectedInstance.reason, func.count()).group_by(
+                RejectedInstance.status, RejectedInstance.reason
             )
-        )
+        ).all()
+        with self._refusal_lock:
+            tally = bounded_refusal_tally(rows, self._refusal_labels)
         for (code, kind), total in sorted(tally.items()):
             refused.add_metric([code, kind], float(total))
         yield refused
