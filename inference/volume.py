@@ -1002,8 +1002,10 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np
     padding = _PaddingAsAir(volume.shape)
     soft = _SoftestTissue()
     for path, members in by_path.items():
-        dataset, pixels = _decode(path, members[0][1])
-        sign = _SignDisagreement.of(dataset)
+        dataset, pixels, unproven = _decode(path, members[0][1])
+        codestream_sign = jpeg2000_sign(dataset)
+        sign = _SignDisagreement.of(dataset, codestream_sign)
+        mislabel = None if sign is not None else _SignMislabel.of(dataset, codestream_sign, unproven)
         assumed_rescale += "RescaleSlope" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset
         for index, frame in members:
             plane = pixels[frame.ref.frame_number - 1] if frame.ref.frame_number and pixels.ndim == 3 else pixels
@@ -1021,6 +1023,9 @@ def _read_pixels(frames: list[_Frame], notes: list[str]) -> tuple[np.ndarray, np
             soft.count(volume[index], padded, frame, intercept)
             if sign is not None:
                 sign.check(plane, volume[index], padded, frame, slope)
+            if mislabel is not None:
+                position = frame.ref.frame_number - 1 if frame.ref.frame_number and pixels.ndim == 3 else 0
+                mislabel.check(plane, volume[index], padded, frame, slope, position)
             if not np.isfinite(volume[index]).all():
                 raise VolumeError(f"{_image_name(frame)} has pixel values that are not finite numbers after rescaling")
             highest = float(volume[index].max())
@@ -1058,8 +1063,8 @@ class _SignDisagreement:
     precision: int
 
     @classmethod
-    def of(cls, dataset: Dataset) -> _SignDisagreement | None:
-        sign = jpeg2000_sign(dataset)
+    def of(cls, dataset: Dataset, sign: tuple[bool, int] | None) -> _SignDisagreement | None:
+        """``sign``: the codestream's (:func:`inference.frames.jpeg2000_sign`)."""
         header = dataset.get("PixelRepresentation")
         if sign is None or header not in (0, 1) or sign[0] == bool(header):
             return None
@@ -1094,6 +1099,108 @@ class _SignDisagreement:
 SIGN_FLIPPED_VALUES = 16
 """Distinct values among the pixels a sign disagreement would misread that are still taken as padding (one value,
 or a few), not as tissue read on the wrong side of the scale."""
+
+
+@dataclass(frozen=True)
+class _SignMislabel:
+    """A PixelRepresentation that the pixel data itself cannot confirm, judged, as :class:`_SignDisagreement`
+    judges a JPEG 2000 codestream's, by what its reading gives.
+
+    Header signed: a frame whose stored values carry no sign of their own (none below 0 with bits above
+    BitsStored to hold its copies, or a decoder that extends the sign itself, as JPEG-LS and JPEG lossless
+    decoders do) is read sign-extended; an export or anonymiser that set PixelRepresentation 1 on a scanner's
+    unsigned 12-bit values then reads every pixel from half the range up (bone, contrast) far below air.
+    A frame that holds -1000 HU as 3096 (signed, written without sign extension) reads as air, and stands.
+
+    Header unsigned: signed values read unsigned put pixels just below 0 (air noise under a RescaleIntercept of
+    -1024) at the top of the range, 64,496 HU. Real metal can read that high on a 16-bit extended scale, so
+    such pixels are refused only where taken as signed they would be air or tissue, they are more than one
+    value and more than :data:`SIGN_MISREAD_SHARE` of the image, and nothing else in the image comes within a
+    quarter of the range below them (metal's edges fill that span; a fill value covering
+    :data:`SIGN_FILL_SHARE` of the image, outside the field of a mislabelled signed image, does not count)."""
+
+    signed_header: bool
+    bits: int
+    unproven: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, dataset: Dataset, sign: tuple[bool, int] | None, unproven: tuple[bool, ...]) -> _SignMislabel | None:
+        """``sign``: the JPEG 2000 codestream's, which confirms a signed header; ``unproven``: for each frame,
+        whether its values carry no sign of their own (:func:`_decode`)."""
+        header, bits = dataset.get("PixelRepresentation"), dataset.get("BitsStored")
+        if header not in (0, 1) or not isinstance(bits, int) or not 2 <= bits <= 32:
+            return None
+        if header == 1 and (sign is not None or not any(unproven)):
+            return None
+        return cls(header == 1, bits, unproven)
+
+    def check(
+        self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, slope: float, position: int
+    ) -> None:
+        if self.signed_header:
+            if position < len(self.unproven) and self.unproven[position]:
+                self._check_signed(plane, hu, padded, frame, slope)
+        elif plane.dtype.kind in "iu" and slope > 0 and int(plane.max()) >= 1 << (self.bits - 1):
+            self._check_unsigned(plane, hu, padded, frame, slope)
+
+    def _check_signed(
+        self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, slope: float
+    ) -> None:
+        doubtful = (plane < 0) & (hu < BELOW_AIR_HU)
+        if padded is not None:
+            doubtful &= ~padded
+        values = np.unique(hu[doubtful])
+        if len(values) <= SIGN_FLIPPED_VALUES:
+            return  # none, or one padding-like value: below air as signed values may be
+        unsigned = (1 << self.bits) * slope
+        raise VolumeError(
+            f"{_image_name(frame)} has PixelRepresentation (0028,0103) 1 (signed), but read so, "
+            f"{int(doubtful.sum()):,} pixels would read far below air (bone read on the wrong side), "
+            f"{values[0]:,.0f} to {values[-1]:,.0f} HU, as no CT can; read as unsigned they would be "
+            f"{values[0] + unsigned:,.0f} to {values[-1] + unsigned:,.0f} HU: its values are most likely unsigned "
+            "and PixelRepresentation wrong, so the series is not processed; correct PixelRepresentation in the "
+            "export, or send the scanner's original images"
+        )
+
+    def _check_unsigned(
+        self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, slope: float
+    ) -> None:
+        signed_offset = (1 << self.bits) * slope
+        upper = plane >= 1 << (self.bits - 1)
+        if padded is not None:
+            upper &= ~padded
+        doubtful = upper & (hu - signed_offset >= BELOW_AIR_HU)
+        count = int(np.count_nonzero(doubtful))
+        if count < SIGN_MISREAD_SHARE * plane.size:
+            return
+        values = np.unique(hu[doubtful])
+        if len(values) <= 1:
+            return  # one value: padding, or metal at the top of the scale
+        others = ~doubtful if padded is None else ~doubtful & ~padded
+        below = upper & ~doubtful  # far below air if signed: metal, or the fill outside a signed image's field
+        fills, held = np.unique(hu[below], return_counts=True)
+        for fill in fills[held >= SIGN_FILL_SHARE * plane.size]:
+            others &= hu != fill
+        highest = float(hu[others].max()) if others.any() else -math.inf
+        if values[0] - highest <= (1 << (self.bits - 2)) * slope:
+            return  # values reach up to them: the top of a real scale (metal's edges)
+        beneath = f"the highest other {highest:,.0f} HU" if others.any() else "no other pixel"
+        raise VolumeError(
+            f"{_image_name(frame)} has PixelRepresentation (0028,0103) 0 (unsigned), but read so, {count:,} pixels "
+            f"would read {values[0]:,.0f} to {values[-1]:,.0f} HU, far above every other pixel in it ({beneath}), "
+            f"as no CT can; read as signed they would be air or tissue, {values[0] - signed_offset:,.0f} to "
+            f"{values[-1] - signed_offset:,.0f} HU: its values are most likely signed and PixelRepresentation "
+            "wrong, so the series is not processed; correct PixelRepresentation in the export, or send the "
+            "scanner's original images"
+        )
+
+
+SIGN_MISREAD_SHARE = 1e-3
+"""Pixels a header that says unsigned would put at the top of the scale, where as signed they would be air or
+tissue, are refused only from this share of an image on (air noise of a whole field, not a metal clip's edge)."""
+SIGN_FILL_SHARE = 0.01
+"""A value at least this share of an image holds, far below air if signed, is taken as the fill outside a signed
+image's field (not metal) when judging what lies below the pixels an unsigned header puts at the top."""
 
 
 class _SoftestTissue:
@@ -1262,10 +1369,12 @@ def _instance_name(frame: _Frame) -> str:
     return f"image{number} (SOP Instance UID {frame.ref.sop_instance_uid})"
 
 
-def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
+def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray, tuple[bool, ...]]:
     """Read one instance and decode its pixel data; any decoder warning or error fails the series, and so do
     damage a JPEG 2000 or JPEG frame shows (:func:`inference.frames.codestream_damage`) and pixel values that
-    do not fit BitsStored (:func:`_check_stored_values`)."""
+    do not fit BitsStored (:func:`_check_stored_values`). Also, for each frame of an image that says signed,
+    whether its values carry no sign of their own: sign-extended from BitsStored here (none below 0, bits
+    above BitsStored all zero) or by the decoder (the data holds only BitsStored bits)."""
     with warnings.catch_warnings(record=True) as reading:
         warnings.simplefilter("always")
         try:
@@ -1300,9 +1409,14 @@ def _decode(path: Path, frame: _Frame) -> tuple[Dataset, np.ndarray]:
     damage = codestream_damage(dataset, _instance_name(frame))
     if damage is not None:
         raise VolumeError(damage)
+    unproven: tuple[bool, ...] = ()
     if bits_stored:
-        pixels = _check_stored_values(dataset, pixels, bits_stored, signed, frame)
-    return dataset, pixels
+        pixels, unextended = _check_stored_values(dataset, pixels, bits_stored, signed, frame)
+        container = pixels.dtype.itemsize * 8
+        if signed and pixels.dtype.kind == "i" and bits_stored < container:
+            decoder_extended = _bits_held(dataset, bits_stored) == bits_stored
+            unproven = tuple(decoder_extended or plain for plain in unextended)
+    return dataset, pixels, unproven
 
 
 def _length_mismatch(dataset: Dataset, frame: _Frame) -> str | None:
@@ -1368,16 +1482,18 @@ def _bits_held(dataset: Dataset, bits_stored: int) -> int:
 
 def _check_stored_values(
     dataset: Dataset, pixels: np.ndarray, bits_stored: int, signed: bool, frame: _Frame
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[bool]]:
     """The pixels as BitsStored reads them, where they fit in BitsStored bits (signed ones: the bits above are
     copies of the sign, or, in a frame with no value below 0, all zero: written without sign extension, as
-    DICOM allows); else VolumeError naming the image. Reading only BitsStored bits of values that use more
+    DICOM allows), and for each frame whether it was read so, sign-extended here; else VolumeError naming the
+    image. Reading only BitsStored bits of values that use more
     (a wrong BitsStored, or garbage in the bits above) would silently turn them into other HU values. Bits an
     embedded overlay uses (OverlayBitPosition, retired) are left out."""
     container = pixels.dtype.itemsize * 8
-    if pixels.dtype.kind not in "iu" or container <= bits_stored:
-        return pixels
     planes = pixels.reshape(-1, pixels.shape[-2] * pixels.shape[-1])  # one row a frame
+    unextended = [False] * len(planes)
+    if pixels.dtype.kind not in "iu" or container <= bits_stored:
+        return pixels, unextended
     needed = [_bits_needed(int(low), int(high), signed) for low, high in _extremes(planes)]
     overlay = _embedded_overlay_bits(dataset, bits_stored, container)
     kept = _keep_stored_bits(pixels, bits_stored) if overlay else pixels
@@ -1395,7 +1511,7 @@ def _check_stored_values(
     if any(wrong):
         index = wrong.index(True)
         raise VolumeError(_too_wide(frame, index, pixels.ndim == 3, needed[index], bits_stored, signed))
-    return kept
+    return kept, unextended
 
 
 EXCESS_PADDING = re.compile(

@@ -362,3 +362,143 @@ def test_a_row_more_than_rows_says_is_not_taken_for_padding(ct):
         "holds 525,312 bytes, but its Rows 512 x Columns 512 x SamplesPerPixel 1 x BitsAllocated 16/8 need 524,288: "
         "read with these values the image would be wrong"
     ) in _refusal(ct)
+
+
+# --- PixelRepresentation the pixel data does not bear out ------------------------------------------------------
+
+MISLABEL_FORMS = {"uncompressed": ExplicitVRLittleEndian, "RLE": RLELossless, "JPEG-LS": JPEGLSLossless}
+NO_SIGN_OF_THEIR_OWN = "would read far below air (bone read on the wrong side)"
+
+
+def _write(
+    path: Path,
+    values: np.ndarray,
+    *,
+    bits_stored: int,
+    signed: bool,
+    intercept: int = -1024,
+    syntax: UID = ExplicitVRLittleEndian,
+    labelled: bool | None = None,
+    padding: int | None = None,
+) -> pydicom.Dataset:
+    """Write ``values`` (their 16-bit pattern) as the pixels of ``path``, encoded in ``syntax`` as ``signed``
+    says, then labelled with PixelRepresentation ``labelled`` (an export or anonymiser that rewrote it)."""
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = bits_stored, bits_stored - 1, int(signed)
+    dataset.PixelData = values.astype(np.int64).astype(np.int16 if signed else np.uint16).tobytes()
+    dataset["PixelData"].VR = "OW"
+    dataset.RescaleSlope, dataset.RescaleIntercept = "1", str(intercept)
+    if padding is not None:
+        dataset.add_new(0x00280120, "SS" if signed else "US", padding)
+    if syntax != ExplicitVRLittleEndian:
+        dataset.compress(syntax, generate_instance_uid=False)
+    if labelled is not None:
+        dataset.PixelRepresentation = int(labelled)
+    dataset.save_as(path)
+    return dataset
+
+
+def _signed_header_refusal(dataset: pydicom.Dataset, stored: np.ndarray) -> str:
+    """The refusal of an image whose unsigned 12-bit ``stored`` values (RescaleIntercept -1024) are labelled signed."""
+    misread = (stored >= 2048) & (stored - 4096 - 1024 < -1500)
+    hu = np.unique(stored[misread]) - 1024
+    return (
+        f"{_name(dataset)} has PixelRepresentation (0028,0103) 1 (signed), but read so, {int(misread.sum()):,} "
+        f"pixels {NO_SIGN_OF_THEIR_OWN}, {hu[0] - 4096:,.0f} to {hu[-1] - 4096:,.0f} HU, as no CT can; read as "
+        f"unsigned they would be {hu[0]:,.0f} to {hu[-1]:,.0f} HU: its values are most likely unsigned and "
+        "PixelRepresentation wrong, so the series is not processed; correct PixelRepresentation in the export, "
+        "or send the scanner's original images"
+    )
+
+
+@pytest.mark.parametrize("syntax", MISLABEL_FORMS.values(), ids=MISLABEL_FORMS.keys())
+def test_a_signed_header_on_the_scanners_unsigned_12_bit_pixels_is_refused(ct, syntax):
+    """PixelRepresentation 1 on the real CT's unsigned 12-bit values (RescaleIntercept -1024 kept): read signed,
+    from BitsStored (uncompressed, RLE) or by the decoder (JPEG-LS), its bone (1,024 HU and up) would read
+    -3,072 HU and up, below air, and leave the measurements: refused, naming the image, as JPEG 2000 is."""
+    stored = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64)
+    assert stored.min() >= 0 and stored.max() >= 2048  # bone in bit 11
+    dataset = _write(ct[VICTIM], stored, bits_stored=12, signed=False, syntax=syntax, labelled=True)
+
+    assert _refusal(ct) == _signed_header_refusal(dataset, stored)
+
+
+@pytest.mark.parametrize("syntax", MISLABEL_FORMS.values(), ids=MISLABEL_FORMS.keys())
+def test_an_unsigned_header_on_signed_16_bit_pixels_is_refused(ct, syntax):
+    """PixelRepresentation 0 on signed 16-bit values with RescaleIntercept -1024 whose air noise lies just below
+    0 (-1,025 to -1,040 HU): read unsigned, that air would be 64,496 HU and up, far above anything else in the
+    image: refused, naming the image, where before the series was read with ~50,000 such pixels a slice."""
+    stored = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64)
+    air = stored == 0
+    stored[air] -= np.random.default_rng(0).integers(0, 17, int(air.sum()))
+    dataset = _write(ct[VICTIM], stored, bits_stored=16, signed=True, syntax=syntax, labelled=False)
+
+    misread = stored < 0
+    hu = np.unique(stored[misread]) + 65536 - 1024
+    assert _refusal(ct) == (
+        f"{_name(dataset)} has PixelRepresentation (0028,0103) 0 (unsigned), but read so, {int(misread.sum()):,} "
+        f"pixels would read {hu[0]:,.0f} to {hu[-1]:,.0f} HU, far above every other pixel in it (the highest "
+        f"other {stored.max() - 1024:,.0f} HU), as no CT can; read as signed they would be air or tissue, "
+        f"{hu[0] - 65536:,.0f} to {hu[-1] - 65536:,.0f} HU: its values are most likely signed and "
+        "PixelRepresentation wrong, so the series is not processed; correct PixelRepresentation in the export, or "
+        "send the scanner's original images"
+    )
+
+
+def test_unsigned_12_bit_pixels_with_intercept_minus_1024_load_unchanged(ct, reference):
+    """The scanner's own encoding, every slice uncompressed: bone in bit 11 is bone."""
+    for path in ct:
+        _write(path, pydicom.dcmread(path).pixel_array, bits_stored=12, signed=False)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu, reference)
+
+
+def _outside_field(shape: tuple[int, ...]) -> np.ndarray:
+    rows, columns = np.ogrid[: shape[0], : shape[1]]
+    return (rows - shape[0] / 2) ** 2 + (columns - shape[1] / 2) ** 2 > 250**2
+
+
+def test_signed_16_bit_pixels_with_air_below_zero_and_minus_2000_padding_load_unchanged(ct):
+    """Signed 16-bit with RescaleIntercept -1024, air noise below 0 and PixelPaddingValue -2000 (-3,024 HU)
+    outside the field, as a GE scanner writes: read as stored."""
+    stored = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64)
+    air = stored == 0
+    stored[air] -= np.random.default_rng(0).integers(0, 17, int(air.sum()))
+    stored[_outside_field(stored.shape)] = -2000
+    _write(ct[VICTIM], stored, bits_stored=16, signed=True, padding=-2000)
+
+    volume = load_series_volume(ct)
+
+    np.testing.assert_array_equal(volume.hu[VICTIM], stored - 1024)
+
+
+@pytest.mark.parametrize("fill", [None, -2048], ids=["air", "air-and-fill"])
+def test_signed_12_bit_pixels_without_sign_extension_whose_high_bit_is_air_load_unchanged(ct, fill):
+    """HU (RescaleIntercept 0) written as 12 bits with zeros above: -1,000 HU is stored as 3096, bit 11 set, and
+    reads as air; a fill of one value below air outside the field (-2,048 HU, undeclared) stands too."""
+    hu = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64) - 1024
+    if fill is not None:
+        hu[_outside_field(hu.shape)] = fill
+    _write(ct[VICTIM], hu & 0x0FFF, bits_stored=12, signed=False, intercept=0, labelled=True)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu[VICTIM], hu)
+
+
+@pytest.mark.parametrize("metal", ["block", "saturated"])
+def test_unsigned_16_bit_metal_at_the_top_of_an_extended_scale_loads_unchanged(ct, metal):
+    """Unsigned 16-bit, RescaleIntercept -1024: a prosthesis stored as 60,000 (58,976 HU; read as signed it
+    would be far below air), or saturated at 65,535 with edges that climb to it through every value (read as
+    signed, its top values would be air): metal, read as stored."""
+    stored = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64)
+    if metal == "block":
+        stored[200:240, 200:240] = 60_000
+    else:
+        stored[200:240, 200:240] = 65_535
+        edge = np.linspace(3_000, 65_535, 200).astype(np.int64)
+        stored[180:200, 200:210] = edge.reshape(20, 10)
+        stored[240:260, 200:210] = edge[::-1].reshape(20, 10)
+        stored[200:240, 240:250] = np.linspace(65_535, 60_000, 400).astype(np.int64).reshape(40, 10)
+    _write(ct[VICTIM], stored, bits_stored=16, signed=False)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu[VICTIM], stored - 1024)
