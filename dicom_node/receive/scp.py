@@ -796,11 +796,19 @@ def _on_connection_open(event: evt.Event) -> None:
         transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def own_health_check(assoc: Any) -> bool:
+    """Whether ``assoc`` is the node's own readiness C-ECHO (its AE title calling itself from this machine), logged
+    at DEBUG: a probe every few seconds would fill the log with two lines each."""
+    requestor = assoc.requestor
+    address = str(requestor.address or "")
+    return requestor.ae_title == assoc.acceptor.ae_title and (address.startswith("127.") or address == "::1")
+
+
 def _on_accepted(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     log_event(
         LOG,
-        logging.INFO,
+        logging.DEBUG if own_health_check(event.assoc) else logging.INFO,
         "association.accepted",
         calling_ae=requestor.ae_title,
         address=requestor.address,
@@ -946,6 +954,7 @@ def _on_aborted(event: evt.Event) -> None:
 
 
 def _on_echo(event: evt.Event, sessions: sessionmaker[Session]) -> int:
-    log_event(LOG, logging.INFO, "echo", calling_ae=event.assoc.requestor.ae_title)
+    level = logging.DEBUG if own_health_check(event.assoc) else logging.INFO
+    log_event(LOG, level, "echo", calling_ae=event.assoc.requestor.ae_title)
     record(sessions, "echo", Peer.of(event.assoc), "success")
     return status.SUCCESS
