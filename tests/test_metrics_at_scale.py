@@ -171,3 +171,27 @@ def test_the_totals_follow_every_record_and_image_written_deleted_or_replaced(tm
     with sessions() as session:
         assert _scraped(collector) == _reference(session)
     engine.dispose()
+
+
+def test_the_oldest_series_in_each_unfinished_state_gives_its_age_for_alerts(tmp_path):
+    """A series stuck RECEIVING (a sender that stopped half-way), waiting for a worker or for its destination for
+    an hour was only a count (dicom_node_jobs), which a low-volume site's alert on counts never caught."""
+    from sqlalchemy import update
+
+    from db.models import Job
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(url)
+    sessions = make_session_factory(make_engine(url))
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("1.2.3.1", "1.2.3"))
+        record_instance(session, ct_instance("1.2.4.1", "1.2.4"))
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    with transaction(sessions) as session:
+        session.execute(update(Job).where(Job.id == 1).values(state_changed_at=hour_ago))
+
+    families = {family.name: family for family in _collector(sessions, tmp_path).collect()}
+    ages = {sample.labels["state"]: sample.value for sample in families["dicom_node_oldest_job_age_seconds"].samples}
+    assert set(ages) == {"RECEIVING", "COMPLETE", "QUEUED", "PROCESSING", "SENDING"}
+    assert 3590 < ages["RECEIVING"] < 3700, ages  # the older of the two receiving series
+    assert ages["QUEUED"] == ages["SENDING"] == 0.0

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditTotal, InstanceTotal, Job, JobEvent, JobState, RejectedInstance, Series
+from db.models import AuditTotal, InstanceTotal, Job, JobEvent, JobState, RejectedInstance, Series, as_utc, utcnow
 from db.session import read_only
 from dicom_node.config import Settings, TlsSettings
 from dicom_node.console.queries import Transition, refusal_kind, stages_of
@@ -35,6 +35,9 @@ from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, descr
 
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGES: tuple[str, ...] = ("receive", "complete", "infer", "encode", "dispatch")
+
+UNFINISHED_STATES = (JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED, JobState.PROCESSING, JobState.SENDING)
+"""The states a series passes through on its way to DONE, FAILED or IGNORED: each has its oldest series' age."""
 
 
 MAX_REFUSAL_KINDS = 20
@@ -349,6 +352,29 @@ class DatabaseCollector(Collector):
         depth = GaugeMetricFamily("dicom_node_queue_depth", "Series QUEUED and waiting for an inference worker.")
         depth.add_metric([], float(counts.get(JobState.QUEUED, 0)))
         yield depth
+        yield self._oldest(session)
+
+    @staticmethod
+    def _oldest(session: Session) -> Metric:
+        """How long the series longest in each unfinished state has been in it: an alert on a series stuck
+        RECEIVING, waiting for a worker or for its destination fires on this, whatever the volume."""
+        oldest = dict(
+            session.execute(
+                select(Job.state, func.min(Job.state_changed_at))
+                .where(Job.state.in_(UNFINISHED_STATES))
+                .group_by(Job.state)
+            ).all()
+        )
+        age = GaugeMetricFamily(
+            "dicom_node_oldest_job_age_seconds",
+            "Seconds the series longest in each unfinished state has been in it (0 when none is).",
+            labels=["state"],
+        )
+        now = utcnow()
+        for state in UNFINISHED_STATES:
+            since = oldest.get(state)
+            age.add_metric([state.value], max((now - as_utc(since)).total_seconds(), 0.0) if since else 0.0)
+        return age
 
     def _durations(self, session: Session) -> Iterator[Metric]:
         window = self.settings.console.metrics_window_jobs
