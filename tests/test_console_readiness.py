@@ -234,3 +234,30 @@ def test_storage_check_says_when_free_space_is_under_the_floor(tmp_path, monkeyp
         "cannot write"
     )
     assert not list(Path(tmp_path / "incoming").iterdir())  # the test file is gone
+
+
+def test_images_waiting_minutes_to_be_recorded_make_the_storage_check_fail(tmp_path):
+    """A database locked by another process for a long time (or its disk full): the receiver acknowledged images
+    into its journal, /readyz read the database (a reader is not held up) and said ready."""
+    from dicom_node.console.metrics import RECORDING_LAG_SECONDS, RecordingLag
+
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    clock = [1000.0]
+    lag = RecordingLag(clock=lambda: clock[0])
+    assert lag.lag(tmp_path) is None  # nothing waits
+    (journal / "4242-0.journal").write_text(
+        "".join(f"{tmp_path}/instances/1.2/1.2.3/1.2.3.{n}.dcm\n" for n in range(3))
+    )
+    assert lag.lag(tmp_path) is None  # first seen now: the recorder may just be at work
+    clock[0] += RECORDING_LAG_SECONDS - 1
+    assert lag.lag(tmp_path) is None
+    clock[0] += 1
+    outcome = lag.lag(tmp_path)
+    assert outcome is not None and not outcome.ok
+    assert outcome.reason.startswith(
+        "up to 3 acknowledged image(s) have waited more than 2 minutes to be recorded in the database, which takes no "
+        "writes (another process holds it locked, or its disk is full)"
+    )
+    (journal / "4242-0.journal").unlink()  # recorded at last
+    assert lag.lag(tmp_path) is None

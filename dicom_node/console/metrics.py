@@ -20,6 +20,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -31,6 +32,7 @@ from db.session import read_only
 from dicom_node.config import Settings, TlsSettings
 from dicom_node.console.queries import Transition, refusal_kind, stages_of
 from dicom_node.logs import os_error_text
+from dicom_node.receive.recorder import JOURNAL_SUFFIX, instances_waiting_to_be_recorded
 from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, describe_database
 
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -185,6 +187,41 @@ class ScpEcho:
         return self.outcome().ok
 
 
+RECORDING_LAG_SECONDS = 120.0
+"""A receiving process' journal segment that names acknowledged images this long is a database taking no writes."""
+
+
+class RecordingLag:
+    """Whether acknowledged images wait too long to be recorded: a journal segment (deleted once all it names are
+    recorded) seen for :data:`RECORDING_LAG_SECONDS` by this process' steady clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._seen: dict[str, float] = {}  # segment name -> when first seen
+
+    def lag(self, folder: Path) -> Outcome | None:
+        """A failed outcome naming how many images wait, or None while recording keeps up."""
+        now = self.clock()
+        try:
+            names = [segment.name for segment in (folder / "journal").glob(f"*{JOURNAL_SUFFIX}")]
+        except OSError:
+            return None
+        self._seen = {name: self._seen.get(name, now) for name in names}
+        if not any(now - since >= RECORDING_LAG_SECONDS for since in self._seen.values()):
+            return None
+        waiting = instances_waiting_to_be_recorded(folder)
+        return Outcome(
+            False,
+            f"up to {waiting} acknowledged image(s) have waited more than {RECORDING_LAG_SECONDS / 60:.0f} minutes "
+            "to be recorded in the database, which takes no writes (another process holds it locked, or its disk is "
+            "full): they are safe on disk and are recorded once it takes writes; until then their series are not "
+            "completed or processed",
+        )
+
+
+RECORDING = RecordingLag()
+
+
 def storage_check(settings: Settings, sessions: sessionmaker[Session]) -> Outcome:
     """Whether received images can be stored: a small file written and deleted in ``<storage>/incoming`` (where the
     receiver writes), free space above :data:`READY_FREE_BYTES`, and the folder's ``.database`` naming this
@@ -213,6 +250,9 @@ def storage_check(settings: Settings, sessions: sessionmaker[Session]) -> Outcom
             f"the storage folder {folder} has {usage.free / 1024**2:,.1f} MB free (less than "
             f"{floor / 1024**2:,.0f} MB): the receiver answers 0xA700 to images it cannot write",
         )
+    lagging = RECORDING.lag(folder)
+    if lagging is not None:
+        return lagging
     with read_only(sessions) as session:
         recorded = int(session.scalar(select(InstanceTotal.instances)) or 0)
     if recorded == 0:
