@@ -86,16 +86,46 @@ def _missing_warning(node, series_uid: str) -> list[str]:
         return list(job_for_series_uid(session, series_uid).warnings or [])
 
 
-@pytest.mark.parametrize("damage", ["InstanceNumber", "Pixel Data is truncated"])
+def _private_sequence(dataset: pydicom.Dataset, group: int, items: list[pydicom.Dataset]) -> None:
+    dataset.private_block(group, "TEST VENDOR", create=True).add_new(0x01, "SQ", items)
+
+
+def _nested_items(levels: int) -> list[pydicom.Dataset]:
+    items: list[pydicom.Dataset] = []
+    for _ in range(levels):
+        item = pydicom.Dataset()
+        _private_sequence(item, 0x0029, items)
+        items = [item]
+    return items
+
+
+def _damage(image: pydicom.Dataset, damage: str) -> None:
+    if damage == "InstanceNumber":
+        image.InstanceNumber = "99999999999"  # beyond what an integer string may hold: refused on receipt
+    elif damage == "Pixel Data is truncated":
+        image.PixelData = image.PixelData[:-512]  # cut short: refused on receipt before its header is checked
+    elif damage == "5,000 at most":  # a private sequence of 300 items of 20 elements, before the series UID
+        items = [pydicom.Dataset() for _ in range(300)]
+        for item in items:
+            block = item.private_block(0x0011, "TEST VENDOR", create=True)
+            for element in range(20):
+                block.add_new(element, "LO", f"v{element}")
+        _private_sequence(image, 0x0011, items)
+    else:  # sequences nested deeper than the structure walk reads, after the series UID
+        _private_sequence(image, 0x0029, _nested_items(70))
+
+
+@pytest.mark.parametrize(
+    "damage", ["InstanceNumber", "Pixel Data is truncated", "5,000 at most", "nests sequences too deeply"]
+)
 def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is_sent_again(
     tmp_path, start_node, damage
 ):
+    """Also an image refused unread by the structure walk (too many elements, too deep), before its header is
+    read: the walk notes the top-level SeriesInstanceUID it passes."""
     series = write_phantom_series(tmp_path / "ct", SMALL)
     last = pydicom.dcmread(series.files[-1])
-    if damage == "InstanceNumber":
-        last.InstanceNumber = "99999999999"  # beyond what an integer string may hold: refused on receipt
-    else:
-        last.PixelData = last.PixelData[:-512]  # cut short: refused on receipt before its header is checked
+    _damage(last, damage)
     wrong = tmp_path / "wrong.dcm"
     last.save_as(wrong)
     node = start_node(rules=CT_RULES, inference={"workers": 1}, completion={"quiet_seconds": 1})

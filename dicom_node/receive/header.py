@@ -27,7 +27,7 @@ from db.models import Study
 from db.names import completed_name, other_person
 from dicom_node import status
 from dicom_node.logs import shown
-from dicom_node.receive.structure import structure_problem
+from dicom_node.receive.structure import structure_refusal
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA_GROUP = 0x7FE0
@@ -188,11 +188,12 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
     total_length = len(encoded)
     if transfer_syntax.is_deflated:
         encoded, total_length = _inflate_bounded(encoded)
-    problem = structure_problem(
+    refusal = structure_refusal(
         encoded, implicit=transfer_syntax.is_implicit_VR, little_endian=transfer_syntax.is_little_endian
     )
-    if problem is not None:
-        raise InvalidInstance(problem, status.CANNOT_UNDERSTAND)
+    if refusal is not None:  # counted with its series, as a refusal for its pixel data below
+        series = refusal.series_uid_text if is_valid_uid(refusal.series_uid_text) else None
+        raise InvalidInstance(refusal.reason, status.CANNOT_UNDERSTAND, series)
     try:
         stream = BytesIO(encoded)
         dataset = read_dataset(

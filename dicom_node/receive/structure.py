@@ -18,6 +18,9 @@ from dicom_node.retrieve.stored import ITEM, LONG_LENGTH_VRS, UNDEFINED
 
 PIXEL_DATA = 0x7FE00010
 NUMBER_OF_FRAMES = 0x00280008
+SERIES_INSTANCE_UID = 0x0020000E
+UID_BYTES = 64
+"""Longest UID value (64 characters; one of 63 is padded to 64)."""
 ITEMS_ALLOWED = 10_000
 """Sequence items any data set may hold: a CT image has tens; a dose report or a private sequence a few hundred."""
 ITEMS_PER_FRAME = 24
@@ -53,18 +56,47 @@ class Structure:
     elements: int = 0
     items: int = 0
     frames: int = 1
+    series_uid_value: bytes | None = None
+    """The value of the top-level SeriesInstanceUID, where the walk passed one of at most :data:`UID_BYTES`."""
 
 
-def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) -> str | None:
+@dataclass(frozen=True)
+class StructureRefusal:
+    """Why a data set is refused unread, and the series it names, so the refusal counts with that series."""
+
+    reason: str
+    series_uid_text: str | None
+    """The top-level SeriesInstanceUID the walk passed before refusing, as text: unchecked, the caller must check
+    it is a valid UID before using it (None where the walk had passed none, or its bytes are not ASCII)."""
+
+
+def structure_refusal(encoded: bytes, *, implicit: bool, little_endian: bool) -> StructureRefusal | None:
     """Why ``encoded`` (a data set without its file meta) holds too many elements or items to be read; None if
     it does not. Bytes that do not walk as a data set are left for pydicom to refuse with its own reason."""
+    found = Structure()
     try:
-        _walk(encoded, "<" if little_endian else ">", implicit, Structure())
+        _walk(encoded, "<" if little_endian else ">", implicit, found)
     except TooManyParts as exc:
-        return str(exc)
+        return StructureRefusal(str(exc), _uid_text(found.series_uid_value))
     except (ValueError, struct.error):
         pass  # malformed: the reader that follows refuses it
     return None
+
+
+def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) -> str | None:
+    """The reason of :func:`structure_refusal`, or None."""
+    refusal = structure_refusal(encoded, implicit=implicit, little_endian=little_endian)
+    return None if refusal is None else refusal.reason
+
+
+def _uid_text(value: bytes | None) -> str | None:
+    """A UI value as pydicom and the header check read it (trailing padding stripped); None if not ASCII."""
+    if value is None:
+        return None
+    try:
+        return value.decode("ascii").strip().strip("\x00")
+    except UnicodeDecodeError:
+        return None
 
 
 _LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
@@ -132,6 +164,10 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
             if tag == NUMBER_OF_FRAMES and not ends and length <= 12:
                 found.frames = _frames(data[position + header : position + header + length])
                 items_allowed, elements_allowed = _allowances(found.frames)
+            elif tag == SERIES_INSTANCE_UID and not ends:  # the last one, as pydicom keeps; never one in an item
+                found.series_uid_value = (
+                    data[position + header : position + header + length] if length <= UID_BYTES else None
+                )
         start = position + header
         if not ends and length != UNDEFINED and start + length > HEADER_BYTES_ALLOWED:
             _check_header_bytes(start + length, found.frames)  # a large value before the pixel data
