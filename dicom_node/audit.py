@@ -617,7 +617,7 @@ def audited_retrieve(action: Literal["find", "move", "get"], handler: Any, sessi
                         detail=detail,
                     )
                 elif action == "find" and query is not None and matches:  # a poll: once per study each 5 minutes
-                    polled = (peer.ae_title, host_of(peer.address), query, study)
+                    polled = (sessions, peer.ae_title, host_of(peer.address), query, study)  # per database too
                     entry = Entry(action, peer, outcome, study, count, detail)
                     REPEATED_QUERIES.add(polled, REPEATED_QUERY, sessions, entry)
                 else:

@@ -275,7 +275,7 @@ def test_a_refusal_is_kept_in_the_error_when_the_pacs_then_aborts(tmp_path, star
         "sending failed: pacs received 0 of 2 files: ABORTER refused seg-binary.dcm with status 0xC000 "
         "(Cannot Understand); ABORTER closed the association after "
     ), reason
-    assert re.search(r"while rtstruct\.dcm \([\d.]+ MB\) was sent \(after 1 attempt\)$", reason), reason
+    assert re.search(r"while rtstruct\.dcm \(\d+ kB\) was sent \(after 1 attempt\)$", reason), reason
     assert len(peer.received) == 1 and peer.acknowledged == []  # the RTSTRUCT was aborted, not answered
 
 
