@@ -221,12 +221,20 @@ def received_at(sessions, when) -> None:
         session.execute(update(Series).values(last_received_at=when))
 
 
+def seen_last_received_at(watcher, sessions, when) -> None:
+    """The series' last image recorded at ``when``, and a watcher pass that saw it so: a series changed since the
+    previous look is quiet only from the look that saw it, however old its last image looks."""
+    received_at(sessions, when)
+    watcher.run_once()
+    assert job_of(sessions)[0].state is JobState.RECEIVING
+
+
 def test_a_series_reaching_its_expected_count_completes_once_no_instance_came_for_the_settle_time(tmp_path):
     watcher, sessions, _series = watched(tmp_path, 4, expected=4)
     received_at(sessions, utcnow())  # the fourth instance has just arrived: a fifth may follow
     watcher.run_once()
     assert job_of(sessions)[0].state is JobState.RECEIVING
-    received_at(sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
+    seen_last_received_at(watcher, sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
     watcher.quiet_clock.clock.advance(EXPECTED_COUNT_SETTLE_SECONDS + 1)
     watcher.run_once()
     _job, history = job_of(sessions)
@@ -240,7 +248,7 @@ def test_a_series_past_its_expected_count_waits_for_the_quiet_period(tmp_path):
     received_at(sessions, utcnow() - timedelta(seconds=EXPECTED_COUNT_SETTLE_SECONDS + 1))
     watcher.run_once()
     assert job_of(sessions)[0].state is JobState.RECEIVING
-    received_at(sessions, utcnow() - timedelta(seconds=31))
+    seen_last_received_at(watcher, sessions, utcnow() - timedelta(seconds=31))
     watcher.quiet_clock.clock.advance(31)
     watcher.run_once()
     job, history = job_of(sessions)
@@ -344,7 +352,7 @@ def test_a_series_last_recorded_in_the_future_starts_its_quiet_period_again_now(
     assert said.event_fields["reason"].endswith(  # type: ignore[attr-defined]
         "later than the clock says it is now (the clock was set back); its quiet period starts again now"
     )
-    received_at(sessions, utcnow() - timedelta(seconds=31))
+    seen_last_received_at(watcher, sessions, utcnow() - timedelta(seconds=31))
     watcher.quiet_clock.clock.advance(31)
     watcher.run_once()
     assert job_of(sessions)[1][:2] == [JobState.RECEIVING, JobState.COMPLETE]
