@@ -872,10 +872,11 @@ def record_storage_database(settings: Settings, lock: StorageLock, sessions: ses
     Raises
     ------
     StorageNotFound
-        When the folder records no database and holds no stored image while the database records some: the images'
-        file system is not mounted (its empty mount point is left), or storage.directory names another folder.
+        When the folder records no database, holds neither the database's file nor a stored image, while the database
+        records some: the images' file system is not mounted (its empty mount point is left), or storage.directory
+        names another folder.
     """
-    if not lock.has_recorded_database():
+    if not lock.has_recorded_database() and not lock.holds_its_database:
         _check_storage_holds_images(settings.storage.directory, sessions)
     if lock.record_database():
         directory = settings.storage.directory

@@ -136,6 +136,13 @@ class StorageLock:
                 f"delete {self.database_file} and start again: the folder is then recorded as that database's"
             )
 
+    @property
+    def holds_its_database(self) -> bool:
+        """Whether this node's database is a SQLite file inside the folder: then the folder is the one it records
+        images in, mounted or not."""
+        file = self.database.removeprefix("sqlite:")
+        return self.database.startswith("sqlite:") and file != ":memory:" and not Path(file).is_absolute()
+
     def has_recorded_database(self) -> bool:
         """Whether the folder records a database (this one or another)."""
         return self._recorded_database() is not None

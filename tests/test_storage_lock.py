@@ -229,3 +229,23 @@ def test_a_serve_that_took_the_database_over_waits_for_the_storage_of_the_node_t
         for lock in taken:
             lock.release()
     assert "database postgresql://db.example:5432/dicom" in (tmp_path / "storage" / ".database").read_text()
+
+
+@pytest.mark.parametrize(
+    ("url", "holds"),
+    [
+        ("sqlite:///{storage}/dicom-node.db", True),
+        ("sqlite:///{elsewhere}/dicom-node.db", False),
+        ("sqlite://", False),
+        ("postgresql://node@db.example:5432/dicom", False),
+    ],
+)
+def test_only_a_sqlite_file_inside_the_storage_folder_shows_the_folder_is_the_databases(tmp_path, url, holds):
+    """The mount check (an empty folder for a database recording images) is skipped where the database's own file is
+    in the folder: the folder is then the one the images were recorded in, and no mount point left empty."""
+    from dicom_node.storage_lock import StorageLock, database_identity
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    identity = database_identity(url.format(storage=storage, elsewhere=tmp_path / "state"), storage)
+    assert StorageLock(storage, identity, "NODE on host:1").holds_its_database is holds
