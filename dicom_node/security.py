@@ -119,6 +119,28 @@ def shown_address(address: str) -> str:
     return str(ip) if ip is not None and ip.version == 4 else address
 
 
+OWN_HEALTH_CHECK = Peer("the node's own health check", None, (), frozenset({"echo"}))
+"""The node calling itself from this machine with its own AE title (``/readyz``, the Docker health check): admitted
+for C-ECHO only, whatever ``peers`` says, so a node listening on one of its addresses (``network.host``), whose
+own call comes from that address and not from loopback, still passes its own health check."""
+
+
+def from_this_machine(assoc: Any) -> bool:
+    """Whether the association's caller is on this machine: it calls from loopback, or from the very address it
+    called (the node's own listening address); no other host can open a TCP connection from those."""
+    caller = _ip(str(assoc.requestor.address or ""))
+    if caller is None:
+        return False
+    if caller.is_loopback:
+        return True
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    try:
+        local = _ip(str(sock.getsockname()[0])) if sock is not None else None
+    except OSError:
+        return False
+    return local is not None and caller == local
+
+
 class Refused(str):
     """Why a caller is not admitted: a sentence for the log, naming the AE title and address."""
 
@@ -345,6 +367,8 @@ def _admit_or_reject(
     ae_title = str(request.calling_ae_title).strip()
     address = assoc.requestor.address
     found = policy.identify(ae_title, address)
+    if isinstance(found, Refused) and ae_title == str(assoc.acceptor.ae_title).strip() and from_this_machine(assoc):
+        found = OWN_HEALTH_CHECK
     if not isinstance(found, Refused):
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         found = certificate_refusal(found, sock) or found

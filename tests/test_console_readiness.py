@@ -4,6 +4,7 @@ answer whatever the Host header."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -261,3 +262,58 @@ def test_images_waiting_minutes_to_be_recorded_make_the_storage_check_fail(tmp_p
     )
     (journal / "4242-0.journal").unlink()  # recorded at last
     assert lag.lag(tmp_path) is None
+
+
+def _addresses_of_this_machine() -> list[str]:
+    """127.0.0.2 (loopback, not the 127.0.0.1 the documented health peer lists) and, where this machine has one, its
+    first IPv4 address that is not loopback (a node listening on one interface)."""
+    import socket
+
+    found = ["127.0.0.2"]
+    with contextlib.suppress(OSError):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with probe:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: the kernel only picks the outgoing address
+            address = probe.getsockname()[0]
+        if not address.startswith("127."):
+            found.append(address)
+    return found
+
+
+@pytest.mark.parametrize("host", _addresses_of_this_machine())
+def test_a_node_listening_on_one_address_passes_its_own_health_check_with_peers_that_list_other_hosts(tmp_path, host):
+    """Before, /readyz's C-ECHO came from network.host itself (a specific address, not 127.0.0.1): no peer listed
+    it, so the node refused its own health check and /readyz answered 503 for ever. The node's own AE title calling
+    from this machine is admitted for C-ECHO only."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from dicom_node.config import load_settings
+    from dicom_node.console.metrics import echo_own_port
+    from dicom_node.scu import verify
+    from tests.conftest import DICOM_NODE
+
+    peers = {"pacs": {"ae_title": "PACS", "hosts": ["192.0.2.10"], "roles": ["store", "echo"]}}
+    node = Node(tmp_path / "node", {"network": {"host": host}, "peers": peers})
+    node.process = subprocess.Popen(
+        [DICOM_NODE, "serve", "--config", str(node.config_path)],
+        stdout=node.log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: "node.ready" in node.log() or node.process.poll() is not None, timeout=60, what="ready")
+        assert node.process.poll() is None, node.log()
+
+        assert echo_own_port(load_settings(node.config_path)).ok
+        assert verify("SENDER", node.ae_title, host, node.port, timeout=10).ok is False  # no peer: refused
+        ae = AE(ae_title=node.ae_title)  # its own AE title may only C-ECHO: no context to store a CT on
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(host, node.port, ae_title=node.ae_title)
+        try:
+            assert assoc.is_established
+            assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [Verification]
+        finally:
+            assoc.release()
+    finally:
+        node.stop()
