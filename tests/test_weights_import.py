@@ -13,8 +13,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -39,9 +43,69 @@ OTHER_TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def run(*args: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [DICOM_NODE, *args, "--config", str(config)], capture_output=True, text=True, timeout=300, env=env
-    )
+    """The command as an admin runs it: its exit code, stdout and stderr (log lines included).
+
+    ``weights import`` and ``weights list`` run in this process (a new interpreter loading torch cost about 3 s a
+    command); the others, and any given an ``env``, in a process of their own (``weights download`` points
+    TotalSegmentator's package at the weights folder through the environment, for the rest of its process)."""
+    if env is not None or tuple(args[:2]) not in IN_PROCESS_COMMANDS:
+        return subprocess.run(
+            [DICOM_NODE, *args, "--config", str(config)], capture_output=True, text=True, timeout=300, env=env
+        )
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    with _process_state_kept():
+        logging.getLogger().handlers[:] = [_StderrNow(logging.WARNING)]  # a command's own process has Python's
+        result = CliRunner().invoke(app, [*args, "--config", str(config)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return subprocess.CompletedProcess([*args], result.exit_code, result.stdout, result.stderr)
+
+
+IN_PROCESS_COMMANDS = {("weights", "import"), ("weights", "list")}
+
+
+class _StderrNow(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to whatever ``sys.stderr`` is when they are written (the runner's while a command runs), as Python
+    writes warnings to stderr in a process where nothing configured logging."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+@contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """What a command sets for its whole process (log handlers and levels, the warnings hook, the umask, the
+    environment) put back
+    after it, so a command run in the tests' process leaves the next test as it found it."""
+    from pynetdicom import _config as pynetdicom_config
+
+    root = logging.getLogger()
+    handlers, level, shown = root.handlers[:], root.level, warnings.showwarning
+    levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "alembic", "highdicom")}
+    handler_level = pynetdicom_config.LOG_HANDLER_LEVEL
+    umask = os.umask(0o022)
+    os.umask(umask)
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        if os.environ != environment:
+            os.environ.clear()
+            os.environ.update(environment)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        warnings.showwarning = shown
+        for name, named_level in levels.items():
+            logging.getLogger(name).setLevel(named_level)
+        pynetdicom_config.LOG_HANDLER_LEVEL = handler_level
+        os.umask(umask)
 
 
 def make_config(tmp_path: Path, extra: str = "") -> Path:
