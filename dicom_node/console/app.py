@@ -245,7 +245,8 @@ class BodyLimit:
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 """Answered whatever the Host header names: an orchestrator's probe calls by address (the health check by
-127.0.0.1), and they show nothing but yes or no."""
+127.0.0.1). They show nothing about patients: ready or not, and /readyz why in words (naming the storage folder and
+the database's host, as they show to any caller, logged in or not)."""
 
 
 class HostCheck:
