@@ -188,7 +188,9 @@ class ScpEcho:
 
 
 RECORDING_LAG_SECONDS = 120.0
-"""A receiving process' journal segment that names acknowledged images this long is a database taking no writes."""
+"""A receiving process' journal segment seen this long is a database taking no writes: a segment takes new entries
+for :data:`~dicom_node.receive.recorder.SEGMENT_SECONDS` at most and is deleted once all it names are recorded, so
+one of its images has waited at least this long less those seconds."""
 
 
 class RecordingLag:
@@ -212,7 +214,7 @@ class RecordingLag:
         waiting = instances_waiting_to_be_recorded(folder)
         return Outcome(
             False,
-            f"up to {waiting} acknowledged image(s) have waited more than {RECORDING_LAG_SECONDS / 60:.0f} minutes "
+            f"up to {waiting} acknowledged image(s) have waited about {RECORDING_LAG_SECONDS / 60:.0f} minutes or more "
             "to be recorded in the database, which takes no writes (another process holds it locked, or its disk is "
             "full): they are safe on disk and are recorded once it takes writes; until then their series are not "
             "completed or processed",

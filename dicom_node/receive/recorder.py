@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,11 @@ LOG = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
 SEGMENT_ENTRIES = 1000
+SEGMENT_SECONDS = 10.0
+"""A segment takes new entries this long at most: one that still exists a while after it was made names an entry
+that has waited at least that while less this long (``/readyz``'s storage check, :class:`RecordingLag`), whether
+or not images keep arriving. Without it, a segment taking a steady stream of images lived while its oldest entries
+were long recorded."""
 BATCH_INSTANCES = 500
 """Most instances recorded in one transaction."""
 BATCH_GATHER_SECONDS = 0.1
@@ -78,13 +83,15 @@ class Journal:
     machine that loses power has start-up repair, which indexes every unrecorded file.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
         self._lock = threading.Lock()
         self._descriptor: int | None = None
         self._segment = -1
         self._entries_in_segment = 0
+        self._segment_opened = 0.0
         self._outstanding: dict[int, int] = {}  # segment -> paths not yet recorded
 
     def _path(self, segment: int) -> Path:
@@ -94,7 +101,11 @@ class Journal:
         """Note ``path`` as acknowledged-to-be; returns the entry's segment for :meth:`done`."""
         line = (path + "\n").encode("utf-8")
         with self._lock:
-            if self._descriptor is None or self._entries_in_segment >= SEGMENT_ENTRIES:
+            if (
+                self._descriptor is None
+                or self._entries_in_segment >= SEGMENT_ENTRIES
+                or self.clock() - self._segment_opened >= SEGMENT_SECONDS
+            ):
                 self._open_next_segment()
             assert self._descriptor is not None
             os.write(self._descriptor, line)
@@ -108,6 +119,7 @@ class Journal:
             self._descriptor = None
         self._segment += 1
         self._entries_in_segment = 0
+        self._segment_opened = self.clock()
         self._descriptor = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def done(self, segments: Iterable[int]) -> None:
