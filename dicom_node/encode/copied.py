@@ -19,6 +19,7 @@ DICOM requires in it (an OtherPatientIDsSequence item without TypeOfPatientID) i
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 
 from highdicom import ContributingEquipment
@@ -32,11 +33,11 @@ from pydicom.sr.codedict import codes
 from dicom_node.encode.values import sequence_check, value_problem
 
 __all__ = [
-    "COPIED_TYPES",
     "EQUIPMENT_KEYWORDS",
     "IDENTITY_KEYWORDS",
     "checked_source",
     "checked_sources",
+    "copied_types",
     "value_problem",
 ]
 
@@ -49,13 +50,20 @@ COPIED_MODULES = (
     "frame-of-reference",
 )
 """The modules whose top-level attributes the results copy from the source (highdicom's module keys)."""
-COPIED_TYPES: dict[str, str] = {
-    item["keyword"]: item["type"]
-    for module in COPIED_MODULES
-    for item in get_module_attribute_map()[module]
-    if not item["path"]
-} | {"ImageLaterality": "3"}  # the SEG's laterality, from the source image where it states one
-"""Each copied attribute's type in its module: "1", "1C", "2", "2C" or "3"."""
+
+
+@functools.cache
+def copied_types() -> dict[str, str]:
+    """Each copied attribute's type in its module: "1", "1C", "2", "2C" or "3" (read from highdicom's tables at
+    first use: a process that encodes nothing, such as `serve` or a receiving process, never reads them)."""
+    return {
+        item["keyword"]: item["type"]
+        for module in COPIED_MODULES
+        for item in get_module_attribute_map()[module]
+        if not item["path"]
+    } | {"ImageLaterality": "3"}  # the SEG's laterality, from the source image where it states one
+
+
 EQUIPMENT_PARAMETERS = {
     "Manufacturer": "manufacturer",
     "ManufacturerModelName": "manufacturer_model_name",
@@ -77,7 +85,9 @@ MANUFACTURER_FOR_CHECKS = "checked"  # stands in for the manufacturer while anot
 ACQUISITION_EQUIPMENT_LEFT_OUT = "the acquisition equipment of the source images is left out of the results"
 
 
-def _item_requirements() -> dict[tuple[str, ...], dict[str, str]]:
+@functools.cache
+def item_requirements() -> dict[tuple[str, ...], dict[str, str]]:
+    """What items of the copied sequences must hold, by sequence path (highdicom's tables; Type 3 left out)."""
     requirements: dict[tuple[str, ...], dict[str, str]] = {}
     for module in COPIED_MODULES:
         for item in get_module_attribute_map()[module]:
@@ -86,8 +96,6 @@ def _item_requirements() -> dict[tuple[str, ...], dict[str, str]]:
     return requirements
 
 
-ITEM_REQUIREMENTS = _item_requirements()
-"""What items of the copied sequences must hold, by sequence path (highdicom's tables; Type 3 left out)."""
 IDENTITY_KEYWORDS = frozenset(
     {
         "PatientName",
@@ -137,7 +145,7 @@ def checked_source(header: Dataset, notes: list[str] | None = None) -> Dataset:
 def _changes(header: Dataset) -> list[tuple[str, tuple[DataElement | None, str]]]:
     """Each copied attribute of ``header`` that changes in the results, with its change (:func:`_change`)."""
     changes = []
-    for keyword, usage in COPIED_TYPES.items():
+    for keyword, usage in copied_types().items():
         if keyword in IDENTITY_KEYWORDS or usage not in ("2", "2C", "3") or keyword not in header:
             continue
         change = _change(header, keyword, usage)
@@ -210,7 +218,7 @@ def _change(header: Dataset, keyword: str, usage: str) -> tuple[DataElement | No
     if element.VR != "SQ":
         problem = value_problem(keyword, element)
         return None if problem is None else (empty, f"{keyword} of the source images {problem}: {outcome}")
-    check = sequence_check(element, ITEM_REQUIREMENTS)
+    check = sequence_check(element, item_requirements())
     if check.valid:
         return None
     invalid = set(check.invalid_items)
