@@ -6,7 +6,8 @@ Stores are summed per association and study, as ATNA's "DICOM Instances Transfer
 message is, so the receive path adds no database write per image. What a caller can repeat at will
 (a monitoring system's C-ECHOs and its associations for nothing else, refusals) is recorded once per
 caller each 10 s, the record counting the others (:data:`REPEATS`); a C-FIND a peer repeats unchanged (a worklist
-polled) once per study each 5 minutes (:data:`REPEATED_QUERIES`). Writing an audit
+polled) once per study each 5 minutes (:data:`REPEATED_QUERIES`), the last one left out written with its own time at
+the latest a minute after its 5 minutes if no new one comes. Writing an audit
 record never fails the operation it describes: a record that cannot be written is
 logged at ERROR instead. ``dicom-node audit`` lists the records.
 """
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -27,7 +29,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditEvent
+from db.models import AuditEvent, utcnow
 from db.session import DatabaseBusy, retry_when_locked, transaction
 from dicom_node.logs import REPEATED_REFUSALS, cut, log_event, shown
 from dicom_node.receive.header import is_valid_uid
@@ -61,7 +63,8 @@ class Peer:
 
 @dataclass(frozen=True)
 class Entry:
-    """One audit record: the action, its peer, the outcome, the study (UID only), how many instances, a detail."""
+    """One audit record: the action, its peer, the outcome, the study (UID only), how many instances, a detail, and
+    when it happened (None: when it is written)."""
 
     action: Action
     peer: Peer
@@ -69,6 +72,7 @@ class Entry:
     study_instance_uid: str | None = None
     instances: int = 0
     detail: str | None = None
+    at: datetime | None = None
 
 
 def record(
@@ -94,10 +98,11 @@ def record(
     _write(sessions, entry)
 
 
-def _write(sessions: sessionmaker[Session], entry: Entry) -> None:
-    """:func:`record` without the throttle of repeated actions."""
+def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.INFO) -> None:
+    """:func:`record` without the throttle of repeated actions; its log line at ``level``."""
     peer = entry.peer
     detail = cut(entry.detail, MAX_DETAIL_CHARS) if entry.detail is not None else None
+    when = {"at": entry.at} if entry.at is not None else {}  # else the column's default: now
 
     def write() -> None:
         with transaction(sessions) as session:
@@ -110,6 +115,7 @@ def _write(sessions: sessionmaker[Session], entry: Entry) -> None:
                     outcome=entry.outcome,
                     instances=entry.instances,
                     detail=detail,
+                    **when,
                 )
             )
 
@@ -141,8 +147,9 @@ def _write(sessions: sessionmaker[Session], entry: Entry) -> None:
         "outcome": entry.outcome,
         "instances": entry.instances,
         "detail": detail,
+        "at": entry.at.isoformat(timespec="seconds") if entry.at is not None else None,
     }
-    log_event(LOG, logging.INFO, "audit", **{key: value for key, value in fields.items() if value is not None})
+    log_event(LOG, level, "audit", **{key: value for key, value in fields.items() if value is not None})
 
 
 def host_of(address: str | None) -> str | None:
@@ -163,18 +170,21 @@ def with_count(detail: str | None, left_out: int, what: str) -> str | None:
 
 @dataclass
 class _LeftOut:
-    """The latest record a key of :class:`RepeatedRecords` left out, and how many it left out since it wrote one."""
+    """The latest record a key of :class:`RepeatedRecords` left out (its entry stamped with the time it happened),
+    and how many it left out since it wrote one."""
 
     sessions: sessionmaker[Session]
     entry: Entry
     what: str
     count: int = 1
+    level: int = logging.INFO
 
     def write(self, occasion: str) -> None:
-        """Write the latest record left out, counting the others, and saying it was written late, at ``occasion``."""
+        """Write the latest record left out, at the time it happened, counting the others, and saying it was written
+        late, at ``occasion``."""
         detail = with_count(self.entry.detail, self.count - 1, self.what)
         note = f"written {occasion}"
-        _write(self.sessions, replace(self.entry, detail=f"{detail}; {note}" if detail else note))
+        _write(self.sessions, replace(self.entry, detail=f"{detail}; {note}" if detail else note), self.level)
 
 
 REPEAT_SECONDS = REPEATED_REFUSALS.seconds
@@ -182,18 +192,53 @@ REPEAT_SECONDS = REPEATED_REFUSALS.seconds
 connections and associations are logged."""
 
 
+def _span(seconds: float) -> str:
+    """A window's length in words: ``hour``, ``5 minutes``, ``10 seconds``."""
+    if seconds == 3600:
+        return "hour"
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g} hours"
+    if seconds % 60 == 0:
+        return "minute" if seconds == 60 else f"{seconds / 60:g} minutes"
+    return f"{seconds:g} seconds"
+
+
 class RepeatedRecords:
     """Records a caller can repeat at will (a throttled login, a refused download or query, a monitoring system's
     C-ECHO): at most one per key each ``seconds``. Those left out are counted, and the next record written for the
     key says how many; :meth:`flush` writes the latest one left out of each key, with its count, when the node
     stops. At most ``max_keys`` keys are held: the least recently used one makes room, its count written first,
-    so nothing is left out without a record counting it."""
+    so nothing is left out without a record counting it.
 
-    def __init__(self, seconds: float = REPEAT_SECONDS, max_keys: int = 4096) -> None:
+    With ``hold_seconds`` (at least ``seconds``), no record is held longer than that after its key's last written
+    one: a thread of this process (started when one is first left out, ended when none is held) writes, each
+    :attr:`sweep_seconds`, those of keys no new request has written a record for by then (the caller stopped
+    repeating it), so a record left out is not kept in memory only, where a process killed would lose it. A
+    record left out is written with the time it happened, not the time it is written. ``log_level``: that of the
+    records' log lines. ``clock``: the monotonic clock of the windows (tests)."""
+
+    def __init__(
+        self,
+        seconds: float = REPEAT_SECONDS,
+        max_keys: int = 4096,
+        *,
+        hold_seconds: float | None = None,
+        log_level: int = logging.INFO,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.seconds = seconds
         self.max_keys = max_keys
+        self.hold_seconds = max(hold_seconds, seconds) if hold_seconds is not None else None
+        self.sweep_seconds = min(max((self.hold_seconds or seconds) - seconds, 2.0) / 2, 30.0)
+        self.log_level = log_level
+        self.clock = clock
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # held while the thread writes what it took: flush() waits for it
         self._keys: dict[Any, tuple[float, _LeftOut | None]] = {}  # key -> (when one was written, left out since)
+        self._sweeper: tuple[int, threading.Thread] | None = None  # (process id, thread)
+
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else time.monotonic()
 
     def record(
         self,
@@ -215,21 +260,24 @@ class RepeatedRecords:
         """Write ``entry`` (with a clause counting ``what`` was left out since the previous one of ``key``), or
         leave it out and count it when one was written for ``key`` less than :attr:`seconds` ago. Whether it was
         written."""
-        now = time.monotonic()
-        latest = _LeftOut(sessions, entry, what)
+        now = self._now()
+        if entry.at is None:  # a record left out is written later: with the time it happened
+            entry = replace(entry, at=utcnow())
+        latest = _LeftOut(sessions, entry, what, level=self.log_level)
         with self._lock:
             last = self._keys.pop(key, None)  # put back below: the dict stays ordered by last use
             if last is not None and now - last[0] < self.seconds:
                 if last[1] is not None:
                     latest.count = last[1].count + 1
                 self._keys[key] = (last[0], latest)
+                self._sweep_later()
                 return False
             evicted = self._make_room()
             self._keys[key] = (now, None)
         for left_out in evicted:
             left_out.write("early: too many callers were being counted at once")
         left = last[1].count if last is not None and last[1] is not None else 0
-        _write(sessions, replace(entry, detail=with_count(entry.detail, left, what)))
+        _write(sessions, replace(entry, detail=with_count(entry.detail, left, what)), self.log_level)
         return True
 
     def _make_room(self) -> list[_LeftOut]:
@@ -246,11 +294,25 @@ class RepeatedRecords:
         """Write the latest record each key left out (into the database of ``sessions`` only, when given), counting
         the others; how many were written. The keys keep their time: the next record of a key within
         :attr:`seconds` is counted again."""
+        with self._writing:  # after what the thread is writing, if it is
+            return self._write_held(lambda _when, left_out: sessions is None or left_out.sessions is sessions, occasion)
+
+    def expire(self) -> int:
+        """Write the latest record left out of each key whose last written record is :attr:`hold_seconds` old or
+        older, counting the others; how many were written. What the thread does each :attr:`sweep_seconds`."""
+        if self.hold_seconds is None:
+            return 0
+        hold, now = self.hold_seconds, self._now()
+        occasion = f"when the {_span(self.seconds)} after the previous record had passed without a new one"
+        with self._writing:
+            return self._write_held(lambda when, _left_out: now - when >= hold, occasion)
+
+    def _write_held(self, due: Callable[[float, _LeftOut], bool], occasion: str) -> int:
+        """Write the records left out for which ``due(when their key's last was written, record)`` is true, at
+        ``occasion``; how many (``_writing`` held)."""
         with self._lock:
             pending = [
-                (key, entry)
-                for key, entry in self._keys.items()
-                if entry[1] is not None and (sessions is None or entry[1].sessions is sessions)
+                (key, entry) for key, entry in self._keys.items() if entry[1] is not None and due(entry[0], entry[1])
             ]
             for key, (when, _left_out) in pending:
                 self._keys[key] = (when, None)
@@ -258,6 +320,30 @@ class RepeatedRecords:
             assert left_out is not None
             left_out.write(occasion)
         return len(pending)
+
+    def _sweep_later(self) -> None:
+        """Start this process' thread of :meth:`expire` if it is not running (lock held)."""
+        if self.hold_seconds is None:
+            return
+        pid = os.getpid()
+        if self._sweeper is not None and self._sweeper[0] == pid and self._sweeper[1].is_alive():
+            return
+        thread = threading.Thread(target=self._sweep, name="audit-held-records", daemon=True)
+        self._sweeper = (pid, thread)
+        thread.start()
+
+    def _sweep(self) -> None:
+        """Each :attr:`sweep_seconds`, :meth:`expire`; end when no record is left out."""
+        while True:
+            time.sleep(self.sweep_seconds)
+            try:
+                self.expire()
+            except Exception:  # a record that cannot be written is logged by _write; go on
+                LOG.exception("audit.held_records_not_written")
+            with self._lock:
+                if not any(left_out is not None for _when, left_out in self._keys.values()):
+                    self._sweeper = None
+                    return
 
 
 REPEATS = RepeatedRecords()
@@ -269,7 +355,13 @@ REPEATED_ACTIONS: dict[str, str] = {"echo": "C-ECHO requests of this peer"}
 REPEATED_QUERY_SECONDS = 300.0
 """A C-FIND that a peer repeats unchanged (a planning system polling its worklist) is recorded once per study it
 discloses in this long, the next record counting the identical ones left out."""
-REPEATED_QUERIES = RepeatedRecords(seconds=REPEATED_QUERY_SECONDS, max_keys=20_000)
+REPEATED_QUERY_HOLD_SECONDS = REPEATED_QUERY_SECONDS + 60.0
+"""The longest the last C-FIND left out of a poll waits for the peer's next one (whose record would count it) before
+it is written on its own, with its time: a peer that stopped polling has its last queries in the trail within 6 to
+6.5 minutes, not only when the node stops."""
+REPEATED_QUERIES = RepeatedRecords(
+    seconds=REPEATED_QUERY_SECONDS, max_keys=20_000, hold_seconds=REPEATED_QUERY_HOLD_SECONDS
+)
 """The audit records of this process of C-FIND requests repeated unchanged, per peer, query and study."""
 REPEATED_QUERY = "identical C-FIND requests of this peer that disclosed this study"
 

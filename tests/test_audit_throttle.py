@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -221,3 +221,75 @@ def test_a_wrong_called_ae_title_is_named_and_recorded_even_after_another_reject
     )
     assert any(expected in (detail or "") for detail in details), details
     assert any("STRANGER" in (detail or "") or "not recognised" in (detail or "") for detail in details), details
+
+
+class _Poll:
+    """A peer polling one C-FIND of one study through :data:`audit.REPEATED_QUERIES`, on a clock the test moves:
+    ``at(seconds)`` is both the throttle's clock and the wall time of the poll (2026-01-05 10:00 plus ``seconds``)."""
+
+    START = datetime(2026, 1, 5, 10, 0, tzinfo=timezone.utc)
+
+    def __init__(self, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sessions = sessions
+        self.seconds = 0.0
+        monkeypatch.setattr(audit.REPEATED_QUERIES, "clock", lambda: 1000.0 + self.seconds, raising=False)
+        monkeypatch.setattr(audit.REPEATED_QUERIES, "sweep_seconds", 0.05, raising=False)
+        monkeypatch.setattr(audit, "utcnow", lambda: self.START + timedelta(seconds=self.seconds), raising=False)
+        self.key = (sessions, "PLANNING", "10.0.0.5", "fingerprint", "1.2.3.4")
+
+    def at(self, seconds: float) -> bool:
+        self.seconds = seconds
+        entry = audit.Entry("find", audit.Peer("PLANNING", "10.0.0.5:40001"), "success", "1.2.3.4", 1, "STUDY level")
+        return audit.REPEATED_QUERIES.add(self.key, audit.REPEATED_QUERY, self.sessions, entry)
+
+    def records(self) -> list[tuple[float, str | None]]:
+        """(seconds after START, detail) of the find records, in the order written."""
+        with self.sessions() as session:
+            rows = session.execute(select(AuditEvent.at, AuditEvent.detail).order_by(AuditEvent.id)).all()
+        return [((as_utc(at) - self.START).total_seconds(), detail) for at, detail in rows]
+
+
+@pytest.fixture
+def poll(sessions, monkeypatch) -> Iterator[_Poll]:
+    polling = _Poll(sessions, monkeypatch)
+    yield polling
+    audit.REPEATED_QUERIES.flush(sessions=sessions)  # nothing of this test's left in the process' throttle
+
+
+REPEATED = f"1 more {audit.REPEATED_QUERY} {LEFT_OUT}"
+
+
+def test_a_poll_the_peer_stopped_is_written_with_its_time_once_its_window_is_over_without_a_new_one(poll):
+    """Before, the last polls of a query a peer stopped sending were held in memory until the same query came again,
+    the node stopped (stamped then) or the process died (lost): a minute after its 5 minutes, the latest one is
+    written on its own, stamped with the time it was asked, counting the others."""
+    assert [poll.at(s) for s in (0, 120, 240)] == [True, False, False]  # the peer's last access: at 240 s
+    poll.seconds = 359  # REPEATED_QUERY_HOLD_SECONDS: a minute after the window of 5 minutes
+    time.sleep(0.5)  # ten sweeps: not yet due, the peer's next poll may still come and count it
+    assert [detail for _at, detail in poll.records()] == ["STUDY level"]
+
+    poll.seconds = 360  # no new poll: the sweep writes it
+    written = wait_for(lambda: len(poll.records()) == 2 and poll.records(), timeout=10, what="the held record")
+    assert written[1] == (
+        240,
+        f"STUDY level; {REPEATED}; written when the 5 minutes after the previous record had passed without a new one",
+    )
+    assert audit.REPEATED_QUERIES.flush(sessions=poll.sessions) == 0, "nothing held any longer"
+
+    assert poll.at(400)  # the peer polls again later: a new window, its first written at once, nothing to count
+    assert poll.records()[2] == (400, "STUDY level")
+
+
+def test_a_peer_still_polling_still_gets_one_record_per_5_minutes_counting_its_polls(poll):
+    assert poll.at(0)
+    assert not any(poll.at(s) for s in range(5, 300, 5))
+    time.sleep(0.3)  # sweeps within the window write nothing: the next poll's record counts them
+    assert poll.at(305)
+    assert poll.records() == [(0, "STUDY level"), (305, f"STUDY level; 59 more {audit.REPEATED_QUERY} {LEFT_OUT}")]
+
+
+def test_the_polls_held_when_the_node_stops_are_written_with_the_time_of_the_last(poll):
+    assert [poll.at(s) for s in (0, 30, 60)] == [True, False, False]
+    poll.seconds = 100
+    assert audit.flush_repeated(poll.sessions) == 1
+    assert poll.records()[1] == (60, f"STUDY level; {REPEATED}; written when the node stopped")
