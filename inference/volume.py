@@ -41,6 +41,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from scipy import ndimage
 
 from inference.frames import (
     codestream_damage,
@@ -1111,6 +1112,13 @@ class _SignMislabel:
     decoders do) is read sign-extended; an export or anonymiser that set PixelRepresentation 1 on a scanner's
     unsigned 12-bit values then reads every pixel from half the range up (bone, contrast) far below air.
     A frame that holds -1000 HU as 3096 (signed, written without sign extension) reads as air, and stands.
+    Below air is not enough: a signed image may hold a fill outside its field (-2000, -3024 HU), and a
+    reformatted or resampled one a rim of many values between that fill and air or tissue. Such a frame is
+    refused only where over :data:`SIGN_FLIPPED_VALUES` values far below air are torn from the picture as a
+    misread sign tears it: each lies beside a pixel more than half the range of BitsStored above it (bone read
+    as far below air, beside the soft tissue or bone just under half the range that it continues), and none is
+    joined, through pixels below air, to the fill (declared padding, or one value covering
+    :data:`SIGN_FILL_SHARE` of the image), as a rim is.
 
     Header unsigned: signed values read unsigned put pixels just below 0 (air noise under a RescaleIntercept of
     -1024) at the top of the range, 64,496 HU. Real metal can read that high on a 16-bit extended scale, so
@@ -1146,12 +1154,16 @@ class _SignMislabel:
     def _check_signed(
         self, plane: np.ndarray, hu: np.ndarray, padded: np.ndarray | None, frame: _Frame, slope: float
     ) -> None:
-        doubtful = (plane < 0) & (hu < BELOW_AIR_HU)
+        below = (plane < 0) & (hu < BELOW_AIR_HU)
         if padded is not None:
-            doubtful &= ~padded
-        values = np.unique(hu[doubtful])
-        if len(values) <= SIGN_FLIPPED_VALUES:
+            below &= ~padded
+        if len(np.unique(hu[below])) <= SIGN_FLIPPED_VALUES:
             return  # none, or one padding-like value: below air as signed values may be
+        doubtful = below & ~_joined_to_fill(below, hu, padded)  # a fill and the rim between it and the field
+        torn = doubtful & _torn_from_neighbour(plane, padded, self.bits)
+        if len(np.unique(hu[torn])) <= SIGN_FLIPPED_VALUES:
+            return  # below air, but continuous with what lies beside it, as signed values are
+        values = np.unique(hu[doubtful])
         unsigned = (1 << self.bits) * slope
         raise VolumeError(
             f"{_image_name(frame)} has PixelRepresentation (0028,0103) 1 (signed), but read so, "
@@ -1193,6 +1205,41 @@ class _SignMislabel:
             "wrong, so the series is not processed; correct PixelRepresentation in the export, or send the "
             "scanner's original images"
         )
+
+
+def _joined_to_fill(below: np.ndarray, hu: np.ndarray, padded: np.ndarray | None) -> np.ndarray:
+    """The pixels of ``below`` (far below air, not padding) joined to the fill outside the field through pixels
+    of ``below``, 8-connected: the fill is the padding pixels and any one value of ``below`` that covers
+    :data:`SIGN_FILL_SHARE` of the image (a fill not declared as padding); what joins it is a rim a reformat
+    or resampling interpolated between the fill and the field."""
+    fills, held = np.unique(hu[below], return_counts=True)
+    seeds = below & np.isin(hu, fills[held >= SIGN_FILL_SHARE * hu.size])
+    if padded is not None:
+        seeds |= padded
+    if not seeds.any():
+        return seeds
+    every_way = ndimage.generate_binary_structure(hu.ndim, hu.ndim)  # 8-connected in a plane
+    joined = ndimage.binary_propagation(seeds, structure=every_way, mask=below | seeds)
+    return joined & below
+
+
+def _torn_from_neighbour(plane: np.ndarray, padded: np.ndarray | None, bits: int) -> np.ndarray:
+    """The pixels beside (row or column) a pixel, not padding, whose stored value is more than half the range of
+    ``bits`` above theirs: the step a sign misread makes, where the values read unsigned lie closer together
+    than read signed. Signed images change by less between neighbours, a rim interpolated to a fill included."""
+    values = plane.astype(np.int64)
+    usable = np.ones(plane.shape, dtype=bool) if padded is None else ~padded
+    torn = np.zeros(plane.shape, dtype=bool)
+    half = 1 << (bits - 1)
+    for axis in (-2, -1):
+        first = [slice(None)] * plane.ndim
+        second = [slice(None)] * plane.ndim
+        first[axis], second[axis] = slice(None, -1), slice(1, None)
+        lower, upper = tuple(first), tuple(second)
+        rise = values[upper] - values[lower]
+        torn[lower] |= (rise > half) & usable[upper]
+        torn[upper] |= (-rise > half) & usable[lower]
+    return torn
 
 
 SIGN_MISREAD_SHARE = 1e-3

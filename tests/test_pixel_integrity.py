@@ -502,3 +502,71 @@ def test_unsigned_16_bit_metal_at_the_top_of_an_extended_scale_loads_unchanged(c
     _write(ct[VICTIM], stored, bits_stored=16, signed=False)
 
     np.testing.assert_array_equal(load_series_volume(ct).hu[VICTIM], stored - 1024)
+
+
+def _with_rim(stored: np.ndarray, fill: int, radius: float, width: int) -> np.ndarray:
+    """``stored`` with ``fill`` outside a round field of ``radius`` pixels and a rim ``width`` pixels wide inside
+    its edge blended linearly from the field's values to the fill, as a reformat or resampling interpolates it."""
+    rows, columns = np.ogrid[: stored.shape[0], : stored.shape[1]]
+    distance = np.sqrt((rows - stored.shape[0] / 2 + 0.3) ** 2 + (columns - stored.shape[1] / 2 + 0.6) ** 2)
+    blended = stored.copy()
+    blended[distance > radius] = fill
+    rim = (distance > radius - width) & (distance <= radius)
+    weight = (distance[rim] - (radius - width)) / width
+    blended[rim] = np.round(stored[rim] * (1 - weight) + fill * weight).astype(np.int64)
+    return blended
+
+
+RIMS = {  # RescaleIntercept, PixelPaddingValue declared, field radius, rim width
+    "HU-fill-undeclared": (0, None, 250, 3),
+    "HU-padding-declared": (0, -2000, 250, 3),
+    "HU+1024-padding-declared-rim-across-the-body": (-1024, -2000, 200, 1),
+}
+
+
+@pytest.mark.parametrize("rim", RIMS.values(), ids=RIMS.keys())
+@pytest.mark.parametrize("syntax", MISLABEL_FORMS.values(), ids=MISLABEL_FORMS.keys())
+def test_signed_12_bit_pixels_with_a_rim_interpolated_between_fill_and_field_load_unchanged(ct, syntax, rim):
+    """Signed 12-bit with -2000 stored outside the field (-2,000 HU as HU, or -3,024 HU as GE stores HU + 1024)
+    and a rim of hundreds of values interpolated between that fill and air or tissue (a reformatted or
+    resampled series), written without sign extension (uncompressed, RLE) or sign-extended by the decoder
+    (JPEG-LS): the rim's values lie far below air, and may lie where a misread sign puts bone, but they join
+    the fill and run on smoothly into the field, so the image is read as stored, not refused as unsigned."""
+    intercept, padding, radius, width = rim
+    hu = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64) - 1024
+    stored = _with_rim(np.clip(hu - intercept, -1024 - intercept, 2047), -2000, radius, width)
+    rim_values = np.unique(stored[(stored > -2000) & (stored + intercept < -1500)])
+    assert len(rim_values) > 100  # far more than a fill of a few values
+    if syntax == JPEGLSLossless:
+        _write(ct[VICTIM], stored, bits_stored=12, signed=True, intercept=intercept, syntax=syntax, padding=padding)
+    else:
+        written = stored & 0x0FFF
+        if padding is not None:  # declared as the data holds it, without sign extension
+            _write(ct[VICTIM], written, bits_stored=12, signed=False, intercept=intercept, syntax=syntax)
+            dataset = pydicom.dcmread(ct[VICTIM])
+            dataset.PixelRepresentation = 1
+            dataset.add_new(0x00280120, "SS", padding)
+            dataset.save_as(ct[VICTIM])
+        else:
+            _write(ct[VICTIM], written, bits_stored=12, signed=False, intercept=intercept, syntax=syntax, labelled=True)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu[VICTIM], stored + intercept)
+
+
+@pytest.mark.parametrize("syntax", MISLABEL_FORMS.values(), ids=MISLABEL_FORMS.keys())
+def test_signed_12_bit_pixels_with_air_noise_far_below_air_and_no_fill_load_unchanged(ct, syntax):
+    """Signed 12-bit HU (RescaleIntercept 0) whose air noise reaches -1,700 HU in hundreds of values (a sharp
+    kernel at low dose, not clipped), with no fill to join: the values are continuous with the air beside them,
+    as a misread sign's bone is not, so the image is read as stored."""
+    hu = pydicom.dcmread(ct[VICTIM]).pixel_array.astype(np.int64) - 1024
+    hu = np.clip(hu, -1024, 2047)
+    rng = np.random.default_rng(0)
+    noisy = (hu == -1024) & (rng.random(hu.shape) < 0.05)
+    hu[noisy] -= rng.integers(0, 677, int(noisy.sum()))
+    assert len(np.unique(hu[hu < -1500])) > 100
+    if syntax == JPEGLSLossless:
+        _write(ct[VICTIM], hu, bits_stored=12, signed=True, intercept=0, syntax=syntax)
+    else:
+        _write(ct[VICTIM], hu & 0x0FFF, bits_stored=12, signed=False, intercept=0, syntax=syntax, labelled=True)
+
+    np.testing.assert_array_equal(load_series_volume(ct).hu[VICTIM], hu)
