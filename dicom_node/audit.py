@@ -6,8 +6,9 @@ Stores are summed per association and study, as ATNA's "DICOM Instances Transfer
 message is, so the receive path adds no database write per image. What a caller can repeat at will
 (a monitoring system's C-ECHOs and its associations for nothing else, refusals) is recorded once per
 caller each 10 s, the record counting the others (:data:`REPEATS`); a C-FIND a peer repeats unchanged (a worklist
-polled) once per study each 5 minutes (:data:`REPEATED_QUERIES`), the last one left out written with its own time at
-the latest a minute after its 5 minutes if no new one comes. Writing an audit
+polled) once per study each 5 minutes (:data:`REPEATED_QUERIES`), the last one left out written with its own time
+within about a minute and a half after its 5 minutes if no new one comes; the node's own readiness C-ECHO and its
+association once an hour, counting the others (:data:`OWN_CHECKS`), logged at DEBUG. Writing an audit
 record never fails the operation it describes: a record that cannot be written is
 logged at ERROR instead. ``dicom-node audit`` lists the records.
 """
@@ -366,10 +367,30 @@ REPEATED_QUERIES = RepeatedRecords(
 REPEATED_QUERY = "identical C-FIND requests of this peer that disclosed this study"
 
 
+OWN_CHECK_SECONDS = 3600.0
+"""The node's own readiness C-ECHO (``/readyz``, the Docker health check: one each 5 s) is recorded once in this
+long, with its association, the next record counting the others."""
+OWN_CHECKS = RepeatedRecords(
+    seconds=OWN_CHECK_SECONDS, max_keys=64, hold_seconds=OWN_CHECK_SECONDS + 60.0, log_level=logging.DEBUG
+)
+"""The audit records of this process of the node's own readiness C-ECHOs and their associations: one per database,
+action and outcome each hour, logged at DEBUG (a probe each 5 s wrote two rows and two INFO lines each 10 s)."""
+OWN_CHECK_ECHOES = "C-ECHO requests of the node's own readiness check"
+OWN_CHECK_ASSOCIATIONS = "C-ECHO-only associations of the node's own readiness check"
+
+
+def own_check_echo(sessions: sessionmaker[Session], peer: Peer) -> None:
+    """Record a C-ECHO of the node's own readiness check (the receiving side tells it,
+    :func:`dicom_node.receive.scp.own_health_check`) through :data:`OWN_CHECKS`: once an hour, counting the
+    others."""
+    OWN_CHECKS.add((sessions, "echo", "success"), OWN_CHECK_ECHOES, sessions, Entry("echo", peer, "success"))
+
+
 def flush_repeated(sessions: sessionmaker[Session] | None = None, occasion: str = "when the node stopped") -> int:
-    """Write the records :data:`REPEATS` and :data:`REPEATED_QUERIES` left out and no record counted yet (into the
-    database of ``sessions`` only, when given): call it when the process stops answering requests."""
-    return REPEATS.flush(occasion, sessions) + REPEATED_QUERIES.flush(occasion, sessions)
+    """Write the records :data:`REPEATS`, :data:`REPEATED_QUERIES` and :data:`OWN_CHECKS` left out and no record
+    counted yet (into the database of ``sessions`` only, when given): call it when the process stops answering
+    requests."""
+    return sum(repeated.flush(occasion, sessions) for repeated in (REPEATS, REPEATED_QUERIES, OWN_CHECKS))
 
 
 class StoreTally:
@@ -408,18 +429,28 @@ ECHO_ONLY_ASSOCIATIONS = "C-ECHO-only associations of this peer"
 
 
 def association_ended(
-    sessions: sessionmaker[Session], assoc: Any, outcome: Literal["released", "aborted"], detail: str | None = None
+    sessions: sessionmaker[Session],
+    assoc: Any,
+    outcome: Literal["released", "aborted"],
+    detail: str | None = None,
+    *,
+    own_check: bool = False,
 ) -> None:
     """Write the association's store tally, then the association record itself (with ``detail``: why it was
     aborted, say).
 
     An association on which Verification was the only service accepted could do nothing but C-ECHO (a monitoring
     system's, every few seconds): its record goes through :data:`REPEATS` as the C-ECHO records do, one per peer
-    and outcome each 10 s, counting the others. Any other association keeps a record of its own."""
+    and outcome each 10 s, counting the others; the node's own readiness check's (``own_check``) through
+    :data:`OWN_CHECKS`, once an hour. Any other association keeps a record of its own."""
     peer = Peer.of(assoc)
     tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
     if tally is not None:
         tally.flush(sessions, peer)
+    if own_check and echo_only(assoc):
+        entry = Entry("association", peer, outcome, detail=ECHO_ONLY_DETAIL)
+        OWN_CHECKS.add((sessions, "association", outcome), OWN_CHECK_ASSOCIATIONS, sessions, entry)  # per database
+        return
     if echo_only(assoc):
         key = ("association", peer.ae_title, host_of(peer.address), outcome)
         entry = Entry("association", peer, outcome, detail=ECHO_ONLY_DETAIL)

@@ -4,10 +4,12 @@ than ``retention.audit_days`` are deleted."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -293,3 +295,73 @@ def test_the_polls_held_when_the_node_stops_are_written_with_the_time_of_the_las
     poll.seconds = 100
     assert audit.flush_repeated(poll.sessions) == 1
     assert poll.records()[1] == (60, f"STUDY level; {REPEATED}; written when the node stopped")
+
+
+def _echo_association(ae_title: str, address: str, local: str = "127.0.0.1") -> SimpleNamespace:
+    """A C-ECHO's event on an association to the node (DICOMNODE) of ``ae_title`` calling from ``address`` to the
+    node's ``local`` address: Verification its only service."""
+
+    class Socket:
+        def getsockname(self) -> tuple[str, int]:
+            return (local, 11112)
+
+    assoc = SimpleNamespace(
+        requestor=SimpleNamespace(ae_title=ae_title, address=address, port=50000),
+        acceptor=SimpleNamespace(ae_title="DICOMNODE"),
+        accepted_contexts=[SimpleNamespace(abstract_syntax=audit.VERIFICATION_SOP_CLASS)],
+        dul=SimpleNamespace(socket=SimpleNamespace(socket=Socket())),
+    )
+    return SimpleNamespace(assoc=assoc)
+
+
+def test_the_own_health_check_is_the_nodes_ae_title_calling_from_this_machine():
+    from dicom_node.receive.scp import own_health_check
+
+    assert own_health_check(_echo_association("DICOMNODE", "127.0.0.1").assoc)
+    assert own_health_check(_echo_association("DICOMNODE", "::1", local="::1").assoc)
+    # network.host one address: the call comes from that very address, the one it called
+    assert own_health_check(_echo_association("DICOMNODE", "192.0.2.7", local="192.0.2.7").assoc)
+    assert not own_health_check(_echo_association("DICOMNODE", "192.0.2.8", local="192.0.2.7").assoc)  # another host
+    assert not own_health_check(_echo_association("MONITOR", "127.0.0.1").assoc)  # another AE title
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "192.0.2.7"])
+def test_the_nodes_own_readiness_echo_is_recorded_once_an_hour_logged_at_debug_and_a_peers_echo_as_before(
+    sessions, monkeypatch, caplog, address
+):
+    """Before, the /readyz C-ECHO (one each 5 s) wrote an echo and an association record each 10 s and an INFO
+    `audit` line each: 17,000 rows a day. Now one of each an hour, at DEBUG, counting the others; a peer's C-ECHO
+    is recorded and logged as before."""
+    from dicom_node.receive import scp
+
+    clock = [1000.0]
+    monkeypatch.setattr(audit, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep))
+    if hasattr(audit, "OWN_CHECKS"):
+        monkeypatch.setattr(audit.OWN_CHECKS, "sweep_seconds", 0.05)
+    caplog.set_level(logging.DEBUG, logger="dicom_node")
+    probe = _echo_association("DICOMNODE", address, local=address)
+
+    for second in range(0, 600, 5):  # 10 minutes of probes
+        clock[0] = 1000.0 + second
+        scp._on_echo(probe, sessions)
+        scp._audit_association_end(probe, sessions, "released")
+
+    assert _details(sessions, "echo", "DICOMNODE") == [None]
+    assert _details(sessions, "association", "DICOMNODE") == [audit.ECHO_ONLY_DETAIL]
+    audit_lines = [r for r in caplog.records if r.getMessage() == "audit"]
+    assert audit_lines and {r.levelno for r in audit_lines} == {logging.DEBUG}
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "DICOMNODE" in str(r.__dict__)]
+
+    clock[0] = 1000.0 + 3660  # the hour is over and the probes stopped (the console stopped): counted, written
+    wait_for(lambda: len(_details(sessions, "echo", "DICOMNODE")) == 2, timeout=10, what="the hour's echo record")
+    late = "written when the hour after the previous record had passed without a new one"
+    assert _details(sessions, "echo", "DICOMNODE")[1] == (
+        f"118 more C-ECHO requests of the node's own readiness check {LEFT_OUT}; {late}"
+    )
+
+    caplog.clear()
+    peer = f"PEER{address[-1]}"  # REPEATS counts per peer in every database: one of its own each run
+    scp._on_echo(_echo_association(peer, "192.0.2.50"), sessions)  # a real peer: a record and an INFO line
+    assert _details(sessions, "echo", peer) == [None]
+    assert [r.levelno for r in caplog.records if r.getMessage() == "audit"] == [logging.INFO]
+    audit.flush_repeated(sessions)

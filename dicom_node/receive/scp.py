@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -62,7 +63,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import InstanceRecord, record_rejection
 from db.session import retry_when_locked, transaction
 from dicom_node import status
-from dicom_node.audit import Peer, StoreTally, association_ended, record, status_outcome
+from dicom_node.audit import Peer, StoreTally, association_ended, own_check_echo, record, status_outcome
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text, shown
 from dicom_node.receive.header import (
@@ -768,7 +769,7 @@ def _audit_association_end(
 ) -> None:
     """The association's store tally, then its record: an aborted one's says why (:func:`abort_reason`)."""
     detail = abort_reason(event.assoc) if outcome == "aborted" else None
-    association_ended(sessions, event.assoc, outcome, detail=detail)
+    association_ended(sessions, event.assoc, outcome, detail=detail, own_check=own_health_check(event.assoc))
 
 
 def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str | None = None) -> None:
@@ -797,11 +798,27 @@ def _on_connection_open(event: evt.Event) -> None:
 
 
 def own_health_check(assoc: Any) -> bool:
-    """Whether ``assoc`` is the node's own readiness C-ECHO (its AE title calling itself from this machine), logged
-    at DEBUG: a probe every few seconds would fill the log with two lines each."""
+    """Whether ``assoc`` is the node's own readiness C-ECHO (its AE title calling itself from this machine: from
+    loopback, or from the very address it called, as when ``network.host`` is one address), logged at DEBUG and
+    audited once an hour (:data:`dicom_node.audit.OWN_CHECKS`): a probe every few seconds would fill the log with
+    two lines and the audit trail with two rows each."""
     requestor = assoc.requestor
-    address = str(requestor.address or "")
-    return requestor.ae_title == assoc.acceptor.ae_title and (address.startswith("127.") or address == "::1")
+    if requestor.ae_title != assoc.acceptor.ae_title:
+        return False
+    try:
+        caller = ipaddress.ip_address(str(requestor.address or "").partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(caller, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's loopback
+    if caller.is_loopback or (mapped is not None and mapped.is_loopback):
+        return True
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = transport.socket if transport is not None else None
+    try:  # no other host can open a TCP connection from this machine's own address
+        local = str(sock.getsockname()[0]) if sock is not None else ""
+        return caller == ipaddress.ip_address(local.partition("%")[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _on_accepted(event: evt.Event) -> None:
@@ -954,7 +971,10 @@ def _on_aborted(event: evt.Event) -> None:
 
 
 def _on_echo(event: evt.Event, sessions: sessionmaker[Session]) -> int:
-    level = logging.DEBUG if own_health_check(event.assoc) else logging.INFO
-    log_event(LOG, level, "echo", calling_ae=event.assoc.requestor.ae_title)
-    record(sessions, "echo", Peer.of(event.assoc), "success")
+    own = own_health_check(event.assoc)
+    log_event(LOG, logging.DEBUG if own else logging.INFO, "echo", calling_ae=event.assoc.requestor.ae_title)
+    if own:  # a probe each 5 s: one record an hour, counting the others
+        own_check_echo(sessions, Peer.of(event.assoc))
+    else:
+        record(sessions, "echo", Peer.of(event.assoc), "success")
     return status.SUCCESS
