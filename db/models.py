@@ -305,4 +305,24 @@ class InstanceTotal(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
 
 
+class ClockDoubt(Base):
+    """Retention doubts the wall clock (it read far ahead of what the node had recorded): at most one row (id 1).
+
+    Written when ``serve`` first finds its clock far ahead, kept while it stays so, and deleted once the clock agrees
+    again or the operator confirms it (``dicom-node purge``). While it exists, a restarted ``serve`` judges its clock
+    against ``trusted_at`` and ``counted_seconds``, never against what was recorded during the doubt at that clock.
+    """
+
+    __tablename__ = "clock_doubts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # always 1: one doubt at a time
+    # The newest time the node trusted when the doubt began: its last record before, or where its last retention
+    # pass that deleted by age put the clock.
+    trusted_at: Mapped[datetime]
+    # How long ``serve`` has run in doubt since ``trusted_at``, on its steady clock, over every run (a crash loses at
+    # most one retention interval of it: the doubt then lasts longer, never shorter).
+    counted_seconds: Mapped[int] = mapped_column(BigInteger)
+    doubted_at: Mapped[datetime]  # what the doubted clock read when the doubt began
+
+
 Index("ix_jobs_state_changed", Job.state, Job.state_changed_at)

@@ -28,15 +28,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.ingest import STUDY_ROW_IDENTITY_COLUMNS, lock_studies_of_job, studies_of_job
 from db.models import (
     AuditEvent,
+    ClockDoubt,
     Instance,
     Job,
     JobState,
@@ -830,11 +832,15 @@ def plan_summary(plan: RetentionPlan, outcome: PurgeOutcome | None = None) -> li
 
 CLOCK_DOUBT_LIMIT = timedelta(days=1)
 """How far the wall clock may run ahead of the node's steady clock since the last retention pass, or since the
-newest time the database recorded before ``serve`` started, before retention stops deleting by age: a clock that
-far ahead (a bad hardware clock at boot, a misconfigured time server) would make every finished series and audit
-record look old."""
+newest time the database recorded before ``serve`` started (or before the clock was first doubted, while a doubt is
+recorded), before retention stops deleting by age: a clock that far ahead (a bad hardware clock at boot, a
+misconfigured time server) would make every finished series and audit record look old."""
 CLOCK_DOUBT_REPEAT_SECONDS = 86400.0
 """While retention deletes nothing by age for a doubtful clock, its WARNING is repeated this often."""
+CLOCK_DOUBT_ID = 1
+"""The one :class:`~db.models.ClockDoubt` row's id: a second writer's insert conflicts with the first's."""
+CONFIRM_CLOCK = "run `dicom-node purge`: it deletes by age at once and tells serve to trust the clock again"
+"""What the operator does when a doubted clock is right after all."""
 
 
 def steady_seconds() -> float:
@@ -852,22 +858,95 @@ def newest_recorded_time(session: Session) -> datetime | None:
 
 @dataclass(frozen=True)
 class RecordedBeforeStart:
-    """The newest time the database recorded before this ``serve`` wrote anything, and the steady clock then.
+    """What retention judges the wall clock by, read at ``serve``'s start before this run wrote anything.
 
-    Retention measures the wall clock against it: what this run records (a PACS' C-ECHO, the first image, start-up
-    requeueing a job) is stamped with the very clock in doubt, and so is what workers on other hosts record, so none
-    of it may vouch for the clock.
+    Without a recorded doubt: the newest time the database recorded before this start. What this run records (a
+    PACS' C-ECHO, the first image, start-up requeueing a job) is stamped with the very clock in doubt, and so is what
+    workers on other hosts record, so none of it may vouch for the clock. With a doubt recorded by an earlier run
+    (:class:`~db.models.ClockDoubt`): the time the node trusted when that doubt began and how long ``serve`` has run
+    in doubt since; what was recorded during the doubt, at the doubted clock, does not count either.
     """
 
     newest: datetime | None  # None: the database recorded nothing yet
     steady: float  # :func:`steady_seconds` when it was read
+    counted: timedelta = timedelta(0)  # how long serve ran in doubt since ``newest``, before this start
+    doubted_since: datetime | None = None  # what the clock read when an earlier run began to doubt it
+    doubt_recorded: bool = False  # a ClockDoubt row exists (written by this start or an earlier run)
 
 
-def recorded_before_start(sessions: sessionmaker[Session]) -> RecordedBeforeStart:
-    """Read :class:`RecordedBeforeStart` now: at ``serve``'s start, before repair or receiving record anything."""
+@dataclass(frozen=True)
+class _Doubt:
+    trusted_at: datetime
+    counted: timedelta
+    doubted_at: datetime
+
+
+def _read_doubt(session: Session) -> _Doubt | None:
+    row = session.get(ClockDoubt, CLOCK_DOUBT_ID, populate_existing=True)
+    if row is None:
+        return None
+    return _Doubt(as_utc(row.trusted_at), timedelta(seconds=row.counted_seconds), as_utc(row.doubted_at))
+
+
+def _record_doubt(sessions: sessionmaker[Session], trusted_at: datetime, doubted_at: datetime) -> _Doubt | None:
+    """Record that the clock is doubted (a ClockDoubt row) unless a doubt is recorded already; returns that one, or
+    None when this call recorded it. One short transaction: a crash leaves the row whole or absent."""
+    for _ in range(2):
+        try:
+            with transaction(sessions) as session:
+                found = _read_doubt(session)
+                if found is not None:
+                    return found
+                row = ClockDoubt(id=CLOCK_DOUBT_ID, trusted_at=trusted_at, counted_seconds=0, doubted_at=doubted_at)
+                session.add(row)
+            return None
+        except IntegrityError:  # another process recorded it at the same moment: read theirs
+            continue
+    raise AssertionError("unreachable: the row that conflicted is there to read")
+
+
+def recorded_before_start(sessions: sessionmaker[Session], now: datetime | None = None) -> RecordedBeforeStart:
+    """Read :class:`RecordedBeforeStart` now: at ``serve``'s start, before repair or receiving record anything.
+
+    A clock that reads more than :data:`CLOCK_DOUBT_LIMIT` past everything recorded is recorded as doubted here, at
+    once: a crash or restart before the first retention pass must not let what this run records at that clock vouch
+    for it.
+    """
     steady = steady_seconds()
+    now = now or utcnow()
     with sessions() as session:
-        return RecordedBeforeStart(newest=newest_recorded_time(session), steady=steady)
+        doubt = _read_doubt(session)
+        newest = newest_recorded_time(session) if doubt is None else None
+    if doubt is None:
+        if newest is None or now - newest <= CLOCK_DOUBT_LIMIT:
+            return RecordedBeforeStart(newest=newest, steady=steady)
+        doubt = _record_doubt(sessions, trusted_at=newest, doubted_at=now)
+        if doubt is None:  # recorded by this start: retention words it as a doubt found at this start
+            return RecordedBeforeStart(newest=newest, steady=steady, doubt_recorded=True)
+    return RecordedBeforeStart(
+        newest=doubt.trusted_at,
+        steady=steady,
+        counted=doubt.counted,
+        doubted_since=doubt.doubted_at,
+        doubt_recorded=True,
+    )
+
+
+def confirm_clock(sessions: sessionmaker[Session], now: datetime | None = None) -> str | None:
+    """The operator's word that the clock is right (``dicom-node purge``): the recorded doubt is deleted, and
+    ``serve`` deletes by age again from its next retention pass (or next start). Returns the sentence to print and
+    audit, or None when the clock was not doubted."""
+    now = now or utcnow()
+    with transaction(sessions) as session:
+        doubt = _read_doubt(session)
+        if doubt is None:
+            return None
+        session.execute(delete(ClockDoubt).where(ClockDoubt.id == CLOCK_DOUBT_ID))
+    return (
+        f"the clock ({_minute(now)}), which retention had doubted since it read {_minute(doubt.doubted_at)}, is "
+        "trusted again on the operator's word: serve deletes finished series, refused instances and audit records "
+        "by age again from its next retention pass"
+    )
 
 
 def _minute(moment: datetime) -> str:
@@ -884,7 +963,8 @@ class RetentionTask(PeriodicTask):
     A pass deletes nothing by age while the wall clock looks far ahead (:meth:`clock_doubt`); the disk budget
     still applies. ``before_start`` is what the database recorded before this run wrote anything
     (:func:`recorded_before_start`, read by ``serve`` before it repairs storage or receives); without it, it is read
-    here.
+    here. The doubt is kept in the database (:class:`~db.models.ClockDoubt`) until the clock agrees again or the
+    operator confirms it, so a restart with the clock still wrong goes on deleting nothing by age.
     """
 
     name = "retention"
@@ -896,6 +976,9 @@ class RetentionTask(PeriodicTask):
         self._before_start = before_start or recorded_before_start(sessions)
         self._trusted: tuple[datetime, float] | None = None  # wall and steady clock at the last pass that used ages
         self._doubt_logged_at: float | None = None  # steady clock at the last clock_doubted warning
+        # The recorded doubt this run keeps up: its counted time, at this steady clock reading (None: none recorded).
+        start = self._before_start
+        self._recorded: tuple[timedelta, float] | None = (start.counted, start.steady) if start.doubt_recorded else None
 
     @property
     def interval_seconds(self) -> float:
@@ -954,45 +1037,92 @@ class RetentionTask(PeriodicTask):
         return outcome
 
     def _ages_trusted(self, now: datetime) -> bool:
-        """Whether this pass may delete by age; says so in the log when it may not (and once it may again)."""
+        """Whether this pass may delete by age; says so in the log when it may not (and once it may again).
+
+        The clock is judged, and its doubt kept in the database, even where only the disk budget applies: ages set
+        later must not trust what was recorded meanwhile at a doubted clock. A doubt that cannot be recorded fails
+        the pass before anything is deleted.
+        """
         retention = self.settings.retention
         ages = (retention.days, retention.results_days, retention.quarantine_days, retention.audit_days)
-        if all(days is None for days in ages):
-            return True  # the disk budget alone: no age to misread
+        ages_used = any(days is not None for days in ages)
         steady = steady_seconds()
         doubt = self.clock_doubt(now, steady)
         if doubt is None:
-            self._trusted = (now, steady)
-            if self._doubt_logged_at is not None:
-                reason = f"the clock ({_minute(now)}) agrees with the node's records again: retention deletes by age"
-                log_event(LOG, logging.INFO, "retention.clock_trusted", reason=reason)
-            self._doubt_logged_at = None
+            self._trust(now, steady, ages_used, f"the clock ({_minute(now)}) agrees with the node's records again")
             return True
+        if not self._keep_doubt(now, steady):
+            confirmed = f"the operator confirmed the clock ({_minute(now)}) with `dicom-node purge`"
+            self._trust(now, steady, ages_used, confirmed)
+            return True
+        if not ages_used:
+            return True  # the disk budget alone: no age to misread
         if self._doubt_logged_at is None or steady - self._doubt_logged_at >= CLOCK_DOUBT_REPEAT_SECONDS:
             log_event(LOG, logging.WARNING, "retention.clock_doubted", clock=_minute(now), reason=doubt)
             self._doubt_logged_at = steady
         return False
 
+    def _trust(self, now: datetime, steady: float, ages_used: bool, why: str) -> None:
+        """Trust the clock from this pass on: the recorded doubt goes first (a failure fails the pass, deleting
+        nothing), then the pass deletes by age."""
+        cleared = self._recorded is not None
+        if cleared:
+            with transaction(self.sessions) as session:
+                session.execute(delete(ClockDoubt).where(ClockDoubt.id == CLOCK_DOUBT_ID))
+            self._recorded = None
+        self._trusted = (now, steady)
+        if self._doubt_logged_at is not None or (cleared and ages_used):
+            log_event(LOG, logging.INFO, "retention.clock_trusted", reason=f"{why}: retention deletes by age")
+        self._doubt_logged_at = None
+
+    def _keep_doubt(self, now: datetime, steady: float) -> bool:
+        """Record the doubt, or count this run's time in it; False when the operator confirmed the clock meanwhile
+        (the recorded doubt is gone)."""
+        if self._recorded is None:
+            reference = self._clock_reference(steady)
+            assert reference is not None  # a doubt is measured from one
+            found = _record_doubt(self.sessions, trusted_at=reference, doubted_at=now)
+            self._recorded = (found.counted if found is not None else timedelta(0), steady)
+            return True
+        counted_then, steady_then = self._recorded
+        counted = counted_then + timedelta(seconds=steady - steady_then)
+        with transaction(self.sessions) as session:
+            kept = cast(
+                "CursorResult[Any]",
+                session.execute(
+                    update(ClockDoubt)
+                    .where(ClockDoubt.id == CLOCK_DOUBT_ID)
+                    .values(counted_seconds=int(counted.total_seconds()))  # whole seconds, rounded down
+                    .execution_options(synchronize_session=False)
+                ),
+            )
+        return kept.rowcount == 1
+
+    def _clock_reference(self, steady: float) -> datetime | None:
+        """Where the clock should read at least, at steady clock ``steady``: the later of the time recorded before
+        this start (or before the doubt, moved on by the time serve ran in doubt) and the last pass that deleted by
+        age, each moved on by the time the steady clock counted since. None: nothing to judge by yet."""
+        start = self._before_start
+        since_start = timedelta(seconds=steady - start.steady)
+        from_start = start.newest + start.counted + since_start if start.newest is not None else None
+        from_pass = None
+        if self._trusted is not None:
+            wall_then, steady_then = self._trusted
+            from_pass = wall_then + timedelta(seconds=steady - steady_then)
+        return max((moment for moment in (from_start, from_pass) if moment is not None), default=None)
+
     def clock_doubt(self, now: datetime, steady: float) -> str | None:
         """Why the wall clock (``now``) looks far ahead, as the sentence ``serve`` logs; None when it does not.
 
         It does when it reads more than :data:`CLOCK_DOUBT_LIMIT` past both the last pass that deleted by age and
-        the newest time the database recorded before this run started, each moved on by the time the steady clock
-        counted since. Records written during this run (by this node or by workers on other hosts, at a clock that
-        may be the wrong one) never vouch for it: the doubt lasts until the clock is set right or the node restarts.
-        A clock set back (reading earlier than those) only makes everything look younger: it is not doubted.
+        the newest time the database recorded before this run started (or, while a doubt is recorded, before the
+        doubt began, moved on by the time ``serve`` ran in doubt since), each moved on by the time the steady clock
+        counted since. Records written during the doubt (by this node or by workers on other hosts, at a clock that
+        may be the wrong one) never vouch for it, in this run or after a restart: the doubt lasts until the clock is
+        set right or the operator confirms it (:func:`confirm_clock`). A clock set back (reading earlier than those)
+        only makes everything look younger: it is not doubted.
         """
-        newest_then = self._before_start.newest
-        since_start = timedelta(seconds=steady - self._before_start.steady)
-        # Where the clock should read now, judged from each reference; the later one counts, and a clock reading
-        # earlier than that (set back) is no reason to doubt: it only makes everything look younger.
-        from_start = newest_then + since_start if newest_then is not None else None
-        from_pass = None
-        if self._trusted is not None:
-            wall_then, steady_then = self._trusted
-            since_pass = timedelta(seconds=steady - steady_then)
-            from_pass = wall_then + since_pass
-        expected = max((moment for moment in (from_start, from_pass) if moment is not None), default=None)
+        expected = self._clock_reference(steady)
         if expected is None or now - expected <= CLOCK_DOUBT_LIMIT:
             return None
         stop = "retention deletes nothing by age (the disk budget still applies)"
@@ -1000,21 +1130,38 @@ class RetentionTask(PeriodicTask):
             "a bad hardware clock at boot or a misconfigured time server makes every finished series and audit "
             "record look old"
         )
-        if from_pass is not None:  # the jump since the last pass that deleted by age says most
+        start = self._before_start
+        since_start = timedelta(seconds=steady - start.steady)
+        if self._trusted is not None:  # the jump since the last pass that deleted by age says most
+            wall_then, steady_then = self._trusted
+            since_pass = timedelta(seconds=steady - steady_then)
             with self.sessions() as session:
                 newest = newest_recorded_time(session)
             newest_words = f"the newest time the database records is {_minute(newest)}" if newest else "it records none"
             return (
                 f"the clock reads {_minute(now)}, {_days(now - wall_then)} on from the last retention pass "
                 f"({_minute(wall_then)}) although only {_days(since_pass)} passed since, and {newest_words}; {stop} "
-                f"until the clock agrees again: set it right ({wrong}), or if it is right now, restart the node"
+                f"until the clock agrees again: set it right ({wrong}), or if it is right now, {CONFIRM_CLOCK} (a "
+                "restart does not end the doubt)"
             )
-        assert newest_then is not None  # no pass yet: the time recorded before the start was the reference
+        assert (
+            start.newest is not None
+        )  # no pass yet: the time recorded before the start (or the doubt) was the reference
+        if start.doubted_since is not None:  # doubted since an earlier run
+            return (
+                f"the clock reads {_minute(now)}, {_days(now - start.newest)} past the newest time the database "
+                f"recorded before the clock was first doubted ({_minute(start.newest)}: its last image received, job "
+                f"change or audit record) although the node has run only {_days(start.counted + since_start)} since; "
+                f"the clock has been doubted since it read {_minute(start.doubted_since)}, and what the node recorded "
+                f"since then, at that clock, does not vouch for it, nor does a restart; {stop} until the clock agrees "
+                f"again: if it is wrong ({wrong}), set it right; if it is right (the node was switched off or received "
+                f"nothing that long), {CONFIRM_CLOCK}"
+            )
         return (
-            f"the clock reads {_minute(now)}, {_days(now - newest_then)} past the newest time the database recorded "
-            f"before this node started ({_minute(newest_then)}: its last image received, job change or audit record) "
+            f"the clock reads {_minute(now)}, {_days(now - start.newest)} past the newest time the database recorded "
+            f"before this node started ({_minute(start.newest)}: its last image received, job change or audit record) "
             f"although only {_days(since_start)} passed since; {stop} until the clock agrees again: if it is wrong "
-            f"({wrong}), set it right (what the node records meanwhile, at the wrong time, does not vouch for it); if "
-            "it is right (the node was switched off or received nothing that long), `dicom-node purge` deletes by age "
-            "now, and the next start after the node has recorded an image or association deletes by age again"
+            f"({wrong}), set it right (what the node records meanwhile, at the wrong time, does not vouch for it, nor "
+            f"does a restart); if it is right (the node was switched off or received nothing that long), "
+            f"{CONFIRM_CLOCK}"
         )

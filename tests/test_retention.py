@@ -23,6 +23,7 @@ from db.ingest import InstanceRecord, record_instance, record_rejection
 from db.models import (
     STUDY_IDENTITY_COLUMNS,
     AuditEvent,
+    ClockDoubt,
     Instance,
     Job,
     JobEvent,
@@ -30,6 +31,7 @@ from db.models import (
     RejectedInstance,
     Series,
     Study,
+    as_utc,
     utcnow,
 )
 from db.session import make_engine, make_session_factory, migrate, transaction
@@ -38,6 +40,8 @@ from dicom_node.retention import (
     PurgeOutcome,
     RetentionTask,
     apply_plan,
+    confirm_clock,
+    newest_recorded_time,
     plan_retention,
     purge_quarantine,
     recorded_before_start,
@@ -437,6 +441,139 @@ def test_a_restart_with_the_clock_set_right_deletes_by_age_again(node):
 
     assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
     assert all(path.exists() for path in recent.images)
+
+
+def _clock_doubt(sessions: sessionmaker[Session]) -> ClockDoubt | None:
+    with sessions() as session:
+        return session.get(ClockDoubt, 1)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    return [r.event_fields["reason"] for r in caplog.records if r.getMessage() == event]
+
+
+def test_a_restart_with_the_clock_still_far_ahead_deletes_nothing_by_age_and_says_so(node, caplog, monkeypatch):
+    """The doubt is kept in the database: what the node recorded while it doubted its clock (a PACS' C-ECHO, an
+    image, a job change), all stamped with the wrong time, must not vouch for the clock after a crash, a systemd
+    restart or an upgrade, however many restarts in a row."""
+    settings, sessions = node
+    steady = [1000.0]
+    monkeypatch.setattr("dicom_node.retention.steady_seconds", lambda: steady[0])
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30, audit_days=365)
+    _audit_records(sessions, NOW - timedelta(hours=1))
+    bad = NOW + timedelta(days=400)  # a bad hardware clock at boot
+    with sessions() as session:
+        newest_before = newest_recorded_time(session)
+
+    first = RetentionTask(settings, sessions, recorded_before_start(sessions, bad))
+    assert first.run_once(bad).purged == []
+    add_series(node, "1.2.3.3", JobState.DONE, days_ago=-400)  # a job finished at the bad clock
+    held = _audit_records(sessions, bad + timedelta(minutes=5))  # a PACS' C-ECHO at the bad clock
+    steady[0] += 3600
+    assert first.run_once(bad + timedelta(hours=1)).purged == []
+    recorded = _clock_doubt(sessions)
+    assert recorded is not None and recorded.counted_seconds == 3600
+
+    # restarted twice in a row (the host rebooted: its steady clock starts again), the clock still 400 days ahead
+    steady[0] = 5.0
+    recorded_before_start(sessions, bad + timedelta(hours=2))  # a start that crashed before its first pass
+    steady[0] = 7.0
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        caplog.clear()  # what the restart logs
+        third = RetentionTask(settings, sessions, recorded_before_start(sessions, bad + timedelta(hours=2)))
+        outcome = third.run_once(bad + timedelta(hours=2))
+        held = _audit_records(sessions, bad + timedelta(hours=2, minutes=1))
+        steady[0] += 600
+        assert third.run_once(bad + timedelta(hours=2, minutes=10)).purged == []
+
+    assert outcome.purged == []
+    assert all(path.exists() for path in recent.images + old.images) and _audit_records(sessions) == held
+    (doubted,) = _warnings(caplog, "retention.clock_doubted")
+    assert re.match(
+        r"the clock reads [-\d]+ [:\d]+ UTC, 400\.1 days past the newest time the database recorded before the "
+        r"clock was first doubted \([-\d]+ [:\d]+ UTC: its last image received, job change or audit record\) "
+        r"although the node has run only 0\.0 days since; the clock has been doubted since it read "
+        + re.escape(f"{bad:%Y-%m-%d %H:%M} UTC")
+        + r", and what the node recorded since then, at that clock, does not vouch for it, nor does a restart; "
+        r"retention deletes nothing by age \(the disk budget still applies\) until the clock agrees again: if it is "
+        r"wrong \(.*\), set it right; if it is right \(.*\), run `dicom-node purge`: .*",
+        doubted,
+    )
+    assert "retention.clock_trusted" not in [r.getMessage() for r in caplog.records]
+    kept = _clock_doubt(sessions)
+    assert kept is not None and kept.counted_seconds == 3600 + 600  # each run's time in doubt, none counted twice
+    assert as_utc(kept.trusted_at) == newest_before  # judged by what was recorded before the doubt began
+
+
+def test_a_clock_set_right_while_the_node_was_stopped_ends_the_doubt_and_ages_count_again(node, caplog, monkeypatch):
+    """The node ran in doubt for two days, was stopped an hour, and its clock set right meanwhile: its next start
+    trusts the clock (two days of running counted since the doubt began), deletes the recorded doubt and deletes by
+    age again; and so does every start after it, though the records of the doubt still read 400 days ahead."""
+    settings, sessions = node
+    steady = [1000.0]
+    monkeypatch.setattr("dicom_node.retention.steady_seconds", lambda: steady[0])
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30, audit_days=365)
+    _audit_records(sessions, NOW)
+    bad = NOW + timedelta(days=400)
+    doubting = RetentionTask(settings, sessions, recorded_before_start(sessions, bad))
+    assert doubting.run_once(bad).purged == []
+    steady[0] += 2 * 86400
+    held = _audit_records(sessions, bad + timedelta(days=2))
+    assert doubting.run_once(bad + timedelta(days=2)).purged == []
+
+    steady[0] = 5.0  # rebooted with the clock set right, an hour after it stopped
+    right = NOW + timedelta(days=2, hours=1)
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        caplog.clear()  # what the restart logs
+        outcome = RetentionTask(settings, sessions, recorded_before_start(sessions, right)).run_once(right)
+
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert all(path.exists() for path in recent.images) and _audit_records(sessions) == held
+    assert _clock_doubt(sessions) is None
+    assert "retention.clock_doubted" not in [r.getMessage() for r in caplog.records]
+    (trusted,) = _warnings(caplog, "retention.clock_trusted")
+    assert trusted.endswith("agrees with the node's records again: retention deletes by age")
+
+    older = add_series(node, "1.2.3.3", JobState.DONE, days_ago=35)
+    steady[0] = 5.0  # and restarted once more: the records of the doubt, far ahead, only look younger
+    later = right + timedelta(minutes=5)
+    outcome = RetentionTask(settings, sessions, recorded_before_start(sessions, later)).run_once(later)
+    assert [item.series_instance_uid for item in outcome.purged] == [older.uid]
+    assert _clock_doubt(sessions) is None
+
+
+def test_the_operator_confirms_a_doubted_clock_with_purge_and_serve_deletes_by_age_again(node, caplog):
+    """A node switched off over a long weekend cannot tell that from a wrong clock: it doubts the clock, in this run
+    and after restarts, until the operator confirms it."""
+    settings, sessions = node
+    recent = add_series(node, "1.2.3.1", JobState.DONE, days_ago=1)
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30)
+    assert confirm_clock(sessions) is None  # nothing doubted: nothing to say
+    monday = NOW + timedelta(days=3)
+    task = RetentionTask(settings, sessions, recorded_before_start(sessions, monday))
+    assert task.run_once(monday).purged == []
+    restarted = RetentionTask(settings, sessions, recorded_before_start(sessions, monday + timedelta(minutes=1)))
+    assert restarted.run_once(monday + timedelta(minutes=1)).purged == []
+
+    confirmed = confirm_clock(sessions, monday + timedelta(minutes=2))
+    assert confirmed is not None and re.fullmatch(
+        r"the clock \([-\d]+ [:\d]+ UTC\), which retention had doubted since it read [-\d]+ [:\d]+ UTC, is trusted "
+        r"again on the operator's word: serve deletes finished series, refused instances and audit records by age "
+        r"again from its next retention pass",
+        confirmed,
+    )
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        caplog.clear()  # what the next pass logs
+        outcome = restarted.run_once(monday + timedelta(minutes=10))
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert all(path.exists() for path in recent.images) and _clock_doubt(sessions) is None
+    (trusted,) = _warnings(caplog, "retention.clock_trusted")
+    assert "the operator confirmed the clock" in trusted
 
 
 def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
