@@ -1372,6 +1372,8 @@ def purge(
     with _session(settings) as session:
         engine = session.get_bind().engine
     _purge_old_records(engine, settings.storage.directory, retention, user, dry_run)
+    if not dry_run:
+        _confirm_clock(engine, user)
     if not retention.enabled:
         return
     with _session(settings) as session:
@@ -1401,6 +1403,18 @@ def _purge_old_records(engine: Engine, storage: Path, retention: RetentionSettin
         days = retention.audit_days
         count = purging.count_audit(sessions, days) if dry_run else purging.purge_audit(sessions, days)
         _say_purged(engine, user, purging.audit_purge_sentence(count, days, dry_run=dry_run), count, dry_run)
+
+
+def _confirm_clock(engine: Engine, user: str) -> None:
+    """A purge is the operator's word that the clock is right: a doubt ``serve``'s retention kept (the clock far past
+    what was recorded) ends, said and audited."""
+    from db.session import make_session_factory
+    from dicom_node.retention import confirm_clock
+
+    confirmed = confirm_clock(make_session_factory(engine))
+    if confirmed is not None:
+        console.print(confirmed, highlight=False)
+        _audit_operator(engine, user, "success", f"purge: {confirmed}")
 
 
 def _say_purged(engine: Engine, user: str, sentence: str, count: int, dry_run: bool) -> None:

@@ -576,6 +576,34 @@ def test_the_operator_confirms_a_doubted_clock_with_purge_and_serve_deletes_by_a
     assert "the operator confirmed the clock" in trusted
 
 
+def test_dicom_node_purge_confirms_a_doubted_clock_and_a_dry_run_does_not(tmp_path):
+    """The doubt's log line tells the operator to run `dicom-node purge` where the clock is right: the command ends
+    the doubt, says so and audits it; `--dry-run` confirms nothing."""
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    storage = tmp_path / "storage"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"directory": str(storage)}, "retention": {"days": 30}}))
+    settings = load_settings(config)
+    migrate(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    add_series((settings, sessions), "1.2.3.1", JobState.DONE, days_ago=1)
+    recorded_before_start(sessions, NOW + timedelta(days=3))  # started after a long weekend off: doubted
+    assert _clock_doubt(sessions) is not None
+
+    dry = CliRunner().invoke(app, ["purge", "--dry-run", "--config", str(config)])
+    assert dry.exit_code == 0 and "operator's word" not in dry.stdout and _clock_doubt(sessions) is not None
+    purged = CliRunner().invoke(app, ["purge", "--config", str(config)])
+    assert purged.exit_code == 0, purged.stdout + purged.stderr
+    assert "is trusted again on the operator's word" in " ".join(purged.stdout.split())
+    assert _clock_doubt(sessions) is None
+    with sessions() as session:
+        details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "operator")).all()
+    assert any("trusted again on the operator's word" in (detail or "") for detail in details), details
+
+
 def test_retention_settings_are_validated_and_read_from_the_environment(tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"retention": {"days": 0}}))
