@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, Select, bindparam, func, insert, literal_column, or_, select, update
@@ -463,6 +463,35 @@ def instances_refused_for_series(session: Session, series: Series) -> MissingIns
         or 0
     )
     return MissingInstances(named + unnamed, first.sop_instance_uid, first.reason)
+
+
+def unattributed_refusals_near_series(session: Session, series: Series, margin: timedelta) -> MissingInstances | None:
+    """Images refused before the series they belong to could be read (cut short, a header that cannot be decoded or
+    walked, no valid SeriesInstanceUID), sent by the sender of ``series`` while it was received (from ``margin``
+    before its first image to ``margin`` after its last), whose SOP Instance UID no series holds now: any of them
+    may belong to ``series`` (None when there is none)."""
+    sender = (
+        RejectedInstance.calling_ae_title.is_(None)
+        if series.calling_ae_title is None
+        else RejectedInstance.calling_ae_title == series.calling_ae_title
+    )
+    stored_since = select(Instance.id).where(Instance.sop_instance_uid == RejectedInstance.sop_instance_uid)
+    near = (
+        RejectedInstance.series_instance_uid.is_(None),
+        sender,
+        RejectedInstance.received_at >= series.first_received_at - margin,
+        RejectedInstance.received_at <= series.last_received_at + margin,
+        or_(RejectedInstance.sop_instance_uid.is_(None), ~stored_since.exists()),
+    )
+    refused = session.scalars(
+        select(RejectedInstance).where(*near).order_by(RejectedInstance.received_at, RejectedInstance.id).limit(1000)
+    ).all()
+    if not refused:
+        return None
+    count = len({r.sop_instance_uid for r in refused if r.sop_instance_uid}) + sum(
+        1 for r in refused if not r.sop_instance_uid
+    )
+    return MissingInstances(count, refused[0].sop_instance_uid, refused[0].reason)
 
 
 def record_results(session: Session, job_id: int, records: list[InstanceRecord]) -> None:

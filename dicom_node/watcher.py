@@ -26,7 +26,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.ingest import MissingInstances, instances_refused_for_series
+from db.ingest import MissingInstances, instances_refused_for_series, unattributed_refusals_near_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
 from db.models import Instance, Job, JobState, Series, as_utc, utcnow
 from db.session import read_only, transaction
@@ -129,16 +129,32 @@ class QuietClock:
         return timedelta(seconds=self._looked_at - sighting.since)
 
 
-def _refusal_warnings(series: Series, missing: MissingInstances | None) -> list[str]:
-    """The partial-series warning for images sent for ``series`` that it does not hold (refused, set aside)."""
-    if missing is None:
-        return []
+def _refusal_warnings(
+    series: Series, missing: MissingInstances | None, unattributed: MissingInstances | None
+) -> list[str]:
+    """The partial-series warnings for images sent for ``series`` that it does not hold (refused, set aside), and for
+    images its sender sent meanwhile that were refused before their series could be read (they may be its)."""
+    warnings = []
+    if missing is not None:
+        warnings.append(
+            f"{PARTIAL_SERIES_PREFIX} {missing.count} image(s) sent for this series were refused or set aside on "
+            f"receipt and are not in it; the result covers the {series.instance_count} stored "
+            f"({_first_refused(missing)})"
+        )
+    if unattributed is not None:
+        sender = f"{series.calling_ae_title} " if series.calling_ae_title else ""
+        warnings.append(
+            f"{PARTIAL_SERIES_PREFIX} {unattributed.count} image(s) that {sender}sent while this series was received "
+            "were refused before the series they belong to could be read, and may belong to this one; the result "
+            f"covers the {series.instance_count} stored ({_first_refused(unattributed)})"
+        )
+    return warnings
+
+
+def _first_refused(missing: MissingInstances) -> str:
     first = f"SOP Instance UID {missing.first_sop_instance_uid}" if missing.first_sop_instance_uid else "one"
     reason = missing.first_reason if len(missing.first_reason) <= 300 else missing.first_reason[:297] + "..."
-    return [
-        f"{PARTIAL_SERIES_PREFIX} {missing.count} image(s) sent for this series were refused or set aside on "
-        f"receipt and are not in it; the result covers the {series.instance_count} stored (first, {first}: {reason})"
-    ]
+    return f"first, {first}: {reason}"
 
 
 class SeriesWatcher(PeriodicTask):
@@ -201,22 +217,24 @@ class SeriesWatcher(PeriodicTask):
                 count = job.series.instance_count
                 reason = f"all {count} expected images received (ImagesInAcquisition)"
                 missing = instances_refused_for_series(session, job.series)
-                self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing))
+                unattributed = unattributed_refusals_near_series(session, job.series, quiet)
+                self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing, unattributed))
             for job in self._quiet_jobs(session, quiet, now):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
                 expected, images, expecting = _expectation(session, series)
                 missing = instances_refused_for_series(session, series)
+                unattributed = unattributed_refusals_near_series(session, series, quiet)
                 if expected is None or images >= expected:
                     reason = f"no new instance for {quiet.total_seconds():g} s ({series.instance_count} received)"
-                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
+                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing, unattributed))
                 elif missing is not None and images + missing.count >= expected:
                     reason = (
                         f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} {expecting} "
                         f"stored, and {missing.count} were refused or set aside on receipt"
                     )
-                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing))
+                    self._complete(session, job, reason, pending, _refusal_warnings(series, missing, unattributed))
                 elif job.id in timed_out:
                     warning = (
                         f"{PARTIAL_SERIES_PREFIX} {images} of {expected} {expecting} "
@@ -226,7 +244,9 @@ class SeriesWatcher(PeriodicTask):
                         f"only {images} of {expected} {expecting} after "
                         f"{expected_timeout.total_seconds():g} s without a new one (partial series)"
                     )
-                    self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing)])
+                    self._complete(
+                        session, job, reason, pending, [warning, *_refusal_warnings(series, missing, unattributed)]
+                    )
         pending.log()
 
     def _quiet_jobs(self, session: Session, quiet: timedelta, now: datetime) -> list[Job]:

@@ -150,6 +150,50 @@ def test_an_image_refused_on_receipt_makes_its_series_result_partial_until_it_is
     assert _missing_warning(node, series.series_instance_uid) == []
 
 
+def _unreadable_series(image: pydicom.Dataset, damage: str) -> None:
+    if damage == "SeriesInstanceUID is empty":
+        image.SeriesInstanceUID = ""
+    else:  # a private sequence of 12,000 items before (0020,000E): refused unread, before the walk reaches it
+        _private_sequence(image, 0x0011, [pydicom.Dataset() for _ in range(12_000)])
+
+
+@pytest.mark.parametrize("damage", ["SeriesInstanceUID is empty", "items"])
+def test_an_image_refused_before_its_series_could_be_read_makes_the_series_its_sender_sent_meanwhile_partial(
+    tmp_path, start_node, damage
+):
+    """Before, such a refusal was recorded with no series, and a series missing its first slice (no gap shows at an
+    end) without ImagesInAcquisition completed as whole and went to the PACS. Another sender's series is untouched."""
+    series = write_phantom_series(tmp_path / "ct", SMALL)
+    other = write_phantom_series(tmp_path / "other", SMALL)
+    for path in [*series.files, *other.files]:  # no count to wait for: the quiet period decides
+        image = pydicom.dcmread(path)
+        del image.ImagesInAcquisition
+        image.save_as(path)
+    first = pydicom.dcmread(series.files[0])
+    _unreadable_series(first, damage)
+    wrong = tmp_path / "wrong.dcm"
+    first.save_as(wrong)
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 1})
+
+    storescu(node.port, [wrong])  # refused
+    assert storescu(node.port, series.files[1:]).returncode == 0
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=60)
+    (warning,) = _missing_warning(node, series.series_instance_uid)
+    assert warning.startswith(
+        "partial series: 1 image(s) that PACS sent while this series was received were refused before the series "
+        "they belong to could be read, and may belong to this one; the result covers the 11 stored (first, SOP "
+        f"Instance UID {first.SOPInstanceUID}: "
+    ), warning
+    with node.sessions() as session:
+        (refused,) = session.query(RejectedInstance).all()
+        assert refused.series_instance_uid is None
+
+    storescu(node.port, [wrong], calling_ae="MODALITY")  # another sender's unreadable image, meanwhile
+    assert storescu(node.port, other.files).returncode == 0
+    node.wait_for_state(other.series_instance_uid, JobState.QUEUED, timeout=60)
+    assert _missing_warning(node, other.series_instance_uid) == []
+
+
 def test_an_instance_already_stored_in_another_series_is_set_aside_and_its_new_series_marked_partial(
     tmp_path, start_node
 ):
