@@ -133,7 +133,8 @@ def from_this_machine(assoc: Any) -> bool:
         return False
     if caller.is_loopback:
         return True
-    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = transport.socket if transport is not None else None
     try:
         local = _ip(str(sock.getsockname()[0])) if sock is not None else None
     except OSError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import ipaddress
 import logging
 import os
 import re
@@ -98,6 +97,7 @@ from dicom_node.security import (
     STRANGER_CONNECTIONS,
     AssociationCaps,
     PeerPolicy,
+    from_this_machine,
     on_requested,
     require_role,
     start_guarded_server,
@@ -802,23 +802,7 @@ def own_health_check(assoc: Any) -> bool:
     loopback, or from the very address it called, as when ``network.host`` is one address), logged at DEBUG and
     audited once an hour (:data:`dicom_node.audit.OWN_CHECKS`): a probe every few seconds would fill the log with
     two lines and the audit trail with two rows each."""
-    requestor = assoc.requestor
-    if requestor.ae_title != assoc.acceptor.ae_title:
-        return False
-    try:
-        caller = ipaddress.ip_address(str(requestor.address or "").partition("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(caller, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's loopback
-    if caller.is_loopback or (mapped is not None and mapped.is_loopback):
-        return True
-    transport = getattr(getattr(assoc, "dul", None), "socket", None)
-    sock = transport.socket if transport is not None else None
-    try:  # no other host can open a TCP connection from this machine's own address
-        local = str(sock.getsockname()[0]) if sock is not None else ""
-        return caller == ipaddress.ip_address(local.partition("%")[0])
-    except (OSError, ValueError):
-        return False
+    return assoc.requestor.ae_title == assoc.acceptor.ae_title and from_this_machine(assoc)
 
 
 def _on_accepted(event: evt.Event) -> None:
