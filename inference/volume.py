@@ -1080,6 +1080,9 @@ class _SignDisagreement:
             flipped &= ~padded
         if self.signed_header:
             doubtful = flipped & (hu < BELOW_AIR_HU)
+            if len(np.unique(hu[doubtful])) > SIGN_FLIPPED_VALUES:  # a fill and its rim, or bone torn from tissue
+                doubtful &= ~_joined_to_fill(doubtful, hu, padded)
+                doubtful &= _torn_from_neighbour(plane, padded, self.precision)
         else:
             doubtful = flipped & (hu - (1 << self.precision) * slope >= BELOW_AIR_HU)
         if len(np.unique(hu[doubtful])) <= SIGN_FLIPPED_VALUES:

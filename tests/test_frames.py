@@ -415,6 +415,38 @@ def test_signed_ct_written_as_an_unsigned_jpeg2000_codestream_reads_as_its_heade
         np.testing.assert_array_equal(volume.hu[k], by_uid[ref.sop_instance_uid])
 
 
+def test_signed_ct_with_a_rim_interpolated_to_its_fill_written_as_an_unsigned_codestream_reads_as_its_header_says(
+    tmp_path, shared_fixtures
+):
+    """The same encoder fault on a reformatted series: a -2000 fill outside a round field and a rim of 3 pixels
+    interpolated between it and the image (hundreds of values between -2000 and -1500 HU). Before, that rim was
+    taken for bone read on the wrong side and the series was refused; a rim joins the fill, as misread bone cannot."""
+    openjpeg = pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the JPEG 2000 test data")
+    sources = sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm"))[:3]
+    written, original = [], {}
+    for path in sources:
+        dataset = pydicom.dcmread(path)
+        hu = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+        rows, columns = np.indices(hu.shape)
+        radius = np.hypot(rows - hu.shape[0] / 2 + 0.5, columns - hu.shape[1] / 2 + 0.5)
+        outward = np.clip((radius - 237.0) / 3.0, 0.0, 1.0)  # 0 inside the field, 1 on the fill
+        rimmed = np.rint(hu * (1 - outward) - 2000 * outward).astype(np.int16)
+        assert len(np.unique(rimmed[(rimmed < -1500) & (rimmed > -2000)])) > 100
+        original[str(dataset.SOPInstanceUID)] = rimmed
+        codestream = openjpeg.encode((rimmed.astype(np.int32) & 0x1FFF).astype(np.uint16), bits_stored=13)
+        dataset.PixelData = encapsulate([codestream])
+        dataset["PixelData"].VR = "OB"
+        dataset.PixelRepresentation, dataset.BitsStored, dataset.HighBit = 1, 13, 12
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, 0
+        written.append(tmp_path / path.name)
+        dataset.save_as(written[-1])
+
+    volume = load_series_volume(written)
+
+    for k, ref in enumerate(volume.slices):
+        np.testing.assert_array_equal(volume.hu[k], original[ref.sop_instance_uid])
+
+
 def test_unsigned_ct_in_a_codestream_flagged_signed_reads_as_its_header_says(tmp_path, shared_fixtures):
     """The mirror case: TotalSegmentator's real 12-bit unsigned slices written as a signed codestream of the same
     bits. Read as PixelRepresentation 0 says, bone is bone (the codestream's reading would put it far below air):
