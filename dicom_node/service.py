@@ -159,7 +159,9 @@ class WorkerSupervisor:
     def _record_death(self, number: int, process: multiprocessing.process.BaseProcess) -> None:
         """Log a worker's death, count it against its slot when it died before it was ready, and release its job."""
         reason = how_a_process_ended(process.exitcode)
-        if not self._is_ready(number):
+        if self._is_ready(number):
+            self._failed_starts[number] = 0  # it was ready, if only for a moment: its slot starts again at once
+        else:
             self._failed_starts[number] += 1
             failed = self._failed_starts[number]
             reason += (

@@ -199,3 +199,23 @@ def test_a_slot_whose_workers_die_while_starting_counts_no_worker_up_until_one_i
     assert supervisor.alive_count() == 0  # starting after two that died while starting: not up
     pulse.mark_ready()
     assert supervisor.alive_count() == 1
+
+
+def test_a_worker_that_died_after_it_was_ready_is_not_counted_as_a_failed_start(tmp_path):
+    """A worker ready and dead within one supervision check (0.5 s) kept its slot's count of failed starts: the next
+    one waited the longer delay and counted as not up until ready. Ready, its death resets the count."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from dicom_node.config import Settings
+    from dicom_node.service import WorkerSupervisor
+    from dicom_node.worker_watch import IdlePulse
+
+    supervisor = WorkerSupervisor(Settings(storage={"directory": tmp_path}, inference={"workers": 1}))
+    pulse = IdlePulse(multiprocessing.get_context("spawn"))
+    supervisor._slot_pulses = {0: pulse}
+    supervisor._failed_starts = [3]  # three before it died while starting
+    pulse.mark_ready()
+    supervisor._record_death(0, SimpleNamespace(pid=None, exitcode=1))  # type: ignore[arg-type]
+    assert supervisor._failed_starts == [0]
+    assert supervisor._restart_delay(0) == supervisor.RESTART_DELAY_SECONDS
