@@ -27,7 +27,8 @@ from db.models import Study
 from db.names import completed_name, other_person
 from dicom_node import status
 from dicom_node.logs import shown
-from dicom_node.receive.structure import structure_refusal
+from dicom_node.receive.structure import Structure, cut_short_reason, uid_text, walk_structure
+from dicom_node.routing import CT_IMAGE_SOP_CLASSES
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA_GROUP = 0x7FE0
@@ -73,6 +74,7 @@ HEADER_TAG_OF = dict(zip(HEADER_KEYWORDS, HEADER_TAGS, strict=True))
 0.8 us by tag, about 50 lookups per instance; 2026-11-30)."""
 
 PIXEL_DATA_TAG = (0x7FE0, 0x0010)
+PIXEL_DATA_TAG_INT = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 INTEGER_RANGE = (-(2**31), 2**31 - 1)
@@ -167,15 +169,18 @@ def is_valid_uid(value: Any) -> bool:
 def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
     """Decode the data set's elements up to (not including) the pixel data.
 
-    For an uncompressed transfer syntax, the Pixel Data element's declared length is read
+    The data set is first walked (:func:`~dicom_node.receive.structure.walk_structure`): one cut short, whose last
+    value, item or sequence runs past the bytes received, is refused, as one too large to read. An image (a CT
+    image, or any data set with Rows and Columns) must hold Pixel Data, whatever its transfer syntax, and a CT image
+    Rows and Columns. For an uncompressed transfer syntax, the Pixel Data element's declared length is read
     from the encoded stream (its value is not) and must cover Rows x Columns x
     SamplesPerPixel x BitsAllocated / 8 x NumberOfFrames.
 
     Raises
     ------
     InvalidInstance
-        (Cannot understand) when the bytes are not a decodable data set, or its native
-        pixel data is shorter than its header says.
+        (Cannot understand) when the bytes are not a decodable data set, are cut short, or are an image without
+        pixel data, or whose native pixel data is shorter than its header says.
     """
     if not encoded:
         raise InvalidInstance("not a DICOM data set: it is empty (0 bytes)", status.CANNOT_UNDERSTAND)
@@ -188,10 +193,14 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
     total_length = len(encoded)
     if transfer_syntax.is_deflated:
         encoded, total_length = _inflate_bounded(encoded)
-    refusal = structure_refusal(
-        encoded, implicit=transfer_syntax.is_implicit_VR, little_endian=transfer_syntax.is_little_endian
+    walked = walk_structure(
+        encoded,
+        implicit=transfer_syntax.is_implicit_VR,
+        little_endian=transfer_syntax.is_little_endian,
+        whole=total_length == len(encoded),
     )
-    if refusal is not None:  # counted with its series, as a refusal for its pixel data below
+    if walked.refusal is not None:  # counted with its series, as a refusal for its pixel data below
+        refusal = walked.refusal  # the series only where the walk passed its whole value: a cut-off UID is none
         series = refusal.series_uid_text if is_valid_uid(refusal.series_uid_text) else None
         raise InvalidInstance(refusal.reason, status.CANNOT_UNDERSTAND, series)
     try:
@@ -217,13 +226,68 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
         raise InvalidInstance(
             "not a DICOM data set: no preamble/meta, no recognisable element", status.CANNOT_UNDERSTAND
         )
-    if not transfer_syntax.is_compressed:
-        try:
+    if walked.structure.out_of_step:  # read, but not as written: a wrong length, or junk that reads by chance
+        series = _uid_text_if_valid(walked.structure)
+        raise InvalidInstance(
+            "the data set is damaged: its elements do not follow one another as DICOM requires (a declared length "
+            "is wrong, or part of it is not DICOM), and it runs past its end; the image was refused, ask the sender "
+            "to send it again",
+            status.CANNOT_UNDERSTAND,
+            series,
+        )
+    try:
+        _check_image(dataset, walked.structure, transfer_syntax)
+        if not transfer_syntax.is_compressed:
             _check_native_pixel_data(dataset, encoded, stream.tell(), transfer_syntax, total_length)
-        except InvalidInstance as exc:  # counted with its series: the series is then known to lack an image
-            exc.series_instance_uid = exc.series_instance_uid or _series_uid_of(dataset)
-            raise
+    except InvalidInstance as exc:  # counted with its series: the series is then known to lack an image
+        exc.series_instance_uid = exc.series_instance_uid or _series_uid_of(dataset)
+        raise
     return dataset
+
+
+def _check_image(dataset: Dataset, structure: Structure, transfer_syntax: UID) -> None:
+    """A CT image must declare its Rows and Columns, and an image (one that does, of any SOP class) hold Pixel
+    Data: compressed or not, an image without its pixels is no image of its series. Uncompressed pixel data is
+    measured by :func:`_check_native_pixel_data`; a value of defined length that runs past the end, which it does
+    not judge (a data set without Rows and Columns, or under a compressed transfer syntax), is refused here."""
+    geometry = "Rows" in dataset and "Columns" in dataset
+    if _sop_class_of(dataset) in CT_IMAGE_SOP_CLASSES:
+        missing = [keyword for keyword in ("Rows", "Columns") if _empty(dataset, keyword)]
+        if missing:  # a value of 0 is admission's to name
+            raise InvalidInstance(
+                f"CT image has no {' and '.join(missing)}: without them its pixels cannot be read; the image was "
+                "refused, ask the sender to send it whole",
+                status.CANNOT_UNDERSTAND,
+            )
+    overrun = structure.pixel_data_overrun
+    if overrun is not None and (transfer_syntax.is_compressed or not geometry):
+        raise InvalidInstance(cut_short_reason(PIXEL_DATA_TAG_INT, *overrun), status.CANNOT_UNDERSTAND)
+    if transfer_syntax.is_compressed and geometry and structure.judged and structure.pixel_data is None:
+        raise InvalidInstance(
+            f"image has no Pixel Data (its header declares {_geometry(dataset)}); the image was refused, ask the "
+            "sender to send it whole",
+            status.CANNOT_UNDERSTAND,
+        )
+
+
+def _empty(dataset: Dataset, keyword: str) -> bool:
+    """Whether the data set lacks ``keyword`` or holds it without a value."""
+    element = _item(dataset, keyword)
+    return element is None or element.value in (None, b"", "")
+
+
+def _sop_class_of(dataset: Dataset) -> str | None:
+    """The data set's SOPClassUID as text, or None where it cannot be read (check_header judges it)."""
+    try:
+        return _text(dataset, "SOPClassUID")
+    except Exception:  # noqa: BLE001 - a value that cannot be decoded is check_header's to refuse
+        return None
+
+
+def _uid_text_if_valid(structure: Structure) -> str | None:
+    """The top-level SeriesInstanceUID the walk passed whole, where it is a valid UID."""
+    text = uid_text(structure.series_uid_value)
+    return text if is_valid_uid(text) else None
 
 
 def _series_uid_of(dataset: Dataset) -> str | None:

@@ -7,12 +7,20 @@ of CPU in the receiver, admission and the worker. This walk allocates nothing: i
 and item headers up to the pixel data, descending into every sequence, and refuses a data set with
 more elements or items than any real image needs for its number of frames (an image, one with pixel
 data, fewer elements than a report or a structure set may hold).
+
+The same walk refuses a data set cut short: an element, item or compressed fragment whose declared length runs
+past the bytes received, a data set ending inside an element header, or a sequence (or encapsulated pixel data) of
+undefined length never closed. pydicom reads a short last value without a word, and a cut-off UID is still a
+valid UID: the slice would be stored as whole in a series of its own. Past the pixel data it follows only the
+fragments of encapsulated pixel data and the elements after them, never the pixel bytes.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+
+from pydicom.datadict import keyword_for_tag
 
 from dicom_node.retrieve.stored import ITEM, LONG_LENGTH_VRS, UNDEFINED
 
@@ -49,6 +57,10 @@ class TooManyParts(Exception):
     """The data set holds more elements or items than its frames allow; the message says which."""
 
 
+class CutShort(Exception):
+    """The data set ends before a value, item or sequence it declares does; the message says where."""
+
+
 @dataclass
 class Structure:
     """What the walk found before the pixel data."""
@@ -57,7 +69,18 @@ class Structure:
     items: int = 0
     frames: int = 1
     series_uid_value: bytes | None = None
-    """The value of the top-level SeriesInstanceUID, where the walk passed one of at most :data:`UID_BYTES`."""
+    """The value of the top-level SeriesInstanceUID, where the walk passed one of at most :data:`UID_BYTES`, whole."""
+    pixel_data: int | None = None
+    """Where the top-level Pixel Data (7FE0,0010) element starts, once the walk has reached it."""
+    pixel_data_overrun: tuple[int, int] | None = None
+    """(declared, received) bytes of a top-level Pixel Data value of defined length that runs past the end: judged
+    by the caller, who knows how long an uncompressed image's pixels must be."""
+    judged: bool = False
+    """Whether the walk followed the data set to its end (or to an overrun of its Pixel Data), so ``pixel_data``
+    None means it has none; False for the head of an inflated data set, whose rest the walk never sees."""
+    out_of_step: bool = False
+    """Whether the walk ran past the end after elements that do not read as a data set (tags not ascending, a VR
+    that is none): junk, or a wrong length earlier. Left for the reader to name (not a data set), else damaged."""
 
 
 @dataclass(frozen=True)
@@ -70,17 +93,38 @@ class StructureRefusal:
     it is a valid UID before using it (None where the walk had passed none, or its bytes are not ASCII)."""
 
 
-def structure_refusal(encoded: bytes, *, implicit: bool, little_endian: bool) -> StructureRefusal | None:
-    """Why ``encoded`` (a data set without its file meta) holds too many elements or items to be read; None if
-    it does not. Bytes that do not walk as a data set are left for pydicom to refuse with its own reason."""
+@dataclass(frozen=True)
+class Walked:
+    """What :func:`walk_structure` found: why the data set is refused, if it is, and what it holds."""
+
+    refusal: StructureRefusal | None
+    structure: Structure
+
+
+def walk_structure(encoded: bytes, *, implicit: bool, little_endian: bool, whole: bool = True) -> Walked:
+    """Walk ``encoded`` (a data set without its file meta): refused when it holds too many elements or items to be
+    read, or is cut short (:class:`CutShort`). ``whole``: False when ``encoded`` is only the head of the data set
+    (an inflated Deflate data set), so its end is no cut."""
     found = Structure()
+    order = "<" if little_endian else ">"
     try:
-        _walk(encoded, "<" if little_endian else ">", implicit, found)
+        _walk(encoded, order, implicit, found, whole)
+    except CutShort as exc:
+        if not _in_step(encoded, order, implicit):
+            found.out_of_step = True
+            return Walked(None, found)
+        return Walked(StructureRefusal(str(exc), uid_text(found.series_uid_value)), found)
     except TooManyParts as exc:
-        return StructureRefusal(str(exc), _uid_text(found.series_uid_value))
-    except (ValueError, struct.error):
-        pass  # malformed: the reader that follows refuses it
-    return None
+        return Walked(StructureRefusal(str(exc), uid_text(found.series_uid_value)), found)
+    except struct.error:  # not expected: every read is bounded; the reader that follows judges the bytes
+        found.judged = False
+    return Walked(None, found)
+
+
+def structure_refusal(encoded: bytes, *, implicit: bool, little_endian: bool) -> StructureRefusal | None:
+    """Why ``encoded`` (a whole data set without its file meta) holds too many elements or items to be read, or is
+    cut short; None if neither (:func:`walk_structure`)."""
+    return walk_structure(encoded, implicit=implicit, little_endian=little_endian).refusal
 
 
 def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) -> str | None:
@@ -89,7 +133,7 @@ def structure_problem(encoded: bytes, *, implicit: bool, little_endian: bool) ->
     return None if refusal is None else refusal.reason
 
 
-def _uid_text(value: bytes | None) -> str | None:
+def uid_text(value: bytes | None) -> str | None:
     """A UI value as pydicom and the header check read it (trailing padding stripped); None if not ASCII."""
     if value is None:
         return None
@@ -102,18 +146,21 @@ def _uid_text(value: bytes | None) -> str | None:
 _LONG_LENGTH_VR_BYTES = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
 _ITEM_GROUP = 0xFFFE
 _FRAGMENTS = UNDEFINED + 1
-"""On the stack of open values: encapsulated pixel data (an icon's, inside a sequence), whose items are
-compressed fragments, skipped by their length, never read as elements."""
-_OPEN_UNTIL_DELIMITER = (UNDEFINED, _FRAGMENTS)
+"""On the stack of open values: encapsulated pixel data (the image's own, or an icon's inside a sequence), whose
+items are compressed fragments, skipped by their length, never read as elements nor counted as items."""
+_OPEN = UNDEFINED + 2
+"""On the stack of open values, plus its tag: a sequence or item of undefined length (the tag names one never
+closed). Every entry from UNDEFINED up is open until its delimiter; those below are where a defined length ends."""
 
 
-def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
-    """Count elements and items up to the top-level pixel data (a tight loop: it runs on every received image)."""
+def _walk(data: bytes, order: str, implicit: bool, found: Structure, whole: bool) -> None:
+    """Count elements and items up to the top-level pixel data, then follow what is left without counting the
+    pixels, refusing a value that runs past the end (a tight loop: it runs on every received image)."""
     tag_and_length = struct.Struct(order + "HHL")
     explicit_short = struct.Struct(order + "HH2sH")
     long_length = struct.Struct(order + "L")
     item_tag = struct.pack(order + "HH", _ITEM_GROUP, ITEM & 0xFFFF)
-    ends: list[int] = []  # where each open defined-length value ends; UNDEFINED for undefined-length ones
+    ends: list[int] = []  # where each open defined-length value ends; _FRAGMENTS or _OPEN + tag for undefined ones
     encodings: list[bool] = []  # whether each open value is implicit VR (an undefined-length UN value is)
     base_implicit = implicit
     items_allowed, elements_allowed = _allowances(found.frames)
@@ -135,42 +182,66 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
                 length = tag_and_length.unpack_from(data, position)[2]
             elif vr in _LONG_LENGTH_VR_BYTES:
                 if position + 12 > size:
-                    raise ValueError("the data set ends inside an element header")
+                    if not whole:
+                        return
+                    raise CutShort(_ends_in_header(size - position))
                 length = long_length.unpack_from(data, position + 8)[0]
                 header = 12
         tag = group << 16 | element
+        start = position + header
         if group == _ITEM_GROUP:
             if tag != ITEM:  # an item or sequence delimiter
-                if ends and ends[-1] in _OPEN_UNTIL_DELIMITER:
+                if ends and ends[-1] >= UNDEFINED:
                     ends.pop()
                     encodings.pop()
                     implicit = encodings[-1] if encodings else base_implicit
                 position += 8
                 continue
+            if ends and ends[-1] == _FRAGMENTS:  # a compressed fragment: bytes, not elements
+                if length == UNDEFINED or start + length > size:
+                    if not whole:
+                        return
+                    raise CutShort(_overrun("a compressed fragment of Pixel Data", length, size - start))
+                position = start + length
+                continue
             found.items += 1
             if found.items > items_allowed:
                 raise TooManyParts(_too_many("sequence items", items_allowed, found.frames))
-            if ends and ends[-1] == _FRAGMENTS:
-                position += header + length  # a compressed fragment: bytes, not elements
-                continue
         else:
-            if tag == PIXEL_DATA and not ends:
+            if tag == PIXEL_DATA and not ends and found.pixel_data is None:
                 _check_header_bytes(position, found.frames)
                 _check_image_elements(found)
-                return
+                found.pixel_data = position
+                if not whole:
+                    return  # the rest of the data set is not here to follow
+                if length == UNDEFINED:  # encapsulated: its fragments follow, then its sequence delimiter
+                    ends.append(_FRAGMENTS)
+                    encodings.append(implicit)
+                    position = start
+                elif start + length > size:
+                    found.pixel_data_overrun = (length, size - start)
+                    found.judged = True
+                    return
+                else:
+                    position = start + length
+                continue
             found.elements += 1
             if found.elements > elements_allowed:
                 raise TooManyParts(_too_many("elements", elements_allowed, found.frames))
             if tag == NUMBER_OF_FRAMES and not ends and length <= 12:
-                found.frames = _frames(data[position + header : position + header + length])
+                found.frames = _frames(data[start : start + length])
                 items_allowed, elements_allowed = _allowances(found.frames)
             elif tag == SERIES_INSTANCE_UID and not ends:  # the last one, as pydicom keeps; never one in an item
-                found.series_uid_value = (
-                    data[position + header : position + header + length] if length <= UID_BYTES else None
-                )
-        start = position + header
-        if not ends and length != UNDEFINED and start + length > HEADER_BYTES_ALLOWED:
-            _check_header_bytes(start + length, found.frames)  # a large value before the pixel data
+                found.series_uid_value = data[start : start + length] if length <= UID_BYTES else None
+        if length != UNDEFINED:
+            if start + length > size:
+                if not whole:
+                    return
+                if tag == SERIES_INSTANCE_UID and not ends:
+                    found.series_uid_value = None  # cut off: it names a series that does not exist
+                raise CutShort(_overrun(_element_name(tag), length, size - start))
+            if not ends and start + length > HEADER_BYTES_ALLOWED and found.pixel_data is None:
+                _check_header_bytes(start + length, found.frames)  # a large value before the pixel data
         if len(ends) >= MAX_NESTING and (length == UNDEFINED or tag == ITEM or vr == b"SQ"):
             raise TooManyParts(
                 f"data set nests sequences too deeply to be read (more than {MAX_NESTING} levels; real images use "
@@ -181,7 +252,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
                 ends.append(_FRAGMENTS)  # encapsulated pixel data below the top level (an icon)
             else:
                 implicit = implicit or vr == b"UN"  # a sequence written as UN is implicit VR inside
-                ends.append(UNDEFINED)
+                ends.append(_OPEN + tag)
             encodings.append(implicit)
             position = start
         elif tag == ITEM or vr == b"SQ" or ((implicit or vr == b"UN") and data[start : start + 4] == item_tag):
@@ -193,6 +264,84 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure) -> None:
             position = start
         else:
             position = start + length
+    if not whole:
+        return
+    if position < size:
+        raise CutShort(_ends_in_header(size - position))
+    for end in ends:
+        if end >= UNDEFINED:  # the outermost value never closed
+            what = "Pixel Data (7FE0,0010), encapsulated," if end == _FRAGMENTS else _element_name(end - _OPEN)
+            raise CutShort(
+                f"the data set is cut short: {what} of undefined length is never closed (its delimiter is missing); "
+                f"{_SEND_AGAIN}"
+            )
+    found.judged = True
+
+
+_SEND_AGAIN = "the image was refused, ask the sender to send it again"
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+
+
+def _in_step(data: bytes, order: str, implicit: bool) -> bool:
+    """Whether the top-level elements before the first of undefined length (or the end) read as a data set: tags
+    ascending, none of group 0000 (a command's), each explicit VR a VR. Judged only for a data set found cut short,
+    as junk (a text file, random bytes) walks as a value past the end too and is better named not a data set."""
+    tag_and_length = struct.Struct(order + "HHL")
+    explicit_short = struct.Struct(order + "HH2sH")
+    long_length = struct.Struct(order + "L")
+    previous = -1
+    position, size = 0, len(data)
+    while position + 8 <= size:
+        if implicit:
+            group, element, length = tag_and_length.unpack_from(data, position)
+            header = 8
+        else:
+            group, element, vr, length = explicit_short.unpack_from(data, position)
+            header = 8
+            if group == _ITEM_GROUP:
+                return True  # a delimiter after the pixel data: nothing more to judge
+            if vr not in _VRS:
+                return False
+            if vr in _LONG_LENGTH_VR_BYTES:
+                if position + 12 > size:
+                    break
+                length = long_length.unpack_from(data, position + 8)[0]
+                header = 12
+        tag = group << 16 | element
+        if group == 0 or tag <= previous:
+            return False
+        if length == UNDEFINED:
+            break
+        previous = tag
+        position += header + length
+    return True
+
+
+def _element_name(tag: int) -> str:
+    """``element (0020,000E) SeriesInstanceUID``, as an admin can look it up (a private one says so)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if tag == ITEM:
+        return "an item of a sequence"
+    keyword = keyword_for_tag(tag) if group % 2 == 0 else ""
+    named = f" {keyword}" if keyword else (" (private)" if group % 2 else "")
+    return f"element ({group:04X},{element:04X}){named}"
+
+
+def cut_short_reason(tag: int, declared: int, remaining: int) -> str:
+    """Why a data set is refused whose element ``tag`` declares ``declared`` bytes where ``remaining`` are left."""
+    return _overrun(_element_name(tag), declared, remaining)
+
+
+def _overrun(what: str, declared: int, remaining: int) -> str:
+    return (
+        f"the data set is cut short: {what} declares {declared:,} bytes and {max(remaining, 0):,} remain; {_SEND_AGAIN}"
+    )
+
+
+def _ends_in_header(remaining: int) -> str:
+    return f"the data set is cut short: it ends {remaining} byte(s) into the header of an element; {_SEND_AGAIN}"
 
 
 def _check_header_bytes(offset: int, frames: int) -> None:
