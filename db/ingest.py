@@ -18,6 +18,7 @@ from db.models import (
     Base,
     Instance,
     Job,
+    JobEvent,
     JobState,
     RejectedInstance,
     Series,
@@ -468,18 +469,24 @@ def instances_refused_for_series(session: Session, series: Series) -> MissingIns
 def unattributed_refusals_near_series(session: Session, series: Series, margin: timedelta) -> MissingInstances | None:
     """Images refused before the series they belong to could be read (cut short, a header that cannot be decoded or
     walked, no valid SeriesInstanceUID), sent by the sender of ``series`` while it was received (from ``margin``
-    before its first image to ``margin`` after its last), whose SOP Instance UID no series holds now: any of them
-    may belong to ``series`` (None when there is none)."""
+    before its first image, or before it was last re-opened, to ``margin`` after its last), whose SOP Instance UID no
+    series holds now: any of them may belong to ``series`` (None when there is none)."""
     sender = (
         RejectedInstance.calling_ae_title.is_(None)
         if series.calling_ae_title is None
         else RejectedInstance.calling_ae_title == series.calling_ae_title
     )
     stored_since = select(Instance.id).where(Instance.sop_instance_uid == RejectedInstance.sop_instance_uid)
+    reopened = session.scalar(  # a series sent again (a late image, after a purge) is received anew since then
+        select(func.max(JobEvent.at))
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.series_id == series.id, JobEvent.to_state == JobState.RECEIVING, JobEvent.from_state.is_not(None))
+    )
+    since = max(series.first_received_at, reopened) if reopened is not None else series.first_received_at
     near = (
         RejectedInstance.series_instance_uid.is_(None),
         sender,
-        RejectedInstance.received_at >= series.first_received_at - margin,
+        RejectedInstance.received_at >= since - margin,
         RejectedInstance.received_at <= series.last_received_at + margin,
         or_(RejectedInstance.sop_instance_uid.is_(None), ~stored_since.exists()),
     )

@@ -216,26 +216,28 @@ class SeriesWatcher(PeriodicTask):
                     continue  # the count may be one acquisition's: the quiet period decides
                 count = job.series.instance_count
                 reason = f"all {count} expected images received (ImagesInAcquisition)"
-                missing = instances_refused_for_series(session, job.series)
-                unattributed = unattributed_refusals_near_series(session, job.series, quiet)
-                self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing, unattributed))
+                missing = instances_refused_for_series(session, job.series)  # the count says whole: no unknown
+                self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing, None))
             for job in self._quiet_jobs(session, quiet, now):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
                 expected, images, expecting = _expectation(session, series)
                 missing = instances_refused_for_series(session, series)
-                unattributed = unattributed_refusals_near_series(session, series, quiet)
                 if expected is None or images >= expected:
                     reason = f"no new instance for {quiet.total_seconds():g} s ({series.instance_count} received)"
+                    whole = expected is not None and doubts.get(_count_key(series), "not checked") is None
+                    unattributed = None if whole else unattributed_refusals_near_series(session, series, quiet)
                     self._complete(session, job, reason, pending, _refusal_warnings(series, missing, unattributed))
                 elif missing is not None and images + missing.count >= expected:
                     reason = (
                         f"no new instance for {quiet.total_seconds():g} s; {images} of {expected} {expecting} "
                         f"stored, and {missing.count} were refused or set aside on receipt"
                     )
+                    unattributed = unattributed_refusals_near_series(session, series, quiet)
                     self._complete(session, job, reason, pending, _refusal_warnings(series, missing, unattributed))
                 elif job.id in timed_out:
+                    unattributed = unattributed_refusals_near_series(session, series, quiet)
                     warning = (
                         f"{PARTIAL_SERIES_PREFIX} {images} of {expected} {expecting} "
                         "had arrived when the completion timeout ran out"

@@ -194,6 +194,26 @@ def test_an_image_refused_before_its_series_could_be_read_makes_the_series_its_s
     assert _missing_warning(node, other.series_instance_uid) == []
 
 
+def test_a_series_whole_by_its_images_in_acquisition_is_not_marked_partial_for_another_images_refusal(
+    tmp_path, start_node
+):
+    """A series holding every image its ImagesInAcquisition counts cannot lack the image refused meanwhile with no
+    series (another object of the study, from the same sender): it completes with no warning."""
+    series = write_phantom_series(tmp_path / "ct", SMALL)  # ImagesInAcquisition 12
+    stray = pydicom.dcmread(write_phantom_series(tmp_path / "stray", SMALL).files[0])
+    stray.SeriesInstanceUID = ""
+    wrong = tmp_path / "stray.dcm"
+    stray.save_as(wrong)
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 1})
+
+    storescu(node.port, [wrong])  # refused, with no series
+    assert storescu(node.port, series.files).returncode == 0
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=60)
+    assert _missing_warning(node, series.series_instance_uid) == []
+    with node.sessions() as session:
+        assert [r.series_instance_uid for r in session.query(RejectedInstance).all()] == [None]
+
+
 def test_an_instance_already_stored_in_another_series_is_set_aside_and_its_new_series_marked_partial(
     tmp_path, start_node
 ):
