@@ -1364,6 +1364,9 @@ def purge(
         errors.print(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", highlight=False)
         raise typer.Exit(2) from None
     if not retention.enabled and retention.quarantine_days is None and retention.audit_days is None:
+        if not dry_run:
+            with _session(settings) as session:
+                _confirm_clock(session.get_bind().engine, user)  # ages set later trust the clock
         console.print(
             "retention is not configured (retention.days, retention.results_days, retention.max_disk_gigabytes, "
             "retention.quarantine_days, retention.audit_days, or the options of the same names): nothing to purge"

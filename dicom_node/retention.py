@@ -1055,12 +1055,36 @@ class RetentionTask(PeriodicTask):
             confirmed = f"the operator confirmed the clock ({_minute(now)}) with `dicom-node purge`"
             self._trust(now, steady, ages_used, confirmed)
             return True
+        jump, ran = self._doubt_spans()
+        if ran >= jump:
+            outlasted = (
+                f"the node has run {_days(ran)} in doubt of its clock, as long as the clock had jumped ({_days(jump)}), "
+                "so the clock is taken as right (a node switched off, or receiving nothing, that long); were it "
+                "wrong by that much, records would now be deleted at most that much early"
+            )
+            self._trust(now, steady, ages_used, outlasted)
+            return True
         if not ages_used:
             return True  # the disk budget alone: no age to misread
         if self._doubt_logged_at is None or steady - self._doubt_logged_at >= CLOCK_DOUBT_REPEAT_SECONDS:
-            log_event(LOG, logging.WARNING, "retention.clock_doubted", clock=_minute(now), reason=doubt)
+            resumes = (
+                f"; without either, deletions by age resume on their own once the node has run in doubt as long as "
+                f"the clock jumped ({_days(jump)}: {_days(jump - ran)} from now), as after a node switched off that long"
+            )
+            log_event(LOG, logging.WARNING, "retention.clock_doubted", clock=_minute(now), reason=doubt + resumes)
             self._doubt_logged_at = steady
         return False
+
+    def _doubt_spans(self) -> tuple[timedelta, timedelta]:
+        """How far the clock jumped when the recorded doubt began (what it read then, past the time it was judged
+        by), and how long ``serve`` has run in doubt since (every run counted): once the node has run that long, a
+        clock that far ahead would have deleted by age only what is truly that old, or a few days' worth early
+        (the jump's length) where the jump was shorter than the ages kept."""
+        with self.sessions() as session:
+            doubt = _read_doubt(session)
+        if doubt is None:
+            return timedelta(0), timedelta(0)
+        return doubt.doubted_at - doubt.trusted_at, doubt.counted
 
     def _trust(self, now: datetime, steady: float, ages_used: bool, why: str) -> None:
         """Trust the clock from this pass on: the recorded doubt goes first (a failure fails the pass, deleting

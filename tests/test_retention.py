@@ -576,6 +576,39 @@ def test_the_operator_confirms_a_doubted_clock_with_purge_and_serve_deletes_by_a
     assert "the operator confirmed the clock" in trusted
 
 
+def test_a_doubt_found_after_days_switched_off_ends_once_the_node_has_run_that_long(node, caplog, monkeypatch):
+    """A node off over a long weekend cannot tell that from a clock 3 days ahead: it keeps nothing by age from being
+    kept for 3 days of running (over restarts), then deletes by age again on its own; a clock 400 days ahead stays
+    doubted that long. Before, only `dicom-node purge` ended such a doubt: retention by age stopped for good."""
+    settings, sessions = node
+    steady = [1000.0]
+    monkeypatch.setattr("dicom_node.retention.steady_seconds", lambda: steady[0])
+    old = add_series(node, "1.2.3.2", JobState.DONE, days_ago=40)
+    settings.retention = RetentionSettings(days=30)
+    monday = NOW + timedelta(days=3)
+    task = RetentionTask(settings, sessions, recorded_before_start(sessions, monday))
+    with caplog.at_level(logging.WARNING, logger="dicom_node.retention"):
+        assert task.run_once(monday).purged == []
+    (said,) = _warnings(caplog, "retention.clock_doubted")
+    assert said.endswith(
+        "; without either, deletions by age resume on their own once the node has run in doubt as long as the clock "
+        "jumped (3.0 days: 3.0 days from now), as after a node switched off that long"
+    ), said
+    steady[0] += 2 * 86400  # two days of running, then a restart (the host's steady clock starts again)
+    assert task.run_once(monday + timedelta(days=2)).purged == []
+    steady[0] = 5.0
+    restarted = RetentionTask(settings, sessions, recorded_before_start(sessions, monday + timedelta(days=2)))
+    assert restarted.run_once(monday + timedelta(days=2)).purged == []
+    steady[0] += 86400 + 60  # the third day
+    with caplog.at_level(logging.INFO, logger="dicom_node.retention"):
+        caplog.clear()
+        outcome = restarted.run_once(monday + timedelta(days=3, seconds=60))
+    assert [item.series_instance_uid for item in outcome.purged] == [old.uid]
+    assert _clock_doubt(sessions) is None
+    (trusted,) = [r.event_fields["reason"] for r in caplog.records if r.getMessage() == "retention.clock_trusted"]
+    assert "the node has run 3.0 days in doubt of its clock, as long as the clock had jumped (3.0 days)" in trusted
+
+
 def test_dicom_node_purge_confirms_a_doubted_clock_and_a_dry_run_does_not(tmp_path):
     """The doubt's log line tells the operator to run `dicom-node purge` where the clock is right: the command ends
     the doubt, says so and audits it; `--dry-run` confirms nothing."""
