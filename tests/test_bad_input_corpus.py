@@ -978,7 +978,7 @@ def _send_raw(node: Node, case: Case, folder: Path) -> Outcome:
     carrier.save_as(path, enforce_file_format=True)
     with open(path, "ab") as stream:  # the data set after the meta header is the payload, as sent
         stream.write(payload)
-    ae = AE(ae_title="PACS")
+    ae = AE(ae_title=_sender(case))
     ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
     previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
@@ -991,12 +991,19 @@ def _send_raw(node: Node, case: Case, folder: Path) -> Outcome:
     return Outcome([int(response.Status)], None, [sop_instance])
 
 
+def _sender(case: Case) -> str:
+    """Each case's own calling AE title: the cases are unrelated senders, sent seconds apart. From one AE title, an
+    image refused with no series in one case would mark the series of the cases sent just before and after it
+    partial ("may belong to this one"), as the node must for one sender."""
+    return f"CASE{CASES.index(case):03d}" if case in CASES else "SENDER"
+
+
 def _send(node: Node, case: Case, folder: Path) -> Outcome:
     if case.raw is not None:
         return _send_raw(node, case, folder)
     files = _build(case, folder)
     datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
-    result = storescu(node.port, files, extra=["-d", "--no-halt", *case.options])
+    result = storescu(node.port, files, calling_ae=_sender(case), extra=["-d", "--no-halt", *case.options])
     return Outcome(
         _statuses(result.stdout + result.stderr),
         str(datasets[0].SeriesInstanceUID) if "SeriesInstanceUID" in datasets[0] else None,
@@ -1068,7 +1075,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
         timing: dict[str, tuple[list[Path], Outcome]] = {}
         for name in TIMING_CASES:
             files = _build(Case(name), root / name)
-            first = storescu(strict.port, files[:2], extra=["-d", "--no-halt"])
+            first = storescu(strict.port, files[:2], calling_ae=name[:16].upper(), extra=["-d", "--no-halt"])
             uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             timing[name] = (files, Outcome(_statuses(first.stdout + first.stderr), uid, []))
         time.sleep(3 * QUIET_SECONDS + 1)
@@ -1076,7 +1083,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, Ou
             outcome.state_after_pause = strict.job_state(outcome.series_instance_uid)
             outcomes[name] = (strict, outcome)
         files, outcome = timing["pause_longer_than_quiet_period_then_rest"]
-        rest = storescu(strict.port, files[2:], extra=["-d", "--no-halt"])
+        rest = storescu(strict.port, files[2:], calling_ae="PAUSE_LONGER_THA", extra=["-d", "--no-halt"])
         outcome.statuses += _statuses(rest.stdout + rest.stderr)
         for name, (node, outcome) in outcomes.items():
             wait_for(
