@@ -246,8 +246,8 @@ def test_database_locked_after_a_send_does_not_resend(tmp_path, start_node, star
         holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         holder.execute("BEGIN EXCLUSIVE")  # the node's record of this file must wait for it
         release = threading.Timer(busy_timeout + 5, lambda: (holder.rollback(), holder.close()))
+        release.start()  # before it is seen: the test joins it as soon as the list holds it
         locks.append(release)
-        release.start()
 
     peer.before_answer = lock_before_first_answer
     series_uid = send_phantom(node, tmp_path / "ct")
