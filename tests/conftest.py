@@ -308,6 +308,26 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
+def send_file_raw(
+    port: int, path: Path, sop_class: str, syntax: str, *, calling_ae: str = "PACS", called_ae: str = "DICOMNODE"
+) -> Any:
+    """C-STORE the data set of the file at ``path`` as its bytes stand after the file meta (pynetdicom streams them,
+    never re-encoding: a malformed data set reaches the node as it is); returns the response."""
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(sop_class, [syntax])
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        assert assoc.is_established
+        response = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return response
+
+
 def storescu(
     port: int,
     paths: Sequence[Path],

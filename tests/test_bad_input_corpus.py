@@ -26,12 +26,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from db.models import JobEvent, JobState, RejectedInstance, Series
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from tests.conftest import CT_RULES, Node, require_tool, storescu, wait_for
+from tests.conftest import CT_RULES, Node, require_tool, send_file_raw, storescu, wait_for
 
 QUIET_SECONDS = 1.0
 EXPECTED_COUNT_TIMEOUT_SECONDS = 12.0  # well beyond the 4 s pause, whatever the load
@@ -978,16 +977,9 @@ def _send_raw(node: Node, case: Case, folder: Path) -> Outcome:
     carrier.save_as(path, enforce_file_format=True)
     with open(path, "ab") as stream:  # the data set after the meta header is the payload, as sent
         stream.write(payload)
-    ae = AE(ae_title=_sender(case))
-    ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        response = assoc.send_c_store(path)  # the file's bytes after its meta header, undecoded
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
+    response = send_file_raw(
+        node.port, path, CT_IMAGE, ExplicitVRLittleEndian, calling_ae=_sender(case), called_ae=node.ae_title
+    )
     return Outcome([int(response.Status)], None, [sop_instance])
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from db.models import RejectedInstance
 from dicom_node import status
 from dicom_node.receive.storage import encode_file_meta
-from tests.conftest import Node
+from tests.conftest import Node, send_file_raw
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +43,7 @@ def _send(node: Node, folder: Path, sop_instance: str, syntax: str, payload_chun
         stream.write(encode_file_meta(CT_IMAGE, sop_instance, syntax, "PACS"))
         for chunk in payload_chunks:
             stream.write(chunk)
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(CT_IMAGE, [syntax])
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        response = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
+    response = send_file_raw(node.port, path, CT_IMAGE, syntax, called_ae=node.ae_title)
     return int(response.Status), str(response.get("ErrorComment", ""))
 
 

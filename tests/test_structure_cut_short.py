@@ -28,7 +28,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
-from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from db.models import Instance, RejectedInstance
@@ -37,7 +36,7 @@ from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.receive.header import InvalidInstance, check_header, read_header
 from dicom_node.receive.storage import encode_file_meta
 from dicom_node.receive.structure import structure_refusal
-from tests.conftest import Node, data_set_bytes
+from tests.conftest import Node, data_set_bytes, send_file_raw
 
 SERIES_TAG = 0x0020000E
 PIXEL_DATA_TAG = 0x7FE00010
@@ -300,16 +299,7 @@ def _store(node: Node, folder: Path, dataset: Dataset, encoded: bytes) -> int:
         encode_file_meta(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), ExplicitVRLittleEndian, "PACS")
         + encoded
     )
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        response = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
+    response = send_file_raw(node.port, path, CTImageStorage, ExplicitVRLittleEndian, called_ae=node.ae_title)
     return int(response.Status)
 
 
