@@ -30,8 +30,18 @@ DICOM_NODE = str(Path(sys.executable).with_name("dicom-node"))
 
 
 def require_tool(name: str) -> str:
-    """Path of a system tool; in CI a missing tool fails the test, elsewhere it skips it."""
-    path = shutil.which(name)
+    """Path of a system tool; in CI a missing tool fails the test, elsewhere it skips it.
+
+    The Python environment's own scripts are passed over: pynetdicom installs storescu, findscu, echoscu... there
+    too, which an activated virtual environment puts ahead of DCMTK's on PATH, and they answer differently.
+    """
+    own_scripts = Path(sys.prefix, "bin").resolve()
+    search = [
+        entry
+        for entry in os.environ.get("PATH", "").split(os.pathsep)
+        if entry and Path(entry).resolve() != own_scripts
+    ]
+    path = shutil.which(name, path=os.pathsep.join(search))
     if path is None:
         message = f"{name} is not installed (bash .ci/run installs it with apt-get)"
         if os.environ.get("CI"):

@@ -29,6 +29,10 @@ from tests.test_dispatch_faults import LABEL_MAP_SEGMENTATION, Peer
 
 pytestmark = pytest.mark.integration
 
+# pynetdicom's response wait (and its idle timer) starts once the file is queued, not sent: on a loaded CI machine
+# its sending thread may not have reached the stall within 1 s, and the attempt then ends as "no response" between two
+# PDUs instead of blocked on the stalled peer. 3 s lets the send reach the stall, so the watchdog is what ends it.
+NETWORK_TIMEOUT = 3.0
 LARGE_BYTES = 12_000_000  # beyond what the node's send buffer (4 MB at most) and the proxy's take before it stalls
 
 
@@ -74,7 +78,7 @@ def test_a_destination_that_stops_reading_mid_file_fails_its_attempts_while_anot
         storage={"directory": tmp_path / "storage"},
         database={"url": f"sqlite:///{tmp_path / 'node.db'}"},
         dispatch={
-            "timeout_seconds": 1,
+            "timeout_seconds": NETWORK_TIMEOUT,
             "seconds_per_megabyte": 0,
             "max_attempts": 2,
             "parallel_sends": 1,  # the stalled destination holds the only send: the other waits for it to end
@@ -135,7 +139,7 @@ def test_sending_to_a_destination_that_stops_reading_ends_and_frees_the_associat
 
     outcomes: list[SendOutcome] = []
     sending = threading.Thread(
-        daemon=True, target=lambda: outcomes.append(send_files("DICOMNODE", destination, [str(seg)], 1.0))
+        daemon=True, target=lambda: outcomes.append(send_files("DICOMNODE", destination, [str(seg)], NETWORK_TIMEOUT))
     )
     sending.start()
     wait_for(lambda: not sending.is_alive(), timeout=60, what="the send to end")

@@ -50,7 +50,7 @@ from tests.conftest import DICOM_NODE, ct_instance, drive_job_to, wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-NOW = utcnow()
+NOW = utcnow()  # set afresh before each test (below): the node stamps what it records with the real clock
 UNFINISHED = [JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED, JobState.PROCESSING, JobState.SENDING]
 
 
@@ -62,6 +62,14 @@ class Stored:
     job_id: int
     images: list[Path]
     results: Path | None
+
+
+@pytest.fixture(autouse=True)
+def _now_is_now() -> None:
+    """``NOW`` as each test starts, not as the module was imported: a test that runs an hour into the suite compares
+    the times it sets against the ones the node records at the real clock."""
+    global NOW
+    NOW = utcnow()
 
 
 @pytest.fixture
