@@ -43,6 +43,7 @@ from dicom_node.retention import (
     recorded_before_start,
 )
 from dicom_node.security import CertificateWatch, tls_files
+from dicom_node.stop_signal import wait_until_stopped
 from dicom_node.storage_lock import StorageLock, StorageRefused, database_identity, describe_database
 from dicom_node.wal_checkpoint import WalCheckpoint
 from dicom_node.watcher import SeriesWatcher
@@ -981,7 +982,7 @@ def serve(settings: Settings) -> None:
             log_event(LOG, logging.INFO, "node.stopped", note="stopped while it waited for the other node to stop")
             return
         log_event(LOG, logging.INFO, "node.ready", ae_title=settings.network.ae_title, port=settings.network.port)
-        stopping.wait()
+        wait_until_stopped(stopping)
         node.stop()
     finally:  # the caller's handlers again (a process that runs serve in-process, as tests do, keeps its own)
         signal.signal(signal.SIGTERM, previous[0])

@@ -43,6 +43,7 @@ from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import TEMPORARY_SUFFIXES, InstanceStore
 from dicom_node.retrieve.scp import RetrieveContext
 from dicom_node.security import AssociationCaps
+from dicom_node.stop_signal import wait_until_stopped
 
 LOG = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ def run_receiver(
         listening=listening,
     )
     ready.value = 1
-    stop.wait()
+    wait_until_stopped(stop)
     server.shutdown()
     flush_repeated(sessions)  # counts of repeated requests (C-ECHO, refusals) not yet written
     recorder.stop()
