@@ -78,21 +78,42 @@ def real_ct_copy(folder: Path, shared_fixtures: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
 
 
+def built_once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder ``build`` fills once per test run: under pytest-xdist its workers share it (the first builds it,
+    the others wait for it), as one process shares a session fixture."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def total_fast_test_weights(tmp_path_factory) -> Path:
-    """Random-initialised total_fast weights (scripts/build_test_weights.py), built once per test session.
+    """Random-initialised total_fast weights (scripts/build_test_weights.py), built once per test run.
 
     Shared by the TotalSegmentator and OpenVINO parity tests, so the OpenVINO conversion cached in
-    ``<weights>/.openvino`` (minutes on 2 cores) is made once per session too.
+    ``<weights>/.openvino`` (minutes on 2 cores) is made once per run too.
     """
-    folder = tmp_path_factory.mktemp("total-fast-weights")
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(folder), "--task", "total_fast"],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return folder
+
+    def build(folder: Path) -> None:
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_test_weights.py"), str(folder), "--task", "total_fast"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+
+    return built_once_per_run(tmp_path_factory, "total-fast-weights", build)
 
 
 def totalsegmentator_reference(ct: Path, weights: Path, workdir: Path) -> Any:
@@ -127,10 +148,14 @@ def dicom_ct_reference(shared_fixtures, total_fast_test_weights, tmp_path_factor
     from inference.volume import load_series_volume
 
     volume = load_series_volume(sorted((shared_fixtures / "example_ct_dicom_valid").glob("*.dcm")))
-    workdir = tmp_path_factory.mktemp("dicom-ct-reference")
-    ct = workdir / "ct.nii.gz"
-    nib.save(volume.to_nibabel(np.int16), str(ct))  # TotalSegmentator reads NIfTI; HU are integers
-    return volume, ct, totalsegmentator_reference(ct, total_fast_test_weights, workdir)
+
+    def build(workdir: Path) -> None:
+        ct = workdir / "ct.nii.gz"
+        nib.save(volume.to_nibabel(np.int16), str(ct))  # TotalSegmentator reads NIfTI; HU are integers
+        np.save(workdir / "reference.npy", totalsegmentator_reference(ct, total_fast_test_weights, workdir))
+
+    workdir = built_once_per_run(tmp_path_factory, "dicom-ct-reference", build)
+    return volume, workdir / "ct.nii.gz", np.load(workdir / "reference.npy")
 
 
 def changed_sources(pinned: dict[Any, str]) -> list[str]:
