@@ -19,7 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import; its stubs do not list them
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -174,10 +174,17 @@ class AssociationWatch:
     def __init__(self) -> None:
         self.connected = False  # the peer accepted the TCP connection
         self.gave_up = False  # the node aborted: no answer within its ACSE timeout
+        # (result, source, reason) of an A-ASSOCIATE-RJ the peer sent: pynetdicom's requestor, descheduled between
+        # sending its request and checking the connection, reads a rejection that already closed it as an abort
+        self.rejection: tuple[int | None, int | None, int | None] | None = None
 
     def associate(self, ae: AE, host: str, port: int, called_ae: str, **kwargs: Any) -> Association:
         """``ae.associate``, watched; the watch ends once the request is answered (or not)."""
-        handlers = [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_PDU_SENT, self._sent)]
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_PDU_SENT, self._sent),
+            (evt.EVT_PDU_RECV, self._received),
+        ]
         assoc = ae.associate(
             host, port, ae_title=called_ae, evt_handlers=[*kwargs.pop("evt_handlers", []), *handlers], **kwargs
         )
@@ -191,6 +198,11 @@ class AssociationWatch:
     def _sent(self, event: evt.Event) -> None:
         if isinstance(getattr(event, "pdu", None), A_ABORT_RQ):
             self.gave_up = True
+
+    def _received(self, event: evt.Event) -> None:
+        pdu = getattr(event, "pdu", None)
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            self.rejection = (pdu.result, pdu.source, pdu.reason_diagnostic)
 
 
 @dataclass(frozen=True)
@@ -223,10 +235,15 @@ def not_established(
     connection refused or never made (down), made and then aborted or closed by the peer at once (a refusal, as
     some peers answer a calling or called AE title they do not admit), or made and never answered."""
     answer = getattr(assoc.acceptor, "primitive", None)
+    rejection: tuple[Any, Any, Any] | None
     if assoc.is_rejected and answer is not None:
-        source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
+        rejection = (getattr(answer, "result", None), getattr(answer, "result_source", None), answer.diagnostic)
+    else:
+        rejection = watch.rejection if watch is not None else None
+    if rejection is not None:
+        result, source, diagnostic = rejection
         words = REJECTIONS.get((source, diagnostic), "gave no reason the standard defines")
-        transient = getattr(answer, "result", None) == 0x02
+        transient = result == 0x02
         return NotEstablished(
             f"rejected the association: it {words.format(calling=repr(calling_ae), called=repr(called_ae))}"
             + (" (a rejection it calls transient)" if transient else ""),

@@ -355,3 +355,27 @@ def test_a_pacs_without_segmentation_storage_is_told_in_words_and_gets_no_sr_on_
         peer.terminate()
         peer.wait()
     assert modalities(second_folder) == ["SEG", "SR"]
+
+
+def test_a_rejection_pynetdicom_read_as_an_abort_is_still_named_with_its_reason():
+    """pynetdicom's requestor, descheduled between sending its request and checking the connection, reads an
+    A-ASSOCIATE-RJ that already closed the connection as an abort (seen once in CI with a loaded machine: the node
+    then said the PACS 'may not admit' it). The rejection the watch saw arrive names the real reason."""
+    from types import SimpleNamespace
+
+    from dicom_node.scu import AssociationWatch, not_established
+
+    read_as_aborted = SimpleNamespace(
+        is_rejected=False, is_aborted=True, acceptor=SimpleNamespace(), rejected_contexts=[], acse_timeout=10
+    )
+    watch = AssociationWatch()
+    watch.connected = True
+    watch.rejection = (0x01, 0x01, 0x03)  # rejected permanently by the service user: calling AE title not recognised
+
+    answer = not_established(read_as_aborted, "DICOMNODE", "ORTHANC", watch)  # type: ignore[arg-type]
+
+    assert answer.reason == (
+        "rejected the association: it does not know the node's AE title 'DICOMNODE' as a peer (add it to the peer's "
+        "configuration)"
+    )
+    assert not answer.unreachable
