@@ -237,7 +237,8 @@ def not_established(
     answer = getattr(assoc.acceptor, "primitive", None)
     rejection: tuple[Any, Any, Any] | None
     if assoc.is_rejected and answer is not None:
-        rejection = (getattr(answer, "result", None), getattr(answer, "result_source", None), answer.diagnostic)
+        result, source = getattr(answer, "result", None), getattr(answer, "result_source", None)
+        rejection = (result, source, getattr(answer, "diagnostic", None))
     else:
         rejection = watch.rejection if watch is not None else None
     if rejection is not None:
