@@ -345,3 +345,24 @@ def test_a_node_listening_on_one_address_passes_its_own_health_check_with_peers_
             assoc.release()
     finally:
         node.stop()
+
+
+def test_a_database_that_cannot_be_opened_is_named_in_words_without_the_drivers_class(tmp_path):
+    """/readyz's reason quoted SQLAlchemy's whole first line: "(sqlite3.OperationalError) unable to open ..."."""
+    from db.session import make_engine, make_session_factory
+    from dicom_node.console.metrics import Liveness, assess
+
+    (tmp_path / "dicom-node.db").mkdir()  # a folder where the database file should be: SQLite cannot open it
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'dicom-node.db'}"))
+    readiness = assess(sessions, Liveness(workers_alive=lambda: None, scp_listening=lambda: True))
+    assert readiness.checks["database"] is False and not readiness.ready
+    assert readiness.reasons == ["the database does not answer (unable to open database file)"]
+
+
+def test_a_check_that_breaks_says_why_in_the_drivers_words_only():
+    from sqlalchemy.exc import OperationalError
+
+    def broken() -> Outcome:
+        raise OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    assert Cached(broken)() == Outcome(False, "the check could not run: disk I/O error")

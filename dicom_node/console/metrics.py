@@ -31,7 +31,7 @@ from db.models import AuditTotal, InstanceTotal, Job, JobEvent, JobState, Reject
 from db.session import read_only
 from dicom_node.config import Settings, TlsSettings
 from dicom_node.console.queries import Transition, refusal_kind, stages_of
-from dicom_node.logs import os_error_text
+from dicom_node.logs import first_line, os_error_text
 from dicom_node.receive.recorder import JOURNAL_SUFFIX, instances_waiting_to_be_recorded
 from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, describe_database
 
@@ -109,7 +109,7 @@ class Cached:
             try:
                 outcome = self._check()
             except Exception as exc:  # noqa: BLE001 - a check that breaks reports why, it never fails the probe
-                outcome = Outcome(False, f"the check could not run: {exc}")
+                outcome = Outcome(False, f"the check could not run: {first_line(exc)[:200]}")
             self._last = (self._clock(), outcome)
             return outcome
 
@@ -574,7 +574,7 @@ def assess(sessions: sessionmaker[Session], liveness: Liveness) -> Readiness:
         database = True
     except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
         database = False
-        reasons.append(f"the database does not answer ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})")
+        reasons.append(f"the database does not answer ({first_line(exc)[:200]})")
     scp = liveness.scp_outcome()
     if not scp.ok:
         reasons.append(scp.reason)
