@@ -22,8 +22,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
@@ -56,6 +59,7 @@ class Case:
     raw: bytes | None = None  # junk: this data set is sent instead of the series (pynetdicom)
     hidden: tuple[str, ...] = ()  # text that must not reach the log (patient identifiers)
     options: tuple[str, ...] = ()  # storescu options: which transfer syntax to propose
+    rewrite: Callable[[Path], None] | None = None  # each saved file changed as bytes, where pydicom will not write it
 
 
 def each(change: Callable[[Dataset], None]) -> Mutation:
@@ -186,6 +190,21 @@ REORDERING_REFUSED = (
     "holds an invisible character that changes how the text reads (a right-to-left override, zero-width space or "
     "similar), so it could show as another patient's; no ID or name may hold one; the sender must correct it"
 )
+
+
+def unencapsulated(path: Path) -> None:
+    """The file's compressed codestream written as one Pixel Data value of defined length, under its compressed
+    transfer syntax still, as a broken converter writes it (pydicom refuses to write that)."""
+    dataset = pydicom.dcmread(path)
+    (codestream,) = generate_frames(dataset.PixelData, number_of_frames=1)
+    dataset["PixelData"] = DataElement(0x7FE00010, "OB", codestream + b"\0" * (len(codestream) % 2))
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, dataset)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, dataset.file_meta)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + body.getvalue())
 
 
 def random_bytes(seed: int, size: int) -> bytes:
@@ -695,6 +714,17 @@ CASES: list[Case] = [
         "BitsAllocated 16 x 1 frame(s))",
     ),
     Case(
+        "compressed_pixel_data_not_encapsulated_is_refused_at_store",
+        None,
+        None,
+        statuses=[CANNOT_UNDERSTAND] * 4,
+        refusal="Pixel Data is not encapsulated as its transfer syntax JPEG 2000 Image Compression (Lossless Only) "
+        "requires (it is one value of defined length, not compressed fragments), so its frames cannot be found; the "
+        "image was refused, ask the sender to send it again",
+        spec={"compression": "jpeg2000", "rows": 64, "columns": 64},
+        rewrite=unencapsulated,
+    ),
+    Case(
         "huge_declared_matrix_is_refused_at_store",
         each(lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535))),
         None,
@@ -946,12 +976,13 @@ class Outcome:
 def _build(case: Case, folder: Path) -> list[Path]:
     spec = PhantomSpec(**{"rows": 16, "columns": 16, "slices": 4, "noise_sd": 0.0, **case.spec})
     series = write_phantom_series(folder, spec)
-    if case.mutate is None:
-        return series.files
-    datasets = [pydicom.dcmread(path) for path in series.files]
-    case.mutate(datasets)
-    for path, dataset in zip(series.files, datasets, strict=True):
-        dataset.save_as(path)
+    if case.mutate is not None:
+        datasets = [pydicom.dcmread(path) for path in series.files]
+        case.mutate(datasets)
+        for path, dataset in zip(series.files, datasets, strict=True):
+            dataset.save_as(path)
+    for path in series.files if case.rewrite else []:
+        case.rewrite(path)
     return series.files
 
 
@@ -995,9 +1026,22 @@ def _send(node: Node, case: Case, folder: Path) -> Outcome:
         return _send_raw(node, case, folder)
     files = _build(case, folder)
     datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
-    result = storescu(node.port, files, calling_ae=_sender(case), extra=["-d", "--no-halt", *case.options])
+    if (
+        case.rewrite is not None
+    ):  # storescu will not send what it finds malformed: pynetdicom sends the bytes as they are
+        statuses = [
+            int(
+                send_file_raw(
+                    node.port, path, CT_IMAGE, ds.file_meta.TransferSyntaxUID, calling_ae=_sender(case)
+                ).Status
+            )
+            for path, ds in zip(files, datasets, strict=True)
+        ]
+    else:
+        result = storescu(node.port, files, calling_ae=_sender(case), extra=["-d", "--no-halt", *case.options])
+        statuses = _statuses(result.stdout + result.stderr)
     return Outcome(
-        _statuses(result.stdout + result.stderr),
+        statuses,
         str(datasets[0].SeriesInstanceUID) if "SeriesInstanceUID" in datasets[0] else None,
         [str(ds.SOPInstanceUID) for ds in datasets],
     )

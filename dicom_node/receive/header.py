@@ -249,7 +249,8 @@ def _check_image(dataset: Dataset, structure: Structure, transfer_syntax: UID) -
     """A CT image must declare its Rows and Columns, and an image (one that does, of any SOP class) hold Pixel
     Data: compressed or not, an image without its pixels is no image of its series. Uncompressed pixel data is
     measured by :func:`_check_native_pixel_data`; a value of defined length that runs past the end, which it does
-    not judge (a data set without Rows and Columns, or under a compressed transfer syntax), is refused here."""
+    not judge (a data set without Rows and Columns, or under a compressed transfer syntax), is refused here, as is
+    Pixel Data of defined length under a compressed transfer syntax (PS3.5 A.4 requires fragments)."""
     geometry = "Rows" in dataset and "Columns" in dataset
     if _sop_class_of(dataset) in CT_IMAGE_SOP_CLASSES:
         missing = [keyword for keyword in ("Rows", "Columns") if _empty(dataset, keyword)]
@@ -262,6 +263,13 @@ def _check_image(dataset: Dataset, structure: Structure, transfer_syntax: UID) -
     overrun = structure.pixel_data_overrun
     if overrun is not None and (transfer_syntax.is_compressed or not geometry):
         raise InvalidInstance(cut_short_reason(PIXEL_DATA_TAG_INT, *overrun), status.CANNOT_UNDERSTAND)
+    if transfer_syntax.is_compressed and structure.pixel_data_encapsulated is False:
+        raise InvalidInstance(
+            f"Pixel Data is not encapsulated as its transfer syntax {transfer_syntax.name} requires (it is one "
+            "value of defined length, not compressed fragments), so its frames cannot be found; the image was "
+            "refused, ask the sender to send it again",
+            status.CANNOT_UNDERSTAND,
+        )
     if transfer_syntax.is_compressed and geometry and structure.judged and structure.pixel_data is None:
         raise InvalidInstance(
             f"image has no Pixel Data (its header declares {_geometry(dataset)}); the image was refused, ask the "

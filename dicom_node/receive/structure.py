@@ -72,6 +72,8 @@ class Structure:
     """The value of the top-level SeriesInstanceUID, where the walk passed one of at most :data:`UID_BYTES`, whole."""
     pixel_data: int | None = None
     """Where the top-level Pixel Data (7FE0,0010) element starts, once the walk has reached it."""
+    pixel_data_encapsulated: bool | None = None
+    """Whether that element has an undefined length (compressed fragments follow); None before the walk reached it."""
     pixel_data_overrun: tuple[int, int] | None = None
     """(declared, received) bytes of a top-level Pixel Data value of defined length that runs past the end: judged
     by the caller, who knows how long an uncompressed image's pixels must be."""
@@ -212,6 +214,7 @@ def _walk(data: bytes, order: str, implicit: bool, found: Structure, whole: bool
                 _check_header_bytes(position, found.frames)
                 _check_image_elements(found)
                 found.pixel_data = position
+                found.pixel_data_encapsulated = length == UNDEFINED
                 if not whole:
                     return  # the rest of the data set is not here to follow
                 if length == UNDEFINED:  # encapsulated: its fragments follow, then its sequence delimiter
