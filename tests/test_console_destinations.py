@@ -12,7 +12,7 @@ from dicom_node.console.app import ConsoleServer
 from dicom_node.console.metrics import Liveness
 from dicom_node.service import open_database
 from tests.conftest import free_port, require_tool, wait_for
-from tests.console_helpers import PASSWORDS, console_settings, log_in
+from tests.console_helpers import METRICS_TOKEN, PASSWORDS, console_settings, log_in
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +46,7 @@ def test_console_echoes_destinations_periodically_and_shows_the_reachable_and_th
 
         rows = wait_for(both_checked, timeout=30, interval=0.5, what="a C-ECHO of each destination")
         page = client.get("/destinations").text
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     finally:
         server.stop()
         peer.terminate()
@@ -55,6 +56,8 @@ def test_console_echoes_destinations_periodically_and_shows_the_reachable_and_th
     assert rows["archive"]["reachable"] is False
     assert rows["archive"]["last_error"]["detail"].startswith("outgoing C-ECHO to destination archive: failed: ")
     assert "PACSSCP@127.0.0.1" in page and "ARCHIVE@127.0.0.1" in page
+    assert 'dicom_node_destination_up{destination="pacs"} 1.0' in metrics.splitlines()
+    assert 'dicom_node_destination_up{destination="archive"} 0.0' in metrics.splitlines()
 
 
 def _answers(client: httpx.Client) -> bool:
@@ -62,3 +65,58 @@ def _answers(client: httpx.Client) -> bool:
         return client.get("/healthz").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_destination_up_reads_only_each_destinations_own_recent_c_echo(tmp_path):
+    """An echo older than two probe intervals (plus time limits) says nothing of now: the destination is left out;
+    a destination named as the start of another's name is not read from the other's records."""
+    from datetime import timedelta
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    from db.models import AuditEvent, utcnow
+    from dicom_node.console.metrics import DatabaseCollector
+
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        destinations={
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            "pacs2": {"ae_title": "PACS2", "host": "127.0.0.1", "port": 104},
+            "archive": {"ae_title": "ARCHIVE", "host": "10.0.0.9", "port": 11112},
+            "new": {"ae_title": "NEW", "host": "10.0.0.10", "port": 104},
+        },
+        dispatch={"timeout_seconds": 10},
+        console=console_settings(free_port(), echo_interval_seconds=60),
+    )
+    sessions = open_database(settings)
+    now = utcnow()
+    window = 2 * 60 + 4 * 10 + 60
+
+    def echo(name: str, address: str, outcome: str, seconds_ago: float) -> AuditEvent:
+        detail = f"outgoing C-ECHO to destination {name}: " + ("success in 3 ms" if outcome == "success" else "failed")
+        return AuditEvent(
+            at=now - timedelta(seconds=seconds_ago), action="echo", peer_address=address, outcome=outcome, detail=detail
+        )
+
+    with sessions() as session:
+        session.add_all(
+            [
+                echo("pacs", "127.0.0.1:104", "success", 30),
+                echo("pacs2", "127.0.0.1:104", "failed", 10),  # same address, the newer record, another destination
+                echo("archive", "10.0.0.9:11112", "success", window + 30),  # too old to say anything of now
+                echo("archive", "10.0.0.9:11112", "failed", window - 30),
+                echo("new", "10.0.0.10:104", "success", window + 5),
+            ]
+        )
+        session.commit()
+    collector = DatabaseCollector(settings, sessions, Liveness(lambda: None, lambda: True))
+    (family,) = [m for m in collector.collect() if m.name == "dicom_node_destination_up"]
+    assert isinstance(family, GaugeMetricFamily)
+    assert {sample.labels["destination"]: sample.value for sample in family.samples} == {
+        "pacs": 1.0,
+        "pacs2": 0.0,
+        "archive": 0.0,
+    }
+    settings.console.echo_interval_seconds = 0
+    (family,) = [m for m in collector.collect() if m.name == "dicom_node_destination_up"]
+    assert family.samples == []

@@ -20,6 +20,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -27,10 +28,21 @@ from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditTotal, InstanceTotal, Job, JobEvent, JobState, RejectedInstance, Series, as_utc, utcnow
+from db.models import (
+    AuditEvent,
+    AuditTotal,
+    InstanceTotal,
+    Job,
+    JobEvent,
+    JobState,
+    RejectedInstance,
+    Series,
+    as_utc,
+    utcnow,
+)
 from db.session import read_only
 from dicom_node.config import Settings, TlsSettings
-from dicom_node.console.queries import Transition, refusal_kind, stages_of
+from dicom_node.console.queries import ECHO_DETAIL_PREFIX, Transition, refusal_kind, stages_of
 from dicom_node.logs import first_line, os_error_text
 from dicom_node.receive.recorder import JOURNAL_SUFFIX, instances_waiting_to_be_recorded
 from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, describe_database
@@ -488,6 +500,41 @@ class DatabaseCollector(Collector):
         ):
             files.add_metric([names.get(address or "", ae_title or address or "unknown")], float(count))
         yield files
+        yield self._destinations_up(session)
+
+    def _destinations_up(self, session: Session) -> Metric:
+        """Each destination's latest C-ECHO outcome, from the audit records of the console's periodic probe (and of
+        echoes an operator asked for) within the last two probe intervals, plus one C-ECHO time limit per
+        destination and a minute: an older one says nothing of now, and the destination is left out."""
+        up = GaugeMetricFamily(
+            "dicom_node_destination_up",
+            "1 when the destination answered its latest C-ECHO (the console sends one every "
+            "console.echo_interval_seconds), 0 when it did not; absent while no recent C-ECHO is recorded.",
+            labels=["destination"],
+        )
+        interval = self.settings.console.echo_interval_seconds
+        if not interval:
+            return up
+        destinations = self.settings.destinations
+        window = 2 * interval + len(destinations) * self.settings.dispatch.timeout_seconds + 60
+        since = utcnow() - timedelta(seconds=window)
+        for name, destination in destinations.items():
+            said = f"{ECHO_DETAIL_PREFIX} to destination {name}"
+            latest = session.scalar(
+                select(AuditEvent.outcome)
+                .where(
+                    AuditEvent.at >= since,
+                    AuditEvent.action == "echo",
+                    AuditEvent.peer_address == f"{destination.host}:{destination.port}",
+                    AuditEvent.detail.startswith(f"{said}:", autoescape=True)
+                    | AuditEvent.detail.startswith(f"{said},", autoescape=True),
+                )
+                .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+                .limit(1)
+            )
+            if latest is not None:
+                up.add_metric([name], 1.0 if latest == "success" else 0.0)
+        return up
 
     def _workers(self, session: Session) -> Iterator[Metric]:
         alive = self.liveness.workers_alive()
