@@ -173,21 +173,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def associate_seeing_rejection(ae: Any, *args: Any, **kwargs: Any) -> Any:
+def associate_seeing_rejection(ae: Any, host: str, port: int, *, ae_title: str, **kwargs: Any) -> Any:
     """``ae.associate``, with ``rejection_received``: whether the node's A-ASSOCIATE-RJ reached this requestor.
 
     pynetdicom's requestor checks, after sending its request, whether the connection was made; a rejection that
     arrives and closes the connection before that check (a loaded machine: the requestor's thread descheduled)
     reads as a failure to connect, so ``is_rejected`` is False although the node rejected the association as it
-    should. The A-ASSOCIATE-RJ PDU itself is what the node sent, whichever way the requestor read it.
+    should. The node's own :class:`~dicom_node.scu.AssociationWatch` sees the A-ASSOCIATE-RJ PDU itself arrive.
     """
-    from pynetdicom import evt
-    from pynetdicom.pdu import A_ASSOCIATE_RJ
+    from dicom_node.scu import AssociationWatch
 
-    received: list[Any] = []
-    handlers = [*kwargs.pop("evt_handlers", []), (evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))]
-    assoc = ae.associate(*args, evt_handlers=handlers, **kwargs)
-    assoc.rejection_received = assoc.is_rejected or any(isinstance(pdu, A_ASSOCIATE_RJ) for pdu in received)
+    watch = AssociationWatch()
+    assoc = watch.associate(ae, host, port, ae_title, **kwargs)
+    assoc.rejection_received = assoc.is_rejected or watch.rejection is not None
     return assoc
 
 
