@@ -21,6 +21,9 @@ KATAKANA = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"  # PS3.5 H
 CASES = {
     "japanese-kanji": ("\\ISO 2022 IR 87", KANJI),
     "japanese-katakana-and-kanji": ("ISO 2022 IR 13\\ISO 2022 IR 87", KATAKANA),
+    # kanji whose JIS X 0208 bytes include 0x3D, the byte of "=": 住 is 3D 3B, 修 3D 24
+    "japanese-kanji-with-the-byte-of-equals": ("\\ISO 2022 IR 87", "Sumita^Shun=住田^俊=すみた^しゅん"),
+    "japanese-kanji-ending-a-group-with-it": ("\\ISO 2022 IR 87", "Yamada^Osamu=山田^修=やまだ^おさむ"),
     "korean": ("\\ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동"),
     "chinese-gb18030": ("GB18030", "Wang^XiaoDong=王^小东"),
     "greek": ("ISO_IR 126", "Διονυσιος"),
@@ -108,8 +111,13 @@ def test_a_patient_name_that_does_not_decode_fails_the_series_before_inference(t
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "character_set, name",
-    [CASES["japanese-kanji"], CASES["japanese-katakana-and-kanji"], CASES["undefined-value"]],
-    ids=["japanese-kanji", "japanese-katakana-and-kanji", "undefined-value"],
+    [
+        CASES["japanese-kanji"],
+        CASES["japanese-katakana-and-kanji"],
+        CASES["japanese-kanji-with-the-byte-of-equals"],
+        CASES["undefined-value"],
+    ],
+    ids=["japanese-kanji", "japanese-katakana-and-kanji", "japanese-kanji-with-the-byte-of-equals", "undefined-value"],
 )
 def test_series_in_any_character_set_goes_done_with_utf8_results(tmp_path, start_node, character_set, name):
     series = write_phantom_series(tmp_path / "ct", replace(SMALL, character_set=character_set, patient_name=name))

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.charset import python_encoding
+from pydicom.charset import decode_bytes, default_encoding, python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
@@ -156,11 +156,29 @@ def character_set_read_as(value: str) -> str | None:
     return value
 
 
+PERSON_NAME_DELIMITERS = {0x3D, 0x5E}
+"""``=`` and ``^``: before each, PS3.5 6.2.1.2 switches the text back to the first character set."""
+
+
 def _rebuild_person_name(dataset: Dataset, element: DataElement) -> None:
     """A person name from its decoded text only: written in the results' character set, not the source's bytes."""
     if element.VR != "PN" or element.value is None:
         return
     if element.VM > 1:
-        element.value = [PersonName(str(name)) for name in element.value]
+        element.value = [PersonName(_whole_name(name)) for name in element.value]
     elif element.value != "":
-        element.value = PersonName(str(element.value))
+        element.value = PersonName(_whole_name(element.value))
+
+
+def _whole_name(name: PersonName | str) -> str:
+    """The name's text, its encoded bytes decoded as one value, escape sequences followed from start to end.
+
+    pydicom splits a name's bytes at every ``=`` byte before decoding its groups, but under ISO 2022 IR 87 (JIS X
+    0208 kanji, as Japanese names are written) a character's two bytes may include 0x3D: 住 is ``ESC $ B 0x3D
+    0x3B``. ``Sumita^Shun=住田^俊`` then read ``Sumita^Shun==;ED^=S``, and the results named another patient.
+    """
+    encoded = getattr(name, "original_string", None)
+    if not isinstance(encoded, bytes):
+        return str(name)
+    encodings = getattr(name, "encodings", None) or [default_encoding]
+    return decode_bytes(encoded.rstrip(b" \x00"), list(encodings), PERSON_NAME_DELIMITERS)
