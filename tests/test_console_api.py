@@ -198,6 +198,20 @@ def test_viewer_is_refused_every_operator_action_and_downloads(processed):
         assert response.json()["detail"] == "vera is a viewer; this needs the operator role"
     assert viewer.get(f"/series/{uid}/files/seg-binary.dcm").status_code == 403
     assert running.node.job_state(uid) is JobState.DONE
+    # each attempt is the audit trail's: the first in the trail, the rest within 10 s counted in the next record
+    first = (
+        f"user vera: POST {OPERATOR_POSTS[0].format(uid=uid)} refused: vera is a viewer; this needs the operator role"
+    )
+    assert first in _refused_details(running)
+
+
+def _refused_details(running) -> list[str]:
+    with running.node.sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent.detail).where(AuditEvent.action == "console", AuditEvent.outcome == "refused")
+            )
+        )
 
 
 def test_operator_actions_need_the_sessions_csrf_token(processed):
@@ -212,6 +226,10 @@ def test_operator_actions_need_the_sessions_csrf_token(processed):
     form = operator.post(f"/series/{uid}/cancel", data={"csrf_token": "forged"})
     assert form.status_code == 403
     assert running.node.job_state(uid) is JobState.DONE
+    assert (
+        f"user olga: POST /api/jobs/{uid}/retry refused: missing or wrong CSRF token: send the page's csrf_token "
+        "field or the X-CSRF-Token header"
+    ) in _refused_details(running)
 
 
 def test_operator_downloads_a_result_and_the_download_is_audited(processed):

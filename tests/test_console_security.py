@@ -289,6 +289,14 @@ def test_a_post_from_another_site_is_refused_even_with_the_token(console):
     for header in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Referer": "https://evil.example/page"}):
         response = operator.post(f"/series/{QUEUED}/retry", data={"csrf_token": token}, headers=header)
         assert response.status_code == 403 and "came from another site" in response.text, header
+    with console.sessions() as session:
+        refused = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "console", AuditEvent.outcome == "refused")
+        ).all()
+    assert (
+        f"user olga: POST /series/{QUEUED}/retry refused: this request came from another site (its Origin or Referer "
+        "is not this console)"
+    ) in refused
     form = console.client()
     page = form.get("/login")
     login_token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)

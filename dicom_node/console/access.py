@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Request, Response
@@ -258,11 +258,28 @@ def proxy_session_cookie(context: ConsoleContext, value: str, *, secure: bool) -
     return carrier.headers["set-cookie"]
 
 
-def operator(user: Annotated[User, Depends(viewer)]) -> User:
+def operator(request: Request, user: Annotated[User, Depends(viewer)]) -> User:
     """Dependency: a logged-in operator."""
     if not user.has_role("operator"):
-        raise Forbidden(f"{user.name} is a {user.role}; this needs the operator role")
+        refuse(request, user, f"{user.name} is a {user.role}; this needs the operator role")
     return user
+
+
+def refuse(request: Request, user: User, message: str) -> NoReturn:
+    """Refuse ``user``'s request with 403 and ``message``, recorded in the audit trail first: an attempt to change a
+    series without the role, or a forged request in a user's session, is as much the trail's as a refused download.
+    A client can repeat these at will: one record per user and reason each 10 s, the next one counting those left
+    out."""
+    what = f"{request.method} {audit.as_sent(request.url.path, 120)}"
+    console_of(request).audit_repeatable(
+        request,
+        ("refused", user.name, message),
+        "more such requests by this user were refused",
+        user.name,
+        "refused",
+        f"{what} refused: {message}",
+    )
+    raise Forbidden(message)
 
 
 def same_origin(request: Request) -> bool:
@@ -290,19 +307,26 @@ def check_origin(request: Request) -> None:
 
 
 async def _check_csrf(request: Request, user: User) -> None:
-    check_origin(request)
+    if not same_origin(request):
+        refuse(request, user, "this request came from another site (its Origin or Referer is not this console)")
     token = request.headers.get(CSRF_HEADER)
     if token is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         token = str((await request.form()).get(CSRF_FIELD) or "") or None
     if getattr(request.state, NEW_PROXY_SESSION, None) is not None:
-        raise Forbidden(
+        refuse(
+            request,
+            user,
             "this request carries no console session (its cookie), so no CSRF token can be valid: keep the cookie "
-            f"the console sets with its first answer (GET /api/me gives it, and the {CSRF_HEADER} token to send)"
+            f"the console sets with its first answer (GET /api/me gives it, and the {CSRF_HEADER} token to send)",
         )
     if not console_of(request).auth.csrf_valid(user, token):
-        raise Forbidden(f"missing or wrong CSRF token: send the page's {CSRF_FIELD} field or the {CSRF_HEADER} header")
+        refuse(
+            request,
+            user,
+            f"missing or wrong CSRF token: send the page's {CSRF_FIELD} field or the {CSRF_HEADER} header",
+        )
 
 
 async def posting_viewer(request: Request, user: Annotated[User, Depends(viewer)]) -> User:
