@@ -352,6 +352,7 @@ def _admit(
     headers = [(_label(f), _read(f), f) for f in files]
     warnings: list[str] = []
     _check_identity(headers)
+    _check_modality(headers, modality)
     for label, header, _ in headers:
         _check_dates_and_times(label, header)
         _check_patient_sex(label, header)
@@ -558,6 +559,23 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
                 f"(first: {first}) carry another value than the rest; one series must hold one "
                 f"{IDENTITY_SUBJECT.get(keyword, 'patient')}"
             )
+
+
+def _check_modality(headers: list[tuple[str, Dataset, InstanceFile]], modality: str | None) -> None:
+    """Every instance must carry the series' Modality (its first instance's, which routing decided by): a CT series
+    holding an image labelled MR would be segmented with that image in the volume."""
+    if modality is None:
+        return
+    expected = modality.strip(" \x00").upper()
+    others = [
+        label for label, header, _ in headers if (raw_text(header, "Modality") or "").strip(" \x00").upper() != expected
+    ]
+    if others:
+        raise Refused(
+            f"Modality differs within the series: {len(others)} of {len(headers)} instances (first: {others[0]}) "
+            f"are not {expected}, as the series is; one series holds images of one modality, so the sender must "
+            "correct it"
+        )
 
 
 DATES_AND_TIMES = {"StudyDate": DA, "PatientBirthDate": DA, "StudyTime": TM, "PatientBirthTime": TM}

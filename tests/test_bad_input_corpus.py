@@ -234,6 +234,15 @@ CASES: list[Case] = [
     Case("long_series_description_is_stored_shortened", each(setting("SeriesDescription", "D" * 100))),
     # --- identity: one patient, one study per series ------------------------------------------
     Case(
+        "an_image_labelled_mr_in_a_ct_series_is_refused",
+        nth(2, setting("Modality", "MR")),
+        JobState.FAILED,
+        not_admitted(
+            "Modality differs within the series: 1 of 4 instances (first: instance 3) are not CT, as the series is; "
+            "one series holds images of one modality, so the sender must correct it"
+        ),
+    ),
+    Case(
         "two_patient_ids_are_refused",
         nth(2, setting("PatientID", "OTHER-PATIENT-ID")),
         JobState.FAILED,
