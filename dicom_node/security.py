@@ -382,6 +382,22 @@ def _admit_or_reject(
             on_rejected(event, str(found))
         assoc.kill()
         return
+    too_small = _pdu_too_small(request.maximum_length_received, ae_title, address)
+    if too_small is not None:
+        log_throttled(
+            LOG,
+            logging.WARNING,
+            "association.rejected",
+            address,
+            calling_ae=ae_title,
+            address=address,
+            reason=too_small,
+        )
+        assoc.acse.send_reject(0x01, 0x01, 0x01)  # permanent, service user, no reason given
+        if on_rejected is not None:
+            on_rejected(event, too_small)
+        assoc.kill()
+        return
     full = _senders_limit_reached(assoc, address, caps)
     if full is not None:
         log_throttled(
@@ -396,6 +412,23 @@ def _admit_or_reject(
         cx for cx in assoc.acceptor.supported_contexts if context_allowed(str(cx.abstract_syntax), found)
     ]
     setattr(assoc, PEER_ATTRIBUTE, found)
+
+
+SMALLEST_PEER_PDU_BYTES = 4096
+"""The smallest maximum PDU length a caller may ask the node to send in (DCMTK's smallest, ``ASC_MINIMUMPDUSIZE``; 0
+means no limit). pynetdicom fails on a PDU of under 8 bytes and aborts; one of a few bytes sends a study as millions
+of PDUs and holds a core for minutes."""
+
+
+def _pdu_too_small(maximum_length: int | None, ae_title: str, address: str) -> str | None:
+    """Why an association whose caller asks for PDUs of at most ``maximum_length`` bytes is refused; None if not."""
+    if not maximum_length or maximum_length >= SMALLEST_PEER_PDU_BYTES:
+        return None
+    return (
+        f"{ae_title} at {address} asked for PDUs of at most {maximum_length} bytes, fewer than the "
+        f"{SMALLEST_PEER_PDU_BYTES} the node sends in at the least; set the peer's maximum PDU length to "
+        f"{SMALLEST_PEER_PDU_BYTES} bytes or more (0: no limit)"
+    )
 
 
 def _senders_limit_reached(assoc: Any, address: str, caps: AssociationCaps | None) -> str | None:

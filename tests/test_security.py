@@ -101,6 +101,33 @@ def test_a_known_ae_title_calling_from_another_host_is_refused(start_node):
     assert "is configured for 127.0.0.1/32, but called from 127.0.0.2" in node.log()
 
 
+@pytest.mark.parametrize("max_pdu", [1, 6, 7, 4095])
+def test_a_peer_asking_for_pdus_smaller_than_dcmtks_smallest_is_refused_with_a_sentence(start_node, max_pdu):
+    """pynetdicom accepted a maximum PDU of 1 to 6 bytes and then failed on the first answer ('fragment_length cannot
+    be between 1 and 7'), aborting with no reason; 7 bytes sent a study as millions of PDUs."""
+    node = start_node(peers=PEERS)
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+
+    small = associate_seeing_rejection(ae, "127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=max_pdu)
+    smallest_allowed = associate_seeing_rejection(ae, "127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=4096)
+    unlimited = associate_seeing_rejection(ae, "127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=0)
+
+    assert small.rejection_received and not small.is_established
+    for assoc in (smallest_allowed, unlimited):
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    reason = (
+        f"PACS at 127.0.0.1 asked for PDUs of at most {max_pdu} bytes, fewer than the 4096 the node sends in at the "
+        "least; set the peer's maximum PDU length to 4096 bytes or more (0: no limit)"
+    )
+    wait_for(lambda: reason in node.log(), timeout=10, what="the rejection's reason in the log")
+    audit = node.cli("audit", "--action", "association", "--hours", "1")
+    assert "PACS at 127.0.0.1 asked for PDUs of at most" in " ".join(audit.stdout.split()), audit.stdout
+
+
 def test_the_default_admits_any_ae_title_from_loopback_only_and_says_so(start_node):
     node = start_node()
 
