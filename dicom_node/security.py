@@ -374,44 +374,40 @@ def _admit_or_reject(
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         found = certificate_refusal(found, sock) or found
     if isinstance(found, Refused):
-        log_throttled(
-            LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=found
-        )
-        assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
-        if on_rejected is not None:
-            on_rejected(event, str(found))
-        assoc.kill()
+        _reject(event, str(found), (0x01, 0x01, 0x03), on_rejected)  # permanent, service user, AE not recognised
         return
     too_small = _pdu_too_small(request.maximum_length_received, ae_title, address)
     if too_small is not None:
-        log_throttled(
-            LOG,
-            logging.WARNING,
-            "association.rejected",
-            address,
-            calling_ae=ae_title,
-            address=address,
-            reason=too_small,
-        )
-        assoc.acse.send_reject(0x01, 0x01, 0x01)  # permanent, service user, no reason given
-        if on_rejected is not None:
-            on_rejected(event, too_small)
-        assoc.kill()
+        _reject(event, too_small, (0x01, 0x01, 0x01), on_rejected)  # permanent, service user, no reason given
         return
     full = _senders_limit_reached(assoc, address, caps)
     if full is not None:
-        log_throttled(
-            LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=full
-        )
-        assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
-        if on_rejected is not None:
-            on_rejected(event, full)
-        assoc.kill()
+        _reject(event, full, (0x02, 0x03, 0x02), on_rejected)  # transient, service provider, local limit exceeded
         return
     assoc.acceptor.supported_contexts = [
         cx for cx in assoc.acceptor.supported_contexts if context_allowed(str(cx.abstract_syntax), found)
     ]
     setattr(assoc, PEER_ATTRIBUTE, found)
+
+
+def _reject(
+    event: evt.Event,
+    reason: str,
+    codes: tuple[int, int, int],
+    on_rejected: Callable[[evt.Event, str], None] | None,
+) -> None:
+    """Send the A-ASSOCIATE-RJ ``codes`` (result, source, diagnostic), log and audit ``reason``, and close."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    ae_title = str(request.calling_ae_title).strip() if request is not None else None
+    address = assoc.requestor.address
+    log_throttled(
+        LOG, logging.WARNING, "association.rejected", address, calling_ae=ae_title, address=address, reason=reason
+    )
+    assoc.acse.send_reject(*codes)
+    if on_rejected is not None:
+        on_rejected(event, reason)
+    assoc.kill()
 
 
 SMALLEST_PEER_PDU_BYTES = 4096
