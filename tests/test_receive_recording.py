@@ -353,3 +353,71 @@ def test_the_lookup_on_the_acknowledgement_path_finds_where_an_instance_is_recor
     broken = recorded_path_lookup(make_engine(f"sqlite:///{tmp_path / 'never-migrated.db'}"))  # no tables
     with pytest.raises(broken.errors):
         broken("1.2.3.1.1")
+
+
+def _journaled(recorder: InstanceRecorder, record: InstanceRecord) -> None:
+    """As the receiver acknowledges an instance: its path in the journal, then handed to the recorder."""
+    recorder.submit(record, recorder.journal.append(record.path))
+
+
+def test_a_journal_that_cannot_be_deleted_for_a_moment_leaves_the_recorder_recording(tmp_path, monkeypatch, caplog):
+    """A journal file whose deletion failed (its folder briefly immutable: EPERM) ended the recorder thread: the
+    node went on acknowledging images it never recorded, and their series stayed RECEIVING until a restart."""
+    store, sessions = _setup(tmp_path)
+    recorder = InstanceRecorder(store, sessions)
+    recorder.start()
+    real_unlink = Path.unlink
+    refusing = [True]
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if refusing[0] and path.suffix == ".journal":
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        _journaled(recorder, _stored(store, "1.2.3.1", "1.2.3.1.1"))
+        assert recorder.wait_until_recorded(timeout=10)
+        assert list(recorder.journal.folder.glob("*.journal"))  # recorded, its journal still there
+        _journaled(recorder, _stored(store, "1.2.3.1", "1.2.3.1.2"))  # the next image is recorded too
+        assert recorder.wait_until_recorded(timeout=10)
+        refusing[0] = False
+        wait_for(lambda: not list(recorder.journal.folder.glob("*.journal")), timeout=10, what="the journal deleted")
+    finally:
+        recorder.stop()
+    with sessions() as session:
+        assert set(session.scalars(select(Instance.sop_instance_uid))) == {"1.2.3.1.1", "1.2.3.1.2"}
+    warnings = [r.event_fields["reason"] for r in caplog.records if r.msg == "recorder.journal_not_deleted"]
+    assert len(warnings) == 1, warnings
+    assert "cannot be deleted (operation not permitted); the instances it names are recorded" in warnings[0]
+
+
+def test_an_unexpected_error_while_recording_is_logged_and_the_batch_recorded_at_the_next_try(
+    tmp_path, monkeypatch, caplog
+):
+    """The recorder thread outlives an error nothing expected (a bug): it logs it and records the batch again."""
+    store, sessions = _setup(tmp_path)
+    recorder = InstanceRecorder(store, sessions)
+    real_record = recorder._record
+    failures = [1]
+
+    def record_once_failing(batch):
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("a bug")
+        return real_record(batch)
+
+    monkeypatch.setattr(recorder, "_record", record_once_failing)
+    recorder.start()
+    try:
+        _journaled(recorder, _stored(store, "1.2.3.1", "1.2.3.1.1"))
+        assert recorder.wait_until_recorded(timeout=15)
+    finally:
+        recorder.stop()
+    with sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 1
+    (failed,) = [r for r in caplog.records if r.msg == "recorder.failed"]
+    assert failed.event_fields["reason"] == (
+        "1 acknowledged instance(s) could not be recorded because of an unexpected error (details follow); trying "
+        "again in a second"
+    )

@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,8 @@ CPU each, one at a time 0.6-0.8 ms (SQLite, 2026-11-29); one association brings 
 gathering ends early when someone waits for the queue to be recorded (:meth:`InstanceRecorder.wait_until_recorded`,
 a sender's A-RELEASE-RQ): a release then waits for one transaction, not for the rest of the gathering time."""
 LONGEST_RETRY_DELAY_SECONDS = 5.0
+IDLE_SECONDS = 1.0
+"""With nothing to record for this long, the recorder tries again to delete journal segments it could not."""
 
 
 def journal_folder(store: InstanceStore) -> Path:
@@ -93,6 +96,8 @@ class Journal:
         self._entries_in_segment = 0
         self._segment_opened = 0.0
         self._outstanding: dict[int, int] = {}  # segment -> paths not yet recorded
+        self._undeleted: set[int] = set()  # segments all recorded whose file could not be deleted yet
+        self._deletion_failing = False
 
     def _path(self, segment: int) -> Path:
         return self.folder / f"{os.getpid()}-{segment}{JOURNAL_SUFFIX}"
@@ -114,25 +119,59 @@ class Journal:
             return self._segment
 
     def _open_next_segment(self) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None
+        self._close_segment()
         self._segment += 1
         self._entries_in_segment = 0
         self._segment_opened = self.clock()
         self._descriptor = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
+    def _close_segment(self) -> None:
+        if self._descriptor is not None:
+            descriptor, self._descriptor = self._descriptor, None
+            with suppress(OSError):  # Linux frees the descriptor even when close reports an error
+                os.close(descriptor)
+
     def done(self, segments: Iterable[int]) -> None:
-        """The entries (one per item of ``segments``) are recorded; delete segments left with none."""
+        """The entries (one per item of ``segments``) are recorded; delete segments left with none. Never raises:
+        a segment that cannot be deleted now is tried again (:meth:`delete_finished`)."""
         with self._lock:
             for segment in segments:
                 self._outstanding[segment] -= 1
             for segment in [s for s, n in self._outstanding.items() if n <= 0]:
                 del self._outstanding[segment]
-                if segment == self._segment and self._descriptor is not None:
-                    os.close(self._descriptor)
-                    self._descriptor = None
-                self._path(segment).unlink(missing_ok=True)
+                if segment == self._segment:
+                    self._close_segment()
+                self._undeleted.add(segment)
+        self.delete_finished()
+
+    def delete_finished(self) -> None:
+        """Delete the segments whose entries are all recorded. One that cannot be deleted (its folder briefly
+        read-only, an I/O error) stays and is tried again at the next call: completion leaves the series it names
+        alone while it exists, and start-up recovery would only find its files recorded already."""
+        with self._lock:
+            for segment in sorted(self._undeleted):
+                try:
+                    self._path(segment).unlink(missing_ok=True)
+                except OSError as exc:
+                    if not self._deletion_failing:
+                        log_event(
+                            LOG,
+                            logging.WARNING,
+                            "recorder.journal_not_deleted",
+                            journal=str(self._path(segment)),
+                            reason=f"the journal file {self._path(segment)} cannot be deleted "
+                            f"({(exc.strerror or 'an error of the operating system').lower()}); the instances it "
+                            "names are recorded, and it is tried again "
+                            "every second; until then their series are not completed",
+                        )
+                    self._deletion_failing = True
+                    return
+                self._undeleted.discard(segment)
+            if self._deletion_failing:
+                log_event(
+                    LOG, logging.INFO, "recorder.journal_deleted", note="the journal files could be deleted again"
+                )
+                self._deletion_failing = False
 
 
 @dataclass(frozen=True)
@@ -212,7 +251,11 @@ class InstanceRecorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                self.journal.delete_finished()
+                continue
             if first is _STOP:
                 return
             if first is _FLUSH:
@@ -231,10 +274,32 @@ class InstanceRecorder:
                 if item is _FLUSH:
                     break
                 batch.append(item)  # type: ignore[arg-type]
-            if not self._record(batch):
+            if not self._record_surviving(batch):
                 return  # stopping while the database refuses: the journal keeps the rest
             if stop_after:
                 return
+
+    def _record_surviving(self, batch: list[_Pending]) -> bool:
+        """:meth:`_record`, tried again each second after an error it does not expect: the thread must outlive any
+        one error, or this process would go on acknowledging images it never records."""
+        while True:
+            try:
+                return self._record(batch)
+            except Exception as exc:  # logged with its trace; the batch is not lost
+                if self._stopping.is_set() and time.monotonic() >= self._give_up_at:
+                    return False
+                LOG.error(
+                    "recorder.failed",
+                    exc_info=exc,
+                    extra={
+                        "event_fields": {
+                            "instances": len(batch),
+                            "reason": f"{len(batch)} acknowledged instance(s) could not be recorded because of an "
+                            "unexpected error (details follow); trying again in a second",
+                        }
+                    },
+                )
+                time.sleep(1.0)
 
     def _record(self, batch: list[_Pending]) -> bool:
         """Record ``batch`` in one transaction, retrying while the database refuses; False if given up."""
@@ -280,7 +345,8 @@ class InstanceRecorder:
             )
             self._waiting_since = None
         for pending, outcome in outcomes:
-            _log_outcome(pending.record, outcome)
+            with suppress(Exception):  # recorded: a log line that fails must not record it again
+                _log_outcome(pending.record, outcome)
         self.journal.done(pending.segment for pending in batch)
         with self._idle:
             self._finished += len(batch)
