@@ -286,12 +286,31 @@ def _log_warning(message: Warning | str, category: type[Warning], *_where: Any, 
     logging.getLogger("py.warnings").warning("%s", str(message))
 
 
+def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: a thread that ends with an error nothing caught, as a log line naming the thread
+    (its trace follows), in place of Python's bare ``Exception in thread ...`` on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    reason = (
+        f"the node's {name} thread stopped because of an unexpected error (details follow); what it does is not "
+        "done until the node is restarted: restart it and report the error"
+    )
+    logging.getLogger("dicom_node").critical(
+        "thread.failed",
+        exc_info=args.exc_value if args.exc_value is not None else True,
+        extra={"event_fields": {"thread": name, "reason": reason}},
+    )
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Send the node's log lines to stderr in the chosen format; libraries' warnings go there too, throttled."""
+    """Send the node's log lines to stderr in the chosen format; libraries' warnings go there too, throttled;
+    a thread that fails is logged (:func:`_log_thread_failure`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(LibraryLines())
     warnings.showwarning = _log_warning
+    threading.excepthook = _log_thread_failure
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -81,6 +81,31 @@ def test_pynetdicom_per_pdu_log_handlers_are_bound_only_at_debug(restored_loggin
     assert logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
 
 
+def test_a_thread_that_fails_is_a_log_line_naming_it_not_pythons_bare_trace(restored_logging, monkeypatch, capsys):
+    """Python printed 'Exception in thread instance-recorder: Traceback ...' on stderr, outside the log's format."""
+    import threading
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    configure_logging("INFO")
+
+    def fails() -> None:
+        raise PermissionError(1, "Operation not permitted", "/storage/journal/1-0.journal")
+
+    thread = threading.Thread(target=fails, name="instance-recorder")
+    thread.start()
+    thread.join()
+
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.split(" ", 2)[1:] == [
+        "CRITICAL",
+        "thread.failed thread=instance-recorder reason=\"the node's instance-recorder thread stopped because of an "
+        "unexpected error (details follow); what it does is not done until the node is restarted: restart it and "
+        'report the error" exception=' + line.split(" exception=", 1)[1],
+    ]
+    assert "PermissionError: [Errno 1] Operation not permitted" in line
+    assert "Exception in thread" not in line
+
+
 def test_the_throttle_lets_one_event_per_key_through_each_interval_and_counts_the_rest(monkeypatch):
     from dicom_node import logs
 
