@@ -305,6 +305,22 @@ class InstanceTotal(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
 
 
+class InterruptedTransfer(Base):
+    """A series some of whose images came on an association that ended in an abort, not a release: its sender may
+    not have sent the rest. Written when such an association ends, for each series it stored images of; deleted
+    when an association that stored images of the series is released (the sender sent it again), and when the
+    series completes. Completion waits ``completion.expected_count_timeout_seconds`` for such a series, not the
+    quiet period, and marks it partial if nothing more came."""
+
+    __tablename__ = "interrupted_transfers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(Text)  # why the association ended so, as the log says it
+
+
 class ClockDoubt(Base):
     """Retention doubts the wall clock (it read far ahead of what the node had recorded): at most one row (id 1).
 

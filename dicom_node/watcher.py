@@ -25,10 +25,10 @@ from pydicom.tag import Tag
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs
+from db import jobs, transfers
 from db.ingest import MissingInstances, instances_refused_for_series, unattributed_refusals_near_series
 from db.jobs import PARTIAL_SERIES_PREFIX, is_partial_series_warning
-from db.models import Instance, Job, JobState, Series, as_utc, utcnow
+from db.models import Instance, InterruptedTransfer, Job, JobState, Series, as_utc, utcnow
 from db.session import read_only, transaction
 from dicom_node.admission import (
     AdmissionResult,
@@ -222,6 +222,11 @@ class SeriesWatcher(PeriodicTask):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
+                cut_short = transfers.interruption_of(session, series.series_instance_uid)
+                if cut_short is not None:
+                    if job.id in timed_out:  # else its sender has time yet to send it again
+                        self._complete_cut_short(session, job, cut_short, expected_timeout, quiet, pending)
+                    continue
                 expected, images, expecting = _expectation(session, series)
                 missing = instances_refused_for_series(session, series)
                 if expected is None or images >= expected:
@@ -294,9 +299,35 @@ class SeriesWatcher(PeriodicTask):
         for job_id in job_ids:
             self._route(job_id)
 
+    def _complete_cut_short(
+        self,
+        session: Session,
+        job: Job,
+        cut_short: InterruptedTransfer,
+        waited: timedelta,
+        quiet: timedelta,
+        pending: _Pending,
+    ) -> None:
+        """Complete a series whose images came on an association cut short, after ``waited`` without another one."""
+        series = job.series
+        seconds = f"{waited.total_seconds():g} s"
+        warning = (
+            f"{PARTIAL_SERIES_PREFIX} the association from {cut_short.calling_ae_title or 'its sender'} that sent "
+            f"images of it ended without a release ({cut_short.reason}), and no image came in the {seconds} after; "
+            f"the result covers the {series.instance_count} received and may lack the rest"
+        )
+        reason = (
+            f"no new instance for {seconds} after an association sending it was cut short "
+            f"({series.instance_count} received; partial series)"
+        )
+        missing = instances_refused_for_series(session, series)
+        unattributed = unattributed_refusals_near_series(session, series, quiet)
+        self._complete(session, job, reason, pending, [warning, *_refusal_warnings(series, missing, unattributed)])
+
     def _complete(
         self, session: Session, job: Job, reason: str, pending: _Pending, warnings: Sequence[str] = ()
     ) -> None:
+        transfers.forget_interruptions(session, [job.series.series_instance_uid])
         jobs.mark_complete(session, job, reason)
         jobs.append_warnings(job, warnings, replacing=is_partial_series_warning)
         pending.add(
@@ -427,6 +458,10 @@ def receiving_progress(session: Session, series: Series, quiet_seconds: float | 
     ago = max(0, int((utcnow() - as_utc(series.last_received_at)).total_seconds()))
     since = f"{ago} s" if ago < 120 else f"{ago // 60} min"
     sentence = f"receiving: {held} so far, the last one {since} ago"
+    cut_short = transfers.interruption_of(session, series.series_instance_uid)
+    if cut_short is not None:
+        sender = cut_short.calling_ae_title or "its sender"
+        return f"{sentence}; the association from {sender} sending it was cut short: waiting for the rest"
     if quiet_seconds is not None:
         sentence += f"; it completes after {quiet_seconds:g} s without a new image"
     return sentence

@@ -59,6 +59,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # p
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import transfers
 from db.ingest import InstanceRecord, record_rejection
 from db.session import retry_when_locked, transaction
 from dicom_node import status
@@ -224,6 +225,8 @@ def start_storage_scp(
         (evt.EVT_ABORTED, _on_aborted),
         (evt.EVT_RELEASED, _audit_association_end, [context.sessions, "released"]),
         (evt.EVT_ABORTED, _audit_association_end, [context.sessions, "aborted"]),
+        (evt.EVT_RELEASED, _note_transfer_end, [context.sessions, "released"]),
+        (evt.EVT_ABORTED, _note_transfer_end, [context.sessions, "aborted"]),
         (evt.EVT_REJECTED, _audit_rejection, [context.sessions]),
         (evt.EVT_C_ECHO, require_role("echo", peers, _on_echo), [context.sessions]),
         (evt.EVT_C_STORE, require_role("store", peers, handle_store), [context]),
@@ -263,12 +266,74 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     code = answer if isinstance(answer, int) else int(answer.Status)
     outcome = status_outcome(code)
     StoreTally.of(event.assoc).add(attempt.study_instance_uid, "success" if outcome == "partial" else outcome)
+    if outcome in ("success", "partial") and attempt.series_instance_uid is not None:
+        series_stored(event.assoc).add(attempt.series_instance_uid)
     return answer
 
 
 @dataclass
 class _StoreAttempt:
     study_instance_uid: str | None = None  # known once the header is read
+    series_instance_uid: str | None = None  # set where the image is stored into its series
+
+
+SERIES_STORED = "_dicom_node_series_stored"
+"""Set on an association: the SeriesInstanceUIDs it stored images of, for :func:`_note_transfer_end`."""
+
+
+def series_stored(assoc: Any) -> set[str]:
+    """The series an association stored images of (a set kept on it, created on first use)."""
+    stored = getattr(assoc, SERIES_STORED, None)
+    if stored is None:
+        stored = set()
+        setattr(assoc, SERIES_STORED, stored)
+    return stored
+
+
+def _note_transfer_end(
+    event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]
+) -> None:
+    """An association that stored images ended: cut short, its series may lack the rest (completion waits for them,
+    :mod:`db.transfers`); released, its series were sent whole again."""
+    series = set(getattr(event.assoc, SERIES_STORED, None) or ())
+    if not series or (outcome == "aborted" and ended_idle(event.assoc)):
+        return  # a sender silent for the idle limit had sent what it meant to: its series complete as usual
+    requestor = event.assoc.requestor
+    try:
+        if outcome == "aborted":
+            reason = abort_reason(event.assoc)
+            log_event(
+                LOG,
+                logging.WARNING,
+                "series.interrupted",
+                calling_ae=requestor.ae_title,
+                address=requestor.address,
+                series=len(series),
+                reason=f"{reason}, after it had stored images of {len(series)} series; each waits for the rest "
+                "(completion.expected_count_timeout_seconds) before it is processed, then is marked partial",
+            )
+            retry_when_locked(
+                lambda: transfers.note_interrupted(sessions, series, requestor.ae_title, reason),
+                waiting=f"noting the series of the association from {requestor.ae_title} that was cut short",
+                limit_seconds=RELEASE_WAIT_SECONDS,
+            )
+        else:
+            retry_when_locked(
+                lambda: transfers.clear_interrupted(sessions, series),
+                waiting=f"noting the series {requestor.ae_title} sent again",
+                limit_seconds=RELEASE_WAIT_SECONDS,
+            )
+    except Exception:  # the association has ended either way; completion then goes by the quiet period
+        LOG.exception(
+            "series.interruption_not_noted",
+            extra={
+                "event_fields": {
+                    "calling_ae": requestor.ae_title,
+                    "reason": f"whether the association from {requestor.ae_title} ended {outcome} could not be "
+                    "recorded for its series (details follow); they complete after the quiet period as usual",
+                }
+            },
+        )
 
 
 def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> int | Dataset:
@@ -348,6 +413,7 @@ def _store(event: evt.Event, context: StoreContext, attempt: _StoreAttempt) -> i
         return write_failed(write_error)
 
     attempt.study_instance_uid = header.study.study_instance_uid
+    attempt.series_instance_uid = header.series.series_instance_uid
     record = header.record(transfer_syntax, str(path), len(file_meta) + len(encoded), calling_ae)
     recorder = context.recorder
     try:
@@ -916,6 +982,13 @@ def _note_abort_received(event: evt.Event) -> None:
         setattr(event.assoc, ABORT_RECEIVED, primitive)
 
 
+def ended_idle(assoc: Any) -> bool:
+    """Whether the node aborted the association because nothing arrived for ``network.network_timeout_seconds``."""
+    if getattr(assoc, ABORT_RECEIVED, None) is not None or getattr(assoc, ABORT_REASON, None) is not None:
+        return False
+    return bool(getattr(assoc, "_sent_abort", False) and assoc.dul.idle_timer_expired())
+
+
 def abort_reason(assoc: Any) -> str:
     """Why an association ended in an abort, as far as the node can tell: the sender's A-ABORT, a connection
     closed or broken under it, the node's network timeout, or the node's own abort (stopping)."""
@@ -932,7 +1005,7 @@ def abort_reason(assoc: Any) -> str:
     told = getattr(assoc, ABORT_REASON, None)
     if told is not None:
         return str(told)
-    if getattr(assoc, "_sent_abort", False) and assoc.dul.idle_timer_expired():
+    if ended_idle(assoc):
         return (
             f"nothing arrived from {sender} for {assoc.network_timeout:g} s (network.network_timeout_seconds), so "
             "the node aborted the association"

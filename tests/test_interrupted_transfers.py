@@ -1,0 +1,122 @@
+"""A series whose images came on an association cut short (the sender's A-ABORT, a dropped connection) is not
+processed after the quiet period as if whole: completion waits as for an expected count, then marks it partial; a
+sender that sends it again on an association it releases makes it whole and it completes as usual."""
+
+from __future__ import annotations
+
+import time
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from db.jobs import job_for_series_uid
+from db.models import JobState
+from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.watcher import receiving_progress
+from tests.conftest import CT_RULES, wait_for
+
+pytestmark = pytest.mark.integration
+
+SPEC = PhantomSpec(rows=32, columns=32, slices=12, pixel_spacing=(8.0, 8.0), slice_spacing=5.0, noise_sd=5.0)
+QUIET_SECONDS = 1.0
+WAIT_FOR_THE_REST_SECONDS = 8.0
+
+
+def _series(folder):
+    """The phantom without ImagesInAcquisition, as most CT series come: only the quiet period tells they are whole."""
+    series = write_phantom_series(folder, SPEC)
+    for path in series.files:
+        dataset = pydicom.dcmread(path)
+        del dataset.ImagesInAcquisition
+        dataset.save_as(path)
+    return series
+
+
+def _send(port: int, files, *, abort: bool) -> None:
+    """C-STORE ``files`` on one association as a sender does (pynetdicom), then release it, or abort it."""
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+    datasets = [pydicom.dcmread(path) for path in files]
+    for syntax in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
+        ae.add_requested_context(datasets[0].SOPClassUID, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    for dataset in datasets:
+        assert assoc.send_c_store(dataset).Status == 0x0000
+    if abort:
+        assoc.abort()
+    else:
+        assoc.release()
+
+
+@pytest.fixture
+def node(start_node):
+    return start_node(
+        rules=CT_RULES,
+        completion={
+            "quiet_seconds": QUIET_SECONDS,
+            "check_interval_seconds": 0.2,
+            "expected_count_timeout_seconds": WAIT_FOR_THE_REST_SECONDS,
+        },
+    )
+
+
+def test_a_series_cut_short_waits_for_the_rest_then_is_marked_partial(node, tmp_path):
+    series = _series(tmp_path / "ct")
+    started = time.monotonic()
+    _send(node.port, series.files[:5], abort=True)
+
+    time.sleep(QUIET_SECONDS * 3)  # well past the quiet period
+    assert node.job_state(series.series_instance_uid) is JobState.RECEIVING
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None
+        progress = receiving_progress(session, job.series, QUIET_SECONDS)
+    assert progress.endswith("; the association from MODALITY sending it was cut short: waiting for the rest")
+
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=60)
+    assert time.monotonic() - started >= WAIT_FOR_THE_REST_SECONDS
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None
+        warnings, events = job.warnings, [event.reason for event in job.events]
+    assert warnings == [
+        "partial series: the association from MODALITY that sent images of it ended without a release (MODALITY at "
+        "127.0.0.1 aborted the association (it sent an A-ABORT) instead of releasing it), and no image came in the "
+        f"{WAIT_FOR_THE_REST_SECONDS:g} s after; the result covers the 5 received and may lack the rest"
+    ]
+    assert (
+        f"no new instance for {WAIT_FOR_THE_REST_SECONDS:g} s after an association sending it was cut short (5 "
+        "received; partial series)"
+    ) in events
+    assert "series.interrupted calling_ae=MODALITY" in node.log()
+
+
+def test_a_series_cut_short_and_sent_again_whole_completes_after_the_quiet_period_without_a_warning(node, tmp_path):
+    series = _series(tmp_path / "ct")
+    _send(node.port, series.files[:5], abort=True)
+    _send(node.port, series.files, abort=False)  # the sender's retry: the whole series, released
+    sent_again = time.monotonic()
+
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=30)
+    assert time.monotonic() - sent_again < WAIT_FOR_THE_REST_SECONDS
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and not job.warnings
+        assert job.series.instance_count == SPEC.slices
+
+
+def test_a_series_released_whole_is_not_held_by_an_earlier_interruption_of_another_series(node, tmp_path):
+    cut = _series(tmp_path / "cut")
+    whole = _series(tmp_path / "whole")
+    _send(node.port, cut.files[:3], abort=True)
+    _send(node.port, whole.files, abort=False)
+
+    node.wait_for_state(whole.series_instance_uid, JobState.QUEUED, timeout=30)
+    assert node.job_state(cut.series_instance_uid) is JobState.RECEIVING
+    wait_for(
+        lambda: node.job_state(cut.series_instance_uid) is JobState.QUEUED,
+        timeout=60,
+        what="the series cut short to complete after the wait",
+    )
