@@ -349,7 +349,7 @@ def _admit(
             f"the series has {declared} images; at most {settings.max_instances} are processed "
             "(admission.max_instances)"
         )
-    headers = [(_label(f), _read(f), f) for f in files]
+    headers = [(label, _read(f, label), f) for label, f in zip(_labels(files), files, strict=True)]
     warnings: list[str] = []
     _check_identity(headers)
     _check_modality(headers, modality)
@@ -454,23 +454,33 @@ def _size(count: float) -> str:
     return f"{count / 1024**2:.1f} MB"
 
 
-def _label(file: InstanceFile) -> str:
-    if file.instance_number is not None:
-        return f"instance {file.instance_number}"
-    return f"instance {file.sop_instance_uid}"
+def _label(file: InstanceFile, shared_number: bool = False) -> str:
+    """How a reason names an instance: by its InstanceNumber, with its SOP Instance UID where other instances of the
+    series carry the same number (``shared_number``), by its SOP Instance UID where it has none."""
+    if file.instance_number is None:
+        return f"instance {file.sop_instance_uid}"
+    if shared_number:
+        return f"instance {file.instance_number} (SOP Instance UID {file.sop_instance_uid})"
+    return f"instance {file.instance_number}"
 
 
-def _read(file: InstanceFile) -> Dataset:
+def _labels(files: Sequence[InstanceFile]) -> list[str]:
+    """:func:`_label` of each file: a series whose images all say InstanceNumber 1 names the one meant."""
+    numbers = Counter(file.instance_number for file in files)
+    return [_label(file, numbers[file.instance_number] > 1) for file in files]
+
+
+def _read(file: InstanceFile, label: str) -> Dataset:
     try:
         return dcmread(file.path, defer_size=DEFER_BYTES, specific_tags=HEADER_TAGS)
     except FileNotFoundError:
-        raise Refused(f"the file of {_label(file)} is missing from storage") from None
+        raise Refused(f"the file of {label} is missing from storage") from None
     except OSError as exc:  # the machine's trouble (no file handle left, a failing disk), not the sender's data
         raise StorageUnavailable(
-            f"the stored file of {_label(file)} cannot be read now ({os_error_text(exc)})"
+            f"the stored file of {label} cannot be read now ({os_error_text(exc)})"
         ) from None
     except Exception:  # noqa: BLE001 - any unreadable file refuses the series, named
-        raise Refused(f"the stored file of {_label(file)} cannot be read as DICOM") from None
+        raise Refused(f"the stored file of {label} cannot be read as DICOM") from None
 
 
 # ---------------------------------------------------------------------------
