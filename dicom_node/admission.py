@@ -476,9 +476,7 @@ def _read(file: InstanceFile, label: str) -> Dataset:
     except FileNotFoundError:
         raise Refused(f"the file of {label} is missing from storage") from None
     except OSError as exc:  # the machine's trouble (no file handle left, a failing disk), not the sender's data
-        raise StorageUnavailable(
-            f"the stored file of {label} cannot be read now ({os_error_text(exc)})"
-        ) from None
+        raise StorageUnavailable(f"the stored file of {label} cannot be read now ({os_error_text(exc)})") from None
     except Exception:  # noqa: BLE001 - any unreadable file refuses the series, named
         raise Refused(f"the stored file of {label} cannot be read as DICOM") from None
 
