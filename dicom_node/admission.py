@@ -460,8 +460,17 @@ def _label(file: InstanceFile, shared_number: bool = False) -> str:
     if file.instance_number is None:
         return f"instance {file.sop_instance_uid}"
     if shared_number:
-        return f"instance {file.instance_number} (SOP Instance UID {file.sop_instance_uid})"
+        return f"instance {file.instance_number}{UID_SUFFIX.format(file.sop_instance_uid)}"
     return f"instance {file.instance_number}"
+
+
+UID_SUFFIX = " (SOP Instance UID {})"
+"""What :func:`_label` adds to an InstanceNumber that other instances share."""
+
+
+def _without_uid(label: str, uid: str) -> str:
+    """``label`` without the SOP Instance UID :func:`_label` added: the stack check names two copies itself."""
+    return label.replace(UID_SUFFIX.format(uid), "")
 
 
 def _labels(files: Sequence[InstanceFile]) -> list[str]:
@@ -1254,7 +1263,7 @@ def _check_slice_stack(images: list[_Frame]) -> None:
     try:
         smallest_pixel = min((min(f.spacing) for f in ordered if f.spacing), default=None)
         positions = [f.position for f in ordered]
-        labels, instances = [f.label for f in ordered], [f.instance for f in ordered]
+        labels, instances = [_without_uid(f.label, f.instance) for f in ordered], [f.instance for f in ordered]
         check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=labels, instances=instances)
     except VolumeError as exc:
         raise Refused(str(exc)) from None
