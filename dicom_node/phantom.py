@@ -163,6 +163,9 @@ class PhantomSpec:
         With ``enhanced``: write the instance as Legacy Converted Enhanced CT
         (what a PACS makes of a single-frame series), referencing the
         single-frame images it stands for.
+    images_in_acquisition
+        Write ImagesInAcquisition on single-frame CT images (False: none, as
+        many scanners send them; only the quiet period then completes the series).
     patient_id, patient_name, character_set
         PatientID, PatientName and the SpecificCharacterSet written (values
         separated by backslashes, e.g. ``\\ISO 2022 IR 87`` for Japanese
@@ -187,6 +190,7 @@ class PhantomSpec:
     add_localizer: bool = False
     enhanced: bool = False
     legacy_converted: bool = False
+    images_in_acquisition: bool = True
     patient_id: str = "PHANTOM-1"
     patient_name: str = "Phantom^Synthetic"
     character_set: str = "ISO_IR 100"
@@ -717,7 +721,7 @@ def _write_slice(
     ds = _base_dataset(ctx, CTImageStorage if is_ct else MRImageStorage, instance=index + 1)
     ds.ImageType = ["ORIGINAL", "PRIMARY"] + (["AXIAL"] if is_ct else ["M", "ND"])
     ds.AcquisitionNumber = 1
-    if is_ct:
+    if is_ct and spec.images_in_acquisition:
         ds.ImagesInAcquisition = images
     _set_image_plane(ds, ctx, position, ctx.iop)
     ds.SliceLocation = _ds(float(np.dot(position, ctx.normal)))
@@ -943,7 +947,7 @@ def _write_localizer(ctx: _Context, out_dir: Path, first: Sequence[float]) -> tu
     ds = _base_dataset(ctx, sop_class, instance=spec.slices + 1)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.AcquisitionNumber = 2
-    if spec.modality == "CT":
+    if spec.modality == "CT" and spec.images_in_acquisition:
         ds.ImagesInAcquisition = 1
     iop = [_ds(v) for v in (*plane.row_dir, *plane.col_dir)]
     _set_image_plane(ds, ctx, plane.position, iop)

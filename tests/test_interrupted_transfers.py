@@ -18,19 +18,18 @@ from tests.conftest import CT_RULES, wait_for
 
 pytestmark = pytest.mark.integration
 
-SPEC = PhantomSpec(rows=32, columns=32, slices=12, pixel_spacing=(8.0, 8.0), slice_spacing=5.0, noise_sd=5.0)
+# without ImagesInAcquisition, as most CT series come: only the quiet period tells they are whole
+SPEC = PhantomSpec(
+    rows=32,
+    columns=32,
+    slices=12,
+    pixel_spacing=(8.0, 8.0),
+    slice_spacing=5.0,
+    noise_sd=5.0,
+    images_in_acquisition=False,
+)
 QUIET_SECONDS = 1.0
 WAIT_FOR_THE_REST_SECONDS = 8.0
-
-
-def _series(folder):
-    """The phantom without ImagesInAcquisition, as most CT series come: only the quiet period tells they are whole."""
-    series = write_phantom_series(folder, SPEC)
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
-        del dataset.ImagesInAcquisition
-        dataset.save_as(path)
-    return series
 
 
 def _send(port: int, files, *, abort: bool) -> None:
@@ -63,7 +62,7 @@ def node(start_node):
 
 
 def test_a_series_cut_short_waits_for_the_rest_then_is_marked_partial(node, tmp_path):
-    series = _series(tmp_path / "ct")
+    series = write_phantom_series(tmp_path / "ct", SPEC)
     started = time.monotonic()
     _send(node.port, series.files[:5], abort=True)
 
@@ -94,7 +93,7 @@ def test_a_series_cut_short_waits_for_the_rest_then_is_marked_partial(node, tmp_
 
 
 def test_a_series_cut_short_and_sent_again_whole_completes_after_the_quiet_period_without_a_warning(node, tmp_path):
-    series = _series(tmp_path / "ct")
+    series = write_phantom_series(tmp_path / "ct", SPEC)
     _send(node.port, series.files[:5], abort=True)
     _send(node.port, series.files, abort=False)  # the sender's retry: the whole series, released
     sent_again = time.monotonic()
@@ -108,8 +107,8 @@ def test_a_series_cut_short_and_sent_again_whole_completes_after_the_quiet_perio
 
 
 def test_a_series_released_whole_is_not_held_by_an_earlier_interruption_of_another_series(node, tmp_path):
-    cut = _series(tmp_path / "cut")
-    whole = _series(tmp_path / "whole")
+    cut = write_phantom_series(tmp_path / "cut", SPEC)
+    whole = write_phantom_series(tmp_path / "whole", SPEC)
     _send(node.port, cut.files[:3], abort=True)
     _send(node.port, whole.files, abort=False)
 

@@ -378,3 +378,12 @@ def test_phantom_command_refuses_an_unknown_multiframe_kind(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert "--multiframe is 'enhanced' or 'legacy', not 'tiled'" in result.stderr
+
+
+def test_images_in_acquisition_is_written_or_left_out_as_the_spec_says(tmp_path):
+    spec = PhantomSpec(rows=8, columns=8, slices=3, add_localizer=True)
+    counted = write_phantom_series(tmp_path / "counted", spec)
+    uncounted = write_phantom_series(tmp_path / "uncounted", replace(spec, images_in_acquisition=False))
+
+    assert all("ImagesInAcquisition" in pydicom.dcmread(path) for path in counted.files)
+    assert not any("ImagesInAcquisition" in pydicom.dcmread(path) for path in uncounted.files)

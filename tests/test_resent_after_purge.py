@@ -4,6 +4,7 @@ routed as it is sent now (DCMTK storescu as the sender, DCMTK storescp as the PA
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -36,12 +37,7 @@ def pacs(tmp_path: Path):
 
 def series_without_an_expected_count(folder: Path):
     """The phantom series without ImagesInAcquisition (as many scanners send it): only the purge knows its size."""
-    series = write_phantom_series(folder, SPEC)
-    for path in series.files:
-        dataset = pydicom.dcmread(path)
-        del dataset.ImagesInAcquisition
-        dataset.save_as(path)
-    return series
+    return write_phantom_series(folder, replace(SPEC, images_in_acquisition=False))
 
 
 def move_to_another_study(files: list[Path]) -> str:
