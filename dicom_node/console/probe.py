@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.config import Settings
-from dicom_node.console.queries import ECHO_DETAIL_PREFIX
+from dicom_node.console.queries import echo_detail
 from dicom_node.periodic import PeriodicTask
 
 
@@ -34,7 +34,7 @@ def echo_destination(
         "echo",
         audit.Peer(destination.ae_title, f"{destination.host}:{destination.port}"),
         "success" if result.ok else "failed",
-        detail=f"{ECHO_DETAIL_PREFIX} to destination {name}{who}: {outcome}",
+        detail=f"{echo_detail(name)}{who}: {outcome}",
     )
     return result.ok
 

@@ -430,6 +430,12 @@ def rejected_count(session: Session) -> int:
 ECHO_DETAIL_PREFIX = "outgoing C-ECHO"
 
 
+def echo_detail(destination: str) -> str:
+    """How the audit record of a C-ECHO of ``destination`` begins; ``: <outcome>`` (the console's probe) or
+    ``, requested by <user>: <outcome>`` (an operator's) follows."""
+    return f"{ECHO_DETAIL_PREFIX} to destination {destination}"
+
+
 def destinations(session: Session, settings: Settings) -> list[dict[str, Any]]:
     """Per configured destination: last C-ECHO, last successful send, last error (from the audit trail)."""
     result = []
