@@ -3,25 +3,32 @@
 An association that ends in an abort (the sender's A-ABORT, a dropped connection, the node's own network timeout or
 its stop) after storing images of a series leaves that series perhaps incomplete: the sender, if it retries, sends
 them again on a new association. Completion then waits as for an expected count, and marks the series partial if
-nothing more comes (``dicom_node.watcher``). A released association that stored images of the series clears it.
+nothing more comes (``dicom_node.watcher``). A released association that stored images of the series and began after
+the other was cut short clears it: one that ran beside it (two associations sending halves of one series) does not.
+A receiving process that died with associations open marks their series too (:mod:`dicom_node.receive.open_transfers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import datetime
 
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import InterruptedTransfer, Job, JobState, Series
+from db.models import InterruptedTransfer, Job, JobState, Series, utcnow
 from db.session import read_outside_transaction, transaction
 
 
 def note_interrupted(
-    sessions: sessionmaker[Session], series_uids: Collection[str], calling_ae_title: str | None, reason: str
+    sessions: sessionmaker[Session],
+    series_uids: Collection[str],
+    calling_ae_title: str | None,
+    reason: str,
+    at: datetime | None = None,
 ) -> None:
-    """Record that an association ending in an abort (``reason``) had stored images of ``series_uids``: of those
-    still receiving, or not recorded yet."""
+    """Record that an association ending in an abort (``reason``, ``at`` that moment: default now) had stored images
+    of ``series_uids``: of those still receiving, or not recorded yet."""
     if not series_uids:
         return
     with transaction(sessions) as session:
@@ -34,21 +41,26 @@ def note_interrupted(
         )
         session.add_all(
             InterruptedTransfer(
-                series_instance_uid=uid, calling_ae_title=(calling_ae_title or "")[:16] or None, reason=reason
+                series_instance_uid=uid,
+                calling_ae_title=(calling_ae_title or "")[:16] or None,
+                reason=reason,
+                at=at or utcnow(),
             )
             for uid in sorted(set(series_uids) - settled)
         )
 
 
-def clear_interrupted(sessions: sessionmaker[Session], series_uids: Collection[str]) -> None:
-    """A released association stored images of ``series_uids``: their sender sent them again, whole."""
+def clear_interrupted(sessions: sessionmaker[Session], series_uids: Collection[str], began: datetime) -> None:
+    """A released association, begun at ``began``, stored images of ``series_uids``: where another was cut short
+    before it began, their sender sent them again, whole. One cut short after it began ran beside it: its mark
+    stays."""
     if not series_uids:
         return
-    marked = exists().where(InterruptedTransfer.series_instance_uid.in_(series_uids))
-    if not read_outside_transaction(sessions, select(marked)):  # nearly always: no write for a plain release
+    earlier = (InterruptedTransfer.series_instance_uid.in_(series_uids), InterruptedTransfer.at < began)
+    if not read_outside_transaction(sessions, select(exists().where(*earlier))):  # nearly always: no write
         return
     with transaction(sessions) as session:
-        forget_interruptions(session, series_uids)
+        session.execute(delete(InterruptedTransfer).where(*earlier))
 
 
 def interruption_of(session: Session, series_instance_uid: str) -> InterruptedTransfer | None:

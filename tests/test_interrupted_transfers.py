@@ -4,7 +4,10 @@ sender that sends it again on an association it releases makes it whole and it c
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from typing import Any
 
 import pydicom
 import pytest
@@ -15,6 +18,7 @@ from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from dicom_node.watcher import receiving_progress
 from tests.conftest import CT_RULES, wait_for
+from tests.test_receiver_restarts import receiving_processes
 
 pytestmark = pytest.mark.integration
 
@@ -32,33 +36,64 @@ QUIET_SECONDS = 1.0
 WAIT_FOR_THE_REST_SECONDS = 8.0
 
 
-def _send(port: int, files, *, abort: bool) -> None:
-    """C-STORE ``files`` on one association as a sender does (pynetdicom), then release it, or abort it."""
+def _associate(port: int, files) -> Any:
+    """An association from MODALITY (pynetdicom) that can send ``files``, left open."""
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
-    datasets = [pydicom.dcmread(path) for path in files]
+    datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
     for syntax in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(datasets[0].SOPClassUID, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     assert assoc.is_established
-    for dataset in datasets:
-        assert assoc.send_c_store(dataset).Status == 0x0000
+    return assoc
+
+
+def _store(assoc: Any, files) -> None:
+    for path in files:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+
+
+def _send(port: int, files, *, abort: bool) -> None:
+    """C-STORE ``files`` on one association as a sender does (pynetdicom), then release it, or abort it."""
+    assoc = _associate(port, files)
+    _store(assoc, files)
     if abort:
         assoc.abort()
     else:
         assoc.release()
 
 
+COMPLETION = {
+    "quiet_seconds": QUIET_SECONDS,
+    "check_interval_seconds": 0.2,
+    "expected_count_timeout_seconds": WAIT_FOR_THE_REST_SECONDS,
+}
+
+
 @pytest.fixture
 def node(start_node):
-    return start_node(
-        rules=CT_RULES,
-        completion={
-            "quiet_seconds": QUIET_SECONDS,
-            "check_interval_seconds": 0.2,
-            "expected_count_timeout_seconds": WAIT_FOR_THE_REST_SECONDS,
-        },
-    )
+    return start_node(rules=CT_RULES, completion=COMPLETION)
+
+
+def _partial_warning_of(node, series_instance_uid: str) -> str:
+    """The partial-series warning of a series that waited for the rest of a transfer cut short, once it is QUEUED."""
+    node.wait_for_state(series_instance_uid, JobState.QUEUED, timeout=60)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_instance_uid)
+        assert job is not None
+        [warning] = job.warnings
+    return warning
+
+
+def _waits_for_the_rest(node, series_instance_uid: str) -> None:
+    """Well past the quiet period the series still receives, its status saying the transfer was cut short."""
+    time.sleep(QUIET_SECONDS * 3)
+    assert node.job_state(series_instance_uid) is JobState.RECEIVING
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series_instance_uid)
+        assert job is not None
+        progress = receiving_progress(session, job.series, QUIET_SECONDS)
+    assert progress.endswith("; the association from MODALITY sending it was cut short: waiting for the rest")
 
 
 def test_a_series_cut_short_waits_for_the_rest_then_is_marked_partial(node, tmp_path):
@@ -119,3 +154,63 @@ def test_a_series_released_whole_is_not_held_by_an_earlier_interruption_of_anoth
         timeout=60,
         what="the series cut short to complete after the wait",
     )
+
+
+def test_a_series_whose_receiving_process_is_killed_mid_association_waits_for_the_rest(start_node, tmp_path):
+    """A receiving process killed (as the out-of-memory killer does) takes its open association with it, and no
+    abort is ever handled for it: the supervisor marks the series it was storing cut short, naming how it ended."""
+    node = start_node(rules=CT_RULES, completion=COMPLETION, receive={"processes": 2})
+    assert node.process is not None
+    wait_for(lambda: "scp.listening" in node.log(), timeout=60, what="both receiving processes to listen")
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    assoc = _associate(node.port, series.files)
+    _store(assoc, series.files[:5])
+    killed = receiving_processes(node.process.pid)
+    for pid in killed:  # the one holding the association among them
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not assoc.is_alive(), timeout=30, what="the sender to see its association end")
+
+    _waits_for_the_rest(node, series.series_instance_uid)
+    warning = _partial_warning_of(node, series.series_instance_uid)
+    assert any(
+        warning.startswith(
+            "partial series: the association from MODALITY that sent images of it ended without a release (the "
+            f"node's receiving process (pid {pid}) stopped while the association from MODALITY at 127.0.0.1 was "
+            "open: it was killed (signal 9, SIGKILL)"
+        )
+        for pid in killed
+    ), warning
+    assert warning.endswith("the result covers the 5 received and may lack the rest")
+
+
+def test_a_series_being_received_when_the_whole_node_is_killed_waits_for_the_rest_after_the_restart(
+    start_node, tmp_path
+):
+    node = start_node(rules=CT_RULES, completion=COMPLETION)
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    assoc = _associate(node.port, series.files)
+    _store(assoc, series.files[:5])
+    node.kill()
+    assoc.abort()
+    node.start()
+
+    _waits_for_the_rest(node, series.series_instance_uid)
+    warning = _partial_warning_of(node, series.series_instance_uid)
+    assert "was open: the node stopped without ending its associations in order (it was killed or crashed" in warning
+
+
+def test_a_release_beside_an_association_cut_short_does_not_make_the_series_whole(node, tmp_path):
+    """Two associations send halves of one series at once; the first (the upper half) is cut short after 3 of its 6
+    images, the other releases after its 6: the release did not send the first one's images again, so the series waits for
+    them and is then marked partial (it was processed after the quiet period as whole, 9 of 12 images)."""
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    first, second = _associate(node.port, series.files), _associate(node.port, series.files)
+    _store(first, series.files[6:9])  # the upper half, cut short: the series' last 3 images never come
+    _store(second, series.files[:6])
+    first.abort()
+    time.sleep(0.5)  # the node has handled the abort
+    second.release()
+
+    _waits_for_the_rest(node, series.series_instance_uid)
+    warning = _partial_warning_of(node, series.series_instance_uid)
+    assert warning.endswith("the result covers the 9 received and may lack the rest")

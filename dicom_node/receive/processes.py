@@ -13,7 +13,9 @@ creates before starting them.
 A receiving process that dies is started again (later each time while it keeps
 dying); the instances it acknowledged and had not yet recorded are indexed from its journal first
 (:func:`~dicom_node.receive.recorder.recover_journals`), without restarting
-``serve``. A receiving process whose ``serve`` is gone stops by itself.
+``serve``, and the series its open associations were storing are marked cut short
+(:func:`~dicom_node.receive.open_transfers.mark_left_open`). A receiving process
+whose ``serve`` is gone stops by itself.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.models import utcnow
 from dicom_node.audit import flush_repeated
 from dicom_node.config import Settings
 from dicom_node.logs import first_line, log_event
 from dicom_node.process_exit import how_a_process_ended
 from dicom_node.receive.claims import StudyClaims
+from dicom_node.receive.open_transfers import mark_left_open
 from dicom_node.receive.recorder import InstanceRecorder, journal_folder, recover_journals
 from dicom_node.receive.scp import StoreContext, start_storage_scp
 from dicom_node.receive.storage import TEMPORARY_SUFFIXES, InstanceStore
@@ -93,6 +98,7 @@ def start_receiving(settings: Settings, store: InstanceStore, sessions: sessionm
     _wait_for_earlier_receivers(store)
     store.remove_partial_files()  # again: an earlier receiver may have written after start-up repair looked
     recover_journals(store, sessions)  # left by receivers that ended before recording
+    mark_left_open(journal_folder(store), sessions, NODE_STOPPED)  # before any sender can send the rest again
     processes = receiving_processes(settings)
     if processes == 1:
         return InProcessReceiver.start(settings, store, sessions)
@@ -130,6 +136,10 @@ class InProcessReceiver:
         self.store.close()
 
 
+NODE_STOPPED = (
+    "the node stopped without ending its associations in order (it was killed or crashed, or its machine stopped)"
+)
+"""How an earlier ``serve`` left associations open, for the series they were storing."""
 ALIVE_SUFFIX = ".alive"
 EARLIER_RECEIVER_WAIT_SECONDS = 60.0
 
@@ -210,6 +220,8 @@ class ReceiverPool:
         self._restart_delay = [0.0] * processes  # each slot's last delay before a start again
         self._restart_at: dict[int, float] = {}  # slot -> when to start its dead process again (monotonic)
         self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
+        self._deaths: dict[int, tuple[str, datetime]] = {}  # pid -> how it ended, when it was last seen alive
+        self._last_check = utcnow()
         self._stop = threading.Event()
         self._stopped = threading.Event()  # set once shutdown has stopped every receiving process
         self._thread = threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)
@@ -326,6 +338,7 @@ class ReceiverPool:
                         self._start_again(number)
                 elif not self._processes[number].is_alive():
                     self._after_death(number)
+            self._last_check = utcnow()
 
     def _after_death(self, number: int) -> None:
         """Log how slot ``number``'s process ended, index what it acknowledged, and set when it starts again."""
@@ -352,6 +365,8 @@ class ReceiverPool:
         # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
         self.caps.forget(number)
         self.claims.give_back_lock_of(number)
+        if process.pid is not None:  # alive at the previous check: a sender's association begun since may resend
+            self._deaths[process.pid] = (how_a_process_ended(process.exitcode), self._last_check)
         self._clean_up_after(process.pid)
         if process.pid not in self._unrecovered:  # what it acknowledged is recorded: its claims are the rows now
             self.claims.forget(number)
@@ -378,12 +393,16 @@ class ReceiverPool:
         del self._restart_at[number]
 
     def _clean_up_after(self, pid: int | None) -> None:
-        """Index the files a gone receiving process acknowledged but did not record; drop its partial files."""
+        """Index the files a gone receiving process acknowledged but did not record, mark the series its open
+        associations were storing cut short; drop its partial files."""
         if pid is None:
             return
         try:
             recover_journals(self.store, self.sessions, pid)
+            how, alive_at = self._deaths.get(pid, ("it ended while the association was open", None))
+            mark_left_open(journal_folder(self.store), self.sessions, how, pid, at=alive_at)
             self._unrecovered.discard(pid)
+            self._deaths.pop(pid, None)
         except Exception as exc:  # noqa: BLE001 - tried again at every check; start-up repair at the latest
             if pid not in self._unrecovered:
                 log_event(

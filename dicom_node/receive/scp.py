@@ -61,6 +61,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import transfers
 from db.ingest import InstanceRecord, record_rejection
+from db.models import utcnow
 from db.session import retry_when_locked, transaction
 from dicom_node import status
 from dicom_node.audit import Peer, StoreTally, association_ended, own_check_echo, record, status_outcome
@@ -77,7 +78,8 @@ from dicom_node.receive.header import (
     read_header,
     stored_header,
 )
-from dicom_node.receive.recorder import InstanceRecorder
+from dicom_node.receive.open_transfers import OpenTransfers
+from dicom_node.receive.recorder import InstanceRecorder, journal_folder
 from dicom_node.receive.storage import (
     DIFFERENT_CONTENT_COMMENT,
     InstanceStore,
@@ -169,9 +171,12 @@ class StoreContext:
     """Records acknowledged instances in the database, off the acknowledgement path (started by the caller)."""
     studies: KnownStudies = field(init=False)
     """The patient of each study already stored, looked up through ``sessions``."""
+    open_transfers: OpenTransfers = field(init=False)
+    """The associations open that stored images, and their series: left behind should this process die."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "studies", KnownStudies(self.sessions))  # frozen: set once, here
+    def __post_init__(self) -> None:  # frozen: each set once, here
+        object.__setattr__(self, "studies", KnownStudies(self.sessions))
+        object.__setattr__(self, "open_transfers", OpenTransfers(journal_folder(self.store)))
 
 
 def build_ae(network: NetworkSettings) -> AE:
@@ -225,8 +230,8 @@ def start_storage_scp(
         (evt.EVT_ABORTED, _on_aborted),
         (evt.EVT_RELEASED, _audit_association_end, [context.sessions, "released"]),
         (evt.EVT_ABORTED, _audit_association_end, [context.sessions, "aborted"]),
-        (evt.EVT_RELEASED, _note_transfer_end, [context.sessions, "released"]),
-        (evt.EVT_ABORTED, _note_transfer_end, [context.sessions, "aborted"]),
+        (evt.EVT_RELEASED, _note_transfer_end, [context, "released"]),
+        (evt.EVT_ABORTED, _note_transfer_end, [context, "aborted"]),
         (evt.EVT_REJECTED, _audit_rejection, [context.sessions]),
         (evt.EVT_C_ECHO, require_role("echo", peers, _on_echo), [context.sessions]),
         (evt.EVT_C_STORE, require_role("store", peers, handle_store), [context]),
@@ -267,7 +272,10 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     outcome = status_outcome(code)
     StoreTally.of(event.assoc).add(attempt.study_instance_uid, "success" if outcome == "partial" else outcome)
     if outcome in ("success", "partial") and attempt.series_instance_uid is not None:
-        series_stored(event.assoc).add(attempt.series_instance_uid)
+        stored = series_stored(event.assoc)
+        if attempt.series_instance_uid not in stored:  # noted before the image is acknowledged
+            context.open_transfers.opened(event.assoc, attempt.series_instance_uid)
+            stored.add(attempt.series_instance_uid)
     return answer
 
 
@@ -290,18 +298,31 @@ def series_stored(assoc: Any) -> set[str]:
     return stored
 
 
-def _note_transfer_end(
-    event: evt.Event, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]
-) -> None:
+def _note_transfer_end(event: evt.Event, context: StoreContext, outcome: Literal["released", "aborted"]) -> None:
     """An association that stored images ended: cut short, its series may lack the rest (completion waits for them,
-    :mod:`db.transfers`); released, its series were sent whole again."""
-    series = set(getattr(event.assoc, SERIES_STORED, None) or ())
-    if not series or (outcome == "aborted" and ended_idle(event.assoc)):
+    :mod:`db.transfers`); released, its series were sent whole again, where another association was cut short
+    before this one began. Then it leaves this process' open transfers."""
+    try:
+        _mark_transfer_end(event.assoc, context.sessions, outcome)
+    finally:
+        context.open_transfers.ended(event.assoc)
+
+
+ACCEPTED_AT = "_dicom_node_accepted_at"
+"""Set on an association when the node accepts it: the moment (UTC), for :func:`_mark_transfer_end`."""
+ABORTED_AT = "_dicom_node_aborted_at"
+"""Set on an association as its abort is first handled (before the audit trail is written): the moment (UTC)."""
+
+
+def _mark_transfer_end(assoc: Any, sessions: sessionmaker[Session], outcome: Literal["released", "aborted"]) -> None:
+    ended_at = getattr(assoc, ABORTED_AT, None) or utcnow()
+    series = set(getattr(assoc, SERIES_STORED, None) or ())
+    if not series or (outcome == "aborted" and ended_idle(assoc)):
         return  # a sender silent for the idle limit had sent what it meant to: its series complete as usual
-    requestor = event.assoc.requestor
+    requestor = assoc.requestor
     try:
         if outcome == "aborted":
-            reason = abort_reason(event.assoc)
+            reason = abort_reason(assoc)
             log_event(
                 LOG,
                 logging.WARNING,
@@ -313,13 +334,13 @@ def _note_transfer_end(
                 "(completion.expected_count_timeout_seconds) before it is processed, then is marked partial",
             )
             retry_when_locked(
-                lambda: transfers.note_interrupted(sessions, series, requestor.ae_title, reason),
+                lambda: transfers.note_interrupted(sessions, series, requestor.ae_title, reason, at=ended_at),
                 waiting=f"noting the series of the association from {requestor.ae_title} that was cut short",
                 limit_seconds=RELEASE_WAIT_SECONDS,
             )
         else:
             retry_when_locked(
-                lambda: transfers.clear_interrupted(sessions, series),
+                lambda: transfers.clear_interrupted(sessions, series, getattr(assoc, ACCEPTED_AT, ended_at)),
                 waiting=f"noting the series {requestor.ae_title} sent again",
                 limit_seconds=RELEASE_WAIT_SECONDS,
             )
@@ -872,6 +893,7 @@ def own_health_check(assoc: Any) -> bool:
 
 
 def _on_accepted(event: evt.Event) -> None:
+    setattr(event.assoc, ACCEPTED_AT, utcnow())
     requestor = event.assoc.requestor
     log_event(
         LOG,
@@ -1016,6 +1038,7 @@ def abort_reason(assoc: Any) -> str:
 
 
 def _on_aborted(event: evt.Event) -> None:
+    setattr(event.assoc, ABORTED_AT, utcnow())
     requestor = event.assoc.requestor
     log_event(
         LOG,
