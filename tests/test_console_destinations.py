@@ -120,3 +120,49 @@ def test_destination_up_reads_only_each_destinations_own_recent_c_echo(tmp_path)
     settings.console.echo_interval_seconds = 0
     (family,) = [m for m in collector.collect() if m.name == "dicom_node_destination_up"]
     assert family.samples == []
+
+
+def test_the_destinations_page_reads_each_destinations_own_echoes_and_sends_at_a_shared_address(tmp_path):
+    """Two destinations at one host and port (two AE titles of one PACS) each show their own last C-ECHO, send and
+    error: the newer record of the other is not theirs."""
+    from datetime import timedelta
+
+    from db.models import AuditEvent, utcnow
+    from dicom_node.console.queries import destinations
+
+    settings = Settings(
+        storage={"directory": str(tmp_path / "storage")},
+        destinations={
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            "pacs_rt": {"ae_title": "PACSRT", "host": "127.0.0.1", "port": 104},
+        },
+    )
+    sessions = open_database(settings)
+    now = utcnow()
+
+    def record(action: str, ae_title: str | None, outcome: str, detail: str, seconds_ago: float) -> AuditEvent:
+        at = now - timedelta(seconds=seconds_ago)
+        return AuditEvent(
+            at=at, action=action, peer_ae_title=ae_title, peer_address="127.0.0.1:104", outcome=outcome, detail=detail
+        )
+
+    with sessions() as session:
+        session.add_all(
+            [
+                record("echo", None, "success", "outgoing C-ECHO to destination pacs: success in 3 ms", 50),
+                record("send", "PACS", "success", "job 1: 2 of 2 file(s) accepted", 40),
+                record("echo", None, "failed", "outgoing C-ECHO to destination pacs_rt: failed: refused", 20),
+                record("send", "PACSRT", "failed", "job 2: 0 of 2 file(s) accepted; refused", 10),
+            ]
+        )
+        session.commit()
+    with sessions() as session:
+        rows = {row["name"]: row for row in destinations(session, settings)}
+
+    assert rows["pacs"]["reachable"] is True
+    assert rows["pacs"]["last_echo"]["detail"] == "outgoing C-ECHO to destination pacs: success in 3 ms"
+    assert rows["pacs"]["last_success"]["detail"] == "job 1: 2 of 2 file(s) accepted"
+    assert rows["pacs"]["last_error"] is None
+    assert rows["pacs_rt"]["reachable"] is False
+    assert rows["pacs_rt"]["last_success"] is None
+    assert rows["pacs_rt"]["last_error"]["detail"] == "job 2: 0 of 2 file(s) accepted; refused"

@@ -42,7 +42,7 @@ from db.models import (
 )
 from db.session import read_only
 from dicom_node.config import Settings, TlsSettings
-from dicom_node.console.queries import Transition, echo_detail, refusal_kind, stages_of
+from dicom_node.console.queries import Transition, echoes_of, refusal_kind, stages_of
 from dicom_node.logs import first_line, os_error_text
 from dicom_node.receive.recorder import JOURNAL_SUFFIX, instances_waiting_to_be_recorded
 from dicom_node.storage_lock import DATABASE_FILE_NAME, database_identity, describe_database
@@ -519,16 +519,9 @@ class DatabaseCollector(Collector):
         window = 2 * interval + len(destinations) * self.settings.dispatch.timeout_seconds + 60
         since = utcnow() - timedelta(seconds=window)
         for name, destination in destinations.items():
-            said = echo_detail(name)
             latest = session.scalar(
                 select(AuditEvent.outcome)
-                .where(
-                    AuditEvent.at >= since,
-                    AuditEvent.action == "echo",
-                    AuditEvent.peer_address == f"{destination.host}:{destination.port}",
-                    AuditEvent.detail.startswith(f"{said}:", autoescape=True)
-                    | AuditEvent.detail.startswith(f"{said},", autoescape=True),
-                )
+                .where(AuditEvent.at >= since, echoes_of(name, destination))
                 .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
                 .limit(1)
             )

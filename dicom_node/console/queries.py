@@ -14,13 +14,13 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import String, cast, func, or_, select
+from sqlalchemy import ColumnElement, String, and_, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs
 from db.models import AuditEvent, Instance, Job, JobEvent, JobState, RejectedInstance, Series, Study, as_utc
 from dicom_node.admission import recorded_patient
-from dicom_node.config import Settings, hide_url_password
+from dicom_node.config import Destination, Settings, hide_url_password
 from dicom_node.provenance import made_by_weights, recorded_made_by, weights_digits
 from dicom_node.receive.header import StudyPatient, is_valid_uid
 from dicom_node.watcher import receiving_progress
@@ -436,17 +436,36 @@ def echo_detail(destination: str) -> str:
     return f"{ECHO_DETAIL_PREFIX} to destination {destination}"
 
 
+def echoes_of(name: str, destination: Destination) -> ColumnElement[bool]:
+    """The audit records of C-ECHOs of destination ``name``: by its address and the name its records give (two
+    destinations at one host and port, two AE titles there, are two)."""
+    said = echo_detail(name)
+    return and_(
+        AuditEvent.action == "echo",
+        AuditEvent.peer_address == f"{destination.host}:{destination.port}",
+        AuditEvent.detail.startswith(f"{said}:", autoescape=True)
+        | AuditEvent.detail.startswith(f"{said},", autoescape=True),
+    )
+
+
+def sends_to(destination: Destination) -> ColumnElement[bool]:
+    """The audit records of sends to ``destination``: by its address and AE title."""
+    return and_(
+        AuditEvent.action == "send",
+        AuditEvent.peer_address == f"{destination.host}:{destination.port}",
+        AuditEvent.peer_ae_title == destination.ae_title,
+    )
+
+
 def destinations(session: Session, settings: Settings) -> list[dict[str, Any]]:
     """Per configured destination: last C-ECHO, last successful send, last error (from the audit trail)."""
     result = []
     for name, destination in settings.destinations.items():
-        address = f"{destination.host}:{destination.port}"
-        mine = select(AuditEvent).where(AuditEvent.peer_address == address).order_by(AuditEvent.at.desc()).limit(1)
-        echo = session.scalars(
-            mine.where(AuditEvent.action == "echo", AuditEvent.detail.like(f"{ECHO_DETAIL_PREFIX}%"))
-        )
-        sent = session.scalars(mine.where(AuditEvent.action == "send", AuditEvent.outcome == "success"))
-        error = session.scalars(mine.where(AuditEvent.action.in_(["send", "echo"]), AuditEvent.outcome != "success"))
+        latest = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)
+        echoes, sends = echoes_of(name, destination), sends_to(destination)
+        echo = session.scalars(latest.where(echoes))
+        sent = session.scalars(latest.where(sends, AuditEvent.outcome == "success"))
+        error = session.scalars(latest.where(or_(echoes, sends), AuditEvent.outcome != "success"))
         last_echo, last_success, last_error = echo.first(), sent.first(), error.first()
         result.append(
             {
