@@ -14,6 +14,7 @@ from sqlalchemy import select
 from db import transfers
 from db.models import InterruptedTransfer, utcnow
 from db.session import make_engine, make_session_factory, migrate
+from dicom_node.receive import open_transfers as open_transfers_module
 from dicom_node.receive.open_transfers import SUFFIX, OpenTransfers, left_open, mark_left_open
 
 DEAD_PID = 999999999
@@ -54,6 +55,25 @@ def test_the_file_names_the_open_associations_series_and_goes_once_none_is_open(
 
     open_transfers.opened(_association("CT3"), "1.2.4")  # the next association writes a new file
     assert [each.series for each in left_open(open_transfers.path)] == [{"1.2.4"}]
+
+
+def test_a_file_kept_while_some_association_is_always_open_stays_short(tmp_path, monkeypatch):
+    monkeypatch.setattr(open_transfers_module, "COMPACT_AFTER_LINES", 10)
+    open_transfers = OpenTransfers(tmp_path / "journal")
+    long_open = _association("CT1")
+    open_transfers.opened(long_open, "1.2.1")
+    for number in range(100):  # one association after another beside it, each with a series
+        each = _association("CT2")
+        open_transfers.opened(each, f"1.3.{number}")
+        open_transfers.ended(each)
+        assert len(open_transfers.path.read_text().splitlines()) <= 11
+    last = _association("CT3")
+    open_transfers.opened(last, "1.4.1")
+    assert {frozenset(each.series) for each in left_open(open_transfers.path)} == {
+        frozenset({"1.2.1"}),
+        frozenset({"1.4.1"}),
+    }
+    assert not list((tmp_path / "journal").glob("*.new"))
 
 
 def test_a_line_cut_off_as_the_process_died_is_skipped(tmp_path):

@@ -14,6 +14,7 @@ that dies leaves them in the kernel's page cache.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -33,6 +34,9 @@ from dicom_node.logs import log_event, log_throttled, os_error_text
 LOG = logging.getLogger(__name__)
 
 SUFFIX = ".transfers"
+COMPACT_AFTER_LINES = 1000
+"""A file this long is written again with the open associations' lines only (on a node where some association is
+always open, it would never be deleted and grow with every series)."""
 ASSOCIATION_NUMBER = "_dicom_node_transfer_number"
 """Set on an association once it stores an image: its number in this process' file."""
 
@@ -44,8 +48,9 @@ class OpenTransfers:
         self.folder = folder
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self._open: set[int] = set()
+        self._open: dict[int, list[dict[str, Any]]] = {}  # association number -> the lines of its series
         self._descriptor: int | None = None
+        self._lines = 0  # in the file now
 
     @property
     def path(self) -> Path:
@@ -58,16 +63,15 @@ class OpenTransfers:
             if number is None:
                 number = next(self._numbers)
                 setattr(assoc, ASSOCIATION_NUMBER, number)
-            self._open.add(number)
             requestor = assoc.requestor
-            self._write(
-                {
-                    "association": number,
-                    "series": series_instance_uid,
-                    "calling_ae": requestor.ae_title,
-                    "address": requestor.address,
-                }
-            )
+            entry = {
+                "association": number,
+                "series": series_instance_uid,
+                "calling_ae": requestor.ae_title,
+                "address": requestor.address,
+            }
+            self._open.setdefault(number, []).append(entry)
+            self._write(entry)
 
     def ended(self, assoc: Any) -> None:
         """``assoc`` ended and its series are marked as its end says; the file goes once no association is open."""
@@ -75,27 +79,48 @@ class OpenTransfers:
         if number is None:
             return  # it stored nothing
         with self._lock:
-            self._open.discard(number)
-            if self._open:
+            self._open.pop(number, None)
+            if not self._open:
+                self._close()
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError as error:
+                    self._not_written(error)
+            elif self._lines >= COMPACT_AFTER_LINES:
+                self._compact()
+            else:
                 self._write({"association": number, "ended": True})
-                return
-            if self._descriptor is not None:
-                os.close(self._descriptor)
-                self._descriptor = None
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError as error:
-                self._not_written(error)
+
+    def _close(self) -> None:
+        if self._descriptor is not None:
+            descriptor, self._descriptor = self._descriptor, None
+            with contextlib.suppress(OSError):  # Linux frees the descriptor even when close reports an error
+                os.close(descriptor)
+        self._lines = 0
+
+    def _compact(self) -> None:
+        """Write the file again with the open associations' lines only; the old one stands until the new one
+        replaces it."""
+        lines = [entry for entries in self._open.values() for entry in entries]
+        temporary = self.path.with_name(self.path.name + ".new")
+        try:
+            temporary.write_bytes(b"".join(_line(entry) for entry in lines))
+            os.replace(temporary, self.path)
+        except OSError as error:
+            self._not_written(error)
+            return
+        self._close()
+        self._lines = len(lines)
 
     def _write(self, entry: dict[str, Any]) -> None:
         """Append one line; a file that cannot be written is logged and the image acknowledged all the same (its
         series then lacks this defence only should this process die while the association is open)."""
-        line = (json.dumps(entry, ensure_ascii=True) + "\n").encode("ascii")
         try:
             if self._descriptor is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self._descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.write(self._descriptor, line)
+            os.write(self._descriptor, _line(entry))
+            self._lines += 1
         except OSError as error:
             self._not_written(error)
 
@@ -110,6 +135,10 @@ class OpenTransfers:
             "should this receiving process die while one is open, its series would complete without a partial "
             "warning",
         )
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    return (json.dumps(entry, ensure_ascii=True) + "\n").encode("ascii")
 
 
 @dataclass
@@ -183,4 +212,5 @@ def mark_left_open(
             transfers.note_interrupted(sessions, association.series, association.calling_ae_title, reason, at=at)
             marked += len(association.series)
         path.unlink(missing_ok=True)
+        path.with_name(path.name + ".new").unlink(missing_ok=True)  # a compaction the process did not finish
     return marked
