@@ -44,6 +44,10 @@ class StudyAttributes:
     study_id: str | None = None
     study_description: str | None = None
     referring_physician_name: str | None = None
+    patient_undecodable: bool = False
+    """A patient identity value (PatientID, its issuer, name, birth date, sex) was sent in bytes its character set
+    does not decode: recorded as unknown (None) here, and the instance is never served (its patient cannot be
+    shown to be its study's)."""
 
 
 @dataclass(frozen=True)
@@ -376,6 +380,7 @@ def instance_patient_values(study: StudyAttributes) -> dict[str, object]:
         "patient_name_key": name_key(study.patient_name),
         "patient_birth_date": study.patient_birth_date,
         "patient_sex": study.patient_sex,
+        "patient_undecodable": study.patient_undecodable,
     }
 
 

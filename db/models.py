@@ -6,7 +6,19 @@ import enum
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.results import DeliveriesType, DeliveryRecord, ResultFile, ResultFilesType
@@ -148,6 +160,9 @@ class Instance(Base):
     patient_name_key: Mapped[str | None] = mapped_column(Text)  # db.names.name_key (revision 0016)
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
+    # A patient value of its header did not decode in its character set (revision 0019): recorded as unknown, and
+    # never served, whatever its study's patient (a name that does not decode cannot be compared with it).
+    patient_undecodable: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

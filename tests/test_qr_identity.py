@@ -178,6 +178,59 @@ def test_an_image_of_a_stored_series_naming_another_name_birth_date_and_sex_is_n
     assert _patients(moved) == only_rita
 
 
+GB18030_NAME = b"Wang^XiaoDong=" + "王^小东".encode("gb18030")
+"""A name in GB18030 bytes sent without SpecificCharacterSet: it does not decode in the default repertoire."""
+
+
+def _undecodable_name(paths: list[Path]) -> None:
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        if "SpecificCharacterSet" in dataset:
+            del dataset.SpecificCharacterSet
+        dataset["PatientName"].value = GB18030_NAME
+        dataset.save_as(path)
+
+
+@pytest.mark.integration
+def test_an_image_whose_patient_name_does_not_decode_is_never_served_under_its_studys_patient(
+    start_node, tmp_path: Path
+) -> None:
+    """A name that does not decode is recorded as unknown, and unknown compared as no name: the images of a series
+    so named (admission fails such a series) were answered and sent under the name of the next series of their study and
+    PatientID (Li^Na), and so was a late image so named in Li^Na's own series."""
+    node = _node(start_node, free_port())
+    wang = _series(tmp_path / "wang", PatientID="PID-7", PatientName="placeholder")
+    _undecodable_name(wang)
+    study_uid, wang_series, _ = _uids(wang[0])
+    _send(node, wang)
+    _settled(node, wang_series)
+
+    li = _series(tmp_path / "li", study_uid, PatientID="PID-7", PatientName="Li^Na")
+    _, li_series, _ = _uids(li[0])
+    _send(node, li)
+    _settled(node, li_series)
+    late = pydicom.dcmread(li[-1])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.InstanceNumber = SLICES + 1
+    late.ImagePositionPatient = [*late.ImagePositionPatient[:2], float(late.ImagePositionPatient[2]) + 5]
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path)
+    _undecodable_name([late_path])
+    _send(node, [late_path])
+
+    images = _find(
+        node, tmp_path / "images", "-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study_uid}",
+        "SeriesInstanceUID", "SOPInstanceUID", "PatientName",
+    )  # fmt: skip
+    assert {str(d.SeriesInstanceUID) for d in images} == {li_series}
+    assert len(images) == SLICES and {str(d.PatientName) for d in images} == {"Li^Na"}
+    series = _find(node, tmp_path / "series", "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}",
+                   "SeriesInstanceUID")  # fmt: skip
+    assert {str(d.SeriesInstanceUID) for d in series} == {li_series}
+    by_study, _ = _get(node, tmp_path / "get-study", "-S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}")
+    assert by_study == Counter({("PID-7", "Li^Na"): SLICES})
+
+
 @pytest.mark.integration
 def test_one_patient_id_under_two_universal_issuers_is_two_patients_and_a_series_of_another_is_never_served(
     start_node, tmp_path: Path

@@ -555,6 +555,7 @@ def _gather(dataset: Dataset, uids: dict[str, str | None]) -> InstanceHeader:
         patient_name=identity["PatientName"],
         patient_birth_date=identity["PatientBirthDate"],
         patient_sex=identity["PatientSex"],
+        patient_undecodable=any(keyword in guessed for keyword, _ in PATIENT_IDENTITY_ATTRIBUTES),
         study_date=_text(dataset, "StudyDate"),
         study_time=_text(dataset, "StudyTime"),
         accession_number=identity["AccessionNumber"],

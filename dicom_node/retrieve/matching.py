@@ -546,9 +546,11 @@ def _of_the_study_patient() -> ColumnElement[bool]:
     study's or series' UIDs (admission fails that series) is never served, so every answer and every sent instance
     is the patient it names. An instance whose patient is unknown (NULL: recorded before revision 0011, and its
     stored file could not be read when start-up filled in the others, :mod:`dicom_node.receive.backfill`) is never
-    served: it cannot be shown to be the study's patient. A detail the instance's header did not carry is no
-    difference."""
+    served: it cannot be shown to be the study's patient; nor is one whose patient values did not decode in their
+    character set (recorded unknown, they would compare as not sent). A detail the instance's header did not carry
+    is no difference."""
     return and_(
+        Instance.patient_undecodable.is_(False),
         Instance.patient_id == func.coalesce(Study.patient_id, ""),
         _agrees(Instance.issuer_of_patient_id, Study.issuer_of_patient_id),
         _agrees(Instance.issuer_universal_entity_id, Study.issuer_universal_entity_id),
