@@ -531,7 +531,8 @@ def retrieval_outcome(last: int | None, sent: int, *, finished: bool, counted: i
     ``last`` is the last status it yielded, ``sent`` how many data sets it handed out to be sent, ``finished``
     whether it ran to its end, ``counted`` the number of sub-operations it announced. A run that ends after its
     pending statuses (pynetdicom then answers success) is a success; one that sent some and failed others (a
-    warning, 0xBxxx) or was stopped half-way is partial; one with nothing to send is a success with 0 instances.
+    warning, 0xBxxx), was stopped half-way or was cancelled by its peer (0xFE00) after it sent some is partial; one
+    with nothing to send is a success with 0 instances.
     """
     if last == 0xFF00:
         if finished:
@@ -541,7 +542,8 @@ def retrieval_outcome(last: int | None, sent: int, *, finished: bool, counted: i
         return "success" if counted == 0 else "failed"
     if last & 0xF000 == 0xB000:
         return "partial" if sent else "failed"
-    return status_outcome(last)
+    outcome = status_outcome(last)
+    return "partial" if outcome == "failed" and sent else outcome
 
 
 STUDY_INSTANCE_UID_TAG = 0x0020000D

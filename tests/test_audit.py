@@ -197,6 +197,17 @@ def test_a_retrieval_that_sends_is_a_success_with_the_studies_it_sent_and_one_th
         failed.FailedSOPInstanceUIDList = ["1.2.3.4.5"]
         yield 0xB000, failed
 
+    def cancelled_after_one(event, *args):
+        yield 3
+        yield 0xFF00, _sent("1.2.3")
+        cancelled = Dataset()
+        cancelled.FailedSOPInstanceUIDList = ["1.2.3.4.6", "1.2.3.4.7"]
+        yield 0xFE00, cancelled
+
+    def cancelled_before_any(event, *args):
+        yield 3
+        yield 0xFE00, Dataset()
+
     def nothing_matches(event, *args):
         yield 0
 
@@ -210,6 +221,8 @@ def test_a_retrieval_that_sends_is_a_success_with_the_studies_it_sent_and_one_th
 
     assert run(sends) == [("1.2.3", "success", 2), ("1.2.9", "success", 1)]
     assert run(sends_some) == [("1.2.3", "partial", 1)]
+    assert run(cancelled_after_one) == [("1.2.3", "partial", 1)]  # once "failed", though one went
+    assert run(cancelled_before_any) == [(None, "failed", 0)]
     assert run(nothing_matches) == [(None, "success", 0)]
 
     generator = audited_retrieve("get", sends, sessions)(event)  # the association ends after the first instance
