@@ -306,11 +306,24 @@ def test_a_study_of_two_orders_is_found_by_the_accession_number_of_each(start_no
         )
         assert [str(d.StudyInstanceUID) for d in studies] == [study_uid], accession
     assert _find(node, tmp_path / "none", "-S", "QueryRetrieveLevel=STUDY", "AccessionNumber=ACC-A3") == []
+    # At SERIES and IMAGE level each series is its own order's: answered with the AccessionNumber its images carry,
+    # and found by it (every series once answered the study's first, ACC-A1, and matched the other order's number).
+    second_series = _uids(second[0])[1]
     series = _find(
         node, tmp_path / "series", "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}",
-        "AccessionNumber=ACC-A2",
+        "AccessionNumber=ACC-A2", "SeriesInstanceUID",
     )  # fmt: skip
-    assert len(series) == 2  # a study-level key selects the study, and the study holds both series
+    assert [(str(d.SeriesInstanceUID), str(d.AccessionNumber)) for d in series] == [(second_series, "ACC-A2")]
+    every = _find(
+        node, tmp_path / "every", "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}",
+        "AccessionNumber", "SeriesInstanceUID",
+    )  # fmt: skip
+    assert sorted(str(d.AccessionNumber) for d in every) == ["ACC-A1", "ACC-A2"]
+    images = _find(
+        node, tmp_path / "images", "-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study_uid}",
+        f"SeriesInstanceUID={second_series}", "AccessionNumber=ACC-A2", "SOPInstanceUID",
+    )  # fmt: skip
+    assert len(images) == SLICES and {str(d.AccessionNumber) for d in images} == {"ACC-A2"}
 
 
 def test_an_image_is_answered_under_its_study_only_where_its_name_birth_date_sex_and_issuers_agree(

@@ -213,7 +213,7 @@ def conditions(identifier: Dataset, level: Level) -> list[ColumnElement[bool]]:
                 continue
         check_searchable(keyword, value)
         if keyword == "AccessionNumber":
-            found.append(_of_an_order(value))
+            found.append(_of_an_order(value) if depth == LEVELS.index("STUDY") else _series_of_an_order(value))
             continue
         found.append(_condition(key, value))
     return found
@@ -339,6 +339,18 @@ def _of_an_order(accession_number: str) -> ColumnElement[bool]:
     its series still served (a study may carry several orders, each series its own)."""
     of_a_series = _of_studies_served(_matching(Series.accession_number, accession_number))
     return or_(_matching(Study.accession_number, accession_number), of_a_series)
+
+
+def _series_of_an_order(accession_number: str) -> ColumnElement[bool]:
+    """Series (and their images) of the order ``accession_number``: each series' own AccessionNumber, its study's
+    where it carries none. A query at SERIES or IMAGE level for one order of a study of two is answered that
+    order's series, not every series of the study."""
+    return _matching(series_accession_number(), accession_number)
+
+
+def series_accession_number() -> ColumnElement[str | None]:
+    """A series' AccessionNumber as answered: its own (the order it was acquired for), else its study's."""
+    return func.coalesce(func.nullif(Series.accession_number, ""), Study.accession_number)
 
 
 def _of_studies_served(series_condition: ColumnElement[bool]) -> ColumnElement[bool]:
@@ -1020,7 +1032,9 @@ def _response(
             continue
         spec = KEYS.get(keyword)
         value = None
-        if spec is not None and LEVELS.index(spec.level) <= LEVELS.index(level):
+        if keyword == "AccessionNumber" and series is not None:  # the series' order (a study may carry several)
+            value = series.accession_number or study.accession_number
+        elif spec is not None and LEVELS.index(spec.level) <= LEVELS.index(level):
             source = sources[spec.level]
             value = getattr(source, spec.column.key) if source is not None else None
         setattr(response, keyword, value if value is not None else "")
