@@ -165,6 +165,18 @@ class _Frame:
     reconstruction: tuple[str | None, ...] = ()  # RECONSTRUCTION_KEYWORDS' values (reconstruction_values)
 
 
+HEADER_DEFER_BYTES = 64 * 1024
+"""A header value longer than this (a large private element, overlay data) is not read into memory unless used: a
+series of thousands of images, each with megabytes of such values beside its pixel data, would otherwise hold them
+all at once."""
+
+
+def read_header(path: Path | str) -> Dataset:
+    """An image's header without its pixel data; values longer than :data:`HEADER_DEFER_BYTES` are read only when
+    used (from the file, which must then still be there)."""
+    return dcmread(path, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
+
+
 def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> Volume:
     """Read the instance files of one series into a :class:`Volume`.
 
@@ -183,8 +195,13 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     """
     if not paths:
         raise VolumeError("series has no instances")
-    headers = [(Path(p), dcmread(p, stop_before_pixels=True)) for p in paths]
-    frames = [frame for path, header in headers for frame in _frames(path, header)]
+    frames: list[_Frame] = []
+    first_header: Dataset | None = None
+    for path in paths:  # one header at a time: only the frames' geometry is kept of each
+        header = read_header(path)
+        frames.extend(_frames(Path(path), header))
+        first_header = first_header or header
+    assert first_header is not None
     notes: list[str] = []
     frames = _drop_localizers(frames, notes)
     kept = _keep_one_image_set(_keep_main_acquisition(frames, notes), notes)
@@ -201,7 +218,7 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     hu, padding = _read_pixels(frames, notes)
     first = frames[0]
     row_dir, col_dir = orthonormal_directions(first.orientation)
-    header = headers[0][1]
+    header = first_header
     return Volume(
         hu=hu,
         origin=first.position.copy(),

@@ -11,7 +11,6 @@ from functools import partial as partial_function
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -40,7 +39,7 @@ from dicom_node.encode.seg import (
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation, run_parameters
-from inference.volume import Volume, raw_text
+from inference.volume import Volume, raw_text, read_header
 
 
 class EncodingError(RuntimeError):
@@ -329,8 +328,9 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
         multi-frame instances.
     """
     headers: dict[str, Dataset] = {}
-    for path in volume.source_paths:
-        header: Dataset = dcmread(path, stop_before_pixels=True)
+    for path in volume.source_paths:  # every source at once (highdicom takes them all): without private elements
+        header: Dataset = read_header(path)
+        header.remove_private_tags()
         headers[str(header.SOPInstanceUID)] = header
     if all(ref.frame_number is None for ref in volume.slices):
         sources = [headers[ref.sop_instance_uid] for ref in volume.slices]
