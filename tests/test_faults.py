@@ -28,6 +28,7 @@ from db.models import Instance, JobEvent, JobState, RejectedInstance, Series
 from db.session import make_engine, make_session_factory
 from dicom_node import status
 from dicom_node.phantom import PhantomSeries, PhantomSpec, write_phantom_series
+from dicom_node.receive.pending_refusals import kept_in
 from tests.conftest import CT_RULES, Node, data_set_bytes, require_tool, storescu, succeeded_files, wait_for
 
 pytestmark = pytest.mark.integration
@@ -304,6 +305,45 @@ def fill_disk(folder: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+def test_images_refused_while_the_disk_holding_the_database_is_full_still_mark_their_series_partial(
+    tmp_path, small_disk, start_node
+):
+    """Five images of a series fit, then the disk (storage and the database: the default layout) is full and the
+    other seven are refused 0xA700; their refusals could not be recorded either, so once space returned the series
+    completed from the five as whole, without a word. The refusals are kept (a preallocated file) and recorded
+    when the database takes writes again; the series waits for that, then says what it lacks."""
+    spec = PhantomSpec(
+        rows=64, columns=64, slices=12, pixel_spacing=(5.0, 5.0), slice_spacing=5.0, images_in_acquisition=False
+    )
+    series = write_phantom_series(tmp_path / "ct", spec)
+    storage = small_disk / "storage"
+    node = start_node(
+        storage={"directory": str(storage), "disk_full_retry_seconds": 1},
+        completion={"quiet_seconds": 3, "check_interval_seconds": 0.2},
+        rules=CT_RULES,
+        inference={"workers": 0},
+    )
+    sessions = make_session_factory(make_engine(f"sqlite:///{storage / 'dicom-node.db'}"))
+    assert send_with_pynetdicom(node.port, series.files[:5]) == [(status.SUCCESS, "")] * 5
+    filler = fill_disk(small_disk)
+    answers = send_with_pynetdicom(node.port, series.files[5:])
+    assert answers == [(status.OUT_OF_RESOURCES, "out of disk space on the node")] * 7
+    time.sleep(5)  # past the quiet period while the disk is full
+    filler.unlink()
+
+    wait_for_state(sessions, series.series_instance_uid, JobState.QUEUED)
+    with sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and job.series.instance_count == 5
+        warnings = list(job.warnings or [])
+        refused = session.scalars(select(RejectedInstance.sop_instance_uid)).all()
+    assert sorted(refused) == sorted(series.sop_instance_uids[5:])
+    assert any(
+        warning.startswith("partial series: 7 image(s) sent for this series were refused") for warning in warnings
+    ), warnings
+    assert not [kept for path in (storage / "journal").glob("*.refusals") for kept in kept_in(path)]
 
 
 def send_with_pynetdicom(port: int, files: Sequence[Path]) -> list[tuple[int, str]]:

@@ -41,6 +41,7 @@ from db.ingest import InstanceRecord
 from db.models import Instance, utcnow
 from db.session import read_outside_transaction, transaction
 from dicom_node.logs import log_event
+from dicom_node.receive.pending_refusals import RefusalKeeper, record_kept_refusals, series_with_kept_refusals
 from dicom_node.receive.storage import (
     UNIQUE_COLLISION_RETRIES,
     InstanceStore,
@@ -192,6 +193,8 @@ class InstanceRecorder:
         self.store = store
         self.sessions = sessions
         self.journal = Journal(journal_folder(store))
+        self.refusals = RefusalKeeper(journal_folder(store))
+        """Refusals the database would not take when they happened (a full disk), recorded here once it does."""
         self._queue: queue.Queue[object] = queue.Queue()
         self._submitted = 0  # instances handed to submit(), ever
         self._finished = 0  # of those, recorded (or refused by the database and quarantined), in order
@@ -240,6 +243,8 @@ class InstanceRecorder:
         self._stopping.set()
         self._queue.put(_STOP)
         self._thread.join(timeout + 5)
+        self.refusals.record(self.sessions)
+        self.refusals.close()  # what is still kept stays in its file, for the next start
         if self.unrecorded:
             log_event(
                 LOG,
@@ -255,6 +260,7 @@ class InstanceRecorder:
                 first = self._queue.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 self.journal.delete_finished()
+                self.refusals.record(self.sessions)
                 continue
             if first is _STOP:
                 return
@@ -276,6 +282,8 @@ class InstanceRecorder:
                 batch.append(item)  # type: ignore[arg-type]
             if not self._record_surviving(batch):
                 return  # stopping while the database refuses: the journal keeps the rest
+            if self.refusals.waiting:
+                self.refusals.record(self.sessions)
             if stop_after:
                 return
 
@@ -478,6 +486,7 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
             elif _needs_indexing(sessions, Path(path)):
                 indexed += index_file(Path(path), store, sessions, found_by="journal recovery") == "indexed"
         segment.unlink(missing_ok=True)
+    record_kept_refusals(folder, sessions, pid)  # refused by it, and not recorded while it lived
     if indexed:
         log_event(
             LOG,
@@ -491,13 +500,16 @@ def recover_journals(store: InstanceStore, sessions: sessionmaker[Session], pid:
 
 
 def series_waiting_to_be_recorded(storage_directory: Path) -> set[str]:
-    """Series UIDs with an instance acknowledged by some receiving process and not yet recorded.
+    """Series UIDs with an instance acknowledged by some receiving process and not yet recorded, or refused and its
+    refusal not yet recorded (:mod:`dicom_node.receive.pending_refusals`).
 
     Read from the journals (an instance stays in its journal until its transaction has
     committed), so completion can leave these series alone: their ``last_received_at``
-    does not yet show their newest instances.
+    does not yet show their newest instances, nor their refusals what they lack.
     """
-    return {Path(line).parent.name for line in _journaled(storage_directory)}
+    return {Path(line).parent.name for line in _journaled(storage_directory)} | series_with_kept_refusals(
+        storage_directory
+    )
 
 
 def instances_waiting_to_be_recorded(storage_directory: Path) -> int:

@@ -652,21 +652,21 @@ def _write_failed(
         calling_ae=calling_ae,
         reason=reason,
     )
+    refusal: dict[str, Any] = {
+        "status": status.OUT_OF_RESOURCES,
+        "reason": reason,
+        "path": None,
+        "sop_instance_uid": sop_instance,
+        "sop_class_uid": str(request.AffectedSOPClassUID or ""),
+        "transfer_syntax_uid": str(transfer_syntax),
+        "calling_ae_title": calling_ae,
+        "series_instance_uid": series_instance_uid,
+    }
     try:
         with transaction(context.sessions) as session:
-            record_rejection(
-                session,
-                status=status.OUT_OF_RESOURCES,
-                reason=reason,
-                path=None,
-                sop_instance_uid=sop_instance,
-                sop_class_uid=str(request.AffectedSOPClassUID or ""),
-                transfer_syntax_uid=str(transfer_syntax),
-                calling_ae_title=calling_ae,
-                series_instance_uid=series_instance_uid,
-            )
+            record_rejection(session, **refusal)
     except Exception:  # noqa: BLE001 - a full disk may hold the database too; the answer must still go out
-        log_event(LOG, logging.ERROR, "instance.rejection_not_recorded", sop_instance_uid=sop_instance)
+        context.recorder.refusals.keep(**refusal)  # its series waits until it is recorded
     return _failure(status.OUT_OF_RESOURCES, comment)
 
 
@@ -702,19 +702,20 @@ def _refuse(
             reason=f"the refused instance's bytes could not be kept in quarantine ({os_error_text(exc)})",
         )
 
+    refusal: dict[str, Any] = {
+        "status": status_code,
+        "reason": reason,
+        "path": quarantined,
+        "sop_instance_uid": sop_instance,
+        "sop_class_uid": sop_class,
+        "transfer_syntax_uid": str(transfer_syntax),
+        "calling_ae_title": calling_ae,
+        "series_instance_uid": series_instance_uid,
+    }
+
     def record() -> None:
         with transaction(context.sessions) as session:
-            record_rejection(
-                session,
-                status=status_code,
-                reason=reason,
-                path=quarantined,
-                sop_instance_uid=sop_instance,
-                sop_class_uid=sop_class,
-                transfer_syntax_uid=str(transfer_syntax),
-                calling_ae_title=calling_ae,
-                series_instance_uid=series_instance_uid,
-            )
+            record_rejection(session, **refusal)
 
     try:
         if status_code == status.DUPLICATE_SOP_INSTANCE:  # its row is what keeps the series from being processed
@@ -726,9 +727,10 @@ def _refuse(
         else:
             record()
     except Exception:  # the refusal itself must still go out
-        LOG.exception("instance.rejection_not_recorded")
         if status_code == status.DUPLICATE_SOP_INSTANCE:
+            LOG.exception("instance.rejection_not_recorded")
             return _refusal_not_recorded(quarantined, sop_instance, calling_ae)
+        context.recorder.refusals.keep(**refusal)  # its series waits until it is recorded
     if status_code == status.DUPLICATE_SOP_INSTANCE and series_instance_uid is not None:
         _hold_series(context, series_instance_uid)
     log_event(
