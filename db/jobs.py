@@ -662,6 +662,23 @@ def job_for_series_uid(session: Session, series_instance_uid: str, *, lock: bool
     return session.scalars(query).one_or_none()
 
 
+def made_by_node_reason(session: Session, series_instance_uid: str) -> str | None:
+    """Where ``series_instance_uid`` is a series of the node's own results (a SEG, SR or RTSTRUCT that Query/Retrieve
+    serves, with no job of its own), a sentence naming the CT series and job they were made from; else None."""
+    made_from = select(Series.source_job_id).where(Series.series_instance_uid == series_instance_uid)
+    source = session.execute(
+        select(Series.series_instance_uid, Job.id)
+        .join(Job, Job.series_id == Series.id)
+        .where(Job.id == made_from.scalar_subquery())
+    ).first()
+    if source is None:
+        return None
+    return (
+        f"series {series_instance_uid} holds results the node made (job {source.id}), not images it received: "
+        f"name the CT series they were made from, {source.series_instance_uid}"
+    )
+
+
 # --- Warnings, stages and worker deaths (the inference worker's side of a job) ---
 
 PARTIAL_WARNING = re.compile(r"^(partial\b|processed \d+ of \d+ images)", re.IGNORECASE)

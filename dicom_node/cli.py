@@ -483,7 +483,8 @@ def show(series_instance_uid: str, config: ConfigOption = None) -> None:
     with _session(settings) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)
         if job is None:
-            errors.print(f"no series {_peer(series_instance_uid)} on this node", highlight=False)
+            reason = jobs.made_by_node_reason(session, series_instance_uid)
+            errors.print(_peer(reason or f"no series {series_instance_uid} on this node"), highlight=False)
             raise typer.Exit(1)
         series = job.series
         console.print(f"series   {_peer(series.series_instance_uid)}", highlight=False)
@@ -671,7 +672,8 @@ def _operator_action(
             engine = session.get_bind().engine
             job = jobs.job_for_series_uid(session, series_instance_uid, lock=True)
             if job is None:
-                raise _Refused(f"no series {series_instance_uid} on this node")
+                reason = jobs.made_by_node_reason(session, series_instance_uid)
+                raise _Refused(reason or f"no series {series_instance_uid} on this node")
             study = job.series.study.study_instance_uid
             try:
                 change(session, job, f"OS user {user} on the command line")

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.ingest import STUDY_ROW_IDENTITY_COLUMNS, lock_studies_of_job, studies_of_job
+from db.jobs import made_by_node_reason
 from db.models import (
     AuditEvent,
     ClockDoubt,
@@ -192,7 +193,8 @@ def plan_series_purge(session: Session, series_instance_uid: str, storage: Path 
     """
     holdings = _holdings(session, series_instance_uid)
     if not holdings:
-        raise LookupError(f"the node holds no received series {series_instance_uid}")
+        made = made_by_node_reason(session, series_instance_uid)
+        raise LookupError(made or f"the node holds no received series {series_instance_uid}")
     (holding,) = holdings
     if not holding.finished:
         raise LookupError(

@@ -511,3 +511,34 @@ def test_a_cli_cancel_without_a_database_leaves_no_lock_file_or_folder_behind(tm
 
     assert refused.returncode == 1 and "no database at" in refused.stderr
     assert not (tmp_path / "storage").exists()
+
+
+def test_show_cancel_and_purge_of_a_series_of_results_name_the_ct_series_it_was_made_from(cli_node):
+    """A planning system pulled a SEG; its SeriesInstanceUID given to show, cancel or purge was answered "no series
+    on this node", as for a UID the node never held, although Query/Retrieve serves it."""
+    from dataclasses import replace
+
+    from db.ingest import SeriesAttributes, record_results
+
+    config, sessions = cli_node
+    with transaction(sessions) as session:
+        record_instance(session, ct_instance("1.2.5.1", "1.2.5", study_instance_uid="1.2.9"))
+        job = job_for_series_uid(session, "1.2.5")
+        seg = ct_instance("1.2.6.1", "1.2.6", study_instance_uid="1.2.9")
+        seg = replace(seg, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", series=SeriesAttributes("1.2.6", "SEG"))
+        record_results(session, job.id, [seg])
+        job_id = job.id
+
+    said = (
+        f"series 1.2.6 holds results the node made (job {job_id}), not images it received: name the CT series they "
+        "were made from, 1.2.5"
+    )
+    shown, cancelled, purged = (
+        cli(config, "show", "1.2.6"),
+        cli(config, "cancel", "1.2.6"),
+        cli(config, "purge", "--series", "1.2.6"),
+    )
+    assert shown.returncode == 1 and said in shown.stderr.replace("\n", " ")
+    assert cancelled.returncode == 1 and said in cancelled.stderr.replace("\n", " ")
+    assert purged.returncode == 1 and said in purged.stderr.replace("\n", " ")
+    assert "no series 9.9.9 on this node" in cli(config, "show", "9.9.9").stderr

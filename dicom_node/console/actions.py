@@ -74,7 +74,8 @@ def _run(
         with transaction(context.sessions) as session:
             job = jobs.job_for_series_uid(session, uid)
             if job is None:
-                raise ActionRefused(f"no series {uid} on this node", status=404)
+                made = jobs.made_by_node_reason(session, uid)
+                raise ActionRefused(made or f"no series {uid} on this node", status=404)
             # Lock the row and read it again: of two actions sent at once, the second sees the first's outcome
             # (PostgreSQL: SELECT ... FOR UPDATE; SQLite's BEGIN IMMEDIATE already serialises writers).
             session.refresh(job, with_for_update=True)

@@ -84,7 +84,8 @@ def one_job(series_instance_uid: str, request: Request, user: Annotated[User, De
     with read_only(context.sessions) as session:
         job = jobs.job_for_series_uid(session, series_instance_uid)
         if job is None:
-            return JSONResponse({"detail": f"no series {series_instance_uid} on this node"}, status_code=404)
+            made = jobs.made_by_node_reason(session, series_instance_uid)
+            return JSONResponse({"detail": made or f"no series {series_instance_uid} on this node"}, status_code=404)
         detail = queries.job_detail(session, job, with_patient=context.may_see_patient(user))
         study = job.series.study.study_instance_uid
     context.audit_view(request, user, f"read series {series_instance_uid} through the API", study)
