@@ -44,6 +44,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import log_event, shown
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive.header import StudyPatient
+from dicom_node.receive.open_transfers import series_being_sent
 from dicom_node.receive.recorder import series_waiting_to_be_recorded
 from dicom_node.receive.storage import hold_series_with_different_copies
 from dicom_node.routing import Decision, decide, series_facts
@@ -182,6 +183,10 @@ class SeriesWatcher(PeriodicTask):
     def complete_ready_series(self) -> None:
         """Complete series whose expected count is reached, or that stayed quiet long enough.
 
+        The quiet period does not complete a series that an association still open is sending (the last series
+        it stored an image of, :func:`~dicom_node.receive.open_transfers.series_being_sent`): a sender pausing
+        between images is not done; ``completion.expected_count_timeout_seconds`` without an image still is.
+
         While ``ImagesInAcquisition`` says more images are due, the quiet period alone does not
         complete a series; ``completion.expected_count_timeout_seconds`` of silence does, and the
         job then carries a "partial series" warning. The same holds for a series sent again after
@@ -207,6 +212,7 @@ class SeriesWatcher(PeriodicTask):
             self.quiet_clock.look(session)
             timed_out = {job.id for job in self._quiet_jobs(session, expected_timeout, now)}
             waiting = series_waiting_to_be_recorded(self.settings.storage.directory)
+            being_sent = series_being_sent(self.settings.storage.directory / "journal")
             for job in _expected_count_reached(session, settle, now):
                 if self.quiet_clock.quiet_for(job.series) < settle:
                     continue  # the wall clock may have been stepped forward: not yet settled by the steady clock
@@ -222,6 +228,8 @@ class SeriesWatcher(PeriodicTask):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
+                if series.series_instance_uid in being_sent and job.id not in timed_out:
+                    continue  # the association sending it is open and has sent nothing else since: a pause
                 cut_short = transfers.interruption_of(session, series.series_instance_uid)
                 if cut_short is not None:
                     if job.id in timed_out:  # else its sender has time yet to send it again

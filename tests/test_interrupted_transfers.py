@@ -214,3 +214,25 @@ def test_a_release_beside_an_association_cut_short_does_not_make_the_series_whol
     _waits_for_the_rest(node, series.series_instance_uid)
     warning = _partial_warning_of(node, series.series_instance_uid)
     assert warning.endswith("the result covers the 9 received and may lack the rest")
+
+
+def test_a_series_whose_sender_pauses_longer_than_the_quiet_period_on_an_open_association_is_completed_once(
+    node, tmp_path
+):
+    """A scanner sending images as it reconstructs them pauses between them on one association: each pause longer
+    than the quiet period completed the series, and each later image reopened it (one CT, five runs, fifteen
+    result series at the PACS). While the association is open and has sent nothing else since, it waits."""
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    assoc = _associate(node.port, series.files)
+    _store(assoc, series.files[:4])
+    time.sleep(QUIET_SECONDS * 4)
+    assert node.job_state(series.series_instance_uid) is JobState.RECEIVING
+    _store(assoc, series.files[4:])
+    assoc.release()
+
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=30)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and not job.warnings and job.series.instance_count == SPEC.slices
+        completions = [event for event in job.events if event.to_state is JobState.COMPLETE]
+    assert len(completions) == 1

@@ -15,7 +15,7 @@ from db import transfers
 from db.models import InterruptedTransfer, utcnow
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.receive import open_transfers as open_transfers_module
-from dicom_node.receive.open_transfers import SUFFIX, OpenTransfers, left_open, mark_left_open
+from dicom_node.receive.open_transfers import SUFFIX, OpenTransfers, left_open, mark_left_open, series_being_sent
 
 DEAD_PID = 999999999
 
@@ -39,9 +39,9 @@ def _marks(sessions) -> dict[str, str]:
 def test_the_file_names_the_open_associations_series_and_goes_once_none_is_open(tmp_path):
     open_transfers = OpenTransfers(tmp_path / "journal")
     first, second = _association("CT1"), _association("CT2", "10.0.0.6")
-    open_transfers.opened(first, "1.2.1")
-    open_transfers.opened(first, "1.2.2")
-    open_transfers.opened(second, "1.2.3")
+    open_transfers.storing(first, "1.2.1")
+    open_transfers.storing(first, "1.2.2")
+    open_transfers.storing(second, "1.2.3")
 
     shown = {(each.calling_ae_title, each.address, frozenset(each.series)) for each in left_open(open_transfers.path)}
     assert shown == {("CT1", "10.0.0.5", frozenset({"1.2.1", "1.2.2"})), ("CT2", "10.0.0.6", frozenset({"1.2.3"}))}
@@ -53,7 +53,7 @@ def test_the_file_names_the_open_associations_series_and_goes_once_none_is_open(
     open_transfers.ended(second)
     assert not open_transfers.path.exists()
 
-    open_transfers.opened(_association("CT3"), "1.2.4")  # the next association writes a new file
+    open_transfers.storing(_association("CT3"), "1.2.4")  # the next association writes a new file
     assert [each.series for each in left_open(open_transfers.path)] == [{"1.2.4"}]
 
 
@@ -61,19 +61,37 @@ def test_a_file_kept_while_some_association_is_always_open_stays_short(tmp_path,
     monkeypatch.setattr(open_transfers_module, "COMPACT_AFTER_LINES", 10)
     open_transfers = OpenTransfers(tmp_path / "journal")
     long_open = _association("CT1")
-    open_transfers.opened(long_open, "1.2.1")
+    open_transfers.storing(long_open, "1.2.1")
     for number in range(100):  # one association after another beside it, each with a series
         each = _association("CT2")
-        open_transfers.opened(each, f"1.3.{number}")
+        open_transfers.storing(each, f"1.3.{number}")
         open_transfers.ended(each)
         assert len(open_transfers.path.read_text().splitlines()) <= 11
     last = _association("CT3")
-    open_transfers.opened(last, "1.4.1")
+    open_transfers.storing(last, "1.4.1")
     assert {frozenset(each.series) for each in left_open(open_transfers.path)} == {
         frozenset({"1.2.1"}),
         frozenset({"1.4.1"}),
     }
     assert not list((tmp_path / "journal").glob("*.new"))
+
+
+def test_the_series_an_open_association_is_sending_now_is_the_last_it_switched_to(tmp_path):
+    folder = tmp_path / "journal"
+    open_transfers = OpenTransfers(folder)
+    persistent, other = _association("ROUTER"), _association("CT2")
+    for series in ("1.2.1", "1.2.1", "1.2.2", "1.2.2"):  # one series after another on one association
+        open_transfers.storing(persistent, series)
+    open_transfers.storing(other, "1.2.7")
+    assert len(open_transfers.path.read_text().splitlines()) == 3  # a line only where the series changes
+    assert series_being_sent(folder) == {"1.2.2", "1.2.7"}
+
+    open_transfers.storing(persistent, "1.2.1")  # back to the first (interleaved series)
+    assert series_being_sent(folder) == {"1.2.1", "1.2.7"}
+    open_transfers.ended(other)
+    assert series_being_sent(folder) == {"1.2.1"}
+    open_transfers.ended(persistent)
+    assert series_being_sent(folder) == set()
 
 
 def test_a_line_cut_off_as_the_process_died_is_skipped(tmp_path):

@@ -8,6 +8,10 @@ file exists only while such an association is open. Whoever finds the file of a 
 supervisor at once, start-up after the whole node stopped) marks the series still open in it cut short
 (:func:`mark_left_open`).
 
+The file also says which series each open association is sending now (the last it switched to): completion does not
+take that series for whole after the quiet period while its sender is still sending it (:func:`series_being_sent`),
+as a scanner that sends images while it reconstructs them may pause longer than the quiet period.
+
 Lines are appended with one ``write`` each on an ``O_APPEND`` file, without fsync, as the journal's are: a process
 that dies leaves them in the kernel's page cache.
 """
@@ -39,6 +43,8 @@ COMPACT_AFTER_LINES = 1000
 always open, it would never be deleted and grow with every series)."""
 ASSOCIATION_NUMBER = "_dicom_node_transfer_number"
 """Set on an association once it stores an image: its number in this process' file."""
+SENDING_NOW = "_dicom_node_sending_series"
+"""Set on an association: the SeriesInstanceUID of the image it stored last."""
 
 
 class OpenTransfers:
@@ -56,9 +62,13 @@ class OpenTransfers:
     def path(self) -> Path:
         return self.folder / f"{os.getpid()}{SUFFIX}"
 
-    def opened(self, assoc: Any, series_instance_uid: str) -> None:
-        """``assoc`` stored its first image of ``series_instance_uid`` (called before that image is acknowledged)."""
+    def storing(self, assoc: Any, series_instance_uid: str) -> None:
+        """``assoc`` stored an image of ``series_instance_uid`` (called before that image is acknowledged). A line
+        is written only where the association stores its first image, or switches to another series."""
+        if getattr(assoc, SENDING_NOW, None) == series_instance_uid:
+            return
         with self._lock:
+            setattr(assoc, SENDING_NOW, series_instance_uid)
             number = getattr(assoc, ASSOCIATION_NUMBER, None)
             if number is None:
                 number = next(self._numbers)
@@ -70,7 +80,8 @@ class OpenTransfers:
                 "calling_ae": requestor.ae_title,
                 "address": requestor.address,
             }
-            self._open.setdefault(number, []).append(entry)
+            entries = self._open.setdefault(number, [])
+            entries[:] = [kept for kept in entries if kept["series"] != series_instance_uid] + [entry]  # now last
             self._write(entry)
 
     def ended(self, assoc: Any) -> None:
@@ -148,6 +159,7 @@ class LeftOpen:
     calling_ae_title: str | None
     address: str | None
     series: set[str] = field(default_factory=set)
+    sending: str | None = None  # the series it stored its latest image of
 
     @property
     def sender(self) -> str:
@@ -172,7 +184,23 @@ def left_open(path: Path) -> list[LeftOpen]:
                 LeftOpen(calling if isinstance(calling, str) else None, address if isinstance(address, str) else None),
             )
             known.series.add(entry["series"])
+            known.sending = entry["series"]
     return list(associations.values())
+
+
+def series_being_sent(folder: Path) -> set[str]:
+    """The series each association still open (by the files of the receiving processes) is sending now."""
+    try:
+        files = [path for _pid, path in files_left(folder)]
+    except OSError:
+        return set()
+    sending: set[str] = set()
+    for path in files:
+        try:
+            sending.update(each.sending for each in left_open(path) if each.sending)
+        except OSError:
+            continue  # its association ended meanwhile and the file went
+    return sending
 
 
 def files_left(folder: Path, pid: int | None = None) -> Iterator[tuple[int, Path]]:

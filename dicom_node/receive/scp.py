@@ -272,10 +272,8 @@ def handle_store(event: evt.Event, context: StoreContext) -> int | Dataset:
     outcome = status_outcome(code)
     StoreTally.of(event.assoc).add(attempt.study_instance_uid, "success" if outcome == "partial" else outcome)
     if outcome in ("success", "partial") and attempt.series_instance_uid is not None:
-        stored = series_stored(event.assoc)
-        if attempt.series_instance_uid not in stored:  # noted before the image is acknowledged
-            context.open_transfers.opened(event.assoc, attempt.series_instance_uid)
-            stored.add(attempt.series_instance_uid)
+        context.open_transfers.storing(event.assoc, attempt.series_instance_uid)  # before it is acknowledged
+        series_stored(event.assoc).add(attempt.series_instance_uid)
     return answer
 
 
