@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Job, JobEvent, JobState, Series, as_utc, utcnow
+from db.models import Delivery, InterruptedTransfer, Job, JobEvent, JobState, Series, as_utc, utcnow
 from db.results import DeliveryRecord, ResultFile
 
 S = JobState
@@ -642,15 +642,22 @@ def jobs_in_state(session: Session, states: Iterable[JobState]) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.state.in_(list(states))).order_by(Job.id)))
 
 
-def quiet_receiving_jobs(session: Session, quiet: timedelta, now: datetime | None = None) -> list[Job]:
-    """RECEIVING jobs whose series got no instance for ``quiet``."""
-    cutoff = (now or utcnow()) - quiet
+def quiet_receiving_jobs(
+    session: Session, quiet: timedelta, now: datetime | None = None, *, cut_short_quiet: timedelta | None = None
+) -> list[Job]:
+    """RECEIVING jobs whose series got no instance for ``quiet``; with ``cut_short_quiet``, of the series an
+    association cut short (:mod:`db.transfers`) only those that got none for that long either: the others wait for
+    the rest, and a node with thousands of them (a sender aborting in a loop) reads none of them at each pass."""
+    now = now or utcnow()
     query = (
         select(Job)
         .join(Job.series)
-        .where(Job.state == S.RECEIVING, Series.last_received_at <= cutoff)
+        .where(Job.state == S.RECEIVING, Series.last_received_at <= now - quiet)
         .order_by(Series.last_received_at)
     )
+    if cut_short_quiet is not None:
+        cut_short = exists().where(InterruptedTransfer.series_instance_uid == Series.series_instance_uid)
+        query = query.where(or_(~cut_short, Series.last_received_at <= now - cut_short_quiet))
     return list(session.scalars(query))
 
 

@@ -224,7 +224,7 @@ class SeriesWatcher(PeriodicTask):
                 reason = f"all {count} expected images received (ImagesInAcquisition)"
                 missing = instances_refused_for_series(session, job.series)  # the count says whole: no unknown
                 self._complete(session, job, reason, pending, _refusal_warnings(job.series, missing, None))
-            for job in self._quiet_jobs(session, quiet, now):
+            for job in self._quiet_jobs(session, quiet, now, cut_short_quiet=expected_timeout):
                 series = job.series
                 if series.series_instance_uid in waiting:
                     continue  # acknowledged instances of it are not recorded yet: not quiet
@@ -264,11 +264,14 @@ class SeriesWatcher(PeriodicTask):
                     )
         pending.log()
 
-    def _quiet_jobs(self, session: Session, quiet: timedelta, now: datetime) -> list[Job]:
-        """RECEIVING jobs whose series got no instance for ``quiet``, by the wall clock and the steady clock."""
+    def _quiet_jobs(
+        self, session: Session, quiet: timedelta, now: datetime, cut_short_quiet: timedelta | None = None
+    ) -> list[Job]:
+        """RECEIVING jobs whose series got no instance for ``quiet``, by the wall clock and the steady clock (of
+        those cut short, only those quiet for ``cut_short_quiet`` by the wall clock, where given)."""
         return [
             job
-            for job in jobs.quiet_receiving_jobs(session, quiet, now)
+            for job in jobs.quiet_receiving_jobs(session, quiet, now, cut_short_quiet=cut_short_quiet)
             if self.quiet_clock.quiet_for(job.series) >= quiet
         ]
 

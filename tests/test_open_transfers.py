@@ -9,10 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db import transfers
-from db.models import InterruptedTransfer, utcnow
+from db.models import InterruptedTransfer, Series, utcnow
 from db.session import make_engine, make_session_factory, migrate
 from dicom_node.receive import open_transfers as open_transfers_module
 from dicom_node.receive.open_transfers import SUFFIX, OpenTransfers, left_open, mark_left_open, series_being_sent
@@ -141,3 +141,27 @@ def test_a_release_clears_only_marks_made_before_its_association_began(sessions)
 
     transfers.clear_interrupted(sessions, ["1.2.1"], began=cut_at + timedelta(seconds=1))  # sent it again after
     assert _marks(sessions) == {}
+
+
+def test_series_waiting_for_the_rest_of_a_transfer_cut_short_are_not_read_at_each_completion_pass(sessions):
+    """A sender aborting in a loop left thousands of series waiting for the rest; the watcher read each of them, and
+    its interruption, at every pass while holding the database's write lock (senders' audit records waited behind
+    it). Only those whose wait is over are read now."""
+    from db.ingest import record_instance
+    from db.jobs import quiet_receiving_jobs
+    from db.session import transaction
+    from tests.conftest import ct_instance
+
+    long_ago, now = utcnow() - timedelta(minutes=30), utcnow()
+    with transaction(sessions) as session:
+        for series in ("1.2.1", "1.2.2", "1.2.3"):
+            record_instance(session, ct_instance(f"{series}.1", series))
+        session.execute(update(Series).values(last_received_at=now - timedelta(minutes=5)))
+        session.execute(update(Series).where(Series.series_instance_uid == "1.2.3").values(last_received_at=long_ago))
+    transfers.note_interrupted(sessions, ["1.2.2", "1.2.3"], "CT1", "CT1 aborted the association")
+
+    with sessions() as session:
+        quiet = {job.series.series_instance_uid for job in quiet_receiving_jobs(session, timedelta(seconds=30), now)}
+        ready = quiet_receiving_jobs(session, timedelta(seconds=30), now, cut_short_quiet=timedelta(minutes=10))
+        assert quiet == {"1.2.1", "1.2.2", "1.2.3"}
+        assert {job.series.series_instance_uid for job in ready} == {"1.2.1", "1.2.3"}
