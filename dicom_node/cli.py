@@ -363,6 +363,7 @@ def status(
 ) -> None:
     """A table of recent series and their states."""
     from dicom_node.provenance import made_by_weights, weights_digits
+    from dicom_node.receive.open_transfers import series_being_sent
     from dicom_node.receive.recorder import instances_waiting_to_be_recorded
     from dicom_node.storage_lock import serve_holding
     from dicom_node.watcher import receiving_progress
@@ -390,8 +391,11 @@ def status(
         set_aside = session.scalar(by_status.where(RejectedInstance.status == 0)) or 0  # acknowledged, kept apart
         delivered = {job.id: _delivery_summary(session, job) for job in rows}
         quiet = settings.completion.quiet_seconds
+        being_sent = series_being_sent(settings.storage.directory / "journal")
         reasons = {
-            job.id: receiving_progress(session, job.series, quiet) if job.state is JobState.RECEIVING else job.reason
+            job.id: receiving_progress(session, job.series, quiet, being_sent)
+            if job.state is JobState.RECEIVING
+            else job.reason
             for job in rows
         }
         hung = _expired_lease_notes(session, settings)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -461,9 +461,12 @@ def _expectation(session: Session, series: Series) -> tuple[int | None, int, str
     return series.expected_instances, _images_received(session, series), "expected images (ImagesInAcquisition)"
 
 
-def receiving_progress(session: Session, series: Series, quiet_seconds: float | None = None) -> str:
+def receiving_progress(
+    session: Session, series: Series, quiet_seconds: float | None = None, being_sent: Collection[str] = ()
+) -> str:
     """What a RECEIVING series is waiting for, in a sentence: its images so far (of how many, where the series
-    says), how long ago the last one came, and (given ``quiet_seconds``) when it completes without a count."""
+    says), how long ago the last one came, and (given ``quiet_seconds``) when it completes without a count; whether
+    an association still open is sending it (``being_sent``: :func:`~dicom_node.receive.open_transfers.series_being_sent`)."""
     expected, images, expecting = _expectation(session, series)
     held = f"{images} of {expected} {expecting}" if expected is not None else f"{series.instance_count} images"
     ago = max(0, int((utcnow() - as_utc(series.last_received_at)).total_seconds()))
@@ -473,6 +476,13 @@ def receiving_progress(session: Session, series: Series, quiet_seconds: float | 
     if cut_short is not None:
         sender = cut_short.calling_ae_title or "its sender"
         return f"{sentence}; the association from {sender} sending it was cut short: waiting for the rest"
+    if series.series_instance_uid in being_sent:
+        sentence += "; the association sending it is still open"
+        return sentence + (
+            f": it completes once that ends and {quiet_seconds:g} s passed without a new image"
+            if quiet_seconds is not None
+            else ""
+        )
     if quiet_seconds is not None:
         sentence += f"; it completes after {quiet_seconds:g} s without a new image"
     return sentence

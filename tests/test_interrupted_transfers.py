@@ -16,6 +16,7 @@ from pynetdicom import AE
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
+from dicom_node.receive.open_transfers import series_being_sent
 from dicom_node.watcher import receiving_progress
 from tests.conftest import CT_RULES, wait_for
 from tests.test_receiver_restarts import receiving_processes
@@ -227,6 +228,15 @@ def test_a_series_whose_sender_pauses_longer_than_the_quiet_period_on_an_open_as
     _store(assoc, series.files[:4])
     time.sleep(QUIET_SECONDS * 4)
     assert node.job_state(series.series_instance_uid) is JobState.RECEIVING
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None
+        being_sent = series_being_sent(node.storage / "journal")
+        progress = receiving_progress(session, job.series, QUIET_SECONDS, being_sent)
+    assert progress.endswith(
+        f"; the association sending it is still open: it completes once that ends and {QUIET_SECONDS:g} s passed "
+        "without a new image"
+    )
     _store(assoc, series.files[4:])
     assoc.release()
 
