@@ -399,7 +399,9 @@ class ReceiverPool:
             return
         try:
             recover_journals(self.store, self.sessions, pid)
-            how, alive_at = self._deaths.get(pid, ("it ended while the association was open", None))
+            how, alive_at = self._deaths.get(
+                pid, ("it did not stop in order (it was stopped at the node's stop, or died while starting)", None)
+            )
             mark_left_open(journal_folder(self.store), self.sessions, how, pid, at=alive_at)
             self._unrecovered.discard(pid)
             self._deaths.pop(pid, None)
