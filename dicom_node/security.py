@@ -1118,7 +1118,7 @@ class GuardedDUL(EventDrivenDUL):
         self._request_read = self._request_read or pdu_type == 0x01
         before_release = self.assoc._server.before_release  # type: ignore[union-attr]
         if pdu_type == 0x05 and before_release is not None:
-            before_release()  # e.g. let the recorder catch up: the sender sees the release once it is recorded
+            before_release(self.assoc)  # e.g. let the recorder catch up: the sender sees the release once recorded
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -1552,7 +1552,7 @@ class GuardedServer(ThreadedAssociationServer):
         self.caps = caps
         self.policy = policy
         self._listening = listening
-        self.before_release: Callable[[], object] | None = None
+        self.before_release: Callable[[Any], object] | None = None
         """Run in the connection's reader when an A-RELEASE-RQ arrives, before it is answered."""
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
+from db import transfers
 from db.jobs import job_for_series_uid
 from db.models import JobState
 from dicom_node.phantom import PhantomSpec, write_phantom_series
@@ -246,3 +247,39 @@ def test_a_series_whose_sender_pauses_longer_than_the_quiet_period_on_an_open_as
         assert job is not None and not job.warnings and job.series.instance_count == SPEC.slices
         completions = [event for event in job.events if event.to_state is JobState.COMPLETE]
     assert len(completions) == 1
+
+
+def test_a_series_whose_sender_leaves_its_association_idle_completes_after_the_nodes_idle_abort_without_a_warning(
+    start_node, tmp_path
+):
+    """The node aborts an association idle for network.network_timeout_seconds; that abort once read as a transfer
+    cut short (the idle timer had started again by the time the series was marked), so the whole series waited
+    expected_count_timeout_seconds and was marked partial."""
+    node = start_node(rules=CT_RULES, completion=COMPLETION, network={"network_timeout_seconds": 2})
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    assoc = _associate(node.port, series.files)
+    _store(assoc, series.files)  # then nothing: the sender keeps the association open
+    started = time.monotonic()
+
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=30)
+    assert time.monotonic() - started < WAIT_FOR_THE_REST_SECONDS
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and not job.warnings
+    assert "series.interrupted" not in node.log()
+
+
+def test_a_released_association_leaves_the_open_transfers_before_the_sender_hears_the_release(start_node, tmp_path):
+    """A node killed in the moment after a release was answered, before the release's handlers ran, marked the
+    series it had just received whole as cut short at its next start."""
+    node = start_node(rules=CT_RULES, completion={"quiet_seconds": 600, "expected_count_timeout_seconds": 600})
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    _send(node.port, series.files, abort=False)
+    assert series_being_sent(node.storage / "journal") == set()  # read the moment release() returned
+    node.kill()
+    node.start()
+    time.sleep(2)
+    with node.sessions() as session:
+        job = job_for_series_uid(session, series.series_instance_uid)
+        assert job is not None and job.state is JobState.RECEIVING
+        assert transfers.interruption_of(session, series.series_instance_uid) is None

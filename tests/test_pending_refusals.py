@@ -91,10 +91,24 @@ def test_the_refusals_of_a_process_that_died_are_recorded_from_its_file(tmp_path
     assert not keeper.path.exists()
 
 
-def test_more_refusals_than_slots_are_kept_in_memory_and_all_recorded(tmp_path, sessions):
+def test_more_refusals_than_slots_are_kept_in_memory_and_every_series_keeps_one_in_the_file(
+    tmp_path, sessions, monkeypatch, caplog
+):
+    """One series refused beyond the file's slots used them all: a second series' refusals were kept in memory only,
+    so completion did not wait for them and a process killed then lost them without a word."""
+    from dicom_node.receive import pending_refusals
+
+    monkeypatch.setattr(pending_refusals, "SLOTS", 20)
+    monkeypatch.setattr(pending_refusals, "SERIES_SLOTS", 4)
     keeper = RefusalKeeper(tmp_path / "journal")
-    for number in range(SLOTS + 5):
-        keeper.keep(**_refusal(number))
-    assert len(list(kept_in(keeper.path))) == SLOTS and keeper.waiting == SLOTS + 5
+    for number in range(30):
+        keeper.keep(**_refusal(number, series="1.2.3"))
+    for number in range(30, 33):
+        keeper.keep(**_refusal(number, series="1.2.9"))
+
+    assert len(list(kept_in(keeper.path))) == 16 + 1  # 16 of the first series, one for the second
+    assert series_with_kept_refusals(tmp_path) == {"1.2.3", "1.2.9"}
+    assert keeper.waiting == 33
+    assert "instance.rejection_in_memory_only" in caplog.text
     assert keeper.record(sessions)
-    assert len(_refused(sessions)) == SLOTS + 5 and list(kept_in(keeper.path)) == []
+    assert len(_refused(sessions)) == 33 and list(kept_in(keeper.path)) == []

@@ -90,7 +90,8 @@ class OpenTransfers:
         if number is None:
             return  # it stored nothing
         with self._lock:
-            self._open.pop(number, None)
+            if self._open.pop(number, None) is None:
+                return  # ended already (at its release request)
             if not self._open:
                 self._close()
                 try:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,8 +34,13 @@ LOG = logging.getLogger(__name__)
 
 SUFFIX = ".refusals"
 SLOT_BYTES = 512
-SLOTS = 256
-"""Refusals the file holds at once (128 KiB, allocated at start); more are kept in memory only."""
+SLOTS = 4096
+"""Refusals the file holds at once (2 MiB, allocated at start); more are kept in memory only (and lost, with a log
+line saying so, should the process die before the database takes them)."""
+SERIES_SLOTS = 256
+"""Of those, the last ones go only to a series that has no slot yet: every series with a refusal kept holds at least
+one, so completion waits for it and a process that dies leaves it marked partial, however many other images were
+refused."""
 REASON_CHARACTERS = 200
 """A reason is kept in its slot up to this long (the full text in memory)."""
 
@@ -47,6 +53,8 @@ class RefusalKeeper:
         self._lock = threading.Lock()
         self._kept: list[tuple[dict[str, Any], int | None]] = []  # (record_rejection's arguments, slot)
         self._free = list(range(SLOTS - 1, -1, -1))
+        self._series_with_slot: set[str | None] = set()
+        self._memory_only = 0  # refusals kept now without a slot
         self._descriptor: int | None = None
         self._allocate(folder)
 
@@ -79,12 +87,33 @@ class RefusalKeeper:
     def keep(self, **refusal: Any) -> None:
         """Keep a refusal (:func:`db.ingest.record_rejection`'s arguments) the database would not take."""
         refusal.setdefault("received_at", utcnow())
+        series = refusal.get("series_instance_uid")
         with self._lock:
-            slot = self._free.pop() if self._free and self._descriptor is not None else None
-            if slot is not None and not self._write(slot, _slot_bytes(refusal)):
-                self._free.append(slot)
-                slot = None
+            slot = None
+            if self._descriptor is not None and (
+                len(self._free) > SERIES_SLOTS or (self._free and series not in self._series_with_slot)
+            ):
+                slot = self._free.pop()
+                if self._write(slot, _slot_bytes(refusal)):
+                    self._series_with_slot.add(series)
+                else:
+                    self._free.append(slot)
+                    slot = None
             self._kept.append((refusal, slot))
+            if slot is None:
+                self._memory_only += 1
+                memory_only = self._memory_only
+        if slot is None:
+            log_throttled(
+                LOG,
+                logging.ERROR,
+                "instance.rejection_in_memory_only",
+                str(self.path),
+                refusals=memory_only,
+                reason=f"{memory_only} refusal(s) the database could not take are kept in memory only (its file "
+                f"{self.path} is full or missing): should this receiving process die before the database takes "
+                "writes again, they are not recorded, and their series may complete without counting them",
+            )
         log_throttled(
             LOG,
             logging.WARNING,
@@ -116,8 +145,13 @@ class RefusalKeeper:
         with self._lock:
             del self._kept[: len(kept)]
             for _refusal, slot in kept:
-                if slot is not None and self._write(slot, b"\0"):
+                if slot is None:
+                    self._memory_only -= 1
+                elif self._write(slot, b"\0"):
                     self._free.append(slot)
+            self._series_with_slot = {
+                refusal.get("series_instance_uid") for refusal, slot in self._kept if slot is not None
+            }
         log_event(
             LOG,
             logging.INFO,
@@ -174,6 +208,11 @@ def kept_in(path: Path) -> Iterator[dict[str, Any]]:
         yield refusal
 
 
+_READ: dict[Path, tuple[int, frozenset[str]]] = {}
+"""Each file's series as last read, by its modification time: a file unchanged for two seconds since is not read
+again (each is 2 MiB, and completion asks at every pass)."""
+
+
 def series_with_kept_refusals(storage_directory: Path) -> set[str]:
     """Series with a refusal that some receiving process keeps, not recorded yet."""
     folder = storage_directory / "journal"
@@ -181,12 +220,21 @@ def series_with_kept_refusals(storage_directory: Path) -> set[str]:
         files = list(folder.glob(f"*{SUFFIX}"))
     except OSError:
         return set()
-    return {
-        str(refusal["series_instance_uid"])
-        for path in files
-        for refusal in kept_in(path)
-        if refusal.get("series_instance_uid")
-    }
+    series: set[str] = set()
+    for path in files:
+        try:
+            changed = path.stat().st_mtime_ns
+        except OSError:
+            continue  # gone meanwhile: nothing kept
+        known = _READ.get(path)
+        recent = time.time_ns() - changed < 2_000_000_000  # two writes within one tick of the file clock look alike
+        if known is None or known[0] != changed or recent:
+            found = frozenset(str(r["series_instance_uid"]) for r in kept_in(path) if r.get("series_instance_uid"))
+            known = _READ[path] = (changed, found)
+        series |= known[1]
+    for gone in set(_READ) - set(files):
+        del _READ[gone]
+    return series
 
 
 def record_kept_refusals(folder: Path, sessions: sessionmaker[Session], pid: int | None = None) -> int:

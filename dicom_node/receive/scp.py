@@ -239,7 +239,7 @@ def start_storage_scp(
     if retrieve is not None:
         handlers += retrieve_handlers(retrieve)
     server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening, peers)
-    server.before_release = functools.partial(context.recorder.wait_until_recorded, RELEASE_WAIT_SECONDS)
+    server.before_release = functools.partial(_release_requested, context)
     stop_listening = server.shutdown
 
     def shutdown() -> None:
@@ -294,6 +294,14 @@ def series_stored(assoc: Any) -> set[str]:
         stored = set()
         setattr(assoc, SERIES_STORED, stored)
     return stored
+
+
+def _release_requested(context: StoreContext, assoc: Any) -> None:
+    """A sender asked to release its association, so it has sent all it meant to: its images are recorded first
+    (for up to :data:`RELEASE_WAIT_SECONDS`), and it leaves this process' open transfers before the release is
+    answered (a process killed after the answer, before the release's handlers ran, leaves no mark)."""
+    context.recorder.wait_until_recorded(RELEASE_WAIT_SECONDS)
+    context.open_transfers.ended(assoc)
 
 
 def _note_transfer_end(event: evt.Event, context: StoreContext, outcome: Literal["released", "aborted"]) -> None:
@@ -1004,8 +1012,16 @@ def _note_abort_received(event: evt.Event) -> None:
         setattr(event.assoc, ABORT_RECEIVED, primitive)
 
 
+ENDED_IDLE = "_dicom_node_ended_idle"
+"""Set on an association as its abort is first handled: whether :func:`ended_idle` held then (the idle timer is
+started again once the peer closes its end, so a later look would not see it expired)."""
+
+
 def ended_idle(assoc: Any) -> bool:
     """Whether the node aborted the association because nothing arrived for ``network.network_timeout_seconds``."""
+    seen = getattr(assoc, ENDED_IDLE, None)
+    if seen is not None:
+        return bool(seen)
     if getattr(assoc, ABORT_RECEIVED, None) is not None or getattr(assoc, ABORT_REASON, None) is not None:
         return False
     return bool(getattr(assoc, "_sent_abort", False) and assoc.dul.idle_timer_expired())
@@ -1039,6 +1055,7 @@ def abort_reason(assoc: Any) -> str:
 
 def _on_aborted(event: evt.Event) -> None:
     setattr(event.assoc, ABORTED_AT, utcnow())
+    setattr(event.assoc, ENDED_IDLE, ended_idle(event.assoc))  # before anything waits: the timer starts again
     requestor = event.assoc.requestor
     log_event(
         LOG,
