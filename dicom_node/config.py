@@ -403,6 +403,13 @@ class ReceiveSettings(_Strict):
         description="Receiving processes sharing the port; 0: two per CPU core (at most 8); "
         "1: receive in serve's own process.",
     )
+    unresponsive_seconds: float = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="A receiving process whose accepting loop has not run for this long (stopped or hung) is "
+        "ended and started again, as one that died; only with receive.processes above 1.",
+    )
 
 
 class DatabaseSettings(_Strict):

@@ -1554,6 +1554,8 @@ class GuardedServer(ThreadedAssociationServer):
         self._listening = listening
         self.before_release: Callable[[Any], object] | None = None
         """Run in the connection's reader when an A-RELEASE-RQ arrives, before it is answered."""
+        self.heartbeat: Callable[[], object] | None = None
+        """Run at each turn of the accepting loop (at least every half second): a sign that it still accepts."""
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
         self.contexts = SharedContexts(self.contexts)
@@ -1577,6 +1579,11 @@ class GuardedServer(ThreadedAssociationServer):
             super().server_close()
         elif self.socket is not None:
             self.socket.close()  # close this process' descriptor only; shutdown() would stop the others too
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self.heartbeat is not None:
+            self.heartbeat()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ from tests.test_receive_concurrency import receiver_pids
 
 pytestmark = pytest.mark.integration
 
-TWO_RECEIVERS = {"receive": {"processes": 2}}
+TWO_RECEIVERS = {"receive": {"processes": 2, "unresponsive_seconds": 600}}  # stopped on purpose: not ended
 
 
 def _health(node: Node) -> subprocess.CompletedProcess[str]:

@@ -185,6 +185,54 @@ def test_a_series_whose_receiving_process_is_killed_mid_association_waits_for_th
     assert warning.endswith("the result covers the 5 received and may lack the rest")
 
 
+def test_a_receiving_process_stopped_past_its_limit_is_ended_and_its_series_waits_for_the_rest(start_node, tmp_path):
+    """A receiving process that stops running (SIGSTOP here; a hang alike) answers nothing on the associations it
+    holds and was counted as up: the supervisor ends it once its accepting loop has not run for
+    receive.unresponsive_seconds, marks its series cut short and starts it again. A shorter stop is waited out."""
+    node = start_node(rules=CT_RULES, completion=COMPLETION, receive={"processes": 2, "unresponsive_seconds": 3})
+    assert node.process is not None
+    wait_for(lambda: "scp.listening" in node.log(), timeout=60, what="both receiving processes to listen")
+    series = write_phantom_series(tmp_path / "ct", SPEC)
+    assoc = _associate(node.port, series.files)
+    _store(assoc, series.files[:4])
+    stopped = receiving_processes(node.process.pid)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(1)
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    _store(assoc, series.files[4:5])  # a stop shorter than the limit: the same association goes on
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not assoc.is_alive(), timeout=30, what="the sender to see its association end")
+    finally:
+        for pid in stopped:
+            if pid in receiving_processes(node.process.pid):
+                os.kill(pid, signal.SIGCONT)  # one the node did not end: let the node stop in order
+    assert "receiver.unresponsive" in node.log()
+    wait_for(
+        lambda: (
+            len(receiving_processes(node.process.pid)) == 2
+            and not set(receiving_processes(node.process.pid)) & set(stopped)
+        ),
+        timeout=30,
+        what="both receiving processes to be started again",
+    )
+
+    _waits_for_the_rest(node, series.series_instance_uid)
+    warning = _partial_warning_of(node, series.series_instance_uid)
+    assert "its accepting loop had not run for " in warning, warning
+    assert "(the process was stopped or hung), so the node ended it" in warning, warning
+    assert warning.endswith("the result covers the 5 received and may lack the rest")
+    echo = AE(ae_title="MODALITY")
+    echo.add_requested_context("1.2.840.10008.1.1")
+    answering = echo.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert answering.is_established
+    assert answering.send_c_echo().Status == 0x0000
+    answering.release()
+
+
 def test_a_series_being_received_when_the_whole_node_is_killed_waits_for_the_rest_after_the_restart(
     start_node, tmp_path
 ):

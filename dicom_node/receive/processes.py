@@ -14,8 +14,9 @@ A receiving process that dies is started again (later each time while it keeps
 dying); the instances it acknowledged and had not yet recorded are indexed from its journal first
 (:func:`~dicom_node.receive.recorder.recover_journals`), without restarting
 ``serve``, and the series its open associations were storing are marked cut short
-(:func:`~dicom_node.receive.open_transfers.mark_left_open`). A receiving process
-whose ``serve`` is gone stops by itself.
+(:func:`~dicom_node.receive.open_transfers.mark_left_open`). One whose accepting loop stops running
+(the process stopped, or hung) for ``receive.unresponsive_seconds`` is ended and handled the same way.
+A receiving process whose ``serve`` is gone stops by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -221,6 +222,8 @@ class ReceiverPool:
         self._restart_at: dict[int, float] = {}  # slot -> when to start its dead process again (monotonic)
         self._unrecovered: set[int] = set()  # dead receivers whose journals could not be indexed yet
         self._deaths: dict[int, tuple[str, datetime]] = {}  # pid -> how it ended, when it was last seen alive
+        self._heartbeats: dict[int, Any] = {}  # pid -> when its accepting loop last ran (monotonic, shared memory)
+        self._ended_unresponsive: dict[int, tuple[str, datetime]] = {}  # pid -> why the node ended it, last beat
         self._last_check = utcnow()
         self._stop = threading.Event()
         self._stopped = threading.Event()  # set once shutdown has stopped every receiving process
@@ -263,6 +266,7 @@ class ReceiverPool:
 
     def _spawn(self, number: int) -> tuple[multiprocessing.process.BaseProcess, Any]:
         ready = self._context.RawValue("b", 0)  # no lock: a Condition-based Event can hang a setter whose waiter died
+        heartbeat = self._context.RawValue("d", 0.0)  # a double is written whole: no lock either
         process = self._context.Process(
             target=run_receiver,
             args=(
@@ -272,10 +276,13 @@ class ReceiverPool:
                 self.claims.for_process(number),
                 os.getpid(),
                 ready,
+                heartbeat,
             ),
             name=f"receiver-{number}",
         )
         process.start()
+        if process.pid is not None:
+            self._heartbeats[process.pid] = heartbeat
         return process, ready
 
     def _ready_or_again(
@@ -338,7 +345,48 @@ class ReceiverPool:
                         self._start_again(number)
                 elif not self._processes[number].is_alive():
                     self._after_death(number)
+                elif (stalled := self._stalled_seconds(number)) is not None:
+                    self._end_unresponsive(number, stalled)
             self._last_check = utcnow()
+
+    def _stalled_seconds(self, number: int) -> float | None:
+        """How long slot ``number``'s accepting loop has not run, where that is past
+        ``receive.unresponsive_seconds`` and the node has not ended the process yet; else None."""
+        pid = self._processes[number].pid
+        heartbeat = self._heartbeats.get(pid) if pid is not None else None
+        if heartbeat is None or not heartbeat.value or pid in self._ended_unresponsive:
+            return None  # not listening yet (its start has its own limit), or already being ended
+        stalled = time.monotonic() - heartbeat.value
+        return stalled if stalled > self.settings.receive.unresponsive_seconds else None
+
+    def _end_unresponsive(self, number: int, stalled: float) -> None:
+        """End slot ``number``'s process, stopped or hung with its accepting loop not running for ``stalled``
+        seconds: it takes no new connection and answers none it holds. Once it is gone, it is handled as one
+        that died (:meth:`_after_death`), the series its associations were storing marked cut short."""
+        process = self._processes[number]
+        assert process.pid is not None
+        last_beat = utcnow() - timedelta(seconds=stalled)
+        why = (
+            f"its accepting loop had not run for {stalled:.0f} s (the process was stopped or hung), "
+            "so the node ended it"
+        )
+        self._ended_unresponsive[process.pid] = (why, last_beat)
+        log_event(
+            LOG,
+            logging.ERROR,
+            "receiver.unresponsive",
+            receiver=number,
+            pid=process.pid,
+            stalled_seconds=round(stalled, 1),
+            reason=f"receiving process {number} (pid {process.pid}) has not run its accepting loop for "
+            f"{stalled:.0f} s (over receive.unresponsive_seconds, "
+            f"{self.settings.receive.unresponsive_seconds:g} s): it is stopped or hung, and the connections it "
+            "holds get no answer; ending it so that it is started again",
+        )
+        process.kill()
+        process.join(timeout=5)  # a process inside a system call ends once the call returns
+        if not process.is_alive():
+            self._after_death(number)
 
     def _after_death(self, number: int) -> None:
         """Log how slot ``number``'s process ended, index what it acknowledged, and set when it starts again."""
@@ -349,6 +397,10 @@ class ReceiverPool:
         delay = min(delay, self.LONGEST_RESTART_DELAY_SECONDS)
         self._restart_delay[number] = delay
         self._restart_at[number] = time.monotonic() + delay
+        how, alive_at = self._ended_unresponsive.pop(
+            process.pid or 0, (how_a_process_ended(process.exitcode), self._last_check)
+        )
+        self._heartbeats.pop(process.pid or 0, None)
         log_event(
             LOG,
             logging.ERROR,
@@ -357,7 +409,7 @@ class ReceiverPool:
             pid=process.pid,
             restart_in_seconds=round(delay, 1),
             reason=f"receiving process {number} (pid {process.pid}) stopped after running {lived:.1f} s: "
-            f"{how_a_process_ended(process.exitcode)}; indexing what it acknowledged, then starting it again in "
+            f"{how}; indexing what it acknowledged, then starting it again in "
             f"{delay:.0f} s"
             + ("" if steady else " (it keeps stopping: each start again waits twice as long, up to a minute)"),
         )
@@ -365,8 +417,8 @@ class ReceiverPool:
         # the counts if it died holding it: the other receiving processes wait for that, not for indexing.
         self.caps.forget(number)
         self.claims.give_back_lock_of(number)
-        if process.pid is not None:  # alive at the previous check: a sender's association begun since may resend
-            self._deaths[process.pid] = (how_a_process_ended(process.exitcode), self._last_check)
+        if process.pid is not None:  # alive then: a sender's association begun since may resend
+            self._deaths[process.pid] = (how, alive_at)
         self._clean_up_after(process.pid)
         if process.pid not in self._unrecovered:  # what it acknowledged is recorded: its claims are the rows now
             self.claims.forget(number)
@@ -444,8 +496,12 @@ def run_receiver(
     claims: StudyClaims,
     parent_pid: int,
     ready: Any,
+    heartbeat: Any,
 ) -> None:
-    """Entry point of a receiving process: the SCP on the shared socket, and a recorder, until SIGTERM."""
+    """Entry point of a receiving process: the SCP on the shared socket, and a recorder, until SIGTERM.
+
+    ``heartbeat`` is set to the time (monotonic) at each turn of the accepting loop, for the supervisor.
+    """
     from db.session import make_engine, make_session_factory
     from dicom_node.logs import configure_logging
 
@@ -472,7 +528,9 @@ def run_receiver(
         RetrieveContext.from_settings(settings, sessions, processes=receiving_processes(settings)),
         caps=caps,
         listening=listening,
+        heartbeat=lambda: setattr(heartbeat, "value", time.monotonic()),
     )
+    heartbeat.value = time.monotonic()
     ready.value = 1
     wait_until_stopped(stop)
     server.shutdown()

@@ -25,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,7 @@ def start_storage_scp(
     *,
     caps: AssociationCaps | None = None,
     listening: socket.socket | None = None,
+    heartbeat: Callable[[], object] | None = None,
 ) -> AssociationServer:
     """Start listening (non-blocking); returns the server to ``shutdown()`` later.
 
@@ -212,7 +214,8 @@ def start_storage_scp(
     retrieve context's policy, else any AE title from loopback); the limits
     of :mod:`dicom_node.security` apply to every connection. Several receiving
     processes pass the listening socket they share and the association caps
-    they count together (:mod:`dicom_node.receive.processes`).
+    they count together (:mod:`dicom_node.receive.processes`), and a ``heartbeat`` run at each turn of the
+    accepting loop, which their supervisor watches.
     """
     ae = build_ae(network)
     peers = peers or (retrieve.peers if retrieve is not None else None) or PeerPolicy.loopback_only()
@@ -240,6 +243,7 @@ def start_storage_scp(
         handlers += retrieve_handlers(retrieve)
     server = start_guarded_server(ae, (network.host, network.port), network, handlers, caps, listening, peers)
     server.before_release = functools.partial(_release_requested, context)
+    server.heartbeat = heartbeat
     stop_listening = server.shutdown
 
     def shutdown() -> None:
