@@ -15,7 +15,13 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.phantom import PhantomSpec, write_phantom_series
-from dicom_node.receive.header import IDENTITY_ATTRIBUTES, check_header, read_header, strictly_decoded_text
+from dicom_node.receive.header import (
+    IDENTITY_ATTRIBUTES,
+    PATIENT_IDENTITY_ATTRIBUTES,
+    check_header,
+    read_header,
+    strictly_decoded_text,
+)
 
 EDITED_VALUES = [
     ("StudyDescription", "  CHEST  "),
@@ -93,5 +99,8 @@ def test_edited_values_read_the_same_both_ways(phantom_slice, keyword, value, ch
         # identity text that only reads as a guess (UTF-8 bytes without a character set, an escape to a set not
         # declared) is recorded as unknown from the received bytes: pydicom's conversion has already guessed
         assert getattr(fast.study, field) is None
-        converted = replace(converted, study=replace(converted.study, **{field: None}))
+        patient_field = keyword in dict(PATIENT_IDENTITY_ATTRIBUTES)
+        assert fast.study.patient_undecodable is patient_field  # never found or retrieved by its patient values
+        changes = {field: None, "patient_undecodable": patient_field}
+        converted = replace(converted, study=replace(converted.study, **changes))
     assert fast == converted
