@@ -542,8 +542,9 @@ def retrieval_outcome(last: int | None, sent: int, *, finished: bool, counted: i
         return "success" if counted == 0 else "failed"
     if last & 0xF000 == 0xB000:
         return "partial" if sent else "failed"
-    outcome = status_outcome(last)
-    return "partial" if outcome == "failed" and sent else outcome
+    if last == 0xFE00 and sent:  # cancelled by its peer after some went; a failure after some is no success
+        return "partial"
+    return status_outcome(last)
 
 
 STUDY_INSTANCE_UID_TAG = 0x0020000D
