@@ -303,14 +303,16 @@ def test_a_series_whose_sender_leaves_its_association_idle_completes_after_the_n
     """The node aborts an association idle for network.network_timeout_seconds; that abort once read as a transfer
     cut short (the idle timer had started again by the time the series was marked), so the whole series waited
     expected_count_timeout_seconds and was marked partial."""
-    node = start_node(rules=CT_RULES, completion=COMPLETION, network={"network_timeout_seconds": 2})
+    wait_for_the_rest = 60.0  # an open association holds its series this long at most: far from the 2 s + 1 s
+    completion = {**COMPLETION, "expected_count_timeout_seconds": wait_for_the_rest}
+    node = start_node(rules=CT_RULES, completion=completion, network={"network_timeout_seconds": 2})
     series = write_phantom_series(tmp_path / "ct", SPEC)
     assoc = _associate(node.port, series.files)
     _store(assoc, series.files)  # then nothing: the sender keeps the association open
     started = time.monotonic()
 
-    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=30)
-    assert time.monotonic() - started < WAIT_FOR_THE_REST_SECONDS
+    node.wait_for_state(series.series_instance_uid, JobState.QUEUED, timeout=wait_for_the_rest + 30)
+    assert time.monotonic() - started < wait_for_the_rest  # completed once the abort ended the association
     with node.sessions() as session:
         job = job_for_series_uid(session, series.series_instance_uid)
         assert job is not None and not job.warnings
