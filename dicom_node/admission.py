@@ -45,6 +45,7 @@ from dicom_node.receive.header import (
     strictly_decoded_text,
 )
 from inference.volume import (
+    RECONSTRUCTION_KEYWORDS,
     SPACING_DECIMALS,
     VOLUME_SOURCE_KEYWORDS,
     SliceHeader,
@@ -112,9 +113,15 @@ NARROWEST_FIELD_MM = 80.0
 """The narrowest a CT image may be across its rows or its columns (matrix x PixelSpacing): a temporal
 bone or wrist reconstruction is about 80-100 mm wide, a body one 250-500 mm. Narrower means PixelSpacing
 is wrong, most often written in centimetres (0.07 for 0.7 mm), which would make every volume in the
-report 100 times too small. Judged on matrices of at least :data:`CLINICAL_MATRIX` pixels, the size
-of every clinical reconstruction; smaller images are test objects or thumbnails."""
-CLINICAL_MATRIX = 256
+report 100 times too small. Judged on matrices of at least :data:`CLINICAL_MATRIX` pixels (a low-dose or
+downsampled reconstruction may have 128); smaller images are test objects. At any size, a width far from the
+image's own ReconstructionDiameter is refused (:data:`RECONSTRUCTION_DIAMETER_RATIO`)."""
+CLINICAL_MATRIX = 128
+RECONSTRUCTION_DIAMETER_RATIO = 2.0
+"""How far the image's width (columns x PixelSpacing) may be from its ReconstructionDiameter, as a ratio either
+way. A scanner writes the two alike (the diameter is the reconstructed field); a PixelSpacing in the wrong unit
+or rescaled without its matrix is off by 10 times or more, while a field cropped or padded afterwards stays well
+within 2 times."""
 
 
 @dataclass(frozen=True)
@@ -404,6 +411,7 @@ def _admit(
             f"segment ({NARROWEST_FIELD_MM:.0f} mm at least): a small field (dental, inner ear) is not for this "
             "node; otherwise PixelSpacing is wrong, perhaps written in centimetres"
         )
+    _check_field_against_reconstruction_diameter(images, extent)
     estimate = _memory_estimate(images, extent, model)
     limit = settings.max_memory_gigabytes * 1024**3
     if estimate > limit:
@@ -1384,6 +1392,36 @@ def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
     )
     length = math.sqrt(sum(c * c for c in normal))
     return (normal[0] / length, normal[1] / length, normal[2] / length)
+
+
+def _reconstruction_diameter(frame: _Frame) -> float | None:
+    """The frame's ReconstructionDiameter in mm, where a positive finite number; else None."""
+    index = RECONSTRUCTION_KEYWORDS.index("ReconstructionDiameter")
+    text = frame.reconstruction[index] if len(frame.reconstruction) > index else None
+    try:
+        diameter = float(text) if text else math.nan
+    except ValueError:
+        return None
+    return diameter if math.isfinite(diameter) and diameter > 0 else None
+
+
+def _check_field_against_reconstruction_diameter(images: list[_Frame], extent: tuple[float, ...]) -> None:
+    """Refuse a series whose images' width (columns x PixelSpacing) is :data:`RECONSTRUCTION_DIAMETER_RATIO` times
+    or more away from the ReconstructionDiameter they give: one of the two is wrong, and a wrong PixelSpacing
+    makes every reported volume wrong by its square or cube."""
+    width = max(extent[:2])
+    for frame in images:
+        diameter = _reconstruction_diameter(frame)
+        if diameter is None or 1 / RECONSTRUCTION_DIAMETER_RATIO < width / diameter < RECONSTRUCTION_DIAMETER_RATIO:
+            continue
+        rows, columns = frame.shape
+        raise Refused(
+            f"{frame.label} is {width:.0f} mm across ({rows} x {columns} pixels at PixelSpacing "
+            f"{frame.spacing[0]:g} x {frame.spacing[1]:g} mm) "
+            f"but its ReconstructionDiameter says the reconstructed field is {diameter:g} mm: one of the two is "
+            "wrong (PixelSpacing perhaps in centimetres), and every volume the node reported would be wrong with "
+            "it; the sender must correct the series"
+        )
 
 
 def _extent_mm(images: list[_Frame]) -> tuple[float, float, float]:

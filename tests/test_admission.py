@@ -574,6 +574,42 @@ def test_a_pixel_spacing_written_in_centimetres_is_refused(tmp_path):
     )
 
 
+def test_a_narrow_field_of_128_pixels_is_refused(tmp_path):
+    """A 128-pixel matrix at 0.35 mm (3.5 written as 0.35) is 45 mm across: refused as any clinical matrix is."""
+    files = series_files(tmp_path, rows=128, columns=128, pixel_spacing=(0.35, 0.35))
+    refusal = admit(files, STRICT).refusal
+    assert refusal is not None and refusal.startswith("the images would be 45 x 45 mm across (PixelSpacing 0.35")
+
+
+@pytest.mark.parametrize(
+    ("matrix", "spacing", "diameter", "width"),
+    [(96, 0.35, "336", 34), (512, 0.2, "358.4", 102)],
+    ids=["under the clinical matrix", "wide enough to pass the width check"],
+)
+def test_a_pixel_spacing_far_from_the_reconstruction_diameter_is_refused(tmp_path, matrix, spacing, diameter, width):
+    """PixelSpacing 0.35 where the ReconstructionDiameter says 3.5 mm pixels, 0.2 where it says 0.7: the width alone
+    did not tell (a small matrix, or a field still 80 mm wide), and the result reported every volume many times
+    small."""
+    files = series_files(tmp_path, rows=matrix, columns=matrix, pixel_spacing=(spacing, spacing))
+    for file in files:
+        rewrite(file, ReconstructionDiameter=diameter)
+    assert admit(files, STRICT).refusal == (
+        f"instance 1 is {width} mm across ({matrix} x {matrix} pixels at PixelSpacing {spacing} x {spacing} mm) but "
+        f"its ReconstructionDiameter says the reconstructed field is {diameter} mm: one of the two is wrong "
+        "(PixelSpacing perhaps in centimetres), and every volume the node reported would be wrong with it; the "
+        "sender must correct the series"
+    )
+
+
+@pytest.mark.parametrize("diameter", ["500", "250", "", "abc", "0", "nan"])
+def test_a_reconstruction_diameter_near_the_width_or_unreadable_is_admitted(tmp_path, diameter):
+    """A field cropped or padded afterwards stays within 2 times its diameter; an unreadable one is not judged."""
+    files = series_files(tmp_path, rows=16, columns=16, pixel_spacing=(22.0, 22.0))  # 352 mm
+    for file in files:
+        rewrite(file, ReconstructionDiameter=diameter)
+    assert admit(files, STRICT).admitted
+
+
 def test_a_narrow_but_possible_field_is_admitted(tmp_path):
     """A 256-pixel image at 0.32 mm is 82 mm across, a temporal-bone field."""
     assert admit(series_files(tmp_path, rows=256, columns=256, pixel_spacing=(0.32, 0.32)), STRICT).admitted
