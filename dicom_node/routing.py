@@ -8,6 +8,7 @@ Then the first rule whose every condition holds decides; no match means IGNORED.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series
 from dicom_node import MANUFACTURER
-from dicom_node.config import Rule, rule_pattern
+from dicom_node.config import Range, Rule, rule_pattern
 
 CT_IMAGE_SOP_CLASSES = frozenset(
     {
@@ -93,28 +94,75 @@ def never_process_reason(facts: SeriesFacts) -> str | None:
 
 def rule_matches(rule: Rule, facts: SeriesFacts) -> bool:
     """True when every condition the rule sets holds for the series."""
+    return not unmet_conditions(rule, facts)
+
+
+def unmet_conditions(rule: Rule, facts: SeriesFacts) -> list[str]:
+    """The rule's conditions the series does not meet, each as a phrase naming the attribute and its value."""
     match = rule.match
-    checks = [
-        match.modality is None or _in(facts.modality, match.modality),
-        match.series_description is None
-        or rule_pattern(match.series_description).search(facts.series_description or "") is not None,
-        match.image_type is None or {v.upper() for v in match.image_type} <= {v.upper() for v in facts.image_type},
-        match.slice_thickness is None or match.slice_thickness.contains(facts.slice_thickness),
-        match.number_of_images is None or match.number_of_images.contains(facts.number_of_images),
-        match.calling_ae_title is None or _in(facts.calling_ae_title, match.calling_ae_title),
-        match.body_part_examined is None or _in(facts.body_part_examined, match.body_part_examined),
-    ]
-    return all(checks)
+    unmet = []
+    if match.modality is not None and not _in(facts.modality, match.modality):
+        unmet.append(f"Modality {facts.modality or '(none)'} is not {' or '.join(match.modality)}")
+    if (
+        match.series_description is not None
+        and rule_pattern(match.series_description).search(facts.series_description or "") is None
+    ):
+        unmet.append(f"SeriesDescription {facts.series_description or ''!r} does not match its pattern")
+    if match.image_type is not None:
+        lacking = [v for v in match.image_type if v.upper() not in {t.upper() for t in facts.image_type}]
+        if lacking:
+            given = "\\".join(facts.image_type) or "(none)"
+            unmet.append(f"ImageType {given} lacks {' and '.join(lacking)}")
+    if match.slice_thickness is not None and not match.slice_thickness.contains(facts.slice_thickness):
+        unmet.append(
+            "the series gives no SliceThickness it can be judged by"
+            if facts.slice_thickness is None or math.isnan(facts.slice_thickness)
+            else f"SliceThickness {facts.slice_thickness:g} mm is {_outside(match.slice_thickness, ' mm')}"
+        )
+    if match.number_of_images is not None and not match.number_of_images.contains(facts.number_of_images):
+        unmet.append(f"{facts.number_of_images} images is {_outside(match.number_of_images, '')}")
+    if match.calling_ae_title is not None and not _in(facts.calling_ae_title, match.calling_ae_title):
+        unmet.append(
+            f"it came from {facts.calling_ae_title or '(no AE title)'}, not {' or '.join(match.calling_ae_title)}"
+        )
+    if match.body_part_examined is not None and not _in(facts.body_part_examined, match.body_part_examined):
+        unmet.append(
+            f"BodyPartExamined {facts.body_part_examined or '(none)'} is not {' or '.join(match.body_part_examined)}"
+        )
+    return unmet
+
+
+def _outside(bounds: Range, unit: str) -> str:
+    """'under 10', 'over 5 mm' or 'outside 0.5-5 mm', for a value the bounds do not contain."""
+    if bounds.min is not None and bounds.max is not None:
+        return f"outside {bounds.min:g}-{bounds.max:g}{unit}"
+    if bounds.min is not None:
+        return f"under {bounds.min:g}{unit}"
+    return f"over {bounds.max:g}{unit}"
+
+
+def _not_processed_because(skipped: list[tuple[Rule, list[str]]]) -> str:
+    """Why the ``process`` rules before the decision did not take the series (at most three named), or ''."""
+    if not skipped:
+        return ""
+    named = [f"rule {rule.name!r} did not match: {'; '.join(unmet)}" for rule, unmet in skipped[:3]]
+    more = f"; {len(skipped) - 3} more process rules did not match" if len(skipped) > 3 else ""
+    return f" ({'; '.join(named)}{more})"
 
 
 def decide(rules: Sequence[Rule], facts: SeriesFacts) -> Decision:
     """The guard, then the first matching rule; no match ignores the series."""
     guard = never_process_reason(facts)
+    skipped: list[tuple[Rule, list[str]]] = []  # process rules that did not match, and why
     for rule in rules:
-        if not rule_matches(rule, facts):
+        unmet = unmet_conditions(rule, facts)
+        if unmet:
+            if rule.action == "process":
+                skipped.append((rule, unmet))
             continue
         if rule.action == "ignore":
-            return Decision("ignore", f"rule {rule.name!r}: ignore", rule_name=rule.name)
+            because = "" if guard else _not_processed_because(skipped)
+            return Decision("ignore", f"rule {rule.name!r}: ignore{because}", rule_name=rule.name)
         if guard:
             return Decision("ignore", f"not processed: {guard}", rule_name=rule.name)
         return Decision(
@@ -126,7 +174,7 @@ def decide(rules: Sequence[Rule], facts: SeriesFacts) -> Decision:
         )
     if guard:
         return Decision("ignore", f"not processed: {guard}")
-    return Decision("ignore", "no routing rule matched")
+    return Decision("ignore", f"no routing rule matched{_not_processed_because(skipped)}")
 
 
 def _in(value: str | None, allowed: Sequence[str]) -> bool:

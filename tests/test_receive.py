@@ -105,7 +105,9 @@ def test_real_compressed_ct_is_stored_as_sent_and_ignored_without_matching_rule(
         sop_uid = source.name.removeprefix("CT.").removesuffix(".dcm")
         assert data_set_bytes(by_uid[sop_uid]) == data_set_bytes(source)
     node.wait_for_state(series_uid, JobState.IGNORED)
-    assert node.job_reason(series_uid) == "no routing rule matched"
+    assert (
+        node.job_reason(series_uid) == "no routing rule matched (rule 'mr-only' did not match: Modality CT is not MR)"
+    )
 
 
 def test_mr_series_is_stored_but_never_processed(tmp_path, start_node):

@@ -72,7 +72,46 @@ def test_each_condition(match, matches):
 
 def test_no_match_is_ignored_with_reason():
     decision = decide([rule("mr", modality="MR")], CT)
-    assert (decision.action, decision.reason) == ("ignore", "no routing rule matched")
+    assert (decision.action, decision.reason) == (
+        "ignore",
+        "no routing rule matched (rule 'mr' did not match: Modality CT is not MR)",
+    )
+
+
+def test_an_ignored_series_names_why_each_process_rule_before_did_not_take_it():
+    """An Enhanced CT (ImageType VOLUME, its thickness only in the functional groups) under the shipped rules was
+    IGNORED as "rule 'everything-else': ignore", which told the administrator nothing."""
+    enhanced = replace(
+        CT,
+        image_type=("ORIGINAL", "PRIMARY", "VOLUME", "NONE"),
+        slice_thickness=None,
+        number_of_images=8,
+        calling_ae_title="CT01",
+    )
+    rules = [
+        rule(
+            "ct-axial",
+            modality="CT",
+            image_type=["AXIAL"],
+            slice_thickness={"min": 0.5, "max": 5.0},
+            number_of_images={"min": 10},
+        ),
+        rule("from-pacs", calling_ae_title="PACS", slice_thickness={"max": 0.4}),
+        rule("skip", action="ignore", body_part_examined="HEAD"),
+        rule("everything-else", action="ignore"),
+    ]
+    assert decide(rules, enhanced).reason == (
+        "rule 'everything-else': ignore (rule 'ct-axial' did not match: ImageType ORIGINAL\\PRIMARY\\VOLUME\\NONE "
+        "lacks AXIAL; the series gives no SliceThickness it can be judged by; 8 images is under 10; rule "
+        "'from-pacs' did not match: the series gives no SliceThickness it can be judged by; it came from CT01, not "
+        "PACS)"
+    )
+    thick = replace(CT, slice_thickness=7.0, body_part_examined="CHEST")
+    assert decide(rules, thick).reason == (
+        "rule 'everything-else': ignore (rule 'ct-axial' did not match: SliceThickness 7 mm is outside 0.5-5 mm; "
+        "rule 'from-pacs' did not match: SliceThickness 7 mm is over 0.4 mm)"
+    )
+    assert decide(rules, replace(thick, body_part_examined="HEAD")).reason.startswith("rule 'skip': ignore (")
 
 
 def test_ignore_rule_ignores():
