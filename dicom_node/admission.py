@@ -393,7 +393,7 @@ def _admit(
         raise Refused("the series has a single image; a volume needs at least two slices")
     if len({frame.acquisition for frame in images}) == 1:
         images = _one_image_set(images)
-        _check_slice_stack(images)
+        _check_slice_stack(images, [frame.label for frame in frames if frame.localizer])
         _check_step_against_thickness(images)
     else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
         _check_step_of_each_acquisition(images)
@@ -1264,8 +1264,11 @@ def _consistent_matrix(images: list[_Frame], settings: AdmissionSettings, warnin
     return largest
 
 
-def _check_slice_stack(images: list[_Frame]) -> None:
-    """One acquisition's slices: no position twice, no gap, no drift, no shear; same wording as the assembler."""
+def _check_slice_stack(images: list[_Frame], localizers: Sequence[str] = ()) -> None:
+    """One acquisition's slices: no position twice, no gap, no drift, no shear; same wording as the assembler.
+
+    A gap in a series from which ``localizers`` (their labels) were left out names them: one marked LOCALIZER by
+    mistake leaves a gap though every image arrived."""
     normal = _normal(images[0].orientation)
     ordered = sorted(images, key=lambda f: _dot(f.position, normal))
     try:
@@ -1274,6 +1277,12 @@ def _check_slice_stack(images: list[_Frame]) -> None:
         labels, instances = [_without_uid(f.label, f.instance) for f in ordered], [f.instance for f in ordered]
         check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=labels, instances=instances)
     except VolumeError as exc:
+        if localizers and "missing slice" in str(exc):
+            named = ", ".join(localizers[:3]) + (f" and {len(localizers) - 3} more" if len(localizers) > 3 else "")
+            raise Refused(
+                f"{exc}; {len(localizers)} image(s) with LOCALIZER in their ImageType were left out of the volume "
+                f"({named}): an image marked so by mistake leaves such a gap though it arrived"
+            ) from None
         raise Refused(str(exc)) from None
 
 

@@ -673,6 +673,21 @@ def test_a_rescale_type_other_than_hu_is_refused_and_hu_is_admitted(tmp_path):
     assert admit(files, STRICT).admitted
 
 
+def test_a_gap_left_by_an_image_marked_localizer_names_it(tmp_path):
+    """Image 4 of 8 marked LOCALIZER by mistake is left out of the volume: the gap it leaves once read as a slice
+    missing, and the administrator looked for an image that had arrived."""
+    files = series_files(tmp_path, slices=8)
+    ds = pydicom.dcmread(files[3].path)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(files[3].path)
+    refusal = admit(files, STRICT).refusal
+    assert refusal is not None and refusal.startswith("about 1 missing slice(s): slices 3 and 4 (by position)")
+    assert refusal.endswith(
+        "; 1 image(s) with LOCALIZER in their ImageType were left out of the volume (instance 4): an image marked "
+        "so by mistake leaves such a gap though it arrived"
+    )
+
+
 def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
     """A study already recorded for PHANTOM-1 cannot take a series of someone else (a StudyInstanceUID collision)."""
     files = series_files(tmp_path)
