@@ -396,6 +396,8 @@ def _admit(
         _check_slice_stack(images, [frame.label for frame in frames if frame.localizer])
         _check_step_against_thickness(images)
     else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
+        if len({frame.acquisition for frame in images}) == len(images):  # each slice its own AcquisitionNumber
+            _check_slice_stack(images, [frame.label for frame in frames if frame.localizer])  # names the slices
         _check_step_of_each_acquisition(images)
     extent = _extent_mm(images)
     if max(extent) > LONGEST_EXTENT_MM:

@@ -688,6 +688,23 @@ def test_a_gap_left_by_an_image_marked_localizer_names_it(tmp_path):
     )
 
 
+def test_two_slices_at_one_position_are_named_where_each_slice_has_its_own_acquisition_number(tmp_path):
+    """A scanner numbering every slice as its own acquisition, two at one position: once refused with a list of
+    every AcquisitionNumber and "which one to process cannot be told", never naming the two images."""
+    files = series_files(tmp_path, slices=6)
+    positions = [pydicom.dcmread(file.path).ImagePositionPatient for file in files]
+    for number, file in enumerate(files, start=1):
+        ds = pydicom.dcmread(file.path)
+        ds.AcquisitionNumber = number
+        if number == 4:
+            ds.ImagePositionPatient = positions[2]
+        ds.save_as(file.path)
+    refusal = admit(files, STRICT).refusal
+    assert refusal is not None and refusal.startswith(
+        "1 slice position(s) occur twice in one acquisition: instance 3 and instance 4 are both at ImagePositionPatient"
+    )
+
+
 def test_a_series_of_another_patient_than_its_study_is_refused(tmp_path):
     """A study already recorded for PHANTOM-1 cannot take a series of someone else (a StudyInstanceUID collision)."""
     files = series_files(tmp_path)
