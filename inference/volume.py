@@ -469,9 +469,19 @@ def _describe_group(members: list[_Frame]) -> str:
     return f"{acquisition}, {rows} x {columns} at {first.pixel_spacing[0]:g} x {first.pixel_spacing[1]:g} mm"
 
 
+GROUPS_DESCRIBED = 6
+"""The most groups of images a reason lists one by one; the rest are counted."""
+
+
 def _describe_groups(groups: dict[tuple, list[_Frame]]) -> str:
     ordered = sorted(groups.values(), key=lambda members: (-len(members), _describe_group(members)))
-    return "; ".join(f"{len(members)} images of {_describe_group(members)}" for members in ordered)
+    described = "; ".join(
+        f"{len(members)} images of {_describe_group(members)}" for members in ordered[:GROUPS_DESCRIBED]
+    )
+    rest = ordered[GROUPS_DESCRIBED:]
+    if rest:
+        described += f"; and {len(rest)} more groups of {sum(len(members) for members in rest)} images"
+    return described
 
 
 def _problem_of_consecutive_blocks(frames: list[_Frame]) -> str | None:

@@ -293,6 +293,28 @@ def test_two_acquisitions_of_the_same_size_are_refused_whatever_order_the_images
         )
 
 
+def test_a_refusal_of_many_acquisitions_of_one_size_lists_six_and_counts_the_rest(tmp_path):
+    """Eight repeats of one stack of 2: the reason named every group (1,484 characters for 24 in a probe)."""
+    first = write_phantom_series(tmp_path / "0", replace(SPEC, slices=2))
+    paths = list(first.files)
+    for repeat in range(1, 8):
+        again = write_phantom_series(
+            tmp_path / str(repeat), replace(SPEC, slices=2, series_instance_uid=first.series_instance_uid)
+        )
+        for path in again.files:
+            dataset = pydicom.dcmread(path)
+            dataset.AcquisitionNumber = 1 + repeat
+            dataset.save_as(path)
+        paths += again.files
+
+    with pytest.raises(VolumeError) as error:
+        load_series_volume(paths)
+
+    reason = str(error.value)
+    assert reason.count("images of AcquisitionNumber") == 6
+    assert "; and 2 more groups of 4 images: two or more of the largest have 2 images each" in reason
+
+
 def test_interleaved_acquisitions_are_two_volumes_not_one_stack_at_half_the_step(tmp_path):
     """Two phases offset by half a step (acquisition 1 at 0, 6, 12 mm ..., acquisition 2 at 3, 9 mm ...):
     together they look like one regular 3 mm stack, but merging them would mix two moments in time."""
