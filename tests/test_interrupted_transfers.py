@@ -189,7 +189,8 @@ def test_a_receiving_process_stopped_past_its_limit_is_ended_and_its_series_wait
     """A receiving process that stops running (SIGSTOP here; a hang alike) answers nothing on the associations it
     holds and was counted as up: the supervisor ends it once its accepting loop has not run for
     receive.unresponsive_seconds, marks its series cut short and starts it again. A shorter stop is waited out."""
-    node = start_node(rules=CT_RULES, completion=COMPLETION, receive={"processes": 2, "unresponsive_seconds": 3})
+    completion = {**COMPLETION, "expected_count_timeout_seconds": 20.0}  # still waiting once the stop is ended
+    node = start_node(rules=CT_RULES, completion=completion, receive={"processes": 2, "unresponsive_seconds": 5})
     assert node.process is not None
     wait_for(lambda: "scp.listening" in node.log(), timeout=60, what="both receiving processes to listen")
     series = write_phantom_series(tmp_path / "ct", SPEC)
@@ -206,19 +207,19 @@ def test_a_receiving_process_stopped_past_its_limit_is_ended_and_its_series_wait
         os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: not assoc.is_alive(), timeout=30, what="the sender to see its association end")
+        wait_for(
+            lambda: (
+                len(receiving_processes(node.process.pid)) == 2
+                and not set(receiving_processes(node.process.pid)) & set(stopped)
+            ),
+            timeout=30,
+            what="both receiving processes to be ended and started again",
+        )
     finally:
         for pid in stopped:
             if pid in receiving_processes(node.process.pid):
                 os.kill(pid, signal.SIGCONT)  # one the node did not end: let the node stop in order
     assert "receiver.unresponsive" in node.log()
-    wait_for(
-        lambda: (
-            len(receiving_processes(node.process.pid)) == 2
-            and not set(receiving_processes(node.process.pid)) & set(stopped)
-        ),
-        timeout=30,
-        what="both receiving processes to be started again",
-    )
 
     _waits_for_the_rest(node, series.series_instance_uid)
     warning = _partial_warning_of(node, series.series_instance_uid)
