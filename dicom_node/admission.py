@@ -48,6 +48,7 @@ from inference.volume import (
     RECONSTRUCTION_KEYWORDS,
     SPACING_DECIMALS,
     VOLUME_SOURCE_KEYWORDS,
+    MissingSlices,
     SliceHeader,
     VolumeError,
     check_obliquity,
@@ -391,13 +392,14 @@ def _admit(
         )
     if len(images) < 2:
         raise Refused("the series has a single image; a volume needs at least two slices")
+    localizers = [frame.label for frame in frames if frame.localizer]
     if len({frame.acquisition for frame in images}) == 1:
         images = _one_image_set(images)
-        _check_slice_stack(images, [frame.label for frame in frames if frame.localizer])
+        _check_slice_stack(images, localizers)
         _check_step_against_thickness(images)
     else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
         if len({frame.acquisition for frame in images}) == len(images):  # each slice its own AcquisitionNumber
-            _check_slice_stack(images, [frame.label for frame in frames if frame.localizer])  # names the slices
+            _check_slice_stack(images, localizers)  # names the slices
         _check_step_of_each_acquisition(images)
     extent = _extent_mm(images)
     if max(extent) > LONGEST_EXTENT_MM:
@@ -1278,13 +1280,15 @@ def _check_slice_stack(images: list[_Frame], localizers: Sequence[str] = ()) -> 
         positions = [f.position for f in ordered]
         labels, instances = [_without_uid(f.label, f.instance) for f in ordered], [f.instance for f in ordered]
         check_slice_stack(positions, normal, pixel_spacing=smallest_pixel, labels=labels, instances=instances)
-    except VolumeError as exc:
-        if localizers and "missing slice" in str(exc):
+    except MissingSlices as exc:
+        if localizers:
             named = ", ".join(localizers[:3]) + (f" and {len(localizers) - 3} more" if len(localizers) > 3 else "")
             raise Refused(
                 f"{exc}; {len(localizers)} image(s) with LOCALIZER in their ImageType were left out of the volume "
                 f"({named}): an image marked so by mistake leaves such a gap though it arrived"
             ) from None
+        raise Refused(str(exc)) from None
+    except VolumeError as exc:
         raise Refused(str(exc)) from None
 
 
@@ -1381,13 +1385,19 @@ def _check_step_against_thickness(images: list[_Frame], which: str = "") -> None
         )
 
 
-def _slice_thickness(source: Dataset) -> float | None:
-    """SliceThickness of an image (or a Pixel Measures item), where it is a positive number."""
+def _positive_number(text: str | None) -> float | None:
+    """``text`` as a positive finite number; None where absent or not one."""
     try:
-        value = float(raw_text(source, "SliceThickness") or "")
+        value = float(text or "")
     except ValueError:
-        return None  # absent or not a number: the models do not use it, so it is not refused for that
+        return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+def _slice_thickness(source: Dataset) -> float | None:
+    """SliceThickness of an image (or a Pixel Measures item), where it is a positive number (else it is not
+    refused for that: the models do not use it)."""
+    return _positive_number(raw_text(source, "SliceThickness"))
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
@@ -1408,12 +1418,7 @@ def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
 def _reconstruction_diameter(frame: _Frame) -> float | None:
     """The frame's ReconstructionDiameter in mm, where a positive finite number; else None."""
     index = RECONSTRUCTION_KEYWORDS.index("ReconstructionDiameter")
-    text = frame.reconstruction[index] if len(frame.reconstruction) > index else None
-    try:
-        diameter = float(text) if text else math.nan
-    except ValueError:
-        return None
-    return diameter if math.isfinite(diameter) and diameter > 0 else None
+    return _positive_number(frame.reconstruction[index] if len(frame.reconstruction) > index else None)
 
 
 def _check_field_against_reconstruction_diameter(images: list[_Frame], extent: tuple[float, ...]) -> None:

@@ -76,6 +76,10 @@ class VolumeError(ValueError):
     """The series cannot become one regular volume; the message says why."""
 
 
+class MissingSlices(VolumeError):
+    """A step between neighbouring slices a whole number of usual steps or more: slices missing."""
+
+
 @dataclass(frozen=True)
 class SliceRef:
     """One slice of the volume and the instance (and frame) it came from."""
@@ -876,7 +880,7 @@ def check_slice_stack(
     if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
         missing = round(steps[worst] / median) - 1
         kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
-        raise VolumeError(
+        raise (MissingSlices if missing >= 1 else VolumeError)(
             f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
             f"the series' usual step is {median:.2f} mm"
         )
