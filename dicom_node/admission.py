@@ -45,12 +45,14 @@ from dicom_node.receive.header import (
     strictly_decoded_text,
 )
 from inference.volume import (
+    ACQUISITION_TIME_KEYWORDS,
     RECONSTRUCTION_KEYWORDS,
     SPACING_DECIMALS,
     VOLUME_SOURCE_KEYWORDS,
     MissingSlices,
     SliceHeader,
     VolumeError,
+    acquisition_seconds,
     check_obliquity,
     check_slice_stack,
     differing_orientations,
@@ -167,14 +169,13 @@ HEADER_KEYWORDS = (
     "PerFrameFunctionalGroupsSequence",
     "PixelData",
     "AcquisitionNumber",
-    "SeriesNumber",
-    "ConvolutionKernel",
-    "ReconstructionDiameter",
+    *RECONSTRUCTION_KEYWORDS,  # what tells image sets apart (one_image_set)
+    *ACQUISITION_TIME_KEYWORDS,
     "ModalityLUTSequence",  # refused where it stands in for RescaleSlope/RescaleIntercept
     "FloatPixelData",  # refused: CT pixels are integers
     "DoubleFloatPixelData",
 )
-HEADER_TAGS: list[int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
+HEADER_TAGS: list[int] = [Tag(keyword) for keyword in dict.fromkeys(HEADER_KEYWORDS)]
 PIXEL_DATA_TAG = Tag("PixelData")
 DEFER_BYTES = 1024
 """Values longer than this (the pixel data) are not read, only their length."""
@@ -263,6 +264,7 @@ class _Frame:
     reconstruction: tuple[str | None, ...] = ()  # what tells its image set (inference.volume.reconstruction_values)
     instance: str = ""  # SOP Instance UID
     instance_number: str = ""
+    acquired: float | None = None  # when, in seconds (inference.volume.acquisition_seconds)
 
 
 def admit(
@@ -1098,7 +1100,17 @@ def _images(label: str, header: Dataset) -> list[_Frame]:
         plane = _plane(label, [header])
         thickness = _slice_thickness(header)
         return [
-            _Frame(label, *plane, shape, bytes_per_pixel, False, acquisition, thickness, reconstruction_values(header))
+            _Frame(
+                label,
+                *plane,
+                shape,
+                bytes_per_pixel,
+                False,
+                acquisition,
+                thickness,
+                reconstruction_values(header),
+                acquired=acquisition_seconds(header),
+            )
         ]
     if len(per_frame) != _frame_count(label, header):
         raise Refused(
@@ -1123,6 +1135,7 @@ def _images(label: str, header: Dataset) -> list[_Frame]:
                 localizer,
                 thickness=_slice_thickness(sources[2]) if sources[2] is not None else None,
                 reconstruction=reconstruction_values(header, [group, shared]),
+                acquired=acquisition_seconds(header, [group, shared]),
             )
         )
     return frames
@@ -1315,6 +1328,7 @@ def _one_image_set(images: list[_Frame]) -> list[_Frame]:
             frame.instance,
             frame.instance_number,
             frame.acquisition,
+            frame.acquired,
         )
         for frame in images
     ]

@@ -27,6 +27,8 @@ silently become other HU values).
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import math
 import re
 import warnings
@@ -167,6 +169,7 @@ class _Frame:
     is_localizer: bool
     instance_number: str = ""
     reconstruction: tuple[str | None, ...] = ()  # RECONSTRUCTION_KEYWORDS' values (reconstruction_values)
+    acquired: float | None = None  # acquisition_seconds()
 
 
 HEADER_DEFER_BYTES = 64 * 1024
@@ -287,6 +290,7 @@ def _frames(path: Path, header: Dataset) -> list[_Frame]:
             is_localizer=localizer,
             instance_number=str(header.get("InstanceNumber", "")),
             reconstruction=reconstruction_values(header),
+            acquired=acquisition_seconds(header),
         )
     ]
 
@@ -359,6 +363,7 @@ def _enhanced_frames(path: Path, header: Dataset, localizer: bool) -> list[_Fram
                 acquisition="",
                 is_localizer=localizer,
                 reconstruction=reconstruction_values(header, [group, shared]),
+                acquired=acquisition_seconds(header, [group, shared]),
             )
         )
     return frames
@@ -549,19 +554,31 @@ def one_stack_of_blocks(
     return len(runs) == len(set(runs))
 
 
-RECONSTRUCTION_KEYWORDS = ("ConvolutionKernel", "SliceThickness", "ReconstructionDiameter", "SeriesNumber", "ImageType")
-"""Attributes that tell one image set (a reconstruction, a series) from another: the slices of one volume agree on
-each that they give. ImageType counts by its first two values (ORIGINAL or DERIVED, PRIMARY or SECONDARY).
-AcquisitionTime and ContentTime are not among them: they change from slice to slice of a helical scan."""
+RECONSTRUCTION_KEYWORDS = (
+    "ConvolutionKernel",
+    "SliceThickness",
+    "ReconstructionDiameter",
+    "SeriesNumber",
+    "ImageType",
+    "KVP",
+    "TemporalPositionIdentifier",
+)
+"""Attributes that tell one image set (a reconstruction, a series, an energy of a dual-energy scan, a phase) from
+another: the slices of one volume agree on each that they give. ImageType counts with all its values (a dual-energy
+scanner tells its energies apart in the fourth and later ones), one that begins another as that one. AcquisitionTime and
+ContentTime are not among them: they change from slice to slice of a helical scan (:func:`sets_by_acquisition_time`
+reads the acquisition times)."""
 FUNCTIONAL_GROUP_PLACES = {
     "ConvolutionKernel": ("CTReconstructionSequence", "ConvolutionKernel"),
     "SliceThickness": ("PixelMeasuresSequence", "SliceThickness"),
     "ReconstructionDiameter": ("CTReconstructionSequence", "ReconstructionDiameter"),
     "ImageType": ("CTImageFrameTypeSequence", "FrameType"),
+    "KVP": ("CTXRayDetailsSequence", "KVP"),
+    "TemporalPositionIdentifier": ("FrameContentSequence", "TemporalPositionIndex"),
 }
 """Where a frame of an enhanced image gives each of :data:`RECONSTRUCTION_KEYWORDS` (sequence, attribute)."""
-COMPARED_DECIMALS = {"SliceThickness": 3, "ReconstructionDiameter": 1}
-"""Numbers alike to this many decimals (of a mm) are one value written to another precision."""
+COMPARED_DECIMALS = {"SliceThickness": 3, "ReconstructionDiameter": 1, "KVP": 0}
+"""Numbers alike to this many decimals (of a mm, of a kV) are one value written to another precision."""
 
 
 @dataclass(frozen=True)
@@ -574,11 +591,12 @@ class SliceHeader:
     instance: str = ""  # SOP Instance UID: the frames of one multi-frame instance share it
     instance_number: str = ""
     acquisition: str = ""
+    acquired: float | None = None  # acquisition_seconds(); None where not given
 
 
 def reconstruction_values(header: Dataset, groups: Sequence[Dataset] = ()) -> tuple[str | None, ...]:
-    """The image's values of :data:`RECONSTRUCTION_KEYWORDS` as compared (numbers rounded, ImageType's first two
-    values), None where not given. An enhanced image's frame: ``groups`` are its per-frame and shared functional
+    """The image's values of :data:`RECONSTRUCTION_KEYWORDS` as compared (numbers rounded, ImageType's values in
+    capitals), None where not given. An enhanced image's frame: ``groups`` are its per-frame and shared functional
     groups, read before the top level."""
     values = []
     for keyword in RECONSTRUCTION_KEYWORDS:
@@ -617,8 +635,8 @@ def raw_text(dataset: Dataset, keyword: str) -> str | None:
 def _compared(keyword: str, text: str) -> str | None:
     parts = [part.strip(" \x00") for part in text.split("\\")]
     if keyword == "ImageType":
-        parts = [part.upper() for part in parts[:2]]
-    elif keyword in COMPARED_DECIMALS or keyword == "SeriesNumber":
+        parts = [part.upper() for part in parts]
+    elif keyword in COMPARED_DECIMALS or keyword in ("SeriesNumber", "TemporalPositionIdentifier"):
         try:
             number = float(parts[0])
         except ValueError:
@@ -633,33 +651,174 @@ def one_image_set(slices: Sequence[SliceHeader], normal: Sequence[float] | np.nd
 
     Two reconstructions (a soft-tissue and a bone kernel, two phases) or two series merged into one series by a
     PACS or router would make one volume that changes reconstruction from slice to slice. Slices of one set agree
-    on each of :data:`RECONSTRUCTION_KEYWORDS` that they give. Where they differ, the largest set is kept (the
-    note, for the job's warnings, names the attribute and both values) if every slice gives the values that differ
-    and the set makes a regular stack on its own; otherwise, or when the largest sets are the same size,
-    VolumeError. An InstanceNumber used twice in one acquisition at different positions is two sets that no
-    attribute tells apart: VolumeError. The volume and admission ask it of the same slices.
+    on each of :data:`RECONSTRUCTION_KEYWORDS` that they give, and were acquired in one scan of the region
+    (:func:`sets_by_acquisition_time`). Where they differ, the largest set is kept (the note, for the job's
+    warnings, names the attribute and both values) if every slice gives the values that differ and the set makes a
+    regular stack on its own; otherwise, or when the largest sets are the same size, VolumeError. An
+    InstanceNumber used twice in one acquisition at different positions is two sets that no attribute tells apart:
+    VolumeError. The volume and admission ask it of the same slices.
     """
-    differing = [
-        index
-        for index in range(len(RECONSTRUCTION_KEYWORDS))
-        if len({s.reconstruction[index] for s in slices if len(s.reconstruction) > index} - {None}) > 1
+    values = [
+        [s.reconstruction[k] if len(s.reconstruction) > k else None for s in slices]
+        for k in range(len(RECONSTRUCTION_KEYWORDS))
     ]
-    kept, note = _largest_image_set(slices, differing, normal) if differing else (list(range(len(slices))), None)
+    image_type = RECONSTRUCTION_KEYWORDS.index("ImageType")
+    values[image_type] = _completed_image_types(values[image_type])
+    differing = [k for k, of_keyword in enumerate(values) if len(set(of_keyword) - {None}) > 1]
+    kept, note = list(range(len(slices))), None
+    if differing:
+        keys = [tuple(values[k][i] for k in differing) for i in range(len(slices))]
+        kept, note = _largest_image_set(
+            slices, keys, [RECONSTRUCTION_KEYWORDS[index] for index in differing], normal, RECONSTRUCTIONS
+        )
+    scans = sets_by_acquisition_time([slices[index] for index in kept], normal)
+    if scans is not None:
+        chosen, scan_note = _largest_image_set(
+            [slices[index] for index in kept], scans, ["AcquisitionTime"], normal, SCANS
+        )
+        kept = [kept[index] for index in chosen]
+        note = scan_note if note is None else f"{note}; {scan_note.removeprefix('partial series: ')}"
     _check_instance_numbers([slices[index] for index in kept], normal)
     return kept, note
 
 
+def _completed_image_types(types: list[str | None]) -> list[str | None]:
+    """ImageType values as image sets compare them: one that begins a longer one (ORIGINAL\\PRIMARY and
+    ORIGINAL\\PRIMARY\\AXIAL\\CT_SOM5 SPI: a scanner writing the later values on some images only) is taken as that
+    one where it begins only one of the longest; a dual-energy scan's DET_A and DET_B images still differ."""
+    given = {t for t in types if t is not None}
+    longest = [t for t in given if not any(other.startswith(t + "\\") for other in given)]
+
+    def completed(value: str | None) -> str | None:
+        if value is None:
+            return None
+        wider = [t for t in longest if t == value or t.startswith(value + "\\")]
+        return wider[0] if len(wider) == 1 else value
+
+    return [completed(value) for value in types]
+
+
+RECONSTRUCTIONS = "reconstructions, or series merged into one"
+SCANS = "scans of one region at different times, such as two contrast phases, or series merged into one"
+
+ACQUISITION_TIME_GAP_SECONDS = 5.0
+"""A pause between the acquisition times of a series' images longer than this, seconds, parts two scans. One
+helical scan writes its slices' times a fraction of a second apart; a step-and-shoot scan pauses a second or two
+between its blocks (and its blocks lie one after the other along the slices, so they are never taken for two
+scans); two contrast phases are tens of seconds apart."""
+
+SCAN_MINIMUM_IMAGES = 3
+"""Images a scan must hold to count as one when scans are told apart by acquisition time: a lone slice with an
+odd AcquisitionTime is a scanner's quirk, not a second scan."""
+
+
+def sets_by_acquisition_time(
+    slices: Sequence[SliceHeader], normal: Sequence[float] | np.ndarray
+) -> list[tuple[str | None, ...]] | None:
+    """Each slice's scan, as the AcquisitionTime span it belongs to, where the slices were acquired in two scans
+    or more of one region; None where they were not, or where a slice gives no acquisition time.
+
+    Two scans (contrast phases, a repeat) merged into one series under one AcquisitionNumber, each slice at its
+    own position (the second offset by half a step) and numbered on, look like one regular stack of twice the
+    slices; only their acquisition times tell them apart. The times split where they pause longer than
+    :data:`ACQUISITION_TIME_GAP_SECONDS`; the parts are scans when two of them (of
+    :data:`SCAN_MINIMUM_IMAGES` or more) lie among each other along the slices: most of the smaller one's
+    positions within the other's range. Parts that follow one another along the slices (a step-and-shoot scan's
+    blocks, a helix crossing midnight) are one scan.
+    """
+    times = [item.acquired for item in slices]
+    if len(slices) < 2 * SCAN_MINIMUM_IMAGES or any(t is None for t in times):
+        return None
+    known = [float(t) for t in times if t is not None]
+    order = sorted(range(len(slices)), key=lambda index: known[index])
+    parts: list[list[int]] = [[order[0]]]
+    for before, index in itertools.pairwise(order):
+        if known[index] - known[before] > ACQUISITION_TIME_GAP_SECONDS:
+            parts.append([])
+        parts[-1].append(index)
+    depth = [float(np.dot(np.asarray(item.position, dtype=float), normal)) for item in slices]
+    scans = [part for part in parts if len(part) >= SCAN_MINIMUM_IMAGES]
+    if not any(_lie_among(first, second, depth) for i, first in enumerate(scans) for second in scans[i + 1 :]):
+        return None
+    labels: list[tuple[str | None, ...]] = [()] * len(slices)
+    for part in parts:
+        start, end = _clock(known[part[0]]), _clock(known[part[-1]])
+        for index in part:
+            labels[index] = (start if start == end else f"{start} to {end}",)
+    return labels
+
+
+def _lie_among(first: list[int], second: list[int], depth: list[float]) -> bool:
+    """Whether most of the smaller part's positions lie strictly within the larger one's range along the slices."""
+    smaller, larger = sorted((first, second), key=len)
+    low, high = min(depth[index] for index in larger), max(depth[index] for index in larger)
+    within = sum(low < depth[index] < high for index in smaller)
+    return within * 2 > len(smaller)
+
+
+def _clock(seconds: float) -> str:
+    """'10:42:07': a time of day as an operator reads it, to the second (the date, where counted in, left out)."""
+    hours, rest = divmod(int(seconds % 86400), 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+ACQUISITION_TIME_KEYWORDS = ("AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime")
+"""Where a single-frame image says when it was acquired (:func:`acquisition_seconds`)."""
+
+_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+_TIME = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+
+
+def acquisition_seconds(header: Dataset, groups: Sequence[Dataset] = ()) -> float | None:
+    """When the image (or an enhanced image's frame: ``groups``, its per-frame and shared functional groups) was
+    acquired, in seconds: FrameAcquisitionDateTime of its Frame Content, else AcquisitionDateTime, else
+    AcquisitionTime on AcquisitionDate (on no date where none is given). None where none is given or it cannot be
+    read."""
+    for group in groups:
+        content = group.get("FrameContentSequence")
+        text = raw_text(content[0], "FrameAcquisitionDateTime") if content else None
+        if text is not None:
+            return _date_time_seconds(text[:8], text[8:])
+    combined = raw_text(header, "AcquisitionDateTime")
+    if combined is not None:
+        return _date_time_seconds(combined[:8], combined[8:])
+    time = raw_text(header, "AcquisitionTime")
+    if time is None:
+        return None
+    return _date_time_seconds(raw_text(header, "AcquisitionDate"), time)
+
+
+def _date_time_seconds(date: str | None, time: str) -> float | None:
+    """Seconds from a DA and a TM (or a DT's time part, its offset from UTC left off); None where unreadable."""
+    time = re.split(r"[+-]", time.replace(":", ""), maxsplit=1)[0].strip()
+    matched = _TIME.match(time)
+    if not matched:
+        return None
+    hours, minutes, seconds, fraction = matched.groups()
+    of_day = int(hours) * 3600 + int(minutes or 0) * 60 + int(seconds or 0) + float(fraction or 0)
+    day = _DATE.match((date or "").replace(".", "").strip())
+    if day is None:
+        return of_day if date is None or not date.strip() else None
+    try:
+        days = datetime.date(int(day[1]), int(day[2]), int(day[3])).toordinal()
+    except ValueError:
+        return None
+    return days * 86400 + of_day
+
+
 def _largest_image_set(
-    slices: Sequence[SliceHeader], differing: list[int], normal: Sequence[float] | np.ndarray
+    slices: Sequence[SliceHeader],
+    keys: Sequence[tuple[str | None, ...]],
+    keywords: list[str],
+    normal: Sequence[float] | np.ndarray,
+    kinds: str,
 ) -> tuple[list[int], str]:
-    """The largest set of the slices told apart by the attributes ``differing`` (indices into
-    :data:`RECONSTRUCTION_KEYWORDS`), and the note that says so; VolumeError where it cannot be told."""
+    """The largest set of the slices told apart by their ``keys`` (the values of ``keywords`` each slice gives),
+    and the note that says so; VolumeError where it cannot be told. ``kinds`` says what such sets are."""
     depth = [float(np.dot(np.asarray(s.position, dtype=float), normal)) for s in slices]
-    keywords = [RECONSTRUCTION_KEYWORDS[index] for index in differing]
     sets: dict[tuple[str | None, ...], list[int]] = defaultdict(list)
     unplaced: list[int] = []
-    for index, item in enumerate(slices):
-        key = tuple(item.reconstruction[k] for k in differing)
+    for index, key in enumerate(keys):
         if None in key:
             unplaced.append(index)
         else:
@@ -670,10 +829,7 @@ def _largest_image_set(
         f"{slices[min(members, key=lambda i: depth[i])].name})"
         for key, members in ordered
     )
-    found = (
-        f"the series holds {len(ordered)} image sets (reconstructions, or series merged into one) that differ in "
-        f"{' and '.join(keywords)}: {listed}"
-    )
+    found = f"the series holds {len(ordered)} image sets ({kinds}) that differ in {' and '.join(keywords)}: {listed}"
     if unplaced:
         first = slices[min(unplaced, key=lambda i: depth[i])].name
         raise VolumeError(
@@ -698,7 +854,7 @@ def _largest_image_set(
 
 def _set_values(keywords: list[str], values: tuple[str | None, ...]) -> str:
     """'ConvolutionKernel B30f and SliceThickness 1 mm': what one image set's slices have in common."""
-    unit = {"SliceThickness": " mm", "ReconstructionDiameter": " mm"}
+    unit = {"SliceThickness": " mm", "ReconstructionDiameter": " mm", "KVP": " kV"}
     return " and ".join(f"{k} {v}{unit.get(k, '')}" for k, v in zip(keywords, values, strict=True))
 
 
@@ -755,7 +911,13 @@ def _keep_one_image_set(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
     normal = _common_orientation(frames)
     headers = [
         SliceHeader(
-            _image_name(f), f.position, f.reconstruction, f.ref.sop_instance_uid, f.instance_number, f.acquisition
+            _image_name(f),
+            f.position,
+            f.reconstruction,
+            f.ref.sop_instance_uid,
+            f.instance_number,
+            f.acquisition,
+            f.acquired,
         )
         for f in frames
     ]

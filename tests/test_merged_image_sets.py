@@ -132,7 +132,7 @@ def test_the_real_ct_as_sent_is_admitted_and_read_whole(shared_fixtures):
         (
             "ImageType",
             ["DERIVED", "SECONDARY", "AXIAL"],
-            "ImageType ORIGINAL\\PRIMARY (first: {}); 11 images with ImageType DERIVED\\SECONDARY",
+            "ImageType ORIGINAL\\PRIMARY\\AXIAL (first: {}); 11 images with ImageType DERIVED\\SECONDARY\\AXIAL",
         ),
     ],
 )
@@ -292,3 +292,139 @@ def test_frames_of_an_enhanced_ct_are_told_apart_by_their_own_reconstruction(tmp
         f"with ConvolutionKernel STANDARD (first: frame 1 of instance 1 (SOP Instance UID {uid})); the largest sets"
     )
     assert f"ConvolutionKernel BONE (first: frame 2 of image (SOP Instance UID {uid}))" in volume
+
+
+def two_scans_interleaved(paths: list[Path], second_scan, seconds_apart: int = 40) -> None:
+    """Every other slice from a second scan of the region ``seconds_apart`` later (a second contrast phase), numbered
+    on: one AcquisitionNumber, one kernel and thickness, unique InstanceNumbers; ``second_scan(ds)`` marks it."""
+
+    def scans(ds, index):
+        later = index % 2
+        ds.AcquisitionTime = f"1030{(index // 2) % 60:02d}.250000" if not later else f"10{30 + seconds_apart // 60}"
+        if later:
+            ds.AcquisitionTime += f"{seconds_apart % 60 + index // 2:02d}.250000"
+            second_scan(ds)
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = index // 2 + 1 + later * 100
+
+    edit(paths, scans)
+
+
+def test_two_scans_told_apart_only_by_their_acquisition_times_are_refused_naming_both(tmp_path):
+    """Two contrast phases under one series, each slice at its own position: together a regular stack of twice the
+    slices, which reached DONE with mean HU between the two phases'."""
+    paths = phantom(tmp_path, replace(SPEC, slices=24))
+    two_scans_interleaved(paths, lambda ds: None)
+    first_late = pydicom.dcmread(paths[1], stop_before_pixels=True)
+
+    admission, volume = refusals(paths)
+
+    for reason, image in ((admission, "instance"), (volume, "image")):
+        assert reason is not None
+        assert reason.startswith(
+            "the series holds 2 image sets (scans of one region at different times, such as two contrast phases, or "
+            "series merged into one) that differ in AcquisitionTime: 12 images with AcquisitionTime 10:30:00 to "
+            "10:30:11 (first: "
+        )
+        assert (
+            f"12 images with AcquisitionTime 10:30:40 to 10:30:51 (first: {image} 101 (SOP Instance UID "
+            f"{first_late.SOPInstanceUID}))"
+        ) in reason
+        assert reason.endswith("so which one to process cannot be told: send each set as its own series")
+
+
+def test_a_smaller_second_scan_is_left_out_with_a_partial_warning(tmp_path):
+    """A second phase over the upper part only, at the half-steps of the first: the complete scan is processed, the
+    warning names both."""
+    paths = phantom(tmp_path, replace(SPEC, slices=48))
+    two_scans_interleaved(paths, lambda ds: None)
+    for path in paths[13::2]:  # the second scan covers the first 6 half-steps
+        path.unlink()
+    sent, kept = paths[:12] + paths[12::2], paths[::2]
+
+    result = admit(instance_files(sent), STRICT)
+    volume = load_series_volume(sent)
+
+    assert result.admitted and result.images == 24
+    assert [s.sop_instance_uid for s in volume.slices] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in kept]
+    assert volume.notes[0].startswith(
+        "partial series: the series holds 2 image sets (scans of one region at different times, such as two contrast "
+        "phases, or series merged into one) that differ in AcquisitionTime: 24 images with AcquisitionTime 10:30:00 "
+        "to 10:30:23 (first: "
+    )
+    assert "; 6 images with AcquisitionTime 10:30:40 to 10:30:45 (first: image 101 " in volume.notes[0]
+    assert volume.notes[0].endswith("processed the largest, 24 of 30 images")
+    assert is_partial_warning(volume.notes[0])
+
+
+@pytest.mark.parametrize(
+    ("keyword", "first", "second", "shown"),
+    [
+        ("TemporalPositionIdentifier", 1, 2, "TemporalPositionIdentifier 1"),
+        ("KVP", "80", "140", "KVP 140 kV"),
+        (
+            "ImageType",
+            ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI DUAL", "DET_A"],
+            ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI DUAL", "DET_B"],
+            "ImageType ORIGINAL\\PRIMARY\\AXIAL\\CT_SOM5 SPI DUAL\\DET_A",
+        ),
+    ],
+)
+def test_phases_and_energies_acquired_at_once_are_told_apart_by_their_own_attributes(
+    tmp_path, keyword, first, second, shown
+):
+    """Two phases numbered by TemporalPositionIdentifier, a dual-energy scan's two tubes (KVP, or ImageType's later
+    values): at one AcquisitionTime, interleaved, one set each."""
+    paths = phantom(tmp_path, replace(SPEC, slices=24))
+    edit(paths, lambda ds, index: setattr(ds, keyword, second if index % 2 else first))
+    edit(paths, lambda ds, index: setattr(ds, "InstanceNumber", index // 2 + 1 + (index % 2) * 100))
+
+    admission, volume = refusals(paths)
+
+    for reason in (admission, volume):
+        assert reason is not None and f"that differ in {keyword}: 12 images with {shown} (first: " in reason
+        assert reason.endswith("so which one to process cannot be told: send each set as its own series")
+
+
+def test_frames_of_an_enhanced_ct_acquired_in_two_scans_are_told_apart_by_their_frame_times(tmp_path):
+    """One Enhanced CT instance whose frames alternate between two phases 4 minutes apart (FrameAcquisitionDateTime)."""
+    [path] = phantom(tmp_path, replace(SPEC, slices=12, enhanced=True))
+    ds = pydicom.dcmread(path)
+    for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        when = f"20261205103{0 + 4 * (number % 2)}{number // 2:02d}.000000"
+        group.FrameContentSequence[0].FrameAcquisitionDateTime = when
+    ds.save_as(path)
+
+    admission, volume = refusals([path])
+
+    for reason in (admission, volume):
+        assert reason is not None
+        assert (
+            "that differ in AcquisitionTime: 6 images with AcquisitionTime 10:30:00 to 10:30:05 (first: frame 1 of"
+            in (reason)
+        )
+        assert "; 6 images with AcquisitionTime 10:34:00 to 10:34:05 (first: frame 2 of " in reason
+
+
+@pytest.mark.parametrize(
+    ("case", "times"),
+    [
+        (
+            "a helix crossing midnight, no AcquisitionDate",
+            [f"2359{50 + i:02d}" if i < 10 else f"0000{i - 10:02d}" for i in range(23)],
+        ),
+        ("step-and-shoot blocks 20 s apart", [f"1030{(i // 6) * 20 + i % 6:02d}" for i in range(23)]),
+        ("one slice with an odd time", [f"1030{i:02d}" if i != 11 else "104500" for i in range(23)]),
+        ("every slice at one time", ["103000"] * 23),
+        ("times in the old form with colons", [f"10:30:{i:02d}.5" for i in range(23)]),
+    ],
+)
+def test_acquisition_times_of_one_scan_are_not_taken_for_two(tmp_path, case, times):
+    paths = phantom(tmp_path)
+    edit(paths, lambda ds, index: setattr(ds, "AcquisitionTime", times[index]))
+
+    result = admit(instance_files(paths), STRICT)
+    volume = load_series_volume(paths, allow_partial=False)
+
+    assert result.admitted and result.images == 23, case
+    assert volume.hu.shape[0] == 23 and volume.notes == [], case
