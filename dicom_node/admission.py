@@ -44,6 +44,7 @@ from dicom_node.receive.header import (
     strict_encodings,
     strictly_decoded_text,
 )
+from dicom_node.routing import CT_IMAGE_SOP_CLASSES, sop_class_name
 from inference.volume import (
     ACQUISITION_TIME_KEYWORDS,
     RECONSTRUCTION_KEYWORDS,
@@ -363,6 +364,7 @@ def _admit(
     warnings: list[str] = []
     _check_identity(headers)
     _check_modality(headers, modality)
+    _check_sop_classes(headers, modality)
     for label, header, _ in headers:
         _check_dates_and_times(label, header)
         _check_patient_sex(label, header)
@@ -593,8 +595,9 @@ def _check_identity(headers: list[tuple[str, Dataset, InstanceFile]]) -> None:
 
 
 def _check_modality(headers: list[tuple[str, Dataset, InstanceFile]], modality: str | None) -> None:
-    """Every instance must carry the series' Modality (its first instance's, which routing decided by): a CT series
-    holding an image labelled MR would be segmented with that image in the volume."""
+    """Every instance must carry the series' Modality (as routing decided it: CT where most instances are CT images,
+    else the first instance's): a CT series holding an image labelled MR would be segmented with that image in the
+    volume."""
     if modality is None:
         return
     expected = modality.strip(" \x00").upper()
@@ -606,6 +609,25 @@ def _check_modality(headers: list[tuple[str, Dataset, InstanceFile]], modality: 
             f"Modality differs within the series: {len(others)} of {len(headers)} instances (first: {others[0]}) "
             f"are not {expected}, as the series is; one series holds images of one modality, so the sender must "
             "correct it"
+        )
+
+
+def _check_sop_classes(headers: list[tuple[str, Dataset, InstanceFile]], modality: str | None) -> None:
+    """A CT series holds CT images alone: a dose screen (Secondary Capture), a report or a presentation state among
+    them, whatever its Modality, is no slice of the volume, and the sender should keep it in a series of its own."""
+    if (modality or "").strip(" \x00").upper() != "CT":
+        return
+    others = [
+        (label, raw_text(header, "SOPClassUID") or "")
+        for label, header, _ in headers
+        if raw_text(header, "SOPClassUID") not in CT_IMAGE_SOP_CLASSES
+    ]
+    if others:
+        kinds = ", ".join(sorted({sop_class_name(uid) if uid else "no SOP Class UID" for _, uid in others}))
+        raise Refused(
+            f"the series holds {len(others)} instance(s) that are not CT images ({kinds}; first: {others[0][0]}) "
+            f"beside {len(headers) - len(others)} CT images; a CT series is processed only when it holds CT images "
+            "alone, so the sender must send the other objects as a series of their own"
         )
 
 

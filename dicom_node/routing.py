@@ -1,8 +1,10 @@
 """Routing: decide what happens to a complete series, from the rules in config.yaml.
 
 Before any rule, a hard guard keeps the node from processing what it must never
-process, whatever the rules say: non-CT series, localizers, and the node's own
-outputs (so a PACS that forwards everything back to the node makes no loop).
+process, whatever the rules say: non-CT series (most of their instances not CT
+images), series without CT images, localizers, and the node's own outputs (so a
+PACS that forwards everything back to the node makes no loop). A CT series that
+also holds other objects goes on to admission, which refuses it naming them.
 Then the first rule whose every condition holds decides; no match means IGNORED.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -65,8 +68,13 @@ def series_facts(session: Session, series: Series) -> SeriesFacts:
     image_types = Counter(row.image_type for row in rows if row.image_type)
     thicknesses = [row.slice_thickness for row in rows if row.slice_thickness is not None]
     images = sum(row.number_of_frames or 1 for row in rows)
+    ct_images = sum(row.sop_class_uid in CT_IMAGE_SOP_CLASSES for row in rows)
+    others = len(rows) - ct_images
     return SeriesFacts(
-        modality=series.modality,
+        # the series' Modality is its first instance's: where most instances are CT images and others are not, a
+        # stray object (an MR image, a dose screen) sent first decides nothing: the series is CT, and admission
+        # names the stray one
+        modality="CT" if 0 < others < ct_images else series.modality,
         series_description=series.series_description,
         image_type=tuple(image_types.most_common(1)[0][0].split("\\")) if image_types else (),
         slice_thickness=statistics.median(thicknesses) if thicknesses else None,
@@ -84,12 +92,19 @@ def never_process_reason(facts: SeriesFacts) -> str | None:
         return f"modality {facts.modality or '(none)'} is not CT; only CT series are processed"
     if facts.manufacturer == MANUFACTURER:
         return "series was created by this node (its own output)"
-    non_image = facts.sop_class_uids - CT_IMAGE_SOP_CLASSES
-    if non_image:
-        return f"series holds non-CT-image SOP classes ({', '.join(sorted(non_image))})"
+    if not facts.sop_class_uids & CT_IMAGE_SOP_CLASSES:
+        return (
+            f"series holds no CT images (only {', '.join(sorted(sop_class_name(uid) for uid in facts.sop_class_uids))})"
+        )
     if "LOCALIZER" in (value.upper() for value in facts.image_type):
         return "series is a localizer (ImageType LOCALIZER)"
     return None
+
+
+def sop_class_name(uid: str) -> str:
+    """'Secondary Capture Image Storage': a SOP Class UID by its name where the standard gives one, else the UID."""
+    name = UID(uid).name
+    return name if name and name != uid else f"SOP Class UID {uid}"
 
 
 def rule_matches(rule: Rule, facts: SeriesFacts) -> bool:
@@ -161,7 +176,7 @@ def decide(rules: Sequence[Rule], facts: SeriesFacts) -> Decision:
                 skipped.append((rule, unmet))
             continue
         if rule.action == "ignore":
-            because = "" if guard else _not_processed_because(skipped)
+            because = f" (not processed: {guard})" if guard else _not_processed_because(skipped)
             return Decision("ignore", f"rule {rule.name!r}: ignore{because}", rule_name=rule.name)
         if guard:
             return Decision("ignore", f"not processed: {guard}", rule_name=rule.name)

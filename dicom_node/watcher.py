@@ -357,7 +357,7 @@ class SeriesWatcher(PeriodicTask):
             facts = series_facts(session, job.series)
             decision = decide(self.settings.rules, facts)
             files = instance_files(session, job.series) if decision.action == "process" else []
-            modality, study_patient = job.series.modality, recorded_patient(job.series.study)
+            modality, study_patient = facts.modality, recorded_patient(job.series.study)  # as routed
             decided_on, series_uid = job.version, job.series.series_instance_uid
         try:
             admission = (

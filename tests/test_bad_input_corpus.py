@@ -28,7 +28,7 @@ from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 
 from db.models import JobEvent, JobState, RejectedInstance, Series
@@ -127,6 +127,17 @@ def middle_slice_shifted(datasets: list[Dataset]) -> None:
     ds = by_position(datasets)[1]
     x, y, z = ds.ImagePositionPatient
     ds.ImagePositionPatient = [f"{float(x) + 2.0:.3f}", y, z]
+
+
+def mr_image(ds: Dataset) -> None:
+    """An MR image (its SOP class and Modality) among CT images."""
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+
+
+def secondary_capture(ds: Dataset) -> None:
+    """A dose screen among the CT images: Secondary Capture, Modality CT, its pixels and geometry kept."""
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
 
 
 def truncated_pixels(ds: Dataset) -> None:
@@ -247,6 +258,25 @@ CASES: list[Case] = [
         not_admitted(
             "Modality differs within the series: 1 of 4 instances (first: instance 3) are not CT, as the series is; "
             "one series holds images of one modality, so the sender must correct it"
+        ),
+    ),
+    Case(
+        "an_mr_image_sent_first_in_a_ct_series_is_refused_alike",
+        nth(0, mr_image),
+        JobState.FAILED,
+        not_admitted(
+            "Modality differs within the series: 1 of 4 instances (first: instance 1) are not CT, as the series is; "
+            "one series holds images of one modality, so the sender must correct it"
+        ),
+    ),
+    Case(
+        "a_secondary_capture_among_ct_images_is_refused_naming_it",
+        nth(3, secondary_capture),
+        JobState.FAILED,
+        not_admitted(
+            "the series holds 1 instance(s) that are not CT images (Secondary Capture Image Storage; first: instance "
+            "4) beside 3 CT images; a CT series is processed only when it holds CT images alone, so the sender must "
+            "send the other objects as a series of their own"
         ),
     ),
     Case(

@@ -125,13 +125,30 @@ def test_ignore_rule_ignores():
         ({"modality": "MR"}, "modality MR is not CT"),
         ({"manufacturer": MANUFACTURER}, "created by this node"),
         ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "localizer"),
-        ({"modality": "CT", "sop_class_uids": frozenset({"1.2.840.10008.5.1.4.1.1.66.4"})}, "non-CT-image SOP classes"),
+        (
+            {"modality": "CT", "sop_class_uids": frozenset({"1.2.840.10008.5.1.4.1.1.66.4"})},
+            "not processed: series holds no CT images (only Segmentation Storage)",
+        ),
     ],
 )
 def test_guard_overrides_a_process_rule(change, reason):
     decision = decide([rule("everything")], replace(CT, **change))
     assert decision.action == "ignore"
     assert reason in decision.reason
+
+
+def test_an_ignore_rule_that_takes_a_guarded_series_says_the_guards_reason_too():
+    decision = decide([rule("everything-else", action="ignore")], replace(CT, modality="MR"))
+    assert decision.reason == (
+        "rule 'everything-else': ignore (not processed: modality MR is not CT; only CT series are processed)"
+    )
+
+
+def test_a_ct_series_holding_other_objects_too_goes_on_to_admission_which_names_them():
+    """A dose screen (Secondary Capture) among CT images: not IGNORED by the guard (no one would look), but
+    routed, so that admission refuses it (FAILED) naming the instance."""
+    facts = replace(CT, sop_class_uids=frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.7"}))
+    assert decide([rule("everything")], facts).action == "process"
 
 
 def test_an_ignore_rule_catches_a_series_that_names_its_value_among_several():
