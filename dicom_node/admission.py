@@ -62,7 +62,9 @@ from inference.volume import (
     padding_problem,
     raw_text,
     reconstruction_values,
+    repeats_positions,
     rescale_source,
+    several_sources_problem,
     unusable_rescale,
 )
 
@@ -266,6 +268,7 @@ class _Frame:
     instance: str = ""  # SOP Instance UID
     instance_number: str = ""
     acquired: float | None = None  # when, in seconds (inference.volume.acquisition_seconds)
+    frame: int | None = None  # its number, in a multi-frame instance
 
 
 def admit(
@@ -399,6 +402,7 @@ def _admit(
     localizers = [frame.label for frame in frames if frame.localizer]
     if len({frame.acquisition for frame in images}) == 1:
         images = _one_image_set(images)
+        _check_one_multiframe_source(images)
         _check_slice_stack(images, localizers)
         _check_step_against_thickness(images)
     else:  # the volume assembler picks or joins acquisitions and checks its stack itself, but not the step
@@ -1158,6 +1162,7 @@ def _images(label: str, header: Dataset) -> list[_Frame]:
                 thickness=_slice_thickness(sources[2]) if sources[2] is not None else None,
                 reconstruction=reconstruction_values(header, [group, shared]),
                 acquired=acquisition_seconds(header, [group, shared]),
+                frame=number,
             )
         )
     return frames
@@ -1361,6 +1366,14 @@ def _one_image_set(images: list[_Frame]) -> list[_Frame]:
     return [images[index] for index in kept]
 
 
+def _check_one_multiframe_source(images: list[_Frame]) -> None:
+    """Refused where the volume would be read from several instances, one of them multi-frame
+    (:func:`inference.volume.several_sources_problem`): found here, before the model runs, not at the results."""
+    problem = several_sources_problem({frame.instance for frame in images}, any(frame.frame for frame in images))
+    if problem is not None:
+        raise Refused(problem)
+
+
 def _check_step_of_each_acquisition(images: list[_Frame]) -> None:
     """Several acquisitions: the step of each largest one (those the volume assembler keeps: the largest, or all
     of them where they continue one another) that holds two positions or more must fit its SliceThickness (a
@@ -1371,8 +1384,14 @@ def _check_step_of_each_acquisition(images: list[_Frame]) -> None:
     groups: dict[str, list[_Frame]] = defaultdict(list)
     for frame in images:
         groups[frame.acquisition].append(frame)
-    largest = max(len(members) for members in groups.values())
-    stacks = [members for members in groups.values() if len(members) == largest and len(_depths(members)) >= 2]
+    normal = _normal(images[0].orientation)
+    chosen = {  # as the volume chooses: a stack before images at a few positions (bolus tracking)
+        acquisition: members
+        for acquisition, members in groups.items()
+        if not repeats_positions([_dot(frame.position, normal) for frame in members])
+    } or groups
+    largest = max(len(members) for members in chosen.values())
+    stacks = [members for members in chosen.values() if len(members) == largest and len(_depths(members)) >= 2]
     joined = one_stack_of_blocks(
         [frame.position for frame in images],
         [frame.acquisition for frame in images],

@@ -216,6 +216,9 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
     if excluded and not allow_partial:
         raise VolumeError(f"{notes[-1]}; a partial series is not processed (inference.partial_series is 'fail')")
     frames = kept
+    problem = several_sources_problem({f.ref.sop_instance_uid for f in frames}, any(f.ref.frame_number for f in frames))
+    if problem is not None:
+        raise VolumeError(problem)
     normal = _common_orientation(frames)
     oblique = check_obliquity(frames[0].orientation)
     if oblique is not None:
@@ -240,6 +243,18 @@ def load_series_volume(paths: Sequence[Path], *, allow_partial: bool = True) -> 
         source_paths=list(dict.fromkeys(f.path for f in frames)),
         positions=np.array([f.position for f in frames], dtype=float),
         padding=padding,
+    )
+
+
+def several_sources_problem(instances: set[str], multiframe: bool) -> str | None:
+    """Why slices of several instances, one of them multi-frame, cannot be one volume's sources: the results
+    reference the frames of one multi-frame instance only (or single-frame images); None where they can."""
+    if not multiframe or len(instances) < 2:
+        return None
+    return (
+        f"the slices come from {len(instances)} instances, at least one of them multi-frame: results can reference "
+        "the frames of one multi-frame instance only; send the series as one Enhanced CT instance or as "
+        "single-frame CT images"
     )
 
 
@@ -441,6 +456,8 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
         same_matrix[(frame.shape, spacing)].append(frame)
     if len(groups) == 1:
         return frames
+    stacks = {key: members for key, members in groups.items() if not repeats_positions(_depths_of(members))}
+    repeated = [members for key, members in groups.items() if key not in stacks] if stacks else []
     largest_matrix = max(same_matrix.values(), key=len)
     if len({f.acquisition for f in largest_matrix}) > 1 and _is_one_stack(largest_matrix):
         main = largest_matrix
@@ -448,7 +465,8 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
             return frames
         kept = "one stack of consecutive acquisitions"
     else:
-        sizes = sorted((len(members) for members in groups.values()), reverse=True)
+        candidates = stacks or groups
+        sizes = [*sorted((len(members) for members in candidates.values()), reverse=True), 0]
         stack_problem = _problem_of_consecutive_blocks(largest_matrix) if sizes[0] == sizes[1] else None
         if stack_problem is not None:  # refused either way: say what is wrong with the stack they make
             raise VolumeError(
@@ -461,13 +479,34 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
                 "one to process cannot be told (a choice by arrival order would be arbitrary); send each "
                 "acquisition as its own series"
             )
-        main = max(groups.values(), key=len)
+        main = max(candidates.values(), key=len)
         kept = _describe_group(main)
+    largest = "the largest" if not repeated else "the largest stack of slices"
     notes.append(
         f"partial series: {len(groups)} acquisitions or matrix sizes in one series; "
-        f"processed the largest, {len(main)} of {len(frames)} images ({kept})"
+        f"processed {largest}, {len(main)} of {len(frames)} images ({kept})" + _repeated_note(repeated)
     )
     return main
+
+
+def repeats_positions(depths: Sequence[float]) -> bool:
+    """Whether images lie mostly at positions another of them shares (bolus-tracking monitoring images, a dynamic
+    scan at one table position): they make no volume, however many they are, so a stack is chosen over them."""
+    return len(depths) >= 2 and len(set(np.round(np.asarray(depths, dtype=float), 3).tolist())) * 2 <= len(depths)
+
+
+def _depths_of(frames: list[_Frame]) -> list[float]:
+    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    return [float(np.dot(f.position, normal)) for f in frames]
+
+
+def _repeated_note(repeated: list[list[_Frame]]) -> str:
+    """'; 30 images of AcquisitionNumber 2, ... lie at 1 position(s) only ...': the groups left out for that."""
+    return "".join(
+        f"; {len(members)} images of {_describe_group(members)} lie at {len(set(np.round(_depths_of(members), 3)))} "
+        "position(s) only (bolus-tracking or dynamic images): no volume"
+        for members in repeated
+    )
 
 
 def _describe_group(members: list[_Frame]) -> str:
@@ -1042,8 +1081,9 @@ def check_slice_stack(
     if abs(steps[worst] - median) > SPACING_TOLERANCE * median:
         missing = round(steps[worst] / median) - 1
         kind = f"about {missing} missing slice(s)" if missing >= 1 else "non-uniform spacing"
+        named = f": {labels[worst]} and {labels[worst + 1]}" if labels else ""
         raise (MissingSlices if missing >= 1 else VolumeError)(
-            f"{kind}: slices {worst + 1} and {worst + 2} (by position) are {steps[worst]:.2f} mm apart, "
+            f"{kind}: slices {worst + 1} and {worst + 2} (by position{named}) are {steps[worst]:.2f} mm apart, "
             f"the series' usual step is {median:.2f} mm"
         )
     step = float(distances[-1] - distances[0]) / (len(points) - 1)

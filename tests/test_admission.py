@@ -681,7 +681,7 @@ def test_a_gap_left_by_an_image_marked_localizer_names_it(tmp_path):
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(files[3].path)
     refusal = admit(files, STRICT).refusal
-    assert refusal is not None and refusal.startswith("about 1 missing slice(s): slices 3 and 4 (by position)")
+    assert refusal is not None and refusal.startswith("about 1 missing slice(s): slices 3 and 4 (by position: ")
     assert refusal.endswith(
         "; 1 image(s) with LOCALIZER in their ImageType were left out of the volume (instance 4): an image marked "
         "so by mistake leaves such a gap though it arrived"

@@ -534,8 +534,8 @@ CASES: list[Case] = [
         spec={"slices": 6, "gaps": (2,)},
         state=JobState.FAILED,
         reason=not_admitted(
-            "about 1 missing slice(s): slices 2 and 3 (by position) are 3.00 mm apart, the series' usual step "
-            "is 1.50 mm"
+            "about 1 missing slice(s): slices 2 and 3 (by position: instance 2 and instance 4) are 3.00 mm apart, "
+            "the series' usual step is 1.50 mm"
         ),
     ),
     Case(
@@ -823,7 +823,8 @@ CASES: list[Case] = [
         nth(1, truncated_pixels),
         JobState.FAILED,
         not_admitted(
-            "non-uniform spacing: slices 1 and 2 (by position) are 3.00 mm apart, the series' usual step is 2.25 mm"
+            "non-uniform spacing: slices 1 and 2 (by position: instance 1 and instance 3) are 3.00 mm apart, the "
+            "series' usual step is 2.25 mm"
         ),
         statuses=[SUCCESS, CANNOT_UNDERSTAND, SUCCESS, SUCCESS],
         refusal="Pixel Data is truncated: 256 of 512 bytes (Rows 16 x Columns 16 x SamplesPerPixel 1 x "

@@ -428,3 +428,31 @@ def test_acquisition_times_of_one_scan_are_not_taken_for_two(tmp_path, case, tim
 
     assert result.admitted and result.images == 23, case
     assert volume.hu.shape[0] == 23 and volume.notes == [], case
+
+
+def test_bolus_tracking_images_outnumbering_the_scan_are_left_out_not_chosen(tmp_path):
+    """30 monitoring images at one table position (AcquisitionNumber 2) beside the 23-slice scan (AcquisitionNumber
+    1): the larger group makes no volume, so the scan is processed, with a warning naming both."""
+    paths = phantom(tmp_path / "scan")
+    edit(paths, lambda ds, index: setattr(ds, "AcquisitionNumber", 1))
+    monitoring = phantom(tmp_path / "monitoring", replace(SPEC, slices=30))
+    series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    middle = pydicom.dcmread(paths[11], stop_before_pixels=True).ImagePositionPatient
+
+    def tracking(ds, index):
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "AccessionNumber"):
+            setattr(ds, keyword, series_uid.get(keyword))
+        ds.ImagePositionPatient, ds.AcquisitionNumber, ds.InstanceNumber = middle, 2, 100 + index
+
+    edit(monitoring, tracking)
+
+    result = admit(instance_files(paths + monitoring), STRICT)
+    volume = load_series_volume(paths + monitoring)
+
+    assert result.admitted  # the volume picks among the acquisitions
+    assert [s.sop_instance_uid for s in volume.slices] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths]
+    assert volume.notes[0].startswith(
+        "partial series: 2 acquisitions or matrix sizes in one series; processed the largest stack of slices, 23 of "
+        "53 images (AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm); 30 images of AcquisitionNumber 2, 96 x 80 at 4 x "
+        "4.5 mm lie at 1 position(s) only (bolus-tracking or dynamic images): no volume"
+    )

@@ -12,10 +12,12 @@ import pytest
 
 from db.jobs import job_for_series_uid
 from db.models import JobState
+from dicom_node.admission import InstanceFile, admit
+from dicom_node.config import AdmissionSettings
 from dicom_node.encode.results import EncodingError, _sources_and_frames
 from dicom_node.phantom import PhantomSpec, write_phantom_series
 from inference.models.threshold import ThresholdModel
-from inference.volume import load_series_volume
+from inference.volume import VolumeError, load_series_volume
 from tests.conftest import CT_RULES, dciodvfy, storescu, succeeded_files
 
 MULTIFRAME = PhantomSpec(
@@ -99,11 +101,12 @@ def test_multiframe_ct_goes_done_with_valid_results_that_reference_its_frames(tm
         np.testing.assert_allclose([float(v) for v in contour.ContourData[2::3]], z, atol=1e-3)
 
 
-def _two_multiframe_halves(folder: Path) -> tuple[str, list[Path]]:
-    """One series of two Enhanced CT instances, 10 frames each, as a scanner splitting a volume writes it."""
+def _two_multiframe_halves(folder: Path, offset: float = -50.0) -> tuple[str, list[Path]]:
+    """One series of two Enhanced CT instances, 10 frames each, as a scanner splitting a volume writes it (the second
+    ``offset`` mm along the slices from the first)."""
     halves = [
         write_phantom_series(folder / name, replace(MULTIFRAME, slices=10, origin=(-190.0, -190.0, z)))
-        for name, z in (("upper", 0.0), ("lower", -50.0))
+        for name, z in (("upper", 0.0), ("lower", offset))
     ]
     files = [f for half in halves for f in half.files]
     accession = pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber  # one study: one accession
@@ -116,14 +119,39 @@ def _two_multiframe_halves(folder: Path) -> tuple[str, list[Path]]:
     return halves[0].series_instance_uid, files
 
 
-def test_slices_from_several_multiframe_instances_are_refused_with_a_reason(tmp_path):
+def instance_file(path: Path) -> InstanceFile:
+    """The file as the database lists it for admission."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InstanceFile(path, str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID), int(ds.InstanceNumber))
+
+
+SEVERAL_SOURCES = (
+    "the slices come from 2 instances, at least one of them multi-frame: results can reference the frames of one "
+    "multi-frame instance only; send the series as one Enhanced CT instance or as single-frame CT images"
+)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["one after the other", "interleaved"])
+def test_slices_from_several_multiframe_instances_are_refused_before_the_model_runs(tmp_path, interleaved):
+    """Found by admission and by the volume, not once the model has run (the results cannot reference them)."""
+    _series_uid, files = _two_multiframe_halves(tmp_path, offset=2.5 if interleaved else -50.0)
+
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(files)
+    admission = admit([instance_file(path) for path in files], AdmissionSettings())
+
+    assert str(refused.value) == admission.refusal == SEVERAL_SOURCES
+
+
+def test_the_results_refuse_several_multiframe_sources_of_a_volume_made_elsewhere(tmp_path):
     _series_uid, files = _two_multiframe_halves(tmp_path)
-    volume = load_series_volume(files)
+    volume = load_series_volume(files[:1])
+    volume.source_paths = list(files)
 
     with pytest.raises(EncodingError) as refused:
         _sources_and_frames(volume, np.zeros(volume.hu.shape, dtype=np.uint8), [])
 
-    assert str(refused.value).startswith("the slices come from 2 instances, at least one of them multi-frame")
+    assert str(refused.value) == SEVERAL_SOURCES
 
 
 @pytest.mark.integration
@@ -134,10 +162,7 @@ def test_series_of_several_multiframe_instances_fails_with_the_reason(tmp_path, 
     assert storescu(node.port, files).returncode == 0
 
     node.wait_for_state(series_uid, JobState.FAILED, timeout=180)
-    assert node.job_reason(series_uid) == (
-        "the slices come from 2 instances, at least one of them multi-frame: results can reference the frames of "
-        "one multi-frame instance only; send the series as one Enhanced CT instance or as single-frame CT images"
-    )
+    assert node.job_reason(series_uid) == f"not admitted: {SEVERAL_SOURCES}"
 
 
 def test_the_seg_takes_its_pixel_spacing_from_a_frame_the_volume_holds(tmp_path):

@@ -39,7 +39,7 @@ from dicom_node.encode.seg import (
 from dicom_node.encode.sources import text_in_utf8
 from dicom_node.encode.sr import encode_measurement_report
 from inference.models import Segmentation, run_parameters
-from inference.volume import Volume, raw_text, read_header
+from inference.volume import Volume, raw_text, read_header, several_sources_problem
 
 
 class EncodingError(RuntimeError):
@@ -338,12 +338,9 @@ def _sources_and_frames(volume: Volume, labels: np.ndarray, warnings: list[str])
         _one_orientation(sources)
         _slice_measures_as_volume(sources, float(volume.spacing[2]), warnings)
         return sources, labels
-    if len(headers) != 1:
-        raise EncodingError(
-            f"the slices come from {len(headers)} instances, at least one of them multi-frame: results can "
-            "reference the frames of one multi-frame instance only; send the series as one Enhanced CT "
-            "instance or as single-frame CT images"
-        )
+    problem = several_sources_problem(set(headers), multiframe=True)
+    if problem is not None:  # the volume refuses such sources first: kept for a volume made elsewhere
+        raise EncodingError(problem)
     (header,) = headers.values()
     frames = np.zeros((int(header.get("NumberOfFrames", 1)), *labels.shape[1:]), dtype=labels.dtype)
     for index, ref in enumerate(volume.slices):
