@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -227,6 +228,15 @@ class NetworkSettings(_Strict):
     maximum_associations_per_host: int = Field(
         8, ge=1, le=512, description="Open connections one source address may hold; more are closed at once."
     )
+    maximum_associations_per_peer: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Open connections one entry of `peers` that sends images may hold from all its addresses "
+        "together (a scanner network given as a CIDR, a host calling from two addresses); more are closed at once. "
+        "Not set: three quarters of maximum_associations (at least maximum_associations_per_host), so that one "
+        "peer never takes every place from the others.",
+    )
     association_request_timeout_seconds: float = Field(
         10.0, gt=0, le=DAY_SECONDS, description="A new connection must complete its A-ASSOCIATE-RQ within this long."
     )
@@ -265,6 +275,15 @@ class NetworkSettings(_Strict):
             raise ValueError(
                 f"maximum_associations_per_host ({self.maximum_associations_per_host}) must be at most "
                 f"maximum_associations ({self.maximum_associations}), or one host could take every association"
+            )
+        if self.maximum_associations_per_peer is None:
+            share = max(self.maximum_associations_per_host, math.ceil(self.maximum_associations * 3 / 4))
+            self.maximum_associations_per_peer = min(share, self.maximum_associations)
+        if not self.maximum_associations_per_host <= self.maximum_associations_per_peer <= self.maximum_associations:
+            raise ValueError(
+                f"maximum_associations_per_peer ({self.maximum_associations_per_peer}) must be between "
+                f"maximum_associations_per_host ({self.maximum_associations_per_host}) and maximum_associations "
+                f"({self.maximum_associations})"
             )
         return self
 

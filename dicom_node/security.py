@@ -187,7 +187,11 @@ class PeerPolicy:
 
     def sends_from(self, address: str) -> bool:
         """Whether a peer that may send images (the ``store`` role) calls from ``address``."""
-        return any(peer.may("store") and peer.calls_from(address) for peer in self.peers)
+        return self.sender_at(address) is not None
+
+    def sender_at(self, address: str) -> Peer | None:
+        """The first peer that may send images (the ``store`` role) and calls from ``address``, or None."""
+        return next((peer for peer in self.peers if peer.may("store") and peer.calls_from(address)), None)
 
     def identify(self, ae_title: str, address: str) -> Peer | Refused:
         """The peer this call comes from, or why it is refused.
@@ -777,6 +781,9 @@ class Limits:
     in_flight_bytes: int = 6_000_000_000
     senders: int = 16
     """``network.maximum_associations``: connections of image senders open at a time, over every receiving process."""
+    per_peer: int = 12
+    """``network.maximum_associations_per_peer``: connections one image-sending peer entry holds, all its addresses
+    together."""
 
     @classmethod
     def from_settings(cls, network: NetworkSettings) -> Limits:
@@ -790,6 +797,7 @@ class Limits:
             data_set_bytes=int(network.maximum_data_set_megabytes * 1_000_000),
             in_flight_bytes=int(network.maximum_in_flight_megabytes * 1_000_000),
             senders=network.maximum_associations,
+            per_peer=network.maximum_associations_per_peer or network.maximum_associations,
         )
 
     def for_pdu(self, pdu_type: int) -> int:
@@ -1517,6 +1525,8 @@ class SharedContexts(list[PresentationContext]):
         return list(self)
 
 
+PEER_ENTRY = "peer entry "
+"""What a place counted for a whole image-sending peer entry (all its addresses) is keyed by, before its name."""
 STRANGERS = "addresses no peer calls from"
 """The one place in :class:`AssociationCaps` where connections from unknown addresses are counted together."""
 STRANGER_CONNECTIONS = 2
@@ -1613,8 +1623,10 @@ class GuardedServer(ThreadedAssociationServer):
         key = self.caps_key(address)
         if key == NON_SENDERS:
             reason = self._hold_non_sender(address)
+        elif key == STRANGERS:
+            reason = self._hold(key, STRANGER_CONNECTIONS)
         else:
-            reason = self._hold(key, STRANGER_CONNECTIONS if key == STRANGERS else self.limits.per_host)
+            reason = self._hold_sender(address)
         if reason is None:
             return True
         log_throttled(LOG, logging.WARNING, "connection.refused", (address, reason), address=address, reason=reason)
@@ -1626,6 +1638,43 @@ class GuardedServer(ThreadedAssociationServer):
         self.caps.release(key)
         if key == NON_SENDERS:
             self.caps.release(address)
+        elif key == address and (entry := self._entry_key(address)) is not None:
+            self.caps.release(entry)
+
+    def _entry_key(self, address: str) -> str | None:
+        """Where the connections of the image-sending peer entry ``address`` belongs to are counted together."""
+        peer = self.policy.sender_at(address) if self.policy is not None else None
+        return None if peer is None else f"{PEER_ENTRY}{peer.name}"
+
+    def _hold_sender(self, address: str) -> str | None:
+        """A place for ``address`` of its own and one of its peer entry's (``maximum_associations_per_peer``, every
+        address of the entry together: silent connections from a scanner network's many addresses, or one host on
+        two, cannot take every place); why not, if not."""
+        reason = self._hold(address, self.limits.per_host)
+        entry = self._entry_key(address)
+        if reason is not None or entry is None:
+            return reason
+        held = self.caps.hold(entry, self._entry_limit(), extra=True)  # counted by address already
+        if held is None:
+            return None
+        self.caps.release(address)
+        if not held:
+            return "the node holds as many connections as it can track; try again shortly"
+        return (
+            f"{held} connections of peer {entry.removeprefix(PEER_ENTRY)!r} are already open from its addresses "
+            f"together (network.maximum_associations_per_peer is {self.limits.per_peer}, so one peer never takes "
+            "every place from the others)"
+        )
+
+    def _entry_limit(self) -> int:
+        """Connections one image-sending peer entry may open: its share, where other entries send images too and
+        the share is less than ``maximum_associations``; otherwise enough that ``maximum_associations`` rejects the
+        surplus at association (an A-ASSOCIATE-RJ that says why), while silent connections from its many addresses
+        still cannot fill the table of addresses (and lock out the peers that send no images)."""
+        senders = sum(peer.may("store") for peer in self.policy.peers) if self.policy is not None else 0
+        if senders > 1 and self.limits.per_peer < self.limits.senders:
+            return self.limits.per_peer
+        return self.limits.senders + self.limits.per_host
 
     def _hold_non_sender(self, address: str) -> str | None:
         """A place for ``address`` of its own and one among all peers that send no images; why not, if not."""

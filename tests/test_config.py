@@ -434,6 +434,11 @@ def test_a_model_setting_is_named_by_its_key_and_variable(tmp_path):
             "maximum_associations_per_host (512) must be at most maximum_associations (16)",
         ),
         (
+            {"network": {"maximum_associations": 16, "maximum_associations_per_peer": 4}},
+            "maximum_associations_per_peer (4) must be between maximum_associations_per_host (8) and "
+            "maximum_associations (16)",
+        ),
+        (
             {"completion": {"quiet_seconds": 30, "expected_count_timeout_seconds": 1}},
             "completion.expected_count_timeout_seconds (1) must be at least completion.quiet_seconds (30)",
         ),
@@ -453,7 +458,9 @@ def test_unset_limits_follow_the_ones_set(tmp_path):
         write(tmp_path, {"network": {"maximum_associations": 4}, "completion": {"quiet_seconds": 900}})
     )
     assert settings.network.maximum_associations_per_host == 4
+    assert settings.network.maximum_associations_per_peer == 4
     assert settings.completion.expected_count_timeout_seconds == 900
+    assert load_settings(write(tmp_path, {})).network.maximum_associations_per_peer == 12  # 3/4 of 16
 
 
 @pytest.mark.parametrize(
