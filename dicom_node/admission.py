@@ -606,13 +606,17 @@ def _check_modality(headers: list[tuple[str, Dataset, InstanceFile]], modality: 
         return
     expected = modality.strip(" \x00").upper()
     others = [
-        label for label, header, _ in headers if (raw_text(header, "Modality") or "").strip(" \x00").upper() != expected
+        (label, (raw_text(header, "Modality") or "").strip(" \x00").upper(), raw_text(header, "SOPClassUID"))
+        for label, header, _ in headers
+        if (raw_text(header, "Modality") or "").strip(" \x00").upper() != expected
     ]
     if others:
+        label, given, sop_class = others[0]
+        what = f"Modality {given or '(none)'}" + (f", {sop_class_name(sop_class)}" if sop_class else "")
         raise Refused(
-            f"Modality differs within the series: {len(others)} of {len(headers)} instances (first: {others[0]}) "
-            f"are not {expected}, as the series is; one series holds images of one modality, so the sender must "
-            "correct it"
+            f"Modality differs within the series: {len(others)} of {len(headers)} instances (first: {label}, "
+            f"{what}) are not {expected}, as the series is; one series holds images of one modality, so the sender "
+            "must correct it"
         )
 
 

@@ -647,9 +647,19 @@ def reconstruction_values(header: Dataset, groups: Sequence[Dataset] = ()) -> tu
     return tuple(values)
 
 
+BINARY_NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"})
+"""Value representations written as binary numbers (TemporalPositionIndex is UL): read as numbers, not as text."""
+
+
 def _given_text(source: Dataset, keyword: str) -> str | None:
-    """:func:`raw_text`, None where the value cannot be read (it is then not compared)."""
+    """:func:`raw_text` (a binary number as its value), None where the value cannot be read (it is then not
+    compared)."""
     try:
+        element = source.get_item(Tag(keyword), keep_deferred=True)
+        if element is not None and element.VR in BINARY_NUMBER_VRS:
+            value = source[keyword].value
+            values = value if isinstance(value, (list, MultiValue)) else [value]
+            return "\\".join(f"{v:g}" for v in values if v is not None) or None
         return raw_text(source, keyword)
     except Exception:  # noqa: BLE001 - a value that cannot be read is not compared
         return None
@@ -707,9 +717,9 @@ def one_image_set(slices: Sequence[SliceHeader], normal: Sequence[float] | np.nd
     kept, note = list(range(len(slices))), None
     if differing:
         keys = [tuple(values[k][i] for k in differing) for i in range(len(slices))]
-        kept, note = _largest_image_set(
-            slices, keys, [RECONSTRUCTION_KEYWORDS[index] for index in differing], normal, RECONSTRUCTIONS
-        )
+        keywords = [RECONSTRUCTION_KEYWORDS[index] for index in differing]
+        kinds = SCANS if "TemporalPositionIdentifier" in keywords else RECONSTRUCTIONS
+        kept, note = _largest_image_set(slices, keys, keywords, normal, kinds)
     scans = sets_by_acquisition_time([slices[index] for index in kept], normal)
     if scans is not None:
         chosen, scan_note = _largest_image_set(
@@ -737,7 +747,7 @@ def _completed_image_types(types: list[str | None]) -> list[str | None]:
     return [completed(value) for value in types]
 
 
-RECONSTRUCTIONS = "reconstructions, or series merged into one"
+RECONSTRUCTIONS = "reconstructions, energies of a dual-energy scan, or series merged into one"
 SCANS = "scans of one region at different times, such as two contrast phases, or series merged into one"
 
 ACQUISITION_TIME_GAP_SECONDS = 5.0
@@ -745,6 +755,11 @@ ACQUISITION_TIME_GAP_SECONDS = 5.0
 helical scan writes its slices' times a fraction of a second apart; a step-and-shoot scan pauses a second or two
 between its blocks (and its blocks lie one after the other along the slices, so they are never taken for two
 scans); two contrast phases are tens of seconds apart."""
+
+SEPARATE_SCANS_SECONDS = 30.0
+"""A pause longer than this, seconds, parts two scans even where they follow one another along the slices (the
+upper half of a region in one contrast phase, the lower in the next): no step-and-shoot scan pauses so long
+between its blocks."""
 
 SCAN_MINIMUM_IMAGES = 3
 """Images a scan must hold to count as one when scans are told apart by acquisition time: a lone slice with an
@@ -761,14 +776,15 @@ def sets_by_acquisition_time(
     own position (the second offset by half a step) and numbered on, look like one regular stack of twice the
     slices; only their acquisition times tell them apart. The times split where they pause longer than
     :data:`ACQUISITION_TIME_GAP_SECONDS`; the parts are scans when two of them (of
-    :data:`SCAN_MINIMUM_IMAGES` or more) lie among each other along the slices: most of the smaller one's
-    positions within the other's range. Parts that follow one another along the slices (a step-and-shoot scan's
-    blocks, a helix crossing midnight) are one scan.
+    :data:`SCAN_MINIMUM_IMAGES` or more) lie among each other along the slices (most of the smaller one's
+    positions within the other's range), or when any pause is longer than :data:`SEPARATE_SCANS_SECONDS`. Parts
+    that follow one another along the slices a few seconds apart (a step-and-shoot scan's blocks) are one scan, as
+    is a helix crossing midnight.
     """
     times = [item.acquired for item in slices]
     if len(slices) < 2 * SCAN_MINIMUM_IMAGES or any(t is None for t in times):
         return None
-    known = [float(t) for t in times if t is not None]
+    known = _across_midnight([float(t) for t in times if t is not None])
     order = sorted(range(len(slices)), key=lambda index: known[index])
     parts: list[list[int]] = [[order[0]]]
     for before, index in itertools.pairwise(order):
@@ -777,7 +793,12 @@ def sets_by_acquisition_time(
         parts[-1].append(index)
     depth = [float(np.dot(np.asarray(item.position, dtype=float), normal)) for item in slices]
     scans = [part for part in parts if len(part) >= SCAN_MINIMUM_IMAGES]
-    if not any(_lie_among(first, second, depth) for i, first in enumerate(scans) for second in scans[i + 1 :]):
+    far_apart = any(
+        known[after[0]] - known[before[-1]] > SEPARATE_SCANS_SECONDS for before, after in itertools.pairwise(scans)
+    )
+    if not far_apart and not any(
+        _lie_among(first, second, depth) for i, first in enumerate(scans) for second in scans[i + 1 :]
+    ):
         return None
     labels: list[tuple[str | None, ...]] = [()] * len(slices)
     for part in parts:
@@ -785,6 +806,15 @@ def sets_by_acquisition_time(
         for index in part:
             labels[index] = (start if start == end else f"{start} to {end}",)
     return labels
+
+
+def _across_midnight(seconds: list[float]) -> list[float]:
+    """Times that span more than half a day where their times of day would not: a scan across midnight whose
+    AcquisitionDate is the day it began (or not given), its times after midnight counted on from that day."""
+    if not seconds or max(seconds) - min(seconds) <= 43200:
+        return seconds
+    shifted = [t % 86400 + (86400 if t % 86400 < 43200 else 0) for t in seconds]
+    return shifted if max(shifted) - min(shifted) < max(seconds) - min(seconds) else seconds
 
 
 def _lie_among(first: list[int], second: list[int], depth: list[float]) -> bool:

@@ -256,7 +256,7 @@ CASES: list[Case] = [
         nth(2, setting("Modality", "MR")),
         JobState.FAILED,
         not_admitted(
-            "Modality differs within the series: 1 of 4 instances (first: instance 3) are not CT, as the series is; "
+            "Modality differs within the series: 1 of 4 instances (first: instance 3, Modality MR, CT Image Storage) are not CT, as the series is; "
             "one series holds images of one modality, so the sender must correct it"
         ),
     ),
@@ -265,7 +265,7 @@ CASES: list[Case] = [
         nth(0, mr_image),
         JobState.FAILED,
         not_admitted(
-            "Modality differs within the series: 1 of 4 instances (first: instance 1) are not CT, as the series is; "
+            "Modality differs within the series: 1 of 4 instances (first: instance 1, Modality MR, MR Image Storage) are not CT, as the series is; "
             "one series holds images of one modality, so the sender must correct it"
         ),
     ),

@@ -62,7 +62,7 @@ def test_a_real_ct_split_into_two_interleaved_kernels_of_the_same_size_is_refuse
     admission, volume = refusals(paths)
 
     sets = (
-        "the series holds 2 image sets (reconstructions, or series merged into one) that differ in "
+        "the series holds 2 image sets (reconstructions, energies of a dual-energy scan, or series merged into one) that differ in "
         "ConvolutionKernel: 10 images with ConvolutionKernel Br38f\\3 (first: {soft}); 10 images with "
         "ConvolutionKernel Br64f\\3 (first: {bone}); the largest sets have 10 images each, so which one to "
         "process cannot be told: send each set as its own series"
@@ -93,7 +93,7 @@ def test_a_real_ct_with_a_smaller_interleaved_kernel_keeps_the_larger_set_with_a
     assert volume.spacing[2] == pytest.approx(4.0) and volume.excluded_images == 9
     [note] = volume.notes
     assert note.startswith(
-        "partial series: the series holds 2 image sets (reconstructions, or series merged into one) that differ "
+        "partial series: the series holds 2 image sets (reconstructions, energies of a dual-energy scan, or series merged into one) that differ "
         "in ConvolutionKernel: 10 images with ConvolutionKernel Br38f\\3 (first: image "
     )
     assert "; 9 images with ConvolutionKernel Br64f\\3 (first: image " in note
@@ -287,7 +287,7 @@ def test_frames_of_an_enhanced_ct_are_told_apart_by_their_own_reconstruction(tmp
 
     uid = ds.SOPInstanceUID
     assert admission is not None and admission.startswith(
-        "the series holds 2 image sets (reconstructions, or series merged into one) that differ in ConvolutionKernel: "
+        "the series holds 2 image sets (reconstructions, energies of a dual-energy scan, or series merged into one) that differ in ConvolutionKernel: "
         f"6 images with ConvolutionKernel BONE (first: frame 2 of instance 1 (SOP Instance UID {uid})); 6 images "
         f"with ConvolutionKernel STANDARD (first: frame 1 of instance 1 (SOP Instance UID {uid})); the largest sets"
     )
@@ -456,3 +456,38 @@ def test_bolus_tracking_images_outnumbering_the_scan_are_left_out_not_chosen(tmp
         "53 images (AcquisitionNumber 1, 96 x 80 at 4 x 4.5 mm); 30 images of AcquisitionNumber 2, 96 x 80 at 4 x "
         "4.5 mm lie at 1 position(s) only (bolus-tracking or dynamic images): no volume"
     )
+
+
+def test_two_scans_one_after_the_other_along_the_slices_minutes_apart_are_two_sets(tmp_path):
+    """The lower 13 slices in one phase, the upper 10 in the next, 48 s later, one AcquisitionNumber: one stack to
+    look at, two scans; the larger is processed, with a warning naming both."""
+    paths = phantom(tmp_path)
+    edit(paths, lambda ds, index: setattr(ds, "AcquisitionTime", f"10{30 + index // 13}{index % 13:02d}.000000"))
+
+    volume = load_series_volume(paths)
+
+    assert [s.sop_instance_uid for s in volume.slices] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths[:13]]
+    assert (
+        "that differ in AcquisitionTime: 13 images with AcquisitionTime 10:30:00 to 10:30:12 (first: "
+        in (volume.notes[0])
+    )
+    assert "; 10 images with AcquisitionTime 10:31:00 to 10:31:09 (first: " in volume.notes[0]
+
+
+def test_frames_of_an_enhanced_ct_in_two_temporal_positions_are_named_by_their_index(tmp_path):
+    """TemporalPositionIndex (a binary number, UL) of each frame's Frame Content: read as 1 and 2, not as bytes."""
+    [path] = phantom(tmp_path, replace(SPEC, slices=12, enhanced=True))
+    ds = pydicom.dcmread(path)
+    for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        group.FrameContentSequence[0].TemporalPositionIndex = 1 + number % 2
+    ds.save_as(path)
+
+    admission, volume = refusals([path])
+
+    for reason in (admission, volume):
+        assert reason is not None
+        assert (
+            "that differ in TemporalPositionIdentifier: 6 images with TemporalPositionIdentifier 1 (first: frame 1"
+            in (reason)
+        )
+        assert "; 6 images with TemporalPositionIdentifier 2 (first: frame 2 " in reason
