@@ -426,6 +426,14 @@ class StoreTally:
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 ECHO_ONLY_DETAIL = "C-ECHO only: Verification was the only service accepted"
 ECHO_ONLY_ASSOCIATIONS = "C-ECHO-only associations of this peer"
+EMPTY_ASSOCIATIONS = "associations of this peer that made no request"
+MADE_REQUEST = "_dicom_node_made_request"
+"""Set on an association as its first request (a DIMSE message) arrives: :func:`note_request`."""
+
+
+def note_request(event: Any) -> None:
+    """``EVT_DIMSE_RECV``: the association made a request, so its record is its own (:func:`association_ended`)."""
+    setattr(event.assoc, MADE_REQUEST, True)
 
 
 def association_ended(
@@ -442,7 +450,8 @@ def association_ended(
     An association on which Verification was the only service accepted could do nothing but C-ECHO (a monitoring
     system's, every few seconds): its record goes through :data:`REPEATS` as the C-ECHO records do, one per peer
     and outcome each 10 s, counting the others; the node's own readiness check's (``own_check``) through
-    :data:`OWN_CHECKS`, once an hour. Any other association keeps a record of its own."""
+    :data:`OWN_CHECKS`, once an hour. So does one that made no request at all (:func:`note_request` never ran:
+    a caller opening and aborting associations in a loop). Any other association keeps a record of its own."""
     peer = Peer.of(assoc)
     tally = getattr(assoc, StoreTally.ATTRIBUTE, None)
     if tally is not None:
@@ -455,6 +464,11 @@ def association_ended(
         key = ("association", peer.ae_title, host_of(peer.address), outcome)
         entry = Entry("association", peer, outcome, detail=ECHO_ONLY_DETAIL)
         REPEATS.add(key, ECHO_ONLY_ASSOCIATIONS, sessions, entry)
+        return
+    if not getattr(assoc, MADE_REQUEST, True):  # opened and ended without a request: a caller in a loop
+        key = ("association without a request", peer.ae_title, host_of(peer.address), outcome)
+        entry = Entry("association", peer, outcome, detail=f"no request was made; {detail}" if detail else None)
+        REPEATS.add(key, EMPTY_ASSOCIATIONS, sessions, entry)
         return
     record(sessions, "association", peer, outcome, detail=detail)
 

@@ -169,3 +169,40 @@ def test_the_refusals_left_out_are_counted_in_the_next_record(node):
         "STUDY level, 0 matches; 4 more refused C-FIND requests of this peer since the previous record, "
         "not recorded one by one",
     ]
+
+
+def _association_records(node: Node, calling_ae: str) -> list[tuple[str, str | None]]:
+    """The aborted associations' records of ``calling_ae`` (other tests' released ones left out)."""
+    with node.sessions() as session:
+        query = select(AuditEvent.outcome, AuditEvent.detail).where(
+            AuditEvent.action == "association", AuditEvent.peer_ae_title == calling_ae, AuditEvent.outcome == "aborted"
+        )
+        return [(str(outcome), detail) for outcome, detail in session.execute(query.order_by(AuditEvent.id))]
+
+
+def test_associations_opened_and_aborted_in_a_loop_leave_one_record_each_10_seconds(node):
+    """A caller that opens an association and aborts it at once, 30 times: one audit record and one
+    association.aborted line (not 30 of each); an association that makes a request keeps a record of its own."""
+    running, _url = node
+    ae = AE(ae_title="PLANNER2")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    ae.add_requested_context(FIND)
+    for _ in range(30):
+        assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+        assert assoc.is_established
+        assoc.abort()
+    busy = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = "STUDY", "NOBODY", ""
+    assert list(busy.send_c_find(query, FIND))  # answered (refused for its role: what matters is the request)
+    busy.abort()
+
+    wait_for(lambda: len(_association_records(running, "PLANNER2")) >= 2, what="the association records")
+    records = _association_records(running, "PLANNER2")
+    assert [outcome for outcome, _detail in records] == ["aborted", "aborted"], records
+    assert records[0][1] is not None and records[0][1].startswith("no request was made; PLANNER2 at 127.0.0.1")
+    assert records[1][1] is not None and not records[1][1].startswith("no request was made")
+    aborted_lines = [
+        line for line in running.log().splitlines() if "association.aborted" in line and "PLANNER2" in line
+    ]
+    assert len(aborted_lines) == 2, aborted_lines  # the first of the 30, and the one that made a request

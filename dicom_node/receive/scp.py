@@ -65,7 +65,16 @@ from db.ingest import InstanceRecord, record_rejection
 from db.models import utcnow
 from db.session import retry_when_locked, transaction
 from dicom_node import status
-from dicom_node.audit import Peer, StoreTally, association_ended, own_check_echo, record, status_outcome
+from dicom_node.audit import (
+    MADE_REQUEST,
+    Peer,
+    StoreTally,
+    association_ended,
+    note_request,
+    own_check_echo,
+    record,
+    status_outcome,
+)
 from dicom_node.config import NetworkSettings
 from dicom_node.logs import REPEATED_REFUSALS, log_event, log_throttled, os_error_text, shown
 from dicom_node.receive.header import (
@@ -228,6 +237,7 @@ def start_storage_scp(
             [peers, shared_caps, lambda event, why: _audit_rejection(event, context.sessions, why)],
         ),
         (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_DIMSE_RECV, note_request),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ACSE_RECV, _note_abort_received),
         (evt.EVT_ABORTED, _on_aborted),
@@ -906,6 +916,7 @@ def own_health_check(assoc: Any) -> bool:
 
 def _on_accepted(event: evt.Event) -> None:
     setattr(event.assoc, ACCEPTED_AT, utcnow())
+    setattr(event.assoc, MADE_REQUEST, False)  # until its first request arrives (audit.note_request)
     requestor = event.assoc.requestor
     log_event(
         LOG,
@@ -1061,14 +1072,11 @@ def _on_aborted(event: evt.Event) -> None:
     setattr(event.assoc, ABORTED_AT, utcnow())
     setattr(event.assoc, ENDED_IDLE, ended_idle(event.assoc))  # before anything waits: the timer starts again
     requestor = event.assoc.requestor
-    log_event(
-        LOG,
-        logging.WARNING,
-        "association.aborted",
-        calling_ae=requestor.ae_title,
-        address=requestor.address,
-        reason=abort_reason(event.assoc),
-    )
+    fields = {"calling_ae": requestor.ae_title, "address": requestor.address, "reason": abort_reason(event.assoc)}
+    if getattr(event.assoc, MADE_REQUEST, True):
+        log_event(LOG, logging.WARNING, "association.aborted", **fields)
+    else:  # nothing requested: a caller opening and aborting in a loop gets one line each 10 s, counting the others
+        log_throttled(LOG, logging.WARNING, "association.aborted", (requestor.address, "no request"), **fields)
 
 
 def _on_echo(event: evt.Event, sessions: sessionmaker[Session]) -> int:
