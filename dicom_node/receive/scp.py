@@ -105,6 +105,7 @@ from dicom_node.receive.storage import (
 from dicom_node.receive.studies import KnownStudies, own_results_reason
 from dicom_node.retrieve.scp import RetrieveContext, add_query_retrieve_contexts
 from dicom_node.retrieve.scp import handlers as retrieve_handlers
+from dicom_node.scu import send_small_pdus_at_once
 from dicom_node.security import (
     NON_SENDER_CONNECTIONS,
     STRANGER_CONNECTIONS,
@@ -901,9 +902,7 @@ def _audit_rejection(event: evt.Event, sessions: sessionmaker[Session], why: str
 def _on_connection_open(event: evt.Event) -> None:
     # Small PDUs (the C-STORE response) must leave at once, not wait on Nagle's algorithm.
     # (The association's threads need no polling delay: they sleep until there is work, dicom_node.reactors.)
-    transport = event.assoc.dul.socket
-    if transport is not None and transport.socket is not None:
-        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    send_small_pdus_at_once(event)
 
 
 def own_health_check(assoc: Any) -> bool:

@@ -111,6 +111,7 @@ from dicom_node.retrieve.suboperations import (
     association_ended,
     quiet_ignored_final_status,
 )
+from dicom_node.scu import send_small_pdus_at_once
 from dicom_node.security import PEER_ATTRIBUTE, Peer, PeerPolicy, Refused, client_tls, not_authorized, peer_of
 from dicom_node.stall import stalled
 from dicom_node.transfer_syntax import NotConverted, converted, offered_pairs, syntax_to_send, uid_name
@@ -507,6 +508,7 @@ def handle_move(event: evt.Event, context: RetrieveContext) -> Iterator[Any]:
             (evt.EVT_DATA_SENT, route.answers.on_sent),  # how far each instance went out
             # how far opening it went, for the sentence when it could not be opened
             (evt.EVT_CONN_OPEN, lambda e: sub_association.update(connected=True)),
+            (evt.EVT_CONN_OPEN, send_small_pdus_at_once),  # each instance's command without a Nagle wait
             (evt.EVT_REJECTED, lambda e: sub_association.update(rejected=True)),
         ],
     }
