@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -28,11 +28,12 @@ from typing import Any, Literal, get_args
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, utcnow
 from db.session import DatabaseBusy, retry_when_locked, transaction
-from dicom_node.logs import REPEATED_REFUSALS, cut, log_event, shown
+from dicom_node.logs import REPEATED_REFUSALS, cut, log_event, log_throttled, shown
 from dicom_node.receive.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -134,12 +135,17 @@ def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.I
             reason=f"the audit record was lost: {exc}",
         )
         return
+    except OperationalError as exc:  # the database refused the write (a full disk): kept until it takes writes
+        HELD.hold(sessions, entry, str(getattr(exc, "orig", None) or "the database refused the write"))
+        return
     except Exception:  # the audited operation must not fail because of its record
         LOG.exception(
             "audit.not_recorded",
             extra={"event_fields": {"action": entry.action, "peer_ae": peer.ae_title, "outcome": entry.outcome}},
         )
         return
+    if entry.at is None:  # a record written now: the database takes writes again, so the held ones go too
+        HELD.write_all(sessions)
     fields = {
         "action": entry.action,
         "peer_ae": peer.ae_title,
@@ -151,6 +157,51 @@ def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.I
         "at": entry.at.isoformat(timespec="seconds") if entry.at is not None else None,
     }
     log_event(LOG, level, "audit", **{key: value for key, value in fields.items() if value is not None})
+
+
+class HeldRecords:
+    """Audit records the database refused (its disk full), kept in memory, each with the time it happened, and
+    written as soon as a record is written again (or when the node stops). At most :attr:`LIMIT`: the oldest
+    make room, counted in the next sentence logged."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: deque[tuple[sessionmaker[Session], Entry]] = deque()
+        self._dropped = 0
+
+    def hold(self, sessions: sessionmaker[Session], entry: Entry, problem: str) -> None:
+        """Keep ``entry`` (its time now, where it had none) and say so, at most once each 10 s."""
+        with self._lock:
+            if len(self._held) >= self.LIMIT:
+                self._held.popleft()
+                self._dropped += 1
+            self._held.append((sessions, replace(entry, at=entry.at or utcnow())))
+            waiting, dropped = len(self._held), self._dropped
+        lost = f"; {dropped} older record(s) were dropped to stay within {self.LIMIT}" if dropped else ""
+        log_throttled(
+            LOG,
+            logging.ERROR,
+            "audit.held",
+            "database refused",
+            reason=f"an audit record could not be written ({problem}); it is kept in memory with the time it "
+            f"happened, {waiting} waiting, and written once the database takes writes again{lost}",
+        )
+
+    def write_all(self, sessions: sessionmaker[Session] | None = None) -> int:
+        """Write the records held (of ``sessions``' database only, when given); how many were written."""
+        with self._lock:
+            taken = [item for item in self._held if sessions is None or item[0] is sessions]
+            for item in taken:
+                self._held.remove(item)
+        for held_sessions, entry in taken:
+            _write(held_sessions, entry)  # one refused again is held again
+        return len(taken)
+
+
+HELD = HeldRecords()
+"""This process' audit records waiting for the database to take writes again."""
 
 
 def host_of(address: str | None) -> str | None:
@@ -390,7 +441,8 @@ def flush_repeated(sessions: sessionmaker[Session] | None = None, occasion: str 
     """Write the records :data:`REPEATS`, :data:`REPEATED_QUERIES` and :data:`OWN_CHECKS` left out and no record
     counted yet (into the database of ``sessions`` only, when given): call it when the process stops answering
     requests."""
-    return sum(repeated.flush(occasion, sessions) for repeated in (REPEATS, REPEATED_QUERIES, OWN_CHECKS))
+    written = sum(repeated.flush(occasion, sessions) for repeated in (REPEATS, REPEATED_QUERIES, OWN_CHECKS))
+    return written + HELD.write_all(sessions)
 
 
 class StoreTally:

@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, as_utc, utcnow
@@ -365,3 +365,36 @@ def test_the_nodes_own_readiness_echo_is_recorded_once_an_hour_logged_at_debug_a
     assert _details(sessions, "echo", peer) == [None]
     assert [r.levelno for r in caplog.records if r.getMessage() == "audit"] == [logging.INFO]
     audit.flush_repeated(sessions)
+
+
+def test_audit_records_the_database_refuses_are_kept_and_written_once_it_takes_writes(tmp_path, caplog):
+    """The database full (SQLite held to its size with max_page_count: it answers "database or disk is full", as on
+    a full disk): the records are kept with the time they happened and written once a record goes in again, not
+    lost with a traceback each."""
+    sessions = open_database(Settings(storage={"directory": str(tmp_path / "storage")}))
+    peer = audit.Peer("SENDER", "10.0.0.7:1234")
+    full = {"limit": True}
+
+    @event.listens_for(sessions.kw["bind"], "connect")
+    def _page_limit(connection, _record):  # each new connection of the pool
+        connection.execute("PRAGMA max_page_count = 1" if full["limit"] else "PRAGMA max_page_count = 1073741823")
+
+    sessions.kw["bind"].dispose()
+    details = [f"held {number:02d} " + "x" * 900 for number in range(20)]  # more than the free room of a page
+    with caplog.at_level(logging.INFO, logger="dicom_node.audit"):
+        for detail in details:
+            audit.record(sessions, "association", peer, "aborted", detail=detail)
+        written_while_full = len(_details(sessions, "association", "SENDER"))
+        assert written_while_full < len(details)
+        [held] = [record for record in caplog.records if record.getMessage() == "audit.held"]  # one each 10 s
+        assert held.event_fields["reason"].startswith(  # type: ignore[attr-defined]
+            "an audit record could not be written (database or disk is full); it is kept in memory with the time "
+            "it happened"
+        )
+        assert not any(record.exc_info for record in caplog.records)
+
+        full["limit"] = False
+        sessions.kw["bind"].dispose()
+        audit.record(sessions, "association", peer, "released", detail="written")
+
+    assert sorted(d or "" for d in _details(sessions, "association", "SENDER")) == sorted([*details, "written"])
