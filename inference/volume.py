@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -489,10 +490,17 @@ def _keep_main_acquisition(frames: list[_Frame], notes: list[str]) -> list[_Fram
     return main
 
 
+REPEATED_POSITIONS_AT_MOST = 3
+"""Distinct positions a group of images repeated at them may have to be taken for monitoring images (bolus tracking
+at one or a few table positions), not for two image sets at the same positions."""
+
+
 def repeats_positions(depths: Sequence[float]) -> bool:
-    """Whether images lie mostly at positions another of them shares (bolus-tracking monitoring images, a dynamic
-    scan at one table position): they make no volume, however many they are, so a stack is chosen over them."""
-    return len(depths) >= 2 and len(set(np.round(np.asarray(depths, dtype=float), 3).tolist())) * 2 <= len(depths)
+    """Whether the images lie at :data:`REPEATED_POSITIONS_AT_MOST` positions or fewer, each taken more than once
+    on average (bolus-tracking monitoring images): they make no volume, however many they are, so a stack is
+    chosen over them. Two image sets at the same positions (two kernels, two energies) are not this."""
+    distinct = len(set(np.round(np.asarray(depths, dtype=float), 3).tolist()))
+    return distinct <= REPEATED_POSITIONS_AT_MOST and len(depths) > distinct
 
 
 def _depths_of(frames: list[_Frame]) -> list[float]:
@@ -656,7 +664,7 @@ def _given_text(source: Dataset, keyword: str) -> str | None:
     compared)."""
     try:
         element = source.get_item(Tag(keyword), keep_deferred=True)
-        if element is not None and element.VR in BINARY_NUMBER_VRS:
+        if element is not None and (element.VR or dictionary_VR(element.tag)) in BINARY_NUMBER_VRS:  # implicit VR
             value = source[keyword].value
             values = value if isinstance(value, (list, MultiValue)) else [value]
             return "\\".join(f"{v:g}" for v in values if v is not None) or None
@@ -756,11 +764,6 @@ helical scan writes its slices' times a fraction of a second apart; a step-and-s
 between its blocks (and its blocks lie one after the other along the slices, so they are never taken for two
 scans); two contrast phases are tens of seconds apart."""
 
-SEPARATE_SCANS_SECONDS = 30.0
-"""A pause longer than this, seconds, parts two scans even where they follow one another along the slices (the
-upper half of a region in one contrast phase, the lower in the next): no step-and-shoot scan pauses so long
-between its blocks."""
-
 SCAN_MINIMUM_IMAGES = 3
 """Images a scan must hold to count as one when scans are told apart by acquisition time: a lone slice with an
 odd AcquisitionTime is a scanner's quirk, not a second scan."""
@@ -777,9 +780,9 @@ def sets_by_acquisition_time(
     slices; only their acquisition times tell them apart. The times split where they pause longer than
     :data:`ACQUISITION_TIME_GAP_SECONDS`; the parts are scans when two of them (of
     :data:`SCAN_MINIMUM_IMAGES` or more) lie among each other along the slices (most of the smaller one's
-    positions within the other's range), or when any pause is longer than :data:`SEPARATE_SCANS_SECONDS`. Parts
-    that follow one another along the slices a few seconds apart (a step-and-shoot scan's blocks) are one scan, as
-    is a helix crossing midnight.
+    positions within the other's range). Parts that follow one another along the slices are one scan however long
+    the pause (a step-and-shoot scan's blocks, one resumed after a tube-cooling wait), as is a helix crossing
+    midnight: two phases over adjacent halves of a region are not told apart.
     """
     times = [item.acquired for item in slices]
     if len(slices) < 2 * SCAN_MINIMUM_IMAGES or any(t is None for t in times):
@@ -793,12 +796,7 @@ def sets_by_acquisition_time(
         parts[-1].append(index)
     depth = [float(np.dot(np.asarray(item.position, dtype=float), normal)) for item in slices]
     scans = [part for part in parts if len(part) >= SCAN_MINIMUM_IMAGES]
-    far_apart = any(
-        known[after[0]] - known[before[-1]] > SEPARATE_SCANS_SECONDS for before, after in itertools.pairwise(scans)
-    )
-    if not far_apart and not any(
-        _lie_among(first, second, depth) for i, first in enumerate(scans) for second in scans[i + 1 :]
-    ):
+    if not any(_lie_among(first, second, depth) for i, first in enumerate(scans) for second in scans[i + 1 :]):
         return None
     labels: list[tuple[str | None, ...]] = [()] * len(slices)
     for part in parts:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
 
 from db.jobs import is_partial_warning
 from dicom_node.admission import InstanceFile, admit
@@ -414,6 +415,7 @@ def test_frames_of_an_enhanced_ct_acquired_in_two_scans_are_told_apart_by_their_
             [f"2359{50 + i:02d}" if i < 10 else f"0000{i - 10:02d}" for i in range(23)],
         ),
         ("step-and-shoot blocks 20 s apart", [f"1030{(i // 6) * 20 + i % 6:02d}" for i in range(23)]),
+        ("blocks resumed after a 3-minute tube-cooling wait", [f"103{0 if i < 12 else 3}{i:02d}" for i in range(23)]),
         ("one slice with an odd time", [f"1030{i:02d}" if i != 11 else "104500" for i in range(23)]),
         ("every slice at one time", ["103000"] * 23),
         ("times in the old form with colons", [f"10:30:{i:02d}.5" for i in range(23)]),
@@ -458,29 +460,17 @@ def test_bolus_tracking_images_outnumbering_the_scan_are_left_out_not_chosen(tmp
     )
 
 
-def test_two_scans_one_after_the_other_along_the_slices_minutes_apart_are_two_sets(tmp_path):
-    """The lower 13 slices in one phase, the upper 10 in the next, 48 s later, one AcquisitionNumber: one stack to
-    look at, two scans; the larger is processed, with a warning naming both."""
-    paths = phantom(tmp_path)
-    edit(paths, lambda ds, index: setattr(ds, "AcquisitionTime", f"10{30 + index // 13}{index % 13:02d}.000000"))
-
-    volume = load_series_volume(paths)
-
-    assert [s.sop_instance_uid for s in volume.slices] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths[:13]]
-    assert (
-        "that differ in AcquisitionTime: 13 images with AcquisitionTime 10:30:00 to 10:30:12 (first: "
-        in (volume.notes[0])
-    )
-    assert "; 10 images with AcquisitionTime 10:31:00 to 10:31:09 (first: " in volume.notes[0]
-
-
-def test_frames_of_an_enhanced_ct_in_two_temporal_positions_are_named_by_their_index(tmp_path):
-    """TemporalPositionIndex (a binary number, UL) of each frame's Frame Content: read as 1 and 2, not as bytes."""
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_frames_of_an_enhanced_ct_in_two_temporal_positions_are_named_by_their_index(tmp_path, implicit):
+    """TemporalPositionIndex (a binary number, UL) of each frame's Frame Content: read as 1 and 2, not as bytes,
+    also where the file gives no VR (implicit VR, read by the data dictionary's)."""
     [path] = phantom(tmp_path, replace(SPEC, slices=12, enhanced=True))
     ds = pydicom.dcmread(path)
     for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
         group.FrameContentSequence[0].TemporalPositionIndex = 1 + number % 2
-    ds.save_as(path)
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
 
     admission, volume = refusals([path])
 
@@ -491,3 +481,30 @@ def test_frames_of_an_enhanced_ct_in_two_temporal_positions_are_named_by_their_i
             in (reason)
         )
         assert "; 6 images with TemporalPositionIdentifier 2 (first: frame 2 " in reason
+
+
+def test_two_kernels_at_the_same_positions_are_not_taken_for_bolus_tracking_images(tmp_path):
+    """AcquisitionNumber 1 as B30f and B70f at the same 23 positions, AcquisitionNumber 2 a 12-slice repeat: the
+    46 images repeat every position, but at 23 positions they are two image sets, not monitoring images; the
+    12-slice repeat must not be processed instead of them."""
+    soft = phantom(tmp_path / "soft")
+    bone = phantom(tmp_path / "bone")
+    repeat = phantom(tmp_path / "repeat", replace(SPEC, slices=12))
+    first = pydicom.dcmread(soft[0], stop_before_pixels=True)
+
+    def same_series(kernel: str, acquisition: int, offset: int):
+        def change(ds, index):
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "AccessionNumber"):
+                setattr(ds, keyword, first.get(keyword))
+            ds.ConvolutionKernel, ds.AcquisitionNumber, ds.InstanceNumber = kernel, acquisition, offset + index
+
+        return change
+
+    edit(soft, same_series("B30f", 1, 1))
+    edit(bone, same_series("B70f", 1, 101))
+    edit(repeat, same_series("B30f", 2, 201))
+
+    with pytest.raises(VolumeError) as refused:
+        load_series_volume(soft + bone + repeat)
+
+    assert "lie at" not in str(refused.value) and "bolus" not in str(refused.value)
