@@ -97,6 +97,15 @@ class Peer:
     def may(self, role: str) -> bool:
         return role in self.roles
 
+    def closest_network(self, address: str) -> int | None:
+        """The prefix length of the smallest of the peer's networks that holds ``address`` (the most specific
+        match); None where none does."""
+        ip = _ip(address)
+        if ip is None:
+            return None
+        held = [network.prefixlen for network in self.networks if network.version == ip.version and ip in network]
+        return max(held, default=None)
+
     @property
     def hosts(self) -> str:
         return ", ".join(str(n) for n in self.networks)
@@ -187,11 +196,27 @@ class PeerPolicy:
 
     def sends_from(self, address: str) -> bool:
         """Whether a peer that may send images (the ``store`` role) calls from ``address``."""
-        return self.sender_at(address) is not None
+        return any(peer.may("store") and peer.calls_from(address) for peer in self.peers)
 
     def sender_at(self, address: str) -> Peer | None:
-        """The first peer that may send images (the ``store`` role) and calls from ``address``, or None."""
-        return next((peer for peer in self.peers if peer.may("store") and peer.calls_from(address)), None)
+        """The image-sending peer (the ``store`` role) whose network holding ``address`` is the smallest (a PACS
+        at 10.1.9.9 inside a scanner network 10.1.0.0/16 is the PACS), the first on a tie; None where none calls
+        from it. An entry that admits any host (``0.0.0.0/0``, the deprecated AE title allow-list) is left out:
+        it is no group of addresses to share places by."""
+        matches = [
+            (prefix, index, peer)
+            for index, peer in enumerate(self.sending_entries())
+            if (prefix := peer.closest_network(address)) is not None
+        ]
+        return max(matches, key=lambda match: (match[0], -match[1]))[2] if matches else None
+
+    def sending_entries(self) -> list[Peer]:
+        """The image-sending peers whose places are shared by entry: all but those that admit any host."""
+        return [
+            peer
+            for peer in self.peers
+            if peer.may("store") and not any(network.prefixlen == 0 for network in peer.networks)
+        ]
 
     def identify(self, ae_title: str, address: str) -> Peer | Refused:
         """The peer this call comes from, or why it is refused.
@@ -1654,16 +1679,25 @@ class GuardedServer(ThreadedAssociationServer):
         entry = self._entry_key(address)
         if reason is not None or entry is None:
             return reason
-        held = self.caps.hold(entry, self._entry_limit(), extra=True)  # counted by address already
+        limit = self._entry_limit()
+        held = self.caps.hold(entry, limit, extra=True)  # counted by address already
         if held is None:
             return None
         self.caps.release(address)
         if not held:
             return "the node holds as many connections as it can track; try again shortly"
+        if limit == self.limits.per_peer:
+            why = (
+                f"network.maximum_associations_per_peer is {limit}, so one peer never takes every place from the others"
+            )
+        else:
+            why = (
+                f"at most {limit}: network.maximum_associations and maximum_associations_per_host together, so its "
+                "connections cannot fill the node's table of addresses"
+            )
         return (
             f"{held} connections of peer {entry.removeprefix(PEER_ENTRY)!r} are already open from its addresses "
-            f"together (network.maximum_associations_per_peer is {self.limits.per_peer}, so one peer never takes "
-            "every place from the others)"
+            f"together ({why})"
         )
 
     def _entry_limit(self) -> int:
@@ -1671,7 +1705,7 @@ class GuardedServer(ThreadedAssociationServer):
         the share is less than ``maximum_associations``; otherwise enough that ``maximum_associations`` rejects the
         surplus at association (an A-ASSOCIATE-RJ that says why), while silent connections from its many addresses
         still cannot fill the table of addresses (and lock out the peers that send no images)."""
-        senders = sum(peer.may("store") for peer in self.policy.peers) if self.policy is not None else 0
+        senders = len(self.policy.sending_entries()) if self.policy is not None else 0
         if senders > 1 and self.limits.per_peer < self.limits.senders:
             return self.limits.per_peer
         return self.limits.senders + self.limits.per_host

@@ -15,9 +15,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicom_node.config import Settings
+from dicom_node.security import PeerPolicy
 from tests.conftest import associate_seeing_rejection, wait_for
-
-pytestmark = pytest.mark.integration
 
 SCANNER_HOSTS = [f"127.0.1.{n}" for n in range(1, 41)]
 PEERS = {
@@ -56,6 +56,7 @@ def pacs_echo(node) -> tuple[bool, str]:
             assoc.release()
 
 
+@pytest.mark.integration
 def test_silent_connections_from_a_scanner_networks_many_addresses_leave_the_pacs_its_place(start_node):
     """Forty addresses each open a TCP connection and send nothing: before, they filled the node's table of
     addresses and every new caller was refused ("as many connections as it can track")."""
@@ -80,6 +81,7 @@ def test_silent_connections_from_a_scanner_networks_many_addresses_leave_the_pac
     ) in node.log()
 
 
+@pytest.mark.integration
 def test_associations_held_from_several_addresses_of_one_peer_leave_the_pacs_its_place(start_node):
     """Two associations from each of four scanner addresses, each kept alive: one peer would hold all eight places
     of maximum_associations; it holds six, and the PACS associates."""
@@ -102,3 +104,23 @@ def test_associations_held_from_several_addresses_of_one_peer_leave_the_pacs_its
     finally:
         for assoc in held:
             assoc.release()
+
+
+def test_an_address_counts_in_the_most_specific_peer_entry_and_any_host_entries_share_nothing():
+    """A PACS at 10.1.9.9 inside a scanner network 10.1.0.0/16 listed before it is the PACS; an entry that admits
+    any host (the deprecated AE title allow-list) is no group of addresses to share places by."""
+    policy = PeerPolicy.from_settings(
+        Settings(
+            peers={
+                "scanners": {"hosts": ["10.1.0.0/16"], "roles": ["store"]},
+                "pacs": {"ae_title": "PACS", "hosts": ["10.1.9.9"], "roles": ["store", "find"]},
+                "anyone": {"ae_title": "ANY", "hosts": ["0.0.0.0/0"], "roles": ["store"]},
+            },
+            network={"allowed_calling_ae_titles": ["OLD1", "OLD2"]},
+        )
+    )
+
+    assert policy.sender_at("10.1.9.9").name == "pacs"
+    assert policy.sender_at("10.1.2.3").name == "scanners"
+    assert policy.sender_at("192.0.2.7") is None and policy.sends_from("192.0.2.7")
+    assert [peer.name for peer in policy.sending_entries()] == ["scanners", "pacs"]
