@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 from pydicom.dataset import Dataset
+from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -100,8 +101,9 @@ def record(
     _write(sessions, entry)
 
 
-def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.INFO) -> None:
-    """:func:`record` without the throttle of repeated actions; its log line at ``level``."""
+def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.INFO) -> bool:
+    """:func:`record` without the throttle of repeated actions; its log line at ``level``. Whether it was written
+    (one the database refused is held: :data:`HELD`)."""
     peer = entry.peer
     detail = cut(entry.detail, MAX_DETAIL_CHARS) if entry.detail is not None else None
     when = {"at": entry.at} if entry.at is not None else {}  # else the column's default: now
@@ -134,18 +136,18 @@ def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.I
             outcome=entry.outcome,
             reason=f"the audit record was lost: {exc}",
         )
-        return
+        return False
     except OperationalError as exc:  # the database refused the write (a full disk): kept until it takes writes
         HELD.hold(sessions, entry, str(getattr(exc, "orig", None) or "the database refused the write"))
-        return
+        return False
     except Exception:  # the audited operation must not fail because of its record
         LOG.exception(
             "audit.not_recorded",
             extra={"event_fields": {"action": entry.action, "peer_ae": peer.ae_title, "outcome": entry.outcome}},
         )
-        return
-    if entry.at is None:  # a record written now: the database takes writes again, so the held ones go too
-        HELD.write_all(sessions)
+        return False
+    if entry.at is None:  # a record written now: the database takes writes again, so held ones go too
+        HELD.write_all(sessions, at_most=WRITTEN_HELD_AT_ONCE)
     fields = {
         "action": entry.action,
         "peer_ae": peer.ae_title,
@@ -157,6 +159,7 @@ def _write(sessions: sessionmaker[Session], entry: Entry, level: int = logging.I
         "at": entry.at.isoformat(timespec="seconds") if entry.at is not None else None,
     }
     log_event(LOG, level, "audit", **{key: value for key, value in fields.items() if value is not None})
+    return True
 
 
 class HeldRecords:
@@ -189,16 +192,30 @@ class HeldRecords:
             f"happened, {waiting} waiting, and written once the database takes writes again{lost}",
         )
 
-    def write_all(self, sessions: sessionmaker[Session] | None = None) -> int:
-        """Write the records held (of ``sessions``' database only, when given); how many were written."""
-        with self._lock:
-            taken = [item for item in self._held if sessions is None or item[0] is sessions]
-            for item in taken:
+    def write_all(self, sessions: sessionmaker[Session] | None = None, at_most: int | None = None) -> int:
+        """Write the records held (of ``sessions``' database only, when given; ``at_most`` of them), oldest
+        first, until one is refused again (it is held again); how many were written."""
+        written = 0
+        while at_most is None or written < at_most:
+            with self._lock:
+                item = next((held for held in self._held if sessions is None or held[0] is sessions), None)
+                if item is None:
+                    return written
                 self._held.remove(item)
-        for held_sessions, entry in taken:
-            _write(held_sessions, entry)  # one refused again is held again
-        return len(taken)
+            if not _write(*item):
+                return written
+            written += 1
+        return written
 
+    def waiting(self, sessions: sessionmaker[Session] | None = None) -> int:
+        """Records held (of ``sessions``' database only, when given)."""
+        with self._lock:
+            return sum(1 for held in self._held if sessions is None or held[0] is sessions)
+
+
+WRITTEN_HELD_AT_ONCE = 100
+"""Held records a record written in the course of a request writes after it: the rest follow with the next ones,
+so the request that finds the database taking writes again is not held up by a whole backlog."""
 
 HELD = HeldRecords()
 """This process' audit records waiting for the database to take writes again."""
@@ -442,7 +459,16 @@ def flush_repeated(sessions: sessionmaker[Session] | None = None, occasion: str 
     counted yet (into the database of ``sessions`` only, when given): call it when the process stops answering
     requests."""
     written = sum(repeated.flush(occasion, sessions) for repeated in (REPEATS, REPEATED_QUERIES, OWN_CHECKS))
-    return written + HELD.write_all(sessions)
+    written += HELD.write_all(sessions)
+    if lost := HELD.waiting(sessions):
+        log_event(
+            LOG,
+            logging.ERROR,
+            "audit.not_recorded",
+            reason=f"{lost} audit record(s) held since the database refused them could not be written {occasion} "
+            "either (it still refused writes), and are lost",
+        )
+    return written
 
 
 class StoreTally:
@@ -484,8 +510,10 @@ MADE_REQUEST = "_dicom_node_made_request"
 
 
 def note_request(event: Any) -> None:
-    """``EVT_DIMSE_RECV``: the association made a request, so its record is its own (:func:`association_ended`)."""
-    setattr(event.assoc, MADE_REQUEST, True)
+    """``EVT_PDU_RECV``: a P-DATA-TF PDU (the first fragment of a request, even one never finished: a data set too
+    large) means the association made a request, so its record is its own (:func:`association_ended`)."""
+    if isinstance(getattr(event, "pdu", None), P_DATA_TF):
+        setattr(event.assoc, MADE_REQUEST, True)
 
 
 def association_ended(

@@ -225,9 +225,10 @@ def _check_before_reroute(
             not_reroutable = str(exc)
         else:
             state, instances = job.state, job.series.instance_count
-            guard = never_process_reason(series_facts(session, job.series))
+            facts = series_facts(session, job.series)
+            guard = never_process_reason(facts)
             files = instance_files(session, job.series) if guard is None else []
-            modality, study_patient = job.series.modality, recorded_patient(job.series.study)
+            modality, study_patient = facts.modality, recorded_patient(job.series.study)  # as the watcher routes it
     if not_reroutable is not None:
         context.audit(request, user.name, "refused", f"re-route of series {uid} refused: {not_reroutable}", study)
         raise ActionRefused(f"cannot re-route: {not_reroutable}")

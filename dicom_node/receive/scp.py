@@ -238,7 +238,7 @@ def start_storage_scp(
             [peers, shared_caps, lambda event, why: _audit_rejection(event, context.sessions, why)],
         ),
         (evt.EVT_ACCEPTED, _on_accepted),
-        (evt.EVT_DIMSE_RECV, note_request),
+        (evt.EVT_PDU_RECV, note_request),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ACSE_RECV, _note_abort_received),
         (evt.EVT_ABORTED, _on_aborted),
