@@ -386,7 +386,10 @@ class InstanceStore:
         with os.scandir(self.incoming_dir) as entries:
             for entry in entries:
                 if entry.name.endswith(TEMPORARY_SUFFIXES):
-                    os.unlink(entry.path)
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:  # a spare its maker took back meanwhile: gone either way
+                        continue
                     removed += entry.name.endswith(TEMP_SUFFIX)
         return removed
 
